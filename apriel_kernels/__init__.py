@@ -1,0 +1,24 @@
+"""apriel-kernels: fused ops for attention + Mamba hybrids (Apriel-H1 mixer), with pure-PyTorch references.
+
+Ops (torch.library custom ops under torch.ops.apriel; CPU = reference, CUDA = hand-written kernels):
+- causal_conv1d_fn / causal_conv1d_update        (causal-conv1d compatible)
+- selective_scan / selective_scan_fn             (mamba-ssm compatible)
+- mixer_scan / mixer_step                        (the fused Apriel-H1 mixer core, prefill and decode)
+`apriel_kernels.info()` reports the built extension, its kernels and the CUDA device.
+"""
+from ._ext import info
+from .conv1d import causal_conv1d_fn, causal_conv1d_update
+from .mixer_scan import mixer_scan
+from .mixer_step import mixer_step
+from .selective_scan import selective_scan, selective_scan_fn
+
+__all__ = [
+    "causal_conv1d_fn",
+    "causal_conv1d_update",
+    "info",
+    "mixer_scan",
+    "mixer_step",
+    "selective_scan",
+    "selective_scan_fn",
+]
+__version__ = "0.1.0"

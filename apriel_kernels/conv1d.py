@@ -1,0 +1,259 @@
+"""Causal depthwise conv1d ops (torch.library custom ops), API-compatible with the causal-conv1d package.
+
+    causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
+                     final_states_out=None, activation=None)
+        x: (batch, dim, seqlen) bf16|fp16|fp32|fp64, channel-major (stride(2) == 1) or token-major
+           (stride(1) == 1, i.e. the transpose of a (batch, seqlen, dim) tensor, e.g. a column slice of
+           an in_proj output); weight: (dim, width) width in 2..4; bias: (dim,);
+        seq_idx: (batch, seqlen) int32, packed documents; initial_states: (batch, dim, width-1).
+        Returns out (batch, dim, seqlen) in x's layout [, final_states (batch, dim, width-1)].
+        Differentiable w.r.t. x, weight, bias and initial_states.
+    causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, conv_state_indices=None)
+        x: (batch, dim) or (batch, dim, q); conv_state: (slots, dim, state_len >= width-1), updated IN
+        PLACE; conv_state_indices: (batch,) int32 slot of each row, -1 = padding row (out 0, no state I/O).
+
+Dispatch: CPU runs the reference (apriel_kernels.reference.conv1d); CUDA runs torch.ops.apriel_C.* when
+the extension is built (see apriel_kernels._ext for what happens when it is not).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _validate as V
+from ._autograd_ref import reference_vjp
+from ._ext import cuda_kernel
+from .reference.conv1d import causal_conv1d_ref, causal_conv1d_update_ref
+
+__all__ = ["causal_conv1d_fn", "causal_conv1d_update", "causal_conv1d_ref", "causal_conv1d_update_ref"]
+
+
+def _empty_like_layout(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """(b, C, L) output with x's memory layout: token-major when x is, else contiguous channel-major."""
+    batch, channels, seqlen = x.shape
+    dtype = dtype or x.dtype
+    if x.stride(1) == 1 and channels > 1:
+        return torch.empty(batch, seqlen, channels, dtype=dtype, device=x.device).transpose(1, 2)
+    return torch.empty(batch, channels, seqlen, dtype=dtype, device=x.device)
+
+
+def _activation_flag(activation: str | None) -> bool:
+    V.check_choice("activation", activation, [None, "silu", "swish"])
+    return activation is not None
+
+
+# ---------------------------------------------------------------------------------------------- forward
+@torch.library.custom_op("apriel::causal_conv1d_fwd", mutates_args=())
+def causal_conv1d_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    seq_idx: Optional[Tensor],
+    initial_states: Optional[Tensor],
+    return_final_states: bool,
+    silu: bool,
+) -> tuple[Tensor, Tensor]:
+    """Returns (out in x's layout, final_states (b, dim, width-1) or an empty tensor)."""
+    if x.is_cuda:
+        kernel = cuda_kernel("causal_conv1d_fwd")
+        if kernel is not None:
+            return kernel(x, weight, bias, seq_idx, initial_states, return_final_states, silu)
+    result = causal_conv1d_ref(
+        x, weight, bias, seq_idx, initial_states, return_final_states, "silu" if silu else None
+    )
+    out = _empty_like_layout(x)
+    if return_final_states:
+        ref_out, final = result
+        out.copy_(ref_out)
+        return out, final.to(x.dtype).contiguous()
+    out.copy_(result)
+    return out, x.new_empty(0)
+
+
+@causal_conv1d_fwd.register_fake
+def _(x, weight, bias, seq_idx, initial_states, return_final_states, silu):
+    out = _empty_like_layout(x)
+    if return_final_states:
+        return out, x.new_empty(x.shape[0], x.shape[1], weight.shape[1] - 1)
+    return out, x.new_empty(0)
+
+
+# --------------------------------------------------------------------------------------------- backward
+@torch.library.custom_op("apriel::causal_conv1d_bwd", mutates_args=())
+def causal_conv1d_bwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    seq_idx: Optional[Tensor],
+    initial_states: Optional[Tensor],
+    dout: Tensor,
+    dfinal_states: Optional[Tensor],
+    silu: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx in x's layout, dweight (dim, width) fp32, dbias (dim,) fp32 or empty,
+    dinitial_states (b, dim, width-1) in x's dtype or empty)."""
+    if x.is_cuda:
+        kernel = cuda_kernel("causal_conv1d_bwd")
+        if kernel is not None:
+            return kernel(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, silu)
+    want_final = dfinal_states is not None and dfinal_states.numel() > 0
+
+    def forward(x_, w_, b_, init_):
+        res = causal_conv1d_ref(x_, w_, b_, seq_idx, init_, want_final, "silu" if silu else None)
+        return res if want_final else (res,)
+
+    dx, dw, db, dinit = reference_vjp(forward, [x, weight, bias, initial_states], [dout, dfinal_states])
+    dx_out = _empty_like_layout(x)
+    dx_out.copy_(dx)
+    return (
+        dx_out,
+        dw.float(),
+        db.float() if db is not None else x.new_empty(0, dtype=torch.float32),
+        dinit.to(x.dtype).contiguous() if dinit is not None else x.new_empty(0),
+    )
+
+
+@causal_conv1d_bwd.register_fake
+def _(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, silu):
+    return (
+        _empty_like_layout(x),
+        weight.new_empty(weight.shape, dtype=torch.float32),
+        weight.new_empty(bias.shape if bias is not None else (0,), dtype=torch.float32),
+        x.new_empty(initial_states.shape if initial_states is not None else (0,)),
+    )
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    x, weight, bias, seq_idx, initial_states, return_final_states, silu = inputs
+    ctx.save_for_backward(x, weight, bias, seq_idx, initial_states)
+    ctx.silu = silu
+    ctx.return_final_states = return_final_states
+
+
+def _fwd_backward(ctx, dout, dfinal_states):
+    x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
+    if not ctx.return_final_states:
+        dfinal_states = None
+    dx, dweight, dbias, dinit = causal_conv1d_bwd(
+        x, weight, bias, seq_idx, initial_states, dout, dfinal_states, ctx.silu
+    )
+    return (
+        dx,
+        dweight.to(weight.dtype),
+        dbias.to(bias.dtype) if bias is not None else None,
+        None,
+        dinit if initial_states is not None else None,
+        None,
+        None,
+    )
+
+
+causal_conv1d_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+# ------------------------------------------------------------------------------------------ update step
+@torch.library.custom_op("apriel::causal_conv1d_update", mutates_args=("conv_state",))
+def causal_conv1d_update_op(
+    x: Tensor,
+    conv_state: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    silu: bool,
+    conv_state_indices: Optional[Tensor],
+) -> Tensor:
+    """x: (b, dim, q). Returns out (b, dim, q); conv_state updated in place."""
+    if x.is_cuda:
+        kernel = cuda_kernel("causal_conv1d_update")
+        if kernel is not None:
+            return kernel(x, conv_state, weight, bias, silu, conv_state_indices)
+    out = causal_conv1d_update_ref(x, conv_state, weight, bias, "silu" if silu else None, conv_state_indices)
+    return out.contiguous()
+
+
+@causal_conv1d_update_op.register_fake
+def _(x, conv_state, weight, bias, silu, conv_state_indices):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# ------------------------------------------------------------------------------------- public functions
+def _check_conv_args(x, weight, bias, sizes: V.Sizes) -> None:
+    V.check_tensor("x", x, ("batch", "dim", "seqlen"), V.FLOAT_DTYPES, sizes=sizes)
+    if x.stride(1) != 1 and x.stride(2) != 1 and x.shape[1] > 1 and x.shape[2] > 1:
+        raise ValueError(
+            f"x: expected channel-major (stride(2) == 1) or token-major (stride(1) == 1) layout, got strides {x.stride()}"
+        )
+    V.check_tensor("weight", weight, ("dim", None), V.FLOAT_DTYPES, device=x.device, sizes=sizes)
+    if not 2 <= weight.shape[1] <= 4:
+        raise ValueError(f"weight: expected width (dim 1) in 2..4, got {weight.shape[1]}")
+    V.check_tensor("bias", bias, ("dim",), V.FLOAT_DTYPES, device=x.device, sizes=sizes, optional=True)
+
+
+def causal_conv1d_fn(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    initial_states: Tensor | None = None,
+    return_final_states: bool = False,
+    final_states_out: Tensor | None = None,
+    activation: str | None = None,
+):
+    """Causal depthwise conv1d over (batch, dim, seqlen); see the module docstring for the contract."""
+    sizes = V.Sizes()
+    if weight is not None and weight.dim() == 3 and weight.shape[1] == 1:
+        weight = weight.squeeze(1)  # accept nn.Conv1d's (dim, 1, width)
+    _check_conv_args(x, weight, bias, sizes)
+    silu = _activation_flag(activation)
+    V.check_tensor("seq_idx", seq_idx, ("batch", "seqlen"), V.INDEX_DTYPES, device=x.device, sizes=sizes, optional=True)
+    halo = weight.shape[1] - 1
+    V.check_tensor(
+        "initial_states", initial_states, ("batch", "dim", halo), V.FLOAT_DTYPES, device=x.device, sizes=sizes,
+        optional=True,
+    )
+    want_final = return_final_states or final_states_out is not None
+    out, final = causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, want_final, silu)
+    if not want_final:
+        return out
+    if final_states_out is not None:
+        V.check_tensor("final_states_out", final_states_out, ("batch", "dim", halo), sizes=sizes)
+        final_states_out.copy_(final)
+        final = final_states_out
+    return out, final
+
+
+def causal_conv1d_update(
+    x: Tensor,
+    conv_state: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | None = None,
+    cache_seqlens: Tensor | None = None,
+    conv_state_indices: Tensor | None = None,
+) -> Tensor:
+    """One-token (or q-token) conv step over cached windows; conv_state is updated in place."""
+    if cache_seqlens is not None:
+        raise NotImplementedError("cache_seqlens (circular conv buffers): not supported; pass None")
+    sizes = V.Sizes()
+    if weight is not None and weight.dim() == 3 and weight.shape[1] == 1:
+        weight = weight.squeeze(1)
+    squeeze = x is not None and x.dim() == 2
+    x3 = x.unsqueeze(-1) if squeeze else x
+    V.check_tensor("x", x3, ("batch", "dim", None), V.FLOAT_DTYPES, sizes=sizes)
+    V.check_tensor("weight", weight, ("dim", None), V.FLOAT_DTYPES, device=x.device, sizes=sizes)
+    if not 2 <= weight.shape[1] <= 4:
+        raise ValueError(f"weight: expected width (dim 1) in 2..4, got {weight.shape[1]}")
+    V.check_tensor("bias", bias, ("dim",), V.FLOAT_DTYPES, device=x.device, sizes=sizes, optional=True)
+    V.check_tensor("conv_state", conv_state, ("slots", "dim", None), V.FLOAT_DTYPES, device=x.device, sizes=sizes)
+    if conv_state.shape[2] < weight.shape[1] - 1:
+        raise ValueError(f"conv_state: expected state_len (dim 2) >= width - 1 = {weight.shape[1] - 1}, got {conv_state.shape[2]}")
+    if conv_state_indices is None:
+        if conv_state.shape[0] < x.shape[0]:
+            raise ValueError(f"conv_state: expected at least batch = {x.shape[0]} slots when conv_state_indices is None, got {conv_state.shape[0]}")
+    else:
+        V.check_tensor("conv_state_indices", conv_state_indices, ("batch",), V.INDEX_DTYPES, device=x.device, sizes=sizes)
+        V.check_index_range("conv_state_indices", conv_state_indices, conv_state.shape[0])
+    silu = _activation_flag(activation)
+    out = causal_conv1d_update_op(x3, conv_state, weight, bias, silu, conv_state_indices)
+    return out.squeeze(-1) if squeeze else out

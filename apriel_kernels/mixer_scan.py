@@ -1,0 +1,198 @@
+"""The fused Apriel-H1 mixer scan (prefill / training): from the in_proj output to the y of out_proj.
+
+    mixer_scan(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D, *,
+               d_inner, d_xb, d_state, repeat_kv_before_conv=True, initial_ssm_state=None,
+               initial_conv_state=None, seq_idx=None, return_final_states=False)
+        zxbc: (b, L, 2D+2X) in_proj output (may be a strided view; the last dim must have unit stride);
+        dt_low: (b, L, R); conv_weight: (Cc, W) or (Cc, 1, W), Cc = D if repeat_kv_before_conv else X;
+        conv_bias: (Cc,) or None; dt_proj_weight: (D, R); dt_proj_bias: (D,); A_log: (D, N) fp32; D: (D,) fp32;
+        initial_ssm_state: (b, D/N, N, N) fp32; initial_conv_state: (b, X or D, S >= W-1);
+        seq_idx: (b, L) int32 (packed documents: states reset at document starts).
+        Returns y (b, L, D) in zxbc's dtype [, final_ssm_state (b, D/N, N, N) fp32, final_conv_state (b, X, W-1)].
+        Differentiable w.r.t. zxbc, dt_low, every parameter and the initial states.
+
+Semantics: mixer.md section 3 and apriel_kernels.reference.mixer.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _validate as V
+from ._autograd_ref import reference_vjp
+from ._ext import cuda_kernel
+from ._mixer_common import check_dims, check_mixer_params, conv_weight_2d, state_dtype
+from .reference.mixer import mixer_scan_ref
+
+__all__ = ["mixer_scan", "mixer_scan_ref"]
+
+
+def _scan_reference(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D,
+                    initial_ssm_state, initial_conv_state, seq_idx, d_inner, d_xb, d_state, repeat_kv_before_conv):
+    y, ssm, conv = mixer_scan_ref(
+        zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D,
+        d_inner=d_inner, d_xb=d_xb, d_state=d_state, repeat_kv_before_conv=repeat_kv_before_conv,
+        initial_ssm_state=initial_ssm_state, initial_conv_state=initial_conv_state, seq_idx=seq_idx,
+        return_final_states=True,
+    )
+    return y, ssm.to(state_dtype(zxbc.dtype)), conv
+
+
+# ------------------------------------------------------------------------------------------------- scan
+@torch.library.custom_op("apriel::mixer_scan_fwd", mutates_args=())
+def mixer_scan_fwd(
+    zxbc: Tensor,
+    dt_low: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    dt_proj_weight: Tensor,
+    dt_proj_bias: Tensor,
+    A_log: Tensor,
+    D: Tensor,
+    initial_ssm_state: Optional[Tensor],
+    initial_conv_state: Optional[Tensor],
+    seq_idx: Optional[Tensor],
+    d_inner: int,
+    d_xb: int,
+    d_state: int,
+    repeat_kv_before_conv: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (y (b, L, D), final_ssm_state (b, D/N, N, N) fp32, final_conv_state (b, X, W-1))."""
+    if zxbc.is_cuda:
+        kernel = cuda_kernel("mixer_scan_fwd")
+        if kernel is not None:
+            return kernel(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D,
+                          initial_ssm_state, initial_conv_state, seq_idx, d_inner, d_xb, d_state,
+                          repeat_kv_before_conv)
+    y, ssm, conv = _scan_reference(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D,
+                                   initial_ssm_state, initial_conv_state, seq_idx, d_inner, d_xb, d_state,
+                                   repeat_kv_before_conv)
+    return y.contiguous(), ssm.contiguous(), conv.contiguous()
+
+
+@mixer_scan_fwd.register_fake
+def _(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D, initial_ssm_state,
+      initial_conv_state, seq_idx, d_inner, d_xb, d_state, repeat_kv_before_conv):
+    batch, seqlen, _ = zxbc.shape
+    width = conv_weight.shape[-1]
+    return (
+        zxbc.new_empty(batch, seqlen, d_inner),
+        zxbc.new_empty(batch, d_inner // d_state, d_state, d_state, dtype=state_dtype(zxbc.dtype)),
+        zxbc.new_empty(batch, d_xb, width - 1),
+    )
+
+
+@torch.library.custom_op("apriel::mixer_scan_bwd", mutates_args=())
+def mixer_scan_bwd(
+    zxbc: Tensor,
+    dt_low: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    dt_proj_weight: Tensor,
+    dt_proj_bias: Tensor,
+    A_log: Tensor,
+    D: Tensor,
+    initial_ssm_state: Optional[Tensor],
+    initial_conv_state: Optional[Tensor],
+    seq_idx: Optional[Tensor],
+    d_inner: int,
+    d_xb: int,
+    d_state: int,
+    repeat_kv_before_conv: bool,
+    dy: Tensor,
+    dfinal_ssm_state: Optional[Tensor],
+    dfinal_conv_state: Optional[Tensor],
+) -> list[Tensor]:
+    """Gradients [dzxbc, ddt_low, dconv_weight, dconv_bias, ddt_proj_weight, ddt_proj_bias, dA_log, dD,
+    dinitial_ssm_state, dinitial_conv_state], each shaped and typed like its input (empty when None)."""
+    if zxbc.is_cuda:
+        kernel = cuda_kernel("mixer_scan_bwd")
+        if kernel is not None:
+            return kernel(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D,
+                          initial_ssm_state, initial_conv_state, seq_idx, d_inner, d_xb, d_state,
+                          repeat_kv_before_conv, dy, dfinal_ssm_state, dfinal_conv_state)
+
+    def forward(zxbc_, dt_low_, cw_, cb_, dtw_, dtb_, alog_, d_, init_ssm_, init_conv_):
+        return _scan_reference(zxbc_, dt_low_, cw_, cb_, dtw_, dtb_, alog_, d_, init_ssm_, init_conv_, seq_idx,
+                               d_inner, d_xb, d_state, repeat_kv_before_conv)
+
+    primals = [zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D, initial_ssm_state,
+               initial_conv_state]
+    grads = reference_vjp(forward, primals, [dy, dfinal_ssm_state, dfinal_conv_state])
+    return [
+        (g.to(p.dtype).contiguous() if g is not None else torch.zeros_like(p)) if p is not None else zxbc.new_empty(0)
+        for g, p in zip(grads, primals)
+    ]
+
+
+@mixer_scan_bwd.register_fake
+def _(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D, initial_ssm_state,
+      initial_conv_state, seq_idx, d_inner, d_xb, d_state, repeat_kv_before_conv, dy, dfinal_ssm_state,
+      dfinal_conv_state):
+    primals = [zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D, initial_ssm_state,
+               initial_conv_state]
+    return [torch.empty_like(p, memory_format=torch.contiguous_format) if p is not None else zxbc.new_empty(0)
+            for p in primals]
+
+
+def _scan_setup_context(ctx, inputs, output):
+    (zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D, initial_ssm_state,
+     initial_conv_state, seq_idx, d_inner, d_xb, d_state, repeat_kv_before_conv) = inputs
+    ctx.save_for_backward(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D,
+                          initial_ssm_state, initial_conv_state, seq_idx)
+    ctx.dims = (d_inner, d_xb, d_state, repeat_kv_before_conv)
+
+
+def _scan_backward(ctx, dy, dfinal_ssm_state, dfinal_conv_state):
+    saved = ctx.saved_tensors
+    grads = mixer_scan_bwd(*saved, *ctx.dims, dy, dfinal_ssm_state, dfinal_conv_state)
+    primals = saved[:10]
+    out = [g if p is not None else None for g, p in zip(grads, primals)]
+    return (*out[:10], None, None, None, None, None)
+
+
+mixer_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+
+
+def mixer_scan(
+    zxbc: Tensor,
+    dt_low: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Tensor | None,
+    dt_proj_weight: Tensor,
+    dt_proj_bias: Tensor,
+    A_log: Tensor,
+    D: Tensor,
+    *,
+    d_inner: int,
+    d_xb: int,
+    d_state: int,
+    repeat_kv_before_conv: bool = True,
+    initial_ssm_state: Tensor | None = None,
+    initial_conv_state: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    return_final_states: bool = False,
+):
+    """Fused mixer forward from the in_proj output to y; see the module docstring."""
+    check_dims(d_inner, d_xb, d_state)
+    sizes = V.Sizes(d_inner=d_inner, d_xb=d_xb, d_state=d_state, zxbc_width=2 * d_inner + 2 * d_xb)
+    V.check_tensor("zxbc", zxbc, ("batch", "seqlen", "zxbc_width"), V.FLOAT_DTYPES, sizes=sizes, last_dim_contiguous=True)
+    dev = zxbc.device
+    V.check_tensor("dt_low", dt_low, ("batch", "seqlen", "dt_rank"), (zxbc.dtype,), device=dev, sizes=sizes, last_dim_contiguous=True)
+    conv_weight = conv_weight_2d(conv_weight)
+    check_mixer_params(conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D, dev, sizes, repeat_kv_before_conv)
+    state_dtypes = (torch.float32, torch.float64)
+    V.check_tensor("initial_ssm_state", initial_ssm_state, ("batch", d_inner // d_state, d_state, d_state), state_dtypes,
+                   device=dev, sizes=sizes, optional=True)
+    if initial_conv_state is not None:
+        V.check_tensor("initial_conv_state", initial_conv_state, ("batch", None, None), V.FLOAT_DTYPES, device=dev, sizes=sizes)
+        allowed = (d_xb, d_inner) if repeat_kv_before_conv else (d_xb,)
+        if initial_conv_state.shape[1] not in allowed or initial_conv_state.shape[2] < conv_weight.shape[1] - 1:
+            raise ValueError(f"initial_conv_state: expected (batch, one of {allowed}, >= {conv_weight.shape[1] - 1}), got {tuple(initial_conv_state.shape)}")
+    V.check_tensor("seq_idx", seq_idx, ("batch", "seqlen"), V.INDEX_DTYPES, device=dev, sizes=sizes, optional=True)
+    y, ssm, conv = mixer_scan_fwd(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D,
+                                  initial_ssm_state, initial_conv_state, seq_idx, d_inner, d_xb, d_state,
+                                  repeat_kv_before_conv)
+    return (y, ssm, conv) if return_final_states else y

@@ -1,0 +1,206 @@
+"""Selective scan ops: the generic token-major scan and the mamba-ssm compatible `selective_scan_fn`.
+
+    selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   initial_state=None, seq_idx=None, return_final_state=False)
+        u: (b, L, Du) with Du = D or D/r (grouped read, mixer.md section 2); delta, z: (b, L, D);
+        A: (D, N) fp32; B: (b, L, GB, N); C: (b, L, GC, N); D, delta_bias: (D,) fp32;
+        initial_state: (b, D, N) fp32; seq_idx: (b, L) int32 (packed documents).
+        Activations bf16|fp16|fp32|fp64 (one dtype); any strides. Returns y (b, L, D) [, final (b, D, N) fp32].
+    selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                      return_last_state=False)
+        mamba-ssm's argument order and layouts: u, delta, z: (b, D, L); B, C: (b, N, L) or (b, G, N, L).
+
+Both are differentiable w.r.t. every floating input (A, B, C, D, delta_bias, initial_state included).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _validate as V
+from ._autograd_ref import reference_vjp
+from ._ext import cuda_kernel
+from .reference.selective_scan import selective_scan_ref
+
+__all__ = ["selective_scan", "selective_scan_fn", "selective_scan_ref"]
+
+
+def _reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
+    y, final = selective_scan_ref(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, return_final_state=True
+    )
+    return y, final.to(torch.float64 if u.dtype == torch.float64 else torch.float32)
+
+
+@torch.library.custom_op("apriel::selective_scan_fwd", mutates_args=())
+def selective_scan_fwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    initial_state: Optional[Tensor],
+    seq_idx: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Returns (y (b, L, D) contiguous in u's dtype, final_state (b, D, N) fp32 (fp64 for fp64 inputs))."""
+    if u.is_cuda:
+        kernel = cuda_kernel("selective_scan_fwd")
+        if kernel is not None:
+            return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx)
+    y, final = _reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx)
+    return y.contiguous(), final.contiguous()
+
+
+@selective_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
+    batch, seqlen, d_inner = delta.shape
+    state_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    return u.new_empty(batch, seqlen, d_inner), u.new_empty(batch, d_inner, A.shape[1], dtype=state_dtype)
+
+
+@torch.library.custom_op("apriel::selective_scan_bwd", mutates_args=())
+def selective_scan_bwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    initial_state: Optional[Tensor],
+    seq_idx: Optional[Tensor],
+    dy: Tensor,
+    dfinal_state: Optional[Tensor],
+) -> list[Tensor]:
+    """Gradients [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state], each shaped like its input
+    (an empty tensor for an input that is None)."""
+    if u.is_cuda:
+        kernel = cuda_kernel("selective_scan_bwd")
+        if kernel is not None:
+            return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, dy, dfinal_state)
+
+    def forward(u_, delta_, A_, B_, C_, D_, z_, db_, init_):
+        return _reference_forward(u_, delta_, A_, B_, C_, D_, z_, db_, delta_softplus, init_, seq_idx)
+
+    primals = [u, delta, A, B, C, D, z, delta_bias, initial_state]
+    grads = reference_vjp(forward, primals, [dy, dfinal_state])
+    return [
+        (g.to(p.dtype).contiguous() if g is not None else torch.zeros_like(p)) if p is not None else u.new_empty(0)
+        for g, p in zip(grads, primals)
+    ]
+
+
+@selective_scan_bwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, dy, dfinal_state):
+    primals = [u, delta, A, B, C, D, z, delta_bias, initial_state]
+    return [torch.empty_like(p, memory_format=torch.contiguous_format) if p is not None else u.new_empty(0) for p in primals]
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    ctx.delta_softplus = delta_softplus
+
+
+def _backward(ctx, dy, dfinal_state):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx = ctx.saved_tensors
+    grads = selective_scan_bwd(
+        u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, initial_state, seq_idx, dy, dfinal_state
+    )
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit = grads
+    present = lambda g, p: g if p is not None else None  # noqa: E731
+    return (
+        du, ddelta, dA, dB, dC, present(dD, D), present(dz, z), present(ddelta_bias, delta_bias), None,
+        present(dinit, initial_state), None,
+    )
+
+
+selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """Token-major selective scan; see the module docstring for the shape contract."""
+    sizes = V.Sizes()
+    V.check_tensor("delta", delta, ("batch", "seqlen", "d_inner"), V.FLOAT_DTYPES, sizes=sizes)
+    dev = delta.device
+    V.check_tensor("u", u, ("batch", "seqlen", None), (delta.dtype,), device=dev, sizes=sizes)
+    V.check_tensor("A", A, ("d_inner", "d_state"), (torch.float32, torch.float64), device=dev, sizes=sizes)
+    d_inner, d_state = sizes["d_inner"], sizes["d_state"]
+    if d_inner % u.shape[2] or (u.shape[2] != d_inner and u.shape[2] % d_state):
+        raise ValueError(f"u: expected channels (dim 2) = d_inner ({d_inner}) or a multiple of d_state dividing it, got {u.shape[2]}")
+    V.check_tensor("B", B, ("batch", "seqlen", None, "d_state"), (delta.dtype,), device=dev, sizes=sizes)
+    V.check_tensor("C", C, ("batch", "seqlen", None, "d_state"), (delta.dtype,), device=dev, sizes=sizes)
+    for name, t in (("B", B), ("C", C)):
+        if d_inner % t.shape[2]:
+            raise ValueError(f"{name}: expected a group count (dim 2) dividing d_inner = {d_inner}, got {t.shape[2]}")
+    param_dtypes = (torch.float32, torch.float64)
+    V.check_tensor("D", D, ("d_inner",), param_dtypes, device=dev, sizes=sizes, optional=True)
+    V.check_tensor("z", z, ("batch", "seqlen", "d_inner"), (delta.dtype,), device=dev, sizes=sizes, optional=True)
+    V.check_tensor("delta_bias", delta_bias, ("d_inner",), param_dtypes, device=dev, sizes=sizes, optional=True)
+    V.check_tensor("initial_state", initial_state, ("batch", "d_inner", "d_state"), param_dtypes, device=dev, sizes=sizes, optional=True)
+    V.check_tensor("seq_idx", seq_idx, ("batch", "seqlen"), V.INDEX_DTYPES, device=dev, sizes=sizes, optional=True)
+    y, final = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx)
+    return (y, final) if return_final_state else y
+
+
+def selective_scan_fn(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+):
+    """mamba-ssm compatible entry point (channel-major): y (b, D, L) [, last_state (b, D, N)]."""
+    for name, t in (("u", u), ("delta", delta)):
+        V.check_tensor(name, t, (None, None, None))
+    if B.dim() not in (3, 4) or C.dim() not in (3, 4):
+        raise ValueError(
+            f"B, C: expected input-dependent (b, N, L) or (b, G, N, L) tensors, got shapes {tuple(B.shape)}, {tuple(C.shape)}"
+        )
+
+    def token_major_groups(t: Tensor) -> Tensor:
+        t = t.unsqueeze(1) if t.dim() == 3 else t  # (b, G, N, L)
+        return t.permute(0, 3, 1, 2)  # (b, L, G, N), a view
+
+    result = selective_scan(
+        u.transpose(1, 2),
+        delta.transpose(1, 2),
+        A,
+        token_major_groups(B),
+        token_major_groups(C),
+        D=D.float() if D is not None else None,
+        z=z.transpose(1, 2) if z is not None else None,
+        delta_bias=delta_bias.float() if delta_bias is not None else None,
+        delta_softplus=delta_softplus,
+        return_final_state=return_last_state,
+    )
+    if return_last_state:
+        y, last = result
+        return y.transpose(1, 2), last
+    return result.transpose(1, 2)

@@ -1,0 +1,164 @@
+"""Build apriel-kernels: pure-Python packages plus the CUDA extension apriel_kernels._C.
+
+Environment variables (all optional):
+  APRIEL_KERNELS_CUDA_ARCHS  target archs, e.g. "9.0" or "8.0;9.0" (default; TORCH_CUDA_ARCH_LIST is
+                             honoured when this is unset). "9.0a" enables Hopper-only instructions.
+  APRIEL_KERNELS_FAMILIES    comma-separated csrc/ kernel families to build (default: all), for fast
+                             iteration on one family.
+  APRIEL_KERNELS_REQUIRE_CUDA=1  a missing CUDA toolkit or a failing extension build is a hard error
+                             (CI sets it); otherwise the install falls back to pure Python, saying so once.
+  APRIEL_KERNELS_SKIP_CUDA=1 never build the extension.
+  CUDA_HOME                  toolkit root; guessed from the nvcc on the PATH when unset (a wrapper script
+                             that execs the real nvcc is followed).
+  MAX_JOBS                   parallel compile jobs (ninja), honoured by torch's builder.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+PACKAGES = find_packages(include=["apriel_kernels*", "apriel_model*", "distill*", "bench*"])
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _find_cuda_home() -> str | None:
+    """The real toolkit root. The nvcc on some PATHs is a shell wrapper: follow its exec line."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        default = Path("/usr/local/cuda/bin/nvcc")
+        return str(default.parent.parent) if default.exists() else None
+    nvcc_path = Path(os.path.realpath(nvcc))
+    try:
+        head = nvcc_path.read_bytes()[:4096]
+    except OSError:
+        head = b""
+    if head.startswith(b"#!"):
+        match = re.search(rb"exec\s+['\"]?(/[^\s'\"]+/bin/nvcc)", head)
+        if match:
+            nvcc_path = Path(match.group(1).decode())
+    return str(nvcc_path.parent.parent)
+
+
+def _arch_flags(arch_list: str) -> list[str]:
+    """-gencode flags for exactly the requested archs (no PTX fallbacks: build time is a feature)."""
+    flags = []
+    for arch in re.split(r"[;,\s]+", arch_list.strip()):
+        if not arch:
+            continue
+        arch = arch.replace("+PTX", "")
+        num = arch.replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+    return flags
+
+
+def _families() -> list[Path]:
+    wanted = os.environ.get("APRIEL_KERNELS_FAMILIES")
+    names = [n.strip() for n in wanted.split(",") if n.strip()] if wanted else None
+    found = sorted(p for p in CSRC.iterdir() if p.is_dir() and p.name != "common" and any(p.glob("*.cpp")))
+    if names is not None:
+        missing = set(names) - {p.name for p in found}
+        if missing:
+            raise SystemExit(f"APRIEL_KERNELS_FAMILIES names unknown families {sorted(missing)}; have {[p.name for p in found]}")
+        found = [p for p in found if p.name in names]
+    return found
+
+
+def _cuda_extension_kwargs():
+    if _truthy("APRIEL_KERNELS_SKIP_CUDA"):
+        return None, "APRIEL_KERNELS_SKIP_CUDA is set"
+    cuda_home = _find_cuda_home()
+    if cuda_home is None or not Path(cuda_home, "bin", "nvcc").exists():
+        return None, "no CUDA toolkit found (set CUDA_HOME or put nvcc on the PATH)"
+    os.environ["CUDA_HOME"] = cuda_home
+    try:
+        import torch  # noqa: F401
+        from torch.utils import cpp_extension
+    except ImportError:
+        return None, "torch is not importable in the build environment (use pip install --no-build-isolation)"
+    cpp_extension.CUDA_HOME = cuda_home  # torch computed its guess at import; the wrapper fools it
+    archs = os.environ.get("APRIEL_KERNELS_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
+    # torch's builder appends its own arch flags from TORCH_CUDA_ARCH_LIST; keep it equal to ours.
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs.replace(",", ";")
+    sources = [str(CSRC / "module.cpp")]
+    for family in _families():
+        sources += sorted(str(p) for p in family.glob("*.cpp"))
+        sources += sorted(str(p) for p in family.glob("*.cu"))
+    sources = [os.path.relpath(s, ROOT) for s in sources]
+    nvcc_flags = [
+        "-O3",
+        "-std=c++17",
+        "--expt-relaxed-constexpr",
+        "-lineinfo",
+        "-Xptxas=-v" if _truthy("APRIEL_KERNELS_PTXAS_VERBOSE") else "",
+        *_arch_flags(archs),
+    ]
+    extension = cpp_extension.CUDAExtension(
+        name="apriel_kernels._C",
+        sources=sources,
+        include_dirs=[str(CSRC), str(CSRC / "common")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": [f for f in nvcc_flags if f]},
+        py_limited_api=False,
+    )
+    return extension, archs
+
+
+def _build_config():
+    extension, detail = _cuda_extension_kwargs()
+    if extension is None:
+        if _truthy("APRIEL_KERNELS_REQUIRE_CUDA"):
+            raise SystemExit(f"APRIEL_KERNELS_REQUIRE_CUDA=1 but the CUDA extension cannot be built: {detail}")
+        print(f"apriel-kernels: CUDA kernels not built ({detail}); installing the pure-Python package.", file=sys.stderr)
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension
+
+    class Build(BuildExtension):
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as error:  # noqa: BLE001 - the fallback must survive any compiler failure
+                if _truthy("APRIEL_KERNELS_REQUIRE_CUDA"):
+                    raise
+                print(f"apriel-kernels: CUDA extension build failed ({error}); pure-Python install.", file=sys.stderr)
+
+    print(f"apriel-kernels: building the CUDA extension for archs {detail}", file=sys.stderr)
+    return [extension], {"build_ext": Build.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _build_config()
+
+setup(
+    name="apriel-kernels",
+    version="0.1.0",
+    description="Kernels, hybrid model and distillation for attention + Mamba hybrids (Apriel-H1 recipe)",
+    packages=PACKAGES,
+    package_data={"distill": ["data/*.jsonl", "presets/*.toml"]},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "model": ["transformers>=4.44", "safetensors", "accelerate", "gguf"],
+        "train": ["transformers>=4.44", "safetensors", "tqdm", "tensorboard"],
+        "bench": ["rich", "matplotlib", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "numpy"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    entry_points={
+        "console_scripts": [
+            "apriel-distill=distill.__main__:main",
+            "apriel-bench=bench.__main__:main",
+        ]
+    },
+    zip_safe=False,
+)
