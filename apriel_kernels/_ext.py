@@ -22,8 +22,8 @@ def load_error() -> str | None:
     """None when apriel_kernels._C loaded, else why it did not."""
     try:
         from . import _C  # noqa: F401  (loading registers the torch.ops.apriel_C ops)
-    except ImportError as error:
-        return str(error)
+    except Exception as error:  # noqa: BLE001 - a broken or missing .so must not break import
+        return f"{type(error).__name__}: {error}"
     return None
 
 
