@@ -53,6 +53,74 @@ def _chunk_size(batch: int, d_inner: int, d_state: int, budget_elems: int = 1 <<
     return max(1, min(256, budget_elems // max(1, batch * d_inner * d_state)))
 
 
+def _recurrence_chunked(dt, A, u_full, B_full, C_full, h, keep):
+    """No-grad path: chunks of T tokens bound the (b, T, D, N) temporaries. Returns (sum_n C h, h_last)."""
+    batch, seqlen, d_inner = dt.shape
+    T = _chunk_size(batch, d_inner, A.shape[1])
+    ys = []
+    for start in range(0, seqlen, T):
+        stop = min(start + T, seqlen)
+        # Everything that does not depend on the state is computed for the whole chunk at once.
+        dA = torch.exp(dt[:, start:stop, :, None] * A)  # (b, n, D, N)
+        dBu = (dt[:, start:stop] * u_full[:, start:stop])[..., None] * B_full[:, start:stop]
+        hs = []
+        for t in range(stop - start):
+            if keep is not None:
+                h = h * keep[:, start + t].view(batch, 1, 1)
+            h = dA[:, t] * h + dBu[:, t]
+            hs.append(h)
+        ys.append((torch.stack(hs, dim=1) * C_full[:, start:stop]).sum(-1))
+    y = torch.cat(ys, dim=1) if ys else dt.new_zeros(batch, 0, d_inner)
+    return y, h
+
+
+class _Recurrence(torch.autograd.Function):
+    """h_t = keep_t * dA_t * h_{t-1} + dBu_t;  y_t = sum_n C_t h_t.  All (b, L, D, N) except h0 (b, D, N).
+
+    Backward is the adjoint recurrence g_t = C_t gy_t + keep_{t+1} dA_{t+1} g_{t+1} (g_{L-1} also gets the
+    final-state gradient), after which every input gradient is one vectorised expression.
+    """
+
+    @staticmethod
+    def forward(dA, dBu, C_full, h0, keep):
+        batch, seqlen = dA.shape[:2]
+        hs = []
+        h = h0
+        for t in range(seqlen):
+            if keep is not None:
+                h = h * keep[:, t].view(batch, 1, 1)
+            h = dA[:, t] * h + dBu[:, t]
+            hs.append(h)
+        hs = torch.stack(hs, dim=1) if hs else dA.new_zeros(dA.shape)
+        y = (hs * C_full).sum(-1)
+        return y, (hs[:, -1] if seqlen else h0.clone()), hs
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        dA, dBu, C_full, h0, keep = inputs
+        _, _, hs = output
+        ctx.save_for_backward(dA, C_full, h0, keep, hs)
+        ctx.mark_non_differentiable(hs)
+
+    @staticmethod
+    def backward(ctx, gy, g_final, _g_hs):
+        dA, C_full, h0, keep, hs = ctx.saved_tensors
+        batch, seqlen = dA.shape[:2]
+        decay = dA if keep is None else dA * keep[..., None, None]  # effective multiplier of h_{t-1}
+        g_h = torch.empty_like(dA)
+        carry = g_final if g_final is not None else torch.zeros_like(h0)
+        for t in range(seqlen - 1, -1, -1):
+            carry = gy[:, t, :, None] * C_full[:, t] + carry
+            g_h[:, t] = carry
+            carry = decay[:, t] * carry
+        h_prev = torch.cat([h0[:, None], hs[:, :-1]], dim=1)
+        if keep is not None:
+            h_prev = h_prev * keep[..., None, None]
+        g_dA = g_h * h_prev
+        g_C = gy[..., None] * hs
+        return g_dA, g_h, g_C, carry, None
+
+
 def selective_scan_ref(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -90,26 +158,23 @@ def selective_scan_ref(
     A = A.to(f)
     B_full = expand_groups(B.to(f), d_inner)
     C_full = expand_groups(C.to(f), d_inner)
-    h = u.new_zeros(batch, d_inner, d_state, dtype=f) if initial_state is None else initial_state.to(f).clone()
-    T = _chunk_size(batch, d_inner, d_state)
-    ys = []
+    h = u.new_zeros(batch, d_inner, d_state, dtype=f) if initial_state is None else initial_state.to(f)
+    keep = None
     if seq_idx is not None:
         # keep[b, t] = 0 where token t starts a new document (t > 0): the state resets before it.
         keep = torch.ones(batch, seqlen, dtype=f, device=u.device)
         keep[:, 1:] = (seq_idx[:, 1:] == seq_idx[:, :-1]).to(f)
-    for start in range(0, seqlen, T):
-        stop = min(start + T, seqlen)
-        # Everything that does not depend on the state is computed for the whole chunk at once.
-        dA = torch.exp(dt[:, start:stop, :, None] * A)  # (b, n, D, N)
-        dBu = (dt[:, start:stop] * u_full[:, start:stop])[..., None] * B_full[:, start:stop]
-        hs = []
-        for t in range(stop - start):
-            if seq_idx is not None:
-                h = h * keep[:, start + t].view(batch, 1, 1)
-            h = dA[:, t] * h + dBu[:, t]
-            hs.append(h)
-        ys.append((torch.stack(hs, dim=1) * C_full[:, start:stop]).sum(-1))
-    y = torch.cat(ys, dim=1) if ys else u_full.new_zeros(batch, 0, d_inner)
+    differentiable = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias, initial_state)
+    )
+    if differentiable:
+        # Whole-sequence decays and inputs, then the recurrence with a hand-written reverse scan: the
+        # autograd tape of a per-token loop costs ~10x more on CPU (this is the model's CPU training path).
+        dA = torch.exp(dt[..., None] * A)  # (b, L, D, N)
+        dBu = (dt * u_full)[..., None] * B_full
+        y, h, _ = _Recurrence.apply(dA, dBu, C_full, h, keep)
+    else:
+        y, h = _recurrence_chunked(dt, A, u_full, B_full, C_full, h, keep)
     if D is not None:
         y = y + D.to(f) * u_full
     if z is not None:
