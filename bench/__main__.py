@@ -1,0 +1,200 @@
+"""`python -m bench` (console script apriel-bench): run suites, save rows, print tables, plot, compare.
+
+    python -m bench {kernels,mixers,e2e,all} [--out DIR] [--compare old.json] [--quick] [--nsys]
+                    [--nvtx-layers] [--profile] [--only FAMILY] [--e2e-layers N] [--no-plots]
+    python -m bench plot ROWS.json|ROWS.csv [--out DIR]      plots from saved rows
+    python -m bench compare NEW.json OLD.json                  ratios table
+Writes DIR/rows.json ({"meta", "rows"}), DIR/rows.csv and DIR/*.png. Every suite (and each measurement
+inside one) is wrapped: a failure becomes an "error" row, is printed, and the rest still runs. Without a
+CUDA device the kernels and mixers suites run a reduced set on the reference ops (bench/cpu.py), labelled.
+The ceilings (copy bandwidth, bf16 GEMM) are measured first; the measured region is bracketed by
+cudaProfilerStart/Stop (for `nsys profile --capture-range=cudaProfilerApi`, which --nsys runs for you).
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import profiling, report
+from .rows import environment, error_row, read_rows, stamp, write_csv, write_json
+
+SUITES = ("kernels", "mixers", "e2e")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("suite", choices=(*SUITES, "all", "plot", "compare"), help="what to run")
+    p.add_argument("files", nargs="*", help="plot: ROWS file; compare: NEW OLD")
+    p.add_argument("--out", default="bench_out", help="output directory (rows.json, rows.csv, PNGs, traces)")
+    p.add_argument("--compare", metavar="OLD_JSON", help="print ratios of this run to a previous rows.json")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (CI, debugging)")
+    p.add_argument("--nsys", action="store_true",
+                   help="re-run under `nsys profile --capture-range=cudaProfilerApi` (torch.profiler trace if no nsys)")
+    p.add_argument("--nvtx-layers", action="store_true", help="NVTX ranges per layer / per layer component")
+    p.add_argument("--profile", action="store_true", help="write torch.profiler chrome traces of representative calls")
+    p.add_argument("--only", help="kernels suite: only the family whose name contains this (scan, conv1d, step)")
+    p.add_argument("--e2e-layers", type=int, default=None, help="e2e: layers of the preset (default: all 50)")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    if args.suite == "plot" and len(args.files) != 1:
+        p.error("plot: expected one ROWS file")
+    if args.suite == "compare" and len(args.files) != 2:
+        p.error("compare: expected NEW and OLD rows files")
+    if args.e2e_layers is not None and args.e2e_layers < 1:
+        p.error(f"--e2e-layers: expected a positive number of layers, got {args.e2e_layers}")
+    return args
+
+
+def run_suite(name: str, args: argparse.Namespace, ceilings) -> list[dict[str, Any]]:
+    if not torch.cuda.is_available():
+        from . import cpu
+
+        print(f"[{name}] no CUDA device: CPU fallback on the reference ops at tiny shapes (not GPU figures)")
+        return cpu.run(name, quick=args.quick)
+    if name == "kernels":
+        from . import kernels
+
+        return kernels.run(quick=args.quick, ceilings=ceilings, only=args.only)
+    if name == "mixers":
+        from . import mixers
+
+        return mixers.run(quick=args.quick, ceilings=ceilings)
+    from . import e2e
+
+    return e2e.run(quick=args.quick, ceilings=ceilings, layers=args.e2e_layers)
+
+
+def _plot(rows, out: Path) -> list[Path]:
+    try:
+        from .plots import make_plots
+
+        paths = make_plots(rows, out)
+    except ImportError as error:
+        print(f"plots: skipped ({error}); make them later with `python -m bench plot {out / 'rows.json'}`")
+        return []
+    except Exception:  # noqa: BLE001 - plotting must not lose the saved rows
+        traceback.print_exc()
+        return []
+    for path in paths:
+        print(f"plot: {path}")
+    return paths
+
+
+def _compare(rows, old_path: str) -> None:
+    from .compare import compare, unmatched
+
+    old_rows, _ = read_rows(old_path)
+    report.print_compare(compare(rows, old_rows), *unmatched(rows, old_rows))
+
+
+def _profile(out: Path, suites: list[str]) -> None:
+    """torch.profiler chrome traces of a few representative calls (the fallback of --nsys)."""
+    if not torch.cuda.is_available():
+        print("profile: no CUDA device, nothing to trace")
+        return
+    from . import mixers
+
+    targets = mixers.profile_targets() if "mixers" in suites or "e2e" in suites else []
+    for name, fn in targets:
+        try:
+            path = profiling.torch_trace(fn, out / f"trace_{name}.json")
+            print(f"profile: {path} (open in chrome://tracing or ui.perfetto.dev)")
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    out = Path(args.out)
+    if args.suite == "plot":
+        rows, _ = read_rows(args.files[0])
+        _plot(rows, out)
+        return 0
+    if args.suite == "compare":
+        new_rows, _ = read_rows(args.files[0])
+        _compare(new_rows, args.files[1])
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    if args.nsys:
+        cmd = profiling.nsys_command(argv, out)
+        if cmd is not None:
+            print("nsys:", " ".join(cmd))
+            return subprocess.call(cmd)
+        print("--nsys: nsys is not on the PATH; writing torch.profiler chrome traces instead (--profile)")
+        args.profile = True
+    profiling.set_layer_ranges(args.nvtx_layers)
+    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    env = environment()
+    started = time.time()
+    rows: list[dict[str, Any]] = []
+    ceil = None
+    meta: dict[str, Any] = {**env, "argv": argv, "suites": suites, "quick": args.quick, "wall_s": {}}
+    if torch.cuda.is_available():
+        try:
+            from . import ceilings
+
+            ceil = ceilings.measure()
+            rows += ceil.as_rows()
+            meta["ceilings"] = {"copy_gb_per_s": ceil.copy_bytes_per_s / 1e9, "gemm_bf16_tflop_s": ceil.gemm_bf16_flops / 1e12,
+                                "exp2_t_per_s": ceil.exp2_per_s / 1e12}
+            print(f"ceilings: copy {ceil.copy_bytes_per_s / 1e12:.2f} TB/s, bf16 GEMM {ceil.gemm_bf16_flops / 1e12:.0f} TFLOP/s, "
+                  f"exp2 {ceil.exp2_per_s / 1e12:.2f} T/s (datasheet)")
+        except Exception as error:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append(error_row("ceilings", "ceilings", "torch", error))
+    else:
+        meta["cpu_fallback"] = True
+    with profiling.measured_region():
+        for name in suites:
+            t0 = time.time()
+            try:
+                with profiling.nvtx(f"suite/{name}"):
+                    got = run_suite(name, args, ceil)
+                rows += got
+            except Exception as error:  # noqa: BLE001 - one suite failing leaves the others
+                traceback.print_exc()
+                rows.append(error_row(name, "suite", "bench", error))
+            meta["wall_s"][name] = round(time.time() - t0, 1)
+            print(f"[{name}] {meta['wall_s'][name]} s")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    summaries = []
+    if "mixers" in suites:
+        from .mixers import crossover_rows, crossovers
+
+        summaries = crossovers(rows)
+        rows += crossover_rows(rows)
+    meta["wall_s"]["total"] = round(time.time() - started, 1)
+    rows = stamp(rows, env)
+    write_json(out / "rows.json", rows, meta)
+    write_csv(out / "rows.csv", rows)
+    for name in ("ceilings", *suites):
+        report.print_rows(rows, name)
+    if "mixers" in suites:
+        report.print_crossovers(summaries)
+    if not args.no_plots:
+        _plot(rows, out)
+    if args.compare:
+        try:
+            _compare(rows, args.compare)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+    if args.profile:
+        _profile(out, suites)
+    bad = [r for r in rows if r.get("status") == "error"]
+    print(f"rows: {out / 'rows.json'}, {out / 'rows.csv'} ({len(rows)} rows, {len(bad)} errors); "
+          f"wall {meta['wall_s']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""e2e suite: whole-model prefill (time to first token) and decode throughput, transformer vs hybrid layouts.
+
+    run(quick=False, ceilings=None, layers=None) -> list[dict] rows
+
+Two sources of rows:
+1. provider "bench-stack": a bench-local stack of the preset's real layer shapes (apriel-15b: 50 layers,
+   hidden 5120, MLP 14336, vocab 131072; random bf16 weights allocated on the GPU) built from the mixers
+   suite's layers + RMSNorm + SwiGLU MLP + lm_head. Every layer's weights are distinct tensors, so a
+   decode step reads all of them from HBM like a real model. Left out: embedding lookup, RoPE, sampling
+   (small elementwise work). Layouts: "transformer" (50 t), "H1-30" (30 m2 + 20 t), "H1-40" (40 m2 + 10 t);
+   the positions of the mixers do not change the time, only their count. Measured:
+   - prefill/TTFT at batch 1 over prompt lengths (one forward over the prompt, logits of the last token);
+   - decode tokens/s (one token per sequence per step, whole step CUDA-graph replayed) vs batch at 16k
+     context and vs context at batch 16; memory per sequence (KV + mixer state bytes), the largest batch
+     whose caches fit next to the weights, and decode at that batch;
+   - % of the bandwidth bound: (weights + caches read/written per step) / measured copy bandwidth.
+2. provider "apriel_model-engine": bench/e2e_decode.py (the model's own engine; owned by the model
+   engineer) run in a subprocess (it needs the whole GPU), its rows folded in; "not available" when absent.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import profiling, timing
+from .mixers import APRIEL_15B, AttentionLayer, LayerShape, MixerLayer, _randn
+from .rows import add_rates, error_row, make_row, normalize, unavailable
+
+SUITE = "e2e"
+GiB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    name: str = "apriel-15b"
+    layer: LayerShape = APRIEL_15B
+    n_layers: int = 50
+    intermediate: int = 14336
+    vocab: int = 131072
+
+    def layouts(self) -> dict[str, list[str]]:
+        """transformer and the Apriel-H1 mixer counts (30 and 40 of 50), scaled when n_layers is reduced."""
+        n = self.n_layers
+        out = {"transformer": ["t"] * n}
+        for name, m in (("H1-30", 30), ("H1-40", 40)):
+            k = round(m * n / 50)
+            out[name] = spread(n, k)
+        return out
+
+    def weight_bytes(self, layout: list[str]) -> int:
+        s = self.layer
+        mlp = 2 * 3 * s.hidden * self.intermediate
+        mixers = sum(s.mixer_weight_bytes() if c == "m2" else s.attn_weight_bytes() for c in layout)
+        return len(layout) * (mlp + 4 * s.hidden) + mixers + 2 * self.vocab * s.hidden * 2  # + embed, lm_head
+
+    def seq_bytes(self, layout: list[str], context: int) -> int:
+        """Cache bytes of one sequence: KV of attention layers grows with context, mixer state does not."""
+        s = self.layer
+        return sum(context * s.kv_bytes_per_token() if c == "t" else s.mixer_state_bytes() for c in layout)
+
+
+APRIEL_15B_MODEL = ModelShape()
+
+
+def spread(n_layers: int, n_mixers: int) -> list[str]:
+    """A deterministic layout with n_mixers "m2" spread evenly (timing depends on counts only)."""
+    layout = ["t"] * n_layers
+    for i in range(n_mixers):
+        layout[int((i + 0.5) * n_layers / n_mixers)] = "m2"
+    return layout
+
+
+# ------------------------------------------------------------------------------------------------ stack
+class Stack:
+    """Pre-norm decoder stack: x += mixer(norm(x)); x += mlp(norm(x)); logits = lm_head(norm(x))."""
+
+    def __init__(self, model: ModelShape, layout: list[str], device="cuda", dtype=torch.bfloat16):
+        s, self.model, self.layout = model.layer, model, layout
+        self.mixers = [MixerLayer(s) if c == "m2" else AttentionLayer(s, "sdpa-flash") for c in layout]
+        self.norms = [torch.ones(2, s.hidden, device=device, dtype=dtype) for _ in layout]
+        self.w_gate_up = [_randn(2 * model.intermediate, s.hidden, scale=s.hidden**-0.5) for _ in layout]
+        self.w_down = [_randn(s.hidden, model.intermediate, scale=model.intermediate**-0.5) for _ in layout]
+        self.final_norm = torch.ones(s.hidden, device=device, dtype=dtype)
+        self.lm_head = _randn(model.vocab, s.hidden, scale=s.hidden**-0.5)
+
+    def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.w_gate_up[i]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w_down[i])
+
+    def _norm(self, x, w):
+        return F.rms_norm(x, (x.shape[-1],), w, eps=1e-5)
+
+    def prefill(self, h: torch.Tensor) -> torch.Tensor:
+        """h: (b, L, hidden) embeddings -> logits of the last position (b, vocab)."""
+        x = h
+        for i, (code, mixer) in enumerate(zip(self.layout, self.mixers)):
+            with profiling.layer_range(f"layer{i:02d}/{code}"):
+                out = mixer.prefill(self._norm(x, self.norms[i][0]))
+                x = x + (out[0] if code == "m2" else out)
+                x = x + self._mlp(i, self._norm(x, self.norms[i][1]))
+        return F.linear(self._norm(x[:, -1], self.final_norm), self.lm_head)
+
+    def new_caches(self, batch: int, context: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [m.new_cache(batch) if c == "m2" else m.new_cache(batch, context) for c, m in zip(self.layout, self.mixers)]
+
+    def decode(self, h: torch.Tensor, caches) -> torch.Tensor:
+        """h: (b, hidden), one token per sequence -> logits (b, vocab); caches advance in place."""
+        x = h
+        for i, (code, mixer) in enumerate(zip(self.layout, self.mixers)):
+            with profiling.layer_range(f"layer{i:02d}/{code}"):
+                out = mixer.decode(self._norm(x, self.norms[i][0]), *caches[i])
+                x = x + out
+                x = x + self._mlp(i, self._norm(x, self.norms[i][1]))
+        return F.linear(self._norm(x, self.final_norm), self.lm_head)
+
+
+def _free_bytes() -> int:
+    return torch.cuda.mem_get_info()[0]
+
+
+def _step_bytes(model: ModelShape, layout: list[str], batch: int, context: int) -> int:
+    """Bytes a decode step must move: every weight once, every KV cache read, every mixer state read + written."""
+    s = model.layer
+    state_extra = sum(s.mixer_state_bytes() for c in layout if c == "m2")  # written back as well as read
+    return model.weight_bytes(layout) - model.vocab * s.hidden * 2 + batch * (model.seq_bytes(layout, context) + state_extra)
+
+
+def _stack_rows(model: ModelShape, name: str, layout: list[str], quick: bool, ceil) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    base = dict(layout=name, n_layers=len(layout), n_mixers=layout.count("m2"), provider_detail="bench-local stack, random bf16 weights")
+    s = model.layer
+    stack = Stack(model, layout)
+    torch.cuda.synchronize()
+    # ---- prefill / TTFT at batch 1
+    for L in ((1024, 4096, 16384) if quick else (1024, 4096, 16384, 32768)):
+        fields = dict(base, phase="prefill", batch=1, seqlen=L, shape=f"b1 L{L}")
+        try:
+            with profiling.nvtx(f"e2e/{name}/prefill/L={L}"):
+                h = torch.randn(1, L, s.hidden, device="cuda", dtype=torch.bfloat16)
+                stats = timing.time_long_ms(lambda: stack.prefill(h), budget_ms=800 if quick else 2000)
+                del h
+            row = make_row(SUITE, "model_prefill", "bench-stack", stats=stats, ttft_ms=stats["p50"], **fields)
+            rows.append(add_rates(row, tokens=L))
+        except Exception as error:  # noqa: BLE001
+            rows.append(error_row(SUITE, "model_prefill", "bench-stack", error, **fields))
+        torch.cuda.empty_cache()
+    # ---- memory per sequence and the largest batch that fits at 16k
+    ctx = 16384
+    per_seq = model.seq_bytes(layout, ctx)
+    reserve = 3 * GiB  # graph pool, activations of a step, cuBLAS workspaces
+    max_batch = max(0, int((_free_bytes() - reserve) // per_seq))
+    rows.append(make_row(SUITE, "memory_per_sequence", "bench-stack", **base, seqlen=ctx, shape=f"L{ctx}",
+                         mib_per_seq=per_seq / 2**20, weights_gib=model.weight_bytes(layout) / GiB, max_batch=max_batch,
+                         note=f"caches: KV of {layout.count('t')} attention layers + state of {layout.count('m2')} mixers; "
+                              f"max batch = (free after weights - {reserve // GiB} GiB) / per-sequence bytes"))
+    # ---- decode: vs batch at 16k, vs context at batch 16
+    batches = [b for b in ((1, 16) if quick else (1, 4, 16, 32, 64, 128)) if b < max_batch] + ([max_batch] if max_batch else [])
+    points = [(b, ctx) for b in batches]
+    b_ctx = min(16, max_batch) if max_batch else 0
+    for L in ((4096, 65536) if quick else (1024, 4096, 32768, 65536)):
+        if b_ctx and b_ctx * model.seq_bytes(layout, L) < _free_bytes() - reserve:
+            points.append((b_ctx, L))
+    for b, L in points:
+        rows.append(_decode_row(model, stack, name, base, b, L, ceil, is_max=(b == max_batch and L == ctx)))
+    del stack
+    torch.cuda.empty_cache()
+    return rows
+
+
+def _decode_row(model, stack, name, base, b, L, ceil, is_max: bool) -> dict[str, Any]:
+    s = model.layer
+    fields = dict(base, phase="decode", batch=b, seqlen=L, shape=f"b{b} L{L}", at_max_batch=is_max or None)
+    try:
+        with profiling.nvtx(f"e2e/{name}/decode/step/b={b}/L={L}"):
+            caches = stack.new_caches(b, L)
+            h = torch.randn(b, s.hidden, device="cuda", dtype=torch.bfloat16)
+            stats = timing.time_graph_ms(lambda: stack.decode(h, caches), warmup_ms=20, rep_ms=150, per_graph=2)
+            del caches, h
+    except Exception as error:  # noqa: BLE001
+        torch.cuda.empty_cache()
+        return error_row(SUITE, "model_decode", "bench-stack", error, **fields)
+    torch.cuda.empty_cache()
+    row = make_row(SUITE, "model_decode", "bench-stack", stats=stats, note="whole step CUDA-graph replayed", **fields)
+    nbytes = _step_bytes(model, stack.layout, b, L)
+    floor = ceil.floor_ms(nbytes=nbytes) if ceil is not None else None
+    return add_rates(row, nbytes=nbytes, tokens=b, floor_ms=floor)
+
+
+# ------------------------------------------------------------------------------------- e2e_decode.py
+def _e2e_decode_path() -> Path:
+    return Path(__file__).resolve().parent / "e2e_decode.py"
+
+
+def engine_rows(quick: bool, timeout_s: int | None = None) -> list[dict[str, Any]]:
+    """Rows of bench/e2e_decode.py run in a subprocess (it needs the whole GPU); "not available" if absent."""
+    path = _e2e_decode_path()
+    if not path.exists() or importlib.util.find_spec("bench.e2e_decode") is None:
+        return [unavailable(SUITE, "model_decode", "apriel_model-engine", "bench/e2e_decode.py is not in this checkout yet")]
+    root = path.parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    timeout_s = timeout_s or (200 if quick else 360)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "e2e_decode.json"
+        cmd = [sys.executable, "-m", "bench.e2e_decode", "--out", str(out)]
+        try:
+            helptext = subprocess.run([*cmd[:3], "--help"], cwd=root, env=env, capture_output=True, text=True, timeout=120).stdout
+        except subprocess.TimeoutExpired:
+            helptext = ""
+        if quick and "--quick" in helptext:
+            cmd.append("--quick")
+        try:
+            proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return [make_row(SUITE, "model_decode", "apriel_model-engine", status="error",
+                             note=f"bench/e2e_decode.py ran past {timeout_s} s")]
+        sys.stdout.write(proc.stdout[-3000:])
+        if proc.returncode != 0 or not out.exists():
+            return [make_row(SUITE, "model_decode", "apriel_model-engine", status="error",
+                             note=f"bench/e2e_decode.py exited {proc.returncode}: {proc.stderr[-400:]}")]
+        data = json.loads(out.read_text())
+    raw = data["rows"] if isinstance(data, dict) and "rows" in data else data if isinstance(data, list) else [data]
+    rows = []
+    for r in raw:
+        r = normalize(r, SUITE)
+        r["suite"] = SUITE
+        r.setdefault("provider", "apriel_model-engine")
+        rows.append(r)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- suite
+def run(quick: bool = False, ceilings=None, layers: int | None = None, engine: bool = True) -> list[dict[str, Any]]:
+    model = dataclasses.replace(APRIEL_15B_MODEL, n_layers=layers) if layers else APRIEL_15B_MODEL
+    rows: list[dict[str, Any]] = []
+    from .mixers import _availability
+
+    why = _availability("apriel")
+    for name, layout in model.layouts().items():
+        if "m2" in layout and why:
+            rows.append(unavailable(SUITE, "model_decode", "bench-stack", why, layout=name))
+            continue
+        if model.weight_bytes(layout) > _free_bytes() - 4 * GiB:
+            rows.append(make_row(SUITE, "model_decode", "bench-stack", status="skipped", layout=name,
+                                 note=f"weights {model.weight_bytes(layout) / GiB:.1f} GiB do not fit; rerun with --e2e-layers"))
+            continue
+        try:
+            rows.extend(_stack_rows(model, name, layout, quick, ceilings))
+        except Exception as error:  # noqa: BLE001 - one layout failing leaves the others
+            rows.append(error_row(SUITE, "model", "bench-stack", error, layout=name))
+        torch.cuda.empty_cache()
+    rows.extend(ratio_rows(rows))
+    if engine:
+        rows.extend(engine_rows(quick))
+    return rows
+
+
+def ratio_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Hybrid over transformer decode tokens/s at the same (batch, context), and at each one's max batch."""
+    dec = [r for r in rows if r.get("op") == "model_decode" and r.get("status") == "ok" and r.get("tokens_per_s")]
+    base = {(r["batch"], r["seqlen"]): r for r in dec if r.get("layout") == "transformer"}
+    base_max = next((r for r in dec if r.get("layout") == "transformer" and r.get("at_max_batch")), None)
+    out = []
+    for r in dec:
+        if r.get("layout") == "transformer":
+            continue
+        ref = base.get((r["batch"], r["seqlen"]))
+        if ref:
+            out.append(make_row(SUITE, "decode_speedup", "bench-stack", layout=r["layout"], batch=r["batch"],
+                                seqlen=r["seqlen"], shape=r["shape"], speedup=r["tokens_per_s"] / ref["tokens_per_s"],
+                                note="same batch and context as the transformer"))
+        if r.get("at_max_batch") and base_max:
+            out.append(make_row(SUITE, "decode_speedup", "bench-stack", layout=r["layout"], batch=r["batch"],
+                                seqlen=r["seqlen"], shape=f"max batch {r['batch']} vs {base_max['batch']} L{r['seqlen']}",
+                                speedup=r["tokens_per_s"] / base_max["tokens_per_s"],
+                                note="each layout at the largest batch that fits"))
+    return out
+
+
+def profile_targets(model: ModelShape = APRIEL_15B_MODEL) -> list[tuple[str, Any]]:
+    return []
