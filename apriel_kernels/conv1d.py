@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
-from ._autograd_ref import reference_vjp
 from ._ext import cuda_kernel
 from .reference.conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 
@@ -98,21 +97,59 @@ def causal_conv1d_bwd(
         kernel = cuda_kernel("causal_conv1d_bwd")
         if kernel is not None:
             return kernel(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, silu)
-    want_final = dfinal_states is not None and dfinal_states.numel() > 0
-
-    def forward(x_, w_, b_, init_):
-        res = causal_conv1d_ref(x_, w_, b_, seq_idx, init_, want_final, "silu" if silu else None)
-        return res if want_final else (res,)
-
-    dx, dw, db, dinit = reference_vjp(forward, [x, weight, bias, initial_states], [dout, dfinal_states])
+    dx, dw, db, dinit = _conv_bwd_torch(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, silu)
     dx_out = _empty_like_layout(x)
     dx_out.copy_(dx)
     return (
         dx_out,
         dw.float(),
-        db.float() if db is not None else x.new_empty(0, dtype=torch.float32),
-        dinit.to(x.dtype).contiguous() if dinit is not None else x.new_empty(0),
+        db.float() if bias is not None else x.new_empty(0, dtype=torch.float32),
+        dinit.to(x.dtype).contiguous() if initial_states is not None else x.new_empty(0),
     )
+
+
+def _conv_bwd_torch(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, silu):
+    """The backward written out in torch ops, in x's precision (exact in float64): the CPU kernel.
+
+    (A torch.func.vjp of the reference would do, but functorch wrappers break opcheck's schema test.)
+    Returns dx (b, C, L), dweight (C, W), dbias (C,), dinitial_states (b, C, W-1) in x's dtype.
+    """
+    batch, channels, seqlen = x.shape
+    width = weight.shape[1]
+    halo = width - 1
+    dtype = x.dtype
+    w = weight.to(dtype)
+    init = initial_states.to(dtype) if initial_states is not None else x.new_zeros(batch, channels, halo)
+    padded = torch.cat([init, x], dim=2)  # positions -halo .. L-1
+    if seq_idx is not None:
+        seq_padded = torch.cat([seq_idx[:, :1].expand(batch, halo), seq_idx], dim=1)
+    taps = []  # taps[k][b, c, t] = input at t - halo + k, zero across a document boundary
+    for k in range(width):
+        tap = padded[:, :, k : k + seqlen]
+        if seq_idx is not None:
+            tap = tap * (seq_padded[:, k : k + seqlen] == seq_idx).unsqueeze(1).to(dtype)
+        taps.append(tap)
+    pre = sum(w[:, k].view(1, channels, 1) * taps[k] for k in range(width))
+    if bias is not None:
+        pre = pre + bias.to(dtype).view(1, channels, 1)
+    dpre = dout.to(dtype)
+    if silu:
+        sig = torch.sigmoid(pre)
+        dpre = dpre * sig * (1 + pre * (1 - sig))
+    dpadded = torch.zeros_like(padded)
+    for k in range(width):
+        contrib = w[:, k].view(1, channels, 1) * dpre
+        if seq_idx is not None:
+            contrib = contrib * (seq_padded[:, k : k + seqlen] == seq_idx).unsqueeze(1).to(dtype)
+        dpadded[:, :, k : k + seqlen] += contrib
+    if dfinal_states is not None and dfinal_states.numel() > 0:
+        dfin = dfinal_states.to(dtype)
+        if seq_idx is not None:
+            dfin = dfin * (seq_padded[:, seqlen:] == seq_idx[:, -1:]).unsqueeze(1).to(dtype)
+        dpadded[:, :, seqlen:] += dfin
+    dweight = torch.stack([(dpre * taps[k]).sum(dim=(0, 2)) for k in range(width)], dim=1)
+    dbias = dpre.sum(dim=(0, 2))
+    return dpadded[:, :, halo:], dweight, dbias, dpadded[:, :, :halo]
 
 
 @causal_conv1d_bwd.register_fake

@@ -1,0 +1,629 @@
+// Causal depthwise conv1d kernels (forward, backward, update) and their launchers, templated on the
+// activation dtype T and the width W (2..4). Instantiated once per dtype by conv1d_<dtype>.cu.
+//
+// Forward, token-major (the fast path; x is a (batch, seqlen, dim) activation such as a column slice of
+//   the in_proj output): a thread owns kCh = 16/sizeof(T) consecutive channels (one 16-byte vector) x
+//   kTok consecutive tokens, reads the W-1 halo tokens before its tile again (L1/L2 hits), issues all its
+//   loads before any math (memory-level parallelism), keeps a sliding window of W inputs in registers and
+//   stores one vector per token. A warp spans 32 vectors of one token row (512 contiguous bytes).
+//   Bound by DRAM bandwidth: 2 bytes read + 2 written per element in bf16.
+// Backward, token-major: same mapping with 4 channels per thread (half the registers of the forward: the
+//   thread also carries dweight accumulators). A thread streams positions p = t0-(W-1) .. t0+kTok+W-2,
+//   recomputing pre[p] and dpre[p] = dout[p] * act'(pre[p]) in a window, emitting dx[p-(W-1)] once the
+//   W dpre values it needs exist. dweight/dbias are summed per thread, then per block over its token
+//   lanes (shared memory, fixed order), written as per-(batch, split) partials, and a second kernel sums
+//   the partials in split order: deterministic, no float atomics.
+// Generic (any strides, any dim): one element per thread (forward) or one channel x a strided token
+//   loop (backward), consecutive threads on the unit-stride axis. Used for channel-major data and for
+//   token-major data that is not 16-byte aligned or has dim % 8 != 0.
+// Update: one thread per (row, channel); the conv_state row is shifted in place in ascending order, so
+//   every element is read before it is overwritten.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "conv1d_params.h"
+#include "cuda_check.h"
+
+namespace apriel {
+namespace conv1d {
+
+// ---------------------------------------------------------------------------------------- conversions
+template <typename T> struct AccType { using type = float; };
+template <> struct AccType<double> { using type = double; };
+template <typename T> using acc_t = typename AccType<T>::type;
+
+template <typename A> __device__ __forceinline__ A to_acc(__half v) { return static_cast<A>(__half2float(v)); }
+template <typename A> __device__ __forceinline__ A to_acc(__nv_bfloat16 v) { return static_cast<A>(__bfloat162float(v)); }
+template <typename A> __device__ __forceinline__ A to_acc(float v) { return static_cast<A>(v); }
+template <typename A> __device__ __forceinline__ A to_acc(double v) { return static_cast<A>(v); }
+
+template <typename T> __device__ __forceinline__ T from_acc(float v);
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <typename T> __device__ __forceinline__ T from_acc(double v) { return static_cast<T>(v); }
+
+// A scalar of a small side tensor whose dtype is only known at run time (ScalarCode).
+template <typename A>
+__device__ __forceinline__ A load_any(const void* ptr, int64_t idx, int code) {
+  switch (code) {
+    case kHalf: return to_acc<A>(static_cast<const __half*>(ptr)[idx]);
+    case kBFloat16: return to_acc<A>(static_cast<const __nv_bfloat16*>(ptr)[idx]);
+    case kFloat: return static_cast<A>(static_cast<const float*>(ptr)[idx]);
+    default: return static_cast<A>(static_cast<const double*>(ptr)[idx]);
+  }
+}
+
+template <typename A>
+__device__ __forceinline__ void store_any(void* ptr, int64_t idx, int code, A v) {
+  switch (code) {
+    case kHalf: static_cast<__half*>(ptr)[idx] = __float2half_rn(static_cast<float>(v)); break;
+    case kBFloat16: static_cast<__nv_bfloat16*>(ptr)[idx] = __float2bfloat16_rn(static_cast<float>(v)); break;
+    case kFloat: static_cast<float*>(ptr)[idx] = static_cast<float>(v); break;
+    default: static_cast<double*>(ptr)[idx] = static_cast<double>(v); break;
+  }
+}
+
+// Round through T, as the reference does when it moves a value into the activation dtype.
+template <typename T, typename A>
+__device__ __forceinline__ A round_to(A v) { return to_acc<A>(from_acc<T>(v)); }
+
+template <typename A> __device__ __forceinline__ A sigmoid(A v);
+template <> __device__ __forceinline__ float sigmoid<float>(float v) { return 1.f / (1.f + __expf(-v)); }
+template <> __device__ __forceinline__ double sigmoid<double>(double v) { return 1.0 / (1.0 + exp(-v)); }
+
+template <typename A>
+__device__ __forceinline__ A activate(A pre, bool silu) { return silu ? pre * sigmoid(pre) : pre; }
+
+// d act(pre) / d pre.
+template <typename A>
+__device__ __forceinline__ A activate_grad(A pre, bool silu) {
+  if (!silu) return A(1);
+  const A s = sigmoid(pre);
+  return s * (A(1) + pre * (A(1) - s));
+}
+
+// ------------------------------------------------------------------------------------ vector memory ops
+template <int Bytes> struct VecOf;
+template <> struct VecOf<4> { using type = uint32_t; };
+template <> struct VecOf<8> { using type = uint2; };
+template <> struct VecOf<16> { using type = uint4; };
+
+// N consecutive elements of T at a (N*sizeof(T))-aligned address, as one vector.
+template <typename T, int N>
+struct Pack {
+  using V = typename VecOf<N * sizeof(T)>::type;
+  V v;
+  __device__ __forceinline__ void load(const T* ptr) { v = *reinterpret_cast<const V*>(ptr); }
+  __device__ __forceinline__ void zero() {
+    T* e = reinterpret_cast<T*>(&v);
+#pragma unroll
+    for (int i = 0; i < N; ++i) e[i] = from_acc<T>(acc_t<T>(0));
+  }
+  template <typename A>
+  __device__ __forceinline__ A get(int i) const { return to_acc<A>(reinterpret_cast<const T*>(&v)[i]); }
+};
+
+template <typename T, int N, typename A>
+__device__ __forceinline__ void store_pack(T* ptr, const A (&vals)[N]) {
+  Pack<T, N> p;
+  T* e = reinterpret_cast<T*>(&p.v);
+#pragma unroll
+  for (int i = 0; i < N; ++i) e[i] = from_acc<T>(vals[i]);
+  *reinterpret_cast<typename Pack<T, N>::V*>(ptr) = p.v;
+}
+
+__device__ __forceinline__ int seq_at(const ConvParams& p, int b, int t) {
+  // Positions before token 0 (the initial state) belong to the document of token 0.
+  return p.seq_idx == nullptr ? 0 : p.seq_idx[b * p.seq_stride_b + int64_t(max(t, 0)) * p.seq_stride_l];
+}
+
+template <typename A, int N, int W>
+__device__ __forceinline__ void load_weights(const ConvParams& p, int c0, A (&w)[N][W], A (&bias)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const int c = c0 + i;
+#pragma unroll
+    for (int k = 0; k < W; ++k) w[i][k] = load_any<A>(p.weight, c * p.weight_stride_c + k * p.weight_stride_k, p.weight_dtype);
+    bias[i] = p.bias == nullptr ? A(0) : load_any<A>(p.bias, c * p.bias_stride, p.bias_dtype);
+  }
+}
+
+// ===================================================================== forward, token-major vectorised
+// Block (32, 4): 32 x kCh channels x 4 x kTok tokens. Grid (ceil(dim / (32 kCh)), ceil(L / (4 kTok)), b).
+template <typename T, int W, int kTok>
+__global__ void __launch_bounds__(128) fwd_tokmajor_kernel(ConvParams p) {
+  using A = acc_t<T>;
+  constexpr int kCh = 16 / sizeof(T);
+  constexpr int H = W - 1;
+  const int c0 = (blockIdx.x * blockDim.x + threadIdx.x) * kCh;
+  const int t0 = (blockIdx.y * blockDim.y + threadIdx.y) * kTok;
+  const int b = blockIdx.z;
+  if (c0 >= p.dim || t0 >= p.seqlen) return;
+  const int L = p.seqlen;
+  const T* x = static_cast<const T*>(p.x) + b * p.x_stride_b + c0;
+
+  // All loads first: kTok + H vectors in flight per thread.
+  Pack<T, kCh> raw[kTok + H];
+#pragma unroll
+  for (int i = 0; i < kTok + H; ++i) {
+    const int t = t0 - H + i;
+    if (t >= 0 && t < L) raw[i].load(x + t * p.x_stride_l);
+    else raw[i].zero();
+  }
+  A w[kCh][W], bias[kCh];
+  load_weights<A, kCh, W>(p, c0, w, bias);
+
+  // Window of positions t-H .. t (slot H = current token), with their document ids.
+  A xw[W][kCh];
+  int sw[W];
+#pragma unroll
+  for (int j = 0; j < H; ++j) {
+    const int t = t0 - H + j;
+    sw[j] = seq_at(p, b, t);
+#pragma unroll
+    for (int i = 0; i < kCh; ++i) {
+      if (t >= 0) xw[j][i] = raw[j].template get<A>(i);
+      else if (p.init != nullptr)
+        xw[j][i] = to_acc<A>(static_cast<const T*>(p.init)[b * p.init_stride_b + (c0 + i) * p.init_stride_c + (H + t) * p.init_stride_k]);
+      else xw[j][i] = A(0);
+    }
+  }
+  T* out = static_cast<T*>(p.out) + b * p.out_stride_b + c0;
+#pragma unroll
+  for (int s = 0; s < kTok; ++s) {
+    const int t = t0 + s;
+    if (t >= L) break;
+    sw[H] = seq_at(p, b, t);
+#pragma unroll
+    for (int i = 0; i < kCh; ++i) xw[H][i] = raw[H + s].template get<A>(i);
+    A y[kCh];
+#pragma unroll
+    for (int i = 0; i < kCh; ++i) {
+      A acc = bias[i];
+#pragma unroll
+      for (int k = 0; k < W; ++k) acc += w[i][k] * (sw[k] == sw[H] ? xw[k][i] : A(0));
+      y[i] = activate(acc, p.silu);
+    }
+    store_pack<T, kCh>(out + t * p.out_stride_l, y);
+#pragma unroll
+    for (int j = 0; j < H; ++j) {
+      sw[j] = sw[j + 1];
+#pragma unroll
+      for (int i = 0; i < kCh; ++i) xw[j][i] = xw[j + 1][i];
+    }
+  }
+  // The thread whose tile holds token L-1 writes the final state: its window is now positions L-H..L-1.
+  if (p.final_out != nullptr && t0 + kTok >= L) {
+    T* fin = static_cast<T*>(p.final_out);
+#pragma unroll
+    for (int i = 0; i < kCh; ++i)
+#pragma unroll
+      for (int j = 0; j < H; ++j)
+        fin[(int64_t(b) * p.dim + c0 + i) * H + j] = from_acc<T>(sw[j] == sw[H - 1] ? xw[j][i] : A(0));
+  }
+}
+
+// ======================================================================== forward, generic strided
+// One output element per thread; consecutive threads walk the unit-stride axis (tokens when tok_fast).
+template <typename T, int W>
+__global__ void __launch_bounds__(256) fwd_generic_kernel(ConvParams p) {
+  using A = acc_t<T>;
+  constexpr int H = W - 1;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t total = int64_t(p.batch) * p.dim * p.seqlen;
+  if (idx >= total) return;
+  int b, c, t;
+  if (p.tok_fast) {
+    t = int(idx % p.seqlen);
+    c = int((idx / p.seqlen) % p.dim);
+    b = int(idx / (int64_t(p.seqlen) * p.dim));
+  } else {
+    c = int(idx % p.dim);
+    t = int((idx / p.dim) % p.seqlen);
+    b = int(idx / (int64_t(p.seqlen) * p.dim));
+  }
+  const T* x = static_cast<const T*>(p.x) + b * p.x_stride_b + c * p.x_stride_c;
+  const T* init = static_cast<const T*>(p.init);
+  A xw[W];
+  int sw[W];
+#pragma unroll
+  for (int k = 0; k < W; ++k) {
+    const int pos = t - H + k;
+    sw[k] = seq_at(p, b, pos);
+    if (pos >= 0) xw[k] = to_acc<A>(x[pos * p.x_stride_l]);
+    else if (init != nullptr) xw[k] = to_acc<A>(init[b * p.init_stride_b + c * p.init_stride_c + (H + pos) * p.init_stride_k]);
+    else xw[k] = A(0);
+  }
+  A w[1][W], bias[1];
+  load_weights<A, 1, W>(p, c, w, bias);
+  A acc = bias[0];
+#pragma unroll
+  for (int k = 0; k < W; ++k) acc += w[0][k] * (sw[k] == sw[H] ? xw[k] : A(0));
+  static_cast<T*>(p.out)[b * p.out_stride_b + c * p.out_stride_c + t * p.out_stride_l] = from_acc<T>(activate(acc, p.silu));
+  if (p.final_out != nullptr && t == p.seqlen - 1) {
+    T* fin = static_cast<T*>(p.final_out);
+#pragma unroll
+    for (int j = 0; j < H; ++j)
+      fin[(int64_t(b) * p.dim + c) * H + j] = from_acc<T>(sw[j + 1] == sw[H] ? xw[j + 1] : A(0));
+  }
+}
+
+// ====================================================================== backward, token-major vectorised
+// Block (32, 4): 32 x kCh channels; the 4 token lanes take kTok-token tiles of the block's split in turn.
+// Grid (ceil(dim / (32 kCh)), nsplit, batch). Each thread keeps, over positions p-H .. p: x, dpre and
+// document ids.
+template <typename T> struct BwdCh { static constexpr int value = sizeof(T) == 8 ? 2 : 4; };
+
+template <typename T, int W, int kTok>
+__global__ void __launch_bounds__(128) bwd_tokmajor_kernel(ConvParams p) {
+  using A = acc_t<T>;
+  constexpr int kCh = BwdCh<T>::value;
+  constexpr int H = W - 1;
+  constexpr int kLanes = 4;
+  const int c0 = (blockIdx.x * 32 + threadIdx.x) * kCh;
+  const int split = blockIdx.y;
+  const int b = blockIdx.z;
+  const int L = p.seqlen;
+  const bool active = c0 < p.dim;
+  const int ts = split * p.split_len;
+  const int te = min(ts + p.split_len, L);
+
+  A dw[kCh][W], db[kCh];
+#pragma unroll
+  for (int i = 0; i < kCh; ++i) {
+    db[i] = A(0);
+#pragma unroll
+    for (int k = 0; k < W; ++k) dw[i][k] = A(0);
+  }
+  if (active) {
+    A w[kCh][W], bias[kCh];
+    load_weights<A, kCh, W>(p, c0, w, bias);
+    const T* x = static_cast<const T*>(p.x) + b * p.x_stride_b + c0;
+    const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride_b + c0;
+    T* dx = static_cast<T*>(p.out) + b * p.out_stride_b + c0;
+    const T* init = static_cast<const T*>(p.init);
+    const T* dfinal = static_cast<const T*>(p.dfinal);
+    const int seq_last = seq_at(p, b, L - 1);
+
+    for (int t0 = ts + threadIdx.y * kTok; t0 < te; t0 += kLanes * kTok) {
+      const int t1 = min(t0 + kTok, te);
+      constexpr int kSpan = kTok + 2 * H;  // positions t0-H .. t0+kTok+H-1
+      Pack<T, kCh> xr[kSpan], gr[kTok + H];
+#pragma unroll
+      for (int j = 0; j < kSpan; ++j) {
+        const int pos = t0 - H + j;
+        if (pos >= 0 && pos < L) xr[j].load(x + pos * p.x_stride_l);
+        else xr[j].zero();
+      }
+#pragma unroll
+      for (int j = 0; j < kTok + H; ++j) {
+        const int pos = t0 + j;
+        if (pos < L) gr[j].load(dout + pos * p.dout_stride_l);
+        else gr[j].zero();
+      }
+      A xw[W][kCh], gw[W][kCh];
+      int sw[W];
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        sw[j] = 0;
+#pragma unroll
+        for (int i = 0; i < kCh; ++i) xw[j][i] = gw[j][i] = A(0);
+      }
+#pragma unroll
+      for (int j = 0; j < kSpan; ++j) {
+        const int pos = t0 - H + j;
+        // Shift the window and bring in position pos.
+#pragma unroll
+        for (int q = 0; q < H; ++q) {
+          sw[q] = sw[q + 1];
+#pragma unroll
+          for (int i = 0; i < kCh; ++i) { xw[q][i] = xw[q + 1][i]; gw[q][i] = gw[q + 1][i]; }
+        }
+        sw[H] = pos < L ? seq_at(p, b, pos) : seq_last;
+#pragma unroll
+        for (int i = 0; i < kCh; ++i) {
+          if (pos >= 0) xw[H][i] = xr[j].template get<A>(i);
+          else if (init != nullptr)
+            xw[H][i] = to_acc<A>(init[b * p.init_stride_b + (c0 + i) * p.init_stride_c + (H + pos) * p.init_stride_k]);
+          else xw[H][i] = A(0);
+          gw[H][i] = A(0);
+        }
+        if (pos >= t0 && pos < L) {
+          // dpre at pos; accumulate dweight/dbias for the tile's own tokens only.
+#pragma unroll
+          for (int i = 0; i < kCh; ++i) {
+            A pre = bias[i];
+#pragma unroll
+            for (int k = 0; k < W; ++k) pre += w[i][k] * (sw[k] == sw[H] ? xw[k][i] : A(0));
+            const A g = gr[j - H].template get<A>(i) * activate_grad(pre, p.silu);
+            gw[H][i] = g;
+            if (pos < t1) {
+              db[i] += g;
+#pragma unroll
+              for (int k = 0; k < W; ++k) dw[i][k] += g * (sw[k] == sw[H] ? xw[k][i] : A(0));
+            }
+          }
+        }
+        // dx at s = pos - H, which needs dpre at s .. s+H (all in the window now).
+        const int s = pos - H;
+        const bool emit_dx = s >= t0 && s < t1;
+        const bool emit_dinit = t0 == 0 && init != nullptr && p.dinit != nullptr && s < 0 && s >= -H;
+        if (emit_dx || emit_dinit) {
+          A g[kCh];
+#pragma unroll
+          for (int i = 0; i < kCh; ++i) {
+            A acc = A(0);
+#pragma unroll
+            for (int k = 0; k < W; ++k) acc += w[i][k] * (sw[0] == sw[H - k] ? gw[H - k][i] : A(0));
+            if (dfinal != nullptr && s >= L - H && sw[0] == seq_last)
+              acc += to_acc<A>(dfinal[b * p.dfinal_stride_b + (c0 + i) * p.dfinal_stride_c + (s - (L - H)) * p.dfinal_stride_k]);
+            g[i] = acc;
+          }
+          if (emit_dx) {
+            store_pack<T, kCh>(dx + s * p.out_stride_l, g);
+          } else {
+            T* dinit = static_cast<T*>(p.dinit);
+#pragma unroll
+            for (int i = 0; i < kCh; ++i) dinit[(int64_t(b) * p.dim + c0 + i) * H + H + s] = from_acc<T>(g[i]);
+          }
+        }
+      }
+    }
+  }
+  // Block reduction over the token lanes, in lane order, then one partial per (batch, split).
+  __shared__ A red[kLanes][32 * kCh][W + 1];
+#pragma unroll
+  for (int i = 0; i < kCh; ++i) {
+#pragma unroll
+    for (int k = 0; k < W; ++k) red[threadIdx.y][threadIdx.x * kCh + i][k] = dw[i][k];
+    red[threadIdx.y][threadIdx.x * kCh + i][W] = db[i];
+  }
+  __syncthreads();
+  if (threadIdx.y == 0 && active) {
+    float* ws = p.workspace + (int64_t(b) * p.nsplit + split) * p.dim * (W + 1);
+#pragma unroll
+    for (int i = 0; i < kCh; ++i) {
+#pragma unroll
+      for (int k = 0; k <= W; ++k) {
+        A sum = A(0);
+#pragma unroll
+        for (int l = 0; l < kLanes; ++l) sum += red[l][threadIdx.x * kCh + i][k];
+        ws[int64_t(c0 + i) * (W + 1) + k] = static_cast<float>(sum);
+      }
+    }
+  }
+}
+
+// ========================================================================= backward, generic strided
+// Scalar helpers for one (b, c); positions are tokens, negative ones the initial state.
+template <typename T, int W>
+struct GenericRow {
+  using A = acc_t<T>;
+  static constexpr int H = W - 1;
+  const ConvParams& p;
+  int b, c;
+  A w[1][W], bias[1];
+  __device__ GenericRow(const ConvParams& params, int b_, int c_) : p(params), b(b_), c(c_) {
+    load_weights<A, 1, W>(p, c, w, bias);
+  }
+  __device__ A x_at(int pos) const {
+    if (pos >= 0) return to_acc<A>(static_cast<const T*>(p.x)[b * p.x_stride_b + c * p.x_stride_c + pos * p.x_stride_l]);
+    if (p.init == nullptr) return A(0);
+    return to_acc<A>(static_cast<const T*>(p.init)[b * p.init_stride_b + c * p.init_stride_c + (H + pos) * p.init_stride_k]);
+  }
+  // x tap k of output t, zero across a document boundary.
+  __device__ A tap(int t, int k) const {
+    const int pos = t - H + k;
+    return seq_at(p, b, pos) == seq_at(p, b, t) ? x_at(pos) : A(0);
+  }
+  __device__ A dpre_at(int t) const {
+    if (t < 0 || t >= p.seqlen) return A(0);
+    A pre = bias[0];
+#pragma unroll
+    for (int k = 0; k < W; ++k) pre += w[0][k] * tap(t, k);
+    const A g = to_acc<A>(static_cast<const T*>(p.dout)[b * p.dout_stride_b + c * p.dout_stride_c + t * p.dout_stride_l]);
+    return g * activate_grad(pre, p.silu);
+  }
+  // Gradient w.r.t. the input at position s (>= -H).
+  __device__ A dinput_at(int s) const {
+    const int L = p.seqlen;
+    const int seq_s = seq_at(p, b, s);
+    A acc = A(0);
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      const int t = s + H - k;
+      if (t >= 0 && t < L && seq_at(p, b, t) == seq_s) acc += w[0][k] * dpre_at(t);
+    }
+    if (p.dfinal != nullptr && s >= L - H && seq_s == seq_at(p, b, L - 1))
+      acc += to_acc<A>(static_cast<const T*>(p.dfinal)[b * p.dfinal_stride_b + c * p.dfinal_stride_c + (s - (L - H)) * p.dfinal_stride_k]);
+    return acc;
+  }
+};
+
+// Block (32, 8). tok_fast: 8 channels x 32 token lanes; else 32 channels x 8 token lanes.
+// Grid (ceil(dim / channels per block), nsplit, batch).
+template <typename T, int W>
+__global__ void __launch_bounds__(256) bwd_generic_kernel(ConvParams p) {
+  using A = acc_t<T>;
+  constexpr int H = W - 1;
+  const int split = blockIdx.y;
+  const int b = blockIdx.z;
+  int c, lane, lanes;
+  if (p.tok_fast) { c = blockIdx.x * 8 + threadIdx.y; lane = threadIdx.x; lanes = 32; }
+  else { c = blockIdx.x * 32 + threadIdx.x; lane = threadIdx.y; lanes = 8; }
+  const bool active = c < p.dim;
+  A acc[W + 1];
+#pragma unroll
+  for (int k = 0; k <= W; ++k) acc[k] = A(0);
+  if (active) {
+    GenericRow<T, W> row(p, b, c);
+    const int ts = split * p.split_len;
+    const int te = min(ts + p.split_len, p.seqlen);
+    T* dx = static_cast<T*>(p.out) + b * p.out_stride_b + c * p.out_stride_c;
+    for (int t = ts + lane; t < te; t += lanes) {
+      dx[t * p.out_stride_l] = from_acc<T>(row.dinput_at(t));
+      const A g = row.dpre_at(t);
+#pragma unroll
+      for (int k = 0; k < W; ++k) acc[k] += g * row.tap(t, k);
+      acc[W] += g;
+      if (t == 0 && p.init != nullptr && p.dinit != nullptr) {
+        T* dinit = static_cast<T*>(p.dinit);
+        for (int s = -H; s < 0; ++s) dinit[(int64_t(b) * p.dim + c) * H + H + s] = from_acc<T>(row.dinput_at(s));
+      }
+    }
+  }
+  __shared__ A red[8][32][W + 1];
+#pragma unroll
+  for (int k = 0; k <= W; ++k) red[threadIdx.y][threadIdx.x][k] = acc[k];
+  __syncthreads();
+  if (lane == 0 && active) {
+    float* ws = p.workspace + (int64_t(b) * p.nsplit + split) * p.dim * (W + 1);
+#pragma unroll
+    for (int k = 0; k <= W; ++k) {
+      A sum = A(0);
+      for (int l = 0; l < lanes; ++l) sum += p.tok_fast ? red[threadIdx.y][l][k] : red[l][threadIdx.x][k];
+      ws[int64_t(c) * (W + 1) + k] = static_cast<float>(sum);
+    }
+  }
+}
+
+// Sum the (batch * nsplit) partials of each (channel, tap) column in row order.
+__global__ void __launch_bounds__(256) reduce_dweight_kernel(const float* ws, int rows, int dim, int width,
+                                                             float* dweight, float* dbias) {
+  const int col = blockIdx.x * blockDim.x + threadIdx.x;
+  const int cols = dim * (width + 1);
+  if (col >= cols) return;
+  float sum = 0.f;
+  for (int r = 0; r < rows; ++r) sum += ws[int64_t(r) * cols + col];
+  const int c = col / (width + 1), k = col % (width + 1);
+  if (k < width) dweight[c * width + k] = sum;
+  else if (dbias != nullptr) dbias[c] = sum;
+}
+
+// ================================================================================= update (decode)
+template <typename T>
+__global__ void __launch_bounds__(128) update_kernel(UpdateParams p) {
+  using A = acc_t<T>;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= int64_t(p.batch) * p.dim) return;
+  const int c = int(idx % p.dim);
+  const int b = int(idx / p.dim);
+  const int q = p.seqlen, W = p.width, H = W - 1, S = p.state_len;
+  T* out = static_cast<T*>(p.out) + (int64_t(b) * p.dim + c) * q;
+  const int slot = p.slot_idx == nullptr ? b : p.slot_idx[b * p.slot_stride];
+  // Padding row (-1): zero output, no state I/O. An out-of-range slot is treated the same way rather than
+  // corrupting memory (the Python layer rejects it before the call).
+  if (slot < 0 || slot >= p.slots) {
+    for (int t = 0; t < q; ++t) out[t] = from_acc<T>(A(0));
+    return;
+  }
+  const T* x = static_cast<const T*>(p.x) + b * p.x_stride_b + c * p.x_stride_c;
+  const int64_t srow = slot * p.state_stride_b + c * p.state_stride_c;
+  A w[4], win[4];
+  for (int k = 0; k < W; ++k) w[k] = load_any<A>(p.weight, c * p.weight_stride_c + k * p.weight_stride_k, p.weight_dtype);
+  const A bias = p.bias == nullptr ? A(0) : load_any<A>(p.bias, c * p.bias_stride, p.bias_dtype);
+  // The reference moves the cached window into the activation dtype before using it.
+  for (int j = 0; j < H; ++j)
+    win[j] = round_to<T>(load_any<A>(p.conv_state, srow + (S - H + j) * p.state_stride_k, p.state_dtype));
+  for (int t = 0; t < q; ++t) {
+    win[H] = to_acc<A>(x[t * p.x_stride_l]);
+    A acc = bias;
+    for (int k = 0; k < W; ++k) acc += w[k] * win[k];
+    out[t] = from_acc<T>(activate(acc, p.silu));
+    for (int j = 0; j < H; ++j) win[j] = win[j + 1];
+  }
+  // New state = (old state ++ x)[q : q + S]; ascending order reads each element before overwriting it.
+  for (int i = 0; i < S; ++i) {
+    const int src = i + q;
+    const A v = src < S ? round_to<T>(load_any<A>(p.conv_state, srow + src * p.state_stride_k, p.state_dtype))
+                        : to_acc<A>(x[(src - S) * p.x_stride_l]);
+    store_any<A>(p.conv_state, srow + i * p.state_stride_k, p.state_dtype, v);
+  }
+}
+
+// ====================================================================================== launchers
+inline int cdiv(int64_t a, int64_t b) { return int((a + b - 1) / b); }
+
+template <typename T, int W>
+void launch_fwd_w(const ConvParams& p, cudaStream_t stream) {
+  if (p.vectorized) {
+    constexpr int kCh = 16 / sizeof(T);
+    const dim3 block(32, 4);
+    if (p.fwd_tokens == 8) {
+      const dim3 grid(cdiv(p.dim, 32 * kCh), cdiv(p.seqlen, 4 * 8), p.batch);
+      fwd_tokmajor_kernel<T, W, 8><<<grid, block, 0, stream>>>(p);
+    } else {
+      const dim3 grid(cdiv(p.dim, 32 * kCh), cdiv(p.seqlen, 4 * 16), p.batch);
+      fwd_tokmajor_kernel<T, W, 16><<<grid, block, 0, stream>>>(p);
+    }
+  } else {
+    const int64_t total = int64_t(p.batch) * p.dim * p.seqlen;
+    fwd_generic_kernel<T, W><<<cdiv(total, 256), 256, 0, stream>>>(p);
+  }
+  APRIEL_CHECK_LAUNCH();
+}
+
+// Token tile of the vectorised backward; the host picks split_len as a multiple of 4 * kBwdTok.
+constexpr int kBwdTok = 16;
+
+template <typename T, int W>
+void launch_bwd_w(const ConvParams& p, cudaStream_t stream) {
+  if (p.vectorized) {
+    constexpr int kCh = BwdCh<T>::value;
+    const dim3 grid(cdiv(p.dim, 32 * kCh), p.nsplit, p.batch);
+    bwd_tokmajor_kernel<T, W, kBwdTok><<<grid, dim3(32, 4), 0, stream>>>(p);
+  } else {
+    const dim3 grid(cdiv(p.dim, p.tok_fast ? 8 : 32), p.nsplit, p.batch);
+    bwd_generic_kernel<T, W><<<grid, dim3(32, 8), 0, stream>>>(p);
+  }
+  APRIEL_CHECK_LAUNCH();
+  const int cols = p.dim * (p.width + 1);
+  reduce_dweight_kernel<<<cdiv(cols, 256), 256, 0, stream>>>(p.workspace, p.batch * p.nsplit, p.dim, p.width,
+                                                              p.dweight, p.dbias);
+  APRIEL_CHECK_LAUNCH();
+}
+
+template <typename T>
+void launch_fwd(const ConvParams& p, cudaStream_t stream) {
+  switch (p.width) {  // 3 widths x 3 kernels (2 vectorised tilings + generic) per dtype
+    case 2: launch_fwd_w<T, 2>(p, stream); break;
+    case 3: launch_fwd_w<T, 3>(p, stream); break;
+    default: launch_fwd_w<T, 4>(p, stream); break;
+  }
+}
+
+template <typename T>
+void launch_bwd(const ConvParams& p, cudaStream_t stream) {
+  switch (p.width) {  // 3 widths x 2 kernels per dtype, + 1 reduction kernel shared by all
+    case 2: launch_bwd_w<T, 2>(p, stream); break;
+    case 3: launch_bwd_w<T, 3>(p, stream); break;
+    default: launch_bwd_w<T, 4>(p, stream); break;
+  }
+}
+
+template <typename T>
+void launch_update(const UpdateParams& p, cudaStream_t stream) {
+  const int64_t total = int64_t(p.batch) * p.dim;
+  if (total == 0) return;
+  update_kernel<T><<<cdiv(total, 128), 128, 0, stream>>>(p);  // width is a runtime loop bound: 1 kernel
+  APRIEL_CHECK_LAUNCH();
+}
+
+}  // namespace conv1d
+}  // namespace apriel
+
+// Defines the three launchers of one dtype (see APRIEL_CONV1D_DECLARE in conv1d_params.h).
+#define APRIEL_CONV1D_DEFINE(suffix, T)                                                              \
+  namespace apriel {                                                                                 \
+  namespace conv1d {                                                                                 \
+  void causal_conv1d_fwd_##suffix(const ConvParams& p, cudaStream_t s) { launch_fwd<T>(p, s); }      \
+  void causal_conv1d_bwd_##suffix(const ConvParams& p, cudaStream_t s) { launch_bwd<T>(p, s); }      \
+  void causal_conv1d_update_##suffix(const UpdateParams& p, cudaStream_t s) { launch_update<T>(p, s); } \
+  }                                                                                                  \
+  }
