@@ -1,12 +1,26 @@
 """The fused Apriel-H1 one-token (or q-token) decode step with slot-indexed caches.
 
     mixer_step(zxbc, dt_low, conv_state, ssm_state, slot_idx, conv_weight, conv_bias, dt_proj_weight,
-               dt_proj_bias, A_log, D, *, d_inner, d_xb, d_state, repeat_kv_before_conv=True)
-        zxbc: (b, 2D+2X) or (b, q, 2D+2X); dt_low: (b, R) or (b, q, R); conv_state: (slots, X or D, S)
-        and ssm_state: (slots, D/N, N, N) fp32|bf16 are updated IN PLACE; slot_idx: (b,) int32, -1 = padding.
-        Returns y (b, [q,] D) in zxbc's dtype (0 for padding rows).
+               dt_proj_bias, A_log, D, *, d_inner, d_xb, d_state, repeat_kv_before_conv=True, out=None)
+        zxbc: (b, 2D+2X) or (b, q, 2D+2X) fp16|bf16|fp32 (fp64: reference only), the in_proj output
+              (a strided view is fine; the last dim must have unit stride);
+        dt_low: (b, R) or (b, q, R), zxbc's dtype;
+        conv_state: (slots, X or D, S >= W-1), pre-conv x, oldest first; UPDATED IN PLACE;
+        ssm_state: (slots, D/N, N, N) fp32 (default) or bf16 (fp32 math, rounded on store); UPDATED IN PLACE;
+        slot_idx: (b,) int32 cache row of each sequence, -1 = padding row (y = 0, no state I/O), or None
+                  (row i uses slot i);
+        conv_weight: (Cc, W) or (Cc, 1, W), Cc = D if repeat_kv_before_conv else X; conv_bias: (Cc,) or None;
+        dt_proj_weight: (D, R); dt_proj_bias: (D,) (applied twice, mixer.md 3.4); A_log: (D, N); D: (D,);
+        out: optional y buffer with y's shape and zxbc's dtype (nothing is allocated: CUDA-graph friendly).
+        Returns y (b, [q,] D) in zxbc's dtype. q tokens in one call == q single-token calls.
 
-Semantics: mixer.md sections 3-4 and apriel_kernels.reference.mixer.
+Ops: apriel::mixer_step (returns y) and apriel::mixer_step_out (writes y into out); both mark the caches
+as mutated, so torch.compile re-inplaces them instead of cloning. CPU runs the reference
+(apriel_kernels.reference.mixer.mixer_step_ref); CUDA runs torch.ops.apriel_C.mixer_step[_out] (fp64 on
+CUDA runs the reference: it is the ground-truth mode). Under CUDA-graph capture the slot range check
+(a host sync) is skipped; the kernel treats an out-of-range slot as padding rather than write out of bounds.
+
+Semantics: mixer.md section 4 and apriel_kernels.reference.mixer.
 """
 from __future__ import annotations
 
@@ -21,6 +35,22 @@ from ._mixer_common import check_dims, check_mixer_params, conv_weight_2d
 from .reference.mixer import mixer_step_ref
 
 __all__ = ["mixer_step", "mixer_step_ref"]
+
+_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+def _cuda_step_kernel(zxbc: Tensor, name: str):
+    """The compiled kernel for a CUDA call, or None when the reference runs (fp64, or allowed fallback)."""
+    if not zxbc.is_cuda or zxbc.dtype == torch.float64:
+        return None
+    return cuda_kernel(name)
+
+
+def _reference(zxbc, dt_low, conv_state, ssm_state, slot_idx, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias,
+               A_log, D, d_inner, d_xb, d_state, repeat_kv_before_conv) -> Tensor:
+    return mixer_step_ref(zxbc, dt_low, conv_state, ssm_state, slot_idx, conv_weight, conv_bias, dt_proj_weight,
+                          dt_proj_bias, A_log, D, d_inner=d_inner, d_xb=d_xb, d_state=d_state,
+                          repeat_kv_before_conv=repeat_kv_before_conv)
 
 
 # ------------------------------------------------------------------------------------------------- step
@@ -43,14 +73,12 @@ def mixer_step_op(
     repeat_kv_before_conv: bool,
 ) -> Tensor:
     """zxbc: (b, q, 2D+2X). Returns y (b, q, D); the caches are updated in place."""
-    if zxbc.is_cuda:
-        kernel = cuda_kernel("mixer_step")
-        if kernel is not None:
-            return kernel(zxbc, dt_low, conv_state, ssm_state, slot_idx, conv_weight, conv_bias, dt_proj_weight,
-                          dt_proj_bias, A_log, D, d_inner, d_xb, d_state, repeat_kv_before_conv)
-    y = mixer_step_ref(zxbc, dt_low, conv_state, ssm_state, slot_idx, conv_weight, conv_bias, dt_proj_weight,
-                       dt_proj_bias, A_log, D, d_inner=d_inner, d_xb=d_xb, d_state=d_state,
-                       repeat_kv_before_conv=repeat_kv_before_conv)
+    kernel = _cuda_step_kernel(zxbc, "mixer_step")
+    if kernel is not None:
+        return kernel(zxbc, dt_low, conv_state, ssm_state, slot_idx, conv_weight, conv_bias, dt_proj_weight,
+                      dt_proj_bias, A_log, D, d_inner, d_xb, d_state, repeat_kv_before_conv)
+    y = _reference(zxbc, dt_low, conv_state, ssm_state, slot_idx, conv_weight, conv_bias, dt_proj_weight,
+                   dt_proj_bias, A_log, D, d_inner, d_xb, d_state, repeat_kv_before_conv)
     return y.contiguous()
 
 
@@ -58,6 +86,58 @@ def mixer_step_op(
 def _(zxbc, dt_low, conv_state, ssm_state, slot_idx, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log,
       D, d_inner, d_xb, d_state, repeat_kv_before_conv):
     return zxbc.new_empty(zxbc.shape[0], zxbc.shape[1], d_inner)
+
+
+# --------------------------------------------------------------------------------------- step, out= form
+@torch.library.custom_op("apriel::mixer_step_out", mutates_args=("conv_state", "ssm_state", "out"))
+def mixer_step_out_op(
+    zxbc: Tensor,
+    dt_low: Tensor,
+    conv_state: Tensor,
+    ssm_state: Tensor,
+    slot_idx: Optional[Tensor],
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    dt_proj_weight: Tensor,
+    dt_proj_bias: Tensor,
+    A_log: Tensor,
+    D: Tensor,
+    d_inner: int,
+    d_xb: int,
+    d_state: int,
+    repeat_kv_before_conv: bool,
+    out: Tensor,
+) -> None:
+    """Like apriel::mixer_step but writes y (b, q, D) into `out`; allocates nothing on the CUDA path."""
+    kernel = _cuda_step_kernel(zxbc, "mixer_step_out")
+    if kernel is not None:
+        kernel(zxbc, dt_low, conv_state, ssm_state, slot_idx, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias,
+               A_log, D, d_inner, d_xb, d_state, repeat_kv_before_conv, out)
+        return
+    out.copy_(_reference(zxbc, dt_low, conv_state, ssm_state, slot_idx, conv_weight, conv_bias, dt_proj_weight,
+                         dt_proj_bias, A_log, D, d_inner, d_xb, d_state, repeat_kv_before_conv))
+
+
+@mixer_step_out_op.register_fake
+def _(zxbc, dt_low, conv_state, ssm_state, slot_idx, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log,
+      D, d_inner, d_xb, d_state, repeat_kv_before_conv, out):
+    return None
+
+
+# ------------------------------------------------------------------------------------------- public API
+def _check_slots(slot_idx: Tensor | None, ssm_state: Tensor, conv_state: Tensor, batch: int, sizes: V.Sizes) -> None:
+    if conv_state.shape[0] != ssm_state.shape[0]:
+        raise ValueError(f"conv_state: expected {ssm_state.shape[0]} slots (like ssm_state), got {conv_state.shape[0]}")
+    if slot_idx is None:
+        if ssm_state.shape[0] < batch:
+            raise ValueError(f"ssm_state: expected at least batch = {batch} slots when slot_idx is None, got {ssm_state.shape[0]}")
+        return
+    V.check_tensor("slot_idx", slot_idx, ("batch",), V.INDEX_DTYPES, device=ssm_state.device, sizes=sizes)
+    # Reading the indices is a host sync, which CUDA-graph capture forbids; the kernel treats an
+    # out-of-range slot as padding, so skipping the check cannot write out of bounds.
+    if torch.compiler.is_compiling() or (slot_idx.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    V.check_index_range("slot_idx", slot_idx, ssm_state.shape[0])
 
 
 def mixer_step(
@@ -77,12 +157,17 @@ def mixer_step(
     d_xb: int,
     d_state: int,
     repeat_kv_before_conv: bool = True,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """One (or q) decode token(s) per sequence through the mixer core; caches updated in place."""
+    """One (or q) decode token(s) per sequence through the mixer core; caches updated in place.
+
+    See the module docstring for the shape contract. Returns y (or `out`, filled, when given).
+    """
     check_dims(d_inner, d_xb, d_state)
-    single = zxbc is not None and zxbc.dim() == 2
+    V.check_tensor("zxbc", zxbc)
+    single = zxbc.dim() == 2
     zxbc3 = zxbc.unsqueeze(1) if single else zxbc
-    dt3 = dt_low.unsqueeze(1) if single and dt_low is not None else dt_low
+    dt3 = dt_low.unsqueeze(1) if single and isinstance(dt_low, Tensor) else dt_low
     sizes = V.Sizes(d_inner=d_inner, d_xb=d_xb, d_state=d_state, zxbc_width=2 * d_inner + 2 * d_xb)
     V.check_tensor("zxbc", zxbc3, ("batch", "q", "zxbc_width"), V.FLOAT_DTYPES, sizes=sizes, last_dim_contiguous=True)
     dev = zxbc.device
@@ -93,14 +178,15 @@ def mixer_step(
     allowed = (d_xb, d_inner) if repeat_kv_before_conv else (d_xb,)
     if conv_state.shape[1] not in allowed or conv_state.shape[2] < conv_weight.shape[1] - 1:
         raise ValueError(f"conv_state: expected (slots, one of {allowed}, >= {conv_weight.shape[1] - 1}), got {tuple(conv_state.shape)}")
-    V.check_tensor("ssm_state", ssm_state, ("slots", d_inner // d_state, d_state, d_state),
-                   (torch.float32, torch.bfloat16, torch.float64), device=dev, sizes=sizes)
-    if slot_idx is None:
-        if ssm_state.shape[0] < zxbc3.shape[0]:
-            raise ValueError(f"ssm_state: expected at least batch = {zxbc3.shape[0]} slots when slot_idx is None, got {ssm_state.shape[0]}")
-    else:
-        V.check_tensor("slot_idx", slot_idx, ("batch",), V.INDEX_DTYPES, device=dev, sizes=sizes)
-        V.check_index_range("slot_idx", slot_idx, ssm_state.shape[0])
-    y = mixer_step_op(zxbc3, dt3, conv_state, ssm_state, slot_idx, conv_weight, conv_bias, dt_proj_weight,
-                      dt_proj_bias, A_log, D, d_inner, d_xb, d_state, repeat_kv_before_conv)
-    return y.squeeze(1) if single else y
+    V.check_tensor("ssm_state", ssm_state, ("slots", d_inner // d_state, d_state, d_state), _STATE_DTYPES, device=dev,
+                   sizes=sizes)
+    _check_slots(slot_idx, ssm_state, conv_state, zxbc3.shape[0], sizes)
+    args = (zxbc3, dt3, conv_state, ssm_state, slot_idx, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D,
+            d_inner, d_xb, d_state, repeat_kv_before_conv)
+    if out is None:
+        y = mixer_step_op(*args)
+        return y.squeeze(1) if single else y
+    want = (zxbc3.shape[0], d_inner) if single else (zxbc3.shape[0], zxbc3.shape[1], d_inner)
+    V.check_tensor("out", out, want, (zxbc.dtype,), device=dev, last_dim_contiguous=True)
+    mixer_step_out_op(*args, out.unsqueeze(1) if single else out)
+    return out

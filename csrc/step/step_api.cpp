@@ -1,0 +1,225 @@
+// Host side of the fused decode step: argument checks (each error names the argument and what was
+// expected), params filling, dispatch by activation dtype, and the op schemas. Kernel: step_kernel.cuh.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <optional>
+#include <string>
+
+#include "step_params.h"
+
+namespace {
+
+using apriel::step::MixerStepParams;
+
+int dtype_code(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return apriel::step::kFloat16;
+    case at::kBFloat16: return apriel::step::kBFloat16;
+    case at::kFloat: return apriel::step::kFloat32;
+    case at::kDouble: return apriel::step::kFloat64;
+    default: TORCH_CHECK(false, name, ": expected a floating dtype (float16, bfloat16, float32, float64), got ", t.scalar_type());
+  }
+  return 0;
+}
+
+void check_device(const at::Tensor& t, const char* name, const at::Tensor& ref) {
+  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), name, ": expected a tensor on ", ref.device(),
+              " (like zxbc), got ", t.device());
+}
+
+void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef want) {
+  TORCH_CHECK(t.sizes() == want, name, ": expected shape ", want, ", got ", t.sizes());
+}
+
+// Sequences per block: parameters are read once per block, so larger batches share them over more
+// sequences; small batches keep one per block to fill the SMs. APRIEL_STEP_SEQ_PER_BLOCK (1, 2, 4)
+// overrides the choice (benchmark sweeps).
+int seq_per_block(int batch) {
+  if (const char* env = std::getenv("APRIEL_STEP_SEQ_PER_BLOCK")) {
+    const int v = std::atoi(env);
+    if (v == 1 || v == 2 || v == 4) return v;
+  }
+  return batch >= 128 ? 4 : (batch >= 32 ? 2 : 1);
+}
+
+void mixer_step_out(const at::Tensor& zxbc, const at::Tensor& dt_low, at::Tensor& conv_state, at::Tensor& ssm_state,
+                    const std::optional<at::Tensor>& slot_idx, const at::Tensor& conv_weight,
+                    const std::optional<at::Tensor>& conv_bias, const at::Tensor& dt_proj_weight,
+                    const at::Tensor& dt_proj_bias, const at::Tensor& A_log, const at::Tensor& D, int64_t d_inner,
+                    int64_t d_xb, int64_t d_state, bool repeat_kv_before_conv, at::Tensor& out) {
+  using namespace apriel::step;
+  TORCH_CHECK(d_state == kDState, "d_state: the CUDA step kernel supports d_state = ", kDState, ", got ", d_state);
+  TORCH_CHECK(d_xb > 0 && d_xb % d_state == 0, "d_xb: expected a positive multiple of d_state (", d_state, "), got ", d_xb);
+  TORCH_CHECK(d_inner > 0 && d_inner % d_xb == 0, "d_inner: expected a positive multiple of d_xb (", d_xb, "), got ", d_inner);
+  TORCH_CHECK(d_inner / d_xb <= 4, "d_inner / d_xb: expected <= 4 (one x/B group of 16*r channels per block), got ",
+              d_inner / d_xb);
+  TORCH_CHECK(zxbc.is_cuda(), "zxbc: expected a CUDA tensor, got ", zxbc.device());
+  const auto act = zxbc.scalar_type();
+  TORCH_CHECK(act == at::kHalf || act == at::kBFloat16 || act == at::kFloat,
+              "zxbc: expected dtype float16, bfloat16 or float32, got ", act);
+  TORCH_CHECK(zxbc.dim() == 3 && zxbc.size(2) == 2 * d_inner + 2 * d_xb, "zxbc: expected (batch, q, 2*d_inner + 2*d_xb = ",
+              2 * d_inner + 2 * d_xb, "), got ", zxbc.sizes());
+  TORCH_CHECK(zxbc.stride(2) == 1, "zxbc: expected unit stride in the last dim, got strides ", zxbc.strides());
+  const int64_t batch = zxbc.size(0), q = zxbc.size(1);
+  check_device(dt_low, "dt_low", zxbc);
+  TORCH_CHECK(dt_low.scalar_type() == act, "dt_low: expected dtype ", act, " (like zxbc), got ", dt_low.scalar_type());
+  TORCH_CHECK(dt_low.dim() == 3 && dt_low.size(0) == batch && dt_low.size(1) == q,
+              "dt_low: expected (batch = ", batch, ", q = ", q, ", dt_rank), got ", dt_low.sizes());
+  TORCH_CHECK(dt_low.stride(2) == 1 || dt_low.size(2) == 1, "dt_low: expected unit stride in the last dim, got strides ", dt_low.strides());
+  const int64_t dt_rank = dt_low.size(2);
+  TORCH_CHECK(dt_rank >= 1, "dt_low: expected dt_rank >= 1, got ", dt_rank);
+
+  const int64_t conv_channels = repeat_kv_before_conv ? d_inner : d_xb;
+  check_device(conv_weight, "conv_weight", zxbc);
+  TORCH_CHECK(conv_weight.dim() == 2 && conv_weight.size(0) == conv_channels && conv_weight.size(1) >= 2 && conv_weight.size(1) <= 4,
+              "conv_weight: expected (", conv_channels, ", width in 2..4), got ", conv_weight.sizes());
+  const int64_t width = conv_weight.size(1);
+  if (conv_bias.has_value()) {
+    check_device(*conv_bias, "conv_bias", zxbc);
+    check_shape(*conv_bias, "conv_bias", {conv_channels});
+  }
+  check_device(dt_proj_weight, "dt_proj_weight", zxbc);
+  check_shape(dt_proj_weight, "dt_proj_weight", {d_inner, dt_rank});
+  check_device(dt_proj_bias, "dt_proj_bias", zxbc);
+  check_shape(dt_proj_bias, "dt_proj_bias", {d_inner});
+  check_device(A_log, "A_log", zxbc);
+  check_shape(A_log, "A_log", {d_inner, d_state});
+  check_device(D, "D", zxbc);
+  check_shape(D, "D", {d_inner});
+
+  check_device(conv_state, "conv_state", zxbc);
+  TORCH_CHECK(conv_state.dim() == 3, "conv_state: expected (slots, channels, state_len), got ", conv_state.sizes());
+  const int64_t cs_channels = conv_state.size(1);
+  TORCH_CHECK(cs_channels == d_xb || (repeat_kv_before_conv && cs_channels == d_inner), "conv_state: expected ",
+              repeat_kv_before_conv ? "d_xb or d_inner" : "d_xb", " channels in dim 1, got ", conv_state.sizes());
+  TORCH_CHECK(conv_state.size(2) >= width - 1, "conv_state: expected state_len (dim 2) >= width - 1 = ", width - 1,
+              ", got ", conv_state.size(2));
+  check_device(ssm_state, "ssm_state", zxbc);
+  const bool state_bf16 = ssm_state.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(state_bf16 || ssm_state.scalar_type() == at::kFloat, "ssm_state: expected dtype float32 or bfloat16, got ",
+              ssm_state.scalar_type());
+  TORCH_CHECK(ssm_state.dim() == 4 && ssm_state.size(1) == d_inner / d_state && ssm_state.size(2) == d_state &&
+                  ssm_state.size(3) == d_state,
+              "ssm_state: expected (slots, ", d_inner / d_state, ", ", d_state, ", ", d_state, "), got ", ssm_state.sizes());
+  TORCH_CHECK(ssm_state.stride(3) == 1 && ssm_state.stride(2) == d_state && ssm_state.stride(1) == d_state * d_state,
+              "ssm_state: expected each slot contiguous (strides (*, ", d_state * d_state, ", ", d_state, ", 1)), got ",
+              ssm_state.strides());
+  const int64_t vec_bytes = state_bf16 ? 8 : 16;  // one lane's 4 states
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(ssm_state.data_ptr()) % vec_bytes == 0 &&
+                  (ssm_state.stride(0) * ssm_state.element_size()) % vec_bytes == 0,
+              "ssm_state: expected a ", vec_bytes, "-byte aligned data pointer and slot stride, got pointer ",
+              ssm_state.data_ptr(), " and slot stride ", ssm_state.stride(0));
+  const int64_t slots = ssm_state.size(0);
+  TORCH_CHECK(conv_state.size(0) == slots, "conv_state: expected ", slots, " slots (like ssm_state), got ", conv_state.size(0));
+  if (slot_idx.has_value()) {
+    check_device(*slot_idx, "slot_idx", zxbc);
+    TORCH_CHECK(slot_idx->scalar_type() == at::kInt, "slot_idx: expected dtype int32, got ", slot_idx->scalar_type());
+    TORCH_CHECK(slot_idx->dim() == 1 && slot_idx->size(0) == batch && (slot_idx->stride(0) == 1 || batch <= 1),
+                "slot_idx: expected a contiguous (batch = ", batch, ",) tensor, got ", slot_idx->sizes(), " strides ",
+                slot_idx->strides());
+  } else {
+    TORCH_CHECK(slots >= batch, "ssm_state: expected at least batch = ", batch, " slots when slot_idx is None, got ", slots);
+  }
+
+  check_device(out, "out", zxbc);
+  TORCH_CHECK(out.scalar_type() == act, "out: expected dtype ", act, " (like zxbc), got ", out.scalar_type());
+  check_shape(out, "out", {batch, q, d_inner});
+  TORCH_CHECK(out.stride(2) == 1, "out: expected unit stride in the last dim, got strides ", out.strides());
+  TORCH_CHECK((batch + 3) / 4 <= 65535, "zxbc: batch too large for one launch (max 262140), got ", batch);
+  if (batch == 0 || q == 0) return;
+
+  MixerStepParams p{};
+  p.batch = static_cast<int>(batch);
+  p.q = static_cast<int>(q);
+  p.d_inner = static_cast<int>(d_inner);
+  p.d_xb = static_cast<int>(d_xb);
+  p.dt_rank = static_cast<int>(dt_rank);
+  p.width = static_cast<int>(width);
+  p.conv_state_len = static_cast<int>(conv_state.size(2));
+  p.conv_state_channels = static_cast<int>(cs_channels);
+  p.repeat_kv_before_conv = repeat_kv_before_conv;
+  p.zxbc = zxbc.data_ptr();
+  p.zxbc_batch_stride = zxbc.stride(0);
+  p.zxbc_token_stride = zxbc.stride(1);
+  p.dt_low = dt_low.data_ptr();
+  p.dt_batch_stride = dt_low.stride(0);
+  p.dt_token_stride = dt_low.stride(1);
+  p.y = out.data_ptr();
+  p.y_batch_stride = out.stride(0);
+  p.y_token_stride = out.stride(1);
+  p.slot_idx = slot_idx.has_value() ? slot_idx->data_ptr<int32_t>() : nullptr;
+  p.num_slots = static_cast<int>(slots);
+  p.conv_state = conv_state.data_ptr();
+  p.conv_state_dtype = dtype_code(conv_state, "conv_state");
+  p.conv_slot_stride = conv_state.stride(0);
+  p.conv_channel_stride = conv_state.stride(1);
+  p.conv_pos_stride = conv_state.stride(2);
+  p.ssm_state = ssm_state.data_ptr();
+  p.ssm_slot_stride = ssm_state.stride(0);
+  p.conv_weight = conv_weight.data_ptr();
+  p.conv_weight_dtype = dtype_code(conv_weight, "conv_weight");
+  p.conv_weight_stride0 = conv_weight.stride(0);
+  p.conv_weight_stride1 = conv_weight.stride(1);
+  p.conv_bias = conv_bias.has_value() ? conv_bias->data_ptr() : nullptr;
+  p.conv_bias_dtype = conv_bias.has_value() ? dtype_code(*conv_bias, "conv_bias") : kFloat32;
+  p.conv_bias_stride = conv_bias.has_value() ? conv_bias->stride(0) : 0;
+  p.dt_proj_weight = dt_proj_weight.data_ptr();
+  p.dt_proj_weight_dtype = dtype_code(dt_proj_weight, "dt_proj_weight");
+  p.dt_proj_weight_stride0 = dt_proj_weight.stride(0);
+  p.dt_proj_weight_stride1 = dt_proj_weight.stride(1);
+  p.dt_proj_bias = dt_proj_bias.data_ptr();
+  p.dt_proj_bias_dtype = dtype_code(dt_proj_bias, "dt_proj_bias");
+  p.dt_proj_bias_stride = dt_proj_bias.stride(0);
+  p.A_log = A_log.data_ptr();
+  p.A_log_dtype = dtype_code(A_log, "A_log");
+  p.A_log_stride0 = A_log.stride(0);
+  p.A_log_stride1 = A_log.stride(1);
+  p.D_skip = D.data_ptr();
+  p.D_skip_dtype = dtype_code(D, "D");
+  p.D_skip_stride = D.stride(0);
+  p.seq_per_block = seq_per_block(p.batch);
+
+  const c10::cuda::CUDAGuard guard(zxbc.device());
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  switch (act) {
+    case at::kHalf: launch_mixer_step_fp16(p, state_bf16, stream); break;
+    case at::kBFloat16: launch_mixer_step_bf16(p, state_bf16, stream); break;
+    default: launch_mixer_step_fp32(p, state_bf16, stream); break;
+  }
+}
+
+at::Tensor mixer_step(const at::Tensor& zxbc, const at::Tensor& dt_low, at::Tensor& conv_state, at::Tensor& ssm_state,
+                      const std::optional<at::Tensor>& slot_idx, const at::Tensor& conv_weight,
+                      const std::optional<at::Tensor>& conv_bias, const at::Tensor& dt_proj_weight,
+                      const at::Tensor& dt_proj_bias, const at::Tensor& A_log, const at::Tensor& D, int64_t d_inner,
+                      int64_t d_xb, int64_t d_state, bool repeat_kv_before_conv) {
+  TORCH_CHECK(zxbc.dim() == 3, "zxbc: expected (batch, q, 2*d_inner + 2*d_xb), got ", zxbc.sizes());
+  at::Tensor out = at::empty({zxbc.size(0), zxbc.size(1), d_inner}, zxbc.options());
+  mixer_step_out(zxbc, dt_low, conv_state, ssm_state, slot_idx, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias,
+                 A_log, D, d_inner, d_xb, d_state, repeat_kv_before_conv, out);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(apriel_C, m) {
+  // Fused decode step (q >= 1 tokens per sequence): returns y (b, q, D); both caches updated in place.
+  m.def(
+      "mixer_step(Tensor zxbc, Tensor dt_low, Tensor(a!) conv_state, Tensor(b!) ssm_state, Tensor? slot_idx, "
+      "Tensor conv_weight, Tensor? conv_bias, Tensor dt_proj_weight, Tensor dt_proj_bias, Tensor A_log, Tensor D, "
+      "int d_inner, int d_xb, int d_state, bool repeat_kv_before_conv) -> Tensor");
+  // The same step writing y into `out` (no allocation: for CUDA graphs).
+  m.def(
+      "mixer_step_out(Tensor zxbc, Tensor dt_low, Tensor(a!) conv_state, Tensor(b!) ssm_state, Tensor? slot_idx, "
+      "Tensor conv_weight, Tensor? conv_bias, Tensor dt_proj_weight, Tensor dt_proj_bias, Tensor A_log, Tensor D, "
+      "int d_inner, int d_xb, int d_state, bool repeat_kv_before_conv, Tensor(c!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(apriel_C, CUDA, m) {
+  m.impl("mixer_step", &mixer_step);
+  m.impl("mixer_step_out", &mixer_step_out);
+}

@@ -1,0 +1,13 @@
+// Instantiations of the fused decode step for bf16 activations (fp32 and bf16 SSM state, 1/2/4 sequences
+// per block). Kernel and thread mapping: step_kernel.cuh.
+#include "step_kernel.cuh"
+
+namespace apriel {
+namespace step {
+
+void launch_mixer_step_bf16(const MixerStepParams& p, bool ssm_state_bf16, void* stream) {
+  launch_mixer_step<__nv_bfloat16>(p, ssm_state_bf16, stream);
+}
+
+}  // namespace step
+}  // namespace apriel

@@ -1,0 +1,78 @@
+// Parameters of the fused decode step (apriel_C::mixer_step): raw pointers + element strides, filled by
+// step_api.cpp (torch side) and read by step_kernel.cuh (CUDA side). No torch types here, so the .cu
+// files that include it compile in seconds.
+#pragma once
+#include <cstdint>
+
+namespace apriel {
+namespace step {
+
+// Storage dtype of a tensor whose dtype is a runtime property (parameters, conv cache). The activation
+// and SSM-state dtypes are template parameters instead: they sit in the inner loop.
+enum DTypeCode : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+
+struct MixerStepParams {
+  // Sizes (mixer.md section 2): D = d_inner, X = d_xb, N = d_state (16), R = dt_rank, W = d_conv.
+  int batch;
+  int q;  // tokens per sequence in this call (speculative decoding: q > 1)
+  int d_inner;
+  int d_xb;
+  int dt_rank;
+  int width;
+  int conv_state_len;       // S >= W - 1
+  int conv_state_channels;  // X (compact layout) or D (the reference checkpoints' layout)
+  bool repeat_kv_before_conv;
+
+  // Activations, element strides; the channel dim has unit stride.
+  const void* zxbc;  // (batch, q, 2D + 2X): z | x | B | C
+  int64_t zxbc_batch_stride, zxbc_token_stride;
+  const void* dt_low;  // (batch, q, R)
+  int64_t dt_batch_stride, dt_token_stride;
+  void* y;  // (batch, q, D) in the activation dtype
+  int64_t y_batch_stride, y_token_stride;
+
+  // Caches, updated in place. slot_idx[i] = cache row of sequence i, -1 = padding; nullptr = identity.
+  // A slot outside [0, num_slots) is treated as padding: the range check of the Python layer needs a
+  // host sync, so it is skipped under CUDA-graph capture, and the kernel must stay in bounds anyway.
+  const int32_t* slot_idx;
+  int num_slots;
+  void* conv_state;  // (slots, X or D, S), any strides
+  int conv_state_dtype;
+  int64_t conv_slot_stride, conv_channel_stride, conv_pos_stride;
+  void* ssm_state;  // (slots, D/N, N, N); each slot's D*N block contiguous, slot stride 16-byte aligned
+  int64_t ssm_slot_stride;
+
+  // Layer parameters (read once per block; any float dtype, any strides).
+  const void* conv_weight;  // (Cc, W), Cc = D if repeat_kv_before_conv else X
+  int conv_weight_dtype;
+  int64_t conv_weight_stride0, conv_weight_stride1;
+  const void* conv_bias;  // (Cc,) or nullptr
+  int conv_bias_dtype;
+  int64_t conv_bias_stride;
+  const void* dt_proj_weight;  // (D, R)
+  int dt_proj_weight_dtype;
+  int64_t dt_proj_weight_stride0, dt_proj_weight_stride1;
+  const void* dt_proj_bias;  // (D,)
+  int dt_proj_bias_dtype;
+  int64_t dt_proj_bias_stride;
+  const void* A_log;  // (D, N)
+  int A_log_dtype;
+  int64_t A_log_stride0, A_log_stride1;
+  const void* D_skip;  // (D,)
+  int D_skip_dtype;
+  int64_t D_skip_stride;
+
+  int seq_per_block;  // 1, 2 or 4 sequences per block (parameters are loaded once per block)
+};
+
+// Launchers, one per activation dtype (step_{fp16,bf16,fp32}.cu); they dispatch state dtype and
+// sequences-per-block. ssm_state_bf16 selects the bf16 SSM cache (fp32 math, rounded on store).
+void launch_mixer_step_fp16(const MixerStepParams& p, bool ssm_state_bf16, void* stream);
+void launch_mixer_step_bf16(const MixerStepParams& p, bool ssm_state_bf16, void* stream);
+void launch_mixer_step_fp32(const MixerStepParams& p, bool ssm_state_bf16, void* stream);
+
+// The kernel's thread mapping is built for 16-state channels (4 lanes x 4 states).
+constexpr int kDState = 16;
+
+}  // namespace step
+}  // namespace apriel
