@@ -108,7 +108,7 @@ def _cuda_extension_kwargs():
         name="apriel_kernels._C",
         sources=sources,
         include_dirs=[str(CSRC), str(CSRC / "common")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": [f for f in nvcc_flags if f]},
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": [f for f in nvcc_flags if f]},
         py_limited_api=False,
     )
     return extension, archs
