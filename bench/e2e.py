@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import profiling, timing
+from . import mixers as _mixers
 from .mixers import APRIEL_15B, AttentionLayer, LayerShape, MixerLayer, _randn
 from .rows import add_rates, error_row, make_row, normalize, unavailable
 
@@ -84,7 +85,8 @@ def spread(n_layers: int, n_mixers: int) -> list[str]:
 class Stack:
     """Pre-norm decoder stack: x += mixer(norm(x)); x += mlp(norm(x)); logits = lm_head(norm(x))."""
 
-    def __init__(self, model: ModelShape, layout: list[str], device="cuda", dtype=torch.bfloat16):
+    def __init__(self, model: ModelShape, layout: list[str], device=None, dtype=torch.bfloat16):
+        device = device or _mixers.DEVICE
         s, self.model, self.layout = model.layer, model, layout
         self.mixers = [MixerLayer(s) if c == "m2" else AttentionLayer(s, "sdpa-flash") for c in layout]
         self.norms = [torch.ones(2, s.hidden, device=device, dtype=dtype) for _ in layout]
@@ -128,6 +130,23 @@ def _free_bytes() -> int:
     return torch.cuda.mem_get_info()[0]
 
 
+def _sync() -> None:
+    if _mixers.DEVICE != "cpu":
+        torch.cuda.synchronize()
+
+
+def plan(quick: bool) -> dict[str, Any]:
+    """What the stack measures: prefill prompt lengths (batch 1), the decode context of the batch sweep,
+    the batch sweep, the context sweep (at batch 16 or the max batch when smaller)."""
+    return {
+        "prefill": (1024, 4096, 16384) if quick else (1024, 4096, 16384, 32768),
+        "context": 16384,
+        "batches": (1, 16) if quick else (1, 4, 16, 32, 64, 128),
+        "contexts": (4096, 65536) if quick else (1024, 4096, 32768, 65536),
+        "reserve": 3 * GiB,  # graph pool, activations of a step, cuBLAS workspaces
+    }
+
+
 def _step_bytes(model: ModelShape, layout: list[str], batch: int, context: int) -> int:
     """Bytes a decode step must move: every weight once, every KV cache read, every mixer state read + written."""
     s = model.layer
@@ -140,13 +159,14 @@ def _stack_rows(model: ModelShape, name: str, layout: list[str], quick: bool, ce
     base = dict(layout=name, n_layers=len(layout), n_mixers=layout.count("m2"), provider_detail="bench-local stack, random bf16 weights")
     s = model.layer
     stack = Stack(model, layout)
-    torch.cuda.synchronize()
+    _sync()
+    todo = plan(quick)
     # ---- prefill / TTFT at batch 1
-    for L in ((1024, 4096, 16384) if quick else (1024, 4096, 16384, 32768)):
+    for L in todo["prefill"]:
         fields = dict(base, phase="prefill", batch=1, seqlen=L, shape=f"b1 L{L}")
         try:
             with profiling.nvtx(f"e2e/{name}/prefill/L={L}"):
-                h = torch.randn(1, L, s.hidden, device="cuda", dtype=torch.bfloat16)
+                h = torch.randn(1, L, s.hidden, device=_mixers.DEVICE, dtype=torch.bfloat16)
                 stats = timing.time_long_ms(lambda: stack.prefill(h), budget_ms=800 if quick else 2000)
                 del h
             row = make_row(SUITE, "model_prefill", "bench-stack", stats=stats, ttft_ms=stats["p50"], **fields)
@@ -155,19 +175,19 @@ def _stack_rows(model: ModelShape, name: str, layout: list[str], quick: bool, ce
             rows.append(error_row(SUITE, "model_prefill", "bench-stack", error, **fields))
         torch.cuda.empty_cache()
     # ---- memory per sequence and the largest batch that fits at 16k
-    ctx = 16384
+    ctx = todo["context"]
     per_seq = model.seq_bytes(layout, ctx)
-    reserve = 3 * GiB  # graph pool, activations of a step, cuBLAS workspaces
+    reserve = todo["reserve"]
     max_batch = max(0, int((_free_bytes() - reserve) // per_seq))
     rows.append(make_row(SUITE, "memory_per_sequence", "bench-stack", **base, seqlen=ctx, shape=f"L{ctx}",
                          mib_per_seq=per_seq / 2**20, weights_gib=model.weight_bytes(layout) / GiB, max_batch=max_batch,
                          note=f"caches: KV of {layout.count('t')} attention layers + state of {layout.count('m2')} mixers; "
                               f"max batch = (free after weights - {reserve // GiB} GiB) / per-sequence bytes"))
     # ---- decode: vs batch at 16k, vs context at batch 16
-    batches = [b for b in ((1, 16) if quick else (1, 4, 16, 32, 64, 128)) if b < max_batch] + ([max_batch] if max_batch else [])
+    batches = [b for b in todo["batches"] if b < max_batch] + ([max_batch] if max_batch else [])
     points = [(b, ctx) for b in batches]
     b_ctx = min(16, max_batch) if max_batch else 0
-    for L in ((4096, 65536) if quick else (1024, 4096, 32768, 65536)):
+    for L in todo["contexts"]:
         if b_ctx and b_ctx * model.seq_bytes(layout, L) < _free_bytes() - reserve:
             points.append((b_ctx, L))
     for b, L in points:
@@ -183,7 +203,7 @@ def _decode_row(model, stack, name, base, b, L, ceil, is_max: bool) -> dict[str,
     try:
         with profiling.nvtx(f"e2e/{name}/decode/step/b={b}/L={L}"):
             caches = stack.new_caches(b, L)
-            h = torch.randn(b, s.hidden, device="cuda", dtype=torch.bfloat16)
+            h = torch.randn(b, s.hidden, device=_mixers.DEVICE, dtype=torch.bfloat16)
             stats = timing.time_graph_ms(lambda: stack.decode(h, caches), warmup_ms=20, rep_ms=150, per_graph=2)
             del caches, h
     except Exception as error:  # noqa: BLE001
@@ -239,8 +259,9 @@ def engine_rows(quick: bool, timeout_s: int | None = None) -> list[dict[str, Any
 
 
 # ----------------------------------------------------------------------------------------------- suite
-def run(quick: bool = False, ceilings=None, layers: int | None = None, engine: bool = True) -> list[dict[str, Any]]:
-    model = dataclasses.replace(APRIEL_15B_MODEL, n_layers=layers) if layers else APRIEL_15B_MODEL
+def run(quick: bool = False, ceilings=None, layers: int | None = None, engine: bool = True,
+        model: ModelShape = APRIEL_15B_MODEL) -> list[dict[str, Any]]:
+    model = dataclasses.replace(model, n_layers=layers) if layers else model
     rows: list[dict[str, Any]] = []
     from .mixers import _availability
 
@@ -249,7 +270,7 @@ def run(quick: bool = False, ceilings=None, layers: int | None = None, engine: b
         if "m2" in layout and why:
             rows.append(unavailable(SUITE, "model_decode", "bench-stack", why, layout=name))
             continue
-        if model.weight_bytes(layout) > _free_bytes() - 4 * GiB:
+        if model.weight_bytes(layout) > _free_bytes() - plan(quick)["reserve"]:
             rows.append(make_row(SUITE, "model_decode", "bench-stack", status="skipped", layout=name,
                                  note=f"weights {model.weight_bytes(layout) / GiB:.1f} GiB do not fit; rerun with --e2e-layers"))
             continue

@@ -36,6 +36,7 @@ SUITE = "mixers"
 ATTN_PROVIDERS = ("sdpa-flash", "sdpa-cudnn", "flash-attn")
 MIXER_PROVIDER = "apriel"
 PRIMARY_ATTN = "sdpa-flash"  # "one FlashAttention layer" of the bar
+DEVICE = "cuda"  # tests set "cpu" to run the suite's code on tiny shapes with the reference ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +79,8 @@ class LayerShape:
 APRIEL_15B = LayerShape()
 
 
-def _randn(*shape, scale: float, device="cuda", dtype=torch.bfloat16) -> torch.Tensor:
-    return (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype)
+def _randn(*shape, scale: float, device=None, dtype=torch.bfloat16) -> torch.Tensor:
+    return (torch.randn(*shape, device=device or DEVICE, dtype=torch.float32) * scale).to(dtype)
 
 
 # ------------------------------------------------------------------------------------------- attention
@@ -107,7 +108,8 @@ def flash_attn_module():
 class AttentionLayer:
     """qkv GEMM -> attention -> o GEMM with random weights. provider selects the attention implementation."""
 
-    def __init__(self, shape: LayerShape, provider: str, device="cuda", dtype=torch.bfloat16):
+    def __init__(self, shape: LayerShape, provider: str, device=None, dtype=torch.bfloat16):
+        device = device or DEVICE
         self.s, self.provider = shape, provider
         self.w_qkv = _randn(shape.qkv_width, shape.hidden, scale=shape.hidden**-0.5, device=device, dtype=dtype)
         self.w_o = _randn(shape.hidden, shape.n_q * shape.head_dim, scale=(shape.n_q * shape.head_dim) ** -0.5,
@@ -181,7 +183,8 @@ class MixerLayer:
     """in_proj + dt_in_proj GEMMs -> apriel_kernels mixer_scan / mixer_step -> out_proj GEMM (random weights,
     A_log and dt bias initialised as mixer.md section 5 so the recurrence is in its trained regime)."""
 
-    def __init__(self, shape: LayerShape, device="cuda", dtype=torch.bfloat16):
+    def __init__(self, shape: LayerShape, device=None, dtype=torch.bfloat16):
+        device = device or DEVICE
         s = self.s = shape
         self.w_in = _randn(s.zxbc_width, s.hidden, scale=s.hidden**-0.5, device=device, dtype=dtype)
         self.w_dt_in = _randn(s.dt_rank, s.hidden, scale=s.hidden**-0.5, device=device, dtype=dtype)
@@ -290,6 +293,8 @@ def contexts(quick: bool, phase: str, batch: int) -> list[int]:
 
 
 def _fits(nbytes: int) -> bool:
+    if DEVICE == "cpu":
+        return True
     free, _ = torch.cuda.mem_get_info()
     return nbytes < 0.8 * free
 
@@ -299,7 +304,7 @@ def _availability(provider: str) -> str | None:
     """None when the provider can run here, else why not."""
     if provider == "flash-attn" and flash_attn_module() is None:
         return "flash-attn package not installed (optional peer)"
-    if provider == MIXER_PROVIDER:
+    if provider == MIXER_PROVIDER and DEVICE != "cpu":  # on CPU the ops run their reference
         from apriel_kernels._ext import has_kernel, load_error
 
         missing = [k for k in ("mixer_scan_fwd", "mixer_step") if not has_kernel(k)]
@@ -309,7 +314,7 @@ def _availability(provider: str) -> str | None:
 
 
 def _measure_prefill(layer, b: int, L: int, hidden: int) -> dict[str, float]:
-    h = torch.randn(b, L, hidden, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(b, L, hidden, device=DEVICE, dtype=layer.w_out.dtype if hasattr(layer, "w_out") else layer.w_o.dtype)
     fn = (lambda: layer.prefill(h))
     return timing.time_auto_ms(fn)
 
@@ -320,8 +325,9 @@ def _measure_decode(make_call: Callable[[], Callable[[], Any]], sets: int) -> di
 
 
 def run(quick: bool = False, ceilings=None, shape: LayerShape = APRIEL_15B, batches=(1, 16),
-        providers: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
-    """All rows of the suite; a failing measurement becomes an "error" row and the suite goes on."""
+        providers: tuple[str, ...] | None = None, seqlens: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
+    """All rows of the suite; a failing measurement becomes an "error" row and the suite goes on.
+    seqlens overrides the context lengths of every (phase, batch) (tests use tiny ones)."""
     rows: list[dict[str, Any]] = []
     providers = providers or (*ATTN_PROVIDERS, MIXER_PROVIDER)
     reasons = {p: _availability(p) for p in providers}
@@ -331,7 +337,7 @@ def run(quick: bool = False, ceilings=None, shape: LayerShape = APRIEL_15B, batc
     live = [p for p in providers if not reasons[p]]
     for phase in ("prefill", "decode"):
         for b in batches:
-            for L in contexts(quick, phase, b):
+            for L in seqlens or contexts(quick, phase, b):
                 for p in live:
                     rows.append(_one(shape, p, phase, b, L, ceilings))
                 torch.cuda.empty_cache()
@@ -371,14 +377,14 @@ def _one(s: LayerShape, provider: str, phase: str, b: int, L: int, ceil) -> dict
 
 def _measure_decode_layer(s: LayerShape, kind: str, provider: str, b: int, L: int, sets: int):
     def make_call():
-        h = torch.randn(b, s.hidden, device="cuda", dtype=torch.bfloat16)
+        h = torch.randn(b, s.hidden, device=DEVICE, dtype=torch.bfloat16)
         if kind == "mixer":
             layer = MixerLayer(s)
             conv, ssm = layer.new_cache(b)
             return lambda: layer.decode(h, conv, ssm)
         layer = AttentionLayer(s, provider)
         k, v = layer.new_cache(b, L)
-        seqlens = torch.full((b,), L - 1, device="cuda", dtype=torch.int32) if provider == "flash-attn" else None
+        seqlens = torch.full((b,), L - 1, device=DEVICE, dtype=torch.int32) if provider == "flash-attn" else None
         return lambda: layer.decode(h, k, v, seqlens)
 
     note = f"CUDA graph replay, {sets} rotating copies of weights+caches"
@@ -447,7 +453,7 @@ def crossovers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def crossover_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The crossover summaries as rows (saved with the run)."""
-    return [make_row(SUITE, "crossover", "apriel", phase=c["phase"], batch=c["batch"], vs=c["vs"],
+    return [make_row(SUITE, "crossover", "summary", phase=c["phase"], batch=c["batch"], vs=c["vs"],
                      crossover_L=c["crossover_L"], interp_L=c["interp_L"], note=c["verdict"],
                      shape=f"b{c['batch']}") for c in crossovers(rows)]
 
@@ -455,7 +461,7 @@ def crossover_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def profile_targets(shape: LayerShape = APRIEL_15B) -> list[tuple[str, Callable[[], Any]]]:
     """A few representative calls for the torch.profiler fallback (--profile / --nsys without nsys)."""
     targets = []
-    h = torch.randn(1, 16384, shape.hidden, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(1, 16384, shape.hidden, device=DEVICE, dtype=torch.bfloat16)
     for p in ("sdpa-flash", MIXER_PROVIDER):
         if _availability(p) is None:
             layer = MixerLayer(shape) if p == MIXER_PROVIDER else AttentionLayer(shape, p)
