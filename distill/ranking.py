@@ -104,7 +104,7 @@ def mmr_scores(teacher, base_model, candidates: list[int], stream: BatchStream, 
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         scores[layer] = float(np.mean(losses[-max(1, last):]))
         del student, opt, wrapper
     stream.load_state_dict(start_state)
