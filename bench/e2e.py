@@ -154,15 +154,20 @@ def _step_bytes(model: ModelShape, layout: list[str], batch: int, context: int) 
     return model.weight_bytes(layout) - model.vocab * s.hidden * 2 + batch * (model.seq_bytes(layout, context) + state_extra)
 
 
-def _stack_rows(model: ModelShape, name: str, layout: list[str], quick: bool, ceil) -> list[dict[str, Any]]:
+def _stack_rows(model: ModelShape, name: str, layout: list[str], quick: bool, ceil,
+                skip: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Rows of one layout; skip maps a phase ("prefill"/"decode") to why it cannot run (a missing kernel)."""
     rows: list[dict[str, Any]] = []
+    skip = skip or {}
     base = dict(layout=name, n_layers=len(layout), n_mixers=layout.count("m2"), provider_detail="bench-local stack, random bf16 weights")
     s = model.layer
     stack = Stack(model, layout)
     _sync()
     todo = plan(quick)
     # ---- prefill / TTFT at batch 1
-    for L in todo["prefill"]:
+    if "prefill" in skip:
+        rows.append(unavailable(SUITE, "model_prefill", "bench-stack", skip["prefill"], **base))
+    for L in todo["prefill"] if "prefill" not in skip else ():
         fields = dict(base, phase="prefill", batch=1, seqlen=L, shape=f"b1 L{L}")
         try:
             with profiling.nvtx(f"e2e/{name}/prefill/L={L}"):
@@ -190,6 +195,9 @@ def _stack_rows(model: ModelShape, name: str, layout: list[str], quick: bool, ce
     for L in todo["contexts"]:
         if b_ctx and b_ctx * model.seq_bytes(layout, L) < _free_bytes() - reserve:
             points.append((b_ctx, L))
+    if "decode" in skip:
+        rows.append(unavailable(SUITE, "model_decode", "bench-stack", skip["decode"], **base))
+        points = []
     for b, L in points:
         rows.append(_decode_row(model, stack, name, base, b, L, ceil, is_max=(b == max_batch and L == ctx)))
     del stack
@@ -265,17 +273,19 @@ def run(quick: bool = False, ceilings=None, layers: int | None = None, engine: b
     rows: list[dict[str, Any]] = []
     from .mixers import _availability
 
-    why = _availability("apriel")
     for name, layout in model.layouts().items():
-        if "m2" in layout and why:
-            rows.append(unavailable(SUITE, "model_decode", "bench-stack", why, layout=name))
+        skip = {}
+        if "m2" in layout:
+            skip = {ph: why for ph in ("prefill", "decode") if (why := _availability("apriel", ph))}
+        if len(skip) == 2:
+            rows.append(unavailable(SUITE, "model", "bench-stack", skip["decode"], layout=name))
             continue
         if model.weight_bytes(layout) > _free_bytes() - plan(quick)["reserve"]:
             rows.append(make_row(SUITE, "model_decode", "bench-stack", status="skipped", layout=name,
                                  note=f"weights {model.weight_bytes(layout) / GiB:.1f} GiB do not fit; rerun with --e2e-layers"))
             continue
         try:
-            rows.extend(_stack_rows(model, name, layout, quick, ceilings))
+            rows.extend(_stack_rows(model, name, layout, quick, ceilings, skip))
         except Exception as error:  # noqa: BLE001 - one layout failing leaves the others
             rows.append(error_row(SUITE, "model", "bench-stack", error, layout=name))
         torch.cuda.empty_cache()

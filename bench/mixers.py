@@ -300,14 +300,17 @@ def _fits(nbytes: int) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- suite
-def _availability(provider: str) -> str | None:
-    """None when the provider can run here, else why not."""
+MIXER_KERNELS = {"prefill": ("mixer_scan_fwd",), "decode": ("mixer_step",), None: ("mixer_scan_fwd", "mixer_step")}
+
+
+def _availability(provider: str, phase: str | None = None) -> str | None:
+    """None when the provider can run here (in that phase), else why not."""
     if provider == "flash-attn" and flash_attn_module() is None:
         return "flash-attn package not installed (optional peer)"
     if provider == MIXER_PROVIDER and DEVICE != "cpu":  # on CPU the ops run their reference
         from apriel_kernels._ext import has_kernel, load_error
 
-        missing = [k for k in ("mixer_scan_fwd", "mixer_step") if not has_kernel(k)]
+        missing = [k for k in MIXER_KERNELS[phase] if not has_kernel(k)]
         if missing:
             return f"apriel_kernels extension lacks {missing} ({load_error() or 'not built into this extension'})"
     return None
@@ -330,12 +333,13 @@ def run(quick: bool = False, ceilings=None, shape: LayerShape = APRIEL_15B, batc
     seqlens overrides the context lengths of every (phase, batch) (tests use tiny ones)."""
     rows: list[dict[str, Any]] = []
     providers = providers or (*ATTN_PROVIDERS, MIXER_PROVIDER)
-    reasons = {p: _availability(p) for p in providers}
-    for p, why in reasons.items():
-        if why:
-            rows.append(unavailable(SUITE, "mixer_layer" if p == MIXER_PROVIDER else "attention_layer", p, why))
-    live = [p for p in providers if not reasons[p]]
     for phase in ("prefill", "decode"):
+        reasons = {p: _availability(p, phase) for p in providers}
+        for p, why in reasons.items():
+            if why:
+                rows.append(unavailable(SUITE, "mixer_layer" if p == MIXER_PROVIDER else "attention_layer", p, why,
+                                        phase=phase))
+        live = [p for p in providers if not reasons[p]]
         for b in batches:
             for L in seqlens or contexts(quick, phase, b):
                 for p in live:
@@ -347,6 +351,8 @@ def run(quick: bool = False, ceilings=None, shape: LayerShape = APRIEL_15B, batc
 def _one(s: LayerShape, provider: str, phase: str, b: int, L: int, ceil) -> dict[str, Any]:
     kind = "mixer" if provider == MIXER_PROVIDER else "attention"
     op = f"{kind}_layer"
+    if DEVICE != "cpu":
+        torch.cuda.empty_cache()  # so mem_get_info sees what the previous measurement left cached
     fields = dict(phase=phase, batch=b, seqlen=L, shape=f"b{b} L{L}")
     sets = 2
     need = peak_bytes_estimate(s, kind, phase, b, L, sets)
@@ -463,7 +469,7 @@ def profile_targets(shape: LayerShape = APRIEL_15B) -> list[tuple[str, Callable[
     targets = []
     h = torch.randn(1, 16384, shape.hidden, device=DEVICE, dtype=torch.bfloat16)
     for p in ("sdpa-flash", MIXER_PROVIDER):
-        if _availability(p) is None:
+        if _availability(p, "prefill") is None:
             layer = MixerLayer(shape) if p == MIXER_PROVIDER else AttentionLayer(shape, p)
             targets.append((f"mixers_prefill_b1_L16384_{p}", (lambda layer=layer: layer.prefill(h))))
     return targets

@@ -34,14 +34,18 @@ def layer_ranges_enabled() -> bool:
 
 @contextlib.contextmanager
 def nvtx(name: str) -> Iterator[None]:
-    if not torch.cuda.is_available():
-        yield
-        return
-    torch.cuda.nvtx.range_push(name)
+    pushed = False
+    if torch.cuda.is_available():
+        try:
+            torch.cuda.nvtx.range_push(name)
+            pushed = True
+        except Exception:  # noqa: BLE001 - a torch build without NVTX still benchmarks
+            pushed = False
     try:
         yield
     finally:
-        torch.cuda.nvtx.range_pop()
+        if pushed:
+            torch.cuda.nvtx.range_pop()
 
 
 def layer_range(name: str):

@@ -274,3 +274,13 @@ def test_layouts_scale_with_layer_count():
     assert [full[k].count("m2") for k in ("transformer", "H1-30", "H1-40")] == [0, 30, 40]
     ten = dataclasses.replace(e2e.APRIEL_15B_MODEL, n_layers=10).layouts()
     assert [ten[k].count("m2") for k in ("H1-30", "H1-40")] == [6, 8]
+
+
+def test_mixers_suite_says_not_available_without_the_kernels(monkeypatch):
+    from apriel_kernels import _ext
+
+    monkeypatch.setattr(mixers, "DEVICE", "cuda")
+    monkeypatch.setattr(_ext, "has_kernel", lambda name: False)
+    rows = mixers.run(shape=cpu.TINY, batches=(1,), providers=("apriel",), seqlens=(16,))
+    assert [(r["phase"], r["status"]) for r in rows] == [("prefill", "not available"), ("decode", "not available")]
+    assert "mixer_scan_fwd" in rows[0]["note"] and "mixer_step" in rows[1]["note"]
