@@ -9,11 +9,17 @@ inside one) is wrapped: a failure becomes an "error" row, is printed, and the re
 CUDA device the kernels and mixers suites run a reduced set on the reference ops (bench/cpu.py), labelled.
 The ceilings (copy bandwidth, bf16 GEMM) are measured first; the measured region is bracketed by
 cudaProfilerStart/Stop (for `nsys profile --capture-range=cudaProfilerApi`, which --nsys runs for you).
+On a GPU each unit (ceilings, each kernel family, mixers, e2e) runs in its own child process with a
+timeout, so a kernel that faults (a CUDA error poisons its process) or hangs costs only its own rows;
+--in-process runs everything in this process (debugging; what --nsys uses).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import subprocess
+import tempfile
 import sys
 import time
 import traceback
@@ -23,7 +29,7 @@ from typing import Any
 import torch
 
 from . import profiling, report
-from .rows import environment, error_row, read_rows, stamp, write_csv, write_json
+from .rows import environment, error_row, make_row, read_rows, stamp, write_csv, write_json
 
 SUITES = ("kernels", "mixers", "e2e")
 
@@ -31,7 +37,7 @@ SUITES = ("kernels", "mixers", "e2e")
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", choices=(*SUITES, "all", "plot", "compare"), help="what to run")
+    p.add_argument("suite", choices=(*SUITES, "all", "plot", "compare", "ceilings"), help="what to run")
     p.add_argument("files", nargs="*", help="plot: ROWS file; compare: NEW OLD")
     p.add_argument("--out", default="bench_out", help="output directory (rows.json, rows.csv, PNGs, traces)")
     p.add_argument("--compare", metavar="OLD_JSON", help="print ratios of this run to a previous rows.json")
@@ -43,6 +49,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--only", help="kernels suite: only the family whose name contains this (scan, conv1d, step)")
     p.add_argument("--e2e-layers", type=int, default=None, help="e2e: layers of the preset (default: all 50)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--in-process", action="store_true", help="no child process per unit (debugging, nsys)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="soft time budget of a suite: later measurements become 'skipped' rows")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--ceilings", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.suite == "plot" and len(args.files) != 1:
         p.error("plot: expected one ROWS file")
@@ -54,6 +65,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run_suite(name: str, args: argparse.Namespace, ceilings) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + args.budget_s if args.budget_s else None
     if not torch.cuda.is_available():
         from . import cpu
 
@@ -66,10 +78,10 @@ def run_suite(name: str, args: argparse.Namespace, ceilings) -> list[dict[str, A
     if name == "mixers":
         from . import mixers
 
-        return mixers.run(quick=args.quick, ceilings=ceilings)
+        return mixers.run(quick=args.quick, ceilings=ceilings, deadline=deadline)
     from . import e2e
 
-    return e2e.run(quick=args.quick, ceilings=ceilings, layers=args.e2e_layers)
+    return e2e.run(quick=args.quick, ceilings=ceilings, layers=args.e2e_layers, deadline=deadline)
 
 
 def _plot(rows, out: Path) -> list[Path]:
@@ -111,6 +123,86 @@ def _profile(out: Path, suites: list[str]) -> None:
             traceback.print_exc()
 
 
+# (quick, full) seconds before a unit's child process is killed; each suite also gets a soft budget
+# 30 s shorter, after which its remaining measurements become "skipped" rows instead of being lost.
+UNIT_TIMEOUT_S = {"ceilings": (120, 120), "kernels": (150, 300), "mixers": (210, 420), "e2e": (300, 600)}
+
+
+def _ceilings_meta(ceil) -> dict[str, float]:
+    return {"copy_gb_per_s": ceil.copy_bytes_per_s / 1e9, "gemm_bf16_tflop_s": ceil.gemm_bf16_flops / 1e12,
+            "exp2_t_per_s": ceil.exp2_per_s / 1e12}
+
+
+def _measure_ceilings(out: Path | None = None):
+    from . import ceilings
+
+    ceil = ceilings.measure()
+    print(f"ceilings: copy {ceil.copy_bytes_per_s / 1e12:.2f} TB/s, bf16 GEMM {ceil.gemm_bf16_flops / 1e12:.0f} TFLOP/s, "
+          f"exp2 {ceil.exp2_per_s / 1e12:.2f} T/s (datasheet)")
+    if out is not None:
+        (out / "ceilings.json").write_text(json.dumps(dataclasses.asdict(ceil)))
+    return ceil
+
+
+def _load_ceilings(path: str | None):
+    if not path or not Path(path).exists():
+        return None
+    from .ceilings import Ceilings
+
+    return Ceilings(**json.loads(Path(path).read_text()))
+
+
+def _child_main(args: argparse.Namespace, out: Path) -> int:
+    """One unit in this process: rows to out/rows.json (the parent merges them)."""
+    profiling.set_layer_ranges(args.nvtx_layers)
+    if args.suite == "ceilings":
+        ceil = _measure_ceilings(out)
+        write_json(out / "rows.json", ceil.as_rows())
+        return 0
+    ceil = _load_ceilings(args.ceilings)
+    with profiling.measured_region(), profiling.nvtx(f"suite/{args.suite}"):
+        rows = run_suite(args.suite, args, ceil)
+    write_json(out / "rows.json", rows)
+    return 0
+
+
+def _units(suites: list[str], args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    from .kernels import MODULES
+
+    units: list[tuple[str, str | None]] = [("ceilings", None)]
+    for name in suites:
+        if name == "kernels":
+            units += [("kernels", fam) for fam in MODULES if not args.only or args.only in fam]
+        else:
+            units.append((name, None))
+    return units
+
+
+def _run_unit(suite: str, part: str | None, args: argparse.Namespace, tmp: Path, ceil_file: Path) -> list[dict[str, Any]]:
+    """Run one unit in a child process with a timeout; its rows, or an error row saying what happened."""
+    out = tmp / f"{suite}-{part or 'all'}"
+    timeout = UNIT_TIMEOUT_S[suite][0 if args.quick else 1]
+    cmd = [sys.executable, "-m", "bench", suite, "--child", "--out", str(out), "--ceilings", str(ceil_file),
+           "--budget-s", str(timeout - 30)]
+    cmd += ["--quick"] * args.quick + ["--nvtx-layers"] * args.nvtx_layers
+    cmd += ["--only", part] if part else []
+    cmd += ["--e2e-layers", str(args.e2e_layers)] if args.e2e_layers else []
+    op = part or suite
+    try:
+        proc = subprocess.run(cmd, timeout=timeout, stderr=subprocess.PIPE, text=True)
+    except subprocess.TimeoutExpired as error:
+        sys.stderr.write((error.stderr or b"")[-4000:].decode(errors="replace") if isinstance(error.stderr, bytes) else (error.stderr or "")[-4000:])
+        return [make_row(suite, op, "bench", status="error", note=f"unit killed after its {timeout} s timeout")]
+    sys.stderr.write(proc.stderr[-6000:])
+    rows: list[dict[str, Any]] = []
+    if (out / "rows.json").exists():
+        rows, _ = read_rows(out / "rows.json")
+    if proc.returncode != 0:
+        tail = " | ".join(line for line in proc.stderr.strip().splitlines()[-3:])
+        rows.append(make_row(suite, op, "bench", status="error", note=f"unit exited with {proc.returncode}: {tail}"[:500]))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -124,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         _compare(new_rows, args.files[1])
         return 0
     out.mkdir(parents=True, exist_ok=True)
+    if args.child:
+        return _child_main(args, out)
     if args.nsys:
         cmd = profiling.nsys_command(argv, out)
         if cmd is not None:
@@ -132,41 +226,49 @@ def main(argv: list[str] | None = None) -> int:
         print("--nsys: nsys is not on the PATH; writing torch.profiler chrome traces instead (--profile)")
         args.profile = True
     profiling.set_layer_ranges(args.nvtx_layers)
-    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    suites = list(SUITES) if args.suite == "all" else [] if args.suite == "ceilings" else [args.suite]
     env = environment()
     started = time.time()
     rows: list[dict[str, Any]] = []
-    ceil = None
     meta: dict[str, Any] = {**env, "argv": argv, "suites": suites, "quick": args.quick, "wall_s": {}}
-    if torch.cuda.is_available():
-        try:
-            from . import ceilings
-
-            ceil = ceilings.measure()
-            rows += ceil.as_rows()
-            meta["ceilings"] = {"copy_gb_per_s": ceil.copy_bytes_per_s / 1e9, "gemm_bf16_tflop_s": ceil.gemm_bf16_flops / 1e12,
-                                "exp2_t_per_s": ceil.exp2_per_s / 1e12}
-            print(f"ceilings: copy {ceil.copy_bytes_per_s / 1e12:.2f} TB/s, bf16 GEMM {ceil.gemm_bf16_flops / 1e12:.0f} TFLOP/s, "
-                  f"exp2 {ceil.exp2_per_s / 1e12:.2f} T/s (datasheet)")
-        except Exception as error:  # noqa: BLE001
-            traceback.print_exc()
-            rows.append(error_row("ceilings", "ceilings", "torch", error))
-    else:
+    cuda = torch.cuda.is_available()
+    if not cuda:
         meta["cpu_fallback"] = True
-    with profiling.measured_region():
-        for name in suites:
-            t0 = time.time()
+    if cuda and not args.in_process:
+        with tempfile.TemporaryDirectory(prefix="bench_units_") as tmp:
+            tmp = Path(tmp)
+            ceil_file = tmp / "ceilings-all" / "ceilings.json"
+            for suite, part in _units(suites, args):
+                t0 = time.time()
+                rows += _run_unit(suite, part, args, tmp, ceil_file)
+                label = f"{suite}:{part}" if part else suite
+                meta["wall_s"][label] = round(time.time() - t0, 1)
+                print(f"[{label}] {meta['wall_s'][label]} s", flush=True)
+            if ceil_file.exists():
+                meta["ceilings"] = _ceilings_meta(_load_ceilings(str(ceil_file)))
+    else:
+        ceil = None
+        if cuda:
             try:
-                with profiling.nvtx(f"suite/{name}"):
-                    got = run_suite(name, args, ceil)
-                rows += got
-            except Exception as error:  # noqa: BLE001 - one suite failing leaves the others
+                ceil = _measure_ceilings()
+                rows += ceil.as_rows()
+                meta["ceilings"] = _ceilings_meta(ceil)
+            except Exception as error:  # noqa: BLE001
                 traceback.print_exc()
-                rows.append(error_row(name, "suite", "bench", error))
-            meta["wall_s"][name] = round(time.time() - t0, 1)
-            print(f"[{name}] {meta['wall_s'][name]} s")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+                rows.append(error_row("ceilings", "ceilings", "torch", error))
+        with profiling.measured_region():
+            for name in suites:
+                t0 = time.time()
+                try:
+                    with profiling.nvtx(f"suite/{name}"):
+                        rows += run_suite(name, args, ceil)
+                except Exception as error:  # noqa: BLE001 - one suite failing leaves the others
+                    traceback.print_exc()
+                    rows.append(error_row(name, "suite", "bench", error))
+                meta["wall_s"][name] = round(time.time() - t0, 1)
+                print(f"[{name}] {meta['wall_s'][name]} s", flush=True)
+                if cuda:
+                    torch.cuda.empty_cache()
     summaries = []
     if "mixers" in suites:
         from .mixers import crossover_rows, crossovers

@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -154,9 +155,14 @@ def _step_bytes(model: ModelShape, layout: list[str], batch: int, context: int) 
     return model.weight_bytes(layout) - model.vocab * s.hidden * 2 + batch * (model.seq_bytes(layout, context) + state_extra)
 
 
+def _late(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() > deadline
+
+
 def _stack_rows(model: ModelShape, name: str, layout: list[str], quick: bool, ceil,
-                skip: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """Rows of one layout; skip maps a phase ("prefill"/"decode") to why it cannot run (a missing kernel)."""
+                skip: dict[str, str] | None = None, deadline: float | None = None) -> list[dict[str, Any]]:
+    """Rows of one layout; skip maps a phase ("prefill"/"decode") to why it cannot run (a missing kernel);
+    past deadline the remaining measurements become "skipped" rows."""
     rows: list[dict[str, Any]] = []
     skip = skip or {}
     base = dict(layout=name, n_layers=len(layout), n_mixers=layout.count("m2"), provider_detail="bench-local stack, random bf16 weights")
@@ -169,6 +175,9 @@ def _stack_rows(model: ModelShape, name: str, layout: list[str], quick: bool, ce
         rows.append(unavailable(SUITE, "model_prefill", "bench-stack", skip["prefill"], **base))
     for L in todo["prefill"] if "prefill" not in skip else ():
         fields = dict(base, phase="prefill", batch=1, seqlen=L, shape=f"b1 L{L}")
+        if _late(deadline):
+            rows.append(make_row(SUITE, "model_prefill", "bench-stack", status="skipped", note="suite time budget spent", **fields))
+            continue
         try:
             with profiling.nvtx(f"e2e/{name}/prefill/L={L}"):
                 h = torch.randn(1, L, s.hidden, device=_mixers.DEVICE, dtype=torch.bfloat16)
@@ -199,6 +208,10 @@ def _stack_rows(model: ModelShape, name: str, layout: list[str], quick: bool, ce
         rows.append(unavailable(SUITE, "model_decode", "bench-stack", skip["decode"], **base))
         points = []
     for b, L in points:
+        if _late(deadline):
+            rows.append(make_row(SUITE, "model_decode", "bench-stack", status="skipped", note="suite time budget spent",
+                                 **base, batch=b, seqlen=L, shape=f"b{b} L{L}"))
+            continue
         rows.append(_decode_row(model, stack, name, base, b, L, ceil, is_max=(b == max_batch and L == ctx)))
     del stack
     torch.cuda.empty_cache()
@@ -236,15 +249,12 @@ def engine_rows(quick: bool, timeout_s: int | None = None) -> list[dict[str, Any
         return [unavailable(SUITE, "model_decode", "apriel_model-engine", "bench/e2e_decode.py is not in this checkout yet")]
     root = path.parent.parent
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    timeout_s = timeout_s or (200 if quick else 360)
+    default = 200 if quick else 360
+    timeout_s = min(timeout_s, default) if timeout_s else default
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "e2e_decode.json"
         cmd = [sys.executable, "-m", "bench.e2e_decode", "--out", str(out)]
-        try:
-            helptext = subprocess.run([*cmd[:3], "--help"], cwd=root, env=env, capture_output=True, text=True, timeout=120).stdout
-        except subprocess.TimeoutExpired:
-            helptext = ""
-        if quick and "--quick" in helptext:
+        if quick and "--quick" in path.read_text():
             cmd.append("--quick")
         try:
             proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -268,7 +278,7 @@ def engine_rows(quick: bool, timeout_s: int | None = None) -> list[dict[str, Any
 
 # ----------------------------------------------------------------------------------------------- suite
 def run(quick: bool = False, ceilings=None, layers: int | None = None, engine: bool = True,
-        model: ModelShape = APRIEL_15B_MODEL) -> list[dict[str, Any]]:
+        model: ModelShape = APRIEL_15B_MODEL, deadline: float | None = None) -> list[dict[str, Any]]:
     model = dataclasses.replace(model, n_layers=layers) if layers else model
     rows: list[dict[str, Any]] = []
     from .mixers import _availability
@@ -285,13 +295,18 @@ def run(quick: bool = False, ceilings=None, layers: int | None = None, engine: b
                                  note=f"weights {model.weight_bytes(layout) / GiB:.1f} GiB do not fit; rerun with --e2e-layers"))
             continue
         try:
-            rows.extend(_stack_rows(model, name, layout, quick, ceilings, skip))
+            rows.extend(_stack_rows(model, name, layout, quick, ceilings, skip, deadline))
         except Exception as error:  # noqa: BLE001 - one layout failing leaves the others
             rows.append(error_row(SUITE, "model", "bench-stack", error, layout=name))
         torch.cuda.empty_cache()
     rows.extend(ratio_rows(rows))
     if engine:
-        rows.extend(engine_rows(quick))
+        left = None if deadline is None else int(deadline - time.monotonic())
+        if left is not None and left < 30:
+            rows.append(make_row(SUITE, "model_decode", "apriel_model-engine", status="skipped",
+                                 note="suite time budget spent before bench/e2e_decode.py"))
+        else:
+            rows.extend(engine_rows(quick, timeout_s=left))
     return rows
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -328,9 +329,11 @@ def _measure_decode(make_call: Callable[[], Callable[[], Any]], sets: int) -> di
 
 
 def run(quick: bool = False, ceilings=None, shape: LayerShape = APRIEL_15B, batches=(1, 16),
-        providers: tuple[str, ...] | None = None, seqlens: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
+        providers: tuple[str, ...] | None = None, seqlens: tuple[int, ...] | None = None,
+        deadline: float | None = None) -> list[dict[str, Any]]:
     """All rows of the suite; a failing measurement becomes an "error" row and the suite goes on.
-    seqlens overrides the context lengths of every (phase, batch) (tests use tiny ones)."""
+    seqlens overrides the context lengths of every (phase, batch) (tests use tiny ones); past deadline
+    (time.monotonic()) the remaining measurements become "skipped" rows."""
     rows: list[dict[str, Any]] = []
     providers = providers or (*ATTN_PROVIDERS, MIXER_PROVIDER)
     for phase in ("prefill", "decode"):
@@ -343,6 +346,11 @@ def run(quick: bool = False, ceilings=None, shape: LayerShape = APRIEL_15B, batc
         for b in batches:
             for L in seqlens or contexts(quick, phase, b):
                 for p in live:
+                    if deadline is not None and time.monotonic() > deadline:
+                        rows.append(make_row(SUITE, "mixer_layer" if p == MIXER_PROVIDER else "attention_layer", p,
+                                             status="skipped", note="suite time budget spent", phase=phase, batch=b,
+                                             seqlen=L, shape=f"b{b} L{L}"))
+                        continue
                     rows.append(_one(shape, p, phase, b, L, ceilings))
                 torch.cuda.empty_cache()
     return rows

@@ -76,7 +76,8 @@ def nsys_command(argv: list[str], out_dir: str | os.PathLike) -> list[str] | Non
     """`nsys profile --capture-range=cudaProfilerApi ... python -m bench <argv without --nsys>`."""
     if not nsys_available():
         return None
-    child = [a for a in argv if a != "--nsys"]
+    # in one process: nsys captures the cudaProfilerApi range of that process
+    child = [a for a in argv if a != "--nsys"] + (["--in-process"] if "--in-process" not in argv else [])
     report = str(Path(out_dir) / "bench_nsys")
     return ["nsys", "profile", "--capture-range=cudaProfilerApi", "--capture-range-end=stop", "--trace=cuda,nvtx",
             "--force-overwrite=true", "-o", report, sys.executable, "-m", "bench", *child]

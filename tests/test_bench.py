@@ -257,7 +257,7 @@ def test_nsys_command_and_its_absence(monkeypatch, tmp_path):
     monkeypatch.setattr(profiling.shutil, "which", lambda name: "/usr/bin/nsys")
     cmd = profiling.nsys_command(["mixers", "--nsys", "--quick"], tmp_path)
     assert cmd[:4] == ["nsys", "profile", "--capture-range=cudaProfilerApi", "--capture-range-end=stop"]
-    assert cmd[-3:] == ["bench", "mixers", "--quick"] and "--nsys" not in cmd
+    assert cmd[-4:] == ["bench", "mixers", "--quick", "--in-process"] and "--nsys" not in cmd
 
 
 def test_cli_rejects_bad_arguments():
@@ -284,3 +284,20 @@ def test_mixers_suite_says_not_available_without_the_kernels(monkeypatch):
     rows = mixers.run(shape=cpu.TINY, batches=(1,), providers=("apriel",), seqlens=(16,))
     assert [(r["phase"], r["status"]) for r in rows] == [("prefill", "not available"), ("decode", "not available")]
     assert "mixer_scan_fwd" in rows[0]["note"] and "mixer_step" in rows[1]["note"]
+
+
+def test_units_run_in_child_processes_and_failures_become_rows(tmp_path, monkeypatch):
+    """The GPU path: each unit in its own process (here on the CPU fallback); a crashing unit is a row."""
+    import argparse
+
+    from bench import __main__ as cli
+
+    monkeypatch.chdir(cli.Path(__file__).resolve().parent.parent)
+    args = argparse.Namespace(quick=True, nvtx_layers=False, e2e_layers=None, only=None)
+    good = cli._run_unit("e2e", None, args, tmp_path, tmp_path / "absent-ceilings.json")
+    assert [(r["suite"], r["status"]) for r in good] == [("e2e", "not available")]
+    (tmp_path / "bad.json").write_text("{not json")
+    bad = cli._run_unit("e2e", None, args, tmp_path, tmp_path / "bad.json")
+    assert bad[-1]["status"] == "error" and "exited with 1" in bad[-1]["note"] and "JSONDecodeError" in bad[-1]["note"]
+    assert [u for u in cli._units(["kernels", "mixers"], argparse.Namespace(only="step"))] == [
+        ("ceilings", None), ("kernels", "step"), ("mixers", None)]
