@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from apriel_kernels import causal_conv1d_fn, causal_conv1d_update
-from apriel_kernels.conv1d import causal_conv1d_bwd, causal_conv1d_fwd, causal_conv1d_update_op
+from apriel_kernels.conv1d import _conv_bwd_torch, causal_conv1d_bwd, causal_conv1d_fwd, causal_conv1d_update_op
 from apriel_kernels.reference.conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from conftest import require_cuda_kernel
 
@@ -489,3 +489,22 @@ def test_cuda_errors_name_the_argument():
         kernel(x, w, None, torch.zeros(2, 9, device="cuda", dtype=torch.int64), None, False, True)
     with pytest.raises(RuntimeError, match="bias: expected a CUDA tensor"):
         kernel(x, w, torch.randn(64), None, None, False, True)
+
+
+@pytest.mark.gpu
+@require_cuda_kernel("causal_conv1d_bwd")
+@pytest.mark.parametrize("layout", ["tm", "tm_misaligned", "cm_slice"])
+def test_cuda_float64_matches_reference(layout, poison):
+    """float64 on CUDA runs the same kernels in double: agreement to ~1e-12."""
+    x, w, bias, seq_idx, init, _ = conv_case(F64, 3, 130, layout, "packed", dim=64)
+    dout, dfinal = dout_like(x, 64, layout), torch.randn_like(init)
+    out, final = causal_conv1d_fwd(x, w, bias, seq_idx, init, True, True)
+    ref_out, ref_final = ref_fwd(x, w, bias, seq_idx, init, True, F64)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    assert torch.equal(final, ref_final)
+    dx, dw, db, dinit = causal_conv1d_bwd(x, w, bias, seq_idx, init, dout, dfinal, True)
+    want = _conv_bwd_torch(x, w, bias, seq_idx, init, dout, dfinal, True)
+    torch.testing.assert_close(dx, want[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dw, want[1].float(), rtol=1e-6, atol=1e-6)  # dweight is fp32 by contract
+    torch.testing.assert_close(db, want[2].float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dinit, want[3], rtol=1e-12, atol=1e-12)

@@ -494,8 +494,8 @@ __global__ void __launch_bounds__(256) bwd_generic_kernel(ConvParams p) {
 }
 
 // Sum the (batch * nsplit) partials of each (channel, tap) column in row order.
-__global__ void __launch_bounds__(256) reduce_dweight_kernel(const float* ws, int rows, int dim, int width,
-                                                             float* dweight, float* dbias) {
+static __global__ void __launch_bounds__(256) reduce_dweight_kernel(const float* ws, int rows, int dim, int width,
+                                                                    float* dweight, float* dbias) {
   const int col = blockIdx.x * blockDim.x + threadIdx.x;
   const int cols = dim * (width + 1);
   if (col >= cols) return;

@@ -1,0 +1,233 @@
+"""Causal conv1d kernel benchmark: forward, forward+backward and the decode update, against the bars of
+kernels.md, the measured copy ceiling and the installed peers.
+
+    run(quick=False) -> list[dict]   long-format rows (bench/rows.py): op, provider, phase, shape, layout,
+                                     p20/p50/p80_ms, gb_per_s, pct_of_copy_ceiling, bar_ms, meets_bar, ...
+    python -m bench.kernels_conv1d [--out conv1d.json] [--quick]   prints a table, writes JSON
+
+Providers: "apriel" (the public causal_conv1d_fn for fwd; the two torch.ops.apriel_C kernels back to back
+for fwd+bwd, i.e. what autograd runs, without autograd's Python overhead), "apriel[tokN]" (the vectorised
+forward forced to N tokens per thread via APRIEL_CONV1D_FWD_TOKENS, to check the default's choice),
+"causal-conv1d" (the peer package, only if importable), "torch" (depthwise F.conv1d + silu, channel-major).
+Bytes counted (the floor): fwd reads x and writes out; fwd+bwd adds reading x and dout and writing dx.
+Times are device-event medians from bench/timing.py (triton do_bench: L2 flushed between reps).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .rows import add_rates, environment, error_row, make_row, unavailable, write_json
+from .timing import measure_copy_bandwidth, time_graph_ms, time_ms
+
+SUITE = "kernels"
+WIDTH = 4
+# (phase, batch, seqlen, dim) -> bar in ms (kernels.md, issue 2)
+BARS = {("fwd", 1, 8192, 4096): 0.050, ("fwd", 1, 8192, 1024): 0.016, ("fwd+bwd", 1, 8192, 4096): 0.18}
+FWD_SHAPES = [(1, 8192, 4096), (1, 8192, 1024), (8, 4096, 4096), (1, 32768, 4096)]
+BWD_SHAPES = [(1, 8192, 4096), (1, 8192, 1024), (8, 4096, 4096)]
+UPDATE_BATCHES = [1, 16, 64, 256]
+
+
+def _shape(batch: int, seqlen: int, dim: int) -> str:
+    return f"b{batch} L{seqlen} C{dim}"
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None):
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _inputs(batch, seqlen, dim, dtype=torch.bfloat16, token_major=True):
+    if token_major:
+        x = torch.randn(batch, seqlen, dim, device="cuda", dtype=dtype).transpose(1, 2)
+    else:
+        x = torch.randn(batch, dim, seqlen, device="cuda", dtype=dtype)
+    w = torch.randn(dim, WIDTH, device="cuda", dtype=dtype) * 0.5
+    b = torch.randn(dim, device="cuda", dtype=dtype)
+    return x, w, b
+
+
+def _row(op, provider, phase, batch, seqlen, dim, stats, nbytes, copy_bps, layout="token-major", **extra):
+    row = make_row(SUITE, op, provider, stats=stats, phase=phase, shape=_shape(batch, seqlen, dim), batch=batch,
+                   seqlen=seqlen, layout=layout, dtype="bf16", width=WIDTH, bytes=int(nbytes), **extra)
+    add_rates(row, nbytes=nbytes, floor_ms=nbytes / copy_bps * 1e3)
+    row["pct_of_copy_ceiling"] = 100.0 * row["gb_per_s"] * 1e9 / copy_bps
+    bar = BARS.get((phase, batch, seqlen, dim))
+    if bar is not None and provider == "apriel":
+        row["bar_ms"] = bar
+        row["meets_bar"] = bool(stats["p50"] <= bar)
+    return row
+
+
+def _peer():
+    try:
+        from causal_conv1d import causal_conv1d_fn as peer_fn  # noqa: PLC0415
+    except Exception:  # noqa: BLE001 - any import failure means "not installed"
+        return None
+    return peer_fn
+
+
+def _fwd_rows(quick, copy_bps):
+    from apriel_kernels import causal_conv1d_fn
+
+    rows = []
+    peer = _peer()
+    shapes = FWD_SHAPES[:2] if quick else FWD_SHAPES
+    for batch, seqlen, dim in shapes:
+        x, w, b = _inputs(batch, seqlen, dim)
+        nbytes = 2 * x.numel() * x.element_size()
+        args = (batch, seqlen, dim)
+        try:
+            stats = time_ms(lambda: causal_conv1d_fn(x, w, b, activation="silu"))
+            rows.append(_row("causal_conv1d", "apriel", "fwd", *args, stats, nbytes, copy_bps,
+                             graph_p50_ms=time_graph_ms(lambda: causal_conv1d_fn(x, w, b, activation="silu"))["p50"]))
+            for tokens in ("8", "16"):
+                with _env("APRIEL_CONV1D_FWD_TOKENS", tokens):
+                    stats = time_ms(lambda: causal_conv1d_fn(x, w, b, activation="silu"))
+                rows.append(_row("causal_conv1d", f"apriel[tok{tokens}]", "fwd", *args, stats, nbytes, copy_bps))
+            xc = x.contiguous()  # channel-major copy: the generic kernel
+            stats = time_ms(lambda: causal_conv1d_fn(xc, w, b, activation="silu"))
+            rows.append(_row("causal_conv1d", "apriel", "fwd", *args, stats, nbytes, copy_bps, layout="channel-major"))
+        except Exception as error:  # noqa: BLE001
+            rows.append(error_row(SUITE, "causal_conv1d", "apriel", error, phase="fwd", shape=_shape(*args)))
+        if peer is None:
+            rows.append(unavailable(SUITE, "causal_conv1d", "causal-conv1d", "causal_conv1d not importable",
+                                    phase="fwd", shape=_shape(*args)))
+        else:
+            try:
+                stats = time_ms(lambda: peer(x, w, b, activation="silu"))
+                rows.append(_row("causal_conv1d", "causal-conv1d", "fwd", *args, stats, nbytes, copy_bps))
+            except Exception as error:  # noqa: BLE001
+                rows.append(error_row(SUITE, "causal_conv1d", "causal-conv1d", error, phase="fwd", shape=_shape(*args)))
+        xc = x.contiguous()
+        stats = time_ms(lambda: F.silu(F.conv1d(xc, w.unsqueeze(1), b, padding=WIDTH - 1, groups=dim)[..., :seqlen]))
+        rows.append(_row("causal_conv1d", "torch", "fwd", *args, stats, nbytes, copy_bps, layout="channel-major"))
+        del x, xc
+    return rows
+
+
+def _bwd_rows(quick, copy_bps):
+    rows = []
+    peer = _peer()
+    shapes = BWD_SHAPES[:1] if quick else BWD_SHAPES
+    for batch, seqlen, dim in shapes:
+        x, w, b = _inputs(batch, seqlen, dim)
+        dout = torch.randn(batch, seqlen, dim, device="cuda", dtype=x.dtype).transpose(1, 2)
+        nbytes = 5 * x.numel() * x.element_size()
+        args = (batch, seqlen, dim)
+        fwd, bwd = torch.ops.apriel_C.causal_conv1d_fwd, torch.ops.apriel_C.causal_conv1d_bwd
+
+        def step():
+            fwd(x, w, b, None, None, False, True)
+            bwd(x, w, b, None, None, dout, None, True)
+
+        try:
+            rows.append(_row("causal_conv1d", "apriel", "fwd+bwd", *args, time_ms(step), nbytes, copy_bps))
+            stats = time_ms(lambda: bwd(x, w, b, None, None, dout, None, True))
+            rows.append(_row("causal_conv1d", "apriel", "bwd", *args, stats, 3 * x.numel() * x.element_size(), copy_bps))
+        except Exception as error:  # noqa: BLE001
+            rows.append(error_row(SUITE, "causal_conv1d", "apriel", error, phase="fwd+bwd", shape=_shape(*args)))
+        if peer is not None:
+            xg = x.detach().requires_grad_()
+            wg, bg = w.detach().requires_grad_(), b.detach().requires_grad_()
+
+            def peer_step():
+                peer(xg, wg, bg, activation="silu").backward(dout)
+
+            try:
+                rows.append(_row("causal_conv1d", "causal-conv1d", "fwd+bwd", *args, time_ms(peer_step), nbytes,
+                                 copy_bps, note="autograd"))
+            except Exception as error:  # noqa: BLE001
+                rows.append(error_row(SUITE, "causal_conv1d", "causal-conv1d", error, phase="fwd+bwd",
+                                      shape=_shape(*args)))
+        del x, dout
+    return rows
+
+
+def _update_rows(quick, copy_bps):
+    rows = []
+    dim, dtype = 4096, torch.bfloat16
+    for batch in UPDATE_BATCHES[:2] if quick else UPDATE_BATCHES:
+        x = torch.randn(batch, dim, 1, device="cuda", dtype=dtype)
+        state = torch.randn(batch * 2, dim, WIDTH - 1, device="cuda", dtype=torch.float32)
+        idx = torch.randperm(batch * 2, device="cuda")[:batch].to(torch.int32)
+        w, b = torch.randn(dim, WIDTH, device="cuda", dtype=dtype), torch.randn(dim, device="cuda", dtype=dtype)
+        kernel = torch.ops.apriel_C.causal_conv1d_update
+        nbytes = batch * dim * (2 * 2 + 2 * (WIDTH - 1) * 4)  # x in, out, fp32 state read + written
+        try:
+            stats = time_graph_ms(lambda: kernel(x, state, w, b, True, idx))
+            rows.append(_row("causal_conv1d_update", "apriel", "decode", batch, 1, dim, stats, nbytes, copy_bps,
+                             note="CUDA graph replay; fp32 state, permuted slots"))
+        except Exception as error:  # noqa: BLE001
+            rows.append(error_row(SUITE, "causal_conv1d_update", "apriel", error, phase="decode",
+                                  shape=_shape(batch, 1, dim)))
+    return rows
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    if not torch.cuda.is_available():
+        return [unavailable(SUITE, "causal_conv1d", "apriel", "no CUDA device")]
+    copy_bps = measure_copy_bandwidth()
+    rows = []
+    for part in (_fwd_rows, _bwd_rows, _update_rows):
+        try:
+            rows += part(quick, copy_bps)
+        except Exception as error:  # noqa: BLE001 - one failing part must not hide the others
+            rows.append(error_row(SUITE, "causal_conv1d", "apriel", error, note=f"{part.__name__} failed"))
+    for row in rows:
+        row["copy_ceiling_tb_s"] = copy_bps / 1e12
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'op':<21}{'phase':<8}{'provider':<15}{'layout':<14}{'shape':<18}{'p50 ms':>9}{'GB/s':>8}{'%copy':>7}  bar"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"{r.get('op', ''):<21}{r.get('phase', ''):<8}{r.get('provider', ''):<15}{'':<14}"
+                         f"{r.get('shape', ''):<18}  {r['status']}: {r.get('note', '')}")
+            continue
+        bar = ""
+        if "bar_ms" in r:
+            bar = f"<= {r['bar_ms']:.3f} {'PASS' if r['meets_bar'] else 'MISS'}"
+        lines.append(f"{r['op']:<21}{r['phase']:<8}{r['provider']:<15}{r.get('layout', ''):<14}{r['shape']:<18}"
+                     f"{r['p50_ms']:>9.4f}{r['gb_per_s']:>8.0f}{r['pct_of_copy_ceiling']:>7.1f}  {bar}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="causal conv1d kernel benchmark")
+    parser.add_argument("--out", default=None, help="write {meta, rows} JSON here")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    args = parser.parse_args(argv)
+    rows = run(quick=args.quick)
+    env = environment()
+    rows = [{**env, **r} for r in rows]
+    print(format_table(rows))
+    if args.out:
+        from apriel_kernels import info
+
+        meta = {**env, "apriel_kernels": info(),
+                "copy_ceiling_tb_s": next((r["copy_ceiling_tb_s"] for r in rows if "copy_ceiling_tb_s" in r), None)}
+        print(f"wrote {write_json(args.out, rows, meta)}")
+
+
+if __name__ == "__main__":
+    main()
