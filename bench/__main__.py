@@ -46,7 +46,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="re-run under `nsys profile --capture-range=cudaProfilerApi` (torch.profiler trace if no nsys)")
     p.add_argument("--nvtx-layers", action="store_true", help="NVTX ranges per layer / per layer component")
     p.add_argument("--profile", action="store_true", help="write torch.profiler chrome traces of representative calls")
-    p.add_argument("--only", help="kernels suite: only the family whose name contains this (scan, conv1d, step)")
+    p.add_argument("--only", help="kernels: only the family whose name contains this (scan, conv1d, step); "
+                                  "e2e: stack or engine")
     p.add_argument("--e2e-layers", type=int, default=None, help="e2e: layers of the preset (default: all 50)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--in-process", action="store_true", help="no child process per unit (debugging, nsys)")
@@ -81,7 +82,9 @@ def run_suite(name: str, args: argparse.Namespace, ceilings) -> list[dict[str, A
         return mixers.run(quick=args.quick, ceilings=ceilings, deadline=deadline)
     from . import e2e
 
-    return e2e.run(quick=args.quick, ceilings=ceilings, layers=args.e2e_layers, deadline=deadline)
+    part = args.only if args.only in e2e.PARTS else None
+    return e2e.run(quick=args.quick, ceilings=ceilings, layers=args.e2e_layers, deadline=deadline,
+                   stack=part in (None, "stack"), engine=part in (None, "engine"))
 
 
 def _plot(rows, out: Path) -> list[Path]:
@@ -125,7 +128,8 @@ def _profile(out: Path, suites: list[str]) -> None:
 
 # (quick, full) seconds before a unit's child process is killed; each suite also gets a soft budget
 # 30 s shorter, after which its remaining measurements become "skipped" rows instead of being lost.
-UNIT_TIMEOUT_S = {"ceilings": (120, 120), "kernels": (150, 300), "mixers": (210, 420), "e2e": (300, 600)}
+UNIT_TIMEOUT_S = {"ceilings": (120, 120), "kernels": (150, 300), "mixers": (210, 420), "e2e:stack": (240, 480),
+                  "e2e:engine": (210, 420)}
 
 
 def _ceilings_meta(ceil) -> dict[str, float]:
@@ -173,6 +177,10 @@ def _units(suites: list[str], args: argparse.Namespace) -> list[tuple[str, str |
     for name in suites:
         if name == "kernels":
             units += [("kernels", fam) for fam in MODULES if not args.only or args.only in fam]
+        elif name == "e2e":
+            from .e2e import PARTS
+
+            units += [("e2e", part) for part in PARTS if not args.only or args.only not in PARTS or args.only == part]
         else:
             units.append((name, None))
     return units
@@ -181,7 +189,7 @@ def _units(suites: list[str], args: argparse.Namespace) -> list[tuple[str, str |
 def _run_unit(suite: str, part: str | None, args: argparse.Namespace, tmp: Path, ceil_file: Path) -> list[dict[str, Any]]:
     """Run one unit in a child process with a timeout; its rows, or an error row saying what happened."""
     out = tmp / f"{suite}-{part or 'all'}"
-    timeout = UNIT_TIMEOUT_S[suite][0 if args.quick else 1]
+    timeout = UNIT_TIMEOUT_S.get(f"{suite}:{part}", UNIT_TIMEOUT_S.get(suite))[0 if args.quick else 1]
     cmd = [sys.executable, "-m", "bench", suite, "--child", "--out", str(out), "--ceilings", str(ceil_file),
            "--budget-s", str(timeout - 30)]
     cmd += ["--quick"] * args.quick + ["--nvtx-layers"] * args.nvtx_layers

@@ -277,13 +277,18 @@ def engine_rows(quick: bool, timeout_s: int | None = None) -> list[dict[str, Any
 
 
 # ----------------------------------------------------------------------------------------------- suite
+PARTS = ("stack", "engine")
+
+
 def run(quick: bool = False, ceilings=None, layers: int | None = None, engine: bool = True,
-        model: ModelShape = APRIEL_15B_MODEL, deadline: float | None = None) -> list[dict[str, Any]]:
+        model: ModelShape = APRIEL_15B_MODEL, deadline: float | None = None, stack: bool = True) -> list[dict[str, Any]]:
+    """stack: the bench-local stack rows; engine: bench/e2e_decode.py's rows (the CLI runs them as two
+    units, each in its own process, so the engine gets a GPU this process no longer holds)."""
     model = dataclasses.replace(model, n_layers=layers) if layers else model
     rows: list[dict[str, Any]] = []
     from .mixers import _availability
 
-    for name, layout in model.layouts().items():
+    for name, layout in model.layouts().items() if stack else ():
         skip = {}
         if "m2" in layout:
             skip = {ph: why for ph in ("prefill", "decode") if (why := _availability("apriel", ph))}

@@ -294,10 +294,11 @@ def test_units_run_in_child_processes_and_failures_become_rows(tmp_path, monkeyp
 
     monkeypatch.chdir(cli.Path(__file__).resolve().parent.parent)
     args = argparse.Namespace(quick=True, nvtx_layers=False, e2e_layers=None, only=None)
-    good = cli._run_unit("e2e", None, args, tmp_path, tmp_path / "absent-ceilings.json")
+    good = cli._run_unit("e2e", "stack", args, tmp_path, tmp_path / "absent-ceilings.json")
     assert [(r["suite"], r["status"]) for r in good] == [("e2e", "not available")]
     (tmp_path / "bad.json").write_text("{not json")
-    bad = cli._run_unit("e2e", None, args, tmp_path, tmp_path / "bad.json")
+    bad = cli._run_unit("e2e", "stack", args, tmp_path, tmp_path / "bad.json")
     assert bad[-1]["status"] == "error" and "exited with 1" in bad[-1]["note"] and "JSONDecodeError" in bad[-1]["note"]
     assert [u for u in cli._units(["kernels", "mixers"], argparse.Namespace(only="step"))] == [
         ("ceilings", None), ("kernels", "step"), ("mixers", None)]
+    assert cli._units(["e2e"], argparse.Namespace(only=None)) == [("ceilings", None), ("e2e", "stack"), ("e2e", "engine")]
