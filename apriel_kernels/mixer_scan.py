@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import _validate as V
 from ._autograd_ref import reference_vjp
-from ._ext import cuda_kernel
+from ._ext import cuda_kernel, has_kernel
 from ._mixer_common import check_dims, check_mixer_params, conv_weight_2d, state_dtype
 from .reference.mixer import mixer_scan_ref
 
@@ -38,6 +38,14 @@ def _scan_reference(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_pro
         return_final_states=True,
     )
     return y, ssm.to(state_dtype(zxbc.dtype)), conv
+
+
+CHUNK = 32  # tokens between the CUDA forward's state checkpoints (csrc/scan/scan_common.cuh kChunk)
+
+
+def _use_kernel(zxbc: Tensor) -> bool:
+    """The CUDA kernels cover bf16/fp16/fp32 activations; float64 (ground-truth runs) stays on the reference."""
+    return zxbc.is_cuda and zxbc.dtype != torch.float64
 
 
 # ------------------------------------------------------------------------------------------------- scan
@@ -58,29 +66,39 @@ def mixer_scan_fwd(
     d_xb: int,
     d_state: int,
     repeat_kv_before_conv: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (y (b, L, D), final_ssm_state (b, D/N, N, N) fp32, final_conv_state (b, X, W-1))."""
-    if zxbc.is_cuda:
+    save_checkpoints: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y (b, L, D), final_ssm_state (b, D/N, N, N) fp32, final_conv_state (b, X, W-1), checkpoints).
+
+    checkpoints: the CUDA kernel's fp32 states before every CHUNK tokens, (b, ceil(L/CHUNK), D, N), when
+    save_checkpoints (the backward recomputes from them); an empty tensor otherwise and on the reference.
+    """
+    if _use_kernel(zxbc):
         kernel = cuda_kernel("mixer_scan_fwd")
         if kernel is not None:
             return kernel(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D,
                           initial_ssm_state, initial_conv_state, seq_idx, d_inner, d_xb, d_state,
-                          repeat_kv_before_conv)
+                          repeat_kv_before_conv, save_checkpoints)
     y, ssm, conv = _scan_reference(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D,
                                    initial_ssm_state, initial_conv_state, seq_idx, d_inner, d_xb, d_state,
                                    repeat_kv_before_conv)
-    return y.contiguous(), ssm.contiguous(), conv.contiguous()
+    return y.contiguous(), ssm.contiguous(), conv.contiguous(), zxbc.new_empty(0, dtype=torch.float32)
 
 
 @mixer_scan_fwd.register_fake
 def _(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D, initial_ssm_state,
-      initial_conv_state, seq_idx, d_inner, d_xb, d_state, repeat_kv_before_conv):
+      initial_conv_state, seq_idx, d_inner, d_xb, d_state, repeat_kv_before_conv, save_checkpoints):
     batch, seqlen, _ = zxbc.shape
     width = conv_weight.shape[-1]
+    if save_checkpoints and _use_kernel(zxbc) and has_kernel("mixer_scan_fwd"):
+        ckpt = zxbc.new_empty(batch, (seqlen + CHUNK - 1) // CHUNK, d_inner, d_state, dtype=torch.float32)
+    else:
+        ckpt = zxbc.new_empty(0, dtype=torch.float32)
     return (
         zxbc.new_empty(batch, seqlen, d_inner),
         zxbc.new_empty(batch, d_inner // d_state, d_state, d_state, dtype=state_dtype(zxbc.dtype)),
         zxbc.new_empty(batch, d_xb, width - 1),
+        ckpt,
     )
 
 
@@ -104,15 +122,16 @@ def mixer_scan_bwd(
     dy: Tensor,
     dfinal_ssm_state: Optional[Tensor],
     dfinal_conv_state: Optional[Tensor],
+    checkpoints: Optional[Tensor],
 ) -> list[Tensor]:
     """Gradients [dzxbc, ddt_low, dconv_weight, dconv_bias, ddt_proj_weight, ddt_proj_bias, dA_log, dD,
     dinitial_ssm_state, dinitial_conv_state], each shaped and typed like its input (empty when None)."""
-    if zxbc.is_cuda:
+    if _use_kernel(zxbc):
         kernel = cuda_kernel("mixer_scan_bwd")
         if kernel is not None:
             return kernel(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D,
                           initial_ssm_state, initial_conv_state, seq_idx, d_inner, d_xb, d_state,
-                          repeat_kv_before_conv, dy, dfinal_ssm_state, dfinal_conv_state)
+                          repeat_kv_before_conv, dy, dfinal_ssm_state, dfinal_conv_state, checkpoints)
 
     def forward(zxbc_, dt_low_, cw_, cb_, dtw_, dtb_, alog_, d_, init_ssm_, init_conv_):
         return _scan_reference(zxbc_, dt_low_, cw_, cb_, dtw_, dtb_, alog_, d_, init_ssm_, init_conv_, seq_idx,
@@ -130,7 +149,7 @@ def mixer_scan_bwd(
 @mixer_scan_bwd.register_fake
 def _(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D, initial_ssm_state,
       initial_conv_state, seq_idx, d_inner, d_xb, d_state, repeat_kv_before_conv, dy, dfinal_ssm_state,
-      dfinal_conv_state):
+      dfinal_conv_state, checkpoints):
     primals = [zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D, initial_ssm_state,
                initial_conv_state]
     return [torch.empty_like(p, memory_format=torch.contiguous_format) if p is not None else zxbc.new_empty(0)
@@ -139,18 +158,20 @@ def _(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log,
 
 def _scan_setup_context(ctx, inputs, output):
     (zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D, initial_ssm_state,
-     initial_conv_state, seq_idx, d_inner, d_xb, d_state, repeat_kv_before_conv) = inputs
+     initial_conv_state, seq_idx, d_inner, d_xb, d_state, repeat_kv_before_conv, save_checkpoints) = inputs
     ctx.save_for_backward(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D,
-                          initial_ssm_state, initial_conv_state, seq_idx)
+                          initial_ssm_state, initial_conv_state, seq_idx, output[3])
     ctx.dims = (d_inner, d_xb, d_state, repeat_kv_before_conv)
 
 
-def _scan_backward(ctx, dy, dfinal_ssm_state, dfinal_conv_state):
-    saved = ctx.saved_tensors
-    grads = mixer_scan_bwd(*saved, *ctx.dims, dy, dfinal_ssm_state, dfinal_conv_state)
-    primals = saved[:10]
+def _scan_backward(ctx, dy, dfinal_ssm_state, dfinal_conv_state, _dcheckpoints):
+    (zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D, initial_ssm_state,
+     initial_conv_state, seq_idx, checkpoints) = ctx.saved_tensors
+    primals = [zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D, initial_ssm_state,
+               initial_conv_state]
+    grads = mixer_scan_bwd(*primals, seq_idx, *ctx.dims, dy, dfinal_ssm_state, dfinal_conv_state, checkpoints)
     out = [g if p is not None else None for g, p in zip(grads, primals)]
-    return (*out[:10], None, None, None, None, None)
+    return (*out[:10], None, None, None, None, None, None)
 
 
 mixer_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_context)
@@ -192,7 +213,11 @@ def mixer_scan(
         if initial_conv_state.shape[1] not in allowed or initial_conv_state.shape[2] < conv_weight.shape[1] - 1:
             raise ValueError(f"initial_conv_state: expected (batch, one of {allowed}, >= {conv_weight.shape[1] - 1}), got {tuple(initial_conv_state.shape)}")
     V.check_tensor("seq_idx", seq_idx, ("batch", "seqlen"), V.INDEX_DTYPES, device=dev, sizes=sizes, optional=True)
-    y, ssm, conv = mixer_scan_fwd(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D,
-                                  initial_ssm_state, initial_conv_state, seq_idx, d_inner, d_xb, d_state,
-                                  repeat_kv_before_conv)
+    # Checkpoints only when a backward can follow (they cost 8 KB per token of memory traffic).
+    tensors = (zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D, initial_ssm_state,
+               initial_conv_state)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    y, ssm, conv, _ = mixer_scan_fwd(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D,
+                                     initial_ssm_state, initial_conv_state, seq_idx, d_inner, d_xb, d_state,
+                                     repeat_kv_before_conv, save)
     return (y, ssm, conv) if return_final_states else y

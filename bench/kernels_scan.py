@@ -1,0 +1,143 @@
+"""Benchmark of the fused mixer scan (issue 3 bars): forward and forward+backward at the Apriel-H1 shape.
+
+    run(quick=False) -> list[dict]      long-format rows (bench/rows.py keys)
+    python -m bench.kernels_scan --out FILE [--quick]
+
+Timed region: from the in_proj output (zxbc, dt_low) to y, everything included (conv, dt_proj, scan, gate);
+fwd+bwd adds the backward to every input gradient. floor_ms is the MUFU exp2 floor of kernels.md:
+65536 * b * L exponentials at 3.9e12 /s (one per (channel, state, token); the backward is held to the same
+floor, which it cannot reach: it needs >= 2 exp2 per element). provider "apriel-K4" / "apriel-K8" force the
+lanes-per-channel choice of the forward; "apriel" is the default dispatch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from . import rows as R
+from .timing import time_ms
+
+D, X, N, RANK, W = 4096, 1024, 16, 16, 4
+EXP2_PER_S = 3.9e12
+BARS = {("fwd", 1, 2048): 0.065, ("fwd", 1, 8192): 0.25, ("fwd", 1, 32768): 1.0, ("fwd", 8, 4096): 0.87,
+        ("fwd+bwd", 1, 8192): 1.3, ("fwd+bwd", 8, 4096): 4.8}
+
+
+def _inputs(batch, seqlen, requires_grad=False):
+    dev, dt = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    rnd = lambda *s, dtype=dt: torch.randn(*s, device=dev, dtype=dtype, generator=g)  # noqa: E731
+    args = dict(
+        zxbc=rnd(batch, seqlen, 2 * D + 2 * X),
+        dt_low=rnd(batch, seqlen, RANK) * 0.5,
+        conv_weight=rnd(D, W) * 0.5,
+        conv_bias=rnd(D) * 0.1,
+        dt_proj_weight=rnd(D, RANK) * RANK ** -0.5,
+        dt_proj_bias=torch.full((D,), -2.5, device=dev, dtype=dt),
+        A_log=torch.log(torch.arange(1, N + 1, device=dev, dtype=torch.float32)).repeat(D, 1),
+        D=torch.ones(D, device=dev),
+    )
+    if requires_grad:
+        for v in args.values():
+            v.requires_grad_(True)
+    return args
+
+
+def _floor_ms(batch, seqlen):
+    return 65536 * batch * seqlen / EXP2_PER_S * 1e3
+
+
+def _row(phase, provider, batch, seqlen, stats, **extra):
+    row = R.make_row("kernels", f"mixer_scan_{phase.replace('+', '_')}", provider, stats=stats, phase=phase,
+                     shape=f"b{batch} L{seqlen}", batch=batch, seqlen=seqlen, dtype="bf16", **extra)
+    R.add_rates(row, tokens=batch * seqlen, floor_ms=_floor_ms(batch, seqlen))
+    bar = BARS.get((phase, batch, seqlen))
+    if bar is not None:
+        row.update(bar_ms=bar, meets_bar=bool(row["p50_ms"] <= bar), floor_ratio=row["p50_ms"] / row["floor_ms"])
+    return row
+
+
+def run(quick: bool = False) -> list[dict]:
+    from apriel_kernels import mixer_scan
+    from apriel_kernels._ext import has_kernel
+
+    kw = dict(d_inner=D, d_xb=X, d_state=N)
+    if not (torch.cuda.is_available() and has_kernel("mixer_scan_fwd")):
+        return [R.unavailable("kernels", "mixer_scan_fwd", "apriel", "needs CUDA and the built scan kernels")]
+    out = []
+    fwd_shapes = [(1, 2048), (1, 8192), (1, 32768), (8, 4096)] if not quick else [(1, 2048), (1, 8192)]
+    for batch, seqlen in fwd_shapes:
+        args = _inputs(batch, seqlen)
+        for provider, k in (("apriel", None), ("apriel-K8", "8"), ("apriel-K4", "4")):
+            if k is None:
+                os.environ.pop("APRIEL_SCAN_K", None)
+            else:
+                os.environ["APRIEL_SCAN_K"] = k
+            try:
+                with torch.no_grad():
+                    stats = time_ms(lambda: mixer_scan(**args, **kw))
+                out.append(_row("fwd", provider, batch, seqlen, stats))
+            except Exception as e:  # noqa: BLE001 - a failing shape is a row, not a crash
+                out.append(R.error_row("kernels", "mixer_scan_fwd", provider, e, shape=f"b{batch} L{seqlen}"))
+        os.environ.pop("APRIEL_SCAN_K", None)
+        del args
+    for batch, seqlen in ([(1, 8192), (8, 4096)] if not quick else [(1, 8192)]):
+        args = _inputs(batch, seqlen, requires_grad=True)
+        dy = torch.randn(batch, seqlen, D, device="cuda", dtype=torch.bfloat16)
+        leaves = list(args.values())
+
+        def step():
+            y = mixer_scan(**args, **kw)
+            return torch.autograd.grad(y, leaves, dy)
+
+        try:
+            stats = time_ms(step, rep_ms=300)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            grads = step()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            grads_mb = sum(g.numel() * g.element_size() for g in grads) / 2**20
+            del grads
+            ckpt_mb = batch * ((seqlen + 31) // 32) * D * N * 4 / 2**20
+            out.append(_row("fwd+bwd", "apriel", batch, seqlen, stats, peak_extra_mem_mb=peak,
+                            grads_mb=grads_mb, checkpoints_mb=ckpt_mb,
+                            note="peak_extra_mem_mb: allocated above the inputs during fwd+bwd, returned grads included"))
+            # the backward alone (forward outside the timed region)
+            y = mixer_scan(**args, **kw)
+            stats_b = time_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), rep_ms=300)
+            out.append(_row("bwd", "apriel", batch, seqlen, stats_b))
+            del y
+        except Exception as e:  # noqa: BLE001
+            out.append(R.error_row("kernels", "mixer_scan_fwd_bwd", "apriel", e, shape=f"b{batch} L{seqlen}"))
+        del args, dy
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="JSON file for {'meta', 'rows'}")
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args(argv)
+    env = R.environment()
+    rows = R.stamp(run(quick=a.quick), env)
+    print(f"{'phase':8} {'provider':10} {'shape':12} {'p50 ms':>9} {'floor':>7} {'x floor':>7} {'bar':>6} ok  extra")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"{r.get('op')} {r.get('provider')} {r.get('shape')}: {r['status']} {r.get('note', '')}")
+            continue
+        print(f"{r['phase']:8} {r['provider']:10} {r['shape']:12} {r['p50_ms']:9.4f} {r['floor_ms']:7.4f} "
+              f"{r['p50_ms'] / r['floor_ms']:7.2f} {r.get('bar_ms', ''):>6} {'yes' if r.get('meets_bar') else ('no' if 'bar_ms' in r else '  ')} "
+              f"{'peak %.0f MB' % r['peak_extra_mem_mb'] if 'peak_extra_mem_mb' in r else ''}")
+    if a.out:
+        R.write_json(a.out, rows, meta=env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+// fp32 instantiations of the mixer scan kernels (K = 8 lanes per channel: 2 states per thread).
+#include "mixer_scan_bwd.cuh"
+#include "mixer_scan_fwd.cuh"
+
+namespace apriel {
+template void launch_mixer_scan_fwd<float, 8>(const MixerScanParams&, void*);
+template void launch_mixer_scan_fwd<float, 4>(const MixerScanParams&, void*);
+template void launch_mixer_scan_bwd<float, 8>(const MixerScanParams&, void*);
+}  // namespace apriel

@@ -1,0 +1,142 @@
+// Fused Apriel-H1 mixer scan, forward: in_proj output (z, x, B, C) + dt_low -> y (b, L, D).
+//
+// Algorithm: parallel over (sequence, head); inside a block, thread (ch, j) owns channel ch of the head and
+// states j*NS .. j*NS+NS-1 (NS = 16 / K) in fp32 registers and runs the recurrence serially over time.
+// Per tile of kChunk tokens: (1) stage x (with conv halo), B, C, z, dt_low in smem (prefetched into
+// registers during the previous tile); (2) prep: u = silu(conv(x) + b), delta = softplus(W_dt dt_low + 2 b_dt)
+// per (channel, token); (3) scan: dA = ex2(delta * A * log2 e), h = dA h + delta u B, y = C.h summed over the
+// K lanes of a channel with xor shuffles, + D u, * silu(z); (4) coalesced store of y.
+// Bound: one ex2 per (channel, state, token) on the MUFU unit (16/clk/SM); see docs/notes/scan.md.
+// The state before each tile is stored as a checkpoint for the backward when p.ckpt != nullptr.
+#pragma once
+#include "../common/cuda_check.h"
+#include "scan_common.cuh"
+
+namespace apriel {
+namespace scan {
+
+template <typename T, int K>
+struct FwdSmem {
+  Tile tile;
+  float dtw[kN][kMaxR + 1];
+  float u[kChunk][kN];
+  float dl[kChunk][kN];
+  float y[kChunk][kN];
+};
+
+template <typename T, int K>
+__global__ void __launch_bounds__(kN * K, K == 8 ? 3 : 4) mixer_scan_fwd_kernel(MixerScanParams p) {
+  constexpr int NT = kN * K, NS = kN / K;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FwdSmem<T, K>& sm = *reinterpret_cast<FwdSmem<T, K>*>(smem_raw);
+  Tile& S = sm.tile;
+  const int head = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+  const int group = head / p.heads_per_group;
+  const int c0 = head * kN;
+  const int D = p.d_inner, L = p.seqlen, R = p.dt_rank;
+
+  // prep mapping: channel pch, tokens tid/16 + k*(NT/16)
+  const int pch = tid % kN;
+  const PrepConsts pk = prep_consts(p, c0 + pch, group, pch);
+  for (int i = tid; i < kN * R; i += NT) sm.dtw[i / R][i % R] = p.dt_w[(int64_t)(c0 + i / R) * R + i % R];
+
+  // scan mapping: channel sch, states j*NS..
+  const int sch = tid / K, j = tid % K;
+  const int cs = c0 + sch;
+  float A2[NS], h[NS];
+#pragma unroll
+  for (int s = 0; s < NS; ++s) {
+    const int n = j * NS + s;
+    A2[s] = -__expf(p.A_log[cs * kN + n]) * kLog2e;
+    h[s] = p.init_ssm != nullptr ? p.init_ssm[((int64_t)b * D + cs) * kN + n] : 0.f;
+  }
+  const float Dc = p.Dskip[cs];
+  const bool has_seq = p.seq_idx != nullptr;
+
+  TileRegs<T, NT, false> regs;
+  regs.load(p, b, head, group, 0);
+  const int n_tiles = p.n_chunks;
+  T* y = reinterpret_cast<T*>(p.y) + (int64_t)b * L * D;
+  int Tv = 0;
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int t0 = tile * kChunk;
+    Tv = min(kChunk, L - t0);
+    __syncthreads();  // previous tile's readers are done
+    regs.store(p, S, b, group, t0);
+    __syncthreads();
+    if (tile + 1 < n_tiles) regs.load(p, b, head, group, t0 + kChunk);
+
+#pragma unroll
+    for (int k = 0; k < kN * kChunk / NT; ++k) {
+      const int t = tid / kN + k * (NT / kN);
+      if (t < Tv) {
+        sm.u[t][pch] = [&] { const float v = conv_pre(S, pk, pch, t); return v * sigmoidf_(v); }();
+        sm.dl[t][pch] = softplusf_(dt_pre2(S, sm.dtw, pk, pch, t, R));
+      }
+    }
+    if (p.ckpt != nullptr) {
+#pragma unroll
+      for (int s = 0; s < NS; ++s)
+        p.ckpt[(((int64_t)b * n_tiles + tile) * D + cs) * kN + j * NS + s] = h[s];
+    }
+    __syncthreads();
+
+#pragma unroll 4
+    for (int t = 0; t < Tv; ++t) {
+      if (has_seq && t0 + t > 0 && S.seq[t + kHalo] != S.seq[t + kHalo - 1]) {
+#pragma unroll
+        for (int s = 0; s < NS; ++s) h[s] = 0.f;  // document start: the state resets
+      }
+      const float dl = sm.dl[t][sch], uu = sm.u[t][sch];
+      const float du = dl * uu;
+      float acc = 0.f;
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        const int n = j * NS + s;
+        const float dA = ex2(dl * A2[s]);
+        h[s] = fmaf(dA, h[s], du * S.B[t][n]);
+        acc = fmaf(S.C[t][n], h[s], acc);
+      }
+#pragma unroll
+      for (int off = 1; off < K; off <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+      if (j == 0) {
+        const float zz = S.z[t][sch];
+        sm.y[t][sch] = (acc + Dc * uu) * zz * sigmoidf_(zz);
+      }
+    }
+    __syncthreads();
+    for (int i = tid; i < kN * Tv; i += NT)
+      y[(int64_t)(t0 + i / kN) * D + c0 + i % kN] = from_f<T>(sm.y[i / kN][i % kN]);
+  }
+
+#pragma unroll
+  for (int s = 0; s < NS; ++s) p.final_ssm[((int64_t)b * D + cs) * kN + j * NS + s] = h[s];
+  // Final conv state: the last width-1 x inputs (of the last document), written once per group.
+  const int hw = p.width - 1;
+  if (head % p.heads_per_group == 0 && tid < kN * hw) {
+    const int ch = tid / hw, k = tid % hw;
+    const int row = Tv + kHalo - hw + k;
+    const float v = S.seq[row] == S.seq[Tv + kHalo - 1] ? S.x[row][ch] : 0.f;
+    reinterpret_cast<T*>(p.final_conv)[((int64_t)b * p.d_xb + group * kN + ch) * hw + k] = from_f<T>(v);
+  }
+}
+
+template <typename T, int K>
+void launch_mixer_scan_fwd(const MixerScanParams& p, void* stream) {
+  const size_t smem = sizeof(FwdSmem<T, K>);
+  auto kernel = mixer_scan_fwd_kernel<T, K>;
+  if (smem > 48 * 1024)
+    APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  dim3 grid(p.d_inner / kN, p.batch);
+  kernel<<<grid, kN * K, smem, static_cast<cudaStream_t>(stream)>>>(p);
+  APRIEL_CHECK_LAUNCH();
+}
+
+}  // namespace scan
+
+template <typename T, int K>
+void launch_mixer_scan_fwd(const MixerScanParams& p, void* stream) {
+  scan::launch_mixer_scan_fwd<T, K>(p, stream);
+}
+
+}  // namespace apriel

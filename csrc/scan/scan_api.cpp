@@ -1,0 +1,268 @@
+// Host side of the mixer scan family: argument checks, parameter packing, launches, and the small torch
+// epilogues of the backward (sums over the r heads of a group and over the batch in a fixed order, the
+// dt_proj GEMMs). Registers torch.ops.apriel_C.mixer_scan_fwd / mixer_scan_bwd (CUDA).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "scan_params.h"
+
+namespace apriel {
+namespace {
+
+constexpr int kN = 16, kChunk = 32, kMaxR = 32;
+using at::Tensor;
+using OptT = std::optional<Tensor>;
+
+Tensor f32c(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+struct Dims {
+  int64_t b, L, D, X, R, W, r, n_chunks;
+};
+
+Dims check_inputs(const Tensor& zxbc, const Tensor& dt_low, const Tensor& conv_weight, const OptT& conv_bias,
+                  const Tensor& dt_w, const Tensor& dt_b, const Tensor& A_log, const Tensor& Dskip,
+                  const OptT& init_ssm, const OptT& init_conv, const OptT& seq_idx, int64_t D, int64_t X,
+                  int64_t N, bool repeat) {
+  TORCH_CHECK(zxbc.is_cuda(), "zxbc: expected a CUDA tensor");
+  TORCH_CHECK(zxbc.dim() == 3 && zxbc.size(2) == 2 * D + 2 * X, "zxbc: expected (batch, seqlen, 2*d_inner + 2*d_xb)");
+  auto st = zxbc.scalar_type();
+  TORCH_CHECK(st == at::kBFloat16 || st == at::kHalf || st == at::kFloat,
+              "zxbc: the CUDA mixer scan supports bf16, fp16 and fp32 (float64 runs on the reference)");
+  TORCH_CHECK(N == kN, "d_state: the CUDA mixer scan is written for d_state = 16, got ", N);
+  TORCH_CHECK(D % kN == 0 && X % kN == 0 && D % X == 0, "d_inner/d_xb: expected multiples of 16 with d_xb | d_inner");
+  TORCH_CHECK(zxbc.stride(2) == 1, "zxbc: expected unit stride in the last dim");
+  TORCH_CHECK(dt_low.dim() == 3 && dt_low.size(0) == zxbc.size(0) && dt_low.size(1) == zxbc.size(1) &&
+                  dt_low.scalar_type() == st && (dt_low.stride(2) == 1 || dt_low.size(2) == 1),
+              "dt_low: expected (batch, seqlen, dt_rank) in zxbc's dtype with unit last stride");
+  TORCH_CHECK(dt_low.size(2) <= kMaxR, "dt_low: the CUDA mixer scan supports dt_rank <= ", kMaxR);
+  TORCH_CHECK(conv_weight.dim() == 2 && conv_weight.size(1) >= 2 && conv_weight.size(1) <= 4,
+              "conv_weight: expected (channels, width) with width in 2..4");
+  TORCH_CHECK(conv_weight.size(0) == (repeat ? D : X), "conv_weight: expected ", repeat ? D : X, " channels");
+  for (const auto* t : {&dt_w, &dt_b, &A_log, &Dskip, &conv_weight}) TORCH_CHECK(t->is_cuda(), "parameters: expected CUDA tensors");
+  TORCH_CHECK(A_log.size(0) == D && A_log.size(1) == N, "A_log: expected (d_inner, d_state)");
+  if (init_ssm) TORCH_CHECK(init_ssm->numel() == zxbc.size(0) * D * N, "initial_ssm_state: expected (batch, D/N, N, N)");
+  if (init_conv) TORCH_CHECK(init_conv->dim() == 3 && init_conv->size(0) == zxbc.size(0), "initial_conv_state: expected (batch, channels, state_len)");
+  if (seq_idx) TORCH_CHECK(seq_idx->scalar_type() == at::kInt && seq_idx->size(0) == zxbc.size(0) && seq_idx->size(1) == zxbc.size(1),
+                           "seq_idx: expected (batch, seqlen) int32");
+  Dims d{zxbc.size(0), zxbc.size(1), D, X, dt_low.size(2), conv_weight.size(1), D / X, 0};
+  d.n_chunks = (d.L + kChunk - 1) / kChunk;
+  return d;
+}
+
+// (b, Cs, S) conv state (Cs = X, or D with repeat) -> (b, X, W-1) fp32: first copy of each X channel, last W-1.
+Tensor compact_init_conv(const Tensor& s, const Dims& d) {
+  Tensor t = s;
+  if (t.size(1) != d.X) {
+    auto src = at::arange(d.X, s.options().dtype(at::kLong));
+    t = t.index_select(1, (src.div(kN, "floor") * kN * d.r) + src.remainder(kN));
+  }
+  return f32c(t.narrow(2, t.size(2) - (d.W - 1), d.W - 1));
+}
+
+MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims& d, bool repeat,
+                            std::vector<Tensor>& keep, const Tensor& conv_weight, const OptT& conv_bias,
+                            const Tensor& dt_w, const Tensor& dt_b, const Tensor& A_log, const Tensor& Dskip,
+                            const OptT& init_ssm, const OptT& init_conv, const OptT& seq_idx) {
+  MixerScanParams p{};
+  p.batch = d.b; p.seqlen = d.L; p.d_inner = d.D; p.d_xb = d.X; p.dt_rank = d.R; p.width = d.W;
+  p.heads_per_group = d.r; p.n_chunks = d.n_chunks; p.repeat_before_conv = repeat;
+  p.zxbc = zxbc.data_ptr(); p.zxbc_batch_stride = zxbc.stride(0); p.zxbc_row_stride = zxbc.stride(1);
+  p.dt_low = dt_low.data_ptr(); p.dt_batch_stride = dt_low.stride(0); p.dt_row_stride = dt_low.stride(1);
+  auto hold = [&](Tensor t) -> const float* { keep.push_back(t); return t.data_ptr<float>(); };
+  p.conv_w = hold(f32c(conv_weight));
+  p.conv_b = conv_bias ? hold(f32c(*conv_bias)) : nullptr;
+  p.dt_w = hold(f32c(dt_w));
+  p.dt_b = hold(f32c(dt_b));
+  p.A_log = hold(f32c(A_log));
+  p.Dskip = hold(f32c(Dskip));
+  p.init_ssm = init_ssm ? hold(f32c(*init_ssm)) : nullptr;
+  p.init_conv = init_conv ? hold(compact_init_conv(*init_conv, d)) : nullptr;
+  if (seq_idx) { keep.push_back(seq_idx->contiguous()); p.seq_idx = keep.back().data_ptr<int>(); }
+  return p;
+}
+
+
+void launch_fwd(const MixerScanParams& p, at::ScalarType st, int64_t K) {
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (st == at::kBFloat16) { K == 4 ? launch_mixer_scan_fwd<__nv_bfloat16, 4>(p, stream) : launch_mixer_scan_fwd<__nv_bfloat16, 8>(p, stream); }
+  else if (st == at::kHalf) { K == 4 ? launch_mixer_scan_fwd<__half, 4>(p, stream) : launch_mixer_scan_fwd<__half, 8>(p, stream); }
+  else { K == 4 ? launch_mixer_scan_fwd<float, 4>(p, stream) : launch_mixer_scan_fwd<float, 8>(p, stream); }
+}
+
+void launch_bwd(const MixerScanParams& p, at::ScalarType st) {
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (st == at::kBFloat16) launch_mixer_scan_bwd<__nv_bfloat16, 8>(p, stream);
+  else if (st == at::kHalf) launch_mixer_scan_bwd<__half, 8>(p, stream);
+  else launch_mixer_scan_bwd<float, 8>(p, stream);
+}
+
+// Lanes per channel: 8 (2 states per thread) fills the GPU at batch 1; 4 halves the shuffles once
+// there are enough channels to occupy every SM. APRIEL_SCAN_K overrides (benchmarks).
+int64_t choose_k(const Dims& d) {
+  if (const char* env = std::getenv("APRIEL_SCAN_K")) return std::atoi(env) == 4 ? 4 : 8;
+  return d.b * d.D >= 4 * 4096 ? 4 : 8;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> mixer_scan_fwd_cuda(
+    const Tensor& zxbc, const Tensor& dt_low, const Tensor& conv_weight, const OptT& conv_bias,
+    const Tensor& dt_proj_weight, const Tensor& dt_proj_bias, const Tensor& A_log, const Tensor& Dskip,
+    const OptT& init_ssm, const OptT& init_conv, const OptT& seq_idx, int64_t d_inner, int64_t d_xb,
+    int64_t d_state, bool repeat, bool save_checkpoints) {
+  const Dims d = check_inputs(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, Dskip,
+                              init_ssm, init_conv, seq_idx, d_inner, d_xb, d_state, repeat);
+  c10::cuda::CUDAGuard guard(zxbc.device());
+  auto f32 = zxbc.options().dtype(at::kFloat);
+  Tensor y = at::empty({d.b, d.L, d.D}, zxbc.options());
+  Tensor final_ssm = at::empty({d.b, d.D / kN, kN, kN}, f32);
+  Tensor final_conv = at::empty({d.b, d.X, d.W - 1}, zxbc.options());
+  Tensor ckpt = save_checkpoints ? at::empty({d.b, d.n_chunks, d.D, kN}, f32) : at::empty({0}, f32);
+  if (d.b == 0) return {y, final_ssm, final_conv, ckpt};
+  if (d.L == 0) {
+    final_ssm.copy_(init_ssm ? init_ssm->view_as(final_ssm) : at::zeros_like(final_ssm));
+    if (init_conv) final_conv.copy_(compact_init_conv(*init_conv, d)); else final_conv.zero_();
+    return {y, final_ssm, final_conv, ckpt};
+  }
+  std::vector<Tensor> keep;
+  MixerScanParams p = fill_params(zxbc, dt_low, d, repeat, keep, conv_weight, conv_bias, dt_proj_weight,
+                                  dt_proj_bias, A_log, Dskip, init_ssm, init_conv, seq_idx);
+  p.y = y.data_ptr(); p.final_ssm = final_ssm.data_ptr<float>(); p.final_conv = final_conv.data_ptr();
+  p.ckpt = save_checkpoints ? ckpt.data_ptr<float>() : nullptr;
+  launch_fwd(p, zxbc.scalar_type(), choose_k(d));
+  return {y, final_ssm, final_conv, ckpt};
+}
+
+std::vector<Tensor> mixer_scan_bwd_cuda(
+    const Tensor& zxbc, const Tensor& dt_low, const Tensor& conv_weight, const OptT& conv_bias,
+    const Tensor& dt_proj_weight, const Tensor& dt_proj_bias, const Tensor& A_log, const Tensor& Dskip,
+    const OptT& init_ssm, const OptT& init_conv, const OptT& seq_idx, int64_t d_inner, int64_t d_xb,
+    int64_t d_state, bool repeat, const Tensor& dy, const OptT& dfinal_ssm, const OptT& dfinal_conv,
+    const OptT& checkpoints) {
+  const Dims d = check_inputs(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, Dskip,
+                              init_ssm, init_conv, seq_idx, d_inner, d_xb, d_state, repeat);
+  TORCH_CHECK(dy.sizes() == at::IntArrayRef({d.b, d.L, d.D}), "dy: expected (batch, seqlen, d_inner)");
+  c10::cuda::CUDAGuard guard(zxbc.device());
+  auto f32 = zxbc.options().dtype(at::kFloat);
+  const auto st = zxbc.scalar_type();
+  const int64_t hw = d.W - 1;
+  std::vector<Tensor> keep;
+  MixerScanParams p = fill_params(zxbc, dt_low, d, repeat, keep, conv_weight, conv_bias, dt_proj_weight,
+                                  dt_proj_bias, A_log, Dskip, init_ssm, init_conv, seq_idx);
+  Tensor ckpt;
+  if (checkpoints && checkpoints->numel() == d.b * d.n_chunks * d.D * kN) {
+    ckpt = checkpoints->contiguous();
+  } else if (d.L > 0 && d.b > 0) {  // forward ran without checkpoints: recompute them
+    ckpt = at::empty({d.b, d.n_chunks, d.D, kN}, f32);
+    Tensor y = at::empty({d.b, d.L, d.D}, zxbc.options());
+    Tensor fs = at::empty({d.b, d.D, kN}, f32), fc = at::empty({d.b, d.X, hw}, zxbc.options());
+    MixerScanParams q = p;
+    q.y = y.data_ptr(); q.final_ssm = fs.data_ptr<float>(); q.final_conv = fc.data_ptr(); q.ckpt = ckpt.data_ptr<float>();
+    launch_fwd(q, st, choose_k(d));
+  }
+  Tensor dzxbc = at::empty({d.b, d.L, 2 * d.D + 2 * d.X}, zxbc.options());
+  Tensor dx_part = at::empty({d.b, d.L, d.D}, f32);
+  Tensor dB_part = at::empty({d.b, d.L, d.D}, f32);
+  Tensor ddt_pre = at::empty({d.b, d.L, d.D}, f32);
+  Tensor dAlog_part = at::empty({d.b, d.D, kN}, f32);
+  Tensor dD_part = at::empty({d.b, d.D}, f32), dcb_part = at::empty({d.b, d.D}, f32);
+  Tensor dcw_part = at::empty({d.b, d.D, d.W}, f32), dic_part = at::zeros({d.b, d.D, hw}, f32);
+  Tensor dinit_ssm = at::empty({d.b, d.D, kN}, f32);
+  Tensor dy_c = dy.to(st).contiguous();
+  Tensor dfs = dfinal_ssm && dfinal_ssm->numel() ? f32c(*dfinal_ssm) : Tensor();
+  if (d.L > 0 && d.b > 0) {
+    p.dy = dy_c.data_ptr();
+    p.dfinal_ssm = dfs.defined() ? dfs.data_ptr<float>() : nullptr;
+    p.ckpt_in = ckpt.data_ptr<float>();
+    p.dzxbc = dzxbc.data_ptr(); p.dx_part = dx_part.data_ptr<float>(); p.dB_part = dB_part.data_ptr<float>();
+    p.ddt_pre = ddt_pre.data_ptr<float>(); p.dA_log_part = dAlog_part.data_ptr<float>();
+    p.dD_part = dD_part.data_ptr<float>(); p.dconv_b_part = dcb_part.data_ptr<float>();
+    p.dconv_w_part = dcw_part.data_ptr<float>(); p.dinit_conv_part = dic_part.data_ptr<float>();
+    p.dinit_ssm = dinit_ssm.data_ptr<float>();
+    launch_bwd(p, st);
+  } else {
+    for (Tensor* t : {&dx_part, &dB_part, &ddt_pre, &dAlog_part, &dD_part, &dcb_part, &dcw_part})
+      t->zero_();
+    dinit_ssm.copy_(dfs.defined() ? dfs.view_as(dinit_ssm) : at::zeros_like(dinit_ssm));
+  }
+  // Sum the r head copies of each x / B group (fixed order: deterministic).
+  const int64_t G = d.X / kN;
+  Tensor dx = dx_part.view({d.b, d.L, G, d.r, kN}).sum(3).view({d.b, d.L, d.X});
+  Tensor dic = dic_part.view({d.b, G, d.r, kN, hw}).sum(2).view({d.b, d.X, hw});
+  // Gradient of the final conv state: the last W-1 x inputs (of the last document), else the initial state.
+  if (dfinal_conv && dfinal_conv->numel()) {
+    Tensor dfc = f32c(*dfinal_conv);
+    for (int64_t k = 0; k < hw; ++k) {
+      const int64_t pos = d.L - hw + k;
+      Tensor g = dfc.select(2, k);  // (b, X)
+      if (seq_idx) {
+        const int64_t src = pos >= 0 ? pos : 0;
+        g = g * seq_idx->select(1, src).eq(seq_idx->select(1, d.L - 1)).to(at::kFloat).unsqueeze(1);
+      }
+      if (pos >= 0) dx.select(1, pos).add_(g);
+      else dic.select(2, hw + pos).add_(g);
+    }
+  }
+  dzxbc.narrow(2, d.D, d.X).copy_(dx);
+  dzxbc.narrow(2, d.D + d.X, d.X).copy_(dB_part.view({d.b, d.L, G, d.r, kN}).sum(3).view({d.b, d.L, d.X}));
+  // dt_proj: dt_pre = dt_low W^T + b, the bias again inside softplus -> d bias = 2 * sum d(dt_pre).
+  Tensor ddt2 = ddt_pre.view({d.b * d.L, d.D});
+  Tensor ddt_low = ddt2.mm(f32c(dt_proj_weight)).view({d.b, d.L, d.R}).to(dt_low.scalar_type());
+  Tensor ddt_w = ddt2.t().mm(dt_low.reshape({d.b * d.L, d.R}).to(at::kFloat)).to(dt_proj_weight.scalar_type());
+  Tensor ddt_b = (ddt2.sum(0) * 2).to(dt_proj_bias.scalar_type());
+  Tensor dcw = dcw_part.sum(0), dcb = dcb_part.sum(0);
+  if (!repeat) {
+    dcw = dcw.view({G, d.r, kN, d.W}).sum(1).view({d.X, d.W});
+    dcb = dcb.view({G, d.r, kN}).sum(1).view({d.X});
+  }
+  Tensor empty = zxbc.new_empty({0});
+  Tensor dinit_conv = empty;
+  if (init_conv) {
+    const Tensor& ic = *init_conv;
+    Tensor full = at::zeros(ic.sizes(), f32);
+    Tensor tail = full.narrow(2, ic.size(2) - hw, hw);
+    if (ic.size(1) == d.X) {
+      tail.copy_(dic);
+    } else {  // D-channel layout: the kernel read the first copy of each X channel
+      auto src = at::arange(d.X, zxbc.options().dtype(at::kLong));
+      tail.index_copy_(1, (src.div(kN, "floor") * kN * d.r) + src.remainder(kN), dic);
+    }
+    dinit_conv = full.to(ic.scalar_type());
+  }
+  return {dzxbc,
+          ddt_low,
+          dcw.to(conv_weight.scalar_type()),
+          conv_bias ? dcb.to(conv_bias->scalar_type()) : empty,
+          ddt_w,
+          ddt_b,
+          dAlog_part.sum(0).to(A_log.scalar_type()),
+          dD_part.sum(0).to(Dskip.scalar_type()),
+          init_ssm ? dinit_ssm.view(init_ssm->sizes()).to(init_ssm->scalar_type()) : empty,
+          dinit_conv};
+}
+
+}  // namespace
+}  // namespace apriel
+
+TORCH_LIBRARY_FRAGMENT(apriel_C, m) {
+  // Fused mixer scan forward: y, final SSM state (b, D/N, N, N) fp32, final conv state (b, X, W-1),
+  // fp32 state checkpoints (b, ceil(L/32), D, N) for the backward (empty unless save_checkpoints).
+  m.def("mixer_scan_fwd(Tensor zxbc, Tensor dt_low, Tensor conv_weight, Tensor? conv_bias, Tensor dt_proj_weight, "
+        "Tensor dt_proj_bias, Tensor A_log, Tensor D, Tensor? initial_ssm_state, Tensor? initial_conv_state, "
+        "Tensor? seq_idx, int d_inner, int d_xb, int d_state, bool repeat_kv_before_conv, bool save_checkpoints) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Its backward: [dzxbc, ddt_low, dconv_weight, dconv_bias, ddt_proj_weight, ddt_proj_bias, dA_log, dD,
+  // dinitial_ssm_state, dinitial_conv_state] (empty for absent inputs).
+  m.def("mixer_scan_bwd(Tensor zxbc, Tensor dt_low, Tensor conv_weight, Tensor? conv_bias, Tensor dt_proj_weight, "
+        "Tensor dt_proj_bias, Tensor A_log, Tensor D, Tensor? initial_ssm_state, Tensor? initial_conv_state, "
+        "Tensor? seq_idx, int d_inner, int d_xb, int d_state, bool repeat_kv_before_conv, Tensor dy, "
+        "Tensor? dfinal_ssm_state, Tensor? dfinal_conv_state, Tensor? checkpoints) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(apriel_C, CUDA, m) {
+  m.impl("mixer_scan_fwd", &apriel::mixer_scan_fwd_cuda);
+  m.impl("mixer_scan_bwd", &apriel::mixer_scan_bwd_cuda);
+}

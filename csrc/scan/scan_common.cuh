@@ -1,0 +1,195 @@
+// Shared device code of the mixer scan kernels: constants, dtype conversion, the time-tile loader and the
+// per-(channel, token) "prep" math (conv + silu, dt_proj + double bias + softplus).
+//
+// Block = one head (16 channels) of one sequence. A head's channels read the 16 x channels and the 16-wide
+// B slice of their x/B group (repeat by index math) and their own 16-wide C slice. A time tile of kChunk
+// tokens is staged in shared memory as fp32; x carries a 3-token halo for the causal conv.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "scan_params.h"
+
+namespace apriel {
+namespace scan {
+
+constexpr int kN = 16;      // d_state (the kernels are written for the Apriel-H1 value)
+constexpr int kChunk = 32;  // tokens per tile = checkpoint interval
+constexpr int kHalo = 3;    // conv halo rows (width <= 4)
+constexpr int kMaxR = 32;   // dt_rank limit of the smem staging and register prefetch
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ float ex2(float v) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
+__device__ __forceinline__ float sigmoidf_(float v) { return 1.f / (1.f + __expf(-v)); }
+// softplus with the peers' threshold: v for v > 20 else log1p(exp(v)).
+__device__ __forceinline__ float softplusf_(float v) { return v > 20.f ? v : log1pf(__expf(v)); }
+
+// The staged tile (fp32). Rows of x / seq: position t0 - kHalo + i.
+struct Tile {
+  float x[kChunk + kHalo][kN];
+  float B[kChunk][kN];
+  float C[kChunk][kN];
+  float z[kChunk][kN];
+  float dy[kChunk][kN];        // backward only
+  float dt[kChunk][kMaxR + 1]; // +1: the two token rows a warp reads sit in different banks
+  int seq[kChunk + kHalo];
+};
+
+// Global -> registers -> smem staging, so the loads of tile i+1 are in flight while tile i computes.
+template <typename T, int NT, bool kWithDy>
+struct TileRegs {
+  static constexpr int kXN = (kN * (kChunk + kHalo) + NT - 1) / NT;
+  static constexpr int kBCZ = 3 * kN * kChunk / NT;
+  static constexpr int kDT = (kMaxR * kChunk + NT - 1) / NT;
+  static constexpr int kDY = kWithDy ? kN * kChunk / NT : 1;
+  T x[kXN], bcz[kBCZ], dt[kDT], dy[kDY];
+  int seq;
+
+  __device__ __forceinline__ void load(const MixerScanParams& p, int b, int head, int group, int t0) {
+    const int tid = threadIdx.x;
+    const T* zx = reinterpret_cast<const T*>(p.zxbc) + (int64_t)b * p.zxbc_batch_stride;
+    const T zero = from_f<T>(0.f);
+#pragma unroll
+    for (int i = 0; i < kXN; ++i) {
+      const int idx = tid + i * NT;
+      const int pos = t0 - kHalo + idx / kN;
+      x[i] = (idx < kN * (kChunk + kHalo) && pos >= 0 && pos < p.seqlen)
+                 ? zx[pos * p.zxbc_row_stride + p.d_inner + group * kN + idx % kN] : zero;
+    }
+#pragma unroll
+    for (int i = 0; i < kBCZ; ++i) {
+      const int idx = tid + i * NT;
+      const int which = idx / (kN * kChunk);
+      const int rem = idx % (kN * kChunk);
+      const int pos = t0 + rem / kN;
+      // B (group slice), C (head slice), z (head slice) of the in_proj output row.
+      const int col = which == 0 ? p.d_inner + p.d_xb + group * kN
+                    : which == 1 ? p.d_inner + 2 * p.d_xb + head * kN
+                    : head * kN;
+      bcz[i] = pos < p.seqlen ? zx[pos * p.zxbc_row_stride + col + rem % kN] : zero;
+    }
+    const T* dtl = reinterpret_cast<const T*>(p.dt_low) + (int64_t)b * p.dt_batch_stride;
+    const int R = p.dt_rank;
+#pragma unroll
+    for (int i = 0; i < kDT; ++i) {
+      const int idx = tid + i * NT;
+      const int pos = t0 + idx / max(R, 1);
+      dt[i] = (idx < R * kChunk && pos < p.seqlen) ? dtl[pos * p.dt_row_stride + idx % R] : zero;
+    }
+    if (kWithDy) {
+      const T* dyp = reinterpret_cast<const T*>(p.dy) + (int64_t)b * p.seqlen * p.d_inner;
+#pragma unroll
+      for (int i = 0; i < kDY; ++i) {
+        const int idx = tid + i * NT;
+        const int pos = t0 + idx / kN;
+        dy[i] = pos < p.seqlen ? dyp[(int64_t)pos * p.d_inner + head * kN + idx % kN] : zero;
+      }
+    }
+    seq = 0;
+    if (tid < kChunk + kHalo && p.seq_idx != nullptr) {
+      int pos = t0 - kHalo + tid;
+      pos = pos < 0 ? 0 : (pos >= p.seqlen ? p.seqlen - 1 : pos);
+      seq = p.seq_idx[(int64_t)b * p.seqlen + pos];
+    }
+  }
+
+  // Writes the registers into the tile. For the first tile the halo comes from the initial conv state.
+  __device__ __forceinline__ void store(const MixerScanParams& p, Tile& S, int b, int group, int t0) {
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < kXN; ++i) {
+      const int idx = tid + i * NT;
+      if (idx < kN * (kChunk + kHalo)) {
+        float v = to_f(x[i]);
+        const int pos = t0 - kHalo + idx / kN;
+        if (pos < 0) {
+          const int k = (p.width - 1) + pos;  // index into the last width-1 entries of the conv state
+          v = (p.init_conv != nullptr && k >= 0)
+                  ? p.init_conv[((int64_t)b * p.d_xb + group * kN + idx % kN) * (p.width - 1) + k] : 0.f;
+        }
+        S.x[idx / kN][idx % kN] = v;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kBCZ; ++i) {
+      const int idx = tid + i * NT;
+      const int which = idx / (kN * kChunk);
+      const int rem = idx % (kN * kChunk);
+      float* dst = which == 0 ? &S.B[0][0] : which == 1 ? &S.C[0][0] : &S.z[0][0];
+      dst[rem] = to_f(bcz[i]);
+    }
+    const int R = p.dt_rank;
+#pragma unroll
+    for (int i = 0; i < kDT; ++i) {
+      const int idx = tid + i * NT;
+      if (idx < R * kChunk) S.dt[idx / R][idx % R] = to_f(dt[i]);
+    }
+    if (kWithDy) {
+#pragma unroll
+      for (int i = 0; i < kDY; ++i) {
+        const int idx = tid + i * NT;
+        S.dy[idx / kN][idx % kN] = to_f(dy[i]);
+      }
+    }
+    if (tid < kChunk + kHalo) S.seq[tid] = seq;
+  }
+};
+
+// Per-channel constants of the prep phase (a prep thread owns one channel of the head).
+struct PrepConsts {
+  float w[4];
+  float cb, dtb;
+  int wch;  // conv weight channel
+};
+
+__device__ __forceinline__ PrepConsts prep_consts(const MixerScanParams& p, int c, int group, int ch) {
+  PrepConsts k;
+  k.wch = p.repeat_before_conv ? c : group * kN + ch;
+  // Right-align the taps so that tap 3 multiplies the current token for every width.
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int src = i - (4 - p.width);
+    k.w[i] = src >= 0 ? p.conv_w[k.wch * p.width + src] : 0.f;
+  }
+  k.cb = p.conv_b != nullptr ? p.conv_b[k.wch] : 0.f;
+  k.dtb = p.dt_b[c];
+  return k;
+}
+
+// Conv pre-activation of channel ch at tile row t (taps into earlier documents read zero).
+__device__ __forceinline__ float conv_pre(const Tile& S, const PrepConsts& k, int ch, int t) {
+  float acc = k.cb;
+  const int cur = S.seq[t + kHalo];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = t + i;  // position t - 3 + i
+    const float v = S.seq[row] == cur ? S.x[row][ch] : 0.f;
+    acc = fmaf(k.w[i], v, acc);
+  }
+  return acc;
+}
+
+// dt_proj (R-wide dot, the Linear's bias) plus the bias again (delta_bias): the softplus input.
+__device__ __forceinline__ float dt_pre2(const Tile& S, const float (*dtw)[kMaxR + 1], const PrepConsts& k,
+                                         int ch, int t, int R) {
+  float acc = 2.f * k.dtb;
+  for (int i = 0; i < R; ++i) acc = fmaf(dtw[ch][i], S.dt[t][i], acc);
+  return acc;
+}
+
+}  // namespace scan
+}  // namespace apriel

@@ -1,0 +1,59 @@
+// Raw pointers + element strides for the fused Apriel-H1 mixer scan kernels (forward and backward).
+// Filled by scan_api.cpp (torch side); read by the .cu kernels (CUDA headers only).
+#pragma once
+#include <cstdint>
+
+namespace apriel {
+
+struct MixerScanParams {
+  int batch, seqlen, d_inner, d_xb, dt_rank, width;
+  int heads_per_group;     // r = d_inner / d_xb: heads sharing one x / B group
+  int n_chunks;            // ceil(seqlen / kChunk): checkpoint count per sequence
+  bool repeat_before_conv; // conv weights per D channel (true) or per X channel (false)
+
+  // Activations (zxbc's dtype). zxbc / dt_low: unit stride in the last dim, strides in elements.
+  const void* zxbc;
+  int64_t zxbc_batch_stride, zxbc_row_stride;
+  const void* dt_low;
+  int64_t dt_batch_stride, dt_row_stride;
+
+  // Parameters, fp32 contiguous (converted on the host: they are small).
+  const float* conv_w;   // (Cc, width)
+  const float* conv_b;   // (Cc,) or nullptr
+  const float* dt_w;     // (D, R)
+  const float* dt_b;     // (D,)
+  const float* A_log;    // (D, 16)
+  const float* Dskip;    // (D,)
+
+  const float* init_ssm;   // (b, D, 16) or nullptr
+  const float* init_conv;  // (b, X, width-1) compact layout, or nullptr
+  const int* seq_idx;      // (b, L) or nullptr
+
+  // Forward outputs.
+  void* y;                 // (b, L, D) contiguous, zxbc's dtype
+  float* final_ssm;        // (b, D, 16)
+  void* final_conv;        // (b, X, width-1), zxbc's dtype
+  float* ckpt;             // (b, n_chunks, D, 16): state before each chunk, or nullptr
+
+  // Backward inputs / outputs.
+  const void* dy;          // (b, L, D) contiguous, zxbc's dtype
+  const float* dfinal_ssm; // (b, D, 16) or nullptr
+  const float* ckpt_in;    // (b, n_chunks, D, 16)
+  void* dzxbc;             // (b, L, 2D+2X) contiguous: the kernel writes the z and C slices
+  float* dx_part;          // (b, L, D): d(conv input) per head copy (summed over the r copies on the host)
+  float* dB_part;          // (b, L, D/16, 16): dB per head (summed over the r heads of a group on the host)
+  float* ddt_pre;          // (b, L, D): d(dt_proj output)
+  float* dA_log_part;      // (b, D, 16)
+  float* dD_part;          // (b, D)
+  float* dconv_b_part;     // (b, D)
+  float* dconv_w_part;     // (b, D, width)
+  float* dinit_conv_part;  // (b, D, width-1)
+  float* dinit_ssm;        // (b, D, 16)
+};
+
+template <typename T, int K>
+void launch_mixer_scan_fwd(const MixerScanParams& p, void* stream);
+template <typename T, int K>
+void launch_mixer_scan_bwd(const MixerScanParams& p, void* stream);
+
+}  // namespace apriel

@@ -1,0 +1,387 @@
+"""apriel::mixer_scan_fwd / _bwd: the fused mixer core (in_proj output -> y), CPU reference and CUDA kernel.
+
+CPU tests (fast): the public op against a naive float64 token loop, gradcheck, split / packed sequences,
+opcheck, torch.compile(fullgraph=True), argument errors. GPU tests (@gpu): the CUDA kernel against the
+float64 reference for y, final states and every gradient, with the tolerance set by PyTorch's own
+low-precision error (|kernel - ref64| <= 2 |torch_lowprec - ref64| + floor).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from apriel_kernels import mixer_scan, mixer_step
+from apriel_kernels.mixer_scan import mixer_scan_bwd, mixer_scan_fwd
+from apriel_kernels.reference.mixer import mixer_scan_ref
+from conftest import require_cuda_kernel
+
+N = 16
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def make_inputs(batch, seqlen, d_inner, d_xb, *, dtype=torch.float32, device="cpu", repeat=True, dt_rank=8, width=4,
+                initial_states=False, conv_state_channels=None, strided=False, seed=0):
+    """Fresh random mixer inputs (never zeros), realistic scales (dt ~ 1e-3..0.1, A_log ~ log(n+1))."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    width_z = 2 * d_inner + 2 * d_xb
+    zxbc = rnd(batch, seqlen, width_z)
+    conv_ch = d_inner if repeat else d_xb
+    dt = torch.exp(torch.rand(d_inner, generator=g, dtype=torch.float64) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    inv_softplus = dt + torch.log(-torch.expm1(-dt))
+    args = dict(
+        zxbc=zxbc,
+        dt_low=rnd(batch, seqlen, dt_rank) * 0.5,
+        conv_weight=rnd(conv_ch, width) * 0.5,
+        conv_bias=rnd(conv_ch) * 0.2,
+        dt_proj_weight=rnd(d_inner, dt_rank) * dt_rank ** -0.5,
+        dt_proj_bias=inv_softplus / 2,  # applied twice
+        A_log=torch.log(torch.arange(1, N + 1, dtype=torch.float64)).repeat(d_inner, 1) + 0.1 * rnd(d_inner, N),
+        D=rnd(d_inner),
+    )
+    kw = dict(d_inner=d_inner, d_xb=d_xb, d_state=N, repeat_kv_before_conv=repeat)
+    if initial_states:
+        args["initial_ssm_state"] = rnd(batch, d_inner // N, N, N) * 0.5
+        args["initial_conv_state"] = rnd(batch, conv_state_channels or d_xb, width + 1)
+    out = {}
+    for k, v in args.items():
+        if k in ("A_log", "D", "initial_ssm_state"):
+            v = v.float() if dtype != torch.float64 else v
+        else:
+            v = v.to(dtype)
+        out[k] = v.to(device)
+    if strided:  # re-create the strided view in the target dtype / device
+        base = torch.zeros(batch, seqlen, width_z + 24, dtype=dtype, device=device)
+        base[..., 8:8 + width_z] = out["zxbc"]
+        out["zxbc"] = base[..., 8:8 + width_z]
+    return out, kw
+
+
+def packed_seq_idx(batch, seqlen, cuts, device="cpu"):
+    seq = torch.zeros(batch, seqlen, dtype=torch.int32, device=device)
+    for c in cuts:
+        seq[:, c:] += 1
+    return seq
+
+
+def to64(args):
+    return {k: (v.detach().double() if v.is_floating_point() else v) for k, v in args.items()}
+
+
+def naive_mixer(args, kw, seq_idx=None):
+    """Token-by-token float64 loop written from mixer.md section 3 (independent of the chunked reference)."""
+    a = to64(args)
+    D_, X, r = kw["d_inner"], kw["d_xb"], kw["d_inner"] // kw["d_xb"]
+    z, x, B, C = torch.split(a["zxbc"], [D_, X, X, D_], dim=-1)
+    b, L, _ = x.shape
+    c = torch.arange(D_)
+    src = (c // (N * r)) * N + c % N
+    w = a["conv_weight"]
+    W = w.shape[1]
+    h = a.get("initial_ssm_state", torch.zeros(b, D_ // N, N, N, dtype=torch.float64)).reshape(b, D_, N).clone()
+    hist = a["initial_conv_state"][..., -(W - 1):] if "initial_conv_state" in a else torch.zeros(b, X, W - 1, dtype=torch.float64)
+    if hist.shape[1] != X:
+        hist = hist[:, src[: D_]].reshape(b, D_, W - 1)[:, [int(i) for i in ((torch.arange(X) // N) * N * r + torch.arange(X) % N)]]
+    window = [hist[:, :, k] for k in range(W - 1)]  # X-channel pre-conv inputs, oldest first
+    A = -torch.exp(a["A_log"])
+    ys = []
+    for t in range(L):
+        if seq_idx is not None and t > 0 and not torch.equal(seq_idx[:, t], seq_idx[:, t - 1]):
+            reset = (seq_idx[:, t] != seq_idx[:, t - 1]).double().view(b, 1)
+            window = [wv * (1 - reset) for wv in window]
+            h = h * (1 - reset).view(b, 1, 1)
+        window = window + [x[:, t]]
+        taps = torch.stack(window[-W:], dim=-1)  # (b, X, W)
+        if kw["repeat_kv_before_conv"]:
+            pre = (taps[:, src] * w).sum(-1) + a["conv_bias"]
+        else:
+            pre = ((taps * w).sum(-1) + a["conv_bias"])[:, src]
+        u = F.silu(pre)
+        v = a["dt_low"][:, t] @ a["dt_proj_weight"].t() + 2 * a["dt_proj_bias"]
+        delta = torch.where(v > 20, v, torch.log1p(torch.exp(v)))
+        Bt = B[:, t].reshape(b, X // N, N)[:, c // (N * r)]
+        Ct = C[:, t].reshape(b, D_ // N, N)[:, c // N]
+        h = torch.exp(delta[..., None] * A) * h + (delta * u)[..., None] * Bt
+        y = (h * Ct).sum(-1) + a["D"] * u
+        ys.append(y * F.silu(z[:, t]))
+    return torch.stack(ys, 1), h.reshape(b, D_ // N, N, N)
+
+
+# ------------------------------------------------------------------------------------------------ CPU
+@pytest.mark.parametrize("repeat", [True, False], ids=["repeat", "no_repeat"])
+@pytest.mark.parametrize("packed", [False, True], ids=["single", "packed"])
+def test_op_matches_naive_loop(repeat, packed):
+    args, kw = make_inputs(2, 21, 64, 16, dtype=torch.float64, repeat=repeat, initial_states=True)
+    seq = packed_seq_idx(2, 21, [5, 13]) if packed else None
+    y, ssm, _ = mixer_scan(**args, **kw, seq_idx=seq, return_final_states=True)
+    y_ref, h_ref = naive_mixer(args, kw, seq)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ssm, h_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_gradcheck_float64():
+    args, kw = make_inputs(1, 5, 32, 16, dtype=torch.float64, dt_rank=2, width=3, initial_states=True)
+    names = list(args)
+    leaves = [args[k].clone().requires_grad_(True) for k in names]
+
+    def f(*ts):
+        y, ssm, conv = mixer_scan(**dict(zip(names, ts)), **kw, return_final_states=True)
+        return y, ssm, conv
+
+    # fast mode: one random direction per input (the full Jacobian takes minutes on the reference)
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("repeat", [True, False], ids=["repeat", "no_repeat"])
+def test_split_sequence_continuity_cpu(repeat):
+    args, kw = make_inputs(2, 40, 64, 16, repeat=repeat, initial_states=True)
+    y, ssm, conv = mixer_scan(**args, **kw, return_final_states=True)
+    first = {k: (v[:, :17] if k in ("zxbc", "dt_low") else v) for k, v in args.items()}
+    second = {k: (v[:, 17:] if k in ("zxbc", "dt_low") else v) for k, v in args.items() if "initial" not in k}
+    ya, sa, ca = mixer_scan(**first, **kw, return_final_states=True)
+    yb, sb, cb = mixer_scan(**second, **kw, initial_ssm_state=sa, initial_conv_state=ca, return_final_states=True)
+    torch.testing.assert_close(torch.cat([ya, yb], 1), y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sb, ssm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cb, conv)
+
+
+def test_opcheck_cpu():
+    args, kw = make_inputs(2, 9, 32, 16, dt_rank=4, initial_states=True)
+    seq = packed_seq_idx(2, 9, [4])
+    pos = [args["zxbc"], args["dt_low"], args["conv_weight"], args["conv_bias"], args["dt_proj_weight"],
+           args["dt_proj_bias"], args["A_log"], args["D"], args["initial_ssm_state"], args["initial_conv_state"], seq,
+           kw["d_inner"], kw["d_xb"], kw["d_state"], True, True]
+    torch.library.opcheck(mixer_scan_fwd, pos)
+    # The CPU backward op (a torch.func.vjp of the reference) is not opcheck-able: functorch wrappers have no
+    # storage for opcheck's dispatch modes. Its CUDA kernel is opchecked in test_opcheck_cuda.
+
+
+def test_compile_fullgraph_cpu():
+    args, kw = make_inputs(1, 12, 32, 16, dt_rank=4)
+    f = torch.compile(lambda a: mixer_scan(**a, **kw), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(f(args), mixer_scan(**args, **kw))
+
+
+def test_errors_name_the_argument():
+    args, kw = make_inputs(1, 4, 32, 16, dt_rank=4)
+    with pytest.raises(ValueError, match="zxbc"):
+        mixer_scan(**{**args, "zxbc": args["zxbc"][..., :-1]}, **kw)
+    with pytest.raises(TypeError, match="dt_low"):
+        mixer_scan(**{**args, "dt_low": args["dt_low"].double()}, **kw)
+    with pytest.raises(ValueError, match="A_log"):
+        mixer_scan(**{**args, "A_log": args["A_log"][:, :8]}, **kw)
+    with pytest.raises(ValueError, match="d_inner"):
+        mixer_scan(**args, d_inner=40, d_xb=16, d_state=N)
+    with pytest.raises(ValueError, match="initial_conv_state"):
+        mixer_scan(**args, **kw, initial_conv_state=torch.randn(1, 7, 3))
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+gpu = pytest.mark.gpu
+needs_kernel = require_cuda_kernel("mixer_scan_fwd")
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+DT_IDS = ["bf16", "fp16", "fp32"]
+
+
+def poison_allocator(nbytes=256 << 20):
+    """Fill the caching allocator's free blocks with NaN so an output the kernel forgets to write is NaN."""
+    t = torch.full((nbytes // 4,), float("nan"), device="cuda")
+    del t
+
+
+def err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def check(name, out, ref64, ref_lp, k=2.0, floor=1e-5):
+    """|out - ref64| <= k |ref_lp - ref64| + floor * max|ref64|  (PyTorch's own low-precision error as scale)."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} vs {tuple(ref64.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten output?)"
+    scale = ref64.abs().max().item() + 1e-30
+    e, e_lp = err(out, ref64), err(ref_lp, ref64)
+    assert e <= k * e_lp + floor * scale, f"{name}: err {e:.3e} > {k} x torch low-prec err {e_lp:.3e} + {floor:.0e} x {scale:.3e}"
+
+
+FWD_CASES = [
+    # (batch, seqlen, d_inner, d_xb, repeat, extras)
+    (1, 1, 64, 16, True, ""),
+    (3, 2, 64, 16, False, "init"),
+    (1, 3, 256, 64, True, "init_D"),
+    (2, 63, 256, 64, True, "strided"),
+    (3, 65, 64, 16, False, "packed"),
+    (1, 2049, 256, 64, True, "init"),
+    (8, 4097, 64, 16, True, "packed"),
+    (1, 32768, 64, 16, True, ""),
+    (2, 300, 4096, 1024, True, "init"),
+]
+
+
+def _case_inputs(case, dtype):
+    b, L, D_, X, repeat, extra = case
+    args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", repeat=repeat, dt_rank=16 if D_ > 256 else 8,
+                           initial_states="init" in extra, conv_state_channels=D_ if extra == "init_D" else None,
+                           strided=extra == "strided")
+    seq = packed_seq_idx(b, L, [L // 3, L // 3 + 1, (2 * L) // 3], "cuda") if extra == "packed" else None
+    return args, kw, seq
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", FWD_CASES, ids=lambda c: f"b{c[0]}-L{c[1]}-D{c[2]}-X{c[3]}-{'rep' if c[4] else 'norep'}-{c[5] or 'plain'}")
+def test_forward_parity(case, dtype):
+    args, kw, seq = _case_inputs(case, dtype)
+    poison_allocator()
+    y, ssm, conv = mixer_scan(**args, **kw, seq_idx=seq, return_final_states=True)
+    ref64 = mixer_scan_ref(**to64(args), **kw, seq_idx=seq, return_final_states=True)
+    ref_lp = mixer_scan_ref(**args, **kw, seq_idx=seq, return_final_states=True)
+    for name, o, r64, rlp in zip(("y", "final_ssm", "final_conv"), (y, ssm, conv), ref64, ref_lp):
+        check(name, o, r64, rlp, floor=2e-5 if dtype == torch.float32 else 1e-3)
+    assert conv.dtype == dtype and ssm.dtype == torch.float32 and y.dtype == dtype
+
+
+GRAD_CASES = [
+    (1, 1, 64, 16, True, "init"),
+    (2, 33, 64, 16, False, "init"),
+    (3, 65, 256, 64, True, "init_D"),
+    (2, 97, 64, 16, True, "packed"),
+    (1, 130, 256, 64, False, "strided"),
+    (1, 2049, 64, 16, True, "init"),
+]
+
+
+def _grads(args, kw, seq, weights):
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in args.items()}
+    y, ssm, conv = mixer_scan(**leaves, **kw, seq_idx=seq, return_final_states=True)
+    loss = (y.double() * weights[0]).sum() + (ssm.double() * weights[1]).sum() + (conv.double() * weights[2]).sum()
+    loss.backward()
+    return {k: v.grad for k, v in leaves.items()}
+
+
+def _ref_grads(args, kw, seq, weights):
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in args.items()}
+    y, ssm, conv = mixer_scan_ref(**leaves, **kw, seq_idx=seq, return_final_states=True)
+    loss = (y.double() * weights[0]).sum() + (ssm.double() * weights[1]).sum() + (conv.double() * weights[2]).sum()
+    loss.backward()
+    return {k: v.grad for k, v in leaves.items()}
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: f"b{c[0]}-L{c[1]}-D{c[2]}-X{c[3]}-{'rep' if c[4] else 'norep'}-{c[5] or 'plain'}")
+def test_gradient_parity(case, dtype):
+    args, kw, seq = _case_inputs(case, dtype)
+    b, L, D_, X = case[:4]
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    weights = (torch.randn(b, L, D_, device="cuda", generator=gen, dtype=torch.float64),
+               torch.randn(b, D_ // N, N, N, device="cuda", generator=gen, dtype=torch.float64),
+               torch.randn(b, X, args["conv_weight"].shape[1] - 1, device="cuda", generator=gen, dtype=torch.float64))
+    # the dy the kernel sees is rounded to the activation dtype, as in training
+    weights = (weights[0].to(dtype).double(), weights[1], weights[2].to(dtype).double())
+    poison_allocator()
+    got = _grads(args, kw, seq, weights)
+    ref64 = _ref_grads(to64(args), kw, seq, weights)
+    ref_lp = _ref_grads(args, kw, seq, weights)
+    for name in args:
+        check(f"d{name}", got[name], ref64[name], ref_lp[name], k=3.0, floor=5e-5 if dtype == torch.float32 else 2e-3)
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("repeat", [True, False], ids=["repeat", "no_repeat"])
+def test_continuity_split_and_step(repeat):
+    args, kw = make_inputs(2, 100, 256, 64, dtype=torch.float32, device="cuda", repeat=repeat, initial_states=True)
+    y, ssm, conv = mixer_scan(**args, **kw, return_final_states=True)
+    first = {k: (v[:, :70] if k in ("zxbc", "dt_low") else v) for k, v in args.items()}
+    ya, sa, ca = mixer_scan(**first, **kw, return_final_states=True)
+    rest = {k: v for k, v in args.items() if "initial" not in k}
+    yb, sb, cb = mixer_scan(**{k: (v[:, 70:] if k in ("zxbc", "dt_low") else v) for k, v in rest.items()}, **kw,
+                            initial_ssm_state=sa, initial_conv_state=ca, return_final_states=True)
+    torch.testing.assert_close(torch.cat([ya, yb], 1), y, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sb, ssm, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cb, conv)
+    # prefill 70 tokens, then 30 decode steps through mixer_step (whatever it dispatches to)
+    conv_state, ssm_state = ca.clone(), sa.clone()
+    params = {k: v for k, v in rest.items() if k not in ("zxbc", "dt_low")}
+    steps = []
+    for t in range(70, 100):
+        steps.append(mixer_step(args["zxbc"][:, t], args["dt_low"][:, t], conv_state, ssm_state, None, **params, **kw))
+    torch.testing.assert_close(torch.stack(steps, 1), y[:, 70:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ssm_state, ssm, rtol=1e-4, atol=1e-4)
+
+
+@gpu
+@needs_kernel
+def test_packed_equals_separate():
+    args, kw = make_inputs(1, 200, 256, 64, dtype=torch.bfloat16, device="cuda", dt_rank=16)
+    cuts = [0, 37, 38, 120, 200]
+    seq = packed_seq_idx(1, 200, cuts[1:-1], "cuda")
+    y, ssm, conv = mixer_scan(**args, **kw, seq_idx=seq, return_final_states=True)
+    for a, b_ in zip(cuts[:-1], cuts[1:]):
+        part = {k: (v[:, a:b_] if k in ("zxbc", "dt_low") else v) for k, v in args.items()}
+        yp, sp, cp = mixer_scan(**part, **kw, return_final_states=True)
+        torch.testing.assert_close(y[:, a:b_], yp, rtol=0, atol=0)
+    torch.testing.assert_close(ssm, sp, rtol=0, atol=0)
+    torch.testing.assert_close(conv, cp, rtol=0, atol=0)
+
+
+@gpu
+@needs_kernel
+def test_deterministic_bitwise():
+    args, kw = make_inputs(2, 777, 256, 64, dtype=torch.bfloat16, device="cuda", dt_rank=16, initial_states=True)
+    seq = packed_seq_idx(2, 777, [300], "cuda")
+    weights = (torch.randn(2, 777, 256, device="cuda", dtype=torch.float64), torch.randn(2, 16, N, N, device="cuda",
+               dtype=torch.float64), torch.randn(2, 64, 3, device="cuda", dtype=torch.float64))
+    runs = [_grads(args, kw, seq, weights) for _ in range(2)]
+    for name in args:
+        assert torch.equal(runs[0][name], runs[1][name]), f"d{name} differs between runs"
+
+
+@gpu
+@needs_kernel
+def test_opcheck_cuda():
+    args, kw = make_inputs(2, 40, 64, 16, dtype=torch.bfloat16, device="cuda", initial_states=True)
+    seq = packed_seq_idx(2, 40, [11], "cuda")
+    pos = [args["zxbc"], args["dt_low"], args["conv_weight"], args["conv_bias"], args["dt_proj_weight"],
+           args["dt_proj_bias"], args["A_log"], args["D"], args["initial_ssm_state"], args["initial_conv_state"], seq,
+           kw["d_inner"], kw["d_xb"], kw["d_state"], True, True]
+    torch.library.opcheck(mixer_scan_fwd, pos, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    dy = torch.randn(2, 40, 64, device="cuda", dtype=torch.bfloat16)
+    torch.library.opcheck(mixer_scan_bwd, pos[:15] + [dy, None, None, None], test_utils=("test_schema", "test_faketensor"))
+
+
+@gpu
+@needs_kernel
+def test_compile_and_cuda_graph():
+    args, kw = make_inputs(2, 129, 256, 64, dtype=torch.bfloat16, device="cuda", dt_rank=16)
+    eager = mixer_scan(**args, **kw)
+    compiled = torch.compile(lambda a: mixer_scan(**a, **kw), fullgraph=True)
+    torch.testing.assert_close(compiled(args), eager, rtol=0, atol=0)
+    static = {k: v.clone() for k, v in args.items()}
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        mixer_scan(**static, **kw)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mixer_scan(**static, **kw)
+    fresh, _ = make_inputs(2, 129, 256, 64, dtype=torch.bfloat16, device="cuda", dt_rank=16, seed=5)
+    static["zxbc"].copy_(fresh["zxbc"])
+    graph.replay()
+    torch.testing.assert_close(out, mixer_scan(**{**args, "zxbc": fresh["zxbc"]}, **kw), rtol=0, atol=0)
+
+
+@gpu
+@needs_kernel
+def test_cuda_rejects_unsupported_d_state():
+    zxbc = torch.randn(1, 4, 2 * 64 + 2 * 32, device="cuda")
+    with pytest.raises(RuntimeError, match="d_state"):
+        torch.ops.apriel_C.mixer_scan_fwd(zxbc, torch.randn(1, 4, 4, device="cuda"), torch.randn(64, 4, device="cuda"),
+                                          None, torch.randn(64, 4, device="cuda"), torch.randn(64, device="cuda"),
+                                          torch.randn(64, 8, device="cuda"), torch.randn(64, device="cuda"), None, None,
+                                          None, 64, 32, 8, True, False)
