@@ -7,7 +7,7 @@ Two sources of rows:
    hidden 5120, MLP 14336, vocab 131072; random bf16 weights allocated on the GPU) built from the mixers
    suite's layers + RMSNorm + SwiGLU MLP + lm_head. Every layer's weights are distinct tensors, so a
    decode step reads all of them from HBM like a real model. Left out: embedding lookup, RoPE, sampling
-   (small elementwise work). Layouts: "transformer" (50 t), "H1-30" (30 m2 + 20 t), "H1-40" (40 m2 + 10 t);
+   (small elementwise work). Layouts: "all-attention" (50 t), "H1-30" (30 m2 + 20 t), "H1-40" (40 m2 + 10 t);
    the positions of the mixers do not change the time, only their count. Measured:
    - prefill/TTFT at batch 1 over prompt lengths (one forward over the prompt, logits of the last token);
    - decode tokens/s (one token per sequence per step, whole step CUDA-graph replayed) vs batch at 16k
@@ -53,7 +53,7 @@ class ModelShape:
     def layouts(self) -> dict[str, list[str]]:
         """transformer and the Apriel-H1 mixer counts (30 and 40 of 50), scaled when n_layers is reduced."""
         n = self.n_layers
-        out = {"transformer": ["t"] * n}
+        out = {"all-attention": ["t"] * n}
         for name, m in (("H1-30", 30), ("H1-40", 40)):
             k = round(m * n / 50)
             out[name] = spread(n, k)
@@ -318,11 +318,11 @@ def run(quick: bool = False, ceilings=None, layers: int | None = None, engine: b
 def ratio_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Hybrid over transformer decode tokens/s at the same (batch, context), and at each one's max batch."""
     dec = [r for r in rows if r.get("op") == "model_decode" and r.get("status") == "ok" and r.get("tokens_per_s")]
-    base = {(r["batch"], r["seqlen"]): r for r in dec if r.get("layout") == "transformer"}
-    base_max = next((r for r in dec if r.get("layout") == "transformer" and r.get("at_max_batch")), None)
+    base = {(r["batch"], r["seqlen"]): r for r in dec if r.get("layout") == "all-attention"}
+    base_max = next((r for r in dec if r.get("layout") == "all-attention" and r.get("at_max_batch")), None)
     out = []
     for r in dec:
-        if r.get("layout") == "transformer":
+        if r.get("layout") == "all-attention":
             continue
         ref = base.get((r["batch"], r["seqlen"]))
         if ref:

@@ -125,7 +125,7 @@ def _synthetic_run():
         rows += _mixer_rows({1024: 1.0, 4096: 5.0, 16384: 40.0}, {1024: 2.0, 4096: 6.0, 16384: 20.0}, phase=phase, batch=b)
     rows.append(R.make_row("kernels", "mixer_scan_fwd", "apriel", stats={"p20": 0.1, "p50": 0.2, "p80": 0.3},
                            shape="b1 L8192", pct_of_floor=70.0))
-    for layout, tps in (("transformer", 100.0), ("H1-30", 230.0)):
+    for layout, tps in (("all-attention", 100.0), ("H1-30", 230.0)):
         for b in (1, 16):
             rows.append(R.make_row("e2e", "model_decode", "bench-stack", stats={"p20": 1, "p50": 1, "p80": 1}, layout=layout,
                                    phase="decode", batch=b, seqlen=16384, tokens_per_s=tps * b))
@@ -209,14 +209,14 @@ def test_e2e_stack_code_on_a_tiny_model(cpu_suite, monkeypatch):
     layouts = TINY_MODEL.layouts()
     assert [layouts["H1-30"].count("m2"), layouts["H1-40"].count("m2")] == [2, 3]
     mem = {r["layout"]: r for r in rows if r["op"] == "memory_per_sequence"}
-    assert mem["transformer"]["mib_per_seq"] > mem["H1-30"]["mib_per_seq"] > mem["H1-40"]["mib_per_seq"]
-    assert mem["H1-40"]["max_batch"] > mem["transformer"]["max_batch"] >= 1
+    assert mem["all-attention"]["mib_per_seq"] > mem["H1-30"]["mib_per_seq"] > mem["H1-40"]["mib_per_seq"]
+    assert mem["H1-40"]["max_batch"] > mem["all-attention"]["max_batch"] >= 1
     decode = [r for r in rows if r["op"] == "model_decode"]
-    assert {r["layout"] for r in decode} == {"transformer", "H1-30", "H1-40"}
+    assert {r["layout"] for r in decode} == {"all-attention", "H1-30", "H1-40"}
     assert all(r["tokens_per_s"] > 0 and r["pct_of_floor"] > 0 for r in decode)
     assert any(r.get("at_max_batch") for r in decode)
     assert any(r["op"] == "decode_speedup" for r in rows)
-    assert {r["layout"] for r in rows if r["op"] == "model_prefill"} == {"transformer", "H1-30", "H1-40"}
+    assert {r["layout"] for r in rows if r["op"] == "model_prefill"} == {"all-attention", "H1-30", "H1-40"}
 
 
 def test_e2e_engine_rows_not_available_without_the_script(monkeypatch, tmp_path):
@@ -271,7 +271,7 @@ def test_cli_rejects_bad_arguments():
 
 def test_layouts_scale_with_layer_count():
     full = e2e.APRIEL_15B_MODEL.layouts()
-    assert [full[k].count("m2") for k in ("transformer", "H1-30", "H1-40")] == [0, 30, 40]
+    assert [full[k].count("m2") for k in ("all-attention", "H1-30", "H1-40")] == [0, 30, 40]
     ten = dataclasses.replace(e2e.APRIEL_15B_MODEL, n_layers=10).layouts()
     assert [ten[k].count("m2") for k in ("H1-30", "H1-40")] == [6, 8]
 
