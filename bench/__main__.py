@@ -51,6 +51,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--e2e-layers", type=int, default=None, help="e2e: layers of the preset (default: all 50)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--in-process", action="store_true", help="no child process per unit (debugging, nsys)")
+    p.add_argument("--skip", default="", help="comma-separated units to leave out, e.g. kernels:scan,e2e:engine,mixers")
     p.add_argument("--budget-s", type=float, default=None,
                    help="soft time budget of a suite: later measurements become 'skipped' rows")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -183,7 +184,8 @@ def _units(suites: list[str], args: argparse.Namespace) -> list[tuple[str, str |
             units += [("e2e", part) for part in PARTS if not args.only or args.only not in PARTS or args.only == part]
         else:
             units.append((name, None))
-    return units
+    skip = {u.strip() for u in (getattr(args, "skip", "") or "").split(",") if u.strip()}
+    return [(s, p) for s, p in units if s not in skip and f"{s}:{p}" not in skip]
 
 
 def _run_unit(suite: str, part: str | None, args: argparse.Namespace, tmp: Path, ceil_file: Path) -> list[dict[str, Any]]:

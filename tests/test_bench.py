@@ -302,3 +302,5 @@ def test_units_run_in_child_processes_and_failures_become_rows(tmp_path, monkeyp
     assert [u for u in cli._units(["kernels", "mixers"], argparse.Namespace(only="step"))] == [
         ("ceilings", None), ("kernels", "step"), ("mixers", None)]
     assert cli._units(["e2e"], argparse.Namespace(only=None)) == [("ceilings", None), ("e2e", "stack"), ("e2e", "engine")]
+    assert cli._units(["kernels", "e2e"], argparse.Namespace(only=None, skip="kernels,e2e:engine")) == [
+        ("ceilings", None), ("e2e", "stack")]
