@@ -285,12 +285,14 @@ def peak_bytes_estimate(s: LayerShape, layer: str, phase: str, b: int, L: int, s
 
 
 def contexts(quick: bool, phase: str, batch: int) -> list[int]:
+    """1k..128k; decode also at 256 and 512 (cheap, and at batch 16 the decode crossover is near 1k)."""
     top = 1 << 17  # 128k
     if phase == "prefill" and batch > 1:
         top = 1 << 14 if quick else 1 << 15  # attention prefill time grows with b * L^2: keep the suite short
     if quick and phase == "prefill":
         top = min(top, 1 << 16)
-    return [1 << k for k in range(10, 18) if (1 << k) <= top]
+    low = 8 if phase == "decode" else 10
+    return [1 << k for k in range(low, 18) if (1 << k) <= top]
 
 
 def _fits(nbytes: int) -> bool:
