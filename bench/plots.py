@@ -157,7 +157,8 @@ def roofline(rows, out: Path, plt) -> Path | None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=name,
                     ls="-" if "prefill" in name else "--")
         ax.set_xscale("log", base=2)
-        ax.set(xlabel="context length (tokens)", ylabel="% of floor", title="layers (mixers suite)", ylim=(0, 105))
+        ax.set(xlabel="context length (tokens)", ylabel="% of floor", title="layers (mixers suite)")
+        ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
     fig.suptitle("roofline: time at the measured ceilings / measured time\n" + _title(rows), fontsize=9)
@@ -199,7 +200,7 @@ def e2e(rows, out: Path, plt) -> Path | None:
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle("whole model, transformer vs hybrid layouts\n" + _title(rows), fontsize=9)
+    fig.suptitle("whole model, all-attention vs hybrid layouts\n" + _title(rows), fontsize=9)
     fig.tight_layout()
     path = out / "e2e.png"
     fig.savefig(path, dpi=110)
