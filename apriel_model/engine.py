@@ -1,6 +1,7 @@
 """Inference engine for hybrids: chunked prefill, batched decode (CUDA graphs on GPU), streaming.
 
-    engine = Engine(model, max_batch=8, max_seqlen=4096, prefill_chunk=1024, cuda_graphs=None)
+    engine = Engine(model, max_batch=8, max_seqlen=4096, prefill_chunk=1024, cuda_graphs=None,
+                    decode_splits="auto")
     engine.prefill(slot, token_ids) -> logits (V,) of the last prompt token
     engine.decode(tokens (b,)) -> logits (b, V)          rows 0..b-1 = slots 0..b-1, one token each
     engine.stream(prompts: list[list[int]], params, tokenizer=None) -> iterator of TokenEvent
@@ -12,7 +13,8 @@ any length costs the same memory). Decode advances every active slot by one toke
 and the fused mixer step op, in place. On CUDA the whole decode step (embedding to logits) is captured once
 per batch bucket (1, 2, 4, 8, ... up to max_batch) in a CUDA graph and replayed; rows beyond the live batch
 run on spare slots whose results are discarded. Prompts of different lengths decode together: each row
-attends to its own valid keys and positions.
+attends to its own valid keys and positions. decode_splits: split-K decode attention chunks ("auto": enough
+thread blocks to fill the GPU, see attention.py; 0: one SDPA call).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .attention import decode_attention, pick_splits
 from .cache import HybridCache
 from .sampling import SamplingParams, sample
 
@@ -91,7 +94,8 @@ class Engine:
     """Owns a HybridCache for `model` and runs prefill / decode / generation over it."""
 
     def __init__(self, model, max_batch: int = 8, max_seqlen: int = 4096, prefill_chunk: int = 1024,
-                 cuda_graphs: bool | None = None, ssm_dtype: torch.dtype | None = None):
+                 cuda_graphs: bool | None = None, ssm_dtype: torch.dtype | None = None,
+                 decode_splits: int | str = "auto"):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk: expected >= 1, got {prefill_chunk}")
         self.model = model.eval()
@@ -107,6 +111,10 @@ class Engine:
         if self.use_graphs and (self.config.rope_settings or {}).get("rope_type") == "dynamic":
             raise ValueError("cuda_graphs: dynamic NTK rope picks its table from the positions on the host; "
                              "use cuda_graphs=False")
+        self.decode_splits = decode_splits
+        self.notes: list[str] = []
+        if decode_splits == "auto" and self.device.type == "cuda":
+            self._probe_split_attention()
         self._graphs: dict[int, _DecodeGraph] = {}
         self._pool = None
 
@@ -133,8 +141,35 @@ class Engine:
             logits = self.model(chunk, past_key_values=self.cache, slot_idx=slot_idx, logits_to_keep=1).logits
         return logits[0, -1]
 
+    def splits_for(self, batch: int) -> int:
+        """Split-K chunks of decode attention for a batch (0 on CPU or when disabled)."""
+        if self.decode_splits == "auto":
+            if self.device.type != "cuda":
+                return 0
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            return pick_splits(batch, self.config.num_key_value_heads, self.cache.max_seqlen, sms)
+        return int(self.decode_splits or 0)
+
+    def _probe_split_attention(self) -> None:
+        """Check the split-K path (a private aten op) against SDPA once; fall back to SDPA if it fails."""
+        try:
+            g = torch.Generator(device=self.device).manual_seed(0)
+            q = torch.randn(2, 2, 4, 64, device=self.device, dtype=self.dtype, generator=g)
+            kv = torch.randn(2, 2, 1024, 64, device=self.device, dtype=self.dtype, generator=g)
+            valid = torch.arange(1024, device=self.device)[None] < torch.tensor([[700], [100]], device=self.device)
+            a = decode_attention(q, kv, kv, valid, 0.125, splits=4)
+            b = decode_attention(q, kv, kv, valid, 0.125, splits=0)
+            err = (a.float() - b.float()).abs().max().item()
+            if not err < 2e-2:
+                raise RuntimeError(f"split-K differs from SDPA by {err}")
+        except Exception as e:  # noqa: BLE001  (any failure: the plain SDPA path still works)
+            self.decode_splits = 0
+            self.notes.append(f"split-K decode attention disabled: {type(e).__name__}: {str(e)[:200]}")
+
     def _decode_eager(self, tokens: torch.Tensor, static_kv: bool) -> torch.Tensor:
-        return self.model(tokens, past_key_values=self.cache, logits_to_keep=1, static_kv=static_kv).logits[:, -1]
+        splits = self.splits_for(tokens.shape[0])
+        return self.model(tokens, past_key_values=self.cache, logits_to_keep=1, static_kv=static_kv,
+                          decode_splits=splits).logits[:, -1]
 
     def capture(self, buckets: list[int] | None = None) -> None:
         """Capture the decode step for the given batch buckets (default: all). Needs empty slots: do it

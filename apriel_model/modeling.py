@@ -32,6 +32,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import apriel_kernels
 
+from .attention import decode_attention
 from .cache import HybridCache
 from .configuration import AprielHConfig, AprielHybridConfig, AprielHybridSSMConfig
 from .rope import RotaryEmbedding, apply_rotary
@@ -87,7 +88,8 @@ class StepContext:
     cos/sin: (b, L, head_dim). attn_mask: None (plain causal) or bool (b, 1, L, Lk), True = attend.
     seq_idx: (b, L) int32 for mixers or None. cache: HybridCache or None; slots (b,) int64 and
     rows_are_slots (row i uses slot i: caches are sliced, never gathered); write_idx (b, L) int64 cache
-    positions of the new tokens; kv_len: keys attended in the cache.
+    positions of the new tokens; kv_len: keys attended in the cache; decode_splits: split-K chunks of
+    decode attention (attention.decode_attention; 0 = one SDPA call).
     """
 
     cos: torch.Tensor
@@ -99,6 +101,7 @@ class StepContext:
     rows_are_slots: bool = True
     write_idx: torch.Tensor | None = None
     kv_len: int = 0
+    decode_splits: int = 0
 
     def cache_rows(self, t: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         """The batch's rows of a slot-major cache tensor (a view when rows are slots 0..b-1)."""
@@ -147,7 +150,7 @@ class Attention(nn.Module):
             # cached K/V once with no GQA repeat; the mask (b, 1, 1, Lk) broadcasts over heads and group.
             group = self.num_heads // self.num_kv_heads
             qg = q.view(b, self.num_kv_heads, group, d)
-            out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=ctx.attn_mask, scale=self.scale)
+            out = decode_attention(qg, keys, values, ctx.attn_mask[:, 0, 0], self.scale, ctx.decode_splits)
             return out.reshape(b, self.num_heads, 1, d)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.attn_mask, scale=self.scale,
                                               enable_gqa=True)
@@ -341,7 +344,8 @@ class AprielHybridModel(AprielHybridPreTrainedModel):
             mask = (allowed | torch.eye(L, dtype=torch.bool, device=dev)).unsqueeze(1)
         return StepContext(cos=cos, sin=sin, attn_mask=mask, seq_idx=seq_idx)
 
-    def _cache_context(self, x, cache: HybridCache, attention_mask, position_ids, slot_idx, static_kv) -> StepContext:
+    def _cache_context(self, x, cache: HybridCache, attention_mask, position_ids, slot_idx, static_kv,
+                       decode_splits) -> StepContext:
         b, L, _ = x.shape
         dev = x.device
         rows_are_slots = slot_idx is None
@@ -366,10 +370,12 @@ class AprielHybridModel(AprielHybridPreTrainedModel):
             allowed = allowed & (j[None, None, :] > write_idx[:, :, None] - self.config.sliding_window)
         allowed = allowed | (j[None, None, :] == write_idx[:, :, None])  # pad queries must see something
         return StepContext(cos=cos, sin=sin, attn_mask=allowed.unsqueeze(1), seq_idx=seq_idx, cache=cache,
-                           slots=slots, rows_are_slots=rows_are_slots, write_idx=write_idx, kv_len=kv_len)
+                           slots=slots, rows_are_slots=rows_are_slots, write_idx=write_idx, kv_len=kv_len,
+                           decode_splits=decode_splits)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, seq_idx=None, inputs_embeds=None,
-                past_key_values: HybridCache | None = None, slot_idx=None, static_kv: bool = False):
+                past_key_values: HybridCache | None = None, slot_idx=None, static_kv: bool = False,
+                decode_splits: int = 0):
         """Returns the final hidden states (b, L, H). See AprielHybridForCausalLM.forward."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids, inputs_embeds: expected exactly one of them")
@@ -389,7 +395,8 @@ class AprielHybridModel(AprielHybridPreTrainedModel):
                 attention_mask = attention_mask[:, -x.shape[1]:]
             ctx = self._full_context(x, attention_mask, position_ids, seq_idx)
         else:
-            ctx = self._cache_context(x, past_key_values, attention_mask, position_ids, slot_idx, static_kv)
+            ctx = self._cache_context(x, past_key_values, attention_mask, position_ids, slot_idx, static_kv,
+                                      decode_splits)
         for layer in self.layers:
             x = layer(x, ctx)
         return self.norm(x)
@@ -425,16 +432,17 @@ class AprielHybridForCausalLM(AprielHybridPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, seq_idx=None, labels=None,
                 past_key_values=None, inputs_embeds=None, use_cache=None, slot_idx=None, logits_to_keep: int = 0,
-                static_kv: bool = False, **kwargs) -> CausalLMOutputWithPast:
+                static_kv: bool = False, decode_splits: int = 0, **kwargs) -> CausalLMOutputWithPast:
         """input_ids: (b, L) int64; attention_mask: (b, L) or (b, past + L) 0/1 (left padding);
         position_ids: (b, L); seq_idx: (b, L) int32 packed-document ids (non-decreasing per row, cache-free
         forward only); labels: (b, L) with -100 = ignored (shifted inside: token t predicts t+1);
         past_key_values: a HybridCache (rows use slots slot_idx (b,), default 0..b-1); logits_to_keep: k > 0
-        computes logits for the last k positions only. Returns CausalLMOutputWithPast (logits (b, L|k, V))."""
+        computes logits for the last k positions only; static_kv: attend over the whole cache capacity with no
+        host synchronisation (CUDA-graph capture); decode_splits: split-K decode attention. Returns CausalLMOutputWithPast (logits (b, L|k, V))."""
         cache = past_key_values if isinstance(past_key_values, HybridCache) else None
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             seq_idx=seq_idx, inputs_embeds=inputs_embeds, past_key_values=cache, slot_idx=slot_idx,
-                            static_kv=static_kv)
+                            static_kv=static_kv, decode_splits=decode_splits)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)

@@ -85,7 +85,7 @@ def measure_layout(args, layout: str, device: torch.device) -> dict:
     t0 = time.time()
     model = build_model(args.preset, layout, args.layers, device)
     cfg = model.config
-    max_seqlen = -(-(args.context + args.steps + 8) // 64) * 64
+    max_seqlen = -(-(args.context + args.steps + 8) // 256) * 256  # 256-multiple: split-K chunks up to 8
     wbytes = weight_bytes_per_step(model)
     # per-sequence cache bytes at capacity (what must fit) and per step at `context` (what is read)
     n_attn, n_mix = cfg.layout_counts["t"], cfg.layout_counts["m2"]
@@ -107,7 +107,8 @@ def measure_layout(args, layout: str, device: torch.device) -> dict:
     engine = None
     while engine is None:
         try:
-            engine = Engine(model, max_batch=batch, max_seqlen=max_seqlen, cuda_graphs=graphs)
+            engine = Engine(model, max_batch=batch, max_seqlen=max_seqlen, cuda_graphs=graphs,
+                            decode_splits=args.decode_splits)
         except torch.OutOfMemoryError:
             batch = int(batch * 0.9)
             gc.collect()
@@ -159,6 +160,7 @@ def measure_layout(args, layout: str, device: torch.device) -> dict:
         "floor_ms": floor_ms, "pct_of_floor": 100.0 * floor_ms / stats["p50"],
         "gb_per_s": bytes_step / (stats["p50"] * 1e-3) / 1e9,
         "cuda_graph": bool(engine.use_graphs), "steps": args.steps,
+        "decode_splits": engine.splits_for(batch), "engine_notes": "; ".join(engine.notes),
         "mem_total_gb": total / 1e9, "mem_peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0,
         "setup_s": time.time() - t0, "note": note or ("logits not finite" if not ok else ""),
     }
@@ -181,8 +183,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch", type=int, default=0)
     p.add_argument("--device", default="cuda")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--decode-splits", default="auto", help="split-K decode attention: auto or an int (0 = off)")
     p.add_argument("--quick", action="store_true", help="10 layers, 4k context, 8 steps")
     args = p.parse_args(argv)
+    if args.decode_splits != "auto":
+        args.decode_splits = int(args.decode_splits)
     from apriel_model.presets import PRESETS
 
     if args.quick:

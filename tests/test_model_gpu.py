@@ -72,3 +72,32 @@ def test_cuda_graph_decode_equals_eager(dtype):
         a = Engine(model, max_batch=4, max_seqlen=64, cuda_graphs=True).generate(prompts, params)
         b = Engine(model, max_batch=4, max_seqlen=64, cuda_graphs=False).generate(prompts, params)
         assert [x.token_ids for x in a] == [x.token_ids for x in b]
+
+
+def test_split_k_decode_attention_equals_single_sdpa():
+    from apriel_model.attention import decode_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(3, 2, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(3, 2, 2048, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(3, 2, 2048, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    lengths = torch.tensor([[2048], [700], [1]], device="cuda")
+    valid = torch.arange(2048, device="cuda")[None] < lengths
+    ref = decode_attention(q.double(), k.double(), v.double(), valid, 0.125, splits=0)
+    out = decode_attention(q, k, v, valid, 0.125, splits=8)
+    low = decode_attention(q, k, v, valid, 0.125, splits=0)
+    assert (out.double() - ref).abs().max() <= 2 * (low.double() - ref).abs().max() + 1e-2
+
+
+def test_engine_split_decode_equals_plain_decode():
+    model = make_model(torch.float32)
+    prompts = [torch.randint(0, 128, (n,)).tolist() for n in (30, 5)]
+    split = Engine(model, max_batch=2, max_seqlen=64, cuda_graphs=True, decode_splits=4)
+    plain = Engine(model, max_batch=2, max_seqlen=64, cuda_graphs=True, decode_splits=0)
+    for e in (split, plain):
+        last = torch.stack([e.prefill(i, p) for i, p in enumerate(prompts)])
+    tokens = last.argmax(-1)
+    for _ in range(4):
+        a, b = split.decode(tokens), plain.decode(tokens)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+        tokens = b.argmax(-1)

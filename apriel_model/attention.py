@@ -1,0 +1,50 @@
+"""Decode attention over a KV cache: one query token per sequence, GQA without repeating K/V.
+
+    decode_attention(q (b, kv, g, d), keys (b, kv, Lk, d), values (b, kv, Lk, d), valid (b, Lk) bool,
+                     scale, splits=0) -> (b, kv, g, d)
+
+The g query heads of a KV head form a (g, d) query block. splits <= 1: one SDPA call (the fused kernels
+give one thread block per (sequence, kv head): at decode batch sizes that leaves most SMs idle while each
+block streams a whole 16k-token cache). splits = s > 1 (CUDA): split-K ("flash-decoding") - the key axis is
+cut into s chunks viewed as s times more heads (a free reshape of the cache), the memory-efficient SDPA
+kernel returns each chunk's output and log-sum-exp, and the chunks are merged with softmax weights. Chunks
+with no valid key (beyond a sequence's length) get weight 0.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["decode_attention", "pick_splits"]
+
+
+def pick_splits(batch: int, kv_heads: int, max_seqlen: int, sms: int) -> int:
+    """Smallest power of two giving >= 2 blocks per SM, chunks of >= 512 keys that are multiples of 16."""
+    s = 1
+    while batch * kv_heads * s < 2 * sms and max_seqlen % (2 * s * 16) == 0 and max_seqlen // (2 * s) >= 512:
+        s *= 2
+    return s
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, scale: float,
+                     splits: int = 0) -> torch.Tensor:
+    b, kv, g, d = q.shape
+    lk = keys.shape[2]
+    if splits <= 1 or not q.is_cuda or lk % (splits * 16):
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=valid[:, None, None, :], scale=scale)
+    chunk = lk // splits
+    k = keys.reshape(b, kv * splits, chunk, d)  # a view: (kv, Lk) -> (kv * splits, chunk)
+    v = values.reshape(b, kv * splits, chunk, d)
+    qs = q[:, :, None].expand(b, kv, splits, g, d).reshape(b, kv * splits, g, d)
+    neg = torch.finfo(q.dtype).min
+    bias = torch.zeros(b, 1, splits, chunk, dtype=q.dtype, device=q.device).masked_fill_(
+        ~valid.view(b, 1, splits, chunk), neg)
+    bias = bias.expand(b, kv, splits, chunk).reshape(b, kv * splits, 1, chunk).expand(b, kv * splits, g, chunk)
+    bias = bias.contiguous()  # the kernel wants a dense, 16-aligned bias
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qs, k, v, bias, True, scale=scale)[:2]
+    lse = lse[..., :g].float().view(b, kv, splits, g)
+    any_valid = valid.view(b, 1, splits, chunk).any(-1, keepdim=True)  # (b, 1, splits, 1)
+    lse = torch.where(any_valid, lse, torch.full_like(lse, float("-inf")))
+    weights = torch.softmax(lse, dim=2)  # over chunks; chunk 0 always holds a valid key
+    out = torch.nan_to_num(out.float().view(b, kv, splits, g, d))
+    return (out * weights[..., None]).sum(dim=2).to(q.dtype)
