@@ -51,6 +51,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--e2e-layers", type=int, default=None, help="e2e: layers of the preset (default: all 50)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--in-process", action="store_true", help="no child process per unit (debugging, nsys)")
+    p.add_argument("--total-budget-s", type=float, default=470,
+                   help="GPU runs: wall-clock budget of the whole run (default 470 s: the 8-minute bar); each unit "
+                        "gets what is left minus the minimum shares of the units after it; 0 = no total budget")
     p.add_argument("--skip", default="", help="comma-separated units to leave out, e.g. kernels:scan,e2e:engine,mixers")
     p.add_argument("--budget-s", type=float, default=None,
                    help="soft time budget of a suite: later measurements become 'skipped' rows")
@@ -131,6 +134,14 @@ def _profile(out: Path, suites: list[str]) -> None:
 # 30 s shorter, after which its remaining measurements become "skipped" rows instead of being lost.
 UNIT_TIMEOUT_S = {"ceilings": (120, 120), "kernels": (150, 300), "mixers": (210, 420), "e2e:stack": (240, 480),
                   "e2e:engine": (210, 420)}
+# --total-budget-s splits what is left among the units still to run by these weights (time a unit does not
+# use flows to the later ones); the mixers and e2e stack carry the bar's figures, so they weigh most.
+SHARE_WEIGHT = {"ceilings": 0.5, "kernels": 1.0, "mixers": 2.5, "e2e:stack": 2.5, "e2e:engine": 1.5}
+MIN_TIMEOUT_S = 30
+
+
+def _unit_key(suite: str, part: str | None) -> str:
+    return f"{suite}:{part}" if f"{suite}:{part}" in UNIT_TIMEOUT_S else suite
 
 
 def _ceilings_meta(ceil) -> dict[str, float]:
@@ -188,12 +199,14 @@ def _units(suites: list[str], args: argparse.Namespace) -> list[tuple[str, str |
     return [(s, p) for s, p in units if s not in skip and f"{s}:{p}" not in skip]
 
 
-def _run_unit(suite: str, part: str | None, args: argparse.Namespace, tmp: Path, ceil_file: Path) -> list[dict[str, Any]]:
-    """Run one unit in a child process with a timeout; its rows, or an error row saying what happened."""
+def _run_unit(suite: str, part: str | None, args: argparse.Namespace, tmp: Path, ceil_file: Path,
+              timeout: int | None = None) -> list[dict[str, Any]]:
+    """Run one unit in a child process with a timeout; its rows, or an error row saying what happened.
+    The child's soft budget is 30 s shorter (imports, CUDA start, writing rows)."""
     out = tmp / f"{suite}-{part or 'all'}"
-    timeout = UNIT_TIMEOUT_S.get(f"{suite}:{part}", UNIT_TIMEOUT_S.get(suite))[0 if args.quick else 1]
+    timeout = timeout or UNIT_TIMEOUT_S[_unit_key(suite, part)][0 if args.quick else 1]
     cmd = [sys.executable, "-m", "bench", suite, "--child", "--out", str(out), "--ceilings", str(ceil_file),
-           "--budget-s", str(timeout - 30)]
+           "--budget-s", str(max(10, timeout - 30))]
     cmd += ["--quick"] * args.quick + ["--nvtx-layers"] * args.nvtx_layers
     cmd += ["--only", part] if part else []
     cmd += ["--e2e-layers", str(args.e2e_layers)] if args.e2e_layers else []
@@ -248,9 +261,15 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="bench_units_") as tmp:
             tmp = Path(tmp)
             ceil_file = tmp / "ceilings-all" / "ceilings.json"
-            for suite, part in _units(suites, args):
+            units = _units(suites, args)
+            for i, (suite, part) in enumerate(units):
                 t0 = time.time()
-                rows += _run_unit(suite, part, args, tmp, ceil_file)
+                timeout = UNIT_TIMEOUT_S[_unit_key(suite, part)][0 if args.quick else 1]
+                if args.total_budget_s:
+                    weights = [SHARE_WEIGHT[_unit_key(*u)] for u in units[i:]]
+                    share = (started + args.total_budget_s - t0) * weights[0] / sum(weights)
+                    timeout = int(max(MIN_TIMEOUT_S, min(timeout, share)))
+                rows += _run_unit(suite, part, args, tmp, ceil_file, timeout)
                 label = f"{suite}:{part}" if part else suite
                 meta["wall_s"][label] = round(time.time() - t0, 1)
                 print(f"[{label}] {meta['wall_s'][label]} s", flush=True)

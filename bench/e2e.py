@@ -170,25 +170,7 @@ def _stack_rows(model: ModelShape, name: str, layout: list[str], quick: bool, ce
     stack = Stack(model, layout)
     _sync()
     todo = plan(quick)
-    # ---- prefill / TTFT at batch 1
-    if "prefill" in skip:
-        rows.append(unavailable(SUITE, "model_prefill", "bench-stack", skip["prefill"], **base))
-    for L in todo["prefill"] if "prefill" not in skip else ():
-        fields = dict(base, phase="prefill", batch=1, seqlen=L, shape=f"b1 L{L}")
-        if _late(deadline):
-            rows.append(make_row(SUITE, "model_prefill", "bench-stack", status="skipped", note="suite time budget spent", **fields))
-            continue
-        try:
-            with profiling.nvtx(f"e2e/{name}/prefill/L={L}"):
-                h = torch.randn(1, L, s.hidden, device=_mixers.DEVICE, dtype=torch.bfloat16)
-                stats = timing.time_long_ms(lambda: stack.prefill(h), budget_ms=800 if quick else 2000)
-                del h
-            row = make_row(SUITE, "model_prefill", "bench-stack", stats=stats, ttft_ms=stats["p50"], **fields)
-            rows.append(add_rates(row, tokens=L))
-        except Exception as error:  # noqa: BLE001
-            rows.append(error_row(SUITE, "model_prefill", "bench-stack", error, **fields))
-        torch.cuda.empty_cache()
-    # ---- memory per sequence and the largest batch that fits at 16k
+    # ---- memory per sequence and the largest batch that fits at the decode context
     ctx = todo["context"]
     per_seq = model.seq_bytes(layout, ctx)
     reserve = todo["reserve"]
@@ -196,23 +178,40 @@ def _stack_rows(model: ModelShape, name: str, layout: list[str], quick: bool, ce
     rows.append(make_row(SUITE, "memory_per_sequence", "bench-stack", **base, seqlen=ctx, shape=f"L{ctx}",
                          mib_per_seq=per_seq / 2**20, weights_gib=model.weight_bytes(layout) / GiB, max_batch=max_batch,
                          note=f"caches: KV of {layout.count('t')} attention layers + state of {layout.count('m2')} mixers; "
-                              f"max batch = (free after weights - {reserve // GiB} GiB) / per-sequence bytes"))
-    # ---- decode: vs batch at 16k, vs context at batch 16
-    batches = [b for b in todo["batches"] if b < max_batch] + ([max_batch] if max_batch else [])
-    points = [(b, ctx) for b in batches]
+                              f"max batch = (free after weights - {reserve / GiB:g} GiB) / per-sequence bytes"))
+    # ---- what to measure, most important first (a spent time budget drops the tail): decode at the max
+    # batch, prefill (TTFT) at batch 1, then decode vs batch at ctx and vs context at batch 16
+    decode = [(b, ctx) for b in todo["batches"] if b < max_batch]
     b_ctx = min(16, max_batch) if max_batch else 0
-    for L in todo["contexts"]:
-        if b_ctx and b_ctx * model.seq_bytes(layout, L) < _free_bytes() - reserve:
-            points.append((b_ctx, L))
-    if "decode" in skip:
-        rows.append(unavailable(SUITE, "model_decode", "bench-stack", skip["decode"], **base))
-        points = []
-    for b, L in points:
-        if _late(deadline):
-            rows.append(make_row(SUITE, "model_decode", "bench-stack", status="skipped", note="suite time budget spent",
-                                 **base, batch=b, seqlen=L, shape=f"b{b} L{L}"))
+    decode += [(b_ctx, L) for L in todo["contexts"]
+               if b_ctx and L != ctx and b_ctx * model.seq_bytes(layout, L) < _free_bytes() - reserve]
+    tasks = [("decode", max_batch, ctx)] if max_batch else []
+    tasks += [("prefill", 1, L) for L in todo["prefill"]] + [("decode", b, L) for b, L in decode]
+    for phase in ("prefill", "decode"):
+        if phase in skip:
+            rows.append(unavailable(SUITE, f"model_{phase}", "bench-stack", skip[phase], **base, phase=phase))
+    for phase, b, L in tasks:
+        if phase in skip:
             continue
-        rows.append(_decode_row(model, stack, name, base, b, L, ceil, is_max=(b == max_batch and L == ctx)))
+        op = f"model_{phase}"
+        fields = dict(base, phase=phase, batch=b, seqlen=L, shape=f"b{b} L{L}")
+        if _late(deadline):
+            rows.append(make_row(SUITE, op, "bench-stack", status="skipped", note="suite time budget spent", **fields))
+            continue
+        if phase == "decode":
+            rows.append(_decode_row(model, stack, name, base, b, L, ceil, is_max=(b == max_batch and L == ctx)))
+            continue
+        try:
+            with profiling.nvtx(f"e2e/{name}/prefill/L={L}"):
+                h = torch.randn(1, L, s.hidden, device=_mixers.DEVICE, dtype=torch.bfloat16)
+                stats = timing.time_long_ms(lambda: stack.prefill(h), budget_ms=800 if quick else 2000)
+                del h
+            row = make_row(SUITE, op, "bench-stack", stats=stats, ttft_ms=stats["p50"],
+                           note="one forward over the prompt, logits of the last token", **fields)
+            rows.append(add_rates(row, tokens=L))
+        except Exception as error:  # noqa: BLE001
+            rows.append(error_row(SUITE, op, "bench-stack", error, **fields))
+        torch.cuda.empty_cache()
     del stack
     torch.cuda.empty_cache()
     return rows
@@ -288,7 +287,10 @@ def run(quick: bool = False, ceilings=None, layers: int | None = None, engine: b
     rows: list[dict[str, Any]] = []
     from .mixers import _availability
 
-    for name, layout in model.layouts().items() if stack else ():
+    layouts = list(model.layouts().items()) if stack else []
+    for i, (name, layout) in enumerate(layouts):
+        # each layout gets an equal share of the time left, so a spent budget never drops a whole layout
+        sub = None if deadline is None else time.monotonic() + (deadline - time.monotonic()) / (len(layouts) - i)
         skip = {}
         if "m2" in layout:
             skip = {ph: why for ph in ("prefill", "decode") if (why := _availability("apriel", ph))}
@@ -300,7 +302,7 @@ def run(quick: bool = False, ceilings=None, layers: int | None = None, engine: b
                                  note=f"weights {model.weight_bytes(layout) / GiB:.1f} GiB do not fit; rerun with --e2e-layers"))
             continue
         try:
-            rows.extend(_stack_rows(model, name, layout, quick, ceilings, skip, deadline))
+            rows.extend(_stack_rows(model, name, layout, quick, ceilings, skip, sub))
         except Exception as error:  # noqa: BLE001 - one layout failing leaves the others
             rows.append(error_row(SUITE, "model", "bench-stack", error, layout=name))
         torch.cuda.empty_cache()

@@ -293,7 +293,7 @@ def test_units_run_in_child_processes_and_failures_become_rows(tmp_path, monkeyp
     from bench import __main__ as cli
 
     monkeypatch.chdir(cli.Path(__file__).resolve().parent.parent)
-    args = argparse.Namespace(quick=True, nvtx_layers=False, e2e_layers=None, only=None)
+    args = argparse.Namespace(quick=True, nvtx_layers=False, e2e_layers=None, only=None, skip="")
     good = cli._run_unit("e2e", "stack", args, tmp_path, tmp_path / "absent-ceilings.json")
     assert [(r["suite"], r["status"]) for r in good] == [("e2e", "not available")]
     (tmp_path / "bad.json").write_text("{not json")
