@@ -27,7 +27,9 @@ def pick_splits(batch: int, kv_heads: int, max_seqlen: int, sms: int) -> int:
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, scale: float,
-                     splits: int = 0) -> torch.Tensor:
+                     splits: int = 0, memo: dict | None = None) -> torch.Tensor:
+    """See the module docstring. memo: a per-step dict where the mask-derived tensors are kept, so the
+    layers of one decode step build them once."""
     b, kv, g, d = q.shape
     lk = keys.shape[2]
     if splits <= 1 or not q.is_cuda or lk % (splits * 16):
@@ -36,14 +38,20 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     k = keys.reshape(b, kv * splits, chunk, d)  # a view: (kv, Lk) -> (kv * splits, chunk)
     v = values.reshape(b, kv * splits, chunk, d)
     qs = q[:, :, None].expand(b, kv, splits, g, d).reshape(b, kv * splits, g, d)
-    neg = torch.finfo(q.dtype).min
-    bias = torch.zeros(b, 1, splits, chunk, dtype=q.dtype, device=q.device).masked_fill_(
-        ~valid.view(b, 1, splits, chunk), neg)
-    bias = bias.expand(b, kv, splits, chunk).reshape(b, kv * splits, 1, chunk).expand(b, kv * splits, g, chunk)
-    bias = bias.contiguous()  # the kernel wants a dense, 16-aligned bias
+    key = ("split", splits, kv, g, q.dtype)
+    if memo is not None and key in memo:
+        bias, any_valid = memo[key]
+    else:
+        neg = torch.finfo(q.dtype).min
+        bias = torch.zeros(b, 1, splits, chunk, dtype=q.dtype, device=q.device).masked_fill_(
+            ~valid.view(b, 1, splits, chunk), neg)
+        bias = bias.expand(b, kv, splits, chunk).reshape(b, kv * splits, 1, chunk).expand(b, kv * splits, g, chunk)
+        bias = bias.contiguous()  # the kernel wants a dense, 16-aligned bias
+        any_valid = valid.view(b, 1, splits, chunk).any(-1, keepdim=True)  # (b, 1, splits, 1)
+        if memo is not None:
+            memo[key] = (bias, any_valid)
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qs, k, v, bias, True, scale=scale)[:2]
     lse = lse[..., :g].float().view(b, kv, splits, g)
-    any_valid = valid.view(b, 1, splits, chunk).any(-1, keepdim=True)  # (b, 1, splits, 1)
     lse = torch.where(any_valid, lse, torch.full_like(lse, float("-inf")))
     weights = torch.softmax(lse, dim=2)  # over chunks; chunk 0 always holds a valid key
     out = torch.nan_to_num(out.float().view(b, kv, splits, g, d))

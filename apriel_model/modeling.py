@@ -20,7 +20,7 @@ Parameter names follow the published Apriel-H1 format (mixer.md section 6).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +102,7 @@ class StepContext:
     write_idx: torch.Tensor | None = None
     kv_len: int = 0
     decode_splits: int = 0
+    memo: dict = field(default_factory=dict)  # per-call tensors shared by layers (decode attention bias)
 
     def cache_rows(self, t: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         """The batch's rows of a slot-major cache tensor (a view when rows are slots 0..b-1)."""
@@ -150,7 +151,8 @@ class Attention(nn.Module):
             # cached K/V once with no GQA repeat; the mask (b, 1, 1, Lk) broadcasts over heads and group.
             group = self.num_heads // self.num_kv_heads
             qg = q.view(b, self.num_kv_heads, group, d)
-            out = decode_attention(qg, keys, values, ctx.attn_mask[:, 0, 0], self.scale, ctx.decode_splits)
+            out = decode_attention(qg, keys, values, ctx.attn_mask[:, 0, 0], self.scale, ctx.decode_splits,
+                                   ctx.memo)
             return out.reshape(b, self.num_heads, 1, d)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.attn_mask, scale=self.scale,
                                               enable_gqa=True)

@@ -39,6 +39,14 @@ def _rows_module():
         return None
 
 
+def _has_kernel(name: str) -> bool:
+    try:
+        from apriel_kernels._ext import has_kernel
+        return bool(has_kernel(name))
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _quantiles(values: list[float]) -> dict[str, float]:
     t = torch.tensor(values, dtype=torch.float64)
     q = torch.quantile(t, torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)).tolist()
@@ -160,7 +168,7 @@ def measure_layout(args, layout: str, device: torch.device) -> dict:
         "floor_ms": floor_ms, "pct_of_floor": 100.0 * floor_ms / stats["p50"],
         "gb_per_s": bytes_step / (stats["p50"] * 1e-3) / 1e9,
         "cuda_graph": bool(engine.use_graphs), "steps": args.steps,
-        "decode_splits": engine.splits_for(batch), "engine_notes": "; ".join(engine.notes),
+        "decode_splits": engine.splits_for(batch), "mixer_step_kernel": _has_kernel("mixer_step"), "engine_notes": "; ".join(engine.notes),
         "mem_total_gb": total / 1e9, "mem_peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0,
         "setup_s": time.time() - t0, "note": note or ("logits not finite" if not ok else ""),
     }

@@ -324,3 +324,16 @@ def test_presets_have_real_shapes():
     assert teacher_cfg.hybrid_block_layout == ["t"] * 3
     with pytest.raises(ValueError, match="layout"):
         get_preset("smollm2-135m", layout="H1-30")
+
+
+def test_cli_convert_and_info(tmp_path, capsys):
+    from apriel_model.__main__ import main
+
+    make_teacher("llama").save_pretrained(tmp_path / "teacher")
+    out = tmp_path / "hybrid"
+    assert main(["convert", "--teacher", str(tmp_path / "teacher"), "--out", str(out), "--num-mixers", "2",
+                 "--ranking", "2,0,1", "--mil-mapping", "aligned", "--format", "apriel_h"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["layout"] == ["m2", "t", "m2"]
+    assert main(["info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["model_type"] == "apriel_h" and info["counts"]["m2"] == 2
