@@ -3,7 +3,7 @@ the measured copy ceiling and a plain-torch imitation of the HF decode chain.
 
     run(quick=False) -> list[dict]   long-format rows: op, provider, batch, state_dtype, conv_layout, l2,
                                      p20_us, p50_us, p80_us, bytes, gb_per_s, pct_of_copy_ceiling,
-                                     floor_us, bar_us, meets_bar, seq_per_block, note + gpu/torch/commit
+                                     floor_us, bar_us, meets_bar, seq_per_thread, note + gpu/torch/commit
     python -m bench.kernels_step [--out step.json] [--quick]   prints a table, writes JSON
 
 Shape: Apriel-H1 mixer (D 4096, X 1024, N 16, R 16, W 4), bf16 activations and bf16 weights (A_log, D
@@ -15,8 +15,8 @@ reads its state from DRAM, as in a real model where 49 other layers run between 
 The bars are judged on the cold figure.
 Bytes (the floor): SSM cache read + written, conv window read (W-1) + written (S), the in_proj row
 (z, x, B, C) and dt_low read, y written, layer parameters read once. floor_us = bytes / copy ceiling.
-Providers: "apriel" (public mixer_step with out=, i.e. the kernel), "apriel[spbK]" (K sequences per block
-forced through APRIEL_STEP_SEQ_PER_BLOCK, to check the default), "hf_chain_torch" (split, repeat,
+Providers: "apriel" (public mixer_step with out=, i.e. the kernel), "apriel[seqK]" (K sequences per thread
+forced through APRIEL_STEP_SEQ_PER_THREAD, to check the default), "hf_chain_torch" (split, repeat,
 roll-based conv update, dt Linear, selective_state_update written in torch ops, bf16 state, D-channel conv
 cache, batch-indexed caches like HF: an imitation, because mamba-ssm / causal-conv1d are not installed
 on the device; the real chain measured 18.3 / 23.2 / 38.3 / 99.4 us per kernels.md).
@@ -190,11 +190,11 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                          time_graph_ms(fn, per_graph=per_graph), nbytes, copy_bps))
         if not quick and batch > 1:
             for spb in ("1", "2", "4"):
-                with _env("APRIEL_STEP_SEQ_PER_BLOCK", spb):
+                with _env("APRIEL_STEP_SEQ_PER_THREAD", spb):
                     fn, per_graph, nbytes = _apriel_fn(batch, torch.float32, "compact", True)
                     stats = time_graph_ms(fn, per_graph=per_graph)
-                rows.append(_row("mixer_step", f"apriel[spb{spb}]", batch, torch.float32, "compact", "cold", stats,
-                                 nbytes, copy_bps, seq_per_block=int(spb)))
+                rows.append(_row("mixer_step", f"apriel[seq{spb}]", batch, torch.float32, "compact", "cold", stats,
+                                 nbytes, copy_bps, seq_per_thread=int(spb)))
         fn, per_graph, nbytes = _hf_chain_fn(batch)
         rows.append(_row("mixer_step", "hf_chain_torch", batch, ACT, "d_channels", "hot",
                          time_graph_ms(fn, per_graph=per_graph), nbytes, copy_bps,

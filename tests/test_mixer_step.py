@@ -497,9 +497,9 @@ def test_opcheck_cuda():
 @pytest.mark.gpu
 @needs_kernel
 def test_kernel_rejects_unsupported_shapes():
-    dims = dict(d_inner=128, d_xb=16, d_state=16)  # r = 8 > 4: not one block per x/B group
-    layer = make_layer(128, 16, 16).to(device="cuda")
-    zxbc, dt_low = make_inputs(1, 1, 128, 16, dtype=torch.bfloat16, device="cuda")
-    conv, ssm = make_caches(1, 128, 16, 16, 16, 3, torch.bfloat16, torch.float32, "cuda")
-    with pytest.raises(RuntimeError, match=r"d_inner / d_xb: expected <= 4"):
+    dims = dict(d_inner=48, d_xb=16, d_state=16)  # r = 3 does not divide 16: no whole x/B group per block
+    layer = make_layer(48, 16, 16).to(device="cuda")
+    zxbc, dt_low = make_inputs(1, 1, 48, 16, dtype=torch.bfloat16, device="cuda")
+    conv, ssm = make_caches(1, 48, 16, 16, 16, 3, torch.bfloat16, torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match=r"d_inner / d_xb: expected a divisor of 16"):
         run_step(zxbc, dt_low, conv, ssm, None, layer, dims)

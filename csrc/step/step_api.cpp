@@ -35,15 +35,15 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef want) {
   TORCH_CHECK(t.sizes() == want, name, ": expected shape ", want, ", got ", t.sizes());
 }
 
-// Sequences per block: parameters are read once per block, so larger batches share them over more
-// sequences; small batches keep one per block to fill the SMs. APRIEL_STEP_SEQ_PER_BLOCK (1, 2, 4)
-// overrides the choice (benchmark sweeps).
-int seq_per_block(int batch) {
-  if (const char* env = std::getenv("APRIEL_STEP_SEQ_PER_BLOCK")) {
+// Sequences per thread: the staged parameters are shared by more sequences per block; small batches
+// keep one per thread to fill the SMs. APRIEL_STEP_SEQ_PER_THREAD (1, 2, 4) overrides the choice
+// (benchmark sweeps).
+int seq_per_thread(int batch) {
+  if (const char* env = std::getenv("APRIEL_STEP_SEQ_PER_THREAD")) {
     const int v = std::atoi(env);
     if (v == 1 || v == 2 || v == 4) return v;
   }
-  return batch >= 128 ? 4 : (batch >= 32 ? 2 : 1);
+  return batch >= 128 ? 2 : 1;
 }
 
 void mixer_step_out(const at::Tensor& zxbc, const at::Tensor& dt_low, at::Tensor& conv_state, at::Tensor& ssm_state,
@@ -55,8 +55,8 @@ void mixer_step_out(const at::Tensor& zxbc, const at::Tensor& dt_low, at::Tensor
   TORCH_CHECK(d_state == kDState, "d_state: the CUDA step kernel supports d_state = ", kDState, ", got ", d_state);
   TORCH_CHECK(d_xb > 0 && d_xb % d_state == 0, "d_xb: expected a positive multiple of d_state (", d_state, "), got ", d_xb);
   TORCH_CHECK(d_inner > 0 && d_inner % d_xb == 0, "d_inner: expected a positive multiple of d_xb (", d_xb, "), got ", d_inner);
-  TORCH_CHECK(d_inner / d_xb <= 4, "d_inner / d_xb: expected <= 4 (one x/B group of 16*r channels per block), got ",
-              d_inner / d_xb);
+  TORCH_CHECK(16 % (d_inner / d_xb) == 0, "d_inner / d_xb: expected a divisor of 16 (one x/B group of 16*r channels "
+              "per 256-thread block), got ", d_inner / d_xb);
   TORCH_CHECK(zxbc.is_cuda(), "zxbc: expected a CUDA tensor, got ", zxbc.device());
   const auto act = zxbc.scalar_type();
   TORCH_CHECK(act == at::kHalf || act == at::kBFloat16 || act == at::kFloat,
@@ -108,7 +108,7 @@ void mixer_step_out(const at::Tensor& zxbc, const at::Tensor& dt_low, at::Tensor
   TORCH_CHECK(ssm_state.stride(3) == 1 && ssm_state.stride(2) == d_state && ssm_state.stride(1) == d_state * d_state,
               "ssm_state: expected each slot contiguous (strides (*, ", d_state * d_state, ", ", d_state, ", 1)), got ",
               ssm_state.strides());
-  const int64_t vec_bytes = state_bf16 ? 8 : 16;  // one lane's 4 states
+  const int64_t vec_bytes = 16;  // a channel's states are read as 16-byte vectors
   TORCH_CHECK(reinterpret_cast<uintptr_t>(ssm_state.data_ptr()) % vec_bytes == 0 &&
                   (ssm_state.stride(0) * ssm_state.element_size()) % vec_bytes == 0,
               "ssm_state: expected a ", vec_bytes, "-byte aligned data pointer and slot stride, got pointer ",
@@ -129,7 +129,7 @@ void mixer_step_out(const at::Tensor& zxbc, const at::Tensor& dt_low, at::Tensor
   TORCH_CHECK(out.scalar_type() == act, "out: expected dtype ", act, " (like zxbc), got ", out.scalar_type());
   check_shape(out, "out", {batch, q, d_inner});
   TORCH_CHECK(out.stride(2) == 1, "out: expected unit stride in the last dim, got strides ", out.strides());
-  TORCH_CHECK((batch + 3) / 4 <= 65535, "zxbc: batch too large for one launch (max 262140), got ", batch);
+  TORCH_CHECK(batch <= 65535, "zxbc: expected batch <= 65535 (one launch), got ", batch);
   if (batch == 0 || q == 0) return;
 
   MixerStepParams p{};
@@ -181,7 +181,11 @@ void mixer_step_out(const at::Tensor& zxbc, const at::Tensor& dt_low, at::Tensor
   p.D_skip = D.data_ptr();
   p.D_skip_dtype = dtype_code(D, "D");
   p.D_skip_stride = D.stride(0);
-  p.seq_per_block = seq_per_block(p.batch);
+  p.seq_per_thread = seq_per_thread(p.batch);
+  p.group_channels = static_cast<int>(d_state * (d_inner / d_xb));
+  const int64_t esize = zxbc.element_size();
+  p.vec_inputs = reinterpret_cast<uintptr_t>(zxbc.data_ptr()) % 16 == 0 && (zxbc.stride(0) * esize) % 16 == 0 &&
+                 (q == 1 || (zxbc.stride(1) * esize) % 16 == 0);
 
   const c10::cuda::CUDAGuard guard(zxbc.device());
   void* stream = c10::cuda::getCurrentCUDAStream().stream();

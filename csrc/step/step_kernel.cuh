@@ -6,18 +6,19 @@
 //   h[n] = exp(delta A[c,n]) h[n] + delta u B[g,n]; y = (sum_n C[c/N,n] h[n] + D[c] u) * silu(z[c]).
 // The SSM state stays in fp32 registers across the q tokens; caches are written back once at the end.
 //
-// Thread mapping: 4 lanes per channel, each owning 4 of its 16 states (one 16-byte fp32 or 8-byte bf16
-// state load/store per lane; a warp touches 8 channels = 512 contiguous state bytes). The 4 lanes split
-// the dt_proj dot product and the C readout and combine them with two xor shuffles (every lane ends
-// with the same bits). A block is one x/B group: N*r channels (r = D/X; 64 channels, 256 threads for
-// Apriel-H1), so the r channels that share one x source channel - and therefore one compact conv-cache
-// row - live in the same block: all window reads happen before a __syncthreads, the single writer of
-// each row writes after it. blockIdx.y walks the batch, kSeq sequences per block so that the layer
-// parameters (A_log, dt_proj, conv, D: ~140 B per channel) are read once per kSeq sequences.
+// Thread mapping: one thread per (channel, sequence) owning all 16 states (four 16-byte fp32 or two
+// 16-byte bf16 state loads; a warp covers 32 consecutive channels = 2 KB of contiguous state, every
+// sector fully used). Per-channel scalar work (dt dot product, softplus, conv, gates) is done once per
+// channel, not once per state lane: the first version split a channel over 4 lanes and was issue-bound
+// (~4x the instructions per byte). A block = one x/B group of 16*r channels (r = D/X; 64 for Apriel-H1)
+// x 256/(16 r) sequence lanes, so the r channels sharing one x source channel - hence one compact
+// conv-cache row - are in the same block: window reads happen first, a single __syncthreads, then the
+// single writer of each row rewrites it. Each thread handles kSeq sequences of its lane in turn, with
+// the layer parameters staged once per block (A and dt_proj in shared memory, conv taps in registers).
 //
 // Bound: memory. The fp32 SSM cache is 64 B per channel read + written (512 KB per sequence at D=4096);
-// everything else is < 10 % of the bytes. Grid = (X/N groups, ceil(batch/kSeq)), fixed for a batch
-// size; no allocation, no host sync: CUDA-graph capturable.
+// everything else is < 10 % of the bytes. Grid = (X/N groups, ceil(batch / (lanes * kSeq))), fixed for
+// a batch size; no allocation, no host sync: CUDA-graph capturable.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -74,105 +75,135 @@ __device__ __forceinline__ void copy_any(void* p, int dtype, int64_t dst, int64_
   }
 }
 
-// Four consecutive states of one channel. Streaming cache hints: the cache is touched once per layer
-// step, so it should not push the layer parameters out of L2.
+// The 16 states of one channel. Streaming cache hints: the cache is touched once per layer step, so it
+// should not push the layer parameters out of L2.
 template <typename state_t>
 struct StateIO;
 
 template <>
 struct StateIO<float> {
-  __device__ __forceinline__ static void load(const void* base, int64_t off, float h[4]) {
-    const float4 v = __ldcs(reinterpret_cast<const float4*>(static_cast<const float*>(base) + off));
-    h[0] = v.x; h[1] = v.y; h[2] = v.z; h[3] = v.w;
+  __device__ __forceinline__ static void load(const void* base, int64_t off, float h[16]) {
+    const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(base) + off);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float4 v = __ldcs(p + i);
+      h[4 * i] = v.x; h[4 * i + 1] = v.y; h[4 * i + 2] = v.z; h[4 * i + 3] = v.w;
+    }
   }
-  __device__ __forceinline__ static void store(void* base, int64_t off, const float h[4]) {
-    __stcs(reinterpret_cast<float4*>(static_cast<float*>(base) + off), make_float4(h[0], h[1], h[2], h[3]));
+  __device__ __forceinline__ static void store(void* base, int64_t off, const float h[16]) {
+    float4* p = reinterpret_cast<float4*>(static_cast<float*>(base) + off);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) __stcs(p + i, make_float4(h[4 * i], h[4 * i + 1], h[4 * i + 2], h[4 * i + 3]));
   }
 };
 
 template <>
 struct StateIO<__nv_bfloat16> {
-  __device__ __forceinline__ static void load(const void* base, int64_t off, float h[4]) {
-    const uint2 v = __ldcs(reinterpret_cast<const uint2*>(static_cast<const __nv_bfloat16*>(base) + off));
-    const __nv_bfloat162 lo = *reinterpret_cast<const __nv_bfloat162*>(&v.x);
-    const __nv_bfloat162 hi = *reinterpret_cast<const __nv_bfloat162*>(&v.y);
-    const float2 a = __bfloat1622float2(lo), b = __bfloat1622float2(hi);
-    h[0] = a.x; h[1] = a.y; h[2] = b.x; h[3] = b.y;
+  __device__ __forceinline__ static void load(const void* base, int64_t off, float h[16]) {
+    const uint4* p = reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(base) + off);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const uint4 v = __ldcs(p + i);
+      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {  // bf16 -> fp32 is a 16-bit shift
+        h[8 * i + 2 * j] = __uint_as_float(w[j] << 16);
+        h[8 * i + 2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+      }
+    }
   }
   // fp32 math, rounded to nearest even on store.
-  __device__ __forceinline__ static void store(void* base, int64_t off, const float h[4]) {
-    const __nv_bfloat162 lo = __floats2bfloat162_rn(h[0], h[1]);
-    const __nv_bfloat162 hi = __floats2bfloat162_rn(h[2], h[3]);
-    uint2 v;
-    v.x = *reinterpret_cast<const uint32_t*>(&lo);
-    v.y = *reinterpret_cast<const uint32_t*>(&hi);
-    __stcs(reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(base) + off), v);
+  __device__ __forceinline__ static void store(void* base, int64_t off, const float h[16]) {
+    uint4* p = reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(base) + off);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      uint32_t w[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const __nv_bfloat162 v = __floats2bfloat162_rn(h[8 * i + 2 * j], h[8 * i + 2 * j + 1]);
+        w[j] = *reinterpret_cast<const uint32_t*>(&v);
+      }
+      __stcs(p + i, make_uint4(w[0], w[1], w[2], w[3]));
+    }
   }
 };
 
-__device__ __forceinline__ float silu_f(float v) { return v / (1.f + __expf(-v)); }
+// 16 consecutive activations (a B or C group) kept packed in 16-byte vectors (8 registers for 16-bit
+// types instead of 16 floats: the unpacked form spilled); unpacked per state inside the update loop.
+template <typename act_t>
+struct Packed16 {
+  static constexpr int kVecs = 16 * sizeof(act_t) / 16;
+  uint4 v[kVecs];
+  __device__ __forceinline__ void load(const act_t* __restrict__ p) {
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) v[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+  }
+  __device__ __forceinline__ float operator()(int n) const { return to_f(reinterpret_cast<const act_t*>(v)[n]); }
+};
 
-// Sum over the 4 lanes of a channel; xor butterflies give every lane identical bits.
-__device__ __forceinline__ float quad_sum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  v += __shfl_xor_sync(0xffffffffu, v, 2);
-  return v;
+// The 16-state update and C readout of one channel and token; get_b / get_c return B[n] / C[n].
+template <typename GetB, typename GetC>
+__device__ __forceinline__ float ssm_update(float h[16], const float* A2s, int stride, float delta, float du,
+                                            const GetB& get_b, const GetC& get_c) {
+  float yp = 0.f;
+#pragma unroll
+  for (int n = 0; n < 16; ++n) {
+    h[n] = exp2f(delta * A2s[n * stride]) * h[n] + du * get_b(n);
+    yp += get_c(n) * h[n];
+  }
+  return yp;
 }
 
-constexpr int kRegRanksPerLane = 4;  // ranks 0..15 live in registers (Apriel-H1: R = 16); more are re-read
-constexpr int kMaxHalo = 3;  // W <= 4
-constexpr int kMaxThreads = 256;  // one x/B group of N*r channels x 4 lanes: r <= 4
+__device__ __forceinline__ float silu_f(float v) { return v / (1.f + __expf(-v)); }
 
-// Occupancy: the bytes in flight per SM are what bound this kernel, so registers are capped to keep
-// >= 4 blocks (1024 threads) resident with one sequence per block, >= 3 with more state per thread.
+constexpr int kRegRanks = 16;       // dt_proj ranks staged in shared memory (Apriel-H1: R = 16); more are re-read
+constexpr int kMaxHalo = 3;         // W <= 4
+constexpr int kThreads = 256;       // per block: 16*r channels x 256/(16 r) sequence lanes
+constexpr int kMaxConvStateReg = 8; // conv-cache rows up to this length are shifted through registers
+
+// Occupancy: bytes in flight per SM bound this kernel; 3 blocks of 256 threads (<= 85 registers).
 template <typename act_t, typename state_t, int kSeq>
-__global__ void __launch_bounds__(kMaxThreads, kSeq == 1 ? 4 : 3) mixer_step_kernel(const MixerStepParams p) {
+__global__ void __launch_bounds__(kThreads, 3) mixer_step_kernel(const MixerStepParams p) {
   constexpr float kLog2e = 1.4426950408889634f;
-  const int tid = threadIdx.x;
-  const int quarter = tid & 3;               // owns states 4*quarter .. 4*quarter+3
-  const int ch_local = tid >> 2;             // channel inside the x/B group
-  const int group_channels = blockDim.x >> 2;
-  const int g = blockIdx.x;                  // x/B group (mixer.md section 2)
+  const int group_channels = p.group_channels;  // 16 * r
+  const int ch_local = threadIdx.x % group_channels;
+  const int lane_seq = threadIdx.x / group_channels;
+  const int seq_lanes = kThreads / group_channels;
+  const int g = blockIdx.x;  // x/B group (mixer.md section 2)
   const int c = g * group_channels + ch_local;
   const int n_in_head = ch_local & (kDState - 1);
-  const int xs = g * kDState + n_in_head;    // x source channel = compact conv-cache row
+  const int xs = g * kDState + n_in_head;  // x source channel = compact conv-cache row
   const int D = p.d_inner, X = p.d_xb;
   const bool compact_conv = p.conv_state_channels == X;
+  const act_t* __restrict__ zxbc = static_cast<const act_t*>(p.zxbc);
+  const act_t* __restrict__ dt_low = static_cast<const act_t*>(p.dt_low);
+  act_t* __restrict__ y = static_cast<act_t*>(p.y);
 
-  int row[kSeq], slot[kSeq];
-#pragma unroll
-  for (int s = 0; s < kSeq; ++s) {
-    row[s] = blockIdx.y * kSeq + s;
-    slot[s] = row[s] < p.batch ? (p.slot_idx != nullptr ? p.slot_idx[row[s]] : row[s]) : -1;
-    if (slot[s] >= p.num_slots) slot[s] = -1;
-  }
+  // Row of the s-th sequence of this thread and its cache slot: -1 = padding (or out of range: never
+  // touch memory), -2 = past the batch.
+  auto row_of = [&](int s) { return (blockIdx.y * kSeq + s) * seq_lanes + lane_seq; };
+  auto slot_of = [&](int row) {
+    if (row >= p.batch) return -2;
+    const int slot = p.slot_idx != nullptr ? __ldg(p.slot_idx + row) : row;
+    return slot < 0 || slot >= p.num_slots ? -1 : slot;
+  };
+  // The first sequence's state is requested before the parameters are staged: at small batch the
+  // kernel is a chain of memory latencies (slot -> state -> math -> store), this overlaps two of them.
+  int row = row_of(0), slot = slot_of(row);
+  float h[kDState];
+  if (slot >= 0) StateIO<state_t>::load(p.ssm_state, slot * p.ssm_slot_stride + int64_t(c) * kDState, h);
 
-  // 1. SSM state first: the dominant bytes, all sequences' loads in flight at once.
-  float h[kSeq][4];
-#pragma unroll
-  for (int s = 0; s < kSeq; ++s) {
-    if (slot[s] >= 0) {
-      StateIO<state_t>::load(p.ssm_state, slot[s] * p.ssm_slot_stride + int64_t(c) * kDState + quarter * 4, h[s]);
-    } else {
-#pragma unroll
-      for (int k = 0; k < 4; ++k) h[s][k] = 0.f;
-    }
-  }
-
-  // 2. Layer parameters, once per block. A2 = -exp(A_log) log2(e) so the decay is one exp2.
-  float A2[4];
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    A2[k] = -expf(load_any(p.A_log, p.A_log_dtype, c * p.A_log_stride0 + (quarter * 4 + k) * p.A_log_stride1)) * kLog2e;
-  }
-  // This lane's dt ranks: quarter, quarter + 4, ... (the first kRegRanksPerLane kept in registers).
-  float dtw[kRegRanksPerLane];
-#pragma unroll
-  for (int k = 0; k < kRegRanksPerLane; ++k) {
-    const int rank = quarter + 4 * k;
-    dtw[k] = rank < p.dt_rank ? load_any(p.dt_proj_weight, p.dt_proj_weight_dtype,
-                                         c * p.dt_proj_weight_stride0 + rank * p.dt_proj_weight_stride1)
-                              : 0.f;
+  // A2 = -exp(A_log) log2(e) (one exp2 per state and token) and the dt_proj rows of the block's
+  // channels, staged once per block in shared memory as [state or rank][channel] (conflict-free reads;
+  // keeping them in registers spilled).
+  extern __shared__ float smem[];
+  float* A2s = smem;                              // (16, group_channels)
+  float* dtws = smem + kDState * group_channels;  // (16, group_channels): ranks 0..15
+  for (int i = threadIdx.x; i < kDState * group_channels; i += kThreads) {
+    const int n = i / group_channels, cc = g * group_channels + i % group_channels;
+    A2s[i] = -expf(load_any(p.A_log, p.A_log_dtype, cc * p.A_log_stride0 + n * p.A_log_stride1)) * kLog2e;
+    dtws[i] = n < p.dt_rank ? load_any(p.dt_proj_weight, p.dt_proj_weight_dtype, cc * p.dt_proj_weight_stride0 + n * p.dt_proj_weight_stride1)
+                            : 0.f;
   }
   const float dt_bias = load_any(p.dt_proj_bias, p.dt_proj_bias_dtype, c * p.dt_proj_bias_stride);
   const float d_skip = load_any(p.D_skip, p.D_skip_dtype, c * p.D_skip_stride);
@@ -185,99 +216,114 @@ __global__ void __launch_bounds__(kMaxThreads, kSeq == 1 ? 4 : 3) mixer_step_ker
     w4[k] = tap >= 0 ? load_any(p.conv_weight, p.conv_weight_dtype, conv_ch * p.conv_weight_stride0 + tap * p.conv_weight_stride1) : 0.f;
   }
   const float conv_b = p.conv_bias != nullptr ? load_any(p.conv_bias, p.conv_bias_dtype, conv_ch * p.conv_bias_stride) : 0.f;
-
-  // 3. Conv windows: the last W-1 cached inputs of the x source channel. The D-channel layout is read
-  //    at the first copy of the repeat (exactly what the reference does). Every read of the block
-  //    happens before the barrier; the rows are rewritten after it.
+  // The D-channel conv layout is read at the first copy of the repeat (exactly what the reference does).
   const int win_row = compact_conv ? xs : g * group_channels + n_in_head;
-  float win[kSeq][kMaxHalo];
-#pragma unroll
+  const int b_off = D + X + g * kDState;                   // B[g, :]
+  const int c_off = D + 2 * X + (c / kDState) * kDState;  // C[c/N, :]
+
+  __syncthreads();  // A2s / dtws staged
+
+#pragma unroll 1
   for (int s = 0; s < kSeq; ++s) {
-    const int64_t base = slot[s] * p.conv_slot_stride + win_row * p.conv_channel_stride;
-#pragma unroll
-    for (int k = 0; k < kMaxHalo; ++k) {
-      const int pos = p.conv_state_len - kMaxHalo + k;
-      win[s][k] = (slot[s] >= 0 && k >= kMaxHalo - (p.width - 1))
-                      ? load_any(p.conv_state, p.conv_state_dtype, base + pos * p.conv_pos_stride)
-                      : 0.f;
+    if (s > 0) {
+      row = row_of(s);
+      slot = slot_of(row);
+      if (slot >= 0) StateIO<state_t>::load(p.ssm_state, slot * p.ssm_slot_stride + int64_t(c) * kDState, h);
     }
-  }
-  __syncthreads();
-
-  const act_t* zxbc = static_cast<const act_t*>(p.zxbc);
-  const act_t* dt_low = static_cast<const act_t*>(p.dt_low);
-  act_t* y = static_cast<act_t*>(p.y);
-  const int b_off = D + X + g * kDState + quarter * 4;          // B[g, 4*quarter ..]
-  const int c_off = D + 2 * X + (c / kDState) * kDState + quarter * 4;  // C[c/N, 4*quarter ..]
-
-  // 4. The q tokens of each sequence, state in registers.
-#pragma unroll
-  for (int s = 0; s < kSeq; ++s) {
-    if (row[s] >= p.batch) continue;
-    act_t* y_row = y + row[s] * p.y_batch_stride + c;
-    if (slot[s] < 0) {  // padding row: y = 0, no state I/O
-      if (quarter == 0) {
-        for (int t = 0; t < p.q; ++t) y_row[t * p.y_token_stride] = from_f<act_t>(0.f);
-      }
+    if (slot == -2) continue;
+    act_t* y_row = y + row * p.y_batch_stride + c;
+    if (slot < 0) {  // padding row: y = 0, no state I/O
+      for (int t = 0; t < p.q; ++t) y_row[t * p.y_token_stride] = from_f<act_t>(0.f);
       continue;
     }
+    // Conv window: the last W-1 cached inputs of the x source channel (read before the barrier below).
+    float win[kMaxHalo];
+    const int64_t conv_base = slot * p.conv_slot_stride + win_row * p.conv_channel_stride;
+#pragma unroll
+    for (int k = 0; k < kMaxHalo; ++k) {
+      win[k] = k >= kMaxHalo - (p.width - 1)
+                   ? load_any(p.conv_state, p.conv_state_dtype, conv_base + (p.conv_state_len - kMaxHalo + k) * p.conv_pos_stride)
+                   : 0.f;
+    }
     for (int t = 0; t < p.q; ++t) {
-      const act_t* zr = zxbc + row[s] * p.zxbc_batch_stride + t * p.zxbc_token_stride;
-      const act_t* dr = dt_low + row[s] * p.dt_batch_stride + t * p.dt_token_stride;
+      const act_t* __restrict__ zr = zxbc + row * p.zxbc_batch_stride + t * p.zxbc_token_stride;
+      const act_t* __restrict__ dr = dt_low + row * p.dt_batch_stride + t * p.dt_token_stride;
       float dt = 0.f;
 #pragma unroll
-      for (int k = 0; k < kRegRanksPerLane; ++k) {
-        if (quarter + 4 * k < p.dt_rank) dt += dtw[k] * to_f(dr[quarter + 4 * k]);
+      for (int k = 0; k < kRegRanks; ++k) {
+        if (k < p.dt_rank) dt += dtws[k * group_channels + ch_local] * to_f(dr[k]);
       }
-      for (int rank = 4 * kRegRanksPerLane + quarter; rank < p.dt_rank; rank += 4) {  // R > 16 only
-        dt += load_any(p.dt_proj_weight, p.dt_proj_weight_dtype,
-                       c * p.dt_proj_weight_stride0 + rank * p.dt_proj_weight_stride1) * to_f(dr[rank]);
+      for (int k = kRegRanks; k < p.dt_rank; ++k) {  // R > 16 only
+        dt += load_any(p.dt_proj_weight, p.dt_proj_weight_dtype, c * p.dt_proj_weight_stride0 + k * p.dt_proj_weight_stride1) *
+              to_f(dr[k]);
       }
-      dt = quad_sum(dt);
       // dt_proj's own bias, then the scan's delta_bias (the same vector again): mixer.md 3.4.
       const float v = (dt + dt_bias) + dt_bias;
       const float delta = v > 20.f ? v : log1pf(expf(v));
       const float x_new = to_f(zr[D + xs]);
-      const float pre = conv_b + w4[0] * win[s][0] + w4[1] * win[s][1] + w4[2] * win[s][2] + w4[3] * x_new;
-      win[s][0] = win[s][1];
-      win[s][1] = win[s][2];
-      win[s][2] = x_new;
+      const float pre = conv_b + w4[0] * win[0] + w4[1] * win[1] + w4[2] * win[2] + w4[3] * x_new;
+      win[0] = win[1];
+      win[1] = win[2];
+      win[2] = x_new;
       const float u = silu_f(pre);
       const float du = delta * u;
-      float yp = 0.f;
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float bk = to_f(zr[b_off + k]);
-        const float ck = to_f(zr[c_off + k]);
-        h[s][k] = exp2f(delta * A2[k]) * h[s][k] + du * bk;
-        yp += ck * h[s][k];
+      const float* a2 = A2s + ch_local;
+      float yp;
+      if (p.vec_inputs) {
+        Packed16<act_t> bv, cv;
+        bv.load(zr + b_off);
+        cv.load(zr + c_off);
+        yp = ssm_update(h, a2, group_channels, delta, du, bv, cv);
+      } else {  // rows not 16-byte aligned (a strided view): element loads
+        const act_t* bp = zr + b_off;
+        const act_t* cp = zr + c_off;
+        yp = ssm_update(h, a2, group_channels, delta, du, [&](int n) { return to_f(bp[n]); },
+                        [&](int n) { return to_f(cp[n]); });
       }
-      yp = quad_sum(yp);
       const float yv = (yp + d_skip * u) * silu_f(to_f(zr[c]));
-      if (quarter == 0) y_row[t * p.y_token_stride] = from_f<act_t>(yv);
+      y_row[t * p.y_token_stride] = from_f<act_t>(yv);
     }
+    StateIO<state_t>::store(p.ssm_state, slot * p.ssm_slot_stride + int64_t(c) * kDState, h);
   }
 
-  // 5. Write the caches back: SSM state (rounded on store for bf16), then the conv window shifted by q.
-#pragma unroll
+  // Conv caches: every window of the block has been read; one writer per row shifts it by q. Compact
+  // rows are written by the first repeat of their x channel, D-layout rows by their own channel (each
+  // shifts its own old entries, like the reference).
+  __syncthreads();
+  const bool writer = !compact_conv || ch_local < kDState;
+  if (!writer) return;
+  const int wrow = compact_conv ? xs : c;
+  const int S = p.conv_state_len;
+#pragma unroll 1
   for (int s = 0; s < kSeq; ++s) {
-    if (slot[s] < 0) continue;
-    StateIO<state_t>::store(p.ssm_state, slot[s] * p.ssm_slot_stride + int64_t(c) * kDState + quarter * 4, h[s]);
-    // One writer per cache row: compact rows by the first repeat of their x channel, D-layout rows by
-    // their own channel (each shifts its own old entries, like the reference).
-    const bool writer = quarter == 0 && (!compact_conv || ch_local < kDState);
-    if (!writer) continue;
-    const int wrow = compact_conv ? xs : c;
-    const int64_t base = slot[s] * p.conv_slot_stride + wrow * p.conv_channel_stride;
-    const int S = p.conv_state_len;
-    // Ascending positions: entry sp reads sp + q >= sp before anything at or above it is written.
-    for (int sp = 0; sp < S; ++sp) {
+    row = row_of(s);
+    slot = slot_of(row);
+    if (slot < 0) continue;
+    const int64_t base = slot * p.conv_slot_stride + wrow * p.conv_channel_stride;
+    auto new_entry = [&](int sp) -> float {  // entry sp of [old window ; q new inputs][q:]
       const int src = sp + p.q;
-      if (src < S) {
-        copy_any(p.conv_state, p.conv_state_dtype, base + sp * p.conv_pos_stride, base + src * p.conv_pos_stride);
-      } else {
-        const act_t* zr = zxbc + row[s] * p.zxbc_batch_stride + (src - S) * p.zxbc_token_stride;
-        store_any(p.conv_state, p.conv_state_dtype, base + sp * p.conv_pos_stride, to_f(zr[D + xs]));
+      if (src < S) return load_any(p.conv_state, p.conv_state_dtype, base + src * p.conv_pos_stride);
+      return to_f(zxbc[row * p.zxbc_batch_stride + (src - S) * p.zxbc_token_stride + D + xs]);
+    };
+    if (S <= kMaxConvStateReg && p.conv_state_dtype != kFloat64) {
+      // All reads first (independent, one round trip), then all writes.
+      float vals[kMaxConvStateReg];
+#pragma unroll
+      for (int sp = 0; sp < kMaxConvStateReg; ++sp) vals[sp] = sp < S ? new_entry(sp) : 0.f;
+#pragma unroll
+      for (int sp = 0; sp < kMaxConvStateReg; ++sp) {
+        if (sp < S) store_any(p.conv_state, p.conv_state_dtype, base + sp * p.conv_pos_stride, vals[sp]);
+      }
+    } else {
+      // Ascending positions: entry sp reads sp + q > sp before anything at or above it is written; bit
+      // copies keep an fp64 cache exact.
+      for (int sp = 0; sp < S; ++sp) {
+        const int src = sp + p.q;
+        if (src < S) {
+          copy_any(p.conv_state, p.conv_state_dtype, base + sp * p.conv_pos_stride, base + src * p.conv_pos_stride);
+        } else {
+          store_any(p.conv_state, p.conv_state_dtype, base + sp * p.conv_pos_stride, new_entry(sp));
+        }
       }
     }
   }
@@ -285,15 +331,15 @@ __global__ void __launch_bounds__(kMaxThreads, kSeq == 1 ? 4 : 3) mixer_step_ker
 
 template <typename act_t, typename state_t>
 void launch_with_state(const MixerStepParams& p, cudaStream_t stream) {
-  const int r = p.d_inner / p.d_xb;
-  const dim3 block(4 * kDState * r);
-  const int spb = p.seq_per_block;
-  const dim3 grid(p.d_xb / kDState, (p.batch + spb - 1) / spb);
-  // 3 sequences-per-block variants x 2 state dtypes per activation dtype: 6 instantiations per .cu file.
-  switch (spb) {
-    case 4: mixer_step_kernel<act_t, state_t, 4><<<grid, block, 0, stream>>>(p); break;
-    case 2: mixer_step_kernel<act_t, state_t, 2><<<grid, block, 0, stream>>>(p); break;
-    default: mixer_step_kernel<act_t, state_t, 1><<<grid, block, 0, stream>>>(p); break;
+  const int seq_lanes = kThreads / p.group_channels;
+  const int per_block = seq_lanes * p.seq_per_thread;
+  const dim3 grid(p.d_xb / kDState, (p.batch + per_block - 1) / per_block);
+  const size_t smem = 2 * kDState * p.group_channels * sizeof(float);  // 8 KB for r = 4, 32 KB max
+  // 3 sequences-per-thread variants x 2 state dtypes per activation dtype: 6 instantiations per .cu file.
+  switch (p.seq_per_thread) {
+    case 4: mixer_step_kernel<act_t, state_t, 4><<<grid, kThreads, smem, stream>>>(p); break;
+    case 2: mixer_step_kernel<act_t, state_t, 2><<<grid, kThreads, smem, stream>>>(p); break;
+    default: mixer_step_kernel<act_t, state_t, 1><<<grid, kThreads, smem, stream>>>(p); break;
   }
   APRIEL_CHECK_LAUNCH();
 }

@@ -39,7 +39,7 @@ struct MixerStepParams {
   void* conv_state;  // (slots, X or D, S), any strides
   int conv_state_dtype;
   int64_t conv_slot_stride, conv_channel_stride, conv_pos_stride;
-  void* ssm_state;  // (slots, D/N, N, N); each slot's D*N block contiguous, slot stride 16-byte aligned
+  void* ssm_state;  // (slots, D/N, N, N); each slot's D*N block contiguous, 16-byte aligned
   int64_t ssm_slot_stride;
 
   // Layer parameters (read once per block; any float dtype, any strides).
@@ -62,7 +62,9 @@ struct MixerStepParams {
   int D_skip_dtype;
   int64_t D_skip_stride;
 
-  int seq_per_block;  // 1, 2 or 4 sequences per block (parameters are loaded once per block)
+  int seq_per_thread;  // sequences per thread, 1, 2 or 4 (parameters are staged once per block)
+  int group_channels;  // 16 * r channels of one x/B group (r = D / X divides 16)
+  bool vec_inputs;     // zxbc rows 16-byte aligned: B and C groups are read as 16-byte vectors
 };
 
 // Launchers, one per activation dtype (step_{fp16,bf16,fp32}.cu); they dispatch state dtype and
