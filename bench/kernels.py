@@ -2,8 +2,9 @@
 
     run(quick=False, ceilings=None, only=None) -> list[dict] rows
 Folds in (imported lazily; each owned by its kernel's engineer): bench/kernels_scan.py (scan fwd and
-fwd+bwd), bench/kernels_conv1d.py (conv1d fwd/bwd), bench/kernels_step.py (decode step). Each exposes
-`run(quick=False) -> list[dict]`. A module that is missing or fails becomes a "not available" / "error"
+fwd+bwd), bench/kernels_conv1d.py (conv1d fwd/bwd), bench/kernels_step.py (decode step), and
+bench/kernels_attention.py (SDPA / flash-attn alone, the attention peers). Each exposes
+`run(quick=False) -> list[dict]` (and may take ceilings=). A module that is missing or fails becomes a "not available" / "error"
 row and the other modules still run. Rows are normalised to bench/rows.py (p50_us -> p50_ms, ...), and
 where a row gives the bytes it moves but no % of ceiling, the % of this run's measured copy bandwidth is
 added.
@@ -19,15 +20,19 @@ from . import profiling
 from .rows import error_row, normalize, unavailable
 
 SUITE = "kernels"
-MODULES = {"scan": "bench.kernels_scan", "conv1d": "bench.kernels_conv1d", "step": "bench.kernels_step"}
+MODULES = {"scan": "bench.kernels_scan", "conv1d": "bench.kernels_conv1d", "step": "bench.kernels_step",
+           "attention": "bench.kernels_attention"}
 
 
-def _call_run(module, quick: bool) -> list[dict[str, Any]]:
+def _call_run(module, quick: bool, ceilings=None) -> list[dict[str, Any]]:
     run = getattr(module, "run", None)
     if run is None:
         raise AttributeError(f"{module.__name__} has no run(quick=False) function")
     params = inspect.signature(run).parameters
-    return list(run(quick=quick) if "quick" in params else run())
+    kwargs = {"quick": quick} if "quick" in params else {}
+    if "ceilings" in params:
+        kwargs["ceilings"] = ceilings
+    return list(run(**kwargs))
 
 
 def _with_ceiling(row: dict[str, Any], ceil) -> dict[str, Any]:
@@ -63,7 +68,7 @@ def run(quick: bool = False, ceilings=None, only: str | None = None) -> list[dic
             continue
         try:
             with profiling.nvtx(f"kernels/{family}"):
-                got = _call_run(module, quick)
+                got = _call_run(module, quick, ceilings)
         except Exception as error:  # noqa: BLE001
             traceback.print_exc()
             rows.append(error_row(SUITE, family, "apriel", error))

@@ -228,8 +228,8 @@ def test_e2e_engine_rows_not_available_without_the_script(monkeypatch, tmp_path)
 # -------------------------------------------------------------------------------------- kernels suite
 def test_kernels_suite_folds_missing_broken_and_working_modules(monkeypatch):
     good = types.ModuleType("bench._fake_good")
-    good.run = lambda quick=False: [{"op": "mixer_step", "provider": "apriel", "p20_us": 4.0, "p50_us": 5.0, "p80_us": 6.0,
-                                     "bytes": 5e6, "quick": quick}]
+    good.run = lambda quick=False, ceilings=None: [{"op": "mixer_step", "provider": "apriel", "p20_us": 4.0, "p50_us": 5.0,
+                                                    "p80_us": 6.0, "bytes": 5e6, "quick": quick, "got": ceilings.gpu}]
     broken = types.ModuleType("bench._fake_broken")
 
     def boom(quick=False):
@@ -244,7 +244,7 @@ def test_kernels_suite_folds_missing_broken_and_working_modules(monkeypatch):
 
     ceil = Ceilings(copy_bytes_per_s=2e12, gemm_bf16_flops=7e14, exp2_per_s=3.8e12, sm_count=132, gpu="fake")
     rows = {r["family"] if "family" in r else r["op"]: r for r in kernels.run(quick=True, ceilings=ceil)}
-    assert rows["step"]["p50_ms"] == pytest.approx(0.005) and rows["step"]["quick"] is True
+    assert rows["step"]["p50_ms"] == pytest.approx(0.005) and rows["step"]["quick"] is True and rows["step"]["got"] == "fake"
     assert rows["step"]["gb_per_s"] == pytest.approx(1000.0) and rows["step"]["pct_of_copy_bandwidth"] == pytest.approx(50.0)
     assert rows["scan"]["status"] == "error" and "kernel exploded" in rows["scan"]["note"]
     assert rows["conv1d"]["status"] == "not available"
