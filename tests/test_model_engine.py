@@ -134,3 +134,18 @@ def test_engine_rejects_bad_requests(model):
         SamplingParams(top_p=0.0)
     with pytest.raises(ValueError, match="cuda_graphs"):
         Engine(model, cuda_graphs=True)
+
+
+def test_bf16_ssm_state_option_stays_close(model):
+    fp32 = Engine(model, max_batch=3, max_seqlen=32)
+    bf16 = Engine(model, max_batch=3, max_seqlen=32, ssm_dtype=torch.bfloat16)
+    assert all(t.dtype == torch.bfloat16 for t in bf16.cache.ssm.values())
+    a = torch.stack([fp32.prefill(i, p) for i, p in enumerate(PROMPTS)])
+    b = torch.stack([bf16.prefill(i, p) for i, p in enumerate(PROMPTS)])
+    torch.testing.assert_close(a, b)  # prefill logits do not read the stored state
+    tok = a.argmax(-1)
+    for _ in range(3):
+        la, lb = fp32.decode(tok), bf16.decode(tok)
+        assert (la - lb).abs().max() < 0.05 * la.abs().max()
+        assert not torch.equal(la, lb)  # the option is really in effect
+        tok = la.argmax(-1)
