@@ -52,8 +52,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--in-process", action="store_true", help="no child process per unit (debugging, nsys)")
     p.add_argument("--total-budget-s", type=float, default=470,
-                   help="GPU runs: wall-clock budget of the whole run (default 470 s: the 8-minute bar); each unit "
-                        "gets what is left minus the minimum shares of the units after it; 0 = no total budget")
+                   help="GPU runs: wall-clock budget of the whole run (default 470 s: the 8-minute bar), split "
+                        "among the units still to run by weight (SHARE_WEIGHT); 0 = no total budget")
     p.add_argument("--skip", default="", help="comma-separated units to leave out, e.g. kernels:scan,e2e:engine,mixers")
     p.add_argument("--budget-s", type=float, default=None,
                    help="soft time budget of a suite: later measurements become 'skipped' rows")
