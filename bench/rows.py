@@ -53,9 +53,24 @@ def git_commit(root: str | os.PathLike | None = None) -> str:
         return "unknown"
 
 
+def gpu_name() -> str:
+    """The GPU's name without creating a CUDA context in this process (nvidia-smi), so a parent that only
+    launches the suites' child processes leaves them the whole device memory."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout.strip()
+        if out:
+            return out
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return torch.cuda.get_device_name(0)
+
+
 def environment() -> dict[str, str]:
     """gpu, torch, cuda, commit, timestamp (UTC ISO-8601) of this process."""
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    gpu = gpu_name()
     return {
         "gpu": gpu,
         "torch": torch.__version__,
