@@ -61,6 +61,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if x.is_cuda:  # torch's fused kernel: same math, 3 launches instead of 7 in the decode graph
+            return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.variance_epsilon).to(dtype)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * h.to(dtype)
@@ -128,10 +130,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         b, L, _ = x.shape
-        q = self.q_proj(x).view(b, L, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # q and k rotate together (one set of elementwise launches for both)
+        qk = torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1).view(b, L, self.num_heads + self.num_kv_heads,
+                                                                       self.head_dim).transpose(1, 2)
+        qk = apply_rotary(qk, ctx.cos, ctx.sin)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
         v = self.v_proj(x).view(b, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         if ctx.cache is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.attn_mask is None,
                                                  scale=self.scale, enable_gqa=True)

@@ -87,6 +87,24 @@ def fill_cache(cache, batch: int, context: int, generator: torch.Generator) -> N
     cache.key_valid[:batch, :context] = True
 
 
+def _profile_step(engine, tokens, batch: int, top: int = 12) -> str:
+    """CUDA time per kernel family over one eager decode step (graphs hide kernels from the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lengths = engine.cache.lengths.clone()
+    try:
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine._decode_eager(tokens.reshape(-1, 1), static_kv=True)  # the graph's code path, uncaptured
+            torch.cuda.synchronize()
+    finally:
+        engine.cache.lengths.copy_(lengths)
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in events) / 1e3
+    parts = [f"{e.key[:60]}={e.device_time_total / 1e3:.2f}ms/{e.count}" for e in events[:top]]
+    return f"total_kernel_ms={total:.2f}; " + "; ".join(parts)
+
+
 def measure_layout(args, layout: str, device: torch.device) -> dict:
     from apriel_model.engine import Engine
 
@@ -150,6 +168,7 @@ def measure_layout(args, layout: str, device: torch.device) -> dict:
             logits = engine.decode(tokens)
             times.append((time.perf_counter() - t) * 1e3)
     ok = bool(torch.isfinite(logits.float()).all())
+    profile = _profile_step(engine, tokens, batch) if args.profile and device.type == "cuda" else None
     stats = _quantiles(times)
     context_read = args.context + 3 + args.steps // 2  # mean context over the timed steps
     cache_step = batch * (n_attn * kv_token * context_read + 2 * state_bytes)
@@ -170,7 +189,7 @@ def measure_layout(args, layout: str, device: torch.device) -> dict:
         "cuda_graph": bool(engine.use_graphs), "steps": args.steps,
         "decode_splits": engine.splits_for(batch), "mixer_step_kernel": _has_kernel("mixer_step"), "engine_notes": "; ".join(engine.notes),
         "mem_total_gb": total / 1e9, "mem_peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0,
-        "setup_s": time.time() - t0, "note": note or ("logits not finite" if not ok else ""),
+        "setup_s": time.time() - t0, "profile_top_kernels": profile, "note": note or ("logits not finite" if not ok else ""),
     }
     del engine, model, logits
     gc.collect()
@@ -193,6 +212,7 @@ def main(argv=None) -> int:
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--decode-splits", default="auto", help="split-K decode attention: auto or an int (0 = off)")
     p.add_argument("--quick", action="store_true", help="10 layers, 4k context, 8 steps")
+    p.add_argument("--profile", action="store_true", help="add the top kernels of one eager step to each row")
     args = p.parse_args(argv)
     if args.decode_splits != "auto":
         args.decode_splits = int(args.decode_splits)
@@ -219,6 +239,10 @@ def main(argv=None) -> int:
         print(f"{layout:14s} status={r['status']} batch={r.get('batch')} p50={r.get('p50_ms', float('nan')):.2f} ms "
               f"tok/s={r.get('tokens_per_s', float('nan')):.0f} %bound={r.get('pct_of_floor', float('nan')):.1f} "
               f"{r.get('note', '')}", flush=True)
+        if r.get("profile_top_kernels"):
+            print(f"  profile: {r['profile_top_kernels']}", flush=True)
+        if r.get("engine_notes"):
+            print(f"  engine: {r['engine_notes']}", flush=True)
     base = next((r for r in rows if r.get("layout") == "all-attention" and r["status"] == "ok"), None)
     for r in list(rows):
         if base is not None and r is not base and r["status"] == "ok" and r["op"] == "model_decode":
