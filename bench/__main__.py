@@ -37,7 +37,8 @@ SUITES = ("kernels", "mixers", "e2e")
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", choices=(*SUITES, "all", "plot", "compare", "ceilings"), help="what to run")
+    p.add_argument("suite", choices=(*SUITES, "all", "plot", "compare", "report", "ceilings"),
+                   help="a suite to run, or plot / compare / report (tables + crossovers) from saved rows")
     p.add_argument("files", nargs="*", help="plot: ROWS file; compare: NEW OLD")
     p.add_argument("--out", default="bench_out", help="output directory (rows.json, rows.csv, PNGs, traces)")
     p.add_argument("--compare", metavar="OLD_JSON", help="print ratios of this run to a previous rows.json")
@@ -60,8 +61,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ceilings", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.suite == "plot" and len(args.files) != 1:
-        p.error("plot: expected one ROWS file")
+    if args.suite in ("plot", "report") and len(args.files) != 1:
+        p.error(f"{args.suite}: expected one ROWS file")
     if args.suite == "compare" and len(args.files) != 2:
         p.error("compare: expected NEW and OLD rows files")
     if args.e2e_layers is not None and args.e2e_layers < 1:
@@ -226,6 +227,17 @@ def _run_unit(suite: str, part: str | None, args: argparse.Namespace, tmp: Path,
     return rows
 
 
+def _print_report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    from .mixers import crossovers
+
+    for name in ("ceilings", *SUITES):
+        report.print_rows(rows, name)
+    if any(r.get("suite") == "mixers" for r in rows):
+        report.print_crossovers(crossovers(rows))
+    if meta.get("wall_s"):
+        print(f"wall seconds: {meta['wall_s']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -237,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite == "compare":
         new_rows, _ = read_rows(args.files[0])
         _compare(new_rows, args.files[1])
+        return 0
+    if args.suite == "report":
+        rows, meta = read_rows(args.files[0])
+        _print_report(rows, meta)
         return 0
     out.mkdir(parents=True, exist_ok=True)
     if args.child:
@@ -298,20 +314,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{name}] {meta['wall_s'][name]} s", flush=True)
                 if cuda:
                     torch.cuda.empty_cache()
-    summaries = []
     if "mixers" in suites:
-        from .mixers import crossover_rows, crossovers
+        from .mixers import crossover_rows
 
-        summaries = crossovers(rows)
         rows += crossover_rows(rows)
     meta["wall_s"]["total"] = round(time.time() - started, 1)
     rows = stamp(rows, env)
     write_json(out / "rows.json", rows, meta)
     write_csv(out / "rows.csv", rows)
-    for name in ("ceilings", *suites):
-        report.print_rows(rows, name)
-    if "mixers" in suites:
-        report.print_crossovers(summaries)
+    _print_report(rows, meta)
     if not args.no_plots:
         _plot(rows, out)
     if args.compare:

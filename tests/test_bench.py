@@ -304,3 +304,10 @@ def test_units_run_in_child_processes_and_failures_become_rows(tmp_path, monkeyp
     assert cli._units(["e2e"], argparse.Namespace(only=None)) == [("ceilings", None), ("e2e", "stack"), ("e2e", "engine")]
     assert cli._units(["kernels", "e2e"], argparse.Namespace(only=None, skip="kernels,e2e:engine")) == [
         ("ceilings", None), ("e2e", "stack")]
+
+
+def test_report_from_saved_rows(tmp_path, capsys):
+    R.write_json(tmp_path / "rows.json", _synthetic_run(), {"wall_s": {"total": 1.0}})
+    assert main(["report", str(tmp_path / "rows.json")]) == 0
+    out = capsys.readouterr().out
+    assert "crossover" in out and "mixer faster from L~" in out and "wall seconds" in out
