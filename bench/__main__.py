@@ -51,6 +51,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                   "e2e: stack or engine")
     p.add_argument("--e2e-layers", type=int, default=None, help="e2e: layers of the preset (default: all 50)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--markdown", action="store_true", help="report: README-ready markdown summary")
     p.add_argument("--in-process", action="store_true", help="no child process per unit (debugging, nsys)")
     p.add_argument("--total-budget-s", type=float, default=470,
                    help="GPU runs: wall-clock budget of the whole run (default 470 s: the 8-minute bar), split "
@@ -252,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.suite == "report":
         rows, meta = read_rows(args.files[0])
-        _print_report(rows, meta)
+        if args.markdown:
+            print(report.markdown(rows, meta))
+        else:
+            _print_report(rows, meta)
         return 0
     out.mkdir(parents=True, exist_ok=True)
     if args.child:

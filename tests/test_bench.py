@@ -311,3 +311,11 @@ def test_report_from_saved_rows(tmp_path, capsys):
     assert main(["report", str(tmp_path / "rows.json")]) == 0
     out = capsys.readouterr().out
     assert "crossover" in out and "mixer faster from L~" in out and "wall seconds" in out
+
+
+def test_markdown_summary_from_saved_rows(tmp_path, capsys):
+    R.write_json(tmp_path / "rows.json", _synthetic_run(), {"ceilings": {"copy_gb_per_s": 3000.0, "gemm_bf16_tflop_s": 740.0,
+                                                                        "exp2_t_per_s": 3.8}})
+    assert main(["report", str(tmp_path / "rows.json"), "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "| phase | batch | vs |" in out and "copy 3000 GB/s" in out and "**Whole model (e2e)**" in out
