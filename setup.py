@@ -108,9 +108,8 @@ def _cuda_extension_kwargs():
         name="apriel_kernels._C",
         sources=sources,
         include_dirs=[str(CSRC), str(CSRC / "common")],
-        # No -std for host code: torch's builder adds the one its headers need (C++17 on 2.11, C++20 on
-        # 2.14); forcing either breaks the other (2.14 headers refuse C++17; C++20 host code crashed on
-        # 2.11 when a TORCH_CHECK threw).
+        # No -std for host code: torch's builder adds the one its headers need (torch 2.14's headers
+        # refuse C++17, so a forced -std=c++17 broke the CPU-machine compile check).
         extra_compile_args={"cxx": ["-O3"], "nvcc": [f for f in nvcc_flags if f]},
         py_limited_api=False,
     )

@@ -17,7 +17,8 @@
 Ops: apriel::mixer_step (returns y) and apriel::mixer_step_out (writes y into out); both mark the caches
 as mutated, so torch.compile re-inplaces them instead of cloning. CPU runs the reference
 (apriel_kernels.reference.mixer.mixer_step_ref); CUDA runs torch.ops.apriel_C.mixer_step[_out] (fp64 on
-CUDA runs the reference: it is the ground-truth mode). Under CUDA-graph capture the slot range check
+CUDA runs the reference: it is the ground-truth mode; the kernel needs d_state = 16 and d_inner / d_xb
+dividing 16, see check_kernel_support). Under CUDA-graph capture the slot range check
 (a host sync) is skipped; the kernel treats an out-of-range slot as padding rather than write out of bounds.
 
 Semantics: mixer.md section 4 and apriel_kernels.reference.mixer.
@@ -37,6 +38,16 @@ from .reference.mixer import mixer_step_ref
 __all__ = ["mixer_step", "mixer_step_ref"]
 
 _STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+def check_kernel_support(d_inner: int, d_xb: int, d_state: int) -> None:
+    """The CUDA kernel's shape limits (the reference has none): 16 states per channel (one thread owns
+    them), r = d_inner / d_xb dividing 16 (a 256-thread block holds whole x/B groups). Raises ValueError.
+    Checked here, before the extension is called, so the error is a Python one naming the argument."""
+    if d_state != 16:
+        raise ValueError(f"d_state: the CUDA step kernel supports d_state = 16, got {d_state}")
+    if 16 % (d_inner // d_xb) != 0:
+        raise ValueError(f"d_inner / d_xb: expected a divisor of 16 for the CUDA step kernel, got {d_inner // d_xb}")
 
 
 def _cuda_step_kernel(zxbc: Tensor, name: str):
@@ -181,6 +192,8 @@ def mixer_step(
     V.check_tensor("ssm_state", ssm_state, ("slots", d_inner // d_state, d_state, d_state), _STATE_DTYPES, device=dev,
                    sizes=sizes)
     _check_slots(slot_idx, ssm_state, conv_state, zxbc3.shape[0], sizes)
+    if zxbc.is_cuda and zxbc.dtype != torch.float64:
+        check_kernel_support(d_inner, d_xb, d_state)
     args = (zxbc3, dt3, conv_state, ssm_state, slot_idx, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D,
             d_inner, d_xb, d_state, repeat_kv_before_conv)
     if out is None:

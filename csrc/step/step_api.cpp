@@ -36,14 +36,15 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef want) {
 }
 
 // Sequences per thread: the staged parameters are shared by more sequences per block; small batches
-// keep one per thread to fill the SMs. APRIEL_STEP_SEQ_PER_THREAD (1, 2, 4) overrides the choice
-// (benchmark sweeps).
+// keep one per thread to fill the SMs. Measured on the H100 (bench/results/step_h100.json, fp32 state,
+// cold L2): b16 1/2/4 = 11.6/13.5/20.0 us, b64 31.7/31.3/27.3 us, b256 100.6/87.5/81.8 us.
+// APRIEL_STEP_SEQ_PER_THREAD (1, 2, 4) overrides the choice (benchmark sweeps).
 int seq_per_thread(int batch) {
   if (const char* env = std::getenv("APRIEL_STEP_SEQ_PER_THREAD")) {
     const int v = std::atoi(env);
     if (v == 1 || v == 2 || v == 4) return v;
   }
-  return batch >= 128 ? 2 : 1;
+  return batch >= 64 ? 4 : 1;
 }
 
 void mixer_step_out(const at::Tensor& zxbc, const at::Tensor& dt_low, at::Tensor& conv_state, at::Tensor& ssm_state,
