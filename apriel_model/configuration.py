@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-__all__ = ["AprielHybridConfig", "AprielHConfig", "AprielHybridSSMConfig", "LAYOUT_CODES", "SSM_DEFAULTS"]
+__all__ = ["LAYOUT_CODES", "SSM_DEFAULTS", "AprielHConfig", "AprielHybridConfig", "AprielHybridSSMConfig"]
 
 LAYOUT_CODES = ("t", "m2", "i")
 

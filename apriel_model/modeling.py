@@ -38,15 +38,15 @@ from .configuration import AprielHConfig, AprielHybridConfig, AprielHybridSSMCon
 from .rope import RotaryEmbedding, apply_rotary
 
 __all__ = [
-    "AprielHybridDecoderLayer",
+    "MLP",
     "AprielHForCausalLM",
+    "AprielHybridDecoderLayer",
     "AprielHybridForCausalLM",
-    "AprielHybridSSMForCausalLM",
     "AprielHybridModel",
     "AprielHybridPreTrainedModel",
+    "AprielHybridSSMForCausalLM",
     "Attention",
     "MambaMixer",
-    "MLP",
     "RMSNorm",
 ]
 

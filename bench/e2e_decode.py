@@ -78,7 +78,7 @@ def weight_bytes_per_step(model) -> int:
 def fill_cache(cache, batch: int, context: int, generator: torch.Generator) -> None:
     """Make slots 0..batch-1 look like sequences of `context` tokens (random K/V and states)."""
     for t in (*cache.keys.values(), *cache.values.values()):
-        t[:batch, :, :context].normal_(generator=generator)
+        t[:batch].normal_(generator=generator)  # contiguous: no temporary; keys past `context` are masked
     for t in cache.conv.values():
         t[:batch].normal_(generator=generator)
     for t in cache.ssm.values():
@@ -105,9 +105,46 @@ def _profile_step(engine, tokens, batch: int, top: int = 12) -> str:
     return f"total_kernel_ms={total:.2f}; " + "; ".join(parts)
 
 
-def measure_layout(args, layout: str, device: torch.device) -> dict:
+def _time_decode(model, args, batch: int, max_seqlen: int, graphs: bool, device: torch.device):
+    """Engine with `batch` slots filled to args.context, captured, warmed up, then args.steps timed steps."""
     from apriel_model.engine import Engine
 
+    engine = Engine(model, max_batch=batch, max_seqlen=max_seqlen, cuda_graphs=graphs, decode_splits=args.decode_splits)
+    gen = torch.Generator(device=device).manual_seed(0)
+    fill_cache(engine.cache, batch, args.context, gen)
+    note = ""
+    if graphs:
+        try:
+            engine.capture([batch])
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001  (no kernel / not capturable: measure eager, say so)
+            note = f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); eager decode timed"
+            engine.use_graphs = False
+            fill_cache(engine.cache, batch, args.context, gen)
+    tokens = torch.randint(0, model.config.vocab_size, (batch,), device=device, generator=gen)
+    for _ in range(3):
+        engine.decode(tokens)
+    times = []
+    logits = None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(args.steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            logits = engine.decode(tokens)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            logits = engine.decode(tokens)
+            times.append((time.perf_counter() - t) * 1e3)
+    return engine, times, logits, note
+
+
+def measure_layout(args, layout: str, device: torch.device) -> dict:
     t0 = time.time()
     model = build_model(args.preset, layout, args.layers, device)
     cfg = model.config
@@ -130,43 +167,18 @@ def measure_layout(args, layout: str, device: torch.device) -> dict:
     if batch < 1:
         raise RuntimeError(f"no room for one sequence of {max_seqlen} tokens next to {wbytes / GiB:.1f} GiB of weights")
     graphs = device.type == "cuda" and not args.eager
-    engine = None
-    while engine is None:
+    for attempt in range(4):  # an OOM anywhere (cache, capture, timing) retries with 8% fewer sequences
         try:
-            engine = Engine(model, max_batch=batch, max_seqlen=max_seqlen, cuda_graphs=graphs,
-                            decode_splits=args.decode_splits)
+            engine, times, logits, note = _time_decode(model, args, batch, max_seqlen, graphs, device)
+            break
         except torch.OutOfMemoryError:
-            batch = int(batch * 0.9)
+            if attempt == 3:
+                raise
+            engine = None
             gc.collect()
             torch.cuda.empty_cache()
-    gen = torch.Generator(device=device).manual_seed(0)
-    fill_cache(engine.cache, batch, args.context, gen)
-    note = ""
-    if graphs:
-        try:
-            engine.capture([batch])
-        except Exception as e:  # noqa: BLE001  (no kernel / not capturable: measure eager, say so)
-            note = f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); eager decode timed"
-            engine.use_graphs = False
-            fill_cache(engine.cache, batch, args.context, gen)
-    tokens = torch.randint(0, cfg.vocab_size, (batch,), device=device, generator=gen)
-    for _ in range(3):
-        engine.decode(tokens)
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(args.steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            logits = engine.decode(tokens)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            logits = engine.decode(tokens)
-            times.append((time.perf_counter() - t) * 1e3)
+            batch = max(1, int(batch * 0.92))
+    tokens = torch.randint(0, cfg.vocab_size, (batch,), device=device)
     ok = bool(torch.isfinite(logits.float()).all())
     profile = _profile_step(engine, tokens, batch) if args.profile and device.type == "cuda" else None
     stats = _quantiles(times)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import require_cuda_kernel
 
 import apriel_model as am
 from apriel_model.engine import Engine
 from apriel_model.presets import get_preset
 from apriel_model.sampling import SamplingParams
-
-from conftest import require_cuda_kernel
 
 pytestmark = [pytest.mark.gpu, require_cuda_kernel("mixer_scan_fwd"), require_cuda_kernel("mixer_step")]
 
