@@ -98,7 +98,7 @@ def _fwd_rows(quick, copy_bps):
             stats = time_ms(lambda: causal_conv1d_fn(x, w, b, activation="silu"))
             rows.append(_row("causal_conv1d", "apriel", "fwd", *args, stats, nbytes, copy_bps,
                              graph_p50_ms=time_graph_ms(lambda: causal_conv1d_fn(x, w, b, activation="silu"))["p50"]))
-            for tokens in ("8", "16"):
+            for tokens in ("4", "8"):
                 with _env("APRIEL_CONV1D_FWD_TOKENS", tokens):
                     stats = time_ms(lambda: causal_conv1d_fn(x, w, b, activation="silu"))
                 rows.append(_row("causal_conv1d", f"apriel[tok{tokens}]", "fwd", *args, stats, nbytes, copy_bps))

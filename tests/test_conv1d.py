@@ -9,6 +9,9 @@ GPU outputs are NaN-poisoned: with deterministic mode and fill_uninitialized_mem
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -320,6 +323,13 @@ def assert_close_to_ref(name, got, ref64, lowprec):
     assert err <= bound, f"{name}: max err {err:.3e} > bound {bound:.3e} (torch {got.dtype} err {low_err:.3e})"
 
 
+def assert_layout_follows(name, out, x):
+    """out is token-major contiguous when x is token-major (stride(1) == 1, dim > 1), else contiguous."""
+    token_major = x.stride(1) == 1 and x.shape[1] > 1
+    dense = out.transpose(1, 2).is_contiguous() if token_major else out.is_contiguous()
+    assert dense, f"{name}: strides {out.stride()} do not follow x's layout (strides {x.stride()})"
+
+
 def conv_case(dtype, width, seqlen, layout, features, batch=2, dim=328):
     x = make_x(batch, dim, seqlen, dtype, layout)
     dim = x.shape[1]
@@ -356,8 +366,7 @@ def test_cuda_fwd_matches_reference(dtype, width, seqlen, layout, features, pois
     assert_close_to_ref("out", out, ref_out, low_out)
     # The final state is a copy of inputs: exact.
     assert torch.equal(final.double(), ref_final), "final_states differ from the reference"
-    token_major = x.stride(1) == 1 and x.shape[1] > 1
-    assert (out.stride(1) == 1) == token_major, f"out strides {out.stride()} do not follow x {x.stride()}"
+    assert_layout_follows("out", out, x)
 
 
 @pytest.mark.gpu
@@ -386,7 +395,7 @@ def test_cuda_bwd_matches_reference(dtype, width, seqlen, layout, features, pois
 
     ref, low = grads(F64), grads(dtype)
     assert_close_to_ref("dx", dx, ref[0], low[0])
-    assert (dx.stride(1) == 1) == (x.stride(1) == 1 and x.shape[1] > 1), "dx layout must follow x"
+    assert_layout_follows("dx", dx, x)
     assert dw.dtype == torch.float32
     assert_close_to_ref("dweight", dw, ref[1], low[1])
     if bias is not None:
@@ -478,20 +487,6 @@ def test_cuda_opcheck(layout):
 
 
 @pytest.mark.gpu
-@require_cuda_kernel("causal_conv1d_fwd")
-def test_cuda_errors_name_the_argument():
-    x = make_x(2, 64, 9, torch.bfloat16, "tm")
-    w = torch.randn(64, 4, device="cuda", dtype=torch.bfloat16)
-    kernel = torch.ops.apriel_C.causal_conv1d_fwd
-    with pytest.raises(RuntimeError, match="weight: expected width"):
-        kernel(x, torch.randn(64, 5, device="cuda"), None, None, None, False, True)
-    with pytest.raises(RuntimeError, match="seq_idx: expected dtype int32"):
-        kernel(x, w, None, torch.zeros(2, 9, device="cuda", dtype=torch.int64), None, False, True)
-    with pytest.raises(RuntimeError, match="bias: expected a CUDA tensor"):
-        kernel(x, w, torch.randn(64), None, None, False, True)
-
-
-@pytest.mark.gpu
 @require_cuda_kernel("causal_conv1d_bwd")
 @pytest.mark.parametrize("layout", ["tm", "tm_misaligned", "cm_slice"])
 def test_cuda_float64_matches_reference(layout, poison):
@@ -508,3 +503,56 @@ def test_cuda_float64_matches_reference(layout, poison):
     torch.testing.assert_close(dw, want[1].float(), rtol=1e-6, atol=1e-6)  # dweight is fp32 by contract
     torch.testing.assert_close(db, want[2].float(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(dinit, want[3], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", ["4", "8"])
+@pytest.mark.parametrize("features", ["full", "packed"])
+@pytest.mark.parametrize("seqlen", [1, 65, 4097])
+@pytest.mark.parametrize("width", WIDTHS)
+@require_cuda_kernel("causal_conv1d_fwd")
+def test_cuda_fwd_both_tilings(width, seqlen, features, tokens, monkeypatch, poison):
+    """The vectorised forward has two token tilings (the host picks one by grid size): test both."""
+    monkeypatch.setenv("APRIEL_CONV1D_FWD_TOKENS", tokens)
+    x, w, bias, seq_idx, init, silu = conv_case(torch.bfloat16, width, seqlen, "tm_slice", features)
+    out, final = causal_conv1d_fwd(x, w, bias, seq_idx, init, True, silu)
+    ref_out, ref_final = ref_fwd(x, w, bias, seq_idx, init, silu, F64)
+    low_out, _ = ref_fwd(x, w, bias, seq_idx, init, silu, torch.bfloat16)
+    assert_close_to_ref("out", out, ref_out, low_out)
+    assert torch.equal(final.double(), ref_final)
+
+
+_RAW_OP_ERRORS = textwrap.dedent("""
+    import torch, apriel_kernels  # noqa: F401  (loads the extension)
+    x = torch.randn(2, 9, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    w = torch.randn(64, 4, device="cuda", dtype=torch.bfloat16)
+    kernel = torch.ops.apriel_C.causal_conv1d_fwd
+    cases = [
+        ("weight: expected width", (x, torch.randn(64, 5, device="cuda"), None, None, None, False, True)),
+        ("seq_idx: expected dtype int32",
+         (x, w, None, torch.zeros(2, 9, device="cuda", dtype=torch.int64), None, False, True)),
+        ("bias: expected a CUDA tensor", (x, w, torch.randn(64), None, None, False, True)),
+    ]
+    for expected, args in cases:
+        try:
+            kernel(*args)
+        except RuntimeError as error:
+            assert expected in str(error), (expected, str(error)[:300])
+        else:
+            raise AssertionError("no error for " + expected)
+    print("ok")
+""")
+
+
+@pytest.mark.gpu
+@require_cuda_kernel("causal_conv1d_fwd")
+def test_cuda_raw_op_errors_name_the_argument():
+    """The C++ checks of torch.ops.apriel_C.* (reached only by callers that skip the Python layer).
+
+    Run in a subprocess: on the GPU machine (torch 2.11) a TORCH_CHECK thrown from the extension
+    segfaulted the interpreter; a crash must fail this test, not end the session.
+    """
+    done = subprocess.run([sys.executable, "-c", _RAW_OP_ERRORS], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (
+        f"exit {done.returncode}: {done.stderr[-2000:]}"
+    )

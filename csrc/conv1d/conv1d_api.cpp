@@ -154,15 +154,16 @@ void fill_common(ConvParams& p, const Checked& s, const Tensor& x, const Tensor&
     default: TORCH_CHECK(false, "x: unsupported dtype ", dtype);                               \
   }
 
-// Tokens per thread of the vectorised forward: 16 when the grid has >= 4 blocks per SM, else 8 (more
-// blocks for short or narrow inputs). APRIEL_CONV1D_FWD_TOKENS=8|16 overrides it (benchmark sweeps).
+// Tokens per thread of the vectorised forward: 8 (fewer halo re-reads) unless that leaves fewer than
+// 8 blocks per SM, then 4 (more parallelism for short or narrow inputs). APRIEL_CONV1D_FWD_TOKENS=4|8
+// overrides it (benchmark sweeps, tests of both tilings).
 int fwd_tokens(int64_t batch, int64_t dim, int64_t seqlen, int64_t elem_size, int sms) {
   if (const char* env = std::getenv("APRIEL_CONV1D_FWD_TOKENS")) {
     const int v = std::atoi(env);
-    if (v == 8 || v == 16) return v;
+    if (v == 4 || v == 8) return v;
   }
-  const int64_t blocks16 = cdiv(dim, 32 * (16 / elem_size)) * cdiv(seqlen, 64) * batch;
-  return blocks16 >= 4 * int64_t(sms) ? 16 : 8;
+  const int64_t blocks8 = cdiv(dim, 32 * (16 / elem_size)) * cdiv(seqlen, 32) * batch;
+  return blocks8 >= 8 * int64_t(sms) ? 8 : 4;
 }
 
 // ------------------------------------------------------------------------------------------- forward
@@ -246,7 +247,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
   int64_t chan_blocks, tile;
   if (p.vectorized) {
     chan_blocks = cdiv(s.dim, 32 * (x.element_size() == 8 ? 2 : 4));
-    tile = 4 * 16;  // 4 token lanes x kBwdTok
+    tile = 4 * 8;  // 4 token lanes x kBwdTok
   } else {
     chan_blocks = cdiv(s.dim, p.tok_fast ? 8 : 32);
     tile = p.tok_fast ? 32 : 8;

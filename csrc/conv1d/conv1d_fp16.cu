@@ -1,4 +1,4 @@
-// Causal conv1d kernels for __half activations: forward (3 widths x {vectorised 8/16-token tiles, generic}),
+// Causal conv1d kernels for __half activations: forward (3 widths x {vectorised 4/8-token tiles, generic}),
 // backward (3 widths x {vectorised, generic}) and update (1 kernel). See conv1d_kernels.cuh.
 #include "conv1d_kernels.cuh"
 

@@ -74,7 +74,9 @@ template <typename T, typename A>
 __device__ __forceinline__ A round_to(A v) { return to_acc<A>(from_acc<T>(v)); }
 
 template <typename A> __device__ __forceinline__ A sigmoid(A v);
-template <> __device__ __forceinline__ float sigmoid<float>(float v) { return 1.f / (1.f + __expf(-v)); }
+// Fast reciprocal (MUFU.RCP, ~2 ulp): an IEEE division costs ~8 instructions and the forward is only a
+// dozen per element; the error stays far below bf16/fp16 rounding and ~1e-7 relative in fp32.
+template <> __device__ __forceinline__ float sigmoid<float>(float v) { return __fdividef(1.f, 1.f + __expf(-v)); }
 template <> __device__ __forceinline__ double sigmoid<double>(double v) { return 1.0 / (1.0 + exp(-v)); }
 
 template <typename A>
@@ -123,21 +125,55 @@ __device__ __forceinline__ int seq_at(const ConvParams& p, int b, int t) {
   return p.seq_idx == nullptr ? 0 : p.seq_idx[b * p.seq_stride_b + int64_t(max(t, 0)) * p.seq_stride_l];
 }
 
+// The vectorised kernels are compiled twice inside one __global__ (kSeq = packed sequences or not): without
+// seq_idx every document test folds away, saving a select per tap and element.
+template <bool kSeq>
+__device__ __forceinline__ int seq_of(const ConvParams& p, int b, int t) { return kSeq ? seq_at(p, b, t) : 0; }
+template <bool kSeq>
+__device__ __forceinline__ bool same_doc(int a, int b) { return !kSeq || a == b; }
+
+// N rows x W taps of a (rows, taps) side tensor stored as S: one unrolled batch of independent loads.
+template <typename A, typename S, int N, int W>
+__device__ __forceinline__ void load_rows_as(const void* ptr, int64_t stride_r, int64_t stride_k, int r0,
+                                             A (&out)[N][W]) {
+  const S* base = static_cast<const S*>(ptr);
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int k = 0; k < W; ++k) out[i][k] = to_acc<A>(base[(r0 + i) * stride_r + k * stride_k]);
+}
+
+// The dtype switch sits outside the unrolled loads: a switch per element would turn the loads into a
+// chain of dependent branches (one memory round trip each), which dominated the kernels' time.
+template <typename A, int N, int W>
+__device__ __forceinline__ void load_rows(const void* ptr, int code, int64_t stride_r, int64_t stride_k, int r0,
+                                          A (&out)[N][W]) {
+  switch (code) {
+    case kHalf: load_rows_as<A, __half, N, W>(ptr, stride_r, stride_k, r0, out); break;
+    case kBFloat16: load_rows_as<A, __nv_bfloat16, N, W>(ptr, stride_r, stride_k, r0, out); break;
+    case kFloat: load_rows_as<A, float, N, W>(ptr, stride_r, stride_k, r0, out); break;
+    default: load_rows_as<A, double, N, W>(ptr, stride_r, stride_k, r0, out); break;
+  }
+}
+
 template <typename A, int N, int W>
 __device__ __forceinline__ void load_weights(const ConvParams& p, int c0, A (&w)[N][W], A (&bias)[N]) {
+  load_rows<A, N, W>(p.weight, p.weight_dtype, p.weight_stride_c, p.weight_stride_k, c0, w);
+  A b[N][1];
+  if (p.bias != nullptr) {
+    load_rows<A, N, 1>(p.bias, p.bias_dtype, p.bias_stride, 0, c0, b);
+  } else {
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
-    const int c = c0 + i;
-#pragma unroll
-    for (int k = 0; k < W; ++k) w[i][k] = load_any<A>(p.weight, c * p.weight_stride_c + k * p.weight_stride_k, p.weight_dtype);
-    bias[i] = p.bias == nullptr ? A(0) : load_any<A>(p.bias, c * p.bias_stride, p.bias_dtype);
+    for (int i = 0; i < N; ++i) b[i][0] = A(0);
   }
+#pragma unroll
+  for (int i = 0; i < N; ++i) bias[i] = b[i][0];
 }
 
 // ===================================================================== forward, token-major vectorised
 // Block (32, 4): 32 x kCh channels x 4 x kTok tokens. Grid (ceil(dim / (32 kCh)), ceil(L / (4 kTok)), b).
-template <typename T, int W, int kTok>
-__global__ void __launch_bounds__(128) fwd_tokmajor_kernel(ConvParams p) {
+template <typename T, int W, int kTok, bool kSeq>
+__device__ __forceinline__ void fwd_tokmajor_body(const ConvParams& p) {
   using A = acc_t<T>;
   constexpr int kCh = 16 / sizeof(T);
   constexpr int H = W - 1;
@@ -148,6 +184,8 @@ __global__ void __launch_bounds__(128) fwd_tokmajor_kernel(ConvParams p) {
   const int L = p.seqlen;
   const T* x = static_cast<const T*>(p.x) + b * p.x_stride_b + c0;
 
+  A w[kCh][W], bias[kCh];
+  load_weights<A, kCh, W>(p, c0, w, bias);
   // All loads first: kTok + H vectors in flight per thread.
   Pack<T, kCh> raw[kTok + H];
 #pragma unroll
@@ -156,8 +194,6 @@ __global__ void __launch_bounds__(128) fwd_tokmajor_kernel(ConvParams p) {
     if (t >= 0 && t < L) raw[i].load(x + t * p.x_stride_l);
     else raw[i].zero();
   }
-  A w[kCh][W], bias[kCh];
-  load_weights<A, kCh, W>(p, c0, w, bias);
 
   // Window of positions t-H .. t (slot H = current token), with their document ids.
   A xw[W][kCh];
@@ -165,7 +201,7 @@ __global__ void __launch_bounds__(128) fwd_tokmajor_kernel(ConvParams p) {
 #pragma unroll
   for (int j = 0; j < H; ++j) {
     const int t = t0 - H + j;
-    sw[j] = seq_at(p, b, t);
+    sw[j] = seq_of<kSeq>(p, b, t);
 #pragma unroll
     for (int i = 0; i < kCh; ++i) {
       if (t >= 0) xw[j][i] = raw[j].template get<A>(i);
@@ -179,7 +215,7 @@ __global__ void __launch_bounds__(128) fwd_tokmajor_kernel(ConvParams p) {
   for (int s = 0; s < kTok; ++s) {
     const int t = t0 + s;
     if (t >= L) break;
-    sw[H] = seq_at(p, b, t);
+    sw[H] = seq_of<kSeq>(p, b, t);
 #pragma unroll
     for (int i = 0; i < kCh; ++i) xw[H][i] = raw[H + s].template get<A>(i);
     A y[kCh];
@@ -187,7 +223,7 @@ __global__ void __launch_bounds__(128) fwd_tokmajor_kernel(ConvParams p) {
     for (int i = 0; i < kCh; ++i) {
       A acc = bias[i];
 #pragma unroll
-      for (int k = 0; k < W; ++k) acc += w[i][k] * (sw[k] == sw[H] ? xw[k][i] : A(0));
+      for (int k = 0; k < W; ++k) acc += w[i][k] * (same_doc<kSeq>(sw[k], sw[H]) ? xw[k][i] : A(0));
       y[i] = activate(acc, p.silu);
     }
     store_pack<T, kCh>(out + t * p.out_stride_l, y);
@@ -205,8 +241,16 @@ __global__ void __launch_bounds__(128) fwd_tokmajor_kernel(ConvParams p) {
     for (int i = 0; i < kCh; ++i)
 #pragma unroll
       for (int j = 0; j < H; ++j)
-        fin[(int64_t(b) * p.dim + c0 + i) * H + j] = from_acc<T>(sw[j] == sw[H - 1] ? xw[j][i] : A(0));
+        fin[(int64_t(b) * p.dim + c0 + i) * H + j] = from_acc<T>(same_doc<kSeq>(sw[j], sw[H - 1]) ? xw[j][i] : A(0));
   }
+}
+
+// (128, 4): at most 128 registers, so 4 blocks (16 warps) fit per SM to overlap one tile's loads with
+// another's math.
+template <typename T, int W, int kTok>
+__global__ void __launch_bounds__(128, 4) fwd_tokmajor_kernel(ConvParams p) {
+  if (p.seq_idx != nullptr) fwd_tokmajor_body<T, W, kTok, true>(p);
+  else fwd_tokmajor_body<T, W, kTok, false>(p);
 }
 
 // ======================================================================== forward, generic strided
@@ -260,8 +304,9 @@ __global__ void __launch_bounds__(256) fwd_generic_kernel(ConvParams p) {
 // document ids.
 template <typename T> struct BwdCh { static constexpr int value = sizeof(T) == 8 ? 2 : 4; };
 
-template <typename T, int W, int kTok>
-__global__ void __launch_bounds__(128) bwd_tokmajor_kernel(ConvParams p) {
+template <typename T, int W, int kTok, bool kSeq>
+__device__ __forceinline__ void bwd_tokmajor_body(const ConvParams& p, acc_t<T> (&dw)[BwdCh<T>::value][W],
+                                                  acc_t<T> (&db)[BwdCh<T>::value]) {
   using A = acc_t<T>;
   constexpr int kCh = BwdCh<T>::value;
   constexpr int H = W - 1;
@@ -274,7 +319,6 @@ __global__ void __launch_bounds__(128) bwd_tokmajor_kernel(ConvParams p) {
   const int ts = split * p.split_len;
   const int te = min(ts + p.split_len, L);
 
-  A dw[kCh][W], db[kCh];
 #pragma unroll
   for (int i = 0; i < kCh; ++i) {
     db[i] = A(0);
@@ -289,7 +333,7 @@ __global__ void __launch_bounds__(128) bwd_tokmajor_kernel(ConvParams p) {
     T* dx = static_cast<T*>(p.out) + b * p.out_stride_b + c0;
     const T* init = static_cast<const T*>(p.init);
     const T* dfinal = static_cast<const T*>(p.dfinal);
-    const int seq_last = seq_at(p, b, L - 1);
+    const int seq_last = seq_of<kSeq>(p, b, L - 1);
 
     for (int t0 = ts + threadIdx.y * kTok; t0 < te; t0 += kLanes * kTok) {
       const int t1 = min(t0 + kTok, te);
@@ -325,7 +369,7 @@ __global__ void __launch_bounds__(128) bwd_tokmajor_kernel(ConvParams p) {
 #pragma unroll
           for (int i = 0; i < kCh; ++i) { xw[q][i] = xw[q + 1][i]; gw[q][i] = gw[q + 1][i]; }
         }
-        sw[H] = pos < L ? seq_at(p, b, pos) : seq_last;
+        sw[H] = pos < L ? seq_of<kSeq>(p, b, pos) : seq_last;
 #pragma unroll
         for (int i = 0; i < kCh; ++i) {
           if (pos >= 0) xw[H][i] = xr[j].template get<A>(i);
@@ -340,13 +384,13 @@ __global__ void __launch_bounds__(128) bwd_tokmajor_kernel(ConvParams p) {
           for (int i = 0; i < kCh; ++i) {
             A pre = bias[i];
 #pragma unroll
-            for (int k = 0; k < W; ++k) pre += w[i][k] * (sw[k] == sw[H] ? xw[k][i] : A(0));
+            for (int k = 0; k < W; ++k) pre += w[i][k] * (same_doc<kSeq>(sw[k], sw[H]) ? xw[k][i] : A(0));
             const A g = gr[j - H].template get<A>(i) * activate_grad(pre, p.silu);
             gw[H][i] = g;
             if (pos < t1) {
               db[i] += g;
 #pragma unroll
-              for (int k = 0; k < W; ++k) dw[i][k] += g * (sw[k] == sw[H] ? xw[k][i] : A(0));
+              for (int k = 0; k < W; ++k) dw[i][k] += g * (same_doc<kSeq>(sw[k], sw[H]) ? xw[k][i] : A(0));
             }
           }
         }
@@ -360,8 +404,8 @@ __global__ void __launch_bounds__(128) bwd_tokmajor_kernel(ConvParams p) {
           for (int i = 0; i < kCh; ++i) {
             A acc = A(0);
 #pragma unroll
-            for (int k = 0; k < W; ++k) acc += w[i][k] * (sw[0] == sw[H - k] ? gw[H - k][i] : A(0));
-            if (dfinal != nullptr && s >= L - H && sw[0] == seq_last)
+            for (int k = 0; k < W; ++k) acc += w[i][k] * (same_doc<kSeq>(sw[0], sw[H - k]) ? gw[H - k][i] : A(0));
+            if (dfinal != nullptr && s >= L - H && same_doc<kSeq>(sw[0], seq_last))
               acc += to_acc<A>(dfinal[b * p.dfinal_stride_b + (c0 + i) * p.dfinal_stride_c + (s - (L - H)) * p.dfinal_stride_k]);
             g[i] = acc;
           }
@@ -376,6 +420,22 @@ __global__ void __launch_bounds__(128) bwd_tokmajor_kernel(ConvParams p) {
       }
     }
   }
+}
+
+// 3 blocks per SM for 16-bit types (a ~130-byte spill for W = 4, in exchange for 12 warps per SM);
+// 2 for fp32/fp64, whose wider accumulators would spill more.
+template <typename T, int W, int kTok>
+__global__ void __launch_bounds__(128, sizeof(T) == 2 ? 3 : 2) bwd_tokmajor_kernel(ConvParams p) {
+  using A = acc_t<T>;
+  constexpr int kCh = BwdCh<T>::value;
+  constexpr int kLanes = 4;
+  A dw[kCh][W], db[kCh];
+  if (p.seq_idx != nullptr) bwd_tokmajor_body<T, W, kTok, true>(p, dw, db);
+  else bwd_tokmajor_body<T, W, kTok, false>(p, dw, db);
+  const int c0 = (blockIdx.x * 32 + threadIdx.x) * kCh;
+  const bool active = c0 < p.dim;
+  const int split = blockIdx.y;
+  const int b = blockIdx.z;
   // Block reduction over the token lanes, in lane order, then one partial per (batch, split).
   __shared__ A red[kLanes][32 * kCh][W + 1];
 #pragma unroll
@@ -555,12 +615,12 @@ void launch_fwd_w(const ConvParams& p, cudaStream_t stream) {
   if (p.vectorized) {
     constexpr int kCh = 16 / sizeof(T);
     const dim3 block(32, 4);
-    if (p.fwd_tokens == 8) {
+    if (p.fwd_tokens == 4) {
+      const dim3 grid(cdiv(p.dim, 32 * kCh), cdiv(p.seqlen, 4 * 4), p.batch);
+      fwd_tokmajor_kernel<T, W, 4><<<grid, block, 0, stream>>>(p);
+    } else {
       const dim3 grid(cdiv(p.dim, 32 * kCh), cdiv(p.seqlen, 4 * 8), p.batch);
       fwd_tokmajor_kernel<T, W, 8><<<grid, block, 0, stream>>>(p);
-    } else {
-      const dim3 grid(cdiv(p.dim, 32 * kCh), cdiv(p.seqlen, 4 * 16), p.batch);
-      fwd_tokmajor_kernel<T, W, 16><<<grid, block, 0, stream>>>(p);
     }
   } else {
     const int64_t total = int64_t(p.batch) * p.dim * p.seqlen;
@@ -570,7 +630,7 @@ void launch_fwd_w(const ConvParams& p, cudaStream_t stream) {
 }
 
 // Token tile of the vectorised backward; the host picks split_len as a multiple of 4 * kBwdTok.
-constexpr int kBwdTok = 16;
+constexpr int kBwdTok = 8;
 
 template <typename T, int W>
 void launch_bwd_w(const ConvParams& p, cudaStream_t stream) {
@@ -591,7 +651,7 @@ void launch_bwd_w(const ConvParams& p, cudaStream_t stream) {
 
 template <typename T>
 void launch_fwd(const ConvParams& p, cudaStream_t stream) {
-  switch (p.width) {  // 3 widths x 3 kernels (2 vectorised tilings + generic) per dtype
+  switch (p.width) {  // 3 widths x 3 kernels (vectorised 4- and 8-token tiles + generic) per dtype
     case 2: launch_fwd_w<T, 2>(p, stream); break;
     case 3: launch_fwd_w<T, 3>(p, stream); break;
     default: launch_fwd_w<T, 4>(p, stream); break;

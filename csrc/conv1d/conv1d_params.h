@@ -68,7 +68,7 @@ struct ConvParams {
   // consecutive threads to consecutive tokens (channel-major data) rather than channels.
   bool vectorized;
   bool tok_fast;
-  int fwd_tokens;   // tokens per thread of the vectorised forward (8 or 16)
+  int fwd_tokens;   // tokens per thread of the vectorised forward (4 or 8)
 };
 
 // Update step: q new tokens per row against cached windows.
