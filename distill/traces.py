@@ -52,6 +52,30 @@ def read_prompts(path: str) -> list[tuple[str, str]]:
 
 
 @torch.no_grad()
+def greedy_batch(model, input_ids, attention_mask, max_new_tokens: int, end_ids: list[int]) -> torch.Tensor:
+    """Greedy decoding of a left-padded batch with the model's KV cache; finished rows are padded with
+    end_ids[0]. Returns (b, prompt + new) token ids."""
+    pos = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True)
+    ids, past = input_ids, out.past_key_values
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    ends = torch.tensor(end_ids, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        nxt = out.logits[:, -1].argmax(-1)
+        nxt = torch.where(done, ends[0], nxt)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        done |= torch.isin(nxt, ends)
+        if bool(done.all()):
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=nxt[:, None], attention_mask=attention_mask, position_ids=pos, past_key_values=past,
+                    use_cache=True)
+        past = out.past_key_values
+    return ids
+
+
+@torch.no_grad()
 def generate_traces(cfg: DistillConfig, prompts_path: str, out_path: str | Path, *, max_new_tokens: int = 200,
                     batch: int = 16, teacher=None, tokenizer=None, progress: bool = True) -> int:
     if teacher is None:
@@ -80,9 +104,9 @@ def generate_traces(cfg: DistillConfig, prompts_path: str, out_path: str | Path,
             texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                    add_generation_prompt=True) for _, p in chunk]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = teacher.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end_ids,
-                                   pad_token_id=tokenizer.pad_token_id)
-            for (where, prompt), row in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
+            prompt_len = enc["input_ids"].shape[1]
+            out = greedy_batch(teacher, enc["input_ids"], enc["attention_mask"], max_new_tokens, end_ids)
+            for (where, prompt), row in zip(chunk, out[:, prompt_len:]):
                 answer = tokenizer.decode(row, skip_special_tokens=True).strip()
                 if not answer:
                     print(f"distill: {where}: the teacher gave an empty answer; skipped", file=sys.stderr)
