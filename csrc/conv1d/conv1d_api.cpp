@@ -241,19 +241,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
   p.dinit = initial_states.has_value() ? dinit.data_ptr() : nullptr;
   p.vectorized = vectorizable(x) && vectorizable(dout);
 
-  // Token splits: about 4 blocks per SM in all; each split is a multiple of the block's token tile so
-  // no tile straddles two splits.
-  const int64_t target_blocks = 4 * int64_t(num_sms(x));
-  int64_t chan_blocks, tile;
+  // Token splits. Vectorised: one full wave of resident blocks (3 per SM for 16-bit types, 2 otherwise:
+  // the kernel's launch bounds), rounded down so no straggler wave; each block then loops over its split.
+  // Generic: about 4 blocks per SM. Each split is a multiple of the block's token tile so no tile
+  // straddles two splits.
+  int64_t chan_blocks, tile, target_blocks;
   if (p.vectorized) {
     chan_blocks = cdiv(s.dim, 32 * (x.element_size() == 8 ? 2 : 4));
     tile = 4 * 8;  // 4 token lanes x kBwdTok
+    target_blocks = (x.element_size() == 2 ? 3 : 2) * int64_t(num_sms(x));
   } else {
     chan_blocks = cdiv(s.dim, p.tok_fast ? 8 : 32);
     tile = p.tok_fast ? 32 : 8;
+    target_blocks = 4 * int64_t(num_sms(x));
   }
   const int64_t max_splits = cdiv(s.seqlen, tile);
-  int64_t nsplit = std::clamp<int64_t>(cdiv(target_blocks, chan_blocks * s.batch), 1, max_splits);
+  int64_t nsplit = std::clamp<int64_t>(target_blocks / (chan_blocks * s.batch), 1, max_splits);
   const int64_t split_len = cdiv(cdiv(s.seqlen, nsplit), tile) * tile;
   nsplit = cdiv(s.seqlen, split_len);
   TORCH_CHECK(nsplit <= 65535, "x: seqlen too long for the backward grid");
