@@ -207,8 +207,9 @@ def test_opcheck_cpu():
     torch.library.opcheck(mixer_step_out_op, (*args, out))
 
 
-def test_compile_fullgraph_does_not_copy_the_caches():
-    """torch.compile re-inplaces the mutated caches: no clone / copy of conv_state or ssm_state in the code."""
+@pytest.mark.parametrize("use_out", [False, True], ids=["returns-y", "out="])
+def test_compile_fullgraph_does_not_copy_the_caches(use_out):
+    """torch.compile re-inplaces the mutated caches (and out): no clone / copy of them in the code."""
     from torch._inductor.utils import run_and_get_code
 
     dims = SMALL
@@ -217,14 +218,17 @@ def test_compile_fullgraph_does_not_copy_the_caches():
     conv, ssm = make_caches(3, dims["d_inner"], dims["d_xb"], 16, dims["d_xb"], 3, torch.float32, torch.float32)
     conv1, ssm1 = conv.clone(), ssm.clone()
     slots = torch.tensor([2, 0], dtype=torch.int32)
+    out = torch.full((2, 1, dims["d_inner"]), float("nan")) if use_out else None
 
-    def step(zxbc, dt_low, conv, ssm, slots):
-        return run_step(zxbc, dt_low, conv, ssm, slots, layer, dims)
+    def step(zxbc, dt_low, conv, ssm, slots, out):
+        return run_step(zxbc, dt_low, conv, ssm, slots, layer, dims, out=out)
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
-    y, codes = run_and_get_code(compiled, zxbc, dt_low, conv, ssm, slots)
-    want = step(zxbc, dt_low, conv1, ssm1, slots)
+    y, codes = run_and_get_code(compiled, zxbc, dt_low, conv, ssm, slots, out)
+    want = step(zxbc, dt_low, conv1, ssm1, slots, None)
+    if use_out:
+        assert y is out or torch.equal(y, out)
     torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ssm, ssm1, rtol=1e-6, atol=1e-6)  # the caches really were updated in place
     assert torch.equal(conv, conv1)
@@ -233,7 +237,8 @@ def test_compile_fullgraph_does_not_copy_the_caches():
     code = "\n".join(codes)
     body = code[code.index("def call(") :]
     body = body[: body.index("return (")]
-    assert "apriel.mixer_step.default(" in body, f"the compiled code does not call the op:\n{body}"
+    op = "apriel.mixer_step_out.default(" if use_out else "apriel.mixer_step.default("
+    assert op in body, f"the compiled code does not call the op:\n{body}"
     for word in ("clone", "copy_", "empty_strided", "empty(", "cpp_fused"):
         assert word not in body, f"compiled code contains {word!r} (a copy of a cache?):\n{body}"
 
