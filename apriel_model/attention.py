@@ -47,12 +47,13 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
             ~valid.view(b, 1, splits, chunk), neg)
         bias = bias.expand(b, kv, splits, chunk).reshape(b, kv * splits, 1, chunk).expand(b, kv * splits, g, chunk)
         bias = bias.contiguous()  # the kernel wants a dense, 16-aligned bias
-        any_valid = valid.view(b, 1, splits, chunk).any(-1, keepdim=True)  # (b, 1, splits, 1)
+        # -inf for chunks with no valid key: their (finite, meaningless) partial results get weight 0
+        empty = valid.view(b, 1, splits, chunk).any(-1, keepdim=True).logical_not()  # (b, 1, splits, 1)
+        any_valid = torch.zeros(empty.shape, dtype=torch.float32, device=q.device).masked_fill_(empty, float("-inf"))
         if memo is not None:
             memo[key] = (bias, any_valid)
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qs, k, v, bias, True, scale=scale)[:2]
-    lse = lse[..., :g].float().view(b, kv, splits, g)
-    lse = torch.where(any_valid, lse, torch.full_like(lse, float("-inf")))
-    weights = torch.softmax(lse, dim=2)  # over chunks; chunk 0 always holds a valid key
-    out = torch.nan_to_num(out.float().view(b, kv, splits, g, d))
-    return (out * weights[..., None]).sum(dim=2).to(q.dtype)
+    # weights over chunks (some chunk always holds the current token's key, so a row never is all -inf)
+    weights = torch.softmax(lse[..., :g].view(b, kv, splits, g) + any_valid, dim=2)
+    merged = (out.view(b, kv, splits, g, d) * weights[..., None]).sum(dim=2)  # bf16 * fp32 -> fp32, one kernel
+    return merged.to(q.dtype)

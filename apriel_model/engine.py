@@ -100,6 +100,10 @@ class Engine:
             raise ValueError(f"prefill_chunk: expected >= 1, got {prefill_chunk}")
         self.model = model.eval()
         self.config = model.config
+        for module in model.modules():  # the ops take A_log and D in fp32: convert once, not every step
+            if hasattr(module, "A_log") and hasattr(module, "D") and module.A_log.dtype != torch.float32:
+                module.A_log.data = module.A_log.data.float()
+                module.D.data = module.D.data.float()
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.cache = HybridCache(self.config, max_batch, max_seqlen, device=self.device, dtype=self.dtype,

@@ -61,8 +61,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        if x.is_cuda:  # torch's fused kernel: same math, 3 launches instead of 7 in the decode graph
-            return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.variance_epsilon).to(dtype)
+        if x.is_cuda:  # torch's fused kernel (fp32 statistics, weight applied before the final rounding):
+            # one launch instead of 7 in the decode graph; within one rounding of the formula below
+            return F.rms_norm(x, (x.shape[-1],), self.weight.to(dtype), eps=self.variance_epsilon)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * h.to(dtype)
