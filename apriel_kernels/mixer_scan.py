@@ -40,6 +40,7 @@ def _scan_reference(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_pro
     return y, ssm.to(state_dtype(zxbc.dtype)), conv
 
 
+KERNEL_D_STATE = 16  # the CUDA kernels keep 16 states per channel in registers
 CHUNK = 32  # tokens between the CUDA forward's state checkpoints (csrc/scan/scan_common.cuh kChunk)
 
 
@@ -213,6 +214,11 @@ def mixer_scan(
         if initial_conv_state.shape[1] not in allowed or initial_conv_state.shape[2] < conv_weight.shape[1] - 1:
             raise ValueError(f"initial_conv_state: expected (batch, one of {allowed}, >= {conv_weight.shape[1] - 1}), got {tuple(initial_conv_state.shape)}")
     V.check_tensor("seq_idx", seq_idx, ("batch", "seqlen"), V.INDEX_DTYPES, device=dev, sizes=sizes, optional=True)
+    if _use_kernel(zxbc) and d_state != KERNEL_D_STATE:
+        raise ValueError(f"d_state: the CUDA mixer scan is written for d_state = 16, got {d_state} "
+                         "(float64 inputs run the reference)")
+    if _use_kernel(zxbc) and dt_low.shape[-1] > 32:
+        raise ValueError(f"dt_low: the CUDA mixer scan supports dt_rank <= 32, got {dt_low.shape[-1]}")
     # Checkpoints only when a backward can follow (they cost 8 KB per token of memory traffic).
     tensors = (zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D, initial_ssm_state,
                initial_conv_state)

@@ -14,6 +14,7 @@
 #pragma once
 #include "../common/cuda_check.h"
 #include "scan_common.cuh"
+#include "scan_tile.cuh"
 
 namespace apriel {
 namespace scan {
@@ -21,18 +22,103 @@ namespace scan {
 template <typename T, int K>
 struct BwdSmem {
   Tile tile;
-  float dtw[kN][kMaxR + 1];
-  float u[kChunk][kN], dl[kChunk][kN], cv[kChunk][kN], v[kChunk][kN], dys[kChunk][kN], ysc[kChunk][kN];
-  float ddl[kChunk][kN], du[kChunk][kN];
-  float dco[kChunk + kHalo][kN];  // d(conv pre-activation); rows kChunk.. = first rows of the chunk after
-  int seq_next[kHalo];
-  float redB[K / 2][kChunk][kN], redC[K / 2][kChunk][kN];  // per-warp partial sums over channels
-  float accs[kN * K / kN][kN][7];                           // final per-channel reductions (fixed order)
+  alignas(16) float dtw[kN][kMaxR + 4];
+  alignas(16) float u[kChunk][kN], dl[kChunk][kN], cv[kChunk][kN], v[kChunk][kN], dys[kChunk][kN], ysc[kChunk][kN];
+  alignas(16) float ddl[kChunk][kN], du[kChunk][kN];
+  alignas(16) float dco[kChunk + kHalo][kN];  // d(conv pre-activation); rows kChunk.. = first rows of the chunk after
+  alignas(16) int seq_next[kHalo];
+  alignas(16) float vB[kChunk][kN][kN], vC[kChunk][kN][kN];  // per (token, channel, state): summed over channels after the loop
+  alignas(16) float accs[kN * K / kN][kN][7];                           // final per-channel reductions (fixed order)
 };
+
+// Steps 2-3 for one chunk and this thread's NS states: recompute h_t from the checkpoint, then run the
+// reverse recurrence. Full unrolling with compile-time register indices (hs[t][s]); no branches when kFull
+// so independent work of neighbouring tokens interleaves; per-token reductions are deferred to the end
+// (reduce_scatter over the K lanes; smem for the sums over channels).
+template <int K, bool kSeq, bool kFull, typename Sm>
+__device__ __forceinline__ void bwd_chunk(const Tile& S, Sm& sm, const float (&A2)[kN / K], const float (&An)[kN / K],
+                                          const float (&h0)[kN / K], float (&hs)[kChunk][kN / K], float (&g)[kN / K],
+                                          float (&dAlog)[kN / K], int sch, int j, int Tv) {
+  constexpr int NS = kN / K;
+  {
+    float h[NS], acc[kChunk];
+#pragma unroll
+    for (int s = 0; s < NS; ++s) h[s] = h0[s];
+#pragma unroll
+    for (int t = 0; t < kChunk; ++t) {
+      acc[t] = 0.f;
+      if (kFull || t < Tv) {
+        const float keep = (!kSeq || S.seq[t + kHalo] == S.seq[t + kHalo - 1]) ? 1.f : 0.f;
+        const float dl = sm.dl[t][sch];
+        const float du = dl * sm.u[t][sch];
+        float Bv[NS], Cv[NS];
+        load_states<NS>(&S.B[t][j * NS], Bv);
+        load_states<NS>(&S.C[t][j * NS], Cv);
+        float a = 0.f;
+#pragma unroll
+        for (int s = 0; s < NS; ++s) {
+          float dA = ex2(dl * A2[s]);
+          if (kSeq) dA *= keep;
+          h[s] = fmaf(dA, h[s], du * Bv[s]);
+          hs[t][s] = h[s];
+          a = fmaf(Cv[s], h[s], a);
+        }
+        acc[t] = a;
+      }
+    }
+    int base;
+    reduce_scatter<K>(acc, j, base);
+#pragma unroll
+    for (int i = 0; i < kChunk / K; ++i)
+      if (base + i < Tv) sm.ysc[base + i][sch] = acc[i];
+  }
+  float pdv[kChunk], puv[kChunk];
+#pragma unroll
+  for (int t = kChunk - 1; t >= 0; --t) {
+    pdv[t] = 0.f;
+    puv[t] = 0.f;
+    if (kFull || t < Tv) {
+      const float keep = (!kSeq || S.seq[t + kHalo] == S.seq[t + kHalo - 1]) ? 1.f : 0.f;
+      const float dl = sm.dl[t][sch], uu = sm.u[t][sch], dyc = sm.dys[t][sch];
+      float Bv[NS], Cv[NS], vb[NS], vc[NS];
+      load_states<NS>(&S.B[t][j * NS], Bv);
+      load_states<NS>(&S.C[t][j * NS], Cv);
+      float pd = 0.f, pu = 0.f;
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        g[s] = fmaf(Cv[s], dyc, g[s]);  // dL/dh_t
+        float dA = ex2(dl * A2[s]);
+        if (kSeq) dA *= keep;           // a document start cuts both h_{t-1} -> h_t and the adjoint
+        const float hp = t > 0 ? hs[t > 0 ? t - 1 : 0][s] : h0[s];
+        const float gA = g[s] * hp * dA * An[s];  // dL/d(delta) through the decay
+        pd += fmaf(g[s] * Bv[s], uu, gA);
+        pu = fmaf(g[s], Bv[s], pu);
+        dAlog[s] = fmaf(gA, dl, dAlog[s]);
+        vb[s] = g[s] * dl * uu;
+        vc[s] = dyc * hs[t][s];
+        g[s] *= dA;
+      }
+      pdv[t] = pd;
+      puv[t] = pu * dl;
+      store_states<NS>(&sm.vB[t][sch][j * NS], vb);
+      store_states<NS>(&sm.vC[t][sch][j * NS], vc);
+    }
+  }
+  int base;
+  reduce_scatter<K>(pdv, j, base);
+  reduce_scatter<K>(puv, j, base);
+#pragma unroll
+  for (int i = 0; i < kChunk / K; ++i) {
+    if (base + i < Tv) {
+      sm.ddl[base + i][sch] = pdv[i];
+      sm.du[base + i][sch] = puv[i];
+    }
+  }
+}
 
 template <typename T, int K>
 __global__ void __launch_bounds__(kN * K) mixer_scan_bwd_kernel(MixerScanParams p) {
-  constexpr int NT = kN * K, NS = kN / K, NWARP = NT / 32;
+  constexpr int NT = kN * K, NS = kN / K;
   static_assert(NT % 32 == 0, "K >= 2");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   BwdSmem<T, K>& sm = *reinterpret_cast<BwdSmem<T, K>*>(smem_raw);
@@ -49,7 +135,7 @@ __global__ void __launch_bounds__(kN * K) mixer_scan_bwd_kernel(MixerScanParams 
   for (int i = tid; i < (kChunk + kHalo) * kN; i += NT) (&sm.dco[0][0])[i] = 0.f;
   const float Dp = p.Dskip[c0 + pch];
 
-  const int sch = tid / K, j = tid % K, lane = tid % 32, warp = tid / 32;
+  const int sch = tid / K, j = tid % K;
   const int cs = c0 + sch;
   float A2[NS], An[NS], g[NS], dAlog[NS];
 #pragma unroll
@@ -98,86 +184,16 @@ __global__ void __launch_bounds__(kN * K) mixer_scan_bwd_kernel(MixerScanParams 
     }
     __syncthreads();
 
-    // 2. recompute the chunk's states from the checkpoint
+    // 2. recompute the chunk's states from the checkpoint (kept in registers: hs[t][s])
     float h0[NS], hs[kChunk][NS];
 #pragma unroll
     for (int s = 0; s < NS; ++s) h0[s] = p.ckpt_in[(((int64_t)b * n_chunks + chunk) * D + cs) * kN + j * NS + s];
-    {
-      float h[NS];
-#pragma unroll
-      for (int s = 0; s < NS; ++s) h[s] = h0[s];
-#pragma unroll
-      for (int t = 0; t < kChunk; ++t) {
-        if (t < Tv) {
-          if (has_seq && t0 + t > 0 && S.seq[t + kHalo] != S.seq[t + kHalo - 1]) {
-#pragma unroll
-            for (int s = 0; s < NS; ++s) h[s] = 0.f;
-          }
-          const float dl = sm.dl[t][sch];
-          const float du = dl * sm.u[t][sch];
-          float acc = 0.f;
-#pragma unroll
-          for (int s = 0; s < NS; ++s) {
-            const int n = j * NS + s;
-            h[s] = fmaf(ex2(dl * A2[s]), h[s], du * S.B[t][n]);
-            hs[t][s] = h[s];
-            acc = fmaf(S.C[t][n], h[s], acc);
-          }
-#pragma unroll
-          for (int off = 1; off < K; off <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-          if (j == 0) sm.ysc[t][sch] = acc;
-        }
-      }
-    }
-
-    // 3. reverse recurrence
-#pragma unroll
-    for (int t = kChunk - 1; t >= 0; --t) {
-      if (t < Tv) {
-        const bool reset = has_seq && t0 + t > 0 && S.seq[t + kHalo] != S.seq[t + kHalo - 1];
-        const float dl = sm.dl[t][sch], uu = sm.u[t][sch], dyc = sm.dys[t][sch];
-        float pd = 0.f, pu = 0.f, vB[NS], vC[NS];
-#pragma unroll
-        for (int s = 0; s < NS; ++s) {
-          const int n = j * NS + s;
-          g[s] = fmaf(S.C[t][n], dyc, g[s]);  // dL/dh_t
-          const float dA = ex2(dl * A2[s]);
-          const float hp = reset ? 0.f : (t > 0 ? hs[t > 0 ? t - 1 : 0][s] : h0[s]);
-          const float gA = g[s] * hp * dA * An[s];  // dL/d(delta A) through the decay
-          const float Bn = S.B[t][n];
-          pd += gA + g[s] * Bn * uu;
-          pu = fmaf(g[s], Bn, pu);
-          dAlog[s] = fmaf(gA, dl, dAlog[s]);
-          vB[s] = g[s] * dl * uu;
-          vC[s] = dyc * hs[t][s];
-          g[s] = reset ? 0.f : g[s] * dA;
-        }
-        pu *= dl;
-#pragma unroll
-        for (int off = 1; off < K; off <<= 1) {
-          pd += __shfl_xor_sync(0xffffffffu, pd, off);
-          pu += __shfl_xor_sync(0xffffffffu, pu, off);
-        }
-        if (j == 0) {
-          sm.ddl[t][sch] = pd;
-          sm.du[t][sch] = pu;
-        }
-#pragma unroll
-        for (int off = K; off < 32; off <<= 1) {
-#pragma unroll
-          for (int s = 0; s < NS; ++s) {
-            vB[s] += __shfl_xor_sync(0xffffffffu, vB[s], off);
-            vC[s] += __shfl_xor_sync(0xffffffffu, vC[s], off);
-          }
-        }
-        if (lane < K) {
-#pragma unroll
-          for (int s = 0; s < NS; ++s) {
-            sm.redB[warp][t][j * NS + s] = vB[s];
-            sm.redC[warp][t][j * NS + s] = vC[s];
-          }
-        }
-      }
+    if (Tv == kChunk) {
+      if (has_seq) bwd_chunk<K, true, true>(S, sm, A2, An, h0, hs, g, dAlog, sch, j, Tv);
+      else bwd_chunk<K, false, true>(S, sm, A2, An, h0, hs, g, dAlog, sch, j, Tv);
+    } else {
+      if (has_seq) bwd_chunk<K, true, false>(S, sm, A2, An, h0, hs, g, dAlog, sch, j, Tv);
+      else bwd_chunk<K, false, false>(S, sm, A2, An, h0, hs, g, dAlog, sch, j, Tv);
     }
     __syncthreads();
 
@@ -207,14 +223,14 @@ __global__ void __launch_bounds__(kN * K) mixer_scan_bwd_kernel(MixerScanParams 
         p.ddt_pre[((int64_t)b * L + t0 + t) * rowD + c0 + pch] = sm.ddl[t][pch] * (vv > 20.f ? 1.f : sigmoidf_(vv));
       }
     }
-    // 4b. dB (partial per head), dC (complete per head)
+    // 4b. dB (partial per head), dC (complete per head): sums over the head's 16 channels, fixed order
     for (int i = tid; i < kN * Tv; i += NT) {
       const int t = i / kN, n = i % kN;
       float sb = 0.f, sc = 0.f;
 #pragma unroll
-      for (int w = 0; w < NWARP; ++w) {
-        sb += sm.redB[w][t][n];
-        sc += sm.redC[w][t][n];
+      for (int ch = 0; ch < kN; ++ch) {
+        sb += sm.vB[t][ch][n];
+        sc += sm.vC[t][ch][n];
       }
       p.dB_part[(((int64_t)b * L + t0 + t) * (D / kN) + head) * kN + n] = sb;
       drow[t * rowZ + D + 2 * p.d_xb + c0 + n] = from_f<T>(sc);

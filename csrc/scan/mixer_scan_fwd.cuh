@@ -11,6 +11,7 @@
 #pragma once
 #include "../common/cuda_check.h"
 #include "scan_common.cuh"
+#include "scan_tile.cuh"
 
 namespace apriel {
 namespace scan {
@@ -18,11 +19,39 @@ namespace scan {
 template <typename T, int K>
 struct FwdSmem {
   Tile tile;
-  float dtw[kN][kMaxR + 1];
-  float u[kChunk][kN];
-  float dl[kChunk][kN];
-  float y[kChunk][kN];
+  alignas(16) float dtw[kN][kMaxR + 4];
+  alignas(16) float2 ud[kChunk][kN];  // (delta, u) per (token, channel): one 8-byte load in the scan
+  alignas(16) float y[kChunk][kN];
 };
+
+// One tile of the recurrence for this thread's NS states; acc[t] = its share of C_t . h_t.
+// A document start (seq change) zeroes the decay of that token: h = 0 * h + delta u B.
+template <int K, bool kSeq, bool kFull>
+__device__ __forceinline__ void scan_tile(const Tile& S, const float2 (*ud)[kN], const float (&A2)[kN / K],
+                                          float (&h)[kN / K], float (&acc)[kChunk], int sch, int j, int Tv) {
+  constexpr int NS = kN / K;
+#pragma unroll
+  for (int t = 0; t < kChunk; ++t) {
+    acc[t] = 0.f;
+    if (kFull || t < Tv) {  // kFull: no branch at all, so the unrolled tokens interleave
+      const float2 dlu = ud[t][sch];
+      const float du = dlu.x * dlu.y;
+      float Bv[NS], Cv[NS];
+      load_states<NS>(&S.B[t][j * NS], Bv);
+      load_states<NS>(&S.C[t][j * NS], Cv);
+      const float keep = (!kSeq || S.seq[t + kHalo] == S.seq[t + kHalo - 1]) ? 1.f : 0.f;
+      float a = 0.f;
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        float dA = ex2(dlu.x * A2[s]);
+        if (kSeq) dA *= keep;
+        h[s] = fmaf(dA, h[s], du * Bv[s]);
+        a = fmaf(Cv[s], h[s], a);
+      }
+      acc[t] = a;
+    }
+  }
+}
 
 template <typename T, int K>
 __global__ void __launch_bounds__(kN * K, K == 8 ? 3 : 4) mixer_scan_fwd_kernel(MixerScanParams p) {
@@ -70,8 +99,8 @@ __global__ void __launch_bounds__(kN * K, K == 8 ? 3 : 4) mixer_scan_fwd_kernel(
     for (int k = 0; k < kN * kChunk / NT; ++k) {
       const int t = tid / kN + k * (NT / kN);
       if (t < Tv) {
-        sm.u[t][pch] = [&] { const float v = conv_pre(S, pk, pch, t); return v * sigmoidf_(v); }();
-        sm.dl[t][pch] = softplusf_(dt_pre2(S, sm.dtw, pk, pch, t, R));
+        const float cv = conv_pre(S, pk, pch, t);
+        sm.ud[t][pch] = make_float2(softplusf_(dt_pre2(S, sm.dtw, pk, pch, t, R)), cv * sigmoidf_(cv));
       }
     }
     if (p.ckpt != nullptr) {
@@ -81,27 +110,24 @@ __global__ void __launch_bounds__(kN * K, K == 8 ? 3 : 4) mixer_scan_fwd_kernel(
     }
     __syncthreads();
 
-#pragma unroll 4
-    for (int t = 0; t < Tv; ++t) {
-      if (has_seq && t0 + t > 0 && S.seq[t + kHalo] != S.seq[t + kHalo - 1]) {
+    // Scan: the time loop is fully unrolled and branch-free so the exp2s of later tokens overlap the
+    // h chain; the per-token readouts stay in registers and are reduced over the K lanes afterwards.
+    float acc[kChunk];
+    if (Tv == kChunk) {
+      if (has_seq) scan_tile<K, true, true>(S, sm.ud, A2, h, acc, sch, j, Tv);
+      else scan_tile<K, false, true>(S, sm.ud, A2, h, acc, sch, j, Tv);
+    } else {
+      if (has_seq) scan_tile<K, true, false>(S, sm.ud, A2, h, acc, sch, j, Tv);
+      else scan_tile<K, false, false>(S, sm.ud, A2, h, acc, sch, j, Tv);
+    }
+    int base;
+    reduce_scatter<K>(acc, j, base);
 #pragma unroll
-        for (int s = 0; s < NS; ++s) h[s] = 0.f;  // document start: the state resets
-      }
-      const float dl = sm.dl[t][sch], uu = sm.u[t][sch];
-      const float du = dl * uu;
-      float acc = 0.f;
-#pragma unroll
-      for (int s = 0; s < NS; ++s) {
-        const int n = j * NS + s;
-        const float dA = ex2(dl * A2[s]);
-        h[s] = fmaf(dA, h[s], du * S.B[t][n]);
-        acc = fmaf(S.C[t][n], h[s], acc);
-      }
-#pragma unroll
-      for (int off = 1; off < K; off <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-      if (j == 0) {
+    for (int i = 0; i < kChunk / K; ++i) {
+      const int t = base + i;
+      if (t < Tv) {
         const float zz = S.z[t][sch];
-        sm.y[t][sch] = (acc + Dc * uu) * zz * sigmoidf_(zz);
+        sm.y[t][sch] = (acc[i] + Dc * sm.ud[t][sch].y) * zz * sigmoidf_(zz);
       }
     }
     __syncthreads();

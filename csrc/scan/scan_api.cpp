@@ -105,7 +105,8 @@ void launch_bwd(const MixerScanParams& p, at::ScalarType st) {
 // there are enough channels to occupy every SM. APRIEL_SCAN_K overrides (benchmarks).
 int64_t choose_k(const Dims& d) {
   if (const char* env = std::getenv("APRIEL_SCAN_K")) return std::atoi(env) == 4 ? 4 : 8;
-  return d.b * d.D >= 4 * 4096 ? 4 : 8;
+  (void)d;  // K = 4 spills registers in this version (see docs/notes/scan.md); 8 everywhere
+  return 8;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> mixer_scan_fwd_cuda(
@@ -218,8 +219,8 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
     dcw = dcw.view({G, d.r, kN, d.W}).sum(1).view({d.X, d.W});
     dcb = dcb.view({G, d.r, kN}).sum(1).view({d.X});
   }
-  Tensor empty = zxbc.new_empty({0});
-  Tensor dinit_conv = empty;
+  auto empty = [&] { return zxbc.new_empty({0}); };  // a fresh one per absent input: outputs must not alias
+  Tensor dinit_conv = empty();
   if (init_conv) {
     const Tensor& ic = *init_conv;
     Tensor full = at::zeros(ic.sizes(), f32);
@@ -235,12 +236,12 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   return {dzxbc,
           ddt_low,
           dcw.to(conv_weight.scalar_type()),
-          conv_bias ? dcb.to(conv_bias->scalar_type()) : empty,
+          conv_bias ? dcb.to(conv_bias->scalar_type()) : empty(),
           ddt_w,
           ddt_b,
           dAlog_part.sum(0).to(A_log.scalar_type()),
           dD_part.sum(0).to(Dskip.scalar_type()),
-          init_ssm ? dinit_ssm.view(init_ssm->sizes()).to(init_ssm->scalar_type()) : empty,
+          init_ssm ? dinit_ssm.view(init_ssm->sizes()).to(init_ssm->scalar_type()) : empty(),
           dinit_conv};
 }
 

@@ -40,13 +40,13 @@ __device__ __forceinline__ float softplusf_(float v) { return v > 20.f ? v : log
 
 // The staged tile (fp32). Rows of x / seq: position t0 - kHalo + i.
 struct Tile {
-  float x[kChunk + kHalo][kN];
-  float B[kChunk][kN];
-  float C[kChunk][kN];
-  float z[kChunk][kN];
-  float dy[kChunk][kN];        // backward only
-  float dt[kChunk][kMaxR + 1]; // +1: the two token rows a warp reads sit in different banks
-  int seq[kChunk + kHalo];
+  alignas(16) float x[kChunk + kHalo][kN];
+  alignas(16) float B[kChunk][kN];
+  alignas(16) float C[kChunk][kN];
+  alignas(16) float z[kChunk][kN];
+  alignas(16) float dy[kChunk][kN];        // backward only
+  alignas(16) float dt[kChunk][kMaxR + 4]; // +4: rows stay 16-byte aligned and a warp's two rows use different banks
+  alignas(16) int seq[kChunk + kHalo];
 };
 
 // Global -> registers -> smem staging, so the loads of tile i+1 are in flight while tile i computes.
@@ -184,10 +184,18 @@ __device__ __forceinline__ float conv_pre(const Tile& S, const PrepConsts& k, in
 }
 
 // dt_proj (R-wide dot, the Linear's bias) plus the bias again (delta_bias): the softplus input.
-__device__ __forceinline__ float dt_pre2(const Tile& S, const float (*dtw)[kMaxR + 1], const PrepConsts& k,
+__device__ __forceinline__ float dt_pre2(const Tile& S, const float (*dtw)[kMaxR + 4], const PrepConsts& k,
                                          int ch, int t, int R) {
   float acc = 2.f * k.dtb;
-  for (int i = 0; i < R; ++i) acc = fmaf(dtw[ch][i], S.dt[t][i], acc);
+  if ((R & 3) == 0) {
+    for (int i = 0; i < R; i += 4) {
+      const float4 w = *reinterpret_cast<const float4*>(&dtw[ch][i]);
+      const float4 v = *reinterpret_cast<const float4*>(&S.dt[t][i]);
+      acc = fmaf(w.x, v.x, fmaf(w.y, v.y, fmaf(w.z, v.z, fmaf(w.w, v.w, acc))));
+    }
+  } else {
+    for (int i = 0; i < R; ++i) acc = fmaf(dtw[ch][i], S.dt[t][i], acc);
+  }
   return acc;
 }
 
