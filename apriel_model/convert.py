@@ -193,7 +193,7 @@ def _mil_init(mixer, attn_sd: dict, config: AprielHybridConfig, mapping: str, ge
     for lin in (mixer.in_proj, mixer.dt_in_proj, mixer.out_proj):
         if lin.bias is not None:
             lin.bias.zero_()
-    mixer.init_mixer_params(generator=generator if dev.type == "cpu" else None)
+    mixer.init_mixer_params(generator=generator)
 
 
 @torch.no_grad()
@@ -222,8 +222,13 @@ def convert_to_hybrid(
     sd = teacher.state_dict()
     ref = next(iter(sd.values()))
     dtype = dtype or ref.dtype
-    with torch.device(ref.device):
-        model = AprielHybridForCausalLM(cfg).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: a 15B model never exists in fp32
+    try:
+        with torch.device(ref.device):
+            model = AprielHybridForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
     generator = torch.Generator().manual_seed(seed)
     own = model.state_dict()
     new_sd = {}

@@ -227,7 +227,7 @@ class MambaMixer(nn.Module):
         dt_proj.weight ~ U(+-dt_scale R^-0.5); dt_proj.bias = softplus^-1(dt), dt ~ exp(U[log dt_min, log
         dt_max]) clamped >= dt_init_floor; A_log[c, n] = log(n + 1); D = 1; conv1d PyTorch default."""
         std = self.dt_rank ** -0.5 * self.dt_scale
-        dev = self.dt_proj.weight.device
+        dev = "cpu"  # random draws on the CPU (a CPU generator seeds them on any device), then copied
         w = (torch.rand(self.dt_proj.weight.shape, generator=generator, device=dev) * 2 - 1) * std
         hf_init.copy_(self.dt_proj.weight, w)
         u = torch.rand(self.d_inner, generator=generator, device=dev)
