@@ -211,6 +211,16 @@ def measure_layout(args, layout: str, device: torch.device) -> dict:
     return row
 
 
+def _write(args, rows: list[dict]) -> None:
+    rows_mod = _rows_module()
+    if rows_mod is not None:
+        stamped = rows_mod.stamp(rows, rows_mod.environment())
+        rows_mod.write_json(args.out, stamped, meta={"script": "bench/e2e_decode.py", "args": vars(args)})
+    else:
+        with open(args.out, "w") as f:
+            json.dump({"meta": {"args": vars(args)}, "rows": rows}, f, indent=1, default=str)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="e2e_decode.json")
@@ -247,6 +257,7 @@ def main(argv=None) -> int:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        _write(args, rows)  # after every layout: a run cut short still leaves its rows
         r = rows[-1]
         print(f"{layout:14s} status={r['status']} batch={r.get('batch')} p50={r.get('p50_ms', float('nan')):.2f} ms "
               f"tok/s={r.get('tokens_per_s', float('nan')):.0f} %bound={r.get('pct_of_floor', float('nan')):.1f} "
@@ -264,14 +275,15 @@ def main(argv=None) -> int:
                          "batch": r["batch"], "baseline_batch": base["batch"], "context": args.context,
                          "layers": args.layers})
             print(f"{r['layout']:14s} speedup over all-attention: {rows[-1]['speedup']:.2f}x", flush=True)
-    rows_mod = _rows_module()
-    if rows_mod is not None:
-        env = rows_mod.environment()
-        rows = rows_mod.stamp(rows, env)
-        rows_mod.write_json(args.out, rows, meta={"script": "bench/e2e_decode.py", "args": vars(args)})
-    else:
-        with open(args.out, "w") as f:
-            json.dump({"meta": {"args": vars(args)}, "rows": rows}, f, indent=1, default=str)
+    _write(args, rows)
+    print(f"{'layout':14s} {'batch':>5s} {'p50 ms':>8s} {'tok/s':>8s} {'%bound':>7s} {'cacheGB':>8s} {'peakGB':>7s} "
+          f"{'splits':>6s} {'graph':>5s} {'speedup':>7s}")
+    speed = {r["layout"]: r["speedup"] for r in rows if r["op"] == "model_decode_speedup"}
+    for r in rows:
+        if r["op"] == "model_decode" and r["status"] == "ok":
+            print(f"{r['layout']:14s} {r['batch']:5d} {r['p50_ms']:8.2f} {r['tokens_per_s']:8.0f} "
+                  f"{r['pct_of_floor']:7.1f} {r['cache_gb']:8.1f} {r['mem_peak_gb']:7.1f} {r['decode_splits']:6d} "
+                  f"{str(r['cuda_graph']):>5s} {speed.get(r['layout'], 1.0):7.2f}")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
