@@ -500,8 +500,11 @@ def test_cuda_float64_matches_reference(layout, poison):
     dx, dw, db, dinit = causal_conv1d_bwd(x, w, bias, seq_idx, init, dout, dfinal, True)
     want = _conv_bwd_torch(x, w, bias, seq_idx, init, dout, dfinal, True)
     torch.testing.assert_close(dx, want[0], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(dw, want[1].float(), rtol=1e-6, atol=1e-6)  # dweight is fp32 by contract
-    torch.testing.assert_close(db, want[2].float(), rtol=1e-6, atol=1e-6)
+    # dweight/dbias are fp32 by contract: per-block partials are stored and summed in fp32 (up to
+    # batch * splits of them), so allow fp32 accumulation error relative to the largest entry.
+    for name, got, ref in (("dweight", dw, want[1]), ("dbias", db, want[2])):
+        tol = 2e-5 * max(1.0, ref.abs().max().item())
+        assert (got.double() - ref).abs().max().item() <= tol, name
     torch.testing.assert_close(dinit, want[3], rtol=1e-12, atol=1e-12)
 
 
@@ -523,7 +526,9 @@ def test_cuda_fwd_both_tilings(width, seqlen, features, tokens, monkeypatch, poi
 
 
 _RAW_OP_ERRORS = textwrap.dedent("""
-    import torch, apriel_kernels  # noqa: F401  (loads the extension)
+    import torch
+    from apriel_kernels._ext import load_error
+    assert load_error() is None, load_error()  # loads apriel_kernels._C, registering torch.ops.apriel_C
     x = torch.randn(2, 9, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     w = torch.randn(64, 4, device="cuda", dtype=torch.bfloat16)
     kernel = torch.ops.apriel_C.causal_conv1d_fwd

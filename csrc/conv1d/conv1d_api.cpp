@@ -154,16 +154,15 @@ void fill_common(ConvParams& p, const Checked& s, const Tensor& x, const Tensor&
     default: TORCH_CHECK(false, "x: unsupported dtype ", dtype);                               \
   }
 
-// Tokens per thread of the vectorised forward: 8 (fewer halo re-reads) unless that leaves fewer than
-// 8 blocks per SM, then 4 (more parallelism for short or narrow inputs). APRIEL_CONV1D_FWD_TOKENS=4|8
-// overrides it (benchmark sweeps, tests of both tilings).
-int fwd_tokens(int64_t batch, int64_t dim, int64_t seqlen, int64_t elem_size, int sms) {
+// Tokens per thread of the vectorised forward: 8. Measured on the H100 (bench/results/conv1d_h100.json,
+// rows apriel[tok4] / apriel[tok8]) the 8-token tile was as fast or faster at every benchmark shape,
+// including the small b1 L8192 C1024 grid (0.030 vs 0.062 ms). APRIEL_CONV1D_FWD_TOKENS=4 selects the
+// 4-token tile (benchmark sweeps, tests of both tilings).
+int fwd_tokens() {
   if (const char* env = std::getenv("APRIEL_CONV1D_FWD_TOKENS")) {
-    const int v = std::atoi(env);
-    if (v == 4 || v == 8) return v;
+    if (std::atoi(env) == 4) return 4;
   }
-  const int64_t blocks8 = cdiv(dim, 32 * (16 / elem_size)) * cdiv(seqlen, 32) * batch;
-  return blocks8 >= 8 * int64_t(sms) ? 8 : 4;
+  return 8;
 }
 
 // ------------------------------------------------------------------------------------------- forward
@@ -187,7 +186,7 @@ std::tuple<Tensor, Tensor> causal_conv1d_fwd(const Tensor& x, const Tensor& weig
   p.out_stride_l = out.stride(2);
   p.final_out = return_final_states ? final_states.data_ptr() : nullptr;
   p.vectorized = vectorizable(x);
-  p.fwd_tokens = fwd_tokens(s.batch, s.dim, s.seqlen, x.element_size(), num_sms(x));
+  p.fwd_tokens = fwd_tokens();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   APRIEL_CONV1D_DISPATCH(x.scalar_type(), causal_conv1d_fwd, p, stream);
   return {out, final_states};
