@@ -170,3 +170,22 @@ def test_stages_carry_trained_mixers_forward(fixture_dir, tmp_path):
     assert torch.equal(nxt.model.layers[2].mixer.dt_proj.bias, prev.model.layers[2].mixer.dt_proj.bias)
     assert torch.equal(nxt.model.layers[0].mixer.in_proj.weight, fresh)
     assert left and all(name.startswith("model.layers.0.mixer.") for name in left)
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_fsdp2(fixture_dir, tmp_path):
+    """The same train command under torchrun: 2 gloo processes, FSDP2-sharded student and teacher,
+    data-parallel batches; checkpoints are written and a second launch resumes from them."""
+    out = tmp_path / "dist"
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29655",
+            "-m", "distill", "train", *_args(fixture_dir, out, 4)[:-1], f"train.out_dir={out}", "train.device=cpu",
+            "train.trainable=all", "train.save_every=2"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    first = subprocess.run(base, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 4 and summary["eval"]["rev_kl"] > 0 and summary["eval"]["tokens"] > 0
+    again = subprocess.run([*base, "train.steps=6"], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "at step 4" in again.stderr and json.loads(again.stdout.strip().splitlines()[-1])["step"] == 6
