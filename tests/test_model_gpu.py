@@ -48,8 +48,9 @@ def test_prefill_decode_equals_full_forward_on_gpu(dtype):
         full = model(ids).logits.float()
         parts = [model(ids[:, :17], past_key_values=cache).logits, model(ids[:, 17:33], past_key_values=cache).logits]
         parts += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(33, 41)]
-    tol = 2e-3 if dtype == torch.float32 else 6e-2
-    torch.testing.assert_close(torch.cat(parts, 1).float(), full, rtol=tol, atol=tol)
+    # bf16: a few roundings of logits of size ~|full| per layer; fp32: the kernels' accumulation order
+    tol = (2e-3 if dtype == torch.float32 else 5e-2) * max(1.0, full.abs().max().item())
+    torch.testing.assert_close(torch.cat(parts, 1).float(), full, rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -64,8 +65,9 @@ def test_cuda_graph_decode_equals_eager(dtype):
     tokens = last.argmax(-1)
     for _ in range(5):
         lg, le = graph.decode(tokens), eager.decode(tokens)
-        torch.testing.assert_close(lg.float(), le.float(), rtol=1e-3 if dtype == torch.float32 else 2e-2,
-                                   atol=1e-3 if dtype == torch.float32 else 2e-2)
+        scale = max(1.0, le.float().abs().max().item())
+        tol = (1e-3 if dtype == torch.float32 else 3e-2) * scale
+        torch.testing.assert_close(lg.float(), le.float(), rtol=0, atol=tol)
         tokens = le.argmax(-1)
     if dtype == torch.float32:
         a = Engine(model, max_batch=4, max_seqlen=64, cuda_graphs=True).generate(prompts, params)
