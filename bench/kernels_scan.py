@@ -6,7 +6,7 @@
 Timed region: from the in_proj output (zxbc, dt_low) to y, everything included (conv, dt_proj, scan, gate);
 fwd+bwd adds the backward to every input gradient. floor_ms is the MUFU exp2 floor of kernels.md:
 65536 * b * L exponentials at 3.9e12 /s (one per (channel, state, token); the backward is held to the same
-floor, which it cannot reach: it needs >= 2 exp2 per element). provider "apriel-K4" / "apriel-K8" force the
+floor, which it cannot reach: it needs >= 2 exp2 per element). provider "apriel-K8" / "apriel-K16" force the
 lanes-per-channel choice of the forward; "apriel" is the default dispatch.
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ def run(quick: bool = False) -> list[dict]:
     fwd_shapes = [(1, 2048), (1, 8192), (1, 32768), (8, 4096)] if not quick else [(1, 2048), (1, 8192)]
     for batch, seqlen in fwd_shapes:
         args = _inputs(batch, seqlen)
-        for provider, k in (("apriel", None), ("apriel-K8", "8"), ("apriel-K4", "4")):
+        for provider, k in (("apriel", None), ("apriel-K8", "8"), ("apriel-K16", "16")):
             if k is None:
                 os.environ.pop("APRIEL_SCAN_K", None)
             else:

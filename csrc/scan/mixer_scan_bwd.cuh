@@ -131,7 +131,11 @@ __global__ void __launch_bounds__(kN * K) mixer_scan_bwd_kernel(MixerScanParams 
 
   const int pch = tid % kN, pslot = tid / kN;
   const PrepConsts pk = prep_consts(p, c0 + pch, group, pch);
-  for (int i = tid; i < kN * R; i += NT) sm.dtw[i / R][i % R] = p.dt_w[(int64_t)(c0 + i / R) * R + i % R];
+  // W_dt rows of the head, zero-padded to kMaxR (the unrolled dot product reads whole float4s)
+  for (int i = tid; i < kN * kMaxR; i += NT) {
+    const int ch = i / kMaxR, col = i % kMaxR;
+    sm.dtw[ch][col] = col < R ? p.dt_w[(int64_t)(c0 + ch) * R + col] : 0.f;
+  }
   for (int i = tid; i < (kChunk + kHalo) * kN; i += NT) (&sm.dco[0][0])[i] = 0.f;
   const float Dp = p.Dskip[c0 + pch];
 

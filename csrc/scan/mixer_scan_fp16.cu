@@ -4,6 +4,6 @@
 
 namespace apriel {
 template void launch_mixer_scan_fwd<__half, 8>(const MixerScanParams&, void*);
-template void launch_mixer_scan_fwd<__half, 4>(const MixerScanParams&, void*);
+template void launch_mixer_scan_fwd<__half, 16>(const MixerScanParams&, void*);
 template void launch_mixer_scan_bwd<__half, 8>(const MixerScanParams&, void*);
 }  // namespace apriel

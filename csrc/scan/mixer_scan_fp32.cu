@@ -4,6 +4,6 @@
 
 namespace apriel {
 template void launch_mixer_scan_fwd<float, 8>(const MixerScanParams&, void*);
-template void launch_mixer_scan_fwd<float, 4>(const MixerScanParams&, void*);
+template void launch_mixer_scan_fwd<float, 16>(const MixerScanParams&, void*);
 template void launch_mixer_scan_bwd<float, 8>(const MixerScanParams&, void*);
 }  // namespace apriel

@@ -54,7 +54,7 @@ __device__ __forceinline__ void scan_tile(const Tile& S, const float2 (*ud)[kN],
 }
 
 template <typename T, int K>
-__global__ void __launch_bounds__(kN * K, K == 8 ? 3 : 4) mixer_scan_fwd_kernel(MixerScanParams p) {
+__global__ void __launch_bounds__(kN * K, K == 16 ? 2 : (K == 8 ? 3 : 4)) mixer_scan_fwd_kernel(MixerScanParams p) {
   constexpr int NT = kN * K, NS = kN / K;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   FwdSmem<T, K>& sm = *reinterpret_cast<FwdSmem<T, K>*>(smem_raw);
@@ -67,7 +67,11 @@ __global__ void __launch_bounds__(kN * K, K == 8 ? 3 : 4) mixer_scan_fwd_kernel(
   // prep mapping: channel pch, tokens tid/16 + k*(NT/16)
   const int pch = tid % kN;
   const PrepConsts pk = prep_consts(p, c0 + pch, group, pch);
-  for (int i = tid; i < kN * R; i += NT) sm.dtw[i / R][i % R] = p.dt_w[(int64_t)(c0 + i / R) * R + i % R];
+  // W_dt rows of the head, zero-padded to kMaxR (the unrolled dot product reads whole float4s)
+  for (int i = tid; i < kN * kMaxR; i += NT) {
+    const int ch = i / kMaxR, col = i % kMaxR;
+    sm.dtw[ch][col] = col < R ? p.dt_w[(int64_t)(c0 + ch) * R + col] : 0.f;
+  }
 
   // scan mapping: channel sch, states j*NS..
   const int sch = tid / K, j = tid % K;

@@ -89,9 +89,9 @@ MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims
 
 void launch_fwd(const MixerScanParams& p, at::ScalarType st, int64_t K) {
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (st == at::kBFloat16) { K == 4 ? launch_mixer_scan_fwd<__nv_bfloat16, 4>(p, stream) : launch_mixer_scan_fwd<__nv_bfloat16, 8>(p, stream); }
-  else if (st == at::kHalf) { K == 4 ? launch_mixer_scan_fwd<__half, 4>(p, stream) : launch_mixer_scan_fwd<__half, 8>(p, stream); }
-  else { K == 4 ? launch_mixer_scan_fwd<float, 4>(p, stream) : launch_mixer_scan_fwd<float, 8>(p, stream); }
+  if (st == at::kBFloat16) { K == 16 ? launch_mixer_scan_fwd<__nv_bfloat16, 16>(p, stream) : launch_mixer_scan_fwd<__nv_bfloat16, 8>(p, stream); }
+  else if (st == at::kHalf) { K == 16 ? launch_mixer_scan_fwd<__half, 16>(p, stream) : launch_mixer_scan_fwd<__half, 8>(p, stream); }
+  else { K == 16 ? launch_mixer_scan_fwd<float, 16>(p, stream) : launch_mixer_scan_fwd<float, 8>(p, stream); }
 }
 
 void launch_bwd(const MixerScanParams& p, at::ScalarType st) {
@@ -101,12 +101,12 @@ void launch_bwd(const MixerScanParams& p, at::ScalarType st) {
   else launch_mixer_scan_bwd<float, 8>(p, stream);
 }
 
-// Lanes per channel: 8 (2 states per thread) fills the GPU at batch 1; 4 halves the shuffles once
-// there are enough channels to occupy every SM. APRIEL_SCAN_K overrides (benchmarks).
+// Lanes per channel of the forward: 8 (2 states per thread) or 16 (1 state: twice the threads at batch 1).
+// APRIEL_SCAN_K=16|8 overrides (benchmarks).
 int64_t choose_k(const Dims& d) {
-  if (const char* env = std::getenv("APRIEL_SCAN_K")) return std::atoi(env) == 4 ? 4 : 8;
-  (void)d;  // K = 4 spills registers in this version (see docs/notes/scan.md); 8 everywhere
-  return 8;
+  if (const char* env = std::getenv("APRIEL_SCAN_K")) return std::atoi(env) == 16 ? 16 : 8;
+  (void)d;
+  return 16;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> mixer_scan_fwd_cuda(

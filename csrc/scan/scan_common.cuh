@@ -34,9 +34,15 @@ __device__ __forceinline__ float ex2(float v) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
   return r;
 }
-__device__ __forceinline__ float sigmoidf_(float v) { return 1.f / (1.f + __expf(-v)); }
-// softplus with the peers' threshold: v for v > 20 else log1p(exp(v)).
-__device__ __forceinline__ float softplusf_(float v) { return v > 20.f ? v : log1pf(__expf(v)); }
+// Fast forms (MUFU ex2/lg2/rcp): these run once per (channel, token), next to 16 recurrence steps.
+__device__ __forceinline__ float sigmoidf_(float v) { return __fdividef(1.f, 1.f + __expf(-v)); }
+// softplus with the peers' threshold: v for v > 20 else log1p(exp(v)). log1p(e) by its series below 1e-2
+// (where 1 + e would round away the digits delta is made of), by __logf(1 + e) above.
+__device__ __forceinline__ float softplusf_(float v) {
+  const float e = __expf(v);
+  const float small = e * (1.f - e * (0.5f - e * (1.f / 3.f - e * 0.25f)));  // error < e^5 / 5
+  return v > 20.f ? v : (e < 1e-2f ? small : __logf(1.f + e));
+}
 
 // The staged tile (fp32). Rows of x / seq: position t0 - kHalo + i.
 struct Tile {
@@ -54,7 +60,7 @@ template <typename T, int NT, bool kWithDy>
 struct TileRegs {
   static constexpr int kXN = (kN * (kChunk + kHalo) + NT - 1) / NT;
   static constexpr int kBCZ = 3 * kN * kChunk / NT;
-  static constexpr int kDT = (kMaxR * kChunk + NT - 1) / NT;
+  static constexpr int kDT = kMaxR * kChunk / NT;
   static constexpr int kDY = kWithDy ? kN * kChunk / NT : 1;
   T x[kXN], bcz[kBCZ], dt[kDT], dy[kDY];
   int seq;
@@ -82,13 +88,14 @@ struct TileRegs {
                     : head * kN;
       bcz[i] = pos < p.seqlen ? zx[pos * p.zxbc_row_stride + col + rem % kN] : zero;
     }
+    // dt_low rows are staged kMaxR wide (compile-time shifts instead of divisions by R; columns >= R idle)
     const T* dtl = reinterpret_cast<const T*>(p.dt_low) + (int64_t)b * p.dt_batch_stride;
     const int R = p.dt_rank;
 #pragma unroll
     for (int i = 0; i < kDT; ++i) {
       const int idx = tid + i * NT;
-      const int pos = t0 + idx / max(R, 1);
-      dt[i] = (idx < R * kChunk && pos < p.seqlen) ? dtl[pos * p.dt_row_stride + idx % R] : zero;
+      const int pos = t0 + idx / kMaxR, col = idx % kMaxR;
+      dt[i] = (col < R && pos < p.seqlen) ? dtl[pos * p.dt_row_stride + col] : zero;
     }
     if (kWithDy) {
       const T* dyp = reinterpret_cast<const T*>(p.dy) + (int64_t)b * p.seqlen * p.d_inner;
@@ -132,11 +139,10 @@ struct TileRegs {
       float* dst = which == 0 ? &S.B[0][0] : which == 1 ? &S.C[0][0] : &S.z[0][0];
       dst[rem] = to_f(bcz[i]);
     }
-    const int R = p.dt_rank;
 #pragma unroll
     for (int i = 0; i < kDT; ++i) {
       const int idx = tid + i * NT;
-      if (idx < R * kChunk) S.dt[idx / R][idx % R] = to_f(dt[i]);
+      S.dt[idx / kMaxR][idx % kMaxR] = to_f(dt[i]);  // zero beyond R: the dot product may run to kMaxR
     }
     if (kWithDy) {
 #pragma unroll
@@ -186,15 +192,15 @@ __device__ __forceinline__ float conv_pre(const Tile& S, const PrepConsts& k, in
 // dt_proj (R-wide dot, the Linear's bias) plus the bias again (delta_bias): the softplus input.
 __device__ __forceinline__ float dt_pre2(const Tile& S, const float (*dtw)[kMaxR + 4], const PrepConsts& k,
                                          int ch, int t, int R) {
+  // Unrolled over kMaxR in float4 steps; the staged rows of dt_low and W_dt are zero beyond R.
   float acc = 2.f * k.dtb;
-  if ((R & 3) == 0) {
-    for (int i = 0; i < R; i += 4) {
+#pragma unroll
+  for (int i = 0; i < kMaxR; i += 4) {
+    if (i < R) {
       const float4 w = *reinterpret_cast<const float4*>(&dtw[ch][i]);
       const float4 v = *reinterpret_cast<const float4*>(&S.dt[t][i]);
       acc = fmaf(w.x, v.x, fmaf(w.y, v.y, fmaf(w.z, v.z, fmaf(w.w, v.w, acc))));
     }
-  } else {
-    for (int i = 0; i < R; ++i) acc = fmaf(dtw[ch][i], S.dt[t][i], acc);
   }
   return acc;
 }

@@ -9,7 +9,9 @@ namespace scan {
 // Loads NS consecutive floats of a 16-float smem row (NS = 16 / K: 2, 4 or 8) with vector loads.
 template <int NS>
 __device__ __forceinline__ void load_states(const float* row, float (&v)[NS]) {
-  if constexpr (NS == 2) {
+  if constexpr (NS == 1) {
+    v[0] = row[0];
+  } else if constexpr (NS == 2) {
     const float2 a = *reinterpret_cast<const float2*>(row);
     v[0] = a.x; v[1] = a.y;
   } else {
@@ -23,7 +25,9 @@ __device__ __forceinline__ void load_states(const float* row, float (&v)[NS]) {
 
 template <int NS>
 __device__ __forceinline__ void store_states(float* row, const float (&v)[NS]) {
-  if constexpr (NS == 2) {
+  if constexpr (NS == 1) {
+    row[0] = v[0];
+  } else if constexpr (NS == 2) {
     *reinterpret_cast<float2*>(row) = make_float2(v[0], v[1]);
   } else {
 #pragma unroll
