@@ -92,15 +92,18 @@ def cmd_rank(cfg: DistillConfig, args) -> int:
 
 def cmd_train(cfg: DistillConfig, args) -> int:
     from .pipeline import build_student, prepare, ranking_order
-    from .trainer import Trainer
+    from .trainer import Trainer, latest_checkpoint
 
     out = _out_dir(cfg)
     setup = prepare(cfg)
     order = None if cfg.model.student else ranking_order(cfg, setup, out)[0]
     student = build_student(cfg, setup, order)
-    result = Trainer(cfg, student, setup.teacher, setup.stream, setup.eval_batches, out, setup.info).run()
+    trainer = Trainer(cfg, student, setup.teacher, setup.stream, setup.eval_batches, out, setup.info)
+    init_eval = trainer.evaluate() if latest_checkpoint(out) is None or not cfg.train.resume else None
+    result = trainer.run()
     if setup.info.is_main:
-        print(json.dumps({k: v for k, v in result.items() if k != "history"}, default=float))
+        summary = {"init_eval": init_eval, **{k: v for k, v in result.items() if k != "history"}}
+        print(json.dumps(summary, default=float))
         if not setup.info.enabled:
             _save_hf(student, setup.tokenizer, out / "final")
     return 0

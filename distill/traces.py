@@ -112,7 +112,7 @@ def generate_traces(cfg: DistillConfig, prompts_path: str, out_path: str | Path,
                     print(f"distill: {where}: the teacher gave an empty answer; skipped", file=sys.stderr)
                     continue
                 fh.write(json.dumps({"messages": [{"role": "user", "content": prompt},
-                                                  {"role": "assistant", "content": answer}], "source": where}) + "\n")
+                                                  {"role": "assistant", "content": answer}], "source": f"{Path(where).name}"}) + "\n")
                 count += 1
     tmp.replace(out_path)
     return count
