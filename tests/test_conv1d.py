@@ -377,6 +377,22 @@ def test_cuda_fwd_matches_reference(dtype, width, seqlen, layout, features, pois
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 def test_cuda_bwd_matches_reference(dtype, width, seqlen, layout, features, poison):
+    check_bwd(dtype, width, seqlen, layout, features)
+
+
+@pytest.mark.gpu
+@require_cuda_kernel("causal_conv1d_bwd")
+@pytest.mark.parametrize("features", ["plain", "full", "packed"])
+@pytest.mark.parametrize("seqlen", [3, 65, 2049])
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_cuda_bwd_vector_weight_loads(dtype, width, seqlen, features, monkeypatch, poison):
+    """The opt-in vector weight/bias loads (APRIEL_CONV1D_VEC_WEIGHTS=1) of the vectorised backward."""
+    monkeypatch.setenv("APRIEL_CONV1D_VEC_WEIGHTS", "1")
+    check_bwd(dtype, width, seqlen, "tm", features)
+
+
+def check_bwd(dtype, width, seqlen, layout, features):
     x, w, bias, seq_idx, init, silu = conv_case(dtype, width, seqlen, layout, features)
     dout = dout_like(x, 328, layout)
     dfinal = torch.randn(x.shape[0], x.shape[1], width - 1, device="cuda", dtype=dtype) if init is not None else None
@@ -509,18 +525,23 @@ def test_cuda_float64_matches_reference(layout, poison):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("vector_weights", ["0", "1"])
 @pytest.mark.parametrize("tokens", ["4", "8"])
-@pytest.mark.parametrize("features", ["full", "packed"])
+@pytest.mark.parametrize("features", ["plain", "full", "packed"])
 @pytest.mark.parametrize("seqlen", [1, 65, 4097])
 @pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @require_cuda_kernel("causal_conv1d_fwd")
-def test_cuda_fwd_both_tilings(width, seqlen, features, tokens, monkeypatch, poison):
-    """The vectorised forward has two token tilings (the host picks one by grid size): test both."""
+def test_cuda_fwd_tilings_and_weight_loads(dtype, width, seqlen, features, tokens, vector_weights, monkeypatch,
+                                           poison):
+    """Both token tilings of the vectorised forward (8 is the default, APRIEL_CONV1D_FWD_TOKENS=4 the
+    other) and both weight loads (scalar default, APRIEL_CONV1D_VEC_WEIGHTS=1 vectors)."""
     monkeypatch.setenv("APRIEL_CONV1D_FWD_TOKENS", tokens)
-    x, w, bias, seq_idx, init, silu = conv_case(torch.bfloat16, width, seqlen, "tm_slice", features)
+    monkeypatch.setenv("APRIEL_CONV1D_VEC_WEIGHTS", vector_weights)
+    x, w, bias, seq_idx, init, silu = conv_case(dtype, width, seqlen, "tm_slice", features)
     out, final = causal_conv1d_fwd(x, w, bias, seq_idx, init, True, silu)
     ref_out, ref_final = ref_fwd(x, w, bias, seq_idx, init, silu, F64)
-    low_out, _ = ref_fwd(x, w, bias, seq_idx, init, silu, torch.bfloat16)
+    low_out, _ = ref_fwd(x, w, bias, seq_idx, init, silu, dtype)
     assert_close_to_ref("out", out, ref_out, low_out)
     assert torch.equal(final.double(), ref_final)
 

@@ -70,6 +70,18 @@ int num_sms(const Tensor& x) {
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+bool aligned_contiguous(const Tensor& t) {
+  return t.is_contiguous() && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+// Vector loads of weight/bias (ConvParams::weight_vec). Opt-in until measured on the GPU: the scalar
+// loads (kCh * (W + 1) per thread, each touching ~16 L1 lines per warp) are the suspected limit of the
+// vectorised kernels (estimate: ~640 of the ~720 L1 wavefronts a forward warp issues are weight loads).
+bool vector_weights_enabled() {
+  const char* env = std::getenv("APRIEL_CONV1D_VEC_WEIGHTS");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
+
 struct Checked {
   int64_t batch, dim, seqlen, width;
 };
@@ -143,6 +155,8 @@ void fill_common(ConvParams& p, const Checked& s, const Tensor& x, const Tensor&
   }
   // Generic kernel: consecutive threads on the unit-stride axis.
   p.tok_fast = x.stride(2) == 1 && !(x.stride(1) == 1 && s.dim > 1);
+  p.weight_vec = vector_weights_enabled() && aligned_contiguous(weight) &&
+                 (!bias.has_value() || aligned_contiguous(*bias));
 }
 
 #define APRIEL_CONV1D_DISPATCH(dtype, fn, params, stream)                                      \

@@ -92,6 +92,7 @@ __device__ __forceinline__ A activate_grad(A pre, bool silu) {
 
 // ------------------------------------------------------------------------------------ vector memory ops
 template <int Bytes> struct VecOf;
+template <> struct VecOf<2> { using type = uint16_t; };
 template <> struct VecOf<4> { using type = uint32_t; };
 template <> struct VecOf<8> { using type = uint2; };
 template <> struct VecOf<16> { using type = uint4; };
@@ -156,8 +157,48 @@ __device__ __forceinline__ void load_rows(const void* ptr, int code, int64_t str
   }
 }
 
-template <typename A, int N, int W>
+// M contiguous elements of S starting at element `offset` of a 16-byte aligned buffer, read with the
+// widest vector that divides M * sizeof(S) (the chunk start is then aligned to that width as well,
+// since chunks are consecutive multiples of M elements).
+template <typename A, typename S, int M>
+__device__ __forceinline__ void load_contig_as(const void* ptr, int64_t offset, A* out) {
+  constexpr int kBytes = M * int(sizeof(S));
+  constexpr int kV = kBytes % 16 == 0 ? 16 : kBytes % 8 == 0 ? 8 : kBytes % 4 == 0 ? 4 : 2;
+  using V = typename VecOf<kV>::type;
+  const V* src = reinterpret_cast<const V*>(static_cast<const S*>(ptr) + offset);
+  V buf[kBytes / kV];
+#pragma unroll
+  for (int j = 0; j < kBytes / kV; ++j) buf[j] = src[j];
+  const S* e = reinterpret_cast<const S*>(buf);
+#pragma unroll
+  for (int m = 0; m < M; ++m) out[m] = to_acc<A>(e[m]);
+}
+
+template <typename A, int M>
+__device__ __forceinline__ void load_contig(const void* ptr, int code, int64_t offset, A* out) {
+  switch (code) {
+    case kHalf: load_contig_as<A, __half, M>(ptr, offset, out); break;
+    case kBFloat16: load_contig_as<A, __nv_bfloat16, M>(ptr, offset, out); break;
+    case kFloat: load_contig_as<A, float, M>(ptr, offset, out); break;
+    default: load_contig_as<A, double, M>(ptr, offset, out); break;
+  }
+}
+
+// kVecW (compile time, so the default scalar kernels are unchanged by the vector option): read the
+// weight/bias as vectors; the host sets it only for contiguous, 16-byte aligned weight and bias.
+template <typename A, int N, int W, bool kVecW = false>
 __device__ __forceinline__ void load_weights(const ConvParams& p, int c0, A (&w)[N][W], A (&bias)[N]) {
+  if (kVecW) {
+    // Rows c0 .. c0+N-1 of a contiguous (dim, W) weight are N*W consecutive elements.
+    load_contig<A, N * W>(p.weight, p.weight_dtype, int64_t(c0) * W, &w[0][0]);
+    if (p.bias != nullptr) load_contig<A, N>(p.bias, p.bias_dtype, c0, bias);
+    else {
+#pragma unroll
+      for (int i = 0; i < N; ++i) bias[i] = A(0);
+    }
+    return;
+  }
+  // Scalar loads: one per tap and channel (any strides).
   load_rows<A, N, W>(p.weight, p.weight_dtype, p.weight_stride_c, p.weight_stride_k, c0, w);
   A b[N][1];
   if (p.bias != nullptr) {
@@ -172,7 +213,7 @@ __device__ __forceinline__ void load_weights(const ConvParams& p, int c0, A (&w)
 
 // ===================================================================== forward, token-major vectorised
 // Block (32, 4): 32 x kCh channels x 4 x kTok tokens. Grid (ceil(dim / (32 kCh)), ceil(L / (4 kTok)), b).
-template <typename T, int W, int kTok, bool kSeq>
+template <typename T, int W, int kTok, bool kSeq, bool kVecW>
 __device__ __forceinline__ void fwd_tokmajor_body(const ConvParams& p) {
   using A = acc_t<T>;
   constexpr int kCh = 16 / sizeof(T);
@@ -185,7 +226,7 @@ __device__ __forceinline__ void fwd_tokmajor_body(const ConvParams& p) {
   const T* x = static_cast<const T*>(p.x) + b * p.x_stride_b + c0;
 
   A w[kCh][W], bias[kCh];
-  load_weights<A, kCh, W>(p, c0, w, bias);
+  load_weights<A, kCh, W, kVecW>(p, c0, w, bias);
   // All loads first: kTok + H vectors in flight per thread.
   Pack<T, kCh> raw[kTok + H];
 #pragma unroll
@@ -247,10 +288,10 @@ __device__ __forceinline__ void fwd_tokmajor_body(const ConvParams& p) {
 
 // (128, 4): at most 128 registers, so 4 blocks (16 warps) fit per SM to overlap one tile's loads with
 // another's math.
-template <typename T, int W, int kTok>
+template <typename T, int W, int kTok, bool kVecW>
 __global__ void __launch_bounds__(128, 4) fwd_tokmajor_kernel(ConvParams p) {
-  if (p.seq_idx != nullptr) fwd_tokmajor_body<T, W, kTok, true>(p);
-  else fwd_tokmajor_body<T, W, kTok, false>(p);
+  if (p.seq_idx != nullptr) fwd_tokmajor_body<T, W, kTok, true, kVecW>(p);
+  else fwd_tokmajor_body<T, W, kTok, false, kVecW>(p);
 }
 
 // ======================================================================== forward, generic strided
@@ -304,7 +345,7 @@ __global__ void __launch_bounds__(256) fwd_generic_kernel(ConvParams p) {
 // document ids.
 template <typename T> struct BwdCh { static constexpr int value = sizeof(T) == 8 ? 2 : 4; };
 
-template <typename T, int W, int kTok, bool kSeq>
+template <typename T, int W, int kTok, bool kSeq, bool kVecW>
 __device__ __forceinline__ void bwd_tokmajor_body(const ConvParams& p, acc_t<T> (&dw)[BwdCh<T>::value][W],
                                                   acc_t<T> (&db)[BwdCh<T>::value]) {
   using A = acc_t<T>;
@@ -327,7 +368,7 @@ __device__ __forceinline__ void bwd_tokmajor_body(const ConvParams& p, acc_t<T> 
   }
   if (active) {
     A w[kCh][W], bias[kCh];
-    load_weights<A, kCh, W>(p, c0, w, bias);
+    load_weights<A, kCh, W, kVecW>(p, c0, w, bias);
     const T* x = static_cast<const T*>(p.x) + b * p.x_stride_b + c0;
     const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride_b + c0;
     T* dx = static_cast<T*>(p.out) + b * p.out_stride_b + c0;
@@ -424,14 +465,14 @@ __device__ __forceinline__ void bwd_tokmajor_body(const ConvParams& p, acc_t<T> 
 
 // 3 blocks per SM for 16-bit types (a ~130-byte spill for W = 4, in exchange for 12 warps per SM);
 // 2 for fp32/fp64, whose wider accumulators would spill more.
-template <typename T, int W, int kTok>
+template <typename T, int W, int kTok, bool kVecW>
 __global__ void __launch_bounds__(128, sizeof(T) == 2 ? 3 : 2) bwd_tokmajor_kernel(ConvParams p) {
   using A = acc_t<T>;
   constexpr int kCh = BwdCh<T>::value;
   constexpr int kLanes = 4;
   A dw[kCh][W], db[kCh];
-  if (p.seq_idx != nullptr) bwd_tokmajor_body<T, W, kTok, true>(p, dw, db);
-  else bwd_tokmajor_body<T, W, kTok, false>(p, dw, db);
+  if (p.seq_idx != nullptr) bwd_tokmajor_body<T, W, kTok, true, kVecW>(p, dw, db);
+  else bwd_tokmajor_body<T, W, kTok, false, kVecW>(p, dw, db);
   const int c0 = (blockIdx.x * 32 + threadIdx.x) * kCh;
   const bool active = c0 < p.dim;
   const int split = blockIdx.y;
@@ -610,18 +651,24 @@ __global__ void __launch_bounds__(128) update_kernel(UpdateParams p) {
 // ====================================================================================== launchers
 inline int cdiv(int64_t a, int64_t b) { return int((a + b - 1) / b); }
 
+template <typename T, int W, bool kVecW>
+void launch_fwd_vec(const ConvParams& p, cudaStream_t stream) {
+  constexpr int kCh = 16 / sizeof(T);
+  const dim3 block(32, 4);
+  if (p.fwd_tokens == 4) {
+    const dim3 grid(cdiv(p.dim, 32 * kCh), cdiv(p.seqlen, 4 * 4), p.batch);
+    fwd_tokmajor_kernel<T, W, 4, kVecW><<<grid, block, 0, stream>>>(p);
+  } else {
+    const dim3 grid(cdiv(p.dim, 32 * kCh), cdiv(p.seqlen, 4 * 8), p.batch);
+    fwd_tokmajor_kernel<T, W, 8, kVecW><<<grid, block, 0, stream>>>(p);
+  }
+}
+
 template <typename T, int W>
 void launch_fwd_w(const ConvParams& p, cudaStream_t stream) {
   if (p.vectorized) {
-    constexpr int kCh = 16 / sizeof(T);
-    const dim3 block(32, 4);
-    if (p.fwd_tokens == 4) {
-      const dim3 grid(cdiv(p.dim, 32 * kCh), cdiv(p.seqlen, 4 * 4), p.batch);
-      fwd_tokmajor_kernel<T, W, 4><<<grid, block, 0, stream>>>(p);
-    } else {
-      const dim3 grid(cdiv(p.dim, 32 * kCh), cdiv(p.seqlen, 4 * 8), p.batch);
-      fwd_tokmajor_kernel<T, W, 8><<<grid, block, 0, stream>>>(p);
-    }
+    if (p.weight_vec) launch_fwd_vec<T, W, true>(p, stream);
+    else launch_fwd_vec<T, W, false>(p, stream);
   } else {
     const int64_t total = int64_t(p.batch) * p.dim * p.seqlen;
     fwd_generic_kernel<T, W><<<cdiv(total, 256), 256, 0, stream>>>(p);
@@ -637,7 +684,8 @@ void launch_bwd_w(const ConvParams& p, cudaStream_t stream) {
   if (p.vectorized) {
     constexpr int kCh = BwdCh<T>::value;
     const dim3 grid(cdiv(p.dim, 32 * kCh), p.nsplit, p.batch);
-    bwd_tokmajor_kernel<T, W, kBwdTok><<<grid, dim3(32, 4), 0, stream>>>(p);
+    if (p.weight_vec) bwd_tokmajor_kernel<T, W, kBwdTok, true><<<grid, dim3(32, 4), 0, stream>>>(p);
+    else bwd_tokmajor_kernel<T, W, kBwdTok, false><<<grid, dim3(32, 4), 0, stream>>>(p);
   } else {
     const dim3 grid(cdiv(p.dim, p.tok_fast ? 8 : 32), p.nsplit, p.batch);
     bwd_generic_kernel<T, W><<<grid, dim3(32, 8), 0, stream>>>(p);
@@ -651,7 +699,7 @@ void launch_bwd_w(const ConvParams& p, cudaStream_t stream) {
 
 template <typename T>
 void launch_fwd(const ConvParams& p, cudaStream_t stream) {
-  switch (p.width) {  // 3 widths x 3 kernels (vectorised 4- and 8-token tiles + generic) per dtype
+  switch (p.width) {  // 3 widths x 5 kernels: {4, 8}-token tiles x {scalar, vector} weights + generic
     case 2: launch_fwd_w<T, 2>(p, stream); break;
     case 3: launch_fwd_w<T, 3>(p, stream); break;
     default: launch_fwd_w<T, 4>(p, stream); break;
@@ -660,7 +708,7 @@ void launch_fwd(const ConvParams& p, cudaStream_t stream) {
 
 template <typename T>
 void launch_bwd(const ConvParams& p, cudaStream_t stream) {
-  switch (p.width) {  // 3 widths x 2 kernels per dtype, + 1 reduction kernel shared by all
+  switch (p.width) {  // 3 widths x 3 kernels: {scalar, vector} weights + generic; + 1 reduction
     case 2: launch_bwd_w<T, 2>(p, stream); break;
     case 3: launch_bwd_w<T, 3>(p, stream); break;
     default: launch_bwd_w<T, 4>(p, stream); break;

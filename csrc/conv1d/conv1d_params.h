@@ -68,6 +68,9 @@ struct ConvParams {
   // consecutive threads to consecutive tokens (channel-major data) rather than channels.
   bool vectorized;
   bool tok_fast;
+  // weight (dim, width) and bias are contiguous and 16-byte aligned: each thread reads its channels'
+  // taps as vectors instead of kCh * (width + 1) scalar loads (opt-in, APRIEL_CONV1D_VEC_WEIGHTS=1).
+  bool weight_vec;
   int fwd_tokens;   // tokens per thread of the vectorised forward (4 or 8)
 };
 
