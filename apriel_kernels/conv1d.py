@@ -26,7 +26,7 @@ from . import _validate as V
 from ._ext import cuda_kernel
 from .reference.conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 
-__all__ = ["causal_conv1d_fn", "causal_conv1d_update", "causal_conv1d_ref", "causal_conv1d_update_ref"]
+__all__ = ["causal_conv1d_fn", "causal_conv1d_ref", "causal_conv1d_update", "causal_conv1d_update_ref"]
 
 
 def _empty_like_layout(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -219,7 +219,8 @@ def _check_conv_args(x, weight, bias, sizes: V.Sizes) -> None:
     V.check_tensor("x", x, ("batch", "dim", "seqlen"), V.FLOAT_DTYPES, sizes=sizes)
     if x.stride(1) != 1 and x.stride(2) != 1 and x.shape[1] > 1 and x.shape[2] > 1:
         raise ValueError(
-            f"x: expected channel-major (stride(2) == 1) or token-major (stride(1) == 1) layout, got strides {x.stride()}"
+            "x: expected channel-major (stride(2) == 1) or token-major (stride(1) == 1) layout, "
+            f"got strides {x.stride()}"
         )
     V.check_tensor("weight", weight, ("dim", None), V.FLOAT_DTYPES, device=x.device, sizes=sizes)
     if not 2 <= weight.shape[1] <= 4:
@@ -284,12 +285,18 @@ def causal_conv1d_update(
     V.check_tensor("bias", bias, ("dim",), V.FLOAT_DTYPES, device=x.device, sizes=sizes, optional=True)
     V.check_tensor("conv_state", conv_state, ("slots", "dim", None), V.FLOAT_DTYPES, device=x.device, sizes=sizes)
     if conv_state.shape[2] < weight.shape[1] - 1:
-        raise ValueError(f"conv_state: expected state_len (dim 2) >= width - 1 = {weight.shape[1] - 1}, got {conv_state.shape[2]}")
+        raise ValueError(
+            f"conv_state: expected state_len (dim 2) >= width - 1 = {weight.shape[1] - 1}, got {conv_state.shape[2]}"
+        )
     if conv_state_indices is None:
         if conv_state.shape[0] < x.shape[0]:
-            raise ValueError(f"conv_state: expected at least batch = {x.shape[0]} slots when conv_state_indices is None, got {conv_state.shape[0]}")
+            raise ValueError(
+                f"conv_state: expected at least batch = {x.shape[0]} slots when conv_state_indices is None, "
+                f"got {conv_state.shape[0]}"
+            )
     else:
-        V.check_tensor("conv_state_indices", conv_state_indices, ("batch",), V.INDEX_DTYPES, device=x.device, sizes=sizes)
+        V.check_tensor("conv_state_indices", conv_state_indices, ("batch",), V.INDEX_DTYPES, device=x.device,
+                       sizes=sizes)
         V.check_index_range("conv_state_indices", conv_state_indices, conv_state.shape[0])
     silu = _activation_flag(activation)
     out = causal_conv1d_update_op(x3, conv_state, weight, bias, silu, conv_state_indices)

@@ -79,114 +79,124 @@ def _row(op, provider, phase, batch, seqlen, dim, stats, nbytes, copy_bps, layou
 
 def _peer():
     try:
-        from causal_conv1d import causal_conv1d_fn as peer_fn  # noqa: PLC0415
+        from causal_conv1d import causal_conv1d_fn as peer_fn
     except Exception:  # noqa: BLE001 - any import failure means "not installed"
         return None
     return peer_fn
 
 
 def _fwd_rows(quick, copy_bps):
+    peer = _peer()
+    rows = []
+    for batch, seqlen, dim in FWD_SHAPES[:2] if quick else FWD_SHAPES:
+        rows += _fwd_shape(batch, seqlen, dim, peer, copy_bps)
+    return rows
+
+
+def _fwd_shape(batch, seqlen, dim, peer, copy_bps):
     from apriel_kernels import causal_conv1d_fn
 
     rows = []
-    peer = _peer()
-    shapes = FWD_SHAPES[:2] if quick else FWD_SHAPES
-    for batch, seqlen, dim in shapes:
-        x, w, b = _inputs(batch, seqlen, dim)
-        nbytes = 2 * x.numel() * x.element_size()
-        args = (batch, seqlen, dim)
-        try:
-            stats = time_ms(lambda: causal_conv1d_fn(x, w, b, activation="silu"))
-            rows.append(_row("causal_conv1d", "apriel", "fwd", *args, stats, nbytes, copy_bps,
-                             graph_p50_ms=time_graph_ms(lambda: causal_conv1d_fn(x, w, b, activation="silu"))["p50"]))
-            for tokens in ("4", "8"):
-                with _env("APRIEL_CONV1D_FWD_TOKENS", tokens):
-                    stats = time_ms(lambda: causal_conv1d_fn(x, w, b, activation="silu"))
-                rows.append(_row("causal_conv1d", f"apriel[tok{tokens}]", "fwd", *args, stats, nbytes, copy_bps))
-            with _env("APRIEL_CONV1D_VEC_WEIGHTS", "1"):
-                stats = time_ms(lambda: causal_conv1d_fn(x, w, b, activation="silu"))
-            rows.append(_row("causal_conv1d", "apriel[vecw]", "fwd", *args, stats, nbytes, copy_bps,
+    x, w, b = _inputs(batch, seqlen, dim)
+    xc = x.contiguous()  # channel-major copy: the generic kernel, and torch's conv1d layout
+    nbytes = 2 * x.numel() * x.element_size()
+    args = (batch, seqlen, dim)
+
+    def ours():
+        return causal_conv1d_fn(x, w, b, activation="silu")
+
+    try:
+        rows.append(_row("causal_conv1d", "apriel", "fwd", *args, time_ms(ours), nbytes, copy_bps,
+                         graph_p50_ms=time_graph_ms(ours)["p50"]))
+        for tokens in ("4", "8"):
+            with _env("APRIEL_CONV1D_FWD_TOKENS", tokens):
+                rows.append(_row("causal_conv1d", f"apriel[tok{tokens}]", "fwd", *args, time_ms(ours), nbytes,
+                                 copy_bps))
+        with _env("APRIEL_CONV1D_VEC_WEIGHTS", "1"):
+            rows.append(_row("causal_conv1d", "apriel[vecw]", "fwd", *args, time_ms(ours), nbytes, copy_bps,
                              note="opt-in vector weight loads"))
-            xc = x.contiguous()  # channel-major copy: the generic kernel
-            stats = time_ms(lambda: causal_conv1d_fn(xc, w, b, activation="silu"))
-            rows.append(_row("causal_conv1d", "apriel", "fwd", *args, stats, nbytes, copy_bps, layout="channel-major"))
+        stats = time_ms(lambda: causal_conv1d_fn(xc, w, b, activation="silu"))
+        rows.append(_row("causal_conv1d", "apriel", "fwd", *args, stats, nbytes, copy_bps, layout="channel-major"))
+    except Exception as error:  # noqa: BLE001
+        rows.append(error_row(SUITE, "causal_conv1d", "apriel", error, phase="fwd", shape=_shape(*args)))
+    if peer is None:
+        rows.append(unavailable(SUITE, "causal_conv1d", "causal-conv1d", "causal_conv1d not importable",
+                                phase="fwd", shape=_shape(*args)))
+    else:
+        try:
+            stats = time_ms(lambda: peer(x, w, b, activation="silu"))
+            rows.append(_row("causal_conv1d", "causal-conv1d", "fwd", *args, stats, nbytes, copy_bps))
         except Exception as error:  # noqa: BLE001
-            rows.append(error_row(SUITE, "causal_conv1d", "apriel", error, phase="fwd", shape=_shape(*args)))
-        if peer is None:
-            rows.append(unavailable(SUITE, "causal_conv1d", "causal-conv1d", "causal_conv1d not importable",
-                                    phase="fwd", shape=_shape(*args)))
-        else:
-            try:
-                stats = time_ms(lambda: peer(x, w, b, activation="silu"))
-                rows.append(_row("causal_conv1d", "causal-conv1d", "fwd", *args, stats, nbytes, copy_bps))
-            except Exception as error:  # noqa: BLE001
-                rows.append(error_row(SUITE, "causal_conv1d", "causal-conv1d", error, phase="fwd", shape=_shape(*args)))
-        xc = x.contiguous()
-        stats = time_ms(lambda: F.silu(F.conv1d(xc, w.unsqueeze(1), b, padding=WIDTH - 1, groups=dim)[..., :seqlen]))
-        rows.append(_row("causal_conv1d", "torch", "fwd", *args, stats, nbytes, copy_bps, layout="channel-major"))
-        del x, xc
+            rows.append(error_row(SUITE, "causal_conv1d", "causal-conv1d", error, phase="fwd", shape=_shape(*args)))
+    stats = time_ms(lambda: F.silu(F.conv1d(xc, w.unsqueeze(1), b, padding=WIDTH - 1, groups=dim)[..., :seqlen]))
+    rows.append(_row("causal_conv1d", "torch", "fwd", *args, stats, nbytes, copy_bps, layout="channel-major"))
     return rows
 
 
 def _bwd_rows(quick, copy_bps):
-    rows = []
     peer = _peer()
-    shapes = BWD_SHAPES[:1] if quick else BWD_SHAPES
-    for batch, seqlen, dim in shapes:
-        x, w, b = _inputs(batch, seqlen, dim)
-        dout = torch.randn(batch, seqlen, dim, device="cuda", dtype=x.dtype).transpose(1, 2)
-        nbytes = 5 * x.numel() * x.element_size()
-        args = (batch, seqlen, dim)
-        fwd, bwd = torch.ops.apriel_C.causal_conv1d_fwd, torch.ops.apriel_C.causal_conv1d_bwd
+    rows = []
+    for batch, seqlen, dim in BWD_SHAPES[:1] if quick else BWD_SHAPES:
+        rows += _bwd_shape(batch, seqlen, dim, peer, copy_bps)
+    return rows
 
-        def step():
-            fwd(x, w, b, None, None, False, True)
-            bwd(x, w, b, None, None, dout, None, True)
+
+def _bwd_shape(batch, seqlen, dim, peer, copy_bps):
+    rows = []
+    x, w, b = _inputs(batch, seqlen, dim)
+    dout = torch.randn(batch, seqlen, dim, device="cuda", dtype=x.dtype).transpose(1, 2)
+    nbytes = 5 * x.numel() * x.element_size()
+    args = (batch, seqlen, dim)
+    fwd, bwd = torch.ops.apriel_C.causal_conv1d_fwd, torch.ops.apriel_C.causal_conv1d_bwd
+
+    def step():
+        fwd(x, w, b, None, None, False, True)
+        bwd(x, w, b, None, None, dout, None, True)
+
+    try:
+        rows.append(_row("causal_conv1d", "apriel", "fwd+bwd", *args, time_ms(step), nbytes, copy_bps))
+        stats = time_ms(lambda: bwd(x, w, b, None, None, dout, None, True))
+        bwd_bytes = 3 * x.numel() * x.element_size()  # reads x and dout, writes dx
+        rows.append(_row("causal_conv1d", "apriel", "bwd", *args, stats, bwd_bytes, copy_bps))
+        with _env("APRIEL_CONV1D_VEC_WEIGHTS", "1"):
+            rows.append(_row("causal_conv1d", "apriel[vecw]", "fwd+bwd", *args, time_ms(step), nbytes, copy_bps,
+                             note="opt-in vector weight loads"))
+    except Exception as error:  # noqa: BLE001
+        rows.append(error_row(SUITE, "causal_conv1d", "apriel", error, phase="fwd+bwd", shape=_shape(*args)))
+    if peer is not None:
+        xg = x.detach().requires_grad_()
+        wg, bg = w.detach().requires_grad_(), b.detach().requires_grad_()
+
+        def peer_step():
+            peer(xg, wg, bg, activation="silu").backward(dout)
 
         try:
-            rows.append(_row("causal_conv1d", "apriel", "fwd+bwd", *args, time_ms(step), nbytes, copy_bps))
-            stats = time_ms(lambda: bwd(x, w, b, None, None, dout, None, True))
-            rows.append(_row("causal_conv1d", "apriel", "bwd", *args, stats, 3 * x.numel() * x.element_size(), copy_bps))
-            with _env("APRIEL_CONV1D_VEC_WEIGHTS", "1"):
-                rows.append(_row("causal_conv1d", "apriel[vecw]", "fwd+bwd", *args, time_ms(step), nbytes, copy_bps,
-                                 note="opt-in vector weight loads"))
+            rows.append(_row("causal_conv1d", "causal-conv1d", "fwd+bwd", *args, time_ms(peer_step), nbytes,
+                             copy_bps, note="autograd"))
         except Exception as error:  # noqa: BLE001
-            rows.append(error_row(SUITE, "causal_conv1d", "apriel", error, phase="fwd+bwd", shape=_shape(*args)))
-        if peer is not None:
-            xg = x.detach().requires_grad_()
-            wg, bg = w.detach().requires_grad_(), b.detach().requires_grad_()
-
-            def peer_step():
-                peer(xg, wg, bg, activation="silu").backward(dout)
-
-            try:
-                rows.append(_row("causal_conv1d", "causal-conv1d", "fwd+bwd", *args, time_ms(peer_step), nbytes,
-                                 copy_bps, note="autograd"))
-            except Exception as error:  # noqa: BLE001
-                rows.append(error_row(SUITE, "causal_conv1d", "causal-conv1d", error, phase="fwd+bwd",
-                                      shape=_shape(*args)))
-        del x, dout
+            rows.append(error_row(SUITE, "causal_conv1d", "causal-conv1d", error, phase="fwd+bwd",
+                                  shape=_shape(*args)))
     return rows
 
 
 def _update_rows(quick, copy_bps):
-    rows = []
-    dim, dtype = 4096, torch.bfloat16
-    for batch in UPDATE_BATCHES[:2] if quick else UPDATE_BATCHES:
-        x = torch.randn(batch, dim, 1, device="cuda", dtype=dtype)
-        state = torch.randn(batch * 2, dim, WIDTH - 1, device="cuda", dtype=torch.float32)
-        idx = torch.randperm(batch * 2, device="cuda")[:batch].to(torch.int32)
-        w, b = torch.randn(dim, WIDTH, device="cuda", dtype=dtype), torch.randn(dim, device="cuda", dtype=dtype)
-        kernel = torch.ops.apriel_C.causal_conv1d_update
-        nbytes = batch * dim * (2 * 2 + 2 * (WIDTH - 1) * 4)  # x in, out, fp32 state read + written
-        try:
-            stats = time_graph_ms(lambda: kernel(x, state, w, b, True, idx))
-            rows.append(_row("causal_conv1d_update", "apriel", "decode", batch, 1, dim, stats, nbytes, copy_bps,
-                             note="CUDA graph replay; fp32 state, permuted slots"))
-        except Exception as error:  # noqa: BLE001
-            rows.append(error_row(SUITE, "causal_conv1d_update", "apriel", error, phase="decode",
-                                  shape=_shape(batch, 1, dim)))
-    return rows
+    return [row for batch in (UPDATE_BATCHES[:2] if quick else UPDATE_BATCHES)
+            for row in _update_batch(batch, copy_bps)]
+
+
+def _update_batch(batch, copy_bps, dim=4096, dtype=torch.bfloat16):
+    x = torch.randn(batch, dim, 1, device="cuda", dtype=dtype)
+    state = torch.randn(batch * 2, dim, WIDTH - 1, device="cuda", dtype=torch.float32)
+    idx = torch.randperm(batch * 2, device="cuda")[:batch].to(torch.int32)
+    w, b = torch.randn(dim, WIDTH, device="cuda", dtype=dtype), torch.randn(dim, device="cuda", dtype=dtype)
+    kernel = torch.ops.apriel_C.causal_conv1d_update
+    nbytes = batch * dim * (2 * 2 + 2 * (WIDTH - 1) * 4)  # x in, out, fp32 state read + written
+    try:
+        stats = time_graph_ms(lambda: kernel(x, state, w, b, True, idx))
+        return [_row("causal_conv1d_update", "apriel", "decode", batch, 1, dim, stats, nbytes, copy_bps,
+                     note="CUDA graph replay; fp32 state, permuted slots")]
+    except Exception as error:  # noqa: BLE001
+        return [error_row(SUITE, "causal_conv1d_update", "apriel", error, phase="decode", shape=_shape(batch, 1, dim))]
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
