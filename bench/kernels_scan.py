@@ -94,27 +94,33 @@ def run(quick: bool = False) -> list[dict]:
             y = mixer_scan(**args, **kw)
             return torch.autograd.grad(y, leaves, dy)
 
-        try:
-            stats = time_ms(step, rep_ms=300)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            grads = step()
-            torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-            grads_mb = sum(g.numel() * g.element_size() for g in grads) / 2**20
-            del grads
-            ckpt_mb = batch * ((seqlen + 31) // 32) * D * N * 4 / 2**20
-            out.append(_row("fwd+bwd", "apriel", batch, seqlen, stats, peak_extra_mem_mb=peak,
-                            grads_mb=grads_mb, checkpoints_mb=ckpt_mb,
-                            note="peak_extra_mem_mb: allocated above the inputs during fwd+bwd, returned grads included"))
-            # the backward alone (forward outside the timed region)
-            y = mixer_scan(**args, **kw)
-            stats_b = time_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), rep_ms=300)
-            out.append(_row("bwd", "apriel", batch, seqlen, stats_b))
-            del y
-        except Exception as e:  # noqa: BLE001
-            out.append(R.error_row("kernels", "mixer_scan_fwd_bwd", "apriel", e, shape=f"b{batch} L{seqlen}"))
+        for provider, bwd_k in (("apriel", None), ("apriel-bwdK8", "8")):
+            if bwd_k is None:
+                os.environ.pop("APRIEL_SCAN_BWD_K", None)
+            else:
+                os.environ["APRIEL_SCAN_BWD_K"] = bwd_k
+            try:
+                stats = time_ms(step, rep_ms=300)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                grads = step()
+                torch.cuda.synchronize()
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                grads_mb = sum(g.numel() * g.element_size() for g in grads) / 2**20
+                del grads
+                ckpt_mb = batch * ((seqlen + 31) // 32) * D * N * 4 / 2**20
+                out.append(_row("fwd+bwd", provider, batch, seqlen, stats, peak_extra_mem_mb=peak,
+                                grads_mb=grads_mb, checkpoints_mb=ckpt_mb,
+                                note="peak_extra_mem_mb: allocated above the inputs during fwd+bwd, returned grads included"))
+                # the backward alone (forward outside the timed region)
+                y = mixer_scan(**args, **kw)
+                stats_b = time_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), rep_ms=300)
+                out.append(_row("bwd", provider, batch, seqlen, stats_b))
+                del y
+            except Exception as e:  # noqa: BLE001
+                out.append(R.error_row("kernels", "mixer_scan_fwd_bwd", provider, e, shape=f"b{batch} L{seqlen}"))
+        os.environ.pop("APRIEL_SCAN_BWD_K", None)
         del args, dy
     return out
 

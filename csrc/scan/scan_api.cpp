@@ -94,11 +94,14 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st, int64_t K) {
   else { K == 16 ? launch_mixer_scan_fwd<float, 16>(p, stream) : launch_mixer_scan_fwd<float, 8>(p, stream); }
 }
 
+// Lanes per channel of the backward: 16 (1 state per thread) by default; APRIEL_SCAN_BWD_K=8 for 2 states.
 void launch_bwd(const MixerScanParams& p, at::ScalarType st) {
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (st == at::kBFloat16) launch_mixer_scan_bwd<__nv_bfloat16, 8>(p, stream);
-  else if (st == at::kHalf) launch_mixer_scan_bwd<__half, 8>(p, stream);
-  else launch_mixer_scan_bwd<float, 8>(p, stream);
+  const char* env = std::getenv("APRIEL_SCAN_BWD_K");
+  const bool k8 = env != nullptr && std::atoi(env) == 8;
+  if (st == at::kBFloat16) k8 ? launch_mixer_scan_bwd<__nv_bfloat16, 8>(p, stream) : launch_mixer_scan_bwd<__nv_bfloat16, 16>(p, stream);
+  else if (st == at::kHalf) k8 ? launch_mixer_scan_bwd<__half, 8>(p, stream) : launch_mixer_scan_bwd<__half, 16>(p, stream);
+  else k8 ? launch_mixer_scan_bwd<float, 8>(p, stream) : launch_mixer_scan_bwd<float, 16>(p, stream);
 }
 
 // Lanes per channel of the forward: 8 (2 states per thread) or 16 (1 state: twice the threads at batch 1).

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# compute-sanitizer memcheck + racecheck of the mixer scan kernels (forward and backward) on tiny shapes:
+# odd length (crosses a tile boundary, tail tile), packed documents, initial states, both repeat settings.
+# Usage (device machine, after the extension is built): bash scripts/scan_sanitizer.sh [out_dir]
+set -uo pipefail
+OUT_DIR=${1:-${OUT:-/tmp/out}}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # run from the repository root
+mkdir -p "$OUT_DIR"
+CASE=$(mktemp /tmp/scan_sanitizer_case.XXXX.py)
+cat > "$CASE" <<'PY'
+import torch
+from apriel_kernels import mixer_scan
+
+torch.manual_seed(0)
+for repeat in (True, False):
+    b, L, D, X, R = 2, 45, 64, 16, 8
+    zxbc = torch.randn(b, L, 2 * D + 2 * X, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dt_low = torch.randn(b, L, R, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cc = D if repeat else X
+    params = [torch.randn(cc, 4, device="cuda") * 0.5, torch.randn(cc, device="cuda") * 0.1,
+              torch.randn(D, R, device="cuda") * 0.3, torch.full((D,), -2.0, device="cuda"),
+              torch.randn(D, 16, device="cuda") * 0.1, torch.randn(D, device="cuda")]
+    for p in params:
+        p.requires_grad_(True)
+    seq = torch.zeros(b, L, dtype=torch.int32, device="cuda")
+    seq[:, 20:] = 1
+    init_ssm = torch.randn(b, D // 16, 16, 16, device="cuda", requires_grad=True)
+    init_conv = torch.randn(b, X, 3, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y, ssm, conv = mixer_scan(zxbc, dt_low, *params, d_inner=D, d_xb=X, d_state=16, repeat_kv_before_conv=repeat,
+                              initial_ssm_state=init_ssm, initial_conv_state=init_conv, seq_idx=seq,
+                              return_final_states=True)
+    (y.float().square().sum() + ssm.sum() + conv.float().sum()).backward()
+torch.cuda.synchronize()
+print("scan sanitizer case ok")
+PY
+LOG="$OUT_DIR/scan_sanitizer.log"
+: > "$LOG"
+for tool in memcheck racecheck; do
+  echo "=== compute-sanitizer --tool $tool" >> "$LOG"
+  compute-sanitizer --tool $tool --kernel-name kns=mixer_scan python3 "$CASE" >> "$LOG" 2>&1
+  echo "=== $tool rc=$?" >> "$LOG"
+done
+grep -E "^=== |ERROR SUMMARY|RACECHECK SUMMARY|scan sanitizer case ok" "$LOG"
