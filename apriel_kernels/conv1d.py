@@ -297,7 +297,10 @@ def causal_conv1d_update(
     else:
         V.check_tensor("conv_state_indices", conv_state_indices, ("batch",), V.INDEX_DTYPES, device=x.device,
                        sizes=sizes)
-        V.check_index_range("conv_state_indices", conv_state_indices, conv_state.shape[0])
+        # Reading the index range syncs the device, which CUDA-graph capture forbids: skipped while capturing
+        # (the kernel treats an out-of-range slot like padding rather than touching memory out of bounds).
+        if not (conv_state_indices.is_cuda and torch.cuda.is_current_stream_capturing()):
+            V.check_index_range("conv_state_indices", conv_state_indices, conv_state.shape[0])
     silu = _activation_flag(activation)
     out = causal_conv1d_update_op(x3, conv_state, weight, bias, silu, conv_state_indices)
     return out.squeeze(-1) if squeeze else out

@@ -585,3 +585,31 @@ def test_cuda_raw_op_errors_name_the_argument():
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (
         f"exit {done.returncode}: {done.stderr[-2000:]}"
     )
+
+
+@pytest.mark.gpu
+@require_cuda_kernel("causal_conv1d_update")
+def test_cuda_update_graph_capture_replay():
+    """causal_conv1d_update is CUDA-graph capturable (decode engines replay it) and replays equal eager steps."""
+    batch, dim, width, slots = 4, 128, 4, 6
+    w = torch.randn(dim, width, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(dim, device="cuda", dtype=torch.bfloat16)
+    idx = torch.tensor([5, -1, 0, 3], device="cuda", dtype=torch.int32)
+    state = torch.randn(slots, dim, width - 1, device="cuda", dtype=torch.float32)
+    state_eager = state.clone()
+    x_static = torch.randn(batch, dim, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture, then undo its state change
+        causal_conv1d_update(x_static, state.clone(), w, bias, "silu", conv_state_indices=idx)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_static = causal_conv1d_update(x_static, state, w, bias, "silu", conv_state_indices=idx)
+    for _ in range(3):
+        x = torch.randn(batch, dim, device="cuda", dtype=torch.bfloat16)
+        x_static.copy_(x)
+        graph.replay()
+        want = causal_conv1d_update(x, state_eager, w, bias, "silu", conv_state_indices=idx)
+        assert torch.equal(out_static, want)
+        assert torch.equal(state, state_eager)
