@@ -163,3 +163,18 @@ def test_static_kv_decode_path_matches_eager(model):
         lb = b._decode_eager(tok.reshape(-1, 1), static_kv=True)
         torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-5)
         tok = la.argmax(-1)
+
+
+def test_cache_grows_for_long_hf_generation(model):
+    cache = am.HybridCache(model.config, 1, 4)
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        model(ids[:, :3], past_key_values=cache)
+        keys_before = cache.keys[0][:, :, :3].clone()
+        cache.grow(16)
+        assert cache.max_seqlen == 16 and cache.keys[0].shape[2] == 16
+        assert torch.equal(cache.keys[0][:, :, :3], keys_before)
+        out = model(ids[:, 3:], past_key_values=cache).logits
+    torch.testing.assert_close(out, model(ids).logits[:, 3:], rtol=1e-4, atol=1e-5)
+    long = model.generate(ids, max_new_tokens=300, do_sample=False, min_new_tokens=300)
+    assert long.shape[1] == ids.shape[1] + 300
