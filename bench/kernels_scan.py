@@ -72,7 +72,7 @@ def run(quick: bool = False) -> list[dict]:
     fwd_shapes = [(1, 2048), (1, 8192), (1, 32768), (8, 4096)] if not quick else [(1, 2048), (1, 8192)]
     for batch, seqlen in fwd_shapes:
         args = _inputs(batch, seqlen)
-        for provider, k in (("apriel", None), ("apriel-K8", "8"), ("apriel-K16", "16")):
+        for provider, k in (("apriel", None), ("apriel-K8", "8"), ("apriel-K16", "16"), ("apriel-K16-occ3", "17")):
             if k is None:
                 os.environ.pop("APRIEL_SCAN_K", None)
             else:

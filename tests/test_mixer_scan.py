@@ -53,8 +53,8 @@ def make_inputs(batch, seqlen, d_inner, d_xb, *, dtype=torch.float32, device="cp
         else:
             v = v.to(dtype)
         out[k] = v.to(device)
-    if strided:  # re-create the strided view in the target dtype / device
-        base = torch.zeros(batch, seqlen, width_z + 24, dtype=dtype, device=device)
+    if strided:  # a view into a wider NaN-filled buffer: reading outside the slice poisons the result
+        base = torch.full((batch, seqlen, width_z + 24), float("nan"), dtype=dtype, device=device)
         base[..., 8:8 + width_z] = out["zxbc"]
         out["zxbc"] = base[..., 8:8 + width_z]
     return out, kw
@@ -90,8 +90,8 @@ def naive_mixer(args, kw, seq_idx=None):
     W = w.shape[1]
     h = a.get("initial_ssm_state", torch.zeros(b, D_ // N, N, N, dtype=torch.float64)).reshape(b, D_, N).clone()
     hist = a["initial_conv_state"][..., -(W - 1):] if "initial_conv_state" in a else torch.zeros(b, X, W - 1, dtype=torch.float64)
-    if hist.shape[1] != X:
-        hist = hist[:, src[: D_]].reshape(b, D_, W - 1)[:, [int(i) for i in ((torch.arange(X) // N) * N * r + torch.arange(X) % N)]]
+    if hist.shape[1] != X:  # D-channel layout: the first copy of each X channel
+        hist = hist[:, (torch.arange(X) // N) * N * r + torch.arange(X) % N]
     window = [hist[:, :, k] for k in range(W - 1)]  # X-channel pre-conv inputs, oldest first
     A = -torch.exp(a["A_log"])
     ys = []
@@ -121,7 +121,9 @@ def naive_mixer(args, kw, seq_idx=None):
 @pytest.mark.parametrize("repeat", [True, False], ids=["repeat", "no_repeat"])
 @pytest.mark.parametrize("packed", [False, True], ids=["single", "packed"])
 def test_op_matches_naive_loop(repeat, packed):
-    args, kw = make_inputs(2, 21, 64, 16, dtype=torch.float64, repeat=repeat, initial_states=True)
+    conv_layout = 64 if repeat and packed else None  # the D-channel conv state layout once
+    args, kw = make_inputs(2, 21, 64, 16, dtype=torch.float64, repeat=repeat, initial_states=True,
+                           conv_state_channels=conv_layout)
     seq = packed_seq_idx(2, 21, [5, 13]) if packed else None
     y, ssm, _ = mixer_scan(**args, **kw, seq_idx=seq, return_final_states=True)
     y_ref, h_ref = naive_mixer(args, kw, seq)

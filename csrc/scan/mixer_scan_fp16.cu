@@ -5,6 +5,7 @@
 namespace apriel {
 template void launch_mixer_scan_fwd<__half, 8>(const MixerScanParams&, void*);
 template void launch_mixer_scan_fwd<__half, 16>(const MixerScanParams&, void*);
+template void launch_mixer_scan_fwd<__half, 17>(const MixerScanParams&, void*);
 template void launch_mixer_scan_bwd<__half, 8>(const MixerScanParams&, void*);
 template void launch_mixer_scan_bwd<__half, 16>(const MixerScanParams&, void*);
 }  // namespace apriel

@@ -53,8 +53,9 @@ __device__ __forceinline__ void scan_tile(const Tile& S, const float2 (*ud)[kN],
   }
 }
 
-template <typename T, int K>
-__global__ void __launch_bounds__(kN * K, K == 16 ? 2 : (K == 8 ? 3 : 4)) mixer_scan_fwd_kernel(MixerScanParams p) {
+// kMinBlocks: resident blocks per SM the register budget is sized for (launch bounds).
+template <typename T, int K, int kMinBlocks>
+__global__ void __launch_bounds__(kN * K, kMinBlocks) mixer_scan_fwd_kernel(MixerScanParams p) {
   constexpr int NT = kN * K, NS = kN / K;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   FwdSmem<T, K>& sm = *reinterpret_cast<FwdSmem<T, K>*>(smem_raw);
@@ -151,10 +152,10 @@ __global__ void __launch_bounds__(kN * K, K == 16 ? 2 : (K == 8 ? 3 : 4)) mixer_
   }
 }
 
-template <typename T, int K>
+template <typename T, int K, int kMinBlocks>
 void launch_mixer_scan_fwd(const MixerScanParams& p, void* stream) {
   const size_t smem = sizeof(FwdSmem<T, K>);
-  auto kernel = mixer_scan_fwd_kernel<T, K>;
+  auto kernel = mixer_scan_fwd_kernel<T, K, kMinBlocks>;
   if (smem > 48 * 1024)
     APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   dim3 grid(p.d_inner / kN, p.batch);
@@ -164,9 +165,12 @@ void launch_mixer_scan_fwd(const MixerScanParams& p, void* stream) {
 
 }  // namespace scan
 
+// K = 8: 3 blocks of 128 threads per SM (168 registers); K = 16: 2 blocks of 256 (128 registers);
+// K = 17 selects K = 16 sized for 3 blocks per SM (80 registers, a few spills) for occupancy experiments.
 template <typename T, int K>
 void launch_mixer_scan_fwd(const MixerScanParams& p, void* stream) {
-  scan::launch_mixer_scan_fwd<T, K>(p, stream);
+  if constexpr (K == 17) scan::launch_mixer_scan_fwd<T, 16, 3>(p, stream);
+  else scan::launch_mixer_scan_fwd<T, K, K == 16 ? 2 : 3>(p, stream);
 }
 
 }  // namespace apriel

@@ -89,9 +89,9 @@ MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims
 
 void launch_fwd(const MixerScanParams& p, at::ScalarType st, int64_t K) {
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (st == at::kBFloat16) { K == 16 ? launch_mixer_scan_fwd<__nv_bfloat16, 16>(p, stream) : launch_mixer_scan_fwd<__nv_bfloat16, 8>(p, stream); }
-  else if (st == at::kHalf) { K == 16 ? launch_mixer_scan_fwd<__half, 16>(p, stream) : launch_mixer_scan_fwd<__half, 8>(p, stream); }
-  else { K == 16 ? launch_mixer_scan_fwd<float, 16>(p, stream) : launch_mixer_scan_fwd<float, 8>(p, stream); }
+  if (st == at::kBFloat16) { K == 16 ? launch_mixer_scan_fwd<__nv_bfloat16, 16>(p, stream) : K == 17 ? launch_mixer_scan_fwd<__nv_bfloat16, 17>(p, stream) : launch_mixer_scan_fwd<__nv_bfloat16, 8>(p, stream); }
+  else if (st == at::kHalf) { K == 16 ? launch_mixer_scan_fwd<__half, 16>(p, stream) : K == 17 ? launch_mixer_scan_fwd<__half, 17>(p, stream) : launch_mixer_scan_fwd<__half, 8>(p, stream); }
+  else { K == 16 ? launch_mixer_scan_fwd<float, 16>(p, stream) : K == 17 ? launch_mixer_scan_fwd<float, 17>(p, stream) : launch_mixer_scan_fwd<float, 8>(p, stream); }
 }
 
 // Lanes per channel of the backward: 16 (1 state per thread) by default; APRIEL_SCAN_BWD_K=8 for 2 states.
@@ -105,9 +105,12 @@ void launch_bwd(const MixerScanParams& p, at::ScalarType st) {
 }
 
 // Lanes per channel of the forward: 8 (2 states per thread) or 16 (1 state: twice the threads at batch 1).
-// APRIEL_SCAN_K=16|8 overrides (benchmarks).
+// APRIEL_SCAN_K=16|8 overrides (benchmarks); 17 = K 16 compiled for 3 blocks per SM.
 int64_t choose_k(const Dims& d) {
-  if (const char* env = std::getenv("APRIEL_SCAN_K")) return std::atoi(env) == 16 ? 16 : 8;
+  if (const char* env = std::getenv("APRIEL_SCAN_K")) {
+    const int k = std::atoi(env);
+    return k == 8 || k == 17 ? k : 16;
+  }
   (void)d;
   return 16;
 }
