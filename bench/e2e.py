@@ -159,6 +159,17 @@ def _late(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() > deadline
 
 
+def _prefill_floor_ms(model: ModelShape, layout: list[str], L: int, ceil) -> float | None:
+    """Time of a batch-1 prefill at the measured ceilings: every layer's floor (mixers suite) + its MLP GEMMs
+    + the lm_head row of the last token; the kernels run one after another, so the floors add."""
+    if ceil is None:
+        return None
+    s = model.layer
+    mlp = ceil.floor_ms(flops=2 * L * s.hidden * 3 * model.intermediate)
+    layers = sum(_mixers.floor_ms(ceil, s, "mixer" if c == "m2" else "attention", "prefill", 1, L) for c in layout)
+    return layers + len(layout) * mlp + ceil.floor_ms(flops=2 * s.hidden * model.vocab)
+
+
 def _stack_rows(model: ModelShape, name: str, layout: list[str], quick: bool, ceil,
                 skip: dict[str, str] | None = None, deadline: float | None = None) -> list[dict[str, Any]]:
     """Rows of one layout; skip maps a phase ("prefill"/"decode") to why it cannot run (a missing kernel);
@@ -208,7 +219,7 @@ def _stack_rows(model: ModelShape, name: str, layout: list[str], quick: bool, ce
                 del h
             row = make_row(SUITE, op, "bench-stack", stats=stats, ttft_ms=stats["p50"],
                            note="one forward over the prompt, logits of the last token", **fields)
-            rows.append(add_rates(row, tokens=L))
+            rows.append(add_rates(row, tokens=L, floor_ms=_prefill_floor_ms(model, layout, L, ceil)))
         except Exception as error:  # noqa: BLE001
             rows.append(error_row(SUITE, op, "bench-stack", error, **fields))
         torch.cuda.empty_cache()

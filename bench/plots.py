@@ -149,13 +149,16 @@ def roofline(rows, out: Path, plt) -> Path | None:
         ax.set(xlabel="% of the floor at the measured ceilings (100 = roofline)", title="kernels")
     if mix:
         ax = axes.pop(0)
-        groups: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        groups: dict[tuple, list[tuple[int, float]]] = defaultdict(list)
         for r in mix:
-            groups[f"{_label(r)} {r['phase']} b{r['batch']}"].append((int(r["seqlen"]), float(r["pct_of_floor"])))
-        for name, pts in sorted(groups.items()):
+            groups[(_label(r), r["phase"], r["batch"])].append((int(r["seqlen"]), float(r["pct_of_floor"])))
+        # colour = provider, line = phase (solid prefill, dashed decode), marker = batch
+        colors = {name: f"C{i}" for i, name in enumerate(sorted({k[0] for k in groups}))}
+        markers = {b: m for b, m in zip(sorted({k[2] for k in groups}), "o^sDv")}
+        for (name, phase, b), pts in sorted(groups.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=name,
-                    ls="-" if "prefill" in name else "--")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors[name], marker=markers[b], ms=4,
+                    ls="-" if phase == "prefill" else "--", label=f"{name} {phase} b{b}")
         ax.set_xscale("log", base=2)
         ax.set(xlabel="context length (tokens)", ylabel="% of floor", title="layers (mixers suite)")
         ax.set_ylim(bottom=0)

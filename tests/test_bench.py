@@ -217,6 +217,7 @@ def test_e2e_stack_code_on_a_tiny_model(cpu_suite, monkeypatch):
     assert any(r.get("at_max_batch") for r in decode)
     assert any(r["op"] == "decode_speedup" for r in rows)
     assert {r["layout"] for r in rows if r["op"] == "model_prefill"} == {"all-attention", "H1-30", "H1-40"}
+    assert all(r["pct_of_floor"] > 0 and r["ttft_ms"] == r["p50_ms"] for r in rows if r["op"] == "model_prefill")
 
 
 def test_e2e_engine_rows_not_available_without_the_script(monkeypatch, tmp_path):
