@@ -266,23 +266,26 @@ def engine_rows(quick: bool, timeout_s: int | None = None) -> list[dict[str, Any
         cmd = [sys.executable, "-m", "bench.e2e_decode", "--out", str(out)]
         if quick and "--quick" in path.read_text():
             cmd.append("--quick")
+        problem = None
         try:
             proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout_s)
+            sys.stdout.write(proc.stdout[-3000:])
+            if proc.returncode != 0:
+                problem = f"bench/e2e_decode.py exited {proc.returncode}: {proc.stderr[-400:]}"
         except subprocess.TimeoutExpired:
-            return [make_row(SUITE, "model_decode", "apriel_model-engine", status="error",
-                             note=f"bench/e2e_decode.py ran past {timeout_s} s")]
-        sys.stdout.write(proc.stdout[-3000:])
-        if proc.returncode != 0 or not out.exists():
-            return [make_row(SUITE, "model_decode", "apriel_model-engine", status="error",
-                             note=f"bench/e2e_decode.py exited {proc.returncode}: {proc.stderr[-400:]}")]
-        data = json.loads(out.read_text())
+            problem = f"bench/e2e_decode.py ran past {timeout_s} s"
+        # the script rewrites its file after every layout: keep what a cut-short run measured
+        data = json.loads(out.read_text()) if out.exists() else []
     raw = data["rows"] if isinstance(data, dict) and "rows" in data else data if isinstance(data, list) else [data]
     rows = []
     for r in raw:
-        r = normalize(r, SUITE)
+        r = normalize({"provider": "apriel_model-engine", **r}, SUITE)
         r["suite"] = SUITE
-        r.setdefault("provider", "apriel_model-engine")
+        if r.get("seqlen") is None and r.get("context") is not None:
+            r["seqlen"] = r["context"]
         rows.append(r)
+    if problem:
+        rows.append(make_row(SUITE, "model_decode", "apriel_model-engine", status="error", note=problem))
     return rows
 
 

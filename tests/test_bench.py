@@ -320,3 +320,22 @@ def test_markdown_summary_from_saved_rows(tmp_path, capsys):
     assert main(["report", str(tmp_path / "rows.json"), "--markdown"]) == 0
     out = capsys.readouterr().out
     assert "| phase | batch | vs |" in out and "copy 3000 GB/s" in out and "**Whole model (e2e)**" in out
+
+
+def test_engine_rows_fold_the_scripts_output_and_keep_partial_rows(monkeypatch, tmp_path):
+    script = tmp_path / "bench" / "e2e_decode.py"
+    script.parent.mkdir()
+    (tmp_path / "bench" / "__init__.py").write_text("")
+    script.write_text(
+        "import argparse, json, sys\n"
+        "p = argparse.ArgumentParser(); p.add_argument('--out'); p.add_argument('--quick', action='store_true')\n"
+        "a = p.parse_args()\n"
+        "json.dump([{'op': 'model_decode', 'layout': 'H1-30', 'context': 4096, 'p50_ms': 2.0, 'tokens_per_s': 8.0,\n"
+        "            'quick': a.quick}], open(a.out, 'w'))\n"
+        "sys.exit(3)\n")
+    monkeypatch.setattr(e2e, "_e2e_decode_path", lambda: script)
+    monkeypatch.setattr(e2e.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    rows = e2e.engine_rows(quick=True, timeout_s=60)
+    assert rows[0]["provider"] == "apriel_model-engine" and rows[0]["seqlen"] == 4096 and rows[0]["quick"] is True
+    assert rows[0]["status"] == "ok" and rows[-1]["status"] == "error" and "exited 3" in rows[-1]["note"]
