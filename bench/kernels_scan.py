@@ -94,7 +94,7 @@ def run(quick: bool = False) -> list[dict]:
             y = mixer_scan(**args, **kw)
             return torch.autograd.grad(y, leaves, dy)
 
-        for provider, bwd_k in (("apriel", None), ("apriel-bwdK8", "8")):
+        for provider, bwd_k in (("apriel", None), ("apriel-bwdK8", "8"), ("apriel-bwdK16-occ2", "17")):
             if bwd_k is None:
                 os.environ.pop("APRIEL_SCAN_BWD_K", None)
             else:

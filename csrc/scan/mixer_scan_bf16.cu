@@ -8,4 +8,5 @@ template void launch_mixer_scan_fwd<__nv_bfloat16, 16>(const MixerScanParams&, v
 template void launch_mixer_scan_fwd<__nv_bfloat16, 17>(const MixerScanParams&, void*);
 template void launch_mixer_scan_bwd<__nv_bfloat16, 8>(const MixerScanParams&, void*);
 template void launch_mixer_scan_bwd<__nv_bfloat16, 16>(const MixerScanParams&, void*);
+template void launch_mixer_scan_bwd<__nv_bfloat16, 17>(const MixerScanParams&, void*);
 }  // namespace apriel

@@ -116,8 +116,9 @@ __device__ __forceinline__ void bwd_chunk(const Tile& S, Sm& sm, const float (&A
   }
 }
 
-template <typename T, int K>
-__global__ void __launch_bounds__(kN * K) mixer_scan_bwd_kernel(MixerScanParams p) {
+// kMinBlocks: resident blocks per SM the register budget is sized for (launch bounds).
+template <typename T, int K, int kMinBlocks>
+__global__ void __launch_bounds__(kN * K, kMinBlocks) mixer_scan_bwd_kernel(MixerScanParams p) {
   constexpr int NT = kN * K, NS = kN / K;
   static_assert(NT % 32 == 0, "K >= 2");
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -300,10 +301,10 @@ __global__ void __launch_bounds__(kN * K) mixer_scan_bwd_kernel(MixerScanParams 
   }
 }
 
-template <typename T, int K>
+template <typename T, int K, int kMinBlocks>
 void launch_mixer_scan_bwd(const MixerScanParams& p, void* stream) {
   const size_t smem = sizeof(BwdSmem<T, K>);
-  auto kernel = mixer_scan_bwd_kernel<T, K>;
+  auto kernel = mixer_scan_bwd_kernel<T, K, kMinBlocks>;
   if (smem > 48 * 1024)
     APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   dim3 grid(p.d_inner / kN, p.batch);
@@ -313,9 +314,12 @@ void launch_mixer_scan_bwd(const MixerScanParams& p, void* stream) {
 
 }  // namespace scan
 
+// K = 8 / 16: one block per SM's register budget (255 registers); K = 17 selects K = 16 sized for
+// 2 blocks per SM (128 registers, spills) for occupancy experiments.
 template <typename T, int K>
 void launch_mixer_scan_bwd(const MixerScanParams& p, void* stream) {
-  scan::launch_mixer_scan_bwd<T, K>(p, stream);
+  if constexpr (K == 17) scan::launch_mixer_scan_bwd<T, 16, 2>(p, stream);
+  else scan::launch_mixer_scan_bwd<T, K, 1>(p, stream);
 }
 
 }  // namespace apriel

@@ -8,4 +8,5 @@ template void launch_mixer_scan_fwd<__half, 16>(const MixerScanParams&, void*);
 template void launch_mixer_scan_fwd<__half, 17>(const MixerScanParams&, void*);
 template void launch_mixer_scan_bwd<__half, 8>(const MixerScanParams&, void*);
 template void launch_mixer_scan_bwd<__half, 16>(const MixerScanParams&, void*);
+template void launch_mixer_scan_bwd<__half, 17>(const MixerScanParams&, void*);
 }  // namespace apriel

@@ -8,4 +8,5 @@ template void launch_mixer_scan_fwd<float, 16>(const MixerScanParams&, void*);
 template void launch_mixer_scan_fwd<float, 17>(const MixerScanParams&, void*);
 template void launch_mixer_scan_bwd<float, 8>(const MixerScanParams&, void*);
 template void launch_mixer_scan_bwd<float, 16>(const MixerScanParams&, void*);
+template void launch_mixer_scan_bwd<float, 17>(const MixerScanParams&, void*);
 }  // namespace apriel

@@ -94,14 +94,19 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st, int64_t K) {
   else { K == 16 ? launch_mixer_scan_fwd<float, 16>(p, stream) : K == 17 ? launch_mixer_scan_fwd<float, 17>(p, stream) : launch_mixer_scan_fwd<float, 8>(p, stream); }
 }
 
-// Lanes per channel of the backward: 16 (1 state per thread) by default; APRIEL_SCAN_BWD_K=8 for 2 states.
+// Lanes per channel of the backward: 16 (1 state per thread) by default; APRIEL_SCAN_BWD_K=8 for 2 states,
+// 17 for K = 16 compiled for 2 blocks per SM (benchmarks).
 void launch_bwd(const MixerScanParams& p, at::ScalarType st) {
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const char* env = std::getenv("APRIEL_SCAN_BWD_K");
-  const bool k8 = env != nullptr && std::atoi(env) == 8;
-  if (st == at::kBFloat16) k8 ? launch_mixer_scan_bwd<__nv_bfloat16, 8>(p, stream) : launch_mixer_scan_bwd<__nv_bfloat16, 16>(p, stream);
-  else if (st == at::kHalf) k8 ? launch_mixer_scan_bwd<__half, 8>(p, stream) : launch_mixer_scan_bwd<__half, 16>(p, stream);
-  else k8 ? launch_mixer_scan_bwd<float, 8>(p, stream) : launch_mixer_scan_bwd<float, 16>(p, stream);
+  const int k = env != nullptr ? std::atoi(env) : 16;
+  if (st == at::kBFloat16) {
+    k == 8 ? launch_mixer_scan_bwd<__nv_bfloat16, 8>(p, stream) : k == 17 ? launch_mixer_scan_bwd<__nv_bfloat16, 17>(p, stream) : launch_mixer_scan_bwd<__nv_bfloat16, 16>(p, stream);
+  } else if (st == at::kHalf) {
+    k == 8 ? launch_mixer_scan_bwd<__half, 8>(p, stream) : k == 17 ? launch_mixer_scan_bwd<__half, 17>(p, stream) : launch_mixer_scan_bwd<__half, 16>(p, stream);
+  } else {
+    k == 8 ? launch_mixer_scan_bwd<float, 8>(p, stream) : k == 17 ? launch_mixer_scan_bwd<float, 17>(p, stream) : launch_mixer_scan_bwd<float, 16>(p, stream);
+  }
 }
 
 // Lanes per channel of the forward: 8 (2 states per thread) or 16 (1 state: twice the threads at batch 1).
