@@ -19,8 +19,8 @@ import argparse
 import dataclasses
 import json
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -214,7 +214,7 @@ def _run_unit(suite: str, part: str | None, args: argparse.Namespace, tmp: Path,
     cmd += ["--e2e-layers", str(args.e2e_layers)] if args.e2e_layers else []
     op = part or suite
     try:
-        proc = subprocess.run(cmd, timeout=timeout, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.run(cmd, timeout=timeout, stderr=subprocess.PIPE, text=True, check=False)
     except subprocess.TimeoutExpired as error:
         sys.stderr.write((error.stderr or b"")[-4000:].decode(errors="replace") if isinstance(error.stderr, bytes) else (error.stderr or "")[-4000:])
         return [make_row(suite, op, "bench", status="error", note=f"unit killed after its {timeout} s timeout")]

@@ -52,12 +52,12 @@ def kernel_rows(quick: bool = False) -> list[dict[str, Any]]:
         zxbc = torch.randn(1, L, s.zxbc_width)
         dt_low = torch.randn(1, L, s.dt_rank)
         dims = {"d_inner": s.d_inner, "d_xb": s.d_xb, "d_state": s.d_state}
-        fields = dict(batch=1, seqlen=L, shape=f"b1 L{L}", phase="fwd")
-        rows.append(_measure("kernels", "mixer_scan_fwd", lambda: apriel_kernels.mixer_scan(
-            zxbc, dt_low, mixer.conv_w, mixer.conv_b, mixer.dt_w, mixer.dt_b, mixer.A_log, mixer.D, **dims),
+        fields = {"batch": 1, "seqlen": L, "shape": f"b1 L{L}", "phase": "fwd"}
+        rows.append(_measure("kernels", "mixer_scan_fwd", lambda z=zxbc, d=dt_low, dims=dims: apriel_kernels.mixer_scan(
+            z, d, mixer.conv_w, mixer.conv_b, mixer.dt_w, mixer.dt_b, mixer.A_log, mixer.D, **dims),
             reps, tokens=L, **fields))
         x = torch.randn(1, s.d_inner, L)
-        rows.append(_measure("kernels", "causal_conv1d_fwd", lambda: apriel_kernels.causal_conv1d_fn(
+        rows.append(_measure("kernels", "causal_conv1d_fwd", lambda x=x: apriel_kernels.causal_conv1d_fn(
             x, mixer.conv_w, mixer.conv_b, activation="silu"), reps, tokens=L, **fields))
     conv, ssm = mixer.new_cache(4)
     zx = torch.randn(4, s.zxbc_width)
@@ -75,15 +75,16 @@ def mixer_rows(quick: bool = False) -> list[dict[str, Any]]:
     mixer = MixerLayer(s, device="cpu", dtype=torch.float32)
     for L in (64, 256) if quick else (64, 256, 1024):
         h = torch.randn(1, L, s.hidden)
-        f = dict(phase="prefill", batch=1, seqlen=L, shape=f"b1 L{L}")
-        rows.append(_measure("mixers", "attention_layer", lambda: attn.prefill(h), reps, tokens=L, **f))
-        rows.append(_measure("mixers", "mixer_layer", lambda: mixer.prefill(h), reps, tokens=L, **f))
+        f = {"phase": "prefill", "batch": 1, "seqlen": L, "shape": f"b1 L{L}"}
+        rows.append(_measure("mixers", "attention_layer", lambda h=h: attn.prefill(h), reps, tokens=L, **f))
+        rows.append(_measure("mixers", "mixer_layer", lambda h=h: mixer.prefill(h), reps, tokens=L, **f))
         hd = torch.randn(1, s.hidden)
         k, v = attn.new_cache(1, L)
         conv, ssm = mixer.new_cache(1)
-        f = dict(phase="decode", batch=1, seqlen=L, shape=f"b1 L{L}")
-        rows.append(_measure("mixers", "attention_layer", lambda: attn.decode(hd, k, v), reps, tokens=1, **f))
-        rows.append(_measure("mixers", "mixer_layer", lambda: mixer.decode(hd, conv, ssm), reps, tokens=1, **f))
+        f = {"phase": "decode", "batch": 1, "seqlen": L, "shape": f"b1 L{L}"}
+        rows.append(_measure("mixers", "attention_layer", lambda hd=hd, k=k, v=v: attn.decode(hd, k, v), reps, tokens=1, **f))
+        rows.append(_measure("mixers", "mixer_layer", lambda hd=hd, c=conv, st=ssm: mixer.decode(hd, c, st), reps,
+                             tokens=1, **f))
     return rows
 
 

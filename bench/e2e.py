@@ -33,8 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import profiling, timing
 from . import mixers as _mixers
+from . import profiling, timing
 from .mixers import APRIEL_15B, AttentionLayer, LayerShape, MixerLayer, _randn
 from .rows import add_rates, error_row, make_row, normalize, unavailable
 
@@ -176,7 +176,7 @@ def _stack_rows(model: ModelShape, name: str, layout: list[str], quick: bool, ce
     past deadline the remaining measurements become "skipped" rows."""
     rows: list[dict[str, Any]] = []
     skip = skip or {}
-    base = dict(layout=name, n_layers=len(layout), n_mixers=layout.count("m2"), provider_detail="bench-local stack, random bf16 weights")
+    base = {"layout": name, "n_layers": len(layout), "n_mixers": layout.count("m2"), "provider_detail": "bench-local stack, random bf16 weights"}
     s = model.layer
     stack = Stack(model, layout)
     _sync()
@@ -205,7 +205,7 @@ def _stack_rows(model: ModelShape, name: str, layout: list[str], quick: bool, ce
         if phase in skip:
             continue
         op = f"model_{phase}"
-        fields = dict(base, phase=phase, batch=b, seqlen=L, shape=f"b{b} L{L}")
+        fields = {**base, "phase": phase, "batch": b, "seqlen": L, "shape": f"b{b} L{L}"}
         if _late(deadline):
             rows.append(make_row(SUITE, op, "bench-stack", status="skipped", note="suite time budget spent", **fields))
             continue
@@ -215,7 +215,7 @@ def _stack_rows(model: ModelShape, name: str, layout: list[str], quick: bool, ce
         try:
             with profiling.nvtx(f"e2e/{name}/prefill/L={L}"):
                 h = torch.randn(1, L, s.hidden, device=_mixers.DEVICE, dtype=torch.bfloat16)
-                stats = timing.time_long_ms(lambda: stack.prefill(h), budget_ms=800 if quick else 2000)
+                stats = timing.time_long_ms(lambda st=stack, x=h: st.prefill(x), budget_ms=800 if quick else 2000)
                 del h
             row = make_row(SUITE, op, "bench-stack", stats=stats, ttft_ms=stats["p50"],
                            note="one forward over the prompt, logits of the last token", **fields)
@@ -230,12 +230,12 @@ def _stack_rows(model: ModelShape, name: str, layout: list[str], quick: bool, ce
 
 def _decode_row(model, stack, name, base, b, L, ceil, is_max: bool) -> dict[str, Any]:
     s = model.layer
-    fields = dict(base, phase="decode", batch=b, seqlen=L, shape=f"b{b} L{L}", at_max_batch=is_max or None)
+    fields = {**base, "phase": "decode", "batch": b, "seqlen": L, "shape": f"b{b} L{L}", "at_max_batch": is_max or None}
     try:
         with profiling.nvtx(f"e2e/{name}/decode/step/b={b}/L={L}"):
             caches = stack.new_caches(b, L)
             h = torch.randn(b, s.hidden, device=_mixers.DEVICE, dtype=torch.bfloat16)
-            stats = timing.time_graph_ms(lambda: stack.decode(h, caches), warmup_ms=20, rep_ms=150, per_graph=2)
+            stats = timing.time_graph_ms(lambda x=h, c=caches: stack.decode(x, c), warmup_ms=20, rep_ms=150, per_graph=2)
             del caches, h
     except Exception as error:  # noqa: BLE001
         torch.cuda.empty_cache()
@@ -268,7 +268,7 @@ def engine_rows(quick: bool, timeout_s: int | None = None) -> list[dict[str, Any
             cmd.append("--quick")
         problem = None
         try:
-            proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout_s)
+            proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
             sys.stdout.write(proc.stdout[-3000:])
             if proc.returncode != 0:
                 problem = f"bench/e2e_decode.py exited {proc.returncode}: {proc.stderr[-400:]}"

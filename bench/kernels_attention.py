@@ -73,7 +73,7 @@ def run(quick: bool = False, ceilings=None) -> list[dict[str, Any]]:
     decode = ((16, 16384), (1, 32768)) if quick else ((1, 4096), (1, 32768), (16, 4096), (16, 16384), (64, 16384))
     for p in providers:
         for L in prefill:
-            fields = dict(phase="prefill", batch=1, seqlen=L, shape=f"b1 L{L}", heads="32q/8kv d128", family="attention")
+            fields = {"phase": "prefill", "batch": 1, "seqlen": L, "shape": f"b1 L{L}", "heads": "32q/8kv d128", "family": "attention"}
             try:
                 stats = timing.time_auto_ms(_prefill_fn(p, 1, L))
             except Exception as error:  # noqa: BLE001
@@ -85,7 +85,7 @@ def run(quick: bool = False, ceilings=None) -> list[dict[str, Any]]:
                                   floor_ms=floor))
             torch.cuda.empty_cache()
         for b, L in decode:
-            fields = dict(phase="decode", batch=b, seqlen=L, shape=f"b{b} L{L}", heads="32q/8kv d128", family="attention")
+            fields = {"phase": "decode", "batch": b, "seqlen": L, "shape": f"b{b} L{L}", "heads": "32q/8kv d128", "family": "attention"}
             try:
                 stats = timing.time_graph_ms(timing.rotating([_decode_fn(p, b, L) for _ in range(2)]), per_graph=10)
             except Exception as error:  # noqa: BLE001

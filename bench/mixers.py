@@ -366,7 +366,7 @@ def _one(s: LayerShape, provider: str, phase: str, b: int, L: int, ceil) -> dict
     op = f"{kind}_layer"
     if DEVICE != "cpu":
         torch.cuda.empty_cache()  # so mem_get_info sees what the previous measurement left cached
-    fields = dict(phase=phase, batch=b, seqlen=L, shape=f"b{b} L{L}")
+    fields = {"phase": phase, "batch": b, "seqlen": L, "shape": f"b{b} L{L}"}
     sets = 2
     need = peak_bytes_estimate(s, kind, phase, b, L, sets)
     if phase == "decode" and not _fits(need):

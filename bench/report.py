@@ -103,8 +103,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
     ok = [r for r in rows if r.get("status") == "ok"]
     env = next((r for r in rows if r.get("gpu")), {})
-    out = [f"Run: {env.get('gpu', '?')}, torch {env.get('torch', '?')}, CUDA {env.get('cuda', '?')}, commit "
-           f"{env.get('commit', '?')}, {env.get('timestamp', '?')}; wall seconds {meta.get('wall_s', {})}."]
+    out = [(f"Run: {env.get('gpu', '?')}, torch {env.get('torch', '?')}, CUDA {env.get('cuda', '?')}, commit "
+            f"{env.get('commit', '?')}, {env.get('timestamp', '?')}; wall seconds {meta.get('wall_s', {})}.")]
     c = meta.get("ceilings")
     if c:
         out.append(f"Ceilings measured at the start: copy {c['copy_gb_per_s']:.0f} GB/s, bf16 GEMM "

@@ -22,8 +22,9 @@ import datetime as _dt
 import json
 import os
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ def git_commit(root: str | os.PathLike | None = None) -> str:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                               text=True, timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -76,7 +77,7 @@ def environment() -> dict[str, str]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "none",
         "commit": git_commit(),
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "timestamp": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
 
@@ -155,9 +156,9 @@ def validate(row: dict[str, Any]) -> None:
         for key in ("p20_ms", "p50_ms", "p80_ms"):
             if key in row and row[key] is not None and not float(row[key]) >= 0:
                 raise ValueError(f"row: {key} must be >= 0, got {row[key]!r}")
-        if all(row.get(k) is not None for k in ("p20_ms", "p50_ms", "p80_ms")):
-            if not row["p20_ms"] <= row["p50_ms"] <= row["p80_ms"]:
-                raise ValueError(f"row: expected p20 <= p50 <= p80, got {row['p20_ms']}, {row['p50_ms']}, {row['p80_ms']}")
+        quantiles = [row.get(k) for k in ("p20_ms", "p50_ms", "p80_ms")]
+        if None not in quantiles and not quantiles[0] <= quantiles[1] <= quantiles[2]:
+            raise ValueError(f"row: expected p20 <= p50 <= p80, got {row['p20_ms']}, {row['p50_ms']}, {row['p80_ms']}")
 
 
 def stamp(rows: Iterable[dict[str, Any]], env: dict[str, str]) -> list[dict[str, Any]]:

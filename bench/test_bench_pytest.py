@@ -29,15 +29,15 @@ def _sync(device: str):
 
 
 def _params(s, device, dtype):
-    D, X, N, R, W = s["d_inner"], s["d_xb"], s["d_state"], s["dt_rank"], s["width"]
-    return dict(
-        conv_weight=torch.randn(D, W, device=device, dtype=dtype) * 0.5,
-        conv_bias=torch.randn(D, device=device, dtype=dtype) * 0.1,
-        dt_proj_weight=(torch.rand(D, R, device=device, dtype=dtype) * 2 - 1) * R**-0.5,
-        dt_proj_bias=torch.full((D,), -4.0, device=device, dtype=dtype),
-        A_log=torch.log(torch.arange(1, N + 1, device=device, dtype=torch.float32)).repeat(D, 1),
-        D=torch.ones(D, device=device, dtype=torch.float32),
-    )
+    D, _X, N, R, W = s["d_inner"], s["d_xb"], s["d_state"], s["dt_rank"], s["width"]
+    return {
+        "conv_weight": torch.randn(D, W, device=device, dtype=dtype) * 0.5,
+        "conv_bias": torch.randn(D, device=device, dtype=dtype) * 0.1,
+        "dt_proj_weight": (torch.rand(D, R, device=device, dtype=dtype) * 2 - 1) * R**-0.5,
+        "dt_proj_bias": torch.full((D,), -4.0, device=device, dtype=dtype),
+        "A_log": torch.log(torch.arange(1, N + 1, device=device, dtype=torch.float32)).repeat(D, 1),
+        "D": torch.ones(D, device=device, dtype=torch.float32),
+    }
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from bench import compare as compare_mod
-from bench import cpu, e2e, kernels, mixers, profiling, rows as R, timing
+from bench import cpu, e2e, kernels, mixers, profiling, timing
+from bench import rows as R
 from bench.__main__ import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -174,7 +175,7 @@ TINY_MODEL = e2e.ModelShape(name="tiny", layer=cpu.TINY, n_layers=4, intermediat
 def cpu_suite(monkeypatch):
     """Run the GPU suites' code on the CPU: reference ops, wall-clock timers, a fake ceiling."""
     monkeypatch.setattr(mixers, "DEVICE", "cpu")
-    wall = lambda fn, *a, **k: cpu.time_cpu_ms(fn, reps=2)  # noqa: E731
+    wall = lambda fn, *a, **k: cpu.time_cpu_ms(fn, reps=2)
     for name in ("time_ms", "time_auto_ms", "time_long_ms", "time_graph_ms"):
         monkeypatch.setattr(timing, name, wall)
     from bench.ceilings import Ceilings
