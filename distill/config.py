@@ -164,6 +164,9 @@ class DemoConfig:
     """Tokens generated for the side-by-side answer."""
     save_hf: bool = True
     """Save the distilled hybrid in HF format under <out_dir>/final."""
+    budget_minutes: float = 18.5
+    """Wall-time budget of the whole demo: training stops early (after a checkpoint) when the time left
+    would not cover the final evaluation, answers and save (0 = only train.max_minutes applies)."""
 
 
 @dataclass

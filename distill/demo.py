@@ -26,6 +26,19 @@ def _say(msg: str) -> None:
     print(f"distill demo: {msg}", file=sys.stderr, flush=True)
 
 
+def _fit_budget(cfg: DistillConfig, t_start: float, eval_seconds: float) -> None:
+    """Cap training time so the whole demo fits demo.budget_minutes: what is left after loading and ranking,
+    minus a reserve for the two final evaluations, the side-by-side answers and the save."""
+    if cfg.demo.budget_minutes <= 0:
+        return
+    reserve = 3 * eval_seconds + 60
+    left = cfg.demo.budget_minutes * 60 - (time.perf_counter() - t_start) - reserve
+    cap = max(left, 60) / 60
+    if cfg.train.max_minutes <= 0 or cap < cfg.train.max_minutes:
+        _say(f"training capped at {cap:.1f} min to fit demo.budget_minutes={cfg.demo.budget_minutes}")
+        cfg.train.max_minutes = cap
+
+
 def run_demo(cfg: DistillConfig) -> int:
     import torch
 
@@ -80,6 +93,7 @@ def run_demo(cfg: DistillConfig) -> int:
         student = build_student(cfg, setup, order)
         init_eval = evaluate(student.to(device), teacher, setup.eval_batches, device, cfg.loss.chunk_tokens)
         t = phase("evaluate MIL init", t)
+        _fit_budget(cfg, t_start, eval_seconds=phases["evaluate MIL init"])
         result = Trainer(cfg, student, teacher, setup.stream, setup.eval_batches, out, setup.info, tag="demo").run()
         final_eval = result["eval"]
     t = phase("distill", t)

@@ -71,7 +71,9 @@ def _block_causal_mask(seq_idx: torch.Tensor) -> torch.Tensor:
 def final_hidden(model, batch: Batch) -> torch.Tensor:
     """Final-norm hidden states (b, L, H) of a (packed) batch, documents kept apart in every mixer."""
     if is_hybrid(model):
-        return model.model(input_ids=batch.input_ids, position_ids=batch.position_ids, seq_idx=batch.seq_idx)
+        # One document per row (and no padding): let attention take its causal fast path.
+        seq_idx = batch.seq_idx if bool(batch.seq_idx.any()) else None
+        return model.model(input_ids=batch.input_ids, position_ids=batch.position_ids, seq_idx=seq_idx)
     out = model.model(input_ids=batch.input_ids, attention_mask=_block_causal_mask(batch.seq_idx),
                       position_ids=batch.position_ids, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

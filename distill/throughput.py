@@ -49,7 +49,7 @@ def _one(layers: int, mixer_frac: float, seq: int, batch: int, steps: int, train
     student.to(dev).train()
     params = set_trainable(student, trainable)
     enable_activation_checkpointing(student)
-    wrapper = StudentLoss(student, LossConfig(chunk_tokens=4096))
+    wrapper = StudentLoss(student, LossConfig(chunk_tokens=1024))
     opt = torch.optim.AdamW(params, lr=1e-5)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=dev)
     mask = torch.ones(batch, seq, dtype=torch.bool, device=dev)
