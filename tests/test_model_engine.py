@@ -50,7 +50,7 @@ def test_decode_logits_match_full_forward_per_row(model):
     for i, p in enumerate(PROMPTS):
         with torch.no_grad():
             ref = model(torch.tensor([p + [int(nxt[i])]])).logits[0, -1]
-        torch.testing.assert_close(logits[i], ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(logits[i], ref, rtol=1e-4, atol=5e-5)
 
 
 def test_waves_beyond_max_batch(model):
