@@ -9,6 +9,7 @@ errors that name the key and the expected type.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -16,8 +17,18 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "TrainConfig", "RankConfig", "StagesConfig",
-    "DemoConfig", "DistillConfig", "PRESETS", "load_config", "config_to_dict",
+    "PRESETS",
+    "DataConfig",
+    "DemoConfig",
+    "DistillConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RankConfig",
+    "StagesConfig",
+    "TrainConfig",
+    "config_to_dict",
+    "load_config",
 ]
 
 
@@ -313,7 +324,7 @@ def _validate(cfg: DistillConfig) -> None:
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ValueError(f"data.eval_fraction: expected in (0, 1), got {cfg.data.eval_fraction}")
     sched = cfg.stages.schedule
-    if not sched or any(b <= a for a, b in zip(sched, sched[1:])) or sched[0] <= 0:
+    if not sched or any(b <= a for a, b in itertools.pairwise(sched)) or sched[0] <= 0:
         raise ValueError(f"stages.schedule: expected strictly increasing positive mixer counts, got {sched}")
 
 
@@ -333,7 +344,7 @@ def load_config(preset: str = "embedded", path: str | Path | None = None,
             table = tomllib.load(fh)
         for section, values in table.items():
             if not isinstance(values, dict):
-                raise ValueError(f"{path}: top-level key {section!r} must be a [section] table")
+                raise ValueError(f"{path}: top-level key {section!r} must be a [section] table")  # noqa: TRY004 - a config error, reported like the others
             for name, value in values.items():
                 _set(cfg, f"{section}.{name}", value)
     for item in overrides or []:
@@ -358,7 +369,7 @@ def field_docs(cls) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(cls))
     docs: dict[str, str] = {}
     body = tree.body[0].body
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in itertools.pairwise(body):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs

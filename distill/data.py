@@ -25,8 +25,17 @@ from pathlib import Path
 import torch
 
 __all__ = [
-    "DataError", "Document", "Batch", "read_records", "tokenize_messages", "build_documents", "pack_rows",
-    "bucket_rows", "BatchStream", "builtin_path", "split_records",
+    "Batch",
+    "BatchStream",
+    "DataError",
+    "Document",
+    "bucket_rows",
+    "build_documents",
+    "builtin_path",
+    "pack_rows",
+    "read_records",
+    "split_records",
+    "tokenize_messages",
 ]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -46,14 +55,14 @@ def builtin_path(path: str) -> Path:
 def _record_messages(obj) -> list[dict[str, str]]:
     """Normalise one JSON record to a message list, or raise ValueError saying what is wrong."""
     if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")  # noqa: TRY004 - a bad data line, reported as file:line
     if "messages" in obj:
         messages = obj["messages"]
         if not isinstance(messages, list) or not messages:
             raise ValueError("'messages' must be a non-empty list")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f"messages[{i}] must be an object with string 'role' and 'content'")
+                raise ValueError(f"messages[{i}] must be an object with string 'role' and 'content'")  # noqa: TRY004
             if m["role"] not in ("system", "user", "assistant"):
                 raise ValueError(f"messages[{i}].role must be system/user/assistant, got {m['role']!r}")
         if not any(m["role"] == "assistant" and m["content"] for m in messages):
@@ -163,10 +172,10 @@ class Batch:
     labels: torch.Tensor
     attention_mask: torch.Tensor
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
-    def select(self, rows) -> "Batch":
+    def select(self, rows) -> Batch:
         return Batch(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
 
     @property

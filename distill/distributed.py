@@ -12,13 +12,22 @@ Data-parallel sharding of the data is data.BatchStream(rank=, world=).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init", "shard_student", "shard_teacher", "full_state", "load_full_state", "all_mean",
-           "barrier", "close"]
+__all__ = [
+    "DistInfo",
+    "all_mean",
+    "barrier",
+    "close",
+    "full_state",
+    "init",
+    "load_full_state",
+    "shard_student",
+    "shard_teacher",
+]
 
 
 @dataclass
@@ -26,7 +35,7 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def enabled(self) -> bool:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import kl_triton
 
-__all__ = ["kl_rows_torch", "distill_loss", "reference_loss"]
+__all__ = ["distill_loss", "kl_rows_torch", "reference_loss"]
 
 
 def kl_rows_torch(s_logits, t_logits, labels, kind: str, temperature: float, ce_weight: float, grad_scale: float):

@@ -15,8 +15,18 @@ from torch import nn
 from .data import Batch
 
 __all__ = [
-    "load_teacher", "is_hybrid", "layers_of", "layout_of", "final_hidden", "lm_head_weight", "mixer_parameters",
-    "identity_layer", "convert", "transfer_matching", "greedy_generate", "set_trainable",
+    "convert",
+    "final_hidden",
+    "greedy_generate",
+    "identity_layer",
+    "is_hybrid",
+    "layers_of",
+    "layout_of",
+    "lm_head_weight",
+    "load_teacher",
+    "mixer_parameters",
+    "set_trainable",
+    "transfer_matching",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

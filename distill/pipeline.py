@@ -15,7 +15,7 @@ from .config import DistillConfig
 from .data import BatchStream, build_documents, read_records, split_records
 from .modeling import convert, layers_of, load_teacher
 
-__all__ = ["seed_everything", "Setup", "prepare", "ranking_order", "layout_for", "build_student"]
+__all__ = ["Setup", "build_student", "layout_for", "prepare", "ranking_order", "seed_everything"]
 
 
 def seed_everything(seed: int) -> None:

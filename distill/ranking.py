@@ -25,10 +25,10 @@ import torch
 
 from .config import LossConfig
 from .data import Batch, BatchStream
-from .modeling import convert, final_hidden, identity_layer, layout_of, lm_head_weight, set_trainable, transfer_matching
+from .modeling import convert, identity_layer, layout_of, lm_head_weight, set_trainable, transfer_matching
 from .trainer import StudentLoss, teacher_hidden
 
-__all__ = ["loo_scores", "mmr_scores", "make_ranking", "save_ranking", "load_ranking"]
+__all__ = ["load_ranking", "loo_scores", "make_ranking", "mmr_scores", "save_ranking"]
 
 
 @torch.no_grad()

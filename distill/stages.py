@@ -20,7 +20,7 @@ from .pipeline import Setup, layout_for
 from .ranking import make_ranking, mmr_scores, save_ranking
 from .trainer import Trainer, evaluate, latest_checkpoint
 
-__all__ = ["run_stages", "next_layout"]
+__all__ = ["next_layout", "run_stages"]
 
 
 def next_layout(current: list[str], order: list[int], num_mixers: int) -> list[str]:

@@ -18,7 +18,7 @@ from .config import DistillConfig
 from .data import builtin_path
 from .modeling import load_teacher
 
-__all__ = ["read_prompts", "generate_traces"]
+__all__ = ["generate_traces", "read_prompts"]
 
 
 def read_prompts(path: str) -> list[tuple[str, str]]:

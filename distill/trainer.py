@@ -31,7 +31,7 @@ from .data import Batch, BatchStream
 from .losses import distill_loss
 from .modeling import final_hidden, layers_of, lm_head_weight, set_trainable
 
-__all__ = ["Trainer", "NonFiniteLossError", "evaluate", "StudentLoss", "lr_lambda", "latest_checkpoint"]
+__all__ = ["NonFiniteLossError", "StudentLoss", "Trainer", "evaluate", "latest_checkpoint", "lr_lambda"]
 
 
 class NonFiniteLossError(RuntimeError):

@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
+from distill_tiny import make_records, make_tokenizer
 
 from distill.config import PRESETS, load_config
-from distill.data import (BatchStream, DataError, build_documents, read_records, split_records,
-                          tokenize_messages)
-from distill_tiny import make_records, make_tokenizer
+from distill.data import BatchStream, DataError, build_documents, read_records, split_records, tokenize_messages
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +53,7 @@ def test_bucket_rows_one_document_each(tok):
 
 def test_stream_resume_and_rank_sharding(tok):
     docs = build_documents([(f"x:{i}", r["messages"]) for i, r in enumerate(make_records(30, seed=5))], tok, 48)
-    kw = dict(seq_len=48, batch_size=2, layout="pack", pad_id=tok.pad_token_id, seed=7)
+    kw = {"seq_len": 48, "batch_size": 2, "layout": "pack", "pad_id": tok.pad_token_id, "seed": 7}
     a = BatchStream(docs, **kw)
     seq = [a.next().input_ids for _ in range(len(a) + 3)]  # crosses an epoch boundary
     b = BatchStream(docs, **kw)

@@ -21,7 +21,7 @@ CASES = [
 
 def _inputs(n=19, hidden=12, hidden_t=10, vocab=37, seed=0):
     g = torch.Generator().manual_seed(seed)
-    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     h_s = mk(n, hidden).requires_grad_()
     w_s = (mk(vocab, hidden) * 0.5).requires_grad_()
     h_t, w_t = mk(n, hidden_t), mk(vocab, hidden_t) * 0.5
@@ -88,7 +88,7 @@ print("TRITON_OK")
 def test_triton_row_kernel_matches_torch_in_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(check=False, args=[sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "TRITON_OK" in proc.stdout, proc.stderr[-3000:]
 
 
