@@ -91,8 +91,10 @@ def shard_student(wrapper, info: DistInfo, mixed_bf16: bool = False):
 
 
 def shard_teacher(teacher, info: DistInfo):
-    if not info.enabled:
+    """Idempotent: every stage of a staged run shares one (already sharded) teacher."""
+    if not info.enabled or getattr(teacher, "_distill_sharded", False):
         return teacher
+    teacher._distill_sharded = True
     from torch.distributed.fsdp import fully_shard
 
     mesh = _mesh(info)
