@@ -85,6 +85,40 @@ def _one(layers: int, mixer_frac: float, seq: int, batch: int, steps: int, train
             "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
 
+def loss_memory(n: int = 4096, hidden: int = 5120, vocab: int = 131072, chunk: int = 1024, device: str = "cuda") -> dict:
+    """Peak memory above the inputs of one loss forward+backward: the chunked fused loss (both backends
+    on CUDA) vs the unchunked autograd formulation, bf16 hidden states and lm_heads."""
+    from .losses import distill_loss, reference_loss
+
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(0)
+    h_s = (torch.randn(n, hidden, device=dev, generator=g) * 0.5).to(torch.bfloat16).requires_grad_()
+    h_t = (torch.randn(n, hidden, device=dev, generator=g) * 0.5).to(torch.bfloat16)
+    w_s = (torch.randn(vocab, hidden, device=dev, generator=g) * 0.02).to(torch.bfloat16).requires_grad_()
+    w_t = (torch.randn(vocab, hidden, device=dev, generator=g) * 0.02).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (n,), device=dev, generator=g)
+    out = {"tokens": n, "vocab": vocab, "hidden": hidden, "chunk": chunk}
+    variants = {"chunked_triton": lambda: distill_loss(h_s, w_s, h_t, w_t, labels, chunk_tokens=chunk, backend="triton")[0],
+                "chunked_torch": lambda: distill_loss(h_s, w_s, h_t, w_t, labels, chunk_tokens=chunk, backend="torch")[0],
+                "unchunked_reference": lambda: reference_loss(h_s, w_s, h_t, w_t, labels)}
+    for name, fn in variants.items():
+        h_s.grad = w_s.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        try:
+            loss = fn()
+            loss.backward()
+            torch.cuda.synchronize()
+            out[name] = {"peak_extra_gib": (torch.cuda.max_memory_allocated() - base) / 2**30,
+                         "ms": 1000 * (time.perf_counter() - t0), "loss": float(loss.detach())}
+        except torch.OutOfMemoryError as error:
+            out[name] = {"oom": str(error).splitlines()[0][:160]}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m distill.throughput", description=__doc__)
     p.add_argument("--layers", default="50,40,30,20")
@@ -96,12 +130,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--preset", default="apriel-15b", help="apriel_model.presets shape (tiny: a CPU smoke run)")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--loss-memory", action="store_true", help="also measure the loss's peak memory (chunked vs not)")
     p.add_argument("--all", action="store_true", help="measure every depth, not just down to the first that fits")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("distill.throughput: no CUDA device (use --device cpu --preset tiny for a smoke run)")
         return 2
     results = []
+    if args.loss_memory:
+        r = loss_memory(device=args.device)
+        print(json.dumps(r), flush=True)
+        results.append(r)
     for layers in [int(x) for x in args.layers.split(",")]:
         try:
             r = _one(layers, args.mixers, args.seq, args.batch, args.steps, args.trainable, args.preset, args.device)
