@@ -8,7 +8,8 @@ kernels.md, the measured copy ceiling and the installed peers.
 Providers: "apriel" (the public causal_conv1d_fn for fwd; the two torch.ops.apriel_C kernels back to back
 for fwd+bwd, i.e. what autograd runs, without autograd's Python overhead), "apriel[tokN]" (the vectorised
 forward forced to N tokens per thread via APRIEL_CONV1D_FWD_TOKENS, to check the default's choice),
-"apriel[vecw]" (the opt-in vector weight/bias loads, APRIEL_CONV1D_VEC_WEIGHTS=1),
+"apriel[scalarw]" (the former scalar weight/bias loads, APRIEL_CONV1D_VEC_WEIGHTS=0; vector loads are the
+default since they measured faster on the H100),
 "causal-conv1d" (the peer package, only if importable), "torch" (depthwise F.conv1d + silu, channel-major).
 Bytes counted (the floor): fwd reads x and writes out; fwd+bwd adds reading x and dout and writing dx.
 Times are device-event medians from bench/timing.py (triton do_bench: L2 flushed between reps).
@@ -112,9 +113,9 @@ def _fwd_shape(batch, seqlen, dim, peer, copy_bps):
             with _env("APRIEL_CONV1D_FWD_TOKENS", tokens):
                 rows.append(_row("causal_conv1d", f"apriel[tok{tokens}]", "fwd", *args, time_ms(ours), nbytes,
                                  copy_bps))
-        with _env("APRIEL_CONV1D_VEC_WEIGHTS", "1"):
-            rows.append(_row("causal_conv1d", "apriel[vecw]", "fwd", *args, time_ms(ours), nbytes, copy_bps,
-                             note="opt-in vector weight loads"))
+        with _env("APRIEL_CONV1D_VEC_WEIGHTS", "0"):
+            rows.append(_row("causal_conv1d", "apriel[scalarw]", "fwd", *args, time_ms(ours), nbytes, copy_bps,
+                             note="scalar weight loads (former default)"))
         stats = time_ms(lambda: causal_conv1d_fn(xc, w, b, activation="silu"))
         rows.append(_row("causal_conv1d", "apriel", "fwd", *args, stats, nbytes, copy_bps, layout="channel-major"))
     except Exception as error:  # noqa: BLE001
@@ -158,9 +159,9 @@ def _bwd_shape(batch, seqlen, dim, peer, copy_bps):
         stats = time_ms(lambda: bwd(x, w, b, None, None, dout, None, True))
         bwd_bytes = 3 * x.numel() * x.element_size()  # reads x and dout, writes dx
         rows.append(_row("causal_conv1d", "apriel", "bwd", *args, stats, bwd_bytes, copy_bps))
-        with _env("APRIEL_CONV1D_VEC_WEIGHTS", "1"):
-            rows.append(_row("causal_conv1d", "apriel[vecw]", "fwd+bwd", *args, time_ms(step), nbytes, copy_bps,
-                             note="opt-in vector weight loads"))
+        with _env("APRIEL_CONV1D_VEC_WEIGHTS", "0"):
+            rows.append(_row("causal_conv1d", "apriel[scalarw]", "fwd+bwd", *args, time_ms(step), nbytes, copy_bps,
+                             note="scalar weight loads (former default)"))
     except Exception as error:  # noqa: BLE001
         rows.append(error_row(SUITE, "causal_conv1d", "apriel", error, phase="fwd+bwd", shape=_shape(*args)))
     if peer is not None:

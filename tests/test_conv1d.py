@@ -389,7 +389,7 @@ def test_cuda_bwd_matches_reference(dtype, width, seqlen, layout, features, pois
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 def test_cuda_bwd_vector_weight_loads(dtype, width, seqlen, features, monkeypatch, poison):
-    """The opt-in vector weight/bias loads (APRIEL_CONV1D_VEC_WEIGHTS=1) of the vectorised backward."""
+    """The vector weight/bias loads (APRIEL_CONV1D_VEC_WEIGHTS=1, also the default) of the vectorised backward."""
     monkeypatch.setenv("APRIEL_CONV1D_VEC_WEIGHTS", "1")
     check_bwd(dtype, width, seqlen, "tm", features)
 

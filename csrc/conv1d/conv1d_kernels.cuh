@@ -21,7 +21,7 @@
 // Status (H100, b1 L8192 bf16 silu; bench/results/conv1d_h100.json): forward 4096 ch 0.085 ms = 53% of
 //   the copy ceiling, 1024 ch 0.030 ms, forward+backward 0.32 ms; all short of the bars (0.050 / 0.016 /
 //   0.18). Suspected limits: the scalar weight loads of the forward (kCh * (W + 1) per thread, each warp
-//   instruction touching ~16 L1 lines; the vector variant kVecW is opt-in until measured) and the load ->
+//   instruction touching ~16 L1 lines; the vector variant kVecW is the default since it measured faster) and the load ->
 //   wait -> compute tiles of the backward (no prefetch of the next tile; 168 registers, 12 warps per SM).
 #pragma once
 #include <cuda_bf16.h>

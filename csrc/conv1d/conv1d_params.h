@@ -69,7 +69,7 @@ struct ConvParams {
   bool vectorized;
   bool tok_fast;
   // weight (dim, width) and bias are contiguous and 16-byte aligned: each thread reads its channels'
-  // taps as vectors instead of kCh * (width + 1) scalar loads (opt-in, APRIEL_CONV1D_VEC_WEIGHTS=1).
+  // taps as vectors instead of kCh * (width + 1) scalar loads (the default; APRIEL_CONV1D_VEC_WEIGHTS=0 selects the scalar loads).
   bool weight_vec;
   int fwd_tokens;   // tokens per thread of the vectorised forward (4 or 8)
 };
