@@ -190,3 +190,30 @@ def test_torchrun_two_cpu_processes_fsdp2(fixture_dir, tmp_path):
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "at step 4" in again.stderr and json.loads(again.stdout.strip().splitlines()[-1])["step"] == 6
+
+
+def test_activation_checkpointing_gives_the_same_gradients(fixture_dir, tmp_path):
+    from distill.config import LossConfig
+    from distill.pipeline import build_student
+    from distill.trainer import StudentLoss, enable_activation_checkpointing, teacher_hidden
+
+    cfg, setup = _setup(fixture_dir, tmp_path / "ckpt")
+    batch = setup.stream.next()
+    grads = []
+    for checkpointed in (False, True):
+        student = build_student(cfg, setup, [1, 3, 0, 2])
+        student.train()
+        if checkpointed:
+            enable_activation_checkpointing(student)
+        calls = []
+        student.model.layers[3].mlp.register_forward_hook(lambda *_, c=calls: c.append(1))
+        # Early stop would end the recomputation before the (frozen) MLP: switch it off to see the rerun.
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            loss, _ = StudentLoss(student, LossConfig())(batch, teacher_hidden(setup.teacher, batch),
+                                                          setup.teacher.lm_head.weight)
+            loss.backward()
+        assert len(calls) == (2 if checkpointed else 1)  # recomputed in the backward when checkpointed
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if ".mixer." in n})
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
