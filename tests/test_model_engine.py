@@ -178,3 +178,11 @@ def test_cache_grows_for_long_hf_generation(model):
     torch.testing.assert_close(out, model(ids).logits[:, 3:], rtol=1e-4, atol=1e-5)
     long = model.generate(ids, max_new_tokens=300, do_sample=False, min_new_tokens=300)
     assert long.shape[1] == ids.shape[1] + 300
+
+
+def test_pick_splits_only_when_the_fused_kernel_leaves_sms_idle():
+    from apriel_model.attention import pick_splits
+
+    assert pick_splits(batch=15, kv_heads=8, max_seqlen=16384, sms=132) == 1  # 120 blocks: fused kernel
+    assert pick_splits(batch=1, kv_heads=8, max_seqlen=16384, sms=132) == 32  # 8 blocks -> 256 >= 2 per SM
+    assert pick_splits(batch=1, kv_heads=8, max_seqlen=1024, sms=132) == 2  # chunks stay >= 512 keys
