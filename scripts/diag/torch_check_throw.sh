@@ -5,7 +5,7 @@ set -u
 dir=$(mktemp -d)
 cp "$(dirname "$0")/torch_check_throw.cpp" "$dir/"
 cd "$dir" || exit 1
-python3 - <<'PY'
+"${PYTHON:-python3}" - <<'PY'
 import sys
 from torch.utils.cpp_extension import load
 mod = load("torch_check_throw", ["torch_check_throw.cpp"], verbose=False)
