@@ -185,11 +185,12 @@ def _mil_init(mixer, attn_sd: dict, config: AprielHybridConfig, mapping: str, ge
     hidden = q.shape[1]
     bound = 1.0 / math.sqrt(hidden)  # nn.Linear's default (kaiming_uniform a=sqrt(5)) for z rows and dt_in_proj
     z = (torch.rand(d_inner, hidden, generator=generator) * 2 - 1) * bound
-    w = torch.cat([z.to(q.dtype), v, k, q[order]], dim=0)  # in_proj output order: z, x, B, C
+    # z comes from the CPU generator (the same init on any device); the teacher may live on the GPU.
+    w = torch.cat([z.to(device=q.device, dtype=q.dtype), v, k, q[order.to(q.device)]], dim=0)  # z, x, B, C
     mixer.in_proj.weight.copy_(w.to(device=dev, dtype=dtype))
     dt_in = (torch.rand(mixer.dt_in_proj.weight.shape, generator=generator) * 2 - 1) * bound
     mixer.dt_in_proj.weight.copy_(dt_in.to(device=dev, dtype=dtype))
-    mixer.out_proj.weight.copy_(o[:, order].to(device=dev, dtype=dtype))
+    mixer.out_proj.weight.copy_(o[:, order.to(o.device)].to(device=dev, dtype=dtype))
     for lin in (mixer.in_proj, mixer.dt_in_proj, mixer.out_proj):
         if lin.bias is not None:
             lin.bias.zero_()
