@@ -12,7 +12,6 @@ lanes-per-channel choice of the forward; "apriel" is the default dispatch.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -84,7 +83,6 @@ def run(quick: bool = False) -> list[dict]:
             except Exception as e:  # noqa: BLE001 - a failing shape is a row, not a crash
                 out.append(R.error_row("kernels", "mixer_scan_fwd", provider, e, shape=f"b{batch} L{seqlen}"))
         os.environ.pop("APRIEL_SCAN_K", None)
-        del args
     for batch, seqlen in ([(1, 8192), (8, 4096)] if not quick else [(1, 8192)]):
         args = _inputs(batch, seqlen, requires_grad=True)
         dy = torch.randn(batch, seqlen, D, device="cuda", dtype=torch.bfloat16)
@@ -117,11 +115,9 @@ def run(quick: bool = False) -> list[dict]:
                 y = mixer_scan(**args, **kw)
                 stats_b = time_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), rep_ms=300)
                 out.append(_row("bwd", provider, batch, seqlen, stats_b))
-                del y
             except Exception as e:  # noqa: BLE001
                 out.append(R.error_row("kernels", "mixer_scan_fwd_bwd", provider, e, shape=f"b{batch} L{seqlen}"))
         os.environ.pop("APRIEL_SCAN_BWD_K", None)
-        del args, dy
     return out
 
 
