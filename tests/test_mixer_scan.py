@@ -164,8 +164,10 @@ def test_opcheck_cpu():
            args["dt_proj_bias"], args["A_log"], args["D"], args["initial_ssm_state"], args["initial_conv_state"], seq,
            kw["d_inner"], kw["d_xb"], kw["d_state"], True, True]
     torch.library.opcheck(mixer_scan_fwd, pos)
-    # The CPU backward op (a torch.func.vjp of the reference) is not opcheck-able: functorch wrappers have no
-    # storage for opcheck's dispatch modes. Its CUDA kernel is opchecked in test_opcheck_cuda.
+    y = mixer_scan_fwd(*pos)[0]
+    dy = torch.randn_like(y)
+    dfinal_ssm = torch.randn_like(args["initial_ssm_state"])
+    torch.library.opcheck(mixer_scan_bwd, pos[:15] + [dy, dfinal_ssm, None, None])
 
 
 def test_compile_fullgraph_cpu():

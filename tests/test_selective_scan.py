@@ -10,7 +10,7 @@ import torch
 
 from apriel_kernels import selective_scan, selective_scan_fn
 from apriel_kernels.reference.selective_scan import selective_scan_sequential_ref
-from apriel_kernels.selective_scan import selective_scan_fwd
+from apriel_kernels.selective_scan import selective_scan_bwd, selective_scan_fwd
 
 N = 16
 
@@ -76,7 +76,9 @@ def test_opcheck_and_compile():
     args = make(dtype=torch.float32)
     pos = [args["u"], args["delta"], args["A"], args["B"], args["C"], args["D"], args["z"], args["delta_bias"], True,
            None, None]
-    torch.library.opcheck(selective_scan_fwd, pos, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(selective_scan_fwd, pos)
+    y = selective_scan_fwd(*pos)[0]
+    torch.library.opcheck(selective_scan_bwd, pos + [torch.randn_like(y), None])
     f = torch.compile(lambda a: selective_scan(**a, delta_softplus=True), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(f(args), selective_scan(**args, delta_softplus=True))
 
