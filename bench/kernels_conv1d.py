@@ -17,8 +17,6 @@ Times are device-event medians from bench/timing.py (triton do_bench: L2 flushed
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 from typing import Any
 
 import torch
@@ -26,6 +24,7 @@ import torch.nn.functional as F
 
 from .rows import add_rates, environment, error_row, make_row, unavailable, write_json
 from .timing import measure_copy_bandwidth, time_graph_ms, time_ms
+from .variants import env_override
 
 SUITE = "kernels"
 WIDTH = 4
@@ -38,22 +37,6 @@ UPDATE_BATCHES = [1, 16, 64, 256]
 
 def _shape(batch: int, seqlen: int, dim: int) -> str:
     return f"b{batch} L{seqlen} C{dim}"
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str | None):
-    old = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def _inputs(batch, seqlen, dim, dtype=torch.bfloat16, token_major=True):
@@ -110,10 +93,10 @@ def _fwd_shape(batch, seqlen, dim, peer, copy_bps):
         rows.append(_row("causal_conv1d", "apriel", "fwd", *args, time_ms(ours), nbytes, copy_bps,
                          graph_p50_ms=time_graph_ms(ours)["p50"]))
         for tokens in ("4", "8"):
-            with _env("APRIEL_CONV1D_FWD_TOKENS", tokens):
+            with env_override("APRIEL_CONV1D_FWD_TOKENS", tokens):
                 rows.append(_row("causal_conv1d", f"apriel[tok{tokens}]", "fwd", *args, time_ms(ours), nbytes,
                                  copy_bps))
-        with _env("APRIEL_CONV1D_VEC_WEIGHTS", "0"):
+        with env_override("APRIEL_CONV1D_VEC_WEIGHTS", "0"):
             rows.append(_row("causal_conv1d", "apriel[scalarw]", "fwd", *args, time_ms(ours), nbytes, copy_bps,
                              note="scalar weight loads (former default)"))
         stats = time_ms(lambda: causal_conv1d_fn(xc, w, b, activation="silu"))
@@ -159,7 +142,7 @@ def _bwd_shape(batch, seqlen, dim, peer, copy_bps):
         stats = time_ms(lambda: bwd(x, w, b, None, None, dout, None, True))
         bwd_bytes = 3 * x.numel() * x.element_size()  # reads x and dout, writes dx
         rows.append(_row("causal_conv1d", "apriel", "bwd", *args, stats, bwd_bytes, copy_bps))
-        with _env("APRIEL_CONV1D_VEC_WEIGHTS", "0"):
+        with env_override("APRIEL_CONV1D_VEC_WEIGHTS", "0"):
             rows.append(_row("causal_conv1d", "apriel[scalarw]", "fwd+bwd", *args, time_ms(step), nbytes, copy_bps,
                              note="scalar weight loads (former default)"))
     except Exception as error:  # noqa: BLE001

@@ -12,13 +12,13 @@ lanes-per-channel choice of the forward; "apriel" is the default dispatch.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
 from . import rows as R
 from .timing import time_ms
+from .variants import env_override
 
 D, X, N, RANK, W = 4096, 1024, 16, 16, 4
 EXP2_PER_S = 3.9e12
@@ -72,17 +72,12 @@ def run(quick: bool = False) -> list[dict]:
     for batch, seqlen in fwd_shapes:
         args = _inputs(batch, seqlen)
         for provider, k in (("apriel", None), ("apriel-K8", "8"), ("apriel-K16", "16"), ("apriel-K16-occ3", "17")):
-            if k is None:
-                os.environ.pop("APRIEL_SCAN_K", None)
-            else:
-                os.environ["APRIEL_SCAN_K"] = k
             try:
-                with torch.no_grad():
+                with env_override("APRIEL_SCAN_K", k), torch.no_grad():
                     stats = time_ms(lambda: mixer_scan(**args, **kw))
                 out.append(_row("fwd", provider, batch, seqlen, stats))
             except Exception as e:  # noqa: BLE001 - a failing shape is a row, not a crash
                 out.append(R.error_row("kernels", "mixer_scan_fwd", provider, e, shape=f"b{batch} L{seqlen}"))
-        os.environ.pop("APRIEL_SCAN_K", None)
     for batch, seqlen in ([(1, 8192), (8, 4096)] if not quick else [(1, 8192)]):
         args = _inputs(batch, seqlen, requires_grad=True)
         dy = torch.randn(batch, seqlen, D, device="cuda", dtype=torch.bfloat16)
@@ -93,31 +88,27 @@ def run(quick: bool = False) -> list[dict]:
             return torch.autograd.grad(y, leaves, dy)
 
         for provider, bwd_k in (("apriel", None), ("apriel-bwdK8", "8"), ("apriel-bwdK16-occ2", "17")):
-            if bwd_k is None:
-                os.environ.pop("APRIEL_SCAN_BWD_K", None)
-            else:
-                os.environ["APRIEL_SCAN_BWD_K"] = bwd_k
-            try:
-                stats = time_ms(step, rep_ms=300)
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                grads = step()
-                torch.cuda.synchronize()
-                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-                grads_mb = sum(g.numel() * g.element_size() for g in grads) / 2**20
-                del grads
-                ckpt_mb = batch * ((seqlen + 31) // 32) * D * N * 4 / 2**20
-                out.append(_row("fwd+bwd", provider, batch, seqlen, stats, peak_extra_mem_mb=peak,
-                                grads_mb=grads_mb, checkpoints_mb=ckpt_mb,
-                                note="peak_extra_mem_mb: allocated above the inputs during fwd+bwd, returned grads included"))
-                # the backward alone (forward outside the timed region)
-                y = mixer_scan(**args, **kw)
-                stats_b = time_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), rep_ms=300)
-                out.append(_row("bwd", provider, batch, seqlen, stats_b))
-            except Exception as e:  # noqa: BLE001
-                out.append(R.error_row("kernels", "mixer_scan_fwd_bwd", provider, e, shape=f"b{batch} L{seqlen}"))
-        os.environ.pop("APRIEL_SCAN_BWD_K", None)
+            with env_override("APRIEL_SCAN_BWD_K", bwd_k):
+                try:
+                    stats = time_ms(step, rep_ms=300)
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    grads = step()
+                    torch.cuda.synchronize()
+                    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                    grads_mb = sum(g.numel() * g.element_size() for g in grads) / 2**20
+                    del grads
+                    ckpt_mb = batch * ((seqlen + 31) // 32) * D * N * 4 / 2**20
+                    out.append(_row("fwd+bwd", provider, batch, seqlen, stats, peak_extra_mem_mb=peak,
+                                    grads_mb=grads_mb, checkpoints_mb=ckpt_mb,
+                                    note="peak_extra_mem_mb: allocated above the inputs during fwd+bwd, returned grads included"))
+                    # the backward alone (forward outside the timed region)
+                    y = mixer_scan(**args, **kw)
+                    stats_b = time_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), rep_ms=300)
+                    out.append(_row("bwd", provider, batch, seqlen, stats_b))
+                except Exception as e:  # noqa: BLE001
+                    out.append(R.error_row("kernels", "mixer_scan_fwd_bwd", provider, e, shape=f"b{batch} L{seqlen}"))
     return out
 
 

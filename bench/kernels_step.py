@@ -24,7 +24,6 @@ on the device; the real chain measured 18.3 / 23.2 / 38.3 / 99.4 us per kernels.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .timing import measure_copy_bandwidth, time_graph_ms
+from .variants import env_override
 
 D_INNER, D_XB, D_STATE, DT_RANK, WIDTH = 4096, 1024, 16, 16, 4
 BATCHES = [1, 16, 64, 256]
@@ -51,20 +51,6 @@ def _environment() -> dict[str, str]:
     except Exception:  # noqa: BLE001 - metadata must not kill a benchmark
         return {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
                 "commit": os.environ.get("APRIEL_BENCH_COMMIT", "unknown")}
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str | None):
-    old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def _layer(device="cuda") -> dict[str, torch.Tensor]:
@@ -190,7 +176,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                          time_graph_ms(fn, per_graph=per_graph), nbytes, copy_bps))
         if not quick and batch > 1:
             for spb in ("1", "2", "4"):
-                with _env("APRIEL_STEP_SEQ_PER_THREAD", spb):
+                with env_override("APRIEL_STEP_SEQ_PER_THREAD", spb):
                     fn, per_graph, nbytes = _apriel_fn(batch, torch.float32, "compact", True)
                     stats = time_graph_ms(fn, per_graph=per_graph)
                 rows.append(_row("mixer_step", f"apriel[seq{spb}]", batch, torch.float32, "compact", "cold", stats,
