@@ -11,6 +11,13 @@
         mamba-ssm's argument order and layouts: u, delta, z: (b, D, L); B, C: (b, N, L) or (b, G, N, L).
 
 Both are differentiable w.r.t. every floating input (A, B, C, D, delta_bias, initial_state included).
+
+Devices: CPU runs the float64-capable reference. CUDA runs the kernels of csrc/sscan/ for bf16 / fp16 / fp32
+activations (float64 runs the reference on any device) when d_state <= 64 and each B / C group spans a
+multiple or a divisor of 16 channels; other CUDA shapes raise a ValueError naming the argument (the
+reference stands in only with APRIEL_KERNELS_ALLOW_REFERENCE=1). Everything the kernel needs is checked
+here, before it is called: a C++ exception from an extension op crashes the GPU machine's process
+(docs/notes/STATUS.md item 4).
 """
 from __future__ import annotations
 
@@ -21,10 +28,83 @@ from torch import Tensor
 
 from . import _validate as V
 from ._autograd_ref import reference_vjp
-from ._ext import cuda_kernel
+from ._ext import allow_reference_on_gpu, cuda_kernel
 from .reference.selective_scan import selective_scan_ref
 
 __all__ = ["selective_scan", "selective_scan_fn", "selective_scan_ref"]
+
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_KERNEL_D_STATE = 64
+_CHANNELS_PER_BLOCK, _TILE, _ROW = 16, 32, 17  # csrc/sscan/sscan_params.h
+
+
+def _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx) -> None:
+    """Every argument's shape, dtype and device (ValueError / TypeError naming the argument)."""
+    sizes = V.Sizes()
+    V.check_tensor("delta", delta, ("batch", "seqlen", "d_inner"), V.FLOAT_DTYPES, sizes=sizes)
+    dev = delta.device
+    V.check_tensor("u", u, ("batch", "seqlen", None), (delta.dtype,), device=dev, sizes=sizes)
+    V.check_tensor("A", A, ("d_inner", "d_state"), (torch.float32, torch.float64), device=dev, sizes=sizes)
+    d_inner, d_state = sizes["d_inner"], sizes["d_state"]
+    if u.shape[2] == 0 or d_inner % u.shape[2] or (u.shape[2] != d_inner and u.shape[2] % d_state):
+        raise ValueError(f"u: expected channels (dim 2) = d_inner ({d_inner}) or a multiple of d_state dividing it, got {u.shape[2]}")
+    V.check_tensor("B", B, ("batch", "seqlen", None, "d_state"), (delta.dtype,), device=dev, sizes=sizes)
+    V.check_tensor("C", C, ("batch", "seqlen", None, "d_state"), (delta.dtype,), device=dev, sizes=sizes)
+    for name, t in (("B", B), ("C", C)):
+        if t.shape[2] == 0 or d_inner % t.shape[2]:
+            raise ValueError(f"{name}: expected a group count (dim 2) dividing d_inner = {d_inner}, got {t.shape[2]}")
+    param_dtypes = (torch.float32, torch.float64)
+    V.check_tensor("D", D, ("d_inner",), param_dtypes, device=dev, sizes=sizes, optional=True)
+    V.check_tensor("z", z, ("batch", "seqlen", "d_inner"), (delta.dtype,), device=dev, sizes=sizes, optional=True)
+    V.check_tensor("delta_bias", delta_bias, ("d_inner",), param_dtypes, device=dev, sizes=sizes, optional=True)
+    V.check_tensor("initial_state", initial_state, ("batch", "d_inner", "d_state"), param_dtypes, device=dev, sizes=sizes, optional=True)
+    V.check_tensor("seq_idx", seq_idx, ("batch", "seqlen"), V.INDEX_DTYPES, device=dev, sizes=sizes, optional=True)
+
+
+def kernel_smem_bytes(d_inner: int, d_state: int, groups_b: int, groups_c: int) -> tuple[int, int]:
+    """Dynamic shared memory (forward, backward) of the CUDA kernels; mirrors csrc/sscan/sscan_params.h."""
+    n_pass = -(-d_state // 16)
+
+    def row(groups):
+        cpg = d_inner // groups
+        ngl = 1 if cpg >= _CHANNELS_PER_BLOCK else _CHANNELS_PER_BLOCK // cpg
+        return ngl * 16 * n_pass + 1
+
+    bc = _TILE * (row(groups_b) + row(groups_c))
+    fwd = 5 * _TILE * _ROW + bc + _TILE + n_pass * 256
+    bwd = 10 * _TILE * _ROW + bc + _TILE + 2 * n_pass * 256 + 2 * _TILE * 256
+    return 4 * fwd, 4 * bwd
+
+
+def kernel_unsupported_reason(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Optional[str]:
+    """None when the CUDA kernels cover these (already validated) arguments, else why not (naming the argument)."""
+    d_inner, d_state = A.shape
+    if not 1 <= d_state <= MAX_KERNEL_D_STATE:
+        return f"d_state: the CUDA selective scan supports d_state 1..{MAX_KERNEL_D_STATE}, got {d_state}"
+    for name, t in (("B", B), ("C", C)):
+        cpg = d_inner // t.shape[2]
+        if cpg % _CHANNELS_PER_BLOCK and _CHANNELS_PER_BLOCK % cpg:
+            return (f"{name}: the CUDA selective scan needs d_inner / groups to be a multiple or a divisor of 16, "
+                    f"got {d_inner} / {t.shape[2]} = {cpg}")
+    smem = max(kernel_smem_bytes(d_inner, d_state, B.shape[2], C.shape[2]))
+    limit = torch.cuda.get_device_properties(delta.device).shared_memory_per_block_optin
+    if smem > limit:
+        return (f"B, C: {B.shape[2]} / {C.shape[2]} groups at d_state {d_state} need {smem} bytes of shared memory "
+                f"per block in the CUDA selective scan, the device has {limit}")
+    return None
+
+
+def _cuda_kernel(op_name: str, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor):
+    """The compiled op for these CUDA arguments, or None where the reference runs (float64, or allowed)."""
+    if u.dtype not in KERNEL_DTYPES:
+        return None  # float64: the reference is the implementation
+    reason = kernel_unsupported_reason(u, delta, A, B, C)
+    if reason is not None:
+        if allow_reference_on_gpu():
+            return None
+        raise ValueError(f"{reason} (set APRIEL_KERNELS_ALLOW_REFERENCE=1 to run the slow reference on the GPU)")
+    return cuda_kernel(op_name)
 
 
 def _reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
@@ -50,7 +130,8 @@ def selective_scan_fwd(
 ) -> tuple[Tensor, Tensor]:
     """Returns (y (b, L, D) contiguous in u's dtype, final_state (b, D, N) fp32 (fp64 for fp64 inputs))."""
     if u.is_cuda:
-        kernel = cuda_kernel("selective_scan_fwd")
+        _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+        kernel = _cuda_kernel("selective_scan_fwd", u, delta, A, B, C)
         if kernel is not None:
             return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx)
     y, final = _reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx)
@@ -83,7 +164,11 @@ def selective_scan_bwd(
     """Gradients [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state], each shaped like its input
     (an empty tensor for an input that is None)."""
     if u.is_cuda:
-        kernel = cuda_kernel("selective_scan_bwd")
+        _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+        V.check_tensor("dy", dy, tuple(delta.shape), device=delta.device)
+        V.check_tensor("dfinal_state", dfinal_state, (delta.shape[0], delta.shape[2], A.shape[1]),
+                       device=delta.device, optional=True)
+        kernel = _cuda_kernel("selective_scan_bwd", u, delta, A, B, C)
         if kernel is not None:
             return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, dy, dfinal_state)
 
@@ -141,25 +226,11 @@ def selective_scan(
     return_final_state: bool = False,
 ):
     """Token-major selective scan; see the module docstring for the shape contract."""
-    sizes = V.Sizes()
-    V.check_tensor("delta", delta, ("batch", "seqlen", "d_inner"), V.FLOAT_DTYPES, sizes=sizes)
-    dev = delta.device
-    V.check_tensor("u", u, ("batch", "seqlen", None), (delta.dtype,), device=dev, sizes=sizes)
-    V.check_tensor("A", A, ("d_inner", "d_state"), (torch.float32, torch.float64), device=dev, sizes=sizes)
-    d_inner, d_state = sizes["d_inner"], sizes["d_state"]
-    if d_inner % u.shape[2] or (u.shape[2] != d_inner and u.shape[2] % d_state):
-        raise ValueError(f"u: expected channels (dim 2) = d_inner ({d_inner}) or a multiple of d_state dividing it, got {u.shape[2]}")
-    V.check_tensor("B", B, ("batch", "seqlen", None, "d_state"), (delta.dtype,), device=dev, sizes=sizes)
-    V.check_tensor("C", C, ("batch", "seqlen", None, "d_state"), (delta.dtype,), device=dev, sizes=sizes)
-    for name, t in (("B", B), ("C", C)):
-        if d_inner % t.shape[2]:
-            raise ValueError(f"{name}: expected a group count (dim 2) dividing d_inner = {d_inner}, got {t.shape[2]}")
-    param_dtypes = (torch.float32, torch.float64)
-    V.check_tensor("D", D, ("d_inner",), param_dtypes, device=dev, sizes=sizes, optional=True)
-    V.check_tensor("z", z, ("batch", "seqlen", "d_inner"), (delta.dtype,), device=dev, sizes=sizes, optional=True)
-    V.check_tensor("delta_bias", delta_bias, ("d_inner",), param_dtypes, device=dev, sizes=sizes, optional=True)
-    V.check_tensor("initial_state", initial_state, ("batch", "d_inner", "d_state"), param_dtypes, device=dev, sizes=sizes, optional=True)
-    V.check_tensor("seq_idx", seq_idx, ("batch", "seqlen"), V.INDEX_DTYPES, device=dev, sizes=sizes, optional=True)
+    _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    if delta.is_cuda and delta.dtype in KERNEL_DTYPES and not allow_reference_on_gpu():
+        reason = kernel_unsupported_reason(u, delta, A, B, C)
+        if reason is not None:
+            raise ValueError(f"{reason} (set APRIEL_KERNELS_ALLOW_REFERENCE=1 to run the slow reference on the GPU)")
     y, final = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx)
     return (y, final) if return_final_state else y
 

@@ -1,0 +1,187 @@
+// Host side of the generic selective scan family: argument checks, parameter packing, launches, and the
+// torch epilogues of the backward (sums of per-block / per-batch partials in a fixed order: deterministic).
+// Registers torch.ops.apriel_C.selective_scan_fwd / selective_scan_bwd (CUDA) with exactly the positional
+// arguments of apriel_kernels/selective_scan.py. The Python op validates everything first (a C++ exception
+// from an extension op kills the process on the GPU machine, docs/notes/STATUS.md item 4): these checks
+// only guard raw torch.ops callers.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "sscan_params.h"
+
+namespace apriel {
+namespace {
+
+using at::Tensor;
+using OptT = std::optional<Tensor>;
+
+Tensor f32c(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+int groups_per_block(int64_t cpg) { return cpg >= kSsChannels ? 1 : static_cast<int>(kSsChannels / cpg); }
+
+SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
+                        const OptT& Dskip, const OptT& z, const OptT& delta_bias, bool softplus,
+                        const OptT& init, const OptT& seq_idx, std::vector<Tensor>& keep) {
+  TORCH_CHECK(delta.is_cuda() && delta.dim() == 3, "delta: expected a CUDA tensor (batch, seqlen, d_inner)");
+  const auto st = delta.scalar_type();
+  TORCH_CHECK(st == at::kBFloat16 || st == at::kHalf || st == at::kFloat,
+              "delta: the CUDA selective scan supports bf16, fp16 and fp32 (float64 runs on the reference)");
+  const int64_t b = delta.size(0), L = delta.size(1), D = delta.size(2);
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == D, "A: expected (d_inner, d_state)");
+  const int64_t N = A.size(1);
+  TORCH_CHECK(N >= 1 && N <= 64, "d_state: the CUDA selective scan supports 1..64, got ", N);
+  TORCH_CHECK(u.dim() == 3 && u.size(0) == b && u.size(1) == L && u.scalar_type() == st, "u: expected (batch, seqlen, Du) in delta's dtype");
+  const int64_t Du = u.size(2);
+  TORCH_CHECK(Du > 0 && D % Du == 0 && (Du == D || Du % N == 0), "u: expected Du = d_inner or a multiple of d_state dividing it");
+  for (const auto* t : {&B, &C}) {
+    TORCH_CHECK(t->dim() == 4 && t->size(0) == b && t->size(1) == L && t->size(3) == N && t->scalar_type() == st &&
+                    t->size(2) > 0 && D % t->size(2) == 0,
+                "B, C: expected (batch, seqlen, groups dividing d_inner, d_state) in delta's dtype");
+    const int64_t cpg = D / t->size(2);
+    TORCH_CHECK(cpg % kSsChannels == 0 || kSsChannels % cpg == 0,
+                "B, C: the CUDA selective scan needs d_inner / groups to be a multiple or a divisor of 16");
+  }
+  if (z) TORCH_CHECK(z->sizes() == delta.sizes() && z->scalar_type() == st, "z: expected delta's shape and dtype");
+  if (seq_idx) TORCH_CHECK(seq_idx->scalar_type() == at::kInt && seq_idx->dim() == 2 && seq_idx->size(0) == b && seq_idx->size(1) == L,
+                           "seq_idx: expected (batch, seqlen) int32");
+  if (init) TORCH_CHECK(init->numel() == b * D * N, "initial_state: expected (batch, d_inner, d_state)");
+  if (Dskip) TORCH_CHECK(Dskip->numel() == D, "D: expected (d_inner,)");
+  if (delta_bias) TORCH_CHECK(delta_bias->numel() == D, "delta_bias: expected (d_inner,)");
+
+  SScanParams p{};
+  p.batch = b; p.seqlen = L; p.dim = D; p.dim_u = Du; p.dstate = N;
+  p.n_pass = static_cast<int>((N + kSsLanes - 1) / kSsLanes);
+  p.u_rep = static_cast<int>(D / Du);
+  p.b_groups = B.size(2); p.c_groups = C.size(2);
+  p.b_cpg = D / p.b_groups; p.c_cpg = D / p.c_groups;
+  p.b_ngl = groups_per_block(p.b_cpg); p.c_ngl = groups_per_block(p.c_cpg);
+  p.n_chunks = static_cast<int>((L + kSsTile - 1) / kSsTile);
+  p.softplus = softplus;
+  p.u = u.data_ptr(); p.u_sb = u.stride(0); p.u_sl = u.stride(1); p.u_sc = u.stride(2);
+  p.dl = delta.data_ptr(); p.dl_sb = delta.stride(0); p.dl_sl = delta.stride(1); p.dl_sc = delta.stride(2);
+  if (z) { p.z = z->data_ptr(); p.z_sb = z->stride(0); p.z_sl = z->stride(1); p.z_sc = z->stride(2); }
+  p.B = B.data_ptr(); p.B_sb = B.stride(0); p.B_sl = B.stride(1); p.B_sg = B.stride(2); p.B_sn = B.stride(3);
+  p.C = C.data_ptr(); p.C_sb = C.stride(0); p.C_sl = C.stride(1); p.C_sg = C.stride(2); p.C_sn = C.stride(3);
+  auto hold = [&](Tensor t) -> const float* { keep.push_back(t); return t.data_ptr<float>(); };
+  p.A = hold(f32c(A));
+  p.Dskip = Dskip ? hold(f32c(*Dskip)) : nullptr;
+  p.delta_bias = delta_bias ? hold(f32c(*delta_bias)) : nullptr;
+  p.init = init ? hold(f32c(*init)) : nullptr;
+  if (seq_idx) { keep.push_back(seq_idx->contiguous()); p.seq_idx = keep.back().data_ptr<int>(); }
+  return p;
+}
+
+template <bool kFwd>
+void launch(const SScanParams& p, at::ScalarType st) {
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (st == at::kBFloat16) kFwd ? launch_sscan_fwd<__nv_bfloat16>(p, stream) : launch_sscan_bwd<__nv_bfloat16>(p, stream);
+  else if (st == at::kHalf) kFwd ? launch_sscan_fwd<__half>(p, stream) : launch_sscan_bwd<__half>(p, stream);
+  else kFwd ? launch_sscan_fwd<float>(p, stream) : launch_sscan_bwd<float>(p, stream);
+}
+
+std::tuple<Tensor, Tensor> selective_scan_fwd_cuda(const Tensor& u, const Tensor& delta, const Tensor& A,
+                                                   const Tensor& B, const Tensor& C, const OptT& Dskip,
+                                                   const OptT& z, const OptT& delta_bias, bool softplus,
+                                                   const OptT& init, const OptT& seq_idx) {
+  c10::cuda::CUDAGuard guard(delta.device());
+  std::vector<Tensor> keep;
+  SScanParams p = make_params(u, delta, A, B, C, Dskip, z, delta_bias, softplus, init, seq_idx, keep);
+  Tensor y = at::empty({p.batch, p.seqlen, p.dim}, delta.options());
+  Tensor final_state = at::empty({p.batch, p.dim, p.dstate}, delta.options().dtype(at::kFloat));
+  if (p.batch == 0) return {y, final_state};
+  if (p.seqlen == 0) {
+    if (init) final_state.copy_(init->view_as(final_state)); else final_state.zero_();
+    return {y, final_state};
+  }
+  p.y = y.data_ptr(); p.final_state = final_state.data_ptr<float>(); p.ckpt = nullptr;
+  launch<true>(p, delta.scalar_type());
+  return {y, final_state};
+}
+
+// (b, L, nblk, ngl, N) per-block partials -> (b, L, G, N) group sums (fixed order).
+Tensor sum_group_partials(const Tensor& part, int64_t groups, int64_t cpg) {
+  const int64_t b = part.size(0), L = part.size(1), nblk = part.size(2), ngl = part.size(3), N = part.size(4);
+  if (cpg >= kSsChannels) return part.view({b, L, groups, nblk / groups, N}).sum(3);
+  return part.view({b, L, nblk * ngl, N}).narrow(2, 0, groups).contiguous();
+}
+
+std::vector<Tensor> selective_scan_bwd_cuda(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
+                                            const Tensor& C, const OptT& Dskip, const OptT& z,
+                                            const OptT& delta_bias, bool softplus, const OptT& init,
+                                            const OptT& seq_idx, const Tensor& dy, const OptT& dfinal) {
+  c10::cuda::CUDAGuard guard(delta.device());
+  std::vector<Tensor> keep;
+  SScanParams p = make_params(u, delta, A, B, C, Dskip, z, delta_bias, softplus, init, seq_idx, keep);
+  const auto st = delta.scalar_type();
+  const int64_t b = p.batch, L = p.seqlen, D = p.dim, N = p.dstate;
+  TORCH_CHECK(dy.numel() == b * L * D, "dy: expected (batch, seqlen, d_inner)");
+  auto f32 = delta.options().dtype(at::kFloat);
+  const int64_t nblk = (D + kSsChannels - 1) / kSsChannels;
+  const bool grouped_u = p.u_rep > 1;
+  Tensor du = at::empty({b, L, D}, grouped_u ? f32 : delta.options());
+  Tensor ddelta = at::empty({b, L, D}, delta.options());
+  Tensor dz = z ? at::empty({b, L, D}, delta.options()) : Tensor();
+  Tensor dB_part = at::empty({b, L, nblk, p.b_ngl, N}, f32);
+  Tensor dC_part = at::empty({b, L, nblk, p.c_ngl, N}, f32);
+  Tensor dA_part = at::empty({b, D, N}, f32);
+  Tensor dD_part = at::empty({b, D}, f32), ddb_part = at::empty({b, D}, f32);
+  Tensor dinit = at::empty({b, D, N}, f32);
+  Tensor dfs = dfinal && dfinal->numel() ? f32c(*dfinal) : Tensor();
+  if (b > 0 && L > 0) {
+    // State checkpoints (fp32, before every 32-token tile): the forward runs again here (no y / final state
+    // written) rather than saving them in the forward: (b, L/32, D, N) fp32 = 2 bytes per (token, channel) at N 16.
+    Tensor ckpt = at::empty({b, p.n_chunks, D, N}, f32);
+    SScanParams q = p;
+    q.y = nullptr; q.final_state = nullptr; q.ckpt = ckpt.data_ptr<float>();
+    launch<true>(q, st);
+    Tensor dy_c = dy.to(st).contiguous();
+    p.dy = dy_c.data_ptr();
+    p.dfinal = dfs.defined() ? dfs.data_ptr<float>() : nullptr;
+    p.ckpt_in = ckpt.data_ptr<float>();
+    p.du = du.data_ptr(); p.du_f32 = grouped_u;
+    p.ddelta = ddelta.data_ptr(); p.dz = z ? dz.data_ptr() : nullptr;
+    p.dB_part = dB_part.data_ptr<float>(); p.dC_part = dC_part.data_ptr<float>();
+    p.dA_part = dA_part.data_ptr<float>(); p.dD_part = dD_part.data_ptr<float>(); p.ddb_part = ddb_part.data_ptr<float>();
+    p.dinit = dinit.data_ptr<float>();
+    launch<false>(p, st);
+  } else {
+    for (Tensor* t : {&du, &ddelta, &dB_part, &dC_part, &dA_part, &dD_part, &ddb_part}) t->zero_();
+    if (z) dz.zero_();
+    dinit.copy_(dfs.defined() ? dfs.view_as(dinit) : at::zeros_like(dinit));
+  }
+  Tensor du_out = du;
+  if (grouped_u) du_out = du.view({b, L, p.dim_u / N, p.u_rep, N}).sum(3).view({b, L, p.dim_u}).to(st);
+  auto empty = [&] { return u.new_empty({0}); };  // a fresh one per absent input: outputs must not alias
+  return {du_out,
+          ddelta,
+          dA_part.sum(0).to(A.scalar_type()),
+          sum_group_partials(dB_part, p.b_groups, p.b_cpg).to(B.scalar_type()),
+          sum_group_partials(dC_part, p.c_groups, p.c_cpg).to(C.scalar_type()),
+          Dskip ? dD_part.sum(0).to(Dskip->scalar_type()) : empty(),
+          z ? dz : empty(),
+          delta_bias ? ddb_part.sum(0).to(delta_bias->scalar_type()) : empty(),
+          init ? dinit.view(init->sizes()).to(init->scalar_type()) : empty()};
+}
+
+}  // namespace
+}  // namespace apriel
+
+TORCH_LIBRARY_FRAGMENT(apriel_C, m) {
+  // Generic selective scan forward: y (b, L, D) in delta's dtype, final state (b, D, N) fp32.
+  m.def("selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, Tensor? seq_idx) -> (Tensor, Tensor)");
+  // Its backward: [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state] (empty for absent inputs).
+  m.def("selective_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, Tensor? seq_idx, Tensor dy, "
+        "Tensor? dfinal_state) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(apriel_C, CUDA, m) {
+  m.impl("selective_scan_fwd", &apriel::selective_scan_fwd_cuda);
+  m.impl("selective_scan_bwd", &apriel::selective_scan_bwd_cuda);
+}

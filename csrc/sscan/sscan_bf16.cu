@@ -1,0 +1,7 @@
+// bf16 instantiations of the generic selective scan kernels (one forward, one backward).
+#include "sscan_bwd.cuh"
+
+namespace apriel {
+template void launch_sscan_fwd<__nv_bfloat16>(const SScanParams&, void*);
+template void launch_sscan_bwd<__nv_bfloat16>(const SScanParams&, void*);
+}  // namespace apriel

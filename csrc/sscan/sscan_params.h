@@ -1,0 +1,84 @@
+// Raw pointers + element strides for the generic (mamba-compatible) selective scan kernels.
+// Filled by sscan_api.cpp (torch side); read by the .cu kernels (CUDA headers only).
+//
+// Shapes (b batch, L tokens, D channels, Du = D / r u-channels, N states, G* groups):
+//   u (b, L, Du), delta / z (b, L, D), B (b, L, GB, N), C (b, L, GC, N): any strides (in elements),
+//   A (D, N), Dskip / delta_bias (D,), init (b, D, N): fp32 contiguous; seq_idx (b, L) int32 contiguous.
+#pragma once
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define APRIEL_SS_HD __host__ __device__
+#else
+#define APRIEL_SS_HD
+#endif
+
+namespace apriel {
+
+constexpr int kSsChannels = 16;  // channels per block (blockDim.y)
+constexpr int kSsLanes = 16;     // lanes per channel (blockDim.x): lane l owns states l, l+16, ...
+constexpr int kSsTile = 32;      // tokens per tile (and per state checkpoint)
+
+struct SScanParams {
+  int batch, seqlen, dim, dim_u, dstate;
+  int n_pass;          // ceil(N / 16): states per lane, processed one pass at a time
+  int u_rep;           // r = D / Du (1: u has D channels)
+  int b_cpg, c_cpg;    // channels per B / C group (D / GB, D / GC)
+  int b_groups, c_groups;
+  int b_ngl, c_ngl;    // B / C groups a block of 16 channels touches (1, or 16 / cpg)
+  int n_chunks;        // ceil(L / kSsTile)
+  bool softplus;
+
+  const void* u;   int64_t u_sb, u_sl, u_sc;
+  const void* dl;  int64_t dl_sb, dl_sl, dl_sc;   // delta
+  const void* z;   int64_t z_sb, z_sl, z_sc;      // or nullptr
+  const void* B;   int64_t B_sb, B_sl, B_sg, B_sn;
+  const void* C;   int64_t C_sb, C_sl, C_sg, C_sn;
+  const float* A;           // (D, N)
+  const float* Dskip;       // (D,) or nullptr
+  const float* delta_bias;  // (D,) or nullptr
+  const float* init;        // (b, D, N) or nullptr
+  const int* seq_idx;       // (b, L) or nullptr
+
+  // Forward outputs (each may be nullptr: the backward reruns the forward for checkpoints only).
+  void* y;            // (b, L, D) contiguous, activation dtype
+  float* final_state; // (b, D, N)
+  float* ckpt;        // (b, n_chunks, D, N): state before each tile
+
+  // Backward.
+  const void* dy;           // (b, L, D) contiguous, activation dtype
+  const float* dfinal;      // (b, D, N) or nullptr
+  const float* ckpt_in;     // (b, n_chunks, D, N)
+  void* du;                 // (b, L, D): activation dtype, or fp32 when du_f32 (grouped u: summed on host)
+  bool du_f32;
+  void* ddelta;             // (b, L, D) activation dtype
+  void* dz;                 // (b, L, D) activation dtype, or nullptr
+  float* dB_part;           // (b, L, nblk, b_ngl, N): per-block sums over the block's channels of a group
+  float* dC_part;           // (b, L, nblk, c_ngl, N)
+  float* dA_part;           // (b, D, N)
+  float* dD_part;           // (b, D)
+  float* ddb_part;          // (b, D)
+  float* dinit;             // (b, D, N) or nullptr
+};
+
+// Dynamic shared memory of each kernel (bytes). apriel_kernels/selective_scan.py mirrors these formulas to
+// reject shapes that do not fit before a kernel is called: keep both in sync.
+constexpr int kSsRow = 17;  // padded row (17 floats) of a (token x 16 channel) tile
+APRIEL_SS_HD inline int sscan_bc_row(int ngl, int n_pass) { return ngl * 16 * n_pass + 1; }
+inline int sscan_fwd_smem_bytes(const SScanParams& p) {
+  const int floats = 5 * kSsTile * kSsRow + kSsTile * (sscan_bc_row(p.b_ngl, p.n_pass) + sscan_bc_row(p.c_ngl, p.n_pass)) +
+                     kSsTile + p.n_pass * kSsChannels * kSsLanes;
+  return floats * 4;
+}
+inline int sscan_bwd_smem_bytes(const SScanParams& p) {
+  const int floats = 10 * kSsTile * kSsRow + kSsTile * (sscan_bc_row(p.b_ngl, p.n_pass) + sscan_bc_row(p.c_ngl, p.n_pass)) +
+                     kSsTile + 2 * p.n_pass * kSsChannels * kSsLanes + 2 * kSsTile * kSsChannels * kSsLanes;
+  return floats * 4;
+}
+
+template <typename T>
+void launch_sscan_fwd(const SScanParams& p, void* stream);
+template <typename T>
+void launch_sscan_bwd(const SScanParams& p, void* stream);
+
+}  // namespace apriel
