@@ -21,6 +21,7 @@ here, before it is called: a C++ exception from an extension op crashes the GPU 
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -77,6 +78,11 @@ def kernel_smem_bytes(d_inner: int, d_state: int, groups_b: int, groups_c: int) 
     return 4 * fwd, 4 * bwd
 
 
+@functools.lru_cache(maxsize=None)
+def _smem_limit(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+
+
 def kernel_unsupported_reason(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Optional[str]:
     """None when the CUDA kernels cover these (already validated) arguments, else why not (naming the argument)."""
     d_inner, d_state = A.shape
@@ -88,7 +94,7 @@ def kernel_unsupported_reason(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C:
             return (f"{name}: the CUDA selective scan needs d_inner / groups to be a multiple or a divisor of 16, "
                     f"got {d_inner} / {t.shape[2]} = {cpg}")
     smem = max(kernel_smem_bytes(d_inner, d_state, B.shape[2], C.shape[2]))
-    limit = torch.cuda.get_device_properties(delta.device).shared_memory_per_block_optin
+    limit = _smem_limit(delta.device.index if delta.device.index is not None else torch.cuda.current_device())
     if smem > limit:
         return (f"B, C: {B.shape[2]} / {C.shape[2]} groups at d_state {d_state} need {smem} bytes of shared memory "
                 f"per block in the CUDA selective scan, the device has {limit}")
@@ -227,7 +233,8 @@ def selective_scan(
 ):
     """Token-major selective scan; see the module docstring for the shape contract."""
     _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
-    if delta.is_cuda and delta.dtype in KERNEL_DTYPES and not allow_reference_on_gpu():
+    # (early, clearer error; under torch.compile the op body checks the same at run time)
+    if delta.is_cuda and delta.dtype in KERNEL_DTYPES and not torch.compiler.is_compiling() and not allow_reference_on_gpu():
         reason = kernel_unsupported_reason(u, delta, A, B, C)
         if reason is not None:
             raise ValueError(f"{reason} (set APRIEL_KERNELS_ALLOW_REFERENCE=1 to run the slow reference on the GPU)")

@@ -1,7 +1,9 @@
-"""apriel::selective_scan_fwd / _bwd and the mamba-compatible selective_scan_fn (CPU reference path).
+"""apriel::selective_scan_fwd / _bwd and the mamba-compatible selective_scan_fn.
 
-The CUDA kernel of this op is not written yet (issue 3, item 3): on a GPU the op needs
-APRIEL_KERNELS_ALLOW_REFERENCE=1; these tests cover the op contract on CPU.
+CPU: the op contract on the reference path (vs a naive float64 loop, gradcheck, opcheck, compile, errors).
+GPU (@gpu): the CUDA kernels of csrc/sscan/ vs the float64 reference (outputs and every gradient, three
+layouts, grouped u, GB != GC, d_state 4 / 16 / 40 / 64, packed, initial states), packed == separate, split
+continuity, determinism, opcheck, torch.compile(fullgraph=True), CUDA-graph capture, unsupported-shape errors.
 """
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ import pytest
 import torch
 
 from apriel_kernels import selective_scan, selective_scan_fn
-from apriel_kernels.reference.selective_scan import selective_scan_sequential_ref
+from apriel_kernels.reference.selective_scan import selective_scan_ref, selective_scan_sequential_ref
 from apriel_kernels.selective_scan import selective_scan_bwd, selective_scan_fwd
+from conftest import require_cuda_kernel
 
 N = 16
 
@@ -94,3 +97,278 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="B, C"):
         selective_scan_fn(args["u"].transpose(1, 2), args["delta"].transpose(1, 2), args["A"], torch.randn(N, 13),
                           torch.randn(N, 13))
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+# The CUDA kernels of csrc/sscan/ against the float64 reference. Inputs are stored token-major ("tm"),
+# channel-major like mamba-ssm's selective_scan_fn ("cm": u / delta / z (b, D, L), B / C (b, G, N, L)), or as
+# slices of NaN-filled wider buffers ("nan": reading outside the slice poisons the result).
+gpu = pytest.mark.gpu
+needs_kernel = require_cuda_kernel("selective_scan_fwd")
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+DT_IDS = ["bf16", "fp16", "fp32"]
+ACTS = ("u", "delta", "B", "C", "z")
+PARAMS = ("A", "D", "delta_bias", "initial_state")
+
+
+def poison_allocator(nbytes=256 << 20):
+    """Fill the caching allocator's free blocks with NaN so an output the kernel forgets to write is NaN."""
+    t = torch.full((nbytes // 4,), float("nan"), device="cuda")
+    del t
+
+
+def store(value: torch.Tensor, layout: str):
+    """(base tensor in the layout, fn base -> the token-major logical view). value: (b, L, C) or (b, L, G, N)."""
+    if layout == "tm":
+        return value.contiguous(), lambda t: t
+    if layout == "cm":
+        perm = (0, 2, 1) if value.dim() == 3 else (0, 2, 3, 1)
+        inv = (0, 2, 1) if value.dim() == 3 else (0, 3, 1, 2)
+        return value.permute(*perm).contiguous(), lambda t: t.permute(*inv)
+    width = value.shape[-1]
+    base = torch.full((*value.shape[:-1], width + 5), float("nan"), dtype=value.dtype, device=value.device)
+    base[..., 2:2 + width] = value
+    return base, lambda t: t[..., 2:2 + width]
+
+
+def make_cuda_case(batch, seqlen, d_inner, du, gb, gc, d_state, dtype, extras="", seed=0):
+    """Token-major logical inputs (rounded to dtype, realistic delta / A scales, never zeros) + seq_idx."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.float64)  # noqa: E731
+    pdt = torch.float32
+    args = dict(
+        u=rnd(batch, seqlen, du or d_inner).to(dtype),
+        delta=(rnd(batch, seqlen, d_inner) - 2.0).to(dtype),
+        A=-torch.exp(0.3 * rnd(d_inner, d_state)).to(pdt),
+        B=rnd(batch, seqlen, gb, d_state).to(dtype),
+        C=rnd(batch, seqlen, gc, d_state).to(dtype),
+        D=rnd(d_inner).to(pdt),
+        z=rnd(batch, seqlen, d_inner).to(dtype),
+        delta_bias=(0.1 * rnd(d_inner)).to(pdt),
+        initial_state=rnd(batch, d_inner, d_state).to(pdt) if "init" in extras else None,
+    )
+    seq = None
+    if "packed" in extras:
+        seq = torch.zeros(batch, seqlen, dtype=torch.int32, device="cuda")
+        for cut in (seqlen // 3, (2 * seqlen) // 3 + 1):
+            if 0 < cut < seqlen:
+                seq[:, cut:] += 1
+        if batch > 1 and seqlen > 4:
+            seq[1, seqlen // 2:] += 1  # sequences of a batch need not share boundaries
+    return args, seq
+
+
+def err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def check(name, out, ref64, ref_lp, k=2.0, floor=1e-5):
+    """|out - ref64| <= k |ref_lp - ref64| + floor * max|ref64|  (PyTorch's own low-precision error as scale)."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} vs {tuple(ref64.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten output?)"
+    scale = ref64.abs().max().item() + 1e-30
+    e, e_lp = err(out, ref64), err(ref_lp, ref64)
+    assert e <= k * e_lp + floor * scale, f"{name}: err {e:.3e} > {k} x torch low-prec err {e_lp:.3e} + {floor:.0e} x {scale:.3e}"
+
+
+def _run(args, seq, layout, leaves=False):
+    """The CUDA op on args stored in `layout`; returns (y, final, bases) (bases: the tensors holding the data)."""
+    bases, views = {}, {}
+    for k, v in args.items():
+        if v is None:
+            continue
+        if k in ACTS:
+            base, view = store(v, layout)
+        else:
+            base, view = v.clone(), (lambda t: t)
+        if leaves:
+            base.requires_grad_(True)
+        bases[k], views[k] = base, view
+    call = {k: views[k](bases[k]) for k in bases}
+    y, final = selective_scan(**call, delta_softplus=True, seq_idx=seq, return_final_state=True)
+    return y, final, bases, views
+
+
+def _ref(args, seq, f64):
+    conv = {k: (v.double() if f64 else v) if v is not None else None for k, v in args.items()}
+    return conv, selective_scan_ref(**conv, delta_softplus=True, seq_idx=seq, return_final_state=True)
+
+
+def _tol(dtype, grad=False):
+    if dtype == torch.float32:
+        return 5e-5 if grad else 2e-5
+    return 2e-3 if grad else 1e-3
+
+
+FWD_CASES = [
+    # (batch, seqlen, d_inner, du, GB, GC, d_state, layout, extras)
+    (1, 1, 64, None, 1, 4, 16, "tm", ""),
+    (3, 2, 64, 16, 2, 4, 16, "cm", "init"),
+    (1, 63, 256, 64, 4, 16, 16, "nan", ""),
+    (3, 65, 64, None, 1, 1, 16, "cm", "packed_init"),
+    (1, 2049, 256, None, 1, 1, 16, "cm", ""),
+    (2, 100, 40, None, 40, 5, 16, "tm", "init"),
+    (2, 70, 64, None, 1, 2, 4, "nan", "packed"),
+    (1, 45, 32, None, 2, 2, 40, "cm", "packed_init"),
+    (2, 33, 64, None, 1, 1, 64, "tm", "init"),
+    (2, 300, 4096, None, 1, 1, 16, "cm", ""),
+]
+CASE_ID = lambda c: f"b{c[0]}-L{c[1]}-D{c[2]}-Du{c[3] or c[2]}-GB{c[4]}-GC{c[5]}-N{c[6]}-{c[7]}-{c[8] or 'plain'}"  # noqa: E731
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", FWD_CASES, ids=CASE_ID)
+def test_cuda_forward_parity(case, dtype):
+    b, L, d, du, gb, gc, n, layout, extras = case
+    args, seq = make_cuda_case(b, L, d, du, gb, gc, n, dtype, extras)
+    poison_allocator()
+    y, final, _, _ = _run(args, seq, layout)
+    _, (y64, f64) = _ref(args, seq, True)
+    _, (ylp, flp) = _ref(args, seq, False)
+    assert y.dtype == dtype and final.dtype == torch.float32 and y.is_contiguous()
+    check("y", y, y64, ylp, floor=_tol(dtype))
+    check("final_state", final, f64, flp, floor=_tol(dtype))
+
+
+GRAD_CASES = [
+    (1, 1, 64, None, 1, 4, 16, "tm", "init"),
+    (2, 63, 64, 16, 2, 4, 16, "cm", "init"),
+    (3, 65, 64, None, 1, 1, 16, "nan", "packed_init"),
+    (2, 100, 40, None, 40, 5, 16, "cm", "init"),
+    (1, 45, 32, None, 2, 2, 40, "tm", "packed_init"),
+    (1, 2049, 64, None, 1, 1, 16, "cm", ""),
+]
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", GRAD_CASES, ids=CASE_ID)
+def test_cuda_gradient_parity(case, dtype):
+    b, L, d, du, gb, gc, n, layout, extras = case
+    args, seq = make_cuda_case(b, L, d, du, gb, gc, n, dtype, extras)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    w_y = torch.randn(b, L, d, device="cuda", generator=gen, dtype=torch.float64).to(dtype).double()
+    w_f = torch.randn(b, d, n, device="cuda", generator=gen, dtype=torch.float64)
+    poison_allocator()
+    y, final, bases, views = _run(args, seq, layout, leaves=True)
+    ((y.double() * w_y).sum() + (final.double() * w_f).sum()).backward()
+    got = {k: views[k](bases[k].grad) for k in bases}
+    refs = []
+    for f64 in (True, False):
+        leaves = {k: (v.detach().double() if f64 else v.detach()).clone().requires_grad_(True) if v is not None else None
+                  for k, v in args.items()}
+        y_r, f_r = selective_scan_ref(**leaves, delta_softplus=True, seq_idx=seq, return_final_state=True)
+        ((y_r.double() * w_y).sum() + (f_r.double() * w_f).sum()).backward()
+        refs.append({k: v.grad for k, v in leaves.items() if v is not None})
+    for k in got:
+        assert got[k].dtype == args[k].dtype, f"d{k}: dtype {got[k].dtype}"
+        check(f"d{k}", got[k], refs[0][k], refs[1][k], k=3.0, floor=_tol(dtype, grad=True))
+
+
+@gpu
+@needs_kernel
+def test_cuda_selective_scan_fn_mamba_layouts():
+    """selective_scan_fn with (b, N, L) and (b, G, N, L) B / C == the token-major op; y (b, D, L)."""
+    args, _ = make_cuda_case(2, 77, 64, None, 1, 4, 16, torch.bfloat16)
+    cm = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731
+    B3 = args["B"][:, :, 0].transpose(1, 2).contiguous()
+    C4 = args["C"].permute(0, 2, 3, 1).contiguous()
+    y, last = selective_scan_fn(cm(args["u"]), cm(args["delta"]), args["A"], B3, C4, args["D"], cm(args["z"]),
+                                args["delta_bias"], delta_softplus=True, return_last_state=True)
+    tm = {**args, "B": args["B"][:, :, :1]}
+    tm.pop("initial_state")
+    y_tm, last_tm = selective_scan(**tm, delta_softplus=True, return_final_state=True)
+    assert y.shape == (2, 64, 77)
+    torch.testing.assert_close(y, y_tm.transpose(1, 2), rtol=0, atol=0)
+    torch.testing.assert_close(last, last_tm, rtol=0, atol=0)
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_packed_equals_separate_and_split_continuity(dtype):
+    args, _ = make_cuda_case(1, 150, 64, None, 2, 4, 16, dtype, "init")
+    cuts = [0, 37, 101, 150]
+    seq = torch.zeros(1, 150, dtype=torch.int32, device="cuda")
+    seq[:, 37:] = 1
+    seq[:, 101:] = 2
+    y_packed, f_packed = selective_scan(**args, delta_softplus=True, seq_idx=seq, return_final_state=True)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for i, (s, e) in enumerate(zip(cuts[:-1], cuts[1:])):
+        part = {k: (v[:, s:e] if k in ACTS else v) for k, v in args.items()}
+        if i > 0:
+            part["initial_state"] = None
+        y_s, f_s = selective_scan(**part, delta_softplus=True, return_final_state=True)
+        torch.testing.assert_close(y_packed[:, s:e], y_s, **tol)
+    torch.testing.assert_close(f_packed, f_s, rtol=1e-5, atol=1e-5)
+    # split continuity: [0, 70) then [70, 150) with the carried state == whole
+    y_all, f_all = selective_scan(**args, delta_softplus=True, return_final_state=True)
+    a = {k: (v[:, :70] if k in ACTS else v) for k, v in args.items()}
+    b = {k: (v[:, 70:] if k in ACTS else v) for k, v in args.items()}
+    y_a, f_a = selective_scan(**a, delta_softplus=True, return_final_state=True)
+    y_b, f_b = selective_scan(**{**b, "initial_state": f_a}, delta_softplus=True, return_final_state=True)
+    torch.testing.assert_close(torch.cat([y_a, y_b], 1), y_all, **tol)
+    torch.testing.assert_close(f_b, f_all, rtol=1e-5, atol=1e-5)
+
+
+@gpu
+@needs_kernel
+def test_cuda_deterministic():
+    args, seq = make_cuda_case(2, 200, 128, None, 1, 8, 16, torch.bfloat16, "packed_init")
+
+    def run():
+        leaves = {k: v.clone().requires_grad_(True) for k, v in args.items()}
+        y, f = selective_scan(**leaves, delta_softplus=True, seq_idx=seq, return_final_state=True)
+        (y.float().sum() + f.sum()).backward()
+        return [y, f] + [leaves[k].grad for k in leaves]
+
+    first, second = run(), run()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@gpu
+@needs_kernel
+def test_cuda_opcheck_compile_and_graph():
+    args, seq = make_cuda_case(2, 40, 64, 16, 2, 4, 16, torch.float32, "packed_init")
+    pos = [args["u"], args["delta"], args["A"], args["B"], args["C"], args["D"], args["z"], args["delta_bias"], True,
+           args["initial_state"], seq]
+    torch.library.opcheck(selective_scan_fwd, pos)
+    y, f = selective_scan_fwd(*pos)
+    torch.library.opcheck(selective_scan_bwd, pos + [torch.randn_like(y), torch.randn_like(f)])
+    fn = torch.compile(lambda a: selective_scan(**a, delta_softplus=True, seq_idx=seq), fullgraph=True)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in args.items()}
+    y_c = fn(leaves)
+    y_c.sum().backward()
+    torch.testing.assert_close(y_c, selective_scan(**args, delta_softplus=True, seq_idx=seq), rtol=0, atol=0)
+    assert all(torch.isfinite(v.grad).all() for v in leaves.values())
+    # CUDA-graph capture and replay of the forward
+    static = {k: v.clone() for k, v in args.items()}
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        selective_scan(**static, delta_softplus=True, seq_idx=seq)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_g = selective_scan(**static, delta_softplus=True, seq_idx=seq)
+    static["u"].copy_(torch.randn_like(static["u"]))
+    graph.replay()
+    torch.testing.assert_close(y_g, selective_scan(**static, delta_softplus=True, seq_idx=seq), rtol=0, atol=0)
+
+
+@gpu
+@needs_kernel
+def test_cuda_unsupported_shapes_name_the_argument():
+    args, _ = make_cuda_case(1, 8, 64, None, 1, 1, 65, torch.float32)
+    with pytest.raises(ValueError, match="d_state"):
+        selective_scan(**args)
+    args, _ = make_cuda_case(1, 8, 48, None, 2, 1, 16, torch.float32)  # 24 channels per B group
+    with pytest.raises(ValueError, match="B"):
+        selective_scan(**args)
+    args, _ = make_cuda_case(1, 8, 64, None, 1, 1, 16, torch.float32)
+    with pytest.raises(ValueError, match="dy"):
+        selective_scan_bwd(*[args[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")], True, None, None,
+                           torch.randn(1, 7, 64, device="cuda"), None)
