@@ -1,0 +1,132 @@
+"""Benchmark of the generic / mamba-compatible selective scan (issue 3 item 3) at the mamba shape.
+
+    run(quick=False) -> list[dict]      long-format rows (bench/rows.py keys)
+    python -m bench.kernels_sscan --out FILE [--quick]
+
+Inputs are channel-major like mamba-ssm's selective_scan_fn (u, delta, z (b, D, L) bf16; B, C (b, N, L)
+bf16; A (D, N), D, delta_bias fp32; delta_softplus), D 4096, N 16; the timed call is
+apriel_kernels.selective_scan_fn (fwd), plus torch.autograd.grad to every input (fwd+bwd). Provider
+"apriel-tm" runs the same op on token-major (b, L, D) inputs (selective_scan). floor_ms is the MUFU exp2
+floor of kernels.md: 65536 * b * L exponentials at 3.9e12 /s; peer_ms the mamba-ssm figure of kernels.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from . import rows as R
+from .timing import time_ms
+
+D, N = 4096, 16
+EXP2_PER_S = 3.9e12
+PEER_MS = {("fwd", 1, 2048): 0.195, ("fwd", 1, 8192): 0.759, ("fwd", 8, 4096): 2.60, ("fwd+bwd", 1, 8192): 3.92,
+           ("fwd+bwd", 8, 4096): 14.4}
+
+
+def _inputs(batch, seqlen, channel_major=True, requires_grad=False):
+    dev, dt = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    rnd = lambda *s, dtype=dt: torch.randn(*s, device=dev, dtype=dtype, generator=g)  # noqa: E731
+    act = (lambda: rnd(batch, D, seqlen)) if channel_major else (lambda: rnd(batch, seqlen, D))
+    bc = (lambda: rnd(batch, N, seqlen)) if channel_major else (lambda: rnd(batch, seqlen, 1, N))
+    args = dict(
+        u=act(), delta=act() * 0.5 - 2.0, A=-torch.arange(1, N + 1, device=dev, dtype=torch.float32).repeat(D, 1),
+        B=bc(), C=bc(), D=torch.ones(D, device=dev), z=act(), delta_bias=rnd(D, dtype=torch.float32) * 0.1,
+    )
+    if requires_grad:
+        for v in args.values():
+            v.requires_grad_(True)
+    return args
+
+
+def _floor_ms(batch, seqlen):
+    return 65536 * batch * seqlen / EXP2_PER_S * 1e3
+
+
+def _row(phase, provider, batch, seqlen, stats, **extra):
+    row = R.make_row("kernels", f"selective_scan_{phase.replace('+', '_')}", provider, stats=stats, phase=phase,
+                     shape=f"b{batch} L{seqlen}", batch=batch, seqlen=seqlen, dtype="bf16", **extra)
+    R.add_rates(row, tokens=batch * seqlen, floor_ms=_floor_ms(batch, seqlen))
+    row["floor_ratio"] = row["p50_ms"] / row["floor_ms"]
+    peer = PEER_MS.get((phase, batch, seqlen))
+    if peer is not None:
+        row.update(peer_ms=peer, peer_ratio=row["p50_ms"] / peer)
+    return row
+
+
+def run(quick: bool = False) -> list[dict]:
+    from apriel_kernels import selective_scan, selective_scan_fn
+    from apriel_kernels._ext import has_kernel
+
+    if not (torch.cuda.is_available() and has_kernel("selective_scan_fwd")):
+        return [R.unavailable("kernels", "selective_scan_fwd", "apriel", "needs CUDA and the built sscan kernels")]
+    kw = dict(delta_softplus=True)
+    out = []
+    for batch, seqlen in ([(1, 2048), (1, 8192), (8, 4096)] if not quick else [(1, 2048), (1, 8192)]):
+        for provider, cm in (("apriel", True), ("apriel-tm", False)):
+            try:
+                args = _inputs(batch, seqlen, channel_major=cm)
+                fn = selective_scan_fn if cm else selective_scan
+                with torch.no_grad():
+                    stats = time_ms(lambda: fn(**args, **kw))  # noqa: B023 - called inside the iteration
+                out.append(_row("fwd", provider, batch, seqlen, stats, layout="channel-major" if cm else "token-major"))
+                del args
+            except Exception as e:  # noqa: BLE001 - a failing shape is a row, not a crash
+                out.append(R.error_row("kernels", "selective_scan_fwd", provider, e, shape=f"b{batch} L{seqlen}"))
+    for batch, seqlen in ([(1, 8192), (8, 4096)] if not quick else [(1, 8192)]):
+        try:
+            args = _inputs(batch, seqlen, requires_grad=True)
+            dy = torch.randn(batch, D, seqlen, device="cuda", dtype=torch.bfloat16)
+            leaves = list(args.values())
+
+            def step():
+                y = selective_scan_fn(**args, **kw)  # noqa: B023
+                return torch.autograd.grad(y, leaves, dy)  # noqa: B023
+
+            stats = time_ms(step, rep_ms=300)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            grads = step()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            grads_mb = sum(g.numel() * g.element_size() for g in grads) / 2**20
+            del grads
+            out.append(_row("fwd+bwd", "apriel", batch, seqlen, stats, layout="channel-major",
+                            peak_extra_mem_mb=peak, grads_mb=grads_mb,
+                            checkpoints_mb=batch * ((seqlen + 31) // 32) * D * N * 4 / 2**20,
+                            note="backward reruns the forward for fp32 state checkpoints every 32 tokens; "
+                                 "peak_extra_mem_mb: allocated above the inputs, returned grads included"))
+            y = selective_scan_fn(**args, **kw)
+            stats_b = time_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), rep_ms=300)  # noqa: B023
+            out.append(_row("bwd", "apriel", batch, seqlen, stats_b, layout="channel-major"))
+            del args, dy, y
+        except Exception as e:  # noqa: BLE001
+            out.append(R.error_row("kernels", "selective_scan_fwd_bwd", "apriel", e, shape=f"b{batch} L{seqlen}"))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="JSON file for {'meta', 'rows'}")
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args(argv)
+    env = R.environment()
+    rows = R.stamp(run(quick=a.quick), env)
+    print(f"{'phase':8} {'provider':10} {'shape':12} {'p50 ms':>9} {'floor':>7} {'x floor':>7} {'mamba':>6} {'x mamba':>7}  extra")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"{r.get('op')} {r.get('provider')} {r.get('shape')}: {r['status']} {r.get('note', '')}")
+            continue
+        print(f"{r['phase']:8} {r['provider']:10} {r['shape']:12} {r['p50_ms']:9.4f} {r['floor_ms']:7.4f} "
+              f"{r['floor_ratio']:7.2f} {r.get('peer_ms', ''):>6} {r.get('peer_ratio', float('nan')):7.2f}  "
+              f"{'peak %.0f MB' % r['peak_extra_mem_mb'] if 'peak_extra_mem_mb' in r else ''}")
+    if a.out:
+        R.write_json(a.out, rows, meta=env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
