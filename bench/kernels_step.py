@@ -15,8 +15,11 @@ reads its state from DRAM, as in a real model where 49 other layers run between 
 The bars are judged on the cold figure.
 Bytes (the floor): SSM cache read + written, conv window read (W-1) + written (S), the in_proj row
 (z, x, B, C) and dt_low read, y written, layer parameters read once. floor_us = bytes / copy ceiling.
-Providers: "apriel" (public mixer_step with out=, i.e. the kernel), "apriel[seqK]" (K sequences per thread
-forced through APRIEL_STEP_SEQ_PER_THREAD, to check the default), "hf_chain_torch" (split, repeat,
+Providers: "apriel" (public mixer_step with out=, i.e. the default kernel v2), "apriel[seqK]" (K sequences
+per thread forced through APRIEL_STEP_SEQ_PER_THREAD, to check the default), "apriel[v1]" (the first kernel,
+APRIEL_STEP_KERNEL=v1, its own defaults: the A/B against v2 in the same run), "apriel[pdl]" (v2 launched
+with programmatic dependent launch, APRIEL_STEP_PDL=1: consecutive steps of the graph overlap their
+parameter prologue with the previous step's tail), "hf_chain_torch" (split, repeat,
 roll-based conv update, dt Linear, selective_state_update written in torch ops, bf16 state, D-channel conv
 cache, batch-indexed caches like HF: an imitation, because mamba-ssm / causal-conv1d are not installed
 on the device; the real chain measured 18.3 / 23.2 / 38.3 / 99.4 us per kernels.md).
@@ -174,6 +177,20 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         fn, per_graph, nbytes = _apriel_fn(batch, torch.float32, "d_channels", True)
         rows.append(_row("mixer_step", "apriel", batch, torch.float32, "d_channels", "cold",
                          time_graph_ms(fn, per_graph=per_graph), nbytes, copy_bps))
+        # Kernel variants, cold L2 (the bars' condition): v1 (both state dtypes) and v2 with PDL.
+        variants = [("apriel[v1]", "APRIEL_STEP_KERNEL", "v1", torch.float32),
+                    ("apriel[v1]", "APRIEL_STEP_KERNEL", "v1", torch.bfloat16),
+                    ("apriel[pdl]", "APRIEL_STEP_PDL", "1", torch.float32),
+                    ("apriel[pdl]", "APRIEL_STEP_PDL", "1", torch.bfloat16)]
+        for provider, var, value, state_dtype in variants:
+            with env_override(var, value):
+                fn, per_graph, nbytes = _apriel_fn(batch, state_dtype, "compact", True)
+                stats = time_graph_ms(fn, per_graph=per_graph)
+            extra = {"bar_us": BARS_US[batch], "meets_bar": stats["p50"] * 1e3 <= BARS_US[batch]} \
+                if state_dtype == torch.float32 else {}
+            rows.append(_row("mixer_step", provider, batch, state_dtype, "compact", "cold", stats, nbytes, copy_bps,
+                             **extra))
+            torch.cuda.empty_cache()
         if not quick and batch > 1:
             for spb in ("1", "2", "4"):
                 with env_override("APRIEL_STEP_SEQ_PER_THREAD", spb):
@@ -181,6 +198,11 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                     stats = time_graph_ms(fn, per_graph=per_graph)
                 rows.append(_row("mixer_step", f"apriel[seq{spb}]", batch, torch.float32, "compact", "cold", stats,
                                  nbytes, copy_bps, seq_per_thread=int(spb)))
+            with env_override("APRIEL_STEP_SEQ_PER_THREAD", "4"):  # bf16 state: half the registers per byte
+                fn, per_graph, nbytes = _apriel_fn(batch, torch.bfloat16, "compact", True)
+                stats = time_graph_ms(fn, per_graph=per_graph)
+            rows.append(_row("mixer_step", "apriel[seq4]", batch, torch.bfloat16, "compact", "cold", stats,
+                             nbytes, copy_bps, seq_per_thread=4))
         fn, per_graph, nbytes = _hf_chain_fn(batch)
         rows.append(_row("mixer_step", "hf_chain_torch", batch, ACT, "d_channels", "hot",
                          time_graph_ms(fn, per_graph=per_graph), nbytes, copy_bps,

@@ -4,7 +4,8 @@ CPU: the reference semantics (scan continuity, q tokens == q single steps, slot 
 conv-cache layouts, out= form), opcheck, torch.compile without cache copies, bad-input errors.
 GPU (marked gpu, skipped without the kernel): the CUDA kernel against the float64 reference across
 activation / state dtypes and cache layouts, 2,000-step drift, prefill (mixer_scan) + steps == whole scan,
-slots, q tokens, CUDA-graph replay, opcheck.
+slots, q tokens, CUDA-graph replay, opcheck. The kernel tests run the default kernel (v2) and, where
+marked with the `variant` fixture, also v1 (APRIEL_STEP_KERNEL=v1, kept for A/B benchmarks).
 
 Tolerances (GPU): |kernel - ref64| <= 2 |torch fp32 reference - ref64| + one unit of the output dtype,
 i.e. the kernel may not be worse than PyTorch computing the same thing in fp32.
@@ -328,6 +329,16 @@ def _compare_with_references(dims, layer, zxbc, dt_low, conv, ssm, slots, repeat
     return y
 
 
+@pytest.fixture(params=["v2", "v1"])
+def variant(request, monkeypatch):
+    """Runs a kernel test with the default kernel (v2) and with v1 (the host reads APRIEL_STEP_KERNEL per call)."""
+    if request.param == "v1":
+        monkeypatch.setenv("APRIEL_STEP_KERNEL", "v1")
+    else:
+        monkeypatch.delenv("APRIEL_STEP_KERNEL", raising=False)
+    return request.param
+
+
 GPU_CASES = [
     # (act, state, conv layout, q, extra)
     (torch.bfloat16, torch.float32, "compact", 1, {}),
@@ -349,7 +360,7 @@ GPU_CASES = [
 @pytest.mark.parametrize("act, state_dtype, conv_layout, q, extra", GPU_CASES,
                          ids=[f"{str(a)[6:]}-{str(s)[6:]}-{c}-q{q}" + ("-" + "-".join(e) if e else "")
                               for a, s, c, q, e in GPU_CASES])
-def test_kernel_matches_float64_reference(batch, act, state_dtype, conv_layout, q, extra):
+def test_kernel_matches_float64_reference(variant, batch, act, state_dtype, conv_layout, q, extra):
     repeat = extra.get("repeat", True)
     layer, zxbc, dt_low, conv, ssm, slots = _gpu_case(SMALL, batch, q, act, state_dtype, conv_layout, **extra)
     _compare_with_references(SMALL, layer, zxbc, dt_low, conv, ssm, slots, repeat)
@@ -362,6 +373,69 @@ def test_kernel_matches_float64_reference(batch, act, state_dtype, conv_layout, 
 def test_kernel_h1_shape(batch, state_dtype):
     layer, zxbc, dt_low, conv, ssm, slots = _gpu_case(H1, batch, 1, torch.bfloat16, state_dtype, "compact")
     _compare_with_references(H1, layer, zxbc, dt_low, conv, ssm, slots)
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("dims", [dict(d_inner=48, d_xb=48, d_state=16), dict(d_inner=64, d_xb=32, d_state=16),
+                                  dict(d_inner=256, d_xb=32, d_state=16), dict(d_inner=512, d_xb=32, d_state=16)],
+                         ids=["r1-X48", "r2", "r8", "r16"])
+@pytest.mark.parametrize("conv_layout, q", [("compact", 1), ("d_channels", 1), ("compact", 3)])
+def test_kernel_other_group_ratios(variant, dims, conv_layout, q):
+    """r = D/X in {1, 2, 8, 16}: v2 puts the r repeats of an x channel in one warp (w = 32/r source channels,
+    r = 1 with X % 32 = 16 leaves half a warp idle), v1 one x/B group per block."""
+    layer, zxbc, dt_low, conv, ssm, slots = _gpu_case(dims, 5, q, torch.bfloat16, torch.float32, conv_layout)
+    _compare_with_references(dims, layer, zxbc, dt_low, conv, ssm, slots)
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [5, 67])
+def test_kernel_sequences_per_thread(monkeypatch, batch, state_dtype):
+    """v2 with 1, 2 and 4 sequences per thread (the batch-size default and the benchmark sweeps): each
+    matches the references, and all three are bit-equal (the per-channel math does not depend on it)."""
+    monkeypatch.delenv("APRIEL_STEP_KERNEL", raising=False)
+    dims = H1 if batch == 5 else SMALL
+    layer, zxbc, dt_low, conv, ssm, slots = _gpu_case(dims, batch, 1, torch.bfloat16, state_dtype, "compact")
+    results = []
+    for spt in ("1", "2", "4"):
+        monkeypatch.setenv("APRIEL_STEP_SEQ_PER_THREAD", spt)
+        c, s = conv.clone(), ssm.clone()
+        y = _compare_with_references(dims, layer, zxbc, dt_low, c, s, slots, tag=f"[seq{spt}]")
+        results.append((y, c, s))
+    for y, c, s in results[1:]:
+        assert torch.equal(y, results[0][0]) and torch.equal(c, results[0][1]) and torch.equal(s, results[0][2])
+
+
+@pytest.mark.gpu
+@needs_kernel
+def test_kernel_pdl_graph_equals_eager(monkeypatch):
+    """v2 with programmatic dependent launch (APRIEL_STEP_PDL=1): a captured chain of 8 dependent steps
+    (each reads the caches the previous one wrote), replayed 20 times, is bit-equal to eager steps without PDL."""
+    monkeypatch.delenv("APRIEL_STEP_KERNEL", raising=False)
+    dims, batch, chain = H1, 16, 8
+    layer, zxbc, dt_low, conv, ssm, slots = _gpu_case(dims, batch, 1, torch.bfloat16, torch.float32, "compact")
+    conv_e, ssm_e = conv.clone(), ssm.clone()
+    out = torch.empty(chain, batch, 1, dims["d_inner"], dtype=torch.bfloat16, device="cuda")
+    monkeypatch.setenv("APRIEL_STEP_PDL", "1")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up on copies
+        run_step(zxbc, dt_low, conv.clone(), ssm.clone(), slots, layer, dims, out=out[0])
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for k in range(chain):
+            run_step(zxbc, dt_low, conv, ssm, slots, layer, dims, out=out[k])
+    monkeypatch.delenv("APRIEL_STEP_PDL")
+    for _ in range(20):
+        graph.replay()
+        for k in range(chain):
+            y_e = run_step(zxbc, dt_low, conv_e, ssm_e, slots, layer, dims)
+            assert torch.equal(out[k], y_e)
+    torch.cuda.synchronize()
+    assert torch.equal(ssm, ssm_e) and torch.equal(conv, conv_e)
 
 
 @pytest.mark.gpu
@@ -441,7 +515,7 @@ def test_kernel_prefill_then_steps_equals_whole_scan(monkeypatch):
 @pytest.mark.gpu
 @needs_kernel
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
-def test_kernel_slots_and_padding(state_dtype):
+def test_kernel_slots_and_padding(variant, state_dtype):
     """Permuted + padded slots == each row alone at slot 0 of its own cache; other slots bit-untouched."""
     dims, batch = SMALL, 6
     layer, zxbc, dt_low, conv, ssm, _ = _gpu_case(dims, batch, 2, torch.bfloat16, state_dtype, "compact")
@@ -462,7 +536,7 @@ def test_kernel_slots_and_padding(state_dtype):
 
 @pytest.mark.gpu
 @needs_kernel
-def test_kernel_q_tokens_equal_single_steps():
+def test_kernel_q_tokens_equal_single_steps(variant):
     dims, batch, q = H1, 3, 4
     layer, zxbc, dt_low, conv, ssm, slots = _gpu_case(dims, batch, q, torch.bfloat16, torch.float32, "compact")
     conv1, ssm1 = conv.clone(), ssm.clone()
@@ -476,7 +550,7 @@ def test_kernel_q_tokens_equal_single_steps():
 
 @pytest.mark.gpu
 @needs_kernel
-def test_kernel_cuda_graph_replays_equal_eager():
+def test_kernel_cuda_graph_replays_equal_eager(variant):
     dims, batch = H1, 8
     layer, zxbc, dt_low, conv, ssm, slots = _gpu_case(dims, batch, 1, torch.bfloat16, torch.float32, "compact")
     conv_e, ssm_e = conv.clone(), ssm.clone()

@@ -35,15 +35,35 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef want) {
   TORCH_CHECK(t.sizes() == want, name, ": expected shape ", want, ", got ", t.sizes());
 }
 
-// Sequences per thread: the staged parameters are shared by more sequences per block; small batches
+// Kernel version: 2 (step_kernel_v2.cuh, the default) or 1 (step_kernel.cuh) with APRIEL_STEP_KERNEL=v1,
+// so one benchmark run can compare both (bench/kernels_step.py, provider "apriel[v1]").
+int kernel_version() {
+  const char* env = std::getenv("APRIEL_STEP_KERNEL");
+  return env != nullptr && std::string(env) == "v1" ? 1 : 2;
+}
+
+// Programmatic dependent launch for v2 (APRIEL_STEP_PDL=1; off by default: the kernel then reads the
+// layer parameters before the previous kernel has finished, which is only safe when that kernel does not
+// write them - true in a decode graph, not something a general op may assume).
+bool use_pdl() {
+  const char* env = std::getenv("APRIEL_STEP_PDL");
+  return env != nullptr && std::string(env) == "1";
+}
+
+// Sequences per thread. v1: the staged parameters are shared by more sequences per block; small batches
 // keep one per thread to fill the SMs. Measured on the H100 (bench/results/step_h100.json, fp32 state,
 // cold L2): b16 1/2/4 = 11.6/13.5/20.0 us, b64 31.7/31.3/27.3 us, b256 100.6/87.5/81.8 us.
+// v2: a thread issues the state loads of all its sequences at once (more bytes in flight per register);
+// 2 from b64 is a guess until measured (1 for fp32 inputs: 2 and 4 spill there). v2 with q > 1 always
+// uses 1 (the token loop needs the registers).
 // APRIEL_STEP_SEQ_PER_THREAD (1, 2, 4) overrides the choice (benchmark sweeps).
-int seq_per_thread(int batch) {
+int seq_per_thread(int batch, int version, int q, bool act_fp32) {
+  if (version == 2 && q > 1) return 1;
   if (const char* env = std::getenv("APRIEL_STEP_SEQ_PER_THREAD")) {
     const int v = std::atoi(env);
     if (v == 1 || v == 2 || v == 4) return v;
   }
+  if (version == 2) return batch >= 64 && !act_fp32 ? 2 : 1;  // fp32 inputs: 2 and 4 spill (~260 B)
   return batch >= 64 ? 4 : 1;
 }
 
@@ -182,18 +202,30 @@ void mixer_step_out(const at::Tensor& zxbc, const at::Tensor& dt_low, at::Tensor
   p.D_skip = D.data_ptr();
   p.D_skip_dtype = dtype_code(D, "D");
   p.D_skip_stride = D.stride(0);
-  p.seq_per_thread = seq_per_thread(p.batch);
+  const int version = kernel_version();
+  p.seq_per_thread = seq_per_thread(p.batch, version, p.q, act == at::kFloat);
+  p.pdl = version == 2 && use_pdl();
   p.group_channels = static_cast<int>(d_state * (d_inner / d_xb));
   const int64_t esize = zxbc.element_size();
   p.vec_inputs = reinterpret_cast<uintptr_t>(zxbc.data_ptr()) % 16 == 0 && (zxbc.stride(0) * esize) % 16 == 0 &&
                  (q == 1 || (zxbc.stride(1) * esize) % 16 == 0);
+  p.vec_dt = dt_rank == 16 && reinterpret_cast<uintptr_t>(dt_low.data_ptr()) % 16 == 0 &&
+             (dt_low.stride(0) * esize) % 16 == 0 && (q == 1 || (dt_low.stride(1) * esize) % 16 == 0);
 
   const c10::cuda::CUDAGuard guard(zxbc.device());
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
-  switch (act) {
-    case at::kHalf: launch_mixer_step_fp16(p, state_bf16, stream); break;
-    case at::kBFloat16: launch_mixer_step_bf16(p, state_bf16, stream); break;
-    default: launch_mixer_step_fp32(p, state_bf16, stream); break;
+  if (version == 1) {
+    switch (act) {
+      case at::kHalf: launch_mixer_step_fp16(p, state_bf16, stream); break;
+      case at::kBFloat16: launch_mixer_step_bf16(p, state_bf16, stream); break;
+      default: launch_mixer_step_fp32(p, state_bf16, stream); break;
+    }
+  } else {
+    switch (act) {
+      case at::kHalf: launch_mixer_step_v2_fp16(p, state_bf16, stream); break;
+      case at::kBFloat16: launch_mixer_step_v2_bf16(p, state_bf16, stream); break;
+      default: launch_mixer_step_v2_fp32(p, state_bf16, stream); break;
+    }
   }
 }
 

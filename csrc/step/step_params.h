@@ -65,6 +65,8 @@ struct MixerStepParams {
   int seq_per_thread;  // sequences per thread, 1, 2 or 4 (parameters are staged once per block)
   int group_channels;  // 16 * r channels of one x/B group (r = D / X divides 16)
   bool vec_inputs;     // zxbc rows 16-byte aligned: B and C groups are read as 16-byte vectors
+  bool vec_dt;         // v2: dt_rank 16 and dt_low rows 16-byte aligned: read as 16-byte vectors
+  bool pdl;            // v2 only: launch with programmatic dependent launch (APRIEL_STEP_PDL=1, sm_90)
 };
 
 // Launchers, one per activation dtype (step_{fp16,bf16,fp32}.cu); they dispatch state dtype and
@@ -72,6 +74,12 @@ struct MixerStepParams {
 void launch_mixer_step_fp16(const MixerStepParams& p, bool ssm_state_bf16, void* stream);
 void launch_mixer_step_bf16(const MixerStepParams& p, bool ssm_state_bf16, void* stream);
 void launch_mixer_step_fp32(const MixerStepParams& p, bool ssm_state_bf16, void* stream);
+
+// Version 2 (the default; step_kernel_v2.cuh, step_v2_{fp16,bf16,fp32}.cu): no shared memory, no block
+// barrier, all loads of a thread issued together. APRIEL_STEP_KERNEL=v1 selects the launchers above.
+void launch_mixer_step_v2_fp16(const MixerStepParams& p, bool ssm_state_bf16, void* stream);
+void launch_mixer_step_v2_bf16(const MixerStepParams& p, bool ssm_state_bf16, void* stream);
+void launch_mixer_step_v2_fp32(const MixerStepParams& p, bool ssm_state_bf16, void* stream);
 
 // The kernel's thread mapping is built for 16-state channels (4 lanes x 4 states).
 constexpr int kDState = 16;

@@ -1,0 +1,305 @@
+// Fused Apriel-H1 decode step, version 2 (the default; APRIEL_STEP_KERNEL=v1 selects step_kernel.cuh).
+//
+// Same semantics as v1 (mixer.md section 4, algorithm in step_kernel.cuh's header). What changed, and
+// why: v1's block was a chain of serialized memory latencies (state load || parameter staging -> barrier
+// -> window/input loads -> math -> barrier -> conv-writer re-read -> stores), so its time was ~6-7 us per
+// block whatever the bytes (hot ~= cold, docs/notes/step.md). v2 removes every dependency that is not
+// a true data dependency:
+//   * no shared memory and no __syncthreads: each thread loads its own channel's parameters (A_log,
+//     dt_proj row, conv taps, biases, D) straight into registers, all issued together;
+//   * warp mapping: the r = D/X channels that share one x source channel (one compact conv-cache row) sit
+//     in the SAME warp (lane = j * w + i, w = 32 / r source channels per warp, j = repeat). Only the
+//     repeat-0 lane reads that row; the others get the window by __shfl_sync, so nobody reads a row after
+//     its writer rewrote it and no barrier is needed. The writer shifts the row from registers (a
+//     sliding 4-entry register window), not by re-reading it;
+//   * issue order per thread: parameters -> [PDL wait] -> token-0 inputs (z, x, B, C, dt_low: they depend
+//     on the row only) and slot indices -> states and conv rows of ALL the thread's kSeq sequences (one
+//     latency for all of them) -> math -> stores. Two memory latencies per thread in the critical path;
+//   * warps never wait for each other, so a resident warp's math hides another's loads; blocks are
+//     1-4 warps of the same channels (different sequences): at b1 the 128 warps are 128 blocks on 128 SMs.
+// Programmatic dependent launch (APRIEL_STEP_PDL=1, sm_90): the parameter loads run before
+// griddepcontrol.wait, i.e. overlapped with the previous kernel's tail. Contract: the layer parameters
+// are not written by the kernel launched just before the step (true in a decode graph).
+//
+// Bound: memory. A warp reads 32 channels x 64 B of fp32 state (chunks of w * 64 B contiguous, full
+// sectors); bytes in flight per SM = resident threads x kSeq x 64 B.
+#pragma once
+#include "step_kernel.cuh"  // shared helpers: to_f / from_f, load_any / store_any / copy_any, StateIO, Packed16
+
+namespace apriel {
+namespace step {
+namespace v2 {
+
+constexpr int kWarp = 32;
+constexpr int kWin = 4;  // sliding conv window in registers: W <= 4; rows up to 4 entries shifted from registers
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// One token's inputs of one sequence for one channel: B and C groups packed, z, x and delta.
+template <typename act_t>
+struct TokenIn {
+  Packed16<act_t> b, c;
+  float z, x, delta;
+};
+
+// Minimum resident 128-thread blocks per SM, i.e. the register cap, chosen so the code does not spill
+// and an SM keeps >= 40 KB of state in flight (kSeq 1: 102 registers, 640 threads x 64 B; kSeq 2: 128
+// registers, 512 x 128 B; kSeq 4: 255, 256 x 256 B). Issuing every load of a thread at once costs
+// registers: that is the trade. kMulti (q > 1, speculative decoding) keeps dt_proj in registers across
+// the token loop: 170.
+template <int kSeq, bool kMulti>
+struct MinBlocks { static constexpr int value = kMulti ? 3 : kSeq == 1 ? 5 : kSeq == 2 ? 4 : 2; };
+
+template <typename act_t, typename state_t, int kSeq, bool kMulti>
+__global__ void __launch_bounds__(128, (MinBlocks<kSeq, kMulti>::value)) mixer_step_v2_kernel(const MixerStepParams p) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  const int D = p.d_inner, X = p.d_xb;
+  const int r = D / X;
+  const int w = kWarp / r;  // source channels per warp (r divides 16)
+  const int lane = threadIdx.x;
+  const int j = lane / w, i = lane % w;  // repeat, source channel within the warp
+  const int xs = blockIdx.x * w + i;    // x source channel = compact conv-cache row
+  const bool valid = xs < X;            // r = 1 with X % 32 = 16: the upper half-warp idles
+  const int g = xs / kDState, n_in = xs % kDState;
+  const int c = g * kDState * r + j * kDState + n_in;  // mixer channel
+  const int seq_warp = blockIdx.y * blockDim.y + threadIdx.y;
+  const bool compact_conv = p.conv_state_channels == X;
+  const bool writer = valid && (!compact_conv || j == 0);  // owns (and rewrites) a conv-cache row
+  const int own_row = compact_conv ? xs : c;               // D layout: own row; repeat 0's row = the window row
+  const act_t* __restrict__ zxbc = static_cast<const act_t*>(p.zxbc);
+  const act_t* __restrict__ dt_low = static_cast<const act_t*>(p.dt_low);
+  act_t* __restrict__ y = static_cast<act_t*>(p.y);
+
+  // ---- layer parameters (never written by the preceding kernel: read before the PDL wait)
+  float A2[kDState];  // -exp(A_log) log2(e): one exp2 per state and token
+  float dtw[kRegRanks];
+  float w4[kWin];  // conv taps right-aligned: w4[4 - W + k] = w[k]
+  float conv_b = 0.f, dt_bias = 0.f, d_skip = 0.f;
+  const int conv_ch = p.repeat_kv_before_conv ? c : xs;
+#pragma unroll
+  for (int n = 0; n < kDState; ++n) {
+    A2[n] = valid ? -expf(load_any(p.A_log, p.A_log_dtype, c * p.A_log_stride0 + n * p.A_log_stride1)) * kLog2e : 0.f;
+  }
+#pragma unroll
+  for (int k = 0; k < kRegRanks; ++k) {
+    dtw[k] = valid && k < p.dt_rank
+                 ? load_any(p.dt_proj_weight, p.dt_proj_weight_dtype, c * p.dt_proj_weight_stride0 + k * p.dt_proj_weight_stride1)
+                 : 0.f;
+  }
+#pragma unroll
+  for (int k = 0; k < kWin; ++k) {
+    const int tap = k - (kWin - p.width);
+    w4[k] = valid && tap >= 0
+                ? load_any(p.conv_weight, p.conv_weight_dtype, conv_ch * p.conv_weight_stride0 + tap * p.conv_weight_stride1)
+                : 0.f;
+  }
+  if (valid) {
+    if (p.conv_bias != nullptr) conv_b = load_any(p.conv_bias, p.conv_bias_dtype, conv_ch * p.conv_bias_stride);
+    dt_bias = load_any(p.dt_proj_bias, p.dt_proj_bias_dtype, c * p.dt_proj_bias_stride);
+    d_skip = load_any(p.D_skip, p.D_skip_dtype, c * p.D_skip_stride);
+  }
+
+  // Everything below may read what the previous kernel wrote.
+  pdl_wait();
+  pdl_launch_dependents();
+
+  const int b_off = D + X + g * kDState;           // B[g, :]
+  const int c_off = D + 2 * X + (c / kDState) * kDState;  // C[c/N, :]
+  // Token t's inputs of row `row` (delta: dt_proj dot + both biases, mixer.md 3.4, + softplus).
+  auto load_token = [&](int row, int t) {
+    TokenIn<act_t> in;
+    const act_t* __restrict__ zr = zxbc + row * p.zxbc_batch_stride + t * p.zxbc_token_stride;
+    const act_t* __restrict__ dr = dt_low + row * p.dt_batch_stride + t * p.dt_token_stride;
+    if (p.vec_inputs) {
+      in.b.load(zr + b_off);
+      in.c.load(zr + c_off);
+    } else {  // rows not 16-byte aligned (a strided view): element loads
+#pragma unroll
+      for (int n = 0; n < kDState; ++n) {
+        reinterpret_cast<act_t*>(in.b.v)[n] = zr[b_off + n];
+        reinterpret_cast<act_t*>(in.c.v)[n] = zr[c_off + n];
+      }
+    }
+    in.z = to_f(zr[c]);
+    in.x = to_f(zr[D + xs]);
+    float dt = 0.f;
+    if (p.vec_dt) {  // R = 16, rows 16-byte aligned: 16-byte vector loads (fewer registers in flight)
+      Packed16<act_t> dv;
+      dv.load(dr);
+#pragma unroll
+      for (int k = 0; k < kRegRanks; ++k) dt += dtw[k] * dv(k);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kRegRanks; ++k) {
+        if (k < p.dt_rank) dt += dtw[k] * to_f(dr[k]);
+      }
+    }
+    for (int k = kRegRanks; k < p.dt_rank; ++k) {  // R > 16 only
+      dt += load_any(p.dt_proj_weight, p.dt_proj_weight_dtype, c * p.dt_proj_weight_stride0 + k * p.dt_proj_weight_stride1) *
+            to_f(dr[k]);
+    }
+    const float v = (dt + dt_bias) + dt_bias;
+    in.delta = v > 20.f ? v : log1pf(expf(v));
+    return in;
+  };
+
+  // ---- rows of this thread: row_s = seq_warp * kSeq + s. Token-0 inputs first (row only), then slots.
+  int row[kSeq];
+  bool live[kSeq];  // row < batch and lane valid
+  TokenIn<act_t> tin[kSeq] = {};
+#pragma unroll
+  for (int s = 0; s < kSeq; ++s) {
+    row[s] = seq_warp * kSeq + s;
+    live[s] = row[s] < p.batch && valid;
+    if (live[s]) tin[s] = load_token(row[s], 0);
+  }
+  int slot[kSeq];  // -1 = padding or out of range (no state I/O), -2 = past the batch (warp-uniform)
+#pragma unroll
+  for (int s = 0; s < kSeq; ++s) {
+    if (row[s] >= p.batch) {
+      slot[s] = -2;
+    } else {
+      const int sl = p.slot_idx != nullptr ? __ldg(p.slot_idx + row[s]) : row[s];
+      slot[s] = sl < 0 || sl >= p.num_slots ? -1 : sl;
+    }
+  }
+
+  // ---- states and conv rows of all kSeq sequences, issued together.
+  float h[kSeq][kDState];
+  float crow[kSeq][kWin];  // last 4 entries of the own conv row, right-aligned (entry S - 4 + k)
+  const int S = p.conv_state_len;
+#pragma unroll
+  for (int s = 0; s < kSeq; ++s) {
+    if (live[s] && slot[s] >= 0) {
+      StateIO<state_t>::load(p.ssm_state, slot[s] * p.ssm_slot_stride + int64_t(c) * kDState, h[s]);
+    } else {
+#pragma unroll
+      for (int n = 0; n < kDState; ++n) h[s][n] = 0.f;
+    }
+    const int64_t base = slot[s] * p.conv_slot_stride + own_row * p.conv_channel_stride;
+#pragma unroll
+    for (int k = 0; k < kWin; ++k) {
+      const int pos = S - kWin + k;
+      crow[s][k] = writer && live[s] && slot[s] >= 0 && pos >= 0
+                       ? load_any(p.conv_state, p.conv_state_dtype, base + pos * p.conv_pos_stride)
+                       : 0.f;
+    }
+  }
+
+  // ---- math and stores, sequence by sequence (control flow is warp-uniform: the row is the warp's).
+#pragma unroll
+  for (int s = 0; s < kSeq; ++s) {
+    if (slot[s] == -2) continue;
+    act_t* y_row = y + row[s] * p.y_batch_stride + c;
+    if (slot[s] == -1) {  // padding row: y = 0, no state I/O
+      if (valid) {
+        for (int t = 0; t < p.q; ++t) y_row[t * p.y_token_stride] = from_f<act_t>(0.f);
+      }
+      continue;
+    }
+    const int q = kMulti ? p.q : 1;
+    for (int t = 0; t < q; ++t) {
+      const TokenIn<act_t> in = t == 0 || !valid ? tin[s] : load_token(row[s], t);
+      // Window = last W-1 entries of [old row ; x of tokens < t] of the repeat-0 lane's row.
+      float win[kWin - 1];
+#pragma unroll
+      for (int k = 0; k < kWin - 1; ++k) {
+        const float v = __shfl_sync(0xffffffffu, crow[s][k + 1], i);
+        win[k] = k >= kWin - p.width ? v : 0.f;
+      }
+      const float pre = conv_b + w4[0] * win[0] + w4[1] * win[1] + w4[2] * win[2] + w4[3] * in.x;
+#pragma unroll
+      for (int k = 0; k < kWin - 1; ++k) crow[s][k] = crow[s][k + 1];
+      crow[s][kWin - 1] = in.x;
+      if (!valid) continue;
+      const float u = silu_f(pre);
+      const float du = in.delta * u;
+      const float yp = ssm_update(h[s], A2, 1, in.delta, du, in.b, in.c);
+      const float yv = (yp + d_skip * u) * silu_f(in.z);
+      y_row[t * p.y_token_stride] = from_f<act_t>(yv);
+    }
+    if (!valid) continue;
+    StateIO<state_t>::store(p.ssm_state, slot[s] * p.ssm_slot_stride + int64_t(c) * kDState, h[s]);
+    if (!writer) continue;
+    // Conv row shifted by q: entry sp of [old row ; q new x][q:].
+    const int64_t base = slot[s] * p.conv_slot_stride + own_row * p.conv_channel_stride;
+    if (S <= kWin && p.conv_state_dtype != kFloat64) {
+      // The register window holds the last 4 entries of the concatenation: the whole new row.
+#pragma unroll
+      for (int k = 0; k < kWin; ++k) {
+        const int sp = S - kWin + k;
+        if (sp >= 0) store_any(p.conv_state, p.conv_state_dtype, base + sp * p.conv_pos_stride, crow[s][k]);
+      }
+    } else {
+      // Long rows or an fp64 cache: ascending bit copies (entry sp reads sp + q > sp before anything at
+      // or above it is written; only this thread touches the row), new inputs re-read.
+      for (int sp = 0; sp < S; ++sp) {
+        const int src = sp + p.q;
+        if (src < S) {
+          copy_any(p.conv_state, p.conv_state_dtype, base + sp * p.conv_pos_stride, base + src * p.conv_pos_stride);
+        } else {
+          const float xv = to_f(zxbc[row[s] * p.zxbc_batch_stride + (src - S) * p.zxbc_token_stride + D + xs]);
+          store_any(p.conv_state, p.conv_state_dtype, base + sp * p.conv_pos_stride, xv);
+        }
+      }
+    }
+  }
+}
+
+template <typename act_t, typename state_t, int kSeq, bool kMulti>
+void launch_seq(const MixerStepParams& p, cudaStream_t stream) {
+  const int r = p.d_inner / p.d_xb;
+  const int w = kWarp / r;
+  const int src_warps = (p.d_xb + w - 1) / w;
+  const int seq_warps = (p.batch + kSeq - 1) / kSeq;
+  // Warps of a block share channels (parameters hit L1) and take different sequences; small batches get
+  // 1-warp blocks so the channel warps spread over all SMs.
+  const int wpb = seq_warps >= 4 ? 4 : seq_warps >= 2 ? 2 : 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(src_warps, (seq_warps + wpb - 1) / wpb);
+  cfg.blockDim = dim3(kWarp, wpb);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = p.pdl ? 1 : 0;
+  APRIEL_CUDA_CHECK(cudaLaunchKernelEx(&cfg, mixer_step_v2_kernel<act_t, state_t, kSeq, kMulti>, p));
+}
+
+template <typename act_t, typename state_t>
+void launch_state(const MixerStepParams& p, cudaStream_t stream) {
+  if (p.q > 1) {  // the host sets seq_per_thread = 1 for q > 1
+    launch_seq<act_t, state_t, 1, true>(p, stream);
+    return;
+  }
+  switch (p.seq_per_thread) {
+    case 4: launch_seq<act_t, state_t, 4, false>(p, stream); break;
+    case 2: launch_seq<act_t, state_t, 2, false>(p, stream); break;
+    default: launch_seq<act_t, state_t, 1, false>(p, stream); break;
+  }
+}
+
+template <typename act_t>
+void launch(const MixerStepParams& p, bool ssm_state_bf16, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (ssm_state_bf16) {
+    launch_state<act_t, __nv_bfloat16>(p, s);
+  } else {
+    launch_state<act_t, float>(p, s);
+  }
+}
+
+}  // namespace v2
+}  // namespace step
+}  // namespace apriel
