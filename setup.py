@@ -63,6 +63,12 @@ def _arch_flags(arch_list: str) -> list[str]:
     return flags
 
 
+def _arch_token(arch_list: str) -> str:
+    """"8.0;9.0a" -> "8.0_9.0a" (characters outside [0-9a-z.] dropped so the -D value stays one token)."""
+    archs = [re.sub(r"[^0-9a-z.]", "", a.replace("+PTX", "").lower()) for a in re.split(r"[;,\s]+", arch_list)]
+    return "_".join(a for a in archs if a) or "none"
+
+
 def _families() -> list[Path]:
     wanted = os.environ.get("APRIEL_KERNELS_FAMILIES")
     names = [n.strip() for n in wanted.split(",") if n.strip()] if wanted else None
@@ -110,7 +116,9 @@ def _cuda_extension_kwargs():
         include_dirs=[str(CSRC), str(CSRC / "common")],
         # No -std for host code: torch's builder adds the one its headers need (torch 2.14's headers
         # refuse C++17, so a forced -std=c++17 broke the CPU-machine compile check).
-        extra_compile_args={"cxx": ["-O3"], "nvcc": [f for f in nvcc_flags if f]},
+        # The arch list for apriel_kernels._C.build_info(), as one pp-number token ("8.0_9.0a": no quoting).
+        extra_compile_args={"cxx": ["-O3", f"-DAPRIEL_KERNELS_ARCHS={_arch_token(archs)}"],
+                            "nvcc": [f for f in nvcc_flags if f]},
         py_limited_api=False,
     )
     return extension, archs

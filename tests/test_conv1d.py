@@ -280,6 +280,16 @@ GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 GPU_LENGTHS = [1, 2, 3, 63, 65, 2049, 4097]
 # How x is laid out in memory: token-major contiguous and sliced from a wider row (both vectorised),
 # token-major at an odd column offset (misaligned: generic kernel), odd dim, channel-major slice.
+# Kernel variants of the vectorised forward/backward (APRIEL_CONV1D_FWD_IMPL / _BWD_IMPL): every one that
+# stays selectable is tested; the grids above run the default.
+IMPLS = ["tile", "stream"]
+
+
+def use_impl(monkeypatch, impl):
+    monkeypatch.setenv("APRIEL_CONV1D_FWD_IMPL", impl)
+    monkeypatch.setenv("APRIEL_CONV1D_BWD_IMPL", impl)
+
+
 LAYOUTS = ["tm", "tm_slice", "tm_misaligned", "tm_odd_dim", "cm_slice"]
 
 
@@ -442,8 +452,10 @@ def test_cuda_autograd_through_public_api(poison):
 
 @pytest.mark.gpu
 @require_cuda_kernel("causal_conv1d_bwd")
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("layout", ["tm", "cm_slice"])
-def test_cuda_bwd_deterministic(layout):
+def test_cuda_bwd_deterministic(layout, impl, monkeypatch):
+    use_impl(monkeypatch, impl)
     x, w, bias, seq_idx, init, _ = conv_case(torch.bfloat16, 4, 4097, layout, "full", batch=2, dim=1024)
     dout = torch.randn_like(x)
     first = causal_conv1d_bwd(x, w, bias, seq_idx, init, dout, None, True)
@@ -508,9 +520,11 @@ def test_cuda_opcheck(layout):
 
 @pytest.mark.gpu
 @require_cuda_kernel("causal_conv1d_bwd")
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("layout", ["tm", "tm_misaligned", "cm_slice"])
-def test_cuda_float64_matches_reference(layout, poison):
-    """float64 on CUDA runs the same kernels in double: agreement to ~1e-12."""
+def test_cuda_float64_matches_reference(layout, impl, monkeypatch, poison):
+    """float64 on CUDA runs the same kernels in double: agreement to ~1e-12 (both vectorised variants)."""
+    use_impl(monkeypatch, impl)
     x, w, bias, seq_idx, init, _ = conv_case(F64, 3, 130, layout, "packed", dim=64)
     dout, dfinal = dout_like(x, 64, layout), torch.randn_like(init)
     out, final = causal_conv1d_fwd(x, w, bias, seq_idx, init, True, True)
@@ -548,6 +562,56 @@ def test_cuda_fwd_tilings_and_weight_loads(dtype, width, seqlen, features, token
     low_out, _ = ref_fwd(x, w, bias, seq_idx, init, silu, dtype)
     assert_close_to_ref("out", out, ref_out, low_out)
     assert torch.equal(final.double(), ref_final)
+
+
+@pytest.mark.gpu
+@require_cuda_kernel("causal_conv1d_bwd")
+@pytest.mark.parametrize("features", ["plain", "full", "packed"])
+@pytest.mark.parametrize("layout", ["tm", "tm_slice"])
+@pytest.mark.parametrize("seqlen", [1, 3, 65, 4097])
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cuda_impls_match_reference(impl, dtype, width, seqlen, layout, features, monkeypatch, poison):
+    """Forward and backward of each vectorised variant. With dim 328 and batch 2 the stream kernels split
+    4097 tokens into ~257 runs of 16 (the last of 1 token, shorter than the halo) and 3 channel blocks, the
+    last mostly idle: run boundaries, documents crossing them, the initial state, dfinal and dinit."""
+    use_impl(monkeypatch, impl)
+    x, w, bias, seq_idx, init, silu = conv_case(dtype, width, seqlen, layout, features)
+    out, final = causal_conv1d_fwd(x, w, bias, seq_idx, init, True, silu)
+    ref_out, ref_final = ref_fwd(x, w, bias, seq_idx, init, silu, F64)
+    low_out, _ = ref_fwd(x, w, bias, seq_idx, init, silu, dtype)
+    assert_close_to_ref("out", out, ref_out, low_out)
+    assert torch.equal(final.double(), ref_final), "final_states differ from the reference"
+    check_bwd(dtype, width, seqlen, layout, features)
+
+
+@pytest.mark.gpu
+@require_cuda_kernel("causal_conv1d_bwd")
+@pytest.mark.parametrize("shape", [(1, 8192, 1024), (3, 1000, 4096)], ids=["b1_L8192_C1024", "b3_L1000_C4096"])
+def test_cuda_stream_matches_tile_at_bench_shapes(shape, monkeypatch):
+    """The two variants agree at benchmark-like shapes (many runs per channel block; bf16 + silu). out and
+    dx are the same per-element fp32 expressions (within one bf16 rounding step, in case the compiler
+    contracts differently), the final state is a copy (bitwise); dweight/dbias differ only by the fp32
+    summation order."""
+    batch, seqlen, dim = shape
+    x = torch.randn(batch, seqlen, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    w = torch.randn(dim, 4, device="cuda", dtype=torch.bfloat16) * 0.5
+    b = torch.randn(dim, device="cuda", dtype=torch.bfloat16)
+    dout = torch.randn_like(x)
+    results = {}
+    for impl in IMPLS:
+        use_impl(monkeypatch, impl)
+        out, final = causal_conv1d_fwd(x, w, b, None, None, True, True)
+        results[impl] = (out, final, *causal_conv1d_bwd(x, w, b, None, None, dout, None, True))
+    tile, stream = results["tile"], results["stream"]
+    assert torch.equal(tile[1], stream[1]), "final_states: stream and tile kernels differ"
+    for name, i in (("out", 0), ("dx", 2)):
+        a, s = tile[i].float(), stream[i].float()
+        assert torch.isfinite(s).all(), f"{name}: non-finite values from the stream kernel"
+        assert ((a - s).abs() <= 2**-7 * a.abs() + 1e-6).all(), f"{name}: stream and tile kernels differ"
+    for name, i in (("dweight", 3), ("dbias", 4)):
+        torch.testing.assert_close(stream[i], tile[i], rtol=1e-4, atol=1e-3 * tile[i].abs().max().item())
 
 
 _RAW_OP_ERRORS = textwrap.dedent("""

@@ -180,6 +180,22 @@ int fwd_tokens() {
   return 8;
 }
 
+// Kernel variant of the vectorised (token-major) forward / backward: "tile" (the measured default of
+// session 1) or "stream" (ConvParams::fwd_stream / bwd_stream: runs of tokens per thread, one wave).
+// APRIEL_CONV1D_FWD_IMPL / APRIEL_CONV1D_BWD_IMPL select; kDefault* is what an unset variable means, to be
+// flipped once an H100 run (bench rows apriel[fwd=stream] / apriel[bwd=stream]) shows the stream kernels
+// faster. Any other value is an error naming the variable (silently timing the wrong kernel is worse).
+constexpr const char* kDefaultFwdImpl = "tile";
+constexpr const char* kDefaultBwdImpl = "tile";
+
+bool stream_impl(const char* var, const char* fallback) {
+  const char* env = std::getenv(var);
+  const char* value = (env == nullptr || *env == '\0') ? fallback : env;
+  if (std::strcmp(value, "stream") == 0) return true;
+  TORCH_CHECK(std::strcmp(value, "tile") == 0, var, ": expected \"tile\" or \"stream\", got \"", value, "\"");
+  return false;
+}
+
 // ------------------------------------------------------------------------------------------- forward
 std::tuple<Tensor, Tensor> causal_conv1d_fwd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                              const std::optional<Tensor>& seq_idx,
@@ -202,6 +218,7 @@ std::tuple<Tensor, Tensor> causal_conv1d_fwd(const Tensor& x, const Tensor& weig
   p.final_out = return_final_states ? final_states.data_ptr() : nullptr;
   p.vectorized = vectorizable(x);
   p.fwd_tokens = fwd_tokens();
+  p.fwd_stream = stream_impl("APRIEL_CONV1D_FWD_IMPL", kDefaultFwdImpl);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   APRIEL_CONV1D_DISPATCH(x.scalar_type(), causal_conv1d_fwd, p, stream);
   return {out, final_states};
@@ -259,7 +276,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
   // the kernel's launch bounds), rounded down so no straggler wave; each block then loops over its split.
   // Generic: about 4 blocks per SM. Each split is a multiple of the block's token tile so no tile
   // straddles two splits.
+  p.bwd_stream = stream_impl("APRIEL_CONV1D_BWD_IMPL", kDefaultBwdImpl);
   int64_t chan_blocks, tile, target_blocks;
+  if (p.vectorized && p.bwd_stream) {
+    // Stream kernel: one wave of 3 blocks per SM (its launch bounds guarantee them), each block 4 runs of
+    // split_len tokens; nsplit = block rows along tokens (= workspace rows per batch row).
+    chan_blocks = cdiv(s.dim, 32 * (x.element_size() == 8 ? 2 : 4));
+    const int64_t runs_per_block = 4, chunk = 8;
+    const int64_t target = 3 * int64_t(num_sms(x));
+    int64_t rows = std::clamp<int64_t>(target / (chan_blocks * s.batch), 1, cdiv(s.seqlen, runs_per_block * chunk));
+    const int64_t run_len = cdiv(cdiv(s.seqlen, rows * runs_per_block), chunk) * chunk;
+    rows = cdiv(cdiv(s.seqlen, run_len), runs_per_block);
+    TORCH_CHECK(rows <= 65535, "x: seqlen too long for the backward grid");
+    Tensor workspace = torch::empty({s.batch * rows, s.dim, s.width + 1}, f32);
+    p.workspace = workspace.data_ptr<float>();
+    p.nsplit = int(rows);
+    p.split_len = int(run_len);
+    p.dweight = dweight.data_ptr<float>();
+    p.dbias = bias.has_value() ? dbias.data_ptr<float>() : nullptr;
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    APRIEL_CONV1D_DISPATCH(x.scalar_type(), causal_conv1d_bwd, p, stream);
+    return {dx, dweight, dbias, dinit};
+  }
   if (p.vectorized) {
     chan_blocks = cdiv(s.dim, 32 * (x.element_size() == 8 ? 2 : 4));
     tile = 4 * 8;  // 4 token lanes x kBwdTok

@@ -30,9 +30,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
+#include <cstring>
 
 #include "conv1d_params.h"
 #include "cuda_check.h"
+#include "kernel_registry.h"
 
 namespace apriel {
 namespace conv1d {
@@ -653,8 +656,362 @@ __global__ void __launch_bounds__(128) update_kernel(UpdateParams p) {
   }
 }
 
+// ================================================================= streaming variants (v2, vectorised)
+// APRIEL_CONV1D_FWD_IMPL=stream / APRIEL_CONV1D_BWD_IMPL=stream. Why they exist (the tile kernels above,
+// H100 b1 L8192 C4096 bf16): the tile forward re-reads a 3-token halo per 8-token tile (1.375x the x
+// requests) and reloads the weights in every 32-token block (4096 blocks x 128 threads x 96 B = 50 MB of
+// L2 traffic next to 67 MB of x), and its 4096 blocks make ~5.2 waves of resident blocks (a ragged tail
+// wave); the tile backward re-reads 2 halos per 8-token tile (1.75x x, 1.375x dout) with 8-byte loads
+// and waits on each tile's loads before its math (no prefetch).
+// Here a thread owns kCh channels x a contiguous run of split_len tokens: the window of the last W-1
+// inputs (and, backward, W dpre values) stays in registers from one token to the next, the weights are
+// read once per thread, chunk c+1 (kStreamChunk tokens) is loaded while chunk c is computed, reads skip
+// L1 (ld.global.nc.L1::no_allocate: nothing is re-read by the same SM) and writes are streaming (st.cs).
+// The grid is one wave: the launcher asks the occupancy API how many blocks fit per SM.
+constexpr int kStreamChunk = 8;
+
+// Read-only streaming loads, 8 or 16 bytes; no L1 allocation.
+__device__ __forceinline__ uint4 ld_stream(const uint4* ptr) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(ptr));
+  return v;
+}
+__device__ __forceinline__ uint2 ld_stream(const uint2* ptr) {
+  uint2 v;
+  asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(ptr));
+  return v;
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void load_stream(Pack<T, N>& pk, const T* ptr) {
+  pk.v = ld_stream(reinterpret_cast<const typename Pack<T, N>::V*>(ptr));
+}
+
+template <typename T, int N, typename A>
+__device__ __forceinline__ void store_stream(T* ptr, const A (&vals)[N]) {
+  Pack<T, N> pk;
+  T* e = reinterpret_cast<T*>(&pk.v);
+#pragma unroll
+  for (int i = 0; i < N; ++i) e[i] = from_acc<T>(vals[i]);
+  __stcs(reinterpret_cast<typename Pack<T, N>::V*>(ptr), pk.v);
+}
+
+// Weights of one thread's channels: vector loads when the host found weight/bias contiguous and aligned
+// (one uniform branch per thread, not a second kernel instantiation).
+template <typename A, int N, int W>
+__device__ __forceinline__ void load_weights_any(const ConvParams& p, int c0, A (&w)[N][W], A (&bias)[N]) {
+  if (p.weight_vec) load_weights<A, N, W, true>(p, c0, w, bias);
+  else load_weights<A, N, W, false>(p, c0, w, bias);
+}
+
+// Block (32, 4): 32 x kCh channels x 4 token runs. Grid (ceil(dim / (32 kCh)), ceil(runs / 4), batch).
+template <typename T, int W, bool kSeq>
+__device__ __forceinline__ void fwd_stream_body(const ConvParams& p) {
+  using A = acc_t<T>;
+  constexpr int kCh = 16 / sizeof(T);
+  constexpr int H = W - 1;
+  constexpr int K = kStreamChunk;
+  const int c0 = (blockIdx.x * 32 + threadIdx.x) * kCh;
+  const int ts = (blockIdx.y * blockDim.y + threadIdx.y) * p.split_len;
+  const int b = blockIdx.z;
+  const int L = p.seqlen;
+  if (c0 >= p.dim || ts >= L) return;
+  const int te = min(ts + p.split_len, L);
+  const T* x = static_cast<const T*>(p.x) + b * p.x_stride_b + c0;
+  T* out = static_cast<T*>(p.out) + b * p.out_stride_b + c0;
+
+  Pack<T, kCh> cur[K], nxt[K];
+  // First chunk and the halo before the run, issued before the weights are needed.
+#pragma unroll
+  for (int s = 0; s < K; ++s) {
+    if (ts + s < te) load_stream(cur[s], x + (ts + s) * p.x_stride_l);
+    else cur[s].zero();
+  }
+  A xw[W][kCh];
+  int sw[W];
+#pragma unroll
+  for (int j = 0; j < H; ++j) {
+    const int t = ts - H + j;
+    sw[j] = seq_of<kSeq>(p, b, t);
+    if (t >= 0) {
+      Pack<T, kCh> h;
+      load_stream(h, x + t * p.x_stride_l);
+#pragma unroll
+      for (int i = 0; i < kCh; ++i) xw[j][i] = h.template get<A>(i);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kCh; ++i)
+        xw[j][i] = p.init == nullptr ? A(0)
+                   : to_acc<A>(static_cast<const T*>(p.init)[b * p.init_stride_b + (c0 + i) * p.init_stride_c +
+                                                             (H + t) * p.init_stride_k]);
+    }
+  }
+  A w[kCh][W], bias[kCh];
+  load_weights_any<A, kCh, W>(p, c0, w, bias);
+
+#pragma unroll 1
+  for (int t0 = ts; t0 < te; t0 += K) {
+    // Prefetch chunk t0 + K while this one is computed.
+#pragma unroll
+    for (int s = 0; s < K; ++s) {
+      const int t = t0 + K + s;
+      if (t < te) load_stream(nxt[s], x + t * p.x_stride_l);
+    }
+#pragma unroll
+    for (int s = 0; s < K; ++s) {
+      const int t = t0 + s;
+      if (t >= te) break;
+      sw[H] = seq_of<kSeq>(p, b, t);
+#pragma unroll
+      for (int i = 0; i < kCh; ++i) xw[H][i] = cur[s].template get<A>(i);
+      A y[kCh];
+#pragma unroll
+      for (int i = 0; i < kCh; ++i) {
+        A acc = bias[i];
+#pragma unroll
+        for (int k = 0; k < W; ++k) acc += w[i][k] * (same_doc<kSeq>(sw[k], sw[H]) ? xw[k][i] : A(0));
+        y[i] = activate(acc, p.silu);
+      }
+      store_stream<T, kCh>(out + t * p.out_stride_l, y);
+#pragma unroll
+      for (int j = 0; j < H; ++j) {
+        sw[j] = sw[j + 1];
+#pragma unroll
+        for (int i = 0; i < kCh; ++i) xw[j][i] = xw[j + 1][i];
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < K; ++s) cur[s] = nxt[s];
+  }
+  // The run holding token L-1 writes the final state: its window is now positions L-H .. L-1.
+  if (p.final_out != nullptr && te == L) {
+    T* fin = static_cast<T*>(p.final_out);
+#pragma unroll
+    for (int i = 0; i < kCh; ++i)
+#pragma unroll
+      for (int j = 0; j < H; ++j)
+        fin[(int64_t(b) * p.dim + c0 + i) * H + j] = from_acc<T>(same_doc<kSeq>(sw[j], sw[H - 1]) ? xw[j][i] : A(0));
+  }
+}
+
+// (128, 3): up to 168 registers (two chunk buffers + fp32 window + weights), 12 warps per SM.
+#ifndef APRIEL_CONV1D_FWD_STREAM_MIN_BLOCKS
+#define APRIEL_CONV1D_FWD_STREAM_MIN_BLOCKS 3
+#endif
+template <typename T, int W>
+__global__ void __launch_bounds__(128, APRIEL_CONV1D_FWD_STREAM_MIN_BLOCKS) fwd_stream_kernel(ConvParams p) {
+  if (p.seq_idx != nullptr) fwd_stream_body<T, W, true>(p);
+  else fwd_stream_body<T, W, false>(p);
+}
+
+// Backward: 16-byte vectors for 4/8-byte types, 8-byte vectors (4 channels) for 16-bit types: a thread
+// carries 2 x kCh x W fp32 of weights and dweight and two windows, so 8 channels would spill.
+template <typename T> struct BwdStreamCh { static constexpr int value = sizeof(T) == 8 ? 2 : 4; };
+// Tokens per chunk of the backward: 64 bytes of x and of dout per thread per chunk (8 tokens of 16-bit
+// types, 4 of fp32/fp64), so the four chunk buffers stay at 64 registers.
+template <typename T> struct BwdStreamChunk {
+  static constexpr int value = 64 / (BwdStreamCh<T>::value * int(sizeof(T)));
+};
+
+// Block (32, 4): 32 x kCh channels x 4 token runs of split_len; grid (ceil(dim / (32 kCh)), nsplit, batch).
+// A thread streams positions p = ts .. te+H-1: loads x[p], dout[p]; pre[p] from the x window; dpre[p] =
+// dout[p] act'(pre[p]); dweight/dbias for p < te; then dx[p-H] from the dpre window (dinit when p-H < 0).
+template <typename T, int W, bool kSeq>
+__device__ __forceinline__ void bwd_stream_body(const ConvParams& p, acc_t<T> (&dw)[BwdStreamCh<T>::value][W],
+                                                acc_t<T> (&db)[BwdStreamCh<T>::value]) {
+  using A = acc_t<T>;
+  constexpr int kCh = BwdStreamCh<T>::value;
+  constexpr int H = W - 1;
+  constexpr int K = BwdStreamChunk<T>::value;
+  const int c0 = (blockIdx.x * 32 + threadIdx.x) * kCh;
+  const int ts = (blockIdx.y * blockDim.y + threadIdx.y) * p.split_len;
+  const int b = blockIdx.z;
+  const int L = p.seqlen;
+#pragma unroll
+  for (int i = 0; i < kCh; ++i) {
+    db[i] = A(0);
+#pragma unroll
+    for (int k = 0; k < W; ++k) dw[i][k] = A(0);
+  }
+  if (c0 >= p.dim || ts >= L) return;
+  const int te = min(ts + p.split_len, L);
+  const int pend = te + H;            // positions ts .. pend-1 are visited
+  const int lend = min(pend, L);      // of which ts .. lend-1 exist
+  const T* x = static_cast<const T*>(p.x) + b * p.x_stride_b + c0;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride_b + c0;
+  T* dx = static_cast<T*>(p.out) + b * p.out_stride_b + c0;
+  const T* init = static_cast<const T*>(p.init);
+  const T* dfinal = static_cast<const T*>(p.dfinal);
+  const bool want_dinit = ts == 0 && init != nullptr && p.dinit != nullptr;
+  const int seq_last = seq_of<kSeq>(p, b, L - 1);
+
+  Pack<T, kCh> cx[K], cg[K], nx[K], ng[K];
+#pragma unroll
+  for (int s = 0; s < K; ++s) {
+    const int t = ts + s;
+    if (t < lend) { load_stream(cx[s], x + t * p.x_stride_l); load_stream(cg[s], dout + t * p.dout_stride_l); }
+    else { cx[s].zero(); cg[s].zero(); }
+  }
+  A xw[W][kCh], gw[W][kCh];
+  int sw[W];
+#pragma unroll
+  for (int j = 0; j < H; ++j) {
+    const int t = ts - H + j;
+    sw[j] = seq_of<kSeq>(p, b, t);
+    if (t >= 0) {
+      Pack<T, kCh> h;
+      load_stream(h, x + t * p.x_stride_l);
+#pragma unroll
+      for (int i = 0; i < kCh; ++i) xw[j][i] = h.template get<A>(i);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kCh; ++i)
+        xw[j][i] = init == nullptr ? A(0)
+                   : to_acc<A>(init[b * p.init_stride_b + (c0 + i) * p.init_stride_c + (H + t) * p.init_stride_k]);
+    }
+    // dpre before the run is never needed: dx[s] for s >= ts reads dpre[s .. s+H].
+#pragma unroll
+    for (int i = 0; i < kCh; ++i) gw[j][i] = A(0);
+  }
+  A w[kCh][W], bias[kCh];
+  load_weights_any<A, kCh, W>(p, c0, w, bias);
+
+#pragma unroll 1
+  for (int p0 = ts; p0 < pend; p0 += K) {
+#pragma unroll
+    for (int s = 0; s < K; ++s) {
+      const int t = p0 + K + s;
+      if (t < lend) { load_stream(nx[s], x + t * p.x_stride_l); load_stream(ng[s], dout + t * p.dout_stride_l); }
+    }
+#pragma unroll
+    for (int s = 0; s < K; ++s) {
+      const int pos = p0 + s;
+      if (pos >= pend) break;
+      sw[H] = pos < L ? seq_of<kSeq>(p, b, pos) : seq_last;
+      const bool real = pos < L;
+#pragma unroll
+      for (int i = 0; i < kCh; ++i) {
+        xw[H][i] = real ? cx[s].template get<A>(i) : A(0);
+        A g = A(0);
+        if (real) {
+          A pre = bias[i];
+#pragma unroll
+          for (int k = 0; k < W; ++k) pre += w[i][k] * (same_doc<kSeq>(sw[k], sw[H]) ? xw[k][i] : A(0));
+          g = cg[s].template get<A>(i) * activate_grad(pre, p.silu);
+          if (pos < te) {
+            db[i] += g;
+#pragma unroll
+            for (int k = 0; k < W; ++k) dw[i][k] += g * (same_doc<kSeq>(sw[k], sw[H]) ? xw[k][i] : A(0));
+          }
+        }
+        gw[H][i] = g;
+      }
+      // dx at s = pos - H needs dpre at s .. s+H: all in the window now.
+      const int sx = pos - H;
+      if ((sx >= ts || (want_dinit && sx >= -H)) && sx < te) {
+        A g[kCh];
+#pragma unroll
+        for (int i = 0; i < kCh; ++i) {
+          A acc = A(0);
+#pragma unroll
+          for (int k = 0; k < W; ++k) acc += w[i][k] * (same_doc<kSeq>(sw[0], sw[H - k]) ? gw[H - k][i] : A(0));
+          if (dfinal != nullptr && sx >= L - H && same_doc<kSeq>(sw[0], seq_last))
+            acc += to_acc<A>(dfinal[b * p.dfinal_stride_b + (c0 + i) * p.dfinal_stride_c +
+                                    (sx - (L - H)) * p.dfinal_stride_k]);
+          g[i] = acc;
+        }
+        if (sx >= 0) {
+          store_stream<T, kCh>(dx + sx * p.out_stride_l, g);
+        } else {
+          T* dinit = static_cast<T*>(p.dinit);
+#pragma unroll
+          for (int i = 0; i < kCh; ++i) dinit[(int64_t(b) * p.dim + c0 + i) * H + H + sx] = from_acc<T>(g[i]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < H; ++j) {
+        sw[j] = sw[j + 1];
+#pragma unroll
+        for (int i = 0; i < kCh; ++i) { xw[j][i] = xw[j + 1][i]; gw[j][i] = gw[j + 1][i]; }
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < K; ++s) { cx[s] = nx[s]; cg[s] = ng[s]; }
+  }
+}
+
+// (128, 3): 168 registers at most, 12 warps per SM; the host plans one wave of 3 blocks per SM.
+template <typename T, int W>
+__global__ void __launch_bounds__(128, 3) bwd_stream_kernel(ConvParams p) {
+  using A = acc_t<T>;
+  constexpr int kCh = BwdStreamCh<T>::value;
+  constexpr int kLanes = 4;
+  A dw[kCh][W], db[kCh];
+  if (p.seq_idx != nullptr) bwd_stream_body<T, W, true>(p, dw, db);
+  else bwd_stream_body<T, W, false>(p, dw, db);
+  // Block reduction over the 4 runs in run order (fixed), then one partial per (batch, block row).
+  const int c0 = (blockIdx.x * 32 + threadIdx.x) * kCh;
+  __shared__ A red[kLanes][32 * kCh][W + 1];
+#pragma unroll
+  for (int i = 0; i < kCh; ++i) {
+#pragma unroll
+    for (int k = 0; k < W; ++k) red[threadIdx.y][threadIdx.x * kCh + i][k] = dw[i][k];
+    red[threadIdx.y][threadIdx.x * kCh + i][W] = db[i];
+  }
+  __syncthreads();
+  if (threadIdx.y == 0 && c0 < p.dim) {
+    float* ws = p.workspace + (int64_t(blockIdx.z) * p.nsplit + blockIdx.y) * p.dim * (W + 1);
+#pragma unroll
+    for (int i = 0; i < kCh; ++i) {
+#pragma unroll
+      for (int k = 0; k <= W; ++k) {
+        A sum = A(0);
+#pragma unroll
+        for (int l = 0; l < kLanes; ++l) sum += red[l][threadIdx.x * kCh + i][k];
+        ws[int64_t(c0 + i) * (W + 1) + k] = static_cast<float>(sum);
+      }
+    }
+  }
+}
+
 // ====================================================================================== launchers
 inline int cdiv(int64_t a, int64_t b) { return int((a + b - 1) / b); }
+
+// Blocks of `kernel` resident per SM at `threads` threads (the occupancy API; 1 if it fails).
+template <typename Kernel>
+int blocks_per_sm(Kernel kernel, int threads) {
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0) != cudaSuccess || n < 1) {
+    (void)cudaGetLastError();
+    n = 1;
+  }
+  return n;
+}
+
+inline int current_num_sms() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 132;
+  }
+  return n;
+}
+
+// One wave: (resident blocks per SM) x SMs blocks of 4 runs, the token runs split evenly over them.
+template <typename T, int W>
+void launch_fwd_stream(ConvParams p, cudaStream_t stream) {
+  constexpr int kCh = 16 / sizeof(T);
+  static const int per_sm = blocks_per_sm(fwd_stream_kernel<T, W>, 128);
+  const int64_t chan_blocks = cdiv(p.dim, 32 * kCh);
+  const int64_t target_runs = int64_t(per_sm) * current_num_sms() * 4;
+  int64_t runs = std::max<int64_t>(1, target_runs / (chan_blocks * p.batch));
+  runs = std::min<int64_t>(runs, cdiv(p.seqlen, kStreamChunk));
+  p.split_len = cdiv(cdiv(p.seqlen, runs), kStreamChunk) * kStreamChunk;
+  runs = cdiv(p.seqlen, p.split_len);
+  const dim3 grid(int(chan_blocks), cdiv(runs, 4), p.batch);
+  fwd_stream_kernel<T, W><<<grid, dim3(32, 4), 0, stream>>>(p);
+}
 
 template <typename T, int W, bool kVecW>
 void launch_fwd_vec(const ConvParams& p, cudaStream_t stream) {
@@ -671,7 +1028,9 @@ void launch_fwd_vec(const ConvParams& p, cudaStream_t stream) {
 
 template <typename T, int W>
 void launch_fwd_w(const ConvParams& p, cudaStream_t stream) {
-  if (p.vectorized) {
+  if (p.vectorized && p.fwd_stream) {
+    launch_fwd_stream<T, W>(p, stream);
+  } else if (p.vectorized) {
     if (p.weight_vec) launch_fwd_vec<T, W, true>(p, stream);
     else launch_fwd_vec<T, W, false>(p, stream);
   } else {
@@ -686,7 +1045,11 @@ constexpr int kBwdTok = 8;
 
 template <typename T, int W>
 void launch_bwd_w(const ConvParams& p, cudaStream_t stream) {
-  if (p.vectorized) {
+  if (p.vectorized && p.bwd_stream) {
+    // Host-planned (it sized the workspace): nsplit block rows of 4 runs of split_len tokens.
+    const dim3 grid(cdiv(p.dim, 32 * BwdStreamCh<T>::value), p.nsplit, p.batch);
+    bwd_stream_kernel<T, W><<<grid, dim3(32, 4), 0, stream>>>(p);
+  } else if (p.vectorized) {
     constexpr int kCh = BwdCh<T>::value;
     const dim3 grid(cdiv(p.dim, 32 * kCh), p.nsplit, p.batch);
     if (p.weight_vec) bwd_tokmajor_kernel<T, W, kBwdTok, true><<<grid, dim3(32, 4), 0, stream>>>(p);
@@ -704,7 +1067,7 @@ void launch_bwd_w(const ConvParams& p, cudaStream_t stream) {
 
 template <typename T>
 void launch_fwd(const ConvParams& p, cudaStream_t stream) {
-  switch (p.width) {  // 3 widths x 5 kernels: {4, 8}-token tiles x {scalar, vector} weights + generic
+  switch (p.width) {  // 3 widths x 6 kernels: {4, 8}-token tiles x {scalar, vector} weights, stream, generic
     case 2: launch_fwd_w<T, 2>(p, stream); break;
     case 3: launch_fwd_w<T, 3>(p, stream); break;
     default: launch_fwd_w<T, 4>(p, stream); break;
@@ -713,7 +1076,7 @@ void launch_fwd(const ConvParams& p, cudaStream_t stream) {
 
 template <typename T>
 void launch_bwd(const ConvParams& p, cudaStream_t stream) {
-  switch (p.width) {  // 3 widths x 3 kernels: {scalar, vector} weights + generic; + 1 reduction
+  switch (p.width) {  // 3 widths x 4 kernels: {scalar, vector} weights, stream, generic; + 1 reduction
     case 2: launch_bwd_w<T, 2>(p, stream); break;
     case 3: launch_bwd_w<T, 3>(p, stream); break;
     default: launch_bwd_w<T, 4>(p, stream); break;
@@ -728,6 +1091,36 @@ void launch_update(const UpdateParams& p, cudaStream_t stream) {
   APRIEL_CHECK_LAUNCH();
 }
 
+
+// Registers the width-4 kernels of dtype T with the introspection registry (kernel_registry.h): the
+// shapes the benchmarks run. Returns true so it can initialise a static.
+template <typename T>
+bool register_kernels(const char* dtype) {
+  static char names[9][64];
+  // {kernel, template arguments after the dtype}
+  const char* kinds[9][2] = {{"fwd_tile", "W4,tok8,vecw"}, {"fwd_tile", "W4,tok4,vecw"},
+                             {"fwd_tile", "W4,tok8,scalarw"}, {"fwd_stream", "W4"}, {"fwd_generic", "W4"},
+                             {"bwd_tile", "W4,vecw"}, {"bwd_stream", "W4"}, {"bwd_generic", "W4"},
+                             {"update", nullptr}};
+  const void* funcs[9] = {
+      reinterpret_cast<const void*>(&fwd_tokmajor_kernel<T, 4, 8, true>),
+      reinterpret_cast<const void*>(&fwd_tokmajor_kernel<T, 4, 4, true>),
+      reinterpret_cast<const void*>(&fwd_tokmajor_kernel<T, 4, 8, false>),
+      reinterpret_cast<const void*>(&fwd_stream_kernel<T, 4>),
+      reinterpret_cast<const void*>(&fwd_generic_kernel<T, 4>),
+      reinterpret_cast<const void*>(&bwd_tokmajor_kernel<T, 4, kBwdTok, true>),
+      reinterpret_cast<const void*>(&bwd_stream_kernel<T, 4>),
+      reinterpret_cast<const void*>(&bwd_generic_kernel<T, 4>),
+      reinterpret_cast<const void*>(&update_kernel<T>)};
+  const int threads[9] = {128, 128, 128, 128, 256, 128, 128, 256, 128};
+  for (int i = 0; i < 9; ++i) {
+    if (kinds[i][1] != nullptr) snprintf(names[i], sizeof(names[i]), "%s<%s,%s>", kinds[i][0], dtype, kinds[i][1]);
+    else snprintf(names[i], sizeof(names[i]), "%s<%s>", kinds[i][0], dtype);
+    register_kernel({"conv1d", names[i], funcs[i], threads[i]});
+  }
+  if (strcmp(dtype, "fp32") == 0) register_kernel({"conv1d", "reduce_dweight", reinterpret_cast<const void*>(&reduce_dweight_kernel), 256});
+  return true;
+}
 }  // namespace conv1d
 }  // namespace apriel
 
@@ -738,5 +1131,6 @@ void launch_update(const UpdateParams& p, cudaStream_t stream) {
   void causal_conv1d_fwd_##suffix(const ConvParams& p, cudaStream_t s) { launch_fwd<T>(p, s); }      \
   void causal_conv1d_bwd_##suffix(const ConvParams& p, cudaStream_t s) { launch_bwd<T>(p, s); }      \
   void causal_conv1d_update_##suffix(const UpdateParams& p, cudaStream_t s) { launch_update<T>(p, s); } \
+  static const bool kernels_registered_##suffix = register_kernels<T>(#suffix);                     \
   }                                                                                                  \
   }

@@ -72,6 +72,13 @@ struct ConvParams {
   // taps as vectors instead of kCh * (width + 1) scalar loads (the default; APRIEL_CONV1D_VEC_WEIGHTS=0 selects the scalar loads).
   bool weight_vec;
   int fwd_tokens;   // tokens per thread of the vectorised forward (4 or 8)
+  // Streaming variants of the vectorised kernels (APRIEL_CONV1D_FWD_IMPL / APRIEL_CONV1D_BWD_IMPL=stream):
+  // a thread walks a contiguous run of split_len tokens carrying its window in registers (no halo
+  // re-reads, weights loaded once), prefetching the next chunk while computing the current one, in a grid
+  // sized to one wave of resident blocks. The forward launcher picks split_len itself; the backward's is
+  // set by the host (it sizes the dweight workspace), nsplit then counts blocks along tokens.
+  bool fwd_stream;
+  bool bwd_stream;
 };
 
 // Update step: q new tokens per row against cached windows.
