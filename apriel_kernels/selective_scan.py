@@ -86,6 +86,8 @@ def _smem_limit(device_index: int) -> int:
 def kernel_unsupported_reason(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Optional[str]:
     """None when the CUDA kernels cover these (already validated) arguments, else why not (naming the argument)."""
     d_inner, d_state = A.shape
+    if delta.shape[0] > 65535:
+        return f"delta: the CUDA selective scan supports batch <= 65535 (one grid row per sequence), got {delta.shape[0]}"
     if not 1 <= d_state <= MAX_KERNEL_D_STATE:
         return f"d_state: the CUDA selective scan supports d_state 1..{MAX_KERNEL_D_STATE}, got {d_state}"
     for name, t in (("B", B), ("C", C)):

@@ -32,6 +32,7 @@ SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, c
   TORCH_CHECK(st == at::kBFloat16 || st == at::kHalf || st == at::kFloat,
               "delta: the CUDA selective scan supports bf16, fp16 and fp32 (float64 runs on the reference)");
   const int64_t b = delta.size(0), L = delta.size(1), D = delta.size(2);
+  TORCH_CHECK(b <= 65535, "delta: the CUDA selective scan supports batch <= 65535");
   TORCH_CHECK(A.dim() == 2 && A.size(0) == D, "A: expected (d_inner, d_state)");
   const int64_t N = A.size(1);
   TORCH_CHECK(N >= 1 && N <= 64, "d_state: the CUDA selective scan supports 1..64, got ", N);
@@ -95,7 +96,7 @@ std::tuple<Tensor, Tensor> selective_scan_fwd_cuda(const Tensor& u, const Tensor
   Tensor final_state = at::empty({p.batch, p.dim, p.dstate}, delta.options().dtype(at::kFloat));
   if (p.batch == 0) return {y, final_state};
   if (p.seqlen == 0) {
-    if (init) final_state.copy_(init->view_as(final_state)); else final_state.zero_();
+    if (init) final_state.copy_(*init); else final_state.zero_();
     return {y, final_state};
   }
   p.y = y.data_ptr(); p.final_state = final_state.data_ptr<float>(); p.ckpt = nullptr;

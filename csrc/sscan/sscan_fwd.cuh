@@ -51,10 +51,12 @@ __device__ __forceinline__ void stage_tile(const SScanParams& p, const Geo& g, i
 }
 
 // kT tokens of the recurrence for one state: h <- a h + (delta u) B, acc[t] = C h.
-template <bool kSeq>
+// kBC > 0: the B / C row stride is that constant (one group per block, N <= 16: immediate smem offsets).
+template <bool kSeq, int kBC = 0>
 __device__ __forceinline__ void fwd_tile(float& h, float (&acc)[kT], float A2, const float* s_dt, const float* s_dtu,
-                                         const float* Bp, int bw, const float* Cp, int cw, const float* s_keep,
-                                         int ci) {
+                                         const float* Bp, int bw_rt, const float* Cp, int cw_rt,
+                                         const float* s_keep, int ci) {
+  const int bw = kBC > 0 ? kBC : bw_rt, cw = kBC > 0 ? kBC : cw_rt;
 #pragma unroll
   for (int t = 0; t < kT; ++t) {
     float a = ex2(s_dt[t * kRow + ci] * A2);
@@ -65,7 +67,7 @@ __device__ __forceinline__ void fwd_tile(float& h, float (&acc)[kT], float A2, c
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) sscan_fwd_kernel(SScanParams p) {
+__global__ void __launch_bounds__(kThreads, 3) sscan_fwd_kernel(SScanParams p) {
   extern __shared__ float smem[];
   const Geo g(p);
   const int N = p.dstate, NP = p.n_pass * kSsLanes, D = p.dim;
@@ -99,8 +101,14 @@ __global__ void __launch_bounds__(kThreads) sscan_fwd_kernel(SScanParams p) {
       float acc[kT];
       const float* Bp = s_B + g.lgb * NP + n;
       const float* Cp = s_C + g.lgc * NP + n;
-      if (p.seq_idx != nullptr) fwd_tile<true>(h, acc, A2, s_dt, s_dtu, Bp, bw, Cp, cw, s_keep, g.ci);
-      else fwd_tile<false>(h, acc, A2, s_dt, s_dtu, Bp, bw, Cp, cw, s_keep, g.ci);
+      constexpr int kBC1 = kSsLanes + 1;  // sscan_bc_row(1, 1)
+      if (bw == kBC1 && cw == kBC1) {
+        if (p.seq_idx != nullptr) fwd_tile<true, kBC1>(h, acc, A2, s_dt, s_dtu, Bp, bw, Cp, cw, s_keep, g.ci);
+        else fwd_tile<false, kBC1>(h, acc, A2, s_dt, s_dtu, Bp, bw, Cp, cw, s_keep, g.ci);
+      } else {
+        if (p.seq_idx != nullptr) fwd_tile<true>(h, acc, A2, s_dt, s_dtu, Bp, bw, Cp, cw, s_keep, g.ci);
+        else fwd_tile<false>(h, acc, A2, s_dt, s_dtu, Bp, bw, Cp, cw, s_keep, g.ci);
+      }
       s_h[s * kThreads + g.tid] = h;
       reduce_scatter(acc, g.lane);
       tot0 += acc[0];
