@@ -567,15 +567,17 @@ def test_cuda_fwd_tilings_and_weight_loads(dtype, width, seqlen, features, token
 @pytest.mark.gpu
 @require_cuda_kernel("causal_conv1d_bwd")
 @pytest.mark.parametrize("features", ["plain", "full", "packed"])
-@pytest.mark.parametrize("layout", ["tm", "tm_slice"])
-@pytest.mark.parametrize("seqlen", [1, 3, 65, 4097])
+@pytest.mark.parametrize("seqlen", [1, 65, 4097])
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_cuda_impls_match_reference(impl, dtype, width, seqlen, layout, features, monkeypatch, poison):
+def test_cuda_impls_match_reference(impl, dtype, width, seqlen, features, monkeypatch, poison):
     """Forward and backward of each vectorised variant. With dim 328 and batch 2 the stream kernels split
     4097 tokens into ~257 runs of 16 (the last of 1 token, shorter than the halo) and 3 channel blocks, the
-    last mostly idle: run boundaries, documents crossing them, the initial state, dfinal and dinit."""
+    last mostly idle: run boundaries, documents crossing them, the initial state, dfinal and dinit. Rows
+    sliced out of a wider buffer (tm_slice): strided, still 16-byte aligned, so the vectorised kernels run.
+    162 cases; the default's full layout grid is the tests above."""
+    layout = "tm_slice"
     use_impl(monkeypatch, impl)
     x, w, bias, seq_idx, init, silu = conv_case(dtype, width, seqlen, layout, features)
     out, final = causal_conv1d_fwd(x, w, bias, seq_idx, init, True, silu)
