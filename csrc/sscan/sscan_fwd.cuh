@@ -148,7 +148,8 @@ template <typename T>
 void launch_sscan_fwd(const SScanParams& p, void* stream) {
   const dim3 grid((p.dim + kSsChannels - 1) / kSsChannels, p.batch), block(kSsLanes, kSsChannels);
   const int smem = sscan_fwd_smem_bytes(p);
-  APRIEL_CUDA_CHECK(cudaFuncSetAttribute(sscan::sscan_fwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  if (smem > 48 * 1024)  // opt-in above the default limit (once per size is enough, but it is cheap)
+    APRIEL_CUDA_CHECK(cudaFuncSetAttribute(sscan::sscan_fwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   sscan::sscan_fwd_kernel<T><<<grid, block, smem, static_cast<cudaStream_t>(stream)>>>(p);
   APRIEL_CHECK_LAUNCH();
 }
