@@ -20,6 +20,10 @@ as mutated, so torch.compile re-inplaces them instead of cloning. CPU runs the r
 CUDA runs the reference: it is the ground-truth mode; the kernel needs d_state = 16 and d_inner / d_xb
 dividing 16, see check_kernel_support). Under CUDA-graph capture the slot range check
 (a host sync) is skipped; the kernel treats an out-of-range slot as padding rather than write out of bounds.
+Kernel variants, read by the extension at every call (benchmark A/B; docs/notes/step.md): the default is
+kernel v2; APRIEL_STEP_KERNEL=v1 runs the first kernel; APRIEL_STEP_SEQ_PER_THREAD in {1, 2, 4} forces the
+sequences per thread; APRIEL_STEP_PDL=1 launches v2 with programmatic dependent launch (sm_90; only when
+the layer parameters are not written by the kernel launched just before the step, as in a decode graph).
 
 Semantics: mixer.md section 4 and apriel_kernels.reference.mixer.
 """

@@ -44,11 +44,12 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
-// One token's inputs of one sequence for one channel: B and C groups packed, z, x and delta.
+// One token's inputs of one sequence for one channel, as loaded (no arithmetic on them yet, so issuing
+// them never waits for their arrival): B and C groups and dt_low (ranks 0..15) packed, z and x.
 template <typename act_t>
 struct TokenIn {
-  Packed16<act_t> b, c;
-  float z, x, delta;
+  Packed16<act_t> b, c, dt;
+  act_t z, x;
 };
 
 // Minimum resident 128-thread blocks per SM, i.e. the register cap, chosen so the code does not spill
@@ -57,7 +58,7 @@ struct TokenIn {
 // registers: that is the trade. kMulti (q > 1, speculative decoding) keeps dt_proj in registers across
 // the token loop: 170.
 template <int kSeq, bool kMulti>
-struct MinBlocks { static constexpr int value = kMulti ? 3 : kSeq == 1 ? 5 : kSeq == 2 ? 4 : 2; };
+struct MinBlocks { static constexpr int value = kMulti ? 3 : kSeq == 1 ? 4 : kSeq == 2 ? 3 : 2; };
 
 template <typename act_t, typename state_t, int kSeq, bool kMulti>
 __global__ void __launch_bounds__(128, (MinBlocks<kSeq, kMulti>::value)) mixer_step_v2_kernel(const MixerStepParams p) {
@@ -79,15 +80,16 @@ __global__ void __launch_bounds__(128, (MinBlocks<kSeq, kMulti>::value)) mixer_s
   const act_t* __restrict__ dt_low = static_cast<const act_t*>(p.dt_low);
   act_t* __restrict__ y = static_cast<act_t*>(p.y);
 
-  // ---- layer parameters (never written by the preceding kernel: read before the PDL wait)
-  float A2[kDState];  // -exp(A_log) log2(e): one exp2 per state and token
+  // ---- layer parameters (never written by the preceding kernel: read before the PDL wait). Loaded raw;
+  // the arithmetic on them comes after the state loads are issued, so no load waits for another.
+  float A2[kDState];  // A_log, turned into -exp(A_log) log2(e) below (one exp2 per state and token)
   float dtw[kRegRanks];
   float w4[kWin];  // conv taps right-aligned: w4[4 - W + k] = w[k]
   float conv_b = 0.f, dt_bias = 0.f, d_skip = 0.f;
   const int conv_ch = p.repeat_kv_before_conv ? c : xs;
 #pragma unroll
   for (int n = 0; n < kDState; ++n) {
-    A2[n] = valid ? -expf(load_any(p.A_log, p.A_log_dtype, c * p.A_log_stride0 + n * p.A_log_stride1)) * kLog2e : 0.f;
+    A2[n] = valid ? load_any(p.A_log, p.A_log_dtype, c * p.A_log_stride0 + n * p.A_log_stride1) : 0.f;
   }
 #pragma unroll
   for (int k = 0; k < kRegRanks; ++k) {
@@ -114,7 +116,7 @@ __global__ void __launch_bounds__(128, (MinBlocks<kSeq, kMulti>::value)) mixer_s
 
   const int b_off = D + X + g * kDState;           // B[g, :]
   const int c_off = D + 2 * X + (c / kDState) * kDState;  // C[c/N, :]
-  // Token t's inputs of row `row` (delta: dt_proj dot + both biases, mixer.md 3.4, + softplus).
+  // Token t's inputs of row `row`, loads only.
   auto load_token = [&](int row, int t) {
     TokenIn<act_t> in;
     const act_t* __restrict__ zr = zxbc + row * p.zxbc_batch_stride + t * p.zxbc_token_stride;
@@ -129,48 +131,50 @@ __global__ void __launch_bounds__(128, (MinBlocks<kSeq, kMulti>::value)) mixer_s
         reinterpret_cast<act_t*>(in.c.v)[n] = zr[c_off + n];
       }
     }
-    in.z = to_f(zr[c]);
-    in.x = to_f(zr[D + xs]);
-    float dt = 0.f;
     if (p.vec_dt) {  // R = 16, rows 16-byte aligned: 16-byte vector loads (fewer registers in flight)
-      Packed16<act_t> dv;
-      dv.load(dr);
-#pragma unroll
-      for (int k = 0; k < kRegRanks; ++k) dt += dtw[k] * dv(k);
+      in.dt.load(dr);
     } else {
 #pragma unroll
-      for (int k = 0; k < kRegRanks; ++k) {
-        if (k < p.dt_rank) dt += dtw[k] * to_f(dr[k]);
-      }
+      for (int k = 0; k < kRegRanks; ++k) reinterpret_cast<act_t*>(in.dt.v)[k] = k < p.dt_rank ? dr[k] : from_f<act_t>(0.f);
     }
-    for (int k = kRegRanks; k < p.dt_rank; ++k) {  // R > 16 only
-      dt += load_any(p.dt_proj_weight, p.dt_proj_weight_dtype, c * p.dt_proj_weight_stride0 + k * p.dt_proj_weight_stride1) *
-            to_f(dr[k]);
-    }
-    const float v = (dt + dt_bias) + dt_bias;
-    in.delta = v > 20.f ? v : log1pf(expf(v));
+    in.z = zr[c];
+    in.x = zr[D + xs];
     return in;
   };
+  // delta of token t of row `row`: dt_proj dot + both biases (mixer.md 3.4), softplus.
+  auto delta_of = [&](const TokenIn<act_t>& in, int row, int t) {
+    float dt = 0.f;
+#pragma unroll
+    for (int k = 0; k < kRegRanks; ++k) dt += dtw[k] * in.dt(k);  // ranks >= dt_rank are 0 in both
+    for (int k = kRegRanks; k < p.dt_rank; ++k) {  // R > 16 only: re-read
+      dt += load_any(p.dt_proj_weight, p.dt_proj_weight_dtype, c * p.dt_proj_weight_stride0 + k * p.dt_proj_weight_stride1) *
+            to_f(dt_low[row * p.dt_batch_stride + t * p.dt_token_stride + k]);
+    }
+    const float v = (dt + dt_bias) + dt_bias;
+    return v > 20.f ? v : log1pf(expf(v));
+  };
 
-  // ---- rows of this thread: row_s = seq_warp * kSeq + s. Token-0 inputs first (row only), then slots.
+  // ---- rows of this thread: row_s = seq_warp * kSeq + s. Slot indices, then the token-0 inputs (they
+  // depend on the row only), both in flight together.
   int row[kSeq];
   bool live[kSeq];  // row < batch and lane valid
-  TokenIn<act_t> tin[kSeq] = {};
+  int slot_raw[kSeq];
 #pragma unroll
   for (int s = 0; s < kSeq; ++s) {
     row[s] = seq_warp * kSeq + s;
     live[s] = row[s] < p.batch && valid;
+    slot_raw[s] = row[s] >= p.batch ? -2 : p.slot_idx != nullptr ? __ldg(p.slot_idx + row[s]) : row[s];
+  }
+  TokenIn<act_t> tin[kSeq] = {};
+#pragma unroll
+  for (int s = 0; s < kSeq; ++s) {
     if (live[s]) tin[s] = load_token(row[s], 0);
   }
   int slot[kSeq];  // -1 = padding or out of range (no state I/O), -2 = past the batch (warp-uniform)
 #pragma unroll
   for (int s = 0; s < kSeq; ++s) {
-    if (row[s] >= p.batch) {
-      slot[s] = -2;
-    } else {
-      const int sl = p.slot_idx != nullptr ? __ldg(p.slot_idx + row[s]) : row[s];
-      slot[s] = sl < 0 || sl >= p.num_slots ? -1 : sl;
-    }
+    const int sl = slot_raw[s];
+    slot[s] = row[s] >= p.batch ? -2 : sl < 0 || sl >= p.num_slots ? -1 : sl;
   }
 
   // ---- states and conv rows of all kSeq sequences, issued together.
@@ -195,6 +199,10 @@ __global__ void __launch_bounds__(128, (MinBlocks<kSeq, kMulti>::value)) mixer_s
     }
   }
 
+  // ---- arithmetic on the parameters (their loads have long been issued)
+#pragma unroll
+  for (int n = 0; n < kDState; ++n) A2[n] = -expf(A2[n]) * kLog2e;
+
   // ---- math and stores, sequence by sequence (control flow is warp-uniform: the row is the warp's).
 #pragma unroll
   for (int s = 0; s < kSeq; ++s) {
@@ -216,15 +224,17 @@ __global__ void __launch_bounds__(128, (MinBlocks<kSeq, kMulti>::value)) mixer_s
         const float v = __shfl_sync(0xffffffffu, crow[s][k + 1], i);
         win[k] = k >= kWin - p.width ? v : 0.f;
       }
-      const float pre = conv_b + w4[0] * win[0] + w4[1] * win[1] + w4[2] * win[2] + w4[3] * in.x;
+      const float x_new = to_f(in.x);
+      const float pre = conv_b + w4[0] * win[0] + w4[1] * win[1] + w4[2] * win[2] + w4[3] * x_new;
 #pragma unroll
       for (int k = 0; k < kWin - 1; ++k) crow[s][k] = crow[s][k + 1];
-      crow[s][kWin - 1] = in.x;
+      crow[s][kWin - 1] = x_new;
       if (!valid) continue;
+      const float delta = delta_of(in, row[s], t);
       const float u = silu_f(pre);
-      const float du = in.delta * u;
-      const float yp = ssm_update(h[s], A2, 1, in.delta, du, in.b, in.c);
-      const float yv = (yp + d_skip * u) * silu_f(in.z);
+      const float du = delta * u;
+      const float yp = ssm_update(h[s], A2, 1, delta, du, in.b, in.c);
+      const float yv = (yp + d_skip * u) * silu_f(to_f(in.z));
       y_row[t * p.y_token_stride] = from_f<act_t>(yv);
     }
     if (!valid) continue;
