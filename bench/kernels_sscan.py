@@ -6,7 +6,8 @@
 Inputs are channel-major like mamba-ssm's selective_scan_fn (u, delta, z (b, D, L) bf16; B, C (b, N, L)
 bf16; A (D, N), D, delta_bias fp32; delta_softplus), D 4096, N 16; the timed call is
 apriel_kernels.selective_scan_fn (fwd), plus torch.autograd.grad to every input (fwd+bwd). Provider
-"apriel-tm" runs the same op on token-major (b, L, D) inputs (selective_scan). floor_ms is the MUFU exp2
+"apriel-tm" runs the same op on token-major (b, L, D) inputs (selective_scan); "apriel-plain" is the forward
+without the interleaved float2 tiles (APRIEL_SSCAN_FWD=plain), for A/B. floor_ms is the MUFU exp2
 floor of kernels.md: 65536 * b * L exponentials at 3.9e12 /s; peer_ms the mamba-ssm figure of kernels.md.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from . import rows as R
 from .timing import time_ms
+from .variants import env_override
 
 D, N = 4096, 16
 EXP2_PER_S = 3.9e12
@@ -65,11 +67,11 @@ def run(quick: bool = False) -> list[dict]:
     kw = dict(delta_softplus=True)
     out = []
     for batch, seqlen in ([(1, 2048), (1, 8192), (8, 4096)] if not quick else [(1, 2048), (1, 8192)]):
-        for provider, cm in (("apriel", True), ("apriel-tm", False)):
+        for provider, cm, variant in (("apriel", True, None), ("apriel-tm", False, None), ("apriel-plain", True, "plain")):
             try:
                 args = _inputs(batch, seqlen, channel_major=cm)
                 fn = selective_scan_fn if cm else selective_scan
-                with torch.no_grad():
+                with torch.no_grad(), env_override("APRIEL_SSCAN_FWD", variant):
                     stats = time_ms(lambda: fn(**args, **kw))  # noqa: B023 - called inside the iteration
                 out.append(_row("fwd", provider, batch, seqlen, stats, layout="channel-major" if cm else "token-major"))
                 del args

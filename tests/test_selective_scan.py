@@ -372,3 +372,15 @@ def test_cuda_unsupported_shapes_name_the_argument():
     with pytest.raises(ValueError, match="dy"):
         selective_scan_bwd(*[args[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")], True, None, None,
                            torch.randn(1, 7, 64, device="cuda"), None)
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("extras", ["", "packed_init"])
+def test_cuda_forward_variants_agree(extras, monkeypatch):
+    """The interleaved fast tile loop (default) and APRIEL_SSCAN_FWD=plain do the same arithmetic: bitwise equal."""
+    args, seq = make_cuda_case(2, 77, 64, None, 1, 4, 16, torch.bfloat16, extras)
+    y, f, _, _ = _run(args, seq, "cm")
+    monkeypatch.setenv("APRIEL_SSCAN_FWD", "plain")
+    y_p, f_p, _, _ = _run(args, seq, "cm")
+    assert torch.equal(y, y_p) and torch.equal(f, f_p)

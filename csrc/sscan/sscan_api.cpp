@@ -12,6 +12,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "sscan_params.h"
 
 namespace apriel {
@@ -63,6 +66,9 @@ SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, c
   p.b_ngl = groups_per_block(p.b_cpg); p.c_ngl = groups_per_block(p.c_cpg);
   p.n_chunks = static_cast<int>((L + kSsTile - 1) / kSsTile);
   p.softplus = softplus;
+  // Forward variant for A/B measurements: APRIEL_SSCAN_FWD=plain disables the interleaved fast tile loop.
+  const char* fwd_variant = std::getenv("APRIEL_SSCAN_FWD");
+  p.interleave = fwd_variant == nullptr || std::string(fwd_variant) != "plain";
   p.u = u.data_ptr(); p.u_sb = u.stride(0); p.u_sl = u.stride(1); p.u_sc = u.stride(2);
   p.dl = delta.data_ptr(); p.dl_sb = delta.stride(0); p.dl_sl = delta.stride(1); p.dl_sc = delta.stride(2);
   if (z) { p.z = z->data_ptr(); p.z_sb = z->stride(0); p.z_sl = z->stride(1); p.z_sc = z->stride(2); }

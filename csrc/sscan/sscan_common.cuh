@@ -47,11 +47,13 @@ __device__ __forceinline__ void stage_channels(float* dst, const T* base, int64_
   }
 }
 
-// Stage a (kT tokens x ngl groups x NP states) B or C tile, dst[t * row + lg * NP + n], from
+// Stage a (kT tokens x ngl groups x NP states) B or C tile, dst[t * row + (lg * NP + n) * es], from
 // base[(t0 + t) * sl + (g0 + lg) * sg + n * sn]; zero past the sequence, past the last group, for n >= N.
+// es = 2 interleaves B and C (float2 (B, C) per state: one 64-bit shared load per element).
 template <typename T>
 __device__ __forceinline__ void stage_groups(float* dst, int row, const T* base, int64_t sl, int64_t sg, int64_t sn,
-                                             int t0, int nt, int g0, int ngl, int groups, int N, int NP, int tid) {
+                                             int t0, int nt, int g0, int ngl, int groups, int N, int NP, int tid,
+                                             int es = 1) {
   const int width = ngl * NP;
   const bool token_fast = sl == 1 && sn != 1;
   const int total = kT * width;
@@ -61,7 +63,7 @@ __device__ __forceinline__ void stage_groups(float* dst, int row, const T* base,
     const int lg = j / NP, n = j - lg * NP, g = g0 + lg;
     float v = 0.f;
     if (t < nt && n < N && g < groups) v = to_f(base[(int64_t)(t0 + t) * sl + (int64_t)g * sg + (int64_t)n * sn]);
-    dst[t * row + j] = v;
+    dst[t * row + j * es] = v;
   }
 }
 

@@ -12,10 +12,14 @@ namespace sscan {
 
 // Stage one tile of the forward inputs (shared with the backward): s_u, s_dt (post bias/softplus), s_dtu,
 // s_z (when z), s_B, s_C, s_keep. Ends with __syncthreads.
+// interleave_bc: B and C go to one float2 (B, C) array at s_B (row 2 * 17 floats; one group each, N <= 16)
+// and (delta, delta u) also to the float2 array s_dd: the forward's fast tile loop then issues two 64-bit
+// shared loads per element instead of four 32-bit ones (shared-load issue, not MUFU, bounds that loop).
 template <typename T>
 __device__ __forceinline__ void stage_tile(const SScanParams& p, const Geo& g, int t0, int nt, float* s_u,
                                            float* s_dt, float* s_dtu, float* s_v, float* s_z, float* s_B,
-                                           float* s_C, float* s_keep) {
+                                           float* s_C, float* s_keep, bool interleave_bc = false,
+                                           float2* s_dd = nullptr) {
   const int N = p.dstate, NP = p.n_pass * kSsLanes;
   const T* u = static_cast<const T*>(p.u) + (int64_t)g.b * p.u_sb;
   const T* dl = static_cast<const T*>(p.dl) + (int64_t)g.b * p.dl_sb;
@@ -28,10 +32,17 @@ __device__ __forceinline__ void stage_tile(const SScanParams& p, const Geo& g, i
     stage_channels(s_z, z, p.z_sl, p.z_sl == 1 && p.z_sc != 1, t0, nt, g.tid,
                    [&](int ci) { return g.c0 + ci < p.dim ? (int64_t)(g.c0 + ci) * p.z_sc : (int64_t)-1; });
   }
-  stage_groups(s_B, sscan_bc_row(p.b_ngl, p.n_pass), static_cast<const T*>(p.B) + (int64_t)g.b * p.B_sb, p.B_sl,
-               p.B_sg, p.B_sn, t0, nt, g.gb0, p.b_ngl, p.b_groups, N, NP, g.tid);
-  stage_groups(s_C, sscan_bc_row(p.c_ngl, p.n_pass), static_cast<const T*>(p.C) + (int64_t)g.b * p.C_sb, p.C_sl,
-               p.C_sg, p.C_sn, t0, nt, g.gc0, p.c_ngl, p.c_groups, N, NP, g.tid);
+  const T* Bb = static_cast<const T*>(p.B) + (int64_t)g.b * p.B_sb;
+  const T* Cb = static_cast<const T*>(p.C) + (int64_t)g.b * p.C_sb;
+  if (interleave_bc) {
+    stage_groups(s_B, 2 * kSsRow, Bb, p.B_sl, p.B_sg, p.B_sn, t0, nt, g.gb0, 1, p.b_groups, N, NP, g.tid, 2);
+    stage_groups(s_B + 1, 2 * kSsRow, Cb, p.C_sl, p.C_sg, p.C_sn, t0, nt, g.gc0, 1, p.c_groups, N, NP, g.tid, 2);
+  } else {
+    stage_groups(s_B, sscan_bc_row(p.b_ngl, p.n_pass), Bb, p.B_sl, p.B_sg, p.B_sn, t0, nt, g.gb0, p.b_ngl,
+                 p.b_groups, N, NP, g.tid);
+    stage_groups(s_C, sscan_bc_row(p.c_ngl, p.n_pass), Cb, p.C_sl, p.C_sg, p.C_sn, t0, nt, g.gc0, p.c_ngl,
+                 p.c_groups, N, NP, g.tid);
+  }
   stage_keep(s_keep, p.seq_idx != nullptr ? p.seq_idx + (int64_t)g.b * p.seqlen : nullptr, t0, nt, g.tid);
   __syncthreads();
   // delta -> softplus(delta + bias) (v > 20: identity, like every peer); pads keep delta = 0 so the state
@@ -46,6 +57,7 @@ __device__ __forceinline__ void stage_tile(const SScanParams& p, const Geo& g, i
     s_dt[k] = dt;
     s_dtu[k] = dt * s_u[k];
     if (s_v != nullptr) s_v[k] = v;
+    if (s_dd != nullptr) s_dd[k] = make_float2(dt, dt * s_u[k]);
   }
   __syncthreads();
 }
@@ -66,8 +78,23 @@ __device__ __forceinline__ void fwd_tile(float& h, float (&acc)[kT], float A2, c
   }
 }
 
+// The same recurrence on the interleaved arrays: dd[t] = (delta, delta u) of the channel, bc[t] = (B, C) of
+// the state (float2 rows of kSsRow).
+template <bool kSeq>
+__device__ __forceinline__ void fwd_tile_bc(float& h, float (&acc)[kT], float A2, const float2* dd, const float2* bc,
+                                            const float* s_keep) {
+#pragma unroll
+  for (int t = 0; t < kT; ++t) {
+    const float2 d = dd[t * kRow], w = bc[t * kRow];
+    float a = ex2(d.x * A2);
+    if (kSeq) a *= s_keep[t];
+    h = fmaf(a, h, d.y * w.x);
+    acc[t] = w.y * h;
+  }
+}
+
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 3) sscan_fwd_kernel(SScanParams p) {
+__global__ void __launch_bounds__(kThreads, 2) sscan_fwd_kernel(SScanParams p) {
   extern __shared__ float smem[];
   const Geo g(p);
   const int N = p.dstate, NP = p.n_pass * kSsLanes, D = p.dim;
@@ -77,12 +104,16 @@ __global__ void __launch_bounds__(kThreads, 3) sscan_fwd_kernel(SScanParams p) {
   float* s_dtu = s_dt + kT * kRow;
   float* s_z = s_dtu + kT * kRow;
   float* s_y = s_z + kT * kRow;
-  float* s_B = s_y + kT * kRow;
+  float2* s_dd = reinterpret_cast<float2*>(s_y + kT * kRow);  // (kT, kRow) float2; offset 5 kT kRow: even
+  float* s_B = s_y + 3 * kT * kRow;
   float* s_C = s_B + kT * bw;
   float* s_keep = s_C + kT * cw;
   float* s_h = s_keep + kT;  // (n_pass, kThreads): each thread's states between tiles
 
   const float Dsk = (g.cvalid && p.Dskip != nullptr) ? p.Dskip[g.c] : 0.f;
+  // One B and one C group per block, N <= 16 (mamba's and the Apriel mixer's shapes): interleaved arrays.
+  // The B / C region (kT (bw + cw) = kT 2 kRow floats) holds the float2 (B, C) array exactly.
+  const bool fast = p.interleave && p.b_ngl == 1 && p.c_ngl == 1 && p.n_pass == 1;
   for (int s = 0; s < p.n_pass; ++s) {
     const int n = g.lane + s * kSsLanes;
     s_h[s * kThreads + g.tid] =
@@ -90,7 +121,7 @@ __global__ void __launch_bounds__(kThreads, 3) sscan_fwd_kernel(SScanParams p) {
   }
   for (int k = 0; k < p.n_chunks; ++k) {
     const int t0 = k * kT, nt = min(kT, p.seqlen - t0);
-    stage_tile<T>(p, g, t0, nt, s_u, s_dt, s_dtu, nullptr, s_z, s_B, s_C, s_keep);
+    stage_tile<T>(p, g, t0, nt, s_u, s_dt, s_dtu, nullptr, s_z, s_B, s_C, s_keep, fast, fast ? s_dd : nullptr);
     float tot0 = 0.f, tot1 = 0.f;
     for (int s = 0; s < p.n_pass; ++s) {
       const int n = g.lane + s * kSsLanes;
@@ -101,10 +132,11 @@ __global__ void __launch_bounds__(kThreads, 3) sscan_fwd_kernel(SScanParams p) {
       float acc[kT];
       const float* Bp = s_B + g.lgb * NP + n;
       const float* Cp = s_C + g.lgc * NP + n;
-      constexpr int kBC1 = kSsLanes + 1;  // sscan_bc_row(1, 1)
-      if (bw == kBC1 && cw == kBC1) {
-        if (p.seq_idx != nullptr) fwd_tile<true, kBC1>(h, acc, A2, s_dt, s_dtu, Bp, bw, Cp, cw, s_keep, g.ci);
-        else fwd_tile<false, kBC1>(h, acc, A2, s_dt, s_dtu, Bp, bw, Cp, cw, s_keep, g.ci);
+      if (fast) {
+        const float2* dd = s_dd + g.ci;
+        const float2* bc = reinterpret_cast<const float2*>(s_B) + n;
+        if (p.seq_idx != nullptr) fwd_tile_bc<true>(h, acc, A2, dd, bc, s_keep);
+        else fwd_tile_bc<false>(h, acc, A2, dd, bc, s_keep);
       } else {
         if (p.seq_idx != nullptr) fwd_tile<true>(h, acc, A2, s_dt, s_dtu, Bp, bw, Cp, cw, s_keep, g.ci);
         else fwd_tile<false>(h, acc, A2, s_dt, s_dtu, Bp, bw, Cp, cw, s_keep, g.ci);

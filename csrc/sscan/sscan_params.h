@@ -28,6 +28,7 @@ struct SScanParams {
   int b_ngl, c_ngl;    // B / C groups a block of 16 channels touches (1, or 16 / cpg)
   int n_chunks;        // ceil(L / kSsTile)
   bool softplus;
+  bool interleave;     // forward: float2 (delta, delta u) / (B, C) tiles where possible (APRIEL_SSCAN_FWD=plain: off)
 
   const void* u;   int64_t u_sb, u_sl, u_sc;
   const void* dl;  int64_t dl_sb, dl_sl, dl_sc;   // delta
@@ -66,7 +67,7 @@ struct SScanParams {
 constexpr int kSsRow = 17;  // padded row (17 floats) of a (token x 16 channel) tile
 APRIEL_SS_HD inline int sscan_bc_row(int ngl, int n_pass) { return ngl * 16 * n_pass + 1; }
 inline int sscan_fwd_smem_bytes(const SScanParams& p) {
-  const int floats = 5 * kSsTile * kSsRow + kSsTile * (sscan_bc_row(p.b_ngl, p.n_pass) + sscan_bc_row(p.c_ngl, p.n_pass)) +
+  const int floats = 7 * kSsTile * kSsRow + kSsTile * (sscan_bc_row(p.b_ngl, p.n_pass) + sscan_bc_row(p.c_ngl, p.n_pass)) +
                      kSsTile + p.n_pass * kSsChannels * kSsLanes;
   return floats * 4;
 }
