@@ -300,10 +300,13 @@ def test_missing_slots_without_index():
 
 # ------------------------------------------------------------------------------------- GPU: the kernel
 def _gpu_case(dims, batch, q, act, state_dtype, conv_layout, state_len=3, width=4, dt_rank=16, repeat=True,
-              strided=False, param_dtype=None, conv_dtype=None):
+              strided=False, param_dtype=None, conv_dtype=None, strided_params=False):
     dev = "cuda"
     layer32 = make_layer(dims["d_inner"], dims["d_xb"], 16, dt_rank=dt_rank, width=width, repeat=repeat)
     layer = layer32.to(device=dev, dtype=param_dtype) if param_dtype else layer32.to(device=dev)
+    if strided_params:  # column-major A_log / dt_proj_weight: the kernel's element-wise parameter reads
+        layer.A_log = layer.A_log.t().contiguous().t()
+        layer.dt_proj_weight = layer.dt_proj_weight.t().contiguous().t()
     zxbc, dt_low = make_inputs(batch, q, dims["d_inner"], dims["d_xb"], dt_rank, act, dev, strided)
     channels = dims["d_xb"] if conv_layout == "compact" else dims["d_inner"]
     slots = batch + 3
@@ -351,6 +354,8 @@ GPU_CASES = [
     (torch.float32, torch.float32, "compact", 5, dict(width=3, state_len=5, dt_rank=20, conv_dtype=torch.float32)),
     (torch.float16, torch.bfloat16, "compact", 1, dict(repeat=False, width=2, state_len=1)),
     (torch.bfloat16, torch.float32, "compact", 1, dict(conv_dtype=torch.float32)),
+    (torch.bfloat16, torch.float32, "compact", 1, dict(strided_params=True)),
+    (torch.float16, torch.float32, "compact", 1, dict(param_dtype=torch.float16)),
 ]
 
 

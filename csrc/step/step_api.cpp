@@ -209,6 +209,12 @@ void mixer_step_out(const at::Tensor& zxbc, const at::Tensor& dt_low, at::Tensor
   const int64_t esize = zxbc.element_size();
   p.vec_inputs = reinterpret_cast<uintptr_t>(zxbc.data_ptr()) % 16 == 0 && (zxbc.stride(0) * esize) % 16 == 0 &&
                  (q == 1 || (zxbc.stride(1) * esize) % 16 == 0);
+  p.vec_A = A_log.scalar_type() == at::kFloat && A_log.stride(1) == 1 && (A_log.stride(0) * 4) % 16 == 0 &&
+            reinterpret_cast<uintptr_t>(A_log.data_ptr()) % 16 == 0;
+  const auto wdt = dt_proj_weight.scalar_type();
+  p.vec_dtw = dt_rank == 16 && (wdt == at::kFloat || wdt == at::kHalf || wdt == at::kBFloat16) &&
+              dt_proj_weight.stride(1) == 1 && (dt_proj_weight.stride(0) * dt_proj_weight.element_size()) % 16 == 0 &&
+              reinterpret_cast<uintptr_t>(dt_proj_weight.data_ptr()) % 16 == 0;
   p.vec_dt = dt_rank == 16 && reinterpret_cast<uintptr_t>(dt_low.data_ptr()) % 16 == 0 &&
              (dt_low.stride(0) * esize) % 16 == 0 && (q == 1 || (dt_low.stride(1) * esize) % 16 == 0);
 

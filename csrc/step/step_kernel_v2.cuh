@@ -87,15 +87,41 @@ __global__ void __launch_bounds__(128, (MinBlocks<kSeq, kMulti>::value)) mixer_s
   float w4[kWin];  // conv taps right-aligned: w4[4 - W + k] = w[k]
   float conv_b = 0.f, dt_bias = 0.f, d_skip = 0.f;
   const int conv_ch = p.repeat_kv_before_conv ? c : xs;
+  // Contiguous rows are read as 16-byte vectors: lanes of a warp read rows 64 B (A_log) / 32 B (dt_proj)
+  // apart, so a scalar load per element costs one L1 wavefront per touched line per element: at b256 the
+  // per-warp parameter reads would cost more L1 time than the state itself.
+  if (p.vec_A && valid) {
+    const float4* pa = reinterpret_cast<const float4*>(static_cast<const float*>(p.A_log) + c * p.A_log_stride0);
 #pragma unroll
-  for (int n = 0; n < kDState; ++n) {
-    A2[n] = valid ? load_any(p.A_log, p.A_log_dtype, c * p.A_log_stride0 + n * p.A_log_stride1) : 0.f;
+    for (int v = 0; v < kDState / 4; ++v) {
+      const float4 a = __ldg(pa + v);
+      A2[4 * v] = a.x; A2[4 * v + 1] = a.y; A2[4 * v + 2] = a.z; A2[4 * v + 3] = a.w;
+    }
+  } else {
+#pragma unroll
+    for (int n = 0; n < kDState; ++n) {
+      A2[n] = valid ? load_any(p.A_log, p.A_log_dtype, c * p.A_log_stride0 + n * p.A_log_stride1) : 0.f;
+    }
   }
+  // vec_dtw with a 16-bit dtype: the packed words are parked bit for bit in dtw[0..7] and unpacked after
+  // the state loads are issued (unpacking is arithmetic on the loaded value: it would wait for it here).
+  const bool dtw_packed = p.vec_dtw && p.dt_proj_weight_dtype != kFloat32;
+  if (p.vec_dtw && valid) {
+    const uint4* pw = reinterpret_cast<const uint4*>(static_cast<const char*>(p.dt_proj_weight) +
+                                                     c * p.dt_proj_weight_stride0 * (dtw_packed ? 2 : 4));
 #pragma unroll
-  for (int k = 0; k < kRegRanks; ++k) {
-    dtw[k] = valid && k < p.dt_rank
-                 ? load_any(p.dt_proj_weight, p.dt_proj_weight_dtype, c * p.dt_proj_weight_stride0 + k * p.dt_proj_weight_stride1)
-                 : 0.f;
+    for (int v = 0; v < 4; ++v) {
+      const uint4 a = v < 2 || !dtw_packed ? __ldg(pw + v) : make_uint4(0u, 0u, 0u, 0u);
+      dtw[4 * v] = __uint_as_float(a.x); dtw[4 * v + 1] = __uint_as_float(a.y);
+      dtw[4 * v + 2] = __uint_as_float(a.z); dtw[4 * v + 3] = __uint_as_float(a.w);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kRegRanks; ++k) {
+      dtw[k] = valid && k < p.dt_rank
+                   ? load_any(p.dt_proj_weight, p.dt_proj_weight_dtype, c * p.dt_proj_weight_stride0 + k * p.dt_proj_weight_stride1)
+                   : 0.f;
+    }
   }
 #pragma unroll
   for (int k = 0; k < kWin; ++k) {
@@ -202,6 +228,15 @@ __global__ void __launch_bounds__(128, (MinBlocks<kSeq, kMulti>::value)) mixer_s
   // ---- arithmetic on the parameters (their loads have long been issued)
 #pragma unroll
   for (int n = 0; n < kDState; ++n) A2[n] = -expf(A2[n]) * kLog2e;
+  if (dtw_packed) {  // descending k: word k/2 <= k is read before dtw[k] overwrites it
+    const bool bf16 = p.dt_proj_weight_dtype == kBFloat16;
+#pragma unroll
+    for (int k = kRegRanks - 1; k >= 0; --k) {
+      const uint32_t word = __float_as_uint(dtw[k / 2]);
+      const uint16_t bits = (k & 1) ? static_cast<uint16_t>(word >> 16) : static_cast<uint16_t>(word & 0xffffu);
+      dtw[k] = bf16 ? __uint_as_float(static_cast<uint32_t>(bits) << 16) : __half2float(__ushort_as_half(bits));
+    }
+  }
 
   // ---- math and stores, sequence by sequence (control flow is warp-uniform: the row is the warp's).
 #pragma unroll

@@ -65,6 +65,8 @@ struct MixerStepParams {
   int seq_per_thread;  // sequences per thread, 1, 2 or 4 (parameters are staged once per block)
   int group_channels;  // 16 * r channels of one x/B group (r = D / X divides 16)
   bool vec_inputs;     // zxbc rows 16-byte aligned: B and C groups are read as 16-byte vectors
+  bool vec_A;          // v2: A_log fp32 with 16-byte aligned unit-stride rows: read as float4
+  bool vec_dtw;        // v2: dt_proj_weight fp16/bf16/fp32, dt_rank 16, 16-byte aligned unit-stride rows
   bool vec_dt;         // v2: dt_rank 16 and dt_low rows 16-byte aligned: read as 16-byte vectors
   bool pdl;            // v2 only: launch with programmatic dependent launch (APRIEL_STEP_PDL=1, sm_90)
 };
