@@ -63,7 +63,7 @@ int seq_per_thread(int batch, int version, int q, bool act_fp32) {
     const int v = std::atoi(env);
     if (v == 1 || v == 2 || v == 4) return v;
   }
-  if (version == 2) return batch >= 64 && !act_fp32 ? 2 : 1;  // fp32 inputs: 2 and 4 spill (~260 B)
+  if (version == 2) return batch >= 64 && !act_fp32 ? 2 : 1;  // fp32 inputs: 2 and 4 spill (0.4-1.4 KB)
   return batch >= 64 ? 4 : 1;
 }
 
