@@ -52,11 +52,11 @@ struct TokenIn {
   act_t z, x;
 };
 
-// Minimum resident 128-thread blocks per SM, i.e. the register cap, chosen so the code does not spill
-// and an SM keeps >= 40 KB of state in flight (kSeq 1: 102 registers, 640 threads x 64 B; kSeq 2: 128
-// registers, 512 x 128 B; kSeq 4: 255, 256 x 256 B). Issuing every load of a thread at once costs
-// registers: that is the trade. kMulti (q > 1, speculative decoding) keeps dt_proj in registers across
-// the token loop: 170.
+// Minimum resident 128-thread blocks per SM, i.e. the register cap (128 / 168 / 255 for kSeq 1 / 2 / 4,
+// 168 for q > 1), chosen so that 16-bit inputs do not spill; state bytes in flight per SM (fp32 state):
+// kSeq 1: 512 threads x 64 B = 32 KB, kSeq 2: 384 x 128 B = 48 KB, kSeq 4: 256 x 256 B = 64 KB. Issuing
+// every load of a thread at once costs registers: that is the trade. kMulti (q > 1, speculative
+// decoding) keeps dt_proj in registers across the token loop.
 template <int kSeq, bool kMulti>
 struct MinBlocks { static constexpr int value = kMulti ? 3 : kSeq == 1 ? 4 : kSeq == 2 ? 3 : 2; };
 
