@@ -74,7 +74,7 @@ def kernel_smem_bytes(d_inner: int, d_state: int, groups_b: int, groups_c: int) 
 
     bc = _TILE * (row(groups_b) + row(groups_c))
     fwd = 7 * _TILE * _ROW + bc + _TILE + n_pass * 256
-    bwd = 10 * _TILE * _ROW + bc + _TILE + 2 * n_pass * 256 + 2 * _TILE * 256
+    bwd = 14 * _TILE * _ROW + bc + _TILE + 2 * n_pass * 256 + 2 * _TILE * 256
     return 4 * fwd, 4 * bwd
 
 

@@ -87,6 +87,10 @@ def run(quick: bool = False) -> list[dict]:
                 y = selective_scan_fn(**args, **kw)  # noqa: B023
                 return torch.autograd.grad(y, leaves, dy)  # noqa: B023
 
+            if batch == 1:  # A/B of the interleaved tile loops (forward and backward) against the plain ones
+                with env_override("APRIEL_SSCAN_FWD", "plain"), env_override("APRIEL_SSCAN_BWD", "plain"):
+                    out.append(_row("fwd+bwd", "apriel-plain", batch, seqlen, time_ms(step, rep_ms=300),
+                                    layout="channel-major"))
             stats = time_ms(step, rep_ms=300)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -69,6 +69,8 @@ SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, c
   // Forward variant for A/B measurements: APRIEL_SSCAN_FWD=plain disables the interleaved fast tile loop.
   const char* fwd_variant = std::getenv("APRIEL_SSCAN_FWD");
   p.interleave = fwd_variant == nullptr || std::string(fwd_variant) != "plain";
+  const char* bwd_variant = std::getenv("APRIEL_SSCAN_BWD");
+  p.interleave_bwd = bwd_variant == nullptr || std::string(bwd_variant) != "plain";
   p.u = u.data_ptr(); p.u_sb = u.stride(0); p.u_sl = u.stride(1); p.u_sc = u.stride(2);
   p.dl = delta.data_ptr(); p.dl_sb = delta.stride(0); p.dl_sl = delta.stride(1); p.dl_sc = delta.stride(2);
   if (z) { p.z = z->data_ptr(); p.z_sb = z->stride(0); p.z_sl = z->stride(1); p.z_sc = z->stride(2); }

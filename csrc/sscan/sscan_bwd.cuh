@@ -38,6 +38,46 @@ __device__ __forceinline__ void bwd_tile(float& carry, float& dA_acc, float (&ac
   }
 }
 
+// The interleaved versions (one B and one C group per block, N <= 16): dd = (delta, delta u), ug = (u, gy) of
+// the channel, bc = (B, C) of the state, float2 rows of kRow. Same arithmetic as the plain loops.
+template <bool kSeq>
+__device__ __forceinline__ void recompute_tile_bc(float h0, float (&hs)[kT], float (&accA)[kT], float A2,
+                                                  const float2* dd, const float2* bc, const float* s_keep) {
+  float h = h0;
+#pragma unroll
+  for (int t = 0; t < kT; ++t) {
+    const float2 d = dd[t * kRow], w = bc[t * kRow];
+    float a = ex2(d.x * A2);
+    if (kSeq) a *= s_keep[t];
+    h = fmaf(a, h, d.y * w.x);
+    hs[t] = h;
+    accA[t] = w.y * h;
+  }
+}
+
+template <bool kSeq>
+__device__ __forceinline__ void bwd_tile_bc(float& carry, float& dA_acc, float (&accA)[kT], float (&accB)[kT],
+                                            const float (&hs)[kT], float h0, float A, float A2, const float2* dd,
+                                            const float2* ug, const float2* bc, const float* s_keep, float* s_rB,
+                                            float* s_rC, int tid) {
+#pragma unroll
+  for (int t = kT - 1; t >= 0; --t) {
+    const float2 d = dd[t * kRow], w = bc[t * kRow], x = ug[t * kRow];
+    float a = ex2(d.x * A2);
+    if (kSeq) a *= s_keep[t];
+    const float G = fmaf(w.y, x.y, carry);
+    const float hp = t > 0 ? hs[t > 0 ? t - 1 : 0] : h0;
+    const float GB = G * w.x;
+    const float q = G * a * hp;
+    accB[t] = GB;
+    accA[t] = fmaf(GB, x.x, q * A);
+    dA_acc = fmaf(q, d.x, dA_acc);
+    s_rB[t * kThreads + tid] = G * d.y;
+    s_rC[t * kThreads + tid] = x.y * hs[t];
+    carry = a * G;
+  }
+}
+
 // Sum the (token, channel, state) contributions of one pass over the block's channels of each group and
 // write the per-block partial part[b, t0 + t, blk, lg, n] (n = lane + 16 s < N, t < nt).
 __device__ __forceinline__ void write_group_partials(const SScanParams& p, const Geo& g, const float* s_r,
@@ -72,7 +112,9 @@ __global__ void __launch_bounds__(kThreads) sscan_bwd_kernel(SScanParams p) {
   float* s_o1 = s_gy + kT * kRow;
   float* s_o2 = s_o1 + kT * kRow;
   float* s_o3 = s_o2 + kT * kRow;
-  float* s_B = s_o3 + kT * kRow;
+  float2* s_dd = reinterpret_cast<float2*>(s_o3 + kT * kRow);  // (kT, kRow) (delta, delta u); even offset
+  float2* s_ug = s_dd + kT * kRow;                              // (kT, kRow) (u, gy)
+  float* s_B = reinterpret_cast<float*>(s_ug + kT * kRow);
   float* s_C = s_B + kT * bw;
   float* s_keep = s_C + kT * cw;
   float* s_g = s_keep + kT;                    // (n_pass, kThreads): adjoint carried to the previous tile
@@ -81,6 +123,7 @@ __global__ void __launch_bounds__(kThreads) sscan_bwd_kernel(SScanParams p) {
   float* s_rC = s_rB + kT * kThreads;          // (kT, kThreads): dC contributions
 
   const float Dsk = (g.cvalid && p.Dskip != nullptr) ? p.Dskip[g.c] : 0.f;
+  const bool fast = p.interleave_bwd && p.b_ngl == 1 && p.c_ngl == 1 && p.n_pass == 1;
   for (int s = 0; s < p.n_pass; ++s) {
     const int n = g.lane + s * kSsLanes;
     s_g[s * kThreads + g.tid] =
@@ -93,12 +136,14 @@ __global__ void __launch_bounds__(kThreads) sscan_bwd_kernel(SScanParams p) {
     const int t0 = k * kT, nt = min(kT, p.seqlen - t0);
     stage_channels(s_dy, dy, D, false, t0, nt, g.tid,
                    [&](int ci) { return g.c0 + ci < D ? (int64_t)(g.c0 + ci) : (int64_t)-1; });
-    stage_tile<T>(p, g, t0, nt, s_u, s_dt, s_dtu, s_v, s_z, s_B, s_C, s_keep);  // syncs (s_dy visible)
+    stage_tile<T>(p, g, t0, nt, s_u, s_dt, s_dtu, s_v, s_z, s_B, s_C, s_keep, fast,
+                  fast ? s_dd : nullptr);  // syncs (s_dy visible)
     for (int idx = g.tid; idx < kT * kSsChannels; idx += kThreads) {
       const int k2 = (idx / kSsChannels) * kRow + idx % kSsChannels;
       float gy = s_dy[k2];
       if (p.z != nullptr) gy *= s_z[k2] * sigmoidf_(s_z[k2]);
       s_gy[k2] = gy;
+      if (fast) s_ug[k2] = make_float2(s_u[k2], gy);
     }
     __syncthreads();
     float ty0 = 0.f, ty1 = 0.f, tdt0 = 0.f, tdt1 = 0.f, tdu0 = 0.f, tdu1 = 0.f;
@@ -111,7 +156,11 @@ __global__ void __launch_bounds__(kThreads) sscan_bwd_kernel(SScanParams p) {
       const float* Bp = s_B + g.lgb * NP + n;
       const float* Cp = s_C + g.lgc * NP + n;
       float hs[kT], accA[kT], accB[kT];
-      {  // recompute the tile's states from the checkpoint (and the readout C h, for dz)
+      if (fast) {
+        const float2* bc = reinterpret_cast<const float2*>(s_B) + n;
+        if (p.seq_idx != nullptr) recompute_tile_bc<true>(h0, hs, accA, A2, s_dd + g.ci, bc, s_keep);
+        else recompute_tile_bc<false>(h0, hs, accA, A2, s_dd + g.ci, bc, s_keep);
+      } else {  // recompute the tile's states from the checkpoint (and the readout C h, for dz)
         float h = h0;
 #pragma unroll
         for (int t = 0; t < kT; ++t) {
@@ -126,7 +175,13 @@ __global__ void __launch_bounds__(kThreads) sscan_bwd_kernel(SScanParams p) {
       ty0 += accA[0];
       ty1 += accA[1];
       float carry = s_g[s * kThreads + g.tid], dA_acc = s_dA[s * kThreads + g.tid];
-      if (p.seq_idx != nullptr)
+      if (fast) {
+        const float2* bc = reinterpret_cast<const float2*>(s_B) + n;
+        if (p.seq_idx != nullptr)
+          bwd_tile_bc<true>(carry, dA_acc, accA, accB, hs, h0, A, A2, s_dd + g.ci, s_ug + g.ci, bc, s_keep, s_rB, s_rC, g.tid);
+        else
+          bwd_tile_bc<false>(carry, dA_acc, accA, accB, hs, h0, A, A2, s_dd + g.ci, s_ug + g.ci, bc, s_keep, s_rB, s_rC, g.tid);
+      } else if (p.seq_idx != nullptr)
         bwd_tile<true>(carry, dA_acc, accA, accB, hs, h0, A, A2, s_dt, s_dtu, s_u, s_gy, Bp, bw, Cp, cw, s_keep,
                        s_rB, s_rC, g.ci, g.tid);
       else

@@ -28,6 +28,7 @@ struct SScanParams {
   int b_ngl, c_ngl;    // B / C groups a block of 16 channels touches (1, or 16 / cpg)
   int n_chunks;        // ceil(L / kSsTile)
   bool softplus;
+  bool interleave_bwd; // backward: the same (APRIEL_SSCAN_BWD=plain: off)
   bool interleave;     // forward: float2 (delta, delta u) / (B, C) tiles where possible (APRIEL_SSCAN_FWD=plain: off)
 
   const void* u;   int64_t u_sb, u_sl, u_sc;
@@ -72,7 +73,7 @@ inline int sscan_fwd_smem_bytes(const SScanParams& p) {
   return floats * 4;
 }
 inline int sscan_bwd_smem_bytes(const SScanParams& p) {
-  const int floats = 10 * kSsTile * kSsRow + kSsTile * (sscan_bc_row(p.b_ngl, p.n_pass) + sscan_bc_row(p.c_ngl, p.n_pass)) +
+  const int floats = 14 * kSsTile * kSsRow + kSsTile * (sscan_bc_row(p.b_ngl, p.n_pass) + sscan_bc_row(p.c_ngl, p.n_pass)) +
                      kSsTile + 2 * p.n_pass * kSsChannels * kSsLanes + 2 * kSsTile * kSsChannels * kSsLanes;
   return floats * 4;
 }
