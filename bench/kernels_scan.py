@@ -6,8 +6,10 @@
 Timed region: from the in_proj output (zxbc, dt_low) to y, everything included (conv, dt_proj, scan, gate);
 fwd+bwd adds the backward to every input gradient. floor_ms is the MUFU exp2 floor of kernels.md:
 65536 * b * L exponentials at 3.9e12 /s (one per (channel, state, token); the backward is held to the same
-floor, which it cannot reach: it needs >= 2 exp2 per element). provider "apriel-K8" / "apriel-K16" force the
-lanes-per-channel choice of the forward; "apriel" is the default dispatch.
+floor, which it cannot reach: it needs >= 2 exp2 per element). Providers: "apriel" is the default dispatch
+(forward v4: 4 states per thread, cp.async tiles), timed eagerly like the peers' do_bench figures;
+"apriel-graph" the same call replayed from a CUDA graph (no host overhead: the kernel's own time);
+"apriel-v4k8" / "apriel-v3" force the other forward versions (APRIEL_SCAN_FWD) for comparison.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import sys
 import torch
 
 from . import rows as R
-from .timing import time_ms
+from .timing import time_graph_ms, time_ms
 from .variants import env_override
 
 D, X, N, RANK, W = 4096, 1024, 16, 16, 4
@@ -71,10 +73,11 @@ def run(quick: bool = False) -> list[dict]:
     fwd_shapes = [(1, 2048), (1, 8192), (1, 32768), (8, 4096)] if not quick else [(1, 2048), (1, 8192)]
     for batch, seqlen in fwd_shapes:
         args = _inputs(batch, seqlen)
-        for provider, k in (("apriel", None), ("apriel-K8", "8"), ("apriel-K16", "16"), ("apriel-K16-occ3", "17")):
+        for provider, version in (("apriel", None), ("apriel-graph", None), ("apriel-v4k4", "v4k4"), ("apriel-v4k8", "v4k8"), ("apriel-v3", "v3")):
             try:
-                with env_override("APRIEL_SCAN_K", k), torch.no_grad():
-                    stats = time_ms(lambda: mixer_scan(**args, **kw))
+                timer = time_graph_ms if provider.endswith("graph") else time_ms
+                with env_override("APRIEL_SCAN_FWD", version), torch.no_grad():
+                    stats = timer(lambda: mixer_scan(**args, **kw))
                 out.append(_row("fwd", provider, batch, seqlen, stats))
             except Exception as e:  # noqa: BLE001 - a failing shape is a row, not a crash
                 out.append(R.error_row("kernels", "mixer_scan_fwd", provider, e, shape=f"b{batch} L{seqlen}"))
@@ -87,8 +90,8 @@ def run(quick: bool = False) -> list[dict]:
             y = mixer_scan(**args, **kw)
             return torch.autograd.grad(y, leaves, dy)
 
-        for provider, bwd_k in (("apriel", None), ("apriel-bwdK8", "8"), ("apriel-bwdK16-occ2", "17")):
-            with env_override("APRIEL_SCAN_BWD_K", bwd_k):
+        for provider, version in (("apriel", None), ("apriel-v3", "v3")):
+            with env_override("APRIEL_SCAN_FWD", version):
                 try:
                     stats = time_ms(step, rep_ms=300)
                     torch.cuda.synchronize()

@@ -254,6 +254,52 @@ def test_forward_parity(case, dtype):
     assert conv.dtype == dtype and ssm.dtype == torch.float32 and y.dtype == dtype
 
 
+# Forward versions (APRIEL_SCAN_FWD: v4 with K = 4 / 8 lanes per channel, v3) and the less common shapes
+# of the v4 kernel: conv widths 2 / 3, dt_rank
+# 12 (rows not 16-byte copyable: plain-load staging), 24 and 32 (the 32-wide dt staging), packed + initial
+# states, a ragged tail tile.
+VARIANT_CASES = [
+    # (version, batch, seqlen, d_inner, d_xb, width, dt_rank, extras)
+    ("v4k4", 2, 77, 64, 16, 2, 8, "init"),
+    ("v4k4", 1, 45, 256, 64, 3, 12, "packed"),
+    ("v4k4", 3, 100, 64, 16, 4, 24, "strided"),
+    ("v4k4", 2, 64, 128, 32, 4, 32, "init_packed"),
+    ("v4k4", 2, 1000, 256, 64, 4, 16, "init_packed"),
+    ("v4k4", 3, 100, 64, 16, 4, 16, "init_packed"),
+    ("v4k8", 1, 50, 256, 64, 2, 32, "strided"),
+    ("v4k4", 2, 70, 64, 16, 3, 12, "misaligned"),
+    ("v4k8", 2, 131, 256, 64, 4, 16, "init_packed"),
+    ("v4k8", 1, 40, 64, 16, 3, 32, "strided"),
+    ("v4k8", 2, 70, 64, 16, 4, 16, "misaligned"),
+    ("v4k4", 1, 33, 64, 16, 4, 16, "misaligned"),
+    ("v3", 2, 131, 256, 64, 4, 16, "init_packed"),
+]
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=lambda c: f"{c[0]}-b{c[1]}-L{c[2]}-D{c[3]}-W{c[5]}-R{c[6]}-{c[7] or 'plain'}")
+def test_forward_versions_and_shapes(case, dtype, monkeypatch):
+    version, b, L, D_, X, width, rank, extra = case
+    monkeypatch.setenv("APRIEL_SCAN_FWD", version)
+    args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", dt_rank=rank, width=width,
+                           initial_states="init" in extra, strided=extra == "strided", seed=7)
+    seq = packed_seq_idx(b, L, [L // 4, L // 2 + 1], "cuda") if "packed" in extra else None
+    if extra == "misaligned":  # odd element offsets and strides: no 16-byte copies possible (plain-load staging)
+        for name in ("zxbc", "dt_low"):
+            t = args[name]
+            base = torch.full((b, L, t.shape[-1] + 3), float("nan"), dtype=dtype, device="cuda")
+            base[..., 1:1 + t.shape[-1]] = t
+            args[name] = base[..., 1:1 + t.shape[-1]]
+    poison_allocator()
+    y, ssm, conv = mixer_scan(**args, **kw, seq_idx=seq, return_final_states=True)
+    ref64 = ref_mixer(to64(args), kw, seq_idx=seq, return_final_states=True)
+    ref_lp = ref_mixer(args, kw, seq_idx=seq, return_final_states=True)
+    for name, o, r64, rlp in zip(("y", "final_ssm", "final_conv"), (y, ssm, conv), ref64, ref_lp):
+        check(name, o, r64, rlp, floor=2e-5 if dtype == torch.float32 else 1e-3)
+
+
 GRAD_CASES = [
     (1, 1, 64, 16, True, "init"),
     (2, 33, 64, 16, False, "init"),
@@ -278,6 +324,16 @@ def _ref_grads(args, kw, seq, weights):
     loss = (y.double() * weights[0]).sum() + (ssm.double() * weights[1]).sum() + (conv.double() * weights[2]).sum()
     loss.backward()
     return {k: v.grad for k, v in leaves.items()}
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("version", ["v4k4", "v4k8", "v3"])
+def test_gradient_parity_with_each_forward_version(version, monkeypatch):
+    """The backward consumes the forward's state checkpoints: each forward version must write them right."""
+    monkeypatch.setenv("APRIEL_SCAN_FWD", version)
+    test_gradient_parity((2, 97, 64, 16, True, "packed"), torch.bfloat16)
+    test_gradient_parity((1, 130, 256, 64, False, "init"), torch.float32)
 
 
 @gpu

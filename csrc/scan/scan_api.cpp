@@ -9,6 +9,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+
 #include "scan_params.h"
 
 namespace apriel {
@@ -67,19 +71,40 @@ Tensor compact_init_conv(const Tensor& s, const Dims& d) {
 MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims& d, bool repeat,
                             std::vector<Tensor>& keep, const Tensor& conv_weight, const OptT& conv_bias,
                             const Tensor& dt_w, const Tensor& dt_b, const Tensor& A_log, const Tensor& Dskip,
-                            const OptT& init_ssm, const OptT& init_conv, const OptT& seq_idx) {
+                            const OptT& init_ssm, const OptT& init_conv, const OptT& seq_idx,
+                            bool convert_params = true) {
   MixerScanParams p{};
   p.batch = d.b; p.seqlen = d.L; p.d_inner = d.D; p.d_xb = d.X; p.dt_rank = d.R; p.width = d.W;
   p.heads_per_group = d.r; p.n_chunks = d.n_chunks; p.repeat_before_conv = repeat;
   p.zxbc = zxbc.data_ptr(); p.zxbc_batch_stride = zxbc.stride(0); p.zxbc_row_stride = zxbc.stride(1);
   p.dt_low = dt_low.data_ptr(); p.dt_batch_stride = dt_low.stride(0); p.dt_row_stride = dt_low.stride(1);
   auto hold = [&](Tensor t) -> const float* { keep.push_back(t); return t.data_ptr<float>(); };
-  p.conv_w = hold(f32c(conv_weight));
-  p.conv_b = conv_bias ? hold(f32c(*conv_bias)) : nullptr;
-  p.dt_w = hold(f32c(dt_w));
-  p.dt_b = hold(f32c(dt_b));
-  p.A_log = hold(f32c(A_log));
-  p.Dskip = hold(f32c(Dskip));
+  if (convert_params) {  // fp32 copies for the kernels that read const float* (v3 forward, backward)
+    p.conv_w = hold(f32c(conv_weight));
+    p.conv_b = conv_bias ? hold(f32c(*conv_bias)) : nullptr;
+    p.dt_w = hold(f32c(dt_w));
+    p.dt_b = hold(f32c(dt_b));
+    p.A_log = hold(f32c(A_log));
+    p.Dskip = hold(f32c(Dskip));
+  }
+  auto raw = [&](const Tensor& t) -> ParamRef {  // own dtype when the kernel can read it, else fp32
+    const auto st = t.scalar_type();
+    Tensor c = (st == at::kFloat || st == at::kBFloat16 || st == at::kHalf) ? t.contiguous() : f32c(t);
+    keep.push_back(c);
+    const auto cs = c.scalar_type();
+    return ParamRef{c.data_ptr(), cs == at::kBFloat16 ? 1 : cs == at::kHalf ? 2 : 0};
+  };
+  p.conv_w_raw = raw(conv_weight);
+  if (conv_bias) p.conv_b_raw = raw(*conv_bias);
+  p.dt_w_raw = raw(dt_w);
+  p.dt_b_raw = raw(dt_b);
+  p.A_log_raw = raw(A_log);
+  p.D_raw = raw(Dskip);
+  const int64_t vec = 16 / static_cast<int64_t>(zxbc.element_size());
+  auto aligned = [&](const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  p.zxbc_vec16 = aligned(zxbc) && zxbc.stride(0) % vec == 0 && zxbc.stride(1) % vec == 0;
+  p.dt_vec16 = aligned(dt_low) && dt_low.stride(0) % vec == 0 && dt_low.stride(1) % vec == 0 && d.R % vec == 0 &&
+               dt_low.stride(2) == 1;
   p.init_ssm = init_ssm ? hold(f32c(*init_ssm)) : nullptr;
   p.init_conv = init_conv ? hold(compact_init_conv(*init_conv, d)) : nullptr;
   if (seq_idx) { keep.push_back(seq_idx->contiguous()); p.seq_idx = keep.back().data_ptr<int>(); }
@@ -87,8 +112,33 @@ MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims
 }
 
 
+// Forward version: v4 with K = 4 or 8 lanes per channel (16 / K states per thread, cp.async tiles), chosen
+// from the number of (sequence, head) blocks: few blocks (batch 1) need the extra warps of K = 8, many blocks
+// the fewer instructions per element of a smaller K. APRIEL_SCAN_FWD=v4k4|v4k8 forces K, v3 selects the
+// previous kernel (K from APRIEL_SCAN_K) - for benchmarks. Returns K, or 3 for v3.
+int fwd_version(int64_t blocks = 0) {
+  if (const char* env = std::getenv("APRIEL_SCAN_FWD")) {
+    const std::string v(env);
+    if (v == "v3") return 3;
+    if (v == "v4k4") return 4;
+    if (v == "v4k8") return 8;
+  }
+  return blocks <= 1024 ? 8 : 4;
+}
+
 void launch_fwd(const MixerScanParams& p, at::ScalarType st, int64_t K) {
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int version = fwd_version(static_cast<int64_t>(p.batch) * (p.d_inner / kN));
+  if (version != 3) {
+    if (st == at::kBFloat16) {
+      version == 8 ? launch_mixer_scan_fwd4<__nv_bfloat16, 8>(p, stream) : launch_mixer_scan_fwd4<__nv_bfloat16, 4>(p, stream);
+    } else if (st == at::kHalf) {
+      version == 8 ? launch_mixer_scan_fwd4<__half, 8>(p, stream) : launch_mixer_scan_fwd4<__half, 4>(p, stream);
+    } else {
+      version == 8 ? launch_mixer_scan_fwd4<float, 8>(p, stream) : launch_mixer_scan_fwd4<float, 4>(p, stream);
+    }
+    return;
+  }
   if (st == at::kBFloat16) { K == 16 ? launch_mixer_scan_fwd<__nv_bfloat16, 16>(p, stream) : K == 17 ? launch_mixer_scan_fwd<__nv_bfloat16, 17>(p, stream) : launch_mixer_scan_fwd<__nv_bfloat16, 8>(p, stream); }
   else if (st == at::kHalf) { K == 16 ? launch_mixer_scan_fwd<__half, 16>(p, stream) : K == 17 ? launch_mixer_scan_fwd<__half, 17>(p, stream) : launch_mixer_scan_fwd<__half, 8>(p, stream); }
   else { K == 16 ? launch_mixer_scan_fwd<float, 16>(p, stream) : K == 17 ? launch_mixer_scan_fwd<float, 17>(p, stream) : launch_mixer_scan_fwd<float, 8>(p, stream); }
@@ -141,7 +191,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mixer_scan_fwd_cuda(
   }
   std::vector<Tensor> keep;
   MixerScanParams p = fill_params(zxbc, dt_low, d, repeat, keep, conv_weight, conv_bias, dt_proj_weight,
-                                  dt_proj_bias, A_log, Dskip, init_ssm, init_conv, seq_idx);
+                                  dt_proj_bias, A_log, Dskip, init_ssm, init_conv, seq_idx,
+                                  /*convert_params=*/fwd_version() == 3);
   p.y = y.data_ptr(); p.final_ssm = final_ssm.data_ptr<float>(); p.final_conv = final_conv.data_ptr();
   p.ckpt = save_checkpoints ? ckpt.data_ptr<float>() : nullptr;
   launch_fwd(p, zxbc.scalar_type(), choose_k(d));

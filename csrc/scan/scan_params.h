@@ -5,6 +5,12 @@
 
 namespace apriel {
 
+// A small tensor read in its own dtype: 0 = fp32, 1 = bf16, 2 = fp16 (contiguous).
+struct ParamRef {
+  const void* ptr = nullptr;
+  int dtype = 0;
+};
+
 struct MixerScanParams {
   int batch, seqlen, d_inner, d_xb, dt_rank, width;
   int heads_per_group;     // r = d_inner / d_xb: heads sharing one x / B group
@@ -24,6 +30,12 @@ struct MixerScanParams {
   const float* dt_b;     // (D,)
   const float* A_log;    // (D, 16)
   const float* Dskip;    // (D,)
+
+  // The same parameters in their own dtypes (forward v4 reads these: no conversion kernels per call).
+  ParamRef conv_w_raw, conv_b_raw, dt_w_raw, dt_b_raw, A_log_raw, D_raw;
+  // 16-byte copies are legal: base pointers 16-byte aligned and every row/batch stride a multiple of 16 bytes
+  // (dt_vec16 also needs dt_rank * sizeof(T) % 16 == 0).
+  bool zxbc_vec16, dt_vec16;
 
   const float* init_ssm;   // (b, D, 16) or nullptr
   const float* init_conv;  // (b, X, width-1) compact layout, or nullptr
@@ -53,6 +65,8 @@ struct MixerScanParams {
 
 template <typename T, int K>
 void launch_mixer_scan_fwd(const MixerScanParams& p, void* stream);
+template <typename T, int K>
+void launch_mixer_scan_fwd4(const MixerScanParams& p, void* stream);
 template <typename T, int K>
 void launch_mixer_scan_bwd(const MixerScanParams& p, void* stream);
 

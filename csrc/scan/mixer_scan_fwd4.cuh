@@ -1,0 +1,471 @@
+// Fused Apriel-H1 mixer scan, forward, v4: in_proj output (z, x, B, C) + dt_low -> y (b, L, D).
+//
+// Why a v4: v3 (mixer_scan_fwd.cuh) gave every thread ONE state of a channel (K = 16 lanes per channel), so
+// each (channel, state, token) element paid its own shared-memory loads of delta/u/B/C and a 16-lane
+// reduction, and the tile staging went through per-element global loads with index math: 35 instructions
+// per element against the ~8 a MUFU-bound kernel can afford (docs/notes/scan.md, ncu). v4:
+// - thread (channel, lane j of K=4) owns 4 states: per token one 8-byte (delta, delta*u) load and two
+//   16-byte B / C loads serve 4 states, and the readout reduction is 2 shuffle levels (reduce-scatter);
+// - the time tile (x, B, C, z, dt_low, seq_idx) arrives by cp.async 16-byte copies into a double-buffered
+//   raw tile while the previous tile computes (no registers held for the prefetch, no per-element loads);
+// - documents (seq_idx) and the ragged last tile cost nothing in the scan loop: the prep phase stores the
+//   decay argument as +inf at a document start (ex2(-inf) = 0 resets h) and (0, 0) past the end (h kept);
+// - layer parameters are read in their own dtype (no host-side conversion kernels per call).
+// Phases per tile (one block = one head of 16 channels of one sequence, 16*K threads):
+//   S1 wait cp.async + barrier; issue next tile; store previous tile's y (16-byte stores);
+//   A  convert B, C, dt_low of the tile to fp32 smem;                        barrier
+//   B  prep per (channel, token): conv + silu, dt_proj + 2 b_dt + softplus, silu(z), checkpoint;  barrier
+//   C  recurrence over 32 tokens (fully unrolled, branch-free), reduce-scatter over K lanes, gate -> y smem.
+// Bound: one ex2 per (channel, state, token) on the MUFU unit; see docs/notes/scan.md for measurements.
+#pragma once
+#include "../common/cuda_check.h"
+#include "scan_common.cuh"
+#include "scan_tile.cuh"
+
+namespace apriel {
+namespace scan4 {
+
+using scan::from_f;
+using scan::kChunk;
+using scan::kLog2e;
+using scan::kN;
+using scan::to_f;
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// A layer parameter in its own dtype (0 fp32, 1 bf16, 2 fp16): read once per block, so the branch is free.
+__device__ __forceinline__ float ld_param(const ParamRef& r, int64_t i) {
+  if (r.dtype == 1) return __bfloat162float(static_cast<const __nv_bfloat16*>(r.ptr)[i]);
+  if (r.dtype == 2) return __half2float(static_cast<const __half*>(r.ptr)[i]);
+  return static_cast<const float*>(r.ptr)[i];
+}
+
+// The raw tile as it sits in global memory (activation dtype); kR = staged dt_rank (16 or 32).
+// kVec = 16 / sizeof(T) elements at src (16-byte aligned) -> fp32 at dst (16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void cvt_vec(const T* src, float* dst) {
+  constexpr int kVec = 16 / sizeof(T);
+  const uint4 raw = *reinterpret_cast<const uint4*>(src);
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < kVec; i += 4)
+    *reinterpret_cast<float4*>(dst + i) = make_float4(to_f(e[i]), to_f(e[i + 1]), to_f(e[i + 2]), to_f(e[i + 3]));
+}
+
+// kVec values of B or C (states c .. c+kVec-1) -> fp32 into a BC row: lane group g = n / NS holds
+// [B(g*NS .. g*NS+NS-1), C(...)] so a scan lane reads its B and C with one (NS = 2) or two (NS = 4) 16-byte loads.
+template <typename T, int NS>
+__device__ __forceinline__ void cvt_bc(const T* src, float* row, int c, int off) {
+  constexpr int kVec = 16 / sizeof(T);
+  static_assert(kVec % NS == 0 && (NS == 2 || NS == 4), "state groups");
+  const uint4 raw = *reinterpret_cast<const uint4*>(src);
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < kVec; i += NS) {
+    float* dst = row + ((c + i) / NS) * 2 * NS + off;
+    if constexpr (NS == 4) *reinterpret_cast<float4*>(dst) = make_float4(to_f(e[i]), to_f(e[i + 1]), to_f(e[i + 2]), to_f(e[i + 3]));
+    else *reinterpret_cast<float2*>(dst) = make_float2(to_f(e[i]), to_f(e[i + 1]));
+  }
+}
+
+template <typename T, int kR>
+struct RawTile {
+  alignas(16) T x[kChunk][kN];
+  alignas(16) T B[kChunk][kN];
+  alignas(16) T C[kChunk][kN];
+  alignas(16) T z[kChunk][kN];
+  alignas(16) T dt[kChunk][kR];
+  alignas(16) int seq[kChunk];
+};
+
+template <typename T, int kR>
+struct Smem4 {
+  RawTile<T, kR> raw[2];
+  alignas(16) float xf[2][kChunk + 3][kN];  // conv input (fp32) by tile parity; rows 0..2 = the 3 positions before
+  alignas(16) int seqf[2][kChunk + 3];      // document ids on the same rows (seq_idx only)
+  alignas(16) float BC[kChunk][2 * kN];   // per token, per state group of a lane: its NS B values, then its NS C
+  alignas(16) float dtp[kChunk][kN];        // dt_low . W_dt per (token, channel), 16-bit types (tensor cores)
+  alignas(16) float2 ud[kChunk][kN];        // (decay argument, delta * u) per (token, channel)
+  alignas(16) float2 ug[kChunk][kN];        // (u, silu(z)) per (token, channel)
+  alignas(16) T y[2][kChunk][kN];           // gated output by tile parity (stored at the next tile's start)
+};
+
+// dt_proj of a tile on tensor cores (16-bit activations): D[t][c] = sum_k dt_low[t][k] W[c][k], fp32 accumulate.
+// m16n8k16: A = dt_low rows (row-major, from the raw tile), B = W^T (registers, loaded once per block).
+template <typename T> struct MmaOp;
+template <> struct MmaOp<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+  static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const unsigned*>(&v);
+  }
+};
+template <> struct MmaOp<__half> {
+  static __device__ __forceinline__ void run(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+  static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const unsigned*>(&v);
+  }
+};
+
+// Issues the copies of the tile starting at t0 into r (16-byte cp.async when the host found the rows
+// aligned, plain loads otherwise). Rows past the sequence end are zero-filled.
+template <typename T, int NT, int kR>
+__device__ __forceinline__ void stage(const MixerScanParams& p, RawTile<T, kR>& r, int b, int head, int group,
+                                      int t0) {
+  constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte copy
+  constexpr int kCPR = kN / kVec;       // copies per 16-wide row slice
+  const int tid = threadIdx.x;
+  const T* zx = static_cast<const T*>(p.zxbc) + (int64_t)b * p.zxbc_batch_stride;
+  const int col_x = p.d_inner + group * kN, col_B = p.d_inner + p.d_xb + group * kN;
+  const int col_C = p.d_inner + 2 * p.d_xb + head * kN, col_z = head * kN;
+  if (p.zxbc_vec16) {
+    // Per slice (x, B, C, z): kChunk rows x kCPR pieces spread over the block; the slice and its column are
+    // compile-time per unrolled step, so a copy costs one address computation and the LDGSTS.
+    constexpr int kPer = kChunk * kCPR;
+#pragma unroll
+    for (int slice = 0; slice < 4; ++slice) {
+      const int col = slice == 0 ? col_x : slice == 1 ? col_B : slice == 2 ? col_C : col_z;
+      T* base = slice == 0 ? &r.x[0][0] : slice == 1 ? &r.B[0][0] : slice == 2 ? &r.C[0][0] : &r.z[0][0];
+#pragma unroll
+      for (int k = 0; k < (kPer + NT - 1) / NT; ++k) {
+        const int i = tid + k * NT;
+        if (kPer % NT == 0 || i < kPer) {
+          const int row = i / kCPR, part = i % kCPR, pos = t0 + row;
+          const bool ok = pos < p.seqlen;
+          cp_async16(base + i * kVec, ok ? zx + (int64_t)pos * p.zxbc_row_stride + col + part * kVec : zx, ok);
+        }
+      }
+    }
+  } else {
+#pragma unroll 4
+    for (int i = tid; i < 4 * kChunk * kN; i += NT) {
+      const int slice = i / (kChunk * kN), rem = i % (kChunk * kN);
+      const int row = rem / kN, c = rem % kN, pos = t0 + row;
+      const int col = slice == 0 ? col_x : slice == 1 ? col_B : slice == 2 ? col_C : col_z;
+      T* dst = slice == 0 ? &r.x[row][0] : slice == 1 ? &r.B[row][0] : slice == 2 ? &r.C[row][0] : &r.z[row][0];
+      dst[c] = pos < p.seqlen ? zx[(int64_t)pos * p.zxbc_row_stride + col + c] : from_f<T>(0.f);
+    }
+  }
+  const T* dtl = static_cast<const T*>(p.dt_low) + (int64_t)b * p.dt_batch_stride;
+  const int R = p.dt_rank;
+  if (p.dt_vec16) {  // R is a multiple of kVec
+    constexpr int kCopies = kChunk * (kR / kVec);
+#pragma unroll
+    for (int k = 0; k < (kCopies + NT - 1) / NT; ++k) {
+      const int i = tid + k * NT;
+      if (kCopies % NT != 0 && i >= kCopies) break;
+      const int row = i / (kR / kVec), part = i % (kR / kVec), pos = t0 + row;
+      if (part * kVec < R) {
+        const bool ok = pos < p.seqlen;
+        cp_async16(&r.dt[row][part * kVec], ok ? dtl + (int64_t)pos * p.dt_row_stride + part * kVec : dtl, ok);
+      }
+    }
+  } else {
+#pragma unroll 4
+    for (int i = tid; i < kChunk * kR; i += NT) {
+      const int row = i / kR, c = i % kR, pos = t0 + row;
+      if (c < R) r.dt[row][c] = pos < p.seqlen ? dtl[(int64_t)pos * p.dt_row_stride + c] : from_f<T>(0.f);
+    }
+  }
+  if (p.seq_idx != nullptr && tid < kChunk) {
+    const int pos = min(t0 + tid, p.seqlen - 1);  // past the end: repeat the last id (those tokens are inert)
+    cp_async4(&r.seq[tid], p.seq_idx + (int64_t)b * p.seqlen + pos);
+  }
+}
+
+template <typename T, int K, int kR, bool kSeq>
+__global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel(MixerScanParams p) {
+  constexpr int NT = kN * K;                 // threads per block
+  constexpr int NS = kN / K;                 // states per thread
+  constexpr int TPT = kChunk * kN / NT;      // prep tokens per thread
+  constexpr int kVec = 16 / sizeof(T), kCPR = kN / kVec;
+  constexpr bool kMma = sizeof(T) == 2;      // dt_proj on tensor cores for 16-bit activations
+  constexpr int kKSteps = kR / 16;
+  static_assert(TPT >= 1 && kChunk % TPT == 0 && NT >= 64, "prep mapping; the halo and final-state steps use 48 threads");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Smem4<T, kR>& sm = *reinterpret_cast<Smem4<T, kR>*>(smem_raw);
+  const int head = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int group = head / p.heads_per_group, c0 = head * kN;
+  const int D = p.d_inner, L = p.seqlen, R = p.dt_rank, W = p.width;
+  const int n_tiles = p.n_chunks;
+
+  stage<T, NT, kR>(p, sm.raw[0], b, head, group, 0);
+  cp_async_commit();
+
+  // Prep mapping: channel pch, tokens pq*TPT .. pq*TPT+TPT-1 of each tile. Its constants live in registers.
+  const int pch = tid % kN, pq = tid / kN, pc = c0 + pch;
+  const int wch = p.repeat_before_conv ? pc : group * kN + pch;
+  float w[4];  // right-aligned taps: w[3] multiplies the current token for every width
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int src = i - (4 - W);
+    w[i] = src >= 0 ? ld_param(p.conv_w_raw, (int64_t)wch * W + src) : 0.f;
+  }
+  const float cb = p.conv_b_raw.ptr != nullptr ? ld_param(p.conv_b_raw, wch) : 0.f;
+  const float dtb2 = 2.f * ld_param(p.dt_b_raw, pc);  // dt_proj's bias and delta_bias: the same vector twice
+  // W_dt: fp32 rows for the CUDA-core dot (fp32 activations) or B fragments of the mma (16-bit activations).
+  float wd[kMma ? 1 : kR];
+  unsigned wb[2][kKSteps][2];
+  if constexpr (kMma) {
+    const int g = lane / 4, q = lane % 4;
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int k = ks * 16 + hf * 8 + 2 * q;
+          const int64_t row = (int64_t)(c0 + n * 8 + g) * R;
+          wb[n][ks][hf] = MmaOp<T>::pack(k < R ? ld_param(p.dt_w_raw, row + k) : 0.f,
+                                         k + 1 < R ? ld_param(p.dt_w_raw, row + k + 1) : 0.f);
+        }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kR; ++i) wd[i] = i < R ? ld_param(p.dt_w_raw, (int64_t)pc * R + i) : 0.f;
+  }
+
+  // Scan mapping: channel sch, states j*NS .. j*NS+NS-1.
+  const int sch = tid / K, j = tid % K, cs = c0 + sch;
+  float A2[NS], h[NS];
+#pragma unroll
+  for (int s = 0; s < NS; ++s) {
+    const int n = j * NS + s;
+    A2[s] = -__expf(ld_param(p.A_log_raw, (int64_t)cs * kN + n)) * kLog2e;
+    h[s] = p.init_ssm != nullptr ? p.init_ssm[((int64_t)b * D + cs) * kN + n] : 0.f;
+  }
+  const float Dc = ld_param(p.D_raw, cs);
+
+  // Tile 0 copies its halo from rows kChunk.. of parity 1: put the initial conv state (compact X layout,
+  // fp32) there; it counts as part of the first document.
+  if (tid < 3 * kN) {
+    const int k = tid / kN, ch = tid % kN, kk = (W - 1) + (k - 3);
+    sm.xf[1][kChunk + k][ch] = (p.init_conv != nullptr && kk >= 0)
+                                   ? p.init_conv[((int64_t)b * p.d_xb + group * kN + ch) * (W - 1) + kk] : 0.f;
+  }
+  if (kSeq && tid < 3) sm.seqf[1][kChunk + tid] = p.seq_idx[(int64_t)b * L];
+
+  T* y = static_cast<T*>(p.y) + (int64_t)b * L * D;
+  int Tv = 0;
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int t0 = tile * kChunk, par = tile & 1;
+    Tv = min(kChunk, L - t0);
+    const RawTile<T, kR>& r = sm.raw[par];
+    cp_async_wait_all();
+    __syncthreads();  // S1: this tile's copies visible; every reader of the previous tile is done
+    if (tile + 1 < n_tiles) {
+      stage<T, NT, kR>(p, sm.raw[par ^ 1], b, head, group, t0 + kChunk);
+      cp_async_commit();
+    }
+    if (tile > 0) {  // previous tile's y (always full: only the last tile is ragged)
+      for (int i = tid; i < kChunk * kCPR; i += NT) {
+        const int row = i / kCPR, part = i % kCPR;
+        *reinterpret_cast<uint4*>(y + (int64_t)(t0 - kChunk + row) * D + c0 + part * kVec) =
+            *reinterpret_cast<const uint4*>(&sm.y[par ^ 1][row][part * kVec]);
+      }
+    }
+    // A: fp32 copies of what many threads read: x (conv input, after the 3 halo rows carried from the previous
+    // tile's parity), B and C (every scan lane); document ids; dt_proj by mma for 16-bit activations.
+    {
+      constexpr int kPieces = kChunk * kN / kVec;  // 16-byte pieces of x, of B and of C
+#pragma unroll
+      for (int k = 0; k < (kPieces + NT - 1) / NT; ++k) {
+        const int e = (tid + k * NT) * kVec;
+        if (kPieces % NT == 0 || tid + k * NT < kPieces) cvt_vec<T>(&r.x[0][0] + e, &sm.xf[par][3][0] + e);
+      }
+#pragma unroll
+      for (int which = 1; which < 3; ++which) {
+        const T* src = which == 1 ? &r.B[0][0] : &r.C[0][0];
+#pragma unroll
+        for (int k = 0; k < (kPieces + NT - 1) / NT; ++k) {
+          const int e = (tid + k * NT) * kVec;
+          if (kPieces % NT == 0 || tid + k * NT < kPieces)
+            cvt_bc<T, NS>(src + e, &sm.BC[e / kN][0], e % kN, which == 1 ? 0 : NS);
+        }
+      }
+      if (tid < 3 * kN / 4) {  // halo rows: float4 copies
+        reinterpret_cast<float4*>(&sm.xf[par][0][0])[tid] = reinterpret_cast<const float4*>(&sm.xf[par ^ 1][kChunk][0])[tid];
+      }
+      if constexpr (kSeq) {
+        if (tid < kChunk) sm.seqf[par][3 + tid] = r.seq[tid];
+        else if (tid < kChunk + 3) sm.seqf[par][tid - kChunk] = sm.seqf[par ^ 1][tid];
+      }
+      if constexpr (kMma) {
+        const int g = lane / 4, q = lane % 4;
+        constexpr int kWarps = NT / 32;
+#pragma unroll
+        for (int pi = 0; pi < (4 + kWarps - 1) / kWarps; ++pi) {  // (m-tile, n-tile) pairs of the 32 x 16 output
+          const int pair = warp + pi * kWarps;
+          if (pair >= 4) break;
+          const int m = pair & 1, n = pair >> 1;
+          float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int ks = 0; ks < kKSteps; ++ks) {
+            unsigned a[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const int row = m * 16 + g + (i & 1) * 8, k = ks * 16 + (i >> 1) * 8 + 2 * q;
+              // columns >= R were never copied: zero them (NaN garbage times a zero weight is still NaN)
+              a[i] = k < R ? *reinterpret_cast<const unsigned*>(&r.dt[row][k]) : 0u;
+            }
+            const unsigned bf[2] = {n ? wb[1][ks][0] : wb[0][ks][0], n ? wb[1][ks][1] : wb[0][ks][1]};
+            MmaOp<T>::run(d, a, bf);
+          }
+          *reinterpret_cast<float2*>(&sm.dtp[m * 16 + g][n * 8 + 2 * q]) = make_float2(d[0], d[1]);
+          *reinterpret_cast<float2*>(&sm.dtp[m * 16 + g + 8][n * 8 + 2 * q]) = make_float2(d[2], d[3]);
+        }
+      }
+    }
+    __syncthreads();  // S2
+
+    // B: prep of TPT consecutive tokens of channel pch (xf row i+3 holds token i).
+    {
+      const int tb = pq * TPT;
+      float xw[TPT + 3];
+      int sw[TPT + 3];
+#pragma unroll
+      for (int k = 0; k < TPT + 3; ++k) {
+        xw[k] = sm.xf[par][tb + k][pch];
+        sw[k] = kSeq ? sm.seqf[par][tb + k] : 0;
+      }
+#pragma unroll
+      for (int i = 0; i < TPT; ++i) {
+        const int t = tb + i;
+        float cv = cb;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) cv = fmaf(w[k], (!kSeq || sw[i + k] == sw[i + 3]) ? xw[i + k] : 0.f, cv);
+        const float u = cv * scan::sigmoidf_(cv);
+        float dp = dtb2;
+        if constexpr (kMma) {
+          dp += sm.dtp[t][pch];
+        } else {
+          const float* dtrow = reinterpret_cast<const float*>(&r.dt[t][0]);
+#pragma unroll
+          for (int c = 0; c < kR; c += 4) {
+            if (c < R) {  // uniform; the weights past R are zero, and so must the staged columns be read
+              const float4 v = *reinterpret_cast<const float4*>(dtrow + c);
+              dp = fmaf(wd[c], c < R ? v.x : 0.f,
+                        fmaf(wd[c + 1], c + 1 < R ? v.y : 0.f,
+                             fmaf(wd[c + 2], c + 2 < R ? v.z : 0.f, fmaf(wd[c + 3], c + 3 < R ? v.w : 0.f, dp))));
+            }
+          }
+        }
+        const float delta = scan::softplusf_(dp);
+        const bool keep = !kSeq || sw[i + 2] == sw[i + 3];  // same document as the previous token
+        const float zz = to_f(r.z[t][pch]);
+        sm.ud[t][pch] = t < Tv ? make_float2(keep ? delta : __int_as_float(0x7f800000), delta * u)
+                               : make_float2(0.f, 0.f);
+        sm.ug[t][pch] = make_float2(u, zz * scan::sigmoidf_(zz));
+      }
+    }
+    if (p.ckpt != nullptr)
+      scan::store_states<NS>(p.ckpt + (((int64_t)b * n_tiles + tile) * D + cs) * kN + j * NS, h);
+    __syncthreads();  // S3
+
+    // C: the recurrence. Fully unrolled and branch-free: the ex2 of later tokens overlap the h chain; the
+    // shared-memory operands are loaded kPF tokens ahead (short-scoreboard stalls were the top stall reason).
+    constexpr int kPF = 2;
+    float acc[kChunk];
+    float2 ep[kPF + 1];
+    float bcp[kPF + 1][2 * NS];
+#pragma unroll
+    for (int t = 0; t < kPF; ++t) {
+      ep[t] = sm.ud[t][sch];
+      scan::load_states<2 * NS>(&sm.BC[t][j * 2 * NS], bcp[t]);
+    }
+#pragma unroll
+    for (int t = 0; t < kChunk; ++t) {
+      if (t + kPF < kChunk) {
+        ep[(t + kPF) % (kPF + 1)] = sm.ud[t + kPF][sch];
+        scan::load_states<2 * NS>(&sm.BC[t + kPF][j * 2 * NS], bcp[(t + kPF) % (kPF + 1)]);
+      }
+      const float2 e = ep[t % (kPF + 1)];
+      const float* bc = bcp[t % (kPF + 1)];
+      float a = 0.f;
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        const float dA = scan::ex2(e.x * A2[s]);
+        h[s] = fmaf(dA, h[s], e.y * bc[s]);
+        a = fmaf(bc[NS + s], h[s], a);
+      }
+      acc[t] = a;
+    }
+    int base;
+    scan::reduce_scatter<K>(acc, j, base);
+#pragma unroll
+    for (int i = 0; i < kChunk / K; ++i) {
+      const int t = base + i;
+      const float2 q = sm.ug[t][sch];
+      sm.y[par][t][sch] = from_f<T>((acc[i] + Dc * q.x) * q.y);
+    }
+  }
+  __syncthreads();
+  const int last_par = (n_tiles - 1) & 1;
+  {  // last tile's y (ragged)
+    const int t0 = (n_tiles - 1) * kChunk;
+    for (int i = tid; i < Tv * kCPR; i += NT) {
+      const int row = i / kCPR, part = i % kCPR;
+      *reinterpret_cast<uint4*>(y + (int64_t)(t0 + row) * D + c0 + part * kVec) =
+          *reinterpret_cast<const uint4*>(&sm.y[last_par][row][part * kVec]);
+    }
+  }
+  scan::store_states<NS>(p.final_ssm + ((int64_t)b * D + cs) * kN + j * NS, h);
+  // Final conv state: the last W-1 x inputs of the last document (xf rows Tv+3-hw .. Tv+2), written by the
+  // group's first head.
+  const int hw = W - 1;
+  if (head % p.heads_per_group == 0 && tid < kN * hw) {
+    const int ch = tid / hw, k = tid % hw, row = Tv + 3 - hw + k;
+    const float v = sm.xf[last_par][row][ch];
+    const bool same = !kSeq || sm.seqf[last_par][row] == sm.seqf[last_par][Tv + 2];
+    static_cast<T*>(p.final_conv)[((int64_t)b * p.d_xb + group * kN + ch) * hw + k] = from_f<T>(same ? v : 0.f);
+  }
+}
+
+template <typename T, int K, int kR, bool kSeq>
+void launch(const MixerScanParams& p, void* stream) {
+  const size_t smem = sizeof(Smem4<T, kR>);
+  auto kernel = mixer_scan_fwd4_kernel<T, K, kR, kSeq>;
+  static bool configured = false;  // per instantiation; a race here only repeats an idempotent call
+  if (!configured) {
+    if (smem > 48 * 1024)
+      APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    // Blocks per SM are bounded by shared memory: ask for the largest carveout (the default gave 135 KB: 4 blocks).
+    APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           (int)cudaSharedmemCarveoutMaxShared));
+    configured = true;
+  }
+  dim3 grid(p.d_inner / kN, p.batch);
+  kernel<<<grid, kN * K, smem, static_cast<cudaStream_t>(stream)>>>(p);
+  APRIEL_CHECK_LAUNCH();
+}
+
+}  // namespace scan4
+
+// K = 4 (4 states per thread) or 8 (2 states); dt_rank staged 16 or 32 wide.
+template <typename T, int K>
+void launch_mixer_scan_fwd4(const MixerScanParams& p, void* stream) {
+  const bool seq = p.seq_idx != nullptr;
+  if (p.dt_rank <= 16) seq ? scan4::launch<T, K, 16, true>(p, stream) : scan4::launch<T, K, 16, false>(p, stream);
+  else seq ? scan4::launch<T, K, 32, true>(p, stream) : scan4::launch<T, K, 32, false>(p, stream);
+}
+
+}  // namespace apriel
