@@ -10,9 +10,9 @@ for fwd+bwd, i.e. what autograd runs, without autograd's Python overhead), "apri
 forward forced to N tokens per thread via APRIEL_CONV1D_FWD_TOKENS, to check the default's choice),
 "apriel[scalarw]" (the former scalar weight/bias loads, APRIEL_CONV1D_VEC_WEIGHTS=0; vector loads are the
 default since they measured faster on the H100),
-"apriel[fwd=tile|stream]", "apriel[bwd=tile|stream]", "apriel[stream]" (the kernel variants of
-APRIEL_CONV1D_FWD_IMPL / APRIEL_CONV1D_BWD_IMPL, both forced explicitly so the rows do not depend on the
-default), "torch copy_" (a token-major copy of the same bytes: the practical floor at that size, launch and
+"apriel[fwd=tile|stream|async]", "apriel[bwd=tile|stream|async]", "apriel[stream|async]" (fwd+bwd):
+the kernel variants of APRIEL_CONV1D_FWD_IMPL / APRIEL_CONV1D_BWD_IMPL, forced explicitly so the rows do
+not depend on the default (the tokN / scalarw rows force the tile kernel they tune), "torch copy_" (a token-major copy of the same bytes: the practical floor at that size, launch and
 ramp included), "causal-conv1d" (the peer package, only if importable), "torch" (depthwise F.conv1d + silu,
 channel-major).
 Bytes counted (the floor): fwd reads x and writes out; fwd+bwd adds reading x and dout and writing dx.
@@ -99,15 +99,15 @@ def _fwd_shape(batch, seqlen, dim, peer, copy_bps):
         time_ms(ours, warmup_ms=10, rep_ms=20)
         rows.append(_row("causal_conv1d", "apriel", "fwd", *args, time_ms(ours), nbytes, copy_bps,
                          graph_p50_ms=time_graph_ms(ours)["p50"]))
-        for impl in ("tile", "stream"):
+        for impl in ("tile", "stream", "async"):
             with env_override("APRIEL_CONV1D_FWD_IMPL", impl):
                 rows.append(_row("causal_conv1d", f"apriel[fwd={impl}]", "fwd", *args, time_ms(ours), nbytes,
                                  copy_bps, graph_p50_ms=time_graph_ms(ours)["p50"]))
-        for tokens in ("4", "8"):
-            with env_override("APRIEL_CONV1D_FWD_TOKENS", tokens):
+        for tokens in ("4", "8"):  # tile-kernel knobs: force the tile kernel whatever the default is
+            with env_override("APRIEL_CONV1D_FWD_TOKENS", tokens), env_override("APRIEL_CONV1D_FWD_IMPL", "tile"):
                 rows.append(_row("causal_conv1d", f"apriel[tok{tokens}]", "fwd", *args, time_ms(ours), nbytes,
                                  copy_bps))
-        with env_override("APRIEL_CONV1D_VEC_WEIGHTS", "0"):
+        with env_override("APRIEL_CONV1D_VEC_WEIGHTS", "0"), env_override("APRIEL_CONV1D_FWD_IMPL", "tile"):
             rows.append(_row("causal_conv1d", "apriel[scalarw]", "fwd", *args, time_ms(ours), nbytes, copy_bps,
                              note="scalar weight loads (former default)"))
         stats = time_ms(lambda: causal_conv1d_fn(xc, w, b, activation="silu"))
@@ -157,16 +157,18 @@ def _bwd_shape(batch, seqlen, dim, peer, copy_bps):
         stats = time_ms(lambda: bwd(x, w, b, None, None, dout, None, True))
         bwd_bytes = 3 * x.numel() * x.element_size()  # reads x and dout, writes dx
         rows.append(_row("causal_conv1d", "apriel", "bwd", *args, stats, bwd_bytes, copy_bps))
-        with env_override("APRIEL_CONV1D_VEC_WEIGHTS", "0"):
+        with env_override("APRIEL_CONV1D_VEC_WEIGHTS", "0"), env_override("APRIEL_CONV1D_FWD_IMPL", "tile"), \
+                env_override("APRIEL_CONV1D_BWD_IMPL", "tile"):
             rows.append(_row("causal_conv1d", "apriel[scalarw]", "fwd+bwd", *args, time_ms(step), nbytes, copy_bps,
                              note="scalar weight loads (former default)"))
-        for impl in ("tile", "stream"):
+        for impl in ("tile", "stream", "async"):
             with env_override("APRIEL_CONV1D_BWD_IMPL", impl):
                 stats = time_ms(lambda: bwd(x, w, b, None, None, dout, None, True))
                 rows.append(_row("causal_conv1d", f"apriel[bwd={impl}]", "bwd", *args, stats, bwd_bytes, copy_bps))
-        with env_override("APRIEL_CONV1D_FWD_IMPL", "stream"), env_override("APRIEL_CONV1D_BWD_IMPL", "stream"):
-            rows.append(_row("causal_conv1d", "apriel[stream]", "fwd+bwd", *args, time_ms(step), nbytes, copy_bps,
-                             note="stream forward + stream backward"))
+        for impl in ("stream", "async"):
+            with env_override("APRIEL_CONV1D_FWD_IMPL", impl), env_override("APRIEL_CONV1D_BWD_IMPL", impl):
+                rows.append(_row("causal_conv1d", f"apriel[{impl}]", "fwd+bwd", *args, time_ms(step), nbytes,
+                                 copy_bps, note=f"{impl} forward + {impl} backward"))
     except Exception as error:  # noqa: BLE001
         rows.append(error_row(SUITE, "causal_conv1d", "apriel", error, phase="fwd+bwd", shape=_shape(*args)))
     if peer is not None:

@@ -282,7 +282,7 @@ GPU_LENGTHS = [1, 2, 3, 63, 65, 2049, 4097]
 # token-major at an odd column offset (misaligned: generic kernel), odd dim, channel-major slice.
 # Kernel variants of the vectorised forward/backward (APRIEL_CONV1D_FWD_IMPL / _BWD_IMPL): every one that
 # stays selectable is tested; the grids above run the default.
-IMPLS = ["tile", "stream"]
+IMPLS = ["tile", "stream", "async"]
 
 
 def use_impl(monkeypatch, impl):
@@ -576,7 +576,7 @@ def test_cuda_impls_match_reference(impl, dtype, width, seqlen, features, monkey
     4097 tokens into ~257 runs of 16 (the last of 1 token, shorter than the halo) and 3 channel blocks, the
     last mostly idle: run boundaries, documents crossing them, the initial state, dfinal and dinit. Rows
     sliced out of a wider buffer (tm_slice): strided, still 16-byte aligned, so the vectorised kernels run.
-    162 cases; the default's full layout grid is the tests above."""
+    243 cases; the default's full layout grid is the tests above."""
     layout = "tm_slice"
     use_impl(monkeypatch, impl)
     x, w, bias, seq_idx, init, silu = conv_case(dtype, width, seqlen, layout, features)
@@ -606,14 +606,16 @@ def test_cuda_stream_matches_tile_at_bench_shapes(shape, monkeypatch):
         use_impl(monkeypatch, impl)
         out, final = causal_conv1d_fwd(x, w, b, None, None, True, True)
         results[impl] = (out, final, *causal_conv1d_bwd(x, w, b, None, None, dout, None, True))
-    tile, stream = results["tile"], results["stream"]
-    assert torch.equal(tile[1], stream[1]), "final_states: stream and tile kernels differ"
-    for name, i in (("out", 0), ("dx", 2)):
-        a, s = tile[i].float(), stream[i].float()
-        assert torch.isfinite(s).all(), f"{name}: non-finite values from the stream kernel"
-        assert ((a - s).abs() <= 2**-7 * a.abs() + 1e-6).all(), f"{name}: stream and tile kernels differ"
-    for name, i in (("dweight", 3), ("dbias", 4)):
-        torch.testing.assert_close(stream[i], tile[i], rtol=1e-4, atol=1e-3 * tile[i].abs().max().item())
+    tile = results["tile"]
+    for impl in ("stream", "async"):
+        other = results[impl]
+        assert torch.equal(tile[1], other[1]), f"final_states: {impl} and tile kernels differ"
+        for name, i in (("out", 0), ("dx", 2)):
+            a, s = tile[i].float(), other[i].float()
+            assert torch.isfinite(s).all(), f"{name}: non-finite values from the {impl} kernel"
+            assert ((a - s).abs() <= 2**-7 * a.abs() + 1e-6).all(), f"{name}: {impl} and tile kernels differ"
+        for name, i in (("dweight", 3), ("dbias", 4)):
+            torch.testing.assert_close(other[i], tile[i], rtol=1e-4, atol=1e-3 * tile[i].abs().max().item())
 
 
 _RAW_OP_ERRORS = textwrap.dedent("""

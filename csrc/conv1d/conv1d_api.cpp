@@ -181,19 +181,22 @@ int fwd_tokens() {
 }
 
 // Kernel variant of the vectorised (token-major) forward / backward: "tile" (the measured default of
-// session 1) or "stream" (ConvParams::fwd_stream / bwd_stream: runs of tokens per thread, one wave).
+// session 1), "stream" (runs of tokens per thread, window in registers, one wave; ConvParams::fwd_impl /
+// bwd_impl) or "async" (stream with the chunks staged through shared memory by cp.async).
 // APRIEL_CONV1D_FWD_IMPL / APRIEL_CONV1D_BWD_IMPL select; kDefault* is what an unset variable means, to be
-// flipped once an H100 run (bench rows apriel[fwd=stream] / apriel[bwd=stream]) shows the stream kernels
-// faster. Any other value is an error naming the variable (silently timing the wrong kernel is worse).
+// flipped once an H100 run (bench rows apriel[fwd=...] / apriel[bwd=...]) shows a faster variant. Any
+// other value is an error naming the variable (silently timing the wrong kernel is worse).
 constexpr const char* kDefaultFwdImpl = "tile";
 constexpr const char* kDefaultBwdImpl = "tile";
 
-bool stream_impl(const char* var, const char* fallback) {
+int impl_from_env(const char* var, const char* fallback) {
   const char* env = std::getenv(var);
   const char* value = (env == nullptr || *env == '\0') ? fallback : env;
-  if (std::strcmp(value, "stream") == 0) return true;
-  TORCH_CHECK(std::strcmp(value, "tile") == 0, var, ": expected \"tile\" or \"stream\", got \"", value, "\"");
-  return false;
+  if (std::strcmp(value, "tile") == 0) return kFwdTile;
+  if (std::strcmp(value, "stream") == 0) return kFwdStream;
+  if (std::strcmp(value, "async") == 0) return kFwdAsync;
+  TORCH_CHECK(false, var, ": expected \"tile\", \"stream\" or \"async\", got \"", value, "\"");
+  return kFwdTile;
 }
 
 // ------------------------------------------------------------------------------------------- forward
@@ -218,7 +221,7 @@ std::tuple<Tensor, Tensor> causal_conv1d_fwd(const Tensor& x, const Tensor& weig
   p.final_out = return_final_states ? final_states.data_ptr() : nullptr;
   p.vectorized = vectorizable(x);
   p.fwd_tokens = fwd_tokens();
-  p.fwd_stream = stream_impl("APRIEL_CONV1D_FWD_IMPL", kDefaultFwdImpl);
+  p.fwd_impl = impl_from_env("APRIEL_CONV1D_FWD_IMPL", kDefaultFwdImpl);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   APRIEL_CONV1D_DISPATCH(x.scalar_type(), causal_conv1d_fwd, p, stream);
   return {out, final_states};
@@ -276,9 +279,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
   // the kernel's launch bounds), rounded down so no straggler wave; each block then loops over its split.
   // Generic: about 4 blocks per SM. Each split is a multiple of the block's token tile so no tile
   // straddles two splits.
-  p.bwd_stream = stream_impl("APRIEL_CONV1D_BWD_IMPL", kDefaultBwdImpl);
+  p.bwd_impl = impl_from_env("APRIEL_CONV1D_BWD_IMPL", kDefaultBwdImpl);
   int64_t chan_blocks, tile, target_blocks;
-  if (p.vectorized && p.bwd_stream) {
+  if (p.vectorized && p.bwd_impl != kFwdTile) {
     // Stream kernel: one wave of 3 blocks per SM (its launch bounds guarantee them), each block 4 runs of
     // split_len tokens; nsplit = block rows along tokens (= workspace rows per batch row).
     chan_blocks = cdiv(s.dim, 32 * (x.element_size() == 8 ? 2 : 4));

@@ -18,11 +18,15 @@
 //   token-major data that is not 16-byte aligned or has dim % 8 != 0.
 // Update: one thread per (row, channel); the conv_state row is shifted in place in ascending order, so
 //   every element is read before it is overwritten.
-// Status (H100, b1 L8192 bf16 silu; bench/results/conv1d_h100.json): forward 4096 ch 0.085 ms = 53% of
-//   the copy ceiling, 1024 ch 0.030 ms, forward+backward 0.32 ms; all short of the bars (0.050 / 0.016 /
-//   0.18). Suspected limits: the scalar weight loads of the forward (kCh * (W + 1) per thread, each warp
-//   instruction touching ~16 L1 lines; the vector variant kVecW is the default since it measured faster) and the load ->
-//   wait -> compute tiles of the backward (no prefetch of the next tile; 168 registers, 12 warps per SM).
+// Stream variants (APRIEL_CONV1D_FWD_IMPL / APRIEL_CONV1D_BWD_IMPL = stream|async; section below): a
+//   thread walks a contiguous run of tokens with its window in registers, one wave of blocks; "async"
+//   stages the chunks through shared memory with cp.async instead of register double buffers. Default: the tile kernels, until an
+//   H100 run decides (docs/notes/conv1d.md).
+// Status (H100, b1 L8192 bf16 silu; bench/results/conv1d_h100_vecw_default.json): tile forward 4096 ch
+//   0.065 ms = 69% of the copy ceiling, 1024 ch 0.024 ms, forward+backward 0.29 ms (backward 0.21); bars
+//   0.050 / 0.016 / 0.18. Limits found by reading (docs/notes/conv1d.md): halo re-reads per 8-token tile,
+//   weights reloaded per tile (50 MB of L2 traffic at 4096 ch), a ragged last wave of short blocks; in the
+//   backward 1.75x/1.375x x/dout re-reads, 8-byte loads and no prefetch. The stream kernels remove these.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -805,6 +809,129 @@ __global__ void __launch_bounds__(128, APRIEL_CONV1D_FWD_STREAM_MIN_BLOCKS) fwd_
   else fwd_stream_body<T, W, false>(p);
 }
 
+// -------------------------------------------------------------- forward, stream + cp.async (v3, "async")
+// APRIEL_CONV1D_FWD_IMPL=async. The stream forward above keeps its prefetched chunk in registers: 168
+// registers, 3 blocks (12 warps) and ~48 KB in flight per SM. Here the chunks go global -> shared memory
+// with cp.async (no registers held while in flight, L1 bypassed): kAsyncStages slots of kAsyncChunk
+// tokens per thread, kAsyncStages - 1 chunks ahead of the one being computed (192 B per thread), and the
+// registers drop to window + weights. Each thread reads back only the slots it filled itself, so no block
+// barrier is needed: cp.async.wait_group orders its own copies, and a slot is refilled only after the
+// stores that consumed its previous contents were issued (in-order issue), so there is no WAR hazard.
+constexpr int kAsyncChunk = 4;
+constexpr int kAsyncStages = 4;
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// Slots: [stage][token][thread] so a warp's 16-byte copies and reads hit consecutive banks.
+using AsyncStage = uint4[kAsyncChunk][128];
+
+template <typename T, int W, bool kSeq>
+__device__ __forceinline__ void fwd_async_body(const ConvParams& p, AsyncStage* stage) {
+  using A = acc_t<T>;
+  constexpr int kCh = 16 / sizeof(T);
+  constexpr int H = W - 1;
+  constexpr int K = kAsyncChunk;
+  constexpr int S = kAsyncStages;
+  const int c0 = (blockIdx.x * 32 + threadIdx.x) * kCh;
+  const int ts = (blockIdx.y * blockDim.y + threadIdx.y) * p.split_len;
+  const int b = blockIdx.z;
+  const int L = p.seqlen;
+  if (c0 >= p.dim || ts >= L) return;  // no barriers below: an idle thread may leave
+  const int te = min(ts + p.split_len, L);
+  const int tid = threadIdx.y * 32 + threadIdx.x;
+  const T* x = static_cast<const T*>(p.x) + b * p.x_stride_b + c0;
+  T* out = static_cast<T*>(p.out) + b * p.out_stride_b + c0;
+
+  // Chunk c -> slot c % S; one commit group per chunk (empty past the run's end, to keep the count).
+  auto issue = [&](int chunk) {
+#pragma unroll
+    for (int s = 0; s < K; ++s) {
+      const int t = ts + chunk * K + s;
+      if (t < te) cp_async16(&stage[chunk % S][s][tid], x + t * p.x_stride_l);
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int c = 0; c < S - 1; ++c) issue(c);
+
+  A xw[W][kCh];
+  int sw[W];
+#pragma unroll
+  for (int j = 0; j < H; ++j) {
+    const int t = ts - H + j;
+    sw[j] = seq_of<kSeq>(p, b, t);
+    if (t >= 0) {
+      Pack<T, kCh> h;
+      load_stream(h, x + t * p.x_stride_l);
+#pragma unroll
+      for (int i = 0; i < kCh; ++i) xw[j][i] = h.template get<A>(i);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kCh; ++i)
+        xw[j][i] = p.init == nullptr ? A(0)
+                   : to_acc<A>(static_cast<const T*>(p.init)[b * p.init_stride_b + (c0 + i) * p.init_stride_c +
+                                                             (H + t) * p.init_stride_k]);
+    }
+  }
+  A w[kCh][W], bias[kCh];
+  load_weights_any<A, kCh, W>(p, c0, w, bias);
+
+  const int nchunks = (te - ts + K - 1) / K;
+#pragma unroll 1
+  for (int c = 0; c < nchunks; ++c) {
+    issue(c + S - 1);
+    cp_async_wait<S - 1>();  // chunk c has landed (groups complete in order)
+#pragma unroll
+    for (int s = 0; s < K; ++s) {
+      const int t = ts + c * K + s;
+      if (t >= te) break;
+      Pack<T, kCh> cur;
+      cur.v = stage[c % S][s][tid];
+      sw[H] = seq_of<kSeq>(p, b, t);
+#pragma unroll
+      for (int i = 0; i < kCh; ++i) xw[H][i] = cur.template get<A>(i);
+      A y[kCh];
+#pragma unroll
+      for (int i = 0; i < kCh; ++i) {
+        A acc = bias[i];
+#pragma unroll
+        for (int k = 0; k < W; ++k) acc += w[i][k] * (same_doc<kSeq>(sw[k], sw[H]) ? xw[k][i] : A(0));
+        y[i] = activate(acc, p.silu);
+      }
+      store_stream<T, kCh>(out + t * p.out_stride_l, y);
+#pragma unroll
+      for (int j = 0; j < H; ++j) {
+        sw[j] = sw[j + 1];
+#pragma unroll
+        for (int i = 0; i < kCh; ++i) xw[j][i] = xw[j + 1][i];
+      }
+    }
+  }
+  cp_async_wait<0>();  // leave no copy in flight into shared memory of an exiting block
+  if (p.final_out != nullptr && te == L) {
+    T* fin = static_cast<T*>(p.final_out);
+#pragma unroll
+    for (int i = 0; i < kCh; ++i)
+#pragma unroll
+      for (int j = 0; j < H; ++j)
+        fin[(int64_t(b) * p.dim + c0 + i) * H + j] = from_acc<T>(same_doc<kSeq>(sw[j], sw[H - 1]) ? xw[j][i] : A(0));
+  }
+}
+
+// 32 KB of static shared memory per block; registers decide the rest (the launcher asks the occupancy API).
+template <typename T, int W>
+__global__ void __launch_bounds__(128) fwd_async_kernel(ConvParams p) {
+  __shared__ AsyncStage stage[kAsyncStages];
+  if (p.seq_idx != nullptr) fwd_async_body<T, W, true>(p, stage);
+  else fwd_async_body<T, W, false>(p, stage);
+}
+
 // Backward: 16-byte vectors for 4/8-byte types, 8-byte vectors (4 channels) for 16-bit types: a thread
 // carries 2 x kCh x W fp32 of weights and dweight and two windows, so 8 channels would spill.
 template <typename T> struct BwdStreamCh { static constexpr int value = sizeof(T) == 8 ? 2 : 4; };
@@ -975,6 +1102,214 @@ __global__ void __launch_bounds__(128, 3) bwd_stream_kernel(ConvParams p) {
   }
 }
 
+// ------------------------------------------------------------- backward, stream + cp.async (APRIEL_CONV1D_BWD_IMPL=async)
+// The stream backward with its x/dout chunks staged through shared memory (cp.async, 8-byte copies of 4
+// 16-bit channels, 16-byte copies otherwise) instead of register double buffers: kAsyncStages slots of
+// BwdAsyncSlots<T>::kChunk tokens, 3 chunks ahead (192 B of x + dout in flight per thread). Same per-thread ownership of slots (no barrier until the final
+// dweight reduction) and the same run/window/emission logic as bwd_stream_body.
+template <int Bytes>
+__device__ __forceinline__ void cp_async_small(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  if constexpr (Bytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(gmem) : "memory");
+  }
+}
+
+// Tokens per chunk: 4 for 16-bit types (8-byte slots), 2 otherwise (16-byte slots): 32 KB of slots.
+template <typename T>
+struct BwdAsyncSlots {
+  using V = typename Pack<T, BwdStreamCh<T>::value>::V;
+  static constexpr int kChunk = sizeof(V) == 8 ? 4 : 2;
+  V x[kAsyncStages][kChunk][128];
+  V g[kAsyncStages][kChunk][128];
+};
+
+template <typename T, int W, bool kSeq>
+__device__ __forceinline__ void bwd_async_body(const ConvParams& p, BwdAsyncSlots<T>& slots,
+                                               acc_t<T> (&dw)[BwdStreamCh<T>::value][W],
+                                               acc_t<T> (&db)[BwdStreamCh<T>::value]) {
+  using A = acc_t<T>;
+  constexpr int kCh = BwdStreamCh<T>::value;
+  constexpr int H = W - 1;
+  constexpr int K = BwdAsyncSlots<T>::kChunk;
+  constexpr int S = kAsyncStages;
+  constexpr int kBytes = int(sizeof(typename BwdAsyncSlots<T>::V));
+  const int c0 = (blockIdx.x * 32 + threadIdx.x) * kCh;
+  const int ts = (blockIdx.y * blockDim.y + threadIdx.y) * p.split_len;
+  const int b = blockIdx.z;
+  const int L = p.seqlen;
+  const int tid = threadIdx.y * 32 + threadIdx.x;
+#pragma unroll
+  for (int i = 0; i < kCh; ++i) {
+    db[i] = A(0);
+#pragma unroll
+    for (int k = 0; k < W; ++k) dw[i][k] = A(0);
+  }
+  if (c0 >= p.dim || ts >= L) return;
+  const int te = min(ts + p.split_len, L);
+  const int pend = te + H;
+  const int lend = min(pend, L);
+  const T* x = static_cast<const T*>(p.x) + b * p.x_stride_b + c0;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride_b + c0;
+  T* dx = static_cast<T*>(p.out) + b * p.out_stride_b + c0;
+  const T* init = static_cast<const T*>(p.init);
+  const T* dfinal = static_cast<const T*>(p.dfinal);
+  const bool want_dinit = ts == 0 && init != nullptr && p.dinit != nullptr;
+  const int seq_last = seq_of<kSeq>(p, b, L - 1);
+
+  auto issue = [&](int chunk) {
+#pragma unroll
+    for (int s = 0; s < K; ++s) {
+      const int t = ts + chunk * K + s;
+      if (t < lend) {
+        cp_async_small<kBytes>(&slots.x[chunk % S][s][tid], x + t * p.x_stride_l);
+        cp_async_small<kBytes>(&slots.g[chunk % S][s][tid], dout + t * p.dout_stride_l);
+      }
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int c = 0; c < S - 1; ++c) issue(c);
+
+  A xw[W][kCh], gw[W][kCh];
+  int sw[W];
+#pragma unroll
+  for (int j = 0; j < H; ++j) {
+    const int t = ts - H + j;
+    sw[j] = seq_of<kSeq>(p, b, t);
+    if (t >= 0) {
+      Pack<T, kCh> h;
+      load_stream(h, x + t * p.x_stride_l);
+#pragma unroll
+      for (int i = 0; i < kCh; ++i) xw[j][i] = h.template get<A>(i);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kCh; ++i)
+        xw[j][i] = init == nullptr ? A(0)
+                   : to_acc<A>(init[b * p.init_stride_b + (c0 + i) * p.init_stride_c + (H + t) * p.init_stride_k]);
+    }
+#pragma unroll
+    for (int i = 0; i < kCh; ++i) gw[j][i] = A(0);
+  }
+  A w[kCh][W], bias[kCh];
+  load_weights_any<A, kCh, W>(p, c0, w, bias);
+
+  const int nchunks = (pend - ts + K - 1) / K;
+#pragma unroll 1
+  for (int c = 0; c < nchunks; ++c) {
+    issue(c + S - 1);
+    cp_async_wait<S - 1>();
+#pragma unroll
+    for (int s = 0; s < K; ++s) {
+      const int pos = ts + c * K + s;
+      if (pos >= pend) break;
+      sw[H] = pos < L ? seq_of<kSeq>(p, b, pos) : seq_last;
+      const bool real = pos < L;
+      Pack<T, kCh> cx, cg;
+      if (real) {
+        cx.v = slots.x[c % S][s][tid];
+        cg.v = slots.g[c % S][s][tid];
+      }
+#pragma unroll
+      for (int i = 0; i < kCh; ++i) {
+        xw[H][i] = real ? cx.template get<A>(i) : A(0);
+        A g = A(0);
+        if (real) {
+          A pre = bias[i];
+#pragma unroll
+          for (int k = 0; k < W; ++k) pre += w[i][k] * (same_doc<kSeq>(sw[k], sw[H]) ? xw[k][i] : A(0));
+          g = cg.template get<A>(i) * activate_grad(pre, p.silu);
+          if (pos < te) {
+            db[i] += g;
+#pragma unroll
+            for (int k = 0; k < W; ++k) dw[i][k] += g * (same_doc<kSeq>(sw[k], sw[H]) ? xw[k][i] : A(0));
+          }
+        }
+        gw[H][i] = g;
+      }
+      const int sx = pos - H;
+      if ((sx >= ts || (want_dinit && sx >= -H)) && sx < te) {
+        A g[kCh];
+#pragma unroll
+        for (int i = 0; i < kCh; ++i) {
+          A acc = A(0);
+#pragma unroll
+          for (int k = 0; k < W; ++k) acc += w[i][k] * (same_doc<kSeq>(sw[0], sw[H - k]) ? gw[H - k][i] : A(0));
+          if (dfinal != nullptr && sx >= L - H && same_doc<kSeq>(sw[0], seq_last))
+            acc += to_acc<A>(dfinal[b * p.dfinal_stride_b + (c0 + i) * p.dfinal_stride_c +
+                                    (sx - (L - H)) * p.dfinal_stride_k]);
+          g[i] = acc;
+        }
+        if (sx >= 0) {
+          store_stream<T, kCh>(dx + sx * p.out_stride_l, g);
+        } else {
+          T* dinit = static_cast<T*>(p.dinit);
+#pragma unroll
+          for (int i = 0; i < kCh; ++i) dinit[(int64_t(b) * p.dim + c0 + i) * H + H + sx] = from_acc<T>(g[i]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < H; ++j) {
+        sw[j] = sw[j + 1];
+#pragma unroll
+        for (int i = 0; i < kCh; ++i) { xw[j][i] = xw[j + 1][i]; gw[j][i] = gw[j + 1][i]; }
+      }
+    }
+  }
+  cp_async_wait<0>();
+}
+
+// Dweight reduction shared with the stream kernel: 4 runs per block in run order, one partial per
+// (batch, block row).
+template <typename T, int W>
+__device__ __forceinline__ void bwd_block_partials(const ConvParams& p, acc_t<T> (&dw)[BwdStreamCh<T>::value][W],
+                                                   acc_t<T> (&db)[BwdStreamCh<T>::value],
+                                                   acc_t<T> (*red)[32 * BwdStreamCh<T>::value][W + 1]) {
+  using A = acc_t<T>;
+  constexpr int kCh = BwdStreamCh<T>::value;
+  constexpr int kLanes = 4;
+  const int c0 = (blockIdx.x * 32 + threadIdx.x) * kCh;
+#pragma unroll
+  for (int i = 0; i < kCh; ++i) {
+#pragma unroll
+    for (int k = 0; k < W; ++k) red[threadIdx.y][threadIdx.x * kCh + i][k] = dw[i][k];
+    red[threadIdx.y][threadIdx.x * kCh + i][W] = db[i];
+  }
+  __syncthreads();
+  if (threadIdx.y == 0 && c0 < p.dim) {
+    float* ws = p.workspace + (int64_t(blockIdx.z) * p.nsplit + blockIdx.y) * p.dim * (W + 1);
+#pragma unroll
+    for (int i = 0; i < kCh; ++i) {
+#pragma unroll
+      for (int k = 0; k <= W; ++k) {
+        A sum = A(0);
+#pragma unroll
+        for (int l = 0; l < kLanes; ++l) sum += red[l][threadIdx.x * kCh + i][k];
+        ws[int64_t(c0 + i) * (W + 1) + k] = static_cast<float>(sum);
+      }
+    }
+  }
+}
+
+// 32 KB of static shared memory: the slots, reused for the dweight reduction once every run is done.
+// (128, 3): the host plans one wave of 3 blocks per SM, as for the stream kernel.
+template <typename T, int W>
+__global__ void __launch_bounds__(128, 3) bwd_async_kernel(ConvParams p) {
+  using A = acc_t<T>;
+  constexpr int kCh = BwdStreamCh<T>::value;
+  __shared__ union {
+    BwdAsyncSlots<T> slots;
+    A red[4][32 * kCh][W + 1];
+  } smem;
+  A dw[kCh][W], db[kCh];
+  if (p.seq_idx != nullptr) bwd_async_body<T, W, true>(p, smem.slots, dw, db);
+  else bwd_async_body<T, W, false>(p, smem.slots, dw, db);
+  __syncthreads();  // every thread is past its loop (and its cp.async waits): the slots are dead
+  bwd_block_partials<T, W>(p, dw, db, smem.red);
+}
+
 // ====================================================================================== launchers
 inline int cdiv(int64_t a, int64_t b) { return int((a + b - 1) / b); }
 
@@ -999,10 +1334,10 @@ inline int current_num_sms() {
 }
 
 // One wave: (resident blocks per SM) x SMs blocks of 4 runs, the token runs split evenly over them.
-template <typename T, int W>
+template <typename T, int W, bool kAsync>
 void launch_fwd_stream(ConvParams p, cudaStream_t stream) {
   constexpr int kCh = 16 / sizeof(T);
-  static const int per_sm = blocks_per_sm(fwd_stream_kernel<T, W>, 128);
+  static const int per_sm = kAsync ? blocks_per_sm(fwd_async_kernel<T, W>, 128) : blocks_per_sm(fwd_stream_kernel<T, W>, 128);
   const int64_t chan_blocks = cdiv(p.dim, 32 * kCh);
   const int64_t target_runs = int64_t(per_sm) * current_num_sms() * 4;
   int64_t runs = std::max<int64_t>(1, target_runs / (chan_blocks * p.batch));
@@ -1010,7 +1345,8 @@ void launch_fwd_stream(ConvParams p, cudaStream_t stream) {
   p.split_len = cdiv(cdiv(p.seqlen, runs), kStreamChunk) * kStreamChunk;
   runs = cdiv(p.seqlen, p.split_len);
   const dim3 grid(int(chan_blocks), cdiv(runs, 4), p.batch);
-  fwd_stream_kernel<T, W><<<grid, dim3(32, 4), 0, stream>>>(p);
+  if (kAsync) fwd_async_kernel<T, W><<<grid, dim3(32, 4), 0, stream>>>(p);
+  else fwd_stream_kernel<T, W><<<grid, dim3(32, 4), 0, stream>>>(p);
 }
 
 template <typename T, int W, bool kVecW>
@@ -1028,8 +1364,10 @@ void launch_fwd_vec(const ConvParams& p, cudaStream_t stream) {
 
 template <typename T, int W>
 void launch_fwd_w(const ConvParams& p, cudaStream_t stream) {
-  if (p.vectorized && p.fwd_stream) {
-    launch_fwd_stream<T, W>(p, stream);
+  if (p.vectorized && p.fwd_impl == kFwdAsync) {
+    launch_fwd_stream<T, W, true>(p, stream);
+  } else if (p.vectorized && p.fwd_impl == kFwdStream) {
+    launch_fwd_stream<T, W, false>(p, stream);
   } else if (p.vectorized) {
     if (p.weight_vec) launch_fwd_vec<T, W, true>(p, stream);
     else launch_fwd_vec<T, W, false>(p, stream);
@@ -1045,10 +1383,11 @@ constexpr int kBwdTok = 8;
 
 template <typename T, int W>
 void launch_bwd_w(const ConvParams& p, cudaStream_t stream) {
-  if (p.vectorized && p.bwd_stream) {
+  if (p.vectorized && p.bwd_impl != kFwdTile) {
     // Host-planned (it sized the workspace): nsplit block rows of 4 runs of split_len tokens.
     const dim3 grid(cdiv(p.dim, 32 * BwdStreamCh<T>::value), p.nsplit, p.batch);
-    bwd_stream_kernel<T, W><<<grid, dim3(32, 4), 0, stream>>>(p);
+    if (p.bwd_impl == kFwdAsync) bwd_async_kernel<T, W><<<grid, dim3(32, 4), 0, stream>>>(p);
+    else bwd_stream_kernel<T, W><<<grid, dim3(32, 4), 0, stream>>>(p);
   } else if (p.vectorized) {
     constexpr int kCh = BwdCh<T>::value;
     const dim3 grid(cdiv(p.dim, 32 * kCh), p.nsplit, p.batch);
@@ -1067,7 +1406,7 @@ void launch_bwd_w(const ConvParams& p, cudaStream_t stream) {
 
 template <typename T>
 void launch_fwd(const ConvParams& p, cudaStream_t stream) {
-  switch (p.width) {  // 3 widths x 6 kernels: {4, 8}-token tiles x {scalar, vector} weights, stream, generic
+  switch (p.width) {  // 3 widths x 7 kernels: {4, 8}-token tiles x {scalar, vector} weights, stream, async, generic
     case 2: launch_fwd_w<T, 2>(p, stream); break;
     case 3: launch_fwd_w<T, 3>(p, stream); break;
     default: launch_fwd_w<T, 4>(p, stream); break;
@@ -1076,7 +1415,7 @@ void launch_fwd(const ConvParams& p, cudaStream_t stream) {
 
 template <typename T>
 void launch_bwd(const ConvParams& p, cudaStream_t stream) {
-  switch (p.width) {  // 3 widths x 4 kernels: {scalar, vector} weights, stream, generic; + 1 reduction
+  switch (p.width) {  // 3 widths x 5 kernels: {scalar, vector} weights, stream, async, generic; + 1 reduction
     case 2: launch_bwd_w<T, 2>(p, stream); break;
     case 3: launch_bwd_w<T, 3>(p, stream); break;
     default: launch_bwd_w<T, 4>(p, stream); break;
@@ -1096,13 +1435,15 @@ void launch_update(const UpdateParams& p, cudaStream_t stream) {
 // shapes the benchmarks run. Returns true so it can initialise a static.
 template <typename T>
 bool register_kernels(const char* dtype) {
-  static char names[9][64];
+  static char names[11][64];
   // {kernel, template arguments after the dtype}
-  const char* kinds[9][2] = {{"fwd_tile", "W4,tok8,vecw"}, {"fwd_tile", "W4,tok4,vecw"},
+  const char* kinds[11][2] = {{"bwd_async", "W4"}, {"fwd_async", "W4"}, {"fwd_tile", "W4,tok8,vecw"}, {"fwd_tile", "W4,tok4,vecw"},
                              {"fwd_tile", "W4,tok8,scalarw"}, {"fwd_stream", "W4"}, {"fwd_generic", "W4"},
                              {"bwd_tile", "W4,vecw"}, {"bwd_stream", "W4"}, {"bwd_generic", "W4"},
                              {"update", nullptr}};
-  const void* funcs[9] = {
+  const void* funcs[11] = {
+      reinterpret_cast<const void*>(&bwd_async_kernel<T, 4>),
+      reinterpret_cast<const void*>(&fwd_async_kernel<T, 4>),
       reinterpret_cast<const void*>(&fwd_tokmajor_kernel<T, 4, 8, true>),
       reinterpret_cast<const void*>(&fwd_tokmajor_kernel<T, 4, 4, true>),
       reinterpret_cast<const void*>(&fwd_tokmajor_kernel<T, 4, 8, false>),
@@ -1112,8 +1453,8 @@ bool register_kernels(const char* dtype) {
       reinterpret_cast<const void*>(&bwd_stream_kernel<T, 4>),
       reinterpret_cast<const void*>(&bwd_generic_kernel<T, 4>),
       reinterpret_cast<const void*>(&update_kernel<T>)};
-  const int threads[9] = {128, 128, 128, 128, 256, 128, 128, 256, 128};
-  for (int i = 0; i < 9; ++i) {
+  const int threads[11] = {128, 128, 128, 128, 128, 128, 256, 128, 128, 256, 128};
+  for (int i = 0; i < 11; ++i) {
     if (kinds[i][1] != nullptr) snprintf(names[i], sizeof(names[i]), "%s<%s,%s>", kinds[i][0], dtype, kinds[i][1]);
     else snprintf(names[i], sizeof(names[i]), "%s<%s>", kinds[i][0], dtype);
     register_kernel({"conv1d", names[i], funcs[i], threads[i]});

@@ -17,6 +17,10 @@ namespace conv1d {
 // per thread, so a template parameter for them would multiply instantiations for no speed.
 enum ScalarCode : int { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
 
+// Vectorised kernel variant (ConvParams::fwd_impl / bwd_impl; APRIEL_CONV1D_FWD_IMPL / _BWD_IMPL =
+// tile|stream|async).
+enum FwdImpl : int { kFwdTile = 0, kFwdStream = 1, kFwdAsync = 2 };
+
 struct ConvParams {
   int batch, dim, seqlen, width;
   bool silu;
@@ -72,13 +76,14 @@ struct ConvParams {
   // taps as vectors instead of kCh * (width + 1) scalar loads (the default; APRIEL_CONV1D_VEC_WEIGHTS=0 selects the scalar loads).
   bool weight_vec;
   int fwd_tokens;   // tokens per thread of the vectorised forward (4 or 8)
-  // Streaming variants of the vectorised kernels (APRIEL_CONV1D_FWD_IMPL / APRIEL_CONV1D_BWD_IMPL=stream):
+  // Streaming variants of the vectorised kernels (APRIEL_CONV1D_FWD_IMPL / _BWD_IMPL = stream|async):
   // a thread walks a contiguous run of split_len tokens carrying its window in registers (no halo
   // re-reads, weights loaded once), prefetching the next chunk while computing the current one, in a grid
   // sized to one wave of resident blocks. The forward launcher picks split_len itself; the backward's is
   // set by the host (it sizes the dweight workspace), nsplit then counts blocks along tokens.
-  bool fwd_stream;
-  bool bwd_stream;
+  // fwd_impl: kFwdAsync = the stream forward with chunks staged through shared memory by cp.async.
+  int fwd_impl;
+  int bwd_impl;     // FwdImpl values too: kFwdTile, kFwdStream or kFwdAsync
 };
 
 // Update step: q new tokens per row against cached windows.
