@@ -9,7 +9,8 @@ fwd+bwd adds the backward to every input gradient. floor_ms is the MUFU exp2 flo
 floor, which it cannot reach: it needs >= 2 exp2 per element). Providers: "apriel" is the default dispatch
 (forward v4: 4 states per thread, cp.async tiles), timed eagerly like the peers' do_bench figures;
 "apriel-graph" the same call replayed from a CUDA graph (no host overhead: the kernel's own time);
-"apriel-v4k8" / "apriel-v3" force the other forward versions (APRIEL_SCAN_FWD) for comparison.
+"apriel-v4k4" / "apriel-v4k8" / "apriel-v3" force a forward version (APRIEL_SCAN_FWD), "apriel-bcf32" makes
+v4 read fp32 copies of B / C instead of the raw 16-bit tile (APRIEL_SCAN_BC=f32), for comparison.
 """
 from __future__ import annotations
 
@@ -73,10 +74,12 @@ def run(quick: bool = False) -> list[dict]:
     fwd_shapes = [(1, 2048), (1, 8192), (1, 32768), (8, 4096)] if not quick else [(1, 2048), (1, 8192)]
     for batch, seqlen in fwd_shapes:
         args = _inputs(batch, seqlen)
-        for provider, version in (("apriel", None), ("apriel-graph", None), ("apriel-v4k4", "v4k4"), ("apriel-v4k8", "v4k8"), ("apriel-v3", "v3")):
+        variants = (("apriel", None, None), ("apriel-graph", None, None), ("apriel-v4k4", "v4k4", None),
+                    ("apriel-v4k8", "v4k8", None), ("apriel-bcf32", None, "f32"), ("apriel-v3", "v3", None))
+        for provider, version, bc in variants:
             try:
                 timer = time_graph_ms if provider.endswith("graph") else time_ms
-                with env_override("APRIEL_SCAN_FWD", version), torch.no_grad():
+                with env_override("APRIEL_SCAN_FWD", version), env_override("APRIEL_SCAN_BC", bc), torch.no_grad():
                     stats = timer(lambda: mixer_scan(**args, **kw))
                 out.append(_row("fwd", provider, batch, seqlen, stats))
             except Exception as e:  # noqa: BLE001 - a failing shape is a row, not a crash

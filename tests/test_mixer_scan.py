@@ -273,6 +273,8 @@ VARIANT_CASES = [
     ("v4k8", 2, 70, 64, 16, 4, 16, "misaligned"),
     ("v4k4", 1, 33, 64, 16, 4, 16, "misaligned"),
     ("v3", 2, 131, 256, 64, 4, 16, "init_packed"),
+    ("v4k4-bcf32", 2, 77, 64, 16, 4, 16, "init_packed"),
+    ("v4k8-bcf32", 1, 45, 256, 64, 3, 32, "strided"),
 ]
 
 
@@ -282,7 +284,9 @@ VARIANT_CASES = [
 @pytest.mark.parametrize("case", VARIANT_CASES, ids=lambda c: f"{c[0]}-b{c[1]}-L{c[2]}-D{c[3]}-W{c[5]}-R{c[6]}-{c[7] or 'plain'}")
 def test_forward_versions_and_shapes(case, dtype, monkeypatch):
     version, b, L, D_, X, width, rank, extra = case
-    monkeypatch.setenv("APRIEL_SCAN_FWD", version)
+    monkeypatch.setenv("APRIEL_SCAN_FWD", version.split("-")[0])
+    if version.endswith("bcf32"):
+        monkeypatch.setenv("APRIEL_SCAN_BC", "f32")
     args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", dt_rank=rank, width=width,
                            initial_states="init" in extra, strided=extra == "strided", seed=7)
     seq = packed_seq_idx(b, L, [L // 4, L // 2 + 1], "cuda") if "packed" in extra else None

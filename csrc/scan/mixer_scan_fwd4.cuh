@@ -193,7 +193,19 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, RawTile<T, kR>& 
   }
 }
 
-template <typename T, int K, int kR, bool kSeq>
+// Unpacks two 16-bit values of a 32-bit word to fp32 (bf16: bit moves; fp16: conversions).
+template <typename T> __device__ __forceinline__ float2 unpack2(unsigned w);
+template <> __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(unsigned w) {
+  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+}
+template <> __device__ __forceinline__ float2 unpack2<__half>(unsigned w) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&w));
+}
+template <> __device__ __forceinline__ float2 unpack2<float>(unsigned) { return make_float2(0.f, 0.f); }
+
+// kRawBC (16-bit activations only): the scan reads B and C straight from the raw tile (8 B per 4 values, not
+// 16 B of fp32): the forward is bound by shared-memory wavefronts, and these loads are most of them.
+template <typename T, int K, int kR, bool kSeq, bool kRawBC>
 __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel(MixerScanParams p) {
   constexpr int NT = kN * K;                 // threads per block
   constexpr int NS = kN / K;                 // states per thread
@@ -293,7 +305,7 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
         if (kPieces % NT == 0 || tid + k * NT < kPieces) cvt_vec<T>(&r.x[0][0] + e, &sm.xf[par][3][0] + e);
       }
 #pragma unroll
-      for (int which = 1; which < 3; ++which) {
+      for (int which = 1; which < (kRawBC ? 1 : 3); ++which) {
         const T* src = which == 1 ? &r.B[0][0] : &r.C[0][0];
 #pragma unroll
         for (int k = 0; k < (kPieces + NT - 1) / NT; ++k) {
@@ -384,28 +396,59 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
     // C: the recurrence. Fully unrolled and branch-free: the ex2 of later tokens overlap the h chain; the
     // shared-memory operands are loaded kPF tokens ahead (short-scoreboard stalls were the top stall reason).
     constexpr int kPF = 2;
+    constexpr int kW = kRawBC ? NS : 2 * NS;  // 32-bit words of B and C per token and lane
     float acc[kChunk];
     float2 ep[kPF + 1];
-    float bcp[kPF + 1][2 * NS];
+    unsigned bcp[kPF + 1][kW];
+    auto load_bc = [&](int t, unsigned (&dst)[kW]) {
+      if constexpr (kRawBC) {  // NS/2 words of B, then NS/2 of C (16-bit pairs)
+        const unsigned* bw = reinterpret_cast<const unsigned*>(&r.B[t][j * NS]);
+        const unsigned* cw = reinterpret_cast<const unsigned*>(&r.C[t][j * NS]);
+        if constexpr (NS == 4) {
+          const uint2 b2 = *reinterpret_cast<const uint2*>(bw), c2 = *reinterpret_cast<const uint2*>(cw);
+          dst[0] = b2.x; dst[1] = b2.y; dst[2] = c2.x; dst[3] = c2.y;
+        } else {
+          dst[0] = bw[0]; dst[1] = cw[0];
+        }
+      } else {
+        float v[2 * NS];
+        scan::load_states<2 * NS>(&sm.BC[t][j * 2 * NS], v);
+#pragma unroll
+        for (int i = 0; i < 2 * NS; ++i) dst[i] = __float_as_uint(v[i]);
+      }
+    };
 #pragma unroll
     for (int t = 0; t < kPF; ++t) {
       ep[t] = sm.ud[t][sch];
-      scan::load_states<2 * NS>(&sm.BC[t][j * 2 * NS], bcp[t]);
+      load_bc(t, bcp[t]);
     }
 #pragma unroll
     for (int t = 0; t < kChunk; ++t) {
       if (t + kPF < kChunk) {
         ep[(t + kPF) % (kPF + 1)] = sm.ud[t + kPF][sch];
-        scan::load_states<2 * NS>(&sm.BC[t + kPF][j * 2 * NS], bcp[(t + kPF) % (kPF + 1)]);
+        load_bc(t + kPF, bcp[(t + kPF) % (kPF + 1)]);
       }
       const float2 e = ep[t % (kPF + 1)];
-      const float* bc = bcp[t % (kPF + 1)];
+      float Bv[NS], Cv[NS];
+      if constexpr (kRawBC) {
+#pragma unroll
+        for (int i = 0; i < NS / 2; ++i) {
+          const float2 bb = unpack2<T>(bcp[t % (kPF + 1)][i]), cc = unpack2<T>(bcp[t % (kPF + 1)][NS / 2 + i]);
+          Bv[2 * i] = bb.x; Bv[2 * i + 1] = bb.y; Cv[2 * i] = cc.x; Cv[2 * i + 1] = cc.y;
+        }
+      } else {
+#pragma unroll
+        for (int s = 0; s < NS; ++s) {
+          Bv[s] = __uint_as_float(bcp[t % (kPF + 1)][s]);
+          Cv[s] = __uint_as_float(bcp[t % (kPF + 1)][NS + s]);
+        }
+      }
       float a = 0.f;
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
         const float dA = scan::ex2(e.x * A2[s]);
-        h[s] = fmaf(dA, h[s], e.y * bc[s]);
-        a = fmaf(bc[NS + s], h[s], a);
+        h[s] = fmaf(dA, h[s], e.y * Bv[s]);
+        a = fmaf(Cv[s], h[s], a);
       }
       acc[t] = a;
     }
@@ -440,10 +483,10 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
   }
 }
 
-template <typename T, int K, int kR, bool kSeq>
+template <typename T, int K, int kR, bool kSeq, bool kRawBC>
 void launch(const MixerScanParams& p, void* stream) {
   const size_t smem = sizeof(Smem4<T, kR>);
-  auto kernel = mixer_scan_fwd4_kernel<T, K, kR, kSeq>;
+  auto kernel = mixer_scan_fwd4_kernel<T, K, kR, kSeq, kRawBC>;
   static bool configured = false;  // per instantiation; a race here only repeats an idempotent call
   if (!configured) {
     if (smem > 48 * 1024)
@@ -464,8 +507,15 @@ void launch(const MixerScanParams& p, void* stream) {
 template <typename T, int K>
 void launch_mixer_scan_fwd4(const MixerScanParams& p, void* stream) {
   const bool seq = p.seq_idx != nullptr;
-  if (p.dt_rank <= 16) seq ? scan4::launch<T, K, 16, true>(p, stream) : scan4::launch<T, K, 16, false>(p, stream);
-  else seq ? scan4::launch<T, K, 32, true>(p, stream) : scan4::launch<T, K, 32, false>(p, stream);
+  if constexpr (sizeof(T) == 2) {
+    if (p.raw_bc) {
+      if (p.dt_rank <= 16) seq ? scan4::launch<T, K, 16, true, true>(p, stream) : scan4::launch<T, K, 16, false, true>(p, stream);
+      else seq ? scan4::launch<T, K, 32, true, true>(p, stream) : scan4::launch<T, K, 32, false, true>(p, stream);
+      return;
+    }
+  }
+  if (p.dt_rank <= 16) seq ? scan4::launch<T, K, 16, true, false>(p, stream) : scan4::launch<T, K, 16, false, false>(p, stream);
+  else seq ? scan4::launch<T, K, 32, true, false>(p, stream) : scan4::launch<T, K, 32, false, false>(p, stream);
 }
 
 }  // namespace apriel

@@ -102,6 +102,10 @@ MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims
   p.D_raw = raw(Dskip);
   const int64_t vec = 16 / static_cast<int64_t>(zxbc.element_size());
   auto aligned = [&](const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  {
+    const char* bc = std::getenv("APRIEL_SCAN_BC");
+    p.raw_bc = bc == nullptr || std::string(bc) != "f32";
+  }
   p.zxbc_vec16 = aligned(zxbc) && zxbc.stride(0) % vec == 0 && zxbc.stride(1) % vec == 0;
   p.dt_vec16 = aligned(dt_low) && dt_low.stride(0) % vec == 0 && dt_low.stride(1) % vec == 0 && d.R % vec == 0 &&
                dt_low.stride(2) == 1;
