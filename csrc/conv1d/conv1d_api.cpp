@@ -282,7 +282,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
   p.bwd_impl = impl_from_env("APRIEL_CONV1D_BWD_IMPL", kDefaultBwdImpl);
   int64_t chan_blocks, tile, target_blocks;
   if (p.vectorized && p.bwd_impl != kFwdTile) {
-    // Stream kernel: one wave of 3 blocks per SM (its launch bounds guarantee them), each block 4 runs of
+    // Stream/async kernels: one wave of 3 blocks per SM (their launch bounds guarantee it), each block 4 runs of
     // split_len tokens; nsplit = block rows along tokens (= workspace rows per batch row).
     chan_blocks = cdiv(s.dim, 32 * (x.element_size() == 8 ? 2 : 4));
     const int64_t runs_per_block = 4, chunk = 8;
