@@ -6,8 +6,11 @@
 Inputs are channel-major like mamba-ssm's selective_scan_fn (u, delta, z (b, D, L) bf16; B, C (b, N, L)
 bf16; A (D, N), D, delta_bias fp32; delta_softplus), D 4096, N 16; the timed call is
 apriel_kernels.selective_scan_fn (fwd), plus torch.autograd.grad to every input (fwd+bwd). Provider
-"apriel-tm" runs the same op on token-major (b, L, D) inputs (selective_scan); "apriel-plain" is the forward
-without the interleaved float2 tiles (APRIEL_SSCAN_FWD=plain), for A/B. floor_ms is the MUFU exp2
+"apriel" is the default (forward v2, K from the block count); "apriel-tm" runs the same op on token-major
+(b, L, D) inputs (selective_scan); A/B rows through APRIEL_SSCAN_FWD: "apriel-v2k4" / "apriel-v2k8" (v2 at a
+forced K), "apriel-v1" (the v1 forward), "apriel-plain" (v1 without its interleaved float2 tiles; with
+APRIEL_SSCAN_BWD=plain in the fwd+bwd row). The fwd+bwd "apriel-v1" row shows what v2 saves in the backward's
+checkpoint pass (it reruns the selected forward). floor_ms is the MUFU exp2
 floor of kernels.md: 65536 * b * L exponentials at 3.9e12 /s; peer_ms the mamba-ssm figure of kernels.md.
 """
 from __future__ import annotations
@@ -67,7 +70,9 @@ def run(quick: bool = False) -> list[dict]:
     kw = dict(delta_softplus=True)
     out = []
     for batch, seqlen in ([(1, 2048), (1, 8192), (8, 4096)] if not quick else [(1, 2048), (1, 8192)]):
-        for provider, cm, variant in (("apriel", True, None), ("apriel-tm", False, None), ("apriel-plain", True, "plain")):
+        for provider, cm, variant in (("apriel", True, None), ("apriel-tm", False, None), ("apriel-v2k4", True, "v2k4"),
+                                      ("apriel-v2k8", True, "v2k8"), ("apriel-v1", True, "v1"),
+                                      ("apriel-plain", True, "plain")):
             try:
                 args = _inputs(batch, seqlen, channel_major=cm)
                 fn = selective_scan_fn if cm else selective_scan
@@ -87,7 +92,10 @@ def run(quick: bool = False) -> list[dict]:
                 y = selective_scan_fn(**args, **kw)  # noqa: B023
                 return torch.autograd.grad(y, leaves, dy)  # noqa: B023
 
-            if batch == 1:  # A/B of the interleaved tile loops (forward and backward) against the plain ones
+            if batch == 1:  # A/B: v1 forward (both passes), and v1 with the plain tile loops (forward and backward)
+                with env_override("APRIEL_SSCAN_FWD", "v1"):
+                    out.append(_row("fwd+bwd", "apriel-v1", batch, seqlen, time_ms(step, rep_ms=300),
+                                    layout="channel-major"))
                 with env_override("APRIEL_SSCAN_FWD", "plain"), env_override("APRIEL_SSCAN_BWD", "plain"):
                     out.append(_row("fwd+bwd", "apriel-plain", batch, seqlen, time_ms(step, rep_ms=300),
                                     layout="channel-major"))

@@ -212,6 +212,9 @@ FWD_CASES = [
     (1, 45, 32, None, 2, 2, 40, "cm", "packed_init"),
     (2, 33, 64, None, 1, 1, 64, "tm", "init"),
     (2, 300, 4096, None, 1, 1, 16, "cm", ""),
+    # channel-major with L % 8 == 0: the forward v2's 16-byte cp.async path (ragged last tile, partial copies)
+    (2, 1000, 64, None, 1, 1, 16, "cm", "packed_init"),
+    (1, 264, 128, 32, 2, 2, 16, "cm", "init"),
 ]
 CASE_ID = lambda c: f"b{c[0]}-L{c[1]}-D{c[2]}-Du{c[3] or c[2]}-GB{c[4]}-GC{c[5]}-N{c[6]}-{c[7]}-{c[8] or 'plain'}"  # noqa: E731
 
@@ -239,6 +242,7 @@ GRAD_CASES = [
     (2, 100, 40, None, 40, 5, 16, "cm", "init"),
     (1, 45, 32, None, 2, 2, 40, "tm", "packed_init"),
     (1, 2049, 64, None, 1, 1, 16, "cm", ""),
+    (2, 264, 64, None, 1, 1, 16, "cm", "packed_init"),
 ]
 
 
@@ -378,8 +382,9 @@ def test_cuda_unsupported_shapes_name_the_argument():
 @needs_kernel
 @pytest.mark.parametrize("extras", ["", "packed_init"])
 def test_cuda_forward_variants_agree(extras, monkeypatch):
-    """The interleaved fast tile loop (default) and APRIEL_SSCAN_FWD=plain do the same arithmetic: bitwise equal."""
+    """v1's interleaved tile loop (APRIEL_SSCAN_FWD=v1) and its plain loop (=plain) do the same arithmetic: bitwise equal."""
     args, seq = make_cuda_case(2, 77, 64, None, 1, 4, 16, torch.bfloat16, extras)
+    monkeypatch.setenv("APRIEL_SSCAN_FWD", "v1")
     y, f, _, _ = _run(args, seq, "cm")
     monkeypatch.setenv("APRIEL_SSCAN_FWD", "plain")
     y_p, f_p, _, _ = _run(args, seq, "cm")
@@ -403,3 +408,59 @@ def test_cuda_backward_variants_agree(extras, monkeypatch):
     plain = grads()
     for k in fast:
         assert torch.equal(fast[k], plain[k]), f"d{k} differs between backward variants"
+
+
+# Forward v2 (csrc/sscan/sscan_fwd2.cuh: d_state 16, one B / C group per block) at both lane counts, on every
+# staging path: token-major 16-byte copies ("tm"), token-fast 16-byte copies with a ragged tail ("cm", L % 8 == 0),
+# token-fast plain loads ("cm", other L), plain loads of NaN-padded strided slices ("nan"), grouped u, packed.
+V2_CASES = [
+    (1, 1, 64, None, 1, 4, 16, "tm", ""),
+    (2, 77, 64, None, 1, 1, 16, "tm", "packed_init"),
+    (3, 2, 64, 16, 2, 4, 16, "cm", "init"),
+    (1, 63, 256, 64, 4, 16, 16, "nan", ""),
+    (3, 65, 64, None, 1, 1, 16, "cm", "packed_init"),
+    (2, 1000, 64, None, 1, 1, 16, "cm", "packed_init"),
+    (1, 264, 128, 32, 2, 2, 16, "cm", "init"),
+]
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("variant", ["v2k4", "v2k8"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", V2_CASES, ids=CASE_ID)
+def test_cuda_forward_v2_parity(case, dtype, variant, monkeypatch):
+    """v2 at K = 4 and 8 vs float64; its states equal v1's (same per-state arithmetic; only y's sum order differs)."""
+    b, L, d, du, gb, gc, n, layout, extras = case
+    args, seq = make_cuda_case(b, L, d, du, gb, gc, n, dtype, extras)
+    monkeypatch.setenv("APRIEL_SSCAN_FWD", variant)
+    poison_allocator()
+    y, final, _, _ = _run(args, seq, layout)
+    _, (y64, f64) = _ref(args, seq, True)
+    _, (ylp, flp) = _ref(args, seq, False)
+    assert y.dtype == dtype and y.is_contiguous()
+    check("y", y, y64, ylp, floor=_tol(dtype))
+    check("final_state", final, f64, flp, floor=_tol(dtype))
+    monkeypatch.setenv("APRIEL_SSCAN_FWD", "v1")
+    y1, final1, _, _ = _run(args, seq, layout)
+    scale = final1.abs().max().item()
+    torch.testing.assert_close(final, final1, rtol=1e-6, atol=1e-6 * scale)
+    torch.testing.assert_close(y.float(), y1.float(), rtol=0, atol=(1e-5 if dtype == torch.float32 else 2e-2) * y1.abs().max().item())
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("variant", ["v2k4", "v2k8", "v1"])
+def test_cuda_gradient_through_forward_variants(variant, monkeypatch):
+    """The backward's checkpoint pass runs the selected forward (v2 writes the checkpoints by default)."""
+    args, seq = make_cuda_case(2, 264, 64, None, 1, 1, 16, torch.bfloat16, "packed_init")
+    monkeypatch.setenv("APRIEL_SSCAN_FWD", variant)
+    y, final, bases, views = _run(args, seq, "cm", leaves=True)
+    (y.float().sum() + final.sum()).backward()
+    got = {k: views[k](bases[k].grad) for k in bases}
+    monkeypatch.setenv("APRIEL_SSCAN_FWD", "plain")
+    y, final, bases, views = _run(args, seq, "cm", leaves=True)
+    (y.float().sum() + final.sum()).backward()
+    for k in got:
+        ref = views[k](bases[k].grad).float()
+        torch.testing.assert_close(got[k].float(), ref, rtol=0, atol=1e-2 * ref.abs().max().item(), msg=f"d{k}")

@@ -27,6 +27,44 @@ Tensor f32c(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 int groups_per_block(int64_t cpg) { return cpg >= kSsChannels ? 1 : static_cast<int>(kSsChannels / cpg); }
 
+// v2 staging flags (sscan_params.h): per activation, keep the tile token-fast (token stride 1, mamba's
+// channel-major layout) or token-major, and whether 16-byte cp.async copies are legal: unit stride along the
+// copied rows, 16-byte aligned base, every other stride and the blocks' start offsets multiples of 16 bytes.
+// B and C share one orientation (the scan loop is compiled per orientation): if they disagree both are staged
+// token-major, the token-fast one by plain loads.
+void set_v2_staging(SScanParams& p, const Tensor& u, const Tensor& delta, const OptT& z, const Tensor& B,
+                    const Tensor& C) {
+  const int64_t vec = 16 / static_cast<int64_t>(delta.element_size());
+  auto tfast = [](int64_t ls, int64_t cs) { return ls == 1 && cs != 1; };
+  // other: the strides / offsets that must be multiples of vec (batch stride only when batch > 1).
+  auto can_vec = [&](const Tensor& t, bool tf, int64_t ls, int64_t cs, std::initializer_list<int64_t> other) {
+    if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+    if (tf ? ls != 1 : cs != 1) return false;
+    if ((tf ? cs : ls) % vec != 0) return false;
+    if (p.batch > 1 && t.stride(0) % vec != 0) return false;
+    for (int64_t o : other)
+      if (o % vec != 0) return false;
+    return true;
+  };
+  p.v2_tfast = 0; p.v2_vec = 0;
+  auto set = [&](int bit, bool tf, bool v) {
+    if (tf) p.v2_tfast |= 1u << bit;
+    if (v) p.v2_vec |= 1u << bit;
+  };
+  // u: the block's first u column is a multiple of 16 (16 consecutive channels map to 16 consecutive columns).
+  bool tf = tfast(p.u_sl, p.u_sc);
+  set(kV2U, tf, can_vec(u, tf, p.u_sl, p.u_sc, {}));
+  tf = tfast(p.dl_sl, p.dl_sc);
+  set(kV2Delta, tf, can_vec(delta, tf, p.dl_sl, p.dl_sc, {}));
+  if (z) {
+    tf = tfast(p.z_sl, p.z_sc);
+    set(kV2Z, tf, can_vec(*z, tf, p.z_sl, p.z_sc, {}));
+  }
+  const bool bc_tf = tfast(p.B_sl, p.B_sn) && tfast(p.C_sl, p.C_sn);
+  set(kV2B, bc_tf, bc_tf == tfast(p.B_sl, p.B_sn) && can_vec(B, bc_tf, p.B_sl, p.B_sn, {p.b_groups > 1 ? p.B_sg : 0}));
+  set(kV2C, bc_tf, bc_tf == tfast(p.C_sl, p.C_sn) && can_vec(C, bc_tf, p.C_sl, p.C_sn, {p.c_groups > 1 ? p.C_sg : 0}));
+}
+
 SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                         const OptT& Dskip, const OptT& z, const OptT& delta_bias, bool softplus,
                         const OptT& init, const OptT& seq_idx, std::vector<Tensor>& keep) {
@@ -66,9 +104,18 @@ SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, c
   p.b_ngl = groups_per_block(p.b_cpg); p.c_ngl = groups_per_block(p.c_cpg);
   p.n_chunks = static_cast<int>((L + kSsTile - 1) / kSsTile);
   p.softplus = softplus;
-  // Forward variant for A/B measurements: APRIEL_SSCAN_FWD=plain disables the interleaved fast tile loop.
-  const char* fwd_variant = std::getenv("APRIEL_SSCAN_FWD");
-  p.interleave = fwd_variant == nullptr || std::string(fwd_variant) != "plain";
+  // Forward variant (read per call, for A/B measurements): default v2 where it applies with K from the block
+  // count (few blocks, e.g. batch 1: K = 8 for the extra warps; many: K = 4, fewer instructions per element);
+  // APRIEL_SSCAN_FWD=v2k4|v2k8 forces K, v1 selects the v1 kernel, plain the v1 kernel without its interleaved
+  // tile loop.
+  const char* fwd_env = std::getenv("APRIEL_SSCAN_FWD");
+  const std::string fwd_variant = fwd_env != nullptr ? fwd_env : "";
+  p.interleave = fwd_variant != "plain";
+  const bool v2_ok = N == 16 && D % kSsChannels == 0 && p.b_ngl == 1 && p.c_ngl == 1;
+  const int64_t blocks = (D / kSsChannels) * b;
+  p.fwd_k = 0;
+  if (v2_ok && fwd_variant != "plain" && fwd_variant != "v1")
+    p.fwd_k = fwd_variant == "v2k4" ? 4 : fwd_variant == "v2k8" ? 8 : (blocks <= 1024 ? 8 : 4);
   const char* bwd_variant = std::getenv("APRIEL_SSCAN_BWD");
   p.interleave_bwd = bwd_variant == nullptr || std::string(bwd_variant) != "plain";
   p.u = u.data_ptr(); p.u_sb = u.stride(0); p.u_sl = u.stride(1); p.u_sc = u.stride(2);
@@ -76,6 +123,7 @@ SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, c
   if (z) { p.z = z->data_ptr(); p.z_sb = z->stride(0); p.z_sl = z->stride(1); p.z_sc = z->stride(2); }
   p.B = B.data_ptr(); p.B_sb = B.stride(0); p.B_sl = B.stride(1); p.B_sg = B.stride(2); p.B_sn = B.stride(3);
   p.C = C.data_ptr(); p.C_sb = C.stride(0); p.C_sl = C.stride(1); p.C_sg = C.stride(2); p.C_sn = C.stride(3);
+  if (p.fwd_k != 0) set_v2_staging(p, u, delta, z, B, C);
   auto hold = [&](Tensor t) -> const float* { keep.push_back(t); return t.data_ptr<float>(); };
   p.A = hold(f32c(A));
   p.Dskip = Dskip ? hold(f32c(*Dskip)) : nullptr;

@@ -178,6 +178,10 @@ __global__ void __launch_bounds__(kThreads, 2) sscan_fwd_kernel(SScanParams p) {
 
 template <typename T>
 void launch_sscan_fwd(const SScanParams& p, void* stream) {
+  if (p.fwd_k != 0) {  // v2 (sscan_fwd2.cuh) where the host found it applicable
+    launch_sscan_fwd2<T>(p, stream);
+    return;
+  }
   const dim3 grid((p.dim + kSsChannels - 1) / kSsChannels, p.batch), block(kSsLanes, kSsChannels);
   const int smem = sscan_fwd_smem_bytes(p);
   if (smem > 48 * 1024)  // opt-in above the default limit (once per size is enough, but it is cheap)
