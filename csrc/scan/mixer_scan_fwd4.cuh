@@ -87,17 +87,63 @@ struct RawTile {
   alignas(16) int seq[kChunk];
 };
 
-template <typename T, int kR>
+// Bank-conflict avoidance (ncu: 37% of the shared wavefronts were conflicts):
+// - xf and dtp rows are read by a warp at rows r and r + TPT (two prep token blocks): row r lives at
+//   r + (r >> log2 TPT), which puts those two rows 16 banks apart;
+// - ug rows are read by the gate at K consecutive tokens (interleaved reduce-scatter): padded to 20 (K = 4) or
+//   18 (K = 8) float2 so the K rows of a half-warp fall in disjoint banks.
+template <int TPT> __device__ __forceinline__ int skew_row(int r) { return r + (r >> (TPT == 8 ? 3 : TPT == 4 ? 2 : 1)); }
+
+template <typename T, int kR, int K>
 struct Smem4 {
+  static constexpr int kSkewRows = kChunk + 3 + (kChunk + 3) / 2 + 1;  // enough rows for any TPT >= 2
+  static constexpr int kUgStride = K == 4 ? 20 : 18;
   RawTile<T, kR> raw[2];
-  alignas(16) float xf[2][kChunk + 3][kN];  // conv input (fp32) by tile parity; rows 0..2 = the 3 positions before
-  alignas(16) int seqf[2][kChunk + 3];      // document ids on the same rows (seq_idx only)
-  alignas(16) float BC[kChunk][2 * kN];   // per token, per state group of a lane: its NS B values, then its NS C
-  alignas(16) float dtp[kChunk][kN];        // dt_low . W_dt per (token, channel), 16-bit types (tensor cores)
+  alignas(16) float xf[2][kSkewRows][kN];   // conv input (fp32) by tile parity; rows 0..2 = the 3 positions before
+  alignas(16) int seqf[2][kChunk + 3];      // document ids on the rows of xf (unskewed; seq_idx only)
+  alignas(16) float BC[kChunk][2 * kN];     // per token, per state group of a lane: its NS B values, then its NS C
+  alignas(16) float dtp[kSkewRows][kN];     // dt_low . W_dt per (token, channel), 16-bit types (tensor cores)
   alignas(16) float2 ud[kChunk][kN];        // (decay argument, delta * u) per (token, channel)
-  alignas(16) float2 ug[kChunk][kN];        // (u, silu(z)) per (token, channel)
+  alignas(16) float2 ug[kChunk][kUgStride]; // (u, silu(z)) per (token, channel)
   alignas(16) T y[2][kChunk][kN];           // gated output by tile parity (stored at the next tile's start)
 };
+
+// 4 values at src -> fp32 float4 at dst (16-byte aligned): one 8-byte (16-bit types) or 16-byte load and one
+// 16-byte store per thread, consecutive across the warp (no bank conflicts, unlike 8-value pieces).
+template <typename T>
+__device__ __forceinline__ void cvt4(const T* src, float* dst) {
+  if constexpr (sizeof(T) == 2) {
+    const uint2 w = *reinterpret_cast<const uint2*>(src);
+    const T* e = reinterpret_cast<const T*>(&w);
+    *reinterpret_cast<float4*>(dst) = make_float4(to_f(e[0]), to_f(e[1]), to_f(e[2]), to_f(e[3]));
+  } else {
+    *reinterpret_cast<float4*>(dst) = *reinterpret_cast<const float4*>(src);
+  }
+}
+
+// Sum of acc[t] over the K lanes of a channel, scattered by token parity: lane j ends with the totals of tokens
+// K*i + bitrev(j) in acc[i] (i < kChunk / K). Same shuffle count as the contiguous split, but the K lanes of a
+// channel then gate K consecutive tokens, which keeps the gate's shared-memory rows conflict-free.
+template <int K>
+__device__ __forceinline__ int reduce_scatter_interleaved(float (&acc)[kChunk], int j) {
+  int len = kChunk, sigma = 0, bit = 1;
+#pragma unroll
+  for (int off = K / 2; off >= 1; off >>= 1) {
+    const bool upper = (j & off) != 0;
+#pragma unroll
+    for (int i = 0; i < kChunk / 2; ++i) {
+      if (i < len / 2) {
+        const float send = upper ? acc[2 * i] : acc[2 * i + 1];
+        const float keep = upper ? acc[2 * i + 1] : acc[2 * i];
+        acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+      }
+    }
+    if (upper) sigma += bit;
+    bit <<= 1;
+    len /= 2;
+  }
+  return sigma;  // this lane's tokens: K * i + sigma
+}
 
 // dt_proj of a tile on tensor cores (16-bit activations): D[t][c] = sum_k dt_low[t][k] W[c][k], fp32 accumulate.
 // m16n8k16: A = dt_low rows (row-major, from the raw tile), B = W^T (registers, loaded once per block).
@@ -215,7 +261,7 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
   constexpr int kKSteps = kR / 16;
   static_assert(TPT >= 1 && kChunk % TPT == 0 && NT >= 64, "prep mapping; the halo and final-state steps use 48 threads");
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  Smem4<T, kR>& sm = *reinterpret_cast<Smem4<T, kR>*>(smem_raw);
+  Smem4<T, kR, K>& sm = *reinterpret_cast<Smem4<T, kR, K>*>(smem_raw);
   const int head = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int group = head / p.heads_per_group, c0 = head * kN;
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank, W = p.width;
@@ -271,7 +317,7 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
   // fp32) there; it counts as part of the first document.
   if (tid < 3 * kN) {
     const int k = tid / kN, ch = tid % kN, kk = (W - 1) + (k - 3);
-    sm.xf[1][kChunk + k][ch] = (p.init_conv != nullptr && kk >= 0)
+    sm.xf[1][skew_row<TPT>(kChunk + k)][ch] = (p.init_conv != nullptr && kk >= 0)
                                    ? p.init_conv[((int64_t)b * p.d_xb + group * kN + ch) * (W - 1) + kk] : 0.f;
   }
   if (kSeq && tid < 3) sm.seqf[1][kChunk + tid] = p.seq_idx[(int64_t)b * L];
@@ -299,10 +345,12 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
     // tile's parity), B and C (every scan lane); document ids; dt_proj by mma for 16-bit activations.
     {
       constexpr int kPieces = kChunk * kN / kVec;  // 16-byte pieces of x, of B and of C
+      constexpr int kQuads = kChunk * kN / 4;  // 4-value pieces of x
 #pragma unroll
-      for (int k = 0; k < (kPieces + NT - 1) / NT; ++k) {
-        const int e = (tid + k * NT) * kVec;
-        if (kPieces % NT == 0 || tid + k * NT < kPieces) cvt_vec<T>(&r.x[0][0] + e, &sm.xf[par][3][0] + e);
+      for (int k = 0; k < (kQuads + NT - 1) / NT; ++k) {
+        const int q4 = tid + k * NT;
+        if (kQuads % NT == 0 || q4 < kQuads)
+          cvt4<T>(&r.x[0][0] + q4 * 4, &sm.xf[par][skew_row<TPT>(3 + q4 / 4)][(q4 % 4) * 4]);
       }
 #pragma unroll
       for (int which = 1; which < (kRawBC ? 1 : 3); ++which) {
@@ -314,8 +362,10 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
             cvt_bc<T, NS>(src + e, &sm.BC[e / kN][0], e % kN, which == 1 ? 0 : NS);
         }
       }
-      if (tid < 3 * kN / 4) {  // halo rows: float4 copies
-        reinterpret_cast<float4*>(&sm.xf[par][0][0])[tid] = reinterpret_cast<const float4*>(&sm.xf[par ^ 1][kChunk][0])[tid];
+      if (tid < 3 * kN / 4) {  // halo rows: float4 copies of the previous tile's last 3 rows
+        const int row = tid / 4, part = tid % 4;
+        *reinterpret_cast<float4*>(&sm.xf[par][skew_row<TPT>(row)][part * 4]) =
+            *reinterpret_cast<const float4*>(&sm.xf[par ^ 1][skew_row<TPT>(kChunk + row)][part * 4]);
       }
       if constexpr (kSeq) {
         if (tid < kChunk) sm.seqf[par][3 + tid] = r.seq[tid];
@@ -342,8 +392,8 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
             const unsigned bf[2] = {n ? wb[1][ks][0] : wb[0][ks][0], n ? wb[1][ks][1] : wb[0][ks][1]};
             MmaOp<T>::run(d, a, bf);
           }
-          *reinterpret_cast<float2*>(&sm.dtp[m * 16 + g][n * 8 + 2 * q]) = make_float2(d[0], d[1]);
-          *reinterpret_cast<float2*>(&sm.dtp[m * 16 + g + 8][n * 8 + 2 * q]) = make_float2(d[2], d[3]);
+          *reinterpret_cast<float2*>(&sm.dtp[skew_row<TPT>(m * 16 + g)][n * 8 + 2 * q]) = make_float2(d[0], d[1]);
+          *reinterpret_cast<float2*>(&sm.dtp[skew_row<TPT>(m * 16 + g + 8)][n * 8 + 2 * q]) = make_float2(d[2], d[3]);
         }
       }
     }
@@ -356,7 +406,7 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
       int sw[TPT + 3];
 #pragma unroll
       for (int k = 0; k < TPT + 3; ++k) {
-        xw[k] = sm.xf[par][tb + k][pch];
+        xw[k] = sm.xf[par][skew_row<TPT>(tb + k)][pch];
         sw[k] = kSeq ? sm.seqf[par][tb + k] : 0;
       }
 #pragma unroll
@@ -368,7 +418,7 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
         const float u = cv * scan::sigmoidf_(cv);
         float dp = dtb2;
         if constexpr (kMma) {
-          dp += sm.dtp[t][pch];
+          dp += sm.dtp[skew_row<TPT>(t)][pch];
         } else {
           const float* dtrow = reinterpret_cast<const float*>(&r.dt[t][0]);
 #pragma unroll
@@ -452,11 +502,10 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
       }
       acc[t] = a;
     }
-    int base;
-    scan::reduce_scatter<K>(acc, j, base);
+    const int sigma = reduce_scatter_interleaved<K>(acc, j);
 #pragma unroll
     for (int i = 0; i < kChunk / K; ++i) {
-      const int t = base + i;
+      const int t = K * i + sigma;
       const float2 q = sm.ug[t][sch];
       sm.y[par][t][sch] = from_f<T>((acc[i] + Dc * q.x) * q.y);
     }
@@ -477,7 +526,7 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
   const int hw = W - 1;
   if (head % p.heads_per_group == 0 && tid < kN * hw) {
     const int ch = tid / hw, k = tid % hw, row = Tv + 3 - hw + k;
-    const float v = sm.xf[last_par][row][ch];
+    const float v = sm.xf[last_par][skew_row<TPT>(row)][ch];
     const bool same = !kSeq || sm.seqf[last_par][row] == sm.seqf[last_par][Tv + 2];
     static_cast<T*>(p.final_conv)[((int64_t)b * p.d_xb + group * kN + ch) * hw + k] = from_f<T>(same ? v : 0.f);
   }
@@ -485,7 +534,7 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
 
 template <typename T, int K, int kR, bool kSeq, bool kRawBC>
 void launch(const MixerScanParams& p, void* stream) {
-  const size_t smem = sizeof(Smem4<T, kR>);
+  const size_t smem = sizeof(Smem4<T, kR, K>);
   auto kernel = mixer_scan_fwd4_kernel<T, K, kR, kSeq, kRawBC>;
   static bool configured = false;  // per instantiation; a race here only repeats an idempotent call
   if (!configured) {

@@ -30,7 +30,7 @@ for cfg in "1 8192 v4k8" "8 4096 v4k4"; do
   echo "=== b$1 L$2 $3" >> "$OUT/ncu_scan_fwd.txt"
   APRIEL_SCAN_FWD=$3 timeout 120 "$NCU" --clock-control none --kernel-name regex:mixer_scan_fwd4 --launch-skip 2 --launch-count 1 \
     --section SpeedOfLight --section SchedulerStats --section WarpStateStats --section InstructionStats \
-    --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
+    --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis ${NCU_EXTRA_SECTIONS:-} \
     python3 /tmp/scan_fwd_once.py $1 $2 >> "$OUT/ncu_scan_fwd.txt" 2>&1
 done
 grep -E "===|Duration|Issue Slots Busy|Executed Ipc A|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|Executed Instructions  |Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit" "$OUT/ncu_scan_fwd.txt" | head -120
