@@ -3,7 +3,8 @@ the measured copy ceiling and a plain-torch imitation of the HF decode chain.
 
     run(quick=False) -> list[dict]   long-format rows: op, provider, batch, state_dtype, conv_layout, l2,
                                      p20_us, p50_us, p80_us, bytes, gb_per_s, pct_of_copy_ceiling,
-                                     floor_us, bar_us, meets_bar, seq_per_thread, note + gpu/torch/commit
+                                     floor_us, bar_us, meets_bar, seq_per_thread / seq_per_warp, note +
+                                     gpu/torch/commit
     python -m bench.kernels_step [--out step.json] [--quick]   prints a table, writes JSON
 
 Shape: Apriel-H1 mixer (D 4096, X 1024, N 16, R 16, W 4), bf16 activations and bf16 weights (A_log, D
@@ -19,7 +20,9 @@ Providers: "apriel" (public mixer_step with out=, i.e. the default kernel v2), "
 per thread forced through APRIEL_STEP_SEQ_PER_THREAD, to check the default), "apriel[v1]" (the first kernel,
 APRIEL_STEP_KERNEL=v1, its own defaults: the A/B against v2 in the same run), "apriel[pdl]" (v2 launched
 with programmatic dependent launch, APRIEL_STEP_PDL=1: consecutive steps of the graph overlap their
-parameter prologue with the previous step's tail), "hf_chain_torch" (split, repeat,
+parameter prologue with the previous step's tail), "apriel[v3]" / "apriel[v3+pdl]" (kernel v3,
+APRIEL_STEP_KERNEL=v3: state staged through shared memory by the TMA, parameters once per warp; without /
+with PDL), "apriel[v3,seqK]" (v3 with K sequences per warp, APRIEL_STEP_V3_SEQ), "hf_chain_torch" (split, repeat,
 roll-based conv update, dt Linear, selective_state_update written in torch ops, bf16 state, D-channel conv
 cache, batch-indexed caches like HF: an imitation, because mamba-ssm / causal-conv1d are not installed
 on the device; the real chain measured 18.3 / 23.2 / 38.3 / 99.4 us per kernels.md).
@@ -27,6 +30,7 @@ on the device; the real chain measured 18.3 / 23.2 / 38.3 / 99.4 us per kernels.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -43,6 +47,13 @@ BATCHES = [1, 16, 64, 256]
 BARS_US = {1: 4.0, 16: 7.0, 64: 18.0, 256: 60.0}
 HF_CHAIN_PEER_US = {1: 18.3, 16: 23.2, 64: 38.3, 256: 99.4}  # kernels.md (mamba-ssm + causal-conv1d)
 COLD_POOL_BYTES = 200 << 20
+# (provider, environment) of the kernel variants timed next to the default (v2) in the same run.
+VARIANTS = [
+    ("apriel[v1]", {"APRIEL_STEP_KERNEL": "v1"}),
+    ("apriel[pdl]", {"APRIEL_STEP_PDL": "1"}),
+    ("apriel[v3]", {"APRIEL_STEP_KERNEL": "v3"}),
+    ("apriel[v3+pdl]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1"}),
+]
 ACT = torch.bfloat16
 
 
@@ -177,20 +188,30 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         fn, per_graph, nbytes = _apriel_fn(batch, torch.float32, "d_channels", True)
         rows.append(_row("mixer_step", "apriel", batch, torch.float32, "d_channels", "cold",
                          time_graph_ms(fn, per_graph=per_graph), nbytes, copy_bps))
-        # Kernel variants, cold L2 (the bars' condition): v1 (both state dtypes) and v2 with PDL.
-        variants = [("apriel[v1]", "APRIEL_STEP_KERNEL", "v1", torch.float32),
-                    ("apriel[v1]", "APRIEL_STEP_KERNEL", "v1", torch.bfloat16),
-                    ("apriel[pdl]", "APRIEL_STEP_PDL", "1", torch.float32),
-                    ("apriel[pdl]", "APRIEL_STEP_PDL", "1", torch.bfloat16)]
-        for provider, var, value, state_dtype in variants:
-            with env_override(var, value):
-                fn, per_graph, nbytes = _apriel_fn(batch, state_dtype, "compact", True)
-                stats = time_graph_ms(fn, per_graph=per_graph)
-            extra = {"bar_us": BARS_US[batch], "meets_bar": stats["p50"] * 1e3 <= BARS_US[batch]} \
-                if state_dtype == torch.float32 else {}
-            rows.append(_row("mixer_step", provider, batch, state_dtype, "compact", "cold", stats, nbytes, copy_bps,
-                             **extra))
-            torch.cuda.empty_cache()
+        # Kernel variants, cold L2 (the bars' condition), both state dtypes: v1, v2 with PDL, v3 (TMA-staged
+        # state), v3 with PDL.
+        for provider, env in VARIANTS:
+            for state_dtype in (torch.float32, torch.bfloat16):
+                with contextlib.ExitStack() as stack:
+                    for var, value in env.items():
+                        stack.enter_context(env_override(var, value))
+                    fn, per_graph, nbytes = _apriel_fn(batch, state_dtype, "compact", True)
+                    stats = time_graph_ms(fn, per_graph=per_graph)
+                extra = {"bar_us": BARS_US[batch], "meets_bar": stats["p50"] * 1e3 <= BARS_US[batch]} \
+                    if state_dtype == torch.float32 else {}
+                rows.append(_row("mixer_step", provider, batch, state_dtype, "compact", "cold", stats, nbytes,
+                                 copy_bps, **extra))
+                torch.cuda.empty_cache()
+        if not quick and batch >= 64:
+            # v3 sequences per warp (the launcher picks ceil(channel warps x batch / resident warps): 4 at
+            # b64, 16 at b256 on an H100 with 4 resident blocks per SM).
+            for spw in ("2", "4", "8", "16", "32"):
+                with env_override("APRIEL_STEP_KERNEL", "v3"), env_override("APRIEL_STEP_V3_SEQ", spw):
+                    fn, per_graph, nbytes = _apriel_fn(batch, torch.float32, "compact", True)
+                    stats = time_graph_ms(fn, per_graph=per_graph)
+                rows.append(_row("mixer_step", f"apriel[v3,seq{spw}]", batch, torch.float32, "compact", "cold",
+                                 stats, nbytes, copy_bps, seq_per_warp=int(spw)))
+                torch.cuda.empty_cache()
         if not quick and batch > 1:
             for spb in ("1", "2", "4"):
                 with env_override("APRIEL_STEP_SEQ_PER_THREAD", spb):
@@ -216,14 +237,14 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    head = f"{'provider':<16}{'b':>5} {'state':<9}{'conv':<11}{'l2':<5}{'p50 us':>9}{'p20':>8}{'p80':>8}{'GB/s':>8}{'%copy':>7}{'floor':>8}{'bar':>7}"
+    head = f"{'provider':<18}{'b':>5} {'state':<9}{'conv':<11}{'l2':<5}{'p50 us':>9}{'p20':>8}{'p80':>8}{'GB/s':>8}{'%copy':>7}{'floor':>8}{'bar':>7}"
     print(head)
     for r in rows:
         if r["op"] == "copy_ceiling":
             print(f"copy ceiling: {r['gb_per_s']:.0f} GB/s")
             continue
         bar = f"{r['bar_us']:.0f}{'ok' if r['meets_bar'] else '!!'}" if "bar_us" in r else ""
-        print(f"{r['provider']:<16}{r['batch']:>5} {r['state_dtype']:<9}{r['conv_layout']:<11}{r['l2']:<5}"
+        print(f"{r['provider']:<18}{r['batch']:>5} {r['state_dtype']:<9}{r['conv_layout']:<11}{r['l2']:<5}"
               f"{r['p50_us']:>9.2f}{r['p20_us']:>8.2f}{r['p80_us']:>8.2f}{r['gb_per_s']:>8.0f}"
               f"{r['pct_of_copy_ceiling']:>7.1f}{r['floor_us']:>8.2f}{bar:>7}")
 

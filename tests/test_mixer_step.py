@@ -5,7 +5,8 @@ conv-cache layouts, out= form), opcheck, torch.compile without cache copies, bad
 GPU (marked gpu, skipped without the kernel): the CUDA kernel against the float64 reference across
 activation / state dtypes and cache layouts, 2,000-step drift, prefill (mixer_scan) + steps == whole scan,
 slots, q tokens, CUDA-graph replay, opcheck. The kernel tests run the default kernel (v2) and, where
-marked with the `variant` fixture, also v1 (APRIEL_STEP_KERNEL=v1, kept for A/B benchmarks).
+marked with the `variant` fixture, also v1 (APRIEL_STEP_KERNEL=v1, kept for A/B benchmarks) and v3
+(APRIEL_STEP_KERNEL=v3: TMA-staged state, q = 1 with 16-bit activations; other cases of the matrix run v2).
 
 Tolerances (GPU): |kernel - ref64| <= 2 |torch fp32 reference - ref64| + one unit of the output dtype,
 i.e. the kernel may not be worse than PyTorch computing the same thing in fp32.
@@ -332,13 +333,15 @@ def _compare_with_references(dims, layer, zxbc, dt_low, conv, ssm, slots, repeat
     return y
 
 
-@pytest.fixture(params=["v2", "v1"])
+@pytest.fixture(params=["v2", "v1", "v3"])
 def variant(request, monkeypatch):
-    """Runs a kernel test with the default kernel (v2) and with v1 (the host reads APRIEL_STEP_KERNEL per call)."""
-    if request.param == "v1":
-        monkeypatch.setenv("APRIEL_STEP_KERNEL", "v1")
-    else:
+    """Runs a kernel test with the default kernel (v2), v1 and v3 (the host reads APRIEL_STEP_KERNEL per call;
+    v3 takes q = 1 with fp16/bf16 activations and hands other calls to v2)."""
+    monkeypatch.delenv("APRIEL_STEP_V3_SEQ", raising=False)
+    if request.param == "v2":
         monkeypatch.delenv("APRIEL_STEP_KERNEL", raising=False)
+    else:
+        monkeypatch.setenv("APRIEL_STEP_KERNEL", request.param)
     return request.param
 
 
@@ -419,10 +422,12 @@ def test_kernel_sequences_per_thread(monkeypatch, batch, state_dtype):
 
 @pytest.mark.gpu
 @needs_kernel
-def test_kernel_pdl_graph_equals_eager(monkeypatch):
-    """v2 with programmatic dependent launch (APRIEL_STEP_PDL=1): a captured chain of 8 dependent steps
+@pytest.mark.parametrize("kernel", ["v2", "v3"])
+def test_kernel_pdl_graph_equals_eager(monkeypatch, kernel):
+    """v2 / v3 with programmatic dependent launch (APRIEL_STEP_PDL=1): a captured chain of 8 dependent steps
     (each reads the caches the previous one wrote), replayed 20 times, is bit-equal to eager steps without PDL."""
-    monkeypatch.delenv("APRIEL_STEP_KERNEL", raising=False)
+    monkeypatch.setenv("APRIEL_STEP_KERNEL", kernel)
+    monkeypatch.delenv("APRIEL_STEP_V3_SEQ", raising=False)
     dims, batch, chain = H1, 16, 8
     layer, zxbc, dt_low, conv, ssm, slots = _gpu_case(dims, batch, 1, torch.bfloat16, torch.float32, "compact")
     conv_e, ssm_e = conv.clone(), ssm.clone()
@@ -445,6 +450,50 @@ def test_kernel_pdl_graph_equals_eager(monkeypatch):
             assert torch.equal(out[k], y_e)
     torch.cuda.synchronize()
     assert torch.equal(ssm, ssm_e) and torch.equal(conv, conv_e)
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dims, batch", [(SMALL, 67), (H1, 40)], ids=["small-b67", "h1-b40"])
+def test_kernel_v3_stage_ring(monkeypatch, dims, batch, state_dtype):
+    """v3 with 1, 3 and 32 sequences per warp (APRIEL_STEP_V3_SEQ) and the launcher's choice: 32 rows per
+    warp wrap the 4-stage TMA ring 8 times, with padding rows in it (their stages only arrive). Each run
+    matches the references; all are bit-equal (the same code per channel and row, whatever the run)."""
+    monkeypatch.setenv("APRIEL_STEP_KERNEL", "v3")
+    layer, zxbc, dt_low, conv, ssm, slots = _gpu_case(dims, batch, 1, torch.bfloat16, state_dtype, "compact")
+    slots[5::7] = -1  # more padding rows, at several ring positions
+    results = []
+    for spw in ("1", "3", "32", None):
+        if spw is None:
+            monkeypatch.delenv("APRIEL_STEP_V3_SEQ", raising=False)
+        else:
+            monkeypatch.setenv("APRIEL_STEP_V3_SEQ", spw)
+        c, s = conv.clone(), ssm.clone()
+        y = _compare_with_references(dims, layer, zxbc, dt_low, c, s, slots, tag=f"[v3 seq{spw}]")
+        results.append((y, c, s))
+    for y, c, s in results[1:]:
+        assert torch.equal(y, results[0][0]) and torch.equal(s, results[0][2]) and torch.equal(c, results[0][1])
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_kernel_v3_equals_v2(monkeypatch, state_dtype):
+    """v3 == v2 at the H1 shape: the same per-state math (states equal up to FMA contraction choices of the
+    two kernels, bit-equal conv caches); y differs at most by the order of the 16-term C readout sum (v3
+    walks the states in a lane-rotated order): about 1 bf16 ulp."""
+    monkeypatch.delenv("APRIEL_STEP_V3_SEQ", raising=False)
+    layer, zxbc, dt_low, conv, ssm, slots = _gpu_case(H1, 24, 1, torch.bfloat16, state_dtype, "compact")
+    outs = {}
+    for kernel in ("v2", "v3"):
+        monkeypatch.setenv("APRIEL_STEP_KERNEL", kernel)
+        c, s = conv.clone(), ssm.clone()
+        outs[kernel] = (run_step(zxbc, dt_low, c, s, slots, layer, H1), c, s)
+    (y2, c2, s2), (y3, c3, s3) = outs["v2"], outs["v3"]
+    assert torch.equal(c2, c3)
+    torch.testing.assert_close(s3.float(), s2.float(), rtol=2**-8 if state_dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+    torch.testing.assert_close(y3.float(), y2.float(), rtol=2**-7, atol=1e-5)
 
 
 @pytest.mark.gpu

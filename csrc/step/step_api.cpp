@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -35,11 +36,36 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef want) {
   TORCH_CHECK(t.sizes() == want, name, ": expected shape ", want, ", got ", t.sizes());
 }
 
-// Kernel version: 2 (step_kernel_v2.cuh, the default) or 1 (step_kernel.cuh) with APRIEL_STEP_KERNEL=v1,
-// so one benchmark run can compare both (bench/kernels_step.py, provider "apriel[v1]").
+// Kernel version: 2 (step_kernel_v2.cuh, the default), 1 (step_kernel.cuh) with APRIEL_STEP_KERNEL=v1, or
+// 3 (step_kernel_v3.cuh, opt-in until measured) with APRIEL_STEP_KERNEL=v3, so one benchmark run can
+// compare them (bench/kernels_step.py, providers "apriel[v1]", "apriel[v3]").
 int kernel_version() {
   const char* env = std::getenv("APRIEL_STEP_KERNEL");
-  return env != nullptr && std::string(env) == "v1" ? 1 : 2;
+  if (env == nullptr) return 2;
+  const std::string v(env);
+  return v == "v1" ? 1 : v == "v3" ? 3 : 2;
+}
+
+// v3 covers the common decode call only: q = 1, fp16/bf16 activations, sm_90 (TMA bulk copies);
+// anything else runs v2 (same results up to the order of the C readout sum).
+bool v3_supported(int64_t q, at::ScalarType act, const at::Tensor& like) {
+  if (q != 1 || act == at::kFloat) return false;
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, like.device().index()) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return major >= 9;
+}
+
+// v3 sequences per warp: 0 = the launcher's choice (all warps resident in one wave);
+// APRIEL_STEP_V3_SEQ (1..32) forces it (benchmark sweeps, tests of the stage ring).
+int v3_seq_per_warp() {
+  if (const char* env = std::getenv("APRIEL_STEP_V3_SEQ")) {
+    const int v = std::atoi(env);
+    if (v >= 1 && v <= 32) return v;
+  }
+  return 0;
 }
 
 // Programmatic dependent launch for v2 (APRIEL_STEP_PDL=1; off by default: the kernel then reads the
@@ -53,9 +79,9 @@ bool use_pdl() {
 // Sequences per thread. v1: the staged parameters are shared by more sequences per block; small batches
 // keep one per thread to fill the SMs. Measured on the H100 (bench/results/step_h100.json, fp32 state,
 // cold L2): b16 1/2/4 = 11.6/13.5/20.0 us, b64 31.7/31.3/27.3 us, b256 100.6/87.5/81.8 us.
-// v2: a thread issues the state loads of all its sequences at once (more bytes in flight per register);
-// 2 from b64 is a guess until measured (1 for fp32 inputs: 2 and 4 spill there). v2 with q > 1 always
-// uses 1 (the token loop needs the registers).
+// v2: 1 at every batch, as measured on the H100 (bench/results/s2/combined1_bench.log, fp32 state, cold L2,
+// seq 1/2/4): b16 7.99/8.48/11.02 us, b64 22.61/24.33/24.24 us, b256 78.30/78.40/85.51 us (2 and 4 only
+// cost registers; fp32 inputs also spill with them). v2 with q > 1 always uses 1.
 // APRIEL_STEP_SEQ_PER_THREAD (1, 2, 4) overrides the choice (benchmark sweeps).
 int seq_per_thread(int batch, int version, int q, bool act_fp32) {
   if (version == 2 && q > 1) return 1;
@@ -63,7 +89,7 @@ int seq_per_thread(int batch, int version, int q, bool act_fp32) {
     const int v = std::atoi(env);
     if (v == 1 || v == 2 || v == 4) return v;
   }
-  if (version == 2) return batch >= 64 && !act_fp32 ? 2 : 1;  // fp32 inputs: 2 and 4 spill (0.4-1.4 KB)
+  if (version == 2) return 1;
   return batch >= 64 ? 4 : 1;
 }
 
@@ -202,9 +228,11 @@ void mixer_step_out(const at::Tensor& zxbc, const at::Tensor& dt_low, at::Tensor
   p.D_skip = D.data_ptr();
   p.D_skip_dtype = dtype_code(D, "D");
   p.D_skip_stride = D.stride(0);
-  const int version = kernel_version();
+  int version = kernel_version();
+  if (version == 3 && !v3_supported(q, act, zxbc)) version = 2;
+  p.v3_seq_per_warp = version == 3 ? v3_seq_per_warp() : 0;
   p.seq_per_thread = seq_per_thread(p.batch, version, p.q, act == at::kFloat);
-  p.pdl = version == 2 && use_pdl();
+  p.pdl = version >= 2 && use_pdl();
   p.group_channels = static_cast<int>(d_state * (d_inner / d_xb));
   const int64_t esize = zxbc.element_size();
   p.vec_inputs = reinterpret_cast<uintptr_t>(zxbc.data_ptr()) % 16 == 0 && (zxbc.stride(0) * esize) % 16 == 0 &&
@@ -225,6 +253,12 @@ void mixer_step_out(const at::Tensor& zxbc, const at::Tensor& dt_low, at::Tensor
       case at::kHalf: launch_mixer_step_fp16(p, state_bf16, stream); break;
       case at::kBFloat16: launch_mixer_step_bf16(p, state_bf16, stream); break;
       default: launch_mixer_step_fp32(p, state_bf16, stream); break;
+    }
+  } else if (version == 3) {
+    if (act == at::kHalf) {
+      launch_mixer_step_v3_fp16(p, state_bf16, stream);
+    } else {
+      launch_mixer_step_v3_bf16(p, state_bf16, stream);
     }
   } else {
     switch (act) {

@@ -68,7 +68,8 @@ struct MixerStepParams {
   bool vec_A;          // v2: A_log fp32 with 16-byte aligned unit-stride rows: read as float4
   bool vec_dtw;        // v2: dt_proj_weight fp16/bf16/fp32, dt_rank 16, 16-byte aligned unit-stride rows
   bool vec_dt;         // v2: dt_rank 16 and dt_low rows 16-byte aligned: read as 16-byte vectors
-  bool pdl;            // v2 only: launch with programmatic dependent launch (APRIEL_STEP_PDL=1, sm_90)
+  bool pdl;            // v2/v3: launch with programmatic dependent launch (APRIEL_STEP_PDL=1, sm_90)
+  int v3_seq_per_warp; // v3: sequences per warp, 0 = chosen by the launcher (APRIEL_STEP_V3_SEQ forces 1..32)
 };
 
 // Launchers, one per activation dtype (step_{fp16,bf16,fp32}.cu); they dispatch state dtype and
@@ -82,6 +83,11 @@ void launch_mixer_step_fp32(const MixerStepParams& p, bool ssm_state_bf16, void*
 void launch_mixer_step_v2_fp16(const MixerStepParams& p, bool ssm_state_bf16, void* stream);
 void launch_mixer_step_v2_bf16(const MixerStepParams& p, bool ssm_state_bf16, void* stream);
 void launch_mixer_step_v2_fp32(const MixerStepParams& p, bool ssm_state_bf16, void* stream);
+
+// Version 3 (opt-in, APRIEL_STEP_KERNEL=v3; step_kernel_v3.cuh, step_v3_{fp16,bf16}.cu): q = 1, 16-bit
+// activations, sm_90: the state staged through shared memory by the TMA, parameters once per warp.
+void launch_mixer_step_v3_fp16(const MixerStepParams& p, bool ssm_state_bf16, void* stream);
+void launch_mixer_step_v3_bf16(const MixerStepParams& p, bool ssm_state_bf16, void* stream);
 
 // The kernel's thread mapping is built for 16-state channels (4 lanes x 4 states).
 constexpr int kDState = 16;

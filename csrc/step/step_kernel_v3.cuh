@@ -1,0 +1,522 @@
+// Fused Apriel-H1 decode step, version 3 (opt-in: APRIEL_STEP_KERNEL=v3; q = 1 with fp16/bf16 activations
+// on sm_90 - every other call runs v2). Same semantics and thread -> channel mapping as v2
+// (step_kernel_v2.cuh): one thread per mixer channel, the r repeats of an x source channel in one warp,
+// the conv window shuffled from the repeat-0 lane.
+//
+// Why a v3: v2 measured ~1.5 TB/s at b64 and ~1.86 TB/s at b256 (50-62 % of the copy ceiling), with hot
+// L2 ~= cold DRAM and bf16 state barely faster than fp32, i.e. not bound by DRAM bytes but by per-warp
+// overhead and bytes in flight: every (channel warp, sequence) re-read its ~3.5 KB of parameters, redid
+// 16 expf on A_log, read its 2 KB of state with four 16-byte loads at a 64-B lane stride (64 L1
+// wavefronts instead of 16) and stored it the same way, and the state in flight cost registers
+// (32-48 KB per SM). v3 changes the unit of work to a WARP OWNING A CHANNEL SLICE FOR A RUN OF SEQUENCES:
+//   * parameters are loaded (and -exp(A_log) computed) once per warp, for up to 32 sequences;
+//   * the warp's slice of a slot's state is r contiguous chunks (w channels x 64 B: 512 B for H1),
+//     copied global -> shared by the TMA (cp.async.bulk, completion on a per-stage mbarrier) and back
+//     shared -> global (cp.async.bulk bulk_group): no register cost and no LSU wavefronts for the
+//     bulk bytes. kStages stages per warp, refilled one iteration after use, so ~kStages-1 sequences'
+//     states are in flight per warp (12-16 warps/SM: ~70-100 KB per SM, vs ~40 KB needed);
+//   * the small per-sequence inputs (z, x, B, C, dt_low, conv row) are register-prefetched one sequence
+//     ahead; the slot indices of the warp's run sit one per lane (shuffled out);
+//   * shared-memory reads/writes of the state are bank-conflict free: lane l's 64 B (fp32) start at
+//     l * 64 B, so 8 lanes of a 16-byte access phase would hit 2 bank groups; each lane instead walks its
+//     four 16-byte units in a rotated order (unit u of the registers = unit (u + rot) % 4 of the channel,
+//     rot = (l >> 1) & 3; bf16 state: 2 units, rot = (l >> 2) & 1). A_log, B and C are read in the same
+//     rotated order, so the update is unchanged; only the order of the C readout sum differs per lane.
+//   * warps are independent (no __syncthreads): a block is 1 or 4 channel warps sharing a sequence run.
+// The host picks sequences per warp so that all warps are resident at once (no tail wave):
+// spw = ceil(channel warps x batch / resident warps), APRIEL_STEP_V3_SEQ overrides (1..32).
+// PDL (APRIEL_STEP_PDL=1) as in v2: parameters are read before griddepcontrol.wait.
+#pragma once
+#include "step_kernel_v2.cuh"  // v2 helpers: pdl_wait / pdl_launch_dependents; v1 helpers (StateIO, Packed16, ...)
+
+namespace apriel {
+namespace step {
+namespace v3 {
+
+constexpr int kWarp = 32;
+constexpr int kWin = 4;              // sliding conv window in registers (as v2)
+constexpr int kStages = 4;           // state stages per warp
+constexpr int kMaxSeqPerWarp = 32;   // slot indices of a warp's run: one register per lane
+constexpr int kBarBytes = 128;       // per-warp mbarrier area (kStages x 8 B), keeps the stages 128-B aligned
+
+// Shared-memory geometry of one channel's state and the rotation that makes the 16-byte accesses of a
+// warp conflict free (see the header comment).
+template <typename state_t>
+struct Layout {
+  static constexpr int kChannelBytes = 16 * static_cast<int>(sizeof(state_t));  // 64 (fp32) or 32 (bf16)
+  static constexpr int kUnits = kChannelBytes / 16;                             // 16-byte units per channel
+  static constexpr int kUnitStates = 16 / kUnits;                               // states per unit
+  static constexpr int kStageBytes = kWarp * kChannelBytes;                     // one warp's slice of a slot
+  static constexpr int kWarpSmem = kBarBytes + kStages * kStageBytes;
+  __device__ __forceinline__ static int rot(int lane) { return kUnits == 4 ? (lane >> 1) & 3 : (lane >> 2) & 1; }
+};
+
+// ---- sm_90 async-proxy primitives (PTX ISA 8.0: mbarrier with tx-count, cp.async.bulk).
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n\t.reg .pred P1;\n"
+      "V3_WAIT:\n\t"
+      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n\t"
+      "@P1 bra V3_DONE;\n\t"
+      "bra V3_WAIT;\n"
+      "V3_DONE:\n\t}" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+// global -> shared, completion counted in bytes on `bar`.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_addr(dst)),
+               "l"(src), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
+}
+// shared -> global, tracked by bulk async-groups of the issuing thread.
+__device__ __forceinline__ void bulk_store(void* dst, const void* src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(smem_addr(src)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// All but the newest group have finished READING shared memory (their stage may be refilled).
+__device__ __forceinline__ void bulk_wait_read_all_but_newest() { asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory"); }
+// Every group has finished reading shared memory: before the thread exits (the global writes complete
+// before the grid does, as with CUTLASS's TMA-store epilogues, which also wait for .read only).
+__device__ __forceinline__ void bulk_wait_read_all() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+
+// The thread's 16 states <-> its stage slot, unit u of the registers = unit (u + rot) % kUnits in memory.
+template <typename state_t>
+struct SmemState;
+
+template <>
+struct SmemState<float> {
+  __device__ __forceinline__ static void load(const unsigned char* buf, int rot, float h[16]) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const float4 v = *reinterpret_cast<const float4*>(buf + ((u + rot) & 3) * 16);
+      h[4 * u] = v.x; h[4 * u + 1] = v.y; h[4 * u + 2] = v.z; h[4 * u + 3] = v.w;
+    }
+  }
+  __device__ __forceinline__ static void store(unsigned char* buf, int rot, const float h[16]) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      *reinterpret_cast<float4*>(buf + ((u + rot) & 3) * 16) = make_float4(h[4 * u], h[4 * u + 1], h[4 * u + 2], h[4 * u + 3]);
+    }
+  }
+};
+
+template <>
+struct SmemState<__nv_bfloat16> {
+  __device__ __forceinline__ static void load(const unsigned char* buf, int rot, float h[16]) {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const uint4 v = *reinterpret_cast<const uint4*>(buf + ((u + rot) & 1) * 16);
+      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {  // bf16 -> fp32 is a 16-bit shift
+        h[8 * u + 2 * k] = __uint_as_float(w[k] << 16);
+        h[8 * u + 2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+      }
+    }
+  }
+  __device__ __forceinline__ static void store(unsigned char* buf, int rot, const float h[16]) {  // round to nearest even
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      uint32_t w[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const __nv_bfloat162 v = __floats2bfloat162_rn(h[8 * u + 2 * k], h[8 * u + 2 * k + 1]);
+        w[k] = *reinterpret_cast<const uint32_t*>(&v);
+      }
+      *reinterpret_cast<uint4*>(buf + ((u + rot) & 1) * 16) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  }
+};
+
+// 16 consecutive 16-bit activations (a B or C group) in the thread's rotated state order, kept raw
+// (8 registers); unit u holds elements ((u + rot) % kUnits) * E .. + E - 1.
+template <typename act_t, int kUnits>
+struct RotIn {
+  static_assert(sizeof(act_t) == 2, "v3 runs 16-bit activations only");
+  static constexpr int kE = 16 / kUnits;  // elements per unit: 4 (fp32 state) or 8 (bf16 state)
+  uint32_t w[8];
+  // p 16-byte aligned (vec_inputs): one 8- or 16-byte load per unit.
+  __device__ __forceinline__ void load_vec(const act_t* __restrict__ p, int rot) {
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u) {
+      const int pu = (u + rot) & (kUnits - 1);
+      if constexpr (kE == 4) {
+        const uint2 v = __ldg(reinterpret_cast<const uint2*>(p + pu * kE));
+        w[2 * u] = v.x; w[2 * u + 1] = v.y;
+      } else {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(p + pu * kE));
+        w[4 * u] = v.x; w[4 * u + 1] = v.y; w[4 * u + 2] = v.z; w[4 * u + 3] = v.w;
+      }
+    }
+  }
+  __device__ __forceinline__ void load_elem(const act_t* __restrict__ p, int rot) {
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      const int pu = (n / kE + rot) & (kUnits - 1);
+      reinterpret_cast<act_t*>(w)[n] = p[pu * kE + n % kE];
+    }
+  }
+  __device__ __forceinline__ float operator()(int n) const { return to_f(reinterpret_cast<const act_t*>(w)[n]); }
+};
+
+// One sequence's inputs for one channel, as loaded.
+template <typename act_t, int kUnits>
+struct TokenIn {
+  RotIn<act_t, kUnits> b, c;
+  Packed16<act_t> dt;
+  act_t z, x;
+};
+
+template <typename act_t, typename state_t>
+__global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // the host selects v3 on sm_90+ only
+#else
+  using L = Layout<state_t>;
+  constexpr float kLog2e = 1.4426950408889634f;
+  const int D = p.d_inner, X = p.d_xb;
+  const int r = D / X;
+  const int w = kWarp / r;  // source channels per warp (r divides 16)
+  const int lane = threadIdx.x;
+  const int cw = blockIdx.x * blockDim.y + threadIdx.y;  // channel warp
+  if (cw * w >= X) return;                               // whole warp past the channels (no block barrier anywhere)
+  const int row0 = blockIdx.y * p.v3_seq_per_warp;
+  const int nseq = min(p.v3_seq_per_warp, p.batch - row0);  // >= 1 by the grid; warp-uniform
+  const int j = lane / w, i = lane % w;
+  const int xs = cw * w + i;
+  const bool valid = xs < X;  // r = 1 with X % 32 = 16: the upper half-warp idles
+  const int g = xs / kDState, n_in = xs % kDState;
+  const int c = g * kDState * r + j * kDState + n_in;
+  const bool compact_conv = p.conv_state_channels == X;
+  const bool writer = valid && (!compact_conv || j == 0);
+  const int own_row = compact_conv ? xs : c;
+  const int rot = L::rot(lane);
+  // The warp's slice of a slot: r chunks (one per repeat j) of nvalid channels; chunk j's first channel
+  // is chunk_c0 + 16 j and it lands at lane j * w of the stage (lane l's state at l * kChannelBytes).
+  const int x0 = cw * w;
+  const int nvalid = min(w, X - x0);
+  const int chunk_c0 = (x0 / kDState) * kDState * r + x0 % kDState;
+  const uint32_t chunk_bytes = static_cast<uint32_t>(nvalid * L::kChannelBytes);
+  const act_t* __restrict__ zxbc = static_cast<const act_t*>(p.zxbc);
+  const act_t* __restrict__ dt_low = static_cast<const act_t*>(p.dt_low);
+  act_t* __restrict__ y = static_cast<act_t*>(p.y);
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* wsm = smem_raw + threadIdx.y * L::kWarpSmem;
+  uint64_t* bars = reinterpret_cast<uint64_t*>(wsm);
+  unsigned char* stages = wsm + kBarBytes;
+
+  // ---- layer parameters, once per warp (as v2: raw loads, arithmetic after the state loads are issued).
+  // A_log in the thread's rotated state order (register unit u = unit (u + rot) % kUnits of the row),
+  // read straight from memory in that order (a register-side rotation becomes a local-memory array).
+  float A2r[kDState];
+  constexpr int kVecPerUnit = L::kUnitStates / 4;  // float4s of A_log per state unit
+  if (p.vec_A && valid) {
+    const float4* pa = reinterpret_cast<const float4*>(static_cast<const float*>(p.A_log) + c * p.A_log_stride0);
+#pragma unroll
+    for (int u = 0; u < L::kUnits; ++u) {
+      const int pu = (u + rot) & (L::kUnits - 1);
+#pragma unroll
+      for (int v = 0; v < kVecPerUnit; ++v) {
+        const float4 a = __ldg(pa + pu * kVecPerUnit + v);
+        float* d = A2r + u * L::kUnitStates + 4 * v;
+        d[0] = a.x; d[1] = a.y; d[2] = a.z; d[3] = a.w;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int n = 0; n < kDState; ++n) {
+      const int pn = ((n / L::kUnitStates + rot) & (L::kUnits - 1)) * L::kUnitStates + n % L::kUnitStates;
+      A2r[n] = valid ? load_any(p.A_log, p.A_log_dtype, c * p.A_log_stride0 + pn * p.A_log_stride1) : 0.f;
+    }
+  }
+  float dtw[kRegRanks];
+  float w4[kWin];  // conv taps right-aligned: w4[4 - W + k] = w[k]
+  float conv_b = 0.f, dt_bias = 0.f, d_skip = 0.f;
+  const int conv_ch = p.repeat_kv_before_conv ? c : xs;
+  const bool dtw_packed = p.vec_dtw && p.dt_proj_weight_dtype != kFloat32;
+  if (p.vec_dtw && valid) {
+    const uint4* pw = reinterpret_cast<const uint4*>(static_cast<const char*>(p.dt_proj_weight) +
+                                                     c * p.dt_proj_weight_stride0 * (dtw_packed ? 2 : 4));
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      const uint4 a = v < 2 || !dtw_packed ? __ldg(pw + v) : make_uint4(0u, 0u, 0u, 0u);
+      dtw[4 * v] = __uint_as_float(a.x); dtw[4 * v + 1] = __uint_as_float(a.y);
+      dtw[4 * v + 2] = __uint_as_float(a.z); dtw[4 * v + 3] = __uint_as_float(a.w);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kRegRanks; ++k) {
+      dtw[k] = valid && k < p.dt_rank
+                   ? load_any(p.dt_proj_weight, p.dt_proj_weight_dtype, c * p.dt_proj_weight_stride0 + k * p.dt_proj_weight_stride1)
+                   : 0.f;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kWin; ++k) {
+    const int tap = k - (kWin - p.width);
+    w4[k] = valid && tap >= 0
+                ? load_any(p.conv_weight, p.conv_weight_dtype, conv_ch * p.conv_weight_stride0 + tap * p.conv_weight_stride1)
+                : 0.f;
+  }
+  if (valid) {
+    if (p.conv_bias != nullptr) conv_b = load_any(p.conv_bias, p.conv_bias_dtype, conv_ch * p.conv_bias_stride);
+    dt_bias = load_any(p.dt_proj_bias, p.dt_proj_bias_dtype, c * p.dt_proj_bias_stride);
+    d_skip = load_any(p.D_skip, p.D_skip_dtype, c * p.D_skip_stride);
+  }
+
+  // Everything below may read what the previous kernel wrote.
+  v2::pdl_wait();
+  v2::pdl_launch_dependents();
+
+  // Slot of the warp's k-th row in lane k (-1 = padding or out of range: no state I/O, y = 0).
+  int slot_lane = -1;
+  if (lane < nseq) {
+    const int rr = row0 + lane;
+    const int sl = p.slot_idx != nullptr ? __ldg(p.slot_idx + rr) : rr;
+    slot_lane = sl < 0 || sl >= p.num_slots ? -1 : sl;
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) mbar_init(bars + s);
+    fence_proxy_async();  // the inits are visible to the async proxy (the TMA) before its first complete_tx
+  }
+  __syncwarp();
+
+  char* const ssm_base = static_cast<char*>(p.ssm_state);
+  const int64_t slot_bytes = p.ssm_slot_stride * static_cast<int64_t>(sizeof(state_t));
+  // State of row k -> stage k % kStages (lane 0 only). A padding row just arrives, so every stage's
+  // phase advances once per row and the waiting parity is (k / kStages) & 1 for every k.
+  auto issue_load = [&](int k, int slot) {
+    uint64_t* bar = bars + k % kStages;
+    if (slot < 0) {
+      mbar_arrive(bar);
+      return;
+    }
+    unsigned char* dst = stages + (k % kStages) * L::kStageBytes;
+    const char* src = ssm_base + slot * slot_bytes + int64_t(chunk_c0) * L::kChannelBytes;
+    mbar_arrive_expect_tx(bar, chunk_bytes * static_cast<uint32_t>(r));
+    for (int jj = 0; jj < r; ++jj) {
+      bulk_load(dst + jj * w * L::kChannelBytes, src + int64_t(jj) * kDState * L::kChannelBytes, chunk_bytes, bar);
+    }
+  };
+#pragma unroll
+  for (int k = 0; k < kStages; ++k) {
+    if (k < nseq) {
+      const int sk = __shfl_sync(0xffffffffu, slot_lane, k);
+      if (lane == 0) issue_load(k, sk);
+    }
+  }
+
+  // ---- arithmetic on the parameters (their loads were issued long ago): -exp(A_log) log2(e), dt_proj
+  // words unpacked.
+#pragma unroll
+  for (int n = 0; n < kDState; ++n) A2r[n] = -expf(A2r[n]) * kLog2e;
+  if (dtw_packed) {  // descending k: word k/2 <= k is read before dtw[k] overwrites it
+    const bool bf16 = p.dt_proj_weight_dtype == kBFloat16;
+#pragma unroll
+    for (int k = kRegRanks - 1; k >= 0; --k) {
+      const uint32_t word = __float_as_uint(dtw[k / 2]);
+      const uint16_t bits = (k & 1) ? static_cast<uint16_t>(word >> 16) : static_cast<uint16_t>(word & 0xffffu);
+      dtw[k] = bf16 ? __uint_as_float(static_cast<uint32_t>(bits) << 16) : __half2float(__ushort_as_half(bits));
+    }
+  }
+
+  const int b_off = D + X + g * kDState;
+  const int c_off = D + 2 * X + (c / kDState) * kDState;
+  const int S = p.conv_state_len;
+  // Inputs and conv row of row k (register prefetch, loads only).
+  TokenIn<act_t, L::kUnits> tin{};
+  float crow_n[kWin];
+  auto prefetch = [&](int k, int slot) {
+    const int rr = row0 + k;
+    if (valid && slot >= 0) {
+      const act_t* __restrict__ zr = zxbc + rr * p.zxbc_batch_stride;
+      const act_t* __restrict__ dr = dt_low + rr * p.dt_batch_stride;
+      if (p.vec_inputs) {
+        tin.b.load_vec(zr + b_off, rot);
+        tin.c.load_vec(zr + c_off, rot);
+      } else {
+        tin.b.load_elem(zr + b_off, rot);
+        tin.c.load_elem(zr + c_off, rot);
+      }
+      if (p.vec_dt) {
+        tin.dt.load(dr);
+      } else {
+#pragma unroll
+        for (int k2 = 0; k2 < kRegRanks; ++k2) reinterpret_cast<act_t*>(tin.dt.v)[k2] = k2 < p.dt_rank ? dr[k2] : from_f<act_t>(0.f);
+      }
+      tin.z = zr[c];
+      tin.x = zr[D + xs];
+    }
+    const int64_t base = int64_t(slot) * p.conv_slot_stride + own_row * p.conv_channel_stride;
+#pragma unroll
+    for (int k2 = 0; k2 < kWin; ++k2) {
+      const int pos = S - kWin + k2;
+      crow_n[k2] = writer && slot >= 0 && pos >= 0 ? load_any(p.conv_state, p.conv_state_dtype, base + pos * p.conv_pos_stride) : 0.f;
+    }
+  };
+  prefetch(0, __shfl_sync(0xffffffffu, slot_lane, 0));
+
+  for (int k = 0; k < nseq; ++k) {
+    const int sk = __shfl_sync(0xffffffffu, slot_lane, k);
+    const int rr = row0 + k;
+    // Scalar work of row k first (its inputs arrived during the previous row), so only B and C of
+    // this row stay live while the next row's inputs are in flight.
+    float crow[kWin];
+#pragma unroll
+    for (int k2 = 0; k2 < kWin; ++k2) crow[k2] = crow_n[k2];
+    float win[kWin - 1];
+#pragma unroll
+    for (int k2 = 0; k2 < kWin - 1; ++k2) {
+      const float v = __shfl_sync(0xffffffffu, crow[k2 + 1], i);
+      win[k2] = k2 >= kWin - p.width ? v : 0.f;
+    }
+    const RotIn<act_t, L::kUnits> bk = tin.b, ck = tin.c;
+    const float x_new = to_f(tin.x);
+    const float pre = conv_b + w4[0] * win[0] + w4[1] * win[1] + w4[2] * win[2] + w4[3] * x_new;
+    float dt = 0.f;
+#pragma unroll
+    for (int k2 = 0; k2 < kRegRanks; ++k2) dt += dtw[k2] * tin.dt(k2);
+    for (int k2 = kRegRanks; k2 < p.dt_rank; ++k2) {  // R > 16 only: re-read
+      dt += load_any(p.dt_proj_weight, p.dt_proj_weight_dtype, c * p.dt_proj_weight_stride0 + k2 * p.dt_proj_weight_stride1) *
+            to_f(dt_low[rr * p.dt_batch_stride + k2]);
+    }
+    const float dv = (dt + dt_bias) + dt_bias;
+    const float delta = dv > 20.f ? dv : log1pf(expf(dv));
+    const float u = silu_f(pre);
+    const float gate = silu_f(to_f(tin.z));
+#pragma unroll
+    for (int k2 = 0; k2 < kWin - 1; ++k2) crow[k2] = crow[k2 + 1];
+    crow[kWin - 1] = x_new;
+
+    if (k + 1 < nseq) prefetch(k + 1, __shfl_sync(0xffffffffu, slot_lane, k + 1));
+
+    const int st = k % kStages;
+    mbar_wait(bars + st, static_cast<uint32_t>((k / kStages) & 1));
+    act_t* y_row = y + rr * p.y_batch_stride + c;
+    if (sk < 0) {
+      if (valid) *y_row = from_f<act_t>(0.f);
+    } else {
+      unsigned char* mine = stages + st * L::kStageBytes + lane * L::kChannelBytes;
+      if (valid) {
+        float h[kDState];
+        SmemState<state_t>::load(mine, rot, h);
+        const float yp = ssm_update(h, A2r, 1, delta, delta * u, bk, ck);
+        *y_row = from_f<act_t>((yp + d_skip * u) * gate);
+        SmemState<state_t>::store(mine, rot, h);
+        if (writer) {
+          const int64_t base = int64_t(sk) * p.conv_slot_stride + own_row * p.conv_channel_stride;
+          if (S <= kWin && p.conv_state_dtype != kFloat64) {
+#pragma unroll
+            for (int k2 = 0; k2 < kWin; ++k2) {
+              const int sp = S - kWin + k2;
+              if (sp >= 0) store_any(p.conv_state, p.conv_state_dtype, base + sp * p.conv_pos_stride, crow[k2]);
+            }
+          } else {  // long rows or an fp64 cache: ascending bit copies, new x re-read (as v2, q = 1)
+            for (int sp = 0; sp < S; ++sp) {
+              const int src = sp + 1;
+              if (src < S) {
+                copy_any(p.conv_state, p.conv_state_dtype, base + sp * p.conv_pos_stride, base + src * p.conv_pos_stride);
+              } else {
+                store_any(p.conv_state, p.conv_state_dtype, base + sp * p.conv_pos_stride,
+                          to_f(zxbc[rr * p.zxbc_batch_stride + D + xs]));
+              }
+            }
+          }
+        }
+      }
+      fence_proxy_async();  // this thread's generic-proxy writes of the stage -> visible to the TMA store
+      __syncwarp();
+      if (lane == 0) {
+        const unsigned char* src = stages + st * L::kStageBytes;
+        char* dst = ssm_base + sk * slot_bytes + int64_t(chunk_c0) * L::kChannelBytes;
+        for (int jj = 0; jj < r; ++jj) {
+          bulk_store(dst + int64_t(jj) * kDState * L::kChannelBytes, src + jj * w * L::kChannelBytes, chunk_bytes);
+        }
+      }
+    }
+    // One bulk group per row (empty for padding), so "all but the newest" = every row before this one.
+    // The stage of row k-1 is refilled now, once its store has read it: ~kStages-1 rows in flight.
+    const int m = k - 1 + kStages;
+    if (lane == 0) {
+      bulk_commit();
+      if (k >= 1 && m < nseq) bulk_wait_read_all_but_newest();
+    }
+    if (k >= 1 && m < nseq) {
+      const int sm = __shfl_sync(0xffffffffu, slot_lane, m);
+      if (lane == 0) issue_load(m, sm);
+    }
+  }
+  if (lane == 0) bulk_wait_read_all();  // the stages stay allocated until the stores have read them
+#endif
+}
+
+template <typename act_t, typename state_t>
+void launch_state(MixerStepParams p, cudaStream_t stream) {
+  using L = Layout<state_t>;
+  const auto kernel = mixer_step_v3_kernel<act_t, state_t>;
+  const int r = p.d_inner / p.d_xb;
+  const int w = kWarp / r;
+  const int src_warps = (p.d_xb + w - 1) / w;
+  // Resident 4-warp blocks per SM (registers / shared memory), queried once per instantiation.
+  static const int blocks_per_sm = [&] {
+    int n = 0;
+    APRIEL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, 4 * kWarp, 4 * L::kWarpSmem));
+    return n > 0 ? n : 1;
+  }();
+  int dev = 0, sms = 0;
+  APRIEL_CUDA_CHECK(cudaGetDevice(&dev));
+  APRIEL_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  int spw = p.v3_seq_per_warp;  // > 0: forced (benchmark sweeps)
+  if (spw <= 0) {
+    // All warps resident in one wave: sequences per warp = ceil(work items / resident warps).
+    const int64_t items = int64_t(src_warps) * p.batch;
+    const int64_t resident = int64_t(sms) * blocks_per_sm * 4;
+    spw = static_cast<int>((items + resident - 1) / resident);
+  }
+  spw = spw < 1 ? 1 : spw > kMaxSeqPerWarp ? kMaxSeqPerWarp : spw;
+  p.v3_seq_per_warp = spw;
+  // One row per warp (small batches): 1-warp blocks spread the channel warps over all SMs.
+  const int wpb = spw == 1 ? 1 : (src_warps < 4 ? src_warps : 4);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((src_warps + wpb - 1) / wpb, (p.batch + spw - 1) / spw);
+  cfg.blockDim = dim3(kWarp, wpb);
+  cfg.dynamicSmemBytes = wpb * L::kWarpSmem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = p.pdl ? 1 : 0;
+  APRIEL_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+}
+
+template <typename act_t>
+void launch(const MixerStepParams& p, bool ssm_state_bf16, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (ssm_state_bf16) {
+    launch_state<act_t, __nv_bfloat16>(p, s);
+  } else {
+    launch_state<act_t, float>(p, s);
+  }
+}
+
+}  // namespace v3
+}  // namespace step
+}  // namespace apriel
