@@ -3,7 +3,7 @@ the measured copy ceiling and a plain-torch imitation of the HF decode chain.
 
     run(quick=False) -> list[dict]   long-format rows: op, provider, batch, state_dtype, conv_layout, l2,
                                      p20_us, p50_us, p80_us, bytes, gb_per_s, pct_of_copy_ceiling,
-                                     floor_us, bar_us, meets_bar, seq_per_thread / seq_per_warp, note +
+                                     floor_us, bar_us, meets_bar, seq_per_warp (v3 sweeps), note +
                                      gpu/torch/commit
     python -m bench.kernels_step [--out step.json] [--quick]   prints a table, writes JSON
 
@@ -16,8 +16,8 @@ reads its state from DRAM, as in a real model where 49 other layers run between 
 The bars are judged on the cold figure.
 Bytes (the floor): SSM cache read + written, conv window read (W-1) + written (S), the in_proj row
 (z, x, B, C) and dt_low read, y written, layer parameters read once. floor_us = bytes / copy ceiling.
-Providers: "apriel" (public mixer_step with out=, i.e. the default kernel v2), "apriel[seqK]" (K sequences
-per thread forced through APRIEL_STEP_SEQ_PER_THREAD, to check the default), "apriel[v1]" (the first kernel,
+Providers: "apriel" (public mixer_step with out=, i.e. the default kernel v2; its sequences-per-thread
+sweep, APRIEL_STEP_SEQ_PER_THREAD, was measured in session 2's first run and is no longer repeated), "apriel[v1]" (the first kernel,
 APRIEL_STEP_KERNEL=v1, its own defaults: the A/B against v2 in the same run), "apriel[pdl]" (v2 launched
 with programmatic dependent launch, APRIEL_STEP_PDL=1: consecutive steps of the graph overlap their
 parameter prologue with the previous step's tail), "apriel[v3]" / "apriel[v3+pdl]" (kernel v3,
@@ -212,18 +212,6 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                 rows.append(_row("mixer_step", f"apriel[v3,seq{spw}]", batch, torch.float32, "compact", "cold",
                                  stats, nbytes, copy_bps, seq_per_warp=int(spw)))
                 torch.cuda.empty_cache()
-        if not quick and batch > 1:
-            for spb in ("1", "2", "4"):
-                with env_override("APRIEL_STEP_SEQ_PER_THREAD", spb):
-                    fn, per_graph, nbytes = _apriel_fn(batch, torch.float32, "compact", True)
-                    stats = time_graph_ms(fn, per_graph=per_graph)
-                rows.append(_row("mixer_step", f"apriel[seq{spb}]", batch, torch.float32, "compact", "cold", stats,
-                                 nbytes, copy_bps, seq_per_thread=int(spb)))
-            with env_override("APRIEL_STEP_SEQ_PER_THREAD", "4"):  # bf16 state: half the registers per byte
-                fn, per_graph, nbytes = _apriel_fn(batch, torch.bfloat16, "compact", True)
-                stats = time_graph_ms(fn, per_graph=per_graph)
-            rows.append(_row("mixer_step", "apriel[seq4]", batch, torch.bfloat16, "compact", "cold", stats,
-                             nbytes, copy_bps, seq_per_thread=4))
         fn, per_graph, nbytes = _hf_chain_fn(batch)
         rows.append(_row("mixer_step", "hf_chain_torch", batch, ACT, "d_channels", "hot",
                          time_graph_ms(fn, per_graph=per_graph), nbytes, copy_bps,

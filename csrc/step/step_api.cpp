@@ -68,7 +68,7 @@ int v3_seq_per_warp() {
   return 0;
 }
 
-// Programmatic dependent launch for v2 (APRIEL_STEP_PDL=1; off by default: the kernel then reads the
+// Programmatic dependent launch for v2 / v3 (APRIEL_STEP_PDL=1; off by default: the kernel then reads the
 // layer parameters before the previous kernel has finished, which is only safe when that kernel does not
 // write them - true in a decode graph, not something a general op may assume).
 bool use_pdl() {
