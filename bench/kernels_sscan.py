@@ -10,7 +10,8 @@ apriel_kernels.selective_scan_fn (fwd), plus torch.autograd.grad to every input 
 (b, L, D) inputs (selective_scan); A/B rows through APRIEL_SSCAN_FWD: "apriel-v2k4" / "apriel-v2k8" (v2 at a
 forced K), "apriel-v1" (the v1 forward), "apriel-plain" (v1 without its interleaved float2 tiles; with
 APRIEL_SSCAN_BWD=plain in the fwd+bwd row). The fwd+bwd "apriel-v1" row shows what v2 saves in the backward's
-checkpoint pass (it reruns the selected forward). floor_ms is the MUFU exp2
+checkpoint pass (it reruns the selected forward). "apriel-bwd2" rows: the backward v2 (APRIEL_SSCAN_BWD=v2,
+opt-in). floor_ms is the MUFU exp2
 floor of kernels.md: 65536 * b * L exponentials at 3.9e12 /s; peer_ms the mamba-ssm figure of kernels.md.
 """
 from __future__ import annotations
@@ -99,6 +100,14 @@ def run(quick: bool = False) -> list[dict]:
                 with env_override("APRIEL_SSCAN_FWD", "plain"), env_override("APRIEL_SSCAN_BWD", "plain"):
                     out.append(_row("fwd+bwd", "apriel-plain", batch, seqlen, time_ms(step, rep_ms=300),
                                     layout="channel-major"))
+            with env_override("APRIEL_SSCAN_BWD", "v2"):  # backward v2 (opt-in)
+                out.append(_row("fwd+bwd", "apriel-bwd2", batch, seqlen, time_ms(step, rep_ms=300),
+                                layout="channel-major"))
+                y2 = selective_scan_fn(**args, **kw)
+                out.append(_row("bwd", "apriel-bwd2", batch, seqlen,
+                                time_ms(lambda: torch.autograd.grad(y2, leaves, dy, retain_graph=True), rep_ms=300),  # noqa: B023
+                                layout="channel-major"))
+                del y2
             stats = time_ms(step, rep_ms=300)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -251,6 +251,10 @@ GRAD_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("case", GRAD_CASES, ids=CASE_ID)
 def test_cuda_gradient_parity(case, dtype):
+    _gradient_parity(case, dtype)
+
+
+def _gradient_parity(case, dtype):
     b, L, d, du, gb, gc, n, layout, extras = case
     args, seq = make_cuda_case(b, L, d, du, gb, gc, n, dtype, extras)
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -464,3 +468,43 @@ def test_cuda_gradient_through_forward_variants(variant, monkeypatch):
     for k in got:
         ref = views[k](bases[k].grad).float()
         torch.testing.assert_close(got[k].float(), ref, rtol=0, atol=1e-2 * ref.abs().max().item(), msg=f"d{k}")
+
+
+# Backward v2 (csrc/sscan/sscan_bwd2.cuh, APRIEL_SSCAN_BWD=v2: the forward v2's shapes) on every staging path.
+V2_GRAD_CASES = [
+    (1, 1, 64, None, 1, 4, 16, "tm", "init"),
+    (2, 77, 64, None, 1, 1, 16, "tm", "packed_init"),
+    (2, 63, 64, 16, 2, 4, 16, "cm", "init"),
+    (3, 65, 64, None, 1, 1, 16, "nan", "packed_init"),
+    (1, 2049, 64, None, 1, 1, 16, "cm", ""),
+    (2, 264, 64, None, 1, 1, 16, "cm", "packed_init"),
+    (1, 1000, 128, 32, 2, 2, 16, "cm", "init"),
+]
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", V2_GRAD_CASES, ids=CASE_ID)
+def test_cuda_backward_v2_parity(case, dtype, monkeypatch):
+    monkeypatch.setenv("APRIEL_SSCAN_BWD", "v2")
+    _gradient_parity(case, dtype)
+
+
+@gpu
+@needs_kernel
+def test_cuda_backward_v2_deterministic_and_close_to_v1(monkeypatch):
+    args, seq = make_cuda_case(2, 200, 128, None, 1, 8, 16, torch.float32, "packed_init")
+
+    def grads():
+        leaves = {k: v.clone().requires_grad_(True) for k, v in args.items()}
+        y, f = selective_scan(**leaves, delta_softplus=True, seq_idx=seq, return_final_state=True)
+        (y.sum() + f.sum()).backward()
+        return {k: leaves[k].grad for k in leaves}
+
+    v1 = grads()
+    monkeypatch.setenv("APRIEL_SSCAN_BWD", "v2")
+    first, second = grads(), grads()
+    for k in v1:
+        assert torch.equal(first[k], second[k]), f"d{k}: backward v2 not deterministic"
+        torch.testing.assert_close(first[k], v1[k], rtol=1e-4, atol=1e-4 * v1[k].abs().max().item(), msg=f"d{k}")

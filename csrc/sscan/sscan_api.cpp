@@ -116,14 +116,18 @@ SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, c
   p.fwd_k = 0;
   if (v2_ok && fwd_variant != "plain" && fwd_variant != "v1")
     p.fwd_k = fwd_variant == "v2k4" ? 4 : fwd_variant == "v2k8" ? 8 : (blocks <= 1024 ? 8 : 4);
-  const char* bwd_variant = std::getenv("APRIEL_SSCAN_BWD");
-  p.interleave_bwd = bwd_variant == nullptr || std::string(bwd_variant) != "plain";
+  // Backward: v1 by default (the forward v2's checkpoints are bitwise v1's); APRIEL_SSCAN_BWD=v2 selects the
+  // backward v2 on the forward v2's shapes (opt-in until a GPU run has checked it), plain = v1's plain loops.
+  const char* bwd_env = std::getenv("APRIEL_SSCAN_BWD");
+  const std::string bwd_variant = bwd_env != nullptr ? bwd_env : "";
+  p.interleave_bwd = bwd_variant != "plain";
+  p.bwd_v2 = v2_ok && bwd_variant == "v2";
   p.u = u.data_ptr(); p.u_sb = u.stride(0); p.u_sl = u.stride(1); p.u_sc = u.stride(2);
   p.dl = delta.data_ptr(); p.dl_sb = delta.stride(0); p.dl_sl = delta.stride(1); p.dl_sc = delta.stride(2);
   if (z) { p.z = z->data_ptr(); p.z_sb = z->stride(0); p.z_sl = z->stride(1); p.z_sc = z->stride(2); }
   p.B = B.data_ptr(); p.B_sb = B.stride(0); p.B_sl = B.stride(1); p.B_sg = B.stride(2); p.B_sn = B.stride(3);
   p.C = C.data_ptr(); p.C_sb = C.stride(0); p.C_sl = C.stride(1); p.C_sg = C.stride(2); p.C_sn = C.stride(3);
-  if (p.fwd_k != 0) set_v2_staging(p, u, delta, z, B, C);
+  if (p.fwd_k != 0 || p.bwd_v2) set_v2_staging(p, u, delta, z, B, C);
   auto hold = [&](Tensor t) -> const float* { keep.push_back(t); return t.data_ptr<float>(); };
   p.A = hold(f32c(A));
   p.Dskip = Dskip ? hold(f32c(*Dskip)) : nullptr;
@@ -198,6 +202,7 @@ std::vector<Tensor> selective_scan_bwd_cuda(const Tensor& u, const Tensor& delta
     launch<true>(q, st);
     Tensor dy_c = dy.to(st).contiguous();
     p.dy = dy_c.data_ptr();
+    if (reinterpret_cast<uintptr_t>(p.dy) % 16 == 0) p.v2_vec |= 1u << kV2Dy;  // rows: D % 16 == 0 elements
     p.dfinal = dfs.defined() ? dfs.data_ptr<float>() : nullptr;
     p.ckpt_in = ckpt.data_ptr<float>();
     p.du = du.data_ptr(); p.du_f32 = grouped_u;

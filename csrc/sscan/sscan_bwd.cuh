@@ -252,6 +252,10 @@ __global__ void __launch_bounds__(kThreads) sscan_bwd_kernel(SScanParams p) {
 
 template <typename T>
 void launch_sscan_bwd(const SScanParams& p, void* stream) {
+  if (p.bwd_v2) {  // v2 (sscan_bwd2.cuh) where the host selected it
+    launch_sscan_bwd2<T>(p, stream);
+    return;
+  }
   const dim3 grid((p.dim + kSsChannels - 1) / kSsChannels, p.batch), block(kSsLanes, kSsChannels);
   const int smem = sscan_bwd_smem_bytes(p);
   if (smem > 48 * 1024)  // opt-in above the default limit (once per size is enough, but it is cheap)

@@ -33,10 +33,11 @@ struct SScanParams {
   // Forward v2 (sscan_fwd2.cuh): 0 = the v1 kernel above, else K = 4 or 8 lanes per channel. The host sets it
   // only where v2 applies (d_state 16, d_inner % 16 == 0, one B and one C group per block of 16 channels).
   int fwd_k;
-  // v2 staging, one bit per activation (kV2U, kV2Delta, kV2Z, kV2B, kV2C): tfast = the tile is kept token-fast
+  // v2 staging, one bit per activation (kV2U, kV2Delta, kV2Z, kV2B, kV2C, and kV2Dy for the backward's dy): tfast = the tile is kept token-fast
   // in smem (the tensor's token stride is 1, mamba's channel-major layout); vec = 16-byte cp.async copies are
   // legal (unit stride along the copied rows, every other offset a multiple of 16 bytes).
   unsigned v2_tfast, v2_vec;
+  bool bwd_v2;         // backward v2 (sscan_bwd2.cuh; APRIEL_SSCAN_BWD=v2, same shapes as the forward v2)
 
   const void* u;   int64_t u_sb, u_sl, u_sc;
   const void* dl;  int64_t dl_sb, dl_sl, dl_sc;   // delta
@@ -85,12 +86,14 @@ inline int sscan_bwd_smem_bytes(const SScanParams& p) {
   return floats * 4;
 }
 
-enum { kV2U = 0, kV2Delta = 1, kV2Z = 2, kV2B = 3, kV2C = 4 };
+enum { kV2U = 0, kV2Delta = 1, kV2Z = 2, kV2B = 3, kV2C = 4, kV2Dy = 5 };
 
 template <typename T>
 void launch_sscan_fwd(const SScanParams& p, void* stream);
 template <typename T>
 void launch_sscan_fwd2(const SScanParams& p, void* stream);  // sscan_fwd2_<dtype>.cu
+template <typename T>
+void launch_sscan_bwd2(const SScanParams& p, void* stream);  // sscan_bwd2_<dtype>.cu
 template <typename T>
 void launch_sscan_bwd(const SScanParams& p, void* stream);
 
