@@ -42,6 +42,27 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
+// MUFU forms with flush-to-zero spelled out: the build does not use --use_fast_math, and without .ftz __expf
+// costs a range check and two predicated multiplies around every ex2 (5 instructions instead of 2).
+__device__ __forceinline__ float lg2_ftz(float v) {
+  float r;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
+__device__ __forceinline__ float rcp_ftz(float v) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
+__device__ __forceinline__ float sigmoid_ftz(float v) { return rcp_ftz(1.f + scan::ex2(-kLog2e * v)); }
+// softplus with the peers' threshold (v > 20: v); log1p(e) by its series below e = 1e-2, where 1 + e would
+// round away the digits a small delta is made of (same forms as scan::softplusf_).
+__device__ __forceinline__ float softplus_ftz(float v) {
+  const float e = scan::ex2(kLog2e * v);
+  const float small = e * (1.f - e * (0.5f - e * (1.f / 3.f - e * 0.25f)));
+  return v > 20.f ? v : (e < 1e-2f ? small : lg2_ftz(1.f + e) * 0.6931471805599453f);
+}
+
 // A layer parameter in its own dtype (0 fp32, 1 bf16, 2 fp16): read once per block, so the branch is free.
 __device__ __forceinline__ float ld_param(const ParamRef& r, int64_t i) {
   if (r.dtype == 1) return __bfloat162float(static_cast<const __nv_bfloat16*>(r.ptr)[i]);
@@ -402,11 +423,15 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
     // B: prep of TPT consecutive tokens of channel pch (xf row i+3 holds token i).
     {
       const int tb = pq * TPT;
+      // skew_row(tb + k) = tb + pq + k + (k >> log2 TPT): one runtime base, compile-time offsets
+      constexpr int kShift = TPT == 8 ? 3 : TPT == 4 ? 2 : 1;
+      const float* xrow = &sm.xf[par][tb + pq][pch];
+      const float* drow = &sm.dtp[tb + pq][pch];
       float xw[TPT + 3];
       int sw[TPT + 3];
 #pragma unroll
       for (int k = 0; k < TPT + 3; ++k) {
-        xw[k] = sm.xf[par][skew_row<TPT>(tb + k)][pch];
+        xw[k] = xrow[(k + (k >> kShift)) * kN];
         sw[k] = kSeq ? sm.seqf[par][tb + k] : 0;
       }
 #pragma unroll
@@ -415,10 +440,10 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
         float cv = cb;
 #pragma unroll
         for (int k = 0; k < 4; ++k) cv = fmaf(w[k], (!kSeq || sw[i + k] == sw[i + 3]) ? xw[i + k] : 0.f, cv);
-        const float u = cv * scan::sigmoidf_(cv);
+        const float u = cv * sigmoid_ftz(cv);
         float dp = dtb2;
         if constexpr (kMma) {
-          dp += sm.dtp[skew_row<TPT>(t)][pch];
+          dp += drow[i * kN];  // i < TPT: no skew step inside the block
         } else {
           const float* dtrow = reinterpret_cast<const float*>(&r.dt[t][0]);
 #pragma unroll
@@ -431,12 +456,12 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
             }
           }
         }
-        const float delta = scan::softplusf_(dp);
+        const float delta = softplus_ftz(dp);
         const bool keep = !kSeq || sw[i + 2] == sw[i + 3];  // same document as the previous token
         const float zz = to_f(r.z[t][pch]);
         sm.ud[t][pch] = t < Tv ? make_float2(keep ? delta : __int_as_float(0x7f800000), delta * u)
                                : make_float2(0.f, 0.f);
-        sm.ug[t][pch] = make_float2(u, zz * scan::sigmoidf_(zz));
+        sm.ug[t][pch] = make_float2(u, zz * sigmoid_ftz(zz));
       }
     }
     if (p.ckpt != nullptr)
