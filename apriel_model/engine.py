@@ -18,6 +18,8 @@ thread blocks to fill the GPU, see attention.py; 0: one SDPA call).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -77,7 +79,7 @@ class _DecodeGraph:
             for _ in range(2):  # warm up: allocator, cuBLAS handles, the rope table
                 engine._decode_eager(self.tokens, static_kv=True)
         torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph, pool=pool), _programmatic_step_launch():
             self.logits = engine._decode_eager(self.tokens, static_kv=True)
         cache.lengths.copy_(saved_len)
         cache.key_valid.copy_(saved_valid)
@@ -88,6 +90,22 @@ class _DecodeGraph:
         self.tokens[: tokens.shape[0], 0].copy_(tokens)
         self.graph.replay()
         return self.logits
+
+
+@contextlib.contextmanager
+def _programmatic_step_launch():
+    """Captures the fused mixer steps with programmatic dependent launch (APRIEL_STEP_PDL=1), unless the user set
+    the variable: a step may then load its layer parameters before the previous kernel has finished, which is
+    safe inside the decode graph (the kernels before a step are GEMMs, none writes a layer parameter) but not as
+    a process-wide default (an optimizer step just before a step would race with those reads)."""
+    if "APRIEL_STEP_PDL" in os.environ:
+        yield
+        return
+    os.environ["APRIEL_STEP_PDL"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("APRIEL_STEP_PDL", None)
 
 
 class Engine:

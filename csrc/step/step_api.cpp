@@ -39,9 +39,11 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef want) {
 // Kernel version: 2 (step_kernel_v2.cuh, the default), 1 (step_kernel.cuh) with APRIEL_STEP_KERNEL=v1, or
 // 3 (step_kernel_v3.cuh, opt-in until measured) with APRIEL_STEP_KERNEL=v3, so one benchmark run can
 // compare them (bench/kernels_step.py, providers "apriel[v1]", "apriel[v3]").
-int kernel_version() {
+// Default by batch (H100, session 2, bench/results/s2/step_v3_h100.json, fp32 state, cold): v3 (TMA-staged
+// state) wins from b256 (68.3 vs 77.8 us) and ties at b64 (22.8 vs 22.6); v2 wins below (b1 4.65 vs 6.36 us).
+int kernel_version(int64_t batch) {
   const char* env = std::getenv("APRIEL_STEP_KERNEL");
-  if (env == nullptr) return 2;
+  if (env == nullptr) return batch >= 128 ? 3 : 2;
   const std::string v(env);
   return v == "v1" ? 1 : v == "v3" ? 3 : 2;
 }
@@ -228,7 +230,7 @@ void mixer_step_out(const at::Tensor& zxbc, const at::Tensor& dt_low, at::Tensor
   p.D_skip = D.data_ptr();
   p.D_skip_dtype = dtype_code(D, "D");
   p.D_skip_stride = D.stride(0);
-  int version = kernel_version();
+  int version = kernel_version(p.batch);
   if (version == 3 && !v3_supported(q, act, zxbc)) version = 2;
   p.v3_seq_per_warp = version == 3 ? v3_seq_per_warp() : 0;
   p.seq_per_thread = seq_per_thread(p.batch, version, p.q, act == at::kFloat);
