@@ -100,14 +100,6 @@ def run(quick: bool = False) -> list[dict]:
                 with env_override("APRIEL_SSCAN_FWD", "plain"), env_override("APRIEL_SSCAN_BWD", "plain"):
                     out.append(_row("fwd+bwd", "apriel-plain", batch, seqlen, time_ms(step, rep_ms=300),
                                     layout="channel-major"))
-            with env_override("APRIEL_SSCAN_BWD", "v2"):  # backward v2 (opt-in)
-                out.append(_row("fwd+bwd", "apriel-bwd2", batch, seqlen, time_ms(step, rep_ms=300),
-                                layout="channel-major"))
-                y2 = selective_scan_fn(**args, **kw)
-                out.append(_row("bwd", "apriel-bwd2", batch, seqlen,
-                                time_ms(lambda: torch.autograd.grad(y2, leaves, dy, retain_graph=True), rep_ms=300),  # noqa: B023
-                                layout="channel-major"))
-                del y2
             stats = time_ms(step, rep_ms=300)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -125,9 +117,38 @@ def run(quick: bool = False) -> list[dict]:
             y = selective_scan_fn(**args, **kw)
             stats_b = time_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), rep_ms=300)  # noqa: B023
             out.append(_row("bwd", "apriel", batch, seqlen, stats_b, layout="channel-major"))
-            del args, dy, y
+            del y
+            del args, dy
         except Exception as e:  # noqa: BLE001
             out.append(R.error_row("kernels", "selective_scan_fwd_bwd", "apriel", e, shape=f"b{batch} L{seqlen}"))
+    # Backward v2 (opt-in, APRIEL_SSCAN_BWD=v2) last: a fault there must not cost the rows above.
+    for batch, seqlen in ([(1, 8192), (8, 4096)] if not quick else [(1, 8192)]):
+        try:
+            args = _inputs(batch, seqlen, requires_grad=True)
+            dy = torch.randn(batch, D, seqlen, device="cuda", dtype=torch.bfloat16)
+            leaves = list(args.values())
+
+            def step2():
+                y = selective_scan_fn(**args, **kw)  # noqa: B023
+                return torch.autograd.grad(y, leaves, dy)  # noqa: B023
+
+            with env_override("APRIEL_SSCAN_BWD", "v2"):
+                stats = time_ms(step2, rep_ms=300)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                grads = step2()
+                torch.cuda.synchronize()
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                del grads
+                out.append(_row("fwd+bwd", "apriel-bwd2", batch, seqlen, stats, layout="channel-major",
+                                peak_extra_mem_mb=peak))
+                y2 = selective_scan_fn(**args, **kw)
+                stats_b = time_ms(lambda: torch.autograd.grad(y2, leaves, dy, retain_graph=True), rep_ms=300)  # noqa: B023
+                out.append(_row("bwd", "apriel-bwd2", batch, seqlen, stats_b, layout="channel-major"))
+            del args, dy, y2
+        except Exception as e:  # noqa: BLE001
+            out.append(R.error_row("kernels", "selective_scan_fwd_bwd", "apriel-bwd2", e, shape=f"b{batch} L{seqlen}"))
     return out
 
 
