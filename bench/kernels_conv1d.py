@@ -10,9 +10,10 @@ for fwd+bwd, i.e. what autograd runs, without autograd's Python overhead), "apri
 forward forced to N tokens per thread via APRIEL_CONV1D_FWD_TOKENS, to check the default's choice),
 "apriel[scalarw]" (the former scalar weight/bias loads, APRIEL_CONV1D_VEC_WEIGHTS=0; vector loads are the
 default since they measured faster on the H100),
-"apriel[fwd=tile|stream|async]", "apriel[bwd=tile|stream|async]", "apriel[stream|async]" (fwd+bwd):
-the kernel variants of APRIEL_CONV1D_FWD_IMPL / APRIEL_CONV1D_BWD_IMPL, forced explicitly so the rows do
-not depend on the default (the tokN / scalarw rows force the tile kernel they tune), "torch copy_" (a token-major copy of the same bytes: the practical floor at that size, launch and
+"apriel[fwd=tile|stream|async|deep|wide]", "apriel[bwd=tile|stream|async|deep|fused|wide]", "apriel[stream]",
+"apriel[async]", "apriel[deep]", "apriel[<fwd>+<bwd>]" (fwd+bwd): the kernel variants of
+APRIEL_CONV1D_FWD_IMPL / APRIEL_CONV1D_BWD_IMPL, forced explicitly so the rows do not depend on the
+default; "apriel[cm=generic|vec]" (channel-major forward, APRIEL_CONV1D_CM_IMPL) (the tokN / scalarw rows force the tile kernel they tune), "torch copy_" (a token-major copy of the same bytes: the practical floor at that size, launch and
 ramp included), "causal-conv1d" (the peer package, only if importable), "torch" (depthwise F.conv1d + silu,
 channel-major).
 Bytes counted (the floor): fwd reads x and writes out; fwd+bwd adds reading x and dout and writing dx.
@@ -36,6 +37,13 @@ WIDTH = 4
 BARS = {("fwd", 1, 8192, 4096): 0.050, ("fwd", 1, 8192, 1024): 0.016, ("fwd+bwd", 1, 8192, 4096): 0.18}
 FWD_SHAPES = [(1, 8192, 4096), (1, 8192, 1024), (8, 4096, 4096), (1, 32768, 4096)]
 BWD_SHAPES = [(1, 8192, 4096), (1, 8192, 1024), (8, 4096, 4096)]
+# Kernel variants (APRIEL_CONV1D_FWD_IMPL / _BWD_IMPL values; docs/notes/conv1d.md). deep: 6 cp.async
+# stages; fused (bwd): deep + the dweight reduction in the same kernel (cooperative launch); wide: a
+# block's 4 warps on adjacent channels of one run (fwd: async otherwise; bwd: fused otherwise).
+FWD_IMPLS = ("tile", "stream", "async", "deep", "wide")
+BWD_IMPLS = ("tile", "stream", "async", "deep", "fused", "wide")
+FWD_BWD_PAIRS = (("stream", "stream"), ("async", "async"), ("deep", "deep"), ("async", "fused"), ("deep", "fused"),
+                 ("wide", "wide"), ("async", "wide"))
 UPDATE_BATCHES = [1, 16, 64, 256]
 
 
@@ -99,7 +107,7 @@ def _fwd_shape(batch, seqlen, dim, peer, copy_bps):
         time_ms(ours, warmup_ms=10, rep_ms=20)
         rows.append(_row("causal_conv1d", "apriel", "fwd", *args, time_ms(ours), nbytes, copy_bps,
                          graph_p50_ms=time_graph_ms(ours)["p50"]))
-        for impl in ("tile", "stream", "async"):
+        for impl in FWD_IMPLS:
             with env_override("APRIEL_CONV1D_FWD_IMPL", impl):
                 rows.append(_row("causal_conv1d", f"apriel[fwd={impl}]", "fwd", *args, time_ms(ours), nbytes,
                                  copy_bps, graph_p50_ms=time_graph_ms(ours)["p50"]))
@@ -112,6 +120,11 @@ def _fwd_shape(batch, seqlen, dim, peer, copy_bps):
                              note="scalar weight loads (former default)"))
         stats = time_ms(lambda: causal_conv1d_fn(xc, w, b, activation="silu"))
         rows.append(_row("causal_conv1d", "apriel", "fwd", *args, stats, nbytes, copy_bps, layout="channel-major"))
+        for impl in ("generic", "vec"):  # forced, so the rows do not depend on the default
+            with env_override("APRIEL_CONV1D_CM_IMPL", impl):
+                cm = lambda: causal_conv1d_fn(xc, w, b, activation="silu")  # noqa: E731
+                rows.append(_row("causal_conv1d", f"apriel[cm={impl}]", "fwd", *args, time_ms(cm), nbytes, copy_bps,
+                                 layout="channel-major", graph_p50_ms=time_graph_ms(cm)["p50"]))
     except Exception as error:  # noqa: BLE001
         rows.append(error_row(SUITE, "causal_conv1d", "apriel", error, phase="fwd", shape=_shape(*args)))
     if peer is None:
@@ -125,8 +138,10 @@ def _fwd_shape(batch, seqlen, dim, peer, copy_bps):
             rows.append(error_row(SUITE, "causal_conv1d", "causal-conv1d", error, phase="fwd", shape=_shape(*args)))
     copy_dst = torch.empty(batch, seqlen, dim, device="cuda", dtype=x.dtype)
     x_rows = x.transpose(1, 2)  # the (batch, seqlen, dim) storage of x
-    rows.append(_row("causal_conv1d", "torch copy_", "fwd", *args, time_ms(lambda: copy_dst.copy_(x_rows)), nbytes,
-                     copy_bps, note="copy of the same bytes: practical floor at this size"))
+    copy = lambda: copy_dst.copy_(x_rows)  # noqa: E731
+    rows.append(_row("causal_conv1d", "torch copy_", "fwd", *args, time_ms(copy), nbytes,
+                     copy_bps, note="copy of the same bytes: practical floor at this size",
+                     graph_p50_ms=time_graph_ms(copy)["p50"]))
     stats = time_ms(lambda: F.silu(F.conv1d(xc, w.unsqueeze(1), b, padding=WIDTH - 1, groups=dim)[..., :seqlen]))
     rows.append(_row("causal_conv1d", "torch", "fwd", *args, stats, nbytes, copy_bps, layout="channel-major"))
     return rows
@@ -161,14 +176,15 @@ def _bwd_shape(batch, seqlen, dim, peer, copy_bps):
                 env_override("APRIEL_CONV1D_BWD_IMPL", "tile"):
             rows.append(_row("causal_conv1d", "apriel[scalarw]", "fwd+bwd", *args, time_ms(step), nbytes, copy_bps,
                              note="scalar weight loads (former default)"))
-        for impl in ("tile", "stream", "async"):
+        for impl in BWD_IMPLS:
             with env_override("APRIEL_CONV1D_BWD_IMPL", impl):
                 stats = time_ms(lambda: bwd(x, w, b, None, None, dout, None, True))
                 rows.append(_row("causal_conv1d", f"apriel[bwd={impl}]", "bwd", *args, stats, bwd_bytes, copy_bps))
-        for impl in ("stream", "async"):
-            with env_override("APRIEL_CONV1D_FWD_IMPL", impl), env_override("APRIEL_CONV1D_BWD_IMPL", impl):
-                rows.append(_row("causal_conv1d", f"apriel[{impl}]", "fwd+bwd", *args, time_ms(step), nbytes,
-                                 copy_bps, note=f"{impl} forward + {impl} backward"))
+        for fwd_impl, bwd_impl in FWD_BWD_PAIRS:
+            name = fwd_impl if fwd_impl == bwd_impl else f"{fwd_impl}+{bwd_impl}"
+            with env_override("APRIEL_CONV1D_FWD_IMPL", fwd_impl), env_override("APRIEL_CONV1D_BWD_IMPL", bwd_impl):
+                rows.append(_row("causal_conv1d", f"apriel[{name}]", "fwd+bwd", *args, time_ms(step), nbytes,
+                                 copy_bps, note=f"{fwd_impl} forward + {bwd_impl} backward"))
     except Exception as error:  # noqa: BLE001
         rows.append(error_row(SUITE, "causal_conv1d", "apriel", error, phase="fwd+bwd", shape=_shape(*args)))
     if peer is not None:

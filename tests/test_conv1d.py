@@ -282,12 +282,16 @@ GPU_LENGTHS = [1, 2, 3, 63, 65, 2049, 4097]
 # token-major at an odd column offset (misaligned: generic kernel), odd dim, channel-major slice.
 # Kernel variants of the vectorised forward/backward (APRIEL_CONV1D_FWD_IMPL / _BWD_IMPL): every one that
 # stays selectable is tested; the grids above run the default.
-IMPLS = ["tile", "stream", "async"]
+# Session 3 variants: "deep", "wide" (both directions) and "deep_fused" = the deep forward with the
+# backward-only "fused".
+IMPLS = ["tile", "stream", "async", "deep", "wide", "deep_fused"]
+_IMPL_ENV = {"deep_fused": ("deep", "fused")}
 
 
 def use_impl(monkeypatch, impl):
-    monkeypatch.setenv("APRIEL_CONV1D_FWD_IMPL", impl)
-    monkeypatch.setenv("APRIEL_CONV1D_BWD_IMPL", impl)
+    fwd, bwd = _IMPL_ENV.get(impl, (impl, impl))
+    monkeypatch.setenv("APRIEL_CONV1D_FWD_IMPL", fwd)
+    monkeypatch.setenv("APRIEL_CONV1D_BWD_IMPL", bwd)
 
 
 LAYOUTS = ["tm", "tm_slice", "tm_misaligned", "tm_odd_dim", "cm_slice"]
@@ -607,7 +611,7 @@ def test_cuda_stream_matches_tile_at_bench_shapes(shape, monkeypatch):
         out, final = causal_conv1d_fwd(x, w, b, None, None, True, True)
         results[impl] = (out, final, *causal_conv1d_bwd(x, w, b, None, None, dout, None, True))
     tile = results["tile"]
-    for impl in ("stream", "async"):
+    for impl in IMPLS[1:]:
         other = results[impl]
         assert torch.equal(tile[1], other[1]), f"final_states: {impl} and tile kernels differ"
         for name, i in (("out", 0), ("dx", 2)):
@@ -616,6 +620,97 @@ def test_cuda_stream_matches_tile_at_bench_shapes(shape, monkeypatch):
             assert ((a - s).abs() <= 2**-7 * a.abs() + 1e-6).all(), f"{name}: {impl} and tile kernels differ"
         for name, i in (("dweight", 3), ("dbias", 4)):
             torch.testing.assert_close(other[i], tile[i], rtol=1e-4, atol=1e-3 * tile[i].abs().max().item())
+
+
+@pytest.mark.gpu
+@require_cuda_kernel("causal_conv1d_bwd")
+@pytest.mark.parametrize("impl", ["deep", "fused", "wide"])
+def test_cuda_bwd_fused_fallback_beyond_one_wave(impl, monkeypatch, poison):
+    """A grid larger than one wave of resident blocks (batch 64 x 8 (wide: 2) channel blocks > 3 x 132):
+    "fused" and "wide" cannot launch cooperatively and take their unfused kernel + the reduction kernel;
+    all must still agree with the async kernel (dweight/dbias up to the fp32 summation order)."""
+    monkeypatch.setenv("APRIEL_CONV1D_BWD_IMPL", impl)
+    x, w, bias, seq_idx, init, silu = conv_case(torch.bfloat16, 4, 40, "tm", "full", batch=64, dim=1024)
+    dout = dout_like(x, 1024, "tm")
+    got = causal_conv1d_bwd(x, w, bias, seq_idx, init, dout, None, silu)
+    monkeypatch.setenv("APRIEL_CONV1D_BWD_IMPL", "async")
+    want = causal_conv1d_bwd(x, w, bias, seq_idx, init, dout, None, silu)
+    torch.testing.assert_close(got[0].float(), want[0].float(), rtol=2**-7, atol=1e-6)
+    for name, a, b in (("dweight", got[1], want[1]), ("dbias", got[2], want[2])):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3 * b.abs().max().item(), msg=name)
+
+
+@pytest.mark.gpu
+@require_cuda_kernel("causal_conv1d_bwd")
+def test_cuda_bwd_fused_equals_deep_bitwise(monkeypatch):
+    """fused = deep + the reduction moved into the kernel, in the same row order: bitwise equal results at a
+    shape where the cooperative launch is taken (b1 L8192 C4096 plans exactly one wave)."""
+    x = torch.randn(1, 8192, 4096, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    w = torch.randn(4096, 4, device="cuda", dtype=torch.bfloat16) * 0.5
+    b = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    dout = torch.randn_like(x)
+    results = []
+    for impl in ("deep", "fused"):
+        monkeypatch.setenv("APRIEL_CONV1D_BWD_IMPL", impl)
+        results.append(causal_conv1d_bwd(x, w, b, None, None, dout, None, True))
+    for name, a, c in zip(("dx", "dweight", "dbias"), results[0], results[1]):
+        assert torch.equal(a, c), f"{name}: fused and deep differ"
+
+
+# Channel-major forward (APRIEL_CONV1D_CM_IMPL=vec): x (batch, dim, seqlen) with unit token stride.
+# "cm" contiguous; "cm_pad8" rows padded by 8 tokens (strided, still 16-byte aligned); lengths that are
+# multiples of 8 take the vector kernel (65 falls back to the generic kernel); 4104 tokens
+# spans two 4096-token bf16 tiles with a partial one; documents cross vector and tile boundaries.
+CM_LENGTHS = [8, 24, 4104, 65]
+
+
+def make_cm(batch, dim, seqlen, dtype, layout):
+    if layout == "cm":
+        return torch.randn(batch, dim, seqlen, device="cuda", dtype=dtype)
+    return torch.randn(batch, dim, seqlen + 8, device="cuda", dtype=dtype)[:, :, :seqlen]
+
+
+@pytest.mark.gpu
+@require_cuda_kernel("causal_conv1d_fwd")
+@pytest.mark.parametrize("features", ["plain", "full", "packed"])
+@pytest.mark.parametrize("layout", ["cm", "cm_pad8"])
+@pytest.mark.parametrize("seqlen", CM_LENGTHS)
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_cuda_fwd_channel_major_vec(dtype, width, seqlen, layout, features, monkeypatch, poison):
+    monkeypatch.setenv("APRIEL_CONV1D_CM_IMPL", "vec")
+    batch, dim = 2, 40
+    x = make_cm(batch, dim, seqlen, dtype, layout)
+    w = torch.randn(dim, width, device="cuda", dtype=dtype) * 0.5
+    full = features in ("full", "packed")
+    bias = torch.randn(dim, device="cuda", dtype=dtype) if full else None
+    init = torch.randn(batch, dim, width - 1, device="cuda", dtype=dtype) if full else None
+    seq_idx = random_seq_idx(batch, seqlen, 5).cuda() if features == "packed" else None
+    out, final = causal_conv1d_fwd(x, w, bias, seq_idx, init, True, full)
+    ref_out, ref_final = ref_fwd(x, w, bias, seq_idx, init, full, F64)
+    low_out, _ = ref_fwd(x, w, bias, seq_idx, init, full, dtype)
+    assert_close_to_ref("out", out, ref_out, low_out)
+    assert_layout_follows("out", out, x)
+    assert torch.equal(final.double(), ref_final), "final_states differ from the reference"
+
+
+@pytest.mark.gpu
+@require_cuda_kernel("causal_conv1d_fwd")
+def test_cuda_fwd_channel_major_vec_matches_generic(monkeypatch):
+    """At the benchmark shape the vector kernel and the generic kernel compute the same fp32 expression per
+    element: equal within one bf16 rounding step; the final state is a copy (bitwise)."""
+    x = torch.randn(1, 4096, 8192, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, 4, device="cuda", dtype=torch.bfloat16) * 0.5
+    b = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    results = {}
+    for impl in ("generic", "vec"):
+        monkeypatch.setenv("APRIEL_CONV1D_CM_IMPL", impl)
+        results[impl] = causal_conv1d_fwd(x, w, b, None, None, True, True)
+    (a, fa), (v, fv) = results["generic"], results["vec"]
+    assert torch.equal(fa, fv)
+    a, v = a.float(), v.float()
+    assert torch.isfinite(v).all()
+    assert ((a - v).abs() <= 2**-7 * a.abs() + 1e-6).all(), "vec and generic channel-major kernels differ"
 
 
 _RAW_OP_ERRORS = textwrap.dedent("""

@@ -191,14 +191,49 @@ int fwd_tokens() {
 constexpr const char* kDefaultFwdImpl = "async";
 constexpr const char* kDefaultBwdImpl = "async";
 
-int impl_from_env(const char* var, const char* fallback) {
+// Session 3 variants (not measured yet; docs/notes/conv1d.md): "deep" = async with 6 cp.async stages (5
+// chunks in flight per thread instead of 3), both directions; "fused" (backward only) = deep with the
+// dweight/dbias reduction inside the kernel behind a grid-wide barrier (cooperative launch), no second
+// kernel; "wide" = a block's 4 warps on adjacent channels of one token run (forward: async otherwise;
+// backward: fused otherwise, with per-thread partial rows).
+int impl_from_env(const char* var, const char* fallback, bool backward) {
   const char* env = std::getenv(var);
   const char* value = (env == nullptr || *env == '\0') ? fallback : env;
   if (std::strcmp(value, "tile") == 0) return kFwdTile;
   if (std::strcmp(value, "stream") == 0) return kFwdStream;
   if (std::strcmp(value, "async") == 0) return kFwdAsync;
-  TORCH_CHECK(false, var, ": expected \"tile\", \"stream\" or \"async\", got \"", value, "\"");
+  if (std::strcmp(value, "deep") == 0) return kFwdDeep;
+  if (backward && std::strcmp(value, "fused") == 0) return kBwdFused;
+  if (std::strcmp(value, "wide") == 0) return kFwdWide;
+  TORCH_CHECK(false, var, ": expected \"tile\", \"stream\", \"async\", \"deep\", \"wide\"", backward ? " or \"fused\"" : "",
+              ", got \"", value, "\"");
   return kFwdTile;
+}
+
+// Channel-major forward: "vec" (fwd_chanmajor_kernel: 16-byte vectors along the tokens, halo through
+// shared memory) or "generic" (one element per thread, the session-1 kernel: 11% of the copy rate on the
+// H100). APRIEL_CONV1D_CM_IMPL selects; the default stays "generic" until an H100 run has measured "vec"
+// (bench row apriel[cm=vec]).
+constexpr const char* kDefaultCmImpl = "generic";
+
+bool chan_vec_from_env() {
+  const char* env = std::getenv("APRIEL_CONV1D_CM_IMPL");
+  const char* value = (env == nullptr || *env == '\0') ? kDefaultCmImpl : env;
+  if (std::strcmp(value, "vec") == 0) return true;
+  if (std::strcmp(value, "generic") == 0) return false;
+  TORCH_CHECK(false, "APRIEL_CONV1D_CM_IMPL: expected \"vec\" or \"generic\", got \"", value, "\"");
+  return false;
+}
+
+// Unit token stride, every (b, c) row 16-byte aligned, seqlen a whole number of 16-byte vectors, 2- or
+// 4-byte type (the halo of W-1 <= 3 tokens then lies in one neighbouring vector), batch * dim fits the grid.
+bool chan_vectorizable(const Tensor& t) {
+  const int64_t es = t.element_size(), kv = 16 / es;
+  if (es > 4 || t.stride(2) != 1 || t.size(2) % kv != 0) return false;
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  if (t.size(1) > 1 && t.stride(1) % kv != 0) return false;
+  if (t.size(0) > 1 && t.stride(0) % kv != 0) return false;
+  return t.size(0) * t.size(1) <= std::numeric_limits<int>::max();
 }
 
 // ------------------------------------------------------------------------------------------- forward
@@ -223,7 +258,8 @@ std::tuple<Tensor, Tensor> causal_conv1d_fwd(const Tensor& x, const Tensor& weig
   p.final_out = return_final_states ? final_states.data_ptr() : nullptr;
   p.vectorized = vectorizable(x);
   p.fwd_tokens = fwd_tokens();
-  p.fwd_impl = impl_from_env("APRIEL_CONV1D_FWD_IMPL", kDefaultFwdImpl);
+  p.fwd_impl = impl_from_env("APRIEL_CONV1D_FWD_IMPL", kDefaultFwdImpl, false);
+  p.chan_vec = !p.vectorized && chan_vec_from_env() && chan_vectorizable(x) && chan_vectorizable(out);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   APRIEL_CONV1D_DISPATCH(x.scalar_type(), causal_conv1d_fwd, p, stream);
   return {out, final_states};
@@ -281,13 +317,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
   // the kernel's launch bounds), rounded down so no straggler wave; each block then loops over its split.
   // Generic: about 4 blocks per SM. Each split is a multiple of the block's token tile so no tile
   // straddles two splits.
-  p.bwd_impl = impl_from_env("APRIEL_CONV1D_BWD_IMPL", kDefaultBwdImpl);
+  p.bwd_impl = impl_from_env("APRIEL_CONV1D_BWD_IMPL", kDefaultBwdImpl, true);
   int64_t chan_blocks, tile, target_blocks;
   if (p.vectorized && p.bwd_impl != kFwdTile) {
     // Stream/async kernels: one wave of 3 blocks per SM (their launch bounds guarantee it), each block 4 runs of
     // split_len tokens; nsplit = block rows along tokens (= workspace rows per batch row).
     chan_blocks = cdiv(s.dim, 32 * (x.element_size() == 8 ? 2 : 4));
-    const int64_t runs_per_block = 4, chunk = 8;
+    // deep/fused: runs rounded to 4 tokens (their chunk) instead of 8: at b1 L8192 C4096 the longest run
+    // drops from 176 to 172 tokens (48 runs of 170.7 would be exact).
+    const bool wide = p.bwd_impl == kFwdWide;  // one run per block row, 4x the channels per block
+    const int64_t runs_per_block = wide ? 1 : 4;
+    const int64_t chunk = (p.bwd_impl == kFwdDeep || p.bwd_impl == kBwdFused || wide) ? 4 : 8;
+    if (wide) chan_blocks = cdiv(chan_blocks, 4);
     const int64_t target = 3 * int64_t(num_sms(x));
     int64_t rows = std::clamp<int64_t>(target / (chan_blocks * s.batch), 1, cdiv(s.seqlen, runs_per_block * chunk));
     const int64_t run_len = cdiv(cdiv(s.seqlen, rows * runs_per_block), chunk) * chunk;

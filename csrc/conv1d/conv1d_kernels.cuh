@@ -37,6 +37,8 @@
 #include <cstdio>
 #include <cstring>
 
+#include <cooperative_groups.h>
+
 #include "conv1d_params.h"
 #include "cuda_check.h"
 #include "kernel_registry.h"
@@ -809,6 +811,96 @@ __global__ void __launch_bounds__(128, APRIEL_CONV1D_FWD_STREAM_MIN_BLOCKS) fwd_
   else fwd_stream_body<T, W, false>(p);
 }
 
+// ===================================================================== forward, channel-major vectorised
+// x and out (batch, dim, seqlen) with unit token stride (mamba-ssm's layout), 16-byte aligned rows,
+// seqlen % kV == 0 (host check, ConvParams::chan_vec). Why: the generic kernel above reads W scalars, the
+// document ids and W+1 weights per output element: 11% of the copy rate on the H100 (0.388 ms at
+// b1 L8192 C4096 bf16). Here a thread loads kCmVecs 16-byte vectors of kV = 16/sizeof(T) consecutive
+// tokens of one channel (all loads issued before any math), and takes the W-1 halo tokens in front of each
+// vector from its neighbour's vector through shared memory - the one at the block's start loads the
+// vector in front of it. Block 128 threads = kCmVecs x 128 vectors of one (batch, channel) row;
+// grid (batch * dim, ceil(seqlen / tile)). Only for kV >= W-1 (2- and 4-byte types): the halo then lies
+// in one neighbouring vector.
+constexpr int kCmVecs = 4;
+
+template <typename T, int W, bool kSeq>
+__device__ __forceinline__ void fwd_chanmajor_body(const ConvParams& p, uint4 (&sv)[kCmVecs * 128]) {
+  using A = acc_t<T>;
+  constexpr int kV = 16 / sizeof(T);
+  constexpr int H = W - 1;
+  static_assert(kV >= H, "the halo must fit in one neighbouring vector");
+  const int L = p.seqlen;
+  const int row = blockIdx.x;
+  const int b = row / p.dim, c = row % p.dim;
+  const int tid = threadIdx.x;
+  const int v0 = blockIdx.y * kCmVecs * 128;  // first vector of the block's tile
+  const T* x = static_cast<const T*>(p.x) + b * p.x_stride_b + int64_t(c) * p.x_stride_c;
+  T* out = static_cast<T*>(p.out) + b * p.out_stride_b + int64_t(c) * p.out_stride_c;
+
+  Pack<T, kV> cur[kCmVecs], before;
+#pragma unroll
+  for (int j = 0; j < kCmVecs; ++j) {
+    const int t0 = (v0 + j * 128 + tid) * kV;
+    if (t0 < L) load_stream(cur[j], x + t0);
+    else cur[j].zero();
+  }
+  if (tid == 0 && v0 > 0) load_stream(before, x + (v0 - 1) * kV);
+  A w[1][W], bias[1];
+  load_weights_any<A, 1, W>(p, c, w, bias);
+#pragma unroll
+  for (int j = 0; j < kCmVecs; ++j) sv[j * 128 + tid] = cur[j].v;
+  __syncthreads();
+
+#pragma unroll
+  for (int j = 0; j < kCmVecs; ++j) {
+    const int i = j * 128 + tid;  // vector index within the tile
+    const int t0 = (v0 + i) * kV;
+    if (t0 >= L) break;  // later vectors of this thread lie further right
+    // xs[k] = x at position t0 - H + k, k < H + kV; sq[k] its document.
+    A xs[H + kV];
+    int sq[H + kV];
+    if (i > 0 || v0 > 0) {
+      Pack<T, kV> prev;
+      prev.v = i > 0 ? sv[i - 1] : before.v;
+#pragma unroll
+      for (int h = 0; h < H; ++h) xs[h] = prev.template get<A>(kV - H + h);
+    } else {  // t0 == 0: the initial state (or zeros) precedes token 0
+#pragma unroll
+      for (int h = 0; h < H; ++h)
+        xs[h] = p.init == nullptr ? A(0)
+                : to_acc<A>(static_cast<const T*>(p.init)[b * p.init_stride_b + int64_t(c) * p.init_stride_c +
+                                                          h * p.init_stride_k]);
+    }
+#pragma unroll
+    for (int e = 0; e < kV; ++e) xs[H + e] = cur[j].template get<A>(e);
+#pragma unroll
+    for (int k = 0; k < H + kV; ++k) sq[k] = seq_of<kSeq>(p, b, t0 - H + k);
+    A y[kV];
+#pragma unroll
+    for (int e = 0; e < kV; ++e) {
+      A acc = bias[0];
+#pragma unroll
+      for (int k = 0; k < W; ++k) acc += w[0][k] * (same_doc<kSeq>(sq[e + k], sq[e + H]) ? xs[e + k] : A(0));
+      y[e] = activate(acc, p.silu);
+    }
+    store_stream<T, kV>(out + t0, y);
+    // The vector ending at token L-1 writes the final state: positions L-H .. L-1 = xs[kV .. kV+H-1].
+    if (p.final_out != nullptr && t0 + kV == L) {
+      T* fin = static_cast<T*>(p.final_out);
+#pragma unroll
+      for (int h = 0; h < H; ++h)
+        fin[(int64_t(b) * p.dim + c) * H + h] = from_acc<T>(same_doc<kSeq>(sq[kV + h], sq[H + kV - 1]) ? xs[kV + h] : A(0));
+    }
+  }
+}
+
+template <typename T, int W>
+__global__ void __launch_bounds__(128) fwd_chanmajor_kernel(ConvParams p) {
+  __shared__ uint4 sv[kCmVecs * 128];
+  if (p.seq_idx != nullptr) fwd_chanmajor_body<T, W, true>(p, sv);
+  else fwd_chanmajor_body<T, W, false>(p, sv);
+}
+
 // -------------------------------------------------------------- forward, stream + cp.async (v3, "async")
 // APRIEL_CONV1D_FWD_IMPL=async. The stream forward above keeps its prefetched chunk in registers: 168
 // registers, 3 blocks (12 warps) and ~48 KB in flight per SM. Here the chunks go global -> shared memory
@@ -819,6 +911,11 @@ __global__ void __launch_bounds__(128, APRIEL_CONV1D_FWD_STREAM_MIN_BLOCKS) fwd_
 // stores that consumed its previous contents were issued (in-order issue), so there is no WAR hazard.
 constexpr int kAsyncChunk = 4;
 constexpr int kAsyncStages = 4;
+// "deep" variants (APRIEL_CONV1D_{FWD,BWD}_IMPL=deep|fused): 6 stages = 5 chunks ahead of the one computed,
+// 48 KB of static smem per block (the static limit). Why: at 4 stages a thread is only 3 chunks of its own
+// compute ahead of its loads; with 3-4 warps per scheduler that lookahead (~1.5 us in the backward) is
+// about DRAM latency under full load, so late chunks stall the warp.
+constexpr int kDeepStages = 6;
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -831,15 +928,18 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // Slots: [stage][token][thread] so a warp's 16-byte copies and reads hit consecutive banks.
 using AsyncStage = uint4[kAsyncChunk][128];
 
-template <typename T, int W, bool kSeq>
+// kWide ("wide"): the block's 4 warps take 4 adjacent 512-byte channel segments of ONE token run (2 KB
+// contiguous per token row, grid (ceil(dim / (128 kCh)), runs, batch)) instead of one segment of 4 runs:
+// each token row is then read and written in 2 KB pieces at a time rather than 512 B scattered over 4
+// runs, closer to the access pattern of a copy (which reaches 2.64 TB/s where async reaches 2.25).
+template <typename T, int W, bool kSeq, int S, bool kWide>
 __device__ __forceinline__ void fwd_async_body(const ConvParams& p, AsyncStage* stage) {
   using A = acc_t<T>;
   constexpr int kCh = 16 / sizeof(T);
   constexpr int H = W - 1;
   constexpr int K = kAsyncChunk;
-  constexpr int S = kAsyncStages;
-  const int c0 = (blockIdx.x * 32 + threadIdx.x) * kCh;
-  const int ts = (blockIdx.y * blockDim.y + threadIdx.y) * p.split_len;
+  const int c0 = kWide ? ((blockIdx.x * 4 + threadIdx.y) * 32 + threadIdx.x) * kCh : (blockIdx.x * 32 + threadIdx.x) * kCh;
+  const int ts = kWide ? blockIdx.y * p.split_len : (blockIdx.y * blockDim.y + threadIdx.y) * p.split_len;
   const int b = blockIdx.z;
   const int L = p.seqlen;
   if (c0 >= p.dim || ts >= L) return;  // no barriers below: an idle thread may leave
@@ -925,11 +1025,12 @@ __device__ __forceinline__ void fwd_async_body(const ConvParams& p, AsyncStage* 
 }
 
 // 32 KB of static shared memory per block; registers decide the rest (the launcher asks the occupancy API).
-template <typename T, int W>
+// S = kDeepStages: the "deep" variant (48 KB); kWide: the "wide" variant.
+template <typename T, int W, int S = kAsyncStages, bool kWide = false>
 __global__ void __launch_bounds__(128) fwd_async_kernel(ConvParams p) {
-  __shared__ AsyncStage stage[kAsyncStages];
-  if (p.seq_idx != nullptr) fwd_async_body<T, W, true>(p, stage);
-  else fwd_async_body<T, W, false>(p, stage);
+  __shared__ AsyncStage stage[S];
+  if (p.seq_idx != nullptr) fwd_async_body<T, W, true, S, kWide>(p, stage);
+  else fwd_async_body<T, W, false, S, kWide>(p, stage);
 }
 
 // Backward: 16-byte vectors for 4/8-byte types, 8-byte vectors (4 channels) for 16-bit types: a thread
@@ -1118,26 +1219,27 @@ __device__ __forceinline__ void cp_async_small(void* smem, const void* gmem) {
 }
 
 // Tokens per chunk: 4 for 16-bit types (8-byte slots), 2 otherwise (16-byte slots): 32 KB of slots.
-template <typename T>
+template <typename T, int S = kAsyncStages>
 struct BwdAsyncSlots {
   using V = typename Pack<T, BwdStreamCh<T>::value>::V;
   static constexpr int kChunk = sizeof(V) == 8 ? 4 : 2;
-  V x[kAsyncStages][kChunk][128];
-  V g[kAsyncStages][kChunk][128];
+  V x[S][kChunk][128];
+  V g[S][kChunk][128];
 };
 
-template <typename T, int W, bool kSeq>
-__device__ __forceinline__ void bwd_async_body(const ConvParams& p, BwdAsyncSlots<T>& slots,
+// kWide (APRIEL_CONV1D_BWD_IMPL=wide): the block's 4 warps take 4 adjacent channel segments of one token
+// run (1 KB contiguous per token row and tensor for 16-bit types) instead of one 256-byte segment of 4 runs.
+template <typename T, int W, bool kSeq, int S, bool kWide>
+__device__ __forceinline__ void bwd_async_body(const ConvParams& p, BwdAsyncSlots<T, S>& slots,
                                                acc_t<T> (&dw)[BwdStreamCh<T>::value][W],
                                                acc_t<T> (&db)[BwdStreamCh<T>::value]) {
   using A = acc_t<T>;
   constexpr int kCh = BwdStreamCh<T>::value;
   constexpr int H = W - 1;
-  constexpr int K = BwdAsyncSlots<T>::kChunk;
-  constexpr int S = kAsyncStages;
-  constexpr int kBytes = int(sizeof(typename BwdAsyncSlots<T>::V));
-  const int c0 = (blockIdx.x * 32 + threadIdx.x) * kCh;
-  const int ts = (blockIdx.y * blockDim.y + threadIdx.y) * p.split_len;
+  constexpr int K = BwdAsyncSlots<T, S>::kChunk;
+  constexpr int kBytes = int(sizeof(typename BwdAsyncSlots<T, S>::V));
+  const int c0 = kWide ? ((blockIdx.x * 4 + threadIdx.y) * 32 + threadIdx.x) * kCh : (blockIdx.x * 32 + threadIdx.x) * kCh;
+  const int ts = kWide ? blockIdx.y * p.split_len : (blockIdx.y * blockDim.y + threadIdx.y) * p.split_len;
   const int b = blockIdx.z;
   const int L = p.seqlen;
   const int tid = threadIdx.y * 32 + threadIdx.x;
@@ -1293,21 +1395,71 @@ __device__ __forceinline__ void bwd_block_partials(const ConvParams& p, acc_t<T>
   }
 }
 
-// 32 KB of static shared memory: the slots, reused for the dweight reduction once every run is done.
-// (128, 3): the host plans one wave of 3 blocks per SM, as for the stream kernel.
-template <typename T, int W>
+// Sum of the (batch * nsplit) partial rows of column `col` (channel * (W+1) + tap) in row order: the same
+// fixed order, hence the same fp32 result, as reduce_dweight_kernel. __ldcg: the partials were written by
+// other SMs (L2), never cached in this SM's L1.
+__device__ __forceinline__ void reduce_dweight_column(const float* ws, int rows, int cols, int width, int col,
+                                                      float* dweight, float* dbias) {
+  float sum = 0.f;
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) {  // 4 independent loads in flight, added in row order
+    const float a = __ldcg(ws + int64_t(r) * cols + col), b = __ldcg(ws + int64_t(r + 1) * cols + col);
+    const float c = __ldcg(ws + int64_t(r + 2) * cols + col), d = __ldcg(ws + int64_t(r + 3) * cols + col);
+    sum += a;
+    sum += b;
+    sum += c;
+    sum += d;
+  }
+  for (; r < rows; ++r) sum += __ldcg(ws + int64_t(r) * cols + col);
+  const int c = col / (width + 1), k = col % (width + 1);
+  if (k < width) dweight[c * width + k] = sum;
+  else if (dbias != nullptr) dbias[c] = sum;
+}
+
+// 32 KB (S = 4, "async") or 48 KB (S = 6, "deep"/"fused") of static shared memory: the slots, reused for
+// the dweight reduction once every run is done. (128, 3): the host plans one wave of 3 blocks per SM, as
+// for the stream kernel.
+// kFused ("fused"; launched cooperatively, the whole grid resident): after every block has written its
+// partial row, a grid-wide barrier, then all blocks together sum the partial columns (one column per
+// thread, grid-strided) into dweight/dbias: no second kernel launch, and the ~1 MB partial round trip is
+// spread over the whole GPU instead of 80 blocks.
+// kWide: every thread owns distinct channels of the block's single run, so it writes its own partial row
+// (b * nsplit + run) directly: no block reduction, but nsplit = runs, 4x the partial rows of the others.
+template <typename T, int W, int S = kAsyncStages, bool kFused = false, bool kWide = false>
 __global__ void __launch_bounds__(128, 3) bwd_async_kernel(ConvParams p) {
   using A = acc_t<T>;
   constexpr int kCh = BwdStreamCh<T>::value;
   __shared__ union {
-    BwdAsyncSlots<T> slots;
+    BwdAsyncSlots<T, S> slots;
     A red[4][32 * kCh][W + 1];
   } smem;
   A dw[kCh][W], db[kCh];
-  if (p.seq_idx != nullptr) bwd_async_body<T, W, true>(p, smem.slots, dw, db);
-  else bwd_async_body<T, W, false>(p, smem.slots, dw, db);
-  __syncthreads();  // every thread is past its loop (and its cp.async waits): the slots are dead
-  bwd_block_partials<T, W>(p, dw, db, smem.red);
+  if (p.seq_idx != nullptr) bwd_async_body<T, W, true, S, kWide>(p, smem.slots, dw, db);
+  else bwd_async_body<T, W, false, S, kWide>(p, smem.slots, dw, db);
+  if constexpr (kWide) {
+    const int c0 = ((blockIdx.x * 4 + threadIdx.y) * 32 + threadIdx.x) * kCh;
+    if (c0 < p.dim) {
+      float* ws = p.workspace + (int64_t(blockIdx.z) * p.nsplit + blockIdx.y) * p.dim * (W + 1);
+#pragma unroll
+      for (int i = 0; i < kCh; ++i) {
+#pragma unroll
+        for (int k = 0; k < W; ++k) ws[int64_t(c0 + i) * (W + 1) + k] = static_cast<float>(dw[i][k]);
+        ws[int64_t(c0 + i) * (W + 1) + W] = static_cast<float>(db[i]);
+      }
+    }
+  } else {
+    __syncthreads();  // every thread is past its loop (and its cp.async waits): the slots are dead
+    bwd_block_partials<T, W>(p, dw, db, smem.red);
+  }
+  if constexpr (kFused) {
+    cooperative_groups::this_grid().sync();  // every partial row is written and visible grid-wide
+    const int cols = p.dim * (W + 1);
+    const int rows = p.batch * p.nsplit;
+    const int64_t nthreads = int64_t(gridDim.x) * gridDim.y * gridDim.z * 128;
+    const int64_t block = (int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    for (int64_t col = block * 128 + threadIdx.y * 32 + threadIdx.x; col < cols; col += nthreads)
+      reduce_dweight_column(p.workspace, rows, cols, W, int(col), p.dweight, p.dbias);
+  }
 }
 
 // ====================================================================================== launchers
@@ -1334,10 +1486,22 @@ inline int current_num_sms() {
 }
 
 // One wave: (resident blocks per SM) x SMs blocks of 4 runs, the token runs split evenly over them.
-template <typename T, int W, bool kAsync>
+template <typename T, int W, bool kAsync, int S = kAsyncStages>
 void launch_fwd_stream(ConvParams p, cudaStream_t stream) {
   constexpr int kCh = 16 / sizeof(T);
-  static const int per_sm = kAsync ? blocks_per_sm(fwd_async_kernel<T, W>, 128) : blocks_per_sm(fwd_stream_kernel<T, W>, 128);
+  if (kAsync && p.fwd_impl == kFwdWide) {
+    // One wave of blocks, each one run of split_len tokens x 4 adjacent channel segments.
+    static const int per_sm_wide = blocks_per_sm(fwd_async_kernel<T, W, kAsyncStages, true>, 128);
+    const int64_t chan_blocks = cdiv(p.dim, 128 * kCh);
+    int64_t runs = std::max<int64_t>(1, int64_t(per_sm_wide) * current_num_sms() / (chan_blocks * p.batch));
+    runs = std::min<int64_t>({runs, cdiv(p.seqlen, kStreamChunk), 65535});
+    p.split_len = cdiv(cdiv(p.seqlen, runs), kStreamChunk) * kStreamChunk;
+    runs = cdiv(p.seqlen, p.split_len);
+    const dim3 grid(int(chan_blocks), int(runs), p.batch);
+    fwd_async_kernel<T, W, kAsyncStages, true><<<grid, dim3(32, 4), 0, stream>>>(p);
+    return;
+  }
+  static const int per_sm = kAsync ? blocks_per_sm(fwd_async_kernel<T, W, S>, 128) : blocks_per_sm(fwd_stream_kernel<T, W>, 128);
   const int64_t chan_blocks = cdiv(p.dim, 32 * kCh);
   const int64_t target_runs = int64_t(per_sm) * current_num_sms() * 4;
   int64_t runs = std::max<int64_t>(1, target_runs / (chan_blocks * p.batch));
@@ -1345,7 +1509,7 @@ void launch_fwd_stream(ConvParams p, cudaStream_t stream) {
   p.split_len = cdiv(cdiv(p.seqlen, runs), kStreamChunk) * kStreamChunk;
   runs = cdiv(p.seqlen, p.split_len);
   const dim3 grid(int(chan_blocks), cdiv(runs, 4), p.batch);
-  if (kAsync) fwd_async_kernel<T, W><<<grid, dim3(32, 4), 0, stream>>>(p);
+  if (kAsync) fwd_async_kernel<T, W, S><<<grid, dim3(32, 4), 0, stream>>>(p);
   else fwd_stream_kernel<T, W><<<grid, dim3(32, 4), 0, stream>>>(p);
 }
 
@@ -1364,18 +1528,50 @@ void launch_fwd_vec(const ConvParams& p, cudaStream_t stream) {
 
 template <typename T, int W>
 void launch_fwd_w(const ConvParams& p, cudaStream_t stream) {
-  if (p.vectorized && p.fwd_impl == kFwdAsync) {
+  if (p.vectorized && p.fwd_impl == kFwdWide) {
+    launch_fwd_stream<T, W, true>(p, stream);
+  } else if (p.vectorized && p.fwd_impl == kFwdDeep) {
+    launch_fwd_stream<T, W, true, kDeepStages>(p, stream);
+  } else if (p.vectorized && p.fwd_impl == kFwdAsync) {
     launch_fwd_stream<T, W, true>(p, stream);
   } else if (p.vectorized && p.fwd_impl == kFwdStream) {
     launch_fwd_stream<T, W, false>(p, stream);
   } else if (p.vectorized) {
     if (p.weight_vec) launch_fwd_vec<T, W, true>(p, stream);
     else launch_fwd_vec<T, W, false>(p, stream);
+  } else if (sizeof(T) <= 4 && p.chan_vec) {
+    if constexpr (sizeof(T) <= 4) {  // the host sets chan_vec only for 2- and 4-byte types
+      constexpr int kV = 16 / sizeof(T);
+      const dim3 grid(p.batch * p.dim, cdiv(p.seqlen, kCmVecs * 128 * kV));
+      fwd_chanmajor_kernel<T, W><<<grid, 128, 0, stream>>>(p);
+    }
   } else {
     const int64_t total = int64_t(p.batch) * p.dim * p.seqlen;
     fwd_generic_kernel<T, W><<<cdiv(total, 256), 256, 0, stream>>>(p);
   }
   APRIEL_CHECK_LAUNCH();
+}
+
+// The fused backward ("fused"): a cooperative launch when the planned grid fits in one wave of resident
+// blocks (grid.sync needs every block resident); otherwise the same kernel without the fused reduction
+// ("deep") and the reduction kernel. Returns whether the reduction was fused.
+template <typename T, int W, bool kWide = false>
+bool launch_bwd_fused(const ConvParams& p, const dim3& grid, cudaStream_t stream) {
+  static const int per_sm = blocks_per_sm(bwd_async_kernel<T, W, kDeepStages, true, kWide>, 128);
+  const int64_t blocks = int64_t(grid.x) * grid.y * grid.z;
+  if (blocks <= int64_t(per_sm) * current_num_sms()) {
+    ConvParams q = p;
+    void* args[] = {&q};
+    const cudaError_t status = cudaLaunchCooperativeKernel(
+        reinterpret_cast<const void*>(&bwd_async_kernel<T, W, kDeepStages, true, kWide>), grid, dim3(32, 4), args, 0,
+        stream);
+    if (status == cudaSuccess) return true;
+    // Refused (e.g. fewer SMs available than counted): take the unfused path rather than throw - an
+    // exception out of the extension kills the process on the GPU machine (docs/notes/STATUS.md item 4).
+    (void)cudaGetLastError();
+  }
+  bwd_async_kernel<T, W, kDeepStages, false, kWide><<<grid, dim3(32, 4), 0, stream>>>(p);
+  return false;
 }
 
 // Token tile of the vectorised backward; the host picks split_len as a multiple of 4 * kBwdTok.
@@ -1386,8 +1582,22 @@ void launch_bwd_w(const ConvParams& p, cudaStream_t stream) {
   if (p.vectorized && p.bwd_impl != kFwdTile) {
     // Host-planned (it sized the workspace): nsplit block rows of 4 runs of split_len tokens.
     const dim3 grid(cdiv(p.dim, 32 * BwdStreamCh<T>::value), p.nsplit, p.batch);
-    if (p.bwd_impl == kFwdAsync) bwd_async_kernel<T, W><<<grid, dim3(32, 4), 0, stream>>>(p);
-    else bwd_stream_kernel<T, W><<<grid, dim3(32, 4), 0, stream>>>(p);
+    if (p.bwd_impl == kFwdWide) {  // nsplit = runs; grid.x = blocks of 4 x 32 x kCh channels
+      const dim3 wide(cdiv(p.dim, 128 * BwdStreamCh<T>::value), p.nsplit, p.batch);
+      const bool fused = launch_bwd_fused<T, W, true>(p, wide, stream);
+      APRIEL_CHECK_LAUNCH();
+      if (fused) return;
+    } else if (p.bwd_impl == kBwdFused) {
+      const bool fused = launch_bwd_fused<T, W>(p, grid, stream);
+      APRIEL_CHECK_LAUNCH();
+      if (fused) return;
+    } else if (p.bwd_impl == kFwdDeep) {
+      bwd_async_kernel<T, W, kDeepStages, false><<<grid, dim3(32, 4), 0, stream>>>(p);
+    } else if (p.bwd_impl == kFwdAsync) {
+      bwd_async_kernel<T, W><<<grid, dim3(32, 4), 0, stream>>>(p);
+    } else {
+      bwd_stream_kernel<T, W><<<grid, dim3(32, 4), 0, stream>>>(p);
+    }
   } else if (p.vectorized) {
     constexpr int kCh = BwdCh<T>::value;
     const dim3 grid(cdiv(p.dim, 32 * kCh), p.nsplit, p.batch);
@@ -1406,7 +1616,7 @@ void launch_bwd_w(const ConvParams& p, cudaStream_t stream) {
 
 template <typename T>
 void launch_fwd(const ConvParams& p, cudaStream_t stream) {
-  switch (p.width) {  // 3 widths x 7 kernels: {4, 8}-token tiles x {scalar, vector} weights, stream, async, generic
+  switch (p.width) {  // 3 widths x 10 kernels: {4, 8}-token tiles x {scalar, vector} weights, stream, async, deep, wide, channel-major (not fp64), generic
     case 2: launch_fwd_w<T, 2>(p, stream); break;
     case 3: launch_fwd_w<T, 3>(p, stream); break;
     default: launch_fwd_w<T, 4>(p, stream); break;
@@ -1415,7 +1625,7 @@ void launch_fwd(const ConvParams& p, cudaStream_t stream) {
 
 template <typename T>
 void launch_bwd(const ConvParams& p, cudaStream_t stream) {
-  switch (p.width) {  // 3 widths x 5 kernels: {scalar, vector} weights, stream, async, generic; + 1 reduction
+  switch (p.width) {  // 3 widths x 10 kernels: {scalar, vector} weights, stream, async, deep, {fused, wide} x {cooperative, fallback}, generic; + 1 reduction
     case 2: launch_bwd_w<T, 2>(p, stream); break;
     case 3: launch_bwd_w<T, 3>(p, stream); break;
     default: launch_bwd_w<T, 4>(p, stream); break;
@@ -1435,15 +1645,25 @@ void launch_update(const UpdateParams& p, cudaStream_t stream) {
 // shapes the benchmarks run. Returns true so it can initialise a static.
 template <typename T>
 bool register_kernels(const char* dtype) {
-  static char names[11][64];
+  constexpr int kN = 17;
+  static char names[kN][64];
   // {kernel, template arguments after the dtype}
-  const char* kinds[11][2] = {{"bwd_async", "W4"}, {"fwd_async", "W4"}, {"fwd_tile", "W4,tok8,vecw"}, {"fwd_tile", "W4,tok4,vecw"},
+  const char* kinds[kN][2] = {{"bwd_async", "W4"}, {"fwd_async", "W4"}, {"bwd_deep", "W4"}, {"bwd_fused", "W4"}, {"bwd_wide", "W4"},
+                             {"fwd_deep", "W4"}, {"fwd_wide", "W4"}, {"fwd_chanmajor", "W4"}, {"fwd_tile", "W4,tok8,vecw"}, {"fwd_tile", "W4,tok4,vecw"},
                              {"fwd_tile", "W4,tok8,scalarw"}, {"fwd_stream", "W4"}, {"fwd_generic", "W4"},
                              {"bwd_tile", "W4,vecw"}, {"bwd_stream", "W4"}, {"bwd_generic", "W4"},
                              {"update", nullptr}};
-  const void* funcs[11] = {
+  const void* chanmajor = nullptr;  // not instantiated for 8-byte types
+  if constexpr (sizeof(T) <= 4) chanmajor = reinterpret_cast<const void*>(&fwd_chanmajor_kernel<T, 4>);
+  const void* funcs[kN] = {
       reinterpret_cast<const void*>(&bwd_async_kernel<T, 4>),
       reinterpret_cast<const void*>(&fwd_async_kernel<T, 4>),
+      reinterpret_cast<const void*>(&bwd_async_kernel<T, 4, kDeepStages, false>),
+      reinterpret_cast<const void*>(&bwd_async_kernel<T, 4, kDeepStages, true>),
+      reinterpret_cast<const void*>(&bwd_async_kernel<T, 4, kDeepStages, true, true>),
+      reinterpret_cast<const void*>(&fwd_async_kernel<T, 4, kDeepStages>),
+      reinterpret_cast<const void*>(&fwd_async_kernel<T, 4, kAsyncStages, true>),
+      chanmajor,
       reinterpret_cast<const void*>(&fwd_tokmajor_kernel<T, 4, 8, true>),
       reinterpret_cast<const void*>(&fwd_tokmajor_kernel<T, 4, 4, true>),
       reinterpret_cast<const void*>(&fwd_tokmajor_kernel<T, 4, 8, false>),
@@ -1453,8 +1673,9 @@ bool register_kernels(const char* dtype) {
       reinterpret_cast<const void*>(&bwd_stream_kernel<T, 4>),
       reinterpret_cast<const void*>(&bwd_generic_kernel<T, 4>),
       reinterpret_cast<const void*>(&update_kernel<T>)};
-  const int threads[11] = {128, 128, 128, 128, 128, 128, 256, 128, 128, 256, 128};
-  for (int i = 0; i < 11; ++i) {
+  const int threads[kN] = {128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 256, 128, 128, 256, 128};
+  for (int i = 0; i < kN; ++i) {
+    if (funcs[i] == nullptr) continue;
     if (kinds[i][1] != nullptr) snprintf(names[i], sizeof(names[i]), "%s<%s,%s>", kinds[i][0], dtype, kinds[i][1]);
     else snprintf(names[i], sizeof(names[i]), "%s<%s>", kinds[i][0], dtype);
     register_kernel({"conv1d", names[i], funcs[i], threads[i]});

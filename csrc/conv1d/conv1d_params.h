@@ -18,8 +18,15 @@ namespace conv1d {
 enum ScalarCode : int { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
 
 // Vectorised kernel variant (ConvParams::fwd_impl / bwd_impl; APRIEL_CONV1D_FWD_IMPL / _BWD_IMPL =
-// tile|stream|async).
-enum FwdImpl : int { kFwdTile = 0, kFwdStream = 1, kFwdAsync = 2 };
+// tile|stream|async|deep|wide, and for the backward also fused).
+//   deep:  async with kDeepStages (6) cp.async stages instead of 4: 5 chunks in flight per thread, 48 KB smem.
+//   fused: (backward) deep + the dweight/dbias partial reduction inside the same kernel after a grid-wide
+//          barrier (cooperative launch, one wave), so no second kernel; falls back to deep + the reduction
+//          kernel when the grid does not fit in one wave.
+//   wide:  async with the block's 4 warps on 4 adjacent channel segments of one token run (forward 2 KB,
+//          backward 1 KB contiguous per token row) instead of one segment of 4 runs; the backward "wide"
+//          is fused + this mapping (per-thread partial rows: 4x as many, no block reduction).
+enum FwdImpl : int { kFwdTile = 0, kFwdStream = 1, kFwdAsync = 2, kFwdDeep = 3, kBwdFused = 4, kFwdWide = 5 };
 
 struct ConvParams {
   int batch, dim, seqlen, width;
@@ -83,7 +90,12 @@ struct ConvParams {
   // set by the host (it sizes the dweight workspace), nsplit then counts blocks along tokens.
   // fwd_impl: kFwdAsync = the stream forward with chunks staged through shared memory by cp.async.
   int fwd_impl;
-  int bwd_impl;     // FwdImpl values too: kFwdTile, kFwdStream or kFwdAsync
+  int bwd_impl;     // FwdImpl values too: kFwdTile, kFwdStream, kFwdAsync, kFwdDeep or kBwdFused
+  // Forward of channel-major data (x and out with unit token stride, 16-byte aligned rows, seqlen a
+  // multiple of the 16-byte vector, 2- or 4-byte types): a thread loads 16-byte vectors along the tokens
+  // of one channel, the W-1 halo of each comes from its neighbour's vector through shared memory
+  // (APRIEL_CONV1D_CM_IMPL=vec; "generic" = the one-element-per-thread kernel).
+  bool chan_vec;
 };
 
 // Update step: q new tokens per row against cached windows.
