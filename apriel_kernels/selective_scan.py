@@ -115,6 +115,21 @@ def _cuda_kernel(op_name: str, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C
     return cuda_kernel(op_name)
 
 
+def _kernel_runs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> bool:
+    """Whether the CUDA kernel (not the reference) computes these (validated) arguments; fake and real agree."""
+    if not u.is_cuda or u.dtype not in KERNEL_DTYPES or kernel_unsupported_reason(u, delta, A, B, C) is not None:
+        return False
+    try:
+        return cuda_kernel("selective_scan_fwd") is not None
+    except Exception:  # noqa: BLE001 - no kernel and no reference allowed: the op itself raises
+        return False
+
+
+def _checkpoint_shape(delta: Tensor, A: Tensor) -> tuple[int, int, int, int]:
+    batch, seqlen, d_inner = delta.shape
+    return batch, -(-seqlen // _TILE), d_inner, A.shape[1]
+
+
 def _reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
     y, final = selective_scan_ref(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, return_final_state=True
@@ -135,22 +150,27 @@ def selective_scan_fwd(
     delta_softplus: bool,
     initial_state: Optional[Tensor],
     seq_idx: Optional[Tensor],
-) -> tuple[Tensor, Tensor]:
-    """Returns (y (b, L, D) contiguous in u's dtype, final_state (b, D, N) fp32 (fp64 for fp64 inputs))."""
+    save_checkpoints: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (y (b, L, D) contiguous in u's dtype, final_state (b, D, N) fp32 (fp64 for fp64 inputs),
+    checkpoints). checkpoints: the fp32 states before every 32-token tile, (b, ceil(L/32), D, N), when
+    save_checkpoints and the CUDA kernel runs (the backward then skips its forward rerun); else empty (0,)."""
     if u.is_cuda:
         _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
         kernel = _cuda_kernel("selective_scan_fwd", u, delta, A, B, C)
         if kernel is not None:
-            return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx)
+            return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, save_checkpoints)
     y, final = _reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx)
-    return y.contiguous(), final.contiguous()
+    return y.contiguous(), final.contiguous(), u.new_empty(0, dtype=torch.float32)
 
 
 @selective_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, save_checkpoints):
     batch, seqlen, d_inner = delta.shape
     state_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-    return u.new_empty(batch, seqlen, d_inner), u.new_empty(batch, d_inner, A.shape[1], dtype=state_dtype)
+    saved = save_checkpoints and _kernel_runs(u, delta, A, B, C)
+    ckpt = u.new_empty(_checkpoint_shape(delta, A) if saved else (0,), dtype=torch.float32)
+    return u.new_empty(batch, seqlen, d_inner), u.new_empty(batch, d_inner, A.shape[1], dtype=state_dtype), ckpt
 
 
 @torch.library.custom_op("apriel::selective_scan_bwd", mutates_args=())
@@ -168,17 +188,24 @@ def selective_scan_bwd(
     seq_idx: Optional[Tensor],
     dy: Tensor,
     dfinal_state: Optional[Tensor],
+    checkpoints: Optional[Tensor],
 ) -> list[Tensor]:
     """Gradients [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state], each shaped like its input
-    (an empty tensor for an input that is None)."""
+    (an empty tensor for an input that is None). checkpoints: the forward's (b, ceil(L/32), D, N) fp32 states,
+    or None / empty (the CUDA kernel then reruns the forward for them; the reference ignores them)."""
     if u.is_cuda:
         _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
         V.check_tensor("dy", dy, tuple(delta.shape), device=delta.device)
         V.check_tensor("dfinal_state", dfinal_state, (delta.shape[0], delta.shape[2], A.shape[1]),
                        device=delta.device, optional=True)
+        if checkpoints is not None and checkpoints.numel() > 0:
+            V.check_tensor("checkpoints", checkpoints, _checkpoint_shape(delta, A), (torch.float32,), device=delta.device)
+            if not checkpoints.is_contiguous():
+                raise ValueError("checkpoints: expected a contiguous tensor (the forward's output)")
         kernel = _cuda_kernel("selective_scan_bwd", u, delta, A, B, C)
         if kernel is not None:
-            return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, dy, dfinal_state)
+            return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, dy, dfinal_state,
+                          checkpoints)
 
     def forward(u_, delta_, A_, B_, C_, D_, z_, db_, init_):
         return _reference_forward(u_, delta_, A_, B_, C_, D_, z_, db_, delta_softplus, init_, seq_idx)
@@ -192,27 +219,30 @@ def selective_scan_bwd(
 
 
 @selective_scan_bwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, dy, dfinal_state):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, dy, dfinal_state, checkpoints):
     primals = [u, delta, A, B, C, D, z, delta_bias, initial_state]
     return [torch.empty_like(p, memory_format=torch.contiguous_format) if p is not None else u.new_empty(0) for p in primals]
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, _save = inputs
+    ckpt = output[2]
+    ctx.mark_non_differentiable(ckpt)
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, ckpt)
     ctx.delta_softplus = delta_softplus
 
 
-def _backward(ctx, dy, dfinal_state):
-    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx = ctx.saved_tensors
+def _backward(ctx, dy, dfinal_state, _dckpt):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, ckpt = ctx.saved_tensors
     grads = selective_scan_bwd(
-        u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, initial_state, seq_idx, dy, dfinal_state
+        u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, initial_state, seq_idx, dy, dfinal_state,
+        ckpt if ckpt.numel() > 0 else None,
     )
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit = grads
     present = lambda g, p: g if p is not None else None  # noqa: E731
     return (
         du, ddelta, dA, dB, dC, present(dD, D), present(dz, z), present(ddelta_bias, delta_bias), None,
-        present(dinit, initial_state), None,
+        present(dinit, initial_state), None, None,
     )
 
 
@@ -240,7 +270,11 @@ def selective_scan(
         reason = kernel_unsupported_reason(u, delta, A, B, C)
         if reason is not None:
             raise ValueError(f"{reason} (set APRIEL_KERNELS_ALLOW_REFERENCE=1 to run the slow reference on the GPU)")
-    y, final = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx)
+    # Save the state checkpoints in the forward when a backward can follow: it then skips a forward rerun.
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    )
+    y, final, _ = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, save)
     return (y, final) if return_final_state else y
 
 

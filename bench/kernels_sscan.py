@@ -9,8 +9,8 @@ apriel_kernels.selective_scan_fn (fwd), plus torch.autograd.grad to every input 
 "apriel" is the default (forward v2, K from the block count); "apriel-tm" runs the same op on token-major
 (b, L, D) inputs (selective_scan); A/B rows through APRIEL_SSCAN_FWD: "apriel-v2k4" / "apriel-v2k8" (v2 at a
 forced K), "apriel-v1" (the v1 forward), "apriel-plain" (v1 without its interleaved float2 tiles; with
-APRIEL_SSCAN_BWD=plain in the fwd+bwd row). The fwd+bwd "apriel-v1" row shows what v2 saves in the backward's
-checkpoint pass (it reruns the selected forward). "apriel-bwd2" rows: the backward v2 (APRIEL_SSCAN_BWD=v2,
+APRIEL_SSCAN_BWD=plain in the fwd+bwd row). In fwd+bwd the forward saves the state checkpoints (the backward
+does not rerun it); "apriel-v1" there is the same with the v1 forward. "apriel-bwd2" rows: the backward v2 (APRIEL_SSCAN_BWD=v2,
 opt-in). floor_ms is the MUFU exp2
 floor of kernels.md: 65536 * b * L exponentials at 3.9e12 /s; peer_ms the mamba-ssm figure of kernels.md.
 """
@@ -112,7 +112,7 @@ def run(quick: bool = False) -> list[dict]:
             out.append(_row("fwd+bwd", "apriel", batch, seqlen, stats, layout="channel-major",
                             peak_extra_mem_mb=peak, grads_mb=grads_mb,
                             checkpoints_mb=batch * ((seqlen + 31) // 32) * D * N * 4 / 2**20,
-                            note="backward reruns the forward for fp32 state checkpoints every 32 tokens; "
+                            note="the forward saves fp32 state checkpoints every 32 tokens for the backward; "
                                  "peak_extra_mem_mb: allocated above the inputs, returned grads included"))
             y = selective_scan_fn(**args, **kw)
             stats_b = time_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), rep_ms=300)  # noqa: B023

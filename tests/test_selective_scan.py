@@ -79,9 +79,11 @@ def test_opcheck_and_compile():
     args = make(dtype=torch.float32)
     pos = [args["u"], args["delta"], args["A"], args["B"], args["C"], args["D"], args["z"], args["delta_bias"], True,
            None, None]
-    torch.library.opcheck(selective_scan_fwd, pos)
-    y = selective_scan_fwd(*pos)[0]
-    torch.library.opcheck(selective_scan_bwd, pos + [torch.randn_like(y), None])
+    for save in (False, True):  # the reference path returns no checkpoints either way
+        torch.library.opcheck(selective_scan_fwd, pos + [save])
+        y, _, ckpt = selective_scan_fwd(*pos, save)
+        assert ckpt.numel() == 0
+    torch.library.opcheck(selective_scan_bwd, pos + [torch.randn_like(y), None, None])
     f = torch.compile(lambda a: selective_scan(**a, delta_softplus=True), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(f(args), selective_scan(**args, delta_softplus=True))
 
@@ -344,9 +346,17 @@ def test_cuda_opcheck_compile_and_graph():
     args, seq = make_cuda_case(2, 40, 64, 16, 2, 4, 16, torch.float32, "packed_init")
     pos = [args["u"], args["delta"], args["A"], args["B"], args["C"], args["D"], args["z"], args["delta_bias"], True,
            args["initial_state"], seq]
-    torch.library.opcheck(selective_scan_fwd, pos)
-    y, f = selective_scan_fwd(*pos)
-    torch.library.opcheck(selective_scan_bwd, pos + [torch.randn_like(y), torch.randn_like(f)])
+    for save in (False, True):
+        torch.library.opcheck(selective_scan_fwd, pos + [save])
+    y, f, ckpt = selective_scan_fwd(*pos, True)
+    assert ckpt.shape == (2, 2, 64, 16) and ckpt.dtype == torch.float32  # ceil(40 / 32) tiles
+    assert torch.equal(ckpt[:, 0], args["initial_state"])  # the state before the first tile
+    dy, df = torch.randn_like(y), torch.randn_like(f)
+    torch.library.opcheck(selective_scan_bwd, pos + [dy, df, None])
+    torch.library.opcheck(selective_scan_bwd, pos + [dy, df, ckpt])
+    # the saved checkpoints and the backward's own rerun give the same gradients
+    for a, b in zip(selective_scan_bwd(*pos, dy, df, ckpt), selective_scan_bwd(*pos, dy, df, None)):
+        assert torch.equal(a, b)
     fn = torch.compile(lambda a: selective_scan(**a, delta_softplus=True, seq_idx=seq), fullgraph=True)
     leaves = {k: v.clone().requires_grad_(True) for k, v in args.items()}
     y_c = fn(leaves)
@@ -379,7 +389,10 @@ def test_cuda_unsupported_shapes_name_the_argument():
     args, _ = make_cuda_case(1, 8, 64, None, 1, 1, 16, torch.float32)
     with pytest.raises(ValueError, match="dy"):
         selective_scan_bwd(*[args[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")], True, None, None,
-                           torch.randn(1, 7, 64, device="cuda"), None)
+                           torch.randn(1, 7, 64, device="cuda"), None, None)
+    with pytest.raises(ValueError, match="checkpoints"):
+        selective_scan_bwd(*[args[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")], True, None, None,
+                           torch.randn(1, 8, 64, device="cuda"), None, torch.zeros(1, 2, 64, 16, device="cuda"))
 
 
 @gpu

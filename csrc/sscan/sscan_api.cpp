@@ -145,23 +145,29 @@ void launch(const SScanParams& p, at::ScalarType st) {
   else kFwd ? launch_sscan_fwd<float>(p, stream) : launch_sscan_bwd<float>(p, stream);
 }
 
-std::tuple<Tensor, Tensor> selective_scan_fwd_cuda(const Tensor& u, const Tensor& delta, const Tensor& A,
-                                                   const Tensor& B, const Tensor& C, const OptT& Dskip,
-                                                   const OptT& z, const OptT& delta_bias, bool softplus,
-                                                   const OptT& init, const OptT& seq_idx) {
+// save_checkpoints: also return the fp32 states before every 32-token tile (b, ceil(L/32), D, N), which the
+// backward then takes instead of rerunning the forward (else an empty (0,) tensor).
+std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd_cuda(const Tensor& u, const Tensor& delta, const Tensor& A,
+                                                           const Tensor& B, const Tensor& C, const OptT& Dskip,
+                                                           const OptT& z, const OptT& delta_bias, bool softplus,
+                                                           const OptT& init, const OptT& seq_idx,
+                                                           bool save_checkpoints) {
   c10::cuda::CUDAGuard guard(delta.device());
   std::vector<Tensor> keep;
   SScanParams p = make_params(u, delta, A, B, C, Dskip, z, delta_bias, softplus, init, seq_idx, keep);
+  auto f32 = delta.options().dtype(at::kFloat);
   Tensor y = at::empty({p.batch, p.seqlen, p.dim}, delta.options());
-  Tensor final_state = at::empty({p.batch, p.dim, p.dstate}, delta.options().dtype(at::kFloat));
-  if (p.batch == 0) return {y, final_state};
+  Tensor final_state = at::empty({p.batch, p.dim, p.dstate}, f32);
+  Tensor ckpt = save_checkpoints ? at::empty({p.batch, p.n_chunks, p.dim, p.dstate}, f32) : at::empty({0}, f32);
+  if (p.batch == 0) return {y, final_state, ckpt};
   if (p.seqlen == 0) {
     if (init) final_state.copy_(*init); else final_state.zero_();
-    return {y, final_state};
+    return {y, final_state, ckpt};
   }
-  p.y = y.data_ptr(); p.final_state = final_state.data_ptr<float>(); p.ckpt = nullptr;
+  p.y = y.data_ptr(); p.final_state = final_state.data_ptr<float>();
+  p.ckpt = save_checkpoints ? ckpt.data_ptr<float>() : nullptr;
   launch<true>(p, delta.scalar_type());
-  return {y, final_state};
+  return {y, final_state, ckpt};
 }
 
 // (b, L, nblk, ngl, N) per-block partials -> (b, L, G, N) group sums (fixed order).
@@ -174,7 +180,8 @@ Tensor sum_group_partials(const Tensor& part, int64_t groups, int64_t cpg) {
 std::vector<Tensor> selective_scan_bwd_cuda(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
                                             const Tensor& C, const OptT& Dskip, const OptT& z,
                                             const OptT& delta_bias, bool softplus, const OptT& init,
-                                            const OptT& seq_idx, const Tensor& dy, const OptT& dfinal) {
+                                            const OptT& seq_idx, const Tensor& dy, const OptT& dfinal,
+                                            const OptT& checkpoints) {
   c10::cuda::CUDAGuard guard(delta.device());
   std::vector<Tensor> keep;
   SScanParams p = make_params(u, delta, A, B, C, Dskip, z, delta_bias, softplus, init, seq_idx, keep);
@@ -194,12 +201,19 @@ std::vector<Tensor> selective_scan_bwd_cuda(const Tensor& u, const Tensor& delta
   Tensor dinit = at::empty({b, D, N}, f32);
   Tensor dfs = dfinal && dfinal->numel() ? f32c(*dfinal) : Tensor();
   if (b > 0 && L > 0) {
-    // State checkpoints (fp32, before every 32-token tile): the forward runs again here (no y / final state
-    // written) rather than saving them in the forward: (b, L/32, D, N) fp32 = 2 bytes per (token, channel) at N 16.
-    Tensor ckpt = at::empty({b, p.n_chunks, D, N}, f32);
-    SScanParams q = p;
-    q.y = nullptr; q.final_state = nullptr; q.ckpt = ckpt.data_ptr<float>();
-    launch<true>(q, st);
+    // State checkpoints (fp32, before every 32-token tile): the forward's (save_checkpoints) when given, else
+    // the forward runs again here (no y / final state written): (b, L/32, D, N) fp32 = 2 bytes per (token,
+    // channel) at N 16.
+    Tensor ckpt;
+    if (checkpoints && checkpoints->numel() == b * p.n_chunks * D * N && checkpoints->scalar_type() == at::kFloat &&
+        checkpoints->is_contiguous() && checkpoints->device() == delta.device()) {
+      ckpt = *checkpoints;
+    } else {
+      ckpt = at::empty({b, p.n_chunks, D, N}, f32);
+      SScanParams q = p;
+      q.y = nullptr; q.final_state = nullptr; q.ckpt = ckpt.data_ptr<float>();
+      launch<true>(q, st);
+    }
     Tensor dy_c = dy.to(st).contiguous();
     p.dy = dy_c.data_ptr();
     if (reinterpret_cast<uintptr_t>(p.dy) % 16 == 0) p.v2_vec |= 1u << kV2Dy;  // rows: D % 16 == 0 elements
@@ -234,13 +248,15 @@ std::vector<Tensor> selective_scan_bwd_cuda(const Tensor& u, const Tensor& delta
 }  // namespace apriel
 
 TORCH_LIBRARY_FRAGMENT(apriel_C, m) {
-  // Generic selective scan forward: y (b, L, D) in delta's dtype, final state (b, D, N) fp32.
+  // Generic selective scan forward: y (b, L, D) in delta's dtype, final state (b, D, N) fp32, checkpoints.
   m.def("selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-        "Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, Tensor? seq_idx) -> (Tensor, Tensor)");
+        "Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, Tensor? seq_idx, bool save_checkpoints) "
+        "-> (Tensor, Tensor, Tensor)");
   // Its backward: [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state] (empty for absent inputs).
+  // checkpoints: the forward's saved states (None / empty: rerun the forward for them).
   m.def("selective_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
         "Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, Tensor? seq_idx, Tensor dy, "
-        "Tensor? dfinal_state) -> Tensor[]");
+        "Tensor? dfinal_state, Tensor? checkpoints) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(apriel_C, CUDA, m) {
