@@ -1,6 +1,6 @@
 """Selecting kernel variants for a measurement through the environment variables the host code reads.
 
-    with env_override("APRIEL_SCAN_K", "8"): ...   # None unsets the variable for the duration
+    with env_override("APRIEL_SCAN_FWD", "v4k8"): ...   # None unsets the variable for the duration
 The previous value (or absence) is restored afterwards, so a user's own setting survives the suite.
 """
 from __future__ import annotations

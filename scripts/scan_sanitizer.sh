@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # compute-sanitizer memcheck + racecheck of the mixer scan kernels (forward and backward) on tiny shapes:
-# odd length (crosses a tile boundary, tail tile), packed documents, initial states, both repeat settings.
+# odd length (crosses a tile boundary, tail tile), packed documents, initial states, both repeat settings,
+# for each forward version (APRIEL_SCAN_FWD).
 # Usage (device machine, after the extension is built): bash scripts/scan_sanitizer.sh [out_dir]
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-/tmp/out}}
@@ -35,9 +36,12 @@ print("scan sanitizer case ok")
 PY
 LOG="$OUT_DIR/scan_sanitizer.log"
 : > "$LOG"
-for tool in memcheck racecheck; do
-  echo "=== compute-sanitizer --tool $tool" >> "$LOG"
-  compute-sanitizer --tool $tool --kernel-name kns=mixer_scan python3 "$CASE" >> "$LOG" 2>&1
-  echo "=== $tool rc=$?" >> "$LOG"
+# every forward version (v4 K = 8 is the default at these sizes; K = 4; v3), each followed by the backward
+for version in v4k8 v4k4 v3; do
+  for tool in memcheck racecheck; do
+    echo "=== APRIEL_SCAN_FWD=$version compute-sanitizer --tool $tool" >> "$LOG"
+    APRIEL_SCAN_FWD=$version compute-sanitizer --tool $tool --kernel-name kns=mixer_scan python3 "$CASE" >> "$LOG" 2>&1
+    echo "=== $tool rc=$?" >> "$LOG"
+  done
 done
 grep -E "^=== |ERROR SUMMARY|RACECHECK SUMMARY|scan sanitizer case ok" "$LOG"

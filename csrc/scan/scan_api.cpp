@@ -119,7 +119,7 @@ MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims
 // Forward version: v4 with K = 4 or 8 lanes per channel (16 / K states per thread, cp.async tiles), chosen
 // from the number of (sequence, head) blocks: few blocks (batch 1) need the extra warps of K = 8, many blocks
 // the fewer instructions per element of a smaller K. APRIEL_SCAN_FWD=v4k4|v4k8 forces K, v3 selects the
-// previous kernel (K from APRIEL_SCAN_K) - for benchmarks. Returns K, or 3 for v3.
+// previous kernel (one state per thread) - for benchmarks. Returns K, or 3 for v3.
 int fwd_version(int64_t blocks = 0) {
   if (const char* env = std::getenv("APRIEL_SCAN_FWD")) {
     const std::string v(env);
@@ -143,33 +143,23 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st, int64_t K) {
     }
     return;
   }
-  if (st == at::kBFloat16) { K == 16 ? launch_mixer_scan_fwd<__nv_bfloat16, 16>(p, stream) : K == 17 ? launch_mixer_scan_fwd<__nv_bfloat16, 17>(p, stream) : launch_mixer_scan_fwd<__nv_bfloat16, 8>(p, stream); }
-  else if (st == at::kHalf) { K == 16 ? launch_mixer_scan_fwd<__half, 16>(p, stream) : K == 17 ? launch_mixer_scan_fwd<__half, 17>(p, stream) : launch_mixer_scan_fwd<__half, 8>(p, stream); }
-  else { K == 16 ? launch_mixer_scan_fwd<float, 16>(p, stream) : K == 17 ? launch_mixer_scan_fwd<float, 17>(p, stream) : launch_mixer_scan_fwd<float, 8>(p, stream); }
+  (void)K;  // v3: K = 16 only (the other lane counts were dropped: slower, see docs/notes/scan.md)
+  if (st == at::kBFloat16) launch_mixer_scan_fwd<__nv_bfloat16, 16>(p, stream);
+  else if (st == at::kHalf) launch_mixer_scan_fwd<__half, 16>(p, stream);
+  else launch_mixer_scan_fwd<float, 16>(p, stream);
 }
 
-// Lanes per channel of the backward: 16 (1 state per thread) by default; APRIEL_SCAN_BWD_K=8 for 2 states,
-// 17 for K = 16 compiled for 2 blocks per SM (benchmarks).
+// The backward: K = 16 lanes per channel (1 state per thread); the K = 8 and occupancy variants of session 1
+// measured slower and were dropped.
 void launch_bwd(const MixerScanParams& p, at::ScalarType st) {
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
-  const char* env = std::getenv("APRIEL_SCAN_BWD_K");
-  const int k = env != nullptr ? std::atoi(env) : 16;
-  if (st == at::kBFloat16) {
-    k == 8 ? launch_mixer_scan_bwd<__nv_bfloat16, 8>(p, stream) : k == 17 ? launch_mixer_scan_bwd<__nv_bfloat16, 17>(p, stream) : launch_mixer_scan_bwd<__nv_bfloat16, 16>(p, stream);
-  } else if (st == at::kHalf) {
-    k == 8 ? launch_mixer_scan_bwd<__half, 8>(p, stream) : k == 17 ? launch_mixer_scan_bwd<__half, 17>(p, stream) : launch_mixer_scan_bwd<__half, 16>(p, stream);
-  } else {
-    k == 8 ? launch_mixer_scan_bwd<float, 8>(p, stream) : k == 17 ? launch_mixer_scan_bwd<float, 17>(p, stream) : launch_mixer_scan_bwd<float, 16>(p, stream);
-  }
+  if (st == at::kBFloat16) launch_mixer_scan_bwd<__nv_bfloat16, 16>(p, stream);
+  else if (st == at::kHalf) launch_mixer_scan_bwd<__half, 16>(p, stream);
+  else launch_mixer_scan_bwd<float, 16>(p, stream);
 }
 
-// Lanes per channel of the forward: 8 (2 states per thread) or 16 (1 state: twice the threads at batch 1).
-// APRIEL_SCAN_K=16|8 overrides (benchmarks); 17 = K 16 compiled for 3 blocks per SM.
+// Lanes per channel of the v3 forward (16: the only one kept).
 int64_t choose_k(const Dims& d) {
-  if (const char* env = std::getenv("APRIEL_SCAN_K")) {
-    const int k = std::atoi(env);
-    return k == 8 || k == 17 ? k : 16;
-  }
   (void)d;
   return 16;
 }

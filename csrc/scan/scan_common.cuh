@@ -35,13 +35,24 @@ __device__ __forceinline__ float ex2(float v) {
   return r;
 }
 // Fast forms (MUFU ex2/lg2/rcp): these run once per (channel, token), next to 16 recurrence steps.
-__device__ __forceinline__ float sigmoidf_(float v) { return __fdividef(1.f, 1.f + __expf(-v)); }
+// .ftz spelled out: without --use_fast_math, __expf adds a range check and two predicated multiplies.
+__device__ __forceinline__ float ex2_ftz_(float v) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
+__device__ __forceinline__ float lg2_ftz_(float v) {
+  float r;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
+__device__ __forceinline__ float sigmoidf_(float v) { return __fdividef(1.f, 1.f + ex2_ftz_(-kLog2e * v)); }
 // softplus with the peers' threshold: v for v > 20 else log1p(exp(v)). log1p(e) by its series below 1e-2
 // (where 1 + e would round away the digits delta is made of), by __logf(1 + e) above.
 __device__ __forceinline__ float softplusf_(float v) {
-  const float e = __expf(v);
+  const float e = ex2_ftz_(kLog2e * v);
   const float small = e * (1.f - e * (0.5f - e * (1.f / 3.f - e * 0.25f)));  // error < e^5 / 5
-  return v > 20.f ? v : (e < 1e-2f ? small : __logf(1.f + e));
+  return v > 20.f ? v : (e < 1e-2f ? small : lg2_ftz_(1.f + e) * 0.6931471805599453f);
 }
 
 // The staged tile (fp32). Rows of x / seq: position t0 - kHalo + i.
