@@ -118,45 +118,43 @@ __global__ void __launch_bounds__(kC * 8, 2) sscan_bwd2_kernel(SScanParams p) {
 
     const T* Bt = r.f.a[kV2B];
     const T* Ct = r.f.a[kV2C];
-    // Recompute the tile's states (hs) and the readout (y without the D skip, for dz).
-    float hs[kT][NS], acc[kT];
+    // Recompute the tile's states (hs) and the readout (y without the D skip, for dz), reduce-scattered over
+    // the K lanes per half tile (16 tokens: half the registers live at once). Lane j then owns tokens
+    // 16 hf + base + i (i < kQ) of channel sch, for the readout and the adjoint alike.
+    constexpr int kH = kT / 2, kQ = kH / K;
+    float hs[kT][NS];
+    float yv[2][kQ];
+    int base = 0;
     {
       float h[NS] = {h0[0], h0[1]};
 #pragma unroll
-      for (int tg = 0; tg < kT / 4; ++tg) {
-        unsigned wb[G::kWords], wc[G::kWords];
-        G::load(Bt, j, tg, wb);
-        G::load(Ct, j, tg, wc);
+      for (int hf = 0; hf < 2; ++hf) {
+        float acc[kH];
 #pragma unroll
-        for (int tt = 0; tt < 4; ++tt) {
-          const int t = 4 * tg + tt;
-          const float2 d = sm.ud[t][sch];
-          const float mo = kSeq ? sm.m[t] : 0.f;
-          float part = 0.f;
+        for (int tg = 4 * hf; tg < 4 * hf + 4; ++tg) {
+          unsigned wb[G::kWords], wc[G::kWords];
+          G::load(Bt, j, tg, wb);
+          G::load(Ct, j, tg, wc);
 #pragma unroll
-          for (int s = 0; s < NS; ++s) {
-            const float arg = kSeq ? fmaf(d.x, A2[s], mo) : d.x * A2[s];
-            h[s] = fmaf(ex2(arg), h[s], d.y * G::get(wb, tt, s));
-            hs[t][s] = h[s];
-            part = fmaf(G::get(wc, tt, s), h[s], part);
+          for (int tt = 0; tt < 4; ++tt) {
+            const int t = 4 * tg + tt;
+            const float2 d = sm.ud[t][sch];
+            const float mo = kSeq ? sm.m[t] : 0.f;
+            float part = 0.f;
+#pragma unroll
+            for (int s = 0; s < NS; ++s) {
+              const float arg = kSeq ? fmaf(d.x, A2[s], mo) : d.x * A2[s];
+              h[s] = fmaf(ex2(arg), h[s], d.y * G::get(wb, tt, s));
+              hs[t][s] = h[s];
+              part = fmaf(G::get(wc, tt, s), h[s], part);
+            }
+            acc[t - hf * kH] = part;
           }
-          acc[t] = part;
         }
+        reduce_scatter<K, kH>(acc, j, base);
+#pragma unroll
+        for (int i = 0; i < kQ; ++i) yv[hf][i] = acc[i];
       }
-    }
-    // The token partials are reduce-scattered per half tile (16 tokens): half the registers live at once.
-    // Lane j then owns tokens 16 hf + base + i (i < kQ) of channel sch, for the readout and the adjoint alike.
-    constexpr int kH = kT / 2, kQ = kH / K;
-    int base = 0;
-    float yv[2][kQ];
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float a16[kH];
-#pragma unroll
-      for (int i = 0; i < kH; ++i) a16[i] = acc[hf * kH + i];
-      reduce_scatter<K, kH>(a16, j, base);
-#pragma unroll
-      for (int i = 0; i < kQ; ++i) yv[hf][i] = a16[i];
     }
 
     // Adjoint, tokens in reverse. accD: d delta partial sum_s G (u B + a A h_{t-1}); accU: du partial sum_s G B.
