@@ -122,7 +122,7 @@ def _fwd_shape(batch, seqlen, dim, peer, copy_bps):
         rows.append(_row("causal_conv1d", "apriel", "fwd", *args, stats, nbytes, copy_bps, layout="channel-major"))
         for impl in ("generic", "vec"):  # forced, so the rows do not depend on the default
             with env_override("APRIEL_CONV1D_CM_IMPL", impl):
-                cm = lambda: causal_conv1d_fn(xc, w, b, activation="silu")  # noqa: E731
+                cm = lambda: causal_conv1d_fn(xc, w, b, activation="silu")
                 rows.append(_row("causal_conv1d", f"apriel[cm={impl}]", "fwd", *args, time_ms(cm), nbytes, copy_bps,
                                  layout="channel-major", graph_p50_ms=time_graph_ms(cm)["p50"]))
     except Exception as error:  # noqa: BLE001
@@ -138,7 +138,7 @@ def _fwd_shape(batch, seqlen, dim, peer, copy_bps):
             rows.append(error_row(SUITE, "causal_conv1d", "causal-conv1d", error, phase="fwd", shape=_shape(*args)))
     copy_dst = torch.empty(batch, seqlen, dim, device="cuda", dtype=x.dtype)
     x_rows = x.transpose(1, 2)  # the (batch, seqlen, dim) storage of x
-    copy = lambda: copy_dst.copy_(x_rows)  # noqa: E731
+    copy = lambda: copy_dst.copy_(x_rows)
     rows.append(_row("causal_conv1d", "torch copy_", "fwd", *args, time_ms(copy), nbytes,
                      copy_bps, note="copy of the same bytes: practical floor at this size",
                      graph_p50_ms=time_graph_ms(copy)["p50"]))
