@@ -8,7 +8,8 @@ bf16; A (D, N), D, delta_bias fp32; delta_softplus), D 4096, N 16; the timed cal
 apriel_kernels.selective_scan_fn (fwd), plus torch.autograd.grad to every input (fwd+bwd). Provider
 "apriel" is the default (forward v2, K from the block count); "apriel-tm" runs the same op on token-major
 (b, L, D) inputs (selective_scan); A/B rows through APRIEL_SSCAN_FWD: "apriel-v2k4" / "apriel-v2k8" (v2 at a
-forced K), "apriel-v1" (the v1 forward), "apriel-plain" (v1 without its interleaved float2 tiles; with
+forced K), "apriel-precise" (v2 with v1's precise softplus / sigmoid in its prep, APRIEL_SSCAN_SOFTPLUS=precise),
+"apriel-v1" (the v1 forward), "apriel-plain" (v1 without its interleaved float2 tiles; with
 APRIEL_SSCAN_BWD=plain in the fwd+bwd row). In fwd+bwd the forward saves the state checkpoints (the backward
 does not rerun it); "apriel-v1" there is the same with the v1 forward. "apriel-bwd2" rows: the backward v2 (APRIEL_SSCAN_BWD=v2,
 opt-in). floor_ms is the MUFU exp2
@@ -72,12 +73,15 @@ def run(quick: bool = False) -> list[dict]:
     out = []
     for batch, seqlen in ([(1, 2048), (1, 8192), (8, 4096)] if not quick else [(1, 2048), (1, 8192)]):
         for provider, cm, variant in (("apriel", True, None), ("apriel-tm", False, None), ("apriel-v2k4", True, "v2k4"),
-                                      ("apriel-v2k8", True, "v2k8"), ("apriel-v1", True, "v1"),
-                                      ("apriel-plain", True, "plain")):
+                                      ("apriel-v2k8", True, "v2k8"), ("apriel-precise", True, "precise"),
+                                      ("apriel-v1", True, "v1"), ("apriel-plain", True, "plain")):
             try:
                 args = _inputs(batch, seqlen, channel_major=cm)
                 fn = selective_scan_fn if cm else selective_scan
-                with torch.no_grad(), env_override("APRIEL_SSCAN_FWD", variant):
+                fwd_env = None if variant == "precise" else variant
+                softplus_env = "precise" if variant == "precise" else None
+                with torch.no_grad(), env_override("APRIEL_SSCAN_FWD", fwd_env), \
+                        env_override("APRIEL_SSCAN_SOFTPLUS", softplus_env):
                     stats = time_ms(lambda: fn(**args, **kw))  # noqa: B023 - called inside the iteration
                 out.append(_row("fwd", provider, batch, seqlen, stats, layout="channel-major" if cm else "token-major"))
                 del args

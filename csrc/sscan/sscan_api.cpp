@@ -122,6 +122,8 @@ SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, c
   const std::string bwd_variant = bwd_env != nullptr ? bwd_env : "";
   p.interleave_bwd = bwd_variant != "plain";
   p.bwd_v2 = v2_ok && bwd_variant == "v2";
+  const char* sp_env = std::getenv("APRIEL_SSCAN_SOFTPLUS");
+  p.fast_prep = sp_env == nullptr || std::string(sp_env) != "precise";
   p.u = u.data_ptr(); p.u_sb = u.stride(0); p.u_sl = u.stride(1); p.u_sc = u.stride(2);
   p.dl = delta.data_ptr(); p.dl_sb = delta.stride(0); p.dl_sl = delta.stride(1); p.dl_sc = delta.stride(2);
   if (z) { p.z = z->data_ptr(); p.z_sb = z->stride(0); p.z_sl = z->stride(1); p.z_sc = z->stride(2); }

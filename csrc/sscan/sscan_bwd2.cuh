@@ -102,11 +102,11 @@ __global__ void __launch_bounds__(kC * 8, 2) sscan_bwd2_kernel(SScanParams p) {
       const int t = pq * TPT + i;
       const float u = to_f(r.f.a[kV2U][tf_u ? Geom<T>::tf(pch, t) : t * kC + pch]);
       const float v = to_f(r.f.a[kV2Delta][tf_d ? Geom<T>::tf(pch, t) : t * kC + pch]) + bias;
-      const float dt = p.softplus ? (v > 20.f ? v : log1pf(expf(v))) : v;
+      const float dt = p.softplus ? sscan::softplus_v2(v, p.fast_prep) : v;  // as the forward v2
       float gy = to_f(r.dy[t * kC + pch]);
       if (has_z) {
         const float zz = to_f(r.f.a[kV2Z][tf_z ? Geom<T>::tf(pch, t) : t * kC + pch]);
-        gy *= zz * sscan::sigmoidf_(zz);
+        gy *= zz * sscan::sigmoid_fast(zz);
       }
       sm.ud[t][pch] = t < nt ? make_float2(dt, dt * u) : make_float2(0.f, 0.f);
       sm.ug[t][pch] = make_float2(u, t < nt ? gy : 0.f);
@@ -211,12 +211,12 @@ __global__ void __launch_bounds__(kC * 8, 2) sscan_bwd2_kernel(SScanParams p) {
         const float2 d = sm.ud[t][sch], x = sm.ug[t][sch];  // (dt, dtu), (u, gy)
         const float v = to_f(r.f.a[kV2Delta][tf_d ? Geom<T>::tf(sch, t) : t * kC + sch]) + bias_s;
         float dd = dsum[hf][i];
-        if (p.softplus && v <= 20.f) dd *= sscan::sigmoidf_(v);
+        if (p.softplus && v <= 20.f) dd *= sscan::sigmoid_fast(v);
         sm.o[0][t][sch] = fmaf(d.x, usum[hf][i], Dsk * x.y);
         sm.o[1][t][sch] = dd;
         if (has_z) {
           const float zz = to_f(r.f.a[kV2Z][tf_z ? Geom<T>::tf(sch, t) : t * kC + sch]);
-          const float sg = sscan::sigmoidf_(zz);
+          const float sg = sscan::sigmoid_fast(zz);
           const float dyv = to_f(r.dy[t * kC + sch]);
           const float y = fmaf(Dsk, x.x, yv[hf][i]);
           sm.o[2][t][sch] = dyv * y * sg * (1.f + zz * (1.f - sg));

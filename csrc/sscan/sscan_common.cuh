@@ -30,6 +30,29 @@ __device__ __forceinline__ float ex2(float x) {
 
 __device__ __forceinline__ float sigmoidf_(float v) { return 1.f / (1.f + __expf(-v)); }
 
+// Fast forms for the v2 kernels' per-(channel, token) prep (MUFU ex2 / lg2 / rcp with .ftz spelled out:
+// without --use_fast_math __expf adds a range check), as in csrc/scan/scan_common.cuh. The precise
+// log1pf(expf(v)) alone costs more instructions than a token's share of the recurrence at K = 8.
+__device__ __forceinline__ float ex2_ftz(float v) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
+__device__ __forceinline__ float lg2_ftz(float v) {
+  float r;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
+__device__ __forceinline__ float sigmoid_fast(float v) { return __fdividef(1.f, 1.f + ex2_ftz(-kLog2e * v)); }
+// softplus with the peers' threshold (v > 20: v); log1p(e) by its series below 1e-2 (where 1 + e would round
+// away the digits delta is made of), by lg2(1 + e) ln 2 above. fast = false: the precise log1pf(expf(v)).
+__device__ __forceinline__ float softplus_v2(float v, bool fast) {
+  if (!fast) return v > 20.f ? v : log1pf(expf(v));
+  const float e = ex2_ftz(kLog2e * v);
+  const float small = e * (1.f - e * (0.5f - e * (1.f / 3.f - e * 0.25f)));  // error < e^5 / 5
+  return v > 20.f ? v : (e < 1e-2f ? small : lg2_ftz(1.f + e) * 0.6931471805599453f);
+}
+
 // Stage a (kT tokens x 16 channels) tile, dst[t * kRow + ci] (fp32), from base (batch offset applied) at
 // element (t0 + t) * sl + off(ci); zero for t >= nt or off(ci) < 0 (channel past D). Consecutive threads
 // walk the unit-stride dimension (tokens for a channel-major tensor, channels otherwise): coalesced reads.

@@ -13,13 +13,14 @@
 //   B / C of one state for 4 tokens with one 8-byte load (the same bytes per element as a token-major tile).
 // - B and C are read in 16-bit straight from the raw tile (the forward is bound by shared-memory wavefronts,
 //   whose cost is the bytes each thread requests); no fp32 copies of anything read per (state, token).
-// - a prep pass per (channel, token) computes (softplus(delta + bias), delta u), (D u, silu(z)) once; pads
+// - a prep pass per (channel, token) computes (softplus(delta + bias), delta u), (D u, silu(z)) once, with
+//   MUFU forms of exp / log / division (APRIEL_SSCAN_SOFTPLUS=precise: v1's log1pf(expf), 1 / (1 + expf)); pads
 //   past the sequence end get (0, 0) (h passes unchanged), and document starts a per-token decay offset of
 //   -inf (ex2(delta A2 - inf) = 0 for any sign of A), so the recurrence loop is branch-free.
 // Phases per tile: S1 wait cp.async + barrier, issue the next tile, store the previous tile's y (16-byte
 // stores); prep -> smem; checkpoint; S2 barrier; recurrence (fully unrolled), reduce-scatter, gate -> y smem.
-// State values are bitwise those of v1 (same ex2 arguments and fma order per state); y differs in the order
-// of the readout sum only.
+// With APRIEL_SSCAN_SOFTPLUS=precise the state values are bitwise those of v1 (same ex2 arguments and fma
+// order per state); by default delta differs from v1's by the fast softplus' ~1e-6 relative error.
 #pragma once
 #include "sscan_common.cuh"
 
@@ -276,12 +277,12 @@ __global__ void __launch_bounds__(kC * K, K == 4 ? 6 : 3) sscan_fwd2_kernel(SSca
       const int t = pq * TPT + i;
       const float u = to_f(r.a[kV2U][tf_u ? Geom<T>::tf(pch, t) : t * kC + pch]);
       const float v = to_f(r.a[kV2Delta][tf_d ? Geom<T>::tf(pch, t) : t * kC + pch]) + bias;
-      const float dt = p.softplus ? (v > 20.f ? v : log1pf(expf(v))) : v;
+      const float dt = p.softplus ? sscan::softplus_v2(v, p.fast_prep) : v;
       sm.ud[t][pch] = t < nt ? make_float2(dt, dt * u) : make_float2(0.f, 0.f);
       float g = 1.f;
       if (has_z) {
         const float zz = to_f(r.a[kV2Z][tf_z ? Geom<T>::tf(pch, t) : t * kC + pch]);
-        g = zz * sscan::sigmoidf_(zz);
+        g = zz * (p.fast_prep ? sscan::sigmoid_fast(zz) : sscan::sigmoidf_(zz));
       }
       sm.ug[t][pch] = make_float2(Dsk * u, g);
     }

@@ -37,6 +37,8 @@ struct SScanParams {
   // in smem (the tensor's token stride is 1, mamba's channel-major layout); vec = 16-byte cp.async copies are
   // legal (unit stride along the copied rows, every other offset a multiple of 16 bytes).
   unsigned v2_tfast, v2_vec;
+  bool fast_prep;      // v2 kernels: MUFU forms of softplus / sigmoid in the per-(channel, token) prep
+                       // (default; APRIEL_SSCAN_SOFTPLUS=precise: v1's log1pf(expf(v)), bitwise-v1 states)
   bool bwd_v2;         // backward v2 (sscan_bwd2.cuh; APRIEL_SSCAN_BWD=v2, same shapes as the forward v2)
 
   const void* u;   int64_t u_sb, u_sl, u_sc;
