@@ -116,7 +116,8 @@ SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, c
   p.fwd_k = 0;
   if (v2_ok && fwd_variant != "plain" && fwd_variant != "v1")
     p.fwd_k = fwd_variant == "v2k4" ? 4 : fwd_variant == "v2k8" ? 8 : (blocks <= 1024 ? 8 : 4);
-  // Backward: v1 by default (the forward v2's checkpoints are bitwise v1's); APRIEL_SSCAN_BWD=v2 selects the
+  // Backward: v1 by default (it takes the forward v2's checkpoints: equal to v1's up to v2's fast softplus,
+  // ~1e-6 relative; APRIEL_SSCAN_SOFTPLUS=precise makes them bitwise v1's); APRIEL_SSCAN_BWD=v2 selects the
   // backward v2 on the forward v2's shapes (opt-in until a GPU run has checked it), plain = v1's plain loops.
   const char* bwd_env = std::getenv("APRIEL_SSCAN_BWD");
   const std::string bwd_variant = bwd_env != nullptr ? bwd_env : "";
