@@ -13,7 +13,7 @@ default since they measured faster on the H100),
 "apriel[fwd=tile|stream|async|deep|wide]", "apriel[bwd=tile|stream|async|deep|fused|wide]", "apriel[stream]",
 "apriel[async]", "apriel[deep]", "apriel[<fwd>+<bwd>]" (fwd+bwd): the kernel variants of
 APRIEL_CONV1D_FWD_IMPL / APRIEL_CONV1D_BWD_IMPL, forced explicitly so the rows do not depend on the
-default; "apriel[cm=generic|vec]" (channel-major forward, APRIEL_CONV1D_CM_IMPL) (the tokN / scalarw rows force the tile kernel they tune), "torch copy_" (a token-major copy of the same bytes: the practical floor at that size, launch and
+default; "apriel[cm=generic|vec]" (channel-major forward and backward, APRIEL_CONV1D_CM_IMPL) (the tokN / scalarw rows force the tile kernel they tune), "torch copy_" (a token-major copy of the same bytes: the practical floor at that size, launch and
 ramp included), "causal-conv1d" (the peer package, only if importable), "torch" (depthwise F.conv1d + silu,
 channel-major).
 Bytes counted (the floor): fwd reads x and writes out; fwd+bwd adds reading x and dout and writing dx.
@@ -180,6 +180,12 @@ def _bwd_shape(batch, seqlen, dim, peer, copy_bps):
             with env_override("APRIEL_CONV1D_BWD_IMPL", impl):
                 stats = time_ms(lambda: bwd(x, w, b, None, None, dout, None, True))
                 rows.append(_row("causal_conv1d", f"apriel[bwd={impl}]", "bwd", *args, stats, bwd_bytes, copy_bps))
+        xc, doutc = x.contiguous(), dout.contiguous()  # channel-major (b, C, L): the generic or the cm=vec kernel
+        for impl in ("generic", "vec"):
+            with env_override("APRIEL_CONV1D_CM_IMPL", impl):
+                stats = time_ms(lambda: bwd(xc, w, b, None, None, doutc, None, True))
+                rows.append(_row("causal_conv1d", f"apriel[cm={impl}]", "bwd", *args, stats, bwd_bytes, copy_bps,
+                                 layout="channel-major"))
         for fwd_impl, bwd_impl in FWD_BWD_PAIRS:
             name = fwd_impl if fwd_impl == bwd_impl else f"{fwd_impl}+{bwd_impl}"
             with env_override("APRIEL_CONV1D_FWD_IMPL", fwd_impl), env_override("APRIEL_CONV1D_BWD_IMPL", bwd_impl):

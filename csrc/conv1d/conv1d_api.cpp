@@ -344,6 +344,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
     APRIEL_CONV1D_DISPATCH(x.scalar_type(), causal_conv1d_bwd, p, stream);
     return {dx, dweight, dbias, dinit};
   }
+  p.chan_vec = !p.vectorized && chan_vec_from_env() && chan_vectorizable(x) && chan_vectorizable(dout) &&
+               chan_vectorizable(dx);
+  if (p.chan_vec) {
+    // Channel-major vector backward: one block per (b, c) row and token tile; one partial row per tile.
+    const int64_t tiles = cdiv(s.seqlen, int64_t(kCmTileVecs) * (16 / x.element_size()));
+    TORCH_CHECK(tiles <= 65535, "x: seqlen too long for the backward grid");
+    Tensor workspace = torch::empty({s.batch * tiles, s.dim, s.width + 1}, f32);
+    p.workspace = workspace.data_ptr<float>();
+    p.nsplit = int(tiles);
+    p.split_len = int(kCmTileVecs * (16 / x.element_size()));
+    p.dweight = dweight.data_ptr<float>();
+    p.dbias = bias.has_value() ? dbias.data_ptr<float>() : nullptr;
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    APRIEL_CONV1D_DISPATCH(x.scalar_type(), causal_conv1d_bwd, p, stream);
+    return {dx, dweight, dbias, dinit};
+  }
   if (p.vectorized) {
     chan_blocks = cdiv(s.dim, 32 * (x.element_size() == 8 ? 2 : 4));
     tile = 4 * 8;  // 4 token lanes x kBwdTok

@@ -824,7 +824,7 @@ __global__ void __launch_bounds__(128, APRIEL_CONV1D_FWD_STREAM_MIN_BLOCKS) fwd_
 // vector in front of it. Block 128 threads = kCmVecs x 128 vectors of one (batch, channel) row;
 // grid (batch * dim, ceil(seqlen / tile)). Only for kV >= W-1 (2- and 4-byte types): the halo then lies
 // in one neighbouring vector.
-constexpr int kCmVecs = 4;
+constexpr int kCmVecs = kCmTileVecs / 128;
 
 template <typename T, int W, bool kSeq>
 __device__ __forceinline__ void fwd_chanmajor_body(const ConvParams& p, uint4 (&sv)[kCmVecs * 128]) {
@@ -902,6 +902,149 @@ __global__ void __launch_bounds__(128) fwd_chanmajor_kernel(ConvParams p) {
   __shared__ uint4 sv[kCmVecs * 128];
   if (p.seq_idx != nullptr) fwd_chanmajor_body<T, W, true>(p, sv);
   else fwd_chanmajor_body<T, W, false>(p, sv);
+}
+
+// Backward of the same layout (APRIEL_CONV1D_CM_IMPL=vec, same conditions on x, dout and dx): the same
+// tiling; a thread needs x at t0-H .. t0+kV+H-1 (left halo from the left neighbour's vector, right halo
+// from the right neighbour's: pre-activations at the H positions after its vector feed its dx) and dout at
+// t0 .. t0+kV+H-1. dweight/dbias: per thread over its own tokens, then a fixed-order block reduction (the
+// block is one channel) into one partial row per (batch, token tile); reduce_dweight_kernel sums them.
+template <typename T, int W, bool kSeq>
+__device__ __forceinline__ void bwd_chanmajor_body(const ConvParams& p, uint4 (&sx)[kCmVecs * 128],
+                                                   uint4 (&sg)[kCmVecs * 128], float (&red)[4][W + 1]) {
+  using A = acc_t<T>;
+  constexpr int kV = 16 / sizeof(T);
+  constexpr int H = W - 1;
+  constexpr int M = 2 * H + kV;  // x positions t0-H .. t0+kV+H-1
+  constexpr int N = kV + H;      // dpre positions t0 .. t0+kV+H-1
+  static_assert(kV >= H, "the halos must fit in one neighbouring vector");
+  const int L = p.seqlen;
+  const int row = blockIdx.x;
+  const int b = row / p.dim, c = row % p.dim;
+  const int tid = threadIdx.x;
+  const int v0 = blockIdx.y * kCmVecs * 128;
+  const T* x = static_cast<const T*>(p.x) + b * p.x_stride_b + int64_t(c) * p.x_stride_c;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride_b + int64_t(c) * p.dout_stride_c;
+  T* dx = static_cast<T*>(p.out) + b * p.out_stride_b + int64_t(c) * p.out_stride_c;
+
+  Pack<T, kV> cx[kCmVecs], cg[kCmVecs], before, after_x, after_g;
+#pragma unroll
+  for (int j = 0; j < kCmVecs; ++j) {
+    const int t0 = (v0 + j * 128 + tid) * kV;
+    if (t0 < L) { load_stream(cx[j], x + t0); load_stream(cg[j], dout + t0); }
+    else { cx[j].zero(); cg[j].zero(); }
+  }
+  const int v_end = v0 + kCmVecs * 128;  // first vector after the tile
+  if (tid == 0 && v0 > 0) load_stream(before, x + (v0 - 1) * kV);
+  if (tid == 127) {
+    if (v_end * kV < L) { load_stream(after_x, x + v_end * kV); load_stream(after_g, dout + v_end * kV); }
+    else { after_x.zero(); after_g.zero(); }
+  }
+  A w[1][W], bias[1];
+  load_weights_any<A, 1, W>(p, c, w, bias);
+  const int seq_last = seq_of<kSeq>(p, b, L - 1);
+#pragma unroll
+  for (int j = 0; j < kCmVecs; ++j) { sx[j * 128 + tid] = cx[j].v; sg[j * 128 + tid] = cg[j].v; }
+  __syncthreads();
+
+  A dw[W], db = A(0);
+#pragma unroll
+  for (int k = 0; k < W; ++k) dw[k] = A(0);
+#pragma unroll
+  for (int j = 0; j < kCmVecs; ++j) {
+    const int i = j * 128 + tid;
+    const int t0 = (v0 + i) * kV;
+    if (t0 >= L) break;
+    A xs[M], gs[N];
+    int sq[M];
+    if (i > 0 || v0 > 0) {
+      Pack<T, kV> prev;
+      prev.v = i > 0 ? sx[i - 1] : before.v;
+#pragma unroll
+      for (int h = 0; h < H; ++h) xs[h] = prev.template get<A>(kV - H + h);
+    } else {
+#pragma unroll
+      for (int h = 0; h < H; ++h)
+        xs[h] = p.init == nullptr ? A(0)
+                : to_acc<A>(static_cast<const T*>(p.init)[b * p.init_stride_b + int64_t(c) * p.init_stride_c +
+                                                          h * p.init_stride_k]);
+    }
+    Pack<T, kV> nx, ng;
+    nx.v = i + 1 < kCmVecs * 128 ? sx[i + 1] : after_x.v;
+    ng.v = i + 1 < kCmVecs * 128 ? sg[i + 1] : after_g.v;
+#pragma unroll
+    for (int e = 0; e < kV; ++e) { xs[H + e] = cx[j].template get<A>(e); gs[e] = cg[j].template get<A>(e); }
+#pragma unroll
+    for (int h = 0; h < H; ++h) { xs[H + kV + h] = nx.template get<A>(h); gs[kV + h] = ng.template get<A>(h); }
+#pragma unroll
+    for (int m = 0; m < M; ++m) sq[m] = seq_of<kSeq>(p, b, min(t0 - H + m, L - 1));
+    // dpre at position t0 + n (0 past the end); dweight/dbias over the thread's own tokens n < kV.
+    A dpre[N];
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      dpre[n] = A(0);
+      if (n < kV || t0 + n < L) {
+        A pre = bias[0];
+#pragma unroll
+        for (int k = 0; k < W; ++k) pre += w[0][k] * (same_doc<kSeq>(sq[n + k], sq[n + H]) ? xs[n + k] : A(0));
+        dpre[n] = gs[n] * activate_grad(pre, p.silu);
+        if (n < kV) {
+          db += dpre[n];
+#pragma unroll
+          for (int k = 0; k < W; ++k) dw[k] += dpre[n] * (same_doc<kSeq>(sq[n + k], sq[n + H]) ? xs[n + k] : A(0));
+        }
+      }
+    }
+    // dx[s], s = t0 + e: taps k of outputs s + H - k = dpre[e + H - k] in the same document as s.
+    A g[kV];
+#pragma unroll
+    for (int e = 0; e < kV; ++e) {
+      A acc = A(0);
+#pragma unroll
+      for (int k = 0; k < W; ++k) acc += w[0][k] * (same_doc<kSeq>(sq[e + H], sq[e + 2 * H - k]) ? dpre[e + H - k] : A(0));
+      const int sidx = t0 + e;
+      if (p.dfinal != nullptr && sidx >= L - H && same_doc<kSeq>(sq[e + H], seq_last))
+        acc += to_acc<A>(static_cast<const T*>(p.dfinal)[b * p.dfinal_stride_b + int64_t(c) * p.dfinal_stride_c +
+                                                          (sidx - (L - H)) * p.dfinal_stride_k]);
+      g[e] = acc;
+    }
+    store_stream<T, kV>(dx + t0, g);
+    // dinit[h] (position h - H < 0, document of token 0): outputs t = h - k + ... = dpre[h - k] for k <= h.
+    if (t0 == 0 && p.init != nullptr && p.dinit != nullptr) {
+      T* dinit = static_cast<T*>(p.dinit);
+#pragma unroll
+      for (int h = 0; h < H; ++h) {
+        A acc = A(0);
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+          const int n = h - k;  // output position n = (h - H) + H - k
+          if (n >= 0) acc += w[0][k] * (same_doc<kSeq>(sq[h], sq[n + H]) ? dpre[n] : A(0));
+        }
+        dinit[(int64_t(b) * p.dim + c) * H + h] = from_acc<T>(acc);
+      }
+    }
+  }
+  // Block reduction in a fixed order: xor butterfly within each warp, then the 4 warps in order.
+#pragma unroll
+  for (int k = 0; k <= W; ++k) {
+    A v = k < W ? dw[k] : db;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if ((tid & 31) == 0) red[tid >> 5][k] = static_cast<float>(v);
+  }
+  __syncthreads();
+  if (tid <= W) {
+    const float sum = ((red[0][tid] + red[1][tid]) + red[2][tid]) + red[3][tid];
+    p.workspace[(int64_t(b) * p.nsplit + blockIdx.y) * p.dim * (W + 1) + int64_t(c) * (W + 1) + tid] = sum;
+  }
+}
+
+template <typename T, int W>
+__global__ void __launch_bounds__(128) bwd_chanmajor_kernel(ConvParams p) {
+  __shared__ uint4 sx[kCmVecs * 128], sg[kCmVecs * 128];
+  __shared__ float red[4][W + 1];
+  if (p.seq_idx != nullptr) bwd_chanmajor_body<T, W, true>(p, sx, sg, red);
+  else bwd_chanmajor_body<T, W, false>(p, sx, sg, red);
 }
 
 // -------------------------------------------------------------- forward, stream + cp.async (v3, "async")
@@ -1601,6 +1744,10 @@ void launch_bwd_w(const ConvParams& p, cudaStream_t stream) {
     } else {
       bwd_stream_kernel<T, W><<<grid, dim3(32, 4), 0, stream>>>(p);
     }
+  } else if (sizeof(T) <= 4 && p.chan_vec) {
+    if constexpr (sizeof(T) <= 4) {  // host: nsplit = token tiles of kCmTileVecs vectors
+      bwd_chanmajor_kernel<T, W><<<dim3(p.batch * p.dim, p.nsplit), 128, 0, stream>>>(p);
+    }
   } else if (p.vectorized) {
     constexpr int kCh = BwdCh<T>::value;
     const dim3 grid(cdiv(p.dim, 32 * kCh), p.nsplit, p.batch);
@@ -1648,16 +1795,20 @@ void launch_update(const UpdateParams& p, cudaStream_t stream) {
 // shapes the benchmarks run. Returns true so it can initialise a static.
 template <typename T>
 bool register_kernels(const char* dtype) {
-  constexpr int kN = 17;
+  constexpr int kN = 18;
   static char names[kN][64];
   // {kernel, template arguments after the dtype}
   const char* kinds[kN][2] = {{"bwd_async", "W4"}, {"fwd_async", "W4"}, {"bwd_deep", "W4"}, {"bwd_fused", "W4"}, {"bwd_wide", "W4"},
-                             {"fwd_deep", "W4"}, {"fwd_wide", "W4"}, {"fwd_chanmajor", "W4"}, {"fwd_tile", "W4,tok8,vecw"}, {"fwd_tile", "W4,tok4,vecw"},
+                             {"fwd_deep", "W4"}, {"fwd_wide", "W4"}, {"fwd_chanmajor", "W4"}, {"bwd_chanmajor", "W4"}, {"fwd_tile", "W4,tok8,vecw"}, {"fwd_tile", "W4,tok4,vecw"},
                              {"fwd_tile", "W4,tok8,scalarw"}, {"fwd_stream", "W4"}, {"fwd_generic", "W4"},
                              {"bwd_tile", "W4,vecw"}, {"bwd_stream", "W4"}, {"bwd_generic", "W4"},
                              {"update", nullptr}};
   const void* chanmajor = nullptr;  // not instantiated for 8-byte types
-  if constexpr (sizeof(T) <= 4) chanmajor = reinterpret_cast<const void*>(&fwd_chanmajor_kernel<T, 4>);
+  const void* chanmajor_bwd = nullptr;
+  if constexpr (sizeof(T) <= 4) {
+    chanmajor = reinterpret_cast<const void*>(&fwd_chanmajor_kernel<T, 4>);
+    chanmajor_bwd = reinterpret_cast<const void*>(&bwd_chanmajor_kernel<T, 4>);
+  }
   const void* funcs[kN] = {
       reinterpret_cast<const void*>(&bwd_async_kernel<T, 4>),
       reinterpret_cast<const void*>(&fwd_async_kernel<T, 4>),
@@ -1667,6 +1818,7 @@ bool register_kernels(const char* dtype) {
       reinterpret_cast<const void*>(&fwd_async_kernel<T, 4, kDeepStages>),
       reinterpret_cast<const void*>(&fwd_async_kernel<T, 4, kAsyncStages, true>),
       chanmajor,
+      chanmajor_bwd,
       reinterpret_cast<const void*>(&fwd_tokmajor_kernel<T, 4, 8, true>),
       reinterpret_cast<const void*>(&fwd_tokmajor_kernel<T, 4, 4, true>),
       reinterpret_cast<const void*>(&fwd_tokmajor_kernel<T, 4, 8, false>),
@@ -1676,7 +1828,7 @@ bool register_kernels(const char* dtype) {
       reinterpret_cast<const void*>(&bwd_stream_kernel<T, 4>),
       reinterpret_cast<const void*>(&bwd_generic_kernel<T, 4>),
       reinterpret_cast<const void*>(&update_kernel<T>)};
-  const int threads[kN] = {128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 256, 128, 128, 256, 128};
+  const int threads[kN] = {128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 256, 128, 128, 256, 128};
   for (int i = 0; i < kN; ++i) {
     if (funcs[i] == nullptr) continue;
     if (kinds[i][1] != nullptr) snprintf(names[i], sizeof(names[i]), "%s<%s,%s>", kinds[i][0], dtype, kinds[i][1]);

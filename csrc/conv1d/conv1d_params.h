@@ -94,9 +94,13 @@ struct ConvParams {
   // Forward of channel-major data (x and out with unit token stride, 16-byte aligned rows, seqlen a
   // multiple of the 16-byte vector, 2- or 4-byte types): a thread loads 16-byte vectors along the tokens
   // of one channel, the W-1 halo of each comes from its neighbour's vector through shared memory
-  // (APRIEL_CONV1D_CM_IMPL=vec; "generic" = the one-element-per-thread kernel).
+  // (APRIEL_CONV1D_CM_IMPL=vec; "generic" = the one-element-per-thread kernel). The backward likewise
+  // (x, dout and dx in that layout), with nsplit = token tiles of kCmTileVecs vectors per (b, c) row.
   bool chan_vec;
 };
+
+// Channel-major vector kernels: 16-byte vectors per block (128 threads x 4), shared with the host's plan.
+constexpr int kCmTileVecs = 512;
 
 // Update step: q new tokens per row against cached windows.
 struct UpdateParams {
