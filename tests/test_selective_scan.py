@@ -419,7 +419,8 @@ def test_cuda_forward_variants_agree(extras, monkeypatch):
 @needs_kernel
 @pytest.mark.parametrize("extras", ["init", "packed_init"])
 def test_cuda_backward_variants_agree(extras, monkeypatch):
-    """The backward's interleaved tile loops (default) and APRIEL_SSCAN_BWD=plain: bitwise equal gradients."""
+    """The v1 backward's interleaved tile loops and APRIEL_SSCAN_BWD=plain: bitwise equal gradients."""
+    monkeypatch.setenv("APRIEL_SSCAN_BWD", "v1")
     args, seq = make_cuda_case(2, 77, 64, None, 1, 4, 16, torch.bfloat16, extras)
 
     def grads():
