@@ -189,6 +189,8 @@ int fwd_tokens() {
 // H100 (session 2, bench/results/s2/conv1d_h100_s2.json): async is the fastest at every bar shape
 // (fwd 4096 ch 0.0596 ms vs tile 0.0654; fwd+bwd 0.209 vs 0.288), so it is the default.
 constexpr const char* kDefaultFwdImpl = "async";
+// bwd: wide (0.133 ms) / fused (0.137) beat async (0.139) by <= 5% at 4096 ch, but both use a cooperative
+// grid barrier that has not been tried under CUDA-graph capture: async stays the default.
 constexpr const char* kDefaultBwdImpl = "async";
 
 // Session 3 variants (not measured yet; docs/notes/conv1d.md): "deep" = async with 6 cp.async stages (5
@@ -212,9 +214,10 @@ int impl_from_env(const char* var, const char* fallback, bool backward) {
 
 // Channel-major forward: "vec" (fwd_chanmajor_kernel: 16-byte vectors along the tokens, halo through
 // shared memory) or "generic" (one element per thread, the session-1 kernel: 11% of the copy rate on the
-// H100). APRIEL_CONV1D_CM_IMPL selects; the default stays "generic" until an H100 run has measured "vec"
-// (bench row apriel[cm=vec]).
-constexpr const char* kDefaultCmImpl = "generic";
+// H100). APRIEL_CONV1D_CM_IMPL selects.
+// H100 (session 2 round 2, bench/results/s2/conv1d_h100_s3.json): vec is 7x faster channel-major (fwd 4096 ch
+// 0.055 vs 0.388 ms; bwd 0.142 vs 1.83) and passed every GPU test: the default where it applies.
+constexpr const char* kDefaultCmImpl = "vec";
 
 bool chan_vec_from_env() {
   const char* env = std::getenv("APRIEL_CONV1D_CM_IMPL");
