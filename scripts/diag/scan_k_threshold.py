@@ -23,6 +23,6 @@ for batch, seqlen in ((1, 8192), (2, 8192), (3, 8192), (4, 4096), (6, 4096), (8,
     for k in ("v4k4", "v4k8"):
         os.environ["APRIEL_SCAN_FWD"] = k
         with torch.no_grad():
-            ms = time_graph_ms(lambda: mixer_scan(**args, d_inner=D, d_xb=X, d_state=N))["p50_ms"]
+            ms = time_graph_ms(lambda: mixer_scan(**args, d_inner=D, d_xb=X, d_state=N))["p50"]
         print(f"b{batch} L{seqlen} blocks {batch * D // 16:5d} {k}: {ms:.4f} ms")
     del args
