@@ -7,8 +7,10 @@
 #include <torch/library.h>
 
 #include <cuda_bf16.h>
+#include <cuda_runtime.h>
 #include <cuda_fp16.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -116,23 +118,32 @@ MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims
 }
 
 
-// Forward version: v4 with K = 4 or 8 lanes per channel (16 / K states per thread, cp.async tiles), chosen
-// from the number of (sequence, head) blocks: few blocks (batch 1) need the extra warps of K = 8, many blocks
-// the fewer instructions per element of a smaller K. APRIEL_SCAN_FWD=v4k4|v4k8 forces K, v3 selects the
-// previous kernel (one state per thread) - for benchmarks. Returns K, or 3 for v3.
-int fwd_version(int64_t blocks = 0) {
+// Forward version: v4 with K = 4 or 8 lanes per channel (16 / K states per thread, cp.async tiles).
+// K = 8 has twice the warps per block (latency hiding when blocks are few) but fits 4 blocks per SM, K = 4
+// fits 6: pick K = 8 when its blocks fill at most two waves at least as well as K = 4's would. Measured on
+// the H100 (scripts/diag/scan_k_threshold.py, bf16): K = 8 wins at 256 / 512 / 1024 blocks (batch 1 / 2 / 4
+// at D 4096), K = 4 at 768 / 1536 / 2048 (batch 3 / 6 / 8). APRIEL_SCAN_FWD=v4k4|v4k8 forces K, v3 selects
+// the previous kernel (one state per thread) - for benchmarks. Returns K, or 3 for v3.
+int fwd_version(int64_t blocks = 0, int sms = 132) {
   if (const char* env = std::getenv("APRIEL_SCAN_FWD")) {
     const std::string v(env);
     if (v == "v3") return 3;
     if (v == "v4k4") return 4;
     if (v == "v4k8") return 8;
   }
-  return blocks <= 1024 ? 8 : 4;
+  const double w8 = static_cast<double>(blocks) / (4.0 * sms), w4 = static_cast<double>(blocks) / (6.0 * sms);
+  auto fill = [](double w) { return w <= 0 ? 1.0 : w / std::ceil(w); };
+  return (w8 <= 2.0 && fill(w8) >= fill(w4)) ? 8 : 4;
 }
 
 void launch_fwd(const MixerScanParams& p, at::ScalarType st, int64_t K) {
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
-  const int version = fwd_version(static_cast<int64_t>(p.batch) * (p.d_inner / kN));
+  int sms = 132, device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    sms = 132;
+  }
+  const int version = fwd_version(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms);
   if (version != 3) {
     if (st == at::kBFloat16) {
       version == 8 ? launch_mixer_scan_fwd4<__nv_bfloat16, 8>(p, stream) : launch_mixer_scan_fwd4<__nv_bfloat16, 4>(p, stream);
