@@ -181,10 +181,10 @@ __global__ void __launch_bounds__(kN * K, kMinBlocks) mixer_scan_bwd_kernel(Mixe
         const float vv = dt_pre2(S, sm.dtw, pk, pch, t, R);
         const float zz = S.z[t][pch];
         sm.cv[t][pch] = cvv;
-        sm.u[t][pch] = cvv * sigmoidf_(cvv);
+        sm.u[t][pch] = cvv * sigmoid_fast(cvv);
         sm.v[t][pch] = vv;
-        sm.dl[t][pch] = softplusf_(vv);
-        sm.dys[t][pch] = S.dy[t][pch] * zz * sigmoidf_(zz);
+        sm.dl[t][pch] = softplus_fast(vv);
+        sm.dys[t][pch] = S.dy[t][pch] * zz * sigmoid_fast(zz);
       }
     }
     __syncthreads();
@@ -208,13 +208,13 @@ __global__ void __launch_bounds__(kN * K, kMinBlocks) mixer_scan_bwd_kernel(Mixe
     for (int k = 0; k < kN * kChunk / NT; ++k) {
       const int t = pslot + k * (NT / kN);
       if (t < Tv) {
-        const float uu = sm.u[t][pch], zz = S.z[t][pch], sz = sigmoidf_(zz);
+        const float uu = sm.u[t][pch], zz = S.z[t][pch], sz = sigmoid_fast(zz);
         const float yfull = sm.ysc[t][pch] + Dp * uu;
         drow[t * rowZ + c0 + pch] = from_f<T>(S.dy[t][pch] * yfull * sz * (1.f + zz * (1.f - sz)));
         const float dys = sm.dys[t][pch];
         const float dut = sm.du[t][pch] + dys * Dp;
         accD = fmaf(dys, uu, accD);
-        const float cvv = sm.cv[t][pch], sc = sigmoidf_(cvv);
+        const float cvv = sm.cv[t][pch], sc = sigmoid_fast(cvv);
         const float dco = dut * sc * (1.f + cvv * (1.f - sc));
         sm.dco[t][pch] = dco;
         accCB += dco;
@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(kN * K, kMinBlocks) mixer_scan_bwd_kernel(Mixe
           if (S.seq[row] == cur) accW[i] = fmaf(dco, S.x[row][pch], accW[i]);
         }
         const float vv = sm.v[t][pch];
-        p.ddt_pre[((int64_t)b * L + t0 + t) * rowD + c0 + pch] = sm.ddl[t][pch] * (vv > 20.f ? 1.f : sigmoidf_(vv));
+        p.ddt_pre[((int64_t)b * L + t0 + t) * rowD + c0 + pch] = sm.ddl[t][pch] * (vv > 20.f ? 1.f : sigmoid_fast(vv));
       }
     }
     // 4b. dB (partial per head), dC (complete per head): sums over the head's 16 channels, fixed order

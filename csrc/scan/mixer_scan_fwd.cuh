@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kN * K, kMinBlocks) mixer_scan_fwd_kernel(Mixe
       const int t = tid / kN + k * (NT / kN);
       if (t < Tv) {
         const float cv = conv_pre(S, pk, pch, t);
-        sm.ud[t][pch] = make_float2(softplusf_(dt_pre2(S, sm.dtw, pk, pch, t, R)), cv * sigmoidf_(cv));
+        sm.ud[t][pch] = make_float2(softplus_fast(dt_pre2(S, sm.dtw, pk, pch, t, R)), cv * sigmoid_fast(cv));
       }
     }
     if (p.ckpt != nullptr) {
@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kN * K, kMinBlocks) mixer_scan_fwd_kernel(Mixe
       const int t = base + i;
       if (t < Tv) {
         const float zz = S.z[t][sch];
-        sm.y[t][sch] = (acc[i] + Dc * sm.ud[t][sch].y) * zz * sigmoidf_(zz);
+        sm.y[t][sch] = (acc[i] + Dc * sm.ud[t][sch].y) * zz * sigmoid_fast(zz);
       }
     }
     __syncthreads();

@@ -42,27 +42,6 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
-// MUFU forms with flush-to-zero spelled out: the build does not use --use_fast_math, and without .ftz __expf
-// costs a range check and two predicated multiplies around every ex2 (5 instructions instead of 2).
-__device__ __forceinline__ float lg2_ftz(float v) {
-  float r;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
-  return r;
-}
-__device__ __forceinline__ float rcp_ftz(float v) {
-  float r;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
-  return r;
-}
-__device__ __forceinline__ float sigmoid_ftz(float v) { return rcp_ftz(1.f + scan::ex2(-kLog2e * v)); }
-// softplus with the peers' threshold (v > 20: v); log1p(e) by its series below e = 1e-2, where 1 + e would
-// round away the digits a small delta is made of (same forms as scan::softplusf_).
-__device__ __forceinline__ float softplus_ftz(float v) {
-  const float e = scan::ex2(kLog2e * v);
-  const float small = e * (1.f - e * (0.5f - e * (1.f / 3.f - e * 0.25f)));
-  return v > 20.f ? v : (e < 1e-2f ? small : lg2_ftz(1.f + e) * 0.6931471805599453f);
-}
-
 // A layer parameter in its own dtype (0 fp32, 1 bf16, 2 fp16): read once per block, so the branch is free.
 __device__ __forceinline__ float ld_param(const ParamRef& r, int64_t i) {
   if (r.dtype == 1) return __bfloat162float(static_cast<const __nv_bfloat16*>(r.ptr)[i]);
@@ -440,7 +419,7 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
         float cv = cb;
 #pragma unroll
         for (int k = 0; k < 4; ++k) cv = fmaf(w[k], (!kSeq || sw[i + k] == sw[i + 3]) ? xw[i + k] : 0.f, cv);
-        const float u = cv * sigmoid_ftz(cv);
+        const float u = cv * sigmoid_fast(cv);
         float dp = dtb2;
         if constexpr (kMma) {
           dp += drow[i * kN];  // i < TPT: no skew step inside the block
@@ -456,12 +435,12 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
             }
           }
         }
-        const float delta = softplus_ftz(dp);
+        const float delta = softplus_fast(dp);
         const bool keep = !kSeq || sw[i + 2] == sw[i + 3];  // same document as the previous token
         const float zz = to_f(r.z[t][pch]);
         sm.ud[t][pch] = t < Tv ? make_float2(keep ? delta : __int_as_float(0x7f800000), delta * u)
                                : make_float2(0.f, 0.f);
-        sm.ug[t][pch] = make_float2(u, zz * sigmoid_ftz(zz));
+        sm.ug[t][pch] = make_float2(u, zz * sigmoid_fast(zz));
       }
     }
     if (p.ckpt != nullptr)
@@ -521,7 +500,7 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
       float a = 0.f;
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
-        const float dA = scan::ex2(e.x * A2[s]);
+        const float dA = ex2(e.x * A2[s]);
         h[s] = fmaf(dA, h[s], e.y * Bv[s]);
         a = fmaf(Cv[s], h[s], a);
       }

@@ -1,5 +1,6 @@
-// Shared device code of the mixer scan kernels: constants, dtype conversion, the time-tile loader and the
-// per-(channel, token) "prep" math (conv + silu, dt_proj + double bias + softplus).
+// Shared device code of the mixer scan kernels: constants, the time-tile loader and the per-(channel, token)
+// "prep" math (conv + silu, dt_proj + double bias + softplus); dtype conversion and the MUFU forms come from
+// ../common/scan_math.cuh.
 //
 // Block = one head (16 channels) of one sequence. A head's channels read the 16 x channels and the 16-wide
 // B slice of their x/B group (repeat by index math) and their own 16-wide C slice. A time tile of kChunk
@@ -9,6 +10,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "../common/scan_math.cuh"
 #include "scan_params.h"
 
 namespace apriel {
@@ -18,42 +20,12 @@ constexpr int kN = 16;      // d_state (the kernels are written for the Apriel-H
 constexpr int kChunk = 32;  // tokens per tile = checkpoint interval
 constexpr int kHalo = 3;    // conv halo rows (width <= 4)
 constexpr int kMaxR = 32;   // dt_rank limit of the smem staging and register prefetch
-constexpr float kLog2e = 1.4426950408889634f;
-
-template <typename T> __device__ __forceinline__ float to_f(T v);
-template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ float ex2(float v) {
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
-  return r;
-}
-// Fast forms (MUFU ex2/lg2/rcp): these run once per (channel, token), next to 16 recurrence steps.
-// .ftz spelled out: without --use_fast_math, __expf adds a range check and two predicated multiplies.
-__device__ __forceinline__ float ex2_ftz_(float v) {
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
-  return r;
-}
-__device__ __forceinline__ float lg2_ftz_(float v) {
-  float r;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
-  return r;
-}
-__device__ __forceinline__ float sigmoidf_(float v) { return __fdividef(1.f, 1.f + ex2_ftz_(-kLog2e * v)); }
-// softplus with the peers' threshold: v for v > 20 else log1p(exp(v)). log1p(e) by its series below 1e-2
-// (where 1 + e would round away the digits delta is made of), by __logf(1 + e) above.
-__device__ __forceinline__ float softplusf_(float v) {
-  const float e = ex2_ftz_(kLog2e * v);
-  const float small = e * (1.f - e * (0.5f - e * (1.f / 3.f - e * 0.25f)));  // error < e^5 / 5
-  return v > 20.f ? v : (e < 1e-2f ? small : lg2_ftz_(1.f + e) * 0.6931471805599453f);
-}
+using ::apriel::ex2;
+using ::apriel::from_f;
+using ::apriel::kLog2e;
+using ::apriel::sigmoid_fast;
+using ::apriel::softplus_fast;
+using ::apriel::to_f;
 
 // The staged tile (fp32). Rows of x / seq: position t0 - kHalo + i.
 struct Tile {

@@ -35,29 +35,7 @@ __device__ __forceinline__ void store_states(float* row, const float (&v)[NS]) {
   }
 }
 
-// Sum of acc[t] over the K lanes of a channel, scattered: lane j ends with the totals of tokens
-// base .. base + kChunk/K - 1 in acc[0 ..]. Each halving step exchanges half of the remaining values
-// (kChunk - kChunk/K shuffles in all, vs log2(K) * kChunk for a butterfly per token).
-template <int K>
-__device__ __forceinline__ void reduce_scatter(float (&acc)[kChunk], int j, int& base) {
-  base = 0;
-  int len = kChunk;
-#pragma unroll
-  for (int off = K / 2; off >= 1; off >>= 1) {
-    const bool upper = (j & off) != 0;
-    const int half = len / 2;
-#pragma unroll
-    for (int i = 0; i < kChunk / 2; ++i) {
-      if (i < half) {
-        const float send = upper ? acc[i] : acc[i + half];
-        const float keep = upper ? acc[i + half] : acc[i];
-        acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
-      }
-    }
-    if (upper) base += half;
-    len = half;
-  }
-}
+using ::apriel::reduce_scatter;  // ../common/scan_math.cuh
 
 }  // namespace scan
 }  // namespace apriel

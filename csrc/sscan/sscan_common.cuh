@@ -5,52 +5,28 @@
 #include <cuda_runtime.h>
 
 #include "../common/cuda_check.h"
+#include "../common/scan_math.cuh"
 #include "sscan_params.h"
 
 namespace apriel {
 namespace sscan {
 
 constexpr int kT = kSsTile, kRow = kSsRow, kThreads = kSsChannels * kSsLanes;
-constexpr float kLog2e = 1.4426950408889634f;
+using ::apriel::ex2;  // ../common/scan_math.cuh: conversions, MUFU forms, the K-lane reduce-scatter
+using ::apriel::from_f;
+using ::apriel::kLog2e;
+using ::apriel::reduce_scatter;
+using ::apriel::sigmoid_fast;
+using ::apriel::to_f;
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// 2^x on the MUFU unit (A is pre-scaled by log2 e so exp(delta A) = ex2(delta A2)).
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
+// The v1 kernels' sigmoid (kept: APRIEL_SSCAN_SOFTPLUS=precise reproduces v1 bitwise).
 __device__ __forceinline__ float sigmoidf_(float v) { return 1.f / (1.f + __expf(-v)); }
 
-// Fast forms for the v2 kernels' per-(channel, token) prep (MUFU ex2 / lg2 / rcp with .ftz spelled out:
-// without --use_fast_math __expf adds a range check), as in csrc/scan/scan_common.cuh. The precise
-// log1pf(expf(v)) alone costs more instructions than a token's share of the recurrence at K = 8.
-__device__ __forceinline__ float ex2_ftz(float v) {
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
-  return r;
-}
-__device__ __forceinline__ float lg2_ftz(float v) {
-  float r;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
-  return r;
-}
-__device__ __forceinline__ float sigmoid_fast(float v) { return __fdividef(1.f, 1.f + ex2_ftz(-kLog2e * v)); }
 // softplus with the peers' threshold (v > 20: v); log1p(e) by its series below 1e-2 (where 1 + e would round
 // away the digits delta is made of), by lg2(1 + e) ln 2 above. fast = false: the precise log1pf(expf(v)).
 __device__ __forceinline__ float softplus_v2(float v, bool fast) {
   if (!fast) return v > 20.f ? v : log1pf(expf(v));
-  const float e = ex2_ftz(kLog2e * v);
-  const float small = e * (1.f - e * (0.5f - e * (1.f / 3.f - e * 0.25f)));  // error < e^5 / 5
-  return v > 20.f ? v : (e < 1e-2f ? small : lg2_ftz(1.f + e) * 0.6931471805599453f);
+  return softplus_fast(v);
 }
 
 // Stage a (kT tokens x 16 channels) tile, dst[t * kRow + ci] (fp32), from base (batch offset applied) at

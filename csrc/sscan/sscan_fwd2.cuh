@@ -196,29 +196,6 @@ struct Group {
   }
 };
 
-// Sum of acc[t] over the K lanes of a channel (K consecutive lanes), scattered: lane j ends with the totals of
-// tokens base .. base + kLen / K - 1 in acc[0 ..] (kLen - kLen / K shuffles; fixed order: deterministic).
-template <int K, int kLen = kT>
-__device__ __forceinline__ void reduce_scatter(float (&acc)[kLen], int j, int& base) {
-  base = 0;
-  int len = kLen;
-#pragma unroll
-  for (int off = K / 2; off >= 1; off >>= 1) {
-    const bool upper = (j & off) != 0;
-    const int half = len / 2;
-#pragma unroll
-    for (int i = 0; i < kLen / 2; ++i) {
-      if (i < half) {
-        const float send = upper ? acc[i] : acc[i + half];
-        const float keep = upper ? acc[i + half] : acc[i];
-        acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
-      }
-    }
-    if (upper) base += half;
-    len = half;
-  }
-}
-
 template <typename T, int K, bool kSeq, bool kBT>
 __global__ void __launch_bounds__(kC * K, K == 4 ? 6 : 3) sscan_fwd2_kernel(SScanParams p) {
   constexpr int NT = kC * K;            // threads per block

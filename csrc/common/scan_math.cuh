@@ -1,0 +1,76 @@
+// Device math shared by the scan families (csrc/scan: the fused mixer scan; csrc/sscan: the generic scan):
+// dtype conversion, the MUFU forms of exp2 / log2 / reciprocal and the functions built on them, and the
+// K-lane reduce-scatter of per-token partial sums. CUDA headers only.
+//
+// .ftz is spelled out in the MUFU forms: the build does not use --use_fast_math, and without it __expf adds a
+// range check and two predicated multiplies around every ex2 (5 instructions instead of 2).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace apriel {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <typename T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// 2^v on the MUFU unit (A is pre-scaled by log2 e so exp(delta A) = ex2(delta A2)).
+__device__ __forceinline__ float ex2(float v) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
+__device__ __forceinline__ float lg2_ftz(float v) {
+  float r;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
+__device__ __forceinline__ float rcp_ftz(float v) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
+// These run once per (channel, token), next to 16 recurrence steps.
+__device__ __forceinline__ float sigmoid_fast(float v) { return rcp_ftz(1.f + ex2(-kLog2e * v)); }
+// softplus with the peers' threshold (v > 20: v); log1p(e) by its series below e = 1e-2, where 1 + e would
+// round away the digits a small delta is made of, by lg2(1 + e) ln 2 above.
+__device__ __forceinline__ float softplus_fast(float v) {
+  const float e = ex2(kLog2e * v);
+  const float small = e * (1.f - e * (0.5f - e * (1.f / 3.f - e * 0.25f)));  // error < e^5 / 5
+  return v > 20.f ? v : (e < 1e-2f ? small : lg2_ftz(1.f + e) * kLn2);
+}
+
+// Sum of acc[t] over the K lanes of a channel (K consecutive lanes), scattered: lane j ends with the totals of
+// tokens base .. base + kLen / K - 1 in acc[0 ..]. Each halving step exchanges half of the remaining values
+// (kLen - kLen / K shuffles in all, vs log2(K) * kLen for a butterfly per token); fixed order: deterministic.
+template <int K, int kLen>
+__device__ __forceinline__ void reduce_scatter(float (&acc)[kLen], int j, int& base) {
+  base = 0;
+  int len = kLen;
+#pragma unroll
+  for (int off = K / 2; off >= 1; off >>= 1) {
+    const bool upper = (j & off) != 0;
+    const int half = len / 2;
+#pragma unroll
+    for (int i = 0; i < kLen / 2; ++i) {
+      if (i < half) {
+        const float send = upper ? acc[i] : acc[i + half];
+        const float keep = upper ? acc[i + half] : acc[i];
+        acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+      }
+    }
+    if (upper) base += half;
+    len = half;
+  }
+}
+
+}  // namespace apriel
