@@ -14,7 +14,6 @@ v4 read fp32 copies of B / C instead of the raw 16-bit tile (APRIEL_SCAN_BC=f32)
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -118,24 +117,16 @@ def run(quick: bool = False) -> list[dict]:
     return out
 
 
+def _format(r: dict) -> str:
+    met = "yes" if r.get("meets_bar") else ("no" if "bar_ms" in r else "  ")
+    peak = f"peak {r['peak_extra_mem_mb']:.0f} MB" if "peak_extra_mem_mb" in r else ""
+    return (f"{r['phase']:8} {r['provider']:10} {r['shape']:12} {r['p50_ms']:9.4f} {r['floor_ms']:7.4f} "
+            f"{r['p50_ms'] / r['floor_ms']:7.2f} {r.get('bar_ms', ''):>6} {met} {peak}")
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None, help="JSON file for {'meta', 'rows'}")
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args(argv)
-    env = R.environment()
-    rows = R.stamp(run(quick=a.quick), env)
-    print(f"{'phase':8} {'provider':10} {'shape':12} {'p50 ms':>9} {'floor':>7} {'x floor':>7} {'bar':>6} ok  extra")
-    for r in rows:
-        if r["status"] != "ok":
-            print(f"{r.get('op')} {r.get('provider')} {r.get('shape')}: {r['status']} {r.get('note', '')}")
-            continue
-        print(f"{r['phase']:8} {r['provider']:10} {r['shape']:12} {r['p50_ms']:9.4f} {r['floor_ms']:7.4f} "
-              f"{r['p50_ms'] / r['floor_ms']:7.2f} {r.get('bar_ms', ''):>6} {'yes' if r.get('meets_bar') else ('no' if 'bar_ms' in r else '  ')} "
-              f"{'peak %.0f MB' % r['peak_extra_mem_mb'] if 'peak_extra_mem_mb' in r else ''}")
-    if a.out:
-        R.write_json(a.out, rows, meta=env)
-    return 0
+    header = f"{'phase':8} {'provider':10} {'shape':12} {'p50 ms':>9} {'floor':>7} {'x floor':>7} {'bar':>6} ok  extra"
+    return R.suite_main(__doc__.splitlines()[0], run, _format, header, argv)
 
 
 if __name__ == "__main__":

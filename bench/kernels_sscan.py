@@ -17,7 +17,6 @@ floor of kernels.md: 65536 * b * L exponentials at 3.9e12 /s; peer_ms the mamba-
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -156,24 +155,16 @@ def run(quick: bool = False) -> list[dict]:
     return out
 
 
+def _format(r: dict) -> str:
+    peak = f"peak {r['peak_extra_mem_mb']:.0f} MB" if "peak_extra_mem_mb" in r else ""
+    return (f"{r['phase']:8} {r['provider']:10} {r['shape']:12} {r['p50_ms']:9.4f} {r['floor_ms']:7.4f} "
+            f"{r['floor_ratio']:7.2f} {r.get('peer_ms', ''):>6} {r.get('peer_ratio', float('nan')):7.2f}  {peak}")
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None, help="JSON file for {'meta', 'rows'}")
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args(argv)
-    env = R.environment()
-    rows = R.stamp(run(quick=a.quick), env)
-    print(f"{'phase':8} {'provider':10} {'shape':12} {'p50 ms':>9} {'floor':>7} {'x floor':>7} {'mamba':>6} {'x mamba':>7}  extra")
-    for r in rows:
-        if r["status"] != "ok":
-            print(f"{r.get('op')} {r.get('provider')} {r.get('shape')}: {r['status']} {r.get('note', '')}")
-            continue
-        print(f"{r['phase']:8} {r['provider']:10} {r['shape']:12} {r['p50_ms']:9.4f} {r['floor_ms']:7.4f} "
-              f"{r['floor_ratio']:7.2f} {r.get('peer_ms', ''):>6} {r.get('peer_ratio', float('nan')):7.2f}  "
-              f"{'peak %.0f MB' % r['peak_extra_mem_mb'] if 'peak_extra_mem_mb' in r else ''}")
-    if a.out:
-        R.write_json(a.out, rows, meta=env)
-    return 0
+    header = (f"{'phase':8} {'provider':10} {'shape':12} {'p50 ms':>9} {'floor':>7} {'x floor':>7} {'mamba':>6} "
+              f"{'x mamba':>7}  extra")
+    return R.suite_main(__doc__.splitlines()[0], run, _format, header, argv)
 
 
 if __name__ == "__main__":

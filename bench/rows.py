@@ -22,7 +22,7 @@ import datetime as _dt
 import json
 import os
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +164,37 @@ def validate(row: dict[str, Any]) -> None:
 def stamp(rows: Iterable[dict[str, Any]], env: dict[str, str]) -> list[dict[str, Any]]:
     """Copies of rows with the run's environment fields (existing values win)."""
     return [{**{k: env[k] for k in ENV_FIELDS if k in env}, **row} for row in rows]
+
+
+def suite_main(description: str, run: Callable[..., list[dict[str, Any]]],
+               format_row: Callable[[dict[str, Any]], str], header: str, argv: list[str] | None = None) -> int:
+    """The command line of a kernel benchmark module: `--out FILE` (JSON {meta, rows}) and `--quick`; runs
+    run(quick=...), stamps the rows with the environment, prints header + format_row(row) per ok row (a status
+    line otherwise) and writes the JSON with the environment and the build's kernel report as meta."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--out", default=None, help="JSON file for {'meta', 'rows'}")
+    ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    args = ap.parse_args(argv)
+    env = environment()
+    rows = stamp(run(quick=args.quick), env)
+    print(header)
+    for row in rows:
+        if row["status"] != "ok":
+            print(f"{row.get('op')} {row.get('provider')} {row.get('shape')}: {row['status']} {row.get('note', '')}")
+        else:
+            print(format_row(row))
+    if args.out:
+        meta: dict[str, Any] = dict(env)
+        try:
+            from apriel_kernels import info
+
+            meta["apriel_kernels"] = info(kernels=True)
+        except Exception as e:  # noqa: BLE001 - metadata must not cost the measurements
+            meta["apriel_kernels"] = f"unavailable: {e}"
+        print(f"wrote {write_json(args.out, rows, meta=meta)}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ files
