@@ -57,6 +57,47 @@ struct TokenIn {
 // kSeq 1: 512 threads x 64 B = 32 KB, kSeq 2: 384 x 128 B = 48 KB, kSeq 4: 256 x 256 B = 64 KB. Issuing
 // every load of a thread at once costs registers: that is the trade. kMulti (q > 1, speculative
 // decoding) keeps dt_proj in registers across the token loop.
+// One channel's dt_proj row, conv taps (right-aligned: w4[4 - W + k] = w[k]), conv bias, dt bias and D into
+// registers (shared by v2 and v3; layer parameters are never written by the preceding kernel, so this runs
+// before the PDL wait). Returns whether dtw holds packed 16-bit words: with vec_dtw and a 16-bit dtype the words
+// are parked bit for bit in dtw[0..7] and the caller unpacks them after its state loads are issued.
+template <int kRanks, int kTaps>
+__device__ __forceinline__ bool load_channel_params(const MixerStepParams& p, int c, int conv_ch, bool valid,
+                                                    float (&dtw)[kRanks], float (&w4)[kTaps], float& conv_b,
+                                                    float& dt_bias, float& d_skip) {
+  const bool dtw_packed = p.vec_dtw && p.dt_proj_weight_dtype != kFloat32;
+  if (p.vec_dtw && valid) {
+    const uint4* pw = reinterpret_cast<const uint4*>(static_cast<const char*>(p.dt_proj_weight) +
+                                                     c * p.dt_proj_weight_stride0 * (dtw_packed ? 2 : 4));
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      const uint4 a = v < 2 || !dtw_packed ? __ldg(pw + v) : make_uint4(0u, 0u, 0u, 0u);
+      dtw[4 * v] = __uint_as_float(a.x); dtw[4 * v + 1] = __uint_as_float(a.y);
+      dtw[4 * v + 2] = __uint_as_float(a.z); dtw[4 * v + 3] = __uint_as_float(a.w);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kRanks; ++k) {
+      dtw[k] = valid && k < p.dt_rank
+                   ? load_any(p.dt_proj_weight, p.dt_proj_weight_dtype, c * p.dt_proj_weight_stride0 + k * p.dt_proj_weight_stride1)
+                   : 0.f;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kTaps; ++k) {
+    const int tap = k - (kTaps - p.width);
+    w4[k] = valid && tap >= 0
+                ? load_any(p.conv_weight, p.conv_weight_dtype, conv_ch * p.conv_weight_stride0 + tap * p.conv_weight_stride1)
+                : 0.f;
+  }
+  if (valid) {
+    if (p.conv_bias != nullptr) conv_b = load_any(p.conv_bias, p.conv_bias_dtype, conv_ch * p.conv_bias_stride);
+    dt_bias = load_any(p.dt_proj_bias, p.dt_proj_bias_dtype, c * p.dt_proj_bias_stride);
+    d_skip = load_any(p.D_skip, p.D_skip_dtype, c * p.D_skip_stride);
+  }
+  return dtw_packed;
+}
+
 template <int kSeq, bool kMulti>
 struct MinBlocks { static constexpr int value = kMulti ? 3 : kSeq == 1 ? 4 : kSeq == 2 ? 3 : 2; };
 
@@ -105,36 +146,7 @@ __global__ void __launch_bounds__(128, (MinBlocks<kSeq, kMulti>::value)) mixer_s
   }
   // vec_dtw with a 16-bit dtype: the packed words are parked bit for bit in dtw[0..7] and unpacked after
   // the state loads are issued (unpacking is arithmetic on the loaded value: it would wait for it here).
-  const bool dtw_packed = p.vec_dtw && p.dt_proj_weight_dtype != kFloat32;
-  if (p.vec_dtw && valid) {
-    const uint4* pw = reinterpret_cast<const uint4*>(static_cast<const char*>(p.dt_proj_weight) +
-                                                     c * p.dt_proj_weight_stride0 * (dtw_packed ? 2 : 4));
-#pragma unroll
-    for (int v = 0; v < 4; ++v) {
-      const uint4 a = v < 2 || !dtw_packed ? __ldg(pw + v) : make_uint4(0u, 0u, 0u, 0u);
-      dtw[4 * v] = __uint_as_float(a.x); dtw[4 * v + 1] = __uint_as_float(a.y);
-      dtw[4 * v + 2] = __uint_as_float(a.z); dtw[4 * v + 3] = __uint_as_float(a.w);
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < kRegRanks; ++k) {
-      dtw[k] = valid && k < p.dt_rank
-                   ? load_any(p.dt_proj_weight, p.dt_proj_weight_dtype, c * p.dt_proj_weight_stride0 + k * p.dt_proj_weight_stride1)
-                   : 0.f;
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < kWin; ++k) {
-    const int tap = k - (kWin - p.width);
-    w4[k] = valid && tap >= 0
-                ? load_any(p.conv_weight, p.conv_weight_dtype, conv_ch * p.conv_weight_stride0 + tap * p.conv_weight_stride1)
-                : 0.f;
-  }
-  if (valid) {
-    if (p.conv_bias != nullptr) conv_b = load_any(p.conv_bias, p.conv_bias_dtype, conv_ch * p.conv_bias_stride);
-    dt_bias = load_any(p.dt_proj_bias, p.dt_proj_bias_dtype, c * p.dt_proj_bias_stride);
-    d_skip = load_any(p.D_skip, p.D_skip_dtype, c * p.D_skip_stride);
-  }
+  const bool dtw_packed = load_channel_params(p, c, conv_ch, valid, dtw, w4, conv_b, dt_bias, d_skip);
 
   // Everything below may read what the previous kernel wrote.
   pdl_wait();

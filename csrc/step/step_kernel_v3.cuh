@@ -249,36 +249,7 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
   float w4[kWin];  // conv taps right-aligned: w4[4 - W + k] = w[k]
   float conv_b = 0.f, dt_bias = 0.f, d_skip = 0.f;
   const int conv_ch = p.repeat_kv_before_conv ? c : xs;
-  const bool dtw_packed = p.vec_dtw && p.dt_proj_weight_dtype != kFloat32;
-  if (p.vec_dtw && valid) {
-    const uint4* pw = reinterpret_cast<const uint4*>(static_cast<const char*>(p.dt_proj_weight) +
-                                                     c * p.dt_proj_weight_stride0 * (dtw_packed ? 2 : 4));
-#pragma unroll
-    for (int v = 0; v < 4; ++v) {
-      const uint4 a = v < 2 || !dtw_packed ? __ldg(pw + v) : make_uint4(0u, 0u, 0u, 0u);
-      dtw[4 * v] = __uint_as_float(a.x); dtw[4 * v + 1] = __uint_as_float(a.y);
-      dtw[4 * v + 2] = __uint_as_float(a.z); dtw[4 * v + 3] = __uint_as_float(a.w);
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < kRegRanks; ++k) {
-      dtw[k] = valid && k < p.dt_rank
-                   ? load_any(p.dt_proj_weight, p.dt_proj_weight_dtype, c * p.dt_proj_weight_stride0 + k * p.dt_proj_weight_stride1)
-                   : 0.f;
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < kWin; ++k) {
-    const int tap = k - (kWin - p.width);
-    w4[k] = valid && tap >= 0
-                ? load_any(p.conv_weight, p.conv_weight_dtype, conv_ch * p.conv_weight_stride0 + tap * p.conv_weight_stride1)
-                : 0.f;
-  }
-  if (valid) {
-    if (p.conv_bias != nullptr) conv_b = load_any(p.conv_bias, p.conv_bias_dtype, conv_ch * p.conv_bias_stride);
-    dt_bias = load_any(p.dt_proj_bias, p.dt_proj_bias_dtype, c * p.dt_proj_bias_stride);
-    d_skip = load_any(p.D_skip, p.D_skip_dtype, c * p.D_skip_stride);
-  }
+  const bool dtw_packed = v2::load_channel_params(p, c, conv_ch, valid, dtw, w4, conv_b, dt_bias, d_skip);
 
   // Everything below may read what the previous kernel wrote.
   v2::pdl_wait();
