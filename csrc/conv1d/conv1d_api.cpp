@@ -315,6 +315,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
   }
   p.dinit = initial_states.has_value() ? dinit.data_ptr() : nullptr;
   p.vectorized = vectorizable(x) && vectorizable(dout);
+  // Every backward kernel writes fp32 (dweight, dbias) partials per (token split, channel); a fixed-order
+  // reduction finishes them (deterministic). nsplit splits of split_len tokens per batch row.
+  auto launch = [&](int64_t nsplit, int64_t split_len) -> std::tuple<Tensor, Tensor, Tensor, Tensor> {
+    Tensor workspace = torch::empty({s.batch * nsplit, s.dim, s.width + 1}, f32);
+    p.workspace = workspace.data_ptr<float>();
+    p.nsplit = int(nsplit);
+    p.split_len = int(split_len);
+    p.dweight = dweight.data_ptr<float>();
+    p.dbias = bias.has_value() ? dbias.data_ptr<float>() : nullptr;
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    APRIEL_CONV1D_DISPATCH(x.scalar_type(), causal_conv1d_bwd, p, stream);
+    return {dx, dweight, dbias, dinit};
+  };
 
   // Token splits. Vectorised: one full wave of resident blocks (3 per SM for 16-bit types, 2 otherwise:
   // the kernel's launch bounds), rounded down so no straggler wave; each block then loops over its split.
@@ -337,15 +350,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
     const int64_t run_len = cdiv(cdiv(s.seqlen, rows * runs_per_block), chunk) * chunk;
     rows = cdiv(cdiv(s.seqlen, run_len), runs_per_block);
     TORCH_CHECK(rows <= 65535, "x: seqlen too long for the backward grid");
-    Tensor workspace = torch::empty({s.batch * rows, s.dim, s.width + 1}, f32);
-    p.workspace = workspace.data_ptr<float>();
-    p.nsplit = int(rows);
-    p.split_len = int(run_len);
-    p.dweight = dweight.data_ptr<float>();
-    p.dbias = bias.has_value() ? dbias.data_ptr<float>() : nullptr;
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-    APRIEL_CONV1D_DISPATCH(x.scalar_type(), causal_conv1d_bwd, p, stream);
-    return {dx, dweight, dbias, dinit};
+    return launch(rows, run_len);
   }
   p.chan_vec = !p.vectorized && chan_vec_from_env() && chan_vectorizable(x) && chan_vectorizable(dout) &&
                chan_vectorizable(dx);
@@ -353,15 +358,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
     // Channel-major vector backward: one block per (b, c) row and token tile; one partial row per tile.
     const int64_t tiles = cdiv(s.seqlen, int64_t(kCmTileVecs) * (16 / x.element_size()));
     TORCH_CHECK(tiles <= 65535, "x: seqlen too long for the backward grid");
-    Tensor workspace = torch::empty({s.batch * tiles, s.dim, s.width + 1}, f32);
-    p.workspace = workspace.data_ptr<float>();
-    p.nsplit = int(tiles);
-    p.split_len = int(kCmTileVecs * (16 / x.element_size()));
-    p.dweight = dweight.data_ptr<float>();
-    p.dbias = bias.has_value() ? dbias.data_ptr<float>() : nullptr;
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-    APRIEL_CONV1D_DISPATCH(x.scalar_type(), causal_conv1d_bwd, p, stream);
-    return {dx, dweight, dbias, dinit};
+    return launch(tiles, int64_t(kCmTileVecs) * (16 / x.element_size()));
   }
   if (p.vectorized) {
     chan_blocks = cdiv(s.dim, 32 * (x.element_size() == 8 ? 2 : 4));
@@ -377,15 +374,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
   const int64_t split_len = cdiv(cdiv(s.seqlen, nsplit), tile) * tile;
   nsplit = cdiv(s.seqlen, split_len);
   TORCH_CHECK(nsplit <= 65535, "x: seqlen too long for the backward grid");
-  Tensor workspace = torch::empty({s.batch * nsplit, s.dim, s.width + 1}, f32);
-  p.workspace = workspace.data_ptr<float>();
-  p.nsplit = int(nsplit);
-  p.split_len = int(split_len);
-  p.dweight = dweight.data_ptr<float>();
-  p.dbias = bias.has_value() ? dbias.data_ptr<float>() : nullptr;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  APRIEL_CONV1D_DISPATCH(x.scalar_type(), causal_conv1d_bwd, p, stream);
-  return {dx, dweight, dbias, dinit};
+  return launch(nsplit, split_len);
 }
 
 // -------------------------------------------------------------------------------------------- update
