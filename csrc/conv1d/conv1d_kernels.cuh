@@ -1181,6 +1181,64 @@ __global__ void __launch_bounds__(128) fwd_async_kernel(ConvParams p) {
 
 // Backward: 16-byte vectors for 4/8-byte types, 8-byte vectors (4 channels) for 16-bit types: a thread
 // carries 2 x kCh x W fp32 of weights and dweight and two windows, so 8 channels would spill.
+// One position of the streaming backward (bwd_stream and bwd_async kernels): x and dout of position pos
+// (packs cx, cg; real = pos < L) enter the windows; d(pre-activation) at pos accumulates dbias / dweight; dx
+// (or the initial-state gradient) at pos - H, whose taps are all in the window now, is written; the windows
+// shift by one.
+template <typename T, int W, bool kSeq, int kCh, typename A = acc_t<T>>
+__device__ __forceinline__ void bwd_stream_position(const ConvParams& p, const Pack<T, kCh>& cx, const Pack<T, kCh>& cg,
+                                                    bool real, int pos, int ts, int te, int L, bool want_dinit,
+                                                    int b, int c0, int seq_last, const T* dfinal, T* dx,
+                                                    const A (&w)[kCh][W], const A (&bias)[kCh], A (&xw)[W][kCh],
+                                                    A (&gw)[W][kCh], int (&sw)[W], A (&dw)[kCh][W], A (&db)[kCh]) {
+  constexpr int H = W - 1;
+#pragma unroll
+  for (int i = 0; i < kCh; ++i) {
+    xw[H][i] = real ? cx.template get<A>(i) : A(0);
+    A g = A(0);
+    if (real) {
+      A pre = bias[i];
+#pragma unroll
+      for (int k = 0; k < W; ++k) pre += w[i][k] * (same_doc<kSeq>(sw[k], sw[H]) ? xw[k][i] : A(0));
+      g = cg.template get<A>(i) * activate_grad(pre, p.silu);
+      if (pos < te) {
+        db[i] += g;
+#pragma unroll
+        for (int k = 0; k < W; ++k) dw[i][k] += g * (same_doc<kSeq>(sw[k], sw[H]) ? xw[k][i] : A(0));
+      }
+    }
+    gw[H][i] = g;
+  }
+  // dx at s = pos - H needs dpre at s .. s+H: all in the window now.
+  const int sx = pos - H;
+  if ((sx >= ts || (want_dinit && sx >= -H)) && sx < te) {
+    A g[kCh];
+#pragma unroll
+    for (int i = 0; i < kCh; ++i) {
+      A acc = A(0);
+#pragma unroll
+      for (int k = 0; k < W; ++k) acc += w[i][k] * (same_doc<kSeq>(sw[0], sw[H - k]) ? gw[H - k][i] : A(0));
+      if (dfinal != nullptr && sx >= L - H && same_doc<kSeq>(sw[0], seq_last))
+        acc += to_acc<A>(dfinal[b * p.dfinal_stride_b + (c0 + i) * p.dfinal_stride_c +
+                                (sx - (L - H)) * p.dfinal_stride_k]);
+      g[i] = acc;
+    }
+    if (sx >= 0) {
+      store_stream<T, kCh>(dx + sx * p.out_stride_l, g);
+    } else {
+      T* dinit = static_cast<T*>(p.dinit);
+#pragma unroll
+      for (int i = 0; i < kCh; ++i) dinit[(int64_t(b) * p.dim + c0 + i) * H + H + sx] = from_acc<T>(g[i]);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < H; ++j) {
+    sw[j] = sw[j + 1];
+#pragma unroll
+    for (int i = 0; i < kCh; ++i) { xw[j][i] = xw[j + 1][i]; gw[j][i] = gw[j + 1][i]; }
+  }
+}
+
 template <typename T> struct BwdStreamCh { static constexpr int value = sizeof(T) == 8 ? 2 : 4; };
 // Tokens per chunk of the backward: 64 bytes of x and of dout per thread per chunk (8 tokens of 16-bit
 // types, 4 of fp32/fp64), so the four chunk buffers stay at 64 registers.
@@ -1264,51 +1322,8 @@ __device__ __forceinline__ void bwd_stream_body(const ConvParams& p, acc_t<T> (&
       if (pos >= pend) break;
       sw[H] = pos < L ? seq_of<kSeq>(p, b, pos) : seq_last;
       const bool real = pos < L;
-#pragma unroll
-      for (int i = 0; i < kCh; ++i) {
-        xw[H][i] = real ? cx[s].template get<A>(i) : A(0);
-        A g = A(0);
-        if (real) {
-          A pre = bias[i];
-#pragma unroll
-          for (int k = 0; k < W; ++k) pre += w[i][k] * (same_doc<kSeq>(sw[k], sw[H]) ? xw[k][i] : A(0));
-          g = cg[s].template get<A>(i) * activate_grad(pre, p.silu);
-          if (pos < te) {
-            db[i] += g;
-#pragma unroll
-            for (int k = 0; k < W; ++k) dw[i][k] += g * (same_doc<kSeq>(sw[k], sw[H]) ? xw[k][i] : A(0));
-          }
-        }
-        gw[H][i] = g;
-      }
-      // dx at s = pos - H needs dpre at s .. s+H: all in the window now.
-      const int sx = pos - H;
-      if ((sx >= ts || (want_dinit && sx >= -H)) && sx < te) {
-        A g[kCh];
-#pragma unroll
-        for (int i = 0; i < kCh; ++i) {
-          A acc = A(0);
-#pragma unroll
-          for (int k = 0; k < W; ++k) acc += w[i][k] * (same_doc<kSeq>(sw[0], sw[H - k]) ? gw[H - k][i] : A(0));
-          if (dfinal != nullptr && sx >= L - H && same_doc<kSeq>(sw[0], seq_last))
-            acc += to_acc<A>(dfinal[b * p.dfinal_stride_b + (c0 + i) * p.dfinal_stride_c +
-                                    (sx - (L - H)) * p.dfinal_stride_k]);
-          g[i] = acc;
-        }
-        if (sx >= 0) {
-          store_stream<T, kCh>(dx + sx * p.out_stride_l, g);
-        } else {
-          T* dinit = static_cast<T*>(p.dinit);
-#pragma unroll
-          for (int i = 0; i < kCh; ++i) dinit[(int64_t(b) * p.dim + c0 + i) * H + H + sx] = from_acc<T>(g[i]);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < H; ++j) {
-        sw[j] = sw[j + 1];
-#pragma unroll
-        for (int i = 0; i < kCh; ++i) { xw[j][i] = xw[j + 1][i]; gw[j][i] = gw[j + 1][i]; }
-      }
+      bwd_stream_position<T, W, kSeq>(p, cx[s], cg[s], real, pos, ts, te, L, want_dinit, b, c0, seq_last, dfinal, dx, w,
+                                      bias, xw, gw, sw, dw, db);
     }
 #pragma unroll
     for (int s = 0; s < K; ++s) { cx[s] = nx[s]; cg[s] = ng[s]; }
@@ -1460,50 +1475,8 @@ __device__ __forceinline__ void bwd_async_body(const ConvParams& p, BwdAsyncSlot
         cx.v = slots.x[c % S][s][tid];
         cg.v = slots.g[c % S][s][tid];
       }
-#pragma unroll
-      for (int i = 0; i < kCh; ++i) {
-        xw[H][i] = real ? cx.template get<A>(i) : A(0);
-        A g = A(0);
-        if (real) {
-          A pre = bias[i];
-#pragma unroll
-          for (int k = 0; k < W; ++k) pre += w[i][k] * (same_doc<kSeq>(sw[k], sw[H]) ? xw[k][i] : A(0));
-          g = cg.template get<A>(i) * activate_grad(pre, p.silu);
-          if (pos < te) {
-            db[i] += g;
-#pragma unroll
-            for (int k = 0; k < W; ++k) dw[i][k] += g * (same_doc<kSeq>(sw[k], sw[H]) ? xw[k][i] : A(0));
-          }
-        }
-        gw[H][i] = g;
-      }
-      const int sx = pos - H;
-      if ((sx >= ts || (want_dinit && sx >= -H)) && sx < te) {
-        A g[kCh];
-#pragma unroll
-        for (int i = 0; i < kCh; ++i) {
-          A acc = A(0);
-#pragma unroll
-          for (int k = 0; k < W; ++k) acc += w[i][k] * (same_doc<kSeq>(sw[0], sw[H - k]) ? gw[H - k][i] : A(0));
-          if (dfinal != nullptr && sx >= L - H && same_doc<kSeq>(sw[0], seq_last))
-            acc += to_acc<A>(dfinal[b * p.dfinal_stride_b + (c0 + i) * p.dfinal_stride_c +
-                                    (sx - (L - H)) * p.dfinal_stride_k]);
-          g[i] = acc;
-        }
-        if (sx >= 0) {
-          store_stream<T, kCh>(dx + sx * p.out_stride_l, g);
-        } else {
-          T* dinit = static_cast<T*>(p.dinit);
-#pragma unroll
-          for (int i = 0; i < kCh; ++i) dinit[(int64_t(b) * p.dim + c0 + i) * H + H + sx] = from_acc<T>(g[i]);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < H; ++j) {
-        sw[j] = sw[j + 1];
-#pragma unroll
-        for (int i = 0; i < kCh; ++i) { xw[j][i] = xw[j + 1][i]; gw[j][i] = gw[j + 1][i]; }
-      }
+      bwd_stream_position<T, W, kSeq>(p, cx, cg, real, pos, ts, te, L, want_dinit, b, c0, seq_last, dfinal, dx, w,
+                                      bias, xw, gw, sw, dw, db);
     }
   }
   cp_async_wait<0>();
