@@ -1,7 +1,7 @@
 """Inference engine for hybrids: chunked prefill, batched decode (CUDA graphs on GPU), streaming.
 
     engine = Engine(model, max_batch=8, max_seqlen=4096, prefill_chunk=1024, cuda_graphs=None,
-                    decode_splits="auto")
+                    decode_splits="auto", decode_attention="auto")
     engine.prefill(slot, token_ids) -> logits (V,) of the last prompt token
     engine.decode(tokens (b,)) -> logits (b, V)          rows 0..b-1 = slots 0..b-1, one token each
     engine.stream(prompts: list[list[int]], params, tokenizer=None) -> iterator of TokenEvent
@@ -13,8 +13,11 @@ any length costs the same memory). Decode advances every active slot by one toke
 and the fused mixer step op, in place. On CUDA the whole decode step (embedding to logits) is captured once
 per batch bucket (1, 2, 4, 8, ... up to max_batch) in a CUDA graph and replayed; rows beyond the live batch
 run on spare slots whose results are discarded. Prompts of different lengths decode together: each row
-attends to its own valid keys and positions. decode_splits: split-K decode attention chunks ("auto": enough
-thread blocks to fill the GPU, see attention.py; 0: one SDPA call).
+attends to its own valid keys and positions. decode_attention: the one-token attention over the cache -
+"fused" (apriel_kernels.decode_attention: split-K Triton kernel, reads each row's keys only up to its
+length), "sdpa" (torch SDPA, split-K through the memory-efficient kernel when decode_splits asks), or
+"auto" (fused on CUDA when Triton is present and a start-up check against SDPA passes, else sdpa).
+decode_splits: key chunks per (sequence, kv head) ("auto": chosen from the grid; 0: no split).
 """
 from __future__ import annotations
 
@@ -113,7 +116,7 @@ class Engine:
 
     def __init__(self, model, max_batch: int = 8, max_seqlen: int = 4096, prefill_chunk: int = 1024,
                  cuda_graphs: bool | None = None, ssm_dtype: torch.dtype | None = None,
-                 decode_splits: int | str = "auto"):
+                 decode_splits: int | str = "auto", decode_attention: str = "auto"):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk: expected >= 1, got {prefill_chunk}")
         self.model = model.eval()
@@ -133,9 +136,14 @@ class Engine:
         if self.use_graphs and (self.config.rope_settings or {}).get("rope_type") == "dynamic":
             raise ValueError("cuda_graphs: dynamic NTK rope picks its table from the positions on the host; "
                              "use cuda_graphs=False")
+        if decode_attention not in ("auto", "fused", "sdpa"):
+            raise ValueError(f"decode_attention: expected 'auto', 'fused' or 'sdpa', got {decode_attention!r}")
         self.decode_splits = decode_splits
         self.notes: list[str] = []
-        if decode_splits == "auto" and self.device.type == "cuda":
+        self.decode_kernel = "sdpa" if decode_attention == "sdpa" else "fused"
+        if decode_attention == "auto":
+            self.decode_kernel = "fused" if self.device.type == "cuda" and self._probe_fused_attention() else "sdpa"
+        if self.decode_kernel == "sdpa" and decode_splits == "auto" and self.device.type == "cuda":
             self._probe_split_attention()
         self._graphs: dict[int, _DecodeGraph] = {}
         self._pool = None
@@ -164,13 +172,38 @@ class Engine:
         return logits[0, -1]
 
     def splits_for(self, batch: int) -> int:
-        """Split-K chunks of decode attention for a batch (0 on CPU or when disabled)."""
+        """Split-K chunks of decode attention for a batch (0 on CPU or when disabled; with the fused kernel
+        0 = the kernel's own choice)."""
+        if self.decode_kernel == "fused":
+            return 0 if self.decode_splits == "auto" else int(self.decode_splits or 0)
         if self.decode_splits == "auto":
             if self.device.type != "cuda":
                 return 0
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             return pick_splits(batch, self.config.num_key_value_heads, self.cache.max_seqlen, sms)
         return int(self.decode_splits or 0)
+
+    def _probe_fused_attention(self) -> bool:
+        """Check apriel_kernels.decode_attention (Triton) against SDPA once; False (with a note) if it fails."""
+        from apriel_kernels import _triton_decode
+        from apriel_kernels.decode_attention import decode_attention as fused
+        if not _triton_decode.available():
+            self.notes.append("fused decode attention disabled: triton is not installed")
+            return False
+        try:
+            g = torch.Generator(device=self.device).manual_seed(0)
+            q = torch.randn(2, 2, 4, 64, device=self.device, dtype=self.dtype, generator=g)
+            kv = torch.randn(2, 2, 1024, 64, device=self.device, dtype=self.dtype, generator=g)
+            valid = torch.arange(1024, device=self.device)[None] < torch.tensor([[700], [100]], device=self.device)
+            a = fused(q, kv, kv, valid, 0.125, splits=4)
+            b = decode_attention(q, kv, kv, valid, 0.125, splits=0)
+            err = (a.float() - b.float()).abs().max().item()
+            if not err < 2e-2:
+                raise RuntimeError(f"fused decode attention differs from SDPA by {err}")
+            return True
+        except Exception as e:  # noqa: BLE001  (any failure: the SDPA path still works)
+            self.notes.append(f"fused decode attention disabled: {type(e).__name__}: {str(e)[:200]}")
+            return False
 
     def _probe_split_attention(self) -> None:
         """Check the split-K path (a private aten op) against SDPA once; fall back to SDPA if it fails."""
@@ -191,7 +224,7 @@ class Engine:
     def _decode_eager(self, tokens: torch.Tensor, static_kv: bool) -> torch.Tensor:
         splits = self.splits_for(tokens.shape[0])
         return self.model(tokens, past_key_values=self.cache, logits_to_keep=1, static_kv=static_kv,
-                          decode_splits=splits).logits[:, -1]
+                          decode_splits=splits, decode_kernel=self.decode_kernel).logits[:, -1]
 
     def capture(self, buckets: list[int] | None = None) -> None:
         """Capture the decode step for the given batch buckets (default: all). Needs empty slots: do it

@@ -32,6 +32,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import apriel_kernels
 
+from apriel_kernels.decode_attention import decode_attention as fused_decode_attention
+
 from .attention import decode_attention
 from .cache import HybridCache
 from .configuration import AprielHConfig, AprielHybridConfig, AprielHybridSSMConfig
@@ -105,6 +107,7 @@ class StepContext:
     write_idx: torch.Tensor | None = None
     kv_len: int = 0
     decode_splits: int = 0
+    decode_kernel: str = "sdpa"  # "sdpa" (torch SDPA, attention.decode_attention) | "fused" (apriel_kernels op)
     memo: dict = field(default_factory=dict)  # per-call tensors shared by layers (decode attention bias)
 
     def cache_rows(self, t: torch.Tensor, upto: int | None = None) -> torch.Tensor:
@@ -156,11 +159,26 @@ class Attention(nn.Module):
             # cached K/V once with no GQA repeat; the mask (b, 1, 1, Lk) broadcasts over heads and group.
             group = self.num_heads // self.num_kv_heads
             qg = q.view(b, self.num_kv_heads, group, d)
-            out = decode_attention(qg, keys, values, ctx.attn_mask[:, 0, 0], self.scale, ctx.decode_splits,
-                                   ctx.memo)
+            if ctx.decode_kernel == "fused":
+                out = self._fused_decode(qg, key_cache, value_cache, ctx)
+            else:
+                out = decode_attention(qg, keys, values, ctx.attn_mask[:, 0, 0], self.scale, ctx.decode_splits,
+                                       ctx.memo)
             return out.reshape(b, self.num_heads, 1, d)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.attn_mask, scale=self.scale,
                                               enable_gqa=True)
+
+
+    def _fused_decode(self, qg, key_cache, value_cache, ctx: StepContext) -> torch.Tensor:
+        # apriel_kernels.decode_attention reads the slot rows of the cache itself (no gather) and only
+        # the keys before each row's write position + 1 (kv_stop), where SDPA reads all kv_len of every row.
+        if "kv_stop" not in ctx.memo:
+            ctx.memo["kv_stop"] = ctx.write_idx[:, -1] + 1
+        slots = None if ctx.rows_are_slots else ctx.slots
+        kv_len = ctx.kv_len
+        return fused_decode_attention(qg, key_cache[:, :, :kv_len], value_cache[:, :, :kv_len], ctx.attn_mask[:, 0, 0],
+                                      self.scale, kv_stop=ctx.memo["kv_stop"], slots=slots,
+                                      splits=max(int(ctx.decode_splits), 0))
 
 
 class MambaMixer(nn.Module):
@@ -352,7 +370,7 @@ class AprielHybridModel(AprielHybridPreTrainedModel):
         return StepContext(cos=cos, sin=sin, attn_mask=mask, seq_idx=seq_idx)
 
     def _cache_context(self, x, cache: HybridCache, attention_mask, position_ids, slot_idx, static_kv,
-                       decode_splits) -> StepContext:
+                       decode_splits, decode_kernel="sdpa") -> StepContext:
         b, L, _ = x.shape
         dev = x.device
         rows_are_slots = slot_idx is None
@@ -378,11 +396,11 @@ class AprielHybridModel(AprielHybridPreTrainedModel):
         allowed = allowed | (j[None, None, :] == write_idx[:, :, None])  # pad queries must see something
         return StepContext(cos=cos, sin=sin, attn_mask=allowed.unsqueeze(1), seq_idx=seq_idx, cache=cache,
                            slots=slots, rows_are_slots=rows_are_slots, write_idx=write_idx, kv_len=kv_len,
-                           decode_splits=decode_splits)
+                           decode_splits=decode_splits, decode_kernel=decode_kernel)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, seq_idx=None, inputs_embeds=None,
                 past_key_values: HybridCache | None = None, slot_idx=None, static_kv: bool = False,
-                decode_splits: int = 0):
+                decode_splits: int = 0, decode_kernel: str = "sdpa"):
         """Returns the final hidden states (b, L, H). See AprielHybridForCausalLM.forward."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids, inputs_embeds: expected exactly one of them")
@@ -403,7 +421,7 @@ class AprielHybridModel(AprielHybridPreTrainedModel):
             ctx = self._full_context(x, attention_mask, position_ids, seq_idx)
         else:
             ctx = self._cache_context(x, past_key_values, attention_mask, position_ids, slot_idx, static_kv,
-                                      decode_splits)
+                                      decode_splits, decode_kernel)
         for layer in self.layers:
             x = layer(x, ctx)
         return self.norm(x)
@@ -439,17 +457,19 @@ class AprielHybridForCausalLM(AprielHybridPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, seq_idx=None, labels=None,
                 past_key_values=None, inputs_embeds=None, use_cache=None, slot_idx=None, logits_to_keep: int = 0,
-                static_kv: bool = False, decode_splits: int = 0, **kwargs) -> CausalLMOutputWithPast:
+                static_kv: bool = False, decode_splits: int = 0, decode_kernel: str = "sdpa",
+                **kwargs) -> CausalLMOutputWithPast:
         """input_ids: (b, L) int64; attention_mask: (b, L) or (b, past + L) 0/1 (left padding);
         position_ids: (b, L); seq_idx: (b, L) int32 packed-document ids (non-decreasing per row, cache-free
         forward only); labels: (b, L) with -100 = ignored (shifted inside: token t predicts t+1);
         past_key_values: a HybridCache (rows use slots slot_idx (b,), default 0..b-1); logits_to_keep: k > 0
         computes logits for the last k positions only; static_kv: attend over the whole cache capacity with no
-        host synchronisation (CUDA-graph capture); decode_splits: split-K decode attention. Returns CausalLMOutputWithPast (logits (b, L|k, V))."""
+        host synchronisation (CUDA-graph capture); decode_splits: split-K decode attention; decode_kernel: "sdpa"
+        (torch SDPA) or "fused" (apriel_kernels.decode_attention) for one-token decode over the cache. Returns CausalLMOutputWithPast (logits (b, L|k, V))."""
         cache = past_key_values if isinstance(past_key_values, HybridCache) else None
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             seq_idx=seq_idx, inputs_embeds=inputs_embeds, past_key_values=cache, slot_idx=slot_idx,
-                            static_kv=static_kv, decode_splits=decode_splits)
+                            static_kv=static_kv, decode_splits=decode_splits, decode_kernel=decode_kernel)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)

@@ -109,7 +109,8 @@ def _time_decode(model, args, batch: int, max_seqlen: int, graphs: bool, device:
     """Engine with `batch` slots filled to args.context, captured, warmed up, then args.steps timed steps."""
     from apriel_model.engine import Engine
 
-    engine = Engine(model, max_batch=batch, max_seqlen=max_seqlen, cuda_graphs=graphs, decode_splits=args.decode_splits)
+    engine = Engine(model, max_batch=batch, max_seqlen=max_seqlen, cuda_graphs=graphs, decode_splits=args.decode_splits,
+                    decode_attention=args.decode_attn)
     gen = torch.Generator(device=device).manual_seed(0)
     fill_cache(engine.cache, batch, args.context, gen)
     note = ""
@@ -158,7 +159,7 @@ def measure_layout(args, layout: str, device: torch.device) -> dict:
     slot_bytes = n_attn * kv_token * max_seqlen + state_bytes + max_seqlen  # + key_valid
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        batch = int((free - MARGIN_BYTES) // slot_bytes)
+        batch = int((free - args.margin_gb * GiB) // slot_bytes)
     else:
         free, total = 0, 0
         batch = 4
@@ -199,6 +200,7 @@ def measure_layout(args, layout: str, device: torch.device) -> dict:
         "floor_ms": floor_ms, "pct_of_floor": 100.0 * floor_ms / stats["p50"],
         "gb_per_s": bytes_step / (stats["p50"] * 1e-3) / 1e9,
         "cuda_graph": bool(engine.use_graphs), "steps": args.steps,
+        "decode_attention": engine.decode_kernel, "margin_gb": args.margin_gb,
         "decode_splits": engine.splits_for(batch), "mixer_step_kernel": _has_kernel("mixer_step"), "engine_notes": "; ".join(engine.notes),
         "mem_total_gb": total / 1e9, "mem_peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0,
         "setup_s": time.time() - t0, "profile_top_kernels": profile, "note": note or ("logits not finite" if not ok else ""),
@@ -233,6 +235,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--decode-splits", default="auto", help="split-K decode attention: auto or an int (0 = off)")
+    p.add_argument("--decode-attn", default="auto", choices=("auto", "fused", "sdpa"),
+                   help="decode attention: apriel_kernels' fused split-K kernel or torch SDPA (auto: fused on CUDA)")
+    p.add_argument("--margin-gb", type=float, default=MARGIN_BYTES / GiB,
+                   help="GiB kept free next to weights + caches when picking the batch (activations, graph pool)")
     p.add_argument("--quick", action="store_true", help="10 layers, 4k context, 8 steps")
     p.add_argument("--profile", action="store_true", help="add the top kernels of one eager step to each row")
     args = p.parse_args(argv)
