@@ -136,24 +136,18 @@ def available() -> bool:
     return triton is not None
 
 
-def pick_splits(rows: int, lk: int, sms: int, resident_per_sm: int = 2, min_chunk: int = 256) -> int:
-    """Key chunks per (sequence, kv head): the power of two whose grid best fills whole waves.
+def pick_splits(rows: int, lk: int, sms: int, programs_per_sm: int = 8, min_chunk: int = 256) -> int:
+    """Key chunks per (sequence, kv head): the smallest power of two giving >= programs_per_sm programs per
+    SM (so the last partial wave is a small share of the work), with chunks of >= min_chunk keys.
 
-    A wave is sms * resident_per_sm programs (two fit per SM at the default tile: ~96 KB of pipelined K/V
-    tiles each). Among 1, 2, 4, ... up to chunks of min_chunk keys, pick the largest wave fill
-    w / ceil(w) (w = waves of programs), ties to the smaller split (fewer partials to merge); a grid under
-    one wave is never preferred to a fuller one. Measured table: docs/model.md (decode attention)."""
-    best, best_fill = 1, -1.0
+    Measured on the H100 (apriel-15b heads, 16k keys, bf16; bench/results/s3/decode_attn_h100.json): the
+    best split gives 8-18 programs per SM at batch 15 / 36 / 71 (s = 16 / 4 / 2: 338 / 774 / 1511 us,
+    98-105 % of the copy ceiling); one split at batch 15 (120 programs) runs at 79 %, and 32 splits lose
+    2-4 % to the merge and per-program prologues."""
     s = 1
-    while True:
-        waves = rows * s / (sms * resident_per_sm)
-        fill = waves / math.ceil(waves)
-        if fill > best_fill + 1e-9:
-            best, best_fill = s, fill
-        if lk // (2 * s) < min_chunk or s >= 256:
-            break
+    while rows * s < programs_per_sm * sms and lk // (2 * s) >= min_chunk:
         s *= 2
-    return best
+    return s
 
 
 def partials(q, keys, values, valid_u8, kv_stop, slots, scale: float, splits: int, block_n: int = 64,

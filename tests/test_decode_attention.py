@@ -100,13 +100,12 @@ def test_opcheck_and_compile_on_cpu():
                                                                                       kv_stop, slots))
 
 
-def test_pick_splits_fills_waves():
-    # 36 x 8 = 288 programs on 132 SMs x 2: one split is 1.09 waves (55 % fill); the pick must fill better
-    s = td.pick_splits(288, 16384, 132)
-    waves = 288 * s / 264
-    assert waves / -(-waves // 1) > 0.9 and 16384 // s >= 256
+def test_pick_splits_gives_enough_programs():
+    # the engine's batches at 16k context on 132 SMs: 15 / 36 / 71 sequences x 8 kv heads
+    assert [td.pick_splits(b * 8, 16384, 132) for b in (15, 36, 71)] == [16, 4, 2]
     assert td.pick_splits(4, 300, 132) == 1  # chunks never below 256 keys
-    assert td.pick_splits(1, 1 << 20, 132) >= 64  # one sequence: many chunks
+    assert td.pick_splits(1, 1 << 20, 132) == 2048  # one sequence, 1M keys: 8 programs per SM
+    assert td.pick_splits(4096, 16384, 132) == 1
 
 
 _INTERPRETER_SCRIPT = r"""
