@@ -11,9 +11,14 @@ floor, which it cannot reach: it needs >= 2 exp2 per element). Providers: "aprie
 "apriel-graph" the same call replayed from a CUDA graph (no host overhead: the kernel's own time);
 "apriel-v4k4" / "apriel-v4k8" / "apriel-v3" force a forward version (APRIEL_SCAN_FWD), "apriel-bcf32" makes
 v4 read fp32 copies of B / C instead of the raw 16-bit tile (APRIEL_SCAN_BC=f32), for comparison.
+fwd+bwd and bwd rows: "apriel" (default: backward v4), "apriel[bwd=v3]" (the previous backward,
+APRIEL_SCAN_BWD=v3, forward unchanged) and "apriel-v3" (both previous kernels).
+APRIEL_BENCH_SCAN_PHASES=bwd (or fwd) restricts the run to the fwd+bwd / bwd rows (or the fwd rows): one
+device call can then A/B the backward versions in ~30 s.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -70,7 +75,10 @@ def run(quick: bool = False) -> list[dict]:
     if not (torch.cuda.is_available() and has_kernel("mixer_scan_fwd")):
         return [R.unavailable("kernels", "mixer_scan_fwd", "apriel", "needs CUDA and the built scan kernels")]
     out = []
+    phases = os.environ.get("APRIEL_BENCH_SCAN_PHASES", "fwd,bwd").split(",")
     fwd_shapes = [(1, 2048), (1, 8192), (1, 32768), (8, 4096)] if not quick else [(1, 2048), (1, 8192)]
+    if "fwd" not in phases:
+        fwd_shapes = []
     for batch, seqlen in fwd_shapes:
         args = _inputs(batch, seqlen)
         variants = (("apriel", None, None), ("apriel-graph", None, None), ("apriel-v4k4", "v4k4", None),
@@ -83,7 +91,7 @@ def run(quick: bool = False) -> list[dict]:
                 out.append(_row("fwd", provider, batch, seqlen, stats))
             except Exception as e:  # noqa: BLE001 - a failing shape is a row, not a crash
                 out.append(R.error_row("kernels", "mixer_scan_fwd", provider, e, shape=f"b{batch} L{seqlen}"))
-    for batch, seqlen in ([(1, 8192), (8, 4096)] if not quick else [(1, 8192)]):
+    for batch, seqlen in ([(1, 8192), (8, 4096)] if not quick else [(1, 8192)]) if "bwd" in phases else ():
         args = _inputs(batch, seqlen, requires_grad=True)
         dy = torch.randn(batch, seqlen, D, device="cuda", dtype=torch.bfloat16)
         leaves = list(args.values())
@@ -92,8 +100,8 @@ def run(quick: bool = False) -> list[dict]:
             y = mixer_scan(**args, **kw)
             return torch.autograd.grad(y, leaves, dy)
 
-        for provider, version in (("apriel", None), ("apriel-v3", "v3")):
-            with env_override("APRIEL_SCAN_FWD", version):
+        for provider, version, bwd in (("apriel", None, None), ("apriel[bwd=v3]", None, "v3"), ("apriel-v3", "v3", "v3")):
+            with env_override("APRIEL_SCAN_FWD", version), env_override("APRIEL_SCAN_BWD", bwd):
                 try:
                     stats = time_ms(step, rep_ms=300)
                     torch.cuda.synchronize()
@@ -120,12 +128,12 @@ def run(quick: bool = False) -> list[dict]:
 def _format(r: dict) -> str:
     met = "yes" if r.get("meets_bar") else ("no" if "bar_ms" in r else "  ")
     peak = f"peak {r['peak_extra_mem_mb']:.0f} MB" if "peak_extra_mem_mb" in r else ""
-    return (f"{r['phase']:8} {r['provider']:10} {r['shape']:12} {r['p50_ms']:9.4f} {r['floor_ms']:7.4f} "
+    return (f"{r['phase']:8} {r['provider']:14} {r['shape']:12} {r['p50_ms']:9.4f} {r['floor_ms']:7.4f} "
             f"{r['p50_ms'] / r['floor_ms']:7.2f} {r.get('bar_ms', ''):>6} {met} {peak}")
 
 
 def main(argv=None) -> int:
-    header = f"{'phase':8} {'provider':10} {'shape':12} {'p50 ms':>9} {'floor':>7} {'x floor':>7} {'bar':>6} ok  extra"
+    header = f"{'phase':8} {'provider':14} {'shape':12} {'p50 ms':>9} {'floor':>7} {'x floor':>7} {'bar':>6} ok  extra"
     return R.suite_main(__doc__.splitlines()[0], run, _format, header, argv)
 
 

@@ -160,10 +160,22 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st, int64_t K) {
   else launch_mixer_scan_fwd<float, 16>(p, stream);
 }
 
-// The backward: K = 16 lanes per channel (1 state per thread); the K = 8 and occupancy variants of session 1
-// measured slower and were dropped.
+// Backward version: v4 (mixer_scan_bwd4.cuh: K = 8 lanes per channel, cp.async tiles, adjoint in registers)
+// by default; APRIEL_SCAN_BWD=v3 selects the session-1 kernel (K = 16 lanes, 1 state per thread) for A/B.
+// Read at each call, like APRIEL_SCAN_FWD. Both produce the same outputs in the same partial layouts.
+bool bwd_v3() {
+  const char* env = std::getenv("APRIEL_SCAN_BWD");
+  return env != nullptr && std::string(env) == "v3";
+}
+
 void launch_bwd(const MixerScanParams& p, at::ScalarType st) {
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (!bwd_v3()) {
+    if (st == at::kBFloat16) launch_mixer_scan_bwd4<__nv_bfloat16>(p, stream);
+    else if (st == at::kHalf) launch_mixer_scan_bwd4<__half>(p, stream);
+    else launch_mixer_scan_bwd4<float>(p, stream);
+    return;
+  }
   if (st == at::kBFloat16) launch_mixer_scan_bwd<__nv_bfloat16, 16>(p, stream);
   else if (st == at::kHalf) launch_mixer_scan_bwd<__half, 16>(p, stream);
   else launch_mixer_scan_bwd<float, 16>(p, stream);
@@ -243,6 +255,7 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   Tensor dfs = dfinal_ssm && dfinal_ssm->numel() ? f32c(*dfinal_ssm) : Tensor();
   if (d.L > 0 && d.b > 0) {
     p.dy = dy_c.data_ptr();
+    p.dy_vec16 = reinterpret_cast<uintptr_t>(p.dy) % 16 == 0 && (d.D * dy_c.element_size()) % 16 == 0;
     p.dfinal_ssm = dfs.defined() ? dfs.data_ptr<float>() : nullptr;
     p.ckpt_in = ckpt.data_ptr<float>();
     p.dzxbc = dzxbc.data_ptr(); p.dx_part = dx_part.data_ptr<float>(); p.dB_part = dB_part.data_ptr<float>();

@@ -36,6 +36,7 @@ struct MixerScanParams {
   // 16-byte copies are legal: base pointers 16-byte aligned and every row/batch stride a multiple of 16 bytes
   // (dt_vec16 also needs dt_rank * sizeof(T) % 16 == 0).
   bool zxbc_vec16, dt_vec16;
+  bool dy_vec16;  // backward v4: dy (b, L, D) 16-byte aligned with d_inner * sizeof(T) % 16 == 0 (cp.async rows)
   bool raw_bc;  // forward v4, 16-bit activations: scan reads B / C from the raw tile (APRIEL_SCAN_BC=f32: fp32 copies)
 
   const float* init_ssm;   // (b, D, 16) or nullptr
@@ -70,5 +71,7 @@ template <typename T, int K>
 void launch_mixer_scan_fwd4(const MixerScanParams& p, void* stream);
 template <typename T, int K>
 void launch_mixer_scan_bwd(const MixerScanParams& p, void* stream);
+template <typename T>
+void launch_mixer_scan_bwd4(const MixerScanParams& p, void* stream);
 
 }  // namespace apriel
