@@ -1,4 +1,7 @@
-"""Decode attention over a KV cache: one query token per sequence, GQA without repeating K/V.
+"""Decode attention through torch SDPA: one query token per sequence, GQA without repeating K/V.
+
+The engine's GPU default is apriel_kernels.decode_attention (a split-K Triton kernel, faster at every
+measured batch, see docs/model.md); this module is the SDPA path (CPU, and decode_attention="sdpa").
 
     decode_attention(q (b, kv, g, d), keys (b, kv, Lk, d), values (b, kv, Lk, d), valid (b, Lk) bool,
                      scale, splits=0) -> (b, kv, g, d)
