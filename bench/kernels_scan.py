@@ -11,8 +11,9 @@ floor, which it cannot reach: it needs >= 2 exp2 per element). Providers: "aprie
 "apriel-graph" the same call replayed from a CUDA graph (no host overhead: the kernel's own time);
 "apriel-v4k4" / "apriel-v4k8" / "apriel-v3" force a forward version (APRIEL_SCAN_FWD), "apriel-bcf32" makes
 v4 read fp32 copies of B / C instead of the raw 16-bit tile (APRIEL_SCAN_BC=f32), for comparison.
-fwd+bwd and bwd rows: "apriel" (default: backward v4), "apriel[bwd=v3]" (the previous backward,
-APRIEL_SCAN_BWD=v3, forward unchanged) and "apriel-v3" (both previous kernels).
+fwd+bwd and bwd rows: "apriel" (default: backward v4), "apriel[bwd-bc=raw]" (v4 reading B / C from the raw
+16-bit tile, APRIEL_SCAN_BWD_BC=raw), "apriel[bwd=v3]" (the previous backward, APRIEL_SCAN_BWD=v3, forward
+unchanged) and "apriel-v3" (both previous kernels).
 APRIEL_BENCH_SCAN_PHASES=bwd (or fwd) restricts the run to the fwd+bwd / bwd rows (or the fwd rows): one
 device call can then A/B the backward versions in ~30 s.
 """
@@ -100,8 +101,10 @@ def run(quick: bool = False) -> list[dict]:
             y = mixer_scan(**args, **kw)
             return torch.autograd.grad(y, leaves, dy)
 
-        for provider, version, bwd in (("apriel", None, None), ("apriel[bwd=v3]", None, "v3"), ("apriel-v3", "v3", "v3")):
-            with env_override("APRIEL_SCAN_FWD", version), env_override("APRIEL_SCAN_BWD", bwd):
+        for provider, version, bwd, bc in (("apriel", None, None, None), ("apriel[bwd-bc=raw]", None, None, "raw"),
+                                           ("apriel[bwd=v3]", None, "v3", None), ("apriel-v3", "v3", "v3", None)):
+            with env_override("APRIEL_SCAN_FWD", version), env_override("APRIEL_SCAN_BWD", bwd), \
+                    env_override("APRIEL_SCAN_BWD_BC", bc):
                 try:
                     stats = time_ms(step, rep_ms=300)
                     torch.cuda.synchronize()
@@ -128,12 +131,12 @@ def run(quick: bool = False) -> list[dict]:
 def _format(r: dict) -> str:
     met = "yes" if r.get("meets_bar") else ("no" if "bar_ms" in r else "  ")
     peak = f"peak {r['peak_extra_mem_mb']:.0f} MB" if "peak_extra_mem_mb" in r else ""
-    return (f"{r['phase']:8} {r['provider']:14} {r['shape']:12} {r['p50_ms']:9.4f} {r['floor_ms']:7.4f} "
+    return (f"{r['phase']:8} {r['provider']:18} {r['shape']:12} {r['p50_ms']:9.4f} {r['floor_ms']:7.4f} "
             f"{r['p50_ms'] / r['floor_ms']:7.2f} {r.get('bar_ms', ''):>6} {met} {peak}")
 
 
 def main(argv=None) -> int:
-    header = f"{'phase':8} {'provider':14} {'shape':12} {'p50 ms':>9} {'floor':>7} {'x floor':>7} {'bar':>6} ok  extra"
+    header = f"{'phase':8} {'provider':18} {'shape':12} {'p50 ms':>9} {'floor':>7} {'x floor':>7} {'bar':>6} ok  extra"
     return R.suite_main(__doc__.splitlines()[0], run, _format, header, argv)
 
 

@@ -412,6 +412,17 @@ def test_gradient_parity_backward_shapes(case, dtype, bwd_version):
     _check_grads(args, kw, seq, dtype)
 
 
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_gradient_parity_bwd4_raw_bc(dtype, monkeypatch):
+    """v4's A/B variant that reads B / C from the raw tile (APRIEL_SCAN_BWD_BC=raw) instead of fp32 copies."""
+    monkeypatch.setenv("APRIEL_SCAN_BWD", "v4")
+    monkeypatch.setenv("APRIEL_SCAN_BWD_BC", "raw")
+    test_gradient_parity_backward_shapes(GRAD_VARIANT_CASES[2], dtype, "v4")
+    test_gradient_parity((3, 65, 256, 64, True, "init_D"), dtype, "v4")
+
+
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / (b.double().norm() + 1e-30)).item()
 

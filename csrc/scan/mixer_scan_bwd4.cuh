@@ -76,6 +76,7 @@ struct SmemB4 {
   alignas(16) float cw[kN][4];             // right-aligned conv taps per channel
   alignas(16) float2 cbd[kN];              // (conv bias, 2 b_dt) per channel
   alignas(16) unsigned wfrag[sizeof(T) == 2 ? 32 : 1][8];  // mma B fragments of W^T per lane (16-bit only)
+  alignas(16) float BCf[kChunk][2 * kN];   // kBCf: per token, per lane j: (B[2j], B[2j+1], C[2j], C[2j+1]) fp32
   alignas(16) float4 e4[kChunk][kN];       // (delta, delta u, decay offset 0 / -inf, dys = dy silu(z))
   alignas(16) float4 pe[kChunk][kN];       // (u, conv pre-activation, softplus input, dz / y = dy silu'(z));
                                            // the epilogue overwrites (.x, .y) of its own item with (dz, ddt_pre)
@@ -217,7 +218,9 @@ __device__ __forceinline__ void stage_bwd(const MixerScanParams& p, RawB4<T>& r,
   }
 }
 
-template <typename T>
+// kBCf: B / C converted once per tile to fp32 (one 16-byte load per token gives a lane its 2 B and 2 C values:
+// no unpacking in the two 32-token loops); else read from the raw tile (APRIEL_SCAN_BWD_BC=raw, for A/B).
+template <typename T, bool kBCf>
 __global__ void __launch_bounds__(kNT, 2) mixer_scan_bwd4_kernel(MixerScanParams p) {
   constexpr int K = kK, NT = kNT, NS = kNS, TPT = kTPT;
   constexpr bool kMma = sizeof(T) == 2;
@@ -312,6 +315,25 @@ __global__ void __launch_bounds__(kNT, 2) mixer_scan_bwd4_kernel(MixerScanParams
         }
         sm.xf[row][ch] = v;
       }
+      if constexpr (kBCf) {
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {  // 256 quads (B, C) x 32 tokens x 4 states; quad q = states 4q .. 4q + 3
+          const int idx = tid + k * NT, which = idx / (kChunk * 4), t = (idx / 4) % kChunk, q = idx % 4;
+          const T* src = which == 0 ? &r.f.B[t][4 * q] : &r.f.C[t][4 * q];
+          float v[4];
+          if constexpr (sizeof(T) == 2) {
+            const uint2 w = *reinterpret_cast<const uint2*>(src);
+            const float2 lo = scan4::unpack2<T>(w.x), hi = scan4::unpack2<T>(w.y);
+            v[0] = lo.x; v[1] = lo.y; v[2] = hi.x; v[3] = hi.y;
+          } else {
+            const float4 w = *reinterpret_cast<const float4*>(src);
+            v[0] = w.x; v[1] = w.y; v[2] = w.z; v[3] = w.w;
+          }
+          // states 4q, 4q+1 -> lane 2q; 4q+2, 4q+3 -> lane 2q+1; B at +0, C at +2
+          *reinterpret_cast<float2*>(&sm.BCf[t][(2 * q) * 4 + 2 * which]) = make_float2(v[0], v[1]);
+          *reinterpret_cast<float2*>(&sm.BCf[t][(2 * q + 1) * 4 + 2 * which]) = make_float2(v[2], v[3]);
+        }
+      }
       if (tid < kChunk) sm.seqf[par][3 + tid] = has_seq ? r.f.seq[tid] : 0;
       else if (tid < kChunk + 3) sm.seqf[par][tid - kChunk] = !has_seq ? 0 : t0 > 0 ? r.seqh[tid - kChunk] : r.f.seq[0];
       if constexpr (kMma) {
@@ -398,8 +420,14 @@ __global__ void __launch_bounds__(kNT, 2) mixer_scan_bwd4_kernel(MixerScanParams
         for (int tt = 0; tt < kH; ++tt) {
           const int t = hf * kH + tt;
           const float4 e = sm.e4[t][sch];
-          const float2 Bv = ld_pair<T>(&r.f.B[t][0], j), Cv = ld_pair<T>(&r.f.C[t][0], j);
-          const float Bs[2] = {Bv.x, Bv.y}, Cs[2] = {Cv.x, Cv.y};
+          float Bs[2], Cs[2];
+          if constexpr (kBCf) {
+            const float4 bc = *reinterpret_cast<const float4*>(&sm.BCf[t][4 * j]);
+            Bs[0] = bc.x; Bs[1] = bc.y; Cs[0] = bc.z; Cs[1] = bc.w;
+          } else {
+            const float2 Bv = ld_pair<T>(&r.f.B[t][0], j), Cv = ld_pair<T>(&r.f.C[t][0], j);
+            Bs[0] = Bv.x; Bs[1] = Bv.y; Cs[0] = Cv.x; Cs[1] = Cv.y;
+          }
           float part = 0.f;
 #pragma unroll
           for (int s = 0; s < NS; ++s) {
@@ -422,11 +450,16 @@ __global__ void __launch_bounds__(kNT, 2) mixer_scan_bwd4_kernel(MixerScanParams
     constexpr int kPF = APRIEL_SCAN_BWD4_PF, kWB = sizeof(T) == 2 ? 1 : 2;
     float psum[kParts][kQ], usum[kParts][kQ];
     float4 eq[kPF + 1];
-    unsigned bq[kPF + 1][kWB], cq[kPF + 1][kWB];
+    unsigned bq[kPF + 1][kBCf ? 1 : kWB], cq[kPF + 1][kBCf ? 1 : kWB];
+    float4 bcq[kBCf ? kPF + 1 : 1];
     auto load_tok = [&](int t, int slot) {
       eq[slot] = lds_v4(&sm.e4[t][sch]);
-      lds_words<kWB>(&r.f.B[t][j * NS], bq[slot]);
-      lds_words<kWB>(&r.f.C[t][j * NS], cq[slot]);
+      if constexpr (kBCf) {
+        bcq[slot] = lds_v4(reinterpret_cast<const float4*>(&sm.BCf[t][4 * j]));
+      } else {
+        lds_words<kWB>(&r.f.B[t][j * NS], bq[slot]);
+        lds_words<kWB>(&r.f.C[t][j * NS], cq[slot]);
+      }
     };
 #pragma unroll
     for (int t = kChunk - 1; t >= kChunk - kPF; --t) load_tok(t, t % (kPF + 1));
@@ -436,8 +469,13 @@ __global__ void __launch_bounds__(kNT, 2) mixer_scan_bwd4_kernel(MixerScanParams
       if (t - kPF >= 0) load_tok(t - kPF, (t - kPF) % (kPF + 1));
       const int slot = t % (kPF + 1), tt = t % kH;
       const float4 e = eq[slot];
-      const float2 Bv = words_pair<T>(bq[slot]), Cv = words_pair<T>(cq[slot]);
-      const float Bs[2] = {Bv.x, Bv.y}, Cs[2] = {Cv.x, Cv.y};
+      float Bs[2], Cs[2];
+      if constexpr (kBCf) {
+        Bs[0] = bcq[slot].x; Bs[1] = bcq[slot].y; Cs[0] = bcq[slot].z; Cs[1] = bcq[slot].w;
+      } else {
+        const float2 Bv = words_pair<T>(bq[slot]), Cv = words_pair<T>(cq[slot]);
+        Bs[0] = Bv.x; Bs[1] = Bv.y; Cs[0] = Cv.x; Cs[1] = Cv.y;
+      }
       float pp = 0.f, pu = 0.f, rb[NS], rc[NS];
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
@@ -579,10 +617,10 @@ __global__ void __launch_bounds__(kNT, 2) mixer_scan_bwd4_kernel(MixerScanParams
   }
 }
 
-template <typename T>
+template <typename T, bool kBCf>
 void launch(const MixerScanParams& p, void* stream) {
   constexpr int smem = sizeof(SmemB4<T>);
-  auto kernel = mixer_scan_bwd4_kernel<T>;
+  auto kernel = mixer_scan_bwd4_kernel<T, kBCf>;
   static bool configured = false;  // per instantiation; a race here only repeats an idempotent call
   if (!configured) {
     APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -599,7 +637,8 @@ void launch(const MixerScanParams& p, void* stream) {
 
 template <typename T>
 void launch_mixer_scan_bwd4(const MixerScanParams& p, void* stream) {
-  scan4b::launch<T>(p, stream);
+  if (p.bwd_raw_bc) scan4b::launch<T, false>(p, stream);
+  else scan4b::launch<T, true>(p, stream);
 }
 
 }  // namespace apriel

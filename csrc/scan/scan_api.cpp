@@ -256,6 +256,10 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   if (d.L > 0 && d.b > 0) {
     p.dy = dy_c.data_ptr();
     p.dy_vec16 = reinterpret_cast<uintptr_t>(p.dy) % 16 == 0 && (d.D * dy_c.element_size()) % 16 == 0;
+    {
+      const char* bc = std::getenv("APRIEL_SCAN_BWD_BC");
+      p.bwd_raw_bc = bc != nullptr && std::string(bc) == "raw";
+    }
     p.dfinal_ssm = dfs.defined() ? dfs.data_ptr<float>() : nullptr;
     p.ckpt_in = ckpt.data_ptr<float>();
     p.dzxbc = dzxbc.data_ptr(); p.dx_part = dx_part.data_ptr<float>(); p.dB_part = dB_part.data_ptr<float>();
