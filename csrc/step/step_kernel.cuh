@@ -27,6 +27,7 @@
 #include <cstdint>
 
 #include "cuda_check.h"
+#include "scan_math.cuh"  // apriel::ex2 / rcp_ftz: MUFU forms with .ftz spelled out
 #include "step_params.h"
 
 namespace apriel {
@@ -35,6 +36,7 @@ namespace step {
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f(double v) { return static_cast<float>(v); }
 
 template <typename T>
 __device__ __forceinline__ T from_f(float v);
@@ -148,13 +150,56 @@ __device__ __forceinline__ float ssm_update(float h[16], const float* A2s, int s
   float yp = 0.f;
 #pragma unroll
   for (int n = 0; n < 16; ++n) {
-    h[n] = exp2f(delta * A2s[n * stride]) * h[n] + du * get_b(n);
+    // ex2.approx.ftz: the same MUFU op exp2f uses, without the denormal pre/post-scaling exp2f wraps around
+    // it (3 instructions per state; a flushed denormal factor only drops a < 2^-126 relative contribution).
+    h[n] = ::apriel::ex2(delta * A2s[n * stride]) * h[n] + du * get_b(n);
     yp += get_c(n) * h[n];
   }
   return yp;
 }
 
-__device__ __forceinline__ float silu_f(float v) { return v / (1.f + __expf(-v)); }
+// silu(v) = v sigmoid(v) with the MUFU ex2 and rcp (5 instructions; the IEEE division and the non-ftz __expf
+// cost ~15 with a slow-path branch). Relative error a few fp32 ulp: far inside the tests' tolerance
+// (2 |torch fp32 - ref64| + 2^-20 of the scale, fp32 outputs); v -> -inf gives -0, like the reference's 0.
+__device__ __forceinline__ float silu_f(float v) { return v * ::apriel::rcp_ftz(1.f + ::apriel::ex2(-::apriel::kLog2e * v)); }
+
+// The last 4 entries (positions S-4 .. S-1, right-aligned; positions < 0 read as 0) of one conv-cache row,
+// element offset `off`, position stride `ps`: one warp-uniform dtype branch per row (conv_tail_load) instead
+// of one per element (load_any), and one 64-bit row offset instead of four.
+template <typename T>
+__device__ __forceinline__ void conv_tail_load_t(const void* base, int64_t off, int64_t ps, int S, float (&out)[4]) {
+  const T* row = static_cast<const T*>(base) + off;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int pos = S - 4 + k;
+    out[k] = pos >= 0 ? to_f(row[pos * ps]) : 0.f;
+  }
+}
+__device__ __forceinline__ void conv_tail_load(const MixerStepParams& p, int64_t off, float (&out)[4]) {
+  switch (p.conv_state_dtype) {
+    case kBFloat16: conv_tail_load_t<__nv_bfloat16>(p.conv_state, off, p.conv_pos_stride, p.conv_state_len, out); break;
+    case kFloat16: conv_tail_load_t<__half>(p.conv_state, off, p.conv_pos_stride, p.conv_state_len, out); break;
+    case kFloat32: conv_tail_load_t<float>(p.conv_state, off, p.conv_pos_stride, p.conv_state_len, out); break;
+    default: conv_tail_load_t<double>(p.conv_state, off, p.conv_pos_stride, p.conv_state_len, out); break;
+  }
+}
+// The whole row when S <= 4 (16/32-bit caches; an fp64 cache takes the bit-copy path): v[4 - S + s] -> entry s.
+template <typename T>
+__device__ __forceinline__ void conv_tail_store_t(void* base, int64_t off, int64_t ps, int S, const float (&v)[4]) {
+  T* row = static_cast<T*>(base) + off;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int pos = S - 4 + k;
+    if (pos >= 0) row[pos * ps] = from_f<T>(v[k]);
+  }
+}
+__device__ __forceinline__ void conv_tail_store(const MixerStepParams& p, int64_t off, const float (&v)[4]) {
+  switch (p.conv_state_dtype) {
+    case kBFloat16: conv_tail_store_t<__nv_bfloat16>(p.conv_state, off, p.conv_pos_stride, p.conv_state_len, v); break;
+    case kFloat16: conv_tail_store_t<__half>(p.conv_state, off, p.conv_pos_stride, p.conv_state_len, v); break;
+    default: conv_tail_store_t<float>(p.conv_state, off, p.conv_pos_stride, p.conv_state_len, v); break;
+  }
+}
 
 constexpr int kRegRanks = 16;       // dt_proj ranks staged in shared memory (Apriel-H1: R = 16); more are re-read
 constexpr int kMaxHalo = 3;         // W <= 4

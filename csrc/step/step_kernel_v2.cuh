@@ -227,19 +227,20 @@ __global__ void __launch_bounds__(128, (MinBlocks<kSeq, kMulti>::value)) mixer_s
 #pragma unroll
       for (int n = 0; n < kDState; ++n) h[s][n] = 0.f;
     }
-    const int64_t base = slot[s] * p.conv_slot_stride + own_row * p.conv_channel_stride;
+    if (writer && live[s] && slot[s] >= 0) {
+      conv_tail_load(p, slot[s] * p.conv_slot_stride + own_row * p.conv_channel_stride, crow[s]);
+    } else {
 #pragma unroll
-    for (int k = 0; k < kWin; ++k) {
-      const int pos = S - kWin + k;
-      crow[s][k] = writer && live[s] && slot[s] >= 0 && pos >= 0
-                       ? load_any(p.conv_state, p.conv_state_dtype, base + pos * p.conv_pos_stride)
-                       : 0.f;
+      for (int k = 0; k < kWin; ++k) crow[s][k] = 0.f;
     }
   }
 
   // ---- arithmetic on the parameters (their loads have long been issued)
 #pragma unroll
-  for (int n = 0; n < kDState; ++n) A2[n] = -expf(A2[n]) * kLog2e;
+  // MUFU ex2 instead of the precise expf (2 instructions instead of ~9, 16 per thread and row here): A's
+  // relative error grows to a few ulp, i.e. exp(delta A) moves by |delta A| x ~4e-7 relative, which is
+  // largest (~1.5e-7) where |delta A| ~ 1: below one fp32 ulp of the state's scale.
+  for (int n = 0; n < kDState; ++n) A2[n] = -::apriel::ex2(A2[n] * kLog2e) * kLog2e;
   if (dtw_packed) {  // descending k: word k/2 <= k is read before dtw[k] overwrites it
     const bool bf16 = p.dt_proj_weight_dtype == kBFloat16;
 #pragma unroll
@@ -291,11 +292,7 @@ __global__ void __launch_bounds__(128, (MinBlocks<kSeq, kMulti>::value)) mixer_s
     const int64_t base = slot[s] * p.conv_slot_stride + own_row * p.conv_channel_stride;
     if (S <= kWin && p.conv_state_dtype != kFloat64) {
       // The register window holds the last 4 entries of the concatenation: the whole new row.
-#pragma unroll
-      for (int k = 0; k < kWin; ++k) {
-        const int sp = S - kWin + k;
-        if (sp >= 0) store_any(p.conv_state, p.conv_state_dtype, base + sp * p.conv_pos_stride, crow[s][k]);
-      }
+      conv_tail_store(p, base, crow[s]);
     } else {
       // Long rows or an fp64 cache: ascending bit copies (entry sp reads sp + q > sp before anything at
       // or above it is written; only this thread touches the row), new inputs re-read.

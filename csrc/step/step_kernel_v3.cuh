@@ -19,14 +19,17 @@
 //     ahead; the slot indices of the warp's run sit one per lane (shuffled out);
 //   * shared-memory reads/writes of the state are bank-conflict free: lane l's 64 B (fp32) start at
 //     l * 64 B, so 8 lanes of a 16-byte access phase would hit 2 bank groups; each lane instead walks its
-//     four 16-byte units in a rotated order (unit u of the registers = unit (u + rot) % 4 of the channel,
-//     rot = (l >> 1) & 3; bf16 state: 2 units, rot = (l >> 2) & 1). A_log, B and C are read in the same
-//     rotated order, so the update is unchanged; only the order of the C readout sum differs per lane.
+//     four 16-byte units in a permuted order (unit u of the registers = unit u ^ rot of the channel,
+//     rot = (l >> 1) & 3; bf16 state: 2 units, rot = (l >> 2) & 1; an XOR rather than a rotation: one LOP3
+//     per address). A_log, B and C are read in the same order, so the update is unchanged; only the order
+//     of the C readout sum differs per lane.
 //   * warps are independent (no __syncthreads): a block is 1 or 4 channel warps sharing a sequence run.
 // The host picks sequences per warp so that all warps are resident at once (no tail wave):
 // spw = ceil(channel warps x batch / resident warps), APRIEL_STEP_V3_SEQ overrides (1..32).
 // PDL (APRIEL_STEP_PDL=1) as in v2: parameters are read before griddepcontrol.wait.
 #pragma once
+#include <type_traits>
+
 #include "step_kernel_v2.cuh"  // v2 helpers: pdl_wait / pdl_launch_dependents; v1 helpers (StateIO, Packed16, ...)
 
 namespace apriel {
@@ -47,7 +50,8 @@ struct Layout {
   static constexpr int kUnits = kChannelBytes / 16;                             // 16-byte units per channel
   static constexpr int kUnitStates = 16 / kUnits;                               // states per unit
   static constexpr int kStageBytes = kWarp * kChannelBytes;                     // one warp's slice of a slot
-  static constexpr int kWarpSmem = kBarBytes + kStages * kStageBytes;
+  static constexpr int kABytes = kWarp * 64;  // the warp's -exp(A_log) log2(e) rows (fp32), read once per row
+  static constexpr int kWarpSmem = kBarBytes + kStages * kStageBytes + kABytes;
   __device__ __forceinline__ static int rot(int lane) { return kUnits == 4 ? (lane >> 1) & 3 : (lane >> 2) & 1; }
 };
 
@@ -94,7 +98,8 @@ __device__ __forceinline__ void bulk_wait_read_all_but_newest() { asm volatile("
 // before the grid does, as with CUTLASS's TMA-store epilogues, which also wait for .read only).
 __device__ __forceinline__ void bulk_wait_read_all() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
 
-// The thread's 16 states <-> its stage slot, unit u of the registers = unit (u + rot) % kUnits in memory.
+// The thread's 16 states <-> its stage slot, unit u of the registers = unit u ^ rot in memory (the slot is
+// 32/64-byte aligned, so the unit address is one LOP3 off the slot address).
 template <typename state_t>
 struct SmemState;
 
@@ -103,14 +108,14 @@ struct SmemState<float> {
   __device__ __forceinline__ static void load(const unsigned char* buf, int rot, float h[16]) {
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-      const float4 v = *reinterpret_cast<const float4*>(buf + ((u + rot) & 3) * 16);
+      const float4 v = *reinterpret_cast<const float4*>(buf + ((u ^ rot) * 16));
       h[4 * u] = v.x; h[4 * u + 1] = v.y; h[4 * u + 2] = v.z; h[4 * u + 3] = v.w;
     }
   }
   __device__ __forceinline__ static void store(unsigned char* buf, int rot, const float h[16]) {
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-      *reinterpret_cast<float4*>(buf + ((u + rot) & 3) * 16) = make_float4(h[4 * u], h[4 * u + 1], h[4 * u + 2], h[4 * u + 3]);
+      *reinterpret_cast<float4*>(buf + ((u ^ rot) * 16)) = make_float4(h[4 * u], h[4 * u + 1], h[4 * u + 2], h[4 * u + 3]);
     }
   }
 };
@@ -120,7 +125,7 @@ struct SmemState<__nv_bfloat16> {
   __device__ __forceinline__ static void load(const unsigned char* buf, int rot, float h[16]) {
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
-      const uint4 v = *reinterpret_cast<const uint4*>(buf + ((u + rot) & 1) * 16);
+      const uint4 v = *reinterpret_cast<const uint4*>(buf + ((u ^ rot) * 16));
       const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
       for (int k = 0; k < 4; ++k) {  // bf16 -> fp32 is a 16-bit shift
@@ -138,13 +143,13 @@ struct SmemState<__nv_bfloat16> {
         const __nv_bfloat162 v = __floats2bfloat162_rn(h[8 * u + 2 * k], h[8 * u + 2 * k + 1]);
         w[k] = *reinterpret_cast<const uint32_t*>(&v);
       }
-      *reinterpret_cast<uint4*>(buf + ((u + rot) & 1) * 16) = make_uint4(w[0], w[1], w[2], w[3]);
+      *reinterpret_cast<uint4*>(buf + ((u ^ rot) * 16)) = make_uint4(w[0], w[1], w[2], w[3]);
     }
   }
 };
 
 // 16 consecutive 16-bit activations (a B or C group) in the thread's rotated state order, kept raw
-// (8 registers); unit u holds elements ((u + rot) % kUnits) * E .. + E - 1.
+// (8 registers); unit u holds elements (u ^ rot) * E .. + E - 1.
 template <typename act_t, int kUnits>
 struct RotIn {
   static_assert(sizeof(act_t) == 2, "v3 runs 16-bit activations only");
@@ -154,7 +159,7 @@ struct RotIn {
   __device__ __forceinline__ void load_vec(const act_t* __restrict__ p, int rot) {
 #pragma unroll
     for (int u = 0; u < kUnits; ++u) {
-      const int pu = (u + rot) & (kUnits - 1);
+      const int pu = u ^ rot;
       if constexpr (kE == 4) {
         const uint2 v = __ldg(reinterpret_cast<const uint2*>(p + pu * kE));
         w[2 * u] = v.x; w[2 * u + 1] = v.y;
@@ -167,7 +172,7 @@ struct RotIn {
   __device__ __forceinline__ void load_elem(const act_t* __restrict__ p, int rot) {
 #pragma unroll
     for (int n = 0; n < 16; ++n) {
-      const int pu = (n / kE + rot) & (kUnits - 1);
+      const int pu = (n / kE) ^ rot;
       reinterpret_cast<act_t*>(w)[n] = p[pu * kE + n % kE];
     }
   }
@@ -220,9 +225,13 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
   unsigned char* wsm = smem_raw + threadIdx.y * L::kWarpSmem;
   uint64_t* bars = reinterpret_cast<uint64_t*>(wsm);
   unsigned char* stages = wsm + kBarBytes;
+  // This lane's A row in shared memory, in the fp32 state layout (conflict-free 16-byte units): keeping the
+  // 16 values in registers across the row loop pushed the kernel over its 128-register cap.
+  unsigned char* a_mine = stages + kStages * L::kStageBytes + lane * 64;
+  const int rot_a = Layout<float>::rot(lane);
 
   // ---- layer parameters, once per warp (as v2: raw loads, arithmetic after the state loads are issued).
-  // A_log in the thread's rotated state order (register unit u = unit (u + rot) % kUnits of the row),
+  // A_log in the thread's rotated state order (register unit u = unit u ^ rot of the row),
   // read straight from memory in that order (a register-side rotation becomes a local-memory array).
   float A2r[kDState];
   constexpr int kVecPerUnit = L::kUnitStates / 4;  // float4s of A_log per state unit
@@ -230,7 +239,7 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
     const float4* pa = reinterpret_cast<const float4*>(static_cast<const float*>(p.A_log) + c * p.A_log_stride0);
 #pragma unroll
     for (int u = 0; u < L::kUnits; ++u) {
-      const int pu = (u + rot) & (L::kUnits - 1);
+      const int pu = u ^ rot;
 #pragma unroll
       for (int v = 0; v < kVecPerUnit; ++v) {
         const float4 a = __ldg(pa + pu * kVecPerUnit + v);
@@ -241,7 +250,7 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
   } else {
 #pragma unroll
     for (int n = 0; n < kDState; ++n) {
-      const int pn = ((n / L::kUnitStates + rot) & (L::kUnits - 1)) * L::kUnitStates + n % L::kUnitStates;
+      const int pn = ((n / L::kUnitStates) ^ rot) * L::kUnitStates + n % L::kUnitStates;
       A2r[n] = valid ? load_any(p.A_log, p.A_log_dtype, c * p.A_log_stride0 + pn * p.A_log_stride1) : 0.f;
     }
   }
@@ -271,33 +280,40 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
 
   char* const ssm_base = static_cast<char*>(p.ssm_state);
   const int64_t slot_bytes = p.ssm_slot_stride * static_cast<int64_t>(sizeof(state_t));
-  // State of row k -> stage k % kStages (lane 0 only). A padding row just arrives, so every stage's
-  // phase advances once per row and the waiting parity is (k / kStages) & 1 for every k.
+  // Lane j < r copies chunk j (repeat j) of the warp's slice, in both directions, from 32-bit per-lane
+  // offsets computed once (the bulk-copy instruction takes uniform operands, so the compiler still issues
+  // the r copies one lane at a time, but without the lane-0 loop's per-chunk 64-bit address math).
+  const bool chunk_lane = lane < r;
+  const int chunk_smem = lane * w * L::kChannelBytes;                             // within a stage
+  const int chunk_gl = (chunk_c0 + lane * kDState) * L::kChannelBytes;  // within a slot (< D * 64 B)
+  // State of row k -> stage k % kStages (all lanes; slot warp-uniform). A padding row just arrives, so
+  // every stage's phase advances once per row and the waiting parity is (k / kStages) & 1 for every k.
+  // Lane 0's expect_tx comes first in program order; a copy that completes before it only drives the
+  // tx-count negative while lane 0's arrival is still pending, so the phase cannot complete early.
   auto issue_load = [&](int k, int slot) {
-    uint64_t* bar = bars + k % kStages;
+    uint64_t* bar = bars + (k & (kStages - 1));
     if (slot < 0) {
-      mbar_arrive(bar);
+      if (lane == 0) mbar_arrive(bar);
       return;
     }
-    unsigned char* dst = stages + (k % kStages) * L::kStageBytes;
-    const char* src = ssm_base + slot * slot_bytes + int64_t(chunk_c0) * L::kChannelBytes;
-    mbar_arrive_expect_tx(bar, chunk_bytes * static_cast<uint32_t>(r));
-    for (int jj = 0; jj < r; ++jj) {
-      bulk_load(dst + jj * w * L::kChannelBytes, src + int64_t(jj) * kDState * L::kChannelBytes, chunk_bytes, bar);
+    if (lane == 0) mbar_arrive_expect_tx(bar, chunk_bytes * static_cast<uint32_t>(r));
+    __syncwarp();
+    if (chunk_lane) {
+      bulk_load(stages + (k & (kStages - 1)) * L::kStageBytes + chunk_smem, ssm_base + slot * slot_bytes + chunk_gl,
+                chunk_bytes, bar);
     }
   };
+  static_assert((kStages & (kStages - 1)) == 0, "stage index by mask");
 #pragma unroll
   for (int k = 0; k < kStages; ++k) {
-    if (k < nseq) {
-      const int sk = __shfl_sync(0xffffffffu, slot_lane, k);
-      if (lane == 0) issue_load(k, sk);
-    }
+    if (k < nseq) issue_load(k, __shfl_sync(0xffffffffu, slot_lane, k));
   }
 
   // ---- arithmetic on the parameters (their loads were issued long ago): -exp(A_log) log2(e), dt_proj
   // words unpacked.
 #pragma unroll
   for (int n = 0; n < kDState; ++n) A2r[n] = -expf(A2r[n]) * kLog2e;
+  SmemState<float>::store(a_mine, rot_a, A2r);  // read back by the same lane only: no barrier
   if (dtw_packed) {  // descending k: word k/2 <= k is read before dtw[k] overwrites it
     const bool bf16 = p.dt_proj_weight_dtype == kBFloat16;
 #pragma unroll
@@ -311,130 +327,156 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
   const int b_off = D + X + g * kDState;
   const int c_off = D + 2 * X + (c / kDState) * kDState;
   const int S = p.conv_state_len;
-  // Inputs and conv row of row k (register prefetch, loads only).
-  TokenIn<act_t, L::kUnits> tin{};
-  float crow_n[kWin];
-  auto prefetch = [&](int k, int slot) {
-    const int rr = row0 + k;
-    if (valid && slot >= 0) {
-      const act_t* __restrict__ zr = zxbc + rr * p.zxbc_batch_stride;
-      const act_t* __restrict__ dr = dt_low + rr * p.dt_batch_stride;
-      if (p.vec_inputs) {
-        tin.b.load_vec(zr + b_off, rot);
-        tin.c.load_vec(zr + c_off, rot);
-      } else {
-        tin.b.load_elem(zr + b_off, rot);
-        tin.c.load_elem(zr + c_off, rot);
+  // The row loop, instantiated twice: kFast = the configuration of a real decode call (16-byte aligned
+  // input rows, dt_rank 16, a conv cache of the activation dtype with unit position stride and S <= 4),
+  // where every per-row check of those properties is a compile-time constant; any other call runs the
+  // general loop (runtime dtype dispatch, element loads, long conv rows).
+  auto run_rows = [&](auto fast_tag) {
+    constexpr bool kFast = decltype(fast_tag)::value;
+    // Register prefetch of row k's inputs (loads only), in two parts so that no input is double-buffered:
+    // z, x, dt_low and the conv row are used by the scalar work at the top of the row and are refilled for
+    // the next row right after it; B and C are used by the state update and refilled right after it.
+    TokenIn<act_t, L::kUnits> tin{};
+    float crow_n[kWin];
+    auto prefetch_bc = [&](int k, int slot) {
+      if (valid && slot >= 0) {
+        const act_t* __restrict__ zr = zxbc + (row0 + k) * p.zxbc_batch_stride;
+        if (kFast || p.vec_inputs) {
+          tin.b.load_vec(zr + b_off, rot);
+          tin.c.load_vec(zr + c_off, rot);
+        } else {
+          tin.b.load_elem(zr + b_off, rot);
+          tin.c.load_elem(zr + c_off, rot);
+        }
       }
-      if (p.vec_dt) {
-        tin.dt.load(dr);
+    };
+    auto prefetch = [&](int k, int slot) {
+      const int rr = row0 + k;
+      if (valid && slot >= 0) {
+        const act_t* __restrict__ zr = zxbc + rr * p.zxbc_batch_stride;
+        const act_t* __restrict__ dr = dt_low + rr * p.dt_batch_stride;
+        if (kFast || p.vec_dt) {
+          tin.dt.load(dr);
+        } else {
+#pragma unroll
+          for (int k2 = 0; k2 < kRegRanks; ++k2) reinterpret_cast<act_t*>(tin.dt.v)[k2] = k2 < p.dt_rank ? dr[k2] : from_f<act_t>(0.f);
+        }
+        tin.z = zr[c];
+        tin.x = zr[D + xs];
+      }
+      if (writer && slot >= 0) {
+        const int64_t off = int64_t(slot) * p.conv_slot_stride + own_row * p.conv_channel_stride;
+        if constexpr (kFast) {
+          conv_tail_load_t<act_t>(p.conv_state, off, 1, S, crow_n);
+        } else {
+          conv_tail_load(p, off, crow_n);
+        }
       } else {
 #pragma unroll
-        for (int k2 = 0; k2 < kRegRanks; ++k2) reinterpret_cast<act_t*>(tin.dt.v)[k2] = k2 < p.dt_rank ? dr[k2] : from_f<act_t>(0.f);
+        for (int k2 = 0; k2 < kWin; ++k2) crow_n[k2] = 0.f;
       }
-      tin.z = zr[c];
-      tin.x = zr[D + xs];
-    }
-    const int64_t base = int64_t(slot) * p.conv_slot_stride + own_row * p.conv_channel_stride;
-#pragma unroll
-    for (int k2 = 0; k2 < kWin; ++k2) {
-      const int pos = S - kWin + k2;
-      crow_n[k2] = writer && slot >= 0 && pos >= 0 ? load_any(p.conv_state, p.conv_state_dtype, base + pos * p.conv_pos_stride) : 0.f;
-    }
-  };
-  prefetch(0, __shfl_sync(0xffffffffu, slot_lane, 0));
+    };
+    int s_next = __shfl_sync(0xffffffffu, slot_lane, 0);
+    prefetch(0, s_next);
+    prefetch_bc(0, s_next);
 
-  for (int k = 0; k < nseq; ++k) {
-    const int sk = __shfl_sync(0xffffffffu, slot_lane, k);
-    const int rr = row0 + k;
-    // Scalar work of row k first (its inputs arrived during the previous row), so only B and C of
-    // this row stay live while the next row's inputs are in flight.
-    float crow[kWin];
+    for (int k = 0; k < nseq; ++k) {
+      const int sk = s_next;
+      const int rr = row0 + k;
+      // Scalar work of row k first (its inputs arrived during the previous row); then the next row's
+      // scalar inputs are requested, and its B and C once this row's update has consumed tin.b / tin.c.
+      float crow[kWin];
 #pragma unroll
-    for (int k2 = 0; k2 < kWin; ++k2) crow[k2] = crow_n[k2];
-    float win[kWin - 1];
+      for (int k2 = 0; k2 < kWin; ++k2) crow[k2] = crow_n[k2];
+      float win[kWin - 1];
 #pragma unroll
-    for (int k2 = 0; k2 < kWin - 1; ++k2) {
-      const float v = __shfl_sync(0xffffffffu, crow[k2 + 1], i);
-      win[k2] = k2 >= kWin - p.width ? v : 0.f;
-    }
-    const RotIn<act_t, L::kUnits> bk = tin.b, ck = tin.c;
-    const float x_new = to_f(tin.x);
-    const float pre = conv_b + w4[0] * win[0] + w4[1] * win[1] + w4[2] * win[2] + w4[3] * x_new;
-    float dt = 0.f;
+      for (int k2 = 0; k2 < kWin - 1; ++k2) {
+        const float v = __shfl_sync(0xffffffffu, crow[k2 + 1], i);
+        win[k2] = k2 >= kWin - p.width ? v : 0.f;
+      }
+      const float x_new = to_f(tin.x);
+      const float pre = conv_b + w4[0] * win[0] + w4[1] * win[1] + w4[2] * win[2] + w4[3] * x_new;
+      float dt = 0.f;
 #pragma unroll
-    for (int k2 = 0; k2 < kRegRanks; ++k2) dt += dtw[k2] * tin.dt(k2);
-    for (int k2 = kRegRanks; k2 < p.dt_rank; ++k2) {  // R > 16 only: re-read
-      dt += load_any(p.dt_proj_weight, p.dt_proj_weight_dtype, c * p.dt_proj_weight_stride0 + k2 * p.dt_proj_weight_stride1) *
-            to_f(dt_low[rr * p.dt_batch_stride + k2]);
-    }
-    const float dv = (dt + dt_bias) + dt_bias;
-    const float delta = dv > 20.f ? dv : log1pf(expf(dv));
-    const float u = silu_f(pre);
-    const float gate = silu_f(to_f(tin.z));
+      for (int k2 = 0; k2 < kRegRanks; ++k2) dt += dtw[k2] * tin.dt(k2);
+      if constexpr (!kFast) {
+        for (int k2 = kRegRanks; k2 < p.dt_rank; ++k2) {  // R > 16 only: re-read
+          dt += load_any(p.dt_proj_weight, p.dt_proj_weight_dtype, c * p.dt_proj_weight_stride0 + k2 * p.dt_proj_weight_stride1) *
+                to_f(dt_low[rr * p.dt_batch_stride + k2]);
+        }
+      }
+      const float dv = (dt + dt_bias) + dt_bias;
+      const float delta = dv > 20.f ? dv : log1pf(expf(dv));  // precise: delta scales every state update
+      const float u = silu_f(pre);
+      const float gate = silu_f(to_f(tin.z));
 #pragma unroll
-    for (int k2 = 0; k2 < kWin - 1; ++k2) crow[k2] = crow[k2 + 1];
-    crow[kWin - 1] = x_new;
+      for (int k2 = 0; k2 < kWin - 1; ++k2) crow[k2] = crow[k2 + 1];
+      crow[kWin - 1] = x_new;
 
-    if (k + 1 < nseq) prefetch(k + 1, __shfl_sync(0xffffffffu, slot_lane, k + 1));
+      if (k + 1 < nseq) {
+        s_next = __shfl_sync(0xffffffffu, slot_lane, k + 1);
+        prefetch(k + 1, s_next);
+      }
 
-    const int st = k % kStages;
-    mbar_wait(bars + st, static_cast<uint32_t>((k / kStages) & 1));
-    act_t* y_row = y + rr * p.y_batch_stride + c;
-    if (sk < 0) {
-      if (valid) *y_row = from_f<act_t>(0.f);
-    } else {
-      unsigned char* mine = stages + st * L::kStageBytes + lane * L::kChannelBytes;
-      if (valid) {
-        float h[kDState];
-        SmemState<state_t>::load(mine, rot, h);
-        const float yp = ssm_update(h, A2r, 1, delta, delta * u, bk, ck);
-        *y_row = from_f<act_t>((yp + d_skip * u) * gate);
-        SmemState<state_t>::store(mine, rot, h);
-        if (writer) {
-          const int64_t base = int64_t(sk) * p.conv_slot_stride + own_row * p.conv_channel_stride;
-          if (S <= kWin && p.conv_state_dtype != kFloat64) {
-#pragma unroll
-            for (int k2 = 0; k2 < kWin; ++k2) {
-              const int sp = S - kWin + k2;
-              if (sp >= 0) store_any(p.conv_state, p.conv_state_dtype, base + sp * p.conv_pos_stride, crow[k2]);
-            }
-          } else {  // long rows or an fp64 cache: ascending bit copies, new x re-read (as v2, q = 1)
-            for (int sp = 0; sp < S; ++sp) {
-              const int src = sp + 1;
-              if (src < S) {
-                copy_any(p.conv_state, p.conv_state_dtype, base + sp * p.conv_pos_stride, base + src * p.conv_pos_stride);
-              } else {
-                store_any(p.conv_state, p.conv_state_dtype, base + sp * p.conv_pos_stride,
-                          to_f(zxbc[rr * p.zxbc_batch_stride + D + xs]));
+      const int st = k & (kStages - 1);
+      mbar_wait(bars + st, static_cast<uint32_t>((k / kStages) & 1));
+      act_t* y_row = y + rr * p.y_batch_stride + c;
+      if (sk < 0) {
+        if (valid) *y_row = from_f<act_t>(0.f);
+      } else {
+        unsigned char* mine = stages + st * L::kStageBytes + lane * L::kChannelBytes;
+        if (valid) {
+          float h[kDState], a2[kDState];
+          SmemState<float>::load(a_mine, rot_a, a2);
+          SmemState<state_t>::load(mine, rot, h);
+          const float yp = ssm_update(h, a2, 1, delta, delta * u, tin.b, tin.c);
+          *y_row = from_f<act_t>((yp + d_skip * u) * gate);
+          SmemState<state_t>::store(mine, rot, h);
+          if (writer) {
+            const int64_t base = int64_t(sk) * p.conv_slot_stride + own_row * p.conv_channel_stride;
+            if constexpr (kFast) {
+              conv_tail_store_t<act_t>(p.conv_state, base, 1, S, crow);
+            } else if (S <= kWin && p.conv_state_dtype != kFloat64) {
+              conv_tail_store(p, base, crow);
+            } else {  // long rows or an fp64 cache: ascending bit copies, new x re-read (as v2, q = 1)
+              for (int sp = 0; sp < S; ++sp) {
+                const int src = sp + 1;
+                if (src < S) {
+                  copy_any(p.conv_state, p.conv_state_dtype, base + sp * p.conv_pos_stride, base + src * p.conv_pos_stride);
+                } else {
+                  store_any(p.conv_state, p.conv_state_dtype, base + sp * p.conv_pos_stride,
+                            to_f(zxbc[rr * p.zxbc_batch_stride + D + xs]));
+                }
               }
             }
           }
         }
-      }
-      fence_proxy_async();  // this thread's generic-proxy writes of the stage -> visible to the TMA store
-      __syncwarp();
-      if (lane == 0) {
-        const unsigned char* src = stages + st * L::kStageBytes;
-        char* dst = ssm_base + sk * slot_bytes + int64_t(chunk_c0) * L::kChannelBytes;
-        for (int jj = 0; jj < r; ++jj) {
-          bulk_store(dst + int64_t(jj) * kDState * L::kChannelBytes, src + jj * w * L::kChannelBytes, chunk_bytes);
+        fence_proxy_async();  // this thread's generic-proxy writes of the stage -> visible to the TMA store
+        __syncwarp();
+        if (chunk_lane) {
+          bulk_store(ssm_base + sk * slot_bytes + chunk_gl, stages + st * L::kStageBytes + chunk_smem, chunk_bytes);
         }
       }
-    }
-    // One bulk group per row (empty for padding), so "all but the newest" = every row before this one.
-    // The stage of row k-1 is refilled now, once its store has read it: ~kStages-1 rows in flight.
-    const int m = k - 1 + kStages;
-    if (lane == 0) {
+      // One bulk group per row and lane (empty for padding rows and lanes >= r), so "all but the newest" =
+      // every row before this one. Chunk j of the stage of row k-1 is refilled now by lane j, once lane j's
+      // own store of it has read it (bulk groups are per thread): ~kStages-1 rows in flight.
+      if (k + 1 < nseq) prefetch_bc(k + 1, s_next);
+      const int m = k - 1 + kStages;
       bulk_commit();
-      if (k >= 1 && m < nseq) bulk_wait_read_all_but_newest();
+      if (k >= 1 && m < nseq) {
+        bulk_wait_read_all_but_newest();
+        issue_load(m, __shfl_sync(0xffffffffu, slot_lane, m));
+      }
     }
-    if (k >= 1 && m < nseq) {
-      const int sm = __shfl_sync(0xffffffffu, slot_lane, m);
-      if (lane == 0) issue_load(m, sm);
-    }
+  };
+  const bool fast = p.vec_inputs && p.vec_dt && p.dt_rank == kRegRanks && S <= kWin && p.conv_pos_stride == 1 &&
+                    p.conv_state_dtype == (std::is_same<act_t, __half>::value ? kFloat16 : kBFloat16);
+  if (fast) {
+    run_rows(std::true_type{});
+  } else {
+    run_rows(std::false_type{});
   }
-  if (lane == 0) bulk_wait_read_all();  // the stages stay allocated until the stores have read them
+  bulk_wait_read_all();  // the stages stay allocated until the stores have read them
 #endif
 }
 
