@@ -296,8 +296,12 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   // dt_proj: dt_pre = dt_low W^T + b, the bias again inside softplus -> d bias = 2 * sum d(dt_pre).
   Tensor ddt2 = ddt_pre.view({d.b * d.L, d.D});
   Tensor ddt_low = ddt2.mm(f32c(dt_proj_weight)).view({d.b, d.L, d.R}).to(dt_low.scalar_type());
-  Tensor ddt_w = ddt2.t().mm(dt_low.reshape({d.b * d.L, d.R}).to(at::kFloat)).to(dt_proj_weight.scalar_type());
-  Tensor ddt_b = (ddt2.sum(0) * 2).to(dt_proj_bias.scalar_type());
+  // d W = ddt^T dt_low and d b = 2 sum_t ddt in ONE pass over the fp32 (b L, D) buffer: a ones column
+  // appended to dt_low makes the bias sum the GEMM's last output column.
+  Tensor dtl1 = at::cat({dt_low.reshape({d.b * d.L, d.R}).to(at::kFloat), at::ones({d.b * d.L, 1}, f32)}, 1);
+  Tensor gwb = ddt2.t().mm(dtl1);  // (D, R + 1)
+  Tensor ddt_w = gwb.narrow(1, 0, d.R).to(dt_proj_weight.scalar_type()).contiguous();
+  Tensor ddt_b = (gwb.select(1, d.R) * 2).to(dt_proj_bias.scalar_type());  // the product is a fresh contiguous tensor
   Tensor dcw = dcw_part.sum(0), dcb = dcb_part.sum(0);
   if (!repeat) {
     dcw = dcw.view({G, d.r, kN, d.W}).sum(1).view({d.X, d.W});
