@@ -78,7 +78,7 @@ struct SmemB4 {
   alignas(16) unsigned wfrag[sizeof(T) == 2 ? 32 : 1][8];  // mma B fragments of W^T per lane (16-bit only)
   alignas(16) float BCf[kChunk][2 * kN];   // kBCf: per token, per lane j: (B[2j], B[2j+1], C[2j], C[2j+1]) fp32
   alignas(16) float4 e4[kChunk][kN];       // (delta, delta u, decay offset 0 / -inf, dys = dy silu(z))
-  alignas(16) float4 pe[kChunk][kN];       // (u, conv pre-activation, softplus input, dz / y = dy silu'(z));
+  alignas(16) float4 pe[kChunk][kN];       // (u, silu'(conv pre-act.), softplus'(its input), dz / y = dy silu'(z));
                                            // the epilogue overwrites (.x, .y) of its own item with (dz, ddt_pre)
   alignas(16) float rB[kChunk][kRB];       // dB contributions per (token, channel, state)
   alignas(16) float rC[kChunk][kRB];       // dC contributions
@@ -376,7 +376,7 @@ __global__ void __launch_bounds__(kNT, 2) mixer_scan_bwd4_kernel(MixerScanParams
         float cv = cb;
 #pragma unroll
         for (int k = 0; k < 4; ++k) cv = fmaf(w[k], sw[i + k] == sw[i + 3] ? xw[i + k] : 0.f, cv);
-        const float u = cv * sigmoid_fast(cv);
+        const float sc = sigmoid_fast(cv), u = cv * sc;
         float dp = dtb2;
         if constexpr (kMma) {
           dp += sm.dtp[t][pch];
@@ -399,7 +399,9 @@ __global__ void __launch_bounds__(kNT, 2) mixer_scan_bwd4_kernel(MixerScanParams
         const float dys = dyv * zz * sz;
         sm.e4[t][pch] = t < Tv ? make_float4(delta, delta * u, start ? -__int_as_float(0x7f800000) : 0.f, dys)
                                : make_float4(0.f, 0.f, 0.f, 0.f);
-        sm.pe[t][pch] = make_float4(u, cv, dp, dyv * sz * (1.f + zz * (1.f - sz)));
+        // the derivatives the epilogue needs, computed here where the arguments are at hand
+        sm.pe[t][pch] = make_float4(u, sc * (1.f + cv * (1.f - sc)), dp > 20.f ? 1.f : sigmoid_fast(dp),
+                                    dyv * sz * (1.f + zz * (1.f - sz)));
       }
     }
     __syncthreads();  // S2b
@@ -514,14 +516,14 @@ __global__ void __launch_bounds__(kNT, 2) mixer_scan_bwd4_kernel(MixerScanParams
 #pragma unroll
       for (int i = 0; i < kQ; ++i) {
         const int t = hf * kH + base + i;
-        const float4 e = lds_v4(&sm.e4[t][sch]), x = lds_v4(&sm.pe[t][sch]);  // (delta, delta u, offset, dys), (u, cv, v, dzf)
-        const float u = x.x, cv = x.y, v = x.z;
+        // (delta, delta u, offset, dys), (u, silu'(cv), softplus'(v), dz / y)
+        const float4 e = lds_v4(&sm.e4[t][sch]), x = lds_v4(&sm.pe[t][sch]);
+        const float u = x.x;
         const float yfull = yv[hf][i] + Dc * u;
         const float pd = fmaf(u, usum[hf][i], psum[hf][i]);  // d delta
-        sts_v2(reinterpret_cast<float*>(&sm.pe[t][sch]), yfull * x.w, pd * (v > 20.f ? 1.f : sigmoid_fast(v)));
+        sts_v2(reinterpret_cast<float*>(&sm.pe[t][sch]), yfull * x.w, pd * x.z);
         const float dut = fmaf(e.x, usum[hf][i], e.w * Dc);  // du (scan) + D skip
-        const float sc = sigmoid_fast(cv);
-        const float dco = t < Tv ? dut * sc * (1.f + cv * (1.f - sc)) : 0.f;
+        const float dco = t < Tv ? dut * x.y : 0.f;
         sm.dco[par][t][sch] = dco;
         if (t < Tv) {
           accD = fmaf(e.w, u, accD);
