@@ -169,6 +169,22 @@ struct RotIn {
       }
     }
   }
+  // p 32-byte aligned (the fast row loop): unit u sits at p + ((u ^ rot) * E) = (p | rot * 2E) ^ 2E u bytes, i.e.
+  // one LOP3 on the low address word per unit instead of a 64-bit add of a per-lane offset.
+  __device__ __forceinline__ void load_vec32(const act_t* __restrict__ p, int rot) {
+    const uintptr_t base = reinterpret_cast<uintptr_t>(p) | static_cast<uintptr_t>(rot * kE * 2);
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u) {
+      const uintptr_t a = base ^ static_cast<uintptr_t>(u * kE * 2);
+      if constexpr (kE == 4) {
+        const uint2 v = __ldg(reinterpret_cast<const uint2*>(a));
+        w[2 * u] = v.x; w[2 * u + 1] = v.y;
+      } else {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(a));
+        w[4 * u] = v.x; w[4 * u + 1] = v.y; w[4 * u + 2] = v.z; w[4 * u + 3] = v.w;
+      }
+    }
+  }
   __device__ __forceinline__ void load_elem(const act_t* __restrict__ p, int rot) {
 #pragma unroll
     for (int n = 0; n < 16; ++n) {
@@ -327,21 +343,28 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
   const int b_off = D + X + g * kDState;
   const int c_off = D + 2 * X + (c / kDState) * kDState;
   const int S = p.conv_state_len;
-  // The row loop, instantiated twice: kFast = the configuration of a real decode call (16-byte aligned
+  // The row loop, instantiated twice: kFast = the configuration of a real decode call (32-byte aligned
   // input rows, dt_rank 16, a conv cache of the activation dtype with unit position stride and S <= 4),
   // where every per-row check of those properties is a compile-time constant; any other call runs the
   // general loop (runtime dtype dispatch, element loads, long conv rows).
   auto run_rows = [&](auto fast_tag) {
     constexpr bool kFast = decltype(fast_tag)::value;
+    // kFast also requires whole warps of channels (X a multiple of w): every lane is valid, so the lane
+    // predicates below are compile-time constants there.
+    const bool ok = kFast || valid;
+    const bool wr = kFast ? (!compact_conv || j == 0) : writer;
     // Register prefetch of row k's inputs (loads only), in two parts so that no input is double-buffered:
     // z, x, dt_low and the conv row are used by the scalar work at the top of the row and are refilled for
     // the next row right after it; B and C are used by the state update and refilled right after it.
     TokenIn<act_t, L::kUnits> tin{};
     float crow_n[kWin];
     auto prefetch_bc = [&](int k, int slot) {
-      if (valid && slot >= 0) {
+      if (ok && slot >= 0) {
         const act_t* __restrict__ zr = zxbc + (row0 + k) * p.zxbc_batch_stride;
-        if (kFast || p.vec_inputs) {
+        if constexpr (kFast) {  // B / C groups start at multiples of 16 elements of a 32-byte aligned row
+          tin.b.load_vec32(zr + b_off, rot);
+          tin.c.load_vec32(zr + c_off, rot);
+        } else if (p.vec_inputs) {
           tin.b.load_vec(zr + b_off, rot);
           tin.c.load_vec(zr + c_off, rot);
         } else {
@@ -352,7 +375,7 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
     };
     auto prefetch = [&](int k, int slot) {
       const int rr = row0 + k;
-      if (valid && slot >= 0) {
+      if (ok && slot >= 0) {
         const act_t* __restrict__ zr = zxbc + rr * p.zxbc_batch_stride;
         const act_t* __restrict__ dr = dt_low + rr * p.dt_batch_stride;
         if (kFast || p.vec_dt) {
@@ -364,7 +387,7 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
         tin.z = zr[c];
         tin.x = zr[D + xs];
       }
-      if (writer && slot >= 0) {
+      if (wr && slot >= 0) {
         const int64_t off = int64_t(slot) * p.conv_slot_stride + own_row * p.conv_channel_stride;
         if constexpr (kFast) {
           conv_tail_load_t<act_t>(p.conv_state, off, 1, S, crow_n);
@@ -422,17 +445,17 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
       mbar_wait(bars + st, static_cast<uint32_t>((k / kStages) & 1));
       act_t* y_row = y + rr * p.y_batch_stride + c;
       if (sk < 0) {
-        if (valid) *y_row = from_f<act_t>(0.f);
+        if (ok) *y_row = from_f<act_t>(0.f);
       } else {
         unsigned char* mine = stages + st * L::kStageBytes + lane * L::kChannelBytes;
-        if (valid) {
+        if (ok) {
           float h[kDState], a2[kDState];
           SmemState<float>::load(a_mine, rot_a, a2);
           SmemState<state_t>::load(mine, rot, h);
           const float yp = ssm_update(h, a2, 1, delta, delta * u, tin.b, tin.c);
           *y_row = from_f<act_t>((yp + d_skip * u) * gate);
           SmemState<state_t>::store(mine, rot, h);
-          if (writer) {
+          if (wr) {
             const int64_t base = int64_t(sk) * p.conv_slot_stride + own_row * p.conv_channel_stride;
             if constexpr (kFast) {
               conv_tail_store_t<act_t>(p.conv_state, base, 1, S, crow);
@@ -470,7 +493,9 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
     }
   };
   const bool fast = p.vec_inputs && p.vec_dt && p.dt_rank == kRegRanks && S <= kWin && p.conv_pos_stride == 1 &&
-                    p.conv_state_dtype == (std::is_same<act_t, __half>::value ? kFloat16 : kBFloat16);
+                    p.conv_state_dtype == (std::is_same<act_t, __half>::value ? kFloat16 : kBFloat16) &&
+                    ((reinterpret_cast<uintptr_t>(p.zxbc) | static_cast<uintptr_t>(p.zxbc_batch_stride * 2)) & 31) == 0 &&
+                    X % w == 0;
   if (fast) {
     run_rows(std::true_type{});
   } else {
