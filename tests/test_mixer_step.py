@@ -498,6 +498,41 @@ def test_kernel_v3_equals_v2(monkeypatch, state_dtype):
 
 @pytest.mark.gpu
 @needs_kernel
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_kernel_v3_fast_and_general_row_loops_agree(monkeypatch, state_dtype):
+    """v3 compiles its row loop twice: a fast loop for the decode configuration (32-byte aligned zxbc rows,
+    dt_rank 16, conv cache of the activation dtype with unit position stride, S <= 4, whole channel warps)
+    and a general one. The same step through both: zxbc as a view whose rows are 16- but not 32-byte
+    aligned, and a conv cache with a non-unit position stride, each send v3 down the general loop. Every
+    run matches the references; states and conv caches agree with the fast loop's, y within 1 bf16 ulp."""
+    monkeypatch.setenv("APRIEL_STEP_KERNEL", "v3")
+    monkeypatch.setenv("APRIEL_STEP_V3_SEQ", "3")  # several rows per warp: the prefetch ring in both loops
+    batch = 20
+    layer, zxbc, dt_low, conv, ssm, slots = _gpu_case(H1, batch, 1, torch.bfloat16, state_dtype, "compact")
+    assert zxbc.data_ptr() % 32 == 0 and (zxbc.stride(0) * 2) % 32 == 0  # the fast loop's precondition
+    # 16-byte aligned rows that are not 32-byte aligned: offset 8 elements (16 B), row stride 16 B off 32.
+    wide = torch.randn(batch, 1, zxbc.shape[-1] + 8, dtype=zxbc.dtype, device=zxbc.device)
+    zxbc16 = wide[..., 8:]
+    zxbc16.copy_(zxbc)
+    assert zxbc16.data_ptr() % 32 == 16 and (zxbc16.stride(0) * 2) % 32 == 16
+    # The same conv cache with positions strided (slots, S, X) -> (slots, X, S) view.
+    conv_t = conv.transpose(1, 2).contiguous().transpose(1, 2)
+    assert conv_t.stride(2) != 1 and torch.equal(conv_t, conv)
+    runs = {}
+    for name, zx, cv in (("fast", zxbc, conv), ("general-rows", zxbc16, conv), ("general-conv", zxbc, conv_t)):
+        c, s = cv.clone(memory_format=torch.preserve_format), ssm.clone()
+        y = _compare_with_references(H1, layer, zx, dt_low, c, s, slots, tag=f"[v3 {name}]")
+        runs[name] = (y, c, s)
+    y0, c0, s0 = runs["fast"]
+    for name in ("general-rows", "general-conv"):
+        y, c, s = runs[name]
+        assert torch.equal(c, c0), f"{name}: conv cache differs from the fast loop's"
+        torch.testing.assert_close(s.float(), s0.float(), rtol=2**-8 if state_dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+        torch.testing.assert_close(y.float(), y0.float(), rtol=2**-7, atol=1e-5)
+
+
+@pytest.mark.gpu
+@needs_kernel
 def test_kernel_2000_steps_drift():
     """2,000 consecutive steps at the H1 shape: the kernel's drift vs float64 stays within 2x the drift of
     PyTorch doing the same in fp32 (fp32 state), resp. with a bf16 cache; figures go to $OUT/step_drift.json."""
