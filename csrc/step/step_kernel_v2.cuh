@@ -105,13 +105,17 @@ template <typename act_t, typename state_t, int kSeq, bool kMulti>
 __global__ void __launch_bounds__(128, (MinBlocks<kSeq, kMulti>::value)) mixer_step_v2_kernel(const MixerStepParams p) {
   constexpr float kLog2e = 1.4426950408889634f;
   const int D = p.d_inner, X = p.d_xb;
-  const int r = D / X;
-  const int w = kWarp / r;  // source channels per warp (r divides 16)
+  // r = D / X is a power of two dividing 16: shifts instead of runtime integer divisions (~75 instructions
+  // per thread, i.e. per row in v2).
+  const int log2r = __clz(X) - __clz(D);
+  const int r = 1 << log2r;
+  const int log2w = 5 - log2r;
+  const int w = 1 << log2w;  // source channels per warp
   const int lane = threadIdx.x;
-  const int j = lane / w, i = lane % w;  // repeat, source channel within the warp
+  const int j = lane >> log2w, i = lane & (w - 1);  // repeat, source channel within the warp
   const int xs = blockIdx.x * w + i;    // x source channel = compact conv-cache row
   const bool valid = xs < X;            // r = 1 with X % 32 = 16: the upper half-warp idles
-  const int g = xs / kDState, n_in = xs % kDState;
+  const int g = xs >> 4, n_in = xs & (kDState - 1);
   const int c = g * kDState * r + j * kDState + n_in;  // mixer channel
   const int seq_warp = blockIdx.y * blockDim.y + threadIdx.y;
   const bool compact_conv = p.conv_state_channels == X;
@@ -153,7 +157,11 @@ __global__ void __launch_bounds__(128, (MinBlocks<kSeq, kMulti>::value)) mixer_s
   pdl_launch_dependents();
 
   const int b_off = D + X + g * kDState;           // B[g, :]
-  const int c_off = D + 2 * X + (c / kDState) * kDState;  // C[c/N, :]
+  const int c_off = D + 2 * X + (c & ~(kDState - 1));  // C[c/N, :]
+  // Lanes past the channels (r = 1 with X % 32 = 16, the only case with invalid lanes: xs in [X, X + 16))
+  // load the C group of the channel 16 below, so every lane of a live row loads in bounds and the token
+  // registers need no zero-initialisation (which cost ~50 16-bit merges per thread); their values are unused.
+  const int c_off_ld = valid ? c_off : c_off - kDState;
   // Token t's inputs of row `row`, loads only.
   auto load_token = [&](int row, int t) {
     TokenIn<act_t> in;
@@ -161,12 +169,12 @@ __global__ void __launch_bounds__(128, (MinBlocks<kSeq, kMulti>::value)) mixer_s
     const act_t* __restrict__ dr = dt_low + row * p.dt_batch_stride + t * p.dt_token_stride;
     if (p.vec_inputs) {
       in.b.load(zr + b_off);
-      in.c.load(zr + c_off);
+      in.c.load(zr + c_off_ld);
     } else {  // rows not 16-byte aligned (a strided view): element loads
 #pragma unroll
       for (int n = 0; n < kDState; ++n) {
         reinterpret_cast<act_t*>(in.b.v)[n] = zr[b_off + n];
-        reinterpret_cast<act_t*>(in.c.v)[n] = zr[c_off + n];
+        reinterpret_cast<act_t*>(in.c.v)[n] = zr[c_off_ld + n];
       }
     }
     if (p.vec_dt) {  // R = 16, rows 16-byte aligned: 16-byte vector loads (fewer registers in flight)
@@ -203,10 +211,10 @@ __global__ void __launch_bounds__(128, (MinBlocks<kSeq, kMulti>::value)) mixer_s
     live[s] = row[s] < p.batch && valid;
     slot_raw[s] = row[s] >= p.batch ? -2 : p.slot_idx != nullptr ? __ldg(p.slot_idx + row[s]) : row[s];
   }
-  TokenIn<act_t> tin[kSeq] = {};
+  TokenIn<act_t> tin[kSeq];  // rows past the batch leave theirs unset: they are skipped below (slot -2)
 #pragma unroll
   for (int s = 0; s < kSeq; ++s) {
-    if (live[s]) tin[s] = load_token(row[s], 0);
+    if (row[s] < p.batch) tin[s] = load_token(row[s], 0);
   }
   int slot[kSeq];  // -1 = padding or out of range (no state I/O), -2 = past the batch (warp-uniform)
 #pragma unroll

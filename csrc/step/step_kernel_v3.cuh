@@ -211,17 +211,20 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
   using L = Layout<state_t>;
   constexpr float kLog2e = 1.4426950408889634f;
   const int D = p.d_inner, X = p.d_xb;
-  const int r = D / X;
-  const int w = kWarp / r;  // source channels per warp (r divides 16)
+  // r = D / X is a power of two dividing 16: shifts instead of runtime integer divisions.
+  const int log2r = __clz(X) - __clz(D);
+  const int r = 1 << log2r;
+  const int log2w = 5 - log2r;
+  const int w = 1 << log2w;  // source channels per warp
   const int lane = threadIdx.x;
   const int cw = blockIdx.x * blockDim.y + threadIdx.y;  // channel warp
   if (cw * w >= X) return;                               // whole warp past the channels (no block barrier anywhere)
   const int row0 = blockIdx.y * p.v3_seq_per_warp;
   const int nseq = min(p.v3_seq_per_warp, p.batch - row0);  // >= 1 by the grid; warp-uniform
-  const int j = lane / w, i = lane % w;
+  const int j = lane >> log2w, i = lane & (w - 1);
   const int xs = cw * w + i;
   const bool valid = xs < X;  // r = 1 with X % 32 = 16: the upper half-warp idles
-  const int g = xs / kDState, n_in = xs % kDState;
+  const int g = xs >> 4, n_in = xs & (kDState - 1);
   const int c = g * kDState * r + j * kDState + n_in;
   const bool compact_conv = p.conv_state_channels == X;
   const bool writer = valid && (!compact_conv || j == 0);
@@ -231,7 +234,7 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
   // is chunk_c0 + 16 j and it lands at lane j * w of the stage (lane l's state at l * kChannelBytes).
   const int x0 = cw * w;
   const int nvalid = min(w, X - x0);
-  const int chunk_c0 = (x0 / kDState) * kDState * r + x0 % kDState;
+  const int chunk_c0 = ((x0 >> 4) << (4 + log2r)) + (x0 & (kDState - 1));  // (x0 / 16) * 16 r + x0 % 16
   const uint32_t chunk_bytes = static_cast<uint32_t>(nvalid * L::kChannelBytes);
   const act_t* __restrict__ zxbc = static_cast<const act_t*>(p.zxbc);
   const act_t* __restrict__ dt_low = static_cast<const act_t*>(p.dt_low);
@@ -341,7 +344,7 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
   }
 
   const int b_off = D + X + g * kDState;
-  const int c_off = D + 2 * X + (c / kDState) * kDState;
+  const int c_off = D + 2 * X + (c & ~(kDState - 1));
   const int S = p.conv_state_len;
   // The row loop, instantiated twice: kFast = the configuration of a real decode call (32-byte aligned
   // input rows, dt_rank 16, a conv cache of the activation dtype with unit position stride and S <= 4),
@@ -442,7 +445,7 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
       }
 
       const int st = k & (kStages - 1);
-      mbar_wait(bars + st, static_cast<uint32_t>((k / kStages) & 1));
+      mbar_wait(bars + st, (static_cast<uint32_t>(k) / kStages) & 1u);
       act_t* y_row = y + rr * p.y_batch_stride + c;
       if (sk < 0) {
         if (ok) *y_row = from_f<act_t>(0.f);
@@ -495,7 +498,7 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
   const bool fast = p.vec_inputs && p.vec_dt && p.dt_rank == kRegRanks && S <= kWin && p.conv_pos_stride == 1 &&
                     p.conv_state_dtype == (std::is_same<act_t, __half>::value ? kFloat16 : kBFloat16) &&
                     ((reinterpret_cast<uintptr_t>(p.zxbc) | static_cast<uintptr_t>(p.zxbc_batch_stride * 2)) & 31) == 0 &&
-                    X % w == 0;
+                    (X & (w - 1)) == 0;
   if (fast) {
     run_rows(std::true_type{});
   } else {
