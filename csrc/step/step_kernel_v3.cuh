@@ -307,8 +307,8 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
   const int chunk_gl = (chunk_c0 + lane * kDState) * L::kChannelBytes;  // within a slot (< D * 64 B)
   // State of row k -> stage k % kStages (all lanes; slot warp-uniform). A padding row just arrives, so
   // every stage's phase advances once per row and the waiting parity is (k / kStages) & 1 for every k.
-  // Lane 0's expect_tx comes first in program order; a copy that completes before it only drives the
-  // tx-count negative while lane 0's arrival is still pending, so the phase cannot complete early.
+  // The __syncwarp orders lane 0's arrive.expect_tx before the other lanes' copies (and even a copy
+  // completing first could not complete the phase: lane 0's arrival would still be pending).
   auto issue_load = [&](int k, int slot) {
     uint64_t* bar = bars + (k & (kStages - 1));
     if (slot < 0) {
