@@ -484,13 +484,14 @@ __global__ void __launch_bounds__(kNT, 2) mixer_scan_bwd4_kernel(MixerScanParams
         const float a = ex2(fmaf(e.x, A2[s], e.z));
         const float Gs = fmaf(Cs[s], e.w, carry[s]);  // dL/dh_t
         const float hp = t > 0 ? hs[t > 0 ? t - 1 : 0][s] : h0[s];
-        const float q = Gs * a * hp;
+        const float ga = Gs * a;  // the carry to token t-1, and d/d(decay) up to h_{t-1}
+        const float q = ga * hp;
         pu = fmaf(Gs, Bs[s], pu);
         pp = fmaf(q, An[s], pp);
         dA[s] = fmaf(q, e.x, dA[s]);
         rb[s] = Gs * e.y;
         rc[s] = e.w * hs[t][s];
-        carry[s] = a * Gs;
+        carry[s] = ga;
       }
       accP[tt] = pp;
       accU[tt] = pu;
