@@ -11,8 +11,8 @@ floor, which it cannot reach: it needs >= 2 exp2 per element). Providers: "aprie
 "apriel-graph" the same call replayed from a CUDA graph (no host overhead: the kernel's own time);
 "apriel-v4k4" / "apriel-v4k8" / "apriel-v3" force a forward version (APRIEL_SCAN_FWD), "apriel-bcf32" makes
 v4 read fp32 copies of B / C instead of the raw 16-bit tile (APRIEL_SCAN_BC=f32), for comparison.
-fwd+bwd and bwd rows: "apriel" (default: backward v4), "apriel[bwd-bc=raw]" (v4 reading B / C from the raw
-16-bit tile, APRIEL_SCAN_BWD_BC=raw), "apriel[bwd=v3]" (the previous backward, APRIEL_SCAN_BWD=v3, forward
+fwd+bwd and bwd rows: "apriel" (default: backward v4), "apriel[bwd-bc=f32]" (v4 reading fp32 copies of B / C
+instead of the raw 16-bit tile, APRIEL_SCAN_BWD_BC=f32), "apriel[bwd=v3]" (the previous backward, APRIEL_SCAN_BWD=v3, forward
 unchanged) and "apriel-v3" (both previous kernels).
 APRIEL_BENCH_SCAN_PHASES=bwd (or fwd) restricts the run to the fwd+bwd / bwd rows (or the fwd rows): one
 device call can then A/B the backward versions in ~30 s.
@@ -101,7 +101,7 @@ def run(quick: bool = False) -> list[dict]:
             y = mixer_scan(**args, **kw)
             return torch.autograd.grad(y, leaves, dy)
 
-        for provider, version, bwd, bc in (("apriel", None, None, None), ("apriel[bwd-bc=raw]", None, None, "raw"),
+        for provider, version, bwd, bc in (("apriel", None, None, None), ("apriel[bwd-bc=f32]", None, None, "f32"),
                                            ("apriel[bwd=v3]", None, "v3", None), ("apriel-v3", "v3", "v3", None)):
             with env_override("APRIEL_SCAN_FWD", version), env_override("APRIEL_SCAN_BWD", bwd), \
                     env_override("APRIEL_SCAN_BWD_BC", bc):

@@ -415,10 +415,10 @@ def test_gradient_parity_backward_shapes(case, dtype, bwd_version):
 @gpu
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_gradient_parity_bwd4_raw_bc(dtype, monkeypatch):
-    """v4's A/B variant that reads B / C from the raw tile (APRIEL_SCAN_BWD_BC=raw) instead of fp32 copies."""
+def test_gradient_parity_bwd4_f32_bc(dtype, monkeypatch):
+    """v4's A/B variant that reads fp32 copies of B / C (APRIEL_SCAN_BWD_BC=f32) instead of the raw tile."""
     monkeypatch.setenv("APRIEL_SCAN_BWD", "v4")
-    monkeypatch.setenv("APRIEL_SCAN_BWD_BC", "raw")
+    monkeypatch.setenv("APRIEL_SCAN_BWD_BC", "f32")
     test_gradient_parity_backward_shapes(GRAD_VARIANT_CASES[2], dtype, "v4")
     test_gradient_parity((3, 65, 256, 64, True, "init_D"), dtype, "v4")
 

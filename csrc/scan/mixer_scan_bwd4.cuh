@@ -56,7 +56,12 @@ constexpr int kNS = kN / kK;           // 2 states per thread
 constexpr int kTPT = kChunk * kN / kNT;  // 4 prep tokens per thread
 constexpr int kR = kMaxR;              // dt_low staged 32 wide (columns >= R masked)
 constexpr int kRS = 20;                // padded fp32 row (rows r and r + 4, read by one warp, 16 banks apart)
-constexpr int kRB = kN * kN + 4;       // dB / dC contribution row per token: [channel * 16 + state], padded
+// Row padding (ncu, first version: 37 % of the shared-load wavefronts were bank conflicts, and the kernel stalls
+// on shared memory): dB / dC rows are read as float4 by 8-lane phases covering 2 tokens x 4 quads; a row length
+// = 16 (mod 32) words puts the 2 tokens in opposite bank halves (4 (mod 32) gave 2-way conflicts). e4 / pe rows
+// are read by the epilogue at 8 different tokens per channel: 17 float4 per row (else all 8 in one bank group).
+// The fp32-B/C variant keeps the unpadded rows (its BCf tile would push the block past 2 per SM).
+template <bool kBCf> struct Pad { static constexpr int kRB = kN * kN + (kBCf ? 4 : 16), kE = kBCf ? kN : kN + 1; };
 
 template <typename T>
 struct RawB4 {
@@ -66,8 +71,9 @@ struct RawB4 {
   alignas(16) int seqh[4];           // their document ids (clamped to position 0)
 };
 
-template <typename T>
+template <typename T, bool kBCf>
 struct SmemB4 {
+  static constexpr int kRB = Pad<kBCf>::kRB, kE = Pad<kBCf>::kE;
   RawB4<T> raw[2];                    // by tile parity
   alignas(16) float xf[kChunk + 3][kRS];   // conv input fp32; row i = position t0 - 3 + i
   alignas(16) int seqf[2][kChunk + 4];     // document ids on the rows of xf, by tile parity
@@ -76,13 +82,14 @@ struct SmemB4 {
   alignas(16) float cw[kN][4];             // right-aligned conv taps per channel
   alignas(16) float2 cbd[kN];              // (conv bias, 2 b_dt) per channel
   alignas(16) unsigned wfrag[sizeof(T) == 2 ? 32 : 1][8];  // mma B fragments of W^T per lane (16-bit only)
-  alignas(16) float BCf[kChunk][2 * kN];   // kBCf: per token, per lane j: (B[2j], B[2j+1], C[2j], C[2j+1]) fp32
-  alignas(16) float4 e4[kChunk][kN];       // (delta, delta u, decay offset 0 / -inf, dys = dy silu(z))
-  alignas(16) float4 pe[kChunk][kN];       // (u, silu'(conv pre-act.), softplus'(its input), dz / y = dy silu'(z));
+  alignas(16) float BCf[kBCf ? kChunk : 1][2 * kN];  // kBCf: per token and lane j: (B[2j], B[2j+1], C[2j], C[2j+1])
+  alignas(16) float4 e4[kChunk][kE];       // (delta, delta u, decay offset 0 / -inf, dys = dy silu(z))
+  alignas(16) float4 pe[kChunk][kE];       // (u, silu'(conv pre-act.), softplus'(its input), dz / y = dy silu'(z));
                                            // the epilogue overwrites (.x, .y) of its own item with (dz, ddt_pre)
   alignas(16) float rB[kChunk][kRB];       // dB contributions per (token, channel, state)
   alignas(16) float rC[kChunk][kRB];       // dC contributions
-  alignas(16) float dco[2][kChunk][kN];    // d(conv pre-activation), by tile parity; 0 past the end
+  alignas(16) float dco[2][kChunk][kRS];   // d(conv pre-activation), by tile parity; 0 past the end (rows
+                                           // padded: the epilogue writes 8 tokens x 4 channels per warp)
 };
 
 // Volatile shared-memory accesses of the adjoint loop (see there): their order is kept by ptxas.
@@ -218,15 +225,17 @@ __device__ __forceinline__ void stage_bwd(const MixerScanParams& p, RawB4<T>& r,
   }
 }
 
-// kBCf: B / C converted once per tile to fp32 (one 16-byte load per token gives a lane its 2 B and 2 C values:
-// no unpacking in the two 32-token loops); else read from the raw tile (APRIEL_SCAN_BWD_BC=raw, for A/B).
+// kBCf (APRIEL_SCAN_BWD_BC=f32, for A/B): B / C converted once per tile to fp32 (one 16-byte load per token gives a
+// lane its 2 B and 2 C values, no unpacking in the loops); measured 2-3 % slower than reading the raw tile (the
+// default: fewer shared-memory wavefronts, and the conversion's stores conflict), so not the default.
 template <typename T, bool kBCf>
 __global__ void __launch_bounds__(kNT, 2) mixer_scan_bwd4_kernel(MixerScanParams p) {
   constexpr int K = kK, NT = kNT, NS = kNS, TPT = kTPT;
   constexpr bool kMma = sizeof(T) == 2;
   constexpr int kKSteps = kR / 16;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  SmemB4<T>& sm = *reinterpret_cast<SmemB4<T>*>(smem_raw);
+  using Sm = SmemB4<T, kBCf>;
+  Sm& sm = *reinterpret_cast<Sm*>(smem_raw);
   const int head = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int group = head / p.heads_per_group, c0 = head * kN;
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank, W = p.width, hw = W - 1;
@@ -622,7 +631,7 @@ __global__ void __launch_bounds__(kNT, 2) mixer_scan_bwd4_kernel(MixerScanParams
 
 template <typename T, bool kBCf>
 void launch(const MixerScanParams& p, void* stream) {
-  constexpr int smem = sizeof(SmemB4<T>);
+  constexpr int smem = sizeof(SmemB4<T, kBCf>);
   auto kernel = mixer_scan_bwd4_kernel<T, kBCf>;
   static bool configured = false;  // per instantiation; a race here only repeats an idempotent call
   if (!configured) {
@@ -640,8 +649,8 @@ void launch(const MixerScanParams& p, void* stream) {
 
 template <typename T>
 void launch_mixer_scan_bwd4(const MixerScanParams& p, void* stream) {
-  if (p.bwd_raw_bc) scan4b::launch<T, false>(p, stream);
-  else scan4b::launch<T, true>(p, stream);
+  if (p.bwd_f32_bc) scan4b::launch<T, true>(p, stream);
+  else scan4b::launch<T, false>(p, stream);
 }
 
 }  // namespace apriel

@@ -8,7 +8,7 @@ template void launch_mixer_scan_bwd4<__half>(const MixerScanParams&, void*);
 namespace {
 // Introspection (apriel_kernels.kernel_report()).
 const bool kRegistered = [] {
-  register_kernel({"scan", "mixer_scan_bwd4<fp16>", reinterpret_cast<const void*>(&scan4b::mixer_scan_bwd4_kernel<__half, true>), 128});
+  register_kernel({"scan", "mixer_scan_bwd4<fp16>", reinterpret_cast<const void*>(&scan4b::mixer_scan_bwd4_kernel<__half, false>), 128});
   return true;
 }();
 }  // namespace

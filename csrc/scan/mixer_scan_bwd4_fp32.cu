@@ -8,7 +8,7 @@ template void launch_mixer_scan_bwd4<float>(const MixerScanParams&, void*);
 namespace {
 // Introspection (apriel_kernels.kernel_report()).
 const bool kRegistered = [] {
-  register_kernel({"scan", "mixer_scan_bwd4<fp32>", reinterpret_cast<const void*>(&scan4b::mixer_scan_bwd4_kernel<float, true>), 128});
+  register_kernel({"scan", "mixer_scan_bwd4<fp32>", reinterpret_cast<const void*>(&scan4b::mixer_scan_bwd4_kernel<float, false>), 128});
   return true;
 }();
 }  // namespace

@@ -258,7 +258,7 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
     p.dy_vec16 = reinterpret_cast<uintptr_t>(p.dy) % 16 == 0 && (d.D * dy_c.element_size()) % 16 == 0;
     {
       const char* bc = std::getenv("APRIEL_SCAN_BWD_BC");
-      p.bwd_raw_bc = bc != nullptr && std::string(bc) == "raw";
+      p.bwd_f32_bc = bc != nullptr && std::string(bc) == "f32";
     }
     p.dfinal_ssm = dfs.defined() ? dfs.data_ptr<float>() : nullptr;
     p.ckpt_in = ckpt.data_ptr<float>();
