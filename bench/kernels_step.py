@@ -50,6 +50,7 @@ COLD_POOL_BYTES = 200 << 20
 # (provider, environment) of the kernel variants timed next to the default (v2) in the same run.
 VARIANTS = [
     ("apriel[v1]", {"APRIEL_STEP_KERNEL": "v1"}),
+    ("apriel[v2]", {"APRIEL_STEP_KERNEL": "v2"}),  # default is v3 from b64 (step_api.cpp): keeps the A/B
     ("apriel[pdl]", {"APRIEL_STEP_PDL": "1"}),
     ("apriel[v3]", {"APRIEL_STEP_KERNEL": "v3"}),
     ("apriel[v3+pdl]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1"}),

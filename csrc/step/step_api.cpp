@@ -39,11 +39,12 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef want) {
 // Kernel version: 2 (step_kernel_v2.cuh, the default), 1 (step_kernel.cuh) with APRIEL_STEP_KERNEL=v1, or
 // 3 (step_kernel_v3.cuh, opt-in until measured) with APRIEL_STEP_KERNEL=v3, so one benchmark run can
 // compare them (bench/kernels_step.py, providers "apriel[v1]", "apriel[v3]").
-// Default by batch (H100, session 2, bench/results/s2/step_v3_h100.json, fp32 state, cold): v3 (TMA-staged
-// state) wins from b256 (68.3 vs 77.8 us) and ties at b64 (22.8 vs 22.6); v2 wins below (b1 4.65 vs 6.36 us).
+// Default by batch (H100, session 3 after the instruction diet, bench/results/s3/conv1d_step_diet_bench.log, fp32
+// state, cold): v3 (TMA-staged state, parameters once per warp) wins from b64 (20.81 vs 21.40 us; bf16 state
+// 15.67 vs 18.99; with PDL 18.72 vs 19.33) and at b256 (63.75); v2 wins below (b16 7.62 vs 7.98, b1 4.34 vs 5.27).
 int kernel_version(int64_t batch) {
   const char* env = std::getenv("APRIEL_STEP_KERNEL");
-  if (env == nullptr) return batch >= 128 ? 3 : 2;
+  if (env == nullptr) return batch >= 64 ? 3 : 2;
   const std::string v(env);
   return v == "v1" ? 1 : v == "v3" ? 3 : 2;
 }

@@ -144,18 +144,36 @@ struct Packed16 {
 };
 
 // The 16-state update and C readout of one channel and token; get_b / get_c return B[n] / C[n].
-template <typename GetB, typename GetC>
+// kTree = false (v1 only): one sequential readout chain, fewer live registers (v1 runs at an 85-register cap).
+template <bool kTree = true, typename GetB, typename GetC>
 __device__ __forceinline__ float ssm_update(float h[16], const float* A2s, int stride, float delta, float du,
                                             const GetB& get_b, const GetC& get_c) {
-  float yp = 0.f;
+  if constexpr (!kTree) {
+    float yp = 0.f;
 #pragma unroll
-  for (int n = 0; n < 16; ++n) {
-    // ex2.approx.ftz: the same MUFU op exp2f uses, without the denormal pre/post-scaling exp2f wraps around
-    // it (3 instructions per state; a flushed denormal factor only drops a < 2^-126 relative contribution).
-    h[n] = ::apriel::ex2(delta * A2s[n * stride]) * h[n] + du * get_b(n);
-    yp += get_c(n) * h[n];
+    for (int n = 0; n < 16; ++n) {
+      h[n] = __fmaf_rn(::apriel::ex2(delta * A2s[n * stride]), h[n], du * get_b(n));
+      yp = __fmaf_rn(get_c(n), h[n], yp);
+    }
+    return yp;
   }
-  return yp;
+  // The C readout is 4 chains of 4 states combined as (s0 + s1) + (s2 + s3): fp32 addition is commutative,
+  // so this sum is bit-identical under the lane permutations of v3 (4-state units XOR-permuted; bf16 state:
+  // 8-state halves swapped), i.e. v2, v3 and the q-token path give the same y. Explicit fmas: the same
+  // rounding in every kernel that inlines this, whatever contraction the compiler would pick.
+  float s[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      const int n = 4 * q + m;
+      // ex2.approx.ftz: the same MUFU op exp2f uses, without the denormal pre/post-scaling exp2f wraps around
+      // it (3 instructions per state; a flushed denormal factor only drops a < 2^-126 relative contribution).
+      h[n] = __fmaf_rn(::apriel::ex2(delta * A2s[n * stride]), h[n], du * get_b(n));
+      s[q] = m == 0 ? get_c(n) * h[n] : __fmaf_rn(get_c(n), h[n], s[q]);
+    }
+  }
+  return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
 // silu(v) = v sigmoid(v) with the MUFU ex2 and rcp (5 instructions; the IEEE division and the non-ftz __expf
@@ -318,11 +336,11 @@ __global__ void __launch_bounds__(kThreads, 3) mixer_step_kernel(const MixerStep
         Packed16<act_t> bv, cv;
         bv.load(zr + b_off);
         cv.load(zr + c_off);
-        yp = ssm_update(h, a2, group_channels, delta, du, bv, cv);
+        yp = ssm_update<false>(h, a2, group_channels, delta, du, bv, cv);
       } else {  // rows not 16-byte aligned (a strided view): element loads
         const act_t* bp = zr + b_off;
         const act_t* cp = zr + c_off;
-        yp = ssm_update(h, a2, group_channels, delta, du, [&](int n) { return to_f(bp[n]); },
+        yp = ssm_update<false>(h, a2, group_channels, delta, du, [&](int n) { return to_f(bp[n]); },
                         [&](int n) { return to_f(cp[n]); });
       }
       const float yv = (yp + d_skip * u) * silu_f(to_f(zr[c]));

@@ -290,7 +290,7 @@ __global__ void __launch_bounds__(128, (MinBlocks<kSeq, kMulti>::value)) mixer_s
       const float u = silu_f(pre);
       const float du = delta * u;
       const float yp = ssm_update(h[s], A2, 1, delta, du, in.b, in.c);
-      const float yv = (yp + d_skip * u) * silu_f(to_f(in.z));
+      const float yv = __fmaf_rn(d_skip, u, yp) * silu_f(to_f(in.z));
       y_row[t * p.y_token_stride] = from_f<act_t>(yv);
     }
     if (!valid) continue;

@@ -331,7 +331,8 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
   // ---- arithmetic on the parameters (their loads were issued long ago): -exp(A_log) log2(e), dt_proj
   // words unpacked.
 #pragma unroll
-  for (int n = 0; n < kDState; ++n) A2r[n] = -expf(A2r[n]) * kLog2e;
+  // The same MUFU form as v2 (which recomputes it per row): v2 and v3 keep bit-identical states.
+  for (int n = 0; n < kDState; ++n) A2r[n] = -::apriel::ex2(A2r[n] * kLog2e) * kLog2e;
   SmemState<float>::store(a_mine, rot_a, A2r);  // read back by the same lane only: no barrier
   if (dtw_packed) {  // descending k: word k/2 <= k is read before dtw[k] overwrites it
     const bool bf16 = p.dt_proj_weight_dtype == kBFloat16;
@@ -456,7 +457,7 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
           SmemState<float>::load(a_mine, rot_a, a2);
           SmemState<state_t>::load(mine, rot, h);
           const float yp = ssm_update(h, a2, 1, delta, delta * u, tin.b, tin.c);
-          *y_row = from_f<act_t>((yp + d_skip * u) * gate);
+          *y_row = from_f<act_t>(__fmaf_rn(d_skip, u, yp) * gate);
           SmemState<state_t>::store(mine, rot, h);
           if (wr) {
             const int64_t base = int64_t(sk) * p.conv_slot_stride + own_row * p.conv_channel_stride;
