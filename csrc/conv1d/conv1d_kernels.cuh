@@ -1182,7 +1182,8 @@ __device__ __forceinline__ void fwd_async_body(const ConvParams& p, AsyncStage* 
         }
         y[i] = activate(acc, p.silu);
       }
-      store_stream<T, kCh>(out_t + s * out_row, y);
+      if (p.fwd_plain_store) store_pack<T, kCh>(out_t + s * out_row, y);
+      else store_stream<T, kCh>(out_t + s * out_row, y);
     }
     out_t += K * out_row;
 #pragma unroll
