@@ -54,6 +54,8 @@ VARIANTS = [
     ("apriel[pdl]", {"APRIEL_STEP_PDL": "1"}),
     ("apriel[v3]", {"APRIEL_STEP_KERNEL": "v3"}),
     ("apriel[v3+pdl]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1"}),
+    ("apriel[v3,st8]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_V3_STAGES": "8"}),  # 8-deep state ring
+    ("apriel[v3+pdl,st8]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1", "APRIEL_STEP_V3_STAGES": "8"}),
 ]
 ACT = torch.bfloat16
 

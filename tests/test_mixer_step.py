@@ -477,6 +477,33 @@ def test_kernel_v3_stage_ring(monkeypatch, dims, batch, state_dtype):
 @pytest.mark.gpu
 @needs_kernel
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dims, batch", [(SMALL, 67), (H1, 64)], ids=["small-b67", "h1-b64"])
+def test_kernel_v3_eight_stage_ring(monkeypatch, dims, batch, state_dtype):
+    """v3 with the 8-deep state ring (APRIEL_STEP_V3_STAGES=8: 72.5 KB of dynamic shared memory per 4-warp block
+    with fp32 state) at 1, 5, 9 and 32 rows per warp and the launcher's choice, padding rows at several ring
+    positions: each run matches the references and is bit-equal to the default 4-deep ring (same math, only
+    the number of rows in flight differs)."""
+    monkeypatch.setenv("APRIEL_STEP_KERNEL", "v3")
+    layer, zxbc, dt_low, conv, ssm, slots = _gpu_case(dims, batch, 1, torch.bfloat16, state_dtype, "compact")
+    slots[5::7] = -1
+    monkeypatch.delenv("APRIEL_STEP_V3_STAGES", raising=False)
+    monkeypatch.delenv("APRIEL_STEP_V3_SEQ", raising=False)
+    c4, s4 = conv.clone(), ssm.clone()
+    y4 = _compare_with_references(dims, layer, zxbc, dt_low, c4, s4, slots, tag="[v3 4 stages]")
+    monkeypatch.setenv("APRIEL_STEP_V3_STAGES", "8")
+    for spw in ("1", "5", "9", "32", None):
+        if spw is None:
+            monkeypatch.delenv("APRIEL_STEP_V3_SEQ", raising=False)
+        else:
+            monkeypatch.setenv("APRIEL_STEP_V3_SEQ", spw)
+        c, s = conv.clone(), ssm.clone()
+        y = _compare_with_references(dims, layer, zxbc, dt_low, c, s, slots, tag=f"[v3 8 stages seq{spw}]")
+        assert torch.equal(y, y4) and torch.equal(s, s4) and torch.equal(c, c4), f"8 stages seq{spw} != 4 stages"
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 def test_kernel_v3_equals_v2(monkeypatch, state_dtype):
     """v3 == v2 at the H1 shape: the same per-state math (states equal up to FMA contraction choices of the
     two kernels, bit-equal conv caches); y differs at most by the order of the 16-term C readout sum (v3

@@ -71,6 +71,13 @@ int v3_seq_per_warp() {
   return 0;
 }
 
+// v3 state ring depth per warp: 4 (default) or 8 with APRIEL_STEP_V3_STAGES=8 (twice the rows in flight per warp,
+// 3 instead of 4 resident 4-warp blocks per SM with fp32 state; an A/B for the DRAM-latency-bound batches).
+int v3_stages() {
+  const char* env = std::getenv("APRIEL_STEP_V3_STAGES");
+  return env != nullptr && std::string(env) == "8" ? 8 : 4;
+}
+
 // Programmatic dependent launch for v2 / v3 (APRIEL_STEP_PDL=1; off by default: the kernel then reads the
 // layer parameters before the previous kernel has finished, which is only safe when that kernel does not
 // write them - true in a decode graph, not something a general op may assume).
@@ -234,6 +241,7 @@ void mixer_step_out(const at::Tensor& zxbc, const at::Tensor& dt_low, at::Tensor
   int version = kernel_version(p.batch);
   if (version == 3 && !v3_supported(q, act, zxbc)) version = 2;
   p.v3_seq_per_warp = version == 3 ? v3_seq_per_warp() : 0;
+  p.v3_stages = version == 3 ? v3_stages() : 4;
   p.seq_per_thread = seq_per_thread(p.batch, version, p.q, act == at::kFloat);
   p.pdl = version >= 2 && use_pdl();
   p.group_channels = static_cast<int>(d_state * (d_inner / d_xb));

@@ -38,7 +38,8 @@ namespace v3 {
 
 constexpr int kWarp = 32;
 constexpr int kWin = 4;              // sliding conv window in registers (as v2)
-constexpr int kStages = 4;           // state stages per warp
+constexpr int kStages = 4;           // state stages per warp (default; APRIEL_STEP_V3_STAGES=8 doubles the ring)
+constexpr int kMaxStages = 8;        // ring depths: 4 or 8 (powers of two: stage = row & (stages - 1))
 constexpr int kMaxSeqPerWarp = 32;   // slot indices of a warp's run: one register per lane
 constexpr int kBarBytes = 128;       // per-warp mbarrier area (kStages x 8 B), keeps the stages 128-B aligned
 
@@ -52,6 +53,8 @@ struct Layout {
   static constexpr int kStageBytes = kWarp * kChannelBytes;                     // one warp's slice of a slot
   static constexpr int kABytes = kWarp * 64;  // the warp's -exp(A_log) log2(e) rows (fp32), read once per row
   static constexpr int kWarpSmem = kBarBytes + kStages * kStageBytes + kABytes;
+  // Shared memory of one warp with a ring of `stages` (4 or 8) states.
+  __host__ __device__ static constexpr int warp_smem(int stages) { return kBarBytes + stages * kStageBytes + kABytes; }
   __device__ __forceinline__ static int rot(int lane) { return kUnits == 4 ? (lane >> 1) & 3 : (lane >> 2) & 1; }
 };
 
@@ -241,12 +244,16 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
   act_t* __restrict__ y = static_cast<act_t*>(p.y);
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  unsigned char* wsm = smem_raw + threadIdx.y * L::kWarpSmem;
+  // Ring depth (4 or 8, warp-uniform): 8 doubles the rows in flight per warp for DRAM-latency-bound batches
+  // (hot b64 13 us vs cold 20.7 us on the H100), at 3 instead of 4 resident blocks per SM for fp32 state.
+  const int nst = p.v3_stages == 8 ? 8 : kStages;
+  const int log2nst = nst == 8 ? 3 : 2;
+  unsigned char* wsm = smem_raw + threadIdx.y * L::warp_smem(nst);
   uint64_t* bars = reinterpret_cast<uint64_t*>(wsm);
   unsigned char* stages = wsm + kBarBytes;
   // This lane's A row in shared memory, in the fp32 state layout (conflict-free 16-byte units): keeping the
   // 16 values in registers across the row loop pushed the kernel over its 128-register cap.
-  unsigned char* a_mine = stages + kStages * L::kStageBytes + lane * 64;
+  unsigned char* a_mine = stages + nst * L::kStageBytes + lane * 64;
   const int rot_a = Layout<float>::rot(lane);
 
   // ---- layer parameters, once per warp (as v2: raw loads, arithmetic after the state loads are issued).
@@ -292,7 +299,9 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
   }
   if (lane == 0) {
 #pragma unroll
-    for (int s = 0; s < kStages; ++s) mbar_init(bars + s);
+    for (int s = 0; s < kMaxStages; ++s) {
+      if (s < nst) mbar_init(bars + s);
+    }
     fence_proxy_async();  // the inits are visible to the async proxy (the TMA) before its first complete_tx
   }
   __syncwarp();
@@ -305,12 +314,12 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
   const bool chunk_lane = lane < r;
   const int chunk_smem = lane * w * L::kChannelBytes;                             // within a stage
   const int chunk_gl = (chunk_c0 + lane * kDState) * L::kChannelBytes;  // within a slot (< D * 64 B)
-  // State of row k -> stage k % kStages (all lanes; slot warp-uniform). A padding row just arrives, so
-  // every stage's phase advances once per row and the waiting parity is (k / kStages) & 1 for every k.
+  // State of row k -> stage k % nst (all lanes; slot warp-uniform). A padding row just arrives, so
+  // every stage's phase advances once per row and the waiting parity is (k / nst) & 1 for every k.
   // The __syncwarp orders lane 0's arrive.expect_tx before the other lanes' copies (and even a copy
   // completing first could not complete the phase: lane 0's arrival would still be pending).
   auto issue_load = [&](int k, int slot) {
-    uint64_t* bar = bars + (k & (kStages - 1));
+    uint64_t* bar = bars + (k & (nst - 1));
     if (slot < 0) {
       if (lane == 0) mbar_arrive(bar);
       return;
@@ -318,14 +327,15 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
     if (lane == 0) mbar_arrive_expect_tx(bar, chunk_bytes * static_cast<uint32_t>(r));
     __syncwarp();
     if (chunk_lane) {
-      bulk_load(stages + (k & (kStages - 1)) * L::kStageBytes + chunk_smem, ssm_base + slot * slot_bytes + chunk_gl,
+      bulk_load(stages + (k & (nst - 1)) * L::kStageBytes + chunk_smem, ssm_base + slot * slot_bytes + chunk_gl,
                 chunk_bytes, bar);
     }
   };
-  static_assert((kStages & (kStages - 1)) == 0, "stage index by mask");
+  static_assert((kStages & (kStages - 1)) == 0 && kMaxStages == 2 * kStages, "stage index by mask");
+  static_assert(kMaxStages * 8 <= kBarBytes, "mbarriers of the deepest ring");
 #pragma unroll
-  for (int k = 0; k < kStages; ++k) {
-    if (k < nseq) issue_load(k, __shfl_sync(0xffffffffu, slot_lane, k));
+  for (int k = 0; k < kMaxStages; ++k) {
+    if (k < nst && k < nseq) issue_load(k, __shfl_sync(0xffffffffu, slot_lane, k));
   }
 
   // ---- arithmetic on the parameters (their loads were issued long ago): -exp(A_log) log2(e), dt_proj
@@ -445,8 +455,8 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
         prefetch(k + 1, s_next);
       }
 
-      const int st = k & (kStages - 1);
-      mbar_wait(bars + st, (static_cast<uint32_t>(k) / kStages) & 1u);
+      const int st = k & (nst - 1);
+      mbar_wait(bars + st, (static_cast<uint32_t>(k) >> log2nst) & 1u);
       act_t* y_row = y + rr * p.y_batch_stride + c;
       if (sk < 0) {
         if (ok) *y_row = from_f<act_t>(0.f);
@@ -488,7 +498,7 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
       // every row before this one. Chunk j of the stage of row k-1 is refilled now by lane j, once lane j's
       // own store of it has read it (bulk groups are per thread): ~kStages-1 rows in flight.
       if (k + 1 < nseq) prefetch_bc(k + 1, s_next);
-      const int m = k - 1 + kStages;
+      const int m = k - 1 + nst;
       bulk_commit();
       if (k >= 1 && m < nseq) {
         bulk_wait_read_all_but_newest();
@@ -516,12 +526,27 @@ void launch_state(MixerStepParams p, cudaStream_t stream) {
   const int r = p.d_inner / p.d_xb;
   const int w = kWarp / r;
   const int src_warps = (p.d_xb + w - 1) / w;
-  // Resident 4-warp blocks per SM (registers / shared memory), queried once per instantiation.
-  static const int blocks_per_sm = [&] {
-    int n = 0;
-    APRIEL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, 4 * kWarp, 4 * L::kWarpSmem));
-    return n > 0 ? n : 1;
-  }();
+  const int nst = p.v3_stages == 8 ? 8 : kStages;
+  // Resident 4-warp blocks per SM (registers / shared memory) for each ring depth, queried once per
+  // instantiation; the 8-stage ring needs more than the default 48 KB of dynamic shared memory per block (the
+  // attribute is raised only when that ring is first used, so the default launches are as before).
+  int bps = 1;
+  if (nst == 8) {
+    static const int b8 = [&] {
+      APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 4 * L::warp_smem(kMaxStages)));
+      int n = 0;
+      APRIEL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, 4 * kWarp, 4 * L::warp_smem(kMaxStages)));
+      return n > 0 ? n : 1;
+    }();
+    bps = b8;
+  } else {
+    static const int b4 = [&] {
+      int n = 0;
+      APRIEL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, 4 * kWarp, 4 * L::warp_smem(kStages)));
+      return n > 0 ? n : 1;
+    }();
+    bps = b4;
+  }
   int dev = 0, sms = 0;
   APRIEL_CUDA_CHECK(cudaGetDevice(&dev));
   APRIEL_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
@@ -529,7 +554,7 @@ void launch_state(MixerStepParams p, cudaStream_t stream) {
   if (spw <= 0) {
     // All warps resident in one wave: sequences per warp = ceil(work items / resident warps).
     const int64_t items = int64_t(src_warps) * p.batch;
-    const int64_t resident = int64_t(sms) * blocks_per_sm * 4;
+    const int64_t resident = int64_t(sms) * bps * 4;
     spw = static_cast<int>((items + resident - 1) / resident);
   }
   spw = spw < 1 ? 1 : spw > kMaxSeqPerWarp ? kMaxSeqPerWarp : spw;
@@ -539,7 +564,7 @@ void launch_state(MixerStepParams p, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3((src_warps + wpb - 1) / wpb, (p.batch + spw - 1) / spw);
   cfg.blockDim = dim3(kWarp, wpb);
-  cfg.dynamicSmemBytes = wpb * L::kWarpSmem;
+  cfg.dynamicSmemBytes = wpb * L::warp_smem(nst);
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;

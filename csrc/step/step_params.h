@@ -70,6 +70,7 @@ struct MixerStepParams {
   bool vec_dt;         // v2: dt_rank 16 and dt_low rows 16-byte aligned: read as 16-byte vectors
   bool pdl;            // v2/v3: launch with programmatic dependent launch (APRIEL_STEP_PDL=1, sm_90)
   int v3_seq_per_warp; // v3: sequences per warp, 0 = chosen by the launcher (APRIEL_STEP_V3_SEQ forces 1..32)
+  int v3_stages;       // v3: state ring depth per warp, 4 (default) or 8 (APRIEL_STEP_V3_STAGES=8)
 };
 
 // Launchers, one per activation dtype (step_{fp16,bf16,fp32}.cu); they dispatch state dtype and
