@@ -111,9 +111,6 @@ def _fwd_shape(batch, seqlen, dim, peer, copy_bps):
             with env_override("APRIEL_CONV1D_FWD_IMPL", impl):
                 rows.append(_row("causal_conv1d", f"apriel[fwd={impl}]", "fwd", *args, time_ms(ours), nbytes,
                                  copy_bps, graph_p50_ms=time_graph_ms(ours)["p50"]))
-        with env_override("APRIEL_CONV1D_FWD_STORE", "plain"):
-            rows.append(_row("causal_conv1d", "apriel[store=plain]", "fwd", *args, time_ms(ours), nbytes, copy_bps,
-                             graph_p50_ms=time_graph_ms(ours)["p50"], note="async forward, plain (write-back) stores"))
         for tokens in ("4", "8"):  # tile-kernel knobs: force the tile kernel whatever the default is
             with env_override("APRIEL_CONV1D_FWD_TOKENS", tokens), env_override("APRIEL_CONV1D_FWD_IMPL", "tile"):
                 rows.append(_row("causal_conv1d", f"apriel[tok{tokens}]", "fwd", *args, time_ms(ours), nbytes,

@@ -262,10 +262,6 @@ std::tuple<Tensor, Tensor> causal_conv1d_fwd(const Tensor& x, const Tensor& weig
   p.vectorized = vectorizable(x);
   p.fwd_tokens = fwd_tokens();
   p.fwd_impl = impl_from_env("APRIEL_CONV1D_FWD_IMPL", kDefaultFwdImpl, false);
-  {
-    const char* store = std::getenv("APRIEL_CONV1D_FWD_STORE");
-    p.fwd_plain_store = store != nullptr && std::strcmp(store, "plain") == 0;
-  }
   p.chan_vec = !p.vectorized && chan_vec_from_env() && chan_vectorizable(x) && chan_vectorizable(out);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   APRIEL_CONV1D_DISPATCH(x.scalar_type(), causal_conv1d_fwd, p, stream);

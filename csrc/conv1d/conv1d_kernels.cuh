@@ -1182,8 +1182,7 @@ __device__ __forceinline__ void fwd_async_body(const ConvParams& p, AsyncStage* 
         }
         y[i] = activate(acc, p.silu);
       }
-      if (p.fwd_plain_store) store_pack<T, kCh>(out_t + s * out_row, y);
-      else store_stream<T, kCh>(out_t + s * out_row, y);
+      store_stream<T, kCh>(out_t + s * out_row, y);
     }
     out_t += K * out_row;
 #pragma unroll

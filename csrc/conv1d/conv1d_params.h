@@ -90,9 +90,6 @@ struct ConvParams {
   // set by the host (it sizes the dweight workspace), nsplit then counts blocks along tokens.
   // fwd_impl: kFwdAsync = the stream forward with chunks staged through shared memory by cp.async.
   int fwd_impl;
-  // Async forward stores: true = plain st.global (write-back in L2), false = st.global.cs (evict-first, the
-  // default). APRIEL_CONV1D_FWD_STORE=plain|cs, an A/B knob of the benchmark (session 3).
-  bool fwd_plain_store;
   int bwd_impl;     // FwdImpl values too: kFwdTile, kFwdStream, kFwdAsync, kFwdDeep or kBwdFused
   // Forward of channel-major data (x and out with unit token stride, 16-byte aligned rows, seqlen a
   // multiple of the 16-byte vector, 2- or 4-byte types): a thread loads 16-byte vectors along the tokens
