@@ -3,7 +3,8 @@
     run(quick=False, ceilings=None, only=None) -> list[dict] rows
 Folds in (imported lazily; each owned by its kernel's engineer): bench/kernels_scan.py (scan fwd and
 fwd+bwd), bench/kernels_conv1d.py (conv1d fwd/bwd), bench/kernels_step.py (decode step), and
-bench/kernels_attention.py (SDPA / flash-attn alone, the attention peers). Each exposes
+bench/kernels_attention.py (SDPA / flash-attn alone, the attention peers) and bench/kernels_decode_attn.py
+(apriel_kernels.decode_attention vs SDPA at the engine's decode batches). Each exposes
 `run(quick=False) -> list[dict]` (and may take ceilings=). A module that is missing or fails becomes a "not available" / "error"
 row and the other modules still run. Rows are normalised to bench/rows.py (p50_us -> p50_ms, ...), and
 where a row gives the bytes it moves but no % of ceiling, the % of this run's measured copy bandwidth is
@@ -21,7 +22,7 @@ from .rows import error_row, normalize, unavailable
 
 SUITE = "kernels"
 MODULES = {"scan": "bench.kernels_scan", "conv1d": "bench.kernels_conv1d", "step": "bench.kernels_step",
-           "attention": "bench.kernels_attention"}
+           "attention": "bench.kernels_attention", "decode_attention": "bench.kernels_decode_attn"}
 
 
 def _call_run(module, quick: bool, ceilings=None) -> list[dict[str, Any]]:
