@@ -152,22 +152,21 @@ class Attention(nn.Module):
         slot_col = ctx.slots[:, None]
         key_cache[slot_col, :, ctx.write_idx] = k.transpose(1, 2).to(key_cache.dtype)
         value_cache[slot_col, :, ctx.write_idx] = v.transpose(1, 2).to(value_cache.dtype)
-        keys, values = ctx.cache_rows(key_cache, ctx.kv_len), ctx.cache_rows(value_cache, ctx.kv_len)
         b, _, L, d = q.shape
+        if L == 1 and ctx.decode_kernel == "fused":
+            # the fused op reads the slot rows itself: no cache_rows gather (a full copy when rows aren't slots)
+            qg = q.view(b, self.num_kv_heads, self.num_heads // self.num_kv_heads, d)
+            return self._fused_decode(qg, key_cache, value_cache, ctx).reshape(b, self.num_heads, 1, d)
+        keys, values = ctx.cache_rows(key_cache, ctx.kv_len), ctx.cache_rows(value_cache, ctx.kv_len)
         if L == 1:
             # Decode: the query heads of one KV head form a (group, d) query block, so SDPA reads each
             # cached K/V once with no GQA repeat; the mask (b, 1, 1, Lk) broadcasts over heads and group.
-            group = self.num_heads // self.num_kv_heads
-            qg = q.view(b, self.num_kv_heads, group, d)
-            if ctx.decode_kernel == "fused":
-                out = self._fused_decode(qg, key_cache, value_cache, ctx)
-            else:
-                out = decode_attention(qg, keys, values, ctx.attn_mask[:, 0, 0], self.scale, ctx.decode_splits,
-                                       ctx.memo)
+            qg = q.view(b, self.num_kv_heads, self.num_heads // self.num_kv_heads, d)
+            out = decode_attention(qg, keys, values, ctx.attn_mask[:, 0, 0], self.scale, ctx.decode_splits,
+                                   ctx.memo)
             return out.reshape(b, self.num_heads, 1, d)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.attn_mask, scale=self.scale,
                                               enable_gqa=True)
-
 
     def _fused_decode(self, qg, key_cache, value_cache, ctx: StepContext) -> torch.Tensor:
         # apriel_kernels.decode_attention reads the slot rows of the cache itself (no gather) and only
