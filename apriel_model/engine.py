@@ -183,43 +183,36 @@ class Engine:
             return pick_splits(batch, self.config.num_key_value_heads, self.cache.max_seqlen, sms)
         return int(self.decode_splits or 0)
 
+    def _agrees_with_sdpa(self, attention, label: str) -> bool:
+        """Run `attention(q, keys, values, valid, scale)` on a small masked case and compare with one SDPA call;
+        on any failure keep a note and return False (the plain SDPA path still works)."""
+        try:
+            g = torch.Generator(device=self.device).manual_seed(0)
+            q = torch.randn(2, 2, 4, 64, device=self.device, dtype=self.dtype, generator=g)
+            kv = torch.randn(2, 2, 1024, 64, device=self.device, dtype=self.dtype, generator=g)
+            valid = torch.arange(1024, device=self.device)[None] < torch.tensor([[700], [100]], device=self.device)
+            err = (attention(q, kv, kv, valid, 0.125).float() - decode_attention(q, kv, kv, valid, 0.125).float())
+            err = err.abs().max().item()
+            if not err < 2e-2:
+                raise RuntimeError(f"{label} differs from SDPA by {err}")
+            return True
+        except Exception as e:  # noqa: BLE001
+            self.notes.append(f"{label} decode attention disabled: {type(e).__name__}: {str(e)[:200]}")
+            return False
+
     def _probe_fused_attention(self) -> bool:
-        """Check apriel_kernels.decode_attention (Triton) against SDPA once; False (with a note) if it fails."""
+        """Check apriel_kernels.decode_attention (Triton on GPU) against SDPA once."""
         from apriel_kernels import _triton_decode
         from apriel_kernels.decode_attention import decode_attention as fused
         if not _triton_decode.available():
             self.notes.append("fused decode attention disabled: triton is not installed")
             return False
-        try:
-            g = torch.Generator(device=self.device).manual_seed(0)
-            q = torch.randn(2, 2, 4, 64, device=self.device, dtype=self.dtype, generator=g)
-            kv = torch.randn(2, 2, 1024, 64, device=self.device, dtype=self.dtype, generator=g)
-            valid = torch.arange(1024, device=self.device)[None] < torch.tensor([[700], [100]], device=self.device)
-            a = fused(q, kv, kv, valid, 0.125, splits=4)
-            b = decode_attention(q, kv, kv, valid, 0.125, splits=0)
-            err = (a.float() - b.float()).abs().max().item()
-            if not err < 2e-2:
-                raise RuntimeError(f"fused decode attention differs from SDPA by {err}")
-            return True
-        except Exception as e:  # noqa: BLE001  (any failure: the SDPA path still works)
-            self.notes.append(f"fused decode attention disabled: {type(e).__name__}: {str(e)[:200]}")
-            return False
+        return self._agrees_with_sdpa(lambda *a: fused(*a, splits=4), "fused")
 
     def _probe_split_attention(self) -> None:
-        """Check the split-K path (a private aten op) against SDPA once; fall back to SDPA if it fails."""
-        try:
-            g = torch.Generator(device=self.device).manual_seed(0)
-            q = torch.randn(2, 2, 4, 64, device=self.device, dtype=self.dtype, generator=g)
-            kv = torch.randn(2, 2, 1024, 64, device=self.device, dtype=self.dtype, generator=g)
-            valid = torch.arange(1024, device=self.device)[None] < torch.tensor([[700], [100]], device=self.device)
-            a = decode_attention(q, kv, kv, valid, 0.125, splits=4)
-            b = decode_attention(q, kv, kv, valid, 0.125, splits=0)
-            err = (a.float() - b.float()).abs().max().item()
-            if not err < 2e-2:
-                raise RuntimeError(f"split-K differs from SDPA by {err}")
-        except Exception as e:  # noqa: BLE001  (any failure: the plain SDPA path still works)
+        """Check the split-K path (a private aten op) against SDPA once; no split if it fails."""
+        if not self._agrees_with_sdpa(lambda *a: decode_attention(*a, splits=4), "split-K"):
             self.decode_splits = 0
-            self.notes.append(f"split-K decode attention disabled: {type(e).__name__}: {str(e)[:200]}")
 
     def _decode_eager(self, tokens: torch.Tensor, static_kv: bool) -> torch.Tensor:
         splits = self.splits_for(tokens.shape[0])
