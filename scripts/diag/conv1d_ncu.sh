@@ -5,7 +5,9 @@
 set -uo pipefail
 OUT=${1:-/tmp/out}
 mkdir -p "$OUT"
-cat > /tmp/conv_once.py <<'PY'
+source "$(dirname "$0")/ncu_common.sh"
+CASE=$(mktemp /tmp/conv_once.XXXX.py)
+cat > "$CASE" <<'PY'
 import sys, torch
 from apriel_kernels import causal_conv1d_fn
 dim = int(sys.argv[1])
@@ -18,13 +20,8 @@ for _ in range(4):
     y.backward(torch.ones_like(y))
 torch.cuda.synchronize()
 PY
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 for dim in 4096 1024; do
-  echo "=== dim $dim" >> "$OUT/ncu_conv1d.txt"
-  timeout 150 "$NCU" --clock-control none --kernel-name regex:"fwd_|bwd_" --launch-skip 4 --launch-count 2 \
-    --section SpeedOfLight --section MemoryWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
-    --section Occupancy --section LaunchStats --section InstructionStats ${NCU_EXTRA_SECTIONS:-} \
-    python3 /tmp/conv_once.py $dim >> "$OUT/ncu_conv1d.txt" 2>&1
+  ncu_profile "$OUT/ncu_conv1d.txt" "dim $dim" 150 "fwd_|bwd_" 4 2 --section MemoryWorkloadAnalysis -- \
+    python3 "$CASE" "$dim"
 done
-grep -E "===|  [a-z_:]*(fwd|bwd)_[a-z_]*kernel|Duration|DRAM Throughput|L2 Cache Throughput|Issue Slots Busy|No Eligible|Active Warps Per|Warp Cycles Per Issued|Executed Instructions  |Registers Per|Achieved Occupancy|Waves Per SM|Grid Size|Block Size" "$OUT/ncu_conv1d.txt" | head -120
+ncu_summary "$OUT/ncu_conv1d.txt" "  [a-z_:]*(fwd|bwd)_[a-z_]*kernel|Grid Size|Block Size" 120

@@ -5,7 +5,9 @@
 set -uo pipefail
 OUT=${1:-/tmp/out}
 mkdir -p "$OUT"
-cat > /tmp/step_once.py <<'PY'
+source "$(dirname "$0")/ncu_common.sh"
+CASE=$(mktemp /tmp/step_once.XXXX.py)
+cat > "$CASE" <<'PY'
 import sys, torch
 from bench.kernels_step import _apriel_fn
 fn = _apriel_fn(int(sys.argv[1]), torch.float32, "compact", True)[0]
@@ -14,14 +16,9 @@ with torch.no_grad():
         fn()
 torch.cuda.synchronize()
 PY
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 for cfg in "64 v2" "64 v3" "256 v3"; do
   set -- $cfg
-  echo "=== b$1 $2" >> "$OUT/ncu_step.txt"
-  APRIEL_STEP_KERNEL=$2 timeout 120 "$NCU" --clock-control none --kernel-name regex:mixer_step --launch-skip 10 --launch-count 1 \
-    --section SpeedOfLight --section MemoryWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
-    --section Occupancy --section LaunchStats --section InstructionStats ${NCU_EXTRA_SECTIONS:-} \
-    python3 /tmp/step_once.py $1 >> "$OUT/ncu_step.txt" 2>&1
+  APRIEL_STEP_KERNEL=$2 ncu_profile "$OUT/ncu_step.txt" "b$1 $2" 120 mixer_step 10 1 \
+    --section MemoryWorkloadAnalysis -- python3 "$CASE" "$1"
 done
-grep -E "===|Duration|DRAM Throughput|Memory Throughput|L2 Cache Throughput|L1/TEX Cache Throughput|Issue Slots Busy|No Eligible|Active Warps Per|Warp Cycles Per Issued|Executed Instructions  |Registers Per|Achieved Occupancy|Stall|Waves Per SM|Mem Busy|Max Bandwidth" "$OUT/ncu_step.txt" | head -150
+ncu_summary "$OUT/ncu_step.txt" "Memory Throughput|L1/TEX Cache Throughput|Stall|Mem Busy|Max Bandwidth"
