@@ -5,7 +5,7 @@ the measured copy ceiling and a plain-torch imitation of the HF decode chain.
                                      p20_us, p50_us, p80_us, bytes, gb_per_s, pct_of_copy_ceiling,
                                      floor_us, bar_us, meets_bar, seq_per_warp (v3 sweeps), note +
                                      gpu/torch/commit
-    python -m bench.kernels_step [--out step.json] [--quick]   prints a table, writes JSON
+    python -m bench.kernels_step [--out step.json] [--quick] [--variants P1,P2,...]   prints a table, writes JSON
 
 Shape: Apriel-H1 mixer (D 4096, X 1024, N 16, R 16, W 4), bf16 activations and bf16 weights (A_log, D
 fp32). Every time is per call, from CUDA-graph replays of back-to-back calls (bench/timing.time_graph_ms).
@@ -22,7 +22,8 @@ APRIEL_STEP_KERNEL=v1, its own defaults: the A/B against v2 in the same run), "a
 with programmatic dependent launch, APRIEL_STEP_PDL=1: consecutive steps of the graph overlap their
 parameter prologue with the previous step's tail), "apriel[v3]" / "apriel[v3+pdl]" (kernel v3,
 APRIEL_STEP_KERNEL=v3: state staged through shared memory by the TMA, parameters once per warp; without /
-with PDL), "apriel[v3,seqK]" (v3 with K sequences per warp, APRIEL_STEP_V3_SEQ), "hf_chain_torch" (split, repeat,
+with PDL), "apriel[v3(+pdl),tma]" / "apriel[v3(+pdl),lanecp]" (v3's state copies as one 3-D tensor-map copy per row
+and direction, APRIEL_STEP_V3_TMA=1, the default, or as per-lane bulk chunks, =0), "apriel[v3,seqK]" (v3 with K sequences per warp, APRIEL_STEP_V3_SEQ), "hf_chain_torch" (split, repeat,
 roll-based conv update, dt Linear, selective_state_update written in torch ops, bf16 state, D-channel conv
 cache, batch-indexed caches like HF: an imitation, because mamba-ssm / causal-conv1d are not installed
 on the device; the real chain measured 18.3 / 23.2 / 38.3 / 99.4 us per kernels.md).
@@ -56,6 +57,12 @@ VARIANTS = [
     ("apriel[v3+pdl]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1"}),
     ("apriel[v3,st8]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_V3_STAGES": "8"}),  # 8-deep state ring
     ("apriel[v3+pdl,st8]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1", "APRIEL_STEP_V3_STAGES": "8"}),
+    # Session 4: v3's state copies as one 3-D TMA tensor copy per row and direction (tma, the default) or r per-lane
+    # cp.async.bulk chunks (lanecp, the session-3 path), without / with PDL.
+    ("apriel[v3,tma]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_V3_TMA": "1"}),
+    ("apriel[v3,lanecp]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_V3_TMA": "0"}),
+    ("apriel[v3+pdl,tma]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1", "APRIEL_STEP_V3_TMA": "1"}),
+    ("apriel[v3+pdl,lanecp]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1", "APRIEL_STEP_V3_TMA": "0"}),
 ]
 ACT = torch.bfloat16
 
@@ -169,6 +176,44 @@ def _row(op, provider, batch, state_dtype, conv_layout, l2, stats_ms, nbytes, co
     return row
 
 
+def _variant_rows(batch: int, variants, copy_bps: float) -> list[dict[str, Any]]:
+    """Cold-L2 rows of the given (provider, environment) kernel variants at one batch, both state dtypes."""
+    rows = []
+    for provider, env in variants:
+        for state_dtype in (torch.float32, torch.bfloat16):
+            with contextlib.ExitStack() as stack:
+                for var, value in env.items():
+                    stack.enter_context(env_override(var, value))
+                fn, per_graph, nbytes = _apriel_fn(batch, state_dtype, "compact", True)
+                stats = time_graph_ms(fn, per_graph=per_graph)
+            extra = {"bar_us": BARS_US[batch], "meets_bar": stats["p50"] * 1e3 <= BARS_US[batch]} \
+                if state_dtype == torch.float32 else {}
+            rows.append(_row("mixer_step", provider, batch, state_dtype, "compact", "cold", stats, nbytes,
+                             copy_bps, **extra))
+            torch.cuda.empty_cache()
+    return rows
+
+
+def run_variants(providers: list[str]) -> list[dict[str, Any]]:
+    """Only the named variant rows (cold, both state dtypes) at every batch: a short A/B run (--variants)."""
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.kernels_step needs a CUDA device")
+    known = dict(VARIANTS)
+    unknown = [p for p in providers if p not in known]
+    if unknown:
+        raise SystemExit(f"--variants: unknown provider(s) {unknown}; known: {sorted(known)}")
+    torch.manual_seed(0)
+    copy_bps = measure_copy_bandwidth()
+    rows: list[dict[str, Any]] = [{"op": "copy_ceiling", "provider": "torch", "gb_per_s": copy_bps / 1e9,
+                                   "note": "1 GiB device-to-device copy, bytes read + written"}]
+    for batch in BATCHES:
+        rows += _variant_rows(batch, [(p, known[p]) for p in providers], copy_bps)
+    env = _environment()
+    for row in rows:
+        row.update(env)
+    return rows
+
+
 def run(quick: bool = False) -> list[dict[str, Any]]:
     if not torch.cuda.is_available():
         raise SystemExit("bench.kernels_step needs a CUDA device")
@@ -193,18 +238,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                          time_graph_ms(fn, per_graph=per_graph), nbytes, copy_bps))
         # Kernel variants, cold L2 (the bars' condition), both state dtypes: v1, v2 with PDL, v3 (TMA-staged
         # state), v3 with PDL.
-        for provider, env in VARIANTS:
-            for state_dtype in (torch.float32, torch.bfloat16):
-                with contextlib.ExitStack() as stack:
-                    for var, value in env.items():
-                        stack.enter_context(env_override(var, value))
-                    fn, per_graph, nbytes = _apriel_fn(batch, state_dtype, "compact", True)
-                    stats = time_graph_ms(fn, per_graph=per_graph)
-                extra = {"bar_us": BARS_US[batch], "meets_bar": stats["p50"] * 1e3 <= BARS_US[batch]} \
-                    if state_dtype == torch.float32 else {}
-                rows.append(_row("mixer_step", provider, batch, state_dtype, "compact", "cold", stats, nbytes,
-                                 copy_bps, **extra))
-                torch.cuda.empty_cache()
+        rows += _variant_rows(batch, VARIANTS, copy_bps)
         if not quick and batch >= 64:
             # v3 sequences per warp (the launcher picks ceil(channel warps x batch / resident warps): 4 at
             # b64, 16 at b256 on an H100 with 4 resident blocks per SM).
@@ -244,8 +278,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--quick", action="store_true", help="batches 1 and 64 only, no sweeps")
+    parser.add_argument("--variants", help="comma-separated providers of VARIANTS: only their cold rows, every batch "
+                                           "(e.g. 'apriel[v3+pdl,tma],apriel[v3+pdl,lanecp]')")
     args = parser.parse_args(argv)
-    rows = run(quick=args.quick)
+    rows = run_variants(args.variants.split(",")) if args.variants else run(quick=args.quick)
     _print_table(rows)
     if args.out:
         with open(args.out, "w") as f:

@@ -3,10 +3,12 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda.h>  // CUtensorMap and its enums only: the encoder comes from cudaGetDriverEntryPointByVersion (no libcuda link)
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <string>
 
@@ -76,6 +78,77 @@ int v3_seq_per_warp() {
 int v3_stages() {
   const char* env = std::getenv("APRIEL_STEP_V3_STAGES");
   return env != nullptr && std::string(env) == "8" ? 8 : 4;
+}
+
+// v3 state copies: one 3-D TMA tensor copy per row and direction (APRIEL_STEP_V3_TMA=1, the default) or r per-lane
+// cp.async.bulk chunks (APRIEL_STEP_V3_TMA=0, the session-3 path). Same bytes, same shared layout, same math:
+// the tensor map only removes the serialized per-lane copy issues (~90 of ~600 warp instructions per row).
+bool v3_tma_requested() {
+  const char* env = std::getenv("APRIEL_STEP_V3_TMA");
+  return env == nullptr || std::string(env) != "0";
+}
+
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// cuTensorMapEncodeTiled from the driver the runtime already loaded; nullptr if unavailable (-> per-lane copies).
+EncodeTiledFn encode_tiled() {
+  static const EncodeTiledFn fn = []() -> EncodeTiledFn {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult status{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &status) != cudaSuccess ||
+        status != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return nullptr;
+    }
+    return reinterpret_cast<EncodeTiledFn>(f);
+  }();
+  return fn;
+}
+
+// The v3 tensor map over the SSM cache (slots, D/16, 16, 16): dims (innermost first) {256 elements = one block of
+// 16 channels x 16 states, D / 16 blocks, slots}, strides {256 elements, slot stride} in bytes, box = one warp's
+// 32 channels {16 min(w, 16), 32 / min(w, 16), 1} with w = 32 / r source channels per warp: r chunks of w channels
+// at a stride of one block (r >= 2), or two whole blocks (r = 1). The kernel's coordinates are
+// ((x0 % 16) * 16, (x0 / 16) * r, slot) for the warp's first source channel x0. Returns false (-> per-lane
+// copies) when a TMA rule fails: a partial last warp (X % w != 0), an empty cache, a stride out of range, or no
+// encoder. The caller has checked a 16-byte aligned base and slot stride (TMA: 16-byte aligned address and
+// strides; the inner box extent, 16 min(w, 16) elements of 2 or 4 bytes, is a multiple of 16 bytes).
+bool encode_state_map(const at::Tensor& ssm, int64_t d_inner, int64_t d_xb, unsigned char* out) {
+  const int64_t r = d_inner / d_xb, w = 32 / r, bw = w < 16 ? w : 16;
+  const int64_t es = ssm.element_size(), slots = ssm.size(0), slot_bytes = ssm.stride(0) * es;
+  if (d_xb % w != 0 || slots < 1 || slots > (int64_t(1) << 32) || slot_bytes >= (int64_t(1) << 40)) return false;
+  // One entry cache: a decode loop calls every layer with the same cache tensor shape; the encode is pure host
+  // work (~1 us) that a graph replay never repeats, but eager decode would pay it per layer and step.
+  struct Key {
+    const void* ptr; int64_t slots, slot_bytes, d_inner, d_xb, es;
+    bool operator==(const Key& o) const { return std::memcmp(this, &o, sizeof(Key)) == 0; }
+  };
+  thread_local Key last{};
+  thread_local unsigned char last_map[128];
+  const Key key{ssm.data_ptr(), slots, slot_bytes, d_inner, d_xb, es};
+  if (last.ptr != nullptr && last == key) {
+    std::memcpy(out, last_map, sizeof(last_map));
+    return true;
+  }
+  const EncodeTiledFn encode = encode_tiled();
+  if (encode == nullptr) return false;
+  static_assert(sizeof(CUtensorMap) == 128, "MixerStepParams::v3_state_map holds one CUtensorMap");
+  CUtensorMap map;
+  const cuuint64_t dims[3] = {256, static_cast<cuuint64_t>(d_inner / 16), static_cast<cuuint64_t>(slots)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(256 * es), static_cast<cuuint64_t>(slot_bytes)};
+  const cuuint32_t box[3] = {static_cast<cuuint32_t>(bw * 16), static_cast<cuuint32_t>(32 / bw), 1};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  const CUresult res = encode(&map, es == 4 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3,
+                              ssm.data_ptr(), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                              CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (res != CUDA_SUCCESS) return false;
+  std::memcpy(last_map, &map, sizeof(map));
+  last = key;
+  std::memcpy(out, &map, sizeof(map));
+  return true;
 }
 
 // Programmatic dependent launch for v2 / v3 (APRIEL_STEP_PDL=1; off by default: the kernel then reads the
@@ -242,6 +315,7 @@ void mixer_step_out(const at::Tensor& zxbc, const at::Tensor& dt_low, at::Tensor
   if (version == 3 && !v3_supported(q, act, zxbc)) version = 2;
   p.v3_seq_per_warp = version == 3 ? v3_seq_per_warp() : 0;
   p.v3_stages = version == 3 ? v3_stages() : 4;
+  p.v3_tma = version == 3 && v3_tma_requested() && encode_state_map(ssm_state, d_inner, d_xb, p.v3_state_map);
   p.seq_per_thread = seq_per_thread(p.batch, version, p.q, act == at::kFloat);
   p.pdl = version >= 2 && use_pdl();
   p.group_channels = static_cast<int>(d_state * (d_inner / d_xb));
@@ -292,6 +366,15 @@ at::Tensor mixer_step(const at::Tensor& zxbc, const at::Tensor& dt_low, at::Tens
   return out;
 }
 
+// Whether v3 would move this SSM cache with the tensor map (tests: the TMA path really runs where it should, and
+// the fallback where a rule fails). Same function as the launch path; no device work.
+bool mixer_step_v3_tma_ok(const at::Tensor& ssm_state, int64_t d_inner, int64_t d_xb) {
+  TORCH_CHECK(ssm_state.dim() == 4 && d_xb > 0 && d_inner % d_xb == 0 && d_inner / d_xb <= 16,
+              "ssm_state: expected (slots, d_inner / 16, 16, 16) with d_inner a multiple of d_xb, got ", ssm_state.sizes());
+  unsigned char map[128];
+  return encode_state_map(ssm_state, d_inner, d_xb, map);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(apriel_C, m) {
@@ -305,9 +388,12 @@ TORCH_LIBRARY_FRAGMENT(apriel_C, m) {
       "mixer_step_out(Tensor zxbc, Tensor dt_low, Tensor(a!) conv_state, Tensor(b!) ssm_state, Tensor? slot_idx, "
       "Tensor conv_weight, Tensor? conv_bias, Tensor dt_proj_weight, Tensor dt_proj_bias, Tensor A_log, Tensor D, "
       "int d_inner, int d_xb, int d_state, bool repeat_kv_before_conv, Tensor(c!) out) -> ()");
+  // Test hook: would kernel v3 copy this SSM cache with one TMA tensor copy per row (APRIEL_STEP_V3_TMA)?
+  m.def("mixer_step_v3_tma_ok(Tensor ssm_state, int d_inner, int d_xb) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(apriel_C, CUDA, m) {
   m.impl("mixer_step", &mixer_step);
   m.impl("mixer_step_out", &mixer_step_out);
+  m.impl("mixer_step_v3_tma_ok", &mixer_step_v3_tma_ok);
 }

@@ -94,6 +94,25 @@ __device__ __forceinline__ void bulk_store(void* dst, const void* src, uint32_t 
   asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(smem_addr(src)), "r"(bytes)
                : "memory");
 }
+// 3-D TMA tensor copies of one warp's state slice (the map: MixerStepParams::v3_state_map, built by step_api.cpp).
+// `map` is the generic address of the map inside the __grid_constant__ kernel parameters.
+__device__ __forceinline__ void tensor_load_3d(void* dst, const void* map, int c0, int c1, int c2, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::
+          "r"(smem_addr(dst)),
+      "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar))
+      : "memory");
+}
+__device__ __forceinline__ void tensor_store_3d(const void* map, int c0, int c1, int c2, const void* src) {
+  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.tile.bulk_group [%0, {%1, %2, %3}], [%4];" ::"l"(map), "r"(c0),
+               "r"(c1), "r"(c2), "r"(smem_addr(src))
+               : "memory");
+}
+// Pulls the map into the TMA unit's descriptor cache ahead of the first copy (it does not depend on the previous
+// kernel, so it runs before griddepcontrol.wait).
+__device__ __forceinline__ void prefetch_tensor_map(const void* map) {
+  asm volatile("prefetch.tensormap [%0];" ::"l"(map) : "memory");
+}
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
 // All but the newest group have finished READING shared memory (their stage may be refilled).
 __device__ __forceinline__ void bulk_wait_read_all_but_newest() { asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory"); }
@@ -207,7 +226,7 @@ struct TokenIn {
 };
 
 template <typename act_t, typename state_t>
-__global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepParams p) {
+__global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const __grid_constant__ MixerStepParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // the host selects v3 on sm_90+ only
 #else
@@ -256,6 +275,19 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
   unsigned char* a_mine = stages + nst * L::kStageBytes + lane * 64;
   const int rot_a = Layout<float>::rot(lane);
 
+  // Slot of the warp's k-th row in lane k (-1 = padding or out of range: no state I/O, y = 0). It heads the
+  // critical path (slot -> state copy -> wait -> math -> store), so without PDL it is requested before the
+  // parameters; with PDL it must wait for griddepcontrol.wait (the previous kernel may write slot_idx).
+  int slot_lane = -1;
+  auto load_slot = [&] {
+    if (lane < nseq) {
+      const int rr = row0 + lane;
+      const int sl = p.slot_idx != nullptr ? __ldg(p.slot_idx + rr) : rr;
+      slot_lane = sl < 0 || sl >= p.num_slots ? -1 : sl;
+    }
+  };
+  if (!p.pdl) load_slot();
+
   // ---- layer parameters, once per warp (as v2: raw loads, arithmetic after the state loads are issued).
   // A_log in the thread's rotated state order (register unit u = unit u ^ rot of the row),
   // read straight from memory in that order (a register-side rotation becomes a local-memory array).
@@ -285,18 +317,15 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
   float conv_b = 0.f, dt_bias = 0.f, d_skip = 0.f;
   const int conv_ch = p.repeat_kv_before_conv ? c : xs;
   const bool dtw_packed = v2::load_channel_params(p, c, conv_ch, valid, dtw, w4, conv_b, dt_bias, d_skip);
+  // The TMA path: one tensor copy per row and direction, issued by lane 0 (host-checked: whole channel warps).
+  const bool tma = p.v3_tma;
+  if (tma && lane == 0) prefetch_tensor_map(p.v3_state_map);
 
   // Everything below may read what the previous kernel wrote.
   v2::pdl_wait();
   v2::pdl_launch_dependents();
 
-  // Slot of the warp's k-th row in lane k (-1 = padding or out of range: no state I/O, y = 0).
-  int slot_lane = -1;
-  if (lane < nseq) {
-    const int rr = row0 + lane;
-    const int sl = p.slot_idx != nullptr ? __ldg(p.slot_idx + rr) : rr;
-    slot_lane = sl < 0 || sl >= p.num_slots ? -1 : sl;
-  }
+  if (p.pdl) load_slot();
   if (lane == 0) {
 #pragma unroll
     for (int s = 0; s < kMaxStages; ++s) {
@@ -314,6 +343,12 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
   const bool chunk_lane = lane < r;
   const int chunk_smem = lane * w * L::kChannelBytes;                             // within a stage
   const int chunk_gl = (chunk_c0 + lane * kDState) * L::kChannelBytes;  // within a slot (< D * 64 B)
+  // Tensor-map coordinates of the warp's box (map: dims {256 = 16 channels x 16 states, D / 16 blocks, slots},
+  // box {16 min(w, 16), 32 / min(w, 16), 1}): element (x0 % 16) * 16 of block (x0 / 16) * r. The box lands
+  // dense in shared memory, chunk after chunk, i.e. lane l's 64 B at l * 64 B: the layout of the per-lane
+  // copies, so the XOR unit order of the readers stays conflict free (no TMA swizzle needed).
+  const int tc0 = (x0 & (kDState - 1)) * kDState;
+  const int tc1 = (x0 >> 4) << log2r;
   // State of row k -> stage k % nst (all lanes; slot warp-uniform). A padding row just arrives, so
   // every stage's phase advances once per row and the waiting parity is (k / nst) & 1 for every k.
   // The __syncwarp orders lane 0's arrive.expect_tx before the other lanes' copies (and even a copy
@@ -322,6 +357,13 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
     uint64_t* bar = bars + (k & (nst - 1));
     if (slot < 0) {
       if (lane == 0) mbar_arrive(bar);
+      return;
+    }
+    if (tma) {  // one copy of the whole box by lane 0 (32 channels: X % w == 0 on this path)
+      if (lane == 0) {
+        mbar_arrive_expect_tx(bar, static_cast<uint32_t>(L::kStageBytes));
+        tensor_load_3d(stages + (k & (nst - 1)) * L::kStageBytes, p.v3_state_map, tc0, tc1, slot, bar);
+      }
       return;
     }
     if (lane == 0) mbar_arrive_expect_tx(bar, chunk_bytes * static_cast<uint32_t>(r));
@@ -490,13 +532,16 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const MixerStepPa
         }
         fence_proxy_async();  // this thread's generic-proxy writes of the stage -> visible to the TMA store
         __syncwarp();
-        if (chunk_lane) {
+        if (tma) {
+          if (lane == 0) tensor_store_3d(p.v3_state_map, tc0, tc1, sk, stages + st * L::kStageBytes);
+        } else if (chunk_lane) {
           bulk_store(ssm_base + sk * slot_bytes + chunk_gl, stages + st * L::kStageBytes + chunk_smem, chunk_bytes);
         }
       }
-      // One bulk group per row and lane (empty for padding rows and lanes >= r), so "all but the newest" =
-      // every row before this one. Chunk j of the stage of row k-1 is refilled now by lane j, once lane j's
-      // own store of it has read it (bulk groups are per thread): ~kStages-1 rows in flight.
+      // One bulk group per row and lane (empty for padding rows and lanes >= r; with the tensor map every lane
+      // but 0), so "all but the newest" = every row before this one. Chunk j of the stage of row k-1 is refilled
+      // now by lane j (tensor map: the whole stage by lane 0), once that lane's own store of it has read it
+      // (bulk groups are per thread): ~kStages-1 rows in flight.
       if (k + 1 < nseq) prefetch_bc(k + 1, s_next);
       const int m = k - 1 + nst;
       bulk_commit();

@@ -71,6 +71,15 @@ struct MixerStepParams {
   bool pdl;            // v2/v3: launch with programmatic dependent launch (APRIEL_STEP_PDL=1, sm_90)
   int v3_seq_per_warp; // v3: sequences per warp, 0 = chosen by the launcher (APRIEL_STEP_V3_SEQ forces 1..32)
   int v3_stages;       // v3: state ring depth per warp, 4 (default) or 8 (APRIEL_STEP_V3_STAGES=8)
+  // v3: move a warp's state slice with ONE 3-D TMA tensor copy per row and direction (APRIEL_STEP_V3_TMA, set by
+  // the host only when the map below was encoded and X is a multiple of the warp's source channels); false =
+  // the per-lane cp.async.bulk chunks. The map (a CUtensorMap, opaque here so this header needs no cuda.h)
+  // views the state cache as dims (innermost first) {256 elements = 16 channels x 16 states, D / 16 channel
+  // blocks, slots}; box {16 min(w, 16), 32 / min(w, 16), 1} = one warp's 32 channels (w = 32 / r source channels
+  // per warp; step_kernel_v3.cuh). The v3 kernel takes the params as a __grid_constant__ so that the map's address
+  // (in the kernel parameter space) can be handed to the TMA.
+  bool v3_tma;
+  alignas(64) unsigned char v3_state_map[128];
 };
 
 // Launchers, one per activation dtype (step_{fp16,bf16,fp32}.cu); they dispatch state dtype and
