@@ -16,6 +16,7 @@
 //   dB / dC summed over the block's 16 channels (fixed order) -> per-block partials; du / d delta / dz stored.
 // Same formulas and the same partial-buffer layout as v1, so the host epilogue is shared.
 #pragma once
+#include "head_reduce.cuh"
 #include "sscan_fwd2.cuh"
 
 namespace apriel {
@@ -229,20 +230,13 @@ __global__ void __launch_bounds__(kC * 8, 2) sscan_bwd2_kernel(SScanParams p) {
     }
     __syncthreads();  // S3
 
-    // dB / dC: sum of the block's 16 channels per (token, state) in a fixed order -> per-block partials.
-    for (int idx = tid; idx < 2 * kT * (kN / 4); idx += NT) {
-      const int which = idx / (kT * (kN / 4)), rem = idx % (kT * (kN / 4)), t = rem / (kN / 4), q = rem % (kN / 4);
-      if (t >= nt) continue;
-      const float* row = which == 0 ? &sm.rB[t][4 * q] : &sm.rC[t][4 * q];
-      float4 sum = *reinterpret_cast<const float4*>(row);
-#pragma unroll
-      for (int ch = 1; ch < kC; ++ch) {
-        const float4 w = *reinterpret_cast<const float4*>(row + ch * kN);
-        sum.x += w.x; sum.y += w.y; sum.z += w.z; sum.w += w.w;
-      }
+    // dB / dC: sum of the block's 16 channels per (token, state) in a fixed order -> per-block partials
+    // (head_reduce.cuh, shared with mixer_scan_bwd4). The store captures by reference: SASS identical to the
+    // inline loop it replaced; by value it saved ~150 instructions per kernel but fp32 spilled 8-12 bytes more.
+    head_reduce_bc<kT, kN, kC, kRB, NT>(sm.rB, sm.rC, nt, tid, [&](int which, int t, int q, float4 sum) {
       float* part = which == 0 ? p.dB_part : p.dC_part;
       *reinterpret_cast<float4*>(part + (((int64_t)b * L + t0 + t) * nblk + blk) * kN + 4 * q) = sum;
-    }
+    });
     // du, d delta, dz in (b, L, D) (du fp32 when the host sums grouped-u copies).
     const int64_t row0 = (int64_t)b * L + t0;
     for (int idx = tid; idx < kT * kC; idx += NT) {
