@@ -22,8 +22,9 @@ APRIEL_STEP_KERNEL=v1, its own defaults: the A/B against v2 in the same run), "a
 with programmatic dependent launch, APRIEL_STEP_PDL=1: consecutive steps of the graph overlap their
 parameter prologue with the previous step's tail), "apriel[v3]" / "apriel[v3+pdl]" (kernel v3,
 APRIEL_STEP_KERNEL=v3: state staged through shared memory by the TMA, parameters once per warp; without /
-with PDL), "apriel[v3(+pdl),tma]" / "apriel[v3(+pdl),lanecp]" (v3's state copies as one 3-D tensor-map copy per row
-and direction, APRIEL_STEP_V3_TMA=1, the default, or as per-lane bulk chunks, =0), "apriel[v3,seqK]" (v3 with K sequences per warp, APRIEL_STEP_V3_SEQ), "hf_chain_torch" (split, repeat,
+with PDL), "apriel[v3(+pdl),tma+conv]" / "...,tma]" / "...,lanecp]" (v3's state copies as one 3-D tensor-map copy
+per row and direction with the conv rows staged on the same barrier - APRIEL_STEP_V3_TMA=1 and
+APRIEL_STEP_V3_CONV_STAGE=1, the defaults -, the map alone, or per-lane bulk chunks), "apriel[v3,seqK]" (v3 with K sequences per warp, APRIEL_STEP_V3_SEQ), "hf_chain_torch" (split, repeat,
 roll-based conv update, dt Linear, selective_state_update written in torch ops, bf16 state, D-channel conv
 cache, batch-indexed caches like HF: an imitation, because mamba-ssm / causal-conv1d are not installed
 on the device; the real chain measured 18.3 / 23.2 / 38.3 / 99.4 us per kernels.md).
@@ -57,11 +58,16 @@ VARIANTS = [
     ("apriel[v3+pdl]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1"}),
     ("apriel[v3,st8]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_V3_STAGES": "8"}),  # 8-deep state ring
     ("apriel[v3+pdl,st8]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1", "APRIEL_STEP_V3_STAGES": "8"}),
-    # Session 4: v3's state copies as one 3-D TMA tensor copy per row and direction (tma, the default) or r per-lane
-    # cp.async.bulk chunks (lanecp, the session-3 path), without / with PDL.
-    ("apriel[v3,tma]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_V3_TMA": "1"}),
+    # Session 4: v3's state copies as one 3-D TMA tensor copy per row and direction with the conv rows staged on the
+    # same barrier (tma+conv, the defaults), the tensor map with the conv rows register-prefetched one row ahead
+    # (tma), or r per-lane cp.async.bulk chunks (lanecp, the session-3 path), without / with PDL.
+    ("apriel[v3,tma+conv]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_V3_TMA": "1", "APRIEL_STEP_V3_CONV_STAGE": "1"}),
+    ("apriel[v3,tma]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_V3_TMA": "1", "APRIEL_STEP_V3_CONV_STAGE": "0"}),
     ("apriel[v3,lanecp]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_V3_TMA": "0"}),
-    ("apriel[v3+pdl,tma]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1", "APRIEL_STEP_V3_TMA": "1"}),
+    ("apriel[v3+pdl,tma+conv]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1", "APRIEL_STEP_V3_TMA": "1",
+                                 "APRIEL_STEP_V3_CONV_STAGE": "1"}),
+    ("apriel[v3+pdl,tma]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1", "APRIEL_STEP_V3_TMA": "1",
+                            "APRIEL_STEP_V3_CONV_STAGE": "0"}),
     ("apriel[v3+pdl,lanecp]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1", "APRIEL_STEP_V3_TMA": "0"}),
 ]
 ACT = torch.bfloat16

@@ -556,67 +556,78 @@ def test_kernel_v3_fast_and_general_row_loops_agree(monkeypatch, state_dtype):
         torch.testing.assert_close(y.float(), y0.float(), rtol=2**-7, atol=1e-5)
 
 
-# v3's tensor-map path (APRIEL_STEP_V3_TMA, default on): (case id, dims, batch, slot count, slot stride padded,
-# whether the map applies). Slot counts are primes (the map's slot dim is not a multiple of anything) and the last
-# slot is always used; r = 1 with X % 32 = 16 (a half warp) must fall back to the per-lane copies.
+# v3's TMA paths (APRIEL_STEP_V3_TMA: the state as one tensor-map copy per row and direction; APRIEL_STEP_V3_CONV_STAGE:
+# the conv rows staged with it; both default on): (case id, dims, batch, slot count, conv state_len S, slot stride
+# padded, paths the layouts allow: bit 0 tensor map, bit 1 staged conv rows). Slot counts are primes (the map's slot
+# dim is not a multiple of anything) and the last slot is always used. Fallbacks: r = 1 with X % 32 = 16 (a half
+# warp: no map), r = 8 / 16 with S = 3 (a warp's conv rows are 24 / 12 bytes: not a bulk-copy size).
 V3_TMA_CASES = [
-    ("h1-b1", H1, 1, 7, False, True),
-    ("h1-b3", H1, 3, 13, False, True),
-    ("h1-b67-padded-stride", H1, 67, 139, True, True),
-    ("small-b67", SMALL, 67, 131, False, True),
-    ("r1-X64", dict(d_inner=64, d_xb=64, d_state=16), 5, 11, True, True),
-    ("r1-X48-fallback", dict(d_inner=48, d_xb=48, d_state=16), 5, 11, False, False),
-    ("r2", dict(d_inner=64, d_xb=32, d_state=16), 5, 11, False, True),
-    ("r8", dict(d_inner=256, d_xb=32, d_state=16), 5, 11, False, True),
-    ("r16", dict(d_inner=512, d_xb=32, d_state=16), 5, 11, True, True),
+    ("h1-b1", H1, 1, 7, 3, False, 3),
+    ("h1-b3-S4", H1, 3, 13, 4, False, 3),
+    ("h1-b5-S2", H1, 5, 11, 2, False, 3),
+    ("h1-b67-padded-stride", H1, 67, 139, 3, True, 3),
+    ("small-b67", SMALL, 67, 131, 3, False, 3),
+    ("r1-X64", dict(d_inner=64, d_xb=64, d_state=16), 5, 11, 3, True, 3),
+    ("r1-X48-fallback", dict(d_inner=48, d_xb=48, d_state=16), 5, 11, 3, False, 0),
+    ("r2", dict(d_inner=64, d_xb=32, d_state=16), 5, 11, 3, False, 3),
+    ("r8-conv-fallback", dict(d_inner=256, d_xb=32, d_state=16), 5, 11, 3, False, 1),
+    ("r16-conv-fallback", dict(d_inner=512, d_xb=32, d_state=16), 5, 11, 3, True, 1),
 ]
+# (APRIEL_STEP_V3_TMA, APRIEL_STEP_V3_CONV_STAGE): the defaults, the map without staged conv rows, the per-lane copies.
+V3_COPY_PATHS = [("1", "1"), ("1", "0"), ("0", "1")]
 
 
 @pytest.mark.gpu
 @needs_kernel
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name, dims, batch, nslots, padded, tma_applies", V3_TMA_CASES, ids=[c[0] for c in V3_TMA_CASES])
-def test_kernel_v3_tensor_map_equals_per_lane_copies(monkeypatch, name, dims, batch, nslots, padded, tma_applies,
-                                                      state_dtype):
-    """v3 with one 3-D TMA tensor copy per row and direction (APRIEL_STEP_V3_TMA=1) vs the per-lane cp.async.bulk
-    chunks (=0), at 1 / 3 rows per warp and the launcher's choice, permuted slots with padding rows, a prime slot
-    count, the last slot in use, and (padded) a slot stride one 16-channel block longer than the slot: every run
-    matches the references and all are bit-equal (same bytes into the same shared layout, same math); the
-    padding between slots and the unused slots stay bit-untouched (the tensor store writes only its box)."""
+@pytest.mark.parametrize("name, dims, batch, nslots, state_len, padded, paths", V3_TMA_CASES,
+                         ids=[c[0] for c in V3_TMA_CASES])
+def test_kernel_v3_tma_paths_equal_per_lane_copies(monkeypatch, name, dims, batch, nslots, state_len, padded, paths,
+                                                    state_dtype):
+    """v3's copy paths: the state as one 3-D TMA tensor copy per row and direction with the conv rows staged on the
+    same barrier (the defaults), the tensor map with register-prefetched conv rows, and the session-3 per-lane
+    cp.async.bulk chunks, each at 1 / 3 rows per warp and the launcher's choice, with permuted slots and padding
+    rows, a prime slot count, the last slot in use and (padded) a slot stride one 16-channel block longer than the
+    slot. Every run matches the references and all are bit-equal (same bytes into the same shared layout, same
+    math); unused slots and the padding between slots stay bit-untouched (the tensor store writes only its box)."""
     d_inner, d_xb = dims["d_inner"], dims["d_xb"]
     monkeypatch.setenv("APRIEL_STEP_KERNEL", "v3")
-    layer, zxbc, dt_low, _, _, _ = _gpu_case(dims, batch, 1, torch.bfloat16, state_dtype, "compact")
-    conv, ssm = make_caches(nslots, d_inner, d_xb, 16, d_xb, 3, torch.bfloat16, state_dtype, "cuda")
+    layer, zxbc, dt_low, _, _, _ = _gpu_case(dims, batch, 1, torch.bfloat16, state_dtype, "compact",
+                                             width=min(4, state_len + 1))
+    conv, ssm = make_caches(nslots, d_inner, d_xb, 16, d_xb, state_len, torch.bfloat16, state_dtype, "cuda")
+    store = ssm
     if padded:  # (slots, D/16 + 1, 16, 16) storage, the cache is the first D/16 blocks of every slot
         store = (0.5 * torch.randn(nslots, d_inner // 16 + 1, 16, 16, device="cuda")).to(state_dtype)
         store[:, : d_inner // 16] = ssm
         ssm = store[:, : d_inner // 16]
         assert ssm.stride(0) != ssm[0].numel()
     used = torch.randperm(nslots - 1, device="cuda")[: batch - 1].to(torch.int32)
-    slots = torch.cat([used, torch.tensor([nslots - 1], dtype=torch.int32, device="cuda")])[torch.randperm(batch, device="cuda")]
+    slots = torch.cat([used, torch.tensor([nslots - 1], dtype=torch.int32, device="cuda")])
+    slots = slots[torch.randperm(batch, device="cuda")]
     if batch > 2:
         slots[1] = -1
         slots[5::7] = -1
-    assert torch.ops.apriel_C.mixer_step_v3_tma_ok(ssm, d_inner, d_xb) == tma_applies
+    assert torch.ops.apriel_C.mixer_step_v3_paths(zxbc, conv, ssm, d_inner, d_xb) == paths
     runs = []
-    for tma in ("1", "0"):
+    for tma, conv_stage in V3_COPY_PATHS:
         monkeypatch.setenv("APRIEL_STEP_V3_TMA", tma)
+        monkeypatch.setenv("APRIEL_STEP_V3_CONV_STAGE", conv_stage)
         for spw in ("1", "3", None):
             if spw is None:
                 monkeypatch.delenv("APRIEL_STEP_V3_SEQ", raising=False)
             else:
                 monkeypatch.setenv("APRIEL_STEP_V3_SEQ", spw)
-            c = conv.clone()
-            s_store = (store if padded else ssm).clone()
+            c, s_store = conv.clone(), store.clone()
             s = s_store[:, : d_inner // 16] if padded else s_store
-            y = _compare_with_references(dims, layer, zxbc, dt_low, c, s, slots, tag=f"[v3 tma={tma} seq{spw}]")
-            runs.append((f"tma={tma} seq{spw}", y, c, s_store))
+            tag = f"[v3 tma={tma} conv_stage={conv_stage} seq{spw}]"
+            y = _compare_with_references(dims, layer, zxbc, dt_low, c, s, slots, tag=tag)
+            runs.append((tag, y, c, s_store))
     first, y0, c0, s0 = runs[0]
     for tag, y, c, s in runs[1:]:
         assert torch.equal(y, y0) and torch.equal(c, c0) and torch.equal(s, s0), f"{tag} != {first}"
     live = set(slots[slots >= 0].tolist())
     for slot in set(range(nslots)) - live:  # unused slots: bit-untouched (the whole slot incl. padding)
-        assert torch.equal(s0[slot], (store if padded else ssm)[slot]), f"unused slot {slot} was written"
+        assert torch.equal(s0[slot], store[slot]) and torch.equal(c0[slot], conv[slot]), f"unused slot {slot} written"
     if padded:  # the block between slots: never written
         assert torch.equal(s0[:, d_inner // 16 :], store[:, d_inner // 16 :]), "padding between slots was written"
 

@@ -88,6 +88,22 @@ bool v3_tma_requested() {
   return env == nullptr || std::string(env) != "0";
 }
 
+// v3 conv-cache rows staged with the state by the TMA (APRIEL_STEP_V3_CONV_STAGE=1, the default; 0 = the register
+// prefetch one row ahead). Applies with the tensor map only (see v3_conv_stage_applies).
+bool v3_conv_stage_requested() {
+  const char* env = std::getenv("APRIEL_STEP_V3_CONV_STAGE");
+  return env == nullptr || std::string(env) != "0";
+}
+
+// The layout rules of the staged conv rows: a warp's w = 32 / r rows of S entries must be one contiguous, 16-byte
+// aligned run of a multiple of 16 bytes (cp.async.bulk), in a compact cache of the 16-bit activation dtype.
+bool v3_conv_stage_applies(const at::Tensor& conv, const at::Tensor& zxbc, int64_t d_inner, int64_t d_xb) {
+  const int64_t S = conv.size(2), w = 32 / (d_inner / d_xb);
+  return conv.scalar_type() == zxbc.scalar_type() && conv.element_size() == 2 && conv.size(1) == d_xb && S <= 4 &&
+         conv.stride(2) == 1 && conv.stride(1) == S && (conv.stride(0) * 2) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(conv.data_ptr()) % 16 == 0 && (w * S * 2) % 16 == 0 && w * S * 2 <= 256;
+}
+
 using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                    const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                                    CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
@@ -316,6 +332,8 @@ void mixer_step_out(const at::Tensor& zxbc, const at::Tensor& dt_low, at::Tensor
   p.v3_seq_per_warp = version == 3 ? v3_seq_per_warp() : 0;
   p.v3_stages = version == 3 ? v3_stages() : 4;
   p.v3_tma = version == 3 && v3_tma_requested() && encode_state_map(ssm_state, d_inner, d_xb, p.v3_state_map);
+  p.v3_conv_stage = p.v3_tma && p.v3_stages == 4 && v3_conv_stage_requested() &&
+                    v3_conv_stage_applies(conv_state, zxbc, d_inner, d_xb);
   p.seq_per_thread = seq_per_thread(p.batch, version, p.q, act == at::kFloat);
   p.pdl = version >= 2 && use_pdl();
   p.group_channels = static_cast<int>(d_state * (d_inner / d_xb));
@@ -366,13 +384,17 @@ at::Tensor mixer_step(const at::Tensor& zxbc, const at::Tensor& dt_low, at::Tens
   return out;
 }
 
-// Whether v3 would move this SSM cache with the tensor map (tests: the TMA path really runs where it should, and
-// the fallback where a rule fails). Same function as the launch path; no device work.
-bool mixer_step_v3_tma_ok(const at::Tensor& ssm_state, int64_t d_inner, int64_t d_xb) {
-  TORCH_CHECK(ssm_state.dim() == 4 && d_xb > 0 && d_inner % d_xb == 0 && d_inner / d_xb <= 16,
-              "ssm_state: expected (slots, d_inner / 16, 16, 16) with d_inner a multiple of d_xb, got ", ssm_state.sizes());
+// Which of v3's TMA paths the layouts allow, whatever the switches (tests: each path really runs where it should,
+// and the fallback where a rule fails): bit 0 = the SSM cache's tensor map encodes, bit 1 = the conv rows can be
+// staged as well. Same functions as the launch path; no device work.
+int64_t mixer_step_v3_paths(const at::Tensor& zxbc, const at::Tensor& conv_state, const at::Tensor& ssm_state,
+                            int64_t d_inner, int64_t d_xb) {
+  TORCH_CHECK(ssm_state.dim() == 4 && conv_state.dim() == 3 && d_xb > 0 && d_inner % d_xb == 0 && d_inner / d_xb <= 16,
+              "ssm_state / conv_state: expected (slots, d_inner / 16, 16, 16) / (slots, channels, S) with d_inner a "
+              "multiple of d_xb, got ", ssm_state.sizes(), " / ", conv_state.sizes());
   unsigned char map[128];
-  return encode_state_map(ssm_state, d_inner, d_xb, map);
+  const bool tma = encode_state_map(ssm_state, d_inner, d_xb, map);
+  return (tma ? 1 : 0) | (tma && v3_conv_stage_applies(conv_state, zxbc, d_inner, d_xb) ? 2 : 0);
 }
 
 }  // namespace
@@ -388,12 +410,12 @@ TORCH_LIBRARY_FRAGMENT(apriel_C, m) {
       "mixer_step_out(Tensor zxbc, Tensor dt_low, Tensor(a!) conv_state, Tensor(b!) ssm_state, Tensor? slot_idx, "
       "Tensor conv_weight, Tensor? conv_bias, Tensor dt_proj_weight, Tensor dt_proj_bias, Tensor A_log, Tensor D, "
       "int d_inner, int d_xb, int d_state, bool repeat_kv_before_conv, Tensor(c!) out) -> ()");
-  // Test hook: would kernel v3 copy this SSM cache with one TMA tensor copy per row (APRIEL_STEP_V3_TMA)?
-  m.def("mixer_step_v3_tma_ok(Tensor ssm_state, int d_inner, int d_xb) -> bool");
+  // Test hook: which TMA paths of kernel v3 these caches allow (bit 0: state tensor map, bit 1: staged conv rows).
+  m.def("mixer_step_v3_paths(Tensor zxbc, Tensor conv_state, Tensor ssm_state, int d_inner, int d_xb) -> int");
 }
 
 TORCH_LIBRARY_IMPL(apriel_C, CUDA, m) {
   m.impl("mixer_step", &mixer_step);
   m.impl("mixer_step_out", &mixer_step_out);
-  m.impl("mixer_step_v3_tma_ok", &mixer_step_v3_tma_ok);
+  m.impl("mixer_step_v3_paths", &mixer_step_v3_paths);
 }

@@ -24,6 +24,15 @@
 //     per address). A_log, B and C are read in the same order, so the update is unchanged; only the order
 //     of the C readout sum differs per lane.
 //   * warps are independent (no __syncthreads): a block is 1 or 4 channel warps sharing a sequence run.
+//   * session 4: with a tensor map (MixerStepParams::v3_state_map, APRIEL_STEP_V3_TMA, default on) the warp's
+//     slice moves as ONE 3-D tensor copy per row and direction issued by lane 0 (the r per-lane chunk copies
+//     took uniform operands, so the compiler serialized them over lanes: ~90 of ~600 warp instructions per row);
+//     the box lands in the same dense layout, so the readers' XOR order stays conflict free. On the same
+//     mbarrier, one more bulk copy brings the warp's conv-cache rows (w channels x S entries, contiguous in the
+//     compact cache; APRIEL_STEP_V3_CONV_STAGE, default on): they then arrive kStages-1 rows ahead like the state
+//     instead of a register prefetch one row ahead (a cold DRAM read queued behind the state traffic, on every
+//     row's critical path; the fence.proxy.async before each row's store compiles to MEMBAR.ALL.CTA, which may
+//     also wait for that load: not verified on the GPU).
 // The host picks sequences per warp so that all warps are resident at once (no tail wave):
 // spw = ceil(channel warps x batch / resident warps), APRIEL_STEP_V3_SEQ overrides (1..32).
 // PDL (APRIEL_STEP_PDL=1) as in v2: parameters are read before griddepcontrol.wait.
@@ -42,6 +51,7 @@ constexpr int kStages = 4;           // state stages per warp (default; APRIEL_S
 constexpr int kMaxStages = 8;        // ring depths: 4 or 8 (powers of two: stage = row & (stages - 1))
 constexpr int kMaxSeqPerWarp = 32;   // slot indices of a warp's run: one register per lane
 constexpr int kBarBytes = 128;       // per-warp mbarrier area (kStages x 8 B), keeps the stages 128-B aligned
+constexpr int kConvStageBytes = 256; // per stage: the warp's conv-cache rows when staged (w <= 32 channels x S <= 4 x 2 B)
 
 // Shared-memory geometry of one channel's state and the rotation that makes the 16-byte accesses of a
 // warp conflict free (see the header comment).
@@ -52,9 +62,12 @@ struct Layout {
   static constexpr int kUnitStates = 16 / kUnits;                               // states per unit
   static constexpr int kStageBytes = kWarp * kChannelBytes;                     // one warp's slice of a slot
   static constexpr int kABytes = kWarp * 64;  // the warp's -exp(A_log) log2(e) rows (fp32), read once per row
-  static constexpr int kWarpSmem = kBarBytes + kStages * kStageBytes + kABytes;
-  // Shared memory of one warp with a ring of `stages` (4 or 8) states.
-  __host__ __device__ static constexpr int warp_smem(int stages) { return kBarBytes + stages * kStageBytes + kABytes; }
+  // Shared memory of one warp with a ring of `stages` (4 or 8) states. The 4-deep ring also has room for the conv
+  // rows of every stage (APRIEL_STEP_V3_CONV_STAGE; 1 KB per warp: still 4 blocks per SM); the 8-deep ring does not
+  // stage them (its 72.5 KB per fp32 block would drop from 3 to 2 blocks per SM).
+  __host__ __device__ static constexpr int warp_smem(int stages) {
+    return kBarBytes + stages * kStageBytes + kABytes + (stages == kStages ? kStages * kConvStageBytes : 0);
+  }
   __device__ __forceinline__ static int rot(int lane) { return kUnits == 4 ? (lane >> 1) & 3 : (lane >> 2) & 1; }
 };
 
@@ -274,6 +287,9 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const __grid_cons
   // 16 values in registers across the row loop pushed the kernel over its 128-register cap.
   unsigned char* a_mine = stages + nst * L::kStageBytes + lane * 64;
   const int rot_a = Layout<float>::rot(lane);
+  // Conv rows of the 4-deep ring's stages (APRIEL_STEP_V3_CONV_STAGE): after the A rows.
+  unsigned char* conv_stages = stages + nst * L::kStageBytes + L::kABytes;
+  const int S = p.conv_state_len;
 
   // Slot of the warp's k-th row in lane k (-1 = padding or out of range: no state I/O, y = 0). It heads the
   // critical path (slot -> state copy -> wait -> math -> store), so without PDL it is requested before the
@@ -349,20 +365,38 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const __grid_cons
   // copies, so the XOR unit order of the readers stays conflict free (no TMA swizzle needed).
   const int tc0 = (x0 & (kDState - 1)) * kDState;
   const int tc1 = (x0 >> 4) << log2r;
+  // The row loop's fast instantiation (see run_rows below) and, within it, the conv rows staged by the TMA
+  // (APRIEL_STEP_V3_CONV_STAGE: the host sets v3_conv_stage only with the tensor map, a compact 16-bit conv cache
+  // whose rows are contiguous (channel stride S) with 16-byte aligned warp slices, and the 4-deep ring).
+  const bool fast = p.vec_inputs && p.vec_dt && p.dt_rank == kRegRanks && S <= kWin && p.conv_pos_stride == 1 &&
+                    p.conv_state_dtype == (std::is_same<act_t, __half>::value ? kFloat16 : kBFloat16) &&
+                    ((reinterpret_cast<uintptr_t>(p.zxbc) | static_cast<uintptr_t>(p.zxbc_batch_stride * 2)) & 31) == 0 &&
+                    (X & (w - 1)) == 0;
+  const bool conv_staged = fast && tma && p.v3_conv_stage && nst == kStages;
+  // The warp's w conv rows of a slot: w * S contiguous 16-bit entries, 16-byte aligned (host-checked).
+  const uint32_t conv_bytes = static_cast<uint32_t>(w * S * 2);
+  const int64_t conv_slot_bytes = p.conv_slot_stride * 2;
+  const char* const conv_warp = static_cast<const char*>(p.conv_state) + int64_t(x0) * S * 2;
   // State of row k -> stage k % nst (all lanes; slot warp-uniform). A padding row just arrives, so
   // every stage's phase advances once per row and the waiting parity is (k / nst) & 1 for every k.
   // The __syncwarp orders lane 0's arrive.expect_tx before the other lanes' copies (and even a copy
   // completing first could not complete the phase: lane 0's arrival would still be pending).
-  auto issue_load = [&](int k, int slot) {
+  // use_tma / use_conv: `tma` / `conv_staged`, passed as constants where the row loop knows them (kConvStaged).
+  auto issue_load = [&](int k, int slot, bool use_tma, bool use_conv) {
     uint64_t* bar = bars + (k & (nst - 1));
     if (slot < 0) {
       if (lane == 0) mbar_arrive(bar);
       return;
     }
-    if (tma) {  // one copy of the whole box by lane 0 (32 channels: X % w == 0 on this path)
+    if (use_tma) {  // one copy of the whole box by lane 0 (32 channels: X % w == 0 on this path)
       if (lane == 0) {
-        mbar_arrive_expect_tx(bar, static_cast<uint32_t>(L::kStageBytes));
+        mbar_arrive_expect_tx(bar, static_cast<uint32_t>(L::kStageBytes) + (use_conv ? conv_bytes : 0u));
         tensor_load_3d(stages + (k & (nst - 1)) * L::kStageBytes, p.v3_state_map, tc0, tc1, slot, bar);
+        // The conv rows ride on the same barrier: they arrive kStages-1 rows ahead like the state, instead of
+        // a register prefetch one row ahead (a cold DRAM read behind the state traffic, on every row's path).
+        if (use_conv) {
+          bulk_load(conv_stages + (k & (nst - 1)) * kConvStageBytes, conv_warp + slot * conv_slot_bytes, conv_bytes, bar);
+        }
       }
       return;
     }
@@ -377,7 +411,7 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const __grid_cons
   static_assert(kMaxStages * 8 <= kBarBytes, "mbarriers of the deepest ring");
 #pragma unroll
   for (int k = 0; k < kMaxStages; ++k) {
-    if (k < nst && k < nseq) issue_load(k, __shfl_sync(0xffffffffu, slot_lane, k));
+    if (k < nst && k < nseq) issue_load(k, __shfl_sync(0xffffffffu, slot_lane, k), tma, conv_staged);
   }
 
   // ---- arithmetic on the parameters (their loads were issued long ago): -exp(A_log) log2(e), dt_proj
@@ -398,13 +432,15 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const __grid_cons
 
   const int b_off = D + X + g * kDState;
   const int c_off = D + 2 * X + (c & ~(kDState - 1));
-  const int S = p.conv_state_len;
-  // The row loop, instantiated twice: kFast = the configuration of a real decode call (32-byte aligned
+  // The row loop, instantiated three times: kFast = the configuration of a real decode call (32-byte aligned
   // input rows, dt_rank 16, a conv cache of the activation dtype with unit position stride and S <= 4),
-  // where every per-row check of those properties is a compile-time constant; any other call runs the
-  // general loop (runtime dtype dispatch, element loads, long conv rows).
-  auto run_rows = [&](auto fast_tag) {
+  // where every per-row check of those properties is a compile-time constant, with the conv rows read from
+  // the stage (kConvStaged) or register-prefetched one row ahead; any other call runs the general loop
+  // (runtime dtype dispatch, element loads, long conv rows).
+  auto run_rows = [&](auto fast_tag, auto conv_staged_tag) {
     constexpr bool kFast = decltype(fast_tag)::value;
+    constexpr bool kConvStaged = decltype(conv_staged_tag)::value;  // implies kFast, the tensor map, compact conv
+    static_assert(kFast || !kConvStaged, "conv rows are staged in the fast loop only");
     // kFast also requires whole warps of channels (X a multiple of w): every lane is valid, so the lane
     // predicates below are compile-time constants there.
     const bool ok = kFast || valid;
@@ -443,6 +479,9 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const __grid_cons
         tin.z = zr[c];
         tin.x = zr[D + xs];
       }
+      if constexpr (kConvStaged) {
+        return;  // the conv rows come with the state (issue_load)
+      }
       if (wr && slot >= 0) {
         const int64_t off = int64_t(slot) * p.conv_slot_stride + own_row * p.conv_channel_stride;
         if constexpr (kFast) {
@@ -455,6 +494,21 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const __grid_cons
         for (int k2 = 0; k2 < kWin; ++k2) crow_n[k2] = 0.f;
       }
     };
+    // Conv window (the shifted row of the repeat-0 lane i, shuffled), silu(conv + bias); shifts x_new into the
+    // writer's row (crow becomes the row to store).
+    auto conv_silu = [&](float (&crow)[kWin], float x_new) {
+      float win[kWin - 1];
+#pragma unroll
+      for (int k2 = 0; k2 < kWin - 1; ++k2) {
+        const float v = __shfl_sync(0xffffffffu, crow[k2 + 1], i);
+        win[k2] = k2 >= kWin - p.width ? v : 0.f;
+      }
+      const float pre = conv_b + w4[0] * win[0] + w4[1] * win[1] + w4[2] * win[2] + w4[3] * x_new;
+#pragma unroll
+      for (int k2 = 0; k2 < kWin - 1; ++k2) crow[k2] = crow[k2 + 1];
+      crow[kWin - 1] = x_new;
+      return silu_f(pre);
+    };
     int s_next = __shfl_sync(0xffffffffu, slot_lane, 0);
     prefetch(0, s_next);
     prefetch_bc(0, s_next);
@@ -464,17 +518,15 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const __grid_cons
       const int rr = row0 + k;
       // Scalar work of row k first (its inputs arrived during the previous row); then the next row's
       // scalar inputs are requested, and its B and C once this row's update has consumed tin.b / tin.c.
+      // With staged conv rows (kConvStaged) the conv part waits for the stage: it is done after mbar_wait.
       float crow[kWin];
-#pragma unroll
-      for (int k2 = 0; k2 < kWin; ++k2) crow[k2] = crow_n[k2];
-      float win[kWin - 1];
-#pragma unroll
-      for (int k2 = 0; k2 < kWin - 1; ++k2) {
-        const float v = __shfl_sync(0xffffffffu, crow[k2 + 1], i);
-        win[k2] = k2 >= kWin - p.width ? v : 0.f;
-      }
+      float u = 0.f;
       const float x_new = to_f(tin.x);
-      const float pre = conv_b + w4[0] * win[0] + w4[1] * win[1] + w4[2] * win[2] + w4[3] * x_new;
+      if constexpr (!kConvStaged) {
+#pragma unroll
+        for (int k2 = 0; k2 < kWin; ++k2) crow[k2] = crow_n[k2];
+        u = conv_silu(crow, x_new);
+      }
       float dt = 0.f;
 #pragma unroll
       for (int k2 = 0; k2 < kRegRanks; ++k2) dt += dtw[k2] * tin.dt(k2);
@@ -486,11 +538,7 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const __grid_cons
       }
       const float dv = (dt + dt_bias) + dt_bias;
       const float delta = dv > 20.f ? dv : log1pf(expf(dv));  // precise: delta scales every state update
-      const float u = silu_f(pre);
       const float gate = silu_f(to_f(tin.z));
-#pragma unroll
-      for (int k2 = 0; k2 < kWin - 1; ++k2) crow[k2] = crow[k2 + 1];
-      crow[kWin - 1] = x_new;
 
       if (k + 1 < nseq) {
         s_next = __shfl_sync(0xffffffffu, slot_lane, k + 1);
@@ -504,6 +552,15 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const __grid_cons
         if (ok) *y_row = from_f<act_t>(0.f);
       } else {
         unsigned char* mine = stages + st * L::kStageBytes + lane * L::kChannelBytes;
+        if constexpr (kConvStaged) {  // the writer lane of each source channel reads its row from the stage
+          if (wr) {
+            conv_tail_load_t<act_t>(conv_stages + st * kConvStageBytes, int64_t(i) * S, 1, S, crow);
+          } else {
+#pragma unroll
+            for (int k2 = 0; k2 < kWin; ++k2) crow[k2] = 0.f;
+          }
+          u = conv_silu(crow, x_new);  // warp-uniform branch: every lane takes part in the shuffles
+        }
         if (ok) {
           float h[kDState], a2[kDState];
           SmemState<float>::load(a_mine, rot_a, a2);
@@ -532,7 +589,7 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const __grid_cons
         }
         fence_proxy_async();  // this thread's generic-proxy writes of the stage -> visible to the TMA store
         __syncwarp();
-        if (tma) {
+        if (kConvStaged || tma) {
           if (lane == 0) tensor_store_3d(p.v3_state_map, tc0, tc1, sk, stages + st * L::kStageBytes);
         } else if (chunk_lane) {
           bulk_store(ssm_base + sk * slot_bytes + chunk_gl, stages + st * L::kStageBytes + chunk_smem, chunk_bytes);
@@ -547,18 +604,16 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const __grid_cons
       bulk_commit();
       if (k >= 1 && m < nseq) {
         bulk_wait_read_all_but_newest();
-        issue_load(m, __shfl_sync(0xffffffffu, slot_lane, m));
+        issue_load(m, __shfl_sync(0xffffffffu, slot_lane, m), kConvStaged || tma, kConvStaged);
       }
     }
   };
-  const bool fast = p.vec_inputs && p.vec_dt && p.dt_rank == kRegRanks && S <= kWin && p.conv_pos_stride == 1 &&
-                    p.conv_state_dtype == (std::is_same<act_t, __half>::value ? kFloat16 : kBFloat16) &&
-                    ((reinterpret_cast<uintptr_t>(p.zxbc) | static_cast<uintptr_t>(p.zxbc_batch_stride * 2)) & 31) == 0 &&
-                    (X & (w - 1)) == 0;
-  if (fast) {
-    run_rows(std::true_type{});
+  if (!fast) {
+    run_rows(std::false_type{}, std::false_type{});
+  } else if (conv_staged) {
+    run_rows(std::true_type{}, std::true_type{});
   } else {
-    run_rows(std::false_type{});
+    run_rows(std::true_type{}, std::false_type{});
   }
   bulk_wait_read_all();  // the stages stay allocated until the stores have read them
 #endif

@@ -79,6 +79,11 @@ struct MixerStepParams {
   // per warp; step_kernel_v3.cuh). The v3 kernel takes the params as a __grid_constant__ so that the map's address
   // (in the kernel parameter space) can be handed to the TMA.
   bool v3_tma;
+  // v3 with the tensor map: the warp's conv-cache rows of a slot (w channels x S contiguous 16-bit entries) come
+  // with the state, one bulk copy on the same mbarrier (APRIEL_STEP_V3_CONV_STAGE; set by the host only for a
+  // compact conv cache of the activation dtype with channel stride S, unit position stride, 16-byte aligned
+  // slot stride / base / w * S * 2, S <= 4, and the 4-deep ring).
+  bool v3_conv_stage;
   alignas(64) unsigned char v3_state_map[128];
 };
 
