@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,6 +50,25 @@ def _find_cuda_home() -> str | None:
         if match:
             nvcc_path = Path(match.group(1).decode())
     return str(nvcc_path.parent.parent)
+
+
+def _shared_libstdcxx_link_args() -> list[str]:
+    """["-l:libstdc++.so.6"] when the C++ compiler would link a private static copy of libstdc++.
+
+    Some toolchains ship only libstdc++.a (the GPU machine's /opt/gcc wrapper: `g++ -print-file-name=libstdc++.so`
+    names no file). g++ then links libstdc++ statically into the extension, and every TORCH_CHECK whose message
+    formats a number segfaults inside that copy (its locale facets are never initialised; seen in
+    std::ostream::_M_insert<long>) instead of raising a RuntimeError. Linking the system's shared runtime,
+    the one torch itself loads, keeps a single libstdc++ in the process.
+    """
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        names = [subprocess.run([cxx, f"-print-file-name={lib}"], capture_output=True, text=True, timeout=60,
+                                check=False).stdout.strip() for lib in ("libstdc++.so", "libstdc++.so.6")]
+    except (OSError, subprocess.SubprocessError):
+        return []
+    dev_link, runtime = names
+    return ["-l:libstdc++.so.6"] if not os.path.isabs(dev_link) and os.path.isabs(runtime) else []
 
 
 def _arch_flags(arch_list: str) -> list[str]:
@@ -119,6 +139,7 @@ def _cuda_extension_kwargs():
         # The arch list for apriel_kernels._C.build_info(), as one pp-number token ("8.0_9.0a": no quoting).
         extra_compile_args={"cxx": ["-O3", f"-DAPRIEL_KERNELS_ARCHS={_arch_token(archs)}"],
                             "nvcc": [f for f in nvcc_flags if f]},
+        extra_link_args=_shared_libstdcxx_link_args(),
         py_limited_api=False,
     )
     return extension, archs
