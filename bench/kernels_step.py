@@ -24,7 +24,8 @@ parameter prologue with the previous step's tail), "apriel[v3]" / "apriel[v3+pdl
 APRIEL_STEP_KERNEL=v3: state staged through shared memory by the TMA, parameters once per warp; without /
 with PDL), "apriel[v3(+pdl),tma+conv]" / "...,tma]" / "...,lanecp]" (v3's state copies as one 3-D tensor-map copy
 per row and direction with the conv rows staged on the same barrier - APRIEL_STEP_V3_TMA=1 and
-APRIEL_STEP_V3_CONV_STAGE=1, the defaults -, the map alone, or per-lane bulk chunks), "apriel[v3,seqK]" (v3 with K sequences per warp, APRIEL_STEP_V3_SEQ), "hf_chain_torch" (split, repeat,
+APRIEL_STEP_V3_CONV_STAGE=1, the defaults -, the map alone, or per-lane bulk chunks; ",direct]": the state stored
+from registers, APRIEL_STEP_V3_DIRECT_STORE=1), "apriel[v3,seqK]" (v3 with K sequences per warp, APRIEL_STEP_V3_SEQ), "hf_chain_torch" (split, repeat,
 roll-based conv update, dt Linear, selective_state_update written in torch ops, bf16 state, D-channel conv
 cache, batch-indexed caches like HF: an imitation, because mamba-ssm / causal-conv1d are not installed
 on the device; the real chain measured 18.3 / 23.2 / 38.3 / 99.4 us per kernels.md).
@@ -69,6 +70,11 @@ VARIANTS = [
     ("apriel[v3+pdl,tma]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1", "APRIEL_STEP_V3_TMA": "1",
                             "APRIEL_STEP_V3_CONV_STAGE": "0"}),
     ("apriel[v3+pdl,lanecp]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1", "APRIEL_STEP_V3_TMA": "0"}),
+    # ... and the updated state stored from registers instead of shared memory + a TMA store (APRIEL_STEP_V3_DIRECT_STORE)
+    ("apriel[v3,tma+conv,direct]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_V3_TMA": "1", "APRIEL_STEP_V3_CONV_STAGE": "1",
+                                    "APRIEL_STEP_V3_DIRECT_STORE": "1"}),
+    ("apriel[v3+pdl,tma+conv,direct]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1", "APRIEL_STEP_V3_TMA": "1",
+                                        "APRIEL_STEP_V3_CONV_STAGE": "1", "APRIEL_STEP_V3_DIRECT_STORE": "1"}),
 ]
 ACT = torch.bfloat16
 

@@ -573,8 +573,9 @@ V3_TMA_CASES = [
     ("r8-conv-fallback", dict(d_inner=256, d_xb=32, d_state=16), 5, 11, 3, False, 1),
     ("r16-conv-fallback", dict(d_inner=512, d_xb=32, d_state=16), 5, 11, 3, True, 1),
 ]
-# (APRIEL_STEP_V3_TMA, APRIEL_STEP_V3_CONV_STAGE): the defaults, the map without staged conv rows, the per-lane copies.
-V3_COPY_PATHS = [("1", "1"), ("1", "0"), ("0", "1")]
+# (APRIEL_STEP_V3_TMA, APRIEL_STEP_V3_CONV_STAGE, APRIEL_STEP_V3_DIRECT_STORE): the defaults, the map without staged
+# conv rows, the per-lane copies, and both loads with the state stored from registers (no TMA / bulk store).
+V3_COPY_PATHS = [("1", "1", "0"), ("1", "0", "0"), ("0", "1", "0"), ("1", "1", "1"), ("0", "0", "1")]
 
 
 @pytest.mark.gpu
@@ -585,8 +586,9 @@ V3_COPY_PATHS = [("1", "1"), ("1", "0"), ("0", "1")]
 def test_kernel_v3_tma_paths_equal_per_lane_copies(monkeypatch, name, dims, batch, nslots, state_len, padded, paths,
                                                     state_dtype):
     """v3's copy paths: the state as one 3-D TMA tensor copy per row and direction with the conv rows staged on the
-    same barrier (the defaults), the tensor map with register-prefetched conv rows, and the session-3 per-lane
-    cp.async.bulk chunks, each at 1 / 3 rows per warp and the launcher's choice, with permuted slots and padding
+    same barrier (the defaults), the tensor map with register-prefetched conv rows, the session-3 per-lane
+    cp.async.bulk chunks, and the state stored from registers (direct store) after either load, each at 1 / 3 rows
+    per warp and the launcher's choice, with permuted slots and padding
     rows, a prime slot count, the last slot in use and (padded) a slot stride one 16-channel block longer than the
     slot. Every run matches the references and all are bit-equal (same bytes into the same shared layout, same
     math); unused slots and the padding between slots stay bit-untouched (the tensor store writes only its box)."""
@@ -609,9 +611,10 @@ def test_kernel_v3_tma_paths_equal_per_lane_copies(monkeypatch, name, dims, batc
         slots[5::7] = -1
     assert torch.ops.apriel_C.mixer_step_v3_paths(zxbc, conv, ssm, d_inner, d_xb) == paths
     runs = []
-    for tma, conv_stage in V3_COPY_PATHS:
+    for tma, conv_stage, direct in V3_COPY_PATHS:
         monkeypatch.setenv("APRIEL_STEP_V3_TMA", tma)
         monkeypatch.setenv("APRIEL_STEP_V3_CONV_STAGE", conv_stage)
+        monkeypatch.setenv("APRIEL_STEP_V3_DIRECT_STORE", direct)
         for spw in ("1", "3", None):
             if spw is None:
                 monkeypatch.delenv("APRIEL_STEP_V3_SEQ", raising=False)
@@ -619,7 +622,7 @@ def test_kernel_v3_tma_paths_equal_per_lane_copies(monkeypatch, name, dims, batc
                 monkeypatch.setenv("APRIEL_STEP_V3_SEQ", spw)
             c, s_store = conv.clone(), store.clone()
             s = s_store[:, : d_inner // 16] if padded else s_store
-            tag = f"[v3 tma={tma} conv_stage={conv_stage} seq{spw}]"
+            tag = f"[v3 tma={tma} conv_stage={conv_stage} direct_store={direct} seq{spw}]"
             y = _compare_with_references(dims, layer, zxbc, dt_low, c, s, slots, tag=tag)
             runs.append((tag, y, c, s_store))
     first, y0, c0, s0 = runs[0]

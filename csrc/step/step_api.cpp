@@ -104,6 +104,13 @@ bool v3_conv_stage_applies(const at::Tensor& conv, const at::Tensor& zxbc, int64
          reinterpret_cast<uintptr_t>(conv.data_ptr()) % 16 == 0 && (w * S * 2) % 16 == 0 && w * S * 2 <= 256;
 }
 
+// v3 state stores from registers straight to the cache (APRIEL_STEP_V3_DIRECT_STORE=1) or through the stage and a
+// TMA store (0, the default).
+bool v3_direct_store() {
+  const char* env = std::getenv("APRIEL_STEP_V3_DIRECT_STORE");
+  return env != nullptr && std::string(env) == "1";
+}
+
 using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                    const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                                    CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
@@ -332,6 +339,7 @@ void mixer_step_out(const at::Tensor& zxbc, const at::Tensor& dt_low, at::Tensor
   p.v3_seq_per_warp = version == 3 ? v3_seq_per_warp() : 0;
   p.v3_stages = version == 3 ? v3_stages() : 4;
   p.v3_tma = version == 3 && v3_tma_requested() && encode_state_map(ssm_state, d_inner, d_xb, p.v3_state_map);
+  p.v3_direct_store = version == 3 && v3_direct_store();
   p.v3_conv_stage = p.v3_tma && p.v3_stages == 4 && v3_conv_stage_requested() &&
                     v3_conv_stage_applies(conv_state, zxbc, d_inner, d_xb);
   p.seq_per_thread = seq_per_thread(p.batch, version, p.q, act == at::kFloat);

@@ -183,6 +183,29 @@ struct SmemState<__nv_bfloat16> {
   }
 };
 
+// The thread's 16 states -> its channel in the global cache (APRIEL_STEP_V3_DIRECT_STORE), in the same rotated unit
+// order as the shared-memory stage (unit u of the registers = unit u ^ rot of the channel).
+template <typename state_t>
+__device__ __forceinline__ void store_state_global(char* ch, int rot, const float h[16]) {
+  if constexpr (std::is_same<state_t, float>::value) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      *reinterpret_cast<float4*>(ch + ((u ^ rot) * 16)) = make_float4(h[4 * u], h[4 * u + 1], h[4 * u + 2], h[4 * u + 3]);
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      uint32_t wd[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const __nv_bfloat162 v = __floats2bfloat162_rn(h[8 * u + 2 * k], h[8 * u + 2 * k + 1]);
+        wd[k] = *reinterpret_cast<const uint32_t*>(&v);
+      }
+      *reinterpret_cast<uint4*>(ch + ((u ^ rot) * 16)) = make_uint4(wd[0], wd[1], wd[2], wd[3]);
+    }
+  }
+}
+
 // 16 consecutive 16-bit activations (a B or C group) in the thread's rotated state order, kept raw
 // (8 registers); unit u holds elements (u ^ rot) * E .. + E - 1.
 template <typename act_t, int kUnits>
@@ -373,6 +396,10 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const __grid_cons
                     ((reinterpret_cast<uintptr_t>(p.zxbc) | static_cast<uintptr_t>(p.zxbc_batch_stride * 2)) & 31) == 0 &&
                     (X & (w - 1)) == 0;
   const bool conv_staged = fast && tma && p.v3_conv_stage && nst == kStages;
+  // APRIEL_STEP_V3_DIRECT_STORE: the updated state goes from registers straight to the global cache (4 / 2
+  // 16-byte stores per lane) instead of shared memory + a TMA store: no fence.proxy.async (a MEMBAR.ALL.CTA) and
+  // no bulk-group wait per row, and a stage is refilled once read; costs L1 wavefronts (64-byte lane stride).
+  const bool direct = p.v3_direct_store;
   // The warp's w conv rows of a slot: w * S contiguous 16-bit entries, 16-byte aligned (host-checked).
   const uint32_t conv_bytes = static_cast<uint32_t>(w * S * 2);
   const int64_t conv_slot_bytes = p.conv_slot_stride * 2;
@@ -567,7 +594,11 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const __grid_cons
           SmemState<state_t>::load(mine, rot, h);
           const float yp = ssm_update(h, a2, 1, delta, delta * u, tin.b, tin.c);
           *y_row = from_f<act_t>(__fmaf_rn(d_skip, u, yp) * gate);
-          SmemState<state_t>::store(mine, rot, h);
+          if (direct) {
+            store_state_global<state_t>(ssm_base + sk * slot_bytes + c * L::kChannelBytes, rot, h);
+          } else {
+            SmemState<state_t>::store(mine, rot, h);
+          }
           if (wr) {
             const int64_t base = int64_t(sk) * p.conv_slot_stride + own_row * p.conv_channel_stride;
             if constexpr (kFast) {
@@ -587,13 +618,22 @@ __global__ void __launch_bounds__(128, 4) mixer_step_v3_kernel(const __grid_cons
             }
           }
         }
-        fence_proxy_async();  // this thread's generic-proxy writes of the stage -> visible to the TMA store
-        __syncwarp();
-        if (kConvStaged || tma) {
-          if (lane == 0) tensor_store_3d(p.v3_state_map, tc0, tc1, sk, stages + st * L::kStageBytes);
-        } else if (chunk_lane) {
-          bulk_store(ssm_base + sk * slot_bytes + chunk_gl, stages + st * L::kStageBytes + chunk_smem, chunk_bytes);
+        if (!direct) {
+          fence_proxy_async();  // this thread's generic-proxy writes of the stage -> visible to the TMA store
+          __syncwarp();
+          if (kConvStaged || tma) {
+            if (lane == 0) tensor_store_3d(p.v3_state_map, tc0, tc1, sk, stages + st * L::kStageBytes);
+          } else if (chunk_lane) {
+            bulk_store(ssm_base + sk * slot_bytes + chunk_gl, stages + st * L::kStageBytes + chunk_smem, chunk_bytes);
+          }
         }
+      }
+      if (direct) {  // no store reads the stage: refill it with row k + nst as soon as every lane is done with it
+        if (k + 1 < nseq) prefetch_bc(k + 1, s_next);
+        __syncwarp();  // every lane has consumed stage st and passed its wait (its next phase may start)
+        const int m = k + nst;
+        if (m < nseq) issue_load(m, __shfl_sync(0xffffffffu, slot_lane, m), kConvStaged || tma, kConvStaged);
+        continue;
       }
       // One bulk group per row and lane (empty for padding rows and lanes >= r; with the tensor map every lane
       // but 0), so "all but the newest" = every row before this one. Chunk j of the stage of row k-1 is refilled

@@ -84,6 +84,9 @@ struct MixerStepParams {
   // compact conv cache of the activation dtype with channel stride S, unit position stride, 16-byte aligned
   // slot stride / base / w * S * 2, S <= 4, and the 4-deep ring).
   bool v3_conv_stage;
+  // v3: the updated state is stored from registers to the global cache (APRIEL_STEP_V3_DIRECT_STORE=1) instead of
+  // through the shared-memory stage and a TMA / bulk store (the default).
+  bool v3_direct_store;
   alignas(64) unsigned char v3_state_map[128];
 };
 
