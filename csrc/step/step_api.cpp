@@ -11,6 +11,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <unordered_map>
 
 #include "step_params.h"
 
@@ -142,17 +143,21 @@ bool encode_state_map(const at::Tensor& ssm, int64_t d_inner, int64_t d_xb, unsi
   const int64_t r = d_inner / d_xb, w = 32 / r, bw = w < 16 ? w : 16;
   const int64_t es = ssm.element_size(), slots = ssm.size(0), slot_bytes = ssm.stride(0) * es;
   if (d_xb % w != 0 || slots < 1 || slots > (int64_t(1) << 32) || slot_bytes >= (int64_t(1) << 40)) return false;
-  // One entry cache: a decode loop calls every layer with the same cache tensor shape; the encode is pure host
-  // work (~1 us) that a graph replay never repeats, but eager decode would pay it per layer and step.
+  // Maps by (cache pointer, geometry): eager decode calls every layer (one SSM cache each) every step; the encode
+  // is pure host work that a graph replay never repeats, but eager calls would pay it per layer and step. A map
+  // depends only on the key, so a stale entry for a freed and reallocated pointer is still the right map.
   struct Key {
     const void* ptr; int64_t slots, slot_bytes, d_inner, d_xb, es;
     bool operator==(const Key& o) const { return std::memcmp(this, &o, sizeof(Key)) == 0; }
   };
-  thread_local Key last{};
-  thread_local unsigned char last_map[128];
+  struct KeyHash {
+    size_t operator()(const Key& k) const { return std::hash<const void*>()(k.ptr) ^ std::hash<int64_t>()(k.slots * 31 + k.es); }
+  };
+  struct Map { unsigned char bytes[128]; };
+  thread_local std::unordered_map<Key, Map, KeyHash> cache;
   const Key key{ssm.data_ptr(), slots, slot_bytes, d_inner, d_xb, es};
-  if (last.ptr != nullptr && last == key) {
-    std::memcpy(out, last_map, sizeof(last_map));
+  if (const auto it = cache.find(key); it != cache.end()) {
+    std::memcpy(out, it->second.bytes, sizeof(it->second.bytes));
     return true;
   }
   const EncodeTiledFn encode = encode_tiled();
@@ -168,8 +173,8 @@ bool encode_state_map(const at::Tensor& ssm, int64_t d_inner, int64_t d_xb, unsi
                               CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (res != CUDA_SUCCESS) return false;
-  std::memcpy(last_map, &map, sizeof(map));
-  last = key;
+  if (cache.size() >= 1024) cache.clear();  // bounded: a long-lived process that keeps reallocating caches
+  std::memcpy(cache[key].bytes, &map, sizeof(map));
   std::memcpy(out, &map, sizeof(map));
   return true;
 }
