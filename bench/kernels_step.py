@@ -5,7 +5,7 @@ the measured copy ceiling and a plain-torch imitation of the HF decode chain.
                                      p20_us, p50_us, p80_us, bytes, gb_per_s, pct_of_copy_ceiling,
                                      floor_us, bar_us, meets_bar, seq_per_warp (v3 sweeps), note +
                                      gpu/torch/commit
-    python -m bench.kernels_step [--out step.json] [--quick] [--variants P1,P2,...]   prints a table, writes JSON
+    python -m bench.kernels_step [--out step.json] [--quick] [--variants P1 P2 ...]   prints a table, writes JSON
 
 Shape: Apriel-H1 mixer (D 4096, X 1024, N 16, R 16, W 4), bf16 activations and bf16 weights (A_log, D
 fp32). Every time is per call, from CUDA-graph replays of back-to-back calls (bench/timing.time_graph_ms).
@@ -22,10 +22,10 @@ APRIEL_STEP_KERNEL=v1, its own defaults: the A/B against v2 in the same run), "a
 with programmatic dependent launch, APRIEL_STEP_PDL=1: consecutive steps of the graph overlap their
 parameter prologue with the previous step's tail), "apriel[v3]" / "apriel[v3+pdl]" (kernel v3,
 APRIEL_STEP_KERNEL=v3: state staged through shared memory by the TMA, parameters once per warp; without /
-with PDL), "apriel[v3(+pdl),tma+conv]" / "...,tma]" / "...,lanecp]" (v3's state copies as one 3-D tensor-map copy
-per row and direction with the conv rows staged on the same barrier - APRIEL_STEP_V3_TMA=1 and
-APRIEL_STEP_V3_CONV_STAGE=1, the defaults -, the map alone, or per-lane bulk chunks; ",direct]": the state stored
-from registers, APRIEL_STEP_V3_DIRECT_STORE=1), "apriel[v3,seqK]" (v3 with K sequences per warp, APRIEL_STEP_V3_SEQ), "hf_chain_torch" (split, repeat,
+with PDL; since session 4 with the state as one tensor-map copy per row and direction and the conv rows staged on the
+same barrier), "apriel[v3(+pdl),direct]" (the state stored from registers, APRIEL_STEP_V3_DIRECT_STORE=1),
+"apriel[v3+pdl,tma]" (the map without staged conv rows), "apriel[v3(+pdl),lanecp]" (session 3's per-lane bulk copies),
+"apriel[v3+pdl,seqK]" (v3 + PDL with K sequences per warp, APRIEL_STEP_V3_SEQ), "hf_chain_torch" (split, repeat,
 roll-based conv update, dt Linear, selective_state_update written in torch ops, bf16 state, D-channel conv
 cache, batch-indexed caches like HF: an imitation, because mamba-ssm / causal-conv1d are not installed
 on the device; the real chain measured 18.3 / 23.2 / 38.3 / 99.4 us per kernels.md).
@@ -50,31 +50,24 @@ BATCHES = [1, 16, 64, 256]
 BARS_US = {1: 4.0, 16: 7.0, 64: 18.0, 256: 60.0}
 HF_CHAIN_PEER_US = {1: 18.3, 16: 23.2, 64: 38.3, 256: 99.4}  # kernels.md (mamba-ssm + causal-conv1d)
 COLD_POOL_BYTES = 200 << 20
-# (provider, environment) of the kernel variants timed next to the default (v2) in the same run.
+# (provider, environment) of the kernel variants timed next to the default in the same run. Since session 4 the v3
+# defaults are the tensor-map state copies with the conv rows staged on the same barrier (APRIEL_STEP_V3_TMA=1,
+# APRIEL_STEP_V3_CONV_STAGE=1): "apriel[v3]" / "apriel[v3+pdl]" time them; ",tma" = the map without staged conv rows,
+# ",lanecp" = the session-3 per-lane bulk copies, ",direct" = the state stored from registers
+# (APRIEL_STEP_V3_DIRECT_STORE=1). The 8-deep ring (APRIEL_STEP_V3_STAGES=8, session 3: slower with fp32 state, no
+# conv staging) is no longer timed by default.
 VARIANTS = [
     ("apriel[v1]", {"APRIEL_STEP_KERNEL": "v1"}),
     ("apriel[v2]", {"APRIEL_STEP_KERNEL": "v2"}),  # default is v3 from b64 (step_api.cpp): keeps the A/B
     ("apriel[pdl]", {"APRIEL_STEP_PDL": "1"}),
     ("apriel[v3]", {"APRIEL_STEP_KERNEL": "v3"}),
     ("apriel[v3+pdl]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1"}),
-    ("apriel[v3,st8]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_V3_STAGES": "8"}),  # 8-deep state ring
-    ("apriel[v3+pdl,st8]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1", "APRIEL_STEP_V3_STAGES": "8"}),
-    # Session 4: v3's state copies as one 3-D TMA tensor copy per row and direction with the conv rows staged on the
-    # same barrier (tma+conv, the defaults), the tensor map with the conv rows register-prefetched one row ahead
-    # (tma), or r per-lane cp.async.bulk chunks (lanecp, the session-3 path), without / with PDL.
-    ("apriel[v3,tma+conv]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_V3_TMA": "1", "APRIEL_STEP_V3_CONV_STAGE": "1"}),
-    ("apriel[v3,tma]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_V3_TMA": "1", "APRIEL_STEP_V3_CONV_STAGE": "0"}),
+    ("apriel[v3,direct]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_V3_DIRECT_STORE": "1"}),
+    ("apriel[v3+pdl,direct]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1", "APRIEL_STEP_V3_DIRECT_STORE": "1"}),
+    ("apriel[v3+pdl,tma]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1", "APRIEL_STEP_V3_CONV_STAGE": "0"}),
     ("apriel[v3,lanecp]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_V3_TMA": "0"}),
-    ("apriel[v3+pdl,tma+conv]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1", "APRIEL_STEP_V3_TMA": "1",
-                                 "APRIEL_STEP_V3_CONV_STAGE": "1"}),
-    ("apriel[v3+pdl,tma]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1", "APRIEL_STEP_V3_TMA": "1",
-                            "APRIEL_STEP_V3_CONV_STAGE": "0"}),
     ("apriel[v3+pdl,lanecp]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1", "APRIEL_STEP_V3_TMA": "0"}),
-    # ... and the updated state stored from registers instead of shared memory + a TMA store (APRIEL_STEP_V3_DIRECT_STORE)
-    ("apriel[v3,tma+conv,direct]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_V3_TMA": "1", "APRIEL_STEP_V3_CONV_STAGE": "1",
-                                    "APRIEL_STEP_V3_DIRECT_STORE": "1"}),
-    ("apriel[v3+pdl,tma+conv,direct]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_PDL": "1", "APRIEL_STEP_V3_TMA": "1",
-                                        "APRIEL_STEP_V3_CONV_STAGE": "1", "APRIEL_STEP_V3_DIRECT_STORE": "1"}),
+    ("apriel[v3,st8]", {"APRIEL_STEP_KERNEL": "v3", "APRIEL_STEP_V3_STAGES": "8"}),  # 8-deep ring: --variants only
 ]
 ACT = torch.bfloat16
 
@@ -250,15 +243,16 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                          time_graph_ms(fn, per_graph=per_graph), nbytes, copy_bps))
         # Kernel variants, cold L2 (the bars' condition), both state dtypes: v1, v2 with PDL, v3 (TMA-staged
         # state), v3 with PDL.
-        rows += _variant_rows(batch, VARIANTS, copy_bps)
+        rows += _variant_rows(batch, [v for v in VARIANTS if not v[0].endswith(",st8]")], copy_bps)
         if not quick and batch >= 64:
             # v3 sequences per warp (the launcher picks ceil(channel warps x batch / resident warps): 4 at
             # b64, 16 at b256 on an H100 with 4 resident blocks per SM).
-            for spw in ("2", "4", "8", "16", "32"):
-                with env_override("APRIEL_STEP_KERNEL", "v3"), env_override("APRIEL_STEP_V3_SEQ", spw):
+            for spw in ("2", "4", "8", "16", "32"):  # with PDL (the engine's decode graphs) since session 4
+                with env_override("APRIEL_STEP_KERNEL", "v3"), env_override("APRIEL_STEP_V3_SEQ", spw), \
+                        env_override("APRIEL_STEP_PDL", "1"):
                     fn, per_graph, nbytes = _apriel_fn(batch, torch.float32, "compact", True)
                     stats = time_graph_ms(fn, per_graph=per_graph)
-                rows.append(_row("mixer_step", f"apriel[v3,seq{spw}]", batch, torch.float32, "compact", "cold",
+                rows.append(_row("mixer_step", f"apriel[v3+pdl,seq{spw}]", batch, torch.float32, "compact", "cold",
                                  stats, nbytes, copy_bps, seq_per_warp=int(spw)))
                 torch.cuda.empty_cache()
         fn, per_graph, nbytes = _hf_chain_fn(batch)
@@ -290,10 +284,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--quick", action="store_true", help="batches 1 and 64 only, no sweeps")
-    parser.add_argument("--variants", help="comma-separated providers of VARIANTS: only their cold rows, every batch "
-                                           "(e.g. 'apriel[v3+pdl,tma],apriel[v3+pdl,lanecp]')")
+    parser.add_argument("--variants", nargs="+", metavar="PROVIDER",
+                        help="providers of VARIANTS (names contain commas: one argument each, or ';'-separated): only "
+                             "their cold rows, every batch, e.g. --variants 'apriel[v3+pdl,tma]' 'apriel[v3+pdl,lanecp]'")
     args = parser.parse_args(argv)
-    rows = run_variants(args.variants.split(",")) if args.variants else run(quick=args.quick)
+    providers = [p for arg in args.variants or [] for p in arg.split(";") if p]
+    rows = run_variants(providers) if providers else run(quick=args.quick)
     _print_table(rows)
     if args.out:
         with open(args.out, "w") as f:
