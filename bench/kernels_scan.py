@@ -10,7 +10,11 @@ floor, which it cannot reach: it needs >= 2 exp2 per element). Providers: "aprie
 (forward v4: 4 states per thread, cp.async tiles), timed eagerly like the peers' do_bench figures;
 "apriel-graph" the same call replayed from a CUDA graph (no host overhead: the kernel's own time);
 "apriel-v4k4" / "apriel-v4k8" / "apriel-v3" force a forward version (APRIEL_SCAN_FWD), "apriel-bcf32" makes
-v4 read fp32 copies of B / C instead of the raw 16-bit tile (APRIEL_SCAN_BC=f32), for comparison.
+v4 read fp32 copies of B / C instead of the raw 16-bit tile (APRIEL_SCAN_BC=f32), for comparison;
+"apriel-v5" / "apriel-v5-graph" / "apriel-v5k4" / "apriel-v5k8" time the session-4 forward v5 (APRIEL_SCAN_FWD=v5*:
+v4's arithmetic with a smaller shared-memory layout, more blocks per SM and a leaner prep); "apriel-v5k16" its
+one-state-per-thread instantiation (twice the warps of K = 8 at batch 1, ~1.5x the instructions per element).
+APRIEL_BENCH_SCAN_FWD_PROVIDERS=a,b,... keeps only those forward providers (shorter A/B runs).
 fwd+bwd and bwd rows: "apriel" (default: backward v4), "apriel[bwd-bc=f32]" (v4 reading fp32 copies of B / C
 instead of the raw 16-bit tile, APRIEL_SCAN_BWD_BC=f32), "apriel[bwd=v3]" (the previous backward, APRIEL_SCAN_BWD=v3, forward
 unchanged) and "apriel-v3" (both previous kernels).
@@ -83,7 +87,12 @@ def run(quick: bool = False) -> list[dict]:
     for batch, seqlen in fwd_shapes:
         args = _inputs(batch, seqlen)
         variants = (("apriel", None, None), ("apriel-graph", None, None), ("apriel-v4k4", "v4k4", None),
-                    ("apriel-v4k8", "v4k8", None), ("apriel-bcf32", None, "f32"), ("apriel-v3", "v3", None))
+                    ("apriel-v4k8", "v4k8", None), ("apriel-bcf32", None, "f32"), ("apriel-v3", "v3", None),
+                    ("apriel-v5", "v5", None), ("apriel-v5-graph", "v5", None), ("apriel-v5k4", "v5k4", None),
+                    ("apriel-v5k8", "v5k8", None), ("apriel-v5k16", "v5k16", None))
+        keep = os.environ.get("APRIEL_BENCH_SCAN_FWD_PROVIDERS")
+        if keep:
+            variants = tuple(v for v in variants if v[0] in keep.split(","))
         for provider, version, bc in variants:
             try:
                 timer = time_graph_ms if provider.endswith("graph") else time_ms

@@ -275,6 +275,18 @@ VARIANT_CASES = [
     ("v3", 2, 131, 256, 64, 4, 16, "init_packed"),
     ("v4k4-bcf32", 2, 77, 64, 16, 4, 16, "init_packed"),
     ("v4k8-bcf32", 1, 45, 256, 64, 3, 32, "strided"),
+    # v5 (session 4: v4 with the Smem5 layout, more blocks per SM, branch-free softplus)
+    ("v5k4", 2, 1000, 256, 64, 4, 16, "init_packed"),
+    ("v5k8", 2, 131, 256, 64, 4, 16, "init_packed"),
+    ("v5", 1, 65, 64, 16, 3, 32, "strided"),
+    ("v5k4", 3, 100, 64, 16, 2, 24, "init"),
+    ("v5k8", 2, 70, 64, 16, 3, 12, "misaligned"),
+    ("v5k4", 1, 33, 64, 16, 4, 8, "misaligned"),
+    # v5 K = 16 (one state per thread, 16-bit B / C loads, 4-level reduce-scatter; batch-1 variant)
+    ("v5k16", 2, 131, 256, 64, 4, 16, "init_packed"),
+    ("v5k16", 1, 65, 64, 16, 3, 32, "strided"),
+    ("v5k16", 3, 100, 64, 16, 2, 12, "misaligned"),
+    ("v5b1", 1, 2049, 256, 64, 4, 16, "init"),
 ]
 
 
@@ -302,6 +314,56 @@ def test_forward_versions_and_shapes(case, dtype, monkeypatch):
     ref_lp = ref_mixer(args, kw, seq_idx=seq, return_final_states=True)
     for name, o, r64, rlp in zip(("y", "final_ssm", "final_conv"), (y, ssm, conv), ref64, ref_lp):
         check(name, o, r64, rlp, floor=2e-5 if dtype == torch.float32 else 1e-3)
+
+
+# v5 changes the shared-memory layout, the residency, the softplus code (select instead of a branch, same
+# operations) and loop forms, not the arithmetic: its outputs, final states and checkpoints must equal v4's at the
+# same K bit for bit (any difference is a layout or indexing bug). Both K, every dtype, the staging paths (16-byte
+# copies, plain loads), dt_rank 8 / 12 / 16 / 32, conv widths, packed documents, initial states, ragged tails,
+# the Apriel-H1 width.
+V5_BITWISE_CASES = [
+    # (K, batch, seqlen, d_inner, d_xb, width, dt_rank, extras)
+    (4, 2, 77, 64, 16, 4, 16, "init_packed"),
+    (8, 2, 77, 64, 16, 4, 16, "init_packed"),
+    (4, 3, 100, 256, 64, 3, 32, "strided"),
+    (8, 1, 131, 256, 64, 2, 12, "misaligned"),
+    (4, 1, 33, 64, 16, 4, 8, "norep"),
+    (8, 3, 65, 256, 64, 4, 24, "norep_init"),
+    (4, 8, 1000, 4096, 1024, 4, 16, "packed"),
+    (8, 2, 4097, 4096, 1024, 4, 16, ""),
+]
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", V5_BITWISE_CASES, ids=lambda c: f"K{c[0]}-b{c[1]}-L{c[2]}-D{c[3]}-W{c[5]}-R{c[6]}-{c[7] or 'plain'}")
+def test_forward_v5_bitwise_equals_v4(case, dtype, monkeypatch):
+    K, b, L, D_, X, width, rank, extra = case
+    args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", dt_rank=rank, width=width, repeat="norep" not in extra,
+                           initial_states="init" in extra, strided=extra == "strided", seed=11)
+    seq = packed_seq_idx(b, L, [L // 4, L // 2 + 1], "cuda") if "packed" in extra else None
+    if extra == "misaligned":  # odd element offsets: the plain-load staging path
+        for name in ("zxbc", "dt_low"):
+            t = args[name]
+            base = torch.full((b, L, t.shape[-1] + 3), float("nan"), dtype=dtype, device="cuda")
+            base[..., 1:1 + t.shape[-1]] = t
+            args[name] = base[..., 1:1 + t.shape[-1]]
+    outs = {}
+    for version in (f"v4k{K}", f"v5k{K}"):
+        monkeypatch.setenv("APRIEL_SCAN_FWD", version)
+        poison_allocator()
+        outs[version] = mixer_scan_fwd(
+            args["zxbc"], args["dt_low"], args["conv_weight"], args["conv_bias"], args["dt_proj_weight"],
+            args["dt_proj_bias"], args["A_log"], args["D"], args.get("initial_ssm_state"),
+            args.get("initial_conv_state"), seq, kw["d_inner"], kw["d_xb"], kw["d_state"],
+            kw["repeat_kv_before_conv"], True)
+        torch.cuda.synchronize()
+    for name, a, c in zip(("y", "final_ssm", "final_conv", "checkpoints"), outs[f"v4k{K}"], outs[f"v5k{K}"]):
+        assert a.shape == c.shape, f"{name}: shape {tuple(a.shape)} vs {tuple(c.shape)}"
+        assert a.numel() > 0 and torch.isfinite(a).all(), f"{name}: v4 output empty or not finite"
+        diff = (a.double() - c.double()).abs().max().item()
+        assert torch.equal(a, c), f"{name}: v5 differs from v4 (max |diff| {diff:.3e})"
 
 
 # Backward versions (APRIEL_SCAN_BWD, read by the host at each call): v4 (default: mixer_scan_bwd4.cuh) and v3
@@ -343,7 +405,7 @@ def _ref_grads(args, kw, seq, weights):
 
 @gpu
 @needs_kernel
-@pytest.mark.parametrize("version", ["v4k4", "v4k8", "v3"])
+@pytest.mark.parametrize("version", ["v4k4", "v4k8", "v3", "v5k4", "v5k8", "v5k16"])
 def test_gradient_parity_with_each_forward_version(version, bwd_version, monkeypatch):
     """The backward consumes the forward's state checkpoints: each forward version must write them right."""
     monkeypatch.setenv("APRIEL_SCAN_FWD", version)

@@ -22,12 +22,29 @@
 #include "scan_common.cuh"
 #include "scan_tile.cuh"
 
+#include <type_traits>
+
+// Minimum blocks per SM of the v5 launch bounds (register cap 65536 / (threads x blocks)); compile-time knobs for
+// experiments. v4: 6 (K = 4) / 3 (K = 8).
+#ifndef APRIEL_SCAN_FWD5_BLOCKS_K4
+#define APRIEL_SCAN_FWD5_BLOCKS_K4 8
+#endif
+#ifndef APRIEL_SCAN_FWD5_BLOCKS_K8
+#define APRIEL_SCAN_FWD5_BLOCKS_K8 4
+#endif
+// K = 16 (one state per thread, 256 threads): the batch-1 variant; at b1 there are ~2 blocks per SM anyway.
+#ifndef APRIEL_SCAN_FWD5_BLOCKS_K16
+#define APRIEL_SCAN_FWD5_BLOCKS_K16 2
+#endif
+
 namespace apriel {
 namespace scan4 {
 
 using scan::from_f;
 using scan::kChunk;
 using scan::kLog2e;
+using ::apriel::kLn2;
+using ::apriel::lg2_ftz;
 using scan::kN;
 using scan::to_f;
 
@@ -66,14 +83,15 @@ __device__ __forceinline__ void cvt_vec(const T* src, float* dst) {
 template <typename T, int NS>
 __device__ __forceinline__ void cvt_bc(const T* src, float* row, int c, int off) {
   constexpr int kVec = 16 / sizeof(T);
-  static_assert(kVec % NS == 0 && (NS == 2 || NS == 4), "state groups");
+  static_assert(kVec % NS == 0 && (NS == 1 || NS == 2 || NS == 4), "state groups");
   const uint4 raw = *reinterpret_cast<const uint4*>(src);
   const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
   for (int i = 0; i < kVec; i += NS) {
     float* dst = row + ((c + i) / NS) * 2 * NS + off;
     if constexpr (NS == 4) *reinterpret_cast<float4*>(dst) = make_float4(to_f(e[i]), to_f(e[i + 1]), to_f(e[i + 2]), to_f(e[i + 3]));
-    else *reinterpret_cast<float2*>(dst) = make_float2(to_f(e[i]), to_f(e[i + 1]));
+    else if constexpr (NS == 2) *reinterpret_cast<float2*>(dst) = make_float2(to_f(e[i]), to_f(e[i + 1]));
+    else *dst = to_f(e[i]);  // K = 16 (v5): one state per lane
   }
 }
 
@@ -107,6 +125,44 @@ struct Smem4 {
   alignas(16) float2 ug[kChunk][kUgStride]; // (u, silu(z)) per (token, channel)
   alignas(16) T y[2][kChunk][kN];           // gated output by tile parity (stored at the next tile's start)
 };
+
+// v5 layout: the same arrays sized for what the instantiation uses, so more blocks fit per SM (the v4 layout is
+// 35.5 KB for bf16 K = 4, 6 blocks per SM; this one 27.5 KB, 8 blocks): no fp32 B/C copies when the scan reads the raw tile, no document ids
+// without seq_idx, no dt_proj tile for fp32 activations, skewed rows counted for this TPT, and ONE y buffer
+// (y of tile i is written after S3 of tile i and read between S1 and S2 of tile i + 1: never both at once).
+template <int TPT> constexpr int skew_rows(int rows) { return rows - 1 + (rows - 1) / TPT + 1; }
+template <typename T, int kR, int K, bool kSeq, bool kRawBC>
+struct Smem5 {
+  static constexpr int TPT = kChunk * kN / (kN * K);
+  // K = 16: a half-warp gates 16 consecutive tokens of one channel: 17 float2 (34 words) puts them in 16 bank pairs
+  static constexpr int kUgStride = K == 4 ? 20 : K == 8 ? 18 : 17;
+  static constexpr bool kMma = sizeof(T) == 2;
+  RawTile<T, kR> raw[2];
+  alignas(16) float xf[2][skew_rows<TPT>(kChunk + 3)][kN];
+  alignas(16) int seqf[2][kSeq ? kChunk + 3 : 1];
+  alignas(16) float BC[kRawBC ? 1 : kChunk][2 * kN];
+  alignas(16) float dtp[kMma ? skew_rows<TPT>(kChunk) : 1][kN];
+  alignas(16) float2 ud[kChunk][kN];
+  alignas(16) float2 ug[kChunk][kUgStride];
+  alignas(16) T y[1][kChunk][kN];
+};
+template <typename T, int kR, int K, bool kSeq, bool kRawBC, int kVer>
+using SmemFor = std::conditional_t<kVer >= 5, Smem5<T, kR, K, kSeq, kRawBC>, Smem4<T, kR, K>>;
+
+// softplus_fast (../common/scan_math.cuh) with the same operations and the same result, but both branches
+// computed and chosen by selp: nvcc compiled the nested ternary into a divergent branch per token (BSSY / BRA /
+// BSYNC plus moves, ~5 instructions and a reconvergence per (channel, token) of the prep).
+__device__ __forceinline__ float softplus_select(float v) {
+  const float e = ex2(kLog2e * v);
+  const float small = e * (1.f - e * (0.5f - e * (1.f / 3.f - e * 0.25f)));
+  const float big = lg2_ftz(1.f + e) * kLn2;
+  float r;
+  // (the intermediate goes to a local register: %0 may share a register with an input)
+  asm("{\n .reg .pred ps, pb;\n .reg .f32 lo;\n setp.lt.f32 ps, %2, 0f3C23D70A;\n setp.gt.f32 pb, %3, 0f41A00000;\n"
+      " selp.f32 lo, %1, %4, ps;\n selp.f32 %0, %3, lo, pb;\n}"
+      : "=f"(r) : "f"(small), "f"(e), "f"(v), "f"(big));  // 0f3C23D70A = 1e-2f, 0f41A00000 = 20.f
+  return r;
+}
 
 // 4 values at src -> fp32 float4 at dst (16-byte aligned): one 8-byte (16-bit types) or 16-byte load and one
 // 16-byte store per thread, consecutive across the warp (no bank conflicts, unlike 8-value pieces).
@@ -248,11 +304,29 @@ template <> __device__ __forceinline__ float2 unpack2<__half>(unsigned w) {
   return __half22float2(*reinterpret_cast<const __half2*>(&w));
 }
 template <> __device__ __forceinline__ float2 unpack2<float>(unsigned) { return make_float2(0.f, 0.f); }
+// One 16-bit value in the low half of a word (K = 16: one state per lane).
+template <typename T> __device__ __forceinline__ float unpack1(unsigned w);
+template <> __device__ __forceinline__ float unpack1<__nv_bfloat16>(unsigned w) { return __uint_as_float(w << 16); }
+template <> __device__ __forceinline__ float unpack1<__half>(unsigned w) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(w)));
+}
+template <> __device__ __forceinline__ float unpack1<float>(unsigned) { return 0.f; }
 
 // kRawBC (16-bit activations only): the scan reads B and C straight from the raw tile (8 B per 4 values, not
 // 16 B of fp32): the forward is bound by shared-memory wavefronts, and these loads are most of them.
-template <typename T, int K, int kR, bool kSeq, bool kRawBC>
-__global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel(MixerScanParams p) {
+// kVer 5 (APRIEL_SCAN_FWD=v5*): the same algorithm and results (bitwise) with a smaller shared-memory layout
+// (Smem5), more blocks per SM (launch bounds kMinBlocks5), a branch-free softplus and compile-time loop counts.
+// The v5 residency targets hold for the default shapes (16-bit activations, dt_rank <= 16: 27.5 KB of shared
+// memory, <= 128 registers without spills). dt_rank 32 (+2 KB, 16 more live registers for the mma fragments) and
+// fp32 activations (41 KB: 5 blocks per SM at most; the CUDA-core dt dot keeps W_dt in registers) keep v4's
+// targets: asking for more spilled 28-88 bytes.
+template <typename T, int K, int kR>
+constexpr int kMinBlocks5 = K == 16 ? APRIEL_SCAN_FWD5_BLOCKS_K16
+                          : (sizeof(T) == 2 && kR == 16) ? (K == 4 ? APRIEL_SCAN_FWD5_BLOCKS_K4 : APRIEL_SCAN_FWD5_BLOCKS_K8)
+                                                         : (K == 4 ? 6 : 3);
+template <typename T, int K, int kR, int kVer> constexpr int kMinBlocks = kVer >= 5 ? kMinBlocks5<T, K, kR> : (K == 4 ? 6 : 3);
+template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4>
+__global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>)) mixer_scan_fwd4_kernel(MixerScanParams p) {
   constexpr int NT = kN * K;                 // threads per block
   constexpr int NS = kN / K;                 // states per thread
   constexpr int TPT = kChunk * kN / NT;      // prep tokens per thread
@@ -261,7 +335,13 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
   constexpr int kKSteps = kR / 16;
   static_assert(TPT >= 1 && kChunk % TPT == 0 && NT >= 64, "prep mapping; the halo and final-state steps use 48 threads");
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  Smem4<T, kR, K>& sm = *reinterpret_cast<Smem4<T, kR, K>*>(smem_raw);
+  using SM = SmemFor<T, kR, K, kSeq, kRawBC, kVer>;
+  SM& sm = *reinterpret_cast<SM*>(smem_raw);
+  constexpr bool kV5 = kVer >= 5;
+  // v5's prep diet (per-thread column pointers, branch-free softplus): 16-bit activations only. fp32 sits at the
+  // register cap (W_dt in registers for the CUDA-core dot): the 3 pointers and both live softplus branches spilled
+  // 24 more bytes there.
+  constexpr bool kV5Diet = kV5 && sizeof(T) == 2;
   const int head = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int group = head / p.heads_per_group, c0 = head * kN;
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank, W = p.width;
@@ -335,10 +415,23 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
       cp_async_commit();
     }
     if (tile > 0) {  // previous tile's y (always full: only the last tile is ragged)
-      for (int i = tid; i < kChunk * kCPR; i += NT) {
-        const int row = i / kCPR, part = i % kCPR;
-        *reinterpret_cast<uint4*>(y + (int64_t)(t0 - kChunk + row) * D + c0 + part * kVec) =
-            *reinterpret_cast<const uint4*>(&sm.y[par ^ 1][row][part * kVec]);
+      if constexpr (kV5) {  // compile-time trip count (v4's runtime loop compiled to ~80 instructions)
+        constexpr int kPieces = kChunk * kCPR;
+#pragma unroll
+        for (int k = 0; k < (kPieces + NT - 1) / NT; ++k) {
+          const int i = tid + k * NT;
+          if (kPieces % NT == 0 || i < kPieces) {
+            const int row = i / kCPR, part = i % kCPR;
+            *reinterpret_cast<uint4*>(y + (int64_t)(t0 - kChunk + row) * D + c0 + part * kVec) =
+                *reinterpret_cast<const uint4*>(&sm.y[0][row][part * kVec]);
+          }
+        }
+      } else {
+        for (int i = tid; i < kChunk * kCPR; i += NT) {
+          const int row = i / kCPR, part = i % kCPR;
+          *reinterpret_cast<uint4*>(y + (int64_t)(t0 - kChunk + row) * D + c0 + part * kVec) =
+              *reinterpret_cast<const uint4*>(&sm.y[par ^ 1][row][part * kVec]);
+        }
       }
     }
     // A: fp32 copies of what many threads read: x (conv input, after the 3 halo rows carried from the previous
@@ -406,6 +499,11 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
       constexpr int kShift = TPT == 8 ? 3 : TPT == 4 ? 2 : 1;
       const float* xrow = &sm.xf[par][tb + pq][pch];
       const float* drow = &sm.dtp[tb + pq][pch];
+      // v5: per-thread column bases, so each token's z load and ud / ug stores are one instruction with a
+      // compile-time offset (v4 recomputed the tile-parity row address per token: 3-4 IMADs).
+      const T* zcol = &r.z[tb][pch];
+      float2* udcol = &sm.ud[tb][pch];
+      float2* ugcol = &sm.ug[tb][pch];
       float xw[TPT + 3];
       int sw[TPT + 3];
 #pragma unroll
@@ -435,12 +533,19 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
             }
           }
         }
-        const float delta = softplus_fast(dp);
+        const float delta = kV5Diet ? softplus_select(dp) : softplus_fast(dp);
         const bool keep = !kSeq || sw[i + 2] == sw[i + 3];  // same document as the previous token
-        const float zz = to_f(r.z[t][pch]);
-        sm.ud[t][pch] = t < Tv ? make_float2(keep ? delta : __int_as_float(0x7f800000), delta * u)
-                               : make_float2(0.f, 0.f);
-        sm.ug[t][pch] = make_float2(u, zz * sigmoid_fast(zz));
+        if constexpr (kV5Diet) {
+          const float zz = to_f(zcol[i * kN]);
+          udcol[i * kN] = t < Tv ? make_float2(keep ? delta : __int_as_float(0x7f800000), delta * u)
+                                 : make_float2(0.f, 0.f);
+          ugcol[i * SM::kUgStride] = make_float2(u, zz * sigmoid_fast(zz));
+        } else {
+          const float zz = to_f(r.z[t][pch]);
+          sm.ud[t][pch] = t < Tv ? make_float2(keep ? delta : __int_as_float(0x7f800000), delta * u)
+                                 : make_float2(0.f, 0.f);
+          sm.ug[t][pch] = make_float2(u, zz * sigmoid_fast(zz));
+        }
       }
     }
     if (p.ckpt != nullptr)
@@ -450,7 +555,8 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
     // C: the recurrence. Fully unrolled and branch-free: the ex2 of later tokens overlap the h chain; the
     // shared-memory operands are loaded kPF tokens ahead (short-scoreboard stalls were the top stall reason).
     constexpr int kPF = 2;
-    constexpr int kW = kRawBC ? NS : 2 * NS;  // 32-bit words of B and C per token and lane
+    // 32-bit words of B and C per token and lane (K = 16 raw: one 16-bit B and one 16-bit C, each in a word)
+    constexpr int kW = kRawBC ? (NS == 1 ? 2 : NS) : 2 * NS;
     float acc[kChunk];
     float2 ep[kPF + 1];
     unsigned bcp[kPF + 1][kW];
@@ -461,8 +567,11 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
         if constexpr (NS == 4) {
           const uint2 b2 = *reinterpret_cast<const uint2*>(bw), c2 = *reinterpret_cast<const uint2*>(cw);
           dst[0] = b2.x; dst[1] = b2.y; dst[2] = c2.x; dst[3] = c2.y;
-        } else {
+        } else if constexpr (NS == 2) {
           dst[0] = bw[0]; dst[1] = cw[0];
+        } else {  // K = 16 (v5): 16-bit loads
+          dst[0] = *reinterpret_cast<const unsigned short*>(&r.B[t][j]);
+          dst[1] = *reinterpret_cast<const unsigned short*>(&r.C[t][j]);
         }
       } else {
         float v[2 * NS];
@@ -484,7 +593,10 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
       }
       const float2 e = ep[t % (kPF + 1)];
       float Bv[NS], Cv[NS];
-      if constexpr (kRawBC) {
+      if constexpr (kRawBC && NS == 1) {
+        Bv[0] = unpack1<T>(bcp[t % (kPF + 1)][0]);
+        Cv[0] = unpack1<T>(bcp[t % (kPF + 1)][1]);
+      } else if constexpr (kRawBC) {
 #pragma unroll
         for (int i = 0; i < NS / 2; ++i) {
           const float2 bb = unpack2<T>(bcp[t % (kPF + 1)][i]), cc = unpack2<T>(bcp[t % (kPF + 1)][NS / 2 + i]);
@@ -511,7 +623,7 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
     for (int i = 0; i < kChunk / K; ++i) {
       const int t = K * i + sigma;
       const float2 q = sm.ug[t][sch];
-      sm.y[par][t][sch] = from_f<T>((acc[i] + Dc * q.x) * q.y);
+      sm.y[kV5 ? 0 : par][t][sch] = from_f<T>((acc[i] + Dc * q.x) * q.y);
     }
   }
   __syncthreads();
@@ -521,7 +633,7 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
     for (int i = tid; i < Tv * kCPR; i += NT) {
       const int row = i / kCPR, part = i % kCPR;
       *reinterpret_cast<uint4*>(y + (int64_t)(t0 + row) * D + c0 + part * kVec) =
-          *reinterpret_cast<const uint4*>(&sm.y[last_par][row][part * kVec]);
+          *reinterpret_cast<const uint4*>(&sm.y[kV5 ? 0 : last_par][row][part * kVec]);
     }
   }
   scan::store_states<NS>(p.final_ssm + ((int64_t)b * D + cs) * kN + j * NS, h);
@@ -536,10 +648,10 @@ __global__ void __launch_bounds__(kN * K, K == 4 ? 6 : 3) mixer_scan_fwd4_kernel
   }
 }
 
-template <typename T, int K, int kR, bool kSeq, bool kRawBC>
+template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4>
 void launch(const MixerScanParams& p, void* stream) {
-  const size_t smem = sizeof(Smem4<T, kR, K>);
-  auto kernel = mixer_scan_fwd4_kernel<T, K, kR, kSeq, kRawBC>;
+  const size_t smem = sizeof(SmemFor<T, kR, K, kSeq, kRawBC, kVer>);
+  auto kernel = mixer_scan_fwd4_kernel<T, K, kR, kSeq, kRawBC, kVer>;
   static bool configured = false;  // per instantiation; a race here only repeats an idempotent call
   if (!configured) {
     if (smem > 48 * 1024)
@@ -569,6 +681,16 @@ void launch_mixer_scan_fwd4(const MixerScanParams& p, void* stream) {
   }
   if (p.dt_rank <= 16) seq ? scan4::launch<T, K, 16, true, false>(p, stream) : scan4::launch<T, K, 16, false, false>(p, stream);
   else seq ? scan4::launch<T, K, 32, true, false>(p, stream) : scan4::launch<T, K, 32, false, false>(p, stream);
+}
+
+// v5 (kVer 5; APRIEL_SCAN_FWD=v5 / v5k4 / v5k8): 16-bit activations always read B / C from the raw tile (the
+// fp32-copy A/B variant stays a v4 option), so one instantiation less per shape.
+template <typename T, int K>
+void launch_mixer_scan_fwd5(const MixerScanParams& p, void* stream) {
+  constexpr bool kRaw = sizeof(T) == 2;
+  const bool seq = p.seq_idx != nullptr;
+  if (p.dt_rank <= 16) seq ? scan4::launch<T, K, 16, true, kRaw, 5>(p, stream) : scan4::launch<T, K, 16, false, kRaw, 5>(p, stream);
+  else seq ? scan4::launch<T, K, 32, true, kRaw, 5>(p, stream) : scan4::launch<T, K, 32, false, kRaw, 5>(p, stream);
 }
 
 }  // namespace apriel

@@ -124,16 +124,32 @@ MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims
 // the H100 (scripts/diag/scan_k_threshold.py, bf16): K = 8 wins at 256 / 512 / 1024 blocks (batch 1 / 2 / 4
 // at D 4096), K = 4 at 768 / 1536 / 2048 (batch 3 / 6 / 8). APRIEL_SCAN_FWD=v4k4|v4k8 forces K, v3 selects
 // the previous kernel (one state per thread) - for benchmarks. Returns K, or 3 for v3.
+//
+// v5 (APRIEL_SCAN_FWD=v5 | v5k4 | v5k8; session 4): the v4 kernel with a smaller shared-memory layout and more
+// blocks per SM (mixer_scan_fwd4.cuh, kVer 5), bitwise the same outputs at K = 4 / 8. v5k16: one state per thread
+// (16 lanes per channel: twice the warps of K = 8 for batch 1, more instructions per element); v5b1 = v5 with
+// K = 16 when the blocks fill at most 2 per SM (batch 1 at D 4096). Returned as 100 + K; the K choice of
+// plain "v5" uses v5's residency (8 blocks per SM at K = 4 for bf16 / fp16, 4 at K = 8; launch bounds of mixer_scan_fwd4.cuh).
+int fwd_version_auto(int64_t blocks, int sms, int base, double per_sm8, double per_sm4) {
+  const double w8 = static_cast<double>(blocks) / (per_sm8 * sms), w4 = static_cast<double>(blocks) / (per_sm4 * sms);
+  auto fill = [](double w) { return w <= 0 ? 1.0 : w / std::ceil(w); };
+  return base + ((w8 <= 2.0 && fill(w8) >= fill(w4)) ? 8 : 4);
+}
 int fwd_version(int64_t blocks = 0, int sms = 132) {
+  double per_sm8 = 4.0, per_sm4 = 6.0;
+  int base = 0;
   if (const char* env = std::getenv("APRIEL_SCAN_FWD")) {
     const std::string v(env);
     if (v == "v3") return 3;
     if (v == "v4k4") return 4;
     if (v == "v4k8") return 8;
+    if (v == "v5k4") return 104;
+    if (v == "v5k8") return 108;
+    if (v == "v5k16") return 116;
+    if (v == "v5") { base = 100; per_sm4 = 8.0; }
+    if (v == "v5b1") return blocks <= 2 * sms ? 116 : fwd_version_auto(blocks, sms, 100, 4.0, 8.0);
   }
-  const double w8 = static_cast<double>(blocks) / (4.0 * sms), w4 = static_cast<double>(blocks) / (6.0 * sms);
-  auto fill = [](double w) { return w <= 0 ? 1.0 : w / std::ceil(w); };
-  return (w8 <= 2.0 && fill(w8) >= fill(w4)) ? 8 : 4;
+  return fwd_version_auto(blocks, sms, base, per_sm8, per_sm4);
 }
 
 void launch_fwd(const MixerScanParams& p, at::ScalarType st, int64_t K) {
@@ -144,6 +160,20 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st, int64_t K) {
     sms = 132;
   }
   const int version = fwd_version(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms);
+  if (version > 100) {
+    const int k = version - 100;
+    if (st == at::kBFloat16) {
+      k == 16 ? launch_mixer_scan_fwd5<__nv_bfloat16, 16>(p, stream) : k == 8 ? launch_mixer_scan_fwd5<__nv_bfloat16, 8>(p, stream)
+              : launch_mixer_scan_fwd5<__nv_bfloat16, 4>(p, stream);
+    } else if (st == at::kHalf) {
+      k == 16 ? launch_mixer_scan_fwd5<__half, 16>(p, stream) : k == 8 ? launch_mixer_scan_fwd5<__half, 8>(p, stream)
+              : launch_mixer_scan_fwd5<__half, 4>(p, stream);
+    } else {
+      k == 16 ? launch_mixer_scan_fwd5<float, 16>(p, stream) : k == 8 ? launch_mixer_scan_fwd5<float, 8>(p, stream)
+              : launch_mixer_scan_fwd5<float, 4>(p, stream);
+    }
+    return;
+  }
   if (version != 3) {
     if (st == at::kBFloat16) {
       version == 8 ? launch_mixer_scan_fwd4<__nv_bfloat16, 8>(p, stream) : launch_mixer_scan_fwd4<__nv_bfloat16, 4>(p, stream);

@@ -71,6 +71,8 @@ void launch_mixer_scan_fwd(const MixerScanParams& p, void* stream);
 template <typename T, int K>
 void launch_mixer_scan_fwd4(const MixerScanParams& p, void* stream);
 template <typename T, int K>
+void launch_mixer_scan_fwd5(const MixerScanParams& p, void* stream);
+template <typename T, int K>
 void launch_mixer_scan_bwd(const MixerScanParams& p, void* stream);
 template <typename T>
 void launch_mixer_scan_bwd4(const MixerScanParams& p, void* stream);

@@ -1,0 +1,18 @@
+// fp32 instantiations of the v5 mixer scan forward (mixer_scan_fwd4.cuh with kVer = 5: Smem5 layout, more blocks
+// per SM, branch-free softplus; bitwise the same results as v4 at K = 4 / 8; K = 16 for batch 1). Own TU so it compiles in parallel with v4's.
+#include "../common/kernel_registry.h"
+#include "mixer_scan_fwd4.cuh"
+
+namespace apriel {
+template void launch_mixer_scan_fwd5<float, 4>(const MixerScanParams&, void*);
+template void launch_mixer_scan_fwd5<float, 8>(const MixerScanParams&, void*);
+template void launch_mixer_scan_fwd5<float, 16>(const MixerScanParams&, void*);
+
+namespace {
+const bool kRegistered = [] {
+  register_kernel({"scan", "mixer_scan_fwd5<fp32,K4>", reinterpret_cast<const void*>(&scan4::mixer_scan_fwd4_kernel<float, 4, 16, false, false, 5>), 64});
+  register_kernel({"scan", "mixer_scan_fwd5<fp32,K8>", reinterpret_cast<const void*>(&scan4::mixer_scan_fwd4_kernel<float, 8, 16, false, false, 5>), 128});
+  return true;
+}();
+}  // namespace
+}  // namespace apriel
