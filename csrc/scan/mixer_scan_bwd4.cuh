@@ -48,6 +48,9 @@ using scan::kN;
 using scan::to_f;
 using scan4::cp_async16;
 using scan4::cp_async4;
+using scan4::stage_dt;
+using scan4::stage_zxbc_plain;
+using scan4::stage_zxbc_vec16;
 using scan4::cp_async_commit;
 using scan4::cp_async_wait_all;
 
@@ -131,9 +134,9 @@ __device__ __forceinline__ int opaque(int v) {
   return r;
 }
 
-// Issues the copies of the tile starting at t0 into r: the forward v4's tile (x, B, C, z, dt_low, seq_idx; same
-// layout as scan4::stage) plus dy, the 3 x rows before the tile (conv halo) and their document ids. Rows past
-// the sequence end are zero-filled (16-byte cp.async when the host found the rows aligned, plain loads else).
+// Issues the copies of the tile starting at t0 into r: the forward's tile (x, B, C, z, dt_low by the shared
+// scan_stage.cuh copies; seq_idx) plus dy, the 3 x rows before the tile (conv halo) and their document ids. Rows
+// past the sequence end are zero-filled (16-byte cp.async when the host found the rows aligned, plain loads else).
 template <typename T>
 __device__ __forceinline__ void stage_bwd(const MixerScanParams& p, RawB4<T>& r, int b_, int head_, int group_, int t0_) {
   constexpr int kVec = 16 / sizeof(T), kCPR = kN / kVec;
@@ -143,61 +146,20 @@ __device__ __forceinline__ void stage_bwd(const MixerScanParams& p, RawB4<T>& r,
   const int col_C = p.d_inner + 2 * p.d_xb + head * kN, col_z = head * kN;
   const T* dyp = static_cast<const T*>(p.dy) + (int64_t)b * p.seqlen * p.d_inner + head * kN;
   if (p.zxbc_vec16) {
-    constexpr int kPer = kChunk * kCPR;
-#pragma unroll
-    for (int slice = 0; slice < 4; ++slice) {
-      const int col = slice == 0 ? col_x : slice == 1 ? col_B : slice == 2 ? col_C : col_z;
-      T* base = slice == 0 ? &r.f.x[0][0] : slice == 1 ? &r.f.B[0][0] : slice == 2 ? &r.f.C[0][0] : &r.f.z[0][0];
-#pragma unroll
-      for (int k = 0; k < (kPer + kNT - 1) / kNT; ++k) {
-        const int i = tid + k * kNT;
-        if (kPer % kNT == 0 || i < kPer) {
-          const int row = i / kCPR, part = i % kCPR, pos = t0 + row;
-          const bool ok = pos < p.seqlen;
-          cp_async16(base + i * kVec, ok ? zx + (int64_t)pos * p.zxbc_row_stride + col + part * kVec : zx, ok);
-        }
-      }
-    }
+    stage_zxbc_vec16<T, kNT, kR>(p, r.f, zx, tid, col_x, col_B, col_C, col_z, t0);
     if (tid < 3 * kCPR) {  // halo rows; positions < 0 are filled from the initial conv state in phase A
       const int row = tid / kCPR, part = tid % kCPR, pos = t0 - 3 + row;
       const bool ok = pos >= 0;
       cp_async16(&r.xh[row][part * kVec], ok ? zx + (int64_t)pos * p.zxbc_row_stride + col_x + part * kVec : zx, ok);
     }
   } else {
-#pragma unroll 4
-    for (int i = tid; i < 4 * kChunk * kN; i += kNT) {
-      const int slice = i / (kChunk * kN), rem = i % (kChunk * kN);
-      const int row = rem / kN, c = rem % kN, pos = t0 + row;
-      const int col = slice == 0 ? col_x : slice == 1 ? col_B : slice == 2 ? col_C : col_z;
-      T* dst = slice == 0 ? &r.f.x[row][0] : slice == 1 ? &r.f.B[row][0] : slice == 2 ? &r.f.C[row][0] : &r.f.z[row][0];
-      dst[c] = pos < p.seqlen ? zx[(int64_t)pos * p.zxbc_row_stride + col + c] : from_f<T>(0.f);
-    }
+    stage_zxbc_plain<T, kNT, kR>(p, r.f, zx, tid, col_x, col_B, col_C, col_z, t0);
     if (tid < 3 * kN) {
       const int row = tid / kN, c = tid % kN, pos = t0 - 3 + row;
       r.xh[row][c] = pos >= 0 ? zx[(int64_t)pos * p.zxbc_row_stride + col_x + c] : from_f<T>(0.f);
     }
   }
-  const T* dtl = static_cast<const T*>(p.dt_low) + (int64_t)b * p.dt_batch_stride;
-  const int R = p.dt_rank;
-  if (p.dt_vec16) {  // R is a multiple of kVec
-    constexpr int kCopies = kChunk * (kR / kVec);
-#pragma unroll
-    for (int k = 0; k < (kCopies + kNT - 1) / kNT; ++k) {
-      const int i = tid + k * kNT;
-      if (kCopies % kNT != 0 && i >= kCopies) break;
-      const int row = i / (kR / kVec), part = i % (kR / kVec), pos = t0 + row;
-      if (part * kVec < R) {
-        const bool ok = pos < p.seqlen;
-        cp_async16(&r.f.dt[row][part * kVec], ok ? dtl + (int64_t)pos * p.dt_row_stride + part * kVec : dtl, ok);
-      }
-    }
-  } else {
-#pragma unroll 4
-    for (int i = tid; i < kChunk * kR; i += kNT) {
-      const int row = i / kR, c = i % kR, pos = t0 + row;
-      if (c < R) r.f.dt[row][c] = pos < p.seqlen ? dtl[(int64_t)pos * p.dt_row_stride + c] : from_f<T>(0.f);
-    }
-  }
+  stage_dt<T, kNT, kR>(p, r.f, b, tid, t0);
   if (p.dy_vec16) {
     constexpr int kPer = kChunk * kCPR;
 #pragma unroll

@@ -20,6 +20,7 @@
 #pragma once
 #include "../common/cuda_check.h"
 #include "scan_common.cuh"
+#include "scan_stage.cuh"
 #include "scan_tile.cuh"
 
 #include <type_traits>
@@ -48,17 +49,6 @@ using ::apriel::lg2_ftz;
 using scan::kN;
 using scan::to_f;
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
 // A layer parameter in its own dtype (0 fp32, 1 bf16, 2 fp16): read once per block, so the branch is free.
 __device__ __forceinline__ float ld_param(const ParamRef& r, int64_t i) {
   if (r.dtype == 1) return __bfloat162float(static_cast<const __nv_bfloat16*>(r.ptr)[i]);
@@ -66,7 +56,6 @@ __device__ __forceinline__ float ld_param(const ParamRef& r, int64_t i) {
   return static_cast<const float*>(r.ptr)[i];
 }
 
-// The raw tile as it sits in global memory (activation dtype); kR = staged dt_rank (16 or 32).
 // kVec = 16 / sizeof(T) elements at src (16-byte aligned) -> fp32 at dst (16-byte aligned).
 template <typename T>
 __device__ __forceinline__ void cvt_vec(const T* src, float* dst) {
@@ -94,16 +83,6 @@ __device__ __forceinline__ void cvt_bc(const T* src, float* row, int c, int off)
     else *dst = to_f(e[i]);  // K = 16 (v5): one state per lane
   }
 }
-
-template <typename T, int kR>
-struct RawTile {
-  alignas(16) T x[kChunk][kN];
-  alignas(16) T B[kChunk][kN];
-  alignas(16) T C[kChunk][kN];
-  alignas(16) T z[kChunk][kN];
-  alignas(16) T dt[kChunk][kR];
-  alignas(16) int seq[kChunk];
-};
 
 // Bank-conflict avoidance (ncu: 37% of the shared wavefronts were conflicts):
 // - xf and dtp rows are read by a warp at rows r and r + TPT (two prep token blocks): row r lives at
@@ -230,65 +209,17 @@ template <> struct MmaOp<__half> {
 };
 
 // Issues the copies of the tile starting at t0 into r (16-byte cp.async when the host found the rows
-// aligned, plain loads otherwise). Rows past the sequence end are zero-filled.
+// aligned, plain loads otherwise; scan_stage.cuh). Rows past the sequence end are zero-filled.
 template <typename T, int NT, int kR>
 __device__ __forceinline__ void stage(const MixerScanParams& p, RawTile<T, kR>& r, int b, int head, int group,
                                       int t0) {
-  constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte copy
-  constexpr int kCPR = kN / kVec;       // copies per 16-wide row slice
   const int tid = threadIdx.x;
   const T* zx = static_cast<const T*>(p.zxbc) + (int64_t)b * p.zxbc_batch_stride;
   const int col_x = p.d_inner + group * kN, col_B = p.d_inner + p.d_xb + group * kN;
   const int col_C = p.d_inner + 2 * p.d_xb + head * kN, col_z = head * kN;
-  if (p.zxbc_vec16) {
-    // Per slice (x, B, C, z): kChunk rows x kCPR pieces spread over the block; the slice and its column are
-    // compile-time per unrolled step, so a copy costs one address computation and the LDGSTS.
-    constexpr int kPer = kChunk * kCPR;
-#pragma unroll
-    for (int slice = 0; slice < 4; ++slice) {
-      const int col = slice == 0 ? col_x : slice == 1 ? col_B : slice == 2 ? col_C : col_z;
-      T* base = slice == 0 ? &r.x[0][0] : slice == 1 ? &r.B[0][0] : slice == 2 ? &r.C[0][0] : &r.z[0][0];
-#pragma unroll
-      for (int k = 0; k < (kPer + NT - 1) / NT; ++k) {
-        const int i = tid + k * NT;
-        if (kPer % NT == 0 || i < kPer) {
-          const int row = i / kCPR, part = i % kCPR, pos = t0 + row;
-          const bool ok = pos < p.seqlen;
-          cp_async16(base + i * kVec, ok ? zx + (int64_t)pos * p.zxbc_row_stride + col + part * kVec : zx, ok);
-        }
-      }
-    }
-  } else {
-#pragma unroll 4
-    for (int i = tid; i < 4 * kChunk * kN; i += NT) {
-      const int slice = i / (kChunk * kN), rem = i % (kChunk * kN);
-      const int row = rem / kN, c = rem % kN, pos = t0 + row;
-      const int col = slice == 0 ? col_x : slice == 1 ? col_B : slice == 2 ? col_C : col_z;
-      T* dst = slice == 0 ? &r.x[row][0] : slice == 1 ? &r.B[row][0] : slice == 2 ? &r.C[row][0] : &r.z[row][0];
-      dst[c] = pos < p.seqlen ? zx[(int64_t)pos * p.zxbc_row_stride + col + c] : from_f<T>(0.f);
-    }
-  }
-  const T* dtl = static_cast<const T*>(p.dt_low) + (int64_t)b * p.dt_batch_stride;
-  const int R = p.dt_rank;
-  if (p.dt_vec16) {  // R is a multiple of kVec
-    constexpr int kCopies = kChunk * (kR / kVec);
-#pragma unroll
-    for (int k = 0; k < (kCopies + NT - 1) / NT; ++k) {
-      const int i = tid + k * NT;
-      if (kCopies % NT != 0 && i >= kCopies) break;
-      const int row = i / (kR / kVec), part = i % (kR / kVec), pos = t0 + row;
-      if (part * kVec < R) {
-        const bool ok = pos < p.seqlen;
-        cp_async16(&r.dt[row][part * kVec], ok ? dtl + (int64_t)pos * p.dt_row_stride + part * kVec : dtl, ok);
-      }
-    }
-  } else {
-#pragma unroll 4
-    for (int i = tid; i < kChunk * kR; i += NT) {
-      const int row = i / kR, c = i % kR, pos = t0 + row;
-      if (c < R) r.dt[row][c] = pos < p.seqlen ? dtl[(int64_t)pos * p.dt_row_stride + c] : from_f<T>(0.f);
-    }
-  }
+  if (p.zxbc_vec16) stage_zxbc_vec16<T, NT, kR>(p, r, zx, tid, col_x, col_B, col_C, col_z, t0);
+  else stage_zxbc_plain<T, NT, kR>(p, r, zx, tid, col_x, col_B, col_C, col_z, t0);
+  stage_dt<T, NT, kR>(p, r, b, tid, t0);
   if (p.seq_idx != nullptr && tid < kChunk) {
     const int pos = min(t0 + tid, p.seqlen - 1);  // past the end: repeat the last id (those tokens are inert)
     cp_async4(&r.seq[tid], p.seq_idx + (int64_t)b * p.seqlen + pos);
