@@ -158,6 +158,23 @@ __device__ __forceinline__ int seq_of(const ConvParams& p, int b, int t) { retur
 template <bool kSeq>
 __device__ __forceinline__ bool same_doc(int a, int b) { return !kSeq || a == b; }
 
+// Pre-activation of one channel of one output token: bias + sum_k w[k] x_k over the taps k = 0 .. W-1 in that
+// order (every forward and backward variant sums in this order, so they agree bit for bit), a tap in another
+// document than the output token (seq_out) counting 0. x(k) / seq(k): tap k's input value and document id, so
+// callers index their own windows (a shifting window, or halo ++ chunk rows with static indices).
+template <bool kSeq, int W, typename A, typename X, typename S>
+__device__ __forceinline__ A conv_pre(const A (&w)[W], A bias, int seq_out, X&& x, S&& seq) {
+  A acc = bias;
+#pragma unroll
+  for (int k = 0; k < W; ++k) acc += w[k] * (same_doc<kSeq>(seq(k), seq_out) ? x(k) : A(0));
+  return acc;
+}
+// The shifting-window form: taps in rows 0 .. W-1 of xw (channel i) / sw, the output token in row W-1.
+template <bool kSeq, int W, int kCh, typename A>
+__device__ __forceinline__ A conv_pre_window(const A (&w)[W], A bias, const A (&xw)[W][kCh], const int (&sw)[W], int i) {
+  return conv_pre<kSeq>(w, bias, sw[W - 1], [&](int k) { return xw[k][i]; }, [&](int k) { return sw[k]; });
+}
+
 // N rows x W taps of a (rows, taps) side tensor stored as S: one unrolled batch of independent loads.
 template <typename A, typename S, int N, int W>
 __device__ __forceinline__ void load_rows_as(const void* ptr, int64_t stride_r, int64_t stride_k, int r0,
@@ -286,12 +303,7 @@ __device__ __forceinline__ void fwd_tokmajor_body(const ConvParams& p) {
     for (int i = 0; i < kCh; ++i) xw[H][i] = raw[H + s].template get<A>(i);
     A y[kCh];
 #pragma unroll
-    for (int i = 0; i < kCh; ++i) {
-      A acc = bias[i];
-#pragma unroll
-      for (int k = 0; k < W; ++k) acc += w[i][k] * (same_doc<kSeq>(sw[k], sw[H]) ? xw[k][i] : A(0));
-      y[i] = activate(acc, p.silu);
-    }
+    for (int i = 0; i < kCh; ++i) y[i] = activate(conv_pre_window<kSeq>(w[i], bias[i], xw, sw, i), p.silu);
     store_pack<T, kCh>(out + t * p.out_stride_l, y);
 #pragma unroll
     for (int j = 0; j < H; ++j) {
@@ -448,9 +460,7 @@ __device__ __forceinline__ void bwd_tokmajor_body(const ConvParams& p, acc_t<T> 
           // dpre at pos; accumulate dweight/dbias for the tile's own tokens only.
 #pragma unroll
           for (int i = 0; i < kCh; ++i) {
-            A pre = bias[i];
-#pragma unroll
-            for (int k = 0; k < W; ++k) pre += w[i][k] * (same_doc<kSeq>(sw[k], sw[H]) ? xw[k][i] : A(0));
+            const A pre = conv_pre_window<kSeq>(w[i], bias[i], xw, sw, i);
             const A g = gr[j - H].template get<A>(i) * activate_grad(pre, p.silu);
             gw[H][i] = g;
             if (pos < t1) {
@@ -490,6 +500,38 @@ __device__ __forceinline__ void bwd_tokmajor_body(const ConvParams& p, acc_t<T> 
 
 // 3 blocks per SM for 16-bit types (a ~130-byte spill for W = 4, in exchange for 12 warps per SM);
 // 2 for fp32/fp64, whose wider accumulators would spill more.
+// Dweight reduction of the stream and async backwards: the block's 4 token runs summed in run order (fixed:
+// deterministic), then one partial row per (batch, block row) in the workspace.
+template <typename T, int W>
+__device__ __forceinline__ void bwd_block_partials(const ConvParams& p, acc_t<T> (&dw)[BwdCh<T>::value][W],
+                                                   acc_t<T> (&db)[BwdCh<T>::value],
+                                                   acc_t<T> (*red)[32 * BwdCh<T>::value][W + 1]) {
+  using A = acc_t<T>;
+  constexpr int kCh = BwdCh<T>::value;
+  constexpr int kLanes = 4;
+  const int c0 = (blockIdx.x * 32 + threadIdx.x) * kCh;
+#pragma unroll
+  for (int i = 0; i < kCh; ++i) {
+#pragma unroll
+    for (int k = 0; k < W; ++k) red[threadIdx.y][threadIdx.x * kCh + i][k] = dw[i][k];
+    red[threadIdx.y][threadIdx.x * kCh + i][W] = db[i];
+  }
+  __syncthreads();
+  if (threadIdx.y == 0 && c0 < p.dim) {
+    float* ws = p.workspace + (int64_t(blockIdx.z) * p.nsplit + blockIdx.y) * p.dim * (W + 1);
+#pragma unroll
+    for (int i = 0; i < kCh; ++i) {
+#pragma unroll
+      for (int k = 0; k <= W; ++k) {
+        A sum = A(0);
+#pragma unroll
+        for (int l = 0; l < kLanes; ++l) sum += red[l][threadIdx.x * kCh + i][k];
+        ws[int64_t(c0 + i) * (W + 1) + k] = static_cast<float>(sum);
+      }
+    }
+  }
+}
+
 template <typename T, int W, int kTok, bool kVecW>
 __global__ void __launch_bounds__(128, sizeof(T) == 2 ? 3 : 2) bwd_tokmajor_kernel(ConvParams p) {
   using A = acc_t<T>;
@@ -502,7 +544,8 @@ __global__ void __launch_bounds__(128, sizeof(T) == 2 ? 3 : 2) bwd_tokmajor_kern
   const bool active = c0 < p.dim;
   const int split = blockIdx.y;
   const int b = blockIdx.z;
-  // Block reduction over the token lanes, in lane order, then one partial per (batch, split).
+  // Block reduction over the token lanes, in lane order, then one partial per (batch, split). (The same sums as
+  // bwd_block_partials; calling it here changed the SASS of the W = 3 vector-weight kernels by +8 instructions.)
   __shared__ A red[kLanes][32 * kCh][W + 1];
 #pragma unroll
   for (int i = 0; i < kCh; ++i) {
@@ -734,6 +777,37 @@ __device__ __forceinline__ void load_weights_any(const ConvParams& p, int c0, A 
   else load_weights<A, N, W, false>(p, c0, w, bias);
 }
 
+// The window rows before a run starting at ts (rows 0 .. H-1 = positions ts-H .. ts-1) and their documents:
+// x from the run's channel pointer (the initial state, or 0, before position 0). kEvictLast: 16-byte rows
+// through ld_halo (L2 evict_last, the async forward; see there).
+template <typename T, int W, bool kSeq, bool kEvictLast, int R, int kCh, typename A>
+__device__ __forceinline__ void load_halo(const ConvParams& p, const T* x, int ts, int b, int c0, A (&xw)[R][kCh],
+                                          int (&sw)[R]) {
+  constexpr int H = W - 1;
+  static_assert(R >= H, "the window holds the halo");
+#pragma unroll
+  for (int j = 0; j < H; ++j) {
+    const int t = ts - H + j;
+    sw[j] = seq_of<kSeq>(p, b, t);
+    if (t >= 0) {
+      Pack<T, kCh> h;
+      if constexpr (kEvictLast && sizeof(typename Pack<T, kCh>::V) == 16) {
+        h.v = ld_halo(reinterpret_cast<const uint4*>(x + t * p.x_stride_l));
+      } else {
+        load_stream(h, x + t * p.x_stride_l);
+      }
+#pragma unroll
+      for (int i = 0; i < kCh; ++i) xw[j][i] = h.template get<A>(i);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kCh; ++i)
+        xw[j][i] = p.init == nullptr ? A(0)
+                   : to_acc<A>(static_cast<const T*>(p.init)[b * p.init_stride_b + (c0 + i) * p.init_stride_c +
+                                                             (H + t) * p.init_stride_k]);
+    }
+  }
+}
+
 // Block (32, 4): 32 x kCh channels x 4 token runs. Grid (ceil(dim / (32 kCh)), ceil(runs / 4), batch).
 template <typename T, int W, bool kSeq>
 __device__ __forceinline__ void fwd_stream_body(const ConvParams& p) {
@@ -759,23 +833,7 @@ __device__ __forceinline__ void fwd_stream_body(const ConvParams& p) {
   }
   A xw[W][kCh];
   int sw[W];
-#pragma unroll
-  for (int j = 0; j < H; ++j) {
-    const int t = ts - H + j;
-    sw[j] = seq_of<kSeq>(p, b, t);
-    if (t >= 0) {
-      Pack<T, kCh> h;
-      load_stream(h, x + t * p.x_stride_l);
-#pragma unroll
-      for (int i = 0; i < kCh; ++i) xw[j][i] = h.template get<A>(i);
-    } else {
-#pragma unroll
-      for (int i = 0; i < kCh; ++i)
-        xw[j][i] = p.init == nullptr ? A(0)
-                   : to_acc<A>(static_cast<const T*>(p.init)[b * p.init_stride_b + (c0 + i) * p.init_stride_c +
-                                                             (H + t) * p.init_stride_k]);
-    }
-  }
+  load_halo<T, W, kSeq, false>(p, x, ts, b, c0, xw, sw);
   A w[kCh][W], bias[kCh];
   load_weights_any<A, kCh, W>(p, c0, w, bias);
 
@@ -796,12 +854,7 @@ __device__ __forceinline__ void fwd_stream_body(const ConvParams& p) {
       for (int i = 0; i < kCh; ++i) xw[H][i] = cur[s].template get<A>(i);
       A y[kCh];
 #pragma unroll
-      for (int i = 0; i < kCh; ++i) {
-        A acc = bias[i];
-#pragma unroll
-        for (int k = 0; k < W; ++k) acc += w[i][k] * (same_doc<kSeq>(sw[k], sw[H]) ? xw[k][i] : A(0));
-        y[i] = activate(acc, p.silu);
-      }
+      for (int i = 0; i < kCh; ++i) y[i] = activate(conv_pre_window<kSeq>(w[i], bias[i], xw, sw, i), p.silu);
       store_stream<T, kCh>(out + t * p.out_stride_l, y);
 #pragma unroll
       for (int j = 0; j < H; ++j) {
@@ -1141,27 +1194,7 @@ __device__ __forceinline__ void fwd_async_body(const ConvParams& p, AsyncStage* 
 
   A xw[W][kCh];
   int sw[W];
-#pragma unroll
-  for (int j = 0; j < H; ++j) {
-    const int t = ts - H + j;
-    sw[j] = seq_of<kSeq>(p, b, t);
-    if (t >= 0) {
-      Pack<T, kCh> h;
-      if constexpr (sizeof(typename Pack<T, kCh>::V) == 16) {
-        h.v = ld_halo(reinterpret_cast<const uint4*>(x + t * p.x_stride_l));
-      } else {
-        load_stream(h, x + t * p.x_stride_l);
-      }
-#pragma unroll
-      for (int i = 0; i < kCh; ++i) xw[j][i] = h.template get<A>(i);
-    } else {
-#pragma unroll
-      for (int i = 0; i < kCh; ++i)
-        xw[j][i] = p.init == nullptr ? A(0)
-                   : to_acc<A>(static_cast<const T*>(p.init)[b * p.init_stride_b + (c0 + i) * p.init_stride_c +
-                                                             (H + t) * p.init_stride_k]);
-    }
-  }
+  load_halo<T, W, kSeq, true>(p, x, ts, b, c0, xw, sw);
   A w[kCh][W], bias[kCh];
   load_weights_any<A, kCh, W>(p, c0, w, bias);
 
@@ -1188,15 +1221,12 @@ __device__ __forceinline__ void fwd_async_body(const ConvParams& p, AsyncStage* 
       A y[kCh];
 #pragma unroll
       for (int i = 0; i < kCh; ++i) {
-        A acc = bias[i];
-#pragma unroll
-        for (int k = 0; k < W; ++k) {
-          const int r = s - H + k;  // tap k of token s: chunk row r, or halo row H + r when r < 0
-          const A v = r < 0 ? xw[H + r][i] : rows[r < 0 ? 0 : r][i];
-          const int sv = r < 0 ? sw[H + r] : srow[r < 0 ? 0 : r];
-          acc += w[i][k] * (same_doc<kSeq>(sv, srow[s]) ? v : A(0));
-        }
-        y[i] = activate(acc, p.silu);
+        // tap k of token s: chunk row r = s - H + k, or halo row H + r when r < 0
+        const A pre = conv_pre<kSeq>(
+            w[i], bias[i], srow[s],
+            [&](int k) { const int r = s - H + k; return r < 0 ? xw[H + r][i] : rows[r < 0 ? 0 : r][i]; },
+            [&](int k) { const int r = s - H + k; return r < 0 ? sw[H + r] : srow[r < 0 ? 0 : r]; });
+        y[i] = activate(pre, p.silu);
       }
       store_stream<T, kCh>(out_t + s * out_row, y);
     }
@@ -1222,12 +1252,7 @@ __device__ __forceinline__ void fwd_async_body(const ConvParams& p, AsyncStage* 
       for (int i = 0; i < kCh; ++i) xw[H][i] = cur.template get<A>(i);
       A y[kCh];
 #pragma unroll
-      for (int i = 0; i < kCh; ++i) {
-        A acc = bias[i];
-#pragma unroll
-        for (int k = 0; k < W; ++k) acc += w[i][k] * (same_doc<kSeq>(sw[k], sw[H]) ? xw[k][i] : A(0));
-        y[i] = activate(acc, p.silu);
-      }
+      for (int i = 0; i < kCh; ++i) y[i] = activate(conv_pre_window<kSeq>(w[i], bias[i], xw, sw, i), p.silu);
       store_stream<T, kCh>(out_t + s * out_row, y);
 #pragma unroll
       for (int j = 0; j < H; ++j) {
@@ -1317,7 +1342,7 @@ __device__ __forceinline__ void bwd_stream_position(const ConvParams& p, const P
   }
 }
 
-template <typename T> struct BwdStreamCh { static constexpr int value = sizeof(T) == 8 ? 2 : 4; };
+template <typename T> using BwdStreamCh = BwdCh<T>;  // channels per thread: as the token-major backward
 // Tokens per chunk of the backward: 64 bytes of x and of dout per thread per chunk (8 tokens of 16-bit
 // types, 4 of fp32/fp64), so the four chunk buffers stay at 64 registers.
 template <typename T> struct BwdStreamChunk {
@@ -1365,25 +1390,11 @@ __device__ __forceinline__ void bwd_stream_body(const ConvParams& p, acc_t<T> (&
   }
   A xw[W][kCh], gw[W][kCh];
   int sw[W];
+  load_halo<T, W, kSeq, false>(p, x, ts, b, c0, xw, sw);
 #pragma unroll
-  for (int j = 0; j < H; ++j) {
-    const int t = ts - H + j;
-    sw[j] = seq_of<kSeq>(p, b, t);
-    if (t >= 0) {
-      Pack<T, kCh> h;
-      load_stream(h, x + t * p.x_stride_l);
-#pragma unroll
-      for (int i = 0; i < kCh; ++i) xw[j][i] = h.template get<A>(i);
-    } else {
-#pragma unroll
-      for (int i = 0; i < kCh; ++i)
-        xw[j][i] = init == nullptr ? A(0)
-                   : to_acc<A>(init[b * p.init_stride_b + (c0 + i) * p.init_stride_c + (H + t) * p.init_stride_k]);
-    }
-    // dpre before the run is never needed: dx[s] for s >= ts reads dpre[s .. s+H].
+  for (int j = 0; j < H; ++j)  // dpre before the run is never needed: dx at s >= ts reads dpre at s .. s+H
 #pragma unroll
     for (int i = 0; i < kCh; ++i) gw[j][i] = A(0);
-  }
   A w[kCh][W], bias[kCh];
   load_weights_any<A, kCh, W>(p, c0, w, bias);
 
@@ -1413,33 +1424,11 @@ template <typename T, int W>
 __global__ void __launch_bounds__(128, 3) bwd_stream_kernel(ConvParams p) {
   using A = acc_t<T>;
   constexpr int kCh = BwdStreamCh<T>::value;
-  constexpr int kLanes = 4;
   A dw[kCh][W], db[kCh];
   if (p.seq_idx != nullptr) bwd_stream_body<T, W, true>(p, dw, db);
   else bwd_stream_body<T, W, false>(p, dw, db);
-  // Block reduction over the 4 runs in run order (fixed), then one partial per (batch, block row).
-  const int c0 = (blockIdx.x * 32 + threadIdx.x) * kCh;
-  __shared__ A red[kLanes][32 * kCh][W + 1];
-#pragma unroll
-  for (int i = 0; i < kCh; ++i) {
-#pragma unroll
-    for (int k = 0; k < W; ++k) red[threadIdx.y][threadIdx.x * kCh + i][k] = dw[i][k];
-    red[threadIdx.y][threadIdx.x * kCh + i][W] = db[i];
-  }
-  __syncthreads();
-  if (threadIdx.y == 0 && c0 < p.dim) {
-    float* ws = p.workspace + (int64_t(blockIdx.z) * p.nsplit + blockIdx.y) * p.dim * (W + 1);
-#pragma unroll
-    for (int i = 0; i < kCh; ++i) {
-#pragma unroll
-      for (int k = 0; k <= W; ++k) {
-        A sum = A(0);
-#pragma unroll
-        for (int l = 0; l < kLanes; ++l) sum += red[l][threadIdx.x * kCh + i][k];
-        ws[int64_t(c0 + i) * (W + 1) + k] = static_cast<float>(sum);
-      }
-    }
-  }
+  __shared__ A red[4][32 * kCh][W + 1];
+  bwd_block_partials<T, W>(p, dw, db, red);
 }
 
 // ------------------------------------------------------------- backward, stream + cp.async (APRIEL_CONV1D_BWD_IMPL=async)
@@ -1536,24 +1525,11 @@ __device__ __forceinline__ void bwd_async_body(const ConvParams& p, BwdAsyncSlot
 
   A xw[W][kCh], gw[W][kCh];
   int sw[W];
+  load_halo<T, W, kSeq, false>(p, x, ts, b, c0, xw, sw);
 #pragma unroll
-  for (int j = 0; j < H; ++j) {
-    const int t = ts - H + j;
-    sw[j] = seq_of<kSeq>(p, b, t);
-    if (t >= 0) {
-      Pack<T, kCh> h;
-      load_stream(h, x + t * p.x_stride_l);
-#pragma unroll
-      for (int i = 0; i < kCh; ++i) xw[j][i] = h.template get<A>(i);
-    } else {
-#pragma unroll
-      for (int i = 0; i < kCh; ++i)
-        xw[j][i] = init == nullptr ? A(0)
-                   : to_acc<A>(init[b * p.init_stride_b + (c0 + i) * p.init_stride_c + (H + t) * p.init_stride_k]);
-    }
+  for (int j = 0; j < H; ++j)  // dpre before the run is never needed: dx at s >= ts reads dpre at s .. s+H
 #pragma unroll
     for (int i = 0; i < kCh; ++i) gw[j][i] = A(0);
-  }
   A w[kCh][W], bias[kCh];
   load_weights_any<A, kCh, W>(p, c0, w, bias);
 
@@ -1648,38 +1624,6 @@ __device__ __forceinline__ void bwd_async_body(const ConvParams& p, BwdAsyncSlot
     }
   }
   cp_async_wait<0>();
-}
-
-// Dweight reduction shared with the stream kernel: 4 runs per block in run order, one partial per
-// (batch, block row).
-template <typename T, int W>
-__device__ __forceinline__ void bwd_block_partials(const ConvParams& p, acc_t<T> (&dw)[BwdStreamCh<T>::value][W],
-                                                   acc_t<T> (&db)[BwdStreamCh<T>::value],
-                                                   acc_t<T> (*red)[32 * BwdStreamCh<T>::value][W + 1]) {
-  using A = acc_t<T>;
-  constexpr int kCh = BwdStreamCh<T>::value;
-  constexpr int kLanes = 4;
-  const int c0 = (blockIdx.x * 32 + threadIdx.x) * kCh;
-#pragma unroll
-  for (int i = 0; i < kCh; ++i) {
-#pragma unroll
-    for (int k = 0; k < W; ++k) red[threadIdx.y][threadIdx.x * kCh + i][k] = dw[i][k];
-    red[threadIdx.y][threadIdx.x * kCh + i][W] = db[i];
-  }
-  __syncthreads();
-  if (threadIdx.y == 0 && c0 < p.dim) {
-    float* ws = p.workspace + (int64_t(blockIdx.z) * p.nsplit + blockIdx.y) * p.dim * (W + 1);
-#pragma unroll
-    for (int i = 0; i < kCh; ++i) {
-#pragma unroll
-      for (int k = 0; k <= W; ++k) {
-        A sum = A(0);
-#pragma unroll
-        for (int l = 0; l < kLanes; ++l) sum += red[l][threadIdx.x * kCh + i][k];
-        ws[int64_t(c0 + i) * (W + 1) + k] = static_cast<float>(sum);
-      }
-    }
-  }
 }
 
 // Sum of the (batch * nsplit) partial rows of column `col` (channel * (W+1) + tap) in row order: the same
