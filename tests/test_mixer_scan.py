@@ -287,6 +287,11 @@ VARIANT_CASES = [
     ("v5k16", 1, 65, 64, 16, 3, 32, "strided"),
     ("v5k16", 3, 100, 64, 16, 2, 12, "misaligned"),
     ("v5b1", 1, 2049, 256, 64, 4, 16, "init"),
+    # v6 (warp-specialised K = 8; fp32 runs v5)
+    ("v6", 2, 131, 256, 64, 4, 16, "init_packed"),
+    ("v6", 1, 65, 64, 16, 3, 32, "strided"),
+    ("v6", 3, 100, 64, 16, 2, 12, "misaligned"),
+    ("v6b1", 1, 2049, 256, 64, 4, 16, "init"),
 ]
 
 
@@ -334,12 +339,9 @@ V5_BITWISE_CASES = [
 ]
 
 
-@gpu
-@needs_kernel
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("case", V5_BITWISE_CASES, ids=lambda c: f"K{c[0]}-b{c[1]}-L{c[2]}-D{c[3]}-W{c[5]}-R{c[6]}-{c[7] or 'plain'}")
-def test_forward_v5_bitwise_equals_v4(case, dtype, monkeypatch):
-    K, b, L, D_, X, width, rank, extra = case
+def _fwd_outputs_bitwise_equal(case, dtype, versions, monkeypatch):
+    """Runs the forward op (with checkpoints) under each APRIEL_SCAN_FWD version; asserts identical bits."""
+    _, b, L, D_, X, width, rank, extra = case
     args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", dt_rank=rank, width=width, repeat="norep" not in extra,
                            initial_states="init" in extra, strided=extra == "strided", seed=11)
     seq = packed_seq_idx(b, L, [L // 4, L // 2 + 1], "cuda") if "packed" in extra else None
@@ -350,7 +352,7 @@ def test_forward_v5_bitwise_equals_v4(case, dtype, monkeypatch):
             base[..., 1:1 + t.shape[-1]] = t
             args[name] = base[..., 1:1 + t.shape[-1]]
     outs = {}
-    for version in (f"v4k{K}", f"v5k{K}"):
+    for version in versions:
         monkeypatch.setenv("APRIEL_SCAN_FWD", version)
         poison_allocator()
         outs[version] = mixer_scan_fwd(
@@ -359,11 +361,38 @@ def test_forward_v5_bitwise_equals_v4(case, dtype, monkeypatch):
             args.get("initial_conv_state"), seq, kw["d_inner"], kw["d_xb"], kw["d_state"],
             kw["repeat_kv_before_conv"], True)
         torch.cuda.synchronize()
-    for name, a, c in zip(("y", "final_ssm", "final_conv", "checkpoints"), outs[f"v4k{K}"], outs[f"v5k{K}"]):
+    ref_v, new_v = versions
+    for name, a, c in zip(("y", "final_ssm", "final_conv", "checkpoints"), outs[ref_v], outs[new_v]):
         assert a.shape == c.shape, f"{name}: shape {tuple(a.shape)} vs {tuple(c.shape)}"
-        assert a.numel() > 0 and torch.isfinite(a).all(), f"{name}: v4 output empty or not finite"
+        assert a.numel() > 0 and torch.isfinite(a).all(), f"{name}: {ref_v} output empty or not finite"
         diff = (a.double() - c.double()).abs().max().item()
-        assert torch.equal(a, c), f"{name}: v5 differs from v4 (max |diff| {diff:.3e})"
+        assert torch.equal(a, c), f"{name}: {new_v} differs from {ref_v} (max |diff| {diff:.3e})"
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", V5_BITWISE_CASES, ids=lambda c: f"K{c[0]}-b{c[1]}-L{c[2]}-D{c[3]}-W{c[5]}-R{c[6]}-{c[7] or 'plain'}")
+def test_forward_v5_bitwise_equals_v4(case, dtype, monkeypatch):
+    _fwd_outputs_bitwise_equal(case, dtype, (f"v4k{case[0]}", f"v5k{case[0]}"), monkeypatch)
+
+
+# v6 = v5's K = 8 arithmetic split over producer / consumer warps: bitwise v4k8's outputs. Tile counts 1, 2, 3 and
+# more (the producer / consumer hand-off and the last two tiles' y stores), both staging paths, packed documents.
+V6_BITWISE_CASES = list(dict.fromkeys((8, *c[1:]) for c in V5_BITWISE_CASES)) + [
+    (8, 1, 1, 64, 16, 4, 16, "init"),
+    (8, 2, 33, 64, 16, 4, 16, "packed"),
+    (8, 1, 64, 256, 64, 3, 16, "init"),
+    (8, 3, 95, 64, 16, 4, 32, "init_packed"),
+]
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
+@pytest.mark.parametrize("case", V6_BITWISE_CASES, ids=lambda c: f"b{c[1]}-L{c[2]}-D{c[3]}-W{c[5]}-R{c[6]}-{c[7] or 'plain'}")
+def test_forward_v6_bitwise_equals_v4k8(case, dtype, monkeypatch):
+    _fwd_outputs_bitwise_equal(case, dtype, ("v4k8", "v6"), monkeypatch)
 
 
 # Backward versions (APRIEL_SCAN_BWD, read by the host at each call): v4 (default: mixer_scan_bwd4.cuh) and v3
@@ -405,7 +434,7 @@ def _ref_grads(args, kw, seq, weights):
 
 @gpu
 @needs_kernel
-@pytest.mark.parametrize("version", ["v4k4", "v4k8", "v3", "v5k4", "v5k8", "v5k16"])
+@pytest.mark.parametrize("version", ["v4k4", "v4k8", "v3", "v5k4", "v5k8", "v5k16", "v6"])
 def test_gradient_parity_with_each_forward_version(version, bwd_version, monkeypatch):
     """The backward consumes the forward's state checkpoints: each forward version must write them right."""
     monkeypatch.setenv("APRIEL_SCAN_FWD", version)
