@@ -33,8 +33,8 @@
 //     instead of a register prefetch one row ahead (a cold DRAM read queued behind the state traffic, on every
 //     row's critical path; the fence.proxy.async before each row's store compiles to MEMBAR.ALL.CTA, which may
 //     also wait for that load: not verified on the GPU).
-// The host picks sequences per warp so that all warps are resident at once (no tail wave):
-// spw = ceil(channel warps x batch / resident warps), APRIEL_STEP_V3_SEQ overrides (1..32).
+// The host picks sequences per warp: at most 8, in the fewest full waves of resident warps (launch_state: b64 one wave
+// of 4 rows, b256 two waves of 8); APRIEL_STEP_V3_SEQ overrides (1..32).
 // PDL (APRIEL_STEP_PDL=1) as in v2: parameters are read before griddepcontrol.wait.
 #pragma once
 #include <type_traits>
@@ -50,6 +50,7 @@ constexpr int kWin = 4;              // sliding conv window in registers (as v2)
 constexpr int kStages = 4;           // state stages per warp (default; APRIEL_STEP_V3_STAGES=8 doubles the ring)
 constexpr int kMaxStages = 8;        // ring depths: 4 or 8 (powers of two: stage = row & (stages - 1))
 constexpr int kMaxSeqPerWarp = 32;   // slot indices of a warp's run: one register per lane
+constexpr int kMaxAutoRows = 2 * kStages;  // the launcher's cap on rows per warp (see launch_state)
 constexpr int kBarBytes = 128;       // per-warp mbarrier area (kStages x 8 B), keeps the stages 128-B aligned
 constexpr int kConvStageBytes = 256; // per stage: the warp's conv-cache rows when staged (w <= 32 channels x S <= 4 x 2 B)
 
@@ -692,10 +693,19 @@ void launch_state(MixerStepParams p, cudaStream_t stream) {
   APRIEL_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   int spw = p.v3_seq_per_warp;  // > 0: forced (benchmark sweeps)
   if (spw <= 0) {
-    // All warps resident in one wave: sequences per warp = ceil(work items / resident warps).
+    // Rows per warp: at most kMaxAutoRows, in the fewest FULL waves of resident warps. One wave when that needs
+    // <= kMaxAutoRows rows per warp (b64: 4); otherwise n = ceil(one-wave rows / kMaxAutoRows) waves of
+    // ceil(items / (n x resident)) rows (b256: 2 waves of 8, not 1 of 16). Why: a warp's last kStages-1 rows are
+    // computed with no load in flight; in a single wave all warps reach that tail together and DRAM idles on the
+    // loads side, while with several waves finishing blocks are replaced by new ones whose loads overlap the tail.
+    // Each wave repeats the per-warp prologue (parameters, -exp(A_log)), so few rows per warp lose (b64: 2 rows in
+    // 2 waves 17.82 us vs 4 rows in 1 wave 17.18). H100, fp32 state, PDL, bench/results/s4/step_full_run2.json:
+    // b256 with 4 / 8 / 16 / 32 rows per warp = 62.55 / 58.52 / 59.22 / 64.96 us.
     const int64_t items = int64_t(src_warps) * p.batch;
     const int64_t resident = int64_t(sms) * bps * 4;
-    spw = static_cast<int>((items + resident - 1) / resident);
+    const int64_t one_wave = (items + resident - 1) / resident;
+    const int64_t waves = (one_wave + kMaxAutoRows - 1) / kMaxAutoRows;
+    spw = static_cast<int>((items + waves * resident - 1) / (waves * resident));
   }
   spw = spw < 1 ? 1 : spw > kMaxSeqPerWarp ? kMaxSeqPerWarp : spw;
   p.v3_seq_per_warp = spw;
