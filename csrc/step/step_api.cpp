@@ -64,7 +64,7 @@ bool v3_supported(int64_t q, at::ScalarType act, const at::Tensor& like) {
   return major >= 9;
 }
 
-// v3 sequences per warp: 0 = the launcher's choice (all warps resident in one wave);
+// v3 sequences per warp: 0 = the launcher's choice (at most 8 rows per warp in the fewest full waves, launch_state);
 // APRIEL_STEP_V3_SEQ (1..32) forces it (benchmark sweeps, tests of the stage ring).
 int v3_seq_per_warp() {
   if (const char* env = std::getenv("APRIEL_STEP_V3_SEQ")) {
