@@ -15,7 +15,8 @@ v4 read fp32 copies of B / C instead of the raw 16-bit tile (APRIEL_SCAN_BC=f32)
 v4's arithmetic with a smaller shared-memory layout, more blocks per SM and a leaner prep); "apriel-v5k16" its
 one-state-per-thread instantiation (twice the warps of K = 8 at batch 1, ~1.5x the instructions per element);
 "apriel-v6" / "apriel-v6-graph" the warp-specialised K = 8 forward (producer warps prep tile i+1 during the scan of
-tile i; APRIEL_SCAN_FWD=v6).
+tile i; APRIEL_SCAN_FWD=v6), "apriel-v6s" / "apriel-v6s-graph" the same with the readout sum through shared
+memory (v6s).
 APRIEL_BENCH_SCAN_FWD_PROVIDERS=a,b,... keeps only those forward providers (shorter A/B runs).
 fwd+bwd and bwd rows: "apriel" (default: backward v4), "apriel[bwd-bc=f32]" (v4 reading fp32 copies of B / C
 instead of the raw 16-bit tile, APRIEL_SCAN_BWD_BC=f32), "apriel[bwd=v3]" (the previous backward, APRIEL_SCAN_BWD=v3, forward
@@ -92,7 +93,7 @@ def run(quick: bool = False) -> list[dict]:
                     ("apriel-v4k8", "v4k8", None), ("apriel-bcf32", None, "f32"), ("apriel-v3", "v3", None),
                     ("apriel-v5", "v5", None), ("apriel-v5-graph", "v5", None), ("apriel-v5k4", "v5k4", None),
                     ("apriel-v5k8", "v5k8", None), ("apriel-v5k16", "v5k16", None), ("apriel-v6", "v6", None),
-                    ("apriel-v6-graph", "v6", None))
+                    ("apriel-v6-graph", "v6", None), ("apriel-v6s", "v6s", None), ("apriel-v6s-graph", "v6s", None))
         keep = os.environ.get("APRIEL_BENCH_SCAN_FWD_PROVIDERS")
         if keep:
             variants = tuple(v for v in variants if v[0] in keep.split(","))

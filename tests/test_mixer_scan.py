@@ -292,6 +292,8 @@ VARIANT_CASES = [
     ("v6", 1, 65, 64, 16, 3, 32, "strided"),
     ("v6", 3, 100, 64, 16, 2, 12, "misaligned"),
     ("v6b1", 1, 2049, 256, 64, 4, 16, "init"),
+    ("v6s", 2, 131, 256, 64, 4, 16, "init_packed"),
+    ("v6s", 3, 100, 64, 16, 2, 12, "misaligned"),
 ]
 
 
@@ -389,10 +391,12 @@ V6_BITWISE_CASES = list(dict.fromkeys((8, *c[1:]) for c in V5_BITWISE_CASES)) + 
 
 @gpu
 @needs_kernel
+@pytest.mark.parametrize("version", ["v6", "v6s"])
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
 @pytest.mark.parametrize("case", V6_BITWISE_CASES, ids=lambda c: f"b{c[1]}-L{c[2]}-D{c[3]}-W{c[5]}-R{c[6]}-{c[7] or 'plain'}")
-def test_forward_v6_bitwise_equals_v4k8(case, dtype, monkeypatch):
-    _fwd_outputs_bitwise_equal(case, dtype, ("v4k8", "v6"), monkeypatch)
+def test_forward_v6_bitwise_equals_v4k8(case, dtype, version, monkeypatch):
+    """v6s sums the readout through shared memory in the reduce-scatter's tree order: also v4k8's bits."""
+    _fwd_outputs_bitwise_equal(case, dtype, ("v4k8", version), monkeypatch)
 
 
 # Backward versions (APRIEL_SCAN_BWD, read by the host at each call): v4 (default: mixer_scan_bwd4.cuh) and v3
@@ -434,7 +438,7 @@ def _ref_grads(args, kw, seq, weights):
 
 @gpu
 @needs_kernel
-@pytest.mark.parametrize("version", ["v4k4", "v4k8", "v3", "v5k4", "v5k8", "v5k16", "v6"])
+@pytest.mark.parametrize("version", ["v4k4", "v4k8", "v3", "v5k4", "v5k8", "v5k16", "v6", "v6s"])
 def test_gradient_parity_with_each_forward_version(version, bwd_version, monkeypatch):
     """The backward consumes the forward's state checkpoints: each forward version must write them right."""
     monkeypatch.setenv("APRIEL_SCAN_FWD", version)

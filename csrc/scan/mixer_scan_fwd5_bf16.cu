@@ -8,7 +8,7 @@ namespace apriel {
 template void launch_mixer_scan_fwd5<__nv_bfloat16, 4>(const MixerScanParams&, void*);
 template void launch_mixer_scan_fwd5<__nv_bfloat16, 8>(const MixerScanParams&, void*);
 template void launch_mixer_scan_fwd5<__nv_bfloat16, 16>(const MixerScanParams&, void*);
-template void launch_mixer_scan_fwd6<__nv_bfloat16>(const MixerScanParams&, void*);  // v6: warp-specialised K = 8
+template void launch_mixer_scan_fwd6<__nv_bfloat16>(const MixerScanParams&, void*, bool);  // v6: warp-specialised K = 8
 
 namespace {
 const bool kRegistered = [] {

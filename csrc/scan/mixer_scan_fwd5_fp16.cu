@@ -8,7 +8,7 @@ namespace apriel {
 template void launch_mixer_scan_fwd5<__half, 4>(const MixerScanParams&, void*);
 template void launch_mixer_scan_fwd5<__half, 8>(const MixerScanParams&, void*);
 template void launch_mixer_scan_fwd5<__half, 16>(const MixerScanParams&, void*);
-template void launch_mixer_scan_fwd6<__half>(const MixerScanParams&, void*);  // v6: warp-specialised K = 8
+template void launch_mixer_scan_fwd6<__half>(const MixerScanParams&, void*, bool);  // v6: warp-specialised K = 8
 
 namespace {
 const bool kRegistered = [] {

@@ -46,9 +46,17 @@ __device__ __forceinline__ void bar_sync(int id, int n) { asm volatile("bar.sync
 __device__ __forceinline__ void bar_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory"); }
 __device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 
+// kSR (APRIEL_SCAN_FWD=v6s): the consumers' K-lane readout sum through shared memory instead of the shuffle
+// reduce-scatter (121 instructions per warp and tile: 28 SHFL + 56 FSEL + 28 FADD + bookkeeping): 4 rounds of
+// 8 tokens, each lane stores its 8 partials (8 STS), reads the 8 lanes' partials of one token (2 LDS.128) and adds
+// them in the reduce-scatter's tree order ((0+4)+(2+6))+((1+5)+(3+7)): the same bits, ~72 instructions.
+// Scratch per consumer warp: 4 channels x 72 words (row of a channel = 8 tokens x 8 lanes + 8 words of skew, so the
+// 32 scalar stores of a token hit 32 banks and the 16-byte reads of a quarter-warp 32 banks).
+constexpr int kRedRow = 72;
 template <typename T, int kR, bool kSeq>
 struct Smem6 {
   static constexpr int kUgStride = 18;  // v4 / v5 K = 8 gate layout
+  alignas(16) float red[kNC / 32][4 * kRedRow];  // kSR only (4.5 KB)
   RawTile<T, kR> raw[3];
   alignas(16) float xf[2][skew_rows<kTPT>(kChunk + 3)][kN];
   alignas(16) int seqf[2][kSeq ? kChunk + 3 : 1];
@@ -72,7 +80,7 @@ __device__ __forceinline__ void store_y(T* y, const T (&ys)[kChunk][kN], int pti
   }
 }
 
-template <typename T, int kR, bool kSeq>
+template <typename T, int kR, bool kSeq, bool kSR>
 __global__ void __launch_bounds__(kNT, 2) mixer_scan_fwd6_kernel(MixerScanParams p) {
   static_assert(sizeof(T) == 2, "v6: 16-bit activations (dt_proj on tensor cores, B / C read from the raw tile)");
   constexpr int kKSteps = kR / 16;
@@ -277,12 +285,29 @@ __global__ void __launch_bounds__(kNT, 2) mixer_scan_fwd6_kernel(MixerScanParams
         }
         acc[t] = a;
       }
-      const int sigma = reduce_scatter_interleaved<kK>(acc, j);
+      if constexpr (kSR) {
+        float* red = &sm.red[tid / 32][((tid % 32) / kK) * kRedRow];  // this lane's channel row
 #pragma unroll
-      for (int i = 0; i < kChunk / kK; ++i) {
-        const int t = kK * i + sigma;
-        const float2 q = sm.ug[par][t][sch];
-        sm.y[par][t][sch] = from_f<T>((acc[i] + Dc * q.x) * q.y);
+        for (int round = 0; round < kChunk / kK; ++round) {
+#pragma unroll
+          for (int k = 0; k < kK; ++k) red[k * kK + j] = acc[round * kK + k];
+          __syncwarp();
+          const float4 lo = *reinterpret_cast<const float4*>(&red[j * kK]);
+          const float4 hi = *reinterpret_cast<const float4*>(&red[j * kK + 4]);
+          const float total = ((lo.x + hi.x) + (lo.z + hi.z)) + ((lo.y + hi.y) + (lo.w + hi.w));
+          __syncwarp();
+          const int t = round * kK + j;
+          const float2 q = sm.ug[par][t][sch];
+          sm.y[par][t][sch] = from_f<T>((total + Dc * q.x) * q.y);
+        }
+      } else {
+        const int sigma = reduce_scatter_interleaved<kK>(acc, j);
+#pragma unroll
+        for (int i = 0; i < kChunk / kK; ++i) {
+          const int t = kK * i + sigma;
+          const float2 q = sm.ug[par][t][sch];
+          sm.y[par][t][sch] = from_f<T>((acc[i] + Dc * q.x) * q.y);
+        }
       }
       if (tile + 2 < n_tiles) bar_arrive(kBarEmpty + par, kNT);
       rb = rb == 2 ? 0 : rb + 1;
@@ -306,10 +331,10 @@ __global__ void __launch_bounds__(kNT, 2) mixer_scan_fwd6_kernel(MixerScanParams
   }
 }
 
-template <typename T, int kR, bool kSeq>
+template <typename T, int kR, bool kSeq, bool kSR>
 void launch(const MixerScanParams& p, void* stream) {
   const size_t smem = sizeof(Smem6<T, kR, kSeq>);
-  auto kernel = mixer_scan_fwd6_kernel<T, kR, kSeq>;
+  auto kernel = mixer_scan_fwd6_kernel<T, kR, kSeq, kSR>;
   static bool configured = false;  // per instantiation; a race here only repeats an idempotent call
   if (!configured) {
     if (smem > 48 * 1024)
@@ -325,12 +350,17 @@ void launch(const MixerScanParams& p, void* stream) {
 
 }  // namespace scan6
 
-// 16-bit activations only (the host sends fp32 to v5).
+// 16-bit activations only (the host sends fp32 to v5). smem_reduce: v6s (kSR).
 template <typename T>
-void launch_mixer_scan_fwd6(const MixerScanParams& p, void* stream) {
+void launch_mixer_scan_fwd6(const MixerScanParams& p, void* stream, bool smem_reduce) {
   const bool seq = p.seq_idx != nullptr;
-  if (p.dt_rank <= 16) seq ? scan6::launch<T, 16, true>(p, stream) : scan6::launch<T, 16, false>(p, stream);
-  else seq ? scan6::launch<T, 32, true>(p, stream) : scan6::launch<T, 32, false>(p, stream);
+  if (smem_reduce) {
+    if (p.dt_rank <= 16) seq ? scan6::launch<T, 16, true, true>(p, stream) : scan6::launch<T, 16, false, true>(p, stream);
+    else seq ? scan6::launch<T, 32, true, true>(p, stream) : scan6::launch<T, 32, false, true>(p, stream);
+    return;
+  }
+  if (p.dt_rank <= 16) seq ? scan6::launch<T, 16, true, false>(p, stream) : scan6::launch<T, 16, false, false>(p, stream);
+  else seq ? scan6::launch<T, 32, true, false>(p, stream) : scan6::launch<T, 32, false, false>(p, stream);
 }
 
 }  // namespace apriel

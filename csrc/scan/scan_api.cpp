@@ -131,7 +131,8 @@ MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims
 // K = 16 when the blocks fill at most 2 per SM (batch 1 at D 4096). Returned as 100 + K; the K choice of
 // plain "v5" uses v5's residency (8 blocks per SM at K = 4 for bf16 / fp16, 4 at K = 8; launch bounds of mixer_scan_fwd4.cuh).
 // v6 (APRIEL_SCAN_FWD=v6; 206): warp-specialised K = 8 (mixer_scan_fwd6.cuh: producer warps stage + prep tile i+1
-// while consumer warps scan tile i), 16-bit activations (fp32 runs v5); v6b1: v6 at <= 2 blocks per SM, else v5.
+// while consumer warps scan tile i), 16-bit activations (fp32 runs v5); v6b1: v6 at <= 2 blocks per SM, else v5;
+// v6s (207): v6 with the consumers' readout sum through shared memory (same bits, fewer instructions).
 int fwd_version_auto(int64_t blocks, int sms, int base, double per_sm8, double per_sm4) {
   const double w8 = static_cast<double>(blocks) / (per_sm8 * sms), w4 = static_cast<double>(blocks) / (per_sm4 * sms);
   auto fill = [](double w) { return w <= 0 ? 1.0 : w / std::ceil(w); };
@@ -151,6 +152,7 @@ int fwd_version(int64_t blocks = 0, int sms = 132) {
     if (v == "v5") { base = 100; per_sm4 = 8.0; }
     if (v == "v5b1") return blocks <= 2 * sms ? 116 : fwd_version_auto(blocks, sms, 100, 4.0, 8.0);
     if (v == "v6") return 206;
+    if (v == "v6s") return 207;
     if (v == "v6b1") return blocks <= 2 * sms ? 206 : fwd_version_auto(blocks, sms, 100, 4.0, 8.0);
   }
   return fwd_version_auto(blocks, sms, base, per_sm8, per_sm4);
@@ -164,11 +166,13 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st, int64_t K) {
     sms = 132;
   }
   int version = fwd_version(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms);
-  if (version == 206 && st != at::kFloat) {
-    st == at::kBFloat16 ? launch_mixer_scan_fwd6<__nv_bfloat16>(p, stream) : launch_mixer_scan_fwd6<__half>(p, stream);
+  if ((version == 206 || version == 207) && st != at::kFloat) {
+    const bool smem_reduce = version == 207;
+    st == at::kBFloat16 ? launch_mixer_scan_fwd6<__nv_bfloat16>(p, stream, smem_reduce)
+                        : launch_mixer_scan_fwd6<__half>(p, stream, smem_reduce);
     return;
   }
-  if (version == 206) version = fwd_version_auto(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms, 100, 4.0, 8.0);
+  if (version == 206 || version == 207) version = fwd_version_auto(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms, 100, 4.0, 8.0);
   if (version > 100) {
     const int k = version - 100;
     if (st == at::kBFloat16) {
