@@ -701,10 +701,14 @@ void launch_state(MixerStepParams p, cudaStream_t stream) {
     // Each wave repeats the per-warp prologue (parameters, -exp(A_log)), so few rows per warp lose (b64: 2 rows in
     // 2 waves 17.82 us vs 4 rows in 1 wave 17.18). H100, fp32 state, PDL, bench/results/s4/step_full_run2.json:
     // b256 with 4 / 8 / 16 / 32 rows per warp = 62.55 / 58.52 / 59.22 / 64.96 us.
+    // fp32 state only: bf16 state moves half the bytes and is bound by the per-row instruction chain, so the
+    // prologue each extra wave repeats costs more than the overlapped tail gains (b256 bf16, 2 waves of 8 rows:
+    // 40.41 us vs 37.78 for 1 wave of 16: bench/results/s4/run3_step_bench.txt vs step_full_run2.json).
+    const int64_t cap = std::is_same<state_t, float>::value ? kMaxAutoRows : kMaxSeqPerWarp;
     const int64_t items = int64_t(src_warps) * p.batch;
     const int64_t resident = int64_t(sms) * bps * 4;
     const int64_t one_wave = (items + resident - 1) / resident;
-    const int64_t waves = (one_wave + kMaxAutoRows - 1) / kMaxAutoRows;
+    const int64_t waves = (one_wave + cap - 1) / cap;
     spw = static_cast<int>((items + waves * resident - 1) / (waves * resident));
   }
   spw = spw < 1 ? 1 : spw > kMaxSeqPerWarp ? kMaxSeqPerWarp : spw;
