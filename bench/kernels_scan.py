@@ -11,12 +11,10 @@ floor, which it cannot reach: it needs >= 2 exp2 per element). Providers: "aprie
 "apriel-graph" the same call replayed from a CUDA graph (no host overhead: the kernel's own time);
 "apriel-v4k4" / "apriel-v4k8" / "apriel-v3" force a forward version (APRIEL_SCAN_FWD), "apriel-bcf32" makes
 v4 read fp32 copies of B / C instead of the raw 16-bit tile (APRIEL_SCAN_BC=f32), for comparison;
-"apriel-v5" / "apriel-v5-graph" / "apriel-v5k4" / "apriel-v5k8" time the session-4 forward v5 (APRIEL_SCAN_FWD=v5*:
-v4's arithmetic with a smaller shared-memory layout, more blocks per SM and a leaner prep); "apriel-v5k16" its
-one-state-per-thread instantiation (twice the warps of K = 8 at batch 1, ~1.5x the instructions per element);
-"apriel-v6" / "apriel-v6-graph" the warp-specialised K = 8 forward (producer warps prep tile i+1 during the scan of
-tile i; APRIEL_SCAN_FWD=v6), "apriel-v6s" / "apriel-v6s-graph" the same with the readout sum through shared
-memory (v6s).
+"apriel-v5" / "apriel-v5-graph" / "apriel-v5k4" / "apriel-v5k8" time the session-4 forward v5 at either K
+(APRIEL_SCAN_FWD=v5*: v4's arithmetic with a smaller shared-memory layout, more blocks per SM and a leaner prep);
+the default runs v5 where K = 4 is chosen and v4 at K = 8; "apriel-v4" / "apriel-v4-graph" the session-3 default
+(v4 at either K).
 APRIEL_BENCH_SCAN_FWD_PROVIDERS=a,b,... keeps only those forward providers (shorter A/B runs).
 fwd+bwd and bwd rows: "apriel" (default: backward v4), "apriel[bwd-bc=f32]" (v4 reading fp32 copies of B / C
 instead of the raw 16-bit tile, APRIEL_SCAN_BWD_BC=f32), "apriel[bwd=v3]" (the previous backward, APRIEL_SCAN_BWD=v3, forward
@@ -91,9 +89,8 @@ def run(quick: bool = False) -> list[dict]:
         args = _inputs(batch, seqlen)
         variants = (("apriel", None, None), ("apriel-graph", None, None), ("apriel-v4k4", "v4k4", None),
                     ("apriel-v4k8", "v4k8", None), ("apriel-bcf32", None, "f32"), ("apriel-v3", "v3", None),
-                    ("apriel-v5", "v5", None), ("apriel-v5-graph", "v5", None), ("apriel-v5k4", "v5k4", None),
-                    ("apriel-v5k8", "v5k8", None), ("apriel-v5k16", "v5k16", None), ("apriel-v6", "v6", None),
-                    ("apriel-v6-graph", "v6", None), ("apriel-v6s", "v6s", None), ("apriel-v6s-graph", "v6s", None))
+                    ("apriel-v4", "v4", None), ("apriel-v4-graph", "v4", None), ("apriel-v5", "v5", None),
+                    ("apriel-v5-graph", "v5", None), ("apriel-v5k4", "v5k4", None), ("apriel-v5k8", "v5k8", None))
         keep = os.environ.get("APRIEL_BENCH_SCAN_FWD_PROVIDERS")
         if keep:
             variants = tuple(v for v in variants if v[0] in keep.split(","))

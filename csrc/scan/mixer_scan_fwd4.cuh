@@ -33,10 +33,6 @@
 #ifndef APRIEL_SCAN_FWD5_BLOCKS_K8
 #define APRIEL_SCAN_FWD5_BLOCKS_K8 4
 #endif
-// K = 16 (one state per thread, 256 threads): the batch-1 variant; at b1 there are ~2 blocks per SM anyway.
-#ifndef APRIEL_SCAN_FWD5_BLOCKS_K16
-#define APRIEL_SCAN_FWD5_BLOCKS_K16 2
-#endif
 
 namespace apriel {
 namespace scan4 {
@@ -72,15 +68,14 @@ __device__ __forceinline__ void cvt_vec(const T* src, float* dst) {
 template <typename T, int NS>
 __device__ __forceinline__ void cvt_bc(const T* src, float* row, int c, int off) {
   constexpr int kVec = 16 / sizeof(T);
-  static_assert(kVec % NS == 0 && (NS == 1 || NS == 2 || NS == 4), "state groups");
+  static_assert(kVec % NS == 0 && (NS == 2 || NS == 4), "state groups");
   const uint4 raw = *reinterpret_cast<const uint4*>(src);
   const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
   for (int i = 0; i < kVec; i += NS) {
     float* dst = row + ((c + i) / NS) * 2 * NS + off;
     if constexpr (NS == 4) *reinterpret_cast<float4*>(dst) = make_float4(to_f(e[i]), to_f(e[i + 1]), to_f(e[i + 2]), to_f(e[i + 3]));
-    else if constexpr (NS == 2) *reinterpret_cast<float2*>(dst) = make_float2(to_f(e[i]), to_f(e[i + 1]));
-    else *dst = to_f(e[i]);  // K = 16 (v5): one state per lane
+    else *reinterpret_cast<float2*>(dst) = make_float2(to_f(e[i]), to_f(e[i + 1]));
   }
 }
 
@@ -113,8 +108,7 @@ template <int TPT> constexpr int skew_rows(int rows) { return rows - 1 + (rows -
 template <typename T, int kR, int K, bool kSeq, bool kRawBC>
 struct Smem5 {
   static constexpr int TPT = kChunk * kN / (kN * K);
-  // K = 16: a half-warp gates 16 consecutive tokens of one channel: 17 float2 (34 words) puts them in 16 bank pairs
-  static constexpr int kUgStride = K == 4 ? 20 : K == 8 ? 18 : 17;
+  static constexpr int kUgStride = K == 4 ? 20 : 18;
   static constexpr bool kMma = sizeof(T) == 2;
   RawTile<T, kR> raw[2];
   alignas(16) float xf[2][skew_rows<TPT>(kChunk + 3)][kN];
@@ -235,13 +229,6 @@ template <> __device__ __forceinline__ float2 unpack2<__half>(unsigned w) {
   return __half22float2(*reinterpret_cast<const __half2*>(&w));
 }
 template <> __device__ __forceinline__ float2 unpack2<float>(unsigned) { return make_float2(0.f, 0.f); }
-// One 16-bit value in the low half of a word (K = 16: one state per lane).
-template <typename T> __device__ __forceinline__ float unpack1(unsigned w);
-template <> __device__ __forceinline__ float unpack1<__nv_bfloat16>(unsigned w) { return __uint_as_float(w << 16); }
-template <> __device__ __forceinline__ float unpack1<__half>(unsigned w) {
-  return __half2float(__ushort_as_half(static_cast<unsigned short>(w)));
-}
-template <> __device__ __forceinline__ float unpack1<float>(unsigned) { return 0.f; }
 
 // kRawBC (16-bit activations only): the scan reads B and C straight from the raw tile (8 B per 4 values, not
 // 16 B of fp32): the forward is bound by shared-memory wavefronts, and these loads are most of them.
@@ -252,8 +239,7 @@ template <> __device__ __forceinline__ float unpack1<float>(unsigned) { return 0
 // fp32 activations (41 KB: 5 blocks per SM at most; the CUDA-core dt dot keeps W_dt in registers) keep v4's
 // targets: asking for more spilled 28-88 bytes.
 template <typename T, int K, int kR>
-constexpr int kMinBlocks5 = K == 16 ? APRIEL_SCAN_FWD5_BLOCKS_K16
-                          : (sizeof(T) == 2 && kR == 16) ? (K == 4 ? APRIEL_SCAN_FWD5_BLOCKS_K4 : APRIEL_SCAN_FWD5_BLOCKS_K8)
+constexpr int kMinBlocks5 = (sizeof(T) == 2 && kR == 16) ? (K == 4 ? APRIEL_SCAN_FWD5_BLOCKS_K4 : APRIEL_SCAN_FWD5_BLOCKS_K8)
                                                          : (K == 4 ? 6 : 3);
 template <typename T, int K, int kR, int kVer> constexpr int kMinBlocks = kVer >= 5 ? kMinBlocks5<T, K, kR> : (K == 4 ? 6 : 3);
 template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4>
@@ -486,8 +472,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>)) mixer_sc
     // C: the recurrence. Fully unrolled and branch-free: the ex2 of later tokens overlap the h chain; the
     // shared-memory operands are loaded kPF tokens ahead (short-scoreboard stalls were the top stall reason).
     constexpr int kPF = 2;
-    // 32-bit words of B and C per token and lane (K = 16 raw: one 16-bit B and one 16-bit C, each in a word)
-    constexpr int kW = kRawBC ? (NS == 1 ? 2 : NS) : 2 * NS;
+    constexpr int kW = kRawBC ? NS : 2 * NS;  // 32-bit words of B and C per token and lane
     float acc[kChunk];
     float2 ep[kPF + 1];
     unsigned bcp[kPF + 1][kW];
@@ -498,11 +483,8 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>)) mixer_sc
         if constexpr (NS == 4) {
           const uint2 b2 = *reinterpret_cast<const uint2*>(bw), c2 = *reinterpret_cast<const uint2*>(cw);
           dst[0] = b2.x; dst[1] = b2.y; dst[2] = c2.x; dst[3] = c2.y;
-        } else if constexpr (NS == 2) {
+        } else {
           dst[0] = bw[0]; dst[1] = cw[0];
-        } else {  // K = 16 (v5): 16-bit loads
-          dst[0] = *reinterpret_cast<const unsigned short*>(&r.B[t][j]);
-          dst[1] = *reinterpret_cast<const unsigned short*>(&r.C[t][j]);
         }
       } else {
         float v[2 * NS];
@@ -524,10 +506,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>)) mixer_sc
       }
       const float2 e = ep[t % (kPF + 1)];
       float Bv[NS], Cv[NS];
-      if constexpr (kRawBC && NS == 1) {
-        Bv[0] = unpack1<T>(bcp[t % (kPF + 1)][0]);
-        Cv[0] = unpack1<T>(bcp[t % (kPF + 1)][1]);
-      } else if constexpr (kRawBC) {
+      if constexpr (kRawBC) {
 #pragma unroll
         for (int i = 0; i < NS / 2; ++i) {
           const float2 bb = unpack2<T>(bcp[t % (kPF + 1)][i]), cc = unpack2<T>(bcp[t % (kPF + 1)][NS / 2 + i]);

@@ -1,14 +1,11 @@
 // fp16 instantiations of the v5 mixer scan forward (mixer_scan_fwd4.cuh with kVer = 5: Smem5 layout, more blocks
-// per SM, branch-free softplus; bitwise the same results as v4 at K = 4 / 8; K = 16 for batch 1). Own TU so it compiles in parallel with v4's.
+// per SM, branch-free softplus; bitwise the same results as v4). Own TU so it compiles in parallel with v4's.
 #include "../common/kernel_registry.h"
 #include "mixer_scan_fwd4.cuh"
-#include "mixer_scan_fwd6.cuh"
 
 namespace apriel {
 template void launch_mixer_scan_fwd5<__half, 4>(const MixerScanParams&, void*);
 template void launch_mixer_scan_fwd5<__half, 8>(const MixerScanParams&, void*);
-template void launch_mixer_scan_fwd5<__half, 16>(const MixerScanParams&, void*);
-template void launch_mixer_scan_fwd6<__half>(const MixerScanParams&, void*, bool);  // v6: warp-specialised K = 8
 
 namespace {
 const bool kRegistered = [] {

@@ -118,44 +118,35 @@ MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims
 }
 
 
-// Forward version: v4 with K = 4 or 8 lanes per channel (16 / K states per thread, cp.async tiles).
-// K = 8 has twice the warps per block (latency hiding when blocks are few) but fits 4 blocks per SM, K = 4
-// fits 6: pick K = 8 when its blocks fill at most two waves at least as well as K = 4's would. Measured on
-// the H100 (scripts/diag/scan_k_threshold.py, bf16): K = 8 wins at 256 / 512 / 1024 blocks (batch 1 / 2 / 4
-// at D 4096), K = 4 at 768 / 1536 / 2048 (batch 3 / 6 / 8). APRIEL_SCAN_FWD=v4k4|v4k8 forces K, v3 selects
-// the previous kernel (one state per thread) - for benchmarks. Returns K, or 3 for v3.
-//
-// v5 (APRIEL_SCAN_FWD=v5 | v5k4 | v5k8; session 4): the v4 kernel with a smaller shared-memory layout and more
-// blocks per SM (mixer_scan_fwd4.cuh, kVer 5), bitwise the same outputs at K = 4 / 8. v5k16: one state per thread
-// (16 lanes per channel: twice the warps of K = 8 for batch 1, more instructions per element); v5b1 = v5 with
-// K = 16 when the blocks fill at most 2 per SM (batch 1 at D 4096). Returned as 100 + K; the K choice of
-// plain "v5" uses v5's residency (8 blocks per SM at K = 4 for bf16 / fp16, 4 at K = 8; launch bounds of mixer_scan_fwd4.cuh).
-// v6 (APRIEL_SCAN_FWD=v6; 206): warp-specialised K = 8 (mixer_scan_fwd6.cuh: producer warps stage + prep tile i+1
-// while consumer warps scan tile i), 16-bit activations (fp32 runs v5); v6b1: v6 at <= 2 blocks per SM, else v5;
-// v6s (207): v6 with the consumers' readout sum through shared memory (same bits, fewer instructions).
-int fwd_version_auto(int64_t blocks, int sms, int base, double per_sm8, double per_sm4) {
+// Forward version. K = 8 lanes per channel (2 states per thread) has twice the warps per block of K = 4 (latency
+// hiding when blocks are few); K = 4 (4 states per thread) spends fewer instructions per element. K = 8 is picked
+// when its blocks fill at most two waves at least as well as K = 4's would, with v4's residencies (K = 8 4 blocks
+// per SM, K = 4 6); measured on the H100 (scripts/diag/scan_k_threshold.py, bf16, session 2): K = 8 wins at 256 /
+// 512 / 1024 blocks (batch 1 / 2 / 4 at D 4096), K = 4 at 768 / 1536 / 2048 (batch 3 / 6 / 8).
+// Default (session 4, H100 runs 2-3, bf16 D 4096): the same K choice; K = 4 runs v5 (b8 L4096 1.29 vs v4's 1.46
+// ms: 8 blocks per SM instead of 6, 5 % fewer instructions), K = 8 runs v4 (b1: v5 K = 8 measured 1-2 % slower -
+// latency-bound, see docs/notes/scan.md); fp32 activations keep v4 (v5's fp32 instantiations were not measured and
+// spill 20-32 bytes where v4's do not). Returned as K (v4), 100 + K (v5) or 3 (v3).
+// APRIEL_SCAN_FWD forces a version for benchmarks and tests: v4 (session-3 default: v4 at either K), v4k4, v4k8,
+// v5 (v5 at either K), v5k4, v5k8, v3 (one state per thread, session 1).
+int fwd_version_auto(int64_t blocks, int sms, double per_sm8, double per_sm4) {
   const double w8 = static_cast<double>(blocks) / (per_sm8 * sms), w4 = static_cast<double>(blocks) / (per_sm4 * sms);
   auto fill = [](double w) { return w <= 0 ? 1.0 : w / std::ceil(w); };
-  return base + ((w8 <= 2.0 && fill(w8) >= fill(w4)) ? 8 : 4);
+  return (w8 <= 2.0 && fill(w8) >= fill(w4)) ? 8 : 4;
 }
-int fwd_version(int64_t blocks = 0, int sms = 132) {
-  double per_sm8 = 4.0, per_sm4 = 6.0;
-  int base = 0;
+int fwd_version(int64_t blocks = 0, int sms = 132, bool fp32 = false) {
   if (const char* env = std::getenv("APRIEL_SCAN_FWD")) {
     const std::string v(env);
     if (v == "v3") return 3;
     if (v == "v4k4") return 4;
     if (v == "v4k8") return 8;
+    if (v == "v4") return fwd_version_auto(blocks, sms, 4.0, 6.0);
     if (v == "v5k4") return 104;
     if (v == "v5k8") return 108;
-    if (v == "v5k16") return 116;
-    if (v == "v5") { base = 100; per_sm4 = 8.0; }
-    if (v == "v5b1") return blocks <= 2 * sms ? 116 : fwd_version_auto(blocks, sms, 100, 4.0, 8.0);
-    if (v == "v6") return 206;
-    if (v == "v6s") return 207;
-    if (v == "v6b1") return blocks <= 2 * sms ? 206 : fwd_version_auto(blocks, sms, 100, 4.0, 8.0);
+    if (v == "v5") return 100 + fwd_version_auto(blocks, sms, 4.0, 8.0);
   }
-  return fwd_version_auto(blocks, sms, base, per_sm8, per_sm4);
+  const int k = fwd_version_auto(blocks, sms, 4.0, 6.0);
+  return (k == 4 && !fp32) ? 104 : k;
 }
 
 void launch_fwd(const MixerScanParams& p, at::ScalarType st, int64_t K) {
@@ -165,25 +156,15 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st, int64_t K) {
     (void)cudaGetLastError();
     sms = 132;
   }
-  int version = fwd_version(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms);
-  if ((version == 206 || version == 207) && st != at::kFloat) {
-    const bool smem_reduce = version == 207;
-    st == at::kBFloat16 ? launch_mixer_scan_fwd6<__nv_bfloat16>(p, stream, smem_reduce)
-                        : launch_mixer_scan_fwd6<__half>(p, stream, smem_reduce);
-    return;
-  }
-  if (version == 206 || version == 207) version = fwd_version_auto(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms, 100, 4.0, 8.0);
+  const int version = fwd_version(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms, st == at::kFloat);
   if (version > 100) {
-    const int k = version - 100;
+    const bool k8 = version == 108;
     if (st == at::kBFloat16) {
-      k == 16 ? launch_mixer_scan_fwd5<__nv_bfloat16, 16>(p, stream) : k == 8 ? launch_mixer_scan_fwd5<__nv_bfloat16, 8>(p, stream)
-              : launch_mixer_scan_fwd5<__nv_bfloat16, 4>(p, stream);
+      k8 ? launch_mixer_scan_fwd5<__nv_bfloat16, 8>(p, stream) : launch_mixer_scan_fwd5<__nv_bfloat16, 4>(p, stream);
     } else if (st == at::kHalf) {
-      k == 16 ? launch_mixer_scan_fwd5<__half, 16>(p, stream) : k == 8 ? launch_mixer_scan_fwd5<__half, 8>(p, stream)
-              : launch_mixer_scan_fwd5<__half, 4>(p, stream);
+      k8 ? launch_mixer_scan_fwd5<__half, 8>(p, stream) : launch_mixer_scan_fwd5<__half, 4>(p, stream);
     } else {
-      k == 16 ? launch_mixer_scan_fwd5<float, 16>(p, stream) : k == 8 ? launch_mixer_scan_fwd5<float, 8>(p, stream)
-              : launch_mixer_scan_fwd5<float, 4>(p, stream);
+      k8 ? launch_mixer_scan_fwd5<float, 8>(p, stream) : launch_mixer_scan_fwd5<float, 4>(p, stream);
     }
     return;
   }

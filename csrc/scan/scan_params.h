@@ -72,8 +72,6 @@ template <typename T, int K>
 void launch_mixer_scan_fwd4(const MixerScanParams& p, void* stream);
 template <typename T, int K>
 void launch_mixer_scan_fwd5(const MixerScanParams& p, void* stream);
-template <typename T>
-void launch_mixer_scan_fwd6(const MixerScanParams& p, void* stream, bool smem_reduce);  // 16-bit T only
 template <typename T, int K>
 void launch_mixer_scan_bwd(const MixerScanParams& p, void* stream);
 template <typename T>
