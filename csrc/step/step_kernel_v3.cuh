@@ -185,26 +185,11 @@ struct SmemState<__nv_bfloat16> {
 };
 
 // The thread's 16 states -> its channel in the global cache (APRIEL_STEP_V3_DIRECT_STORE), in the same rotated unit
-// order as the shared-memory stage (unit u of the registers = unit u ^ rot of the channel).
+// order as the shared-memory stage (unit u of the registers = unit u ^ rot of the channel): SmemState's stores go
+// through a generic pointer, so the same code emits global stores here.
 template <typename state_t>
 __device__ __forceinline__ void store_state_global(char* ch, int rot, const float h[16]) {
-  if constexpr (std::is_same<state_t, float>::value) {
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      *reinterpret_cast<float4*>(ch + ((u ^ rot) * 16)) = make_float4(h[4 * u], h[4 * u + 1], h[4 * u + 2], h[4 * u + 3]);
-    }
-  } else {
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      uint32_t wd[4];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const __nv_bfloat162 v = __floats2bfloat162_rn(h[8 * u + 2 * k], h[8 * u + 2 * k + 1]);
-        wd[k] = *reinterpret_cast<const uint32_t*>(&v);
-      }
-      *reinterpret_cast<uint4*>(ch + ((u ^ rot) * 16)) = make_uint4(wd[0], wd[1], wd[2], wd[3]);
-    }
-  }
+  SmemState<state_t>::store(reinterpret_cast<unsigned char*>(ch), rot, h);
 }
 
 // 16 consecutive 16-bit activations (a B or C group) in the thread's rotated state order, kept raw
