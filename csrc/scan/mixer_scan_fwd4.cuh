@@ -242,6 +242,10 @@ template <typename T, int K, int kR>
 constexpr int kMinBlocks5 = (sizeof(T) == 2 && kR == 16) ? (K == 4 ? APRIEL_SCAN_FWD5_BLOCKS_K4 : APRIEL_SCAN_FWD5_BLOCKS_K8)
                                                          : (K == 4 ? 6 : 3);
 template <typename T, int K, int kR, int kVer> constexpr int kMinBlocks = kVer >= 5 ? kMinBlocks5<T, K, kR> : (K == 4 ? 6 : 3);
+#ifndef APRIEL_SCAN_FWD_PF
+#define APRIEL_SCAN_FWD_PF 2  // experiments: NVCC_APPEND_FLAGS=-DAPRIEL_SCAN_FWD_PF=4 at build time
+#endif
+
 template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4>
 __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>)) mixer_scan_fwd4_kernel(MixerScanParams p) {
   constexpr int NT = kN * K;                 // threads per block
@@ -471,7 +475,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>)) mixer_sc
 
     // C: the recurrence. Fully unrolled and branch-free: the ex2 of later tokens overlap the h chain; the
     // shared-memory operands are loaded kPF tokens ahead (short-scoreboard stalls were the top stall reason).
-    constexpr int kPF = 2;
+    constexpr int kPF = APRIEL_SCAN_FWD_PF;  // operand prefetch distance in tokens (compile-time knob, 2 by default)
     constexpr int kW = kRawBC ? NS : 2 * NS;  // 32-bit words of B and C per token and lane
     float acc[kChunk];
     float2 ep[kPF + 1];
