@@ -124,7 +124,7 @@ MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims
 // per SM, K = 4 6); measured on the H100 (scripts/diag/scan_k_threshold.py, bf16, session 2): K = 8 wins at 256 /
 // 512 / 1024 blocks (batch 1 / 2 / 4 at D 4096), K = 4 at 768 / 1536 / 2048 (batch 3 / 6 / 8).
 // Default (session 4, H100 runs 2-3, bf16 D 4096): the same K choice; K = 4 runs v5 (b8 L4096 1.29 vs v4's 1.46
-// ms: 8 blocks per SM instead of 6, 5 % fewer instructions), K = 8 runs v4 (b1: v5 K = 8 measured 1-2 % slower -
+// ms: 8 blocks per SM instead of 6; ncu: the executed instructions equal v4's), K = 8 runs v4 (b1: v5 K = 8 measured 1-2 % slower -
 // latency-bound, see docs/notes/scan.md); fp32 activations keep v4 (v5's fp32 instantiations were not measured and
 // spill 20-32 bytes where v4's do not). Returned as K (v4), 100 + K (v5) or 3 (v3).
 // APRIEL_SCAN_FWD forces a version for benchmarks and tests: v4 (session-3 default: v4 at either K), v4k4, v4k8,
@@ -149,7 +149,20 @@ int fwd_version(int64_t blocks = 0, int sms = 132, bool fp32 = false) {
   return (k == 4 && !fp32) ? 104 : k;
 }
 
-void launch_fwd(const MixerScanParams& p, at::ScalarType st, int64_t K) {
+// One forward launch of activation dtype T for a version of fwd_version (K = 16 only for v3: the other lane
+// counts were dropped, slower, see docs/notes/scan.md).
+template <typename T>
+void launch_fwd_version(const MixerScanParams& p, void* stream, int version) {
+  switch (version) {
+    case 104: launch_mixer_scan_fwd5<T, 4>(p, stream); break;
+    case 108: launch_mixer_scan_fwd5<T, 8>(p, stream); break;
+    case 4: launch_mixer_scan_fwd4<T, 4>(p, stream); break;
+    case 8: launch_mixer_scan_fwd4<T, 8>(p, stream); break;
+    default: launch_mixer_scan_fwd<T, 16>(p, stream); break;
+  }
+}
+
+void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   int sms = 132, device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
@@ -157,31 +170,9 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st, int64_t K) {
     sms = 132;
   }
   const int version = fwd_version(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms, st == at::kFloat);
-  if (version > 100) {
-    const bool k8 = version == 108;
-    if (st == at::kBFloat16) {
-      k8 ? launch_mixer_scan_fwd5<__nv_bfloat16, 8>(p, stream) : launch_mixer_scan_fwd5<__nv_bfloat16, 4>(p, stream);
-    } else if (st == at::kHalf) {
-      k8 ? launch_mixer_scan_fwd5<__half, 8>(p, stream) : launch_mixer_scan_fwd5<__half, 4>(p, stream);
-    } else {
-      k8 ? launch_mixer_scan_fwd5<float, 8>(p, stream) : launch_mixer_scan_fwd5<float, 4>(p, stream);
-    }
-    return;
-  }
-  if (version != 3) {
-    if (st == at::kBFloat16) {
-      version == 8 ? launch_mixer_scan_fwd4<__nv_bfloat16, 8>(p, stream) : launch_mixer_scan_fwd4<__nv_bfloat16, 4>(p, stream);
-    } else if (st == at::kHalf) {
-      version == 8 ? launch_mixer_scan_fwd4<__half, 8>(p, stream) : launch_mixer_scan_fwd4<__half, 4>(p, stream);
-    } else {
-      version == 8 ? launch_mixer_scan_fwd4<float, 8>(p, stream) : launch_mixer_scan_fwd4<float, 4>(p, stream);
-    }
-    return;
-  }
-  (void)K;  // v3: K = 16 only (the other lane counts were dropped: slower, see docs/notes/scan.md)
-  if (st == at::kBFloat16) launch_mixer_scan_fwd<__nv_bfloat16, 16>(p, stream);
-  else if (st == at::kHalf) launch_mixer_scan_fwd<__half, 16>(p, stream);
-  else launch_mixer_scan_fwd<float, 16>(p, stream);
+  if (st == at::kBFloat16) launch_fwd_version<__nv_bfloat16>(p, stream, version);
+  else if (st == at::kHalf) launch_fwd_version<__half>(p, stream, version);
+  else launch_fwd_version<float>(p, stream, version);
 }
 
 // Backward version: v4 (mixer_scan_bwd4.cuh: K = 8 lanes per channel, cp.async tiles, adjoint in registers)
@@ -203,12 +194,6 @@ void launch_bwd(const MixerScanParams& p, at::ScalarType st) {
   if (st == at::kBFloat16) launch_mixer_scan_bwd<__nv_bfloat16, 16>(p, stream);
   else if (st == at::kHalf) launch_mixer_scan_bwd<__half, 16>(p, stream);
   else launch_mixer_scan_bwd<float, 16>(p, stream);
-}
-
-// Lanes per channel of the v3 forward (16: the only one kept).
-int64_t choose_k(const Dims& d) {
-  (void)d;
-  return 16;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> mixer_scan_fwd_cuda(
@@ -236,7 +221,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mixer_scan_fwd_cuda(
                                   /*convert_params=*/fwd_version() == 3);
   p.y = y.data_ptr(); p.final_ssm = final_ssm.data_ptr<float>(); p.final_conv = final_conv.data_ptr();
   p.ckpt = save_checkpoints ? ckpt.data_ptr<float>() : nullptr;
-  launch_fwd(p, zxbc.scalar_type(), choose_k(d));
+  launch_fwd(p, zxbc.scalar_type());
   return {y, final_ssm, final_conv, ckpt};
 }
 
@@ -265,7 +250,7 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
     Tensor fs = at::empty({d.b, d.D, kN}, f32), fc = at::empty({d.b, d.X, hw}, zxbc.options());
     MixerScanParams q = p;
     q.y = y.data_ptr(); q.final_ssm = fs.data_ptr<float>(); q.final_conv = fc.data_ptr(); q.ckpt = ckpt.data_ptr<float>();
-    launch_fwd(q, st, choose_k(d));
+    launch_fwd(q, st);
   }
   Tensor dzxbc = at::empty({d.b, d.L, 2 * d.D + 2 * d.X}, zxbc.options());
   Tensor dx_part = at::empty({d.b, d.L, d.D}, f32);
