@@ -81,20 +81,22 @@ int v3_stages() {
   return env != nullptr && std::string(env) == "8" ? 8 : 4;
 }
 
+// An on/off switch read at each call (so one benchmark run can A/B a path): unset = `default_on`; a switch that
+// defaults on is turned off only by "0", one that defaults off is turned on only by "1".
+bool env_switch(const char* name, bool default_on) {
+  const char* env = std::getenv(name);
+  if (env == nullptr) return default_on;
+  return default_on ? std::string(env) != "0" : std::string(env) == "1";
+}
+
 // v3 state copies: one 3-D TMA tensor copy per row and direction (APRIEL_STEP_V3_TMA=1, the default) or r per-lane
 // cp.async.bulk chunks (APRIEL_STEP_V3_TMA=0, the session-3 path). Same bytes, same shared layout, same math:
 // the tensor map only removes the serialized per-lane copy issues (~90 of ~600 warp instructions per row).
-bool v3_tma_requested() {
-  const char* env = std::getenv("APRIEL_STEP_V3_TMA");
-  return env == nullptr || std::string(env) != "0";
-}
+bool v3_tma_requested() { return env_switch("APRIEL_STEP_V3_TMA", true); }
 
 // v3 conv-cache rows staged with the state by the TMA (APRIEL_STEP_V3_CONV_STAGE=1, the default; 0 = the register
 // prefetch one row ahead). Applies with the tensor map only (see v3_conv_stage_applies).
-bool v3_conv_stage_requested() {
-  const char* env = std::getenv("APRIEL_STEP_V3_CONV_STAGE");
-  return env == nullptr || std::string(env) != "0";
-}
+bool v3_conv_stage_requested() { return env_switch("APRIEL_STEP_V3_CONV_STAGE", true); }
 
 // The layout rules of the staged conv rows: a warp's w = 32 / r rows of S entries must be one contiguous, 16-byte
 // aligned run of a multiple of 16 bytes (cp.async.bulk), in a compact cache of the 16-bit activation dtype.
@@ -107,10 +109,7 @@ bool v3_conv_stage_applies(const at::Tensor& conv, const at::Tensor& zxbc, int64
 
 // v3 state stores from registers straight to the cache (APRIEL_STEP_V3_DIRECT_STORE=1) or through the stage and a
 // TMA store (0, the default).
-bool v3_direct_store() {
-  const char* env = std::getenv("APRIEL_STEP_V3_DIRECT_STORE");
-  return env != nullptr && std::string(env) == "1";
-}
+bool v3_direct_store() { return env_switch("APRIEL_STEP_V3_DIRECT_STORE", false); }
 
 using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                    const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
@@ -182,10 +181,7 @@ bool encode_state_map(const at::Tensor& ssm, int64_t d_inner, int64_t d_xb, unsi
 // Programmatic dependent launch for v2 / v3 (APRIEL_STEP_PDL=1; off by default: the kernel then reads the
 // layer parameters before the previous kernel has finished, which is only safe when that kernel does not
 // write them - true in a decode graph, not something a general op may assume).
-bool use_pdl() {
-  const char* env = std::getenv("APRIEL_STEP_PDL");
-  return env != nullptr && std::string(env) == "1";
-}
+bool use_pdl() { return env_switch("APRIEL_STEP_PDL", false); }
 
 // Sequences per thread. v1: the staged parameters are shared by more sequences per block; small batches
 // keep one per thread to fill the SMs. Measured on the H100 (bench/results/step_h100.json, fp32 state,
