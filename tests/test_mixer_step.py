@@ -89,6 +89,14 @@ def make_caches(slots, d_inner, d_xb, d_state, conv_channels, state_len, act_dty
     return conv, ssm
 
 
+def _set_rows_per_warp(monkeypatch, spw):
+    """Forces v3's rows per warp (APRIEL_STEP_V3_SEQ = spw), or leaves the launcher's choice for spw None."""
+    if spw is None:
+        monkeypatch.delenv("APRIEL_STEP_V3_SEQ", raising=False)
+    else:
+        monkeypatch.setenv("APRIEL_STEP_V3_SEQ", spw)
+
+
 def run_step(zxbc, dt_low, conv, ssm, slot_idx, layer, dims, repeat=True, out=None):
     return mixer_step(zxbc, dt_low, conv, ssm, slot_idx, *layer.params(), **dims, repeat_kv_before_conv=repeat, out=out)
 
@@ -463,10 +471,7 @@ def test_kernel_v3_stage_ring(monkeypatch, dims, batch, state_dtype):
     slots[5::7] = -1  # more padding rows, at several ring positions
     results = []
     for spw in ("1", "3", "32", None):
-        if spw is None:
-            monkeypatch.delenv("APRIEL_STEP_V3_SEQ", raising=False)
-        else:
-            monkeypatch.setenv("APRIEL_STEP_V3_SEQ", spw)
+        _set_rows_per_warp(monkeypatch, spw)
         c, s = conv.clone(), ssm.clone()
         y = _compare_with_references(dims, layer, zxbc, dt_low, c, s, slots, tag=f"[v3 seq{spw}]")
         results.append((y, c, s))
@@ -492,10 +497,7 @@ def test_kernel_v3_eight_stage_ring(monkeypatch, dims, batch, state_dtype):
     y4 = _compare_with_references(dims, layer, zxbc, dt_low, c4, s4, slots, tag="[v3 4 stages]")
     monkeypatch.setenv("APRIEL_STEP_V3_STAGES", "8")
     for spw in ("1", "5", "9", "32", None):
-        if spw is None:
-            monkeypatch.delenv("APRIEL_STEP_V3_SEQ", raising=False)
-        else:
-            monkeypatch.setenv("APRIEL_STEP_V3_SEQ", spw)
+        _set_rows_per_warp(monkeypatch, spw)
         c, s = conv.clone(), ssm.clone()
         y = _compare_with_references(dims, layer, zxbc, dt_low, c, s, slots, tag=f"[v3 8 stages seq{spw}]")
         assert torch.equal(y, y4) and torch.equal(s, s4) and torch.equal(c, c4), f"8 stages seq{spw} != 4 stages"
@@ -616,10 +618,7 @@ def test_kernel_v3_tma_paths_equal_per_lane_copies(monkeypatch, name, dims, batc
         monkeypatch.setenv("APRIEL_STEP_V3_CONV_STAGE", conv_stage)
         monkeypatch.setenv("APRIEL_STEP_V3_DIRECT_STORE", direct)
         for spw in ("1", "3", None):
-            if spw is None:
-                monkeypatch.delenv("APRIEL_STEP_V3_SEQ", raising=False)
-            else:
-                monkeypatch.setenv("APRIEL_STEP_V3_SEQ", spw)
+            _set_rows_per_warp(monkeypatch, spw)
             c, s_store = conv.clone(), store.clone()
             s = s_store[:, : d_inner // 16] if padded else s_store
             tag = f"[v3 tma={tma} conv_stage={conv_stage} direct_store={direct} seq{spw}]"
