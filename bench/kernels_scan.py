@@ -90,7 +90,8 @@ def run(quick: bool = False) -> list[dict]:
         variants = (("apriel", None, None), ("apriel-graph", None, None), ("apriel-v4k4", "v4k4", None),
                     ("apriel-v4k8", "v4k8", None), ("apriel-bcf32", None, "f32"), ("apriel-v3", "v3", None),
                     ("apriel-v4", "v4", None), ("apriel-v4-graph", "v4", None), ("apriel-v5", "v5", None),
-                    ("apriel-v5-graph", "v5", None), ("apriel-v5k4", "v5k4", None), ("apriel-v5k8", "v5k8", None))
+                    ("apriel-v5-graph", "v5", None), ("apriel-v5k4", "v5k4", None), ("apriel-v5k8", "v5k8", None),
+                    ("apriel-v7", "v7", None), ("apriel-v7-graph", "v7", None))
         keep = os.environ.get("APRIEL_BENCH_SCAN_FWD_PROVIDERS")
         if keep:
             variants = tuple(v for v in variants if v[0] in keep.split(","))

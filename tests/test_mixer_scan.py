@@ -369,6 +369,76 @@ def test_forward_v5_bitwise_equals_v4(case, dtype, monkeypatch):
     _fwd_outputs_bitwise_equal(case, dtype, (f"v4k{case[0]}", f"v5k{case[0]}"), monkeypatch)
 
 
+# v7 (session 5, mixer_scan_fwd7.cuh): the input product du (x) B and the readout C . h on tensor cores (tf32), one
+# warp per head, 16-bit activations. Not bitwise v4 / v5 (tf32 rounding of du and of h in the readout): parity
+# against float64 with the same tolerance as every forward version, and the profiler proves which kernel ran -
+# v7 where it applies, the v5 fallback for packed documents, unaligned rows and fp32.
+V7_CASES = [
+    # (batch, seqlen, d_inner, d_xb, repeat, width, dt_rank, extras)
+    (2, 77, 64, 16, True, 4, 16, "init"),
+    (3, 100, 256, 64, False, 3, 16, "strided"),
+    (1, 33, 64, 16, True, 2, 8, ""),
+    (1, 1, 64, 16, True, 4, 16, "init"),
+    (2, 4097, 256, 64, True, 4, 16, "init"),
+    (3, 300, 4096, 1024, True, 4, 16, "init"),
+    (1, 32768, 64, 16, True, 4, 16, ""),
+    (2, 65, 128, 16, True, 4, 16, "init"),  # 8 heads per x / B group: two blocks per group
+]
+
+
+def _cuda_kernels_run(fn):
+    """Names of the CUDA kernels fn launches (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.key for e in prof.key_averages()]
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
+@pytest.mark.parametrize("case", V7_CASES, ids=lambda c: f"b{c[0]}-L{c[1]}-D{c[2]}-X{c[3]}-{'rep' if c[4] else 'norep'}-W{c[5]}-R{c[6]}-{c[7] or 'plain'}")
+def test_forward_v7_parity(case, dtype, monkeypatch):
+    b, L, D_, X, repeat, width, rank, extra = case
+    monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")
+    args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", repeat=repeat, dt_rank=rank, width=width,
+                           initial_states="init" in extra, strided=extra == "strided", seed=5)
+    poison_allocator()
+    out = {}
+    names = _cuda_kernels_run(lambda: out.update(r=mixer_scan(**args, **kw, return_final_states=True)))
+    assert any("mixer_scan_fwd7_kernel" in n for n in names), f"v7 did not run: {names}"
+    ref64 = ref_mixer(to64(args), kw, return_final_states=True)
+    ref_lp = ref_mixer(args, kw, return_final_states=True)
+    for name, o, r64, rlp in zip(("y", "final_ssm", "final_conv"), out["r"], ref64, ref_lp):
+        check(name, o, r64, rlp, floor=1e-3)
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("extra", ["packed", "misaligned", "fp32", "groups2"])
+def test_forward_v7_falls_back_where_it_does_not_apply(extra, monkeypatch):
+    monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")
+    dtype = torch.float32 if extra == "fp32" else torch.bfloat16
+    X = 32 if extra == "groups2" else 16  # 2 heads per x / B group: v7 needs a multiple of 4
+    args, kw = make_inputs(2, 70, 64, X, dtype=dtype, device="cuda", dt_rank=16, seed=3)
+    seq = packed_seq_idx(2, 70, [20, 41], "cuda") if extra == "packed" else None
+    if extra == "misaligned":
+        for name in ("zxbc", "dt_low"):
+            t = args[name]
+            base = torch.full((2, 70, t.shape[-1] + 3), float("nan"), dtype=dtype, device="cuda")
+            base[..., 1:1 + t.shape[-1]] = t
+            args[name] = base[..., 1:1 + t.shape[-1]]
+    out = {}
+    names = _cuda_kernels_run(lambda: out.update(r=mixer_scan(**args, **kw, seq_idx=seq, return_final_states=True)))
+    assert not any("mixer_scan_fwd7_kernel" in n for n in names), names
+    assert any("mixer_scan_fwd4_kernel" in n for n in names), names
+    ref64 = ref_mixer(to64(args), kw, seq_idx=seq, return_final_states=True)
+    ref_lp = ref_mixer(args, kw, seq_idx=seq, return_final_states=True)
+    for name, o, r64, rlp in zip(("y", "final_ssm", "final_conv"), out["r"], ref64, ref_lp):
+        check(name, o, r64, rlp, floor=2e-5 if dtype == torch.float32 else 1e-3)
+
+
 # Backward versions (APRIEL_SCAN_BWD, read by the host at each call): v4 (default: mixer_scan_bwd4.cuh) and v3
 # (the session-1 kernel). Every GPU gradient test runs both.
 BWD_VERSIONS = ["v4", "v3"]
@@ -414,6 +484,20 @@ def test_gradient_parity_with_each_forward_version(version, bwd_version, monkeyp
     monkeypatch.setenv("APRIEL_SCAN_FWD", version)
     test_gradient_parity((2, 97, 64, 16, True, "packed"), torch.bfloat16, bwd_version)
     test_gradient_parity((1, 130, 256, 64, False, "init"), torch.float32, bwd_version)
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
+@pytest.mark.parametrize("case", [(2, 97, 64, 16, True, "init"), (1, 130, 256, 64, False, "strided"),
+                                  (3, 65, 256, 64, True, "init_D")], ids=["b2-L97-init", "b1-L130-strided", "b3-L65-initD"])
+def test_gradient_parity_forward_v7(case, dtype, bwd_version, monkeypatch):
+    """The backward recomputes from the forward's checkpoints: v7 writes them in its own (tensor-core) layout."""
+    monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")
+    args, kw, seq = _case_inputs(case, dtype)
+    names = _cuda_kernels_run(lambda: mixer_scan(**args, **kw))
+    assert any("mixer_scan_fwd7_kernel" in n for n in names), names
+    _check_grads(args, kw, seq, dtype)
 
 
 @gpu

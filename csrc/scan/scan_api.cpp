@@ -144,6 +144,7 @@ int fwd_version(int64_t blocks = 0, int sms = 132, bool fp32 = false) {
     if (v == "v5k4") return 104;
     if (v == "v5k8") return 108;
     if (v == "v5") return 100 + fwd_version_auto(blocks, sms, 4.0, 8.0);
+    if (v == "v7") return 107;  // falls back to v5 K = 4 where v7 does not apply (launch_fwd_version)
   }
   const int k = fwd_version_auto(blocks, sms, 4.0, 6.0);
   return (k == 4 && !fp32) ? 104 : k;
@@ -154,6 +155,12 @@ int fwd_version(int64_t blocks = 0, int sms = 132, bool fp32 = false) {
 template <typename T>
 void launch_fwd_version(const MixerScanParams& p, void* stream, int version) {
   switch (version) {
+    case 107:
+      if constexpr (sizeof(T) == 2) {
+        if (mixer_scan_fwd7_supports(p)) { launch_mixer_scan_fwd7<T>(p, stream); break; }
+      }
+      launch_mixer_scan_fwd5<T, 4>(p, stream);
+      break;
     case 104: launch_mixer_scan_fwd5<T, 4>(p, stream); break;
     case 108: launch_mixer_scan_fwd5<T, 8>(p, stream); break;
     case 4: launch_mixer_scan_fwd4<T, 4>(p, stream); break;

@@ -72,6 +72,14 @@ template <typename T, int K>
 void launch_mixer_scan_fwd4(const MixerScanParams& p, void* stream);
 template <typename T, int K>
 void launch_mixer_scan_fwd5(const MixerScanParams& p, void* stream);
+// v7 (mixer_scan_fwd7.cuh, 16-bit activations): tensor-core input product and readout, 4 heads per block.
+template <typename T>
+void launch_mixer_scan_fwd7(const MixerScanParams& p, void* stream);
+// The calls v7 handles; the dispatcher runs v5 / v4 for the others (packed documents, unaligned rows, ...).
+inline bool mixer_scan_fwd7_supports(const MixerScanParams& p) {
+  return p.seq_idx == nullptr && p.zxbc_vec16 && p.dt_vec16 && p.dt_rank <= 16 && p.heads_per_group % 4 == 0 &&
+         p.width >= 1 && p.width <= 4;
+}
 template <typename T, int K>
 void launch_mixer_scan_bwd(const MixerScanParams& p, void* stream);
 template <typename T>

@@ -1,0 +1,346 @@
+// Fused Apriel-H1 mixer scan, forward, v7: the input product and the readout on tensor cores (16-bit activations).
+//
+// Why a v7: v5 (mixer_scan_fwd4.cuh) spends ~13.4 executed instructions per (channel, state, token) element at
+// batch 8 (ncu, docs/notes/scan.md): the 5-instruction recurrence core plus bf16 unpacking of B / C (2.0), the
+// K-lane reduce-scatter of the readout (1.2) and the operand loads, against ~8 that a MUFU-bound kernel affords.
+// v7 gives one WARP one head (16 channels x 16 states) in the mma accumulator layout - lane (g = lane / 4,
+// q = lane % 4) owns channels {g, g + 8} x states {2q, 2q + 1, 8 + 2q, 9 + 2q} (8 elements) - and per token:
+//   dBu = du (x) B      two mma.m16n8k4 (tf32): A = du of the 16 channels (every k column holds du: the B
+//                       operand's rows k >= 1 are zero, so no lane selects), B = B_t in row k = 0;
+//   h = ex2(delta A2) h + dBu   8 x (FMUL, MUFU.EX2, FFMA) per lane: the only work on the h chain;
+//   y = C . h + D u     two chained mma.m16n8k8 (tf32): A = h (the accumulator layout IS the A layout once the
+//                       registers are passed in the order c0, c2, c1, c3: k = q <-> column 2q, k = q + 4 <->
+//                       column 2q + 1), B = C_t replicated in all 8 columns, accumulator input = D u: every lane
+//                       gets the finished readout of its two channels, no reduction.
+// Per token and lane: 4 shared loads, 4 mma, 24 core instructions and 4 for the gate / store (4.5 per element
+// instead of ~9.3 for v5's core + unpack + reduce + loads).
+// Precision: du is rounded to tf32 (round to nearest) in the prep and B / C are 16-bit values, exact in tf32; the
+// readout reads h through tf32 (truncation, relative error < 2^-10 per term). For 16-bit outputs this is below
+// their rounding (docs/notes/scan.md, session 5; scripts/diag/scan_tf32_emulation.py); fp32 activations keep v4.
+// The state recurrence itself stays fp32 (FFMA), so the final state and the checkpoints keep fp32 accuracy up to
+// the tf32 rounding of du.
+//
+// Block = 4 consecutive heads of one x / B group (4 warps; needs heads_per_group % 4 == 0), one sequence. Per
+// 32-token tile: S1 wait cp.async + barrier, issue the next tile's copies; A (block) x -> fp32 with the carried
+// conv halo, the B operand rows; S2 barrier; then each warp alone, per 16-token half: prep (dt_proj by mma in
+// the accumulator layout, conv + silu, softplus(. + 2 b_dt), silu(z)) -> per (token, channel) float4
+// (delta, tf32(delta u), D u, silu(z)) and the C operand rows; __syncwarp; the 16 tokens of the scan; the half's
+// y rows stored by the warp. No block barrier between prep and scan (the prep of a head is its own warp's).
+// Not handled (the dispatcher falls back to v5 / v4): seq_idx (packed documents), fp32 activations, dt_rank > 16,
+// unaligned zxbc / dt_low rows (no 16-byte copies), heads_per_group % 4 != 0.
+#pragma once
+#include "../common/cuda_check.h"
+#include "scan_common.cuh"
+#include "mixer_scan_fwd4.cuh"  // scan4:: MmaOp (dt_proj mma), unpack2, ld_param, softplus_select, cp.async
+
+namespace apriel {
+namespace scan7 {
+
+using scan::from_f;
+using scan::kChunk;
+using scan::kLog2e;
+using scan::kN;
+using scan::to_f;
+
+constexpr int kHeads = 4;             // heads (warps) per block
+constexpr int kThreads = 32 * kHeads;
+constexpr int kHalf = 16;             // tokens per prep / scan half = one m16 tile of the dt_proj mma
+constexpr int kR = 16;                // staged dt_rank (dt_rank <= 16; columns >= dt_rank are zeroed)
+
+template <typename T>
+struct Smem7 {
+  struct Raw {                         // one tile as it sits in global memory
+    alignas(16) T x[kChunk][kN];       // the group's x slice
+    alignas(16) T B[kChunk][kN];
+    alignas(16) T dt[kChunk][kR];
+    alignas(16) T z[kHeads][kChunk][kN];
+    alignas(16) T C[kHeads][kChunk][kN];
+  };
+  Raw raw[2];                                  // by tile parity: 22 KB
+  alignas(16) float xf[2][kChunk + 3][kN];     // fp32 conv input by parity; rows 0..2 = the 3 tokens before
+  alignas(16) float2 bop[kChunk][9];           // B operand: (B[g], B[8 + g]) for g < 8; entry 8 = (0, 0)
+  // per (head, token, g < 8), channels g and g + 8 of the head: du = (tf32(delta u) g, g+8, delta g, g+8) - the
+  // first two are the k4 mma's A operand as loaded - and gt = (silu z g, g+8, D u silu z g, g+8) for the gate
+  alignas(16) float4 du[kHeads][kHalf][8];
+  alignas(16) float4 gt[kHeads][kHalf][8];
+  alignas(16) float4 cop[kHeads][kHalf][4];    // C operand for lane quad q: (C[2q], C[2q+1], C[8+2q], C[9+2q])
+  alignas(16) unsigned yw[kHeads][kHalf][8];   // gated y as 16-bit pairs (channel g, channel g + 8)
+};
+
+__device__ __forceinline__ float tf32_rna(float v) {
+  unsigned r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
+  return __uint_as_float(r);
+}
+
+// d = A (16 x 4, rows = channels, every column du) * B (4 x 8, row 0 = B_t, rows 1..3 zero).
+__device__ __forceinline__ void mma_k4(float (&d)[4], float a0, float a1, float b0) {
+  asm("mma.sync.aligned.m16n8k4.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%7,%7,%7,%7};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(__float_as_uint(a0)), "r"(__float_as_uint(a1)), "r"(__float_as_uint(b0)), "f"(0.f));
+}
+
+// d = A (16 x 8: h, rows = channels, k = states) * B (8 x 8: C_t in every column) + c.
+__device__ __forceinline__ void mma_k8(float (&d)[4], float a0, float a1, float a2, float a3, float b0, float b1,
+                                       float c0, float c1, float c2, float c3) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(__float_as_uint(a0)), "r"(__float_as_uint(a1)), "r"(__float_as_uint(a2)), "r"(__float_as_uint(a3)),
+        "r"(__float_as_uint(b0)), "r"(__float_as_uint(b1)), "f"(c0), "f"(c1), "f"(c2), "f"(c3));
+}
+
+// The tile starting at t0 into r: 16-byte cp.async copies (the host checked alignment), rows past the end zeroed.
+// The 11 slices (x, B, dt, z of 4 heads, C of 4 heads) are 1 KB each and consecutive in Raw, so a copy's
+// destination is slice * 1 KB + row * 32 B + part * 16 B; the slice is warp-uniform (64 copies per slice) and its
+// source column is picked by selects (a branch per slice cost ~800 instructions per tile in SASS).
+template <typename T>
+__device__ __forceinline__ void stage(const MixerScanParams& p, typename Smem7<T>::Raw& r, int b, int head0,
+                                      int group, int t0, int tid) {
+  constexpr int kVec = 16 / sizeof(T);
+  static_assert(sizeof(typename Smem7<T>::Raw) == 11 * kChunk * kN * sizeof(T), "Raw = 11 consecutive slices");
+  const T* zx = static_cast<const T*>(p.zxbc) + (int64_t)b * p.zxbc_batch_stride;
+  const T* dtl = static_cast<const T*>(p.dt_low) + (int64_t)b * p.dt_batch_stride;
+  T* dst0 = &r.x[0][0];
+  constexpr int kCopies = 11 * kChunk * 2;
+#pragma unroll
+  for (int k = 0; k < (kCopies + kThreads - 1) / kThreads; ++k) {
+    const int i = tid + k * kThreads;
+    if (kCopies % kThreads != 0 && i >= kCopies) break;
+    const int slice = i >> 6, row = (i >> 1) & 31, part = i & 1, pos = t0 + row;
+    const bool is_dt = slice == 2;
+    // dt columns >= dt_rank are zero-filled (the mma masks them anyway): a predicate instead of a branch
+    const bool ok = pos < p.seqlen && (!is_dt || part * kVec < p.dt_rank);
+    const int col = slice < 2 ? p.d_inner + slice * p.d_xb + group * kN
+                  : slice < 7 ? (head0 + slice - 3) * kN : p.d_inner + 2 * p.d_xb + (head0 + slice - 7) * kN;
+    const T* src = is_dt ? dtl + (int64_t)pos * p.dt_row_stride : zx + (int64_t)pos * p.zxbc_row_stride + col;
+    scan4::cp_async16(dst0 + i * kVec, ok ? src + part * kVec : zx, ok);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  using SM = Smem7<T>;
+  SM& sm = *reinterpret_cast<SM*>(smem_raw);
+  using M = scan4::MmaOp<T>;
+  const int tid = threadIdx.x, lane = tid % 32, w = tid / 32, g = lane / 4, q = lane % 4;
+  const int head0 = blockIdx.x * kHeads, b = blockIdx.y, head = head0 + w, c0 = head * kN;
+  const int group = head0 / p.heads_per_group;
+  const int D = p.d_inner, L = p.seqlen, R = p.dt_rank, W = p.width;
+  const int n_tiles = p.n_chunks;
+
+  stage<T>(p, sm.raw[0], b, head0, group, 0, tid);
+  scan4::cp_async_commit();
+
+  // Per-lane constants of the prep: channels cc = 8n + 2q + e of this head (n, e in {0, 1}).
+  float cw[2][2][4], cbias[2][2], dtb2[2][2], dsk[2][2];
+#pragma unroll
+  for (int n = 0; n < 2; ++n)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int cc = 8 * n + 2 * q + e, pc = c0 + cc;
+      const int wch = p.repeat_before_conv ? pc : group * kN + cc;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int src = i - (4 - W);  // right-aligned taps: [3] multiplies the current token for every width
+        cw[n][e][i] = src >= 0 ? scan4::ld_param(p.conv_w_raw, (int64_t)wch * W + src) : 0.f;
+      }
+      cbias[n][e] = p.conv_b_raw.ptr != nullptr ? scan4::ld_param(p.conv_b_raw, wch) : 0.f;
+      dtb2[n][e] = 2.f * scan4::ld_param(p.dt_b_raw, pc);  // dt_proj's bias and delta_bias: the same vector twice
+      dsk[n][e] = scan4::ld_param(p.D_raw, pc);
+    }
+  // dt_proj B fragments (m16n8k16: B[k][n] = W_dt[c0 + 8 nt + n][k]): lane holds k = 2q, 2q+1 and 8+2q, 9+2q.
+  unsigned wb[2][2];
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int k = hf * 8 + 2 * q;
+      const int64_t row = (int64_t)(c0 + nt * 8 + g) * R;
+      wb[nt][hf] = M::pack(k < R ? scan4::ld_param(p.dt_w_raw, row + k) : 0.f, k + 1 < R ? scan4::ld_param(p.dt_w_raw, row + k + 1) : 0.f);
+    }
+  // Scan constants and state: h[nt][i] = channel (i < 2 ? g : g + 8), state 8 nt + 2q + (i & 1).
+  float A2[2][4], h[2][4];
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int cs = c0 + g + (i >> 1) * 8, n = nt * 8 + 2 * q + (i & 1);
+      A2[nt][i] = -__expf(scan4::ld_param(p.A_log_raw, (int64_t)cs * kN + n)) * kLog2e;
+      h[nt][i] = p.init_ssm != nullptr ? p.init_ssm[((int64_t)b * D + cs) * kN + n] : 0.f;
+    }
+  auto store_h = [&](float* base) {  // base = the (b, D, 16)-layout row block of this sequence
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+        *reinterpret_cast<float2*>(base + (int64_t)(c0 + g + 8 * r) * kN + nt * 8 + 2 * q) =
+            make_float2(h[nt][2 * r], h[nt][2 * r + 1]);
+  };
+
+  // Tile 0's halo (xf[0] rows 0..2) is copied from rows kChunk.. of parity 1: the initial conv state goes there.
+  if (tid < 3 * kN) {
+    const int k = tid / kN, ch = tid % kN, kk = (W - 1) + (k - 3);
+    sm.xf[1][kChunk + k][ch] = (p.init_conv != nullptr && kk >= 0)
+                                   ? p.init_conv[((int64_t)b * p.d_xb + group * kN + ch) * (W - 1) + kk] : 0.f;
+  }
+  if (tid < kChunk) sm.bop[tid][8] = make_float2(0.f, 0.f);
+  const int bsel = q == 0 ? g : 8;  // lanes q > 0 read the zero entry: rows k >= 1 of the B operand
+
+  T* y = static_cast<T*>(p.y) + (int64_t)b * L * D;
+  int Tv = 0;
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int t0 = tile * kChunk, par = tile & 1;
+    Tv = min(kChunk, L - t0);
+    const typename SM::Raw& r = sm.raw[par];
+    scan4::cp_async_wait_all();
+    __syncthreads();  // S1: this tile's copies visible; every reader of the previous tile is done
+    if (tile + 1 < n_tiles) {
+      stage<T>(p, sm.raw[par ^ 1], b, head0, group, t0 + kChunk, tid);
+      scan4::cp_async_commit();
+    }
+    // A (block): x -> fp32 after the 3 halo rows, B operand rows.
+    {
+      const int row = tid / 4, part = tid % 4;  // 128 threads = 32 rows x 4 quads
+      const uint2 wx = *reinterpret_cast<const uint2*>(&r.x[row][part * 4]);
+      const float2 x01 = scan4::unpack2<T>(wx.x), x23 = scan4::unpack2<T>(wx.y);
+      *reinterpret_cast<float4*>(&sm.xf[par][3 + row][part * 4]) = make_float4(x01.x, x01.y, x23.x, x23.y);
+      if (tid < 12) {
+        const int hr = tid / 4;
+        *reinterpret_cast<float4*>(&sm.xf[par][hr][part * 4]) =
+            *reinterpret_cast<const float4*>(&sm.xf[par ^ 1][kChunk + hr][part * 4]);
+      }
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {  // 32 rows x 8 pairs
+        const int i = tid + k * kThreads, brow = i / 8, bg = i % 8;
+        sm.bop[brow][bg] = make_float2(to_f(r.B[brow][bg]), to_f(r.B[brow][bg + 8]));
+      }
+    }
+    if (p.ckpt != nullptr) store_h(p.ckpt + ((int64_t)b * n_tiles + tile) * D * kN);
+    __syncthreads();  // S2
+
+#pragma unroll 1
+    for (int hf = 0; hf < 2; ++hf) {
+      // Prep of tokens hf*16 .. +15 of this head: dt_proj on tensor cores, the rest per item in the layout.
+      {
+        unsigned a[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int row = hf * kHalf + g + (i & 1) * 8, k = (i >> 1) * 8 + 2 * q;
+          a[i] = k < R ? *reinterpret_cast<const unsigned*>(&r.dt[row][k]) : 0u;
+        }
+        float dd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        M::run(dd[0], a, wb[0]);
+        M::run(dd[1], a, wb[1]);
+        // Items (token g + 8 rr, channel 8 n + 2q + e): lane writes the du / gt entries of g' = 2q + e (both n).
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          const int tl = g + 8 * rr, t = hf * kHalf + tl;
+          const bool live = t < Tv;
+          float2 xs[2][4], zz[2];
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) xs[n][k] = *reinterpret_cast<const float2*>(&sm.xf[par][t + k][8 * n + 2 * q]);
+            zz[n] = scan4::unpack2<T>(*reinterpret_cast<const unsigned*>(&r.z[w][t][8 * n + 2 * q]));
+          }
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float dv[2], duv[2], sz[2], dus[2];
+#pragma unroll
+            for (int n = 0; n < 2; ++n) {
+              float cv = cbias[n][e];
+#pragma unroll
+              for (int k = 0; k < 4; ++k) cv = fmaf(cw[n][e][k], e ? xs[n][k].y : xs[n][k].x, cv);
+              const float u = cv * sigmoid_fast(cv);
+              const float delta = scan4::softplus_select(dd[n][2 * rr + e] + dtb2[n][e]);
+              const float z = e ? zz[n].y : zz[n].x;
+              dv[n] = live ? delta : 0.f;  // past the end: (0, 0) keeps h
+              duv[n] = live ? tf32_rna(delta * u) : 0.f;
+              sz[n] = z * sigmoid_fast(z);
+              dus[n] = dsk[n][e] * u * sz[n];
+            }
+            sm.du[w][tl][2 * q + e] = make_float4(duv[0], duv[1], dv[0], dv[1]);
+            sm.gt[w][tl][2 * q + e] = make_float4(sz[0], sz[1], dus[0], dus[1]);
+          }
+        }
+        // C operand rows of the half: 16 tokens x 4 quads, two per lane.
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          const int i = lane + 32 * k, tl = i / 4, qq = i % 4;
+          const unsigned* crow = reinterpret_cast<const unsigned*>(&r.C[w][hf * kHalf + tl][0]);
+          const float2 lo = scan4::unpack2<T>(crow[qq]), hi = scan4::unpack2<T>(crow[4 + qq]);
+          sm.cop[w][tl][qq] = make_float4(lo.x, lo.y, hi.x, hi.y);
+        }
+      }
+      __syncwarp();
+      // The scan of the half: fully unrolled; only the FFMA of h is on the dependence chain.
+#pragma unroll
+      for (int tl = 0; tl < kHalf; ++tl) {
+        const float4 pd = sm.du[w][tl][g];  // (du g, du g+8, delta g, delta g+8)
+        const float2 bo = sm.bop[hf * kHalf + tl][bsel];
+        const float4 co = sm.cop[w][tl][q];
+        float dbu0[4], dbu1[4];
+        mma_k4(dbu0, pd.x, pd.y, bo.x);
+        mma_k4(dbu1, pd.x, pd.y, bo.y);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float dl = i < 2 ? pd.z : pd.w;
+          h[0][i] = fmaf(ex2(dl * A2[0][i]), h[0][i], dbu0[i]);
+          h[1][i] = fmaf(ex2(dl * A2[1][i]), h[1][i], dbu1[i]);
+        }
+        float yv[4];
+        mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], co.x, co.y, 0.f, 0.f, 0.f, 0.f);
+        mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], co.z, co.w, yv[0], yv[1], yv[2], yv[3]);
+        // y = (C . h + D u) silu(z) = (C . h) sz + D u sz
+        const float4 gg = sm.gt[w][tl][g];
+        if (q == 0) sm.yw[w][tl][g] = M::pack(fmaf(yv[0], gg.x, gg.z), fmaf(yv[2], gg.y, gg.w));
+      }
+      __syncwarp();
+      {  // the half's y rows: lane = (row, part of 8 channels); words hold (channel g, channel g + 8)
+        const int row = lane / 2, part = lane % 2, t = t0 + hf * kHalf + row;
+        const uint4 w0 = *reinterpret_cast<const uint4*>(&sm.yw[w][row][0]);
+        const uint4 w1 = *reinterpret_cast<const uint4*>(&sm.yw[w][row][4]);
+        const unsigned sel = part ? 0x7632u : 0x5410u;  // high halves (channels 8..15) or low (0..7)
+        const uint4 out = make_uint4(__byte_perm(w0.x, w0.y, sel), __byte_perm(w0.z, w0.w, sel),
+                                     __byte_perm(w1.x, w1.y, sel), __byte_perm(w1.z, w1.w, sel));
+        if (t < L) *reinterpret_cast<uint4*>(y + (int64_t)t * D + c0 + part * 8) = out;
+      }
+      __syncwarp();
+    }
+  }
+  store_h(p.final_ssm + (int64_t)b * D * kN);
+  // Final conv state: the last W-1 x inputs (xf rows Tv+3-hw .. Tv+2 of the last tile), by the group's first block.
+  const int hw = W - 1, last_par = (n_tiles - 1) & 1;
+  if (head0 % p.heads_per_group == 0 && tid < kN * hw) {
+    const int ch = tid / hw, k = tid % hw;
+    static_cast<T*>(p.final_conv)[((int64_t)b * p.d_xb + group * kN + ch) * hw + k] =
+        from_f<T>(sm.xf[last_par][Tv + 3 - hw + k][ch]);
+  }
+}
+
+template <typename T>
+void launch(const MixerScanParams& p, void* stream) {
+  const size_t smem = sizeof(Smem7<T>);
+  auto kernel = mixer_scan_fwd7_kernel<T>;
+  static bool configured = false;  // a race here only repeats an idempotent call
+  if (!configured) {
+    APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           (int)cudaSharedmemCarveoutMaxShared));
+    configured = true;
+  }
+  dim3 grid(p.d_inner / (kN * kHeads), p.batch);
+  kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
+  APRIEL_CHECK_LAUNCH();
+}
+
+}  // namespace scan7
+
+template <typename T>
+void launch_mixer_scan_fwd7(const MixerScanParams& p, void* stream) {
+  scan7::launch<T>(p, stream);
+}
+
+}  // namespace apriel

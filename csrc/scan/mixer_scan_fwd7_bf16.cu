@@ -1,0 +1,15 @@
+// bf16 instantiation of the v7 mixer scan forward (mixer_scan_fwd7.cuh: input product and readout on tensor cores).
+// Own TU so it compiles in parallel with the other forward versions.
+#include "../common/kernel_registry.h"
+#include "mixer_scan_fwd7.cuh"
+
+namespace apriel {
+template void launch_mixer_scan_fwd7<__nv_bfloat16>(const MixerScanParams&, void*);
+
+namespace {
+const bool kRegistered = [] {
+  register_kernel({"scan", "mixer_scan_fwd7<bf16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__nv_bfloat16>), scan7::kThreads});
+  return true;
+}();
+}  // namespace
+}  // namespace apriel
