@@ -61,8 +61,11 @@ struct Smem7 {
   alignas(16) float2 bop[kChunk][9];           // B operand: (B[g], B[8 + g]) for g < 8; entry 8 = (0, 0)
   // per (head, token, g < 8), channels g and g + 8 of the head: du = (tf32(delta u) g, g+8, delta g, g+8) - the
   // first two are the k4 mma's A operand as loaded - and gt = (silu z g, g+8, D u silu z g, g+8) for the gate
-  alignas(16) float4 du[kHeads][kHalf][8];
-  alignas(16) float4 gt[kHeads][kHalf][8];
+  // rows padded to 9 entries: the prep's 16-byte stores (lane (g, q) -> row g + 8 rr, entry 2q + e) hit 8 banks
+  // groups per quarter warp instead of 4 (ncu: 8 wavefronts per store instead of 4)
+  alignas(16) float4 du[kHeads][kHalf][9];
+  alignas(16) float4 gt[kHeads][kHalf][9];
+  alignas(16) float pk[kHeads][7][kN];         // kOpt & 1: prep constants (4 conv taps, conv bias, 2 b_dt, D)
   alignas(16) float4 cop[kHeads][kHalf][4];    // C operand for lane quad q: (C[2q], C[2q+1], C[8+2q], C[9+2q])
   alignas(16) unsigned yw[kHeads][kHalf][8];   // gated y as 16-bit pairs (channel g, channel g + 8)
 };
@@ -118,8 +121,12 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename Smem7<T
   }
 }
 
-template <typename T>
+// kOpt (experiments, APRIEL_SCAN_FWD7_OPT): bit 0 = the prep's per-channel constants live in shared memory (28
+// registers freed for the scan), bit 1 = the scan is software-pipelined by hand (token t + 1's operands, dBu mma
+// and exponentials are issued before token t's state update).
+template <typename T, int kOpt>
 __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanParams p) {
+  constexpr bool kConstSmem = (kOpt & 1) != 0, kPipe = (kOpt & 2) != 0;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using SM = Smem7<T>;
   SM& sm = *reinterpret_cast<SM*>(smem_raw);
@@ -135,6 +142,20 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
 
   // Per-lane constants of the prep: channels cc = 8n + 2q + e of this head (n, e in {0, 1}).
   float cw[2][2][4], cbias[2][2], dtb2[2][2], dsk[2][2];
+  if constexpr (kConstSmem) {
+    if (tid < kHeads * kN) {
+      const int hh = tid / kN, cc = tid % kN, pc = head0 * kN + tid;
+      const int wch = p.repeat_before_conv ? pc : group * kN + cc;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int src = i - (4 - W);
+        sm.pk[hh][i][cc] = src >= 0 ? scan4::ld_param(p.conv_w_raw, (int64_t)wch * W + src) : 0.f;
+      }
+      sm.pk[hh][4][cc] = p.conv_b_raw.ptr != nullptr ? scan4::ld_param(p.conv_b_raw, wch) : 0.f;
+      sm.pk[hh][5][cc] = 2.f * scan4::ld_param(p.dt_b_raw, pc);
+      sm.pk[hh][6][cc] = scan4::ld_param(p.D_raw, pc);
+    }
+  } else
 #pragma unroll
   for (int n = 0; n < 2; ++n)
 #pragma unroll
@@ -233,6 +254,22 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
         float dd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
         M::run(dd[0], a, wb[0]);
         M::run(dd[1], a, wb[1]);
+        if constexpr (kConstSmem) {  // this half's copy of the constants (registers free again during the scan)
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+            float2 v[7];
+#pragma unroll
+            for (int k = 0; k < 7; ++k) v[k] = *reinterpret_cast<const float2*>(&sm.pk[w][k][8 * n + 2 * q]);
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+#pragma unroll
+              for (int k = 0; k < 4; ++k) cw[n][e][k] = e ? v[k].y : v[k].x;
+              cbias[n][e] = e ? v[4].y : v[4].x;
+              dtb2[n][e] = e ? v[5].y : v[5].x;
+              dsk[n][e] = e ? v[6].y : v[6].x;
+            }
+          }
+        }
         // Items (token g + 8 rr, channel 8 n + 2q + e): lane writes the du / gt entries of g' = 2q + e (both n).
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
@@ -276,26 +313,60 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
       }
       __syncwarp();
       // The scan of the half: fully unrolled; only the FFMA of h is on the dependence chain.
+      if constexpr (kPipe) {
+        // front(t): operands, dBu (mma) and the 8 exponentials of token t - none depends on h
+        auto front = [&](int tl, float (&dA)[2][4], float (&db)[2][4]) {
+          const float4 pd = sm.du[w][tl][g];  // (du g, du g+8, delta g, delta g+8)
+          const float2 bo = sm.bop[hf * kHalf + tl][bsel];
+          mma_k4(db[0], pd.x, pd.y, bo.x);
+          mma_k4(db[1], pd.x, pd.y, bo.y);
 #pragma unroll
-      for (int tl = 0; tl < kHalf; ++tl) {
-        const float4 pd = sm.du[w][tl][g];  // (du g, du g+8, delta g, delta g+8)
-        const float2 bo = sm.bop[hf * kHalf + tl][bsel];
-        const float4 co = sm.cop[w][tl][q];
-        float dbu0[4], dbu1[4];
-        mma_k4(dbu0, pd.x, pd.y, bo.x);
-        mma_k4(dbu1, pd.x, pd.y, bo.y);
+          for (int i = 0; i < 4; ++i) {
+            const float dl = i < 2 ? pd.z : pd.w;
+            dA[0][i] = ex2(dl * A2[0][i]);
+            dA[1][i] = ex2(dl * A2[1][i]);
+          }
+        };
+        float dA[2][2][4], db[2][2][4];  // by token parity
+        front(0, dA[0], db[0]);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float dl = i < 2 ? pd.z : pd.w;
-          h[0][i] = fmaf(ex2(dl * A2[0][i]), h[0][i], dbu0[i]);
-          h[1][i] = fmaf(ex2(dl * A2[1][i]), h[1][i], dbu1[i]);
+        for (int tl = 0; tl < kHalf; ++tl) {
+          const int cur = tl & 1;
+          if (tl + 1 < kHalf) front(tl + 1, dA[cur ^ 1], db[cur ^ 1]);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            h[0][i] = fmaf(dA[cur][0][i], h[0][i], db[cur][0][i]);
+            h[1][i] = fmaf(dA[cur][1][i], h[1][i], db[cur][1][i]);
+          }
+          const float4 co = sm.cop[w][tl][q];
+          float yv[4];
+          mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], co.x, co.y, 0.f, 0.f, 0.f, 0.f);
+          mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], co.z, co.w, yv[0], yv[1], yv[2], yv[3]);
+          const float4 gg = sm.gt[w][tl][g];
+          if (q == 0) sm.yw[w][tl][g] = M::pack(fmaf(yv[0], gg.x, gg.z), fmaf(yv[2], gg.y, gg.w));
         }
-        float yv[4];
-        mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], co.x, co.y, 0.f, 0.f, 0.f, 0.f);
-        mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], co.z, co.w, yv[0], yv[1], yv[2], yv[3]);
-        // y = (C . h + D u) silu(z) = (C . h) sz + D u sz
-        const float4 gg = sm.gt[w][tl][g];
-        if (q == 0) sm.yw[w][tl][g] = M::pack(fmaf(yv[0], gg.x, gg.z), fmaf(yv[2], gg.y, gg.w));
+      } else {
+#pragma unroll
+        for (int tl = 0; tl < kHalf; ++tl) {
+          const float4 pd = sm.du[w][tl][g];  // (du g, du g+8, delta g, delta g+8)
+          const float2 bo = sm.bop[hf * kHalf + tl][bsel];
+          const float4 co = sm.cop[w][tl][q];
+          float dbu0[4], dbu1[4];
+          mma_k4(dbu0, pd.x, pd.y, bo.x);
+          mma_k4(dbu1, pd.x, pd.y, bo.y);
+  #pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const float dl = i < 2 ? pd.z : pd.w;
+            h[0][i] = fmaf(ex2(dl * A2[0][i]), h[0][i], dbu0[i]);
+            h[1][i] = fmaf(ex2(dl * A2[1][i]), h[1][i], dbu1[i]);
+          }
+          float yv[4];
+          mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], co.x, co.y, 0.f, 0.f, 0.f, 0.f);
+          mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], co.z, co.w, yv[0], yv[1], yv[2], yv[3]);
+          // y = (C . h + D u) silu(z) = (C . h) sz + D u sz
+          const float4 gg = sm.gt[w][tl][g];
+          if (q == 0) sm.yw[w][tl][g] = M::pack(fmaf(yv[0], gg.x, gg.z), fmaf(yv[2], gg.y, gg.w));
+        }
       }
       __syncwarp();
       {  // the half's y rows: lane = (row, part of 8 channels); words hold (channel g, channel g + 8)
@@ -320,10 +391,10 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
   }
 }
 
-template <typename T>
+template <typename T, int kOpt>
 void launch(const MixerScanParams& p, void* stream) {
   const size_t smem = sizeof(Smem7<T>);
-  auto kernel = mixer_scan_fwd7_kernel<T>;
+  auto kernel = mixer_scan_fwd7_kernel<T, kOpt>;
   static bool configured = false;  // a race here only repeats an idempotent call
   if (!configured) {
     APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
@@ -340,7 +411,12 @@ void launch(const MixerScanParams& p, void* stream) {
 
 template <typename T>
 void launch_mixer_scan_fwd7(const MixerScanParams& p, void* stream) {
-  scan7::launch<T>(p, stream);
+  switch (p.fwd7_opt) {
+    case 0: scan7::launch<T, 0>(p, stream); break;
+    case 1: scan7::launch<T, 1>(p, stream); break;
+    case 2: scan7::launch<T, 2>(p, stream); break;
+    default: scan7::launch<T, 3>(p, stream); break;
+  }
 }
 
 }  // namespace apriel
