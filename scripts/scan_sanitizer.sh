@@ -9,6 +9,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # run from the repository r
 mkdir -p "$OUT_DIR"
 CASE=$(mktemp /tmp/scan_sanitizer_case.XXXX.py)
 cat > "$CASE" <<'PY'
+import os
+
 import torch
 from apriel_kernels import mixer_scan
 
@@ -25,6 +27,8 @@ for repeat in (True, False):
         p.requires_grad_(True)
     seq = torch.zeros(b, L, dtype=torch.int32, device="cuda")
     seq[:, 20:] = 1
+    if os.environ.get("SCAN_SANITIZER_PACKED", "1") == "0":  # v7 runs only without documents (else: v5 fallback)
+        seq = None
     init_ssm = torch.randn(b, D // 16, 16, 16, device="cuda", requires_grad=True)
     init_conv = torch.randn(b, X, 3, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     y, ssm, conv = mixer_scan(zxbc, dt_low, *params, d_inner=D, d_xb=X, d_state=16, repeat_kv_before_conv=repeat,
@@ -38,10 +42,13 @@ LOG="$OUT_DIR/scan_sanitizer.log"
 : > "$LOG"
 # every forward version (v4 K = 8 is the default at these sizes; K = 4; v3; session 4: v5 K = 4 / 8), each
 # followed by the backward. SCAN_SANITIZER_VERSIONS narrows the list (e.g. "v5k4 v5k8" for a short run).
-for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8}; do
+# session 5: v7 (tensor cores), on the case without documents so that v7 itself runs.
+for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v7}; do
+  packed=1
+  [ "$version" = "v7" ] && packed=0
   for tool in memcheck racecheck; do
     echo "=== APRIEL_SCAN_FWD=$version compute-sanitizer --tool $tool" >> "$LOG"
-    APRIEL_SCAN_FWD=$version compute-sanitizer --tool $tool --kernel-name kns=mixer_scan python3 "$CASE" >> "$LOG" 2>&1
+    SCAN_SANITIZER_PACKED=$packed APRIEL_SCAN_FWD=$version compute-sanitizer --tool $tool --kernel-name kns=mixer_scan python3 "$CASE" >> "$LOG" 2>&1
     echo "=== $tool rc=$?" >> "$LOG"
   done
 done

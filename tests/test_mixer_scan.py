@@ -416,6 +416,39 @@ def test_forward_v7_parity(case, dtype, monkeypatch):
 
 @gpu
 @needs_kernel
+def test_forward_v7_deterministic_graph_compile_and_default(monkeypatch):
+    """v7 is bitwise repeatable, CUDA-graph capturable and torch.compile-able; the default dispatch picks it where
+    the K rule chooses 4 lanes (D 4096, batch 3: 768 blocks) and keeps v4 at batch 1."""
+    args, kw = make_inputs(3, 100, 4096, 1024, dtype=torch.bfloat16, device="cuda", dt_rank=16, initial_states=True,
+                           seed=9)
+    assert any("mixer_scan_fwd7_kernel" in n for n in _cuda_kernels_run(lambda: mixer_scan(**args, **kw)))
+    one = {k: (v[:1] if k in ("zxbc", "dt_low", "initial_ssm_state", "initial_conv_state") else v) for k, v in args.items()}
+    names = _cuda_kernels_run(lambda: mixer_scan(**one, **kw))
+    assert not any("mixer_scan_fwd7_kernel" in n for n in names) and any("mixer_scan_fwd4_kernel" in n for n in names)
+    monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")
+    first = mixer_scan(**args, **kw, return_final_states=True)
+    again = mixer_scan(**args, **kw, return_final_states=True)
+    for a, b_ in zip(first, again):
+        assert torch.equal(a, b_)
+    compiled = torch.compile(lambda a: mixer_scan(**a, **kw), fullgraph=True)
+    torch.testing.assert_close(compiled(args), first[0], rtol=0, atol=0)
+    static = {k: v.clone() for k, v in args.items()}
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        mixer_scan(**static, **kw)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mixer_scan(**static, **kw)
+    fresh, _ = make_inputs(3, 100, 4096, 1024, dtype=torch.bfloat16, device="cuda", dt_rank=16, seed=10)
+    static["zxbc"].copy_(fresh["zxbc"])
+    graph.replay()
+    torch.testing.assert_close(out, mixer_scan(**{**args, "zxbc": fresh["zxbc"]}, **kw), rtol=0, atol=0)
+
+
+@gpu
+@needs_kernel
 @pytest.mark.parametrize("extra", ["packed", "misaligned", "fp32", "groups2"])
 def test_forward_v7_falls_back_where_it_does_not_apply(extra, monkeypatch):
     monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")

@@ -65,7 +65,6 @@ struct Smem7 {
   // groups per quarter warp instead of 4 (ncu: 8 wavefronts per store instead of 4)
   alignas(16) float4 du[kHeads][kHalf][9];
   alignas(16) float4 gt[kHeads][kHalf][9];
-  alignas(16) float pk[kHeads][7][kN];         // kOpt & 1: prep constants (4 conv taps, conv bias, 2 b_dt, D)
   alignas(16) float4 cop[kHeads][kHalf][4];    // C operand for lane quad q: (C[2q], C[2q+1], C[8+2q], C[9+2q])
   alignas(16) unsigned yw[kHeads][kHalf][8];   // gated y as 16-bit pairs (channel g, channel g + 8)
 };
@@ -121,12 +120,11 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename Smem7<T
   }
 }
 
-// kOpt (experiments, APRIEL_SCAN_FWD7_OPT): bit 0 = the prep's per-channel constants live in shared memory (28
-// registers freed for the scan), bit 1 = the scan is software-pipelined by hand (token t + 1's operands, dBu mma
-// and exponentials are issued before token t's state update).
-template <typename T, int kOpt>
+// kPipe (default; APRIEL_SCAN_FWD7_PIPE=0 for A/B): the scan is software-pipelined by hand - token t + 1's
+// operands, dBu mma and exponentials are issued before token t's state update (H100, b8 L4096: 1.150 vs 1.205 ms).
+// Tried and not kept: the prep's per-channel constants in shared memory instead of 28 registers (1.238 ms).
+template <typename T, bool kPipe>
 __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanParams p) {
-  constexpr bool kConstSmem = (kOpt & 1) != 0, kPipe = (kOpt & 2) != 0;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using SM = Smem7<T>;
   SM& sm = *reinterpret_cast<SM*>(smem_raw);
@@ -142,20 +140,6 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
 
   // Per-lane constants of the prep: channels cc = 8n + 2q + e of this head (n, e in {0, 1}).
   float cw[2][2][4], cbias[2][2], dtb2[2][2], dsk[2][2];
-  if constexpr (kConstSmem) {
-    if (tid < kHeads * kN) {
-      const int hh = tid / kN, cc = tid % kN, pc = head0 * kN + tid;
-      const int wch = p.repeat_before_conv ? pc : group * kN + cc;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int src = i - (4 - W);
-        sm.pk[hh][i][cc] = src >= 0 ? scan4::ld_param(p.conv_w_raw, (int64_t)wch * W + src) : 0.f;
-      }
-      sm.pk[hh][4][cc] = p.conv_b_raw.ptr != nullptr ? scan4::ld_param(p.conv_b_raw, wch) : 0.f;
-      sm.pk[hh][5][cc] = 2.f * scan4::ld_param(p.dt_b_raw, pc);
-      sm.pk[hh][6][cc] = scan4::ld_param(p.D_raw, pc);
-    }
-  } else
 #pragma unroll
   for (int n = 0; n < 2; ++n)
 #pragma unroll
@@ -254,22 +238,6 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
         float dd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
         M::run(dd[0], a, wb[0]);
         M::run(dd[1], a, wb[1]);
-        if constexpr (kConstSmem) {  // this half's copy of the constants (registers free again during the scan)
-#pragma unroll
-          for (int n = 0; n < 2; ++n) {
-            float2 v[7];
-#pragma unroll
-            for (int k = 0; k < 7; ++k) v[k] = *reinterpret_cast<const float2*>(&sm.pk[w][k][8 * n + 2 * q]);
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-#pragma unroll
-              for (int k = 0; k < 4; ++k) cw[n][e][k] = e ? v[k].y : v[k].x;
-              cbias[n][e] = e ? v[4].y : v[4].x;
-              dtb2[n][e] = e ? v[5].y : v[5].x;
-              dsk[n][e] = e ? v[6].y : v[6].x;
-            }
-          }
-        }
         // Items (token g + 8 rr, channel 8 n + 2q + e): lane writes the du / gt entries of g' = 2q + e (both n).
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
@@ -391,10 +359,10 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
   }
 }
 
-template <typename T, int kOpt>
+template <typename T, bool kPipe>
 void launch(const MixerScanParams& p, void* stream) {
   const size_t smem = sizeof(Smem7<T>);
-  auto kernel = mixer_scan_fwd7_kernel<T, kOpt>;
+  auto kernel = mixer_scan_fwd7_kernel<T, kPipe>;
   static bool configured = false;  // a race here only repeats an idempotent call
   if (!configured) {
     APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
@@ -411,12 +379,8 @@ void launch(const MixerScanParams& p, void* stream) {
 
 template <typename T>
 void launch_mixer_scan_fwd7(const MixerScanParams& p, void* stream) {
-  switch (p.fwd7_opt) {
-    case 0: scan7::launch<T, 0>(p, stream); break;
-    case 1: scan7::launch<T, 1>(p, stream); break;
-    case 2: scan7::launch<T, 2>(p, stream); break;
-    default: scan7::launch<T, 3>(p, stream); break;
-  }
+  if (p.fwd7_pipe) scan7::launch<T, true>(p, stream);
+  else scan7::launch<T, false>(p, stream);
 }
 
 }  // namespace apriel

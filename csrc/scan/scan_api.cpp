@@ -107,8 +107,8 @@ MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims
   {
     const char* bc = std::getenv("APRIEL_SCAN_BC");
     p.raw_bc = bc == nullptr || std::string(bc) != "f32";
-    const char* opt = std::getenv("APRIEL_SCAN_FWD7_OPT");
-    p.fwd7_opt = opt == nullptr ? 3 : std::atoi(opt) & 3;
+    const char* pipe = std::getenv("APRIEL_SCAN_FWD7_PIPE");
+    p.fwd7_pipe = pipe == nullptr || std::string(pipe) != "0";
   }
   p.zxbc_vec16 = aligned(zxbc) && zxbc.stride(0) % vec == 0 && zxbc.stride(1) % vec == 0;
   p.dt_vec16 = aligned(dt_low) && dt_low.stride(0) % vec == 0 && dt_low.stride(1) % vec == 0 && d.R % vec == 0 &&
@@ -129,8 +129,11 @@ MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims
 // ms: 8 blocks per SM instead of 6; ncu: the executed instructions equal v4's), K = 8 runs v4 (b1: v5 K = 8 measured 1-2 % slower -
 // latency-bound, see docs/notes/scan.md); fp32 activations keep v4 (v5's fp32 instantiations were not measured and
 // spill 20-32 bytes where v4's do not). Returned as K (v4), 100 + K (v5) or 3 (v3).
+// Session 5: where K = 4 is chosen, 16-bit activations run v7 (tensor-core input product and readout, one warp per
+// head; b8 L4096 1.15 vs v5's 1.29 ms on the H100) when it applies (mixer_scan_fwd7_supports), v5 K = 4 otherwise;
+// returned as 107. Batch 1 keeps v4 K = 8: v7's 4 warps per group are too few warps there (b1 L8192 1.0 ms).
 // APRIEL_SCAN_FWD forces a version for benchmarks and tests: v4 (session-3 default: v4 at either K), v4k4, v4k8,
-// v5 (v5 at either K), v5k4, v5k8, v3 (one state per thread, session 1).
+// v5 (v5 at either K), v5k4, v5k8, v7 (v7 where it applies, else v5 K = 4), v3 (one state per thread, session 1).
 int fwd_version_auto(int64_t blocks, int sms, double per_sm8, double per_sm4) {
   const double w8 = static_cast<double>(blocks) / (per_sm8 * sms), w4 = static_cast<double>(blocks) / (per_sm4 * sms);
   auto fill = [](double w) { return w <= 0 ? 1.0 : w / std::ceil(w); };
@@ -149,7 +152,7 @@ int fwd_version(int64_t blocks = 0, int sms = 132, bool fp32 = false) {
     if (v == "v7") return 107;  // falls back to v5 K = 4 where v7 does not apply (launch_fwd_version)
   }
   const int k = fwd_version_auto(blocks, sms, 4.0, 6.0);
-  return (k == 4 && !fp32) ? 104 : k;
+  return (k == 4 && !fp32) ? 107 : k;
 }
 
 // One forward launch of activation dtype T for a version of fwd_version (K = 16 only for v3: the other lane
