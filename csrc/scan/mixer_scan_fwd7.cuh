@@ -58,15 +58,16 @@ struct Smem7 {
   };
   Raw raw[2];                                  // by tile parity: 22 KB
   alignas(16) float xf[2][kChunk + 3][kN];     // fp32 conv input by parity; rows 0..2 = the 3 tokens before
-  alignas(16) float2 bop[kChunk][9];           // B operand: (B[g], B[8 + g]) for g < 8; entry 8 = (0, 0)
-  // per (head, token, g < 8), channels g and g + 8 of the head: du = (tf32(delta u) g, g+8, delta g, g+8) - the
-  // first two are the k4 mma's A operand as loaded - and gt = (silu z g, g+8, D u silu z g, g+8) for the gate
-  // rows padded to 9 entries: the prep's 16-byte stores (lane (g, q) -> row g + 8 rr, entry 2q + e) hit 8 banks
-  // groups per quarter warp instead of 4 (ncu: 8 wavefronts per store instead of 4)
+  alignas(16) float4 bop[kChunk / 2][9];       // B operand per token pair (t, t+1): (B_t[g], B_t[8+g], B_t+1[g],
+                                               // B_t+1[8+g]) for g < 8; entry 8 = zeros
+  // per (head, token, row g < 8) = channels 2g and 2g + 1 of the head: du = (tf32(delta u) x 2, delta x 2) - the
+  // first two are the k4 mma's A operand as loaded - and gt = (silu z x 2, D u silu z x 2) for the gate. Rows
+  // padded to 9 entries: the prep's 16-byte stores (lane (g, q) -> row g + 8 rr, entry 2q + nt) hit 8 bank groups
+  // per quarter warp instead of 4 (ncu: 8 wavefronts per store instead of 4)
   alignas(16) float4 du[kHeads][kHalf][9];
   alignas(16) float4 gt[kHeads][kHalf][9];
   alignas(16) float4 cop[kHeads][kHalf][4];    // C operand for lane quad q: (C[2q], C[2q+1], C[8+2q], C[9+2q])
-  alignas(16) unsigned yw[kHeads][kHalf][8];   // gated y as 16-bit pairs (channel g, channel g + 8)
+  alignas(16) unsigned yw[kHeads][kHalf][8];   // gated y as 16-bit pairs (channels 2g, 2g + 1): output order
 };
 
 __device__ __forceinline__ float tf32_rna(float v) {
@@ -93,37 +94,47 @@ __device__ __forceinline__ void mma_k8(float (&d)[4], float a0, float a1, float 
 }
 
 // The tile starting at t0 into r: 16-byte cp.async copies (the host checked alignment), rows past the end zeroed.
-// The 11 slices (x, B, dt, z of 4 heads, C of 4 heads) are 1 KB each and consecutive in Raw, so a copy's
-// destination is slice * 1 KB + row * 32 B + part * 16 B; the slice is warp-uniform (64 copies per slice) and its
-// source column is picked by selects (a branch per slice cost ~800 instructions per tile in SASS).
+// The 11 slices (x, B, dt, z of 4 heads, C of 4 heads) are 1 KB each and consecutive in Raw; copy i of a slice is
+// (row i / 2, 16-byte part i % 2). Thread tid always copies row (tid % 64) / 2, part tid % 2 of slices
+// 2k + (tid / 64), k = 0..5: the row address is computed once and each slice adds its column (a generic per-copy
+// index computation with a branch for the dt slice cost ~40 instructions per copy in SASS).
 template <typename T>
 __device__ __forceinline__ void stage(const MixerScanParams& p, typename Smem7<T>::Raw& r, int b, int head0,
                                       int group, int t0, int tid) {
   constexpr int kVec = 16 / sizeof(T);
   static_assert(sizeof(typename Smem7<T>::Raw) == 11 * kChunk * kN * sizeof(T), "Raw = 11 consecutive slices");
-  const T* zx = static_cast<const T*>(p.zxbc) + (int64_t)b * p.zxbc_batch_stride;
-  const T* dtl = static_cast<const T*>(p.dt_low) + (int64_t)b * p.dt_batch_stride;
-  T* dst0 = &r.x[0][0];
-  constexpr int kCopies = 11 * kChunk * 2;
+  static_assert(kThreads == 128, "2 slices per step");
+  const int i = tid & 63, row = i >> 1, part = i & 1, odd = tid >> 6, pos = t0 + row;
+  const bool live = pos < p.seqlen;
+  const int64_t prow = live ? pos : 0;
+  const T* zrow = static_cast<const T*>(p.zxbc) + (int64_t)b * p.zxbc_batch_stride + prow * p.zxbc_row_stride + part * kVec;
+  const T* drow = static_cast<const T*>(p.dt_low) + (int64_t)b * p.dt_batch_stride + prow * p.dt_row_stride + part * kVec;
+  const bool dt_ok = live && part * kVec < p.dt_rank;  // dt columns >= dt_rank are zero-filled (never read)
+  T* dst = &r.x[0][0] + i * kVec + odd * (kChunk * kN);
+  auto col_of = [&](int slice) {  // column of a zxbc slice in the in_proj row (slice 2 = dt_low: unused)
+    return slice < 2 ? p.d_inner + slice * p.d_xb + group * kN
+         : slice < 7 ? (head0 + slice - 3) * kN : p.d_inner + 2 * p.d_xb + (head0 + slice - 7) * kN;
+  };
 #pragma unroll
-  for (int k = 0; k < (kCopies + kThreads - 1) / kThreads; ++k) {
-    const int i = tid + k * kThreads;
-    if (kCopies % kThreads != 0 && i >= kCopies) break;
-    const int slice = i >> 6, row = (i >> 1) & 31, part = i & 1, pos = t0 + row;
-    const bool is_dt = slice == 2;
-    // dt columns >= dt_rank are zero-filled (the mma masks them anyway): a predicate instead of a branch
-    const bool ok = pos < p.seqlen && (!is_dt || part * kVec < p.dt_rank);
-    const int col = slice < 2 ? p.d_inner + slice * p.d_xb + group * kN
-                  : slice < 7 ? (head0 + slice - 3) * kN : p.d_inner + 2 * p.d_xb + (head0 + slice - 7) * kN;
-    const T* src = is_dt ? dtl + (int64_t)pos * p.dt_row_stride : zx + (int64_t)pos * p.zxbc_row_stride + col;
-    scan4::cp_async16(dst0 + i * kVec, ok ? src + part * kVec : zx, ok);
+  for (int k = 0; k < 6; ++k) {
+    const int sa = 2 * k, sb = 2 * k + 1;  // this step's two slices: odd selects
+    if (k == 5 && odd) break;               // slice 11 does not exist
+    const bool is_dt = sa == 2 && !odd;
+    const T* src = is_dt ? drow : zrow + (odd ? col_of(sb) : col_of(sa));
+    const bool ok = is_dt ? dt_ok : live;
+    scan4::cp_async16(dst + 2 * k * (kChunk * kN), ok ? src : zrow, ok);
   }
 }
 
-// kPipe (default; APRIEL_SCAN_FWD7_PIPE=0 for A/B): the scan is software-pipelined by hand - token t + 1's
-// operands, dBu mma and exponentials are issued before token t's state update (H100, b8 L4096: 1.150 vs 1.205 ms).
-// Tried and not kept: the prep's per-channel constants in shared memory instead of 28 registers (1.238 ms).
-template <typename T, bool kPipe>
+// Channel labels (session 5, run 2): mma row r of the scan is channel pi(r) = 2r (r < 8) / 2(r - 8) + 1, so lane
+// (g, q) owns the ADJACENT channels 2g, 2g + 1 - its gated pair is one bf16x2 word in output order (the y rows
+// store without permutes) - and column c of dt_proj n-tile nt is channel 4 (c / 2) + 2 nt + c % 2, so the prep lane
+// q owns the 4 consecutive channels 4q .. 4q + 3 (one 16-byte load per conv tap, one 8-byte load of z) and
+// writes the du / gt entries of rows 2q and 2q + 1. The B operand comes in token pairs (one 16-byte load per 2
+// tokens). The scan is software-pipelined by hand: token t + 1's operands, dBu mma and exponentials are issued
+// before token t's state update (H100 b8 L4096: 1.150 vs 1.205 ms unpipelined). Tried and not kept: the prep's
+// per-channel constants in shared memory instead of 28 registers (1.238 ms).
+template <typename T>
 __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using SM = Smem7<T>;
@@ -138,40 +149,39 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
   stage<T>(p, sm.raw[0], b, head0, group, 0, tid);
   scan4::cp_async_commit();
 
-  // Per-lane constants of the prep: channels cc = 8n + 2q + e of this head (n, e in {0, 1}).
-  float cw[2][2][4], cbias[2][2], dtb2[2][2], dsk[2][2];
+  // Per-lane constants of the prep: channel 4q + j of this head (j = 2 nt + e).
+  float cw[4][4], cbias[4], dtb2[4], dsk[4];
 #pragma unroll
-  for (int n = 0; n < 2; ++n)
+  for (int j = 0; j < 4; ++j) {
+    const int cc = 4 * q + j, pc = c0 + cc;
+    const int wch = p.repeat_before_conv ? pc : group * kN + cc;
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int cc = 8 * n + 2 * q + e, pc = c0 + cc;
-      const int wch = p.repeat_before_conv ? pc : group * kN + cc;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int src = i - (4 - W);  // right-aligned taps: [3] multiplies the current token for every width
-        cw[n][e][i] = src >= 0 ? scan4::ld_param(p.conv_w_raw, (int64_t)wch * W + src) : 0.f;
-      }
-      cbias[n][e] = p.conv_b_raw.ptr != nullptr ? scan4::ld_param(p.conv_b_raw, wch) : 0.f;
-      dtb2[n][e] = 2.f * scan4::ld_param(p.dt_b_raw, pc);  // dt_proj's bias and delta_bias: the same vector twice
-      dsk[n][e] = scan4::ld_param(p.D_raw, pc);
+    for (int i = 0; i < 4; ++i) {
+      const int src = i - (4 - W);  // right-aligned taps: [3] multiplies the current token for every width
+      cw[j][i] = src >= 0 ? scan4::ld_param(p.conv_w_raw, (int64_t)wch * W + src) : 0.f;
     }
-  // dt_proj B fragments (m16n8k16: B[k][n] = W_dt[c0 + 8 nt + n][k]): lane holds k = 2q, 2q+1 and 8+2q, 9+2q.
+    cbias[j] = p.conv_b_raw.ptr != nullptr ? scan4::ld_param(p.conv_b_raw, wch) : 0.f;
+    dtb2[j] = 2.f * scan4::ld_param(p.dt_b_raw, pc);  // dt_proj's bias and delta_bias: the same vector twice
+    dsk[j] = scan4::ld_param(p.D_raw, pc);
+  }
+  // dt_proj B fragments (m16n8k16: B[k][col] = W_dt[channel of column col][k]): lane holds column g, k = 2q, 2q+1
+  // (first half) and 8+2q, 9+2q (second half).
   unsigned wb[2][2];
 #pragma unroll
   for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int k = hf * 8 + 2 * q;
-      const int64_t row = (int64_t)(c0 + nt * 8 + g) * R;
+      const int64_t row = (int64_t)(c0 + 4 * (g >> 1) + 2 * nt + (g & 1)) * R;
       wb[nt][hf] = M::pack(k < R ? scan4::ld_param(p.dt_w_raw, row + k) : 0.f, k + 1 < R ? scan4::ld_param(p.dt_w_raw, row + k + 1) : 0.f);
     }
-  // Scan constants and state: h[nt][i] = channel (i < 2 ? g : g + 8), state 8 nt + 2q + (i & 1).
+  // Scan constants and state: h[nt][i] = channel 2g + (i >> 1), state 8 nt + 2q + (i & 1).
   float A2[2][4], h[2][4];
 #pragma unroll
   for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int cs = c0 + g + (i >> 1) * 8, n = nt * 8 + 2 * q + (i & 1);
+      const int cs = c0 + 2 * g + (i >> 1), n = nt * 8 + 2 * q + (i & 1);
       A2[nt][i] = -__expf(scan4::ld_param(p.A_log_raw, (int64_t)cs * kN + n)) * kLog2e;
       h[nt][i] = p.init_ssm != nullptr ? p.init_ssm[((int64_t)b * D + cs) * kN + n] : 0.f;
     }
@@ -180,7 +190,7 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
     for (int r = 0; r < 2; ++r)
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
-        *reinterpret_cast<float2*>(base + (int64_t)(c0 + g + 8 * r) * kN + nt * 8 + 2 * q) =
+        *reinterpret_cast<float2*>(base + (int64_t)(c0 + 2 * g + r) * kN + nt * 8 + 2 * q) =
             make_float2(h[nt][2 * r], h[nt][2 * r + 1]);
   };
 
@@ -190,7 +200,7 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
     sm.xf[1][kChunk + k][ch] = (p.init_conv != nullptr && kk >= 0)
                                    ? p.init_conv[((int64_t)b * p.d_xb + group * kN + ch) * (W - 1) + kk] : 0.f;
   }
-  if (tid < kChunk) sm.bop[tid][8] = make_float2(0.f, 0.f);
+  if (tid < kChunk / 2) sm.bop[tid][8] = make_float4(0.f, 0.f, 0.f, 0.f);
   const int bsel = q == 0 ? g : 8;  // lanes q > 0 read the zero entry: rows k >= 1 of the B operand
 
   T* y = static_cast<T*>(p.y) + (int64_t)b * L * D;
@@ -205,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
       stage<T>(p, sm.raw[par ^ 1], b, head0, group, t0 + kChunk, tid);
       scan4::cp_async_commit();
     }
-    // A (block): x -> fp32 after the 3 halo rows, B operand rows.
+    // A (block): x -> fp32 after the 3 halo rows, B operand rows (token pairs).
     {
       const int row = tid / 4, part = tid % 4;  // 128 threads = 32 rows x 4 quads
       const uint2 wx = *reinterpret_cast<const uint2*>(&r.x[row][part * 4]);
@@ -216,11 +226,9 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
         *reinterpret_cast<float4*>(&sm.xf[par][hr][part * 4]) =
             *reinterpret_cast<const float4*>(&sm.xf[par ^ 1][kChunk + hr][part * 4]);
       }
-#pragma unroll
-      for (int k = 0; k < 2; ++k) {  // 32 rows x 8 pairs
-        const int i = tid + k * kThreads, brow = i / 8, bg = i % 8;
-        sm.bop[brow][bg] = make_float2(to_f(r.B[brow][bg]), to_f(r.B[brow][bg + 8]));
-      }
+      const int pr = tid / 8, bg = tid % 8;  // 16 token pairs x 8
+      sm.bop[pr][bg] = make_float4(to_f(r.B[2 * pr][bg]), to_f(r.B[2 * pr][bg + 8]), to_f(r.B[2 * pr + 1][bg]),
+                                   to_f(r.B[2 * pr + 1][bg + 8]));
     }
     if (p.ckpt != nullptr) store_h(p.ckpt + ((int64_t)b * n_tiles + tile) * D * kN);
     __syncthreads();  // S2
@@ -238,36 +246,38 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
         float dd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
         M::run(dd[0], a, wb[0]);
         M::run(dd[1], a, wb[1]);
-        // Items (token g + 8 rr, channel 8 n + 2q + e): lane writes the du / gt entries of g' = 2q + e (both n).
+        // Items (token g + 8 rr, channel 4q + 2 nt + e) = dd[nt][2 rr + e].
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
           const int tl = g + 8 * rr, t = hf * kHalf + tl;
           const bool live = t < Tv;
-          float2 xs[2][4], zz[2];
+          float4 xs[4];
 #pragma unroll
-          for (int n = 0; n < 2; ++n) {
+          for (int k = 0; k < 4; ++k) xs[k] = *reinterpret_cast<const float4*>(&sm.xf[par][t + k][4 * q]);
+          const uint2 zw = *reinterpret_cast<const uint2*>(&r.z[w][t][4 * q]);
+          const float2 z01 = scan4::unpack2<T>(zw.x), z23 = scan4::unpack2<T>(zw.y);
+          const float zv[4] = {z01.x, z01.y, z23.x, z23.y};
 #pragma unroll
-            for (int k = 0; k < 4; ++k) xs[n][k] = *reinterpret_cast<const float2*>(&sm.xf[par][t + k][8 * n + 2 * q]);
-            zz[n] = scan4::unpack2<T>(*reinterpret_cast<const unsigned*>(&r.z[w][t][8 * n + 2 * q]));
-          }
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
+          for (int nt = 0; nt < 2; ++nt) {
             float dv[2], duv[2], sz[2], dus[2];
 #pragma unroll
-            for (int n = 0; n < 2; ++n) {
-              float cv = cbias[n][e];
+            for (int e = 0; e < 2; ++e) {
+              const int j = 2 * nt + e;
+              float cv = cbias[j];
 #pragma unroll
-              for (int k = 0; k < 4; ++k) cv = fmaf(cw[n][e][k], e ? xs[n][k].y : xs[n][k].x, cv);
+              for (int k = 0; k < 4; ++k) {
+                const float xv = j == 0 ? xs[k].x : j == 1 ? xs[k].y : j == 2 ? xs[k].z : xs[k].w;
+                cv = fmaf(cw[j][k], xv, cv);
+              }
               const float u = cv * sigmoid_fast(cv);
-              const float delta = scan4::softplus_select(dd[n][2 * rr + e] + dtb2[n][e]);
-              const float z = e ? zz[n].y : zz[n].x;
-              dv[n] = live ? delta : 0.f;  // past the end: (0, 0) keeps h
-              duv[n] = live ? tf32_rna(delta * u) : 0.f;
-              sz[n] = z * sigmoid_fast(z);
-              dus[n] = dsk[n][e] * u * sz[n];
+              const float delta = scan4::softplus_select(dd[nt][2 * rr + e] + dtb2[j]);
+              dv[e] = live ? delta : 0.f;  // past the end: (0, 0) keeps h
+              duv[e] = live ? tf32_rna(delta * u) : 0.f;
+              sz[e] = zv[j] * sigmoid_fast(zv[j]);
+              dus[e] = dsk[j] * u * sz[e];
             }
-            sm.du[w][tl][2 * q + e] = make_float4(duv[0], duv[1], dv[0], dv[1]);
-            sm.gt[w][tl][2 * q + e] = make_float4(sz[0], sz[1], dus[0], dus[1]);
+            sm.du[w][tl][2 * q + nt] = make_float4(duv[0], duv[1], dv[0], dv[1]);
+            sm.gt[w][tl][2 * q + nt] = make_float4(sz[0], sz[1], dus[0], dus[1]);
           }
         }
         // C operand rows of the half: 16 tokens x 4 quads, two per lane.
@@ -280,70 +290,44 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
         }
       }
       __syncwarp();
-      // The scan of the half: fully unrolled; only the FFMA of h is on the dependence chain.
-      if constexpr (kPipe) {
-        // front(t): operands, dBu (mma) and the 8 exponentials of token t - none depends on h
-        auto front = [&](int tl, float (&dA)[2][4], float (&db)[2][4]) {
-          const float4 pd = sm.du[w][tl][g];  // (du g, du g+8, delta g, delta g+8)
-          const float2 bo = sm.bop[hf * kHalf + tl][bsel];
-          mma_k4(db[0], pd.x, pd.y, bo.x);
-          mma_k4(db[1], pd.x, pd.y, bo.y);
+      // The scan of the half, fully unrolled; only the FFMA of h is on the dependence chain.
+      // front(t): operands, dBu (mma) and the 8 exponentials of token t - none depends on h.
+      float4 bo;  // B operand of a token pair: (B_t[g], B_t[8+g], B_t+1[g], B_t+1[8+g]) (zeros for q > 0)
+      auto front = [&](int tl, float (&dA)[2][4], float (&db)[2][4]) {
+        const float4 pd = sm.du[w][tl][g];  // (du, du, delta, delta) of channels 2g, 2g + 1
+        if ((tl & 1) == 0) bo = sm.bop[(hf * kHalf + tl) / 2][bsel];
+        mma_k4(db[0], pd.x, pd.y, (tl & 1) ? bo.z : bo.x);
+        mma_k4(db[1], pd.x, pd.y, (tl & 1) ? bo.w : bo.y);
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const float dl = i < 2 ? pd.z : pd.w;
-            dA[0][i] = ex2(dl * A2[0][i]);
-            dA[1][i] = ex2(dl * A2[1][i]);
-          }
-        };
-        float dA[2][2][4], db[2][2][4];  // by token parity
-        front(0, dA[0], db[0]);
-#pragma unroll
-        for (int tl = 0; tl < kHalf; ++tl) {
-          const int cur = tl & 1;
-          if (tl + 1 < kHalf) front(tl + 1, dA[cur ^ 1], db[cur ^ 1]);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            h[0][i] = fmaf(dA[cur][0][i], h[0][i], db[cur][0][i]);
-            h[1][i] = fmaf(dA[cur][1][i], h[1][i], db[cur][1][i]);
-          }
-          const float4 co = sm.cop[w][tl][q];
-          float yv[4];
-          mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], co.x, co.y, 0.f, 0.f, 0.f, 0.f);
-          mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], co.z, co.w, yv[0], yv[1], yv[2], yv[3]);
-          const float4 gg = sm.gt[w][tl][g];
-          if (q == 0) sm.yw[w][tl][g] = M::pack(fmaf(yv[0], gg.x, gg.z), fmaf(yv[2], gg.y, gg.w));
+        for (int i = 0; i < 4; ++i) {
+          const float dl = i < 2 ? pd.z : pd.w;
+          dA[0][i] = ex2(dl * A2[0][i]);
+          dA[1][i] = ex2(dl * A2[1][i]);
         }
-      } else {
+      };
+      float dA[2][2][4], db[2][2][4];  // by token parity
+      front(0, dA[0], db[0]);
 #pragma unroll
-        for (int tl = 0; tl < kHalf; ++tl) {
-          const float4 pd = sm.du[w][tl][g];  // (du g, du g+8, delta g, delta g+8)
-          const float2 bo = sm.bop[hf * kHalf + tl][bsel];
-          const float4 co = sm.cop[w][tl][q];
-          float dbu0[4], dbu1[4];
-          mma_k4(dbu0, pd.x, pd.y, bo.x);
-          mma_k4(dbu1, pd.x, pd.y, bo.y);
-  #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const float dl = i < 2 ? pd.z : pd.w;
-            h[0][i] = fmaf(ex2(dl * A2[0][i]), h[0][i], dbu0[i]);
-            h[1][i] = fmaf(ex2(dl * A2[1][i]), h[1][i], dbu1[i]);
-          }
-          float yv[4];
-          mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], co.x, co.y, 0.f, 0.f, 0.f, 0.f);
-          mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], co.z, co.w, yv[0], yv[1], yv[2], yv[3]);
-          // y = (C . h + D u) silu(z) = (C . h) sz + D u sz
-          const float4 gg = sm.gt[w][tl][g];
-          if (q == 0) sm.yw[w][tl][g] = M::pack(fmaf(yv[0], gg.x, gg.z), fmaf(yv[2], gg.y, gg.w));
+      for (int tl = 0; tl < kHalf; ++tl) {
+        const int cur = tl & 1;
+        if (tl + 1 < kHalf) front(tl + 1, dA[cur ^ 1], db[cur ^ 1]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          h[0][i] = fmaf(dA[cur][0][i], h[0][i], db[cur][0][i]);
+          h[1][i] = fmaf(dA[cur][1][i], h[1][i], db[cur][1][i]);
         }
+        const float4 co = sm.cop[w][tl][q];
+        float yv[4];
+        mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], co.x, co.y, 0.f, 0.f, 0.f, 0.f);
+        mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], co.z, co.w, yv[0], yv[1], yv[2], yv[3]);
+        // y = (C . h + D u) silu(z) = (C . h) sz + D u sz, for channels 2g and 2g + 1
+        const float4 gg = sm.gt[w][tl][g];
+        if (q == 0) sm.yw[w][tl][g] = M::pack(fmaf(yv[0], gg.x, gg.z), fmaf(yv[2], gg.y, gg.w));
       }
       __syncwarp();
-      {  // the half's y rows: lane = (row, part of 8 channels); words hold (channel g, channel g + 8)
+      {  // the half's y rows: lane = (row, 8 channels), already in channel order
         const int row = lane / 2, part = lane % 2, t = t0 + hf * kHalf + row;
-        const uint4 w0 = *reinterpret_cast<const uint4*>(&sm.yw[w][row][0]);
-        const uint4 w1 = *reinterpret_cast<const uint4*>(&sm.yw[w][row][4]);
-        const unsigned sel = part ? 0x7632u : 0x5410u;  // high halves (channels 8..15) or low (0..7)
-        const uint4 out = make_uint4(__byte_perm(w0.x, w0.y, sel), __byte_perm(w0.z, w0.w, sel),
-                                     __byte_perm(w1.x, w1.y, sel), __byte_perm(w1.z, w1.w, sel));
+        const uint4 out = *reinterpret_cast<const uint4*>(&sm.yw[w][row][part * 4]);
         if (t < L) *reinterpret_cast<uint4*>(y + (int64_t)t * D + c0 + part * 8) = out;
       }
       __syncwarp();
@@ -359,10 +343,10 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
   }
 }
 
-template <typename T, bool kPipe>
+template <typename T>
 void launch(const MixerScanParams& p, void* stream) {
   const size_t smem = sizeof(Smem7<T>);
-  auto kernel = mixer_scan_fwd7_kernel<T, kPipe>;
+  auto kernel = mixer_scan_fwd7_kernel<T>;
   static bool configured = false;  // a race here only repeats an idempotent call
   if (!configured) {
     APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
@@ -379,8 +363,7 @@ void launch(const MixerScanParams& p, void* stream) {
 
 template <typename T>
 void launch_mixer_scan_fwd7(const MixerScanParams& p, void* stream) {
-  if (p.fwd7_pipe) scan7::launch<T, true>(p, stream);
-  else scan7::launch<T, false>(p, stream);
+  scan7::launch<T>(p, stream);
 }
 
 }  // namespace apriel
