@@ -126,23 +126,6 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename Smem7<T
   }
 }
 
-// sigmoid(v) = 1 / (1 + 2^(-v log2 e)). kNewton: the reciprocal by three Newton steps on the FMA pipe from the
-// integer-subtraction first guess (7 instructions, ~1 ulp like MUFU.RCP) instead of MUFU.RCP - the forward is bound
-// by the MUFU / MIO queue, not by issue. The exponent is clamped at 126 so that 1 + e stays below the guess's
-// valid range (sigmoid(v < -87) = 2^-126 instead of 0; a NaN v still gives a NaN u = v sigmoid(v)).
-template <bool kNewton>
-__device__ __forceinline__ float sigmoid_v7(float v) {
-  if constexpr (!kNewton) {
-    return sigmoid_fast(v);
-  } else {
-    const float x = 1.f + ex2(fminf(-kLog2e * v, 126.f));
-    float y = __int_as_float(0x7EF311C3 - __float_as_int(x));
-#pragma unroll
-    for (int i = 0; i < 3; ++i) y = fmaf(y, fmaf(-x, y, 1.f), y);
-    return y;
-  }
-}
-
 // Channel labels (session 5, run 2): mma row r of the scan is channel pi(r) = 2r (r < 8) / 2(r - 8) + 1, so lane
 // (g, q) owns the ADJACENT channels 2g, 2g + 1 - its gated pair is one bf16x2 word in output order (the y rows
 // store without permutes) - and column c of dt_proj n-tile nt is channel 4 (c / 2) + 2 nt + c % 2, so the prep lane
@@ -150,9 +133,10 @@ __device__ __forceinline__ float sigmoid_v7(float v) {
 // writes the du / gt entries of rows 2q and 2q + 1. The B operand comes in token pairs (one 16-byte load per 2
 // tokens). The scan is software-pipelined by hand: token t + 1's operands, dBu mma and exponentials are issued
 // before token t's state update (H100 b8 L4096: 1.150 vs 1.205 ms unpipelined). Tried and not kept: the prep's
-// per-channel constants in shared memory instead of 28 registers (1.238 ms).
-// kRcp (experiment, APRIEL_SCAN_FWD7_RCP): 0 both prep sigmoids on MUFU.RCP, 1 silu(z)'s by Newton, 2 both.
-template <typename T, int kRcp>
+// per-channel constants in shared memory instead of 28 registers (1.238 ms); the prep sigmoids' reciprocals by
+// Newton steps on the FMA pipe instead of MUFU.RCP (one: 1.142, both: 1.162 vs 1.146 ms: fewer MUFU ops alone do not
+// pay, bench/results/s5/rcp/).
+template <typename T>
 __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using SM = Smem7<T>;
@@ -287,11 +271,11 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
                 const float xv = j == 0 ? xs[k].x : j == 1 ? xs[k].y : j == 2 ? xs[k].z : xs[k].w;
                 cv = fmaf(cw[j][k], xv, cv);
               }
-              const float u = cv * sigmoid_v7<kRcp == 2>(cv);
+              const float u = cv * sigmoid_fast(cv);
               const float delta = scan4::softplus_select(dd[nt][2 * rr + e] + dtb2[j]);
               dv[e] = live ? delta : 0.f;  // past the end: (0, 0) keeps h
               duv[e] = live ? tf32_rna(delta * u) : 0.f;
-              sz[e] = zv[j] * sigmoid_v7<kRcp >= 1>(zv[j]);
+              sz[e] = zv[j] * sigmoid_fast(zv[j]);
               dus[e] = dsk[j] * u * sz[e];
             }
             sm.du[w][tl][2 * q + nt] = make_float4(duv[0], duv[1], dv[0], dv[1]);
@@ -361,10 +345,10 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
   }
 }
 
-template <typename T, int kRcp>
+template <typename T>
 void launch(const MixerScanParams& p, void* stream) {
   const size_t smem = sizeof(Smem7<T>);
-  auto kernel = mixer_scan_fwd7_kernel<T, kRcp>;
+  auto kernel = mixer_scan_fwd7_kernel<T>;
   static bool configured = false;  // a race here only repeats an idempotent call
   if (!configured) {
     APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
@@ -381,9 +365,7 @@ void launch(const MixerScanParams& p, void* stream) {
 
 template <typename T>
 void launch_mixer_scan_fwd7(const MixerScanParams& p, void* stream) {
-  if (p.fwd7_rcp == 1) scan7::launch<T, 1>(p, stream);
-  else if (p.fwd7_rcp == 2) scan7::launch<T, 2>(p, stream);
-  else scan7::launch<T, 0>(p, stream);
+  scan7::launch<T>(p, stream);
 }
 
 }  // namespace apriel
