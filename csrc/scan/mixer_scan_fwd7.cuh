@@ -68,6 +68,7 @@ struct Smem7 {
   alignas(16) float4 gt[kHeads][kHalf][9];
   alignas(16) float4 cop[kHeads][kHalf][4];    // C operand for lane quad q: (C[2q], C[2q+1], C[8+2q], C[9+2q])
   alignas(16) unsigned yw[kHeads][kHalf][8];   // gated y as 16-bit pairs (channels 2g, 2g + 1): output order
+  alignas(16) float pk[kHeads][7][kN];         // kConstSmem: prep constants (4 conv taps, conv bias, 2 b_dt, D)
 };
 
 __device__ __forceinline__ float tf32_rna(float v) {
@@ -136,7 +137,9 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename Smem7<T
 // per-channel constants in shared memory instead of 28 registers (1.238 ms); the prep sigmoids' reciprocals by
 // Newton steps on the FMA pipe instead of MUFU.RCP (one: 1.142, both: 1.162 vs 1.146 ms: fewer MUFU ops alone do not
 // pay, bench/results/s5/rcp/).
-template <typename T>
+// kConstSmem (experiment, APRIEL_SCAN_FWD7_CS=1): the prep's 28 per-channel constants are reloaded from shared memory
+// each half (7 16-byte loads) instead of living in registers through the scan.
+template <typename T, bool kConstSmem>
 __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using SM = Smem7<T>;
@@ -153,18 +156,32 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
 
   // Per-lane constants of the prep: channel 4q + j of this head (j = 2 nt + e).
   float cw[4][4], cbias[4], dtb2[4], dsk[4];
+  auto load_consts = [&](int qq, auto&& put) {  // channel 4 qq + j of this head -> put(j, k, value), k = 0..6
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int cc = 4 * q + j, pc = c0 + cc;
-    const int wch = p.repeat_before_conv ? pc : group * kN + cc;
+    for (int j = 0; j < 4; ++j) {
+      const int cc = 4 * qq + j, pc = c0 + cc;
+      const int wch = p.repeat_before_conv ? pc : group * kN + cc;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int src = i - (4 - W);  // right-aligned taps: [3] multiplies the current token for every width
-      cw[j][i] = src >= 0 ? scan4::ld_param(p.conv_w_raw, (int64_t)wch * W + src) : 0.f;
+      for (int i = 0; i < 4; ++i) {
+        const int src = i - (4 - W);  // right-aligned taps: [3] multiplies the current token for every width
+        put(j, i, src >= 0 ? scan4::ld_param(p.conv_w_raw, (int64_t)wch * W + src) : 0.f);
+      }
+      put(j, 4, p.conv_b_raw.ptr != nullptr ? scan4::ld_param(p.conv_b_raw, wch) : 0.f);
+      put(j, 5, 2.f * scan4::ld_param(p.dt_b_raw, pc));  // dt_proj's bias and delta_bias: the same vector twice
+      put(j, 6, scan4::ld_param(p.D_raw, pc));
     }
-    cbias[j] = p.conv_b_raw.ptr != nullptr ? scan4::ld_param(p.conv_b_raw, wch) : 0.f;
-    dtb2[j] = 2.f * scan4::ld_param(p.dt_b_raw, pc);  // dt_proj's bias and delta_bias: the same vector twice
-    dsk[j] = scan4::ld_param(p.D_raw, pc);
+  };
+  auto put_reg = [&](int j, int k, float v) {
+    if (k < 4) cw[j][k] = v;
+    else if (k == 4) cbias[j] = v;
+    else if (k == 5) dtb2[j] = v;
+    else dsk[j] = v;
+  };
+  if constexpr (kConstSmem) {
+    // this warp's lanes 0..3 write the head's 16 channels (lane q: channels 4q .. 4q + 3)
+    if (lane < 4) load_consts(lane, [&](int j, int k, float v) { sm.pk[w][k][4 * lane + j] = v; });
+  } else {
+    load_consts(q, put_reg);
   }
   // dt_proj B fragments (m16n8k16: B[k][col] = W_dt[channel of column col][k]): lane holds column g, k = 2q, 2q+1
   // (first half) and 8+2q, 9+2q (second half).
@@ -248,6 +265,13 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
         float dd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
         M::run(dd[0], a, wb[0]);
         M::run(dd[1], a, wb[1]);
+        if constexpr (kConstSmem) {  // S2 ordered the writes (before the first tile's prep)
+#pragma unroll
+          for (int k = 0; k < 7; ++k) {
+            const float4 v = *reinterpret_cast<const float4*>(&sm.pk[w][k][4 * q]);
+            put_reg(0, k, v.x); put_reg(1, k, v.y); put_reg(2, k, v.z); put_reg(3, k, v.w);
+          }
+        }
         // Items (token g + 8 rr, channel 4q + 2 nt + e) = dd[nt][2 rr + e].
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
@@ -345,10 +369,10 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
   }
 }
 
-template <typename T>
+template <typename T, bool kConstSmem>
 void launch(const MixerScanParams& p, void* stream) {
   const size_t smem = sizeof(Smem7<T>);
-  auto kernel = mixer_scan_fwd7_kernel<T>;
+  auto kernel = mixer_scan_fwd7_kernel<T, kConstSmem>;
   static bool configured = false;  // a race here only repeats an idempotent call
   if (!configured) {
     APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
@@ -365,7 +389,8 @@ void launch(const MixerScanParams& p, void* stream) {
 
 template <typename T>
 void launch_mixer_scan_fwd7(const MixerScanParams& p, void* stream) {
-  scan7::launch<T>(p, stream);
+  if (p.fwd7_cs) scan7::launch<T, true>(p, stream);
+  else scan7::launch<T, false>(p, stream);
 }
 
 }  // namespace apriel
