@@ -66,9 +66,10 @@ struct Smem7 {
   // per quarter warp instead of 4 (ncu: 8 wavefronts per store instead of 4)
   alignas(16) float4 du[kHeads][kHalf][9];
   alignas(16) float4 gt[kHeads][kHalf][9];
-  alignas(16) float4 cop[kHeads][kHalf][4];    // C operand for lane quad q: (C[2q], C[2q+1], C[8+2q], C[9+2q])
-  alignas(16) unsigned yw[kHeads][kHalf][8];   // gated y as 16-bit pairs (channels 2g, 2g + 1): output order
-  alignas(16) float pk[kHeads][7][kN];         // kConstSmem: prep constants (4 conv taps, conv bias, 2 b_dt, D)
+  // C operand per token pair (t, t+1) and lane quad q: the 16-bit words (C[2q], C[2q+1]) and (C[8+2q], C[9+2q]) of
+  // both tokens (one 16-byte load per 2 tokens; unpacked in registers)
+  alignas(16) uint4 cop[kHeads][kHalf / 2][4];
+  alignas(16) float yf[kHeads][kHalf][kN];      // readout C . h (before the gate) per (token, channel)
 };
 
 __device__ __forceinline__ float tf32_rna(float v) {
@@ -134,12 +135,11 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename Smem7<T
 // writes the du / gt entries of rows 2q and 2q + 1. The B operand comes in token pairs (one 16-byte load per 2
 // tokens). The scan is software-pipelined by hand: token t + 1's operands, dBu mma and exponentials are issued
 // before token t's state update (H100 b8 L4096: 1.150 vs 1.205 ms unpipelined). Tried and not kept: the prep's
-// per-channel constants in shared memory instead of 28 registers (1.238 ms); the prep sigmoids' reciprocals by
+// per-channel constants in shared memory instead of 28 registers (1.238 ms; again after the relabelling: 1.147 vs
+// 1.124 ms, bench/results/s5/rcp/cs*.json); the prep sigmoids' reciprocals by
 // Newton steps on the FMA pipe instead of MUFU.RCP (one: 1.142, both: 1.162 vs 1.146 ms: fewer MUFU ops alone do not
 // pay, bench/results/s5/rcp/).
-// kConstSmem (experiment, APRIEL_SCAN_FWD7_CS=1): the prep's 28 per-channel constants are reloaded from shared memory
-// each half (7 16-byte loads) instead of living in registers through the scan.
-template <typename T, bool kConstSmem>
+template <typename T>
 __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using SM = Smem7<T>;
@@ -156,32 +156,18 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
 
   // Per-lane constants of the prep: channel 4q + j of this head (j = 2 nt + e).
   float cw[4][4], cbias[4], dtb2[4], dsk[4];
-  auto load_consts = [&](int qq, auto&& put) {  // channel 4 qq + j of this head -> put(j, k, value), k = 0..6
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int cc = 4 * qq + j, pc = c0 + cc;
-      const int wch = p.repeat_before_conv ? pc : group * kN + cc;
+  for (int j = 0; j < 4; ++j) {
+    const int cc = 4 * q + j, pc = c0 + cc;
+    const int wch = p.repeat_before_conv ? pc : group * kN + cc;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int src = i - (4 - W);  // right-aligned taps: [3] multiplies the current token for every width
-        put(j, i, src >= 0 ? scan4::ld_param(p.conv_w_raw, (int64_t)wch * W + src) : 0.f);
-      }
-      put(j, 4, p.conv_b_raw.ptr != nullptr ? scan4::ld_param(p.conv_b_raw, wch) : 0.f);
-      put(j, 5, 2.f * scan4::ld_param(p.dt_b_raw, pc));  // dt_proj's bias and delta_bias: the same vector twice
-      put(j, 6, scan4::ld_param(p.D_raw, pc));
+    for (int i = 0; i < 4; ++i) {
+      const int src = i - (4 - W);  // right-aligned taps: [3] multiplies the current token for every width
+      cw[j][i] = src >= 0 ? scan4::ld_param(p.conv_w_raw, (int64_t)wch * W + src) : 0.f;
     }
-  };
-  auto put_reg = [&](int j, int k, float v) {
-    if (k < 4) cw[j][k] = v;
-    else if (k == 4) cbias[j] = v;
-    else if (k == 5) dtb2[j] = v;
-    else dsk[j] = v;
-  };
-  if constexpr (kConstSmem) {
-    // this warp's lanes 0..3 write the head's 16 channels (lane q: channels 4q .. 4q + 3)
-    if (lane < 4) load_consts(lane, [&](int j, int k, float v) { sm.pk[w][k][4 * lane + j] = v; });
-  } else {
-    load_consts(q, put_reg);
+    cbias[j] = p.conv_b_raw.ptr != nullptr ? scan4::ld_param(p.conv_b_raw, wch) : 0.f;
+    dtb2[j] = 2.f * scan4::ld_param(p.dt_b_raw, pc);  // dt_proj's bias and delta_bias: the same vector twice
+    dsk[j] = scan4::ld_param(p.D_raw, pc);
   }
   // dt_proj B fragments (m16n8k16: B[k][col] = W_dt[channel of column col][k]): lane holds column g, k = 2q, 2q+1
   // (first half) and 8+2q, 9+2q (second half).
@@ -265,13 +251,6 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
         float dd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
         M::run(dd[0], a, wb[0]);
         M::run(dd[1], a, wb[1]);
-        if constexpr (kConstSmem) {  // S2 ordered the writes (before the first tile's prep)
-#pragma unroll
-          for (int k = 0; k < 7; ++k) {
-            const float4 v = *reinterpret_cast<const float4*>(&sm.pk[w][k][4 * q]);
-            put_reg(0, k, v.x); put_reg(1, k, v.y); put_reg(2, k, v.z); put_reg(3, k, v.w);
-          }
-        }
         // Items (token g + 8 rr, channel 4q + 2 nt + e) = dd[nt][2 rr + e].
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
@@ -306,13 +285,11 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
             sm.gt[w][tl][2 * q + nt] = make_float4(sz[0], sz[1], dus[0], dus[1]);
           }
         }
-        // C operand rows of the half: 16 tokens x 4 quads, two per lane.
-#pragma unroll
-        for (int k = 0; k < 2; ++k) {
-          const int i = lane + 32 * k, tl = i / 4, qq = i % 4;
-          const unsigned* crow = reinterpret_cast<const unsigned*>(&r.C[w][hf * kHalf + tl][0]);
-          const float2 lo = scan4::unpack2<T>(crow[qq]), hi = scan4::unpack2<T>(crow[4 + qq]);
-          sm.cop[w][tl][qq] = make_float4(lo.x, lo.y, hi.x, hi.y);
+        {  // C operand of the half: 8 token pairs x 4 quads, one per lane
+          const int pr = lane / 4, qq = lane % 4;
+          const unsigned* c0w = reinterpret_cast<const unsigned*>(&r.C[w][hf * kHalf + 2 * pr][0]);
+          const unsigned* c1w = c0w + kN / 2;  // the next token's row
+          sm.cop[w][pr][qq] = make_uint4(c0w[qq], c0w[4 + qq], c1w[qq], c1w[4 + qq]);
         }
       }
       __syncwarp();
@@ -332,6 +309,7 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
         }
       };
       float dA[2][2][4], db[2][2][4];  // by token parity
+      uint4 cw2;                       // C words of the current token pair
       front(0, dA[0], db[0]);
 #pragma unroll
       for (int tl = 0; tl < kHalf; ++tl) {
@@ -342,19 +320,26 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
           h[0][i] = fmaf(dA[cur][0][i], h[0][i], db[cur][0][i]);
           h[1][i] = fmaf(dA[cur][1][i], h[1][i], db[cur][1][i]);
         }
-        const float4 co = sm.cop[w][tl][q];
+        if ((tl & 1) == 0) cw2 = sm.cop[w][tl / 2][q];
+        const float2 clo = scan4::unpack2<T>((tl & 1) ? cw2.z : cw2.x), chi = scan4::unpack2<T>((tl & 1) ? cw2.w : cw2.y);
         float yv[4];
-        mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], co.x, co.y, 0.f, 0.f, 0.f, 0.f);
-        mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], co.z, co.w, yv[0], yv[1], yv[2], yv[3]);
-        // y = (C . h + D u) silu(z) = (C . h) sz + D u sz, for channels 2g and 2g + 1
-        const float4 gg = sm.gt[w][tl][g];
-        if (q == 0) sm.yw[w][tl][g] = M::pack(fmaf(yv[0], gg.x, gg.z), fmaf(yv[2], gg.y, gg.w));
+        mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], clo.x, clo.y, 0.f, 0.f, 0.f, 0.f);
+        mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], chi.x, chi.y, yv[0], yv[1], yv[2], yv[3]);
+        if (q == 0) *reinterpret_cast<float2*>(&sm.yf[w][tl][2 * g]) = make_float2(yv[0], yv[2]);
       }
       __syncwarp();
-      {  // the half's y rows: lane = (row, 8 channels), already in channel order
+      {  // gate and store the half's y rows: lane = (row, 8 channels); y = (C . h) sz + D u sz
         const int row = lane / 2, part = lane % 2, t = t0 + hf * kHalf + row;
-        const uint4 out = *reinterpret_cast<const uint4*>(&sm.yw[w][row][part * 4]);
-        if (t < L) *reinterpret_cast<uint4*>(y + (int64_t)t * D + c0 + part * 8) = out;
+        const float4 ya = *reinterpret_cast<const float4*>(&sm.yf[w][row][part * 8]);
+        const float4 yb = *reinterpret_cast<const float4*>(&sm.yf[w][row][part * 8 + 4]);
+        const float yv[8] = {ya.x, ya.y, ya.z, ya.w, yb.x, yb.y, yb.z, yb.w};
+        unsigned out[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {  // gt entry 4 part + k = channels 8 part + 2k, + 1
+          const float4 gg = sm.gt[w][row][4 * part + k];
+          out[k] = M::pack(fmaf(yv[2 * k], gg.x, gg.z), fmaf(yv[2 * k + 1], gg.y, gg.w));
+        }
+        if (t < L) *reinterpret_cast<uint4*>(y + (int64_t)t * D + c0 + part * 8) = make_uint4(out[0], out[1], out[2], out[3]);
       }
       __syncwarp();
     }
@@ -369,10 +354,10 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
   }
 }
 
-template <typename T, bool kConstSmem>
+template <typename T>
 void launch(const MixerScanParams& p, void* stream) {
   const size_t smem = sizeof(Smem7<T>);
-  auto kernel = mixer_scan_fwd7_kernel<T, kConstSmem>;
+  auto kernel = mixer_scan_fwd7_kernel<T>;
   static bool configured = false;  // a race here only repeats an idempotent call
   if (!configured) {
     APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
@@ -389,8 +374,7 @@ void launch(const MixerScanParams& p, void* stream) {
 
 template <typename T>
 void launch_mixer_scan_fwd7(const MixerScanParams& p, void* stream) {
-  if (p.fwd7_cs) scan7::launch<T, true>(p, stream);
-  else scan7::launch<T, false>(p, stream);
+  scan7::launch<T>(p, stream);
 }
 
 }  // namespace apriel
