@@ -139,7 +139,7 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename Smem7<T
 // 1.124 ms, bench/results/s5/rcp/cs*.json); the prep sigmoids' reciprocals by
 // Newton steps on the FMA pipe instead of MUFU.RCP (one: 1.142, both: 1.162 vs 1.146 ms: fewer MUFU ops alone do not
 // pay, bench/results/s5/rcp/).
-template <typename T>
+template <typename T, bool kPD2>
 __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using SM = Smem7<T>;
@@ -296,8 +296,17 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
       // The scan of the half, fully unrolled; only the FFMA of h is on the dependence chain.
       // front(t): operands, dBu (mma) and the 8 exponentials of token t - none depends on h.
       float4 bo;  // B operand of a token pair: (B_t[g], B_t[8+g], B_t+1[g], B_t+1[8+g]) (zeros for q > 0)
+      // kPD2: the (du, delta) operands are loaded 2 tokens ahead of their front() (else in it)
+      float4 pdq[2];
+      if constexpr (kPD2) { pdq[0] = sm.du[w][0][g]; pdq[1] = sm.du[w][1][g]; }
       auto front = [&](int tl, float (&dA)[2][4], float (&db)[2][4]) {
-        const float4 pd = sm.du[w][tl][g];  // (du, du, delta, delta) of channels 2g, 2g + 1
+        float4 pd;  // (du, du, delta, delta) of channels 2g, 2g + 1
+        if constexpr (kPD2) {
+          pd = pdq[tl & 1];
+          if (tl + 2 < kHalf) pdq[tl & 1] = sm.du[w][tl + 2][g];
+        } else {
+          pd = sm.du[w][tl][g];
+        }
         if ((tl & 1) == 0) bo = sm.bop[(hf * kHalf + tl) / 2][bsel];
         mma_k4(db[0], pd.x, pd.y, (tl & 1) ? bo.z : bo.x);
         mma_k4(db[1], pd.x, pd.y, (tl & 1) ? bo.w : bo.y);
@@ -354,10 +363,10 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
   }
 }
 
-template <typename T>
+template <typename T, bool kPD2>
 void launch(const MixerScanParams& p, void* stream) {
   const size_t smem = sizeof(Smem7<T>);
-  auto kernel = mixer_scan_fwd7_kernel<T>;
+  auto kernel = mixer_scan_fwd7_kernel<T, kPD2>;
   static bool configured = false;  // a race here only repeats an idempotent call
   if (!configured) {
     APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
@@ -374,7 +383,8 @@ void launch(const MixerScanParams& p, void* stream) {
 
 template <typename T>
 void launch_mixer_scan_fwd7(const MixerScanParams& p, void* stream) {
-  scan7::launch<T>(p, stream);
+  if (p.fwd7_pd2) scan7::launch<T, true>(p, stream);
+  else scan7::launch<T, false>(p, stream);
 }
 
 }  // namespace apriel
