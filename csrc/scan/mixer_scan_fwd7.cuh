@@ -139,7 +139,7 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename Smem7<T
 // 1.124 ms, bench/results/s5/rcp/cs*.json); the prep sigmoids' reciprocals by
 // Newton steps on the FMA pipe instead of MUFU.RCP (one: 1.142, both: 1.162 vs 1.146 ms: fewer MUFU ops alone do not
 // pay, bench/results/s5/rcp/).
-template <typename T, bool kPD2>
+template <typename T>
 __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using SM = Smem7<T>;
@@ -295,19 +295,20 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
       __syncwarp();
       // The scan of the half, fully unrolled; only the FFMA of h is on the dependence chain.
       // front(t): operands, dBu (mma) and the 8 exponentials of token t - none depends on h.
-      float4 bo;  // B operand of a token pair: (B_t[g], B_t[8+g], B_t+1[g], B_t+1[8+g]) (zeros for q > 0)
-      // kPD2: the (du, delta) operands are loaded 2 tokens ahead of their front() (else in it)
-      float4 pdq[2];
-      if constexpr (kPD2) { pdq[0] = sm.du[w][0][g]; pdq[1] = sm.du[w][1][g]; }
+      // Shared-memory operands are loaded 2 tokens ahead of their use (H100: b1 L8192 0.834 vs 0.910 ms, b8 L4096
+      // 1.110 vs 1.125 ms with the (du, delta) loads alone; bench/results/s5/pd2/): (du, delta) per token, the B
+      // operand and the C words per token pair.
+      const int pr0 = hf * kHalf / 2;  // first token pair of the half in bop
+      float4 pdq[2] = {sm.du[w][0][g], sm.du[w][1][g]};
+      float4 bo = sm.bop[pr0][bsel], bo_next = sm.bop[pr0 + 1][bsel];
+      uint4 cw2 = sm.cop[w][0][q], cw_next = sm.cop[w][1][q];
       auto front = [&](int tl, float (&dA)[2][4], float (&db)[2][4]) {
-        float4 pd;  // (du, du, delta, delta) of channels 2g, 2g + 1
-        if constexpr (kPD2) {
-          pd = pdq[tl & 1];
-          if (tl + 2 < kHalf) pdq[tl & 1] = sm.du[w][tl + 2][g];
-        } else {
-          pd = sm.du[w][tl][g];
+        const float4 pd = pdq[tl & 1];  // (du, du, delta, delta) of channels 2g, 2g + 1
+        if (tl + 2 < kHalf) pdq[tl & 1] = sm.du[w][tl + 2][g];
+        if (tl > 0 && (tl & 1) == 0) {  // a new token pair: rotate the B operand, fetch the pair after next
+          bo = bo_next;
+          if (tl / 2 + 1 < kHalf / 2) bo_next = sm.bop[pr0 + tl / 2 + 1][bsel];
         }
-        if ((tl & 1) == 0) bo = sm.bop[(hf * kHalf + tl) / 2][bsel];
         mma_k4(db[0], pd.x, pd.y, (tl & 1) ? bo.z : bo.x);
         mma_k4(db[1], pd.x, pd.y, (tl & 1) ? bo.w : bo.y);
 #pragma unroll
@@ -318,7 +319,6 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
         }
       };
       float dA[2][2][4], db[2][2][4];  // by token parity
-      uint4 cw2;                       // C words of the current token pair
       front(0, dA[0], db[0]);
 #pragma unroll
       for (int tl = 0; tl < kHalf; ++tl) {
@@ -329,7 +329,10 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
           h[0][i] = fmaf(dA[cur][0][i], h[0][i], db[cur][0][i]);
           h[1][i] = fmaf(dA[cur][1][i], h[1][i], db[cur][1][i]);
         }
-        if ((tl & 1) == 0) cw2 = sm.cop[w][tl / 2][q];
+        if (tl > 0 && (tl & 1) == 0) {
+          cw2 = cw_next;
+          if (tl / 2 + 1 < kHalf / 2) cw_next = sm.cop[w][tl / 2 + 1][q];
+        }
         const float2 clo = scan4::unpack2<T>((tl & 1) ? cw2.z : cw2.x), chi = scan4::unpack2<T>((tl & 1) ? cw2.w : cw2.y);
         float yv[4];
         mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], clo.x, clo.y, 0.f, 0.f, 0.f, 0.f);
@@ -363,10 +366,10 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
   }
 }
 
-template <typename T, bool kPD2>
+template <typename T>
 void launch(const MixerScanParams& p, void* stream) {
   const size_t smem = sizeof(Smem7<T>);
-  auto kernel = mixer_scan_fwd7_kernel<T, kPD2>;
+  auto kernel = mixer_scan_fwd7_kernel<T>;
   static bool configured = false;  // a race here only repeats an idempotent call
   if (!configured) {
     APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
@@ -383,8 +386,7 @@ void launch(const MixerScanParams& p, void* stream) {
 
 template <typename T>
 void launch_mixer_scan_fwd7(const MixerScanParams& p, void* stream) {
-  if (p.fwd7_pd2) scan7::launch<T, true>(p, stream);
-  else scan7::launch<T, false>(p, stream);
+  scan7::launch<T>(p, stream);
 }
 
 }  // namespace apriel
