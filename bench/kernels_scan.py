@@ -13,8 +13,11 @@ floor, which it cannot reach: it needs >= 2 exp2 per element). Providers: "aprie
 v4 read fp32 copies of B / C instead of the raw 16-bit tile (APRIEL_SCAN_BC=f32), for comparison;
 "apriel-v5" / "apriel-v5-graph" / "apriel-v5k4" / "apriel-v5k8" time the session-4 forward v5 at either K
 (APRIEL_SCAN_FWD=v5*: v4's arithmetic with a smaller shared-memory layout, more blocks per SM and a leaner prep);
-the default runs v5 where K = 4 is chosen and v4 at K = 8; "apriel-v4" / "apriel-v4-graph" the session-3 default
-(v4 at either K).
+"apriel-v4" / "apriel-v4-graph" the session-3 default (v4 at either K); "apriel-v7" / "apriel-v7-graph" force the
+session-5 forward v7 (APRIEL_SCAN_FWD=v7: input product and readout on tensor cores, one warp per head).
+Default dispatch (session 5): v4 at K = 8 (batch 1, 2, 4 at D 4096); where K = 4 is chosen, v7 for 16-bit
+activations when it applies (no packed documents, 16-byte aligned rows, dt_rank <= 16, heads per group % 4 == 0),
+else v5 K = 4.
 APRIEL_BENCH_SCAN_FWD_PROVIDERS=a,b,... keeps only those forward providers (shorter A/B runs).
 fwd+bwd and bwd rows: "apriel" (default: backward v4), "apriel[bwd-bc=f32]" (v4 reading fp32 copies of B / C
 instead of the raw 16-bit tile, APRIEL_SCAN_BWD_BC=f32), "apriel[bwd=v3]" (the previous backward, APRIEL_SCAN_BWD=v3, forward
