@@ -138,10 +138,9 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename Smem7<T
 // per-channel constants in shared memory instead of 28 registers (1.238 ms; again after the relabelling: 1.147 vs
 // 1.124 ms, bench/results/s5/rcp/cs*.json); the prep sigmoids' reciprocals by
 // Newton steps on the FMA pipe instead of MUFU.RCP (one: 1.142, both: 1.162 vs 1.146 ms: fewer MUFU ops alone do not
-// pay, bench/results/s5/rcp/).
-// kSplitRO (experiment, APRIEL_SCAN_FWD7_RO=1): the readout's two mmas accumulate separately and are summed and
-// stored one token later (in-order issue: the chained second mma and the store waited on the mma latency).
-template <typename T, bool kSplitRO>
+// pay, bench/results/s5/rcp/); the readout's two mmas accumulated separately and summed / stored one token later
+// (b8 1.087-1.111 vs 1.096-1.107 ms, b1 L8192 0.847 vs 0.820 ms: bench/results/s5/ro/).
+template <typename T>
 __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using SM = Smem7<T>;
@@ -321,7 +320,6 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
         }
       };
       float dA[2][2][4], db[2][2][4];  // by token parity
-      float ya[2][4], yb[2][4];        // kSplitRO: the two readout halves by token parity
       front(0, dA[0], db[0]);
 #pragma unroll
       for (int tl = 0; tl < kHalf; ++tl) {
@@ -337,24 +335,10 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
           if (tl / 2 + 1 < kHalf / 2) cw_next = sm.cop[w][tl / 2 + 1][q];
         }
         const float2 clo = scan4::unpack2<T>((tl & 1) ? cw2.z : cw2.x), chi = scan4::unpack2<T>((tl & 1) ? cw2.w : cw2.y);
-        if constexpr (kSplitRO) {  // two independent readout mmas; their sum is stored one token later
-          mma_k8(ya[cur], h[0][0], h[0][2], h[0][1], h[0][3], clo.x, clo.y, 0.f, 0.f, 0.f, 0.f);
-          mma_k8(yb[cur], h[1][0], h[1][2], h[1][1], h[1][3], chi.x, chi.y, 0.f, 0.f, 0.f, 0.f);
-          if (tl > 0 && q == 0)
-            *reinterpret_cast<float2*>(&sm.yf[w][tl - 1][2 * g]) =
-                make_float2(ya[cur ^ 1][0] + yb[cur ^ 1][0], ya[cur ^ 1][2] + yb[cur ^ 1][2]);
-        } else {
-          float yv[4];
-          mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], clo.x, clo.y, 0.f, 0.f, 0.f, 0.f);
-          mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], chi.x, chi.y, yv[0], yv[1], yv[2], yv[3]);
-          if (q == 0) *reinterpret_cast<float2*>(&sm.yf[w][tl][2 * g]) = make_float2(yv[0], yv[2]);
-        }
-      }
-      if constexpr (kSplitRO) {
-        constexpr int last = (kHalf - 1) & 1;
-        if (q == 0)
-          *reinterpret_cast<float2*>(&sm.yf[w][kHalf - 1][2 * g]) =
-              make_float2(ya[last][0] + yb[last][0], ya[last][2] + yb[last][2]);
+        float yv[4];
+        mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], clo.x, clo.y, 0.f, 0.f, 0.f, 0.f);
+        mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], chi.x, chi.y, yv[0], yv[1], yv[2], yv[3]);
+        if (q == 0) *reinterpret_cast<float2*>(&sm.yf[w][tl][2 * g]) = make_float2(yv[0], yv[2]);
       }
       __syncwarp();
       {  // gate and store the half's y rows: lane = (row, 8 channels); y = (C . h) sz + D u sz
@@ -383,10 +367,10 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
   }
 }
 
-template <typename T, bool kSplitRO>
+template <typename T>
 void launch(const MixerScanParams& p, void* stream) {
   const size_t smem = sizeof(Smem7<T>);
-  auto kernel = mixer_scan_fwd7_kernel<T, kSplitRO>;
+  auto kernel = mixer_scan_fwd7_kernel<T>;
   static bool configured = false;  // a race here only repeats an idempotent call
   if (!configured) {
     APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
@@ -403,8 +387,7 @@ void launch(const MixerScanParams& p, void* stream) {
 
 template <typename T>
 void launch_mixer_scan_fwd7(const MixerScanParams& p, void* stream) {
-  if (p.fwd7_ro) scan7::launch<T, true>(p, stream);
-  else scan7::launch<T, false>(p, stream);
+  scan7::launch<T>(p, stream);
 }
 
 }  // namespace apriel

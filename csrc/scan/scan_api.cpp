@@ -107,8 +107,6 @@ MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims
   {
     const char* bc = std::getenv("APRIEL_SCAN_BC");
     p.raw_bc = bc == nullptr || std::string(bc) != "f32";
-    const char* ro = std::getenv("APRIEL_SCAN_FWD7_RO");
-    p.fwd7_ro = ro != nullptr && std::string(ro) == "1";
   }
   p.zxbc_vec16 = aligned(zxbc) && zxbc.stride(0) % vec == 0 && zxbc.stride(1) % vec == 0;
   p.dt_vec16 = aligned(dt_low) && dt_low.stride(0) % vec == 0 && dt_low.stride(1) % vec == 0 && d.R % vec == 0 &&

@@ -38,7 +38,6 @@ struct MixerScanParams {
   bool zxbc_vec16, dt_vec16;
   bool dy_vec16;  // backward v4: dy (b, L, D) 16-byte aligned with d_inner * sizeof(T) % 16 == 0 (cp.async rows)
   bool bwd_f32_bc;  // backward v4: fp32 copies of B / C (APRIEL_SCAN_BWD_BC=f32) instead of raw-tile reads
-  bool fwd7_ro;  // forward v7 experiment (APRIEL_SCAN_FWD7_RO=1): split readout, stored one token later
   bool raw_bc;  // forward v4, 16-bit activations: scan reads B / C from the raw tile (APRIEL_SCAN_BC=f32: fp32 copies)
 
   const float* init_ssm;   // (b, D, 16) or nullptr
