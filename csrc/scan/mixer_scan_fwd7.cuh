@@ -4,16 +4,20 @@
 // batch 8 (ncu, docs/notes/scan.md): the 5-instruction recurrence core plus bf16 unpacking of B / C (2.0), the
 // K-lane reduce-scatter of the readout (1.2) and the operand loads, against ~8 that a MUFU-bound kernel affords.
 // v7 gives one WARP one head (16 channels x 16 states) in the mma accumulator layout - lane (g = lane / 4,
-// q = lane % 4) owns channels {g, g + 8} x states {2q, 2q + 1, 8 + 2q, 9 + 2q} (8 elements) - and per token:
+// q = lane % 4) owns mma rows {g, g + 8} (= channels 2g, 2g + 1: see "Channel labels" below) x states
+// {2q, 2q + 1, 8 + 2q, 9 + 2q} (8 elements) - and per token:
 //   dBu = du (x) B      two mma.m16n8k4 (tf32): A = du of the 16 channels (every k column holds du: the B
 //                       operand's rows k >= 1 are zero, so no lane selects), B = B_t in row k = 0;
 //   h = ex2(delta A2) h + dBu   8 x (FMUL, MUFU.EX2, FFMA) per lane: the only work on the h chain;
-//   y = C . h + D u     two chained mma.m16n8k8 (tf32): A = h (the accumulator layout IS the A layout once the
+//   C . h               two chained mma.m16n8k8 (tf32): A = h (the accumulator layout IS the A layout once the
 //                       registers are passed in the order c0, c2, c1, c3: k = q <-> column 2q, k = q + 4 <->
-//                       column 2q + 1), B = C_t replicated in all 8 columns, accumulator input = D u: every lane
-//                       gets the finished readout of its two channels, no reduction.
-// Per token and lane: 4 shared loads, 4 mma, 24 core instructions and 4 for the gate / store (4.5 per element
-// instead of ~9.3 for v5's core + unpack + reduce + loads).
+//                       column 2q + 1), B = C_t replicated in all 8 columns: every lane gets the finished readout
+//                       of its two channels, no reduction; one 8-byte store per token, the gate (C . h) sz + D u sz
+//                       is applied per half when the y rows are stored.
+// Per token and lane ~38 SASS instructions for 8 elements (v5: ~13.4 per element executed); ncu at b8 L4096
+// (bench/results/s5/ncu/): 9.2 executed instructions per element in all, 54 % issue, the MUFU pipe at ~68 %
+// (1.375 MUFU ops per element: the scan's ex2 plus 6 per (channel, token) in the prep), top stalls fixed-latency
+// dependencies and the MIO queue (MUFU and shared-memory instructions share it).
 // Precision: du is rounded to tf32 (round to nearest) in the prep and B / C are 16-bit values, exact in tf32; the
 // readout reads h through tf32 (truncation, relative error < 2^-10 per term). For 16-bit outputs this is below
 // their rounding (docs/notes/scan.md, session 5; scripts/diag/scan_tf32_emulation.py); fp32 activations keep v4.
@@ -23,9 +27,9 @@
 // Block = 4 consecutive heads of one x / B group (4 warps; needs heads_per_group % 4 == 0), one sequence. Per
 // 32-token tile: S1 wait cp.async + barrier, issue the next tile's copies; A (block) x -> fp32 with the carried
 // conv halo, the B operand rows; S2 barrier; then each warp alone, per 16-token half: prep (dt_proj by mma in
-// the accumulator layout, conv + silu, softplus(. + 2 b_dt), silu(z)) -> per (token, channel) float4
-// (delta, tf32(delta u), D u, silu(z)) and the C operand rows; __syncwarp; the 16 tokens of the scan; the half's
-// y rows stored by the warp. No block barrier between prep and scan (the prep of a head is its own warp's).
+// the accumulator layout, conv + silu, softplus(. + 2 b_dt), silu(z)) -> per (token, row) du = (tf32(delta u),
+// delta) and gt = (silu z, D u silu z) pairs, and the C operand words; __syncwarp; the 16 tokens of the scan; the
+// half's y rows gated and stored by the warp. No block barrier between prep and scan (a head's prep is its warp's).
 // Not handled (the dispatcher falls back to v5 / v4): seq_idx (packed documents), fp32 activations, dt_rank > 16,
 // unaligned zxbc / dt_low rows (no 16-byte copies), heads_per_group % 4 != 0.
 #pragma once
