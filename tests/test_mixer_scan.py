@@ -490,6 +490,8 @@ GRAD_CASES = [
     (2, 97, 64, 16, True, "packed"),
     (1, 130, 256, 64, False, "strided"),
     (1, 2049, 64, 16, True, "init"),
+    (2, 50, 64, 32, True, "init"),    # 2 heads per x / B group (the head sums of dx / dB, session 5's epilogue kernel)
+    (1, 45, 32, 32, False, "init"),   # 1 head per group
 ]
 
 

@@ -294,11 +294,12 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   }
   // Sum the r head copies of each x / B group (fixed order: deterministic).
   const int64_t G = d.X / kN;
-  Tensor dx = dx_part.view({d.b, d.L, G, d.r, kN}).sum(3).view({d.b, d.L, d.X});
   Tensor dic = dic_part.view({d.b, G, d.r, kN, hw}).sum(2).view({d.b, d.X, hw});
-  // Gradient of the final conv state: the last W-1 x inputs (of the last document), else the initial state.
+  // Gradient of the final conv state: the last W-1 x inputs (of the last document), else the initial state. The
+  // x part goes into the first head copy of dx_part, so the head sum below carries it.
   if (dfinal_conv && dfinal_conv->numel()) {
     Tensor dfc = f32c(*dfinal_conv);
+    Tensor dx_head0 = dx_part.view({d.b, d.L, G, d.r, kN}).select(3, 0);  // (b, L, G, 16)
     for (int64_t k = 0; k < hw; ++k) {
       const int64_t pos = d.L - hw + k;
       Tensor g = dfc.select(2, k);  // (b, X)
@@ -306,12 +307,23 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
         const int64_t src = pos >= 0 ? pos : 0;
         g = g * seq_idx->select(1, src).eq(seq_idx->select(1, d.L - 1)).to(at::kFloat).unsqueeze(1);
       }
-      if (pos >= 0) dx.select(1, pos).add_(g);
+      if (pos >= 0) dx_head0.select(1, pos).add_(g.view({d.b, G, kN}));
       else dic.select(2, hw + pos).add_(g);
     }
   }
-  dzxbc.narrow(2, d.D, d.X).copy_(dx);
-  dzxbc.narrow(2, d.D + d.X, d.X).copy_(dB_part.view({d.b, d.L, G, d.r, kN}).sum(3).view({d.b, d.L, d.X}));
+  // dzxbc's x and B slices: one kernel reads the r copies of dx_part / dB_part and writes both slices
+  // (mixer_scan_head_sum.cu; was two torch sums into fp32 (b, L, X) temporaries and two strided copies).
+  {
+    void* stream = c10::cuda::getCurrentCUDAStream().stream();
+    const int64_t rows = d.b * d.L;
+    const int D = static_cast<int>(d.D), X = static_cast<int>(d.X), r = static_cast<int>(d.r);
+    if (st == at::kBFloat16)
+      launch_mixer_scan_head_sum<__nv_bfloat16>(dx_part.data_ptr<float>(), dB_part.data_ptr<float>(), dzxbc.data_ptr(), rows, D, X, r, stream);
+    else if (st == at::kHalf)
+      launch_mixer_scan_head_sum<__half>(dx_part.data_ptr<float>(), dB_part.data_ptr<float>(), dzxbc.data_ptr(), rows, D, X, r, stream);
+    else
+      launch_mixer_scan_head_sum<float>(dx_part.data_ptr<float>(), dB_part.data_ptr<float>(), dzxbc.data_ptr(), rows, D, X, r, stream);
+  }
   // dt_proj: dt_pre = dt_low W^T + b, the bias again inside softplus -> d bias = 2 * sum d(dt_pre).
   Tensor ddt2 = ddt_pre.view({d.b * d.L, d.D});
   Tensor ddt_low = ddt2.mm(f32c(dt_proj_weight)).view({d.b, d.L, d.R}).to(dt_low.scalar_type());

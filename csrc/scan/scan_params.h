@@ -80,6 +80,11 @@ inline bool mixer_scan_fwd7_supports(const MixerScanParams& p) {
   return p.seq_idx == nullptr && p.zxbc_vec16 && p.dt_vec16 && p.dt_rank <= 16 && p.heads_per_group % 4 == 0 &&
          p.width >= 1 && p.width <= 4;
 }
+// Backward epilogue (mixer_scan_head_sum.cu): dzxbc's x / B slices = the sums of the r head copies of dx_part /
+// dB_part ((b L, D) fp32 each; rows = b L).
+template <typename T>
+void launch_mixer_scan_head_sum(const float* dx_part, const float* dB_part, void* dzxbc, int64_t rows, int D, int X,
+                                int r, void* stream);
 template <typename T, int K>
 void launch_mixer_scan_bwd(const MixerScanParams& p, void* stream);
 template <typename T>
