@@ -128,8 +128,9 @@ MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims
 // latency-bound, see docs/notes/scan.md); fp32 activations keep v4 (v5's fp32 instantiations were not measured and
 // spill 20-32 bytes where v4's do not). Returned as K (v4), 100 + K (v5) or 3 (v3).
 // Session 5: where K = 4 is chosen, 16-bit activations run v7 (tensor-core input product and readout, one warp per
-// head; b8 L4096 1.15 vs v5's 1.29 ms on the H100) when it applies (mixer_scan_fwd7_supports), v5 K = 4 otherwise;
-// returned as 107. Batch 1 keeps v4 K = 8: v7's 4 warps per group are too few warps there (b1 L8192 1.0 ms).
+// head; b8 L4096 1.10 vs v5's 1.30 ms on the H100) when it applies (mixer_scan_fwd7_supports), v5 K = 4 otherwise;
+// returned as 107. Batch 1 keeps v4 K = 8: one warp per head is too few warps there (v7 b1 L8192 0.82 vs 0.47 ms).
+// v7 at batch 2 / 4 (where the rule picks K = 8) was not measured.
 // APRIEL_SCAN_FWD forces a version for benchmarks and tests: v4 (session-3 default: v4 at either K), v4k4, v4k8,
 // v5 (v5 at either K), v5k4, v5k8, v7 (v7 where it applies, else v5 K = 4), v3 (one state per thread, session 1).
 int fwd_version_auto(int64_t blocks, int sms, double per_sm8, double per_sm4) {
