@@ -75,10 +75,10 @@ void launch_mixer_scan_fwd5(const MixerScanParams& p, void* stream);
 // v7 (mixer_scan_fwd7.cuh, 16-bit activations): tensor-core input product and readout, 4 heads per block.
 template <typename T>
 void launch_mixer_scan_fwd7(const MixerScanParams& p, void* stream);
-// The calls v7 handles; the dispatcher runs v5 / v4 for the others (packed documents, unaligned rows, ...).
+// The calls v7 handles; the dispatcher runs v5 / v4 for the others (packed documents, unaligned rows, ...). (The
+// conv width needs no check: the op accepts 2..4 only, all of which v7's right-aligned taps handle.)
 inline bool mixer_scan_fwd7_supports(const MixerScanParams& p) {
-  return p.seq_idx == nullptr && p.zxbc_vec16 && p.dt_vec16 && p.dt_rank <= 16 && p.heads_per_group % 4 == 0 &&
-         p.width >= 1 && p.width <= 4;
+  return p.seq_idx == nullptr && p.zxbc_vec16 && p.dt_vec16 && p.dt_rank <= 16 && p.heads_per_group % 4 == 0;
 }
 // Backward epilogue (mixer_scan_head_sum.cu): dzxbc's x / B slices = the sums of the r head copies of dx_part /
 // dB_part ((b L, D) fp32 each; rows = b L).
