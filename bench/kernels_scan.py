@@ -19,9 +19,10 @@ Default dispatch (session 5): v4 at K = 8 (batch 1, 2, 4 at D 4096); where K = 4
 activations when it applies (no packed documents, 16-byte aligned rows, dt_rank <= 16, heads per group % 4 == 0),
 else v5 K = 4.
 APRIEL_BENCH_SCAN_FWD_PROVIDERS=a,b,... keeps only those forward providers (shorter A/B runs).
-fwd+bwd and bwd rows: "apriel" (default: backward v4), "apriel[bwd-bc=f32]" (v4 reading fp32 copies of B / C
+fwd+bwd and bwd rows: "apriel" (default: backward v4), "apriel[bwd=v7]" (the tensor-core backward,
+APRIEL_SCAN_BWD=v7), "apriel[bwd-bc=f32]" (v4 reading fp32 copies of B / C
 instead of the raw 16-bit tile, APRIEL_SCAN_BWD_BC=f32), "apriel[bwd=v3]" (the previous backward, APRIEL_SCAN_BWD=v3, forward
-unchanged) and "apriel-v3" (both previous kernels).
+unchanged) and "apriel-v3" (both previous kernels); APRIEL_BENCH_SCAN_BWD_PROVIDERS=a,b keeps only those.
 APRIEL_BENCH_SCAN_PHASES=bwd (or fwd) restricts the run to the fwd+bwd / bwd rows (or the fwd rows): one
 device call can then A/B the backward versions in ~30 s.
 """
@@ -115,8 +116,12 @@ def run(quick: bool = False) -> list[dict]:
             y = mixer_scan(**args, **kw)
             return torch.autograd.grad(y, leaves, dy)
 
-        for provider, version, bwd, bc in (("apriel", None, None, None), ("apriel[bwd-bc=f32]", None, None, "f32"),
-                                           ("apriel[bwd=v3]", None, "v3", None), ("apriel-v3", "v3", "v3", None)):
+        variants = (("apriel", None, None, None), ("apriel[bwd=v7]", None, "v7", None),
+                    ("apriel[bwd-bc=f32]", None, None, "f32"), ("apriel[bwd=v3]", None, "v3", None),
+                    ("apriel-v3", "v3", "v3", None))
+        if keep := os.environ.get("APRIEL_BENCH_SCAN_BWD_PROVIDERS"):
+            variants = tuple(v for v in variants if v[0] in keep.split(","))
+        for provider, version, bwd, bc in variants:
             with env_override("APRIEL_SCAN_FWD", version), env_override("APRIEL_SCAN_BWD", bwd), \
                     env_override("APRIEL_SCAN_BWD_BC", bc):
                 try:

@@ -478,9 +478,10 @@ def test_forward_v7_falls_back_where_it_does_not_apply(extra, monkeypatch):
         check(name, o, r64, rlp, floor=2e-5 if dtype == torch.float32 else 1e-3)
 
 
-# Backward versions (APRIEL_SCAN_BWD, read by the host at each call): v4 (default: mixer_scan_bwd4.cuh) and v3
-# (the session-1 kernel). Every GPU gradient test runs both.
-BWD_VERSIONS = ["v4", "v3"]
+# Backward versions (APRIEL_SCAN_BWD, read by the host at each call): v4 (default: mixer_scan_bwd4.cuh), v7 (the
+# tensor-core backward, mixer_scan_bwd7.cuh; v4 where it does not apply) and v3 (the session-1 kernel). Every GPU
+# gradient test runs all three.
+BWD_VERSIONS = ["v4", "v7", "v3"]
 
 
 @pytest.fixture(params=BWD_VERSIONS)
@@ -705,6 +706,73 @@ def test_deterministic_bitwise(bwd_version):
     runs = [_grads(args, kw, seq, weights) for _ in range(2)]
     for name in args:
         assert torch.equal(runs[0][name], runs[1][name]), f"d{name} differs between runs"
+
+
+# The backward v7 (tensor cores, one warp per head, 8-token sub-chunks): shapes that reach its sub-chunk and tile
+# boundaries (L 1 / 9 / 31 / 33 / 1000 / 4097: ragged sub-chunks and tiles, pass A over 0-3 sub-chunks), both repeat
+# settings, conv widths 2-4, 8 heads per group (two blocks per group), strided inputs, the model's shape (D 4096).
+BWD7_CASES = [
+    # (batch, seqlen, d_inner, d_xb, repeat, width, dt_rank, extras)
+    (1, 1, 64, 16, True, 4, 8, "init"),
+    (2, 9, 64, 16, False, 2, 16, "init"),
+    (1, 31, 256, 64, True, 3, 16, ""),
+    (3, 33, 128, 16, False, 4, 16, "init"),
+    (2, 1000, 256, 64, True, 4, 16, "init"),
+    (1, 4097, 64, 16, False, 4, 8, ""),
+    (2, 300, 4096, 1024, True, 4, 16, "init"),
+    (2, 70, 256, 64, True, 4, 16, "strided"),
+]
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
+@pytest.mark.parametrize("case", BWD7_CASES, ids=lambda c: f"b{c[0]}-L{c[1]}-D{c[2]}-X{c[3]}-{'rep' if c[4] else 'norep'}-W{c[5]}-R{c[6]}-{c[7] or 'plain'}")
+def test_backward_v7_parity_and_determinism(case, dtype, monkeypatch):
+    """v7 runs (torch profiler), matches float64 for every gradient, and is bitwise repeatable."""
+    b, L, D_, X, repeat, width, rank, extra = case
+    monkeypatch.setenv("APRIEL_SCAN_BWD", "v7")
+    args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", repeat=repeat, dt_rank=rank, width=width,
+                           initial_states="init" in extra, strided=extra == "strided", seed=21)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    weights = (torch.randn(b, L, D_, device="cuda", generator=gen, dtype=torch.float64).to(dtype).double(),
+               torch.randn(b, D_ // N, N, N, device="cuda", generator=gen, dtype=torch.float64),
+               torch.randn(b, X, width - 1, device="cuda", generator=gen, dtype=torch.float64).to(dtype).double())
+    names = _cuda_kernels_run(lambda: _grads(args, kw, None, weights))
+    assert any("mixer_scan_bwd7_kernel" in n for n in names), names
+    assert not any("mixer_scan_bwd4_kernel" in n for n in names), names
+    poison_allocator()
+    got = _grads(args, kw, None, weights)
+    again = _grads(args, kw, None, weights)
+    ref64 = _ref_grads(to64(args), kw, None, weights)
+    ref_lp = _ref_grads(args, kw, None, weights)
+    for name in args:
+        assert torch.equal(got[name], again[name]), f"d{name} differs between runs"
+        check(f"d{name}", got[name], ref64[name], ref_lp[name], k=3.0, floor=2e-3)
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("extra", ["packed", "misaligned", "fp32", "groups2"])
+def test_backward_v7_falls_back_where_it_does_not_apply(extra, monkeypatch):
+    monkeypatch.setenv("APRIEL_SCAN_BWD", "v7")
+    dtype = torch.float32 if extra == "fp32" else torch.bfloat16
+    X = 32 if extra == "groups2" else 16
+    args, kw = make_inputs(2, 70, 64, X, dtype=dtype, device="cuda", dt_rank=16, initial_states=True, seed=3)
+    seq = packed_seq_idx(2, 70, [20, 41], "cuda") if extra == "packed" else None
+    if extra == "misaligned":
+        for name in ("zxbc", "dt_low"):
+            t = args[name]
+            base = torch.full((2, 70, t.shape[-1] + 3), float("nan"), dtype=dtype, device="cuda")
+            base[..., 1:1 + t.shape[-1]] = t
+            args[name] = base[..., 1:1 + t.shape[-1]]
+    weights = (torch.randn(2, 70, 64, device="cuda", dtype=torch.float64).to(dtype).double(),
+               torch.randn(2, 64 // N, N, N, device="cuda", dtype=torch.float64),
+               torch.randn(2, X, 3, device="cuda", dtype=torch.float64).to(dtype).double())
+    names = _cuda_kernels_run(lambda: _grads(args, kw, seq, weights))
+    assert not any("mixer_scan_bwd7_kernel" in n for n in names), names
+    assert any("mixer_scan_bwd4_kernel" in n for n in names), names
+    _check_grads(args, kw, seq, dtype)
 
 
 @gpu

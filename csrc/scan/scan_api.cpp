@@ -187,16 +187,24 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
 }
 
 // Backward version: v4 (mixer_scan_bwd4.cuh: K = 8 lanes per channel, cp.async tiles, adjoint in registers)
-// by default; APRIEL_SCAN_BWD=v3 selects the session-1 kernel (K = 16 lanes, 1 state per thread) for A/B.
-// Read at each call, like APRIEL_SCAN_FWD. Both produce the same outputs in the same partial layouts.
-bool bwd_v3() {
+// by default; APRIEL_SCAN_BWD=v7 selects the tensor-core backward (mixer_scan_bwd7.cuh) where it applies (16-bit
+// activations, mixer_scan_bwd7_supports; v4 elsewhere), APRIEL_SCAN_BWD=v3 the session-1 kernel (K = 16 lanes,
+// 1 state per thread). Read at each call, like APRIEL_SCAN_FWD. All produce the same outputs in the same partial
+// layouts.
+std::string bwd_version() {
   const char* env = std::getenv("APRIEL_SCAN_BWD");
-  return env != nullptr && std::string(env) == "v3";
+  return env != nullptr ? std::string(env) : std::string("v4");
 }
 
 void launch_bwd(const MixerScanParams& p, at::ScalarType st) {
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (!bwd_v3()) {
+  const std::string v = bwd_version();
+  if (v == "v7" && st != at::kFloat && mixer_scan_bwd7_supports(p)) {
+    if (st == at::kBFloat16) launch_mixer_scan_bwd7<__nv_bfloat16>(p, stream);
+    else launch_mixer_scan_bwd7<__half>(p, stream);
+    return;
+  }
+  if (v != "v3") {
     if (st == at::kBFloat16) launch_mixer_scan_bwd4<__nv_bfloat16>(p, stream);
     else if (st == at::kHalf) launch_mixer_scan_bwd4<__half>(p, stream);
     else launch_mixer_scan_bwd4<float>(p, stream);

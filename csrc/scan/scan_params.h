@@ -89,5 +89,10 @@ template <typename T, int K>
 void launch_mixer_scan_bwd(const MixerScanParams& p, void* stream);
 template <typename T>
 void launch_mixer_scan_bwd4(const MixerScanParams& p, void* stream);
+// v7 backward (mixer_scan_bwd7.cuh, 16-bit activations): the adjoint in the forward v7's tensor-core layout. It
+// applies where the forward v7 does and dy rows are 16-byte aligned; the dispatcher runs v4 elsewhere.
+template <typename T>
+void launch_mixer_scan_bwd7(const MixerScanParams& p, void* stream);
+inline bool mixer_scan_bwd7_supports(const MixerScanParams& p) { return mixer_scan_fwd7_supports(p) && p.dy_vec16; }
 
 }  // namespace apriel

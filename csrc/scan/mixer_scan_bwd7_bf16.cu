@@ -1,0 +1,15 @@
+// bf16 instantiation of the v7 mixer scan backward (mixer_scan_bwd7.cuh: the adjoint in the forward v7's tensor-core
+// layout). Own TU so it compiles in parallel with the other scan kernels.
+#include "../common/kernel_registry.h"
+#include "mixer_scan_bwd7.cuh"
+
+namespace apriel {
+template void launch_mixer_scan_bwd7<__nv_bfloat16>(const MixerScanParams&, void*);
+
+namespace {
+const bool kRegistered = [] {
+  register_kernel({"scan", "mixer_scan_bwd7<bf16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__nv_bfloat16>), scan7b::kThreads});
+  return true;
+}();
+}  // namespace
+}  // namespace apriel
