@@ -52,6 +52,14 @@ using scan7::mma_k4;
 using scan7::mma_k8;
 using scan7::tf32_rna;
 
+// d = A (16 x 4, every column a0 / a1) * B (row 0 = b0) + c: mma_k4 with an accumulator input.
+__device__ __forceinline__ void mma_k4c(float (&d)[4], float a0, float a1, float b0, const float (&c)[4]) {
+  asm("mma.sync.aligned.m16n8k4.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%7,%8,%9,%10};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(__float_as_uint(a0)), "r"(__float_as_uint(a1)), "r"(__float_as_uint(b0)), "f"(c[0]), "f"(c[1]),
+        "f"(c[2]), "f"(c[3]));
+}
+
 constexpr int kSub = 8;                  // tokens per sub-chunk (the recomputed states of one in registers)
 constexpr int kNSub = kChunk / kSub;     // 4
 
@@ -73,6 +81,8 @@ struct SmemB7 {
     alignas(16) float dzf[kSub][kN];       // dy silu'(z)
     alignas(16) float yc[kSub][kN];        // readout C . h
     alignas(16) float4 ppu[kSub][8];       // (pp, pp, pu, pu) of channels 2g, 2g + 1
+    alignas(16) float red[kSub][32];       // per token: dB (states 0..15) then dC (16..31) of the head
+    alignas(16) float dxs[kSub][kN];       // d(conv input) of the head (fused head sums only)
     alignas(16) float dco[kSub + 3][kN];   // d(conv pre-activation); rows 8..10 = the next sub-chunk's rows 0..2
     alignas(16) float4 bst[kNSub - 1][2][32];  // states after tokens 7, 15, 23 of the tile, per lane (pass A)
     alignas(16) float4 cw[kN];             // right-aligned conv taps per channel
@@ -164,6 +174,11 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
   const int ec = lane & 15, et0 = (lane >> 4) * 4;
   float accD = 0.f, accCB = 0.f, accW[4] = {0.f, 0.f, 0.f, 0.f};
   const int bsel = q == 0 ? g : 8;  // lanes q > 0 read the zero entry: rows k >= 1 of a k4 B operand
+  // Reverse: the reduce-scatter's lane bits, this lane's slot in red (which * 16 + state), the pp diagonal lane.
+  const bool b4 = (lane >> 4) & 1, b3 = (lane >> 3) & 1, b2 = (lane >> 2) & 1;
+  const int red_slot = 16 * b4 + 8 * b3 + 2 * q + b2;
+  const bool diag = q == (g >> 1), godd = g & 1;
+  const bool fused = p.bwd_fused_sums;
   T* dzx = static_cast<T*>(p.dzxbc) + (int64_t)b * L * rowZ;
   auto load_state = [&](const float* base, float (&h)[2][4]) {  // base = (D, 16) block of this sequence
 #pragma unroll
@@ -297,7 +312,7 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
           float yv[4];
           mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], clo.x, clo.y, 0.f, 0.f, 0.f, 0.f);
           mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], chi.x, chi.y, yv[0], yv[1], yv[2], yv[3]);
-          if (q == 0) *reinterpret_cast<float2*>(&wp.yc[tl][2 * g]) = make_float2(yv[0], yv[2]);
+          *reinterpret_cast<float2*>(&wp.yc[tl][2 * g]) = make_float2(yv[0], yv[2]);  // the 4 q lanes: same value
         }
       }
     };
@@ -345,36 +360,39 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
       const int csel = q == 0 ? g : 8;
 #pragma unroll
       for (int tl = kSub - 1; tl >= 0; --tl) {
-        const int t = kSub * j + tl, tg = t0 + t;
+        const int t = kSub * j + tl;
         const float4 pd = *reinterpret_cast<const float4*>(&wp.du[tl][2 * g]);  // (du0, delta0, du1, delta1)
         const float2 dy2 = *reinterpret_cast<const float2*>(&wp.dys[tl][2 * g]);
         const float4 cc = wp.cop4[tl >> 1][csel];
         const unsigned* bwd = reinterpret_cast<const unsigned*>(&r.f.B[t][0]);
         const float2 blo = scan4::unpack2<T>(bwd[q]), bhi = scan4::unpack2<T>(bwd[4 + q]);
-        float gm[2][4];
+        // G = carry + dys (x) C: the carry enters as the accumulator
+        float G[2][4];
         const float dr0 = tf32_rna(dy2.x), dr1 = tf32_rna(dy2.y);
-        mma_k4(gm[0], dr0, dr1, (tl & 1) ? cc.z : cc.x);
-        mma_k4(gm[1], dr0, dr1, (tl & 1) ? cc.w : cc.y);
-        float G[2][4], qA[2][4];
+        mma_k4c(G[0], dr0, dr1, (tl & 1) ? cc.z : cc.x, carry[0]);
+        mma_k4c(G[1], dr0, dr1, (tl & 1) ? cc.w : cc.y, carry[1]);
+        float qv[2][4];
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const float dl = i < 2 ? pd.y : pd.w;
-            const float a = ex2(dl * A2[nt][i]);
-            G[nt][i] = carry[nt][i] + gm[nt][i];
-            const float ga = G[nt][i] * a;
+            const float ga = G[nt][i] * ex2(dl * A2[nt][i]);
             const float hp = tl > 0 ? hs[tl > 0 ? tl - 1 : 0][nt][i] : hstart[nt][i];
-            qA[nt][i] = ga * hp * An[nt][i];
-            dAacc[nt][i] = fmaf(qA[nt][i], dl, dAacc[nt][i]);
+            qv[nt][i] = ga * hp;  // d/d(delta A) of h_t = a h_{t-1}: G a h_{t-1}
+            dAacc[nt][i] = fmaf(qv[nt][i], dl, dAacc[nt][i]);  // x A at the end
             carry[nt][i] = ga;
           }
-        float pp[4], pu[4];
-        mma_k8(pp, qA[0][0], qA[0][2], qA[0][1], qA[0][3], 1.f, 1.f, 0.f, 0.f, 0.f, 0.f);
-        mma_k8(pp, qA[1][0], qA[1][2], qA[1][1], qA[1][3], 1.f, 1.f, pp[0], pp[1], pp[2], pp[3]);
+        // pp[c] = sum_n q[c, n] A[c, n]: two mmas whose B columns are the A rows of the even / odd channels (the
+        // lane's own An registers are those fragments); the wanted diagonal entries land in lane q = g / 2.
+        float pe[4], po[4], pu[4];
+        mma_k8(pe, qv[0][0], qv[0][2], qv[0][1], qv[0][3], An[0][0], An[0][1], 0.f, 0.f, 0.f, 0.f);
+        mma_k8(pe, qv[1][0], qv[1][2], qv[1][1], qv[1][3], An[1][0], An[1][1], pe[0], pe[1], pe[2], pe[3]);
+        mma_k8(po, qv[0][0], qv[0][2], qv[0][1], qv[0][3], An[0][2], An[0][3], 0.f, 0.f, 0.f, 0.f);
+        mma_k8(po, qv[1][0], qv[1][2], qv[1][1], qv[1][3], An[1][2], An[1][3], po[0], po[1], po[2], po[3]);
         mma_k8(pu, G[0][0], G[0][2], G[0][1], G[0][3], blo.x, blo.y, 0.f, 0.f, 0.f, 0.f);
         mma_k8(pu, G[1][0], G[1][2], G[1][1], G[1][3], bhi.x, bhi.y, pu[0], pu[1], pu[2], pu[3]);
-        if (q == 0) wp.ppu[tl][g] = make_float4(pp[0], pp[2], pu[0], pu[2]);
+        if (diag) wp.ppu[tl][g] = make_float4(godd ? pe[1] : pe[0], godd ? po[3] : po[2], pu[0], pu[2]);
         // Channel sums: v = (dB: G du, dC: dys h) per (nt, state 2q + s), the lane's 2 channels pre-added; then a
         // reduce-scatter over lane bits 4, 3, 2 (= g's bits): lane keeps (which = bit 4, nt = bit 3, s = bit 2).
         float v[8];
@@ -385,7 +403,6 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
             v[nt * 2 + s] = fmaf(G[nt][s], pd.x, G[nt][2 + s] * pd.z);
             v[4 + nt * 2 + s] = fmaf(hs[tl][nt][s], dy2.x, hs[tl][nt][2 + s] * dy2.y);
           }
-        const bool b4 = (lane >> 4) & 1, b3 = (lane >> 3) & 1, b2 = (lane >> 2) & 1;
         float k1[4];
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
@@ -399,12 +416,7 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
           k2[k] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
         }
         const float keep = b2 ? k2[1] : k2[0], send = b2 ? k2[0] : k2[1];
-        const float sum = keep + __shfl_xor_sync(0xffffffffu, send, 4);
-        const int n = 8 * b3 + 2 * q + b2;
-        if (tg < L) {
-          if (!b4) p.dB_part[(((int64_t)b * L + tg) * (D / kN) + head) * kN + n] = sum;
-          else dzx[(int64_t)tg * rowZ + D + 2 * p.d_xb + c0 + n] = from_f<T>(sum);
-        }
+        wp.red[tl][red_slot] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
       }
       __syncwarp();
 
@@ -445,7 +457,8 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
           float acc = 0.f;
 #pragma unroll
           for (int k = 0; k < 4; ++k) acc = fmaf(wv[k], wp.dco[tl + 3 - k][ec], acc);
-          if (t < Tv) p.dx_part[((int64_t)b * L + tg) * D + c0 + ec] = acc;
+          if (fused) wp.dxs[tl][ec] = acc;
+          else if (t < Tv) p.dx_part[((int64_t)b * L + tg) * D + c0 + ec] = acc;
         }
         if (tile == 0 && j == 0 && lane < kN * hw) {
           // gradient of the initial conv state: positions -hw .. -1
@@ -475,7 +488,44 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
       }
       __syncwarp();
       for (int i = lane; i < 3 * kN; i += 32) wp.dco[kSub + i / kN][i % kN] = wp.dco[i / kN][i % kN];
-      __syncwarp();
+      const int64_t row0 = (int64_t)b * L + t0 + kSub * j;  // first (b, L) row of the sub-chunk
+      if (lane < 16) {  // dC of the head (complete): token lane / 2, states 8 (lane % 2) .. + 7, one 16-byte store
+        const int tl = lane >> 1, hf = lane & 1;
+        const float4 lo = *reinterpret_cast<const float4*>(&wp.red[tl][16 + 8 * hf]);
+        const float4 hi = *reinterpret_cast<const float4*>(&wp.red[tl][20 + 8 * hf]);
+        if (kSub * j + tl < Tv)
+          *reinterpret_cast<uint4*>(dzx + (row0 - (int64_t)b * L + tl) * rowZ + D + 2 * p.d_xb + c0 + 8 * hf) =
+              make_uint4(M::pack(lo.x, lo.y), M::pack(lo.z, lo.w), M::pack(hi.x, hi.y), M::pack(hi.z, hi.w));
+      }
+      if (!fused) {  // dB of the head: token lane / 4, states 4 (lane % 4) .. + 3
+        const int tl = lane >> 2, qd = lane & 3;
+        if (kSub * j + tl < Tv)
+          *reinterpret_cast<float4*>(p.dB_part + ((row0 + tl) * (D / kN) + head) * kN + 4 * qd) =
+              *reinterpret_cast<const float4*>(&wp.red[tl][4 * qd]);
+        __syncwarp();
+      } else {
+        // The group's 4 heads are this block's 4 warps: sum their dB and d(conv input) (fixed order) and write
+        // dzxbc's B / x slices. dfinal_conv enters at the last width-1 positions (x inputs of the final state).
+        __syncthreads();
+        const int hx = tid >> 6, i = tid & 63, tl = i >> 3, pr = i & 7, tg = t0 + kSub * j + tl;
+        float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+        for (int ww = 0; ww < kHeads; ++ww) {
+          const float2 v = hx == 0 ? *reinterpret_cast<const float2*>(&sm.wp[ww].red[tl][2 * pr])
+                                   : *reinterpret_cast<const float2*>(&sm.wp[ww].dxs[tl][2 * pr]);
+          s0 += v.x;
+          s1 += v.y;
+        }
+        if (hx == 1 && p.dfinal_conv != nullptr && tg >= L - hw) {
+          const float* dfc = p.dfinal_conv + ((int64_t)b * p.d_xb + group * kN + 2 * pr) * hw + (tg - (L - hw));
+          s0 += dfc[0];
+          s1 += dfc[hw];
+        }
+        if (tg < L)
+          *reinterpret_cast<unsigned*>(dzx + (int64_t)tg * rowZ + D + (hx == 0 ? p.d_xb : 0) + group * kN + 2 * pr) =
+              M::pack(s0, s1);
+        __syncthreads();
+      }
     }
   }
 
@@ -485,7 +535,8 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
 #pragma unroll
     for (int r2 = 0; r2 < 2; ++r2) {
       const int64_t o = ((int64_t)b * D + c0 + 2 * g + r2) * kN + nt * 8 + 2 * q;
-      *reinterpret_cast<float2*>(p.dA_log_part + o) = make_float2(dAacc[nt][2 * r2], dAacc[nt][2 * r2 + 1]);
+      *reinterpret_cast<float2*>(p.dA_log_part + o) =
+          make_float2(dAacc[nt][2 * r2] * An[nt][2 * r2], dAacc[nt][2 * r2 + 1] * An[nt][2 * r2 + 1]);
       *reinterpret_cast<float2*>(p.dinit_ssm + o) = make_float2(carry[nt][2 * r2], carry[nt][2 * r2 + 1]);
     }
   accD += __shfl_xor_sync(0xffffffffu, accD, 16);

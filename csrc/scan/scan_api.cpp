@@ -272,18 +272,25 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
     launch_fwd(q, st);
   }
   Tensor dzxbc = at::empty({d.b, d.L, 2 * d.D + 2 * d.X}, zxbc.options());
-  Tensor dx_part = at::empty({d.b, d.L, d.D}, f32);
-  Tensor dB_part = at::empty({d.b, d.L, d.D}, f32);
+  // Backward v7 with the 4 heads of a group in one block sums d(conv input) / dB in the kernel (no fp32 (b, L, D)
+  // partial buffers, no head-sum kernel, dfinal_conv added by the kernel).
+  Tensor dy_c = dy.to(st).contiguous();
+  p.dy = dy_c.data_ptr();
+  p.dy_vec16 = reinterpret_cast<uintptr_t>(p.dy) % 16 == 0 && (d.D * dy_c.element_size()) % 16 == 0;
+  const bool fused = d.L > 0 && d.b > 0 && bwd_version() == "v7" && st != at::kFloat && mixer_scan_bwd7_supports(p) &&
+                     d.r == 4;
+  p.bwd_fused_sums = fused;
+  Tensor dx_part = fused ? at::empty({0}, f32) : at::empty({d.b, d.L, d.D}, f32);
+  Tensor dB_part = fused ? at::empty({0}, f32) : at::empty({d.b, d.L, d.D}, f32);
   Tensor ddt_pre = at::empty({d.b, d.L, d.D}, f32);
   Tensor dAlog_part = at::empty({d.b, d.D, kN}, f32);
   Tensor dD_part = at::empty({d.b, d.D}, f32), dcb_part = at::empty({d.b, d.D}, f32);
   Tensor dcw_part = at::empty({d.b, d.D, d.W}, f32), dic_part = at::zeros({d.b, d.D, hw}, f32);
   Tensor dinit_ssm = at::empty({d.b, d.D, kN}, f32);
-  Tensor dy_c = dy.to(st).contiguous();
   Tensor dfs = dfinal_ssm && dfinal_ssm->numel() ? f32c(*dfinal_ssm) : Tensor();
+  Tensor dfc = dfinal_conv && dfinal_conv->numel() ? f32c(*dfinal_conv) : Tensor();
   if (d.L > 0 && d.b > 0) {
-    p.dy = dy_c.data_ptr();
-    p.dy_vec16 = reinterpret_cast<uintptr_t>(p.dy) % 16 == 0 && (d.D * dy_c.element_size()) % 16 == 0;
+    p.dfinal_conv = fused && dfc.defined() ? dfc.data_ptr<float>() : nullptr;
     {
       const char* bc = std::getenv("APRIEL_SCAN_BWD_BC");
       p.bwd_f32_bc = bc != nullptr && std::string(bc) == "f32";
@@ -306,9 +313,8 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   Tensor dic = dic_part.view({d.b, G, d.r, kN, hw}).sum(2).view({d.b, d.X, hw});
   // Gradient of the final conv state: the last W-1 x inputs (of the last document), else the initial state. The
   // x part goes into the first head copy of dx_part, so the head sum below carries it.
-  if (dfinal_conv && dfinal_conv->numel()) {
-    Tensor dfc = f32c(*dfinal_conv);
-    Tensor dx_head0 = dx_part.view({d.b, d.L, G, d.r, kN}).select(3, 0);  // (b, L, G, 16)
+  if (dfc.defined()) {
+    Tensor dx_head0 = fused ? Tensor() : dx_part.view({d.b, d.L, G, d.r, kN}).select(3, 0);  // (b, L, G, 16)
     for (int64_t k = 0; k < hw; ++k) {
       const int64_t pos = d.L - hw + k;
       Tensor g = dfc.select(2, k);  // (b, X)
@@ -316,13 +322,13 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
         const int64_t src = pos >= 0 ? pos : 0;
         g = g * seq_idx->select(1, src).eq(seq_idx->select(1, d.L - 1)).to(at::kFloat).unsqueeze(1);
       }
-      if (pos >= 0) dx_head0.select(1, pos).add_(g.view({d.b, G, kN}));
-      else dic.select(2, hw + pos).add_(g);
+      if (pos < 0) dic.select(2, hw + pos).add_(g);
+      else if (!fused) dx_head0.select(1, pos).add_(g.view({d.b, G, kN}));  // (fused: the kernel added it)
     }
   }
   // dzxbc's x and B slices: one kernel reads the r copies of dx_part / dB_part and writes both slices
   // (mixer_scan_head_sum.cu; was two torch sums into fp32 (b, L, X) temporaries and two strided copies).
-  {
+  if (!fused) {
     void* stream = c10::cuda::getCurrentCUDAStream().stream();
     const int64_t rows = d.b * d.L;
     const int D = static_cast<int>(d.D), X = static_cast<int>(d.X), r = static_cast<int>(d.r);

@@ -64,6 +64,11 @@ struct MixerScanParams {
   float* dconv_w_part;     // (b, D, width)
   float* dinit_conv_part;  // (b, D, width-1)
   float* dinit_ssm;        // (b, D, 16)
+  // Backward v7 with one block per x / B group (heads_per_group == 4): the kernel sums the 4 heads' d(conv input)
+  // and dB itself and writes dzxbc's x / B slices (dx_part / dB_part unused), adding dfinal_conv (b, X, width-1)
+  // fp32 at the last width-1 positions.
+  bool bwd_fused_sums;
+  const float* dfinal_conv;
 };
 
 template <typename T, int K>
