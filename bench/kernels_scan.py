@@ -19,10 +19,10 @@ Default dispatch (session 5): v4 at K = 8 (batch 1, 2, 4 at D 4096); where K = 4
 activations when it applies (no packed documents, 16-byte aligned rows, dt_rank <= 16, heads per group % 4 == 0),
 else v5 K = 4.
 APRIEL_BENCH_SCAN_FWD_PROVIDERS=a,b,... keeps only those forward providers (shorter A/B runs).
-fwd+bwd and bwd rows: "apriel" (default: backward v4), "apriel[bwd=v7]" (the tensor-core backward,
-APRIEL_SCAN_BWD=v7), "apriel[bwd-bc=f32]" (v4 reading fp32 copies of B / C
+fwd+bwd and bwd rows: "apriel" (default dispatch: backward v7 where the grid fills the GPU, else v4),
+"apriel[bwd=v4]" / "apriel[bwd=v7]" (forced, APRIEL_SCAN_BWD), "apriel[bwd-bc=f32]" (v4 reading fp32 copies of B / C
 instead of the raw 16-bit tile, APRIEL_SCAN_BWD_BC=f32), "apriel[bwd=v3]" (the previous backward, APRIEL_SCAN_BWD=v3, forward
-unchanged) and "apriel-v3" (both previous kernels); APRIEL_BENCH_SCAN_BWD_PROVIDERS=a,b keeps only those.
+unchanged) and "apriel-v3" (both previous kernels); APRIEL_BENCH_SCAN_BWD_PROVIDERS=a,b keeps only those; APRIEL_BENCH_SCAN_BWD_B4=1 adds b4 L4096.
 APRIEL_BENCH_SCAN_PHASES=bwd (or fwd) restricts the run to the fwd+bwd / bwd rows (or the fwd rows): one
 device call can then A/B the backward versions in ~30 s.
 """
@@ -107,7 +107,8 @@ def run(quick: bool = False) -> list[dict]:
                 out.append(_row("fwd", provider, batch, seqlen, stats))
             except Exception as e:  # noqa: BLE001 - a failing shape is a row, not a crash
                 out.append(R.error_row("kernels", "mixer_scan_fwd", provider, e, shape=f"b{batch} L{seqlen}"))
-    for batch, seqlen in ([(1, 8192), (8, 4096)] if not quick else [(1, 8192)]) if "bwd" in phases else ():
+    bwd_shapes = [(1, 8192), (4, 4096), (8, 4096)] if os.environ.get("APRIEL_BENCH_SCAN_BWD_B4") else [(1, 8192), (8, 4096)]
+    for batch, seqlen in (bwd_shapes if not quick else [(1, 8192)]) if "bwd" in phases else ():
         args = _inputs(batch, seqlen, requires_grad=True)
         dy = torch.randn(batch, seqlen, D, device="cuda", dtype=torch.bfloat16)
         leaves = list(args.values())
@@ -116,7 +117,7 @@ def run(quick: bool = False) -> list[dict]:
             y = mixer_scan(**args, **kw)
             return torch.autograd.grad(y, leaves, dy)
 
-        variants = (("apriel", None, None, None), ("apriel[bwd=v7]", None, "v7", None),
+        variants = (("apriel", None, None, None), ("apriel[bwd=v4]", None, "v4", None), ("apriel[bwd=v7]", None, "v7", None),
                     ("apriel[bwd-bc=f32]", None, None, "f32"), ("apriel[bwd=v3]", None, "v3", None),
                     ("apriel-v3", "v3", "v3", None))
         if keep := os.environ.get("APRIEL_BENCH_SCAN_BWD_PROVIDERS"):

@@ -478,9 +478,9 @@ def test_forward_v7_falls_back_where_it_does_not_apply(extra, monkeypatch):
         check(name, o, r64, rlp, floor=2e-5 if dtype == torch.float32 else 1e-3)
 
 
-# Backward versions (APRIEL_SCAN_BWD, read by the host at each call): v4 (default: mixer_scan_bwd4.cuh), v7 (the
-# tensor-core backward, mixer_scan_bwd7.cuh; v4 where it does not apply) and v3 (the session-1 kernel). Every GPU
-# gradient test runs all three.
+# Backward versions (APRIEL_SCAN_BWD, read by the host at each call): v4 (mixer_scan_bwd4.cuh), v7 (the tensor-core
+# backward, mixer_scan_bwd7.cuh; v4 where it does not apply) and v3 (the session-1 kernel). Every GPU gradient test
+# runs all three; the default dispatch (v7 for large grids) has its own test.
 BWD_VERSIONS = ["v4", "v7", "v3"]
 
 
@@ -749,6 +749,26 @@ def test_backward_v7_parity_and_determinism(case, dtype, monkeypatch):
     for name in args:
         assert torch.equal(got[name], again[name]), f"d{name} differs between runs"
         check(f"d{name}", got[name], ref64[name], ref_lp[name], k=3.0, floor=2e-3)
+
+
+@gpu
+@needs_kernel
+def test_backward_default_dispatch(monkeypatch):
+    """Default: v7 once batch x d_inner / 64 blocks reach 2 per SM (the model's shape at batch >= 5 on an H100), v4
+    below; both with correct gradients."""
+    monkeypatch.delenv("APRIEL_SCAN_BWD", raising=False)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    D_, X = 4096, 1024
+    big = -(-2 * sms * 64 // D_)  # smallest batch whose grid reaches 2 blocks per SM
+    for b, want in ((1, "mixer_scan_bwd4_kernel"), (big, "mixer_scan_bwd7_kernel")):
+        args, kw = make_inputs(b, 40, D_, X, dtype=torch.bfloat16, device="cuda", dt_rank=16, seed=b)
+        weights = (torch.randn(b, 40, D_, device="cuda", dtype=torch.float64).to(torch.bfloat16).double(),
+                   torch.randn(b, D_ // N, N, N, device="cuda", dtype=torch.float64),
+                   torch.randn(b, X, 3, device="cuda", dtype=torch.float64).to(torch.bfloat16).double())
+        names = _cuda_kernels_run(lambda: _grads(args, kw, None, weights))
+        assert any(want in n for n in names), (b, names)
+        if b == 1:
+            _check_grads(args, kw, None, torch.bfloat16)
 
 
 @gpu

@@ -173,38 +173,53 @@ void launch_fwd_version(const MixerScanParams& p, void* stream, int version) {
   }
 }
 
-void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
-  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+// Multiprocessors of the current device (132 if the query fails).
+int sm_count() {
   int sms = 132, device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
     (void)cudaGetLastError();
     sms = 132;
   }
+  return sms;
+}
+
+void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int sms = sm_count();
   const int version = fwd_version(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms, st == at::kFloat);
   if (st == at::kBFloat16) launch_fwd_version<__nv_bfloat16>(p, stream, version);
   else if (st == at::kHalf) launch_fwd_version<__half>(p, stream, version);
   else launch_fwd_version<float>(p, stream, version);
 }
 
-// Backward version: v4 (mixer_scan_bwd4.cuh: K = 8 lanes per channel, cp.async tiles, adjoint in registers)
-// by default; APRIEL_SCAN_BWD=v7 selects the tensor-core backward (mixer_scan_bwd7.cuh) where it applies (16-bit
-// activations, mixer_scan_bwd7_supports; v4 elsewhere), APRIEL_SCAN_BWD=v3 the session-1 kernel (K = 16 lanes,
-// 1 state per thread). Read at each call, like APRIEL_SCAN_FWD. All produce the same outputs in the same partial
-// layouts.
+// Backward version. Default: v7 (mixer_scan_bwd7.cuh: the adjoint in the forward v7's tensor-core layout, one
+// warp per head, 4 heads of a group per block) for 16-bit activations where it applies (mixer_scan_bwd7_supports)
+// and the grid fills the GPU (batch x d_inner / 64 blocks >= 2 per SM: v7 runs 2 blocks of 4 warps per SM); v4
+// (mixer_scan_bwd4.cuh: K = 8 lanes per channel, one block per head) otherwise. H100, D 4096: b8 L4096 bwd 6.6 ms
+// (v7) vs 8.5 (v4); b1 L8192 5.2 (v7: 64 blocks) vs 2.4 (v4). APRIEL_SCAN_BWD forces a version (read at each
+// call): v7 (where it applies, else v4), v4, v3 (the session-1 kernel). All produce the same outputs.
 std::string bwd_version() {
   const char* env = std::getenv("APRIEL_SCAN_BWD");
-  return env != nullptr ? std::string(env) : std::string("v4");
+  return env != nullptr ? std::string(env) : std::string("auto");
+}
+
+// Whether the backward runs v7 for these params (the host epilogue depends on it: fused group sums).
+bool bwd_runs_v7(const MixerScanParams& p, at::ScalarType st) {
+  if (st == at::kFloat || !mixer_scan_bwd7_supports(p)) return false;
+  const std::string v = bwd_version();
+  if (v == "v7") return true;
+  if (v != "auto") return false;
+  return static_cast<int64_t>(p.batch) * (p.d_inner / (4 * kN)) >= 2 * static_cast<int64_t>(sm_count());
 }
 
 void launch_bwd(const MixerScanParams& p, at::ScalarType st) {
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
-  const std::string v = bwd_version();
-  if (v == "v7" && st != at::kFloat && mixer_scan_bwd7_supports(p)) {
+  if (bwd_runs_v7(p, st)) {
     if (st == at::kBFloat16) launch_mixer_scan_bwd7<__nv_bfloat16>(p, stream);
     else launch_mixer_scan_bwd7<__half>(p, stream);
     return;
   }
-  if (v != "v3") {
+  if (bwd_version() != "v3") {
     if (st == at::kBFloat16) launch_mixer_scan_bwd4<__nv_bfloat16>(p, stream);
     else if (st == at::kHalf) launch_mixer_scan_bwd4<__half>(p, stream);
     else launch_mixer_scan_bwd4<float>(p, stream);
@@ -277,8 +292,7 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   Tensor dy_c = dy.to(st).contiguous();
   p.dy = dy_c.data_ptr();
   p.dy_vec16 = reinterpret_cast<uintptr_t>(p.dy) % 16 == 0 && (d.D * dy_c.element_size()) % 16 == 0;
-  const bool fused = d.L > 0 && d.b > 0 && bwd_version() == "v7" && st != at::kFloat && mixer_scan_bwd7_supports(p) &&
-                     d.r == 4;
+  const bool fused = d.L > 0 && d.b > 0 && bwd_runs_v7(p, st) && d.r == 4;
   p.bwd_fused_sums = fused;
   Tensor dx_part = fused ? at::empty({0}, f32) : at::empty({d.b, d.L, d.D}, f32);
   Tensor dB_part = fused ? at::empty({0}, f32) : at::empty({d.b, d.L, d.D}, f32);
