@@ -42,13 +42,14 @@ LOG="$OUT_DIR/scan_sanitizer.log"
 : > "$LOG"
 # every forward version (v4 K = 8 is the default at these sizes; K = 4; v3; session 4: v5 K = 4 / 8), each
 # followed by the backward. SCAN_SANITIZER_VERSIONS narrows the list (e.g. "v5k4 v5k8" for a short run).
-# session 5: v7 (tensor cores), on the case without documents so that v7 itself runs.
+# session 5: v7 (tensor cores), on the case without documents so that v7 itself runs; session 6: its backward is
+# the v7 backward (APRIEL_SCAN_BWD=v7, the fused group-sum path: 4 heads per group), the others run the default.
 for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v7}; do
-  packed=1
-  [ "$version" = "v7" ] && packed=0
+  packed=1 bwd=auto
+  [ "$version" = "v7" ] && packed=0 bwd=v7
   for tool in memcheck racecheck; do
-    echo "=== APRIEL_SCAN_FWD=$version compute-sanitizer --tool $tool" >> "$LOG"
-    SCAN_SANITIZER_PACKED=$packed APRIEL_SCAN_FWD=$version compute-sanitizer --tool $tool --kernel-name kns=mixer_scan python3 "$CASE" >> "$LOG" 2>&1
+    echo "=== APRIEL_SCAN_FWD=$version APRIEL_SCAN_BWD=$bwd compute-sanitizer --tool $tool" >> "$LOG"
+    SCAN_SANITIZER_PACKED=$packed APRIEL_SCAN_FWD=$version APRIEL_SCAN_BWD=$bwd compute-sanitizer --tool $tool --kernel-name kns=mixer_scan python3 "$CASE" >> "$LOG" 2>&1
     echo "=== $tool rc=$?" >> "$LOG"
   done
 done
