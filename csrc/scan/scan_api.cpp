@@ -194,9 +194,9 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
 
 // Backward version. Default: v7 (mixer_scan_bwd7.cuh: the adjoint in the forward v7's tensor-core layout, one
 // warp per head, 4 heads of a group per block) for 16-bit activations where it applies (mixer_scan_bwd7_supports)
-// and the grid fills the GPU (batch x d_inner / 64 blocks >= 2 per SM: v7 runs 2 blocks of 4 warps per SM); v4
-// (mixer_scan_bwd4.cuh: K = 8 lanes per channel, one block per head) otherwise. H100, D 4096: b8 L4096 bwd 6.6 ms
-// (v7) vs 8.5 (v4); b1 L8192 5.2 (v7: 64 blocks) vs 2.4 (v4). APRIEL_SCAN_BWD forces a version (read at each
+// and the grid about fills the GPU (batch x d_inner / 64 blocks >= 1.9 per SM: v7 runs 2 blocks of 4 warps per SM);
+// v4 (mixer_scan_bwd4.cuh: K = 8 lanes per channel, one block per head) otherwise. H100, D 4096, bwd alone: b8
+// L4096 6.40 ms (v7) vs 8.64 (v4); b4 L4096 3.39 vs 4.46; b1 L8192 4.89 (v7: 64 blocks) vs 2.37 (v4). APRIEL_SCAN_BWD forces a version (read at each
 // call): v7 (where it applies, else v4), v4, v3 (the session-1 kernel). All produce the same outputs.
 std::string bwd_version() {
   const char* env = std::getenv("APRIEL_SCAN_BWD");
@@ -209,7 +209,8 @@ bool bwd_runs_v7(const MixerScanParams& p, at::ScalarType st) {
   const std::string v = bwd_version();
   if (v == "v7") return true;
   if (v != "auto") return false;
-  return static_cast<int64_t>(p.batch) * (p.d_inner / (4 * kN)) >= 2 * static_cast<int64_t>(sm_count());
+  // >= 1.9 blocks per SM: batch 4 at D 4096 on 132 SMs (256 blocks) runs v7 (bwd 3.39 vs 4.46 ms)
+  return static_cast<int64_t>(p.batch) * (p.d_inner / (4 * kN)) * 10 >= 19 * static_cast<int64_t>(sm_count());
 }
 
 void launch_bwd(const MixerScanParams& p, at::ScalarType st) {

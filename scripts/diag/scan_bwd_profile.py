@@ -1,0 +1,50 @@
+"""CUDA kernel time table of one mixer scan fwd+bwd at the issue's shape (torch profiler), to see where the time
+outside the scan kernels goes (the host epilogue: dt_proj GEMMs, sums, copies).
+
+    python3 scripts/diag/scan_bwd_profile.py B L [--json OUT]
+"""
+import json
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from apriel_kernels import mixer_scan
+
+b, L = int(sys.argv[1]), int(sys.argv[2])
+D, X, N, R, W = 4096, 1024, 16, 16, 4
+dev, dt = "cuda", torch.bfloat16
+args = dict(zxbc=torch.randn(b, L, 2 * D + 2 * X, device=dev, dtype=dt),
+            dt_low=torch.randn(b, L, R, device=dev, dtype=dt) * 0.5,
+            conv_weight=torch.randn(D, W, device=dev, dtype=dt) * 0.5, conv_bias=torch.randn(D, device=dev, dtype=dt) * 0.1,
+            dt_proj_weight=torch.randn(D, R, device=dev, dtype=dt) * R ** -0.5,
+            dt_proj_bias=torch.full((D,), -2.5, device=dev, dtype=dt),
+            A_log=torch.log(torch.arange(1, N + 1, device=dev, dtype=torch.float32)).repeat(D, 1),
+            D=torch.ones(D, device=dev))
+for v in args.values():
+    v.requires_grad_(True)
+dy = torch.randn(b, L, D, device=dev, dtype=dt)
+
+
+def step():
+    y = mixer_scan(**args, d_inner=D, d_xb=X, d_state=N)
+    torch.autograd.grad(y, list(args.values()), dy)
+
+
+for _ in range(3):
+    step()
+torch.cuda.synchronize()
+with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+rows = sorted(((e.key, e.device_time_total / 5 / 1000.0, e.count // 5) for e in prof.key_averages()),
+              key=lambda r: -r[1])
+total = sum(r[1] for r in rows)
+print(f"b{b} L{L}: CUDA time per fwd+bwd {total:.3f} ms")
+for name, ms, n in rows[:25]:
+    print(f"{ms:8.3f} ms  x{n:<3d} {name[:110]}")
+if "--json" in sys.argv:
+    with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
+        json.dump({"batch": b, "seqlen": L, "total_ms": total, "kernels": [{"name": r[0], "ms": r[1], "count": r[2]} for r in rows],
+                   "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}, f, indent=1)
