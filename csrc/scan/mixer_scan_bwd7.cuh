@@ -60,6 +60,21 @@ __device__ __forceinline__ void mma_k4c(float (&d)[4], float a0, float a1, float
         "f"(c[2]), "f"(c[3]));
 }
 
+// v = hi + lo with hi, lo exact in tf32: two mmas (hi, lo) give a product near fp32 accuracy (3xTF32 without the
+// lo x lo term, the other operand being exact: bf16 / fp16 values).
+__device__ __forceinline__ void tf32_split(float v, float& hi, float& lo) {
+  hi = tf32_rna(v);
+  lo = tf32_rna(v - hi);
+}
+
+// d = A (16 x 8) * B (8 x 8) + c, tf32 operands given as 32-bit floats.
+__device__ __forceinline__ void mma_k8c(float (&d)[4], const float (&a)[4], float b0, float b1) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(__float_as_uint(a[0])), "r"(__float_as_uint(a[1])), "r"(__float_as_uint(a[2])), "r"(__float_as_uint(a[3])),
+        "r"(__float_as_uint(b0)), "r"(__float_as_uint(b1)));
+}
+
 constexpr int kSub = 8;                  // tokens per sub-chunk (the recomputed states of one in registers)
 constexpr int kNSub = kChunk / kSub;     // 4
 
@@ -83,6 +98,10 @@ struct SmemB7 {
     alignas(16) float4 ppu[kSub][8];       // (pp, pp, pu, pu) of channels 2g, 2g + 1
     alignas(16) float red[kSub][32];       // per token: dB (states 0..15) then dC (16..31) of the head
     alignas(16) float dxs[kSub][kN];       // d(conv input) of the head (fused head sums only)
+    alignas(16) float ddt[kSub][kN];       // d(dt_pre) (0 past the sequence end)
+    alignas(16) float dlow[kSub][kN];      // d(dt_low) of the sub-chunk from this head's channels
+    alignas(16) float2 dw[32][4];          // d W_dt accumulator fragments per lane (m16n8 x 2 n-tiles)
+    alignas(16) float2 wfr[32][4];         // W_dt as B fragments (k = channel, n = rank) per lane: [k-step][n-tile]
     alignas(16) float dco[kSub + 3][kN];   // d(conv pre-activation); rows 8..10 = the next sub-chunk's rows 0..2
     alignas(16) float4 bst[kNSub - 1][2][32];  // states after tokens 7, 15, 23 of the tile, per lane (pass A)
     alignas(16) float4 cw[kN];             // right-aligned conv taps per channel
@@ -146,6 +165,19 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
     wp.cp[lane] = make_float4(p.conv_b != nullptr ? p.conv_b[wch] : 0.f, 2.f * p.dt_b[pc], p.Dskip[pc], 0.f);
   }
   if (lane < kSub / 2) wp.cop4[lane][8] = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (p.ddt_low_part != nullptr) {
+    // d(dt_low)[t][k] = sum_c ddt[t][c] W[c][k]: B fragments (k = channel 8 ks + q (+4), n = rank 8 nt + g)
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const int k = 8 * nt + g;
+        const float w0 = k < R ? p.dt_w[(int64_t)(c0 + 8 * ks + q) * R + k] : 0.f;
+        const float w1 = k < R ? p.dt_w[(int64_t)(c0 + 8 * ks + q + 4) * R + k] : 0.f;
+        wp.wfr[lane][2 * ks + nt] = make_float2(tf32_rna(w0), tf32_rna(w1));
+        wp.dw[lane][2 * ks + nt] = make_float2(0.f, 0.f);
+      }
+  }
   for (int i = lane; i < 3 * kN; i += 32) wp.dco[kSub + i / kN][i % kN] = 0.f;  // past the sequence end
   if (tid < kChunk / 2) sm.bop[tid][8] = make_float4(0.f, 0.f, 0.f, 0.f);
   // dt_proj B fragments (the forward v7's column labels: lane q's prep items are channels 4q .. 4q + 3).
@@ -172,7 +204,8 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
     }
   // Epilogue mapping: channel ec, tokens et0 .. et0 + 3 of the sub-chunk; per-channel sums over the sequence.
   const int ec = lane & 15, et0 = (lane >> 4) * 4;
-  float accD = 0.f, accCB = 0.f, accW[4] = {0.f, 0.f, 0.f, 0.f};
+  float accD = 0.f, accCB = 0.f, accDB = 0.f, accW[4] = {0.f, 0.f, 0.f, 0.f};
+  const bool dt_fused = p.ddt_low_part != nullptr;
   const int bsel = q == 0 ? g : 8;  // lanes q > 0 read the zero entry: rows k >= 1 of a k4 B operand
   // Reverse: the reduce-scatter's lane bits, this lane's slot in red (which * 16 + state), the pp diagonal lane.
   const bool b4 = (lane >> 4) & 1, b3 = (lane >> 3) & 1, b2 = (lane >> 2) & 1;
@@ -440,13 +473,15 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
           const bool live = t < Tv;
           const float dco = live ? dut * wp.dsc[tl][ec] : 0.f;
           wp.dco[tl][ec] = dco;
+          if (dt_fused) wp.ddt[tl][ec] = live ? ddt : 0.f;
           if (live) {
             accD = fmaf(dys, u, accD);
             accCB += dco;
+            accDB += ddt;
 #pragma unroll
             for (int k = 0; k < 4; ++k) accW[k] = fmaf(dco, sm.xf[t + k][ec], accW[k]);
             *dz_ptr = from_f<T>(dz);
-            *ddt_ptr = ddt;
+            if (!dt_fused) *ddt_ptr = ddt;
           }
         }
       }
@@ -491,6 +526,43 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
       }
       __syncwarp();
       for (int i = lane; i < 3 * kN; i += 32) wp.dco[kSub + i / kN][i % kN] = wp.dco[i / kN][i % kN];
+      if (dt_fused) {
+        __syncwarp();  // ddt of the sub-chunk complete
+        // d W_dt[c][k] += sum_t ddt[t][c] dt_low[t][k]: A = ddt^T (rows = channels g / g + 8, k = tokens q / q + 4)
+        // split hi + lo, B = dt_low (k = tokens, n = rank 8 nt + g), exact in tf32; accumulators in smem (lane's own).
+        float ah[4], al[4];
+        tf32_split(wp.ddt[q][g], ah[0], al[0]);
+        tf32_split(wp.ddt[q][g + 8], ah[1], al[1]);
+        tf32_split(wp.ddt[q + 4][g], ah[2], al[2]);
+        tf32_split(wp.ddt[q + 4][g + 8], ah[3], al[3]);
+        // d(dt_low)[t][k] (this head's channels): A = ddt (rows = tokens g, rows g + 8 zero; k = channels), split
+        float bh[2][4], bl[2][4];
+#pragma unroll
+        for (int ks = 0; ks < 2; ++ks) {
+          tf32_split(wp.ddt[g][8 * ks + q], bh[ks][0], bl[ks][0]);
+          tf32_split(wp.ddt[g][8 * ks + q + 4], bh[ks][2], bl[ks][2]);
+          bh[ks][1] = bh[ks][3] = bl[ks][1] = bl[ks][3] = 0.f;
+        }
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const int t = kSub * j;
+          const float d0 = to_f(r.f.dt[t + q][8 * nt + g]), d1 = to_f(r.f.dt[t + q + 4][8 * nt + g]);
+          const float2 c01 = wp.dw[lane][nt], c23 = wp.dw[lane][2 + nt];
+          float acc[4] = {c01.x, c01.y, c23.x, c23.y};
+          mma_k8c(acc, ah, d0, d1);
+          mma_k8c(acc, al, d0, d1);
+          wp.dw[lane][nt] = make_float2(acc[0], acc[1]);
+          wp.dw[lane][2 + nt] = make_float2(acc[2], acc[3]);
+          float lo[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int ks = 0; ks < 2; ++ks) {
+            const float2 wf = wp.wfr[lane][2 * ks + nt];
+            mma_k8c(lo, bh[ks], wf.x, wf.y);
+            mma_k8c(lo, bl[ks], wf.x, wf.y);
+          }
+          *reinterpret_cast<float2*>(&wp.dlow[g][8 * nt + 2 * q]) = make_float2(lo[0], lo[1]);  // rows g < 8 only
+        }
+      }
       const int64_t row0 = (int64_t)b * L + t0 + kSub * j;  // first (b, L) row of the sub-chunk
       if (lane < 16) {  // dC of the head (complete): token lane / 2, states 8 (lane % 2) .. + 7, one 16-byte store
         const int tl = lane >> 1, hf = lane & 1;
@@ -505,7 +577,6 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
         if (kSub * j + tl < Tv)
           *reinterpret_cast<float4*>(p.dB_part + ((row0 + tl) * (D / kN) + head) * kN + 4 * qd) =
               *reinterpret_cast<const float4*>(&wp.red[tl][4 * qd]);
-        __syncwarp();
       } else {
         // The group's 4 heads are this block's 4 warps: sum their dB and d(conv input) (fixed order) and write
         // dzxbc's B / x slices. dfinal_conv enters at the last width-1 positions (x inputs of the final state).
@@ -527,8 +598,15 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
         if (tg < L)
           *reinterpret_cast<unsigned*>(dzx + (int64_t)tg * rowZ + D + (hx == 0 ? p.d_xb : 0) + group * kN + 2 * pr) =
               M::pack(s0, s1);
-        __syncthreads();
       }
+      if (dt_fused) {  // d(dt_low) summed over the block's 4 heads (fixed order)
+        if (!fused) __syncthreads();
+        const int tl = tid >> 4, k = tid & 15, tg = t0 + kSub * j + tl;
+        const float s = sm.wp[0].dlow[tl][k] + sm.wp[1].dlow[tl][k] + sm.wp[2].dlow[tl][k] + sm.wp[3].dlow[tl][k];
+        if (tg < L) p.ddt_low_part[(((int64_t)b * L + tg) * gridDim.x + blockIdx.x) * kN + k] = s;
+      }
+      if (fused || dt_fused) __syncthreads();  // red / dxs / dlow are rewritten by the next sub-chunk
+      else __syncwarp();
     }
   }
 
@@ -542,6 +620,19 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
           make_float2(dAacc[nt][2 * r2] * An[nt][2 * r2], dAacc[nt][2 * r2 + 1] * An[nt][2 * r2 + 1]);
       *reinterpret_cast<float2*>(p.dinit_ssm + o) = make_float2(carry[nt][2 * r2], carry[nt][2 * r2 + 1]);
     }
+  if (dt_fused) {  // d W_dt rows c0 + g / g + 8, ranks 8 nt + 2q, + 1; sum_t d(dt_pre) per channel
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int r2 = 0; r2 < 2; ++r2) {
+        const float2 v = wp.dw[lane][2 * r2 + nt];
+        float* dst = p.ddt_w_part + ((int64_t)b * D + c0 + g + 8 * r2) * kN + 8 * nt + 2 * q;
+        dst[0] = v.x;
+        dst[1] = v.y;
+      }
+    accDB += __shfl_xor_sync(0xffffffffu, accDB, 16);
+    if (lane < kN) p.ddt_b_part[(int64_t)b * D + c0 + ec] = accDB;
+  }
   accD += __shfl_xor_sync(0xffffffffu, accD, 16);
   accCB += __shfl_xor_sync(0xffffffffu, accCB, 16);
 #pragma unroll

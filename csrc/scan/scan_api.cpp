@@ -297,7 +297,14 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   p.bwd_fused_sums = fused;
   Tensor dx_part = fused ? at::empty({0}, f32) : at::empty({d.b, d.L, d.D}, f32);
   Tensor dB_part = fused ? at::empty({0}, f32) : at::empty({d.b, d.L, d.D}, f32);
-  Tensor ddt_pre = at::empty({d.b, d.L, d.D}, f32);
+  // v7 computes the dt_proj gradients itself (per-block d(dt_low) partials, per-sequence d W / d b): no fp32 (b, L, D)
+  // d(dt_pre) buffer and no GEMMs over it.
+  const bool dt_fused = d.L > 0 && d.b > 0 && bwd_runs_v7(p, st);
+  const int64_t nblk = d.D / (4 * kN);
+  Tensor ddt_pre = dt_fused ? at::empty({0}, f32) : at::empty({d.b, d.L, d.D}, f32);
+  Tensor ddt_low_part = dt_fused ? at::empty({d.b, d.L, nblk, kN}, f32) : Tensor();
+  Tensor ddt_w_part = dt_fused ? at::empty({d.b, d.D, kN}, f32) : Tensor();
+  Tensor ddt_b_part = dt_fused ? at::empty({d.b, d.D}, f32) : Tensor();
   Tensor dAlog_part = at::empty({d.b, d.D, kN}, f32);
   Tensor dD_part = at::empty({d.b, d.D}, f32), dcb_part = at::empty({d.b, d.D}, f32);
   Tensor dcw_part = at::empty({d.b, d.D, d.W}, f32), dic_part = at::zeros({d.b, d.D, hw}, f32);
@@ -314,6 +321,11 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
     p.ckpt_in = ckpt.data_ptr<float>();
     p.dzxbc = dzxbc.data_ptr(); p.dx_part = dx_part.data_ptr<float>(); p.dB_part = dB_part.data_ptr<float>();
     p.ddt_pre = ddt_pre.data_ptr<float>(); p.dA_log_part = dAlog_part.data_ptr<float>();
+    if (dt_fused) {
+      p.ddt_low_part = ddt_low_part.data_ptr<float>();
+      p.ddt_w_part = ddt_w_part.data_ptr<float>();
+      p.ddt_b_part = ddt_b_part.data_ptr<float>();
+    }
     p.dD_part = dD_part.data_ptr<float>(); p.dconv_b_part = dcb_part.data_ptr<float>();
     p.dconv_w_part = dcw_part.data_ptr<float>(); p.dinit_conv_part = dic_part.data_ptr<float>();
     p.dinit_ssm = dinit_ssm.data_ptr<float>();
@@ -355,14 +367,21 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
       launch_mixer_scan_head_sum<float>(dx_part.data_ptr<float>(), dB_part.data_ptr<float>(), dzxbc.data_ptr(), rows, D, X, r, stream);
   }
   // dt_proj: dt_pre = dt_low W^T + b, the bias again inside softplus -> d bias = 2 * sum d(dt_pre).
-  Tensor ddt2 = ddt_pre.view({d.b * d.L, d.D});
-  Tensor ddt_low = ddt2.mm(f32c(dt_proj_weight)).view({d.b, d.L, d.R}).to(dt_low.scalar_type());
-  // d W = ddt^T dt_low and d b = 2 sum_t ddt in ONE pass over the fp32 (b L, D) buffer: a ones column
-  // appended to dt_low makes the bias sum the GEMM's last output column.
-  Tensor dtl1 = at::cat({dt_low.reshape({d.b * d.L, d.R}).to(at::kFloat), at::ones({d.b * d.L, 1}, f32)}, 1);
-  Tensor gwb = ddt2.t().mm(dtl1);  // (D, R + 1)
-  Tensor ddt_w = gwb.narrow(1, 0, d.R).to(dt_proj_weight.scalar_type()).contiguous();
-  Tensor ddt_b = (gwb.select(1, d.R) * 2).to(dt_proj_bias.scalar_type());  // the product is a fresh contiguous tensor
+  Tensor ddt_low, ddt_w, ddt_b;
+  if (dt_fused) {
+    ddt_low = ddt_low_part.sum(2).narrow(2, 0, d.R).to(dt_low.scalar_type()).contiguous();
+    ddt_w = ddt_w_part.sum(0).narrow(1, 0, d.R).to(dt_proj_weight.scalar_type()).contiguous();
+    ddt_b = (ddt_b_part.sum(0) * 2).to(dt_proj_bias.scalar_type());
+  } else {
+    Tensor ddt2 = ddt_pre.view({d.b * d.L, d.D});
+    ddt_low = ddt2.mm(f32c(dt_proj_weight)).view({d.b, d.L, d.R}).to(dt_low.scalar_type());
+    // d W = ddt^T dt_low and d b = 2 sum_t ddt in ONE pass over the fp32 (b L, D) buffer: a ones column
+    // appended to dt_low makes the bias sum the GEMM's last output column.
+    Tensor dtl1 = at::cat({dt_low.reshape({d.b * d.L, d.R}).to(at::kFloat), at::ones({d.b * d.L, 1}, f32)}, 1);
+    Tensor gwb = ddt2.t().mm(dtl1);  // (D, R + 1)
+    ddt_w = gwb.narrow(1, 0, d.R).to(dt_proj_weight.scalar_type()).contiguous();
+    ddt_b = (gwb.select(1, d.R) * 2).to(dt_proj_bias.scalar_type());  // the product is a fresh contiguous tensor
+  }
   Tensor dcw = dcw_part.sum(0), dcb = dcb_part.sum(0);
   if (!repeat) {
     dcw = dcw.view({G, d.r, kN, d.W}).sum(1).view({d.X, d.W});

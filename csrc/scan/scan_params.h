@@ -69,6 +69,12 @@ struct MixerScanParams {
   // fp32 at the last width-1 positions.
   bool bwd_fused_sums;
   const float* dfinal_conv;
+  // Backward v7: the dt_proj gradients in the kernel (ddt_pre unused): d(dt_low) summed over each block's 64
+  // channels (b, L, d_inner / 64, 16), d W_dt (b, D, 16) and sum_t d(dt_pre) (b, D) per sequence (the host sums the
+  // blocks / the batch and doubles the bias sum).
+  float* ddt_low_part;
+  float* ddt_w_part;
+  float* ddt_b_part;
 };
 
 template <typename T, int K>
