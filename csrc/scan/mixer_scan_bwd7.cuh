@@ -1,17 +1,19 @@
 // Fused Apriel-H1 mixer scan, backward, v7: the forward v7's tensor-core layout applied to the adjoint (16-bit
-// activations).
+// activations). Session 6; measurements in docs/notes/scan.md ("Session 6").
 //
 // Why a v7: the v4 backward (mixer_scan_bwd4.cuh: K = 8 lanes per channel, 2 states per thread) executes ~35
-// instructions per (channel, state, token) element at 255 registers and 2 blocks per SM (33 % issue); it is ~7.7
-// of the 9.8 ms of fwd+bwd at b8 L4096. v7 gives one WARP one head (16 channels x 16 states) in the mma
+// instructions per (channel, state, token) element at 255 registers and 2 blocks per SM (33 % issue); it was ~7.3
+// of the 9.7 ms of fwd+bwd at b8 L4096. v7 gives one WARP one head (16 channels x 16 states) in the mma
 // accumulator layout of the forward v7 - lane (g = lane / 4, q = lane % 4) owns channels 2g, 2g + 1 (mma rows g,
 // g + 8) x states {2q, 2q + 1, 8 + 2q, 9 + 2q} - and moves the state-dimension products to tensor cores:
 //   recompute  h_t = a_t h_{t-1} + du_t (x) B_t      du (x) B: two tf32 mma.m16n8k4 (as the forward v7)
 //              C_t . h_t (the readout, for dz)        two tf32 mma.m16n8k8 (h's registers as the A operand)
-//   reverse    G_t = carry + dys_t (x) C_t            two m16n8k4 (A = dys in every column, B = C_t in row 0)
-//              carry' = G_t a_t; q = carry' h_{t-1}; qA = q A; dA_log += qA delta
+//   reverse    G_t = carry + dys_t (x) C_t            two m16n8k4 with the carry as the accumulator input
+//              carry' = G_t a_t; q = carry' h_{t-1}; dA_log += q delta (x A at the end)
 //              pu = sum_n G_t B_t   (d(delta u))      two m16n8k8 (A = G, B = B_t replicated in the columns)
-//              pp = sum_n qA        (d delta, decay)  two m16n8k8 (A = qA, B = ones)
+//              pp = sum_n q A       (d delta, decay)  four m16n8k8 whose B columns are the A rows of the even / odd
+//                                                     channels (the lane's own An registers): the diagonal entries
+//                                                     land in lane q = g / 2
 //              dB_t = sum_c G du, dC_t = sum_c dys h   channel sums: a 3-level shuffle reduce-scatter over the
 //                                                     8 lanes of a column (8 values -> 1 per lane per token)
 // Registers: one warp holds 8 elements per lane, so the recomputed states of a 32-token tile (256 per lane) do
@@ -20,15 +22,25 @@
 // 8 tokens into registers (hs[8][8]) and runs their adjoint. ex2 per element: 0.75 (pass A) + 1 + 1.
 // Per (channel, token) work (prep: conv + silu, dt_proj by mma, softplus, silu(z) and the derivatives; epilogue:
 // dz, d(dt_pre), D skip, conv weight / bias sums, transposed conv) is done per sub-chunk by the warp alone.
-// Outputs and partial layouts are the v4 backward's (scan_api.cpp: mixer_scan_bwd_cuda), so the host epilogue is
-// shared. Precision: du and dys enter the mmas rounded to tf32 (round to nearest), G / qA / h are truncated to
-// tf32 inside the state-sum mmas; the recurrences (h, carry) and every accumulation stay fp32.
+// Outputs (scan_api.cpp: mixer_scan_bwd_cuda):
+//   - z / C slices of dzxbc, dA_log / D / conv / initial-state partials: as the v4 backward;
+//   - dt_proj gradients in the kernel (p.ddt_low_part): d(dt_low) of each block's 64 channels by mma (the host sums
+//     the d_inner / 64 blocks), d W_dt by mma over the tokens (split tf32: near fp32), sum_t d(dt_pre) per channel:
+//     no fp32 (b, L, D) d(dt_pre) buffer and no GEMMs over it;
+//   - heads_per_group == 4 (the block holds the whole x / B group, p.bwd_fused_sums): the block sums its heads'
+//     d(conv input) and dB and writes dzxbc's x / B slices (adding dfinal_conv): no fp32 partial buffers, no
+//     head-sum kernel; else per-head partials (dx_part, dB_part) as v4.
+// Precision: du and dys enter the mmas rounded to tf32 (round to nearest), G / q / h are truncated to tf32 inside
+// the state-sum mmas; the recurrences (h, carry) and every accumulation stay fp32.
+// Tried (session 6, bench/results/s6/two_warp/): two warps per head (one n-tile each, 128 registers, 2 blocks of 8
+// warps per SM): 52 % issue but 24 % more instructions (per-warp fixed costs), bwd 7.07 vs 6.63 ms.
 //
 // Block = 4 consecutive heads of one x / B group (4 warps), one sequence, tiles in reverse order:
 //   S1 wait cp.async + barrier; issue the copies of the tile before; A (block): x -> fp32 with the conv halo
 //   (rows t0-3 .. t0-1, or the initial conv state), the B operand table;                      barrier S2
 //   per warp: pass A (sub-chunks 0..2: prep (delta, du) + recompute -> boundary states);
-//             pass B (sub-chunks 3..0: prep, recompute + readout, reverse, epilogue, transposed conv).
+//             pass B (sub-chunks 3..0: prep, recompute + readout, reverse, epilogue, transposed conv, dt_proj
+//             mmas, dC stores; the group sums / d(dt_low) block sums between two block barriers).
 // Not handled (the dispatcher runs v4): seq_idx (packed documents), fp32 activations, dt_rank > 16, rows that are
 // not 16-byte aligned (zxbc, dt_low, dy), heads_per_group % 4 != 0.
 #pragma once
