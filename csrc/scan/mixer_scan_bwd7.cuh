@@ -511,30 +511,19 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
           if (fused) wp.dxs[tl][ec] = acc;
           else if (t < Tv) p.dx_part[((int64_t)b * L + tg) * D + c0 + ec] = acc;
         }
-        if (tile == 0 && j == 0 && lane < kN * hw) {
-          // gradient of the initial conv state: positions -hw .. -1
-          const int ch = lane / hw, kk = lane % hw, pos = kk - hw;
-          const float4 cw2 = wp.cw[ch];
-          const float w2[4] = {cw2.x, cw2.y, cw2.z, cw2.w};
-          float acc = 0.f;
+        if (tile == 0 && j == 0) {  // gradient of the initial conv state: positions -hw .. -1 (16 hw <= 48 items)
+          for (int di = lane; di < kN * hw; di += 32) {
+            const int ch = di / hw, kk = di % hw, pos = kk - hw;
+            const float4 cw2 = wp.cw[ch];
+            const float w2[4] = {cw2.x, cw2.y, cw2.z, cw2.w};
+            float acc = 0.f;
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int row = pos + 3 - i;
-            if (row >= 0 && row < Tv) acc = fmaf(w2[i], wp.dco[row][ch], acc);
+            for (int i = 0; i < 4; ++i) {
+              const int row = pos + 3 - i;
+              if (row >= 0 && row < Tv) acc = fmaf(w2[i], wp.dco[row][ch], acc);
+            }
+            p.dinit_conv_part[((int64_t)b * D + c0 + ch) * hw + kk] = acc;
           }
-          p.dinit_conv_part[((int64_t)b * D + c0 + ch) * hw + kk] = acc;
-        }
-        if (tile == 0 && j == 0 && kN * hw > 32 && lane + 32 < kN * hw) {
-          const int ch = (lane + 32) / hw, kk = (lane + 32) % hw, pos = kk - hw;
-          const float4 cw2 = wp.cw[ch];
-          const float w2[4] = {cw2.x, cw2.y, cw2.z, cw2.w};
-          float acc = 0.f;
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int row = pos + 3 - i;
-            if (row >= 0 && row < Tv) acc = fmaf(w2[i], wp.dco[row][ch], acc);
-          }
-          p.dinit_conv_part[((int64_t)b * D + c0 + ch) * hw + kk] = acc;
         }
       }
       __syncwarp();
@@ -666,13 +655,8 @@ template <typename T>
 void launch(const MixerScanParams& p, void* stream) {
   const size_t smem = sizeof(SmemB7<T>);
   auto kernel = mixer_scan_bwd7_kernel<T>;
-  static bool configured = false;  // a race here only repeats an idempotent call
-  if (!configured) {
-    APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                           (int)cudaSharedmemCarveoutMaxShared));
-    configured = true;
-  }
+  static const bool configured = scan7::allow_smem(reinterpret_cast<const void*>(kernel), smem);
+  (void)configured;
   dim3 grid(p.d_inner / (kN * kHeads), p.batch);
   kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
   APRIEL_CHECK_LAUNCH();

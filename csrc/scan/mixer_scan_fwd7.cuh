@@ -371,17 +371,21 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
   }
 }
 
+// Lets kernel use smem bytes of dynamic shared memory, with the largest shared-memory carveout (the v7 kernels run
+// several blocks per SM). Called once per instantiation through a function-local static (thread-safe).
+inline bool allow_smem(const void* kernel, size_t smem) {
+  APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                         (int)cudaSharedmemCarveoutMaxShared));
+  return true;
+}
+
 template <typename T>
 void launch(const MixerScanParams& p, void* stream) {
   const size_t smem = sizeof(Smem7<T>);
   auto kernel = mixer_scan_fwd7_kernel<T>;
-  static bool configured = false;  // a race here only repeats an idempotent call
-  if (!configured) {
-    APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                           (int)cudaSharedmemCarveoutMaxShared));
-    configured = true;
-  }
+  static const bool configured = allow_smem(reinterpret_cast<const void*>(kernel), smem);
+  (void)configured;
   dim3 grid(p.d_inner / (kN * kHeads), p.batch);
   kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
   APRIEL_CHECK_LAUNCH();

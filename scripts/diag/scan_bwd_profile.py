@@ -7,27 +7,17 @@ import json
 import sys
 
 import torch
+from scan_case import KW, make_case  # scripts/diag (this script's directory is on sys.path)
 from torch.profiler import ProfilerActivity, profile
 
 from apriel_kernels import mixer_scan
 
 b, L = int(sys.argv[1]), int(sys.argv[2])
-D, X, N, R, W = 4096, 1024, 16, 16, 4
-dev, dt = "cuda", torch.bfloat16
-args = dict(zxbc=torch.randn(b, L, 2 * D + 2 * X, device=dev, dtype=dt),
-            dt_low=torch.randn(b, L, R, device=dev, dtype=dt) * 0.5,
-            conv_weight=torch.randn(D, W, device=dev, dtype=dt) * 0.5, conv_bias=torch.randn(D, device=dev, dtype=dt) * 0.1,
-            dt_proj_weight=torch.randn(D, R, device=dev, dtype=dt) * R ** -0.5,
-            dt_proj_bias=torch.full((D,), -2.5, device=dev, dtype=dt),
-            A_log=torch.log(torch.arange(1, N + 1, device=dev, dtype=torch.float32)).repeat(D, 1),
-            D=torch.ones(D, device=dev))
-for v in args.values():
-    v.requires_grad_(True)
-dy = torch.randn(b, L, D, device=dev, dtype=dt)
+args, dy = make_case(b, L, requires_grad=True)
 
 
 def step():
-    y = mixer_scan(**args, d_inner=D, d_xb=X, d_state=N)
+    y = mixer_scan(**args, **KW)
     torch.autograd.grad(y, list(args.values()), dy)
 
 

@@ -1,6 +1,8 @@
 """The mixer scan at the issue's bar shape (D 4096 / X 1024 / N 16, bf16), run 3 times for ncu to pick a launch.
 
     python3 scripts/diag/scan_case.py B L [--backward]     (forward only, or forward + backward)
+
+make_case(B, L, requires_grad) builds the inputs (also used by scan_bwd_profile.py).
 """
 import sys
 
@@ -8,24 +10,33 @@ import torch
 
 from apriel_kernels import mixer_scan
 
-b, L = int(sys.argv[1]), int(sys.argv[2])
-backward = "--backward" in sys.argv[3:]
 D, X, N, R, W = 4096, 1024, 16, 16, 4
-dev, dt = "cuda", torch.bfloat16
-args = dict(zxbc=torch.randn(b, L, 2 * D + 2 * X, device=dev, dtype=dt),
-            dt_low=torch.randn(b, L, R, device=dev, dtype=dt) * 0.5,
-            conv_weight=torch.randn(D, W, device=dev, dtype=dt) * 0.5, conv_bias=torch.randn(D, device=dev, dtype=dt) * 0.1,
-            dt_proj_weight=torch.randn(D, R, device=dev, dtype=dt) * R ** -0.5,
-            dt_proj_bias=torch.full((D,), -2.5, device=dev, dtype=dt),
-            A_log=torch.log(torch.arange(1, N + 1, device=dev, dtype=torch.float32)).repeat(D, 1),
-            D=torch.ones(D, device=dev))
-if backward:
+KW = dict(d_inner=D, d_xb=X, d_state=N)
+
+
+def make_case(b, L, requires_grad=False):
+    """Random mixer inputs at the bar shape and a dy (b, L, D)."""
+    dev, dt = "cuda", torch.bfloat16
+    args = dict(zxbc=torch.randn(b, L, 2 * D + 2 * X, device=dev, dtype=dt),
+                dt_low=torch.randn(b, L, R, device=dev, dtype=dt) * 0.5,
+                conv_weight=torch.randn(D, W, device=dev, dtype=dt) * 0.5,
+                conv_bias=torch.randn(D, device=dev, dtype=dt) * 0.1,
+                dt_proj_weight=torch.randn(D, R, device=dev, dtype=dt) * R ** -0.5,
+                dt_proj_bias=torch.full((D,), -2.5, device=dev, dtype=dt),
+                A_log=torch.log(torch.arange(1, N + 1, device=dev, dtype=torch.float32)).repeat(D, 1),
+                D=torch.ones(D, device=dev))
     for v in args.values():
-        v.requires_grad_(True)
-    dy = torch.randn(b, L, D, device=dev, dtype=dt)
-with torch.set_grad_enabled(backward):
-    for _ in range(3):
-        y = mixer_scan(**args, d_inner=D, d_xb=X, d_state=N)
-        if backward:
-            torch.autograd.grad(y, list(args.values()), dy)
-torch.cuda.synchronize()
+        v.requires_grad_(requires_grad)
+    return args, torch.randn(b, L, D, device=dev, dtype=dt)
+
+
+if __name__ == "__main__":
+    b, L = int(sys.argv[1]), int(sys.argv[2])
+    backward = "--backward" in sys.argv[3:]
+    args, dy = make_case(b, L, backward)
+    with torch.set_grad_enabled(backward):
+        for _ in range(3):
+            y = mixer_scan(**args, **KW)
+            if backward:
+                torch.autograd.grad(y, list(args.values()), dy)
+    torch.cuda.synchronize()
