@@ -46,7 +46,6 @@
 #pragma once
 #include "../common/cuda_check.h"
 #include "scan_common.cuh"
-#include <cstdlib>
 #include <type_traits>
 
 #include "mixer_scan_fwd7.cuh"  // scan7:: stage, mma_k4, mma_k8, tf32_rna, Smem7::Raw
@@ -149,9 +148,7 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename SmemB7<
   }
 }
 
-// kCarryMma: the carry enters the G mma as its accumulator (the mma on the carry chain); else G = carry + the mma's
-// product (one FADD per element, the mma off the chain). A/B switch APRIEL_SCAN_BWD7_CARRY=fadd (session 6).
-template <typename T, bool kCarryMma>
+template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using SM = SmemB7<T>;
@@ -417,18 +414,8 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
         const float2 blo = scan4::unpack2<T>(bwd[q]), bhi = scan4::unpack2<T>(bwd[4 + q]);
         // G = carry + dys (x) C: the carry enters as the accumulator
         float G[2][4];
-        if constexpr (kCarryMma) {
-          mma_k4c(G[0], dy2.x, dy2.y, (tl & 1) ? cc.z : cc.x, carry[0]);
-          mma_k4c(G[1], dy2.x, dy2.y, (tl & 1) ? cc.w : cc.y, carry[1]);
-        } else {
-          mma_k4(G[0], dy2.x, dy2.y, (tl & 1) ? cc.z : cc.x);
-          mma_k4(G[1], dy2.x, dy2.y, (tl & 1) ? cc.w : cc.y);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            G[0][i] += carry[0][i];
-            G[1][i] += carry[1][i];
-          }
-        }
+        mma_k4c(G[0], dy2.x, dy2.y, (tl & 1) ? cc.z : cc.x, carry[0]);
+        mma_k4c(G[1], dy2.x, dy2.y, (tl & 1) ? cc.w : cc.y, carry[1]);
         float qv[2][4];
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt)
@@ -664,22 +651,15 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
   }
 }
 
-template <typename T, bool kCarryMma>
-void launch_variant(const MixerScanParams& p, void* stream) {
+template <typename T>
+void launch(const MixerScanParams& p, void* stream) {
   const size_t smem = sizeof(SmemB7<T>);
-  auto kernel = mixer_scan_bwd7_kernel<T, kCarryMma>;
+  auto kernel = mixer_scan_bwd7_kernel<T>;
   static const bool configured = scan7::allow_smem(reinterpret_cast<const void*>(kernel), smem);
   (void)configured;
   dim3 grid(p.d_inner / (kN * kHeads), p.batch);
   kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
   APRIEL_CHECK_LAUNCH();
-}
-
-template <typename T>
-void launch(const MixerScanParams& p, void* stream) {
-  const char* env = std::getenv("APRIEL_SCAN_BWD7_CARRY");
-  if (env != nullptr && env[0] == 'f') launch_variant<T, false>(p, stream);
-  else launch_variant<T, true>(p, stream);
 }
 
 }  // namespace scan7b

@@ -8,7 +8,7 @@ template void launch_mixer_scan_bwd7<__half>(const MixerScanParams&, void*);
 
 namespace {
 const bool kRegistered = [] {
-  register_kernel({"scan", "mixer_scan_bwd7<fp16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__half, true>), scan7b::kThreads});
+  register_kernel({"scan", "mixer_scan_bwd7<fp16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__half>), scan7b::kThreads});
   return true;
 }();
 }  // namespace
