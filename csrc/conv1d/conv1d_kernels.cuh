@@ -540,33 +540,10 @@ __global__ void __launch_bounds__(128, sizeof(T) == 2 ? 3 : 2) bwd_tokmajor_kern
   A dw[kCh][W], db[kCh];
   if (p.seq_idx != nullptr) bwd_tokmajor_body<T, W, kTok, true, kVecW>(p, dw, db);
   else bwd_tokmajor_body<T, W, kTok, false, kVecW>(p, dw, db);
-  const int c0 = (blockIdx.x * 32 + threadIdx.x) * kCh;
-  const bool active = c0 < p.dim;
-  const int split = blockIdx.y;
-  const int b = blockIdx.z;
-  // Block reduction over the token lanes, in lane order, then one partial per (batch, split). (The same sums as
-  // bwd_block_partials; calling it here changed the SASS of the W = 3 vector-weight kernels by +8 instructions.)
+  // Block reduction over the token lanes, in lane order, then one partial per (batch, split). (Once per block:
+  // the shared helper's few extra instructions against a private copy do not matter.)
   __shared__ A red[kLanes][32 * kCh][W + 1];
-#pragma unroll
-  for (int i = 0; i < kCh; ++i) {
-#pragma unroll
-    for (int k = 0; k < W; ++k) red[threadIdx.y][threadIdx.x * kCh + i][k] = dw[i][k];
-    red[threadIdx.y][threadIdx.x * kCh + i][W] = db[i];
-  }
-  __syncthreads();
-  if (threadIdx.y == 0 && active) {
-    float* ws = p.workspace + (int64_t(b) * p.nsplit + split) * p.dim * (W + 1);
-#pragma unroll
-    for (int i = 0; i < kCh; ++i) {
-#pragma unroll
-      for (int k = 0; k <= W; ++k) {
-        A sum = A(0);
-#pragma unroll
-        for (int l = 0; l < kLanes; ++l) sum += red[l][threadIdx.x * kCh + i][k];
-        ws[int64_t(c0 + i) * (W + 1) + k] = static_cast<float>(sum);
-      }
-    }
-  }
+  bwd_block_partials<T, W>(p, dw, db, red);
 }
 
 // ========================================================================= backward, generic strided

@@ -49,6 +49,7 @@ using scan::to_f;
 using scan4::cp_async16;
 using scan4::cp_async4;
 using scan4::stage_dt;
+using scan4::stage_rows;
 using scan4::stage_zxbc_plain;
 using scan4::stage_zxbc_vec16;
 using scan4::cp_async_commit;
@@ -160,24 +161,7 @@ __device__ __forceinline__ void stage_bwd(const MixerScanParams& p, RawB4<T>& r,
     }
   }
   stage_dt<T, kNT, kR>(p, r.f, b, tid, t0);
-  if (p.dy_vec16) {
-    constexpr int kPer = kChunk * kCPR;
-#pragma unroll
-    for (int k = 0; k < (kPer + kNT - 1) / kNT; ++k) {
-      const int i = tid + k * kNT;
-      if (kPer % kNT == 0 || i < kPer) {
-        const int row = i / kCPR, part = i % kCPR, pos = t0 + row;
-        const bool ok = pos < p.seqlen;
-        cp_async16(&r.dy[row][part * kVec], ok ? dyp + (int64_t)pos * p.d_inner + part * kVec : dyp, ok);
-      }
-    }
-  } else {
-#pragma unroll 4
-    for (int i = tid; i < kChunk * kN; i += kNT) {
-      const int row = i / kN, c = i % kN, pos = t0 + row;
-      r.dy[row][c] = pos < p.seqlen ? dyp[(int64_t)pos * p.d_inner + c] : from_f<T>(0.f);
-    }
-  }
+  stage_rows<T, kNT, kN>(r.dy, dyp, p.d_inner, kN, p.dy_vec16, p, tid, t0);
   if (p.seq_idx != nullptr) {
     const int* sq = p.seq_idx + (int64_t)b * p.seqlen;
     if (tid < kChunk) {

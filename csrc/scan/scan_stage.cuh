@@ -78,32 +78,40 @@ __device__ __forceinline__ void stage_zxbc_plain(const MixerScanParams& p, RawTi
   }
 }
 
-// dt_low rows of sequence b (16-byte copies when p.dt_vec16, i.e. dt_rank is a multiple of kVec; plain loads
-// otherwise). Columns >= dt_rank are not written: the dt_proj readers mask them.
-template <typename T, int NT, int kR>
-__device__ __forceinline__ void stage_dt(const MixerScanParams& p, RawTile<T, kR>& r, int b, int tid, int t0) {
-  constexpr int kVec = 16 / sizeof(T);
-  const T* dtl = static_cast<const T*>(p.dt_low) + (int64_t)b * p.dt_batch_stride;
-  const int R = p.dt_rank;
-  if (p.dt_vec16) {  // R is a multiple of kVec
-    constexpr int kCopies = kChunk * (kR / kVec);
+// kChunk rows of a kW-wide slice (row stride `stride` elements, positions t0 ..) into dst[kChunk][kW]: 16-byte
+// cp.async when vec16 (the host checked alignment), plain loads otherwise; columns >= valid are not written (their
+// readers mask them), rows past the sequence end are zero-filled. Used for dt_low (forward and backward) and dy.
+template <typename T, int NT, int kW>
+__device__ __forceinline__ void stage_rows(T (*dst)[kW], const T* src, int64_t stride, int valid, bool vec16,
+                                           const MixerScanParams& p, int tid, int t0) {
+  constexpr int kVec = 16 / sizeof(T), kParts = kW / kVec;
+  if (vec16) {  // valid is a multiple of kVec
+    constexpr int kCopies = kChunk * kParts;
 #pragma unroll
     for (int k = 0; k < (kCopies + NT - 1) / NT; ++k) {
       const int i = tid + k * NT;
       if (kCopies % NT != 0 && i >= kCopies) break;
-      const int row = i / (kR / kVec), part = i % (kR / kVec), pos = t0 + row;
-      if (part * kVec < R) {
+      const int row = i / kParts, part = i % kParts, pos = t0 + row;
+      if (part * kVec < valid) {
         const bool ok = pos < p.seqlen;
-        cp_async16(&r.dt[row][part * kVec], ok ? dtl + (int64_t)pos * p.dt_row_stride + part * kVec : dtl, ok);
+        cp_async16(&dst[row][part * kVec], ok ? src + (int64_t)pos * stride + part * kVec : src, ok);
       }
     }
   } else {
 #pragma unroll 4
-    for (int i = tid; i < kChunk * kR; i += NT) {
-      const int row = i / kR, c = i % kR, pos = t0 + row;
-      if (c < R) r.dt[row][c] = pos < p.seqlen ? dtl[(int64_t)pos * p.dt_row_stride + c] : from_f<T>(0.f);
+    for (int i = tid; i < kChunk * kW; i += NT) {
+      const int row = i / kW, c = i % kW, pos = t0 + row;
+      if (c < valid) dst[row][c] = pos < p.seqlen ? src[(int64_t)pos * stride + c] : from_f<T>(0.f);
     }
   }
+}
+
+// dt_low rows of sequence b (16-byte copies when p.dt_vec16, i.e. dt_rank is a multiple of kVec; plain loads
+// otherwise). Columns >= dt_rank are not written: the dt_proj readers mask them.
+template <typename T, int NT, int kR>
+__device__ __forceinline__ void stage_dt(const MixerScanParams& p, RawTile<T, kR>& r, int b, int tid, int t0) {
+  const T* dtl = static_cast<const T*>(p.dt_low) + (int64_t)b * p.dt_batch_stride;
+  stage_rows<T, NT, kR>(r.dt, dtl, p.dt_row_stride, p.dt_rank, p.dt_vec16, p, tid, t0);
 }
 
 }  // namespace scan4
