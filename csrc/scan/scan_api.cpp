@@ -130,7 +130,7 @@ MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims
 // Session 5: where K = 4 is chosen, 16-bit activations run v7 (tensor-core input product and readout, one warp per
 // head; b8 L4096 1.10 vs v5's 1.30 ms on the H100) when it applies (mixer_scan_fwd7_supports), v5 K = 4 otherwise;
 // returned as 107. Batch 1 keeps v4 K = 8: one warp per head is too few warps there (v7 b1 L8192 0.82 vs 0.47 ms).
-// Session 6 (scripts/diag/scan_fwd_versions.py, bench/results/s6/fwd_versions_b1_to_b8.json, CUDA graphs, D 4096):
+// Session 6 (scripts/diag/scan_fwd_versions.py, bench/results/s6/fwd_dispatch/, CUDA graphs, D 4096):
 // v7 wins once its own grid (batch x d_inner / 64 blocks, 4 per SM) reaches ~2 blocks per SM - b4 L4096 0.614 ms vs
 // v4 K = 8 0.769 / v5 K = 4 0.665 - and loses below: b3 0.616 vs v5 K = 4 0.515, b2 L8192 0.827 vs v4 K = 8 0.780.
 // So 16-bit activations run v7 when batch x d_inner / 64 >= 1.9 x SMs (batch >= 4 at D 4096), else the K rule with
@@ -201,9 +201,10 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
 // Backward version. Default: v7 (mixer_scan_bwd7.cuh: the adjoint in the forward v7's tensor-core layout, one
 // warp per head, 4 heads of a group per block) for 16-bit activations where it applies (mixer_scan_bwd7_supports)
 // and the grid about fills the GPU (batch x d_inner / 64 blocks >= 1.9 per SM: v7 runs 2 blocks of 4 warps per SM);
-// v4 (mixer_scan_bwd4.cuh: K = 8 lanes per channel, one block per head) otherwise. H100, D 4096, bwd alone: b8
-// L4096 6.40 ms (v7) vs 8.64 (v4); b4 L4096 3.39 vs 4.46; b1 L8192 4.89 (v7: 64 blocks) vs 2.37 (v4). APRIEL_SCAN_BWD forces a version (read at each
-// call): v7 (where it applies, else v4), v4, v3 (the session-1 kernel). All produce the same outputs.
+// v4 (mixer_scan_bwd4.cuh: K = 8 lanes per channel, one block per head) otherwise. H100, D 4096, bwd alone
+// (bench/results/s6/final/final_scan.json): b8 L4096 6.51 ms (v7) vs 8.55 (v4); b4 L4096 3.31 vs 4.43; b1 L8192
+// 5.37 (v7: 64 blocks) vs 2.37 (v4). APRIEL_SCAN_BWD forces a version (read at each call): v7 (where it applies,
+// else v4), v4, v3 (the session-1 kernel). All produce the same outputs.
 std::string bwd_version() {
   const char* env = std::getenv("APRIEL_SCAN_BWD");
   return env != nullptr ? std::string(env) : std::string("auto");
@@ -219,9 +220,10 @@ bool bwd_runs_v7(const MixerScanParams& p, at::ScalarType st) {
   return static_cast<int64_t>(p.batch) * (p.d_inner / (4 * kN)) * 10 >= 19 * static_cast<int64_t>(sm_count());
 }
 
-void launch_bwd(const MixerScanParams& p, at::ScalarType st) {
+// v7: the caller's bwd_runs_v7 decision (made once: its host epilogue depends on it too).
+void launch_bwd(const MixerScanParams& p, at::ScalarType st, bool v7) {
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (bwd_runs_v7(p, st)) {
+  if (v7) {
     if (st == at::kBFloat16) launch_mixer_scan_bwd7<__nv_bfloat16>(p, stream);
     else launch_mixer_scan_bwd7<__half>(p, stream);
     return;
@@ -299,18 +301,18 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   Tensor dy_c = dy.to(st).contiguous();
   p.dy = dy_c.data_ptr();
   p.dy_vec16 = reinterpret_cast<uintptr_t>(p.dy) % 16 == 0 && (d.D * dy_c.element_size()) % 16 == 0;
-  const bool fused = d.L > 0 && d.b > 0 && bwd_runs_v7(p, st) && d.r == 4;
+  const bool v7 = d.L > 0 && d.b > 0 && bwd_runs_v7(p, st);
+  const bool fused = v7 && d.r == 4;
   p.bwd_fused_sums = fused;
   Tensor dx_part = fused ? at::empty({0}, f32) : at::empty({d.b, d.L, d.D}, f32);
   Tensor dB_part = fused ? at::empty({0}, f32) : at::empty({d.b, d.L, d.D}, f32);
   // v7 computes the dt_proj gradients itself (per-block d(dt_low) partials, per-sequence d W / d b): no fp32 (b, L, D)
   // d(dt_pre) buffer and no GEMMs over it.
-  const bool dt_fused = d.L > 0 && d.b > 0 && bwd_runs_v7(p, st);
   const int64_t nblk = d.D / (4 * kN);
-  Tensor ddt_pre = dt_fused ? at::empty({0}, f32) : at::empty({d.b, d.L, d.D}, f32);
-  Tensor ddt_low_part = dt_fused ? at::empty({d.b, d.L, nblk, kN}, f32) : Tensor();
-  Tensor ddt_w_part = dt_fused ? at::empty({d.b, d.D, kN}, f32) : Tensor();
-  Tensor ddt_b_part = dt_fused ? at::empty({d.b, d.D}, f32) : Tensor();
+  Tensor ddt_pre = v7 ? at::empty({0}, f32) : at::empty({d.b, d.L, d.D}, f32);
+  Tensor ddt_low_part = v7 ? at::empty({d.b, d.L, nblk, kN}, f32) : Tensor();
+  Tensor ddt_w_part = v7 ? at::empty({d.b, d.D, kN}, f32) : Tensor();
+  Tensor ddt_b_part = v7 ? at::empty({d.b, d.D}, f32) : Tensor();
   Tensor dAlog_part = at::empty({d.b, d.D, kN}, f32);
   Tensor dD_part = at::empty({d.b, d.D}, f32), dcb_part = at::empty({d.b, d.D}, f32);
   Tensor dcw_part = at::empty({d.b, d.D, d.W}, f32), dic_part = at::zeros({d.b, d.D, hw}, f32);
@@ -327,7 +329,7 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
     p.ckpt_in = ckpt.data_ptr<float>();
     p.dzxbc = dzxbc.data_ptr(); p.dx_part = dx_part.data_ptr<float>(); p.dB_part = dB_part.data_ptr<float>();
     p.ddt_pre = ddt_pre.data_ptr<float>(); p.dA_log_part = dAlog_part.data_ptr<float>();
-    if (dt_fused) {
+    if (v7) {
       p.ddt_low_part = ddt_low_part.data_ptr<float>();
       p.ddt_w_part = ddt_w_part.data_ptr<float>();
       p.ddt_b_part = ddt_b_part.data_ptr<float>();
@@ -335,7 +337,7 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
     p.dD_part = dD_part.data_ptr<float>(); p.dconv_b_part = dcb_part.data_ptr<float>();
     p.dconv_w_part = dcw_part.data_ptr<float>(); p.dinit_conv_part = dic_part.data_ptr<float>();
     p.dinit_ssm = dinit_ssm.data_ptr<float>();
-    launch_bwd(p, st);
+    launch_bwd(p, st, v7);
   } else {
     for (Tensor* t : {&dx_part, &dB_part, &ddt_pre, &dAlog_part, &dD_part, &dcb_part, &dcw_part})
       t->zero_();
@@ -374,7 +376,7 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   }
   // dt_proj: dt_pre = dt_low W^T + b, the bias again inside softplus -> d bias = 2 * sum d(dt_pre).
   Tensor ddt_low, ddt_w, ddt_b;
-  if (dt_fused) {
+  if (v7) {
     ddt_low = ddt_low_part.sum(2).narrow(2, 0, d.R).to(dt_low.scalar_type()).contiguous();
     ddt_w = ddt_w_part.sum(0).narrow(1, 0, d.R).to(dt_proj_weight.scalar_type()).contiguous();
     ddt_b = (ddt_b_part.sum(0) * 2).to(dt_proj_bias.scalar_type());
