@@ -427,7 +427,7 @@ def test_forward_v7_deterministic_graph_compile_and_default(monkeypatch):
     for b in (1, big - 1):
         part = {k: (v[:b] if k in ("zxbc", "dt_low", "initial_ssm_state", "initial_conv_state") else v)
                 for k, v in args.items()}
-        names = _cuda_kernels_run(lambda: mixer_scan(**part, **kw))
+        names = _cuda_kernels_run(lambda part=part: mixer_scan(**part, **kw))
         assert not any("mixer_scan_fwd7_kernel" in n for n in names), (b, names)
         assert any("mixer_scan_fwd4_kernel" in n for n in names), (b, names)  # v4 / v5 share the kernel template
     monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")
@@ -556,15 +556,20 @@ def test_gradient_parity(case, dtype, bwd_version):
     _check_grads(args, kw, seq, dtype)
 
 
-def _check_grads(args, kw, seq, dtype):
+def _loss_weights(args, kw, dtype, seed):
+    """Random float64 weights of the loss sum(y w0) + sum(final_ssm w1) + sum(final_conv w2); w0 / w2 are rounded to
+    the activation dtype (the dy / d final conv state the kernel sees, as in training)."""
     b, L = args["zxbc"].shape[:2]
     D_, X = kw["d_inner"], kw["d_xb"]
-    gen = torch.Generator(device="cuda").manual_seed(1)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
     weights = (torch.randn(b, L, D_, device="cuda", generator=gen, dtype=torch.float64),
                torch.randn(b, D_ // N, N, N, device="cuda", generator=gen, dtype=torch.float64),
                torch.randn(b, X, args["conv_weight"].shape[1] - 1, device="cuda", generator=gen, dtype=torch.float64))
-    # the dy the kernel sees is rounded to the activation dtype, as in training
-    weights = (weights[0].to(dtype).double(), weights[1], weights[2].to(dtype).double())
+    return weights[0].to(dtype).double(), weights[1], weights[2].to(dtype).double()
+
+
+def _check_grads(args, kw, seq, dtype):
+    weights = _loss_weights(args, kw, dtype, seed=1)
     poison_allocator()
     got = _grads(args, kw, seq, weights)
     ref64 = _ref_grads(to64(args), kw, seq, weights)
@@ -739,10 +744,7 @@ def test_backward_v7_parity_and_determinism(case, dtype, monkeypatch):
     monkeypatch.setenv("APRIEL_SCAN_BWD", "v7")
     args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", repeat=repeat, dt_rank=rank, width=width,
                            initial_states="init" in extra, strided=extra == "strided", seed=21)
-    gen = torch.Generator(device="cuda").manual_seed(2)
-    weights = (torch.randn(b, L, D_, device="cuda", generator=gen, dtype=torch.float64).to(dtype).double(),
-               torch.randn(b, D_ // N, N, N, device="cuda", generator=gen, dtype=torch.float64),
-               torch.randn(b, X, width - 1, device="cuda", generator=gen, dtype=torch.float64).to(dtype).double())
+    weights = _loss_weights(args, kw, dtype, seed=2)
     names = _cuda_kernels_run(lambda: _grads(args, kw, None, weights))
     assert any("mixer_scan_bwd7_kernel" in n for n in names), names
     assert not any("mixer_scan_bwd4_kernel" in n for n in names), names
@@ -767,10 +769,8 @@ def test_backward_default_dispatch(monkeypatch):
     big = -(-19 * sms // (10 * (D_ // 64)))  # smallest batch whose grid reaches 1.9 blocks per SM
     for b, want in ((1, "mixer_scan_bwd4_kernel"), (big, "mixer_scan_bwd7_kernel")):
         args, kw = make_inputs(b, 40, D_, X, dtype=torch.bfloat16, device="cuda", dt_rank=16, seed=b)
-        weights = (torch.randn(b, 40, D_, device="cuda", dtype=torch.float64).to(torch.bfloat16).double(),
-                   torch.randn(b, D_ // N, N, N, device="cuda", dtype=torch.float64),
-                   torch.randn(b, X, 3, device="cuda", dtype=torch.float64).to(torch.bfloat16).double())
-        names = _cuda_kernels_run(lambda: _grads(args, kw, None, weights))
+        weights = _loss_weights(args, kw, torch.bfloat16, seed=b)
+        names = _cuda_kernels_run(lambda args=args, kw=kw, weights=weights: _grads(args, kw, None, weights))
         assert any(want in n for n in names), (b, names)
         if b == 1:
             _check_grads(args, kw, None, torch.bfloat16)
@@ -786,9 +786,7 @@ def test_backward_v7_falls_back_where_it_does_not_apply(extra, monkeypatch):
     X = 32 if extra == "groups2" else 16
     args, kw = make_inputs(2, 70, 64, X, dtype=dtype, device="cuda", dt_rank=16, initial_states=True, seed=3)
     seq = packed_seq_idx(2, 70, [20, 41], "cuda") if extra == "packed" else None
-    weights = (torch.randn(2, 70, 64, device="cuda", dtype=torch.float64).to(dtype).double(),
-               torch.randn(2, 64 // N, N, N, device="cuda", dtype=torch.float64),
-               torch.randn(2, X, 3, device="cuda", dtype=torch.float64).to(dtype).double())
+    weights = _loss_weights(args, kw, dtype, seed=4)
     names = _cuda_kernels_run(lambda: _grads(args, kw, seq, weights))
     assert not any("mixer_scan_bwd7_kernel" in n for n in names), names
     assert any("mixer_scan_bwd4_kernel" in n for n in names), names
