@@ -736,18 +736,65 @@ BWD7_CASES = [
 
 @gpu
 @needs_kernel
+@pytest.mark.parametrize("segments", ["auto", "1"], ids=["seg-auto", "seg-1"])
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
 @pytest.mark.parametrize("case", BWD7_CASES, ids=lambda c: f"b{c[0]}-L{c[1]}-D{c[2]}-X{c[3]}-{'rep' if c[4] else 'norep'}-W{c[5]}-R{c[6]}-{c[7] or 'plain'}")
-def test_backward_v7_parity_and_determinism(case, dtype, monkeypatch):
-    """v7 runs (torch profiler), matches float64 for every gradient, and is bitwise repeatable."""
+def test_backward_v7_parity_and_determinism(case, dtype, segments, monkeypatch):
+    """v7 runs (torch profiler), matches float64 for every gradient, and is bitwise repeatable - unsplit ("1") and
+    with the default sequence split (small grids: the split applies wherever the sequence has >= 2 tiles)."""
     b, L, D_, X, repeat, width, rank, extra = case
     monkeypatch.setenv("APRIEL_SCAN_BWD", "v7")
+    if segments == "auto":
+        monkeypatch.delenv("APRIEL_SCAN_BWD_SEGMENTS", raising=False)
+    else:
+        monkeypatch.setenv("APRIEL_SCAN_BWD_SEGMENTS", segments)
     args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", repeat=repeat, dt_rank=rank, width=width,
                            initial_states="init" in extra, strided=extra == "strided", seed=21)
     weights = _loss_weights(args, kw, dtype, seed=2)
     names = _cuda_kernels_run(lambda: _grads(args, kw, None, weights))
     assert any("mixer_scan_bwd7_kernel" in n for n in names), names
     assert not any("mixer_scan_bwd4_kernel" in n for n in names), names
+    poison_allocator()
+    got = _grads(args, kw, None, weights)
+    again = _grads(args, kw, None, weights)
+    ref64 = _ref_grads(to64(args), kw, None, weights)
+    ref_lp = _ref_grads(args, kw, None, weights)
+    for name in args:
+        assert torch.equal(got[name], again[name]), f"d{name} differs between runs"
+        check(f"d{name}", got[name], ref64[name], ref_lp[name], k=3.0, floor=2e-3)
+
+
+# The v7 backward's sequence split with forced segment counts: segment boundaries at tile edges, a last segment
+# shorter than the conv halo (L 65 in 3 segments: the final conv state's gradient lands in segment 1's edge rows),
+# conv widths 2-4, both repeat settings, 8 heads per group (the non-fused dx_part path), a carry chain over 8
+# segments, initial states (segment 0's gradients), dt_rank 8, strided inputs.
+BWD7_SPLIT_CASES = [
+    # (batch, seqlen, d_inner, d_xb, repeat, width, dt_rank, segments, extras)
+    (2, 65, 64, 16, True, 4, 16, 3, "init"),
+    (1, 300, 64, 16, False, 2, 16, 4, "init"),
+    (2, 1000, 256, 64, True, 3, 8, 8, "init"),
+    (3, 129, 128, 16, False, 4, 16, 2, "init"),
+    (1, 4097, 256, 64, False, 4, 16, 5, ""),
+    (2, 200, 256, 64, True, 4, 16, 7, "strided"),
+]
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
+@pytest.mark.parametrize("case", BWD7_SPLIT_CASES, ids=lambda c: f"b{c[0]}-L{c[1]}-D{c[2]}-X{c[3]}-{'rep' if c[4] else 'norep'}-W{c[5]}-R{c[6]}-S{c[7]}-{c[8] or 'plain'}")
+def test_backward_v7_sequence_split(case, dtype, monkeypatch):
+    """The split runs (carry pre-pass kernel in the profile), matches float64 for every gradient (initial / final
+    states included) and is bitwise repeatable."""
+    b, L, D_, X, repeat, width, rank, segments, extra = case
+    monkeypatch.setenv("APRIEL_SCAN_BWD", "v7")
+    monkeypatch.setenv("APRIEL_SCAN_BWD_SEGMENTS", str(segments))
+    args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", repeat=repeat, dt_rank=rank, width=width,
+                           initial_states="init" in extra, strided=extra == "strided", seed=23)
+    weights = _loss_weights(args, kw, dtype, seed=5)
+    names = _cuda_kernels_run(lambda: _grads(args, kw, None, weights))
+    assert any("mixer_scan_bwd7_carry_kernel" in n for n in names), names
+    assert any("mixer_scan_bwd7_kernel" in n for n in names), names
     poison_allocator()
     got = _grads(args, kw, None, weights)
     again = _grads(args, kw, None, weights)

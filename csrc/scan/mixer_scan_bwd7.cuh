@@ -155,14 +155,17 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
   using M = scan4::MmaOp<T>;
   SM& sm = *reinterpret_cast<SM*>(smem_raw);
   const int tid = threadIdx.x, lane = tid % 32, w = tid / 32, g = lane / 4, q = lane % 4;
-  const int head0 = blockIdx.x * kHeads, b = blockIdx.y, head = head0 + w, c0 = head * kN;
+  // blockIdx.y = b * segments + segment (vb: the row of the whole-sequence partial outputs)
+  const int S = p.bwd_segments, vb = blockIdx.y, b = vb / S, seg = vb - b * S;
+  const int head0 = blockIdx.x * kHeads, head = head0 + w, c0 = head * kN;
   const int group = head0 / p.heads_per_group;
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank, W = p.width, hw = W - 1;
   const int n_tiles = p.n_chunks;
+  const int tile_first = seg * p.seg_tiles, tile_last = min(n_tiles, tile_first + p.seg_tiles) - 1;
   const int64_t rowZ = 2 * (int64_t)D + 2 * p.d_xb;
   typename SM::Warp& wp = sm.wp[w];
 
-  stage<T>(p, sm.raw[(n_tiles - 1) & 1], b, head0, group, (n_tiles - 1) * kChunk, tid);
+  stage<T>(p, sm.raw[tile_last & 1], b, head0, group, tile_last * kChunk, tid);
   scan4::cp_async_commit();
 
   // Per-channel constants (smem: the registers go to the recomputed states), zero operand entries, dco halo.
@@ -215,6 +218,21 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
       carry[nt][i] = p.dfinal_ssm != nullptr ? p.dfinal_ssm[((int64_t)b * D + cs) * kN + n] : 0.f;
       dAacc[nt][i] = 0.f;
     }
+  // Sequence split: the carry entering this segment's last token, from the pre-pass's (L, P) of the later
+  // segments (fixed order: deterministic).
+  for (int s2 = S - 1; s2 > seg; --s2) {
+    const float* lp = p.seg_carry + (((int64_t)b * S + s2) * 2) * D * kN;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int r2 = 0; r2 < 2; ++r2) {
+        const int64_t o = (int64_t)(c0 + 2 * g + r2) * kN + nt * 8 + 2 * q;
+        const float2 lv = *reinterpret_cast<const float2*>(lp + o);
+        const float2 pv = *reinterpret_cast<const float2*>(lp + (int64_t)D * kN + o);
+        carry[nt][2 * r2] = fmaf(pv.x, carry[nt][2 * r2], lv.x);
+        carry[nt][2 * r2 + 1] = fmaf(pv.y, carry[nt][2 * r2 + 1], lv.y);
+      }
+  }
   // Epilogue mapping: channel ec, tokens et0 .. et0 + 3 of the sub-chunk; per-channel sums over the sequence.
   const int ec = lane & 15, et0 = (lane >> 4) * 4;
   float accD = 0.f, accCB = 0.f, accDB = 0.f, accW[4] = {0.f, 0.f, 0.f, 0.f};
@@ -237,12 +255,12 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
       }
   };
 
-  for (int tile = n_tiles - 1; tile >= 0; --tile) {
+  for (int tile = tile_last; tile >= tile_first; --tile) {
     const int t0 = tile * kChunk, par = tile & 1, Tv = min(kChunk, L - t0);
     const typename SM::Raw& r = sm.raw[par];
     scan4::cp_async_wait_all();
     __syncthreads();  // S1
-    if (tile > 0) {
+    if (tile > tile_first) {
       stage<T>(p, sm.raw[par ^ 1], b, head0, group, t0 - kChunk, tid);
       scan4::cp_async_commit();
     }
@@ -511,7 +529,9 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
           if (fused) wp.dxs[tl][ec] = acc;
           else if (t < Tv) p.dx_part[((int64_t)b * L + tg) * D + c0 + ec] = acc;
         }
-        if (tile == 0 && j == 0) {  // gradient of the initial conv state: positions -hw .. -1 (16 hw <= 48 items)
+        // gradient of the initial conv state: positions -hw .. -1 (16 hw <= 48 items); in a segment s >= 1: its
+        // contribution to the d(conv input) of the hw tokens before it (the host adds it to segment s - 1's rows)
+        if (tile == tile_first && j == 0) {
           for (int di = lane; di < kN * hw; di += 32) {
             const int ch = di / hw, kk = di % hw, pos = kk - hw;
             const float4 cw2 = wp.cw[ch];
@@ -522,7 +542,7 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
               const int row = pos + 3 - i;
               if (row >= 0 && row < Tv) acc = fmaf(w2[i], wp.dco[row][ch], acc);
             }
-            p.dinit_conv_part[((int64_t)b * D + c0 + ch) * hw + kk] = acc;
+            p.dinit_conv_part[((int64_t)vb * D + c0 + ch) * hw + kk] = acc;
           }
         }
       }
@@ -597,9 +617,15 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
           s0 += dfc[0];
           s1 += dfc[hw];
         }
-        if (tg < L)
+        // a segment's last hw x rows lack the next segment's halo contribution: fp32 to dx_edge (the host adds it)
+        const int seg_end = min(L, (tile_last + 1) * kChunk), edge = tg - (seg_end - hw);
+        if (hx == 1 && seg < S - 1 && edge >= 0) {
+          *reinterpret_cast<float2*>(p.dx_edge + ((int64_t)vb * hw + edge) * p.d_xb + group * kN + 2 * pr) =
+              make_float2(s0, s1);
+        } else if (tg < L) {
           *reinterpret_cast<unsigned*>(dzx + (int64_t)tg * rowZ + D + (hx == 0 ? p.d_xb : 0) + group * kN + 2 * pr) =
               M::pack(s0, s1);
+        }
       }
       if (dt_fused) {  // d(dt_low) summed over the block's 4 heads (fixed order)
         if (!fused) __syncthreads();
@@ -617,7 +643,7 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
   for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
     for (int r2 = 0; r2 < 2; ++r2) {
-      const int64_t o = ((int64_t)b * D + c0 + 2 * g + r2) * kN + nt * 8 + 2 * q;
+      const int64_t o = ((int64_t)vb * D + c0 + 2 * g + r2) * kN + nt * 8 + 2 * q;
       *reinterpret_cast<float2*>(p.dA_log_part + o) =
           make_float2(dAacc[nt][2 * r2] * An[nt][2 * r2], dAacc[nt][2 * r2 + 1] * An[nt][2 * r2 + 1]);
       *reinterpret_cast<float2*>(p.dinit_ssm + o) = make_float2(carry[nt][2 * r2], carry[nt][2 * r2 + 1]);
@@ -628,19 +654,19 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
 #pragma unroll
       for (int r2 = 0; r2 < 2; ++r2) {
         const float2 v = wp.dw[lane][2 * r2 + nt];
-        float* dst = p.ddt_w_part + ((int64_t)b * D + c0 + g + 8 * r2) * kN + 8 * nt + 2 * q;
+        float* dst = p.ddt_w_part + ((int64_t)vb * D + c0 + g + 8 * r2) * kN + 8 * nt + 2 * q;
         dst[0] = v.x;
         dst[1] = v.y;
       }
     accDB += __shfl_xor_sync(0xffffffffu, accDB, 16);
-    if (lane < kN) p.ddt_b_part[(int64_t)b * D + c0 + ec] = accDB;
+    if (lane < kN) p.ddt_b_part[(int64_t)vb * D + c0 + ec] = accDB;
   }
   accD += __shfl_xor_sync(0xffffffffu, accD, 16);
   accCB += __shfl_xor_sync(0xffffffffu, accCB, 16);
 #pragma unroll
   for (int i = 0; i < 4; ++i) accW[i] += __shfl_xor_sync(0xffffffffu, accW[i], 16);
   if (lane < kN) {
-    const int64_t c = (int64_t)b * D + c0 + ec;
+    const int64_t c = (int64_t)vb * D + c0 + ec;
     p.dD_part[c] = accD;
     p.dconv_b_part[c] = accCB;
 #pragma unroll
@@ -657,16 +683,106 @@ void launch(const MixerScanParams& p, void* stream) {
   auto kernel = mixer_scan_bwd7_kernel<T>;
   static const bool configured = scan7::allow_smem(reinterpret_cast<const void*>(kernel), smem);
   (void)configured;
-  dim3 grid(p.d_inner / (kN * kHeads), p.batch);
+  dim3 grid(p.d_inner / (kN * kHeads), p.batch * p.bwd_segments);
   kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
   APRIEL_CHECK_LAUNCH();
 }
 
 }  // namespace scan7b
 
+// The carry pre-pass of the sequence split (p.bwd_segments > 1; see scan_params.h). For every segment s >= 1 of
+// every sequence: L_s = the adjoint carry at the segment's start given a zero carry at its end (the reverse
+// G_t = carry + dys_t (x) C_t, carry = G_t exp(delta_t A) over the segment's tokens) and P_s = exp(A sum_t delta_t).
+// Its work is ~(segments - 1) / segments of a forward scan without readout (one ex2 per element). The block of
+// segment s of the main kernel combines the (L, P) of the later segments into its starting carry.
+// Block = one head (16 channels x 16 states) of one segment: 64 threads, thread = channel tid / 4 x states
+// 4 (tid % 4) .. + 3; per 32-token tile (reverse order) the block computes delta / dys per (token, channel) into
+// shared memory (thread = channel tid % 16, tokens tid / 16 + 4 k), then each thread runs its 4 recurrences.
+// delta is computed as the main kernel's prep does (dt_proj with W rounded to the activation dtype, the double
+// bias, softplus_select); dys is fp32 here (tf32 in the main kernel's mma: the carry differs by ~1e-4 relative).
+namespace scan7c {
+
+constexpr int kThr = 64;
+
+template <typename T>
+__global__ void __launch_bounds__(kThr) mixer_scan_bwd7_carry_kernel(MixerScanParams p) {
+  using scan::kChunk;
+  using scan::kN;
+  __shared__ float dtl[kChunk][kN];               // dt_low rows (ranks >= R zero)
+  __shared__ __align__(16) float cs[kChunk][kN];  // C of the head
+  __shared__ float dls[kChunk][kN];               // delta
+  __shared__ float dys[kChunk][kN];               // dy silu(z)
+  const int tid = threadIdx.x, S = p.bwd_segments, nseg = S - 1;
+  const int head = blockIdx.x, b = blockIdx.y / nseg, seg = blockIdx.y % nseg + 1, c0 = head * kN;
+  const int D = p.d_inner, L = p.seqlen, R = p.dt_rank;
+  const int tile_first = seg * p.seg_tiles, tile_last = min(p.n_chunks, tile_first + p.seg_tiles) - 1;
+  const int64_t rowZ = p.zxbc_row_stride;
+  const T* zx = static_cast<const T*>(p.zxbc) + (int64_t)b * p.zxbc_batch_stride;
+  const T* dtb = static_cast<const T*>(p.dt_low) + (int64_t)b * p.dt_batch_stride;
+  const T* dyb = static_cast<const T*>(p.dy) + (int64_t)b * L * D;
+  // prep items: channel pc = tid % 16, tokens tid / 16 + 4 k
+  const int pc = tid % kN, pt = tid / kN;
+  float wr[kN];
+#pragma unroll
+  for (int r = 0; r < kN; ++r) wr[r] = r < R ? to_f(from_f<T>(p.dt_w[(int64_t)(c0 + pc) * R + r])) : 0.f;
+  const float b2 = 2.f * p.dt_b[c0 + pc];
+  // scan: channel sc = tid / 4, states 4 sq .. 4 sq + 3
+  const int sc = tid / 4, sq = tid % 4;
+  float A2[4], carry[4] = {0.f, 0.f, 0.f, 0.f}, sdelta = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) A2[i] = -__expf(p.A_log[(c0 + sc) * kN + 4 * sq + i]) * kLog2e;
+
+  for (int tile = tile_last; tile >= tile_first; --tile) {
+    const int t0 = tile * kChunk;
+    __syncthreads();  // the previous tile's scan is done with the buffers
+    for (int i = tid; i < kChunk * kN; i += kThr) {  // dt_low rows and C, zero past the end
+      const int row = i / kN, col = i % kN, pos = t0 + row;
+      const bool ok = pos < L;
+      dtl[row][col] = ok && col < R ? to_f(dtb[(int64_t)pos * p.dt_row_stride + col]) : 0.f;
+      cs[row][col] = ok ? to_f(zx[(int64_t)pos * rowZ + D + 2 * p.d_xb + c0 + col]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 2
+    for (int k = 0; k < kChunk / 4; ++k) {
+      const int row = pt + 4 * k, pos = t0 + row;
+      float dp = b2;
+#pragma unroll
+      for (int r = 0; r < kN; ++r) dp = fmaf(dtl[row][r], wr[r], dp);
+      const bool ok = pos < L;
+      const float zz = ok ? to_f(zx[(int64_t)pos * rowZ + c0 + pc]) : 0.f;
+      const float dy = ok ? to_f(dyb[(int64_t)pos * D + c0 + pc]) : 0.f;
+      dls[row][pc] = ok ? scan4::softplus_select(dp) : 0.f;
+      dys[row][pc] = dy * zz * sigmoid_fast(zz);
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int row = kChunk - 1; row >= 0; --row) {
+      const float dl = dls[row][sc], y = dys[row][sc];
+      const float4 c4 = *reinterpret_cast<const float4*>(&cs[row][4 * sq]);
+      const float cv[4] = {c4.x, c4.y, c4.z, c4.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) carry[i] = fmaf(y, cv[i], carry[i]) * ex2(dl * A2[i]);
+      sdelta += dl;
+    }
+  }
+  float* lp = p.seg_carry_out + (((int64_t)b * S + seg) * 2) * D * kN + (int64_t)(c0 + sc) * kN + 4 * sq;
+  *reinterpret_cast<float4*>(lp) = make_float4(carry[0], carry[1], carry[2], carry[3]);
+  *reinterpret_cast<float4*>(lp + (int64_t)D * kN) = make_float4(ex2(A2[0] * sdelta), ex2(A2[1] * sdelta),
+                                                                 ex2(A2[2] * sdelta), ex2(A2[3] * sdelta));
+}
+
+}  // namespace scan7c
+
 template <typename T>
 void launch_mixer_scan_bwd7(const MixerScanParams& p, void* stream) {
   scan7b::launch<T>(p, stream);
+}
+
+template <typename T>
+void launch_mixer_scan_bwd7_carry(const MixerScanParams& p, void* stream) {
+  dim3 grid(p.d_inner / scan::kN, p.batch * (p.bwd_segments - 1));
+  scan7c::mixer_scan_bwd7_carry_kernel<T><<<grid, scan7c::kThr, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  APRIEL_CHECK_LAUNCH();
 }
 
 }  // namespace apriel

@@ -210,20 +210,50 @@ std::string bwd_version() {
   return env != nullptr ? std::string(env) : std::string("auto");
 }
 
-// Whether the backward runs v7 for these params (the host epilogue depends on it: fused group sums).
-bool bwd_runs_v7(const MixerScanParams& p, at::ScalarType st) {
-  if (st == at::kFloat || !mixer_scan_bwd7_supports(p)) return false;
-  const std::string v = bwd_version();
-  if (v == "v7") return true;
-  if (v != "auto") return false;
-  // >= 1.9 blocks per SM: batch 4 at D 4096 on 132 SMs (256 blocks) runs v7 (bwd 3.39 vs 4.46 ms)
-  return static_cast<int64_t>(p.batch) * (p.d_inner / (4 * kN)) * 10 >= 19 * static_cast<int64_t>(sm_count());
+// Segments per sequence for the v7 backward (session 7, scan_params.h: the sequence split). The main kernel's
+// blocks (batch x d_inner / 64 x segments, 2 resident per SM) run in waves of equal-length blocks, so its time is
+// ~ waves(S) / S of the unsplit one-wave time; the carry pre-pass adds ~(S - 1) / S of a readout-free scan over
+// the sequence (kPrePass: its cost relative to one main-kernel wave over the same tokens, per block-fill).
+// The S in 1 .. 8 (at most one per tile) with the least estimate wins: b1 / b2 / b3 at D 4096 -> 4 / 2 / 4,
+// b4 / b8 -> 1. APRIEL_SCAN_BWD_SEGMENTS=n forces n (capped at the tile count).
+int bwd7_segments(const MixerScanParams& p) {
+  const int64_t max_s = std::min<int64_t>(8, p.n_chunks);
+  if (const char* env = std::getenv("APRIEL_SCAN_BWD_SEGMENTS")) {
+    const int64_t n = std::atoll(env);
+    TORCH_CHECK(n >= 1, "APRIEL_SCAN_BWD_SEGMENTS: expected a positive integer, got '", env, "'");
+    return static_cast<int>(std::min<int64_t>(n, p.n_chunks));
+  }
+  constexpr double kPrePass = 0.163;
+  const double blocks = static_cast<double>(p.batch) * (p.d_inner / (4 * kN)), slots = 2.0 * sm_count();
+  int best = 1;
+  double best_cost = 1e30;
+  for (int64_t s = 1; s <= max_s; ++s) {
+    const double cost = std::ceil(blocks * s / slots) / s + kPrePass * (blocks / slots) * (s - 1) / s;
+    if (cost < best_cost * 0.97) {  // a split must win by 3 %
+      best = static_cast<int>(s);
+      best_cost = cost;
+    }
+  }
+  return best;
 }
 
-// v7: the caller's bwd_runs_v7 decision (made once: its host epilogue depends on it too).
+// Segments of the v7 backward for these params, 0 where v4 / v3 run (the host epilogue depends on it: fused
+// group sums, per-segment partial rows).
+int bwd_v7_segments(const MixerScanParams& p, at::ScalarType st) {
+  if (st == at::kFloat || !mixer_scan_bwd7_supports(p)) return 0;
+  const std::string v = bwd_version();
+  if (v != "v7" && v != "auto") return 0;
+  return bwd7_segments(p);
+}
+
+// v7: the caller's bwd_v7_segments decision (made once: its host epilogue depends on it too).
 void launch_bwd(const MixerScanParams& p, at::ScalarType st, bool v7) {
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   if (v7) {
+    if (p.bwd_segments > 1) {
+      if (st == at::kBFloat16) launch_mixer_scan_bwd7_carry<__nv_bfloat16>(p, stream);
+      else launch_mixer_scan_bwd7_carry<__half>(p, stream);
+    }
     if (st == at::kBFloat16) launch_mixer_scan_bwd7<__nv_bfloat16>(p, stream);
     else launch_mixer_scan_bwd7<__half>(p, stream);
     return;
@@ -301,9 +331,19 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   Tensor dy_c = dy.to(st).contiguous();
   p.dy = dy_c.data_ptr();
   p.dy_vec16 = reinterpret_cast<uintptr_t>(p.dy) % 16 == 0 && (d.D * dy_c.element_size()) % 16 == 0;
-  const bool v7 = d.L > 0 && d.b > 0 && bwd_runs_v7(p, st);
+  const int nseg = d.L > 0 && d.b > 0 ? bwd_v7_segments(p, st) : 0;
+  const bool v7 = nseg > 0;
   const bool fused = v7 && d.r == 4;
   p.bwd_fused_sums = fused;
+  // Sequence split (v7 only): whole-sequence partials get one row per (b, segment).
+  // (seg_tiles = ceil(n_chunks / S), then S = ceil(n_chunks / seg_tiles): no empty segment)
+  const int64_t seg_tiles = (d.n_chunks + std::max(nseg, 1) - 1) / std::max(nseg, 1);
+  const int64_t S = d.n_chunks > 0 ? (d.n_chunks + seg_tiles - 1) / seg_tiles : 1, bs = d.b * S;
+  p.bwd_segments = static_cast<int>(S);
+  p.seg_tiles = static_cast<int>(seg_tiles);
+  Tensor seg_carry = S > 1 ? at::empty({d.b, S, 2, d.D, kN}, f32) : Tensor();
+  const int64_t seg_len = static_cast<int64_t>(p.seg_tiles) * kChunk;
+  Tensor dx_edge = S > 1 && fused ? at::empty({bs, hw, d.X}, f32) : Tensor();
   Tensor dx_part = fused ? at::empty({0}, f32) : at::empty({d.b, d.L, d.D}, f32);
   Tensor dB_part = fused ? at::empty({0}, f32) : at::empty({d.b, d.L, d.D}, f32);
   // v7 computes the dt_proj gradients itself (per-block d(dt_low) partials, per-sequence d W / d b): no fp32 (b, L, D)
@@ -311,12 +351,12 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   const int64_t nblk = d.D / (4 * kN);
   Tensor ddt_pre = v7 ? at::empty({0}, f32) : at::empty({d.b, d.L, d.D}, f32);
   Tensor ddt_low_part = v7 ? at::empty({d.b, d.L, nblk, kN}, f32) : Tensor();
-  Tensor ddt_w_part = v7 ? at::empty({d.b, d.D, kN}, f32) : Tensor();
-  Tensor ddt_b_part = v7 ? at::empty({d.b, d.D}, f32) : Tensor();
-  Tensor dAlog_part = at::empty({d.b, d.D, kN}, f32);
-  Tensor dD_part = at::empty({d.b, d.D}, f32), dcb_part = at::empty({d.b, d.D}, f32);
-  Tensor dcw_part = at::empty({d.b, d.D, d.W}, f32), dic_part = at::zeros({d.b, d.D, hw}, f32);
-  Tensor dinit_ssm = at::empty({d.b, d.D, kN}, f32);
+  Tensor ddt_w_part = v7 ? at::empty({bs, d.D, kN}, f32) : Tensor();
+  Tensor ddt_b_part = v7 ? at::empty({bs, d.D}, f32) : Tensor();
+  Tensor dAlog_part = at::empty({bs, d.D, kN}, f32);
+  Tensor dD_part = at::empty({bs, d.D}, f32), dcb_part = at::empty({bs, d.D}, f32);
+  Tensor dcw_part = at::empty({bs, d.D, d.W}, f32), dic_part = at::zeros({bs, d.D, hw}, f32);
+  Tensor dinit_ssm_seg = at::empty({bs, d.D, kN}, f32);
   Tensor dfs = dfinal_ssm && dfinal_ssm->numel() ? f32c(*dfinal_ssm) : Tensor();
   Tensor dfc = dfinal_conv && dfinal_conv->numel() ? f32c(*dfinal_conv) : Tensor();
   if (d.L > 0 && d.b > 0) {
@@ -336,16 +376,39 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
     }
     p.dD_part = dD_part.data_ptr<float>(); p.dconv_b_part = dcb_part.data_ptr<float>();
     p.dconv_w_part = dcw_part.data_ptr<float>(); p.dinit_conv_part = dic_part.data_ptr<float>();
-    p.dinit_ssm = dinit_ssm.data_ptr<float>();
+    p.dinit_ssm = dinit_ssm_seg.data_ptr<float>();
+    if (S > 1) {
+      p.seg_carry = seg_carry.data_ptr<float>();
+      p.seg_carry_out = seg_carry.data_ptr<float>();
+      p.dx_edge = fused ? dx_edge.data_ptr<float>() : nullptr;
+    }
     launch_bwd(p, st, v7);
   } else {
     for (Tensor* t : {&dx_part, &dB_part, &ddt_pre, &dAlog_part, &dD_part, &dcb_part, &dcw_part})
       t->zero_();
-    dinit_ssm.copy_(dfs.defined() ? dfs.view_as(dinit_ssm) : at::zeros_like(dinit_ssm));
+    dinit_ssm_seg.copy_(dfs.defined() ? dfs.view_as(dinit_ssm_seg) : at::zeros_like(dinit_ssm_seg));
+  }
+  const int64_t G = d.X / kN;
+  // Sequence split: segment 0's rows are the sequence's initial-state gradients; segment s >= 1's conv-state row is
+  // its contribution to the d(conv input) of the hw tokens before it (segment s - 1's last hw tokens, which the
+  // kernel wrote without it: into dx_edge with fused sums, else into dx_part). All non-last segments have seg_len
+  // tokens, so one strided view covers every boundary.
+  Tensor dinit_ssm = dinit_ssm_seg.view({d.b, S, d.D, kN}).select(1, 0).contiguous();
+  Tensor dic_seg = dic_part.view({d.b, S, d.D, hw});
+  if (S > 1) {
+    Tensor halo = dic_seg.narrow(1, 1, S - 1);  // (b, S-1, D, hw): d(conv input) at seg_len - hw + k
+    Tensor rows = (fused ? dzxbc : dx_part).narrow(1, 0, (S - 1) * seg_len).view({d.b, S - 1, seg_len, -1})
+                      .narrow(2, seg_len - hw, hw);  // (b, S-1, hw, row)
+    if (fused) {
+      Tensor x_halo = halo.view({d.b, S - 1, G, d.r, kN, hw}).sum(3).view({d.b, S - 1, d.X, hw}).transpose(2, 3);
+      Tensor edge = dx_edge.view({d.b, S, hw, d.X}).narrow(1, 0, S - 1);
+      rows.narrow(3, d.D, d.X).copy_(edge + x_halo);
+    } else {
+      rows.add_(halo.transpose(2, 3));
+    }
   }
   // Sum the r head copies of each x / B group (fixed order: deterministic).
-  const int64_t G = d.X / kN;
-  Tensor dic = dic_part.view({d.b, G, d.r, kN, hw}).sum(2).view({d.b, d.X, hw});
+  Tensor dic = dic_seg.select(1, 0).view({d.b, G, d.r, kN, hw}).sum(2).view({d.b, d.X, hw});
   // Gradient of the final conv state: the last W-1 x inputs (of the last document), else the initial state. The
   // x part goes into the first head copy of dx_part, so the head sum below carries it.
   if (dfc.defined()) {
@@ -417,7 +480,7 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
           ddt_b,
           dAlog_part.sum(0).to(A_log.scalar_type()),
           dD_part.sum(0).to(Dskip.scalar_type()),
-          init_ssm ? dinit_ssm.view(init_ssm->sizes()).to(init_ssm->scalar_type()) : empty(),
+          init_ssm ? dinit_ssm.reshape(init_ssm->sizes()).to(init_ssm->scalar_type()) : empty(),
           dinit_conv};
 }
 

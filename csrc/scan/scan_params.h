@@ -75,6 +75,20 @@ struct MixerScanParams {
   float* ddt_low_part;
   float* ddt_w_part;
   float* ddt_b_part;
+  // Backward v7 sequence split (session 7): when batch x d_inner / 64 blocks are too few to fill the GPU (batch 1-3
+  // at D 4096), each sequence runs as bwd_segments segments of seg_tiles tiles, one block per (group, segment).
+  // The adjoint carry entering each segment from the right comes from a pre-pass (mixer_scan_bwd7_carry_kernel):
+  // seg_carry (b, segments, 2, D, 16) holds per segment s >= 1 its local carry L_s (the adjoint at its start given
+  // a zero carry at its end) and its decay P_s = prod_t exp(delta_t A); the block of segment s combines them:
+  // K_s = L_{s+1} + P_{s+1} K_{s+1}, K_{segments-1} = dfinal_ssm. The whole-sequence partial outputs (dA_log_part,
+  // dD_part, dconv_*_part, dinit_conv_part, dinit_ssm, ddt_w_part, ddt_b_part) get one row per (b, segment): index
+  // b * segments + s; dinit_conv_part of segment s >= 1 is its contribution to the d(conv input) of the width-1
+  // tokens before it, and with fused sums dx_edge (b * segments, width-1, X) fp32 receives a segment's last width-1
+  // d(conv input) rows without that contribution (the host adds the two and writes them). 1 / n_chunks otherwise.
+  int bwd_segments, seg_tiles;
+  const float* seg_carry;
+  float* seg_carry_out;  // the pre-pass writes here (the same buffer)
+  float* dx_edge;
 };
 
 template <typename T, int K>
@@ -105,5 +119,8 @@ void launch_mixer_scan_bwd4(const MixerScanParams& p, void* stream);
 template <typename T>
 void launch_mixer_scan_bwd7(const MixerScanParams& p, void* stream);
 inline bool mixer_scan_bwd7_supports(const MixerScanParams& p) { return mixer_scan_fwd7_supports(p) && p.dy_vec16; }
+// The v7 backward's carry pre-pass (p.bwd_segments > 1): L_s and P_s of segments 1 .. segments-1 into p.seg_carry_out.
+template <typename T>
+void launch_mixer_scan_bwd7_carry(const MixerScanParams& p, void* stream);
 
 }  // namespace apriel
