@@ -808,17 +808,21 @@ def test_backward_v7_sequence_split(case, dtype, monkeypatch):
 @gpu
 @needs_kernel
 def test_backward_default_dispatch(monkeypatch):
-    """Default: v7 once batch x d_inner / 64 blocks reach 1.9 per SM (the model's shape at batch >= 4 on an H100), v4
-    below; both with correct gradients."""
+    """Default for 16-bit activations where v7 applies: v7 unsplit once batch x d_inner / 64 blocks fill the GPU
+    (batch >= 4 at the model's shape on an H100), v7 with the sequence split below (the carry pre-pass runs); both
+    with correct gradients."""
     monkeypatch.delenv("APRIEL_SCAN_BWD", raising=False)
+    monkeypatch.delenv("APRIEL_SCAN_BWD_SEGMENTS", raising=False)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     D_, X = 4096, 1024
-    big = -(-19 * sms // (10 * (D_ // 64)))  # smallest batch whose grid reaches 1.9 blocks per SM
-    for b, want in ((1, "mixer_scan_bwd4_kernel"), (big, "mixer_scan_bwd7_kernel")):
-        args, kw = make_inputs(b, 40, D_, X, dtype=torch.bfloat16, device="cuda", dt_rank=16, seed=b)
+    big = 2 * sms // (D_ // 64)  # the largest batch whose grid fits one wave of 2 blocks per SM (4 on an H100)
+    for b, split in ((1, True), (big, False)):
+        args, kw = make_inputs(b, 200, D_, X, dtype=torch.bfloat16, device="cuda", dt_rank=16, seed=b)
         weights = _loss_weights(args, kw, torch.bfloat16, seed=b)
         names = _cuda_kernels_run(lambda args=args, kw=kw, weights=weights: _grads(args, kw, None, weights))
-        assert any(want in n for n in names), (b, names)
+        assert any("mixer_scan_bwd7_kernel" in n for n in names), (b, names)
+        assert not any("mixer_scan_bwd4_kernel" in n for n in names), (b, names)
+        assert any("mixer_scan_bwd7_carry_kernel" in n for n in names) == split, (b, names)
         if b == 1:
             _check_grads(args, kw, None, torch.bfloat16)
 

@@ -695,31 +695,71 @@ void launch(const MixerScanParams& p, void* stream) {
 // G_t = carry + dys_t (x) C_t, carry = G_t exp(delta_t A) over the segment's tokens) and P_s = exp(A sum_t delta_t).
 // Its work is ~(segments - 1) / segments of a forward scan without readout (one ex2 per element). The block of
 // segment s of the main kernel combines the (L, P) of the later segments into its starting carry.
-// Block = one head (16 channels x 16 states) of one segment: 64 threads, thread = channel tid / 4 x states
-// 4 (tid % 4) .. + 3; per 32-token tile (reverse order) the block computes delta / dys per (token, channel) into
-// shared memory (thread = channel tid % 16, tokens tid / 16 + 4 k), then each thread runs its 4 recurrences.
+// Block = one head (16 channels x 16 states) of one segment, kGroups groups of 64 threads, each over its own
+// contiguous range of the segment's tiles (the block folds the groups' (L, P) at the end: a segment is thus
+// processed kGroups-way parallel; one group alone was latency-bound at ~7 us per tile). Per group and 32-token
+// tile (reverse order): 16-byte copies of C / z / dy / dt_low (the v7 alignment guarantees) prefetched in
+// registers one tile ahead, delta / dys per (token, channel) into shared memory (thread = channel tid % 16, tokens
+// tid / 16 + 4 k), then each thread runs its 4 recurrences (channel tid / 4, states 4 (tid % 4) .. + 3).
 // delta is computed as the main kernel's prep does (dt_proj with W rounded to the activation dtype, the double
 // bias, softplus_select); dys is fp32 here (tf32 in the main kernel's mma: the carry differs by ~1e-4 relative).
 namespace scan7c {
 
-constexpr int kThr = 64;
+constexpr int kGT = 64;                 // threads per group
+constexpr int kGroups = 4;
+constexpr int kThr = kGT * kGroups;
+
+template <typename T>
+struct GroupSmem {
+  alignas(16) T c[scan::kChunk][scan::kN];    // C of the head
+  alignas(16) T z[scan::kChunk][scan::kN];
+  alignas(16) T dy[scan::kChunk][scan::kN];
+  alignas(16) T dt[scan::kChunk][scan::kN];   // dt_low (ranks >= R unused)
+  float dls[scan::kChunk][scan::kN];          // delta (0 past the end)
+  float dys[scan::kChunk][scan::kN];          // dy silu(z)
+};
 
 template <typename T>
 __global__ void __launch_bounds__(kThr) mixer_scan_bwd7_carry_kernel(MixerScanParams p) {
   using scan::kChunk;
   using scan::kN;
-  __shared__ float dtl[kChunk][kN];               // dt_low rows (ranks >= R zero)
-  __shared__ __align__(16) float cs[kChunk][kN];  // C of the head
-  __shared__ float dls[kChunk][kN];               // delta
-  __shared__ float dys[kChunk][kN];               // dy silu(z)
-  const int tid = threadIdx.x, S = p.bwd_segments, nseg = S - 1;
+  constexpr int kVec = 16 / sizeof(T);  // 8
+  __shared__ GroupSmem<T> gs[kGroups];
+  __shared__ float4 fold_l[kGroups][kGT];
+  __shared__ float fold_sd[kGroups][kGT];
+  const int gi = threadIdx.x / kGT, tid = threadIdx.x % kGT, S = p.bwd_segments, nseg = S - 1;
   const int head = blockIdx.x, b = blockIdx.y / nseg, seg = blockIdx.y % nseg + 1, c0 = head * kN;
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank;
-  const int tile_first = seg * p.seg_tiles, tile_last = min(p.n_chunks, tile_first + p.seg_tiles) - 1;
+  const int seg_first = seg * p.seg_tiles, seg_last = min(p.n_chunks, seg_first + p.seg_tiles) - 1;
+  const int per = (seg_last - seg_first + kGroups) / kGroups;
+  const int tile_first = seg_first + gi * per, tile_last = min(seg_last, tile_first + per - 1);
+  GroupSmem<T>& sm = gs[gi];
   const int64_t rowZ = p.zxbc_row_stride;
   const T* zx = static_cast<const T*>(p.zxbc) + (int64_t)b * p.zxbc_batch_stride;
   const T* dtb = static_cast<const T*>(p.dt_low) + (int64_t)b * p.dt_batch_stride;
   const T* dyb = static_cast<const T*>(p.dy) + (int64_t)b * L * D;
+  // copies: thread = (row tid / 2, 8-element half tid % 2) of each 32 x 16 slice; dt_low rows have R / 8 halves
+  const int crow = tid / 2, chalf = tid % 2;
+  const bool dt_copy = chalf * kVec < R;
+  auto load = [&](int t0, uint4 (&v)[4]) {
+    const int pos = t0 + crow;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    const bool ok = pos < L;
+    const T* row = zx + (int64_t)pos * rowZ;
+    v[0] = ok ? *reinterpret_cast<const uint4*>(row + D + 2 * p.d_xb + c0 + chalf * kVec) : zero;
+    v[1] = ok ? *reinterpret_cast<const uint4*>(row + c0 + chalf * kVec) : zero;
+    v[2] = ok ? *reinterpret_cast<const uint4*>(dyb + (int64_t)pos * D + c0 + chalf * kVec) : zero;
+    v[3] = ok && dt_copy ? *reinterpret_cast<const uint4*>(dtb + (int64_t)pos * p.dt_row_stride + chalf * kVec) : zero;
+  };
+  auto group_sync = [&] {  // named barrier 1 + gi of the group's 64 threads (immediate ids: 5 barriers, not 16)
+    static_assert(kGroups == 4 && kGT == 64, "group_sync names barriers 1..4 of 64 threads");
+    switch (gi) {
+      case 0: asm volatile("bar.sync 1, 64;" ::: "memory"); break;
+      case 1: asm volatile("bar.sync 2, 64;" ::: "memory"); break;
+      case 2: asm volatile("bar.sync 3, 64;" ::: "memory"); break;
+      default: asm volatile("bar.sync 4, 64;" ::: "memory"); break;
+    }
+  };
   // prep items: channel pc = tid % 16, tokens tid / 16 + 4 k
   const int pc = tid % kN, pt = tid / kN;
   float wr[kN];
@@ -732,43 +772,63 @@ __global__ void __launch_bounds__(kThr) mixer_scan_bwd7_carry_kernel(MixerScanPa
 #pragma unroll
   for (int i = 0; i < 4; ++i) A2[i] = -__expf(p.A_log[(c0 + sc) * kN + 4 * sq + i]) * kLog2e;
 
+  uint4 v[4];
+  if (tile_first <= tile_last) load(tile_last * kChunk, v);
   for (int tile = tile_last; tile >= tile_first; --tile) {
     const int t0 = tile * kChunk;
-    __syncthreads();  // the previous tile's scan is done with the buffers
-    for (int i = tid; i < kChunk * kN; i += kThr) {  // dt_low rows and C, zero past the end
-      const int row = i / kN, col = i % kN, pos = t0 + row;
-      const bool ok = pos < L;
-      dtl[row][col] = ok && col < R ? to_f(dtb[(int64_t)pos * p.dt_row_stride + col]) : 0.f;
-      cs[row][col] = ok ? to_f(zx[(int64_t)pos * rowZ + D + 2 * p.d_xb + c0 + col]) : 0.f;
-    }
-    __syncthreads();
+    group_sync();  // the previous tile's scan is done with the buffers
+    *reinterpret_cast<uint4*>(&sm.c[crow][chalf * kVec]) = v[0];
+    *reinterpret_cast<uint4*>(&sm.z[crow][chalf * kVec]) = v[1];
+    *reinterpret_cast<uint4*>(&sm.dy[crow][chalf * kVec]) = v[2];
+    *reinterpret_cast<uint4*>(&sm.dt[crow][chalf * kVec]) = v[3];
+    if (tile > tile_first) load(t0 - kChunk, v);
+    group_sync();
 #pragma unroll 2
     for (int k = 0; k < kChunk / 4; ++k) {
-      const int row = pt + 4 * k, pos = t0 + row;
+      const int row = pt + 4 * k;
       float dp = b2;
+      const unsigned* dw = reinterpret_cast<const unsigned*>(&sm.dt[row][0]);
 #pragma unroll
-      for (int r = 0; r < kN; ++r) dp = fmaf(dtl[row][r], wr[r], dp);
-      const bool ok = pos < L;
-      const float zz = ok ? to_f(zx[(int64_t)pos * rowZ + c0 + pc]) : 0.f;
-      const float dy = ok ? to_f(dyb[(int64_t)pos * D + c0 + pc]) : 0.f;
-      dls[row][pc] = ok ? scan4::softplus_select(dp) : 0.f;
-      dys[row][pc] = dy * zz * sigmoid_fast(zz);
+      for (int r = 0; r < kN / 2; ++r) {
+        const float2 d2 = scan4::unpack2<T>(dw[r]);
+        dp = fmaf(d2.x, wr[2 * r], dp);
+        dp = fmaf(d2.y, wr[2 * r + 1], dp);
+      }
+      const float zz = to_f(sm.z[row][pc]), dy = to_f(sm.dy[row][pc]);
+      sm.dls[row][pc] = t0 + row < L ? scan4::softplus_select(dp) : 0.f;
+      sm.dys[row][pc] = dy * zz * sigmoid_fast(zz);
     }
-    __syncthreads();
+    group_sync();
 #pragma unroll 8
     for (int row = kChunk - 1; row >= 0; --row) {
-      const float dl = dls[row][sc], y = dys[row][sc];
-      const float4 c4 = *reinterpret_cast<const float4*>(&cs[row][4 * sq]);
-      const float cv[4] = {c4.x, c4.y, c4.z, c4.w};
+      const float dl = sm.dls[row][sc], y = sm.dys[row][sc];
+      const uint2 cw = *reinterpret_cast<const uint2*>(&sm.c[row][4 * sq]);
+      const float2 c01 = scan4::unpack2<T>(cw.x), c23 = scan4::unpack2<T>(cw.y);
+      const float cv[4] = {c01.x, c01.y, c23.x, c23.y};
 #pragma unroll
       for (int i = 0; i < 4; ++i) carry[i] = fmaf(y, cv[i], carry[i]) * ex2(dl * A2[i]);
       sdelta += dl;
     }
   }
-  float* lp = p.seg_carry_out + (((int64_t)b * S + seg) * 2) * D * kN + (int64_t)(c0 + sc) * kN + 4 * sq;
-  *reinterpret_cast<float4*>(lp) = make_float4(carry[0], carry[1], carry[2], carry[3]);
-  *reinterpret_cast<float4*>(lp + (int64_t)D * kN) = make_float4(ex2(A2[0] * sdelta), ex2(A2[1] * sdelta),
-                                                                 ex2(A2[2] * sdelta), ex2(A2[3] * sdelta));
+  // Fold the groups (group 0 holds the earliest tiles): L = L_0 + P_0 (L_1 + P_1 (...)), P = exp(A sum delta).
+  fold_l[gi][tid] = make_float4(carry[0], carry[1], carry[2], carry[3]);
+  fold_sd[gi][tid] = sdelta;
+  __syncthreads();
+  if (gi == 0) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f}, sd = 0.f;
+#pragma unroll
+    for (int k = kGroups - 1; k >= 0; --k) {
+      const float4 l4 = fold_l[k][tid];
+      const float lv[4] = {l4.x, l4.y, l4.z, l4.w}, sk = fold_sd[k][tid];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[i] = fmaf(ex2(A2[i] * sk), acc[i], lv[i]);
+      sd += sk;
+    }
+    float* lp = p.seg_carry_out + (((int64_t)b * S + seg) * 2) * D * kN + (int64_t)(c0 + sc) * kN + 4 * sq;
+    *reinterpret_cast<float4*>(lp) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    *reinterpret_cast<float4*>(lp + (int64_t)D * kN) =
+        make_float4(ex2(A2[0] * sd), ex2(A2[1] * sd), ex2(A2[2] * sd), ex2(A2[3] * sd));
+  }
 }
 
 }  // namespace scan7c

@@ -355,7 +355,8 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   Tensor ddt_b_part = v7 ? at::empty({bs, d.D}, f32) : Tensor();
   Tensor dAlog_part = at::empty({bs, d.D, kN}, f32);
   Tensor dD_part = at::empty({bs, d.D}, f32), dcb_part = at::empty({bs, d.D}, f32);
-  Tensor dcw_part = at::empty({bs, d.D, d.W}, f32), dic_part = at::zeros({bs, d.D, hw}, f32);
+  // (v7 writes every row of dic_part: each block its segment-start conv rows)
+  Tensor dcw_part = at::empty({bs, d.D, d.W}, f32), dic_part = v7 ? at::empty({bs, d.D, hw}, f32) : at::zeros({bs, d.D, hw}, f32);
   Tensor dinit_ssm_seg = at::empty({bs, d.D, kN}, f32);
   Tensor dfs = dfinal_ssm && dfinal_ssm->numel() ? f32c(*dfinal_ssm) : Tensor();
   Tensor dfc = dfinal_conv && dfinal_conv->numel() ? f32c(*dfinal_conv) : Tensor();
