@@ -44,12 +44,16 @@ LOG="$OUT_DIR/scan_sanitizer.log"
 # followed by the backward. SCAN_SANITIZER_VERSIONS narrows the list (e.g. "v5k4 v5k8" for a short run).
 # session 5: v7 (tensor cores), on the case without documents so that v7 itself runs; session 6: its backward is
 # the v7 backward (APRIEL_SCAN_BWD=v7, the fused group-sum path: 4 heads per group), the others run the default.
-for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v7}; do
-  packed=1 bwd=auto
+# session 7: v7 runs the backward's sequence split there (2 segments: the carry pre-pass kernel and per-segment
+# blocks); v7s1 is the same with APRIEL_SCAN_BWD_SEGMENTS=1 (the unsplit v7 backward).
+for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v7 v7s1}; do
+  packed=1 bwd=auto fwd=$version segments=
   [ "$version" = "v7" ] && packed=0 bwd=v7
+  [ "$version" = "v7s1" ] && packed=0 bwd=v7 fwd=v7 segments=1
   for tool in memcheck racecheck; do
-    echo "=== APRIEL_SCAN_FWD=$version APRIEL_SCAN_BWD=$bwd compute-sanitizer --tool $tool" >> "$LOG"
-    SCAN_SANITIZER_PACKED=$packed APRIEL_SCAN_FWD=$version APRIEL_SCAN_BWD=$bwd compute-sanitizer --tool $tool --kernel-name kns=mixer_scan python3 "$CASE" >> "$LOG" 2>&1
+    echo "=== APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=${segments:-auto} compute-sanitizer --tool $tool" >> "$LOG"
+    SCAN_SANITIZER_PACKED=$packed APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=$segments \
+      compute-sanitizer --tool $tool --kernel-name kns=mixer_scan python3 "$CASE" >> "$LOG" 2>&1
     echo "=== $tool rc=$?" >> "$LOG"
   done
 done

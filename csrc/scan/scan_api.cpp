@@ -199,11 +199,12 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
 }
 
 // Backward version. Default: v7 (mixer_scan_bwd7.cuh: the adjoint in the forward v7's tensor-core layout, one
-// warp per head, 4 heads of a group per block) for 16-bit activations where it applies (mixer_scan_bwd7_supports)
-// and the grid about fills the GPU (batch x d_inner / 64 blocks >= 1.9 per SM: v7 runs 2 blocks of 4 warps per SM);
-// v4 (mixer_scan_bwd4.cuh: K = 8 lanes per channel, one block per head) otherwise. H100, D 4096, bwd alone
-// (bench/results/s6/final/final_scan.json): b8 L4096 6.51 ms (v7) vs 8.55 (v4); b4 L4096 3.31 vs 4.43; b1 L8192
-// 5.37 (v7: 64 blocks) vs 2.37 (v4). APRIEL_SCAN_BWD forces a version (read at each call): v7 (where it applies,
+// warp per head, 4 heads of a group per block) for 16-bit activations where it applies (mixer_scan_bwd7_supports),
+// with the sequence split (bwd7_segments) where batch x d_inner / 64 blocks do not fill the GPU; v4
+// (mixer_scan_bwd4.cuh: K = 8 lanes per channel, one block per head) otherwise (fp32, packed documents, ...).
+// H100, D 4096, bwd alone (scripts/diag/scan_bwd_split.py, bench/results/s7/): b8 L4096 6.70 ms (v7) vs 8.70 (v4);
+// b4 L4096 3.40 vs 4.48; b3 2.89 (v7, 4 segments) vs 3.49; b2 1.90 (2 segments) vs 2.38; b1 L8192 2.01 (4
+// segments; unsplit v7 5.46: 64 blocks) vs 2.38. APRIEL_SCAN_BWD forces a version (read at each call): v7 (where it applies,
 // else v4), v4, v3 (the session-1 kernel). All produce the same outputs.
 std::string bwd_version() {
   const char* env = std::getenv("APRIEL_SCAN_BWD");
@@ -218,12 +219,13 @@ std::string bwd_version() {
 // b4 / b8 -> 1. APRIEL_SCAN_BWD_SEGMENTS=n forces n (capped at the tile count).
 int bwd7_segments(const MixerScanParams& p) {
   const int64_t max_s = std::min<int64_t>(8, p.n_chunks);
-  if (const char* env = std::getenv("APRIEL_SCAN_BWD_SEGMENTS")) {
+  const char* env = std::getenv("APRIEL_SCAN_BWD_SEGMENTS");
+  if (env != nullptr && *env != '\0') {
     const int64_t n = std::atoll(env);
     TORCH_CHECK(n >= 1, "APRIEL_SCAN_BWD_SEGMENTS: expected a positive integer, got '", env, "'");
     return static_cast<int>(std::min<int64_t>(n, p.n_chunks));
   }
-  constexpr double kPrePass = 0.163;
+  constexpr double kPrePass = 0.17;  // H100 b1 L8192, 4 segments: pre-pass 0.205 ms, main kernel 1.63 ms
   const double blocks = static_cast<double>(p.batch) * (p.d_inner / (4 * kN)), slots = 2.0 * sm_count();
   int best = 1;
   double best_cost = 1e30;
