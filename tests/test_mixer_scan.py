@@ -807,6 +807,28 @@ def test_backward_v7_sequence_split(case, dtype, monkeypatch):
 
 @gpu
 @needs_kernel
+@pytest.mark.parametrize("used", ["final_states", "y"])
+def test_backward_with_unused_outputs(used, bwd_version):
+    """Outputs without a gradient reach the backward as None (no materialised zeros: the checkpoints' would be a
+    fill of their size): the final states alone (dy None -> zeros) or y alone (no d final states)."""
+    args, kw = make_inputs(2, 100, 256, 64, dtype=torch.bfloat16, device="cuda", dt_rank=16, initial_states=True,
+                           seed=7)
+
+    def grads(inputs, ref):
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
+        y, ssm, conv = (ref_mixer(leaves, kw, return_final_states=True) if ref
+                        else mixer_scan(**leaves, **kw, return_final_states=True))
+        loss = (ssm.double().square().sum() + conv.double().sum()) if used == "final_states" else y.double().sum()
+        loss.backward()
+        return {k: v.grad for k, v in leaves.items()}
+
+    got, ref64, ref_lp = grads(args, False), grads(to64(args), True), grads(args, True)
+    for name in args:
+        check(f"d{name}", got[name], ref64[name], ref_lp[name], k=3.0, floor=2e-3)
+
+
+@gpu
+@needs_kernel
 def test_backward_default_dispatch(monkeypatch):
     """Default for 16-bit activations where v7 applies: v7 unsplit once batch x d_inner / 64 blocks fill the GPU
     (batch >= 4 at the model's shape on an H100), v7 with the sequence split below (the carry pre-pass runs); both

@@ -41,6 +41,15 @@
 //   per warp: pass A (sub-chunks 0..2: prep (delta, du) + recompute -> boundary states);
 //             pass B (sub-chunks 3..0: prep, recompute + readout, reverse, epilogue, transposed conv, dt_proj
 //             mmas, dC stores; the group sums / d(dt_low) block sums between two block barriers).
+// Sequence split (session 7; scan_params.h): batch x d_inner / 64 blocks leave the GPU half empty at batch 1-3
+// (64 blocks at b1 D 4096: 5.4 ms vs v4's 2.4), so each sequence can run as bwd_segments segments of seg_tiles
+// tiles (blockIdx.y = b * segments + s). A segment needs the adjoint carry entering it from the right: the carry
+// pre-pass (mixer_scan_bwd7_carry_kernel, below) computes every later segment's local carry L and decay P, and
+// the block folds them (K_s = L_{s+1} + P_{s+1} K_{s+1}) before its reverse. The forward state at the segment
+// start is a checkpoint, the conv halo before it is read from zxbc as for any tile. What crosses a boundary the
+// other way - the next segment's contribution to the d(conv input) of the hw tokens before it - leaves the kernel
+// as that segment's dinit_conv_part row (and the earlier segment writes those rows without it: dx_edge / dx_part);
+// the host adds the two. Whole-sequence partial outputs get one row per (b, segment).
 // Not handled (the dispatcher runs v4): seq_idx (packed documents), fp32 activations, dt_rank > 16, rows that are
 // not 16-byte aligned (zxbc, dt_low, dy), heads_per_group % 4 != 0.
 #pragma once
