@@ -176,6 +176,28 @@ def test_compile_fullgraph_cpu():
     torch.testing.assert_close(f(args), mixer_scan(**args, **kw))
 
 
+@pytest.mark.parametrize("used", ["final_states", "y"])
+def test_backward_with_unused_outputs_cpu(used):
+    """Unused outputs reach the backward as None (ctx.set_materialize_grads(False)): eager and compiled (aot_eager)
+    gradients agree, for a loss on the final states alone (dy None) or on y alone."""
+    args, kw = make_inputs(1, 12, 32, 16, dt_rank=4, initial_states=True)
+
+    def grads(fn):
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in args.items()}
+        y, ssm, conv = fn(leaves)
+        loss = (ssm.square().sum() + conv.sum()) if used == "final_states" else y.sum()
+        loss.backward()
+        return {k: v.grad for k, v in leaves.items()}
+
+    run = lambda a: mixer_scan(**a, **kw, return_final_states=True)  # noqa: E731
+    eager = grads(run)
+    compiled = grads(torch.compile(run, fullgraph=True, backend="aot_eager"))
+    for name, g in eager.items():
+        assert g is not None and torch.isfinite(g).all(), name
+        torch.testing.assert_close(compiled[name], g, rtol=1e-5, atol=1e-6)
+    assert eager["zxbc"].abs().sum() > 0
+
+
 def test_errors_name_the_argument():
     args, kw = make_inputs(1, 4, 32, 16, dt_rank=4)
     with pytest.raises(ValueError, match="zxbc"):
