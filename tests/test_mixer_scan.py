@@ -740,6 +740,18 @@ def test_deterministic_bitwise(bwd_version):
         assert torch.equal(runs[0][name], runs[1][name]), f"d{name} differs between runs"
 
 
+def _check_grads_repeatable(args, kw, weights):
+    """Every gradient vs float64 (16-bit tolerance) and bitwise equal across two runs on a poisoned allocator."""
+    poison_allocator()
+    got = _grads(args, kw, None, weights)
+    again = _grads(args, kw, None, weights)
+    ref64 = _ref_grads(to64(args), kw, None, weights)
+    ref_lp = _ref_grads(args, kw, None, weights)
+    for name in args:
+        assert torch.equal(got[name], again[name]), f"d{name} differs between runs"
+        check(f"d{name}", got[name], ref64[name], ref_lp[name], k=3.0, floor=2e-3)
+
+
 # The backward v7 (tensor cores, one warp per head, 8-token sub-chunks): shapes that reach its sub-chunk and tile
 # boundaries (L 1 / 9 / 31 / 33 / 1000 / 4097: ragged sub-chunks and tiles, pass A over 0-3 sub-chunks), both repeat
 # settings, conv widths 2-4, 8 heads per group (two blocks per group), strided inputs, the model's shape (D 4096).
@@ -776,14 +788,7 @@ def test_backward_v7_parity_and_determinism(case, dtype, segments, monkeypatch):
     names = _cuda_kernels_run(lambda: _grads(args, kw, None, weights))
     assert any("mixer_scan_bwd7_kernel" in n for n in names), names
     assert not any("mixer_scan_bwd4_kernel" in n for n in names), names
-    poison_allocator()
-    got = _grads(args, kw, None, weights)
-    again = _grads(args, kw, None, weights)
-    ref64 = _ref_grads(to64(args), kw, None, weights)
-    ref_lp = _ref_grads(args, kw, None, weights)
-    for name in args:
-        assert torch.equal(got[name], again[name]), f"d{name} differs between runs"
-        check(f"d{name}", got[name], ref64[name], ref_lp[name], k=3.0, floor=2e-3)
+    _check_grads_repeatable(args, kw, weights)
 
 
 # The v7 backward's sequence split with forced segment counts: segment boundaries at tile edges, a last segment
@@ -817,14 +822,7 @@ def test_backward_v7_sequence_split(case, dtype, monkeypatch):
     names = _cuda_kernels_run(lambda: _grads(args, kw, None, weights))
     assert any("mixer_scan_bwd7_carry_kernel" in n for n in names), names
     assert any("mixer_scan_bwd7_kernel" in n for n in names), names
-    poison_allocator()
-    got = _grads(args, kw, None, weights)
-    again = _grads(args, kw, None, weights)
-    ref64 = _ref_grads(to64(args), kw, None, weights)
-    ref_lp = _ref_grads(args, kw, None, weights)
-    for name in args:
-        assert torch.equal(got[name], again[name]), f"d{name} differs between runs"
-        check(f"d{name}", got[name], ref64[name], ref_lp[name], k=3.0, floor=2e-3)
+    _check_grads_repeatable(args, kw, weights)
 
 
 @gpu
