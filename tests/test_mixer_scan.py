@@ -177,9 +177,21 @@ def test_compile_fullgraph_cpu():
 
 
 @pytest.mark.parametrize("used", ["final_states", "y"])
-def test_backward_with_unused_outputs_cpu(used):
-    """Unused outputs reach the backward as None (ctx.set_materialize_grads(False)): eager and compiled (aot_eager)
-    gradients agree, for a loss on the final states alone (dy None) or on y alone."""
+def test_backward_with_unused_outputs_cpu(used, monkeypatch):
+    """Unused outputs reach the backward as None (ctx.set_materialize_grads(False): no zero-filled cotangents, the
+    checkpoints' would be their size): the op sees None for them; eager and compiled (aot_eager) gradients agree, for
+    a loss on the final states alone (dy None -> zeros) or on y alone."""
+    import sys
+
+    scan_module = sys.modules["apriel_kernels.mixer_scan"]
+    seen = []
+
+    def spy(*a):
+        seen.append(tuple(x is None for x in a[16:18]))  # dfinal_ssm_state, dfinal_conv_state
+        return real_bwd(*a)
+
+    real_bwd = scan_module.mixer_scan_bwd
+    monkeypatch.setattr(scan_module, "mixer_scan_bwd", spy)
     args, kw = make_inputs(1, 12, 32, 16, dt_rank=4, initial_states=True)
 
     def grads(fn):
@@ -191,6 +203,7 @@ def test_backward_with_unused_outputs_cpu(used):
 
     run = lambda a: mixer_scan(**a, **kw, return_final_states=True)  # noqa: E731
     eager = grads(run)
+    assert seen == [(False, False)] if used == "final_states" else seen == [(True, True)], seen
     compiled = grads(torch.compile(run, fullgraph=True, backend="aot_eager"))
     for name, g in eager.items():
         assert g is not None and torch.isfinite(g).all(), name
