@@ -227,21 +227,6 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
       carry[nt][i] = p.dfinal_ssm != nullptr ? p.dfinal_ssm[((int64_t)b * D + cs) * kN + n] : 0.f;
       dAacc[nt][i] = 0.f;
     }
-  // Sequence split: the carry entering this segment's last token, from the pre-pass's (L, P) of the later
-  // segments (fixed order: deterministic).
-  for (int s2 = S - 1; s2 > seg; --s2) {
-    const float* lp = p.seg_carry + (((int64_t)b * S + s2) * 2) * D * kN;
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int r2 = 0; r2 < 2; ++r2) {
-        const int64_t o = (int64_t)(c0 + 2 * g + r2) * kN + nt * 8 + 2 * q;
-        const float2 lv = *reinterpret_cast<const float2*>(lp + o);
-        const float2 pv = *reinterpret_cast<const float2*>(lp + (int64_t)D * kN + o);
-        carry[nt][2 * r2] = fmaf(pv.x, carry[nt][2 * r2], lv.x);
-        carry[nt][2 * r2 + 1] = fmaf(pv.y, carry[nt][2 * r2 + 1], lv.y);
-      }
-  }
   // Epilogue mapping: channel ec, tokens et0 .. et0 + 3 of the sub-chunk; per-channel sums over the sequence.
   const int ec = lane & 15, et0 = (lane >> 4) * 4;
   float accD = 0.f, accCB = 0.f, accDB = 0.f, accW[4] = {0.f, 0.f, 0.f, 0.f};
@@ -263,6 +248,18 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
         h[nt][2 * r + 1] = v.y;
       }
   };
+  // Sequence split: the carry entering this segment's last token, from the pre-pass's (L, P) of the later
+  // segments (fixed order: deterministic).
+  for (int s2 = S - 1; s2 > seg; --s2) {
+    const float* lp = p.seg_carry + (((int64_t)b * S + s2) * 2) * D * kN;
+    float lv[2][4], pv[2][4];
+    load_state(lp, lv);
+    load_state(lp + (int64_t)D * kN, pv);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) carry[nt][i] = fmaf(pv[nt][i], carry[nt][i], lv[nt][i]);
+  }
 
   for (int tile = tile_last; tile >= tile_first; --tile) {
     const int t0 = tile * kChunk, par = tile & 1, Tv = min(kChunk, L - t0);
@@ -833,7 +830,7 @@ __global__ void __launch_bounds__(kThr) mixer_scan_bwd7_carry_kernel(MixerScanPa
       for (int i = 0; i < 4; ++i) acc[i] = fmaf(ex2(A2[i] * sk), acc[i], lv[i]);
       sd += sk;
     }
-    float* lp = p.seg_carry_out + (((int64_t)b * S + seg) * 2) * D * kN + (int64_t)(c0 + sc) * kN + 4 * sq;
+    float* lp = p.seg_carry + (((int64_t)b * S + seg) * 2) * D * kN + (int64_t)(c0 + sc) * kN + 4 * sq;
     *reinterpret_cast<float4*>(lp) = make_float4(acc[0], acc[1], acc[2], acc[3]);
     *reinterpret_cast<float4*>(lp + (int64_t)D * kN) =
         make_float4(ex2(A2[0] * sd), ex2(A2[1] * sd), ex2(A2[2] * sd), ex2(A2[3] * sd));

@@ -382,7 +382,6 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
     p.dinit_ssm = dinit_ssm_seg.data_ptr<float>();
     if (S > 1) {
       p.seg_carry = seg_carry.data_ptr<float>();
-      p.seg_carry_out = seg_carry.data_ptr<float>();
       p.dx_edge = fused ? dx_edge.data_ptr<float>() : nullptr;
     }
     launch_bwd(p, st, v7);

@@ -86,8 +86,7 @@ struct MixerScanParams {
   // tokens before it, and with fused sums dx_edge (b * segments, width-1, X) fp32 receives a segment's last width-1
   // d(conv input) rows without that contribution (the host adds the two and writes them). 1 / n_chunks otherwise.
   int bwd_segments, seg_tiles;
-  const float* seg_carry;
-  float* seg_carry_out;  // the pre-pass writes here (the same buffer)
+  float* seg_carry;  // written by the pre-pass, read by the main kernel
   float* dx_edge;
 };
 
@@ -119,7 +118,7 @@ void launch_mixer_scan_bwd4(const MixerScanParams& p, void* stream);
 template <typename T>
 void launch_mixer_scan_bwd7(const MixerScanParams& p, void* stream);
 inline bool mixer_scan_bwd7_supports(const MixerScanParams& p) { return mixer_scan_fwd7_supports(p) && p.dy_vec16; }
-// The v7 backward's carry pre-pass (p.bwd_segments > 1): L_s and P_s of segments 1 .. segments-1 into p.seg_carry_out.
+// The v7 backward's carry pre-pass (p.bwd_segments > 1): L_s and P_s of segments 1 .. segments-1 into p.seg_carry.
 template <typename T>
 void launch_mixer_scan_bwd7_carry(const MixerScanParams& p, void* stream);
 

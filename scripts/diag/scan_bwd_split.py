@@ -14,17 +14,11 @@ from torch.profiler import ProfilerActivity, profile
 
 from apriel_kernels import mixer_scan
 from bench.timing import time_ms
+from bench.variants import env_override
 
 CONFIGS = {"auto": (None, None), "v4": ("v4", None), "v7-s1": ("v7", "1"), "v7-s2": ("v7", "2"),
            "v7-s3": ("v7", "3"), "v7-s4": ("v7", "4"), "v7-s8": ("v7", "8")}
 SHAPES = ((1, 2048), (1, 8192), (2, 4096), (3, 4096), (4, 4096), (8, 4096))
-
-
-def set_env(name, value):
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
 
 
 rows = []
@@ -35,14 +29,11 @@ for batch, seqlen in SHAPES:
     for name, (version, segments) in CONFIGS.items():
         if batch >= 4 and name in ("v7-s3", "v7-s8"):
             continue
-        set_env("APRIEL_SCAN_BWD", version)
-        set_env("APRIEL_SCAN_BWD_SEGMENTS", segments)
-        ms = time_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), rep_ms=200)["p50"]
+        with env_override("APRIEL_SCAN_BWD", version), env_override("APRIEL_SCAN_BWD_SEGMENTS", segments):
+            ms = time_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), rep_ms=200)["p50"]
         rows.append({"batch": batch, "seqlen": seqlen, "config": name, "bwd_p50_ms": ms})
         print(f"b{batch} L{seqlen} {name:6s}: bwd {ms:.4f} ms", flush=True)
     del args, dy, leaves, y
-set_env("APRIEL_SCAN_BWD", None)
-set_env("APRIEL_SCAN_BWD_SEGMENTS", None)
 
 args, dy = make_case(1, 8192, requires_grad=True)
 for _ in range(3):
