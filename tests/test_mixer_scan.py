@@ -857,6 +857,9 @@ def test_backward_with_unused_outputs(used, bwd_version):
 
     got, ref64, ref_lp = grads(args, False), grads(to64(args), True), grads(args, True)
     for name in args:
+        if ref64[name] is None:  # the input does not reach the loss (D with the final states only): zeros
+            assert got[name] is not None and not got[name].any(), f"d{name}: expected zeros"
+            continue
         check(f"d{name}", got[name], ref64[name], ref_lp[name], k=3.0, floor=2e-3)
 
 
