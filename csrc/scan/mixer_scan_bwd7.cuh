@@ -360,20 +360,31 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
     // Recompute of sub-chunk j from h (updated in place); kFull: keep the states and the readout.
     auto recompute = [&](int j, float (&h)[2][4], float (&hs)[kSub][2][4], auto full_tag) {
       constexpr bool kFull = decltype(full_tag)::value;
-#pragma unroll
-      for (int tl = 0; tl < kSub; ++tl) {
+      // front(tl): the token's operands, dBu mmas and exponentials (none depends on h)
+      auto front = [&](int tl, float (&a)[2][4], float (&db)[2][4]) {
         const int t = kSub * j + tl;
         const float4 pd = *reinterpret_cast<const float4*>(&wp.du[tl][2 * g]);  // (du, delta) of 2g, 2g + 1
         const float4 bo = sm.bop[t >> 1][bsel];
-        float db[2][4];
         mma_k4(db[0], pd.x, pd.z, (tl & 1) ? bo.z : bo.x);
         mma_k4(db[1], pd.x, pd.z, (tl & 1) ? bo.w : bo.y);
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
+          for (int i = 0; i < 4; ++i) a[nt][i] = ex2((i < 2 ? pd.y : pd.w) * A2[nt][i]);
+      };
+      // token tl + 1's front is issued before token tl's update: the MUFU and mma latencies overlap the h chain
+      // (session 8: bwd b8 L4096 -2 % alone, -5.5 % with the reverse's front; bench/results/s8/variants*)
+      float fa[2][2][4], fdb[2][2][4];  // by token parity
+      front(0, fa[0], fdb[0]);
+#pragma unroll
+      for (int tl = 0; tl < kSub; ++tl) {
+        const int t = kSub * j + tl, cur = tl & 1;
+        if (tl + 1 < kSub) front(tl + 1, fa[cur ^ 1], fdb[cur ^ 1]);
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
           for (int i = 0; i < 4; ++i) {
-            const float a = ex2((i < 2 ? pd.y : pd.w) * A2[nt][i]);
-            h[nt][i] = fmaf(a, h[nt][i], db[nt][i]);
+            h[nt][i] = fmaf(fa[cur][nt][i], h[nt][i], fdb[cur][nt][i]);
             if constexpr (kFull) hs[tl][nt][i] = h[nt][i];
           }
         if constexpr (kFull) {
@@ -428,25 +439,67 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
 
       // Reverse over the sub-chunk's tokens.
       const int csel = q == 0 ? g : 8;
+      // rfront(tl): the token's operands and exponentials (none depends on the carry)
+      struct RevOps {
+        float4 pd;  // (du0, delta0, du1, delta1)
+        float2 dy2, blo, bhi;
+        float c0, c1;
+        float a[2][4];
+      };
+      auto rfront = [&](int tl, RevOps& o) {
+        const int t = kSub * j + tl;
+        o.pd = *reinterpret_cast<const float4*>(&wp.du[tl][2 * g]);
+        o.dy2 = *reinterpret_cast<const float2*>(&wp.dys[tl][2 * g]);
+        const float4 cc = wp.cop4[tl >> 1][csel];
+        o.c0 = (tl & 1) ? cc.z : cc.x;
+        o.c1 = (tl & 1) ? cc.w : cc.y;
+        const unsigned* bwd = reinterpret_cast<const unsigned*>(&r.f.B[t][0]);
+        o.blo = scan4::unpack2<T>(bwd[q]);
+        o.bhi = scan4::unpack2<T>(bwd[4 + q]);
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) o.a[nt][i] = ex2((i < 2 ? o.pd.y : o.pd.w) * A2[nt][i]);
+      };
+      // Channel sums of token tl: v = (dB: G du, dC: dys h) per (nt, state 2q + s), the lane's 2 channels pre-added;
+      // a reduce-scatter over lane bits 4, 3, 2 (= g's bits): lane keeps (which = bit 4, nt = bit 3, s = bit 2).
+      auto reduce_scatter = [&](const float (&v)[8], int tl) {
+        float k1[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const float keep = b4 ? v[4 + k] : v[k], send = b4 ? v[k] : v[4 + k];
+          k1[k] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
+        }
+        float k2[2];
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          const float keep = b3 ? k1[2 + k] : k1[k], send = b3 ? k1[k] : k1[2 + k];
+          k2[k] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
+        }
+        const float keep = b2 ? k2[1] : k2[0], send = b2 ? k2[0] : k2[1];
+        wp.red[tl][red_slot] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
+      };
+      // token tl - 1's front is issued before token tl's carry step (one token ahead; two ahead spilled and was
+      // slower, as was issuing a token's reduce-scatter one token later: bench/results/s8/variants2)
+      RevOps ops[2];  // by token parity
+      rfront(kSub - 1, ops[(kSub - 1) & 1]);
 #pragma unroll
       for (int tl = kSub - 1; tl >= 0; --tl) {
-        const int t = kSub * j + tl;
-        const float4 pd = *reinterpret_cast<const float4*>(&wp.du[tl][2 * g]);  // (du0, delta0, du1, delta1)
-        const float2 dy2 = *reinterpret_cast<const float2*>(&wp.dys[tl][2 * g]);
-        const float4 cc = wp.cop4[tl >> 1][csel];
-        const unsigned* bwd = reinterpret_cast<const unsigned*>(&r.f.B[t][0]);
-        const float2 blo = scan4::unpack2<T>(bwd[q]), bhi = scan4::unpack2<T>(bwd[4 + q]);
+        if (tl > 0) rfront(tl - 1, ops[(tl - 1) & 1]);
+        const RevOps& o = ops[tl & 1];
+        const float4 pd = o.pd;
+        const float2 dy2 = o.dy2, blo = o.blo, bhi = o.bhi;
         // G = carry + dys (x) C: the carry enters as the accumulator
         float G[2][4];
-        mma_k4c(G[0], dy2.x, dy2.y, (tl & 1) ? cc.z : cc.x, carry[0]);
-        mma_k4c(G[1], dy2.x, dy2.y, (tl & 1) ? cc.w : cc.y, carry[1]);
+        mma_k4c(G[0], dy2.x, dy2.y, o.c0, carry[0]);
+        mma_k4c(G[1], dy2.x, dy2.y, o.c1, carry[1]);
         float qv[2][4];
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const float dl = i < 2 ? pd.y : pd.w;
-            const float ga = G[nt][i] * ex2(dl * A2[nt][i]);
+            const float ga = G[nt][i] * o.a[nt][i];
             const float hp = tl > 0 ? hs[tl > 0 ? tl - 1 : 0][nt][i] : hstart[nt][i];
             qv[nt][i] = ga * hp;  // d/d(delta A) of h_t = a h_{t-1}: G a h_{t-1}
             dAacc[nt][i] = fmaf(qv[nt][i], dl, dAacc[nt][i]);  // x A at the end
@@ -462,8 +515,6 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
         mma_k8(pu, G[0][0], G[0][2], G[0][1], G[0][3], blo.x, blo.y, 0.f, 0.f, 0.f, 0.f);
         mma_k8(pu, G[1][0], G[1][2], G[1][1], G[1][3], bhi.x, bhi.y, pu[0], pu[1], pu[2], pu[3]);
         if (diag) wp.ppu[tl][g] = make_float4(godd ? pe[1] : pe[0], godd ? po[3] : po[2], pu[0], pu[2]);
-        // Channel sums: v = (dB: G du, dC: dys h) per (nt, state 2q + s), the lane's 2 channels pre-added; then a
-        // reduce-scatter over lane bits 4, 3, 2 (= g's bits): lane keeps (which = bit 4, nt = bit 3, s = bit 2).
         float v[8];
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt)
@@ -472,20 +523,7 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
             v[nt * 2 + s] = fmaf(G[nt][s], pd.x, G[nt][2 + s] * pd.z);
             v[4 + nt * 2 + s] = fmaf(hs[tl][nt][s], dy2.x, hs[tl][nt][2 + s] * dy2.y);
           }
-        float k1[4];
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const float keep = b4 ? v[4 + k] : v[k], send = b4 ? v[k] : v[4 + k];
-          k1[k] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
-        }
-        float k2[2];
-#pragma unroll
-        for (int k = 0; k < 2; ++k) {
-          const float keep = b3 ? k1[2 + k] : k1[k], send = b3 ? k1[k] : k1[2 + k];
-          k2[k] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
-        }
-        const float keep = b2 ? k2[1] : k2[0], send = b2 ? k2[0] : k2[1];
-        wp.red[tl][red_slot] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
+        reduce_scatter(v, tl);
       }
       __syncwarp();
 
