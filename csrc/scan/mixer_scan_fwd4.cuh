@@ -245,6 +245,9 @@ template <typename T, int K, int kR, int kVer> constexpr int kMinBlocks = kVer >
 #ifndef APRIEL_SCAN_FWD_PF
 #define APRIEL_SCAN_FWD_PF 2  // experiments: NVCC_APPEND_FLAGS=-DAPRIEL_SCAN_FWD_PF=4 at build time
 #endif
+#ifndef APRIEL_SCAN_FWD_FRONT
+#define APRIEL_SCAN_FWD_FRONT 0  // experiment (session 8): decays / input products computed this many tokens ahead
+#endif
 
 template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4>
 __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>)) mixer_scan_fwd4_kernel(MixerScanParams p) {
@@ -502,14 +505,12 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>)) mixer_sc
       ep[t] = sm.ud[t][sch];
       load_bc(t, bcp[t]);
     }
-#pragma unroll
-    for (int t = 0; t < kChunk; ++t) {
-      if (t + kPF < kChunk) {
-        ep[(t + kPF) % (kPF + 1)] = sm.ud[t + kPF][sch];
-        load_bc(t + kPF, bcp[(t + kPF) % (kPF + 1)]);
-      }
-      const float2 e = ep[t % (kPF + 1)];
-      float Bv[NS], Cv[NS];
+    // front(t): token t's decays ex2(delta A2) and input products delta u B (none depends on h), kFront tokens
+    // ahead of their use (0: in the token's own step)
+    constexpr int kFront = APRIEL_SCAN_FWD_FRONT;
+    static_assert(kFront >= 0 && kFront < kPF + 1, "the front reads operands the prefetch ring still holds");
+    float fdA[kFront + 1][NS], fdB[kFront + 1][NS];
+    auto unpack_bc = [&](int t, float (&Bv)[NS], float (&Cv)[NS]) {
       if constexpr (kRawBC) {
 #pragma unroll
         for (int i = 0; i < NS / 2; ++i) {
@@ -523,11 +524,32 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>)) mixer_sc
           Cv[s] = __uint_as_float(bcp[t % (kPF + 1)][NS + s]);
         }
       }
+    };
+    auto front = [&](int t) {
+      const float2 e = ep[t % (kPF + 1)];
+      float Bv[NS], Cv[NS];
+      unpack_bc(t, Bv, Cv);
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        fdA[t % (kFront + 1)][s] = ex2(e.x * A2[s]);
+        fdB[t % (kFront + 1)][s] = e.y * Bv[s];
+      }
+    };
+#pragma unroll
+    for (int t = 0; t < kFront; ++t) front(t);
+#pragma unroll
+    for (int t = 0; t < kChunk; ++t) {
+      if (t + kPF < kChunk) {
+        ep[(t + kPF) % (kPF + 1)] = sm.ud[t + kPF][sch];
+        load_bc(t + kPF, bcp[(t + kPF) % (kPF + 1)]);
+      }
+      if (t + kFront < kChunk) front(t + kFront);
+      float Bv[NS], Cv[NS];
+      unpack_bc(t, Bv, Cv);
       float a = 0.f;
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
-        const float dA = ex2(e.x * A2[s]);
-        h[s] = fmaf(dA, h[s], e.y * Bv[s]);
+        h[s] = fmaf(fdA[t % (kFront + 1)][s], h[s], fdB[t % (kFront + 1)][s]);
         a = fmaf(Cv[s], h[s], a);
       }
       acc[t] = a;
