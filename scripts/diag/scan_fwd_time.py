@@ -1,0 +1,40 @@
+"""Times the mixer scan forward (bf16, the bar shape of scan_case.py; eager and CUDA-graph p50) for forward versions
+at the bar shapes - to compare builds of the same tree made with different compile-time knobs (e.g.
+NVCC_APPEND_FLAGS=-DAPRIEL_SCAN_FWD_FRONT=1). Run on the device after the extension is built:
+    python3 scripts/diag/scan_fwd_time.py [--versions auto,v5k8] [--label NAME] [--json OUT]
+"""
+import argparse
+import json
+import os
+
+import torch
+from scan_case import KW, make_case  # scripts/diag (this script's directory is on sys.path)
+
+from apriel_kernels import mixer_scan
+from bench.timing import time_graph_ms, time_ms
+from bench.variants import env_override
+
+SHAPES = ((1, 2048), (1, 8192), (1, 32768), (8, 4096))
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--versions", default="auto,v5k8")
+parser.add_argument("--label", default="")
+parser.add_argument("--json")
+opts = parser.parse_args()
+
+rows = []
+for batch, seqlen in SHAPES:
+    args, _ = make_case(batch, seqlen)
+    for version in opts.versions.split(","):
+        with env_override("APRIEL_SCAN_FWD", None if version == "auto" else version), torch.no_grad():
+            eager = time_ms(lambda: mixer_scan(**args, **KW), rep_ms=150)["p50"]
+            graph = time_graph_ms(lambda: mixer_scan(**args, **KW))["p50"]
+        rows.append({"batch": batch, "seqlen": seqlen, "version": version, "eager_p50_ms": eager,
+                     "graph_p50_ms": graph})
+        print(f"{opts.label} b{batch} L{seqlen} {version:5s}: eager {eager:.4f} graph {graph:.4f} ms", flush=True)
+    del args
+
+if opts.json:
+    with open(opts.json, "w") as f:
+        json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "label": opts.label,
+                   "commit": os.environ.get("APRIEL_BENCH_COMMIT", "?"), "rows": rows}, f, indent=1)
