@@ -245,9 +245,6 @@ template <typename T, int K, int kR, int kVer> constexpr int kMinBlocks = kVer >
 #ifndef APRIEL_SCAN_FWD_PF
 #define APRIEL_SCAN_FWD_PF 2  // experiments: NVCC_APPEND_FLAGS=-DAPRIEL_SCAN_FWD_PF=4 at build time
 #endif
-#ifndef APRIEL_SCAN_FWD_FRONT
-#define APRIEL_SCAN_FWD_FRONT 0  // experiment (session 8): decays / input products computed this many tokens ahead
-#endif
 
 template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4>
 __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>)) mixer_scan_fwd4_kernel(MixerScanParams p) {
@@ -506,8 +503,11 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>)) mixer_sc
       load_bc(t, bcp[t]);
     }
     // front(t): token t's decays ex2(delta A2) and input products delta u B (none depends on h), kFront tokens
-    // ahead of their use (0: in the token's own step)
-    constexpr int kFront = APRIEL_SCAN_FWD_FRONT;
+    // ahead of their use (0: in the token's own step). Only the order of the instructions changes, not the
+    // arithmetic (v4 and v5 stay bitwise equal). Session 8 (bench/results/s8/fwd_front/, graph p50 at b1 L8192 /
+    // L32768): v5 K = 8 0.474 / 1.869 ms at 0 -> 0.467 / 1.836 at 2 tokens ahead (1: 0.472 / 1.857); v4 K = 8 was
+    // flat or slower (0.475 -> 0.481 at 2), so v4 keeps 0 and the 16-bit K = 8 default moved to v5.
+    constexpr int kFront = kV5 ? 2 : 0;
     static_assert(kFront >= 0 && kFront < kPF + 1, "the front reads operands the prefetch ring still holds");
     float fdA[kFront + 1][NS], fdB[kFront + 1][NS];
     auto unpack_bc = [&](int t, float (&Bv)[NS], float (&Cv)[NS]) {

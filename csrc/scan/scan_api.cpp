@@ -129,12 +129,12 @@ MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims
 // spill 20-32 bytes where v4's do not). Returned as K (v4), 100 + K (v5) or 3 (v3).
 // Session 5: where K = 4 is chosen, 16-bit activations run v7 (tensor-core input product and readout, one warp per
 // head; b8 L4096 1.10 vs v5's 1.30 ms on the H100) when it applies (mixer_scan_fwd7_supports), v5 K = 4 otherwise;
-// returned as 107. Batch 1 keeps v4 K = 8: one warp per head is too few warps there (v7 b1 L8192 0.82 vs 0.47 ms).
+// returned as 107. Batch 1 keeps K = 8: one warp per head is too few warps there (v7 b1 L8192 0.82 vs 0.47 ms).
 // Session 6 (scripts/diag/scan_fwd_versions.py, bench/results/s6/fwd_dispatch/, CUDA graphs, D 4096):
 // v7 wins once its own grid (batch x d_inner / 64 blocks, 4 per SM) reaches ~2 blocks per SM - b4 L4096 0.614 ms vs
 // v4 K = 8 0.769 / v5 K = 4 0.665 - and loses below: b3 0.616 vs v5 K = 4 0.515, b2 L8192 0.827 vs v4 K = 8 0.780.
 // So 16-bit activations run v7 when batch x d_inner / 64 >= 1.9 x SMs (batch >= 4 at D 4096), else the K rule with
-// v5 for K = 4 and v4 for K = 8.
+// v5 for K = 4 and (session 8: v5's recurrence front two tokens ahead, b1 L8192 0.467 vs v4's 0.475 ms) for K = 8.
 // APRIEL_SCAN_FWD forces a version for benchmarks and tests: v4 (session-3 default: v4 at either K), v4k4, v4k8,
 // v5 (v5 at either K), v5k4, v5k8, v7 (v7 where it applies, else v5 K = 4), v3 (one state per thread, session 1).
 int fwd_version_auto(int64_t blocks, int sms, double per_sm8, double per_sm4) {
@@ -157,7 +157,7 @@ int fwd_version(int64_t blocks = 0, int sms = 132, bool fp32 = false) {
   const int k = fwd_version_auto(blocks, sms, 4.0, 6.0);
   if (fp32) return k;
   if ((blocks / 4) * 10 >= 19 * static_cast<int64_t>(sms)) return 107;  // v7's grid: >= 1.9 blocks per SM
-  return k == 4 ? 104 : k;
+  return 100 + k;
 }
 
 // One forward launch of activation dtype T for a version of fwd_version (K = 16 only for v3: the other lane

@@ -1,6 +1,6 @@
 """Times the mixer scan forward (bf16, the bar shape of scan_case.py; eager and CUDA-graph p50) for forward versions
-at the bar shapes - to compare builds of the same tree made with different compile-time knobs (e.g.
-NVCC_APPEND_FLAGS=-DAPRIEL_SCAN_FWD_FRONT=1). Run on the device after the extension is built:
+at the bar shapes - to compare builds of one tree made with different compile-time settings (session 8 timed the
+recurrence front's distance in three builds). Run on the device after the extension is built:
     python3 scripts/diag/scan_fwd_time.py [--versions auto,v5k8] [--label NAME] [--json OUT]
 """
 import argparse
