@@ -55,7 +55,6 @@
 #pragma once
 #include "../common/cuda_check.h"
 #include "scan_common.cuh"
-#include <cstdlib>
 #include <type_traits>
 
 #include "mixer_scan_fwd7.cuh"  // scan7:: stage, mma_k4, mma_k8, tf32_rna, Smem7::Raw
@@ -108,7 +107,7 @@ struct SmemB7 {
     alignas(16) T dy[kHeads][kChunk][kN];
     alignas(16) T xh[4][kN];             // x rows t0-3 .. t0-1 (row 3 unused)
   };
-  struct Items {                         // the prep's outputs for one sub-chunk; [t][c] = (sub-chunk token, channel)
+  struct Warp {                          // one head's sub-chunk items; [t][c] = (sub-chunk token, channel)
     alignas(16) float4 cop4[kSub / 2][9];  // C as the k4 B operand per token pair: (C_t[g], C_t[8+g], C_t+1[g],
                                            // C_t+1[8+g]); entry 8 = zeros (lanes q > 0)
     alignas(16) float2 du[kSub][kN];       // (tf32(delta u), delta); 0 past the sequence end
@@ -117,9 +116,6 @@ struct SmemB7 {
     alignas(16) float dsc[kSub][kN];       // silu'(conv pre-activation)
     alignas(16) float dsp[kSub][kN];       // softplus'(dt_pre + 2 b_dt)
     alignas(16) float dzf[kSub][kN];       // dy silu'(z)
-  };
-  struct Warp {                          // one head's sub-chunk items; [t][c] = (sub-chunk token, channel)
-    Items it[2];                           // by sub-chunk parity: the prep of the next sub-chunk overlaps this one's
     alignas(16) float yc[kSub][kN];        // readout C . h
     alignas(16) float4 ppu[kSub][8];       // (pp, pp, pu, pu) of channels 2g, 2g + 1
     alignas(16) float red[kSub][32];       // per token: dB (states 0..15) then dC (16..31) of the head
@@ -161,11 +157,8 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename SmemB7<
   }
 }
 
-// kVar (experiment, session 8): bit 0 = pass B's prep of sub-chunk j - 1 issued before sub-chunk j's epilogue;
-// bit 1 = pass A's prep of sub-chunk j + 1 issued before sub-chunk j's recompute (double-buffered Items).
-template <typename T, int kVar>
+template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanParams p) {
-  constexpr bool kPrepAheadB = (kVar & 1) != 0, kPrepAheadA = (kVar & 2) != 0;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using SM = SmemB7<T>;
   using M = scan4::MmaOp<T>;
@@ -196,7 +189,7 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
     wp.cw[lane] = make_float4(cw[0], cw[1], cw[2], cw[3]);
     wp.cp[lane] = make_float4(p.conv_b != nullptr ? p.conv_b[wch] : 0.f, 2.f * p.dt_b[pc], p.Dskip[pc], 0.f);
   }
-  if (lane < kSub) wp.it[lane / 4].cop4[lane % 4][8] = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (lane < kSub / 2) wp.cop4[lane][8] = make_float4(0.f, 0.f, 0.f, 0.f);
   if (p.ddt_low_part != nullptr) {
     // d(dt_low)[t][k] = sum_c ddt[t][c] W[c][k]: B fragments (k = channel 8 ks + q (+4), n = rank 8 nt + g)
 #pragma unroll
@@ -303,7 +296,6 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
     // kFull: also the reverse / epilogue items and the C operand table; else (delta, du) only (pass A).
     auto prep = [&](int j, auto full_tag) {
       constexpr bool kFull = decltype(full_tag)::value;
-      typename SM::Items& I = wp.it[j & 1];
       const int tl = g, t = kSub * j + tl;
       const bool live = t < Tv;
       unsigned a[4];
@@ -351,16 +343,16 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
           o_dsp[jj] = dp > 20.f ? 1.f : sigmoid_fast(dp);
         }
       }
-      *reinterpret_cast<float4*>(&I.du[tl][4 * q]) = make_float4(o_du[0], o_dl[0], o_du[1], o_dl[1]);
-      *reinterpret_cast<float4*>(&I.du[tl][4 * q + 2]) = make_float4(o_du[2], o_dl[2], o_du[3], o_dl[3]);
+      *reinterpret_cast<float4*>(&wp.du[tl][4 * q]) = make_float4(o_du[0], o_dl[0], o_du[1], o_dl[1]);
+      *reinterpret_cast<float4*>(&wp.du[tl][4 * q + 2]) = make_float4(o_du[2], o_dl[2], o_du[3], o_dl[3]);
       if constexpr (kFull) {
-        *reinterpret_cast<float4*>(&I.dys[tl][4 * q]) = make_float4(o_dys[0], o_dys[1], o_dys[2], o_dys[3]);
-        *reinterpret_cast<float4*>(&I.u[tl][4 * q]) = make_float4(o_u[0], o_u[1], o_u[2], o_u[3]);
-        *reinterpret_cast<float4*>(&I.dsc[tl][4 * q]) = make_float4(o_dsc[0], o_dsc[1], o_dsc[2], o_dsc[3]);
-        *reinterpret_cast<float4*>(&I.dsp[tl][4 * q]) = make_float4(o_dsp[0], o_dsp[1], o_dsp[2], o_dsp[3]);
-        *reinterpret_cast<float4*>(&I.dzf[tl][4 * q]) = make_float4(o_dzf[0], o_dzf[1], o_dzf[2], o_dzf[3]);
+        *reinterpret_cast<float4*>(&wp.dys[tl][4 * q]) = make_float4(o_dys[0], o_dys[1], o_dys[2], o_dys[3]);
+        *reinterpret_cast<float4*>(&wp.u[tl][4 * q]) = make_float4(o_u[0], o_u[1], o_u[2], o_u[3]);
+        *reinterpret_cast<float4*>(&wp.dsc[tl][4 * q]) = make_float4(o_dsc[0], o_dsc[1], o_dsc[2], o_dsc[3]);
+        *reinterpret_cast<float4*>(&wp.dsp[tl][4 * q]) = make_float4(o_dsp[0], o_dsp[1], o_dsp[2], o_dsp[3]);
+        *reinterpret_cast<float4*>(&wp.dzf[tl][4 * q]) = make_float4(o_dzf[0], o_dzf[1], o_dzf[2], o_dzf[3]);
         const int pr = lane >> 3, gg = lane & 7, tc = kSub * j + 2 * pr;  // C operand: 4 pairs x 8 entries
-        I.cop4[pr][gg] = make_float4(to_f(r.f.C[w][tc][gg]), to_f(r.f.C[w][tc][gg + 8]), to_f(r.f.C[w][tc + 1][gg]),
+        wp.cop4[pr][gg] = make_float4(to_f(r.f.C[w][tc][gg]), to_f(r.f.C[w][tc][gg + 8]), to_f(r.f.C[w][tc + 1][gg]),
                                       to_f(r.f.C[w][tc + 1][gg + 8]));
       }
     };
@@ -368,11 +360,10 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
     // Recompute of sub-chunk j from h (updated in place); kFull: keep the states and the readout.
     auto recompute = [&](int j, float (&h)[2][4], float (&hs)[kSub][2][4], auto full_tag) {
       constexpr bool kFull = decltype(full_tag)::value;
-      const typename SM::Items& I = wp.it[j & 1];
       // front(tl): the token's operands, dBu mmas and exponentials (none depends on h)
       auto front = [&](int tl, float (&a)[2][4], float (&db)[2][4]) {
         const int t = kSub * j + tl;
-        const float4 pd = *reinterpret_cast<const float4*>(&I.du[tl][2 * g]);  // (du, delta) of 2g, 2g + 1
+        const float4 pd = *reinterpret_cast<const float4*>(&wp.du[tl][2 * g]);  // (du, delta) of 2g, 2g + 1
         const float4 bo = sm.bop[t >> 1][bsel];
         mma_k4(db[0], pd.x, pd.z, (tl & 1) ? bo.z : bo.x);
         mma_k4(db[1], pd.x, pd.z, (tl & 1) ? bo.w : bo.y);
@@ -412,18 +403,10 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
     {
       float h[2][4], hs_unused[kSub][2][4];
       load_state(ck, h);
-      if constexpr (kPrepAheadA) {
-        prep(0, std::false_type{});
-        __syncwarp();
-      }
 #pragma unroll 1
       for (int j = 0; j < kNSub - 1; ++j) {
-        if constexpr (kPrepAheadA) {
-          if (j + 1 < kNSub - 1) prep(j + 1, std::false_type{});  // other buffer: overlaps this recompute
-        } else {
-          prep(j, std::false_type{});
-          __syncwarp();
-        }
+        prep(j, std::false_type{});
+        __syncwarp();
         recompute(j, h, hs_unused, std::false_type{});
         wp.bst[j][0][lane] = make_float4(h[0][0], h[0][1], h[0][2], h[0][3]);
         wp.bst[j][1][lane] = make_float4(h[1][0], h[1][1], h[1][2], h[1][3]);
@@ -434,8 +417,7 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
     // Pass B: sub-chunks in reverse.
 #pragma unroll 1
     for (int j = kNSub - 1; j >= 0; --j) {
-      const typename SM::Items& I = wp.it[j & 1];
-      if (!kPrepAheadB || j == kNSub - 1) prep(j, std::true_type{});
+      prep(j, std::true_type{});
       float hstart[2][4];
       if (j == 0) {
         load_state(ck, hstart);
@@ -466,9 +448,9 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
       };
       auto rfront = [&](int tl, RevOps& o) {
         const int t = kSub * j + tl;
-        o.pd = *reinterpret_cast<const float4*>(&I.du[tl][2 * g]);
-        o.dy2 = *reinterpret_cast<const float2*>(&I.dys[tl][2 * g]);
-        const float4 cc = I.cop4[tl >> 1][csel];
+        o.pd = *reinterpret_cast<const float4*>(&wp.du[tl][2 * g]);
+        o.dy2 = *reinterpret_cast<const float2*>(&wp.dys[tl][2 * g]);
+        const float4 cc = wp.cop4[tl >> 1][csel];
         o.c0 = (tl & 1) ? cc.z : cc.x;
         o.c1 = (tl & 1) ? cc.w : cc.y;
         const unsigned* bwd = reinterpret_cast<const unsigned*>(&r.f.B[t][0]);
@@ -544,8 +526,6 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
         reduce_scatter(v, tl);
       }
       __syncwarp();
-      // kPrepAheadB: the next sub-chunk's prep (other buffer) overlaps this epilogue
-      if (kPrepAheadB && j > 0) prep(j - 1, std::true_type{});
 
       // Epilogue per (channel ec, token): dz, d(dt_pre), d(conv pre-activation), per-channel sums.
       {
@@ -560,13 +540,13 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
           const int tl = et0 + i, t = kSub * j + tl;
           const float4 pq4 = wp.ppu[tl][ec >> 1];
           const float pp = (ec & 1) ? pq4.y : pq4.x, pu = (ec & 1) ? pq4.w : pq4.z;
-          const float delta = I.du[tl][ec].y, u = I.u[tl][ec], dys = I.dys[tl][ec];
+          const float delta = wp.du[tl][ec].y, u = wp.u[tl][ec], dys = wp.dys[tl][ec];
           const float yfull = fmaf(Dc, u, wp.yc[tl][ec]);
-          const float dz = yfull * I.dzf[tl][ec];
-          const float ddt = fmaf(u, pu, pp) * I.dsp[tl][ec];
+          const float dz = yfull * wp.dzf[tl][ec];
+          const float ddt = fmaf(u, pu, pp) * wp.dsp[tl][ec];
           const float dut = fmaf(delta, pu, dys * Dc);
           const bool live = t < Tv;
-          const float dco = live ? dut * I.dsc[tl][ec] : 0.f;
+          const float dco = live ? dut * wp.dsc[tl][ec] : 0.f;
           wp.dco[tl][ec] = dco;
           if (dt_fused) wp.ddt[tl][ec] = live ? ddt : 0.f;
           if (live) {
@@ -741,27 +721,15 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
   }
 }
 
-template <typename T, int kVar>
-void launch_var(const MixerScanParams& p, void* stream) {
+template <typename T>
+void launch(const MixerScanParams& p, void* stream) {
   const size_t smem = sizeof(SmemB7<T>);
-  auto kernel = mixer_scan_bwd7_kernel<T, kVar>;
+  auto kernel = mixer_scan_bwd7_kernel<T>;
   static const bool configured = scan7::allow_smem(reinterpret_cast<const void*>(kernel), smem);
   (void)configured;
   dim3 grid(p.d_inner / (kN * kHeads), p.batch * p.bwd_segments);
   kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
   APRIEL_CHECK_LAUNCH();
-}
-
-template <typename T>
-void launch(const MixerScanParams& p, void* stream) {
-  const char* env = std::getenv("APRIEL_SCAN_BWD7_VAR");  // experiment (session 8)
-  const int var = env != nullptr ? std::atoi(env) : 0;
-  switch (var) {
-    case 1: launch_var<T, 1>(p, stream); break;
-    case 2: launch_var<T, 2>(p, stream); break;
-    case 3: launch_var<T, 3>(p, stream); break;
-    default: launch_var<T, 0>(p, stream); break;
-  }
 }
 
 }  // namespace scan7b
