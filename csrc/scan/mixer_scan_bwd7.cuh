@@ -32,6 +32,9 @@
 //     head-sum kernel; else per-head partials (dx_part, dB_part) as v4.
 // Precision: du and dys enter the mmas rounded to tf32 (round to nearest), G / q / h are truncated to tf32 inside
 // the state-sum mmas; the recurrences (h, carry) and every accumulation stay fp32.
+// Latency (session 8): the recompute and the reverse issue each token's front - its operands, the dBu mmas and the
+// exponentials, none of which depends on the h / carry chain - one token ahead of its update, as the forward v7 does:
+// issue 42.8 -> 45.1 %, kernel 6.43 -> 6.02 ms at b8 L4096 (ncu, bench/results/s8/ncu/).
 // Tried (session 6, bench/results/s6/two_warp/): two warps per head (one n-tile each, 128 registers, 2 blocks of 8
 // warps per SM): 52 % issue but 24 % more instructions (per-warp fixed costs), bwd 7.07 vs 6.63 ms.
 //

@@ -4,6 +4,7 @@ outside the scan kernels goes (the host epilogue: dt_proj GEMMs, sums, copies).
     python3 scripts/diag/scan_bwd_profile.py B L [--json OUT]
 """
 import json
+import os
 import sys
 
 import torch
@@ -37,4 +38,5 @@ for name, ms, n in rows[:25]:
 if "--json" in sys.argv:
     with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
         json.dump({"batch": b, "seqlen": L, "total_ms": total, "kernels": [{"name": r[0], "ms": r[1], "count": r[2]} for r in rows],
-                   "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}, f, indent=1)
+                   "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "commit": os.environ.get("APRIEL_BENCH_COMMIT", "?")}, f, indent=1)
