@@ -1,6 +1,7 @@
-"""Times the v7 mixer scan backward alone (the forward outside the timed region) for compile-time variants of the
-kernel selected by an environment variable (default APRIEL_SCAN_BWD7_VAR), interleaved over rounds so machine
-drift spreads over every variant. bf16, the bar shape (scan_case.py), the default segment rule.
+"""Times the mixer scan backward alone (the forward outside the timed region) per value of an environment variable,
+interleaved over rounds so machine drift spreads over every value. bf16, the bar shape (scan_case.py). For A/B of
+compile-time kernel variants, an experiment adds a temporary switch to the launch (session 8: APRIEL_SCAN_BWD7_VAR,
+removed with the losing variants); any existing switch works too, e.g. --env APRIEL_SCAN_BWD_SEGMENTS 1,2,4.
 Run on the device after the extension is built:
     python3 scripts/diag/scan_bwd_variants.py VAR_LIST [--env NAME] [--rounds N] [--json OUT]
 e.g. python3 scripts/diag/scan_bwd_variants.py 0,1,2,3 --json $OUT/variants.json
