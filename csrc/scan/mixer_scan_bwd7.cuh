@@ -102,7 +102,7 @@ __device__ __forceinline__ void mma_k8c(float (&d)[4], const float (&a)[4], floa
 
 // Blocks per SM the kernel is built for (experiment, session 8; compile-time: NVCC_APPEND_FLAGS=
 // -DAPRIEL_SCAN_BWD7_BLOCKS=3). 2 = the measured default. 3 = 12 warps per SM instead of 8: launch bounds for 168
-// registers (ptxas: 264 bytes of spill stores, pass B's loop 2,529 -> 2,665 instructions incl. 52 spill accesses) and
+// registers (ptxas: 288 bytes of spill stores, pass B's loop 2,529 -> 2,659 instructions incl. 53 spill accesses) and
 // <= 76,800 bytes of shared memory per block (74,304 for bf16): ONE raw tile (the next tile's copies are issued after
 // the tile, not overlapped with it: the other blocks of the SM fill that gap) and two pairs of per-warp buffers with
 // disjoint lifetimes aliased (yc / dxs, ppu / dlow). NOT YET RUN ON A GPU: tests + bench next session (STATUS.md).
@@ -112,6 +112,15 @@ __device__ __forceinline__ void mma_k8c(float (&d)[4], const float (&a)[4], floa
 constexpr int kBlocksPerSM = APRIEL_SCAN_BWD7_BLOCKS;
 static_assert(kBlocksPerSM == 2 || kBlocksPerSM == 3, "APRIEL_SCAN_BWD7_BLOCKS: 2 or 3");
 constexpr int kRawBufs = kBlocksPerSM == 2 ? 2 : 1;  // raw tiles: double-buffered, or one
+
+// A lane's 8 decays of one token, a = exp(delta A) = ex2(delta A log2 e), element [nt][i] = channel 2g + (i >> 1)
+// (delta0 / delta1 of channels 2g / 2g + 1), state 8 nt + 2q + (i & 1): the recompute's and the reverse's fronts.
+__device__ __forceinline__ void decays(float delta0, float delta1, const float (&A2)[2][4], float (&a)[2][4]) {
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[nt][i] = ex2((i < 2 ? delta0 : delta1) * A2[nt][i]);
+}
 
 constexpr int kSub = 8;                  // tokens per sub-chunk (the recomputed states of one in registers)
 constexpr int kNSub = kChunk / kSub;     // 4
@@ -398,10 +407,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM) mixer_scan_bwd7_kernel
         const float4 bo = sm.bop[t >> 1][bsel];
         mma_k4(db[0], pd.x, pd.z, (tl & 1) ? bo.z : bo.x);
         mma_k4(db[1], pd.x, pd.z, (tl & 1) ? bo.w : bo.y);
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) a[nt][i] = ex2((i < 2 ? pd.y : pd.w) * A2[nt][i]);
+        decays(pd.y, pd.w, A2, a);
       };
       // token tl + 1's front is issued before token tl's update: the MUFU and mma latencies overlap the h chain
       // (session 8: bwd b8 L4096 -2 % alone, -5.5 % with the reverse's front; bench/results/s8/variants*)
@@ -487,10 +493,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM) mixer_scan_bwd7_kernel
         const unsigned* bwd = reinterpret_cast<const unsigned*>(&r.f.B[t][0]);
         o.blo = scan4::unpack2<T>(bwd[q]);
         o.bhi = scan4::unpack2<T>(bwd[4 + q]);
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) o.a[nt][i] = ex2((i < 2 ? o.pd.y : o.pd.w) * A2[nt][i]);
+        decays(o.pd.y, o.pd.w, A2, o.a);
       };
       // Channel sums of token tl: v = (dB: G du, dC: dys h) per (nt, state 2q + s), the lane's 2 channels pre-added;
       // a reduce-scatter over lane bits 4, 3, 2 (= g's bits): lane keeps (which = bit 4, nt = bit 3, s = bit 2).
