@@ -100,19 +100,6 @@ __device__ __forceinline__ void mma_k8c(float (&d)[4], const float (&a)[4], floa
         "r"(__float_as_uint(b0)), "r"(__float_as_uint(b1)));
 }
 
-// Blocks per SM the kernel is built for (experiment, session 8; compile-time: NVCC_APPEND_FLAGS=
-// -DAPRIEL_SCAN_BWD7_BLOCKS=3). 2 = the measured default. 3 = 12 warps per SM instead of 8: launch bounds for 168
-// registers (ptxas: 288 bytes of spill stores, pass B's loop 2,529 -> 2,659 instructions incl. 53 spill accesses) and
-// <= 76,800 bytes of shared memory per block (74,304 for bf16): ONE raw tile (the next tile's copies are issued after
-// the tile, not overlapped with it: the other blocks of the SM fill that gap) and two pairs of per-warp buffers with
-// disjoint lifetimes aliased (yc / dxs, ppu / dlow). NOT YET RUN ON A GPU: tests + bench next session (STATUS.md).
-#ifndef APRIEL_SCAN_BWD7_BLOCKS
-#define APRIEL_SCAN_BWD7_BLOCKS 2
-#endif
-constexpr int kBlocksPerSM = APRIEL_SCAN_BWD7_BLOCKS;
-static_assert(kBlocksPerSM == 2 || kBlocksPerSM == 3, "APRIEL_SCAN_BWD7_BLOCKS: 2 or 3");
-constexpr int kRawBufs = kBlocksPerSM == 2 ? 2 : 1;  // raw tiles: double-buffered, or one
-
 // A lane's 8 decays of one token, a = exp(delta A) = ex2(delta A log2 e), element [nt][i] = channel 2g + (i >> 1)
 // (delta0 / delta1 of channels 2g / 2g + 1), state 8 nt + 2q + (i & 1): the recompute's and the reverse's fronts.
 __device__ __forceinline__ void decays(float delta0, float delta1, const float (&A2)[2][4], float (&a)[2][4]) {
@@ -141,27 +128,12 @@ struct SmemB7 {
     alignas(16) float dsc[kSub][kN];       // silu'(conv pre-activation)
     alignas(16) float dsp[kSub][kN];       // softplus'(dt_pre + 2 b_dt)
     alignas(16) float dzf[kSub][kN];       // dy silu'(z)
-#if APRIEL_SCAN_BWD7_BLOCKS == 3
-    // yc: recompute -> epilogue; dxs: transposed conv -> group sums. ppu: reverse -> epilogue; dlow: dt mmas ->
-    // block sum. Each pair's second use starts after its first ends (__syncwarp / __syncthreads between).
-    union {
-      alignas(16) float yc[kSub][kN];
-      alignas(16) float dxs[kSub][kN];
-    };
-    union {
-      alignas(16) float4 ppu[kSub][8];
-      alignas(16) float dlow[kSub][kN];
-    };
-    alignas(16) float red[kSub][32];
-    alignas(16) float ddt[kSub][kN];
-#else
     alignas(16) float yc[kSub][kN];        // readout C . h
     alignas(16) float4 ppu[kSub][8];       // (pp, pp, pu, pu) of channels 2g, 2g + 1
     alignas(16) float red[kSub][32];       // per token: dB (states 0..15) then dC (16..31) of the head
     alignas(16) float dxs[kSub][kN];       // d(conv input) of the head (fused head sums only)
     alignas(16) float ddt[kSub][kN];       // d(dt_pre) (0 past the sequence end)
     alignas(16) float dlow[kSub][kN];      // d(dt_low) of the sub-chunk from this head's channels
-#endif
     alignas(16) float2 dw[32][4];          // d W_dt accumulator fragments per lane (m16n8 x 2 n-tiles)
     alignas(16) float2 wfr[32][4];         // W_dt as B fragments (k = channel, n = rank) per lane: [k-step][n-tile]
     alignas(16) float dco[kSub + 3][kN];   // d(conv pre-activation); rows 8..10 = the next sub-chunk's rows 0..2
@@ -169,7 +141,7 @@ struct SmemB7 {
     alignas(16) float4 cw[kN];             // right-aligned conv taps per channel
     alignas(16) float4 cp[kN];             // (conv bias, 2 b_dt, D, 0) per channel
   };
-  Raw raw[kRawBufs];                             // by tile parity (kRawBufs == 2)
+  Raw raw[2];                                    // by tile parity
   alignas(16) float xf[kChunk + 3][kN];          // conv input fp32; row i = position t0 - 3 + i
   alignas(16) float4 bop[kChunk / 2][9];         // B as the k4 B operand per token pair; entry 8 = zeros
   Warp wp[kHeads];
@@ -198,7 +170,7 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename SmemB7<
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSM) mixer_scan_bwd7_kernel(MixerScanParams p) {
+__global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   using SM = SmemB7<T>;
   using M = scan4::MmaOp<T>;
@@ -214,7 +186,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM) mixer_scan_bwd7_kernel
   const int64_t rowZ = 2 * (int64_t)D + 2 * p.d_xb;
   typename SM::Warp& wp = sm.wp[w];
 
-  stage<T>(p, sm.raw[(tile_last & 1) % kRawBufs], b, head0, group, tile_last * kChunk, tid);
+  stage<T>(p, sm.raw[tile_last & 1], b, head0, group, tile_last * kChunk, tid);
   scan4::cp_async_commit();
 
   // Per-channel constants (smem: the registers go to the recomputed states), zero operand entries, dco halo.
@@ -303,10 +275,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM) mixer_scan_bwd7_kernel
 
   for (int tile = tile_last; tile >= tile_first; --tile) {
     const int t0 = tile * kChunk, par = tile & 1, Tv = min(kChunk, L - t0);
-    const typename SM::Raw& r = sm.raw[par % kRawBufs];
+    const typename SM::Raw& r = sm.raw[par];
     scan4::cp_async_wait_all();
     __syncthreads();  // S1
-    if (kRawBufs == 2 && tile > tile_first) {
+    if (tile > tile_first) {
       stage<T>(p, sm.raw[par ^ 1], b, head0, group, t0 - kChunk, tid);
       scan4::cp_async_commit();
     }
@@ -714,11 +686,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM) mixer_scan_bwd7_kernel
       if (fused || dt_fused) __syncthreads();  // red / dxs / dlow are rewritten by the next sub-chunk
       else __syncwarp();
     }
-    if (kRawBufs == 1 && tile > tile_first) {  // one raw tile: the next tile's copies once every warp is done with it
-      __syncthreads();
-      stage<T>(p, sm.raw[0], b, head0, group, t0 - kChunk, tid);
-      scan4::cp_async_commit();
-    }
   }
 
   // Whole-sequence outputs.
@@ -763,7 +730,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM) mixer_scan_bwd7_kernel
 template <typename T>
 void launch(const MixerScanParams& p, void* stream) {
   const size_t smem = sizeof(SmemB7<T>);
-  static_assert(kBlocksPerSM == 2 || sizeof(SmemB7<T>) + 1024 <= 233472 / 3, "3 blocks per SM: shared memory");
   auto kernel = mixer_scan_bwd7_kernel<T>;
   static const bool configured = scan7::allow_smem(reinterpret_cast<const void*>(kernel), smem);
   (void)configured;

@@ -6,7 +6,6 @@
 namespace apriel {
 template void launch_mixer_scan_bwd7<__nv_bfloat16>(const MixerScanParams&, void*);
 template void launch_mixer_scan_bwd7_carry<__nv_bfloat16>(const MixerScanParams&, void*);
-int mixer_scan_bwd7_blocks_per_sm() { return scan7b::kBlocksPerSM; }
 
 namespace {
 const bool kRegistered = [] {

@@ -212,10 +212,9 @@ std::string bwd_version() {
 }
 
 // Segments per sequence for the v7 backward (session 7, scan_params.h: the sequence split). The main kernel's
-// blocks (batch x d_inner / 64 x segments, mixer_scan_bwd7_blocks_per_sm() = 2 resident per SM) run in waves of
-// equal-length blocks, so its time is ~ waves(S) / S of the unsplit one-wave time; the carry pre-pass adds
-// ~(S - 1) / S of a readout-free scan over the sequence (kPrePass: its cost relative to one main-kernel wave over the
-// same tokens, per block-fill).
+// blocks (batch x d_inner / 64 x segments, 2 resident per SM) run in waves of equal-length blocks, so its time is
+// ~ waves(S) / S of the unsplit one-wave time; the carry pre-pass adds ~(S - 1) / S of a readout-free scan over
+// the sequence (kPrePass: its cost relative to one main-kernel wave over the same tokens, per block-fill).
 // The S in 1 .. 8 (at most one per tile) with the least estimate wins: b1 / b2 / b3 at D 4096 -> 4 / 2 / 4,
 // b4 / b8 -> 1. APRIEL_SCAN_BWD_SEGMENTS=n forces n (capped at the tile count).
 int bwd7_segments(const MixerScanParams& p) {
@@ -227,8 +226,7 @@ int bwd7_segments(const MixerScanParams& p) {
     return static_cast<int>(std::min<int64_t>(n, p.n_chunks));
   }
   constexpr double kPrePass = 0.17;  // H100 b1 L8192, 4 segments: pre-pass 0.205 ms, main kernel 1.63 ms
-  const double blocks = static_cast<double>(p.batch) * (p.d_inner / (4 * kN));
-  const double slots = static_cast<double>(mixer_scan_bwd7_blocks_per_sm()) * sm_count();
+  const double blocks = static_cast<double>(p.batch) * (p.d_inner / (4 * kN)), slots = 2.0 * sm_count();
   int best = 1;
   double best_cost = 1e30;
   for (int64_t s = 1; s <= max_s; ++s) {

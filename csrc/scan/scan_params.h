@@ -121,8 +121,5 @@ inline bool mixer_scan_bwd7_supports(const MixerScanParams& p) { return mixer_sc
 // The v7 backward's carry pre-pass (p.bwd_segments > 1): L_s and P_s of segments 1 .. segments-1 into p.seg_carry.
 template <typename T>
 void launch_mixer_scan_bwd7_carry(const MixerScanParams& p, void* stream);
-// Blocks per SM the v7 backward kernel was built for (mixer_scan_bwd7.cuh: APRIEL_SCAN_BWD7_BLOCKS, 2 by default;
-// nvcc-only macro, so the host's segment rule asks the compiled kernel).
-int mixer_scan_bwd7_blocks_per_sm();
 
 }  // namespace apriel

@@ -4,7 +4,7 @@
 # the variants interleaved over rounds so machine drift spreads over all of them. Run from the repository root
 # (e.g. a .snap export) on the device machine:
 #   bash scripts/diag/build_ab.sh [-r ROUNDS] LABEL=FLAGS [LABEL=FLAGS ...] -- COMMAND
-#   e.g. bash scripts/diag/build_ab.sh b2=-DAPRIEL_SCAN_BWD7_BLOCKS=2 b3=-DAPRIEL_SCAN_BWD7_BLOCKS=3 -- \
+#   e.g. bash scripts/diag/build_ab.sh a=-DMY_FLAG=0 b=-DMY_FLAG=1 -- \
 #          'python3 scripts/diag/scan_bwd_variants.py 0 --env APRIEL_AB_NOOP --json $OUT/bwd_${LABEL}_r$ROUND.json'
 # COMMAND runs under bash in each copy with LABEL, ROUND and PYTHONPATH (= that copy) set; build logs go to
 # $OUT/build_ab_LABEL.log (a failed build stops the script). APRIEL_KERNELS_FAMILIES (default: scan) narrows the build.
