@@ -29,6 +29,21 @@ __device__ __forceinline__ float ex2(float v) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
   return r;
 }
+// 2^v on the FMA pipe (the FlashAttention-4 trick: a share of a MUFU-bound kernel's exponentials moved to the
+// FP32 units). v <= 0 (decays); clamped at -125 (2^-125 stands for ex2's flushed 0). v = j + f, j = rint(v) read
+// from the magic sum's low mantissa bits, f in [-0.5, 0.5]; 2^f by a degree-5 polynomial fitted for relative
+// error (2.3e-7 max in fp32 Horner, ex2.approx.ftz: 2^-22 ~ 2.4e-7); 2^j added to the result's exponent field.
+__device__ __forceinline__ float ex2_fma(float v) {
+  v = fmaxf(v, -125.f);
+  const float t = v + 12582912.f;  // 1.5 x 2^23
+  const float f = v - (t - 12582912.f);
+  float p = fmaf(1.327647129073739e-3f, f, 9.675541892647743e-3f);
+  p = fmaf(p, f, 5.550713092088699e-2f);
+  p = fmaf(p, f, 2.4022120237350464e-1f);
+  p = fmaf(p, f, 6.931469440460205e-1f);
+  p = fmaf(p, f, 1.0000001192092896f);
+  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
+}
 __device__ __forceinline__ float lg2_ftz(float v) {
   float r;
   asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));

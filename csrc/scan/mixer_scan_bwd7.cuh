@@ -62,6 +62,12 @@
 
 #include "mixer_scan_fwd7.cuh"  // scan7:: stage, mma_k4, mma_k8, tf32_rna, Smem7::Raw
 
+#ifndef APRIEL_CARRY_EMU
+#define APRIEL_CARRY_EMU 0
+#endif
+#ifndef APRIEL_CARRY_PARTS
+#define APRIEL_CARRY_PARTS 2
+#endif
 namespace apriel {
 namespace scan7b {
 
@@ -262,8 +268,9 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
   };
   // Sequence split: the carry entering this segment's last token, from the pre-pass's (L, P) of the later
   // segments (fixed order: deterministic).
-  for (int s2 = S - 1; s2 > seg; --s2) {
-    const float* lp = p.seg_carry + (((int64_t)b * S + s2) * 2) * D * kN;
+  for (int part = S * kCarryParts - 1; part >= (seg + 1) * kCarryParts; --part) {
+    if (part % kCarryParts >= APRIEL_CARRY_PARTS) continue;
+    const float* lp = p.seg_carry + (((int64_t)b * S * kCarryParts + part) * 2) * D * kN;
     float lv[2][4], pv[2][4];
     load_state(lp, lv);
     load_state(lp + (int64_t)D * kN, pv);
@@ -770,7 +777,7 @@ struct GroupSmem {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kThr) mixer_scan_bwd7_carry_kernel(MixerScanParams p) {
+__global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerScanParams p) {
   using scan::kChunk;
   using scan::kN;
   constexpr int kVec = 16 / sizeof(T);  // 8
@@ -778,9 +785,13 @@ __global__ void __launch_bounds__(kThr) mixer_scan_bwd7_carry_kernel(MixerScanPa
   __shared__ float4 fold_l[kGroups][kGT];
   __shared__ float fold_sd[kGroups][kGT];
   const int gi = threadIdx.x / kGT, tid = threadIdx.x % kGT, S = p.bwd_segments, nseg = S - 1;
-  const int head = blockIdx.x, b = blockIdx.y / nseg, seg = blockIdx.y % nseg + 1, c0 = head * kN;
+  const int head = blockIdx.x, b = blockIdx.y / (nseg * APRIEL_CARRY_PARTS), c0 = head * kN;
+  const int seg = blockIdx.y / APRIEL_CARRY_PARTS % nseg + 1, part = blockIdx.y % APRIEL_CARRY_PARTS;
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank;
-  const int seg_first = seg * p.seg_tiles, seg_last = min(p.n_chunks, seg_first + p.seg_tiles) - 1;
+  // the part's tiles: the segment's tiles in APRIEL_CARRY_PARTS ranges (an empty one folds as L = 0, P = 1)
+  const int seg_lo = seg * p.seg_tiles, seg_hi = min(p.n_chunks, seg_lo + p.seg_tiles) - 1;
+  const int per_part = (seg_hi - seg_lo + APRIEL_CARRY_PARTS) / APRIEL_CARRY_PARTS;
+  const int seg_first = seg_lo + part * per_part, seg_last = min(seg_hi, seg_first + per_part - 1);
   const int per = (seg_last - seg_first + kGroups) / kGroups;
   const int tile_first = seg_first + gi * per, tile_last = min(seg_last, tile_first + per - 1);
   GroupSmem<T>& sm = gs[gi];
@@ -856,7 +867,8 @@ __global__ void __launch_bounds__(kThr) mixer_scan_bwd7_carry_kernel(MixerScanPa
       const float2 c01 = scan4::unpack2<T>(cw.x), c23 = scan4::unpack2<T>(cw.y);
       const float cv[4] = {c01.x, c01.y, c23.x, c23.y};
 #pragma unroll
-      for (int i = 0; i < 4; ++i) carry[i] = fmaf(y, cv[i], carry[i]) * ex2(dl * A2[i]);
+      for (int i = 0; i < 4; ++i)
+        carry[i] = fmaf(y, cv[i], carry[i]) * (i >= 4 - APRIEL_CARRY_EMU ? ex2_fma(dl * A2[i]) : ex2(dl * A2[i]));
       sdelta += dl;
     }
   }
@@ -874,7 +886,8 @@ __global__ void __launch_bounds__(kThr) mixer_scan_bwd7_carry_kernel(MixerScanPa
       for (int i = 0; i < 4; ++i) acc[i] = fmaf(ex2(A2[i] * sk), acc[i], lv[i]);
       sd += sk;
     }
-    float* lp = p.seg_carry + (((int64_t)b * S + seg) * 2) * D * kN + (int64_t)(c0 + sc) * kN + 4 * sq;
+    float* lp = p.seg_carry + (((int64_t)b * S * kCarryParts + seg * kCarryParts + part) * 2) * D * kN +
+                (int64_t)(c0 + sc) * kN + 4 * sq;
     *reinterpret_cast<float4*>(lp) = make_float4(acc[0], acc[1], acc[2], acc[3]);
     *reinterpret_cast<float4*>(lp + (int64_t)D * kN) =
         make_float4(ex2(A2[0] * sd), ex2(A2[1] * sd), ex2(A2[2] * sd), ex2(A2[3] * sd));
@@ -890,7 +903,7 @@ void launch_mixer_scan_bwd7(const MixerScanParams& p, void* stream) {
 
 template <typename T>
 void launch_mixer_scan_bwd7_carry(const MixerScanParams& p, void* stream) {
-  dim3 grid(p.d_inner / scan::kN, p.batch * (p.bwd_segments - 1));
+  dim3 grid(p.d_inner / scan::kN, p.batch * (p.bwd_segments - 1) * APRIEL_CARRY_PARTS);
   scan7c::mixer_scan_bwd7_carry_kernel<T><<<grid, scan7c::kThr, 0, static_cast<cudaStream_t>(stream)>>>(p);
   APRIEL_CHECK_LAUNCH();
 }

@@ -37,6 +37,9 @@
 #include "scan_common.cuh"
 #include "mixer_scan_fwd4.cuh"  // scan4:: MmaOp (dt_proj mma), unpack2, ld_param, softplus_select, cp.async
 
+#ifndef APRIEL_FWD7_EMU
+#define APRIEL_FWD7_EMU 0
+#endif
 namespace apriel {
 namespace scan7 {
 
@@ -320,7 +323,7 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
         for (int i = 0; i < 4; ++i) {
           const float dl = i < 2 ? pd.z : pd.w;
           dA[0][i] = ex2(dl * A2[0][i]);
-          dA[1][i] = ex2(dl * A2[1][i]);
+          dA[1][i] = i >= 4 - APRIEL_FWD7_EMU ? ex2_fma(dl * A2[1][i]) : ex2(dl * A2[1][i]);
         }
       };
       float dA[2][2][4], db[2][2][4];  // by token parity

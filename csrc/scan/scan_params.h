@@ -11,6 +11,9 @@ struct ParamRef {
   int dtype = 0;
 };
 
+// The carry pre-pass splits each segment into kCarryParts parts (blocks), folded by the main kernel in order.
+constexpr int kCarryParts = 2;
+
 struct MixerScanParams {
   int batch, seqlen, d_inner, d_xb, dt_rank, width;
   int heads_per_group;     // r = d_inner / d_xb: heads sharing one x / B group
@@ -86,7 +89,7 @@ struct MixerScanParams {
   // tokens before it, and with fused sums dx_edge (b * segments, width-1, X) fp32 receives a segment's last width-1
   // d(conv input) rows without that contribution (the host adds the two and writes them). 1 / n_chunks otherwise.
   int bwd_segments, seg_tiles;
-  float* seg_carry;  // written by the pre-pass, read by the main kernel
+  float* seg_carry;  // written by the pre-pass, read by the main kernel: (b, segments, kCarryParts, 2, D, 16)
   float* dx_edge;
 };
 

@@ -7,7 +7,7 @@
 #   e.g. bash scripts/diag/build_ab.sh a=-DMY_FLAG=0 b=-DMY_FLAG=1 -- \
 #          'python3 scripts/diag/scan_bwd_variants.py 0 --env APRIEL_AB_NOOP --json $OUT/bwd_${LABEL}_r$ROUND.json'
 # COMMAND runs under bash in each copy with LABEL, ROUND and PYTHONPATH (= that copy) set; build logs go to
-# $OUT/build_ab_LABEL.log (a failed build stops the script). APRIEL_KERNELS_FAMILIES (default: scan) narrows the build.
+# $OUT/build_ab_LABEL.log (the trees build concurrently; a failed build stops the script). APRIEL_KERNELS_FAMILIES (default: scan) narrows the build.
 set -uo pipefail
 ROUNDS=1
 if [ "${1:-}" = "-r" ]; then ROUNDS=$2; shift 2; fi
@@ -24,16 +24,23 @@ mkdir -p "$OUT"
 export MAX_JOBS=${MAX_JOBS:-16} APRIEL_KERNELS_CUDA_ARCHS=${APRIEL_KERNELS_CUDA_ARCHS:-9.0} APRIEL_KERNELS_REQUIRE_CUDA=1
 export APRIEL_KERNELS_FAMILIES=${APRIEL_KERNELS_FAMILIES:-scan} PYTHONUNBUFFERED=1
 SRC=$PWD
+# the trees build concurrently (a scan-family build is bound by its slowest translation unit, not by the cores)
 for v in "${VARIANTS[@]}"; do
   label=${v%%=*} flags=${v#*=}
   tree=/tmp/build_ab_$label
   rm -rf "$tree" && mkdir -p "$tree" && (cd "$SRC" && tar --exclude=./build -cf - .) | tar -xf - -C "$tree"
-  start=$(date +%s)
-  (cd "$tree" && NVCC_APPEND_FLAGS="$flags" python3 setup.py build_ext --inplace > "$OUT/build_ab_$label.log" 2>&1)
-  rc=$?
-  echo "build_ab: $label ($flags) build rc $rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/build_ab.txt"
-  [ $rc -eq 0 ] || { tail -30 "$OUT/build_ab_$label.log"; exit $rc; }
+  (start=$(date +%s)
+   cd "$tree" && NVCC_APPEND_FLAGS="$flags" python3 setup.py build_ext --inplace > "$OUT/build_ab_$label.log" 2>&1
+   rc=$?
+   echo "build_ab: $label ($flags) build rc $rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/build_ab.txt"
+   exit $rc) &
 done
+failed=0
+for job in $(jobs -p); do wait "$job" || failed=1; done
+if [ $failed -ne 0 ]; then
+  for v in "${VARIANTS[@]}"; do tail -30 "$OUT/build_ab_${v%%=*}.log"; done
+  exit 1
+fi
 for round in $(seq 1 "$ROUNDS"); do
   order=("${VARIANTS[@]}")
   if [ $((round % 2)) -eq 0 ]; then  # every other round in reverse order
