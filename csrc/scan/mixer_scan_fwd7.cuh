@@ -17,7 +17,9 @@
 // Per token and lane ~38 SASS instructions for 8 elements (v5: ~13.4 per element executed); ncu at b8 L4096
 // (bench/results/s5/ncu/): 9.2 executed instructions per element in all, 54 % issue, the MUFU pipe at ~68 %
 // (1.375 MUFU ops per element: the scan's ex2 plus 6 per (channel, token) in the prep), top stalls fixed-latency
-// dependencies and the MIO queue (MUFU and shared-memory instructions share it).
+// dependencies and the MIO queue (MUFU and shared-memory instructions share it). Session 9: one of a lane's 8
+// exponentials per token runs on the FMA pipe (ex2_fma, scan_math.cuh: ~10 FP32 / integer instructions, the same
+// accuracy as ex2.approx): 1.25 MUFU ops per element, b8 L4096 -1.7 %; two of 8 were 2 % slower than none.
 // Precision: du is rounded to tf32 (round to nearest) in the prep and B / C are 16-bit values, exact in tf32; the
 // readout reads h through tf32 (truncation, relative error < 2^-10 per term). For 16-bit outputs this is below
 // their rounding (docs/notes/scan.md, session 5; scripts/diag/scan_tf32_emulation.py); fp32 activations keep v4.
@@ -37,9 +39,6 @@
 #include "scan_common.cuh"
 #include "mixer_scan_fwd4.cuh"  // scan4:: MmaOp (dt_proj mma), unpack2, ld_param, softplus_select, cp.async
 
-#ifndef APRIEL_FWD7_EMU
-#define APRIEL_FWD7_EMU 0
-#endif
 namespace apriel {
 namespace scan7 {
 
@@ -323,7 +322,9 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
         for (int i = 0; i < 4; ++i) {
           const float dl = i < 2 ? pd.z : pd.w;
           dA[0][i] = ex2(dl * A2[0][i]);
-          dA[1][i] = i >= 4 - APRIEL_FWD7_EMU ? ex2_fma(dl * A2[1][i]) : ex2(dl * A2[1][i]);
+          // one of the lane's 8 exponentials on the FMA pipe (session 9, bench/results/s9/carry_emu: b8 L4096
+          // 1.113 -> 1.094 ms; two of 8: 1.136, slower)
+          dA[1][i] = i == 3 ? ex2_fma(dl * A2[1][i]) : ex2(dl * A2[1][i]);
         }
       };
       float dA[2][2][4], db[2][2][4];  // by token parity
