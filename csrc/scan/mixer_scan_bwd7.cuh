@@ -261,9 +261,9 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
       }
   };
   // Sequence split: the carry entering this segment's last token, from the pre-pass's (L, P) of the later
-  // segments' parts, right to left (fixed order: deterministic).
-  for (int part = S * kCarryParts - 1; part >= (seg + 1) * kCarryParts; --part) {
-    const float* lp = p.seg_carry + (((int64_t)b * S * kCarryParts + part) * 2) * D * kN;
+  // segments (fixed order: deterministic).
+  for (int s2 = S - 1; s2 > seg; --s2) {
+    const float* lp = p.seg_carry + (((int64_t)b * S + s2) * 2) * D * kN;
     float lv[2][4], pv[2][4];
     load_state(lp, lv);
     load_state(lp + (int64_t)D * kN, pv);
@@ -743,14 +743,11 @@ void launch(const MixerScanParams& p, void* stream) {
 // The carry pre-pass of the sequence split (p.bwd_segments > 1; see scan_params.h). For every segment s >= 1 of
 // every sequence: L_s = the adjoint carry at the segment's start given a zero carry at its end (the reverse
 // G_t = carry + dys_t (x) C_t, carry = G_t exp(delta_t A) over the segment's tokens) and P_s = exp(A sum_t delta_t).
-// Its work is ~(segments - 1) / segments of a forward scan without readout (one ex2 per element). Each segment is
-// computed as kCarryParts parts with their own (L, P) (scan_params.h); the block of segment s of the main kernel
-// combines the (L, P) of the later segments' parts into its starting carry.
-// Block = one head (16 channels x 16 states) of one segment part, kGroups groups of 64 threads, each over its own
-// contiguous range of the part's tiles (the block folds the groups' (L, P) at the end: a part is thus processed
-// kGroups-way parallel; one group alone was latency-bound at ~7 us per tile). Parts (session 9): at b1 L8192 the
-// 768 blocks of one part per segment filled 1.45 waves of the 528 resident blocks (64 registers: 4 per SM), 1,536
-// half-length blocks fill 2.9 (bwd 1.87 -> 1.84 ms, bench/results/s9/carry_emu). Per group and 32-token
+// Its work is ~(segments - 1) / segments of a forward scan without readout (one ex2 per element). The block of
+// segment s of the main kernel combines the (L, P) of the later segments into its starting carry.
+// Block = one head (16 channels x 16 states) of one segment, kGroups groups of 64 threads, each over its own
+// contiguous range of the segment's tiles (the block folds the groups' (L, P) at the end: a segment is thus
+// processed kGroups-way parallel; one group alone was latency-bound at ~7 us per tile). Per group and 32-token
 // tile (reverse order): 16-byte copies of C / z / dy / dt_low (the v7 alignment guarantees) prefetched in
 // registers one tile ahead, delta / dys per (token, channel) into shared memory (thread = channel tid % 16, tokens
 // tid / 16 + 4 k), then each thread runs its 4 recurrences (channel tid / 4, states 4 (tid % 4) .. + 3).
@@ -773,7 +770,7 @@ struct GroupSmem {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerScanParams p) {
+__global__ void __launch_bounds__(kThr) mixer_scan_bwd7_carry_kernel(MixerScanParams p) {
   using scan::kChunk;
   using scan::kN;
   constexpr int kVec = 16 / sizeof(T);  // 8
@@ -781,13 +778,9 @@ __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerSca
   __shared__ float4 fold_l[kGroups][kGT];
   __shared__ float fold_sd[kGroups][kGT];
   const int gi = threadIdx.x / kGT, tid = threadIdx.x % kGT, S = p.bwd_segments, nseg = S - 1;
-  const int head = blockIdx.x, b = blockIdx.y / (nseg * kCarryParts), c0 = head * kN;
-  const int seg = blockIdx.y / kCarryParts % nseg + 1, part = blockIdx.y % kCarryParts;
+  const int head = blockIdx.x, b = blockIdx.y / nseg, seg = blockIdx.y % nseg + 1, c0 = head * kN;
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank;
-  // the part's tiles: the segment's tiles in kCarryParts ranges (an empty one folds as L = 0, P = 1)
-  const int seg_lo = seg * p.seg_tiles, seg_hi = min(p.n_chunks, seg_lo + p.seg_tiles) - 1;
-  const int per_part = (seg_hi - seg_lo + kCarryParts) / kCarryParts;
-  const int seg_first = seg_lo + part * per_part, seg_last = min(seg_hi, seg_first + per_part - 1);
+  const int seg_first = seg * p.seg_tiles, seg_last = min(p.n_chunks, seg_first + p.seg_tiles) - 1;
   const int per = (seg_last - seg_first + kGroups) / kGroups;
   const int tile_first = seg_first + gi * per, tile_last = min(seg_last, tile_first + per - 1);
   GroupSmem<T>& sm = gs[gi];
@@ -881,8 +874,7 @@ __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerSca
       for (int i = 0; i < 4; ++i) acc[i] = fmaf(ex2(A2[i] * sk), acc[i], lv[i]);
       sd += sk;
     }
-    float* lp = p.seg_carry + (((int64_t)b * S * kCarryParts + seg * kCarryParts + part) * 2) * D * kN +
-                (int64_t)(c0 + sc) * kN + 4 * sq;
+    float* lp = p.seg_carry + (((int64_t)b * S + seg) * 2) * D * kN + (int64_t)(c0 + sc) * kN + 4 * sq;
     *reinterpret_cast<float4*>(lp) = make_float4(acc[0], acc[1], acc[2], acc[3]);
     *reinterpret_cast<float4*>(lp + (int64_t)D * kN) =
         make_float4(ex2(A2[0] * sd), ex2(A2[1] * sd), ex2(A2[2] * sd), ex2(A2[3] * sd));
@@ -898,7 +890,7 @@ void launch_mixer_scan_bwd7(const MixerScanParams& p, void* stream) {
 
 template <typename T>
 void launch_mixer_scan_bwd7_carry(const MixerScanParams& p, void* stream) {
-  dim3 grid(p.d_inner / scan::kN, p.batch * (p.bwd_segments - 1) * kCarryParts);
+  dim3 grid(p.d_inner / scan::kN, p.batch * (p.bwd_segments - 1));
   scan7c::mixer_scan_bwd7_carry_kernel<T><<<grid, scan7c::kThr, 0, static_cast<cudaStream_t>(stream)>>>(p);
   APRIEL_CHECK_LAUNCH();
 }

@@ -343,7 +343,7 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   const int64_t S = d.n_chunks > 0 ? (d.n_chunks + seg_tiles - 1) / seg_tiles : 1, bs = d.b * S;
   p.bwd_segments = static_cast<int>(S);
   p.seg_tiles = static_cast<int>(seg_tiles);
-  Tensor seg_carry = S > 1 ? at::empty({d.b, S, kCarryParts, 2, d.D, kN}, f32) : Tensor();
+  Tensor seg_carry = S > 1 ? at::empty({d.b, S, 2, d.D, kN}, f32) : Tensor();
   const int64_t seg_len = static_cast<int64_t>(p.seg_tiles) * kChunk;
   Tensor dx_edge = S > 1 && fused ? at::empty({bs, hw, d.X}, f32) : Tensor();
   Tensor dx_part = fused ? at::empty({0}, f32) : at::empty({d.b, d.L, d.D}, f32);

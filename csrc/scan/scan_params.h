@@ -11,9 +11,6 @@ struct ParamRef {
   int dtype = 0;
 };
 
-// The v7 backward's carry pre-pass computes each segment as kCarryParts parts (see seg_carry below).
-constexpr int kCarryParts = 2;
-
 struct MixerScanParams {
   int batch, seqlen, d_inner, d_xb, dt_rank, width;
   int heads_per_group;     // r = d_inner / d_xb: heads sharing one x / B group
@@ -81,16 +78,15 @@ struct MixerScanParams {
   // Backward v7 sequence split (session 7): when batch x d_inner / 64 blocks are too few to fill the GPU (batch 1-3
   // at D 4096), each sequence runs as bwd_segments segments of seg_tiles tiles, one block per (group, segment).
   // The adjoint carry entering each segment from the right comes from a pre-pass (mixer_scan_bwd7_carry_kernel):
-  // seg_carry (b, segments, kCarryParts, 2, D, 16) holds per part k of segment s >= 1 (its tiles split into
-  // kCarryParts ranges, so the pre-pass fills more waves) the local carry L_sk (the adjoint at the part's start
-  // given a zero carry at its end) and the decay P_sk = prod_t exp(delta_t A); the block of segment s folds the
-  // parts right to left: K = L_sk + P_sk K from K = dfinal_ssm, over s' > s. The whole-sequence partial outputs (dA_log_part,
+  // seg_carry (b, segments, 2, D, 16) holds per segment s >= 1 its local carry L_s (the adjoint at its start given
+  // a zero carry at its end) and its decay P_s = prod_t exp(delta_t A); the block of segment s combines them:
+  // K_s = L_{s+1} + P_{s+1} K_{s+1}, K_{segments-1} = dfinal_ssm. The whole-sequence partial outputs (dA_log_part,
   // dD_part, dconv_*_part, dinit_conv_part, dinit_ssm, ddt_w_part, ddt_b_part) get one row per (b, segment): index
   // b * segments + s; dinit_conv_part of segment s >= 1 is its contribution to the d(conv input) of the width-1
   // tokens before it, and with fused sums dx_edge (b * segments, width-1, X) fp32 receives a segment's last width-1
   // d(conv input) rows without that contribution (the host adds the two and writes them). 1 / n_chunks otherwise.
   int bwd_segments, seg_tiles;
-  float* seg_carry;  // written by the pre-pass, read by the main kernel: (b, segments, kCarryParts, 2, D, 16)
+  float* seg_carry;  // written by the pre-pass, read by the main kernel
   float* dx_edge;
 };
 
