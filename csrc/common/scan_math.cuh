@@ -31,17 +31,18 @@ __device__ __forceinline__ float ex2(float v) {
 }
 // 2^v on the FMA pipe (the FlashAttention-4 trick: a share of a MUFU-bound kernel's exponentials moved to the
 // FP32 units). v <= 0 (decays); clamped at -125 (2^-125 stands for ex2's flushed 0). v = j + f, j = rint(v) read
-// from the magic sum's low mantissa bits, f in [-0.5, 0.5]; 2^f by a degree-5 polynomial fitted for relative
-// error (2.3e-7 max in fp32 Horner, ex2.approx.ftz: 2^-22 ~ 2.4e-7); 2^j added to the result's exponent field.
+// from the magic sum's low mantissa bits, f in [-0.5, 0.5]; 2^f by 1 + f p(f), p of degree 4 fitted for relative
+// error (1.9e-7 max in fp32 Horner, ex2.approx.ftz: 2^-22 ~ 2.4e-7; exactly 1 at f = 0 and below 1 for f < 0, so a
+// decay never exceeds 1); 2^j added to the result's exponent field.
 __device__ __forceinline__ float ex2_fma(float v) {
   v = fmaxf(v, -125.f);
   const float t = v + 12582912.f;  // 1.5 x 2^23
   const float f = v - (t - 12582912.f);
-  float p = fmaf(1.327647129073739e-3f, f, 9.675541892647743e-3f);
-  p = fmaf(p, f, 5.550713092088699e-2f);
-  p = fmaf(p, f, 2.4022120237350464e-1f);
-  p = fmaf(p, f, 6.931469440460205e-1f);
-  p = fmaf(p, f, 1.0000001192092896f);
+  float p = fmaf(1.326472731307149e-3f, f, 9.671512991189957e-3f);
+  p = fmaf(p, f, 5.550733581185341e-2f);
+  p = fmaf(p, f, 2.4022242426872253e-1f);
+  p = fmaf(p, f, 6.931470036506653e-1f);
+  p = fmaf(p, f, 1.f);
   return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
 }
 __device__ __forceinline__ float lg2_ftz(float v) {
