@@ -223,9 +223,17 @@ def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def _parse_cell(value: str) -> Any:
+# Columns that are text even when they look like numbers: a commit hash such as "965e05702056" reads as a float
+# (inf), "1234567" as an int; "cuda" "13.0" as a float.
+TEXT_FIELDS = frozenset(("suite", "op", "provider", "phase", "shape", "layout", "status", "note", "dtype",
+                         "state_dtype", *ENV_FIELDS))
+
+
+def _parse_cell(name: str, value: str) -> Any:
     if value == "":
         return None
+    if name in TEXT_FIELDS:
+        return value
     for cast in (int, float):
         try:
             return cast(value)
@@ -243,7 +251,7 @@ def read_rows(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, 
         raise FileNotFoundError(f"rows file: {path} does not exist")
     if path.suffix == ".csv":
         with path.open(newline="") as f:
-            rows = [{k: _parse_cell(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+            rows = [{k: _parse_cell(k, v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
         return [normalize(r) for r in rows], {}
     data = json.loads(path.read_text())
     if isinstance(data, list):

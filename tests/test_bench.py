@@ -78,6 +78,16 @@ def test_json_and_csv_round_trip_with_environment(tmp_path):
         R.read_rows(tmp_path / "missing.json")
 
 
+@pytest.mark.parametrize("commit", ["965e05702056", "1234567", "0012abc-dirty"])
+def test_csv_keeps_text_columns_that_look_like_numbers(tmp_path, commit):
+    # CI once failed on a HEAD whose short hash reads as a float (965e05702056 -> inf)
+    env = {**R.environment(), "commit": commit, "cuda": "13.0"}
+    R.write_csv(tmp_path / "rows.csv", R.stamp(_mixer_rows({1024: 2.0}, {1024: 1.5}), env))
+    back, _ = R.read_rows(tmp_path / "rows.csv")
+    assert back[0]["commit"] == commit and back[0]["cuda"] == "13.0"
+    assert back[0]["seqlen"] == 1024 and back[0]["p50_ms"] == pytest.approx(2.0)  # numbers still parse
+
+
 # --------------------------------------------------------------------------------------------- compare
 def test_compare_ratios_match_rows_by_key(tmp_path, capsys):
     old = _mixer_rows({1024: 2.0, 2048: 4.0}, {1024: 1.0})
