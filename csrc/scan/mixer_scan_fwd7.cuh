@@ -19,7 +19,7 @@
 // (1.375 MUFU ops per element: the scan's ex2 plus 6 per (channel, token) in the prep), top stalls fixed-latency
 // dependencies and the MIO queue (MUFU and shared-memory instructions share it). Session 9: one of a lane's 8
 // exponentials per token runs on the FMA pipe (ex2_fma, scan_math.cuh: ~10 FP32 / integer instructions, the same
-// accuracy as ex2.approx): 1.25 MUFU ops per element, b8 L4096 -1.7 %; two of 8 were 2 % slower than none.
+// accuracy as ex2.approx): 1.25 MUFU ops per element, b8 L4096 -2 to -4 % (bench/results/s9); two of 8: slower.
 // Precision: du is rounded to tf32 (round to nearest) in the prep and B / C are 16-bit values, exact in tf32; the
 // readout reads h through tf32 (truncation, relative error < 2^-10 per term). For 16-bit outputs this is below
 // their rounding (docs/notes/scan.md, session 5; scripts/diag/scan_tf32_emulation.py); fp32 activations keep v4.
