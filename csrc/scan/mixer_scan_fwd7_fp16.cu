@@ -8,7 +8,10 @@ template void launch_mixer_scan_fwd7<__half>(const MixerScanParams&, void*);
 
 namespace {
 const bool kRegistered = [] {
-  register_kernel({"scan", "mixer_scan_fwd7<fp16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__half>), scan7::kThreads});
+  register_kernel({"scan", "mixer_scan_fwd7<fp16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__half, false>), scan7::kThreads});
+#if APRIEL_TMA
+  register_kernel({"scan", "mixer_scan_fwd7_tma<fp16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__half, true>), scan7::kThreads});
+#endif
   return true;
 }();
 }  // namespace
