@@ -16,7 +16,7 @@ export APRIEL_KERNELS_REQUIRE_CUDA=1
 if ! python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)" 2>/dev/null; then
   whl=$(ls .whl/nvidia_cutlass-*.whl ../.whl/nvidia_cutlass-*.whl 2>/dev/null | head -1)
   if [ -n "$whl" ]; then
-    rm -rf /tmp/cutlass && mkdir -p /tmp/cutlass && unzip -q "$whl" 'cutlass_library/source/include/*' -d /tmp/cutlass
+    rm -rf /tmp/cutlass && python3 -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); z.extractall('/tmp/cutlass', [n for n in z.namelist() if n.startswith('cutlass_library/source/include/')])" "$whl"
     export APRIEL_CUTLASS_DIR=/tmp/cutlass/cutlass_library/source/include
   else
     echo "gpu_run: no CUTLASS headers (no .whl/nvidia_cutlass-*.whl): the scan builds without TMA staging"
