@@ -875,6 +875,40 @@ def test_backward_v7_sequence_split(case, dtype, monkeypatch):
 
 @gpu
 @needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
+@pytest.mark.parametrize("case", BWD7_CASES + [(2, 1000, 256, 64, True, 3, 8, "S5")],
+                         ids=lambda c: f"b{c[0]}-L{c[1]}-D{c[2]}-X{c[3]}-{'rep' if c[4] else 'norep'}-W{c[5]}-R{c[6]}-{c[7] or 'plain'}")
+def test_backward_v7_tma_staging_equals_cp_async(case, dtype, monkeypatch):
+    """The v7 backward's TMA staging (16 boxes per tile: the forward's 11 slices, dy of 4 heads, the 4-row x halo
+    whose rows before 0 read as zeros) gives bitwise the gradients of the cp.async staging - unsplit and split
+    (tiles in reverse order, segment starts), tails, strided rows, initial states; the profiler shows the variant."""
+    import apriel_kernels
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA staging needs sm_90")
+    if not apriel_kernels.build_info().get("tma_staging"):
+        pytest.skip("extension built without CUTLASS headers (pip install --no-deps nvidia-cutlass, then rebuild)")
+    b, L, D_, X, repeat, width, rank, extra = case
+    monkeypatch.setenv("APRIEL_SCAN_BWD", "v7")
+    if extra == "S5":
+        monkeypatch.setenv("APRIEL_SCAN_BWD_SEGMENTS", "5")
+    args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", repeat=repeat, dt_rank=rank, width=width,
+                           initial_states="init" in extra, strided=extra == "strided", seed=31)
+    weights = _loss_weights(args, kw, dtype, seed=7)
+    grads = {}
+    for staging in ("0", "1"):
+        monkeypatch.setenv("APRIEL_SCAN_TMA", staging)
+        poison_allocator()
+        names = _cuda_kernels_run(lambda staging=staging: grads.update({staging: _grads(args, kw, None, weights)}))
+        want = "true>" if staging == "1" else "false>"
+        assert any("mixer_scan_bwd7_kernel" in n and want in n for n in names), (staging, names)
+    for name in grads["0"]:
+        assert torch.equal(grads["0"][name], grads["1"][name]), f"d{name}: TMA staging differs from cp.async"
+        assert torch.isfinite(grads["1"][name]).all(), name
+
+
+@gpu
+@needs_kernel
 @pytest.mark.parametrize("used", ["final_states", "y"])
 def test_backward_with_unused_outputs(used, bwd_version):
     """Outputs without a gradient reach the backward as None (no materialised zeros: the checkpoints' would be a

@@ -41,10 +41,17 @@ struct alignas(64) Map {  // placeholder of the same size so kernel signatures d
 #endif
 
 // Tensor maps of the scan's token-major inputs: zxbc (b, L, 2D + 2X) and dt_low (b, L, R), boxes of 16 columns x
-// 32 rows of one sequence.
+// 32 rows of one sequence (the forward v7).
 struct ScanMaps {
   Map zxbc;
   Map dt;
+};
+// The backward v7 adds dy (b, L, D) in the same boxes and the x rows before a tile (zxbc, boxes of 16 x 4 rows).
+struct ScanBwdMaps {
+  Map zxbc;
+  Map dt;
+  Map dy;
+  Map halo;
 };
 
 constexpr int kBoxCols = 16;
@@ -90,23 +97,23 @@ inline bool usable() {
 }
 
 // A (batch, rows, cols) tensor of 2-byte elements with unit column stride (strides in elements), read in boxes of
-// kBoxCols x kBoxRows x 1. Rows >= rows and columns >= cols read as zeros. False when the encoder refuses (the
+// kBoxCols x box_rows x 1. Rows outside [0, rows) and columns >= cols read as zeros. False when the encoder refuses (the
 // caller falls back to cp.async): base not 16-byte aligned, strides not multiples of 16 bytes, ...
 inline bool encode_rows16(Map* map, const void* base, int64_t batch, int64_t rows, int64_t cols, int64_t row_stride,
-                          int64_t batch_stride) {
+                          int64_t batch_stride, int box_rows = kBoxRows) {
 #if APRIEL_TMA
   const EncodeTiled fn = encode_fn();
   if (fn == nullptr || batch < 1 || rows < 1 || cols < 1) return false;
   const cuuint64_t dims[3] = {(cuuint64_t)cols, (cuuint64_t)rows, (cuuint64_t)batch};
   // strides of dims 1.. in bytes; a single sequence may carry any batch stride (it is never used)
   const cuuint64_t strides[2] = {(cuuint64_t)row_stride * 2, (cuuint64_t)(batch > 1 ? batch_stride : rows * row_stride) * 2};
-  const cuuint32_t box[3] = {kBoxCols, kBoxRows, 1};
+  const cuuint32_t box[3] = {kBoxCols, (cuuint32_t)box_rows, 1};
   const cuuint32_t elem_strides[3] = {1, 1, 1};
   return fn(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 3, const_cast<void*>(base), dims, strides, box, elem_strides,
             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 #else
-  (void)map, (void)base, (void)batch, (void)rows, (void)cols, (void)row_stride, (void)batch_stride;
+  (void)map, (void)base, (void)batch, (void)rows, (void)cols, (void)row_stride, (void)batch_stride, (void)box_rows;
   return false;
 #endif
 }
@@ -134,8 +141,8 @@ __device__ __forceinline__ void wait(uint64_t* bar, uint32_t parity) {
   cutlass::arch::ClusterTransactionBarrier::wait(bar, parity);
 #endif
 }
-// One box (kBoxCols x kBoxRows, 2-byte elements, dense rows of 32 bytes) at (col, row, batch) into dst (128-byte
-// aligned). The inputs are read once per block: evict-first in L2.
+// One box (kBoxCols x the map's box rows, 2-byte elements, dense rows of 32 bytes) at (col, row, batch) into dst
+// (128-byte aligned). The inputs are read once per block: evict-first in L2.
 __device__ __forceinline__ void load_box(const Map& map, uint64_t* bar, void* dst, int col, int row, int batch) {
 #if APRIEL_TMA
   cute::SM90_TMA_LOAD_3D::copy(&map, bar, static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_FIRST), dst, col,

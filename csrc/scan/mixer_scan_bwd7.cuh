@@ -145,6 +145,7 @@ struct SmemB7 {
   alignas(16) float xf[kChunk + 3][kN];          // conv input fp32; row i = position t0 - 3 + i
   alignas(16) float4 bop[kChunk / 2][9];         // B as the k4 B operand per token pair; entry 8 = zeros
   Warp wp[kHeads];
+  alignas(8) uint64_t bar[2];                    // TMA staging: the transaction barrier of raw[parity]
 };
 
 // The tile starting at t0: the forward v7's 11 slices, plus dy of the 4 heads and the 3 x rows before t0.
@@ -169,9 +170,35 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename SmemB7<
   }
 }
 
+// The same tile by the bulk tensor copy engine (kTma), issued by one warp as the forward v7's stage_tma: lane 0 arms
+// raw's barrier, lanes 0..15 copy one box each - the 11 forward slices, dy of the 4 heads, and the x rows t0-3 .. t0
+// (a 4-row box: rows before 0 read as zeros, row t0 is not used).
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+__device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::ScanBwdMaps& maps,
+                                          typename SmemB7<T>::Raw& r, uint64_t* bar, int b, int head0, int group,
+                                          int t0, int lane) {
+  using Raw = typename SmemB7<T>::Raw;
+  static_assert(sizeof(T) == 2 && tma::kBoxCols == kN && tma::kBoxRows == kChunk, "one box = one 16-bit slice");
+  static_assert(offsetof(Raw, dy) == 11 * kChunk * kN * sizeof(T) && offsetof(Raw, xh) % 128 == 0 &&
+                sizeof(Raw) % 128 == 0, "16 boxes at 128-byte aligned offsets");
+  if (lane == 0) tma::expect_bytes(bar, sizeof(Raw));
+  __syncwarp();
+  if (lane < 16) {
+    const int cx = p.d_inner + group * kN;
+    const tma::Map& map = lane == 2 ? maps.dt : lane < 11 ? maps.zxbc : lane < 15 ? maps.dy : maps.halo;
+    const int col = lane == 0 ? cx : lane == 1 ? cx + p.d_xb : lane == 2 ? 0
+                  : lane < 7 ? (head0 + lane - 3) * kN : lane < 11 ? p.d_inner + 2 * p.d_xb + (head0 + lane - 7) * kN
+                  : lane < 15 ? (head0 + lane - 11) * kN : cx;
+    void* dst = lane < 15 ? static_cast<void*>(&r.f.x[0][0] + lane * (kChunk * kN)) : static_cast<void*>(&r.xh[0][0]);
+    tma::load_box(map, bar, dst, col, lane < 15 ? t0 : t0 - 3, b);
+  }
+}
+
+// kTma: the tiles arrive by the bulk tensor copy engine (stage_tma) instead of cp.async (stage).
+template <typename T, bool kTma>
+__global__ void __launch_bounds__(kThreads, 2)
+    mixer_scan_bwd7_kernel(MixerScanParams p, const __grid_constant__ tma::ScanBwdMaps maps) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];  // 128: TMA destinations
   using SM = SmemB7<T>;
   using M = scan4::MmaOp<T>;
   SM& sm = *reinterpret_cast<SM*>(smem_raw);
@@ -186,8 +213,20 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
   const int64_t rowZ = 2 * (int64_t)D + 2 * p.d_xb;
   typename SM::Warp& wp = sm.wp[w];
 
-  stage<T>(p, sm.raw[tile_last & 1], b, head0, group, tile_last * kChunk, tid);
-  scan4::cp_async_commit();
+  if constexpr (kTma) {
+    if (w == 0) {
+      if (lane == 0) {
+        tma::barrier_init(&sm.bar[0]);
+        tma::barrier_init(&sm.bar[1]);
+        tma::barrier_init_fence();
+      }
+      __syncwarp();
+      stage_tma<T>(p, maps, sm.raw[tile_last & 1], &sm.bar[tile_last & 1], b, head0, group, tile_last * kChunk, lane);
+    }
+  } else {
+    stage<T>(p, sm.raw[tile_last & 1], b, head0, group, tile_last * kChunk, tid);
+    scan4::cp_async_commit();
+  }
 
   // Per-channel constants (smem: the registers go to the recomputed states), zero operand entries, dco halo.
   if (lane < kN) {
@@ -273,14 +312,23 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
       for (int i = 0; i < 4; ++i) carry[nt][i] = fmaf(pv[nt][i], carry[nt][i], lv[nt][i]);
   }
 
+  if constexpr (kTma) __syncthreads();  // the barriers' initialisation before anyone waits on them
   for (int tile = tile_last; tile >= tile_first; --tile) {
     const int t0 = tile * kChunk, par = tile & 1, Tv = min(kChunk, L - t0);
     const typename SM::Raw& r = sm.raw[par];
-    scan4::cp_async_wait_all();
+    if constexpr (kTma) {
+      tma::wait(&sm.bar[par], ((tile_last - tile) >> 1) & 1);  // raw[par]'s fills alternate phases
+    } else {
+      scan4::cp_async_wait_all();
+    }
     __syncthreads();  // S1
     if (tile > tile_first) {
-      stage<T>(p, sm.raw[par ^ 1], b, head0, group, t0 - kChunk, tid);
-      scan4::cp_async_commit();
+      if constexpr (kTma) {
+        if (w == 0) stage_tma<T>(p, maps, sm.raw[par ^ 1], &sm.bar[par ^ 1], b, head0, group, t0 - kChunk, lane);
+      } else {
+        stage<T>(p, sm.raw[par ^ 1], b, head0, group, t0 - kChunk, tid);
+        scan4::cp_async_commit();
+      }
     }
     {  // A (block): x -> fp32, halo rows, B operand table
       const int row = tid / 4, part = tid % 4;
@@ -727,14 +775,33 @@ __global__ void __launch_bounds__(kThreads, 2) mixer_scan_bwd7_kernel(MixerScanP
   }
 }
 
+// Tensor maps for stage_tma; false where TMA cannot run here or the encoder refuses a tensor (cp.async then).
+inline bool encode_maps(const MixerScanParams& p, tma::ScanBwdMaps& maps) {
+  const int64_t row = 2 * (int64_t)p.d_inner + 2 * p.d_xb;
+  return tma::usable() &&
+         tma::encode_rows16(&maps.zxbc, p.zxbc, p.batch, p.seqlen, row, p.zxbc_row_stride, p.zxbc_batch_stride) &&
+         tma::encode_rows16(&maps.halo, p.zxbc, p.batch, p.seqlen, row, p.zxbc_row_stride, p.zxbc_batch_stride, 4) &&
+         tma::encode_rows16(&maps.dt, p.dt_low, p.batch, p.seqlen, p.dt_rank, p.dt_row_stride, p.dt_batch_stride) &&
+         tma::encode_rows16(&maps.dy, p.dy, p.batch, p.seqlen, p.d_inner, p.d_inner, (int64_t)p.seqlen * p.d_inner);
+}
+
 template <typename T>
 void launch(const MixerScanParams& p, void* stream) {
   const size_t smem = sizeof(SmemB7<T>);
-  auto kernel = mixer_scan_bwd7_kernel<T>;
-  static const bool configured = scan7::allow_smem(reinterpret_cast<const void*>(kernel), smem);
+  const dim3 grid(p.d_inner / (kN * kHeads), p.batch * p.bwd_segments);
+  tma::ScanBwdMaps maps{};
+#if APRIEL_TMA
+  if (encode_maps(p, maps)) {
+    static const bool configured = scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, true>), smem);
+    (void)configured;
+    mixer_scan_bwd7_kernel<T, true><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
+    APRIEL_CHECK_LAUNCH();
+    return;
+  }
+#endif
+  static const bool configured = scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, false>), smem);
   (void)configured;
-  dim3 grid(p.d_inner / (kN * kHeads), p.batch * p.bwd_segments);
-  kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
+  mixer_scan_bwd7_kernel<T, false><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
   APRIEL_CHECK_LAUNCH();
 }
 

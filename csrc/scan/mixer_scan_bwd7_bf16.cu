@@ -9,7 +9,10 @@ template void launch_mixer_scan_bwd7_carry<__nv_bfloat16>(const MixerScanParams&
 
 namespace {
 const bool kRegistered = [] {
-  register_kernel({"scan", "mixer_scan_bwd7<bf16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__nv_bfloat16>), scan7b::kThreads});
+  register_kernel({"scan", "mixer_scan_bwd7<bf16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__nv_bfloat16, false>), scan7b::kThreads});
+#if APRIEL_TMA
+  register_kernel({"scan", "mixer_scan_bwd7_tma<bf16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__nv_bfloat16, true>), scan7b::kThreads});
+#endif
   register_kernel({"scan", "mixer_scan_bwd7_carry<bf16>", reinterpret_cast<const void*>(&scan7c::mixer_scan_bwd7_carry_kernel<__nv_bfloat16>), scan7c::kThr});
   return true;
 }();

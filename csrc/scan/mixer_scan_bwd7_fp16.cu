@@ -9,7 +9,10 @@ template void launch_mixer_scan_bwd7_carry<__half>(const MixerScanParams&, void*
 
 namespace {
 const bool kRegistered = [] {
-  register_kernel({"scan", "mixer_scan_bwd7<fp16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__half>), scan7b::kThreads});
+  register_kernel({"scan", "mixer_scan_bwd7<fp16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__half, false>), scan7b::kThreads});
+#if APRIEL_TMA
+  register_kernel({"scan", "mixer_scan_bwd7_tma<fp16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__half, true>), scan7b::kThreads});
+#endif
   register_kernel({"scan", "mixer_scan_bwd7_carry<fp16>", reinterpret_cast<const void*>(&scan7c::mixer_scan_bwd7_carry_kernel<__half>), scan7c::kThr});
   return true;
 }();
