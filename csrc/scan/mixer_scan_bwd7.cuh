@@ -170,28 +170,29 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename SmemB7<
   }
 }
 
-// The same tile by the bulk tensor copy engine (kTma), issued by one warp as the forward v7's stage_tma: lane 0 arms
-// raw's barrier, lanes 0..15 copy one box each - the 11 forward slices, dy of the 4 heads, and the x rows t0-3 .. t0
-// (a 4-row box: rows before 0 read as zeros, row t0 is not used).
+// The same tile by the bulk tensor copy engine (kTma), issued by one thread as the forward v7's stage_tma: the 11
+// forward slices, dy of the 4 heads, and the x rows t0-3 .. t0 (a 4-row box: rows before 0 read as zeros, row t0 is
+// not used) - 16 boxes on raw's barrier.
 template <typename T>
 __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::ScanBwdMaps& maps,
                                           typename SmemB7<T>::Raw& r, uint64_t* bar, int b, int head0, int group,
-                                          int t0, int lane) {
+                                          int t0) {
   using Raw = typename SmemB7<T>::Raw;
   static_assert(sizeof(T) == 2 && tma::kBoxCols == kN && tma::kBoxRows == kChunk, "one box = one 16-bit slice");
   static_assert(offsetof(Raw, dy) == 11 * kChunk * kN * sizeof(T) && offsetof(Raw, xh) % 128 == 0 &&
                 sizeof(Raw) % 128 == 0, "16 boxes at 128-byte aligned offsets");
-  if (lane == 0) tma::expect_bytes(bar, sizeof(Raw));
-  __syncwarp();
-  if (lane < 16) {
-    const int cx = p.d_inner + group * kN;
-    const tma::Map& map = lane == 2 ? maps.dt : lane < 11 ? maps.zxbc : lane < 15 ? maps.dy : maps.halo;
-    const int col = lane == 0 ? cx : lane == 1 ? cx + p.d_xb : lane == 2 ? 0
-                  : lane < 7 ? (head0 + lane - 3) * kN : lane < 11 ? p.d_inner + 2 * p.d_xb + (head0 + lane - 7) * kN
-                  : lane < 15 ? (head0 + lane - 11) * kN : cx;
-    void* dst = lane < 15 ? static_cast<void*>(&r.f.x[0][0] + lane * (kChunk * kN)) : static_cast<void*>(&r.xh[0][0]);
-    tma::load_box(map, bar, dst, col, lane < 15 ? t0 : t0 - 3, b);
+  tma::expect_bytes(bar, sizeof(Raw));
+  const int cx = p.d_inner + group * kN, cc = p.d_inner + 2 * p.d_xb + head0 * kN;
+  tma::load_box(maps.zxbc, bar, &r.f.x[0][0], cx, t0, b);
+  tma::load_box(maps.zxbc, bar, &r.f.B[0][0], cx + p.d_xb, t0, b);
+  tma::load_box(maps.dt, bar, &r.f.dt[0][0], 0, t0, b);
+#pragma unroll
+  for (int hh = 0; hh < kHeads; ++hh) {
+    tma::load_box(maps.zxbc, bar, &r.f.z[hh][0][0], (head0 + hh) * kN, t0, b);
+    tma::load_box(maps.zxbc, bar, &r.f.C[hh][0][0], cc + hh * kN, t0, b);
+    tma::load_box(maps.dy, bar, &r.dy[hh][0][0], (head0 + hh) * kN, t0, b);
   }
+  tma::load_box(maps.halo, bar, &r.xh[0][0], cx, t0 - 3, b);
 }
 
 // kTma: the tiles arrive by the bulk tensor copy engine (stage_tma) instead of cp.async (stage).
@@ -214,14 +215,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   typename SM::Warp& wp = sm.wp[w];
 
   if constexpr (kTma) {
-    if (w == 0) {
-      if (lane == 0) {
-        tma::barrier_init(&sm.bar[0]);
-        tma::barrier_init(&sm.bar[1]);
-        tma::barrier_init_fence();
-      }
-      __syncwarp();
-      stage_tma<T>(p, maps, sm.raw[tile_last & 1], &sm.bar[tile_last & 1], b, head0, group, tile_last * kChunk, lane);
+    if (tid == 0) {
+      tma::barrier_init(&sm.bar[0]);
+      tma::barrier_init(&sm.bar[1]);
+      tma::barrier_init_fence();
+      stage_tma<T>(p, maps, sm.raw[tile_last & 1], &sm.bar[tile_last & 1], b, head0, group, tile_last * kChunk);
     }
   } else {
     stage<T>(p, sm.raw[tile_last & 1], b, head0, group, tile_last * kChunk, tid);
@@ -324,7 +322,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();  // S1
     if (tile > tile_first) {
       if constexpr (kTma) {
-        if (w == 0) stage_tma<T>(p, maps, sm.raw[par ^ 1], &sm.bar[par ^ 1], b, head0, group, t0 - kChunk, lane);
+        if (tid == 0) stage_tma<T>(p, maps, sm.raw[par ^ 1], &sm.bar[par ^ 1], b, head0, group, t0 - kChunk);
       } else {
         stage<T>(p, sm.raw[par ^ 1], b, head0, group, t0 - kChunk, tid);
         scan4::cp_async_commit();

@@ -136,23 +136,25 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename Smem7<T
   }
 }
 
-// The same tile by the bulk tensor copy engine (kTma), issued by one warp: lane 0 arms raw's barrier with the
-// tile's bytes, then lane i < 11 copies slice i (x, B, dt, z and C of the 4 heads; one box of 16 columns x 32 rows
-// each) - one issuing thread alone was 2 % slower at one block per SM (b1). The engine zero-fills rows past the
-// sequence end and dt columns past dt_rank, as the cp.async path does.
+// The same tile by the bulk tensor copy engine (kTma), issued by ONE thread: thread 0 arms raw's barrier with the
+// tile's bytes and copies the 11 slices (x, B, dt, z and C of the 4 heads), one box of 16 columns x 32 rows each. The
+// engine zero-fills rows past the sequence end and dt columns past dt_rank, as the cp.async path does. (Not one box
+// per lane: the copy instruction, UTMALDG, takes its operands in uniform registers, so per-lane boxes compile to a
+// loop over the lanes - measured 2 % (b8) to 6 % (one block per SM) slower than cp.async, session 10.)
 template <typename T>
 __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::ScanMaps& maps,
                                           typename Smem7<T>::Raw& r, uint64_t* bar, int b, int head0, int group,
-                                          int t0, int lane) {
+                                          int t0) {
   static_assert(sizeof(T) == 2 && tma::kBoxCols == kN && tma::kBoxRows == kChunk, "one box = one 16-bit slice");
-  static_assert(sizeof(typename Smem7<T>::Raw) == 11 * kChunk * kN * sizeof(T), "Raw = 11 consecutive slices");
-  if (lane == 0) tma::expect_bytes(bar, sizeof(r));
-  __syncwarp();
-  if (lane < 11) {
-    const int cx = p.d_inner + group * kN;
-    const int col = lane == 0 ? cx : lane == 1 ? cx + p.d_xb : lane == 2 ? 0
-                  : lane < 7 ? (head0 + lane - 3) * kN : p.d_inner + 2 * p.d_xb + (head0 + lane - 7) * kN;
-    tma::load_box(lane == 2 ? maps.dt : maps.zxbc, bar, &r.x[0][0] + lane * (kChunk * kN), col, t0, b);
+  tma::expect_bytes(bar, sizeof(r));
+  const int cx = p.d_inner + group * kN, cc = p.d_inner + 2 * p.d_xb + head0 * kN;
+  tma::load_box(maps.zxbc, bar, &r.x[0][0], cx, t0, b);
+  tma::load_box(maps.zxbc, bar, &r.B[0][0], cx + p.d_xb, t0, b);
+  tma::load_box(maps.dt, bar, &r.dt[0][0], 0, t0, b);
+#pragma unroll
+  for (int hh = 0; hh < kHeads; ++hh) {
+    tma::load_box(maps.zxbc, bar, &r.z[hh][0][0], (head0 + hh) * kN, t0, b);
+    tma::load_box(maps.zxbc, bar, &r.C[hh][0][0], cc + hh * kN, t0, b);
   }
 }
 
@@ -184,14 +186,11 @@ __global__ void __launch_bounds__(kThreads, 4)
   const int n_tiles = p.n_chunks;
 
   if constexpr (kTma) {
-    if (w == 0) {
-      if (lane == 0) {
-        tma::barrier_init(&sm.bar[0]);
-        tma::barrier_init(&sm.bar[1]);
-        tma::barrier_init_fence();
-      }
-      __syncwarp();
-      stage_tma<T>(p, maps, sm.raw[0], &sm.bar[0], b, head0, group, 0, lane);
+    if (tid == 0) {
+      tma::barrier_init(&sm.bar[0]);
+      tma::barrier_init(&sm.bar[1]);
+      tma::barrier_init_fence();
+      stage_tma<T>(p, maps, sm.raw[0], &sm.bar[0], b, head0, group, 0);
     }
   } else {
     stage<T>(p, sm.raw[0], b, head0, group, 0, tid);
@@ -267,7 +266,7 @@ __global__ void __launch_bounds__(kThreads, 4)
     __syncthreads();  // S1: this tile's copies visible; every reader of the previous tile is done
     if (tile + 1 < n_tiles) {
       if constexpr (kTma) {
-        if (w == 0) stage_tma<T>(p, maps, sm.raw[par ^ 1], &sm.bar[par ^ 1], b, head0, group, t0 + kChunk, lane);
+        if (tid == 0) stage_tma<T>(p, maps, sm.raw[par ^ 1], &sm.bar[par ^ 1], b, head0, group, t0 + kChunk);
       } else {
         stage<T>(p, sm.raw[par ^ 1], b, head0, group, t0 + kChunk, tid);
         scan4::cp_async_commit();
