@@ -449,11 +449,17 @@ def test_forward_v7_parity(case, dtype, monkeypatch):
         check(name, o, r64, rlp, floor=1e-3)
 
 
+# The forward versions with a TMA staging variant (csrc/common/tma.cuh) and how the profiler names each: v7, and v5
+# K = 8 (the batch 1-2 default; kTma is the fwd4 kernel template's 7th argument, after kVer = 5).
+TMA_FORWARDS = {"v7": ("mixer_scan_fwd7_kernel", "{}>"), "v5k8": ("mixer_scan_fwd4_kernel", ", 5, {}>")}
+
+
 @gpu
 @needs_kernel
+@pytest.mark.parametrize("version", list(TMA_FORWARDS))
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
 @pytest.mark.parametrize("case", V7_CASES, ids=lambda c: f"b{c[0]}-L{c[1]}-D{c[2]}-X{c[3]}-{'rep' if c[4] else 'norep'}-W{c[5]}-R{c[6]}-{c[7] or 'plain'}")
-def test_forward_v7_tma_staging_equals_cp_async(case, dtype, monkeypatch):
+def test_forward_tma_staging_equals_cp_async(case, dtype, version, monkeypatch):
     """The TMA tile staging (CUTLASS / CuTe bulk tensor copies, sm_90: csrc/common/tma.cuh) feeds the same arithmetic
     as the cp.async staging: bitwise the same y and final states - rows past the sequence end (zero fill), strided
     rows inside a NaN-filled buffer, dt_rank 8 (columns past dt_rank), several sequences, initial states - and the
@@ -465,7 +471,8 @@ def test_forward_v7_tma_staging_equals_cp_async(case, dtype, monkeypatch):
     if not apriel_kernels.build_info().get("tma_staging"):
         pytest.skip("extension built without CUTLASS headers (pip install --no-deps nvidia-cutlass, then rebuild)")
     b, L, D_, X, repeat, width, rank, extra = case
-    monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")
+    monkeypatch.setenv("APRIEL_SCAN_FWD", version)
+    kernel, suffix = TMA_FORWARDS[version]
     args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", repeat=repeat, dt_rank=rank, width=width,
                            initial_states="init" in extra, strided=extra == "strided", seed=15)
     results = {}
@@ -474,8 +481,8 @@ def test_forward_v7_tma_staging_equals_cp_async(case, dtype, monkeypatch):
         poison_allocator()
         out = {}
         names = _cuda_kernels_run(lambda: out.update(r=mixer_scan(**args, **kw, return_final_states=True)))
-        want = "true>" if staging == "1" else "false>"
-        assert any("mixer_scan_fwd7_kernel" in n and want in n for n in names), (staging, names)
+        want = suffix.format("true" if staging == "1" else "false")
+        assert any(kernel in n and want in n for n in names), (staging, names)
         results[staging] = out["r"]
     for name, cp, tm in zip(("y", "final_ssm", "final_conv"), results["0"], results["1"]):
         assert torch.equal(cp, tm), f"{name}: TMA staging differs from cp.async"
@@ -497,9 +504,9 @@ def test_forward_v7_deterministic_graph_compile_and_default(monkeypatch):
                 for k, v in args.items()}
         names = _cuda_kernels_run(lambda part=part: mixer_scan(**part, **kw))
         assert not any("mixer_scan_fwd7_kernel" in n for n in names), (b, names)
-        # v4 / v5 share the kernel template; 16-bit activations run v5 (kVer, the last template argument, = 5) at
+        # v4 / v5 share the kernel template; 16-bit activations run v5 (kVer, the 6th template argument, = 5) at
         # either lane count since session 8
-        assert any("mixer_scan_fwd4_kernel" in n and ", 5>" in n for n in names), (b, names)
+        assert any("mixer_scan_fwd4_kernel" in n and ", 5, " in n for n in names), (b, names)
     monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")
     first = mixer_scan(**args, **kw, return_final_states=True)
     again = mixer_scan(**args, **kw, return_final_states=True)

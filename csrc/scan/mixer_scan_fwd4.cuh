@@ -22,6 +22,7 @@
 #include "scan_common.cuh"
 #include "scan_stage.cuh"
 #include "scan_tile.cuh"
+#include "../common/tma.cuh"  // the v5 K = 8 tile staging by TMA (16-bit activations, dt_rank <= 16, no documents)
 
 #include <type_traits>
 
@@ -121,6 +122,34 @@ struct Smem5 {
 };
 template <typename T, int kR, int K, bool kSeq, bool kRawBC, int kVer>
 using SmemFor = std::conditional_t<kVer >= 5, Smem5<T, kR, K, kSeq, kRawBC>, Smem4<T, kR, K>>;
+// The TMA variant appends the transaction barriers of raw[0 / 1] (the cp.async layouts stay byte for byte as they
+// were: K = 4's 8 blocks per SM have no room for 16 more bytes).
+template <typename Base>
+struct WithTmaBarriers : Base {
+  alignas(8) uint64_t tma_bar[2];
+};
+template <typename T, int kR, int K, bool kSeq, bool kRawBC, int kVer, bool kTma>
+using SmemForT = std::conditional_t<kTma, WithTmaBarriers<SmemFor<T, kR, K, kSeq, kRawBC, kVer>>,
+                                    SmemFor<T, kR, K, kSeq, kRawBC, kVer>>;
+
+// The tile by the bulk tensor copy engine (kTma; v5, 16-bit activations, dt_rank <= 16, no documents): thread 0
+// arms raw's barrier and copies x, B, C, z and dt_low (one box of 16 columns x 32 rows each; the engine zero-fills
+// rows past the sequence end and dt columns past dt_rank). See tma.cuh and the forward v7's stage_tma.
+template <typename T, int kR>
+__device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::ScanMaps& maps, RawTile<T, kR>& r,
+                                          uint64_t* bar, int b, int head, int group, int t0) {
+  static_assert(sizeof(T) == 2 && kR == kN && tma::kBoxCols == kN && tma::kBoxRows == kChunk, "16-bit boxes");
+  using Raw = RawTile<T, kR>;
+  static_assert(offsetof(Raw, dt) == 4 * kChunk * kN * sizeof(T) && sizeof(Raw) % 128 == 0,
+                "5 boxes at 1 KB steps, raw[1] 128-byte aligned");
+  tma::expect_bytes(bar, 5 * kChunk * kN * sizeof(T));
+  const int col_x = p.d_inner + group * kN;
+  tma::load_box(maps.zxbc, bar, &r.x[0][0], col_x, t0, b);
+  tma::load_box(maps.zxbc, bar, &r.B[0][0], col_x + p.d_xb, t0, b);
+  tma::load_box(maps.zxbc, bar, &r.C[0][0], p.d_inner + 2 * p.d_xb + head * kN, t0, b);
+  tma::load_box(maps.zxbc, bar, &r.z[0][0], head * kN, t0, b);
+  tma::load_box(maps.dt, bar, &r.dt[0][0], 0, t0, b);
+}
 
 // softplus_fast (../common/scan_math.cuh) with the same operations and the same result, but both branches
 // computed and chosen by selp: nvcc compiled the nested ternary into a divergent branch per token (BSSY / BRA /
@@ -246,8 +275,10 @@ template <typename T, int K, int kR, int kVer> constexpr int kMinBlocks = kVer >
 #define APRIEL_SCAN_FWD_PF 2  // experiments: NVCC_APPEND_FLAGS=-DAPRIEL_SCAN_FWD_PF=4 at build time
 #endif
 
-template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4>
-__global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>)) mixer_scan_fwd4_kernel(MixerScanParams p) {
+// kTma (v5 K = 8 only, see launch): the tiles arrive by TMA (stage_tma) instead of cp.async; the rest is the same code.
+template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4, bool kTma = false>
+__global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
+    mixer_scan_fwd4_kernel(MixerScanParams p, const __grid_constant__ tma::ScanMaps maps) {
   constexpr int NT = kN * K;                 // threads per block
   constexpr int NS = kN / K;                 // states per thread
   constexpr int TPT = kChunk * kN / NT;      // prep tokens per thread
@@ -255,8 +286,8 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>)) mixer_sc
   constexpr bool kMma = sizeof(T) == 2;      // dt_proj on tensor cores for 16-bit activations
   constexpr int kKSteps = kR / 16;
   static_assert(TPT >= 1 && kChunk % TPT == 0 && NT >= 64, "prep mapping; the halo and final-state steps use 48 threads");
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  using SM = SmemFor<T, kR, K, kSeq, kRawBC, kVer>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];  // 128: TMA destinations
+  using SM = SmemForT<T, kR, K, kSeq, kRawBC, kVer, kTma>;
   SM& sm = *reinterpret_cast<SM*>(smem_raw);
   constexpr bool kV5 = kVer >= 5;
   // v5's prep diet (per-thread column pointers, branch-free softplus): 16-bit activations only. fp32 sits at the
@@ -268,8 +299,17 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>)) mixer_sc
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank, W = p.width;
   const int n_tiles = p.n_chunks;
 
-  stage<T, NT, kR>(p, sm.raw[0], b, head, group, 0);
-  cp_async_commit();
+  if constexpr (kTma) {
+    if (tid == 0) {
+      tma::barrier_init(&sm.tma_bar[0]);
+      tma::barrier_init(&sm.tma_bar[1]);
+      tma::barrier_init_fence();
+      stage_tma<T, kR>(p, maps, sm.raw[0], &sm.tma_bar[0], b, head, group, 0);
+    }
+  } else {
+    stage<T, NT, kR>(p, sm.raw[0], b, head, group, 0);
+    cp_async_commit();
+  }
 
   // Prep mapping: channel pch, tokens pq*TPT .. pq*TPT+TPT-1 of each tile. Its constants live in registers.
   const int pch = tid % kN, pq = tid / kN, pc = c0 + pch;
@@ -329,11 +369,19 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>)) mixer_sc
     const int t0 = tile * kChunk, par = tile & 1;
     Tv = min(kChunk, L - t0);
     const RawTile<T, kR>& r = sm.raw[par];
-    cp_async_wait_all();
+    if constexpr (kTma) {
+      tma::wait(&sm.tma_bar[par], (tile >> 1) & 1);  // raw[par]'s (tile / 2)-th fill
+    } else {
+      cp_async_wait_all();
+    }
     __syncthreads();  // S1: this tile's copies visible; every reader of the previous tile is done
     if (tile + 1 < n_tiles) {
-      stage<T, NT, kR>(p, sm.raw[par ^ 1], b, head, group, t0 + kChunk);
-      cp_async_commit();
+      if constexpr (kTma) {
+        if (tid == 0) stage_tma<T, kR>(p, maps, sm.raw[par ^ 1], &sm.tma_bar[par ^ 1], b, head, group, t0 + kChunk);
+      } else {
+        stage<T, NT, kR>(p, sm.raw[par ^ 1], b, head, group, t0 + kChunk);
+        cp_async_commit();
+      }
     }
     if (tile > 0) {  // previous tile's y (always full: only the last tile is ragged)
       if constexpr (kV5) {  // compile-time trip count (v4's runtime loop compiled to ~80 instructions)
@@ -584,10 +632,10 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>)) mixer_sc
   }
 }
 
-template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4>
-void launch(const MixerScanParams& p, void* stream) {
-  const size_t smem = sizeof(SmemFor<T, kR, K, kSeq, kRawBC, kVer>);
-  auto kernel = mixer_scan_fwd4_kernel<T, K, kR, kSeq, kRawBC, kVer>;
+template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4, bool kTma = false>
+void launch_kernel(const MixerScanParams& p, const tma::ScanMaps& maps, void* stream) {
+  const size_t smem = sizeof(SmemForT<T, kR, K, kSeq, kRawBC, kVer, kTma>);
+  auto kernel = mixer_scan_fwd4_kernel<T, K, kR, kSeq, kRawBC, kVer, kTma>;
   static bool configured = false;  // per instantiation; a race here only repeats an idempotent call
   if (!configured) {
     if (smem > 48 * 1024)
@@ -598,8 +646,28 @@ void launch(const MixerScanParams& p, void* stream) {
     configured = true;
   }
   dim3 grid(p.d_inner / kN, p.batch);
-  kernel<<<grid, kN * K, smem, static_cast<cudaStream_t>(stream)>>>(p);
+  kernel<<<grid, kN * K, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
   APRIEL_CHECK_LAUNCH();
+}
+
+// TMA staging for v5 K = 8 (the batch 1-2 default at D 4096) with 16-bit activations, dt_rank <= 16 and no
+// documents, where tma::usable() and the host can encode the maps; cp.async everywhere else (and for K = 4:
+// not worth another instantiation per dtype at the build-time budget).
+template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4>
+void launch(const MixerScanParams& p, void* stream) {
+  tma::ScanMaps maps{};
+#if APRIEL_TMA
+  if constexpr (kVer >= 5 && K == 8 && sizeof(T) == 2 && kR == 16 && !kSeq) {
+    if (p.zxbc_vec16 && p.dt_vec16 && tma::usable() &&
+        tma::encode_rows16(&maps.zxbc, p.zxbc, p.batch, p.seqlen, 2 * (int64_t)p.d_inner + 2 * p.d_xb,
+                           p.zxbc_row_stride, p.zxbc_batch_stride) &&
+        tma::encode_rows16(&maps.dt, p.dt_low, p.batch, p.seqlen, p.dt_rank, p.dt_row_stride, p.dt_batch_stride)) {
+      launch_kernel<T, K, kR, kSeq, kRawBC, kVer, true>(p, maps, stream);
+      return;
+    }
+  }
+#endif
+  launch_kernel<T, K, kR, kSeq, kRawBC, kVer, false>(p, maps, stream);
 }
 
 }  // namespace scan4
