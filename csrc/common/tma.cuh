@@ -11,8 +11,13 @@
 // fetched with cudaGetDriverEntryPointByVersion (no link against libcuda).
 //
 // Available when setup.py found CUTLASS's headers (APRIEL_HAVE_CUTLASS, from the nvidia-cutlass wheel or
-// APRIEL_CUTLASS_DIR); the device code is compiled for sm_90 only. Launchers call tma::usable() to decide at run
-// time (compute capability >= 9.0, the driver entry point found, APRIEL_SCAN_TMA not "0").
+// APRIEL_CUTLASS_DIR) AND the translation unit asks for it by defining APRIEL_TMA_TU before its first include (the
+// TUs that instantiate a TMA kernel: mixer_scan_fwd5_{bf16,fp16}.cu, mixer_scan_fwd7_*.cu, mixer_scan_bwd7_*.cu);
+// the other scan TUs include this header for the types only and skip CUTLASS's headers (~3 s of nvcc each). A TMA
+// TU that forgot the macro runs cp.async (usable() is false there) - the GPU tests that compare the two stagings
+// fail in that case. The functions have internal linkage (anonymous namespace): their bodies differ between the two
+// kinds of TU. The device code is compiled for sm_90 only. Launchers call tma::usable() to decide at run time
+// (compute capability >= 9.0, the driver entry point found, APRIEL_SCAN_TMA not "0").
 #pragma once
 #include <cuda_runtime.h>
 
@@ -20,7 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#if defined(APRIEL_HAVE_CUTLASS)
+#if defined(APRIEL_HAVE_CUTLASS) && defined(APRIEL_TMA_TU)
 #include <cuda.h>  // CUtensorMap, cuTensorMapEncodeTiled's types
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
@@ -32,12 +37,13 @@
 namespace apriel {
 namespace tma {
 
-#if APRIEL_TMA
-using Map = CUtensorMap;  // 128 bytes, 64-byte aligned; passed to kernels as a __grid_constant__ parameter
-#else
-struct alignas(64) Map {  // placeholder of the same size so kernel signatures do not depend on the build
-  unsigned char bytes[128];
+// A CUtensorMap's storage: one type in every TU (kernel signatures do not depend on the build), passed to kernels as
+// a __grid_constant__ parameter. 128-byte aligned as CUDA 13's CUtensorMap (TMA needs >= 64).
+struct alignas(128) Map {
+  unsigned long long opaque[16];
 };
+#if APRIEL_TMA
+static_assert(sizeof(Map) == sizeof(CUtensorMap) && alignof(Map) >= alignof(CUtensorMap), "Map holds a CUtensorMap");
 #endif
 
 // Tensor maps of the scan's token-major inputs: zxbc (b, L, 2D + 2X) and dt_low (b, L, R), boxes of 16 columns x
@@ -56,6 +62,8 @@ struct ScanBwdMaps {
 
 constexpr int kBoxCols = 16;
 constexpr int kBoxRows = 32;
+
+namespace {  // internal linkage: see the header comment
 
 #if APRIEL_TMA
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
@@ -109,7 +117,7 @@ inline bool encode_rows16(Map* map, const void* base, int64_t batch, int64_t row
   const cuuint64_t strides[2] = {(cuuint64_t)row_stride * 2, (cuuint64_t)(batch > 1 ? batch_stride : rows * row_stride) * 2};
   const cuuint32_t box[3] = {kBoxCols, (cuuint32_t)box_rows, 1};
   const cuuint32_t elem_strides[3] = {1, 1, 1};
-  return fn(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 3, const_cast<void*>(base), dims, strides, box, elem_strides,
+  return fn(reinterpret_cast<CUtensorMap*>(map), CU_TENSOR_MAP_DATA_TYPE_UINT16, 3, const_cast<void*>(base), dims, strides, box, elem_strides,
             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 #else
@@ -150,5 +158,6 @@ __device__ __forceinline__ void load_box(const Map& map, uint64_t* bar, void* ds
 #endif
 }
 
+}  // namespace
 }  // namespace tma
 }  // namespace apriel

@@ -1,5 +1,6 @@
 // fp16 instantiation of the v7 mixer scan backward (mixer_scan_bwd7.cuh: the adjoint in the forward v7's tensor-core
 // layout). Own TU so it compiles in parallel with the other scan kernels.
+#define APRIEL_TMA_TU 1  // this TU instantiates TMA kernels: tma.cuh includes CUTLASS (see there)
 #include "../common/kernel_registry.h"
 #include "mixer_scan_bwd7.cuh"
 

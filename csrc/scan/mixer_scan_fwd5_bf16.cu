@@ -1,5 +1,6 @@
 // bf16 instantiations of the v5 mixer scan forward (mixer_scan_fwd4.cuh with kVer = 5: Smem5 layout, more blocks
 // per SM, branch-free softplus; bitwise the same results as v4). Own TU so it compiles in parallel with v4's.
+#define APRIEL_TMA_TU 1  // this TU instantiates TMA kernels: tma.cuh includes CUTLASS (see there)
 #include "../common/kernel_registry.h"
 #include "mixer_scan_fwd4.cuh"
 

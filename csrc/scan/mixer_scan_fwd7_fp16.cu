@@ -1,5 +1,6 @@
 // fp16 instantiation of the v7 mixer scan forward (mixer_scan_fwd7.cuh: input product and readout on tensor cores).
 // Own TU so it compiles in parallel with the other forward versions.
+#define APRIEL_TMA_TU 1  // this TU instantiates TMA kernels: tma.cuh includes CUTLASS (see there)
 #include "../common/kernel_registry.h"
 #include "mixer_scan_fwd7.cuh"
 
