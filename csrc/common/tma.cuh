@@ -54,8 +54,7 @@ struct ScanMaps {
 };
 // The backward v7 adds dy (b, L, D) in the same boxes and the x rows before a tile (zxbc, boxes of 16 x 4 rows).
 struct ScanBwdMaps {
-  Map zxbc;
-  Map dt;
+  ScanMaps fwd;
   Map dy;
   Map halo;
 };
@@ -137,6 +136,12 @@ __device__ __forceinline__ void barrier_init_fence() {
 #if APRIEL_TMA
   cutlass::arch::fence_barrier_init();
 #endif
+}
+// The two barriers of a double-buffered stage, by the one issuing thread (a block barrier follows before any wait).
+__device__ __forceinline__ void init_barriers(uint64_t (&bar)[2]) {
+  barrier_init(&bar[0]);
+  barrier_init(&bar[1]);
+  barrier_init_fence();
 }
 __device__ __forceinline__ void expect_bytes(uint64_t* bar, uint32_t bytes) {
 #if APRIEL_TMA

@@ -182,17 +182,9 @@ __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::S
   static_assert(offsetof(Raw, dy) == 11 * kChunk * kN * sizeof(T) && offsetof(Raw, xh) % 128 == 0 &&
                 sizeof(Raw) % 128 == 0, "16 boxes at 128-byte aligned offsets");
   tma::expect_bytes(bar, sizeof(Raw));
-  const int cx = p.d_inner + group * kN, cc = p.d_inner + 2 * p.d_xb + head0 * kN;
-  tma::load_box(maps.zxbc, bar, &r.f.x[0][0], cx, t0, b);
-  tma::load_box(maps.zxbc, bar, &r.f.B[0][0], cx + p.d_xb, t0, b);
-  tma::load_box(maps.dt, bar, &r.f.dt[0][0], 0, t0, b);
-#pragma unroll
-  for (int hh = 0; hh < kHeads; ++hh) {
-    tma::load_box(maps.zxbc, bar, &r.f.z[hh][0][0], (head0 + hh) * kN, t0, b);
-    tma::load_box(maps.zxbc, bar, &r.f.C[hh][0][0], cc + hh * kN, t0, b);
-    tma::load_box(maps.dy, bar, &r.dy[hh][0][0], (head0 + hh) * kN, t0, b);
-  }
-  tma::load_box(maps.halo, bar, &r.xh[0][0], cx, t0 - 3, b);
+  scan7::load_slices<T>(p, maps.fwd, r.f, bar, b, head0, group, t0,
+                        [&](int hh) { tma::load_box(maps.dy, bar, &r.dy[hh][0][0], (head0 + hh) * kN, t0, b); });
+  tma::load_box(maps.halo, bar, &r.xh[0][0], p.d_inner + group * kN, t0 - 3, b);
 }
 
 // kTma: the tiles arrive by the bulk tensor copy engine (stage_tma) instead of cp.async (stage).
@@ -216,9 +208,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   if constexpr (kTma) {
     if (tid == 0) {
-      tma::barrier_init(&sm.bar[0]);
-      tma::barrier_init(&sm.bar[1]);
-      tma::barrier_init_fence();
+      tma::init_barriers(sm.bar);
       stage_tma<T>(p, maps, sm.raw[tile_last & 1], &sm.bar[tile_last & 1], b, head0, group, tile_last * kChunk);
     }
   } else {
@@ -774,14 +764,15 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 // Tensor maps for stage_tma; false where TMA cannot run here or the encoder refuses a tensor (cp.async then).
+// (internal linkage: tma::usable differs between TMA and non-TMA TUs)
+namespace {
 inline bool encode_maps(const MixerScanParams& p, tma::ScanBwdMaps& maps) {
-  const int64_t row = 2 * (int64_t)p.d_inner + 2 * p.d_xb;
-  return tma::usable() &&
-         tma::encode_rows16(&maps.zxbc, p.zxbc, p.batch, p.seqlen, row, p.zxbc_row_stride, p.zxbc_batch_stride) &&
-         tma::encode_rows16(&maps.halo, p.zxbc, p.batch, p.seqlen, row, p.zxbc_row_stride, p.zxbc_batch_stride, 4) &&
-         tma::encode_rows16(&maps.dt, p.dt_low, p.batch, p.seqlen, p.dt_rank, p.dt_row_stride, p.dt_batch_stride) &&
+  return scan4::encode_scan_maps(p, maps.fwd) &&
+         tma::encode_rows16(&maps.halo, p.zxbc, p.batch, p.seqlen, 2 * (int64_t)p.d_inner + 2 * p.d_xb,
+                            p.zxbc_row_stride, p.zxbc_batch_stride, 4) &&
          tma::encode_rows16(&maps.dy, p.dy, p.batch, p.seqlen, p.d_inner, p.d_inner, (int64_t)p.seqlen * p.d_inner);
 }
+}  // namespace
 
 template <typename T>
 void launch(const MixerScanParams& p, void* stream) {

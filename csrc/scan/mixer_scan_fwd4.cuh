@@ -132,6 +132,18 @@ template <typename T, int kR, int K, bool kSeq, bool kRawBC, int kVer, bool kTma
 using SmemForT = std::conditional_t<kTma, WithTmaBarriers<SmemFor<T, kR, K, kSeq, kRawBC, kVer>>,
                                     SmemFor<T, kR, K, kSeq, kRawBC, kVer>>;
 
+// Tensor maps of p's zxbc and dt_low for the TMA staging of the forwards (v5 K = 8 here, v7) and the backward v7;
+// false where TMA cannot run here (tma::usable) or the rows do not allow it (the cp.async kernels run then).
+// Internal linkage: tma::usable differs between TMA and non-TMA TUs (tma.cuh).
+namespace {
+inline bool encode_scan_maps(const MixerScanParams& p, tma::ScanMaps& maps) {
+  return p.zxbc_vec16 && p.dt_vec16 && tma::usable() &&
+         tma::encode_rows16(&maps.zxbc, p.zxbc, p.batch, p.seqlen, 2 * (int64_t)p.d_inner + 2 * p.d_xb,
+                            p.zxbc_row_stride, p.zxbc_batch_stride) &&
+         tma::encode_rows16(&maps.dt, p.dt_low, p.batch, p.seqlen, p.dt_rank, p.dt_row_stride, p.dt_batch_stride);
+}
+}  // namespace
+
 // The tile by the bulk tensor copy engine (kTma; v5, 16-bit activations, dt_rank <= 16, no documents): thread 0
 // arms raw's barrier and copies x, B, C, z and dt_low (one box of 16 columns x 32 rows each; the engine zero-fills
 // rows past the sequence end and dt columns past dt_rank). See tma.cuh and the forward v7's stage_tma.
@@ -301,9 +313,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
 
   if constexpr (kTma) {
     if (tid == 0) {
-      tma::barrier_init(&sm.tma_bar[0]);
-      tma::barrier_init(&sm.tma_bar[1]);
-      tma::barrier_init_fence();
+      tma::init_barriers(sm.tma_bar);
       stage_tma<T, kR>(p, maps, sm.raw[0], &sm.tma_bar[0], b, head, group, 0);
     }
   } else {
@@ -659,10 +669,7 @@ void launch(const MixerScanParams& p, void* stream) {
   tma::ScanMaps maps{};
 #if APRIEL_TMA
   if constexpr (kVer >= 5 && K == 8 && sizeof(T) == 2 && kR == 16 && !kSeq) {
-    if (p.zxbc_vec16 && p.dt_vec16 && tma::usable() &&
-        tma::encode_rows16(&maps.zxbc, p.zxbc, p.batch, p.seqlen, 2 * (int64_t)p.d_inner + 2 * p.d_xb,
-                           p.zxbc_row_stride, p.zxbc_batch_stride) &&
-        tma::encode_rows16(&maps.dt, p.dt_low, p.batch, p.seqlen, p.dt_rank, p.dt_row_stride, p.dt_batch_stride)) {
+    if (encode_scan_maps(p, maps)) {
       launch_kernel<T, K, kR, kSeq, kRawBC, kVer, true>(p, maps, stream);
       return;
     }

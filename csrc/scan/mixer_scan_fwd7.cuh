@@ -141,12 +141,12 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename Smem7<T
 // engine zero-fills rows past the sequence end and dt columns past dt_rank, as the cp.async path does. (Not one box
 // per lane: the copy instruction, UTMALDG, takes its operands in uniform registers, so per-lane boxes compile to a
 // loop over the lanes - measured 2 % (b8) to 6 % (one block per SM) slower than cp.async, session 10.)
-template <typename T>
-__device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::ScanMaps& maps,
-                                          typename Smem7<T>::Raw& r, uint64_t* bar, int b, int head0, int group,
-                                          int t0) {
+// per_head(hh) is called after head hh's z / C boxes: the backward v7 adds its dy boxes there.
+template <typename T, typename PerHead>
+__device__ __forceinline__ void load_slices(const MixerScanParams& p, const tma::ScanMaps& maps,
+                                            typename Smem7<T>::Raw& r, uint64_t* bar, int b, int head0, int group,
+                                            int t0, PerHead&& per_head) {
   static_assert(sizeof(T) == 2 && tma::kBoxCols == kN && tma::kBoxRows == kChunk, "one box = one 16-bit slice");
-  tma::expect_bytes(bar, sizeof(r));
   const int cx = p.d_inner + group * kN, cc = p.d_inner + 2 * p.d_xb + head0 * kN;
   tma::load_box(maps.zxbc, bar, &r.x[0][0], cx, t0, b);
   tma::load_box(maps.zxbc, bar, &r.B[0][0], cx + p.d_xb, t0, b);
@@ -155,7 +155,15 @@ __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::S
   for (int hh = 0; hh < kHeads; ++hh) {
     tma::load_box(maps.zxbc, bar, &r.z[hh][0][0], (head0 + hh) * kN, t0, b);
     tma::load_box(maps.zxbc, bar, &r.C[hh][0][0], cc + hh * kN, t0, b);
+    per_head(hh);
   }
+}
+template <typename T>
+__device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::ScanMaps& maps,
+                                          typename Smem7<T>::Raw& r, uint64_t* bar, int b, int head0, int group,
+                                          int t0) {
+  tma::expect_bytes(bar, sizeof(r));
+  load_slices<T>(p, maps, r, bar, b, head0, group, t0, [](int) {});
 }
 
 // Channel labels (session 5, run 2): mma row r of the scan is channel pi(r) = 2r (r < 8) / 2(r - 8) + 1, so lane
@@ -187,9 +195,7 @@ __global__ void __launch_bounds__(kThreads, 4)
 
   if constexpr (kTma) {
     if (tid == 0) {
-      tma::barrier_init(&sm.bar[0]);
-      tma::barrier_init(&sm.bar[1]);
-      tma::barrier_init_fence();
+      tma::init_barriers(sm.bar);
       stage_tma<T>(p, maps, sm.raw[0], &sm.bar[0], b, head0, group, 0);
     }
   } else {
@@ -429,22 +435,13 @@ inline bool allow_smem(const void* kernel, size_t smem) {
   return true;
 }
 
-// Tensor maps of p's zxbc and dt_low for stage_tma; false where TMA cannot run here (see tma::usable) or the
-// encoder refuses the tensors (the cp.async kernel runs then).
-inline bool encode_maps(const MixerScanParams& p, tma::ScanMaps& maps) {
-  return tma::usable() &&
-         tma::encode_rows16(&maps.zxbc, p.zxbc, p.batch, p.seqlen, 2 * (int64_t)p.d_inner + 2 * p.d_xb,
-                            p.zxbc_row_stride, p.zxbc_batch_stride) &&
-         tma::encode_rows16(&maps.dt, p.dt_low, p.batch, p.seqlen, p.dt_rank, p.dt_row_stride, p.dt_batch_stride);
-}
-
 template <typename T>
 void launch(const MixerScanParams& p, void* stream) {
   const size_t smem = sizeof(Smem7<T>);
   const dim3 grid(p.d_inner / (kN * kHeads), p.batch);
   tma::ScanMaps maps{};
 #if APRIEL_TMA
-  if (encode_maps(p, maps)) {
+  if (scan4::encode_scan_maps(p, maps)) {
     static const bool configured = allow_smem(reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, true>), smem);
     (void)configured;
     mixer_scan_fwd7_kernel<T, true><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
