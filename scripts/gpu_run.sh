@@ -11,17 +11,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} APRIEL_KERNELS_CUDA_ARCHS=${APRIEL_KERNELS_CUDA_ARCHS:-9.0}
 export APRIEL_KERNELS_REQUIRE_CUDA=1
-# CUTLASS headers for the TMA staging: the device has no package index, so the nvidia-cutlass wheel travels in
-# .whl/ (scripts/fetch_device_wheels.sh) and only its headers are unpacked.
-if ! python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)" 2>/dev/null; then
-  whl=$(ls .whl/nvidia_cutlass-*.whl ../.whl/nvidia_cutlass-*.whl 2>/dev/null | head -1)
-  if [ -n "$whl" ]; then
-    rm -rf /tmp/cutlass && python3 -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); z.extractall('/tmp/cutlass', [n for n in z.namelist() if n.startswith('cutlass_library/source/include/')])" "$whl"
-    export APRIEL_CUTLASS_DIR=/tmp/cutlass/cutlass_library/source/include
-  else
-    echo "gpu_run: no CUTLASS headers (no .whl/nvidia_cutlass-*.whl): the scan builds without TMA staging"
-  fi
-fi
+source "$(dirname "$0")/device_cutlass.sh"  # APRIEL_CUTLASS_DIR for the TMA staging
 [ "$FAMILIES" != "all" ] && export APRIEL_KERNELS_FAMILIES=$FAMILIES
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$OUT/gpu.txt"

@@ -24,6 +24,7 @@ mkdir -p "$OUT"
 export MAX_JOBS=${MAX_JOBS:-16} APRIEL_KERNELS_CUDA_ARCHS=${APRIEL_KERNELS_CUDA_ARCHS:-9.0} APRIEL_KERNELS_REQUIRE_CUDA=1
 export APRIEL_KERNELS_FAMILIES=${APRIEL_KERNELS_FAMILIES:-scan} PYTHONUNBUFFERED=1
 SRC=$PWD
+source "$(dirname "$0")/../device_cutlass.sh"  # APRIEL_CUTLASS_DIR for the TMA staging
 # the trees build concurrently (a scan-family build is bound by its slowest translation unit, not by the cores)
 for v in "${VARIANTS[@]}"; do
   label=${v%%=*} flags=${v#*=}
