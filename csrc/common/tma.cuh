@@ -137,10 +137,11 @@ __device__ __forceinline__ void barrier_init_fence() {
   cutlass::arch::fence_barrier_init();
 #endif
 }
-// The two barriers of a double-buffered stage, by the one issuing thread (a block barrier follows before any wait).
-__device__ __forceinline__ void init_barriers(uint64_t (&bar)[2]) {
-  barrier_init(&bar[0]);
-  barrier_init(&bar[1]);
+// The barriers of a multi-buffered stage, by the one issuing thread (a block barrier follows before any wait).
+template <int N>
+__device__ __forceinline__ void init_barriers(uint64_t (&bar)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) barrier_init(&bar[i]);
   barrier_init_fence();
 }
 __device__ __forceinline__ void expect_bytes(uint64_t* bar, uint32_t bytes) {

@@ -24,6 +24,7 @@
 #include "scan_tile.cuh"
 #include "../common/tma.cuh"  // the v5 K = 8 tile staging by TMA (16-bit activations, dt_rank <= 16, no documents)
 
+#include <cstdlib>
 #include <type_traits>
 
 // Minimum blocks per SM of the v5 launch bounds (register cap 65536 / (threads x blocks)); compile-time knobs for
@@ -96,8 +97,8 @@ struct Smem4 {
   alignas(16) int seqf[2][kChunk + 3];      // document ids on the rows of xf (unskewed; seq_idx only)
   alignas(16) float BC[kChunk][2 * kN];     // per token, per state group of a lane: its NS B values, then its NS C
   alignas(16) float dtp[kSkewRows][kN];     // dt_low . W_dt per (token, channel), 16-bit types (tensor cores)
-  alignas(16) float2 ud[kChunk][kN];        // (decay argument, delta * u) per (token, channel)
-  alignas(16) float2 ug[kChunk][kUgStride]; // (u, silu(z)) per (token, channel)
+  alignas(16) float2 ud[1][kChunk][kN];     // (decay argument, delta * u) per (token, channel)
+  alignas(16) float2 ug[1][kChunk][kUgStride];  // (u, silu(z)) per (token, channel)
   alignas(16) T y[2][kChunk][kN];           // gated output by tile parity (stored at the next tile's start)
 };
 
@@ -105,31 +106,34 @@ struct Smem4 {
 // 35.5 KB for bf16 K = 4, 6 blocks per SM; this one 27.5 KB, 8 blocks): no fp32 B/C copies when the scan reads the raw tile, no document ids
 // without seq_idx, no dt_proj tile for fp32 activations, skewed rows counted for this TPT, and ONE y buffer
 // (y of tile i is written after S3 of tile i and read between S1 and S2 of tile i + 1: never both at once).
+// kPipe (the pipelined v5 K = 8 TMA kernel, session 11): three raw tiles and two (ud, ug) item buffers, so tile
+// i + 1's prep runs inside tile i's scan (see the kernel).
 template <int TPT> constexpr int skew_rows(int rows) { return rows - 1 + (rows - 1) / TPT + 1; }
-template <typename T, int kR, int K, bool kSeq, bool kRawBC>
+template <typename T, int kR, int K, bool kSeq, bool kRawBC, bool kPipe = false>
 struct Smem5 {
   static constexpr int TPT = kChunk * kN / (kN * K);
   static constexpr int kUgStride = K == 4 ? 20 : 18;
   static constexpr bool kMma = sizeof(T) == 2;
-  RawTile<T, kR> raw[2];
+  static constexpr int kRaws = kPipe ? 3 : 2, kItemBufs = kPipe ? 2 : 1;
+  RawTile<T, kR> raw[kRaws];
   alignas(16) float xf[2][skew_rows<TPT>(kChunk + 3)][kN];
   alignas(16) int seqf[2][kSeq ? kChunk + 3 : 1];
   alignas(16) float BC[kRawBC ? 1 : kChunk][2 * kN];
   alignas(16) float dtp[kMma ? skew_rows<TPT>(kChunk) : 1][kN];
-  alignas(16) float2 ud[kChunk][kN];
-  alignas(16) float2 ug[kChunk][kUgStride];
+  alignas(16) float2 ud[kItemBufs][kChunk][kN];
+  alignas(16) float2 ug[kItemBufs][kChunk][kUgStride];
   alignas(16) T y[1][kChunk][kN];
 };
-template <typename T, int kR, int K, bool kSeq, bool kRawBC, int kVer>
-using SmemFor = std::conditional_t<kVer >= 5, Smem5<T, kR, K, kSeq, kRawBC>, Smem4<T, kR, K>>;
-// The TMA variant appends the transaction barriers of raw[0 / 1] (the cp.async layouts stay byte for byte as they
-// were: K = 4's 8 blocks per SM have no room for 16 more bytes).
-template <typename Base>
+template <typename T, int kR, int K, bool kSeq, bool kRawBC, int kVer, bool kPipe = false>
+using SmemFor = std::conditional_t<kVer >= 5, Smem5<T, kR, K, kSeq, kRawBC, kPipe>, Smem4<T, kR, K>>;
+// The TMA variant appends the transaction barriers of the raw tiles (the cp.async layouts stay byte for byte as
+// they were: K = 4's 8 blocks per SM have no room for 16 more bytes).
+template <typename Base, int kRaws>
 struct WithTmaBarriers : Base {
-  alignas(8) uint64_t tma_bar[2];
+  alignas(8) uint64_t tma_bar[kRaws];
 };
-template <typename T, int kR, int K, bool kSeq, bool kRawBC, int kVer, bool kTma>
-using SmemForT = std::conditional_t<kTma, WithTmaBarriers<SmemFor<T, kR, K, kSeq, kRawBC, kVer>>,
+template <typename T, int kR, int K, bool kSeq, bool kRawBC, int kVer, bool kTma, bool kPipe = false>
+using SmemForT = std::conditional_t<kTma, WithTmaBarriers<SmemFor<T, kR, K, kSeq, kRawBC, kVer, kPipe>, kPipe ? 3 : 2>,
                                     SmemFor<T, kR, K, kSeq, kRawBC, kVer>>;
 
 // Tensor maps of p's zxbc and dt_low for the TMA staging of the forwards (v5 K = 8 here, v7) and the backward v7;
@@ -288,7 +292,7 @@ template <typename T, int K, int kR, int kVer> constexpr int kMinBlocks = kVer >
 #endif
 
 // kTma (v5 K = 8 only, see launch): the tiles arrive by TMA (stage_tma) instead of cp.async; the rest is the same code.
-template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4, bool kTma = false>
+template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4, bool kTma = false, bool kPipe = false>
 __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     mixer_scan_fwd4_kernel(MixerScanParams p, const __grid_constant__ tma::ScanMaps maps) {
   constexpr int NT = kN * K;                 // threads per block
@@ -299,7 +303,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
   constexpr int kKSteps = kR / 16;
   static_assert(TPT >= 1 && kChunk % TPT == 0 && NT >= 64, "prep mapping; the halo and final-state steps use 48 threads");
   extern __shared__ __align__(128) unsigned char smem_raw[];  // 128: TMA destinations
-  using SM = SmemForT<T, kR, K, kSeq, kRawBC, kVer, kTma>;
+  using SM = SmemForT<T, kR, K, kSeq, kRawBC, kVer, kTma, kPipe>;
   SM& sm = *reinterpret_cast<SM*>(smem_raw);
   constexpr bool kV5 = kVer >= 5;
   // v5's prep diet (per-thread column pointers, branch-free softplus): 16-bit activations only. fp32 sits at the
@@ -315,6 +319,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     if (tid == 0) {
       tma::init_barriers(sm.tma_bar);
       stage_tma<T, kR>(p, maps, sm.raw[0], &sm.tma_bar[0], b, head, group, 0);
+      if (kPipe && n_tiles > 1) stage_tma<T, kR>(p, maps, sm.raw[1], &sm.tma_bar[1], b, head, group, kChunk);
     }
   } else {
     stage<T, NT, kR>(p, sm.raw[0], b, head, group, 0);
@@ -374,165 +379,147 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
   if (kSeq && tid < 3) sm.seqf[1][kChunk + tid] = p.seq_idx[(int64_t)b * L];
 
   T* y = static_cast<T*>(p.y) + (int64_t)b * L * D;
-  int Tv = 0;
-  for (int tile = 0; tile < n_tiles; ++tile) {
-    const int t0 = tile * kChunk, par = tile & 1;
-    Tv = min(kChunk, L - t0);
-    const RawTile<T, kR>& r = sm.raw[par];
-    if constexpr (kTma) {
-      tma::wait(&sm.tma_bar[par], (tile >> 1) & 1);  // raw[par]'s (tile / 2)-th fill
-    } else {
-      cp_async_wait_all();
-    }
-    __syncthreads();  // S1: this tile's copies visible; every reader of the previous tile is done
-    if (tile + 1 < n_tiles) {
-      if constexpr (kTma) {
-        if (tid == 0) stage_tma<T, kR>(p, maps, sm.raw[par ^ 1], &sm.tma_bar[par ^ 1], b, head, group, t0 + kChunk);
-      } else {
-        stage<T, NT, kR>(p, sm.raw[par ^ 1], b, head, group, t0 + kChunk);
-        cp_async_commit();
-      }
-    }
-    if (tile > 0) {  // previous tile's y (always full: only the last tile is ragged)
-      if constexpr (kV5) {  // compile-time trip count (v4's runtime loop compiled to ~80 instructions)
-        constexpr int kPieces = kChunk * kCPR;
+  // The phases of a tile as lambdas: the default schedule and the pipelined one (kPipe) run the same code.
+  // Previous tile's y rows from y buffer ypar (always full: only the last tile is ragged).
+  auto store_y = [&](int t0_prev, int ypar) {
+    if constexpr (kV5) {  // compile-time trip count (v4's runtime loop compiled to ~80 instructions)
+      constexpr int kPieces = kChunk * kCPR;
 #pragma unroll
-        for (int k = 0; k < (kPieces + NT - 1) / NT; ++k) {
-          const int i = tid + k * NT;
-          if (kPieces % NT == 0 || i < kPieces) {
-            const int row = i / kCPR, part = i % kCPR;
-            *reinterpret_cast<uint4*>(y + (int64_t)(t0 - kChunk + row) * D + c0 + part * kVec) =
-                *reinterpret_cast<const uint4*>(&sm.y[0][row][part * kVec]);
-          }
-        }
-      } else {
-        for (int i = tid; i < kChunk * kCPR; i += NT) {
+      for (int k = 0; k < (kPieces + NT - 1) / NT; ++k) {
+        const int i = tid + k * NT;
+        if (kPieces % NT == 0 || i < kPieces) {
           const int row = i / kCPR, part = i % kCPR;
-          *reinterpret_cast<uint4*>(y + (int64_t)(t0 - kChunk + row) * D + c0 + part * kVec) =
-              *reinterpret_cast<const uint4*>(&sm.y[par ^ 1][row][part * kVec]);
+          *reinterpret_cast<uint4*>(y + (int64_t)(t0_prev + row) * D + c0 + part * kVec) =
+              *reinterpret_cast<const uint4*>(&sm.y[0][row][part * kVec]);
         }
+      }
+    } else {
+      for (int i = tid; i < kChunk * kCPR; i += NT) {
+        const int row = i / kCPR, part = i % kCPR;
+        *reinterpret_cast<uint4*>(y + (int64_t)(t0_prev + row) * D + c0 + part * kVec) =
+            *reinterpret_cast<const uint4*>(&sm.y[ypar][row][part * kVec]);
       }
     }
-    // A: fp32 copies of what many threads read: x (conv input, after the 3 halo rows carried from the previous
-    // tile's parity), B and C (every scan lane); document ids; dt_proj by mma for 16-bit activations.
-    {
-      constexpr int kPieces = kChunk * kN / kVec;  // 16-byte pieces of x, of B and of C
-      constexpr int kQuads = kChunk * kN / 4;  // 4-value pieces of x
+  };
+  // A: fp32 copies of what many threads read: x (conv input, after the 3 halo rows carried from the previous
+  // tile's parity), B and C (every scan lane); document ids; dt_proj by mma for 16-bit activations.
+  auto phase_a = [&](const RawTile<T, kR>& r, int par) {
+    constexpr int kPieces = kChunk * kN / kVec;  // 16-byte pieces of x, of B and of C
+    constexpr int kQuads = kChunk * kN / 4;  // 4-value pieces of x
 #pragma unroll
-      for (int k = 0; k < (kQuads + NT - 1) / NT; ++k) {
-        const int q4 = tid + k * NT;
-        if (kQuads % NT == 0 || q4 < kQuads)
-          cvt4<T>(&r.x[0][0] + q4 * 4, &sm.xf[par][skew_row<TPT>(3 + q4 / 4)][(q4 % 4) * 4]);
+    for (int k = 0; k < (kQuads + NT - 1) / NT; ++k) {
+      const int q4 = tid + k * NT;
+      if (kQuads % NT == 0 || q4 < kQuads)
+        cvt4<T>(&r.x[0][0] + q4 * 4, &sm.xf[par][skew_row<TPT>(3 + q4 / 4)][(q4 % 4) * 4]);
+    }
+#pragma unroll
+    for (int which = 1; which < (kRawBC ? 1 : 3); ++which) {
+      const T* src = which == 1 ? &r.B[0][0] : &r.C[0][0];
+#pragma unroll
+      for (int k = 0; k < (kPieces + NT - 1) / NT; ++k) {
+        const int e = (tid + k * NT) * kVec;
+        if (kPieces % NT == 0 || tid + k * NT < kPieces)
+          cvt_bc<T, NS>(src + e, &sm.BC[e / kN][0], e % kN, which == 1 ? 0 : NS);
       }
+    }
+    if (tid < 3 * kN / 4) {  // halo rows: float4 copies of the previous tile's last 3 rows
+      const int row = tid / 4, part = tid % 4;
+      *reinterpret_cast<float4*>(&sm.xf[par][skew_row<TPT>(row)][part * 4]) =
+          *reinterpret_cast<const float4*>(&sm.xf[par ^ 1][skew_row<TPT>(kChunk + row)][part * 4]);
+    }
+    if constexpr (kSeq) {
+      if (tid < kChunk) sm.seqf[par][3 + tid] = r.seq[tid];
+      else if (tid < kChunk + 3) sm.seqf[par][tid - kChunk] = sm.seqf[par ^ 1][tid];
+    }
+    if constexpr (kMma) {
+      const int g = lane / 4, q = lane % 4;
+      constexpr int kWarps = NT / 32;
 #pragma unroll
-      for (int which = 1; which < (kRawBC ? 1 : 3); ++which) {
-        const T* src = which == 1 ? &r.B[0][0] : &r.C[0][0];
+      for (int pi = 0; pi < (4 + kWarps - 1) / kWarps; ++pi) {  // (m-tile, n-tile) pairs of the 32 x 16 output
+        const int pair = warp + pi * kWarps;
+        if (pair >= 4) break;
+        const int m = pair & 1, n = pair >> 1;
+        float d[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-        for (int k = 0; k < (kPieces + NT - 1) / NT; ++k) {
-          const int e = (tid + k * NT) * kVec;
-          if (kPieces % NT == 0 || tid + k * NT < kPieces)
-            cvt_bc<T, NS>(src + e, &sm.BC[e / kN][0], e % kN, which == 1 ? 0 : NS);
-        }
-      }
-      if (tid < 3 * kN / 4) {  // halo rows: float4 copies of the previous tile's last 3 rows
-        const int row = tid / 4, part = tid % 4;
-        *reinterpret_cast<float4*>(&sm.xf[par][skew_row<TPT>(row)][part * 4]) =
-            *reinterpret_cast<const float4*>(&sm.xf[par ^ 1][skew_row<TPT>(kChunk + row)][part * 4]);
-      }
-      if constexpr (kSeq) {
-        if (tid < kChunk) sm.seqf[par][3 + tid] = r.seq[tid];
-        else if (tid < kChunk + 3) sm.seqf[par][tid - kChunk] = sm.seqf[par ^ 1][tid];
-      }
-      if constexpr (kMma) {
-        const int g = lane / 4, q = lane % 4;
-        constexpr int kWarps = NT / 32;
+        for (int ks = 0; ks < kKSteps; ++ks) {
+          unsigned a[4];
 #pragma unroll
-        for (int pi = 0; pi < (4 + kWarps - 1) / kWarps; ++pi) {  // (m-tile, n-tile) pairs of the 32 x 16 output
-          const int pair = warp + pi * kWarps;
-          if (pair >= 4) break;
-          const int m = pair & 1, n = pair >> 1;
-          float d[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-          for (int ks = 0; ks < kKSteps; ++ks) {
-            unsigned a[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const int row = m * 16 + g + (i & 1) * 8, k = ks * 16 + (i >> 1) * 8 + 2 * q;
-              // columns >= R were never copied: zero them (NaN garbage times a zero weight is still NaN)
-              a[i] = k < R ? *reinterpret_cast<const unsigned*>(&r.dt[row][k]) : 0u;
-            }
-            const unsigned bf[2] = {n ? wb[1][ks][0] : wb[0][ks][0], n ? wb[1][ks][1] : wb[0][ks][1]};
-            MmaOp<T>::run(d, a, bf);
+          for (int i = 0; i < 4; ++i) {
+            const int row = m * 16 + g + (i & 1) * 8, k = ks * 16 + (i >> 1) * 8 + 2 * q;
+            // columns >= R were never copied: zero them (NaN garbage times a zero weight is still NaN)
+            a[i] = k < R ? *reinterpret_cast<const unsigned*>(&r.dt[row][k]) : 0u;
           }
-          *reinterpret_cast<float2*>(&sm.dtp[skew_row<TPT>(m * 16 + g)][n * 8 + 2 * q]) = make_float2(d[0], d[1]);
-          *reinterpret_cast<float2*>(&sm.dtp[skew_row<TPT>(m * 16 + g + 8)][n * 8 + 2 * q]) = make_float2(d[2], d[3]);
+          const unsigned bf[2] = {n ? wb[1][ks][0] : wb[0][ks][0], n ? wb[1][ks][1] : wb[0][ks][1]};
+          MmaOp<T>::run(d, a, bf);
+        }
+        *reinterpret_cast<float2*>(&sm.dtp[skew_row<TPT>(m * 16 + g)][n * 8 + 2 * q]) = make_float2(d[0], d[1]);
+        *reinterpret_cast<float2*>(&sm.dtp[skew_row<TPT>(m * 16 + g + 8)][n * 8 + 2 * q]) = make_float2(d[2], d[3]);
+      }
+    }
+  };
+
+  // B: prep of TPT consecutive tokens of channel pch (xf row i+3 holds token i): prep_load reads the conv inputs
+  // (and document ids) of xf parity par, prep_item(i) computes token tb + i's items into the (ud, ug) buffer ub.
+  const int tb = pq * TPT;
+  // skew_row(tb + k) = tb + pq + k + (k >> log2 TPT): one runtime base, compile-time offsets
+  constexpr int kShift = TPT == 8 ? 3 : TPT == 4 ? 2 : 1;
+  auto prep_load = [&](int par, float (&xw)[TPT + 3], int (&sw)[TPT + 3]) {
+    const float* xrow = &sm.xf[par][tb + pq][pch];
+#pragma unroll
+    for (int k = 0; k < TPT + 3; ++k) {
+      xw[k] = xrow[(k + (k >> kShift)) * kN];
+      sw[k] = kSeq ? sm.seqf[par][tb + k] : 0;
+    }
+  };
+  // tv: the tile's valid tokens (items past it are (0, 0): h kept).
+  auto prep_item = [&](int i, const RawTile<T, kR>& r, int ub, int tv, const float (&xw)[TPT + 3],
+                       const int (&sw)[TPT + 3]) {
+    const float* drow = &sm.dtp[tb + pq][pch];
+    // v5: per-thread column bases, so each token's z load and ud / ug stores are one instruction with a
+    // compile-time offset (v4 recomputed the tile-parity row address per token: 3-4 IMADs).
+    const T* zcol = &r.z[tb][pch];
+    float2* udcol = &sm.ud[ub][tb][pch];
+    float2* ugcol = &sm.ug[ub][tb][pch];
+    const int t = tb + i;
+    float cv = cb;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) cv = fmaf(w[k], (!kSeq || sw[i + k] == sw[i + 3]) ? xw[i + k] : 0.f, cv);
+    const float u = cv * sigmoid_fast(cv);
+    float dp = dtb2;
+    if constexpr (kMma) {
+      dp += drow[i * kN];  // i < TPT: no skew step inside the block
+    } else {
+      const float* dtrow = reinterpret_cast<const float*>(&r.dt[t][0]);
+#pragma unroll
+      for (int c = 0; c < kR; c += 4) {
+        if (c < R) {  // uniform; the weights past R are zero, and so must the staged columns be read
+          const float4 v = *reinterpret_cast<const float4*>(dtrow + c);
+          dp = fmaf(wd[c], c < R ? v.x : 0.f,
+                    fmaf(wd[c + 1], c + 1 < R ? v.y : 0.f,
+                         fmaf(wd[c + 2], c + 2 < R ? v.z : 0.f, fmaf(wd[c + 3], c + 3 < R ? v.w : 0.f, dp))));
         }
       }
     }
-    __syncthreads();  // S2
-
-    // B: prep of TPT consecutive tokens of channel pch (xf row i+3 holds token i).
-    {
-      const int tb = pq * TPT;
-      // skew_row(tb + k) = tb + pq + k + (k >> log2 TPT): one runtime base, compile-time offsets
-      constexpr int kShift = TPT == 8 ? 3 : TPT == 4 ? 2 : 1;
-      const float* xrow = &sm.xf[par][tb + pq][pch];
-      const float* drow = &sm.dtp[tb + pq][pch];
-      // v5: per-thread column bases, so each token's z load and ud / ug stores are one instruction with a
-      // compile-time offset (v4 recomputed the tile-parity row address per token: 3-4 IMADs).
-      const T* zcol = &r.z[tb][pch];
-      float2* udcol = &sm.ud[tb][pch];
-      float2* ugcol = &sm.ug[tb][pch];
-      float xw[TPT + 3];
-      int sw[TPT + 3];
-#pragma unroll
-      for (int k = 0; k < TPT + 3; ++k) {
-        xw[k] = xrow[(k + (k >> kShift)) * kN];
-        sw[k] = kSeq ? sm.seqf[par][tb + k] : 0;
-      }
-#pragma unroll
-      for (int i = 0; i < TPT; ++i) {
-        const int t = tb + i;
-        float cv = cb;
-#pragma unroll
-        for (int k = 0; k < 4; ++k) cv = fmaf(w[k], (!kSeq || sw[i + k] == sw[i + 3]) ? xw[i + k] : 0.f, cv);
-        const float u = cv * sigmoid_fast(cv);
-        float dp = dtb2;
-        if constexpr (kMma) {
-          dp += drow[i * kN];  // i < TPT: no skew step inside the block
-        } else {
-          const float* dtrow = reinterpret_cast<const float*>(&r.dt[t][0]);
-#pragma unroll
-          for (int c = 0; c < kR; c += 4) {
-            if (c < R) {  // uniform; the weights past R are zero, and so must the staged columns be read
-              const float4 v = *reinterpret_cast<const float4*>(dtrow + c);
-              dp = fmaf(wd[c], c < R ? v.x : 0.f,
-                        fmaf(wd[c + 1], c + 1 < R ? v.y : 0.f,
-                             fmaf(wd[c + 2], c + 2 < R ? v.z : 0.f, fmaf(wd[c + 3], c + 3 < R ? v.w : 0.f, dp))));
-            }
-          }
-        }
-        const float delta = kV5Diet ? softplus_select(dp) : softplus_fast(dp);
-        const bool keep = !kSeq || sw[i + 2] == sw[i + 3];  // same document as the previous token
-        if constexpr (kV5Diet) {
-          const float zz = to_f(zcol[i * kN]);
-          udcol[i * kN] = t < Tv ? make_float2(keep ? delta : __int_as_float(0x7f800000), delta * u)
+    const float delta = kV5Diet ? softplus_select(dp) : softplus_fast(dp);
+    const bool keep = !kSeq || sw[i + 2] == sw[i + 3];  // same document as the previous token
+    if constexpr (kV5Diet) {
+      const float zz = to_f(zcol[i * kN]);
+      udcol[i * kN] = t < tv ? make_float2(keep ? delta : __int_as_float(0x7f800000), delta * u)
+                             : make_float2(0.f, 0.f);
+      ugcol[i * SM::kUgStride] = make_float2(u, zz * sigmoid_fast(zz));
+    } else {
+      const float zz = to_f(r.z[t][pch]);
+      sm.ud[ub][t][pch] = t < tv ? make_float2(keep ? delta : __int_as_float(0x7f800000), delta * u)
                                  : make_float2(0.f, 0.f);
-          ugcol[i * SM::kUgStride] = make_float2(u, zz * sigmoid_fast(zz));
-        } else {
-          const float zz = to_f(r.z[t][pch]);
-          sm.ud[t][pch] = t < Tv ? make_float2(keep ? delta : __int_as_float(0x7f800000), delta * u)
-                                 : make_float2(0.f, 0.f);
-          sm.ug[t][pch] = make_float2(u, zz * sigmoid_fast(zz));
-        }
-      }
+      sm.ug[ub][t][pch] = make_float2(u, zz * sigmoid_fast(zz));
     }
-    if (p.ckpt != nullptr)
-      scan::store_states<NS>(p.ckpt + (((int64_t)b * n_tiles + tile) * D + cs) * kN + j * NS, h);
-    __syncthreads();  // S3
+  };
 
-    // C: the recurrence. Fully unrolled and branch-free: the ex2 of later tokens overlap the h chain; the
-    // shared-memory operands are loaded kPF tokens ahead (short-scoreboard stalls were the top stall reason).
+  // C: the recurrence over the tile of raw r with the items of buffer ub, then the gate into y buffer ypar.
+  // Fully unrolled and branch-free: the ex2 of later tokens overlap the h chain; the shared-memory operands are
+  // loaded kPF tokens ahead (short-scoreboard stalls were the top stall reason). hook(t) runs after token t's
+  // front (the pipelined schedule puts the next tile's prep items there).
+  auto scan_tile = [&](const RawTile<T, kR>& r, int ub, int ypar, auto&& hook) {
     constexpr int kPF = APRIEL_SCAN_FWD_PF;  // operand prefetch distance in tokens (compile-time knob, 2 by default)
     constexpr int kW = kRawBC ? NS : 2 * NS;  // 32-bit words of B and C per token and lane
     float acc[kChunk];
@@ -557,7 +544,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     };
 #pragma unroll
     for (int t = 0; t < kPF; ++t) {
-      ep[t] = sm.ud[t][sch];
+      ep[t] = sm.ud[ub][t][sch];
       load_bc(t, bcp[t]);
     }
     // front(t): token t's decays ex2(delta A2) and input products delta u B (none depends on h), kFront tokens
@@ -598,10 +585,11 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
 #pragma unroll
     for (int t = 0; t < kChunk; ++t) {
       if (t + kPF < kChunk) {
-        ep[(t + kPF) % (kPF + 1)] = sm.ud[t + kPF][sch];
+        ep[(t + kPF) % (kPF + 1)] = sm.ud[ub][t + kPF][sch];
         load_bc(t + kPF, bcp[(t + kPF) % (kPF + 1)]);
       }
       if (t + kFront < kChunk) front(t + kFront);
+      hook(t);
       float Bv[NS], Cv[NS];
       unpack_bc(t, Bv, Cv);
       float a = 0.f;
@@ -616,8 +604,97 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
 #pragma unroll
     for (int i = 0; i < kChunk / K; ++i) {
       const int t = K * i + sigma;
-      const float2 q = sm.ug[t][sch];
-      sm.y[kV5 ? 0 : par][t][sch] = from_f<T>((acc[i] + Dc * q.x) * q.y);
+      const float2 q = sm.ug[ub][t][sch];
+      sm.y[ypar][t][sch] = from_f<T>((acc[i] + Dc * q.x) * q.y);
+    }
+  };
+  auto store_ckpt = [&](int tile) {
+    if (p.ckpt != nullptr)
+      scan::store_states<NS>(p.ckpt + (((int64_t)b * n_tiles + tile) * D + cs) * kN + j * NS, h);
+  };
+
+  int Tv = 0;
+  if constexpr (kTma) __syncthreads();  // the barriers' initialisation before anyone waits on them
+  if constexpr (kPipe) {
+    // Pipelined schedule (v5 K = 8 with TMA, session 11): per tile two block barriers instead of three, and tile
+    // i + 1's prep items (latency-bound chains: ncu had the prep at 19 % of the instructions and 40 % of the
+    // stall samples, its barrier at 11 %) issued between tile i's scan tokens, whose ex2 / FFMA stream hides them.
+    //   S1 (tile i + 1's copies landed; every reader of tile i - 1 done): TMA of tile i + 2 into raw[(i + 2) % 3];
+    //      y of tile i - 1; A of tile i + 1 (xf parity, dtp); checkpoint;                          S2
+    //   scan of tile i (raw[i % 3], items[i % 2]) with the prep of tile i + 1 (-> items[(i + 1) % 2]); gate -> y.
+    // On the last tile the prep runs on stale buffers into items nobody reads (keeps the scan branch-free).
+    static_assert(kTma && kV5Diet && !kSeq && kRawBC, "the pipelined schedule is the TMA v5 K = 8 kernel's");
+    constexpr int kEvery = kChunk / TPT;  // scan tokens per prep item
+    uint32_t phases = 1;                  // bit s: the parity of raw[s]'s next fill (raw[0]'s first is consumed)
+    tma::wait(&sm.tma_bar[0], 0);
+    __syncthreads();
+    phase_a(sm.raw[0], 0);
+    __syncthreads();
+    {
+      float xw[TPT + 3];
+      int sw[TPT + 3];
+      prep_load(0, xw, sw);
+#pragma unroll
+      for (int i = 0; i < TPT; ++i) prep_item(i, sm.raw[0], 0, L, xw, sw);
+    }
+    int slot = 0;  // tile % 3
+    for (int tile = 0; tile < n_tiles; ++tile) {
+      const int t0 = tile * kChunk, par = tile & 1;
+      const int slot1 = slot == 2 ? 0 : slot + 1, slot2 = slot1 == 2 ? 0 : slot1 + 1;
+      Tv = min(kChunk, L - t0);
+      if (tile + 1 < n_tiles) {
+        tma::wait(&sm.tma_bar[slot1], (phases >> slot1) & 1);
+        phases ^= 1u << slot1;
+      }
+      __syncthreads();  // S1
+      if (tile + 2 < n_tiles && tid == 0)
+        stage_tma<T, kR>(p, maps, sm.raw[slot2], &sm.tma_bar[slot2], b, head, group, t0 + 2 * kChunk);
+      if (tile > 0) store_y(t0 - kChunk, 0);
+      if (tile + 1 < n_tiles) phase_a(sm.raw[slot1], par ^ 1);
+      store_ckpt(tile);
+      __syncthreads();  // S2
+      float xw[TPT + 3];
+      int sw[TPT + 3];
+      prep_load(par ^ 1, xw, sw);
+      const int tv1 = L - t0 - kChunk;  // the next tile's valid tokens (<= 0: the items past the end)
+      const RawTile<T, kR>& r1 = sm.raw[slot1];
+      scan_tile(sm.raw[slot], par, 0, [&](int t) {
+        if (t % kEvery == kEvery / 2) prep_item(t / kEvery, r1, par ^ 1, tv1, xw, sw);
+      });
+      slot = slot1;
+    }
+  } else {
+    for (int tile = 0; tile < n_tiles; ++tile) {
+      const int t0 = tile * kChunk, par = tile & 1;
+      Tv = min(kChunk, L - t0);
+      const RawTile<T, kR>& r = sm.raw[par];
+      if constexpr (kTma) {
+        tma::wait(&sm.tma_bar[par], (tile >> 1) & 1);  // raw[par]'s (tile / 2)-th fill
+      } else {
+        cp_async_wait_all();
+      }
+      __syncthreads();  // S1: this tile's copies visible; every reader of the previous tile is done
+      if (tile + 1 < n_tiles) {
+        if constexpr (kTma) {
+          if (tid == 0) stage_tma<T, kR>(p, maps, sm.raw[par ^ 1], &sm.tma_bar[par ^ 1], b, head, group, t0 + kChunk);
+        } else {
+          stage<T, NT, kR>(p, sm.raw[par ^ 1], b, head, group, t0 + kChunk);
+          cp_async_commit();
+        }
+      }
+      if (tile > 0) store_y(t0 - kChunk, par ^ 1);
+      phase_a(r, par);
+      __syncthreads();  // S2
+      {
+        float xw[TPT + 3];
+        int sw[TPT + 3];
+        prep_load(par, xw, sw);
+#pragma unroll
+        for (int i = 0; i < TPT; ++i) prep_item(i, r, 0, Tv, xw, sw);
+      }
+      store_ckpt(tile);
+      __syncthreads();  // S3
+      scan_tile(r, 0, kV5 ? 0 : par, [](int) {});
     }
   }
   __syncthreads();
@@ -642,10 +719,10 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
   }
 }
 
-template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4, bool kTma = false>
+template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4, bool kTma = false, bool kPipe = false>
 void launch_kernel(const MixerScanParams& p, const tma::ScanMaps& maps, void* stream) {
-  const size_t smem = sizeof(SmemForT<T, kR, K, kSeq, kRawBC, kVer, kTma>);
-  auto kernel = mixer_scan_fwd4_kernel<T, K, kR, kSeq, kRawBC, kVer, kTma>;
+  const size_t smem = sizeof(SmemForT<T, kR, K, kSeq, kRawBC, kVer, kTma, kPipe>);
+  auto kernel = mixer_scan_fwd4_kernel<T, K, kR, kSeq, kRawBC, kVer, kTma, kPipe>;
   static bool configured = false;  // per instantiation; a race here only repeats an idempotent call
   if (!configured) {
     if (smem > 48 * 1024)
@@ -670,7 +747,12 @@ void launch(const MixerScanParams& p, void* stream) {
 #if APRIEL_TMA
   if constexpr (kVer >= 5 && K == 8 && sizeof(T) == 2 && kR == 16 && !kSeq) {
     if (encode_scan_maps(p, maps)) {
-      launch_kernel<T, K, kR, kSeq, kRawBC, kVer, true>(p, maps, stream);
+      static const bool pipe = [] {  // A/B switch of session 11 (APRIEL_SCAN_FWD5_PIPE=0: the 3-barrier schedule)
+        const char* v = std::getenv("APRIEL_SCAN_FWD5_PIPE");
+        return v == nullptr || v[0] != '0';
+      }();
+      if (pipe) launch_kernel<T, K, kR, kSeq, kRawBC, kVer, true, true>(p, maps, stream);
+      else launch_kernel<T, K, kR, kSeq, kRawBC, kVer, true, false>(p, maps, stream);
       return;
     }
   }
