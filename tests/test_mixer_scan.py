@@ -451,7 +451,7 @@ def test_forward_v7_parity(case, dtype, monkeypatch):
 
 # The forward versions with a TMA staging variant (csrc/common/tma.cuh) and how the profiler names each: v7, and v5
 # K = 8 (the batch 1-2 default; kTma is the fwd4 kernel template's 7th argument, after kVer = 5).
-TMA_FORWARDS = {"v7": ("mixer_scan_fwd7_kernel", "{}>"), "v5k8": ("mixer_scan_fwd4_kernel", ", 5, {}, ")}
+TMA_FORWARDS = {"v7": ("mixer_scan_fwd7_kernel", "{}>"), "v5k8": ("mixer_scan_fwd4_kernel", ", 5, {}>")}
 
 
 @gpu

@@ -24,7 +24,6 @@
 #include "scan_tile.cuh"
 #include "../common/tma.cuh"  // the v5 K = 8 tile staging by TMA (16-bit activations, dt_rank <= 16, no documents)
 
-#include <cstdlib>
 #include <type_traits>
 
 // Minimum blocks per SM of the v5 launch bounds (register cap 65536 / (threads x blocks)); compile-time knobs for
@@ -132,8 +131,9 @@ template <typename Base, int kRaws>
 struct WithTmaBarriers : Base {
   alignas(8) uint64_t tma_bar[kRaws];
 };
-template <typename T, int kR, int K, bool kSeq, bool kRawBC, int kVer, bool kTma, bool kPipe = false>
-using SmemForT = std::conditional_t<kTma, WithTmaBarriers<SmemFor<T, kR, K, kSeq, kRawBC, kVer, kPipe>, kPipe ? 3 : 2>,
+// kTma: the TMA kernel (v5 K = 8) runs the pipelined schedule (3 raw tiles).
+template <typename T, int kR, int K, bool kSeq, bool kRawBC, int kVer, bool kTma>
+using SmemForT = std::conditional_t<kTma, WithTmaBarriers<SmemFor<T, kR, K, kSeq, kRawBC, kVer, true>, 3>,
                                     SmemFor<T, kR, K, kSeq, kRawBC, kVer>>;
 
 // Tensor maps of p's zxbc and dt_low for the TMA staging of the forwards (v5 K = 8 here, v7) and the backward v7;
@@ -287,12 +287,15 @@ template <typename T, int K, int kR>
 constexpr int kMinBlocks5 = (sizeof(T) == 2 && kR == 16) ? (K == 4 ? APRIEL_SCAN_FWD5_BLOCKS_K4 : APRIEL_SCAN_FWD5_BLOCKS_K8)
                                                          : (K == 4 ? 6 : 3);
 template <typename T, int K, int kR, int kVer> constexpr int kMinBlocks = kVer >= 5 ? kMinBlocks5<T, K, kR> : (K == 4 ? 6 : 3);
+#ifndef APRIEL_SCAN_FWD5_ONEBAR
+#define APRIEL_SCAN_FWD5_ONEBAR 1  // A/B knob (session 11): the pipelined TMA kernel's warp-local phase A
+#endif
 #ifndef APRIEL_SCAN_FWD_PF
 #define APRIEL_SCAN_FWD_PF 2  // experiments: NVCC_APPEND_FLAGS=-DAPRIEL_SCAN_FWD_PF=4 at build time
 #endif
 
 // kTma (v5 K = 8 only, see launch): the tiles arrive by TMA (stage_tma) instead of cp.async; the rest is the same code.
-template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4, bool kTma = false, bool kPipe = false>
+template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4, bool kTma = false>
 __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     mixer_scan_fwd4_kernel(MixerScanParams p, const __grid_constant__ tma::ScanMaps maps) {
   constexpr int NT = kN * K;                 // threads per block
@@ -303,7 +306,8 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
   constexpr int kKSteps = kR / 16;
   static_assert(TPT >= 1 && kChunk % TPT == 0 && NT >= 64, "prep mapping; the halo and final-state steps use 48 threads");
   extern __shared__ __align__(128) unsigned char smem_raw[];  // 128: TMA destinations
-  using SM = SmemForT<T, kR, K, kSeq, kRawBC, kVer, kTma, kPipe>;
+  using SM = SmemForT<T, kR, K, kSeq, kRawBC, kVer, kTma>;
+  constexpr bool kPipe = kTma;  // the TMA kernel's schedule: see "Pipelined schedule" below
   SM& sm = *reinterpret_cast<SM*>(smem_raw);
   constexpr bool kV5 = kVer >= 5;
   // v5's prep diet (per-thread column pointers, branch-free softplus): 16-bit activations only. fp32 sits at the
@@ -608,12 +612,47 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       sm.y[ypar][t][sch] = from_f<T>((acc[i] + Dc * q.x) * q.y);
     }
   };
+  // One-barrier variant of the pipelined schedule (kOneBar): phase A of tile i + 1 without a block barrier after
+  // it - each warp computes the dt_proj rows of its own prep tokens (8 per warp: the m-tile holding them, both
+  // n-tiles; the same mma operands, so the same values) and the prep reads the conv inputs straight from the raw
+  // tiles (the 3 tokens before the tile from the previous raw tile), not from xf.
+  constexpr bool kOneBar = kPipe && APRIEL_SCAN_FWD5_ONEBAR;
+  auto dt_rows_of_warp = [&](const RawTile<T, kR>& r) {
+    static_assert(!kOneBar || (kMma && NT == 128 && TPT == 4), "warp w preps tokens 8w .. 8w + 7");
+    const int g = lane / 4, q = lane % 4, m = warp >> 1, hi = warp & 1;
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+        unsigned a[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int row = m * 16 + g + (i & 1) * 8, k = ks * 16 + (i >> 1) * 8 + 2 * q;
+          a[i] = k < R ? *reinterpret_cast<const unsigned*>(&r.dt[row][k]) : 0u;
+        }
+        const unsigned bf[2] = {n ? wb[1][ks][0] : wb[0][ks][0], n ? wb[1][ks][1] : wb[0][ks][1]};
+        MmaOp<T>::run(d, a, bf);
+      }
+      *reinterpret_cast<float2*>(&sm.dtp[skew_row<TPT>(m * 16 + g + hi * 8)][n * 8 + 2 * q]) =
+          hi ? make_float2(d[2], d[3]) : make_float2(d[0], d[1]);
+    }
+  };
+  // Conv inputs of the prep tokens from raw tile rn; tokens before it from raw tile rp's last rows.
+  auto prep_load_raw = [&](const RawTile<T, kR>& rn, const RawTile<T, kR>& rp, float (&xw)[TPT + 3]) {
+#pragma unroll
+    for (int k = 0; k < TPT + 3; ++k) {
+      const int tok = tb + k - 3;
+      if (k < 3) xw[k] = to_f(*(tok >= 0 ? &rn.x[tok][pch] : &rp.x[kChunk + tok][pch]));
+      else xw[k] = to_f(rn.x[tok][pch]);
+    }
+  };
   auto store_ckpt = [&](int tile) {
     if (p.ckpt != nullptr)
       scan::store_states<NS>(p.ckpt + (((int64_t)b * n_tiles + tile) * D + cs) * kN + j * NS, h);
   };
 
-  int Tv = 0;
+  int Tv = 0, last_slot = 0;  // (the last tile's raw tile: the pipelined schedule)
   if constexpr (kTma) __syncthreads();  // the barriers' initialisation before anyone waits on them
   if constexpr (kPipe) {
     // Pipelined schedule (v5 K = 8 with TMA, session 11): per tile two block barriers instead of three, and tile
@@ -650,17 +689,25 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       if (tile + 2 < n_tiles && tid == 0)
         stage_tma<T, kR>(p, maps, sm.raw[slot2], &sm.tma_bar[slot2], b, head, group, t0 + 2 * kChunk);
       if (tile > 0) store_y(t0 - kChunk, 0);
-      if (tile + 1 < n_tiles) phase_a(sm.raw[slot1], par ^ 1);
-      store_ckpt(tile);
-      __syncthreads();  // S2
-      float xw[TPT + 3];
-      int sw[TPT + 3];
-      prep_load(par ^ 1, xw, sw);
-      const int tv1 = L - t0 - kChunk;  // the next tile's valid tokens (<= 0: the items past the end)
       const RawTile<T, kR>& r1 = sm.raw[slot1];
+      float xw[TPT + 3];
+      int sw[TPT + 3] = {};
+      if constexpr (kOneBar) {
+        if (tile + 1 < n_tiles) dt_rows_of_warp(r1);
+        store_ckpt(tile);
+        __syncwarp();  // the warp's dt_proj rows
+        prep_load_raw(r1, sm.raw[slot], xw);
+      } else {
+        if (tile + 1 < n_tiles) phase_a(r1, par ^ 1);
+        store_ckpt(tile);
+        __syncthreads();  // S2
+        prep_load(par ^ 1, xw, sw);
+      }
+      const int tv1 = L - t0 - kChunk;  // the next tile's valid tokens (<= 0: the items past the end)
       scan_tile(sm.raw[slot], par, 0, [&](int t) {
         if (t % kEvery == kEvery / 2) prep_item(t / kEvery, r1, par ^ 1, tv1, xw, sw);
       });
+      last_slot = slot;
       slot = slot1;
     }
   } else {
@@ -713,16 +760,23 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
   const int hw = W - 1;
   if (head % p.heads_per_group == 0 && tid < kN * hw) {
     const int ch = tid / hw, k = tid % hw, row = Tv + 3 - hw + k;
-    const float v = sm.xf[last_par][skew_row<TPT>(row)][ch];
+    float v;
+    if constexpr (kOneBar) {  // xf holds only the initial conv state: the raw tiles (or that state) hold the inputs
+      const int tok = row - 3, prev_slot = last_slot == 0 ? 2 : last_slot - 1;
+      v = tok >= 0 ? to_f(sm.raw[last_slot].x[tok][ch])
+                   : n_tiles > 1 ? to_f(sm.raw[prev_slot].x[kChunk + tok][ch]) : sm.xf[1][skew_row<TPT>(kChunk + row)][ch];
+    } else {
+      v = sm.xf[last_par][skew_row<TPT>(row)][ch];
+    }
     const bool same = !kSeq || sm.seqf[last_par][row] == sm.seqf[last_par][Tv + 2];
     static_cast<T*>(p.final_conv)[((int64_t)b * p.d_xb + group * kN + ch) * hw + k] = from_f<T>(same ? v : 0.f);
   }
 }
 
-template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4, bool kTma = false, bool kPipe = false>
+template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4, bool kTma = false>
 void launch_kernel(const MixerScanParams& p, const tma::ScanMaps& maps, void* stream) {
-  const size_t smem = sizeof(SmemForT<T, kR, K, kSeq, kRawBC, kVer, kTma, kPipe>);
-  auto kernel = mixer_scan_fwd4_kernel<T, K, kR, kSeq, kRawBC, kVer, kTma, kPipe>;
+  const size_t smem = sizeof(SmemForT<T, kR, K, kSeq, kRawBC, kVer, kTma>);
+  auto kernel = mixer_scan_fwd4_kernel<T, K, kR, kSeq, kRawBC, kVer, kTma>;
   static bool configured = false;  // per instantiation; a race here only repeats an idempotent call
   if (!configured) {
     if (smem > 48 * 1024)
@@ -747,12 +801,7 @@ void launch(const MixerScanParams& p, void* stream) {
 #if APRIEL_TMA
   if constexpr (kVer >= 5 && K == 8 && sizeof(T) == 2 && kR == 16 && !kSeq) {
     if (encode_scan_maps(p, maps)) {
-      static const bool pipe = [] {  // A/B switch of session 11 (APRIEL_SCAN_FWD5_PIPE=0: the 3-barrier schedule)
-        const char* v = std::getenv("APRIEL_SCAN_FWD5_PIPE");
-        return v == nullptr || v[0] != '0';
-      }();
-      if (pipe) launch_kernel<T, K, kR, kSeq, kRawBC, kVer, true, true>(p, maps, stream);
-      else launch_kernel<T, K, kR, kSeq, kRawBC, kVer, true, false>(p, maps, stream);
+      launch_kernel<T, K, kR, kSeq, kRawBC, kVer, true>(p, maps, stream);
       return;
     }
   }
