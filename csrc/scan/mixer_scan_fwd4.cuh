@@ -618,24 +618,26 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
   // tiles (the 3 tokens before the tile from the previous raw tile), not from xf.
   constexpr bool kOneBar = kPipe && APRIEL_SCAN_FWD5_ONEBAR;
   auto dt_rows_of_warp = [&](const RawTile<T, kR>& r) {
-    static_assert(!kOneBar || (kMma && NT == 128 && TPT == 4), "warp w preps tokens 8w .. 8w + 7");
-    const int g = lane / 4, q = lane % 4, m = warp >> 1, hi = warp & 1;
+    if constexpr (kOneBar) {
+      static_assert(kMma && NT == 128 && TPT == 4, "warp w preps tokens 8w .. 8w + 7");
+      const int g = lane / 4, q = lane % 4, m = warp >> 1, hi = warp & 1;
 #pragma unroll
-    for (int n = 0; n < 2; ++n) {
-      float d[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int n = 0; n < 2; ++n) {
+        float d[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int ks = 0; ks < kKSteps; ++ks) {
-        unsigned a[4];
+        for (int ks = 0; ks < kKSteps; ++ks) {
+          unsigned a[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int row = m * 16 + g + (i & 1) * 8, k = ks * 16 + (i >> 1) * 8 + 2 * q;
-          a[i] = k < R ? *reinterpret_cast<const unsigned*>(&r.dt[row][k]) : 0u;
+          for (int i = 0; i < 4; ++i) {
+            const int row = m * 16 + g + (i & 1) * 8, k = ks * 16 + (i >> 1) * 8 + 2 * q;
+            a[i] = k < R ? *reinterpret_cast<const unsigned*>(&r.dt[row][k]) : 0u;
+          }
+          const unsigned bf[2] = {n ? wb[1][ks][0] : wb[0][ks][0], n ? wb[1][ks][1] : wb[0][ks][1]};
+          MmaOp<T>::run(d, a, bf);
         }
-        const unsigned bf[2] = {n ? wb[1][ks][0] : wb[0][ks][0], n ? wb[1][ks][1] : wb[0][ks][1]};
-        MmaOp<T>::run(d, a, bf);
+        *reinterpret_cast<float2*>(&sm.dtp[skew_row<TPT>(m * 16 + g + hi * 8)][n * 8 + 2 * q]) =
+            hi ? make_float2(d[2], d[3]) : make_float2(d[0], d[1]);
       }
-      *reinterpret_cast<float2*>(&sm.dtp[skew_row<TPT>(m * 16 + g + hi * 8)][n * 8 + 2 * q]) =
-          hi ? make_float2(d[2], d[3]) : make_float2(d[0], d[1]);
     }
   };
   // Conv inputs of the prep tokens from raw tile rn; tokens before it from raw tile rp's last rows.
