@@ -16,6 +16,8 @@
 //   A  convert B, C, dt_low of the tile to fp32 smem;                        barrier
 //   B  prep per (channel, token): conv + silu, dt_proj + 2 b_dt + softplus, silu(z), checkpoint;  barrier
 //   C  recurrence over 32 tokens (fully unrolled, branch-free), reduce-scatter over K lanes, gate -> y smem.
+// The TMA kernel (v5 K = 8, 16-bit, session 11) pipelines these phases: one barrier per tile, the next tile's
+// prep inside this tile's scan (see "Pipelined schedule" in the kernel).
 // Bound: one ex2 per (channel, state, token) on the MUFU unit; see docs/notes/scan.md for measurements.
 #pragma once
 #include "../common/cuda_check.h"
@@ -287,8 +289,8 @@ template <typename T, int K, int kR>
 constexpr int kMinBlocks5 = (sizeof(T) == 2 && kR == 16) ? (K == 4 ? APRIEL_SCAN_FWD5_BLOCKS_K4 : APRIEL_SCAN_FWD5_BLOCKS_K8)
                                                          : (K == 4 ? 6 : 3);
 template <typename T, int K, int kR, int kVer> constexpr int kMinBlocks = kVer >= 5 ? kMinBlocks5<T, K, kR> : (K == 4 ? 6 : 3);
-#ifndef APRIEL_SCAN_FWD5_ONEBAR
-#define APRIEL_SCAN_FWD5_ONEBAR 1  // A/B knob (session 11): the pipelined TMA kernel's warp-local phase A
+#ifndef APRIEL_SCAN_FWD5_EARLY
+#define APRIEL_SCAN_FWD5_EARLY 1  // A/B knob (session 11): the pipelined kernel's phase A inside the scan
 #endif
 #ifndef APRIEL_SCAN_FWD_PF
 #define APRIEL_SCAN_FWD_PF 2  // experiments: NVCC_APPEND_FLAGS=-DAPRIEL_SCAN_FWD_PF=4 at build time
@@ -612,13 +614,12 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       sm.y[ypar][t][sch] = from_f<T>((acc[i] + Dc * q.x) * q.y);
     }
   };
-  // One-barrier variant of the pipelined schedule (kOneBar): phase A of tile i + 1 without a block barrier after
-  // it - each warp computes the dt_proj rows of its own prep tokens (8 per warp: the m-tile holding them, both
-  // n-tiles; the same mma operands, so the same values) and the prep reads the conv inputs straight from the raw
-  // tiles (the 3 tokens before the tile from the previous raw tile), not from xf.
-  constexpr bool kOneBar = kPipe && APRIEL_SCAN_FWD5_ONEBAR;
+  // Phase A of the pipelined schedule, warp-local (no block barrier after it): each warp computes the dt_proj rows
+  // of its own prep tokens (8 per warp: the m-tile holding them, both n-tiles; the same mma operands as phase_a,
+  // so the same values) and the prep reads the conv inputs straight from the raw tiles (the 3 tokens before the
+  // tile from the previous raw tile), not from xf.
   auto dt_rows_of_warp = [&](const RawTile<T, kR>& r) {
-    if constexpr (kOneBar) {
+    if constexpr (kPipe) {
       static_assert(kMma && NT == 128 && TPT == 4, "warp w preps tokens 8w .. 8w + 7");
       const int g = lane / 4, q = lane % 4, m = warp >> 1, hi = warp & 1;
 #pragma unroll
@@ -657,13 +658,17 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
   int Tv = 0, last_slot = 0;  // (the last tile's raw tile: the pipelined schedule)
   if constexpr (kTma) __syncthreads();  // the barriers' initialisation before anyone waits on them
   if constexpr (kPipe) {
-    // Pipelined schedule (v5 K = 8 with TMA, session 11): per tile two block barriers instead of three, and tile
-    // i + 1's prep items (latency-bound chains: ncu had the prep at 19 % of the instructions and 40 % of the
-    // stall samples, its barrier at 11 %) issued between tile i's scan tokens, whose ex2 / FFMA stream hides them.
-    //   S1 (tile i + 1's copies landed; every reader of tile i - 1 done): TMA of tile i + 2 into raw[(i + 2) % 3];
-    //      y of tile i - 1; A of tile i + 1 (xf parity, dtp); checkpoint;                          S2
-    //   scan of tile i (raw[i % 3], items[i % 2]) with the prep of tile i + 1 (-> items[(i + 1) % 2]); gate -> y.
-    // On the last tile the prep runs on stale buffers into items nobody reads (keeps the scan branch-free).
+    // Pipelined schedule (v5 K = 8 with TMA, session 11; docs/notes/scan.md "Session 11"): ONE block barrier per
+    // tile instead of three, and tile i + 1's prep (latency-bound chains: ncu had the prep at 19 % of the
+    // instructions and 40 % of the stall samples, the barrier before it at 11 %) issued between tile i's scan
+    // tokens, whose ex2 / FFMA stream hides it:
+    //   S1 (tile i + 1's copies landed; every warp is done with tile i - 1 and has prepped tile i): TMA of tile
+    //      i + 2 into raw[(i + 2) % 3]; y of tile i - 1; checkpoint;
+    //   per warp: the scan of tile i (raw[i % 3], items[i % 2]) with, between its tokens, the warp's own dt_proj
+    //      rows of tile i + 1 (dt_rows_of_warp), its conv inputs from the raw tiles (prep_load_raw) and its 4 prep
+    //      items of tile i + 1 (-> items[(i + 1) % 2]); gate -> y.
+    // The prologue runs tile 0's phase A and prep with block barriers (the initial conv state lives in xf). On the
+    // last tile the prep runs on stale buffers into items nobody reads (keeps the scan branch-free).
     static_assert(kTma && kV5Diet && !kSeq && kRawBC, "the pipelined schedule is the TMA v5 K = 8 kernel's");
     constexpr int kEvery = kChunk / TPT;  // scan tokens per prep item
     uint32_t phases = 1;                  // bit s: the parity of raw[s]'s next fill (raw[0]'s first is consumed)
@@ -694,19 +699,23 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       const RawTile<T, kR>& r1 = sm.raw[slot1];
       float xw[TPT + 3];
       int sw[TPT + 3] = {};
-      if constexpr (kOneBar) {
+      store_ckpt(tile);
+      constexpr bool kEarly = APRIEL_SCAN_FWD5_EARLY;
+      if constexpr (!kEarly) {
         if (tile + 1 < n_tiles) dt_rows_of_warp(r1);
-        store_ckpt(tile);
         __syncwarp();  // the warp's dt_proj rows
         prep_load_raw(r1, sm.raw[slot], xw);
-      } else {
-        if (tile + 1 < n_tiles) phase_a(r1, par ^ 1);
-        store_ckpt(tile);
-        __syncthreads();  // S2
-        prep_load(par ^ 1, xw, sw);
       }
       const int tv1 = L - t0 - kChunk;  // the next tile's valid tokens (<= 0: the items past the end)
-      scan_tile(sm.raw[slot], par, 0, [&](int t) {
+      const RawTile<T, kR>& r0 = sm.raw[slot];
+      scan_tile(r0, par, 0, [&](int t) {
+        if constexpr (kEarly) {  // (on the last tile: stale rows into dtp, which nobody reads then)
+          if (t == 0) dt_rows_of_warp(r1);
+          if (t == 1) {
+            __syncwarp();  // the warp's dt_proj rows
+            prep_load_raw(r1, r0, xw);
+          }
+        }
         if (t % kEvery == kEvery / 2) prep_item(t / kEvery, r1, par ^ 1, tv1, xw, sw);
       });
       last_slot = slot;
@@ -717,19 +726,11 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       const int t0 = tile * kChunk, par = tile & 1;
       Tv = min(kChunk, L - t0);
       const RawTile<T, kR>& r = sm.raw[par];
-      if constexpr (kTma) {
-        tma::wait(&sm.tma_bar[par], (tile >> 1) & 1);  // raw[par]'s (tile / 2)-th fill
-      } else {
-        cp_async_wait_all();
-      }
+      cp_async_wait_all();
       __syncthreads();  // S1: this tile's copies visible; every reader of the previous tile is done
       if (tile + 1 < n_tiles) {
-        if constexpr (kTma) {
-          if (tid == 0) stage_tma<T, kR>(p, maps, sm.raw[par ^ 1], &sm.tma_bar[par ^ 1], b, head, group, t0 + kChunk);
-        } else {
-          stage<T, NT, kR>(p, sm.raw[par ^ 1], b, head, group, t0 + kChunk);
-          cp_async_commit();
-        }
+        stage<T, NT, kR>(p, sm.raw[par ^ 1], b, head, group, t0 + kChunk);
+        cp_async_commit();
       }
       if (tile > 0) store_y(t0 - kChunk, par ^ 1);
       phase_a(r, par);
@@ -763,7 +764,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
   if (head % p.heads_per_group == 0 && tid < kN * hw) {
     const int ch = tid / hw, k = tid % hw, row = Tv + 3 - hw + k;
     float v;
-    if constexpr (kOneBar) {  // xf holds only the initial conv state: the raw tiles (or that state) hold the inputs
+    if constexpr (kPipe) {  // xf holds only the initial conv state: the raw tiles (or that state) hold the inputs
       const int tok = row - 3, prev_slot = last_slot == 0 ? 2 : last_slot - 1;
       v = tok >= 0 ? to_f(sm.raw[last_slot].x[tok][ch])
                    : n_tiles > 1 ? to_f(sm.raw[prev_slot].x[kChunk + tok][ch]) : sm.xf[1][skew_row<TPT>(kChunk + row)][ch];
