@@ -289,9 +289,6 @@ template <typename T, int K, int kR>
 constexpr int kMinBlocks5 = (sizeof(T) == 2 && kR == 16) ? (K == 4 ? APRIEL_SCAN_FWD5_BLOCKS_K4 : APRIEL_SCAN_FWD5_BLOCKS_K8)
                                                          : (K == 4 ? 6 : 3);
 template <typename T, int K, int kR, int kVer> constexpr int kMinBlocks = kVer >= 5 ? kMinBlocks5<T, K, kR> : (K == 4 ? 6 : 3);
-#ifndef APRIEL_SCAN_FWD5_EARLY
-#define APRIEL_SCAN_FWD5_EARLY 1  // A/B knob (session 11): the pipelined kernel's phase A inside the scan
-#endif
 #ifndef APRIEL_SCAN_FWD_PF
 #define APRIEL_SCAN_FWD_PF 2  // experiments: NVCC_APPEND_FLAGS=-DAPRIEL_SCAN_FWD_PF=4 at build time
 #endif
@@ -700,21 +697,15 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       float xw[TPT + 3];
       int sw[TPT + 3] = {};
       store_ckpt(tile);
-      constexpr bool kEarly = APRIEL_SCAN_FWD5_EARLY;
-      if constexpr (!kEarly) {
-        if (tile + 1 < n_tiles) dt_rows_of_warp(r1);
-        __syncwarp();  // the warp's dt_proj rows
-        prep_load_raw(r1, sm.raw[slot], xw);
-      }
       const int tv1 = L - t0 - kChunk;  // the next tile's valid tokens (<= 0: the items past the end)
       const RawTile<T, kR>& r0 = sm.raw[slot];
+      // (session 11 A/B: these phase-A steps inside the scan rather than between S1 and the scan: -1 to -1.5 % at
+      // L32768; on the last tile they write stale rows into dtp, which nobody reads then)
       scan_tile(r0, par, 0, [&](int t) {
-        if constexpr (kEarly) {  // (on the last tile: stale rows into dtp, which nobody reads then)
-          if (t == 0) dt_rows_of_warp(r1);
-          if (t == 1) {
-            __syncwarp();  // the warp's dt_proj rows
-            prep_load_raw(r1, r0, xw);
-          }
+        if (t == 0) dt_rows_of_warp(r1);
+        if (t == 1) {
+          __syncwarp();  // the warp's dt_proj rows
+          prep_load_raw(r1, r0, xw);
         }
         if (t % kEvery == kEvery / 2) prep_item(t / kEvery, r1, par ^ 1, tv1, xw, sw);
       });
