@@ -96,7 +96,7 @@ struct Smem4 {
   RawTile<T, kR> raw[2];
   alignas(16) float xf[2][kSkewRows][kN];   // conv input (fp32) by tile parity; rows 0..2 = the 3 positions before
   alignas(16) int seqf[2][kChunk + 3];      // document ids on the rows of xf (unskewed; seq_idx only)
-  alignas(16) float BC[1][kChunk][2 * kN];  // per token, per state group of a lane: its NS B values, then its NS C
+  alignas(16) float BC[kChunk][2 * kN];     // per token, per state group of a lane: its NS B values, then its NS C
   alignas(16) float dtp[kSkewRows][kN];     // dt_low . W_dt per (token, channel), 16-bit types (tensor cores)
   alignas(16) float2 ud[1][kChunk][kN];     // (decay argument, delta * u) per (token, channel)
   alignas(16) float2 ug[1][kChunk][kUgStride];  // (u, silu(z)) per (token, channel)
@@ -119,9 +119,7 @@ struct Smem5 {
   RawTile<T, kR> raw[kRaws];
   alignas(16) float xf[2][skew_rows<TPT>(kChunk + 3)][kN];
   alignas(16) int seqf[2][kSeq ? kChunk + 3 : 1];
-  // fp32 B / C by state group (cvt_bc) where the scan reads them so: fp32 activations, and the pipelined kernel
-  // (two tiles: its scan reads one while the next tile's is converted)
-  alignas(16) float BC[kPipe ? 2 : 1][kRawBC && !kPipe ? 1 : kChunk][2 * kN];
+  alignas(16) float BC[kRawBC ? 1 : kChunk][2 * kN];
   alignas(16) float dtp[kMma ? skew_rows<TPT>(kChunk) : 1][kN];
   alignas(16) float2 ud[kItemBufs][kChunk][kN];
   alignas(16) float2 ug[kItemBufs][kChunk][kUgStride];
@@ -291,9 +289,6 @@ template <typename T, int K, int kR>
 constexpr int kMinBlocks5 = (sizeof(T) == 2 && kR == 16) ? (K == 4 ? APRIEL_SCAN_FWD5_BLOCKS_K4 : APRIEL_SCAN_FWD5_BLOCKS_K8)
                                                          : (K == 4 ? 6 : 3);
 template <typename T, int K, int kR, int kVer> constexpr int kMinBlocks = kVer >= 5 ? kMinBlocks5<T, K, kR> : (K == 4 ? 6 : 3);
-#ifndef APRIEL_SCAN_FWD5_BCF
-#define APRIEL_SCAN_FWD5_BCF 1  // A/B knob (session 11): the pipelined kernel's scan reads fp32 B / C
-#endif
 #ifndef APRIEL_SCAN_FWD_PF
 #define APRIEL_SCAN_FWD_PF 2  // experiments: NVCC_APPEND_FLAGS=-DAPRIEL_SCAN_FWD_PF=4 at build time
 #endif
@@ -427,7 +422,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       for (int k = 0; k < (kPieces + NT - 1) / NT; ++k) {
         const int e = (tid + k * NT) * kVec;
         if (kPieces % NT == 0 || tid + k * NT < kPieces)
-          cvt_bc<T, NS>(src + e, &sm.BC[0][e / kN][0], e % kN, which == 1 ? 0 : NS);
+          cvt_bc<T, NS>(src + e, &sm.BC[e / kN][0], e % kN, which == 1 ? 0 : NS);
       }
     }
     if (tid < 3 * kN / 4) {  // halo rows: float4 copies of the previous tile's last 3 rows
@@ -527,17 +522,14 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
   // Fully unrolled and branch-free: the ex2 of later tokens overlap the h chain; the shared-memory operands are
   // loaded kPF tokens ahead (short-scoreboard stalls were the top stall reason). hook(t) runs after token t's
   // front (the pipelined schedule puts the next tile's prep items there).
-  // kBCf: B and C from the fp32 table sm.BC[bcb] (fp32 activations; the pipelined kernel: one 16-byte load per
-  // token and lane instead of two 4-byte loads and four unpacks - session 11), else from the raw tile.
-  constexpr bool kBCf = !kRawBC || (kPipe && APRIEL_SCAN_FWD5_BCF);
-  auto scan_tile = [&](const RawTile<T, kR>& r, int bcb, int ub, int ypar, auto&& hook) {
+  auto scan_tile = [&](const RawTile<T, kR>& r, int ub, int ypar, auto&& hook) {
     constexpr int kPF = APRIEL_SCAN_FWD_PF;  // operand prefetch distance in tokens (compile-time knob, 2 by default)
-    constexpr int kW = kBCf ? 2 * NS : NS;  // 32-bit words of B and C per token and lane
+    constexpr int kW = kRawBC ? NS : 2 * NS;  // 32-bit words of B and C per token and lane
     float acc[kChunk];
     float2 ep[kPF + 1];
     unsigned bcp[kPF + 1][kW];
     auto load_bc = [&](int t, unsigned (&dst)[kW]) {
-      if constexpr (!kBCf) {  // NS/2 words of B, then NS/2 of C (16-bit pairs)
+      if constexpr (kRawBC) {  // NS/2 words of B, then NS/2 of C (16-bit pairs)
         const unsigned* bw = reinterpret_cast<const unsigned*>(&r.B[t][j * NS]);
         const unsigned* cw = reinterpret_cast<const unsigned*>(&r.C[t][j * NS]);
         if constexpr (NS == 4) {
@@ -548,7 +540,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
         }
       } else {
         float v[2 * NS];
-        scan::load_states<2 * NS>(&sm.BC[bcb][t][j * 2 * NS], v);
+        scan::load_states<2 * NS>(&sm.BC[t][j * 2 * NS], v);
 #pragma unroll
         for (int i = 0; i < 2 * NS; ++i) dst[i] = __float_as_uint(v[i]);
       }
@@ -567,7 +559,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     static_assert(kFront >= 0 && kFront < kPF + 1, "the front reads operands the prefetch ring still holds");
     float fdA[kFront + 1][NS], fdB[kFront + 1][NS];
     auto unpack_bc = [&](int t, float (&Bv)[NS], float (&Cv)[NS]) {
-      if constexpr (!kBCf) {
+      if constexpr (kRawBC) {
 #pragma unroll
         for (int i = 0; i < NS / 2; ++i) {
           const float2 bb = unpack2<T>(bcp[t % (kPF + 1)][i]), cc = unpack2<T>(bcp[t % (kPF + 1)][NS / 2 + i]);
@@ -655,19 +647,6 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       else xw[k] = to_f(rn.x[tok][pch]);
     }
   };
-  // The pipelined kernel's fp32 B / C table of raw tile r into sm.BC[buf] (block-wide: every warp reads every
-  // token): thread = (token tid / 4, states 4 (tid % 4) .. + 3 of B and of C).
-  auto convert_bc = [&](const RawTile<T, kR>& r, int buf) {
-    if constexpr (kPipe) {
-      static_assert(NT == 4 * kChunk && NS == 2, "one thread per 4 states of a token");
-      const int t = tid / 4, n0 = 4 * (tid % 4);
-      const uint2 bw = *reinterpret_cast<const uint2*>(&r.B[t][n0]), cw = *reinterpret_cast<const uint2*>(&r.C[t][n0]);
-      const float2 b01 = unpack2<T>(bw.x), b23 = unpack2<T>(bw.y), c01 = unpack2<T>(cw.x), c23 = unpack2<T>(cw.y);
-      float* row = &sm.BC[buf][t][0];
-      *reinterpret_cast<float4*>(row + 2 * n0) = make_float4(b01.x, b01.y, c01.x, c01.y);  // group n0 / 2
-      *reinterpret_cast<float4*>(row + 2 * n0 + 4) = make_float4(b23.x, b23.y, c23.x, c23.y);
-    }
-  };
   auto store_ckpt = [&](int tile) {
     if (p.ckpt != nullptr)
       scan::store_states<NS>(p.ckpt + (((int64_t)b * n_tiles + tile) * D + cs) * kN + j * NS, h);
@@ -693,7 +672,6 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     tma::wait(&sm.tma_bar[0], 0);
     __syncthreads();
     phase_a(sm.raw[0], 0);
-    convert_bc(sm.raw[0], 0);
     __syncthreads();
     {
       float xw[TPT + 3];
@@ -723,9 +701,8 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       const RawTile<T, kR>& r0 = sm.raw[slot];
       // (session 11 A/B: these phase-A steps inside the scan rather than between S1 and the scan: -1 to -1.5 % at
       // L32768; on the last tile they write stale rows into dtp, which nobody reads then)
-      scan_tile(r0, par, par, 0, [&](int t) {
+      scan_tile(r0, par, 0, [&](int t) {
         if (t == 0) dt_rows_of_warp(r1);
-        if (t == 2 && kBCf) convert_bc(r1, par ^ 1);
         if (t == 1) {
           __syncwarp();  // the warp's dt_proj rows
           prep_load_raw(r1, r0, xw);
@@ -758,7 +735,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       }
       store_ckpt(tile);
       __syncthreads();  // S3
-      scan_tile(r, 0, 0, kV5 ? 0 : par, [](int) {});
+      scan_tile(r, 0, kV5 ? 0 : par, [](int) {});
     }
   }
   __syncthreads();
