@@ -805,10 +805,12 @@ void launch(const MixerScanParams& p, void* stream) {
 // contiguous range of the segment's tiles (the block folds the groups' (L, P) at the end: a segment is thus
 // processed kGroups-way parallel; one group alone was latency-bound at ~7 us per tile). Per group and 32-token
 // tile (reverse order): 16-byte copies of C / z / dy / dt_low (the v7 alignment guarantees) prefetched in
-// registers one tile ahead, delta / dys per (token, channel) into shared memory (thread = channel tid % 16, tokens
-// tid / 16 + 4 k), then each thread runs its 4 recurrences (channel tid / 4, states 4 (tid % 4) .. + 3).
-// delta is computed as the main kernel's prep does (dt_proj with W rounded to the activation dtype, the double
-// bias, softplus_select); dys is fp32 here (tf32 in the main kernel's mma: the carry differs by ~1e-4 relative).
+// registers one tile ahead, delta / dys per (token, channel) into shared memory (dt_proj by one m16n8k16 pair per
+// warp, the items in its accumulator layout - session 11; before, a 16-term CUDA-core dot per item), then each
+// thread runs its 4 recurrences (channel tid / 4, states 4 (tid % 4) .. + 3).
+// delta is computed as the main kernel's prep does (the same mma on W rounded to the activation dtype, + the
+// double bias, softplus_select); dys is fp32 here (tf32 in the main kernel's mma: the carry differs by ~1e-4
+// relative).
 namespace scan7c {
 
 constexpr int kGT = 64;                 // threads per group
@@ -821,12 +823,12 @@ struct GroupSmem {
   alignas(16) T z[scan::kChunk][scan::kN];
   alignas(16) T dy[scan::kChunk][scan::kN];
   alignas(16) T dt[scan::kChunk][scan::kN];   // dt_low (ranks >= R unused)
-  float dls[scan::kChunk][scan::kN];          // delta (0 past the end)
-  float dys[scan::kChunk][scan::kN];          // dy silu(z)
+  alignas(16) float dls[scan::kChunk][scan::kN];  // delta (0 past the end)
+  alignas(16) float dys[scan::kChunk][scan::kN];  // dy silu(z)
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kThr) mixer_scan_bwd7_carry_kernel(MixerScanParams p) {
+__global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerScanParams p) {
   using scan::kChunk;
   using scan::kN;
   constexpr int kVec = 16 / sizeof(T);  // 8
@@ -866,12 +868,24 @@ __global__ void __launch_bounds__(kThr) mixer_scan_bwd7_carry_kernel(MixerScanPa
       default: asm volatile("bar.sync 4, 64;" ::: "memory"); break;
     }
   };
-  // prep items: channel pc = tid % 16, tokens tid / 16 + 4 k
-  const int pc = tid % kN, pt = tid / kN;
-  float wr[kN];
+  // prep items (session 11: dt_proj on tensor cores, as the main kernel's prep): warp wi = tid / 32 of the group
+  // takes tokens 16 wi .. + 15 (the m16 tile), lane (g, q) tokens 16 wi + g, + 8 and channels 2q, 2q + 1 (n-tile
+  // 0) and 8 + 2q, 9 + 2q (n-tile 1) of m16n8k16 (bf16 / fp16, fp32 accumulate); B fragments = W_dt rounded to the
+  // activation dtype (lane: column g of each n-tile, k = 2q, 2q + 1 and + 8).
+  using M = scan4::MmaOp<T>;
+  const int lane = tid % 32, wi = tid / 32, pg = lane / 4, pq = lane % 4;
+  unsigned wb[2][2];
+  float b2[2][2];
 #pragma unroll
-  for (int r = 0; r < kN; ++r) wr[r] = r < R ? to_f(from_f<T>(p.dt_w[(int64_t)(c0 + pc) * R + r])) : 0.f;
-  const float b2 = 2.f * p.dt_b[c0 + pc];
+  for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int k = hf * 8 + 2 * pq;
+      const int64_t row = (int64_t)(c0 + 8 * nt + pg) * R;
+      wb[nt][hf] = M::pack(k < R ? p.dt_w[row + k] : 0.f, k + 1 < R ? p.dt_w[row + k + 1] : 0.f);
+      b2[nt][hf] = 2.f * p.dt_b[c0 + 8 * nt + 2 * pq + hf];  // (here hf = the channel of the lane's pair)
+    }
+  }
   // scan: channel sc = tid / 4, states 4 sq .. 4 sq + 3
   const int sc = tid / 4, sq = tid % 4;
   float A2[4], carry[4] = {0.f, 0.f, 0.f, 0.f}, sdelta = 0.f;
@@ -889,20 +903,32 @@ __global__ void __launch_bounds__(kThr) mixer_scan_bwd7_carry_kernel(MixerScanPa
     *reinterpret_cast<uint4*>(&sm.dt[crow][chalf * kVec]) = v[3];
     if (tile > tile_first) load(t0 - kChunk, v);
     group_sync();
-#pragma unroll 2
-    for (int k = 0; k < kChunk / 4; ++k) {
-      const int row = pt + 4 * k;
-      float dp = b2;
-      const unsigned* dw = reinterpret_cast<const unsigned*>(&sm.dt[row][0]);
+    {
+      unsigned a[4];
 #pragma unroll
-      for (int r = 0; r < kN / 2; ++r) {
-        const float2 d2 = scan4::unpack2<T>(dw[r]);
-        dp = fmaf(d2.x, wr[2 * r], dp);
-        dp = fmaf(d2.y, wr[2 * r + 1], dp);
+      for (int i = 0; i < 4; ++i) {
+        const int row = 16 * wi + pg + (i & 1) * 8, k = (i >> 1) * 8 + 2 * pq;
+        a[i] = k < R ? *reinterpret_cast<const unsigned*>(&sm.dt[row][k]) : 0u;  // (columns >= R: zero-filled)
       }
-      const float zz = to_f(sm.z[row][pc]), dy = to_f(sm.dy[row][pc]);
-      sm.dls[row][pc] = t0 + row < L ? scan4::softplus_select(dp) : 0.f;
-      sm.dys[row][pc] = dy * zz * sigmoid_fast(zz);
+      float dd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      M::run(dd[0], a, wb[0]);
+      M::run(dd[1], a, wb[1]);
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {  // token row 16 wi + pg + 8 hr
+        const int row = 16 * wi + pg + 8 * hr;
+        const bool live = t0 + row < L;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const int ch = 8 * nt + 2 * pq;
+          const float2 zz = scan4::unpack2<T>(*reinterpret_cast<const unsigned*>(&sm.z[row][ch]));
+          const float2 dy = scan4::unpack2<T>(*reinterpret_cast<const unsigned*>(&sm.dy[row][ch]));
+          const float d0 = live ? scan4::softplus_select(dd[nt][2 * hr] + b2[nt][0]) : 0.f;
+          const float d1 = live ? scan4::softplus_select(dd[nt][2 * hr + 1] + b2[nt][1]) : 0.f;
+          *reinterpret_cast<float2*>(&sm.dls[row][ch]) = make_float2(d0, d1);
+          *reinterpret_cast<float2*>(&sm.dys[row][ch]) =
+              make_float2(dy.x * zz.x * sigmoid_fast(zz.x), dy.y * zz.y * sigmoid_fast(zz.y));
+        }
+      }
     }
     group_sync();
 #pragma unroll 8
