@@ -16,7 +16,7 @@ from apriel_kernels import mixer_scan
 
 torch.manual_seed(0)
 for repeat in (True, False):
-    b, L, D, X, R = 2, 45, 64, 16, 8
+    b, L, D, X, R = 2, int(os.environ.get("SCAN_SANITIZER_L", "45")), 64, 16, 8
     zxbc = torch.randn(b, L, 2 * D + 2 * X, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dt_low = torch.randn(b, L, R, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     cc = D if repeat else X
@@ -46,13 +46,17 @@ LOG="$OUT_DIR/scan_sanitizer.log"
 # the v7 backward (APRIEL_SCAN_BWD=v7, the fused group-sum path: 4 heads per group), the others run the default.
 # session 7: v7 runs the backward's sequence split there (2 segments: the carry pre-pass kernel and per-segment
 # blocks); v7s1 is the same with APRIEL_SCAN_BWD_SEGMENTS=1 (the unsplit v7 backward).
-for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v7 v7s1}; do
+# session 11: v5k8t = v5 K = 8 without documents, so that its TMA kernel (the pipelined schedule: 3 raw tiles)
+# runs - v5k8 runs packed documents, which take the cp.async kernel - over 5 tiles (L 130: every raw slot twice).
+for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v7 v7s1}; do
   packed=1 bwd=auto fwd=$version segments=
   [ "$version" = "v7" ] && packed=0 bwd=v7
   [ "$version" = "v7s1" ] && packed=0 bwd=v7 fwd=v7 segments=1
+  length=45
+  [ "$version" = "v5k8t" ] && packed=0 fwd=v5k8 length=130
   for tool in memcheck racecheck; do
-    echo "=== APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=${segments:-auto} compute-sanitizer --tool $tool" >> "$LOG"
-    SCAN_SANITIZER_PACKED=$packed APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=$segments \
+    echo "=== L=$length packed=$packed APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=${segments:-auto} compute-sanitizer --tool $tool" >> "$LOG"
+    SCAN_SANITIZER_L=$length SCAN_SANITIZER_PACKED=$packed APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=$segments \
       compute-sanitizer --tool $tool --kernel-name kns=mixer_scan python3 "$CASE" >> "$LOG" 2>&1
     echo "=== $tool rc=$?" >> "$LOG"
   done
