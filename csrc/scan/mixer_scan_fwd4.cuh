@@ -123,7 +123,8 @@ struct Smem5 {
   alignas(16) float dtp[kMma ? skew_rows<TPT>(kChunk) : 1][kN];
   alignas(16) float2 ud[kItemBufs][kChunk][kN];
   alignas(16) float2 ug[kItemBufs][kChunk][kUgStride];
-  alignas(16) T y[1][kChunk][kN];
+  // kPipe: y by tile parity (no barrier separates tile i's gate from the reads of tile i - 1's y)
+  alignas(16) T y[kPipe ? 2 : 1][kChunk][kN];
 };
 template <typename T, int kR, int K, bool kSeq, bool kRawBC, int kVer, bool kPipe = false>
 using SmemFor = std::conditional_t<kVer >= 5, Smem5<T, kR, K, kSeq, kRawBC, kPipe>, Smem4<T, kR, K>>;
@@ -393,7 +394,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
         if (kPieces % NT == 0 || i < kPieces) {
           const int row = i / kCPR, part = i % kCPR;
           *reinterpret_cast<uint4*>(y + (int64_t)(t0_prev + row) * D + c0 + part * kVec) =
-              *reinterpret_cast<const uint4*>(&sm.y[0][row][part * kVec]);
+              *reinterpret_cast<const uint4*>(&sm.y[kPipe ? ypar : 0][row][part * kVec]);
         }
       }
     } else {
@@ -660,7 +661,8 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     // instructions and 40 % of the stall samples, the barrier before it at 11 %) issued between tile i's scan
     // tokens, whose ex2 / FFMA stream hides it:
     //   S1 (tile i + 1's copies landed; every warp is done with tile i - 1 and has prepped tile i): TMA of tile
-    //      i + 2 into raw[(i + 2) % 3]; y of tile i - 1; checkpoint;
+    //      i + 2 into raw[(i + 2) % 3]; y of tile i - 1 (y[(i - 1) % 2]: tile i's gate, with no barrier in
+    //      between, writes y[i % 2] - racecheck found the single buffer); checkpoint;
     //   per warp: the scan of tile i (raw[i % 3], items[i % 2]) with, between its tokens, the warp's own dt_proj
     //      rows of tile i + 1 (dt_rows_of_warp), its conv inputs from the raw tiles (prep_load_raw) and its 4 prep
     //      items of tile i + 1 (-> items[(i + 1) % 2]); gate -> y.
@@ -692,7 +694,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       __syncthreads();  // S1
       if (tile + 2 < n_tiles && tid == 0)
         stage_tma<T, kR>(p, maps, sm.raw[slot2], &sm.tma_bar[slot2], b, head, group, t0 + 2 * kChunk);
-      if (tile > 0) store_y(t0 - kChunk, 0);
+      if (tile > 0) store_y(t0 - kChunk, par ^ 1);
       const RawTile<T, kR>& r1 = sm.raw[slot1];
       float xw[TPT + 3];
       int sw[TPT + 3] = {};
@@ -701,7 +703,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       const RawTile<T, kR>& r0 = sm.raw[slot];
       // (session 11 A/B: these phase-A steps inside the scan rather than between S1 and the scan: -1 to -1.5 % at
       // L32768; on the last tile they write stale rows into dtp, which nobody reads then)
-      scan_tile(r0, par, 0, [&](int t) {
+      scan_tile(r0, par, par, [&](int t) {
         if (t == 0) dt_rows_of_warp(r1);
         if (t == 1) {
           __syncwarp();  // the warp's dt_proj rows
@@ -745,7 +747,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     for (int i = tid; i < Tv * kCPR; i += NT) {
       const int row = i / kCPR, part = i % kCPR;
       *reinterpret_cast<uint4*>(y + (int64_t)(t0 + row) * D + c0 + part * kVec) =
-          *reinterpret_cast<const uint4*>(&sm.y[kV5 ? 0 : last_par][row][part * kVec]);
+          *reinterpret_cast<const uint4*>(&sm.y[kV5 && !kPipe ? 0 : last_par][row][part * kVec]);
     }
   }
   scan::store_states<NS>(p.final_ssm + ((int64_t)b * D + cs) * kN + j * NS, h);
