@@ -299,11 +299,7 @@ __global__ void __launch_bounds__(kNT, 2) mixer_scan_bwd4_kernel(MixerScanParams
 #pragma unroll
         for (int ks = 0; ks < kKSteps; ++ks) {
           unsigned a[4];
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int row = m * 16 + g + (i & 1) * 8, k = ks * 16 + (i >> 1) * 8 + 2 * q;
-            a[i] = k < R ? *reinterpret_cast<const unsigned*>(&r.f.dt[row][k]) : 0u;  // columns >= R never copied
-          }
+          scan4::dt_a_fragment(r.f, m, ks, lane, R, a);
           const unsigned bf[2] = {sm.wfrag[lane][(n * kKSteps + ks) * 2], sm.wfrag[lane][(n * kKSteps + ks) * 2 + 1]};
           scan4::MmaOp<T>::run(d, a, bf);
         }

@@ -250,6 +250,33 @@ template <> struct MmaOp<__half> {
   }
 };
 
+// A fragment of the dt_proj mma: m16 tile m of raw tile r's dt_low rows, k-step ks; columns >= R were never copied:
+// read as zero (NaN garbage times a zero weight is still NaN).
+template <typename T, int kR>
+__device__ __forceinline__ void dt_a_fragment(const RawTile<T, kR>& r, int m, int ks, int lane, int R, unsigned (&a)[4]) {
+  const int g = lane / 4, q = lane % 4;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = m * 16 + g + (i & 1) * 8, k = ks * 16 + (i >> 1) * 8 + 2 * q;
+    a[i] = k < R ? *reinterpret_cast<const unsigned*>(&r.dt[row][k]) : 0u;
+  }
+}
+
+// d = dt_proj of (m16 tile m of the tile's tokens) x (n8 tile n of the head's channels): A = raw tile r's dt_low
+// rows, B = W_dt fragments wb[n] (registers, loaded once per block).
+template <typename T, int kR>
+__device__ __forceinline__ void dt_tile_mma(const RawTile<T, kR>& r, const unsigned (&wb)[2][kR / 16][2], int m, int n,
+                                            int lane, int R, float (&d)[4]) {
+  d[0] = d[1] = d[2] = d[3] = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < kR / 16; ++ks) {
+    unsigned a[4];
+    dt_a_fragment(r, m, ks, lane, R, a);
+    const unsigned bf[2] = {n ? wb[1][ks][0] : wb[0][ks][0], n ? wb[1][ks][1] : wb[0][ks][1]};
+    MmaOp<T>::run(d, a, bf);
+  }
+}
+
 // Issues the copies of the tile starting at t0 into r (16-byte cp.async when the host found the rows
 // aligned, plain loads otherwise; scan_stage.cuh). Rows past the sequence end are zero-filled.
 template <typename T, int NT, int kR>
@@ -443,19 +470,8 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
         const int pair = warp + pi * kWarps;
         if (pair >= 4) break;
         const int m = pair & 1, n = pair >> 1;
-        float d[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int ks = 0; ks < kKSteps; ++ks) {
-          unsigned a[4];
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int row = m * 16 + g + (i & 1) * 8, k = ks * 16 + (i >> 1) * 8 + 2 * q;
-            // columns >= R were never copied: zero them (NaN garbage times a zero weight is still NaN)
-            a[i] = k < R ? *reinterpret_cast<const unsigned*>(&r.dt[row][k]) : 0u;
-          }
-          const unsigned bf[2] = {n ? wb[1][ks][0] : wb[0][ks][0], n ? wb[1][ks][1] : wb[0][ks][1]};
-          MmaOp<T>::run(d, a, bf);
-        }
+        float d[4];
+        dt_tile_mma(r, wb, m, n, lane, R, d);
         *reinterpret_cast<float2*>(&sm.dtp[skew_row<TPT>(m * 16 + g)][n * 8 + 2 * q]) = make_float2(d[0], d[1]);
         *reinterpret_cast<float2*>(&sm.dtp[skew_row<TPT>(m * 16 + g + 8)][n * 8 + 2 * q]) = make_float2(d[2], d[3]);
       }
@@ -622,18 +638,8 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       const int g = lane / 4, q = lane % 4, m = warp >> 1, hi = warp & 1;
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
-        float d[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int ks = 0; ks < kKSteps; ++ks) {
-          unsigned a[4];
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int row = m * 16 + g + (i & 1) * 8, k = ks * 16 + (i >> 1) * 8 + 2 * q;
-            a[i] = k < R ? *reinterpret_cast<const unsigned*>(&r.dt[row][k]) : 0u;
-          }
-          const unsigned bf[2] = {n ? wb[1][ks][0] : wb[0][ks][0], n ? wb[1][ks][1] : wb[0][ks][1]};
-          MmaOp<T>::run(d, a, bf);
-        }
+        float d[4];
+        dt_tile_mma(r, wb, m, n, lane, R, d);
         *reinterpret_cast<float2*>(&sm.dtp[skew_row<TPT>(m * 16 + g + hi * 8)][n * 8 + 2 * q]) =
             hi ? make_float2(d[2], d[3]) : make_float2(d[0], d[1]);
       }
