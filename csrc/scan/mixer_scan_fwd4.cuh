@@ -793,8 +793,9 @@ void launch_kernel(const MixerScanParams& p, const tma::ScanMaps& maps, void* st
   APRIEL_CHECK_LAUNCH();
 }
 
-// TMA staging for v5 K = 8 (the batch 1-2 default at D 4096) with 16-bit activations, dt_rank <= 16 and no
-// documents, where tma::usable() and the host can encode the maps; cp.async everywhere else. K = 4 (batch 3, small
+// TMA staging (and with it the pipelined schedule, session 11) for v5 K = 8 (the batch 1-2 default at D 4096) with
+// 16-bit activations, dt_rank <= 16 and no documents, where tma::usable() and the host can encode the maps; cp.async
+// (and the 3-barrier schedule) everywhere else. K = 4 (batch 3, small
 // models) is not done yet: its 8 blocks per SM leave no room for the barriers' 16 bytes (WithTmaBarriers) without
 // shrinking another array, and it was not measured.
 template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4>
