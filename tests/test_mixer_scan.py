@@ -463,7 +463,9 @@ def test_forward_tma_staging_equals_cp_async(case, dtype, version, monkeypatch):
     """The TMA tile staging (CUTLASS / CuTe bulk tensor copies, sm_90: csrc/common/tma.cuh) feeds the same arithmetic
     as the cp.async staging: bitwise the same y and final states - rows past the sequence end (zero fill), strided
     rows inside a NaN-filled buffer, dt_rank 8 (columns past dt_rank), several sequences, initial states - and the
-    profiler shows which staging ran (the kernel's kTma template argument)."""
+    profiler shows which staging ran (the kernel's kTma template argument). For v5k8 the TMA kernel also runs its own
+    pipelined schedule (one barrier per tile, the next tile's prep inside the scan; 3 raw tiles - the L 77 / 100 /
+    300 / 4097 / 32768 cases rotate them), so this is that schedule's bitwise check as well."""
     import apriel_kernels
 
     if torch.cuda.get_device_capability()[0] < 9:
