@@ -1,7 +1,7 @@
 """Times the mixer scan forward (bf16, the bar shape of scan_case.py; eager and CUDA-graph p50) for forward versions
 at the bar shapes - to compare builds of one tree made with different compile-time settings (session 8 timed the
 recurrence front's distance in three builds). Run on the device after the extension is built:
-    python3 scripts/diag/scan_fwd_time.py [--versions auto,v5k8] [--label NAME] [--json OUT]
+    python3 scripts/diag/scan_fwd_time.py [--versions auto,v5k8] [--shapes 1x8192,2x8192] [--label NAME] [--json OUT]
 """
 import argparse
 import json
@@ -18,12 +18,13 @@ SHAPES = ((1, 2048), (1, 8192), (1, 32768), (8, 4096))
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--versions", default="auto,v5k8")
+parser.add_argument("--shapes", default=",".join(f"{b}x{L}" for b, L in SHAPES), help="BATCHxSEQLEN,...")
 parser.add_argument("--label", default="")
 parser.add_argument("--json")
 opts = parser.parse_args()
 
 rows = []
-for batch, seqlen in SHAPES:
+for batch, seqlen in (tuple(int(v) for v in shape.split("x")) for shape in opts.shapes.split(",")):
     args, _ = make_case(batch, seqlen)
     for version in opts.versions.split(","):
         with env_override("APRIEL_SCAN_FWD", None if version == "auto" else version), torch.no_grad():
