@@ -36,10 +36,10 @@
 #ifndef APRIEL_SCAN_FWD5_BLOCKS_K8
 #define APRIEL_SCAN_FWD5_BLOCKS_K8 4
 #endif
-// The pipelined TMA kernel's readout sum over the K = 8 lanes of a channel: 1 = through a per-warp shared-memory
-// transpose (no selects), 0 = the shuffle reduce-scatter (both sum in the same tree order: bitwise the same y).
-#ifndef APRIEL_SCAN_FWD5_SMEM_RED
-#define APRIEL_SCAN_FWD5_SMEM_RED 0
+// The pipelined TMA kernel's readout sum over the K = 8 lanes of a channel: 1 = per 8-token quarter, each quarter's
+// reduce-scatter and gate placed inside the next quarter's scan tokens; 0 = all 32 tokens after the scan.
+#ifndef APRIEL_SCAN_FWD5_QRED
+#define APRIEL_SCAN_FWD5_QRED 0
 #endif
 
 namespace apriel {
@@ -139,22 +139,9 @@ template <typename Base, int kRaws>
 struct WithTmaBarriers : Base {
   alignas(8) uint64_t tma_bar[kRaws];
 };
-// APRIEL_SCAN_FWD5_SMEM_RED (the TMA kernel): per warp, its 4 channels' 8 rows (one per lane j: the lane's partial
-// readouts of 16 tokens, 20-float rows) and 16 floats between channels, so a half-warp's 8-byte reads of two
-// channels fall 64 bytes apart mod 128 (disjoint banks); the 16-byte row writes of a quarter warp (one channel)
-// land 80 bytes apart: 8 distinct 16-byte bank groups. 11 KB per block: b2's 4 blocks per SM still fit.
-struct RedLayout {
-  static constexpr int kRow = 20, kChan = 8 * kRow + 16;
-};
-template <typename Base, int kWarps>
-struct WithRedBuffer : Base {
-  alignas(16) float red[kWarps][4 * RedLayout::kChan];
-};
-template <typename Base, int kWarps>
-using MaybeRed = std::conditional_t<APRIEL_SCAN_FWD5_SMEM_RED != 0, WithRedBuffer<Base, kWarps>, Base>;
 // kTma: the TMA kernel (v5 K = 8) runs the pipelined schedule (3 raw tiles).
 template <typename T, int kR, int K, bool kSeq, bool kRawBC, int kVer, bool kTma>
-using SmemForT = std::conditional_t<kTma, WithTmaBarriers<MaybeRed<SmemFor<T, kR, K, kSeq, kRawBC, kVer, true>, K / 2>, 3>,
+using SmemForT = std::conditional_t<kTma, WithTmaBarriers<SmemFor<T, kR, K, kSeq, kRawBC, kVer, true>, 3>,
                                     SmemFor<T, kR, K, kSeq, kRawBC, kVer>>;
 
 // Tensor maps of p's zxbc and dt_low for the TMA staging of the forwards (v5 K = 8 here, v7) and the backward v7;
@@ -219,14 +206,15 @@ __device__ __forceinline__ void cvt4(const T* src, float* dst) {
 // Sum of acc[t] over the K lanes of a channel, scattered by token parity: lane j ends with the totals of tokens
 // K*i + bitrev(j) in acc[i] (i < kChunk / K). Same shuffle count as the contiguous split, but the K lanes of a
 // channel then gate K consecutive tokens, which keeps the gate's shared-memory rows conflict-free.
-template <int K>
-__device__ __forceinline__ int reduce_scatter_interleaved(float (&acc)[kChunk], int j) {
-  int len = kChunk, sigma = 0, bit = 1;
+// (N < kChunk: the same over N consecutive tokens; N = K leaves lane j the total of token bitrev(j) in acc[0].)
+template <int K, int N = kChunk>
+__device__ __forceinline__ int reduce_scatter_interleaved(float (&acc)[N], int j) {
+  int len = N, sigma = 0, bit = 1;
 #pragma unroll
   for (int off = K / 2; off >= 1; off >>= 1) {
     const bool upper = (j & off) != 0;
 #pragma unroll
-    for (int i = 0; i < kChunk / 2; ++i) {
+    for (int i = 0; i < N / 2; ++i) {
       if (i < len / 2) {
         const float send = upper ? acc[2 * i] : acc[2 * i + 1];
         const float keep = upper ? acc[2 * i + 1] : acc[2 * i];
@@ -553,37 +541,18 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     }
   };
 
-  // The readout sum over the K = 8 lanes of a channel through the warp's red buffer (APRIEL_SCAN_FWD5_SMEM_RED), in
-  // halves of 16 tokens: each lane writes its partials of the half as row j (4 x 16 bytes, ordered so lane j' finds
-  // tokens j' and j' + 8 side by side), then reads those two columns of the channel's 8 rows (8 x 8 bytes) and sums
-  // them in the shuffle tree's order ((p0 + p4) + (p2 + p6)) + ((p1 + p5) + (p3 + p7)): bitwise the same totals.
-  // 8 STS.128 + 16 LDS.64 + 28 FADD per tile instead of 28 SHFL + 28 FADD + 56 FSEL. Lane j ends with the totals
-  // of tokens 8 i + j in acc[i] (the gate's rows: K consecutive tokens per channel, as the shuffle version's).
-  constexpr bool kSmemRed = kPipe && APRIEL_SCAN_FWD5_SMEM_RED != 0;
-  auto readout_sum_smem = [&](float (&acc)[kChunk]) {
-    if constexpr (kSmemRed) {
-      static_assert(K == 8 && NT == 128, "8 lanes per channel, 4 channels per warp");
-      float* chan = &sm.red[warp][(lane / 8) * RedLayout::kChan];
-      float tot[kChunk / K];
+  // The readout sum of K consecutive tokens (quarter qt of the tile) over the channel's K lanes and its gate
+  // (APRIEL_SCAN_FWD5_QRED): the same shuffle tree and the same token per lane (K qt + bitrev(j)) as the whole-tile
+  // reduce-scatter, so bitwise the same y; placed between the next quarter's tokens, where the scan's ex2 / FFMA
+  // stream hides the shuffles' latency, it leaves one quarter's reduce-scatter at the end of the tile.
+  constexpr bool kQuarterRed = kPipe && APRIEL_SCAN_FWD5_QRED != 0;
+  auto gate_quarter = [&](const float (&acc)[kChunk], int qt, int ub, int ypar) {
+    float v[K];
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int t0 = 16 * hf;
-#pragma unroll
-        for (int k = 0; k < 4; ++k)  // columns 4k .. 4k + 3 = lanes 2k, 2k + 1: tokens (2k, 2k + 8, 2k + 1, 2k + 9)
-          *reinterpret_cast<float4*>(&chan[j * RedLayout::kRow + 4 * k]) =
-              make_float4(acc[t0 + 2 * k], acc[t0 + 2 * k + 8], acc[t0 + 2 * k + 1], acc[t0 + 2 * k + 9]);
-        __syncwarp();
-        float2 pv[8];
-#pragma unroll
-        for (int l = 0; l < 8; ++l) pv[l] = *reinterpret_cast<const float2*>(&chan[l * RedLayout::kRow + 2 * j]);
-        tot[2 * hf] = ((pv[0].x + pv[4].x) + (pv[2].x + pv[6].x)) + ((pv[1].x + pv[5].x) + (pv[3].x + pv[7].x));
-        tot[2 * hf + 1] = ((pv[0].y + pv[4].y) + (pv[2].y + pv[6].y)) + ((pv[1].y + pv[5].y) + (pv[3].y + pv[7].y));
-        __syncwarp();  // every lane has read the half before the next one overwrites the rows
-      }
-#pragma unroll
-      for (int i = 0; i < kChunk / K; ++i) acc[i] = tot[i];
-    }
-    return j;
+    for (int i = 0; i < K; ++i) v[i] = acc[K * qt + i];
+    const int t = K * qt + reduce_scatter_interleaved<K, K>(v, j);
+    const float2 q = sm.ug[ub][t][sch];
+    sm.y[ypar][t][sch] = from_f<T>((v[0] + Dc * q.x) * q.y);
   };
 
   // C: the recurrence over the tile of raw r with the items of buffer ub, then the gate into y buffer ypar.
@@ -670,18 +639,19 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
         a = fmaf(Cv[s], h[s], a);
       }
       acc[t] = a;
+      // kQuarterRed: quarter q's sum and gate two tokens into quarter q + 1, off the tile's tail
+      if (kQuarterRed && t % K == 1 && t > K) gate_quarter(acc, t / K - 1, ub, ypar);
     }
-    int sigma;
-    if constexpr (kSmemRed) {
-      sigma = readout_sum_smem(acc);
+    if constexpr (kQuarterRed) {
+      gate_quarter(acc, kChunk / K - 1, ub, ypar);
     } else {
-      sigma = reduce_scatter_interleaved<K>(acc, j);
-    }
+      const int sigma = reduce_scatter_interleaved<K>(acc, j);
 #pragma unroll
-    for (int i = 0; i < kChunk / K; ++i) {
-      const int t = K * i + sigma;
-      const float2 q = sm.ug[ub][t][sch];
-      sm.y[ypar][t][sch] = from_f<T>((acc[i] + Dc * q.x) * q.y);
+      for (int i = 0; i < kChunk / K; ++i) {
+        const int t = K * i + sigma;
+        const float2 q = sm.ug[ub][t][sch];
+        sm.y[ypar][t][sch] = from_f<T>((acc[i] + Dc * q.x) * q.y);
+      }
     }
   };
   // Phase A of the pipelined schedule, warp-local (no block barrier after it): each warp computes the dt_proj rows
