@@ -813,6 +813,11 @@ void launch(const MixerScanParams& p, void* stream) {
 // relative).
 namespace scan7c {
 
+// 1: the pipelined schedule of the carry kernel (see "Pipelined schedule" there); 0: three group barriers per tile.
+#ifndef APRIEL_SCAN_CARRY_PIPE
+#define APRIEL_SCAN_CARRY_PIPE 0
+#endif
+
 constexpr int kGT = 64;                 // threads per group
 constexpr int kGroups = 4;
 constexpr int kThr = kGT * kGroups;
@@ -827,12 +832,25 @@ struct GroupSmem {
   alignas(16) float dys[scan::kChunk][scan::kN];  // dy silu(z)
 };
 
+// The pipelined schedule's group buffers, by tile parity (z / dy / dt_low go from global memory to registers):
+// 10 KB per group, 45 KB per block with the fold arrays (4 blocks per SM).
+template <typename T>
+struct GroupSmemPipe {
+  alignas(16) T c[2][scan::kChunk][scan::kN];
+  alignas(16) float dls[2][scan::kChunk][scan::kN];
+  alignas(16) float dys[2][scan::kChunk][scan::kN];
+};
+
 template <typename T>
 __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerScanParams p) {
   using scan::kChunk;
   using scan::kN;
   constexpr int kVec = 16 / sizeof(T);  // 8
+#if APRIEL_SCAN_CARRY_PIPE
+  __shared__ GroupSmemPipe<T> gs[kGroups];
+#else
   __shared__ GroupSmem<T> gs[kGroups];
+#endif
   __shared__ float4 fold_l[kGroups][kGT];
   __shared__ float fold_sd[kGroups][kGT];
   const int gi = threadIdx.x / kGT, tid = threadIdx.x % kGT, S = p.bwd_segments, nseg = S - 1;
@@ -841,13 +859,18 @@ __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerSca
   const int seg_first = seg * p.seg_tiles, seg_last = min(p.n_chunks, seg_first + p.seg_tiles) - 1;
   const int per = (seg_last - seg_first + kGroups) / kGroups;
   const int tile_first = seg_first + gi * per, tile_last = min(seg_last, tile_first + per - 1);
+#if APRIEL_SCAN_CARRY_PIPE
+  GroupSmemPipe<T>& sm = gs[gi];
+#else
   GroupSmem<T>& sm = gs[gi];
+#endif
   const int64_t rowZ = p.zxbc_row_stride;
   const T* zx = static_cast<const T*>(p.zxbc) + (int64_t)b * p.zxbc_batch_stride;
   const T* dtb = static_cast<const T*>(p.dt_low) + (int64_t)b * p.dt_batch_stride;
   const T* dyb = static_cast<const T*>(p.dy) + (int64_t)b * L * D;
   // copies: thread = (row tid / 2, 8-element half tid % 2) of each 32 x 16 slice; dt_low rows have R / 8 halves
   const int crow = tid / 2, chalf = tid % 2;
+#if !APRIEL_SCAN_CARRY_PIPE
   const bool dt_copy = chalf * kVec < R;
   auto load = [&](int t0, uint4 (&v)[4]) {
     const int pos = t0 + crow;
@@ -859,6 +882,7 @@ __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerSca
     v[2] = ok ? *reinterpret_cast<const uint4*>(dyb + (int64_t)pos * D + c0 + chalf * kVec) : zero;
     v[3] = ok && dt_copy ? *reinterpret_cast<const uint4*>(dtb + (int64_t)pos * p.dt_row_stride + chalf * kVec) : zero;
   };
+#endif
   auto group_sync = [&] {  // named barrier 1 + gi of the group's 64 threads (immediate ids: 5 barriers, not 16)
     static_assert(kGroups == 4 && kGT == 64, "group_sync names barriers 1..4 of 64 threads");
     switch (gi) {
@@ -892,6 +916,102 @@ __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerSca
 #pragma unroll
   for (int i = 0; i < 4; ++i) A2[i] = -__expf(p.A_log[(c0 + sc) * kN + 4 * sq + i]) * kLog2e;
 
+#if APRIEL_SCAN_CARRY_PIPE
+  // Pipelined schedule: ONE group barrier per tile instead of three, the prep of the next tile (tile - 1: the walk
+  // is in reverse) issued between this tile's scan tokens, whose ex2 / FFMA stream hides the prep's latency chain
+  // (global loads -> mma -> softplus -> stores; ncu: the prep between barriers was latency-bound), as in the
+  // forward v5's pipelined schedule (session 11). Same values in the same order: only the schedule differs.
+  // Buffers by tile parity: the group's i-th tile (tile_last - i) has its C and items in c / dls / dys[i & 1].
+  //   prologue: the first tile's C copy, operands and items into buffer 0;
+  //   iteration i: wait for this thread's C copies; S; the scan of buffer par = i & 1 with, between its tokens, the
+  //   next tile's C copy into c[par ^ 1] (cp.async: a register copy was sunk by ptxas next to its store, a
+  //   full-latency stall), the global loads of its prep operands (straight into the prep's lane mapping: z / dy /
+  //   dt_low never pass through shared memory), its dt_proj and its items into dls / dys[par ^ 1].
+  // S of iteration i orders (RAW) the writes of buffer par (iteration i - 1's copy and prep, or the prologue; the
+  // wait before S completes the thread's own copy) before this scan's reads of it, and (WAR) iteration i - 1's
+  // scan reads of buffer par ^ 1 before this iteration's writes into it; nothing else is shared within the group.
+  // The last tile (and an empty range's prologue) copies zeros and preps zero operands (loads off) into a buffer
+  // nobody reads: the scan stays branch-free.
+  // The next tile's operands in the mma's mapping (lane (pg, pq) of warp wi: rows 16 wi + pg + 8 hr, channels /
+  // ranks 8 nt + 2 pq, + 1): zn / yn[2 hr + nt] = z / dy pairs, an = the A fragment (a[hr + 2 kh]: ranks 8 kh +
+  // 2 pq); ranks >= R and rows >= L are zero, as the raw copies' zero fill made them.
+  unsigned an[4], zn[4], yn[4];
+  float dd[2][4];
+  auto load_next = [&](int t0, bool have, int np) {
+    const int pos = t0 + crow;
+    const bool okc = have && pos < L;
+    const T* src = zx + (int64_t)pos * rowZ + D + 2 * p.d_xb + c0 + chalf * kVec;
+    scan4::cp_async16(&sm.c[np][crow][chalf * kVec], okc ? src : zx, okc);  // (row crow, half chalf; zero-filled)
+    scan4::cp_async_commit();
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int pr = t0 + 16 * wi + pg + 8 * hr;
+      const bool ok = have && pr < L;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const int ch = 8 * nt + 2 * pq;
+        zn[2 * hr + nt] = ok ? *reinterpret_cast<const unsigned*>(zx + (int64_t)pr * rowZ + c0 + ch) : 0u;
+        yn[2 * hr + nt] = ok ? *reinterpret_cast<const unsigned*>(dyb + (int64_t)pr * D + c0 + ch) : 0u;
+        const T* dtr = dtb + (int64_t)pr * p.dt_row_stride + ch;
+        an[hr + 2 * nt] = ok && ch < R ? *reinterpret_cast<const unsigned*>(dtr) : 0u;
+      }
+    }
+  };
+  auto prep_mma = [&] {
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) dd[nt][i] = 0.f;
+      M::run(dd[nt], an, wb[nt]);
+    }
+  };
+  auto prep_item = [&](int hr, int nt, int t0, int np) {  // token row 16 wi + pg + 8 hr, channels 8 nt + 2 pq, + 1
+    const int row = 16 * wi + pg + 8 * hr, ch = 8 * nt + 2 * pq;
+    const bool live = t0 + row < L;
+    const float2 zz = scan4::unpack2<T>(zn[2 * hr + nt]), dy = scan4::unpack2<T>(yn[2 * hr + nt]);
+    // (computed unconditionally, then selected: a branch would split the unrolled scan's basic block)
+    const float s0 = scan4::softplus_select(dd[nt][2 * hr] + b2[nt][0]);
+    const float s1 = scan4::softplus_select(dd[nt][2 * hr + 1] + b2[nt][1]);
+    *reinterpret_cast<float2*>(&sm.dls[np][row][ch]) = make_float2(live ? s0 : 0.f, live ? s1 : 0.f);
+    *reinterpret_cast<float2*>(&sm.dys[np][row][ch]) =
+        make_float2(dy.x * zz.x * sigmoid_fast(zz.x), dy.y * zz.y * sigmoid_fast(zz.y));
+  };
+  {
+    const int t0 = tile_last * kChunk;
+    load_next(t0, tile_first <= tile_last, 0);
+    prep_mma();
+#pragma unroll
+    for (int it = 0; it < 4; ++it) prep_item(it / 2, it % 2, t0, 0);
+  }
+  // token rows of the prep pieces: copies / loads at the first token, then 12 tokens of scan before their use
+  constexpr int kRowMma = 19, kRowItem = 17;  // items at kRowItem, - 2, - 4, - 6
+  int par = 0;
+  for (int tile = tile_last; tile >= tile_first; --tile, par ^= 1) {
+    const int tn = (tile - 1) * kChunk, np = par ^ 1;
+    scan4::cp_async_wait_all();  // (this thread's C copies; S makes them the group's)
+    group_sync();                 // S
+    const float* dlp = &sm.dls[par][0][sc];
+    const float* dyp = &sm.dys[par][0][sc];
+    const T* cp = &sm.c[par][0][4 * sq];
+#pragma unroll
+    for (int row = kChunk - 1; row >= 0; --row) {
+      if (row == kChunk - 1) load_next(tn, tile > tile_first, np);
+      if (row == kRowMma) prep_mma();
+      if (row <= kRowItem && row > kRowItem - 8 && (kRowItem - row) % 2 == 0) {
+        const int it = (kRowItem - row) / 2;
+        prep_item(it / 2, it % 2, tn, np);
+      }
+      const float dl = dlp[row * kN], y = dyp[row * kN];
+      const uint2 cw = *reinterpret_cast<const uint2*>(cp + row * kN);
+      const float2 c01 = scan4::unpack2<T>(cw.x), c23 = scan4::unpack2<T>(cw.y);
+      const float cv[4] = {c01.x, c01.y, c23.x, c23.y};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) carry[i] = fmaf(y, cv[i], carry[i]) * ex2(dl * A2[i]);
+      sdelta += dl;
+    }
+  }
+  scan4::cp_async_wait_all();  // (the last zero-fill copy: none in flight past the loop)
+#else
   uint4 v[4];
   if (tile_first <= tile_last) load(tile_last * kChunk, v);
   for (int tile = tile_last; tile >= tile_first; --tile) {
@@ -942,6 +1062,7 @@ __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerSca
       sdelta += dl;
     }
   }
+#endif
   // Fold the groups (group 0 holds the earliest tiles): L = L_0 + P_0 (L_1 + P_1 (...)), P = exp(A sum delta).
   fold_l[gi][tid] = make_float4(carry[0], carry[1], carry[2], carry[3]);
   fold_sd[gi][tid] = sdelta;
