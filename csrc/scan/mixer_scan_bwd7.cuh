@@ -804,92 +804,82 @@ void launch(const MixerScanParams& p, void* stream) {
 // Block = one head (16 channels x 16 states) of one segment, kGroups groups of 64 threads, each over its own
 // contiguous range of the segment's tiles (the block folds the groups' (L, P) at the end: a segment is thus
 // processed kGroups-way parallel; one group alone was latency-bound at ~7 us per tile). Per group and 32-token
-// tile (reverse order): 16-byte copies of C / z / dy / dt_low (the v7 alignment guarantees) prefetched in
-// registers one tile ahead, delta / dys per (token, channel) into shared memory (dt_proj by one m16n8k16 pair per
-// warp, the items in its accumulator layout - session 11; before, a 16-term CUDA-core dot per item), then each
-// thread runs its 4 recurrences (channel tid / 4, states 4 (tid % 4) .. + 3).
+// tile (reverse order; session 12: pipelined, one group barrier per tile - see "Pipelined schedule" below): C by
+// 16-byte cp.async (the v7 alignment guarantees), delta / dys per (token, channel) into shared memory (dt_proj by
+// one m16n8k16 pair per warp from z / dy / dt_low loaded straight into its lane mapping, the items in its
+// accumulator layout - session 11; before, a 16-term CUDA-core dot per item), while each thread runs its 4
+// recurrences (channel tid / 4, states 4 (tid % 4) .. + 3) over the tile before.
 // delta is computed as the main kernel's prep does (the same mma on W rounded to the activation dtype, + the
 // double bias, softplus_select); dys is fp32 here (tf32 in the main kernel's mma: the carry differs by ~1e-4
 // relative).
 namespace scan7c {
 
-// 1: the pipelined schedule of the carry kernel (see "Pipelined schedule" there); 0: three group barriers per tile.
-#ifndef APRIEL_SCAN_CARRY_PIPE
-#define APRIEL_SCAN_CARRY_PIPE 0
+#ifndef APRIEL_SCAN_CARRY_GROUPS
+#define APRIEL_SCAN_CARRY_GROUPS 4  // experiments: groups per block (4 or 8)
 #endif
-
 constexpr int kGT = 64;                 // threads per group
-constexpr int kGroups = 4;
+constexpr int kGroups = APRIEL_SCAN_CARRY_GROUPS;
 constexpr int kThr = kGT * kGroups;
+static_assert(kGroups == 4 || kGroups == 8, "group_sync names barriers 1 .. kGroups");
 
+// A group's buffers, by tile parity (z / dy / dt_low go from global memory to registers): 10 KB per group, 45 KB per
+// block of 4 groups with the fold arrays (4 blocks per SM).
 template <typename T>
 struct GroupSmem {
-  alignas(16) T c[scan::kChunk][scan::kN];    // C of the head
-  alignas(16) T z[scan::kChunk][scan::kN];
-  alignas(16) T dy[scan::kChunk][scan::kN];
-  alignas(16) T dt[scan::kChunk][scan::kN];   // dt_low (ranks >= R unused)
-  alignas(16) float dls[scan::kChunk][scan::kN];  // delta (0 past the end)
-  alignas(16) float dys[scan::kChunk][scan::kN];  // dy silu(z)
-};
-
-// The pipelined schedule's group buffers, by tile parity (z / dy / dt_low go from global memory to registers):
-// 10 KB per group, 45 KB per block with the fold arrays (4 blocks per SM).
-template <typename T>
-struct GroupSmemPipe {
   alignas(16) T c[2][scan::kChunk][scan::kN];
   alignas(16) float dls[2][scan::kChunk][scan::kN];
   alignas(16) float dys[2][scan::kChunk][scan::kN];
 };
+template <typename T>
+struct CarrySmem {  // dynamic shared memory (8 groups: 90 KB)
+  GroupSmem<T> gs[kGroups];
+  float4 fold_l[kGroups][kGT];
+  float fold_sd[kGroups][kGT];
+};
 
 template <typename T>
-__global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerScanParams p) {
+__global__ void __launch_bounds__(kThr, 16 / kGroups) mixer_scan_bwd7_carry_kernel(MixerScanParams p) {
   using scan::kChunk;
   using scan::kN;
   constexpr int kVec = 16 / sizeof(T);  // 8
-#if APRIEL_SCAN_CARRY_PIPE
-  __shared__ GroupSmemPipe<T> gs[kGroups];
-#else
-  __shared__ GroupSmem<T> gs[kGroups];
-#endif
-  __shared__ float4 fold_l[kGroups][kGT];
-  __shared__ float fold_sd[kGroups][kGT];
+  extern __shared__ __align__(16) unsigned char carry_smem_raw[];
+  CarrySmem<T>& cs = *reinterpret_cast<CarrySmem<T>*>(carry_smem_raw);
+  auto& gs = cs.gs;
+  auto& fold_l = cs.fold_l;
+  auto& fold_sd = cs.fold_sd;
   const int gi = threadIdx.x / kGT, tid = threadIdx.x % kGT, S = p.bwd_segments, nseg = S - 1;
   const int head = blockIdx.x, b = blockIdx.y / nseg, seg = blockIdx.y % nseg + 1, c0 = head * kN;
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank;
   const int seg_first = seg * p.seg_tiles, seg_last = min(p.n_chunks, seg_first + p.seg_tiles) - 1;
   const int per = (seg_last - seg_first + kGroups) / kGroups;
   const int tile_first = seg_first + gi * per, tile_last = min(seg_last, tile_first + per - 1);
-#if APRIEL_SCAN_CARRY_PIPE
-  GroupSmemPipe<T>& sm = gs[gi];
-#else
   GroupSmem<T>& sm = gs[gi];
-#endif
   const int64_t rowZ = p.zxbc_row_stride;
   const T* zx = static_cast<const T*>(p.zxbc) + (int64_t)b * p.zxbc_batch_stride;
   const T* dtb = static_cast<const T*>(p.dt_low) + (int64_t)b * p.dt_batch_stride;
   const T* dyb = static_cast<const T*>(p.dy) + (int64_t)b * L * D;
   // copies: thread = (row tid / 2, 8-element half tid % 2) of each 32 x 16 slice; dt_low rows have R / 8 halves
   const int crow = tid / 2, chalf = tid % 2;
-#if !APRIEL_SCAN_CARRY_PIPE
-  const bool dt_copy = chalf * kVec < R;
-  auto load = [&](int t0, uint4 (&v)[4]) {
-    const int pos = t0 + crow;
-    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-    const bool ok = pos < L;
-    const T* row = zx + (int64_t)pos * rowZ;
-    v[0] = ok ? *reinterpret_cast<const uint4*>(row + D + 2 * p.d_xb + c0 + chalf * kVec) : zero;
-    v[1] = ok ? *reinterpret_cast<const uint4*>(row + c0 + chalf * kVec) : zero;
-    v[2] = ok ? *reinterpret_cast<const uint4*>(dyb + (int64_t)pos * D + c0 + chalf * kVec) : zero;
-    v[3] = ok && dt_copy ? *reinterpret_cast<const uint4*>(dtb + (int64_t)pos * p.dt_row_stride + chalf * kVec) : zero;
-  };
-#endif
-  auto group_sync = [&] {  // named barrier 1 + gi of the group's 64 threads (immediate ids: 5 barriers, not 16)
-    static_assert(kGroups == 4 && kGT == 64, "group_sync names barriers 1..4 of 64 threads");
-    switch (gi) {
-      case 0: asm volatile("bar.sync 1, 64;" ::: "memory"); break;
-      case 1: asm volatile("bar.sync 2, 64;" ::: "memory"); break;
-      case 2: asm volatile("bar.sync 3, 64;" ::: "memory"); break;
-      default: asm volatile("bar.sync 4, 64;" ::: "memory"); break;
+  auto group_sync = [&] {  // named barrier 1 + gi of the group's 64 threads (immediate ids: kGroups + 1 barriers)
+    static_assert(kGT == 64, "group_sync: barriers of 64 threads");
+    if constexpr (kGroups == 4) {
+      switch (gi) {
+        case 0: asm volatile("bar.sync 1, 64;" ::: "memory"); break;
+        case 1: asm volatile("bar.sync 2, 64;" ::: "memory"); break;
+        case 2: asm volatile("bar.sync 3, 64;" ::: "memory"); break;
+        default: asm volatile("bar.sync 4, 64;" ::: "memory"); break;
+      }
+    } else {
+      switch (gi) {
+        case 0: asm volatile("bar.sync 1, 64;" ::: "memory"); break;
+        case 1: asm volatile("bar.sync 2, 64;" ::: "memory"); break;
+        case 2: asm volatile("bar.sync 3, 64;" ::: "memory"); break;
+        case 3: asm volatile("bar.sync 4, 64;" ::: "memory"); break;
+        case 4: asm volatile("bar.sync 5, 64;" ::: "memory"); break;
+        case 5: asm volatile("bar.sync 6, 64;" ::: "memory"); break;
+        case 6: asm volatile("bar.sync 7, 64;" ::: "memory"); break;
+        default: asm volatile("bar.sync 8, 64;" ::: "memory"); break;
+      }
     }
   };
   // prep items (session 11: dt_proj on tensor cores, as the main kernel's prep): warp wi = tid / 32 of the group
@@ -916,7 +906,6 @@ __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerSca
 #pragma unroll
   for (int i = 0; i < 4; ++i) A2[i] = -__expf(p.A_log[(c0 + sc) * kN + 4 * sq + i]) * kLog2e;
 
-#if APRIEL_SCAN_CARRY_PIPE
   // Pipelined schedule: ONE group barrier per tile instead of three, the prep of the next tile (tile - 1: the walk
   // is in reverse) issued between this tile's scan tokens, whose ex2 / FFMA stream hides the prep's latency chain
   // (global loads -> mma -> softplus -> stores; ncu: the prep between barriers was latency-bound), as in the
@@ -1011,58 +1000,6 @@ __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerSca
     }
   }
   scan4::cp_async_wait_all();  // (the last zero-fill copy: none in flight past the loop)
-#else
-  uint4 v[4];
-  if (tile_first <= tile_last) load(tile_last * kChunk, v);
-  for (int tile = tile_last; tile >= tile_first; --tile) {
-    const int t0 = tile * kChunk;
-    group_sync();  // the previous tile's scan is done with the buffers
-    *reinterpret_cast<uint4*>(&sm.c[crow][chalf * kVec]) = v[0];
-    *reinterpret_cast<uint4*>(&sm.z[crow][chalf * kVec]) = v[1];
-    *reinterpret_cast<uint4*>(&sm.dy[crow][chalf * kVec]) = v[2];
-    *reinterpret_cast<uint4*>(&sm.dt[crow][chalf * kVec]) = v[3];
-    if (tile > tile_first) load(t0 - kChunk, v);
-    group_sync();
-    {
-      unsigned a[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = 16 * wi + pg + (i & 1) * 8, k = (i >> 1) * 8 + 2 * pq;
-        a[i] = k < R ? *reinterpret_cast<const unsigned*>(&sm.dt[row][k]) : 0u;  // (columns >= R: zero-filled)
-      }
-      float dd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-      M::run(dd[0], a, wb[0]);
-      M::run(dd[1], a, wb[1]);
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {  // token row 16 wi + pg + 8 hr
-        const int row = 16 * wi + pg + 8 * hr;
-        const bool live = t0 + row < L;
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          const int ch = 8 * nt + 2 * pq;
-          const float2 zz = scan4::unpack2<T>(*reinterpret_cast<const unsigned*>(&sm.z[row][ch]));
-          const float2 dy = scan4::unpack2<T>(*reinterpret_cast<const unsigned*>(&sm.dy[row][ch]));
-          const float d0 = live ? scan4::softplus_select(dd[nt][2 * hr] + b2[nt][0]) : 0.f;
-          const float d1 = live ? scan4::softplus_select(dd[nt][2 * hr + 1] + b2[nt][1]) : 0.f;
-          *reinterpret_cast<float2*>(&sm.dls[row][ch]) = make_float2(d0, d1);
-          *reinterpret_cast<float2*>(&sm.dys[row][ch]) =
-              make_float2(dy.x * zz.x * sigmoid_fast(zz.x), dy.y * zz.y * sigmoid_fast(zz.y));
-        }
-      }
-    }
-    group_sync();
-#pragma unroll 8
-    for (int row = kChunk - 1; row >= 0; --row) {
-      const float dl = sm.dls[row][sc], y = sm.dys[row][sc];
-      const uint2 cw = *reinterpret_cast<const uint2*>(&sm.c[row][4 * sq]);
-      const float2 c01 = scan4::unpack2<T>(cw.x), c23 = scan4::unpack2<T>(cw.y);
-      const float cv[4] = {c01.x, c01.y, c23.x, c23.y};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) carry[i] = fmaf(y, cv[i], carry[i]) * ex2(dl * A2[i]);
-      sdelta += dl;
-    }
-  }
-#endif
   // Fold the groups (group 0 holds the earliest tiles): L = L_0 + P_0 (L_1 + P_1 (...)), P = exp(A sum delta).
   fold_l[gi][tid] = make_float4(carry[0], carry[1], carry[2], carry[3]);
   fold_sd[gi][tid] = sdelta;
@@ -1094,7 +1031,16 @@ void launch_mixer_scan_bwd7(const MixerScanParams& p, void* stream) {
 template <typename T>
 void launch_mixer_scan_bwd7_carry(const MixerScanParams& p, void* stream) {
   dim3 grid(p.d_inner / scan::kN, p.batch * (p.bwd_segments - 1));
-  scan7c::mixer_scan_bwd7_carry_kernel<T><<<grid, scan7c::kThr, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  constexpr size_t smem = sizeof(scan7c::CarrySmem<T>);
+  if constexpr (smem > 48 * 1024) {
+    static bool configured = false;  // per instantiation; a race here only repeats an idempotent call
+    if (!configured) {
+      APRIEL_CUDA_CHECK(cudaFuncSetAttribute(scan7c::mixer_scan_bwd7_carry_kernel<T>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+      configured = true;
+    }
+  }
+  scan7c::mixer_scan_bwd7_carry_kernel<T><<<grid, scan7c::kThr, smem, static_cast<cudaStream_t>(stream)>>>(p);
   APRIEL_CHECK_LAUNCH();
 }
 

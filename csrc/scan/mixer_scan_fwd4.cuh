@@ -326,8 +326,12 @@ template <typename T, int K, int kR, int kVer> constexpr int kMinBlocks = kVer >
 #ifndef APRIEL_SCAN_FWD_PF
 #define APRIEL_SCAN_FWD_PF 2  // experiments: NVCC_APPEND_FLAGS=-DAPRIEL_SCAN_FWD_PF=4 at build time
 #endif
-#ifndef APRIEL_SCAN_FWD5_FRONT
-#define APRIEL_SCAN_FWD5_FRONT 2  // v5's recurrence front distance in tokens (experiments; <= APRIEL_SCAN_FWD_PF)
+// The pipelined TMA kernel's own operand prefetch and recurrence front distances (tokens; experiments).
+#ifndef APRIEL_SCAN_FWD5T_PF
+#define APRIEL_SCAN_FWD5T_PF 2
+#endif
+#ifndef APRIEL_SCAN_FWD5T_FRONT
+#define APRIEL_SCAN_FWD5T_FRONT 2
 #endif
 
 // kTma (v5 K = 8 only, see launch): the tiles arrive by TMA (stage_tma) instead of cp.async; the rest is the same code.
@@ -563,7 +567,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
   // loaded kPF tokens ahead (short-scoreboard stalls were the top stall reason). hook(t) runs after token t's
   // front (the pipelined schedule puts the next tile's prep items there).
   auto scan_tile = [&](const RawTile<T, kR>& r, int ub, int ypar, auto&& hook) {
-    constexpr int kPF = APRIEL_SCAN_FWD_PF;  // operand prefetch distance in tokens (compile-time knob, 2 by default)
+    constexpr int kPF = kPipe ? APRIEL_SCAN_FWD5T_PF : APRIEL_SCAN_FWD_PF;  // operand prefetch distance in tokens (compile-time knob, 2 by default)
     constexpr int kW = kRawBC ? NS : 2 * NS;  // 32-bit words of B and C per token and lane
     float acc[kChunk];
     float2 ep[kPF + 1];
@@ -595,7 +599,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     // arithmetic (v4 and v5 stay bitwise equal). Session 8 (bench/results/s8/fwd_front/, graph p50 at b1 L8192 /
     // L32768): v5 K = 8 0.474 / 1.869 ms at 0 -> 0.467 / 1.836 at 2 tokens ahead (1: 0.472 / 1.857); v4 K = 8 was
     // flat or slower (0.475 -> 0.481 at 2), so v4 keeps 0 and the 16-bit K = 8 default moved to v5.
-    constexpr int kFront = kV5 ? APRIEL_SCAN_FWD5_FRONT : 0;
+    constexpr int kFront = kPipe ? APRIEL_SCAN_FWD5T_FRONT : kV5 ? 2 : 0;
     static_assert(kFront >= 0 && kFront < kPF + 1, "the front reads operands the prefetch ring still holds");
     float fdA[kFront + 1][NS], fdB[kFront + 1][NS];
     auto unpack_bc = [&](int t, float (&Bv)[NS], float (&Cv)[NS]) {
