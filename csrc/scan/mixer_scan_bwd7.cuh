@@ -814,13 +814,9 @@ void launch(const MixerScanParams& p, void* stream) {
 // relative).
 namespace scan7c {
 
-#ifndef APRIEL_SCAN_CARRY_GROUPS
-#define APRIEL_SCAN_CARRY_GROUPS 4  // experiments: groups per block (4 or 8)
-#endif
 constexpr int kGT = 64;                 // threads per group
-constexpr int kGroups = APRIEL_SCAN_CARRY_GROUPS;
+constexpr int kGroups = 4;              // (session 12: 8 groups of half the tiles each, 2 blocks per SM: not faster)
 constexpr int kThr = kGT * kGroups;
-static_assert(kGroups == 4 || kGroups == 8, "group_sync names barriers 1 .. kGroups");
 
 // A group's buffers, by tile parity (z / dy / dt_low go from global memory to registers): 10 KB per group, 45 KB per
 // block of 4 groups with the fold arrays (4 blocks per SM).
@@ -830,23 +826,15 @@ struct GroupSmem {
   alignas(16) float dls[2][scan::kChunk][scan::kN];
   alignas(16) float dys[2][scan::kChunk][scan::kN];
 };
-template <typename T>
-struct CarrySmem {  // dynamic shared memory (8 groups: 90 KB)
-  GroupSmem<T> gs[kGroups];
-  float4 fold_l[kGroups][kGT];
-  float fold_sd[kGroups][kGT];
-};
 
 template <typename T>
-__global__ void __launch_bounds__(kThr, 16 / kGroups) mixer_scan_bwd7_carry_kernel(MixerScanParams p) {
+__global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerScanParams p) {
   using scan::kChunk;
   using scan::kN;
   constexpr int kVec = 16 / sizeof(T);  // 8
-  extern __shared__ __align__(16) unsigned char carry_smem_raw[];
-  CarrySmem<T>& cs = *reinterpret_cast<CarrySmem<T>*>(carry_smem_raw);
-  auto& gs = cs.gs;
-  auto& fold_l = cs.fold_l;
-  auto& fold_sd = cs.fold_sd;
+  __shared__ GroupSmem<T> gs[kGroups];
+  __shared__ float4 fold_l[kGroups][kGT];
+  __shared__ float fold_sd[kGroups][kGT];
   const int gi = threadIdx.x / kGT, tid = threadIdx.x % kGT, S = p.bwd_segments, nseg = S - 1;
   const int head = blockIdx.x, b = blockIdx.y / nseg, seg = blockIdx.y % nseg + 1, c0 = head * kN;
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank;
@@ -860,26 +848,13 @@ __global__ void __launch_bounds__(kThr, 16 / kGroups) mixer_scan_bwd7_carry_kern
   const T* dyb = static_cast<const T*>(p.dy) + (int64_t)b * L * D;
   // copies: thread = (row tid / 2, 8-element half tid % 2) of each 32 x 16 slice; dt_low rows have R / 8 halves
   const int crow = tid / 2, chalf = tid % 2;
-  auto group_sync = [&] {  // named barrier 1 + gi of the group's 64 threads (immediate ids: kGroups + 1 barriers)
-    static_assert(kGT == 64, "group_sync: barriers of 64 threads");
-    if constexpr (kGroups == 4) {
-      switch (gi) {
-        case 0: asm volatile("bar.sync 1, 64;" ::: "memory"); break;
-        case 1: asm volatile("bar.sync 2, 64;" ::: "memory"); break;
-        case 2: asm volatile("bar.sync 3, 64;" ::: "memory"); break;
-        default: asm volatile("bar.sync 4, 64;" ::: "memory"); break;
-      }
-    } else {
-      switch (gi) {
-        case 0: asm volatile("bar.sync 1, 64;" ::: "memory"); break;
-        case 1: asm volatile("bar.sync 2, 64;" ::: "memory"); break;
-        case 2: asm volatile("bar.sync 3, 64;" ::: "memory"); break;
-        case 3: asm volatile("bar.sync 4, 64;" ::: "memory"); break;
-        case 4: asm volatile("bar.sync 5, 64;" ::: "memory"); break;
-        case 5: asm volatile("bar.sync 6, 64;" ::: "memory"); break;
-        case 6: asm volatile("bar.sync 7, 64;" ::: "memory"); break;
-        default: asm volatile("bar.sync 8, 64;" ::: "memory"); break;
-      }
+  auto group_sync = [&] {  // named barrier 1 + gi of the group's 64 threads (immediate ids: 5 barriers, not 16)
+    static_assert(kGroups == 4 && kGT == 64, "group_sync names barriers 1..4 of 64 threads");
+    switch (gi) {
+      case 0: asm volatile("bar.sync 1, 64;" ::: "memory"); break;
+      case 1: asm volatile("bar.sync 2, 64;" ::: "memory"); break;
+      case 2: asm volatile("bar.sync 3, 64;" ::: "memory"); break;
+      default: asm volatile("bar.sync 4, 64;" ::: "memory"); break;
     }
   };
   // prep items (session 11: dt_proj on tensor cores, as the main kernel's prep): warp wi = tid / 32 of the group
@@ -1031,16 +1006,7 @@ void launch_mixer_scan_bwd7(const MixerScanParams& p, void* stream) {
 template <typename T>
 void launch_mixer_scan_bwd7_carry(const MixerScanParams& p, void* stream) {
   dim3 grid(p.d_inner / scan::kN, p.batch * (p.bwd_segments - 1));
-  constexpr size_t smem = sizeof(scan7c::CarrySmem<T>);
-  if constexpr (smem > 48 * 1024) {
-    static bool configured = false;  // per instantiation; a race here only repeats an idempotent call
-    if (!configured) {
-      APRIEL_CUDA_CHECK(cudaFuncSetAttribute(scan7c::mixer_scan_bwd7_carry_kernel<T>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-      configured = true;
-    }
-  }
-  scan7c::mixer_scan_bwd7_carry_kernel<T><<<grid, scan7c::kThr, smem, static_cast<cudaStream_t>(stream)>>>(p);
+  scan7c::mixer_scan_bwd7_carry_kernel<T><<<grid, scan7c::kThr, 0, static_cast<cudaStream_t>(stream)>>>(p);
   APRIEL_CHECK_LAUNCH();
 }
 

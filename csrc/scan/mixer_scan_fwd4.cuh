@@ -36,11 +36,6 @@
 #ifndef APRIEL_SCAN_FWD5_BLOCKS_K8
 #define APRIEL_SCAN_FWD5_BLOCKS_K8 4
 #endif
-// The pipelined TMA kernel's readout sum over the K = 8 lanes of a channel: 1 = per 8-token quarter, each quarter's
-// reduce-scatter and gate placed inside the next quarter's scan tokens; 0 = all 32 tokens after the scan.
-#ifndef APRIEL_SCAN_FWD5_QRED
-#define APRIEL_SCAN_FWD5_QRED 0
-#endif
 
 namespace apriel {
 namespace scan4 {
@@ -326,12 +321,13 @@ template <typename T, int K, int kR, int kVer> constexpr int kMinBlocks = kVer >
 #ifndef APRIEL_SCAN_FWD_PF
 #define APRIEL_SCAN_FWD_PF 2  // experiments: NVCC_APPEND_FLAGS=-DAPRIEL_SCAN_FWD_PF=4 at build time
 #endif
-// The pipelined TMA kernel's own operand prefetch and recurrence front distances (tokens; experiments).
+// The pipelined TMA kernel's own operand prefetch and recurrence front distances in tokens (session 12 A/B with the
+// per-quarter reduce-scatter, b1 L8192 graph p50: 2 / 2 0.389 ms, 4 / 3 0.379, 5 / 4 0.377, 6 / 5 0.381).
 #ifndef APRIEL_SCAN_FWD5T_PF
-#define APRIEL_SCAN_FWD5T_PF 2
+#define APRIEL_SCAN_FWD5T_PF 5
 #endif
 #ifndef APRIEL_SCAN_FWD5T_FRONT
-#define APRIEL_SCAN_FWD5T_FRONT 2
+#define APRIEL_SCAN_FWD5T_FRONT 4
 #endif
 
 // kTma (v5 K = 8 only, see launch): the tiles arrive by TMA (stage_tma) instead of cp.async; the rest is the same code.
@@ -548,11 +544,14 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     }
   };
 
-  // The readout sum of K consecutive tokens (quarter qt of the tile) over the channel's K lanes and its gate
-  // (APRIEL_SCAN_FWD5_QRED): the same shuffle tree and the same token per lane (K qt + bitrev(j)) as the whole-tile
+  // The pipelined kernel's readout sum of K consecutive tokens (quarter qt of the tile) over the channel's K lanes
+  // and its gate: the same shuffle tree and the same token per lane (K qt + bitrev(j)) as the whole-tile
   // reduce-scatter, so bitwise the same y; placed between the next quarter's tokens, where the scan's ex2 / FFMA
-  // stream hides the shuffles' latency, it leaves one quarter's reduce-scatter at the end of the tile.
-  constexpr bool kQuarterRed = kPipe && APRIEL_SCAN_FWD5_QRED != 0;
+  // stream hides the shuffles' latency, it leaves one quarter's reduce-scatter at the end of the tile, and the
+  // tile's 32 readouts are no longer live at once (128 -> ~93 registers). Alone it was 8 % slower (ptxas scheduled
+  // the freed registers worse); with a deeper operand prefetch and front (5 / 4 tokens) 2-3 % faster at b1
+  // (session 12, docs/notes/scan.md).
+  constexpr bool kQuarterRed = kPipe;
   auto gate_quarter = [&](const float (&acc)[kChunk], int qt, int ub, int ypar) {
     float v[K];
 #pragma unroll
