@@ -321,8 +321,9 @@ template <typename T, int K, int kR, int kVer> constexpr int kMinBlocks = kVer >
 #ifndef APRIEL_SCAN_FWD_PF
 #define APRIEL_SCAN_FWD_PF 2  // experiments: NVCC_APPEND_FLAGS=-DAPRIEL_SCAN_FWD_PF=4 at build time
 #endif
-// The pipelined TMA kernel's own operand prefetch and recurrence front distances in tokens (session 12 A/B with the
-// per-quarter reduce-scatter, b1 L8192 graph p50: 2 / 2 0.389 ms, 4 / 3 0.379, 5 / 4 0.377, 6 / 5 0.381).
+// The pipelined TMA kernel's own operand prefetch and recurrence front distances in tokens (session 12 A/B, b1
+// L8192 graph p50: whole-tile reduce-scatter 2 / 2 0.389 ms; per-quarter sums 2 / 2 0.424, 3 / 2 0.393, 4 / 3
+// 0.380, 5 / 4 0.378, 6 / 5 0.381).
 #ifndef APRIEL_SCAN_FWD5T_PF
 #define APRIEL_SCAN_FWD5T_PF 5
 #endif
