@@ -567,7 +567,8 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
   // loaded kPF tokens ahead (short-scoreboard stalls were the top stall reason). hook(t) runs after token t's
   // front (the pipelined schedule puts the next tile's prep items there).
   auto scan_tile = [&](const RawTile<T, kR>& r, int ub, int ypar, auto&& hook) {
-    constexpr int kPF = kPipe ? APRIEL_SCAN_FWD5T_PF : APRIEL_SCAN_FWD_PF;  // operand prefetch distance in tokens (compile-time knob, 2 by default)
+    // operand prefetch distance in tokens (compile-time knobs: 5 for the pipelined TMA kernel, 2 elsewhere)
+    constexpr int kPF = kPipe ? APRIEL_SCAN_FWD5T_PF : APRIEL_SCAN_FWD_PF;
     constexpr int kW = kRawBC ? NS : 2 * NS;  // 32-bit words of B and C per token and lane
     float acc[kChunk];
     float2 ep[kPF + 1];
