@@ -49,14 +49,16 @@ LOG="$OUT_DIR/scan_sanitizer.log"
 # session 11: v5k8t = v5 K = 8 without documents, so that its TMA kernel (the pipelined schedule: 3 raw tiles)
 # runs - v5k8 runs packed documents, which take the cp.async kernel - over 5 tiles (L 130: every raw slot twice).
 # session 12: v7c = v7 over 10 tiles in 2 segments, so that the carry pre-pass's groups walk 2, 2, 1 and 0 tiles
-# (its pipelined schedule's buffer hand-offs; the v7 case gives every group at most one tile).
-for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v7 v7s1 v7c}; do
+# (its pipelined schedule's buffer hand-offs; the v7 case gives every group at most one tile); v7p = the v7 forward
+# with packed documents (its document ids staged by cp.async next to the tile), backward v4.
+for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v7 v7s1 v7c v7p}; do
   packed=1 bwd=auto fwd=$version segments=
   [ "$version" = "v7" ] && packed=0 bwd=v7
   [ "$version" = "v7s1" ] && packed=0 bwd=v7 fwd=v7 segments=1
   length=45
   [ "$version" = "v5k8t" ] && packed=0 fwd=v5k8 length=130
   [ "$version" = "v7c" ] && packed=0 bwd=v7 fwd=v7 segments=2 length=300
+  [ "$version" = "v7p" ] && fwd=v7 length=130
   for tool in memcheck racecheck; do
     echo "=== L=$length packed=$packed APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=${segments:-auto} compute-sanitizer --tool $tool" >> "$LOG"
     SCAN_SANITIZER_L=$length SCAN_SANITIZER_PACKED=$packed APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=$segments \

@@ -407,7 +407,8 @@ def test_forward_v5_bitwise_equals_v4(case, dtype, monkeypatch):
 # v7 (session 5, mixer_scan_fwd7.cuh): the input product du (x) B and the readout C . h on tensor cores (tf32), one
 # warp per head, 16-bit activations. Not bitwise v4 / v5 (tf32 rounding of du and of h in the readout): parity
 # against float64 with the same tolerance as every forward version, and the profiler proves which kernel ran -
-# v7 where it applies, the v5 fallback for packed documents, unaligned rows and fp32.
+# v7 where it applies (packed documents too, since session 12), the v5 fallback for unaligned rows, fp32 and fewer
+# than 4 heads per group.
 V7_CASES = [
     # (batch, seqlen, d_inner, d_xb, repeat, width, dt_rank, extras)
     (2, 77, 64, 16, True, 4, 16, "init"),
@@ -418,7 +419,19 @@ V7_CASES = [
     (3, 300, 4096, 1024, True, 4, 16, "init"),
     (1, 32768, 64, 16, True, 4, 16, ""),
     (2, 65, 128, 16, True, 4, 16, "init"),  # 8 heads per x / B group: two blocks per group
+    # packed documents (v7_seq_idx: starts mid-tile, on a tile boundary, one-token documents, past a tile's end)
+    (2, 77, 64, 16, False, 3, 16, "packed"),
+    (2, 4097, 256, 64, True, 4, 16, "init_packed"),
+    (3, 300, 4096, 1024, True, 4, 16, "packed"),
 ]
+
+
+def v7_seq_idx(b, L, extra):
+    """Documents for the V7_CASES marked packed (None otherwise)."""
+    if "packed" not in extra:
+        return None
+    cuts = sorted({c for c in (1, L // 4, L // 4 + 1, 32, 64, L // 2 + 1, L - 1) if 0 < c < L})
+    return packed_seq_idx(b, L, cuts, "cuda")
 
 
 def _cuda_kernels_run(fn):
@@ -439,19 +452,21 @@ def test_forward_v7_parity(case, dtype, monkeypatch):
     monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")
     args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", repeat=repeat, dt_rank=rank, width=width,
                            initial_states="init" in extra, strided=extra == "strided", seed=5)
+    seq = v7_seq_idx(b, L, extra)
     poison_allocator()
     out = {}
-    names = _cuda_kernels_run(lambda: out.update(r=mixer_scan(**args, **kw, return_final_states=True)))
+    names = _cuda_kernels_run(lambda: out.update(r=mixer_scan(**args, **kw, seq_idx=seq, return_final_states=True)))
     assert any("mixer_scan_fwd7_kernel" in n for n in names), f"v7 did not run: {names}"
-    ref64 = ref_mixer(to64(args), kw, return_final_states=True)
-    ref_lp = ref_mixer(args, kw, return_final_states=True)
+    ref64 = ref_mixer(to64(args), kw, seq_idx=seq, return_final_states=True)
+    ref_lp = ref_mixer(args, kw, seq_idx=seq, return_final_states=True)
     for name, o, r64, rlp in zip(("y", "final_ssm", "final_conv"), out["r"], ref64, ref_lp):
         check(name, o, r64, rlp, floor=1e-3)
 
 
 # The forward versions with a TMA staging variant (csrc/common/tma.cuh) and how the profiler names each: v7, and v5
-# K = 8 (the batch 1-2 default; kTma is the fwd4 kernel template's 7th argument, after kVer = 5).
-TMA_FORWARDS = {"v7": ("mixer_scan_fwd7_kernel", "{}>"), "v5k8": ("mixer_scan_fwd4_kernel", ", 5, {}>")}
+# K = 8 (the batch 1-2 default; kTma is the fwd4 kernel template's 7th argument, after kVer = 5; v7's 2nd, before
+# kSeq).
+TMA_FORWARDS = {"v7": ("mixer_scan_fwd7_kernel", ", {}, "), "v5k8": ("mixer_scan_fwd4_kernel", ", 5, {}>")}
 
 
 @gpu
@@ -473,16 +488,19 @@ def test_forward_tma_staging_equals_cp_async(case, dtype, version, monkeypatch):
     if not apriel_kernels.build_info().get("tma_staging"):
         pytest.skip("extension built without CUTLASS headers (pip install --no-deps nvidia-cutlass, then rebuild)")
     b, L, D_, X, repeat, width, rank, extra = case
+    if version == "v5k8" and "packed" in extra:
+        pytest.skip("the v5 K = 8 TMA kernel takes no documents (packed documents run its cp.async kernel)")
     monkeypatch.setenv("APRIEL_SCAN_FWD", version)
     kernel, suffix = TMA_FORWARDS[version]
     args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", repeat=repeat, dt_rank=rank, width=width,
                            initial_states="init" in extra, strided=extra == "strided", seed=15)
+    seq = v7_seq_idx(b, L, extra)
     results = {}
     for staging in ("0", "1"):
         monkeypatch.setenv("APRIEL_SCAN_TMA", staging)
         poison_allocator()
         out = {}
-        names = _cuda_kernels_run(lambda: out.update(r=mixer_scan(**args, **kw, return_final_states=True)))
+        names = _cuda_kernels_run(lambda: out.update(r=mixer_scan(**args, **kw, seq_idx=seq, return_final_states=True)))
         want = suffix.format("true" if staging == "1" else "false")
         assert any(kernel in n and want in n for n in names), (staging, names)
         results[staging] = out["r"]
@@ -539,7 +557,7 @@ def _assert_compile_and_graph_match_eager(args, kw, fresh_zxbc):
 
 @gpu
 @needs_kernel
-@pytest.mark.parametrize("extra", ["packed", "misaligned", "fp32", "groups2"])
+@pytest.mark.parametrize("extra", ["misaligned", "fp32", "groups2"])
 def test_forward_v7_falls_back_where_it_does_not_apply(extra, monkeypatch):
     monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")
     dtype = torch.float32 if extra == "fp32" else torch.bfloat16
@@ -616,7 +634,8 @@ def test_gradient_parity_with_each_forward_version(version, bwd_version, monkeyp
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
 @pytest.mark.parametrize("case", [(2, 97, 64, 16, True, "init"), (1, 130, 256, 64, False, "strided"),
-                                  (3, 65, 256, 64, True, "init_D")], ids=["b2-L97-init", "b1-L130-strided", "b3-L65-initD"])
+                                  (3, 65, 256, 64, True, "init_D"), (2, 97, 64, 16, True, "packed")],
+                         ids=["b2-L97-init", "b1-L130-strided", "b3-L65-initD", "b2-L97-packed"])
 def test_gradient_parity_forward_v7(case, dtype, bwd_version, monkeypatch):
     """The backward recomputes from the forward's checkpoints: v7 writes them in its own (tensor-core) layout."""
     monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")
@@ -772,7 +791,12 @@ def test_continuity_split_and_step(repeat, monkeypatch):
 
 @gpu
 @needs_kernel
-def test_packed_equals_separate():
+@pytest.mark.parametrize("version", ["auto", "v7"])
+def test_packed_equals_separate(version, monkeypatch):
+    """Documents packed in one row give each document's separate call bitwise (auto: v5 at batch 1; v7: its
+    document support, session 12 - restarts mid-tile, a one-token document)."""
+    if version != "auto":
+        monkeypatch.setenv("APRIEL_SCAN_FWD", version)
     args, kw = make_inputs(1, 200, 256, 64, dtype=torch.bfloat16, device="cuda", dt_rank=16)
     cuts = [0, 37, 38, 120, 200]
     seq = packed_seq_idx(1, 200, cuts[1:-1], "cuda")

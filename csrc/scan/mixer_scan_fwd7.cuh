@@ -32,7 +32,11 @@
 // the accumulator layout, conv + silu, softplus(. + 2 b_dt), silu(z)) -> per (token, row) du = (tf32(delta u),
 // delta) and gt = (silu z, D u silu z) pairs, and the C operand words; __syncwarp; the 16 tokens of the scan; the
 // half's y rows gated and stored by the warp. No block barrier between prep and scan (a head's prep is its warp's).
-// Not handled (the dispatcher falls back to v5 / v4): seq_idx (packed documents), fp32 activations, dt_rank > 16,
+// Packed documents (seq_idx, kSeq; session 12): the tile's document ids arrive by 4-byte cp.async next to the tile
+// (either staging) into seqr[parity], phase A lays them out with the 3-token halo (seqf, as xf), and the prep masks
+// conv taps from another document and sets the decay argument to +inf at a document start (ex2 -> 0 resets h; the
+// FMA-pipe exponential clamps, so its exact 0 is selected), as v5 does: the same arithmetic per token as separate
+// calls (bitwise, tested). Not handled (the dispatcher falls back to v5 / v4): fp32 activations, dt_rank > 16,
 // unaligned zxbc / dt_low rows (no 16-byte copies), heads_per_group % 4 != 0.
 #pragma once
 #include "../common/cuda_check.h"
@@ -79,6 +83,20 @@ struct Smem7 {
   alignas(16) float yf[kHeads][kHalf][kN];      // readout C . h (before the gate) per (token, channel)
   alignas(8) uint64_t bar[2];                   // TMA staging: the transaction barrier of raw[parity]
 };
+// kSeq: the document ids of the tile by parity (seqr: as copied; seqf: rows 0..2 = the 3 tokens before, as xf).
+template <typename T>
+struct Smem7Seq : Smem7<T> {
+  alignas(16) int seqr[2][kChunk];
+  int seqf[2][kChunk + 3];
+};
+template <typename T, bool kSeq>
+using Smem7For = std::conditional_t<kSeq, Smem7Seq<T>, Smem7<T>>;
+
+// Document ids of the tile starting at t0 into dst (threads 0..31, 4-byte cp.async; past the end: the last id,
+// those tokens are inert).
+__device__ __forceinline__ void stage_seq(const MixerScanParams& p, int* dst, int b, int t0, int tid) {
+  if (tid < kChunk) scan4::cp_async4(&dst[tid], p.seq_idx + (int64_t)b * p.seqlen + min(t0 + tid, p.seqlen - 1));
+}
 
 __device__ __forceinline__ float tf32_rna(float v) {
   unsigned r;
@@ -180,11 +198,11 @@ __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::S
 // (b8 1.087-1.111 vs 1.096-1.107 ms, b1 L8192 0.847 vs 0.820 ms: bench/results/s5/ro/).
 // kTma: the tiles arrive by the bulk tensor copy engine (stage_tma, maps) instead of cp.async (stage); the rest of
 // the kernel is the same code.
-template <typename T, bool kTma>
+template <typename T, bool kTma, bool kSeq = false>
 __global__ void __launch_bounds__(kThreads, 4)
     mixer_scan_fwd7_kernel(MixerScanParams p, const __grid_constant__ tma::ScanMaps maps) {
   extern __shared__ __align__(128) unsigned char smem_raw[];  // 128: TMA destinations (raw slices) are 1 KB apart
-  using SM = Smem7<T>;
+  using SM = Smem7For<T, kSeq>;
   SM& sm = *reinterpret_cast<SM*>(smem_raw);
   using M = scan4::MmaOp<T>;
   const int tid = threadIdx.x, lane = tid % 32, w = tid / 32, g = lane / 4, q = lane % 4;
@@ -200,6 +218,10 @@ __global__ void __launch_bounds__(kThreads, 4)
     }
   } else {
     stage<T>(p, sm.raw[0], b, head0, group, 0, tid);
+    scan4::cp_async_commit();
+  }
+  if constexpr (kSeq) {
+    stage_seq(p, sm.seqr[0], b, 0, tid);
     scan4::cp_async_commit();
   }
 
@@ -254,6 +276,9 @@ __global__ void __launch_bounds__(kThreads, 4)
     sm.xf[1][kChunk + k][ch] = (p.init_conv != nullptr && kk >= 0)
                                    ? p.init_conv[((int64_t)b * p.d_xb + group * kN + ch) * (W - 1) + kk] : 0.f;
   }
+  if constexpr (kSeq) {  // (the initial conv state counts as part of the first document)
+    if (tid < 3) sm.seqf[1][kChunk + tid] = p.seq_idx[(int64_t)b * L];
+  }
   if (tid < kChunk / 2) sm.bop[tid][8] = make_float4(0.f, 0.f, 0.f, 0.f);
   const int bsel = q == 0 ? g : 8;  // lanes q > 0 read the zero entry: rows k >= 1 of the B operand
 
@@ -266,6 +291,7 @@ __global__ void __launch_bounds__(kThreads, 4)
     const typename SM::Raw& r = sm.raw[par];
     if constexpr (kTma) {
       tma::wait(&sm.bar[par], (tile >> 1) & 1);  // raw[par]'s (tile / 2)-th fill
+      if constexpr (kSeq) scan4::cp_async_wait_all();  // (the document ids)
     } else {
       scan4::cp_async_wait_all();
     }
@@ -275,6 +301,10 @@ __global__ void __launch_bounds__(kThreads, 4)
         if (tid == 0) stage_tma<T>(p, maps, sm.raw[par ^ 1], &sm.bar[par ^ 1], b, head0, group, t0 + kChunk);
       } else {
         stage<T>(p, sm.raw[par ^ 1], b, head0, group, t0 + kChunk, tid);
+        scan4::cp_async_commit();
+      }
+      if constexpr (kSeq) {
+        stage_seq(p, sm.seqr[par ^ 1], b, t0 + kChunk, tid);
         scan4::cp_async_commit();
       }
     }
@@ -292,6 +322,10 @@ __global__ void __launch_bounds__(kThreads, 4)
       const int pr = tid / 8, bg = tid % 8;  // 16 token pairs x 8
       sm.bop[pr][bg] = make_float4(to_f(r.B[2 * pr][bg]), to_f(r.B[2 * pr][bg + 8]), to_f(r.B[2 * pr + 1][bg]),
                                    to_f(r.B[2 * pr + 1][bg + 8]));
+      if constexpr (kSeq) {  // document ids after the 3 halo rows (the previous tile's last 3)
+        if (tid < kChunk) sm.seqf[par][3 + tid] = sm.seqr[par][tid];
+        else if (tid < kChunk + 3) sm.seqf[par][tid - kChunk] = sm.seqf[par ^ 1][tid];
+      }
     }
     if (p.ckpt != nullptr) store_h(p.ckpt + ((int64_t)b * n_tiles + tile) * D * kN);
     __syncthreads();  // S2
@@ -317,6 +351,15 @@ __global__ void __launch_bounds__(kThreads, 4)
           float4 xs[4];
 #pragma unroll
           for (int k = 0; k < 4; ++k) xs[k] = *reinterpret_cast<const float4*>(&sm.xf[par][t + k][4 * q]);
+          // kSeq: tap k (token t - 3 + k) counts only inside the token's document; keep = same document as the
+          // previous token (else the decay argument is +inf: h restarts)
+          bool tap[4] = {true, true, true, true}, keep = true;
+          if constexpr (kSeq) {
+            const int s3 = sm.seqf[par][t + 3];
+#pragma unroll
+            for (int k = 0; k < 3; ++k) tap[k] = sm.seqf[par][t + k] == s3;
+            keep = tap[2];
+          }
           const uint2 zw = *reinterpret_cast<const uint2*>(&r.z[w][t][4 * q]);
           const float2 z01 = scan4::unpack2<T>(zw.x), z23 = scan4::unpack2<T>(zw.y);
           const float zv[4] = {z01.x, z01.y, z23.x, z23.y};
@@ -330,11 +373,11 @@ __global__ void __launch_bounds__(kThreads, 4)
 #pragma unroll
               for (int k = 0; k < 4; ++k) {
                 const float xv = j == 0 ? xs[k].x : j == 1 ? xs[k].y : j == 2 ? xs[k].z : xs[k].w;
-                cv = fmaf(cw[j][k], xv, cv);
+                cv = fmaf(cw[j][k], tap[k] ? xv : 0.f, cv);
               }
               const float u = cv * sigmoid_fast(cv);
               const float delta = scan4::softplus_select(dd[nt][2 * rr + e] + dtb2[j]);
-              dv[e] = live ? delta : 0.f;  // past the end: (0, 0) keeps h
+              dv[e] = live ? (keep ? delta : __int_as_float(0x7f800000)) : 0.f;  // past the end: (0, 0) keeps h
               duv[e] = live ? tf32_rna(delta * u) : 0.f;
               sz[e] = zv[j] * sigmoid_fast(zv[j]);
               dus[e] = dsk[j] * u * sz[e];
@@ -376,6 +419,10 @@ __global__ void __launch_bounds__(kThreads, 4)
           // one of the lane's 8 exponentials on the FMA pipe (session 9, bench/results/s9/carry_emu: b8 L4096
           // 1.113 -> 1.094 ms; two of 8: 1.136, slower)
           dA[1][i] = i == 3 ? ex2_fma(dl * A2[1][i]) : ex2(dl * A2[1][i]);
+          // (a document start: ex2_fma clamps -inf to 2^-125, MUFU's ex2 flushes it to 0 - restart exactly)
+          if constexpr (kSeq) {
+            if (i == 3) dA[1][i] = dl == __int_as_float(0x7f800000) ? 0.f : dA[1][i];
+          }
         }
       };
       float dA[2][2][4], db[2][2][4];  // by token parity
@@ -420,9 +467,11 @@ __global__ void __launch_bounds__(kThreads, 4)
   // Final conv state: the last W-1 x inputs (xf rows Tv+3-hw .. Tv+2 of the last tile), by the group's first block.
   const int hw = W - 1, last_par = (n_tiles - 1) & 1;
   if (head0 % p.heads_per_group == 0 && tid < kN * hw) {
-    const int ch = tid / hw, k = tid % hw;
+    const int ch = tid / hw, k = tid % hw, row = Tv + 3 - hw + k;
+    bool same = true;  // kSeq: the last document's inputs only
+    if constexpr (kSeq) same = sm.seqf[last_par][row] == sm.seqf[last_par][Tv + 2];
     static_cast<T*>(p.final_conv)[((int64_t)b * p.d_xb + group * kN + ch) * hw + k] =
-        from_f<T>(sm.xf[last_par][Tv + 3 - hw + k][ch]);
+        from_f<T>(same ? sm.xf[last_par][row][ch] : 0.f);
   }
 }
 
@@ -435,24 +484,32 @@ inline bool allow_smem(const void* kernel, size_t smem) {
   return true;
 }
 
-template <typename T>
-void launch(const MixerScanParams& p, void* stream) {
-  const size_t smem = sizeof(Smem7<T>);
+template <typename T, bool kSeq>
+void launch_docs(const MixerScanParams& p, void* stream) {
+  const size_t smem = sizeof(Smem7For<T, kSeq>);
   const dim3 grid(p.d_inner / (kN * kHeads), p.batch);
   tma::ScanMaps maps{};
 #if APRIEL_TMA
   if (scan4::encode_scan_maps(p, maps)) {
-    static const bool configured = allow_smem(reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, true>), smem);
+    static const bool configured =
+        allow_smem(reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, true, kSeq>), smem);
     (void)configured;
-    mixer_scan_fwd7_kernel<T, true><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
+    mixer_scan_fwd7_kernel<T, true, kSeq><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
     APRIEL_CHECK_LAUNCH();
     return;
   }
 #endif
-  static const bool configured = allow_smem(reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, false>), smem);
+  static const bool configured =
+      allow_smem(reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, false, kSeq>), smem);
   (void)configured;
-  mixer_scan_fwd7_kernel<T, false><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
+  mixer_scan_fwd7_kernel<T, false, kSeq><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
   APRIEL_CHECK_LAUNCH();
+}
+
+template <typename T>
+void launch(const MixerScanParams& p, void* stream) {
+  if (p.seq_idx != nullptr) launch_docs<T, true>(p, stream);
+  else launch_docs<T, false>(p, stream);
 }
 
 }  // namespace scan7

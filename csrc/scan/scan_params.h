@@ -99,10 +99,11 @@ void launch_mixer_scan_fwd5(const MixerScanParams& p, void* stream);
 // v7 (mixer_scan_fwd7.cuh, 16-bit activations): tensor-core input product and readout, 4 heads per block.
 template <typename T>
 void launch_mixer_scan_fwd7(const MixerScanParams& p, void* stream);
-// The calls v7 handles; the dispatcher runs v5 / v4 for the others (packed documents, unaligned rows, ...). (The
-// conv width needs no check: the op accepts 2..4 only, all of which v7's right-aligned taps handle.)
+// The calls v7 handles; the dispatcher runs v5 / v4 for the others (unaligned rows, ...). Packed documents: the
+// forward since session 12, not the backward. (The conv width needs no check: the op accepts 2..4 only, all of which
+// v7's right-aligned taps handle.)
 inline bool mixer_scan_fwd7_supports(const MixerScanParams& p) {
-  return p.seq_idx == nullptr && p.zxbc_vec16 && p.dt_vec16 && p.dt_rank <= 16 && p.heads_per_group % 4 == 0;
+  return p.zxbc_vec16 && p.dt_vec16 && p.dt_rank <= 16 && p.heads_per_group % 4 == 0;
 }
 // Backward epilogue (mixer_scan_head_sum.cu): dzxbc's x / B slices = the sums of the r head copies of dx_part /
 // dB_part ((b L, D) fp32 each; rows = b L).
@@ -117,7 +118,9 @@ void launch_mixer_scan_bwd4(const MixerScanParams& p, void* stream);
 // applies where the forward v7 does and dy rows are 16-byte aligned; the dispatcher runs v4 elsewhere.
 template <typename T>
 void launch_mixer_scan_bwd7(const MixerScanParams& p, void* stream);
-inline bool mixer_scan_bwd7_supports(const MixerScanParams& p) { return mixer_scan_fwd7_supports(p) && p.dy_vec16; }
+inline bool mixer_scan_bwd7_supports(const MixerScanParams& p) {
+  return mixer_scan_fwd7_supports(p) && p.seq_idx == nullptr && p.dy_vec16;
+}
 // The v7 backward's carry pre-pass (p.bwd_segments > 1): L_s and P_s of segments 1 .. segments-1 into p.seg_carry.
 template <typename T>
 void launch_mixer_scan_bwd7_carry(const MixerScanParams& p, void* stream);
