@@ -846,7 +846,7 @@ __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerSca
   const T* zx = static_cast<const T*>(p.zxbc) + (int64_t)b * p.zxbc_batch_stride;
   const T* dtb = static_cast<const T*>(p.dt_low) + (int64_t)b * p.dt_batch_stride;
   const T* dyb = static_cast<const T*>(p.dy) + (int64_t)b * L * D;
-  // copies: thread = (row tid / 2, 8-element half tid % 2) of each 32 x 16 slice; dt_low rows have R / 8 halves
+  // C copies: thread = (row tid / 2, 8-element half tid % 2) of the 32 x 16 slice
   const int crow = tid / 2, chalf = tid % 2;
   auto group_sync = [&] {  // named barrier 1 + gi of the group's 64 threads (immediate ids: 5 barriers, not 16)
     static_assert(kGroups == 4 && kGT == 64, "group_sync names barriers 1..4 of 64 threads");

@@ -278,6 +278,12 @@ __device__ __forceinline__ void dt_tile_mma(const RawTile<T, kR>& r, const unsig
   }
 }
 
+// Document ids of the tile starting at t0 into dst (threads 0..kChunk-1, 4-byte cp.async; past the end: the last
+// id, those tokens are inert). Also the forward v7's (mixer_scan_fwd7.cuh).
+__device__ __forceinline__ void stage_seq(const MixerScanParams& p, int* dst, int b, int t0, int tid) {
+  if (tid < kChunk) cp_async4(&dst[tid], p.seq_idx + (int64_t)b * p.seqlen + min(t0 + tid, p.seqlen - 1));
+}
+
 // Issues the copies of the tile starting at t0 into r (16-byte cp.async when the host found the rows
 // aligned, plain loads otherwise; scan_stage.cuh). Rows past the sequence end are zero-filled.
 template <typename T, int NT, int kR>
@@ -290,10 +296,7 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, RawTile<T, kR>& 
   if (p.zxbc_vec16) stage_zxbc_vec16<T, NT, kR>(p, r, zx, tid, col_x, col_B, col_C, col_z, t0);
   else stage_zxbc_plain<T, NT, kR>(p, r, zx, tid, col_x, col_B, col_C, col_z, t0);
   stage_dt<T, NT, kR>(p, r, b, tid, t0);
-  if (p.seq_idx != nullptr && tid < kChunk) {
-    const int pos = min(t0 + tid, p.seqlen - 1);  // past the end: repeat the last id (those tokens are inert)
-    cp_async4(&r.seq[tid], p.seq_idx + (int64_t)b * p.seqlen + pos);
-  }
+  if (p.seq_idx != nullptr) stage_seq(p, r.seq, b, t0, tid);
 }
 
 // Unpacks two 16-bit values of a 32-bit word to fp32 (bf16: bit moves; fp16: conversions).

@@ -92,12 +92,6 @@ struct Smem7Seq : Smem7<T> {
 template <typename T, bool kSeq>
 using Smem7For = std::conditional_t<kSeq, Smem7Seq<T>, Smem7<T>>;
 
-// Document ids of the tile starting at t0 into dst (threads 0..31, 4-byte cp.async; past the end: the last id,
-// those tokens are inert).
-__device__ __forceinline__ void stage_seq(const MixerScanParams& p, int* dst, int b, int t0, int tid) {
-  if (tid < kChunk) scan4::cp_async4(&dst[tid], p.seq_idx + (int64_t)b * p.seqlen + min(t0 + tid, p.seqlen - 1));
-}
-
 __device__ __forceinline__ float tf32_rna(float v) {
   unsigned r;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
@@ -221,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, 4)
     scan4::cp_async_commit();
   }
   if constexpr (kSeq) {
-    stage_seq(p, sm.seqr[0], b, 0, tid);
+    scan4::stage_seq(p, sm.seqr[0], b, 0, tid);
     scan4::cp_async_commit();
   }
 
@@ -304,7 +298,7 @@ __global__ void __launch_bounds__(kThreads, 4)
         scan4::cp_async_commit();
       }
       if constexpr (kSeq) {
-        stage_seq(p, sm.seqr[par ^ 1], b, t0 + kChunk, tid);
+        scan4::stage_seq(p, sm.seqr[par ^ 1], b, t0 + kChunk, tid);
         scan4::cp_async_commit();
       }
     }

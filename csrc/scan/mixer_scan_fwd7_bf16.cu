@@ -13,6 +13,11 @@ const bool kRegistered = [] {
 #if APRIEL_TMA
   register_kernel({"scan", "mixer_scan_fwd7_tma<bf16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__nv_bfloat16, true>), scan7::kThreads});
 #endif
+  // packed documents (kSeq, session 12)
+  register_kernel({"scan", "mixer_scan_fwd7_docs<bf16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__nv_bfloat16, false, true>), scan7::kThreads});
+#if APRIEL_TMA
+  register_kernel({"scan", "mixer_scan_fwd7_docs_tma<bf16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__nv_bfloat16, true, true>), scan7::kThreads});
+#endif
   return true;
 }();
 }  // namespace

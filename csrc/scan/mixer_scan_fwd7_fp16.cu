@@ -13,6 +13,11 @@ const bool kRegistered = [] {
 #if APRIEL_TMA
   register_kernel({"scan", "mixer_scan_fwd7_tma<fp16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__half, true>), scan7::kThreads});
 #endif
+  // packed documents (kSeq, session 12)
+  register_kernel({"scan", "mixer_scan_fwd7_docs<fp16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__half, false, true>), scan7::kThreads});
+#if APRIEL_TMA
+  register_kernel({"scan", "mixer_scan_fwd7_docs_tma<fp16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__half, true, true>), scan7::kThreads});
+#endif
   return true;
 }();
 }  // namespace
