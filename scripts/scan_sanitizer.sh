@@ -26,8 +26,9 @@ for repeat in (True, False):
     for p in params:
         p.requires_grad_(True)
     seq = torch.zeros(b, L, dtype=torch.int32, device="cuda")
-    seq[:, 20:] = 1
-    if os.environ.get("SCAN_SANITIZER_PACKED", "1") == "0":  # v7 runs only without documents (else: v5 fallback)
+    for cut in (20, 128, 129, 160, 200):  # (see v7pc below)
+        seq[:, cut:] += 1
+    if os.environ.get("SCAN_SANITIZER_PACKED", "1") == "0":
         seq = None
     init_ssm = torch.randn(b, D // 16, 16, 16, device="cuda", requires_grad=True)
     init_conv = torch.randn(b, X, 3, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -51,7 +52,11 @@ LOG="$OUT_DIR/scan_sanitizer.log"
 # session 12: v7c = v7 over 10 tiles in 2 segments, so that the carry pre-pass's groups walk 2, 2, 1 and 0 tiles
 # (its pipelined schedule's buffer hand-offs; the v7 case gives every group at most one tile); v7p = the v7 forward
 # with packed documents (its document ids staged by cp.async next to the tile), backward v4.
-for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v7 v7s1 v7c v7p}; do
+# session 13: the v7 backward takes documents, so v7p's backward is v7 now (unsplit: 5 tiles), as is the other packed
+# cases' (bwd=auto); v7pc = the v7 forward + the split backward with documents over 10 tiles in 2 segments of 5 (the
+# carry pre-pass's document resets; document starts at 128 (a tile edge), 129 (a one-token document), 160 (the
+# segment boundary) and 200).
+for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v7 v7s1 v7c v7p v7pc}; do
   packed=1 bwd=auto fwd=$version segments=
   [ "$version" = "v7" ] && packed=0 bwd=v7
   [ "$version" = "v7s1" ] && packed=0 bwd=v7 fwd=v7 segments=1
@@ -59,6 +64,7 @@ for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v7 v7s1 v
   [ "$version" = "v5k8t" ] && packed=0 fwd=v5k8 length=130
   [ "$version" = "v7c" ] && packed=0 bwd=v7 fwd=v7 segments=2 length=300
   [ "$version" = "v7p" ] && fwd=v7 length=130
+  [ "$version" = "v7pc" ] && bwd=v7 fwd=v7 segments=2 length=300
   for tool in memcheck racecheck; do
     echo "=== L=$length packed=$packed APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=${segments:-auto} compute-sanitizer --tool $tool" >> "$LOG"
     SCAN_SANITIZER_L=$length SCAN_SANITIZER_PACKED=$packed APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=$segments \

@@ -821,13 +821,13 @@ def test_deterministic_bitwise(bwd_version):
         assert torch.equal(runs[0][name], runs[1][name]), f"d{name} differs between runs"
 
 
-def _check_grads_repeatable(args, kw, weights):
+def _check_grads_repeatable(args, kw, weights, seq=None):
     """Every gradient vs float64 (16-bit tolerance) and bitwise equal across two runs on a poisoned allocator."""
     poison_allocator()
-    got = _grads(args, kw, None, weights)
-    again = _grads(args, kw, None, weights)
-    ref64 = _ref_grads(to64(args), kw, None, weights)
-    ref_lp = _ref_grads(args, kw, None, weights)
+    got = _grads(args, kw, seq, weights)
+    again = _grads(args, kw, seq, weights)
+    ref64 = _ref_grads(to64(args), kw, seq, weights)
+    ref_lp = _ref_grads(args, kw, seq, weights)
     for name in args:
         assert torch.equal(got[name], again[name]), f"d{name} differs between runs"
         check(f"d{name}", got[name], ref64[name], ref_lp[name], k=3.0, floor=2e-3)
@@ -906,10 +906,89 @@ def test_backward_v7_sequence_split(case, dtype, monkeypatch):
     _check_grads_repeatable(args, kw, weights)
 
 
+# The v7 backward with packed documents (kSeq, session 13): document starts mid-tile, on tile and 8-token sub-chunk
+# boundaries (t % 8 == 0: the sub-chunk's first token), one-token documents, starts at segment starts (L 300 in 3
+# segments of 4 tiles: tokens 128 / 256) and 1-2 tokens after them (the conv halo crosses the segment edge), a last
+# document shorter than the conv halo (the final conv state's gradient masked), widths 2-4, both repeat settings,
+# 8 heads per group (the non-fused dx_part path), initial states (the first document's), the model's shape.
+BWD7_DOC_CASES = [
+    # (batch, seqlen, d_inner, d_xb, repeat, width, dt_rank, segments, cuts, extras)
+    (2, 97, 64, 16, True, 4, 16, "1", (1, 8, 32, 33, 95), "init"),
+    (2, 300, 256, 64, True, 4, 16, "3", (16, 128, 129, 255, 257, 299), "init"),
+    (1, 300, 64, 16, False, 2, 16, "4", (40, 41, 42, 224, 226), "init"),
+    (3, 130, 128, 16, False, 3, 8, "2", (31, 64, 65, 129), "init"),
+    (1, 1000, 256, 64, True, 4, 16, "auto", (100, 511, 512, 513, 999), ""),
+    (2, 300, 4096, 1024, True, 4, 16, "auto", (64, 65, 200), "init"),
+]
+
+
 @gpu
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
-@pytest.mark.parametrize("case", BWD7_CASES + [(2, 1000, 256, 64, True, 3, 8, "S5")],
+@pytest.mark.parametrize("case", BWD7_DOC_CASES, ids=lambda c: f"b{c[0]}-L{c[1]}-D{c[2]}-X{c[3]}-{'rep' if c[4] else 'norep'}-W{c[5]}-R{c[6]}-S{c[7]}-{c[9] or 'plain'}")
+def test_backward_v7_documents(case, dtype, monkeypatch):
+    """Packed documents run the v7 backward (no v4 in the profile; the carry pre-pass where split), match float64
+    for every gradient (initial / final states included) and are bitwise repeatable."""
+    b, L, D_, X, repeat, width, rank, segments, cuts, extra = case
+    monkeypatch.setenv("APRIEL_SCAN_BWD", "v7")
+    if segments == "auto":
+        monkeypatch.delenv("APRIEL_SCAN_BWD_SEGMENTS", raising=False)
+    else:
+        monkeypatch.setenv("APRIEL_SCAN_BWD_SEGMENTS", segments)
+    args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", repeat=repeat, dt_rank=rank, width=width,
+                           initial_states="init" in extra, seed=41)
+    seq = packed_seq_idx(b, L, list(cuts), "cuda")
+    weights = _loss_weights(args, kw, dtype, seed=9)
+    names = _cuda_kernels_run(lambda: _grads(args, kw, seq, weights))
+    assert any("mixer_scan_bwd7_kernel" in n for n in names), names
+    assert not any("mixer_scan_bwd4_kernel" in n for n in names), names
+    if segments not in ("1", "auto"):
+        assert any("mixer_scan_bwd7_carry_kernel" in n for n in names), names
+    _check_grads_repeatable(args, kw, weights, seq)
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("split", ["1", "3"])
+def test_backward_v7_packed_equals_separate(split, monkeypatch):
+    """The gradients of documents packed in one row match those of each document's separate call: the activations'
+    rows (dzxbc, d dt_low) token by token, the parameters' as the sum over the documents. Not bitwise: the backward
+    recomputes the states from the forward's per-tile checkpoints, which sit at other tokens in the two layouts, so
+    the recomputed states may differ in the last bits. A document leak (a carry or conv tap across a start) would
+    show as an O(1) error. The loss weights y only (the packed final states are the last document's)."""
+    monkeypatch.setenv("APRIEL_SCAN_BWD", "v7")
+    monkeypatch.setenv("APRIEL_SCAN_BWD_SEGMENTS", split)
+    L = 300
+    args, kw = make_inputs(1, L, 256, 64, dtype=torch.bfloat16, device="cuda", dt_rank=16, seed=43)
+    cuts = [0, 37, 38, 128, 131, 200, L]
+    seq = packed_seq_idx(1, L, cuts[1:-1], "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    dy = torch.randn(1, L, 256, device="cuda", generator=gen).to(torch.bfloat16)
+
+    def grads(inputs, seq_idx, dy_part):
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
+        mixer_scan(**leaves, **kw, seq_idx=seq_idx).backward(dy_part)
+        return {k: v.grad for k, v in leaves.items()}
+
+    packed = grads(args, seq, dy)
+    parts = [grads({k: (v[:, a:b_] if k in ("zxbc", "dt_low") else v) for k, v in args.items()}, None, dy[:, a:b_])
+             for a, b_ in zip(cuts[:-1], cuts[1:])]
+    for name in args:
+        if name in ("zxbc", "dt_low"):
+            want = torch.cat([p[name] for p in parts], 1).double()
+        else:
+            want = sum(p[name].double() for p in parts)
+        got = packed[name].double()
+        scale = want.abs().max().item()
+        assert scale > 0, f"d{name}: zero"
+        assert err(got, want) <= 1e-2 * scale, f"d{name}: packed vs separate {err(got, want):.3e} (scale {scale:.3e})"
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
+@pytest.mark.parametrize("case", BWD7_CASES + [(2, 1000, 256, 64, True, 3, 8, "S5"), (2, 300, 256, 64, True, 4, 16, "S3_packed"),
+                                                (1, 1000, 4096, 1024, True, 4, 16, "packed")],
                          ids=lambda c: f"b{c[0]}-L{c[1]}-D{c[2]}-X{c[3]}-{'rep' if c[4] else 'norep'}-W{c[5]}-R{c[6]}-{c[7] or 'plain'}")
 def test_backward_v7_tma_staging_equals_cp_async(case, dtype, monkeypatch):
     """The v7 backward's TMA staging (16 boxes per tile: the forward's 11 slices, dy of 4 heads, the 4-row x halo
@@ -923,17 +1002,18 @@ def test_backward_v7_tma_staging_equals_cp_async(case, dtype, monkeypatch):
         pytest.skip("extension built without CUTLASS headers (pip install --no-deps nvidia-cutlass, then rebuild)")
     b, L, D_, X, repeat, width, rank, extra = case
     monkeypatch.setenv("APRIEL_SCAN_BWD", "v7")
-    if extra == "S5":
-        monkeypatch.setenv("APRIEL_SCAN_BWD_SEGMENTS", "5")
+    if extra.startswith("S"):
+        monkeypatch.setenv("APRIEL_SCAN_BWD_SEGMENTS", extra[1])
     args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", repeat=repeat, dt_rank=rank, width=width,
                            initial_states="init" in extra, strided=extra == "strided", seed=31)
+    seq = packed_seq_idx(b, L, [L // 4, L // 2, L // 2 + 1, L - 2], "cuda") if "packed" in extra else None
     weights = _loss_weights(args, kw, dtype, seed=7)
     grads = {}
     for staging in ("0", "1"):
         monkeypatch.setenv("APRIEL_SCAN_TMA", staging)
         poison_allocator()
-        names = _cuda_kernels_run(lambda staging=staging: grads.update({staging: _grads(args, kw, None, weights)}))
-        want = "true>" if staging == "1" else "false>"
+        names = _cuda_kernels_run(lambda staging=staging: grads.update({staging: _grads(args, kw, seq, weights)}))
+        want = (", true, " if staging == "1" else ", false, ") + ("true>" if seq is not None else "false>")  # <T, kTma, kSeq>
         assert any("mixer_scan_bwd7_kernel" in n and want in n for n in names), (staging, names)
     for name in grads["0"]:
         assert torch.equal(grads["0"][name], grads["1"][name]), f"d{name}: TMA staging differs from cp.async"
@@ -989,7 +1069,7 @@ def test_backward_default_dispatch(monkeypatch):
 
 @gpu
 @needs_kernel
-@pytest.mark.parametrize("extra", ["packed", "fp32", "groups2"])
+@pytest.mark.parametrize("extra", ["fp32", "groups2"])
 def test_backward_v7_falls_back_where_it_does_not_apply(extra, monkeypatch):
     # (misaligned rows: _grads clones its leaves - aligned again; the host check is the forward v7's plus dy's)
     monkeypatch.setenv("APRIEL_SCAN_BWD", "v7")

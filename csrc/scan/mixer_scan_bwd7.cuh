@@ -53,8 +53,8 @@
 // other way - the next segment's contribution to the d(conv input) of the hw tokens before it - leaves the kernel
 // as that segment's dinit_conv_part row (and the earlier segment writes those rows without it: dx_edge / dx_part);
 // the host adds the two. Whole-sequence partial outputs get one row per (b, segment).
-// Not handled (the dispatcher runs v4): seq_idx (packed documents), fp32 activations, dt_rank > 16, rows that are
-// not 16-byte aligned (zxbc, dt_low, dy), heads_per_group % 4 != 0.
+// Packed documents (seq_idx): kSeq (session 13), below. Not handled (the dispatcher runs v4): fp32 activations,
+// dt_rank > 16, rows that are not 16-byte aligned (zxbc, dt_low, dy), heads_per_group % 4 != 0.
 #pragma once
 #include "../common/cuda_check.h"
 #include "scan_common.cuh"
@@ -147,6 +147,26 @@ struct SmemB7 {
   Warp wp[kHeads];
   alignas(8) uint64_t bar[2];                    // TMA staging: the transaction barrier of raw[parity]
 };
+// kSeq (packed documents, session 13): the document ids of tokens t0 - 3 .. t0 + 34 by tile parity (clamped to
+// 0 .. L - 1: before 0 = the document of token 0, which the initial conv / SSM states belong to; past the end = the
+// last id: those tokens are inert), row i = token t0 - 3 + i; and the true delta per (head, sub-chunk token, channel):
+// du's delta is +inf at a document start (the decay restarts), the epilogue needs the value.
+constexpr int kSeqRows = kChunk + 6;
+template <typename T>
+struct SmemB7Seq : SmemB7<T> {
+  alignas(16) int seqr[2][kSeqRows + 2];
+  alignas(16) float dlr[kHeads][kSub][kN];
+};
+template <typename T, bool kSeq>
+using SmemB7For = std::conditional_t<kSeq, SmemB7Seq<T>, SmemB7<T>>;
+
+// The tile's document ids (kSeqRows 4-byte cp.async copies, either staging: the ids are not in a TMA box).
+__device__ __forceinline__ void stage_ids(const MixerScanParams& p, int* dst, int b, int t0, int tid) {
+  if (tid < kSeqRows) {
+    const int pos = min(max(t0 - 3 + tid, 0), p.seqlen - 1);
+    scan4::cp_async4(&dst[tid], p.seq_idx + (int64_t)b * p.seqlen + pos);
+  }
+}
 
 // The tile starting at t0: the forward v7's 11 slices, plus dy of the 4 heads and the 3 x rows before t0.
 template <typename T>
@@ -188,11 +208,15 @@ __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::S
 }
 
 // kTma: the tiles arrive by the bulk tensor copy engine (stage_tma) instead of cp.async (stage).
-template <typename T, bool kTma>
+// kSeq: packed documents (p.seq_idx; session 13): conv taps into another document masked in the prep, the epilogue's
+// conv-weight sums, the transposed conv and the initial-conv-state rows; the decay argument +inf at a document start,
+// so the recompute restarts h there and the reverse's carry into the token before is exactly 0 (a = 0: MUFU's ex2
+// flushes ex2(-inf) to +0), as is q = G a h_{t-1}; dA_log's sum uses min(delta, FLT_MAX) (0 x inf would be NaN).
+template <typename T, bool kTma, bool kSeq = false>
 __global__ void __launch_bounds__(kThreads, 2)
     mixer_scan_bwd7_kernel(MixerScanParams p, const __grid_constant__ tma::ScanBwdMaps maps) {
   extern __shared__ __align__(128) unsigned char smem_raw[];  // 128: TMA destinations
-  using SM = SmemB7<T>;
+  using SM = SmemB7For<T, kSeq>;
   using M = scan4::MmaOp<T>;
   SM& sm = *reinterpret_cast<SM*>(smem_raw);
   const int tid = threadIdx.x, lane = tid % 32, w = tid / 32, g = lane / 4, q = lane % 4;
@@ -205,6 +229,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int tile_first = seg * p.seg_tiles, tile_last = min(n_tiles, tile_first + p.seg_tiles) - 1;
   const int64_t rowZ = 2 * (int64_t)D + 2 * p.d_xb;
   typename SM::Warp& wp = sm.wp[w];
+  float* dlr = nullptr;  // kSeq: this warp's true deltas [sub-chunk token][channel]
+  if constexpr (kSeq) dlr = &sm.dlr[w][0][0];
 
   if constexpr (kTma) {
     if (tid == 0) {
@@ -213,6 +239,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   } else {
     stage<T>(p, sm.raw[tile_last & 1], b, head0, group, tile_last * kChunk, tid);
+    scan4::cp_async_commit();
+  }
+  if constexpr (kSeq) {
+    stage_ids(p, sm.seqr[tile_last & 1], b, tile_last * kChunk, tid);
     scan4::cp_async_commit();
   }
 
@@ -304,8 +334,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int tile = tile_last; tile >= tile_first; --tile) {
     const int t0 = tile * kChunk, par = tile & 1, Tv = min(kChunk, L - t0);
     const typename SM::Raw& r = sm.raw[par];
+    const int* sid = nullptr;  // kSeq: sid[t + 3] = the document of tile token t (t = -3 .. 34)
+    if constexpr (kSeq) sid = sm.seqr[par];
     if constexpr (kTma) {
       tma::wait(&sm.bar[par], ((tile_last - tile) >> 1) & 1);  // raw[par]'s fills alternate phases
+      if constexpr (kSeq) scan4::cp_async_wait_all();           // (the document ids)
     } else {
       scan4::cp_async_wait_all();
     }
@@ -315,6 +348,10 @@ __global__ void __launch_bounds__(kThreads, 2)
         if (tid == 0) stage_tma<T>(p, maps, sm.raw[par ^ 1], &sm.bar[par ^ 1], b, head0, group, t0 - kChunk);
       } else {
         stage<T>(p, sm.raw[par ^ 1], b, head0, group, t0 - kChunk, tid);
+        scan4::cp_async_commit();
+      }
+      if constexpr (kSeq) {
+        stage_ids(p, sm.seqr[par ^ 1], b, t0 - kChunk, tid);
         scan4::cp_async_commit();
       }
     }
@@ -358,6 +395,15 @@ __global__ void __launch_bounds__(kThreads, 2)
       float4 xs[4];
 #pragma unroll
       for (int k = 0; k < 4; ++k) xs[k] = *reinterpret_cast<const float4*>(&sm.xf[t + k][4 * q]);
+      // kSeq: tap k (token t - 3 + k) counts only inside the token's document; keep = same document as the previous
+      // token (else the decay argument is +inf: h restarts)
+      bool tap[4] = {true, true, true, true}, keep = true;
+      if constexpr (kSeq) {
+        const int s3 = sid[t + 3];
+#pragma unroll
+        for (int k = 0; k < 3; ++k) tap[k] = sid[t + k] == s3;
+        keep = tap[2];
+      }
       float zv[4], dyv[4];
       if constexpr (kFull) {
         const uint2 zw = *reinterpret_cast<const uint2*>(&r.f.z[w][t][4 * q]);
@@ -367,21 +413,22 @@ __global__ void __launch_bounds__(kThreads, 2)
         zv[0] = z01.x; zv[1] = z01.y; zv[2] = z23.x; zv[3] = z23.y;
         dyv[0] = d01.x; dyv[1] = d01.y; dyv[2] = d23.x; dyv[3] = d23.y;
       }
-      float o_du[4], o_dl[4], o_dys[4], o_u[4], o_dsc[4], o_dsp[4], o_dzf[4];
+      float o_du[4], o_dl[4], o_dys[4], o_u[4], o_dsc[4], o_dsp[4], o_dzf[4], o_dr[4];
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj) {
         const float4 cwv = wp.cw[4 * q + jj], cpv = wp.cp[4 * q + jj];
         auto comp = [&](const float4& v) { return jj == 0 ? v.x : jj == 1 ? v.y : jj == 2 ? v.z : v.w; };
         float cv = cpv.x;
-        cv = fmaf(cwv.x, comp(xs[0]), cv);
-        cv = fmaf(cwv.y, comp(xs[1]), cv);
-        cv = fmaf(cwv.z, comp(xs[2]), cv);
+        cv = fmaf(cwv.x, tap[0] ? comp(xs[0]) : 0.f, cv);
+        cv = fmaf(cwv.y, tap[1] ? comp(xs[1]) : 0.f, cv);
+        cv = fmaf(cwv.z, tap[2] ? comp(xs[2]) : 0.f, cv);
         cv = fmaf(cwv.w, comp(xs[3]), cv);
         const float sc = sigmoid_fast(cv), u = cv * sc;
         const float dp = dd[jj >> 1][jj & 1] + cpv.y;
         const float delta = scan4::softplus_select(dp);
         o_du[jj] = live ? tf32_rna(delta * u) : 0.f;
-        o_dl[jj] = live ? delta : 0.f;
+        o_dl[jj] = live ? (keep ? delta : __int_as_float(0x7f800000)) : 0.f;
+        o_dr[jj] = delta;
         if constexpr (kFull) {
           const float zz = zv[jj], sz = sigmoid_fast(zz);
           o_dys[jj] = tf32_rna(dyv[jj] * zz * sz);  // the G mma's operand; 0 past the end (dy rows zero-filled)
@@ -393,6 +440,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       *reinterpret_cast<float4*>(&wp.du[tl][4 * q]) = make_float4(o_du[0], o_dl[0], o_du[1], o_dl[1]);
       *reinterpret_cast<float4*>(&wp.du[tl][4 * q + 2]) = make_float4(o_du[2], o_dl[2], o_du[3], o_dl[3]);
+      if constexpr (kFull && kSeq)  // the true delta for the epilogue (du's is +inf at a document start)
+        *reinterpret_cast<float4*>(dlr + tl * kN + 4 * q) = make_float4(o_dr[0], o_dr[1], o_dr[2], o_dr[3]);
       if constexpr (kFull) {
         *reinterpret_cast<float4*>(&wp.dys[tl][4 * q]) = make_float4(o_dys[0], o_dys[1], o_dys[2], o_dys[3]);
         *reinterpret_cast<float4*>(&wp.u[tl][4 * q]) = make_float4(o_u[0], o_u[1], o_u[2], o_u[3]);
@@ -540,7 +589,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            const float dl = i < 2 ? pd.y : pd.w;
+            // (kSeq: delta is +inf at a document start, where q = 0: min keeps 0 x delta finite)
+            const float dl = kSeq ? fminf(i < 2 ? pd.y : pd.w, 3.402823466e38f) : (i < 2 ? pd.y : pd.w);
             const float ga = G[nt][i] * o.a[nt][i];
             const float hp = tl > 0 ? hs[tl > 0 ? tl - 1 : 0][nt][i] : hstart[nt][i];
             qv[nt][i] = ga * hp;  // d/d(delta A) of h_t = a h_{t-1}: G a h_{t-1}
@@ -582,7 +632,9 @@ __global__ void __launch_bounds__(kThreads, 2)
           const int tl = et0 + i, t = kSub * j + tl;
           const float4 pq4 = wp.ppu[tl][ec >> 1];
           const float pp = (ec & 1) ? pq4.y : pq4.x, pu = (ec & 1) ? pq4.w : pq4.z;
-          const float delta = wp.du[tl][ec].y, u = wp.u[tl][ec], dys = wp.dys[tl][ec];
+          float delta = wp.du[tl][ec].y;
+          if constexpr (kSeq) delta = dlr[tl * kN + ec];
+          const float u = wp.u[tl][ec], dys = wp.dys[tl][ec];
           const float yfull = fmaf(Dc, u, wp.yc[tl][ec]);
           const float dz = yfull * wp.dzf[tl][ec];
           const float ddt = fmaf(u, pu, pp) * wp.dsp[tl][ec];
@@ -596,7 +648,11 @@ __global__ void __launch_bounds__(kThreads, 2)
             accCB += dco;
             accDB += ddt;
 #pragma unroll
-            for (int k = 0; k < 4; ++k) accW[k] = fmaf(dco, sm.xf[t + k][ec], accW[k]);
+            for (int k = 0; k < 4; ++k) {
+              bool tap = true;  // kSeq: the forward's masked taps get no weight gradient
+              if constexpr (kSeq) tap = k == 3 || sid[t + k] == sid[t + 3];
+              if (tap) accW[k] = fmaf(dco, sm.xf[t + k][ec], accW[k]);
+            }
             *dz_ptr = from_f<T>(dz);
             if (!dt_fused) *ddt_ptr = ddt;
           }
@@ -611,7 +667,11 @@ __global__ void __launch_bounds__(kThreads, 2)
           const int tl = et0 + i, t = kSub * j + tl, tg = t0 + t;
           float acc = 0.f;
 #pragma unroll
-          for (int k = 0; k < 4; ++k) acc = fmaf(wv[k], wp.dco[tl + 3 - k][ec], acc);
+          for (int k = 0; k < 4; ++k) {
+            bool tap = true;  // kSeq: output token t + 3 - k reads input t at tap k only inside t's document
+            if constexpr (kSeq) tap = k == 3 || sid[t + 6 - k] == sid[t + 3];
+            if (tap) acc = fmaf(wv[k], wp.dco[tl + 3 - k][ec], acc);
+          }
           if (fused) wp.dxs[tl][ec] = acc;
           else if (t < Tv) p.dx_part[((int64_t)b * L + tg) * D + c0 + ec] = acc;
         }
@@ -626,7 +686,11 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
               const int row = pos + 3 - i;
-              if (row >= 0 && row < Tv) acc = fmaf(w2[i], wp.dco[row][ch], acc);
+              if (row >= 0 && row < Tv) {
+                bool tap = true;  // kSeq: position pos belongs to the document of sid[pos + 3]
+                if constexpr (kSeq) tap = sid[row + 3] == sid[pos + 3];
+                if (tap) acc = fmaf(w2[i], wp.dco[row][ch], acc);
+              }
             }
             p.dinit_conv_part[((int64_t)vb * D + c0 + ch) * hw + kk] = acc;
           }
@@ -698,7 +762,9 @@ __global__ void __launch_bounds__(kThreads, 2)
           s0 += v.x;
           s1 += v.y;
         }
-        if (hx == 1 && p.dfinal_conv != nullptr && tg >= L - hw) {
+        // kSeq: the final conv state holds the last document's inputs only (tokens L - hw .. L - 1 of this tile:
+        // sid covers token L - 1 too, at most 2 past them)
+        if (hx == 1 && p.dfinal_conv != nullptr && tg >= L - hw && (!kSeq || sid[tg - t0 + 3] == sid[L - 1 - t0 + 3])) {
           const float* dfc = p.dfinal_conv + ((int64_t)b * p.d_xb + group * kN + 2 * pr) * hw + (tg - (L - hw));
           s0 += dfc[0];
           s1 += dfc[hw];
@@ -774,24 +840,32 @@ inline bool encode_maps(const MixerScanParams& p, tma::ScanBwdMaps& maps) {
 }
 }  // namespace
 
-template <typename T>
-void launch(const MixerScanParams& p, void* stream) {
-  const size_t smem = sizeof(SmemB7<T>);
+template <typename T, bool kSeq>
+void launch_for(const MixerScanParams& p, void* stream) {
+  const size_t smem = sizeof(SmemB7For<T, kSeq>);
   const dim3 grid(p.d_inner / (kN * kHeads), p.batch * p.bwd_segments);
   tma::ScanBwdMaps maps{};
 #if APRIEL_TMA
   if (encode_maps(p, maps)) {
-    static const bool configured = scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, true>), smem);
+    static const bool configured =
+        scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, true, kSeq>), smem);
     (void)configured;
-    mixer_scan_bwd7_kernel<T, true><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
+    mixer_scan_bwd7_kernel<T, true, kSeq><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
     APRIEL_CHECK_LAUNCH();
     return;
   }
 #endif
-  static const bool configured = scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, false>), smem);
+  static const bool configured =
+      scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, false, kSeq>), smem);
   (void)configured;
-  mixer_scan_bwd7_kernel<T, false><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
+  mixer_scan_bwd7_kernel<T, false, kSeq><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
   APRIEL_CHECK_LAUNCH();
+}
+
+template <typename T>
+void launch(const MixerScanParams& p, void* stream) {
+  if (p.seq_idx != nullptr) launch_for<T, true>(p, stream);
+  else launch_for<T, false>(p, stream);
 }
 
 }  // namespace scan7b
@@ -827,7 +901,9 @@ struct GroupSmem {
   alignas(16) float dys[2][scan::kChunk][scan::kN];
 };
 
-template <typename T>
+// kSeq (packed documents, session 13): delta is +inf at a document start (the decay restarts): the carry into the
+// token before is 0 and P = exp(A sum delta) = 0 across it, so the folds need nothing more.
+template <typename T, bool kSeq = false>
 __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerScanParams p) {
   using scan::kChunk;
   using scan::kN;
@@ -901,6 +977,7 @@ __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerSca
   // 2 pq); ranks >= R and rows >= L are zero, as the raw copies' zero fill made them.
   unsigned an[4], zn[4], yn[4];
   float dd[2][4];
+  bool keep[2] = {true, true};  // kSeq: row hr's token continues the document of the token before it
   auto load_next = [&](int t0, bool have, int np) {
     const int pos = t0 + crow;
     const bool okc = have && pos < L;
@@ -919,6 +996,10 @@ __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerSca
         const T* dtr = dtb + (int64_t)pr * p.dt_row_stride + ch;
         an[hr + 2 * nt] = ok && ch < R ? *reinterpret_cast<const unsigned*>(dtr) : 0u;
       }
+      if constexpr (kSeq) {
+        const int* sq = p.seq_idx + (int64_t)b * L;
+        keep[hr] = !(ok && pr > 0) || sq[pr] == sq[pr - 1];
+      }
     }
   };
   auto prep_mma = [&] {
@@ -936,7 +1017,9 @@ __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerSca
     // (computed unconditionally, then selected: a branch would split the unrolled scan's basic block)
     const float s0 = scan4::softplus_select(dd[nt][2 * hr] + b2[nt][0]);
     const float s1 = scan4::softplus_select(dd[nt][2 * hr + 1] + b2[nt][1]);
-    *reinterpret_cast<float2*>(&sm.dls[np][row][ch]) = make_float2(live ? s0 : 0.f, live ? s1 : 0.f);
+    const float inf = __int_as_float(0x7f800000);
+    *reinterpret_cast<float2*>(&sm.dls[np][row][ch]) =
+        make_float2(live ? (keep[hr] ? s0 : inf) : 0.f, live ? (keep[hr] ? s1 : inf) : 0.f);
     *reinterpret_cast<float2*>(&sm.dys[np][row][ch]) =
         make_float2(dy.x * zz.x * sigmoid_fast(zz.x), dy.y * zz.y * sigmoid_fast(zz.y));
   };
@@ -1006,7 +1089,9 @@ void launch_mixer_scan_bwd7(const MixerScanParams& p, void* stream) {
 template <typename T>
 void launch_mixer_scan_bwd7_carry(const MixerScanParams& p, void* stream) {
   dim3 grid(p.d_inner / scan::kN, p.batch * (p.bwd_segments - 1));
-  scan7c::mixer_scan_bwd7_carry_kernel<T><<<grid, scan7c::kThr, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  const auto st = static_cast<cudaStream_t>(stream);
+  if (p.seq_idx != nullptr) scan7c::mixer_scan_bwd7_carry_kernel<T, true><<<grid, scan7c::kThr, 0, st>>>(p);
+  else scan7c::mixer_scan_bwd7_carry_kernel<T, false><<<grid, scan7c::kThr, 0, st>>>(p);
   APRIEL_CHECK_LAUNCH();
 }
 

@@ -15,6 +15,12 @@ const bool kRegistered = [] {
   register_kernel({"scan", "mixer_scan_bwd7_tma<bf16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__nv_bfloat16, true>), scan7b::kThreads});
 #endif
   register_kernel({"scan", "mixer_scan_bwd7_carry<bf16>", reinterpret_cast<const void*>(&scan7c::mixer_scan_bwd7_carry_kernel<__nv_bfloat16>), scan7c::kThr});
+  // packed documents (kSeq, session 13)
+  register_kernel({"scan", "mixer_scan_bwd7_docs<bf16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__nv_bfloat16, false, true>), scan7b::kThreads});
+#if APRIEL_TMA
+  register_kernel({"scan", "mixer_scan_bwd7_docs_tma<bf16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__nv_bfloat16, true, true>), scan7b::kThreads});
+#endif
+  register_kernel({"scan", "mixer_scan_bwd7_carry_docs<bf16>", reinterpret_cast<const void*>(&scan7c::mixer_scan_bwd7_carry_kernel<__nv_bfloat16, true>), scan7c::kThr});
   return true;
 }();
 }  // namespace

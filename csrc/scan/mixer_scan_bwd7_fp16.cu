@@ -15,6 +15,12 @@ const bool kRegistered = [] {
   register_kernel({"scan", "mixer_scan_bwd7_tma<fp16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__half, true>), scan7b::kThreads});
 #endif
   register_kernel({"scan", "mixer_scan_bwd7_carry<fp16>", reinterpret_cast<const void*>(&scan7c::mixer_scan_bwd7_carry_kernel<__half>), scan7c::kThr});
+  // packed documents (kSeq, session 13)
+  register_kernel({"scan", "mixer_scan_bwd7_docs<fp16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__half, false, true>), scan7b::kThreads});
+#if APRIEL_TMA
+  register_kernel({"scan", "mixer_scan_bwd7_docs_tma<fp16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__half, true, true>), scan7b::kThreads});
+#endif
+  register_kernel({"scan", "mixer_scan_bwd7_carry_docs<fp16>", reinterpret_cast<const void*>(&scan7c::mixer_scan_bwd7_carry_kernel<__half, true>), scan7c::kThr});
   return true;
 }();
 }  // namespace

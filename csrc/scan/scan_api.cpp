@@ -201,7 +201,7 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
 // Backward version. Default: v7 (mixer_scan_bwd7.cuh: the adjoint in the forward v7's tensor-core layout, one
 // warp per head, 4 heads of a group per block) for 16-bit activations where it applies (mixer_scan_bwd7_supports),
 // with the sequence split (bwd7_segments) where batch x d_inner / 64 blocks do not fill the GPU; v4
-// (mixer_scan_bwd4.cuh: K = 8 lanes per channel, one block per head) otherwise (fp32, packed documents, ...).
+// (mixer_scan_bwd4.cuh: K = 8 lanes per channel, one block per head) otherwise (fp32, unaligned rows, ...).
 // H100, D 4096, bwd alone (scripts/diag/scan_bwd_split.py, bench/results/s7/): b8 L4096 6.70 ms (v7) vs 8.70 (v4);
 // b4 L4096 3.40 vs 4.48; b3 2.89 (v7, 4 segments) vs 3.49; b2 1.90 (2 segments) vs 2.38; b1 L8192 2.01 (4
 // segments; unsplit v7 5.46: 64 blocks) vs 2.38. APRIEL_SCAN_BWD forces a version (read at each call): v7 (where it applies,

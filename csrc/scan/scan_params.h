@@ -100,7 +100,7 @@ void launch_mixer_scan_fwd5(const MixerScanParams& p, void* stream);
 template <typename T>
 void launch_mixer_scan_fwd7(const MixerScanParams& p, void* stream);
 // The calls v7 handles; the dispatcher runs v5 / v4 for the others (unaligned rows, ...). Packed documents: the
-// forward since session 12, not the backward. (The conv width needs no check: the op accepts 2..4 only, all of which
+// forward since session 12, the backward since session 13. (The conv width needs no check: the op accepts 2..4 only, all of which
 // v7's right-aligned taps handle.)
 inline bool mixer_scan_fwd7_supports(const MixerScanParams& p) {
   return p.zxbc_vec16 && p.dt_vec16 && p.dt_rank <= 16 && p.heads_per_group % 4 == 0;
@@ -119,7 +119,7 @@ void launch_mixer_scan_bwd4(const MixerScanParams& p, void* stream);
 template <typename T>
 void launch_mixer_scan_bwd7(const MixerScanParams& p, void* stream);
 inline bool mixer_scan_bwd7_supports(const MixerScanParams& p) {
-  return mixer_scan_fwd7_supports(p) && p.seq_idx == nullptr && p.dy_vec16;
+  return mixer_scan_fwd7_supports(p) && p.dy_vec16;  // (packed documents: since session 13)
 }
 // The v7 backward's carry pre-pass (p.bwd_segments > 1): L_s and P_s of segments 1 .. segments-1 into p.seg_carry.
 template <typename T>
