@@ -4,6 +4,10 @@
 # for each forward version (APRIEL_SCAN_FWD).
 # Usage (device machine, after the extension is built): bash scripts/scan_sanitizer.sh [out_dir]
 set -uo pipefail
+# Every tensor its own cudaMalloc: with torch's caching allocator, an access past a tensor but inside the allocator's
+# segment is invisible to memcheck (session 13: a read past dfinal_conv in the v7 backward went unseen that way
+# until, in a long test run, an allocation happened to end at an unmapped page).
+export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 OUT_DIR=${1:-${OUT:-/tmp/out}}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # run from the repository root
 mkdir -p "$OUT_DIR"

@@ -4,6 +4,10 @@
 # and permuted slots, several rows per warp (the v3 ring wraps).
 # Usage (device machine, after the extension is built): bash scripts/step_sanitizer.sh [out_dir]
 set -uo pipefail
+# Every tensor its own cudaMalloc: with torch's caching allocator, an access past a tensor but inside the allocator's
+# segment is invisible to memcheck (session 13: a read past dfinal_conv in the v7 backward went unseen that way
+# until, in a long test run, an allocation happened to end at an unmapped page).
+export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 OUT_DIR=${1:-${OUT:-/tmp/out}}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT_DIR"

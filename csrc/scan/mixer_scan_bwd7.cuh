@@ -763,8 +763,10 @@ __global__ void __launch_bounds__(kThreads, 2)
           s1 += v.y;
         }
         // kSeq: the final conv state holds the last document's inputs only (tokens L - hw .. L - 1 of this tile:
-        // sid covers token L - 1 too, at most 2 past them)
-        if (hx == 1 && p.dfinal_conv != nullptr && tg >= L - hw && (!kSeq || sid[tg - t0 + 3] == sid[L - 1 - t0 + 3])) {
+        // sid covers token L - 1 too, at most 2 past them). (tg < L: rows past the end read nothing - session 13's
+        // memcheck without the caching allocator found the reads past dfinal_conv that this bound used to allow.)
+        if (hx == 1 && p.dfinal_conv != nullptr && tg >= L - hw && tg < L &&
+            (!kSeq || sid[tg - t0 + 3] == sid[L - 1 - t0 + 3])) {
           const float* dfc = p.dfinal_conv + ((int64_t)b * p.d_xb + group * kN + 2 * pr) * hw + (tg - (L - hw));
           s0 += dfc[0];
           s1 += dfc[hw];
