@@ -152,6 +152,9 @@ struct SmemB7 {
 // last id: those tokens are inert), row i = token t0 - 3 + i; and the true delta per (head, sub-chunk token, channel):
 // du's delta is +inf at a document start (the decay restarts), the epilogue needs the value.
 constexpr int kSeqRows = kChunk + 6;
+#ifndef APRIEL_SCAN_BWD7_DOC_BITS
+#define APRIEL_SCAN_BWD7_DOC_BITS 1  // the conv-tap masks from a per-tile bit mask of document starts (1) or by
+#endif                               // comparing the ids in shared memory per tap (0); session 13 A/B
 template <typename T>
 struct SmemB7Seq : SmemB7<T> {
   alignas(16) int seqr[2][kSeqRows + 2];
@@ -376,6 +379,18 @@ __global__ void __launch_bounds__(kThreads, 2)
                                    to_f(r.f.B[2 * pr + 1][bg + 8]));
     }
     __syncthreads();  // S2
+    // kSeq: bit i of starts = a document starts at sid row i (token t0 - 3 + i), i = 1 .. kSeqRows - 1: tap k of
+    // token t (row t + 3) reads another document iff a start lies in rows t + k + 1 .. t + 3 (tap_bits: the 3 bits
+    // from row t + 1), and input t feeds output t + 3 - k iff none lies in rows t + 4 .. t + 6 - k.
+    uint64_t starts = 0;
+    if constexpr (kSeq && APRIEL_SCAN_BWD7_DOC_BITS) {
+      static_assert(kSeqRows <= 64 && kSeqRows - 32 <= 32, "two ballots");
+      const unsigned lo = __ballot_sync(0xffffffffu, lane >= 1 && sid[lane] != sid[lane - 1]);
+      const unsigned hi = __ballot_sync(0xffffffffu, lane + 32 < kSeqRows && sid[min(lane + 32, kSeqRows - 1)] !=
+                                                                                  sid[min(lane + 31, kSeqRows - 2)]);
+      starts = (uint64_t)hi << 32 | lo;
+    }
+    auto tap_bits = [&](int row) { return (unsigned)(starts >> row) & 7u; };  // rows row .. row + 2
 
     // Prep of sub-chunk j (tile tokens 8j .. 8j + 7): lane (g, q) = token 8j + g, channels 4q .. 4q + 3.
     // kFull: also the reverse / epilogue items and the C operand table; else (delta, du) only (pass A).
@@ -398,7 +413,13 @@ __global__ void __launch_bounds__(kThreads, 2)
       // kSeq: tap k (token t - 3 + k) counts only inside the token's document; keep = same document as the previous
       // token (else the decay argument is +inf: h restarts)
       bool tap[4] = {true, true, true, true}, keep = true;
-      if constexpr (kSeq) {
+      if constexpr (kSeq && APRIEL_SCAN_BWD7_DOC_BITS) {
+        const unsigned tb = tap_bits(t + 1);
+        tap[0] = tb == 0;
+        tap[1] = (tb & 6u) == 0;
+        tap[2] = (tb & 4u) == 0;
+        keep = tap[2];
+      } else if constexpr (kSeq) {
         const int s3 = sid[t + 3];
 #pragma unroll
         for (int k = 0; k < 3; ++k) tap[k] = sid[t + k] == s3;
@@ -647,10 +668,13 @@ __global__ void __launch_bounds__(kThreads, 2)
             accD = fmaf(dys, u, accD);
             accCB += dco;
             accDB += ddt;
+            unsigned tb = 0;  // kSeq: the forward's masked taps get no weight gradient
+            if constexpr (kSeq && APRIEL_SCAN_BWD7_DOC_BITS) tb = tap_bits(t + 1);
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
-              bool tap = true;  // kSeq: the forward's masked taps get no weight gradient
-              if constexpr (kSeq) tap = k == 3 || sid[t + k] == sid[t + 3];
+              bool tap = true;
+              if constexpr (kSeq && APRIEL_SCAN_BWD7_DOC_BITS) tap = (tb >> k) == 0;  // (k = 3: always)
+              else if constexpr (kSeq) tap = k == 3 || sid[t + k] == sid[t + 3];
               if (tap) accW[k] = fmaf(dco, sm.xf[t + k][ec], accW[k]);
             }
             *dz_ptr = from_f<T>(dz);
@@ -666,10 +690,13 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int i = 0; i < 4; ++i) {
           const int tl = et0 + i, t = kSub * j + tl, tg = t0 + t;
           float acc = 0.f;
+          unsigned tb = 0;  // kSeq: output token t + 3 - k reads input t at tap k only inside t's document
+          if constexpr (kSeq && APRIEL_SCAN_BWD7_DOC_BITS) tb = tap_bits(t + 4);
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
-            bool tap = true;  // kSeq: output token t + 3 - k reads input t at tap k only inside t's document
-            if constexpr (kSeq) tap = k == 3 || sid[t + 6 - k] == sid[t + 3];
+            bool tap = true;
+            if constexpr (kSeq && APRIEL_SCAN_BWD7_DOC_BITS) tap = (tb & ((1u << (3 - k)) - 1u)) == 0;  // rows t+4..t+6-k
+            else if constexpr (kSeq) tap = k == 3 || sid[t + 6 - k] == sid[t + 3];
             if (tap) acc = fmaf(wv[k], wp.dco[tl + 3 - k][ec], acc);
           }
           if (fused) wp.dxs[tl][ec] = acc;

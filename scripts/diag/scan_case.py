@@ -2,7 +2,8 @@
 
     python3 scripts/diag/scan_case.py B L [--backward]     (forward only, or forward + backward)
 
-make_case(B, L, requires_grad) builds the inputs (also used by scan_bwd_profile.py).
+make_case(B, L, requires_grad) builds the inputs, documents(B, L) packed-document ids (also used by
+scan_bwd_profile.py and scan_packed_time.py).
 """
 import sys
 
@@ -28,6 +29,19 @@ def make_case(b, L, requires_grad=False):
     for v in args.values():
         v.requires_grad_(requires_grad)
     return args, torch.randn(b, L, D, device=dev, dtype=dt)
+
+
+def documents(b, L, mean=1000):
+    """seq_idx (b, L) int32 of packed documents: lengths uniform in [mean / 2, 3 mean / 2), restarting per row."""
+    gen = torch.Generator().manual_seed(b * L)
+    rows = []
+    for _ in range(b):
+        ids, doc = [], 0
+        while len(ids) < L:
+            ids += [doc] * int(torch.randint(mean // 2, 3 * mean // 2, (1,), generator=gen))
+            doc += 1
+        rows.append(ids[:L])
+    return torch.tensor(rows, dtype=torch.int32, device="cuda")
 
 
 if __name__ == "__main__":

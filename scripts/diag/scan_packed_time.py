@@ -9,7 +9,7 @@ import json
 import os
 
 import torch
-from scan_case import KW, make_case  # scripts/diag (this script's directory is on sys.path)
+from scan_case import KW, documents, make_case  # scripts/diag (this script's directory is on sys.path)
 
 from apriel_kernels import mixer_scan
 from bench.timing import time_ms
@@ -17,19 +17,6 @@ from bench.timing import time_ms
 parser = argparse.ArgumentParser()
 parser.add_argument("--json")
 opts = parser.parse_args()
-
-
-def documents(b, L, mean=1000):
-    """seq_idx (b, L) int32: document lengths uniform in [mean / 2, 3 mean / 2), restarting per row."""
-    gen = torch.Generator().manual_seed(b * L)
-    rows = []
-    for _ in range(b):
-        ids, doc = [], 0
-        while len(ids) < L:
-            ids += [doc] * int(torch.randint(mean // 2, 3 * mean // 2, (1,), generator=gen))
-            doc += 1
-        rows.append(ids[:L])
-    return torch.tensor(rows, dtype=torch.int32, device="cuda")
 
 
 rows = []
