@@ -152,6 +152,9 @@ struct SmemB7 {
 // last id: those tokens are inert), row i = token t0 - 3 + i; and the true delta per (head, sub-chunk token, channel):
 // du's delta is +inf at a document start (the decay restarts), the epilogue needs the value.
 constexpr int kSeqRows = kChunk + 6;
+#ifndef APRIEL_SCAN_BWD7_DIAG
+#define APRIEL_SCAN_BWD7_DIAG 0  // TEMPORARY timing diagnosis (wrong results): 1 no fminf, 2 no epilogue masks, 4 no prep masks
+#endif
 #ifndef APRIEL_SCAN_BWD7_DOC_BITS
 #define APRIEL_SCAN_BWD7_DOC_BITS 1  // the conv-tap masks from a per-tile bit mask of document starts (1) or by
 #endif                               // comparing the ids in shared memory per tap (0); session 13 A/B
@@ -413,13 +416,13 @@ __global__ void __launch_bounds__(kThreads, 2)
       // kSeq: tap k (token t - 3 + k) counts only inside the token's document; keep = same document as the previous
       // token (else the decay argument is +inf: h restarts)
       bool tap[4] = {true, true, true, true}, keep = true;
-      if constexpr (kSeq && APRIEL_SCAN_BWD7_DOC_BITS) {
+      if constexpr (kSeq && APRIEL_SCAN_BWD7_DOC_BITS && !(APRIEL_SCAN_BWD7_DIAG & 4)) {
         const unsigned tb = tap_bits(t + 1);
         tap[0] = tb == 0;
         tap[1] = (tb & 6u) == 0;
         tap[2] = (tb & 4u) == 0;
         keep = tap[2];
-      } else if constexpr (kSeq) {
+      } else if constexpr (kSeq && !(APRIEL_SCAN_BWD7_DIAG & 4)) {
         const int s3 = sid[t + 3];
 #pragma unroll
         for (int k = 0; k < 3; ++k) tap[k] = sid[t + k] == s3;
@@ -461,7 +464,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       *reinterpret_cast<float4*>(&wp.du[tl][4 * q]) = make_float4(o_du[0], o_dl[0], o_du[1], o_dl[1]);
       *reinterpret_cast<float4*>(&wp.du[tl][4 * q + 2]) = make_float4(o_du[2], o_dl[2], o_du[3], o_dl[3]);
-      if constexpr (kFull && kSeq)  // the true delta for the epilogue (du's is +inf at a document start)
+      if constexpr (kFull && kSeq && !(APRIEL_SCAN_BWD7_DIAG & 8))  // the true delta for the epilogue (du's is +inf at a document start)
         *reinterpret_cast<float4*>(dlr + tl * kN + 4 * q) = make_float4(o_dr[0], o_dr[1], o_dr[2], o_dr[3]);
       if constexpr (kFull) {
         *reinterpret_cast<float4*>(&wp.dys[tl][4 * q]) = make_float4(o_dys[0], o_dys[1], o_dys[2], o_dys[3]);
@@ -611,7 +614,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             // (kSeq: delta is +inf at a document start, where q = 0: min keeps 0 x delta finite)
-            const float dl = kSeq ? fminf(i < 2 ? pd.y : pd.w, 3.402823466e38f) : (i < 2 ? pd.y : pd.w);
+            const float dl = (kSeq && !(APRIEL_SCAN_BWD7_DIAG & 1)) ? fminf(i < 2 ? pd.y : pd.w, 3.402823466e38f) : (i < 2 ? pd.y : pd.w);
             const float ga = G[nt][i] * o.a[nt][i];
             const float hp = tl > 0 ? hs[tl > 0 ? tl - 1 : 0][nt][i] : hstart[nt][i];
             qv[nt][i] = ga * hp;  // d/d(delta A) of h_t = a h_{t-1}: G a h_{t-1}
@@ -654,7 +657,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           const float4 pq4 = wp.ppu[tl][ec >> 1];
           const float pp = (ec & 1) ? pq4.y : pq4.x, pu = (ec & 1) ? pq4.w : pq4.z;
           float delta = wp.du[tl][ec].y;
-          if constexpr (kSeq) delta = dlr[tl * kN + ec];
+          if constexpr (kSeq && !(APRIEL_SCAN_BWD7_DIAG & 8)) delta = dlr[tl * kN + ec];
           const float u = wp.u[tl][ec], dys = wp.dys[tl][ec];
           const float yfull = fmaf(Dc, u, wp.yc[tl][ec]);
           const float dz = yfull * wp.dzf[tl][ec];
@@ -673,7 +676,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
               bool tap = true;
-              if constexpr (kSeq && APRIEL_SCAN_BWD7_DOC_BITS) tap = (tb >> k) == 0;  // (k = 3: always)
+              if constexpr (kSeq && APRIEL_SCAN_BWD7_DOC_BITS && !(APRIEL_SCAN_BWD7_DIAG & 2)) tap = (tb >> k) == 0;  // (k = 3: always)
               else if constexpr (kSeq) tap = k == 3 || sid[t + k] == sid[t + 3];
               if (tap) accW[k] = fmaf(dco, sm.xf[t + k][ec], accW[k]);
             }
@@ -695,7 +698,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
             bool tap = true;
-            if constexpr (kSeq && APRIEL_SCAN_BWD7_DOC_BITS) tap = (tb & ((1u << (3 - k)) - 1u)) == 0;  // rows t+4..t+6-k
+            if constexpr (kSeq && APRIEL_SCAN_BWD7_DOC_BITS && !(APRIEL_SCAN_BWD7_DIAG & 2)) tap = (tb & ((1u << (3 - k)) - 1u)) == 0;  // rows t+4..t+6-k
             else if constexpr (kSeq) tap = k == 3 || sid[t + 6 - k] == sid[t + 3];
             if (tap) acc = fmaf(wv[k], wp.dco[tl + 3 - k][ec], acc);
           }
