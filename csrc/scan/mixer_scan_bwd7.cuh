@@ -247,7 +247,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     stage<T>(p, sm.raw[tile_last & 1], b, head0, group, tile_last * kChunk, tid);
     scan4::cp_async_commit();
   }
-  if constexpr (kSeq) {
+  if constexpr (kSeq && !(APRIEL_SCAN_BWD7_DIAG & 16)) {
     stage_ids(p, sm.seqr[tile_last & 1], b, tile_last * kChunk, tid);
     scan4::cp_async_commit();
   }
@@ -344,7 +344,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     if constexpr (kSeq) sid = sm.seqr[par];
     if constexpr (kTma) {
       tma::wait(&sm.bar[par], ((tile_last - tile) >> 1) & 1);  // raw[par]'s fills alternate phases
-      if constexpr (kSeq) scan4::cp_async_wait_all();           // (the document ids)
+      if constexpr (kSeq && !(APRIEL_SCAN_BWD7_DIAG & 16)) scan4::cp_async_wait_all();           // (the document ids)
     } else {
       scan4::cp_async_wait_all();
     }
@@ -356,7 +356,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         stage<T>(p, sm.raw[par ^ 1], b, head0, group, t0 - kChunk, tid);
         scan4::cp_async_commit();
       }
-      if constexpr (kSeq) {
+      if constexpr (kSeq && !(APRIEL_SCAN_BWD7_DIAG & 16)) {
         stage_ids(p, sm.seqr[par ^ 1], b, t0 - kChunk, tid);
         scan4::cp_async_commit();
       }
@@ -386,7 +386,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     // token t (row t + 3) reads another document iff a start lies in rows t + k + 1 .. t + 3 (tap_bits: the 3 bits
     // from row t + 1), and input t feeds output t + 3 - k iff none lies in rows t + 4 .. t + 6 - k.
     uint64_t starts = 0;
-    if constexpr (kSeq && APRIEL_SCAN_BWD7_DOC_BITS) {
+    if constexpr (kSeq && APRIEL_SCAN_BWD7_DOC_BITS && !(APRIEL_SCAN_BWD7_DIAG & 16)) {
       static_assert(kSeqRows <= 64 && kSeqRows - 32 <= 32, "two ballots");
       const unsigned lo = __ballot_sync(0xffffffffu, lane >= 1 && sid[lane] != sid[lane - 1]);
       const unsigned hi = __ballot_sync(0xffffffffu, lane + 32 < kSeqRows && sid[min(lane + 32, kSeqRows - 1)] !=
@@ -718,7 +718,7 @@ __global__ void __launch_bounds__(kThreads, 2)
               const int row = pos + 3 - i;
               if (row >= 0 && row < Tv) {
                 bool tap = true;  // kSeq: position pos belongs to the document of sid[pos + 3]
-                if constexpr (kSeq) tap = sid[row + 3] == sid[pos + 3];
+                if constexpr (kSeq && !(APRIEL_SCAN_BWD7_DIAG & 32)) tap = sid[row + 3] == sid[pos + 3];
                 if (tap) acc = fmaf(w2[i], wp.dco[row][ch], acc);
               }
             }
@@ -796,7 +796,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         // sid covers token L - 1 too, at most 2 past them). (tg < L: rows past the end read nothing - session 13's
         // memcheck without the caching allocator found the reads past dfinal_conv that this bound used to allow.)
         if (hx == 1 && p.dfinal_conv != nullptr && tg >= L - hw && tg < L &&
-            (!kSeq || sid[tg - t0 + 3] == sid[L - 1 - t0 + 3])) {
+            (!kSeq || (APRIEL_SCAN_BWD7_DIAG & 32) || sid[tg - t0 + 3] == sid[L - 1 - t0 + 3])) {
           const float* dfc = p.dfinal_conv + ((int64_t)b * p.d_xb + group * kN + 2 * pr) * hw + (tg - (L - hw));
           s0 += dfc[0];
           s1 += dfc[hw];
