@@ -147,32 +147,20 @@ struct SmemB7 {
   Warp wp[kHeads];
   alignas(8) uint64_t bar[2];                    // TMA staging: the transaction barrier of raw[parity]
 };
-// kSeq (packed documents, session 13): the document ids of tokens t0 - 3 .. t0 + 34 by tile parity (clamped to
-// 0 .. L - 1: before 0 = the document of token 0, which the initial conv / SSM states belong to; past the end = the
-// last id: those tokens are inert), row i = token t0 - 3 + i; and the true delta per (head, sub-chunk token, channel):
-// du's delta is +inf at a document start (the decay restarts), the epilogue needs the value.
-constexpr int kSeqRows = kChunk + 6;
-#ifndef APRIEL_SCAN_BWD7_DIAG
-#define APRIEL_SCAN_BWD7_DIAG 0  // TEMPORARY timing diagnosis (wrong results): 1 no fminf, 2 no epilogue masks, 4 no prep masks
-#endif
-#ifndef APRIEL_SCAN_BWD7_DOC_BITS
-#define APRIEL_SCAN_BWD7_DOC_BITS 1  // the conv-tap masks from a per-tile bit mask of document starts (1) or by
-#endif                               // comparing the ids in shared memory per tap (0); session 13 A/B
+// kSeq (packed documents, session 13): the true delta per (head, sub-chunk token, channel) - du's delta is +inf at a
+// document start (the decay restarts) and the epilogue needs the value. The document ids themselves never reach
+// shared memory: each warp turns them into a bit mask of the document starts around its tile (doc_starts).
 template <typename T>
 struct SmemB7Seq : SmemB7<T> {
-  alignas(16) int seqr[2][kSeqRows + 2];
   alignas(16) float dlr[kHeads][kSub][kN];
 };
 template <typename T, bool kSeq>
 using SmemB7For = std::conditional_t<kSeq, SmemB7Seq<T>, SmemB7<T>>;
 
-// The tile's document ids (kSeqRows 4-byte cp.async copies, either staging: the ids are not in a TMA box).
-__device__ __forceinline__ void stage_ids(const MixerScanParams& p, int* dst, int b, int t0, int tid) {
-  if (tid < kSeqRows) {
-    const int pos = min(max(t0 - 3 + tid, 0), p.seqlen - 1);
-    scan4::cp_async4(&dst[tid], p.seq_idx + (int64_t)b * p.seqlen + pos);
-  }
-}
+// (kSeq's document starts: scan7::load_doc_ids / doc_starts / no_start, mixer_scan_fwd7.cuh)
+using scan7::doc_starts;
+using scan7::load_doc_ids;
+using scan7::no_start;
 
 // The tile starting at t0: the forward v7's 11 slices, plus dy of the 4 heads and the 3 x rows before t0.
 template <typename T>
@@ -245,10 +233,6 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   } else {
     stage<T>(p, sm.raw[tile_last & 1], b, head0, group, tile_last * kChunk, tid);
-    scan4::cp_async_commit();
-  }
-  if constexpr (kSeq && !(APRIEL_SCAN_BWD7_DIAG & 16)) {
-    stage_ids(p, sm.seqr[tile_last & 1], b, tile_last * kChunk, tid);
     scan4::cp_async_commit();
   }
 
@@ -340,11 +324,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int tile = tile_last; tile >= tile_first; --tile) {
     const int t0 = tile * kChunk, par = tile & 1, Tv = min(kChunk, L - t0);
     const typename SM::Raw& r = sm.raw[par];
-    const int* sid = nullptr;  // kSeq: sid[t + 3] = the document of tile token t (t = -3 .. 34)
-    if constexpr (kSeq) sid = sm.seqr[par];
+    int2 doc_ids = make_int2(0, 0);  // kSeq: issued before the wait, used after S2
+    if constexpr (kSeq) doc_ids = load_doc_ids(p, b, t0, lane);
     if constexpr (kTma) {
       tma::wait(&sm.bar[par], ((tile_last - tile) >> 1) & 1);  // raw[par]'s fills alternate phases
-      if constexpr (kSeq && !(APRIEL_SCAN_BWD7_DIAG & 16)) scan4::cp_async_wait_all();           // (the document ids)
     } else {
       scan4::cp_async_wait_all();
     }
@@ -354,10 +337,6 @@ __global__ void __launch_bounds__(kThreads, 2)
         if (tid == 0) stage_tma<T>(p, maps, sm.raw[par ^ 1], &sm.bar[par ^ 1], b, head0, group, t0 - kChunk);
       } else {
         stage<T>(p, sm.raw[par ^ 1], b, head0, group, t0 - kChunk, tid);
-        scan4::cp_async_commit();
-      }
-      if constexpr (kSeq && !(APRIEL_SCAN_BWD7_DIAG & 16)) {
-        stage_ids(p, sm.seqr[par ^ 1], b, t0 - kChunk, tid);
         scan4::cp_async_commit();
       }
     }
@@ -382,18 +361,11 @@ __global__ void __launch_bounds__(kThreads, 2)
                                    to_f(r.f.B[2 * pr + 1][bg + 8]));
     }
     __syncthreads();  // S2
-    // kSeq: bit i of starts = a document starts at sid row i (token t0 - 3 + i), i = 1 .. kSeqRows - 1: tap k of
-    // token t (row t + 3) reads another document iff a start lies in rows t + k + 1 .. t + 3 (tap_bits: the 3 bits
-    // from row t + 1), and input t feeds output t + 3 - k iff none lies in rows t + 4 .. t + 6 - k.
+    // kSeq: tap k of token t (row t + 3) reads another document iff a start lies in rows t + k + 1 .. t + 3, and
+    // input t feeds output t + 3 - k iff none lies in rows t + 4 .. t + 6 - k.
     uint64_t starts = 0;
-    if constexpr (kSeq && APRIEL_SCAN_BWD7_DOC_BITS && !(APRIEL_SCAN_BWD7_DIAG & 16)) {
-      static_assert(kSeqRows <= 64 && kSeqRows - 32 <= 32, "two ballots");
-      const unsigned lo = __ballot_sync(0xffffffffu, lane >= 1 && sid[lane] != sid[lane - 1]);
-      const unsigned hi = __ballot_sync(0xffffffffu, lane + 32 < kSeqRows && sid[min(lane + 32, kSeqRows - 1)] !=
-                                                                                  sid[min(lane + 31, kSeqRows - 2)]);
-      starts = (uint64_t)hi << 32 | lo;
-    }
-    auto tap_bits = [&](int row) { return (unsigned)(starts >> row) & 7u; };  // rows row .. row + 2
+    if constexpr (kSeq) starts = doc_starts(doc_ids, lane);
+    auto tap_bits = [&](int row) { return (unsigned)(starts >> row) & 7u; };  // bit k = a start at row row + k
 
     // Prep of sub-chunk j (tile tokens 8j .. 8j + 7): lane (g, q) = token 8j + g, channels 4q .. 4q + 3.
     // kFull: also the reverse / epilogue items and the C operand table; else (delta, du) only (pass A).
@@ -416,16 +388,11 @@ __global__ void __launch_bounds__(kThreads, 2)
       // kSeq: tap k (token t - 3 + k) counts only inside the token's document; keep = same document as the previous
       // token (else the decay argument is +inf: h restarts)
       bool tap[4] = {true, true, true, true}, keep = true;
-      if constexpr (kSeq && APRIEL_SCAN_BWD7_DOC_BITS && !(APRIEL_SCAN_BWD7_DIAG & 4)) {
-        const unsigned tb = tap_bits(t + 1);
+      if constexpr (kSeq) {
+        const unsigned tb = tap_bits(t + 1);  // rows t + 1 .. t + 3
         tap[0] = tb == 0;
         tap[1] = (tb & 6u) == 0;
         tap[2] = (tb & 4u) == 0;
-        keep = tap[2];
-      } else if constexpr (kSeq && !(APRIEL_SCAN_BWD7_DIAG & 4)) {
-        const int s3 = sid[t + 3];
-#pragma unroll
-        for (int k = 0; k < 3; ++k) tap[k] = sid[t + k] == s3;
         keep = tap[2];
       }
       float zv[4], dyv[4];
@@ -464,7 +431,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       *reinterpret_cast<float4*>(&wp.du[tl][4 * q]) = make_float4(o_du[0], o_dl[0], o_du[1], o_dl[1]);
       *reinterpret_cast<float4*>(&wp.du[tl][4 * q + 2]) = make_float4(o_du[2], o_dl[2], o_du[3], o_dl[3]);
-      if constexpr (kFull && kSeq && !(APRIEL_SCAN_BWD7_DIAG & 8))  // the true delta for the epilogue (du's is +inf at a document start)
+      if constexpr (kFull && kSeq)  // the true delta for the epilogue (du's is +inf at a document start)
         *reinterpret_cast<float4*>(dlr + tl * kN + 4 * q) = make_float4(o_dr[0], o_dr[1], o_dr[2], o_dr[3]);
       if constexpr (kFull) {
         *reinterpret_cast<float4*>(&wp.dys[tl][4 * q]) = make_float4(o_dys[0], o_dys[1], o_dys[2], o_dys[3]);
@@ -614,7 +581,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             // (kSeq: delta is +inf at a document start, where q = 0: min keeps 0 x delta finite)
-            const float dl = (kSeq && !(APRIEL_SCAN_BWD7_DIAG & 1)) ? fminf(i < 2 ? pd.y : pd.w, 3.402823466e38f) : (i < 2 ? pd.y : pd.w);
+            const float dl = kSeq ? fminf(i < 2 ? pd.y : pd.w, 3.402823466e38f) : (i < 2 ? pd.y : pd.w);
             const float ga = G[nt][i] * o.a[nt][i];
             const float hp = tl > 0 ? hs[tl > 0 ? tl - 1 : 0][nt][i] : hstart[nt][i];
             qv[nt][i] = ga * hp;  // d/d(delta A) of h_t = a h_{t-1}: G a h_{t-1}
@@ -657,7 +624,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           const float4 pq4 = wp.ppu[tl][ec >> 1];
           const float pp = (ec & 1) ? pq4.y : pq4.x, pu = (ec & 1) ? pq4.w : pq4.z;
           float delta = wp.du[tl][ec].y;
-          if constexpr (kSeq && !(APRIEL_SCAN_BWD7_DIAG & 8)) delta = dlr[tl * kN + ec];
+          if constexpr (kSeq) delta = dlr[tl * kN + ec];
           const float u = wp.u[tl][ec], dys = wp.dys[tl][ec];
           const float yfull = fmaf(Dc, u, wp.yc[tl][ec]);
           const float dz = yfull * wp.dzf[tl][ec];
@@ -672,12 +639,11 @@ __global__ void __launch_bounds__(kThreads, 2)
             accCB += dco;
             accDB += ddt;
             unsigned tb = 0;  // kSeq: the forward's masked taps get no weight gradient
-            if constexpr (kSeq && APRIEL_SCAN_BWD7_DOC_BITS) tb = tap_bits(t + 1);
+            if constexpr (kSeq) tb = tap_bits(t + 1);
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
               bool tap = true;
-              if constexpr (kSeq && APRIEL_SCAN_BWD7_DOC_BITS && !(APRIEL_SCAN_BWD7_DIAG & 2)) tap = (tb >> k) == 0;  // (k = 3: always)
-              else if constexpr (kSeq) tap = k == 3 || sid[t + k] == sid[t + 3];
+              if constexpr (kSeq) tap = (tb >> k) == 0;  // rows t + k + 1 .. t + 3 (k = 3: always)
               if (tap) accW[k] = fmaf(dco, sm.xf[t + k][ec], accW[k]);
             }
             *dz_ptr = from_f<T>(dz);
@@ -694,12 +660,11 @@ __global__ void __launch_bounds__(kThreads, 2)
           const int tl = et0 + i, t = kSub * j + tl, tg = t0 + t;
           float acc = 0.f;
           unsigned tb = 0;  // kSeq: output token t + 3 - k reads input t at tap k only inside t's document
-          if constexpr (kSeq && APRIEL_SCAN_BWD7_DOC_BITS) tb = tap_bits(t + 4);
+          if constexpr (kSeq) tb = tap_bits(t + 4);
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
             bool tap = true;
-            if constexpr (kSeq && APRIEL_SCAN_BWD7_DOC_BITS && !(APRIEL_SCAN_BWD7_DIAG & 2)) tap = (tb & ((1u << (3 - k)) - 1u)) == 0;  // rows t+4..t+6-k
-            else if constexpr (kSeq) tap = k == 3 || sid[t + 6 - k] == sid[t + 3];
+            if constexpr (kSeq) tap = (tb & ((1u << (3 - k)) - 1u)) == 0;  // rows t + 4 .. t + 6 - k
             if (tap) acc = fmaf(wv[k], wp.dco[tl + 3 - k][ec], acc);
           }
           if (fused) wp.dxs[tl][ec] = acc;
@@ -717,8 +682,8 @@ __global__ void __launch_bounds__(kThreads, 2)
             for (int i = 0; i < 4; ++i) {
               const int row = pos + 3 - i;
               if (row >= 0 && row < Tv) {
-                bool tap = true;  // kSeq: position pos belongs to the document of sid[pos + 3]
-                if constexpr (kSeq && !(APRIEL_SCAN_BWD7_DIAG & 32)) tap = sid[row + 3] == sid[pos + 3];
+                bool tap = true;  // kSeq: no start in rows pos + 4 .. row + 3 (position pos = row pos + 3)
+                if constexpr (kSeq) tap = no_start(starts, pos + 4, row - pos);
                 if (tap) acc = fmaf(w2[i], wp.dco[row][ch], acc);
               }
             }
@@ -792,11 +757,11 @@ __global__ void __launch_bounds__(kThreads, 2)
           s0 += v.x;
           s1 += v.y;
         }
-        // kSeq: the final conv state holds the last document's inputs only (tokens L - hw .. L - 1 of this tile:
-        // sid covers token L - 1 too, at most 2 past them). (tg < L: rows past the end read nothing - session 13's
-        // memcheck without the caching allocator found the reads past dfinal_conv that this bound used to allow.)
+        // kSeq: the final conv state holds the last document's inputs only: no start in rows tg - t0 + 4 .. L - 1 -
+        // t0 + 3 (at most 2 rows, all <= 37). (tg < L: rows past the end read nothing - session 13's memcheck
+        // without the caching allocator found the reads past dfinal_conv that this bound used to allow.)
         if (hx == 1 && p.dfinal_conv != nullptr && tg >= L - hw && tg < L &&
-            (!kSeq || (APRIEL_SCAN_BWD7_DIAG & 32) || sid[tg - t0 + 3] == sid[L - 1 - t0 + 3])) {
+            (!kSeq || no_start(starts, tg - t0 + 4, L - 1 - tg))) {
           const float* dfc = p.dfinal_conv + ((int64_t)b * p.d_xb + group * kN + 2 * pr) * hw + (tg - (L - hw));
           s0 += dfc[0];
           s1 += dfc[hw];

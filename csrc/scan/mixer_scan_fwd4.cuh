@@ -279,7 +279,7 @@ __device__ __forceinline__ void dt_tile_mma(const RawTile<T, kR>& r, const unsig
 }
 
 // Document ids of the tile starting at t0 into dst (threads 0..kChunk-1, 4-byte cp.async; past the end: the last
-// id, those tokens are inert). Also the forward v7's (mixer_scan_fwd7.cuh).
+// id, those tokens are inert).
 __device__ __forceinline__ void stage_seq(const MixerScanParams& p, int* dst, int b, int t0, int tid) {
   if (tid < kChunk) cp_async4(&dst[tid], p.seq_idx + (int64_t)b * p.seqlen + min(t0 + tid, p.seqlen - 1));
 }

@@ -32,9 +32,9 @@
 // the accumulator layout, conv + silu, softplus(. + 2 b_dt), silu(z)) -> per (token, row) du = (tf32(delta u),
 // delta) and gt = (silu z, D u silu z) pairs, and the C operand words; __syncwarp; the 16 tokens of the scan; the
 // half's y rows gated and stored by the warp. No block barrier between prep and scan (a head's prep is its warp's).
-// Packed documents (seq_idx, kSeq; session 12): the tile's document ids arrive by 4-byte cp.async next to the tile
-// (either staging) into seqr[parity], phase A lays them out with the 3-token halo (seqf, as xf), and the prep masks
-// conv taps from another document and sets the decay argument to +inf at a document start (ex2 -> 0 resets h; the
+// Packed documents (seq_idx, kSeq; session 12): each warp loads the document ids around its tile from global memory
+// into a bit mask of document starts (doc_starts; session 13 - session 12 staged them by cp.async next to the tile,
+// 9 % slower than without documents), and the prep masks conv taps from another document and sets the decay argument to +inf at a document start (ex2 -> 0 resets h; the
 // FMA-pipe exponential clamps, so its exact 0 is selected), as v5 does: the same arithmetic per token as separate
 // calls (bitwise, tested). Not handled (the dispatcher falls back to v5 / v4): fp32 activations, dt_rank > 16,
 // unaligned zxbc / dt_low rows (no 16-byte copies), heads_per_group % 4 != 0.
@@ -83,14 +83,34 @@ struct Smem7 {
   alignas(16) float yf[kHeads][kHalf][kN];      // readout C . h (before the gate) per (token, channel)
   alignas(8) uint64_t bar[2];                   // TMA staging: the transaction barrier of raw[parity]
 };
-// kSeq: the document ids of the tile by parity (seqr: as copied; seqf: rows 0..2 = the 3 tokens before, as xf).
-template <typename T>
-struct Smem7Seq : Smem7<T> {
-  alignas(16) int seqr[2][kChunk];
-  int seqf[2][kChunk + 3];
-};
-template <typename T, bool kSeq>
-using Smem7For = std::conditional_t<kSeq, Smem7Seq<T>, Smem7<T>>;
+// kSeq (packed documents): a bit mask of the document starts around the tile per warp, from the ids in global memory
+// (session 13; session 12 staged the ids by cp.async next to the tile: the forward 9 % and the backward 12 % slower
+// than without documents, of which the staging alone was 6 % in the backward's A/B).
+// Document starts around the tile at t0 as a bit mask: bit i = a document starts at row i (i = 1 .. 37), row i = token
+// t0 - 3 + i (rows 0..2: the conv halo; 3..34: the tile; 35..37: the next tile's first 3 tokens, which the backward's
+// transposed conv reads). Ids are clamped to tokens 0 .. L - 1: before 0 = the document of token 0 (the initial conv / SSM
+// states belong to it), past the end = the last id (those tokens are inert). load_doc_ids: this lane's ids of rows
+// lane and 32 + lane, plain loads issued before the tile's wait (L2-resident; session 13 A/B: staging the ids per
+// tile by 4-byte cp.async next to the TMA tile cost the backward 6 %); doc_starts: 3 shuffles and 2 ballots.
+constexpr int kDocRows = kChunk + 6;
+__device__ __forceinline__ int2 load_doc_ids(const MixerScanParams& p, int b, int t0, int lane) {
+  const int* sq = p.seq_idx + (int64_t)b * p.seqlen;
+  const int last = p.seqlen - 1;
+  return make_int2(sq[min(max(t0 - 3 + lane, 0), last)], sq[min(max(t0 + 29 + lane, 0), last)]);
+}
+__device__ __forceinline__ uint64_t doc_starts(int2 ids, int lane) {
+  static_assert(kDocRows <= 64, "two ballots");
+  const int up_lo = __shfl_up_sync(0xffffffffu, ids.x, 1), last_lo = __shfl_sync(0xffffffffu, ids.x, 31);
+  const int up_hi = __shfl_up_sync(0xffffffffu, ids.y, 1);
+  const unsigned lo = __ballot_sync(0xffffffffu, lane >= 1 && ids.x != up_lo);
+  const unsigned hi = __ballot_sync(0xffffffffu, lane + 32 < kDocRows && ids.y != (lane == 0 ? last_lo : up_hi));
+  return (uint64_t)hi << 32 | lo;
+}
+// No document start in rows first .. first + n - 1 (n <= 3; first + n <= 38).
+__device__ __forceinline__ bool no_start(uint64_t starts, int first, int n) {
+  return ((unsigned)(starts >> first) & ((1u << n) - 1u)) == 0;
+}
+
 
 __device__ __forceinline__ float tf32_rna(float v) {
   unsigned r;
@@ -196,7 +216,7 @@ template <typename T, bool kTma, bool kSeq = false>
 __global__ void __launch_bounds__(kThreads, 4)
     mixer_scan_fwd7_kernel(MixerScanParams p, const __grid_constant__ tma::ScanMaps maps) {
   extern __shared__ __align__(128) unsigned char smem_raw[];  // 128: TMA destinations (raw slices) are 1 KB apart
-  using SM = Smem7For<T, kSeq>;
+  using SM = Smem7<T>;
   SM& sm = *reinterpret_cast<SM*>(smem_raw);
   using M = scan4::MmaOp<T>;
   const int tid = threadIdx.x, lane = tid % 32, w = tid / 32, g = lane / 4, q = lane % 4;
@@ -212,10 +232,6 @@ __global__ void __launch_bounds__(kThreads, 4)
     }
   } else {
     stage<T>(p, sm.raw[0], b, head0, group, 0, tid);
-    scan4::cp_async_commit();
-  }
-  if constexpr (kSeq) {
-    scan4::stage_seq(p, sm.seqr[0], b, 0, tid);
     scan4::cp_async_commit();
   }
 
@@ -270,22 +286,21 @@ __global__ void __launch_bounds__(kThreads, 4)
     sm.xf[1][kChunk + k][ch] = (p.init_conv != nullptr && kk >= 0)
                                    ? p.init_conv[((int64_t)b * p.d_xb + group * kN + ch) * (W - 1) + kk] : 0.f;
   }
-  if constexpr (kSeq) {  // (the initial conv state counts as part of the first document)
-    if (tid < 3) sm.seqf[1][kChunk + tid] = p.seq_idx[(int64_t)b * L];
-  }
   if (tid < kChunk / 2) sm.bop[tid][8] = make_float4(0.f, 0.f, 0.f, 0.f);
   const int bsel = q == 0 ? g : 8;  // lanes q > 0 read the zero entry: rows k >= 1 of the B operand
 
   T* y = static_cast<T*>(p.y) + (int64_t)b * L * D;
   if constexpr (kTma) __syncthreads();  // the barriers' initialisation before anyone waits on them
   int Tv = 0;
+  uint64_t starts = 0;  // kSeq: the document starts around the tile (doc_starts; after the loop: the last tile's)
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int t0 = tile * kChunk, par = tile & 1;
     Tv = min(kChunk, L - t0);
     const typename SM::Raw& r = sm.raw[par];
+    int2 doc_ids = make_int2(0, 0);  // kSeq: issued before the wait, used after S2
+    if constexpr (kSeq) doc_ids = load_doc_ids(p, b, t0, lane);
     if constexpr (kTma) {
       tma::wait(&sm.bar[par], (tile >> 1) & 1);  // raw[par]'s (tile / 2)-th fill
-      if constexpr (kSeq) scan4::cp_async_wait_all();  // (the document ids)
     } else {
       scan4::cp_async_wait_all();
     }
@@ -295,10 +310,6 @@ __global__ void __launch_bounds__(kThreads, 4)
         if (tid == 0) stage_tma<T>(p, maps, sm.raw[par ^ 1], &sm.bar[par ^ 1], b, head0, group, t0 + kChunk);
       } else {
         stage<T>(p, sm.raw[par ^ 1], b, head0, group, t0 + kChunk, tid);
-        scan4::cp_async_commit();
-      }
-      if constexpr (kSeq) {
-        scan4::stage_seq(p, sm.seqr[par ^ 1], b, t0 + kChunk, tid);
         scan4::cp_async_commit();
       }
     }
@@ -316,13 +327,10 @@ __global__ void __launch_bounds__(kThreads, 4)
       const int pr = tid / 8, bg = tid % 8;  // 16 token pairs x 8
       sm.bop[pr][bg] = make_float4(to_f(r.B[2 * pr][bg]), to_f(r.B[2 * pr][bg + 8]), to_f(r.B[2 * pr + 1][bg]),
                                    to_f(r.B[2 * pr + 1][bg + 8]));
-      if constexpr (kSeq) {  // document ids after the 3 halo rows (the previous tile's last 3)
-        if (tid < kChunk) sm.seqf[par][3 + tid] = sm.seqr[par][tid];
-        else if (tid < kChunk + 3) sm.seqf[par][tid - kChunk] = sm.seqf[par ^ 1][tid];
-      }
     }
     if (p.ckpt != nullptr) store_h(p.ckpt + ((int64_t)b * n_tiles + tile) * D * kN);
     __syncthreads();  // S2
+    if constexpr (kSeq) starts = doc_starts(doc_ids, lane);
 
 #pragma unroll 1
     for (int hf = 0; hf < 2; ++hf) {
@@ -349,9 +357,10 @@ __global__ void __launch_bounds__(kThreads, 4)
           // previous token (else the decay argument is +inf: h restarts)
           bool tap[4] = {true, true, true, true}, keep = true;
           if constexpr (kSeq) {
-            const int s3 = sm.seqf[par][t + 3];
-#pragma unroll
-            for (int k = 0; k < 3; ++k) tap[k] = sm.seqf[par][t + k] == s3;
+            const unsigned tb = (unsigned)(starts >> (t + 1)) & 7u;  // starts at rows t + 1 .. t + 3
+            tap[0] = tb == 0;
+            tap[1] = (tb & 6u) == 0;
+            tap[2] = (tb & 4u) == 0;
             keep = tap[2];
           }
           const uint2 zw = *reinterpret_cast<const uint2*>(&r.z[w][t][4 * q]);
@@ -463,7 +472,7 @@ __global__ void __launch_bounds__(kThreads, 4)
   if (head0 % p.heads_per_group == 0 && tid < kN * hw) {
     const int ch = tid / hw, k = tid % hw, row = Tv + 3 - hw + k;
     bool same = true;  // kSeq: the last document's inputs only
-    if constexpr (kSeq) same = sm.seqf[last_par][row] == sm.seqf[last_par][Tv + 2];
+    if constexpr (kSeq) same = no_start(starts, row + 1, Tv + 2 - row);  // rows row + 1 .. Tv + 2
     static_cast<T*>(p.final_conv)[((int64_t)b * p.d_xb + group * kN + ch) * hw + k] =
         from_f<T>(same ? sm.xf[last_par][row][ch] : 0.f);
   }
@@ -480,7 +489,7 @@ inline bool allow_smem(const void* kernel, size_t smem) {
 
 template <typename T, bool kSeq>
 void launch_docs(const MixerScanParams& p, void* stream) {
-  const size_t smem = sizeof(Smem7For<T, kSeq>);
+  const size_t smem = sizeof(Smem7<T>);
   const dim3 grid(p.d_inner / (kN * kHeads), p.batch);
   tma::ScanMaps maps{};
 #if APRIEL_TMA
