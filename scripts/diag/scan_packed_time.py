@@ -1,7 +1,7 @@
 """What packed documents (seq_idx: the distill module's default "pack" layout) cost the mixer scan at the bar shapes:
-forward and fwd+bwd p50 with and without seq_idx (documents of ~1,000 tokens), bf16, D 4096. Packed documents run
-other kernels than the bars measure (forward v5 cp.async / K = 4, backward v4: scan_api.cpp), so this is the gap a
-training run with packing sees. Run on the device after the extension is built:
+forward and fwd+bwd p50 with and without seq_idx (documents of ~1,000 tokens), bf16, D 4096: the gap a training run
+with packing sees against the bar rows (session 13: the v7 forward and backward take documents; the batch-1 forward
+with documents is still v5's cp.async kernel). Run on the device after the extension is built:
     python3 scripts/diag/scan_packed_time.py [--json OUT]
 """
 import argparse
