@@ -821,6 +821,15 @@ def test_deterministic_bitwise(bwd_version):
         assert torch.equal(runs[0][name], runs[1][name]), f"d{name} differs between runs"
 
 
+def _force_bwd_v7(monkeypatch, segments):
+    """The v7 backward with a segment count ("auto": the default sequence split)."""
+    monkeypatch.setenv("APRIEL_SCAN_BWD", "v7")
+    if segments == "auto":
+        monkeypatch.delenv("APRIEL_SCAN_BWD_SEGMENTS", raising=False)
+    else:
+        monkeypatch.setenv("APRIEL_SCAN_BWD_SEGMENTS", segments)
+
+
 def _check_grads_repeatable(args, kw, weights, seq=None):
     """Every gradient vs float64 (16-bit tolerance) and bitwise equal across two runs on a poisoned allocator."""
     poison_allocator()
@@ -858,11 +867,7 @@ def test_backward_v7_parity_and_determinism(case, dtype, segments, monkeypatch):
     """v7 runs (torch profiler), matches float64 for every gradient, and is bitwise repeatable - unsplit ("1") and
     with the default sequence split (small grids: the split applies wherever the sequence has >= 2 tiles)."""
     b, L, D_, X, repeat, width, rank, extra = case
-    monkeypatch.setenv("APRIEL_SCAN_BWD", "v7")
-    if segments == "auto":
-        monkeypatch.delenv("APRIEL_SCAN_BWD_SEGMENTS", raising=False)
-    else:
-        monkeypatch.setenv("APRIEL_SCAN_BWD_SEGMENTS", segments)
+    _force_bwd_v7(monkeypatch, segments)
     args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", repeat=repeat, dt_rank=rank, width=width,
                            initial_states="init" in extra, strided=extra == "strided", seed=21)
     weights = _loss_weights(args, kw, dtype, seed=2)
@@ -930,11 +935,7 @@ def test_backward_v7_documents(case, dtype, monkeypatch):
     """Packed documents run the v7 backward (no v4 in the profile; the carry pre-pass where split), match float64
     for every gradient (initial / final states included) and are bitwise repeatable."""
     b, L, D_, X, repeat, width, rank, segments, cuts, extra = case
-    monkeypatch.setenv("APRIEL_SCAN_BWD", "v7")
-    if segments == "auto":
-        monkeypatch.delenv("APRIEL_SCAN_BWD_SEGMENTS", raising=False)
-    else:
-        monkeypatch.setenv("APRIEL_SCAN_BWD_SEGMENTS", segments)
+    _force_bwd_v7(monkeypatch, segments)
     args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", repeat=repeat, dt_rank=rank, width=width,
                            initial_states="init" in extra, seed=41)
     seq = packed_seq_idx(b, L, list(cuts), "cuda")
