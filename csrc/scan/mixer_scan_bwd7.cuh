@@ -157,10 +157,10 @@ struct SmemB7Seq : SmemB7<T> {
 template <typename T, bool kSeq>
 using SmemB7For = std::conditional_t<kSeq, SmemB7Seq<T>, SmemB7<T>>;
 
-// (kSeq's document starts: scan_common.cuh)
-using scan::doc_starts;
-using scan::load_doc_ids;
-using scan::no_start;
+// (kSeq's document starts: scan7::load_doc_ids / doc_starts / no_start, mixer_scan_fwd7.cuh)
+using scan7::doc_starts;
+using scan7::load_doc_ids;
+using scan7::no_start;
 
 // The tile starting at t0: the forward v7's 11 slices, plus dy of the 4 heads and the 3 x rows before t0.
 template <typename T>

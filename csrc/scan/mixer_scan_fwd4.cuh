@@ -24,7 +24,7 @@
 #include "scan_common.cuh"
 #include "scan_stage.cuh"
 #include "scan_tile.cuh"
-#include "../common/tma.cuh"  // the v5 K = 8 tile staging by TMA (16-bit activations, dt_rank <= 16)
+#include "../common/tma.cuh"  // the v5 K = 8 tile staging by TMA (16-bit activations, dt_rank <= 16, no documents)
 
 #include <type_traits>
 
@@ -151,7 +151,7 @@ inline bool encode_scan_maps(const MixerScanParams& p, tma::ScanMaps& maps) {
 }
 }  // namespace
 
-// The tile by the bulk tensor copy engine (kTma; v5, 16-bit activations, dt_rank <= 16, documents too): thread 0
+// The tile by the bulk tensor copy engine (kTma; v5, 16-bit activations, dt_rank <= 16, no documents): thread 0
 // arms raw's barrier and copies x, B, C, z and dt_low (one box of 16 columns x 32 rows each; the engine zero-fills
 // rows past the sequence end and dt columns past dt_rank). See tma.cuh and the forward v7's stage_tma.
 template <typename T, int kR>
@@ -420,7 +420,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     sm.xf[1][skew_row<TPT>(kChunk + k)][ch] = (p.init_conv != nullptr && kk >= 0)
                                    ? p.init_conv[((int64_t)b * p.d_xb + group * kN + ch) * (W - 1) + kk] : 0.f;
   }
-  if (kSeq && !kPipe && tid < 3) sm.seqf[1][kChunk + tid] = p.seq_idx[(int64_t)b * L];
+  if (kSeq && tid < 3) sm.seqf[1][kChunk + tid] = p.seq_idx[(int64_t)b * L];
 
   T* y = static_cast<T*>(p.y) + (int64_t)b * L * D;
   // The phases of a tile as lambdas: the default schedule and the pipelined one (kPipe) run the same code.
@@ -471,7 +471,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       *reinterpret_cast<float4*>(&sm.xf[par][skew_row<TPT>(row)][part * 4]) =
           *reinterpret_cast<const float4*>(&sm.xf[par ^ 1][skew_row<TPT>(kChunk + row)][part * 4]);
     }
-    if constexpr (kSeq && !kPipe) {  // (the pipelined kernel: document ids as a bit mask, doc_ids_of below)
+    if constexpr (kSeq) {
       if (tid < kChunk) sm.seqf[par][3 + tid] = r.seq[tid];
       else if (tid < kChunk + 3) sm.seqf[par][tid - kChunk] = sm.seqf[par ^ 1][tid];
     }
@@ -501,7 +501,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
 #pragma unroll
     for (int k = 0; k < TPT + 3; ++k) {
       xw[k] = xrow[(k + (k >> kShift)) * kN];
-      sw[k] = kSeq && !kPipe ? sm.seqf[par][tb + k] : 0;
+      sw[k] = kSeq ? sm.seqf[par][tb + k] : 0;
     }
   };
   // tv: the tile's valid tokens (items past it are (0, 0): h kept).
@@ -697,14 +697,6 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
   };
 
   int Tv = 0, last_slot = 0;  // (the last tile's raw tile: the pipelined schedule)
-  // kSeq in the pipelined kernel (session 13): no ids in shared memory - each warp loads the ids around a tile from
-  // global memory into a bit mask of document starts (scan::doc_starts), and a prep token's "id" is its document's
-  // number within the mask (the count of starts up to its row): equal exactly where the staged ids are.
-  uint64_t st_cur = 0;  // the current tile's starts (after the loop: the last tile's)
-  auto doc_ids_of = [&](uint64_t st, int (&sw)[TPT + 3]) {
-#pragma unroll
-    for (int k = 0; k < TPT + 3; ++k) sw[k] = __popcll(st & ((2ull << (tb + k)) - 1ull));  // row tb + k
-  };
   if constexpr (kTma) __syncthreads();  // the barriers' initialisation before anyone waits on them
   if constexpr (kPipe) {
     // Pipelined schedule (v5 K = 8 with TMA, session 11; docs/notes/scan.md "Session 11"): ONE block barrier per
@@ -719,7 +711,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     //      items of tile i + 1 (-> items[(i + 1) % 2]); gate -> y.
     // The prologue runs tile 0's phase A and prep with block barriers (the initial conv state lives in xf). On the
     // last tile the prep runs on stale buffers into items nobody reads (keeps the scan branch-free).
-    static_assert(kTma && kV5Diet && kRawBC, "the pipelined schedule is the TMA v5 K = 8 kernel's");
+    static_assert(kTma && kV5Diet && !kSeq && kRawBC, "the pipelined schedule is the TMA v5 K = 8 kernel's");
     constexpr int kEvery = kChunk / TPT;  // scan tokens per prep item
     uint32_t phases = 1;                  // bit s: the parity of raw[s]'s next fill (raw[0]'s first is consumed)
     tma::wait(&sm.tma_bar[0], 0);
@@ -730,10 +722,6 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       float xw[TPT + 3];
       int sw[TPT + 3];
       prep_load(0, xw, sw);
-      if constexpr (kSeq) {
-        st_cur = scan::doc_starts(scan::load_doc_ids(p, b, 0, lane), lane);
-        doc_ids_of(st_cur, sw);
-      }
 #pragma unroll
       for (int i = 0; i < TPT; ++i) prep_item(i, sm.raw[0], 0, L, xw, sw);
     }
@@ -742,9 +730,6 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       const int t0 = tile * kChunk, par = tile & 1;
       const int slot1 = slot == 2 ? 0 : slot + 1, slot2 = slot1 == 2 ? 0 : slot1 + 1;
       Tv = min(kChunk, L - t0);
-      int2 next_ids = make_int2(0, 0);  // kSeq: the ids around tile + 1 (its prep), loaded before the wait
-      if constexpr (kSeq) next_ids = scan::load_doc_ids(p, b, t0 + kChunk, lane);
-      uint64_t st_next = 0;
       if (tile + 1 < n_tiles) {
         tma::wait(&sm.tma_bar[slot1], (phases >> slot1) & 1);
         phases ^= 1u << slot1;
@@ -766,16 +751,11 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
         if (t == 1) {
           __syncwarp();  // the warp's dt_proj rows
           prep_load_raw(r1, r0, xw);
-          if constexpr (kSeq) {
-            st_next = scan::doc_starts(next_ids, lane);
-            doc_ids_of(st_next, sw);
-          }
         }
         if (t % kEvery == kEvery / 2) prep_item(t / kEvery, r1, par ^ 1, tv1, xw, sw);
       });
       last_slot = slot;
       slot = slot1;
-      if (kSeq && tile + 1 < n_tiles) st_cur = st_next;
     }
   } else {
     for (int tile = 0; tile < n_tiles; ++tile) {
@@ -827,9 +807,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     } else {
       v = sm.xf[last_par][skew_row<TPT>(row)][ch];
     }
-    bool same = true;  // kSeq: the last document's inputs only
-    if constexpr (kSeq && kPipe) same = scan::no_start(st_cur, row + 1, Tv + 2 - row);  // rows row + 1 .. Tv + 2
-    else if constexpr (kSeq) same = sm.seqf[last_par][row] == sm.seqf[last_par][Tv + 2];
+    const bool same = !kSeq || sm.seqf[last_par][row] == sm.seqf[last_par][Tv + 2];
     static_cast<T*>(p.final_conv)[((int64_t)b * p.d_xb + group * kN + ch) * hw + k] = from_f<T>(same ? v : 0.f);
   }
 }
@@ -853,8 +831,7 @@ void launch_kernel(const MixerScanParams& p, const tma::ScanMaps& maps, void* st
 }
 
 // TMA staging (and with it the pipelined schedule, session 11) for v5 K = 8 (the batch 1-2 default at D 4096) with
-// 16-bit activations and dt_rank <= 16 (packed documents too since session 13), where tma::usable() and the host can
-// encode the maps; cp.async
+// 16-bit activations, dt_rank <= 16 and no documents, where tma::usable() and the host can encode the maps; cp.async
 // (and the 3-barrier schedule) everywhere else. K = 4 (batch 3, small
 // models) is not done yet: its 8 blocks per SM leave no room for the barriers' 16 bytes (WithTmaBarriers) without
 // shrinking another array, and it was not measured.
@@ -862,7 +839,7 @@ template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4>
 void launch(const MixerScanParams& p, void* stream) {
   tma::ScanMaps maps{};
 #if APRIEL_TMA
-  if constexpr (kVer >= 5 && K == 8 && sizeof(T) == 2 && kR == 16) {  // (packed documents too, since session 13)
+  if constexpr (kVer >= 5 && K == 8 && sizeof(T) == 2 && kR == 16 && !kSeq) {
     if (encode_scan_maps(p, maps)) {
       launch_kernel<T, K, kR, kSeq, kRawBC, kVer, true>(p, maps, stream);
       return;

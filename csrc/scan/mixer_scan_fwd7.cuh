@@ -34,9 +34,9 @@
 // half's y rows gated and stored by the warp. No block barrier between prep and scan (a head's prep is its warp's).
 // Packed documents (seq_idx, kSeq; session 12): each warp loads the document ids around its tile from global memory
 // into a bit mask of document starts (doc_starts; session 13 - session 12 staged them by cp.async next to the tile,
-// 9 % slower than without documents), and the prep masks conv taps from another document and sets the decay
-// argument to +inf at a document start (ex2 -> 0 resets h; the FMA-pipe exponential clamps, so its exact 0 is
-// selected), as v5 does: the same arithmetic per token as separate calls (bitwise, tested). Not handled (the dispatcher falls back to v5 / v4): fp32 activations, dt_rank > 16,
+// 9 % slower than without documents), and the prep masks conv taps from another document and sets the decay argument to +inf at a document start (ex2 -> 0 resets h; the
+// FMA-pipe exponential clamps, so its exact 0 is selected), as v5 does: the same arithmetic per token as separate
+// calls (bitwise, tested). Not handled (the dispatcher falls back to v5 / v4): fp32 activations, dt_rank > 16,
 // unaligned zxbc / dt_low rows (no 16-byte copies), heads_per_group % 4 != 0.
 #pragma once
 #include "../common/cuda_check.h"
@@ -86,9 +86,30 @@ struct Smem7 {
 // kSeq (packed documents): a bit mask of the document starts around the tile per warp, from the ids in global memory
 // (session 13; session 12 staged the ids by cp.async next to the tile: the forward 9 % and the backward 12 % slower
 // than without documents, of which the staging alone was 6 % in the backward's A/B).
-using scan::doc_starts;  // (kSeq: scan_common.cuh)
-using scan::load_doc_ids;
-using scan::no_start;
+// Document starts around the tile at t0 as a bit mask: bit i = a document starts at row i (i = 1 .. 37), row i = token
+// t0 - 3 + i (rows 0..2: the conv halo; 3..34: the tile; 35..37: the next tile's first 3 tokens, which the backward's
+// transposed conv reads). Ids are clamped to tokens 0 .. L - 1: before 0 = the document of token 0 (the initial conv / SSM
+// states belong to it), past the end = the last id (those tokens are inert). load_doc_ids: this lane's ids of rows
+// lane and 32 + lane, plain loads issued before the tile's wait (L2-resident; session 13 A/B: staging the ids per
+// tile by 4-byte cp.async next to the TMA tile cost the backward 6 %); doc_starts: 3 shuffles and 2 ballots.
+constexpr int kDocRows = kChunk + 6;
+__device__ __forceinline__ int2 load_doc_ids(const MixerScanParams& p, int b, int t0, int lane) {
+  const int* sq = p.seq_idx + (int64_t)b * p.seqlen;
+  const int last = p.seqlen - 1;
+  return make_int2(sq[min(max(t0 - 3 + lane, 0), last)], sq[min(max(t0 + 29 + lane, 0), last)]);
+}
+__device__ __forceinline__ uint64_t doc_starts(int2 ids, int lane) {
+  static_assert(kDocRows <= 64, "two ballots");
+  const int up_lo = __shfl_up_sync(0xffffffffu, ids.x, 1), last_lo = __shfl_sync(0xffffffffu, ids.x, 31);
+  const int up_hi = __shfl_up_sync(0xffffffffu, ids.y, 1);
+  const unsigned lo = __ballot_sync(0xffffffffu, lane >= 1 && ids.x != up_lo);
+  const unsigned hi = __ballot_sync(0xffffffffu, lane + 32 < kDocRows && ids.y != (lane == 0 ? last_lo : up_hi));
+  return (uint64_t)hi << 32 | lo;
+}
+// No document start in rows first .. first + n - 1 (n <= 3; first + n <= 38).
+__device__ __forceinline__ bool no_start(uint64_t starts, int first, int n) {
+  return ((unsigned)(starts >> first) & ((1u << n) - 1u)) == 0;
+}
 
 
 __device__ __forceinline__ float tf32_rna(float v) {
