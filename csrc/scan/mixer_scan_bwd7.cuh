@@ -157,8 +157,9 @@ struct SmemB7Seq : SmemB7<T> {
 template <typename T, bool kSeq>
 using SmemB7For = std::conditional_t<kSeq, SmemB7Seq<T>, SmemB7<T>>;
 
-// (kSeq's document starts: scan7::load_doc_ids / doc_starts / no_start, mixer_scan_fwd7.cuh)
+// (kSeq: scan7::load_doc_ids / doc_starts / doc_taps / no_start, mixer_scan_fwd7.cuh)
 using scan7::doc_starts;
+using scan7::doc_taps;
 using scan7::load_doc_ids;
 using scan7::no_start;
 
@@ -388,13 +389,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       // kSeq: tap k (token t - 3 + k) counts only inside the token's document; keep = same document as the previous
       // token (else the decay argument is +inf: h restarts)
       bool tap[4] = {true, true, true, true}, keep = true;
-      if constexpr (kSeq) {
-        const unsigned tb = tap_bits(t + 1);  // rows t + 1 .. t + 3
-        tap[0] = tb == 0;
-        tap[1] = (tb & 6u) == 0;
-        tap[2] = (tb & 4u) == 0;
-        keep = tap[2];
-      }
+      if constexpr (kSeq) doc_taps(starts, t, tap, keep);
       float zv[4], dyv[4];
       if constexpr (kFull) {
         const uint2 zw = *reinterpret_cast<const uint2*>(&r.f.z[w][t][4 * q]);

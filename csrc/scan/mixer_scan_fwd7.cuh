@@ -34,9 +34,9 @@
 // half's y rows gated and stored by the warp. No block barrier between prep and scan (a head's prep is its warp's).
 // Packed documents (seq_idx, kSeq; session 12): each warp loads the document ids around its tile from global memory
 // into a bit mask of document starts (doc_starts; session 13 - session 12 staged them by cp.async next to the tile,
-// 9 % slower than without documents), and the prep masks conv taps from another document and sets the decay argument to +inf at a document start (ex2 -> 0 resets h; the
-// FMA-pipe exponential clamps, so its exact 0 is selected), as v5 does: the same arithmetic per token as separate
-// calls (bitwise, tested). Not handled (the dispatcher falls back to v5 / v4): fp32 activations, dt_rank > 16,
+// 9 % slower than without documents), and the prep masks conv taps from another document and sets the decay
+// argument to +inf at a document start (ex2 -> 0 resets h; the FMA-pipe exponential clamps, so its exact 0 is
+// selected), as v5 does: the same arithmetic per token as separate calls (bitwise, tested). Not handled (the dispatcher falls back to v5 / v4): fp32 activations, dt_rank > 16,
 // unaligned zxbc / dt_low rows (no 16-byte copies), heads_per_group % 4 != 0.
 #pragma once
 #include "../common/cuda_check.h"
@@ -83,15 +83,13 @@ struct Smem7 {
   alignas(16) float yf[kHeads][kHalf][kN];      // readout C . h (before the gate) per (token, channel)
   alignas(8) uint64_t bar[2];                   // TMA staging: the transaction barrier of raw[parity]
 };
-// kSeq (packed documents): a bit mask of the document starts around the tile per warp, from the ids in global memory
-// (session 13; session 12 staged the ids by cp.async next to the tile: the forward 9 % and the backward 12 % slower
-// than without documents, of which the staging alone was 6 % in the backward's A/B).
-// Document starts around the tile at t0 as a bit mask: bit i = a document starts at row i (i = 1 .. 37), row i = token
-// t0 - 3 + i (rows 0..2: the conv halo; 3..34: the tile; 35..37: the next tile's first 3 tokens, which the backward's
-// transposed conv reads). Ids are clamped to tokens 0 .. L - 1: before 0 = the document of token 0 (the initial conv / SSM
-// states belong to it), past the end = the last id (those tokens are inert). load_doc_ids: this lane's ids of rows
-// lane and 32 + lane, plain loads issued before the tile's wait (L2-resident; session 13 A/B: staging the ids per
-// tile by 4-byte cp.async next to the TMA tile cost the backward 6 %); doc_starts: 3 shuffles and 2 ballots.
+// kSeq (packed documents; the forward and backward v7): the document starts around the tile at t0 as a bit mask per
+// warp: bit i = a document starts at row i (i = 1 .. 37), row i = token t0 - 3 + i (rows 0..2: the conv halo; 3..34:
+// the tile; 35..37: the next tile's first 3 tokens, which the backward's transposed conv reads). Ids are clamped to
+// tokens 0 .. L - 1: before 0 = the document of token 0 (the initial conv / SSM states belong to it), past the end =
+// the last id (those tokens are inert). load_doc_ids: this lane's ids of rows lane and 32 + lane, plain loads issued
+// before the tile's wait (L2-resident; session 13 A/B: staging the ids per tile by 4-byte cp.async next to the TMA
+// tile cost the backward 6 %); doc_starts: 3 shuffles and 2 ballots.
 constexpr int kDocRows = kChunk + 6;
 __device__ __forceinline__ int2 load_doc_ids(const MixerScanParams& p, int b, int t0, int lane) {
   const int* sq = p.seq_idx + (int64_t)b * p.seqlen;
@@ -110,7 +108,15 @@ __device__ __forceinline__ uint64_t doc_starts(int2 ids, int lane) {
 __device__ __forceinline__ bool no_start(uint64_t starts, int first, int n) {
   return ((unsigned)(starts >> first) & ((1u << n) - 1u)) == 0;
 }
-
+// The conv taps of tile token t (row t + 3) inside its document: tap[k] = token t - 3 + k counts (no start in rows
+// t + k + 1 .. t + 3; tap[3], the token itself, always); keep = no start at t's own row (else the decay restarts).
+__device__ __forceinline__ void doc_taps(uint64_t starts, int t, bool (&tap)[4], bool& keep) {
+  const unsigned tb = (unsigned)(starts >> (t + 1)) & 7u;  // starts at rows t + 1 .. t + 3
+  tap[0] = tb == 0;
+  tap[1] = (tb & 6u) == 0;
+  tap[2] = (tb & 4u) == 0;
+  keep = tap[2];
+}
 
 __device__ __forceinline__ float tf32_rna(float v) {
   unsigned r;
@@ -356,13 +362,7 @@ __global__ void __launch_bounds__(kThreads, 4)
           // kSeq: tap k (token t - 3 + k) counts only inside the token's document; keep = same document as the
           // previous token (else the decay argument is +inf: h restarts)
           bool tap[4] = {true, true, true, true}, keep = true;
-          if constexpr (kSeq) {
-            const unsigned tb = (unsigned)(starts >> (t + 1)) & 7u;  // starts at rows t + 1 .. t + 3
-            tap[0] = tb == 0;
-            tap[1] = (tb & 6u) == 0;
-            tap[2] = (tb & 4u) == 0;
-            keep = tap[2];
-          }
+          if constexpr (kSeq) doc_taps(starts, t, tap, keep);
           const uint2 zw = *reinterpret_cast<const uint2*>(&r.z[w][t][4 * q]);
           const float2 z01 = scan4::unpack2<T>(zw.x), z23 = scan4::unpack2<T>(zw.y);
           const float zv[4] = {z01.x, z01.y, z23.x, z23.y};

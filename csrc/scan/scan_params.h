@@ -100,8 +100,8 @@ void launch_mixer_scan_fwd5(const MixerScanParams& p, void* stream);
 template <typename T>
 void launch_mixer_scan_fwd7(const MixerScanParams& p, void* stream);
 // The calls v7 handles; the dispatcher runs v5 / v4 for the others (unaligned rows, ...). Packed documents: the
-// forward since session 12, the backward since session 13. (The conv width needs no check: the op accepts 2..4 only, all of which
-// v7's right-aligned taps handle.)
+// forward since session 12, the backward since session 13. (The conv width needs no check: the op accepts 2..4 only,
+// all of which v7's right-aligned taps handle.)
 inline bool mixer_scan_fwd7_supports(const MixerScanParams& p) {
   return p.zxbc_vec16 && p.dt_vec16 && p.dt_rank <= 16 && p.heads_per_group % 4 == 0;
 }
