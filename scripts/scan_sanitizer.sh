@@ -60,12 +60,15 @@ LOG="$OUT_DIR/scan_sanitizer.log"
 # cases' (bwd=auto); v7pc = the v7 forward + the split backward with documents over 10 tiles in 2 segments of 5 (the
 # carry pre-pass's document resets; document starts at 128 (a tile edge), 129 (a one-token document), 160 (the
 # segment boundary) and 200).
-for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v7 v7s1 v7c v7p v7pc}; do
+# Also session 13: v5k8 (packed) runs the TMA v5 K = 8 kernel now, which takes documents; v5k8p = the same over 10
+# tiles (the pipelined schedule's next-tile document masks across every raw slot, the starts listed above).
+for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 v7s1 v7c v7p v7pc}; do
   packed=1 bwd=auto fwd=$version segments=
   [ "$version" = "v7" ] && packed=0 bwd=v7
   [ "$version" = "v7s1" ] && packed=0 bwd=v7 fwd=v7 segments=1
   length=45
   [ "$version" = "v5k8t" ] && packed=0 fwd=v5k8 length=130
+  [ "$version" = "v5k8p" ] && fwd=v5k8 length=300
   [ "$version" = "v7c" ] && packed=0 bwd=v7 fwd=v7 segments=2 length=300
   [ "$version" = "v7p" ] && fwd=v7 length=130
   [ "$version" = "v7pc" ] && bwd=v7 fwd=v7 segments=2 length=300

@@ -157,11 +157,11 @@ struct SmemB7Seq : SmemB7<T> {
 template <typename T, bool kSeq>
 using SmemB7For = std::conditional_t<kSeq, SmemB7Seq<T>, SmemB7<T>>;
 
-// (kSeq: scan7::load_doc_ids / doc_starts / doc_taps / no_start, mixer_scan_fwd7.cuh)
-using scan7::doc_starts;
-using scan7::doc_taps;
-using scan7::load_doc_ids;
-using scan7::no_start;
+// (kSeq's document starts: scan_common.cuh)
+using scan::doc_starts;
+using scan::doc_taps;
+using scan::load_doc_ids;
+using scan::no_start;
 
 // The tile starting at t0: the forward v7's 11 slices, plus dy of the 4 heads and the 3 x rows before t0.
 template <typename T>
@@ -322,11 +322,21 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 
   if constexpr (kTma) __syncthreads();  // the barriers' initialisation before anyone waits on them
+#ifndef APRIEL_BWD7_DOC_PF
+#define APRIEL_BWD7_DOC_PF 0
+#endif
+  int2 next_doc_ids = make_int2(0, 0);  // (APRIEL_BWD7_DOC_PF: the ids of the tile after, loaded a tile earlier)
+  if constexpr (kSeq && APRIEL_BWD7_DOC_PF) next_doc_ids = load_doc_ids(p, b, tile_last * kChunk, lane);
   for (int tile = tile_last; tile >= tile_first; --tile) {
     const int t0 = tile * kChunk, par = tile & 1, Tv = min(kChunk, L - t0);
     const typename SM::Raw& r = sm.raw[par];
     int2 doc_ids = make_int2(0, 0);  // kSeq: issued before the wait, used after S2
-    if constexpr (kSeq) doc_ids = load_doc_ids(p, b, t0, lane);
+    if constexpr (kSeq && APRIEL_BWD7_DOC_PF) {
+      doc_ids = next_doc_ids;
+      next_doc_ids = load_doc_ids(p, b, t0 - kChunk, lane);
+    } else if constexpr (kSeq) {
+      doc_ids = load_doc_ids(p, b, t0, lane);
+    }
     if constexpr (kTma) {
       tma::wait(&sm.bar[par], ((tile_last - tile) >> 1) & 1);  // raw[par]'s fills alternate phases
     } else {

@@ -24,7 +24,7 @@
 #include "scan_common.cuh"
 #include "scan_stage.cuh"
 #include "scan_tile.cuh"
-#include "../common/tma.cuh"  // the v5 K = 8 tile staging by TMA (16-bit activations, dt_rank <= 16, no documents)
+#include "../common/tma.cuh"  // the v5 K = 8 tile staging by TMA (16-bit activations, dt_rank <= 16)
 
 #include <type_traits>
 
@@ -151,7 +151,7 @@ inline bool encode_scan_maps(const MixerScanParams& p, tma::ScanMaps& maps) {
 }
 }  // namespace
 
-// The tile by the bulk tensor copy engine (kTma; v5, 16-bit activations, dt_rank <= 16, no documents): thread 0
+// The tile by the bulk tensor copy engine (kTma; v5, 16-bit activations, dt_rank <= 16, documents too): thread 0
 // arms raw's barrier and copies x, B, C, z and dt_low (one box of 16 columns x 32 rows each; the engine zero-fills
 // rows past the sequence end and dt columns past dt_rank). See tma.cuh and the forward v7's stage_tma.
 template <typename T, int kR>
@@ -420,7 +420,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     sm.xf[1][skew_row<TPT>(kChunk + k)][ch] = (p.init_conv != nullptr && kk >= 0)
                                    ? p.init_conv[((int64_t)b * p.d_xb + group * kN + ch) * (W - 1) + kk] : 0.f;
   }
-  if (kSeq && tid < 3) sm.seqf[1][kChunk + tid] = p.seq_idx[(int64_t)b * L];
+  if (kSeq && !kPipe && tid < 3) sm.seqf[1][kChunk + tid] = p.seq_idx[(int64_t)b * L];
 
   T* y = static_cast<T*>(p.y) + (int64_t)b * L * D;
   // The phases of a tile as lambdas: the default schedule and the pipelined one (kPipe) run the same code.
@@ -471,7 +471,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       *reinterpret_cast<float4*>(&sm.xf[par][skew_row<TPT>(row)][part * 4]) =
           *reinterpret_cast<const float4*>(&sm.xf[par ^ 1][skew_row<TPT>(kChunk + row)][part * 4]);
     }
-    if constexpr (kSeq) {
+    if constexpr (kSeq && !kPipe) {  // (the pipelined kernel: document ids as a bit mask, doc_bits below)
       if (tid < kChunk) sm.seqf[par][3 + tid] = r.seq[tid];
       else if (tid < kChunk + 3) sm.seqf[par][tid - kChunk] = sm.seqf[par ^ 1][tid];
     }
@@ -501,8 +501,15 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
 #pragma unroll
     for (int k = 0; k < TPT + 3; ++k) {
       xw[k] = xrow[(k + (k >> kShift)) * kN];
-      sw[k] = kSeq ? sm.seqf[par][tb + k] : 0;
+      sw[k] = kSeq && !kPipe ? sm.seqf[par][tb + k] : 0;
     }
+  };
+  // Rows tb + a and tb + b (a < b) in one document. kSeq: the staged ids of the rows (sw[k] = row tb + k), or in the
+  // pipelined kernel the start mask's rows tb + 1 .. tb + 32 in sw[0] (bit j = a start at row tb + 1 + j; doc_bits).
+  auto same_doc = [&](const int (&sw)[TPT + 3], int a, int b) -> bool {
+    if constexpr (!kSeq) return true;
+    else if constexpr (kPipe) return ((unsigned)sw[0] & (((1u << (b - a)) - 1u) << a)) == 0;  // rows tb+a+1..tb+b
+    else return sw[a] == sw[b];
   };
   // tv: the tile's valid tokens (items past it are (0, 0): h kept).
   auto prep_item = [&](int i, const RawTile<T, kR>& r, int ub, int tv, const float (&xw)[TPT + 3],
@@ -516,7 +523,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     const int t = tb + i;
     float cv = cb;
 #pragma unroll
-    for (int k = 0; k < 4; ++k) cv = fmaf(w[k], (!kSeq || sw[i + k] == sw[i + 3]) ? xw[i + k] : 0.f, cv);
+    for (int k = 0; k < 4; ++k) cv = fmaf(w[k], same_doc(sw, i + k, i + 3) ? xw[i + k] : 0.f, cv);
     const float u = cv * sigmoid_fast(cv);
     float dp = dtb2;
     if constexpr (kMma) {
@@ -534,7 +541,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       }
     }
     const float delta = kV5Diet ? softplus_select(dp) : softplus_fast(dp);
-    const bool keep = !kSeq || sw[i + 2] == sw[i + 3];  // same document as the previous token
+    const bool keep = same_doc(sw, i + 2, i + 3);  // same document as the previous token
     if constexpr (kV5Diet) {
       const float zz = to_f(zcol[i * kN]);
       udcol[i * kN] = t < tv ? make_float2(keep ? delta : __int_as_float(0x7f800000), delta * u)
@@ -697,6 +704,10 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
   };
 
   int Tv = 0, last_slot = 0;  // (the last tile's raw tile: the pipelined schedule)
+  // kSeq in the pipelined kernel: no ids in shared memory - each warp loads the ids around a tile from global memory
+  // into a bit mask of document starts (scan::doc_starts), and the prep tests the mask's bits (same_doc).
+  uint64_t st_cur = 0;  // the current tile's starts (after the loop: the last tile's)
+  auto doc_bits = [&](uint64_t st, int (&sw)[TPT + 3]) { sw[0] = (int)(unsigned)(st >> (tb + 1)); };
   if constexpr (kTma) __syncthreads();  // the barriers' initialisation before anyone waits on them
   if constexpr (kPipe) {
     // Pipelined schedule (v5 K = 8 with TMA, session 11; docs/notes/scan.md "Session 11"): ONE block barrier per
@@ -711,7 +722,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     //      items of tile i + 1 (-> items[(i + 1) % 2]); gate -> y.
     // The prologue runs tile 0's phase A and prep with block barriers (the initial conv state lives in xf). On the
     // last tile the prep runs on stale buffers into items nobody reads (keeps the scan branch-free).
-    static_assert(kTma && kV5Diet && !kSeq && kRawBC, "the pipelined schedule is the TMA v5 K = 8 kernel's");
+    static_assert(kTma && kV5Diet && kRawBC, "the pipelined schedule is the TMA v5 K = 8 kernel's");
     constexpr int kEvery = kChunk / TPT;  // scan tokens per prep item
     uint32_t phases = 1;                  // bit s: the parity of raw[s]'s next fill (raw[0]'s first is consumed)
     tma::wait(&sm.tma_bar[0], 0);
@@ -722,14 +733,26 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       float xw[TPT + 3];
       int sw[TPT + 3];
       prep_load(0, xw, sw);
+      if constexpr (kSeq) {
+        st_cur = scan::doc_starts(scan::load_doc_ids(p, b, 0, lane), lane);
+        doc_bits(st_cur, sw);
+      }
 #pragma unroll
       for (int i = 0; i < TPT; ++i) prep_item(i, sm.raw[0], 0, L, xw, sw);
     }
     int slot = 0;  // tile % 3
+    // kSeq: the ids around tile + 1 (its prep, at the scan's token 1) are loaded one tile earlier, at the top of
+    // tile's predecessor: loaded at the top of the same tile, the scan's second token waited on the load (L2
+    // latency at ~2 warps per scheduler: the batch-1 forward with documents was 33 % slower than without).
+    int2 next_ids = make_int2(0, 0);
+    if constexpr (kSeq) next_ids = scan::load_doc_ids(p, b, kChunk, lane);
     for (int tile = 0; tile < n_tiles; ++tile) {
       const int t0 = tile * kChunk, par = tile & 1;
       const int slot1 = slot == 2 ? 0 : slot + 1, slot2 = slot1 == 2 ? 0 : slot1 + 1;
       Tv = min(kChunk, L - t0);
+      int2 after_ids = make_int2(0, 0);  // kSeq: the ids around tile + 2, for the next iteration
+      if constexpr (kSeq) after_ids = scan::load_doc_ids(p, b, t0 + 2 * kChunk, lane);
+      uint64_t st_next = 0;
       if (tile + 1 < n_tiles) {
         tma::wait(&sm.tma_bar[slot1], (phases >> slot1) & 1);
         phases ^= 1u << slot1;
@@ -751,11 +774,17 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
         if (t == 1) {
           __syncwarp();  // the warp's dt_proj rows
           prep_load_raw(r1, r0, xw);
+          if constexpr (kSeq) {
+            st_next = scan::doc_starts(next_ids, lane);
+            doc_bits(st_next, sw);
+          }
         }
         if (t % kEvery == kEvery / 2) prep_item(t / kEvery, r1, par ^ 1, tv1, xw, sw);
       });
       last_slot = slot;
       slot = slot1;
+      if (kSeq && tile + 1 < n_tiles) st_cur = st_next;
+      next_ids = after_ids;
     }
   } else {
     for (int tile = 0; tile < n_tiles; ++tile) {
@@ -807,7 +836,9 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     } else {
       v = sm.xf[last_par][skew_row<TPT>(row)][ch];
     }
-    const bool same = !kSeq || sm.seqf[last_par][row] == sm.seqf[last_par][Tv + 2];
+    bool same = true;  // kSeq: the last document's inputs only
+    if constexpr (kSeq && kPipe) same = scan::no_start(st_cur, row + 1, Tv + 2 - row);  // rows row + 1 .. Tv + 2
+    else if constexpr (kSeq) same = sm.seqf[last_par][row] == sm.seqf[last_par][Tv + 2];
     static_cast<T*>(p.final_conv)[((int64_t)b * p.d_xb + group * kN + ch) * hw + k] = from_f<T>(same ? v : 0.f);
   }
 }
@@ -831,7 +862,8 @@ void launch_kernel(const MixerScanParams& p, const tma::ScanMaps& maps, void* st
 }
 
 // TMA staging (and with it the pipelined schedule, session 11) for v5 K = 8 (the batch 1-2 default at D 4096) with
-// 16-bit activations, dt_rank <= 16 and no documents, where tma::usable() and the host can encode the maps; cp.async
+// 16-bit activations and dt_rank <= 16 (packed documents too since session 13), where tma::usable() and the host can
+// encode the maps; cp.async
 // (and the 3-barrier schedule) everywhere else. K = 4 (batch 3, small
 // models) is not done yet: its 8 blocks per SM leave no room for the barriers' 16 bytes (WithTmaBarriers) without
 // shrinking another array, and it was not measured.
@@ -839,7 +871,7 @@ template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4>
 void launch(const MixerScanParams& p, void* stream) {
   tma::ScanMaps maps{};
 #if APRIEL_TMA
-  if constexpr (kVer >= 5 && K == 8 && sizeof(T) == 2 && kR == 16 && !kSeq) {
+  if constexpr (kVer >= 5 && K == 8 && sizeof(T) == 2 && kR == 16) {  // (packed documents too, since session 13)
     if (encode_scan_maps(p, maps)) {
       launch_kernel<T, K, kR, kSeq, kRawBC, kVer, true>(p, maps, stream);
       return;

@@ -188,5 +188,40 @@ __device__ __forceinline__ float dt_pre2(const Tile& S, const float (*dtw)[kMaxR
   return acc;
 }
 
+// Document starts around the tile at t0 as a bit mask: bit i = a document starts at row i (i = 1 .. 37), row i = token
+// t0 - 3 + i (rows 0..2: the conv halo; 3..34: the tile; 35..37: the next tile's first 3 tokens, which the backward's
+// transposed conv reads). Ids are clamped to tokens 0 .. L - 1: before 0 = the document of token 0 (the initial conv / SSM
+// states belong to it), past the end = the last id (those tokens are inert). load_doc_ids: this lane's ids of rows
+// lane and 32 + lane, plain loads issued before the tile's wait (L2-resident; session 13 A/B: staging the ids per
+// tile by 4-byte cp.async next to the TMA tile cost the backward 6 %); doc_starts: 3 shuffles and 2 ballots.
+constexpr int kDocRows = kChunk + 6;
+__device__ __forceinline__ int2 load_doc_ids(const MixerScanParams& p, int b, int t0, int lane) {
+  const int* sq = p.seq_idx + (int64_t)b * p.seqlen;
+  const int last = p.seqlen - 1;
+  return make_int2(sq[min(max(t0 - 3 + lane, 0), last)], sq[min(max(t0 + 29 + lane, 0), last)]);
+}
+__device__ __forceinline__ uint64_t doc_starts(int2 ids, int lane) {
+  static_assert(kDocRows <= 64, "two ballots");
+  const int up_lo = __shfl_up_sync(0xffffffffu, ids.x, 1), last_lo = __shfl_sync(0xffffffffu, ids.x, 31);
+  const int up_hi = __shfl_up_sync(0xffffffffu, ids.y, 1);
+  const unsigned lo = __ballot_sync(0xffffffffu, lane >= 1 && ids.x != up_lo);
+  const unsigned hi = __ballot_sync(0xffffffffu, lane + 32 < kDocRows && ids.y != (lane == 0 ? last_lo : up_hi));
+  return (uint64_t)hi << 32 | lo;
+}
+// No document start in rows first .. first + n - 1 (n <= 3; first + n <= 38).
+__device__ __forceinline__ bool no_start(uint64_t starts, int first, int n) {
+  return ((unsigned)(starts >> first) & ((1u << n) - 1u)) == 0;
+}
+
+// The conv taps of tile token t (row t + 3) inside its document: tap[k] = token t - 3 + k counts (no start in rows
+// t + k + 1 .. t + 3; tap[3], the token itself, always); keep = no start at t's own row (else the decay restarts).
+__device__ __forceinline__ void doc_taps(uint64_t starts, int t, bool (&tap)[4], bool& keep) {
+  const unsigned tb = (unsigned)(starts >> (t + 1)) & 7u;  // starts at rows t + 1 .. t + 3
+  tap[0] = tb == 0;
+  tap[1] = (tb & 6u) == 0;
+  tap[2] = (tb & 4u) == 0;
+  keep = tap[2];
+}
+
 }  // namespace scan
 }  // namespace apriel
