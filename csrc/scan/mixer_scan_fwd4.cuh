@@ -27,6 +27,9 @@
 #include "../common/tma.cuh"  // the v5 K = 8 tile staging by TMA (16-bit activations, dt_rank <= 16)
 
 #include <type_traits>
+#ifndef APRIEL_DIAG_V5DOCS
+#define APRIEL_DIAG_V5DOCS 0
+#endif
 
 // Minimum blocks per SM of the v5 launch bounds (register cap 65536 / (threads x blocks)); compile-time knobs for
 // experiments. v4: 6 (K = 4) / 3 (K = 8).
@@ -508,6 +511,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
   // pipelined kernel the start mask's rows tb + 1 .. tb + 32 in sw[0] (bit j = a start at row tb + 1 + j; doc_bits).
   auto same_doc = [&](const int (&sw)[TPT + 3], int a, int b) -> bool {
     if constexpr (!kSeq) return true;
+    else if constexpr (kPipe && APRIEL_DIAG_V5DOCS >= 1) return true;
     else if constexpr (kPipe) return ((unsigned)sw[0] & (((1u << (b - a)) - 1u) << a)) == 0;  // rows tb+a+1..tb+b
     else return sw[a] == sw[b];
   };
@@ -751,7 +755,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       const int slot1 = slot == 2 ? 0 : slot + 1, slot2 = slot1 == 2 ? 0 : slot1 + 1;
       Tv = min(kChunk, L - t0);
       int2 after_ids = make_int2(0, 0);  // kSeq: the ids around tile + 2, for the next iteration
-      if constexpr (kSeq) after_ids = scan::load_doc_ids(p, b, t0 + 2 * kChunk, lane);
+      if constexpr (kSeq && APRIEL_DIAG_V5DOCS < 2) after_ids = scan::load_doc_ids(p, b, t0 + 2 * kChunk, lane);
       uint64_t st_next = 0;
       if (tile + 1 < n_tiles) {
         tma::wait(&sm.tma_bar[slot1], (phases >> slot1) & 1);
@@ -775,7 +779,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
           __syncwarp();  // the warp's dt_proj rows
           prep_load_raw(r1, r0, xw);
           if constexpr (kSeq) {
-            st_next = scan::doc_starts(next_ids, lane);
+            st_next = APRIEL_DIAG_V5DOCS >= 2 ? 0 : scan::doc_starts(next_ids, lane);
             doc_bits(st_next, sw);
           }
         }

@@ -1,6 +1,7 @@
 """The mixer scan at the issue's bar shape (D 4096 / X 1024 / N 16, bf16), run 3 times for ncu to pick a launch.
 
-    python3 scripts/diag/scan_case.py B L [--backward]     (forward only, or forward + backward)
+    python3 scripts/diag/scan_case.py B L [--backward] [--packed]   (forward only, or forward + backward; --packed:
+                                                                     documents(B, L) as seq_idx)
 
 make_case(B, L, requires_grad) builds the inputs, documents(B, L) packed-document ids (also used by
 scan_bwd_profile.py and scan_packed_time.py).
@@ -48,9 +49,10 @@ if __name__ == "__main__":
     b, L = int(sys.argv[1]), int(sys.argv[2])
     backward = "--backward" in sys.argv[3:]
     args, dy = make_case(b, L, backward)
+    kw = dict(KW, seq_idx=documents(b, L)) if "--packed" in sys.argv[3:] else KW
     with torch.set_grad_enabled(backward):
         for _ in range(3):
-            y = mixer_scan(**args, **KW)
+            y = mixer_scan(**args, **kw)
             if backward:
                 torch.autograd.grad(y, list(args.values()), dy)
     torch.cuda.synchronize()
