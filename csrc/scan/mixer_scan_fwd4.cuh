@@ -745,18 +745,23 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       for (int i = 0; i < TPT; ++i) prep_item(i, sm.raw[0], 0, L, xw, sw);
     }
     int slot = 0;  // tile % 3
-    // kSeq: the ids around tile + 1 (its prep, at the scan's token 1) are loaded one tile earlier, at the top of
-    // tile's predecessor: loaded at the top of the same tile, the scan's second token waited on the load (L2
-    // latency at ~2 warps per scheduler: the batch-1 forward with documents was 33 % slower than without).
+    // kSeq: the ids around tile + 1 (its prep) are loaded a tile ahead, at the top of tile's predecessor, and turned
+    // into tile + 1's start mask at the top of tile, outside the scan: the mask's shuffles and ballots inside the
+    // scan's unrolled tokens (at token 1, next to the prep's loads) cost the batch-1 forward 15 % (ncu: the prep's
+    // MUFU chains no longer interleaved - short-scoreboard stalls on their consumers; the A/B: bench/results/s14).
     int2 next_ids = make_int2(0, 0);
     if constexpr (kSeq) next_ids = scan::load_doc_ids(p, b, kChunk, lane);
     for (int tile = 0; tile < n_tiles; ++tile) {
       const int t0 = tile * kChunk, par = tile & 1;
       const int slot1 = slot == 2 ? 0 : slot + 1, slot2 = slot1 == 2 ? 0 : slot1 + 1;
       Tv = min(kChunk, L - t0);
-      int2 after_ids = make_int2(0, 0);  // kSeq: the ids around tile + 2, for the next iteration
-      if constexpr (kSeq && APRIEL_DIAG_V5DOCS < 2) after_ids = scan::load_doc_ids(p, b, t0 + 2 * kChunk, lane);
-      uint64_t st_next = 0;
+      uint64_t st_next = 0;  // kSeq: the starts around tile + 1
+      int sw[TPT + 3] = {};  // kSeq: their prep rows (doc_bits)
+      if constexpr (kSeq && APRIEL_DIAG_V5DOCS < 2) {
+        st_next = scan::doc_starts(next_ids, lane);
+        next_ids = scan::load_doc_ids(p, b, t0 + 2 * kChunk, lane);  // (for the next iteration)
+        doc_bits(st_next, sw);
+      }
       if (tile + 1 < n_tiles) {
         tma::wait(&sm.tma_bar[slot1], (phases >> slot1) & 1);
         phases ^= 1u << slot1;
@@ -767,7 +772,6 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       if (tile > 0) store_y(t0 - kChunk, par ^ 1);
       const RawTile<T, kR>& r1 = sm.raw[slot1];
       float xw[TPT + 3];
-      int sw[TPT + 3] = {};
       store_ckpt(tile);
       const int tv1 = L - t0 - kChunk;  // the next tile's valid tokens (<= 0: the items past the end)
       const RawTile<T, kR>& r0 = sm.raw[slot];
@@ -778,17 +782,12 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
         if (t == 1) {
           __syncwarp();  // the warp's dt_proj rows
           prep_load_raw(r1, r0, xw);
-          if constexpr (kSeq) {
-            st_next = APRIEL_DIAG_V5DOCS >= 2 ? 0 : scan::doc_starts(next_ids, lane);
-            doc_bits(st_next, sw);
-          }
         }
         if (t % kEvery == kEvery / 2) prep_item(t / kEvery, r1, par ^ 1, tv1, xw, sw);
       });
       last_slot = slot;
       slot = slot1;
       if (kSeq && tile + 1 < n_tiles) st_cur = st_next;
-      next_ids = after_ids;
     }
   } else {
     for (int tile = 0; tile < n_tiles; ++tile) {
