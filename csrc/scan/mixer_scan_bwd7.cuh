@@ -323,7 +323,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   if constexpr (kTma) __syncthreads();  // the barriers' initialisation before anyone waits on them
 #ifndef APRIEL_BWD7_DOC_PF
-#define APRIEL_BWD7_DOC_PF 0
+#define APRIEL_BWD7_DOC_PF 1
 #endif
   int2 next_doc_ids = make_int2(0, 0);  // (APRIEL_BWD7_DOC_PF: the ids of the tile after, loaded a tile earlier)
   if constexpr (kSeq && APRIEL_BWD7_DOC_PF) next_doc_ids = load_doc_ids(p, b, tile_last * kChunk, lane);

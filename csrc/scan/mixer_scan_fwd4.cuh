@@ -509,15 +509,16 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
   };
   // Rows tb + a and tb + b (a < b) in one document. kSeq: the staged ids of the rows (sw[k] = row tb + k), or in the
   // pipelined kernel the start mask's rows tb + 1 .. tb + 32 in sw[0] (bit j = a start at row tb + 1 + j; doc_bits).
-  auto same_doc = [&](const int (&sw)[TPT + 3], int a, int b) -> bool {
-    if constexpr (!kSeq) return true;
+  auto same_doc = [&](const int (&sw)[TPT + 3], int a, int b, bool docs) -> bool {
+    if (!kSeq || !docs) return true;
     else if constexpr (kPipe && APRIEL_DIAG_V5DOCS >= 1) return true;
     else if constexpr (kPipe) return ((unsigned)sw[0] & (((1u << (b - a)) - 1u) << a)) == 0;  // rows tb+a+1..tb+b
     else return sw[a] == sw[b];
   };
   // tv: the tile's valid tokens (items past it are (0, 0): h kept).
+  // docs false: no document start among the rows (the prep skips the tests; a constant at every call)
   auto prep_item = [&](int i, const RawTile<T, kR>& r, int ub, int tv, const float (&xw)[TPT + 3],
-                       const int (&sw)[TPT + 3]) {
+                       const int (&sw)[TPT + 3], bool docs) {
     const float* drow = &sm.dtp[tb + pq][pch];
     // v5: per-thread column bases, so each token's z load and ud / ug stores are one instruction with a
     // compile-time offset (v4 recomputed the tile-parity row address per token: 3-4 IMADs).
@@ -527,7 +528,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     const int t = tb + i;
     float cv = cb;
 #pragma unroll
-    for (int k = 0; k < 4; ++k) cv = fmaf(w[k], same_doc(sw, i + k, i + 3) ? xw[i + k] : 0.f, cv);
+    for (int k = 0; k < 4; ++k) cv = fmaf(w[k], same_doc(sw, i + k, i + 3, docs) ? xw[i + k] : 0.f, cv);
     const float u = cv * sigmoid_fast(cv);
     float dp = dtb2;
     if constexpr (kMma) {
@@ -545,7 +546,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       }
     }
     const float delta = kV5Diet ? softplus_select(dp) : softplus_fast(dp);
-    const bool keep = same_doc(sw, i + 2, i + 3);  // same document as the previous token
+    const bool keep = same_doc(sw, i + 2, i + 3, docs);  // same document as the previous token
     if constexpr (kV5Diet) {
       const float zz = to_f(zcol[i * kN]);
       udcol[i * kN] = t < tv ? make_float2(keep ? delta : __int_as_float(0x7f800000), delta * u)
@@ -710,7 +711,6 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
   int Tv = 0, last_slot = 0;  // (the last tile's raw tile: the pipelined schedule)
   // kSeq in the pipelined kernel: no ids in shared memory - each warp loads the ids around a tile from global memory
   // into a bit mask of document starts (scan::doc_starts), and the prep tests the mask's bits (same_doc).
-  uint64_t st_cur = 0;  // the current tile's starts (after the loop: the last tile's)
   auto doc_bits = [&](uint64_t st, int (&sw)[TPT + 3]) { sw[0] = (int)(unsigned)(st >> (tb + 1)); };
   if constexpr (kTma) __syncthreads();  // the barriers' initialisation before anyone waits on them
   if constexpr (kPipe) {
@@ -738,11 +738,10 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       int sw[TPT + 3];
       prep_load(0, xw, sw);
       if constexpr (kSeq) {
-        st_cur = scan::doc_starts(scan::load_doc_ids(p, b, 0, lane), lane);
-        doc_bits(st_cur, sw);
+        doc_bits(scan::doc_starts(scan::load_doc_ids(p, b, 0, lane), lane), sw);
       }
 #pragma unroll
-      for (int i = 0; i < TPT; ++i) prep_item(i, sm.raw[0], 0, L, xw, sw);
+      for (int i = 0; i < TPT; ++i) prep_item(i, sm.raw[0], 0, L, xw, sw, true);
     }
     int slot = 0;  // tile % 3
     // kSeq: the ids around tile + 1 (its prep) are loaded a tile ahead, at the top of tile's predecessor, and turned
@@ -755,12 +754,13 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       const int t0 = tile * kChunk, par = tile & 1;
       const int slot1 = slot == 2 ? 0 : slot + 1, slot2 = slot1 == 2 ? 0 : slot1 + 1;
       Tv = min(kChunk, L - t0);
-      uint64_t st_next = 0;  // kSeq: the starts around tile + 1
-      int sw[TPT + 3] = {};  // kSeq: their prep rows (doc_bits)
+      int sw[TPT + 3] = {};  // kSeq: the prep rows' starts (doc_bits) around tile + 1
+      bool any_start = false;  // kSeq: a start in rows 1 .. 34 around tile + 1 (its tokens' rows and taps)
       if constexpr (kSeq && APRIEL_DIAG_V5DOCS < 2) {
-        st_next = scan::doc_starts(next_ids, lane);
+        const uint64_t st = scan::doc_starts(next_ids, lane);
+        any_start = ((st >> 1) & ((1ull << (kChunk + 2)) - 1ull)) != 0;
+        doc_bits(st, sw);
         next_ids = scan::load_doc_ids(p, b, t0 + 2 * kChunk, lane);  // (for the next iteration)
-        doc_bits(st_next, sw);
       }
       if (tile + 1 < n_tiles) {
         tma::wait(&sm.tma_bar[slot1], (phases >> slot1) & 1);
@@ -777,17 +777,25 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       const RawTile<T, kR>& r0 = sm.raw[slot];
       // (session 11 A/B: these phase-A steps inside the scan rather than between S1 and the scan: -1 to -1.5 % at
       // L32768; on the last tile they write stale rows into dtp, which nobody reads then)
-      scan_tile(r0, par, par, [&](int t) {
-        if (t == 0) dt_rows_of_warp(r1);
-        if (t == 1) {
-          __syncwarp();  // the warp's dt_proj rows
-          prep_load_raw(r1, r0, xw);
-        }
-        if (t % kEvery == kEvery / 2) prep_item(t / kEvery, r1, par ^ 1, tv1, xw, sw);
-      });
+      auto run_tile = [&](bool docs) {
+        scan_tile(r0, par, par, [&](int t) {
+          if (t == 0) dt_rows_of_warp(r1);
+          if (t == 1) {
+            __syncwarp();  // the warp's dt_proj rows
+            prep_load_raw(r1, r0, xw);
+          }
+          if (t % kEvery == kEvery / 2) prep_item(t / kEvery, r1, par ^ 1, tv1, xw, sw, docs);
+        });
+      };
+#ifndef APRIEL_V5DOCS_SPLIT
+#define APRIEL_V5DOCS_SPLIT 1
+#endif
+      // kSeq: a tile + 1 without a document start (most tiles: documents are hundreds of tokens) runs the scan with
+      // the prep of the kernel without documents - block-uniform branch, two copies of the unrolled scan
+      if (kSeq && (any_start || !APRIEL_V5DOCS_SPLIT)) run_tile(true);
+      else run_tile(false);
       last_slot = slot;
       slot = slot1;
-      if (kSeq && tile + 1 < n_tiles) st_cur = st_next;
     }
   } else {
     for (int tile = 0; tile < n_tiles; ++tile) {
@@ -808,7 +816,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
         int sw[TPT + 3];
         prep_load(par, xw, sw);
 #pragma unroll
-        for (int i = 0; i < TPT; ++i) prep_item(i, r, 0, Tv, xw, sw);
+        for (int i = 0; i < TPT; ++i) prep_item(i, r, 0, Tv, xw, sw, true);
       }
       store_ckpt(tile);
       __syncthreads();  // S3
@@ -840,7 +848,12 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       v = sm.xf[last_par][skew_row<TPT>(row)][ch];
     }
     bool same = true;  // kSeq: the last document's inputs only
-    if constexpr (kSeq && kPipe) same = scan::no_start(st_cur, row + 1, Tv + 2 - row);  // rows row + 1 .. Tv + 2
+    if constexpr (kSeq && kPipe) {  // no start at the tokens after tok (rows row + 1 .. Tv + 2), from global memory
+      // (not a mask carried through the tile loop: registers live across the scan cost the b1 forward time)
+      const int* sq = p.seq_idx + (int64_t)b * L;
+      const int tok = (n_tiles - 1) * kChunk + row - 3;
+      for (int u = max(tok, 0) + 1; u < L; ++u) same = same && sq[u] == sq[u - 1];
+    }
     else if constexpr (kSeq) same = sm.seqf[last_par][row] == sm.seqf[last_par][Tv + 2];
     static_cast<T*>(p.final_conv)[((int64_t)b * p.d_xb + group * kN + ch) * hw + k] = from_f<T>(same ? v : 0.f);
   }
