@@ -756,10 +756,19 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       Tv = min(kChunk, L - t0);
       int sw[TPT + 3] = {};  // kSeq: the prep rows' starts (doc_bits) around tile + 1
       bool any_start = false;  // kSeq: a start in rows 1 .. 34 around tile + 1 (its tokens' rows and taps)
-      if constexpr (kSeq && APRIEL_DIAG_V5DOCS < 2) {
-        const uint64_t st = scan::doc_starts(next_ids, lane);
+      auto starts_of = [&](int2 ids) {
+        const uint64_t st = scan::doc_starts(ids, lane);
         any_start = ((st >> 1) & ((1ull << (kChunk + 2)) - 1ull)) != 0;
         doc_bits(st, sw);
+      };
+#ifndef APRIEL_V5DOCS_LATE
+#define APRIEL_V5DOCS_LATE 0
+#endif
+      int2 late_ids = make_int2(0, 0);
+      if constexpr (kSeq && APRIEL_DIAG_V5DOCS < 2 && APRIEL_V5DOCS_LATE) {
+        late_ids = scan::load_doc_ids(p, b, t0 + kChunk, lane);
+      } else if constexpr (kSeq && APRIEL_DIAG_V5DOCS < 2) {
+        starts_of(next_ids);
         next_ids = scan::load_doc_ids(p, b, t0 + 2 * kChunk, lane);  // (for the next iteration)
       }
       if (tile + 1 < n_tiles) {
@@ -773,6 +782,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       const RawTile<T, kR>& r1 = sm.raw[slot1];
       float xw[TPT + 3];
       store_ckpt(tile);
+      if constexpr (kSeq && APRIEL_DIAG_V5DOCS < 2 && APRIEL_V5DOCS_LATE) starts_of(late_ids);
       const int tv1 = L - t0 - kChunk;  // the next tile's valid tokens (<= 0: the items past the end)
       const RawTile<T, kR>& r0 = sm.raw[slot];
       // (session 11 A/B: these phase-A steps inside the scan rather than between S1 and the scan: -1 to -1.5 % at
