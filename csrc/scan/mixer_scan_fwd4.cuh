@@ -27,9 +27,6 @@
 #include "../common/tma.cuh"  // the v5 K = 8 tile staging by TMA (16-bit activations, dt_rank <= 16)
 
 #include <type_traits>
-#ifndef APRIEL_DIAG_V5DOCS
-#define APRIEL_DIAG_V5DOCS 0
-#endif
 
 // Minimum blocks per SM of the v5 launch bounds (register cap 65536 / (threads x blocks)); compile-time knobs for
 // experiments. v4: 6 (K = 4) / 3 (K = 8).
@@ -511,7 +508,6 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
   // pipelined kernel the start mask's rows tb + 1 .. tb + 32 in sw[0] (bit j = a start at row tb + 1 + j; doc_bits).
   auto same_doc = [&](const int (&sw)[TPT + 3], int a, int b, bool docs) -> bool {
     if (!kSeq || !docs) return true;
-    else if constexpr (kPipe && APRIEL_DIAG_V5DOCS >= 1) return true;
     else if constexpr (kPipe) return ((unsigned)sw[0] & (((1u << (b - a)) - 1u) << a)) == 0;  // rows tb+a+1..tb+b
     else return sw[a] == sw[b];
   };
@@ -744,10 +740,14 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       for (int i = 0; i < TPT; ++i) prep_item(i, sm.raw[0], 0, L, xw, sw, true);
     }
     int slot = 0;  // tile % 3
-    // kSeq: the ids around tile + 1 (its prep) are loaded a tile ahead, at the top of tile's predecessor, and turned
-    // into tile + 1's start mask at the top of tile, outside the scan: the mask's shuffles and ballots inside the
-    // scan's unrolled tokens (at token 1, next to the prep's loads) cost the batch-1 forward 15 % (ncu: the prep's
-    // MUFU chains no longer interleaved - short-scoreboard stalls on their consumers; the A/B: bench/results/s14).
+    // kSeq (session 14, A/B in bench/results/s14 and docs/notes/scan.md): the ids around tile + 1 (its prep) are
+    // loaded a tile ahead, at the top of tile's predecessor, and turned into tile + 1's start mask at the top of tile,
+    // outside the scan. Session 13's version (ids loaded at the tile's top, mask built at the scan's token 1) was 33 %
+    // slower than the kernel without documents at b1 L8192; this one is 18 % slower (0.4525 vs 0.383 ms). ncu: the
+    // prep's MUFU chains interleave worse with the scan (short-scoreboard stalls on their consumers); without the ids'
+    // loads and mask the kernel runs at the no-document speed, with them but no tap tests 0.447 ms - it is ptxas's
+    // schedule of the loop, not the instructions. Loading the ids at the tile's top and building the mask after S1:
+    // 0.461. A mask carried through the loop for the final conv state cost registers: that state reads the ids.
     int2 next_ids = make_int2(0, 0);
     if constexpr (kSeq) next_ids = scan::load_doc_ids(p, b, kChunk, lane);
     for (int tile = 0; tile < n_tiles; ++tile) {
@@ -756,19 +756,10 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       Tv = min(kChunk, L - t0);
       int sw[TPT + 3] = {};  // kSeq: the prep rows' starts (doc_bits) around tile + 1
       bool any_start = false;  // kSeq: a start in rows 1 .. 34 around tile + 1 (its tokens' rows and taps)
-      auto starts_of = [&](int2 ids) {
-        const uint64_t st = scan::doc_starts(ids, lane);
+      if constexpr (kSeq) {
+        const uint64_t st = scan::doc_starts(next_ids, lane);
         any_start = ((st >> 1) & ((1ull << (kChunk + 2)) - 1ull)) != 0;
         doc_bits(st, sw);
-      };
-#ifndef APRIEL_V5DOCS_LATE
-#define APRIEL_V5DOCS_LATE 0
-#endif
-      int2 late_ids = make_int2(0, 0);
-      if constexpr (kSeq && APRIEL_DIAG_V5DOCS < 2 && APRIEL_V5DOCS_LATE) {
-        late_ids = scan::load_doc_ids(p, b, t0 + kChunk, lane);
-      } else if constexpr (kSeq && APRIEL_DIAG_V5DOCS < 2) {
-        starts_of(next_ids);
         next_ids = scan::load_doc_ids(p, b, t0 + 2 * kChunk, lane);  // (for the next iteration)
       }
       if (tile + 1 < n_tiles) {
@@ -782,7 +773,6 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       const RawTile<T, kR>& r1 = sm.raw[slot1];
       float xw[TPT + 3];
       store_ckpt(tile);
-      if constexpr (kSeq && APRIEL_DIAG_V5DOCS < 2 && APRIEL_V5DOCS_LATE) starts_of(late_ids);
       const int tv1 = L - t0 - kChunk;  // the next tile's valid tokens (<= 0: the items past the end)
       const RawTile<T, kR>& r0 = sm.raw[slot];
       // (session 11 A/B: these phase-A steps inside the scan rather than between S1 and the scan: -1 to -1.5 % at
@@ -797,12 +787,9 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
           if (t % kEvery == kEvery / 2) prep_item(t / kEvery, r1, par ^ 1, tv1, xw, sw, docs);
         });
       };
-#ifndef APRIEL_V5DOCS_SPLIT
-#define APRIEL_V5DOCS_SPLIT 1
-#endif
       // kSeq: a tile + 1 without a document start (most tiles: documents are hundreds of tokens) runs the scan with
       // the prep of the kernel without documents - block-uniform branch, two copies of the unrolled scan
-      if (kSeq && (any_start || !APRIEL_V5DOCS_SPLIT)) run_tile(true);
+      if (kSeq && any_start) run_tile(true);
       else run_tile(false);
       last_slot = slot;
       slot = slot1;
