@@ -850,8 +850,9 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       const int* sq = p.seq_idx + (int64_t)b * L;
       const int tok = (n_tiles - 1) * kChunk + row - 3;
       for (int u = max(tok, 0) + 1; u < L; ++u) same = same && sq[u] == sq[u - 1];
+    } else if constexpr (kSeq) {
+      same = sm.seqf[last_par][row] == sm.seqf[last_par][Tv + 2];
     }
-    else if constexpr (kSeq) same = sm.seqf[last_par][row] == sm.seqf[last_par][Tv + 2];
     static_cast<T*>(p.final_conv)[((int64_t)b * p.d_xb + group * kN + ch) * hw + k] = from_f<T>(same ? v : 0.f);
   }
 }
@@ -875,16 +876,15 @@ void launch_kernel(const MixerScanParams& p, const tma::ScanMaps& maps, void* st
 }
 
 // TMA staging (and with it the pipelined schedule, session 11) for v5 K = 8 (the batch 1-2 default at D 4096) with
-// 16-bit activations and dt_rank <= 16 (packed documents too since session 13), where tma::usable() and the host can
-// encode the maps; cp.async
-// (and the 3-barrier schedule) everywhere else. K = 4 (batch 3, small
-// models) is not done yet: its 8 blocks per SM leave no room for the barriers' 16 bytes (WithTmaBarriers) without
-// shrinking another array, and it was not measured.
+// 16-bit activations and dt_rank <= 16 (packed documents too since session 14), where tma::usable() and the host can
+// encode the maps; cp.async (and the 3-barrier schedule) everywhere else. K = 4 (batch 3, small models) is not done
+// yet: its 8 blocks per SM leave no room for the barriers' 16 bytes (WithTmaBarriers) without shrinking another
+// array, and it was not measured.
 template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4>
 void launch(const MixerScanParams& p, void* stream) {
   tma::ScanMaps maps{};
 #if APRIEL_TMA
-  if constexpr (kVer >= 5 && K == 8 && sizeof(T) == 2 && kR == 16) {  // (packed documents too, since session 13)
+  if constexpr (kVer >= 5 && K == 8 && sizeof(T) == 2 && kR == 16) {  // (packed documents too, since session 14)
     if (encode_scan_maps(p, maps)) {
       launch_kernel<T, K, kR, kSeq, kRawBC, kVer, true>(p, maps, stream);
       return;

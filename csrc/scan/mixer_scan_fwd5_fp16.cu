@@ -14,7 +14,7 @@ const bool kRegistered = [] {
   register_kernel({"scan", "mixer_scan_fwd5<fp16,K8>", reinterpret_cast<const void*>(&scan4::mixer_scan_fwd4_kernel<__half, 8, 16, false, true, 5>), 128});
 #if APRIEL_TMA
   register_kernel({"scan", "mixer_scan_fwd5_tma<fp16,K8>", reinterpret_cast<const void*>(&scan4::mixer_scan_fwd4_kernel<__half, 8, 16, false, true, 5, true>), 128});
-  register_kernel({"scan", "mixer_scan_fwd5_docs_tma<fp16,K8>", reinterpret_cast<const void*>(&scan4::mixer_scan_fwd4_kernel<__half, 8, 16, true, true, 5, true>), 128});  // packed documents (session 13)
+  register_kernel({"scan", "mixer_scan_fwd5_docs_tma<fp16,K8>", reinterpret_cast<const void*>(&scan4::mixer_scan_fwd4_kernel<__half, 8, 16, true, true, 5, true>), 128});  // packed documents (session 14)
 #endif
   return true;
 }();

@@ -91,7 +91,6 @@ using scan::doc_taps;
 using scan::load_doc_ids;
 using scan::no_start;
 
-
 __device__ __forceinline__ float tf32_rna(float v) {
   unsigned r;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));

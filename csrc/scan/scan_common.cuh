@@ -188,12 +188,13 @@ __device__ __forceinline__ float dt_pre2(const Tile& S, const float (*dtw)[kMaxR
   return acc;
 }
 
-// Document starts around the tile at t0 as a bit mask: bit i = a document starts at row i (i = 1 .. 37), row i = token
-// t0 - 3 + i (rows 0..2: the conv halo; 3..34: the tile; 35..37: the next tile's first 3 tokens, which the backward's
-// transposed conv reads). Ids are clamped to tokens 0 .. L - 1: before 0 = the document of token 0 (the initial conv / SSM
-// states belong to it), past the end = the last id (those tokens are inert). load_doc_ids: this lane's ids of rows
-// lane and 32 + lane, plain loads issued before the tile's wait (L2-resident; session 13 A/B: staging the ids per
-// tile by 4-byte cp.async next to the TMA tile cost the backward 6 %); doc_starts: 3 shuffles and 2 ballots.
+// Packed documents (kSeq of the v7 forward and backward and of the TMA v5 K = 8 forward): the document starts around
+// the tile at t0 as a bit mask per warp: bit i = a document starts at row i (i = 1 .. 37), row i = token t0 - 3 + i
+// (rows 0..2: the conv halo; 3..34: the tile; 35..37: the next tile's first 3 tokens, which the backward's transposed
+// conv reads). Ids are clamped to tokens 0 .. L - 1: before 0 = the document of token 0 (the initial conv / SSM states
+// belong to it), past the end = the last id (those tokens are inert). load_doc_ids: this lane's ids of rows lane and
+// 32 + lane, plain loads (L2-resident) that the kernels issue well before the mask is built (session 13 A/B: staging
+// the ids per tile by 4-byte cp.async next to the TMA tile cost the backward 6 %); doc_starts: 3 shuffles, 2 ballots.
 constexpr int kDocRows = kChunk + 6;
 __device__ __forceinline__ int2 load_doc_ids(const MixerScanParams& p, int b, int t0, int lane) {
   const int* sq = p.seq_idx + (int64_t)b * p.seqlen;
