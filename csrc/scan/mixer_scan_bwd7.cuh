@@ -332,7 +332,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     int2 doc_ids = make_int2(0, 0);
     if constexpr (kSeq) {
       doc_ids = next_doc_ids;
-      if (!APRIEL_DOCLD) next_doc_ids = load_doc_ids(p, b, t0 - kChunk, lane);
+      next_doc_ids = load_doc_ids(p, b, t0 - kChunk, lane);
     }
     if constexpr (kTma) {
       tma::wait(&sm.bar[par], ((tile_last - tile) >> 1) & 1);  // raw[par]'s fills alternate phases
@@ -373,7 +373,6 @@ __global__ void __launch_bounds__(kThreads, 2)
     // input t feeds output t + 3 - k iff none lies in rows t + 4 .. t + 6 - k.
     uint64_t starts = 0;
     if constexpr (kSeq) starts = doc_starts(doc_ids, lane);
-    if (kSeq && APRIEL_DOCLD) next_doc_ids = load_doc_ids(p, b, t0 - kChunk, lane);
     auto tap_bits = [&](int row) { return (unsigned)(starts >> row) & 7u; };  // bit k = a start at row row + k
 
     // Prep of sub-chunk j (tile tokens 8j .. 8j + 7): lane (g, q) = token 8j + g, channels 4q .. 4q + 3.

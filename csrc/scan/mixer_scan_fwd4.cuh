@@ -760,7 +760,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
         const uint64_t st = scan::doc_starts(next_ids, lane);
         any_start = ((st >> 1) & ((1ull << (kChunk + 2)) - 1ull)) != 0;
         doc_bits(st, sw);
-        if (!APRIEL_DOCLD) next_ids = scan::load_doc_ids(p, b, t0 + 2 * kChunk, lane);  // (for the next iteration)
+        next_ids = scan::load_doc_ids(p, b, t0 + 2 * kChunk, lane);  // (for the next iteration)
       }
       if (tile + 1 < n_tiles) {
         tma::wait(&sm.tma_bar[slot1], (phases >> slot1) & 1);
@@ -773,7 +773,6 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       const RawTile<T, kR>& r1 = sm.raw[slot1];
       float xw[TPT + 3];
       store_ckpt(tile);
-      if (kSeq && APRIEL_DOCLD) next_ids = scan::load_doc_ids(p, b, t0 + 2 * kChunk, lane);
       const int tv1 = L - t0 - kChunk;  // the next tile's valid tokens (<= 0: the items past the end)
       const RawTile<T, kR>& r0 = sm.raw[slot];
       // (session 11 A/B: these phase-A steps inside the scan rather than between S1 and the scan: -1 to -1.5 % at

@@ -272,14 +272,12 @@ __global__ void __launch_bounds__(kThreads, 4)
   if constexpr (kTma) __syncthreads();  // the barriers' initialisation before anyone waits on them
   int Tv = 0;
   uint64_t starts = 0;  // kSeq: the document starts around the tile (doc_starts; after the loop: the last tile's)
-  int2 next_doc_ids = make_int2(0, 0);
-  if (kSeq && APRIEL_DOCLD) next_doc_ids = load_doc_ids(p, b, 0, lane);
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int t0 = tile * kChunk, par = tile & 1;
     Tv = min(kChunk, L - t0);
     const typename SM::Raw& r = sm.raw[par];
     int2 doc_ids = make_int2(0, 0);  // kSeq: issued before the wait, used after S2
-    if (kSeq && !APRIEL_DOCLD) doc_ids = load_doc_ids(p, b, t0, lane);
+    if constexpr (kSeq) doc_ids = load_doc_ids(p, b, t0, lane);
     if constexpr (kTma) {
       tma::wait(&sm.bar[par], (tile >> 1) & 1);  // raw[par]'s (tile / 2)-th fill
     } else {
@@ -311,9 +309,7 @@ __global__ void __launch_bounds__(kThreads, 4)
     }
     if (p.ckpt != nullptr) store_h(p.ckpt + ((int64_t)b * n_tiles + tile) * D * kN);
     __syncthreads();  // S2
-    if (kSeq && APRIEL_DOCLD) doc_ids = next_doc_ids;
     if constexpr (kSeq) starts = doc_starts(doc_ids, lane);
-    if (kSeq && APRIEL_DOCLD) next_doc_ids = load_doc_ids(p, b, t0 + kChunk, lane);
 
 #pragma unroll 1
     for (int hf = 0; hf < 2; ++hf) {

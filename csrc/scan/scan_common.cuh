@@ -196,9 +196,6 @@ __device__ __forceinline__ float dt_pre2(const Tile& S, const float (*dtw)[kMaxR
 // 32 + lane, plain loads (L2-resident) that the kernels issue well before the mask is built (session 13 A/B: staging
 // the ids per tile by 4-byte cp.async next to the TMA tile cost the backward 6 %); doc_starts: 3 shuffles, 2 ballots.
 constexpr int kDocRows = kChunk + 6;
-#ifndef APRIEL_DOCLD
-#define APRIEL_DOCLD 0  // A/B: 1 = the kernels issue the id loads after a block barrier (a barrier waits for them)
-#endif
 __device__ __forceinline__ int2 load_doc_ids(const MixerScanParams& p, int b, int t0, int lane) {
   const int* sq = p.seq_idx + (int64_t)b * p.seqlen;
   const int last = p.seqlen - 1;
