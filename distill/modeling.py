@@ -27,6 +27,7 @@ __all__ = [
     "mixer_parameters",
     "set_trainable",
     "transfer_matching",
+    "weight_decay_groups",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -113,6 +114,22 @@ def set_trainable(model, trainable: str) -> list[nn.Parameter]:
     if not params:
         raise ValueError(f"train.trainable={trainable!r}: the student has no trainable parameter (no mixer layer?)")
     return params
+
+
+def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups of the trainable parameters of `module`: weight decay on the matrices (linear and
+    embedding weights, conv kernels), none on the mixers' A_log and D, on biases or on norm weights - the convention
+    of mamba-ssm (`_no_weight_decay` on A_log / D) and of the transformers Trainer (biases, norms): decaying A_log pulls
+    every state's decay rate toward A = -1, and decaying a norm weight toward 0 rescales its layer's output.
+    Every trainable parameter lands in exactly one group, in module order; empty groups are dropped."""
+    decay, keep = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim < 2 or name.rsplit(".", 1)[-1] in ("A_log", "D") or getattr(p, "_no_weight_decay", False)
+        (keep if exempt else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 class _Identity(nn.Module):

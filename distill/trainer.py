@@ -29,7 +29,7 @@ from . import distributed as D
 from .config import DistillConfig, config_to_dict
 from .data import Batch, BatchStream
 from .losses import distill_loss
-from .modeling import final_hidden, layers_of, lm_head_weight, set_trainable
+from .modeling import final_hidden, layers_of, lm_head_weight, set_trainable, weight_decay_groups
 
 __all__ = ["NonFiniteLossError", "StudentLoss", "Trainer", "evaluate", "latest_checkpoint", "lr_lambda"]
 
@@ -179,9 +179,9 @@ class Trainer:
         self.autocast = cfg.train.bf16 and self.device.type == "cuda"
         self.wrapper = D.shard_student(StudentLoss(self.student, cfg.loss), self.info)
         D.shard_teacher(self.teacher, self.info)
-        params = [p for p in self.wrapper.parameters() if p.requires_grad]
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        self.optimizer = torch.optim.AdamW(weight_decay_groups(self.wrapper, o.weight_decay), lr=o.lr,
+                                           betas=tuple(o.betas))
         total = cfg.train.steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, o.warmup_steps, total, o.min_lr_ratio))

@@ -217,3 +217,27 @@ def test_activation_checkpointing_gives_the_same_gradients(fixture_dir, tmp_path
     assert grads[0] and grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_weight_decay_spares_a_log_d_biases_and_norms(fixture_dir):
+    """AdamW decays the matrices only: A_log / D of every mixer, biases and norm weights sit in the group without
+    decay, every trainable parameter in exactly one group; frozen parameters in none."""
+    from distill.modeling import convert, load_teacher, set_trainable, weight_decay_groups
+
+    teacher = load_teacher(str(fixture_dir / "teacher"))[0]
+    hybrid = convert(teacher, ["t", "m2", "t", "m2"])
+    set_trainable(hybrid, "all")
+    decay_group, keep_group = weight_decay_groups(hybrid, 0.1)
+    assert decay_group["weight_decay"] == 0.1 and keep_group["weight_decay"] == 0.0
+    names = {id(p): n for n, p in hybrid.named_parameters()}
+    decayed = {names[id(p)] for p in decay_group["params"]}
+    kept = {names[id(p)] for p in keep_group["params"]}
+    assert not decayed & kept and decayed | kept == set(names.values())
+    assert {n for n in names.values() if n.endswith((".A_log", ".D"))} <= kept
+    assert any(n.endswith(".A_log") for n in kept) and any("norm" in n for n in kept)
+    assert any(n.endswith("in_proj.weight") for n in decayed) and any(n.endswith("q_proj.weight") for n in decayed)
+    assert not any(n.endswith(".bias") or "norm" in n for n in decayed)
+    set_trainable(hybrid, "mixers")  # frozen attention / MLP weights: in no group
+    trainable = {n for n, p in hybrid.named_parameters() if p.requires_grad}
+    grouped = {names[id(p)] for g in weight_decay_groups(hybrid, 0.1) for p in g["params"]}
+    assert grouped == trainable and all(".mixer." in n for n in grouped)
