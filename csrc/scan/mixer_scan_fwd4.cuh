@@ -321,16 +321,6 @@ template <typename T, int K, int kR>
 constexpr int kMinBlocks5 = (sizeof(T) == 2 && kR == 16) ? (K == 4 ? APRIEL_SCAN_FWD5_BLOCKS_K4 : APRIEL_SCAN_FWD5_BLOCKS_K8)
                                                          : (K == 4 ? 6 : 3);
 template <typename T, int K, int kR, int kVer> constexpr int kMinBlocks = kVer >= 5 ? kMinBlocks5<T, K, kR> : (K == 4 ? 6 : 3);
-#ifndef APRIEL_SCAN_FWD5T_DOCS_BLOCKS
-#define APRIEL_SCAN_FWD5T_DOCS_BLOCKS 0  // A/B: launch bounds of the TMA kernel with documents (0 = kMinBlocks)
-#endif
-#ifndef APRIEL_SCAN_FWD5T_BLOCKS
-#define APRIEL_SCAN_FWD5T_BLOCKS 0  // A/B: launch bounds of the TMA kernel without documents (0 = kMinBlocks)
-#endif
-template <typename T, int K, int kR, int kVer, bool kTma, bool kSeq>
-constexpr int kMinBlocksFor = kTma && kSeq && APRIEL_SCAN_FWD5T_DOCS_BLOCKS > 0 ? APRIEL_SCAN_FWD5T_DOCS_BLOCKS
-                            : kTma && !kSeq && APRIEL_SCAN_FWD5T_BLOCKS > 0   ? APRIEL_SCAN_FWD5T_BLOCKS
-                                                                              : kMinBlocks<T, K, kR, kVer>;
 #ifndef APRIEL_SCAN_FWD_PF
 #define APRIEL_SCAN_FWD_PF 2  // experiments: NVCC_APPEND_FLAGS=-DAPRIEL_SCAN_FWD_PF=4 at build time
 #endif
@@ -346,7 +336,7 @@ constexpr int kMinBlocksFor = kTma && kSeq && APRIEL_SCAN_FWD5T_DOCS_BLOCKS > 0 
 
 // kTma (v5 K = 8 only, see launch): the tiles arrive by TMA (stage_tma) instead of cp.async; the rest is the same code.
 template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4, bool kTma = false>
-__global__ void __launch_bounds__(kN * K, (kMinBlocksFor<T, K, kR, kVer, kTma, kSeq>))
+__global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     mixer_scan_fwd4_kernel(MixerScanParams p, const __grid_constant__ tma::ScanMaps maps) {
   constexpr int NT = kN * K;                 // threads per block
   constexpr int NS = kN / K;                 // states per thread
