@@ -427,10 +427,13 @@ V7_CASES = [
 
 
 def v7_seq_idx(b, L, extra):
-    """Documents for the V7_CASES marked packed (None otherwise)."""
+    """Documents for the V7_CASES marked packed (None otherwise). Tokens 94 / 95 / 157 are rows 1 / 2 / 0 of the tile
+    after theirs (32-token tiles, 3 halo rows): a start at row 1 or 2 cuts that tile's first conv taps (the TMA v5
+    kernel then runs its prep with document tests), one at row 0 does not; 193 / 226 are rows 35 / 36 of a tile (the
+    v7 backward's transposed conv across the tile edge)."""
     if "packed" not in extra:
         return None
-    cuts = sorted({c for c in (1, L // 4, L // 4 + 1, 32, 64, L // 2 + 1, L - 1) if 0 < c < L})
+    cuts = sorted({c for c in (1, L // 4, L // 4 + 1, 32, 64, 94, 95, 157, 193, 226, L // 2 + 1, L - 1) if 0 < c < L})
     return packed_seq_idx(b, L, cuts, "cuda")
 
 
