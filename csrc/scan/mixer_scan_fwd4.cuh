@@ -504,12 +504,19 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       sw[k] = kSeq && !kPipe ? sm.seqf[par][tb + k] : 0;
     }
   };
-  // Rows tb + a and tb + b (a < b) in one document. kSeq: the staged ids of the rows (sw[k] = row tb + k), or in the
-  // pipelined kernel the start mask's rows tb + 1 .. tb + 32 in sw[0] (bit j = a start at row tb + 1 + j; doc_bits).
-  auto same_doc = [&](const int (&sw)[TPT + 3], int a, int b, bool docs) -> bool {
-    if (!kSeq || !docs) return true;
-    else if constexpr (kPipe) return ((unsigned)sw[0] & (((1u << (b - a)) - 1u) << a)) == 0;  // rows tb+a+1..tb+b
-    else return sw[a] == sw[b];
+  // Token tb + i's conv taps inside its document and keep = same document as the token before (kSeq). sw: the
+  // staged ids of rows tb .. tb + TPT + 2 (cp.async kernels), or in the pipelined kernel the start mask's rows
+  // tb + 1 .. tb + 32 in sw[0] (bit j = a start at row tb + 1 + j; doc_bits), tested by scan::doc_taps as in v7.
+  auto item_taps = [&](const int (&sw)[TPT + 3], int i, bool docs, bool (&tap)[4], bool& keep) {
+    tap[0] = tap[1] = tap[2] = tap[3] = keep = true;
+    if (!kSeq || !docs) return;
+    if constexpr (kPipe) {
+      scan::doc_taps((unsigned)sw[0] >> i, tap, keep);
+    } else {
+#pragma unroll
+      for (int k = 0; k < 3; ++k) tap[k] = sw[i + k] == sw[i + 3];
+      keep = tap[2];
+    }
   };
   // tv: the tile's valid tokens (items past it are (0, 0): h kept).
   // docs false: no document start among the rows (the prep skips the tests; a constant at every call)
@@ -522,9 +529,11 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     float2* udcol = &sm.ud[ub][tb][pch];
     float2* ugcol = &sm.ug[ub][tb][pch];
     const int t = tb + i;
+    bool tap[4], keep;
+    item_taps(sw, i, docs, tap, keep);
     float cv = cb;
 #pragma unroll
-    for (int k = 0; k < 4; ++k) cv = fmaf(w[k], same_doc(sw, i + k, i + 3, docs) ? xw[i + k] : 0.f, cv);
+    for (int k = 0; k < 4; ++k) cv = fmaf(w[k], tap[k] ? xw[i + k] : 0.f, cv);
     const float u = cv * sigmoid_fast(cv);
     float dp = dtb2;
     if constexpr (kMma) {
@@ -542,7 +551,6 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       }
     }
     const float delta = kV5Diet ? softplus_select(dp) : softplus_fast(dp);
-    const bool keep = same_doc(sw, i + 2, i + 3, docs);  // same document as the previous token
     if constexpr (kV5Diet) {
       const float zz = to_f(zcol[i * kN]);
       udcol[i * kN] = t < tv ? make_float2(keep ? delta : __int_as_float(0x7f800000), delta * u)
@@ -706,7 +714,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
 
   int Tv = 0, last_slot = 0;  // (the last tile's raw tile: the pipelined schedule)
   // kSeq in the pipelined kernel: no ids in shared memory - each warp loads the ids around a tile from global memory
-  // into a bit mask of document starts (scan::doc_starts), and the prep tests the mask's bits (same_doc).
+  // into a bit mask of document starts (scan::doc_starts), and the prep tests the mask's bits (item_taps).
   auto doc_bits = [&](uint64_t st, int (&sw)[TPT + 3]) { sw[0] = (int)(unsigned)(st >> (tb + 1)); };
   if constexpr (kTma) __syncthreads();  // the barriers' initialisation before anyone waits on them
   if constexpr (kPipe) {

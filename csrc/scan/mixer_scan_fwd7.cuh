@@ -36,8 +36,9 @@
 // into a bit mask of document starts (doc_starts; session 13 - session 12 staged them by cp.async next to the tile,
 // 9 % slower than without documents), and the prep masks conv taps from another document and sets the decay
 // argument to +inf at a document start (ex2 -> 0 resets h; the FMA-pipe exponential clamps, so its exact 0 is
-// selected), as v5 does: the same arithmetic per token as separate calls (bitwise, tested). Not handled (the dispatcher falls back to v5 / v4): fp32 activations, dt_rank > 16,
-// unaligned zxbc / dt_low rows (no 16-byte copies), heads_per_group % 4 != 0.
+// selected), as v5 does: the same arithmetic per token as separate calls (bitwise, tested).
+// Not handled (the dispatcher falls back to v5 / v4): fp32 activations, dt_rank > 16, unaligned zxbc / dt_low rows
+// (no 16-byte copies), heads_per_group % 4 != 0.
 #pragma once
 #include "../common/cuda_check.h"
 #include "scan_common.cuh"

@@ -216,12 +216,15 @@ __device__ __forceinline__ bool no_start(uint64_t starts, int first, int n) {
 
 // The conv taps of tile token t (row t + 3) inside its document: tap[k] = token t - 3 + k counts (no start in rows
 // t + k + 1 .. t + 3; tap[3], the token itself, always); keep = no start at t's own row (else the decay restarts).
-__device__ __forceinline__ void doc_taps(uint64_t starts, int t, bool (&tap)[4], bool& keep) {
-  const unsigned tb = (unsigned)(starts >> (t + 1)) & 7u;  // starts at rows t + 1 .. t + 3
-  tap[0] = tb == 0;
+// The same from the start bits of rows t + 1 .. t + 3 in bits 0..2 of tb (higher bits ignored).
+__device__ __forceinline__ void doc_taps(unsigned tb, bool (&tap)[4], bool& keep) {
+  tap[0] = (tb & 7u) == 0;
   tap[1] = (tb & 6u) == 0;
   tap[2] = (tb & 4u) == 0;
   keep = tap[2];
+}
+__device__ __forceinline__ void doc_taps(uint64_t starts, int t, bool (&tap)[4], bool& keep) {
+  doc_taps((unsigned)(starts >> (t + 1)), tap, keep);  // starts at rows t + 1 .. t + 3
 }
 
 }  // namespace scan
