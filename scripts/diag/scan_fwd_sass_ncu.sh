@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ncu source counters per SASS instruction of one mixer scan forward launch (stall reasons, executed counts,
 # shared wavefronts per instruction), for docs/notes/scan.md's attribution tables.
-# Usage on the device (after the in-place build): bash scripts/diag/scan_fwd_sass_ncu.sh OUT VERSION B L KERNEL_REGEX [--packed]
+# Usage on the device (after the in-place build):
+#   bash scripts/diag/scan_fwd_sass_ncu.sh OUT VERSION B L KERNEL_REGEX [--packed]
 #   e.g. bash scripts/diag/scan_fwd_sass_ncu.sh $OUT v7 8 4096 mixer_scan_fwd7
 # --packed: packed documents (scan_case.documents); the outputs get a _packed suffix.
 # Writes OUT/fwd_VERSION_b{B}_details.txt (headline sections) and OUT/fwd_VERSION_b{B}_sass.csv.gz.
