@@ -146,6 +146,19 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def close(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+def close(wait_for_peers: bool = True) -> None:
+    """Tear down the process group, if one was made.
+
+    Why: a process that exits with the gloo group alive destroys its worker threads at interpreter shutdown,
+    and that aborts now and then ("terminate called without an active exception", SIGABRT), failing a run
+    whose work all finished. After a clean run the barrier keeps one rank from tearing down while another
+    still communicates; after an error it is skipped (wait_for_peers=False), since the peers may never
+    reach it and torchrun must see this rank exit.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if wait_for_peers:
+            dist.barrier()
+    finally:
         dist.destroy_process_group()
