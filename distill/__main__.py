@@ -149,14 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import distributed as D
 
     start = time.perf_counter()
-    command = {"demo": cmd_demo, "rank": cmd_rank, "train": cmd_train, "stages": cmd_stages, "traces": cmd_traces,
-               "config": cmd_config}[args.command]
-    try:
-        rc = command(cfg, args)
-    except BaseException:
-        D.close(wait_for_peers=False)
-        raise
-    D.close()
+    rc = {"demo": cmd_demo, "rank": cmd_rank, "train": cmd_train, "stages": cmd_stages, "traces": cmd_traces,
+          "config": cmd_config}[args.command](cfg, args)
+    D.close()  # only after success: see distributed.close
     if args.command != "config":
         print(f"distill: {args.command} finished in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return rc

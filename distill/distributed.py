@@ -146,19 +146,15 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def close(wait_for_peers: bool = True) -> None:
-    """Tear down the process group, if one was made.
+def close() -> None:
+    """After a clean run: wait for every rank, then tear the process group down (a no-op without one).
 
-    Why: a process that exits with the gloo group alive destroys its worker threads at interpreter shutdown,
-    and that aborts now and then ("terminate called without an active exception", SIGABRT), failing a run
-    whose work all finished. After a clean run the barrier keeps one rank from tearing down while another
-    still communicates; after an error it is skipped (wait_for_peers=False), since the peers may never
-    reach it and torchrun must see this rank exit.
+    Why: a process that exits with its gloo group alive leaves the group's C++ worker threads to interpreter
+    finalisation, which aborts now and then ("terminate called without an active exception", SIGABRT:
+    pytorch/pytorch#190489) and fails a run whose work all finished. Not called after an error: the peers may be
+    inside a collective and never reach the barrier, and a collective teardown can hang too (torchtitan#1342);
+    torchrun must see the failed rank exit.
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    try:
-        if wait_for_peers:
-            dist.barrier()
-    finally:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

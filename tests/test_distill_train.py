@@ -178,7 +178,8 @@ def test_torchrun_two_cpu_processes_fsdp2(fixture_dir, tmp_path):
     """The same train command under torchrun: 2 gloo processes, FSDP2-sharded student and teacher,
     data-parallel batches; checkpoints are written and a second launch resumes from them."""
     out = tmp_path / "dist"
-    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29655",
+    # --standalone: torchrun picks a free port (a fixed one fails when something else holds it)
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "distill", "train", *_args(fixture_dir, out, 4)[:-1], f"train.out_dir={out}", "train.device=cpu",
             "train.trainable=all", "train.save_every=2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -190,6 +191,23 @@ def test_torchrun_two_cpu_processes_fsdp2(fixture_dir, tmp_path):
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "at step 4" in again.stderr and json.loads(again.stdout.strip().splitlines()[-1])["step"] == 6
+
+
+def test_main_tears_down_the_process_group_after_a_clean_run(tmp_path):
+    """A finished command destroys the process group (a live gloo group at interpreter exit aborts now and then:
+    the CI's SIGABRT after "train finished"); the first process group of this test process, one rank."""
+    import torch.distributed as dist
+
+    from distill.__main__ import main
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["config"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_activation_checkpointing_gives_the_same_gradients(fixture_dir, tmp_path):
