@@ -134,27 +134,10 @@ template <typename Base, int kRaws>
 struct WithTmaBarriers : Base {
   alignas(8) uint64_t tma_bar[kRaws];
 };
-// The pipelined TMA kernel with documents: 1 = each lane stages its two ids per tile by 4-byte cp.async into a
-// per-warp shared buffer a tile ahead (no ids in registers across the scan); 0 = the ids are loaded into registers
-// a tile ahead (session 14).
-#ifndef APRIEL_SCAN_FWD5T_DOC_SMEM
-#define APRIEL_SCAN_FWD5T_DOC_SMEM 1
-#endif
-// The TMA kernel with documents (APRIEL_SCAN_FWD5T_DOC_SMEM) appends, per warp and tile parity, the ids of rows
-// t0 - 3 + lane and t0 + 29 + lane: each lane's own two (written and read by the same lane: no barrier).
-template <typename Base, int kWarps>
-struct WithDocIds : Base {
-  alignas(16) int ids[kWarps][2][64];
-};
 // kTma: the TMA kernel (v5 K = 8) runs the pipelined schedule (3 raw tiles).
 template <typename T, int kR, int K, bool kSeq, bool kRawBC, int kVer, bool kTma>
-using SmemForTma = WithTmaBarriers<SmemFor<T, kR, K, kSeq, kRawBC, kVer, true>, 3>;
-template <typename T, int kR, int K, bool kSeq, bool kRawBC, int kVer, bool kTma>
-using SmemForT = std::conditional_t<
-    kTma,
-    std::conditional_t<kSeq && APRIEL_SCAN_FWD5T_DOC_SMEM, WithDocIds<SmemForTma<T, kR, K, kSeq, kRawBC, kVer, kTma>, K / 2>,
-                       SmemForTma<T, kR, K, kSeq, kRawBC, kVer, kTma>>,
-    SmemFor<T, kR, K, kSeq, kRawBC, kVer>>;
+using SmemForT = std::conditional_t<kTma, WithTmaBarriers<SmemFor<T, kR, K, kSeq, kRawBC, kVer, true>, 3>,
+                                    SmemFor<T, kR, K, kSeq, kRawBC, kVer>>;
 
 // Tensor maps of p's zxbc and dt_low for the TMA staging of the forwards (v5 K = 8 here, v7) and the backward v7;
 // false where TMA cannot run here (tma::usable) or the rows do not allow it (the cp.async kernels run then).
@@ -774,19 +757,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     // schedule of the loop, not the instructions. Loading the ids at the tile's top and building the mask after S1:
     // 0.461. A mask carried through the loop for the final conv state cost registers: that state reads the ids.
     int2 next_ids = make_int2(0, 0);
-    constexpr bool kDocSmem = kSeq && APRIEL_SCAN_FWD5T_DOC_SMEM;
-    // kDocSmem: this lane's ids around tile t0 / kChunk by cp.async into ids[warp][buf] (the same rows as
-    // scan::load_doc_ids, clamped to 0 .. L - 1)
-    auto stage_ids = [&](int t0, int buf) {
-      if constexpr (kDocSmem) {
-        const int* sq = p.seq_idx + (int64_t)b * L;
-        cp_async4(&sm.ids[warp][buf][lane], sq + min(max(t0 - 3 + lane, 0), L - 1));
-        cp_async4(&sm.ids[warp][buf][32 + lane], sq + min(max(t0 + 29 + lane, 0), L - 1));
-        cp_async_commit();
-      }
-    };
-    if constexpr (kDocSmem) stage_ids(kChunk, 1);
-    else if constexpr (kSeq) next_ids = scan::load_doc_ids(p, b, kChunk, lane);
+    if constexpr (kSeq) next_ids = scan::load_doc_ids(p, b, kChunk, lane);
     for (int tile = 0; tile < n_tiles; ++tile) {
       const int t0 = tile * kChunk, par = tile & 1;
       const int slot1 = slot == 2 ? 0 : slot + 1, slot2 = slot1 == 2 ? 0 : slot1 + 1;
@@ -794,16 +765,10 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       int sw[TPT + 3] = {};  // kSeq: the prep rows' starts (doc_bits) around tile + 1
       bool any_start = false;  // kSeq: a start in rows 1 .. 34 around tile + 1 (its tokens' rows and taps)
       if constexpr (kSeq) {
-        if constexpr (kDocSmem) {  // tile + 1's ids, staged a tile ago; then tile + 2's into the buffer read at tile - 1
-          cp_async_wait_all();
-          const int nb = (tile + 1) & 1;
-          next_ids = make_int2(sm.ids[warp][nb][lane], sm.ids[warp][nb][32 + lane]);
-        }
         const uint64_t st = scan::doc_starts(next_ids, lane);
         any_start = ((st >> 1) & ((1ull << (kChunk + 2)) - 1ull)) != 0;
         doc_bits(st, sw);
-        if constexpr (kDocSmem) stage_ids(t0 + 2 * kChunk, tile & 1);
-        else next_ids = scan::load_doc_ids(p, b, t0 + 2 * kChunk, lane);  // (for the next iteration)
+        next_ids = scan::load_doc_ids(p, b, t0 + 2 * kChunk, lane);  // (for the next iteration)
       }
       if (tile + 1 < n_tiles) {
         tma::wait(&sm.tma_bar[slot1], (phases >> slot1) & 1);
@@ -837,7 +802,6 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       last_slot = slot;
       slot = slot1;
     }
-    if constexpr (kDocSmem) cp_async_wait_all();  // no copy outstanding at exit
   } else {
     for (int tile = 0; tile < n_tiles; ++tile) {
       const int t0 = tile * kChunk, par = tile & 1;
