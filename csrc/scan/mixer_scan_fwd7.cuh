@@ -92,6 +92,29 @@ using scan::doc_taps;
 using scan::load_doc_ids;
 using scan::no_start;
 
+// Build-time switches for A/B runs (session 15): APRIEL_SCAN_FWD7_PAIR_RCP = 1 takes the prep's two sigmoids of an
+// item (conv output and z) with ONE reciprocal (sigmoid_pair); APRIEL_SCAN_FWD7_EX2FMA = 1 runs one of a lane's 8
+// scan exponentials per token on the FMA pipe (ex2_fma, session 9).
+#ifndef APRIEL_SCAN_FWD7_PAIR_RCP
+#define APRIEL_SCAN_FWD7_PAIR_RCP 1
+#endif
+#ifndef APRIEL_SCAN_FWD7_EX2FMA
+#define APRIEL_SCAN_FWD7_EX2FMA 1
+#endif
+
+// sigmoid(a) and sigmoid(b) with one MUFU.RCP instead of two: r = 1 / (ea eb) with ea = 1 + e^-a, eb = 1 + e^-b,
+// then 1 / ea = eb r and 1 / eb = ea r (3 FMUL + 2 FMNMX for one MUFU op: ex2_fma spends ~11 FP32 / integer
+// instructions per MUFU op it saves). e^-v is clamped at 2^63 so ea eb <= 2^126 stays finite and normal (without
+// the clamp, eb = inf would give 1 / ea = inf x 0 = NaN): below v = -43.7 the sigmoid reads 2^-63 instead of e^v, an
+// absolute error under 1.1e-19. Error: ~3 ulp of fp32 (ex2, product, rcp, product) against rcp's 1.
+__device__ __forceinline__ void sigmoid_pair(float a, float b, float& sa, float& sb) {
+  const float ea = 1.f + ex2(fminf(-kLog2e * a, 63.f));
+  const float eb = 1.f + ex2(fminf(-kLog2e * b, 63.f));
+  const float r = rcp_ftz(ea * eb);
+  sa = eb * r;
+  sb = ea * r;
+}
+
 __device__ __forceinline__ float tf32_rna(float v) {
   unsigned r;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
@@ -352,11 +375,18 @@ __global__ void __launch_bounds__(kThreads, 4)
                 const float xv = j == 0 ? xs[k].x : j == 1 ? xs[k].y : j == 2 ? xs[k].z : xs[k].w;
                 cv = fmaf(cw[j][k], tap[k] ? xv : 0.f, cv);
               }
-              const float u = cv * sigmoid_fast(cv);
+              float s_cv, s_z;
+              if constexpr (APRIEL_SCAN_FWD7_PAIR_RCP) {
+                sigmoid_pair(cv, zv[j], s_cv, s_z);
+              } else {
+                s_cv = sigmoid_fast(cv);
+                s_z = sigmoid_fast(zv[j]);
+              }
+              const float u = cv * s_cv;
               const float delta = scan4::softplus_select(dd[nt][2 * rr + e] + dtb2[j]);
               dv[e] = live ? (keep ? delta : __int_as_float(0x7f800000)) : 0.f;  // past the end: (0, 0) keeps h
               duv[e] = live ? tf32_rna(delta * u) : 0.f;
-              sz[e] = zv[j] * sigmoid_fast(zv[j]);
+              sz[e] = zv[j] * s_z;
               dus[e] = dsk[j] * u * sz[e];
             }
             sm.du[w][tl][2 * q + nt] = make_float4(duv[0], duv[1], dv[0], dv[1]);
@@ -395,9 +425,10 @@ __global__ void __launch_bounds__(kThreads, 4)
           dA[0][i] = ex2(dl * A2[0][i]);
           // one of the lane's 8 exponentials on the FMA pipe (session 9, bench/results/s9/carry_emu: b8 L4096
           // 1.113 -> 1.094 ms; two of 8: 1.136, slower)
-          dA[1][i] = i == 3 ? ex2_fma(dl * A2[1][i]) : ex2(dl * A2[1][i]);
+          constexpr bool kFma = APRIEL_SCAN_FWD7_EX2FMA;
+          dA[1][i] = kFma && i == 3 ? ex2_fma(dl * A2[1][i]) : ex2(dl * A2[1][i]);
           // (a document start: ex2_fma clamps -inf to 2^-125, MUFU's ex2 flushes it to 0 - restart exactly)
-          if constexpr (kSeq) {
+          if constexpr (kSeq && kFma) {
             if (i == 3) dA[1][i] = dl == __int_as_float(0x7f800000) ? 0.f : dA[1][i];
           }
         }
