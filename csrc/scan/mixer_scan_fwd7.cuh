@@ -92,11 +92,14 @@ using scan::doc_taps;
 using scan::load_doc_ids;
 using scan::no_start;
 
-// Build-time switches for A/B runs (session 15): APRIEL_SCAN_FWD7_PAIR_RCP = 1 takes the prep's two sigmoids of an
-// item (conv output and z) with ONE reciprocal (sigmoid_pair); APRIEL_SCAN_FWD7_EX2FMA = 1 runs one of a lane's 8
-// scan exponentials per token on the FMA pipe (ex2_fma, session 9).
+// Build-time switches for A/B runs: APRIEL_SCAN_FWD7_PAIR_RCP = 1 takes the prep's two sigmoids of an item (conv
+// output and z) with ONE reciprocal (sigmoid_pair; session 15: per half and lane 152 instead of 160 MUFU ops for 35
+// more instructions, 1,214 against 1,179; NOT YET MEASURED on the GPU - the session had no device time left - so
+// the default stays 0, whose SASS is the session-14 kernel's; docs/notes/scan.md "Session 15" has the A/B command);
+// APRIEL_SCAN_FWD7_EX2FMA = 1 (default) runs one of a lane's 8 scan exponentials per token on the FMA pipe (ex2_fma,
+// session 9; with PAIR_RCP = 1 and EX2FMA = 0: 1,070 instructions, 168 MUFU ops).
 #ifndef APRIEL_SCAN_FWD7_PAIR_RCP
-#define APRIEL_SCAN_FWD7_PAIR_RCP 1
+#define APRIEL_SCAN_FWD7_PAIR_RCP 0
 #endif
 #ifndef APRIEL_SCAN_FWD7_EX2FMA
 #define APRIEL_SCAN_FWD7_EX2FMA 1
@@ -375,18 +378,14 @@ __global__ void __launch_bounds__(kThreads, 4)
                 const float xv = j == 0 ? xs[k].x : j == 1 ? xs[k].y : j == 2 ? xs[k].z : xs[k].w;
                 cv = fmaf(cw[j][k], tap[k] ? xv : 0.f, cv);
               }
-              float s_cv, s_z;
-              if constexpr (APRIEL_SCAN_FWD7_PAIR_RCP) {
-                sigmoid_pair(cv, zv[j], s_cv, s_z);
-              } else {
-                s_cv = sigmoid_fast(cv);
-                s_z = sigmoid_fast(zv[j]);
-              }
-              const float u = cv * s_cv;
+              constexpr bool kPair = APRIEL_SCAN_FWD7_PAIR_RCP;
+              float s_cv = 0.f, s_z = 0.f;
+              if constexpr (kPair) sigmoid_pair(cv, zv[j], s_cv, s_z);
+              const float u = cv * (kPair ? s_cv : sigmoid_fast(cv));
               const float delta = scan4::softplus_select(dd[nt][2 * rr + e] + dtb2[j]);
               dv[e] = live ? (keep ? delta : __int_as_float(0x7f800000)) : 0.f;  // past the end: (0, 0) keeps h
               duv[e] = live ? tf32_rna(delta * u) : 0.f;
-              sz[e] = zv[j] * s_z;
+              sz[e] = zv[j] * (kPair ? s_z : sigmoid_fast(zv[j]));
               dus[e] = dsk[j] * u * sz[e];
             }
             sm.du[w][tl][2 * q + nt] = make_float4(duv[0], duv[1], dv[0], dv[1]);
