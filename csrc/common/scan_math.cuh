@@ -65,6 +65,23 @@ __device__ __forceinline__ float softplus_fast(float v) {
   return v > 20.f ? v : (e < 1e-2f ? small : lg2_ftz(1.f + e) * kLn2);
 }
 
+// softplus with one MUFU op (softplus_fast / softplus_select take two: ex2 and lg2): max(v, 0) + log1p(x) with
+// x = e^-|v| in (0, 1], log1p(x) = x q(x), q of degree 7 fitted for relative error on [0, 1] (3.3e-7 in fp32 Horner
+// with FMA; lg2.approx's absolute error of 2^-21.4 near 1 makes softplus_fast's relative error up to ~2e-5 for
+// 0.01 <= e^v <= 1). Past v = 17 the sum rounds to v, as the peers' threshold at 20 returns; +-inf and NaN pass as
+// there. Session 15: written for the v7 forward's MUFU-bound prep (APRIEL_SCAN_FWD7_SOFTPLUS_POLY), not yet measured.
+__device__ __forceinline__ float softplus_poly(float v) {
+  const float x = ex2(-kLog2e * fabsf(v));
+  float q = fmaf(-8.539008907973766e-3f, x, 4.4088706374168396e-2f);
+  q = fmaf(q, x, -0.1076800525188446f);
+  q = fmaf(q, x, 0.17745094001293182f);
+  q = fmaf(q, x, -0.2449539452791214f);
+  q = fmaf(q, x, 0.33275464177131653f);
+  q = fmaf(q, x, -0.4999740421772003f);
+  q = fmaf(q, x, 0.9999998211860657f);
+  return fmaxf(v, 0.f) + x * q;
+}
+
 // Sum of acc[t] over the K lanes of a channel (K consecutive lanes), scattered: lane j ends with the totals of
 // tokens base .. base + kLen / K - 1 in acc[0 ..]. Each halving step exchanges half of the remaining values
 // (kLen - kLen / K shuffles in all, vs log2(K) * kLen for a butterfly per token); fixed order: deterministic.

@@ -101,6 +101,11 @@ using scan::no_start;
 #ifndef APRIEL_SCAN_FWD7_PAIR_RCP
 #define APRIEL_SCAN_FWD7_PAIR_RCP 0
 #endif
+// APRIEL_SCAN_FWD7_SOFTPLUS_POLY = 1: delta by softplus_poly (scan_math.cuh: one MUFU op instead of two, a degree-7
+// polynomial on the FMA pipe; session 15, not yet measured: default 0).
+#ifndef APRIEL_SCAN_FWD7_SOFTPLUS_POLY
+#define APRIEL_SCAN_FWD7_SOFTPLUS_POLY 0
+#endif
 #ifndef APRIEL_SCAN_FWD7_EX2FMA
 #define APRIEL_SCAN_FWD7_EX2FMA 1
 #endif
@@ -382,7 +387,8 @@ __global__ void __launch_bounds__(kThreads, 4)
               float s_cv = 0.f, s_z = 0.f;
               if constexpr (kPair) sigmoid_pair(cv, zv[j], s_cv, s_z);
               const float u = cv * (kPair ? s_cv : sigmoid_fast(cv));
-              const float delta = scan4::softplus_select(dd[nt][2 * rr + e] + dtb2[j]);
+              const float delta = APRIEL_SCAN_FWD7_SOFTPLUS_POLY ? softplus_poly(dd[nt][2 * rr + e] + dtb2[j])
+                                                                 : scan4::softplus_select(dd[nt][2 * rr + e] + dtb2[j]);
               dv[e] = live ? (keep ? delta : __int_as_float(0x7f800000)) : 0.f;  // past the end: (0, 0) keeps h
               duv[e] = live ? tf32_rna(delta * u) : 0.f;
               sz[e] = zv[j] * (kPair ? s_z : sigmoid_fast(zv[j]));
