@@ -60,14 +60,16 @@ constexpr int kHalf = 16;             // tokens per prep / scan half = one m16 t
 constexpr int kR = 16;                // staged dt_rank (dt_rank <= 16; columns >= dt_rank are zeroed)
 
 template <typename T>
+struct Raw7 {                          // one tile as it sits in global memory
+  alignas(16) T x[kChunk][kN];         // the group's x slice
+  alignas(16) T B[kChunk][kN];
+  alignas(16) T dt[kChunk][kR];
+  alignas(16) T z[kHeads][kChunk][kN];
+  alignas(16) T C[kHeads][kChunk][kN];
+};
+template <typename T, bool kCf32 = false>  // kCf32: see Smem7CF32
 struct Smem7 {
-  struct Raw {                         // one tile as it sits in global memory
-    alignas(16) T x[kChunk][kN];       // the group's x slice
-    alignas(16) T B[kChunk][kN];
-    alignas(16) T dt[kChunk][kR];
-    alignas(16) T z[kHeads][kChunk][kN];
-    alignas(16) T C[kHeads][kChunk][kN];
-  };
+  using Raw = Raw7<T>;
   Raw raw[2];                                  // by tile parity: 22 KB
   alignas(16) float xf[2][kChunk + 3][kN];     // fp32 conv input by parity; rows 0..2 = the 3 tokens before
   alignas(16) float4 bop[kChunk / 2][9];       // B operand per token pair (t, t+1): (B_t[g], B_t[8+g], B_t+1[g],
@@ -80,10 +82,24 @@ struct Smem7 {
   alignas(16) float4 gt[kHeads][kHalf][9];
   // C operand per token pair (t, t+1) and lane quad q: the 16-bit words (C[2q], C[2q+1]) and (C[8+2q], C[9+2q]) of
   // both tokens (one 16-byte load per 2 tokens; unpacked in registers)
-  alignas(16) uint4 cop[kHeads][kHalf / 2][4];
+  alignas(16) uint4 cop[kHeads][kCf32 ? 1 : kHalf / 2][4];
   alignas(16) float yf[kHeads][kHalf][kN];      // readout C . h (before the gate) per (token, channel)
   alignas(8) uint64_t bar[2];                   // TMA staging: the transaction barrier of raw[parity]
 };
+// APRIEL_SCAN_FWD7_C_F32 (session 15, not yet measured: default 0): the C operand unpacked to fp32 once in the prep,
+// per (head, token, quad) (C[2q], C[2q + 1], C[8 + 2q], C[9 + 2q]) - the scan then loads one float4 per token instead
+// of unpacking 4 values (64 of its ~1,200 instructions per half and lane); the C words (cop) shrink to a stub:
+// 56,208 bytes per block against 53,904, 4 blocks per SM still fit (with the 1 KB reserved per block: 228,928 of
+// 233,472).
+#ifndef APRIEL_SCAN_FWD7_C_F32
+#define APRIEL_SCAN_FWD7_C_F32 0
+#endif
+template <typename T>
+struct Smem7CF32 : Smem7<T, true> {
+  alignas(16) float4 copf[kHeads][kHalf][4];
+};
+template <typename T>
+using Smem7For = std::conditional_t<APRIEL_SCAN_FWD7_C_F32, Smem7CF32<T>, Smem7<T>>;
 // kSeq (packed documents): a bit mask of the document starts around the tile per warp, from the ids in global memory
 // (session 13; session 12 staged the ids by cp.async next to the tile: the forward 9 % and the backward 12 % slower
 // than without documents, of which the staging alone was 6 % in the backward's A/B).
@@ -227,7 +243,7 @@ template <typename T, bool kTma, bool kSeq = false>
 __global__ void __launch_bounds__(kThreads, 4)
     mixer_scan_fwd7_kernel(MixerScanParams p, const __grid_constant__ tma::ScanMaps maps) {
   extern __shared__ __align__(128) unsigned char smem_raw[];  // 128: TMA destinations (raw slices) are 1 KB apart
-  using SM = Smem7<T>;
+  using SM = Smem7For<T>;
   SM& sm = *reinterpret_cast<SM*>(smem_raw);
   using M = scan4::MmaOp<T>;
   const int tid = threadIdx.x, lane = tid % 32, w = tid / 32, g = lane / 4, q = lane % 4;
@@ -402,7 +418,14 @@ __global__ void __launch_bounds__(kThreads, 4)
           const int pr = lane / 4, qq = lane % 4;
           const unsigned* c0w = reinterpret_cast<const unsigned*>(&r.C[w][hf * kHalf + 2 * pr][0]);
           const unsigned* c1w = c0w + kN / 2;  // the next token's row
-          sm.cop[w][pr][qq] = make_uint4(c0w[qq], c0w[4 + qq], c1w[qq], c1w[4 + qq]);
+          if constexpr (APRIEL_SCAN_FWD7_C_F32) {
+            const float2 a = scan4::unpack2<T>(c0w[qq]), b = scan4::unpack2<T>(c0w[4 + qq]);
+            const float2 c = scan4::unpack2<T>(c1w[qq]), d = scan4::unpack2<T>(c1w[4 + qq]);
+            sm.copf[w][2 * pr][qq] = make_float4(a.x, a.y, b.x, b.y);
+            sm.copf[w][2 * pr + 1][qq] = make_float4(c.x, c.y, d.x, d.y);
+          } else {
+            sm.cop[w][pr][qq] = make_uint4(c0w[qq], c0w[4 + qq], c1w[qq], c1w[4 + qq]);
+          }
         }
       }
       __syncwarp();
@@ -414,7 +437,16 @@ __global__ void __launch_bounds__(kThreads, 4)
       const int pr0 = hf * kHalf / 2;  // first token pair of the half in bop
       float4 pdq[2] = {sm.du[w][0][g], sm.du[w][1][g]};
       float4 bo = sm.bop[pr0][bsel], bo_next = sm.bop[pr0 + 1][bsel];
-      uint4 cw2 = sm.cop[w][0][q], cw_next = sm.cop[w][1][q];
+      constexpr bool kCf32 = APRIEL_SCAN_FWD7_C_F32;
+      uint4 cw2, cw_next;  // !kCf32: the C words of the current / next token pair
+      float4 cfq[2];       // kCf32: the fp32 C operand of tokens tl and tl + 1 (loaded 2 tokens ahead)
+      if constexpr (kCf32) {
+        cfq[0] = sm.copf[w][0][q];
+        cfq[1] = sm.copf[w][1][q];
+      } else {
+        cw2 = sm.cop[w][0][q];
+        cw_next = sm.cop[w][1][q];
+      }
       auto front = [&](int tl, float (&dA)[2][4], float (&db)[2][4]) {
         const float4 pd = pdq[tl & 1];  // (du, du, delta, delta) of channels 2g, 2g + 1
         if (tl + 2 < kHalf) pdq[tl & 1] = sm.du[w][tl + 2][g];
@@ -449,11 +481,20 @@ __global__ void __launch_bounds__(kThreads, 4)
           h[0][i] = fmaf(dA[cur][0][i], h[0][i], db[cur][0][i]);
           h[1][i] = fmaf(dA[cur][1][i], h[1][i], db[cur][1][i]);
         }
-        if (tl > 0 && (tl & 1) == 0) {
-          cw2 = cw_next;
-          if (tl / 2 + 1 < kHalf / 2) cw_next = sm.cop[w][tl / 2 + 1][q];
+        float2 clo, chi;
+        if constexpr (kCf32) {
+          const float4 cf = cfq[tl & 1];
+          if (tl + 2 < kHalf) cfq[tl & 1] = sm.copf[w][tl + 2][q];
+          clo = make_float2(cf.x, cf.y);
+          chi = make_float2(cf.z, cf.w);
+        } else {
+          if (tl > 0 && (tl & 1) == 0) {
+            cw2 = cw_next;
+            if (tl / 2 + 1 < kHalf / 2) cw_next = sm.cop[w][tl / 2 + 1][q];
+          }
+          clo = scan4::unpack2<T>((tl & 1) ? cw2.z : cw2.x);
+          chi = scan4::unpack2<T>((tl & 1) ? cw2.w : cw2.y);
         }
-        const float2 clo = scan4::unpack2<T>((tl & 1) ? cw2.z : cw2.x), chi = scan4::unpack2<T>((tl & 1) ? cw2.w : cw2.y);
         float yv[4];
         mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], clo.x, clo.y, 0.f, 0.f, 0.f, 0.f);
         mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], chi.x, chi.y, yv[0], yv[1], yv[2], yv[3]);
@@ -499,7 +540,7 @@ inline bool allow_smem(const void* kernel, size_t smem) {
 
 template <typename T, bool kSeq>
 void launch_docs(const MixerScanParams& p, void* stream) {
-  const size_t smem = sizeof(Smem7<T>);
+  const size_t smem = sizeof(Smem7For<T>);
   const dim3 grid(p.d_inner / (kN * kHeads), p.batch);
   tma::ScanMaps maps{};
 #if APRIEL_TMA
