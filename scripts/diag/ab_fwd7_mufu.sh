@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The v7 forward's MUFU-relief variants (session 15; the fwd b8 L4096 bar; none measured yet): built side by side
-# (5 concurrent scan-family builds, ~2 min) and timed in one device call, interleaved over 2 rounds, then the v7 forward's tests in every variant (round 2). Per 16-token half
-# and lane (cuobjdump of the TMA kernel's scan loop, bf16): instructions / MUFU ops
+# (5 concurrent scan-family builds, ~2 min) and timed in one device call, interleaved over 2 rounds, then the v7
+# forward's tests in every variant (round 2). Per 16-token half and lane (cuobjdump of the TMA kernel's scan loop,
+# bf16): instructions / MUFU ops
 #   base  1,180 / 160   (session 14: ex2_fma on 1 of 8 scan exponentials)
 #   poly  1,174 / 152   softplus_poly: delta with one MUFU op (a degree-7 polynomial on the FMA pipe)
 #   ppf   1,207 / 144   + sigmoid_pair: the item's two sigmoids with one reciprocal
