@@ -146,12 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"distill: {error}", file=sys.stderr)
         return 2
-    from . import distributed as D
-
     start = time.perf_counter()
     rc = {"demo": cmd_demo, "rank": cmd_rank, "train": cmd_train, "stages": cmd_stages, "traces": cmd_traces,
           "config": cmd_config}[args.command](cfg, args)
-    D.close()  # only after success: see distributed.close
+    # Only after success (see distributed.close); a process group exists only if the command imported
+    # torch.distributed - `config` stays torch-free.
+    if "torch.distributed" in sys.modules:
+        from . import distributed as D
+
+        D.close()
     if args.command != "config":
         print(f"distill: {args.command} finished in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return rc

@@ -210,6 +210,16 @@ def test_main_tears_down_the_process_group_after_a_clean_run(tmp_path):
             dist.destroy_process_group()
 
 
+def test_config_command_does_not_import_torch():
+    """`python -m distill config` reads and prints the configuration without importing torch (the teardown after a
+    command touches torch.distributed only when the command imported it)."""
+    code = ("import sys; from distill.__main__ import main; rc = main(['config']); "
+            "assert rc == 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")
+    done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_activation_checkpointing_gives_the_same_gradients(fixture_dir, tmp_path):
     from distill.config import LossConfig
     from distill.pipeline import build_student
