@@ -86,11 +86,26 @@ struct Smem7 {
   alignas(16) float yf[kHeads][kHalf][kN];      // readout C . h (before the gate) per (token, channel)
   alignas(8) uint64_t bar[2];                   // TMA staging: the transaction barrier of raw[parity]
 };
-// APRIEL_SCAN_FWD7_C_F32 (session 15, not yet measured: default 0): the C operand unpacked to fp32 once in the prep,
-// per (head, token, quad) (C[2q], C[2q + 1], C[8 + 2q], C[9 + 2q]) - the scan then loads one float4 per token instead
-// of unpacking 4 values (64 of its ~1,200 instructions per half and lane); the C words (cop) shrink to a stub:
-// 56,208 bytes per block against 53,904, 4 blocks per SM still fit (with the 1 KB reserved per block: 228,928 of
-// 233,472).
+// Build-time switches for A/B runs of the prep and readout (session 15; NOT YET MEASURED on the GPU - the session
+// had no device time left - so the defaults are the session-14 kernel, whose SASS they leave unchanged). Per 16-token
+// half and lane, instructions / MUFU ops of the TMA kernel, variants and A/B command: scripts/diag/ab_fwd7_mufu.sh.
+//   APRIEL_SCAN_FWD7_SOFTPLUS_POLY = 1: delta by softplus_poly (scan_math.cuh: one MUFU op instead of two);
+//   APRIEL_SCAN_FWD7_PAIR_RCP = 1: the item's two sigmoids (conv output, z) by sigmoid_pair (one rcp for both);
+//   APRIEL_SCAN_FWD7_EX2FMA = 0: all 8 scan exponentials of a lane and token on MUFU (default 1: one on the FMA pipe,
+//     ex2_fma, session 9);
+//   APRIEL_SCAN_FWD7_C_F32 = 1: the C operand unpacked to fp32 once in the prep, per (head, token, quad) (C[2q],
+//     C[2q + 1], C[8 + 2q], C[9 + 2q]) - the scan loads one float4 per token instead of unpacking 4 values; the C
+//     words (cop) shrink to a stub: 56,208 bytes per block against 53,904, 4 blocks per SM still fit (with the 1 KB
+//     reserved per block: 228,928 of 233,472).
+#ifndef APRIEL_SCAN_FWD7_SOFTPLUS_POLY
+#define APRIEL_SCAN_FWD7_SOFTPLUS_POLY 0
+#endif
+#ifndef APRIEL_SCAN_FWD7_PAIR_RCP
+#define APRIEL_SCAN_FWD7_PAIR_RCP 0
+#endif
+#ifndef APRIEL_SCAN_FWD7_EX2FMA
+#define APRIEL_SCAN_FWD7_EX2FMA 1
+#endif
 #ifndef APRIEL_SCAN_FWD7_C_F32
 #define APRIEL_SCAN_FWD7_C_F32 0
 #endif
@@ -107,37 +122,6 @@ using scan::doc_starts;  // (kSeq: scan_common.cuh)
 using scan::doc_taps;
 using scan::load_doc_ids;
 using scan::no_start;
-
-// Build-time switches for A/B runs: APRIEL_SCAN_FWD7_PAIR_RCP = 1 takes the prep's two sigmoids of an item (conv
-// output and z) with ONE reciprocal (sigmoid_pair; session 15: per half and lane 152 instead of 160 MUFU ops for 35
-// more instructions, 1,214 against 1,179; NOT YET MEASURED on the GPU - the session had no device time left - so
-// the default stays 0, whose SASS is the session-14 kernel's; docs/notes/scan.md "Session 15" has the A/B command);
-// APRIEL_SCAN_FWD7_EX2FMA = 1 (default) runs one of a lane's 8 scan exponentials per token on the FMA pipe (ex2_fma,
-// session 9; with PAIR_RCP = 1 and EX2FMA = 0: 1,070 instructions, 168 MUFU ops).
-#ifndef APRIEL_SCAN_FWD7_PAIR_RCP
-#define APRIEL_SCAN_FWD7_PAIR_RCP 0
-#endif
-// APRIEL_SCAN_FWD7_SOFTPLUS_POLY = 1: delta by softplus_poly (scan_math.cuh: one MUFU op instead of two, a degree-7
-// polynomial on the FMA pipe; session 15, not yet measured: default 0).
-#ifndef APRIEL_SCAN_FWD7_SOFTPLUS_POLY
-#define APRIEL_SCAN_FWD7_SOFTPLUS_POLY 0
-#endif
-#ifndef APRIEL_SCAN_FWD7_EX2FMA
-#define APRIEL_SCAN_FWD7_EX2FMA 1
-#endif
-
-// sigmoid(a) and sigmoid(b) with one MUFU.RCP instead of two: r = 1 / (ea eb) with ea = 1 + e^-a, eb = 1 + e^-b,
-// then 1 / ea = eb r and 1 / eb = ea r (~4 instructions more for one MUFU op: ex2_fma spends ~9 per MUFU op it
-// saves). e^-v is clamped at 2^63 so ea eb <= 2^126 stays finite and normal (without the clamp, eb = inf would give
-// 1 / ea = inf x 0 = NaN): below v = -43.7 the sigmoid reads 2^-63 instead of e^v, an absolute error under 1.1e-19.
-// Within 1.6e-7 relative of two rcps (numpy float32 emulation).
-__device__ __forceinline__ void sigmoid_pair(float a, float b, float& sa, float& sb) {
-  const float ea = 1.f + ex2(fminf(-kLog2e * a, 63.f));
-  const float eb = 1.f + ex2(fminf(-kLog2e * b, 63.f));
-  const float r = rcp_ftz(ea * eb);
-  sa = eb * r;
-  sb = ea * r;
-}
 
 __device__ __forceinline__ float tf32_rna(float v) {
   unsigned r;
