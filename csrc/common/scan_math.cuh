@@ -61,8 +61,7 @@ __device__ __forceinline__ float sigmoid_fast(float v) { return rcp_ftz(1.f + ex
 // then 1 / ea = eb r and 1 / eb = ea r (~4 instructions more for one MUFU op: ex2_fma spends ~9 per MUFU op it
 // saves). e^-v is clamped at 2^63 so ea eb <= 2^126 stays finite and normal (without the clamp, eb = inf would give
 // 1 / ea = inf x 0 = NaN): below v = -43.7 the sigmoid reads 2^-63 instead of e^v, an absolute error under 1.1e-19.
-// Within 1.6e-7 relative of two sigmoid_fast calls (numpy float32 emulation). Session 15: written for the v7 forward
-// (APRIEL_SCAN_FWD7_PAIR_RCP), not yet measured.
+// Within 1.6e-7 relative of two sigmoid_fast calls (numpy float32 emulation). The v7 forward's prep (session 16).
 __device__ __forceinline__ void sigmoid_pair(float a, float b, float& sa, float& sb) {
   const float ea = 1.f + ex2(fminf(-kLog2e * a, 63.f));
   const float eb = 1.f + ex2(fminf(-kLog2e * b, 63.f));
@@ -82,7 +81,7 @@ __device__ __forceinline__ float softplus_fast(float v) {
 // x = e^-|v| in (0, 1], log1p(x) = x q(x), q of degree 7 fitted for relative error on [0, 1] (3.3e-7 in fp32 Horner
 // with FMA; lg2.approx's absolute error of 2^-21.4 near 1 makes softplus_fast's relative error up to ~2e-5 for
 // 0.01 <= e^v <= 1). Past v = 17 the sum rounds to v, as the peers' threshold at 20 returns; +-inf and NaN pass as
-// there. Session 15: written for the v7 forward's MUFU-bound prep (APRIEL_SCAN_FWD7_SOFTPLUS_POLY), not yet measured.
+// there. The v7 forward's prep (session 16).
 __device__ __forceinline__ float softplus_poly(float v) {
   const float x = ex2(-kLog2e * fabsf(v));
   float q = fmaf(-8.539008907973766e-3f, x, 4.4088706374168396e-2f);

@@ -20,6 +20,8 @@
 // dependencies and the MIO queue (MUFU and shared-memory instructions share it). Session 9: one of a lane's 8
 // exponentials per token runs on the FMA pipe (ex2_fma, scan_math.cuh: ~10 FP32 / integer instructions, the same
 // accuracy as ex2.approx): 1.25 MUFU ops per element, b8 L4096 -2 to -4 % (bench/results/s9); two of 8: slower.
+// Session 16: 4 MUFU ops per (channel, token) in the prep instead of 6 (sigmoid_pair, softplus_poly: 1.125 per
+// element): b8 L4096 -0.7 %, packed -2 % (bench/results/s16/ab_fwd7_mufu/) - the MUFU pipe is not what bounds it.
 // Precision: du is rounded to tf32 (round to nearest) in the prep and B / C are 16-bit values, exact in tf32; the
 // readout reads h through tf32 (truncation, relative error < 2^-10 per term). For 16-bit outputs this is below
 // their rounding (docs/notes/scan.md, session 5; scripts/diag/scan_tf32_emulation.py); fp32 activations keep v4.
@@ -67,7 +69,7 @@ struct Raw7 {                          // one tile as it sits in global memory
   alignas(16) T z[kHeads][kChunk][kN];
   alignas(16) T C[kHeads][kChunk][kN];
 };
-template <typename T, bool kCf32 = false>  // kCf32: see Smem7CF32
+template <typename T>
 struct Smem7 {
   using Raw = Raw7<T>;
   Raw raw[2];                                  // by tile parity: 22 KB
@@ -82,39 +84,10 @@ struct Smem7 {
   alignas(16) float4 gt[kHeads][kHalf][9];
   // C operand per token pair (t, t+1) and lane quad q: the 16-bit words (C[2q], C[2q+1]) and (C[8+2q], C[9+2q]) of
   // both tokens (one 16-byte load per 2 tokens; unpacked in registers)
-  alignas(16) uint4 cop[kHeads][kCf32 ? 1 : kHalf / 2][4];
+  alignas(16) uint4 cop[kHeads][kHalf / 2][4];
   alignas(16) float yf[kHeads][kHalf][kN];      // readout C . h (before the gate) per (token, channel)
   alignas(8) uint64_t bar[2];                   // TMA staging: the transaction barrier of raw[parity]
 };
-// Build-time switches for A/B runs of the prep and readout (session 15; NOT YET MEASURED on the GPU - the session
-// had no device time left - so the defaults are the session-14 kernel, whose SASS they leave unchanged). Per 16-token
-// half and lane, instructions / MUFU ops of the TMA kernel, variants and A/B command: scripts/diag/ab_fwd7_mufu.sh.
-//   APRIEL_SCAN_FWD7_SOFTPLUS_POLY = 1: delta by softplus_poly (scan_math.cuh: one MUFU op instead of two);
-//   APRIEL_SCAN_FWD7_PAIR_RCP = 1: the item's two sigmoids (conv output, z) by sigmoid_pair (one rcp for both);
-//   APRIEL_SCAN_FWD7_EX2FMA = 0: all 8 scan exponentials of a lane and token on MUFU (default 1: one on the FMA pipe,
-//     ex2_fma, session 9);
-//   APRIEL_SCAN_FWD7_C_F32 = 1: the C operand unpacked to fp32 once in the prep, per (head, token, quad) (C[2q],
-//     C[2q + 1], C[8 + 2q], C[9 + 2q]) - the scan loads one float4 per token instead of unpacking 4 values; the C
-//     words (cop) shrink to a stub: 56,208 bytes per block against 53,904, 4 blocks per SM still fit (with the 1 KB
-//     reserved per block: 228,928 of 233,472).
-#ifndef APRIEL_SCAN_FWD7_SOFTPLUS_POLY
-#define APRIEL_SCAN_FWD7_SOFTPLUS_POLY 0
-#endif
-#ifndef APRIEL_SCAN_FWD7_PAIR_RCP
-#define APRIEL_SCAN_FWD7_PAIR_RCP 0
-#endif
-#ifndef APRIEL_SCAN_FWD7_EX2FMA
-#define APRIEL_SCAN_FWD7_EX2FMA 1
-#endif
-#ifndef APRIEL_SCAN_FWD7_C_F32
-#define APRIEL_SCAN_FWD7_C_F32 0
-#endif
-template <typename T>
-struct Smem7CF32 : Smem7<T, true> {
-  alignas(16) float4 copf[kHeads][kHalf][4];
-};
-template <typename T>
-using Smem7For = std::conditional_t<APRIEL_SCAN_FWD7_C_F32, Smem7CF32<T>, Smem7<T>>;
 // kSeq (packed documents): a bit mask of the document starts around the tile per warp, from the ids in global memory
 // (session 13; session 12 staged the ids by cp.async next to the tile: the forward 9 % and the backward 12 % slower
 // than without documents, of which the staging alone was 6 % in the backward's A/B).
@@ -227,7 +200,7 @@ template <typename T, bool kTma, bool kSeq = false>
 __global__ void __launch_bounds__(kThreads, 4)
     mixer_scan_fwd7_kernel(MixerScanParams p, const __grid_constant__ tma::ScanMaps maps) {
   extern __shared__ __align__(128) unsigned char smem_raw[];  // 128: TMA destinations (raw slices) are 1 KB apart
-  using SM = Smem7For<T>;
+  using SM = Smem7<T>;
   SM& sm = *reinterpret_cast<SM*>(smem_raw);
   using M = scan4::MmaOp<T>;
   const int tid = threadIdx.x, lane = tid % 32, w = tid / 32, g = lane / 4, q = lane % 4;
@@ -383,15 +356,14 @@ __global__ void __launch_bounds__(kThreads, 4)
                 const float xv = j == 0 ? xs[k].x : j == 1 ? xs[k].y : j == 2 ? xs[k].z : xs[k].w;
                 cv = fmaf(cw[j][k], tap[k] ? xv : 0.f, cv);
               }
-              constexpr bool kPair = APRIEL_SCAN_FWD7_PAIR_RCP;
-              float s_cv = 0.f, s_z = 0.f;
-              if constexpr (kPair) sigmoid_pair(cv, zv[j], s_cv, s_z);
-              const float u = cv * (kPair ? s_cv : sigmoid_fast(cv));
-              const float delta = APRIEL_SCAN_FWD7_SOFTPLUS_POLY ? softplus_poly(dd[nt][2 * rr + e] + dtb2[j])
-                                                                 : scan4::softplus_select(dd[nt][2 * rr + e] + dtb2[j]);
+              // 4 MUFU ops per item (session 16): the two sigmoids share one reciprocal, softplus takes one ex2
+              float s_cv, s_z;
+              sigmoid_pair(cv, zv[j], s_cv, s_z);
+              const float u = cv * s_cv;
+              const float delta = softplus_poly(dd[nt][2 * rr + e] + dtb2[j]);
               dv[e] = live ? (keep ? delta : __int_as_float(0x7f800000)) : 0.f;  // past the end: (0, 0) keeps h
               duv[e] = live ? tf32_rna(delta * u) : 0.f;
-              sz[e] = zv[j] * (kPair ? s_z : sigmoid_fast(zv[j]));
+              sz[e] = zv[j] * s_z;
               dus[e] = dsk[j] * u * sz[e];
             }
             sm.du[w][tl][2 * q + nt] = make_float4(duv[0], duv[1], dv[0], dv[1]);
@@ -402,14 +374,7 @@ __global__ void __launch_bounds__(kThreads, 4)
           const int pr = lane / 4, qq = lane % 4;
           const unsigned* c0w = reinterpret_cast<const unsigned*>(&r.C[w][hf * kHalf + 2 * pr][0]);
           const unsigned* c1w = c0w + kN / 2;  // the next token's row
-          if constexpr (APRIEL_SCAN_FWD7_C_F32) {
-            const float2 a = scan4::unpack2<T>(c0w[qq]), b = scan4::unpack2<T>(c0w[4 + qq]);
-            const float2 c = scan4::unpack2<T>(c1w[qq]), d = scan4::unpack2<T>(c1w[4 + qq]);
-            sm.copf[w][2 * pr][qq] = make_float4(a.x, a.y, b.x, b.y);
-            sm.copf[w][2 * pr + 1][qq] = make_float4(c.x, c.y, d.x, d.y);
-          } else {
-            sm.cop[w][pr][qq] = make_uint4(c0w[qq], c0w[4 + qq], c1w[qq], c1w[4 + qq]);
-          }
+          sm.cop[w][pr][qq] = make_uint4(c0w[qq], c0w[4 + qq], c1w[qq], c1w[4 + qq]);
         }
       }
       __syncwarp();
@@ -421,16 +386,7 @@ __global__ void __launch_bounds__(kThreads, 4)
       const int pr0 = hf * kHalf / 2;  // first token pair of the half in bop
       float4 pdq[2] = {sm.du[w][0][g], sm.du[w][1][g]};
       float4 bo = sm.bop[pr0][bsel], bo_next = sm.bop[pr0 + 1][bsel];
-      constexpr bool kCf32 = APRIEL_SCAN_FWD7_C_F32;
-      uint4 cw2, cw_next;  // !kCf32: the C words of the current / next token pair
-      float4 cfq[2];       // kCf32: the fp32 C operand of tokens tl and tl + 1 (loaded 2 tokens ahead)
-      if constexpr (kCf32) {
-        cfq[0] = sm.copf[w][0][q];
-        cfq[1] = sm.copf[w][1][q];
-      } else {
-        cw2 = sm.cop[w][0][q];
-        cw_next = sm.cop[w][1][q];
-      }
+      uint4 cw2 = sm.cop[w][0][q], cw_next = sm.cop[w][1][q];  // the C words of the current / next token pair
       auto front = [&](int tl, float (&dA)[2][4], float (&db)[2][4]) {
         const float4 pd = pdq[tl & 1];  // (du, du, delta, delta) of channels 2g, 2g + 1
         if (tl + 2 < kHalf) pdq[tl & 1] = sm.du[w][tl + 2][g];
@@ -445,13 +401,11 @@ __global__ void __launch_bounds__(kThreads, 4)
           const float dl = i < 2 ? pd.z : pd.w;
           dA[0][i] = ex2(dl * A2[0][i]);
           // one of the lane's 8 exponentials on the FMA pipe (session 9, bench/results/s9/carry_emu: b8 L4096
-          // 1.113 -> 1.094 ms; two of 8: 1.136, slower)
-          constexpr bool kFma = APRIEL_SCAN_FWD7_EX2FMA;
+          // 1.113 -> 1.094 ms; two of 8: 1.136, slower) - without documents only: with them, all 8 on MUFU
+          // measured 1.5 % faster (session 16, bench/results/s16/ab_fwd7_mufu/), and MUFU's ex2 of -inf is the
+          // exact 0 a document start needs (ex2_fma clamps it to 2^-125)
+          constexpr bool kFma = !kSeq;
           dA[1][i] = kFma && i == 3 ? ex2_fma(dl * A2[1][i]) : ex2(dl * A2[1][i]);
-          // (a document start: ex2_fma clamps -inf to 2^-125, MUFU's ex2 flushes it to 0 - restart exactly)
-          if constexpr (kSeq && kFma) {
-            if (i == 3) dA[1][i] = dl == __int_as_float(0x7f800000) ? 0.f : dA[1][i];
-          }
         }
       };
       float dA[2][2][4], db[2][2][4];  // by token parity
@@ -465,20 +419,12 @@ __global__ void __launch_bounds__(kThreads, 4)
           h[0][i] = fmaf(dA[cur][0][i], h[0][i], db[cur][0][i]);
           h[1][i] = fmaf(dA[cur][1][i], h[1][i], db[cur][1][i]);
         }
-        float2 clo, chi;
-        if constexpr (kCf32) {
-          const float4 cf = cfq[tl & 1];
-          if (tl + 2 < kHalf) cfq[tl & 1] = sm.copf[w][tl + 2][q];
-          clo = make_float2(cf.x, cf.y);
-          chi = make_float2(cf.z, cf.w);
-        } else {
-          if (tl > 0 && (tl & 1) == 0) {
-            cw2 = cw_next;
-            if (tl / 2 + 1 < kHalf / 2) cw_next = sm.cop[w][tl / 2 + 1][q];
-          }
-          clo = scan4::unpack2<T>((tl & 1) ? cw2.z : cw2.x);
-          chi = scan4::unpack2<T>((tl & 1) ? cw2.w : cw2.y);
+        if (tl > 0 && (tl & 1) == 0) {
+          cw2 = cw_next;
+          if (tl / 2 + 1 < kHalf / 2) cw_next = sm.cop[w][tl / 2 + 1][q];
         }
+        const float2 clo = scan4::unpack2<T>((tl & 1) ? cw2.z : cw2.x);
+        const float2 chi = scan4::unpack2<T>((tl & 1) ? cw2.w : cw2.y);
         float yv[4];
         mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], clo.x, clo.y, 0.f, 0.f, 0.f, 0.f);
         mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], chi.x, chi.y, yv[0], yv[1], yv[2], yv[3]);
@@ -524,7 +470,7 @@ inline bool allow_smem(const void* kernel, size_t smem) {
 
 template <typename T, bool kSeq>
 void launch_docs(const MixerScanParams& p, void* stream) {
-  const size_t smem = sizeof(Smem7For<T>);
+  const size_t smem = sizeof(Smem7<T>);
   const dim3 grid(p.d_inner / (kN * kHeads), p.batch);
   tma::ScanMaps maps{};
 #if APRIEL_TMA
