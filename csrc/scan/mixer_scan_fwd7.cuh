@@ -21,7 +21,7 @@
 // exponentials per token runs on the FMA pipe (ex2_fma, scan_math.cuh: ~10 FP32 / integer instructions, the same
 // accuracy as ex2.approx): 1.25 MUFU ops per element, b8 L4096 -2 to -4 % (bench/results/s9); two of 8: slower.
 // Session 16: 4 MUFU ops per (channel, token) in the prep instead of 6 (sigmoid_pair, softplus_poly: 1.125 per
-// element): b8 L4096 -0.7 %, packed -2 % (bench/results/s16/ab_fwd7_mufu/) - the MUFU pipe is not what bounds it.
+// element): b8 L4096 -0.7 %, packed -0.5 % (bench/results/s16/ab_fwd7_mufu/) - the MUFU pipe is not what bounds it.
 // Precision: du is rounded to tf32 (round to nearest) in the prep and B / C are 16-bit values, exact in tf32; the
 // readout reads h through tf32 (truncation, relative error < 2^-10 per term). For 16-bit outputs this is below
 // their rounding (docs/notes/scan.md, session 5; scripts/diag/scan_tf32_emulation.py); fp32 activations keep v4.
@@ -401,11 +401,14 @@ __global__ void __launch_bounds__(kThreads, 4)
           const float dl = i < 2 ? pd.z : pd.w;
           dA[0][i] = ex2(dl * A2[0][i]);
           // one of the lane's 8 exponentials on the FMA pipe (session 9, bench/results/s9/carry_emu: b8 L4096
-          // 1.113 -> 1.094 ms; two of 8: 1.136, slower) - without documents only: with them, all 8 on MUFU
-          // measured 1.5 % faster (session 16, bench/results/s16/ab_fwd7_mufu/), and MUFU's ex2 of -inf is the
-          // exact 0 a document start needs (ex2_fma clamps it to 2^-125)
-          constexpr bool kFma = !kSeq;
-          dA[1][i] = kFma && i == 3 ? ex2_fma(dl * A2[1][i]) : ex2(dl * A2[1][i]);
+          // 1.113 -> 1.094 ms; two of 8: 1.136, slower). With documents too, although all 8 on MUFU measured 1.5 %
+          // faster there (session 16, bench/results/s16/ab_fwd7_mufu/): packed == separate calls is bitwise only
+          // when both compute the same exponentials (the final state differed by an ulp)
+          dA[1][i] = i == 3 ? ex2_fma(dl * A2[1][i]) : ex2(dl * A2[1][i]);
+          // (a document start: ex2_fma clamps -inf to 2^-125, MUFU's ex2 flushes it to 0 - restart exactly)
+          if constexpr (kSeq) {
+            if (i == 3) dA[1][i] = dl == __int_as_float(0x7f800000) ? 0.f : dA[1][i];
+          }
         }
       };
       float dA[2][2][4], db[2][2][4];  // by token parity
