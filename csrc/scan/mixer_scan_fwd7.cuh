@@ -29,11 +29,13 @@
 // the tf32 rounding of du.
 //
 // Block = 4 consecutive heads of one x / B group (4 warps; needs heads_per_group % 4 == 0), one sequence. Per
-// 32-token tile: S1 wait cp.async + barrier, issue the next tile's copies; A (block) x -> fp32 with the carried
-// conv halo, the B operand rows; S2 barrier; then each warp alone, per 16-token half: prep (dt_proj by mma in
-// the accumulator layout, conv + silu, softplus(. + 2 b_dt), silu(z)) -> per (token, row) du = (tf32(delta u),
-// delta) and gt = (silu z, D u silu z) pairs, and the C operand words; __syncwarp; the 16 tokens of the scan; the
+// 32-token tile: one block barrier, issue the next tile's copies; then each warp alone, per 16-token half: prep
+// (dt_proj by mma in the accumulator layout, conv + silu, softplus(. + 2 b_dt), silu(z)) -> per (token, row)
+// du = (tf32(delta u), delta) and gt = (silu z, D u silu z) pairs, and the C operand words; __syncwarp; the 16 tokens of the scan; the
 // half's y rows gated and stored by the warp. No block barrier between prep and scan (a head's prep is its warp's).
+// At the tile's end: wait for the next tile's copies and A (block) for it - x -> fp32 with the carried conv halo,
+// the B operand rows, both by tile parity - so that the next barrier covers it (session 16; before: A between two
+// barriers at the tile's top).
 // Packed documents (seq_idx, kSeq; session 12): each warp loads the document ids around its tile from global memory
 // into a bit mask of document starts (doc_starts; session 13 - session 12 staged them by cp.async next to the tile,
 // 9 % slower than without documents), and the prep masks conv taps from another document and sets the decay
@@ -74,8 +76,9 @@ struct Smem7 {
   using Raw = Raw7<T>;
   Raw raw[2];                                  // by tile parity: 22 KB
   alignas(16) float xf[2][kChunk + 3][kN];     // fp32 conv input by parity; rows 0..2 = the 3 tokens before
-  alignas(16) float4 bop[kChunk / 2][9];       // B operand per token pair (t, t+1): (B_t[g], B_t[8+g], B_t+1[g],
-                                               // B_t+1[8+g]) for g < 8; entry 8 = zeros
+  // by parity: the B operand per token pair (t, t+1): (B_t[g], B_t[8+g], B_t+1[g], B_t+1[8+g]) for g < 8; entry 8 =
+  // zeros
+  alignas(16) float4 bop[2][kChunk / 2][9];
   // per (head, token, row g < 8) = channels 2g and 2g + 1 of the head: du = (tf32(delta u) x 2, delta x 2) - the
   // first two are the k4 mma's A operand as loaded - and gt = (silu z x 2, D u silu z x 2) for the gate. Rows
   // padded to 9 entries: the prep's 16-byte stores (lane (g, q) -> row g + 8 rr, entry 2q + nt) hit 8 bank groups
@@ -88,6 +91,9 @@ struct Smem7 {
   alignas(16) float yf[kHeads][kHalf][kN];      // readout C . h (before the gate) per (token, channel)
   alignas(8) uint64_t bar[2];                   // TMA staging: the transaction barrier of raw[parity]
 };
+// 4 blocks per SM (the launch bounds; a b8 L4096 grid is one wave of them): 228 KB of shared memory per SM, less
+// the 1 KB the runtime reserves per block
+static_assert(sizeof(Smem7<__nv_bfloat16>) + 1024 <= 233472 / 4, "Smem7: 4 blocks per SM must fit");
 // kSeq (packed documents): a bit mask of the document starts around the tile per warp, from the ids in global memory
 // (session 13; session 12 staged the ids by cp.async next to the tile: the forward 9 % and the backward 12 % slower
 // than without documents, of which the staging alone was 6 % in the backward's A/B).
@@ -270,25 +276,54 @@ __global__ void __launch_bounds__(kThreads, 4)
     sm.xf[1][kChunk + k][ch] = (p.init_conv != nullptr && kk >= 0)
                                    ? p.init_conv[((int64_t)b * p.d_xb + group * kN + ch) * (W - 1) + kk] : 0.f;
   }
-  if (tid < kChunk / 2) sm.bop[tid][8] = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (tid < kChunk) sm.bop[tid / (kChunk / 2)][tid % (kChunk / 2)][8] = make_float4(0.f, 0.f, 0.f, 0.f);
   const int bsel = q == 0 ? g : 8;  // lanes q > 0 read the zero entry: rows k >= 1 of the B operand
 
+  // A (block) of the tile in raw[cp]: x -> fp32 after the 3 halo rows (copied from the previous tile's last rows in
+  // xf[cp ^ 1]), the B operand rows (token pairs). Runs at the END of the previous tile (tile 0: here), so that one
+  // block barrier per tile suffices (session 16): a warp that finishes its scan early converts the next tile
+  // while the others still scan this one (they read xf / bop of the other parity).
+  auto convert = [&](int cp) {
+    const typename SM::Raw& rc = sm.raw[cp];
+    const int row = tid / 4, part = tid % 4;  // 128 threads = 32 rows x 4 quads
+    const uint2 wx = *reinterpret_cast<const uint2*>(&rc.x[row][part * 4]);
+    const float2 x01 = scan4::unpack2<T>(wx.x), x23 = scan4::unpack2<T>(wx.y);
+    *reinterpret_cast<float4*>(&sm.xf[cp][3 + row][part * 4]) = make_float4(x01.x, x01.y, x23.x, x23.y);
+    if (tid < 12) {
+      const int hr = tid / 4;
+      *reinterpret_cast<float4*>(&sm.xf[cp][hr][part * 4]) =
+          *reinterpret_cast<const float4*>(&sm.xf[cp ^ 1][kChunk + hr][part * 4]);
+    }
+    const int pr = tid / 8, bg = tid % 8;  // 16 token pairs x 8
+    sm.bop[cp][pr][bg] = make_float4(to_f(rc.B[2 * pr][bg]), to_f(rc.B[2 * pr][bg + 8]),
+                                     to_f(rc.B[2 * pr + 1][bg]), to_f(rc.B[2 * pr + 1][bg + 8]));
+  };
+  // raw[cp] holds the tile's copies, visible to every thread: TMA - the transaction barrier's phase (each thread
+  // waits); cp.async - each thread's own copies, then a block barrier for the others'.
+  auto wait_tile = [&](int tile) {
+    if constexpr (kTma) {
+      tma::wait(&sm.bar[tile & 1], (tile >> 1) & 1);  // raw[tile & 1]'s (tile / 2)-th fill
+    } else {
+      scan4::cp_async_wait_all();
+      __syncthreads();
+    }
+  };
+
   T* y = static_cast<T*>(p.y) + (int64_t)b * L * D;
-  if constexpr (kTma) __syncthreads();  // the barriers' initialisation before anyone waits on them
+  __syncthreads();  // the TMA barriers' initialisation and tile 0's conv halo (xf[1]) before anyone reads them
+  wait_tile(0);
+  convert(0);
   int Tv = 0;
   uint64_t starts = 0;  // kSeq: the document starts around the tile (doc_starts; after the loop: the last tile's)
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int t0 = tile * kChunk, par = tile & 1;
     Tv = min(kChunk, L - t0);
     const typename SM::Raw& r = sm.raw[par];
-    int2 doc_ids = make_int2(0, 0);  // kSeq: issued before the wait, used after S2
+    int2 doc_ids = make_int2(0, 0);  // kSeq: issued before the barrier, used after it
     if constexpr (kSeq) doc_ids = load_doc_ids(p, b, t0, lane);
-    if constexpr (kTma) {
-      tma::wait(&sm.bar[par], (tile >> 1) & 1);  // raw[par]'s (tile / 2)-th fill
-    } else {
-      scan4::cp_async_wait_all();
-    }
-    __syncthreads();  // S1: this tile's copies visible; every reader of the previous tile is done
+    // The tile's one block barrier: its conversion (xf[par], bop[par]) is visible, and every reader of the previous
+    // tile (raw / xf / bop [par ^ 1]) is done, so its buffers take the next tile.
+    __syncthreads();
     if (tile + 1 < n_tiles) {
       if constexpr (kTma) {
         if (tid == 0) stage_tma<T>(p, maps, sm.raw[par ^ 1], &sm.bar[par ^ 1], b, head0, group, t0 + kChunk);
@@ -297,23 +332,7 @@ __global__ void __launch_bounds__(kThreads, 4)
         scan4::cp_async_commit();
       }
     }
-    // A (block): x -> fp32 after the 3 halo rows, B operand rows (token pairs).
-    {
-      const int row = tid / 4, part = tid % 4;  // 128 threads = 32 rows x 4 quads
-      const uint2 wx = *reinterpret_cast<const uint2*>(&r.x[row][part * 4]);
-      const float2 x01 = scan4::unpack2<T>(wx.x), x23 = scan4::unpack2<T>(wx.y);
-      *reinterpret_cast<float4*>(&sm.xf[par][3 + row][part * 4]) = make_float4(x01.x, x01.y, x23.x, x23.y);
-      if (tid < 12) {
-        const int hr = tid / 4;
-        *reinterpret_cast<float4*>(&sm.xf[par][hr][part * 4]) =
-            *reinterpret_cast<const float4*>(&sm.xf[par ^ 1][kChunk + hr][part * 4]);
-      }
-      const int pr = tid / 8, bg = tid % 8;  // 16 token pairs x 8
-      sm.bop[pr][bg] = make_float4(to_f(r.B[2 * pr][bg]), to_f(r.B[2 * pr][bg + 8]), to_f(r.B[2 * pr + 1][bg]),
-                                   to_f(r.B[2 * pr + 1][bg + 8]));
-    }
     if (p.ckpt != nullptr) store_h(p.ckpt + ((int64_t)b * n_tiles + tile) * D * kN);
-    __syncthreads();  // S2
     if constexpr (kSeq) starts = doc_starts(doc_ids, lane);
 
 #pragma unroll 1
@@ -385,14 +404,15 @@ __global__ void __launch_bounds__(kThreads, 4)
       // operand and the C words per token pair.
       const int pr0 = hf * kHalf / 2;  // first token pair of the half in bop
       float4 pdq[2] = {sm.du[w][0][g], sm.du[w][1][g]};
-      float4 bo = sm.bop[pr0][bsel], bo_next = sm.bop[pr0 + 1][bsel];
+      const float4 (*bop)[9] = sm.bop[par];
+      float4 bo = bop[pr0][bsel], bo_next = bop[pr0 + 1][bsel];
       uint4 cw2 = sm.cop[w][0][q], cw_next = sm.cop[w][1][q];  // the C words of the current / next token pair
       auto front = [&](int tl, float (&dA)[2][4], float (&db)[2][4]) {
         const float4 pd = pdq[tl & 1];  // (du, du, delta, delta) of channels 2g, 2g + 1
         if (tl + 2 < kHalf) pdq[tl & 1] = sm.du[w][tl + 2][g];
         if (tl > 0 && (tl & 1) == 0) {  // a new token pair: rotate the B operand, fetch the pair after next
           bo = bo_next;
-          if (tl / 2 + 1 < kHalf / 2) bo_next = sm.bop[pr0 + tl / 2 + 1][bsel];
+          if (tl / 2 + 1 < kHalf / 2) bo_next = bop[pr0 + tl / 2 + 1][bsel];
         }
         mma_k4(db[0], pd.x, pd.y, (tl & 1) ? bo.z : bo.x);
         mma_k4(db[1], pd.x, pd.y, (tl & 1) ? bo.w : bo.y);
@@ -448,6 +468,10 @@ __global__ void __launch_bounds__(kThreads, 4)
         if (t < L) *reinterpret_cast<uint4*>(y + (int64_t)t * D + c0 + part * 8) = make_uint4(out[0], out[1], out[2], out[3]);
       }
       __syncwarp();
+    }
+    if (tile + 1 < n_tiles) {  // the next tile's A (its copies were issued after this tile's barrier)
+      wait_tile(tile + 1);
+      convert(par ^ 1);
     }
   }
   store_h(p.final_ssm + (int64_t)b * D * kN);

@@ -8,6 +8,8 @@
 #          'python3 scripts/diag/scan_bwd_variants.py 0 --env APRIEL_AB_NOOP --json $OUT/bwd_${LABEL}_r$ROUND.json'
 # COMMAND runs under bash in each copy with LABEL, ROUND and PYTHONPATH (= that copy) set; build logs go to
 # $OUT/build_ab_LABEL.log (the trees build concurrently; a failed build stops the script). APRIEL_KERNELS_FAMILIES (default: scan) narrows the build.
+# LABEL=@DIR builds the tree at DIR (e.g. another commit's export, relative to the repository root) without flags:
+# an A/B of two versions of the code rather than of two settings.
 set -uo pipefail
 ROUNDS=1
 if [ "${1:-}" = "-r" ]; then ROUNDS=$2; shift 2; fi
@@ -27,9 +29,10 @@ SRC=$PWD
 source "$(dirname "$0")/../device_cutlass.sh"  # APRIEL_CUTLASS_DIR for the TMA staging
 # the trees build concurrently (a scan-family build is bound by its slowest translation unit, not by the cores)
 for v in "${VARIANTS[@]}"; do
-  label=${v%%=*} flags=${v#*=}
+  label=${v%%=*} flags=${v#*=} src=$SRC
+  if [ "${flags:0:1}" = "@" ]; then src=$(cd "$SRC/${flags:1}" && pwd) flags=""; fi
   tree=/tmp/build_ab_$label
-  rm -rf "$tree" && mkdir -p "$tree" && (cd "$SRC" && tar --exclude=./build -cf - .) | tar -xf - -C "$tree"
+  rm -rf "$tree" && mkdir -p "$tree" && (cd "$src" && tar --exclude=./build -cf - .) | tar -xf - -C "$tree"
   (start=$(date +%s)
    cd "$tree" && NVCC_APPEND_FLAGS="$flags" python3 setup.py build_ext --inplace > "$OUT/build_ab_$label.log" 2>&1
    rc=$?
