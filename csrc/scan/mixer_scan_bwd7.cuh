@@ -141,9 +141,15 @@ struct SmemB7 {
     alignas(16) float4 cw[kN];             // right-aligned conv taps per channel
     alignas(16) float4 cp[kN];             // (conv bias, 2 b_dt, D, 0) per channel
   };
-  Raw raw[2];                                    // by tile parity
-  alignas(16) float xf[kChunk + 3][kN];          // conv input fp32; row i = position t0 - 3 + i
-  alignas(16) float4 bop[kChunk / 2][9];         // B as the k4 B operand per token pair; entry 8 = zeros
+  // By tile parity: the raw copies and what A (block) makes of them - written at the end of the tile after it (see
+  // "A (block)" in the kernel). xf / bop sit next to raw so that one base register addresses all three (as
+  // separate arrays by parity they cost ptxas registers and spills: 255 registers, 12-24 bytes of spills).
+  struct alignas(128) Tile {                     // 128: the TMA destinations in raw
+    Raw raw;
+    alignas(16) float xf[kChunk + 3][kN];        // conv input fp32; row i = position t0 - 3 + i
+    alignas(16) float4 bop[kChunk / 2][9];       // B as the k4 B operand per token pair; entry 8 = zeros
+  };
+  Tile tile[2];
   Warp wp[kHeads];
   alignas(8) uint64_t bar[2];                    // TMA staging: the transaction barrier of raw[parity]
 };
@@ -230,10 +236,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   if constexpr (kTma) {
     if (tid == 0) {
       tma::init_barriers(sm.bar);
-      stage_tma<T>(p, maps, sm.raw[tile_last & 1], &sm.bar[tile_last & 1], b, head0, group, tile_last * kChunk);
+      stage_tma<T>(p, maps, sm.tile[tile_last & 1].raw, &sm.bar[tile_last & 1], b, head0, group, tile_last * kChunk);
     }
   } else {
-    stage<T>(p, sm.raw[tile_last & 1], b, head0, group, tile_last * kChunk, tid);
+    stage<T>(p, sm.tile[tile_last & 1].raw, b, head0, group, tile_last * kChunk, tid);
     scan4::cp_async_commit();
   }
 
@@ -264,7 +270,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
   }
   for (int i = lane; i < 3 * kN; i += 32) wp.dco[kSub + i / kN][i % kN] = 0.f;  // past the sequence end
-  if (tid < kChunk / 2) sm.bop[tid][8] = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (tid < kChunk) sm.tile[tid / (kChunk / 2)].bop[tid % (kChunk / 2)][8] = make_float4(0.f, 0.f, 0.f, 0.f);
   // dt_proj B fragments (the forward v7's column labels: lane q's prep items are channels 4q .. 4q + 3).
   unsigned wb[2][2];
 #pragma unroll
@@ -321,54 +327,71 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int i = 0; i < 4; ++i) carry[nt][i] = fmaf(pv[nt][i], carry[nt][i], lv[nt][i]);
   }
 
-  if constexpr (kTma) __syncthreads();  // the barriers' initialisation before anyone waits on them
+  // A (block) of a tile: x -> fp32 with the halo rows (the raw tile's xh, or the initial conv state), the B operand
+  // table, into the tile's parity. It runs at the END of the tile after it (the loop runs backwards; the first tile:
+  // before the loop), so that no barrier separates it from the tile's own work (session 16; before: between S1 and
+  // an S2 at the tile's top). With fused sums the last sub-chunk's closing barrier then also serves as the next
+  // tile's S1.
+  auto convert = [&](int tile) {
+    const int cp = tile & 1;
+    const typename SM::Raw& rc = sm.tile[cp].raw;
+    const int row = tid / 4, part = tid % 4;
+    const uint2 wx = *reinterpret_cast<const uint2*>(&rc.f.x[row][part * 4]);
+    const float2 x01 = scan4::unpack2<T>(wx.x), x23 = scan4::unpack2<T>(wx.y);
+    *reinterpret_cast<float4*>(&sm.tile[cp].xf[3 + row][part * 4]) = make_float4(x01.x, x01.y, x23.x, x23.y);
+    if (tid < 3 * kN) {
+      const int hr = tid / kN, ch = tid % kN;
+      float v;
+      if (tile > 0) {
+        v = to_f(rc.xh[hr][ch]);
+      } else {
+        const int kk = hw + hr - 3;  // index into the last W-1 entries of the initial conv state
+        v = (p.init_conv != nullptr && kk >= 0) ? p.init_conv[((int64_t)b * p.d_xb + group * kN + ch) * hw + kk] : 0.f;
+      }
+      sm.tile[cp].xf[hr][ch] = v;
+    }
+    const int pr = tid / 8, bg = tid % 8;
+    sm.tile[cp].bop[pr][bg] = make_float4(to_f(rc.f.B[2 * pr][bg]), to_f(rc.f.B[2 * pr][bg + 8]),
+                                     to_f(rc.f.B[2 * pr + 1][bg]), to_f(rc.f.B[2 * pr + 1][bg + 8]));
+  };
+  // raw[tile & 1] holds the tile's copies, visible to every thread (TMA: the transaction barrier's phase, waited on by
+  // each thread; cp.async: each thread's own copies, then a block barrier for the others').
+  auto wait_tile = [&](int tile) {
+    if constexpr (kTma) {
+      tma::wait(&sm.bar[tile & 1], ((tile_last - tile) >> 1) & 1);  // raw[par]'s fills alternate phases
+    } else {
+      scan4::cp_async_wait_all();
+      __syncthreads();
+    }
+  };
+  __syncthreads();  // the TMA barriers' initialisation before anyone waits on them
+  wait_tile(tile_last);
+  convert(tile_last);
   // kSeq: the ids around a tile are loaded a tile ahead (in the tile after it: the loop runs backwards) and used after
   // its S2 (session 14 A/B: -1.5 % against loading them at the tile's top)
   int2 next_doc_ids = make_int2(0, 0);
   if constexpr (kSeq) next_doc_ids = load_doc_ids(p, b, tile_last * kChunk, lane);
   for (int tile = tile_last; tile >= tile_first; --tile) {
     const int t0 = tile * kChunk, par = tile & 1, Tv = min(kChunk, L - t0);
-    const typename SM::Raw& r = sm.raw[par];
+    const typename SM::Raw& r = sm.tile[par].raw;
     int2 doc_ids = make_int2(0, 0);
     if constexpr (kSeq) {
       doc_ids = next_doc_ids;
       next_doc_ids = load_doc_ids(p, b, t0 - kChunk, lane);
     }
-    if constexpr (kTma) {
-      tma::wait(&sm.bar[par], ((tile_last - tile) >> 1) & 1);  // raw[par]'s fills alternate phases
-    } else {
-      scan4::cp_async_wait_all();
-    }
-    __syncthreads();  // S1
+    // S1: this tile's conversion (xf / bop [par]) is visible, and every reader of the tile after it is done, so
+    // raw[par ^ 1] takes the tile before; the per-channel constants of the prologue are visible (first tile)
+    __syncthreads();
     if (tile > tile_first) {
       if constexpr (kTma) {
-        if (tid == 0) stage_tma<T>(p, maps, sm.raw[par ^ 1], &sm.bar[par ^ 1], b, head0, group, t0 - kChunk);
+        if (tid == 0) stage_tma<T>(p, maps, sm.tile[par ^ 1].raw, &sm.bar[par ^ 1], b, head0, group, t0 - kChunk);
       } else {
-        stage<T>(p, sm.raw[par ^ 1], b, head0, group, t0 - kChunk, tid);
+        stage<T>(p, sm.tile[par ^ 1].raw, b, head0, group, t0 - kChunk, tid);
         scan4::cp_async_commit();
       }
     }
-    {  // A (block): x -> fp32, halo rows, B operand table
-      const int row = tid / 4, part = tid % 4;
-      const uint2 wx = *reinterpret_cast<const uint2*>(&r.f.x[row][part * 4]);
-      const float2 x01 = scan4::unpack2<T>(wx.x), x23 = scan4::unpack2<T>(wx.y);
-      *reinterpret_cast<float4*>(&sm.xf[3 + row][part * 4]) = make_float4(x01.x, x01.y, x23.x, x23.y);
-      if (tid < 3 * kN) {
-        const int hr = tid / kN, ch = tid % kN;
-        float v;
-        if (t0 > 0) {
-          v = to_f(r.xh[hr][ch]);
-        } else {
-          const int kk = hw + hr - 3;  // index into the last W-1 entries of the initial conv state
-          v = (p.init_conv != nullptr && kk >= 0) ? p.init_conv[((int64_t)b * p.d_xb + group * kN + ch) * hw + kk] : 0.f;
-        }
-        sm.xf[hr][ch] = v;
-      }
-      const int pr = tid / 8, bg = tid % 8;
-      sm.bop[pr][bg] = make_float4(to_f(r.f.B[2 * pr][bg]), to_f(r.f.B[2 * pr][bg + 8]), to_f(r.f.B[2 * pr + 1][bg]),
-                                   to_f(r.f.B[2 * pr + 1][bg + 8]));
-    }
-    __syncthreads();  // S2
+    const float (*xf)[kN] = sm.tile[par].xf;
+    const float4 (*bop)[9] = sm.tile[par].bop;
     // kSeq: tap k of token t (row t + 3) reads another document iff a start lies in rows t + k + 1 .. t + 3, and
     // input t feeds output t + 3 - k iff none lies in rows t + 4 .. t + 6 - k.
     uint64_t starts = 0;
@@ -392,7 +415,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       M::run(dd[1], a, wb[1]);
       float4 xs[4];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) xs[k] = *reinterpret_cast<const float4*>(&sm.xf[t + k][4 * q]);
+      for (int k = 0; k < 4; ++k) xs[k] = *reinterpret_cast<const float4*>(&xf[t + k][4 * q]);
       // kSeq: tap k (token t - 3 + k) counts only inside the token's document; keep = same document as the previous
       // token (else the decay argument is +inf: h restarts)
       bool tap[4] = {true, true, true, true}, keep = true;
@@ -454,7 +477,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       auto front = [&](int tl, float (&a)[2][4], float (&db)[2][4]) {
         const int t = kSub * j + tl;
         const float4 pd = *reinterpret_cast<const float4*>(&wp.du[tl][2 * g]);  // (du, delta) of 2g, 2g + 1
-        const float4 bo = sm.bop[t >> 1][bsel];
+        const float4 bo = bop[t >> 1][bsel];
         mma_k4(db[0], pd.x, pd.z, (tl & 1) ? bo.z : bo.x);
         mma_k4(db[1], pd.x, pd.z, (tl & 1) ? bo.w : bo.y);
         decays(pd.y, pd.w, A2, a);
@@ -646,7 +669,7 @@ __global__ void __launch_bounds__(kThreads, 2)
             for (int k = 0; k < 4; ++k) {
               bool tap = true;
               if constexpr (kSeq) tap = (tb >> k) == 0;  // rows t + k + 1 .. t + 3 (k = 3: always)
-              if (tap) accW[k] = fmaf(dco, sm.xf[t + k][ec], accW[k]);
+              if (tap) accW[k] = fmaf(dco, xf[t + k][ec], accW[k]);
             }
             *dz_ptr = from_f<T>(dz);
             if (!dt_fused) *ddt_ptr = ddt;
@@ -786,6 +809,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       if (fused || dt_fused) __syncthreads();  // red / dxs / dlow are rewritten by the next sub-chunk
       else __syncwarp();
+    }
+    if (tile > tile_first) {  // the tile before's A (its copies were issued after this tile's S1)
+      wait_tile(tile - 1);
+      convert(tile - 1);
     }
   }
 
