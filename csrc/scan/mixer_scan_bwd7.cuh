@@ -141,8 +141,8 @@ struct SmemB7 {
     alignas(16) float4 cw[kN];             // right-aligned conv taps per channel
     alignas(16) float4 cp[kN];             // (conv bias, 2 b_dt, D, 0) per channel
   };
-  // By tile parity: the raw copies and what A (block) makes of them - written at the end of the tile after it (see
-  // "A (block)" in the kernel). xf / bop sit next to raw so that one base register addresses all three (as
+  // By tile parity: the raw copies and what A (block) makes of them (see "A (block)" in the kernel; kSeq uses
+  // tile[0]'s xf / bop only). xf / bop sit next to raw so that one base register addresses all three (as
   // separate arrays by parity they cost ptxas registers and spills: 255 registers, 12-24 bytes of spills).
   struct alignas(128) Tile {                     // 128: the TMA destinations in raw
     Raw raw;
@@ -328,17 +328,21 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 
   // A (block) of a tile: x -> fp32 with the halo rows (the raw tile's xh, or the initial conv state), the B operand
-  // table, into the tile's parity. It runs at the END of the tile after it (the loop runs backwards; the first tile:
-  // before the loop), so that no barrier separates it from the tile's own work (session 16; before: between S1 and
-  // an S2 at the tile's top). With fused sums the last sub-chunk's closing barrier then also serves as the next
-  // tile's S1.
+  // table. kLateA (session 16): into the tile's parity, at the END of the tile after it (the loop runs backwards; the
+  // first tile: before the loop), so that the next S1 covers it and no S2 is needed. A/B
+  // (bench/results/s16/ab_bwd7_late_a/): bwd7 b8 L4096 5.68 vs 5.85-5.95 ms, b1 L8192 1.45 vs 1.50 - but with
+  // documents 6.42 vs 6.23-6.25 ms, so kSeq keeps A between S1 and S2 at the tile's top, into tile[0]'s xf / bop.
+  // (Also measured, slower everywhere: A before sub-chunk 0's closing barrier of the fused sums, which then served
+  // as S1 too - 255 registers and spills.)
+  constexpr bool kLateA = !kSeq;
   auto convert = [&](int tile) {
     const int cp = tile & 1;
     const typename SM::Raw& rc = sm.tile[cp].raw;
+    auto& dst = sm.tile[kLateA ? cp : 0];
     const int row = tid / 4, part = tid % 4;
     const uint2 wx = *reinterpret_cast<const uint2*>(&rc.f.x[row][part * 4]);
     const float2 x01 = scan4::unpack2<T>(wx.x), x23 = scan4::unpack2<T>(wx.y);
-    *reinterpret_cast<float4*>(&sm.tile[cp].xf[3 + row][part * 4]) = make_float4(x01.x, x01.y, x23.x, x23.y);
+    *reinterpret_cast<float4*>(&dst.xf[3 + row][part * 4]) = make_float4(x01.x, x01.y, x23.x, x23.y);
     if (tid < 3 * kN) {
       const int hr = tid / kN, ch = tid % kN;
       float v;
@@ -348,11 +352,11 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int kk = hw + hr - 3;  // index into the last W-1 entries of the initial conv state
         v = (p.init_conv != nullptr && kk >= 0) ? p.init_conv[((int64_t)b * p.d_xb + group * kN + ch) * hw + kk] : 0.f;
       }
-      sm.tile[cp].xf[hr][ch] = v;
+      dst.xf[hr][ch] = v;
     }
     const int pr = tid / 8, bg = tid % 8;
-    sm.tile[cp].bop[pr][bg] = make_float4(to_f(rc.f.B[2 * pr][bg]), to_f(rc.f.B[2 * pr][bg + 8]),
-                                     to_f(rc.f.B[2 * pr + 1][bg]), to_f(rc.f.B[2 * pr + 1][bg + 8]));
+    dst.bop[pr][bg] = make_float4(to_f(rc.f.B[2 * pr][bg]), to_f(rc.f.B[2 * pr][bg + 8]),
+                                  to_f(rc.f.B[2 * pr + 1][bg]), to_f(rc.f.B[2 * pr + 1][bg + 8]));
   };
   // raw[tile & 1] holds the tile's copies, visible to every thread (TMA: the transaction barrier's phase, waited on by
   // each thread; cp.async: each thread's own copies, then a block barrier for the others').
@@ -365,8 +369,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   };
   __syncthreads();  // the TMA barriers' initialisation before anyone waits on them
-  wait_tile(tile_last);
-  convert(tile_last);
+  if constexpr (kLateA) {
+    wait_tile(tile_last);
+    convert(tile_last);
+  }
   // kSeq: the ids around a tile are loaded a tile ahead (in the tile after it: the loop runs backwards) and used after
   // its S2 (session 14 A/B: -1.5 % against loading them at the tile's top)
   int2 next_doc_ids = make_int2(0, 0);
@@ -379,8 +385,15 @@ __global__ void __launch_bounds__(kThreads, 2)
       doc_ids = next_doc_ids;
       next_doc_ids = load_doc_ids(p, b, t0 - kChunk, lane);
     }
-    // S1: this tile's conversion (xf / bop [par]) is visible, and every reader of the tile after it is done, so
-    // raw[par ^ 1] takes the tile before; the per-channel constants of the prologue are visible (first tile)
+    if constexpr (!kLateA) {  // this tile's copies (S1 below makes the cp.async ones the block's)
+      if constexpr (kTma) {
+        tma::wait(&sm.bar[par], ((tile_last - tile) >> 1) & 1);
+      } else {
+        scan4::cp_async_wait_all();
+      }
+    }
+    // S1: every reader of the tile after it is done, so raw[par ^ 1] takes the tile before; kLateA: this tile's
+    // conversion (xf / bop [par]) is visible; the first tile: the prologue's per-channel constants are visible
     __syncthreads();
     if (tile > tile_first) {
       if constexpr (kTma) {
@@ -390,8 +403,12 @@ __global__ void __launch_bounds__(kThreads, 2)
         scan4::cp_async_commit();
       }
     }
-    const float (*xf)[kN] = sm.tile[par].xf;
-    const float4 (*bop)[9] = sm.tile[par].bop;
+    if constexpr (!kLateA) {
+      convert(tile);
+      __syncthreads();  // S2
+    }
+    const float (*xf)[kN] = sm.tile[kLateA ? par : 0].xf;
+    const float4 (*bop)[9] = sm.tile[kLateA ? par : 0].bop;
     // kSeq: tap k of token t (row t + 3) reads another document iff a start lies in rows t + k + 1 .. t + 3, and
     // input t feeds output t + 3 - k iff none lies in rows t + 4 .. t + 6 - k.
     uint64_t starts = 0;
@@ -810,7 +827,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (fused || dt_fused) __syncthreads();  // red / dxs / dlow are rewritten by the next sub-chunk
       else __syncwarp();
     }
-    if (tile > tile_first) {  // the tile before's A (its copies were issued after this tile's S1)
+    if (kLateA && tile > tile_first) {  // the tile before's A (its copies were issued after this tile's S1)
       wait_tile(tile - 1);
       convert(tile - 1);
     }
