@@ -31,8 +31,9 @@
 // Block = 4 consecutive heads of one x / B group (4 warps; needs heads_per_group % 4 == 0), one sequence. Per
 // 32-token tile: one block barrier, issue the next tile's copies; then each warp alone, per 16-token half: prep
 // (dt_proj by mma in the accumulator layout, conv + silu, softplus(. + 2 b_dt), silu(z)) -> per (token, row)
-// du = (tf32(delta u), delta) and gt = (silu z, D u silu z) pairs, and the C operand words; __syncwarp; the 16 tokens of the scan; the
-// half's y rows gated and stored by the warp. No block barrier between prep and scan (a head's prep is its warp's).
+// du = (tf32(delta u), delta) and gt = (silu z, D u silu z) pairs, and the C operand words; __syncwarp; the 16
+// tokens of the scan; the half's y rows gated and stored by the warp. No block barrier between prep and scan (a
+// head's prep is its warp's).
 // At the tile's end: wait for the next tile's copies and A (block) for it - x -> fp32 with the carried conv halo,
 // the B operand rows, both by tile parity - so that the next barrier covers it (session 16; before: A between two
 // barriers at the tile's top).
