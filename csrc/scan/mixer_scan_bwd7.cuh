@@ -60,7 +60,7 @@
 #include "scan_common.cuh"
 #include <type_traits>
 
-#include "mixer_scan_fwd7.cuh"  // scan7:: stage, mma_k4, mma_k8, tf32_rna, Smem7::Raw
+#include "mixer_scan_fwd7.cuh"  // scan7:: stage, mma_k4, mma_k8, tf32_rna, convert_x / _b, Smem7::Raw
 
 namespace apriel {
 namespace scan7b {
@@ -339,10 +339,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int cp = tile & 1;
     const typename SM::Raw& rc = sm.tile[cp].raw;
     auto& dst = sm.tile[kLateA ? cp : 0];
-    const int row = tid / 4, part = tid % 4;
-    const uint2 wx = *reinterpret_cast<const uint2*>(&rc.f.x[row][part * 4]);
-    const float2 x01 = scan4::unpack2<T>(wx.x), x23 = scan4::unpack2<T>(wx.y);
-    *reinterpret_cast<float4*>(&dst.xf[3 + row][part * 4]) = make_float4(x01.x, x01.y, x23.x, x23.y);
+    scan7::convert_x<T>(rc.f, dst.xf, tid);
     if (tid < 3 * kN) {
       const int hr = tid / kN, ch = tid % kN;
       float v;
@@ -354,23 +351,21 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       dst.xf[hr][ch] = v;
     }
-    const int pr = tid / 8, bg = tid % 8;
-    dst.bop[pr][bg] = make_float4(to_f(rc.f.B[2 * pr][bg]), to_f(rc.f.B[2 * pr][bg + 8]),
-                                  to_f(rc.f.B[2 * pr + 1][bg]), to_f(rc.f.B[2 * pr + 1][bg + 8]));
+    scan7::convert_b<T>(rc.f, dst.bop, tid);
   };
-  // raw[tile & 1] holds the tile's copies, visible to every thread (TMA: the transaction barrier's phase, waited on by
-  // each thread; cp.async: each thread's own copies, then a block barrier for the others').
-  auto wait_tile = [&](int tile) {
+  // raw[tile & 1] holds the tile's copies (TMA: the transaction barrier's phase, waited on by each thread; cp.async:
+  // each thread's own copies, then - block_sync - a block barrier for the others' (else the caller's S1 does it)).
+  auto wait_tile = [&](int tile, bool block_sync) {
     if constexpr (kTma) {
       tma::wait(&sm.bar[tile & 1], ((tile_last - tile) >> 1) & 1);  // raw[par]'s fills alternate phases
     } else {
       scan4::cp_async_wait_all();
-      __syncthreads();
+      if (block_sync) __syncthreads();
     }
   };
   __syncthreads();  // the TMA barriers' initialisation before anyone waits on them
   if constexpr (kLateA) {
-    wait_tile(tile_last);
+    wait_tile(tile_last, true);
     convert(tile_last);
   }
   // kSeq: the ids around a tile are loaded a tile ahead (in the tile after it: the loop runs backwards) and used after
@@ -385,13 +380,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       doc_ids = next_doc_ids;
       next_doc_ids = load_doc_ids(p, b, t0 - kChunk, lane);
     }
-    if constexpr (!kLateA) {  // this tile's copies (S1 below makes the cp.async ones the block's)
-      if constexpr (kTma) {
-        tma::wait(&sm.bar[par], ((tile_last - tile) >> 1) & 1);
-      } else {
-        scan4::cp_async_wait_all();
-      }
-    }
+    if constexpr (!kLateA) wait_tile(tile, false);  // this tile's copies (S1 below makes the cp.async ones the block's)
     // S1: every reader of the tile after it is done, so raw[par ^ 1] takes the tile before; kLateA: this tile's
     // conversion (xf / bop [par]) is visible; the first tile: the prologue's per-channel constants are visible
     __syncthreads();
@@ -828,7 +817,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       else __syncwarp();
     }
     if (kLateA && tile > tile_first) {  // the tile before's A (its copies were issued after this tile's S1)
-      wait_tile(tile - 1);
+      wait_tile(tile - 1, true);
       convert(tile - 1);
     }
   }

@@ -109,6 +109,23 @@ __device__ __forceinline__ float tf32_rna(float v) {
   return __uint_as_float(r);
 }
 
+// A (block) of a staged tile, shared by the v7 forward and backward, one call each per thread of the 128 (the caller
+// fills the 3 halo rows of xf in between): the group's x rows to fp32 (xf rows 3 .. 34), and the B operand per token
+// pair, (B_t[g], B_t[8+g], B_t+1[g], B_t+1[8+g]) for g < 8 (entry 8, the zeros, is the caller's).
+template <typename T>
+__device__ __forceinline__ void convert_x(const Raw7<T>& rc, float (*xf)[kN], int tid) {
+  const int row = tid / 4, part = tid % 4;  // 128 threads = 32 rows x 4 quads
+  const uint2 wx = *reinterpret_cast<const uint2*>(&rc.x[row][part * 4]);
+  const float2 x01 = scan4::unpack2<T>(wx.x), x23 = scan4::unpack2<T>(wx.y);
+  *reinterpret_cast<float4*>(&xf[3 + row][part * 4]) = make_float4(x01.x, x01.y, x23.x, x23.y);
+}
+template <typename T>
+__device__ __forceinline__ void convert_b(const Raw7<T>& rc, float4 (*bop)[9], int tid) {
+  const int pr = tid / 8, bg = tid % 8;  // 16 token pairs x 8
+  bop[pr][bg] = make_float4(to_f(rc.B[2 * pr][bg]), to_f(rc.B[2 * pr][bg + 8]), to_f(rc.B[2 * pr + 1][bg]),
+                            to_f(rc.B[2 * pr + 1][bg + 8]));
+}
+
 // d = A (16 x 4, rows = channels, every column du) * B (4 x 8, row 0 = B_t, rows 1..3 zero).
 __device__ __forceinline__ void mma_k4(float (&d)[4], float a0, float a1, float b0) {
   asm("mma.sync.aligned.m16n8k4.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%7,%7,%7,%7};\n"
@@ -285,19 +302,13 @@ __global__ void __launch_bounds__(kThreads, 4)
   // block barrier per tile suffices (session 16): a warp that finishes its scan early converts the next tile
   // while the others still scan this one (they read xf / bop of the other parity).
   auto convert = [&](int cp) {
-    const typename SM::Raw& rc = sm.raw[cp];
-    const int row = tid / 4, part = tid % 4;  // 128 threads = 32 rows x 4 quads
-    const uint2 wx = *reinterpret_cast<const uint2*>(&rc.x[row][part * 4]);
-    const float2 x01 = scan4::unpack2<T>(wx.x), x23 = scan4::unpack2<T>(wx.y);
-    *reinterpret_cast<float4*>(&sm.xf[cp][3 + row][part * 4]) = make_float4(x01.x, x01.y, x23.x, x23.y);
+    convert_x<T>(sm.raw[cp], sm.xf[cp], tid);
     if (tid < 12) {
-      const int hr = tid / 4;
+      const int hr = tid / 4, part = tid % 4;
       *reinterpret_cast<float4*>(&sm.xf[cp][hr][part * 4]) =
           *reinterpret_cast<const float4*>(&sm.xf[cp ^ 1][kChunk + hr][part * 4]);
     }
-    const int pr = tid / 8, bg = tid % 8;  // 16 token pairs x 8
-    sm.bop[cp][pr][bg] = make_float4(to_f(rc.B[2 * pr][bg]), to_f(rc.B[2 * pr][bg + 8]),
-                                     to_f(rc.B[2 * pr + 1][bg]), to_f(rc.B[2 * pr + 1][bg + 8]));
+    convert_b<T>(sm.raw[cp], sm.bop[cp], tid);
   };
   // raw[cp] holds the tile's copies, visible to every thread: TMA - the transaction barrier's phase (each thread
   // waits); cp.async - each thread's own copies, then a block barrier for the others'.
