@@ -232,3 +232,30 @@ def mixer_scan(
                                      initial_ssm_state, initial_conv_state, seq_idx, d_inner, d_xb, d_state,
                                      repeat_kv_before_conv, save)
     return (y, ssm, conv) if return_final_states else y
+
+
+# ------------------------------------------------------------------------------------------------- varlen plan
+VARLEN_MAX_DOCUMENTS = 2048  # csrc/scan/scan_params.h kVarlenMaxDocs: more documents per call never run varlen
+
+
+def varlen_plan(seq_idx: Tensor, d_inner: int, force: bool = False) -> dict:
+    """How a CUDA forward with these packed documents is scheduled (session 17, csrc/scan/mixer_scan_plan.cu).
+
+    Where the dispatcher would run the batch-1-3 kernel with documents (16-bit activations, the v7 layout
+    applicable), a plan on the device lists the documents and picks the varlen v7 kernel - one block per (channel
+    group, document) - when its estimate beats the other kernel's; ``force`` picks it whenever the documents fit (as
+    APRIEL_SCAN_FWD=v7var does). seq_idx: (batch, seqlen) int32 on a CUDA device; a document starts at the first
+    token and wherever the id changes. Returns {"varlen": bool, "documents": (n, 3) int32 (sequence, first token,
+    end token) longest first - empty when varlen was not picked}.
+    """
+    V.check_tensor("seq_idx", seq_idx, (None, None), (torch.int32,))
+    if seq_idx.shape[0] < 1 or seq_idx.shape[1] < 1:
+        raise ValueError(f"seq_idx: expected (batch >= 1, seqlen >= 1), got shape {tuple(seq_idx.shape)}")
+    if d_inner < 64 or d_inner % 64:
+        raise ValueError(f"d_inner: expected a positive multiple of 64 (4 heads of 16 channels), got {d_inner}")
+    if not seq_idx.is_cuda:
+        raise ValueError(f"seq_idx: expected a CUDA tensor (the plan runs on the device), got {seq_idx.device}")
+    ws = cuda_kernel("mixer_scan_varlen_plan")(seq_idx, d_inner, force).cpu()
+    count, skip = ws[4 * VARLEN_MAX_DOCUMENTS].item(), ws[4 * VARLEN_MAX_DOCUMENTS + 1].item()
+    docs = ws[: 4 * VARLEN_MAX_DOCUMENTS].view(-1, 4)[:count, :3].clone()
+    return {"varlen": bool(skip), "documents": docs}

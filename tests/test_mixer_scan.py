@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from apriel_kernels import mixer_scan, mixer_step
-from apriel_kernels.mixer_scan import mixer_scan_bwd, mixer_scan_fwd
+from apriel_kernels.mixer_scan import VARLEN_MAX_DOCUMENTS, mixer_scan_bwd, mixer_scan_fwd, varlen_plan
 from apriel_kernels.reference.mixer import mixer_scan_ref
 from conftest import require_cuda_kernel
 
@@ -366,12 +366,14 @@ V5_BITWISE_CASES = [
 ]
 
 
-def _fwd_outputs_bitwise_equal(case, dtype, versions, monkeypatch):
-    """Runs the forward op (with checkpoints) under each APRIEL_SCAN_FWD version; asserts identical bits."""
+def _fwd_outputs_bitwise_equal(case, dtype, versions, monkeypatch, cuts=None):
+    """Runs the forward op (with checkpoints) under each APRIEL_SCAN_FWD version; asserts identical bits.
+    cuts: the document starts of packed cases (default L / 4 and L / 2 + 1)."""
     _, b, L, D_, X, width, rank, extra = case
     args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", dt_rank=rank, width=width, repeat="norep" not in extra,
                            initial_states="init" in extra, strided=extra == "strided", seed=11)
-    seq = packed_seq_idx(b, L, [L // 4, L // 2 + 1], "cuda") if "packed" in extra else None
+    cuts = [L // 4, L // 2 + 1] if cuts is None else cuts
+    seq = packed_seq_idx(b, L, cuts, "cuda") if "packed" in extra else None
     if extra == "misaligned":  # odd element offsets: the plain-load staging path
         for name in ("zxbc", "dt_low"):
             t = args[name]
@@ -792,22 +794,173 @@ def test_continuity_split_and_step(repeat, monkeypatch):
 
 @gpu
 @needs_kernel
-@pytest.mark.parametrize("version", ["auto", "v7"])
+@pytest.mark.parametrize("version", ["auto", "v7", "v7var", "auto-long"])
 def test_packed_equals_separate(version, monkeypatch):
-    """Documents packed in one row give each document's separate call bitwise (auto: v5 at batch 1; v7: its
-    document support, session 12 - restarts mid-tile, a one-token document)."""
-    if version != "auto":
+    """Documents packed in one row give each document's separate call bitwise (v7: its document support, session
+    12 - restarts mid-tile, a one-token document; v7var: varlen scheduling, session 17). auto at batch 1: the varlen
+    plan picks v7 for these short documents, so the separate calls are v7's; auto-long (one document of 350 of 400
+    tokens): the plan keeps v5, whose separate calls run v5 too."""
+    L = 400
+    cuts = [0, 37, 38, 100, 140, 200, 260, 330, L] if version != "auto-long" else [0, 25, 375, L]
+    args, kw = make_inputs(1, L, 256, 64, dtype=torch.bfloat16, device="cuda", dt_rank=16)
+    seq = packed_seq_idx(1, L, cuts[1:-1], "cuda")
+    if version.startswith("auto"):
+        assert varlen_plan(seq, 256)["varlen"] == (version == "auto")
+    else:
         monkeypatch.setenv("APRIEL_SCAN_FWD", version)
-    args, kw = make_inputs(1, 200, 256, 64, dtype=torch.bfloat16, device="cuda", dt_rank=16)
-    cuts = [0, 37, 38, 120, 200]
-    seq = packed_seq_idx(1, 200, cuts[1:-1], "cuda")
     y, ssm, conv = mixer_scan(**args, **kw, seq_idx=seq, return_final_states=True)
+    if version == "auto":
+        monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")  # the separate calls of what the plan picked
     for a, b_ in zip(cuts[:-1], cuts[1:]):
         part = {k: (v[:, a:b_] if k in ("zxbc", "dt_low") else v) for k, v in args.items()}
         yp, sp, cp = mixer_scan(**part, **kw, return_final_states=True)
         torch.testing.assert_close(y[:, a:b_], yp, rtol=0, atol=0)
     torch.testing.assert_close(ssm, sp, rtol=0, atol=0)
     torch.testing.assert_close(conv, cp, rtol=0, atol=0)
+
+
+# Varlen scheduling of packed documents (session 17: csrc/scan/mixer_scan_plan.cu lists the documents on the device
+# and picks the varlen v7 kernel - blocks over (channel group, document) - or the kernel the dispatcher runs
+# otherwise; mixer_scan_fwd7.cuh kVar). The varlen kernel must give the v7 kernel with documents bit for bit: y, the
+# final states AND the checkpoints (the backward reads them), whichever block wrote them.
+def _expected_documents(seq):
+    """(sequence, first token, end token) of every document of seq_idx (a start wherever the id changes)."""
+    docs = []
+    for b, row in enumerate(seq.tolist()):
+        starts = [0] + [t for t in range(1, len(row)) if row[t] != row[t - 1]]
+        docs += [(b, s_, e) for s_, e in zip(starts, starts[1:] + [len(row)])]
+    return docs
+
+
+def test_varlen_plan_rejects_bad_input():
+    seq = torch.zeros(1, 10, dtype=torch.int32)
+    with pytest.raises((TypeError, ValueError), match="seq_idx"):
+        varlen_plan(seq.long(), 256)
+    with pytest.raises((TypeError, ValueError), match="seq_idx"):
+        varlen_plan(seq[0], 256)
+    with pytest.raises(ValueError, match="d_inner"):
+        varlen_plan(seq, 96)
+    with pytest.raises(ValueError, match="seq_idx: expected a CUDA tensor"):
+        varlen_plan(seq, 256)
+
+
+@gpu
+@needs_kernel
+def test_varlen_plan_lists_documents_longest_first():
+    g = torch.Generator().manual_seed(3)
+    seq = torch.zeros(3, 1000, dtype=torch.int32)
+    for b in range(3):
+        for c in sorted(set(torch.randint(1, 1000, (20,), generator=g).tolist())):
+            seq[b, c:] += 1
+    seq[2] %= 2  # ids 0 / 1 alternating: a document starts at every change, not only where the id grows
+    plan = varlen_plan(seq.cuda(), 256, force=True)
+    assert plan["varlen"]
+    expected = sorted(_expected_documents(seq), key=lambda d: (d[1] - d[2], d[0], d[1]))  # longest first, then order
+    assert [tuple(r) for r in plan["documents"].tolist()] == expected
+
+
+@gpu
+@needs_kernel
+def test_varlen_plan_decides_by_document_length():
+    L = 8192
+    short = packed_seq_idx(1, L, list(range(1024, L, 1024)), "cuda")  # 8 documents of 1,024 tokens
+    assert varlen_plan(short, 4096)["varlen"]  # 512 blocks of 1,024 tokens beat the batch-1 kernel's 8,192
+    one = torch.zeros(1, L, dtype=torch.int32, device="cuda")
+    assert not varlen_plan(one, 4096)["varlen"]  # one document: one block per group would run all 8,192 tokens
+    assert varlen_plan(one, 4096, force=True)["varlen"]
+    many = torch.arange(VARLEN_MAX_DOCUMENTS + 1, dtype=torch.int32, device="cuda").unsqueeze(0)
+    plan = varlen_plan(many, 4096, force=True)  # more documents than the list holds: never varlen
+    assert not plan["varlen"] and plan["documents"].shape == (0, 3)
+
+
+def _varlen_cuts(L, kind):
+    if kind == "v7":  # v7_seq_idx's cuts: mid-tile, tile boundaries, one-token documents, rows 0-2 of a tile
+        return sorted({c for c in (1, L // 4, L // 4 + 1, 32, 64, 94, 95, 157, 193, 226, L // 2 + 1, L - 1) if 0 < c < L})
+    if kind == "aligned":  # every document ends on a tile boundary: the checkpoint after a document's last tile
+        return list(range(32, L, 32))
+    if kind == "tokens":  # documents of 2 tokens: more documents than blocks, each block takes several
+        return list(range(2, L, 2))
+    if kind == "250":  # documents of 250 tokens (the plan picks varlen at batch 1, D 4096)
+        return list(range(250, L, 250))
+    g = torch.Generator().manual_seed(L)
+    return sorted(set(torch.randint(1, L, (max(1, L // 50),), generator=g).tolist()))
+
+
+VARLEN_CASES = [
+    # (batch, seqlen, d_inner, d_xb, width, dt_rank, extras, documents)
+    (2, 77, 64, 16, 4, 16, "init_packed", "v7"),
+    (2, 4097, 256, 64, 4, 16, "init_packed", "v7"),
+    (3, 300, 4096, 1024, 4, 16, "packed", "v7"),  # 8 blocks per group take 39 documents
+    (1, 1000, 256, 64, 3, 16, "norep_packed", "random"),
+    (1, 160, 64, 16, 4, 16, "init_packed", "aligned"),
+    (1, 3000, 4096, 1024, 4, 16, "init_packed", "random"),
+    (1, 1200, 64, 16, 2, 8, "packed", "tokens"),  # 600 documents over 528 blocks
+]
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: f"b{c[0]}-L{c[1]}-D{c[2]}-W{c[4]}-R{c[5]}-{c[6]}-{c[7]}")
+def test_forward_varlen_bitwise_equals_v7_documents(case, dtype, monkeypatch):
+    b, L, D_, X, width, rank, extra, kind = case
+    cuts = _varlen_cuts(L, kind)
+    assert varlen_plan(packed_seq_idx(b, L, cuts, "cuda"), D_, force=True)["varlen"]  # v7var really runs varlen
+    _fwd_outputs_bitwise_equal((None, b, L, D_, X, width, rank, extra), dtype, ("v7", "v7var"), monkeypatch, cuts=cuts)
+
+
+@gpu
+@needs_kernel
+def test_forward_varlen_auto_parity_and_gradients(monkeypatch):
+    """Batch 1 with short documents: the default dispatch runs varlen (the plan says so); y and the final states
+    match float64, and the gradients (the backward reads varlen's checkpoints) equal those after the v7 forward
+    with documents bit for bit."""
+    b, L = 1, 2000
+    args, kw = make_inputs(b, L, 4096, 1024, dtype=torch.bfloat16, device="cuda", dt_rank=16, initial_states=True, seed=9)
+    seq = packed_seq_idx(b, L, _varlen_cuts(L, "250"), "cuda")
+    assert varlen_plan(seq, 4096)["varlen"]
+    poison_allocator()
+    y, ssm, conv = mixer_scan(**args, **kw, seq_idx=seq, return_final_states=True)
+    ref64 = ref_mixer(to64(args), kw, seq_idx=seq, return_final_states=True)
+    ref_lp = ref_mixer(args, kw, seq_idx=seq, return_final_states=True)
+    for name, o, r64, rlp in zip(("y", "final_ssm", "final_conv"), (y, ssm, conv), ref64, ref_lp):
+        check(name, o, r64, rlp, floor=1e-3)
+    weights = (torch.randn(b, L, 4096, device="cuda", dtype=torch.float64),
+               torch.randn(b, 256, N, N, device="cuda", dtype=torch.float64),
+               torch.randn(b, 1024, 3, device="cuda", dtype=torch.float64))
+    auto = _grads(args, kw, seq, weights)
+    monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")
+    v7 = _grads(args, kw, seq, weights)
+    for name in auto:
+        assert torch.equal(auto[name], v7[name]), f"d{name}: varlen forward's checkpoints gave other gradients"
+
+
+@gpu
+@needs_kernel
+def test_forward_varlen_cuda_graph_follows_the_documents():
+    """The plan runs on the device: one captured graph replays right for short documents (varlen) and for one long
+    document (the batch-1 kernel) - no host decision is baked into the capture."""
+    b, L = 1, 2000
+    args, kw = make_inputs(b, L, 4096, 1024, dtype=torch.bfloat16, device="cuda", dt_rank=16, seed=4)
+    short = packed_seq_idx(b, L, _varlen_cuts(L, "250"), "cuda")
+    long = packed_seq_idx(b, L, [100], "cuda")
+    assert varlen_plan(short, 4096)["varlen"] and not varlen_plan(long, 4096)["varlen"]
+    static = {k: v.clone() for k, v in args.items()}
+    static_seq = short.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        mixer_scan(**static, **kw, seq_idx=static_seq)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mixer_scan(**static, **kw, seq_idx=static_seq, return_final_states=True)
+    for seq in (long, short, long):
+        static_seq.copy_(seq)
+        graph.replay()
+        eager = mixer_scan(**args, **kw, seq_idx=seq, return_final_states=True)
+        for o, e in zip(out, eager):
+            torch.testing.assert_close(o, e, rtol=0, atol=0)
 
 
 @gpu

@@ -354,6 +354,10 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
   // register cap (W_dt in registers for the CUDA-core dot): the 3 pointers and both live softplus branches spilled
   // 24 more bytes there.
   constexpr bool kV5Diet = kV5 && sizeof(T) == 2;
+  // Packed documents: the varlen plan (mixer_scan_plan.cu) chose the varlen v7 kernel for this call, which does the work.
+  if constexpr (kSeq) {
+    if (p.fwd_skip != nullptr && *p.fwd_skip != 0) return;
+  }
   const int head = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int group = head / p.heads_per_group, c0 = head * kN;
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank, W = p.width;

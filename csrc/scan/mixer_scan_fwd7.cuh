@@ -91,6 +91,7 @@ struct Smem7 {
   alignas(16) uint4 cop[kHeads][kHalf / 2][4];
   alignas(16) float yf[kHeads][kHalf][kN];      // readout C . h (before the gate) per (token, channel)
   alignas(8) uint64_t bar[2];                   // TMA staging: the transaction barrier of raw[parity]
+  int item;                                     // kVar: the document the block took (block broadcast)
 };
 // 4 blocks per SM (the launch bounds; a b8 L4096 grid is one wave of them): 228 KB of shared memory per SM, less
 // the 1 KB the runtime reserves per block
@@ -220,25 +221,43 @@ __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::S
 // (b8 1.087-1.111 vs 1.096-1.107 ms, b1 L8192 0.847 vs 0.820 ms: bench/results/s5/ro/).
 // kTma: the tiles arrive by the bulk tensor copy engine (stage_tma, maps) instead of cp.async (stage); the rest of
 // the kernel is the same code.
-template <typename T, bool kTma, bool kSeq = false>
+//
+// kVar (varlen scheduling of packed documents, session 17; kSeq too): the block runs over documents instead of one
+// sequence. The grid is (channel groups of 4 heads, P); the block of column x takes documents from the list that
+// plan_documents (mixer_scan_plan.cu) built on the device, longest first, by an atomic counter per column
+// (p.var_next[x]) until the list (p.var_items, p.var_count) is exhausted. A document [ts, te) of sequence b runs the
+// tiles that hold it, tile ts / 32 .. (te - 1) / 32, from a zero state (the sequence's initial states when ts = 0):
+// the tokens of other documents in its first and last tile are computed (the document mask resets h at ts) but
+// never stored. So every document is scheduled on its own - a sequence of short documents gives batch 1 the blocks
+// that the v7 layout needs, and a document's time is its own length, not the sequence's. Outputs are the kSeq
+// kernel's bit for bit (tested): the same arithmetic per token, each y row, checkpoint and final state written by
+// the block of the document it belongs to - checkpoint `tile` (the state after token 32 tile - 1) by the document
+// holding that token, and when a document ends on a tile boundary, by its block after its last tile.
+template <typename T, bool kTma, bool kSeq = false, bool kVar = false>
 __global__ void __launch_bounds__(kThreads, 4)
     mixer_scan_fwd7_kernel(MixerScanParams p, const __grid_constant__ tma::ScanMaps maps) {
+  static_assert(!kVar || kSeq, "varlen scheduling is for packed documents");
   extern __shared__ __align__(128) unsigned char smem_raw[];  // 128: TMA destinations (raw slices) are 1 KB apart
   using SM = Smem7<T>;
   SM& sm = *reinterpret_cast<SM*>(smem_raw);
   using M = scan4::MmaOp<T>;
+  // kSeq without kVar: the varlen plan chose the kVar kernel for this call, which does the work.
+  if constexpr (kSeq && !kVar) {
+    if (p.fwd_skip != nullptr && *p.fwd_skip != 0) return;
+  }
   const int tid = threadIdx.x, lane = tid % 32, w = tid / 32, g = lane / 4, q = lane % 4;
-  const int head0 = blockIdx.x * kHeads, b = blockIdx.y, head = head0 + w, c0 = head * kN;
+  const int head0 = blockIdx.x * kHeads, head = head0 + w, c0 = head * kN;
   const int group = head0 / p.heads_per_group;
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank, W = p.width;
   const int n_tiles = p.n_chunks;
+  int b = blockIdx.y;  // kVar: the document's sequence (set per document)
 
   if constexpr (kTma) {
     if (tid == 0) {
       tma::init_barriers(sm.bar);
-      stage_tma<T>(p, maps, sm.raw[0], &sm.bar[0], b, head0, group, 0);
+      if constexpr (!kVar) stage_tma<T>(p, maps, sm.raw[0], &sm.bar[0], b, head0, group, 0);
     }
-  } else {
+  } else if constexpr (!kVar) {
     stage<T>(p, sm.raw[0], b, head0, group, 0, tid);
     scan4::cp_async_commit();
   }
@@ -277,8 +296,18 @@ __global__ void __launch_bounds__(kThreads, 4)
     for (int i = 0; i < 4; ++i) {
       const int cs = c0 + 2 * g + (i >> 1), n = nt * 8 + 2 * q + (i & 1);
       A2[nt][i] = -__expf(scan4::ld_param(p.A_log_raw, (int64_t)cs * kN + n)) * kLog2e;
-      h[nt][i] = p.init_ssm != nullptr ? p.init_ssm[((int64_t)b * D + cs) * kN + n] : 0.f;
+      if constexpr (!kVar) h[nt][i] = p.init_ssm != nullptr ? p.init_ssm[((int64_t)b * D + cs) * kN + n] : 0.f;
     }
+  // kVar: h from the initial state of sequence b (first_doc) or zero, per document
+  auto init_h = [&](bool first_doc) {
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int cs = c0 + 2 * g + (i >> 1), n = nt * 8 + 2 * q + (i & 1);
+        h[nt][i] = first_doc && p.init_ssm != nullptr ? p.init_ssm[((int64_t)b * D + cs) * kN + n] : 0.f;
+      }
+  };
   auto store_h = [&](float* base) {  // base = the (b, D, 16)-layout row block of this sequence
 #pragma unroll
     for (int r = 0; r < 2; ++r)
@@ -288,12 +317,16 @@ __global__ void __launch_bounds__(kThreads, 4)
             make_float2(h[nt][2 * r], h[nt][2 * r + 1]);
   };
 
-  // Tile 0's halo (xf[0] rows 0..2) is copied from rows kChunk.. of parity 1: the initial conv state goes there.
-  if (tid < 3 * kN) {
-    const int k = tid / kN, ch = tid % kN, kk = (W - 1) + (k - 3);
-    sm.xf[1][kChunk + k][ch] = (p.init_conv != nullptr && kk >= 0)
-                                   ? p.init_conv[((int64_t)b * p.d_xb + group * kN + ch) * (W - 1) + kk] : 0.f;
-  }
+  // The first tile's halo (xf[par] rows 0..2) is copied from rows kChunk.. of the other parity: the initial conv
+  // state of sequence b goes there (first_doc; else zeros: the document mask drops those taps anyway).
+  auto init_halo = [&](int par, bool first_doc) {
+    if (tid < 3 * kN) {
+      const int k = tid / kN, ch = tid % kN, kk = (W - 1) + (k - 3);
+      sm.xf[par ^ 1][kChunk + k][ch] = (first_doc && p.init_conv != nullptr && kk >= 0)
+                                           ? p.init_conv[((int64_t)b * p.d_xb + group * kN + ch) * (W - 1) + kk] : 0.f;
+    }
+  };
+  if constexpr (!kVar) init_halo(0, true);
   if (tid < kChunk) sm.bop[tid / (kChunk / 2)][tid % (kChunk / 2)][8] = make_float4(0.f, 0.f, 0.f, 0.f);
   const int bsel = q == 0 ? g : 8;  // lanes q > 0 read the zero entry: rows k >= 1 of the B operand
 
@@ -311,24 +344,49 @@ __global__ void __launch_bounds__(kThreads, 4)
     convert_b<T>(sm.raw[cp], sm.bop[cp], tid);
   };
   // raw[cp] holds the tile's copies, visible to every thread: TMA - the transaction barrier's phase (each thread
-  // waits); cp.async - each thread's own copies, then a block barrier for the others'.
-  auto wait_tile = [&](int tile) {
+  // waits); cp.async - each thread's own copies, then a block barrier for the others'. kt counts the block's tiles
+  // (over all its documents with kVar: the barriers' phases run on).
+  auto wait_tile = [&](int kt) {
     if constexpr (kTma) {
-      tma::wait(&sm.bar[tile & 1], (tile >> 1) & 1);  // raw[tile & 1]'s (tile / 2)-th fill
+      tma::wait(&sm.bar[kt & 1], (kt >> 1) & 1);  // raw[kt & 1]'s (kt / 2)-th fill
     } else {
       scan4::cp_async_wait_all();
       __syncthreads();
     }
   };
 
+  int kbase = 0;  // the block's tiles before this document (kVar)
+  for (;;) {
+  // This document: tokens [ts, te) of sequence b, tiles tile_lo .. tile_hi - 1 (without kVar: the whole sequence).
+  int ts = 0, te = L, tile_lo = 0, tile_hi = n_tiles;
+  if constexpr (kVar) {
+    if (tid == 0) sm.item = atomicAdd(p.var_next + blockIdx.x, 1);
+    __syncthreads();  // the item, and the previous document's readers of xf / raw are done
+    const int it = sm.item;
+    if (it >= *p.var_count) break;  // block-uniform
+    const int4 doc = p.var_items[it];
+    b = doc.x, ts = doc.y, te = doc.z;
+    tile_lo = ts / kChunk, tile_hi = (te + kChunk - 1) / kChunk;
+    if constexpr (kTma) {
+      if (tid == 0) stage_tma<T>(p, maps, sm.raw[kbase & 1], &sm.bar[kbase & 1], b, head0, group, tile_lo * kChunk);
+    } else {
+      stage<T>(p, sm.raw[kbase & 1], b, head0, group, tile_lo * kChunk, tid);
+      scan4::cp_async_commit();
+    }
+  }
+  if constexpr (kVar) {
+    init_h(ts == 0);
+    init_halo(kbase & 1, ts == 0);
+  }
   T* y = static_cast<T*>(p.y) + (int64_t)b * L * D;
-  __syncthreads();  // the TMA barriers' initialisation and tile 0's conv halo (xf[1]) before anyone reads them
-  wait_tile(0);
-  convert(0);
+  __syncthreads();  // the TMA barriers' initialisation and the first tile's conv halo before anyone reads them
+  wait_tile(kbase);
+  convert(kbase & 1);
   int Tv = 0;
   uint64_t starts = 0;  // kSeq: the document starts around the tile (doc_starts; after the loop: the last tile's)
-  for (int tile = 0; tile < n_tiles; ++tile) {
-    const int t0 = tile * kChunk, par = tile & 1;
+  for (int tile = tile_lo; tile < tile_hi; ++tile) {
+    const int kt = kbase + (tile - tile_lo);
+    const int t0 = tile * kChunk, par = kt & 1;
     Tv = min(kChunk, L - t0);
     const typename SM::Raw& r = sm.raw[par];
     int2 doc_ids = make_int2(0, 0);  // kSeq: issued before the barrier, used after it
@@ -336,7 +394,7 @@ __global__ void __launch_bounds__(kThreads, 4)
     // The tile's one block barrier: its conversion (xf[par], bop[par]) is visible, and every reader of the previous
     // tile (raw / xf / bop [par ^ 1]) is done, so its buffers take the next tile.
     __syncthreads();
-    if (tile + 1 < n_tiles) {
+    if (tile + 1 < tile_hi) {
       if constexpr (kTma) {
         if (tid == 0) stage_tma<T>(p, maps, sm.raw[par ^ 1], &sm.bar[par ^ 1], b, head0, group, t0 + kChunk);
       } else {
@@ -344,7 +402,8 @@ __global__ void __launch_bounds__(kThreads, 4)
         scan4::cp_async_commit();
       }
     }
-    if (p.ckpt != nullptr) store_h(p.ckpt + ((int64_t)b * n_tiles + tile) * D * kN);
+    // checkpoint `tile` = the state after token t0 - 1: this document's when it holds that token (kVar)
+    if (p.ckpt != nullptr && (!kVar || ts < t0 || ts == 0)) store_h(p.ckpt + ((int64_t)b * n_tiles + tile) * D * kN);
     if constexpr (kSeq) starts = doc_starts(doc_ids, lane);
 
 #pragma unroll 1
@@ -477,24 +536,34 @@ __global__ void __launch_bounds__(kThreads, 4)
           const float4 gg = sm.gt[w][row][4 * part + k];
           out[k] = M::pack(fmaf(yv[2 * k], gg.x, gg.z), fmaf(yv[2 * k + 1], gg.y, gg.w));
         }
-        if (t < L) *reinterpret_cast<uint4*>(y + (int64_t)t * D + c0 + part * 8) = make_uint4(out[0], out[1], out[2], out[3]);
+        if (kVar ? (t >= ts && t < te) : t < L)
+          *reinterpret_cast<uint4*>(y + (int64_t)t * D + c0 + part * 8) = make_uint4(out[0], out[1], out[2], out[3]);
       }
       __syncwarp();
     }
-    if (tile + 1 < n_tiles) {  // the next tile's A (its copies were issued after this tile's barrier)
-      wait_tile(tile + 1);
+    if (tile + 1 < tile_hi) {  // the next tile's A (its copies were issued after this tile's barrier)
+      wait_tile(kt + 1);
       convert(par ^ 1);
     }
   }
+  const int kt_last = kbase + (tile_hi - 1 - tile_lo);  // the document's last tile (the loop ran at least once)
+  kbase = kt_last + 1;
+  if constexpr (kVar) {
+    // A document that ends on a tile boundary before the sequence's end: the next tile's checkpoint is its state.
+    if (te < L && te % kChunk == 0 && p.ckpt != nullptr) store_h(p.ckpt + ((int64_t)b * n_tiles + te / kChunk) * D * kN);
+    if (te < L) continue;  // the final states are the sequence's last document's
+  }
   store_h(p.final_ssm + (int64_t)b * D * kN);
   // Final conv state: the last W-1 x inputs (xf rows Tv+3-hw .. Tv+2 of the last tile), by the group's first block.
-  const int hw = W - 1, last_par = (n_tiles - 1) & 1;
+  const int hw = W - 1, last_par = kt_last & 1;
   if (head0 % p.heads_per_group == 0 && tid < kN * hw) {
     const int ch = tid / hw, k = tid % hw, row = Tv + 3 - hw + k;
     bool same = true;  // kSeq: the last document's inputs only
     if constexpr (kSeq) same = no_start(starts, row + 1, Tv + 2 - row);  // rows row + 1 .. Tv + 2
     static_cast<T*>(p.final_conv)[((int64_t)b * p.d_xb + group * kN + ch) * hw + k] =
         from_f<T>(same ? sm.xf[last_par][row][ch] : 0.f);
+  }
+  if constexpr (!kVar) break;
   }
 }
 
@@ -507,32 +576,34 @@ inline bool allow_smem(const void* kernel, size_t smem) {
   return true;
 }
 
-template <typename T, bool kSeq>
-void launch_docs(const MixerScanParams& p, void* stream) {
+// One launch of the kernel for (kSeq, kVar) on grid (d_inner / 64 channel groups, columns): columns = the batch,
+// or with kVar the blocks per channel group that take documents from the plan's list.
+template <typename T, bool kSeq, bool kVar = false>
+void launch_docs(const MixerScanParams& p, void* stream, int columns) {
   const size_t smem = sizeof(Smem7<T>);
-  const dim3 grid(p.d_inner / (kN * kHeads), p.batch);
+  const dim3 grid(p.d_inner / (kN * kHeads), columns);
   tma::ScanMaps maps{};
 #if APRIEL_TMA
   if (scan4::encode_scan_maps(p, maps)) {
     static const bool configured =
-        allow_smem(reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, true, kSeq>), smem);
+        allow_smem(reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, true, kSeq, kVar>), smem);
     (void)configured;
-    mixer_scan_fwd7_kernel<T, true, kSeq><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
+    mixer_scan_fwd7_kernel<T, true, kSeq, kVar><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
     APRIEL_CHECK_LAUNCH();
     return;
   }
 #endif
   static const bool configured =
-      allow_smem(reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, false, kSeq>), smem);
+      allow_smem(reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, false, kSeq, kVar>), smem);
   (void)configured;
-  mixer_scan_fwd7_kernel<T, false, kSeq><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
+  mixer_scan_fwd7_kernel<T, false, kSeq, kVar><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
   APRIEL_CHECK_LAUNCH();
 }
 
 template <typename T>
 void launch(const MixerScanParams& p, void* stream) {
-  if (p.seq_idx != nullptr) launch_docs<T, true>(p, stream);
-  else launch_docs<T, false>(p, stream);
+  if (p.seq_idx != nullptr) launch_docs<T, true>(p, stream, p.batch);
+  else launch_docs<T, false>(p, stream, p.batch);
 }
 
 }  // namespace scan7
@@ -540,6 +611,10 @@ void launch(const MixerScanParams& p, void* stream) {
 template <typename T>
 void launch_mixer_scan_fwd7(const MixerScanParams& p, void* stream) {
   scan7::launch<T>(p, stream);
+}
+template <typename T>
+void launch_mixer_scan_fwd7_varlen(const MixerScanParams& p, int blocks_per_group, void* stream) {
+  scan7::launch_docs<T, true, true>(p, stream, blocks_per_group);
 }
 
 }  // namespace apriel

@@ -6,6 +6,7 @@
 
 namespace apriel {
 template void launch_mixer_scan_fwd7<__half>(const MixerScanParams&, void*);
+template void launch_mixer_scan_fwd7_varlen<__half>(const MixerScanParams&, int, void*);
 
 namespace {
 const bool kRegistered = [] {
@@ -17,6 +18,11 @@ const bool kRegistered = [] {
   register_kernel({"scan", "mixer_scan_fwd7_docs<fp16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__half, false, true>), scan7::kThreads});
 #if APRIEL_TMA
   register_kernel({"scan", "mixer_scan_fwd7_docs_tma<fp16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__half, true, true>), scan7::kThreads});
+#endif
+  // varlen scheduling of packed documents (kVar, session 17)
+  register_kernel({"scan", "mixer_scan_fwd7_varlen<fp16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__half, false, true, true>), scan7::kThreads});
+#if APRIEL_TMA
+  register_kernel({"scan", "mixer_scan_fwd7_varlen_tma<fp16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__half, true, true, true>), scan7::kThreads});
 #endif
   return true;
 }();

@@ -153,6 +153,7 @@ int fwd_version(int64_t blocks = 0, int sms = 132, bool fp32 = false) {
     if (v == "v5k8") return 108;
     if (v == "v5") return 100 + fwd_version_auto(blocks, sms, 4.0, 8.0);
     if (v == "v7") return 107;  // falls back to v5 K = 4 where v7 does not apply (launch_fwd_version)
+    if (v == "v7var") return 207;  // packed documents: varlen v7 whenever the documents fit (launch_fwd), else v7
   }
   const int k = fwd_version_auto(blocks, sms, 4.0, 6.0);
   if (fp32) return k;
@@ -165,6 +166,7 @@ int fwd_version(int64_t blocks = 0, int sms = 132, bool fp32 = false) {
 template <typename T>
 void launch_fwd_version(const MixerScanParams& p, void* stream, int version) {
   switch (version) {
+    case 207:
     case 107:
       if constexpr (sizeof(T) == 2) {
         if (mixer_scan_fwd7_supports(p)) { launch_mixer_scan_fwd7<T>(p, stream); break; }
@@ -189,10 +191,72 @@ int sm_count() {
   return sms;
 }
 
+// Varlen scheduling of packed documents (session 17, mixer_scan_plan.cu / mixer_scan_fwd7.cuh kVar). Where the
+// dispatcher would run the v5 kernel with documents (batch 1-3 at D 4096: v7's grid of one block per (group,
+// sequence) is too small there), one block per (group, DOCUMENT) gives v7 the blocks it needs when the documents
+// are short, and loses when a document is long (a document's time is its length at one block per group: v7 b1
+// L8192 alone 0.82 ms vs v5's 0.47). The plan decides on the device from the document lengths; both kernels are
+// launched and the one not picked returns at once. Costs per 32-token tile (H100, bench/results/s5-s16): v7 block
+// alone 3.2 us (b1 L8192 0.82 ms / 256 tiles), v7 block at 4 per SM 8.0 us (b8 L4096 1.02 ms / 128 tiles); the v5
+// kernel with documents per tile of the sequence: b1 1.8 us (L8192 packed 0.458 ms), b2 2.95 us (0.756 ms), b3
+// assumed 1.48 us per sequence. APRIEL_SCAN_FWD=v7var forces varlen (the fallback is then v7 with documents),
+// APRIEL_SCAN_VARLEN=0 turns the automatic choice off.
+bool varlen_auto_enabled() {
+  const char* env = std::getenv("APRIEL_SCAN_VARLEN");
+  return env == nullptr || std::string(env) != "0";
+}
+
+struct VarlenSetup {
+  int groups, columns;  // channel groups of 4 heads; varlen blocks per group (one wave of 4 blocks per SM)
+  VarlenPlanCost cost;
+};
+VarlenSetup varlen_setup(int batch, int seqlen, int d_inner, int sms) {
+  VarlenSetup v{};
+  v.groups = d_inner / (kN * 4);
+  v.columns = std::max(1, 4 * sms / v.groups);
+  v.cost.lat_tile = 3.2f;
+  v.cost.thr_tile = 8.0f;
+  v.cost.slots = 4.0f * sms;
+  const float n_tiles = static_cast<float>((seqlen + kChunk - 1) / kChunk);
+  v.cost.other_us = n_tiles * (batch == 1 ? 1.8f : batch == 2 ? 2.95f : 1.48f * batch);
+  v.cost.margin = 0.9f;
+  return v;
+}
+// The plan into a fresh workspace (int32: kVarlenWorkspaceInts + columns) on the current stream.
+Tensor plan_documents(const int* seq_idx, int batch, int seqlen, const VarlenSetup& v, bool force, void* stream) {
+  Tensor ws = at::empty({kVarlenWorkspaceInts + v.columns},
+                        at::TensorOptions().dtype(at::kInt).device(at::kCUDA, c10::cuda::current_device()));
+  launch_plan_documents(seq_idx, batch, seqlen, v.groups, v.columns, v.cost, force ? 1 : 0, ws.data_ptr<int>(), stream);
+  return ws;
+}
+
+template <typename T>
+void launch_fwd_varlen(MixerScanParams p, void* stream, int version, int sms) {
+  const VarlenSetup v = varlen_setup(p.batch, p.seqlen, p.d_inner, sms);
+  const int columns = v.columns;
+  Tensor ws = plan_documents(p.seq_idx, p.batch, p.seqlen, v, version == 207, stream);
+  int* w = ws.data_ptr<int>();
+  p.var_items = reinterpret_cast<const int4*>(w);
+  p.var_count = w + 4 * kVarlenMaxDocs;
+  p.fwd_skip = w + 4 * kVarlenMaxDocs + 1;
+  p.var_next = w + kVarlenWorkspaceInts;
+  launch_fwd_version<T>(p, stream, version);  // returns at once where the plan picked varlen
+  launch_mixer_scan_fwd7_varlen<T>(p, columns, stream);  // returns at once where it did not
+  // (ws goes back to the caching allocator now: later work on this stream runs after both kernels)
+}
+
 void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const int sms = sm_count();
   const int version = fwd_version(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms, st == at::kFloat);
+  const bool forced = std::getenv("APRIEL_SCAN_FWD") != nullptr;
+  const bool varlen = p.seq_idx != nullptr && st != at::kFloat && mixer_scan_fwd7_supports(p) &&
+                      (version == 207 || (!forced && varlen_auto_enabled() && (version == 104 || version == 108)));
+  if (varlen) {
+    if (st == at::kBFloat16) launch_fwd_varlen<__nv_bfloat16>(p, stream, version, sms);
+    else launch_fwd_varlen<__half>(p, stream, version, sms);
+    return;
+  }
   if (st == at::kBFloat16) launch_fwd_version<__nv_bfloat16>(p, stream, version);
   else if (st == at::kHalf) launch_fwd_version<__half>(p, stream, version);
   else launch_fwd_version<float>(p, stream, version);
@@ -298,6 +362,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mixer_scan_fwd_cuda(
   p.ckpt = save_checkpoints ? ckpt.data_ptr<float>() : nullptr;
   launch_fwd(p, zxbc.scalar_type());
   return {y, final_ssm, final_conv, ckpt};
+}
+
+// The varlen plan alone (tests, diagnostics): the workspace launch_fwd would use for these documents -
+// items (kVarlenMaxDocs x 4: sequence, first token, end token, 0), count, skip, then the per-column counters.
+Tensor mixer_scan_varlen_plan_cuda(const Tensor& seq_idx, int64_t d_inner, bool force) {
+  TORCH_CHECK(seq_idx.is_cuda() && seq_idx.scalar_type() == at::kInt && seq_idx.dim() == 2,
+              "seq_idx: expected a (batch, seqlen) int32 CUDA tensor, got ", seq_idx.scalar_type(), " ", seq_idx.sizes());
+  TORCH_CHECK(seq_idx.size(0) >= 1 && seq_idx.size(1) >= 1, "seq_idx: expected batch >= 1 and seqlen >= 1");
+  TORCH_CHECK(d_inner >= 64 && d_inner % 64 == 0, "d_inner: expected a positive multiple of 64, got ", d_inner);
+  c10::cuda::CUDAGuard guard(seq_idx.device());
+  const Tensor sq = seq_idx.contiguous();
+  const VarlenSetup v = varlen_setup(static_cast<int>(sq.size(0)), static_cast<int>(sq.size(1)),
+                                     static_cast<int>(d_inner), sm_count());
+  return plan_documents(sq.data_ptr<int>(), static_cast<int>(sq.size(0)), static_cast<int>(sq.size(1)), v, force,
+                        c10::cuda::getCurrentCUDAStream().stream());
 }
 
 std::vector<Tensor> mixer_scan_bwd_cuda(
@@ -502,9 +581,12 @@ TORCH_LIBRARY_FRAGMENT(apriel_C, m) {
         "Tensor dt_proj_bias, Tensor A_log, Tensor D, Tensor? initial_ssm_state, Tensor? initial_conv_state, "
         "Tensor? seq_idx, int d_inner, int d_xb, int d_state, bool repeat_kv_before_conv, Tensor dy, "
         "Tensor? dfinal_ssm_state, Tensor? dfinal_conv_state, Tensor? checkpoints) -> Tensor[]");
+  // The varlen plan of a packed-documents forward (mixer_scan_plan.cu), for tests and diagnostics.
+  m.def("mixer_scan_varlen_plan(Tensor seq_idx, int d_inner, bool force) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(apriel_C, CUDA, m) {
   m.impl("mixer_scan_fwd", &apriel::mixer_scan_fwd_cuda);
   m.impl("mixer_scan_bwd", &apriel::mixer_scan_bwd_cuda);
+  m.impl("mixer_scan_varlen_plan", &apriel::mixer_scan_varlen_plan_cuda);
 }

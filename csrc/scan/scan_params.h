@@ -2,6 +2,7 @@
 // Filled by scan_api.cpp (torch side); read by the .cu kernels (CUDA headers only).
 #pragma once
 #include <cstdint>
+#include <vector_types.h>  // int4 (the varlen document list)
 
 namespace apriel {
 
@@ -88,7 +89,29 @@ struct MixerScanParams {
   int bwd_segments, seg_tiles;
   float* seg_carry;  // written by the pre-pass, read by the main kernel
   float* dx_edge;
+
+  // Forward with packed documents, varlen scheduling (session 17; mixer_scan_plan.cu, mixer_scan_fwd7.cuh kVar):
+  // plan_documents lists the documents on the device and picks, per call, the varlen v7 kernel or the kernel the
+  // dispatcher would run otherwise; both are launched and the one not picked returns at once (no host sync, so
+  // CUDA graphs and torch.compile keep working).
+  const int* fwd_skip;   // kSeq forward kernels: return at once when *fwd_skip != 0 (the plan picked varlen)
+  const int4* var_items; // per document: (sequence, first token, end token, 0), longest first
+  const int* var_count;  // documents in var_items; 0 when the plan did not pick varlen
+  int* var_next;         // per block column of the varlen grid: the next item to take (zeroed by the plan)
 };
+
+// The varlen plan (mixer_scan_plan.cu). Costs in microseconds per 32-token tile, measured on the H100 (session 17):
+// the varlen v7 kernel is estimated as max(lat_tile x the longest document's tiles, thr_tile x all (document, channel
+// group) tiles / slots) and picked when that is below margin x other_us (the other kernel's estimate for the call).
+struct VarlenPlanCost {
+  float lat_tile, thr_tile, slots, other_us, margin;
+};
+constexpr int kVarlenMaxDocs = 2048;  // more documents per call: the other kernel runs
+// Workspace (int32): kVarlenMaxDocs int4 items, then count, skip, then `columns` counters.
+constexpr int kVarlenWorkspaceInts = 4 * kVarlenMaxDocs + 2;
+// force: 0 = by cost, 1 = varlen whenever the documents fit.
+void launch_plan_documents(const int* seq_idx, int batch, int seqlen, int groups, int columns, VarlenPlanCost cost,
+                           int force, int* workspace, void* stream);
 
 template <typename T, int K>
 void launch_mixer_scan_fwd(const MixerScanParams& p, void* stream);
@@ -99,6 +122,10 @@ void launch_mixer_scan_fwd5(const MixerScanParams& p, void* stream);
 // v7 (mixer_scan_fwd7.cuh, 16-bit activations): tensor-core input product and readout, 4 heads per block.
 template <typename T>
 void launch_mixer_scan_fwd7(const MixerScanParams& p, void* stream);
+// The varlen v7 forward (packed documents, p.var_* from launch_plan_documents): blocks_per_group blocks per channel
+// group of 4 heads take the documents.
+template <typename T>
+void launch_mixer_scan_fwd7_varlen(const MixerScanParams& p, int blocks_per_group, void* stream);
 // The calls v7 handles; the dispatcher runs v5 / v4 for the others (unaligned rows, ...). Packed documents: the
 // forward since session 12, the backward since session 13. (The conv width needs no check: the op accepts 2..4 only,
 // all of which v7's right-aligned taps handle.)
