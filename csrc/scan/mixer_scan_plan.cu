@@ -8,8 +8,8 @@
 // picked costs its empty launch (a few microseconds).
 //
 // Shape contract: seq_idx (batch, seqlen) int32 contiguous; a document starts at token 0 and wherever the id changes
-// (as for every kernel with documents: the ids need not increase). workspace: kVarlenWorkspaceInts + columns
-// int32 (scan_params.h): items (int4 x kVarlenMaxDocs), count, skip, then one counter per varlen block column.
+// (as for every kernel with documents: the ids need not increase). workspace: kVarlenWorkspaceInts + groups
+// int32 (scan_params.h): items (int4 x kVarlenMaxDocs), count, skip, then one counter per channel group.
 #include "../common/cuda_check.h"
 #include "scan_params.h"
 
@@ -65,8 +65,7 @@ __device__ void block_max_sum(int& mx, int& sum, int* red) {
 }
 
 __global__ void __launch_bounds__(kPlanThreads)
-    plan_documents_kernel(const int* seq_idx, int batch, int L, int groups, int columns, VarlenPlanCost cost,
-                          int force, int* ws) {
+    plan_documents_kernel(const int* seq_idx, int batch, int L, int groups, VarlenPlanCost cost, int force, int* ws) {
   __shared__ int2 docs[kVarlenMaxDocs];                  // (sequence, first token), in token order
   __shared__ unsigned long long keys[kVarlenMaxDocs];    // (2^31 - 1 - length) << 32 | index: longest first
   __shared__ int red[2 * kPlanWarps];
@@ -144,16 +143,16 @@ __global__ void __launch_bounds__(kPlanThreads)
     const int d = (int)(keys[i] & 0xffffffffu);
     items[i] = make_int4(docs[d].x, docs[d].y, doc_end(d), 0);
   }
-  for (int c = tid; c < columns; c += kPlanThreads) next[c] = 0;
+  for (int c = tid; c < groups; c += kPlanThreads) next[c] = 0;
   if (tid == 0) *count = n, *skip = 1;
 }
 
 }  // namespace
 
-void launch_plan_documents(const int* seq_idx, int batch, int seqlen, int groups, int columns, VarlenPlanCost cost,
-                           int force, int* workspace, void* stream) {
+void launch_plan_documents(const int* seq_idx, int batch, int seqlen, int groups, VarlenPlanCost cost, int force,
+                           int* workspace, void* stream) {
   plan_documents_kernel<<<1, kPlanThreads, 0, static_cast<cudaStream_t>(stream)>>>(seq_idx, batch, seqlen, groups,
-                                                                                 columns, cost, force, workspace);
+                                                                                 cost, force, workspace);
   APRIEL_CHECK_LAUNCH();
 }
 

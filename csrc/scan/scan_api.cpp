@@ -222,11 +222,11 @@ VarlenSetup varlen_setup(int batch, int seqlen, int d_inner, int sms) {
   v.cost.margin = 0.9f;
   return v;
 }
-// The plan into a fresh workspace (int32: kVarlenWorkspaceInts + columns) on the current stream.
+// The plan into a fresh workspace (int32: kVarlenWorkspaceInts + groups) on the current stream.
 Tensor plan_documents(const int* seq_idx, int batch, int seqlen, const VarlenSetup& v, bool force, void* stream) {
-  Tensor ws = at::empty({kVarlenWorkspaceInts + v.columns},
+  Tensor ws = at::empty({kVarlenWorkspaceInts + v.groups},
                         at::TensorOptions().dtype(at::kInt).device(at::kCUDA, c10::cuda::current_device()));
-  launch_plan_documents(seq_idx, batch, seqlen, v.groups, v.columns, v.cost, force ? 1 : 0, ws.data_ptr<int>(), stream);
+  launch_plan_documents(seq_idx, batch, seqlen, v.groups, v.cost, force ? 1 : 0, ws.data_ptr<int>(), stream);
   return ws;
 }
 
@@ -365,7 +365,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mixer_scan_fwd_cuda(
 }
 
 // The varlen plan alone (tests, diagnostics): the workspace launch_fwd would use for these documents -
-// items (kVarlenMaxDocs x 4: sequence, first token, end token, 0), count, skip, then the per-column counters.
+// items (kVarlenMaxDocs x 4: sequence, first token, end token, 0), count, skip, then the per-group counters.
 Tensor mixer_scan_varlen_plan_cuda(const Tensor& seq_idx, int64_t d_inner, bool force) {
   TORCH_CHECK(seq_idx.is_cuda() && seq_idx.scalar_type() == at::kInt && seq_idx.dim() == 2,
               "seq_idx: expected a (batch, seqlen) int32 CUDA tensor, got ", seq_idx.scalar_type(), " ", seq_idx.sizes());

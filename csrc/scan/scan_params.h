@@ -97,7 +97,7 @@ struct MixerScanParams {
   const int* fwd_skip;   // kSeq forward kernels: return at once when *fwd_skip != 0 (the plan picked varlen)
   const int4* var_items; // per document: (sequence, first token, end token, 0), longest first
   const int* var_count;  // documents in var_items; 0 when the plan did not pick varlen
-  int* var_next;         // per block column of the varlen grid: the next item to take (zeroed by the plan)
+  int* var_next;         // per channel group (the varlen grid's x): the next item to take (zeroed by the plan)
 };
 
 // The varlen plan (mixer_scan_plan.cu). Costs in microseconds per 32-token tile, measured on the H100 (session 17):
@@ -107,11 +107,11 @@ struct VarlenPlanCost {
   float lat_tile, thr_tile, slots, other_us, margin;
 };
 constexpr int kVarlenMaxDocs = 2048;  // more documents per call: the other kernel runs
-// Workspace (int32): kVarlenMaxDocs int4 items, then count, skip, then `columns` counters.
+// Workspace (int32): kVarlenMaxDocs int4 items, then count, skip, then one counter per channel group.
 constexpr int kVarlenWorkspaceInts = 4 * kVarlenMaxDocs + 2;
-// force: 0 = by cost, 1 = varlen whenever the documents fit.
-void launch_plan_documents(const int* seq_idx, int batch, int seqlen, int groups, int columns, VarlenPlanCost cost,
-                           int force, int* workspace, void* stream);
+// groups: channel groups of 4 heads (d_inner / 64). force: 0 = by cost, 1 = varlen whenever the documents fit.
+void launch_plan_documents(const int* seq_idx, int batch, int seqlen, int groups, VarlenPlanCost cost, int force,
+                           int* workspace, void* stream);
 
 template <typename T, int K>
 void launch_mixer_scan_fwd(const MixerScanParams& p, void* stream);
