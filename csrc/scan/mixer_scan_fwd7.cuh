@@ -363,7 +363,7 @@ __global__ void __launch_bounds__(kThreads, 4)
     if (tid == 0) sm.item = atomicAdd(p.var_next + blockIdx.x, 1);
     __syncthreads();  // the item, and the previous document's readers of xf / raw are done
     const int it = sm.item;
-    if (it >= *p.var_count) break;  // block-uniform
+    if ((unsigned)it >= (unsigned)*p.var_count) break;  // block-uniform
     const int4 doc = p.var_items[it];
     b = doc.x, ts = doc.y, te = doc.z;
     tile_lo = ts / kChunk, tile_hi = (te + kChunk - 1) / kChunk;

@@ -115,6 +115,7 @@ __global__ void __launch_bounds__(kPlanThreads)
   block_max_sum(max_tiles, sum_tiles, red);
   const float est = fmaxf(cost.lat_tile * max_tiles, cost.thr_tile * (float)groups * (float)sum_tiles / cost.slots);
   const bool pick = fits && (force != 0 || est < cost.margin * cost.other_us);
+  for (int c = tid; c < groups; c += kPlanThreads) next[c] = 0;  // (the varlen kernel takes items either way)
   if (!pick) {
     if (tid == 0) *count = 0, *skip = 0;
     return;
@@ -143,7 +144,6 @@ __global__ void __launch_bounds__(kPlanThreads)
     const int d = (int)(keys[i] & 0xffffffffu);
     items[i] = make_int4(docs[d].x, docs[d].y, doc_end(d), 0);
   }
-  for (int c = tid; c < groups; c += kPlanThreads) next[c] = 0;
   if (tid == 0) *count = n, *skip = 1;
 }
 
