@@ -798,10 +798,11 @@ def test_continuity_split_and_step(repeat, monkeypatch):
 def test_packed_equals_separate(version, monkeypatch):
     """Documents packed in one row give each document's separate call bitwise (v7: its document support, session
     12 - restarts mid-tile, a one-token document; v7var: varlen scheduling, session 17). auto at batch 1: the varlen
-    plan picks v7 for these short documents, so the separate calls are v7's; auto-long (one document of 350 of 400
+    plan picks v7 for these short documents, so the separate calls are v7's; auto-long (one document of 750 of 800
     tokens): the plan keeps v5, whose separate calls run v5 too."""
-    L = 400
-    cuts = [0, 37, 38, 100, 140, 200, 260, 330, L] if version != "auto-long" else [0, 25, 375, L]
+    L = 800
+    cuts = ([0, 37, 38, 100, 140, 200, 260, 330, 380, 430, 470, 520, 570, 630, 680, 720, 760, L]
+            if version != "auto-long" else [0, 25, 775, L])
     args, kw = make_inputs(1, L, 256, 64, dtype=torch.bfloat16, device="cuda", dt_rank=16)
     seq = packed_seq_idx(1, L, cuts[1:-1], "cuda")
     if version.startswith("auto"):

@@ -251,6 +251,19 @@ __global__ void __launch_bounds__(kThreads, 4)
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank, W = p.width;
   const int n_tiles = p.n_chunks;
   int b = blockIdx.y;  // kVar: the document's sequence (set per document)
+  // kVar: the block's first document, taken before the per-channel constants: when the plan did not pick varlen
+  // (the list is empty), the block exits here (the empty launch then costs little).
+  auto take_document = [&]() {
+    if (tid == 0) sm.item = atomicAdd(p.var_next + blockIdx.x, 1);
+    __syncthreads();  // the item, and the previous document's readers of xf / raw are done
+    const int it = sm.item;
+    return (unsigned)it < (unsigned)*p.var_count ? it : -1;  // block-uniform
+  };
+  int item = 0;
+  if constexpr (kVar) {
+    item = take_document();
+    if (item < 0) return;
+  }
 
   if constexpr (kTma) {
     if (tid == 0) {
@@ -356,15 +369,15 @@ __global__ void __launch_bounds__(kThreads, 4)
   };
 
   int kbase = 0;  // the block's tiles before this document (kVar)
-  for (;;) {
+  for (bool first = true;; first = false) {
   // This document: tokens [ts, te) of sequence b, tiles tile_lo .. tile_hi - 1 (without kVar: the whole sequence).
   int ts = 0, te = L, tile_lo = 0, tile_hi = n_tiles;
   if constexpr (kVar) {
-    if (tid == 0) sm.item = atomicAdd(p.var_next + blockIdx.x, 1);
-    __syncthreads();  // the item, and the previous document's readers of xf / raw are done
-    const int it = sm.item;
-    if ((unsigned)it >= (unsigned)*p.var_count) break;  // block-uniform
-    const int4 doc = p.var_items[it];
+    if (!first) {
+      item = take_document();
+      if (item < 0) break;
+    }
+    const int4 doc = p.var_items[item];
     b = doc.x, ts = doc.y, te = doc.z;
     tile_lo = ts / kChunk, tile_hi = (te + kChunk - 1) / kChunk;
     if constexpr (kTma) {

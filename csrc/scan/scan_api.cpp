@@ -196,10 +196,10 @@ int sm_count() {
 // sequence) is too small there), one block per (group, DOCUMENT) gives v7 the blocks it needs when the documents
 // are short, and loses when a document is long (a document's time is its length at one block per group: v7 b1
 // L8192 alone 0.82 ms vs v5's 0.47). The plan decides on the device from the document lengths; both kernels are
-// launched and the one not picked returns at once. Costs per 32-token tile (H100, bench/results/s5-s16): v7 block
-// alone 3.2 us (b1 L8192 0.82 ms / 256 tiles), v7 block at 4 per SM 8.0 us (b8 L4096 1.02 ms / 128 tiles); the v5
-// kernel with documents per tile of the sequence: b1 1.8 us (L8192 packed 0.458 ms), b2 2.95 us (0.756 ms), b3
-// assumed 1.48 us per sequence. APRIEL_SCAN_FWD=v7var forces varlen (the fallback is then v7 with documents),
+// launched and the one not picked returns at once. Costs per 32-token tile (H100, bench/results/s17/varlen_call1):
+// a v7 block alone 6.3 us (one document of 8,192 tokens, varlen forced: 1.60 ms), 7 taken for a few blocks per SM
+// (~8 at 2-4); at 4 per SM 8.0 us (b8 L4096 1.02 ms / 128 tiles); the v5 kernel with documents per tile of the
+// sequence: b1 1.8 us (L8192 0.454-0.467 ms), b2 2.95 us (0.754 ms), b3 4.4 us (L4096 0.56 ms). APRIEL_SCAN_FWD=v7var forces varlen (the fallback is then v7 with documents),
 // APRIEL_SCAN_VARLEN=0 turns the automatic choice off.
 bool varlen_auto_enabled() {
   const char* env = std::getenv("APRIEL_SCAN_VARLEN");
@@ -214,7 +214,7 @@ VarlenSetup varlen_setup(int batch, int seqlen, int d_inner, int sms) {
   VarlenSetup v{};
   v.groups = d_inner / (kN * 4);
   v.columns = std::max(1, 4 * sms / v.groups);
-  v.cost.lat_tile = 3.2f;
+  v.cost.lat_tile = 7.0f;
   v.cost.thr_tile = 8.0f;
   v.cost.slots = 4.0f * sms;
   const float n_tiles = static_cast<float>((seqlen + kChunk - 1) / kChunk);
