@@ -62,8 +62,12 @@ LOG="$OUT_DIR/scan_sanitizer.log"
 # segment boundary) and 200).
 # Also session 13: v5k8 (packed) runs the TMA v5 K = 8 kernel now, which takes documents; v5k8p = the same over 10
 # tiles (the pipelined schedule's next-tile document masks across every raw slot, the starts listed above).
-for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 v7s1 v7c v7p v7pc}; do
-  packed=1 bwd=auto fwd=$version segments=
+# session 17: v7var = the varlen v7 forward (APRIEL_SCAN_FWD=v7var: blocks over (group, document), the plan kernel)
+# over 10 tiles with the starts above (a document ending on a tile edge, a one-token document); v7var1 = the same
+# with one block per group (APRIEL_SCAN_VARLEN_BLOCKS=1), which then takes all 12 documents in turn (the staging
+# barriers' phases run on across documents).
+for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 v7s1 v7c v7p v7pc v7var v7var1}; do
+  packed=1 bwd=auto fwd=$version segments= vblocks=
   [ "$version" = "v7" ] && packed=0 bwd=v7
   [ "$version" = "v7s1" ] && packed=0 bwd=v7 fwd=v7 segments=1
   length=45
@@ -72,9 +76,12 @@ for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 
   [ "$version" = "v7c" ] && packed=0 bwd=v7 fwd=v7 segments=2 length=300
   [ "$version" = "v7p" ] && fwd=v7 length=130
   [ "$version" = "v7pc" ] && bwd=v7 fwd=v7 segments=2 length=300
+  [ "$version" = "v7var" ] && fwd=v7var length=300
+  [ "$version" = "v7var1" ] && fwd=v7var length=300 vblocks=1
   for tool in memcheck racecheck; do
-    echo "=== L=$length packed=$packed APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=${segments:-auto} compute-sanitizer --tool $tool" >> "$LOG"
+    echo "=== L=$length packed=$packed APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=${segments:-auto} APRIEL_SCAN_VARLEN_BLOCKS=${vblocks:-auto} compute-sanitizer --tool $tool" >> "$LOG"
     SCAN_SANITIZER_L=$length SCAN_SANITIZER_PACKED=$packed APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=$segments \
+      APRIEL_SCAN_VARLEN_BLOCKS=$vblocks \
       compute-sanitizer --tool $tool --kernel-name kns=mixer_scan python3 "$CASE" >> "$LOG" 2>&1
     echo "=== $tool rc=$?" >> "$LOG"
   done

@@ -241,10 +241,6 @@ __global__ void __launch_bounds__(kThreads, 4)
   using SM = Smem7<T>;
   SM& sm = *reinterpret_cast<SM*>(smem_raw);
   using M = scan4::MmaOp<T>;
-  // kSeq without kVar: the varlen plan chose the kVar kernel for this call, which does the work.
-  if constexpr (kSeq && !kVar) {
-    if (p.fwd_skip != nullptr && *p.fwd_skip != 0) return;
-  }
   const int tid = threadIdx.x, lane = tid % 32, w = tid / 32, g = lane / 4, q = lane % 4;
   const int head0 = blockIdx.x * kHeads, head = head0 + w, c0 = head * kN;
   const int group = head0 / p.heads_per_group;

@@ -65,7 +65,7 @@ __device__ void block_max_sum(int& mx, int& sum, int* red) {
 }
 
 __global__ void __launch_bounds__(kPlanThreads)
-    plan_documents_kernel(const int* seq_idx, int batch, int L, int groups, VarlenPlanCost cost, int force, int* ws) {
+    mixer_scan_plan_kernel(const int* seq_idx, int batch, int L, int groups, VarlenPlanCost cost, int force, int* ws) {
   __shared__ int2 docs[kVarlenMaxDocs];                  // (sequence, first token), in token order
   __shared__ unsigned long long keys[kVarlenMaxDocs];    // (2^31 - 1 - length) << 32 | index: longest first
   __shared__ int red[2 * kPlanWarps];
@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(kPlanThreads)
 
 void launch_plan_documents(const int* seq_idx, int batch, int seqlen, int groups, VarlenPlanCost cost, int force,
                            int* workspace, void* stream) {
-  plan_documents_kernel<<<1, kPlanThreads, 0, static_cast<cudaStream_t>(stream)>>>(seq_idx, batch, seqlen, groups,
+  mixer_scan_plan_kernel<<<1, kPlanThreads, 0, static_cast<cudaStream_t>(stream)>>>(seq_idx, batch, seqlen, groups,
                                                                                  cost, force, workspace);
   APRIEL_CHECK_LAUNCH();
 }

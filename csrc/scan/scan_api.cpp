@@ -142,6 +142,13 @@ int fwd_version_auto(int64_t blocks, int sms, double per_sm8, double per_sm4) {
   auto fill = [](double w) { return w <= 0 ? 1.0 : w / std::ceil(w); };
   return (w8 <= 2.0 && fill(w8) >= fill(w4)) ? 8 : 4;
 }
+// The default version (no APRIEL_SCAN_FWD).
+int fwd_version_default(int64_t blocks, int sms, bool fp32) {
+  const int k = fwd_version_auto(blocks, sms, 4.0, 6.0);
+  if (fp32) return k;
+  if ((blocks / 4) * 10 >= 19 * static_cast<int64_t>(sms)) return 107;  // v7's grid: >= 1.9 blocks per SM
+  return 100 + k;
+}
 int fwd_version(int64_t blocks = 0, int sms = 132, bool fp32 = false) {
   if (const char* env = std::getenv("APRIEL_SCAN_FWD")) {
     const std::string v(env);
@@ -153,12 +160,9 @@ int fwd_version(int64_t blocks = 0, int sms = 132, bool fp32 = false) {
     if (v == "v5k8") return 108;
     if (v == "v5") return 100 + fwd_version_auto(blocks, sms, 4.0, 8.0);
     if (v == "v7") return 107;  // falls back to v5 K = 4 where v7 does not apply (launch_fwd_version)
-    if (v == "v7var") return 207;  // packed documents: varlen v7 whenever the documents fit (launch_fwd), else v7
+    if (v == "v7var") return 207;  // packed documents: varlen v7 whenever the documents fit (launch_fwd)
   }
-  const int k = fwd_version_auto(blocks, sms, 4.0, 6.0);
-  if (fp32) return k;
-  if ((blocks / 4) * 10 >= 19 * static_cast<int64_t>(sms)) return 107;  // v7's grid: >= 1.9 blocks per SM
-  return 100 + k;
+  return fwd_version_default(blocks, sms, fp32);
 }
 
 // One forward launch of activation dtype T for a version of fwd_version (K = 16 only for v3: the other lane
@@ -166,7 +170,6 @@ int fwd_version(int64_t blocks = 0, int sms = 132, bool fp32 = false) {
 template <typename T>
 void launch_fwd_version(const MixerScanParams& p, void* stream, int version) {
   switch (version) {
-    case 207:
     case 107:
       if constexpr (sizeof(T) == 2) {
         if (mixer_scan_fwd7_supports(p)) { launch_mixer_scan_fwd7<T>(p, stream); break; }
@@ -214,6 +217,8 @@ VarlenSetup varlen_setup(int batch, int seqlen, int d_inner, int sms) {
   VarlenSetup v{};
   v.groups = d_inner / (kN * 4);
   v.columns = std::max(1, 4 * sms / v.groups);
+  const char* blocks = std::getenv("APRIEL_SCAN_VARLEN_BLOCKS");  // tests: fewer blocks, several documents each
+  if (blocks != nullptr && *blocks != 0) v.columns = std::max(1, std::atoi(blocks));
   v.cost.lat_tile = 7.0f;
   v.cost.thr_tile = 8.0f;
   v.cost.slots = 4.0f * sms;
@@ -230,11 +235,13 @@ Tensor plan_documents(const int* seq_idx, int batch, int seqlen, const VarlenSet
   return ws;
 }
 
+// version: the kernel to run where the plan does not pick varlen (v5 with documents: its kernels return at once
+// when the plan picked varlen, fwd_skip); force: varlen whenever the documents fit (APRIEL_SCAN_FWD=v7var).
 template <typename T>
-void launch_fwd_varlen(MixerScanParams p, void* stream, int version, int sms) {
+void launch_fwd_varlen(MixerScanParams p, void* stream, int version, bool force, int sms) {
   const VarlenSetup v = varlen_setup(p.batch, p.seqlen, p.d_inner, sms);
   const int columns = v.columns;
-  Tensor ws = plan_documents(p.seq_idx, p.batch, p.seqlen, v, version == 207, stream);
+  Tensor ws = plan_documents(p.seq_idx, p.batch, p.seqlen, v, force, stream);
   int* w = ws.data_ptr<int>();
   p.var_items = reinterpret_cast<const int4*>(w);
   p.var_count = w + 4 * kVarlenMaxDocs;
@@ -248,15 +255,23 @@ void launch_fwd_varlen(MixerScanParams p, void* stream, int version, int sms) {
 void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const int sms = sm_count();
-  const int version = fwd_version(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms, st == at::kFloat);
+  int version = fwd_version(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms, st == at::kFloat);
   const bool forced = std::getenv("APRIEL_SCAN_FWD") != nullptr;
   const bool varlen = p.seq_idx != nullptr && st != at::kFloat && mixer_scan_fwd7_supports(p) &&
                       (version == 207 || (!forced && varlen_auto_enabled() && (version == 104 || version == 108)));
   if (varlen) {
-    if (st == at::kBFloat16) launch_fwd_varlen<__nv_bfloat16>(p, stream, version, sms);
-    else launch_fwd_varlen<__half>(p, stream, version, sms);
+    // v7var's fallback (more documents than the plan lists): v5 with documents (v5 K = 4 where the default is v7:
+    // only the v5 kernels check fwd_skip, so the v7 kernel with documents keeps its code)
+    int other = version;
+    if (version == 207) {
+      other = fwd_version_default(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms, false);
+      if (other == 107) other = 104;
+    }
+    if (st == at::kBFloat16) launch_fwd_varlen<__nv_bfloat16>(p, stream, other, version == 207, sms);
+    else launch_fwd_varlen<__half>(p, stream, other, version == 207, sms);
     return;
   }
+  if (version == 207) version = 107;  // v7var without documents (or where v7 does not apply): v7
   if (st == at::kBFloat16) launch_fwd_version<__nv_bfloat16>(p, stream, version);
   else if (st == at::kHalf) launch_fwd_version<__half>(p, stream, version);
   else launch_fwd_version<float>(p, stream, version);

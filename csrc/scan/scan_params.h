@@ -94,7 +94,7 @@ struct MixerScanParams {
   // plan_documents lists the documents on the device and picks, per call, the varlen v7 kernel or the kernel the
   // dispatcher would run otherwise; both are launched and the one not picked returns at once (no host sync, so
   // CUDA graphs and torch.compile keep working).
-  const int* fwd_skip;   // kSeq forward kernels: return at once when *fwd_skip != 0 (the plan picked varlen)
+  const int* fwd_skip;   // v5 forward kernels with documents: return at once when *fwd_skip != 0 (varlen picked)
   const int4* var_items; // per document: (sequence, first token, end token, 0), longest first
   const int* var_count;  // documents in var_items; 0 when the plan did not pick varlen
   int* var_next;         // per channel group (the varlen grid's x): the next item to take (zeroed by the plan)
