@@ -247,6 +247,16 @@ __global__ void __launch_bounds__(kThreads, 4)
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank, W = p.width;
   const int n_tiles = p.n_chunks;
   int b = blockIdx.y;  // kVar: the document's sequence (set per document)
+
+  if constexpr (kTma) {
+    if (tid == 0) {
+      tma::init_barriers(sm.bar);
+      if constexpr (!kVar) stage_tma<T>(p, maps, sm.raw[0], &sm.bar[0], b, head0, group, 0);
+    }
+  } else if constexpr (!kVar) {
+    stage<T>(p, sm.raw[0], b, head0, group, 0, tid);
+    scan4::cp_async_commit();
+  }
   // kVar: the block's first document, taken before the per-channel constants: when the plan did not pick varlen
   // (the list is empty), the block exits here (the empty launch then costs little).
   auto take_document = [&]() {
@@ -259,16 +269,6 @@ __global__ void __launch_bounds__(kThreads, 4)
   if constexpr (kVar) {
     item = take_document();
     if (item < 0) return;
-  }
-
-  if constexpr (kTma) {
-    if (tid == 0) {
-      tma::init_barriers(sm.bar);
-      if constexpr (!kVar) stage_tma<T>(p, maps, sm.raw[0], &sm.bar[0], b, head0, group, 0);
-    }
-  } else if constexpr (!kVar) {
-    stage<T>(p, sm.raw[0], b, head0, group, 0, tid);
-    scan4::cp_async_commit();
   }
 
   // Per-lane constants of the prep: channel 4q + j of this head (j = 2 nt + e).
