@@ -25,6 +25,11 @@ instead of the raw 16-bit tile, APRIEL_SCAN_BWD_BC=f32), "apriel[bwd=v3]" (the p
 unchanged) and "apriel-v3" (both previous kernels); APRIEL_BENCH_SCAN_BWD_PROVIDERS=a,b keeps only those; APRIEL_BENCH_SCAN_BWD_B4=1 adds b4 L4096.
 APRIEL_BENCH_SCAN_PHASES=bwd (or fwd) restricts the run to the fwd+bwd / bwd rows (or the fwd rows): one
 device call can then A/B the backward versions in ~30 s.
+Packed documents (session 17; the distill module's default layout): "apriel-packed" / "apriel-packed-graph" time the
+default dispatch with seq_idx (documents of 500-1,500 tokens) at b1 L8192 and b8 L4096 - at batch 1-3 a plan on the
+device picks the varlen v7 forward (blocks over (channel group, document)) when the documents are short enough -
+and "apriel-packed[varlen=0]" without that plan (APRIEL_SCAN_VARLEN=0: the session-16 dispatch); fwd+bwd rows
+"apriel-packed". No bar applies to them (the bars are single sequences). APRIEL_BENCH_SCAN_PACKED=0 leaves them out.
 """
 from __future__ import annotations
 
@@ -67,11 +72,29 @@ def _floor_ms(batch, seqlen):
     return 65536 * batch * seqlen / EXP2_PER_S * 1e3
 
 
+def packed_documents(batch, seqlen, mean=1000):
+    """seq_idx (batch, seqlen) int32 on the GPU: packed documents of lengths uniform in [mean / 2, 3 mean / 2),
+    restarting per row (also the diagnostics' documents: scripts/diag/scan_case.py)."""
+    g = torch.Generator().manual_seed(batch * seqlen)
+    rows = []
+    for _ in range(batch):
+        ids, doc = [], 0
+        while len(ids) < seqlen:
+            ids += [doc] * int(torch.randint(mean // 2, 3 * mean // 2, (1,), generator=g))
+            doc += 1
+        rows.append(ids[:seqlen])
+    return torch.tensor(rows, dtype=torch.int32, device="cuda")
+
+
+def _packed_on() -> bool:
+    return os.environ.get("APRIEL_BENCH_SCAN_PACKED", "1") != "0"
+
+
 def _row(phase, provider, batch, seqlen, stats, **extra):
     row = R.make_row("kernels", f"mixer_scan_{phase.replace('+', '_')}", provider, stats=stats, phase=phase,
                      shape=f"b{batch} L{seqlen}", batch=batch, seqlen=seqlen, dtype="bf16", **extra)
     R.add_rates(row, tokens=batch * seqlen, floor_ms=_floor_ms(batch, seqlen))
-    bar = BARS.get((phase, batch, seqlen))
+    bar = None if "packed" in provider else BARS.get((phase, batch, seqlen))
     if bar is not None:
         row.update(bar_ms=bar, meets_bar=bool(row["p50_ms"] <= bar), floor_ratio=row["p50_ms"] / row["floor_ms"])
     return row
@@ -107,25 +130,41 @@ def run(quick: bool = False) -> list[dict]:
                 out.append(_row("fwd", provider, batch, seqlen, stats))
             except Exception as e:  # noqa: BLE001 - a failing shape is a row, not a crash
                 out.append(R.error_row("kernels", "mixer_scan_fwd", provider, e, shape=f"b{batch} L{seqlen}"))
+        if _packed_on() and (batch, seqlen) in ((1, 8192), (8, 4096)):
+            seq = packed_documents(batch, seqlen)
+            docs = int((seq[:, 1:] != seq[:, :-1]).sum()) + batch
+            for provider, varlen in (("apriel-packed", None), ("apriel-packed-graph", None),
+                                     ("apriel-packed[varlen=0]", "0")):
+                try:
+                    timer = time_graph_ms if provider.endswith("graph") else time_ms
+                    with env_override("APRIEL_SCAN_VARLEN", varlen), torch.no_grad():
+                        stats = timer(lambda: mixer_scan(**args, **kw, seq_idx=seq))
+                    out.append(_row("fwd", provider, batch, seqlen, stats, documents=docs))
+                except Exception as e:  # noqa: BLE001
+                    out.append(R.error_row("kernels", "mixer_scan_fwd", provider, e, shape=f"b{batch} L{seqlen}"))
     bwd_shapes = [(1, 8192), (4, 4096), (8, 4096)] if os.environ.get("APRIEL_BENCH_SCAN_BWD_B4") else [(1, 8192), (8, 4096)]
     for batch, seqlen in (bwd_shapes if not quick else [(1, 8192)]) if "bwd" in phases else ():
         args = _inputs(batch, seqlen, requires_grad=True)
         dy = torch.randn(batch, seqlen, D, device="cuda", dtype=torch.bfloat16)
         leaves = list(args.values())
-
-        def step():
-            y = mixer_scan(**args, **kw)
-            return torch.autograd.grad(y, leaves, dy)
-
         variants = (("apriel", None, None, None), ("apriel[bwd=v4]", None, "v4", None), ("apriel[bwd=v7]", None, "v7", None),
                     ("apriel[bwd-bc=f32]", None, None, "f32"), ("apriel[bwd=v3]", None, "v3", None),
                     ("apriel-v3", "v3", "v3", None))
+        seq = packed_documents(batch, seqlen) if _packed_on() else None
+        if seq is not None:
+            variants += (("apriel-packed", None, None, None),)
         if keep := os.environ.get("APRIEL_BENCH_SCAN_BWD_PROVIDERS"):
             variants = tuple(v for v in variants if v[0] in keep.split(","))
         for provider, version, bwd, bc in variants:
             with env_override("APRIEL_SCAN_FWD", version), env_override("APRIEL_SCAN_BWD", bwd), \
                     env_override("APRIEL_SCAN_BWD_BC", bc):
                 try:
+                    kw_call = dict(kw, seq_idx=seq) if "packed" in provider else kw
+
+                    def step():  # this provider's call (packed documents or not)
+                        y = mixer_scan(**args, **kw_call)
+                        return torch.autograd.grad(y, leaves, dy)
+
                     stats = time_ms(step, rep_ms=300)
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
@@ -140,7 +179,7 @@ def run(quick: bool = False) -> list[dict]:
                                     grads_mb=grads_mb, checkpoints_mb=ckpt_mb,
                                     note="peak_extra_mem_mb: allocated above the inputs during fwd+bwd, returned grads included"))
                     # the backward alone (forward outside the timed region)
-                    y = mixer_scan(**args, **kw)
+                    y = mixer_scan(**args, **kw_call)
                     stats_b = time_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), rep_ms=300)
                     out.append(_row("bwd", provider, batch, seqlen, stats_b))
                 except Exception as e:  # noqa: BLE001

@@ -11,6 +11,7 @@ import sys
 import torch
 
 from apriel_kernels import mixer_scan
+from bench.kernels_scan import packed_documents as documents  # noqa: F401 (documents(B, L, mean): seq_idx)
 
 D, X, N, R, W = 4096, 1024, 16, 16, 4
 KW = dict(d_inner=D, d_xb=X, d_state=N)
@@ -30,19 +31,6 @@ def make_case(b, L, requires_grad=False):
     for v in args.values():
         v.requires_grad_(requires_grad)
     return args, torch.randn(b, L, D, device=dev, dtype=dt)
-
-
-def documents(b, L, mean=1000):
-    """seq_idx (b, L) int32 of packed documents: lengths uniform in [mean / 2, 3 mean / 2), restarting per row."""
-    gen = torch.Generator().manual_seed(b * L)
-    rows = []
-    for _ in range(b):
-        ids, doc = [], 0
-        while len(ids) < L:
-            ids += [doc] * int(torch.randint(mean // 2, 3 * mean // 2, (1,), generator=gen))
-            doc += 1
-        rows.append(ids[:L])
-    return torch.tensor(rows, dtype=torch.int32, device="cuda")
 
 
 if __name__ == "__main__":
