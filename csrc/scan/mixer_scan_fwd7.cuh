@@ -223,8 +223,8 @@ __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::S
 // the kernel is the same code.
 //
 // kVar (varlen scheduling of packed documents, session 17; kSeq too): the block runs over documents instead of one
-// sequence. The grid is (channel groups of 4 heads, P); the block of column x takes documents from the list that
-// plan_documents (mixer_scan_plan.cu) built on the device, longest first, by an atomic counter per column
+// sequence. The grid is (channel groups of 4 heads, P); the blocks of channel group x take documents from the list
+// that the plan (mixer_scan_plan.cu) built on the device, longest first, by an atomic counter per group
 // (p.var_next[x]) until the list (p.var_items, p.var_count) is exhausted. A document [ts, te) of sequence b runs the
 // tiles that hold it, tile ts / 32 .. (te - 1) / 32, from a zero state (the sequence's initial states when ts = 0):
 // the tokens of other documents in its first and last tile are computed (the document mask resets h at ts) but
@@ -366,213 +366,214 @@ __global__ void __launch_bounds__(kThreads, 4)
 
   int kbase = 0;  // the block's tiles before this document (kVar)
   for (bool first = true;; first = false) {
-  // This document: tokens [ts, te) of sequence b, tiles tile_lo .. tile_hi - 1 (without kVar: the whole sequence).
-  int ts = 0, te = L, tile_lo = 0, tile_hi = n_tiles;
-  if constexpr (kVar) {
-    if (!first) {
-      item = take_document();
-      if (item < 0) break;
-    }
-    const int4 doc = p.var_items[item];
-    b = doc.x, ts = doc.y, te = doc.z;
-    tile_lo = ts / kChunk, tile_hi = (te + kChunk - 1) / kChunk;
-    if constexpr (kTma) {
-      if (tid == 0) stage_tma<T>(p, maps, sm.raw[kbase & 1], &sm.bar[kbase & 1], b, head0, group, tile_lo * kChunk);
-    } else {
-      stage<T>(p, sm.raw[kbase & 1], b, head0, group, tile_lo * kChunk, tid);
-      scan4::cp_async_commit();
-    }
-  }
-  if constexpr (kVar) {
-    init_h(ts == 0);
-    init_halo(kbase & 1, ts == 0);
-  }
-  T* y = static_cast<T*>(p.y) + (int64_t)b * L * D;
-  __syncthreads();  // the TMA barriers' initialisation and the first tile's conv halo before anyone reads them
-  wait_tile(kbase);
-  convert(kbase & 1);
-  int Tv = 0;
-  uint64_t starts = 0;  // kSeq: the document starts around the tile (doc_starts; after the loop: the last tile's)
-  for (int tile = tile_lo; tile < tile_hi; ++tile) {
-    const int kt = kbase + (tile - tile_lo);
-    const int t0 = tile * kChunk, par = kt & 1;
-    Tv = min(kChunk, L - t0);
-    const typename SM::Raw& r = sm.raw[par];
-    int2 doc_ids = make_int2(0, 0);  // kSeq: issued before the barrier, used after it
-    if constexpr (kSeq) doc_ids = load_doc_ids(p, b, t0, lane);
-    // The tile's one block barrier: its conversion (xf[par], bop[par]) is visible, and every reader of the previous
-    // tile (raw / xf / bop [par ^ 1]) is done, so its buffers take the next tile.
-    __syncthreads();
-    if (tile + 1 < tile_hi) {
+    // This document: tokens [ts, te) of sequence b, tiles tile_lo .. tile_hi - 1 (without kVar: the whole sequence).
+    int ts = 0, te = L, tile_lo = 0, tile_hi = n_tiles;
+    if constexpr (kVar) {
+      if (!first) {
+        item = take_document();
+        if (item < 0) break;
+      }
+      const int4 doc = p.var_items[item];
+      b = doc.x, ts = doc.y, te = doc.z;
+      tile_lo = ts / kChunk, tile_hi = (te + kChunk - 1) / kChunk;
       if constexpr (kTma) {
-        if (tid == 0) stage_tma<T>(p, maps, sm.raw[par ^ 1], &sm.bar[par ^ 1], b, head0, group, t0 + kChunk);
+        if (tid == 0) stage_tma<T>(p, maps, sm.raw[kbase & 1], &sm.bar[kbase & 1], b, head0, group, tile_lo * kChunk);
       } else {
-        stage<T>(p, sm.raw[par ^ 1], b, head0, group, t0 + kChunk, tid);
+        stage<T>(p, sm.raw[kbase & 1], b, head0, group, tile_lo * kChunk, tid);
         scan4::cp_async_commit();
       }
     }
-    // checkpoint `tile` = the state after token t0 - 1: this document's when it holds that token (kVar)
-    if (p.ckpt != nullptr && (!kVar || ts < t0 || ts == 0)) store_h(p.ckpt + ((int64_t)b * n_tiles + tile) * D * kN);
-    if constexpr (kSeq) starts = doc_starts(doc_ids, lane);
+    if constexpr (kVar) {
+      init_h(ts == 0);
+      init_halo(kbase & 1, ts == 0);
+    }
+    T* y = static_cast<T*>(p.y) + (int64_t)b * L * D;
+    __syncthreads();  // the TMA barriers' initialisation and the first tile's conv halo before anyone reads them
+    wait_tile(kbase);
+    convert(kbase & 1);
+    int Tv = 0;
+    uint64_t starts = 0;  // kSeq: the document starts around the tile (doc_starts; after the loop: the last tile's)
+    for (int tile = tile_lo; tile < tile_hi; ++tile) {
+      const int kt = kbase + (tile - tile_lo);
+      const int t0 = tile * kChunk, par = kt & 1;
+      Tv = min(kChunk, L - t0);
+      const typename SM::Raw& r = sm.raw[par];
+      int2 doc_ids = make_int2(0, 0);  // kSeq: issued before the barrier, used after it
+      if constexpr (kSeq) doc_ids = load_doc_ids(p, b, t0, lane);
+      // The tile's one block barrier: its conversion (xf[par], bop[par]) is visible, and every reader of the previous
+      // tile (raw / xf / bop [par ^ 1]) is done, so its buffers take the next tile.
+      __syncthreads();
+      if (tile + 1 < tile_hi) {
+        if constexpr (kTma) {
+          if (tid == 0) stage_tma<T>(p, maps, sm.raw[par ^ 1], &sm.bar[par ^ 1], b, head0, group, t0 + kChunk);
+        } else {
+          stage<T>(p, sm.raw[par ^ 1], b, head0, group, t0 + kChunk, tid);
+          scan4::cp_async_commit();
+        }
+      }
+      // checkpoint `tile` = the state after token t0 - 1: this document's when it holds that token (kVar)
+      if (p.ckpt != nullptr && (!kVar || ts < t0 || ts == 0)) store_h(p.ckpt + ((int64_t)b * n_tiles + tile) * D * kN);
+      if constexpr (kSeq) starts = doc_starts(doc_ids, lane);
 
-#pragma unroll 1
-    for (int hf = 0; hf < 2; ++hf) {
-      // Prep of tokens hf*16 .. +15 of this head: dt_proj on tensor cores, the rest per item in the layout.
-      {
-        unsigned a[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int row = hf * kHalf + g + (i & 1) * 8, k = (i >> 1) * 8 + 2 * q;
-          a[i] = k < R ? *reinterpret_cast<const unsigned*>(&r.dt[row][k]) : 0u;
-        }
-        float dd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-        M::run(dd[0], a, wb[0]);
-        M::run(dd[1], a, wb[1]);
-        // Items (token g + 8 rr, channel 4q + 2 nt + e) = dd[nt][2 rr + e].
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-          const int tl = g + 8 * rr, t = hf * kHalf + tl;
-          const bool live = t < Tv;
-          float4 xs[4];
-#pragma unroll
-          for (int k = 0; k < 4; ++k) xs[k] = *reinterpret_cast<const float4*>(&sm.xf[par][t + k][4 * q]);
-          // kSeq: tap k (token t - 3 + k) counts only inside the token's document; keep = same document as the
-          // previous token (else the decay argument is +inf: h restarts)
-          bool tap[4] = {true, true, true, true}, keep = true;
-          if constexpr (kSeq) doc_taps(starts, t, tap, keep);
-          const uint2 zw = *reinterpret_cast<const uint2*>(&r.z[w][t][4 * q]);
-          const float2 z01 = scan4::unpack2<T>(zw.x), z23 = scan4::unpack2<T>(zw.y);
-          const float zv[4] = {z01.x, z01.y, z23.x, z23.y};
-#pragma unroll
-          for (int nt = 0; nt < 2; ++nt) {
-            float dv[2], duv[2], sz[2], dus[2];
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int j = 2 * nt + e;
-              float cv = cbias[j];
-#pragma unroll
-              for (int k = 0; k < 4; ++k) {
-                const float xv = j == 0 ? xs[k].x : j == 1 ? xs[k].y : j == 2 ? xs[k].z : xs[k].w;
-                cv = fmaf(cw[j][k], tap[k] ? xv : 0.f, cv);
+  #pragma unroll 1
+      for (int hf = 0; hf < 2; ++hf) {
+        // Prep of tokens hf*16 .. +15 of this head: dt_proj on tensor cores, the rest per item in the layout.
+        {
+          unsigned a[4];
+  #pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int row = hf * kHalf + g + (i & 1) * 8, k = (i >> 1) * 8 + 2 * q;
+            a[i] = k < R ? *reinterpret_cast<const unsigned*>(&r.dt[row][k]) : 0u;
+          }
+          float dd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+          M::run(dd[0], a, wb[0]);
+          M::run(dd[1], a, wb[1]);
+          // Items (token g + 8 rr, channel 4q + 2 nt + e) = dd[nt][2 rr + e].
+  #pragma unroll
+          for (int rr = 0; rr < 2; ++rr) {
+            const int tl = g + 8 * rr, t = hf * kHalf + tl;
+            const bool live = t < Tv;
+            float4 xs[4];
+  #pragma unroll
+            for (int k = 0; k < 4; ++k) xs[k] = *reinterpret_cast<const float4*>(&sm.xf[par][t + k][4 * q]);
+            // kSeq: tap k (token t - 3 + k) counts only inside the token's document; keep = same document as the
+            // previous token (else the decay argument is +inf: h restarts)
+            bool tap[4] = {true, true, true, true}, keep = true;
+            if constexpr (kSeq) doc_taps(starts, t, tap, keep);
+            const uint2 zw = *reinterpret_cast<const uint2*>(&r.z[w][t][4 * q]);
+            const float2 z01 = scan4::unpack2<T>(zw.x), z23 = scan4::unpack2<T>(zw.y);
+            const float zv[4] = {z01.x, z01.y, z23.x, z23.y};
+  #pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+              float dv[2], duv[2], sz[2], dus[2];
+  #pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const int j = 2 * nt + e;
+                float cv = cbias[j];
+  #pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                  const float xv = j == 0 ? xs[k].x : j == 1 ? xs[k].y : j == 2 ? xs[k].z : xs[k].w;
+                  cv = fmaf(cw[j][k], tap[k] ? xv : 0.f, cv);
+                }
+                // 4 MUFU ops per item (session 16): the two sigmoids share one reciprocal, softplus takes one ex2
+                float s_cv, s_z;
+                sigmoid_pair(cv, zv[j], s_cv, s_z);
+                const float u = cv * s_cv;
+                const float delta = softplus_poly(dd[nt][2 * rr + e] + dtb2[j]);
+                dv[e] = live ? (keep ? delta : __int_as_float(0x7f800000)) : 0.f;  // past the end: (0, 0) keeps h
+                duv[e] = live ? tf32_rna(delta * u) : 0.f;
+                sz[e] = zv[j] * s_z;
+                dus[e] = dsk[j] * u * sz[e];
               }
-              // 4 MUFU ops per item (session 16): the two sigmoids share one reciprocal, softplus takes one ex2
-              float s_cv, s_z;
-              sigmoid_pair(cv, zv[j], s_cv, s_z);
-              const float u = cv * s_cv;
-              const float delta = softplus_poly(dd[nt][2 * rr + e] + dtb2[j]);
-              dv[e] = live ? (keep ? delta : __int_as_float(0x7f800000)) : 0.f;  // past the end: (0, 0) keeps h
-              duv[e] = live ? tf32_rna(delta * u) : 0.f;
-              sz[e] = zv[j] * s_z;
-              dus[e] = dsk[j] * u * sz[e];
+              sm.du[w][tl][2 * q + nt] = make_float4(duv[0], duv[1], dv[0], dv[1]);
+              sm.gt[w][tl][2 * q + nt] = make_float4(sz[0], sz[1], dus[0], dus[1]);
             }
-            sm.du[w][tl][2 * q + nt] = make_float4(duv[0], duv[1], dv[0], dv[1]);
-            sm.gt[w][tl][2 * q + nt] = make_float4(sz[0], sz[1], dus[0], dus[1]);
+          }
+          {  // C operand of the half: 8 token pairs x 4 quads, one per lane
+            const int pr = lane / 4, qq = lane % 4;
+            const unsigned* c0w = reinterpret_cast<const unsigned*>(&r.C[w][hf * kHalf + 2 * pr][0]);
+            const unsigned* c1w = c0w + kN / 2;  // the next token's row
+            sm.cop[w][pr][qq] = make_uint4(c0w[qq], c0w[4 + qq], c1w[qq], c1w[4 + qq]);
           }
         }
-        {  // C operand of the half: 8 token pairs x 4 quads, one per lane
-          const int pr = lane / 4, qq = lane % 4;
-          const unsigned* c0w = reinterpret_cast<const unsigned*>(&r.C[w][hf * kHalf + 2 * pr][0]);
-          const unsigned* c1w = c0w + kN / 2;  // the next token's row
-          sm.cop[w][pr][qq] = make_uint4(c0w[qq], c0w[4 + qq], c1w[qq], c1w[4 + qq]);
-        }
-      }
-      __syncwarp();
-      // The scan of the half, fully unrolled; only the FFMA of h is on the dependence chain.
-      // front(t): operands, dBu (mma) and the 8 exponentials of token t - none depends on h.
-      // Shared-memory operands are loaded 2 tokens ahead of their use (H100: b1 L8192 0.834 vs 0.910 ms, b8 L4096
-      // 1.110 vs 1.125 ms with the (du, delta) loads alone; bench/results/s5/pd2/): (du, delta) per token, the B
-      // operand and the C words per token pair.
-      const int pr0 = hf * kHalf / 2;  // first token pair of the half in bop
-      float4 pdq[2] = {sm.du[w][0][g], sm.du[w][1][g]};
-      const float4 (*bop)[9] = sm.bop[par];
-      float4 bo = bop[pr0][bsel], bo_next = bop[pr0 + 1][bsel];
-      uint4 cw2 = sm.cop[w][0][q], cw_next = sm.cop[w][1][q];  // the C words of the current / next token pair
-      auto front = [&](int tl, float (&dA)[2][4], float (&db)[2][4]) {
-        const float4 pd = pdq[tl & 1];  // (du, du, delta, delta) of channels 2g, 2g + 1
-        if (tl + 2 < kHalf) pdq[tl & 1] = sm.du[w][tl + 2][g];
-        if (tl > 0 && (tl & 1) == 0) {  // a new token pair: rotate the B operand, fetch the pair after next
-          bo = bo_next;
-          if (tl / 2 + 1 < kHalf / 2) bo_next = bop[pr0 + tl / 2 + 1][bsel];
-        }
-        mma_k4(db[0], pd.x, pd.y, (tl & 1) ? bo.z : bo.x);
-        mma_k4(db[1], pd.x, pd.y, (tl & 1) ? bo.w : bo.y);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float dl = i < 2 ? pd.z : pd.w;
-          dA[0][i] = ex2(dl * A2[0][i]);
-          // one of the lane's 8 exponentials on the FMA pipe (session 9, bench/results/s9/carry_emu: b8 L4096
-          // 1.113 -> 1.094 ms; two of 8: 1.136, slower). With documents too, although all 8 on MUFU measured 1.5 %
-          // faster there (session 16, bench/results/s16/ab_fwd7_mufu/): packed == separate calls is bitwise only
-          // when both compute the same exponentials (the final state differed by an ulp)
-          dA[1][i] = i == 3 ? ex2_fma(dl * A2[1][i]) : ex2(dl * A2[1][i]);
-          // (a document start: ex2_fma clamps -inf to 2^-125, MUFU's ex2 flushes it to 0 - restart exactly)
-          if constexpr (kSeq) {
-            if (i == 3) dA[1][i] = dl == __int_as_float(0x7f800000) ? 0.f : dA[1][i];
+        __syncwarp();
+        // The scan of the half, fully unrolled; only the FFMA of h is on the dependence chain.
+        // front(t): operands, dBu (mma) and the 8 exponentials of token t - none depends on h.
+        // Shared-memory operands are loaded 2 tokens ahead of their use (H100: b1 L8192 0.834 vs 0.910 ms, b8 L4096
+        // 1.110 vs 1.125 ms with the (du, delta) loads alone; bench/results/s5/pd2/): (du, delta) per token, the B
+        // operand and the C words per token pair.
+        const int pr0 = hf * kHalf / 2;  // first token pair of the half in bop
+        float4 pdq[2] = {sm.du[w][0][g], sm.du[w][1][g]};
+        const float4 (*bop)[9] = sm.bop[par];
+        float4 bo = bop[pr0][bsel], bo_next = bop[pr0 + 1][bsel];
+        uint4 cw2 = sm.cop[w][0][q], cw_next = sm.cop[w][1][q];  // the C words of the current / next token pair
+        auto front = [&](int tl, float (&dA)[2][4], float (&db)[2][4]) {
+          const float4 pd = pdq[tl & 1];  // (du, du, delta, delta) of channels 2g, 2g + 1
+          if (tl + 2 < kHalf) pdq[tl & 1] = sm.du[w][tl + 2][g];
+          if (tl > 0 && (tl & 1) == 0) {  // a new token pair: rotate the B operand, fetch the pair after next
+            bo = bo_next;
+            if (tl / 2 + 1 < kHalf / 2) bo_next = bop[pr0 + tl / 2 + 1][bsel];
           }
+          mma_k4(db[0], pd.x, pd.y, (tl & 1) ? bo.z : bo.x);
+          mma_k4(db[1], pd.x, pd.y, (tl & 1) ? bo.w : bo.y);
+  #pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const float dl = i < 2 ? pd.z : pd.w;
+            dA[0][i] = ex2(dl * A2[0][i]);
+            // one of the lane's 8 exponentials on the FMA pipe (session 9, bench/results/s9/carry_emu: b8 L4096
+            // 1.113 -> 1.094 ms; two of 8: 1.136, slower). With documents too, although all 8 on MUFU measured 1.5 %
+            // faster there (session 16, bench/results/s16/ab_fwd7_mufu/): packed == separate calls is bitwise only
+            // when both compute the same exponentials (the final state differed by an ulp)
+            dA[1][i] = i == 3 ? ex2_fma(dl * A2[1][i]) : ex2(dl * A2[1][i]);
+            // (a document start: ex2_fma clamps -inf to 2^-125, MUFU's ex2 flushes it to 0 - restart exactly)
+            if constexpr (kSeq) {
+              if (i == 3) dA[1][i] = dl == __int_as_float(0x7f800000) ? 0.f : dA[1][i];
+            }
+          }
+        };
+        float dA[2][2][4], db[2][2][4];  // by token parity
+        front(0, dA[0], db[0]);
+  #pragma unroll
+        for (int tl = 0; tl < kHalf; ++tl) {
+          const int cur = tl & 1;
+          if (tl + 1 < kHalf) front(tl + 1, dA[cur ^ 1], db[cur ^ 1]);
+  #pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            h[0][i] = fmaf(dA[cur][0][i], h[0][i], db[cur][0][i]);
+            h[1][i] = fmaf(dA[cur][1][i], h[1][i], db[cur][1][i]);
+          }
+          if (tl > 0 && (tl & 1) == 0) {
+            cw2 = cw_next;
+            if (tl / 2 + 1 < kHalf / 2) cw_next = sm.cop[w][tl / 2 + 1][q];
+          }
+          const float2 clo = scan4::unpack2<T>((tl & 1) ? cw2.z : cw2.x);
+          const float2 chi = scan4::unpack2<T>((tl & 1) ? cw2.w : cw2.y);
+          float yv[4];
+          mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], clo.x, clo.y, 0.f, 0.f, 0.f, 0.f);
+          mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], chi.x, chi.y, yv[0], yv[1], yv[2], yv[3]);
+          if (q == 0) *reinterpret_cast<float2*>(&sm.yf[w][tl][2 * g]) = make_float2(yv[0], yv[2]);
         }
-      };
-      float dA[2][2][4], db[2][2][4];  // by token parity
-      front(0, dA[0], db[0]);
-#pragma unroll
-      for (int tl = 0; tl < kHalf; ++tl) {
-        const int cur = tl & 1;
-        if (tl + 1 < kHalf) front(tl + 1, dA[cur ^ 1], db[cur ^ 1]);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          h[0][i] = fmaf(dA[cur][0][i], h[0][i], db[cur][0][i]);
-          h[1][i] = fmaf(dA[cur][1][i], h[1][i], db[cur][1][i]);
+        __syncwarp();
+        {  // gate and store the half's y rows: lane = (row, 8 channels); y = (C . h) sz + D u sz
+          const int row = lane / 2, part = lane % 2, t = t0 + hf * kHalf + row;
+          const float4 ya = *reinterpret_cast<const float4*>(&sm.yf[w][row][part * 8]);
+          const float4 yb = *reinterpret_cast<const float4*>(&sm.yf[w][row][part * 8 + 4]);
+          const float yv[8] = {ya.x, ya.y, ya.z, ya.w, yb.x, yb.y, yb.z, yb.w};
+          unsigned out[4];
+  #pragma unroll
+          for (int k = 0; k < 4; ++k) {  // gt entry 4 part + k = channels 8 part + 2k, + 1
+            const float4 gg = sm.gt[w][row][4 * part + k];
+            out[k] = M::pack(fmaf(yv[2 * k], gg.x, gg.z), fmaf(yv[2 * k + 1], gg.y, gg.w));
+          }
+          if (kVar ? (t >= ts && t < te) : t < L)
+            *reinterpret_cast<uint4*>(y + (int64_t)t * D + c0 + part * 8) = make_uint4(out[0], out[1], out[2], out[3]);
         }
-        if (tl > 0 && (tl & 1) == 0) {
-          cw2 = cw_next;
-          if (tl / 2 + 1 < kHalf / 2) cw_next = sm.cop[w][tl / 2 + 1][q];
-        }
-        const float2 clo = scan4::unpack2<T>((tl & 1) ? cw2.z : cw2.x);
-        const float2 chi = scan4::unpack2<T>((tl & 1) ? cw2.w : cw2.y);
-        float yv[4];
-        mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], clo.x, clo.y, 0.f, 0.f, 0.f, 0.f);
-        mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], chi.x, chi.y, yv[0], yv[1], yv[2], yv[3]);
-        if (q == 0) *reinterpret_cast<float2*>(&sm.yf[w][tl][2 * g]) = make_float2(yv[0], yv[2]);
+        __syncwarp();
       }
-      __syncwarp();
-      {  // gate and store the half's y rows: lane = (row, 8 channels); y = (C . h) sz + D u sz
-        const int row = lane / 2, part = lane % 2, t = t0 + hf * kHalf + row;
-        const float4 ya = *reinterpret_cast<const float4*>(&sm.yf[w][row][part * 8]);
-        const float4 yb = *reinterpret_cast<const float4*>(&sm.yf[w][row][part * 8 + 4]);
-        const float yv[8] = {ya.x, ya.y, ya.z, ya.w, yb.x, yb.y, yb.z, yb.w};
-        unsigned out[4];
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {  // gt entry 4 part + k = channels 8 part + 2k, + 1
-          const float4 gg = sm.gt[w][row][4 * part + k];
-          out[k] = M::pack(fmaf(yv[2 * k], gg.x, gg.z), fmaf(yv[2 * k + 1], gg.y, gg.w));
-        }
-        if (kVar ? (t >= ts && t < te) : t < L)
-          *reinterpret_cast<uint4*>(y + (int64_t)t * D + c0 + part * 8) = make_uint4(out[0], out[1], out[2], out[3]);
+      if (tile + 1 < tile_hi) {  // the next tile's A (its copies were issued after this tile's barrier)
+        wait_tile(kt + 1);
+        convert(par ^ 1);
       }
-      __syncwarp();
     }
-    if (tile + 1 < tile_hi) {  // the next tile's A (its copies were issued after this tile's barrier)
-      wait_tile(kt + 1);
-      convert(par ^ 1);
+    const int kt_last = kbase + (tile_hi - 1 - tile_lo);  // the document's last tile (the loop ran at least once)
+    kbase = kt_last + 1;
+    if constexpr (kVar) {
+      // A document that ends on a tile boundary before the sequence's end: the next tile's checkpoint is its state.
+      if (te < L && te % kChunk == 0 && p.ckpt != nullptr)
+        store_h(p.ckpt + ((int64_t)b * n_tiles + te / kChunk) * D * kN);
+      if (te < L) continue;  // the final states are the sequence's last document's
     }
-  }
-  const int kt_last = kbase + (tile_hi - 1 - tile_lo);  // the document's last tile (the loop ran at least once)
-  kbase = kt_last + 1;
-  if constexpr (kVar) {
-    // A document that ends on a tile boundary before the sequence's end: the next tile's checkpoint is its state.
-    if (te < L && te % kChunk == 0 && p.ckpt != nullptr) store_h(p.ckpt + ((int64_t)b * n_tiles + te / kChunk) * D * kN);
-    if (te < L) continue;  // the final states are the sequence's last document's
-  }
-  store_h(p.final_ssm + (int64_t)b * D * kN);
-  // Final conv state: the last W-1 x inputs (xf rows Tv+3-hw .. Tv+2 of the last tile), by the group's first block.
-  const int hw = W - 1, last_par = kt_last & 1;
-  if (head0 % p.heads_per_group == 0 && tid < kN * hw) {
-    const int ch = tid / hw, k = tid % hw, row = Tv + 3 - hw + k;
-    bool same = true;  // kSeq: the last document's inputs only
-    if constexpr (kSeq) same = no_start(starts, row + 1, Tv + 2 - row);  // rows row + 1 .. Tv + 2
-    static_cast<T*>(p.final_conv)[((int64_t)b * p.d_xb + group * kN + ch) * hw + k] =
-        from_f<T>(same ? sm.xf[last_par][row][ch] : 0.f);
-  }
-  if constexpr (!kVar) break;
+    store_h(p.final_ssm + (int64_t)b * D * kN);
+    // Final conv state: the last W-1 x inputs (xf rows Tv+3-hw .. Tv+2 of the last tile), by the group's first block.
+    const int hw = W - 1, last_par = kt_last & 1;
+    if (head0 % p.heads_per_group == 0 && tid < kN * hw) {
+      const int ch = tid / hw, k = tid % hw, row = Tv + 3 - hw + k;
+      bool same = true;  // kSeq: the last document's inputs only
+      if constexpr (kSeq) same = no_start(starts, row + 1, Tv + 2 - row);  // rows row + 1 .. Tv + 2
+      static_cast<T*>(p.final_conv)[((int64_t)b * p.d_xb + group * kN + ch) * hw + k] =
+          from_f<T>(same ? sm.xf[last_par][row][ch] : 0.f);
+    }
+    if constexpr (!kVar) break;
   }
 }
 

@@ -3,9 +3,9 @@
 // the document list for it, longest first, and sets the flag that makes the other kernel return at once.
 //
 // Why on the device: which kernel is faster depends on the document lengths (a sequence that is one long document
-// runs 2x slower as one block per channel group; short documents give batch 1 the blocks it lacks), and reading
-// them on the host would sync every call and break CUDA-graph capture. Both kernels are launched; the one not
-// picked costs its empty launch (a few microseconds).
+// runs 3.5x slower as one block per channel group; short documents give batch 1 the blocks it lacks), and reading
+// them on the host would sync every call and break CUDA-graph capture. Both kernels are launched; the plan and the
+// empty launch of the one not picked cost 7-22 us per call (H100, bench/results/s17/run_454d0e8/varlen.json).
 //
 // Shape contract: seq_idx (batch, seqlen) int32 contiguous; a document starts at token 0 and wherever the id changes
 // (as for every kernel with documents: the ids need not increase). workspace: kVarlenWorkspaceInts + groups

@@ -197,12 +197,13 @@ int sm_count() {
 // Varlen scheduling of packed documents (session 17, mixer_scan_plan.cu / mixer_scan_fwd7.cuh kVar). Where the
 // dispatcher would run the v5 kernel with documents (batch 1-3 at D 4096: v7's grid of one block per (group,
 // sequence) is too small there), one block per (group, DOCUMENT) gives v7 the blocks it needs when the documents
-// are short, and loses when a document is long (a document's time is its length at one block per group: v7 b1
-// L8192 alone 0.82 ms vs v5's 0.47). The plan decides on the device from the document lengths; both kernels are
-// launched and the one not picked returns at once. Costs per 32-token tile (H100, bench/results/s17/varlen_call1):
-// a v7 block alone 6.3 us (one document of 8,192 tokens, varlen forced: 1.60 ms), 7 taken for a few blocks per SM
-// (~8 at 2-4); at 4 per SM 8.0 us (b8 L4096 1.02 ms / 128 tiles); the v5 kernel with documents per tile of the
-// sequence: b1 1.8 us (L8192 0.454-0.467 ms), b2 2.95 us (0.754 ms), b3 4.4 us (L4096 0.56 ms). APRIEL_SCAN_FWD=v7var forces varlen (the fallback is then v7 with documents),
+// are short, and loses when a document is long (a document's time is its own length at one block per group: one
+// document of 8,192 tokens takes 1.60-1.68 ms that way, v5 0.46). The plan decides on the device from the document
+// lengths; both kernels are launched and the one not picked returns at once (no host sync: CUDA graphs replay the
+// device's choice). Costs per 32-token tile (H100, bench/results/s17/): a v7 block alone 6.3 us, ~8 at 2-4 blocks
+// per SM (7 taken), 8.0 at 4 per SM (b8 L4096 1.02 ms / 128 tiles); the v5 kernel with documents per tile of the
+// sequence: b1 1.8 us (L8192 0.454-0.467 ms), b2 2.95 us (0.754 ms), b3 4.4 us (L4096 0.56 ms).
+// APRIEL_SCAN_FWD=v7var forces varlen wherever the documents fit (else v5 with documents runs);
 // APRIEL_SCAN_VARLEN=0 turns the automatic choice off.
 bool varlen_auto_enabled() {
   const char* env = std::getenv("APRIEL_SCAN_VARLEN");
@@ -383,7 +384,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mixer_scan_fwd_cuda(
 // items (kVarlenMaxDocs x 4: sequence, first token, end token, 0), count, skip, then the per-group counters.
 Tensor mixer_scan_varlen_plan_cuda(const Tensor& seq_idx, int64_t d_inner, bool force) {
   TORCH_CHECK(seq_idx.is_cuda() && seq_idx.scalar_type() == at::kInt && seq_idx.dim() == 2,
-              "seq_idx: expected a (batch, seqlen) int32 CUDA tensor, got ", seq_idx.scalar_type(), " ", seq_idx.sizes());
+              "seq_idx: expected a (batch, seqlen) int32 CUDA tensor, got ", seq_idx.scalar_type(), " ",
+              seq_idx.sizes());
   TORCH_CHECK(seq_idx.size(0) >= 1 && seq_idx.size(1) >= 1, "seq_idx: expected batch >= 1 and seqlen >= 1");
   TORCH_CHECK(d_inner >= 64 && d_inner % 64 == 0, "d_inner: expected a positive multiple of 64, got ", d_inner);
   c10::cuda::CUDAGuard guard(seq_idx.device());
