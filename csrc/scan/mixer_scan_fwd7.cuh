@@ -259,8 +259,8 @@ __global__ void __launch_bounds__(kThreads, 4)
   }
   // kVar: the block's first document, taken before the per-channel constants: when the plan did not pick varlen
   // (the list is empty), the block exits here (the empty launch then costs little).
-  auto take_document = [&]() {  // (an empty list - the plan did not pick varlen - costs no atomic)
-    if (tid == 0) sm.item = *p.var_count == 0 ? -1 : atomicAdd(p.var_next + blockIdx.x, 1);
+  auto take_document = [&]() {
+    if (tid == 0) sm.item = atomicAdd(p.var_next + blockIdx.x, 1);
     __syncthreads();  // the item, and the previous document's readers of xf / raw are done
     const int it = sm.item;
     return (unsigned)it < (unsigned)*p.var_count ? it : -1;  // block-uniform

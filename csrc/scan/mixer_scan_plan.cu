@@ -21,7 +21,6 @@ namespace {
 constexpr int kPlanThreads = 1024;
 constexpr int kPlanWarps = kPlanThreads / 32;
 constexpr int kTile = 32;  // the forward's tile (scan::kChunk)
-constexpr int kTokens = 32;  // tokens per thread and pass of the document search (one bit each in a flag word)
 static_assert((kVarlenMaxDocs & (kVarlenMaxDocs - 1)) == 0, "the bitonic sort needs a power of two");
 
 // Exclusive prefix sum of v over the block (and the total); every thread must call it.
@@ -76,43 +75,29 @@ __global__ void __launch_bounds__(kPlanThreads)
   int* next = count + 2;
   const int tid = threadIdx.x;
 
-  // 1. Document starts (the first token, and every token whose id differs from the previous one) over the flat
-  // (sequence, token) index, kTokens consecutive tokens per thread and pass (all loads of a pass in flight at once:
-  // a pass of 4 tokens per thread took ~3 us each), compacted in token order.
-  const int64_t total_tokens = (int64_t)batch * L;
-  const bool vec16 = (reinterpret_cast<uintptr_t>(seq_idx) & 15) == 0;  // (a row slice of a bigger tensor may not be)
+  // 1. Document starts (the first token, and every token whose id differs from the previous one), 4 tokens per
+  // thread and step, compacted in token order.
   int n = 0;
-  for (int64_t base = 0; base < total_tokens; base += (int64_t)kTokens * kPlanThreads) {
-    const int64_t f0 = base + (int64_t)kTokens * tid;  // this thread's first flat token
-    int ids[kTokens];
-    if (vec16 && f0 + kTokens <= total_tokens) {  // 16-byte loads
-      const int4* v = reinterpret_cast<const int4*>(seq_idx + f0);
+  for (int b = 0; b < batch; ++b) {
+    const int* sq = seq_idx + (int64_t)b * L;
+    for (int base = 0; base < L; base += 4 * kPlanThreads) {
+      const int t0 = base + 4 * tid;
+      unsigned flags = 0;
 #pragma unroll
-      for (int k = 0; k < kTokens / 4; ++k) {
-        const int4 x = v[k];
-        ids[4 * k] = x.x, ids[4 * k + 1] = x.y, ids[4 * k + 2] = x.z, ids[4 * k + 3] = x.w;
+      for (int j = 0; j < 4; ++j) {
+        const int t = t0 + j;
+        if (t < L && (t == 0 || sq[t] != sq[t - 1])) flags |= 1u << j;
       }
-    } else {
+      int total;
+      int at = n + block_exclusive_sum(__popc(flags), red, total);
 #pragma unroll
-      for (int k = 0; k < kTokens; ++k) ids[k] = f0 + k < total_tokens ? seq_idx[f0 + k] : 0;
+      for (int j = 0; j < 4; ++j)
+        if ((flags >> j) & 1u) {
+          if (at < kVarlenMaxDocs) docs[at] = make_int2(b, t0 + j);
+          ++at;
+        }
+      n += total;
     }
-    const int before = f0 > 0 && f0 < total_tokens ? seq_idx[f0 - 1] : 0;
-    unsigned flags = 0;
-#pragma unroll
-    for (int k = 0; k < kTokens; ++k) {
-      const int64_t f = f0 + k;
-      const bool first_of_row = f % L == 0;
-      if (f < total_tokens && (first_of_row || ids[k] != (k > 0 ? ids[k - 1] : before))) flags |= 1u << k;
-    }
-    int total;
-    int at = n + block_exclusive_sum(__popc(flags), red, total);
-    while (flags != 0) {
-      const int k = __ffs(flags) - 1;
-      flags &= flags - 1;
-      if (at < kVarlenMaxDocs) docs[at] = make_int2((int)((f0 + k) / L), (int)((f0 + k) % L));
-      ++at;
-    }
-    n += total;
   }
   __syncthreads();
   const bool fits = n <= kVarlenMaxDocs;
