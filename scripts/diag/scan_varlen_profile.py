@@ -42,9 +42,10 @@ for shape in opts.shapes.split(","):
                         call()
                     torch.cuda.synchronize()
             kernels = {}
-            for e in prof.key_averages():
-                if e.device_type.name == "CUDA" and e.count > 0:
-                    kernels[e.key[:90]] = {"count": e.count, "mean_us": e.device_time_total / e.count}
+            for e in prof.key_averages():  # the kernels: the events with their own device time
+                t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+                if t > 0 and e.count > 0:
+                    kernels[e.key[:90]] = {"count": e.count, "mean_us": t / e.count}
             row = {"batch": b, "seqlen": L, "doc_mean": mean, "mode": mode, "wall_p50_ms": wall, "kernels": kernels}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
