@@ -256,6 +256,7 @@ def varlen_plan(seq_idx: Tensor, d_inner: int, force: bool = False) -> dict:
     if not seq_idx.is_cuda:
         raise ValueError(f"seq_idx: expected a CUDA tensor (the plan runs on the device), got {seq_idx.device}")
     ws = cuda_kernel("mixer_scan_varlen_plan")(seq_idx, d_inner, force).cpu()
-    count, skip = ws[4 * VARLEN_MAX_DOCUMENTS].item(), ws[4 * VARLEN_MAX_DOCUMENTS + 1].item()
-    docs = ws[: 4 * VARLEN_MAX_DOCUMENTS].view(-1, 4)[:count, :3].clone()
-    return {"varlen": bool(skip), "documents": docs}
+    # the workspace: cap x (sequence, first, end, 0), count, skip, one counter per group of 4 heads (d_inner / 64)
+    cap = (ws.numel() - 2 - d_inner // 64) // 4
+    count, skip = ws[4 * cap].item(), ws[4 * cap + 1].item()
+    return {"varlen": bool(skip), "documents": ws[: 4 * cap].view(cap, 4)[:count, :3].clone()}

@@ -14,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from apriel_kernels import mixer_scan
 from bench.timing import time_ms
+from bench.variants import env_override
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--shapes", default="1x4096,1x8192,3x4096")
@@ -28,12 +29,8 @@ for shape in opts.shapes.split(","):
     for mean in (0, 250):
         seq = documents(b, L, mean) if mean else torch.zeros(b, L, dtype=torch.int32, device="cuda")
         for mode, env in (("auto", None), ("off", "0")):
-            if env is None:
-                os.environ.pop("APRIEL_SCAN_VARLEN", None)
-            else:
-                os.environ["APRIEL_SCAN_VARLEN"] = env
             call = lambda: mixer_scan(**args, **KW, seq_idx=seq)  # noqa: E731
-            with torch.no_grad():
+            with env_override("APRIEL_SCAN_VARLEN", env), torch.no_grad():
                 wall = time_ms(call, rep_ms=100)["p50"]
                 call()
                 torch.cuda.synchronize()
@@ -51,7 +48,6 @@ for shape in opts.shapes.split(","):
             print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
             for name, k in sorted(kernels.items(), key=lambda kv: -kv[1]["mean_us"]):
                 print(f"    {k['mean_us']:9.2f} us x{k['count'] // opts.iters}  {name}", flush=True)
-os.environ.pop("APRIEL_SCAN_VARLEN", None)
 
 if opts.json:
     with open(opts.json, "w") as f:

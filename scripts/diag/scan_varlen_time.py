@@ -16,6 +16,7 @@ from scan_case import KW, documents, make_case  # scripts/diag (this script's di
 from apriel_kernels import mixer_scan
 from apriel_kernels.mixer_scan import varlen_plan
 from bench.timing import time_ms
+from bench.variants import env_override
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--json")
@@ -24,20 +25,14 @@ parser.add_argument("--shapes", default="1x4096,1x8192,2x8192,3x4096")
 parser.add_argument("--means", default="250,500,1000,2000,0")
 opts = parser.parse_args()
 
-MODES = {"auto": {}, "off": {"APRIEL_SCAN_VARLEN": "0"}, "forced": {"APRIEL_SCAN_FWD": "v7var"}}
+# (APRIEL_SCAN_VARLEN, APRIEL_SCAN_FWD) per mode; None = unset
+MODES = {"auto": (None, None), "off": ("0", None), "forced": (None, "v7var")}
 
 
-def with_env(env, fn):
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+def with_env(mode, fn):
+    varlen, fwd = MODES[mode]
+    with env_override("APRIEL_SCAN_VARLEN", varlen), env_override("APRIEL_SCAN_FWD", fwd):
         return fn()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 rows = []
@@ -49,14 +44,14 @@ for shape in opts.shapes.split(","):
         kw = dict(KW, seq_idx=seq)
         row = {"batch": b, "seqlen": L, "doc_mean": mean, "documents": int((seq[:, 1:] != seq[:, :-1]).sum()) + b,
                "plan_varlen": varlen_plan(seq, KW["d_inner"])["varlen"]}
-        for mode, env in MODES.items():
+        for mode in MODES:
             with torch.no_grad():
-                row[f"fwd_{mode}_p50_ms"] = with_env(env, lambda: time_ms(lambda: mixer_scan(**args, **kw), rep_ms=150)["p50"])
+                row[f"fwd_{mode}_p50_ms"] = with_env(mode, lambda: time_ms(lambda: mixer_scan(**args, **kw), rep_ms=150)["p50"])
             if opts.backward and mode != "forced":
                 def step():
                     y = mixer_scan(**args, **kw)
                     torch.autograd.grad(y, list(args.values()), dy)
-                row[f"fwd_bwd_{mode}_p50_ms"] = with_env(env, lambda: time_ms(step, rep_ms=300)["p50"])
+                row[f"fwd_bwd_{mode}_p50_ms"] = with_env(mode, lambda: time_ms(step, rep_ms=300)["p50"])
         rows.append(row)
         print(json.dumps(row), flush=True)
     del args, dy
