@@ -845,15 +845,20 @@ def test_varlen_plan_rejects_bad_input():
         varlen_plan(seq, 256)
 
 
+# (batch, seqlen): a thread of the plan's search reads 16 consecutive tokens of the flattened ids (session 18), so
+# rows of 1,000 tokens start mid-thread, rows of 7 tokens wrap twice inside one thread, and 2 x 20,000 tokens take
+# three steps of 16,384.
 @gpu
 @needs_kernel
-def test_varlen_plan_lists_documents_longest_first():
+@pytest.mark.parametrize("shape", [(3, 1000), (5, 7), (2, 20000)], ids=lambda s: f"b{s[0]}-L{s[1]}")
+def test_varlen_plan_lists_documents_longest_first(shape):
+    batch, L = shape
     g = torch.Generator().manual_seed(3)
-    seq = torch.zeros(3, 1000, dtype=torch.int32)
-    for b in range(3):
-        for c in sorted(set(torch.randint(1, 1000, (20,), generator=g).tolist())):
+    seq = torch.zeros(batch, L, dtype=torch.int32)
+    for b in range(batch):
+        for c in sorted(set(torch.randint(1, L, (20,), generator=g).tolist())):
             seq[b, c:] += 1
-    seq[2] %= 2  # ids 0 / 1 alternating: a document starts at every change, not only where the id grows
+    seq[-1] %= 2  # ids 0 / 1 alternating: a document starts at every change, not only where the id grows
     plan = varlen_plan(seq.cuda(), 256, force=True)
     assert plan["varlen"]
     expected = sorted(_expected_documents(seq), key=lambda d: (d[1] - d[2], d[0], d[1]))  # longest first, then order
@@ -1082,6 +1087,13 @@ BWD7_DOC_CASES = [
     (3, 130, 128, 16, False, 3, 8, "2", (31, 64, 65, 129), "init"),
     (1, 1000, 256, 64, True, 4, 16, "auto", (100, 511, 512, 513, 999), ""),
     (2, 300, 4096, 1024, True, 4, 16, "auto", (64, 65, 200), "init"),
+    # the carry pre-pass scans a segment only up to its first document start (session 18). L 2000 in 4 segments of
+    # 512 tokens: the first start deep in segment 1 (its groups split tiles 16 .. 21), none in segment 2, one at
+    # segment 3's first token; then starts on the first tile's second token (one tile for the whole pre-pass), mid
+    # segment, on a segment's last token; L 5000 in 2 segments: the start past the search's first 2,048 tokens.
+    (1, 2000, 256, 64, True, 4, 16, "4", (700, 1536, 1990), "init"),
+    (2, 2000, 64, 16, False, 3, 16, "4", (513, 1100, 1101, 1535), ""),
+    (1, 5000, 64, 16, True, 4, 16, "2", (300, 4900), ""),
 ]
 
 

@@ -933,8 +933,42 @@ struct GroupSmem {
   alignas(16) float dys[2][scan::kChunk][scan::kN];
 };
 
+// kSeq: the tile of the segment's first document start, or seg_last where none lies in it. Why (session 18): the
+// carry entering token t - 1 is (carry_t + dys_t C_t) exp(delta_t A), and delta is +inf at a start, so the carry
+// at the segment's start (L) is the reverse over the tokens before its first start alone, and P (= exp(A sum
+// delta)) is 0 - whatever the tokens after it hold. Scanning only the tiles up to that start's tile (the start's own
+// reset happens inside it, so the outputs are those of the whole range up to the sign of a zero) cuts the pre-pass
+// to ~the distance from the segment's start to its first document start: with ~1,000-token documents at b1 L8192
+// (segments of 2,048 tokens) about a quarter of the work. Every thread of the block calls it (block barriers).
+template <int kThreadsPerBlock>
+__device__ __forceinline__ int first_start_tile(const MixerScanParams& p, int b, int seg_first, int seg_last) {
+  using scan::kChunk;
+  constexpr int kPer = 8;  // tokens per thread and round: 2,048 per round at 256 threads (a b1 L8192 segment)
+  __shared__ int first;
+  const int* sq = p.seq_idx + (int64_t)b * p.seqlen;
+  const int lo = seg_first * kChunk, hi = min(p.seqlen, (seg_last + 1) * kChunk);  // lo >= 32: segments s >= 1
+  if (threadIdx.x == 0) first = hi;
+  __syncthreads();
+  for (int base = lo; base < hi; base += kPer * kThreadsPerBlock) {
+    const int t0 = base + kPer * threadIdx.x;
+    int ids[kPer + 1];  // tokens t0 - 1 .. t0 + kPer - 1, loaded together (one round trip per round)
+#pragma unroll
+    for (int k = 0; k <= kPer; ++k) ids[k] = t0 - 1 + k < hi ? sq[t0 - 1 + k] : 0;
+    int mine = hi;
+#pragma unroll
+    for (int k = kPer; k >= 1; --k)
+      if (t0 - 1 + k < hi && ids[k] != ids[k - 1]) mine = t0 - 1 + k;
+    mine = static_cast<int>(__reduce_min_sync(0xffffffffu, static_cast<unsigned>(mine)));
+    if (threadIdx.x % 32 == 0 && mine < hi) atomicMin(&first, mine);
+    if (__syncthreads_or(mine < hi)) break;  // a barrier with a block-uniform answer: every thread leaves together
+  }
+  const int f = first;  // (final: no thread writes it after the last barrier)
+  return f < hi ? f / kChunk : seg_last;
+}
+
 // kSeq (packed documents, session 13): delta is +inf at a document start (the decay restarts): the carry into the
-// token before is 0 and P = exp(A sum delta) = 0 across it, so the folds need nothing more.
+// token before is 0 and P = exp(A sum delta) = 0 across it, so the folds need nothing more. Session 18: the groups
+// split only the tiles up to the segment's first document start (first_start_tile).
 template <typename T, bool kSeq = false>
 __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerScanParams p) {
   using scan::kChunk;
@@ -947,8 +981,12 @@ __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerSca
   const int head = blockIdx.x, b = blockIdx.y / nseg, seg = blockIdx.y % nseg + 1, c0 = head * kN;
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank;
   const int seg_first = seg * p.seg_tiles, seg_last = min(p.n_chunks, seg_first + p.seg_tiles) - 1;
-  const int per = (seg_last - seg_first + kGroups) / kGroups;
-  const int tile_first = seg_first + gi * per, tile_last = min(seg_last, tile_first + per - 1);
+  // kSeq: the carry at the segment's start depends only on its tokens up to its first document start (the decay
+  // there is 0): the groups split the tiles up to that start's tile (session 18; see first_start_tile).
+  int last = seg_last;
+  if constexpr (kSeq) last = first_start_tile<kThr>(p, b, seg_first, seg_last);
+  const int per = (last - seg_first + kGroups) / kGroups;
+  const int tile_first = seg_first + gi * per, tile_last = min(last, tile_first + per - 1);
   GroupSmem<T>& sm = gs[gi];
   const int64_t rowZ = p.zxbc_row_stride;
   const T* zx = static_cast<const T*>(p.zxbc) + (int64_t)b * p.zxbc_batch_stride;
