@@ -845,9 +845,8 @@ def test_varlen_plan_rejects_bad_input():
         varlen_plan(seq, 256)
 
 
-# (batch, seqlen): a thread of the plan's search reads 16 consecutive tokens of the flattened ids (session 18), so
-# rows of 1,000 tokens start mid-thread, rows of 7 tokens wrap twice inside one thread, and 2 x 20,000 tokens take
-# three steps of 16,384.
+# (batch, seqlen): the plan's search covers each row in steps of 4,096 tokens (4 per thread): short rows (7 tokens:
+# most of a step's threads past the row's end) and rows of 5 steps (20,000 tokens: documents across the steps' edges).
 @gpu
 @needs_kernel
 @pytest.mark.parametrize("shape", [(3, 1000), (5, 7), (2, 20000)], ids=lambda s: f"b{s[0]}-L{s[1]}")

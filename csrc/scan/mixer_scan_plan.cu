@@ -75,44 +75,29 @@ __global__ void __launch_bounds__(kPlanThreads)
   int* next = count + 2;
   const int tid = threadIdx.x;
 
-  // 1. Document starts (the first token of each sequence, and every token whose id differs from the previous one),
-  // kPer consecutive tokens of the flattened (sequence, token) order per thread and step, compacted in that order.
-  // One step covers 16,384 tokens (b1 L8192 and b3 L4096 in one step; session 17's 4 tokens per thread and
-  // step per sequence took 2 / 3 steps there, ~1.5 us each). The thread's first token's (sequence, position) costs
-  // one division; the positions after it count on and wrap at L (no division per token: session 17's reverted
-  // search with a 64-bit % per token was slower than the loop it replaced).
-  constexpr int kPer = 16;
-  const int64_t total = (int64_t)batch * L;
+  // 1. Document starts (the first token, and every token whose id differs from the previous one), 4 tokens per
+  // thread and step, compacted in token order.
   int n = 0;
-  for (int64_t base = 0; base < total; base += (int64_t)kPer * kPlanThreads) {
-    const int64_t i0 = base + (int64_t)kPer * tid;
-    const int b0 = i0 < total ? (int)(i0 / L) : batch, t0 = i0 < total ? (int)(i0 - (int64_t)b0 * L) : 0;
-    int ids[kPer + 1];  // tokens i0 - 1 .. i0 + kPer - 1 of the flattened ids, loaded together
+  for (int b = 0; b < batch; ++b) {
+    const int* sq = seq_idx + (int64_t)b * L;
+    for (int base = 0; base < L; base += 4 * kPlanThreads) {
+      const int t0 = base + 4 * tid;
+      unsigned flags = 0;
 #pragma unroll
-    for (int k = 0; k <= kPer; ++k) {
-      const int64_t i = i0 - 1 + k;
-      ids[k] = i >= 0 && i < total ? seq_idx[i] : 0;
-    }
-    unsigned flags = 0;
-    int t = t0;
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      if (i0 + k < total && (t == 0 || ids[k + 1] != ids[k])) flags |= 1u << k;
-      if (++t == L) t = 0;
-    }
-    int step_total;
-    int at = n + block_exclusive_sum(__popc(flags), red, step_total);
-    int b = b0;
-    t = t0;
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      if ((flags >> k) & 1u) {
-        if (at < kVarlenMaxDocs) docs[at] = make_int2(b, t);
-        ++at;
+      for (int j = 0; j < 4; ++j) {
+        const int t = t0 + j;
+        if (t < L && (t == 0 || sq[t] != sq[t - 1])) flags |= 1u << j;
       }
-      if (++t == L) t = 0, ++b;
+      int total;
+      int at = n + block_exclusive_sum(__popc(flags), red, total);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        if ((flags >> j) & 1u) {
+          if (at < kVarlenMaxDocs) docs[at] = make_int2(b, t0 + j);
+          ++at;
+        }
+      n += total;
     }
-    n += step_total;
   }
   __syncthreads();
   const bool fits = n <= kVarlenMaxDocs;
