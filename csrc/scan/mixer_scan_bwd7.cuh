@@ -153,8 +153,8 @@ struct SmemB7 {
   Warp wp[kHeads];
   alignas(8) uint64_t bar[2];                    // TMA staging: the transaction barrier of raw[parity]
 };
-// kSeq (packed documents, session 13): the true delta per (head, sub-chunk token, channel) - du's delta is +inf at a
-// document start (the decay restarts) and the epilogue needs the value. The document ids themselves never reach
+// kSeq (packed documents, session 13): the true delta per (head, sub-chunk token, channel) - du's delta is FLT_MAX at
+// a document start (the decay restarts) and the epilogue needs the value. The document ids themselves never reach
 // shared memory: each warp turns them into a bit mask of the document starts around its tile (doc_starts).
 template <typename T>
 struct SmemB7Seq : SmemB7<T> {
@@ -210,9 +210,11 @@ __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::S
 
 // kTma: the tiles arrive by the bulk tensor copy engine (stage_tma) instead of cp.async (stage).
 // kSeq: packed documents (p.seq_idx; session 13): conv taps into another document masked in the prep, the epilogue's
-// conv-weight sums, the transposed conv and the initial-conv-state rows; the decay argument +inf at a document start,
-// so the recompute restarts h there and the reverse's carry into the token before is exactly 0 (a = 0: MUFU's ex2
-// flushes ex2(-inf) to +0), as is q = G a h_{t-1}; dA_log's sum uses min(delta, FLT_MAX) (0 x inf would be NaN).
+// conv-weight sums, the transposed conv and the initial-conv-state rows; the decay argument FLT_MAX at a document
+// start, so the recompute restarts h there and the reverse's carry into the token before is exactly 0 (a = 0: MUFU's
+// ex2 flushes ex2(FLT_MAX x A2) - -inf, or below -126 where |A2| < 1 - to +0), as is q = G a h_{t-1}, and dA_log's
+// sum q x delta stays finite. (Session 18: FLT_MAX instead of the forward's +inf - the same decays, bitwise - saves
+// the reverse a min(delta, FLT_MAX) per element: 0 x inf would be NaN.)
 template <typename T, bool kTma, bool kSeq = false>
 __global__ void __launch_bounds__(kThreads, 2)
     mixer_scan_bwd7_kernel(MixerScanParams p, const __grid_constant__ tma::ScanBwdMaps maps) {
@@ -423,7 +425,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int k = 0; k < 4; ++k) xs[k] = *reinterpret_cast<const float4*>(&xf[t + k][4 * q]);
       // kSeq: tap k (token t - 3 + k) counts only inside the token's document; keep = same document as the previous
-      // token (else the decay argument is +inf: h restarts)
+      // token (else the decay argument is FLT_MAX: h restarts)
       bool tap[4] = {true, true, true, true}, keep = true;
       if constexpr (kSeq) doc_taps(starts, t, tap, keep);
       float zv[4], dyv[4];
@@ -449,7 +451,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         const float dp = dd[jj >> 1][jj & 1] + cpv.y;
         const float delta = scan4::softplus_select(dp);
         o_du[jj] = live ? tf32_rna(delta * u) : 0.f;
-        o_dl[jj] = live ? (keep ? delta : __int_as_float(0x7f800000)) : 0.f;
+        o_dl[jj] = live ? (keep ? delta : 3.402823466e38f) : 0.f;  // (kSeq: FLT_MAX at a start, see the kernel)
         o_dr[jj] = delta;
         if constexpr (kFull) {
           const float zz = zv[jj], sz = sigmoid_fast(zz);
@@ -462,7 +464,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       *reinterpret_cast<float4*>(&wp.du[tl][4 * q]) = make_float4(o_du[0], o_dl[0], o_du[1], o_dl[1]);
       *reinterpret_cast<float4*>(&wp.du[tl][4 * q + 2]) = make_float4(o_du[2], o_dl[2], o_du[3], o_dl[3]);
-      if constexpr (kFull && kSeq)  // the true delta for the epilogue (du's is +inf at a document start)
+      if constexpr (kFull && kSeq)  // the true delta for the epilogue (du's is FLT_MAX at a document start)
         *reinterpret_cast<float4*>(dlr + tl * kN + 4 * q) = make_float4(o_dr[0], o_dr[1], o_dr[2], o_dr[3]);
       if constexpr (kFull) {
         *reinterpret_cast<float4*>(&wp.dys[tl][4 * q]) = make_float4(o_dys[0], o_dys[1], o_dys[2], o_dys[3]);
@@ -611,8 +613,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            // (kSeq: delta is +inf at a document start, where q = 0: min keeps 0 x delta finite)
-            const float dl = kSeq ? fminf(i < 2 ? pd.y : pd.w, 3.402823466e38f) : (i < 2 ? pd.y : pd.w);
+            const float dl = i < 2 ? pd.y : pd.w;  // (kSeq: FLT_MAX at a document start, where q = 0)
             const float ga = G[nt][i] * o.a[nt][i];
             const float hp = tl > 0 ? hs[tl > 0 ? tl - 1 : 0][nt][i] : hstart[nt][i];
             qv[nt][i] = ga * hp;  // d/d(delta A) of h_t = a h_{t-1}: G a h_{t-1}
@@ -936,10 +937,11 @@ struct GroupSmem {
 // kSeq: the tile of the segment's first document start, or seg_last where none lies in it. Why (session 18): the
 // carry entering token t - 1 is (carry_t + dys_t C_t) exp(delta_t A), and delta is +inf at a start, so the carry
 // at the segment's start (L) is the reverse over the tokens before its first start alone, and P (= exp(A sum
-// delta)) is 0 - whatever the tokens after it hold. Scanning only the tiles up to that start's tile (the start's own
-// reset happens inside it, so the outputs are those of the whole range up to the sign of a zero) cuts the pre-pass
-// to ~the distance from the segment's start to its first document start: with ~1,000-token documents at b1 L8192
-// (segments of 2,048 tokens) about a quarter of the work. Every thread of the block calls it (block barriers).
+// delta)) is 0 - whatever the tokens after it hold. The groups then split only the tiles up to that start's tile (the
+// start's reset happens inside it): the same (L, P) up to rounding (the groups' fold points move), for ~the distance
+// from the segment's start to its first document start instead of the whole segment. H100, documents of ~1,000
+// tokens (bench/results/s18/ab_prepass/): pre-pass b1 L8192 0.193 -> 0.070 ms, b2 L8192 0.256 -> 0.044, b3 L4096
+// 0.276 -> 0.155. Every thread of the block calls it (block barriers).
 template <int kThreadsPerBlock>
 __device__ __forceinline__ int first_start_tile(const MixerScanParams& p, int b, int seg_first, int seg_last) {
   using scan::kChunk;
