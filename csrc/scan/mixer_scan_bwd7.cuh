@@ -62,11 +62,8 @@
 
 #include "mixer_scan_fwd7.cuh"  // scan7:: stage, mma_k4, mma_k8, tf32_rna, convert_x / _b, Smem7::Raw
 
-#ifndef APRIEL_BWD7_SEQ_EPI_FAST  // (session 18 A/B switches)
-#define APRIEL_BWD7_SEQ_EPI_FAST 1
-#endif
-#ifndef APRIEL_BWD7_SEQ_LATE_A
-#define APRIEL_BWD7_SEQ_LATE_A 0
+#ifndef APRIEL_BWD7_SEQ_PREP_FAST  // (session 18 A/B switch)
+#define APRIEL_BWD7_SEQ_PREP_FAST 1
 #endif
 
 namespace apriel {
@@ -340,10 +337,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   // table. kLateA (session 16): into the tile's parity, at the END of the tile after it (the loop runs backwards; the
   // first tile: before the loop), so that the next S1 covers it and no S2 is needed. A/B
   // (bench/results/s16/ab_bwd7_late_a/): bwd7 b8 L4096 5.68 vs 5.85-5.95 ms, b1 L8192 1.45 vs 1.50 - but with
-  // documents 6.42 vs 6.23-6.25 ms, so kSeq keeps A between S1 and S2 at the tile's top, into tile[0]'s xf / bop.
-  // (Also measured, slower everywhere: A before sub-chunk 0's closing barrier of the fused sums, which then served
+  // documents 6.42 vs 6.23-6.25 ms, so kSeq keeps A between S1 and S2 at the tile's top, into tile[0]'s xf / bop
+  // (measured again in session 18 after the changes below: late A with documents 6.37-6.40 vs 6.16 ms at b8,
+  // bench/results/s18/ab_seq_epilogue/). (Also measured, slower everywhere: A before sub-chunk 0's closing barrier of the fused sums, which then served
   // as S1 too - 255 registers and spills.)
-  constexpr bool kLateA = !kSeq || APRIEL_BWD7_SEQ_LATE_A;
+  constexpr bool kLateA = !kSeq;
   auto convert = [&](int tile) {
     const int cp = tile & 1;
     const typename SM::Raw& rc = sm.tile[cp].raw;
@@ -414,9 +412,12 @@ __global__ void __launch_bounds__(kThreads, 2)
     auto tap_bits = [&](int row) { return (unsigned)(starts >> row) & 7u; };  // bit k = a start at row row + k
 
     // Prep of sub-chunk j (tile tokens 8j .. 8j + 7): lane (g, q) = token 8j + g, channels 4q .. 4q + 3.
-    // kFull: also the reverse / epilogue items and the C operand table; else (delta, du) only (pass A).
-    auto prep = [&](int j, auto full_tag) {
+    // kFull: also the reverse / epilogue items and the C operand table; else (delta, du) only (pass A). kDocs: the
+    // conv taps' and the decay restart's document tests (kSeq; prep_of skips them where rows 8j + 1 .. 8j + 10 hold
+    // no start).
+    auto prep = [&](int j, auto full_tag, auto docs_tag) {
       constexpr bool kFull = decltype(full_tag)::value;
+      constexpr bool kDocs = decltype(docs_tag)::value;
       const int tl = g, t = kSub * j + tl;
       const bool live = t < Tv;
       unsigned a[4];
@@ -434,7 +435,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       // kSeq: tap k (token t - 3 + k) counts only inside the token's document; keep = same document as the previous
       // token (else the decay argument is FLT_MAX: h restarts)
       bool tap[4] = {true, true, true, true}, keep = true;
-      if constexpr (kSeq) doc_taps(starts, t, tap, keep);
+      if constexpr (kDocs) doc_taps(starts, t, tap, keep);
       float zv[4], dyv[4];
       if constexpr (kFull) {
         const uint2 zw = *reinterpret_cast<const uint2*>(&r.f.z[w][t][4 * q]);
@@ -530,7 +531,16 @@ __global__ void __launch_bounds__(kThreads, 2)
       load_state(ck, h);
 #pragma unroll 1
       for (int j = 0; j < kNSub - 1; ++j) {
-        prep(j, std::false_type{});
+#if APRIEL_BWD7_SEQ_PREP_FAST
+        if constexpr (kSeq) {
+          if (((starts >> (kSub * j + 1)) & 0x3ffull) == 0) prep(j, std::false_type{}, std::false_type{});
+          else prep(j, std::false_type{}, std::true_type{});
+        } else {
+          prep(j, std::false_type{}, std::false_type{});
+        }
+#else
+        prep(j, std::false_type{}, std::integral_constant<bool, kSeq>{});
+#endif
         __syncwarp();
         recompute(j, h, hs_unused, std::false_type{});
         wp.bst[j][0][lane] = make_float4(h[0][0], h[0][1], h[0][2], h[0][3]);
@@ -542,7 +552,16 @@ __global__ void __launch_bounds__(kThreads, 2)
     // Pass B: sub-chunks in reverse.
 #pragma unroll 1
     for (int j = kNSub - 1; j >= 0; --j) {
-      prep(j, std::true_type{});
+#if APRIEL_BWD7_SEQ_PREP_FAST
+      if constexpr (kSeq) {
+        if (((starts >> (kSub * j + 1)) & 0x3ffull) == 0) prep(j, std::true_type{}, std::false_type{});
+        else prep(j, std::true_type{}, std::true_type{});
+      } else {
+        prep(j, std::true_type{}, std::false_type{});
+      }
+#else
+      prep(j, std::true_type{}, std::integral_constant<bool, kSeq>{});
+#endif
       float hstart[2][4];
       if (j == 0) {
         load_state(ck, hstart);
@@ -652,9 +671,12 @@ __global__ void __launch_bounds__(kThreads, 2)
       // kSeq (session 18): a sub-chunk whose rows 8j + 1 .. 8j + 13 (the conv taps of its tokens and of the transposed
       // conv's 3 tokens after it) hold no document start runs the epilogue and the transposed conv without the taps'
       // document tests (a warp-uniform branch to a copy; the values are the same bit for bit). The kernels without
-      // documents compile the original block alone (their SASS is unchanged).
+      // documents compile the original block alone (their SASS is unchanged). bwd7 kernel, packed documents of ~1,000
+      // tokens (bench/results/s18/ab_seq_epilogue/, bitwise the same gradients): b8 L4096 6.156 -> 5.940 ms, b1 L8192
+      // 1.572 -> 1.503, b1 L4096 0.785 -> 0.757. (As a lambda called with the document tests on or off, the kernels
+      // without documents got another schedule: hence the textual copy.)
       bool epilogue_done = false;
-      if constexpr (kSeq && APRIEL_BWD7_SEQ_EPI_FAST) {
+      if constexpr (kSeq) {
         if (((starts >> (kSub * j + 1)) & 0x1fffull) == 0) {
           {
             const float4 cpv = wp.cp[ec];
