@@ -62,10 +62,6 @@
 
 #include "mixer_scan_fwd7.cuh"  // scan7:: stage, mma_k4, mma_k8, tf32_rna, convert_x / _b, Smem7::Raw
 
-#ifndef APRIEL_BWD7_SEQ_PREP_FAST  // (session 18 A/B switch)
-#define APRIEL_BWD7_SEQ_PREP_FAST 1
-#endif
-
 namespace apriel {
 namespace scan7b {
 
@@ -412,12 +408,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     auto tap_bits = [&](int row) { return (unsigned)(starts >> row) & 7u; };  // bit k = a start at row row + k
 
     // Prep of sub-chunk j (tile tokens 8j .. 8j + 7): lane (g, q) = token 8j + g, channels 4q .. 4q + 3.
-    // kFull: also the reverse / epilogue items and the C operand table; else (delta, du) only (pass A). kDocs: the
-    // conv taps' and the decay restart's document tests (kSeq; prep_of skips them where rows 8j + 1 .. 8j + 10 hold
-    // no start).
-    auto prep = [&](int j, auto full_tag, auto docs_tag) {
+    // kFull: also the reverse / epilogue items and the C operand table; else (delta, du) only (pass A).
+    // (Session 18: a copy without the document tests for sub-chunks whose taps' rows hold no start - as the epilogue
+    // below does - measured 1-2 % slower, bench/results/s18/ab_seq_prep/.)
+    auto prep = [&](int j, auto full_tag) {
       constexpr bool kFull = decltype(full_tag)::value;
-      constexpr bool kDocs = decltype(docs_tag)::value;
       const int tl = g, t = kSub * j + tl;
       const bool live = t < Tv;
       unsigned a[4];
@@ -435,7 +430,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       // kSeq: tap k (token t - 3 + k) counts only inside the token's document; keep = same document as the previous
       // token (else the decay argument is FLT_MAX: h restarts)
       bool tap[4] = {true, true, true, true}, keep = true;
-      if constexpr (kDocs) doc_taps(starts, t, tap, keep);
+      if constexpr (kSeq) doc_taps(starts, t, tap, keep);
       float zv[4], dyv[4];
       if constexpr (kFull) {
         const uint2 zw = *reinterpret_cast<const uint2*>(&r.f.z[w][t][4 * q]);
@@ -531,16 +526,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       load_state(ck, h);
 #pragma unroll 1
       for (int j = 0; j < kNSub - 1; ++j) {
-#if APRIEL_BWD7_SEQ_PREP_FAST
-        if constexpr (kSeq) {
-          if (((starts >> (kSub * j + 1)) & 0x3ffull) == 0) prep(j, std::false_type{}, std::false_type{});
-          else prep(j, std::false_type{}, std::true_type{});
-        } else {
-          prep(j, std::false_type{}, std::false_type{});
-        }
-#else
-        prep(j, std::false_type{}, std::integral_constant<bool, kSeq>{});
-#endif
+        prep(j, std::false_type{});
         __syncwarp();
         recompute(j, h, hs_unused, std::false_type{});
         wp.bst[j][0][lane] = make_float4(h[0][0], h[0][1], h[0][2], h[0][3]);
@@ -552,16 +538,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     // Pass B: sub-chunks in reverse.
 #pragma unroll 1
     for (int j = kNSub - 1; j >= 0; --j) {
-#if APRIEL_BWD7_SEQ_PREP_FAST
-      if constexpr (kSeq) {
-        if (((starts >> (kSub * j + 1)) & 0x3ffull) == 0) prep(j, std::true_type{}, std::false_type{});
-        else prep(j, std::true_type{}, std::true_type{});
-      } else {
-        prep(j, std::true_type{}, std::false_type{});
-      }
-#else
-      prep(j, std::true_type{}, std::integral_constant<bool, kSeq>{});
-#endif
+      prep(j, std::true_type{});
       float hstart[2][4];
       if (j == 0) {
         load_state(ck, hstart);

@@ -50,10 +50,6 @@
 #include "mixer_scan_fwd4.cuh"  // scan4:: MmaOp (dt_proj mma), unpack2, ld_param, softplus_select, cp.async
 #include "../common/tma.cuh"     // tile staging by the bulk tensor copy engine (CUTLASS / CuTe sm_90 primitives)
 
-#ifndef APRIEL_FWD7_SEQ_PREP_FAST  // (session 18 A/B switch)
-#define APRIEL_FWD7_SEQ_PREP_FAST 1
-#endif
-
 namespace apriel {
 namespace scan7 {
 
@@ -437,9 +433,11 @@ __global__ void __launch_bounds__(kThreads, 4)
           for (int rr = 0; rr < 2; ++rr) {
             // kSeq (session 18): rows t + 1 .. t + 3 of this pass's 8 tokens (rows 16 hf + 8 rr + 1 .. + 10) hold no
             // document start in most tiles: a warp-uniform branch to a copy of the items without the conv taps' and
-            // the restart's tests (the same values, bit for bit). Without documents only that copy is compiled.
+            // the restart's tests (the same values, bit for bit). Without documents only that copy is compiled. H100,
+            // documents of ~1,000 tokens (bench/results/s18/ab_seq_prep/): b8 L4096 1.093-1.104 -> 1.087-1.088 ms, b1
+            // L8192 (varlen) 0.369 -> 0.360-0.365.
             bool docs = false;
-            if constexpr (kSeq) docs = !APRIEL_FWD7_SEQ_PREP_FAST || ((starts >> (hf * kHalf + 8 * rr + 1)) & 0x3ffull) != 0;
+            if constexpr (kSeq) docs = ((starts >> (hf * kHalf + 8 * rr + 1)) & 0x3ffull) != 0;
             if (docs) {
               if constexpr (kSeq) {
                 const int tl = g + 8 * rr, t = hf * kHalf + tl;
