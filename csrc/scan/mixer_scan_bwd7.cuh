@@ -1002,16 +1002,17 @@ struct GroupSmem {
   alignas(16) float dys[2][scan::kChunk][scan::kN];
 };
 
-// kSeq: the tile of the segment's first document start, or seg_last where none lies in it. Why (session 18): the
+// kSeq: the segment's first document start (token), or INT_MAX where none lies in it. Why (session 18): the
 // carry entering token t - 1 is (carry_t + dys_t C_t) exp(delta_t A), and delta is +inf at a start, so the carry
 // at the segment's start (L) is the reverse over the tokens before its first start alone, and P (= exp(A sum
 // delta)) is 0 - whatever the tokens after it hold. The groups then split only the tiles up to that start's tile (the
 // start's reset happens inside it): the same (L, P) up to rounding (the groups' fold points move), for ~the distance
 // from the segment's start to its first document start instead of the whole segment. H100, documents of ~1,000
 // tokens (bench/results/s18/ab_prepass/): pre-pass b1 L8192 0.193 -> 0.070 ms, b2 L8192 0.256 -> 0.044, b3 L4096
-// 0.276 -> 0.155. Every thread of the block calls it (block barriers).
+// 0.276 -> 0.155. And the only start the scan must see is that one (the tokens after it do not reach L or P), so the
+// scan's restart test needs no document ids. Every thread of the block calls it (block barriers).
 template <int kThreadsPerBlock>
-__device__ __forceinline__ int first_start_tile(const MixerScanParams& p, int b, int seg_first, int seg_last) {
+__device__ __forceinline__ int first_start(const MixerScanParams& p, int b, int seg_first, int seg_last) {
   using scan::kChunk;
   constexpr int kPer = 8;  // tokens per thread and round: 2,048 per round at 256 threads (a b1 L8192 segment)
   __shared__ int first;
@@ -1033,12 +1034,12 @@ __device__ __forceinline__ int first_start_tile(const MixerScanParams& p, int b,
     if (__syncthreads_or(mine < hi)) break;  // a barrier with a block-uniform answer: every thread leaves together
   }
   const int f = first;  // (final: no thread writes it after the last barrier)
-  return f < hi ? f / kChunk : seg_last;
+  return f < hi ? f : 0x7fffffff;
 }
 
 // kSeq (packed documents, session 13): delta is +inf at a document start (the decay restarts): the carry into the
 // token before is 0 and P = exp(A sum delta) = 0 across it, so the folds need nothing more. Session 18: the groups
-// split only the tiles up to the segment's first document start (first_start_tile).
+// split only the tiles up to the segment's first document start, the only start the scan tests (first_start).
 template <typename T, bool kSeq = false>
 __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerScanParams p) {
   using scan::kChunk;
@@ -1052,9 +1053,12 @@ __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerSca
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank;
   const int seg_first = seg * p.seg_tiles, seg_last = min(p.n_chunks, seg_first + p.seg_tiles) - 1;
   // kSeq: the carry at the segment's start depends only on its tokens up to its first document start (the decay
-  // there is 0): the groups split the tiles up to that start's tile (session 18; see first_start_tile).
-  int last = seg_last;
-  if constexpr (kSeq) last = first_start_tile<kThr>(p, b, seg_first, seg_last);
+  // there is 0): the groups split the tiles up to that start's tile (session 18; see first_start).
+  int last = seg_last, doc_start = 0x7fffffff;
+  if constexpr (kSeq) {
+    doc_start = first_start<kThr>(p, b, seg_first, seg_last);
+    if (doc_start != 0x7fffffff) last = doc_start / kChunk;
+  }
   const int per = (last - seg_first + kGroups) / kGroups;
   const int tile_first = seg_first + gi * per, tile_last = min(last, tile_first + per - 1);
   GroupSmem<T>& sm = gs[gi];
@@ -1117,7 +1121,7 @@ __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerSca
   // 2 pq); ranks >= R and rows >= L are zero, as the raw copies' zero fill made them.
   unsigned an[4], zn[4], yn[4];
   float dd[2][4];
-  bool keep[2] = {true, true};  // kSeq: row hr's token continues the document of the token before it
+  bool keep[2] = {true, true};  // kSeq: row hr's token is not the segment's first document start
   auto load_next = [&](int t0, bool have, int np) {
     const int pos = t0 + crow;
     const bool okc = have && pos < L;
@@ -1136,10 +1140,7 @@ __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerSca
         const T* dtr = dtb + (int64_t)pr * p.dt_row_stride + ch;
         an[hr + 2 * nt] = ok && ch < R ? *reinterpret_cast<const unsigned*>(dtr) : 0u;
       }
-      if constexpr (kSeq) {
-        const int* sq = p.seq_idx + (int64_t)b * L;
-        keep[hr] = !(ok && pr > 0) || sq[pr] == sq[pr - 1];
-      }
+      if constexpr (kSeq) keep[hr] = pr != doc_start;
     }
   };
   auto prep_mma = [&] {
