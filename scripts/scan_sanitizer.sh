@@ -66,7 +66,10 @@ LOG="$OUT_DIR/scan_sanitizer.log"
 # over 10 tiles with the starts above (a document ending on a tile edge, a one-token document); v7var1 = the same
 # with one block per group (APRIEL_SCAN_VARLEN_BLOCKS=1), which then takes all 12 documents in turn (the staging
 # barriers' phases run on across documents).
-for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 v7s1 v7c v7p v7pc v7var v7var1}; do
+# session 18: v7pc4 = v7pc in 4 segments of 3 tiles, so that the carry pre-pass stops at a first document start
+# inside a segment (128 in tiles 3 .. 5: its groups take tiles 3 and 4; 200 in tiles 6 .. 8) or scans a segment
+# without one (tiles 9 ..), and the backward's epilogue copy without document tests runs next to the one with them.
+for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 v7s1 v7c v7p v7pc v7pc4 v7var v7var1}; do
   packed=1 bwd=auto fwd=$version segments= vblocks=
   [ "$version" = "v7" ] && packed=0 bwd=v7
   [ "$version" = "v7s1" ] && packed=0 bwd=v7 fwd=v7 segments=1
@@ -76,6 +79,7 @@ for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 
   [ "$version" = "v7c" ] && packed=0 bwd=v7 fwd=v7 segments=2 length=300
   [ "$version" = "v7p" ] && fwd=v7 length=130
   [ "$version" = "v7pc" ] && bwd=v7 fwd=v7 segments=2 length=300
+  [ "$version" = "v7pc4" ] && bwd=v7 fwd=v7 segments=4 length=300
   [ "$version" = "v7var" ] && fwd=v7var length=300
   [ "$version" = "v7var1" ] && fwd=v7var length=300 vblocks=1
   for tool in memcheck racecheck; do
