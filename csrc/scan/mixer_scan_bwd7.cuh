@@ -335,8 +335,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   // (bench/results/s16/ab_bwd7_late_a/): bwd7 b8 L4096 5.68 vs 5.85-5.95 ms, b1 L8192 1.45 vs 1.50 - but with
   // documents 6.42 vs 6.23-6.25 ms, so kSeq keeps A between S1 and S2 at the tile's top, into tile[0]'s xf / bop
   // (measured again in session 18 after the changes below: late A with documents 6.37-6.40 vs 6.16 ms at b8,
-  // bench/results/s18/ab_seq_epilogue/). (Also measured, slower everywhere: A before sub-chunk 0's closing barrier of the fused sums, which then served
-  // as S1 too - 255 registers and spills.)
+  // bench/results/s18/ab_seq_epilogue/). (Also measured, slower everywhere: A before sub-chunk 0's closing barrier of
+  // the fused sums, which then served as S1 too - 255 registers and spills.)
   constexpr bool kLateA = !kSeq;
   auto convert = [&](int tile) {
     const int cp = tile & 1;
@@ -658,7 +658,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           {
             const float4 cpv = wp.cp[ec];
             const float Dc = cpv.z;
-            // this lane's first token of the sub-chunk: row pointers advanced per token (no 64-bit index math per store)
+            // this lane's first token of the sub-chunk (row pointers advanced per token, as below)
             const int tg0 = t0 + kSub * j + et0;
             T* dz_ptr = dzx + (int64_t)tg0 * rowZ + c0 + ec;
             float* ddt_ptr = p.ddt_pre + ((int64_t)b * L + tg0) * D + c0 + ec;
