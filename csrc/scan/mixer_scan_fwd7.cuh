@@ -50,10 +50,6 @@
 #include "mixer_scan_fwd4.cuh"  // scan4:: MmaOp (dt_proj mma), unpack2, ld_param, softplus_select, cp.async
 #include "../common/tma.cuh"     // tile staging by the bulk tensor copy engine (CUTLASS / CuTe sm_90 primitives)
 
-#ifndef APRIEL_FWD7_SEQ_SCAN_FAST  // (session 18 A/B switch)
-#define APRIEL_FWD7_SEQ_SCAN_FAST 1
-#endif
-
 namespace apriel {
 namespace scan7 {
 
@@ -532,115 +528,58 @@ __global__ void __launch_bounds__(kThreads, 4)
         // Shared-memory operands are loaded 2 tokens ahead of their use (H100: b1 L8192 0.834 vs 0.910 ms, b8 L4096
         // 1.110 vs 1.125 ms with the (du, delta) loads alone; bench/results/s5/pd2/): (du, delta) per token, the B
         // operand and the C words per token pair.
-        // kSeq (session 18): a half whose tokens' rows (16 hf + 3 .. + 18) hold no document start has no +inf decay
-        // argument, so it runs a copy of the scan without the restart fix-up of the FMA-pipe exponential (2 of ~44
-        // instructions per token and lane; the same values, bit for bit). Without documents only the original is
-        // compiled (its SASS is unchanged).
-        bool scanned = false;
-        if constexpr (kSeq && APRIEL_FWD7_SEQ_SCAN_FAST) {
-          if (((starts >> (hf * kHalf + 3)) & 0xffffull) == 0) {
-            const int pr0 = hf * kHalf / 2;  // first token pair of the half in bop
-            float4 pdq[2] = {sm.du[w][0][g], sm.du[w][1][g]};
-            const float4 (*bop)[9] = sm.bop[par];
-            float4 bo = bop[pr0][bsel], bo_next = bop[pr0 + 1][bsel];
-            uint4 cw2 = sm.cop[w][0][q], cw_next = sm.cop[w][1][q];  // the C words of the current / next token pair
-            auto front = [&](int tl, float (&dA)[2][4], float (&db)[2][4]) {
-              const float4 pd = pdq[tl & 1];  // (du, du, delta, delta) of channels 2g, 2g + 1
-              if (tl + 2 < kHalf) pdq[tl & 1] = sm.du[w][tl + 2][g];
-              if (tl > 0 && (tl & 1) == 0) {  // a new token pair: rotate the B operand, fetch the pair after next
-                bo = bo_next;
-                if (tl / 2 + 1 < kHalf / 2) bo_next = bop[pr0 + tl / 2 + 1][bsel];
-              }
-              mma_k4(db[0], pd.x, pd.y, (tl & 1) ? bo.z : bo.x);
-              mma_k4(db[1], pd.x, pd.y, (tl & 1) ? bo.w : bo.y);
-  #pragma unroll
-              for (int i = 0; i < 4; ++i) {
-                const float dl = i < 2 ? pd.z : pd.w;
-                dA[0][i] = ex2(dl * A2[0][i]);
-                // one of the lane's 8 exponentials on the FMA pipe (session 9, bench/results/s9/carry_emu: b8 L4096
-                // 1.113 -> 1.094 ms; two of 8: 1.136, slower). With documents too, although all 8 on MUFU measured 1.5 %
-                // faster there (session 16, bench/results/s16/ab_fwd7_mufu/): packed == separate calls is bitwise only
-                // when both compute the same exponentials (the final state differed by an ulp)
-                dA[1][i] = i == 3 ? ex2_fma(dl * A2[1][i]) : ex2(dl * A2[1][i]);
-              }
-            };
-            float dA[2][2][4], db[2][2][4];  // by token parity
-            front(0, dA[0], db[0]);
-  #pragma unroll
-            for (int tl = 0; tl < kHalf; ++tl) {
-              const int cur = tl & 1;
-              if (tl + 1 < kHalf) front(tl + 1, dA[cur ^ 1], db[cur ^ 1]);
-  #pragma unroll
-              for (int i = 0; i < 4; ++i) {
-                h[0][i] = fmaf(dA[cur][0][i], h[0][i], db[cur][0][i]);
-                h[1][i] = fmaf(dA[cur][1][i], h[1][i], db[cur][1][i]);
-              }
-              if (tl > 0 && (tl & 1) == 0) {
-                cw2 = cw_next;
-                if (tl / 2 + 1 < kHalf / 2) cw_next = sm.cop[w][tl / 2 + 1][q];
-              }
-              const float2 clo = scan4::unpack2<T>((tl & 1) ? cw2.z : cw2.x);
-              const float2 chi = scan4::unpack2<T>((tl & 1) ? cw2.w : cw2.y);
-              float yv[4];
-              mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], clo.x, clo.y, 0.f, 0.f, 0.f, 0.f);
-              mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], chi.x, chi.y, yv[0], yv[1], yv[2], yv[3]);
-              if (q == 0) *reinterpret_cast<float2*>(&sm.yf[w][tl][2 * g]) = make_float2(yv[0], yv[2]);
-            }
-            scanned = true;
+        const int pr0 = hf * kHalf / 2;  // first token pair of the half in bop
+        float4 pdq[2] = {sm.du[w][0][g], sm.du[w][1][g]};
+        const float4 (*bop)[9] = sm.bop[par];
+        float4 bo = bop[pr0][bsel], bo_next = bop[pr0 + 1][bsel];
+        uint4 cw2 = sm.cop[w][0][q], cw_next = sm.cop[w][1][q];  // the C words of the current / next token pair
+        auto front = [&](int tl, float (&dA)[2][4], float (&db)[2][4]) {
+          const float4 pd = pdq[tl & 1];  // (du, du, delta, delta) of channels 2g, 2g + 1
+          if (tl + 2 < kHalf) pdq[tl & 1] = sm.du[w][tl + 2][g];
+          if (tl > 0 && (tl & 1) == 0) {  // a new token pair: rotate the B operand, fetch the pair after next
+            bo = bo_next;
+            if (tl / 2 + 1 < kHalf / 2) bo_next = bop[pr0 + tl / 2 + 1][bsel];
           }
-        }
-        if (!scanned) {
-          const int pr0 = hf * kHalf / 2;  // first token pair of the half in bop
-          float4 pdq[2] = {sm.du[w][0][g], sm.du[w][1][g]};
-          const float4 (*bop)[9] = sm.bop[par];
-          float4 bo = bop[pr0][bsel], bo_next = bop[pr0 + 1][bsel];
-          uint4 cw2 = sm.cop[w][0][q], cw_next = sm.cop[w][1][q];  // the C words of the current / next token pair
-          auto front = [&](int tl, float (&dA)[2][4], float (&db)[2][4]) {
-            const float4 pd = pdq[tl & 1];  // (du, du, delta, delta) of channels 2g, 2g + 1
-            if (tl + 2 < kHalf) pdq[tl & 1] = sm.du[w][tl + 2][g];
-            if (tl > 0 && (tl & 1) == 0) {  // a new token pair: rotate the B operand, fetch the pair after next
-              bo = bo_next;
-              if (tl / 2 + 1 < kHalf / 2) bo_next = bop[pr0 + tl / 2 + 1][bsel];
-            }
-            mma_k4(db[0], pd.x, pd.y, (tl & 1) ? bo.z : bo.x);
-            mma_k4(db[1], pd.x, pd.y, (tl & 1) ? bo.w : bo.y);
+          mma_k4(db[0], pd.x, pd.y, (tl & 1) ? bo.z : bo.x);
+          mma_k4(db[1], pd.x, pd.y, (tl & 1) ? bo.w : bo.y);
   #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const float dl = i < 2 ? pd.z : pd.w;
-              dA[0][i] = ex2(dl * A2[0][i]);
-              // one of the lane's 8 exponentials on the FMA pipe (session 9, bench/results/s9/carry_emu: b8 L4096
-              // 1.113 -> 1.094 ms; two of 8: 1.136, slower). With documents too, although all 8 on MUFU measured 1.5 %
-              // faster there (session 16, bench/results/s16/ab_fwd7_mufu/): packed == separate calls is bitwise only
-              // when both compute the same exponentials (the final state differed by an ulp)
-              dA[1][i] = i == 3 ? ex2_fma(dl * A2[1][i]) : ex2(dl * A2[1][i]);
-              // (a document start: ex2_fma clamps -inf to 2^-125, MUFU's ex2 flushes it to 0 - restart exactly)
-              if constexpr (kSeq) {
-                if (i == 3) dA[1][i] = dl == __int_as_float(0x7f800000) ? 0.f : dA[1][i];
-              }
+          for (int i = 0; i < 4; ++i) {
+            const float dl = i < 2 ? pd.z : pd.w;
+            dA[0][i] = ex2(dl * A2[0][i]);
+            // one of the lane's 8 exponentials on the FMA pipe (session 9, bench/results/s9/carry_emu: b8 L4096
+            // 1.113 -> 1.094 ms; two of 8: 1.136, slower). With documents too, although all 8 on MUFU measured 1.5 %
+            // faster there (session 16, bench/results/s16/ab_fwd7_mufu/): packed == separate calls is bitwise only
+            // when both compute the same exponentials (the final state differed by an ulp)
+            dA[1][i] = i == 3 ? ex2_fma(dl * A2[1][i]) : ex2(dl * A2[1][i]);
+            // (a document start: ex2_fma clamps -inf to 2^-125, MUFU's ex2 flushes it to 0 - restart exactly. Session
+            // 18: a copy of the scan without this fix-up for halves without a start measured 1-3 % slower,
+            // bench/results/s18/ab_seq_scan/.)
+            if constexpr (kSeq) {
+              if (i == 3) dA[1][i] = dl == __int_as_float(0x7f800000) ? 0.f : dA[1][i];
             }
-          };
-          float dA[2][2][4], db[2][2][4];  // by token parity
-          front(0, dA[0], db[0]);
-  #pragma unroll
-          for (int tl = 0; tl < kHalf; ++tl) {
-            const int cur = tl & 1;
-            if (tl + 1 < kHalf) front(tl + 1, dA[cur ^ 1], db[cur ^ 1]);
-  #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              h[0][i] = fmaf(dA[cur][0][i], h[0][i], db[cur][0][i]);
-              h[1][i] = fmaf(dA[cur][1][i], h[1][i], db[cur][1][i]);
-            }
-            if (tl > 0 && (tl & 1) == 0) {
-              cw2 = cw_next;
-              if (tl / 2 + 1 < kHalf / 2) cw_next = sm.cop[w][tl / 2 + 1][q];
-            }
-            const float2 clo = scan4::unpack2<T>((tl & 1) ? cw2.z : cw2.x);
-            const float2 chi = scan4::unpack2<T>((tl & 1) ? cw2.w : cw2.y);
-            float yv[4];
-            mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], clo.x, clo.y, 0.f, 0.f, 0.f, 0.f);
-            mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], chi.x, chi.y, yv[0], yv[1], yv[2], yv[3]);
-            if (q == 0) *reinterpret_cast<float2*>(&sm.yf[w][tl][2 * g]) = make_float2(yv[0], yv[2]);
           }
+        };
+        float dA[2][2][4], db[2][2][4];  // by token parity
+        front(0, dA[0], db[0]);
+  #pragma unroll
+        for (int tl = 0; tl < kHalf; ++tl) {
+          const int cur = tl & 1;
+          if (tl + 1 < kHalf) front(tl + 1, dA[cur ^ 1], db[cur ^ 1]);
+  #pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            h[0][i] = fmaf(dA[cur][0][i], h[0][i], db[cur][0][i]);
+            h[1][i] = fmaf(dA[cur][1][i], h[1][i], db[cur][1][i]);
+          }
+          if (tl > 0 && (tl & 1) == 0) {
+            cw2 = cw_next;
+            if (tl / 2 + 1 < kHalf / 2) cw_next = sm.cop[w][tl / 2 + 1][q];
+          }
+          const float2 clo = scan4::unpack2<T>((tl & 1) ? cw2.z : cw2.x);
+          const float2 chi = scan4::unpack2<T>((tl & 1) ? cw2.w : cw2.y);
+          float yv[4];
+          mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], clo.x, clo.y, 0.f, 0.f, 0.f, 0.f);
+          mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], chi.x, chi.y, yv[0], yv[1], yv[2], yv[3]);
+          if (q == 0) *reinterpret_cast<float2*>(&sm.yf[w][tl][2 * g]) = make_float2(yv[0], yv[2]);
         }
         __syncwarp();
         {  // gate and store the half's y rows: lane = (row, 8 channels); y = (C . h) sz + D u sz
