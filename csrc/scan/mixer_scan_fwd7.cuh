@@ -428,91 +428,60 @@ __global__ void __launch_bounds__(kThreads, 4)
           float dd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
           M::run(dd[0], a, wb[0]);
           M::run(dd[1], a, wb[1]);
-          // Items (token g + 8 rr, channel 4q + 2 nt + e) = dd[nt][2 rr + e].
+          // Items (token g + 8 rr, channel 4q + 2 nt + e) = dd[nt][2 rr + e]; kDocs: with the conv taps' and the
+          // restart's document tests.
+          auto items = [&](int rr, auto docs_tag) {
+            constexpr bool kDocs = decltype(docs_tag)::value;
+            const int tl = g + 8 * rr, t = hf * kHalf + tl;
+            const bool live = t < Tv;
+            float4 xs[4];
+  #pragma unroll
+            for (int k = 0; k < 4; ++k) xs[k] = *reinterpret_cast<const float4*>(&sm.xf[par][t + k][4 * q]);
+            // kSeq: tap k (token t - 3 + k) counts only inside the token's document; keep = same document as the
+            // previous token (else the decay argument is +inf: h restarts)
+            bool tap[4] = {true, true, true, true}, keep = true;
+            if constexpr (kDocs) doc_taps(starts, t, tap, keep);
+            const uint2 zw = *reinterpret_cast<const uint2*>(&r.z[w][t][4 * q]);
+            const float2 z01 = scan4::unpack2<T>(zw.x), z23 = scan4::unpack2<T>(zw.y);
+            const float zv[4] = {z01.x, z01.y, z23.x, z23.y};
+  #pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+              float dv[2], duv[2], sz[2], dus[2];
+  #pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const int j = 2 * nt + e;
+                float cv = cbias[j];
+  #pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                  const float xv = j == 0 ? xs[k].x : j == 1 ? xs[k].y : j == 2 ? xs[k].z : xs[k].w;
+                  cv = fmaf(cw[j][k], tap[k] ? xv : 0.f, cv);
+                }
+                // 4 MUFU ops per item (session 16): the two sigmoids share one reciprocal, softplus takes one ex2
+                float s_cv, s_z;
+                sigmoid_pair(cv, zv[j], s_cv, s_z);
+                const float u = cv * s_cv;
+                const float delta = softplus_poly(dd[nt][2 * rr + e] + dtb2[j]);
+                dv[e] = live ? (keep ? delta : __int_as_float(0x7f800000)) : 0.f;  // past the end: (0, 0) keeps h
+                duv[e] = live ? tf32_rna(delta * u) : 0.f;
+                sz[e] = zv[j] * s_z;
+                dus[e] = dsk[j] * u * sz[e];
+              }
+              sm.du[w][tl][2 * q + nt] = make_float4(duv[0], duv[1], dv[0], dv[1]);
+              sm.gt[w][tl][2 * q + nt] = make_float4(sz[0], sz[1], dus[0], dus[1]);
+            }
+          };
   #pragma unroll
           for (int rr = 0; rr < 2; ++rr) {
             // kSeq (session 18): rows t + 1 .. t + 3 of this pass's 8 tokens (rows 16 hf + 8 rr + 1 .. + 10) hold no
-            // document start in most tiles: a warp-uniform branch to a copy of the items without the conv taps' and
-            // the restart's tests (the same values, bit for bit). Without documents only that copy is compiled. H100,
+            // document start in most tiles: a warp-uniform branch to the items without the conv taps' and the
+            // restart's tests (the same values, bit for bit). Without documents only those are compiled. H100,
             // documents of ~1,000 tokens (bench/results/s18/ab_seq_prep/): b8 L4096 1.093-1.104 -> 1.087-1.088 ms, b1
             // L8192 (varlen) 0.369 -> 0.360-0.365.
-            bool docs = false;
-            if constexpr (kSeq) docs = ((starts >> (hf * kHalf + 8 * rr + 1)) & 0x3ffull) != 0;
-            if (docs) {
-              if constexpr (kSeq) {
-                const int tl = g + 8 * rr, t = hf * kHalf + tl;
-                const bool live = t < Tv;
-                float4 xs[4];
-  #pragma unroll
-                for (int k = 0; k < 4; ++k) xs[k] = *reinterpret_cast<const float4*>(&sm.xf[par][t + k][4 * q]);
-                // kSeq: tap k (token t - 3 + k) counts only inside the token's document; keep = same document as the
-                // previous token (else the decay argument is +inf: h restarts)
-                bool tap[4] = {true, true, true, true}, keep = true;
-                if constexpr (kSeq) doc_taps(starts, t, tap, keep);
-                const uint2 zw = *reinterpret_cast<const uint2*>(&r.z[w][t][4 * q]);
-                const float2 z01 = scan4::unpack2<T>(zw.x), z23 = scan4::unpack2<T>(zw.y);
-                const float zv[4] = {z01.x, z01.y, z23.x, z23.y};
-  #pragma unroll
-                for (int nt = 0; nt < 2; ++nt) {
-                  float dv[2], duv[2], sz[2], dus[2];
-  #pragma unroll
-                  for (int e = 0; e < 2; ++e) {
-                    const int j = 2 * nt + e;
-                    float cv = cbias[j];
-  #pragma unroll
-                    for (int k = 0; k < 4; ++k) {
-                      const float xv = j == 0 ? xs[k].x : j == 1 ? xs[k].y : j == 2 ? xs[k].z : xs[k].w;
-                      cv = fmaf(cw[j][k], tap[k] ? xv : 0.f, cv);
-                    }
-                    // 4 MUFU ops per item (session 16): the two sigmoids share one reciprocal, softplus takes one ex2
-                    float s_cv, s_z;
-                    sigmoid_pair(cv, zv[j], s_cv, s_z);
-                    const float u = cv * s_cv;
-                    const float delta = softplus_poly(dd[nt][2 * rr + e] + dtb2[j]);
-                    dv[e] = live ? (keep ? delta : __int_as_float(0x7f800000)) : 0.f;  // past the end: (0, 0) keeps h
-                    duv[e] = live ? tf32_rna(delta * u) : 0.f;
-                    sz[e] = zv[j] * s_z;
-                    dus[e] = dsk[j] * u * sz[e];
-                  }
-                  sm.du[w][tl][2 * q + nt] = make_float4(duv[0], duv[1], dv[0], dv[1]);
-                  sm.gt[w][tl][2 * q + nt] = make_float4(sz[0], sz[1], dus[0], dus[1]);
-                }
-              }
+            if constexpr (kSeq) {
+              if (((starts >> (hf * kHalf + 8 * rr + 1)) & 0x3ffull) != 0) items(rr, std::true_type{});
+              else items(rr, std::false_type{});
             } else {
-              const int tl = g + 8 * rr, t = hf * kHalf + tl;
-              const bool live = t < Tv;
-              float4 xs[4];
-  #pragma unroll
-              for (int k = 0; k < 4; ++k) xs[k] = *reinterpret_cast<const float4*>(&sm.xf[par][t + k][4 * q]);
-              bool tap[4] = {true, true, true, true}, keep = true;
-              const uint2 zw = *reinterpret_cast<const uint2*>(&r.z[w][t][4 * q]);
-              const float2 z01 = scan4::unpack2<T>(zw.x), z23 = scan4::unpack2<T>(zw.y);
-              const float zv[4] = {z01.x, z01.y, z23.x, z23.y};
-  #pragma unroll
-              for (int nt = 0; nt < 2; ++nt) {
-                float dv[2], duv[2], sz[2], dus[2];
-  #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                  const int j = 2 * nt + e;
-                  float cv = cbias[j];
-  #pragma unroll
-                  for (int k = 0; k < 4; ++k) {
-                    const float xv = j == 0 ? xs[k].x : j == 1 ? xs[k].y : j == 2 ? xs[k].z : xs[k].w;
-                    cv = fmaf(cw[j][k], tap[k] ? xv : 0.f, cv);
-                  }
-                  // 4 MUFU ops per item (session 16): the two sigmoids share one reciprocal, softplus takes one ex2
-                  float s_cv, s_z;
-                  sigmoid_pair(cv, zv[j], s_cv, s_z);
-                  const float u = cv * s_cv;
-                  const float delta = softplus_poly(dd[nt][2 * rr + e] + dtb2[j]);
-                  dv[e] = live ? (keep ? delta : __int_as_float(0x7f800000)) : 0.f;  // past the end: (0, 0) keeps h
-                  duv[e] = live ? tf32_rna(delta * u) : 0.f;
-                  sz[e] = zv[j] * s_z;
-                  dus[e] = dsk[j] * u * sz[e];
-                }
-                sm.du[w][tl][2 * q + nt] = make_float4(duv[0], duv[1], dv[0], dv[1]);
-                sm.gt[w][tl][2 * q + nt] = make_float4(sz[0], sz[1], dus[0], dus[1]);
-              }
+              items(rr, std::false_type{});
             }
           }
           {  // C operand of the half: 8 token pairs x 4 quads, one per lane
