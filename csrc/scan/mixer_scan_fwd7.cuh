@@ -49,17 +49,6 @@
 #include "scan_common.cuh"
 #include "mixer_scan_fwd4.cuh"  // scan4:: MmaOp (dt_proj mma), unpack2, ld_param, softplus_select, cp.async
 #include "../common/tma.cuh"     // tile staging by the bulk tensor copy engine (CUTLASS / CuTe sm_90 primitives)
-#include <type_traits>
-
-#ifndef APRIEL_FWD7_QPIPE
-#define APRIEL_FWD7_QPIPE 1
-#endif
-#ifndef APRIEL_FWD7_QP_DT
-#define APRIEL_FWD7_QP_DT 0
-#define APRIEL_FWD7_QP_I0 2
-#define APRIEL_FWD7_QP_I1 4
-#define APRIEL_FWD7_QP_C 6
-#endif
 
 namespace apriel {
 namespace scan7 {
@@ -426,7 +415,6 @@ __global__ void __launch_bounds__(kThreads, 4)
       if (p.ckpt != nullptr && (!kVar || ts < t0 || ts == 0)) store_h(p.ckpt + ((int64_t)b * n_tiles + tile) * D * kN);
       if constexpr (kSeq) starts = doc_starts(doc_ids, lane);
 
-#if !APRIEL_FWD7_QPIPE
   #pragma unroll 1
       for (int hf = 0; hf < 2; ++hf) {
         // Prep of tokens hf*16 .. +15 of this head: dt_proj on tensor cores, the rest per item in the layout.
@@ -579,161 +567,6 @@ __global__ void __launch_bounds__(kThreads, 4)
         }
         __syncwarp();
       }
-#else
-      // Quarter pipeline (APRIEL_FWD7_QPIPE): the tile runs as 4 quarters of 8 tokens; quarter k + 1's prep is
-      // placed inside quarter k's unrolled scan (one basic block: ptxas interleaves the prep's independent chains with
-      // the scan's), so a warp is never in a prep-only stretch except at the tile's first quarter. du / gt / cop /
-      // yf hold 2 quarters (slot k & 1: the rows the per-half layout already had), so shared memory is unchanged.
-      // prep(k): lane (g, q) -> token 8k + g, channels 4q .. 4q + 3 -> du / gt row 8 (k & 1) + g; the C words of
-      // pairs 4 (k & 1) .. + 3 (lanes < 16). dt_proj per quarter: the mma's rows g and g + 8 are both token 8k + g.
-      float dq[2][2];
-      auto prep_dt = [&](int k) {
-        const int row = 8 * k + g;
-        unsigned a[4];
-        a[0] = 2 * q < R ? *reinterpret_cast<const unsigned*>(&r.dt[row][2 * q]) : 0u;
-        a[2] = 8 + 2 * q < R ? *reinterpret_cast<const unsigned*>(&r.dt[row][8 + 2 * q]) : 0u;
-        a[1] = a[0];
-        a[3] = a[2];
-        float dd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-        M::run(dd[0], a, wb[0]);
-        M::run(dd[1], a, wb[1]);
-        dq[0][0] = dd[0][0], dq[0][1] = dd[0][1], dq[1][0] = dd[1][0], dq[1][1] = dd[1][1];
-      };
-      auto prep_items = [&](int k, auto nt_tag, auto docs_tag) {
-        constexpr int nt = decltype(nt_tag)::value;
-        constexpr bool kDocs = decltype(docs_tag)::value;
-        const int t = 8 * k + g, tl = 8 * (k & 1) + g;
-        const bool live = t < Tv;
-        float2 xs[4];
-  #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) xs[kk] = *reinterpret_cast<const float2*>(&sm.xf[par][t + kk][4 * q + 2 * nt]);
-        bool tap[4] = {true, true, true, true}, keep = true;
-        if constexpr (kDocs) doc_taps(starts, t, tap, keep);
-        const float2 zz = scan4::unpack2<T>(*reinterpret_cast<const unsigned*>(&r.z[w][t][4 * q + 2 * nt]));
-        const float zv[2] = {zz.x, zz.y};
-        float dv[2], duv[2], sz[2], dus[2];
-  #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int j = 2 * nt + e;
-          float cv = cbias[j];
-  #pragma unroll
-          for (int kk = 0; kk < 4; ++kk) cv = fmaf(cw[j][kk], tap[kk] ? (e ? xs[kk].y : xs[kk].x) : 0.f, cv);
-          float s_cv, s_z;
-          sigmoid_pair(cv, zv[e], s_cv, s_z);
-          const float u = cv * s_cv;
-          const float delta = softplus_poly(dq[nt][e] + dtb2[j]);
-          dv[e] = live ? (keep ? delta : __int_as_float(0x7f800000)) : 0.f;
-          duv[e] = live ? tf32_rna(delta * u) : 0.f;
-          sz[e] = zv[e] * s_z;
-          dus[e] = dsk[j] * u * sz[e];
-        }
-        sm.du[w][tl][2 * q + nt] = make_float4(duv[0], duv[1], dv[0], dv[1]);
-        sm.gt[w][tl][2 * q + nt] = make_float4(sz[0], sz[1], dus[0], dus[1]);
-      };
-      auto prep_nt = [&](int k, auto nt_tag) {
-        if constexpr (kSeq) {
-          if (((starts >> (8 * k + 1)) & 0x3ffull) != 0) prep_items(k, nt_tag, std::true_type{});
-          else prep_items(k, nt_tag, std::false_type{});
-        } else {
-          prep_items(k, nt_tag, std::false_type{});
-        }
-      };
-      auto prep_c = [&](int k) {
-        if (lane < 16) {
-          const int pr = lane / 4, qq = lane % 4;
-          const unsigned* c0w = reinterpret_cast<const unsigned*>(&r.C[w][8 * k + 2 * pr][0]);
-          const unsigned* c1w = c0w + kN / 2;
-          sm.cop[w][4 * (k & 1) + pr][qq] = make_uint4(c0w[qq], c0w[4 + qq], c1w[qq], c1w[4 + qq]);
-        }
-      };
-      using I0 = std::integral_constant<int, 0>;
-      using I1 = std::integral_constant<int, 1>;
-      auto prep = [&](int k) {
-        prep_dt(k);
-        prep_nt(k, I0{});
-        prep_nt(k, I1{});
-        prep_c(k);
-      };
-      const float4 (*bop)[9] = sm.bop[par];
-      // The scan of quarter k, as the per-half scan (2-token-ahead operand loads, fronts one token ahead);
-      // side(tl) runs after token tl's state update (the next quarter's prep steps).
-      auto scan_q = [&](int k, auto&& side) {
-        const int s = 8 * (k & 1), ps = 4 * (k & 1), pr0 = 4 * k;
-        float4 pdq[2] = {sm.du[w][s][g], sm.du[w][s + 1][g]};
-        float4 bo = bop[pr0][bsel], bo_next = bop[pr0 + 1][bsel];
-        uint4 cw2 = sm.cop[w][ps][q], cw_next = sm.cop[w][ps + 1][q];
-        auto front = [&](int tl, float (&dA)[2][4], float (&db)[2][4]) {
-          const float4 pd = pdq[tl & 1];
-          if (tl + 2 < 8) pdq[tl & 1] = sm.du[w][s + tl + 2][g];
-          if (tl > 0 && (tl & 1) == 0) {
-            bo = bo_next;
-            if (tl / 2 + 1 < 4) bo_next = bop[pr0 + tl / 2 + 1][bsel];
-          }
-          mma_k4(db[0], pd.x, pd.y, (tl & 1) ? bo.z : bo.x);
-          mma_k4(db[1], pd.x, pd.y, (tl & 1) ? bo.w : bo.y);
-  #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const float dl = i < 2 ? pd.z : pd.w;
-            dA[0][i] = ex2(dl * A2[0][i]);
-            dA[1][i] = i == 3 ? ex2_fma(dl * A2[1][i]) : ex2(dl * A2[1][i]);
-            if constexpr (kSeq) {
-              if (i == 3) dA[1][i] = dl == __int_as_float(0x7f800000) ? 0.f : dA[1][i];
-            }
-          }
-        };
-        float dA[2][2][4], db[2][2][4];
-        front(0, dA[0], db[0]);
-  #pragma unroll
-        for (int tl = 0; tl < 8; ++tl) {
-          const int cur = tl & 1;
-          if (tl + 1 < 8) front(tl + 1, dA[cur ^ 1], db[cur ^ 1]);
-  #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            h[0][i] = fmaf(dA[cur][0][i], h[0][i], db[cur][0][i]);
-            h[1][i] = fmaf(dA[cur][1][i], h[1][i], db[cur][1][i]);
-          }
-          side(tl);
-          if (tl > 0 && (tl & 1) == 0) {
-            cw2 = cw_next;
-            if (tl / 2 + 1 < 4) cw_next = sm.cop[w][ps + tl / 2 + 1][q];
-          }
-          const float2 clo = scan4::unpack2<T>((tl & 1) ? cw2.z : cw2.x);
-          const float2 chi = scan4::unpack2<T>((tl & 1) ? cw2.w : cw2.y);
-          float yv[4];
-          mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], clo.x, clo.y, 0.f, 0.f, 0.f, 0.f);
-          mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], chi.x, chi.y, yv[0], yv[1], yv[2], yv[3]);
-          if (q == 0) *reinterpret_cast<float2*>(&sm.yf[w][s + tl][2 * g]) = make_float2(yv[0], yv[2]);
-        }
-      };
-      // gate and store quarter k's y rows: lane = (row, 4 channels); y = (C . h) sz + D u sz
-      auto store_q = [&](int k) {
-        const int s = 8 * (k & 1), row = lane / 4, part = lane % 4, t = t0 + 8 * k + row;
-        const float4 ya = *reinterpret_cast<const float4*>(&sm.yf[w][s + row][part * 4]);
-        const float4 ga = sm.gt[w][s + row][2 * part], gb = sm.gt[w][s + row][2 * part + 1];
-        const unsigned o0 = M::pack(fmaf(ya.x, ga.x, ga.z), fmaf(ya.y, ga.y, ga.w));
-        const unsigned o1 = M::pack(fmaf(ya.z, gb.x, gb.z), fmaf(ya.w, gb.y, gb.w));
-        if (kVar ? (t >= ts && t < te) : t < L)
-          *reinterpret_cast<uint2*>(y + (int64_t)t * D + c0 + part * 4) = make_uint2(o0, o1);
-      };
-      prep(0);
-      __syncwarp();
-  #pragma unroll 1
-      for (int k = 0; k < 3; ++k) {
-        scan_q(k, [&](int tl) {
-          if (tl == APRIEL_FWD7_QP_DT) prep_dt(k + 1);
-          if (tl == APRIEL_FWD7_QP_I0) prep_nt(k + 1, I0{});
-          if (tl == APRIEL_FWD7_QP_I1) prep_nt(k + 1, I1{});
-          if (tl == APRIEL_FWD7_QP_C) prep_c(k + 1);
-        });
-        __syncwarp();
-        store_q(k);
-        __syncwarp();
-      }
-      scan_q(3, [](int) {});
-      __syncwarp();
-      store_q(3);
-      __syncwarp();
-#endif
       if (tile + 1 < tile_hi) {  // the next tile's A (its copies were issued after this tile's barrier)
         wait_tile(kt + 1);
         convert(par ^ 1);
