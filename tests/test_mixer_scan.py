@@ -409,8 +409,8 @@ def test_forward_v5_bitwise_equals_v4(case, dtype, monkeypatch):
 # v7 (session 5, mixer_scan_fwd7.cuh): the input product du (x) B and the readout C . h on tensor cores (tf32), one
 # warp per head, 16-bit activations. Not bitwise v4 / v5 (tf32 rounding of du and of h in the readout): parity
 # against float64 with the same tolerance as every forward version, and the profiler proves which kernel ran -
-# v7 where it applies (packed documents too, since session 12), the v5 fallback for unaligned rows, fp32 and fewer
-# than 4 heads per group.
+# v7 where it applies (packed documents too, since session 12; any heads per group since session 19), the v5 fallback
+# for unaligned rows and fp32.
 V7_CASES = [
     # (batch, seqlen, d_inner, d_xb, repeat, width, dt_rank, extras)
     (2, 77, 64, 16, True, 4, 16, "init"),
@@ -421,6 +421,16 @@ V7_CASES = [
     (3, 300, 4096, 1024, True, 4, 16, "init"),
     (1, 32768, 64, 16, True, 4, 16, ""),
     (2, 65, 128, 16, True, 4, 16, "init"),  # 8 heads per x / B group: two blocks per group
+    # heads per group not a multiple of 4 (session 19): each group's last block has warps without a head
+    (2, 77, 48, 16, True, 4, 16, "init"),  # 3 heads per group (SmolLM2, Llama-3.2-3B)
+    (3, 100, 192, 64, False, 4, 16, "init"),  # 3 per group, 4 groups
+    (2, 300, 112, 16, True, 3, 16, "strided"),  # 7 (Qwen2.5-7B): blocks of 4 + 3 heads
+    (1, 129, 80, 16, True, 4, 8, "init"),  # 5 (Qwen2.5-14B): 4 + 1
+    (2, 65, 96, 16, False, 4, 16, ""),  # 6 (Qwen2.5-1.5B): 4 + 2
+    (2, 97, 32, 16, True, 4, 16, "init"),  # 2
+    (2, 97, 64, 64, True, 2, 16, "init"),  # 1 (multi-head attention teachers)
+    (2, 300, 3072, 1024, True, 4, 16, "init"),  # Llama-3.2-3B's mixer: 64 groups of 3 heads
+    (2, 300, 192, 64, True, 4, 16, "packed"),  # 3 per group with documents
     # packed documents (v7_seq_idx: starts mid-tile, on a tile boundary, one-token documents, past a tile's end)
     (2, 77, 64, 16, False, 3, 16, "packed"),
     (2, 4097, 256, 64, True, 4, 16, "init_packed"),
@@ -560,12 +570,11 @@ def _assert_compile_and_graph_match_eager(args, kw, fresh_zxbc):
 
 @gpu
 @needs_kernel
-@pytest.mark.parametrize("extra", ["misaligned", "fp32", "groups2"])
+@pytest.mark.parametrize("extra", ["misaligned", "fp32"])
 def test_forward_v7_falls_back_where_it_does_not_apply(extra, monkeypatch):
     monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")
     dtype = torch.float32 if extra == "fp32" else torch.bfloat16
-    X = 32 if extra == "groups2" else 16  # 2 heads per x / B group: v7 needs a multiple of 4
-    args, kw = make_inputs(2, 70, 64, X, dtype=dtype, device="cuda", dt_rank=16, seed=3)
+    args, kw = make_inputs(2, 70, 64, 16, dtype=dtype, device="cuda", dt_rank=16, seed=3)
     seq = packed_seq_idx(2, 70, [20, 41], "cuda") if extra == "packed" else None
     if extra == "misaligned":
         for name in ("zxbc", "dt_low"):
@@ -637,8 +646,10 @@ def test_gradient_parity_with_each_forward_version(version, bwd_version, monkeyp
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
 @pytest.mark.parametrize("case", [(2, 97, 64, 16, True, "init"), (1, 130, 256, 64, False, "strided"),
-                                  (3, 65, 256, 64, True, "init_D"), (2, 97, 64, 16, True, "packed")],
-                         ids=["b2-L97-init", "b1-L130-strided", "b3-L65-initD", "b2-L97-packed"])
+                                  (3, 65, 256, 64, True, "init_D"), (2, 97, 64, 16, True, "packed"),
+                                  (2, 97, 48, 16, True, "init"), (2, 97, 96, 16, False, "packed")],
+                         ids=["b2-L97-init", "b1-L130-strided", "b3-L65-initD", "b2-L97-packed", "b2-L97-r3-init",
+                              "b2-L97-r6-packed"])
 def test_gradient_parity_forward_v7(case, dtype, bwd_version, monkeypatch):
     """The backward recomputes from the forward's checkpoints: v7 writes them in its own (tensor-core) layout."""
     monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")

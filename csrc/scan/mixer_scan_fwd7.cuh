@@ -151,7 +151,7 @@ __device__ __forceinline__ void mma_k8(float (&d)[4], float a0, float a1, float 
 // index computation with a branch for the dt slice cost ~40 instructions per copy in SASS).
 template <typename T>
 __device__ __forceinline__ void stage(const MixerScanParams& p, typename Smem7<T>::Raw& r, int b, int head0,
-                                      int group, int t0, int tid) {
+                                      int group, int t0, int tid, int n_heads = kHeads) {
   constexpr int kVec = 16 / sizeof(T);
   static_assert(sizeof(typename Smem7<T>::Raw) == 11 * kChunk * kN * sizeof(T), "Raw = 11 consecutive slices");
   static_assert(kThreads == 128, "2 slices per step");
@@ -172,7 +172,10 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename Smem7<T
     if (k == 5 && odd) break;               // slice 11 does not exist
     const bool is_dt = sa == 2 && !odd;
     const T* src = is_dt ? drow : zrow + (odd ? col_of(sb) : col_of(sa));
-    const bool ok = is_dt ? dt_ok : live;
+    // z / C slices of heads >= n_heads (a group's last block, heads_per_group % 4 != 0): zero-filled, not read (their
+    // columns may lie past the row)
+    const int slice = odd ? sb : sa, hh = slice < 7 ? slice - 3 : slice - 7;
+    const bool ok = is_dt ? dt_ok : live && (slice < 3 || hh < n_heads);
     scan4::cp_async16(dst + 2 * k * (kChunk * kN), ok ? src : zrow, ok);
   }
 }
@@ -182,11 +185,13 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename Smem7<T
 // engine zero-fills rows past the sequence end and dt columns past dt_rank, as the cp.async path does. (Not one box
 // per lane: the copy instruction, UTMALDG, takes its operands in uniform registers, so per-lane boxes compile to a
 // loop over the lanes - measured 2 % (b8) to 6 % (one block per SM) slower than cp.async, session 10.)
-// per_head(hh) is called after head hh's z / C boxes: the backward v7 adds its dy boxes there.
+// per_head(hh) is called after head hh's z / C boxes: the backward v7 adds its dy boxes there. Heads hh >= n_heads (a
+// group's last block, heads_per_group % 4 != 0) load head 0's boxes again: every box stays inside the row, so the
+// transaction count is the same and no copy depends on how the engine treats a box wholly out of bounds.
 template <typename T, typename PerHead>
 __device__ __forceinline__ void load_slices(const MixerScanParams& p, const tma::ScanMaps& maps,
                                             typename Smem7<T>::Raw& r, uint64_t* bar, int b, int head0, int group,
-                                            int t0, PerHead&& per_head) {
+                                            int t0, PerHead&& per_head, int n_heads = kHeads) {
   static_assert(sizeof(T) == 2 && tma::kBoxCols == kN && tma::kBoxRows == kChunk, "one box = one 16-bit slice");
   const int cx = p.d_inner + group * kN, cc = p.d_inner + 2 * p.d_xb + head0 * kN;
   tma::load_box(maps.zxbc, bar, &r.x[0][0], cx, t0, b);
@@ -194,17 +199,18 @@ __device__ __forceinline__ void load_slices(const MixerScanParams& p, const tma:
   tma::load_box(maps.dt, bar, &r.dt[0][0], 0, t0, b);
 #pragma unroll
   for (int hh = 0; hh < kHeads; ++hh) {
-    tma::load_box(maps.zxbc, bar, &r.z[hh][0][0], (head0 + hh) * kN, t0, b);
-    tma::load_box(maps.zxbc, bar, &r.C[hh][0][0], cc + hh * kN, t0, b);
+    const int h = hh < n_heads ? hh : 0;
+    tma::load_box(maps.zxbc, bar, &r.z[hh][0][0], (head0 + h) * kN, t0, b);
+    tma::load_box(maps.zxbc, bar, &r.C[hh][0][0], cc + h * kN, t0, b);
     per_head(hh);
   }
 }
 template <typename T>
 __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::ScanMaps& maps,
                                           typename Smem7<T>::Raw& r, uint64_t* bar, int b, int head0, int group,
-                                          int t0) {
+                                          int t0, int n_heads = kHeads) {
   tma::expect_bytes(bar, sizeof(r));
-  load_slices<T>(p, maps, r, bar, b, head0, group, t0, [](int) {});
+  load_slices<T>(p, maps, r, bar, b, head0, group, t0, [](int) {}, n_heads);
 }
 
 // Channel labels (session 5, run 2): mma row r of the scan is channel pi(r) = 2r (r < 8) / 2(r - 8) + 1, so lane
@@ -233,17 +239,32 @@ __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::S
 // kernel's bit for bit (tested): the same arithmetic per token, each y row, checkpoint and final state written by
 // the block of the document it belongs to - checkpoint `tile` (the state after token 32 tile - 1) by the document
 // holding that token, and when a document ends on a tile boundary, by its block after its last tile.
-template <typename T, bool kTma, bool kSeq = false, bool kVar = false>
+template <typename T, bool kTma, bool kSeq = false, bool kVar = false, bool kPartial = false>
 __global__ void __launch_bounds__(kThreads, 4)
     mixer_scan_fwd7_kernel(MixerScanParams p, const __grid_constant__ tma::ScanMaps maps) {
   static_assert(!kVar || kSeq, "varlen scheduling is for packed documents");
+  static_assert(!(kVar && kPartial), "varlen scheduling needs heads_per_group % 4 == 0");
   extern __shared__ __align__(128) unsigned char smem_raw[];  // 128: TMA destinations (raw slices) are 1 KB apart
   using SM = Smem7<T>;
   SM& sm = *reinterpret_cast<SM*>(smem_raw);
   using M = scan4::MmaOp<T>;
   const int tid = threadIdx.x, lane = tid % 32, w = tid / 32, g = lane / 4, q = lane % 4;
-  const int head0 = blockIdx.x * kHeads, head = head0 + w, c0 = head * kN;
-  const int group = head0 / p.heads_per_group;
+  // A block holds 4 consecutive heads of ONE x / B group. kPartial (heads_per_group % 4 != 0, session 19): a group
+  // takes ceil(heads_per_group / 4) blocks, and in its last block the warps past the group's heads have no head -
+  // they stage and convert the tiles with the others, alias the block's first head for their constants (valid reads)
+  // and skip the prep, the scan and every store (blocks_per_row). A template flag, not a runtime case: the general
+  // index math moved the kernel's address arithmetic off the uniform datapath (+40 SASS instructions in the tile loop).
+  int head0, group, n_heads = kHeads, sub = 0;  // sub: the block's first head within its group (kPartial)
+  if constexpr (kPartial) {
+    const int hpg = p.heads_per_group, group_blocks = (hpg + kHeads - 1) / kHeads;
+    group = blockIdx.x / group_blocks;
+    sub = (blockIdx.x - group * group_blocks) * kHeads;
+    head0 = group * hpg + sub, n_heads = min(kHeads, hpg - sub);
+  } else {
+    head0 = blockIdx.x * kHeads, group = head0 / p.heads_per_group;
+  }
+  const bool has_head = !kPartial || w < n_heads;
+  const int head = head0 + (has_head ? w : 0), c0 = head * kN;
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank, W = p.width;
   const int n_tiles = p.n_chunks;
   int b = blockIdx.y;  // kVar: the document's sequence (set per document)
@@ -251,10 +272,10 @@ __global__ void __launch_bounds__(kThreads, 4)
   if constexpr (kTma) {
     if (tid == 0) {
       tma::init_barriers(sm.bar);
-      if constexpr (!kVar) stage_tma<T>(p, maps, sm.raw[0], &sm.bar[0], b, head0, group, 0);
+      if constexpr (!kVar) stage_tma<T>(p, maps, sm.raw[0], &sm.bar[0], b, head0, group, 0, n_heads);
     }
   } else if constexpr (!kVar) {
-    stage<T>(p, sm.raw[0], b, head0, group, 0, tid);
+    stage<T>(p, sm.raw[0], b, head0, group, 0, tid, n_heads);
     scan4::cp_async_commit();
   }
   // kVar: the block's first document, taken before the per-channel constants: when the plan did not pick varlen
@@ -318,6 +339,7 @@ __global__ void __launch_bounds__(kThreads, 4)
       }
   };
   auto store_h = [&](float* base) {  // base = the (b, D, 16)-layout row block of this sequence
+    if (!has_head) return;
 #pragma unroll
     for (int r = 0; r < 2; ++r)
 #pragma unroll
@@ -379,7 +401,7 @@ __global__ void __launch_bounds__(kThreads, 4)
       if constexpr (kTma) {
         if (tid == 0) stage_tma<T>(p, maps, sm.raw[kbase & 1], &sm.bar[kbase & 1], b, head0, group, tile_lo * kChunk);
       } else {
-        stage<T>(p, sm.raw[kbase & 1], b, head0, group, tile_lo * kChunk, tid);
+        stage<T>(p, sm.raw[kbase & 1], b, head0, group, tile_lo * kChunk, tid, n_heads);
         scan4::cp_async_commit();
       }
     }
@@ -405,9 +427,9 @@ __global__ void __launch_bounds__(kThreads, 4)
       __syncthreads();
       if (tile + 1 < tile_hi) {
         if constexpr (kTma) {
-          if (tid == 0) stage_tma<T>(p, maps, sm.raw[par ^ 1], &sm.bar[par ^ 1], b, head0, group, t0 + kChunk);
+          if (tid == 0) stage_tma<T>(p, maps, sm.raw[par ^ 1], &sm.bar[par ^ 1], b, head0, group, t0 + kChunk, n_heads);
         } else {
-          stage<T>(p, sm.raw[par ^ 1], b, head0, group, t0 + kChunk, tid);
+          stage<T>(p, sm.raw[par ^ 1], b, head0, group, t0 + kChunk, tid, n_heads);
           scan4::cp_async_commit();
         }
       }
@@ -415,6 +437,7 @@ __global__ void __launch_bounds__(kThreads, 4)
       if (p.ckpt != nullptr && (!kVar || ts < t0 || ts == 0)) store_h(p.ckpt + ((int64_t)b * n_tiles + tile) * D * kN);
       if constexpr (kSeq) starts = doc_starts(doc_ids, lane);
 
+      if (has_head)  // (warps without a head: only the block barrier and the conversions)
   #pragma unroll 1
       for (int hf = 0; hf < 2; ++hf) {
         // Prep of tokens hf*16 .. +15 of this head: dt_proj on tensor cores, the rest per item in the layout.
@@ -583,7 +606,7 @@ __global__ void __launch_bounds__(kThreads, 4)
     store_h(p.final_ssm + (int64_t)b * D * kN);
     // Final conv state: the last W-1 x inputs (xf rows Tv+3-hw .. Tv+2 of the last tile), by the group's first block.
     const int hw = W - 1, last_par = kt_last & 1;
-    if (head0 % p.heads_per_group == 0 && tid < kN * hw) {
+    if ((kPartial ? sub == 0 : head0 % p.heads_per_group == 0) && tid < kN * hw) {  // the group's first block
       const int ch = tid / hw, k = tid % hw, row = Tv + 3 - hw + k;
       bool same = true;  // kSeq: the last document's inputs only
       if constexpr (kSeq) same = no_start(starts, row + 1, Tv + 2 - row);  // rows row + 1 .. Tv + 2
@@ -592,6 +615,12 @@ __global__ void __launch_bounds__(kThreads, 4)
     }
     if constexpr (!kVar) break;
   }
+}
+
+// Blocks per sequence (the grid's x): ceil(heads_per_group / 4) per x / B group - d_inner / 64 when heads_per_group
+// is a multiple of 4; otherwise each group's last block has warps without a head (the kernel's has_head).
+inline int blocks_per_row(const MixerScanParams& p) {
+  return (p.d_xb / kN) * ((p.heads_per_group + kHeads - 1) / kHeads);
 }
 
 // Lets kernel use smem bytes of dynamic shared memory, with the largest shared-memory carveout (the v7 kernels run
@@ -603,34 +632,40 @@ inline bool allow_smem(const void* kernel, size_t smem) {
   return true;
 }
 
-// One launch of the kernel for (kSeq, kVar) on grid (d_inner / 64 channel groups, columns): columns = the batch,
-// or with kVar the blocks per channel group that take documents from the plan's list.
-template <typename T, bool kSeq, bool kVar = false>
+// One launch of the kernel for (kSeq, kVar, kPartial) on grid (blocks_per_row, columns): columns = the batch, or with
+// kVar the blocks per channel group that take documents from the plan's list.
+template <typename T, bool kSeq, bool kVar = false, bool kPartial = false>
 void launch_docs(const MixerScanParams& p, void* stream, int columns) {
   const size_t smem = sizeof(Smem7<T>);
-  const dim3 grid(p.d_inner / (kN * kHeads), columns);
+  const dim3 grid(blocks_per_row(p), columns);
   tma::ScanMaps maps{};
 #if APRIEL_TMA
   if (scan4::encode_scan_maps(p, maps)) {
     static const bool configured =
-        allow_smem(reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, true, kSeq, kVar>), smem);
+        allow_smem(reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, true, kSeq, kVar, kPartial>), smem);
     (void)configured;
-    mixer_scan_fwd7_kernel<T, true, kSeq, kVar><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
+    mixer_scan_fwd7_kernel<T, true, kSeq, kVar, kPartial><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
     APRIEL_CHECK_LAUNCH();
     return;
   }
 #endif
   static const bool configured =
-      allow_smem(reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, false, kSeq, kVar>), smem);
+      allow_smem(reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, false, kSeq, kVar, kPartial>), smem);
   (void)configured;
-  mixer_scan_fwd7_kernel<T, false, kSeq, kVar><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
+  mixer_scan_fwd7_kernel<T, false, kSeq, kVar, kPartial><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
   APRIEL_CHECK_LAUNCH();
 }
 
 template <typename T>
 void launch(const MixerScanParams& p, void* stream) {
-  if (p.seq_idx != nullptr) launch_docs<T, true>(p, stream, p.batch);
-  else launch_docs<T, false>(p, stream, p.batch);
+  const bool partial = p.heads_per_group % kHeads != 0;
+  if (p.seq_idx != nullptr) {
+    if (partial) launch_docs<T, true, false, true>(p, stream, p.batch);
+    else launch_docs<T, true>(p, stream, p.batch);
+  } else {
+    if (partial) launch_docs<T, false, false, true>(p, stream, p.batch);
+    else launch_docs<T, false>(p, stream, p.batch);
+  }
 }
 
 }  // namespace scan7

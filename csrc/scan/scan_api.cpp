@@ -172,7 +172,7 @@ void launch_fwd_version(const MixerScanParams& p, void* stream, int version) {
   switch (version) {
     case 107:
       if constexpr (sizeof(T) == 2) {
-        if (mixer_scan_fwd7_supports(p)) { launch_mixer_scan_fwd7<T>(p, stream); break; }
+        if (mixer_scan_fwd7_applies(p)) { launch_mixer_scan_fwd7<T>(p, stream); break; }
       }
       launch_mixer_scan_fwd5<T, 4>(p, stream);
       break;

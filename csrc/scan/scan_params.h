@@ -129,8 +129,14 @@ void launch_mixer_scan_fwd7_varlen(const MixerScanParams& p, int blocks_per_grou
 // The calls v7 handles; the dispatcher runs v5 / v4 for the others (unaligned rows, ...). Packed documents: the
 // forward since session 12, the backward since session 13. (The conv width needs no check: the op accepts 2..4 only,
 // all of which v7's right-aligned taps handle.)
+// The v7 forward kernel itself takes any heads_per_group (session 19: a group's last block may have warps without a
+// head, mixer_scan_fwd7.cuh kPartial); the v7 backward and the varlen forward (blocks over (group of 4 heads,
+// document)) need heads_per_group % 4 == 0 (mixer_scan_fwd7_supports).
+inline bool mixer_scan_fwd7_applies(const MixerScanParams& p) {
+  return p.zxbc_vec16 && p.dt_vec16 && p.dt_rank <= 16;
+}
 inline bool mixer_scan_fwd7_supports(const MixerScanParams& p) {
-  return p.zxbc_vec16 && p.dt_vec16 && p.dt_rank <= 16 && p.heads_per_group % 4 == 0;
+  return mixer_scan_fwd7_applies(p) && p.heads_per_group % 4 == 0;
 }
 // Backward epilogue (mixer_scan_head_sum.cu): dzxbc's x / B slices = the sums of the r head copies of dx_part /
 // dB_part ((b L, D) fp32 each; rows = b L).
