@@ -570,6 +570,24 @@ def _assert_compile_and_graph_match_eager(args, kw, fresh_zxbc):
 
 @gpu
 @needs_kernel
+@pytest.mark.parametrize("d_inner,d_xb,want_v7", [(3072, 1024, True), (2048, 1024, True), (5120, 1024, False),
+                                                  (2048, 2048, False)],
+                         ids=["r3-llama3b", "r2-qwen3-1.7b", "r5-qwen14b", "r1-smollm2-1.7b"])
+def test_forward_default_with_partial_groups(d_inner, d_xb, want_v7):
+    """Heads per group not a multiple of 4 (session 19): at batch 8 the default runs v7 where its blocks' estimate
+    beats v5 (3 or 2 heads per group: one wave of blocks with 3 / 2 busy warps) and v5 where it does not (5: blocks of 4
+    and 1 heads take two waves at the time of full ones; 1: 4 times the blocks) - scan_api.cpp fwd7_partial_wins,
+    fitted on the H100's 132 SMs."""
+    if torch.cuda.get_device_properties(0).multi_processor_count != 132:
+        pytest.skip("the expected choices are the H100's (132 SMs)")
+    args, kw = make_inputs(8, 64, d_inner, d_xb, dtype=torch.bfloat16, device="cuda", dt_rank=16, seed=11)
+    names = _cuda_kernels_run(lambda: mixer_scan(**args, **kw))
+    assert any("mixer_scan_fwd7_kernel" in n for n in names) == want_v7, names
+    assert any("mixer_scan_fwd4_kernel" in n for n in names) != want_v7, names
+
+
+@gpu
+@needs_kernel
 @pytest.mark.parametrize("extra", ["misaligned", "fp32"])
 def test_forward_v7_falls_back_where_it_does_not_apply(extra, monkeypatch):
     monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")

@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -165,6 +166,25 @@ int fwd_version(int64_t blocks = 0, int sms = 132, bool fp32 = false) {
   return fwd_version_default(blocks, sms, fp32);
 }
 
+// heads_per_group % 4 != 0 (session 19): the v7 kernel runs ceil(r / 4) blocks per x / B group and the warps past
+// the group's heads idle, so its time follows its blocks and their largest head count, not the work. An estimate
+// fitted to H100 runs at L 4096 (bench/results/s19/groups/groups.json: 7 teachers' shapes, batch 1-8), in ms at
+// L 4096 (both scale with L):
+//   v5 ~ 1.322 x (batch x heads / 2048) x (132 / SMs)  (linear in the work: b8 at D 4096 = 2048 head rows);
+//   v7 ~ waves x max(0.55, 0.065 x w), w = the busiest SM's active warps = min(4, ceil(blocks / SMs)) x the largest
+//        head count of a block (a wave = 4 blocks per SM; 0.55 = the latency floor measured at 6-8 warps per SM).
+// E.g. Llama-3.2-3B's mixer (3 heads per group) at b8: v7 0.85 vs v5 1.04 ms; Qwen2.5-14B's (5) at b4: blocks of 4
+// and 1 heads, v7 1.04 vs v5 0.92 - v5 runs there.
+bool fwd7_partial_wins(const MixerScanParams& p, int sms) {
+  const int r = p.heads_per_group, per_group = (r + 3) / 4, largest = std::min(4, r);
+  const int64_t blocks = static_cast<int64_t>(p.batch) * (p.d_xb / kN) * per_group;
+  const double rows = static_cast<double>(p.batch) * (p.d_inner / kN);
+  const double t5 = 1.322 * rows / 2048.0 * 132.0 / sms;
+  const int64_t per_sm = std::min<int64_t>(4, (blocks + sms - 1) / sms), waves = (blocks + 4 * sms - 1) / (4 * sms);
+  const double t7 = static_cast<double>(waves) * std::max(0.55, 0.065 * static_cast<double>(per_sm * largest));
+  return t7 < t5;
+}
+
 // One forward launch of activation dtype T for a version of fwd_version (K = 16 only for v3: the other lane
 // counts were dropped, slower, see docs/notes/scan.md).
 template <typename T>
@@ -273,6 +293,9 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
     return;
   }
   if (version == 207) version = 107;  // v7var without documents (or where v7 does not apply): v7
+  // the default's v7 with partial groups only where the estimate says it wins (forced v7 runs wherever it applies)
+  if (version == 107 && !forced && p.heads_per_group % 4 != 0 && !fwd7_partial_wins(p, sms))
+    version = 100 + fwd_version_auto(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms, 4.0, 6.0);
   if (st == at::kBFloat16) launch_fwd_version<__nv_bfloat16>(p, stream, version);
   else if (st == at::kHalf) launch_fwd_version<__half>(p, stream, version);
   else launch_fwd_version<float>(p, stream, version);
