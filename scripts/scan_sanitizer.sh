@@ -70,9 +70,10 @@ LOG="$OUT_DIR/scan_sanitizer.log"
 # session 18: v7pc4 = v7pc in 4 segments of 3 tiles, so that the carry pre-pass stops at a first document start
 # inside a segment (128 in tiles 3 .. 5: its groups take tiles 3 and 4; 200 in tiles 6 .. 8) or scans a segment
 # without one (tiles 9 ..), and the backward's epilogue copy without document tests runs next to the one with them.
-# session 19: v7r3 = the v7 forward with 3 heads per group (D 48: the block's 4th warp has no head; its z / C boxes
-# are head 0's again) with documents, over 5 tiles; v7r3c = the same without documents and with cp.async staging
-# (APRIEL_SCAN_TMA=0: the missing head's copies, whose C columns lie past the row, are zero-filled, not read).
+# session 19: v7r3 = the v7 forward and backward with 3 heads per group (D 48: the block's 4th warp has no head; its
+# z / C / dy boxes are head 0's again) with documents, over 5 tiles in 2 segments (the carry pre-pass); v7r3c = the
+# same without documents, unsplit, with cp.async staging (APRIEL_SCAN_TMA=0: the missing head's copies, whose C
+# columns lie past the row, are zero-filled, not read).
 for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 v7s1 v7c v7p v7pc v7pc4 v7var v7var1 v7r3 v7r3c}; do
   packed=1 bwd=auto fwd=$version segments= vblocks= dinner=64 tma=
   [ "$version" = "v7" ] && packed=0 bwd=v7
@@ -86,8 +87,8 @@ for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 
   [ "$version" = "v7pc4" ] && bwd=v7 fwd=v7 segments=4 length=300
   [ "$version" = "v7var" ] && fwd=v7var length=300
   [ "$version" = "v7var1" ] && fwd=v7var length=300 vblocks=1
-  [ "$version" = "v7r3" ] && fwd=v7 length=130 dinner=48
-  [ "$version" = "v7r3c" ] && fwd=v7 length=130 dinner=48 packed=0 tma=0
+  [ "$version" = "v7r3" ] && fwd=v7 bwd=v7 segments=2 length=130 dinner=48
+  [ "$version" = "v7r3c" ] && fwd=v7 bwd=v7 segments=1 length=130 dinner=48 packed=0 tma=0
   for tool in memcheck racecheck; do
     echo "=== L=$length D=$dinner packed=$packed APRIEL_SCAN_TMA=${tma:-auto} APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=${segments:-auto} APRIEL_SCAN_VARLEN_BLOCKS=${vblocks:-auto} compute-sanitizer --tool $tool" >> "$LOG"
     SCAN_SANITIZER_L=$length SCAN_SANITIZER_D=$dinner SCAN_SANITIZER_PACKED=$packed APRIEL_SCAN_TMA=$tma APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=$segments \

@@ -54,7 +54,8 @@
 // as that segment's dinit_conv_part row (and the earlier segment writes those rows without it: dx_edge / dx_part);
 // the host adds the two. Whole-sequence partial outputs get one row per (b, segment).
 // Packed documents (seq_idx): kSeq (session 13), below. Not handled (the dispatcher runs v4): fp32 activations,
-// dt_rank > 16, rows that are not 16-byte aligned (zxbc, dt_low, dy), heads_per_group % 4 != 0.
+// dt_rank > 16, rows that are not 16-byte aligned (zxbc, dt_low, dy). heads_per_group % 4 != 0: kPartial (session 19,
+// below).
 #pragma once
 #include "../common/cuda_check.h"
 #include "scan_common.cuh"
@@ -172,14 +173,14 @@ using scan::no_start;
 // The tile starting at t0: the forward v7's 11 slices, plus dy of the 4 heads and the 3 x rows before t0.
 template <typename T>
 __device__ __forceinline__ void stage(const MixerScanParams& p, typename SmemB7<T>::Raw& r, int b, int head0,
-                                      int group, int t0, int tid) {
+                                      int group, int t0, int tid, int n_heads = kHeads) {
   constexpr int kVec = 16 / sizeof(T);
-  scan7::stage<T>(p, r.f, b, head0, group, t0, tid);
+  scan7::stage<T>(p, r.f, b, head0, group, t0, tid, n_heads);
   const T* dyb = static_cast<const T*>(p.dy) + (int64_t)b * p.seqlen * p.d_inner + head0 * kN;
 #pragma unroll
   for (int k = 0; k < 2; ++k) {  // 4 heads x 32 rows x 2 parts = 256 copies
     const int i = tid + k * kThreads, hh = i >> 6, row = (i >> 1) & 31, part = i & 1, pos = t0 + row;
-    const bool ok = pos < p.seqlen;
+    const bool ok = pos < p.seqlen && (n_heads == kHeads || hh < n_heads);  // (zero-filled: see scan7::stage)
     scan4::cp_async16(&r.dy[hh][row][part * kVec], ok ? dyb + (int64_t)pos * p.d_inner + hh * kN + part * kVec : dyb, ok);
   }
   if (tid < 6) {
@@ -197,14 +198,16 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename SmemB7<
 template <typename T>
 __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::ScanBwdMaps& maps,
                                           typename SmemB7<T>::Raw& r, uint64_t* bar, int b, int head0, int group,
-                                          int t0) {
+                                          int t0, int n_heads = kHeads) {
   using Raw = typename SmemB7<T>::Raw;
   static_assert(sizeof(T) == 2 && tma::kBoxCols == kN && tma::kBoxRows == kChunk, "one box = one 16-bit slice");
   static_assert(offsetof(Raw, dy) == 11 * kChunk * kN * sizeof(T) && offsetof(Raw, xh) % 128 == 0 &&
                 sizeof(Raw) % 128 == 0, "16 boxes at 128-byte aligned offsets");
   tma::expect_bytes(bar, sizeof(Raw));
   scan7::load_slices<T>(p, maps.fwd, r.f, bar, b, head0, group, t0,
-                        [&](int hh) { tma::load_box(maps.dy, bar, &r.dy[hh][0][0], (head0 + hh) * kN, t0, b); });
+                        [&](int hh) {
+                          tma::load_box(maps.dy, bar, &r.dy[hh][0][0], (head0 + (hh < n_heads ? hh : 0)) * kN, t0, b);
+                        }, n_heads);
   tma::load_box(maps.halo, bar, &r.xh[0][0], p.d_inner + group * kN, t0 - 3, b);
 }
 
@@ -215,7 +218,11 @@ __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::S
 // ex2 flushes ex2(FLT_MAX x A2) - -inf, or below -126 where |A2| < 1 - to +0), as is q = G a h_{t-1}, and dA_log's
 // sum q x delta stays finite. (Session 18: FLT_MAX instead of the forward's +inf - the same decays, bitwise - saves
 // the reverse a min(delta, FLT_MAX) per element: 0 x inf would be NaN.)
-template <typename T, bool kTma, bool kSeq = false>
+// kPartial (heads_per_group % 4 != 0, session 19): as the forward v7's - a group's last block has warps without a
+// head; they stage, convert and take part in the block sums (their d(dt_low) rows are not read), alias the block's
+// first head for their constants and skip pass A, pass B's per-warp work and every store. (Never fused: the group
+// sums need 4 heads per group.)
+template <typename T, bool kTma, bool kSeq = false, bool kPartial = false>
 __global__ void __launch_bounds__(kThreads, 2)
     mixer_scan_bwd7_kernel(MixerScanParams p, const __grid_constant__ tma::ScanBwdMaps maps) {
   extern __shared__ __align__(128) unsigned char smem_raw[];  // 128: TMA destinations
@@ -225,8 +232,17 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int tid = threadIdx.x, lane = tid % 32, w = tid / 32, g = lane / 4, q = lane % 4;
   // blockIdx.y = b * segments + segment (vb: the row of the whole-sequence partial outputs)
   const int S = p.bwd_segments, vb = blockIdx.y, b = vb / S, seg = vb - b * S;
-  const int head0 = blockIdx.x * kHeads, head = head0 + w, c0 = head * kN;
-  const int group = head0 / p.heads_per_group;
+  int head0, group, n_heads = kHeads;
+  if constexpr (kPartial) {
+    const int hpg = p.heads_per_group, group_blocks = (hpg + kHeads - 1) / kHeads;
+    group = blockIdx.x / group_blocks;
+    const int sub = (blockIdx.x - group * group_blocks) * kHeads;
+    head0 = group * hpg + sub, n_heads = min(kHeads, hpg - sub);
+  } else {
+    head0 = blockIdx.x * kHeads, group = head0 / p.heads_per_group;
+  }
+  const bool has_head = !kPartial || w < n_heads;
+  const int head = head0 + (has_head ? w : 0), c0 = head * kN;
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank, W = p.width, hw = W - 1;
   const int n_tiles = p.n_chunks;
   const int tile_first = seg * p.seg_tiles, tile_last = min(n_tiles, tile_first + p.seg_tiles) - 1;
@@ -238,10 +254,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   if constexpr (kTma) {
     if (tid == 0) {
       tma::init_barriers(sm.bar);
-      stage_tma<T>(p, maps, sm.tile[tile_last & 1].raw, &sm.bar[tile_last & 1], b, head0, group, tile_last * kChunk);
+      stage_tma<T>(p, maps, sm.tile[tile_last & 1].raw, &sm.bar[tile_last & 1], b, head0, group, tile_last * kChunk,
+                   n_heads);
     }
   } else {
-    stage<T>(p, sm.tile[tile_last & 1].raw, b, head0, group, tile_last * kChunk, tid);
+    stage<T>(p, sm.tile[tile_last & 1].raw, b, head0, group, tile_last * kChunk, tid, n_heads);
     scan4::cp_async_commit();
   }
 
@@ -304,7 +321,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool b4 = (lane >> 4) & 1, b3 = (lane >> 3) & 1, b2 = (lane >> 2) & 1;
   const int red_slot = 16 * b4 + 8 * b3 + 2 * q + b2;
   const bool diag = q == (g >> 1), godd = g & 1;
-  const bool fused = p.bwd_fused_sums;
+  const bool fused = p.bwd_fused_sums;  // (never with kPartial: the host fuses at 4 heads per group only)
   T* dzx = static_cast<T*>(p.dzxbc) + (int64_t)b * L * rowZ;
   auto load_state = [&](const float* base, float (&h)[2][4]) {  // base = (D, 16) block of this sequence
 #pragma unroll
@@ -389,9 +406,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
     if (tile > tile_first) {
       if constexpr (kTma) {
-        if (tid == 0) stage_tma<T>(p, maps, sm.tile[par ^ 1].raw, &sm.bar[par ^ 1], b, head0, group, t0 - kChunk);
+        if (tid == 0) stage_tma<T>(p, maps, sm.tile[par ^ 1].raw, &sm.bar[par ^ 1], b, head0, group, t0 - kChunk, n_heads);
       } else {
-        stage<T>(p, sm.tile[par ^ 1].raw, b, head0, group, t0 - kChunk, tid);
+        stage<T>(p, sm.tile[par ^ 1].raw, b, head0, group, t0 - kChunk, tid, n_heads);
         scan4::cp_async_commit();
       }
     }
@@ -521,7 +538,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
     const float* ck = p.ckpt_in + ((int64_t)b * n_tiles + tile) * D * kN;
     // Pass A: the states after tokens 7, 15, 23 (only the sub-chunks before the last one are needed).
-    {
+    if (has_head) {
       float h[2][4], hs_unused[kSub][2][4];
       load_state(ck, h);
 #pragma unroll 1
@@ -538,6 +555,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     // Pass B: sub-chunks in reverse.
 #pragma unroll 1
     for (int j = kNSub - 1; j >= 0; --j) {
+      if (has_head) {  // (kPartial: warps without a head go to the block sums)
       prep(j, std::true_type{});
       float hstart[2][4];
       if (j == 0) {
@@ -876,10 +894,17 @@ __global__ void __launch_bounds__(kThreads, 2)
               M::pack(s0, s1);
         }
       }
-      if (dt_fused) {  // d(dt_low) summed over the block's 4 heads (fixed order)
+      }  // has_head
+      if (dt_fused) {  // d(dt_low) summed over the block's 4 heads (fixed order; kPartial: its n_heads)
         if (!fused) __syncthreads();
         const int tl = tid >> 4, k = tid & 15, tg = t0 + kSub * j + tl;
-        const float s = sm.wp[0].dlow[tl][k] + sm.wp[1].dlow[tl][k] + sm.wp[2].dlow[tl][k] + sm.wp[3].dlow[tl][k];
+        float s = sm.wp[0].dlow[tl][k] + sm.wp[1].dlow[tl][k] + sm.wp[2].dlow[tl][k] + sm.wp[3].dlow[tl][k];
+        if constexpr (kPartial) {
+          s = sm.wp[0].dlow[tl][k];
+#pragma unroll
+          for (int ww = 1; ww < kHeads; ++ww)
+            if (ww < n_heads) s += sm.wp[ww].dlow[tl][k];
+        }
         if (tg < L) p.ddt_low_part[(((int64_t)b * L + tg) * gridDim.x + blockIdx.x) * kN + k] = s;
       }
       if (fused || dt_fused) __syncthreads();  // red / dxs / dlow are rewritten by the next sub-chunk
@@ -892,6 +917,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 
   // Whole-sequence outputs.
+  if (!has_head) return;
 #pragma unroll
   for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
@@ -941,32 +967,38 @@ inline bool encode_maps(const MixerScanParams& p, tma::ScanBwdMaps& maps) {
 }
 }  // namespace
 
-template <typename T, bool kSeq>
+template <typename T, bool kSeq, bool kPartial>
 void launch_for(const MixerScanParams& p, void* stream) {
   const size_t smem = sizeof(SmemB7For<T, kSeq>);
-  const dim3 grid(p.d_inner / (kN * kHeads), p.batch * p.bwd_segments);
+  const dim3 grid(scan7::blocks_per_row(p), p.batch * p.bwd_segments);
   tma::ScanBwdMaps maps{};
 #if APRIEL_TMA
   if (encode_maps(p, maps)) {
     static const bool configured =
-        scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, true, kSeq>), smem);
+        scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, true, kSeq, kPartial>), smem);
     (void)configured;
-    mixer_scan_bwd7_kernel<T, true, kSeq><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
+    mixer_scan_bwd7_kernel<T, true, kSeq, kPartial><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
     APRIEL_CHECK_LAUNCH();
     return;
   }
 #endif
   static const bool configured =
-      scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, false, kSeq>), smem);
+      scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, false, kSeq, kPartial>), smem);
   (void)configured;
-  mixer_scan_bwd7_kernel<T, false, kSeq><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
+  mixer_scan_bwd7_kernel<T, false, kSeq, kPartial><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
   APRIEL_CHECK_LAUNCH();
 }
 
 template <typename T>
 void launch(const MixerScanParams& p, void* stream) {
-  if (p.seq_idx != nullptr) launch_for<T, true>(p, stream);
-  else launch_for<T, false>(p, stream);
+  const bool partial = p.heads_per_group % kHeads != 0;
+  if (p.seq_idx != nullptr) {
+    if (partial) launch_for<T, true, true>(p, stream);
+    else launch_for<T, true, false>(p, stream);
+  } else {
+    if (partial) launch_for<T, false, true>(p, stream);
+    else launch_for<T, false, false>(p, stream);
+  }
 }
 
 }  // namespace scan7b

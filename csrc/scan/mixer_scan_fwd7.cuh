@@ -28,7 +28,8 @@
 // The state recurrence itself stays fp32 (FFMA), so the final state and the checkpoints keep fp32 accuracy up to
 // the tf32 rounding of du.
 //
-// Block = 4 consecutive heads of one x / B group (4 warps; needs heads_per_group % 4 == 0), one sequence. Per
+// Block = 4 consecutive heads of one x / B group (4 warps; kPartial, session 19: a group whose head count 4 does not
+// divide ends in a block with warps that have no head), one sequence. Per
 // 32-token tile: one block barrier, issue the next tile's copies; then each warp alone, per 16-token half: prep
 // (dt_proj by mma in the accumulator layout, conv + silu, softplus(. + 2 b_dt), silu(z)) -> per (token, row)
 // du = (tf32(delta u), delta) and gt = (silu z, D u silu z) pairs, and the C operand words; __syncwarp; the 16
@@ -43,7 +44,7 @@
 // argument to +inf at a document start (ex2 -> 0 resets h; the FMA-pipe exponential clamps, so its exact 0 is
 // selected), as v5 does: the same arithmetic per token as separate calls (bitwise, tested).
 // Not handled (the dispatcher falls back to v5 / v4): fp32 activations, dt_rank > 16, unaligned zxbc / dt_low rows
-// (no 16-byte copies), heads_per_group % 4 != 0.
+// (no 16-byte copies). Varlen scheduling (kVar) needs heads_per_group % 4 == 0.
 #pragma once
 #include "../common/cuda_check.h"
 #include "scan_common.cuh"
@@ -175,7 +176,7 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename Smem7<T
     // z / C slices of heads >= n_heads (a group's last block, heads_per_group % 4 != 0): zero-filled, not read (their
     // columns may lie past the row)
     const int slice = odd ? sb : sa, hh = slice < 7 ? slice - 3 : slice - 7;
-    const bool ok = is_dt ? dt_ok : live && (slice < 3 || hh < n_heads);
+    const bool ok = is_dt ? dt_ok : live && (n_heads == kHeads || slice < 3 || hh < n_heads);
     scan4::cp_async16(dst + 2 * k * (kChunk * kN), ok ? src : zrow, ok);
   }
 }
@@ -617,10 +618,11 @@ __global__ void __launch_bounds__(kThreads, 4)
   }
 }
 
-// Blocks per sequence (the grid's x): ceil(heads_per_group / 4) per x / B group - d_inner / 64 when heads_per_group
-// is a multiple of 4; otherwise each group's last block has warps without a head (the kernel's has_head).
+// Blocks per sequence (the grid's x): mixer_scan_v7_blocks_per_row (scan_params.h: ceil(heads_per_group / 4) per x / B
+// group; each group's last block has warps without a head - the kernel's has_head - unless 4 divides it).
 inline int blocks_per_row(const MixerScanParams& p) {
-  return (p.d_xb / kN) * ((p.heads_per_group + kHeads - 1) / kHeads);
+  static_assert(kHeads == 4 && kN == 16, "mixer_scan_v7_blocks_per_row's block shape");
+  return mixer_scan_v7_blocks_per_row(p);
 }
 
 // Lets kernel use smem bytes of dynamic shared memory, with the largest shared-memory carveout (the v7 kernels run

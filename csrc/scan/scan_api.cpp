@@ -168,7 +168,7 @@ int fwd_version(int64_t blocks = 0, int sms = 132, bool fp32 = false) {
 
 // heads_per_group % 4 != 0 (session 19): the v7 kernel runs ceil(r / 4) blocks per x / B group and the warps past
 // the group's heads idle, so its time follows its blocks and their largest head count, not the work. An estimate
-// fitted to H100 runs at L 4096 (bench/results/s19/groups/groups.json: 7 teachers' shapes, batch 1-8), in ms at
+// fitted to H100 runs at L 4096 (bench/results/s19/groups/groups_b8a0e97.json: 7 teachers' shapes, batch 1-8), in ms at
 // L 4096 (both scale with L):
 //   v5 ~ 1.322 x (batch x heads / 2048) x (132 / SMs)  (linear in the work: b8 at D 4096 = 2048 head rows);
 //   v7 ~ waves x max(0.55, 0.065 x w), w = the busiest SM's active warps = min(4, ceil(blocks / SMs)) x the largest
@@ -329,7 +329,7 @@ int bwd7_segments(const MixerScanParams& p) {
     return static_cast<int>(std::min<int64_t>(n, p.n_chunks));
   }
   constexpr double kPrePass = 0.17;  // H100 b1 L8192, 4 segments: pre-pass 0.205 ms, main kernel 1.63 ms
-  const double blocks = static_cast<double>(p.batch) * (p.d_inner / (4 * kN)), slots = 2.0 * sm_count();
+  const double blocks = static_cast<double>(p.batch) * mixer_scan_v7_blocks_per_row(p), slots = 2.0 * sm_count();
   int best = 1;
   double best_cost = 1e30;
   for (int64_t s = 1; s <= max_s; ++s) {
@@ -469,7 +469,7 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   Tensor dB_part = fused ? at::empty({0}, f32) : at::empty({d.b, d.L, d.D}, f32);
   // v7 computes the dt_proj gradients itself (per-block d(dt_low) partials, per-sequence d W / d b): no fp32 (b, L, D)
   // d(dt_pre) buffer and no GEMMs over it.
-  const int64_t nblk = d.D / (4 * kN);
+  const int64_t nblk = mixer_scan_v7_blocks_per_row(p);  // the v7 kernel's blocks per sequence
   Tensor ddt_pre = v7 ? at::empty({0}, f32) : at::empty({d.b, d.L, d.D}, f32);
   Tensor ddt_low_part = v7 ? at::empty({d.b, d.L, nblk, kN}, f32) : Tensor();
   Tensor ddt_w_part = v7 ? at::empty({bs, d.D, kN}, f32) : Tensor();

@@ -138,6 +138,11 @@ inline bool mixer_scan_fwd7_applies(const MixerScanParams& p) {
 inline bool mixer_scan_fwd7_supports(const MixerScanParams& p) {
   return mixer_scan_fwd7_applies(p) && p.heads_per_group % 4 == 0;
 }
+// The v7 kernels' blocks per sequence (their grid's x): ceil(heads_per_group / 4) per x / B group of 16 channels -
+// d_inner / 64 when heads_per_group is a multiple of 4; otherwise each group's last block has warps without a head.
+inline int mixer_scan_v7_blocks_per_row(const MixerScanParams& p) {
+  return (p.d_xb / 16) * ((p.heads_per_group + 3) / 4);
+}
 // Backward epilogue (mixer_scan_head_sum.cu): dzxbc's x / B slices = the sums of the r head copies of dx_part /
 // dB_part ((b L, D) fp32 each; rows = b L).
 template <typename T>
@@ -152,7 +157,8 @@ void launch_mixer_scan_bwd4(const MixerScanParams& p, void* stream);
 template <typename T>
 void launch_mixer_scan_bwd7(const MixerScanParams& p, void* stream);
 inline bool mixer_scan_bwd7_supports(const MixerScanParams& p) {
-  return mixer_scan_fwd7_supports(p) && p.dy_vec16;  // (packed documents: since session 13)
+  // (packed documents: since session 13; heads_per_group % 4 != 0: since session 19, kPartial)
+  return mixer_scan_fwd7_applies(p) && p.dy_vec16;
 }
 // The v7 backward's carry pre-pass (p.bwd_segments > 1): L_s and P_s of segments 1 .. segments-1 into p.seg_carry.
 template <typename T>
