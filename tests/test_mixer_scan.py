@@ -1223,7 +1223,8 @@ def test_backward_v7_tma_staging_equals_cp_async(case, dtype, monkeypatch):
         monkeypatch.setenv("APRIEL_SCAN_TMA", staging)
         poison_allocator()
         names = _cuda_kernels_run(lambda staging=staging: grads.update({staging: _grads(args, kw, seq, weights)}))
-        want = (", true, " if staging == "1" else ", false, ") + ("true>" if seq is not None else "false>")  # <T, kTma, kSeq>
+        partial = "true" if (D_ // X) % 4 else "false"  # <T, kTma, kSeq, kPartial>
+        want = f", {'true' if staging == '1' else 'false'}, {'true' if seq is not None else 'false'}, {partial}>"
         assert any("mixer_scan_bwd7_kernel" in n and want in n for n in names), (staging, names)
     for name in grads["0"]:
         assert torch.equal(grads["0"][name], grads["1"][name]), f"d{name}: TMA staging differs from cp.async"
@@ -1275,6 +1276,25 @@ def test_backward_default_dispatch(monkeypatch):
         assert any("mixer_scan_bwd7_carry_kernel" in n for n in names) == split, (b, names)
         if b == 1:
             _check_grads(args, kw, None, torch.bfloat16)
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("heads_per_group,want_v7", [(3, True), (6, True), (7, True), (5, False), (2, False),
+                                                     (1, False)])
+def test_backward_default_with_partial_groups(heads_per_group, want_v7, monkeypatch):
+    """Heads per group not a multiple of 4 (session 19): the default backward is v7 where at least 3 / 4 of its warps
+    have a head (scan_api.cpp bwd7_partial_worth_it), v4 elsewhere; the gradients are right either way."""
+    monkeypatch.delenv("APRIEL_SCAN_BWD", raising=False)
+    monkeypatch.delenv("APRIEL_SCAN_BWD_SEGMENTS", raising=False)
+    X = 32
+    args, kw = make_inputs(2, 70, heads_per_group * X, X, dtype=torch.bfloat16, device="cuda", dt_rank=16,
+                           initial_states=True, seed=heads_per_group)
+    weights = _loss_weights(args, kw, torch.bfloat16, seed=3)
+    names = _cuda_kernels_run(lambda: _grads(args, kw, None, weights))
+    assert any("mixer_scan_bwd7_kernel" in n for n in names) == want_v7, names
+    assert any("mixer_scan_bwd4_kernel" in n for n in names) != want_v7, names
+    _check_grads(args, kw, None, torch.bfloat16)
 
 
 @gpu

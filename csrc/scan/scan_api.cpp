@@ -344,10 +344,22 @@ int bwd7_segments(const MixerScanParams& p) {
 
 // Segments of the v7 backward for these params, 0 where v4 / v3 run (the host epilogue depends on it: fused
 // group sums, per-segment partial rows).
+// heads_per_group % 4 != 0 (session 19, kPartial): the default takes v7 where at least 3 / 4 of its warps have a head
+// (3, 6, 7, 9, 10, 11, ... heads per group). H100, bwd alone at L 4096, batch 1 / 2 / 4 / 8, v4 -> v7 ms
+// (bench/results/s19/groups/groups_bwd_3beb9d4.json): 3 heads (Llama-3.2-3B's mixer) 1.19 / 2.23 / 3.29 / 6.32 ->
+// 0.92 / 1.74 / 3.07 / 6.05; 7 (Qwen2.5-7B) 1.16 / 2.26 / 4.22 / 7.34 -> 1.03 / 1.90 / 3.31 / 6.48; 6 (Qwen2.5-1.5B)
+// 1.00 / 1.17 / 2.18 / 3.45 -> 0.81 / 0.98 / 1.80 / 3.40; but 5 (blocks of 4 + 1 heads; Qwen2.5-14B) 10.4 -> 12.2 ms at
+// b8, 2 heads (Qwen3-1.7B) 4.41 -> 5.83, 1 (SmolLM2-1.7B) 4.59 -> 9.70: v4 there.
+bool bwd7_partial_worth_it(const MixerScanParams& p) {
+  const int r = p.heads_per_group;
+  return r % 4 == 0 || 4 * r >= 3 * 4 * ((r + 3) / 4);
+}
+
 int bwd_v7_segments(const MixerScanParams& p, at::ScalarType st) {
   if (st == at::kFloat || !mixer_scan_bwd7_supports(p)) return 0;
   const std::string v = bwd_version();
   if (v != "v7" && v != "auto") return 0;
+  if (v == "auto" && !bwd7_partial_worth_it(p)) return 0;
   return bwd7_segments(p);
 }
 
