@@ -991,14 +991,17 @@ void launch_for(const MixerScanParams& p, void* stream) {
 
 template <typename T>
 void launch(const MixerScanParams& p, void* stream) {
-  const bool partial = p.heads_per_group % kHeads != 0;
-  if (p.seq_idx != nullptr) {
-    if (partial) launch_for<T, true, true>(p, stream);
-    else launch_for<T, true, false>(p, stream);
-  } else {
-    if (partial) launch_for<T, false, true>(p, stream);
-    else launch_for<T, false, false>(p, stream);
+  if (p.heads_per_group % kHeads != 0) {  // kPartial: instantiated in mixer_scan_bwd7p_*.cu (scan_params.h)
+    launch_mixer_scan_bwd7_partial<T>(p, stream);
+    return;
   }
+  if (p.seq_idx != nullptr) launch_for<T, true, false>(p, stream);
+  else launch_for<T, false, false>(p, stream);
+}
+template <typename T>
+void launch_partial(const MixerScanParams& p, void* stream) {
+  if (p.seq_idx != nullptr) launch_for<T, true, true>(p, stream);
+  else launch_for<T, false, true>(p, stream);
 }
 
 }  // namespace scan7b
@@ -1258,6 +1261,13 @@ template <typename T>
 void launch_mixer_scan_bwd7(const MixerScanParams& p, void* stream) {
   scan7b::launch<T>(p, stream);
 }
+
+#ifdef APRIEL_SCAN_V7_PARTIAL_TU  // (defined only in mixer_scan_bwd7p_*.cu: the other TUs link to their instances)
+template <typename T>
+void launch_mixer_scan_bwd7_partial(const MixerScanParams& p, void* stream) {
+  scan7b::launch_partial<T>(p, stream);
+}
+#endif
 
 template <typename T>
 void launch_mixer_scan_bwd7_carry(const MixerScanParams& p, void* stream) {

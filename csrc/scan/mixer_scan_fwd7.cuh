@@ -660,14 +660,17 @@ void launch_docs(const MixerScanParams& p, void* stream, int columns) {
 
 template <typename T>
 void launch(const MixerScanParams& p, void* stream) {
-  const bool partial = p.heads_per_group % kHeads != 0;
-  if (p.seq_idx != nullptr) {
-    if (partial) launch_docs<T, true, false, true>(p, stream, p.batch);
-    else launch_docs<T, true>(p, stream, p.batch);
-  } else {
-    if (partial) launch_docs<T, false, false, true>(p, stream, p.batch);
-    else launch_docs<T, false>(p, stream, p.batch);
+  if (p.heads_per_group % kHeads != 0) {  // kPartial: instantiated in mixer_scan_fwd7p_*.cu (scan_params.h)
+    launch_mixer_scan_fwd7_partial<T>(p, stream);
+    return;
   }
+  if (p.seq_idx != nullptr) launch_docs<T, true>(p, stream, p.batch);
+  else launch_docs<T, false>(p, stream, p.batch);
+}
+template <typename T>
+void launch_partial(const MixerScanParams& p, void* stream) {
+  if (p.seq_idx != nullptr) launch_docs<T, true, false, true>(p, stream, p.batch);
+  else launch_docs<T, false, false, true>(p, stream, p.batch);
 }
 
 }  // namespace scan7
@@ -676,6 +679,12 @@ template <typename T>
 void launch_mixer_scan_fwd7(const MixerScanParams& p, void* stream) {
   scan7::launch<T>(p, stream);
 }
+#ifdef APRIEL_SCAN_V7_PARTIAL_TU  // (defined only in mixer_scan_fwd7p_*.cu: the other TUs link to their instances)
+template <typename T>
+void launch_mixer_scan_fwd7_partial(const MixerScanParams& p, void* stream) {
+  scan7::launch_partial<T>(p, stream);
+}
+#endif
 template <typename T>
 void launch_mixer_scan_fwd7_varlen(const MixerScanParams& p, int blocks_per_group, void* stream) {
   scan7::launch_docs<T, true, true>(p, stream, blocks_per_group);

@@ -160,6 +160,12 @@ inline bool mixer_scan_bwd7_supports(const MixerScanParams& p) {
   // (packed documents: since session 13; heads_per_group % 4 != 0: since session 19, kPartial)
   return mixer_scan_fwd7_applies(p) && p.dy_vec16;
 }
+// The v7 kernels with heads_per_group % 4 != 0 (kPartial, session 19), called by launch_mixer_scan_fwd7 / _bwd7 and
+// instantiated in their own translation units (mixer_scan_{fwd,bwd}7p_*.cu) so that no TU's compile time grows.
+template <typename T>
+void launch_mixer_scan_fwd7_partial(const MixerScanParams& p, void* stream);
+template <typename T>
+void launch_mixer_scan_bwd7_partial(const MixerScanParams& p, void* stream);
 // The v7 backward's carry pre-pass (p.bwd_segments > 1): L_s and P_s of segments 1 .. segments-1 into p.seg_carry.
 template <typename T>
 void launch_mixer_scan_bwd7_carry(const MixerScanParams& p, void* stream);
