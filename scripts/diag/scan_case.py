@@ -17,9 +17,10 @@ D, X, N, R, W = 4096, 1024, 16, 16, 4
 KW = dict(d_inner=D, d_xb=X, d_state=N)
 
 
-def make_case(b, L, requires_grad=False):
-    """Random mixer inputs at the bar shape and a dy (b, L, D)."""
+def make_case(b, L, requires_grad=False, d_inner=D, d_xb=X):
+    """Random mixer inputs at the bar shape (or another d_inner / d_xb) and a dy (b, L, d_inner)."""
     dev, dt = "cuda", torch.bfloat16
+    D, X = d_inner, d_xb  # (this call's shape, under the module's names)
     args = dict(zxbc=torch.randn(b, L, 2 * D + 2 * X, device=dev, dtype=dt),
                 dt_low=torch.randn(b, L, R, device=dev, dtype=dt) * 0.5,
                 conv_weight=torch.randn(D, W, device=dev, dtype=dt) * 0.5,

@@ -12,6 +12,8 @@ import os
 
 import torch
 
+import scan_case  # scripts/diag (this script's directory is on sys.path)
+
 from apriel_kernels import mixer_scan
 from bench.timing import time_graph_ms, time_ms
 from bench.variants import env_override
@@ -20,22 +22,12 @@ from bench.variants import env_override
 SHAPES = (("smollm2-135m", 576, 192), ("llama-3.2-3b", 3072, 1024), ("qwen2.5-14b", 5120, 1024),
           ("qwen2.5-1.5b", 1536, 256), ("qwen2.5-7b", 3584, 512), ("qwen3-1.7b", 2048, 1024),
           ("smollm2-1.7b", 2048, 2048), ("apriel-15b", 4096, 1024))
-N, R, W = 16, 16, 4
 
 
 def make_case(b, L, D, X, requires_grad=False):
-    dev, dt = "cuda", torch.bfloat16
-    args = dict(zxbc=torch.randn(b, L, 2 * D + 2 * X, device=dev, dtype=dt),
-                dt_low=torch.randn(b, L, R, device=dev, dtype=dt) * 0.5,
-                conv_weight=torch.randn(D, W, device=dev, dtype=dt) * 0.5,
-                conv_bias=torch.randn(D, device=dev, dtype=dt) * 0.1,
-                dt_proj_weight=torch.randn(D, R, device=dev, dtype=dt) * R ** -0.5,
-                dt_proj_bias=torch.full((D,), -2.5, device=dev, dtype=dt),
-                A_log=torch.log(torch.arange(1, N + 1, device=dev, dtype=torch.float32)).repeat(D, 1),
-                D=torch.ones(D, device=dev))
-    for v in args.values():
-        v.requires_grad_(requires_grad)
-    return args, dict(d_inner=D, d_xb=X, d_state=N)
+    """scan_case.make_case at this mixer shape (inputs only) and its keyword arguments."""
+    args, _ = scan_case.make_case(b, L, requires_grad, d_inner=D, d_xb=X)
+    return args, dict(d_inner=D, d_xb=X, d_state=scan_case.N)
 
 
 parser = argparse.ArgumentParser()
