@@ -406,7 +406,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
     if (tile > tile_first) {
       if constexpr (kTma) {
-        if (tid == 0) stage_tma<T>(p, maps, sm.tile[par ^ 1].raw, &sm.bar[par ^ 1], b, head0, group, t0 - kChunk, n_heads);
+        if (tid == 0)
+          stage_tma<T>(p, maps, sm.tile[par ^ 1].raw, &sm.bar[par ^ 1], b, head0, group, t0 - kChunk, n_heads);
       } else {
         stage<T>(p, sm.tile[par ^ 1].raw, b, head0, group, t0 - kChunk, tid, n_heads);
         scan4::cp_async_commit();
@@ -556,127 +557,181 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll 1
     for (int j = kNSub - 1; j >= 0; --j) {
       if (has_head) {  // (kPartial: warps without a head go to the block sums)
-      prep(j, std::true_type{});
-      float hstart[2][4];
-      if (j == 0) {
-        load_state(ck, hstart);
-      } else {
-        const float4 lo = wp.bst[j - 1][0][lane], hi = wp.bst[j - 1][1][lane];
-        hstart[0][0] = lo.x; hstart[0][1] = lo.y; hstart[0][2] = lo.z; hstart[0][3] = lo.w;
-        hstart[1][0] = hi.x; hstart[1][1] = hi.y; hstart[1][2] = hi.z; hstart[1][3] = hi.w;
-      }
-      __syncwarp();
-      float hs[kSub][2][4];
-      {
-        float h[2][4];
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) h[nt][i] = hstart[nt][i];
-        recompute(j, h, hs, std::true_type{});
-      }
-
-      // Reverse over the sub-chunk's tokens.
-      const int csel = q == 0 ? g : 8;
-      // rfront(tl): the token's operands and exponentials (none depends on the carry)
-      struct RevOps {
-        float4 pd;  // (du0, delta0, du1, delta1)
-        float2 dy2, blo, bhi;
-        float c0, c1;
-        float a[2][4];
-      };
-      auto rfront = [&](int tl, RevOps& o) {
-        const int t = kSub * j + tl;
-        o.pd = *reinterpret_cast<const float4*>(&wp.du[tl][2 * g]);
-        o.dy2 = *reinterpret_cast<const float2*>(&wp.dys[tl][2 * g]);
-        const float4 cc = wp.cop4[tl >> 1][csel];
-        o.c0 = (tl & 1) ? cc.z : cc.x;
-        o.c1 = (tl & 1) ? cc.w : cc.y;
-        const unsigned* bwd = reinterpret_cast<const unsigned*>(&r.f.B[t][0]);
-        o.blo = scan4::unpack2<T>(bwd[q]);
-        o.bhi = scan4::unpack2<T>(bwd[4 + q]);
-        decays(o.pd.y, o.pd.w, A2, o.a);
-      };
-      // Channel sums of token tl: v = (dB: G du, dC: dys h) per (nt, state 2q + s), the lane's 2 channels pre-added;
-      // a reduce-scatter over lane bits 4, 3, 2 (= g's bits): lane keeps (which = bit 4, nt = bit 3, s = bit 2).
-      auto reduce_scatter = [&](const float (&v)[8], int tl) {
-        float k1[4];
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const float keep = b4 ? v[4 + k] : v[k], send = b4 ? v[k] : v[4 + k];
-          k1[k] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
+        prep(j, std::true_type{});
+        float hstart[2][4];
+        if (j == 0) {
+          load_state(ck, hstart);
+        } else {
+          const float4 lo = wp.bst[j - 1][0][lane], hi = wp.bst[j - 1][1][lane];
+          hstart[0][0] = lo.x; hstart[0][1] = lo.y; hstart[0][2] = lo.z; hstart[0][3] = lo.w;
+          hstart[1][0] = hi.x; hstart[1][1] = hi.y; hstart[1][2] = hi.z; hstart[1][3] = hi.w;
         }
-        float k2[2];
+        __syncwarp();
+        float hs[kSub][2][4];
+        {
+          float h[2][4];
 #pragma unroll
-        for (int k = 0; k < 2; ++k) {
-          const float keep = b3 ? k1[2 + k] : k1[k], send = b3 ? k1[k] : k1[2 + k];
-          k2[k] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
+          for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) h[nt][i] = hstart[nt][i];
+          recompute(j, h, hs, std::true_type{});
         }
-        const float keep = b2 ? k2[1] : k2[0], send = b2 ? k2[0] : k2[1];
-        wp.red[tl][red_slot] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
-      };
-      // token tl - 1's front is issued before token tl's carry step (one token ahead; two ahead spilled and was
-      // slower, as was issuing a token's reduce-scatter one token later: bench/results/s8/variants2)
-      RevOps ops[2];  // by token parity
-      rfront(kSub - 1, ops[(kSub - 1) & 1]);
-#pragma unroll
-      for (int tl = kSub - 1; tl >= 0; --tl) {
-        if (tl > 0) rfront(tl - 1, ops[(tl - 1) & 1]);
-        const RevOps& o = ops[tl & 1];
-        const float4 pd = o.pd;
-        const float2 dy2 = o.dy2, blo = o.blo, bhi = o.bhi;
-        // G = carry + dys (x) C: the carry enters as the accumulator
-        float G[2][4];
-        mma_k4c(G[0], dy2.x, dy2.y, o.c0, carry[0]);
-        mma_k4c(G[1], dy2.x, dy2.y, o.c1, carry[1]);
-        float qv[2][4];
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const float dl = i < 2 ? pd.y : pd.w;  // (kSeq: FLT_MAX at a document start, where q = 0)
-            const float ga = G[nt][i] * o.a[nt][i];
-            const float hp = tl > 0 ? hs[tl > 0 ? tl - 1 : 0][nt][i] : hstart[nt][i];
-            qv[nt][i] = ga * hp;  // d/d(delta A) of h_t = a h_{t-1}: G a h_{t-1}
-            dAacc[nt][i] = fmaf(qv[nt][i], dl, dAacc[nt][i]);  // x A at the end
-            carry[nt][i] = ga;
-          }
-        // pp[c] = sum_n q[c, n] A[c, n]: two mmas whose B columns are the A rows of the even / odd channels (the
-        // lane's own An registers are those fragments); the wanted diagonal entries land in lane q = g / 2.
-        float pe[4], po[4], pu[4];
-        mma_k8(pe, qv[0][0], qv[0][2], qv[0][1], qv[0][3], An[0][0], An[0][1], 0.f, 0.f, 0.f, 0.f);
-        mma_k8(pe, qv[1][0], qv[1][2], qv[1][1], qv[1][3], An[1][0], An[1][1], pe[0], pe[1], pe[2], pe[3]);
-        mma_k8(po, qv[0][0], qv[0][2], qv[0][1], qv[0][3], An[0][2], An[0][3], 0.f, 0.f, 0.f, 0.f);
-        mma_k8(po, qv[1][0], qv[1][2], qv[1][1], qv[1][3], An[1][2], An[1][3], po[0], po[1], po[2], po[3]);
-        mma_k8(pu, G[0][0], G[0][2], G[0][1], G[0][3], blo.x, blo.y, 0.f, 0.f, 0.f, 0.f);
-        mma_k8(pu, G[1][0], G[1][2], G[1][1], G[1][3], bhi.x, bhi.y, pu[0], pu[1], pu[2], pu[3]);
-        if (diag) wp.ppu[tl][g] = make_float4(godd ? pe[1] : pe[0], godd ? po[3] : po[2], pu[0], pu[2]);
-        float v[8];
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-          for (int s = 0; s < 2; ++s) {
-            v[nt * 2 + s] = fmaf(G[nt][s], pd.x, G[nt][2 + s] * pd.z);
-            v[4 + nt * 2 + s] = fmaf(hs[tl][nt][s], dy2.x, hs[tl][nt][2 + s] * dy2.y);
-          }
-        reduce_scatter(v, tl);
-      }
-      __syncwarp();
 
-      // kSeq (session 18): a sub-chunk whose rows 8j + 1 .. 8j + 13 (the conv taps of its tokens and of the transposed
-      // conv's 3 tokens after it) hold no document start runs the epilogue and the transposed conv without the taps'
-      // document tests (a warp-uniform branch to a copy; the values are the same bit for bit). The kernels without
-      // documents compile the original block alone (their SASS is unchanged). bwd7 kernel, packed documents of ~1,000
-      // tokens (bench/results/s18/ab_seq_epilogue/, bitwise the same gradients): b8 L4096 6.156 -> 5.940 ms, b1 L8192
-      // 1.572 -> 1.503, b1 L4096 0.785 -> 0.757. (As a lambda called with the document tests on or off, the kernels
-      // without documents got another schedule: hence the textual copy.)
-      bool epilogue_done = false;
-      if constexpr (kSeq) {
-        if (((starts >> (kSub * j + 1)) & 0x1fffull) == 0) {
+        // Reverse over the sub-chunk's tokens.
+        const int csel = q == 0 ? g : 8;
+        // rfront(tl): the token's operands and exponentials (none depends on the carry)
+        struct RevOps {
+          float4 pd;  // (du0, delta0, du1, delta1)
+          float2 dy2, blo, bhi;
+          float c0, c1;
+          float a[2][4];
+        };
+        auto rfront = [&](int tl, RevOps& o) {
+          const int t = kSub * j + tl;
+          o.pd = *reinterpret_cast<const float4*>(&wp.du[tl][2 * g]);
+          o.dy2 = *reinterpret_cast<const float2*>(&wp.dys[tl][2 * g]);
+          const float4 cc = wp.cop4[tl >> 1][csel];
+          o.c0 = (tl & 1) ? cc.z : cc.x;
+          o.c1 = (tl & 1) ? cc.w : cc.y;
+          const unsigned* bwd = reinterpret_cast<const unsigned*>(&r.f.B[t][0]);
+          o.blo = scan4::unpack2<T>(bwd[q]);
+          o.bhi = scan4::unpack2<T>(bwd[4 + q]);
+          decays(o.pd.y, o.pd.w, A2, o.a);
+        };
+        // Channel sums of token tl: v = (dB: G du, dC: dys h) per (nt, state 2q + s), the lane's 2 channels pre-added;
+        // a reduce-scatter over lane bits 4, 3, 2 (= g's bits): lane keeps (which = bit 4, nt = bit 3, s = bit 2).
+        auto reduce_scatter = [&](const float (&v)[8], int tl) {
+          float k1[4];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const float keep = b4 ? v[4 + k] : v[k], send = b4 ? v[k] : v[4 + k];
+            k1[k] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
+          }
+          float k2[2];
+#pragma unroll
+          for (int k = 0; k < 2; ++k) {
+            const float keep = b3 ? k1[2 + k] : k1[k], send = b3 ? k1[k] : k1[2 + k];
+            k2[k] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
+          }
+          const float keep = b2 ? k2[1] : k2[0], send = b2 ? k2[0] : k2[1];
+          wp.red[tl][red_slot] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
+        };
+        // token tl - 1's front is issued before token tl's carry step (one token ahead; two ahead spilled and was
+        // slower, as was issuing a token's reduce-scatter one token later: bench/results/s8/variants2)
+        RevOps ops[2];  // by token parity
+        rfront(kSub - 1, ops[(kSub - 1) & 1]);
+#pragma unroll
+        for (int tl = kSub - 1; tl >= 0; --tl) {
+          if (tl > 0) rfront(tl - 1, ops[(tl - 1) & 1]);
+          const RevOps& o = ops[tl & 1];
+          const float4 pd = o.pd;
+          const float2 dy2 = o.dy2, blo = o.blo, bhi = o.bhi;
+          // G = carry + dys (x) C: the carry enters as the accumulator
+          float G[2][4];
+          mma_k4c(G[0], dy2.x, dy2.y, o.c0, carry[0]);
+          mma_k4c(G[1], dy2.x, dy2.y, o.c1, carry[1]);
+          float qv[2][4];
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const float dl = i < 2 ? pd.y : pd.w;  // (kSeq: FLT_MAX at a document start, where q = 0)
+              const float ga = G[nt][i] * o.a[nt][i];
+              const float hp = tl > 0 ? hs[tl > 0 ? tl - 1 : 0][nt][i] : hstart[nt][i];
+              qv[nt][i] = ga * hp;  // d/d(delta A) of h_t = a h_{t-1}: G a h_{t-1}
+              dAacc[nt][i] = fmaf(qv[nt][i], dl, dAacc[nt][i]);  // x A at the end
+              carry[nt][i] = ga;
+            }
+          // pp[c] = sum_n q[c, n] A[c, n]: two mmas whose B columns are the A rows of the even / odd channels (the
+          // lane's own An registers are those fragments); the wanted diagonal entries land in lane q = g / 2.
+          float pe[4], po[4], pu[4];
+          mma_k8(pe, qv[0][0], qv[0][2], qv[0][1], qv[0][3], An[0][0], An[0][1], 0.f, 0.f, 0.f, 0.f);
+          mma_k8(pe, qv[1][0], qv[1][2], qv[1][1], qv[1][3], An[1][0], An[1][1], pe[0], pe[1], pe[2], pe[3]);
+          mma_k8(po, qv[0][0], qv[0][2], qv[0][1], qv[0][3], An[0][2], An[0][3], 0.f, 0.f, 0.f, 0.f);
+          mma_k8(po, qv[1][0], qv[1][2], qv[1][1], qv[1][3], An[1][2], An[1][3], po[0], po[1], po[2], po[3]);
+          mma_k8(pu, G[0][0], G[0][2], G[0][1], G[0][3], blo.x, blo.y, 0.f, 0.f, 0.f, 0.f);
+          mma_k8(pu, G[1][0], G[1][2], G[1][1], G[1][3], bhi.x, bhi.y, pu[0], pu[1], pu[2], pu[3]);
+          if (diag) wp.ppu[tl][g] = make_float4(godd ? pe[1] : pe[0], godd ? po[3] : po[2], pu[0], pu[2]);
+          float v[8];
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int s = 0; s < 2; ++s) {
+              v[nt * 2 + s] = fmaf(G[nt][s], pd.x, G[nt][2 + s] * pd.z);
+              v[4 + nt * 2 + s] = fmaf(hs[tl][nt][s], dy2.x, hs[tl][nt][2 + s] * dy2.y);
+            }
+          reduce_scatter(v, tl);
+        }
+        __syncwarp();
+
+        // kSeq (session 18): a sub-chunk whose rows 8j + 1 .. 8j + 13 (the conv taps of its tokens and of the
+        // transposed conv's 3 tokens after it) hold no document start runs the epilogue and the transposed conv
+        // without the taps' document tests (a warp-uniform branch to a copy; the values are the same bit for bit).
+        // The kernels without documents compile the original block alone (their SASS is unchanged). bwd7 kernel,
+        // packed documents of ~1,000 tokens (bench/results/s18/ab_seq_epilogue/, bitwise the same gradients): b8
+        // L4096 6.156 -> 5.940 ms, b1 L8192 1.572 -> 1.503, b1 L4096 0.785 -> 0.757. (As a lambda called with the
+        // document tests on or off, the kernels without documents got another schedule: hence the textual copy.)
+        bool epilogue_done = false;
+        if constexpr (kSeq) {
+          if (((starts >> (kSub * j + 1)) & 0x1fffull) == 0) {
+            {
+              const float4 cpv = wp.cp[ec];
+              const float Dc = cpv.z;
+              // this lane's first token of the sub-chunk (row pointers advanced per token, as below)
+              const int tg0 = t0 + kSub * j + et0;
+              T* dz_ptr = dzx + (int64_t)tg0 * rowZ + c0 + ec;
+              float* ddt_ptr = p.ddt_pre + ((int64_t)b * L + tg0) * D + c0 + ec;
+#pragma unroll
+              for (int i = 0; i < 4; ++i, dz_ptr += rowZ, ddt_ptr += D) {
+                const int tl = et0 + i, t = kSub * j + tl;
+                const float4 pq4 = wp.ppu[tl][ec >> 1];
+                const float pp = (ec & 1) ? pq4.y : pq4.x, pu = (ec & 1) ? pq4.w : pq4.z;
+                float delta = wp.du[tl][ec].y;
+                if constexpr (kSeq) delta = dlr[tl * kN + ec];
+                const float u = wp.u[tl][ec], dys = wp.dys[tl][ec];
+                const float yfull = fmaf(Dc, u, wp.yc[tl][ec]);
+                const float dz = yfull * wp.dzf[tl][ec];
+                const float ddt = fmaf(u, pu, pp) * wp.dsp[tl][ec];
+                const float dut = fmaf(delta, pu, dys * Dc);
+                const bool live = t < Tv;
+                const float dco = live ? dut * wp.dsc[tl][ec] : 0.f;
+                wp.dco[tl][ec] = dco;
+                if (dt_fused) wp.ddt[tl][ec] = live ? ddt : 0.f;
+                if (live) {
+                  accD = fmaf(dys, u, accD);
+                  accCB += dco;
+                  accDB += ddt;
+#pragma unroll
+                  for (int k = 0; k < 4; ++k) accW[k] = fmaf(dco, xf[t + k][ec], accW[k]);
+                  *dz_ptr = from_f<T>(dz);
+                  if (!dt_fused) *ddt_ptr = ddt;
+                }
+              }
+            }
+            __syncwarp();
+            {  // transposed conv: d(conv input) at token t = sum_i w[i] dco[t + 3 - i]
+              const float4 cwv = wp.cw[ec];
+              const float wv[4] = {cwv.x, cwv.y, cwv.z, cwv.w};
+#pragma unroll
+              for (int i = 0; i < 4; ++i) {
+                const int tl = et0 + i, t = kSub * j + tl, tg = t0 + t;
+                float acc = 0.f;
+#pragma unroll
+                for (int k = 0; k < 4; ++k) acc = fmaf(wv[k], wp.dco[tl + 3 - k][ec], acc);
+                if (fused) wp.dxs[tl][ec] = acc;
+                else if (t < Tv) p.dx_part[((int64_t)b * L + tg) * D + c0 + ec] = acc;
+              }
+            }
+            epilogue_done = true;
+          }
+        }
+        if (!epilogue_done) {
+          // Epilogue per (channel ec, token): dz, d(dt_pre), d(conv pre-activation), per-channel sums.
           {
             const float4 cpv = wp.cp[ec];
             const float Dc = cpv.z;
-            // this lane's first token of the sub-chunk (row pointers advanced per token, as below)
+            // this lane's first token of the sub-chunk: row pointers advanced per token (no 64-bit index math per
+            // store)
             const int tg0 = t0 + kSub * j + et0;
             T* dz_ptr = dzx + (int64_t)tg0 * rowZ + c0 + ec;
             float* ddt_ptr = p.ddt_pre + ((int64_t)b * L + tg0) * D + c0 + ec;
@@ -700,8 +755,14 @@ __global__ void __launch_bounds__(kThreads, 2)
                 accD = fmaf(dys, u, accD);
                 accCB += dco;
                 accDB += ddt;
+                unsigned tb = 0;  // kSeq: the forward's masked taps get no weight gradient
+                if constexpr (kSeq) tb = tap_bits(t + 1);
 #pragma unroll
-                for (int k = 0; k < 4; ++k) accW[k] = fmaf(dco, xf[t + k][ec], accW[k]);
+                for (int k = 0; k < 4; ++k) {
+                  bool tap = true;
+                  if constexpr (kSeq) tap = (tb >> k) == 0;  // rows t + k + 1 .. t + 3 (k = 3: always)
+                  if (tap) accW[k] = fmaf(dco, xf[t + k][ec], accW[k]);
+                }
                 *dz_ptr = from_f<T>(dz);
                 if (!dt_fused) *ddt_ptr = ddt;
               }
@@ -715,195 +776,139 @@ __global__ void __launch_bounds__(kThreads, 2)
             for (int i = 0; i < 4; ++i) {
               const int tl = et0 + i, t = kSub * j + tl, tg = t0 + t;
               float acc = 0.f;
+              unsigned tb = 0;  // kSeq: output token t + 3 - k reads input t at tap k only inside t's document
+              if constexpr (kSeq) tb = tap_bits(t + 4);
 #pragma unroll
-              for (int k = 0; k < 4; ++k) acc = fmaf(wv[k], wp.dco[tl + 3 - k][ec], acc);
+              for (int k = 0; k < 4; ++k) {
+                bool tap = true;
+                if constexpr (kSeq) tap = (tb & ((1u << (3 - k)) - 1u)) == 0;  // rows t + 4 .. t + 6 - k
+                if (tap) acc = fmaf(wv[k], wp.dco[tl + 3 - k][ec], acc);
+              }
               if (fused) wp.dxs[tl][ec] = acc;
               else if (t < Tv) p.dx_part[((int64_t)b * L + tg) * D + c0 + ec] = acc;
             }
           }
-          epilogue_done = true;
         }
-      }
-      if (!epilogue_done) {
-        // Epilogue per (channel ec, token): dz, d(dt_pre), d(conv pre-activation), per-channel sums.
         {
-          const float4 cpv = wp.cp[ec];
-          const float Dc = cpv.z;
-          // this lane's first token of the sub-chunk: row pointers advanced per token (no 64-bit index math per store)
-          const int tg0 = t0 + kSub * j + et0;
-          T* dz_ptr = dzx + (int64_t)tg0 * rowZ + c0 + ec;
-          float* ddt_ptr = p.ddt_pre + ((int64_t)b * L + tg0) * D + c0 + ec;
+          // gradient of the initial conv state: positions -hw .. -1 (16 hw <= 48 items); in a segment s >= 1: its
+          // contribution to the d(conv input) of the hw tokens before it (the host adds it to segment s - 1's rows)
+          if (tile == tile_first && j == 0) {
+            for (int di = lane; di < kN * hw; di += 32) {
+              const int ch = di / hw, kk = di % hw, pos = kk - hw;
+              const float4 cw2 = wp.cw[ch];
+              const float w2[4] = {cw2.x, cw2.y, cw2.z, cw2.w};
+              float acc = 0.f;
 #pragma unroll
-          for (int i = 0; i < 4; ++i, dz_ptr += rowZ, ddt_ptr += D) {
-            const int tl = et0 + i, t = kSub * j + tl;
-            const float4 pq4 = wp.ppu[tl][ec >> 1];
-            const float pp = (ec & 1) ? pq4.y : pq4.x, pu = (ec & 1) ? pq4.w : pq4.z;
-            float delta = wp.du[tl][ec].y;
-            if constexpr (kSeq) delta = dlr[tl * kN + ec];
-            const float u = wp.u[tl][ec], dys = wp.dys[tl][ec];
-            const float yfull = fmaf(Dc, u, wp.yc[tl][ec]);
-            const float dz = yfull * wp.dzf[tl][ec];
-            const float ddt = fmaf(u, pu, pp) * wp.dsp[tl][ec];
-            const float dut = fmaf(delta, pu, dys * Dc);
-            const bool live = t < Tv;
-            const float dco = live ? dut * wp.dsc[tl][ec] : 0.f;
-            wp.dco[tl][ec] = dco;
-            if (dt_fused) wp.ddt[tl][ec] = live ? ddt : 0.f;
-            if (live) {
-              accD = fmaf(dys, u, accD);
-              accCB += dco;
-              accDB += ddt;
-              unsigned tb = 0;  // kSeq: the forward's masked taps get no weight gradient
-              if constexpr (kSeq) tb = tap_bits(t + 1);
-#pragma unroll
-              for (int k = 0; k < 4; ++k) {
-                bool tap = true;
-                if constexpr (kSeq) tap = (tb >> k) == 0;  // rows t + k + 1 .. t + 3 (k = 3: always)
-                if (tap) accW[k] = fmaf(dco, xf[t + k][ec], accW[k]);
+              for (int i = 0; i < 4; ++i) {
+                const int row = pos + 3 - i;
+                if (row >= 0 && row < Tv) {
+                  bool tap = true;  // kSeq: no start in rows pos + 4 .. row + 3 (position pos = row pos + 3)
+                  if constexpr (kSeq) tap = no_start(starts, pos + 4, row - pos);
+                  if (tap) acc = fmaf(w2[i], wp.dco[row][ch], acc);
+                }
               }
-              *dz_ptr = from_f<T>(dz);
-              if (!dt_fused) *ddt_ptr = ddt;
+              p.dinit_conv_part[((int64_t)vb * D + c0 + ch) * hw + kk] = acc;
             }
           }
         }
         __syncwarp();
-        {  // transposed conv: d(conv input) at token t = sum_i w[i] dco[t + 3 - i]
-          const float4 cwv = wp.cw[ec];
-          const float wv[4] = {cwv.x, cwv.y, cwv.z, cwv.w};
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int tl = et0 + i, t = kSub * j + tl, tg = t0 + t;
-            float acc = 0.f;
-            unsigned tb = 0;  // kSeq: output token t + 3 - k reads input t at tap k only inside t's document
-            if constexpr (kSeq) tb = tap_bits(t + 4);
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-              bool tap = true;
-              if constexpr (kSeq) tap = (tb & ((1u << (3 - k)) - 1u)) == 0;  // rows t + 4 .. t + 6 - k
-              if (tap) acc = fmaf(wv[k], wp.dco[tl + 3 - k][ec], acc);
-            }
-            if (fused) wp.dxs[tl][ec] = acc;
-            else if (t < Tv) p.dx_part[((int64_t)b * L + tg) * D + c0 + ec] = acc;
-          }
-        }
-      }
-      {
-        // gradient of the initial conv state: positions -hw .. -1 (16 hw <= 48 items); in a segment s >= 1: its
-        // contribution to the d(conv input) of the hw tokens before it (the host adds it to segment s - 1's rows)
-        if (tile == tile_first && j == 0) {
-          for (int di = lane; di < kN * hw; di += 32) {
-            const int ch = di / hw, kk = di % hw, pos = kk - hw;
-            const float4 cw2 = wp.cw[ch];
-            const float w2[4] = {cw2.x, cw2.y, cw2.z, cw2.w};
-            float acc = 0.f;
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const int row = pos + 3 - i;
-              if (row >= 0 && row < Tv) {
-                bool tap = true;  // kSeq: no start in rows pos + 4 .. row + 3 (position pos = row pos + 3)
-                if constexpr (kSeq) tap = no_start(starts, pos + 4, row - pos);
-                if (tap) acc = fmaf(w2[i], wp.dco[row][ch], acc);
-              }
-            }
-            p.dinit_conv_part[((int64_t)vb * D + c0 + ch) * hw + kk] = acc;
-          }
-        }
-      }
-      __syncwarp();
-      for (int i = lane; i < 3 * kN; i += 32) wp.dco[kSub + i / kN][i % kN] = wp.dco[i / kN][i % kN];
-      if (dt_fused) {
-        __syncwarp();  // ddt of the sub-chunk complete
-        // d W_dt[c][k] += sum_t ddt[t][c] dt_low[t][k]: A = ddt^T (rows = channels g / g + 8, k = tokens q / q + 4)
-        // split hi + lo, B = dt_low (k = tokens, n = rank 8 nt + g), exact in tf32; accumulators in smem (lane's own).
-        float ah[4], al[4];
-        tf32_split(wp.ddt[q][g], ah[0], al[0]);
-        tf32_split(wp.ddt[q][g + 8], ah[1], al[1]);
-        tf32_split(wp.ddt[q + 4][g], ah[2], al[2]);
-        tf32_split(wp.ddt[q + 4][g + 8], ah[3], al[3]);
-        // d(dt_low)[t][k] (this head's channels): A = ddt (rows = tokens g, rows g + 8 zero; k = channels), split
-        float bh[2][4], bl[2][4];
-#pragma unroll
-        for (int ks = 0; ks < 2; ++ks) {
-          tf32_split(wp.ddt[g][8 * ks + q], bh[ks][0], bl[ks][0]);
-          tf32_split(wp.ddt[g][8 * ks + q + 4], bh[ks][2], bl[ks][2]);
-          bh[ks][1] = bh[ks][3] = bl[ks][1] = bl[ks][3] = 0.f;
-        }
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          const int t = kSub * j;
-          const float d0 = to_f(r.f.dt[t + q][8 * nt + g]), d1 = to_f(r.f.dt[t + q + 4][8 * nt + g]);
-          const float2 c01 = wp.dw[lane][nt], c23 = wp.dw[lane][2 + nt];
-          float acc[4] = {c01.x, c01.y, c23.x, c23.y};
-          mma_k8c(acc, ah, d0, d1);
-          mma_k8c(acc, al, d0, d1);
-          wp.dw[lane][nt] = make_float2(acc[0], acc[1]);
-          wp.dw[lane][2 + nt] = make_float2(acc[2], acc[3]);
-          float lo[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int i = lane; i < 3 * kN; i += 32) wp.dco[kSub + i / kN][i % kN] = wp.dco[i / kN][i % kN];
+        if (dt_fused) {
+          __syncwarp();  // ddt of the sub-chunk complete
+          // d W_dt[c][k] += sum_t ddt[t][c] dt_low[t][k]: A = ddt^T (rows = channels g / g + 8, k = tokens q / q + 4)
+          // split hi + lo, B = dt_low (k = tokens, n = rank 8 nt + g), exact in tf32; accumulators in smem (lane's
+          // own).
+          float ah[4], al[4];
+          tf32_split(wp.ddt[q][g], ah[0], al[0]);
+          tf32_split(wp.ddt[q][g + 8], ah[1], al[1]);
+          tf32_split(wp.ddt[q + 4][g], ah[2], al[2]);
+          tf32_split(wp.ddt[q + 4][g + 8], ah[3], al[3]);
+          // d(dt_low)[t][k] (this head's channels): A = ddt (rows = tokens g, rows g + 8 zero; k = channels), split
+          float bh[2][4], bl[2][4];
 #pragma unroll
           for (int ks = 0; ks < 2; ++ks) {
-            const float2 wf = wp.wfr[lane][2 * ks + nt];
-            mma_k8c(lo, bh[ks], wf.x, wf.y);
-            mma_k8c(lo, bl[ks], wf.x, wf.y);
+            tf32_split(wp.ddt[g][8 * ks + q], bh[ks][0], bl[ks][0]);
+            tf32_split(wp.ddt[g][8 * ks + q + 4], bh[ks][2], bl[ks][2]);
+            bh[ks][1] = bh[ks][3] = bl[ks][1] = bl[ks][3] = 0.f;
           }
-          *reinterpret_cast<float2*>(&wp.dlow[g][8 * nt + 2 * q]) = make_float2(lo[0], lo[1]);  // rows g < 8 only
-        }
-      }
-      const int64_t row0 = (int64_t)b * L + t0 + kSub * j;  // first (b, L) row of the sub-chunk
-      if (lane < 16) {  // dC of the head (complete): token lane / 2, states 8 (lane % 2) .. + 7, one 16-byte store
-        const int tl = lane >> 1, hf = lane & 1;
-        const float4 lo = *reinterpret_cast<const float4*>(&wp.red[tl][16 + 8 * hf]);
-        const float4 hi = *reinterpret_cast<const float4*>(&wp.red[tl][20 + 8 * hf]);
-        if (kSub * j + tl < Tv)
-          *reinterpret_cast<uint4*>(dzx + (row0 - (int64_t)b * L + tl) * rowZ + D + 2 * p.d_xb + c0 + 8 * hf) =
-              make_uint4(M::pack(lo.x, lo.y), M::pack(lo.z, lo.w), M::pack(hi.x, hi.y), M::pack(hi.z, hi.w));
-      }
-      if (!fused) {  // dB of the head: token lane / 4, states 4 (lane % 4) .. + 3
-        const int tl = lane >> 2, qd = lane & 3;
-        if (kSub * j + tl < Tv)
-          *reinterpret_cast<float4*>(p.dB_part + ((row0 + tl) * (D / kN) + head) * kN + 4 * qd) =
-              *reinterpret_cast<const float4*>(&wp.red[tl][4 * qd]);
-      } else {
-        // The group's 4 heads are this block's 4 warps: sum their dB and d(conv input) (fixed order) and write
-        // dzxbc's B / x slices. dfinal_conv enters at the last width-1 positions (x inputs of the final state).
-        __syncthreads();
-        const int hx = tid >> 6, i = tid & 63, tl = i >> 3, pr = i & 7, tg = t0 + kSub * j + tl;
-        float s0 = 0.f, s1 = 0.f;
 #pragma unroll
-        for (int ww = 0; ww < kHeads; ++ww) {
-          const float2 v = hx == 0 ? *reinterpret_cast<const float2*>(&sm.wp[ww].red[tl][2 * pr])
-                                   : *reinterpret_cast<const float2*>(&sm.wp[ww].dxs[tl][2 * pr]);
-          s0 += v.x;
-          s1 += v.y;
+          for (int nt = 0; nt < 2; ++nt) {
+            const int t = kSub * j;
+            const float d0 = to_f(r.f.dt[t + q][8 * nt + g]), d1 = to_f(r.f.dt[t + q + 4][8 * nt + g]);
+            const float2 c01 = wp.dw[lane][nt], c23 = wp.dw[lane][2 + nt];
+            float acc[4] = {c01.x, c01.y, c23.x, c23.y};
+            mma_k8c(acc, ah, d0, d1);
+            mma_k8c(acc, al, d0, d1);
+            wp.dw[lane][nt] = make_float2(acc[0], acc[1]);
+            wp.dw[lane][2 + nt] = make_float2(acc[2], acc[3]);
+            float lo[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int ks = 0; ks < 2; ++ks) {
+              const float2 wf = wp.wfr[lane][2 * ks + nt];
+              mma_k8c(lo, bh[ks], wf.x, wf.y);
+              mma_k8c(lo, bl[ks], wf.x, wf.y);
+            }
+            *reinterpret_cast<float2*>(&wp.dlow[g][8 * nt + 2 * q]) = make_float2(lo[0], lo[1]);  // rows g < 8 only
+          }
         }
-        // kSeq: the final conv state holds the last document's inputs only: no start in rows tg - t0 + 4 .. L - 1 -
-        // t0 + 3 (at most 2 rows, all <= 37). (tg < L: rows past the end read nothing - session 13's memcheck
-        // without the caching allocator found the reads past dfinal_conv that this bound used to allow.)
-        if (hx == 1 && p.dfinal_conv != nullptr && tg >= L - hw && tg < L &&
-            (!kSeq || no_start(starts, tg - t0 + 4, L - 1 - tg))) {
-          const float* dfc = p.dfinal_conv + ((int64_t)b * p.d_xb + group * kN + 2 * pr) * hw + (tg - (L - hw));
-          s0 += dfc[0];
-          s1 += dfc[hw];
+        const int64_t row0 = (int64_t)b * L + t0 + kSub * j;  // first (b, L) row of the sub-chunk
+        if (lane < 16) {  // dC of the head (complete): token lane / 2, states 8 (lane % 2) .. + 7, one 16-byte store
+          const int tl = lane >> 1, hf = lane & 1;
+          const float4 lo = *reinterpret_cast<const float4*>(&wp.red[tl][16 + 8 * hf]);
+          const float4 hi = *reinterpret_cast<const float4*>(&wp.red[tl][20 + 8 * hf]);
+          if (kSub * j + tl < Tv)
+            *reinterpret_cast<uint4*>(dzx + (row0 - (int64_t)b * L + tl) * rowZ + D + 2 * p.d_xb + c0 + 8 * hf) =
+                make_uint4(M::pack(lo.x, lo.y), M::pack(lo.z, lo.w), M::pack(hi.x, hi.y), M::pack(hi.z, hi.w));
         }
-        // a segment's last hw x rows lack the next segment's halo contribution: fp32 to dx_edge (the host adds it)
-        const int seg_end = min(L, (tile_last + 1) * kChunk), edge = tg - (seg_end - hw);
-        if (hx == 1 && seg < S - 1 && edge >= 0) {
-          *reinterpret_cast<float2*>(p.dx_edge + ((int64_t)vb * hw + edge) * p.d_xb + group * kN + 2 * pr) =
-              make_float2(s0, s1);
-        } else if (tg < L) {
-          *reinterpret_cast<unsigned*>(dzx + (int64_t)tg * rowZ + D + (hx == 0 ? p.d_xb : 0) + group * kN + 2 * pr) =
-              M::pack(s0, s1);
+        if (!fused) {  // dB of the head: token lane / 4, states 4 (lane % 4) .. + 3
+          const int tl = lane >> 2, qd = lane & 3;
+          if (kSub * j + tl < Tv)
+            *reinterpret_cast<float4*>(p.dB_part + ((row0 + tl) * (D / kN) + head) * kN + 4 * qd) =
+                *reinterpret_cast<const float4*>(&wp.red[tl][4 * qd]);
+        } else {
+          // The group's 4 heads are this block's 4 warps: sum their dB and d(conv input) (fixed order) and write
+          // dzxbc's B / x slices. dfinal_conv enters at the last width-1 positions (x inputs of the final state).
+          __syncthreads();
+          const int hx = tid >> 6, i = tid & 63, tl = i >> 3, pr = i & 7, tg = t0 + kSub * j + tl;
+          float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+          for (int ww = 0; ww < kHeads; ++ww) {
+            const float2 v = hx == 0 ? *reinterpret_cast<const float2*>(&sm.wp[ww].red[tl][2 * pr])
+                                     : *reinterpret_cast<const float2*>(&sm.wp[ww].dxs[tl][2 * pr]);
+            s0 += v.x;
+            s1 += v.y;
+          }
+          // kSeq: the final conv state holds the last document's inputs only: no start in rows tg - t0 + 4 .. L - 1 -
+          // t0 + 3 (at most 2 rows, all <= 37). (tg < L: rows past the end read nothing - session 13's memcheck
+          // without the caching allocator found the reads past dfinal_conv that this bound used to allow.)
+          if (hx == 1 && p.dfinal_conv != nullptr && tg >= L - hw && tg < L &&
+              (!kSeq || no_start(starts, tg - t0 + 4, L - 1 - tg))) {
+            const float* dfc = p.dfinal_conv + ((int64_t)b * p.d_xb + group * kN + 2 * pr) * hw + (tg - (L - hw));
+            s0 += dfc[0];
+            s1 += dfc[hw];
+          }
+          // a segment's last hw x rows lack the next segment's halo contribution: fp32 to dx_edge (the host adds it)
+          const int seg_end = min(L, (tile_last + 1) * kChunk), edge = tg - (seg_end - hw);
+          if (hx == 1 && seg < S - 1 && edge >= 0) {
+            *reinterpret_cast<float2*>(p.dx_edge + ((int64_t)vb * hw + edge) * p.d_xb + group * kN + 2 * pr) =
+                make_float2(s0, s1);
+          } else if (tg < L) {
+            *reinterpret_cast<unsigned*>(dzx + (int64_t)tg * rowZ + D + (hx == 0 ? p.d_xb : 0) + group * kN + 2 * pr) =
+                M::pack(s0, s1);
+          }
         }
-      }
       }  // has_head
       if (dt_fused) {  // d(dt_low) summed over the block's 4 heads (fixed order; kPartial: its n_heads)
         if (!fused) __syncthreads();
         const int tl = tid >> 4, k = tid & 15, tg = t0 + kSub * j + tl;
-        float s = sm.wp[0].dlow[tl][k] + sm.wp[1].dlow[tl][k] + sm.wp[2].dlow[tl][k] + sm.wp[3].dlow[tl][k];
+        float s;
         if constexpr (kPartial) {
           s = sm.wp[0].dlow[tl][k];
 #pragma unroll
           for (int ww = 1; ww < kHeads; ++ww)
             if (ww < n_heads) s += sm.wp[ww].dlow[tl][k];
+        } else {
+          s = sm.wp[0].dlow[tl][k] + sm.wp[1].dlow[tl][k] + sm.wp[2].dlow[tl][k] + sm.wp[3].dlow[tl][k];
         }
         if (tg < L) p.ddt_low_part[(((int64_t)b * L + tg) * gridDim.x + blockIdx.x) * kN + k] = s;
       }
@@ -977,7 +982,8 @@ void launch_for(const MixerScanParams& p, void* stream) {
     static const bool configured =
         scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, true, kSeq, kPartial>), smem);
     (void)configured;
-    mixer_scan_bwd7_kernel<T, true, kSeq, kPartial><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
+    mixer_scan_bwd7_kernel<T, true, kSeq, kPartial>
+        <<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
     APRIEL_CHECK_LAUNCH();
     return;
   }
@@ -985,7 +991,8 @@ void launch_for(const MixerScanParams& p, void* stream) {
   static const bool configured =
       scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, false, kSeq, kPartial>), smem);
   (void)configured;
-  mixer_scan_bwd7_kernel<T, false, kSeq, kPartial><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
+  mixer_scan_bwd7_kernel<T, false, kSeq, kPartial>
+      <<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
   APRIEL_CHECK_LAUNCH();
 }
 

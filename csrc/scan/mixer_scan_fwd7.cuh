@@ -646,7 +646,8 @@ void launch_docs(const MixerScanParams& p, void* stream, int columns) {
     static const bool configured =
         allow_smem(reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, true, kSeq, kVar, kPartial>), smem);
     (void)configured;
-    mixer_scan_fwd7_kernel<T, true, kSeq, kVar, kPartial><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
+    mixer_scan_fwd7_kernel<T, true, kSeq, kVar, kPartial>
+        <<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
     APRIEL_CHECK_LAUNCH();
     return;
   }
@@ -654,7 +655,8 @@ void launch_docs(const MixerScanParams& p, void* stream, int columns) {
   static const bool configured =
       allow_smem(reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, false, kSeq, kVar, kPartial>), smem);
   (void)configured;
-  mixer_scan_fwd7_kernel<T, false, kSeq, kVar, kPartial><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
+  mixer_scan_fwd7_kernel<T, false, kSeq, kVar, kPartial>
+      <<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
   APRIEL_CHECK_LAUNCH();
 }
 
