@@ -218,10 +218,10 @@ __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::S
 // ex2 flushes ex2(FLT_MAX x A2) - -inf, or below -126 where |A2| < 1 - to +0), as is q = G a h_{t-1}, and dA_log's
 // sum q x delta stays finite. (Session 18: FLT_MAX instead of the forward's +inf - the same decays, bitwise - saves
 // the reverse a min(delta, FLT_MAX) per element: 0 x inf would be NaN.)
-// kPartial (heads_per_group % 4 != 0, session 19): as the forward v7's - a group's last block has warps without a
-// head; they stage, convert and take part in the block sums (their d(dt_low) rows are not read), alias the block's
-// first head for their constants and skip pass A, pass B's per-warp work and every store. (Never fused: the group
-// sums need 4 heads per group.)
+// kPartial (heads_per_group % 4 != 0, session 19): as the forward v7's - a group's heads spread evenly over its
+// blocks, and a block's warps past its share have no head; they stage, convert and take part in the block sums (their
+// d(dt_low) rows are not read), alias the block's first head for their constants and skip pass A, pass B's per-warp
+// work and every store. (Never fused: the group sums need 4 heads per group.)
 template <typename T, bool kTma, bool kSeq = false, bool kPartial = false>
 __global__ void __launch_bounds__(kThreads, 2)
     mixer_scan_bwd7_kernel(MixerScanParams p, const __grid_constant__ tma::ScanBwdMaps maps) {
@@ -236,8 +236,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   if constexpr (kPartial) {
     const int hpg = p.heads_per_group, group_blocks = (hpg + kHeads - 1) / kHeads;
     group = blockIdx.x / group_blocks;
-    const int sub = (blockIdx.x - group * group_blocks) * kHeads;
-    head0 = group * hpg + sub, n_heads = min(kHeads, hpg - sub);
+    // the group's heads split evenly over its blocks (5 = 3 + 2, 6 = 3 + 3, 9 = 3 + 3 + 3): an SM's busiest blocks
+    // set the time, and 4 + 1 runs as long as 4 + 4
+    const int k = blockIdx.x - group * group_blocks, base = hpg / group_blocks, extra = hpg - base * group_blocks;
+    const int sub = k * base + min(k, extra);
+    head0 = group * hpg + sub, n_heads = base + (k < extra ? 1 : 0);
   } else {
     head0 = blockIdx.x * kHeads, group = head0 / p.heads_per_group;
   }

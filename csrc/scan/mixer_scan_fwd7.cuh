@@ -29,7 +29,7 @@
 // the tf32 rounding of du.
 //
 // Block = 4 consecutive heads of one x / B group (4 warps; kPartial, session 19: a group whose head count 4 does not
-// divide ends in a block with warps that have no head), one sequence. Per
+// divide spreads its heads evenly over its blocks, whose other warps have no head), one sequence. Per
 // 32-token tile: one block barrier, issue the next tile's copies; then each warp alone, per 16-token half: prep
 // (dt_proj by mma in the accumulator layout, conv + silu, softplus(. + 2 b_dt), silu(z)) -> per (token, row)
 // du = (tf32(delta u), delta) and gt = (silu z, D u silu z) pairs, and the C operand words; __syncwarp; the 16
@@ -251,16 +251,19 @@ __global__ void __launch_bounds__(kThreads, 4)
   using M = scan4::MmaOp<T>;
   const int tid = threadIdx.x, lane = tid % 32, w = tid / 32, g = lane / 4, q = lane % 4;
   // A block holds 4 consecutive heads of ONE x / B group. kPartial (heads_per_group % 4 != 0, session 19): a group
-  // takes ceil(heads_per_group / 4) blocks, and in its last block the warps past the group's heads have no head -
-  // they stage and convert the tiles with the others, alias the block's first head for their constants (valid reads)
-  // and skip the prep, the scan and every store (blocks_per_row). A template flag, not a runtime case: the general
+  // takes ceil(heads_per_group / 4) blocks that share its heads evenly, and a block's warps past its share have no
+  // head - they stage and convert the tiles with the others, alias the block's first head for their constants (valid
+  // reads) and skip the prep, the scan and every store (blocks_per_row). A template flag, not a runtime case: the general
   // index math moved the kernel's address arithmetic off the uniform datapath (+40 SASS instructions in the tile loop).
   int head0, group, n_heads = kHeads, sub = 0;  // sub: the block's first head within its group (kPartial)
   if constexpr (kPartial) {
     const int hpg = p.heads_per_group, group_blocks = (hpg + kHeads - 1) / kHeads;
     group = blockIdx.x / group_blocks;
-    sub = (blockIdx.x - group * group_blocks) * kHeads;
-    head0 = group * hpg + sub, n_heads = min(kHeads, hpg - sub);
+    // the group's heads split evenly over its blocks (5 = 3 + 2, 6 = 3 + 3, 9 = 3 + 3 + 3): an SM's busiest blocks
+    // set the time, and 4 + 1 runs as long as 4 + 4
+    const int k = blockIdx.x - group * group_blocks, base = hpg / group_blocks, extra = hpg - base * group_blocks;
+    sub = k * base + min(k, extra);
+    head0 = group * hpg + sub, n_heads = base + (k < extra ? 1 : 0);
   } else {
     head0 = blockIdx.x * kHeads, group = head0 / p.heads_per_group;
   }

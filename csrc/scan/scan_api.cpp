@@ -176,7 +176,7 @@ int fwd_version(int64_t blocks = 0, int sms = 132, bool fp32 = false) {
 // E.g. Llama-3.2-3B's mixer (3 heads per group) at b8: v7 0.85 vs v5 1.04 ms; Qwen2.5-14B's (5) at b4: blocks of 4
 // and 1 heads, v7 1.04 vs v5 0.92 - v5 runs there.
 bool fwd7_partial_wins(const MixerScanParams& p, int sms) {
-  const int r = p.heads_per_group, per_group = (r + 3) / 4, largest = std::min(4, r);
+  const int r = p.heads_per_group, per_group = (r + 3) / 4, largest = (r + per_group - 1) / per_group;
   const int64_t blocks = static_cast<int64_t>(p.batch) * (p.d_xb / kN) * per_group;
   const double rows = static_cast<double>(p.batch) * (p.d_inner / kN);
   const double t5 = 1.322 * rows / 2048.0 * 132.0 / sms;

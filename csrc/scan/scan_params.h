@@ -139,7 +139,8 @@ inline bool mixer_scan_fwd7_supports(const MixerScanParams& p) {
   return mixer_scan_fwd7_applies(p) && p.heads_per_group % 4 == 0;
 }
 // The v7 kernels' blocks per sequence (their grid's x): ceil(heads_per_group / 4) per x / B group of 16 channels -
-// d_inner / 64 when heads_per_group is a multiple of 4; otherwise each group's last block has warps without a head.
+// d_inner / 64 when heads_per_group is a multiple of 4; otherwise the group's heads spread evenly over its blocks and
+// the blocks' other warps have no head.
 inline int mixer_scan_v7_blocks_per_row(const MixerScanParams& p) {
   return (p.d_xb / 16) * ((p.heads_per_group + 3) / 4);
 }
