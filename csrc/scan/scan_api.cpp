@@ -166,15 +166,17 @@ int fwd_version(int64_t blocks = 0, int sms = 132, bool fp32 = false) {
   return fwd_version_default(blocks, sms, fp32);
 }
 
-// heads_per_group % 4 != 0 (session 19): the v7 kernel runs ceil(r / 4) blocks per x / B group and the warps past
-// the group's heads idle, so its time follows its blocks and their largest head count, not the work. An estimate
+// heads_per_group % 4 != 0 (session 19): the v7 kernel runs ceil(r / 4) blocks per x / B group, the group's heads
+// spread evenly over them and the other warps idle, so its time follows its blocks and their largest head count, not
+// the work. An estimate
 // fitted to H100 runs at L 4096 (bench/results/s19/groups/groups_b8a0e97.json: 7 teachers' shapes, batch 1-8), in ms at
 // L 4096 (both scale with L):
 //   v5 ~ 1.322 x (batch x heads / 2048) x (132 / SMs)  (linear in the work: b8 at D 4096 = 2048 head rows);
 //   v7 ~ waves x max(0.55, 0.065 x w), w = the busiest SM's active warps = min(4, ceil(blocks / SMs)) x the largest
 //        head count of a block (a wave = 4 blocks per SM; 0.55 = the latency floor measured at 6-8 warps per SM).
-// E.g. Llama-3.2-3B's mixer (3 heads per group) at b8: v7 0.85 vs v5 1.04 ms; Qwen2.5-14B's (5) at b4: blocks of 4
-// and 1 heads, v7 1.04 vs v5 0.92 - v5 runs there.
+// E.g. Llama-3.2-3B's mixer (3 heads per group) at b8: v7 0.85 vs v5 1.04 ms; Qwen2.5-14B's (5: blocks of 3 + 2
+// heads) at b4 0.845 vs 0.915 (as 4 + 1 heads: 1.04), at b8 1.653 vs 1.639 (bench/results/s19/balanced_e273415/);
+// Qwen2.5-1.5B's (6) at b8: 2 blocks per SM, v7 0.561 vs v5 0.512 - v5 runs there.
 bool fwd7_partial_wins(const MixerScanParams& p, int sms) {
   const int r = p.heads_per_group, per_group = (r + 3) / 4, largest = (r + per_group - 1) / per_group;
   const int64_t blocks = static_cast<int64_t>(p.batch) * (p.d_xb / kN) * per_group;
@@ -347,9 +349,10 @@ int bwd7_segments(const MixerScanParams& p) {
 // heads_per_group % 4 != 0 (session 19, kPartial): the default takes v7 where at least 3 / 4 of its warps have a head
 // (3, 6, 7, 9, 10, 11, ... heads per group). H100, bwd alone at L 4096, batch 1 / 2 / 4 / 8, v4 -> v7 ms
 // (bench/results/s19/groups/groups_bwd_3beb9d4.json): 3 heads (Llama-3.2-3B's mixer) 1.19 / 2.23 / 3.29 / 6.32 ->
-// 0.92 / 1.74 / 3.07 / 6.05; 7 (Qwen2.5-7B) 1.16 / 2.26 / 4.22 / 7.34 -> 1.03 / 1.90 / 3.31 / 6.48; 6 (Qwen2.5-1.5B)
-// 1.00 / 1.17 / 2.18 / 3.45 -> 0.81 / 0.98 / 1.80 / 3.40; but 5 (blocks of 4 + 1 heads; Qwen2.5-14B) 10.4 -> 12.2 ms at
-// b8, 2 heads (Qwen3-1.7B) 4.41 -> 5.83, 1 (SmolLM2-1.7B) 4.59 -> 9.70: v4 there.
+// 0.92 / 1.74 / 3.07 / 6.05; 7 (Qwen2.5-7B) 1.16 / 2.26 / 4.22 / 7.34 -> 1.03 / 1.90 / 3.31 / 6.48; 6 (Qwen2.5-1.5B,
+// blocks of 3 + 3 heads) 1.00 / 1.19 / 2.25 / 3.30 -> 0.83 / 0.93 / 1.71 / 3.18 (balanced_e273415/); but 5 (3 + 2 heads;
+// Qwen2.5-14B) 5.34 / 10.40 -> 6.08 / 11.99 ms at b4 / b8 (it wins at b1-b2), 2 heads (Qwen3-1.7B) 4.41 -> 5.83 at
+// b8, 1 (SmolLM2-1.7B) 4.59 -> 9.70: v4 there.
 bool bwd7_partial_worth_it(const MixerScanParams& p) {
   const int r = p.heads_per_group;
   return r % 4 == 0 || 4 * r >= 3 * 4 * ((r + 3) / 4);
