@@ -73,8 +73,9 @@ LOG="$OUT_DIR/scan_sanitizer.log"
 # session 19: v7r3 = the v7 forward and backward with 3 heads per group (D 48: the block's 4th warp has no head; its
 # z / C / dy boxes are head 0's again) with documents, over 5 tiles in 2 segments (the carry pre-pass); v7r3c = the
 # same without documents, unsplit, with cp.async staging (APRIEL_SCAN_TMA=0: the missing head's copies, whose C
-# columns lie past the row, are zero-filled, not read).
-for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 v7s1 v7c v7p v7pc v7pc4 v7var v7var1 v7r3 v7r3c}; do
+# columns lie past the row, are zero-filled, not read). v7r5 = D 80 (5 heads per group: blocks of 3 + 2 heads, the
+# even split) with documents, 2 segments, TMA.
+for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 v7s1 v7c v7p v7pc v7pc4 v7var v7var1 v7r3 v7r3c v7r5}; do
   packed=1 bwd=auto fwd=$version segments= vblocks= dinner=64 tma=
   [ "$version" = "v7" ] && packed=0 bwd=v7
   [ "$version" = "v7s1" ] && packed=0 bwd=v7 fwd=v7 segments=1
@@ -89,6 +90,7 @@ for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 
   [ "$version" = "v7var1" ] && fwd=v7var length=300 vblocks=1
   [ "$version" = "v7r3" ] && fwd=v7 bwd=v7 segments=2 length=130 dinner=48
   [ "$version" = "v7r3c" ] && fwd=v7 bwd=v7 segments=1 length=130 dinner=48 packed=0 tma=0
+  [ "$version" = "v7r5" ] && fwd=v7 bwd=v7 segments=2 length=130 dinner=80
   for tool in memcheck racecheck; do
     echo "=== L=$length D=$dinner packed=$packed APRIEL_SCAN_TMA=${tma:-auto} APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=${segments:-auto} APRIEL_SCAN_VARLEN_BLOCKS=${vblocks:-auto} compute-sanitizer --tool $tool" >> "$LOG"
     SCAN_SANITIZER_L=$length SCAN_SANITIZER_D=$dinner SCAN_SANITIZER_PACKED=$packed APRIEL_SCAN_TMA=$tma APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=$segments \
