@@ -234,13 +234,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int S = p.bwd_segments, vb = blockIdx.y, b = vb / S, seg = vb - b * S;
   int head0, group, n_heads = kHeads;
   if constexpr (kPartial) {
-    const int hpg = p.heads_per_group, group_blocks = (hpg + kHeads - 1) / kHeads;
-    group = blockIdx.x / group_blocks;
-    // the group's heads split evenly over its blocks (5 = 3 + 2, 6 = 3 + 3, 9 = 3 + 3 + 3): an SM's busiest blocks
-    // set the time, and 4 + 1 runs as long as 4 + 4
-    const int k = blockIdx.x - group * group_blocks, base = hpg / group_blocks, extra = hpg - base * group_blocks;
-    const int sub = k * base + min(k, extra);
-    head0 = group * hpg + sub, n_heads = base + (k < extra ? 1 : 0);
+    const V7GroupShare share = mixer_scan_v7_group_share(p.heads_per_group, blockIdx.x);  // (scan_params.h)
+    group = share.group;
+    const int sub = share.sub;
+    head0 = group * p.heads_per_group + sub, n_heads = share.heads;
   } else {
     head0 = blockIdx.x * kHeads, group = head0 / p.heads_per_group;
   }
@@ -905,7 +902,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         if (!fused) __syncthreads();
         const int tl = tid >> 4, k = tid & 15, tg = t0 + kSub * j + tl;
         float s;
-        if constexpr (kPartial) {
+        if constexpr (kPartial) {  // (the 4-head sum stays written out: as a loop it rescheduled the kernels without
+                                   // kPartial, SASS compared)
           s = sm.wp[0].dlow[tl][k];
 #pragma unroll
           for (int ww = 1; ww < kHeads; ++ww)

@@ -257,13 +257,10 @@ __global__ void __launch_bounds__(kThreads, 4)
   // index math moved the kernel's address arithmetic off the uniform datapath (+40 SASS instructions in the tile loop).
   int head0, group, n_heads = kHeads, sub = 0;  // sub: the block's first head within its group (kPartial)
   if constexpr (kPartial) {
-    const int hpg = p.heads_per_group, group_blocks = (hpg + kHeads - 1) / kHeads;
-    group = blockIdx.x / group_blocks;
-    // the group's heads split evenly over its blocks (5 = 3 + 2, 6 = 3 + 3, 9 = 3 + 3 + 3): an SM's busiest blocks
-    // set the time, and 4 + 1 runs as long as 4 + 4
-    const int k = blockIdx.x - group * group_blocks, base = hpg / group_blocks, extra = hpg - base * group_blocks;
-    sub = k * base + min(k, extra);
-    head0 = group * hpg + sub, n_heads = base + (k < extra ? 1 : 0);
+    const V7GroupShare share = mixer_scan_v7_group_share(p.heads_per_group, blockIdx.x);  // (scan_params.h)
+    group = share.group;
+    sub = share.sub;
+    head0 = group * p.heads_per_group + sub, n_heads = share.heads;
   } else {
     head0 = blockIdx.x * kHeads, group = head0 / p.heads_per_group;
   }

@@ -178,8 +178,8 @@ int fwd_version(int64_t blocks = 0, int sms = 132, bool fp32 = false) {
 // heads) at b4 0.845 vs 0.915 (as 4 + 1 heads: 1.04), at b8 1.653 vs 1.639 (bench/results/s19/balanced_e273415/);
 // Qwen2.5-1.5B's (6) at b8: 2 blocks per SM, v7 0.561 vs v5 0.512 - v5 runs there.
 bool fwd7_partial_wins(const MixerScanParams& p, int sms) {
-  const int r = p.heads_per_group, per_group = (r + 3) / 4, largest = (r + per_group - 1) / per_group;
-  const int64_t blocks = static_cast<int64_t>(p.batch) * (p.d_xb / kN) * per_group;
+  const int largest = mixer_scan_v7_group_share(p.heads_per_group, 0).heads;  // block 0's share is the largest
+  const int64_t blocks = static_cast<int64_t>(p.batch) * mixer_scan_v7_blocks_per_row(p);
   const double rows = static_cast<double>(p.batch) * (p.d_inner / kN);
   const double t5 = 1.322 * rows / 2048.0 * 132.0 / sms;
   const int64_t per_sm = std::min<int64_t>(4, (blocks + sms - 1) / sms), waves = (blocks + 4 * sms - 1) / (4 * sms);
@@ -355,7 +355,7 @@ int bwd7_segments(const MixerScanParams& p) {
 // b8, 1 (SmolLM2-1.7B) 4.59 -> 9.70: v4 there.
 bool bwd7_partial_worth_it(const MixerScanParams& p) {
   const int r = p.heads_per_group;
-  return r % 4 == 0 || 4 * r >= 3 * 4 * ((r + 3) / 4);
+  return r % 4 == 0 || 4 * r >= 3 * 4 * mixer_scan_v7_blocks_per_group(r);
 }
 
 int bwd_v7_segments(const MixerScanParams& p, at::ScalarType st) {

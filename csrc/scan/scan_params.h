@@ -138,11 +138,29 @@ inline bool mixer_scan_fwd7_applies(const MixerScanParams& p) {
 inline bool mixer_scan_fwd7_supports(const MixerScanParams& p) {
   return mixer_scan_fwd7_applies(p) && p.heads_per_group % 4 == 0;
 }
-// The v7 kernels' blocks per sequence (their grid's x): ceil(heads_per_group / 4) per x / B group of 16 channels -
-// d_inner / 64 when heads_per_group is a multiple of 4; otherwise the group's heads spread evenly over its blocks and
-// the blocks' other warps have no head.
+#if defined(__CUDACC__)
+#define APRIEL_SCAN_HD __host__ __device__
+#else
+#define APRIEL_SCAN_HD
+#endif
+// The v7 kernels' blocks per x / B group: ceil(heads_per_group / 4) (blocks of 4 warps, one head each).
+APRIEL_SCAN_HD inline int mixer_scan_v7_blocks_per_group(int heads_per_group) { return (heads_per_group + 3) / 4; }
+// The v7 kernels' blocks per sequence (their grid's x): d_inner / 64 when heads_per_group is a multiple of 4;
+// otherwise the group's heads spread evenly over its blocks and the blocks' other warps have no head.
 inline int mixer_scan_v7_blocks_per_row(const MixerScanParams& p) {
-  return (p.d_xb / 16) * ((p.heads_per_group + 3) / 4);
+  return (p.d_xb / 16) * mixer_scan_v7_blocks_per_group(p.heads_per_group);
+}
+// kPartial (session 19): block `block` of the grid's x takes heads sub .. sub + heads - 1 of x / B group `group`. A
+// group's heads split evenly over its blocks (5 = 3 + 2, 6 = 3 + 3, 9 = 3 + 3 + 3; block 0's share is the largest):
+// an SM's busiest blocks set the time, and 4 + 1 ran as long as 4 + 4 (bench/results/s19/balanced_e273415/).
+// Shared by both v7 kernels and the host's dispatch estimate.
+struct V7GroupShare {
+  int group, sub, heads;
+};
+APRIEL_SCAN_HD inline V7GroupShare mixer_scan_v7_group_share(int heads_per_group, int block) {
+  const int per = mixer_scan_v7_blocks_per_group(heads_per_group), group = block / per, k = block - group * per;
+  const int base = heads_per_group / per, extra = heads_per_group - base * per;
+  return {group, k * base + (k < extra ? k : extra), base + (k < extra ? 1 : 0)};
 }
 // Backward epilogue (mixer_scan_head_sum.cu): dzxbc's x / B slices = the sums of the r head copies of dx_part /
 // dB_part ((b L, D) fp32 each; rows = b L).
