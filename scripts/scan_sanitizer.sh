@@ -21,7 +21,7 @@ from apriel_kernels import mixer_scan
 torch.manual_seed(0)
 for repeat in (True, False):
     b, L, R = 2, int(os.environ.get("SCAN_SANITIZER_L", "45")), 8
-    D, X = int(os.environ.get("SCAN_SANITIZER_D", "64")), 16
+    D, X = int(os.environ.get("SCAN_SANITIZER_D", "64")), int(os.environ.get("SCAN_SANITIZER_X", "16"))
     zxbc = torch.randn(b, L, 2 * D + 2 * X, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dt_low = torch.randn(b, L, R, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     cc = D if repeat else X
@@ -75,8 +75,12 @@ LOG="$OUT_DIR/scan_sanitizer.log"
 # same without documents, unsplit, with cp.async staging (APRIEL_SCAN_TMA=0: the missing head's copies, whose C
 # columns lie past the row, are zero-filled, not read). v7r5 = D 80 (5 heads per group: blocks of 3 + 2 heads, the
 # even split) with documents, 2 segments, TMA.
-for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 v7s1 v7c v7p v7pc v7pc4 v7var v7var1 v7r3 v7r3c v7r5}; do
-  packed=1 bwd=auto fwd=$version segments= vblocks= dinner=64 tma=
+# session 20: the v7 backward's kSpan (blocks of 4 consecutive heads across group boundaries) replaced the backward's
+# kPartial in v7r3 / v7r3c / v7r5 (one group: blocks of 3, or 4 and 1 heads); v7r3s = D 96 / X 32 (3 heads per group,
+# two groups: blocks of 3 + 1 and 2 + 2 heads, the second group's x / B slices and halo) with documents, 2 segments,
+# TMA; v7r3sc = the same without documents, unsplit, cp.async.
+for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 v7s1 v7c v7p v7pc v7pc4 v7var v7var1 v7r3 v7r3c v7r5 v7r3s v7r3sc}; do
+  packed=1 bwd=auto fwd=$version segments= vblocks= dinner=64 dxb=16 tma=
   [ "$version" = "v7" ] && packed=0 bwd=v7
   [ "$version" = "v7s1" ] && packed=0 bwd=v7 fwd=v7 segments=1
   length=45
@@ -91,9 +95,11 @@ for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 
   [ "$version" = "v7r3" ] && fwd=v7 bwd=v7 segments=2 length=130 dinner=48
   [ "$version" = "v7r3c" ] && fwd=v7 bwd=v7 segments=1 length=130 dinner=48 packed=0 tma=0
   [ "$version" = "v7r5" ] && fwd=v7 bwd=v7 segments=2 length=130 dinner=80
+  [ "$version" = "v7r3s" ] && fwd=v7 bwd=v7 segments=2 length=130 dinner=96 dxb=32
+  [ "$version" = "v7r3sc" ] && fwd=v7 bwd=v7 segments=1 length=130 dinner=96 dxb=32 packed=0 tma=0
   for tool in memcheck racecheck; do
-    echo "=== L=$length D=$dinner packed=$packed APRIEL_SCAN_TMA=${tma:-auto} APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=${segments:-auto} APRIEL_SCAN_VARLEN_BLOCKS=${vblocks:-auto} compute-sanitizer --tool $tool" >> "$LOG"
-    SCAN_SANITIZER_L=$length SCAN_SANITIZER_D=$dinner SCAN_SANITIZER_PACKED=$packed APRIEL_SCAN_TMA=$tma APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=$segments \
+    echo "=== L=$length D=$dinner X=$dxb packed=$packed APRIEL_SCAN_TMA=${tma:-auto} APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=${segments:-auto} APRIEL_SCAN_VARLEN_BLOCKS=${vblocks:-auto} compute-sanitizer --tool $tool" >> "$LOG"
+    SCAN_SANITIZER_L=$length SCAN_SANITIZER_D=$dinner SCAN_SANITIZER_X=$dxb SCAN_SANITIZER_PACKED=$packed APRIEL_SCAN_TMA=$tma APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=$segments \
       APRIEL_SCAN_VARLEN_BLOCKS=$vblocks \
       compute-sanitizer --tool $tool --kernel-name kns=mixer_scan python3 "$CASE" >> "$LOG" 2>&1
     echo "=== $tool rc=$?" >> "$LOG"

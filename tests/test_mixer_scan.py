@@ -1047,14 +1047,16 @@ BWD7_CASES = [
     (1, 4097, 64, 16, False, 4, 8, ""),
     (2, 300, 4096, 1024, True, 4, 16, "init"),
     (2, 70, 256, 64, True, 4, 16, "strided"),
-    # heads per group not a multiple of 4 (session 19, kPartial: warps without a head in each group's last block;
-    # the per-head dx_part / dB_part path)
-    (2, 77, 48, 16, True, 4, 16, "init"),  # 3 heads per group
-    (3, 100, 192, 64, False, 3, 16, "init"),  # 3 per group, 4 groups
-    (2, 300, 112, 16, True, 4, 16, "strided"),  # 7: blocks of 4 + 3 heads
-    (1, 129, 80, 16, False, 4, 8, "init"),  # 5: 3 + 2
-    (2, 65, 32, 16, True, 2, 16, "init"),  # 2
-    (2, 97, 64, 64, True, 4, 16, "init"),  # 1
+    # heads per group not a multiple of 4 (session 20, kSpan: blocks of 4 consecutive heads across group boundaries,
+    # the last block with fewer heads when 4 does not divide the head count; the per-head dx_part / dB_part path)
+    (2, 77, 48, 16, True, 4, 16, "init"),  # 3 heads per group, one block of 3 heads
+    (3, 100, 192, 64, False, 3, 16, "init"),  # 3 per group, 4 groups: blocks of 3 + 1, 2 + 2, 1 + 3 heads
+    (2, 300, 112, 16, True, 4, 16, "strided"),  # 7, one group: blocks of 4 and 3 heads
+    (1, 150, 224, 32, False, 4, 8, "init"),  # 7, two groups: 4, 3 + 1, 4, 2 heads
+    (1, 129, 80, 16, False, 4, 8, "init"),  # 5, one group: 4 and 1 heads
+    (2, 200, 160, 32, True, 3, 16, "init"),  # 5, two groups: 4, 1 + 3, 2 heads
+    (2, 65, 32, 16, True, 2, 16, "init"),  # 2, one block of 2 heads
+    (2, 150, 96, 48, False, 4, 16, "init"),  # 2, three groups: 2 + 2, then a block of 2 heads
     (2, 300, 3072, 1024, True, 4, 16, "init"),  # Llama-3.2-3B's mixer
 ]
 
@@ -1090,7 +1092,8 @@ BWD7_SPLIT_CASES = [
     (3, 129, 128, 16, False, 4, 16, 2, "init"),
     (1, 4097, 256, 64, False, 4, 16, 5, ""),
     (2, 200, 256, 64, True, 4, 16, 7, "strided"),
-    (2, 300, 96, 16, True, 4, 16, 3, "init"),  # 6 heads per group (blocks of 3 + 3): the split with kPartial
+    (2, 300, 96, 16, True, 4, 16, 3, "init"),  # 6 heads per group (blocks of 4 and 2): the split with kSpan
+    (1, 300, 192, 32, False, 3, 16, 4, "init"),  # 6 per group, two groups (4, 2 + 2, 4 heads), 4 segments
 ]
 
 
@@ -1133,7 +1136,8 @@ BWD7_DOC_CASES = [
     (1, 2000, 256, 64, True, 4, 16, "4", (700, 1536, 1990), "init"),
     (2, 2000, 64, 16, False, 3, 16, "4", (513, 1100, 1101, 1535), ""),
     (1, 5000, 64, 16, True, 4, 16, "2", (300, 4900), ""),
-    (2, 300, 48, 16, False, 4, 16, "3", (16, 128, 129, 255), "init"),  # 3 heads per group (kPartial)
+    (2, 300, 48, 16, False, 4, 16, "3", (16, 128, 129, 255), "init"),  # 3 heads per group (kSpan, one group)
+    (2, 300, 96, 32, True, 4, 16, "2", (16, 128, 129, 255), "init"),  # 3 per group, blocks of 3 + 1, 2 + 2 heads
 ]
 
 
@@ -1281,11 +1285,11 @@ def test_backward_default_dispatch(monkeypatch):
 
 @gpu
 @needs_kernel
-@pytest.mark.parametrize("heads_per_group,want_v7", [(3, True), (6, True), (7, True), (5, False), (2, False),
+@pytest.mark.parametrize("heads_per_group,want_v7", [(3, True), (6, True), (7, True), (5, True), (2, True),
                                                      (1, False)])
 def test_backward_default_with_partial_groups(heads_per_group, want_v7, monkeypatch):
-    """Heads per group not a multiple of 4 (session 19): the default backward is v7 where at least 3 / 4 of its warps
-    have a head (scan_api.cpp bwd7_partial_worth_it), v4 elsewhere; the gradients are right either way."""
+    """Heads per group not a multiple of 4 (session 20, kSpan): the default backward is v7 from 2 heads per group on
+    (scan_api.cpp bwd_v7_segments), v4 for one; the gradients are right either way."""
     monkeypatch.delenv("APRIEL_SCAN_BWD", raising=False)
     monkeypatch.delenv("APRIEL_SCAN_BWD_SEGMENTS", raising=False)
     X = 32
@@ -1300,13 +1304,15 @@ def test_backward_default_with_partial_groups(heads_per_group, want_v7, monkeypa
 
 @gpu
 @needs_kernel
-@pytest.mark.parametrize("extra", ["fp32"])
+@pytest.mark.parametrize("extra", ["fp32", "one_head_per_group"])
 def test_backward_v7_falls_back_where_it_does_not_apply(extra, monkeypatch):
     # (misaligned rows: _grads clones its leaves - aligned again; the host check is the forward v7's plus dy's;
-    # heads per group not a multiple of 4: v7 since session 19, BWD7_CASES)
+    # heads per group not a multiple of 4: v7 since session 19, BWD7_CASES, except one head per group: a block's 4
+    # heads would span 4 groups)
     monkeypatch.setenv("APRIEL_SCAN_BWD", "v7")
     dtype = torch.float32 if extra == "fp32" else torch.bfloat16
-    args, kw = make_inputs(2, 70, 64, 16, dtype=dtype, device="cuda", dt_rank=16, initial_states=True, seed=3)
+    D_, X = (64, 64) if extra == "one_head_per_group" else (64, 16)
+    args, kw = make_inputs(2, 70, D_, X, dtype=dtype, device="cuda", dt_rank=16, initial_states=True, seed=3)
     seq = packed_seq_idx(2, 70, [20, 41], "cuda") if extra == "packed" else None
     weights = _loss_weights(args, kw, dtype, seed=4)
     names = _cuda_kernels_run(lambda: _grads(args, kw, seq, weights))

@@ -54,7 +54,7 @@
 // as that segment's dinit_conv_part row (and the earlier segment writes those rows without it: dx_edge / dx_part);
 // the host adds the two. Whole-sequence partial outputs get one row per (b, segment).
 // Packed documents (seq_idx): kSeq (session 13), below. Not handled (the dispatcher runs v4): fp32 activations,
-// dt_rank > 16, rows that are not 16-byte aligned (zxbc, dt_low, dy). heads_per_group % 4 != 0: kPartial (session 19,
+// dt_rank > 16, rows that are not 16-byte aligned (zxbc, dt_low, dy), one head per group. heads_per_group % 4 != 0: kSpan (session 20,
 // below).
 #pragma once
 #include "../common/cuda_check.h"
@@ -163,6 +163,27 @@ struct SmemB7Seq : SmemB7<T> {
 };
 template <typename T, bool kSeq>
 using SmemB7For = std::conditional_t<kSeq, SmemB7Seq<T>, SmemB7<T>>;
+// kSpan (heads_per_group % 4 != 0, >= 2; session 20): a block's 4 consecutive heads may belong to two x / B groups.
+// The second group's slices (x, B, the x halo rows) and what A (block) makes of them, by tile parity, next to the
+// first group's in SmemB7::Tile. The TMA destinations x, B and xh sit at 128-byte aligned offsets.
+template <typename T>
+struct alignas(128) SpanSlot {
+  alignas(16) T x[kChunk][kN];
+  alignas(16) T B[kChunk][kN];
+  alignas(16) T xh[4][kN];                     // x rows t0-3 .. t0-1 (row 3 unused)
+  alignas(16) float xf[kChunk + 3][kN];
+  alignas(16) float4 bop[kChunk / 2][9];
+};
+template <typename Base, typename T>
+struct WithSpan : Base {
+  SpanSlot<T> span[2];
+};
+template <typename T, bool kSeq, bool kSpan>
+using SmemB7Of = std::conditional_t<kSpan, WithSpan<SmemB7For<T, kSeq>, T>, SmemB7For<T, kSeq>>;
+// 2 blocks per SM (the launch bounds): 228 KB of shared memory per SM, less the 1 KB the runtime reserves per block
+static_assert(sizeof(SmemB7Of<__nv_bfloat16, true, true>) + 1024 <= 233472 / 2, "SmemB7 + span: 2 blocks per SM");
+static_assert(offsetof(SpanSlot<__nv_bfloat16>, B) % 128 == 0 && offsetof(SpanSlot<__nv_bfloat16>, xh) % 128 == 0,
+              "SpanSlot: TMA destinations 128-byte aligned");
 
 // (kSeq's document starts: scan_common.cuh)
 using scan::doc_starts;
@@ -195,20 +216,50 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename SmemB7<
 // The same tile by the bulk tensor copy engine (kTma), issued by one thread as the forward v7's stage_tma: the 11
 // forward slices, dy of the 4 heads, and the x rows t0-3 .. t0 (a 4-row box: rows before 0 read as zeros, row t0 is
 // not used) - 16 boxes on raw's barrier.
-template <typename T>
+// kSpan: also the second group's x, B and halo boxes into sp (group1), on the same barrier.
+template <typename T, bool kSpan = false>
 __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::ScanBwdMaps& maps,
                                           typename SmemB7<T>::Raw& r, uint64_t* bar, int b, int head0, int group,
-                                          int t0, int n_heads = kHeads) {
+                                          int t0, int n_heads = kHeads, SpanSlot<T>* sp = nullptr, int group1 = 0) {
   using Raw = typename SmemB7<T>::Raw;
   static_assert(sizeof(T) == 2 && tma::kBoxCols == kN && tma::kBoxRows == kChunk, "one box = one 16-bit slice");
   static_assert(offsetof(Raw, dy) == 11 * kChunk * kN * sizeof(T) && offsetof(Raw, xh) % 128 == 0 &&
                 sizeof(Raw) % 128 == 0, "16 boxes at 128-byte aligned offsets");
-  tma::expect_bytes(bar, sizeof(Raw));
+  constexpr uint32_t kSpanBytes = kSpan ? (2 * kChunk + 4) * kN * sizeof(T) : 0;
+  tma::expect_bytes(bar, sizeof(Raw) + kSpanBytes);
   scan7::load_slices<T>(p, maps.fwd, r.f, bar, b, head0, group, t0,
                         [&](int hh) {
                           tma::load_box(maps.dy, bar, &r.dy[hh][0][0], (head0 + (hh < n_heads ? hh : 0)) * kN, t0, b);
                         }, n_heads);
   tma::load_box(maps.halo, bar, &r.xh[0][0], p.d_inner + group * kN, t0 - 3, b);
+  if constexpr (kSpan) {
+    const int cx = p.d_inner + group1 * kN;
+    tma::load_box(maps.fwd.zxbc, bar, &sp->x[0][0], cx, t0, b);
+    tma::load_box(maps.fwd.zxbc, bar, &sp->B[0][0], cx + p.d_xb, t0, b);
+    tma::load_box(maps.halo, bar, &sp->xh[0][0], cx, t0 - 3, b);
+  }
+}
+
+// kSpan, cp.async staging: the second group's x and B rows of the tile (one 16-byte copy per thread) and its 3 x rows
+// before t0.
+template <typename T>
+__device__ __forceinline__ void stage_span(const MixerScanParams& p, SpanSlot<T>& sp, int b, int group1, int t0,
+                                           int tid) {
+  constexpr int kVec = 16 / sizeof(T);
+  static_assert(kThreads == 2 * kChunk * 2, "one copy per thread: 2 slices x 32 rows x 2 parts");
+  const T* zx = static_cast<const T*>(p.zxbc) + (int64_t)b * p.zxbc_batch_stride;
+  {
+    const int slice = tid >> 6, row = (tid >> 1) & 31, part = tid & 1, pos = t0 + row;
+    const bool ok = pos < p.seqlen;
+    const T* src = zx + (ok ? (int64_t)pos * p.zxbc_row_stride + p.d_inner + slice * p.d_xb + group1 * kN + part * kVec : 0);
+    scan4::cp_async16(slice ? &sp.B[row][part * kVec] : &sp.x[row][part * kVec], src, ok);
+  }
+  if (tid < 6) {
+    const int row = tid >> 1, part = tid & 1, pos = t0 - 3 + row;
+    const bool ok = pos >= 0;
+    const T* src = zx + (ok ? (int64_t)pos * p.zxbc_row_stride + p.d_inner + group1 * kN + part * kVec : 0);
+    scan4::cp_async16(&sp.xh[row][part * kVec], src, ok);
+  }
 }
 
 // kTma: the tiles arrive by the bulk tensor copy engine (stage_tma) instead of cp.async (stage).
@@ -218,31 +269,35 @@ __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::S
 // ex2 flushes ex2(FLT_MAX x A2) - -inf, or below -126 where |A2| < 1 - to +0), as is q = G a h_{t-1}, and dA_log's
 // sum q x delta stays finite. (Session 18: FLT_MAX instead of the forward's +inf - the same decays, bitwise - saves
 // the reverse a min(delta, FLT_MAX) per element: 0 x inf would be NaN.)
-// kPartial (heads_per_group % 4 != 0, session 19): as the forward v7's - a group's heads spread evenly over its
-// blocks, and a block's warps past its share have no head; they stage, convert and take part in the block sums (their
-// d(dt_low) rows are not read), alias the block's first head for their constants and skip pass A, pass B's per-warp
-// work and every store. (Never fused: the group sums need 4 heads per group.)
-template <typename T, bool kTma, bool kSeq = false, bool kPartial = false>
+// kSpan (heads_per_group % 4 != 0 and >= 2, session 20): a block takes 4 consecutive heads wherever the group
+// boundaries fall, so they belong to one or two x / B groups (group, group1: the first and the last head's), and
+// every warp has a head except in the last block when the head count is not a multiple of 4. The tile holds both
+// groups' x / B slices (the second in SpanSlot), A (block) converts both, and each warp reads its own group's. The
+// group sums of dB / d(conv input) then cross blocks: never fused (per-head partials, as for 8 heads per group).
+// Session 19's kPartial instead spread a group's heads over its own blocks with warps left idle (3 + 2 heads for 5
+// per group: 5 of 8 warps busy), which lost to v4 at 1, 2 and 5 heads per group. Warps without a head stage, convert
+// and take part in the block sums (their d(dt_low) rows are not read), alias the block's first head for their
+// constants and skip pass A, pass B's per-warp work and every store.
+template <typename T, bool kTma, bool kSeq = false, bool kSpan = false>
 __global__ void __launch_bounds__(kThreads, 2)
     mixer_scan_bwd7_kernel(MixerScanParams p, const __grid_constant__ tma::ScanBwdMaps maps) {
   extern __shared__ __align__(128) unsigned char smem_raw[];  // 128: TMA destinations
-  using SM = SmemB7For<T, kSeq>;
+  using SM = SmemB7Of<T, kSeq, kSpan>;
   using M = scan4::MmaOp<T>;
   SM& sm = *reinterpret_cast<SM*>(smem_raw);
   const int tid = threadIdx.x, lane = tid % 32, w = tid / 32, g = lane / 4, q = lane % 4;
   // blockIdx.y = b * segments + segment (vb: the row of the whole-sequence partial outputs)
   const int S = p.bwd_segments, vb = blockIdx.y, b = vb / S, seg = vb - b * S;
-  int head0, group, n_heads = kHeads;
-  if constexpr (kPartial) {
-    const V7GroupShare share = mixer_scan_v7_group_share(p.heads_per_group, blockIdx.x);  // (scan_params.h)
-    group = share.group;
-    const int sub = share.sub;
-    head0 = group * p.heads_per_group + sub, n_heads = share.heads;
-  } else {
-    head0 = blockIdx.x * kHeads, group = head0 / p.heads_per_group;
-  }
-  const bool has_head = !kPartial || w < n_heads;
+  int head0 = blockIdx.x * kHeads, group = head0 / p.heads_per_group, n_heads = kHeads;
+  int group1 = group, wgroup = group;  // kSpan: the last head's group; this warp's group
+  if constexpr (kSpan) n_heads = min(kHeads, p.d_inner / kN - head0);
+  const bool has_head = !kSpan || w < n_heads;
   const int head = head0 + (has_head ? w : 0), c0 = head * kN;
+  if constexpr (kSpan) {
+    group1 = (head0 + n_heads - 1) / p.heads_per_group;
+    wgroup = head / p.heads_per_group;
+  }
+  const bool slot1 = kSpan && wgroup != group;  // this warp reads the SpanSlot's x / B
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank, W = p.width, hw = W - 1;
   const int n_tiles = p.n_chunks;
   const int tile_first = seg * p.seg_tiles, tile_last = min(n_tiles, tile_first + p.seg_tiles) - 1;
@@ -251,20 +306,33 @@ __global__ void __launch_bounds__(kThreads, 2)
   float* dlr = nullptr;  // kSeq: this warp's true deltas [sub-chunk token][channel]
   if constexpr (kSeq) dlr = &sm.dlr[w][0][0];
 
+  // the tile at t0 into raw / span [par]
+  auto stage_tile = [&](int par, int t0) {
+    if constexpr (kTma) {
+      if constexpr (kSpan) {
+        stage_tma<T, true>(p, maps, sm.tile[par].raw, &sm.bar[par], b, head0, group, t0, n_heads, &sm.span[par],
+                           group1);
+      } else {
+        stage_tma<T>(p, maps, sm.tile[par].raw, &sm.bar[par], b, head0, group, t0, n_heads);
+      }
+    } else {
+      stage<T>(p, sm.tile[par].raw, b, head0, group, t0, tid, n_heads);
+      if constexpr (kSpan) stage_span<T>(p, sm.span[par], b, group1, t0, tid);
+      scan4::cp_async_commit();
+    }
+  };
   if constexpr (kTma) {
     if (tid == 0) {
       tma::init_barriers(sm.bar);
-      stage_tma<T>(p, maps, sm.tile[tile_last & 1].raw, &sm.bar[tile_last & 1], b, head0, group, tile_last * kChunk,
-                   n_heads);
+      stage_tile(tile_last & 1, tile_last * kChunk);
     }
   } else {
-    stage<T>(p, sm.tile[tile_last & 1].raw, b, head0, group, tile_last * kChunk, tid, n_heads);
-    scan4::cp_async_commit();
+    stage_tile(tile_last & 1, tile_last * kChunk);
   }
 
   // Per-channel constants (smem: the registers go to the recomputed states), zero operand entries, dco halo.
   if (lane < kN) {
-    const int pc = c0 + lane, wch = p.repeat_before_conv ? pc : group * kN + lane;
+    const int pc = c0 + lane, wch = p.repeat_before_conv ? pc : wgroup * kN + lane;
     float cw[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -290,6 +358,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   for (int i = lane; i < 3 * kN; i += 32) wp.dco[kSub + i / kN][i % kN] = 0.f;  // past the sequence end
   if (tid < kChunk) sm.tile[tid / (kChunk / 2)].bop[tid % (kChunk / 2)][8] = make_float4(0.f, 0.f, 0.f, 0.f);
+  if constexpr (kSpan)
+    if (tid < kChunk) sm.span[tid / (kChunk / 2)].bop[tid % (kChunk / 2)][8] = make_float4(0.f, 0.f, 0.f, 0.f);
   // dt_proj B fragments (the forward v7's column labels: lane q's prep items are channels 4q .. 4q + 3).
   unsigned wb[2][2];
 #pragma unroll
@@ -321,7 +391,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool b4 = (lane >> 4) & 1, b3 = (lane >> 3) & 1, b2 = (lane >> 2) & 1;
   const int red_slot = 16 * b4 + 8 * b3 + 2 * q + b2;
   const bool diag = q == (g >> 1), godd = g & 1;
-  const bool fused = p.bwd_fused_sums;  // (never with kPartial: the host fuses at 4 heads per group only)
+  const bool fused = p.bwd_fused_sums;  // (never with kSpan: the host fuses at 4 heads per group only)
   T* dzx = static_cast<T*>(p.dzxbc) + (int64_t)b * L * rowZ;
   auto load_state = [&](const float* base, float (&h)[2][4]) {  // base = (D, 16) block of this sequence
 #pragma unroll
@@ -372,6 +442,26 @@ __global__ void __launch_bounds__(kThreads, 2)
       dst.xf[hr][ch] = v;
     }
     scan7::convert_b<T>(rc.f, dst.bop, tid);
+    if constexpr (kSpan) {
+      if (group1 != group) {  // (block-uniform)
+        const SpanSlot<T>& rs = sm.span[cp];
+        SpanSlot<T>& ds = sm.span[kLateA ? cp : 0];
+        scan7::convert_x<T>(rs.x, ds.xf, tid);
+        if (tid < 3 * kN) {
+          const int hr = tid / kN, ch = tid % kN;
+          float v;
+          if (tile > 0) {
+            v = to_f(rs.xh[hr][ch]);
+          } else {
+            const int kk = hw + hr - 3;
+            v = (p.init_conv != nullptr && kk >= 0) ? p.init_conv[((int64_t)b * p.d_xb + group1 * kN + ch) * hw + kk]
+                                                   : 0.f;
+          }
+          ds.xf[hr][ch] = v;
+        }
+        scan7::convert_b<T>(rs.B, ds.bop, tid);
+      }
+    }
   };
   // raw[tile & 1] holds the tile's copies (TMA: the transaction barrier's phase, waited on by each thread; cp.async:
   // each thread's own copies, then - block_sync - a block barrier for the others' (else the caller's S1 does it)).
@@ -406,11 +496,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
     if (tile > tile_first) {
       if constexpr (kTma) {
-        if (tid == 0)
-          stage_tma<T>(p, maps, sm.tile[par ^ 1].raw, &sm.bar[par ^ 1], b, head0, group, t0 - kChunk, n_heads);
+        if (tid == 0) stage_tile(par ^ 1, t0 - kChunk);
       } else {
-        stage<T>(p, sm.tile[par ^ 1].raw, b, head0, group, t0 - kChunk, tid, n_heads);
-        scan4::cp_async_commit();
+        stage_tile(par ^ 1, t0 - kChunk);
       }
     }
     if constexpr (!kLateA) {
@@ -419,6 +507,14 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     const float (*xf)[kN] = sm.tile[kLateA ? par : 0].xf;
     const float4 (*bop)[9] = sm.tile[kLateA ? par : 0].bop;
+    const T (*Braw)[kN] = r.f.B;  // this warp's group's B rows (the reverse's sum_n G B)
+    if constexpr (kSpan) {
+      if (slot1) {
+        xf = sm.span[kLateA ? par : 0].xf;
+        bop = sm.span[kLateA ? par : 0].bop;
+        Braw = sm.span[par].B;
+      }
+    }
     // kSeq: tap k of token t (row t + 3) reads another document iff a start lies in rows t + k + 1 .. t + 3, and
     // input t feeds output t + 3 - k iff none lies in rows t + 4 .. t + 6 - k.
     uint64_t starts = 0;
@@ -556,7 +652,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     // Pass B: sub-chunks in reverse.
 #pragma unroll 1
     for (int j = kNSub - 1; j >= 0; --j) {
-      if (has_head) {  // (kPartial: warps without a head go to the block sums)
+      if (has_head) {  // (kSpan: warps without a head go to the block sums)
         prep(j, std::true_type{});
         float hstart[2][4];
         if (j == 0) {
@@ -593,7 +689,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           const float4 cc = wp.cop4[tl >> 1][csel];
           o.c0 = (tl & 1) ? cc.z : cc.x;
           o.c1 = (tl & 1) ? cc.w : cc.y;
-          const unsigned* bwd = reinterpret_cast<const unsigned*>(&r.f.B[t][0]);
+          const unsigned* bwd = reinterpret_cast<const unsigned*>(&Braw[t][0]);
           o.blo = scan4::unpack2<T>(bwd[q]);
           o.bhi = scan4::unpack2<T>(bwd[4 + q]);
           decays(o.pd.y, o.pd.w, A2, o.a);
@@ -898,12 +994,12 @@ __global__ void __launch_bounds__(kThreads, 2)
           }
         }
       }  // has_head
-      if (dt_fused) {  // d(dt_low) summed over the block's 4 heads (fixed order; kPartial: its n_heads)
+      if (dt_fused) {  // d(dt_low) summed over the block's 4 heads (fixed order; kSpan: its n_heads)
         if (!fused) __syncthreads();
         const int tl = tid >> 4, k = tid & 15, tg = t0 + kSub * j + tl;
         float s;
-        if constexpr (kPartial) {  // (the 4-head sum stays written out: as a loop it rescheduled the kernels without
-                                   // kPartial, SASS compared)
+        if constexpr (kSpan) {  // (the 4-head sum stays written out: as a loop it rescheduled the kernels without
+                                // kSpan, SASS compared in session 19)
           s = sm.wp[0].dlow[tl][k];
 #pragma unroll
           for (int ww = 1; ww < kHeads; ++ww)
@@ -973,41 +1069,41 @@ inline bool encode_maps(const MixerScanParams& p, tma::ScanBwdMaps& maps) {
 }
 }  // namespace
 
-template <typename T, bool kSeq, bool kPartial>
+template <typename T, bool kSeq, bool kSpan>
 void launch_for(const MixerScanParams& p, void* stream) {
-  const size_t smem = sizeof(SmemB7For<T, kSeq>);
-  const dim3 grid(scan7::blocks_per_row(p), p.batch * p.bwd_segments);
+  const size_t smem = sizeof(SmemB7Of<T, kSeq, kSpan>);
+  const dim3 grid(mixer_scan_bwd7_blocks_per_row(p), p.batch * p.bwd_segments);
   tma::ScanBwdMaps maps{};
 #if APRIEL_TMA
   if (encode_maps(p, maps)) {
     static const bool configured =
-        scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, true, kSeq, kPartial>), smem);
+        scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, true, kSeq, kSpan>), smem);
     (void)configured;
-    mixer_scan_bwd7_kernel<T, true, kSeq, kPartial>
+    mixer_scan_bwd7_kernel<T, true, kSeq, kSpan>
         <<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
     APRIEL_CHECK_LAUNCH();
     return;
   }
 #endif
   static const bool configured =
-      scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, false, kSeq, kPartial>), smem);
+      scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, false, kSeq, kSpan>), smem);
   (void)configured;
-  mixer_scan_bwd7_kernel<T, false, kSeq, kPartial>
+  mixer_scan_bwd7_kernel<T, false, kSeq, kSpan>
       <<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
   APRIEL_CHECK_LAUNCH();
 }
 
 template <typename T>
 void launch(const MixerScanParams& p, void* stream) {
-  if (p.heads_per_group % kHeads != 0) {  // kPartial: instantiated in mixer_scan_bwd7p_*.cu (scan_params.h)
-    launch_mixer_scan_bwd7_partial<T>(p, stream);
+  if (p.heads_per_group % kHeads != 0) {  // kSpan: instantiated in mixer_scan_bwd7s_*.cu (scan_params.h)
+    launch_mixer_scan_bwd7_span<T>(p, stream);
     return;
   }
   if (p.seq_idx != nullptr) launch_for<T, true, false>(p, stream);
   else launch_for<T, false, false>(p, stream);
 }
 template <typename T>
-void launch_partial(const MixerScanParams& p, void* stream) {
+void launch_span(const MixerScanParams& p, void* stream) {
   if (p.seq_idx != nullptr) launch_for<T, true, true>(p, stream);
   else launch_for<T, false, true>(p, stream);
 }
@@ -1270,10 +1366,10 @@ void launch_mixer_scan_bwd7(const MixerScanParams& p, void* stream) {
   scan7b::launch<T>(p, stream);
 }
 
-#ifdef APRIEL_SCAN_V7_PARTIAL_TU  // (defined only in mixer_scan_bwd7p_*.cu: the other TUs link to their instances)
+#ifdef APRIEL_SCAN_BWD7_SPAN_TU  // (defined only in mixer_scan_bwd7s_*.cu: the other TUs link to their instances)
 template <typename T>
-void launch_mixer_scan_bwd7_partial(const MixerScanParams& p, void* stream) {
-  scan7b::launch_partial<T>(p, stream);
+void launch_mixer_scan_bwd7_span(const MixerScanParams& p, void* stream) {
+  scan7b::launch_span<T>(p, stream);
 }
 #endif
 

@@ -114,18 +114,27 @@ __device__ __forceinline__ float tf32_rna(float v) {
 // A (block) of a staged tile, shared by the v7 forward and backward, one call each per thread of the 128 (the caller
 // fills the 3 halo rows of xf in between): the group's x rows to fp32 (xf rows 3 .. 34), and the B operand per token
 // pair, (B_t[g], B_t[8+g], B_t+1[g], B_t+1[8+g]) for g < 8 (entry 8, the zeros, is the caller's).
+// (The array forms serve the backward's second group of a block, mixer_scan_bwd7.cuh kSpan.)
 template <typename T>
-__device__ __forceinline__ void convert_x(const Raw7<T>& rc, float (*xf)[kN], int tid) {
+__device__ __forceinline__ void convert_x(const T (*x)[kN], float (*xf)[kN], int tid) {
   const int row = tid / 4, part = tid % 4;  // 128 threads = 32 rows x 4 quads
-  const uint2 wx = *reinterpret_cast<const uint2*>(&rc.x[row][part * 4]);
+  const uint2 wx = *reinterpret_cast<const uint2*>(&x[row][part * 4]);
   const float2 x01 = scan4::unpack2<T>(wx.x), x23 = scan4::unpack2<T>(wx.y);
   *reinterpret_cast<float4*>(&xf[3 + row][part * 4]) = make_float4(x01.x, x01.y, x23.x, x23.y);
 }
 template <typename T>
-__device__ __forceinline__ void convert_b(const Raw7<T>& rc, float4 (*bop)[9], int tid) {
+__device__ __forceinline__ void convert_x(const Raw7<T>& rc, float (*xf)[kN], int tid) {
+  convert_x<T>(rc.x, xf, tid);
+}
+template <typename T>
+__device__ __forceinline__ void convert_b(const T (*B)[kN], float4 (*bop)[9], int tid) {
   const int pr = tid / 8, bg = tid % 8;  // 16 token pairs x 8
-  bop[pr][bg] = make_float4(to_f(rc.B[2 * pr][bg]), to_f(rc.B[2 * pr][bg + 8]), to_f(rc.B[2 * pr + 1][bg]),
-                            to_f(rc.B[2 * pr + 1][bg + 8]));
+  bop[pr][bg] = make_float4(to_f(B[2 * pr][bg]), to_f(B[2 * pr][bg + 8]), to_f(B[2 * pr + 1][bg]),
+                            to_f(B[2 * pr + 1][bg + 8]));
+}
+template <typename T>
+__device__ __forceinline__ void convert_b(const Raw7<T>& rc, float4 (*bop)[9], int tid) {
+  convert_b<T>(rc.B, bop, tid);
 }
 
 // d = A (16 x 4, rows = channels, every column du) * B (4 x 8, row 0 = B_t, rows 1..3 zero).

@@ -331,7 +331,7 @@ int bwd7_segments(const MixerScanParams& p) {
     return static_cast<int>(std::min<int64_t>(n, p.n_chunks));
   }
   constexpr double kPrePass = 0.17;  // H100 b1 L8192, 4 segments: pre-pass 0.205 ms, main kernel 1.63 ms
-  const double blocks = static_cast<double>(p.batch) * mixer_scan_v7_blocks_per_row(p), slots = 2.0 * sm_count();
+  const double blocks = static_cast<double>(p.batch) * mixer_scan_bwd7_blocks_per_row(p), slots = 2.0 * sm_count();
   int best = 1;
   double best_cost = 1e30;
   for (int64_t s = 1; s <= max_s; ++s) {
@@ -346,23 +346,11 @@ int bwd7_segments(const MixerScanParams& p) {
 
 // Segments of the v7 backward for these params, 0 where v4 / v3 run (the host epilogue depends on it: fused
 // group sums, per-segment partial rows).
-// heads_per_group % 4 != 0 (session 19, kPartial): the default takes v7 where at least 3 / 4 of its warps have a head
-// (3, 6, 7, 9, 10, 11, ... heads per group). H100, bwd alone at L 4096, batch 1 / 2 / 4 / 8, v4 -> v7 ms
-// (bench/results/s19/groups/groups_bwd_3beb9d4.json): 3 heads (Llama-3.2-3B's mixer) 1.19 / 2.23 / 3.29 / 6.32 ->
-// 0.92 / 1.74 / 3.07 / 6.05; 7 (Qwen2.5-7B) 1.16 / 2.26 / 4.22 / 7.34 -> 1.03 / 1.90 / 3.31 / 6.48; 6 (Qwen2.5-1.5B,
-// blocks of 3 + 3 heads) 1.00 / 1.19 / 2.25 / 3.30 -> 0.83 / 0.93 / 1.71 / 3.18 (balanced_e273415/); but 5 (3 + 2 heads;
-// Qwen2.5-14B) 5.34 / 10.40 -> 6.08 / 11.99 ms at b4 / b8 (it wins at b1-b2), 2 heads (Qwen3-1.7B) 4.41 -> 5.83 at
-// b8, 1 (SmolLM2-1.7B) 4.59 -> 9.70: v4 there.
-bool bwd7_partial_worth_it(const MixerScanParams& p) {
-  const int r = p.heads_per_group;
-  return r % 4 == 0 || 4 * r >= 3 * 4 * mixer_scan_v7_blocks_per_group(r);
-}
-
+// heads_per_group % 4 != 0 (kSpan, session 20): v7 wherever it applies (>= 2 heads per group; 1: v4). MEASUREMENTS
 int bwd_v7_segments(const MixerScanParams& p, at::ScalarType st) {
   if (st == at::kFloat || !mixer_scan_bwd7_supports(p)) return 0;
   const std::string v = bwd_version();
   if (v != "v7" && v != "auto") return 0;
-  if (v == "auto" && !bwd7_partial_worth_it(p)) return 0;
   return bwd7_segments(p);
 }
 
@@ -484,7 +472,7 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   Tensor dB_part = fused ? at::empty({0}, f32) : at::empty({d.b, d.L, d.D}, f32);
   // v7 computes the dt_proj gradients itself (per-block d(dt_low) partials, per-sequence d W / d b): no fp32 (b, L, D)
   // d(dt_pre) buffer and no GEMMs over it.
-  const int64_t nblk = mixer_scan_v7_blocks_per_row(p);  // the v7 kernel's blocks per sequence
+  const int64_t nblk = mixer_scan_bwd7_blocks_per_row(p);  // the v7 kernel's blocks per sequence
   Tensor ddt_pre = v7 ? at::empty({0}, f32) : at::empty({d.b, d.L, d.D}, f32);
   Tensor ddt_low_part = v7 ? at::empty({d.b, d.L, nblk, kN}, f32) : Tensor();
   Tensor ddt_w_part = v7 ? at::empty({bs, d.D, kN}, f32) : Tensor();

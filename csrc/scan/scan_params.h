@@ -176,15 +176,20 @@ void launch_mixer_scan_bwd4(const MixerScanParams& p, void* stream);
 template <typename T>
 void launch_mixer_scan_bwd7(const MixerScanParams& p, void* stream);
 inline bool mixer_scan_bwd7_supports(const MixerScanParams& p) {
-  // (packed documents: since session 13; heads_per_group % 4 != 0: since session 19, kPartial)
-  return mixer_scan_fwd7_applies(p) && p.dy_vec16;
+  // (packed documents: since session 13; heads_per_group % 4 != 0: since session 19, >= 2 since session 20: kSpan -
+  // a block's heads span at most two groups)
+  return mixer_scan_fwd7_applies(p) && p.dy_vec16 && p.heads_per_group >= 2;
 }
-// The v7 kernels with heads_per_group % 4 != 0 (kPartial, session 19), called by launch_mixer_scan_fwd7 / _bwd7 and
-// instantiated in their own translation units (mixer_scan_{fwd,bwd}7p_*.cu) so that no TU's compile time grows.
+// The v7 backward's blocks per sequence (its grid's x): 4 consecutive heads each, across group boundaries when 4 does
+// not divide heads_per_group (kSpan, session 20; the last block may have fewer heads).
+inline int mixer_scan_bwd7_blocks_per_row(const MixerScanParams& p) { return (p.d_inner / 16 + 3) / 4; }
+// The v7 kernels with heads_per_group % 4 != 0 (forward: kPartial, session 19; backward: kSpan, session 20), called
+// by launch_mixer_scan_fwd7 / _bwd7 and instantiated in their own translation units (mixer_scan_fwd7p_*.cu,
+// mixer_scan_bwd7s_*.cu) so that no TU's compile time grows.
 template <typename T>
 void launch_mixer_scan_fwd7_partial(const MixerScanParams& p, void* stream);
 template <typename T>
-void launch_mixer_scan_bwd7_partial(const MixerScanParams& p, void* stream);
+void launch_mixer_scan_bwd7_span(const MixerScanParams& p, void* stream);
 // The v7 backward's carry pre-pass (p.bwd_segments > 1): L_s and P_s of segments 1 .. segments-1 into p.seg_carry.
 template <typename T>
 void launch_mixer_scan_bwd7_carry(const MixerScanParams& p, void* stream);
