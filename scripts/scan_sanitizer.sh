@@ -78,8 +78,9 @@ LOG="$OUT_DIR/scan_sanitizer.log"
 # session 20: the v7 backward's kSpan (blocks of 4 consecutive heads across group boundaries) replaced the backward's
 # kPartial in v7r3 / v7r3c / v7r5 (one group: blocks of 3, or 4 and 1 heads); v7r3s = D 96 / X 32 (3 heads per group,
 # two groups: blocks of 3 + 1 and 2 + 2 heads, the second group's x / B slices and halo) with documents, 2 segments,
-# TMA; v7r3sc = the same without documents, unsplit, cp.async.
-for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 v7s1 v7c v7p v7pc v7pc4 v7var v7var1 v7r3 v7r3c v7r5 v7r3s v7r3sc}; do
+# TMA; v7r3sc = the same without documents, unsplit, cp.async; v7r2f = D 128 / X 64 (2 heads per group: two whole
+# groups per block, the group sums in the kernel) with documents, 2 segments (the dx_edge rows), TMA.
+for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 v7s1 v7c v7p v7pc v7pc4 v7var v7var1 v7r3 v7r3c v7r5 v7r3s v7r3sc v7r2f}; do
   packed=1 bwd=auto fwd=$version segments= vblocks= dinner=64 dxb=16 tma=
   [ "$version" = "v7" ] && packed=0 bwd=v7
   [ "$version" = "v7s1" ] && packed=0 bwd=v7 fwd=v7 segments=1
@@ -97,6 +98,7 @@ for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 
   [ "$version" = "v7r5" ] && fwd=v7 bwd=v7 segments=2 length=130 dinner=80
   [ "$version" = "v7r3s" ] && fwd=v7 bwd=v7 segments=2 length=130 dinner=96 dxb=32
   [ "$version" = "v7r3sc" ] && fwd=v7 bwd=v7 segments=1 length=130 dinner=96 dxb=32 packed=0 tma=0
+  [ "$version" = "v7r2f" ] && fwd=v7 bwd=v7 segments=2 length=130 dinner=128 dxb=64
   for tool in memcheck racecheck; do
     echo "=== L=$length D=$dinner X=$dxb packed=$packed APRIEL_SCAN_TMA=${tma:-auto} APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=${segments:-auto} APRIEL_SCAN_VARLEN_BLOCKS=${vblocks:-auto} compute-sanitizer --tool $tool" >> "$LOG"
     SCAN_SANITIZER_L=$length SCAN_SANITIZER_D=$dinner SCAN_SANITIZER_X=$dxb SCAN_SANITIZER_PACKED=$packed APRIEL_SCAN_TMA=$tma APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=$segments \

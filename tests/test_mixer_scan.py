@@ -1057,6 +1057,8 @@ BWD7_CASES = [
     (2, 200, 160, 32, True, 3, 16, "init"),  # 5, two groups: 4, 1 + 3, 2 heads
     (2, 65, 32, 16, True, 2, 16, "init"),  # 2, one block of 2 heads
     (2, 150, 96, 48, False, 4, 16, "init"),  # 2, three groups: 2 + 2, then a block of 2 heads
+    (2, 300, 128, 64, False, 4, 16, "init"),  # 2, four groups: two whole groups per block, fused group sums
+    (1, 300, 2048, 1024, True, 4, 16, "init"),  # Qwen3-1.7B's mixer (2 per group, fused)
     (2, 300, 3072, 1024, True, 4, 16, "init"),  # Llama-3.2-3B's mixer
 ]
 
@@ -1094,6 +1096,7 @@ BWD7_SPLIT_CASES = [
     (2, 200, 256, 64, True, 4, 16, 7, "strided"),
     (2, 300, 96, 16, True, 4, 16, 3, "init"),  # 6 heads per group (blocks of 4 and 2): the split with kSpan
     (1, 300, 192, 32, False, 3, 16, 4, "init"),  # 6 per group, two groups (4, 2 + 2, 4 heads), 4 segments
+    (2, 300, 128, 64, True, 4, 16, 3, "init"),  # 2 per group, fused group sums: the segments' dx_edge rows
 ]
 
 
@@ -1138,6 +1141,7 @@ BWD7_DOC_CASES = [
     (1, 5000, 64, 16, True, 4, 16, "2", (300, 4900), ""),
     (2, 300, 48, 16, False, 4, 16, "3", (16, 128, 129, 255), "init"),  # 3 heads per group (kSpan, one group)
     (2, 300, 96, 32, True, 4, 16, "2", (16, 128, 129, 255), "init"),  # 3 per group, blocks of 3 + 1, 2 + 2 heads
+    (2, 300, 128, 64, False, 4, 16, "3", (16, 128, 129, 298), "init"),  # 2 per group, fused group sums
 ]
 
 

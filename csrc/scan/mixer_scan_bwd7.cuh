@@ -273,11 +273,12 @@ __device__ __forceinline__ void stage_span(const MixerScanParams& p, SpanSlot<T>
 // boundaries fall, so they belong to one or two x / B groups (group, group1: the first and the last head's), and
 // every warp has a head except in the last block when the head count is not a multiple of 4. The tile holds both
 // groups' x / B slices (the second in SpanSlot), A (block) converts both, and each warp reads its own group's. The
-// group sums of dB / d(conv input) then cross blocks: never fused (per-head partials, as for 8 heads per group).
+// group sums of dB / d(conv input) then cross blocks: per-head partials, as for 8 heads per group (except below).
 // Session 19's kPartial instead spread a group's heads over its own blocks with warps left idle (3 + 2 heads for 5
 // per group: 5 of 8 warps busy), which lost to v4 at 1, 2 and 5 heads per group. Warps without a head stage, convert
 // and take part in the block sums (their d(dt_low) rows are not read), alias the block's first head for their
-// constants and skip pass A, pass B's per-warp work and every store.
+// constants and skip pass A, pass B's per-warp work and every store. The group sums of dB / d(conv input) stay in the
+// kernel (fused) only at 2 heads per group when 4 divides the head count: each block then holds two whole groups.
 template <typename T, bool kTma, bool kSeq = false, bool kSpan = false>
 __global__ void __launch_bounds__(kThreads, 2)
     mixer_scan_bwd7_kernel(MixerScanParams p, const __grid_constant__ tma::ScanBwdMaps maps) {
@@ -391,7 +392,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool b4 = (lane >> 4) & 1, b3 = (lane >> 3) & 1, b2 = (lane >> 2) & 1;
   const int red_slot = 16 * b4 + 8 * b3 + 2 * q + b2;
   const bool diag = q == (g >> 1), godd = g & 1;
-  const bool fused = p.bwd_fused_sums;  // (never with kSpan: the host fuses at 4 heads per group only)
+  // (the host fuses at 4 heads per group, and with kSpan at 2 when 4 divides the head count: whole groups per block)
+  const bool fused = p.bwd_fused_sums;
   T* dzx = static_cast<T*>(p.dzxbc) + (int64_t)b * L * rowZ;
   auto load_state = [&](const float* base, float (&h)[2][4]) {  // base = (D, 16) block of this sequence
 #pragma unroll
@@ -964,33 +966,41 @@ __global__ void __launch_bounds__(kThreads, 2)
         } else {
           // The group's 4 heads are this block's 4 warps: sum their dB and d(conv input) (fixed order) and write
           // dzxbc's B / x slices. dfinal_conv enters at the last width-1 positions (x inputs of the final state).
+          // kSpan (fused only at 2 heads per group with 4 heads in every block - the host's rule): the block holds
+          // two whole groups, warps 0-1 and 2-3, summed in turn.
           __syncthreads();
           const int hx = tid >> 6, i = tid & 63, tl = i >> 3, pr = i & 7, tg = t0 + kSub * j + tl;
-          float s0 = 0.f, s1 = 0.f;
+          constexpr int kSlots = kSpan ? 2 : 1, kPerGroup = kHeads / kSlots;
 #pragma unroll
-          for (int ww = 0; ww < kHeads; ++ww) {
-            const float2 v = hx == 0 ? *reinterpret_cast<const float2*>(&sm.wp[ww].red[tl][2 * pr])
-                                     : *reinterpret_cast<const float2*>(&sm.wp[ww].dxs[tl][2 * pr]);
-            s0 += v.x;
-            s1 += v.y;
-          }
-          // kSeq: the final conv state holds the last document's inputs only: no start in rows tg - t0 + 4 .. L - 1 -
-          // t0 + 3 (at most 2 rows, all <= 37). (tg < L: rows past the end read nothing - session 13's memcheck
-          // without the caching allocator found the reads past dfinal_conv that this bound used to allow.)
-          if (hx == 1 && p.dfinal_conv != nullptr && tg >= L - hw && tg < L &&
-              (!kSeq || no_start(starts, tg - t0 + 4, L - 1 - tg))) {
-            const float* dfc = p.dfinal_conv + ((int64_t)b * p.d_xb + group * kN + 2 * pr) * hw + (tg - (L - hw));
-            s0 += dfc[0];
-            s1 += dfc[hw];
-          }
-          // a segment's last hw x rows lack the next segment's halo contribution: fp32 to dx_edge (the host adds it)
-          const int seg_end = min(L, (tile_last + 1) * kChunk), edge = tg - (seg_end - hw);
-          if (hx == 1 && seg < S - 1 && edge >= 0) {
-            *reinterpret_cast<float2*>(p.dx_edge + ((int64_t)vb * hw + edge) * p.d_xb + group * kN + 2 * pr) =
-                make_float2(s0, s1);
-          } else if (tg < L) {
-            *reinterpret_cast<unsigned*>(dzx + (int64_t)tg * rowZ + D + (hx == 0 ? p.d_xb : 0) + group * kN + 2 * pr) =
-                M::pack(s0, s1);
+          for (int sl = 0; sl < kSlots; ++sl) {
+            const int gs = group + sl;
+            float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+            for (int k = 0; k < kPerGroup; ++k) {
+              const int ww = sl * kPerGroup + k;
+              const float2 v = hx == 0 ? *reinterpret_cast<const float2*>(&sm.wp[ww].red[tl][2 * pr])
+                                       : *reinterpret_cast<const float2*>(&sm.wp[ww].dxs[tl][2 * pr]);
+              s0 += v.x;
+              s1 += v.y;
+            }
+            // kSeq: the final conv state holds the last document's inputs only: no start in rows tg - t0 + 4 .. L - 1 -
+            // t0 + 3 (at most 2 rows, all <= 37). (tg < L: rows past the end read nothing - session 13's memcheck
+            // without the caching allocator found the reads past dfinal_conv that this bound used to allow.)
+            if (hx == 1 && p.dfinal_conv != nullptr && tg >= L - hw && tg < L &&
+                (!kSeq || no_start(starts, tg - t0 + 4, L - 1 - tg))) {
+              const float* dfc = p.dfinal_conv + ((int64_t)b * p.d_xb + gs * kN + 2 * pr) * hw + (tg - (L - hw));
+              s0 += dfc[0];
+              s1 += dfc[hw];
+            }
+            // a segment's last hw x rows lack the next segment's halo contribution: fp32 to dx_edge (the host adds it)
+            const int seg_end = min(L, (tile_last + 1) * kChunk), edge = tg - (seg_end - hw);
+            if (hx == 1 && seg < S - 1 && edge >= 0) {
+              *reinterpret_cast<float2*>(p.dx_edge + ((int64_t)vb * hw + edge) * p.d_xb + gs * kN + 2 * pr) =
+                  make_float2(s0, s1);
+            } else if (tg < L) {
+              *reinterpret_cast<unsigned*>(dzx + (int64_t)tg * rowZ + D + (hx == 0 ? p.d_xb : 0) + gs * kN + 2 * pr) =
+                  M::pack(s0, s1);
+            }
           }
         }
       }  // has_head

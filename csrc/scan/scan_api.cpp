@@ -450,14 +450,15 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
     launch_fwd(q, st);
   }
   Tensor dzxbc = at::empty({d.b, d.L, 2 * d.D + 2 * d.X}, zxbc.options());
-  // Backward v7 with the 4 heads of a group in one block sums d(conv input) / dB in the kernel (no fp32 (b, L, D)
-  // partial buffers, no head-sum kernel, dfinal_conv added by the kernel).
+  // Backward v7 with whole groups in a block (4 heads per group; 2 when 4 divides the head count) sums d(conv input) /
+  // dB in the kernel (no fp32 (b, L, D) partial buffers, no head-sum kernel, dfinal_conv added by the kernel).
   Tensor dy_c = dy.to(st).contiguous();
   p.dy = dy_c.data_ptr();
   p.dy_vec16 = reinterpret_cast<uintptr_t>(p.dy) % 16 == 0 && (d.D * dy_c.element_size()) % 16 == 0;
   const int nseg = d.L > 0 && d.b > 0 ? bwd_v7_segments(p, st) : 0;
   const bool v7 = nseg > 0;
-  const bool fused = v7 && d.r == 4;
+  // (kSpan at 2 heads per group: every block holds two whole groups when 4 divides the head count)
+  const bool fused = v7 && (d.r == 4 || (d.r == 2 && (d.D / kN) % 4 == 0));
   p.bwd_fused_sums = fused;
   // Sequence split (v7 only): whole-sequence partials get one row per (b, segment).
   // (seg_tiles = ceil(n_chunks / S), then S = ceil(n_chunks / seg_tiles): no empty segment)
