@@ -346,7 +346,13 @@ int bwd7_segments(const MixerScanParams& p) {
 
 // Segments of the v7 backward for these params, 0 where v4 / v3 run (the host epilogue depends on it: fused
 // group sums, per-segment partial rows).
-// heads_per_group % 4 != 0 (kSpan, session 20): v7 wherever it applies (>= 2 heads per group; 1: v4). MEASUREMENTS
+// heads_per_group % 4 != 0 (kSpan, session 20: blocks of 4 consecutive heads across group boundaries): v7 wherever it
+// applies (>= 2 heads per group; 1 runs v4). H100, bwd alone at L 4096, b1 / b4 / b8, session 19's default (its v7
+// with idle warps where at least 3 / 4 had a head, else v4) -> kSpan, the same call (bench/results/s20/ab_span/):
+// 3 heads per group (Llama-3.2-3B's mixer) 0.95 / 3.12 / 6.15 -> 0.87 / 2.94 / 5.46 ms; 5 (Qwen2.5-14B) 2.14 / 5.45 /
+// 10.60 (v4) -> 1.33 / 4.70 / 8.96; 6 (Qwen2.5-1.5B) b8 3.12 -> 2.94; 7 (Qwen2.5-7B) 1.03 / 3.36 / 6.59 -> 1.04 /
+// 3.39 / 6.67 (the one loss, 1 %); 2 (Qwen3-1.7B, group sums in the kernel) 1.04 / 2.36 / 4.48-4.62 (v4) -> 0.55-0.77
+// / 1.79 / 3.21; the 4-per-group kernels unchanged (SASS identical).
 int bwd_v7_segments(const MixerScanParams& p, at::ScalarType st) {
   if (st == at::kFloat || !mixer_scan_bwd7_supports(p)) return 0;
   const std::string v = bwd_version();

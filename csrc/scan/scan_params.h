@@ -130,8 +130,8 @@ void launch_mixer_scan_fwd7_varlen(const MixerScanParams& p, int blocks_per_grou
 // forward since session 12, the backward since session 13. (The conv width needs no check: the op accepts 2..4 only,
 // all of which v7's right-aligned taps handle.)
 // The v7 forward kernel itself takes any heads_per_group (session 19: a group's last block may have warps without a
-// head, mixer_scan_fwd7.cuh kPartial); the v7 backward and the varlen forward (blocks over (group of 4 heads,
-// document)) need heads_per_group % 4 == 0 (mixer_scan_fwd7_supports).
+// head, mixer_scan_fwd7.cuh kPartial); the varlen forward (blocks over (group of 4 heads, document)) needs
+// heads_per_group % 4 == 0 (mixer_scan_fwd7_supports); the v7 backward takes >= 2 (mixer_scan_bwd7_supports).
 inline bool mixer_scan_fwd7_applies(const MixerScanParams& p) {
   return p.zxbc_vec16 && p.dt_vec16 && p.dt_rank <= 16;
 }
@@ -143,17 +143,18 @@ inline bool mixer_scan_fwd7_supports(const MixerScanParams& p) {
 #else
 #define APRIEL_SCAN_HD
 #endif
-// The v7 kernels' blocks per x / B group: ceil(heads_per_group / 4) (blocks of 4 warps, one head each).
+// The v7 forward's blocks per x / B group: ceil(heads_per_group / 4) (blocks of 4 warps, one head each).
 APRIEL_SCAN_HD inline int mixer_scan_v7_blocks_per_group(int heads_per_group) { return (heads_per_group + 3) / 4; }
-// The v7 kernels' blocks per sequence (their grid's x): d_inner / 64 when heads_per_group is a multiple of 4;
-// otherwise the group's heads spread evenly over its blocks and the blocks' other warps have no head.
+// The v7 forward's blocks per sequence (its grid's x): d_inner / 64 when heads_per_group is a multiple of 4;
+// otherwise the group's heads spread evenly over its blocks and the blocks' other warps have no head. (The backward's:
+// mixer_scan_bwd7_blocks_per_row.)
 inline int mixer_scan_v7_blocks_per_row(const MixerScanParams& p) {
   return (p.d_xb / 16) * mixer_scan_v7_blocks_per_group(p.heads_per_group);
 }
 // kPartial (session 19): block `block` of the grid's x takes heads sub .. sub + heads - 1 of x / B group `group`. A
 // group's heads split evenly over its blocks (5 = 3 + 2, 6 = 3 + 3, 9 = 3 + 3 + 3; block 0's share is the largest):
 // an SM's busiest blocks set the time, and 4 + 1 ran as long as 4 + 4 (bench/results/s19/balanced_e273415/).
-// Shared by both v7 kernels and the host's dispatch estimate.
+// Shared by the v7 forward and the host's dispatch estimate. (Session 20: the backward left it for kSpan.)
 struct V7GroupShare {
   int group, sub, heads;
 };

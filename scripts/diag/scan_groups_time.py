@@ -5,6 +5,8 @@ versions, to set the dispatch rules between v7 and v5 (forward: APRIEL_SCAN_FWD,
 built:
     python3 scripts/diag/scan_groups_time.py [--backward] [--versions v5,v7,auto] [--batches 1,2,4,8] [--seqlen 4096]
                                              [--shapes NAME,...] [--json OUT]
+A backward version "v7:S" forces S sequence segments (APRIEL_SCAN_BWD_SEGMENTS; session 20: the split's rule at
+the kSpan backward's grids).
 """
 import argparse
 import json
@@ -47,7 +49,9 @@ for name, D, X in (s for s in SHAPES if s[0] in opts.shapes.split(",")):
         args, kw = make_case(batch, opts.seqlen, D, X, requires_grad=opts.backward)
         line = []
         for version in versions:
-            with env_override(env, None if version == "auto" else version):
+            kernel, _, segments = version.partition(":")
+            with env_override(env, None if kernel == "auto" else kernel), \
+                    env_override("APRIEL_SCAN_BWD_SEGMENTS", segments or None):
                 if opts.backward:
                     leaves = list(args.values())
                     y = mixer_scan(**args, **kw)
