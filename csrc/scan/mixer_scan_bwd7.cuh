@@ -251,7 +251,8 @@ __device__ __forceinline__ void stage_span(const MixerScanParams& p, SpanSlot<T>
   {
     const int slice = tid >> 6, row = (tid >> 1) & 31, part = tid & 1, pos = t0 + row;
     const bool ok = pos < p.seqlen;
-    const T* src = zx + (ok ? (int64_t)pos * p.zxbc_row_stride + p.d_inner + slice * p.d_xb + group1 * kN + part * kVec : 0);
+    const int64_t col = p.d_inner + slice * p.d_xb + group1 * kN + part * kVec;
+    const T* src = zx + (ok ? (int64_t)pos * p.zxbc_row_stride + col : 0);
     scan4::cp_async16(slice ? &sp.B[row][part * kVec] : &sp.x[row][part * kVec], src, ok);
   }
   if (tid < 6) {
