@@ -428,41 +428,34 @@ __global__ void __launch_bounds__(kThreads, 2)
   // bench/results/s18/ab_seq_epilogue/). (Also measured, slower everywhere: A before sub-chunk 0's closing barrier of
   // the fused sums, which then served as S1 too - 255 registers and spills.)
   constexpr bool kLateA = !kSeq;
-  auto convert = [&](int tile) {
-    const int cp = tile & 1;
-    const typename SM::Raw& rc = sm.tile[cp].raw;
-    auto& dst = sm.tile[kLateA ? cp : 0];
-    scan7::convert_x<T>(rc.f, dst.xf, tid);
+  // One group's A: x rows -> xf rows 3 .. 34, the halo rows 0 .. 2 (the raw tile's xh, or the initial conv state of
+  // group grp for the first tile), the B operand table.
+  auto convert_group = [&](int tile, const T (*x)[kN], const T (*xh)[kN], const T (*Bt)[kN], int grp, float (*xf)[kN],
+                           float4 (*bo)[9]) {
+    scan7::convert_x<T>(x, xf, tid);
     if (tid < 3 * kN) {
       const int hr = tid / kN, ch = tid % kN;
       float v;
       if (tile > 0) {
-        v = to_f(rc.xh[hr][ch]);
+        v = to_f(xh[hr][ch]);
       } else {
         const int kk = hw + hr - 3;  // index into the last W-1 entries of the initial conv state
-        v = (p.init_conv != nullptr && kk >= 0) ? p.init_conv[((int64_t)b * p.d_xb + group * kN + ch) * hw + kk] : 0.f;
+        v = (p.init_conv != nullptr && kk >= 0) ? p.init_conv[((int64_t)b * p.d_xb + grp * kN + ch) * hw + kk] : 0.f;
       }
-      dst.xf[hr][ch] = v;
+      xf[hr][ch] = v;
     }
-    scan7::convert_b<T>(rc.f, dst.bop, tid);
+    scan7::convert_b<T>(Bt, bo, tid);
+  };
+  auto convert = [&](int tile) {
+    const int cp = tile & 1;
+    const typename SM::Raw& rc = sm.tile[cp].raw;
+    auto& dst = sm.tile[kLateA ? cp : 0];
+    convert_group(tile, rc.f.x, rc.xh, rc.f.B, group, dst.xf, dst.bop);
     if constexpr (kSpan) {
       if (group1 != group) {  // (block-uniform)
         const SpanSlot<T>& rs = sm.span[cp];
         SpanSlot<T>& ds = sm.span[kLateA ? cp : 0];
-        scan7::convert_x<T>(rs.x, ds.xf, tid);
-        if (tid < 3 * kN) {
-          const int hr = tid / kN, ch = tid % kN;
-          float v;
-          if (tile > 0) {
-            v = to_f(rs.xh[hr][ch]);
-          } else {
-            const int kk = hw + hr - 3;
-            v = (p.init_conv != nullptr && kk >= 0) ? p.init_conv[((int64_t)b * p.d_xb + group1 * kN + ch) * hw + kk]
-                                                   : 0.f;
-          }
-          ds.xf[hr][ch] = v;
-        }
-        scan7::convert_b<T>(rs.B, ds.bop, tid);
+        convert_group(tile, rs.x, rs.xh, rs.B, group1, ds.xf, ds.bop);
       }
     }
   };
