@@ -216,7 +216,8 @@ __device__ __forceinline__ void stage(const MixerScanParams& p, typename SmemB7<
 // The same tile by the bulk tensor copy engine (kTma), issued by one thread as the forward v7's stage_tma: the 11
 // forward slices, dy of the 4 heads, and the x rows t0-3 .. t0 (a 4-row box: rows before 0 read as zeros, row t0 is
 // not used) - 16 boxes on raw's barrier.
-// kSpan: also the second group's x, B and halo boxes into sp (group1), on the same barrier.
+// kSpan: also the second group's x, B and halo boxes into sp (group1), on the same barrier - when the block's heads
+// span two groups (group1 != group; block-uniform), else nothing more.
 template <typename T, bool kSpan = false>
 __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::ScanBwdMaps& maps,
                                           typename SmemB7<T>::Raw& r, uint64_t* bar, int b, int head0, int group,
@@ -225,14 +226,14 @@ __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::S
   static_assert(sizeof(T) == 2 && tma::kBoxCols == kN && tma::kBoxRows == kChunk, "one box = one 16-bit slice");
   static_assert(offsetof(Raw, dy) == 11 * kChunk * kN * sizeof(T) && offsetof(Raw, xh) % 128 == 0 &&
                 sizeof(Raw) % 128 == 0, "16 boxes at 128-byte aligned offsets");
-  constexpr uint32_t kSpanBytes = kSpan ? (2 * kChunk + 4) * kN * sizeof(T) : 0;
-  tma::expect_bytes(bar, sizeof(Raw) + kSpanBytes);
+  const bool span = kSpan && group1 != group;
+  tma::expect_bytes(bar, sizeof(Raw) + (span ? (2 * kChunk + 4) * kN * sizeof(T) : 0));
   scan7::load_slices<T>(p, maps.fwd, r.f, bar, b, head0, group, t0,
                         [&](int hh) {
                           tma::load_box(maps.dy, bar, &r.dy[hh][0][0], (head0 + (hh < n_heads ? hh : 0)) * kN, t0, b);
                         }, n_heads);
   tma::load_box(maps.halo, bar, &r.xh[0][0], p.d_inner + group * kN, t0 - 3, b);
-  if constexpr (kSpan) {
+  if (span) {
     const int cx = p.d_inner + group1 * kN;
     tma::load_box(maps.fwd.zxbc, bar, &sp->x[0][0], cx, t0, b);
     tma::load_box(maps.fwd.zxbc, bar, &sp->B[0][0], cx + p.d_xb, t0, b);
@@ -319,7 +320,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     } else {
       stage<T>(p, sm.tile[par].raw, b, head0, group, t0, tid, n_heads);
-      if constexpr (kSpan) stage_span<T>(p, sm.span[par], b, group1, t0, tid);
+      if constexpr (kSpan)
+        if (group1 != group) stage_span<T>(p, sm.span[par], b, group1, t0, tid);  // (block-uniform)
       scan4::cp_async_commit();
     }
   };
