@@ -1048,7 +1048,8 @@ BWD7_CASES = [
     (2, 300, 4096, 1024, True, 4, 16, "init"),
     (2, 70, 256, 64, True, 4, 16, "strided"),
     # heads per group not a multiple of 4 (session 20, kSpan: blocks of 4 consecutive heads across group boundaries,
-    # the last block with fewer heads when 4 does not divide the head count; the per-head dx_part / dB_part path)
+    # the last block with fewer heads when 4 does not divide the head count; dB / d(conv input) in group parts: one
+    # per (block, group), session 21)
     (2, 77, 48, 16, True, 4, 16, "init"),  # 3 heads per group, one block of 3 heads
     (3, 100, 192, 64, False, 3, 16, "init"),  # 3 per group, 4 groups: blocks of 3 + 1, 2 + 2, 1 + 3 heads
     (2, 300, 112, 16, True, 4, 16, "strided"),  # 7, one group: blocks of 4 and 3 heads
@@ -1060,6 +1061,7 @@ BWD7_CASES = [
     (2, 300, 128, 64, False, 4, 16, "init"),  # 2, four groups: two whole groups per block, fused group sums
     (1, 300, 2048, 1024, True, 4, 16, "init"),  # Qwen3-1.7B's mixer (2 per group, fused)
     (2, 300, 3072, 1024, True, 4, 16, "init"),  # Llama-3.2-3B's mixer
+    (2, 300, 192, 16, False, 4, 16, "init"),  # 12 per group: the kSpan kernel with 3 blocks (parts) in one group
 ]
 
 
@@ -1084,7 +1086,7 @@ def test_backward_v7_parity_and_determinism(case, dtype, segments, monkeypatch):
 
 # The v7 backward's sequence split with forced segment counts: segment boundaries at tile edges, a last segment
 # shorter than the conv halo (L 65 in 3 segments: the final conv state's gradient lands in segment 1's edge rows),
-# conv widths 2-4, both repeat settings, 8 heads per group (the non-fused dx_part path), a carry chain over 8
+# conv widths 2-4, both repeat settings, 8 heads per group (group parts: the halo rows), a carry chain over 8
 # segments, initial states (segment 0's gradients), dt_rank 8, strided inputs.
 BWD7_SPLIT_CASES = [
     # (batch, seqlen, d_inner, d_xb, repeat, width, dt_rank, segments, extras)
@@ -1123,7 +1125,8 @@ def test_backward_v7_sequence_split(case, dtype, monkeypatch):
 # boundaries (t % 8 == 0: the sub-chunk's first token), one-token documents, starts at segment starts (L 300 in 3
 # segments of 4 tiles: tokens 128 / 256) and 1-2 tokens after them (the conv halo crosses the segment edge), a last
 # document shorter than the conv halo (the final conv state's gradient masked), widths 2-4, both repeat settings,
-# 8 heads per group (the non-fused dx_part path), initial states (the first document's), the model's shape.
+# 8 heads per group (group parts: dfinal_conv masked by the last document), initial states (the first document's),
+# the model's shape.
 BWD7_DOC_CASES = [
     # (batch, seqlen, d_inner, d_xb, repeat, width, dt_rank, segments, cuts, extras)
     (2, 97, 64, 16, True, 4, 16, "1", (1, 8, 32, 33, 95), "init"),
@@ -1142,6 +1145,7 @@ BWD7_DOC_CASES = [
     (2, 300, 48, 16, False, 4, 16, "3", (16, 128, 129, 255), "init"),  # 3 heads per group (kSpan, one group)
     (2, 300, 96, 32, True, 4, 16, "2", (16, 128, 129, 255), "init"),  # 3 per group, blocks of 3 + 1, 2 + 2 heads
     (2, 300, 128, 64, False, 4, 16, "3", (16, 128, 129, 298), "init"),  # 2 per group, fused group sums
+    (2, 300, 96, 16, True, 3, 16, "3", (16, 128, 129, 298), "init"),  # 6 per group: parts over 2 blocks, halo rows
 ]
 
 

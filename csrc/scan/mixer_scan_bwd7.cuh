@@ -29,7 +29,8 @@
 //     no fp32 (b, L, D) d(dt_pre) buffer and no GEMMs over it;
 //   - heads_per_group == 4 (the block holds the whole x / B group, p.bwd_fused_sums): the block sums its heads'
 //     d(conv input) and dB and writes dzxbc's x / B slices (adding dfinal_conv): no fp32 partial buffers, no
-//     head-sum kernel; else per-head partials (dx_part, dB_part) as v4.
+//     head-sum kernel; else (session 21) one fp32 part per (block, group): the sums of the block's heads of that
+//     group, which the head-sum kernel adds over the group's blocks (v4 writes one part per head).
 // Precision: du and dys enter the mmas rounded to tf32 (round to nearest), G / q / h are truncated to tf32 inside
 // the state-sum mmas; the recurrences (h, carry) and every accumulation stay fp32.
 // Latency (session 8): the recompute and the reverse issue each token's front - its operands, the dBu mmas and the
@@ -51,7 +52,7 @@
 // the block folds them (K_s = L_{s+1} + P_{s+1} K_{s+1}) before its reverse. The forward state at the segment
 // start is a checkpoint, the conv halo before it is read from zxbc as for any tile. What crosses a boundary the
 // other way - the next segment's contribution to the d(conv input) of the hw tokens before it - leaves the kernel
-// as that segment's dinit_conv_part row (and the earlier segment writes those rows without it: dx_edge / dx_part);
+// as that segment's dinit_conv_part row (and the earlier segment writes those rows without it: dx_edge / its parts);
 // the host adds the two. Whole-sequence partial outputs get one row per (b, segment).
 // Packed documents (seq_idx): kSeq (session 13), below. heads_per_group % 4 != 0: kSpan (session 20), below. Not
 // handled (the dispatcher runs v4): fp32 activations, dt_rank > 16, rows that are not 16-byte aligned (zxbc, dt_low,
@@ -275,7 +276,8 @@ __device__ __forceinline__ void stage_span(const MixerScanParams& p, SpanSlot<T>
 // boundaries fall, so they belong to one or two x / B groups (group, group1: the first and the last head's), and
 // every warp has a head except in the last block when the head count is not a multiple of 4. The tile holds both
 // groups' x / B slices (the second in SpanSlot), A (block) converts both, and each warp reads its own group's. The
-// group sums of dB / d(conv input) then cross blocks: per-head partials, as for 8 heads per group (except below).
+// group sums of dB / d(conv input) then cross blocks: one part per (block, group) (except below). 8, 12, ... heads per
+// group run this kernel too (no block holds two groups there; session 21), so the kernel without kSpan is r = 4's.
 // Session 19's kPartial instead spread a group's heads over its own blocks with warps left idle (3 + 2 heads for 5
 // per group: 5 of 8 warps busy), which lost to v4 at 1, 2 and 5 heads per group. Warps without a head stage, convert
 // and take part in the block sums (their d(dt_low) rows are not read), alias the block's first head for their
@@ -396,7 +398,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int red_slot = 16 * b4 + 8 * b3 + 2 * q + b2;
   const bool diag = q == (g >> 1), godd = g & 1;
   // (the host fuses at 4 heads per group, and with kSpan at 2 when 4 divides the head count: whole groups per block)
-  const bool fused = p.bwd_fused_sums;
+  const bool fused = !kSpan || p.bwd_fused_sums;  // (launch: without kSpan, 4 heads per group)
   T* dzx = static_cast<T*>(p.dzxbc) + (int64_t)b * L * rowZ;
   auto load_state = [&](const float* base, float (&h)[2][4]) {  // base = (D, 16) block of this sequence
 #pragma unroll
@@ -808,12 +810,11 @@ __global__ void __launch_bounds__(kThreads, 2)
               const float wv[4] = {cwv.x, cwv.y, cwv.z, cwv.w};
 #pragma unroll
               for (int i = 0; i < 4; ++i) {
-                const int tl = et0 + i, t = kSub * j + tl, tg = t0 + t;
+                const int tl = et0 + i;
                 float acc = 0.f;
 #pragma unroll
                 for (int k = 0; k < 4; ++k) acc = fmaf(wv[k], wp.dco[tl + 3 - k][ec], acc);
-                if (fused) wp.dxs[tl][ec] = acc;
-                else if (t < Tv) p.dx_part[((int64_t)b * L + tg) * D + c0 + ec] = acc;
+                wp.dxs[tl][ec] = acc;  // (the block sums it: the fused group sums or the group parts)
               }
             }
             epilogue_done = true;
@@ -868,7 +869,7 @@ __global__ void __launch_bounds__(kThreads, 2)
             const float wv[4] = {cwv.x, cwv.y, cwv.z, cwv.w};
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-              const int tl = et0 + i, t = kSub * j + tl, tg = t0 + t;
+              const int tl = et0 + i, t = kSub * j + tl;
               float acc = 0.f;
               unsigned tb = 0;  // kSeq: output token t + 3 - k reads input t at tap k only inside t's document
               if constexpr (kSeq) tb = tap_bits(t + 4);
@@ -878,8 +879,7 @@ __global__ void __launch_bounds__(kThreads, 2)
                 if constexpr (kSeq) tap = (tb & ((1u << (3 - k)) - 1u)) == 0;  // rows t + 4 .. t + 6 - k
                 if (tap) acc = fmaf(wv[k], wp.dco[tl + 3 - k][ec], acc);
               }
-              if (fused) wp.dxs[tl][ec] = acc;
-              else if (t < Tv) p.dx_part[((int64_t)b * L + tg) * D + c0 + ec] = acc;
+              wp.dxs[tl][ec] = acc;
             }
           }
         }
@@ -954,12 +954,7 @@ __global__ void __launch_bounds__(kThreads, 2)
             *reinterpret_cast<uint4*>(dzx + (row0 - (int64_t)b * L + tl) * rowZ + D + 2 * p.d_xb + c0 + 8 * hf) =
                 make_uint4(M::pack(lo.x, lo.y), M::pack(lo.z, lo.w), M::pack(hi.x, hi.y), M::pack(hi.z, hi.w));
         }
-        if (!fused) {  // dB of the head: token lane / 4, states 4 (lane % 4) .. + 3
-          const int tl = lane >> 2, qd = lane & 3;
-          if (kSub * j + tl < Tv)
-            *reinterpret_cast<float4*>(p.dB_part + ((row0 + tl) * (D / kN) + head) * kN + 4 * qd) =
-                *reinterpret_cast<const float4*>(&wp.red[tl][4 * qd]);
-        } else {
+        if (fused) {
           // The group's 4 heads are this block's 4 warps: sum their dB and d(conv input) (fixed order) and write
           // dzxbc's B / x slices. dfinal_conv enters at the last width-1 positions (x inputs of the final state).
           // kSpan (fused only at 2 heads per group with 4 heads in every block - the host's rule): the block holds
@@ -1000,8 +995,37 @@ __global__ void __launch_bounds__(kThreads, 2)
           }
         }
       }  // has_head
+      if (!fused) {
+        // Group parts (session 21): the block's heads of each x / B group it holds summed in head order (dB from red,
+        // d(conv input) from dxs) into part blockIdx.x + group of dB_part / dx_part ((b, L, bwd_parts, 16) fp32).
+        // A group's parts are consecutive and its blocks' order; the head-sum kernel adds them (deterministic) with
+        // dfinal_conv and a segment's halo rows. Was one fp32 row per head (r rows per group; ~0.3 ms of traffic
+        // at b8 L4096 for r = 3, bench/results/s20).
+        __syncthreads();
+        const int hx = tid >> 6, i = tid & 63, tl = i >> 3, pr = i & 7, tg = t0 + kSub * j + tl;
+        float* dst = (hx == 0 ? p.dB_part : p.dx_part) + ((int64_t)b * L + tg) * p.bwd_parts * kN + 2 * pr;
+        // warps [0, split) hold heads of `group`, [split, n_heads) of group1 (kSpan; none past n_heads)
+        const int split = kSpan ? min(n_heads, (group + 1) * p.heads_per_group - head0) : kHeads;
+#pragma unroll
+        for (int sl = 0; sl < (kSpan ? 2 : 1); ++sl) {
+          const int w0 = sl == 0 ? 0 : split, w1 = sl == 0 ? split : n_heads;
+          if (w0 < w1) {  // (block-uniform)
+            float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+            for (int ww = 0; ww < kHeads; ++ww) {
+              if (ww < w0 || ww >= w1) continue;
+              const float2 v = hx == 0 ? *reinterpret_cast<const float2*>(&sm.wp[ww].red[tl][2 * pr])
+                                       : *reinterpret_cast<const float2*>(&sm.wp[ww].dxs[tl][2 * pr]);
+              s0 += v.x;
+              s1 += v.y;
+            }
+            if (tg < L)
+              *reinterpret_cast<float2*>(dst + (int64_t)(blockIdx.x + (sl == 0 ? group : group1)) * kN) =
+                  make_float2(s0, s1);
+          }
+        }
+      }
       if (dt_fused) {  // d(dt_low) summed over the block's 4 heads (fixed order; kSpan: its n_heads)
-        if (!fused) __syncthreads();
         const int tl = tid >> 4, k = tid & 15, tg = t0 + kSub * j + tl;
         float s;
         if constexpr (kSpan) {  // (the 4-head sum stays written out: as a loop it rescheduled the kernels without
@@ -1015,8 +1039,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         }
         if (tg < L) p.ddt_low_part[(((int64_t)b * L + tg) * gridDim.x + blockIdx.x) * kN + k] = s;
       }
-      if (fused || dt_fused) __syncthreads();  // red / dxs / dlow are rewritten by the next sub-chunk
-      else __syncwarp();
+      __syncthreads();  // red / dxs / dlow are rewritten by the next sub-chunk
     }
     if (kLateA && tile > tile_first) {  // the tile before's A (its copies were issued after this tile's S1)
       wait_tile(tile - 1, true);
@@ -1101,7 +1124,9 @@ void launch_for(const MixerScanParams& p, void* stream) {
 
 template <typename T>
 void launch(const MixerScanParams& p, void* stream) {
-  if (p.heads_per_group % kHeads != 0) {  // kSpan: instantiated in mixer_scan_bwd7s_*.cu (scan_params.h)
+  // kSpan (instantiated in mixer_scan_bwd7s_*.cu, scan_params.h) also for 8, 12, ... heads per group (blocks inside
+  // one group: no second-group staging): the kernel without kSpan always has the group sums fused (4 per group).
+  if (p.heads_per_group % kHeads != 0 || !p.bwd_fused_sums) {
     launch_mixer_scan_bwd7_span<T>(p, stream);
     return;
   }

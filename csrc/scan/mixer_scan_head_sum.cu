@@ -1,14 +1,16 @@
-// Backward epilogue of the mixer scan: the r head copies of each x / B group summed and written straight into
-// dzxbc's x and B slices (activation dtype), in one pass over the fp32 partial buffers.
+// Backward epilogue of the mixer scan: each x / B group's parts summed and written straight into dzxbc's x and B
+// slices (activation dtype), in one pass over the fp32 part buffers.
 //
-// Why: the backward kernels write d(conv input) and dB per HEAD (dx_part, dB_part: (b, L, D) fp32, deterministic:
-// no atomics across the r heads that share a group). The host epilogue summed them with torch (a (b, L, X) fp32
-// temporary each) and copied the result into the strided dzxbc slice: two extra passes over 2 x (b, L, X) fp32.
-// Here one thread reads the r copies of 4 consecutive x channels of one token (16-byte loads) for dx and for dB,
-// adds them in head order (fixed: deterministic) and stores 4 values into each slice.
+// Why: the backward kernels that do not sum a whole group in one block write d(conv input) and dB in parts (dx_part,
+// dB_part: (b, L, parts, 16) fp32, deterministic: no atomics across the heads that share a group): v4 one part per
+// head (r per group), v7 one per (block, group) - the sums of the block's heads of that group (session 21; 1-3 parts
+// per group instead of r). Here one thread reads a group's parts of 4 consecutive x channels of one token (16-byte
+// loads) for dx and for dB, adds them in part order (fixed: deterministic), adds the final conv state's gradient
+// (the last width-1 tokens) and a sequence split's halo (the next segment's contribution to a segment's last
+// width-1 tokens) to dx, and stores 4 values into each slice.
 //
-// Shape contract: dx_part / dB_part (b, L, D) fp32 contiguous, channel c = (group g, head j < r, k < 16) at
-// g * 16 r + 16 j + k; dzxbc (b, L, 2D + 2X) contiguous in T, x slice at column D, B slice at D + X.
+// Shape contract: see HeadSumArgs (scan_params.h); dzxbc (b, L, 2D + 2X) contiguous in T, x slice at column D, B slice
+// at D + X.
 #include "../common/cuda_check.h"
 #include "scan_common.cuh"
 
@@ -29,43 +31,51 @@ template <typename T> struct Store4 {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(256) mixer_scan_head_sum_kernel(const float* __restrict__ dx_part,
-                                                                  const float* __restrict__ dB_part, T* dzxbc,
-                                                                  int64_t rows, int D, int X, int r) {
-  const int quads = X / 4;  // 4 x channels per thread
+__global__ void __launch_bounds__(256) mixer_scan_head_sum_kernel(HeadSumArgs a) {
+  const int quads = a.X / 4;  // 4 x channels per thread
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= rows * quads) return;
+  if (i >= a.batch * a.seqlen * quads) return;
   const int64_t row = i / quads;
   const int xq = (int)(i % quads) * 4, g = xq / 16, k = xq % 16;
-  const float* px = dx_part + row * D + (int64_t)g * 16 * r + k;
-  const float* pb = dB_part + row * D + (int64_t)g * 16 * r + k;
+  const int off = a.group_offset ? g : 0;
+  const int first = g * a.r / a.heads_per_part + off, last = ((g + 1) * a.r - 1) / a.heads_per_part + off;
+  const float* px = a.dx_part + (row * a.parts + first) * 16 + k;
+  const float* pb = a.dB_part + (row * a.parts + first) * 16 + k;
   float4 sx = *reinterpret_cast<const float4*>(px), sb = *reinterpret_cast<const float4*>(pb);
-  for (int j = 1; j < r; ++j) {
+  for (int j = 1; j <= last - first; ++j) {
     const float4 ax = *reinterpret_cast<const float4*>(px + 16 * j), ab = *reinterpret_cast<const float4*>(pb + 16 * j);
     sx.x += ax.x; sx.y += ax.y; sx.z += ax.z; sx.w += ax.w;
     sb.x += ab.x; sb.y += ab.y; sb.z += ab.z; sb.w += ab.w;
   }
-  T* out = dzxbc + row * (2 * (int64_t)D + 2 * X);
-  Store4<T>::run(out + D + xq, sx);
-  Store4<T>::run(out + D + X + xq, sb);
+  const int64_t bi = row / a.seqlen, t = row - bi * a.seqlen;
+  auto add = [&](const float* src) {
+    const float4 v = *reinterpret_cast<const float4*>(src);
+    sx.x += v.x; sx.y += v.y; sx.z += v.z; sx.w += v.w;
+  };
+  if (a.dfc_rows != nullptr && t >= a.seqlen - a.hw) add(a.dfc_rows + (bi * a.hw + t - (a.seqlen - a.hw)) * a.X + xq);
+  if (a.x_halo != nullptr) {
+    const int64_t seg = t / a.seg_len, edge = t - ((seg + 1) * a.seg_len - a.hw);
+    if (seg < a.segments - 1 && edge >= 0) add(a.x_halo + ((bi * (a.segments - 1) + seg) * a.hw + edge) * a.X + xq);
+  }
+  T* out = static_cast<T*>(a.dzxbc) + row * (2 * (int64_t)a.D + 2 * a.X);
+  Store4<T>::run(out + a.D + xq, sx);
+  Store4<T>::run(out + a.D + a.X + xq, sb);
 }
 
 }  // namespace
 
 template <typename T>
-void launch_mixer_scan_head_sum(const float* dx_part, const float* dB_part, void* dzxbc, int64_t rows, int D, int X,
-                                int r, void* stream) {
-  const int64_t n = rows * (X / 4);
+void launch_mixer_scan_head_sum(const HeadSumArgs& a, void* stream) {
+  const int64_t n = a.batch * a.seqlen * (a.X / 4);
   if (n == 0) return;
   const int threads = 256;
   const int64_t blocks = (n + threads - 1) / threads;
-  mixer_scan_head_sum_kernel<T><<<(unsigned)blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(
-      dx_part, dB_part, static_cast<T*>(dzxbc), rows, D, X, r);
+  mixer_scan_head_sum_kernel<T><<<(unsigned)blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(a);
   APRIEL_CHECK_LAUNCH();
 }
 
-template void launch_mixer_scan_head_sum<float>(const float*, const float*, void*, int64_t, int, int, int, void*);
-template void launch_mixer_scan_head_sum<__nv_bfloat16>(const float*, const float*, void*, int64_t, int, int, int, void*);
-template void launch_mixer_scan_head_sum<__half>(const float*, const float*, void*, int64_t, int, int, int, void*);
+template void launch_mixer_scan_head_sum<float>(const HeadSumArgs&, void*);
+template void launch_mixer_scan_head_sum<__nv_bfloat16>(const HeadSumArgs&, void*);
+template void launch_mixer_scan_head_sum<__half>(const HeadSumArgs&, void*);
 
 }  // namespace apriel

@@ -475,11 +475,16 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   Tensor seg_carry = S > 1 ? at::empty({d.b, S, 2, d.D, kN}, f32) : Tensor();
   const int64_t seg_len = static_cast<int64_t>(p.seg_tiles) * kChunk;
   Tensor dx_edge = S > 1 && fused ? at::empty({bs, hw, d.X}, f32) : Tensor();
-  Tensor dx_part = fused ? at::empty({0}, f32) : at::empty({d.b, d.L, d.D}, f32);
-  Tensor dB_part = fused ? at::empty({0}, f32) : at::empty({d.b, d.L, d.D}, f32);
+  // Without fused sums, d(conv input) / dB leave the kernel in parts (scan_params.h: bwd_parts): v7 one per (block,
+  // group) at part block + group, v4 one per head.
+  const int64_t G = d.X / kN;
+  const int64_t nblk = mixer_scan_bwd7_blocks_per_row(p);  // the v7 kernel's blocks per sequence
+  const int64_t parts = fused ? 0 : v7 ? nblk + G - 1 : d.D / kN;
+  p.bwd_parts = static_cast<int>(parts);
+  Tensor dx_part = at::empty({fused ? 0 : d.b, d.L, parts, kN}, f32);
+  Tensor dB_part = at::empty({fused ? 0 : d.b, d.L, parts, kN}, f32);
   // v7 computes the dt_proj gradients itself (per-block d(dt_low) partials, per-sequence d W / d b): no fp32 (b, L, D)
   // d(dt_pre) buffer and no GEMMs over it.
-  const int64_t nblk = mixer_scan_bwd7_blocks_per_row(p);  // the v7 kernel's blocks per sequence
   Tensor ddt_pre = v7 ? at::empty({0}, f32) : at::empty({d.b, d.L, d.D}, f32);
   Tensor ddt_low_part = v7 ? at::empty({d.b, d.L, nblk, kN}, f32) : Tensor();
   Tensor ddt_w_part = v7 ? at::empty({bs, d.D, kN}, f32) : Tensor();
@@ -519,31 +524,32 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
       t->zero_();
     dinit_ssm_seg.copy_(dfs.defined() ? dfs.view_as(dinit_ssm_seg) : at::zeros_like(dinit_ssm_seg));
   }
-  const int64_t G = d.X / kN;
   // Sequence split: segment 0's rows are the sequence's initial-state gradients; segment s >= 1's conv-state row is
   // its contribution to the d(conv input) of the hw tokens before it (segment s - 1's last hw tokens, which the
-  // kernel wrote without it: into dx_edge with fused sums, else into dx_part). All non-last segments have seg_len
-  // tokens, so one strided view covers every boundary.
+  // kernel wrote without it: into dx_edge with fused sums, else into its parts: the head-sum kernel adds x_halo).
+  // All non-last segments have seg_len tokens, so one strided view covers every boundary.
   Tensor dinit_ssm = dinit_ssm_seg.view({d.b, S, d.D, kN}).select(1, 0).contiguous();
   Tensor dic_seg = dic_part.view({d.b, S, d.D, hw});
+  Tensor x_halo;  // (b, S-1, hw, X): the group sums of the halo
   if (S > 1) {
     Tensor halo = dic_seg.narrow(1, 1, S - 1);  // (b, S-1, D, hw): d(conv input) at seg_len - hw + k
-    Tensor rows = (fused ? dzxbc : dx_part).narrow(1, 0, (S - 1) * seg_len).view({d.b, S - 1, seg_len, -1})
-                      .narrow(2, seg_len - hw, hw);  // (b, S-1, hw, row)
+    x_halo = halo.view({d.b, S - 1, G, d.r, kN, hw}).sum(3).view({d.b, S - 1, d.X, hw}).transpose(2, 3);
     if (fused) {
-      Tensor x_halo = halo.view({d.b, S - 1, G, d.r, kN, hw}).sum(3).view({d.b, S - 1, d.X, hw}).transpose(2, 3);
+      Tensor rows = dzxbc.narrow(1, 0, (S - 1) * seg_len).view({d.b, S - 1, seg_len, -1})
+                        .narrow(2, seg_len - hw, hw);  // (b, S-1, hw, row)
       Tensor edge = dx_edge.view({d.b, S, hw, d.X}).narrow(1, 0, S - 1);
       rows.narrow(3, d.D, d.X).copy_(edge + x_halo);
     } else {
-      rows.add_(halo.transpose(2, 3));
+      x_halo = x_halo.contiguous();
     }
   }
   // Sum the r head copies of each x / B group (fixed order: deterministic).
   Tensor dic = dic_seg.select(1, 0).view({d.b, G, d.r, kN, hw}).sum(2).view({d.b, d.X, hw});
-  // Gradient of the final conv state: the last W-1 x inputs (of the last document), else the initial state. The
-  // x part goes into the first head copy of dx_part, so the head sum below carries it.
+  // Gradient of the final conv state: the last W-1 x inputs (of the last document), else the initial state. Without
+  // fused sums the x part goes to the head-sum kernel as dfc_rows.
+  Tensor dfc_rows;  // (b, hw, X)
   if (dfc.defined()) {
-    Tensor dx_head0 = fused ? Tensor() : dx_part.view({d.b, d.L, G, d.r, kN}).select(3, 0);  // (b, L, G, 16)
+    if (!fused) dfc_rows = at::zeros({d.b, hw, d.X}, f32);
     for (int64_t k = 0; k < hw; ++k) {
       const int64_t pos = d.L - hw + k;
       Tensor g = dfc.select(2, k);  // (b, X)
@@ -552,21 +558,25 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
         g = g * seq_idx->select(1, src).eq(seq_idx->select(1, d.L - 1)).to(at::kFloat).unsqueeze(1);
       }
       if (pos < 0) dic.select(2, hw + pos).add_(g);
-      else if (!fused) dx_head0.select(1, pos).add_(g.view({d.b, G, kN}));  // (fused: the kernel added it)
+      else if (!fused) dfc_rows.select(1, k).copy_(g);  // (fused: the kernel added it)
     }
   }
-  // dzxbc's x and B slices: one kernel reads the r copies of dx_part / dB_part and writes both slices
-  // (mixer_scan_head_sum.cu; was two torch sums into fp32 (b, L, X) temporaries and two strided copies).
+  // dzxbc's x and B slices: one kernel adds each group's parts of dx_part / dB_part (+ dfc_rows, x_halo) and writes
+  // both slices (mixer_scan_head_sum.cu; was two torch sums into fp32 (b, L, X) temporaries and two strided copies).
   if (!fused) {
     void* stream = c10::cuda::getCurrentCUDAStream().stream();
-    const int64_t rows = d.b * d.L;
-    const int D = static_cast<int>(d.D), X = static_cast<int>(d.X), r = static_cast<int>(d.r);
-    if (st == at::kBFloat16)
-      launch_mixer_scan_head_sum<__nv_bfloat16>(dx_part.data_ptr<float>(), dB_part.data_ptr<float>(), dzxbc.data_ptr(), rows, D, X, r, stream);
-    else if (st == at::kHalf)
-      launch_mixer_scan_head_sum<__half>(dx_part.data_ptr<float>(), dB_part.data_ptr<float>(), dzxbc.data_ptr(), rows, D, X, r, stream);
-    else
-      launch_mixer_scan_head_sum<float>(dx_part.data_ptr<float>(), dB_part.data_ptr<float>(), dzxbc.data_ptr(), rows, D, X, r, stream);
+    HeadSumArgs a{};
+    a.dx_part = dx_part.data_ptr<float>(); a.dB_part = dB_part.data_ptr<float>(); a.dzxbc = dzxbc.data_ptr();
+    a.batch = d.b; a.seqlen = d.L;
+    a.D = static_cast<int>(d.D); a.X = static_cast<int>(d.X); a.r = static_cast<int>(d.r);
+    a.parts = static_cast<int>(parts); a.heads_per_part = v7 ? 4 : 1; a.group_offset = v7;
+    a.dfc_rows = dfc_rows.defined() ? dfc_rows.data_ptr<float>() : nullptr;
+    a.hw = static_cast<int>(hw);
+    a.x_halo = x_halo.defined() ? x_halo.data_ptr<float>() : nullptr;
+    a.segments = static_cast<int>(S); a.seg_len = seg_len;
+    if (st == at::kBFloat16) launch_mixer_scan_head_sum<__nv_bfloat16>(a, stream);
+    else if (st == at::kHalf) launch_mixer_scan_head_sum<__half>(a, stream);
+    else launch_mixer_scan_head_sum<float>(a, stream);
   }
   // dt_proj: dt_pre = dt_low W^T + b, the bias again inside softplus -> d bias = 2 * sum d(dt_pre).
   Tensor ddt_low, ddt_w, ddt_b;

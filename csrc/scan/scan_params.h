@@ -56,8 +56,13 @@ struct MixerScanParams {
   const float* dfinal_ssm; // (b, D, 16) or nullptr
   const float* ckpt_in;    // (b, n_chunks, D, 16)
   void* dzxbc;             // (b, L, 2D+2X) contiguous: the kernel writes the z and C slices
-  float* dx_part;          // (b, L, D): d(conv input) per head copy (summed over the r copies on the host)
-  float* dB_part;          // (b, L, D/16, 16): dB per head (summed over the r heads of a group on the host)
+  // d(conv input) / dB of the x / B groups in parts, (b, L, bwd_parts, 16) fp32 each, summed by the head-sum kernel:
+  // v4 one part per head (bwd_parts = D / 16, head h at part h); v7 without fused sums one per (block, group):
+  // the sums of the block's heads of that group, at part blockIdx.x + group (bwd_parts = blocks per row + X / 16
+  // - 1; a group's parts are consecutive, in block order).
+  float* dx_part;
+  float* dB_part;
+  int bwd_parts;
   float* ddt_pre;          // (b, L, D): d(dt_proj output)
   float* dA_log_part;      // (b, D, 16)
   float* dD_part;          // (b, D)
@@ -163,11 +168,24 @@ APRIEL_SCAN_HD inline V7GroupShare mixer_scan_v7_group_share(int heads_per_group
   const int base = heads_per_group / per, extra = heads_per_group - base * per;
   return {group, k * base + (k < extra ? k : extra), base + (k < extra ? 1 : 0)};
 }
-// Backward epilogue (mixer_scan_head_sum.cu): dzxbc's x / B slices = the sums of the r head copies of dx_part /
-// dB_part ((b L, D) fp32 each; rows = b L).
+// Backward epilogue (mixer_scan_head_sum.cu): dzxbc's x / B slices = the sums of each group's parts of dx_part /
+// dB_part (MixerScanParams::bwd_parts), plus dfinal_conv's rows and a split's segment-halo rows on the x side.
+struct HeadSumArgs {
+  const float* dx_part;   // (b, L, parts, 16) fp32
+  const float* dB_part;   // (b, L, parts, 16) fp32
+  void* dzxbc;            // (b, L, 2D + 2X) contiguous, the activation dtype
+  int64_t batch, seqlen;
+  int D, X, r, parts;
+  int heads_per_part;     // group g's parts: [g r / hp + g off, ((g + 1) r - 1) / hp + g off] (hp = 1 or 4)
+  bool group_offset;      // off = 1 (v7: part = block + group), else 0 (v4: part = head)
+  const float* dfc_rows;  // (b, width-1, X) or nullptr: added to the x rows L-width+1 .. L-1
+  int hw;                 // width - 1
+  const float* x_halo;    // (b, segments-1, width-1, X) or nullptr: added to each non-last segment's last width-1 x rows
+  int segments;
+  int64_t seg_len;
+};
 template <typename T>
-void launch_mixer_scan_head_sum(const float* dx_part, const float* dB_part, void* dzxbc, int64_t rows, int D, int X,
-                                int r, void* stream);
+void launch_mixer_scan_head_sum(const HeadSumArgs& a, void* stream);
 template <typename T, int K>
 void launch_mixer_scan_bwd(const MixerScanParams& p, void* stream);
 template <typename T>

@@ -23,7 +23,7 @@ from bench.variants import env_override
 # (name, d_inner, d_xb): the mixer of a converted teacher has d_inner = q heads x head_dim, d_xb = kv heads x head_dim
 SHAPES = (("smollm2-135m", 576, 192), ("llama-3.2-3b", 3072, 1024), ("qwen2.5-14b", 5120, 1024),
           ("qwen2.5-1.5b", 1536, 256), ("qwen2.5-7b", 3584, 512), ("qwen3-1.7b", 2048, 1024),
-          ("smollm2-1.7b", 2048, 2048), ("apriel-15b", 4096, 1024))
+          ("smollm2-1.7b", 2048, 2048), ("apriel-15b", 4096, 1024), ("qwen2.5-3b", 2048, 256))
 
 
 def make_case(b, L, D, X, requires_grad=False):
