@@ -80,7 +80,10 @@ LOG="$OUT_DIR/scan_sanitizer.log"
 # two groups: blocks of 3 + 1 and 2 + 2 heads, the second group's x / B slices and halo) with documents, 2 segments,
 # TMA; v7r3sc = the same without documents, unsplit, cp.async; v7r2f = D 128 / X 64 (2 heads per group: two whole
 # groups per block, the group sums in the kernel) with documents, 2 segments (the dx_edge rows), TMA.
-for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 v7s1 v7c v7p v7pc v7pc4 v7var v7var1 v7r3 v7r3c v7r5 v7r3s v7r3sc v7r2f}; do
+# session 21: dB / d(conv input) in group parts (one per block and group) wherever the sums are not fused: v7r3s /
+# v7r5 write them; v7r8 = D 128 (8 heads per group: the kSpan kernel, two blocks / parts per group) with documents,
+# 2 segments (the halo rows the head-sum kernel adds), TMA.
+for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 v7s1 v7c v7p v7pc v7pc4 v7var v7var1 v7r3 v7r3c v7r5 v7r3s v7r3sc v7r2f v7r8}; do
   packed=1 bwd=auto fwd=$version segments= vblocks= dinner=64 dxb=16 tma=
   [ "$version" = "v7" ] && packed=0 bwd=v7
   [ "$version" = "v7s1" ] && packed=0 bwd=v7 fwd=v7 segments=1
@@ -99,6 +102,7 @@ for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 
   [ "$version" = "v7r3s" ] && fwd=v7 bwd=v7 segments=2 length=130 dinner=96 dxb=32
   [ "$version" = "v7r3sc" ] && fwd=v7 bwd=v7 segments=1 length=130 dinner=96 dxb=32 packed=0 tma=0
   [ "$version" = "v7r2f" ] && fwd=v7 bwd=v7 segments=2 length=130 dinner=128 dxb=64
+  [ "$version" = "v7r8" ] && fwd=v7 bwd=v7 segments=2 length=130 dinner=128
   for tool in memcheck racecheck; do
     echo "=== L=$length D=$dinner X=$dxb packed=$packed APRIEL_SCAN_TMA=${tma:-auto} APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=${segments:-auto} APRIEL_SCAN_VARLEN_BLOCKS=${vblocks:-auto} compute-sanitizer --tool $tool" >> "$LOG"
     SCAN_SANITIZER_L=$length SCAN_SANITIZER_D=$dinner SCAN_SANITIZER_X=$dxb SCAN_SANITIZER_PACKED=$packed APRIEL_SCAN_TMA=$tma APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=$segments \

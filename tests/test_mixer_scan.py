@@ -1236,7 +1236,7 @@ def test_backward_v7_tma_staging_equals_cp_async(case, dtype, monkeypatch):
         monkeypatch.setenv("APRIEL_SCAN_TMA", staging)
         poison_allocator()
         names = _cuda_kernels_run(lambda staging=staging: grads.update({staging: _grads(args, kw, seq, weights)}))
-        partial = "true" if (D_ // X) % 4 else "false"  # <T, kTma, kSeq, kSpan>
+        partial = "false" if D_ // X == 4 else "true"  # <T, kTma, kSeq, kSpan>: kSpan unless 4 per group
         want = f", {'true' if staging == '1' else 'false'}, {'true' if seq is not None else 'false'}, {partial}>"
         assert any("mixer_scan_bwd7_kernel" in n and want in n for n in names), (staging, names)
     for name in grads["0"]:

@@ -4,7 +4,8 @@ versions, to set the dispatch rules between v7 and v5 (forward: APRIEL_SCAN_FWD,
 (--backward: APRIEL_SCAN_BWD, the backward alone after one forward, eager). Run on the device after the extension is
 built:
     python3 scripts/diag/scan_groups_time.py [--backward] [--versions v5,v7,auto] [--batches 1,2,4,8] [--seqlen 4096]
-                                             [--shapes NAME,...] [--json OUT]
+                                             [--shapes NAME,...] [--json OUT] [--device-time]
+--device-time (with --backward) also sums the backward's CUDA kernel times (JSON: device_ms; graph_p50_ms stays None).
 A backward version "v7:S" forces S sequence segments (APRIEL_SCAN_BWD_SEGMENTS; session 20: the split's rule at
 the kSpan backward's grids).
 """
@@ -17,6 +18,8 @@ import torch
 import scan_case  # scripts/diag (this script's directory is on sys.path)
 
 from apriel_kernels import mixer_scan
+from torch.profiler import ProfilerActivity, profile
+
 from bench.timing import time_graph_ms, time_ms
 from bench.variants import env_override
 
@@ -39,9 +42,23 @@ parser.add_argument("--batches", default="1,2,4,8")
 parser.add_argument("--seqlen", type=int, default=4096)
 parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
 parser.add_argument("--json")
+parser.add_argument("--device-time", action="store_true",
+                    help="--backward: also the summed CUDA kernel time per backward (torch profiler), free of the host "
+                         "launch time that dominates eager timing of small shapes")
 opts = parser.parse_args()
 versions = (opts.versions or ("v4,v7,auto" if opts.backward else "v5,v7,auto")).split(",")
 env = "APRIEL_SCAN_BWD" if opts.backward else "APRIEL_SCAN_FWD"
+
+def device_ms(fn, n=10):
+    """Summed CUDA kernel time of one call of fn (ms), over n profiled calls."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / n / 1000.0
+
 
 rows = []
 for name, D, X in (s for s in SHAPES if s[0] in opts.shapes.split(",")):
@@ -49,6 +66,7 @@ for name, D, X in (s for s in SHAPES if s[0] in opts.shapes.split(",")):
         args, kw = make_case(batch, opts.seqlen, D, X, requires_grad=opts.backward)
         line = []
         for version in versions:
+            dev = None
             kernel, _, segments = version.partition(":")
             with env_override(env, None if kernel == "auto" else kernel), \
                     env_override("APRIEL_SCAN_BWD_SEGMENTS", segments or None):
@@ -58,6 +76,8 @@ for name, D, X in (s for s in SHAPES if s[0] in opts.shapes.split(",")):
                     dy = torch.randn_like(y)
                     eager = time_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), rep_ms=150)["p50"]
                     graph = None
+                    dev = device_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True)) \
+                        if opts.device_time else None
                     del y
                 else:
                     with torch.no_grad():
@@ -65,8 +85,9 @@ for name, D, X in (s for s in SHAPES if s[0] in opts.shapes.split(",")):
                         graph = time_graph_ms(lambda: mixer_scan(**args, **kw))["p50"]
             rows.append({"shape": name, "d_inner": D, "d_xb": X, "heads_per_group": D // X, "batch": batch,
                          "seqlen": opts.seqlen, "phase": "bwd" if opts.backward else "fwd", "version": version,
-                         "eager_p50_ms": eager, "graph_p50_ms": graph})
-            line.append(f"{version} {eager if opts.backward else graph:.4f}")
+                         "eager_p50_ms": eager, "graph_p50_ms": graph, "device_ms": dev})
+            line.append(f"{version} {eager if opts.backward else graph:.4f}" +
+                        (f" (device {dev:.4f})" if dev is not None else ""))
         print(f"{name:13s} r{D // X} b{batch} L{opts.seqlen}: " + "  ".join(line) +
               (" ms (bwd, eager)" if opts.backward else " ms (fwd, graph)"), flush=True)
         del args
