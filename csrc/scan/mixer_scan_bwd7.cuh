@@ -391,8 +391,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Epilogue mapping: channel ec, tokens et0 .. et0 + 3 of the sub-chunk; per-channel sums over the sequence.
   const int ec = lane & 15, et0 = (lane >> 4) * 4;
   float accD = 0.f, accCB = 0.f, accDB = 0.f, accW[4] = {0.f, 0.f, 0.f, 0.f};
-  // v7 always computes the dt_proj gradients in the kernel (the host passes ddt_low_part; ddt_pre is unused). As a
-  // compile-time constant (session 21) with the fused group sums: 250 instead of 255 registers and -2 % at b8 L4096.
+  // v7 always computes the dt_proj gradients in the kernel (the host passes ddt_low_part; ddt_pre is unused): a
+  // compile-time constant since session 21, as `fused` is without kSpan (the kernel for 4 heads per group: 250
+  // instead of 255 registers, -2 to -4 % at L 4096, bench/results/s21/).
   constexpr bool dt_fused = true;
   const int bsel = q == 0 ? g : 8;  // lanes q > 0 read the zero entry: rows k >= 1 of a k4 B operand
   // Reverse: the reduce-scatter's lane bits, this lane's slot in red (which * 16 + state), the pp diagonal lane.
