@@ -47,15 +47,18 @@ __global__ void __launch_bounds__(256) mixer_scan_head_sum_kernel(HeadSumArgs a)
     sx.x += ax.x; sx.y += ax.y; sx.z += ax.z; sx.w += ax.w;
     sb.x += ab.x; sb.y += ab.y; sb.z += ab.z; sb.w += ab.w;
   }
-  const int64_t bi = row / a.seqlen, t = row - bi * a.seqlen;
-  auto add = [&](const float* src) {
-    const float4 v = *reinterpret_cast<const float4*>(src);
-    sx.x += v.x; sx.y += v.y; sx.z += v.z; sx.w += v.w;
-  };
-  if (a.dfc_rows != nullptr && t >= a.seqlen - a.hw) add(a.dfc_rows + (bi * a.hw + t - (a.seqlen - a.hw)) * a.X + xq);
-  if (a.x_halo != nullptr) {
-    const int64_t seg = t / a.seg_len, edge = t - ((seg + 1) * a.seg_len - a.hw);
-    if (seg < a.segments - 1 && edge >= 0) add(a.x_halo + ((bi * (a.segments - 1) + seg) * a.hw + edge) * a.X + xq);
+  if (a.dfc_rows != nullptr || a.x_halo != nullptr) {  // (the 64-bit divisions only where rows get these terms)
+    const int64_t bi = row / a.seqlen, t = row - bi * a.seqlen;
+    auto add = [&](const float* src) {
+      const float4 v = *reinterpret_cast<const float4*>(src);
+      sx.x += v.x; sx.y += v.y; sx.z += v.z; sx.w += v.w;
+    };
+    if (a.dfc_rows != nullptr && t >= a.seqlen - a.hw)
+      add(a.dfc_rows + (bi * a.hw + t - (a.seqlen - a.hw)) * a.X + xq);
+    if (a.x_halo != nullptr) {
+      const int64_t seg = t / a.seg_len, edge = t - ((seg + 1) * a.seg_len - a.hw);
+      if (seg < a.segments - 1 && edge >= 0) add(a.x_halo + ((bi * (a.segments - 1) + seg) * a.hw + edge) * a.X + xq);
+    }
   }
   T* out = static_cast<T*>(a.dzxbc) + row * (2 * (int64_t)a.D + 2 * a.X);
   Store4<T>::run(out + a.D + xq, sx);
