@@ -403,6 +403,20 @@ __global__ void __launch_bounds__(kThreads, 2)
   // (the host fuses at 4 heads per group, and with kSpan at 2 when 4 divides the head count: whole groups per block)
   const bool fused = !kSpan || p.bwd_fused_sums;  // (launch: without kSpan, 4 heads per group)
   T* dzx = static_cast<T*>(p.dzxbc) + (int64_t)b * L * rowZ;
+  // The group sums of dB (hx 0: red) or d(conv input) (hx 1: dxs) over warps w0 .. w1 - 1 in order (deterministic):
+  // token tl, channel / state pair pr. Both the fused sums and the group parts use it.
+  auto warps_sum = [&](int hx, int tl, int pr, int w0, int w1, float& s0, float& s1) {
+    s0 = 0.f;
+    s1 = 0.f;
+#pragma unroll
+    for (int ww = 0; ww < kHeads; ++ww) {
+      if (ww < w0 || ww >= w1) continue;
+      const float2 v = hx == 0 ? *reinterpret_cast<const float2*>(&sm.wp[ww].red[tl][2 * pr])
+                               : *reinterpret_cast<const float2*>(&sm.wp[ww].dxs[tl][2 * pr]);
+      s0 += v.x;
+      s1 += v.y;
+    }
+  };
   auto load_state = [&](const float* base, float (&h)[2][4]) {  // base = (D, 16) block of this sequence
 #pragma unroll
     for (int r = 0; r < 2; ++r)
@@ -964,15 +978,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
           for (int sl = 0; sl < kSlots; ++sl) {
             const int gs = group + sl;
-            float s0 = 0.f, s1 = 0.f;
-#pragma unroll
-            for (int k = 0; k < kPerGroup; ++k) {
-              const int ww = sl * kPerGroup + k;
-              const float2 v = hx == 0 ? *reinterpret_cast<const float2*>(&sm.wp[ww].red[tl][2 * pr])
-                                       : *reinterpret_cast<const float2*>(&sm.wp[ww].dxs[tl][2 * pr]);
-              s0 += v.x;
-              s1 += v.y;
-            }
+            float s0, s1;
+            warps_sum(hx, tl, pr, sl * kPerGroup, (sl + 1) * kPerGroup, s0, s1);
             // kSeq: the final conv state holds the last document's inputs only: no start in rows tg - t0 + 4 .. L - 1 -
             // t0 + 3 (at most 2 rows, all <= 37). (tg < L: rows past the end read nothing - session 13's memcheck
             // without the caching allocator found the reads past dfinal_conv that this bound used to allow.)
@@ -1009,15 +1016,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int sl = 0; sl < (kSpan ? 2 : 1); ++sl) {
           const int w0 = sl == 0 ? 0 : split, w1 = sl == 0 ? split : n_heads;
           if (w0 < w1) {  // (block-uniform)
-            float s0 = 0.f, s1 = 0.f;
-#pragma unroll
-            for (int ww = 0; ww < kHeads; ++ww) {
-              if (ww < w0 || ww >= w1) continue;
-              const float2 v = hx == 0 ? *reinterpret_cast<const float2*>(&sm.wp[ww].red[tl][2 * pr])
-                                       : *reinterpret_cast<const float2*>(&sm.wp[ww].dxs[tl][2 * pr]);
-              s0 += v.x;
-              s1 += v.y;
-            }
+            float s0, s1;
+            warps_sum(hx, tl, pr, w0, w1, s0, s1);
             if (tg < L)
               *reinterpret_cast<float2*>(dst + (int64_t)(blockIdx.x + (sl == 0 ? group : group1)) * kN) =
                   make_float2(s0, s1);
