@@ -1121,6 +1121,51 @@ def test_backward_v7_sequence_split(case, dtype, monkeypatch):
     _check_grads_repeatable(args, kw, weights)
 
 
+# The backward's epilogue (session 22, csrc/scan/mixer_scan_finalize.cu): one kernel sums the parameter gradients'
+# fp32 partial rows (and a split's halo rows) and stores each gradient in its parameter's dtype. Parameters in mixed
+# dtypes must get exactly the float32 parameters' gradients rounded to their own dtypes (the scan kernels see the same
+# float32 values either way), and the v7 backward launches no torch reduction.
+FINALIZE_CASES = [
+    # (batch, seqlen, d_inner, d_xb, repeat, backward, segments)
+    (1, 300, 256, 64, False, "v7", 3),  # fused group sums: halo rows into dzxbc; conv sums over a group's heads
+    (2, 300, 96, 32, True, "v7", 2),  # 3 heads per group: group parts, the halo rows to the head-sum kernel
+    (2, 130, 64, 16, False, "v4", 1),  # v4: dt_proj's gradients by GEMMs, the rest by the epilogue kernel
+]
+PARAM_DTYPES = dict(conv_weight=torch.float16, conv_bias=torch.float64, dt_proj_weight=torch.float32,
+                    dt_proj_bias=torch.bfloat16, A_log=torch.float64, D=torch.float32)
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("case", FINALIZE_CASES, ids=lambda c: f"b{c[0]}-L{c[1]}-D{c[2]}-X{c[3]}-{c[5]}-S{c[6]}")
+def test_backward_epilogue_one_kernel_each_parameter_dtype(case, monkeypatch):
+    b, L, D_, X, repeat, version, segments = case
+    monkeypatch.setenv("APRIEL_SCAN_BWD", version)
+    monkeypatch.setenv("APRIEL_SCAN_BWD_SEGMENTS", str(segments))
+    args, kw = make_inputs(b, L, D_, X, dtype=torch.bfloat16, device="cuda", repeat=repeat, dt_rank=16, seed=31)
+    mixed = {k: v.to(PARAM_DTYPES.get(k, v.dtype)) for k, v in args.items()}
+    as_f32 = {k: (v.float() if k in PARAM_DTYPES else v) for k, v in mixed.items()}
+    dy = torch.randn(b, L, D_, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3)).bfloat16()
+
+    def forward(a):
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in a.items()}
+        return leaves, mixer_scan(**leaves, **kw)
+
+    leaves, y = forward(mixed)
+    names = _cuda_kernels_run(lambda: torch.autograd.grad(y, list(leaves.values()), dy, retain_graph=True))
+    assert any("mixer_scan_finalize_kernel" in n for n in names), names
+    if version == "v7":
+        assert any("mixer_scan_bwd7" in n for n in names), names
+        assert not any("reduce_kernel" in n for n in names), names
+    got = dict(zip(leaves, torch.autograd.grad(y, list(leaves.values()), dy)))
+    leaves32, y32 = forward(as_f32)
+    want = dict(zip(leaves32, torch.autograd.grad(y32, list(leaves32.values()), dy)))
+    for k, v in mixed.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape, (k, got[k].dtype, got[k].shape)
+        assert torch.isfinite(got[k]).all(), k
+        assert torch.equal(got[k], want[k].to(v.dtype)), f"d{k}: differs from the float32 parameters' gradient"
+
+
 # The v7 backward with packed documents (kSeq, session 13): document starts mid-tile, on tile and 8-token sub-chunk
 # boundaries (t % 8 == 0: the sub-chunk's first token), one-token documents, starts at segment starts (L 300 in 3
 # segments of 4 tiles: tokens 128 / 256) and 1-2 tokens after them (the conv halo crosses the segment edge), a last

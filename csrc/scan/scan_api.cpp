@@ -26,6 +26,17 @@ using at::Tensor;
 using OptT = std::optional<Tensor>;
 
 Tensor f32c(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
+// An output's dtype as the finalize kernel's store code (FinalizeArgs::DType).
+int finalize_dtype(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return FinalizeArgs::kF32;
+    case at::kDouble: return FinalizeArgs::kF64;
+    case at::kBFloat16: return FinalizeArgs::kBF16;
+    case at::kHalf: return FinalizeArgs::kF16;
+    default: TORCH_CHECK(false, "mixer_scan_bwd: parameter gradients in ", t.scalar_type(), " are not supported");
+  }
+  return 0;
+}
 
 struct Dims {
   int64_t b, L, D, X, R, W, r, n_chunks;
@@ -524,27 +535,55 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
       t->zero_();
     dinit_ssm_seg.copy_(dfs.defined() ? dfs.view_as(dinit_ssm_seg) : at::zeros_like(dinit_ssm_seg));
   }
-  // Sequence split: segment 0's rows are the sequence's initial-state gradients; segment s >= 1's conv-state row is
-  // its contribution to the d(conv input) of the hw tokens before it (segment s - 1's last hw tokens, which the
-  // kernel wrote without it: into dx_edge with fused sums, else into its parts: the head-sum kernel adds x_halo).
-  // All non-last segments have seg_len tokens, so one strided view covers every boundary.
-  Tensor dinit_ssm = dinit_ssm_seg.view({d.b, S, d.D, kN}).select(1, 0).contiguous();
-  Tensor dic_seg = dic_part.view({d.b, S, d.D, hw});
-  Tensor x_halo;  // (b, S-1, hw, X): the group sums of the halo
-  if (S > 1) {
-    Tensor halo = dic_seg.narrow(1, 1, S - 1);  // (b, S-1, D, hw): d(conv input) at seg_len - hw + k
-    x_halo = halo.view({d.b, S - 1, G, d.r, kN, hw}).sum(3).view({d.b, S - 1, d.X, hw}).transpose(2, 3);
-    if (fused) {
-      Tensor rows = dzxbc.narrow(1, 0, (S - 1) * seg_len).view({d.b, S - 1, seg_len, -1})
-                        .narrow(2, seg_len - hw, hw);  // (b, S-1, hw, row)
-      Tensor edge = dx_edge.view({d.b, S, hw, d.X}).narrow(1, 0, S - 1);
-      rows.narrow(3, d.D, d.X).copy_(edge + x_halo);
-    } else {
-      x_halo = x_halo.contiguous();
-    }
+  // The parameter gradients (and a split's halo rows) from their fp32 partial rows: one kernel
+  // (mixer_scan_finalize.cu; session 22 - was ~18 torch reductions, dtype copies and a strided copy).
+  const int64_t conv_channels = repeat ? d.D : d.X;
+  Tensor dA = at::empty({d.D, kN}, A_log.options()), dDo = at::empty({d.D}, Dskip.options());
+  Tensor dcw = at::empty({conv_channels, d.W}, conv_weight.options());
+  Tensor dcb = conv_bias ? at::empty({conv_channels}, conv_bias->options()) : Tensor();
+  Tensor ddt_low, ddt_w, ddt_b;
+  if (v7) {
+    ddt_low = at::empty({d.b, d.L, d.R}, dt_low.options());
+    ddt_w = at::empty({d.D, d.R}, dt_proj_weight.options());
+    ddt_b = at::empty({d.D}, dt_proj_bias.options());
   }
-  // Sum the r head copies of each x / B group (fixed order: deterministic).
-  Tensor dic = dic_seg.select(1, 0).view({d.b, G, d.r, kN, hw}).sum(2).view({d.b, d.X, hw});
+  // Sequence split: segment s >= 1's conv-state rows are its contribution to the d(conv input) of the hw tokens
+  // before it (segment s - 1's last hw tokens, which the kernel wrote without it: into dx_edge with fused sums - the
+  // finalize kernel adds both into dzxbc - else into its parts: the head-sum kernel adds x_halo).
+  Tensor x_halo = S > 1 && !fused ? at::empty({d.b, S - 1, hw, d.X}, f32) : Tensor();
+  {
+    FinalizeArgs a{};
+    a.batch = d.b; a.seqlen = d.L;
+    a.D = static_cast<int>(d.D); a.X = static_cast<int>(d.X); a.r = static_cast<int>(d.r);
+    a.W = static_cast<int>(d.W); a.hw = static_cast<int>(hw); a.R = static_cast<int>(d.R);
+    a.repeat = repeat; a.bs = static_cast<int>(bs);
+    if (v7) {
+      a.ddt_low_part = ddt_low_part.data_ptr<float>(); a.rows = d.b * d.L; a.nblk = static_cast<int>(nblk);
+      a.ddt_low = ddt_low.data_ptr();
+      a.dw_part = ddt_w_part.data_ptr<float>(); a.dw = ddt_w.data_ptr(); a.dw_dtype = finalize_dtype(ddt_w);
+      a.db_part = ddt_b_part.data_ptr<float>(); a.db = ddt_b.data_ptr(); a.db_dtype = finalize_dtype(ddt_b);
+    }
+    a.dA_part = dAlog_part.data_ptr<float>(); a.dA = dA.data_ptr(); a.dA_dtype = finalize_dtype(dA);
+    a.dD_part = dD_part.data_ptr<float>(); a.dD = dDo.data_ptr(); a.dD_dtype = finalize_dtype(dDo);
+    a.dcw_part = dcw_part.data_ptr<float>(); a.dcw = dcw.data_ptr(); a.dcw_dtype = finalize_dtype(dcw);
+    a.dcb_part = dcb_part.data_ptr<float>();
+    if (dcb.defined()) { a.dcb = dcb.data_ptr(); a.dcb_dtype = finalize_dtype(dcb); }
+    a.segments = static_cast<int>(S); a.seg_len = seg_len;
+    if (S > 1) {
+      a.dic_part = dic_part.data_ptr<float>();
+      a.dx_edge = fused ? dx_edge.data_ptr<float>() : nullptr;
+      a.dzxbc = dzxbc.data_ptr();
+      a.x_halo = fused ? nullptr : x_halo.data_ptr<float>();
+    }
+    void* stream = c10::cuda::getCurrentCUDAStream().stream();
+    if (st == at::kBFloat16) launch_mixer_scan_finalize<__nv_bfloat16>(a, stream);
+    else if (st == at::kHalf) launch_mixer_scan_finalize<__half>(a, stream);
+    else launch_mixer_scan_finalize<float>(a, stream);
+  }
+  // Segment 0's rows are the sequence's initial-state gradients (only an initial state takes them).
+  Tensor dic;  // (b, X, hw): the r head copies of each x group summed
+  if (init_conv)
+    dic = dic_part.view({d.b, S, d.D, hw}).select(1, 0).view({d.b, G, d.r, kN, hw}).sum(2).view({d.b, d.X, hw});
   // Gradient of the final conv state: the last W-1 x inputs (of the last document), else the initial state. Without
   // fused sums the x part goes to the head-sum kernel as dfc_rows.
   Tensor dfc_rows;  // (b, hw, X)
@@ -557,8 +596,11 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
         const int64_t src = pos >= 0 ? pos : 0;
         g = g * seq_idx->select(1, src).eq(seq_idx->select(1, d.L - 1)).to(at::kFloat).unsqueeze(1);
       }
-      if (pos < 0) dic.select(2, hw + pos).add_(g);
-      else if (!fused) dfc_rows.select(1, k).copy_(g);  // (fused: the kernel added it)
+      if (pos < 0) {
+        if (dic.defined()) dic.select(2, hw + pos).add_(g);
+      } else if (!fused) {
+        dfc_rows.select(1, k).copy_(g);  // (fused: the kernel added it)
+      }
     }
   }
   // dzxbc's x and B slices: one kernel adds each group's parts of dx_part / dB_part (+ dfc_rows, x_halo) and writes
@@ -578,13 +620,8 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
     else if (st == at::kHalf) launch_mixer_scan_head_sum<__half>(a, stream);
     else launch_mixer_scan_head_sum<float>(a, stream);
   }
-  // dt_proj: dt_pre = dt_low W^T + b, the bias again inside softplus -> d bias = 2 * sum d(dt_pre).
-  Tensor ddt_low, ddt_w, ddt_b;
-  if (v7) {
-    ddt_low = ddt_low_part.sum(2).narrow(2, 0, d.R).to(dt_low.scalar_type()).contiguous();
-    ddt_w = ddt_w_part.sum(0).narrow(1, 0, d.R).to(dt_proj_weight.scalar_type()).contiguous();
-    ddt_b = (ddt_b_part.sum(0) * 2).to(dt_proj_bias.scalar_type());
-  } else {
+  // dt_proj (v4): dt_pre = dt_low W^T + b, the bias again inside softplus -> d bias = 2 * sum d(dt_pre).
+  if (!v7) {
     Tensor ddt2 = ddt_pre.view({d.b * d.L, d.D});
     ddt_low = ddt2.mm(f32c(dt_proj_weight)).view({d.b, d.L, d.R}).to(dt_low.scalar_type());
     // d W = ddt^T dt_low and d b = 2 sum_t ddt in ONE pass over the fp32 (b L, D) buffer: a ones column
@@ -593,11 +630,6 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
     Tensor gwb = ddt2.t().mm(dtl1);  // (D, R + 1)
     ddt_w = gwb.narrow(1, 0, d.R).to(dt_proj_weight.scalar_type()).contiguous();
     ddt_b = (gwb.select(1, d.R) * 2).to(dt_proj_bias.scalar_type());  // the product is a fresh contiguous tensor
-  }
-  Tensor dcw = dcw_part.sum(0), dcb = dcb_part.sum(0);
-  if (!repeat) {
-    dcw = dcw.view({G, d.r, kN, d.W}).sum(1).view({d.X, d.W});
-    dcb = dcb.view({G, d.r, kN}).sum(1).view({d.X});
   }
   auto empty = [&] { return zxbc.new_empty({0}); };  // a fresh one per absent input: outputs must not alias
   Tensor dinit_conv = empty();
@@ -613,16 +645,11 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
     }
     dinit_conv = full.to(ic.scalar_type());
   }
-  return {dzxbc,
-          ddt_low,
-          dcw.to(conv_weight.scalar_type()),
-          conv_bias ? dcb.to(conv_bias->scalar_type()) : empty(),
-          ddt_w,
-          ddt_b,
-          dAlog_part.sum(0).to(A_log.scalar_type()),
-          dD_part.sum(0).to(Dskip.scalar_type()),
-          init_ssm ? dinit_ssm.reshape(init_ssm->sizes()).to(init_ssm->scalar_type()) : empty(),
-          dinit_conv};
+  Tensor dinit_ssm = empty();
+  if (init_ssm)
+    dinit_ssm = dinit_ssm_seg.view({d.b, S, d.D, kN}).select(1, 0).contiguous().view(init_ssm->sizes())
+                    .to(init_ssm->scalar_type());
+  return {dzxbc, ddt_low, dcw, conv_bias ? dcb : empty(), ddt_w, ddt_b, dA, dDo, dinit_ssm, dinit_conv};
 }
 
 }  // namespace
