@@ -1121,10 +1121,11 @@ def test_backward_v7_sequence_split(case, dtype, monkeypatch):
     _check_grads_repeatable(args, kw, weights)
 
 
-# The backward's epilogue (session 22, csrc/scan/mixer_scan_finalize.cu): one kernel sums the parameter gradients'
-# fp32 partial rows (and a split's halo rows) and stores each gradient in its parameter's dtype. Parameters in mixed
-# dtypes must get exactly the float32 parameters' gradients rounded to their own dtypes (the scan kernels see the same
-# float32 values either way), and the v7 backward launches no torch reduction.
+# The backward's prologue and epilogue (session 22): one kernel converts the parameters to fp32
+# (mixer_scan_params.cu), one sums the parameter gradients' fp32 partial rows (and a split's halo rows) and stores each
+# gradient in its parameter's dtype (mixer_scan_finalize.cu). Parameters in mixed dtypes must get exactly the float32
+# parameters' gradients rounded to their own dtypes (the scan kernels see the same float32 values either way), and the
+# v7 backward launches no torch reduction or copy.
 FINALIZE_CASES = [
     # (batch, seqlen, d_inner, d_xb, repeat, backward, segments)
     (1, 300, 256, 64, False, "v7", 3),  # fused group sums: halo rows into dzxbc; conv sums over a group's heads
@@ -1154,9 +1155,10 @@ def test_backward_epilogue_one_kernel_each_parameter_dtype(case, monkeypatch):
     leaves, y = forward(mixed)
     names = _cuda_kernels_run(lambda: torch.autograd.grad(y, list(leaves.values()), dy, retain_graph=True))
     assert any("mixer_scan_finalize_kernel" in n for n in names), names
-    if version == "v7":
+    assert any("mixer_scan_params_f32_kernel" in n for n in names), names  # the parameters' fp32 copies, one launch
+    if version == "v7":  # no torch reduction or copy left in the backward
         assert any("mixer_scan_bwd7" in n for n in names), names
-        assert not any("reduce_kernel" in n for n in names), names
+        assert not any("reduce_kernel" in n or "copy_kernel" in n for n in names), names
     got = dict(zip(leaves, torch.autograd.grad(y, list(leaves.values()), dy)))
     leaves32, y32 = forward(as_f32)
     want = dict(zip(leaves32, torch.autograd.grad(y32, list(leaves32.values()), dy)))

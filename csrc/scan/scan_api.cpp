@@ -93,13 +93,24 @@ MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims
   p.zxbc = zxbc.data_ptr(); p.zxbc_batch_stride = zxbc.stride(0); p.zxbc_row_stride = zxbc.stride(1);
   p.dt_low = dt_low.data_ptr(); p.dt_batch_stride = dt_low.stride(0); p.dt_row_stride = dt_low.stride(1);
   auto hold = [&](Tensor t) -> const float* { keep.push_back(t); return t.data_ptr<float>(); };
-  if (convert_params) {  // fp32 copies for the kernels that read const float* (v3 forward, backward)
-    p.conv_w = hold(f32c(conv_weight));
-    p.conv_b = conv_bias ? hold(f32c(*conv_bias)) : nullptr;
-    p.dt_w = hold(f32c(dt_w));
-    p.dt_b = hold(f32c(dt_b));
-    p.A_log = hold(f32c(A_log));
-    p.Dskip = hold(f32c(Dskip));
+  if (convert_params) {  // fp32 copies for the kernels that read const float* (v3 forward, backward), in one launch
+    ParamsF32Args conv{};
+    auto to_f32 = [&](const Tensor& t) -> const float* {
+      if (t.scalar_type() == at::kFloat && t.is_contiguous()) return hold(t);
+      Tensor c = t.contiguous(), out = at::empty(t.sizes(), t.options().dtype(at::kFloat));
+      keep.push_back(c);
+      conv.src[conv.count] = c.data_ptr(); conv.dtype[conv.count] = finalize_dtype(c);
+      conv.n[conv.count] = c.numel(); conv.dst[conv.count] = out.data_ptr<float>();
+      ++conv.count;
+      return hold(out);
+    };
+    p.conv_w = to_f32(conv_weight);
+    p.conv_b = conv_bias ? to_f32(*conv_bias) : nullptr;
+    p.dt_w = to_f32(dt_w);
+    p.dt_b = to_f32(dt_b);
+    p.A_log = to_f32(A_log);
+    p.Dskip = to_f32(Dskip);
+    launch_params_to_f32(conv, c10::cuda::getCurrentCUDAStream().stream());
   }
   auto raw = [&](const Tensor& t) -> ParamRef {  // own dtype when the kernel can read it, else fp32
     const auto st = t.scalar_type();

@@ -218,6 +218,17 @@ struct FinalizeArgs {
 };
 template <typename T>
 void launch_mixer_scan_finalize(const FinalizeArgs& a, void* stream);
+// The parameters the backward kernels read as fp32, converted in one launch (mixer_scan_params.cu, session 22):
+// segment i converts n[i] contiguous elements of src[i] (dtype code FinalizeArgs::DType) into dst[i].
+struct ParamsF32Args {
+  static constexpr int kMax = 6;
+  int count;
+  const void* src[kMax];
+  int dtype[kMax];
+  int64_t n[kMax];
+  float* dst[kMax];
+};
+void launch_params_to_f32(const ParamsF32Args& a, void* stream);
 template <typename T, int K>
 void launch_mixer_scan_bwd(const MixerScanParams& p, void* stream);
 template <typename T>
