@@ -29,12 +29,12 @@ namespace {
 
 constexpr int kThreadsPerBlock = 256;
 
-// v converted to the output's dtype (FinalizeArgs::DType) and stored at base[i].
+// v converted to the output's dtype (a ParamDType) and stored at base[i].
 __device__ __forceinline__ void store_as(void* base, int64_t i, int dtype, float v) {
   switch (dtype) {
-    case FinalizeArgs::kF32: static_cast<float*>(base)[i] = v; break;
-    case FinalizeArgs::kF64: static_cast<double*>(base)[i] = static_cast<double>(v); break;
-    case FinalizeArgs::kBF16: static_cast<__nv_bfloat16*>(base)[i] = scan::from_f<__nv_bfloat16>(v); break;
+    case kParamF32: static_cast<float*>(base)[i] = v; break;
+    case kParamF64: static_cast<double*>(base)[i] = static_cast<double>(v); break;
+    case kParamBF16: static_cast<__nv_bfloat16*>(base)[i] = scan::from_f<__nv_bfloat16>(v); break;
     default: static_cast<__half*>(base)[i] = scan::from_f<__half>(v); break;
   }
 }
@@ -43,7 +43,7 @@ template <typename T>
 __device__ void rows_job(const FinalizeArgs& a, int64_t block) {
   const int lane = threadIdx.x % 32, quad = lane % 4;
   const int64_t row = block * (kThreadsPerBlock / 32) + threadIdx.x / 32;
-  if (row >= a.rows) return;
+  if (row >= a.batch * a.seqlen) return;
   const float* __restrict__ src = a.ddt_low_part + row * a.nblk * 16 + 4 * quad;
   float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 8  // (the loads of 8 partials in flight per lane: the job is bound by reading the partials)
@@ -124,19 +124,20 @@ __device__ void channels_job(const FinalizeArgs& a, int64_t block) {
 template <typename T>
 __device__ void halo_job(const FinalizeArgs& a, int64_t block) {
   const int64_t i = block * kThreadsPerBlock + threadIdx.x;  // (b, segment s < S-1, k < hw, x) row-major
-  const int64_t n = (int64_t)a.batch * (a.segments - 1) * a.hw * a.X;
+  const int hw = a.W - 1;
+  const int64_t n = (int64_t)a.batch * (a.segments - 1) * hw * a.X;
   if (i >= n) return;
   const int x = static_cast<int>(i % a.X);
   const int64_t rest = i / a.X;
-  const int k = static_cast<int>(rest % a.hw);
-  const int64_t bs_ = rest / a.hw, b = bs_ / (a.segments - 1), s = bs_ - b * (a.segments - 1);
+  const int k = static_cast<int>(rest % hw);
+  const int64_t bs_ = rest / hw, b = bs_ / (a.segments - 1), s = bs_ - b * (a.segments - 1);
   // the next segment's initial-conv-state gradient rows (its share of these tokens), summed over the group's heads
-  const float* dic = a.dic_part + ((b * a.segments + s + 1) * a.D + (int64_t)(x / 16) * a.r * 16 + x % 16) * a.hw + k;
+  const float* dic = a.dic_part + ((b * a.segments + s + 1) * a.D + (int64_t)(x / 16) * a.r * 16 + x % 16) * hw + k;
   float v = 0.f;
-  for (int j = 0; j < a.r; ++j) v += dic[(int64_t)16 * j * a.hw];
+  for (int j = 0; j < a.r; ++j) v += dic[(int64_t)16 * j * hw];
   if (a.dx_edge != nullptr) {  // fused group sums: the kernel's edge row + the halo, straight into dzxbc
-    v = a.dx_edge[((b * a.segments + s) * a.hw + k) * a.X + x] + v;
-    const int64_t t = (s + 1) * a.seg_len - a.hw + k;
+    v = a.dx_edge[((b * a.segments + s) * hw + k) * a.X + x] + v;
+    const int64_t t = (s + 1) * a.seg_len - hw + k;
     static_cast<T*>(a.dzxbc)[(b * a.seqlen + t) * (2 * (int64_t)a.D + 2 * a.X) + a.D + x] = scan::from_f<T>(v);
   } else {  // group parts: (b, S-1, hw, X) for the head-sum kernel
     a.x_halo[i] = v;
@@ -160,10 +161,10 @@ int64_t cdiv(int64_t n, int64_t d) { return (n + d - 1) / d; }
 
 template <typename T>
 void launch_mixer_scan_finalize(const FinalizeArgs& a, void* stream) {
-  const int64_t rows_blocks = a.ddt_low_part != nullptr ? cdiv(a.rows, kThreadsPerBlock / 32) : 0;
+  const int64_t rows_blocks = a.ddt_low_part != nullptr ? cdiv(a.batch * a.seqlen, kThreadsPerBlock / 32) : 0;
   const int64_t channel_blocks = cdiv(a.D, kThreadsPerBlock);  // (D >= X: one thread per channel covers both)
   const int64_t halo_blocks =
-      a.segments > 1 ? cdiv((int64_t)a.batch * (a.segments - 1) * a.hw * a.X, kThreadsPerBlock) : 0;
+      a.segments > 1 ? cdiv((int64_t)a.batch * (a.segments - 1) * (a.W - 1) * a.X, kThreadsPerBlock) : 0;
   const int64_t blocks = rows_blocks + channel_blocks + halo_blocks;
   if (blocks == 0) return;
   mixer_scan_finalize_kernel<T><<<(unsigned)blocks, kThreadsPerBlock, 0, static_cast<cudaStream_t>(stream)>>>(

@@ -48,12 +48,7 @@ using ::apriel::lg2_ftz;
 using scan::kN;
 using scan::to_f;
 
-// A layer parameter in its own dtype (0 fp32, 1 bf16, 2 fp16): read once per block, so the branch is free.
-__device__ __forceinline__ float ld_param(const ParamRef& r, int64_t i) {
-  if (r.dtype == 1) return __bfloat162float(static_cast<const __nv_bfloat16*>(r.ptr)[i]);
-  if (r.dtype == 2) return __half2float(static_cast<const __half*>(r.ptr)[i]);
-  return static_cast<const float*>(r.ptr)[i];
-}
+using scan::ld_param;
 
 // kVec = 16 / sizeof(T) elements at src (16-byte aligned) -> fp32 at dst (16-byte aligned).
 template <typename T>

@@ -3,8 +3,8 @@
 //
 // Why: the backward kernels take const float* parameters; torch's .to(float) made one conversion kernel per
 // parameter that is not already fp32 (4 launches per backward with bf16 parameters, ~3.5 us each on the H100).
-// Shape contract: ParamsF32Args (scan_params.h): segment i converts n[i] contiguous elements of src[i] (dtype code
-// FinalizeArgs::DType) into dst[i]; blockIdx.y = segment, a grid-stride loop over its elements.
+// Shape contract: ParamsF32Args (scan_params.h): segment i converts n[i] contiguous elements of src[i] (a ParamDType)
+// into dst[i]; blockIdx.y = segment, a grid-stride loop over its elements.
 #include "../common/cuda_check.h"
 #include "scan_common.cuh"
 
@@ -18,19 +18,11 @@ constexpr int kThreadsPerBlock = 256;
 __global__ void __launch_bounds__(kThreadsPerBlock) mixer_scan_params_f32_kernel(ParamsF32Args a) {
   const int i = blockIdx.y;
   const int64_t n = a.n[i];
-  const void* src = a.src[i];
+  const ParamRef src{a.src[i], a.dtype[i]};
   float* dst = a.dst[i];
   for (int64_t e = (int64_t)blockIdx.x * kThreadsPerBlock + threadIdx.x; e < n;
-       e += (int64_t)gridDim.x * kThreadsPerBlock) {
-    float v;
-    switch (a.dtype[i]) {
-      case FinalizeArgs::kF32: v = static_cast<const float*>(src)[e]; break;
-      case FinalizeArgs::kF64: v = static_cast<float>(static_cast<const double*>(src)[e]); break;
-      case FinalizeArgs::kBF16: v = scan::to_f(static_cast<const __nv_bfloat16*>(src)[e]); break;
-      default: v = scan::to_f(static_cast<const __half*>(src)[e]); break;
-    }
-    dst[e] = v;
-  }
+       e += (int64_t)gridDim.x * kThreadsPerBlock)
+    dst[e] = src.dtype == kParamF64 ? static_cast<float>(static_cast<const double*>(src.ptr)[e]) : scan::ld_param(src, e);
 }
 
 }  // namespace

@@ -26,16 +26,16 @@ using at::Tensor;
 using OptT = std::optional<Tensor>;
 
 Tensor f32c(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
-// An output's dtype as the finalize kernel's store code (FinalizeArgs::DType).
-int finalize_dtype(const Tensor& t) {
+// A parameter's (or its gradient's) dtype as the kernels' code (ParamDType).
+int param_dtype(const Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return FinalizeArgs::kF32;
-    case at::kDouble: return FinalizeArgs::kF64;
-    case at::kBFloat16: return FinalizeArgs::kBF16;
-    case at::kHalf: return FinalizeArgs::kF16;
-    default: TORCH_CHECK(false, "mixer_scan_bwd: parameter gradients in ", t.scalar_type(), " are not supported");
+    case at::kFloat: return kParamF32;
+    case at::kDouble: return kParamF64;
+    case at::kBFloat16: return kParamBF16;
+    case at::kHalf: return kParamF16;
+    default: TORCH_CHECK(false, "mixer scan parameters in ", t.scalar_type(), " are not supported");
   }
-  return 0;
+  return kParamF32;
 }
 
 struct Dims {
@@ -93,15 +93,19 @@ MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims
   p.zxbc = zxbc.data_ptr(); p.zxbc_batch_stride = zxbc.stride(0); p.zxbc_row_stride = zxbc.stride(1);
   p.dt_low = dt_low.data_ptr(); p.dt_batch_stride = dt_low.stride(0); p.dt_row_stride = dt_low.stride(1);
   auto hold = [&](Tensor t) -> const float* { keep.push_back(t); return t.data_ptr<float>(); };
+  // the fp32 copies made below (convert_params), which raw() reuses for fp64 parameters instead of converting again
+  struct Fp32Copy { const c10::TensorImpl* param; const float* f32; };
+  std::vector<Fp32Copy> as_fp32;
   if (convert_params) {  // fp32 copies for the kernels that read const float* (v3 forward, backward), in one launch
     ParamsF32Args conv{};
     auto to_f32 = [&](const Tensor& t) -> const float* {
       if (t.scalar_type() == at::kFloat && t.is_contiguous()) return hold(t);
       Tensor c = t.contiguous(), out = at::empty(t.sizes(), t.options().dtype(at::kFloat));
       keep.push_back(c);
-      conv.src[conv.count] = c.data_ptr(); conv.dtype[conv.count] = finalize_dtype(c);
+      conv.src[conv.count] = c.data_ptr(); conv.dtype[conv.count] = param_dtype(c);
       conv.n[conv.count] = c.numel(); conv.dst[conv.count] = out.data_ptr<float>();
       ++conv.count;
+      as_fp32.push_back({t.unsafeGetTensorImpl(), out.data_ptr<float>()});
       return hold(out);
     };
     p.conv_w = to_f32(conv_weight);
@@ -114,10 +118,12 @@ MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims
   }
   auto raw = [&](const Tensor& t) -> ParamRef {  // own dtype when the kernel can read it, else fp32
     const auto st = t.scalar_type();
+    if (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf)  // fp64: the fp32 copy made above, if any
+      for (const Fp32Copy& f : as_fp32)
+        if (f.param == t.unsafeGetTensorImpl()) return ParamRef{f.f32, kParamF32};
     Tensor c = (st == at::kFloat || st == at::kBFloat16 || st == at::kHalf) ? t.contiguous() : f32c(t);
     keep.push_back(c);
-    const auto cs = c.scalar_type();
-    return ParamRef{c.data_ptr(), cs == at::kBFloat16 ? 1 : cs == at::kHalf ? 2 : 0};
+    return ParamRef{c.data_ptr(), param_dtype(c)};
   };
   p.conv_w_raw = raw(conv_weight);
   if (conv_bias) p.conv_b_raw = raw(*conv_bias);
@@ -566,19 +572,19 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
     FinalizeArgs a{};
     a.batch = d.b; a.seqlen = d.L;
     a.D = static_cast<int>(d.D); a.X = static_cast<int>(d.X); a.r = static_cast<int>(d.r);
-    a.W = static_cast<int>(d.W); a.hw = static_cast<int>(hw); a.R = static_cast<int>(d.R);
+    a.W = static_cast<int>(d.W); a.R = static_cast<int>(d.R);
     a.repeat = repeat; a.bs = static_cast<int>(bs);
     if (v7) {
-      a.ddt_low_part = ddt_low_part.data_ptr<float>(); a.rows = d.b * d.L; a.nblk = static_cast<int>(nblk);
+      a.ddt_low_part = ddt_low_part.data_ptr<float>(); a.nblk = static_cast<int>(nblk);
       a.ddt_low = ddt_low.data_ptr();
-      a.dw_part = ddt_w_part.data_ptr<float>(); a.dw = ddt_w.data_ptr(); a.dw_dtype = finalize_dtype(ddt_w);
-      a.db_part = ddt_b_part.data_ptr<float>(); a.db = ddt_b.data_ptr(); a.db_dtype = finalize_dtype(ddt_b);
+      a.dw_part = ddt_w_part.data_ptr<float>(); a.dw = ddt_w.data_ptr(); a.dw_dtype = param_dtype(ddt_w);
+      a.db_part = ddt_b_part.data_ptr<float>(); a.db = ddt_b.data_ptr(); a.db_dtype = param_dtype(ddt_b);
     }
-    a.dA_part = dAlog_part.data_ptr<float>(); a.dA = dA.data_ptr(); a.dA_dtype = finalize_dtype(dA);
-    a.dD_part = dD_part.data_ptr<float>(); a.dD = dDo.data_ptr(); a.dD_dtype = finalize_dtype(dDo);
-    a.dcw_part = dcw_part.data_ptr<float>(); a.dcw = dcw.data_ptr(); a.dcw_dtype = finalize_dtype(dcw);
+    a.dA_part = dAlog_part.data_ptr<float>(); a.dA = dA.data_ptr(); a.dA_dtype = param_dtype(dA);
+    a.dD_part = dD_part.data_ptr<float>(); a.dD = dDo.data_ptr(); a.dD_dtype = param_dtype(dDo);
+    a.dcw_part = dcw_part.data_ptr<float>(); a.dcw = dcw.data_ptr(); a.dcw_dtype = param_dtype(dcw);
     a.dcb_part = dcb_part.data_ptr<float>();
-    if (dcb.defined()) { a.dcb = dcb.data_ptr(); a.dcb_dtype = finalize_dtype(dcb); }
+    if (dcb.defined()) { a.dcb = dcb.data_ptr(); a.dcb_dtype = param_dtype(dcb); }
     a.segments = static_cast<int>(S); a.seg_len = seg_len;
     if (S > 1) {
       a.dic_part = dic_part.data_ptr<float>();

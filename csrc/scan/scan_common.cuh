@@ -27,6 +27,13 @@ using ::apriel::sigmoid_fast;
 using ::apriel::softplus_fast;
 using ::apriel::to_f;
 
+// A layer parameter in its own dtype (fp32 / bf16 / fp16: ParamDType): read once per block, so the branch is free.
+__device__ __forceinline__ float ld_param(const ParamRef& r, int64_t i) {
+  if (r.dtype == kParamBF16) return __bfloat162float(static_cast<const __nv_bfloat16*>(r.ptr)[i]);
+  if (r.dtype == kParamF16) return __half2float(static_cast<const __half*>(r.ptr)[i]);
+  return static_cast<const float*>(r.ptr)[i];
+}
+
 // The staged tile (fp32). Rows of x / seq: position t0 - kHalo + i.
 struct Tile {
   alignas(16) float x[kChunk + kHalo][kN];

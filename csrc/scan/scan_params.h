@@ -6,10 +6,13 @@
 
 namespace apriel {
 
-// A small tensor read in its own dtype: 0 = fp32, 1 = bf16, 2 = fp16 (contiguous).
+// The dtype of a small parameter tensor as the kernels see it (ParamRef, the backward's fp32 conversion and its
+// gradient stores). The kernels that read ParamRef see fp32 / bf16 / fp16 only: the host converts fp64 first.
+enum ParamDType : int { kParamF32 = 0, kParamBF16 = 1, kParamF16 = 2, kParamF64 = 3 };
+// A small tensor read in its own dtype (contiguous).
 struct ParamRef {
   const void* ptr = nullptr;
-  int dtype = 0;
+  int dtype = kParamF32;
 };
 
 struct MixerScanParams {
@@ -189,24 +192,22 @@ void launch_mixer_scan_head_sum(const HeadSumArgs& a, void* stream);
 // Backward epilogue (mixer_scan_finalize.cu, session 22): the parameter gradients' fp32 partial rows summed in a fixed
 // order and stored in each output's dtype, and a sequence split's halo rows; one launch before the head-sum kernel.
 struct FinalizeArgs {
-  enum DType { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3 };
   int64_t batch, seqlen;
-  int D, X, r, W, hw, R;
+  int D, X, r, W, R;
   bool repeat;               // conv per D channel (else per X channel: the conv gradients also sum a group's r heads)
   int bs;                    // partial rows per parameter: batch x segments
-  // d(dt_low) (v7; nullptr: none): rows = batch x seqlen of nblk partials of 16 -> ddt_low (rows, R) in T
+  // d(dt_low) (v7; nullptr: none): batch x seqlen rows of nblk partials of 16 -> ddt_low (batch, seqlen, R) in T
   const float* ddt_low_part;
-  int64_t rows;
   int nblk;
   void* ddt_low;
-  // per channel, each part (bs, D, ...) fp32 -> the output (in *_dtype)
+  // per channel, each part (bs, D, ...) fp32 -> the output (in *_dtype, a ParamDType)
   const float* dA_part; void* dA; int dA_dtype;       // (bs, D, 16) -> (D, 16)
   const float* dD_part; void* dD; int dD_dtype;       // (bs, D) -> (D)
   const float* dw_part; void* dw; int dw_dtype;       // (bs, D, 16) -> (D, R); nullptr: none (v4: a GEMM)
   const float* db_part; void* db; int db_dtype;       // (bs, D) -> (D), times 2 (the double bias)
   const float* dcw_part; void* dcw; int dcw_dtype;    // (bs, D, W) -> (C, W), C = D if repeat else X
   const float* dcb_part; void* dcb; int dcb_dtype;    // (bs, D) -> (C); dcb nullptr: no conv bias
-  // sequence split (segments > 1): the halo of each non-last segment's last hw x rows from the next segment's
+  // sequence split (segments > 1): the halo of each non-last segment's last hw = W - 1 x rows from the next segment's
   // dic_part rows (bs, D, hw) summed over the group's r heads; with dx_edge (bs, hw, X) (fused group sums) added to
   // it and stored into dzxbc (b, L, 2D + 2X) in T, else into x_halo (b, segments-1, hw, X) fp32
   int segments;
@@ -219,7 +220,7 @@ struct FinalizeArgs {
 template <typename T>
 void launch_mixer_scan_finalize(const FinalizeArgs& a, void* stream);
 // The parameters the backward kernels read as fp32, converted in one launch (mixer_scan_params.cu, session 22):
-// segment i converts n[i] contiguous elements of src[i] (dtype code FinalizeArgs::DType) into dst[i].
+// segment i converts n[i] contiguous elements of src[i] (a ParamDType) into dst[i].
 struct ParamsF32Args {
   static constexpr int kMax = 6;
   int count;
