@@ -1099,10 +1099,10 @@ BWD7_SPLIT_CASES = [
     (2, 300, 96, 16, True, 4, 16, 3, "init"),  # 6 heads per group (blocks of 4 and 2): the split with kSpan
     (1, 300, 192, 32, False, 3, 16, 4, "init"),  # 6 per group, two groups (4, 2 + 2, 4 heads), 4 segments
     (2, 300, 128, 64, True, 4, 16, 3, "init"),  # 2 per group, fused group sums: the segments' dx_edge rows
-    # 3 per group, 4 groups: groups 0 / 3 whole in a block (dx_edge, dfinal_conv in the kernel), 1 / 2 in parts (x_halo,
-    # the head-sum kernel); L 65 in 3 segments: the final conv state's gradient lands in segment 1's edge rows
+    # 3 per group, 4 groups (blocks of 3 + 1, 2 + 2, 1 + 3 heads: parts, x_halo, the head-sum kernel); L 65 in 3
+    # segments: the final conv state's gradient lands in segment 1's edge rows
     (2, 65, 192, 64, True, 4, 16, 3, "init"),
-    (1, 300, 96, 32, False, 2, 16, 4, "init"),  # 3 per group, 2 groups (the first whole), width 2, 4 segments
+    (1, 300, 96, 32, False, 2, 16, 4, "init"),  # 3 per group, 2 groups, width 2, 4 segments
 ]
 
 
@@ -1125,35 +1125,6 @@ def test_backward_v7_sequence_split(case, dtype, monkeypatch):
     _check_grads_repeatable(args, kw, weights)
 
 
-# Session 23: the v7 backward sums a group's dB / d(conv input) in the kernel wherever all its heads lie in one block
-# (scan_params.h: mixer_scan_bwd7_group_whole) - every group at 2 heads per group (also when 4 does not divide the head
-# count), groups 4k and 4k + 3 at 3 - and only the other groups leave in parts for the head-sum kernel.
-WHOLE_GROUP_CASES = [
-    # (batch, seqlen, d_inner, d_xb, repeat, segments, head-sum kernel expected)
-    (2, 150, 96, 48, False, "3", False),  # 2 per group, 6 heads: blocks of 4 and 2 heads, every group whole
-    (3, 100, 192, 64, True, "2", True),  # 3 per group: groups 0 / 3 whole, 1 / 2 in parts
-    (2, 300, 48, 16, False, "1", False),  # 3 per group, one group: one block of 3 heads, whole
-    (2, 300, 80, 16, True, "2", True),  # 5 per group: never whole
-]
-
-
-@gpu
-@needs_kernel
-@pytest.mark.parametrize("case", WHOLE_GROUP_CASES, ids=lambda c: f"b{c[0]}-L{c[1]}-D{c[2]}-X{c[3]}-S{c[5]}")
-def test_backward_v7_whole_groups_summed_in_kernel(case, monkeypatch):
-    """The head-sum kernel runs only where some group spans blocks; every gradient matches float64 (the poisoned
-    allocator catches a group that neither the kernel nor the head-sum kernel wrote) and is bitwise repeatable."""
-    b, L, D_, X, repeat, segments, head_sum = case
-    _force_bwd_v7(monkeypatch, segments)
-    args, kw = make_inputs(b, L, D_, X, dtype=torch.bfloat16, device="cuda", repeat=repeat, dt_rank=16,
-                           initial_states=True, seed=37)
-    weights = _loss_weights(args, kw, torch.bfloat16, seed=7)
-    names = _cuda_kernels_run(lambda: _grads(args, kw, None, weights))
-    assert any("mixer_scan_bwd7_kernel" in n for n in names), names
-    assert any("mixer_scan_head_sum_kernel" in n for n in names) == head_sum, names
-    _check_grads_repeatable(args, kw, weights)
-
-
 # The backward's prologue and epilogue (session 22): one kernel converts the parameters to fp32
 # (mixer_scan_params.cu), one sums the parameter gradients' fp32 partial rows (and a split's halo rows) and stores each
 # gradient in its parameter's dtype (mixer_scan_finalize.cu). Parameters in mixed dtypes must get exactly the float32
@@ -1162,7 +1133,7 @@ def test_backward_v7_whole_groups_summed_in_kernel(case, monkeypatch):
 FINALIZE_CASES = [
     # (batch, seqlen, d_inner, d_xb, repeat, backward, segments)
     (1, 300, 256, 64, False, "v7", 3),  # fused group sums: halo rows into dzxbc; conv sums over a group's heads
-    (2, 300, 96, 32, True, "v7", 2),  # 3 heads per group: group 0 whole (halo rows into dzxbc), group 1 in parts
+    (2, 300, 96, 32, True, "v7", 2),  # 3 heads per group: group parts, the halo rows to the head-sum kernel
     (2, 130, 64, 16, False, "v4", 1),  # v4: dt_proj's gradients by GEMMs, the rest by the epilogue kernel
 ]
 PARAM_DTYPES = dict(conv_weight=torch.float16, conv_bias=torch.float64, dt_proj_weight=torch.float32,

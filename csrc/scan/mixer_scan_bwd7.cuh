@@ -27,11 +27,10 @@
 //   - dt_proj gradients in the kernel (p.ddt_low_part): d(dt_low) of each block's 64 channels by mma (the host sums
 //     the d_inner / 64 blocks), d W_dt by mma over the tokens (split tf32: near fp32), sum_t d(dt_pre) per channel:
 //     no fp32 (b, L, D) d(dt_pre) buffer and no GEMMs over it;
-//   - a group whose heads all lie in the block (every group at 4 or 2 heads per group, half of them at 3;
-//     mixer_scan_bwd7_group_whole): the block sums its heads' d(conv input) and dB and writes dzxbc's x / B slices
-//     (adding dfinal_conv): no fp32 partial buffers, no head-sum kernel for it; the others (session 21) as one fp32
-//     part per (block, group): the sums of the block's heads of that group, which the head-sum kernel adds over the
-//     group's blocks (v4 writes one part per head).
+//   - heads_per_group == 4 (the block holds the whole x / B group, p.bwd_fused_sums): the block sums its heads'
+//     d(conv input) and dB and writes dzxbc's x / B slices (adding dfinal_conv): no fp32 partial buffers, no
+//     head-sum kernel; else (session 21) one fp32 part per (block, group): the sums of the block's heads of that
+//     group, which the head-sum kernel adds over the group's blocks (v4 writes one part per head).
 // Precision: du and dys enter the mmas rounded to tf32 (round to nearest), G / q / h are truncated to tf32 inside
 // the state-sum mmas; the recurrences (h, carry) and every accumulation stay fp32.
 // Latency (session 8): the recompute and the reverse issue each token's front - its operands, the dBu mmas and the
@@ -283,8 +282,7 @@ __device__ __forceinline__ void stage_span(const MixerScanParams& p, SpanSlot<T>
 // per group: 5 of 8 warps busy), which lost to v4 at 1, 2 and 5 heads per group. Warps without a head stage, convert
 // and take part in the block sums (their d(dt_low) rows are not read), alias the block's first head for their
 // constants and skip pass A, pass B's per-warp work and every store. The group sums of dB / d(conv input) stay in the
-// kernel for the groups whose heads all lie in the block (2 heads per group: all; 3: groups 4k and 4k + 3, session
-// 23), the other groups' sums leave as parts.
+// kernel (fused) only at 2 heads per group when 4 divides the head count: each block then holds two whole groups.
 template <typename T, bool kTma, bool kSeq = false, bool kSpan = false>
 __global__ void __launch_bounds__(kThreads, 2)
     mixer_scan_bwd7_kernel(MixerScanParams p, const __grid_constant__ tma::ScanBwdMaps maps) {
@@ -402,6 +400,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool b4 = (lane >> 4) & 1, b3 = (lane >> 3) & 1, b2 = (lane >> 2) & 1;
   const int red_slot = 16 * b4 + 8 * b3 + 2 * q + b2;
   const bool diag = q == (g >> 1), godd = g & 1;
+  // (the host fuses at 4 heads per group, and with kSpan at 2 when 4 divides the head count: whole groups per block)
+  const bool fused = !kSpan || p.bwd_fused_sums;  // (launch: without kSpan, 4 heads per group)
   T* dzx = static_cast<T*>(p.dzxbc) + (int64_t)b * L * rowZ;
   // The group sums of dB (hx 0: red) or d(conv input) (hx 1: dxs) over warps w0 .. w1 - 1 in order (deterministic):
   // token tl, channel / state pair pr. Both the fused sums and the group parts use it.
@@ -537,28 +537,6 @@ __global__ void __launch_bounds__(kThreads, 2)
     uint64_t starts = 0;
     if constexpr (kSeq) starts = doc_starts(doc_ids, lane);
     auto tap_bits = [&](int row) { return (unsigned)(starts >> row) & 7u; };  // bit k = a start at row row + k
-    // A whole group's sums (token tg, channel / state pair pr of group gs; hx 0: dB, 1: d(conv input)) into dzxbc's
-    // B / x slices. dfinal_conv enters at the last width-1 positions (x inputs of the final state). kSeq: the final
-    // conv state holds the last document's inputs only: no start in rows tg - t0 + 4 .. L - 1 - t0 + 3 (at most 2
-    // rows, all <= 37). (tg < L: rows past the end read nothing - session 13's memcheck without the caching allocator
-    // found the reads past dfinal_conv that this bound used to allow.) A segment's last hw x rows lack the next
-    // segment's halo contribution: fp32 to dx_edge (the finalize kernel adds both).
-    auto store_group_sums = [&](int hx, int pr, int tg, int gs, float s0, float s1) {
-      if (hx == 1 && p.dfinal_conv != nullptr && tg >= L - hw && tg < L &&
-          (!kSeq || no_start(starts, tg - t0 + 4, L - 1 - tg))) {
-        const float* dfc = p.dfinal_conv + ((int64_t)b * p.d_xb + gs * kN + 2 * pr) * hw + (tg - (L - hw));
-        s0 += dfc[0];
-        s1 += dfc[hw];
-      }
-      const int seg_end = min(L, (tile_last + 1) * kChunk), edge = tg - (seg_end - hw);
-      if (hx == 1 && seg < S - 1 && edge >= 0) {
-        *reinterpret_cast<float2*>(p.dx_edge + ((int64_t)vb * hw + edge) * p.d_xb + gs * kN + 2 * pr) =
-            make_float2(s0, s1);
-      } else if (tg < L) {
-        *reinterpret_cast<unsigned*>(dzx + (int64_t)tg * rowZ + D + (hx == 0 ? p.d_xb : 0) + gs * kN + 2 * pr) =
-            M::pack(s0, s1);
-      }
-    };
 
     // Prep of sub-chunk j (tile tokens 8j .. 8j + 7): lane (g, q) = token 8j + g, channels 4q .. 4q + 3.
     // kFull: also the reverse / epilogue items and the C operand table; else (delta, du) only (pass A).
@@ -989,38 +967,60 @@ __global__ void __launch_bounds__(kThreads, 2)
             *reinterpret_cast<uint4*>(dzx + (row0 - (int64_t)b * L + tl) * rowZ + D + 2 * p.d_xb + c0 + 8 * hf) =
                 make_uint4(M::pack(lo.x, lo.y), M::pack(lo.z, lo.w), M::pack(hi.x, hi.y), M::pack(hi.z, hi.w));
         }
-        if constexpr (!kSpan) {
+        if (fused) {
           // The group's 4 heads are this block's 4 warps: sum their dB and d(conv input) (fixed order) and write
-          // dzxbc's B / x slices.
+          // dzxbc's B / x slices. dfinal_conv enters at the last width-1 positions (x inputs of the final state).
+          // kSpan (fused only at 2 heads per group with 4 heads in every block - the host's rule): the block holds
+          // two whole groups, warps 0-1 and 2-3, summed in turn.
           __syncthreads();
           const int hx = tid >> 6, i = tid & 63, tl = i >> 3, pr = i & 7, tg = t0 + kSub * j + tl;
-          float s0, s1;
-          warps_sum(hx, tl, pr, 0, kHeads, s0, s1);
-          store_group_sums(hx, pr, tg, group, s0, s1);
+          constexpr int kSlots = kSpan ? 2 : 1, kPerGroup = kHeads / kSlots;
+#pragma unroll
+          for (int sl = 0; sl < kSlots; ++sl) {
+            const int gs = group + sl;
+            float s0, s1;
+            warps_sum(hx, tl, pr, sl * kPerGroup, (sl + 1) * kPerGroup, s0, s1);
+            // kSeq: the final conv state holds the last document's inputs only: no start in rows tg - t0 + 4 .. L - 1 -
+            // t0 + 3 (at most 2 rows, all <= 37). (tg < L: rows past the end read nothing - session 13's memcheck
+            // without the caching allocator found the reads past dfinal_conv that this bound used to allow.)
+            if (hx == 1 && p.dfinal_conv != nullptr && tg >= L - hw && tg < L &&
+                (!kSeq || no_start(starts, tg - t0 + 4, L - 1 - tg))) {
+              const float* dfc = p.dfinal_conv + ((int64_t)b * p.d_xb + gs * kN + 2 * pr) * hw + (tg - (L - hw));
+              s0 += dfc[0];
+              s1 += dfc[hw];
+            }
+            // a segment's last hw x rows lack the next segment's halo contribution: fp32 to dx_edge (the host adds it)
+            const int seg_end = min(L, (tile_last + 1) * kChunk), edge = tg - (seg_end - hw);
+            if (hx == 1 && seg < S - 1 && edge >= 0) {
+              *reinterpret_cast<float2*>(p.dx_edge + ((int64_t)vb * hw + edge) * p.d_xb + gs * kN + 2 * pr) =
+                  make_float2(s0, s1);
+            } else if (tg < L) {
+              *reinterpret_cast<unsigned*>(dzx + (int64_t)tg * rowZ + D + (hx == 0 ? p.d_xb : 0) + gs * kN + 2 * pr) =
+                  M::pack(s0, s1);
+            }
+          }
         }
       }  // has_head
-      if constexpr (kSpan) {
-        // Per x / B group the block holds (warps [0, split) of `group`, [split, n_heads) of group1; none past
-        // n_heads): its heads' dB / d(conv input) summed in head order. A group whose heads all lie in this block
-        // (every group at 2 heads per group, half of them at 3: session 23) goes straight into dzxbc as above; else
-        // the sums are this block's part (session 21) at part blockIdx.x + group of dB_part / dx_part ((b, L,
-        // bwd_parts, 16) fp32): a group's parts are consecutive in its blocks' order, and the head-sum kernel adds them
-        // (deterministic) with dfinal_conv and a segment's halo rows. (Per head, r rows per group, was ~0.3 ms of
-        // traffic at b8 L4096 for r = 3, bench/results/s20.)
+      if (!fused) {
+        // Group parts (session 21): the block's heads of each x / B group it holds summed in head order (dB from red,
+        // d(conv input) from dxs) into part blockIdx.x + group of dB_part / dx_part ((b, L, bwd_parts, 16) fp32).
+        // A group's parts are consecutive and its blocks' order; the head-sum kernel adds them (deterministic) with
+        // dfinal_conv and a segment's halo rows. Was one fp32 row per head (r rows per group; ~0.3 ms of traffic
+        // at b8 L4096 for r = 3, bench/results/s20).
         __syncthreads();
         const int hx = tid >> 6, i = tid & 63, tl = i >> 3, pr = i & 7, tg = t0 + kSub * j + tl;
         float* dst = (hx == 0 ? p.dB_part : p.dx_part) + ((int64_t)b * L + tg) * p.bwd_parts * kN + 2 * pr;
-        const int split = min(n_heads, (group + 1) * p.heads_per_group - head0);
+        // warps [0, split) hold heads of `group`, [split, n_heads) of group1 (kSpan; none past n_heads)
+        const int split = kSpan ? min(n_heads, (group + 1) * p.heads_per_group - head0) : kHeads;
 #pragma unroll
-        for (int sl = 0; sl < 2; ++sl) {
-          const int w0 = sl == 0 ? 0 : split, w1 = sl == 0 ? split : n_heads, gs = sl == 0 ? group : group1;
+        for (int sl = 0; sl < (kSpan ? 2 : 1); ++sl) {
+          const int w0 = sl == 0 ? 0 : split, w1 = sl == 0 ? split : n_heads;
           if (w0 < w1) {  // (block-uniform)
             float s0, s1;
             warps_sum(hx, tl, pr, w0, w1, s0, s1);
-            if (mixer_scan_bwd7_group_whole(p.heads_per_group, gs))
-              store_group_sums(hx, pr, tg, gs, s0, s1);
-            else if (tg < L)
-              *reinterpret_cast<float2*>(dst + (int64_t)(blockIdx.x + gs) * kN) = make_float2(s0, s1);
+            if (tg < L)
+              *reinterpret_cast<float2*>(dst + (int64_t)(blockIdx.x + (sl == 0 ? group : group1)) * kN) =
+                  make_float2(s0, s1);
           }
         }
       }

@@ -13,9 +13,9 @@
 //   channels one thread per channel c < D: dA_log[c, :], dD[c], d W_dt[c, :R], d b_dt[c] (x 2: the double bias),
 //            and per conv channel (D, or X when the conv runs before the repeat: the group's r heads summed too)
 //            the conv weight / bias gradients; partial rows summed in row order;
-//   halo     (a split; groups the v7 kernel summed whole) dzxbc's x columns of each non-last segment's last width-1
-//            tokens = the kernel's dx_edge row + the next segment's dinit_conv rows summed over the group's r heads;
-//            (groups in parts) the same halo sums into x_halo (fp32) for the head-sum kernel, which runs after this.
+//   halo     (a split, fused group sums) dzxbc's x columns of each non-last segment's last width-1 tokens = the
+//            kernel's dx_edge row + the next segment's dinit_conv rows summed over the group's r heads; (group parts)
+//            the same halo sums into x_halo (fp32) for the head-sum kernel, which runs after this one.
 // Every sum runs in a fixed order: deterministic.
 //
 // Shape contract: FinalizeArgs (scan_params.h).
@@ -135,8 +135,7 @@ __device__ void halo_job(const FinalizeArgs& a, int64_t block) {
   const float* dic = a.dic_part + ((b * a.segments + s + 1) * a.D + (int64_t)(x / 16) * a.r * 16 + x % 16) * hw + k;
   float v = 0.f;
   for (int j = 0; j < a.r; ++j) v += dic[(int64_t)16 * j * hw];
-  // a group the v7 kernel summed whole: its edge row + the halo, straight into dzxbc
-  if (a.dx_edge != nullptr && (a.x_halo == nullptr || mixer_scan_bwd7_group_whole(a.r, x / 16))) {
+  if (a.dx_edge != nullptr) {  // fused group sums: the kernel's edge row + the halo, straight into dzxbc
     v = a.dx_edge[((b * a.segments + s) * hw + k) * a.X + x] + v;
     const int64_t t = (s + 1) * a.seg_len - hw + k;
     static_cast<T*>(a.dzxbc)[(b * a.seqlen + t) * (2 * (int64_t)a.D + 2 * a.X) + a.D + x] = scan::from_f<T>(v);

@@ -4,11 +4,10 @@
 // Why: the backward kernels that do not sum a whole group in one block write d(conv input) and dB in parts (dx_part,
 // dB_part: (b, L, parts, 16) fp32, deterministic: no atomics across the heads that share a group): v4 one part per
 // head (r per group), v7 one per (block, group) - the sums of the block's heads of that group (session 21; 1-3 parts
-// per group instead of r) - for the groups that span blocks (the kernel writes the others itself: session 23). Here
-// one thread reads a group's parts of 4 consecutive x channels of one token (16-byte loads) for dx and for dB, adds
-// them in part order (fixed: deterministic), adds the final conv state's gradient (the last width-1 tokens) and a
-// sequence split's halo (the next segment's contribution to a segment's last width-1 tokens) to dx, and stores 4
-// values into each slice.
+// per group instead of r). Here one thread reads a group's parts of 4 consecutive x channels of one token (16-byte
+// loads) for dx and for dB, adds them in part order (fixed: deterministic), adds the final conv state's gradient
+// (the last width-1 tokens) and a sequence split's halo (the next segment's contribution to a segment's last
+// width-1 tokens) to dx, and stores 4 values into each slice.
 //
 // Shape contract: see HeadSumArgs (scan_params.h); dzxbc (b, L, 2D + 2X) contiguous in T, x slice at column D, B slice
 // at D + X.
@@ -38,7 +37,6 @@ __global__ void __launch_bounds__(256) mixer_scan_head_sum_kernel(HeadSumArgs a)
   if (i >= a.batch * a.seqlen * quads) return;
   const int64_t row = i / quads;
   const int xq = (int)(i % quads) * 4, g = xq / 16, k = xq % 16;
-  if (a.group_offset && mixer_scan_bwd7_group_whole(a.r, g)) return;  // (v7: the kernel wrote the group itself)
   const int off = a.group_offset ? g : 0;
   const int first = g * a.r / a.heads_per_part + off, last = ((g + 1) * a.r - 1) / a.heads_per_part + off;
   const float* px = a.dx_part + (row * a.parts + first) * 16 + k;

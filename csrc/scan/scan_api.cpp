@@ -484,16 +484,15 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
     launch_fwd(q, st);
   }
   Tensor dzxbc = at::empty({d.b, d.L, 2 * d.D + 2 * d.X}, zxbc.options());
-  // Backward v7: a group whose heads lie in one block (every group at 4 or 2 heads per group, half of them at 3) has
-  // its d(conv input) / dB summed and written by that block (dfinal_conv added there); only the other groups leave the
-  // kernel in fp32 parts for the head-sum kernel (scan_params.h: mixer_scan_bwd7_group_whole).
+  // Backward v7 with whole groups in a block (4 heads per group; 2 when 4 divides the head count) sums d(conv input) /
+  // dB in the kernel (no fp32 (b, L, D) partial buffers, no head-sum kernel, dfinal_conv added by the kernel).
   Tensor dy_c = dy.to(st).contiguous();
   p.dy = dy_c.data_ptr();
   p.dy_vec16 = reinterpret_cast<uintptr_t>(p.dy) % 16 == 0 && (d.D * dy_c.element_size()) % 16 == 0;
   const int nseg = d.L > 0 && d.b > 0 ? bwd_v7_segments(p, st) : 0;
   const bool v7 = nseg > 0;
-  const bool fused = v7 && 4 % d.r == 0;     // every group whole: no parts, no head-sum kernel
-  const bool any_whole = v7 && d.r <= 4;     // (above 4 heads per group none is)
+  // (kSpan at 2 heads per group: every block holds two whole groups when 4 divides the head count)
+  const bool fused = v7 && (d.r == 4 || (d.r == 2 && (d.D / kN) % 4 == 0));
   p.bwd_fused_sums = fused;
   // Sequence split (v7 only): whole-sequence partials get one row per (b, segment).
   // (seg_tiles = ceil(n_chunks / S), then S = ceil(n_chunks / seg_tiles): no empty segment)
@@ -503,7 +502,7 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   p.seg_tiles = static_cast<int>(seg_tiles);
   Tensor seg_carry = S > 1 ? at::empty({d.b, S, 2, d.D, kN}, f32) : Tensor();
   const int64_t seg_len = static_cast<int64_t>(p.seg_tiles) * kChunk;
-  Tensor dx_edge = S > 1 && any_whole ? at::empty({bs, hw, d.X}, f32) : Tensor();
+  Tensor dx_edge = S > 1 && fused ? at::empty({bs, hw, d.X}, f32) : Tensor();
   // Without fused sums, d(conv input) / dB leave the kernel in parts (scan_params.h: bwd_parts): v7 one per (block,
   // group) at part block + group, v4 one per head.
   const int64_t G = d.X / kN;
@@ -526,7 +525,7 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   Tensor dfs = dfinal_ssm && dfinal_ssm->numel() ? f32c(*dfinal_ssm) : Tensor();
   Tensor dfc = dfinal_conv && dfinal_conv->numel() ? f32c(*dfinal_conv) : Tensor();
   if (d.L > 0 && d.b > 0) {
-    p.dfinal_conv = any_whole && dfc.defined() ? dfc.data_ptr<float>() : nullptr;
+    p.dfinal_conv = fused && dfc.defined() ? dfc.data_ptr<float>() : nullptr;
     {
       const char* bc = std::getenv("APRIEL_SCAN_BWD_BC");
       p.bwd_f32_bc = bc != nullptr && std::string(bc) == "f32";
@@ -545,7 +544,7 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
     p.dinit_ssm = dinit_ssm_seg.data_ptr<float>();
     if (S > 1) {
       p.seg_carry = seg_carry.data_ptr<float>();
-      p.dx_edge = any_whole ? dx_edge.data_ptr<float>() : nullptr;
+      p.dx_edge = fused ? dx_edge.data_ptr<float>() : nullptr;
     }
     launch_bwd(p, st, v7);
   } else {
@@ -566,8 +565,8 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
     ddt_b = at::empty({d.D}, dt_proj_bias.options());
   }
   // Sequence split: segment s >= 1's conv-state rows are its contribution to the d(conv input) of the hw tokens
-  // before it (segment s - 1's last hw tokens, which the kernel wrote without it: into dx_edge for the groups it sums
-  // whole - the finalize kernel adds both into dzxbc - else into its parts: the head-sum kernel adds x_halo).
+  // before it (segment s - 1's last hw tokens, which the kernel wrote without it: into dx_edge with fused sums - the
+  // finalize kernel adds both into dzxbc - else into its parts: the head-sum kernel adds x_halo).
   Tensor x_halo = S > 1 && !fused ? at::empty({d.b, S - 1, hw, d.X}, f32) : Tensor();
   {
     FinalizeArgs a{};
@@ -589,7 +588,7 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
     a.segments = static_cast<int>(S); a.seg_len = seg_len;
     if (S > 1) {
       a.dic_part = dic_part.data_ptr<float>();
-      a.dx_edge = any_whole ? dx_edge.data_ptr<float>() : nullptr;
+      a.dx_edge = fused ? dx_edge.data_ptr<float>() : nullptr;
       a.dzxbc = dzxbc.data_ptr();
       a.x_halo = fused ? nullptr : x_halo.data_ptr<float>();
     }
@@ -603,7 +602,7 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   if (init_conv)
     dic = dic_part.view({d.b, S, d.D, hw}).select(1, 0).view({d.b, G, d.r, kN, hw}).sum(2).view({d.b, d.X, hw});
   // Gradient of the final conv state: the last W-1 x inputs (of the last document), else the initial state. Without
-  // fused sums the x part goes to the head-sum kernel as dfc_rows (which reads the rows of the groups in parts).
+  // fused sums the x part goes to the head-sum kernel as dfc_rows.
   Tensor dfc_rows;  // (b, hw, X)
   if (dfc.defined()) {
     if (!fused) dfc_rows = at::zeros({d.b, hw, d.X}, f32);

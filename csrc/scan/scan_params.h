@@ -60,9 +60,9 @@ struct MixerScanParams {
   const float* ckpt_in;    // (b, n_chunks, D, 16)
   void* dzxbc;             // (b, L, 2D+2X) contiguous: the kernel writes the z and C slices
   // d(conv input) / dB of the x / B groups in parts, (b, L, bwd_parts, 16) fp32 each, summed by the head-sum kernel:
-  // v4 one part per head (bwd_parts = D / 16, head h at part h); v7 one per (block, group) for the groups that span
-  // blocks (mixer_scan_bwd7_group_whole false): the sums of the block's heads of that group, at part blockIdx.x +
-  // group (bwd_parts = blocks per row + X / 16 - 1; a group's parts are consecutive, in block order).
+  // v4 one part per head (bwd_parts = D / 16, head h at part h); v7 without fused sums one per (block, group):
+  // the sums of the block's heads of that group, at part blockIdx.x + group (bwd_parts = blocks per row + X / 16
+  // - 1; a group's parts are consecutive, in block order).
   float* dx_part;
   float* dB_part;
   int bwd_parts;
@@ -73,10 +73,9 @@ struct MixerScanParams {
   float* dconv_w_part;     // (b, D, width)
   float* dinit_conv_part;  // (b, D, width-1)
   float* dinit_ssm;        // (b, D, 16)
-  // Backward v7: a group whose heads all lie in one block (mixer_scan_bwd7_group_whole) has its heads' d(conv input)
-  // and dB summed by that block, which writes dzxbc's x / B slices itself, adding dfinal_conv (b, X, width-1) fp32 at
-  // the last width-1 positions (nullptr where no group is whole or no final-conv-state gradient is given).
-  // bwd_fused_sums: every group is whole (2 or 4 heads per group): no parts, no head-sum kernel.
+  // Backward v7 with one block per x / B group (heads_per_group == 4): the kernel sums the 4 heads' d(conv input)
+  // and dB itself and writes dzxbc's x / B slices (dx_part / dB_part unused), adding dfinal_conv (b, X, width-1)
+  // fp32 at the last width-1 positions.
   bool bwd_fused_sums;
   const float* dfinal_conv;
   // Backward v7: the dt_proj gradients in the kernel (ddt_pre unused): d(dt_low) summed over each block's 64
@@ -181,8 +180,7 @@ struct HeadSumArgs {
   int64_t batch, seqlen;
   int D, X, r, parts;
   int heads_per_part;     // group g's parts: [g r / hp + g off, ((g + 1) r - 1) / hp + g off] (hp = 1 or 4)
-  bool group_offset;      // off = 1 (v7: part = block + group; whole groups were written by the kernel: skipped
-                          // here), else 0 (v4: part = head)
+  bool group_offset;      // off = 1 (v7: part = block + group), else 0 (v4: part = head)
   const float* dfc_rows;  // (b, width-1, X) or nullptr: added to the x rows L-width+1 .. L-1
   int hw;                 // width - 1
   const float* x_halo;    // (b, segments-1, width-1, X) or nullptr: added to each non-last segment's last width-1 x rows
@@ -210,9 +208,8 @@ struct FinalizeArgs {
   const float* dcw_part; void* dcw; int dcw_dtype;    // (bs, D, W) -> (C, W), C = D if repeat else X
   const float* dcb_part; void* dcb; int dcb_dtype;    // (bs, D) -> (C); dcb nullptr: no conv bias
   // sequence split (segments > 1): the halo of each non-last segment's last hw = W - 1 x rows from the next segment's
-  // dic_part rows (bs, D, hw) summed over the group's r heads; for the groups the v7 kernel summed whole
-  // (mixer_scan_bwd7_group_whole; dx_edge != nullptr) added to its dx_edge (bs, hw, X) row and stored into dzxbc (b,
-  // L, 2D + 2X) in T, for the others (x_halo != nullptr: v7 parts, v4) into x_halo (b, segments-1, hw, X) fp32
+  // dic_part rows (bs, D, hw) summed over the group's r heads; with dx_edge (bs, hw, X) (fused group sums) added to
+  // it and stored into dzxbc (b, L, 2D + 2X) in T, else into x_halo (b, segments-1, hw, X) fp32
   int segments;
   int64_t seg_len;
   const float* dic_part;
@@ -249,13 +246,6 @@ inline bool mixer_scan_bwd7_supports(const MixerScanParams& p) {
 // The v7 backward's blocks per sequence (its grid's x): 4 consecutive heads each, across group boundaries when 4 does
 // not divide heads_per_group (kSpan, session 20; the last block may have fewer heads).
 inline int mixer_scan_bwd7_blocks_per_row(const MixerScanParams& p) { return (p.d_inner / 16 + 3) / 4; }
-// Whether x / B group `group`'s heads all lie in one v7 backward block (4 consecutive heads): then the block sums the
-// group's dB / d(conv input) and writes them into dzxbc; else each of its blocks writes a part for the head-sum
-// kernel. True for every group at 2 and 4 heads per group, for half of them at 3 (groups 4k and 4k + 3: session 23),
-// never above 4. The kernel, the head-sum kernel, the finalize kernel's halo job and the host all decide by it.
-APRIEL_SCAN_HD inline bool mixer_scan_bwd7_group_whole(int heads_per_group, int group) {
-  return group * heads_per_group / 4 == ((group + 1) * heads_per_group - 1) / 4;
-}
 // The v7 kernels with heads_per_group % 4 != 0 (forward: kPartial, session 19; backward: kSpan, session 20), called
 // by launch_mixer_scan_fwd7 / _bwd7 and instantiated in their own translation units (mixer_scan_fwd7p_*.cu,
 // mixer_scan_bwd7s_*.cu) so that no TU's compile time grows.
