@@ -238,25 +238,33 @@ def mixer_scan(
 VARLEN_MAX_DOCUMENTS = 2048  # csrc/scan/scan_params.h kVarlenMaxDocs: more documents per call never run varlen
 
 
-def varlen_plan(seq_idx: Tensor, d_inner: int, force: bool = False) -> dict:
+def varlen_plan(seq_idx: Tensor, d_inner: int, force: bool = False, d_xb: int | None = None) -> dict:
     """How a CUDA forward with these packed documents is scheduled (session 17, csrc/scan/mixer_scan_plan.cu).
 
     Where the dispatcher would run the batch-1-3 kernel with documents (16-bit activations, the v7 layout
-    applicable), a plan on the device lists the documents and picks the varlen v7 kernel - one block per (channel
-    group, document) - when its estimate beats the other kernel's; ``force`` picks it whenever the documents fit (as
-    APRIEL_SCAN_FWD=v7var does). seq_idx: (batch, seqlen) int32 on a CUDA device; a document starts at the first
-    token and wherever the id changes. Returns {"varlen": bool, "documents": (n, 3) int32 (sequence, first token,
-    end token) longest first - empty when varlen was not picked}.
+    applicable), a plan on the device lists the documents and picks the varlen v7 kernel - one block per (block
+    column, document), a column being 4 heads of one x / B group or, where 4 does not divide the heads per group, a
+    group's share of them (session 23) - when its estimate beats the other kernel's; ``force`` picks it whenever the
+    documents fit (as APRIEL_SCAN_FWD=v7var does). seq_idx: (batch, seqlen) int32 on a CUDA device; a document starts
+    at the first token and wherever the id changes. d_xb: the x / B width (default d_inner / 4). Returns {"varlen":
+    bool, "documents": (n, 3) int32 (sequence, first token, end token) longest first - empty when varlen was not
+    picked}.
     """
     V.check_tensor("seq_idx", seq_idx, (None, None), (torch.int32,))
     if seq_idx.shape[0] < 1 or seq_idx.shape[1] < 1:
         raise ValueError(f"seq_idx: expected (batch >= 1, seqlen >= 1), got shape {tuple(seq_idx.shape)}")
-    if d_inner < 64 or d_inner % 64:
-        raise ValueError(f"d_inner: expected a positive multiple of 64 (4 heads of 16 channels), got {d_inner}")
+    if d_xb is None:
+        d_xb = d_inner // 4
+    if d_xb < 16 or d_xb % 16:
+        raise ValueError(f"d_xb: expected a positive multiple of 16 (heads of 16 channels), got {d_xb}")
+    if d_inner < d_xb or d_inner % d_xb:
+        raise ValueError(f"d_inner: expected a positive multiple of d_xb ({d_xb}), got {d_inner}")
     if not seq_idx.is_cuda:
         raise ValueError(f"seq_idx: expected a CUDA tensor (the plan runs on the device), got {seq_idx.device}")
-    ws = cuda_kernel("mixer_scan_varlen_plan")(seq_idx, d_inner, force).cpu()
-    # the workspace: cap x (sequence, first, end, 0), count, skip, one counter per group of 4 heads (d_inner / 64)
-    cap = (ws.numel() - 2 - d_inner // 64) // 4
+    ws = cuda_kernel("mixer_scan_varlen_plan")(seq_idx, d_inner, d_xb, force).cpu()
+    # the workspace: cap x (sequence, first, end, 0), count, skip, one counter per block column of the v7 forward
+    # (ceil(heads per group / 4) per x / B group)
+    columns = (d_xb // 16) * -(-(d_inner // d_xb) // 4)
+    cap = (ws.numel() - 2 - columns) // 4
     count, skip = ws[4 * cap].item(), ws[4 * cap + 1].item()
     return {"varlen": bool(skip), "documents": ws[: 4 * cap].view(cap, 4)[:count, :3].clone()}

@@ -869,8 +869,10 @@ def test_varlen_plan_rejects_bad_input():
         varlen_plan(seq.long(), 256)
     with pytest.raises((TypeError, ValueError), match="seq_idx"):
         varlen_plan(seq[0], 256)
+    with pytest.raises(ValueError, match="d_xb"):
+        varlen_plan(seq, 96)  # d_xb 24 by default: not a multiple of 16
     with pytest.raises(ValueError, match="d_inner"):
-        varlen_plan(seq, 96)
+        varlen_plan(seq, 100, d_xb=32)
     with pytest.raises(ValueError, match="seq_idx: expected a CUDA tensor"):
         varlen_plan(seq, 256)
 
@@ -931,6 +933,12 @@ VARLEN_CASES = [
     (1, 3000, 4096, 1024, 4, 16, "init_packed", "random"),
     (1, 1200, 64, 16, 2, 8, "packed", "tokens"),  # 600 documents over 528 blocks
     (2, 300, 256, 64, 4, 16, "init_packed_blocks1", "v7"),  # one block per group takes every document in turn
+    # heads per group not a multiple of 4 (session 23: kPartial block columns, warps without a head)
+    (2, 300, 48, 16, 4, 16, "init_packed", "v7"),  # 3 per group, one group: a column of 3 heads
+    (1, 1000, 192, 64, 3, 16, "norep_packed", "random"),  # 3 per group, 4 groups
+    (2, 300, 80, 16, 4, 16, "init_packed_blocks1", "v7"),  # 5 per group: columns of 3 + 2 heads, one block each
+    (1, 1200, 112, 16, 2, 8, "packed", "tokens"),  # 7 per group (4 + 3), 600 documents
+    (1, 3000, 3072, 1024, 4, 16, "init_packed", "random"),  # Llama-3.2-3B's mixer (3 per group)
 ]
 
 
@@ -943,29 +951,33 @@ def test_forward_varlen_bitwise_equals_v7_documents(case, dtype, monkeypatch):
     cuts = _varlen_cuts(L, kind)
     if "blocks1" in extra:  # the staging barriers' phases and the parities run on across a block's documents
         monkeypatch.setenv("APRIEL_SCAN_VARLEN_BLOCKS", "1")
-    assert varlen_plan(packed_seq_idx(b, L, cuts, "cuda"), D_, force=True)["varlen"]  # v7var really runs varlen
+    assert varlen_plan(packed_seq_idx(b, L, cuts, "cuda"), D_, force=True, d_xb=X)["varlen"]  # v7var runs varlen
     _fwd_outputs_bitwise_equal((None, b, L, D_, X, width, rank, extra), dtype, ("v7", "v7var"), monkeypatch, cuts=cuts)
 
 
 @gpu
 @needs_kernel
-def test_forward_varlen_auto_parity_and_gradients(monkeypatch):
-    """Batch 1 with short documents: the default dispatch runs varlen (the plan says so); y and the final states
-    match float64, and the gradients (the backward reads varlen's checkpoints) equal those after the v7 forward
-    with documents bit for bit."""
+@pytest.mark.parametrize("dims", [(4096, 1024), (3072, 1024)], ids=["apriel", "llama3b-r3"])
+def test_forward_varlen_auto_parity_and_gradients(dims, monkeypatch):
+    """Batch 1 with short documents: the default dispatch runs varlen (the plan says so; with 3 heads per group too,
+    session 23); y and the final states match float64, and the gradients (the backward reads varlen's checkpoints)
+    equal those after the v7 forward with documents bit for bit."""
     b, L = 1, 2000
-    args, kw = make_inputs(b, L, 4096, 1024, dtype=torch.bfloat16, device="cuda", dt_rank=16, initial_states=True, seed=9)
+    D_, X = dims
+    args, kw = make_inputs(b, L, D_, X, dtype=torch.bfloat16, device="cuda", dt_rank=16, initial_states=True, seed=9)
     seq = packed_seq_idx(b, L, _varlen_cuts(L, "250"), "cuda")
-    assert varlen_plan(seq, 4096)["varlen"]
+    assert varlen_plan(seq, D_, d_xb=X)["varlen"]
+    names = _cuda_kernels_run(lambda: mixer_scan(**args, **kw, seq_idx=seq))
+    assert any("mixer_scan_fwd7_kernel" in n for n in names), names
     poison_allocator()
     y, ssm, conv = mixer_scan(**args, **kw, seq_idx=seq, return_final_states=True)
     ref64 = ref_mixer(to64(args), kw, seq_idx=seq, return_final_states=True)
     ref_lp = ref_mixer(args, kw, seq_idx=seq, return_final_states=True)
     for name, o, r64, rlp in zip(("y", "final_ssm", "final_conv"), (y, ssm, conv), ref64, ref_lp):
         check(name, o, r64, rlp, floor=1e-3)
-    weights = (torch.randn(b, L, 4096, device="cuda", dtype=torch.float64),
-               torch.randn(b, 256, N, N, device="cuda", dtype=torch.float64),
-               torch.randn(b, 1024, 3, device="cuda", dtype=torch.float64))
+    weights = (torch.randn(b, L, D_, device="cuda", dtype=torch.float64),
+               torch.randn(b, D_ // N, N, N, device="cuda", dtype=torch.float64),
+               torch.randn(b, X, 3, device="cuda", dtype=torch.float64))
     auto = _grads(args, kw, seq, weights)
     monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")
     v7 = _grads(args, kw, seq, weights)

@@ -44,7 +44,7 @@
 // argument to +inf at a document start (ex2 -> 0 resets h; the FMA-pipe exponential clamps, so its exact 0 is
 // selected), as v5 does: the same arithmetic per token as separate calls (bitwise, tested).
 // Not handled (the dispatcher falls back to v5 / v4): fp32 activations, dt_rank > 16, unaligned zxbc / dt_low rows
-// (no 16-byte copies). Varlen scheduling (kVar) needs heads_per_group % 4 == 0.
+// (no 16-byte copies).
 #pragma once
 #include "../common/cuda_check.h"
 #include "scan_common.cuh"
@@ -239,9 +239,9 @@ __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::S
 // the kernel is the same code.
 //
 // kVar (varlen scheduling of packed documents, session 17; kSeq too): the block runs over documents instead of one
-// sequence. The grid is (channel groups of 4 heads, P); the blocks of channel group x take documents from the list
-// that the plan (mixer_scan_plan.cu) built on the device, longest first, by an atomic counter per group
-// (p.var_next[x]) until the list (p.var_items, p.var_count) is exhausted. A document [ts, te) of sequence b runs the
+// sequence. The grid is (blocks per row, P); the blocks of column x (4 heads of one x / B group; with kPartial a group's
+// share, session 23) take documents from the list that the plan (mixer_scan_plan.cu) built on the device, longest
+// first, by an atomic counter per column (p.var_next[x]) until the list (p.var_items, p.var_count) is exhausted. A document [ts, te) of sequence b runs the
 // tiles that hold it, tile ts / 32 .. (te - 1) / 32, from a zero state (the sequence's initial states when ts = 0):
 // the tokens of other documents in its first and last tile are computed (the document mask resets h at ts) but
 // never stored. So every document is scheduled on its own - a sequence of short documents gives batch 1 the blocks
@@ -253,7 +253,6 @@ template <typename T, bool kTma, bool kSeq = false, bool kVar = false, bool kPar
 __global__ void __launch_bounds__(kThreads, 4)
     mixer_scan_fwd7_kernel(MixerScanParams p, const __grid_constant__ tma::ScanMaps maps) {
   static_assert(!kVar || kSeq, "varlen scheduling is for packed documents");
-  static_assert(!(kVar && kPartial), "varlen scheduling needs heads_per_group % 4 == 0");
   extern __shared__ __align__(128) unsigned char smem_raw[];  // 128: TMA destinations (raw slices) are 1 KB apart
   using SM = Smem7<T>;
   SM& sm = *reinterpret_cast<SM*>(smem_raw);
@@ -409,7 +408,8 @@ __global__ void __launch_bounds__(kThreads, 4)
       b = doc.x, ts = doc.y, te = doc.z;
       tile_lo = ts / kChunk, tile_hi = (te + kChunk - 1) / kChunk;
       if constexpr (kTma) {
-        if (tid == 0) stage_tma<T>(p, maps, sm.raw[kbase & 1], &sm.bar[kbase & 1], b, head0, group, tile_lo * kChunk);
+        if (tid == 0)
+          stage_tma<T>(p, maps, sm.raw[kbase & 1], &sm.bar[kbase & 1], b, head0, group, tile_lo * kChunk, n_heads);
       } else {
         stage<T>(p, sm.raw[kbase & 1], b, head0, group, tile_lo * kChunk, tid, n_heads);
         scan4::cp_async_commit();
@@ -683,6 +683,14 @@ void launch_partial(const MixerScanParams& p, void* stream) {
   if (p.seq_idx != nullptr) launch_docs<T, true, false, true>(p, stream, p.batch);
   else launch_docs<T, false, false, true>(p, stream, p.batch);
 }
+template <typename T>
+void launch_varlen(const MixerScanParams& p, int columns, void* stream) {
+  if (p.heads_per_group % kHeads != 0) {  // kPartial (session 23): instantiated in mixer_scan_fwd7p_*.cu
+    launch_mixer_scan_fwd7_varlen_partial<T>(p, columns, stream);
+    return;
+  }
+  launch_docs<T, true, true>(p, stream, columns);
+}
 
 }  // namespace scan7
 
@@ -695,10 +703,14 @@ template <typename T>
 void launch_mixer_scan_fwd7_partial(const MixerScanParams& p, void* stream) {
   scan7::launch_partial<T>(p, stream);
 }
+template <typename T>
+void launch_mixer_scan_fwd7_varlen_partial(const MixerScanParams& p, int columns, void* stream) {
+  scan7::launch_docs<T, true, true, true>(p, stream, columns);
+}
 #endif
 template <typename T>
-void launch_mixer_scan_fwd7_varlen(const MixerScanParams& p, int blocks_per_group, void* stream) {
-  scan7::launch_docs<T, true, true>(p, stream, blocks_per_group);
+void launch_mixer_scan_fwd7_varlen(const MixerScanParams& p, int columns, void* stream) {
+  scan7::launch_varlen<T>(p, columns, stream);
 }
 
 }  // namespace apriel

@@ -1,5 +1,5 @@
 // fp16 instantiation of the v7 mixer scan forward with heads_per_group % 4 != 0 (mixer_scan_fwd7.cuh kPartial:
-// warps without a head in each group's last block; session 19). Own TU so that no TU's compile time grows.
+// warps without a head in each group's last block; session 19; varlen scheduling: session 23). Own TU so that no TU's compile time grows.
 #define APRIEL_TMA_TU 1  // this TU instantiates TMA kernels: tma.cuh includes CUTLASS (see there)
 #define APRIEL_SCAN_V7_PARTIAL_TU 1
 #include "../common/kernel_registry.h"
@@ -7,6 +7,7 @@
 
 namespace apriel {
 template void launch_mixer_scan_fwd7_partial<__half>(const MixerScanParams&, void*);
+template void launch_mixer_scan_fwd7_varlen_partial<__half>(const MixerScanParams&, int, void*);
 
 namespace {
 const bool kRegistered = [] {
@@ -17,6 +18,11 @@ const bool kRegistered = [] {
   register_kernel({"scan", "mixer_scan_fwd7_partial_docs<fp16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__half, false, true, false, true>), scan7::kThreads});
 #if APRIEL_TMA
   register_kernel({"scan", "mixer_scan_fwd7_partial_docs_tma<fp16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__half, true, true, false, true>), scan7::kThreads});
+#endif
+  // varlen scheduling of packed documents (kVar, session 23)
+  register_kernel({"scan", "mixer_scan_fwd7_partial_varlen<fp16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__half, false, true, true, true>), scan7::kThreads});
+#if APRIEL_TMA
+  register_kernel({"scan", "mixer_scan_fwd7_partial_varlen_tma<fp16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__half, true, true, true, true>), scan7::kThreads});
 #endif
   return true;
 }();

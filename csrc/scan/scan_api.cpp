@@ -157,7 +157,7 @@ MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims
 // latency-bound, see docs/notes/scan.md); fp32 activations keep v4 (v5's fp32 instantiations were not measured and
 // spill 20-32 bytes where v4's do not). Returned as K (v4), 100 + K (v5) or 3 (v3).
 // Session 5: where K = 4 is chosen, 16-bit activations run v7 (tensor-core input product and readout, one warp per
-// head; b8 L4096 1.10 vs v5's 1.30 ms on the H100) when it applies (mixer_scan_fwd7_supports), v5 K = 4 otherwise;
+// head; b8 L4096 1.10 vs v5's 1.30 ms on the H100) when it applies (mixer_scan_fwd7_applies), v5 K = 4 otherwise;
 // returned as 107. Batch 1 keeps K = 8: one warp per head is too few warps there (v7 b1 L8192 0.82 vs 0.47 ms).
 // Session 6 (scripts/diag/scan_fwd_versions.py, bench/results/s6/fwd_dispatch/, CUDA graphs, D 4096):
 // v7 wins once its own grid (batch x d_inner / 64 blocks, 4 per SM) reaches ~2 blocks per SM - b4 L4096 0.614 ms vs
@@ -260,13 +260,15 @@ bool varlen_auto_enabled() {
   return env == nullptr || std::string(env) != "0";
 }
 
+// blocks_per_row: the v7 forward's blocks per sequence (mixer_scan_v7_blocks_per_row: 4 heads of one x / B group
+// each, a group's share with kPartial - session 23), each column of the varlen grid with its own document counter.
 struct VarlenSetup {
-  int groups, columns;  // channel groups of 4 heads; varlen blocks per group (one wave of 4 blocks per SM)
+  int groups, columns;  // block columns (one counter each); varlen blocks per column (one wave of 4 blocks per SM)
   VarlenPlanCost cost;
 };
-VarlenSetup varlen_setup(int batch, int seqlen, int d_inner, int sms) {
+VarlenSetup varlen_setup(int batch, int seqlen, int blocks_per_row, int sms) {
   VarlenSetup v{};
-  v.groups = d_inner / (kN * 4);
+  v.groups = blocks_per_row;
   v.columns = std::max(1, 4 * sms / v.groups);
   const char* blocks = std::getenv("APRIEL_SCAN_VARLEN_BLOCKS");  // tests: fewer blocks, several documents each
   if (blocks != nullptr && *blocks != 0) v.columns = std::max(1, std::atoi(blocks));
@@ -290,7 +292,7 @@ Tensor plan_documents(const int* seq_idx, int batch, int seqlen, const VarlenSet
 // when the plan picked varlen, fwd_skip); force: varlen whenever the documents fit (APRIEL_SCAN_FWD=v7var).
 template <typename T>
 void launch_fwd_varlen(MixerScanParams p, void* stream, int version, bool force, int sms) {
-  const VarlenSetup v = varlen_setup(p.batch, p.seqlen, p.d_inner, sms);
+  const VarlenSetup v = varlen_setup(p.batch, p.seqlen, mixer_scan_v7_blocks_per_row(p), sms);
   const int columns = v.columns;
   Tensor ws = plan_documents(p.seq_idx, p.batch, p.seqlen, v, force, stream);
   int* w = ws.data_ptr<int>();
@@ -308,7 +310,7 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
   const int sms = sm_count();
   int version = fwd_version(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms, st == at::kFloat);
   const bool forced = std::getenv("APRIEL_SCAN_FWD") != nullptr;
-  const bool varlen = p.seq_idx != nullptr && st != at::kFloat && mixer_scan_fwd7_supports(p) &&
+  const bool varlen = p.seq_idx != nullptr && st != at::kFloat && mixer_scan_fwd7_applies(p) &&
                       (version == 207 || (!forced && varlen_auto_enabled() && (version == 104 || version == 108)));
   if (varlen) {
     // v7var's fallback (more documents than the plan lists): v5 with documents (v5 K = 4 where the default is v7:
@@ -441,17 +443,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mixer_scan_fwd_cuda(
 }
 
 // The varlen plan alone (tests, diagnostics): the workspace launch_fwd would use for these documents -
-// items (kVarlenMaxDocs x 4: sequence, first token, end token, 0), count, skip, then the per-group counters.
-Tensor mixer_scan_varlen_plan_cuda(const Tensor& seq_idx, int64_t d_inner, bool force) {
+// items (kVarlenMaxDocs x 4: sequence, first token, end token, 0), count, skip, then the per-column counters.
+Tensor mixer_scan_varlen_plan_cuda(const Tensor& seq_idx, int64_t d_inner, int64_t d_xb, bool force) {
   TORCH_CHECK(seq_idx.is_cuda() && seq_idx.scalar_type() == at::kInt && seq_idx.dim() == 2,
               "seq_idx: expected a (batch, seqlen) int32 CUDA tensor, got ", seq_idx.scalar_type(), " ",
               seq_idx.sizes());
   TORCH_CHECK(seq_idx.size(0) >= 1 && seq_idx.size(1) >= 1, "seq_idx: expected batch >= 1 and seqlen >= 1");
-  TORCH_CHECK(d_inner >= 64 && d_inner % 64 == 0, "d_inner: expected a positive multiple of 64, got ", d_inner);
+  TORCH_CHECK(d_xb >= kN && d_xb % kN == 0, "d_xb: expected a positive multiple of 16, got ", d_xb);
+  TORCH_CHECK(d_inner >= d_xb && d_inner % d_xb == 0, "d_inner: expected a positive multiple of d_xb (", d_xb,
+              "), got ", d_inner);
+  MixerScanParams shape{};
+  shape.d_inner = static_cast<int>(d_inner); shape.d_xb = static_cast<int>(d_xb);
+  shape.heads_per_group = static_cast<int>(d_inner / d_xb);
   c10::cuda::CUDAGuard guard(seq_idx.device());
   const Tensor sq = seq_idx.contiguous();
   const VarlenSetup v = varlen_setup(static_cast<int>(sq.size(0)), static_cast<int>(sq.size(1)),
-                                     static_cast<int>(d_inner), sm_count());
+                                     mixer_scan_v7_blocks_per_row(shape), sm_count());
   return plan_documents(sq.data_ptr<int>(), static_cast<int>(sq.size(0)), static_cast<int>(sq.size(1)), v, force,
                         c10::cuda::getCurrentCUDAStream().stream());
 }
@@ -686,7 +693,7 @@ TORCH_LIBRARY_FRAGMENT(apriel_C, m) {
         "Tensor? seq_idx, int d_inner, int d_xb, int d_state, bool repeat_kv_before_conv, Tensor dy, "
         "Tensor? dfinal_ssm_state, Tensor? dfinal_conv_state, Tensor? checkpoints) -> Tensor[]");
   // The varlen plan of a packed-documents forward (mixer_scan_plan.cu), for tests and diagnostics.
-  m.def("mixer_scan_varlen_plan(Tensor seq_idx, int d_inner, bool force) -> Tensor");
+  m.def("mixer_scan_varlen_plan(Tensor seq_idx, int d_inner, int d_xb, bool force) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(apriel_C, CUDA, m) {

@@ -133,18 +133,15 @@ void launch_mixer_scan_fwd7(const MixerScanParams& p, void* stream);
 // The varlen v7 forward (packed documents, p.var_* from launch_plan_documents): blocks_per_group blocks per channel
 // group of 4 heads take the documents.
 template <typename T>
-void launch_mixer_scan_fwd7_varlen(const MixerScanParams& p, int blocks_per_group, void* stream);
+void launch_mixer_scan_fwd7_varlen(const MixerScanParams& p, int columns, void* stream);
 // The calls v7 handles; the dispatcher runs v5 / v4 for the others (unaligned rows, ...). Packed documents: the
 // forward since session 12, the backward since session 13. (The conv width needs no check: the op accepts 2..4 only,
 // all of which v7's right-aligned taps handle.)
 // The v7 forward kernel itself takes any heads_per_group (session 19: a group's last block may have warps without a
-// head, mixer_scan_fwd7.cuh kPartial); the varlen forward (blocks over (group of 4 heads, document)) needs
-// heads_per_group % 4 == 0 (mixer_scan_fwd7_supports); the v7 backward takes >= 2 (mixer_scan_bwd7_supports).
+// head, mixer_scan_fwd7.cuh kPartial), and so does the varlen forward (blocks over (block column, document); since
+// session 23); the v7 backward takes >= 2 (mixer_scan_bwd7_supports).
 inline bool mixer_scan_fwd7_applies(const MixerScanParams& p) {
   return p.zxbc_vec16 && p.dt_vec16 && p.dt_rank <= 16;
-}
-inline bool mixer_scan_fwd7_supports(const MixerScanParams& p) {
-  return mixer_scan_fwd7_applies(p) && p.heads_per_group % 4 == 0;
 }
 #if defined(__CUDACC__)
 #define APRIEL_SCAN_HD __host__ __device__
@@ -251,6 +248,8 @@ inline int mixer_scan_bwd7_blocks_per_row(const MixerScanParams& p) { return (p.
 // mixer_scan_bwd7s_*.cu) so that no TU's compile time grows.
 template <typename T>
 void launch_mixer_scan_fwd7_partial(const MixerScanParams& p, void* stream);
+template <typename T>
+void launch_mixer_scan_fwd7_varlen_partial(const MixerScanParams& p, int columns, void* stream);
 template <typename T>
 void launch_mixer_scan_bwd7_span(const MixerScanParams& p, void* stream);
 // The v7 backward's carry pre-pass (p.bwd_segments > 1): L_s and P_s of segments 1 .. segments-1 into p.seg_carry.
