@@ -908,6 +908,12 @@ def test_varlen_plan_decides_by_document_length():
     many = torch.arange(VARLEN_MAX_DOCUMENTS + 1, dtype=torch.int32, device="cuda").unsqueeze(0)
     plan = varlen_plan(many, 4096, force=True)  # more documents than the list holds: never varlen
     assert not plan["varlen"] and plan["documents"].shape == (0, 3)
+    # SmolLM2-135M's mixer (D 576, 3 heads per group: 12 block columns, session 23): the batch-1-3 kernel runs a
+    # tile in ~1.6 us at any of these batches (36-108 head rows leave the GPU mostly idle), so only short documents
+    # pay for varlen (H100: b1 L8192 250-token documents 0.11 vs 0.40 ms; b3 L4096 1,000 tokens 0.33 vs 0.20)
+    assert varlen_plan(packed_seq_idx(1, L, list(range(250, L, 250)), "cuda"), 576, d_xb=192)["varlen"]
+    assert not varlen_plan(packed_seq_idx(3, 4096, list(range(1000, 4096, 1000)), "cuda"), 576, d_xb=192)["varlen"]
+    assert not varlen_plan(packed_seq_idx(2, L, list(range(2000, L, 2000)), "cuda"), 576, d_xb=192)["varlen"]
 
 
 def _varlen_cuts(L, kind):

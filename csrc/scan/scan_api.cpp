@@ -252,7 +252,9 @@ int sm_count() {
 // lengths; both kernels are launched and the one not picked returns at once (no host sync: CUDA graphs replay the
 // device's choice). Costs per 32-token tile (H100, bench/results/s17/): a v7 block alone 6.3 us, ~8 at 2-4 blocks
 // per SM (7 taken), 8.0 at 4 per SM (b8 L4096 1.02 ms / 128 tiles); the v5 kernel with documents per tile of the
-// sequence: b1 1.8 us (L8192 0.454-0.467 ms), b2 2.95 us (0.754 ms), b3 4.4 us (L4096 0.56 ms).
+// sequence: D 4096 b1 1.8 us (L8192 0.454-0.467 ms), b2 2.95 us (0.754 ms), b3 4.4 us (L4096 0.56 ms); other mixer
+// shapes by their head rows (v5_docs_tile_us). Session 23: any heads per group - the varlen grid's columns are the v7
+// forward's blocks per row (kPartial: a group's share of its heads), each with its own document counter.
 // APRIEL_SCAN_FWD=v7var forces varlen wherever the documents fit (else v5 with documents runs);
 // APRIEL_SCAN_VARLEN=0 turns the automatic choice off.
 bool varlen_auto_enabled() {
@@ -266,7 +268,21 @@ struct VarlenSetup {
   int groups, columns;  // block columns (one counter each); varlen blocks per column (one wave of 4 blocks per SM)
   VarlenPlanCost cost;
 };
-VarlenSetup varlen_setup(int batch, int seqlen, int blocks_per_row, int sms) {
+// The batch-1-3 kernel with documents (v5), us per 32-token tile of the sequence, by its head rows (batch x d_inner /
+// 16), piecewise linear through H100 measurements (bench/results/s17/, s23/varlen_groups/: D 576 / 3072 / 4096 at
+// batch 1-3): up to ~100 rows 1.55 (latency-bound: one block per head is far from filling the GPU), 256 rows 1.8,
+// 512 2.95, from 576 on 4.4 (the lane-count switch), then ~1.48 per 256 rows. (Session 17's rule - 1.8 / 2.95 /
+// 1.48 x batch, fitted at D 4096 - put SmolLM2's mixer (D 576) at 4.4 per tile at batch 3 instead of 1.6: the plan
+// then picked varlen where it ran 1.6x slower.)
+float v5_docs_tile_us(double rows) {
+  constexpr double x[] = {108.0, 256.0, 512.0, 576.0, 768.0}, y[] = {1.55, 1.8, 2.95, 4.4, 4.44};
+  if (rows <= x[0]) return static_cast<float>(y[0]);
+  for (int i = 1; i < 5; ++i)
+    if (rows <= x[i]) return static_cast<float>(y[i - 1] + (y[i] - y[i - 1]) * (rows - x[i - 1]) / (x[i] - x[i - 1]));
+  return static_cast<float>(y[4] * rows / x[4]);
+}
+
+VarlenSetup varlen_setup(int batch, int seqlen, int d_inner, int blocks_per_row, int sms) {
   VarlenSetup v{};
   v.groups = blocks_per_row;
   v.columns = std::max(1, 4 * sms / v.groups);
@@ -276,7 +292,7 @@ VarlenSetup varlen_setup(int batch, int seqlen, int blocks_per_row, int sms) {
   v.cost.thr_tile = 8.0f;
   v.cost.slots = 4.0f * sms;
   const float n_tiles = static_cast<float>((seqlen + kChunk - 1) / kChunk);
-  v.cost.other_us = n_tiles * (batch == 1 ? 1.8f : batch == 2 ? 2.95f : 1.48f * batch);
+  v.cost.other_us = n_tiles * v5_docs_tile_us(static_cast<double>(batch) * (d_inner / kN));
   v.cost.margin = 0.9f;
   return v;
 }
@@ -292,7 +308,7 @@ Tensor plan_documents(const int* seq_idx, int batch, int seqlen, const VarlenSet
 // when the plan picked varlen, fwd_skip); force: varlen whenever the documents fit (APRIEL_SCAN_FWD=v7var).
 template <typename T>
 void launch_fwd_varlen(MixerScanParams p, void* stream, int version, bool force, int sms) {
-  const VarlenSetup v = varlen_setup(p.batch, p.seqlen, mixer_scan_v7_blocks_per_row(p), sms);
+  const VarlenSetup v = varlen_setup(p.batch, p.seqlen, p.d_inner, mixer_scan_v7_blocks_per_row(p), sms);
   const int columns = v.columns;
   Tensor ws = plan_documents(p.seq_idx, p.batch, p.seqlen, v, force, stream);
   int* w = ws.data_ptr<int>();
@@ -458,7 +474,7 @@ Tensor mixer_scan_varlen_plan_cuda(const Tensor& seq_idx, int64_t d_inner, int64
   c10::cuda::CUDAGuard guard(seq_idx.device());
   const Tensor sq = seq_idx.contiguous();
   const VarlenSetup v = varlen_setup(static_cast<int>(sq.size(0)), static_cast<int>(sq.size(1)),
-                                     mixer_scan_v7_blocks_per_row(shape), sm_count());
+                                     static_cast<int>(d_inner), mixer_scan_v7_blocks_per_row(shape), sm_count());
   return plan_documents(sq.data_ptr<int>(), static_cast<int>(sq.size(0)), static_cast<int>(sq.size(1)), v, force,
                         c10::cuda::getCurrentCUDAStream().stream());
 }
