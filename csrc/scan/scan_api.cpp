@@ -282,17 +282,22 @@ float v5_docs_tile_us(double rows) {
   return static_cast<float>(y[4] * rows / x[4]);
 }
 
-VarlenSetup varlen_setup(int batch, int seqlen, int d_inner, int blocks_per_row, int sms) {
+// shape: d_inner, d_xb and heads_per_group of the call (the rest unused).
+VarlenSetup varlen_setup(int batch, int seqlen, const MixerScanParams& shape, int sms) {
   VarlenSetup v{};
-  v.groups = blocks_per_row;
+  v.groups = mixer_scan_v7_blocks_per_row(shape);
   v.columns = std::max(1, 4 * sms / v.groups);
   const char* blocks = std::getenv("APRIEL_SCAN_VARLEN_BLOCKS");  // tests: fewer blocks, several documents each
   if (blocks != nullptr && *blocks != 0) v.columns = std::max(1, std::atoi(blocks));
   v.cost.lat_tile = 7.0f;
-  v.cost.thr_tile = 8.0f;
+  // A column's tile at 4 blocks per SM costs in proportion to its busiest block's warps, down to ~half of a full
+  // block's (session 19's kPartial measurements: max(0.55, 0.065 x 4 a_max) ms per wave at L 4096; session 23: 3
+  // heads per column took ~0.75 x 8 us, Llama-3.2-3B's mixer at b2 L8192, bench/results/s23/).
+  const int busiest = mixer_scan_v7_group_share(shape.heads_per_group, 0).heads;
+  v.cost.thr_tile = 8.0f * std::max(0.53f, busiest / 4.0f);
   v.cost.slots = 4.0f * sms;
   const float n_tiles = static_cast<float>((seqlen + kChunk - 1) / kChunk);
-  v.cost.other_us = n_tiles * v5_docs_tile_us(static_cast<double>(batch) * (d_inner / kN));
+  v.cost.other_us = n_tiles * v5_docs_tile_us(static_cast<double>(batch) * (shape.d_inner / kN));
   v.cost.margin = 0.9f;
   return v;
 }
@@ -308,7 +313,7 @@ Tensor plan_documents(const int* seq_idx, int batch, int seqlen, const VarlenSet
 // when the plan picked varlen, fwd_skip); force: varlen whenever the documents fit (APRIEL_SCAN_FWD=v7var).
 template <typename T>
 void launch_fwd_varlen(MixerScanParams p, void* stream, int version, bool force, int sms) {
-  const VarlenSetup v = varlen_setup(p.batch, p.seqlen, p.d_inner, mixer_scan_v7_blocks_per_row(p), sms);
+  const VarlenSetup v = varlen_setup(p.batch, p.seqlen, p, sms);
   const int columns = v.columns;
   Tensor ws = plan_documents(p.seq_idx, p.batch, p.seqlen, v, force, stream);
   int* w = ws.data_ptr<int>();
@@ -473,8 +478,7 @@ Tensor mixer_scan_varlen_plan_cuda(const Tensor& seq_idx, int64_t d_inner, int64
   shape.heads_per_group = static_cast<int>(d_inner / d_xb);
   c10::cuda::CUDAGuard guard(seq_idx.device());
   const Tensor sq = seq_idx.contiguous();
-  const VarlenSetup v = varlen_setup(static_cast<int>(sq.size(0)), static_cast<int>(sq.size(1)),
-                                     static_cast<int>(d_inner), mixer_scan_v7_blocks_per_row(shape), sm_count());
+  const VarlenSetup v = varlen_setup(static_cast<int>(sq.size(0)), static_cast<int>(sq.size(1)), shape, sm_count());
   return plan_documents(sq.data_ptr<int>(), static_cast<int>(sq.size(0)), static_cast<int>(sq.size(1)), v, force,
                         c10::cuda::getCurrentCUDAStream().stream());
 }
