@@ -239,12 +239,12 @@ __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::S
 // the kernel is the same code.
 //
 // kVar (varlen scheduling of packed documents, session 17; kSeq too): the block runs over documents instead of one
-// sequence. The grid is (blocks per row, P); the blocks of column x (4 heads of one x / B group; with kPartial a group's
-// share, session 23) take documents from the list that the plan (mixer_scan_plan.cu) built on the device, longest
-// first, by an atomic counter per column (p.var_next[x]) until the list (p.var_items, p.var_count) is exhausted. A document [ts, te) of sequence b runs the
-// tiles that hold it, tile ts / 32 .. (te - 1) / 32, from a zero state (the sequence's initial states when ts = 0):
-// the tokens of other documents in its first and last tile are computed (the document mask resets h at ts) but
-// never stored. So every document is scheduled on its own - a sequence of short documents gives batch 1 the blocks
+// sequence. The grid is (blocks per row, P); the blocks of column x (4 heads of one x / B group; with kPartial a
+// group's share, session 23) take documents from the list that the plan (mixer_scan_plan.cu) built on the device,
+// longest first, by an atomic counter per column (p.var_next[x]) until the list (p.var_items, p.var_count) is
+// exhausted. A document [ts, te) of sequence b runs the tiles that hold it, tile ts / 32 .. (te - 1) / 32, from a
+// zero state (the sequence's initial states when ts = 0): the tokens of other documents in its first and last tile
+// are computed (the document mask resets h at ts) but never stored. So every document is scheduled on its own - a sequence of short documents gives batch 1 the blocks
 // that the v7 layout needs, and a document's time is its own length, not the sequence's. Outputs are the kSeq
 // kernel's bit for bit (tested): the same arithmetic per token, each y row, checkpoint and final state written by
 // the block of the document it belongs to - checkpoint `tile` (the state after token 32 tile - 1) by the document
@@ -684,12 +684,12 @@ void launch_partial(const MixerScanParams& p, void* stream) {
   else launch_docs<T, false, false, true>(p, stream, p.batch);
 }
 template <typename T>
-void launch_varlen(const MixerScanParams& p, int columns, void* stream) {
+void launch_varlen(const MixerScanParams& p, int blocks_per_column, void* stream) {
   if (p.heads_per_group % kHeads != 0) {  // kPartial (session 23): instantiated in mixer_scan_fwd7p_*.cu
-    launch_mixer_scan_fwd7_varlen_partial<T>(p, columns, stream);
+    launch_mixer_scan_fwd7_varlen_partial<T>(p, blocks_per_column, stream);
     return;
   }
-  launch_docs<T, true, true>(p, stream, columns);
+  launch_docs<T, true, true>(p, stream, blocks_per_column);
 }
 
 }  // namespace scan7
@@ -704,13 +704,13 @@ void launch_mixer_scan_fwd7_partial(const MixerScanParams& p, void* stream) {
   scan7::launch_partial<T>(p, stream);
 }
 template <typename T>
-void launch_mixer_scan_fwd7_varlen_partial(const MixerScanParams& p, int columns, void* stream) {
-  scan7::launch_docs<T, true, true, true>(p, stream, columns);
+void launch_mixer_scan_fwd7_varlen_partial(const MixerScanParams& p, int blocks_per_column, void* stream) {
+  scan7::launch_docs<T, true, true, true>(p, stream, blocks_per_column);
 }
 #endif
 template <typename T>
-void launch_mixer_scan_fwd7_varlen(const MixerScanParams& p, int columns, void* stream) {
-  scan7::launch_varlen<T>(p, columns, stream);
+void launch_mixer_scan_fwd7_varlen(const MixerScanParams& p, int blocks_per_column, void* stream) {
+  scan7::launch_varlen<T>(p, blocks_per_column, stream);
 }
 
 }  // namespace apriel

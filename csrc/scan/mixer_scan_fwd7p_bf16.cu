@@ -1,5 +1,6 @@
 // bf16 instantiation of the v7 mixer scan forward with heads_per_group % 4 != 0 (mixer_scan_fwd7.cuh kPartial:
-// warps without a head in each group's last block; session 19; varlen scheduling: session 23). Own TU so that no TU's compile time grows.
+// warps without a head in each group's last block; session 19; varlen scheduling: session 23). Own TU so that no
+// TU's compile time grows.
 #define APRIEL_TMA_TU 1  // this TU instantiates TMA kernels: tma.cuh includes CUTLASS (see there)
 #define APRIEL_SCAN_V7_PARTIAL_TU 1
 #include "../common/kernel_registry.h"

@@ -262,10 +262,11 @@ bool varlen_auto_enabled() {
   return env == nullptr || std::string(env) != "0";
 }
 
-// blocks_per_row: the v7 forward's blocks per sequence (mixer_scan_v7_blocks_per_row: 4 heads of one x / B group
-// each, a group's share with kPartial - session 23), each column of the varlen grid with its own document counter.
+// The varlen grid: block_columns = the v7 forward's blocks per sequence (mixer_scan_v7_blocks_per_row: 4 heads of one
+// x / B group each, a group's share with kPartial - session 23), each with its own document counter, times
+// blocks_per_column (one wave of 4 blocks per SM).
 struct VarlenSetup {
-  int groups, columns;  // block columns (one counter each); varlen blocks per column (one wave of 4 blocks per SM)
+  int block_columns, blocks_per_column;
   VarlenPlanCost cost;
 };
 // The batch-1-3 kernel with documents (v5), us per 32-token tile of the sequence, by its head rows (batch x d_inner /
@@ -285,10 +286,10 @@ float v5_docs_tile_us(double rows) {
 // shape: d_inner, d_xb and heads_per_group of the call (the rest unused).
 VarlenSetup varlen_setup(int batch, int seqlen, const MixerScanParams& shape, int sms) {
   VarlenSetup v{};
-  v.groups = mixer_scan_v7_blocks_per_row(shape);
-  v.columns = std::max(1, 4 * sms / v.groups);
+  v.block_columns = mixer_scan_v7_blocks_per_row(shape);
+  v.blocks_per_column = std::max(1, 4 * sms / v.block_columns);
   const char* blocks = std::getenv("APRIEL_SCAN_VARLEN_BLOCKS");  // tests: fewer blocks, several documents each
-  if (blocks != nullptr && *blocks != 0) v.columns = std::max(1, std::atoi(blocks));
+  if (blocks != nullptr && *blocks != 0) v.blocks_per_column = std::max(1, std::atoi(blocks));
   v.cost.lat_tile = 7.0f;
   // A column's tile at 4 blocks per SM costs in proportion to its busiest block's warps, down to ~half of a full
   // block's (session 19's kPartial measurements: max(0.55, 0.065 x 4 a_max) ms per wave at L 4096; session 23: 3
@@ -301,11 +302,11 @@ VarlenSetup varlen_setup(int batch, int seqlen, const MixerScanParams& shape, in
   v.cost.margin = 0.9f;
   return v;
 }
-// The plan into a fresh workspace (int32: kVarlenWorkspaceInts + groups) on the current stream.
+// The plan into a fresh workspace (int32: kVarlenWorkspaceInts + block columns) on the current stream.
 Tensor plan_documents(const int* seq_idx, int batch, int seqlen, const VarlenSetup& v, bool force, void* stream) {
-  Tensor ws = at::empty({kVarlenWorkspaceInts + v.groups},
+  Tensor ws = at::empty({kVarlenWorkspaceInts + v.block_columns},
                         at::TensorOptions().dtype(at::kInt).device(at::kCUDA, c10::cuda::current_device()));
-  launch_plan_documents(seq_idx, batch, seqlen, v.groups, v.cost, force ? 1 : 0, ws.data_ptr<int>(), stream);
+  launch_plan_documents(seq_idx, batch, seqlen, v.block_columns, v.cost, force ? 1 : 0, ws.data_ptr<int>(), stream);
   return ws;
 }
 
@@ -314,7 +315,6 @@ Tensor plan_documents(const int* seq_idx, int batch, int seqlen, const VarlenSet
 template <typename T>
 void launch_fwd_varlen(MixerScanParams p, void* stream, int version, bool force, int sms) {
   const VarlenSetup v = varlen_setup(p.batch, p.seqlen, p, sms);
-  const int columns = v.columns;
   Tensor ws = plan_documents(p.seq_idx, p.batch, p.seqlen, v, force, stream);
   int* w = ws.data_ptr<int>();
   p.var_items = reinterpret_cast<const int4*>(w);
@@ -322,7 +322,7 @@ void launch_fwd_varlen(MixerScanParams p, void* stream, int version, bool force,
   p.fwd_skip = w + 4 * kVarlenMaxDocs + 1;
   p.var_next = w + kVarlenWorkspaceInts;
   launch_fwd_version<T>(p, stream, version);  // returns at once where the plan picked varlen
-  launch_mixer_scan_fwd7_varlen<T>(p, columns, stream);  // returns at once where it did not
+  launch_mixer_scan_fwd7_varlen<T>(p, v.blocks_per_column, stream);  // returns at once where it did not
   // (ws goes back to the caching allocator now: later work on this stream runs after both kernels)
 }
 

@@ -130,10 +130,10 @@ void launch_mixer_scan_fwd5(const MixerScanParams& p, void* stream);
 // v7 (mixer_scan_fwd7.cuh, 16-bit activations): tensor-core input product and readout, 4 heads per block.
 template <typename T>
 void launch_mixer_scan_fwd7(const MixerScanParams& p, void* stream);
-// The varlen v7 forward (packed documents, p.var_* from launch_plan_documents): blocks_per_group blocks per channel
-// group of 4 heads take the documents.
+// The varlen v7 forward (packed documents, p.var_* from launch_plan_documents): blocks_per_column blocks per block
+// column of the v7 forward (mixer_scan_v7_blocks_per_row) take the documents.
 template <typename T>
-void launch_mixer_scan_fwd7_varlen(const MixerScanParams& p, int columns, void* stream);
+void launch_mixer_scan_fwd7_varlen(const MixerScanParams& p, int blocks_per_column, void* stream);
 // The calls v7 handles; the dispatcher runs v5 / v4 for the others (unaligned rows, ...). Packed documents: the
 // forward since session 12, the backward since session 13. (The conv width needs no check: the op accepts 2..4 only,
 // all of which v7's right-aligned taps handle.)
@@ -249,7 +249,7 @@ inline int mixer_scan_bwd7_blocks_per_row(const MixerScanParams& p) { return (p.
 template <typename T>
 void launch_mixer_scan_fwd7_partial(const MixerScanParams& p, void* stream);
 template <typename T>
-void launch_mixer_scan_fwd7_varlen_partial(const MixerScanParams& p, int columns, void* stream);
+void launch_mixer_scan_fwd7_varlen_partial(const MixerScanParams& p, int blocks_per_column, void* stream);
 template <typename T>
 void launch_mixer_scan_bwd7_span(const MixerScanParams& p, void* stream);
 // The v7 backward's carry pre-pass (p.bwd_segments > 1): L_s and P_s of segments 1 .. segments-1 into p.seg_carry.

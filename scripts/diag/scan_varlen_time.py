@@ -45,7 +45,8 @@ for shape in opts.shapes.split(","):
     for mean in (int(m) for m in opts.means.split(",")):
         seq = documents(b, L, mean) if mean else torch.zeros(b, L, dtype=torch.int32, device="cuda")
         kw = dict(KW, d_inner=D_, d_xb=X_, seq_idx=seq)
-        row = {"d_inner": D_, "d_xb": X_, "batch": b, "seqlen": L, "doc_mean": mean, "documents": int((seq[:, 1:] != seq[:, :-1]).sum()) + b,
+        row = {"d_inner": D_, "d_xb": X_, "batch": b, "seqlen": L, "doc_mean": mean,
+               "documents": int((seq[:, 1:] != seq[:, :-1]).sum()) + b,
                "plan_varlen": varlen_plan(seq, D_, d_xb=X_)["varlen"]}
         for mode in MODES:
             with torch.no_grad():
