@@ -262,9 +262,7 @@ def varlen_plan(seq_idx: Tensor, d_inner: int, force: bool = False, d_xb: int | 
     if not seq_idx.is_cuda:
         raise ValueError(f"seq_idx: expected a CUDA tensor (the plan runs on the device), got {seq_idx.device}")
     ws = cuda_kernel("mixer_scan_varlen_plan")(seq_idx, d_inner, d_xb, force).cpu()
-    # the workspace: cap x (sequence, first, end, 0), count, skip, one counter per block column of the v7 forward
-    # (ceil(heads per group / 4) per x / B group)
-    columns = (d_xb // 16) * -(-(d_inner // d_xb) // 4)
-    cap = (ws.numel() - 2 - columns) // 4
+    # the workspace: cap x (sequence, first, end, 0), count, skip, then one counter per block column (unread here)
+    cap = VARLEN_MAX_DOCUMENTS
     count, skip = ws[4 * cap].item(), ws[4 * cap + 1].item()
     return {"varlen": bool(skip), "documents": ws[: 4 * cap].view(cap, 4)[:count, :3].clone()}

@@ -115,7 +115,7 @@ struct VarlenPlanCost {
   float lat_tile, thr_tile, slots, other_us, margin;
 };
 constexpr int kVarlenMaxDocs = 2048;  // more documents per call: the other kernel runs
-// Workspace (int32): kVarlenMaxDocs int4 items, then count, skip, then one counter per channel group.
+// Workspace (int32): kVarlenMaxDocs int4 items, then count, skip, then one counter per v7 block column.
 constexpr int kVarlenWorkspaceInts = 4 * kVarlenMaxDocs + 2;
 // groups: channel groups of 4 heads (d_inner / 64). force: 0 = by cost, 1 = varlen whenever the documents fit.
 void launch_plan_documents(const int* seq_idx, int batch, int seqlen, int groups, VarlenPlanCost cost, int force,
