@@ -277,6 +277,9 @@ __global__ void __launch_bounds__(kThreads, 4)
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank, W = p.width;
   const int n_tiles = p.n_chunks;
   int b = blockIdx.y;  // kVar: the document's sequence (set per document)
+#ifdef APRIEL_SCAN_BLOCK_TIMES
+  unsigned long long bt[5] = {scan::global_ns(), 0, 0, 0, 0};
+#endif
 
   if constexpr (kTma) {
     if (tid == 0) {
@@ -430,6 +433,9 @@ __global__ void __launch_bounds__(kThreads, 4)
       const int t0 = tile * kChunk, par = kt & 1;
       Tv = min(kChunk, L - t0);
       const typename SM::Raw& r = sm.raw[par];
+#ifdef APRIEL_SCAN_BLOCK_TIMES
+      if (tid == 0 && tile > 0 && (4 * tile) % n_tiles < 4) bt[min(3, 4 * tile / n_tiles)] = scan::global_ns();
+#endif
       int2 doc_ids = make_int2(0, 0);  // kSeq: issued before the barrier, used after it
       if constexpr (kSeq) doc_ids = load_doc_ids(p, b, t0, lane);
       // The tile's one block barrier: its conversion (xf[par], bop[par]) is visible, and every reader of the previous
@@ -625,6 +631,11 @@ __global__ void __launch_bounds__(kThreads, 4)
     }
     if constexpr (!kVar) break;
   }
+#ifdef APRIEL_SCAN_BLOCK_TIMES
+  if (tid == 0)
+    printf("BT %u %d %d %llu %llu %llu %llu %llu\n", scan::sm_id(), (int)blockIdx.x, (int)blockIdx.y, bt[0], bt[1], bt[2],
+           bt[3], scan::global_ns());
+#endif
 }
 
 // Blocks per sequence (the grid's x): mixer_scan_v7_blocks_per_row (scan_params.h: ceil(heads_per_group / 4) per x / B

@@ -234,5 +234,19 @@ __device__ __forceinline__ void doc_taps(uint64_t starts, int t, bool (&tap)[4],
   doc_taps((unsigned)(starts >> (t + 1)), tap, keep);  // starts at rows t + 1 .. t + 3
 }
 
+#ifdef APRIEL_SCAN_BLOCK_TIMES
+// Diagnostic build only (scripts/diag/scan_block_times.py): a block's progress in global-timer nanoseconds, printed
+// by its thread 0 at the end - "BT smid block.x block.y start t_quarter t_half t_3quarter end".
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ unsigned sm_id() {
+  unsigned s;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(s));
+  return s;
+}
+#endif
 }  // namespace scan
 }  // namespace apriel
