@@ -633,8 +633,8 @@ __global__ void __launch_bounds__(kThreads, 4)
   }
 #ifdef APRIEL_SCAN_BLOCK_TIMES
   if (tid == 0)
-    printf("BT %u %d %d %llu %llu %llu %llu %llu\n", scan::sm_id(), (int)blockIdx.x, (int)blockIdx.y, bt[0], bt[1], bt[2],
-           bt[3], scan::global_ns());
+    printf("BT %u %d %d %llu %llu %llu %llu %llu %u\n", scan::sm_id(), (int)blockIdx.x, (int)blockIdx.y, bt[0], bt[1],
+           bt[2], bt[3], scan::global_ns(), scan::warp_slot());
 #endif
 }
 

@@ -236,7 +236,8 @@ __device__ __forceinline__ void doc_taps(uint64_t starts, int t, bool (&tap)[4],
 
 #ifdef APRIEL_SCAN_BLOCK_TIMES
 // Diagnostic build only (scripts/diag/scan_block_times.py): a block's progress in global-timer nanoseconds, printed
-// by its thread 0 at the end - "BT smid block.x block.y start t_quarter t_half t_3quarter end".
+// by its thread 0 at the end - "BT smid block.x block.y start t_quarter t_half t_3quarter end warpid" (warpid: the
+// hardware warp slot of the block's warp 0 on its SM).
 __device__ __forceinline__ unsigned long long global_ns() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -245,6 +246,11 @@ __device__ __forceinline__ unsigned long long global_ns() {
 __device__ __forceinline__ unsigned sm_id() {
   unsigned s;
   asm volatile("mov.u32 %0, %%smid;" : "=r"(s));
+  return s;
+}
+__device__ __forceinline__ unsigned warp_slot() {
+  unsigned s;
+  asm volatile("mov.u32 %0, %%warpid;" : "=r"(s));
   return s;
 }
 #endif

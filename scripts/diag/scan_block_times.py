@@ -4,7 +4,8 @@ of its tiles and at its end, printed by the kernel when the extension is built w
 
     python3 scripts/diag/scan_block_times.py B L [--json OUT]
 
-It runs the bar-shape forward (scan_case.py) in a child process, keeps the last launch's lines and reports: the
+It runs the bar-shape forward (scan_case.py) in a child process (0.5 s of warm-up launches, then 20 timed by CUDA
+events: event_p50_ms; without the build flag only that), keeps the last launch's lines and reports: the
 kernel span, the blocks' durations (min / median / max), per SM the spread of the end times, the mean resident
 warps over the span (the ncu "achieved active warps" analogue), and the share of the SM-time lost to the tail
 (blocks already done while others on the SM still run).
@@ -14,6 +15,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,10 +29,21 @@ def child(b, L):
     from apriel_kernels import mixer_scan
 
     args, _ = scan_case.make_case(b, L)
+    run = lambda: mixer_scan(**args, **scan_case.KW)  # noqa: E731
     with torch.no_grad():
-        for _ in range(3):
-            mixer_scan(**args, **scan_case.KW)
+        deadline = time.perf_counter() + 0.5  # warm clocks
+        while time.perf_counter() < deadline:
+            run()
             torch.cuda.synchronize()
+        times = []
+        for _ in range(20):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    print(f"TIME_MS {statistics.median(times):.4f}", flush=True)
 
 
 def analyse(lines, n_blocks):
@@ -53,12 +66,18 @@ def analyse(lines, n_blocks):
     # the tail: per SM, block-ns between a block's end and the SM's last end (the slot stays empty)
     tail = sum(max(r[7] for r in v) * len(v) - sum(r[7] for r in v) for v in by_sm.values())
     # per quarter: ns per quarter of the blocks' tiles, by the block's rank of end time on its SM
-    quarters = defaultdict(list)
+    quarters = defaultdict(list)  # (rows: smid, block.x, block.y, start, 1/4, 1/2, 3/4, end in ns from t0, warp slot)
     for v in by_sm.values():
         for rank, r in enumerate(sorted(v, key=lambda r: r[7])):
             marks = [r[3], r[4], r[5], r[6], r[7]]
             quarters[rank].append([(marks[i + 1] - marks[i]) / 1e3 for i in range(4)])
+    # what a block's duration goes with: its data (block.x = heads, block.y = sequence), its SM, its warp slot
+    order = sorted(range(len(rows)), key=lambda i: dur[i])
+    slow, fast = [rows[i] for i in order[-len(rows) // 4:]], [rows[i] for i in order[:len(rows) // 4]]
     return {
+        "slowest_quarter_mean_bx_by_slot": [statistics.mean(r[k] for r in slow) for k in (1, 2, 8)],
+        "fastest_quarter_mean_bx_by_slot": [statistics.mean(r[k] for r in fast) for k in (1, 2, 8)],
+        "rows": [r[:3] + [r[3] - t0, r[4] - t0, r[5] - t0, r[6] - t0, r[7] - t0, r[8]] for r in rows],
         "blocks": len(rows), "sms": n_sm, "span_us": span / 1e3,
         "block_us_min_med_max": [min(dur) / 1e3, statistics.median(dur) / 1e3, max(dur) / 1e3],
         "start_spread_us": (max(r[3] for r in rows) - t0) / 1e3,
@@ -85,10 +104,11 @@ def main():
     out = subprocess.run([sys.executable, __file__, str(o.b), str(o.L), "--child"], capture_output=True, text=True,
                          cwd=here, check=True).stdout
     lines = [ln for ln in out.splitlines() if ln.startswith("BT ")]
-    if not lines:
-        sys.exit("no BT lines: build the extension with -DAPRIEL_SCAN_BLOCK_TIMES (the v7 forward prints them)")
-    n_blocks = len(lines) // 3
-    res = dict(b=o.b, L=o.L, **analyse(lines, n_blocks))
+    time_ms = float(next(ln.split()[1] for ln in out.splitlines() if ln.startswith("TIME_MS ")))
+    res = dict(b=o.b, L=o.L, event_p50_ms=time_ms)
+    if lines:  # a -DAPRIEL_SCAN_BLOCK_TIMES build: the last launch's blocks (every launch prints one line per block)
+        launches = sum(1 for ln in lines if ln.split()[2:4] == ["0", "0"])
+        res.update(analyse(lines, len(lines) // launches))
     print(json.dumps(res, indent=1))
     if o.json:
         Path(o.json).write_text(json.dumps(res, indent=1))
