@@ -277,10 +277,6 @@ __global__ void __launch_bounds__(kThreads, 4)
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank, W = p.width;
   const int n_tiles = p.n_chunks;
   int b = blockIdx.y;  // kVar: the document's sequence (set per document)
-#ifdef APRIEL_SCAN_BLOCK_TIMES
-  unsigned long long bt[5] = {scan::global_ns(), 0, 0, 0, 0};
-#endif
-
   if constexpr (kTma) {
     if (tid == 0) {
       tma::init_barriers(sm.bar);
@@ -434,7 +430,7 @@ __global__ void __launch_bounds__(kThreads, 4)
       Tv = min(kChunk, L - t0);
       const typename SM::Raw& r = sm.raw[par];
 #ifdef APRIEL_SCAN_BLOCK_TIMES
-      if (tid == 0 && tile > 0 && (4 * tile) % n_tiles < 4) bt[min(3, 4 * tile / n_tiles)] = scan::global_ns();
+      if (tid == 0) scan::block_time_mark(y + head0 * kN, tile, n_tiles);
 #endif
       int2 doc_ids = make_int2(0, 0);  // kSeq: issued before the barrier, used after it
       if constexpr (kSeq) doc_ids = load_doc_ids(p, b, t0, lane);
@@ -629,13 +625,11 @@ __global__ void __launch_bounds__(kThreads, 4)
       static_cast<T*>(p.final_conv)[((int64_t)b * p.d_xb + group * kN + ch) * hw + k] =
           from_f<T>(same ? sm.xf[last_par][row][ch] : 0.f);
     }
+#ifdef APRIEL_SCAN_BLOCK_TIMES
+    if (tid == 0) scan::block_time_end(y + head0 * kN);
+#endif
     if constexpr (!kVar) break;
   }
-#ifdef APRIEL_SCAN_BLOCK_TIMES
-  if (tid == 0)
-    printf("BT %u %d %d %llu %llu %llu %llu %llu %u\n", scan::sm_id(), (int)blockIdx.x, (int)blockIdx.y, bt[0], bt[1],
-           bt[2], bt[3], scan::global_ns(), scan::warp_slot());
-#endif
 }
 
 // Blocks per sequence (the grid's x): mixer_scan_v7_blocks_per_row (scan_params.h: ceil(heads_per_group / 4) per x / B

@@ -235,23 +235,29 @@ __device__ __forceinline__ void doc_taps(uint64_t starts, int t, bool (&tap)[4],
 }
 
 #ifdef APRIEL_SCAN_BLOCK_TIMES
-// Diagnostic build only (scripts/diag/scan_block_times.py): a block's progress in global-timer nanoseconds, printed
-// by its thread 0 at the end - "BT smid block.x block.y start t_quarter t_half t_3quarter end warpid" (warpid: the
-// hardware warp slot of the block's warp 0 on its SM).
+// Diagnostic build only (scripts/diag/scan_block_times.py): a block's progress in global-timer nanoseconds, written
+// by its thread 0 as raw 64-bit words over the first y row of its channels (y is garbage there in such a build) -
+// words 0..3 at tiles 2, n/4, n/2 and 3n/4, word 4 at the end, word 5 = (SM id << 32) | the hardware warp slot of
+// the block's warp 0. Stores only: printf and a stamp array cost the kernel 60 % at 4 blocks per SM.
 __device__ __forceinline__ unsigned long long global_ns() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
 }
-__device__ __forceinline__ unsigned sm_id() {
-  unsigned s;
-  asm volatile("mov.u32 %0, %%smid;" : "=r"(s));
-  return s;
+template <typename T>
+__device__ __forceinline__ void block_time_mark(T* y_row0, int tile, int n_tiles) {
+  const int nq = n_tiles / 4;
+  const int word = tile == 2 ? 0 : (nq > 2 && tile % nq == 0 && tile / nq <= 3) ? tile / nq : -1;
+  if (word >= 0) reinterpret_cast<unsigned long long*>(y_row0)[word] = global_ns();
 }
-__device__ __forceinline__ unsigned warp_slot() {
-  unsigned s;
-  asm volatile("mov.u32 %0, %%warpid;" : "=r"(s));
-  return s;
+template <typename T>
+__device__ __forceinline__ void block_time_end(T* y_row0) {
+  unsigned sm, slot;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+  asm volatile("mov.u32 %0, %%warpid;" : "=r"(slot));
+  auto* words = reinterpret_cast<unsigned long long*>(y_row0);
+  words[4] = global_ns();
+  words[5] = ((unsigned long long)sm << 32) | slot;
 }
 #endif
 }  // namespace scan

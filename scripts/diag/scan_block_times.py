@@ -1,17 +1,18 @@
-"""How evenly the v7 forward's blocks progress: per block, the global-timer stamps at its start, at 1/4, 1/2 and 3/4
-of its tiles and at its end, printed by the kernel when the extension is built with -DAPRIEL_SCAN_BLOCK_TIMES
-(scan_common.cuh; a diagnostic build only). Run on the device after such a build:
+"""How evenly the v7 forward's blocks progress: per block, global-timer stamps at its tile 2, at 1/4, 1/2 and 3/4 of
+its tiles and at its end, which the kernel writes over y's first row when the extension is built with
+-DAPRIEL_SCAN_BLOCK_TIMES (scan_common.cuh; a diagnostic build only). Run on the device after such a build:
 
-    python3 scripts/diag/scan_block_times.py B L [--json OUT]
+    APRIEL_SCAN_BLOCK_TIMES_BUILD=1 python3 scripts/diag/scan_block_times.py B L [--json OUT]
 
-It runs the bar-shape forward (scan_case.py) in a child process (0.5 s of warm-up launches, then 20 timed by CUDA
-events: event_p50_ms; without the build flag only that), keeps the last launch's lines and reports: the
-kernel span, the blocks' durations (min / median / max), per SM the spread of the end times, the mean resident
-warps over the span (the ncu "achieved active warps" analogue), and the share of the SM-time lost to the tail
-(blocks already done while others on the SM still run).
+It runs the bar-shape forward (scan_case.py) in a child process: 0.5 s of warm-up launches, then 20 timed by CUDA
+events (event_p50_ms; without APRIEL_SCAN_BLOCK_TIMES_BUILD=1 only that), then one launch whose stamps it reads. It
+reports the kernel span, the blocks' durations (min / median / max), per SM the spread of the end times, the mean
+resident warps over the span (the ncu "achieved active warps" analogue), the share of the SM-time lost to the tail
+(blocks already done while others on the SM still run), and the quarter times by a block's end rank on its SM.
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -44,6 +45,16 @@ def child(b, L):
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
     print(f"TIME_MS {statistics.median(times):.4f}", flush=True)
+    if os.environ.get("APRIEL_SCAN_BLOCK_TIMES_BUILD") != "1":
+        return
+    with torch.no_grad():
+        y = run()
+    torch.cuda.synchronize()
+    # block (bx, by) wrote 6 int64 words over y[by, 0, 64 bx : 64 bx + 24] (scan_common.cuh block_time_mark / _end)
+    words = y[:, 0, :].contiguous().view(torch.int64).view(b, -1, 16)[:, :, :6].cpu().tolist()
+    for by, row in enumerate(words):
+        for bx, w in enumerate(row):
+            print(f"BT {w[5] >> 32} {bx} {by} {w[0]} {w[1]} {w[2]} {w[3]} {w[4]} {w[5] & 0xffffffff}")
 
 
 def analyse(lines, n_blocks):
@@ -106,9 +117,8 @@ def main():
     lines = [ln for ln in out.splitlines() if ln.startswith("BT ")]
     time_ms = float(next(ln.split()[1] for ln in out.splitlines() if ln.startswith("TIME_MS ")))
     res = dict(b=o.b, L=o.L, event_p50_ms=time_ms)
-    if lines:  # a -DAPRIEL_SCAN_BLOCK_TIMES build: the last launch's blocks (every launch prints one line per block)
-        launches = sum(1 for ln in lines if ln.split()[2:4] == ["0", "0"])
-        res.update(analyse(lines, len(lines) // launches))
+    if lines:
+        res.update(analyse(lines, len(lines)))
     print(json.dumps(res, indent=1))
     if o.json:
         Path(o.json).write_text(json.dumps(res, indent=1))
