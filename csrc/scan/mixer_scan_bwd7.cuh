@@ -499,7 +499,14 @@ __global__ void __launch_bounds__(kThreads, 2)
   // its S2 (session 14 A/B: -1.5 % against loading them at the tile's top)
   int2 next_doc_ids = make_int2(0, 0);
   if constexpr (kSeq) next_doc_ids = load_doc_ids(p, b, tile_last * kChunk, lane);
+#ifdef APRIEL_SCAN_BLOCK_TIMES
+  // (dz of the segment's last row: stored in the block's first tile)
+  T* const bt_row = dzx + (int64_t)(min(L, (tile_last + 1) * kChunk) - 1) * rowZ + head0 * kN;
+#endif
   for (int tile = tile_last; tile >= tile_first; --tile) {
+#ifdef APRIEL_SCAN_BLOCK_TIMES
+    if (tid == 0) scan::block_time_mark(bt_row, tile_last - tile, tile_last - tile_first + 1);
+#endif
     const int t0 = tile * kChunk, par = tile & 1, Tv = min(kChunk, L - t0);
     const typename SM::Raw& r = sm.tile[par].raw;
     int2 doc_ids = make_int2(0, 0);
@@ -1084,6 +1091,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (src >= 0) p.dconv_w_part[c * W + src] = accW[i];
     }
   }
+#ifdef APRIEL_SCAN_BLOCK_TIMES
+  if (tid == 0) scan::block_time_end(bt_row + kN, seg);
+#endif
 }
 
 // Tensor maps for stage_tma; false where TMA cannot run here or the encoder refuses a tensor (cp.async then).

@@ -760,6 +760,9 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     for (int tile = 0; tile < n_tiles; ++tile) {
       const int t0 = tile * kChunk, par = tile & 1;
       const int slot1 = slot == 2 ? 0 : slot + 1, slot2 = slot1 == 2 ? 0 : slot1 + 1;
+#ifdef APRIEL_SCAN_BLOCK_TIMES
+      if (tid == 0) scan::block_time_mark(y + c0, tile, n_tiles);  // (y row 0, stored in tile 1)
+#endif
       Tv = min(kChunk, L - t0);
       int sw[TPT + 3] = {};  // kSeq: the prep rows' starts (doc_bits) around tile + 1
       bool any_start = false;  // kSeq: a start in rows 1 .. 34 around tile + 1 (its tokens' rows and taps)
@@ -862,6 +865,9 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     }
     static_cast<T*>(p.final_conv)[((int64_t)b * p.d_xb + group * kN + ch) * hw + k] = from_f<T>(same ? v : 0.f);
   }
+#ifdef APRIEL_SCAN_BLOCK_TIMES
+  if (tid == 0) scan::block_time_end(y + D + c0, 0);  // (y row 1)
+#endif
 }
 
 template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4, bool kTma = false>

@@ -430,7 +430,7 @@ __global__ void __launch_bounds__(kThreads, 4)
       Tv = min(kChunk, L - t0);
       const typename SM::Raw& r = sm.raw[par];
 #ifdef APRIEL_SCAN_BLOCK_TIMES
-      if (tid == 0) scan::block_time_mark(y + head0 * kN, tile, n_tiles);
+      if (tid == 0) scan::block_time_mark(y + head0 * kN, tile, n_tiles);  // (y row 0, stored in tile 0)
 #endif
       int2 doc_ids = make_int2(0, 0);  // kSeq: issued before the barrier, used after it
       if constexpr (kSeq) doc_ids = load_doc_ids(p, b, t0, lane);
@@ -626,7 +626,7 @@ __global__ void __launch_bounds__(kThreads, 4)
           from_f<T>(same ? sm.xf[last_par][row][ch] : 0.f);
     }
 #ifdef APRIEL_SCAN_BLOCK_TIMES
-    if (tid == 0) scan::block_time_end(y + head0 * kN);
+    if (tid == 0) scan::block_time_end(y + head0 * kN + kN, 0);
 #endif
     if constexpr (!kVar) break;
   }

@@ -236,28 +236,30 @@ __device__ __forceinline__ void doc_taps(uint64_t starts, int t, bool (&tap)[4],
 
 #ifdef APRIEL_SCAN_BLOCK_TIMES
 // Diagnostic build only (scripts/diag/scan_block_times.py): a block's progress in global-timer nanoseconds, written
-// by its thread 0 as raw 64-bit words over the first y row of its channels (y is garbage there in such a build) -
-// words 0..3 at tiles 2, n/4, n/2 and 3n/4, word 4 at the end, word 5 = (SM id << 32) | the hardware warp slot of
-// the block's warp 0. Stores only: printf and a stamp array cost the kernel 60 % at 4 blocks per SM.
+// by its thread 0 as raw 64-bit words over output rows it has already stored (the output is garbage there in such a
+// build): words 0..3 (at `lo`) at its tiles 2, n/4, n/2 and 3n/4 in processing order, words 4..7 (at `hi`) = its end,
+// (SM id << 32) | the hardware warp slot of its warp 0, (0x5A5A5A5A << 32) | tag, unused. Stores only: printf and a
+// stamp array cost the v7 forward 60 % at 4 blocks per SM.
 __device__ __forceinline__ unsigned long long global_ns() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
 }
 template <typename T>
-__device__ __forceinline__ void block_time_mark(T* y_row0, int tile, int n_tiles) {
-  const int nq = n_tiles / 4;
-  const int word = tile == 2 ? 0 : (nq > 2 && tile % nq == 0 && tile / nq <= 3) ? tile / nq : -1;
-  if (word >= 0) reinterpret_cast<unsigned long long*>(y_row0)[word] = global_ns();
+__device__ __forceinline__ void block_time_mark(T* lo, int k, int n) {
+  const int nq = n / 4;
+  const int word = k == 2 ? 0 : (nq > 2 && k % nq == 0 && k / nq <= 3) ? k / nq : -1;
+  if (word >= 0) reinterpret_cast<unsigned long long*>(lo)[word] = global_ns();
 }
 template <typename T>
-__device__ __forceinline__ void block_time_end(T* y_row0) {
+__device__ __forceinline__ void block_time_end(T* hi, unsigned tag) {
   unsigned sm, slot;
   asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
   asm volatile("mov.u32 %0, %%warpid;" : "=r"(slot));
-  auto* words = reinterpret_cast<unsigned long long*>(y_row0);
-  words[4] = global_ns();
-  words[5] = ((unsigned long long)sm << 32) | slot;
+  auto* words = reinterpret_cast<unsigned long long*>(hi);
+  words[0] = global_ns();
+  words[1] = ((unsigned long long)sm << 32) | slot;
+  words[2] = (0x5A5A5A5Aull << 32) | tag;
 }
 #endif
 }  // namespace scan
