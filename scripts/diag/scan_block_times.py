@@ -71,7 +71,8 @@ def child(b, L, backward):
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
-        print(f"TIME_MS {statistics.median(times):.4f}", flush=True)
+        print(f"TIME_MS {statistics.median(times):.4f}\nGPU {torch.cuda.get_device_name()}\nTORCH {torch.__version__}",
+              flush=True)
         if os.environ.get("APRIEL_SCAN_BLOCK_TIMES_BUILD") != "1":
             return
         out = run()
@@ -158,7 +159,11 @@ def main():
                          capture_output=True, text=True, cwd=here, check=True).stdout
     lines = [ln for ln in out.splitlines() if ln.startswith("BT ")]
     time_ms = float(next(ln.split()[1] for ln in out.splitlines() if ln.startswith("TIME_MS ")))
-    res = dict(b=o.b, L=o.L, phase="bwd" if o.backward else "fwd", event_p50_ms=time_ms)
+    res = dict(b=o.b, L=o.L, phase="bwd" if o.backward else "fwd", event_p50_ms=time_ms,
+               gpu=next(ln[4:] for ln in out.splitlines() if ln.startswith("GPU ")),
+               torch=next(ln[6:] for ln in out.splitlines() if ln.startswith("TORCH ")),
+               commit=os.environ.get("APRIEL_BENCH_COMMIT", "?"),
+               build="-DAPRIEL_SCAN_BLOCK_TIMES" if lines else "default")
     if lines:
         res.update(analyse(lines))
     print(json.dumps(res, indent=1))
