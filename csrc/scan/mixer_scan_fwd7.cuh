@@ -277,6 +277,7 @@ __global__ void __launch_bounds__(kThreads, 4)
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank, W = p.width;
   const int n_tiles = p.n_chunks;
   int b = blockIdx.y;  // kVar: the document's sequence (set per document)
+
   if constexpr (kTma) {
     if (tid == 0) {
       tma::init_barriers(sm.bar);
@@ -430,7 +431,7 @@ __global__ void __launch_bounds__(kThreads, 4)
       Tv = min(kChunk, L - t0);
       const typename SM::Raw& r = sm.raw[par];
 #ifdef APRIEL_SCAN_BLOCK_TIMES
-      if (tid == 0) scan::block_time_mark(y + head0 * kN, tile, n_tiles);  // (y row 0, stored in tile 0)
+      if (!kVar && tid == 0) scan::block_time_mark(y + head0 * kN, tile, n_tiles);  // (y row 0: stored by tile 2)
 #endif
       int2 doc_ids = make_int2(0, 0);  // kSeq: issued before the barrier, used after it
       if constexpr (kSeq) doc_ids = load_doc_ids(p, b, t0, lane);
@@ -626,7 +627,7 @@ __global__ void __launch_bounds__(kThreads, 4)
           from_f<T>(same ? sm.xf[last_par][row][ch] : 0.f);
     }
 #ifdef APRIEL_SCAN_BLOCK_TIMES
-    if (tid == 0) scan::block_time_end(y + head0 * kN + kN, 0);
+    if (!kVar && tid == 0) scan::block_time_end(y + head0 * kN + kN, 0);  // (not the varlen kernel)
 #endif
     if constexpr (!kVar) break;
   }

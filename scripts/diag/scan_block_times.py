@@ -1,14 +1,16 @@
-"""How evenly the v7 forward's blocks progress: per block, global-timer stamps at its tile 2, at 1/4, 1/2 and 3/4 of
-its tiles and at its end, which the kernel writes over y's first row when the extension is built with
--DAPRIEL_SCAN_BLOCK_TIMES (scan_common.cuh; a diagnostic build only). Run on the device after such a build:
+"""How evenly the blocks of the bar kernels progress - the v7 forward (not its varlen form), the v5 K = 8 forward and
+the v7 backward: per block, global-timer stamps at its tile 2, at 1/4, 1/2 and 3/4 of its tiles and at its end, which
+the kernel writes over output rows it has already stored when the extension is built with -DAPRIEL_SCAN_BLOCK_TIMES
+(scan_common.cuh; a diagnostic build only). Run on the device after such a build (session 24: build_ab.sh with
+bt=-DAPRIEL_SCAN_BLOCK_TIMES, bench/results/s24/block_times/):
 
-    APRIEL_SCAN_BLOCK_TIMES_BUILD=1 python3 scripts/diag/scan_block_times.py B L [--json OUT]
+    APRIEL_SCAN_BLOCK_TIMES_BUILD=1 python3 scripts/diag/scan_block_times.py B L [--backward] [--json OUT]
 
-It runs the bar-shape forward (scan_case.py) in a child process: 0.5 s of warm-up launches, then 20 timed by CUDA
-events (event_p50_ms; without APRIEL_SCAN_BLOCK_TIMES_BUILD=1 only that), then one launch whose stamps it reads. It
-reports the kernel span, the blocks' durations (min / median / max), per SM the spread of the end times, the mean
-resident warps over the span (the ncu "achieved active warps" analogue), the share of the SM-time lost to the tail
-(blocks already done while others on the SM still run), and the quarter times by a block's end rank on its SM.
+It runs the bar-shape forward or backward (scan_case.py; the default dispatch) in a child process: 0.5 s of warm-up
+launches, then 20 timed by CUDA events (event_p50_ms; without APRIEL_SCAN_BLOCK_TIMES_BUILD=1 only that), then one
+launch whose stamps it reads. It reports the kernel span, the blocks' durations (min / median / max), the slots each
+SM used, the mean resident warps over the span (the ncu "achieved active warps" analogue), the share of the slot time
+left empty, the SM throughput by blocks running, and the quarter times by a block's end rank on its SM.
 """
 import argparse
 import json
@@ -20,10 +22,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-WARPS_PER_BLOCK = 4
-
-
-MAGIC = 0x5A5A5A5A
+WARPS_PER_BLOCK = 4  # every stamped kernel runs 128-thread blocks
+MAGIC = 0x5A5A5A5A  # the high half of a block's word 6 (scan_common.cuh block_time_end)
 
 
 def stamps(out, rows, lo_delta):
