@@ -86,7 +86,10 @@ LOG="$OUT_DIR/scan_sanitizer.log"
 # session 23: the varlen forward for heads per group % 4 != 0 (kPartial block columns): v7varr3 = D 48 (one column of 3
 # heads: the 4th warp's boxes and its skipped stores) over 10 tiles, TMA; v7varr5 = D 80 (columns of 3 + 2 heads) with
 # one block per column (APRIEL_SCAN_VARLEN_BLOCKS=1: every document in turn), cp.async (APRIEL_SCAN_TMA=0).
-for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 v7s1 v7c v7p v7pc v7pc4 v7var v7var1 v7r3 v7r3c v7r5 v7r3s v7r3sc v7r2f v7r8 v7varr3 v7varr5}; do
+# session 24: the v7 backward for one head per group (kMulti): v7r1 = D 128 / X 128 (two blocks of 4 groups; groups
+# 1-3's x / B read from global memory, single-parity xf / bop) with documents, 2 segments, TMA; v7r1c = the same
+# without documents, unsplit, cp.async.
+for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 v7s1 v7c v7p v7pc v7pc4 v7var v7var1 v7r3 v7r3c v7r5 v7r3s v7r3sc v7r2f v7r8 v7varr3 v7varr5 v7r1 v7r1c}; do
   packed=1 bwd=auto fwd=$version segments= vblocks= dinner=64 dxb=16 tma=
   [ "$version" = "v7" ] && packed=0 bwd=v7
   [ "$version" = "v7s1" ] && packed=0 bwd=v7 fwd=v7 segments=1
@@ -108,6 +111,8 @@ for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 
   [ "$version" = "v7r8" ] && fwd=v7 bwd=v7 segments=2 length=130 dinner=128
   [ "$version" = "v7varr3" ] && fwd=v7var length=300 dinner=48
   [ "$version" = "v7varr5" ] && fwd=v7var length=300 dinner=80 vblocks=1 tma=0
+  [ "$version" = "v7r1" ] && fwd=v7 bwd=v7 segments=2 length=130 dinner=128 dxb=128
+  [ "$version" = "v7r1c" ] && fwd=v7 bwd=v7 segments=1 length=130 dinner=128 dxb=128 packed=0 tma=0
   for tool in memcheck racecheck; do
     echo "=== L=$length D=$dinner X=$dxb packed=$packed APRIEL_SCAN_TMA=${tma:-auto} APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=${segments:-auto} APRIEL_SCAN_VARLEN_BLOCKS=${vblocks:-auto} compute-sanitizer --tool $tool" >> "$LOG"
     SCAN_SANITIZER_L=$length SCAN_SANITIZER_D=$dinner SCAN_SANITIZER_X=$dxb SCAN_SANITIZER_PACKED=$packed APRIEL_SCAN_TMA=$tma APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=$segments \

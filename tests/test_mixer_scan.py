@@ -1083,6 +1083,11 @@ BWD7_CASES = [
     (1, 300, 2048, 1024, True, 4, 16, "init"),  # Qwen3-1.7B's mixer (2 per group, fused)
     (2, 300, 3072, 1024, True, 4, 16, "init"),  # Llama-3.2-3B's mixer
     (2, 300, 192, 16, False, 4, 16, "init"),  # 12 per group: the kSpan kernel with 3 blocks (parts) in one group
+    # one head per group (session 24, kMulti: a block's 4 heads are 4 whole groups; groups 1-3's x / B from global)
+    (2, 77, 64, 64, True, 4, 16, "init"),  # one block
+    (3, 100, 128, 128, False, 3, 16, "init"),  # two blocks, width 3
+    (1, 33, 64, 64, False, 2, 8, "strided"),
+    (2, 300, 2048, 2048, True, 4, 16, "init"),  # SmolLM2-1.7B's mixer (MHA)
 ]
 
 
@@ -1124,6 +1129,8 @@ BWD7_SPLIT_CASES = [
     # segments: the final conv state's gradient lands in segment 1's edge rows
     (2, 65, 192, 64, True, 4, 16, 3, "init"),
     (1, 300, 96, 32, False, 2, 16, 4, "init"),  # 3 per group, 2 groups, width 2, 4 segments
+    (2, 65, 128, 128, True, 4, 16, 3, "init"),  # one head per group (kMulti): the segments' dx_edge rows per group
+    (1, 300, 64, 64, False, 2, 16, 4, "init"),  # one per group, width 2, 4 segments
 ]
 
 
@@ -1220,6 +1227,8 @@ BWD7_DOC_CASES = [
     (2, 300, 96, 32, True, 4, 16, "2", (16, 128, 129, 255), "init"),  # 3 per group, blocks of 3 + 1, 2 + 2 heads
     (2, 300, 128, 64, False, 4, 16, "3", (16, 128, 129, 298), "init"),  # 2 per group, fused group sums
     (2, 300, 96, 16, True, 3, 16, "3", (16, 128, 129, 298), "init"),  # 6 per group: parts over 2 blocks, halo rows
+    (2, 300, 128, 128, True, 4, 16, "3", (16, 128, 129, 298), "init"),  # one head per group (kMulti)
+    (2, 97, 64, 64, False, 3, 16, "1", (1, 8, 32, 33, 95), ""),  # one per group, unsplit
 ]
 
 
@@ -1367,14 +1376,14 @@ def test_backward_default_dispatch(monkeypatch):
 
 @gpu
 @needs_kernel
-@pytest.mark.parametrize("heads_per_group,want_v7", [(3, True), (6, True), (7, True), (5, True), (2, True),
-                                                     (1, False)])
-def test_backward_default_with_partial_groups(heads_per_group, want_v7, monkeypatch):
+@pytest.mark.parametrize("heads_per_group,X,want_v7", [(3, 32, True), (6, 32, True), (7, 32, True), (5, 32, True),
+                                                       (2, 32, True), (1, 64, True), (1, 32, False)])
+def test_backward_default_with_partial_groups(heads_per_group, X, want_v7, monkeypatch):
     """Heads per group not a multiple of 4 (session 20, kSpan): the default backward is v7 from 2 heads per group on
-    (scan_api.cpp bwd_v7_segments), v4 for one; the gradients are right either way."""
+    (scan_api.cpp bwd_v7_segments); one head per group (session 24, kMulti) where 4 divides the head count (X 64: 4
+    heads), else v4 (X 32: 2 heads); the gradients are right either way."""
     monkeypatch.delenv("APRIEL_SCAN_BWD", raising=False)
     monkeypatch.delenv("APRIEL_SCAN_BWD_SEGMENTS", raising=False)
-    X = 32
     args, kw = make_inputs(2, 70, heads_per_group * X, X, dtype=torch.bfloat16, device="cuda", dt_rank=16,
                            initial_states=True, seed=heads_per_group)
     weights = _loss_weights(args, kw, torch.bfloat16, seed=3)
@@ -1389,11 +1398,11 @@ def test_backward_default_with_partial_groups(heads_per_group, want_v7, monkeypa
 @pytest.mark.parametrize("extra", ["fp32", "one_head_per_group"])
 def test_backward_v7_falls_back_where_it_does_not_apply(extra, monkeypatch):
     # (misaligned rows: _grads clones its leaves - aligned again; the host check is the forward v7's plus dy's;
-    # heads per group not a multiple of 4: v7 since session 19, BWD7_CASES, except one head per group: a block's 4
-    # heads would span 4 groups)
+    # heads per group not a multiple of 4: v7 since session 19, BWD7_CASES; one head per group: v7 since session 24
+    # where 4 divides the head count (kMulti), not here: 2 heads)
     monkeypatch.setenv("APRIEL_SCAN_BWD", "v7")
     dtype = torch.float32 if extra == "fp32" else torch.bfloat16
-    D_, X = (64, 64) if extra == "one_head_per_group" else (64, 16)
+    D_, X = (32, 32) if extra == "one_head_per_group" else (64, 16)
     args, kw = make_inputs(2, 70, D_, X, dtype=dtype, device="cuda", dt_rank=16, initial_states=True, seed=3)
     seq = packed_seq_idx(2, 70, [20, 41], "cuda") if extra == "packed" else None
     weights = _loss_weights(args, kw, dtype, seed=4)

@@ -179,10 +179,26 @@ template <typename Base, typename T>
 struct WithSpan : Base {
   SpanSlot<T> span[2];
 };
-template <typename T, bool kSeq, bool kSpan>
-using SmemB7Of = std::conditional_t<kSpan, WithSpan<SmemB7For<T, kSeq>, T>, SmemB7For<T, kSeq>>;
+// kMulti (one head per x / B group, 4 | heads; session 24): a block's 4 heads are 4 groups. Group 0's x / B / halo
+// arrive in the raw tile as ever; groups 1-3's are read from global memory by A (block) at the tile's top (L2
+// prefetched a tile ahead), which keeps their B rows (bf16, the reverse's sum_n G B) and converts xf / bop into one
+// parity: group 1 into tile[1]'s (free: A runs at the tile's top, as with kSeq, so tile[0]'s serve group 0), groups 2
+// and 3 into MultiSlot. (Both parities of all 4 groups, as kSpan's slots: ~40 KB more than 2 blocks per SM allow.)
+struct alignas(16) MultiSlot {
+  alignas(16) float xf[kChunk + 3][kN];
+  alignas(16) float4 bop[kChunk / 2][9];
+};
+template <typename Base, typename T>
+struct WithMulti : Base {
+  MultiSlot multi[2];                  // groups 2, 3
+  alignas(16) T Bm[3][kChunk][kN];     // groups 1-3's B rows of the tile
+};
+template <typename T, bool kSeq, bool kSpan, bool kMulti = false>
+using SmemB7Of = std::conditional_t<kSpan, WithSpan<SmemB7For<T, kSeq>, T>,
+                                    std::conditional_t<kMulti, WithMulti<SmemB7For<T, kSeq>, T>, SmemB7For<T, kSeq>>>;
 // 2 blocks per SM (the launch bounds): 228 KB of shared memory per SM, less the 1 KB the runtime reserves per block
 static_assert(sizeof(SmemB7Of<__nv_bfloat16, true, true>) + 1024 <= 233472 / 2, "SmemB7 + span: 2 blocks per SM");
+static_assert(sizeof(SmemB7Of<__nv_bfloat16, true, false, true>) + 1024 <= 233472 / 2, "SmemB7 + multi: 2 per SM");
 static_assert(offsetof(SpanSlot<__nv_bfloat16>, B) % 128 == 0 && offsetof(SpanSlot<__nv_bfloat16>, xh) % 128 == 0,
               "SpanSlot: TMA destinations 128-byte aligned");
 
@@ -283,11 +299,12 @@ __device__ __forceinline__ void stage_span(const MixerScanParams& p, SpanSlot<T>
 // and take part in the block sums (their d(dt_low) rows are not read), alias the block's first head for their
 // constants and skip pass A, pass B's per-warp work and every store. The group sums of dB / d(conv input) stay in the
 // kernel (fused) only at 2 heads per group when 4 divides the head count: each block then holds two whole groups.
-template <typename T, bool kTma, bool kSeq = false, bool kSpan = false>
+template <typename T, bool kTma, bool kSeq = false, bool kSpan = false, bool kMulti = false>
 __global__ void __launch_bounds__(kThreads, 2)
     mixer_scan_bwd7_kernel(MixerScanParams p, const __grid_constant__ tma::ScanBwdMaps maps) {
+  static_assert(!(kSpan && kMulti), "one head per group has its own kernel");
   extern __shared__ __align__(128) unsigned char smem_raw[];  // 128: TMA destinations
-  using SM = SmemB7Of<T, kSeq, kSpan>;
+  using SM = SmemB7Of<T, kSeq, kSpan, kMulti>;
   using M = scan4::MmaOp<T>;
   SM& sm = *reinterpret_cast<SM*>(smem_raw);
   const int tid = threadIdx.x, lane = tid % 32, w = tid / 32, g = lane / 4, q = lane % 4;
@@ -302,6 +319,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     group1 = (head0 + n_heads - 1) / p.heads_per_group;
     wgroup = head / p.heads_per_group;
   }
+  if constexpr (kMulti) wgroup = head;  // (one head per group)
   const bool slot1 = kSpan && wgroup != group;  // this warp reads the SpanSlot's x / B
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank, W = p.width, hw = W - 1;
   const int n_tiles = p.n_chunks;
@@ -366,6 +384,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (tid < kChunk) sm.tile[tid / (kChunk / 2)].bop[tid % (kChunk / 2)][8] = make_float4(0.f, 0.f, 0.f, 0.f);
   if constexpr (kSpan)
     if (tid < kChunk) sm.span[tid / (kChunk / 2)].bop[tid % (kChunk / 2)][8] = make_float4(0.f, 0.f, 0.f, 0.f);
+  if constexpr (kMulti)
+    if (tid < kChunk) sm.multi[tid / (kChunk / 2)].bop[tid % (kChunk / 2)][8] = make_float4(0.f, 0.f, 0.f, 0.f);
   // dt_proj B fragments (the forward v7's column labels: lane q's prep items are channels 4q .. 4q + 3).
   unsigned wb[2][2];
 #pragma unroll
@@ -448,7 +468,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   // (measured again in session 18 after the changes below: late A with documents 6.37-6.40 vs 6.16 ms at b8,
   // bench/results/s18/ab_seq_epilogue/). (Also measured, slower everywhere: A before sub-chunk 0's closing barrier of
   // the fused sums, which then served as S1 too - 255 registers and spills.)
-  constexpr bool kLateA = !kSeq;
+  constexpr bool kLateA = !kSeq && !kMulti;  // (kMulti: one parity of xf / bop, see MultiSlot)
   // One group's A: x rows -> xf rows 3 .. 34, the halo rows 0 .. 2 (the raw tile's xh, or the initial conv state of
   // group grp for the first tile), the B operand table.
   auto convert_group = [&](int tile, const T (*x)[kN], const T (*xh)[kN], const T (*Bt)[kN], int grp, float (*xf)[kN],
@@ -467,6 +487,68 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     scan7::convert_b<T>(Bt, bo, tid);
   };
+  // kMulti: A of groups 1-3 (group + 1 .. + 3) from global memory - every load first, then the conversions - into
+  // the layouts convert_group makes from the raw tile (x rows -> xf rows 3 .. 34 and the halo rows 0 .. 2, the B
+  // operand table), plus the bf16 B rows; zeros past the sequence end (as the raw tile's zero fill).
+  auto convert_groups_global = [&](int tile) {
+    if constexpr (kMulti) {  // (the members below exist only then)
+      const int t0 = tile * kChunk;
+      const T* zx = static_cast<const T*>(p.zxbc) + (int64_t)b * p.zxbc_batch_stride + p.d_inner + group * kN;
+      const int xrow = tid / 4, xpart = tid % 4, bpr = tid / 8, bg = tid % 8, hr = tid / kN, hch = tid % kN;
+      uint2 xv[3];
+      T bv[3][4];
+      float hv[3];
+#pragma unroll
+      for (int s = 0; s < 3; ++s) {
+        const T* zg = zx + (s + 1) * kN;
+        const int pos = t0 + xrow;
+        xv[s] = pos < L ? *reinterpret_cast<const uint2*>(zg + (int64_t)pos * p.zxbc_row_stride + xpart * 4)
+                        : make_uint2(0u, 0u);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int bpos = t0 + 2 * bpr + (k >> 1);
+          bv[s][k] = bpos < L ? zg[(int64_t)bpos * p.zxbc_row_stride + p.d_xb + bg + 8 * (k & 1)] : from_f<T>(0.f);
+        }
+        hv[s] = 0.f;
+        if (tid < 3 * kN) {
+          if (tile > 0) {
+            hv[s] = to_f(zg[(int64_t)(t0 - 3 + hr) * p.zxbc_row_stride + hch]);
+          } else {
+            const int kk = hw + hr - 3;  // index into the last W-1 entries of the initial conv state
+            if (p.init_conv != nullptr && kk >= 0)
+              hv[s] = p.init_conv[((int64_t)b * p.d_xb + (group + s + 1) * kN + hch) * hw + kk];
+          }
+        }
+      }
+#pragma unroll
+      for (int s = 0; s < 3; ++s) {
+        float(*xf)[kN] = s == 0 ? sm.tile[1].xf : sm.multi[s - 1].xf;
+        float4(*bo)[9] = s == 0 ? sm.tile[1].bop : sm.multi[s - 1].bop;
+        const float2 x01 = scan4::unpack2<T>(xv[s].x), x23 = scan4::unpack2<T>(xv[s].y);
+        *reinterpret_cast<float4*>(&xf[3 + xrow][xpart * 4]) = make_float4(x01.x, x01.y, x23.x, x23.y);
+        if (tid < 3 * kN) xf[hr][hch] = hv[s];
+        bo[bpr][bg] = make_float4(to_f(bv[s][0]), to_f(bv[s][1]), to_f(bv[s][2]), to_f(bv[s][3]));
+        T(*Bm)[kN] = sm.Bm[s];
+        Bm[2 * bpr][bg] = bv[s][0];
+        Bm[2 * bpr][bg + 8] = bv[s][1];
+        Bm[2 * bpr + 1][bg] = bv[s][2];
+        Bm[2 * bpr + 1][bg + 8] = bv[s][3];
+      }
+    }
+  };
+  // kMulti: the L2 prefetch of groups 1-3's x / B rows of the tile at t0 (and its 3 halo rows): at r = 1 the 4
+  // groups' 16 columns are contiguous, so one 128-byte line per row and slice holds the block's; lines 0 .. 34 = x
+  // rows t0 - 3 .. t0 + 31, 35 .. 66 = B rows t0 .. t0 + 31.
+  auto prefetch_groups = [&](int t0) {
+    if (tid < 67) {
+      const int pos = tid < 35 ? t0 - 3 + tid : t0 + tid - 35;
+      if (pos >= 0 && pos < L) {
+        const T* line = static_cast<const T*>(p.zxbc) + (int64_t)b * p.zxbc_batch_stride +
+                        (int64_t)pos * p.zxbc_row_stride + p.d_inner + (tid < 35 ? 0 : p.d_xb) + group * kN;
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+      }
+    }
+  };
   auto convert = [&](int tile) {
     const int cp = tile & 1;
     const typename SM::Raw& rc = sm.tile[cp].raw;
@@ -479,6 +561,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         convert_group(tile, rs.x, rs.xh, rs.B, group1, ds.xf, ds.bop);
       }
     }
+    if constexpr (kMulti) convert_groups_global(tile);
   };
   // raw[tile & 1] holds the tile's copies (TMA: the transaction barrier's phase, waited on by each thread; cp.async:
   // each thread's own copies, then - block_sync - a block barrier for the others' (else the caller's S1 does it)).
@@ -525,6 +608,9 @@ __global__ void __launch_bounds__(kThreads, 2)
         stage_tile(par ^ 1, t0 - kChunk);
       }
     }
+    if constexpr (kMulti) {
+      if (tile > tile_first) prefetch_groups(t0 - kChunk);
+    }
     if constexpr (!kLateA) {
       convert(tile);
       __syncthreads();  // S2
@@ -537,6 +623,13 @@ __global__ void __launch_bounds__(kThreads, 2)
         xf = sm.span[kLateA ? par : 0].xf;
         bop = sm.span[kLateA ? par : 0].bop;
         Braw = sm.span[par].B;
+      }
+    }
+    if constexpr (kMulti) {  // warp w's group is the block's w-th (MultiSlot)
+      if (w > 0) {
+        xf = w == 1 ? sm.tile[1].xf : sm.multi[w - 2].xf;
+        bop = w == 1 ? sm.tile[1].bop : sm.multi[w - 2].bop;
+        Braw = sm.Bm[w - 1];
       }
     }
     // kSeq: tap k of token t (row t + 3) reads another document iff a start lies in rows t + k + 1 .. t + 3, and
@@ -978,10 +1071,10 @@ __global__ void __launch_bounds__(kThreads, 2)
           // The group's 4 heads are this block's 4 warps: sum their dB and d(conv input) (fixed order) and write
           // dzxbc's B / x slices. dfinal_conv enters at the last width-1 positions (x inputs of the final state).
           // kSpan (fused only at 2 heads per group with 4 heads in every block - the host's rule): the block holds
-          // two whole groups, warps 0-1 and 2-3, summed in turn.
+          // two whole groups, warps 0-1 and 2-3, summed in turn; kMulti: four, one warp each.
           __syncthreads();
           const int hx = tid >> 6, i = tid & 63, tl = i >> 3, pr = i & 7, tg = t0 + kSub * j + tl;
-          constexpr int kSlots = kSpan ? 2 : 1, kPerGroup = kHeads / kSlots;
+          constexpr int kSlots = kSpan ? 2 : kMulti ? 4 : 1, kPerGroup = kHeads / kSlots;
 #pragma unroll
           for (int sl = 0; sl < kSlots; ++sl) {
             const int gs = group + sl;
@@ -1107,34 +1200,39 @@ inline bool encode_maps(const MixerScanParams& p, tma::ScanBwdMaps& maps) {
 }
 }  // namespace
 
-template <typename T, bool kSeq, bool kSpan>
+template <typename T, bool kSeq, bool kSpan, bool kMulti = false>
 void launch_for(const MixerScanParams& p, void* stream) {
-  const size_t smem = sizeof(SmemB7Of<T, kSeq, kSpan>);
+  const size_t smem = sizeof(SmemB7Of<T, kSeq, kSpan, kMulti>);
   const dim3 grid(mixer_scan_bwd7_blocks_per_row(p), p.batch * p.bwd_segments);
   tma::ScanBwdMaps maps{};
 #if APRIEL_TMA
   if (encode_maps(p, maps)) {
     static const bool configured =
-        scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, true, kSeq, kSpan>), smem);
+        scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, true, kSeq, kSpan, kMulti>), smem);
     (void)configured;
-    mixer_scan_bwd7_kernel<T, true, kSeq, kSpan>
+    mixer_scan_bwd7_kernel<T, true, kSeq, kSpan, kMulti>
         <<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
     APRIEL_CHECK_LAUNCH();
     return;
   }
 #endif
   static const bool configured =
-      scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, false, kSeq, kSpan>), smem);
+      scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, false, kSeq, kSpan, kMulti>), smem);
   (void)configured;
-  mixer_scan_bwd7_kernel<T, false, kSeq, kSpan>
+  mixer_scan_bwd7_kernel<T, false, kSeq, kSpan, kMulti>
       <<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
   APRIEL_CHECK_LAUNCH();
 }
 
 template <typename T>
 void launch(const MixerScanParams& p, void* stream) {
-  // kSpan (instantiated in mixer_scan_bwd7s_*.cu, scan_params.h) also for 8, 12, ... heads per group (blocks inside
-  // one group: no second-group staging): the kernel without kSpan always has the group sums fused (4 per group).
+  // kMulti (one head per group; instantiated in mixer_scan_bwd7m_*.cu) and kSpan (mixer_scan_bwd7s_*.cu; scan_params.h)
+  // - kSpan also for 8, 12, ... heads per group (blocks inside one group: no second-group staging): the kernel without
+  // either always has the group sums fused (4 per group).
+  if (p.heads_per_group == 1) {
+    launch_mixer_scan_bwd7_multi<T>(p, stream);
+    return;
+  }
   if (p.heads_per_group % kHeads != 0 || !p.bwd_fused_sums) {
     launch_mixer_scan_bwd7_span<T>(p, stream);
     return;
@@ -1146,6 +1244,11 @@ template <typename T>
 void launch_span(const MixerScanParams& p, void* stream) {
   if (p.seq_idx != nullptr) launch_for<T, true, true>(p, stream);
   else launch_for<T, false, true>(p, stream);
+}
+template <typename T>
+void launch_multi(const MixerScanParams& p, void* stream) {
+  if (p.seq_idx != nullptr) launch_for<T, true, false, true>(p, stream);
+  else launch_for<T, false, false, true>(p, stream);
 }
 
 }  // namespace scan7b
@@ -1410,6 +1513,12 @@ void launch_mixer_scan_bwd7(const MixerScanParams& p, void* stream) {
 template <typename T>
 void launch_mixer_scan_bwd7_span(const MixerScanParams& p, void* stream) {
   scan7b::launch_span<T>(p, stream);
+}
+#endif
+#ifdef APRIEL_SCAN_BWD7_MULTI_TU  // (defined only in mixer_scan_bwd7m_*.cu)
+template <typename T>
+void launch_mixer_scan_bwd7_multi(const MixerScanParams& p, void* stream) {
+  scan7b::launch_multi<T>(p, stream);
 }
 #endif
 

@@ -519,7 +519,7 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   const int nseg = d.L > 0 && d.b > 0 ? bwd_v7_segments(p, st) : 0;
   const bool v7 = nseg > 0;
   // (kSpan at 2 heads per group: every block holds two whole groups when 4 divides the head count)
-  const bool fused = v7 && (d.r == 4 || (d.r == 2 && (d.D / kN) % 4 == 0));
+  const bool fused = v7 && (d.r == 4 || d.r == 1 || (d.r == 2 && (d.D / kN) % 4 == 0));  // (r = 1: kMulti)
   p.bwd_fused_sums = fused;
   // Sequence split (v7 only): whole-sequence partials get one row per (b, segment).
   // (seg_tiles = ceil(n_chunks / S), then S = ceil(n_chunks / seg_tiles): no empty segment)

@@ -237,8 +237,10 @@ template <typename T>
 void launch_mixer_scan_bwd7(const MixerScanParams& p, void* stream);
 inline bool mixer_scan_bwd7_supports(const MixerScanParams& p) {
   // (packed documents: since session 13; heads_per_group % 4 != 0: since session 19, >= 2 since session 20: kSpan -
-  // a block's heads span at most two groups)
-  return mixer_scan_fwd7_applies(p) && p.dy_vec16 && p.heads_per_group >= 2;
+  // a block's heads span at most two groups; one head per group since session 24 where 4 divides the head count:
+  // kMulti - a block's 4 heads are 4 whole groups)
+  return mixer_scan_fwd7_applies(p) && p.dy_vec16 &&
+         (p.heads_per_group >= 2 || (p.heads_per_group == 1 && (p.d_inner / 16) % 4 == 0));
 }
 // The v7 backward's blocks per sequence (its grid's x): 4 consecutive heads each, across group boundaries when 4 does
 // not divide heads_per_group (kSpan, session 20; the last block may have fewer heads).
@@ -252,6 +254,9 @@ template <typename T>
 void launch_mixer_scan_fwd7_varlen_partial(const MixerScanParams& p, int blocks_per_column, void* stream);
 template <typename T>
 void launch_mixer_scan_bwd7_span(const MixerScanParams& p, void* stream);
+// One head per group (kMulti, session 24; mixer_scan_bwd7m_*.cu): a block's 4 heads are 4 whole groups.
+template <typename T>
+void launch_mixer_scan_bwd7_multi(const MixerScanParams& p, void* stream);
 // The v7 backward's carry pre-pass (p.bwd_segments > 1): L_s and P_s of segments 1 .. segments-1 into p.seg_carry.
 template <typename T>
 void launch_mixer_scan_bwd7_carry(const MixerScanParams& p, void* stream);

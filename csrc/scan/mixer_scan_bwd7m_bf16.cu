@@ -1,0 +1,24 @@
+// bf16 instantiation of the v7 mixer scan backward with one head per x / B group (mixer_scan_bwd7.cuh kMulti: a
+// block's 4 heads are 4 whole groups; session 24). Own TU so that no TU's compile time grows.
+#define APRIEL_TMA_TU 1  // this TU instantiates TMA kernels: tma.cuh includes CUTLASS (see there)
+#define APRIEL_SCAN_BWD7_MULTI_TU 1
+#include "../common/kernel_registry.h"
+#include "mixer_scan_bwd7.cuh"
+
+namespace apriel {
+template void launch_mixer_scan_bwd7_multi<__nv_bfloat16>(const MixerScanParams&, void*);
+
+namespace {
+const bool kRegistered = [] {
+  register_kernel({"scan", "mixer_scan_bwd7_multi<bf16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__nv_bfloat16, false, false, false, true>), scan7b::kThreads});
+#if APRIEL_TMA
+  register_kernel({"scan", "mixer_scan_bwd7_multi_tma<bf16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__nv_bfloat16, true, false, false, true>), scan7b::kThreads});
+#endif
+  register_kernel({"scan", "mixer_scan_bwd7_multi_docs<bf16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__nv_bfloat16, false, true, false, true>), scan7b::kThreads});
+#if APRIEL_TMA
+  register_kernel({"scan", "mixer_scan_bwd7_multi_docs_tma<bf16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__nv_bfloat16, true, true, false, true>), scan7b::kThreads});
+#endif
+  return true;
+}();
+}  // namespace
+}  // namespace apriel
