@@ -54,9 +54,10 @@
 // other way - the next segment's contribution to the d(conv input) of the hw tokens before it - leaves the kernel
 // as that segment's dinit_conv_part row (and the earlier segment writes those rows without it: dx_edge / its parts);
 // the host adds the two. Whole-sequence partial outputs get one row per (b, segment).
-// Packed documents (seq_idx): kSeq (session 13), below. heads_per_group % 4 != 0: kSpan (session 20), below. Not
-// handled (the dispatcher runs v4): fp32 activations, dt_rank > 16, rows that are not 16-byte aligned (zxbc, dt_low,
-// dy), one head per group.
+// Packed documents (seq_idx): kSeq (session 13), below. heads_per_group % 4 != 0: kSpan (session 20), below. One
+// head per group (MHA teachers) where 4 divides the head count: kMulti (session 24, MultiSlot). Not handled (the
+// dispatcher runs v4): fp32 activations, dt_rank > 16, rows that are not 16-byte aligned (zxbc, dt_low, dy), one head
+// per group with a head count that 4 does not divide.
 #pragma once
 #include "../common/cuda_check.h"
 #include "scan_common.cuh"

@@ -404,6 +404,8 @@ int bwd7_segments(const MixerScanParams& p) {
 // 10.60 (v4) -> 1.33 / 4.70 / 8.96; 6 (Qwen2.5-1.5B) b8 3.12 -> 2.94; 7 (Qwen2.5-7B) 1.03 / 3.36 / 6.59 -> 1.04 /
 // 3.39 / 6.67 (the one loss, 1 %); 2 (Qwen3-1.7B, group sums in the kernel) 1.04 / 2.36 / 4.48-4.62 (v4) -> 0.55-0.77
 // / 1.79 / 3.21; the 4-per-group kernels unchanged (SASS identical).
+// One head per group (kMulti, session 24; 4 | heads): SmolLM2-1.7B's mixer (2048 / 2048) at L 4096, b1 / b4 / b8, v4
+// -> v7: 1.03 / 2.28 / 4.59 -> 0.50 / 1.73 / 3.18 ms (bench/results/s24/multi_a91bf6b/).
 int bwd_v7_segments(const MixerScanParams& p, at::ScalarType st) {
   if (st == at::kFloat || !mixer_scan_bwd7_supports(p)) return 0;
   const std::string v = bwd_version();
