@@ -4,7 +4,8 @@ versions, to set the dispatch rules between v7 and v5 (forward: APRIEL_SCAN_FWD,
 (--backward: APRIEL_SCAN_BWD, the backward alone after one forward, eager). Run on the device after the extension is
 built:
     python3 scripts/diag/scan_groups_time.py [--backward] [--versions v5,v7,auto] [--batches 1,2,4,8] [--seqlen 4096]
-                                             [--shapes NAME,...] [--json OUT] [--device-time]
+                                             [--shapes NAME,...] [--json OUT] [--device-time] [--packed MEAN]
+--packed MEAN: packed documents of MEAN tokens on average (bench.kernels_scan.packed_documents) as seq_idx.
 --device-time (with --backward) also sums the backward's CUDA kernel times (JSON: device_ms; graph_p50_ms stays None).
 A backward version "v7:S" forces S sequence segments (APRIEL_SCAN_BWD_SEGMENTS; session 20: the split's rule at
 the kSpan backward's grids).
@@ -20,6 +21,7 @@ import scan_case  # scripts/diag (this script's directory is on sys.path)
 from apriel_kernels import mixer_scan
 from torch.profiler import ProfilerActivity, profile
 
+from bench.kernels_scan import packed_documents
 from bench.timing import time_graph_ms, time_ms
 from bench.variants import env_override
 
@@ -42,6 +44,7 @@ parser.add_argument("--batches", default="1,2,4,8")
 parser.add_argument("--seqlen", type=int, default=4096)
 parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
 parser.add_argument("--json")
+parser.add_argument("--packed", type=int, default=0, help="packed documents of this mean length (0: none)")
 parser.add_argument("--device-time", action="store_true",
                     help="--backward: also the summed CUDA kernel time per backward (torch profiler), free of the host "
                          "launch time that dominates eager timing of small shapes")
@@ -64,6 +67,8 @@ rows = []
 for name, D, X in (s for s in SHAPES if s[0] in opts.shapes.split(",")):
     for batch in (int(v) for v in opts.batches.split(",")):
         args, kw = make_case(batch, opts.seqlen, D, X, requires_grad=opts.backward)
+        if opts.packed:
+            kw = dict(kw, seq_idx=packed_documents(batch, opts.seqlen, opts.packed))
         line = []
         for version in versions:
             dev = None
@@ -84,7 +89,7 @@ for name, D, X in (s for s in SHAPES if s[0] in opts.shapes.split(",")):
                         eager = time_ms(lambda: mixer_scan(**args, **kw), rep_ms=100)["p50"]
                         graph = time_graph_ms(lambda: mixer_scan(**args, **kw))["p50"]
             rows.append({"shape": name, "d_inner": D, "d_xb": X, "heads_per_group": D // X, "batch": batch,
-                         "seqlen": opts.seqlen, "phase": "bwd" if opts.backward else "fwd", "version": version,
+                         "seqlen": opts.seqlen, "packed_mean": opts.packed, "phase": "bwd" if opts.backward else "fwd", "version": version,
                          "eager_p50_ms": eager, "graph_p50_ms": graph, "device_ms": dev})
             line.append(f"{version} {eager if opts.backward else graph:.4f}" +
                         (f" (device {dev:.4f})" if dev is not None else ""))
