@@ -89,7 +89,8 @@ for name, D, X in (s for s in SHAPES if s[0] in opts.shapes.split(",")):
                         eager = time_ms(lambda: mixer_scan(**args, **kw), rep_ms=100)["p50"]
                         graph = time_graph_ms(lambda: mixer_scan(**args, **kw))["p50"]
             rows.append({"shape": name, "d_inner": D, "d_xb": X, "heads_per_group": D // X, "batch": batch,
-                         "seqlen": opts.seqlen, "packed_mean": opts.packed, "phase": "bwd" if opts.backward else "fwd", "version": version,
+                         "seqlen": opts.seqlen, "packed_mean": opts.packed,
+                         "phase": "bwd" if opts.backward else "fwd", "version": version,
                          "eager_p50_ms": eager, "graph_p50_ms": graph, "device_ms": dev})
             line.append(f"{version} {eager if opts.backward else graph:.4f}" +
                         (f" (device {dev:.4f})" if dev is not None else ""))
