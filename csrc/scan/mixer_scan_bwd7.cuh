@@ -181,30 +181,25 @@ struct WithSpan : Base {
   SpanSlot<T> span[2];
 };
 // kMulti (one head per x / B group, 4 | heads; session 24): a block's 4 heads are 4 groups. Group 0's x / B / halo
-// arrive in the raw tile as ever; groups 1-3's are read from global memory by A (block) (L2-prefetched a tile ahead),
-// which keeps their B rows (bf16, the reverse's sum_n G B) and converts their xf / bop into ONE parity, MultiSlot:
-// A of the tile before runs after the tile's last barrier, when nobody reads them any more (kLateA). With kSeq A
-// runs at the tile's top, and group 1 takes tile[1]'s tables, which are free then. (Both parities of all 4 groups,
-// as kSpan's slots: ~40 KB more than 2 blocks per SM allow.)
+// arrive in the raw tile as ever; groups 1-3's are read from global memory by A (block) at the tile's top (L2
+// prefetched a tile ahead), which keeps their B rows (bf16, the reverse's sum_n G B) and converts xf / bop into one
+// parity: group 1 into tile[1]'s (free: A runs at the tile's top, as with kSeq, so tile[0]'s serve group 0), groups 2
+// and 3 into MultiSlot. (Both parities of all 4 groups, as kSpan's slots: ~40 KB more than 2 blocks per SM allow.)
 struct alignas(16) MultiSlot {
   alignas(16) float xf[kChunk + 3][kN];
   alignas(16) float4 bop[kChunk / 2][9];
 };
-template <typename Base, typename T, bool kSeq>
+template <typename Base, typename T>
 struct WithMulti : Base {
-  static constexpr int kMultiSlots = kSeq ? 2 : 3;  // groups 2-3 (kSeq: group 1 in tile[1]) or 1-3
-  MultiSlot multi[kMultiSlots];
+  MultiSlot multi[2];                  // groups 2, 3
   alignas(16) T Bm[3][kChunk][kN];     // groups 1-3's B rows of the tile
 };
 template <typename T, bool kSeq, bool kSpan, bool kMulti = false>
-using SmemB7Of =
-    std::conditional_t<kSpan, WithSpan<SmemB7For<T, kSeq>, T>,
-                       std::conditional_t<kMulti, WithMulti<SmemB7For<T, kSeq>, T, kSeq>, SmemB7For<T, kSeq>>>;
+using SmemB7Of = std::conditional_t<kSpan, WithSpan<SmemB7For<T, kSeq>, T>,
+                                    std::conditional_t<kMulti, WithMulti<SmemB7For<T, kSeq>, T>, SmemB7For<T, kSeq>>>;
 // 2 blocks per SM (the launch bounds): 228 KB of shared memory per SM, less the 1 KB the runtime reserves per block
 static_assert(sizeof(SmemB7Of<__nv_bfloat16, true, true>) + 1024 <= 233472 / 2, "SmemB7 + span: 2 blocks per SM");
-static_assert(sizeof(SmemB7Of<__nv_bfloat16, true, false, true>) + 1024 <= 233472 / 2 &&
-                  sizeof(SmemB7Of<__nv_bfloat16, false, false, true>) + 1024 <= 233472 / 2,
-              "SmemB7 + multi: 2 blocks per SM");
+static_assert(sizeof(SmemB7Of<__nv_bfloat16, true, false, true>) + 1024 <= 233472 / 2, "SmemB7 + multi: 2 per SM");
 static_assert(offsetof(SpanSlot<__nv_bfloat16>, B) % 128 == 0 && offsetof(SpanSlot<__nv_bfloat16>, xh) % 128 == 0,
               "SpanSlot: TMA destinations 128-byte aligned");
 
@@ -391,8 +386,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   if constexpr (kSpan)
     if (tid < kChunk) sm.span[tid / (kChunk / 2)].bop[tid % (kChunk / 2)][8] = make_float4(0.f, 0.f, 0.f, 0.f);
   if constexpr (kMulti)
-    for (int i = tid; i < SM::kMultiSlots * (kChunk / 2); i += kThreads)
-      sm.multi[i / (kChunk / 2)].bop[i % (kChunk / 2)][8] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (tid < kChunk) sm.multi[tid / (kChunk / 2)].bop[tid % (kChunk / 2)][8] = make_float4(0.f, 0.f, 0.f, 0.f);
   // dt_proj B fragments (the forward v7's column labels: lane q's prep items are channels 4q .. 4q + 3).
   unsigned wb[2][2];
 #pragma unroll
@@ -475,7 +469,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   // (measured again in session 18 after the changes below: late A with documents 6.37-6.40 vs 6.16 ms at b8,
   // bench/results/s18/ab_seq_epilogue/). (Also measured, slower everywhere: A before sub-chunk 0's closing barrier of
   // the fused sums, which then served as S1 too - 255 registers and spills.)
-  constexpr bool kLateA = !kSeq;
+  constexpr bool kLateA = !kSeq && !kMulti;  // (kMulti: one parity of xf / bop, see MultiSlot)
   // One group's A: x rows -> xf rows 3 .. 34, the halo rows 0 .. 2 (the raw tile's xh, or the initial conv state of
   // group grp for the first tile), the B operand table.
   auto convert_group = [&](int tile, const T (*x)[kN], const T (*xh)[kN], const T (*Bt)[kN], int grp, float (*xf)[kN],
@@ -529,9 +523,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
 #pragma unroll
       for (int s = 0; s < 3; ++s) {
-        // (group s + 1; kSeq: group 1 in tile[1], see MultiSlot)
-        float(*xf)[kN] = !kSeq ? sm.multi[s].xf : s == 0 ? sm.tile[1].xf : sm.multi[s - 1].xf;
-        float4(*bo)[9] = !kSeq ? sm.multi[s].bop : s == 0 ? sm.tile[1].bop : sm.multi[s - 1].bop;
+        float(*xf)[kN] = s == 0 ? sm.tile[1].xf : sm.multi[s - 1].xf;
+        float4(*bo)[9] = s == 0 ? sm.tile[1].bop : sm.multi[s - 1].bop;
         const float2 x01 = scan4::unpack2<T>(xv[s].x), x23 = scan4::unpack2<T>(xv[s].y);
         *reinterpret_cast<float4*>(&xf[3 + xrow][xpart * 4]) = make_float4(x01.x, x01.y, x23.x, x23.y);
         if (tid < 3 * kN) xf[hr][hch] = hv[s];
@@ -635,8 +628,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     if constexpr (kMulti) {  // warp w's group is the block's w-th (MultiSlot)
       if (w > 0) {
-        xf = !kSeq ? sm.multi[w - 1].xf : w == 1 ? sm.tile[1].xf : sm.multi[w - 2].xf;
-        bop = !kSeq ? sm.multi[w - 1].bop : w == 1 ? sm.tile[1].bop : sm.multi[w - 2].bop;
+        xf = w == 1 ? sm.tile[1].xf : sm.multi[w - 2].xf;
+        bop = w == 1 ? sm.tile[1].bop : sm.multi[w - 2].bop;
         Braw = sm.Bm[w - 1];
       }
     }
