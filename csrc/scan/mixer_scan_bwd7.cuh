@@ -472,80 +472,68 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr bool kLateA = !kSeq && !kMulti;  // (kMulti: one parity of xf / bop, see MultiSlot)
   // One group's A: x rows -> xf rows 3 .. 34, the halo rows 0 .. 2 (the raw tile's xh, or the initial conv state of
   // group grp for the first tile), the B operand table.
+  // halo row hr (< 3) of the first tile: the initial conv state of group grp, channel ch (0 without one)
+  auto init_conv_row = [&](int grp, int hr, int ch) {
+    const int kk = hw + hr - 3;  // index into the last W-1 entries of the initial conv state
+    return (p.init_conv != nullptr && kk >= 0) ? p.init_conv[((int64_t)b * p.d_xb + grp * kN + ch) * hw + kk] : 0.f;
+  };
   auto convert_group = [&](int tile, const T (*x)[kN], const T (*xh)[kN], const T (*Bt)[kN], int grp, float (*xf)[kN],
                            float4 (*bo)[9]) {
     scan7::convert_x<T>(x, xf, tid);
     if (tid < 3 * kN) {
       const int hr = tid / kN, ch = tid % kN;
-      float v;
-      if (tile > 0) {
-        v = to_f(xh[hr][ch]);
-      } else {
-        const int kk = hw + hr - 3;  // index into the last W-1 entries of the initial conv state
-        v = (p.init_conv != nullptr && kk >= 0) ? p.init_conv[((int64_t)b * p.d_xb + grp * kN + ch) * hw + kk] : 0.f;
-      }
-      xf[hr][ch] = v;
+      xf[hr][ch] = tile > 0 ? to_f(xh[hr][ch]) : init_conv_row(grp, hr, ch);
     }
     scan7::convert_b<T>(Bt, bo, tid);
   };
-  // kMulti: A of groups 1-3 (group + 1 .. + 3) from global memory - every load first, then the conversions - into
-  // the layouts convert_group makes from the raw tile (x rows -> xf rows 3 .. 34 and the halo rows 0 .. 2, the B
-  // operand table), plus the bf16 B rows; zeros past the sequence end (as the raw tile's zero fill).
+  // kMulti: groups 1-3's x / B columns of this sequence (at one head per group the block's 4 groups are contiguous)
+  const T* zx_groups = static_cast<const T*>(p.zxbc) + (int64_t)b * p.zxbc_batch_stride + p.d_inner + group * kN;
+  // kMulti: A of groups 1-3 (group + 1 .. + 3) from global memory - every load first (in convert_x / convert_b's
+  // thread mapping), then the conversions by their code - into xf / bop, and their bf16 B rows (Bm, which convert_b
+  // then reads: each thread its own 4 entries); zeros past the sequence end (as the raw tile's zero fill).
   auto convert_groups_global = [&](int tile) {
     if constexpr (kMulti) {  // (the members below exist only then)
       const int t0 = tile * kChunk;
-      const T* zx = static_cast<const T*>(p.zxbc) + (int64_t)b * p.zxbc_batch_stride + p.d_inner + group * kN;
       const int xrow = tid / 4, xpart = tid % 4, bpr = tid / 8, bg = tid % 8, hr = tid / kN, hch = tid % kN;
       uint2 xv[3];
       T bv[3][4];
       float hv[3];
 #pragma unroll
       for (int s = 0; s < 3; ++s) {
-        const T* zg = zx + (s + 1) * kN;
+        const T* zg = zx_groups + (s + 1) * kN;
         const int pos = t0 + xrow;
         xv[s] = pos < L ? *reinterpret_cast<const uint2*>(zg + (int64_t)pos * p.zxbc_row_stride + xpart * 4)
                         : make_uint2(0u, 0u);
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
+        for (int k = 0; k < 4; ++k) {  // B[2 bpr + (k >> 1)][bg + 8 (k & 1)]: convert_b's entries of this thread
           const int bpos = t0 + 2 * bpr + (k >> 1);
           bv[s][k] = bpos < L ? zg[(int64_t)bpos * p.zxbc_row_stride + p.d_xb + bg + 8 * (k & 1)] : from_f<T>(0.f);
         }
         hv[s] = 0.f;
-        if (tid < 3 * kN) {
-          if (tile > 0) {
-            hv[s] = to_f(zg[(int64_t)(t0 - 3 + hr) * p.zxbc_row_stride + hch]);
-          } else {
-            const int kk = hw + hr - 3;  // index into the last W-1 entries of the initial conv state
-            if (p.init_conv != nullptr && kk >= 0)
-              hv[s] = p.init_conv[((int64_t)b * p.d_xb + (group + s + 1) * kN + hch) * hw + kk];
-          }
-        }
+        if (tid < 3 * kN)
+          hv[s] = tile > 0 ? to_f(zg[(int64_t)(t0 - 3 + hr) * p.zxbc_row_stride + hch])
+                           : init_conv_row(group + s + 1, hr, hch);
       }
 #pragma unroll
       for (int s = 0; s < 3; ++s) {
         float(*xf)[kN] = s == 0 ? sm.tile[1].xf : sm.multi[s - 1].xf;
-        float4(*bo)[9] = s == 0 ? sm.tile[1].bop : sm.multi[s - 1].bop;
-        const float2 x01 = scan4::unpack2<T>(xv[s].x), x23 = scan4::unpack2<T>(xv[s].y);
-        *reinterpret_cast<float4*>(&xf[3 + xrow][xpart * 4]) = make_float4(x01.x, x01.y, x23.x, x23.y);
+        scan7::store_x_quad<T>(xv[s], xf, tid);
         if (tid < 3 * kN) xf[hr][hch] = hv[s];
-        bo[bpr][bg] = make_float4(to_f(bv[s][0]), to_f(bv[s][1]), to_f(bv[s][2]), to_f(bv[s][3]));
         T(*Bm)[kN] = sm.Bm[s];
-        Bm[2 * bpr][bg] = bv[s][0];
-        Bm[2 * bpr][bg + 8] = bv[s][1];
-        Bm[2 * bpr + 1][bg] = bv[s][2];
-        Bm[2 * bpr + 1][bg + 8] = bv[s][3];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) Bm[2 * bpr + (k >> 1)][bg + 8 * (k & 1)] = bv[s][k];
+        scan7::convert_b<T>(Bm, s == 0 ? sm.tile[1].bop : sm.multi[s - 1].bop, tid);
       }
     }
   };
-  // kMulti: the L2 prefetch of groups 1-3's x / B rows of the tile at t0 (and its 3 halo rows): at r = 1 the 4
-  // groups' 16 columns are contiguous, so one 128-byte line per row and slice holds the block's; lines 0 .. 34 = x
-  // rows t0 - 3 .. t0 + 31, 35 .. 66 = B rows t0 .. t0 + 31.
+  // kMulti: the L2 prefetch of groups 1-3's x / B rows of the tile at t0 (and its 3 halo rows): one 128-byte line per
+  // row and slice holds the block's 4 groups; lines 0 .. 34 = x rows t0 - 3 .. t0 + 31, 35 .. 66 = B rows t0 ..
+  // t0 + 31.
   auto prefetch_groups = [&](int t0) {
     if (tid < 67) {
       const int pos = tid < 35 ? t0 - 3 + tid : t0 + tid - 35;
       if (pos >= 0 && pos < L) {
-        const T* line = static_cast<const T*>(p.zxbc) + (int64_t)b * p.zxbc_batch_stride +
-                        (int64_t)pos * p.zxbc_row_stride + p.d_inner + (tid < 35 ? 0 : p.d_xb) + group * kN;
+        const T* line = zx_groups + (int64_t)pos * p.zxbc_row_stride + (tid < 35 ? 0 : p.d_xb);
         asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
       }
     }

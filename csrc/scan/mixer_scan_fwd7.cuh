@@ -115,12 +115,16 @@ __device__ __forceinline__ float tf32_rna(float v) {
 // fills the 3 halo rows of xf in between): the group's x rows to fp32 (xf rows 3 .. 34), and the B operand per token
 // pair, (B_t[g], B_t[8+g], B_t+1[g], B_t+1[8+g]) for g < 8 (entry 8, the zeros, is the caller's).
 // (The array forms serve the backward's second group of a block, mixer_scan_bwd7.cuh kSpan.)
+// Thread tid's quad of x (row tid / 4, channels 4 (tid % 4) .. + 3; 128 threads = 32 rows x 4 quads), 4 16-bit
+// values as loaded, into xf row 3 + tid / 4 (convert_x; the v7 backward's kMulti loads its quads from global memory).
+template <typename T>
+__device__ __forceinline__ void store_x_quad(uint2 wx, float (*xf)[kN], int tid) {
+  const float2 x01 = scan4::unpack2<T>(wx.x), x23 = scan4::unpack2<T>(wx.y);
+  *reinterpret_cast<float4*>(&xf[3 + tid / 4][(tid % 4) * 4]) = make_float4(x01.x, x01.y, x23.x, x23.y);
+}
 template <typename T>
 __device__ __forceinline__ void convert_x(const T (*x)[kN], float (*xf)[kN], int tid) {
-  const int row = tid / 4, part = tid % 4;  // 128 threads = 32 rows x 4 quads
-  const uint2 wx = *reinterpret_cast<const uint2*>(&x[row][part * 4]);
-  const float2 x01 = scan4::unpack2<T>(wx.x), x23 = scan4::unpack2<T>(wx.y);
-  *reinterpret_cast<float4*>(&xf[3 + row][part * 4]) = make_float4(x01.x, x01.y, x23.x, x23.y);
+  store_x_quad<T>(*reinterpret_cast<const uint2*>(&x[tid / 4][(tid % 4) * 4]), xf, tid);
 }
 template <typename T>
 __device__ __forceinline__ void convert_x(const Raw7<T>& rc, float (*xf)[kN], int tid) {
@@ -244,8 +248,9 @@ __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::S
 // longest first, by an atomic counter per column (p.var_next[x]) until the list (p.var_items, p.var_count) is
 // exhausted. A document [ts, te) of sequence b runs the tiles that hold it, tile ts / 32 .. (te - 1) / 32, from a
 // zero state (the sequence's initial states when ts = 0): the tokens of other documents in its first and last tile
-// are computed (the document mask resets h at ts) but never stored. So every document is scheduled on its own - a sequence of short documents gives batch 1 the blocks
-// that the v7 layout needs, and a document's time is its own length, not the sequence's. Outputs are the kSeq
+// are computed (the document mask resets h at ts) but never stored. So every document is scheduled on its own - a
+// sequence of short documents gives batch 1 the blocks that the v7 layout needs, and a document's time is its own
+// length, not the sequence's. Outputs are the kSeq
 // kernel's bit for bit (tested): the same arithmetic per token, each y row, checkpoint and final state written by
 // the block of the document it belongs to - checkpoint `tile` (the state after token 32 tile - 1) by the document
 // holding that token, and when a document ends on a tile boundary, by its block after its last tile.

@@ -8,7 +8,7 @@
 // empty launch of the one not picked cost 7-22 us per call (H100, bench/results/s17/run_454d0e8/varlen.json).
 //
 // Shape contract: seq_idx (batch, seqlen) int32 contiguous; a document starts at token 0 and wherever the id changes
-// (as for every kernel with documents: the ids need not increase). workspace: kVarlenWorkspaceInts + groups
+// (as for every kernel with documents: the ids need not increase). workspace: kVarlenWorkspaceInts + block_columns
 // int32 (scan_params.h): items (int4 x kVarlenMaxDocs), count, skip, then one counter per channel group.
 #include "../common/cuda_check.h"
 #include "scan_params.h"
@@ -65,7 +65,8 @@ __device__ void block_max_sum(int& mx, int& sum, int* red) {
 }
 
 __global__ void __launch_bounds__(kPlanThreads)
-    mixer_scan_plan_kernel(const int* seq_idx, int batch, int L, int groups, VarlenPlanCost cost, int force, int* ws) {
+    mixer_scan_plan_kernel(const int* seq_idx, int batch, int L, int block_columns, VarlenPlanCost cost, int force,
+                           int* ws) {
   __shared__ int2 docs[kVarlenMaxDocs];                  // (sequence, first token), in token order
   __shared__ unsigned long long keys[kVarlenMaxDocs];    // (2^31 - 1 - length) << 32 | index: longest first
   __shared__ int red[2 * kPlanWarps];
@@ -113,9 +114,10 @@ __global__ void __launch_bounds__(kPlanThreads)
     }
   }
   block_max_sum(max_tiles, sum_tiles, red);
-  const float est = fmaxf(cost.lat_tile * max_tiles, cost.thr_tile * (float)groups * (float)sum_tiles / cost.slots);
+  const float est =
+      fmaxf(cost.lat_tile * max_tiles, cost.thr_tile * (float)block_columns * (float)sum_tiles / cost.slots);
   const bool pick = fits && (force != 0 || est < cost.margin * cost.other_us);
-  for (int c = tid; c < groups; c += kPlanThreads) next[c] = 0;  // (the varlen kernel takes items either way)
+  for (int c = tid; c < block_columns; c += kPlanThreads) next[c] = 0;  // (the varlen kernel takes items either way)
   if (!pick) {
     if (tid == 0) *count = 0, *skip = 0;
     return;
@@ -149,10 +151,10 @@ __global__ void __launch_bounds__(kPlanThreads)
 
 }  // namespace
 
-void launch_plan_documents(const int* seq_idx, int batch, int seqlen, int groups, VarlenPlanCost cost, int force,
+void launch_plan_documents(const int* seq_idx, int batch, int seqlen, int block_columns, VarlenPlanCost cost, int force,
                            int* workspace, void* stream) {
-  mixer_scan_plan_kernel<<<1, kPlanThreads, 0, static_cast<cudaStream_t>(stream)>>>(seq_idx, batch, seqlen, groups,
-                                                                                 cost, force, workspace);
+  mixer_scan_plan_kernel<<<1, kPlanThreads, 0, static_cast<cudaStream_t>(stream)>>>(seq_idx, batch, seqlen,
+                                                                                 block_columns, cost, force, workspace);
   APRIEL_CHECK_LAUNCH();
 }
 

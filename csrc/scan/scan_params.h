@@ -117,8 +117,9 @@ struct VarlenPlanCost {
 constexpr int kVarlenMaxDocs = 2048;  // more documents per call: the other kernel runs
 // Workspace (int32): kVarlenMaxDocs int4 items, then count, skip, then one counter per v7 block column.
 constexpr int kVarlenWorkspaceInts = 4 * kVarlenMaxDocs + 2;
-// groups: channel groups of 4 heads (d_inner / 64). force: 0 = by cost, 1 = varlen whenever the documents fit.
-void launch_plan_documents(const int* seq_idx, int batch, int seqlen, int groups, VarlenPlanCost cost, int force,
+// block_columns: the v7 forward's blocks per sequence (mixer_scan_v7_blocks_per_row), one document counter each.
+// force: 0 = by cost, 1 = varlen whenever the documents fit.
+void launch_plan_documents(const int* seq_idx, int batch, int seqlen, int block_columns, VarlenPlanCost cost, int force,
                            int* workspace, void* stream);
 
 template <typename T, int K>
