@@ -512,186 +512,196 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kPW>)
       if (p.ckpt != nullptr && (!kVar || ts < t0 || ts == 0)) store_h(p.ckpt + ((int64_t)b * n_tiles + tile) * D * kN);
       if constexpr (kSeq) starts = doc_starts(doc_ids, lane);
 
-      if (has_head)  // (warps without a head: only the block barrier and the conversions)
-  #pragma unroll 1
-      for (int hf = 0; hf < 2; ++hf) {
-        // Prep of tokens hf*16 .. +15 of the warp's heads: dt_proj on tensor cores, the rest per item in the layout.
-        {
-          unsigned a[4];
+      // The work of head hp (a compile-time index: HeadIdx) of the warp on tokens hf*16 .. +15 of the tile, in three
+      // steps: prep - dt_proj on tensor cores, the rest per item in the layout, into du / gt / cop; scan - the
+      // recurrence and the readout into yf; gate - the y rows. A __syncwarp between the steps of one head.
+      auto prep = [&](auto head_idx, int hf) {
+        constexpr int hp = decltype(head_idx)::value;
+        unsigned a[4];
   #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int row = hf * kHalf + g + (i & 1) * 8, k = (i >> 1) * 8 + 2 * q;
-            a[i] = k < R ? *reinterpret_cast<const unsigned*>(&r.dt[row][k]) : 0u;
-          }
-          float dd[kPW][2][4];
+        for (int i = 0; i < 4; ++i) {
+          const int row = hf * kHalf + g + (i & 1) * 8, k = (i >> 1) * 8 + 2 * q;
+          a[i] = k < R ? *reinterpret_cast<const unsigned*>(&r.dt[row][k]) : 0u;
+        }
+        float dd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        M::run(dd[0], a, wb[hp][0]);
+        M::run(dd[1], a, wb[hp][1]);
+        // Items (token g + 8 rr, channel 4q + 2 nt + e) = dd[nt][2 rr + e]; kDocs: with the conv taps' and the
+        // restart's document tests.
+        auto items = [&](int rr, auto docs_tag) {
+          constexpr bool kDocs = decltype(docs_tag)::value;
+          const int tl = g + 8 * rr, t = hf * kHalf + tl;
+          const bool live = t < Tv;
+          float4 xs[4];
   #pragma unroll
-          for (int hp = 0; hp < kPW; ++hp) {
+          for (int k = 0; k < 4; ++k) xs[k] = *reinterpret_cast<const float4*>(&sm.xf[ws][par][t + k][4 * q]);
+          // kSeq: tap k (token t - 3 + k) counts only inside the token's document; keep = same document as the
+          // previous token (else the decay argument is +inf: h restarts)
+          bool tap[4] = {true, true, true, true}, keep = true;
+          if constexpr (kDocs) doc_taps(starts, t, tap, keep);
+          const uint2 zw = *reinterpret_cast<const uint2*>(&r.z[hh + hp][t][4 * q]);
+          const float2 z01 = scan4::unpack2<T>(zw.x), z23 = scan4::unpack2<T>(zw.y);
+          const float zv[4] = {z01.x, z01.y, z23.x, z23.y};
   #pragma unroll
-            for (int nt = 0; nt < 2; ++nt)
+          for (int nt = 0; nt < 2; ++nt) {
+            float dv[2], duv[2], sz[2], dus[2];
   #pragma unroll
-              for (int i = 0; i < 4; ++i) dd[hp][nt][i] = 0.f;
-            M::run(dd[hp][0], a, wb[hp][0]);
-            M::run(dd[hp][1], a, wb[hp][1]);
-          }
-          // Items (token g + 8 rr, channel 4q + 2 nt + e) = dd[hp][nt][2 rr + e]; kDocs: with the conv taps' and the
-          // restart's document tests.
-          auto items = [&](int rr, auto docs_tag) {
-            constexpr bool kDocs = decltype(docs_tag)::value;
-            const int tl = g + 8 * rr, t = hf * kHalf + tl;
-            const bool live = t < Tv;
-            float4 xs[4];
+            for (int e = 0; e < 2; ++e) {
+              const int j = 2 * nt + e;
+              float cv = cbias[hp][j];
   #pragma unroll
-            for (int k = 0; k < 4; ++k) xs[k] = *reinterpret_cast<const float4*>(&sm.xf[ws][par][t + k][4 * q]);
-            // kSeq: tap k (token t - 3 + k) counts only inside the token's document; keep = same document as the
-            // previous token (else the decay argument is +inf: h restarts)
-            bool tap[4] = {true, true, true, true}, keep = true;
-            if constexpr (kDocs) doc_taps(starts, t, tap, keep);
-  #pragma unroll
-            for (int hp = 0; hp < kPW; ++hp) {
-              const uint2 zw = *reinterpret_cast<const uint2*>(&r.z[hh + hp][t][4 * q]);
-              const float2 z01 = scan4::unpack2<T>(zw.x), z23 = scan4::unpack2<T>(zw.y);
-              const float zv[4] = {z01.x, z01.y, z23.x, z23.y};
-  #pragma unroll
-              for (int nt = 0; nt < 2; ++nt) {
-                float dv[2], duv[2], sz[2], dus[2];
-  #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                  const int j = 2 * nt + e;
-                  float cv = cbias[hp][j];
-  #pragma unroll
-                  for (int k = 0; k < 4; ++k) {
-                    const float xv = j == 0 ? xs[k].x : j == 1 ? xs[k].y : j == 2 ? xs[k].z : xs[k].w;
-                    cv = fmaf(cw[hp][j][k], tap[k] ? xv : 0.f, cv);
-                  }
-                  // 4 MUFU ops per item (session 16): the two sigmoids share one reciprocal, softplus takes one ex2
-                  float s_cv, s_z;
-                  sigmoid_pair(cv, zv[j], s_cv, s_z);
-                  const float u = cv * s_cv;
-                  const float delta = softplus_poly(dd[hp][nt][2 * rr + e] + dtb2[hp][j]);
-                  dv[e] = live ? (keep ? delta : __int_as_float(0x7f800000)) : 0.f;  // past the end: (0, 0) keeps h
-                  duv[e] = live ? tf32_rna(delta * u) : 0.f;
-                  sz[e] = zv[j] * s_z;
-                  dus[e] = dsk[hp][j] * u * sz[e];
-                }
-                sm.du[wh + hp][tl][2 * q + nt] = make_float4(duv[0], duv[1], dv[0], dv[1]);
-                sm.gt[wh + hp][tl][2 * q + nt] = make_float4(sz[0], sz[1], dus[0], dus[1]);
+              for (int k = 0; k < 4; ++k) {
+                const float xv = j == 0 ? xs[k].x : j == 1 ? xs[k].y : j == 2 ? xs[k].z : xs[k].w;
+                cv = fmaf(cw[hp][j][k], tap[k] ? xv : 0.f, cv);
               }
+              // 4 MUFU ops per item (session 16): the two sigmoids share one reciprocal, softplus takes one ex2
+              float s_cv, s_z;
+              sigmoid_pair(cv, zv[j], s_cv, s_z);
+              const float u = cv * s_cv;
+              const float delta = softplus_poly(dd[nt][2 * rr + e] + dtb2[hp][j]);
+              dv[e] = live ? (keep ? delta : __int_as_float(0x7f800000)) : 0.f;  // past the end: (0, 0) keeps h
+              duv[e] = live ? tf32_rna(delta * u) : 0.f;
+              sz[e] = zv[j] * s_z;
+              dus[e] = dsk[hp][j] * u * sz[e];
             }
-          };
-  #pragma unroll
-          for (int rr = 0; rr < 2; ++rr) {
-            // kSeq (session 18): rows t + 1 .. t + 3 of this pass's 8 tokens (rows 16 hf + 8 rr + 1 .. + 10) hold no
-            // document start in most tiles: a warp-uniform branch to the items without the conv taps' and the
-            // restart's tests (the same values, bit for bit). Without documents only those are compiled. H100,
-            // documents of ~1,000 tokens (bench/results/s18/ab_seq_prep/): b8 L4096 1.093-1.104 -> 1.087-1.088 ms, b1
-            // L8192 (varlen) 0.369 -> 0.360-0.365.
-            if constexpr (kSeq) {
-              if (((starts >> (hf * kHalf + 8 * rr + 1)) & 0x3ffull) != 0) items(rr, std::true_type{});
-              else items(rr, std::false_type{});
-            } else {
-              items(rr, std::false_type{});
-            }
+            sm.du[wh + hp][tl][2 * q + nt] = make_float4(duv[0], duv[1], dv[0], dv[1]);
+            sm.gt[wh + hp][tl][2 * q + nt] = make_float4(sz[0], sz[1], dus[0], dus[1]);
           }
+        };
   #pragma unroll
-          for (int hp = 0; hp < kPW; ++hp) {  // C operand of the half: 8 token pairs x 4 quads, one per lane
-            const int pr = lane / 4, qq = lane % 4;
-            const unsigned* c0w = reinterpret_cast<const unsigned*>(&r.C[hh + hp][hf * kHalf + 2 * pr][0]);
-            const unsigned* c1w = c0w + kN / 2;  // the next token's row
-            sm.cop[wh + hp][pr][qq] = make_uint4(c0w[qq], c0w[4 + qq], c1w[qq], c1w[4 + qq]);
+        for (int rr = 0; rr < 2; ++rr) {
+          // kSeq (session 18): rows t + 1 .. t + 3 of this pass's 8 tokens (rows 16 hf + 8 rr + 1 .. + 10) hold no
+          // document start in most tiles: a warp-uniform branch to the items without the conv taps' and the
+          // restart's tests (the same values, bit for bit). Without documents only those are compiled. H100,
+          // documents of ~1,000 tokens (bench/results/s18/ab_seq_prep/): b8 L4096 1.093-1.104 -> 1.087-1.088 ms, b1
+          // L8192 (varlen) 0.369 -> 0.360-0.365.
+          if constexpr (kSeq) {
+            if (((starts >> (hf * kHalf + 8 * rr + 1)) & 0x3ffull) != 0) items(rr, std::true_type{});
+            else items(rr, std::false_type{});
+          } else {
+            items(rr, std::false_type{});
           }
         }
-        __syncwarp();
-        // The scan of the half, fully unrolled; only the FFMA of h is on the dependence chain.
-        // front(t): operands, dBu (mma) and the 8 exponentials of token t per head - none depends on h.
-        // Shared-memory operands are loaded 2 tokens ahead of their use (H100: b1 L8192 0.834 vs 0.910 ms, b8 L4096
-        // 1.110 vs 1.125 ms with the (du, delta) loads alone; bench/results/s5/pd2/): (du, delta) per token, the B
-        // operand and the C words per token pair. kPW = 2: the heads' fronts and updates alternate per token; the B
-        // operand is the warp's (one group).
+        {  // C operand of the half: 8 token pairs x 4 quads, one per lane
+          const int pr = lane / 4, qq = lane % 4;
+          const unsigned* c0w = reinterpret_cast<const unsigned*>(&r.C[hh + hp][hf * kHalf + 2 * pr][0]);
+          const unsigned* c1w = c0w + kN / 2;  // the next token's row
+          sm.cop[wh + hp][pr][qq] = make_uint4(c0w[qq], c0w[4 + qq], c1w[qq], c1w[4 + qq]);
+        }
+      };
+      // The scan of the half, fully unrolled; only the FFMA of h is on the dependence chain.
+      // front(t): operands, dBu (mma) and the 8 exponentials of token t - none depends on h.
+      // Shared-memory operands are loaded 2 tokens ahead of their use (H100: b1 L8192 0.834 vs 0.910 ms, b8 L4096
+      // 1.110 vs 1.125 ms with the (du, delta) loads alone; bench/results/s5/pd2/): (du, delta) per token, the B
+      // operand and the C words per token pair.
+      auto scan = [&](auto head_idx, int hf) {
+        constexpr int hp = decltype(head_idx)::value;
         const int pr0 = hf * kHalf / 2;  // first token pair of the half in bop
-        float4 pdq[kPW][2];
-        uint4 cw2[kPW], cw_next[kPW];  // the C words of the current / next token pair
-  #pragma unroll
-        for (int hp = 0; hp < kPW; ++hp) {
-          pdq[hp][0] = sm.du[wh + hp][0][g];
-          pdq[hp][1] = sm.du[wh + hp][1][g];
-        }
+        float4 pdq[2] = {sm.du[wh + hp][0][g], sm.du[wh + hp][1][g]};
         const float4 (*bop)[9] = sm.bop[ws][par];
         float4 bo = bop[pr0][bsel], bo_next = bop[pr0 + 1][bsel];
+        uint4 cw2 = sm.cop[wh + hp][0][q], cw_next = sm.cop[wh + hp][1][q];  // the C words of the current / next pair
+        auto front = [&](int tl, float (&dA)[2][4], float (&db)[2][4]) {
+          const float4 pd = pdq[tl & 1];  // (du, du, delta, delta) of channels 2g, 2g + 1
+          if (tl + 2 < kHalf) pdq[tl & 1] = sm.du[wh + hp][tl + 2][g];
+          if (tl > 0 && (tl & 1) == 0) {  // a new token pair: rotate the B operand, fetch the pair after next
+            bo = bo_next;
+            if (tl / 2 + 1 < kHalf / 2) bo_next = bop[pr0 + tl / 2 + 1][bsel];
+          }
+          mma_k4(db[0], pd.x, pd.y, (tl & 1) ? bo.z : bo.x);
+          mma_k4(db[1], pd.x, pd.y, (tl & 1) ? bo.w : bo.y);
   #pragma unroll
-        for (int hp = 0; hp < kPW; ++hp) cw2[hp] = sm.cop[wh + hp][0][q], cw_next[hp] = sm.cop[wh + hp][1][q];
-        auto front = [&](int tl, float (&dA)[kPW][2][4], float (&db)[kPW][2][4]) {
-  #pragma unroll
-          for (int hp = 0; hp < kPW; ++hp) {
-            const float4 pd = pdq[hp][tl & 1];  // (du, du, delta, delta) of channels 2g, 2g + 1
-            if (tl + 2 < kHalf) pdq[hp][tl & 1] = sm.du[wh + hp][tl + 2][g];
-            if (hp == 0 && tl > 0 && (tl & 1) == 0) {  // a new token pair: rotate the B operand, fetch the next pair
-              bo = bo_next;
-              if (tl / 2 + 1 < kHalf / 2) bo_next = bop[pr0 + tl / 2 + 1][bsel];
-            }
-            mma_k4(db[hp][0], pd.x, pd.y, (tl & 1) ? bo.z : bo.x);
-            mma_k4(db[hp][1], pd.x, pd.y, (tl & 1) ? bo.w : bo.y);
-  #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const float dl = i < 2 ? pd.z : pd.w;
-              dA[hp][0][i] = ex2(dl * A2[hp][0][i]);
-              // one of the lane's 8 exponentials on the FMA pipe (session 9, bench/results/s9/carry_emu: b8 L4096
-              // 1.113 -> 1.094 ms; two of 8: 1.136, slower). With documents too, although all 8 on MUFU measured 1.5 %
-              // faster there (session 16, bench/results/s16/ab_fwd7_mufu/): packed == separate calls is bitwise only
-              // when both compute the same exponentials (the final state differed by an ulp)
-              dA[hp][1][i] = i == 3 ? ex2_fma(dl * A2[hp][1][i]) : ex2(dl * A2[hp][1][i]);
-              // (a document start: ex2_fma clamps -inf to 2^-125, MUFU's ex2 flushes it to 0 - restart exactly.
-              // Session 18: a copy of the scan without this fix-up for halves without a start measured 1-3 % slower,
-              // bench/results/s18/ab_seq_scan/.)
-              if constexpr (kSeq) {
-                if (i == 3) dA[hp][1][i] = dl == __int_as_float(0x7f800000) ? 0.f : dA[hp][1][i];
-              }
+          for (int i = 0; i < 4; ++i) {
+            const float dl = i < 2 ? pd.z : pd.w;
+            dA[0][i] = ex2(dl * A2[hp][0][i]);
+            // one of the lane's 8 exponentials on the FMA pipe (session 9, bench/results/s9/carry_emu: b8 L4096
+            // 1.113 -> 1.094 ms; two of 8: 1.136, slower). With documents too, although all 8 on MUFU measured 1.5 %
+            // faster there (session 16, bench/results/s16/ab_fwd7_mufu/): packed == separate calls is bitwise only
+            // when both compute the same exponentials (the final state differed by an ulp)
+            dA[1][i] = i == 3 ? ex2_fma(dl * A2[hp][1][i]) : ex2(dl * A2[hp][1][i]);
+            // (a document start: ex2_fma clamps -inf to 2^-125, MUFU's ex2 flushes it to 0 - restart exactly. Session
+            // 18: a copy of the scan without this fix-up for halves without a start measured 1-3 % slower,
+            // bench/results/s18/ab_seq_scan/.)
+            if constexpr (kSeq) {
+              if (i == 3) dA[1][i] = dl == __int_as_float(0x7f800000) ? 0.f : dA[1][i];
             }
           }
         };
-        float dA[2][kPW][2][4], db[2][kPW][2][4];  // by token parity
+        float dA[2][2][4], db[2][2][4];  // by token parity
         front(0, dA[0], db[0]);
   #pragma unroll
         for (int tl = 0; tl < kHalf; ++tl) {
           const int cur = tl & 1;
           if (tl + 1 < kHalf) front(tl + 1, dA[cur ^ 1], db[cur ^ 1]);
   #pragma unroll
-          for (int hp = 0; hp < kPW; ++hp)
-  #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              h[hp][0][i] = fmaf(dA[cur][hp][0][i], h[hp][0][i], db[cur][hp][0][i]);
-              h[hp][1][i] = fmaf(dA[cur][hp][1][i], h[hp][1][i], db[cur][hp][1][i]);
-            }
-  #pragma unroll
-          for (int hp = 0; hp < kPW; ++hp) {
-            if (tl > 0 && (tl & 1) == 0) {
-              cw2[hp] = cw_next[hp];
-              if (tl / 2 + 1 < kHalf / 2) cw_next[hp] = sm.cop[wh + hp][tl / 2 + 1][q];
-            }
-            const float2 clo = scan4::unpack2<T>((tl & 1) ? cw2[hp].z : cw2[hp].x);
-            const float2 chi = scan4::unpack2<T>((tl & 1) ? cw2[hp].w : cw2[hp].y);
-            float yv[4];
-            mma_k8(yv, h[hp][0][0], h[hp][0][2], h[hp][0][1], h[hp][0][3], clo.x, clo.y, 0.f, 0.f, 0.f, 0.f);
-            mma_k8(yv, h[hp][1][0], h[hp][1][2], h[hp][1][1], h[hp][1][3], chi.x, chi.y, yv[0], yv[1], yv[2], yv[3]);
-            if (q == 0) *reinterpret_cast<float2*>(&sm.yf[wh + hp][tl][2 * g]) = make_float2(yv[0], yv[2]);
+          for (int i = 0; i < 4; ++i) {
+            h[hp][0][i] = fmaf(dA[cur][0][i], h[hp][0][i], db[cur][0][i]);
+            h[hp][1][i] = fmaf(dA[cur][1][i], h[hp][1][i], db[cur][1][i]);
           }
+          if (tl > 0 && (tl & 1) == 0) {
+            cw2 = cw_next;
+            if (tl / 2 + 1 < kHalf / 2) cw_next = sm.cop[wh + hp][tl / 2 + 1][q];
+          }
+          const float2 clo = scan4::unpack2<T>((tl & 1) ? cw2.z : cw2.x);
+          const float2 chi = scan4::unpack2<T>((tl & 1) ? cw2.w : cw2.y);
+          float yv[4];
+          mma_k8(yv, h[hp][0][0], h[hp][0][2], h[hp][0][1], h[hp][0][3], clo.x, clo.y, 0.f, 0.f, 0.f, 0.f);
+          mma_k8(yv, h[hp][1][0], h[hp][1][2], h[hp][1][1], h[hp][1][3], chi.x, chi.y, yv[0], yv[1], yv[2], yv[3]);
+          if (q == 0) *reinterpret_cast<float2*>(&sm.yf[wh + hp][tl][2 * g]) = make_float2(yv[0], yv[2]);
         }
+      };
+      auto gate = [&](auto head_idx, int hf) {  // the half's y rows: lane = (row, 8 channels); y = (C . h) sz + D u sz
+        constexpr int hp = decltype(head_idx)::value;
+        const int row = lane / 2, part = lane % 2, t = t0 + hf * kHalf + row;
+        const float4 ya = *reinterpret_cast<const float4*>(&sm.yf[wh + hp][row][part * 8]);
+        const float4 yb = *reinterpret_cast<const float4*>(&sm.yf[wh + hp][row][part * 8 + 4]);
+        const float yv[8] = {ya.x, ya.y, ya.z, ya.w, yb.x, yb.y, yb.z, yb.w};
+        unsigned out[4];
+  #pragma unroll
+        for (int k = 0; k < 4; ++k) {  // gt entry 4 part + k = channels 8 part + 2k, + 1
+          const float4 gg = sm.gt[wh + hp][row][4 * part + k];
+          out[k] = M::pack(fmaf(yv[2 * k], gg.x, gg.z), fmaf(yv[2 * k + 1], gg.y, gg.w));
+        }
+        if (kVar ? (t >= ts && t < te) : t < L)
+          *reinterpret_cast<uint4*>(y + (int64_t)t * D + c0 + hp * kN + part * 8) =
+              make_uint4(out[0], out[1], out[2], out[3]);
+      };
+      using H0 = std::integral_constant<int, 0>;
+      if constexpr (kPW == 1) {
+        if (has_head)  // (warps without a head: only the block barrier and the conversions)
+  #pragma unroll 1
+        for (int hf = 0; hf < 2; ++hf) {
+          prep(H0{}, hf);
+          __syncwarp();
+          scan(H0{}, hf);
+          __syncwarp();
+          gate(H0{}, hf);
+          __syncwarp();
+        }
+      } else {
+        // kPW = 2: the two heads' steps skewed, so that one head's prep (FMA-pipe heavy) runs in the same instruction
+        // stream as the other's scan (MUFU heavy): per tile prep 0 (half 0), then per (head, half) in the order
+        // (0, 0) (1, 0) (0, 1) (1, 1) its scan together with the next pair's prep, and its gate.
+        using H1 = std::integral_constant<int, 1>;
+        prep(H0{}, 0);
         __syncwarp();
-  #pragma unroll
-        for (int hp = 0; hp < kPW; ++hp) {  // gate and store the half's y rows: lane = (row, 8 channels); y = (C . h) sz + D u sz
-          const int row = lane / 2, part = lane % 2, t = t0 + hf * kHalf + row;
-          const float4 ya = *reinterpret_cast<const float4*>(&sm.yf[wh + hp][row][part * 8]);
-          const float4 yb = *reinterpret_cast<const float4*>(&sm.yf[wh + hp][row][part * 8 + 4]);
-          const float yv[8] = {ya.x, ya.y, ya.z, ya.w, yb.x, yb.y, yb.z, yb.w};
-          unsigned out[4];
-  #pragma unroll
-          for (int k = 0; k < 4; ++k) {  // gt entry 4 part + k = channels 8 part + 2k, + 1
-            const float4 gg = sm.gt[wh + hp][row][4 * part + k];
-            out[k] = M::pack(fmaf(yv[2 * k], gg.x, gg.z), fmaf(yv[2 * k + 1], gg.y, gg.w));
-          }
-          if (kVar ? (t >= ts && t < te) : t < L)
-            *reinterpret_cast<uint4*>(y + (int64_t)t * D + c0 + hp * kN + part * 8) =
-                make_uint4(out[0], out[1], out[2], out[3]);
-        }
+        scan(H0{}, 0);
+        prep(H1{}, 0);
+        __syncwarp();
+        gate(H0{}, 0);
+        __syncwarp();
+        scan(H1{}, 0);
+        prep(H0{}, 1);
+        __syncwarp();
+        gate(H1{}, 0);
+        __syncwarp();
+        scan(H0{}, 1);
+        prep(H1{}, 1);
+        __syncwarp();
+        gate(H0{}, 1);
+        scan(H1{}, 1);
+        __syncwarp();
+        gate(H1{}, 1);
         __syncwarp();
       }
       if (tile + 1 < tile_hi) {  // the next tile's A (its copies were issued after this tile's barrier)
