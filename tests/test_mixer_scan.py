@@ -522,60 +522,6 @@ def test_forward_tma_staging_equals_cp_async(case, dtype, version, monkeypatch):
         assert torch.isfinite(tm).all(), name
 
 
-# v7w (session 25, mixer_scan_fwd7.cuh kPW = 2): two heads per warp, 8 per block, 2 blocks per SM - where 4 divides
-# the heads per x / B group and 8 the heads, without packed documents. Per head it runs v7's arithmetic in v7's
-# order, so y, the final states and the checkpoints must equal v7's bit for bit (v7 itself is checked against float64
-# above), under both stagings; the profiler shows the wide kernel ran (kPW, the last template argument, = 2).
-V7W_CASES = [
-    # (unused, batch, seqlen, d_inner, d_xb, width, dt_rank, extras)
-    ("", 2, 77, 128, 32, 4, 16, "init"),  # 4 heads per group: a block's two slots are two groups
-    ("", 3, 100, 256, 64, 3, 16, "strided"),
-    ("", 1, 33, 128, 16, 2, 8, "norep"),  # 8 per group: both slots in one group
-    ("", 1, 1, 128, 32, 4, 16, "init"),
-    ("", 2, 4097, 256, 64, 4, 16, "init"),
-    ("", 3, 300, 4096, 1024, 4, 16, "init"),  # the Apriel-H1 mixer
-    ("", 1, 32768, 128, 32, 4, 16, ""),
-    ("", 2, 65, 384, 32, 4, 16, "norep_init"),  # 12 per group: block 1's second slot starts a group mid-block
-]
-
-
-@gpu
-@needs_kernel
-@pytest.mark.parametrize("staging", ["cp.async", "tma"])
-@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
-@pytest.mark.parametrize("case", V7W_CASES, ids=lambda c: f"b{c[1]}-L{c[2]}-D{c[3]}-X{c[4]}-W{c[5]}-R{c[6]}-{c[7] or 'plain'}")
-def test_forward_v7w_bitwise_equals_v7(case, dtype, staging, monkeypatch):
-    import apriel_kernels
-
-    if staging == "tma" and (torch.cuda.get_device_capability()[0] < 9 or
-                             not apriel_kernels.build_info().get("tma_staging")):
-        pytest.skip("TMA staging needs sm_90 and the CUTLASS headers at build time")
-    monkeypatch.setenv("APRIEL_SCAN_TMA", "1" if staging == "tma" else "0")
-    _, b, L, D_, X, width, rank, extra = case
-    monkeypatch.setenv("APRIEL_SCAN_FWD", "v7w")
-    args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", dt_rank=rank, width=width,
-                           repeat="norep" not in extra, initial_states="init" in extra, seed=21)
-    names = _cuda_kernels_run(lambda: mixer_scan(**args, **kw))
-    want = f"{'true' if staging == 'tma' else 'false'}, false, false, false, 2>"
-    assert any("mixer_scan_fwd7_kernel" in n and want in n for n in names), names
-    _fwd_outputs_bitwise_equal(case, dtype, ("v7", "v7w"), monkeypatch)
-
-
-@gpu
-@needs_kernel
-@pytest.mark.parametrize("extra", ["packed", "one_head_per_group", "four_heads"])
-def test_forward_v7w_falls_back_to_v7(extra, monkeypatch):
-    """Where the wide kernel does not apply (packed documents, heads per group not a multiple of 4, fewer than 8
-    heads), v7w runs the v7 kernel with one head per warp."""
-    monkeypatch.setenv("APRIEL_SCAN_FWD", "v7w")
-    D_, X = {"packed": (128, 32), "one_head_per_group": (128, 128), "four_heads": (64, 16)}[extra]
-    args, kw = make_inputs(2, 70, D_, X, dtype=torch.bfloat16, device="cuda", dt_rank=16, seed=3)
-    seq = packed_seq_idx(2, 70, [20, 41], "cuda") if extra == "packed" else None
-    names = _cuda_kernels_run(lambda: mixer_scan(**args, **kw, seq_idx=seq))
-    assert any("mixer_scan_fwd7_kernel" in n for n in names), names
-    assert not any("mixer_scan_fwd7_kernel" in n and ", 2>" in n for n in names), names
-
-
 @gpu
 @needs_kernel
 def test_forward_v7_deterministic_graph_compile_and_default(monkeypatch):

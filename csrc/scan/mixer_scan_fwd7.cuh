@@ -73,38 +73,30 @@ struct Raw7 {                          // one tile as it sits in global memory
   alignas(16) T z[kHeads][kChunk][kN];
   alignas(16) T C[kHeads][kChunk][kN];
 };
-// kPW (heads per warp; session 25): 1, or 2 for the wide kernel - 8 heads per block, 2 blocks per SM (the b8
-// forward's blocks at 4 per SM progress at rates set by their warp slot, session 24; 2 per SM progress evenly). The
-// block's heads 4 s .. 4 s + 3 form staging slot s: its own Raw7 (x, B, dt, z and C of 4 heads), xf and bop, as a
-// 4-head block stages them; warp w's heads are kPW w .. kPW w + kPW - 1 (one slot: one x / B group, since 4 divides
-// heads_per_group). With kPW = 1 the layout is the 4-head block's, byte for byte.
-template <typename T, int kPW = 1>
+template <typename T>
 struct Smem7 {
   using Raw = Raw7<T>;
-  Raw raw[2][kPW];                             // by tile parity, then slot: 22 KB per slot
-  alignas(16) float xf[kPW][2][kChunk + 3][kN];  // fp32 conv input by slot, parity; rows 0..2 = the 3 tokens before
-  // by slot and parity: the B operand per token pair (t, t+1): (B_t[g], B_t[8+g], B_t+1[g], B_t+1[8+g]) for g < 8;
-  // entry 8 = zeros
-  alignas(16) float4 bop[kPW][2][kChunk / 2][9];
+  Raw raw[2];                                  // by tile parity: 22 KB
+  alignas(16) float xf[2][kChunk + 3][kN];     // fp32 conv input by parity; rows 0..2 = the 3 tokens before
+  // by parity: the B operand per token pair (t, t+1): (B_t[g], B_t[8+g], B_t+1[g], B_t+1[8+g]) for g < 8; entry 8 =
+  // zeros
+  alignas(16) float4 bop[2][kChunk / 2][9];
   // per (head, token, row g < 8) = channels 2g and 2g + 1 of the head: du = (tf32(delta u) x 2, delta x 2) - the
   // first two are the k4 mma's A operand as loaded - and gt = (silu z x 2, D u silu z x 2) for the gate. Rows
   // padded to 9 entries: the prep's 16-byte stores (lane (g, q) -> row g + 8 rr, entry 2q + nt) hit 8 bank groups
   // per quarter warp instead of 4 (ncu: 8 wavefronts per store instead of 4)
-  alignas(16) float4 du[kHeads * kPW][kHalf][9];
-  alignas(16) float4 gt[kHeads * kPW][kHalf][9];
+  alignas(16) float4 du[kHeads][kHalf][9];
+  alignas(16) float4 gt[kHeads][kHalf][9];
   // C operand per token pair (t, t+1) and lane quad q: the 16-bit words (C[2q], C[2q+1]) and (C[8+2q], C[9+2q]) of
   // both tokens (one 16-byte load per 2 tokens; unpacked in registers)
-  alignas(16) uint4 cop[kHeads * kPW][kHalf / 2][4];
-  alignas(16) float yf[kHeads * kPW][kHalf][kN];  // readout C . h (before the gate) per (token, channel)
+  alignas(16) uint4 cop[kHeads][kHalf / 2][4];
+  alignas(16) float yf[kHeads][kHalf][kN];      // readout C . h (before the gate) per (token, channel)
   alignas(8) uint64_t bar[2];                   // TMA staging: the transaction barrier of raw[parity]
   int item;                                     // kVar: the document the block took (block broadcast)
 };
-// Blocks per SM (the launch bounds): 4 with one head per warp (a b8 L4096 grid is one wave of them), 2 with two. 228
-// KB of shared memory per SM, less the 1 KB the runtime reserves per block.
-template <int kPW>
-constexpr int kBlocksPerSm = 4 / kPW;
-static_assert(sizeof(Smem7<__nv_bfloat16>) + 1024 <= 233472 / kBlocksPerSm<1>, "Smem7: 4 blocks per SM must fit");
-static_assert(sizeof(Smem7<__nv_bfloat16, 2>) + 1024 <= 233472 / kBlocksPerSm<2>, "Smem7: 2 blocks per SM must fit");
+// 4 blocks per SM (the launch bounds; a b8 L4096 grid is one wave of them): 228 KB of shared memory per SM, less
+// the 1 KB the runtime reserves per block
+static_assert(sizeof(Smem7<__nv_bfloat16>) + 1024 <= 233472 / 4, "Smem7: 4 blocks per SM must fit");
 // kSeq (packed documents): a bit mask of the document starts around the tile per warp, from the ids in global memory
 // (session 13; session 12 staged the ids by cp.async next to the tile: the forward 9 % and the backward 12 % slower
 // than without documents, of which the staging alone was 6 % in the backward's A/B).
@@ -262,18 +254,12 @@ __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::S
 // kernel's bit for bit (tested): the same arithmetic per token, each y row, checkpoint and final state written by
 // the block of the document it belongs to - checkpoint `tile` (the state after token 32 tile - 1) by the document
 // holding that token, and when a document ends on a tile boundary, by its block after its last tile.
-//
-// kPW = 2 (the wide kernel, session 25): each warp runs TWO heads of one x / B group, their recurrences interleaved
-// token by token (the independent work that 4 warps per scheduler give the 1-head kernel), at 2 blocks of 4 warps per
-// SM. The two heads share the warp's loads of the dt rows, the conv inputs and the B operand. Not with packed
-// documents or kPartial (4 | heads_per_group and 8 | heads: the dispatcher's mixer_scan_fwd7w_applies).
-template <typename T, bool kTma, bool kSeq = false, bool kVar = false, bool kPartial = false, int kPW = 1>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm<kPW>)
+template <typename T, bool kTma, bool kSeq = false, bool kVar = false, bool kPartial = false>
+__global__ void __launch_bounds__(kThreads, 4)
     mixer_scan_fwd7_kernel(MixerScanParams p, const __grid_constant__ tma::ScanMaps maps) {
   static_assert(!kVar || kSeq, "varlen scheduling is for packed documents");
-  static_assert(kPW == 1 || (kPW == 2 && !kSeq && !kPartial), "two heads per warp: whole groups, no documents");
   extern __shared__ __align__(128) unsigned char smem_raw[];  // 128: TMA destinations (raw slices) are 1 KB apart
-  using SM = Smem7<T, kPW>;
+  using SM = Smem7<T>;
   SM& sm = *reinterpret_cast<SM*>(smem_raw);
   using M = scan4::MmaOp<T>;
   const int tid = threadIdx.x, lane = tid % 32, w = tid / 32, g = lane / 4, q = lane % 4;
@@ -282,7 +268,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kPW>)
   // head - they stage and convert the tiles with the others, alias the block's first head for their constants (valid
   // reads) and skip the prep, the scan and every store (blocks_per_row). A template flag, not a runtime case: the general
   // index math moved the kernel's address arithmetic off the uniform datapath (+40 SASS instructions in the tile loop).
-  // kPW = 2: 8 consecutive heads, slot s = heads 4 s .. 4 s + 3 of group slot_group(s).
   int head0, group, n_heads = kHeads, sub = 0;  // sub: the block's first head within its group (kPartial)
   if constexpr (kPartial) {
     const V7GroupShare share = mixer_scan_v7_group_share(p.heads_per_group, blockIdx.x);  // (scan_params.h)
@@ -290,48 +275,22 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kPW>)
     sub = share.sub;
     head0 = group * p.heads_per_group + sub, n_heads = share.heads;
   } else {
-    head0 = blockIdx.x * (kHeads * kPW), group = head0 / p.heads_per_group;
+    head0 = blockIdx.x * kHeads, group = head0 / p.heads_per_group;
   }
-  auto slot_group = [&](int s) { return s == 0 ? group : (head0 + kHeads * s) / p.heads_per_group; };
-  const int ws = kPW == 1 ? 0 : kPW * w / kHeads;  // the warp's slot
-  const int wgroup = slot_group(ws);
   const bool has_head = !kPartial || w < n_heads;
-  // head hp of the warp: head + hp, channels c0 + 16 hp ..; its per-head shared arrays [wh + hp], its raw z / C [hh + hp]
-  const int head = head0 + (has_head ? kPW * w : 0), c0 = head * kN, wh = kPW * w, hh = kPW == 1 ? w : wh % kHeads;
+  const int head = head0 + (has_head ? w : 0), c0 = head * kN;
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank, W = p.width;
   const int n_tiles = p.n_chunks;
   int b = blockIdx.y;  // kVar: the document's sequence (set per document)
 
-  // The tile starting at t0 into raw[par] (every slot). TMA: issued by thread 0 (the caller's test), one transaction
-  // count for the slots.
-  auto stage_tma_slots = [&](int par, int t0) {
-    if constexpr (kPW == 1) {
-      stage_tma<T>(p, maps, sm.raw[par][0], &sm.bar[par], b, head0, group, t0, n_heads);
-    } else {
-      tma::expect_bytes(&sm.bar[par], sizeof(sm.raw[par]));
-#pragma unroll
-      for (int s = 0; s < kPW; ++s)
-        load_slices<T>(p, maps, sm.raw[par][s], &sm.bar[par], b, head0 + kHeads * s, slot_group(s), t0, [](int) {});
-    }
-  };
-  // TMA by thread 0; cp.async: each thread its share, one commit group.
-  auto stage_tile = [&](int par, int t0) {
-    if constexpr (kTma) {
-      if (tid == 0) stage_tma_slots(par, t0);
-    } else {
-#pragma unroll
-      for (int s = 0; s < kPW; ++s)
-        stage<T>(p, sm.raw[par][s], b, head0 + kHeads * s, slot_group(s), t0, tid, n_heads);
-      scan4::cp_async_commit();
-    }
-  };
   if constexpr (kTma) {
     if (tid == 0) {
       tma::init_barriers(sm.bar);
-      if constexpr (!kVar) stage_tma_slots(0, 0);
+      if constexpr (!kVar) stage_tma<T>(p, maps, sm.raw[0], &sm.bar[0], b, head0, group, 0, n_heads);
     }
   } else if constexpr (!kVar) {
-    stage_tile(0, 0);
+    stage<T>(p, sm.raw[0], b, head0, group, 0, tid, n_heads);
+    scan4::cp_async_commit();
   }
   // kVar: the block's first document, taken before the per-channel constants: when the plan did not pick varlen
   // (the list is empty), the block exits here (the empty launch then costs little).
@@ -347,106 +306,87 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kPW>)
     if (item < 0) return;
   }
 
-  // Per-lane constants of the prep: channel 4q + j of head hp (j = 2 nt + e).
-  float cw[kPW][4][4], cbias[kPW][4], dtb2[kPW][4], dsk[kPW][4];
+  // Per-lane constants of the prep: channel 4q + j of this head (j = 2 nt + e).
+  float cw[4][4], cbias[4], dtb2[4], dsk[4];
 #pragma unroll
-  for (int hp = 0; hp < kPW; ++hp)
+  for (int j = 0; j < 4; ++j) {
+    const int cc = 4 * q + j, pc = c0 + cc;
+    const int wch = p.repeat_before_conv ? pc : group * kN + cc;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int cc = 4 * q + j, pc = c0 + hp * kN + cc;
-      const int wch = p.repeat_before_conv ? pc : wgroup * kN + cc;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int src = i - (4 - W);  // right-aligned taps: [3] multiplies the current token for every width
-        cw[hp][j][i] = src >= 0 ? scan4::ld_param(p.conv_w_raw, (int64_t)wch * W + src) : 0.f;
-      }
-      cbias[hp][j] = p.conv_b_raw.ptr != nullptr ? scan4::ld_param(p.conv_b_raw, wch) : 0.f;
-      dtb2[hp][j] = 2.f * scan4::ld_param(p.dt_b_raw, pc);  // dt_proj's bias and delta_bias: the same vector twice
-      dsk[hp][j] = scan4::ld_param(p.D_raw, pc);
+    for (int i = 0; i < 4; ++i) {
+      const int src = i - (4 - W);  // right-aligned taps: [3] multiplies the current token for every width
+      cw[j][i] = src >= 0 ? scan4::ld_param(p.conv_w_raw, (int64_t)wch * W + src) : 0.f;
     }
+    cbias[j] = p.conv_b_raw.ptr != nullptr ? scan4::ld_param(p.conv_b_raw, wch) : 0.f;
+    dtb2[j] = 2.f * scan4::ld_param(p.dt_b_raw, pc);  // dt_proj's bias and delta_bias: the same vector twice
+    dsk[j] = scan4::ld_param(p.D_raw, pc);
+  }
   // dt_proj B fragments (m16n8k16: B[k][col] = W_dt[channel of column col][k]): lane holds column g, k = 2q, 2q+1
   // (first half) and 8+2q, 9+2q (second half).
-  unsigned wb[kPW][2][2];
+  unsigned wb[2][2];
 #pragma unroll
-  for (int hp = 0; hp < kPW; ++hp)
+  for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+    for (int hf = 0; hf < 2; ++hf) {
+      const int k = hf * 8 + 2 * q;
+      const int64_t row = (int64_t)(c0 + 4 * (g >> 1) + 2 * nt + (g & 1)) * R;
+      wb[nt][hf] = M::pack(k < R ? scan4::ld_param(p.dt_w_raw, row + k) : 0.f, k + 1 < R ? scan4::ld_param(p.dt_w_raw, row + k + 1) : 0.f);
+    }
+  // Scan constants and state: h[nt][i] = channel 2g + (i >> 1), state 8 nt + 2q + (i & 1).
+  float A2[2][4], h[2][4];
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int k = hf * 8 + 2 * q;
-        const int64_t row = (int64_t)(c0 + hp * kN + 4 * (g >> 1) + 2 * nt + (g & 1)) * R;
-        wb[hp][nt][hf] = M::pack(k < R ? scan4::ld_param(p.dt_w_raw, row + k) : 0.f, k + 1 < R ? scan4::ld_param(p.dt_w_raw, row + k + 1) : 0.f);
-      }
-  // Scan constants and state: h[hp][nt][i] = channel 2g + (i >> 1) of head hp, state 8 nt + 2q + (i & 1).
-  float A2[kPW][2][4], h[kPW][2][4];
+  for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-  for (int hp = 0; hp < kPW; ++hp)
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int cs = c0 + hp * kN + 2 * g + (i >> 1), n = nt * 8 + 2 * q + (i & 1);
-        A2[hp][nt][i] = -__expf(scan4::ld_param(p.A_log_raw, (int64_t)cs * kN + n)) * kLog2e;
-        if constexpr (!kVar) h[hp][nt][i] = p.init_ssm != nullptr ? p.init_ssm[((int64_t)b * D + cs) * kN + n] : 0.f;
-      }
+    for (int i = 0; i < 4; ++i) {
+      const int cs = c0 + 2 * g + (i >> 1), n = nt * 8 + 2 * q + (i & 1);
+      A2[nt][i] = -__expf(scan4::ld_param(p.A_log_raw, (int64_t)cs * kN + n)) * kLog2e;
+      if constexpr (!kVar) h[nt][i] = p.init_ssm != nullptr ? p.init_ssm[((int64_t)b * D + cs) * kN + n] : 0.f;
+    }
   // kVar: h from the initial state of sequence b (first_doc) or zero, per document
   auto init_h = [&](bool first_doc) {
 #pragma unroll
-    for (int hp = 0; hp < kPW; ++hp)
+    for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int cs = c0 + hp * kN + 2 * g + (i >> 1), n = nt * 8 + 2 * q + (i & 1);
-          h[hp][nt][i] = first_doc && p.init_ssm != nullptr ? p.init_ssm[((int64_t)b * D + cs) * kN + n] : 0.f;
-        }
+      for (int i = 0; i < 4; ++i) {
+        const int cs = c0 + 2 * g + (i >> 1), n = nt * 8 + 2 * q + (i & 1);
+        h[nt][i] = first_doc && p.init_ssm != nullptr ? p.init_ssm[((int64_t)b * D + cs) * kN + n] : 0.f;
+      }
   };
   auto store_h = [&](float* base) {  // base = the (b, D, 16)-layout row block of this sequence
     if (!has_head) return;
 #pragma unroll
-    for (int hp = 0; hp < kPW; ++hp)
+    for (int r = 0; r < 2; ++r)
 #pragma unroll
-      for (int r = 0; r < 2; ++r)
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-          *reinterpret_cast<float2*>(base + (int64_t)(c0 + hp * kN + 2 * g + r) * kN + nt * 8 + 2 * q) =
-              make_float2(h[hp][nt][2 * r], h[hp][nt][2 * r + 1]);
+      for (int nt = 0; nt < 2; ++nt)
+        *reinterpret_cast<float2*>(base + (int64_t)(c0 + 2 * g + r) * kN + nt * 8 + 2 * q) =
+            make_float2(h[nt][2 * r], h[nt][2 * r + 1]);
   };
 
-  // The first tile's halo (xf[s][par] rows 0..2) is copied from rows kChunk.. of the other parity: the initial conv
+  // The first tile's halo (xf[par] rows 0..2) is copied from rows kChunk.. of the other parity: the initial conv
   // state of sequence b goes there (first_doc; else zeros: the document mask drops those taps anyway).
   auto init_halo = [&](int par, bool first_doc) {
     if (tid < 3 * kN) {
       const int k = tid / kN, ch = tid % kN, kk = (W - 1) + (k - 3);
-#pragma unroll
-      for (int s = 0; s < kPW; ++s)
-        sm.xf[s][par ^ 1][kChunk + k][ch] =
-            (first_doc && p.init_conv != nullptr && kk >= 0)
-                ? p.init_conv[((int64_t)b * p.d_xb + slot_group(s) * kN + ch) * (W - 1) + kk] : 0.f;
+      sm.xf[par ^ 1][kChunk + k][ch] = (first_doc && p.init_conv != nullptr && kk >= 0)
+                                           ? p.init_conv[((int64_t)b * p.d_xb + group * kN + ch) * (W - 1) + kk] : 0.f;
     }
   };
   if constexpr (!kVar) init_halo(0, true);
-  if (tid < kChunk) {
-#pragma unroll
-    for (int s = 0; s < kPW; ++s) sm.bop[s][tid / (kChunk / 2)][tid % (kChunk / 2)][8] = make_float4(0.f, 0.f, 0.f, 0.f);
-  }
+  if (tid < kChunk) sm.bop[tid / (kChunk / 2)][tid % (kChunk / 2)][8] = make_float4(0.f, 0.f, 0.f, 0.f);
   const int bsel = q == 0 ? g : 8;  // lanes q > 0 read the zero entry: rows k >= 1 of the B operand
 
   // A (block) of the tile in raw[cp]: x -> fp32 after the 3 halo rows (copied from the previous tile's last rows in
-  // xf[s][cp ^ 1]), the B operand rows (token pairs), per slot. Runs at the END of the previous tile (tile 0: here),
-  // so that one block barrier per tile suffices (session 16): a warp that finishes its scan early converts the next
-  // tile while the others still scan this one (they read xf / bop of the other parity).
+  // xf[cp ^ 1]), the B operand rows (token pairs). Runs at the END of the previous tile (tile 0: here), so that one
+  // block barrier per tile suffices (session 16): a warp that finishes its scan early converts the next tile
+  // while the others still scan this one (they read xf / bop of the other parity).
   auto convert = [&](int cp) {
-#pragma unroll
-    for (int s = 0; s < kPW; ++s) {
-      convert_x<T>(sm.raw[cp][s], sm.xf[s][cp], tid);
-      if (tid < 12) {
-        const int hr = tid / 4, part = tid % 4;
-        *reinterpret_cast<float4*>(&sm.xf[s][cp][hr][part * 4]) =
-            *reinterpret_cast<const float4*>(&sm.xf[s][cp ^ 1][kChunk + hr][part * 4]);
-      }
-      convert_b<T>(sm.raw[cp][s], sm.bop[s][cp], tid);
+    convert_x<T>(sm.raw[cp], sm.xf[cp], tid);
+    if (tid < 12) {
+      const int hr = tid / 4, part = tid % 4;
+      *reinterpret_cast<float4*>(&sm.xf[cp][hr][part * 4]) =
+          *reinterpret_cast<const float4*>(&sm.xf[cp ^ 1][kChunk + hr][part * 4]);
     }
+    convert_b<T>(sm.raw[cp], sm.bop[cp], tid);
   };
   // raw[cp] holds the tile's copies, visible to every thread: TMA - the transaction barrier's phase (each thread
   // waits); cp.async - each thread's own copies, then a block barrier for the others'. kt counts the block's tiles
@@ -473,9 +413,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kPW>)
       b = doc.x, ts = doc.y, te = doc.z;
       tile_lo = ts / kChunk, tile_hi = (te + kChunk - 1) / kChunk;
       if constexpr (kTma) {
-        if (tid == 0) stage_tma_slots(kbase & 1, tile_lo * kChunk);
+        if (tid == 0)
+          stage_tma<T>(p, maps, sm.raw[kbase & 1], &sm.bar[kbase & 1], b, head0, group, tile_lo * kChunk, n_heads);
       } else {
-        stage_tile(kbase & 1, tile_lo * kChunk);
+        stage<T>(p, sm.raw[kbase & 1], b, head0, group, tile_lo * kChunk, tid, n_heads);
+        scan4::cp_async_commit();
       }
     }
     if constexpr (kVar) {
@@ -492,7 +434,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kPW>)
       const int kt = kbase + (tile - tile_lo);
       const int t0 = tile * kChunk, par = kt & 1;
       Tv = min(kChunk, L - t0);
-      const Raw7<T>& r = sm.raw[par][ws];
+      const typename SM::Raw& r = sm.raw[par];
 #ifdef APRIEL_SCAN_BLOCK_TIMES
       if (!kVar && tid == 0) scan::block_time_mark(y + head0 * kN, tile, n_tiles);  // (y row 0: stored by tile 2)
 #endif
@@ -503,107 +445,107 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kPW>)
       __syncthreads();
       if (tile + 1 < tile_hi) {
         if constexpr (kTma) {
-          if (tid == 0) stage_tma_slots(par ^ 1, t0 + kChunk);
+          if (tid == 0) stage_tma<T>(p, maps, sm.raw[par ^ 1], &sm.bar[par ^ 1], b, head0, group, t0 + kChunk, n_heads);
         } else {
-          stage_tile(par ^ 1, t0 + kChunk);
+          stage<T>(p, sm.raw[par ^ 1], b, head0, group, t0 + kChunk, tid, n_heads);
+          scan4::cp_async_commit();
         }
       }
       // checkpoint `tile` = the state after token t0 - 1: this document's when it holds that token (kVar)
       if (p.ckpt != nullptr && (!kVar || ts < t0 || ts == 0)) store_h(p.ckpt + ((int64_t)b * n_tiles + tile) * D * kN);
       if constexpr (kSeq) starts = doc_starts(doc_ids, lane);
 
-      // The work of head hp (a compile-time index: HeadIdx) of the warp on tokens hf*16 .. +15 of the tile, in three
-      // steps: prep - dt_proj on tensor cores, the rest per item in the layout, into du / gt / cop; scan - the
-      // recurrence and the readout into yf; gate - the y rows. A __syncwarp between the steps of one head.
-      auto prep = [&](auto head_idx, int hf) {
-        constexpr int hp = decltype(head_idx)::value;
-        unsigned a[4];
+      if (has_head)  // (warps without a head: only the block barrier and the conversions)
+  #pragma unroll 1
+      for (int hf = 0; hf < 2; ++hf) {
+        // Prep of tokens hf*16 .. +15 of this head: dt_proj on tensor cores, the rest per item in the layout.
+        {
+          unsigned a[4];
   #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int row = hf * kHalf + g + (i & 1) * 8, k = (i >> 1) * 8 + 2 * q;
-          a[i] = k < R ? *reinterpret_cast<const unsigned*>(&r.dt[row][k]) : 0u;
-        }
-        float dd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-        M::run(dd[0], a, wb[hp][0]);
-        M::run(dd[1], a, wb[hp][1]);
-        // Items (token g + 8 rr, channel 4q + 2 nt + e) = dd[nt][2 rr + e]; kDocs: with the conv taps' and the
-        // restart's document tests.
-        auto items = [&](int rr, auto docs_tag) {
-          constexpr bool kDocs = decltype(docs_tag)::value;
-          const int tl = g + 8 * rr, t = hf * kHalf + tl;
-          const bool live = t < Tv;
-          float4 xs[4];
+          for (int i = 0; i < 4; ++i) {
+            const int row = hf * kHalf + g + (i & 1) * 8, k = (i >> 1) * 8 + 2 * q;
+            a[i] = k < R ? *reinterpret_cast<const unsigned*>(&r.dt[row][k]) : 0u;
+          }
+          float dd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+          M::run(dd[0], a, wb[0]);
+          M::run(dd[1], a, wb[1]);
+          // Items (token g + 8 rr, channel 4q + 2 nt + e) = dd[nt][2 rr + e]; kDocs: with the conv taps' and the
+          // restart's document tests.
+          auto items = [&](int rr, auto docs_tag) {
+            constexpr bool kDocs = decltype(docs_tag)::value;
+            const int tl = g + 8 * rr, t = hf * kHalf + tl;
+            const bool live = t < Tv;
+            float4 xs[4];
   #pragma unroll
-          for (int k = 0; k < 4; ++k) xs[k] = *reinterpret_cast<const float4*>(&sm.xf[ws][par][t + k][4 * q]);
-          // kSeq: tap k (token t - 3 + k) counts only inside the token's document; keep = same document as the
-          // previous token (else the decay argument is +inf: h restarts)
-          bool tap[4] = {true, true, true, true}, keep = true;
-          if constexpr (kDocs) doc_taps(starts, t, tap, keep);
-          const uint2 zw = *reinterpret_cast<const uint2*>(&r.z[hh + hp][t][4 * q]);
-          const float2 z01 = scan4::unpack2<T>(zw.x), z23 = scan4::unpack2<T>(zw.y);
-          const float zv[4] = {z01.x, z01.y, z23.x, z23.y};
+            for (int k = 0; k < 4; ++k) xs[k] = *reinterpret_cast<const float4*>(&sm.xf[par][t + k][4 * q]);
+            // kSeq: tap k (token t - 3 + k) counts only inside the token's document; keep = same document as the
+            // previous token (else the decay argument is +inf: h restarts)
+            bool tap[4] = {true, true, true, true}, keep = true;
+            if constexpr (kDocs) doc_taps(starts, t, tap, keep);
+            const uint2 zw = *reinterpret_cast<const uint2*>(&r.z[w][t][4 * q]);
+            const float2 z01 = scan4::unpack2<T>(zw.x), z23 = scan4::unpack2<T>(zw.y);
+            const float zv[4] = {z01.x, z01.y, z23.x, z23.y};
   #pragma unroll
-          for (int nt = 0; nt < 2; ++nt) {
-            float dv[2], duv[2], sz[2], dus[2];
+            for (int nt = 0; nt < 2; ++nt) {
+              float dv[2], duv[2], sz[2], dus[2];
   #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int j = 2 * nt + e;
-              float cv = cbias[hp][j];
+              for (int e = 0; e < 2; ++e) {
+                const int j = 2 * nt + e;
+                float cv = cbias[j];
   #pragma unroll
-              for (int k = 0; k < 4; ++k) {
-                const float xv = j == 0 ? xs[k].x : j == 1 ? xs[k].y : j == 2 ? xs[k].z : xs[k].w;
-                cv = fmaf(cw[hp][j][k], tap[k] ? xv : 0.f, cv);
+                for (int k = 0; k < 4; ++k) {
+                  const float xv = j == 0 ? xs[k].x : j == 1 ? xs[k].y : j == 2 ? xs[k].z : xs[k].w;
+                  cv = fmaf(cw[j][k], tap[k] ? xv : 0.f, cv);
+                }
+                // 4 MUFU ops per item (session 16): the two sigmoids share one reciprocal, softplus takes one ex2
+                float s_cv, s_z;
+                sigmoid_pair(cv, zv[j], s_cv, s_z);
+                const float u = cv * s_cv;
+                const float delta = softplus_poly(dd[nt][2 * rr + e] + dtb2[j]);
+                dv[e] = live ? (keep ? delta : __int_as_float(0x7f800000)) : 0.f;  // past the end: (0, 0) keeps h
+                duv[e] = live ? tf32_rna(delta * u) : 0.f;
+                sz[e] = zv[j] * s_z;
+                dus[e] = dsk[j] * u * sz[e];
               }
-              // 4 MUFU ops per item (session 16): the two sigmoids share one reciprocal, softplus takes one ex2
-              float s_cv, s_z;
-              sigmoid_pair(cv, zv[j], s_cv, s_z);
-              const float u = cv * s_cv;
-              const float delta = softplus_poly(dd[nt][2 * rr + e] + dtb2[hp][j]);
-              dv[e] = live ? (keep ? delta : __int_as_float(0x7f800000)) : 0.f;  // past the end: (0, 0) keeps h
-              duv[e] = live ? tf32_rna(delta * u) : 0.f;
-              sz[e] = zv[j] * s_z;
-              dus[e] = dsk[hp][j] * u * sz[e];
+              sm.du[w][tl][2 * q + nt] = make_float4(duv[0], duv[1], dv[0], dv[1]);
+              sm.gt[w][tl][2 * q + nt] = make_float4(sz[0], sz[1], dus[0], dus[1]);
             }
-            sm.du[wh + hp][tl][2 * q + nt] = make_float4(duv[0], duv[1], dv[0], dv[1]);
-            sm.gt[wh + hp][tl][2 * q + nt] = make_float4(sz[0], sz[1], dus[0], dus[1]);
-          }
-        };
+          };
   #pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-          // kSeq (session 18): rows t + 1 .. t + 3 of this pass's 8 tokens (rows 16 hf + 8 rr + 1 .. + 10) hold no
-          // document start in most tiles: a warp-uniform branch to the items without the conv taps' and the
-          // restart's tests (the same values, bit for bit). Without documents only those are compiled. H100,
-          // documents of ~1,000 tokens (bench/results/s18/ab_seq_prep/): b8 L4096 1.093-1.104 -> 1.087-1.088 ms, b1
-          // L8192 (varlen) 0.369 -> 0.360-0.365.
-          if constexpr (kSeq) {
-            if (((starts >> (hf * kHalf + 8 * rr + 1)) & 0x3ffull) != 0) items(rr, std::true_type{});
-            else items(rr, std::false_type{});
-          } else {
-            items(rr, std::false_type{});
+          for (int rr = 0; rr < 2; ++rr) {
+            // kSeq (session 18): rows t + 1 .. t + 3 of this pass's 8 tokens (rows 16 hf + 8 rr + 1 .. + 10) hold no
+            // document start in most tiles: a warp-uniform branch to the items without the conv taps' and the
+            // restart's tests (the same values, bit for bit). Without documents only those are compiled. H100,
+            // documents of ~1,000 tokens (bench/results/s18/ab_seq_prep/): b8 L4096 1.093-1.104 -> 1.087-1.088 ms, b1
+            // L8192 (varlen) 0.369 -> 0.360-0.365.
+            if constexpr (kSeq) {
+              if (((starts >> (hf * kHalf + 8 * rr + 1)) & 0x3ffull) != 0) items(rr, std::true_type{});
+              else items(rr, std::false_type{});
+            } else {
+              items(rr, std::false_type{});
+            }
+          }
+          {  // C operand of the half: 8 token pairs x 4 quads, one per lane
+            const int pr = lane / 4, qq = lane % 4;
+            const unsigned* c0w = reinterpret_cast<const unsigned*>(&r.C[w][hf * kHalf + 2 * pr][0]);
+            const unsigned* c1w = c0w + kN / 2;  // the next token's row
+            sm.cop[w][pr][qq] = make_uint4(c0w[qq], c0w[4 + qq], c1w[qq], c1w[4 + qq]);
           }
         }
-        {  // C operand of the half: 8 token pairs x 4 quads, one per lane
-          const int pr = lane / 4, qq = lane % 4;
-          const unsigned* c0w = reinterpret_cast<const unsigned*>(&r.C[hh + hp][hf * kHalf + 2 * pr][0]);
-          const unsigned* c1w = c0w + kN / 2;  // the next token's row
-          sm.cop[wh + hp][pr][qq] = make_uint4(c0w[qq], c0w[4 + qq], c1w[qq], c1w[4 + qq]);
-        }
-      };
-      // The scan of the half, fully unrolled; only the FFMA of h is on the dependence chain.
-      // front(t): operands, dBu (mma) and the 8 exponentials of token t - none depends on h.
-      // Shared-memory operands are loaded 2 tokens ahead of their use (H100: b1 L8192 0.834 vs 0.910 ms, b8 L4096
-      // 1.110 vs 1.125 ms with the (du, delta) loads alone; bench/results/s5/pd2/): (du, delta) per token, the B
-      // operand and the C words per token pair.
-      auto scan = [&](auto head_idx, int hf) {
-        constexpr int hp = decltype(head_idx)::value;
+        __syncwarp();
+        // The scan of the half, fully unrolled; only the FFMA of h is on the dependence chain.
+        // front(t): operands, dBu (mma) and the 8 exponentials of token t - none depends on h.
+        // Shared-memory operands are loaded 2 tokens ahead of their use (H100: b1 L8192 0.834 vs 0.910 ms, b8 L4096
+        // 1.110 vs 1.125 ms with the (du, delta) loads alone; bench/results/s5/pd2/): (du, delta) per token, the B
+        // operand and the C words per token pair.
         const int pr0 = hf * kHalf / 2;  // first token pair of the half in bop
-        float4 pdq[2] = {sm.du[wh + hp][0][g], sm.du[wh + hp][1][g]};
-        const float4 (*bop)[9] = sm.bop[ws][par];
+        float4 pdq[2] = {sm.du[w][0][g], sm.du[w][1][g]};
+        const float4 (*bop)[9] = sm.bop[par];
         float4 bo = bop[pr0][bsel], bo_next = bop[pr0 + 1][bsel];
-        uint4 cw2 = sm.cop[wh + hp][0][q], cw_next = sm.cop[wh + hp][1][q];  // the C words of the current / next pair
+        uint4 cw2 = sm.cop[w][0][q], cw_next = sm.cop[w][1][q];  // the C words of the current / next token pair
         auto front = [&](int tl, float (&dA)[2][4], float (&db)[2][4]) {
           const float4 pd = pdq[tl & 1];  // (du, du, delta, delta) of channels 2g, 2g + 1
-          if (tl + 2 < kHalf) pdq[tl & 1] = sm.du[wh + hp][tl + 2][g];
+          if (tl + 2 < kHalf) pdq[tl & 1] = sm.du[w][tl + 2][g];
           if (tl > 0 && (tl & 1) == 0) {  // a new token pair: rotate the B operand, fetch the pair after next
             bo = bo_next;
             if (tl / 2 + 1 < kHalf / 2) bo_next = bop[pr0 + tl / 2 + 1][bsel];
@@ -613,12 +555,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kPW>)
   #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const float dl = i < 2 ? pd.z : pd.w;
-            dA[0][i] = ex2(dl * A2[hp][0][i]);
+            dA[0][i] = ex2(dl * A2[0][i]);
             // one of the lane's 8 exponentials on the FMA pipe (session 9, bench/results/s9/carry_emu: b8 L4096
             // 1.113 -> 1.094 ms; two of 8: 1.136, slower). With documents too, although all 8 on MUFU measured 1.5 %
             // faster there (session 16, bench/results/s16/ab_fwd7_mufu/): packed == separate calls is bitwise only
             // when both compute the same exponentials (the final state differed by an ulp)
-            dA[1][i] = i == 3 ? ex2_fma(dl * A2[hp][1][i]) : ex2(dl * A2[hp][1][i]);
+            dA[1][i] = i == 3 ? ex2_fma(dl * A2[1][i]) : ex2(dl * A2[1][i]);
             // (a document start: ex2_fma clamps -inf to 2^-125, MUFU's ex2 flushes it to 0 - restart exactly. Session
             // 18: a copy of the scan without this fix-up for halves without a start measured 1-3 % slower,
             // bench/results/s18/ab_seq_scan/.)
@@ -635,73 +577,35 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kPW>)
           if (tl + 1 < kHalf) front(tl + 1, dA[cur ^ 1], db[cur ^ 1]);
   #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            h[hp][0][i] = fmaf(dA[cur][0][i], h[hp][0][i], db[cur][0][i]);
-            h[hp][1][i] = fmaf(dA[cur][1][i], h[hp][1][i], db[cur][1][i]);
+            h[0][i] = fmaf(dA[cur][0][i], h[0][i], db[cur][0][i]);
+            h[1][i] = fmaf(dA[cur][1][i], h[1][i], db[cur][1][i]);
           }
           if (tl > 0 && (tl & 1) == 0) {
             cw2 = cw_next;
-            if (tl / 2 + 1 < kHalf / 2) cw_next = sm.cop[wh + hp][tl / 2 + 1][q];
+            if (tl / 2 + 1 < kHalf / 2) cw_next = sm.cop[w][tl / 2 + 1][q];
           }
           const float2 clo = scan4::unpack2<T>((tl & 1) ? cw2.z : cw2.x);
           const float2 chi = scan4::unpack2<T>((tl & 1) ? cw2.w : cw2.y);
           float yv[4];
-          mma_k8(yv, h[hp][0][0], h[hp][0][2], h[hp][0][1], h[hp][0][3], clo.x, clo.y, 0.f, 0.f, 0.f, 0.f);
-          mma_k8(yv, h[hp][1][0], h[hp][1][2], h[hp][1][1], h[hp][1][3], chi.x, chi.y, yv[0], yv[1], yv[2], yv[3]);
-          if (q == 0) *reinterpret_cast<float2*>(&sm.yf[wh + hp][tl][2 * g]) = make_float2(yv[0], yv[2]);
+          mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], clo.x, clo.y, 0.f, 0.f, 0.f, 0.f);
+          mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], chi.x, chi.y, yv[0], yv[1], yv[2], yv[3]);
+          if (q == 0) *reinterpret_cast<float2*>(&sm.yf[w][tl][2 * g]) = make_float2(yv[0], yv[2]);
         }
-      };
-      auto gate = [&](auto head_idx, int hf) {  // the half's y rows: lane = (row, 8 channels); y = (C . h) sz + D u sz
-        constexpr int hp = decltype(head_idx)::value;
-        const int row = lane / 2, part = lane % 2, t = t0 + hf * kHalf + row;
-        const float4 ya = *reinterpret_cast<const float4*>(&sm.yf[wh + hp][row][part * 8]);
-        const float4 yb = *reinterpret_cast<const float4*>(&sm.yf[wh + hp][row][part * 8 + 4]);
-        const float yv[8] = {ya.x, ya.y, ya.z, ya.w, yb.x, yb.y, yb.z, yb.w};
-        unsigned out[4];
+        __syncwarp();
+        {  // gate and store the half's y rows: lane = (row, 8 channels); y = (C . h) sz + D u sz
+          const int row = lane / 2, part = lane % 2, t = t0 + hf * kHalf + row;
+          const float4 ya = *reinterpret_cast<const float4*>(&sm.yf[w][row][part * 8]);
+          const float4 yb = *reinterpret_cast<const float4*>(&sm.yf[w][row][part * 8 + 4]);
+          const float yv[8] = {ya.x, ya.y, ya.z, ya.w, yb.x, yb.y, yb.z, yb.w};
+          unsigned out[4];
   #pragma unroll
-        for (int k = 0; k < 4; ++k) {  // gt entry 4 part + k = channels 8 part + 2k, + 1
-          const float4 gg = sm.gt[wh + hp][row][4 * part + k];
-          out[k] = M::pack(fmaf(yv[2 * k], gg.x, gg.z), fmaf(yv[2 * k + 1], gg.y, gg.w));
+          for (int k = 0; k < 4; ++k) {  // gt entry 4 part + k = channels 8 part + 2k, + 1
+            const float4 gg = sm.gt[w][row][4 * part + k];
+            out[k] = M::pack(fmaf(yv[2 * k], gg.x, gg.z), fmaf(yv[2 * k + 1], gg.y, gg.w));
+          }
+          if (kVar ? (t >= ts && t < te) : t < L)
+            *reinterpret_cast<uint4*>(y + (int64_t)t * D + c0 + part * 8) = make_uint4(out[0], out[1], out[2], out[3]);
         }
-        if (kVar ? (t >= ts && t < te) : t < L)
-          *reinterpret_cast<uint4*>(y + (int64_t)t * D + c0 + hp * kN + part * 8) =
-              make_uint4(out[0], out[1], out[2], out[3]);
-      };
-      using H0 = std::integral_constant<int, 0>;
-      if constexpr (kPW == 1) {
-        if (has_head)  // (warps without a head: only the block barrier and the conversions)
-  #pragma unroll 1
-        for (int hf = 0; hf < 2; ++hf) {
-          prep(H0{}, hf);
-          __syncwarp();
-          scan(H0{}, hf);
-          __syncwarp();
-          gate(H0{}, hf);
-          __syncwarp();
-        }
-      } else {
-        // kPW = 2: the two heads' steps skewed, so that one head's prep (FMA-pipe heavy) runs in the same instruction
-        // stream as the other's scan (MUFU heavy): per tile prep 0 (half 0), then per (head, half) in the order
-        // (0, 0) (1, 0) (0, 1) (1, 1) its scan together with the next pair's prep, and its gate.
-        using H1 = std::integral_constant<int, 1>;
-        prep(H0{}, 0);
-        __syncwarp();
-        scan(H0{}, 0);
-        prep(H1{}, 0);
-        __syncwarp();
-        gate(H0{}, 0);
-        __syncwarp();
-        scan(H1{}, 0);
-        prep(H0{}, 1);
-        __syncwarp();
-        gate(H1{}, 0);
-        __syncwarp();
-        scan(H0{}, 1);
-        prep(H1{}, 1);
-        __syncwarp();
-        gate(H0{}, 1);
-        scan(H1{}, 1);
-        __syncwarp();
-        gate(H1{}, 1);
         __syncwarp();
       }
       if (tile + 1 < tile_hi) {  // the next tile's A (its copies were issued after this tile's barrier)
@@ -718,18 +622,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kPW>)
       if (te < L) continue;  // the final states are the sequence's last document's
     }
     store_h(p.final_ssm + (int64_t)b * D * kN);
-    // Final conv state: the last W-1 x inputs (xf rows Tv+3-hw .. Tv+2 of the last tile), by each group's first block
-    // (kPW = 2: by the slot that holds the group's first head).
+    // Final conv state: the last W-1 x inputs (xf rows Tv+3-hw .. Tv+2 of the last tile), by the group's first block.
     const int hw = W - 1, last_par = kt_last & 1;
-#pragma unroll
-    for (int s = 0; s < kPW; ++s) {
-      if ((kPartial ? sub == 0 : (head0 + kHeads * s) % p.heads_per_group == 0) && tid < kN * hw) {
-        const int ch = tid / hw, k = tid % hw, row = Tv + 3 - hw + k;
-        bool same = true;  // kSeq: the last document's inputs only
-        if constexpr (kSeq) same = no_start(starts, row + 1, Tv + 2 - row);  // rows row + 1 .. Tv + 2
-        static_cast<T*>(p.final_conv)[((int64_t)b * p.d_xb + slot_group(s) * kN + ch) * hw + k] =
-            from_f<T>(same ? sm.xf[s][last_par][row][ch] : 0.f);
-      }
+    if ((kPartial ? sub == 0 : head0 % p.heads_per_group == 0) && tid < kN * hw) {  // the group's first block
+      const int ch = tid / hw, k = tid % hw, row = Tv + 3 - hw + k;
+      bool same = true;  // kSeq: the last document's inputs only
+      if constexpr (kSeq) same = no_start(starts, row + 1, Tv + 2 - row);  // rows row + 1 .. Tv + 2
+      static_cast<T*>(p.final_conv)[((int64_t)b * p.d_xb + group * kN + ch) * hw + k] =
+          from_f<T>(same ? sm.xf[last_par][row][ch] : 0.f);
     }
 #ifdef APRIEL_SCAN_BLOCK_TIMES
     if (!kVar && tid == 0) scan::block_time_end(y + head0 * kN + kN, 0);  // (not the varlen kernel)
@@ -754,28 +654,28 @@ inline bool allow_smem(const void* kernel, size_t smem) {
   return true;
 }
 
-// One launch of the kernel for (kSeq, kVar, kPartial, kPW) on grid (blocks_per_row / kPW, columns): columns = the
-// batch, or with kVar the blocks per channel group that take documents from the plan's list.
-template <typename T, bool kSeq, bool kVar = false, bool kPartial = false, int kPW = 1>
+// One launch of the kernel for (kSeq, kVar, kPartial) on grid (blocks_per_row, columns): columns = the batch, or with
+// kVar the blocks per channel group that take documents from the plan's list.
+template <typename T, bool kSeq, bool kVar = false, bool kPartial = false>
 void launch_docs(const MixerScanParams& p, void* stream, int columns) {
-  const size_t smem = sizeof(Smem7<T, kPW>);
-  const dim3 grid(blocks_per_row(p) / kPW, columns);
+  const size_t smem = sizeof(Smem7<T>);
+  const dim3 grid(blocks_per_row(p), columns);
   tma::ScanMaps maps{};
 #if APRIEL_TMA
   if (scan4::encode_scan_maps(p, maps)) {
     static const bool configured =
-        allow_smem(reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, true, kSeq, kVar, kPartial, kPW>), smem);
+        allow_smem(reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, true, kSeq, kVar, kPartial>), smem);
     (void)configured;
-    mixer_scan_fwd7_kernel<T, true, kSeq, kVar, kPartial, kPW>
+    mixer_scan_fwd7_kernel<T, true, kSeq, kVar, kPartial>
         <<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
     APRIEL_CHECK_LAUNCH();
     return;
   }
 #endif
   static const bool configured =
-      allow_smem(reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, false, kSeq, kVar, kPartial, kPW>), smem);
+      allow_smem(reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, false, kSeq, kVar, kPartial>), smem);
   (void)configured;
-  mixer_scan_fwd7_kernel<T, false, kSeq, kVar, kPartial, kPW>
+  mixer_scan_fwd7_kernel<T, false, kSeq, kVar, kPartial>
       <<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
   APRIEL_CHECK_LAUNCH();
 }
@@ -817,12 +717,6 @@ void launch_mixer_scan_fwd7_partial(const MixerScanParams& p, void* stream) {
 template <typename T>
 void launch_mixer_scan_fwd7_varlen_partial(const MixerScanParams& p, int blocks_per_column, void* stream) {
   scan7::launch_docs<T, true, true, true>(p, stream, blocks_per_column);
-}
-#endif
-#ifdef APRIEL_SCAN_V7_WIDE_TU  // (defined only in mixer_scan_fwd7w_*.cu)
-template <typename T>
-void launch_mixer_scan_fwd7_wide(const MixerScanParams& p, void* stream) {
-  scan7::launch_docs<T, false, false, false, 2>(p, stream, p.batch);
 }
 #endif
 template <typename T>

@@ -165,8 +165,7 @@ MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims
 // So 16-bit activations run v7 when batch x d_inner / 64 >= 1.9 x SMs (batch >= 4 at D 4096), else the K rule with
 // v5 for K = 4 and (session 8: v5's recurrence front two tokens ahead, b1 L8192 0.467 vs v4's 0.475 ms) for K = 8.
 // APRIEL_SCAN_FWD forces a version for benchmarks and tests: v4 (session-3 default: v4 at either K), v4k4, v4k8,
-// v5 (v5 at either K), v5k4, v5k8, v7 (v7 where it applies, else v5 K = 4), v3 (one state per thread, session 1),
-// v7w (session 25: v7 with two heads per warp where mixer_scan_fwd7w_applies, else as v7).
+// v5 (v5 at either K), v5k4, v5k8, v7 (v7 where it applies, else v5 K = 4), v3 (one state per thread, session 1).
 int fwd_version_auto(int64_t blocks, int sms, double per_sm8, double per_sm4) {
   const double w8 = static_cast<double>(blocks) / (per_sm8 * sms), w4 = static_cast<double>(blocks) / (per_sm4 * sms);
   auto fill = [](double w) { return w <= 0 ? 1.0 : w / std::ceil(w); };
@@ -190,7 +189,6 @@ int fwd_version(int64_t blocks = 0, int sms = 132, bool fp32 = false) {
     if (v == "v5k8") return 108;
     if (v == "v5") return 100 + fwd_version_auto(blocks, sms, 4.0, 8.0);
     if (v == "v7") return 107;  // falls back to v5 K = 4 where v7 does not apply (launch_fwd_version)
-    if (v == "v7w") return 117;  // two heads per warp; falls back to v7 (then v5 K = 4) where it does not apply
     if (v == "v7var") return 207;  // packed documents: varlen v7 whenever the documents fit (launch_fwd)
   }
   return fwd_version_default(blocks, sms, fp32);
@@ -222,11 +220,6 @@ bool fwd7_partial_wins(const MixerScanParams& p, int sms) {
 template <typename T>
 void launch_fwd_version(const MixerScanParams& p, void* stream, int version) {
   switch (version) {
-    case 117:
-      if constexpr (sizeof(T) == 2) {
-        if (mixer_scan_fwd7w_applies(p)) { launch_mixer_scan_fwd7_wide<T>(p, stream); break; }
-      }
-      [[fallthrough]];
     case 107:
       if constexpr (sizeof(T) == 2) {
         if (mixer_scan_fwd7_applies(p)) { launch_mixer_scan_fwd7<T>(p, stream); break; }

@@ -255,13 +255,6 @@ template <typename T>
 void launch_mixer_scan_fwd7_varlen_partial(const MixerScanParams& p, int blocks_per_column, void* stream);
 template <typename T>
 void launch_mixer_scan_bwd7_span(const MixerScanParams& p, void* stream);
-// Two heads per warp, 8 per block, 2 blocks per SM (the v7 forward's kPW = 2, session 25; mixer_scan_fwd7w_*.cu):
-// where the v7 forward applies, without packed documents, 4 | heads_per_group and 8 | heads.
-template <typename T>
-void launch_mixer_scan_fwd7_wide(const MixerScanParams& p, void* stream);
-inline bool mixer_scan_fwd7w_applies(const MixerScanParams& p) {
-  return mixer_scan_fwd7_applies(p) && p.seq_idx == nullptr && p.heads_per_group % 4 == 0 && (p.d_inner / 16) % 8 == 0;
-}
 // One head per group (kMulti, session 24; mixer_scan_bwd7m_*.cu): a block's 4 heads are 4 whole groups.
 template <typename T>
 void launch_mixer_scan_bwd7_multi(const MixerScanParams& p, void* stream);
