@@ -163,7 +163,8 @@ MixerScanParams fill_params(const Tensor& zxbc, const Tensor& dt_low, const Dims
 // v7 wins once its own grid (batch x d_inner / 64 blocks, 4 per SM) reaches ~2 blocks per SM - b4 L4096 0.614 ms vs
 // v4 K = 8 0.769 / v5 K = 4 0.665 - and loses below: b3 0.616 vs v5 K = 4 0.515, b2 L8192 0.827 vs v4 K = 8 0.780.
 // So 16-bit activations run v7 when batch x d_inner / 64 >= 1.9 x SMs (batch >= 4 at D 4096), else the K rule with
-// v5 for K = 4 and (session 8: v5's recurrence front two tokens ahead, b1 L8192 0.467 vs v4's 0.475 ms) for K = 8.
+// v5 for K = 4 and (session 8: v5's recurrence front two tokens ahead, b1 L8192 0.467 vs v4's 0.475 ms) for K = 8;
+// since session 25 with v5's own residencies (fwd_v5_lanes).
 // APRIEL_SCAN_FWD forces a version for benchmarks and tests: v4 (session-3 default: v4 at either K), v4k4, v4k8,
 // v5 (v5 at either K), v5k4, v5k8, v7 (v7 where it applies, else v5 K = 4), v3 (one state per thread, session 1).
 int fwd_version_auto(int64_t blocks, int sms, double per_sm8, double per_sm4) {
@@ -171,12 +172,16 @@ int fwd_version_auto(int64_t blocks, int sms, double per_sm8, double per_sm4) {
   auto fill = [](double w) { return w <= 0 ? 1.0 : w / std::ceil(w); };
   return (w8 <= 2.0 && fill(w8) >= fill(w4)) ? 8 : 4;
 }
+// The lane count of v5 (16-bit activations) by its own residencies: K = 8 4 blocks per SM, K = 4 8 (v4's 3 / 6 are
+// fwd_version_auto(.., 4.0, 6.0)). So K = 8 wherever its blocks fit in two waves. Session 25 (H100, L 4096, graph p50,
+// bench/results/s25/dispatch_67f875e/): v4's residencies had picked K = 4 at 528-792 blocks, where K = 8 is faster -
+// d_inner 2048 b5 0.528 -> 0.424 ms, b6 0.529 -> 0.509, d_inner 4096 b3 0.534 -> 0.518.
+int fwd_v5_lanes(int64_t blocks, int sms) { return fwd_version_auto(blocks, sms, 4.0, 8.0); }
 // The default version (no APRIEL_SCAN_FWD).
 int fwd_version_default(int64_t blocks, int sms, bool fp32) {
-  const int k = fwd_version_auto(blocks, sms, 4.0, 6.0);
-  if (fp32) return k;
+  if (fp32) return fwd_version_auto(blocks, sms, 4.0, 6.0);
   if ((blocks / 4) * 10 >= 19 * static_cast<int64_t>(sms)) return 107;  // v7's grid: >= 1.9 blocks per SM
-  return 100 + k;
+  return 100 + fwd_v5_lanes(blocks, sms);
 }
 int fwd_version(int64_t blocks = 0, int sms = 132, bool fp32 = false) {
   if (const char* env = std::getenv("APRIEL_SCAN_FWD")) {
@@ -187,7 +192,7 @@ int fwd_version(int64_t blocks = 0, int sms = 132, bool fp32 = false) {
     if (v == "v4") return fwd_version_auto(blocks, sms, 4.0, 6.0);
     if (v == "v5k4") return 104;
     if (v == "v5k8") return 108;
-    if (v == "v5") return 100 + fwd_version_auto(blocks, sms, 4.0, 8.0);
+    if (v == "v5") return 100 + fwd_v5_lanes(blocks, sms);
     if (v == "v7") return 107;  // falls back to v5 K = 4 where v7 does not apply (launch_fwd_version)
     if (v == "v7var") return 207;  // packed documents: varlen v7 whenever the documents fit (launch_fwd)
   }
@@ -348,7 +353,7 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
   if (version == 207) version = 107;  // v7var without documents (or where v7 does not apply): v7
   // the default's v7 with partial groups only where the estimate says it wins (forced v7 runs wherever it applies)
   if (version == 107 && !forced && p.heads_per_group % 4 != 0 && !fwd7_partial_wins(p, sms))
-    version = 100 + fwd_version_auto(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms, 4.0, 6.0);
+    version = 100 + fwd_v5_lanes(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms);
   if (st == at::kBFloat16) launch_fwd_version<__nv_bfloat16>(p, stream, version);
   else if (st == at::kHalf) launch_fwd_version<__half>(p, stream, version);
   else launch_fwd_version<float>(p, stream, version);
