@@ -9,7 +9,8 @@ apriel_kernels.selective_scan_fn (fwd), plus torch.autograd.grad to every input 
 "apriel" is the default (forward v2, K from the block count); "apriel-tm" runs the same op on token-major
 (b, L, D) inputs (selective_scan); A/B rows through APRIEL_SSCAN_FWD: "apriel-v2k4" / "apriel-v2k8" (v2 at a
 forced K), "apriel-precise" (v2 with v1's precise softplus / sigmoid in its prep, APRIEL_SSCAN_SOFTPLUS=precise),
-"apriel-v1" (the v1 forward), "apriel-plain" (v1 without its interleaved float2 tiles; with
+"apriel-v1" (the v1 forward), "apriel-v7" / "apriel-tm-v7" (the forward v7 of session 25, channel- / token-major;
+in fwd+bwd its checkpoints feed the default backward), "apriel-plain" (v1 without its interleaved float2 tiles; with
 APRIEL_SSCAN_BWD=plain in the fwd+bwd row). In fwd+bwd the forward saves the state checkpoints (the backward
 does not rerun it); "apriel-v1" there is the same with the v1 forward. "apriel-bwd2" rows: the backward v2 (APRIEL_SSCAN_BWD=v2,
 opt-in). floor_ms is the MUFU exp2
@@ -73,7 +74,8 @@ def run(quick: bool = False) -> list[dict]:
     for batch, seqlen in ([(1, 2048), (1, 8192), (8, 4096)] if not quick else [(1, 2048), (1, 8192)]):
         for provider, cm, variant in (("apriel", True, None), ("apriel-tm", False, None), ("apriel-v2k4", True, "v2k4"),
                                       ("apriel-v2k8", True, "v2k8"), ("apriel-precise", True, "precise"),
-                                      ("apriel-v1", True, "v1"), ("apriel-plain", True, "plain")):
+                                      ("apriel-v1", True, "v1"), ("apriel-plain", True, "plain"),
+                                      ("apriel-v7", True, "v7"), ("apriel-tm-v7", False, "v7")):
             try:
                 args = _inputs(batch, seqlen, channel_major=cm)
                 fn = selective_scan_fn if cm else selective_scan
@@ -103,6 +105,8 @@ def run(quick: bool = False) -> list[dict]:
                 with env_override("APRIEL_SSCAN_FWD", "plain"), env_override("APRIEL_SSCAN_BWD", "plain"):
                     out.append(_row("fwd+bwd", "apriel-plain", batch, seqlen, time_ms(step, rep_ms=300),
                                     layout="channel-major"))
+            with env_override("APRIEL_SSCAN_FWD", "v7"):  # A/B: the v7 forward (its checkpoints feed the backward)
+                out.append(_row("fwd+bwd", "apriel-v7", batch, seqlen, time_ms(step, rep_ms=300), layout="channel-major"))
             stats = time_ms(step, rep_ms=300)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

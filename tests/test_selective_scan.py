@@ -496,6 +496,90 @@ def test_cuda_gradient_through_forward_variants(variant, monkeypatch):
         torch.testing.assert_close(got[k].float(), ref, rtol=0, atol=1e-2 * ref.abs().max().item(), msg=f"d{k}")
 
 
+# Forward v7 (csrc/sscan/sscan_fwd7.cuh, APRIEL_SSCAN_FWD=v7; session 25): the mixer scan's v7 scan core (tf32 input
+# product and readout, one warp per 16 channels) on v2's staging, 16-bit activations, 64-channel blocks inside one
+# B / C group. Channel-major, token-major and NaN-padded (plain-load) layouts, grouped u, several B / C groups, no z.
+V7_CASES = [
+    (1, 1, 64, None, 1, 1, 16, "tm", "init"),
+    (2, 77, 128, None, 1, 1, 16, "cm", "init"),
+    (3, 100, 256, 64, 1, 2, 16, "tm", ""),
+    (1, 63, 256, None, 2, 4, 16, "nan", "noz"),
+    (2, 1000, 64, None, 1, 1, 16, "cm", "init"),
+    (1, 264, 128, 64, 1, 1, 16, "cm", "noz"),
+    (2, 4097, 128, None, 1, 1, 16, "cm", "init"),
+]
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
+@pytest.mark.parametrize("case", V7_CASES, ids=CASE_ID)
+def test_cuda_forward_v7_parity(case, dtype, monkeypatch):
+    """v7 vs float64 (y, final state), close to v2's outputs, bitwise repeatable; the profiler shows v7 ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    b, L, d, du, gb, gc, n, layout, extras = case
+    args, seq = make_cuda_case(b, L, d, du, gb, gc, n, dtype, extras)
+    if "noz" in extras:
+        args["z"] = None
+    monkeypatch.setenv("APRIEL_SSCAN_FWD", "v7")
+    poison_allocator()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        y, final, _, _ = _run(args, seq, layout)
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages()]
+    assert any("sscan_fwd7_kernel" in k for k in names), names
+    _, (y64, f64) = _ref(args, seq, True)
+    _, (ylp, flp) = _ref(args, seq, False)
+    assert y.dtype == dtype and y.is_contiguous()
+    check("y", y, y64, ylp, floor=_tol(dtype))
+    check("final_state", final, f64, flp, floor=_tol(dtype))
+    again, final_again, _, _ = _run(args, seq, layout)
+    assert torch.equal(y, again) and torch.equal(final, final_again), "v7 is not bitwise repeatable"
+    monkeypatch.setenv("APRIEL_SSCAN_FWD", "v2k4")
+    y2, final2, _, _ = _run(args, seq, layout)
+    torch.testing.assert_close(final, final2, rtol=0, atol=2e-3 * final2.abs().max().item())
+    torch.testing.assert_close(y.float(), y2.float(), rtol=0, atol=2e-2 * y2.abs().max().item())
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("extras", ["packed_init", "fp32", "d48"])
+def test_cuda_forward_v7_falls_back_to_v2(extras, monkeypatch):
+    """Where v7 does not apply (documents, fp32, d_inner not a multiple of 64), APRIEL_SSCAN_FWD=v7 runs v2."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dtype = torch.float32 if extras == "fp32" else torch.bfloat16
+    args, seq = make_cuda_case(2, 70, 48 if extras == "d48" else 64, None, 1, 1, 16, dtype, extras)
+    monkeypatch.setenv("APRIEL_SSCAN_FWD", "v7")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        y, final, _, _ = _run(args, seq, "cm")
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages()]
+    assert not any("sscan_fwd7_kernel" in k for k in names), names
+    assert any("sscan_fwd2_kernel" in k for k in names), names
+    _, (y64, f64) = _ref(args, seq, True)
+    _, (ylp, flp) = _ref(args, seq, False)
+    check("y", y, y64, ylp, floor=_tol(dtype))
+
+
+@gpu
+@needs_kernel
+def test_cuda_gradient_through_forward_v7(monkeypatch):
+    """The backward v2 takes v7's state checkpoints (the same layout): gradients as with v2's, within tf32's error."""
+    args, seq = make_cuda_case(2, 264, 128, None, 1, 1, 16, torch.bfloat16, "init")
+    grads = {}
+    for variant in ("v7", "v2k4"):
+        monkeypatch.setenv("APRIEL_SSCAN_FWD", variant)
+        y, final, bases, views = _run(args, seq, "cm", leaves=True)
+        (y.float().sum() + final.sum()).backward()
+        grads[variant] = {k: views[k](bases[k].grad).float() for k in bases}
+    for k, ref in grads["v2k4"].items():
+        got = grads["v7"][k]
+        assert torch.isfinite(got).all(), f"d{k}"
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-2 * ref.abs().max().item(), msg=f"d{k}")
+
+
 # Backward v2 (csrc/sscan/sscan_bwd2.cuh, APRIEL_SSCAN_BWD=v2: the forward v2's shapes) on every staging path.
 V2_GRAD_CASES = [
     (1, 1, 64, None, 1, 4, 16, "tm", "init"),

@@ -158,6 +158,89 @@ __device__ __forceinline__ void mma_k8(float (&d)[4], float a0, float a1, float 
         "r"(__float_as_uint(b0)), "r"(__float_as_uint(b1)), "f"(c0), "f"(c1), "f"(c2), "f"(c3));
 }
 
+// The scan of one 16-token half of one head (the calling warp's), fully unrolled; only the FFMA of h is on the
+// dependence chain. Shared by the mixer's v7 forward and the generic selective scan's (csrc/sscan/sscan_fwd7.cuh).
+// In: du[tl][g] = (du, du, delta, delta) of rows g (channels 2g, 2g + 1) per token tl of the half; bop[pr0 + pr][.]
+// the B operand per token pair of the half (entry 8: zeros, read by the lanes q > 0 through bsel); cop[pr][q] the C
+// words per token pair and lane quad. Out: yf[tl][channel] = C . h (before the gate); h advanced by 16 tokens.
+// front(t): operands, dBu (mma) and the 8 exponentials of token t - none depends on h. Shared-memory operands are
+// loaded 2 tokens ahead of their use (H100: b1 L8192 0.834 vs 0.910 ms, b8 L4096 1.110 vs 1.125 ms with the (du,
+// delta) loads alone; bench/results/s5/pd2/): (du, delta) per token, the B operand and the C words per token pair.
+template <typename T, bool kSeq>
+__device__ __forceinline__ void scan_half(const float4 (*du)[9], const float4 (*bop)[9], int pr0, int bsel,
+                                          const uint4 (*cop)[4], float (*yf)[kN], const float (&A2)[2][4],
+                                          float (&h)[2][4], int g, int q) {
+  float4 pdq[2] = {du[0][g], du[1][g]};
+  float4 bo = bop[pr0][bsel], bo_next = bop[pr0 + 1][bsel];
+  uint4 cw2 = cop[0][q], cw_next = cop[1][q];  // the C words of the current / next token pair
+  auto front = [&](int tl, float (&dA)[2][4], float (&db)[2][4]) {
+    const float4 pd = pdq[tl & 1];  // (du, du, delta, delta) of channels 2g, 2g + 1
+    if (tl + 2 < kHalf) pdq[tl & 1] = du[tl + 2][g];
+    if (tl > 0 && (tl & 1) == 0) {  // a new token pair: rotate the B operand, fetch the pair after next
+      bo = bo_next;
+      if (tl / 2 + 1 < kHalf / 2) bo_next = bop[pr0 + tl / 2 + 1][bsel];
+    }
+    mma_k4(db[0], pd.x, pd.y, (tl & 1) ? bo.z : bo.x);
+    mma_k4(db[1], pd.x, pd.y, (tl & 1) ? bo.w : bo.y);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float dl = i < 2 ? pd.z : pd.w;
+      dA[0][i] = ex2(dl * A2[0][i]);
+      // one of the lane's 8 exponentials on the FMA pipe (session 9, bench/results/s9/carry_emu: b8 L4096
+      // 1.113 -> 1.094 ms; two of 8: 1.136, slower). With documents too, although all 8 on MUFU measured 1.5 %
+      // faster there (session 16, bench/results/s16/ab_fwd7_mufu/): packed == separate calls is bitwise only
+      // when both compute the same exponentials (the final state differed by an ulp)
+      dA[1][i] = i == 3 ? ex2_fma(dl * A2[1][i]) : ex2(dl * A2[1][i]);
+      // (a document start: ex2_fma clamps -inf to 2^-125, MUFU's ex2 flushes it to 0 - restart exactly. Session
+      // 18: a copy of the scan without this fix-up for halves without a start measured 1-3 % slower,
+      // bench/results/s18/ab_seq_scan/.)
+      if constexpr (kSeq) {
+        if (i == 3) dA[1][i] = dl == __int_as_float(0x7f800000) ? 0.f : dA[1][i];
+      }
+    }
+  };
+  float dA[2][2][4], db[2][2][4];  // by token parity
+  front(0, dA[0], db[0]);
+#pragma unroll
+  for (int tl = 0; tl < kHalf; ++tl) {
+    const int cur = tl & 1;
+    if (tl + 1 < kHalf) front(tl + 1, dA[cur ^ 1], db[cur ^ 1]);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      h[0][i] = fmaf(dA[cur][0][i], h[0][i], db[cur][0][i]);
+      h[1][i] = fmaf(dA[cur][1][i], h[1][i], db[cur][1][i]);
+    }
+    if (tl > 0 && (tl & 1) == 0) {
+      cw2 = cw_next;
+      if (tl / 2 + 1 < kHalf / 2) cw_next = cop[tl / 2 + 1][q];
+    }
+    const float2 clo = scan4::unpack2<T>((tl & 1) ? cw2.z : cw2.x);
+    const float2 chi = scan4::unpack2<T>((tl & 1) ? cw2.w : cw2.y);
+    float yv[4];
+    mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], clo.x, clo.y, 0.f, 0.f, 0.f, 0.f);
+    mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], chi.x, chi.y, yv[0], yv[1], yv[2], yv[3]);
+    if (q == 0) *reinterpret_cast<float2*>(&yf[tl][2 * g]) = make_float2(yv[0], yv[2]);
+  }
+}
+
+// One gated y row part of a half (after scan_half and a __syncwarp): lane = (row = lane / 2, part = lane % 2: 8
+// channels), y = (C . h) sz + D u sz with gt[row][.] = (sz, sz, D u sz, D u sz) of channel pairs; the 8 outputs
+// packed as the caller stores them (16 bytes).
+template <typename T>
+__device__ __forceinline__ uint4 gate_row(const float (*yf)[kN], const float4 (*gt)[9], int row, int part) {
+  using M = scan4::MmaOp<T>;
+  const float4 ya = *reinterpret_cast<const float4*>(&yf[row][part * 8]);
+  const float4 yb = *reinterpret_cast<const float4*>(&yf[row][part * 8 + 4]);
+  const float yv[8] = {ya.x, ya.y, ya.z, ya.w, yb.x, yb.y, yb.z, yb.w};
+  unsigned out[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {  // gt entry 4 part + k = channels 8 part + 2k, + 1
+    const float4 gg = gt[row][4 * part + k];
+    out[k] = M::pack(fmaf(yv[2 * k], gg.x, gg.z), fmaf(yv[2 * k + 1], gg.y, gg.w));
+  }
+  return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
 // The tile starting at t0 into r: 16-byte cp.async copies (the host checked alignment), rows past the end zeroed.
 // The 11 slices (x, B, dt, z of 4 heads, C of 4 heads) are 1 KB each and consecutive in Raw; copy i of a slice is
 // (row i / 2, 16-byte part i % 2). Thread tid always copies row (tid % 64) / 2, part tid % 2 of slices
@@ -533,78 +616,12 @@ __global__ void __launch_bounds__(kThreads, 4)
           }
         }
         __syncwarp();
-        // The scan of the half, fully unrolled; only the FFMA of h is on the dependence chain.
-        // front(t): operands, dBu (mma) and the 8 exponentials of token t - none depends on h.
-        // Shared-memory operands are loaded 2 tokens ahead of their use (H100: b1 L8192 0.834 vs 0.910 ms, b8 L4096
-        // 1.110 vs 1.125 ms with the (du, delta) loads alone; bench/results/s5/pd2/): (du, delta) per token, the B
-        // operand and the C words per token pair.
-        const int pr0 = hf * kHalf / 2;  // first token pair of the half in bop
-        float4 pdq[2] = {sm.du[w][0][g], sm.du[w][1][g]};
-        const float4 (*bop)[9] = sm.bop[par];
-        float4 bo = bop[pr0][bsel], bo_next = bop[pr0 + 1][bsel];
-        uint4 cw2 = sm.cop[w][0][q], cw_next = sm.cop[w][1][q];  // the C words of the current / next token pair
-        auto front = [&](int tl, float (&dA)[2][4], float (&db)[2][4]) {
-          const float4 pd = pdq[tl & 1];  // (du, du, delta, delta) of channels 2g, 2g + 1
-          if (tl + 2 < kHalf) pdq[tl & 1] = sm.du[w][tl + 2][g];
-          if (tl > 0 && (tl & 1) == 0) {  // a new token pair: rotate the B operand, fetch the pair after next
-            bo = bo_next;
-            if (tl / 2 + 1 < kHalf / 2) bo_next = bop[pr0 + tl / 2 + 1][bsel];
-          }
-          mma_k4(db[0], pd.x, pd.y, (tl & 1) ? bo.z : bo.x);
-          mma_k4(db[1], pd.x, pd.y, (tl & 1) ? bo.w : bo.y);
-  #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const float dl = i < 2 ? pd.z : pd.w;
-            dA[0][i] = ex2(dl * A2[0][i]);
-            // one of the lane's 8 exponentials on the FMA pipe (session 9, bench/results/s9/carry_emu: b8 L4096
-            // 1.113 -> 1.094 ms; two of 8: 1.136, slower). With documents too, although all 8 on MUFU measured 1.5 %
-            // faster there (session 16, bench/results/s16/ab_fwd7_mufu/): packed == separate calls is bitwise only
-            // when both compute the same exponentials (the final state differed by an ulp)
-            dA[1][i] = i == 3 ? ex2_fma(dl * A2[1][i]) : ex2(dl * A2[1][i]);
-            // (a document start: ex2_fma clamps -inf to 2^-125, MUFU's ex2 flushes it to 0 - restart exactly. Session
-            // 18: a copy of the scan without this fix-up for halves without a start measured 1-3 % slower,
-            // bench/results/s18/ab_seq_scan/.)
-            if constexpr (kSeq) {
-              if (i == 3) dA[1][i] = dl == __int_as_float(0x7f800000) ? 0.f : dA[1][i];
-            }
-          }
-        };
-        float dA[2][2][4], db[2][2][4];  // by token parity
-        front(0, dA[0], db[0]);
-  #pragma unroll
-        for (int tl = 0; tl < kHalf; ++tl) {
-          const int cur = tl & 1;
-          if (tl + 1 < kHalf) front(tl + 1, dA[cur ^ 1], db[cur ^ 1]);
-  #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            h[0][i] = fmaf(dA[cur][0][i], h[0][i], db[cur][0][i]);
-            h[1][i] = fmaf(dA[cur][1][i], h[1][i], db[cur][1][i]);
-          }
-          if (tl > 0 && (tl & 1) == 0) {
-            cw2 = cw_next;
-            if (tl / 2 + 1 < kHalf / 2) cw_next = sm.cop[w][tl / 2 + 1][q];
-          }
-          const float2 clo = scan4::unpack2<T>((tl & 1) ? cw2.z : cw2.x);
-          const float2 chi = scan4::unpack2<T>((tl & 1) ? cw2.w : cw2.y);
-          float yv[4];
-          mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], clo.x, clo.y, 0.f, 0.f, 0.f, 0.f);
-          mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], chi.x, chi.y, yv[0], yv[1], yv[2], yv[3]);
-          if (q == 0) *reinterpret_cast<float2*>(&sm.yf[w][tl][2 * g]) = make_float2(yv[0], yv[2]);
-        }
+        scan_half<T, kSeq>(sm.du[w], sm.bop[par], hf * kHalf / 2, bsel, sm.cop[w], sm.yf[w], A2, h, g, q);
         __syncwarp();
-        {  // gate and store the half's y rows: lane = (row, 8 channels); y = (C . h) sz + D u sz
+        {  // gate and store the half's y rows
           const int row = lane / 2, part = lane % 2, t = t0 + hf * kHalf + row;
-          const float4 ya = *reinterpret_cast<const float4*>(&sm.yf[w][row][part * 8]);
-          const float4 yb = *reinterpret_cast<const float4*>(&sm.yf[w][row][part * 8 + 4]);
-          const float yv[8] = {ya.x, ya.y, ya.z, ya.w, yb.x, yb.y, yb.z, yb.w};
-          unsigned out[4];
-  #pragma unroll
-          for (int k = 0; k < 4; ++k) {  // gt entry 4 part + k = channels 8 part + 2k, + 1
-            const float4 gg = sm.gt[w][row][4 * part + k];
-            out[k] = M::pack(fmaf(yv[2 * k], gg.x, gg.z), fmaf(yv[2 * k + 1], gg.y, gg.w));
-          }
-          if (kVar ? (t >= ts && t < te) : t < L)
-            *reinterpret_cast<uint4*>(y + (int64_t)t * D + c0 + part * 8) = make_uint4(out[0], out[1], out[2], out[3]);
+          const uint4 out = gate_row<T>(sm.yf[w], sm.gt[w], row, part);
+          if (kVar ? (t >= ts && t < te) : t < L) *reinterpret_cast<uint4*>(y + (int64_t)t * D + c0 + part * 8) = out;
         }
         __syncwarp();
       }

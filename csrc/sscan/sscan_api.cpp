@@ -116,6 +116,11 @@ SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, c
   p.fwd_k = 0;
   if (v2_ok && fwd_variant != "plain" && fwd_variant != "v1")
     p.fwd_k = fwd_variant == "v2k4" ? 4 : fwd_variant == "v2k8" ? 8 : (blocks <= 1024 ? 8 : 4);
+  // Forward v7 (sscan_fwd7.cuh, session 25): 16-bit activations on v2's shapes whose 64-channel blocks each lie in
+  // one B group and one C group, without documents; APRIEL_SSCAN_FWD=v7 forces it wherever it applies (else v2).
+  const bool v7_ok = p.fwd_k != 0 && delta.scalar_type() != at::kFloat && D % 64 == 0 && p.b_cpg % 64 == 0 &&
+                     p.c_cpg % 64 == 0 && !seq_idx;
+  p.fwd_v7 = v7_ok && fwd_variant == "v7";
   // Backward: v2 by default on the forward v2's shapes (H100, session 2: fwd+bwd b1 L8192 3.07 ms vs 7.22 with
   // v1, b8 L4096 10.9 vs 27.8; all GPU tests pass); APRIEL_SSCAN_BWD=v1 selects v1 (it takes the forward v2's
   // checkpoints: equal to v1's up to v2's fast softplus, ~1e-6 relative), plain = v1's plain loops.

@@ -178,6 +178,12 @@ __global__ void __launch_bounds__(kThreads, 2) sscan_fwd_kernel(SScanParams p) {
 
 template <typename T>
 void launch_sscan_fwd(const SScanParams& p, void* stream) {
+  if constexpr (sizeof(T) == 2) {
+    if (p.fwd_v7) {  // v7 (sscan_fwd7.cuh) where the host found it applicable
+      launch_sscan_fwd7<T>(p, stream);
+      return;
+    }
+  }
   if (p.fwd_k != 0) {  // v2 (sscan_fwd2.cuh) where the host found it applicable
     launch_sscan_fwd2<T>(p, stream);
     return;

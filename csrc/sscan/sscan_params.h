@@ -33,6 +33,10 @@ struct SScanParams {
   // Forward v2 (sscan_fwd2.cuh): 0 = the v1 kernel above, else K = 4 or 8 lanes per channel. The host sets it
   // only where v2 applies (d_state 16, d_inner % 16 == 0, one B and one C group per block of 16 channels).
   int fwd_k;
+  // Forward v7 (sscan_fwd7.cuh, session 25: the mixer scan's v7 scan core, one warp per 16 channels, 16-bit
+  // activations): set by the host where it applies (fwd_k != 0, 64 | d_inner and the channels per B / C group, no
+  // seq_idx) and the grid fills the GPU (or APRIEL_SSCAN_FWD=v7). Its staging fields are v2's.
+  bool fwd_v7;
   // v2 staging, one bit per activation (kV2U, kV2Delta, kV2Z, kV2B, kV2C, and kV2Dy for the backward's dy): tfast = the tile is kept token-fast
   // in smem (the tensor's token stride is 1, mamba's channel-major layout); vec = 16-byte cp.async copies are
   // legal (unit stride along the copied rows, every other offset a multiple of 16 bytes).
@@ -94,6 +98,8 @@ template <typename T>
 void launch_sscan_fwd(const SScanParams& p, void* stream);
 template <typename T>
 void launch_sscan_fwd2(const SScanParams& p, void* stream);  // sscan_fwd2_<dtype>.cu
+template <typename T>
+void launch_sscan_fwd7(const SScanParams& p, void* stream);  // sscan_fwd7_<dtype>.cu (16-bit only)
 template <typename T>
 void launch_sscan_bwd2(const SScanParams& p, void* stream);  // sscan_bwd2_<dtype>.cu
 template <typename T>

@@ -1,0 +1,219 @@
+// Forward of the generic (mamba-compatible) selective scan on the mixer scan's v7 machinery (session 25): the input
+// product du (x) B and the readout C . h on tensor cores, one WARP per 16 channels (a "head"), 16-bit activations.
+//
+// Why: v2 (sscan_fwd2.cuh, session 2) is the mixer scan's v4 design (K lanes per channel, the readout
+// reduce-scattered); at batch 8 the mixer's v7 does more work per token (conv, dt_proj) in 1.04 ms where v2 takes
+// 1.88. This kernel runs v7's scan core itself - scan7::scan_half and scan7::gate_row (mixer_scan_fwd7.cuh, the
+// design and its measurements are there) - on tiles staged by v2's staging code (sscan2::stage_tensor: cp.async,
+// either orientation, plain loads where 16-byte copies are not legal). What differs from the mixer's v7 is the prep
+// per (channel, token): no conv and no dt_proj - delta = softplus(delta + delta_bias) (or without softplus), du =
+// tf32(delta u), the gate silu(z) (1 without z) and D u silu(z) - as v2 computes them (sscan::softplus_v2 /
+// sigmoid_fast, or v1's precise forms with APRIEL_SSCAN_SOFTPLUS=precise).
+// Block = 4 warps = 64 consecutive channels of one sequence, which one B group and one C group must hold (the host:
+// mixer-style d_state 16, d_inner % 64 == 0, channels per B / C group a multiple of 64). Per 32-token tile: one
+// block barrier (the tile's copies are visible and the previous tile's readers are done), the next tile's copies;
+// then each warp alone per 16-token half: prep -> du / gt / its own B-operand table (bop) and C words (cop);
+// __syncwarp; scan_half; the gated y rows. The state checkpoints (before every tile) and the final state have v2's
+// layout, so the backward v2 consumes them unchanged.
+// Not handled (the host runs v2): fp32 activations, packed documents (seq_idx), other shapes.
+// Shared memory (bf16): 14 raw slots x 2 parities (35 KB: u, delta, z of the 4 warps, B, C; v2's slot holds either
+// orientation) + the per-warp du / gt / cop / yf / bop of v7 (29 KB) = 64 KB: 3 blocks per SM (the mixer's v7: 4).
+#pragma once
+#include "sscan_fwd2.cuh"                // sscan2:: stage_tensor, Geom, cp.async; sscan:: softplus_v2, sigmoids
+#include "../scan/mixer_scan_fwd7.cuh"  // scan7:: scan_half, gate_row, tf32_rna, kHalf
+
+namespace apriel {
+namespace sscan7 {
+
+using scan7::kHalf;
+using sscan::kT;
+constexpr int kHeads = 4;                // warps (16-channel heads) per block
+constexpr int kThreads = 32 * kHeads;
+constexpr int kN = 16;
+constexpr int kSlots = 3 * kHeads + 2;   // raw slots per tile: u, delta, z of each head, then B, C
+enum { kSlotU = 0, kSlotDelta = kHeads, kSlotZ = 2 * kHeads, kSlotB = 3 * kHeads, kSlotC = 3 * kHeads + 1 };
+
+template <typename T>
+struct Smem {
+  alignas(16) T raw[2][kSlots][sscan2::Geom<T>::kSlot];  // by tile parity; sscan2::stage_tensor's layouts
+  alignas(16) float4 du[kHeads][kHalf][9];                // the mixer v7's tables (mixer_scan_fwd7.cuh Smem7)
+  alignas(16) float4 gt[kHeads][kHalf][9];
+  alignas(16) uint4 cop[kHeads][kHalf / 2][4];
+  alignas(16) float yf[kHeads][kHalf][kN];
+  alignas(16) float4 bop[kHeads][kHalf / 2][9];           // per warp: the B operand of the half (entry 8: zeros)
+};
+constexpr int kBlocksPerSm = 3;
+static_assert(sizeof(Smem<__nv_bfloat16>) + 1024 <= 233472 / kBlocksPerSm, "3 blocks per SM must fit");
+
+// Element (row r = channel or state, token t) of a staged slot: token-fast (tf) or token-major.
+template <typename T>
+__device__ __forceinline__ T at(const T* slot, int r, int t, bool tf) {
+  return slot[tf ? sscan2::Geom<T>::tf(r, t) : t * 16 + r];
+}
+// Raw 16-bit pattern of a value (for the C words, which scan_half unpacks).
+template <typename T>
+__device__ __forceinline__ unsigned bits16(T v) {
+  return static_cast<unsigned>(*reinterpret_cast<const unsigned short*>(&v));
+}
+
+// kBT: B / C staged token-fast (the host keeps them in one orientation, as v2's kBT).
+template <typename T, bool kBT>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) sscan_fwd7_kernel(SScanParams p) {
+  static_assert(sizeof(T) == 2, "16-bit activations");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Smem<T>& sm = *reinterpret_cast<Smem<T>*>(smem_raw);
+  const int tid = threadIdx.x, lane = tid % 32, w = tid / 32, g = lane / 4, q = lane % 4;
+  const int b = blockIdx.y, c0 = blockIdx.x * (kHeads * 16), hc0 = c0 + 16 * w;  // block / warp first channel
+  const int D = p.dim, L = p.seqlen, n_tiles = p.n_chunks;
+  const bool has_z = p.z != nullptr;
+  auto bit = [&](unsigned m, int i) { return ((m >> i) & 1u) != 0; };
+  const bool tf_u = bit(p.v2_tfast, kV2U), tf_d = bit(p.v2_tfast, kV2Delta), tf_z = bit(p.v2_tfast, kV2Z);
+
+  // The tile at t0 into raw[par]: every slot by stage_tensor (each of its copies by its mapping over the block).
+  auto stage = [&](int par, int t0) {
+#pragma unroll
+    for (int s = 0; s < kHeads; ++s) {
+      const int c = c0 + 16 * s, src_u = p.u_rep == 1 ? c : (c / (kN * p.u_rep)) * kN;
+      sscan2::stage_tensor<T, kThreads>(sm.raw[par][kSlotU + s],
+                                        static_cast<const T*>(p.u) + (int64_t)b * p.u_sb + (int64_t)src_u * p.u_sc,
+                                        p.u_sl, p.u_sc, tf_u, bit(p.v2_vec, kV2U), t0, L, tid);
+      sscan2::stage_tensor<T, kThreads>(sm.raw[par][kSlotDelta + s],
+                                        static_cast<const T*>(p.dl) + (int64_t)b * p.dl_sb + (int64_t)c * p.dl_sc,
+                                        p.dl_sl, p.dl_sc, tf_d, bit(p.v2_vec, kV2Delta), t0, L, tid);
+      if (has_z)
+        sscan2::stage_tensor<T, kThreads>(sm.raw[par][kSlotZ + s],
+                                          static_cast<const T*>(p.z) + (int64_t)b * p.z_sb + (int64_t)c * p.z_sc,
+                                          p.z_sl, p.z_sc, tf_z, bit(p.v2_vec, kV2Z), t0, L, tid);
+    }
+    sscan2::stage_tensor<T, kThreads>(sm.raw[par][kSlotB],
+                                      static_cast<const T*>(p.B) + (int64_t)b * p.B_sb + (int64_t)(c0 / p.b_cpg) * p.B_sg,
+                                      p.B_sl, p.B_sn, kBT, bit(p.v2_vec, kV2B), t0, L, tid);
+    sscan2::stage_tensor<T, kThreads>(sm.raw[par][kSlotC],
+                                      static_cast<const T*>(p.C) + (int64_t)b * p.C_sb + (int64_t)(c0 / p.c_cpg) * p.C_sg,
+                                      p.C_sl, p.C_sn, kBT, bit(p.v2_vec, kV2C), t0, L, tid);
+    sscan2::cp_async_commit();
+  };
+  stage(0, 0);
+
+  // Per-lane constants of the prep: channel 4q + j of the warp's 16 (j = 2 nt + e, the mixer v7's labels).
+  float bias[4], dsk[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int pc = hc0 + 4 * q + j;
+    bias[j] = p.delta_bias != nullptr ? p.delta_bias[pc] : 0.f;
+    dsk[j] = p.Dskip != nullptr ? p.Dskip[pc] : 0.f;
+  }
+  // Scan constants and state: h[nt][i] = channel 2g + (i >> 1) of the warp's 16, state 8 nt + 2q + (i & 1).
+  float A2[2][4], h[2][4];
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int cs = hc0 + 2 * g + (i >> 1), n = nt * 8 + 2 * q + (i & 1);
+      A2[nt][i] = p.A[(int64_t)cs * kN + n] * sscan::kLog2e;
+      h[nt][i] = p.init != nullptr ? p.init[((int64_t)b * D + cs) * kN + n] : 0.f;
+    }
+  auto store_h = [&](float* base) {  // base: the (b, D, 16)-layout rows of this sequence
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+        *reinterpret_cast<float2*>(base + (int64_t)(hc0 + 2 * g + r) * kN + nt * 8 + 2 * q) =
+            make_float2(h[nt][2 * r], h[nt][2 * r + 1]);
+  };
+  if (lane < kHalf / 2) sm.bop[w][lane][8] = make_float4(0.f, 0.f, 0.f, 0.f);
+  const int bsel = q == 0 ? g : 8;  // lanes q > 0 read the zero entry: rows k >= 1 of the B operand
+  T* y = p.y != nullptr ? static_cast<T*>(p.y) + (int64_t)b * L * D : nullptr;
+
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int t0 = tile * kT, par = tile & 1, nt_live = min(kT, L - t0);
+    sscan2::cp_async_wait_all();
+    __syncthreads();  // the tile's copies are visible; every reader of the previous tile is done
+    if (tile + 1 < n_tiles) stage(par ^ 1, t0 + kT);
+    if (p.ckpt != nullptr) store_h(p.ckpt + ((int64_t)b * n_tiles + tile) * D * kN);
+    const T* ru = sm.raw[par][kSlotU + w];
+    const T* rd = sm.raw[par][kSlotDelta + w];
+    const T* rz = sm.raw[par][kSlotZ + w];
+    const T* rB = sm.raw[par][kSlotB];
+    const T* rC = sm.raw[par][kSlotC];
+#pragma unroll 1
+    for (int hf = 0; hf < 2; ++hf) {
+      // Prep of the half's items (token g + 8 rr, channel 4q + 2 nt + e) into du / gt rows 2q + nt, as the mixer's.
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const int tl = g + 8 * rr, t = hf * kHalf + tl;
+        const bool live = t < nt_live;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          float dv[2], duv[2], sz[2], dus[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int j = 2 * nt + e, ch = 4 * q + j;
+            const float u = sscan::to_f(at(ru, ch, t, tf_u));
+            const float v = sscan::to_f(at(rd, ch, t, tf_d)) + bias[j];
+            const float delta = p.softplus ? sscan::softplus_v2(v, p.fast_prep) : v;
+            float gz = 1.f;
+            if (has_z) {
+              const float zz = sscan::to_f(at(rz, ch, t, tf_z));
+              gz = zz * (p.fast_prep ? sscan::sigmoid_fast(zz) : sscan::sigmoidf_(zz));
+            }
+            dv[e] = live ? delta : 0.f;  // past the end: (0, 0) keeps h
+            duv[e] = live ? scan7::tf32_rna(delta * u) : 0.f;
+            sz[e] = gz;
+            dus[e] = dsk[j] * u * gz;
+          }
+          sm.du[w][tl][2 * q + nt] = make_float4(duv[0], duv[1], dv[0], dv[1]);
+          sm.gt[w][tl][2 * q + nt] = make_float4(sz[0], sz[1], dus[0], dus[1]);
+        }
+      }
+      // The B operand of the half per token pair, (B_t[bg], B_t[8 + bg], B_t+1[bg], B_t+1[8 + bg]), 2 entries per lane
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const int i = lane + 32 * k, pr = i / 8, bg = i % 8, t = hf * kHalf + 2 * pr;
+        sm.bop[w][pr][bg] = make_float4(sscan::to_f(at(rB, bg, t, kBT)), sscan::to_f(at(rB, bg + 8, t, kBT)),
+                                        sscan::to_f(at(rB, bg, t + 1, kBT)), sscan::to_f(at(rB, bg + 8, t + 1, kBT)));
+      }
+      {  // the C words per token pair and lane quad: (C[2qq], C[2qq+1]) and (C[8+2qq], C[9+2qq]) of both tokens
+        const int pr = lane / 4, qq = lane % 4, t = hf * kHalf + 2 * pr;
+        auto word = [&](int n, int tt) { return bits16(at(rC, n, tt, kBT)) | (bits16(at(rC, n + 1, tt, kBT)) << 16); };
+        sm.cop[w][pr][qq] = make_uint4(word(2 * qq, t), word(8 + 2 * qq, t), word(2 * qq, t + 1), word(8 + 2 * qq, t + 1));
+      }
+      __syncwarp();
+      scan7::scan_half<T, false>(sm.du[w], sm.bop[w], 0, bsel, sm.cop[w], sm.yf[w], A2, h, g, q);
+      __syncwarp();
+      if (y != nullptr) {  // the half's gated y rows (b, L, D)
+        const int row = lane / 2, part = lane % 2, t = t0 + hf * kHalf + row;
+        const uint4 out = scan7::gate_row<T>(sm.yf[w], sm.gt[w], row, part);
+        if (t < L) *reinterpret_cast<uint4*>(y + (int64_t)t * D + hc0 + part * 8) = out;
+      }
+      __syncwarp();
+    }
+  }
+  if (p.final_state != nullptr) store_h(p.final_state + (int64_t)b * D * kN);
+}
+
+template <typename T, bool kBT>
+void launch(const SScanParams& p, void* stream) {
+  constexpr int smem = sizeof(Smem<T>);
+  auto kernel = sscan_fwd7_kernel<T, kBT>;
+  static const bool configured = [&] {
+    APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           (int)cudaSharedmemCarveoutMaxShared));
+    return true;
+  }();
+  (void)configured;
+  const dim3 grid(p.dim / (kHeads * 16), p.batch);
+  kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
+  APRIEL_CHECK_LAUNCH();
+}
+
+}  // namespace sscan7
+
+template <typename T>
+void launch_sscan_fwd7(const SScanParams& p, void* stream) {
+  if (((p.v2_tfast >> kV2B) & 1u) != 0) sscan7::launch<T, true>(p, stream);
+  else sscan7::launch<T, false>(p, stream);
+}
+
+}  // namespace apriel
