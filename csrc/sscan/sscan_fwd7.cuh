@@ -50,16 +50,15 @@ template <typename T>
 __device__ __forceinline__ T at(const T* slot, int r, int t, bool tf) {
   return slot[tf ? sscan2::Geom<T>::tf(r, t) : t * 16 + r];
 }
-// Raw 16-bit pattern of a value (for the C words, which scan_half unpacks).
-template <typename T>
-__device__ __forceinline__ unsigned bits16(T v) {
-  return static_cast<unsigned>(*reinterpret_cast<const unsigned short*>(&v));
-}
 
-// kBT: B / C staged token-fast (the host keeps them in one orientation, as v2's kBT).
-template <typename T, bool kBT>
+// kBT: B / C staged token-fast (the host keeps them in one orientation, as v2's kBT). kFast: every activation is
+// token-fast with 16-byte copies (mamba's channel-major layout, aligned rows): a staging loop without the generic
+// branches and a prep that reads 4 tokens of a channel per load (the generic prep reads one 16-bit value per item).
+template <typename T, bool kBT, bool kFast>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sscan_fwd7_kernel(SScanParams p) {
   static_assert(sizeof(T) == 2, "16-bit activations");
+  static_assert(!kFast || kBT, "kFast: B / C token-fast too");
+  using G = sscan2::Geom<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Smem<T>& sm = *reinterpret_cast<Smem<T>*>(smem_raw);
   const int tid = threadIdx.x, lane = tid % 32, w = tid / 32, g = lane / 4, q = lane % 4;
@@ -70,7 +69,51 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sscan_fwd7_kernel(SSca
   const bool tf_u = bit(p.v2_tfast, kV2U), tf_d = bit(p.v2_tfast, kV2Delta), tf_z = bit(p.v2_tfast, kV2Z);
 
   // The tile at t0 into raw[par]: every slot by stage_tensor (each of its copies by its mapping over the block).
+  // kFast: slot s's 16 rows x kT / kVec pieces; copy i = tid + kThreads k is piece i % kPR of row (i / kPR) % 16 of
+  // slot 2k + tid / 64 (kPR = 4 pieces per row at 16 bits: 64 per slot).
+  auto slot_src = [&](int s, int64_t& cs) -> const T* {
+    if (s < kSlotB) {
+      const int kind = s / kHeads, c = c0 + 16 * (s % kHeads);
+      if (kind == 0) {
+        cs = p.u_sc;
+        const int src_u = p.u_rep == 1 ? c : (c / (kN * p.u_rep)) * kN;
+        return static_cast<const T*>(p.u) + (int64_t)b * p.u_sb + (int64_t)src_u * p.u_sc;
+      }
+      if (kind == 1) {
+        cs = p.dl_sc;
+        return static_cast<const T*>(p.dl) + (int64_t)b * p.dl_sb + (int64_t)c * p.dl_sc;
+      }
+      cs = p.z_sc;
+      return static_cast<const T*>(p.z) + (int64_t)b * p.z_sb + (int64_t)c * p.z_sc;
+    }
+    if (s == kSlotB) {
+      cs = p.B_sn;
+      return static_cast<const T*>(p.B) + (int64_t)b * p.B_sb + (int64_t)(c0 / p.b_cpg) * p.B_sg;
+    }
+    cs = p.C_sn;
+    return static_cast<const T*>(p.C) + (int64_t)b * p.C_sb + (int64_t)(c0 / p.c_cpg) * p.C_sg;
+  };
+  auto stage_fast = [&](int par, int t0) {
+    constexpr int kVec = G::kVec, kPR = kT / kVec, kPerSlot = 16 * kPR;
+    static_assert(kThreads == 2 * kPerSlot && kSlots % 2 == 0, "two slots per step");
+    const int r = (tid % kPerSlot) / kPR, part = tid % kPR, pos = t0 + part * kVec;
+    const int n = min(max(L - pos, 0), kVec);
+#pragma unroll
+    for (int k = 0; k < kSlots / 2; ++k) {
+      const int s = 2 * k + tid / kPerSlot;
+      if (!has_z && s >= kSlotZ && s < kSlotB) continue;
+      int64_t cs;
+      const T* src = slot_src(s, cs);
+      sscan2::cp_async16(sm.raw[par][s] + G::tf(r, part * kVec), n > 0 ? src + r * cs + pos : src,
+                         n * (int)sizeof(T));
+    }
+    sscan2::cp_async_commit();
+  };
   auto stage = [&](int par, int t0) {
+    if constexpr (kFast) {
+      stage_fast(par, t0);
+      return;
+    }
 #pragma unroll
     for (int s = 0; s < kHeads; ++s) {
       const int c = c0 + 16 * s, src_u = p.u_rep == 1 ? c : (c / (kN * p.u_rep)) * kN;
@@ -102,6 +145,15 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sscan_fwd7_kernel(SSca
     const int pc = hc0 + 4 * q + j;
     bias[j] = p.delta_bias != nullptr ? p.delta_bias[pc] : 0.f;
     dsk[j] = p.Dskip != nullptr ? p.Dskip[pc] : 0.f;
+  }
+  // kFast's prep: lane = (channel pair pp = lane % 8: channels 2 pp, 2 pp + 1; token quad tq = lane / 8).
+  const int pp = lane % 8, tq = lane / 8;
+  float bias2[2], dsk2[2];
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int pc = hc0 + 2 * pp + e;
+    bias2[e] = p.delta_bias != nullptr ? p.delta_bias[pc] : 0.f;
+    dsk2[e] = p.Dskip != nullptr ? p.Dskip[pc] : 0.f;
   }
   // Scan constants and state: h[nt][i] = channel 2g + (i >> 1) of the warp's 16, state 8 nt + 2q + (i & 1).
   float A2[2][4], h[2][4];
@@ -138,6 +190,41 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sscan_fwd7_kernel(SSca
     const T* rC = sm.raw[par][kSlotC];
 #pragma unroll 1
     for (int hf = 0; hf < 2; ++hf) {
+      // The item's delta (0 past the end keeps h), du, gate and D u gate from its 16-bit inputs.
+      auto item = [&](float u, float v, float zz, bool live, float dsk, float& dv, float& duv, float& sz, float& dus) {
+        const float delta = p.softplus ? sscan::softplus_v2(v, p.fast_prep) : v;
+        const float gz = has_z ? zz * (p.fast_prep ? sscan::sigmoid_fast(zz) : sscan::sigmoidf_(zz)) : 1.f;
+        dv = live ? delta : 0.f;
+        duv = live ? scan7::tf32_rna(delta * u) : 0.f;
+        sz = gz;
+        dus = dsk * u * gz;
+      };
+      if constexpr (kFast) {  // 4 tokens of the lane's 2 channels per 8-byte load
+        const int tb = hf * kHalf + 4 * tq;
+        float uv[2][4], vv[2][4], zv[2][4];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int ch = 2 * pp + e, off = G::tf(ch, tb);
+          const uint2 wu = *reinterpret_cast<const uint2*>(ru + off), wd = *reinterpret_cast<const uint2*>(rd + off);
+          const uint2 wz = has_z ? *reinterpret_cast<const uint2*>(rz + off) : make_uint2(0u, 0u);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const unsigned su = k < 2 ? wu.x : wu.y, sd = k < 2 ? wd.x : wd.y, sz_ = k < 2 ? wz.x : wz.y;
+            uv[e][k] = sscan2::half_of<T>(su, k & 1);
+            vv[e][k] = sscan2::half_of<T>(sd, k & 1) + bias2[e];
+            zv[e][k] = sscan2::half_of<T>(sz_, k & 1);
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int tl = 4 * tq + k;
+          float dv[2], duv[2], sz[2], dus[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) item(uv[e][k], vv[e][k], zv[e][k], tb + k < nt_live, dsk2[e], dv[e], duv[e], sz[e], dus[e]);
+          sm.du[w][tl][pp] = make_float4(duv[0], duv[1], dv[0], dv[1]);
+          sm.gt[w][tl][pp] = make_float4(sz[0], sz[1], dus[0], dus[1]);
+        }
+      } else {
       // Prep of the half's items (token g + 8 rr, channel 4q + 2 nt + e) into du / gt rows 2q + nt, as the mixer's.
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
@@ -149,34 +236,40 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sscan_fwd7_kernel(SSca
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int j = 2 * nt + e, ch = 4 * q + j;
-            const float u = sscan::to_f(at(ru, ch, t, tf_u));
-            const float v = sscan::to_f(at(rd, ch, t, tf_d)) + bias[j];
-            const float delta = p.softplus ? sscan::softplus_v2(v, p.fast_prep) : v;
-            float gz = 1.f;
-            if (has_z) {
-              const float zz = sscan::to_f(at(rz, ch, t, tf_z));
-              gz = zz * (p.fast_prep ? sscan::sigmoid_fast(zz) : sscan::sigmoidf_(zz));
-            }
-            dv[e] = live ? delta : 0.f;  // past the end: (0, 0) keeps h
-            duv[e] = live ? scan7::tf32_rna(delta * u) : 0.f;
-            sz[e] = gz;
-            dus[e] = dsk[j] * u * gz;
+            const float zz = has_z ? sscan::to_f(at(rz, ch, t, tf_z)) : 0.f;
+            item(sscan::to_f(at(ru, ch, t, tf_u)), sscan::to_f(at(rd, ch, t, tf_d)) + bias[j], zz, live, dsk[j], dv[e],
+                 duv[e], sz[e], dus[e]);
           }
           sm.du[w][tl][2 * q + nt] = make_float4(duv[0], duv[1], dv[0], dv[1]);
           sm.gt[w][tl][2 * q + nt] = make_float4(sz[0], sz[1], dus[0], dus[1]);
         }
       }
+      }
       // The B operand of the half per token pair, (B_t[bg], B_t[8 + bg], B_t+1[bg], B_t+1[8 + bg]), 2 entries per lane
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
         const int i = lane + 32 * k, pr = i / 8, bg = i % 8, t = hf * kHalf + 2 * pr;
-        sm.bop[w][pr][bg] = make_float4(sscan::to_f(at(rB, bg, t, kBT)), sscan::to_f(at(rB, bg + 8, t, kBT)),
-                                        sscan::to_f(at(rB, bg, t + 1, kBT)), sscan::to_f(at(rB, bg + 8, t + 1, kBT)));
+        if constexpr (kBT) {  // a state's two tokens in one word
+          const unsigned w0 = *reinterpret_cast<const unsigned*>(rB + G::tf(bg, t));
+          const unsigned w1 = *reinterpret_cast<const unsigned*>(rB + G::tf(bg + 8, t));
+          sm.bop[w][pr][bg] = make_float4(sscan2::half_of<T>(w0, false), sscan2::half_of<T>(w1, false),
+                                          sscan2::half_of<T>(w0, true), sscan2::half_of<T>(w1, true));
+        } else {
+          sm.bop[w][pr][bg] = make_float4(sscan::to_f(at(rB, bg, t, false)), sscan::to_f(at(rB, bg + 8, t, false)),
+                                          sscan::to_f(at(rB, bg, t + 1, false)), sscan::to_f(at(rB, bg + 8, t + 1, false)));
+        }
       }
       {  // the C words per token pair and lane quad: (C[2qq], C[2qq+1]) and (C[8+2qq], C[9+2qq]) of both tokens
         const int pr = lane / 4, qq = lane % 4, t = hf * kHalf + 2 * pr;
-        auto word = [&](int n, int tt) { return bits16(at(rC, n, tt, kBT)) | (bits16(at(rC, n + 1, tt, kBT)) << 16); };
-        sm.cop[w][pr][qq] = make_uint4(word(2 * qq, t), word(8 + 2 * qq, t), word(2 * qq, t + 1), word(8 + 2 * qq, t + 1));
+        if constexpr (kBT) {  // words of two tokens per state, regrouped into words of two states per token
+          auto ld = [&](int n) { return *reinterpret_cast<const unsigned*>(rC + G::tf(n, t)); };
+          const unsigned a = ld(2 * qq), a1 = ld(2 * qq + 1), c = ld(8 + 2 * qq), c1 = ld(9 + 2 * qq);
+          sm.cop[w][pr][qq] = make_uint4(__byte_perm(a, a1, 0x5410), __byte_perm(c, c1, 0x5410),
+                                         __byte_perm(a, a1, 0x7632), __byte_perm(c, c1, 0x7632));
+        } else {  // token-major: a token's two states in one word
+          auto ld = [&](int n, int tt) { return *reinterpret_cast<const unsigned*>(rC + tt * 16 + n); };
+          sm.cop[w][pr][qq] = make_uint4(ld(2 * qq, t), ld(8 + 2 * qq, t), ld(2 * qq, t + 1), ld(8 + 2 * qq, t + 1));
+        }
       }
       __syncwarp();
       scan7::scan_half<T, false>(sm.du[w], sm.bop[w], 0, bsel, sm.cop[w], sm.yf[w], A2, h, g, q);
@@ -192,10 +285,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sscan_fwd7_kernel(SSca
   if (p.final_state != nullptr) store_h(p.final_state + (int64_t)b * D * kN);
 }
 
-template <typename T, bool kBT>
+template <typename T, bool kBT, bool kFast>
 void launch(const SScanParams& p, void* stream) {
   constexpr int smem = sizeof(Smem<T>);
-  auto kernel = sscan_fwd7_kernel<T, kBT>;
+  auto kernel = sscan_fwd7_kernel<T, kBT, kFast>;
   static const bool configured = [&] {
     APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
@@ -212,8 +305,10 @@ void launch(const SScanParams& p, void* stream) {
 
 template <typename T>
 void launch_sscan_fwd7(const SScanParams& p, void* stream) {
-  if (((p.v2_tfast >> kV2B) & 1u) != 0) sscan7::launch<T, true>(p, stream);
-  else sscan7::launch<T, false>(p, stream);
+  const unsigned all = (1u << kV2U) | (1u << kV2Delta) | (1u << kV2B) | (1u << kV2C) | (p.z != nullptr ? 1u << kV2Z : 0u);
+  if ((p.v2_tfast & all) == all && (p.v2_vec & all) == all) sscan7::launch<T, true, true>(p, stream);
+  else if (((p.v2_tfast >> kV2B) & 1u) != 0) sscan7::launch<T, true, false>(p, stream);
+  else sscan7::launch<T, false, false>(p, stream);
 }
 
 }  // namespace apriel
