@@ -33,34 +33,55 @@ constexpr int kN = 16;
 constexpr int kSlots = 3 * kHeads + 2;   // raw slots per tile: u, delta, z of each head, then B, C
 enum { kSlotU = 0, kSlotDelta = kHeads, kSlotZ = 2 * kHeads, kSlotB = 3 * kHeads, kSlotC = 3 * kHeads + 1 };
 
-template <typename T>
+// kFast (every activation token-fast with 16-byte copies: mamba's channel-major layout, aligned rows): a slot is
+// 16 rows x kT tokens without padding, its 16-byte pieces XOR-swizzled by row (piece ^ (row / 2) % 4), so that the
+// prep's 8-byte loads (8 rows, 4 token quads per warp) spread over the banks. Else v2's slot (either orientation).
+template <typename T, bool kFast>
+struct Slot {
+  static constexpr int kVec = 16 / sizeof(T);
+  static constexpr int kElems = kFast ? 16 * kT : sscan2::Geom<T>::kSlot;
+  // element (row r, token t) of a token-fast slot
+  static __device__ __forceinline__ int tf(int r, int t) {
+    if constexpr (kFast) return r * kT + (((t / kVec) ^ ((r >> 1) & 3)) * kVec) + t % kVec;
+    else return sscan2::Geom<T>::tf(r, t);
+  }
+};
+template <typename T, bool kFast>
 struct Smem {
-  alignas(16) T raw[2][kSlots][sscan2::Geom<T>::kSlot];  // by tile parity; sscan2::stage_tensor's layouts
+  alignas(16) T raw[2][kSlots][Slot<T, kFast>::kElems];  // by tile parity
   alignas(16) float4 du[kHeads][kHalf][9];                // the mixer v7's tables (mixer_scan_fwd7.cuh Smem7)
   alignas(16) float4 gt[kHeads][kHalf][9];
   alignas(16) uint4 cop[kHeads][kHalf / 2][4];
   alignas(16) float yf[kHeads][kHalf][kN];
-  alignas(16) float4 bop[kHeads][kHalf / 2][9];           // per warp: the B operand of the half (entry 8: zeros)
+  alignas(16) float4 bop[kT / 2][9];  // the B operand of the tile per token pair (entry 8: zeros), the block's
 };
-constexpr int kBlocksPerSm = 3;
-static_assert(sizeof(Smem<__nv_bfloat16>) + 1024 <= 233472 / kBlocksPerSm, "3 blocks per SM must fit");
+// 4 blocks per SM (as the mixer's v7: a b8 grid at d_inner 4096 is one wave of them) with kFast's unpadded slots;
+// v2's padded slots fit 3.
+template <bool kFast>
+constexpr int kBlocksPerSm = kFast ? 4 : 3;
+static_assert(sizeof(Smem<__nv_bfloat16, true>) + 1024 <= 233472 / kBlocksPerSm<true>, "4 blocks per SM must fit");
+static_assert(sizeof(Smem<__nv_bfloat16, false>) + 1024 <= 233472 / kBlocksPerSm<false>, "3 blocks per SM must fit");
 
 // Element (row r = channel or state, token t) of a staged slot: token-fast (tf) or token-major.
-template <typename T>
+template <typename T, bool kFast>
 __device__ __forceinline__ T at(const T* slot, int r, int t, bool tf) {
-  return slot[tf ? sscan2::Geom<T>::tf(r, t) : t * 16 + r];
+  return slot[tf ? Slot<T, kFast>::tf(r, t) : t * 16 + r];
+}
+// The 32-bit word of tokens t, t + 1 (t even) of row r of a token-fast slot.
+template <typename T, bool kFast>
+__device__ __forceinline__ unsigned pair_word(const T* slot, int r, int t) {
+  return *reinterpret_cast<const unsigned*>(slot + Slot<T, kFast>::tf(r, t));
 }
 
-// kBT: B / C staged token-fast (the host keeps them in one orientation, as v2's kBT). kFast: every activation is
-// token-fast with 16-byte copies (mamba's channel-major layout, aligned rows): a staging loop without the generic
-// branches and a prep that reads 4 tokens of a channel per load (the generic prep reads one 16-bit value per item).
+// kBT: B / C staged token-fast (the host keeps them in one orientation, as v2's kBT). kFast: see Slot; it also reads
+// 4 tokens of a channel per prep load (the generic prep reads one 16-bit value per item).
 template <typename T, bool kBT, bool kFast>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) sscan_fwd7_kernel(SScanParams p) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kernel(SScanParams p) {
   static_assert(sizeof(T) == 2, "16-bit activations");
   static_assert(!kFast || kBT, "kFast: B / C token-fast too");
-  using G = sscan2::Geom<T>;
+  using S = Slot<T, kFast>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  Smem<T>& sm = *reinterpret_cast<Smem<T>*>(smem_raw);
+  Smem<T, kFast>& sm = *reinterpret_cast<Smem<T, kFast>*>(smem_raw);
   const int tid = threadIdx.x, lane = tid % 32, w = tid / 32, g = lane / 4, q = lane % 4;
   const int b = blockIdx.y, c0 = blockIdx.x * (kHeads * 16), hc0 = c0 + 16 * w;  // block / warp first channel
   const int D = p.dim, L = p.seqlen, n_tiles = p.n_chunks;
@@ -68,92 +89,69 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sscan_fwd7_kernel(SSca
   auto bit = [&](unsigned m, int i) { return ((m >> i) & 1u) != 0; };
   const bool tf_u = bit(p.v2_tfast, kV2U), tf_d = bit(p.v2_tfast, kV2Delta), tf_z = bit(p.v2_tfast, kV2Z);
 
-  // The tile at t0 into raw[par]: every slot by stage_tensor (each of its copies by its mapping over the block).
-  // kFast: slot s's 16 rows x kT / kVec pieces; copy i = tid + kThreads k is piece i % kPR of row (i / kPR) % 16 of
-  // slot 2k + tid / 64 (kPR = 4 pieces per row at 16 bits: 64 per slot).
-  auto slot_src = [&](int s, int64_t& cs) -> const T* {
+  // Where slot s comes from: its tensor's first element of this block (and sequence), token / row strides, and the
+  // tensor's bit in v2_tfast / v2_vec. Slots: u, delta, z of the 4 warps' 16 channels each, then B, C.
+  struct Src {
+    const T* ptr;
+    int64_t ls, cs;
+    int bit;
+  };
+  auto slot_src = [&](int s) -> Src {
     if (s < kSlotB) {
       const int kind = s / kHeads, c = c0 + 16 * (s % kHeads);
       if (kind == 0) {
-        cs = p.u_sc;
-        const int src_u = p.u_rep == 1 ? c : (c / (kN * p.u_rep)) * kN;
-        return static_cast<const T*>(p.u) + (int64_t)b * p.u_sb + (int64_t)src_u * p.u_sc;
+        const int src_u = p.u_rep == 1 ? c : (c / (kN * p.u_rep)) * kN;  // 16 channels -> 16 consecutive u columns
+        return {static_cast<const T*>(p.u) + (int64_t)b * p.u_sb + (int64_t)src_u * p.u_sc, p.u_sl, p.u_sc, kV2U};
       }
-      if (kind == 1) {
-        cs = p.dl_sc;
-        return static_cast<const T*>(p.dl) + (int64_t)b * p.dl_sb + (int64_t)c * p.dl_sc;
-      }
-      cs = p.z_sc;
-      return static_cast<const T*>(p.z) + (int64_t)b * p.z_sb + (int64_t)c * p.z_sc;
+      if (kind == 1)
+        return {static_cast<const T*>(p.dl) + (int64_t)b * p.dl_sb + (int64_t)c * p.dl_sc, p.dl_sl, p.dl_sc, kV2Delta};
+      return {static_cast<const T*>(p.z) + (int64_t)b * p.z_sb + (int64_t)c * p.z_sc, p.z_sl, p.z_sc, kV2Z};
     }
-    if (s == kSlotB) {
-      cs = p.B_sn;
-      return static_cast<const T*>(p.B) + (int64_t)b * p.B_sb + (int64_t)(c0 / p.b_cpg) * p.B_sg;
-    }
-    cs = p.C_sn;
-    return static_cast<const T*>(p.C) + (int64_t)b * p.C_sb + (int64_t)(c0 / p.c_cpg) * p.C_sg;
+    if (s == kSlotB)
+      return {static_cast<const T*>(p.B) + (int64_t)b * p.B_sb + (int64_t)(c0 / p.b_cpg) * p.B_sg, p.B_sl, p.B_sn, kV2B};
+    return {static_cast<const T*>(p.C) + (int64_t)b * p.C_sb + (int64_t)(c0 / p.c_cpg) * p.C_sg, p.C_sl, p.C_sn, kV2C};
   };
-  auto stage_fast = [&](int par, int t0) {
-    constexpr int kVec = G::kVec, kPR = kT / kVec, kPerSlot = 16 * kPR;
-    static_assert(kThreads == 2 * kPerSlot && kSlots % 2 == 0, "two slots per step");
-    const int r = (tid % kPerSlot) / kPR, part = tid % kPR, pos = t0 + part * kVec;
-    const int n = min(max(L - pos, 0), kVec);
-#pragma unroll
-    for (int k = 0; k < kSlots / 2; ++k) {
-      const int s = 2 * k + tid / kPerSlot;
-      if (!has_z && s >= kSlotZ && s < kSlotB) continue;
-      int64_t cs;
-      const T* src = slot_src(s, cs);
-      sscan2::cp_async16(sm.raw[par][s] + G::tf(r, part * kVec), n > 0 ? src + r * cs + pos : src,
-                         n * (int)sizeof(T));
-    }
-    sscan2::cp_async_commit();
-  };
+  // The tile at t0 into raw[par]. kFast: copy tid + kThreads k is 16-byte piece tid % kPR of row (tid % 64) / kPR of
+  // slot 2k + tid / 64 (kPR = 4 pieces per row); else v2's stage_tensor per slot (either orientation, plain loads
+  // where 16-byte copies are not legal).
   auto stage = [&](int par, int t0) {
     if constexpr (kFast) {
-      stage_fast(par, t0);
-      return;
-    }
+      constexpr int kVec = S::kVec, kPR = kT / kVec, kPerSlot = 16 * kPR;
+      static_assert(kThreads == 2 * kPerSlot && kSlots % 2 == 0, "two slots per step");
+      const int r = (tid % kPerSlot) / kPR, part = tid % kPR, pos = t0 + part * kVec;
+      const int n = min(max(L - pos, 0), kVec);
 #pragma unroll
-    for (int s = 0; s < kHeads; ++s) {
-      const int c = c0 + 16 * s, src_u = p.u_rep == 1 ? c : (c / (kN * p.u_rep)) * kN;
-      sscan2::stage_tensor<T, kThreads>(sm.raw[par][kSlotU + s],
-                                        static_cast<const T*>(p.u) + (int64_t)b * p.u_sb + (int64_t)src_u * p.u_sc,
-                                        p.u_sl, p.u_sc, tf_u, bit(p.v2_vec, kV2U), t0, L, tid);
-      sscan2::stage_tensor<T, kThreads>(sm.raw[par][kSlotDelta + s],
-                                        static_cast<const T*>(p.dl) + (int64_t)b * p.dl_sb + (int64_t)c * p.dl_sc,
-                                        p.dl_sl, p.dl_sc, tf_d, bit(p.v2_vec, kV2Delta), t0, L, tid);
-      if (has_z)
-        sscan2::stage_tensor<T, kThreads>(sm.raw[par][kSlotZ + s],
-                                          static_cast<const T*>(p.z) + (int64_t)b * p.z_sb + (int64_t)c * p.z_sc,
-                                          p.z_sl, p.z_sc, tf_z, bit(p.v2_vec, kV2Z), t0, L, tid);
+      for (int k = 0; k < kSlots / 2; ++k) {
+        const int s = 2 * k + tid / kPerSlot;
+        if (!has_z && s >= kSlotZ && s < kSlotB) continue;
+        const Src src = slot_src(s);
+        sscan2::cp_async16(sm.raw[par][s] + S::tf(r, part * kVec), n > 0 ? src.ptr + r * src.cs + pos : src.ptr,
+                           n * (int)sizeof(T));
+      }
+    } else {
+#pragma unroll 1
+      for (int s = 0; s < kSlots; ++s) {
+        if (!has_z && s >= kSlotZ && s < kSlotB) continue;
+        const Src src = slot_src(s);
+        const bool tf = s >= kSlotB ? kBT : bit(p.v2_tfast, src.bit);
+        sscan2::stage_tensor<T, kThreads>(sm.raw[par][s], src.ptr, src.ls, src.cs, tf, bit(p.v2_vec, src.bit), t0, L,
+                                          tid);
+      }
     }
-    sscan2::stage_tensor<T, kThreads>(sm.raw[par][kSlotB],
-                                      static_cast<const T*>(p.B) + (int64_t)b * p.B_sb + (int64_t)(c0 / p.b_cpg) * p.B_sg,
-                                      p.B_sl, p.B_sn, kBT, bit(p.v2_vec, kV2B), t0, L, tid);
-    sscan2::stage_tensor<T, kThreads>(sm.raw[par][kSlotC],
-                                      static_cast<const T*>(p.C) + (int64_t)b * p.C_sb + (int64_t)(c0 / p.c_cpg) * p.C_sg,
-                                      p.C_sl, p.C_sn, kBT, bit(p.v2_vec, kV2C), t0, L, tid);
     sscan2::cp_async_commit();
   };
   stage(0, 0);
 
-  // Per-lane constants of the prep: channel 4q + j of the warp's 16 (j = 2 nt + e, the mixer v7's labels).
-  float bias[4], dsk[4];
+  // Per-lane constants of the prep. Generic: channel 4q + j of the warp's 16 (j = 2 nt + e, the mixer v7's labels);
+  // kFast: lane = (channel pair pp = lane % 8: channels 2 pp + e; token quad tq = lane / 8).
+  const int pp = lane % 8, tq = lane / 8;
+  constexpr int kPC = kFast ? 2 : 4;
+  float bias[kPC], dsk[kPC];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int pc = hc0 + 4 * q + j;
+  for (int j = 0; j < kPC; ++j) {
+    const int pc = hc0 + (kFast ? 2 * pp + j : 4 * q + j);
     bias[j] = p.delta_bias != nullptr ? p.delta_bias[pc] : 0.f;
     dsk[j] = p.Dskip != nullptr ? p.Dskip[pc] : 0.f;
-  }
-  // kFast's prep: lane = (channel pair pp = lane % 8: channels 2 pp, 2 pp + 1; token quad tq = lane / 8).
-  const int pp = lane % 8, tq = lane / 8;
-  float bias2[2], dsk2[2];
-#pragma unroll
-  for (int e = 0; e < 2; ++e) {
-    const int pc = hc0 + 2 * pp + e;
-    bias2[e] = p.delta_bias != nullptr ? p.delta_bias[pc] : 0.f;
-    dsk2[e] = p.Dskip != nullptr ? p.Dskip[pc] : 0.f;
   }
   // Scan constants and state: h[nt][i] = channel 2g + (i >> 1) of the warp's 16, state 8 nt + 2q + (i & 1).
   float A2[2][4], h[2][4];
@@ -173,9 +171,18 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sscan_fwd7_kernel(SSca
         *reinterpret_cast<float2*>(base + (int64_t)(hc0 + 2 * g + r) * kN + nt * 8 + 2 * q) =
             make_float2(h[nt][2 * r], h[nt][2 * r + 1]);
   };
-  if (lane < kHalf / 2) sm.bop[w][lane][8] = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (tid < kT / 2) sm.bop[tid][8] = make_float4(0.f, 0.f, 0.f, 0.f);
   const int bsel = q == 0 ? g : 8;  // lanes q > 0 read the zero entry: rows k >= 1 of the B operand
   T* y = p.y != nullptr ? static_cast<T*>(p.y) + (int64_t)b * L * D : nullptr;
+  // The item's delta (0 past the end keeps h), du, gate and D u gate from its inputs (v = delta + delta_bias).
+  auto item = [&](float u, float v, float zz, bool live, float dk, float& dv, float& duv, float& sz, float& dus) {
+    const float delta = p.softplus ? sscan::softplus_v2(v, p.fast_prep) : v;
+    const float gz = has_z ? zz * (p.fast_prep ? sscan::sigmoid_fast(zz) : sscan::sigmoidf_(zz)) : 1.f;
+    dv = live ? delta : 0.f;
+    duv = live ? scan7::tf32_rna(delta * u) : 0.f;
+    sz = gz;
+    dus = dk * u * gz;
+  };
 
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int t0 = tile * kT, par = tile & 1, nt_live = min(kT, L - t0);
@@ -188,82 +195,66 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sscan_fwd7_kernel(SSca
     const T* rz = sm.raw[par][kSlotZ + w];
     const T* rB = sm.raw[par][kSlotB];
     const T* rC = sm.raw[par][kSlotC];
+    {  // the tile's B operand per token pair, (B_t[bg], B_t[8 + bg], B_t+1[bg], B_t+1[8 + bg]): one entry per thread
+      const int pr = tid / 8, bg = tid % 8, t = 2 * pr;
+      if constexpr (kBT) {  // a state's two tokens in one word
+        const unsigned w0 = pair_word<T, kFast>(rB, bg, t), w1 = pair_word<T, kFast>(rB, bg + 8, t);
+        sm.bop[pr][bg] = make_float4(sscan2::half_of<T>(w0, false), sscan2::half_of<T>(w1, false),
+                                     sscan2::half_of<T>(w0, true), sscan2::half_of<T>(w1, true));
+      } else {
+        sm.bop[pr][bg] = make_float4(sscan::to_f(rB[t * 16 + bg]), sscan::to_f(rB[t * 16 + bg + 8]),
+                                     sscan::to_f(rB[(t + 1) * 16 + bg]), sscan::to_f(rB[(t + 1) * 16 + bg + 8]));
+      }
+    }
+    __syncthreads();  // bop (the previous tile's readers were done at the first barrier)
 #pragma unroll 1
     for (int hf = 0; hf < 2; ++hf) {
-      // The item's delta (0 past the end keeps h), du, gate and D u gate from its 16-bit inputs.
-      auto item = [&](float u, float v, float zz, bool live, float dsk, float& dv, float& duv, float& sz, float& dus) {
-        const float delta = p.softplus ? sscan::softplus_v2(v, p.fast_prep) : v;
-        const float gz = has_z ? zz * (p.fast_prep ? sscan::sigmoid_fast(zz) : sscan::sigmoidf_(zz)) : 1.f;
-        dv = live ? delta : 0.f;
-        duv = live ? scan7::tf32_rna(delta * u) : 0.f;
-        sz = gz;
-        dus = dsk * u * gz;
-      };
       if constexpr (kFast) {  // 4 tokens of the lane's 2 channels per 8-byte load
         const int tb = hf * kHalf + 4 * tq;
-        float uv[2][4], vv[2][4], zv[2][4];
+        uint2 wu[2], wd[2], wz[2];  // (packed: unpacked per item, fewer live registers)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int ch = 2 * pp + e, off = G::tf(ch, tb);
-          const uint2 wu = *reinterpret_cast<const uint2*>(ru + off), wd = *reinterpret_cast<const uint2*>(rd + off);
-          const uint2 wz = has_z ? *reinterpret_cast<const uint2*>(rz + off) : make_uint2(0u, 0u);
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const unsigned su = k < 2 ? wu.x : wu.y, sd = k < 2 ? wd.x : wd.y, sz_ = k < 2 ? wz.x : wz.y;
-            uv[e][k] = sscan2::half_of<T>(su, k & 1);
-            vv[e][k] = sscan2::half_of<T>(sd, k & 1) + bias2[e];
-            zv[e][k] = sscan2::half_of<T>(sz_, k & 1);
-          }
+          const int off = S::tf(2 * pp + e, tb);
+          wu[e] = *reinterpret_cast<const uint2*>(ru + off);
+          wd[e] = *reinterpret_cast<const uint2*>(rd + off);
+          wz[e] = has_z ? *reinterpret_cast<const uint2*>(rz + off) : make_uint2(0u, 0u);
         }
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           const int tl = 4 * tq + k;
           float dv[2], duv[2], sz[2], dus[2];
 #pragma unroll
-          for (int e = 0; e < 2; ++e) item(uv[e][k], vv[e][k], zv[e][k], tb + k < nt_live, dsk2[e], dv[e], duv[e], sz[e], dus[e]);
+          for (int e = 0; e < 2; ++e) {
+            auto val = [&](uint2 v2) { return sscan2::half_of<T>(k < 2 ? v2.x : v2.y, k & 1); };
+            item(val(wu[e]), val(wd[e]) + bias[e], val(wz[e]), tb + k < nt_live, dsk[e], dv[e], duv[e], sz[e], dus[e]);
+          }
           sm.du[w][tl][pp] = make_float4(duv[0], duv[1], dv[0], dv[1]);
           sm.gt[w][tl][pp] = make_float4(sz[0], sz[1], dus[0], dus[1]);
         }
-      } else {
-      // Prep of the half's items (token g + 8 rr, channel 4q + 2 nt + e) into du / gt rows 2q + nt, as the mixer's.
+      } else {  // items (token g + 8 rr, channel 4q + 2 nt + e) into du / gt rows 2q + nt, as the mixer's
 #pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        const int tl = g + 8 * rr, t = hf * kHalf + tl;
-        const bool live = t < nt_live;
+        for (int rr = 0; rr < 2; ++rr) {
+          const int tl = g + 8 * rr, t = hf * kHalf + tl;
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          float dv[2], duv[2], sz[2], dus[2];
+          for (int nt = 0; nt < 2; ++nt) {
+            float dv[2], duv[2], sz[2], dus[2];
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int j = 2 * nt + e, ch = 4 * q + j;
-            const float zz = has_z ? sscan::to_f(at(rz, ch, t, tf_z)) : 0.f;
-            item(sscan::to_f(at(ru, ch, t, tf_u)), sscan::to_f(at(rd, ch, t, tf_d)) + bias[j], zz, live, dsk[j], dv[e],
-                 duv[e], sz[e], dus[e]);
+            for (int e = 0; e < 2; ++e) {
+              const int j = 2 * nt + e, ch = 4 * q + j;
+              const float zz = has_z ? sscan::to_f(at<T, kFast>(rz, ch, t, tf_z)) : 0.f;
+              item(sscan::to_f(at<T, kFast>(ru, ch, t, tf_u)), sscan::to_f(at<T, kFast>(rd, ch, t, tf_d)) + bias[j], zz,
+                   t < nt_live, dsk[j], dv[e], duv[e], sz[e], dus[e]);
+            }
+            sm.du[w][tl][2 * q + nt] = make_float4(duv[0], duv[1], dv[0], dv[1]);
+            sm.gt[w][tl][2 * q + nt] = make_float4(sz[0], sz[1], dus[0], dus[1]);
           }
-          sm.du[w][tl][2 * q + nt] = make_float4(duv[0], duv[1], dv[0], dv[1]);
-          sm.gt[w][tl][2 * q + nt] = make_float4(sz[0], sz[1], dus[0], dus[1]);
-        }
-      }
-      }
-      // The B operand of the half per token pair, (B_t[bg], B_t[8 + bg], B_t+1[bg], B_t+1[8 + bg]), 2 entries per lane
-#pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        const int i = lane + 32 * k, pr = i / 8, bg = i % 8, t = hf * kHalf + 2 * pr;
-        if constexpr (kBT) {  // a state's two tokens in one word
-          const unsigned w0 = *reinterpret_cast<const unsigned*>(rB + G::tf(bg, t));
-          const unsigned w1 = *reinterpret_cast<const unsigned*>(rB + G::tf(bg + 8, t));
-          sm.bop[w][pr][bg] = make_float4(sscan2::half_of<T>(w0, false), sscan2::half_of<T>(w1, false),
-                                          sscan2::half_of<T>(w0, true), sscan2::half_of<T>(w1, true));
-        } else {
-          sm.bop[w][pr][bg] = make_float4(sscan::to_f(at(rB, bg, t, false)), sscan::to_f(at(rB, bg + 8, t, false)),
-                                          sscan::to_f(at(rB, bg, t + 1, false)), sscan::to_f(at(rB, bg + 8, t + 1, false)));
         }
       }
       {  // the C words per token pair and lane quad: (C[2qq], C[2qq+1]) and (C[8+2qq], C[9+2qq]) of both tokens
         const int pr = lane / 4, qq = lane % 4, t = hf * kHalf + 2 * pr;
         if constexpr (kBT) {  // words of two tokens per state, regrouped into words of two states per token
-          auto ld = [&](int n) { return *reinterpret_cast<const unsigned*>(rC + G::tf(n, t)); };
-          const unsigned a = ld(2 * qq), a1 = ld(2 * qq + 1), c = ld(8 + 2 * qq), c1 = ld(9 + 2 * qq);
+          const unsigned a = pair_word<T, kFast>(rC, 2 * qq, t), a1 = pair_word<T, kFast>(rC, 2 * qq + 1, t);
+          const unsigned c = pair_word<T, kFast>(rC, 8 + 2 * qq, t), c1 = pair_word<T, kFast>(rC, 9 + 2 * qq, t);
           sm.cop[w][pr][qq] = make_uint4(__byte_perm(a, a1, 0x5410), __byte_perm(c, c1, 0x5410),
                                          __byte_perm(a, a1, 0x7632), __byte_perm(c, c1, 0x7632));
         } else {  // token-major: a token's two states in one word
@@ -272,7 +263,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sscan_fwd7_kernel(SSca
         }
       }
       __syncwarp();
-      scan7::scan_half<T, false>(sm.du[w], sm.bop[w], 0, bsel, sm.cop[w], sm.yf[w], A2, h, g, q);
+      scan7::scan_half<T, false>(sm.du[w], sm.bop, hf * kHalf / 2, bsel, sm.cop[w], sm.yf[w], A2, h, g, q);
       __syncwarp();
       if (y != nullptr) {  // the half's gated y rows (b, L, D)
         const int row = lane / 2, part = lane % 2, t = t0 + hf * kHalf + row;
@@ -287,7 +278,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sscan_fwd7_kernel(SSca
 
 template <typename T, bool kBT, bool kFast>
 void launch(const SScanParams& p, void* stream) {
-  constexpr int smem = sizeof(Smem<T>);
+  constexpr int smem = sizeof(Smem<T, kFast>);
   auto kernel = sscan_fwd7_kernel<T, kBT, kFast>;
   static const bool configured = [&] {
     APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
