@@ -512,16 +512,20 @@ V7_CASES = [
 
 @gpu
 @needs_kernel
+@pytest.mark.parametrize("softplus", ["fast", "precise"])
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
 @pytest.mark.parametrize("case", V7_CASES, ids=CASE_ID)
-def test_cuda_forward_v7_parity(case, dtype, monkeypatch):
-    """v7 vs float64 (y, final state), close to v2's outputs, bitwise repeatable; the profiler shows v7 ran."""
+def test_cuda_forward_v7_parity(case, dtype, softplus, monkeypatch):
+    """v7 vs float64 (y, final state), close to v2's outputs, bitwise repeatable; the profiler shows v7 ran. Both
+    preps: the MUFU forms (the default, compiled alone) and APRIEL_SSCAN_SOFTPLUS=precise."""
     from torch.profiler import ProfilerActivity, profile
 
     b, L, d, du, gb, gc, n, layout, extras = case
     args, seq = make_cuda_case(b, L, d, du, gb, gc, n, dtype, extras)
     if "noz" in extras:
         args["z"] = None
+    if softplus == "precise":
+        monkeypatch.setenv("APRIEL_SSCAN_SOFTPLUS", "precise")
     monkeypatch.setenv("APRIEL_SSCAN_FWD", "v7")
     poison_allocator()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -54,6 +54,8 @@ struct Smem {
   alignas(16) uint4 cop[kHeads][kHalf / 2][4];
   alignas(16) float yf[kHeads][kHalf][kN];
   alignas(16) float4 bop[kT / 2][9];  // the B operand of the tile per token pair (entry 8: zeros), the block's
+  const T* src[kSlots];               // kFast: each slot's first element of this block (sequence, channels)
+  int64_t src_cs[kSlots];             // and its row (channel / state) stride
 };
 // 4 blocks per SM (as the mixer's v7: a b8 grid at d_inner 4096 is one wave of them) with kFast's unpadded slots;
 // v2's padded slots fit 3.
@@ -75,7 +77,9 @@ __device__ __forceinline__ unsigned pair_word(const T* slot, int r, int t) {
 
 // kBT: B / C staged token-fast (the host keeps them in one orientation, as v2's kBT). kFast: see Slot; it also reads
 // 4 tokens of a channel per prep load (the generic prep reads one 16-bit value per item).
-template <typename T, bool kBT, bool kFast>
+// kFastPrep: softplus on delta with the MUFU forms (the default call: delta_softplus, APRIEL_SSCAN_SOFTPLUS unset),
+// compiled without the precise forms' code; else both per the runtime flags.
+template <typename T, bool kBT, bool kFast, bool kFastPrep>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kernel(SScanParams p) {
   static_assert(sizeof(T) == 2, "16-bit activations");
   static_assert(!kFast || kBT, "kFast: B / C token-fast too");
@@ -114,6 +118,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kern
   // The tile at t0 into raw[par]. kFast: copy tid + kThreads k is 16-byte piece tid % kPR of row (tid % 64) / kPR of
   // slot 2k + tid / 64 (kPR = 4 pieces per row); else v2's stage_tensor per slot (either orientation, plain loads
   // where 16-byte copies are not legal).
+  if constexpr (kFast) {  // the slots' sources once, in shared memory (recomputing them per tile cost registers)
+    if (tid < kSlots) {
+      const Src src = slot_src(tid);
+      sm.src[tid] = src.ptr;
+      sm.src_cs[tid] = src.cs;
+    }
+    __syncthreads();
+  }
   auto stage = [&](int par, int t0) {
     if constexpr (kFast) {
       constexpr int kVec = S::kVec, kPR = kT / kVec, kPerSlot = 16 * kPR;
@@ -124,8 +136,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kern
       for (int k = 0; k < kSlots / 2; ++k) {
         const int s = 2 * k + tid / kPerSlot;
         if (!has_z && s >= kSlotZ && s < kSlotB) continue;
-        const Src src = slot_src(s);
-        sscan2::cp_async16(sm.raw[par][s] + S::tf(r, part * kVec), n > 0 ? src.ptr + r * src.cs + pos : src.ptr,
+        const T* src = sm.src[s];
+        sscan2::cp_async16(sm.raw[par][s] + S::tf(r, part * kVec), n > 0 ? src + r * sm.src_cs[s] + pos : src,
                            n * (int)sizeof(T));
       }
     } else {
@@ -176,8 +188,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kern
   T* y = p.y != nullptr ? static_cast<T*>(p.y) + (int64_t)b * L * D : nullptr;
   // The item's delta (0 past the end keeps h), du, gate and D u gate from its inputs (v = delta + delta_bias).
   auto item = [&](float u, float v, float zz, bool live, float dk, float& dv, float& duv, float& sz, float& dus) {
-    const float delta = p.softplus ? sscan::softplus_v2(v, p.fast_prep) : v;
-    const float gz = has_z ? zz * (p.fast_prep ? sscan::sigmoid_fast(zz) : sscan::sigmoidf_(zz)) : 1.f;
+    float delta, gz;
+    if constexpr (kFastPrep) {
+      delta = softplus_fast(v);
+      gz = has_z ? zz * sscan::sigmoid_fast(zz) : 1.f;
+    } else {
+      delta = p.softplus ? sscan::softplus_v2(v, p.fast_prep) : v;
+      gz = has_z ? zz * (p.fast_prep ? sscan::sigmoid_fast(zz) : sscan::sigmoidf_(zz)) : 1.f;
+    }
     dv = live ? delta : 0.f;
     duv = live ? scan7::tf32_rna(delta * u) : 0.f;
     sz = gz;
@@ -276,10 +294,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kern
   if (p.final_state != nullptr) store_h(p.final_state + (int64_t)b * D * kN);
 }
 
-template <typename T, bool kBT, bool kFast>
+template <typename T, bool kBT, bool kFast, bool kFastPrep>
 void launch(const SScanParams& p, void* stream) {
   constexpr int smem = sizeof(Smem<T, kFast>);
-  auto kernel = sscan_fwd7_kernel<T, kBT, kFast>;
+  auto kernel = sscan_fwd7_kernel<T, kBT, kFast, kFastPrep>;
   static const bool configured = [&] {
     APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
@@ -297,9 +315,15 @@ void launch(const SScanParams& p, void* stream) {
 template <typename T>
 void launch_sscan_fwd7(const SScanParams& p, void* stream) {
   const unsigned all = (1u << kV2U) | (1u << kV2Delta) | (1u << kV2B) | (1u << kV2C) | (p.z != nullptr ? 1u << kV2Z : 0u);
-  if ((p.v2_tfast & all) == all && (p.v2_vec & all) == all) sscan7::launch<T, true, true>(p, stream);
-  else if (((p.v2_tfast >> kV2B) & 1u) != 0) sscan7::launch<T, true, false>(p, stream);
-  else sscan7::launch<T, false, false>(p, stream);
+  const bool fast = (p.v2_tfast & all) == all && (p.v2_vec & all) == all, bt = ((p.v2_tfast >> kV2B) & 1u) != 0;
+  auto go = [&](auto fast_prep) {
+    constexpr bool kFP = decltype(fast_prep)::value;
+    if (fast) sscan7::launch<T, true, true, kFP>(p, stream);
+    else if (bt) sscan7::launch<T, true, false, kFP>(p, stream);
+    else sscan7::launch<T, false, false, kFP>(p, stream);
+  };
+  if (p.softplus && p.fast_prep) go(std::true_type{});
+  else go(std::false_type{});
 }
 
 }  // namespace apriel
