@@ -569,6 +569,32 @@ def test_cuda_forward_v7_falls_back_to_v2(extras, monkeypatch):
 
 @gpu
 @needs_kernel
+def test_cuda_forward_v7_default_dispatch(monkeypatch):
+    """Without APRIEL_SSCAN_FWD: v7 for channel-major (mamba) inputs once its grid (batch x d_inner / 64 blocks)
+    reaches 1.9 blocks per SM; v2 below that and for token-major inputs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.delenv("APRIEL_SSCAN_FWD", raising=False)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    d = 1024
+    big = -(-19 * sms // (10 * (d // 64)))  # smallest batch whose v7 grid reaches 1.9 blocks per SM
+
+    def kernels(batch, layout):
+        args, seq = make_cuda_case(batch, 64, d, None, 1, 1, 16, torch.bfloat16, "")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            _run(args, seq, layout)
+            torch.cuda.synchronize()
+        return [e.key for e in prof.key_averages()]
+
+    assert any("sscan_fwd7_kernel" in k for k in kernels(big, "cm"))
+    for batch, layout in ((big - 1, "cm"), (big, "tm")):
+        names = kernels(batch, layout)
+        assert not any("sscan_fwd7_kernel" in k for k in names), (batch, layout, names)
+        assert any("sscan_fwd2_kernel" in k for k in names), (batch, layout, names)
+
+
+@gpu
+@needs_kernel
 def test_cuda_gradient_through_forward_v7(monkeypatch):
     """The backward v2 takes v7's state checkpoints (the same layout): gradients as with v2's, within tf32's error."""
     args, seq = make_cuda_case(2, 264, 128, None, 1, 1, 16, torch.bfloat16, "init")

@@ -116,11 +116,6 @@ SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, c
   p.fwd_k = 0;
   if (v2_ok && fwd_variant != "plain" && fwd_variant != "v1")
     p.fwd_k = fwd_variant == "v2k4" ? 4 : fwd_variant == "v2k8" ? 8 : (blocks <= 1024 ? 8 : 4);
-  // Forward v7 (sscan_fwd7.cuh, session 25): 16-bit activations on v2's shapes whose 64-channel blocks each lie in
-  // one B group and one C group, without documents; APRIEL_SSCAN_FWD=v7 forces it wherever it applies (else v2).
-  const bool v7_ok = p.fwd_k != 0 && delta.scalar_type() != at::kFloat && D % 64 == 0 && p.b_cpg % 64 == 0 &&
-                     p.c_cpg % 64 == 0 && !seq_idx;
-  p.fwd_v7 = v7_ok && fwd_variant == "v7";
   // Backward: v2 by default on the forward v2's shapes (H100, session 2: fwd+bwd b1 L8192 3.07 ms vs 7.22 with
   // v1, b8 L4096 10.9 vs 27.8; all GPU tests pass); APRIEL_SSCAN_BWD=v1 selects v1 (it takes the forward v2's
   // checkpoints: equal to v1's up to v2's fast softplus, ~1e-6 relative), plain = v1's plain loops.
@@ -136,6 +131,21 @@ SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, c
   p.B = B.data_ptr(); p.B_sb = B.stride(0); p.B_sl = B.stride(1); p.B_sg = B.stride(2); p.B_sn = B.stride(3);
   p.C = C.data_ptr(); p.C_sb = C.stride(0); p.C_sl = C.stride(1); p.C_sg = C.stride(2); p.C_sn = C.stride(3);
   if (p.fwd_k != 0 || p.bwd_v2) set_v2_staging(p, u, delta, z, B, C);
+  // Forward v7 (sscan_fwd7.cuh, session 25): 16-bit activations on v2's shapes whose 64-channel blocks each lie in
+  // one B group and one C group, without documents. Default where its fast staging applies (sscan_fwd7_fast_layout:
+  // mamba's channel-major layout) and its grid (batch x d_inner / 64 blocks, 4 per SM) reaches 1.9 blocks per SM, the
+  // mixer v7's rule (H100, bf16, D 4096: b8 L4096 1.79 -> 1.10 ms; b1's 64 blocks keep v2: 1.08 vs 0.70 ms at L 8192;
+  // token-major tiles run v7's generic staging and prep, slower than v2: 2.10 vs 1.72 ms at b8).
+  // APRIEL_SSCAN_FWD=v7 forces it wherever it applies (else v2).
+  const bool v7_ok = p.fwd_k != 0 && st != at::kFloat && D % 64 == 0 && p.b_cpg % 64 == 0 && p.c_cpg % 64 == 0 &&
+                     !seq_idx;
+  int sms = 132;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, delta.get_device()) != cudaSuccess) {
+    (void)cudaGetLastError();
+    sms = 132;
+  }
+  p.fwd_v7 = v7_ok && (fwd_variant == "v7" || (fwd_variant.empty() && sscan_fwd7_fast_layout(p) &&
+                                               (D / 64) * b * 10 >= 19 * static_cast<int64_t>(sms)));
   auto hold = [&](Tensor t) -> const float* { keep.push_back(t); return t.data_ptr<float>(); };
   p.A = hold(f32c(A));
   p.Dskip = Dskip ? hold(f32c(*Dskip)) : nullptr;

@@ -314,8 +314,7 @@ void launch(const SScanParams& p, void* stream) {
 
 template <typename T>
 void launch_sscan_fwd7(const SScanParams& p, void* stream) {
-  const unsigned all = (1u << kV2U) | (1u << kV2Delta) | (1u << kV2B) | (1u << kV2C) | (p.z != nullptr ? 1u << kV2Z : 0u);
-  const bool fast = (p.v2_tfast & all) == all && (p.v2_vec & all) == all, bt = ((p.v2_tfast >> kV2B) & 1u) != 0;
+  const bool fast = sscan_fwd7_fast_layout(p), bt = ((p.v2_tfast >> kV2B) & 1u) != 0;
   auto go = [&](auto fast_prep) {
     constexpr bool kFP = decltype(fast_prep)::value;
     if (fast) sscan7::launch<T, true, true, kFP>(p, stream);
