@@ -106,7 +106,8 @@ def run(quick: bool = False) -> list[dict]:
                     out.append(_row("fwd+bwd", "apriel-plain", batch, seqlen, time_ms(step, rep_ms=300),
                                     layout="channel-major"))
             with env_override("APRIEL_SSCAN_FWD", "v7"):  # A/B: the v7 forward (its checkpoints feed the backward)
-                out.append(_row("fwd+bwd", "apriel-v7", batch, seqlen, time_ms(step, rep_ms=300), layout="channel-major"))
+                out.append(_row("fwd+bwd", "apriel-v7", batch, seqlen, time_ms(step, rep_ms=300),
+                                layout="channel-major"))
             stats = time_ms(step, rep_ms=300)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

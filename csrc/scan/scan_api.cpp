@@ -174,8 +174,8 @@ int fwd_version_auto(int64_t blocks, int sms, double per_sm8, double per_sm4) {
 }
 // The lane count of v5 (16-bit activations) by its own residencies: K = 8 4 blocks per SM, K = 4 8 (v4's 3 / 6 are
 // fwd_version_auto(.., 4.0, 6.0)). So K = 8 wherever its blocks fit in two waves. Session 25 (H100, L 4096, graph p50,
-// bench/results/s25/dispatch_67f875e/): v4's residencies had picked K = 4 at 528-792 blocks, where K = 8 is faster -
-// d_inner 2048 b5 0.528 -> 0.424 ms, b6 0.529 -> 0.509, d_inner 4096 b3 0.534 -> 0.518.
+// bench/results/s25/dispatch_*/): v4's residencies had picked K = 4 at 528-792 blocks, where K = 8 is faster - the
+// default at d_inner 2048 b5 0.528 -> 0.427 ms, b6 0.529 -> 0.513, at d_inner 4096 b3 0.534 -> 0.513.
 int fwd_v5_lanes(int64_t blocks, int sms) { return fwd_version_auto(blocks, sms, 4.0, 8.0); }
 // The default version (no APRIEL_SCAN_FWD).
 int fwd_version_default(int64_t blocks, int sms, bool fp32) {

@@ -2,22 +2,24 @@
 // product du (x) B and the readout C . h on tensor cores, one WARP per 16 channels (a "head"), 16-bit activations.
 //
 // Why: v2 (sscan_fwd2.cuh, session 2) is the mixer scan's v4 design (K lanes per channel, the readout
-// reduce-scattered); at batch 8 the mixer's v7 does more work per token (conv, dt_proj) in 1.04 ms where v2 takes
-// 1.88. This kernel runs v7's scan core itself - scan7::scan_half and scan7::gate_row (mixer_scan_fwd7.cuh, the
-// design and its measurements are there) - on tiles staged by v2's staging code (sscan2::stage_tensor: cp.async,
-// either orientation, plain loads where 16-byte copies are not legal). What differs from the mixer's v7 is the prep
-// per (channel, token): no conv and no dt_proj - delta = softplus(delta + delta_bias) (or without softplus), du =
-// tf32(delta u), the gate silu(z) (1 without z) and D u silu(z) - as v2 computes them (sscan::softplus_v2 /
-// sigmoid_fast, or v1's precise forms with APRIEL_SSCAN_SOFTPLUS=precise).
+// reduce-scattered); at batch 8 the mixer's v7 does more work per token (conv, dt_proj) in 1.04 ms where v2 took
+// 1.79. This kernel runs v7's scan core itself - scan7::scan_half and scan7::gate_row (mixer_scan_fwd7.cuh, the
+// design and its measurements are there). What differs from the mixer's v7 is the staging (cp.async of 14 slots of
+// 16 rows x 32 tokens: u, delta, z of each warp's 16 channels, B, C) and the prep per (channel, token): no conv and
+// no dt_proj - delta = softplus(delta + delta_bias) (or without softplus), du = tf32(delta u), the gate silu(z) (1
+// without z) and D u silu(z) - as v2 computes them (sscan::softplus_v2 / sigmoid_fast, or v1's precise forms with
+// APRIEL_SSCAN_SOFTPLUS=precise).
 // Block = 4 warps = 64 consecutive channels of one sequence, which one B group and one C group must hold (the host:
-// mixer-style d_state 16, d_inner % 64 == 0, channels per B / C group a multiple of 64). Per 32-token tile: one
-// block barrier (the tile's copies are visible and the previous tile's readers are done), the next tile's copies;
-// then each warp alone per 16-token half: prep -> du / gt / its own B-operand table (bop) and C words (cop);
+// d_state 16, d_inner % 64 == 0, channels per B / C group a multiple of 64). Per 32-token tile: a block barrier (the
+// tile's copies are visible, the previous tile's readers are done), the next tile's copies, the tile's B-operand
+// table by the block, a second barrier; then each warp alone per 16-token half: prep -> du / gt and C words (cop);
 // __syncwarp; scan_half; the gated y rows. The state checkpoints (before every tile) and the final state have v2's
 // layout, so the backward v2 consumes them unchanged.
+// Two stagings (Slot): kFast - mamba's channel-major layout with aligned rows: unpadded swizzled slots, 55.8 KB of
+// shared memory, 4 blocks per SM as the mixer's v7, 4-token prep loads; otherwise v2's stage_tensor and padded slots
+// (either orientation, plain loads where 16-byte copies are not legal), 3 blocks per SM - correct, slower than v2 (the
+// host runs it only when forced). Measurements: docs/notes/sscan.md "Forward v7".
 // Not handled (the host runs v2): fp32 activations, packed documents (seq_idx), other shapes.
-// Shared memory (bf16): 14 raw slots x 2 parities (35 KB: u, delta, z of the 4 warps, B, C; v2's slot holds either
-// orientation) + the per-warp du / gt / cop / yf / bop of v7 (29 KB) = 64 KB: 3 blocks per SM (the mixer's v7: 4).
 #pragma once
 #include "sscan_fwd2.cuh"                // sscan2:: stage_tensor, Geom, cp.async; sscan:: softplus_v2, sigmoids
 #include "../scan/mixer_scan_fwd7.cuh"  // scan7:: scan_half, gate_row, tf32_rna, kHalf
@@ -111,9 +113,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kern
         return {static_cast<const T*>(p.dl) + (int64_t)b * p.dl_sb + (int64_t)c * p.dl_sc, p.dl_sl, p.dl_sc, kV2Delta};
       return {static_cast<const T*>(p.z) + (int64_t)b * p.z_sb + (int64_t)c * p.z_sc, p.z_sl, p.z_sc, kV2Z};
     }
-    if (s == kSlotB)
-      return {static_cast<const T*>(p.B) + (int64_t)b * p.B_sb + (int64_t)(c0 / p.b_cpg) * p.B_sg, p.B_sl, p.B_sn, kV2B};
-    return {static_cast<const T*>(p.C) + (int64_t)b * p.C_sb + (int64_t)(c0 / p.c_cpg) * p.C_sg, p.C_sl, p.C_sn, kV2C};
+    if (s == kSlotB) {
+      const T* B = static_cast<const T*>(p.B) + (int64_t)b * p.B_sb + (int64_t)(c0 / p.b_cpg) * p.B_sg;
+      return {B, p.B_sl, p.B_sn, kV2B};
+    }
+    const T* C = static_cast<const T*>(p.C) + (int64_t)b * p.C_sb + (int64_t)(c0 / p.c_cpg) * p.C_sg;
+    return {C, p.C_sl, p.C_sn, kV2C};
   };
   // The tile at t0 into raw[par]. kFast: copy tid + kThreads k is 16-byte piece tid % kPR of row (tid % 64) / kPR of
   // slot 2k + tid / 64 (kPR = 4 pieces per row); else v2's stage_tensor per slot (either orientation, plain loads
