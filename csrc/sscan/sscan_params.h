@@ -35,7 +35,7 @@ struct SScanParams {
   int fwd_k;
   // Forward v7 (sscan_fwd7.cuh, session 25: the mixer scan's v7 scan core, one warp per 16 channels, 16-bit
   // activations): set by the host where it applies (fwd_k != 0, 64 | d_inner and the channels per B / C group, no
-  // seq_idx) and the grid fills the GPU (or APRIEL_SSCAN_FWD=v7). Its staging fields are v2's.
+  // seq_idx) and its grid reaches 0.9 blocks per SM (or APRIEL_SSCAN_FWD=v7). Its staging fields are v2's.
   bool fwd_v7;
   // v2 staging, one bit per activation (kV2U, kV2Delta, kV2Z, kV2B, kV2C, and kV2Dy for the backward's dy): tfast = the tile is kept token-fast
   // in smem (the tensor's token stride is 1, mamba's channel-major layout); vec = 16-byte cp.async copies are

@@ -1,5 +1,6 @@
-"""Times the generic selective scan's forward (mamba's channel-major `selective_scan_fn`, bf16, d_state 16) per
-forward version over batch sizes (d_inner 4096: bench.kernels_sscan's inputs), to check the default's choice between v2 and v7 (APRIEL_SSCAN_FWD; session 25).
+"""Times the generic selective scan's forward (mamba's channel-major `selective_scan_fn`, bf16, d_state 16, d_inner
+4096: bench.kernels_sscan's inputs) per forward version over batch sizes, to check the default's choice between v2
+and v7 (APRIEL_SSCAN_FWD; session 25).
 Run on the device after the extension is built:
     python3 scripts/diag/sscan_fwd_batches.py [--batches 1,2,3,4,5,6,8] [--seqlen 4096]
                                               [--versions auto,v2k4,v2k8,v7] [--json OUT]
