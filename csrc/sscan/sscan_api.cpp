@@ -133,10 +133,10 @@ SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, c
   if (p.fwd_k != 0 || p.bwd_v2) set_v2_staging(p, u, delta, z, B, C);
   // Forward v7 (sscan_fwd7.cuh, session 25): 16-bit activations on v2's shapes whose 64-channel blocks each lie in
   // one B group and one C group, without documents. Default where its fast staging applies (sscan_fwd7_fast_layout:
-  // mamba's channel-major layout) and its grid (batch x d_inner / 64 blocks) reaches 0.9 blocks per SM. H100, bf16,
-  // D 4096, L 4096, graph p50 ms (bench/results/s25/sscan_batches_14ff3b0/): v2 (its K rule) -> v7 b2 0.711 -> 0.544,
-  // b3 0.793 -> 0.657, b4 1.164 -> 0.658, b8 2.28 / 1.88 (K = 8 / 4) -> 1.11; b1's 64 blocks keep v2 (0.371 vs 0.536).
-  // Token-major tiles run v7's generic staging and prep, slower than v2 (2.10 vs 1.72 ms at b8): v2.
+  // mamba's channel-major layout, or token-major, aligned) and its grid (batch x d_inner / 64 blocks) reaches 0.9
+  // blocks per SM. H100, bf16, D 4096, L 4096, graph p50 ms (bench/results/s25/sscan_batches_14ff3b0/, channel-major):
+  // v2 (its K rule) -> v7 b2 0.711 -> 0.544, b3 0.793 -> 0.657, b4 1.164 -> 0.658, b8 2.28 / 1.88 (K = 8 / 4) -> 1.11;
+  // b1's 64 blocks keep v2 (0.371 vs 0.536). Mixed orientations run v7's generic staging, slower than v2: v2.
   // APRIEL_SSCAN_FWD=v7 forces it wherever it applies (else v2).
   const bool v7_ok = p.fwd_k != 0 && st != at::kFloat && D % 64 == 0 && p.b_cpg % 64 == 0 && p.c_cpg % 64 == 0 &&
                      !seq_idx;
@@ -145,7 +145,7 @@ SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, c
     (void)cudaGetLastError();
     sms = 132;
   }
-  p.fwd_v7 = v7_ok && (fwd_variant == "v7" || (fwd_variant.empty() && sscan_fwd7_fast_layout(p) &&
+  p.fwd_v7 = v7_ok && (fwd_variant == "v7" || (fwd_variant.empty() && sscan_fwd7_fast_layout(p) != 0 &&
                                                (D / 64) * b * 10 >= 9 * static_cast<int64_t>(sms)));
   auto hold = [&](Tensor t) -> const float* { keep.push_back(t); return t.data_ptr<float>(); };
   p.A = hold(f32c(A));

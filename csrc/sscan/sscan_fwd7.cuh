@@ -15,10 +15,10 @@
 // table by the block, a second barrier; then each warp alone per 16-token half: prep -> du / gt and C words (cop);
 // __syncwarp; scan_half; the gated y rows. The state checkpoints (before every tile) and the final state have v2's
 // layout, so the backward v2 consumes them unchanged.
-// Two stagings (Slot): kFast - mamba's channel-major layout with aligned rows: unpadded swizzled slots, 55.8 KB of
-// shared memory, 4 blocks per SM as the mixer's v7, 4-token prep loads; otherwise v2's stage_tensor and padded slots
-// (either orientation, plain loads where 16-byte copies are not legal), 3 blocks per SM - correct, slower than v2 (the
-// host runs it only when forced). Measurements: docs/notes/sscan.md "Forward v7".
+// Two stagings (Slot): kFast - every activation in one orientation with aligned rows (mamba's channel-major layout,
+// or token-major): unpadded slots, 55.8 KB of shared memory, 4 blocks per SM as the mixer's v7, 4 values per prep
+// load; otherwise v2's stage_tensor and padded slots (mixed orientations, plain loads where 16-byte copies are not
+// legal), 3 blocks per SM - correct, slower than v2 (the host runs it only when forced). Measurements: docs/notes/sscan.md "Forward v7".
 // Not handled (the host runs v2): fp32 activations, packed documents (seq_idx), other shapes.
 #pragma once
 #include "sscan_fwd2.cuh"                // sscan2:: stage_tensor, Geom, cp.async; sscan:: softplus_v2, sigmoids
@@ -35,9 +35,10 @@ constexpr int kN = 16;
 constexpr int kSlots = 3 * kHeads + 2;   // raw slots per tile: u, delta, z of each head, then B, C
 enum { kSlotU = 0, kSlotDelta = kHeads, kSlotZ = 2 * kHeads, kSlotB = 3 * kHeads, kSlotC = 3 * kHeads + 1 };
 
-// kFast (every activation token-fast with 16-byte copies: mamba's channel-major layout, aligned rows): a slot is
-// 16 rows x kT tokens without padding, its 16-byte pieces XOR-swizzled by row (piece ^ (row / 2) % 4), so that the
-// prep's 8-byte loads (8 rows, 4 token quads per warp) spread over the banks. Else v2's slot (either orientation).
+// kFast (every activation in one orientation with 16-byte copies, aligned rows): unpadded slots of 16 x kT values.
+// Token-fast (with kBT: mamba's channel-major layout) their 16-byte pieces are XOR-swizzled by row (piece ^ (row / 2)
+// % 4), so that the prep's 8-byte loads (8 rows, 4 token quads per warp) spread over the banks; token-major (without
+// kBT) they are kT rows of 16 values, as the mixer's raw tiles. Else v2's slot (either orientation, padded).
 template <typename T, bool kFast>
 struct Slot {
   static constexpr int kVec = 16 / sizeof(T);
@@ -57,7 +58,7 @@ struct Smem {
   alignas(16) float yf[kHeads][kHalf][kN];
   alignas(16) float4 bop[kT / 2][9];  // the B operand of the tile per token pair (entry 8: zeros), the block's
   const T* src[kSlots];               // kFast: each slot's first element of this block (sequence, channels)
-  int64_t src_cs[kSlots];             // and its row (channel / state) stride
+  int64_t src_stride[kSlots];         // and the stride of its copied rows (channels / states, or tokens)
 };
 // 4 blocks per SM (as the mixer's v7: a b8 grid at d_inner 4096 is one wave of them) with kFast's unpadded slots;
 // v2's padded slots fit 3.
@@ -77,14 +78,14 @@ __device__ __forceinline__ unsigned pair_word(const T* slot, int r, int t) {
   return *reinterpret_cast<const unsigned*>(slot + Slot<T, kFast>::tf(r, t));
 }
 
-// kBT: B / C staged token-fast (the host keeps them in one orientation, as v2's kBT). kFast: see Slot; it also reads
-// 4 tokens of a channel per prep load (the generic prep reads one 16-bit value per item).
+// kBT: B / C staged token-fast (the host keeps them in one orientation, as v2's kBT). kFast: see Slot; its prep
+// reads 4 values per 8-byte load - 4 tokens of a channel (token-fast) or 4 channels of a token (token-major) - where
+// the generic prep reads one 16-bit value per item.
 // kFastPrep: softplus on delta with the MUFU forms (the default call: delta_softplus, APRIEL_SSCAN_SOFTPLUS unset),
 // compiled without the precise forms' code; else both per the runtime flags.
 template <typename T, bool kBT, bool kFast, bool kFastPrep>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kernel(SScanParams p) {
   static_assert(sizeof(T) == 2, "16-bit activations");
-  static_assert(!kFast || kBT, "kFast: B / C token-fast too");
   using S = Slot<T, kFast>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Smem<T, kFast>& sm = *reinterpret_cast<Smem<T, kFast>*>(smem_raw);
@@ -121,29 +122,38 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kern
     return {C, p.C_sl, p.C_sn, kV2C};
   };
   // The tile at t0 into raw[par]. kFast: copy tid + kThreads k is 16-byte piece tid % kPR of row (tid % 64) / kPR of
-  // slot 2k + tid / 64 (kPR = 4 pieces per row); else v2's stage_tensor per slot (either orientation, plain loads
-  // where 16-byte copies are not legal).
+  // slot 2k + tid / 64 (token-fast: 16 rows of kPR = 4 pieces; token-major: 32 token rows of 2); else v2's
+  // stage_tensor per slot (either orientation, plain loads where 16-byte copies are not legal).
   if constexpr (kFast) {  // the slots' sources once, in shared memory (recomputing them per tile cost registers)
     if (tid < kSlots) {
       const Src src = slot_src(tid);
       sm.src[tid] = src.ptr;
-      sm.src_cs[tid] = src.cs;
+      sm.src_stride[tid] = kBT ? src.cs : src.ls;
     }
     __syncthreads();
   }
   auto stage = [&](int par, int t0) {
     if constexpr (kFast) {
-      constexpr int kVec = S::kVec, kPR = kT / kVec, kPerSlot = 16 * kPR;
+      constexpr int kVec = S::kVec, kPerSlot = 16 * kT / kVec;
       static_assert(kThreads == 2 * kPerSlot && kSlots % 2 == 0, "two slots per step");
-      const int r = (tid % kPerSlot) / kPR, part = tid % kPR, pos = t0 + part * kVec;
-      const int n = min(max(L - pos, 0), kVec);
+      int dst, pos, n, row;  // (row: the source row of this copy, offset by pos along the other dimension)
+      if constexpr (kBT) {
+        constexpr int kPR = kT / kVec;
+        const int part = tid % kPR;
+        row = (tid % kPerSlot) / kPR, pos = t0 + part * kVec, dst = S::tf(row, part * kVec);
+        n = min(max(L - pos, 0), kVec);
+      } else {
+        constexpr int kPR = 16 / kVec;
+        const int part = tid % kPR, t = (tid % kPerSlot) / kPR;
+        row = t0 + t, pos = part * kVec, dst = t * 16 + part * kVec;
+        n = row < L ? kVec : 0;
+      }
 #pragma unroll
       for (int k = 0; k < kSlots / 2; ++k) {
         const int s = 2 * k + tid / kPerSlot;
         if (!has_z && s >= kSlotZ && s < kSlotB) continue;
         const T* src = sm.src[s];
-        sscan2::cp_async16(sm.raw[par][s] + S::tf(r, part * kVec), n > 0 ? src + r * sm.src_cs[s] + pos : src,
-                           n * (int)sizeof(T));
+        sscan2::cp_async16(sm.raw[par][s] + dst, n > 0 ? src + row * sm.src_stride[s] + pos : src, n * (int)sizeof(T));
       }
     } else {
 #pragma unroll 1
@@ -159,14 +169,15 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kern
   };
   stage(0, 0);
 
-  // Per-lane constants of the prep. Generic: channel 4q + j of the warp's 16 (j = 2 nt + e, the mixer v7's labels);
-  // kFast: lane = (channel pair pp = lane % 8: channels 2 pp + e; token quad tq = lane / 8).
+  // Per-lane constants of the prep. Generic and token-major kFast: channel 4q + j of the warp's 16 (j = 2 nt + e, the
+  // mixer v7's labels); token-fast kFast: lane = (channel pair pp = lane % 8: channels 2 pp + e; token quad tq).
+  constexpr bool kQuads = kFast && kBT;  // the token-fast kFast prep
   const int pp = lane % 8, tq = lane / 8;
-  constexpr int kPC = kFast ? 2 : 4;
+  constexpr int kPC = kQuads ? 2 : 4;
   float bias[kPC], dsk[kPC];
 #pragma unroll
   for (int j = 0; j < kPC; ++j) {
-    const int pc = hc0 + (kFast ? 2 * pp + j : 4 * q + j);
+    const int pc = hc0 + (kQuads ? 2 * pp + j : 4 * q + j);
     bias[j] = p.delta_bias != nullptr ? p.delta_bias[pc] : 0.f;
     dsk[j] = p.Dskip != nullptr ? p.Dskip[pc] : 0.f;
   }
@@ -232,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kern
     __syncthreads();  // bop (the previous tile's readers were done at the first barrier)
 #pragma unroll 1
     for (int hf = 0; hf < 2; ++hf) {
-      if constexpr (kFast) {  // 4 tokens of the lane's 2 channels per 8-byte load
+      if constexpr (kQuads) {  // 4 tokens of the lane's 2 channels per 8-byte load
         const int tb = hf * kHalf + 4 * tq;
         uint2 wu[2], wd[2], wz[2];  // (packed: unpacked per item, fewer live registers)
 #pragma unroll
@@ -258,15 +269,27 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kern
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
           const int tl = g + 8 * rr, t = hf * kHalf + tl;
+          uint2 wu, wd, wz;  // token-major kFast: the token's 4 channels 4q .. 4q + 3 per 8-byte load
+          if constexpr (kFast) {
+            wu = *reinterpret_cast<const uint2*>(ru + t * 16 + 4 * q);
+            wd = *reinterpret_cast<const uint2*>(rd + t * 16 + 4 * q);
+            wz = has_z ? *reinterpret_cast<const uint2*>(rz + t * 16 + 4 * q) : make_uint2(0u, 0u);
+          }
 #pragma unroll
           for (int nt = 0; nt < 2; ++nt) {
             float dv[2], duv[2], sz[2], dus[2];
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               const int j = 2 * nt + e, ch = 4 * q + j;
-              const float zz = has_z ? sscan::to_f(at<T, kFast>(rz, ch, t, tf_z)) : 0.f;
-              item(sscan::to_f(at<T, kFast>(ru, ch, t, tf_u)), sscan::to_f(at<T, kFast>(rd, ch, t, tf_d)) + bias[j], zz,
-                   t < nt_live, dsk[j], dv[e], duv[e], sz[e], dus[e]);
+              float u, v, zz;
+              if constexpr (kFast) {
+                auto val = [&](uint2 w2) { return sscan2::half_of<T>(j < 2 ? w2.x : w2.y, j & 1); };
+                u = val(wu), v = val(wd), zz = val(wz);
+              } else {
+                u = sscan::to_f(at<T, kFast>(ru, ch, t, tf_u)), v = sscan::to_f(at<T, kFast>(rd, ch, t, tf_d));
+                zz = has_z ? sscan::to_f(at<T, kFast>(rz, ch, t, tf_z)) : 0.f;
+              }
+              item(u, v + bias[j], zz, t < nt_live, dsk[j], dv[e], duv[e], sz[e], dus[e]);
             }
             sm.du[w][tl][2 * q + nt] = make_float4(duv[0], duv[1], dv[0], dv[1]);
             sm.gt[w][tl][2 * q + nt] = make_float4(sz[0], sz[1], dus[0], dus[1]);
@@ -319,10 +342,12 @@ void launch(const SScanParams& p, void* stream) {
 
 template <typename T>
 void launch_sscan_fwd7(const SScanParams& p, void* stream) {
-  const bool fast = sscan_fwd7_fast_layout(p), bt = ((p.v2_tfast >> kV2B) & 1u) != 0;
+  const int fast = sscan_fwd7_fast_layout(p);
+  const bool bt = ((p.v2_tfast >> kV2B) & 1u) != 0;
   auto go = [&](auto fast_prep) {
     constexpr bool kFP = decltype(fast_prep)::value;
-    if (fast) sscan7::launch<T, true, true, kFP>(p, stream);
+    if (fast == 1) sscan7::launch<T, true, true, kFP>(p, stream);
+    else if (fast == 2) sscan7::launch<T, false, true, kFP>(p, stream);
     else if (bt) sscan7::launch<T, true, false, kFP>(p, stream);
     else sscan7::launch<T, false, false, kFP>(p, stream);
   };

@@ -94,12 +94,13 @@ inline int sscan_bwd_smem_bytes(const SScanParams& p) {
 
 enum { kV2U = 0, kV2Delta = 1, kV2Z = 2, kV2B = 3, kV2C = 4, kV2Dy = 5 };
 
-// The forward v7's fast staging (sscan_fwd7.cuh kFast): every activation token-fast with 16-byte copies (mamba's
-// channel-major layout with aligned rows).
-inline bool sscan_fwd7_fast_layout(const SScanParams& p) {
+// The forward v7's fast staging (sscan_fwd7.cuh kFast): every activation in one orientation with 16-byte copies -
+// 1: token-fast (mamba's channel-major layout with aligned rows), 2: token-major; 0: neither.
+inline int sscan_fwd7_fast_layout(const SScanParams& p) {
   const unsigned all =
       (1u << kV2U) | (1u << kV2Delta) | (1u << kV2B) | (1u << kV2C) | (p.z != nullptr ? 1u << kV2Z : 0u);
-  return (p.v2_tfast & all) == all && (p.v2_vec & all) == all;
+  if ((p.v2_vec & all) != all) return 0;
+  return (p.v2_tfast & all) == all ? 1 : (p.v2_tfast & all) == 0 ? 2 : 0;
 }
 
 template <typename T>
