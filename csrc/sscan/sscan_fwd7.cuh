@@ -121,9 +121,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kern
     const T* C = static_cast<const T*>(p.C) + (int64_t)b * p.C_sb + (int64_t)(c0 / p.c_cpg) * p.C_sg;
     return {C, p.C_sl, p.C_sn, kV2C};
   };
-  // The tile at t0 into raw[par]. kFast: copy tid + kThreads k is 16-byte piece tid % kPR of row (tid % 64) / kPR of
-  // slot 2k + tid / 64 (token-fast: 16 rows of kPR = 4 pieces; token-major: 32 token rows of 2); else v2's
-  // stage_tensor per slot (either orientation, plain loads where 16-byte copies are not legal).
   if constexpr (kFast) {  // the slots' sources once, in shared memory (recomputing them per tile cost registers)
     if (tid < kSlots) {
       const Src src = slot_src(tid);
@@ -132,6 +129,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kern
     }
     __syncthreads();
   }
+  // The tile at t0 into raw[par]. kFast: copy tid + kThreads k is 16-byte piece tid % kPR of row (tid % 64) / kPR of
+  // slot 2k + tid / 64 (token-fast: 16 rows of kPR = 4 pieces; token-major: 32 token rows of 2); else v2's
+  // stage_tensor per slot (either orientation, plain loads where 16-byte copies are not legal).
   auto stage = [&](int par, int t0) {
     if constexpr (kFast) {
       constexpr int kVec = S::kVec, kPerSlot = 16 * kT / kVec;
