@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# compute-sanitizer memcheck + racecheck of the generic selective scan's forward v7 (csrc/sscan/sscan_fwd7.cuh) on
+# tiny shapes: 3 tiles with a tail, 2 blocks, initial states, z, each staging - channel-major (kFast token-fast),
+# token-major (kFast token-major), NaN-padded slices (v2's generic staging) - and both preps, each followed by the
+# backward v2 from v7's checkpoints.
+# Usage (device machine, after the extension is built): bash scripts/sscan_sanitizer.sh [out_dir]
+set -uo pipefail
+export PYTORCH_NO_CUDA_MEMORY_CACHING=1  # every tensor its own allocation: memcheck sees reads past a tensor
+OUT_DIR=${1:-${OUT:-/tmp/out}}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # run from the repository root
+mkdir -p "$OUT_DIR"
+CASE=$(mktemp /tmp/sscan_sanitizer_case.XXXX.py)
+cat > "$CASE" <<'PY'
+import os
+
+import torch
+from apriel_kernels import selective_scan
+
+b, L, D, N = 2, 77, 128, 16
+g = torch.Generator(device="cuda").manual_seed(0)
+rnd = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+
+
+def layout(t, kind):
+    """t (b, L, C...) token-major values -> the same values as a channel-major view, token-major, or a NaN-padded
+    slice (no 16-byte copies: v2's generic staging)."""
+    if kind == "cm":
+        perm = (0, 2, 1) if t.dim() == 3 else (0, 2, 3, 1)
+        inv = (0, 2, 1) if t.dim() == 3 else (0, 3, 1, 2)
+        return t.permute(*perm).contiguous().permute(*inv)
+    if kind == "tm":
+        return t.contiguous()
+    base = torch.full((*t.shape[:-1], t.shape[-1] + 3), float("nan"), dtype=t.dtype, device=t.device)
+    base[..., 1:1 + t.shape[-1]] = t
+    return base[..., 1:1 + t.shape[-1]]
+
+
+for kind in ("cm", "tm", "nan"):
+    acts = dict(u=rnd(b, L, D), delta=rnd(b, L, D) - 2.0, B=rnd(b, L, 1, N), C=rnd(b, L, 1, N), z=rnd(b, L, D))
+    acts = {k: layout(v.to(torch.bfloat16), kind).requires_grad_(True) for k, v in acts.items()}
+    A = (-torch.exp(0.3 * rnd(D, N))).requires_grad_(True)
+    Dp, bias = rnd(D).requires_grad_(True), (0.1 * rnd(D)).requires_grad_(True)
+    init = rnd(b, D, N).requires_grad_(True)
+    y, last = selective_scan(acts["u"], acts["delta"], A, acts["B"], acts["C"], D=Dp, z=acts["z"], delta_bias=bias,
+                             delta_softplus=True, initial_state=init, return_final_state=True)
+    (y.float().square().sum() + last.sum()).backward()
+torch.cuda.synchronize()
+print("sscan sanitizer case ok")
+PY
+LOG="$OUT_DIR/sscan_sanitizer.log"
+: > "$LOG"
+for prep in fast precise; do
+  for tool in memcheck racecheck; do
+    echo "=== APRIEL_SSCAN_FWD=v7 prep=$prep $tool" | tee -a "$LOG"
+    SOFT=""
+    [ "$prep" = precise ] && SOFT=precise
+    APRIEL_SSCAN_FWD=v7 APRIEL_SSCAN_SOFTPLUS=$SOFT compute-sanitizer --tool "$tool" python3 "$CASE" 2>&1 \
+      | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|case ok|Error|error" | tee -a "$LOG"
+  done
+done
+rm -f "$CASE"
