@@ -14,6 +14,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../common/sm_count.h"
 #include "conv1d_params.h"
 
 namespace apriel {
@@ -61,12 +62,7 @@ bool vectorizable(const Tensor& t) {
   return t.size(1) > 1 && t.stride(1) == 1 && t.size(1) % 8 == 0 && aligned && rows;
 }
 
-// (ATen/cuda/CUDAContext.h would pull in cuSPARSE/cuBLAS headers that a minimal toolkit lacks.)
-int num_sms(const Tensor& x) {
-  int count = 0;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, x.device().index()) != cudaSuccess) return 132;
-  return count;
-}
+int num_sms(const Tensor& x) { return sm_count(x.device().index()); }
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "../common/sm_count.h"  // sm_count: the current device's multiprocessors
 #include "scan_params.h"
 
 namespace apriel {
@@ -237,16 +238,6 @@ void launch_fwd_version(const MixerScanParams& p, void* stream, int version) {
     case 8: launch_mixer_scan_fwd4<T, 8>(p, stream); break;
     default: launch_mixer_scan_fwd<T, 16>(p, stream); break;
   }
-}
-
-// Multiprocessors of the current device (132 if the query fails).
-int sm_count() {
-  int sms = 132, device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    sms = 132;
-  }
-  return sms;
 }
 
 // Varlen scheduling of packed documents (session 17, mixer_scan_plan.cu / mixer_scan_fwd7.cuh kVar). Where the

@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "../common/sm_count.h"
 #include "sscan_params.h"
 
 namespace apriel {
@@ -140,13 +141,9 @@ SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, c
   // APRIEL_SSCAN_FWD=v7 forces it wherever it applies (else v2).
   const bool v7_ok = p.fwd_k != 0 && st != at::kFloat && D % 64 == 0 && p.b_cpg % 64 == 0 && p.c_cpg % 64 == 0 &&
                      !seq_idx;
-  int sms = 132;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, delta.get_device()) != cudaSuccess) {
-    (void)cudaGetLastError();
-    sms = 132;
-  }
-  p.fwd_v7 = v7_ok && (fwd_variant == "v7" || (fwd_variant.empty() && sscan_fwd7_fast_layout(p) != 0 &&
-                                               (D / 64) * b * 10 >= 9 * static_cast<int64_t>(sms)));
+  const int64_t v7_blocks = (D / 64) * b, sms = sm_count(delta.get_device());
+  p.fwd_v7 = v7_ok && (fwd_variant == "v7" ||
+                       (fwd_variant.empty() && sscan_fwd7_fast_layout(p) != 0 && v7_blocks * 10 >= 9 * sms));
   auto hold = [&](Tensor t) -> const float* { keep.push_back(t); return t.data_ptr<float>(); };
   p.A = hold(f32c(A));
   p.Dskip = Dskip ? hold(f32c(*Dskip)) : nullptr;

@@ -115,11 +115,17 @@ __device__ __forceinline__ void stage_tensor(T* dst, const T* src, int64_t ls, i
   }
 }
 
+// The u column of channel c0, the first of 16 (c0 % 16 == 0): with the group repeat (u_rep > 1) the 16 channels map to
+// 16 consecutive u columns.
+__device__ __forceinline__ int u_column16(const SScanParams& p, int c0) {
+  return p.u_rep == 1 ? c0 : (c0 / (kN * p.u_rep)) * kN;
+}
+
 // Issues the copies of the tile at t0 (u, delta, z, B, C and the document ids) into r.
 template <typename T, int NT>
 __device__ __forceinline__ void stage(const SScanParams& p, Raw<T>& r, int b, int c0, int t0, int tid) {
   const int L = p.seqlen;
-  const int src_u = p.u_rep == 1 ? c0 : (c0 / (kN * p.u_rep)) * kN;  // the 16 channels map to 16 consecutive u columns
+  const int src_u = u_column16(p, c0);
   auto bit = [](unsigned m, int i) { return ((m >> i) & 1u) != 0; };
   stage_tensor<T, NT>(r.a[kV2U], static_cast<const T*>(p.u) + (int64_t)b * p.u_sb + (int64_t)src_u * p.u_sc, p.u_sl,
                       p.u_sc, bit(p.v2_tfast, kV2U), bit(p.v2_vec, kV2U), t0, L, tid);

@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kern
     if (s < kSlotB) {
       const int kind = s / kHeads, c = c0 + 16 * (s % kHeads);
       if (kind == 0) {
-        const int src_u = p.u_rep == 1 ? c : (c / (kN * p.u_rep)) * kN;  // 16 channels -> 16 consecutive u columns
+        const int src_u = sscan2::u_column16(p, c);
         return {static_cast<const T*>(p.u) + (int64_t)b * p.u_sb + (int64_t)src_u * p.u_sc, p.u_sl, p.u_sc, kV2U};
       }
       if (kind == 1)
