@@ -12,8 +12,9 @@ forced K), "apriel-precise" (v2 with v1's precise softplus / sigmoid in its prep
 "apriel-v1" (the v1 forward), "apriel-v7" / "apriel-tm-v7" (the forward v7 of session 25, channel- / token-major;
 in fwd+bwd its checkpoints feed the default backward), "apriel-plain" (v1 without its interleaved float2 tiles; with
 APRIEL_SSCAN_BWD=plain in the fwd+bwd row). In fwd+bwd the forward saves the state checkpoints (the backward
-does not rerun it); "apriel-v1" there is the same with the v1 forward. "apriel-bwd2" rows: the backward v2 (APRIEL_SSCAN_BWD=v2,
-opt-in). floor_ms is the MUFU exp2
+does not rerun it); "apriel-v1" there is the same with the v1 forward. "apriel-bwd2" / "apriel-bwd7" rows: the
+backward v2 / v7 (session 26) forced (APRIEL_SSCAN_BWD=v2 / v7; the default picks v7 where its grid fills the GPU).
+floor_ms is the MUFU exp2
 floor of kernels.md: 65536 * b * L exponentials at 3.9e12 /s; peer_ms the mamba-ssm figure of kernels.md.
 """
 from __future__ import annotations
@@ -129,34 +130,36 @@ def run(quick: bool = False) -> list[dict]:
             del args, dy
         except Exception as e:  # noqa: BLE001
             out.append(R.error_row("kernels", "selective_scan_fwd_bwd", "apriel", e, shape=f"b{batch} L{seqlen}"))
-    # Backward v2 (opt-in, APRIEL_SSCAN_BWD=v2) last: a fault there must not cost the rows above.
+    # Backward A/B (APRIEL_SSCAN_BWD=v2 / v7, forced) last: a fault there must not cost the rows above.
     for batch, seqlen in ([(1, 8192), (8, 4096)] if not quick else [(1, 8192)]):
-        try:
-            args = _inputs(batch, seqlen, requires_grad=True)
-            dy = torch.randn(batch, D, seqlen, device="cuda", dtype=torch.bfloat16)
-            leaves = list(args.values())
+        for provider, variant in (("apriel-bwd2", "v2"), ("apriel-bwd7", "v7")):
+            try:
+                args = _inputs(batch, seqlen, requires_grad=True)
+                dy = torch.randn(batch, D, seqlen, device="cuda", dtype=torch.bfloat16)
+                leaves = list(args.values())
 
-            def step2():
-                y = selective_scan_fn(**args, **kw)  # noqa: B023
-                return torch.autograd.grad(y, leaves, dy)  # noqa: B023
+                def step2():
+                    y = selective_scan_fn(**args, **kw)  # noqa: B023
+                    return torch.autograd.grad(y, leaves, dy)  # noqa: B023
 
-            with env_override("APRIEL_SSCAN_BWD", "v2"):
-                stats = time_ms(step2, rep_ms=300)
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                grads = step2()
-                torch.cuda.synchronize()
-                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-                del grads
-                out.append(_row("fwd+bwd", "apriel-bwd2", batch, seqlen, stats, layout="channel-major",
-                                peak_extra_mem_mb=peak))
-                y2 = selective_scan_fn(**args, **kw)
-                stats_b = time_ms(lambda: torch.autograd.grad(y2, leaves, dy, retain_graph=True), rep_ms=300)  # noqa: B023
-                out.append(_row("bwd", "apriel-bwd2", batch, seqlen, stats_b, layout="channel-major"))
-            del args, dy, y2
-        except Exception as e:  # noqa: BLE001
-            out.append(R.error_row("kernels", "selective_scan_fwd_bwd", "apriel-bwd2", e, shape=f"b{batch} L{seqlen}"))
+                with env_override("APRIEL_SSCAN_BWD", variant):
+                    stats = time_ms(step2, rep_ms=300)
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    grads = step2()
+                    torch.cuda.synchronize()
+                    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                    del grads
+                    out.append(_row("fwd+bwd", provider, batch, seqlen, stats, layout="channel-major",
+                                    peak_extra_mem_mb=peak))
+                    y2 = selective_scan_fn(**args, **kw)
+                    stats_b = time_ms(lambda: torch.autograd.grad(y2, leaves, dy, retain_graph=True),  # noqa: B023
+                                      rep_ms=300)
+                    out.append(_row("bwd", provider, batch, seqlen, stats_b, layout="channel-major"))
+                del args, dy, y2
+            except Exception as e:  # noqa: BLE001
+                out.append(R.error_row("kernels", "selective_scan_fwd_bwd", provider, e, shape=f"b{batch} L{seqlen}"))
     return out
 
 

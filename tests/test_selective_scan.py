@@ -264,8 +264,11 @@ def test_cuda_gradient_parity(case, dtype):
 
 
 def _gradient_parity(case, dtype):
+    """Every gradient vs float64 (3 x torch's own low-precision error + a floor); returns them (token-major views)."""
     b, L, d, du, gb, gc, n, layout, extras = case
     args, seq = make_cuda_case(b, L, d, du, gb, gc, n, dtype, extras)
+    if "noz" in extras:
+        args["z"] = None
     gen = torch.Generator(device="cuda").manual_seed(1)
     w_y = torch.randn(b, L, d, device="cuda", generator=gen, dtype=torch.float64).to(dtype).double()
     w_f = torch.randn(b, d, n, device="cuda", generator=gen, dtype=torch.float64)
@@ -283,6 +286,7 @@ def _gradient_parity(case, dtype):
     for k in got:
         assert got[k].dtype == args[k].dtype, f"d{k}: dtype {got[k].dtype}"
         check(f"d{k}", got[k], refs[0][k], refs[1][k], k=3.0, floor=_tol(dtype, grad=True))
+    return got
 
 
 @gpu
@@ -649,3 +653,92 @@ def test_cuda_backward_v2_deterministic_and_close_to_v1(monkeypatch):
     for k in v1:
         assert torch.equal(first[k], second[k]), f"d{k}: backward v2 not deterministic"
         torch.testing.assert_close(first[k], v1[k], rtol=1e-4, atol=1e-4 * v1[k].abs().max().item(), msg=f"d{k}")
+
+
+# Backward v7 (csrc/sscan/sscan_bwd7.cuh, APRIEL_SSCAN_BWD=v7: the mixer scan's v7 backward core) on the forward v7's
+# shapes with its fast stagings: channel-major (mamba's) and token-major, 16-bit, grouped u (du summed on the host),
+# several B / C groups, no z, ragged last tiles, long sequences.
+V7_GRAD_CASES = [
+    (1, 1, 64, None, 1, 1, 16, "tm", "init"),
+    (2, 77, 128, None, 1, 1, 16, "cm", "init"),
+    (3, 100, 256, 64, 1, 2, 16, "tm", ""),
+    (1, 264, 128, None, 2, 1, 16, "cm", "noz"),
+    (2, 1000, 64, None, 1, 1, 16, "cm", "init"),
+    (1, 2049, 128, None, 1, 1, 16, "tm", "noz"),
+    (2, 4097, 64, 16, 1, 1, 16, "cm", "init"),
+]
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("softplus", ["fast", "precise"])
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
+@pytest.mark.parametrize("case", V7_GRAD_CASES, ids=CASE_ID)
+def test_cuda_backward_v7_parity(case, dtype, softplus, monkeypatch):
+    """v7's gradients vs float64, bitwise repeatable, close to v2's; the profiler shows v7 ran. Both preps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if softplus == "precise":
+        monkeypatch.setenv("APRIEL_SSCAN_SOFTPLUS", "precise")
+    monkeypatch.setenv("APRIEL_SSCAN_BWD", "v7")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        got = _gradient_parity(case, dtype)
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages()]
+    assert any("sscan_bwd7_kernel" in k for k in names), names
+    assert not any("sscan_bwd2_kernel" in k for k in names), names
+    again = _gradient_parity(case, dtype)
+    for k in got:
+        assert torch.equal(got[k], again[k]), f"d{k}: backward v7 is not bitwise repeatable"
+    monkeypatch.setenv("APRIEL_SSCAN_BWD", "v2")
+    v2 = _gradient_parity(case, dtype)
+    for k, ref in v2.items():
+        torch.testing.assert_close(got[k].float(), ref.float(), rtol=0, atol=1e-2 * ref.abs().max().item(),
+                                   msg=f"d{k}")
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("extras", ["packed_init", "fp32", "d48", "nan"])
+def test_cuda_backward_v7_falls_back_to_v2(extras, monkeypatch):
+    """Where v7 does not apply (documents, fp32, d_inner not a multiple of 64, no fast staging), APRIEL_SSCAN_BWD=v7
+    runs v2 - with correct gradients."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dtype = torch.float32 if extras == "fp32" else torch.bfloat16
+    case = (2, 70, 48 if extras == "d48" else 64, None, 1, 1, 16, "nan" if extras == "nan" else "cm", extras)
+    monkeypatch.setenv("APRIEL_SSCAN_BWD", "v7")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        _gradient_parity(case, dtype)
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages()]
+    assert not any("sscan_bwd7_kernel" in k for k in names), names
+    assert any("sscan_bwd2_kernel" in k for k in names), names
+
+
+@gpu
+@needs_kernel
+def test_cuda_backward_v7_default_dispatch(monkeypatch):
+    """Without APRIEL_SSCAN_BWD: v7 for channel-major and token-major inputs once its grid (batch x d_inner / 64
+    blocks) reaches 0.9 blocks per SM; v2 below that and without the fast staging."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.delenv("APRIEL_SSCAN_BWD", raising=False)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    d = 1024
+    big = -(-9 * sms // (10 * (d // 64)))
+
+    def kernels(batch, layout):
+        args, seq = make_cuda_case(batch, 64, d, None, 1, 1, 16, torch.bfloat16, "")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            y, final, bases, views = _run(args, seq, layout, leaves=True)
+            (y.float().sum() + final.sum()).backward()
+            torch.cuda.synchronize()
+        return [e.key for e in prof.key_averages()]
+
+    for layout in ("cm", "tm"):
+        assert any("sscan_bwd7_kernel" in k for k in kernels(big, layout)), layout
+    for batch, layout in ((big - 1, "cm"), (big, "nan")):
+        names = kernels(batch, layout)
+        assert not any("sscan_bwd7_kernel" in k for k in names), (batch, layout, names)
+        assert any("sscan_bwd2_kernel" in k for k in names), (batch, layout, names)

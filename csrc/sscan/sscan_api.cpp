@@ -123,7 +123,7 @@ SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, c
   const char* bwd_env = std::getenv("APRIEL_SSCAN_BWD");
   const std::string bwd_variant = bwd_env != nullptr ? bwd_env : "";
   p.interleave_bwd = bwd_variant != "plain";
-  p.bwd_v2 = v2_ok && (bwd_variant.empty() || bwd_variant == "v2");
+  p.bwd_v2 = v2_ok && (bwd_variant.empty() || bwd_variant == "v2" || bwd_variant == "v7");
   const char* sp_env = std::getenv("APRIEL_SSCAN_SOFTPLUS");
   p.fast_prep = sp_env == nullptr || std::string(sp_env) != "precise";
   p.u = u.data_ptr(); p.u_sb = u.stride(0); p.u_sl = u.stride(1); p.u_sc = u.stride(2);
@@ -205,7 +205,18 @@ std::vector<Tensor> selective_scan_bwd_cuda(const Tensor& u, const Tensor& delta
   const int64_t b = p.batch, L = p.seqlen, D = p.dim, N = p.dstate;
   TORCH_CHECK(dy.numel() == b * L * D, "dy: expected (batch, seqlen, d_inner)");
   auto f32 = delta.options().dtype(at::kFloat);
-  const int64_t nblk = (D + kSsChannels - 1) / kSsChannels;
+  Tensor dy_c = b > 0 && L > 0 ? dy.to(st).contiguous() : dy;
+  // Backward v7 (sscan_bwd7.cuh, session 26): on the forward v7's shapes (p.fwd_v7's rule without the grid size) with
+  // its fast staging and 16-byte dy rows; APRIEL_SSCAN_BWD=v7 forces it wherever it applies, v2 forces v2.
+  // Default where its grid (batch x d_inner / 64 blocks, 2 per SM) reaches 0.9 blocks per SM.
+  const char* bwd_env = std::getenv("APRIEL_SSCAN_BWD");
+  const std::string bwd_variant = bwd_env != nullptr ? bwd_env : "";
+  const bool dy_vec = reinterpret_cast<uintptr_t>(dy_c.data_ptr()) % 16 == 0;  // rows: D % 16 == 0 elements
+  const bool v7_ok = p.bwd_v2 && st != at::kFloat && D % 64 == 0 && p.b_cpg % 64 == 0 && p.c_cpg % 64 == 0 &&
+                     !seq_idx && sscan_fwd7_fast_layout(p) != 0 && dy_vec;
+  p.bwd_v7 = v7_ok && (bwd_variant == "v7" ||
+                       (bwd_variant.empty() && (D / 64) * b * 10 >= 9 * sm_count(delta.get_device())));
+  const int64_t nblk = p.bwd_v7 ? D / 64 : (D + kSsChannels - 1) / kSsChannels;
   const bool grouped_u = p.u_rep > 1;
   Tensor du = at::empty({b, L, D}, grouped_u ? f32 : delta.options());
   Tensor ddelta = at::empty({b, L, D}, delta.options());
@@ -230,9 +241,8 @@ std::vector<Tensor> selective_scan_bwd_cuda(const Tensor& u, const Tensor& delta
       q.y = nullptr; q.final_state = nullptr; q.ckpt = ckpt.data_ptr<float>();
       launch<true>(q, st);
     }
-    Tensor dy_c = dy.to(st).contiguous();
     p.dy = dy_c.data_ptr();
-    if (reinterpret_cast<uintptr_t>(p.dy) % 16 == 0) p.v2_vec |= 1u << kV2Dy;  // rows: D % 16 == 0 elements
+    if (dy_vec) p.v2_vec |= 1u << kV2Dy;
     p.dfinal = dfs.defined() ? dfs.data_ptr<float>() : nullptr;
     p.ckpt_in = ckpt.data_ptr<float>();
     p.du = du.data_ptr(); p.du_f32 = grouped_u;

@@ -252,7 +252,13 @@ __global__ void __launch_bounds__(kThreads) sscan_bwd_kernel(SScanParams p) {
 
 template <typename T>
 void launch_sscan_bwd(const SScanParams& p, void* stream) {
-  if (p.bwd_v2) {  // v2 (sscan_bwd2.cuh) where the host selected it
+  if (p.bwd_v2) {  // v2 (sscan_bwd2.cuh) or v7 (sscan_bwd7.cuh, 16-bit only) where the host selected it
+    if constexpr (sizeof(T) == 2) {
+      if (p.bwd_v7) {
+        launch_sscan_bwd7<T>(p, stream);
+        return;
+      }
+    }
     launch_sscan_bwd2<T>(p, stream);
     return;
   }

@@ -78,6 +78,78 @@ __device__ __forceinline__ unsigned pair_word(const T* slot, int r, int t) {
   return *reinterpret_cast<const unsigned*>(slot + Slot<T, kFast>::tf(r, t));
 }
 
+// Where slot s (u, delta, z of the block's 4 x 16 channels, then B, C) comes from: its tensor's first element of this
+// block (sequence b, channels c0 ..), its token / row strides, and the tensor's bit in v2_tfast / v2_vec.
+struct SlotSrc {
+  const void* ptr;
+  int64_t ls, cs;
+  int bit;
+};
+template <typename T>
+__device__ __forceinline__ SlotSrc slot_source(const SScanParams& p, int b, int c0, int s) {
+  if (s < kSlotB) {
+    const int kind = s / kHeads, c = c0 + 16 * (s % kHeads);
+    if (kind == 0) {
+      const int src_u = sscan2::u_column16(p, c);
+      return {static_cast<const T*>(p.u) + (int64_t)b * p.u_sb + (int64_t)src_u * p.u_sc, p.u_sl, p.u_sc, kV2U};
+    }
+    if (kind == 1)
+      return {static_cast<const T*>(p.dl) + (int64_t)b * p.dl_sb + (int64_t)c * p.dl_sc, p.dl_sl, p.dl_sc, kV2Delta};
+    return {static_cast<const T*>(p.z) + (int64_t)b * p.z_sb + (int64_t)c * p.z_sc, p.z_sl, p.z_sc, kV2Z};
+  }
+  if (s == kSlotB) {
+    const T* B = static_cast<const T*>(p.B) + (int64_t)b * p.B_sb + (int64_t)(c0 / p.b_cpg) * p.B_sg;
+    return {B, p.B_sl, p.B_sn, kV2B};
+  }
+  const T* C = static_cast<const T*>(p.C) + (int64_t)b * p.C_sb + (int64_t)(c0 / p.c_cpg) * p.C_sg;
+  return {C, p.C_sl, p.C_sn, kV2C};
+}
+
+// kFast staging of the tile at t0 into raw (kSlots slots of 16 x kT values; no commit): copy tid + kThreads k is
+// 16-byte piece tid % kPR of row (tid % 64) / kPR of slot 2k + tid / 64 (token-fast: 16 rows of kPR = 4 pieces;
+// token-major: 32 token rows of 2). src / stride: each slot's first element and the stride of its copied rows.
+template <typename T, bool kBT>
+__device__ __forceinline__ void stage_fast(T (*raw)[16 * kT], const T* const* src_of, const int64_t* stride_of,
+                                           int t0, int L, int tid, bool has_z) {
+  using S = Slot<T, true>;
+  constexpr int kVec = S::kVec, kPerSlot = 16 * kT / kVec;
+  static_assert(kThreads == 2 * kPerSlot && kSlots % 2 == 0, "two slots per step");
+  int dst, pos, n, row;  // (row: the source row of this copy, offset by pos along the other dimension)
+  if constexpr (kBT) {
+    constexpr int kPR = kT / kVec;
+    const int part = tid % kPR;
+    row = (tid % kPerSlot) / kPR, pos = t0 + part * kVec, dst = S::tf(row, part * kVec);
+    n = min(max(L - pos, 0), kVec);
+  } else {
+    constexpr int kPR = 16 / kVec;
+    const int part = tid % kPR, t = (tid % kPerSlot) / kPR;
+    row = t0 + t, pos = part * kVec, dst = t * 16 + part * kVec;
+    n = row < L ? kVec : 0;
+  }
+#pragma unroll
+  for (int k = 0; k < kSlots / 2; ++k) {
+    const int s = 2 * k + tid / kPerSlot;
+    if (!has_z && s >= kSlotZ && s < kSlotB) continue;
+    const T* src = src_of[s];
+    sscan2::cp_async16(raw[s] + dst, n > 0 ? src + row * stride_of[s] + pos : src, n * (int)sizeof(T));
+  }
+}
+
+// The B operand entry of thread tid for the tile (token pair tid / 8, state bg = tid % 8): (B_t[bg], B_t[8 + bg],
+// B_t+1[bg], B_t+1[8 + bg]) from the staged B slot (kBT: token-fast, else token-major).
+template <typename T, bool kFast, bool kBT>
+__device__ __forceinline__ float4 b_operand(const T* rB, int tid) {
+  const int pr = tid / 8, bg = tid % 8, t = 2 * pr;
+  if constexpr (kBT) {  // a state's two tokens in one word
+    const unsigned w0 = pair_word<T, kFast>(rB, bg, t), w1 = pair_word<T, kFast>(rB, bg + 8, t);
+    return make_float4(sscan2::half_of<T>(w0, false), sscan2::half_of<T>(w1, false), sscan2::half_of<T>(w0, true),
+                       sscan2::half_of<T>(w1, true));
+  } else {
+    return make_float4(sscan::to_f(rB[t * 16 + bg]), sscan::to_f(rB[t * 16 + bg + 8]),
+                       sscan::to_f(rB[(t + 1) * 16 + bg]), sscan::to_f(rB[(t + 1) * 16 + bg + 8]));
+  }
+}
+
 // kBT: B / C staged token-fast (the host keeps them in one orientation, as v2's kBT). kFast: see Slot; its prep
 // reads 4 values per 8-byte load - 4 tokens of a channel (token-fast) or 4 channels of a token (token-major) - where
 // the generic prep reads one 16-bit value per item.
@@ -96,73 +168,28 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kern
   auto bit = [&](unsigned m, int i) { return ((m >> i) & 1u) != 0; };
   const bool tf_u = bit(p.v2_tfast, kV2U), tf_d = bit(p.v2_tfast, kV2Delta), tf_z = bit(p.v2_tfast, kV2Z);
 
-  // Where slot s comes from: its tensor's first element of this block (and sequence), token / row strides, and the
-  // tensor's bit in v2_tfast / v2_vec. Slots: u, delta, z of the 4 warps' 16 channels each, then B, C.
-  struct Src {
-    const T* ptr;
-    int64_t ls, cs;
-    int bit;
-  };
-  auto slot_src = [&](int s) -> Src {
-    if (s < kSlotB) {
-      const int kind = s / kHeads, c = c0 + 16 * (s % kHeads);
-      if (kind == 0) {
-        const int src_u = sscan2::u_column16(p, c);
-        return {static_cast<const T*>(p.u) + (int64_t)b * p.u_sb + (int64_t)src_u * p.u_sc, p.u_sl, p.u_sc, kV2U};
-      }
-      if (kind == 1)
-        return {static_cast<const T*>(p.dl) + (int64_t)b * p.dl_sb + (int64_t)c * p.dl_sc, p.dl_sl, p.dl_sc, kV2Delta};
-      return {static_cast<const T*>(p.z) + (int64_t)b * p.z_sb + (int64_t)c * p.z_sc, p.z_sl, p.z_sc, kV2Z};
-    }
-    if (s == kSlotB) {
-      const T* B = static_cast<const T*>(p.B) + (int64_t)b * p.B_sb + (int64_t)(c0 / p.b_cpg) * p.B_sg;
-      return {B, p.B_sl, p.B_sn, kV2B};
-    }
-    const T* C = static_cast<const T*>(p.C) + (int64_t)b * p.C_sb + (int64_t)(c0 / p.c_cpg) * p.C_sg;
-    return {C, p.C_sl, p.C_sn, kV2C};
-  };
+  auto slot_src = [&](int s) { return slot_source<T>(p, b, c0, s); };
   if constexpr (kFast) {  // the slots' sources once, in shared memory (recomputing them per tile cost registers)
     if (tid < kSlots) {
-      const Src src = slot_src(tid);
-      sm.src[tid] = src.ptr;
+      const SlotSrc src = slot_src(tid);
+      sm.src[tid] = static_cast<const T*>(src.ptr);
       sm.src_stride[tid] = kBT ? src.cs : src.ls;
     }
     __syncthreads();
   }
-  // The tile at t0 into raw[par]. kFast: copy tid + kThreads k is 16-byte piece tid % kPR of row (tid % 64) / kPR of
-  // slot 2k + tid / 64 (token-fast: 16 rows of kPR = 4 pieces; token-major: 32 token rows of 2); else v2's
-  // stage_tensor per slot (either orientation, plain loads where 16-byte copies are not legal).
+  // The tile at t0 into raw[par]: kFast's stage_fast, else v2's stage_tensor per slot (either orientation, plain
+  // loads where 16-byte copies are not legal).
   auto stage = [&](int par, int t0) {
     if constexpr (kFast) {
-      constexpr int kVec = S::kVec, kPerSlot = 16 * kT / kVec;
-      static_assert(kThreads == 2 * kPerSlot && kSlots % 2 == 0, "two slots per step");
-      int dst, pos, n, row;  // (row: the source row of this copy, offset by pos along the other dimension)
-      if constexpr (kBT) {
-        constexpr int kPR = kT / kVec;
-        const int part = tid % kPR;
-        row = (tid % kPerSlot) / kPR, pos = t0 + part * kVec, dst = S::tf(row, part * kVec);
-        n = min(max(L - pos, 0), kVec);
-      } else {
-        constexpr int kPR = 16 / kVec;
-        const int part = tid % kPR, t = (tid % kPerSlot) / kPR;
-        row = t0 + t, pos = part * kVec, dst = t * 16 + part * kVec;
-        n = row < L ? kVec : 0;
-      }
-#pragma unroll
-      for (int k = 0; k < kSlots / 2; ++k) {
-        const int s = 2 * k + tid / kPerSlot;
-        if (!has_z && s >= kSlotZ && s < kSlotB) continue;
-        const T* src = sm.src[s];
-        sscan2::cp_async16(sm.raw[par][s] + dst, n > 0 ? src + row * sm.src_stride[s] + pos : src, n * (int)sizeof(T));
-      }
+      stage_fast<T, kBT>(sm.raw[par], sm.src, sm.src_stride, t0, L, tid, has_z);
     } else {
 #pragma unroll 1
       for (int s = 0; s < kSlots; ++s) {
         if (!has_z && s >= kSlotZ && s < kSlotB) continue;
-        const Src src = slot_src(s);
+        const SlotSrc src = slot_src(s);
         const bool tf = s >= kSlotB ? kBT : bit(p.v2_tfast, src.bit);
-        sscan2::stage_tensor<T, kThreads>(sm.raw[par][s], src.ptr, src.ls, src.cs, tf, bit(p.v2_vec, src.bit), t0, L,
-                                          tid);
+        sscan2::stage_tensor<T, kThreads>(sm.raw[par][s], static_cast<const T*>(src.ptr), src.ls, src.cs, tf,
+                                          bit(p.v2_vec, src.bit), t0, L, tid);
       }
     }
     sscan2::cp_async_commit();
@@ -229,17 +256,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kern
     const T* rz = sm.raw[par][kSlotZ + w];
     const T* rB = sm.raw[par][kSlotB];
     const T* rC = sm.raw[par][kSlotC];
-    {  // the tile's B operand per token pair, (B_t[bg], B_t[8 + bg], B_t+1[bg], B_t+1[8 + bg]): one entry per thread
-      const int pr = tid / 8, bg = tid % 8, t = 2 * pr;
-      if constexpr (kBT) {  // a state's two tokens in one word
-        const unsigned w0 = pair_word<T, kFast>(rB, bg, t), w1 = pair_word<T, kFast>(rB, bg + 8, t);
-        sm.bop[pr][bg] = make_float4(sscan2::half_of<T>(w0, false), sscan2::half_of<T>(w1, false),
-                                     sscan2::half_of<T>(w0, true), sscan2::half_of<T>(w1, true));
-      } else {
-        sm.bop[pr][bg] = make_float4(sscan::to_f(rB[t * 16 + bg]), sscan::to_f(rB[t * 16 + bg + 8]),
-                                     sscan::to_f(rB[(t + 1) * 16 + bg]), sscan::to_f(rB[(t + 1) * 16 + bg + 8]));
-      }
-    }
+    // the tile's B operand per token pair, (B_t[bg], B_t[8 + bg], B_t+1[bg], B_t+1[8 + bg]): one entry per thread
+    sm.bop[tid / 8][tid % 8] = b_operand<T, kFast, kBT>(rB, tid);
     __syncthreads();  // bop (the previous tile's readers were done at the first barrier)
 #pragma unroll 1
     for (int hf = 0; hf < 2; ++hf) {

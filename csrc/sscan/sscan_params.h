@@ -44,6 +44,10 @@ struct SScanParams {
   bool fast_prep;      // v2 kernels: MUFU forms of softplus / sigmoid in the per-(channel, token) prep
                        // (default; APRIEL_SSCAN_SOFTPLUS=precise: v1's log1pf(expf(v)), bitwise-v1 states)
   bool bwd_v2;         // backward v2 (sscan_bwd2.cuh; APRIEL_SSCAN_BWD=v2, same shapes as the forward v2)
+  // Backward v7 (sscan_bwd7.cuh, session 26: the mixer scan's v7 backward core, one warp per 16 channels): set by
+  // the host on the forward v7's shapes with its fast staging and 16-byte dy rows (with bwd_v2, which it replaces);
+  // its dB / dC partials are one row per 64-channel block (nblk = d_inner / 64).
+  bool bwd_v7;
 
   const void* u;   int64_t u_sb, u_sl, u_sc;
   const void* dl;  int64_t dl_sb, dl_sl, dl_sc;   // delta
@@ -111,6 +115,8 @@ template <typename T>
 void launch_sscan_fwd7(const SScanParams& p, void* stream);  // sscan_fwd7_<dtype>.cu (16-bit only)
 template <typename T>
 void launch_sscan_bwd2(const SScanParams& p, void* stream);  // sscan_bwd2_<dtype>.cu
+template <typename T>
+void launch_sscan_bwd7(const SScanParams& p, void* stream);  // sscan_bwd7_<dtype>.cu (16-bit only)
 template <typename T>
 void launch_sscan_bwd(const SScanParams& p, void* stream);
 

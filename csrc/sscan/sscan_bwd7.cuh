@@ -1,0 +1,402 @@
+// Backward of the generic (mamba-compatible) selective scan on the mixer scan's v7 backward core (session 26): one
+// WARP per 16 channels (a "head") in the mma accumulator layout, the state-dimension products on tensor cores, the
+// recompute and the reverse of each 8-token sub-chunk by scan7b::recompute_sub / reverse_sub (mixer_scan_bwd7_core.cuh;
+// the design and its measurements: mixer_scan_bwd7.cuh and docs/notes/scan.md "Session 6"). 16-bit activations.
+//
+// Why: the backward v2 (sscan_bwd2.cuh, the mixer's v4 design: K = 8 lanes per channel, 255 registers with spills)
+// took 8.9 of the 10.0 ms of fwd+bwd at b8 L4096 D4096, where the mixer's v7 backward does more work per token (conv,
+// dt_proj) in 5.5 ms; and its dB / dC partials were one row per 16 channels (1.07 GB at that shape).
+//
+// Block = 4 warps = 64 consecutive channels of one sequence inside one B group and one C group (the forward v7's
+// shapes), tiles of 32 tokens in reverse order, 2 blocks per SM:
+//   S1 wait for the tile's copies + barrier; issue the copies of the tile before (the forward v7's 14 slots - u,
+//   delta, z of each warp's 16 channels, B, C - by its stage_fast, and dy of each warp, token-major); the tile's B
+//   operand table (and, token-fast, its B / C rows token-major);                                          barrier S2
+//   per warp: pass A (sub-chunks 0..2: prep (delta, du) + recompute from the checkpoint -> the states at their ends);
+//             pass B (sub-chunks 3..0: prep, recompute + readout, reverse, epilogue: du, d delta, dz stored);  S3
+//   the block's 4 warps' dB / dC per token summed (fixed order) into one partial row per block: (b, L, d_inner / 64,
+//   1, N) fp32, which the host sums per group.
+// The prep computes the forward v7's values (delta, tf32(delta u), silu(z)); du, d delta and dz as the backward v2.
+// Precision as the mixer's v7 backward: du and dy silu(z) enter the mmas as tf32, G / q / h are truncated to tf32 in
+// the state-sum mmas; the recurrences and every accumulation stay fp32.
+// Not handled (the host runs v2): fp32 activations, packed documents (seq_idx), layouts without the forward v7's fast
+// staging, other shapes.
+#pragma once
+#include "../scan/mixer_scan_bwd7_core.cuh"  // scan7b:: recompute_sub, reverse_sub, RevLane, kSub
+#include "sscan_fwd7.cuh"                     // sscan7:: slots, slot_source, stage_fast, b_operand
+
+namespace apriel {
+namespace sscan7b {
+
+using scan7b::kNSub;
+using scan7b::kSub;
+using sscan::kT;
+using sscan7::kHeads;
+using sscan7::kN;
+using sscan7::kSlots;
+using sscan7::kThreads;
+static_assert(kT == scan::kChunk, "the forward's checkpoints are per 32-token tile");
+
+template <typename T>
+struct Smem {
+  alignas(16) T raw[2][kSlots][16 * kT];  // by tile parity: the forward v7's kFast slots
+  alignas(16) T dy[2][kHeads][kT * 16];   // dy of each warp's 16 channels, [token][channel]
+  alignas(16) T Bt[kT][kN];               // token-fast staging: the tile's B / C rows token-major
+  alignas(16) T Ct[kT][kN];
+  alignas(16) float4 bop[kT / 2][9];      // B as the k4 B operand per token pair; entry 8 = zeros
+  alignas(16) float red[kHeads][kT][32];  // per warp and token: dB (states 0..15) then dC (16..31) of its channels
+  struct Warp {                           // one warp's sub-chunk items; [t][c] = (sub-chunk token, channel)
+    alignas(16) float2 du[kSub][kN];      // (tf32(delta u), delta); 0 past the sequence end
+    alignas(16) float dys[kSub][kN];      // tf32(dy silu(z))
+    alignas(16) float u[kSub][kN];
+    alignas(16) float dsp[kSub][kN];      // d delta / d(delta input): softplus' (1 without softplus)
+    alignas(16) float dzf[kSub][kN];      // dy silu'(z)
+    alignas(16) float yc[kSub][kN];       // readout C . h
+    alignas(16) float4 ppu[kSub][8];      // (pp, pp, pu, pu) of channels 2g, 2g + 1
+    alignas(16) float4 cop4[kSub / 2][9]; // C as the k4 B operand per token pair; entry 8 = zeros
+    alignas(16) float4 bst[kNSub - 1][2][32];  // states after tokens 7, 15, 23 of the tile, per lane (pass A)
+  };
+  Warp wp[kHeads];
+  const T* src[kSlots];                   // each slot's first element of this block (sequence, channels)
+  int64_t src_stride[kSlots];             // and the stride of its copied rows
+};
+static_assert(sizeof(Smem<__nv_bfloat16>) + 1024 <= 233472 / 2, "2 blocks per SM must fit");
+
+// What reverse_sub reads and writes of a warp, for sub-chunk j: its items and its rows of the tile's dB / dC sums.
+struct WarpView {
+  float2 (*du)[kN];
+  float (*dys)[kN];
+  float4 (*cop4)[9];
+  float4 (*ppu)[8];
+  float (*red)[32];
+};
+
+// kBT: the activations staged token-fast (mamba's channel-major layout), else token-major (the forward v7's kFast
+// orientations). kFastPrep: softplus with the MUFU forms (the default), as the forward v7's.
+template <typename T, bool kBT, bool kFastPrep>
+__global__ void __launch_bounds__(kThreads, 2) sscan_bwd7_kernel(SScanParams p) {
+  static_assert(sizeof(T) == 2, "16-bit activations");
+  using S = sscan7::Slot<T, true>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Smem<T>& sm = *reinterpret_cast<Smem<T>*>(smem_raw);
+  const int tid = threadIdx.x, lane = tid % 32, w = tid / 32, g = lane / 4, q = lane % 4;
+  const int b = blockIdx.y, c0 = blockIdx.x * (kHeads * 16), hc0 = c0 + 16 * w;  // block / warp first channel
+  const int D = p.dim, L = p.seqlen, n_tiles = p.n_chunks;
+  const bool has_z = p.z != nullptr;
+  typename Smem<T>::Warp& wp = sm.wp[w];
+
+  if (tid < kSlots) {
+    const sscan7::SlotSrc src = sscan7::slot_source<T>(p, b, c0, tid);
+    sm.src[tid] = static_cast<const T*>(src.ptr);
+    sm.src_stride[tid] = kBT ? src.cs : src.ls;
+  }
+  if (tid < kT / 2) sm.bop[tid][8] = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (lane < kSub / 2) wp.cop4[lane][8] = make_float4(0.f, 0.f, 0.f, 0.f);
+  __syncthreads();  // the sources
+  const T* dy_base = static_cast<const T*>(p.dy) + (int64_t)b * L * D + c0;
+  // The tile at t0 into parity par: the 14 slots, then dy (4 warps x 32 rows x 2 pieces: 2 copies per thread).
+  auto stage = [&](int par, int t0) {
+    sscan7::stage_fast<T, kBT>(sm.raw[par], sm.src, sm.src_stride, t0, L, tid, has_z);
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int i = tid + k * kThreads, hh = i >> 6, row = (i >> 1) & 31, part = i & 1, pos = t0 + row;
+      const bool ok = pos < L;
+      sscan2::cp_async16(&sm.dy[par][hh][row * 16 + part * 8],
+                         ok ? dy_base + (int64_t)pos * D + hh * 16 + part * 8 : dy_base, ok ? 16 : 0);
+    }
+    sscan2::cp_async_commit();
+  };
+  stage((n_tiles - 1) & 1, (n_tiles - 1) * kT);
+
+  // Scan constants / state: element [nt][i] = channel 2g + (i >> 1) of the warp's 16, state 8 nt + 2q + (i & 1).
+  float An[2][4], A2[2][4], carry[2][4], dAacc[2][4];
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int cs = hc0 + 2 * g + (i >> 1), n = nt * 8 + 2 * q + (i & 1);
+      An[nt][i] = p.A[(int64_t)cs * kN + n];
+      A2[nt][i] = An[nt][i] * sscan::kLog2e;
+      carry[nt][i] = p.dfinal != nullptr ? p.dfinal[((int64_t)b * D + cs) * kN + n] : 0.f;
+      dAacc[nt][i] = 0.f;
+    }
+  const int bsel = q == 0 ? g : 8;  // lanes q > 0 read the zero entry: rows k >= 1 of a k4 B operand
+  const scan7b::RevLane rl = scan7b::rev_lane(lane);
+  auto load_state = [&](const float* base, float (&h)[2][4]) {  // base = (D, 16) block of this sequence
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const float2 v = *reinterpret_cast<const float2*>(base + (int64_t)(hc0 + 2 * g + r) * kN + nt * 8 + 2 * q);
+        h[nt][2 * r] = v.x;
+        h[nt][2 * r + 1] = v.y;
+      }
+  };
+  // Prep mapping. Token-fast: lane = (channel pair pp = lane % 8: channels 2 pp, + 1; token pair tp = lane / 8: sub-chunk
+  // tokens 2 tp, + 1), one 32-bit word (2 tokens of a channel) per load. Token-major: lane = (token g, channels 4q ..
+  // 4q + 3), one 8-byte load per tensor.
+  constexpr int kPC = kBT ? 2 : 4;
+  const int pp = lane % 8, tp = lane / 8;
+  float bias[kPC];
+#pragma unroll
+  for (int e = 0; e < kPC; ++e) {
+    const int pc = hc0 + (kBT ? 2 * pp + e : 4 * q + e);
+    bias[e] = p.delta_bias != nullptr ? p.delta_bias[pc] : 0.f;
+  }
+  // Epilogue mapping: channel ec, tokens et0 .. et0 + 3 of the sub-chunk; per-channel sums over the sequence.
+  const int ec = lane & 15, et0 = (lane >> 4) * 4;
+  const float Dc = p.Dskip != nullptr ? p.Dskip[hc0 + ec] : 0.f;
+  float accD = 0.f, accDB = 0.f;
+
+  // One item (channel, token): the forward's delta / du / gate and the derivatives the epilogue needs.
+  struct Item {
+    float du, dl, dys, u, dsp, dzf;
+  };
+  auto item = [&](float u, float v, float zz, float dyv, bool live) {
+    float delta, dsp = 1.f, sz = 1.f, gz = 1.f;
+    if constexpr (kFastPrep) {
+      delta = softplus_fast(v);
+      dsp = v > 20.f ? 1.f : sscan::sigmoid_fast(v);
+    } else {
+      delta = p.softplus ? sscan::softplus_v2(v, p.fast_prep) : v;
+      if (p.softplus && v <= 20.f) dsp = p.fast_prep ? sscan::sigmoid_fast(v) : sscan::sigmoidf_(v);
+    }
+    if (has_z) {
+      sz = kFastPrep || p.fast_prep ? sscan::sigmoid_fast(zz) : sscan::sigmoidf_(zz);
+      gz = zz * sz;
+    }
+    Item it;
+    it.du = live ? scan7::tf32_rna(delta * u) : 0.f;
+    it.dl = live ? delta : 0.f;
+    it.dys = scan7::tf32_rna(dyv * gz);  // (0 past the end: dy rows zero-filled)
+    it.u = u;
+    it.dsp = dsp;
+    it.dzf = has_z ? dyv * sz * (1.f + zz * (1.f - sz)) : 0.f;
+    return it;
+  };
+
+  for (int tile = n_tiles - 1; tile >= 0; --tile) {
+    const int t0 = tile * kT, par = tile & 1, Tv = min(kT, L - t0);
+    sscan2::cp_async_wait_all();
+    __syncthreads();  // S1: the tile's copies are visible; every reader of the tile after it is done
+    if (tile > 0) stage(par ^ 1, t0 - kT);
+    const T* ru = sm.raw[par][sscan7::kSlotU + w];
+    const T* rd = sm.raw[par][sscan7::kSlotDelta + w];
+    const T* rz = sm.raw[par][sscan7::kSlotZ + w];
+    const T* rB = sm.raw[par][sscan7::kSlotB];
+    const T* rC = sm.raw[par][sscan7::kSlotC];
+    const T* rdy = sm.dy[par][w];
+    sm.bop[tid / 8][tid % 8] = sscan7::b_operand<T, true, kBT>(rB, tid);
+    if constexpr (kBT) {  // B / C rows token-major: thread = (state tid % 16, tokens 4 (tid / 16) .. + 3)
+      const int n = tid % 16, tq = tid / 16;
+      const uint2 wb = *reinterpret_cast<const uint2*>(rB + S::tf(n, 4 * tq));
+      const uint2 wc = *reinterpret_cast<const uint2*>(rC + S::tf(n, 4 * tq));
+      const unsigned bw[2] = {wb.x, wb.y}, cw[2] = {wc.x, wc.y};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const unsigned short bk = static_cast<unsigned short>(bw[k / 2] >> (16 * (k & 1)));
+        const unsigned short ck = static_cast<unsigned short>(cw[k / 2] >> (16 * (k & 1)));
+        reinterpret_cast<unsigned short*>(&sm.Bt[4 * tq + k][0])[n] = bk;
+        reinterpret_cast<unsigned short*>(&sm.Ct[4 * tq + k][0])[n] = ck;
+      }
+    }
+    __syncthreads();  // S2: bop, Bt / Ct
+    const T (*Brow)[kN] = kBT ? sm.Bt : reinterpret_cast<const T (*)[kN]>(rB);
+    const T (*Crow)[kN] = kBT ? sm.Ct : reinterpret_cast<const T (*)[kN]>(rC);
+
+    // Prep of sub-chunk j (tile tokens 8j .. 8j + 7); kFull: also the reverse / epilogue items and the C operand.
+    auto prep = [&](int j, auto full_tag) {
+      constexpr bool kFull = decltype(full_tag)::value;
+      if constexpr (kBT) {
+        const int tl0 = 2 * tp, t = kSub * j + tl0;  // tokens t, t + 1 of channels 2 pp, 2 pp + 1
+        unsigned wu[2], wd[2], wz[2] = {0u, 0u}, wy[2] = {0u, 0u};
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          wu[e] = sscan7::pair_word<T, true>(ru, 2 * pp + e, t);
+          wd[e] = sscan7::pair_word<T, true>(rd, 2 * pp + e, t);
+          if (kFull && has_z) wz[e] = sscan7::pair_word<T, true>(rz, 2 * pp + e, t);
+          if (kFull) wy[e] = *reinterpret_cast<const unsigned*>(rdy + (t + e) * 16 + 2 * pp);  // token t + e
+        }
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          Item it[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float u = sscan2::half_of<T>(wu[e], k), v = sscan2::half_of<T>(wd[e], k) + bias[e];
+            const float zz = sscan2::half_of<T>(wz[e], k), dyv = sscan2::half_of<T>(wy[k], e);
+            it[e] = item(u, v, zz, dyv, t + k < Tv);
+          }
+          const int tl = tl0 + k;
+          *reinterpret_cast<float4*>(&wp.du[tl][2 * pp]) = make_float4(it[0].du, it[0].dl, it[1].du, it[1].dl);
+          if constexpr (kFull) {
+            *reinterpret_cast<float2*>(&wp.dys[tl][2 * pp]) = make_float2(it[0].dys, it[1].dys);
+            *reinterpret_cast<float2*>(&wp.u[tl][2 * pp]) = make_float2(it[0].u, it[1].u);
+            *reinterpret_cast<float2*>(&wp.dsp[tl][2 * pp]) = make_float2(it[0].dsp, it[1].dsp);
+            *reinterpret_cast<float2*>(&wp.dzf[tl][2 * pp]) = make_float2(it[0].dzf, it[1].dzf);
+          }
+        }
+      } else {
+        const int tl = g, t = kSub * j + tl;  // token t, channels 4q .. 4q + 3
+        const uint2 wu = *reinterpret_cast<const uint2*>(ru + t * 16 + 4 * q);
+        const uint2 wd = *reinterpret_cast<const uint2*>(rd + t * 16 + 4 * q);
+        const uint2 wz = kFull && has_z ? *reinterpret_cast<const uint2*>(rz + t * 16 + 4 * q) : make_uint2(0u, 0u);
+        const uint2 wy = kFull ? *reinterpret_cast<const uint2*>(rdy + t * 16 + 4 * q) : make_uint2(0u, 0u);
+        Item it[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          auto val = [&](uint2 w2) { return sscan2::half_of<T>(e < 2 ? w2.x : w2.y, e & 1); };
+          it[e] = item(val(wu), val(wd) + bias[e], val(wz), val(wy), t < Tv);
+        }
+        *reinterpret_cast<float4*>(&wp.du[tl][4 * q]) = make_float4(it[0].du, it[0].dl, it[1].du, it[1].dl);
+        *reinterpret_cast<float4*>(&wp.du[tl][4 * q + 2]) = make_float4(it[2].du, it[2].dl, it[3].du, it[3].dl);
+        if constexpr (kFull) {
+          *reinterpret_cast<float4*>(&wp.dys[tl][4 * q]) = make_float4(it[0].dys, it[1].dys, it[2].dys, it[3].dys);
+          *reinterpret_cast<float4*>(&wp.u[tl][4 * q]) = make_float4(it[0].u, it[1].u, it[2].u, it[3].u);
+          *reinterpret_cast<float4*>(&wp.dsp[tl][4 * q]) = make_float4(it[0].dsp, it[1].dsp, it[2].dsp, it[3].dsp);
+          *reinterpret_cast<float4*>(&wp.dzf[tl][4 * q]) = make_float4(it[0].dzf, it[1].dzf, it[2].dzf, it[3].dzf);
+        }
+      }
+      if constexpr (kFull) {  // C operand: 4 token pairs x 8 entries
+        const int pr = lane >> 3, gg = lane & 7, tc = kSub * j + 2 * pr;
+        wp.cop4[pr][gg] = make_float4(sscan::to_f(Crow[tc][gg]), sscan::to_f(Crow[tc][gg + 8]),
+                                      sscan::to_f(Crow[tc + 1][gg]), sscan::to_f(Crow[tc + 1][gg + 8]));
+      }
+    };
+
+    const float* ck = p.ckpt_in + ((int64_t)b * n_tiles + tile) * D * kN;
+    // Pass A: the states after tokens 7, 15, 23 (only the sub-chunks before the last one are needed).
+    {
+      float h[2][4], hs_unused[kSub][2][4];
+      load_state(ck, h);
+#pragma unroll 1
+      for (int j = 0; j < kNSub - 1; ++j) {
+        prep(j, std::false_type{});
+        __syncwarp();
+        scan7b::recompute_sub<T, false>(j, wp.du, sm.bop, bsel, Crow, wp.yc, A2, h, hs_unused, g, q);
+        wp.bst[j][0][lane] = make_float4(h[0][0], h[0][1], h[0][2], h[0][3]);
+        wp.bst[j][1][lane] = make_float4(h[1][0], h[1][1], h[1][2], h[1][3]);
+        __syncwarp();
+      }
+    }
+    // Pass B: sub-chunks in reverse.
+    T* const du_out = static_cast<T*>(p.du);
+    float* const du_out32 = static_cast<float*>(p.du);
+    T* const ddelta_out = static_cast<T*>(p.ddelta);
+    T* const dz_out = static_cast<T*>(p.dz);
+#pragma unroll 1
+    for (int j = kNSub - 1; j >= 0; --j) {
+      prep(j, std::true_type{});
+      float hstart[2][4];
+      if (j == 0) {
+        load_state(ck, hstart);
+      } else {
+        const float4 lo = wp.bst[j - 1][0][lane], hi = wp.bst[j - 1][1][lane];
+        hstart[0][0] = lo.x; hstart[0][1] = lo.y; hstart[0][2] = lo.z; hstart[0][3] = lo.w;
+        hstart[1][0] = hi.x; hstart[1][1] = hi.y; hstart[1][2] = hi.z; hstart[1][3] = hi.w;
+      }
+      __syncwarp();
+      float hs[kSub][2][4];
+      {
+        float h[2][4];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) h[nt][i] = hstart[nt][i];
+        scan7b::recompute_sub<T, true>(j, wp.du, sm.bop, bsel, Crow, wp.yc, A2, h, hs, g, q);
+      }
+      WarpView view{wp.du, wp.dys, wp.cop4, wp.ppu, &sm.red[w][kSub * j]};
+      scan7b::reverse_sub<T>(j, view, Brow, rl, A2, An, hs, hstart, carry, dAacc, g, q);
+      __syncwarp();
+      // Epilogue per (channel ec, token): du, d delta, dz stored (b, L, D); the per-channel sums.
+      int64_t o = ((int64_t)b * L + t0 + kSub * j + et0) * D + hc0 + ec;
+#pragma unroll
+      for (int i = 0; i < 4; ++i, o += D) {
+        const int tl = et0 + i, t = kSub * j + tl;
+        const float4 pq4 = wp.ppu[tl][ec >> 1];
+        const float pp_ = (ec & 1) ? pq4.y : pq4.x, pu = (ec & 1) ? pq4.w : pq4.z;
+        const float delta = wp.du[tl][ec].y, u = wp.u[tl][ec], dys = wp.dys[tl][ec];
+        const float ddl = fmaf(u, pu, pp_) * wp.dsp[tl][ec];
+        const float dut = fmaf(delta, pu, dys * Dc);
+        if (t < Tv) {
+          accD = fmaf(dys, u, accD);
+          accDB += ddl;
+          if (p.du_f32) du_out32[o] = dut;
+          else du_out[o] = from_f<T>(dut);
+          ddelta_out[o] = from_f<T>(ddl);
+          if (has_z) dz_out[o] = from_f<T>(fmaf(Dc, u, wp.yc[tl][ec]) * wp.dzf[tl][ec]);
+        }
+      }
+      __syncwarp();  // the sub-chunk's items are read before the next prep rewrites them
+    }
+    __syncthreads();  // S3: every warp's dB / dC rows of the tile
+    {  // the block's sums: thread = (token tid / 4, 8 values 8 (tid % 4) ..: dB states 0..15 then dC), warps in order
+      const int t = tid / 4, part = tid % 4;
+      float4 s0 = *reinterpret_cast<const float4*>(&sm.red[0][t][8 * part]);
+      float4 s1 = *reinterpret_cast<const float4*>(&sm.red[0][t][8 * part + 4]);
+#pragma unroll
+      for (int ww = 1; ww < kHeads; ++ww) {
+        const float4 a0 = *reinterpret_cast<const float4*>(&sm.red[ww][t][8 * part]);
+        const float4 a1 = *reinterpret_cast<const float4*>(&sm.red[ww][t][8 * part + 4]);
+        s0.x += a0.x; s0.y += a0.y; s0.z += a0.z; s0.w += a0.w;
+        s1.x += a1.x; s1.y += a1.y; s1.z += a1.z; s1.w += a1.w;
+      }
+      if (t < Tv) {
+        float* dst = (part < 2 ? p.dB_part : p.dC_part) +
+                     (((int64_t)b * L + t0 + t) * gridDim.x + blockIdx.x) * kN + 8 * (part & 1);
+        *reinterpret_cast<float4*>(dst) = s0;
+        *reinterpret_cast<float4*>(dst + 4) = s1;
+      }
+    }
+  }
+
+  // Whole-sequence outputs: dA (sum of q delta), the initial state's gradient (the carry past token 0), dD, d bias.
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int r2 = 0; r2 < 2; ++r2) {
+      const int64_t o = ((int64_t)b * D + hc0 + 2 * g + r2) * kN + nt * 8 + 2 * q;
+      *reinterpret_cast<float2*>(p.dA_part + o) = make_float2(dAacc[nt][2 * r2], dAacc[nt][2 * r2 + 1]);
+      if (p.dinit != nullptr)
+        *reinterpret_cast<float2*>(p.dinit + o) = make_float2(carry[nt][2 * r2], carry[nt][2 * r2 + 1]);
+    }
+  accD += __shfl_xor_sync(0xffffffffu, accD, 16);
+  accDB += __shfl_xor_sync(0xffffffffu, accDB, 16);
+  if (lane < 16) {
+    p.dD_part[(int64_t)b * D + hc0 + ec] = accD;
+    p.ddb_part[(int64_t)b * D + hc0 + ec] = accDB;
+  }
+}
+
+template <typename T, bool kBT, bool kFastPrep>
+void launch(const SScanParams& p, void* stream) {
+  constexpr int smem = sizeof(Smem<T>);
+  auto kernel = sscan_bwd7_kernel<T, kBT, kFastPrep>;
+  static const bool configured = [&] {
+    APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           (int)cudaSharedmemCarveoutMaxShared));
+    return true;
+  }();
+  (void)configured;
+  const dim3 grid(p.dim / (kHeads * 16), p.batch);
+  kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
+  APRIEL_CHECK_LAUNCH();
+}
+
+}  // namespace sscan7b
+
+// The host set p.bwd_v7 only where the forward v7's fast staging applies (sscan_fwd7_fast_layout != 0) and dy's rows
+// take 16-byte copies.
+template <typename T>
+void launch_sscan_bwd7(const SScanParams& p, void* stream) {
+  const bool bt = sscan_fwd7_fast_layout(p) == 1;
+  auto go = [&](auto fast_prep) {
+    constexpr bool kFP = decltype(fast_prep)::value;
+    if (bt) sscan7b::launch<T, true, kFP>(p, stream);
+    else sscan7b::launch<T, false, kFP>(p, stream);
+  };
+  if (p.softplus && p.fast_prep) go(std::true_type{});
+  else go(std::false_type{});
+}
+
+}  // namespace apriel

@@ -1,0 +1,44 @@
+"""Times the generic selective scan's backward (mamba's channel-major `selective_scan_fn`, bf16, d_state 16, d_inner
+4096: bench.kernels_sscan's inputs; torch.autograd.grad to every input from a saved forward) per backward version
+over batch sizes, to check the default's choice between v2 and v7 (APRIEL_SSCAN_BWD; session 26).
+Run on the device after the extension is built:
+    python3 scripts/diag/sscan_bwd_batches.py [--batches 1,2,3,4,8] [--seqlen 4096] [--versions auto,v2,v7]
+                                              [--json OUT]
+"""
+import argparse
+import json
+import os
+
+import torch
+
+from apriel_kernels import selective_scan_fn
+from bench.kernels_sscan import D, _inputs
+from bench.timing import time_ms
+from bench.variants import env_override
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--batches", default="1,2,3,4,8")
+parser.add_argument("--seqlen", type=int, default=4096)
+parser.add_argument("--versions", default="auto,v2,v7")
+parser.add_argument("--json")
+opts = parser.parse_args()
+
+rows = []
+for batch in (int(v) for v in opts.batches.split(",")):
+    args = _inputs(batch, opts.seqlen, channel_major=True, requires_grad=True)
+    leaves = list(args.values())
+    dy = torch.randn(batch, D, opts.seqlen, device="cuda", dtype=torch.bfloat16)
+    y = selective_scan_fn(**args, delta_softplus=True)
+    line = []
+    for version in opts.versions.split(","):
+        with env_override("APRIEL_SSCAN_BWD", None if version == "auto" else version):
+            p50 = time_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), rep_ms=300)["p50"]  # noqa: B023
+        rows.append({"batch": batch, "seqlen": opts.seqlen, "version": version, "bwd_p50_ms": p50})
+        line.append(f"{version} {p50:.4f}")
+    print(f"b{batch} L{opts.seqlen}: " + "  ".join(line) + " ms (bwd, eager)", flush=True)
+    del args, leaves, dy, y
+
+if opts.json:
+    with open(opts.json, "w") as f:
+        json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "commit": os.environ.get("APRIEL_BENCH_COMMIT", "?"), "rows": rows}, f, indent=1)
