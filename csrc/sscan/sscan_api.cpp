@@ -208,14 +208,16 @@ std::vector<Tensor> selective_scan_bwd_cuda(const Tensor& u, const Tensor& delta
   Tensor dy_c = b > 0 && L > 0 ? dy.to(st).contiguous() : dy;
   // Backward v7 (sscan_bwd7.cuh, session 26): on the forward v7's shapes (p.fwd_v7's rule without the grid size) with
   // its fast staging and 16-byte dy rows; APRIEL_SSCAN_BWD=v7 forces it wherever it applies, v2 forces v2.
-  // Default where its grid (batch x d_inner / 64 blocks, 2 per SM) reaches 0.9 blocks per SM.
+  // Default where its grid (batch x d_inner / 64 blocks, 2 per SM) reaches 1.25 blocks per SM: H100, bf16, D 4096,
+  // L 4096, bwd p50 ms (bench/results/s26/): v2 -> v7 b1 1.19 / 2.18, b2 2.25 / 2.33, b3 3.35 -> 2.94, b4 4.44 ->
+  // 3.15, b8 8.82 -> 6.21.
   const char* bwd_env = std::getenv("APRIEL_SSCAN_BWD");
   const std::string bwd_variant = bwd_env != nullptr ? bwd_env : "";
   const bool dy_vec = reinterpret_cast<uintptr_t>(dy_c.data_ptr()) % 16 == 0;  // rows: D % 16 == 0 elements
   const bool v7_ok = p.bwd_v2 && st != at::kFloat && D % 64 == 0 && p.b_cpg % 64 == 0 && p.c_cpg % 64 == 0 &&
                      !seq_idx && sscan_fwd7_fast_layout(p) != 0 && dy_vec;
   p.bwd_v7 = v7_ok && (bwd_variant == "v7" ||
-                       (bwd_variant.empty() && (D / 64) * b * 10 >= 9 * sm_count(delta.get_device())));
+                       (bwd_variant.empty() && (D / 64) * b * 4 >= 5 * sm_count(delta.get_device())));
   const int64_t nblk = p.bwd_v7 ? D / 64 : (D + kSsChannels - 1) / kSsChannels;
   const bool grouped_u = p.u_rep > 1;
   Tensor du = at::empty({b, L, D}, grouped_u ? f32 : delta.options());
