@@ -203,9 +203,9 @@ std::vector<Tensor> selective_scan_bwd_cuda(const Tensor& u, const Tensor& delta
   SScanParams p = make_params(u, delta, A, B, C, Dskip, z, delta_bias, softplus, init, seq_idx, keep);
   const auto st = delta.scalar_type();
   const int64_t b = p.batch, L = p.seqlen, D = p.dim, N = p.dstate;
-  TORCH_CHECK(dy.numel() == b * L * D, "dy: expected (batch, seqlen, d_inner)");
+  TORCH_CHECK(dy.dim() == 3 && dy.size(0) == b && dy.size(1) == L && dy.size(2) == D,
+              "dy: expected (batch, seqlen, d_inner)");
   auto f32 = delta.options().dtype(at::kFloat);
-  Tensor dy_c = b > 0 && L > 0 ? dy.to(st).contiguous() : dy;
   // Backward v7 (sscan_bwd7.cuh, session 26): on the forward v7's shapes (p.fwd_v7's rule without the grid size) with
   // its fast staging and 16-byte dy rows; APRIEL_SSCAN_BWD=v7 forces it wherever it applies, v2 forces v2.
   // Default where its grid (batch x d_inner / 64 blocks, 2 per SM) reaches 1.25 blocks per SM: H100, bf16, D 4096,
@@ -213,11 +213,27 @@ std::vector<Tensor> selective_scan_bwd_cuda(const Tensor& u, const Tensor& delta
   // 3.15, b8 8.82 -> 6.21.
   const char* bwd_env = std::getenv("APRIEL_SSCAN_BWD");
   const std::string bwd_variant = bwd_env != nullptr ? bwd_env : "";
-  const bool dy_vec = reinterpret_cast<uintptr_t>(dy_c.data_ptr()) % 16 == 0;  // rows: D % 16 == 0 elements
+  const int fast = sscan_fwd7_fast_layout(p);
   const bool v7_ok = p.bwd_v2 && st != at::kFloat && D % 64 == 0 && p.b_cpg % 64 == 0 && p.c_cpg % 64 == 0 &&
-                     !seq_idx && sscan_fwd7_fast_layout(p) != 0 && dy_vec;
+                     !seq_idx && fast != 0;
   p.bwd_v7 = v7_ok && (bwd_variant == "v7" ||
                        (bwd_variant.empty() && (D / 64) * b * 4 >= 5 * sm_count(delta.get_device())));
+  // dy: v2 reads (b, L, D) contiguous; v7 in the activations' orientation with 16-byte rows - mamba's layout hands dy
+  // over token-fast, and its transpose copy took 1.0 of the 6.2 ms of the b8 L4096 backward (session 26).
+  Tensor dy_c = dy.to(st);
+  if (p.bwd_v7) {
+    auto rows16 = [](const Tensor& t, int64_t row_stride) {
+      return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && row_stride % 8 == 0 && t.stride(0) % 8 == 0;
+    };
+    if (fast == 1) {
+      if (!(dy_c.stride(1) == 1 && rows16(dy_c, dy_c.stride(2))))
+        dy_c = dy_c.transpose(1, 2).contiguous().transpose(1, 2);
+      p.bwd_v7 = rows16(dy_c, dy_c.stride(2));  // (padded activations with L % 8 != 0: v2)
+    } else if (!(dy_c.stride(2) == 1 && rows16(dy_c, dy_c.stride(1)))) {
+      dy_c = dy_c.clone(at::MemoryFormat::Contiguous);
+    }
+  }
+  if (!p.bwd_v7) dy_c = dy_c.contiguous();
   const int64_t nblk = p.bwd_v7 ? D / 64 : (D + kSsChannels - 1) / kSsChannels;
   const bool grouped_u = p.u_rep > 1;
   Tensor du = at::empty({b, L, D}, grouped_u ? f32 : delta.options());
@@ -244,7 +260,8 @@ std::vector<Tensor> selective_scan_bwd_cuda(const Tensor& u, const Tensor& delta
       launch<true>(q, st);
     }
     p.dy = dy_c.data_ptr();
-    if (dy_vec) p.v2_vec |= 1u << kV2Dy;
+    p.dy_sb = dy_c.stride(0); p.dy_sl = dy_c.stride(1); p.dy_sc = dy_c.stride(2);
+    if (reinterpret_cast<uintptr_t>(p.dy) % 16 == 0) p.v2_vec |= 1u << kV2Dy;  // rows: D % 16 == 0 elements
     p.dfinal = dfs.defined() ? dfs.data_ptr<float>() : nullptr;
     p.ckpt_in = ckpt.data_ptr<float>();
     p.du = du.data_ptr(); p.du_f32 = grouped_u;

@@ -10,8 +10,8 @@
 // Block = 4 warps = 64 consecutive channels of one sequence inside one B group and one C group (the forward v7's
 // shapes), tiles of 32 tokens in reverse order, 2 blocks per SM:
 //   S1 wait for the tile's copies + barrier; issue the copies of the tile before (the forward v7's 14 slots - u,
-//   delta, z of each warp's 16 channels, B, C - by its stage_fast, and dy of each warp, token-major); the tile's B
-//   operand table (and, token-fast, its B / C rows token-major);                                          barrier S2
+//   delta, z of each warp's 16 channels, B, C - and dy of each warp's channels, in one orientation, by its
+//   stage_fast); the tile's B operand table (and, token-fast, its B / C rows token-major);               barrier S2
 //   per warp: pass A (sub-chunks 0..2: prep (delta, du) + recompute from the checkpoint -> the states at their ends);
 //             pass B (sub-chunks 3..0: prep, recompute + readout, reverse, epilogue: du, d delta, dz stored);  S3
 //   the block's 4 warps' dB / dC per token summed (fixed order) into one partial row per block: (b, L, d_inner / 64,
@@ -37,10 +37,12 @@ using sscan7::kSlots;
 using sscan7::kThreads;
 static_assert(kT == scan::kChunk, "the forward's checkpoints are per 32-token tile");
 
+constexpr int kSlotDy = kSlots;                // dy of each warp's 16 channels after the forward's 14 slots
+constexpr int kBwdSlots = kSlots + kHeads;
+
 template <typename T>
 struct Smem {
-  alignas(16) T raw[2][kSlots][16 * kT];  // by tile parity: the forward v7's kFast slots
-  alignas(16) T dy[2][kHeads][kT * 16];   // dy of each warp's 16 channels, [token][channel]
+  alignas(16) T raw[2][kBwdSlots][16 * kT];  // by tile parity: the forward v7's kFast slots, then dy (same orientation)
   alignas(16) T Bt[kT][kN];               // token-fast staging: the tile's B / C rows token-major
   alignas(16) T Ct[kT][kN];
   alignas(16) float4 bop[kT / 2][9];      // B as the k4 B operand per token pair; entry 8 = zeros
@@ -57,8 +59,8 @@ struct Smem {
     alignas(16) float4 bst[kNSub - 1][2][32];  // states after tokens 7, 15, 23 of the tile, per lane (pass A)
   };
   Warp wp[kHeads];
-  const T* src[kSlots];                   // each slot's first element of this block (sequence, channels)
-  int64_t src_stride[kSlots];             // and the stride of its copied rows
+  const T* src[kBwdSlots];                // each slot's first element of this block (sequence, channels)
+  int64_t src_stride[kBwdSlots];          // and the stride of its copied rows
 };
 static_assert(sizeof(Smem<__nv_bfloat16>) + 1024 <= 233472 / 2, "2 blocks per SM must fit");
 
@@ -89,21 +91,16 @@ __global__ void __launch_bounds__(kThreads, 2) sscan_bwd7_kernel(SScanParams p) 
     const sscan7::SlotSrc src = sscan7::slot_source<T>(p, b, c0, tid);
     sm.src[tid] = static_cast<const T*>(src.ptr);
     sm.src_stride[tid] = kBT ? src.cs : src.ls;
+  } else if (tid < kBwdSlots) {  // dy (the host made its orientation the activations')
+    sm.src[tid] = static_cast<const T*>(p.dy) + (int64_t)b * p.dy_sb + (int64_t)(c0 + 16 * (tid - kSlotDy)) * p.dy_sc;
+    sm.src_stride[tid] = kBT ? p.dy_sc : p.dy_sl;
   }
   if (tid < kT / 2) sm.bop[tid][8] = make_float4(0.f, 0.f, 0.f, 0.f);
   if (lane < kSub / 2) wp.cop4[lane][8] = make_float4(0.f, 0.f, 0.f, 0.f);
   __syncthreads();  // the sources
-  const T* dy_base = static_cast<const T*>(p.dy) + (int64_t)b * L * D + c0;
-  // The tile at t0 into parity par: the 14 slots, then dy (4 warps x 32 rows x 2 pieces: 2 copies per thread).
+  // The tile at t0 into parity par: the forward's 14 slots and the 4 dy slots.
   auto stage = [&](int par, int t0) {
-    sscan7::stage_fast<T, kBT>(sm.raw[par], sm.src, sm.src_stride, t0, L, tid, has_z);
-#pragma unroll
-    for (int k = 0; k < 2; ++k) {
-      const int i = tid + k * kThreads, hh = i >> 6, row = (i >> 1) & 31, part = i & 1, pos = t0 + row;
-      const bool ok = pos < L;
-      sscan2::cp_async16(&sm.dy[par][hh][row * 16 + part * 8],
-                         ok ? dy_base + (int64_t)pos * D + hh * 16 + part * 8 : dy_base, ok ? 16 : 0);
-    }
+    sscan7::stage_fast<T, kBT, kBwdSlots>(sm.raw[par], sm.src, sm.src_stride, t0, L, tid, has_z);
     sscan2::cp_async_commit();
   };
   stage((n_tiles - 1) & 1, (n_tiles - 1) * kT);
@@ -132,9 +129,9 @@ __global__ void __launch_bounds__(kThreads, 2) sscan_bwd7_kernel(SScanParams p) 
         h[nt][2 * r + 1] = v.y;
       }
   };
-  // Prep mapping. Token-fast: lane = (channel pair pp = lane % 8: channels 2 pp, + 1; token pair tp = lane / 8: sub-chunk
-  // tokens 2 tp, + 1), one 32-bit word (2 tokens of a channel) per load. Token-major: lane = (token g, channels 4q ..
-  // 4q + 3), one 8-byte load per tensor.
+  // Prep mapping. Token-fast: lane = (channel pair pp = lane % 8: channels 2 pp, + 1; token pair tp = lane / 8:
+  // sub-chunk tokens 2 tp, + 1), one 32-bit word (2 tokens of a channel) per load. Token-major: lane = (token g,
+  // channels 4q .. 4q + 3), one 8-byte load per tensor.
   constexpr int kPC = kBT ? 2 : 4;
   const int pp = lane % 8, tp = lane / 8;
   float bias[kPC];
@@ -185,7 +182,7 @@ __global__ void __launch_bounds__(kThreads, 2) sscan_bwd7_kernel(SScanParams p) 
     const T* rz = sm.raw[par][sscan7::kSlotZ + w];
     const T* rB = sm.raw[par][sscan7::kSlotB];
     const T* rC = sm.raw[par][sscan7::kSlotC];
-    const T* rdy = sm.dy[par][w];
+    const T* rdy = sm.raw[par][kSlotDy + w];
     sm.bop[tid / 8][tid % 8] = sscan7::b_operand<T, true, kBT>(rB, tid);
     if constexpr (kBT) {  // B / C rows token-major: thread = (state tid % 16, tokens 4 (tid / 16) .. + 3)
       const int n = tid % 16, tq = tid / 16;
@@ -215,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, 2) sscan_bwd7_kernel(SScanParams p) 
           wu[e] = sscan7::pair_word<T, true>(ru, 2 * pp + e, t);
           wd[e] = sscan7::pair_word<T, true>(rd, 2 * pp + e, t);
           if (kFull && has_z) wz[e] = sscan7::pair_word<T, true>(rz, 2 * pp + e, t);
-          if (kFull) wy[e] = *reinterpret_cast<const unsigned*>(rdy + (t + e) * 16 + 2 * pp);  // token t + e
+          if (kFull) wy[e] = sscan7::pair_word<T, true>(rdy, 2 * pp + e, t);
         }
 #pragma unroll
         for (int k = 0; k < 2; ++k) {
@@ -223,7 +220,7 @@ __global__ void __launch_bounds__(kThreads, 2) sscan_bwd7_kernel(SScanParams p) 
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const float u = sscan2::half_of<T>(wu[e], k), v = sscan2::half_of<T>(wd[e], k) + bias[e];
-            const float zz = sscan2::half_of<T>(wz[e], k), dyv = sscan2::half_of<T>(wy[k], e);
+            const float zz = sscan2::half_of<T>(wz[e], k), dyv = sscan2::half_of<T>(wy[e], k);
             it[e] = item(u, v, zz, dyv, t + k < Tv);
           }
           const int tl = tl0 + k;
@@ -385,8 +382,8 @@ void launch(const SScanParams& p, void* stream) {
 
 }  // namespace sscan7b
 
-// The host set p.bwd_v7 only where the forward v7's fast staging applies (sscan_fwd7_fast_layout != 0) and dy's rows
-// take 16-byte copies.
+// The host set p.bwd_v7 only where the forward v7's fast staging applies (sscan_fwd7_fast_layout != 0), with dy in
+// the activations' orientation and 16-byte copies.
 template <typename T>
 void launch_sscan_bwd7(const SScanParams& p, void* stream) {
   const bool bt = sscan_fwd7_fast_layout(p) == 1;

@@ -105,15 +105,16 @@ __device__ __forceinline__ SlotSrc slot_source(const SScanParams& p, int b, int 
   return {C, p.C_sl, p.C_sn, kV2C};
 }
 
-// kFast staging of the tile at t0 into raw (kSlots slots of 16 x kT values; no commit): copy tid + kThreads k is
+// kFast staging of the tile at t0 into raw (kNSlots slots of 16 x kT values; no commit): copy tid + kThreads k is
 // 16-byte piece tid % kPR of row (tid % 64) / kPR of slot 2k + tid / 64 (token-fast: 16 rows of kPR = 4 pieces;
-// token-major: 32 token rows of 2). src / stride: each slot's first element and the stride of its copied rows.
-template <typename T, bool kBT>
+// token-major: 32 token rows of 2). src / stride: each slot's first element and the stride of its copied rows. The
+// backward v7 adds the 4 warps' dy slots after the forward's 14.
+template <typename T, bool kBT, int kNSlots = kSlots>
 __device__ __forceinline__ void stage_fast(T (*raw)[16 * kT], const T* const* src_of, const int64_t* stride_of,
                                            int t0, int L, int tid, bool has_z) {
   using S = Slot<T, true>;
   constexpr int kVec = S::kVec, kPerSlot = 16 * kT / kVec;
-  static_assert(kThreads == 2 * kPerSlot && kSlots % 2 == 0, "two slots per step");
+  static_assert(kThreads == 2 * kPerSlot && kNSlots % 2 == 0, "two slots per step");
   int dst, pos, n, row;  // (row: the source row of this copy, offset by pos along the other dimension)
   if constexpr (kBT) {
     constexpr int kPR = kT / kVec;
@@ -127,7 +128,7 @@ __device__ __forceinline__ void stage_fast(T (*raw)[16 * kT], const T* const* sr
     n = row < L ? kVec : 0;
   }
 #pragma unroll
-  for (int k = 0; k < kSlots / 2; ++k) {
+  for (int k = 0; k < kNSlots / 2; ++k) {
     const int s = 2 * k + tid / kPerSlot;
     if (!has_z && s >= kSlotZ && s < kSlotB) continue;
     const T* src = src_of[s];

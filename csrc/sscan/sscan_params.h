@@ -66,7 +66,8 @@ struct SScanParams {
   float* ckpt;        // (b, n_chunks, D, N): state before each tile
 
   // Backward.
-  const void* dy;           // (b, L, D) contiguous, activation dtype
+  const void* dy;           // (b, L, D) contiguous, activation dtype (v7: any strides, dy_sb / dy_sl / dy_sc)
+  int64_t dy_sb, dy_sl, dy_sc;
   const float* dfinal;      // (b, D, N) or nullptr
   const float* ckpt_in;     // (b, n_chunks, D, N)
   void* du;                 // (b, L, D): activation dtype, or fp32 when du_f32 (grouped u: summed on host)
