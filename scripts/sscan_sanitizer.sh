@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# compute-sanitizer memcheck + racecheck of the generic selective scan's forward v7 (csrc/sscan/sscan_fwd7.cuh) on
-# tiny shapes: 3 tiles with a tail, 2 blocks, initial states, z, each staging - channel-major (kFast token-fast),
-# token-major (kFast token-major), NaN-padded slices (v2's generic staging) - and both preps, each followed by the
-# backward v2 from v7's checkpoints.
+# compute-sanitizer memcheck + racecheck of the generic selective scan's forward v7 and backward v7
+# (csrc/sscan/sscan_fwd7.cuh, sscan_bwd7.cuh) on tiny shapes: 3 tiles with a tail, 2 blocks, initial states, z, each
+# staging - channel-major (kFast token-fast; dy channel-major, read in place), token-major (kFast token-major),
+# NaN-padded slices (v2's generic staging; the backward v2 there) - and both preps.
 # Usage (device machine, after the extension is built): bash scripts/sscan_sanitizer.sh [out_dir]
 set -uo pipefail
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1  # every tensor its own allocation: memcheck sees reads past a tensor
@@ -16,7 +16,7 @@ import os
 import torch
 from apriel_kernels import selective_scan
 
-b, L, D, N = 2, 77, 128, 16
+b, L, D, N = 2, 88, 128, 16  # (L % 8 == 0: channel-major rows take 16-byte copies)
 g = torch.Generator(device="cuda").manual_seed(0)
 rnd = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
 
@@ -43,7 +43,8 @@ for kind in ("cm", "tm", "nan"):
     init = rnd(b, D, N).requires_grad_(True)
     y, last = selective_scan(acts["u"], acts["delta"], A, acts["B"], acts["C"], D=Dp, z=acts["z"], delta_bias=bias,
                              delta_softplus=True, initial_state=init, return_final_state=True)
-    (y.float().square().sum() + last.sum()).backward()
+    yl = y.transpose(1, 2).contiguous().transpose(1, 2) if kind == "cm" else y  # (cm: dy arrives channel-major)
+    (yl.float().square().sum() + last.sum()).backward()
 torch.cuda.synchronize()
 print("sscan sanitizer case ok")
 PY
@@ -51,10 +52,10 @@ LOG="$OUT_DIR/sscan_sanitizer.log"
 : > "$LOG"
 for prep in fast precise; do
   for tool in memcheck racecheck; do
-    echo "=== APRIEL_SSCAN_FWD=v7 prep=$prep $tool" | tee -a "$LOG"
+    echo "=== APRIEL_SSCAN_FWD=v7 APRIEL_SSCAN_BWD=v7 prep=$prep $tool" | tee -a "$LOG"
     SOFT=""
     [ "$prep" = precise ] && SOFT=precise
-    APRIEL_SSCAN_FWD=v7 APRIEL_SSCAN_SOFTPLUS=$SOFT compute-sanitizer --tool "$tool" python3 "$CASE" 2>&1 \
+    APRIEL_SSCAN_FWD=v7 APRIEL_SSCAN_BWD=v7 APRIEL_SSCAN_SOFTPLUS=$SOFT compute-sanitizer --tool "$tool" python3 "$CASE" 2>&1 \
       | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|case ok|Error|error" | tee -a "$LOG"
   done
 done

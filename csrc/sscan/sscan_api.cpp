@@ -208,16 +208,16 @@ std::vector<Tensor> selective_scan_bwd_cuda(const Tensor& u, const Tensor& delta
   auto f32 = delta.options().dtype(at::kFloat);
   // Backward v7 (sscan_bwd7.cuh, session 26): on the forward v7's shapes (p.fwd_v7's rule without the grid size) with
   // its fast staging and 16-byte dy rows; APRIEL_SSCAN_BWD=v7 forces it wherever it applies, v2 forces v2.
-  // Default where its grid (batch x d_inner / 64 blocks, 2 per SM) reaches 1.25 blocks per SM: H100, bf16, D 4096,
-  // L 4096, bwd p50 ms (bench/results/s26/): v2 -> v7 b1 1.19 / 2.18, b2 2.25 / 2.33, b3 3.35 -> 2.94, b4 4.44 ->
-  // 3.15, b8 8.82 -> 6.21.
+  // Default where its grid (batch x d_inner / 64 blocks, 2 per SM) reaches 0.9 blocks per SM (b >= 2 at D 4096 on an
+  // H100). H100, bf16, D 4096, L 4096, channel-major, bwd p50 ms (bench/results/s26/bwd_batches_d82da6a/): v2 -> v7
+  // b1 1.19 / 2.04 (v2 stays), b2 2.30 -> 2.10, b3 3.34 -> 2.53, b4 4.41 -> 2.58, b8 8.77 -> 5.08.
   const char* bwd_env = std::getenv("APRIEL_SSCAN_BWD");
   const std::string bwd_variant = bwd_env != nullptr ? bwd_env : "";
   const int fast = sscan_fwd7_fast_layout(p);
   const bool v7_ok = p.bwd_v2 && st != at::kFloat && D % 64 == 0 && p.b_cpg % 64 == 0 && p.c_cpg % 64 == 0 &&
                      !seq_idx && fast != 0;
   p.bwd_v7 = v7_ok && (bwd_variant == "v7" ||
-                       (bwd_variant.empty() && (D / 64) * b * 4 >= 5 * sm_count(delta.get_device())));
+                       (bwd_variant.empty() && (D / 64) * b * 10 >= 9 * sm_count(delta.get_device())));
   // dy: v2 reads (b, L, D) contiguous; v7 in the activations' orientation with 16-byte rows - mamba's layout hands dy
   // over token-fast, and its transpose copy took 1.0 of the 6.2 ms of the b8 L4096 backward (session 26).
   Tensor dy_c = dy.to(st);
@@ -226,8 +226,8 @@ std::vector<Tensor> selective_scan_bwd_cuda(const Tensor& u, const Tensor& delta
       return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && row_stride % 8 == 0 && t.stride(0) % 8 == 0;
     };
     if (fast == 1) {
-      if (!(dy_c.stride(1) == 1 && rows16(dy_c, dy_c.stride(2))))
-        dy_c = dy_c.transpose(1, 2).contiguous().transpose(1, 2);
+      if (!(dy_c.stride(1) == 1 && rows16(dy_c, dy_c.stride(2))))  // (a copy even where the transpose is contiguous)
+        dy_c = dy_c.transpose(1, 2).clone(at::MemoryFormat::Contiguous).transpose(1, 2);
       p.bwd_v7 = rows16(dy_c, dy_c.stride(2));  // (padded activations with L % 8 != 0: v2)
     } else if (!(dy_c.stride(2) == 1 && rows16(dy_c, dy_c.stride(1)))) {
       dy_c = dy_c.clone(at::MemoryFormat::Contiguous);
