@@ -126,6 +126,16 @@ def poison_allocator(nbytes=256 << 20):
     del t
 
 
+def cuda_kernels(fn):
+    """(fn(), the names of the CUDA kernels it launched), through the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = fn()
+        torch.cuda.synchronize()
+    return out, [e.key for e in prof.key_averages()]
+
+
 def store(value: torch.Tensor, layout: str):
     """(base tensor in the layout, fn base -> the token-major logical view). value: (b, L, C) or (b, L, G, N)."""
     if layout == "tm":
@@ -522,8 +532,6 @@ V7_CASES = [
 def test_cuda_forward_v7_parity(case, dtype, softplus, monkeypatch):
     """v7 vs float64 (y, final state), close to v2's outputs, bitwise repeatable; the profiler shows v7 ran. Both
     preps: the MUFU forms (the default, compiled alone) and APRIEL_SSCAN_SOFTPLUS=precise."""
-    from torch.profiler import ProfilerActivity, profile
-
     b, L, d, du, gb, gc, n, layout, extras = case
     args, seq = make_cuda_case(b, L, d, du, gb, gc, n, dtype, extras)
     if "noz" in extras:
@@ -532,10 +540,7 @@ def test_cuda_forward_v7_parity(case, dtype, softplus, monkeypatch):
         monkeypatch.setenv("APRIEL_SSCAN_SOFTPLUS", "precise")
     monkeypatch.setenv("APRIEL_SSCAN_FWD", "v7")
     poison_allocator()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        y, final, _, _ = _run(args, seq, layout)
-        torch.cuda.synchronize()
-    names = [e.key for e in prof.key_averages()]
+    (y, final, _, _), names = cuda_kernels(lambda: _run(args, seq, layout))
     assert any("sscan_fwd7_kernel" in k for k in names), names
     _, (y64, f64) = _ref(args, seq, True)
     _, (ylp, flp) = _ref(args, seq, False)
@@ -555,15 +560,10 @@ def test_cuda_forward_v7_parity(case, dtype, softplus, monkeypatch):
 @pytest.mark.parametrize("extras", ["packed_init", "fp32", "d48"])
 def test_cuda_forward_v7_falls_back_to_v2(extras, monkeypatch):
     """Where v7 does not apply (documents, fp32, d_inner not a multiple of 64), APRIEL_SSCAN_FWD=v7 runs v2."""
-    from torch.profiler import ProfilerActivity, profile
-
     dtype = torch.float32 if extras == "fp32" else torch.bfloat16
     args, seq = make_cuda_case(2, 70, 48 if extras == "d48" else 64, None, 1, 1, 16, dtype, extras)
     monkeypatch.setenv("APRIEL_SSCAN_FWD", "v7")
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        y, final, _, _ = _run(args, seq, "cm")
-        torch.cuda.synchronize()
-    names = [e.key for e in prof.key_averages()]
+    (y, final, _, _), names = cuda_kernels(lambda: _run(args, seq, "cm"))
     assert not any("sscan_fwd7_kernel" in k for k in names), names
     assert any("sscan_fwd2_kernel" in k for k in names), names
     _, (y64, f64) = _ref(args, seq, True)
@@ -576,8 +576,6 @@ def test_cuda_forward_v7_falls_back_to_v2(extras, monkeypatch):
 def test_cuda_forward_v7_default_dispatch(monkeypatch):
     """Without APRIEL_SSCAN_FWD: v7 for channel-major (mamba) and token-major inputs with aligned rows once its grid
     (batch x d_inner / 64 blocks) reaches 0.9 blocks per SM; v2 below that and for rows without 16-byte copies."""
-    from torch.profiler import ProfilerActivity, profile
-
     monkeypatch.delenv("APRIEL_SSCAN_FWD", raising=False)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     d = 1024
@@ -585,10 +583,7 @@ def test_cuda_forward_v7_default_dispatch(monkeypatch):
 
     def kernels(batch, layout):
         args, seq = make_cuda_case(batch, 64, d, None, 1, 1, 16, torch.bfloat16, "")
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            _run(args, seq, layout)
-            torch.cuda.synchronize()
-        return [e.key for e in prof.key_averages()]
+        return cuda_kernels(lambda: _run(args, seq, layout))[1]
 
     for layout in ("cm", "tm"):
         assert any("sscan_fwd7_kernel" in k for k in kernels(big, layout)), layout
@@ -678,15 +673,10 @@ V7_GRAD_CASES = [
 @pytest.mark.parametrize("case", V7_GRAD_CASES, ids=CASE_ID)
 def test_cuda_backward_v7_parity(case, dtype, softplus, monkeypatch):
     """v7's gradients vs float64, bitwise repeatable, close to v2's; the profiler shows v7 ran. Both preps."""
-    from torch.profiler import ProfilerActivity, profile
-
     if softplus == "precise":
         monkeypatch.setenv("APRIEL_SSCAN_SOFTPLUS", "precise")
     monkeypatch.setenv("APRIEL_SSCAN_BWD", "v7")
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        got = _gradient_parity(case, dtype)
-        torch.cuda.synchronize()
-    names = [e.key for e in prof.key_averages()]
+    got, names = cuda_kernels(lambda: _gradient_parity(case, dtype))
     assert any("sscan_bwd7_kernel" in k for k in names), names
     assert not any("sscan_bwd2_kernel" in k for k in names), names
     again = _gradient_parity(case, dtype)
@@ -705,15 +695,10 @@ def test_cuda_backward_v7_parity(case, dtype, softplus, monkeypatch):
 def test_cuda_backward_v7_falls_back_to_v2(extras, monkeypatch):
     """Where v7 does not apply (documents, fp32, d_inner not a multiple of 64, no fast staging), APRIEL_SSCAN_BWD=v7
     runs v2 - with correct gradients."""
-    from torch.profiler import ProfilerActivity, profile
-
     dtype = torch.float32 if extras == "fp32" else torch.bfloat16
     case = (2, 70, 48 if extras == "d48" else 64, None, 1, 1, 16, "nan" if extras == "nan" else "cm", extras)
     monkeypatch.setenv("APRIEL_SSCAN_BWD", "v7")
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        _gradient_parity(case, dtype)
-        torch.cuda.synchronize()
-    names = [e.key for e in prof.key_averages()]
+    _, names = cuda_kernels(lambda: _gradient_parity(case, dtype))
     assert not any("sscan_bwd7_kernel" in k for k in names), names
     assert any("sscan_bwd2_kernel" in k for k in names), names
 
@@ -723,8 +708,6 @@ def test_cuda_backward_v7_falls_back_to_v2(extras, monkeypatch):
 def test_cuda_backward_v7_default_dispatch(monkeypatch):
     """Without APRIEL_SSCAN_BWD: v7 for channel-major and token-major inputs once its grid (batch x d_inner / 64
     blocks) reaches 0.9 blocks per SM; v2 below that and without the fast staging."""
-    from torch.profiler import ProfilerActivity, profile
-
     monkeypatch.delenv("APRIEL_SSCAN_BWD", raising=False)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     d = 1024
@@ -732,11 +715,11 @@ def test_cuda_backward_v7_default_dispatch(monkeypatch):
 
     def kernels(batch, layout):
         args, seq = make_cuda_case(batch, 64, d, None, 1, 1, 16, torch.bfloat16, "")
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            y, final, bases, views = _run(args, seq, layout, leaves=True)
+        def fwd_bwd():
+            y, final, _, _ = _run(args, seq, layout, leaves=True)
             (y.float().sum() + final.sum()).backward()
-            torch.cuda.synchronize()
-        return [e.key for e in prof.key_averages()]
+
+        return cuda_kernels(fwd_bwd)[1]
 
     for layout in ("cm", "tm"):
         assert any("sscan_bwd7_kernel" in k for k in kernels(big, layout)), layout
@@ -784,12 +767,7 @@ def test_cuda_backward_v7_mamba_layout_dy(dy_layout, monkeypatch):
         y.backward(dy.to(y.dtype))
         return {k: v.grad for k, v in leaves.items()}
 
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        v7 = grads("v7")
-        torch.cuda.synchronize()
-    names = [e.key for e in prof.key_averages()]
+    v7, names = cuda_kernels(lambda: grads("v7"))
     assert any("sscan_bwd7_kernel" in k for k in names), names
     v2 = grads("v2")
     ref = grads(None, f64=True)

@@ -401,23 +401,13 @@ __global__ void __launch_bounds__(kThreads, 2)
       s1 += v.y;
     }
   };
-  auto load_state = [&](const float* base, float (&h)[2][4]) {  // base = (D, 16) block of this sequence
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        const float2 v = *reinterpret_cast<const float2*>(base + (int64_t)(c0 + 2 * g + r) * kN + nt * 8 + 2 * q);
-        h[nt][2 * r] = v.x;
-        h[nt][2 * r + 1] = v.y;
-      }
-  };
   // Sequence split: the carry entering this segment's last token, from the pre-pass's (L, P) of the later
   // segments (fixed order: deterministic).
   for (int s2 = S - 1; s2 > seg; --s2) {
     const float* lp = p.seg_carry + (((int64_t)b * S + s2) * 2) * D * kN;
     float lv[2][4], pv[2][4];
-    load_state(lp, lv);
-    load_state(lp + (int64_t)D * kN, pv);
+    load_state(lp, c0, g, q, lv);
+    load_state(lp + (int64_t)D * kN, c0, g, q, pv);
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
@@ -664,23 +654,17 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     };
 
-    // Recompute of sub-chunk j from h (updated in place); kFull: keep the states and the readout.
-    auto recompute = [&](int j, float (&h)[2][4], float (&hs)[kSub][2][4], auto full_tag) {
-      recompute_sub<T, decltype(full_tag)::value>(j, wp.du, bop, bsel, r.f.C[w], wp.yc, A2, h, hs, g, q);
-    };
-
     const float* ck = p.ckpt_in + ((int64_t)b * n_tiles + tile) * D * kN;
     // Pass A: the states after tokens 7, 15, 23 (only the sub-chunks before the last one are needed).
     if (has_head) {
       float h[2][4], hs_unused[kSub][2][4];
-      load_state(ck, h);
+      load_state(ck, c0, g, q, h);
 #pragma unroll 1
       for (int j = 0; j < kNSub - 1; ++j) {
         prep(j, std::false_type{});
         __syncwarp();
-        recompute(j, h, hs_unused, std::false_type{});
-        wp.bst[j][0][lane] = make_float4(h[0][0], h[0][1], h[0][2], h[0][3]);
-        wp.bst[j][1][lane] = make_float4(h[1][0], h[1][1], h[1][2], h[1][3]);
+        recompute_sub<T, false>(j, wp.du, bop, bsel, r.f.C[w], wp.yc, A2, h, hs_unused, g, q);
+        store_sub_state(wp.bst, j, lane, h);
         __syncwarp();
       }
     }
@@ -691,23 +675,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (has_head) {  // (kSpan: warps without a head go to the block sums)
         prep(j, std::true_type{});
         float hstart[2][4];
-        if (j == 0) {
-          load_state(ck, hstart);
-        } else {
-          const float4 lo = wp.bst[j - 1][0][lane], hi = wp.bst[j - 1][1][lane];
-          hstart[0][0] = lo.x; hstart[0][1] = lo.y; hstart[0][2] = lo.z; hstart[0][3] = lo.w;
-          hstart[1][0] = hi.x; hstart[1][1] = hi.y; hstart[1][2] = hi.z; hstart[1][3] = hi.w;
-        }
+        sub_start_state(wp.bst, j, lane, ck, c0, g, q, hstart);
         __syncwarp();
         float hs[kSub][2][4];
-        {
-          float h[2][4];
-#pragma unroll
-          for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) h[nt][i] = hstart[nt][i];
-          recompute(j, h, hs, std::true_type{});
-        }
+        recompute_kept<T>(j, wp.du, bop, bsel, r.f.C[w], wp.yc, A2, hstart, hs, g, q);
 
         // Reverse over the sub-chunk's tokens.
         reverse_sub<T>(j, wp, Braw, rl, A2, An, hs, hstart, carry, dAacc, g, q);

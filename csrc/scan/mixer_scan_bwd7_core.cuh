@@ -58,6 +58,36 @@ __device__ __forceinline__ void decays(float delta0, float delta1, const float (
 constexpr int kSub = 8;                  // tokens per sub-chunk (the recomputed states of one in registers)
 constexpr int kNSub = kChunk / kSub;     // 4
 
+// The lane's 8 state elements (channels c0 + 2g, + 1) from a (D, 16) fp32 block of one sequence: a checkpoint, a
+// carry.
+__device__ __forceinline__ void load_state(const float* base, int c0, int g, int q, float (&h)[2][4]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const float2 v = *reinterpret_cast<const float2*>(base + (int64_t)(c0 + 2 * g + r) * kN + nt * 8 + 2 * q);
+      h[nt][2 * r] = v.x;
+      h[nt][2 * r + 1] = v.y;
+    }
+}
+
+// Pass A keeps the state after each sub-chunk but the last, per lane (bst[j] = after sub-chunk j); pass B starts
+// sub-chunk j from bst[j - 1], or from the tile's checkpoint (ck) at j = 0.
+__device__ __forceinline__ void store_sub_state(float4 (*bst)[2][32], int j, int lane, const float (&h)[2][4]) {
+  bst[j][0][lane] = make_float4(h[0][0], h[0][1], h[0][2], h[0][3]);
+  bst[j][1][lane] = make_float4(h[1][0], h[1][1], h[1][2], h[1][3]);
+}
+__device__ __forceinline__ void sub_start_state(const float4 (*bst)[2][32], int j, int lane, const float* ck, int c0,
+                                                int g, int q, float (&h)[2][4]) {
+  if (j == 0) {
+    load_state(ck, c0, g, q, h);
+  } else {
+    const float4 lo = bst[j - 1][0][lane], hi = bst[j - 1][1][lane];
+    h[0][0] = lo.x; h[0][1] = lo.y; h[0][2] = lo.z; h[0][3] = lo.w;
+    h[1][0] = hi.x; h[1][1] = hi.y; h[1][2] = hi.z; h[1][3] = hi.w;
+  }
+}
+
 // The recompute of sub-chunk j (tile tokens kSub j ..) from h (updated in place); kFull: keep the states (hs) and the
 // readout (yc).
 template <typename T, bool kFull>
@@ -97,6 +127,19 @@ __device__ __forceinline__ void recompute_sub(int j, const float2 (*du)[kN], con
       *reinterpret_cast<float2*>(&yc[tl][2 * g]) = make_float2(yv[0], yv[2]);  // the 4 q lanes: same value
     }
   }
+}
+
+// Pass B's recompute of sub-chunk j from its start state (kept), into hs and the readout yc.
+template <typename T>
+__device__ __forceinline__ void recompute_kept(int j, const float2 (*du)[kN], const float4 (*bop)[9], int bsel,
+                                               const T (*C)[kN], float (*yc)[kN], const float (&A2)[2][4],
+                                               const float (&hstart)[2][4], float (&hs)[kSub][2][4], int g, int q) {
+  float h[2][4];
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[nt][i] = hstart[nt][i];
+  recompute_sub<T, true>(j, du, bop, bsel, C, yc, A2, h, hs, g, q);
 }
 
 // The reverse's per-lane constants: the reduce-scatter's lane bits, the lane's slot in red (which * 16 + state), the

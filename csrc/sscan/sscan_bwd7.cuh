@@ -119,16 +119,6 @@ __global__ void __launch_bounds__(kThreads, 2) sscan_bwd7_kernel(SScanParams p) 
     }
   const int bsel = q == 0 ? g : 8;  // lanes q > 0 read the zero entry: rows k >= 1 of a k4 B operand
   const scan7b::RevLane rl = scan7b::rev_lane(lane);
-  auto load_state = [&](const float* base, float (&h)[2][4]) {  // base = (D, 16) block of this sequence
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        const float2 v = *reinterpret_cast<const float2*>(base + (int64_t)(hc0 + 2 * g + r) * kN + nt * 8 + 2 * q);
-        h[nt][2 * r] = v.x;
-        h[nt][2 * r + 1] = v.y;
-      }
-  };
   // Prep mapping. Token-fast: lane = (channel pair pp = lane % 8: channels 2 pp, + 1; token pair tp = lane / 8:
   // sub-chunk tokens 2 tp, + 1), one 32-bit word (2 tokens of a channel) per load. Token-major: lane = (token g,
   // channels 4q .. 4q + 3), one 8-byte load per tensor.
@@ -264,14 +254,13 @@ __global__ void __launch_bounds__(kThreads, 2) sscan_bwd7_kernel(SScanParams p) 
     // Pass A: the states after tokens 7, 15, 23 (only the sub-chunks before the last one are needed).
     {
       float h[2][4], hs_unused[kSub][2][4];
-      load_state(ck, h);
+      scan7b::load_state(ck, hc0, g, q, h);
 #pragma unroll 1
       for (int j = 0; j < kNSub - 1; ++j) {
         prep(j, std::false_type{});
         __syncwarp();
         scan7b::recompute_sub<T, false>(j, wp.du, sm.bop, bsel, Crow, wp.yc, A2, h, hs_unused, g, q);
-        wp.bst[j][0][lane] = make_float4(h[0][0], h[0][1], h[0][2], h[0][3]);
-        wp.bst[j][1][lane] = make_float4(h[1][0], h[1][1], h[1][2], h[1][3]);
+        scan7b::store_sub_state(wp.bst, j, lane, h);
         __syncwarp();
       }
     }
@@ -284,23 +273,10 @@ __global__ void __launch_bounds__(kThreads, 2) sscan_bwd7_kernel(SScanParams p) 
     for (int j = kNSub - 1; j >= 0; --j) {
       prep(j, std::true_type{});
       float hstart[2][4];
-      if (j == 0) {
-        load_state(ck, hstart);
-      } else {
-        const float4 lo = wp.bst[j - 1][0][lane], hi = wp.bst[j - 1][1][lane];
-        hstart[0][0] = lo.x; hstart[0][1] = lo.y; hstart[0][2] = lo.z; hstart[0][3] = lo.w;
-        hstart[1][0] = hi.x; hstart[1][1] = hi.y; hstart[1][2] = hi.z; hstart[1][3] = hi.w;
-      }
+      scan7b::sub_start_state(wp.bst, j, lane, ck, hc0, g, q, hstart);
       __syncwarp();
       float hs[kSub][2][4];
-      {
-        float h[2][4];
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) h[nt][i] = hstart[nt][i];
-        scan7b::recompute_sub<T, true>(j, wp.du, sm.bop, bsel, Crow, wp.yc, A2, h, hs, g, q);
-      }
+      scan7b::recompute_kept<T>(j, wp.du, sm.bop, bsel, Crow, wp.yc, A2, hstart, hs, g, q);
       WarpView view{wp.du, wp.dys, wp.cop4, wp.ppu, &sm.red[w][kSub * j]};
       scan7b::reverse_sub<T>(j, view, Brow, rl, A2, An, hs, hstart, carry, dAacc, g, q);
       __syncwarp();
@@ -368,12 +344,7 @@ template <typename T, bool kBT, bool kFastPrep>
 void launch(const SScanParams& p, void* stream) {
   constexpr int smem = sizeof(Smem<T>);
   auto kernel = sscan_bwd7_kernel<T, kBT, kFastPrep>;
-  static const bool configured = [&] {
-    APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                           (int)cudaSharedmemCarveoutMaxShared));
-    return true;
-  }();
+  static const bool configured = scan7::allow_smem(reinterpret_cast<const void*>(kernel), smem);  // once
   (void)configured;
   const dim3 grid(p.dim / (kHeads * 16), p.batch);
   kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);

@@ -345,12 +345,7 @@ template <typename T, bool kBT, bool kFast, bool kFastPrep>
 void launch(const SScanParams& p, void* stream) {
   constexpr int smem = sizeof(Smem<T, kFast>);
   auto kernel = sscan_fwd7_kernel<T, kBT, kFast, kFastPrep>;
-  static const bool configured = [&] {
-    APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    APRIEL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                           (int)cudaSharedmemCarveoutMaxShared));
-    return true;
-  }();
+  static const bool configured = scan7::allow_smem(reinterpret_cast<const void*>(kernel), smem);  // once
   (void)configured;
   const dim3 grid(p.dim / (kHeads * 16), p.batch);
   kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
