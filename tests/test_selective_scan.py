@@ -573,28 +573,6 @@ def test_cuda_forward_v7_falls_back_to_v2(extras, monkeypatch):
 
 @gpu
 @needs_kernel
-def test_cuda_forward_v7_default_dispatch(monkeypatch):
-    """Without APRIEL_SSCAN_FWD: v7 for channel-major (mamba) and token-major inputs with aligned rows once its grid
-    (batch x d_inner / 64 blocks) reaches 0.9 blocks per SM; v2 below that and for rows without 16-byte copies."""
-    monkeypatch.delenv("APRIEL_SSCAN_FWD", raising=False)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    d = 1024
-    big = -(-9 * sms // (10 * (d // 64)))  # smallest batch whose v7 grid reaches 0.9 blocks per SM
-
-    def kernels(batch, layout):
-        args, seq = make_cuda_case(batch, 64, d, None, 1, 1, 16, torch.bfloat16, "")
-        return cuda_kernels(lambda: _run(args, seq, layout))[1]
-
-    for layout in ("cm", "tm"):
-        assert any("sscan_fwd7_kernel" in k for k in kernels(big, layout)), layout
-    for batch, layout in ((big - 1, "cm"), (big, "nan")):
-        names = kernels(batch, layout)
-        assert not any("sscan_fwd7_kernel" in k for k in names), (batch, layout, names)
-        assert any("sscan_fwd2_kernel" in k for k in names), (batch, layout, names)
-
-
-@gpu
-@needs_kernel
 def test_cuda_gradient_through_forward_v7(monkeypatch):
     """The backward v2 takes v7's state checkpoints (the same layout): gradients as with v2's, within tf32's error."""
     args, seq = make_cuda_case(2, 264, 128, None, 1, 1, 16, torch.bfloat16, "init")
@@ -705,28 +683,33 @@ def test_cuda_backward_v7_falls_back_to_v2(extras, monkeypatch):
 
 @gpu
 @needs_kernel
-def test_cuda_backward_v7_default_dispatch(monkeypatch):
-    """Without APRIEL_SSCAN_BWD: v7 for channel-major and token-major inputs once its grid (batch x d_inner / 64
-    blocks) reaches 0.9 blocks per SM; v2 below that and without the fast staging."""
-    monkeypatch.delenv("APRIEL_SSCAN_BWD", raising=False)
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_cuda_v7_default_dispatch(direction, monkeypatch):
+    """Without APRIEL_SSCAN_FWD / APRIEL_SSCAN_BWD: the forward / backward v7 for channel-major (mamba) and token-major
+    inputs with aligned rows once its grid (batch x d_inner / 64 blocks) reaches 0.9 blocks per SM; v2 below that and
+    for rows without 16-byte copies."""
+    monkeypatch.delenv("APRIEL_SSCAN_FWD" if direction == "fwd" else "APRIEL_SSCAN_BWD", raising=False)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     d = 1024
     big = -(-9 * sms // (10 * (d // 64)))  # smallest batch whose v7 grid reaches 0.9 blocks per SM
 
     def kernels(batch, layout):
         args, seq = make_cuda_case(batch, 64, d, None, 1, 1, 16, torch.bfloat16, "")
-        def fwd_bwd():
-            y, final, _, _ = _run(args, seq, layout, leaves=True)
-            (y.float().sum() + final.sum()).backward()
 
-        return cuda_kernels(fwd_bwd)[1]
+        def call():
+            y, final, _, _ = _run(args, seq, layout, leaves=direction == "bwd")
+            if direction == "bwd":
+                (y.float().sum() + final.sum()).backward()
 
+        return cuda_kernels(call)[1]
+
+    v7, v2 = f"sscan_{direction}7_kernel", f"sscan_{direction}2_kernel"
     for layout in ("cm", "tm"):
-        assert any("sscan_bwd7_kernel" in k for k in kernels(big, layout)), layout
+        assert any(v7 in k for k in kernels(big, layout)), layout
     for batch, layout in ((big - 1, "cm"), (big, "nan")):
         names = kernels(batch, layout)
-        assert not any("sscan_bwd7_kernel" in k for k in names), (batch, layout, names)
-        assert any("sscan_bwd2_kernel" in k for k in names), (batch, layout, names)
+        assert not any(v7 in k for k in names), (batch, layout, names)
+        assert any(v2 in k for k in names), (batch, layout, names)
 
 
 @gpu
