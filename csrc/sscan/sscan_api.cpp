@@ -66,6 +66,16 @@ void set_v2_staging(SScanParams& p, const Tensor& u, const Tensor& delta, const 
   set(kV2C, bc_tf, bc_tf == tfast(p.C_sl, p.C_sn) && can_vec(C, bc_tf, p.C_sl, p.C_sn, {p.c_groups > 1 ? p.C_sg : 0}));
 }
 
+// The v7 kernels' shapes (sscan_fwd7.cuh, sscan_bwd7.cuh): 16-bit activations on v2's shapes whose 64-channel blocks
+// each lie in one B group and one C group, without documents; and their default's grid rule: batch x d_inner / 64
+// blocks reach 0.9 blocks per SM (b >= 2 at d_inner 4096 on an H100, for the forward and the backward alike).
+bool v7_shapes(const SScanParams& p, at::ScalarType st, bool has_seq_idx) {
+  return st != at::kFloat && p.dim % 64 == 0 && p.b_cpg % 64 == 0 && p.c_cpg % 64 == 0 && !has_seq_idx;
+}
+bool v7_grid_fills(const SScanParams& p, int device) {
+  return (int64_t)(p.dim / 64) * p.batch * 10 >= 9 * (int64_t)sm_count(device);
+}
+
 SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                         const OptT& Dskip, const OptT& z, const OptT& delta_bias, bool softplus,
                         const OptT& init, const OptT& seq_idx, std::vector<Tensor>& keep) {
@@ -132,18 +142,16 @@ SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, c
   p.B = B.data_ptr(); p.B_sb = B.stride(0); p.B_sl = B.stride(1); p.B_sg = B.stride(2); p.B_sn = B.stride(3);
   p.C = C.data_ptr(); p.C_sb = C.stride(0); p.C_sl = C.stride(1); p.C_sg = C.stride(2); p.C_sn = C.stride(3);
   if (p.fwd_k != 0 || p.bwd_v2) set_v2_staging(p, u, delta, z, B, C);
-  // Forward v7 (sscan_fwd7.cuh, session 25): 16-bit activations on v2's shapes whose 64-channel blocks each lie in
-  // one B group and one C group, without documents. Default where its fast staging applies (sscan_fwd7_fast_layout:
-  // mamba's channel-major layout, or token-major, aligned) and its grid (batch x d_inner / 64 blocks) reaches 0.9
-  // blocks per SM. H100, bf16, D 4096, L 4096, graph p50 ms (bench/results/s25/sscan_batches_14ff3b0/, channel-major):
-  // v2 (its K rule) -> v7 b2 0.711 -> 0.544, b3 0.793 -> 0.657, b4 1.164 -> 0.658, b8 2.28 / 1.88 (K = 8 / 4) -> 1.11;
-  // b1's 64 blocks keep v2 (0.371 vs 0.536). Mixed orientations run v7's generic staging, slower than v2: v2.
+  // Forward v7 (sscan_fwd7.cuh, session 25) on the v7 shapes. Default where its fast staging applies
+  // (sscan_fwd7_fast_layout: mamba's channel-major layout, or token-major, aligned) and its grid fills the GPU
+  // (v7_grid_fills). H100, bf16, D 4096, L 4096, graph p50 ms (bench/results/s25/sscan_batches_14ff3b0/,
+  // channel-major): v2 (its K rule) -> v7 b2 0.711 -> 0.544, b3 0.793 -> 0.657, b4 1.164 -> 0.658, b8 2.28 / 1.88
+  // (K = 8 / 4) -> 1.11; b1's 64 blocks keep v2 (0.371 vs 0.536). Mixed orientations run v7's generic staging, slower
+  // than v2: v2.
   // APRIEL_SSCAN_FWD=v7 forces it wherever it applies (else v2).
-  const bool v7_ok = p.fwd_k != 0 && st != at::kFloat && D % 64 == 0 && p.b_cpg % 64 == 0 && p.c_cpg % 64 == 0 &&
-                     !seq_idx;
-  const int64_t v7_blocks = (D / 64) * b, sms = sm_count(delta.get_device());
-  p.fwd_v7 = v7_ok && (fwd_variant == "v7" ||
-                       (fwd_variant.empty() && sscan_fwd7_fast_layout(p) != 0 && v7_blocks * 10 >= 9 * sms));
+  p.fwd_v7 = p.fwd_k != 0 && v7_shapes(p, st, seq_idx.has_value()) &&
+             (fwd_variant == "v7" ||
+              (fwd_variant.empty() && sscan_fwd7_fast_layout(p) != 0 && v7_grid_fills(p, delta.get_device())));
   auto hold = [&](Tensor t) -> const float* { keep.push_back(t); return t.data_ptr<float>(); };
   p.A = hold(f32c(A));
   p.Dskip = Dskip ? hold(f32c(*Dskip)) : nullptr;
@@ -206,18 +214,15 @@ std::vector<Tensor> selective_scan_bwd_cuda(const Tensor& u, const Tensor& delta
   TORCH_CHECK(dy.dim() == 3 && dy.size(0) == b && dy.size(1) == L && dy.size(2) == D,
               "dy: expected (batch, seqlen, d_inner)");
   auto f32 = delta.options().dtype(at::kFloat);
-  // Backward v7 (sscan_bwd7.cuh, session 26): on the forward v7's shapes (p.fwd_v7's rule without the grid size) with
-  // its fast staging and 16-byte dy rows; APRIEL_SSCAN_BWD=v7 forces it wherever it applies, v2 forces v2.
-  // Default where its grid (batch x d_inner / 64 blocks, 2 per SM) reaches 0.9 blocks per SM (b >= 2 at D 4096 on an
-  // H100). H100, bf16, D 4096, L 4096, channel-major, bwd p50 ms (bench/results/s26/bwd_batches_d82da6a/): v2 -> v7
-  // b1 1.19 / 2.04 (v2 stays), b2 2.30 -> 2.10, b3 3.34 -> 2.53, b4 4.41 -> 2.58, b8 8.77 -> 5.08.
+  // Backward v7 (sscan_bwd7.cuh, session 26): on the v7 shapes with the forward v7's fast staging and 16-byte dy rows;
+  // APRIEL_SSCAN_BWD=v7 forces it wherever it applies, v2 forces v2. Default where its grid fills the GPU
+  // (v7_grid_fills). H100, bf16, D 4096, L 4096, channel-major, bwd p50 ms (bench/results/s26/bwd_batches_d82da6a/):
+  // v2 -> v7 b1 1.19 / 2.04 (v2 stays), b2 2.30 -> 2.10, b3 3.34 -> 2.53, b4 4.41 -> 2.58, b8 8.77 -> 5.08.
   const char* bwd_env = std::getenv("APRIEL_SSCAN_BWD");
   const std::string bwd_variant = bwd_env != nullptr ? bwd_env : "";
   const int fast = sscan_fwd7_fast_layout(p);
-  const bool v7_ok = p.bwd_v2 && st != at::kFloat && D % 64 == 0 && p.b_cpg % 64 == 0 && p.c_cpg % 64 == 0 &&
-                     !seq_idx && fast != 0;
-  p.bwd_v7 = v7_ok && (bwd_variant == "v7" ||
-                       (bwd_variant.empty() && (D / 64) * b * 10 >= 9 * sm_count(delta.get_device())));
+  p.bwd_v7 = p.bwd_v2 && v7_shapes(p, st, seq_idx.has_value()) && fast != 0 &&
+             (bwd_variant == "v7" || (bwd_variant.empty() && v7_grid_fills(p, delta.get_device())));
   // dy: v2 reads (b, L, D) contiguous; v7 in the activations' orientation with 16-byte rows - mamba's layout hands dy
   // over token-fast, and its transpose copy took 1.0 of the 6.2 ms of the b8 L4096 backward (session 26).
   Tensor dy_c = dy.to(st);
