@@ -39,7 +39,7 @@ import sys
 import torch
 
 from . import rows as R
-from .timing import time_graph_ms, time_ms
+from .timing import peak_extra_mb, time_graph_ms, time_ms
 from .variants import env_override
 
 D, X, N, RANK, W = 4096, 1024, 16, 16, 4
@@ -166,14 +166,7 @@ def run(quick: bool = False) -> list[dict]:
                         return torch.autograd.grad(y, leaves, dy)
 
                     stats = time_ms(step, rep_ms=300)
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                    grads = step()
-                    torch.cuda.synchronize()
-                    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-                    grads_mb = sum(g.numel() * g.element_size() for g in grads) / 2**20
-                    del grads
+                    peak, grads_mb = peak_extra_mb(step)
                     ckpt_mb = batch * ((seqlen + 31) // 32) * D * N * 4 / 2**20
                     out.append(_row("fwd+bwd", provider, batch, seqlen, stats, peak_extra_mem_mb=peak,
                                     grads_mb=grads_mb, checkpoints_mb=ckpt_mb,

@@ -24,7 +24,7 @@ import sys
 import torch
 
 from . import rows as R
-from .timing import time_ms
+from .timing import peak_extra_mb, time_ms
 from .variants import env_override
 
 D, N = 4096, 16
@@ -110,14 +110,7 @@ def run(quick: bool = False) -> list[dict]:
                 out.append(_row("fwd+bwd", "apriel-v7", batch, seqlen, time_ms(step, rep_ms=300),
                                 layout="channel-major"))
             stats = time_ms(step, rep_ms=300)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            grads = step()
-            torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-            grads_mb = sum(g.numel() * g.element_size() for g in grads) / 2**20
-            del grads
+            peak, grads_mb = peak_extra_mb(step)
             out.append(_row("fwd+bwd", "apriel", batch, seqlen, stats, layout="channel-major",
                             peak_extra_mem_mb=peak, grads_mb=grads_mb,
                             checkpoints_mb=batch * ((seqlen + 31) // 32) * D * N * 4 / 2**20,
@@ -144,13 +137,7 @@ def run(quick: bool = False) -> list[dict]:
 
                 with env_override("APRIEL_SSCAN_BWD", variant):
                     stats = time_ms(step2, rep_ms=300)
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                    grads = step2()
-                    torch.cuda.synchronize()
-                    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-                    del grads
+                    peak, _ = peak_extra_mb(step2)
                     out.append(_row("fwd+bwd", provider, batch, seqlen, stats, layout="channel-major",
                                     peak_extra_mem_mb=peak))
                     y2 = selective_scan_fn(**args, **kw)

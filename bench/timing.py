@@ -2,6 +2,7 @@
 
     time_ms(fn, warmup_ms=25, rep_ms=100) -> {"p20": .., "p50": .., "p80": ..}   (eager launches)
     time_graph_ms(fn, ...) -> same, timing replays of a CUDA graph of fn (for launch-bound decode work)
+    peak_extra_mb(fn) -> (peak MB allocated above what was allocated before one fn(), MB of the tensors it returned)
 Both use triton.testing.do_bench when Triton is importable (events, cache flush between reps), else a
 local event loop with the same statistics.
 """
@@ -150,3 +151,18 @@ def rotating(fns: list[Callable[[], object]]) -> Callable[[], object]:
         return fn()
 
     return call
+
+
+def peak_extra_mb(fn: Callable[[], object]) -> tuple[float, float]:
+    """(Peak MiB allocated above the allocation before one call of fn - its returned tensors included -, MiB of the
+    tensors fn returned: a tensor or a sequence of them). The memory figure of the kernel benchmarks' fwd+bwd rows."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    tensors = [out] if isinstance(out, torch.Tensor) else [t for t in (out or ()) if isinstance(t, torch.Tensor)]
+    returned = sum(t.numel() * t.element_size() for t in tensors) / 2**20
+    del out, tensors
+    return peak, returned
