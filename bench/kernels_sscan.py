@@ -64,6 +64,26 @@ def _row(phase, provider, batch, seqlen, stats, **extra):
     return row
 
 
+def _fwd_bwd_case(batch, seqlen):
+    """(fwd_bwd, time_bwd): fwd_bwd() runs selective_scan_fn on the channel-major inputs and torch.autograd.grad to
+    every input from a channel-major dy; time_bwd() times that backward alone, from one saved forward."""
+    from apriel_kernels import selective_scan_fn
+
+    args = _inputs(batch, seqlen, requires_grad=True)
+    dy = torch.randn(batch, D, seqlen, device="cuda", dtype=torch.bfloat16)
+    leaves, kw = list(args.values()), dict(delta_softplus=True)
+
+    def fwd_bwd():
+        y = selective_scan_fn(**args, **kw)
+        return torch.autograd.grad(y, leaves, dy)
+
+    def time_bwd():
+        y = selective_scan_fn(**args, **kw)
+        return time_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), rep_ms=300)
+
+    return fwd_bwd, time_bwd
+
+
 def run(quick: bool = False) -> list[dict]:
     from apriel_kernels import selective_scan, selective_scan_fn
     from apriel_kernels._ext import has_kernel
@@ -91,14 +111,7 @@ def run(quick: bool = False) -> list[dict]:
                 out.append(R.error_row("kernels", "selective_scan_fwd", provider, e, shape=f"b{batch} L{seqlen}"))
     for batch, seqlen in ([(1, 8192), (8, 4096)] if not quick else [(1, 8192)]):
         try:
-            args = _inputs(batch, seqlen, requires_grad=True)
-            dy = torch.randn(batch, D, seqlen, device="cuda", dtype=torch.bfloat16)
-            leaves = list(args.values())
-
-            def step():
-                y = selective_scan_fn(**args, **kw)  # noqa: B023
-                return torch.autograd.grad(y, leaves, dy)  # noqa: B023
-
+            step, time_bwd = _fwd_bwd_case(batch, seqlen)
             if batch == 1:  # A/B: v1 forward (both passes), and v1 with the plain tile loops (forward and backward)
                 with env_override("APRIEL_SSCAN_FWD", "v1"):
                     out.append(_row("fwd+bwd", "apriel-v1", batch, seqlen, time_ms(step, rep_ms=300),
@@ -116,35 +129,22 @@ def run(quick: bool = False) -> list[dict]:
                             checkpoints_mb=batch * ((seqlen + 31) // 32) * D * N * 4 / 2**20,
                             note="the forward saves fp32 state checkpoints every 32 tokens for the backward; "
                                  "peak_extra_mem_mb: allocated above the inputs, returned grads included"))
-            y = selective_scan_fn(**args, **kw)
-            stats_b = time_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), rep_ms=300)  # noqa: B023
-            out.append(_row("bwd", "apriel", batch, seqlen, stats_b, layout="channel-major"))
-            del y
-            del args, dy
+            out.append(_row("bwd", "apriel", batch, seqlen, time_bwd(), layout="channel-major"))
+            del step, time_bwd
         except Exception as e:  # noqa: BLE001
             out.append(R.error_row("kernels", "selective_scan_fwd_bwd", "apriel", e, shape=f"b{batch} L{seqlen}"))
     # Backward A/B (APRIEL_SSCAN_BWD=v2 / v7, forced) last: a fault there must not cost the rows above.
     for batch, seqlen in ([(1, 8192), (8, 4096)] if not quick else [(1, 8192)]):
         for provider, variant in (("apriel-bwd2", "v2"), ("apriel-bwd7", "v7")):
             try:
-                args = _inputs(batch, seqlen, requires_grad=True)
-                dy = torch.randn(batch, D, seqlen, device="cuda", dtype=torch.bfloat16)
-                leaves = list(args.values())
-
-                def step2():
-                    y = selective_scan_fn(**args, **kw)  # noqa: B023
-                    return torch.autograd.grad(y, leaves, dy)  # noqa: B023
-
+                step, time_bwd = _fwd_bwd_case(batch, seqlen)
                 with env_override("APRIEL_SSCAN_BWD", variant):
-                    stats = time_ms(step2, rep_ms=300)
-                    peak, _ = peak_extra_mb(step2)
+                    stats = time_ms(step, rep_ms=300)
+                    peak, _ = peak_extra_mb(step)
                     out.append(_row("fwd+bwd", provider, batch, seqlen, stats, layout="channel-major",
                                     peak_extra_mem_mb=peak))
-                    y2 = selective_scan_fn(**args, **kw)
-                    stats_b = time_ms(lambda: torch.autograd.grad(y2, leaves, dy, retain_graph=True),  # noqa: B023
-                                      rep_ms=300)
-                    out.append(_row("bwd", provider, batch, seqlen, stats_b, layout="channel-major"))
-                del args, dy, y2
+                    out.append(_row("bwd", provider, batch, seqlen, time_bwd(), layout="channel-major"))
+                del step, time_bwd
             except Exception as e:  # noqa: BLE001
                 out.append(R.error_row("kernels", "selective_scan_fwd_bwd", provider, e, shape=f"b{batch} L{seqlen}"))
     return out
