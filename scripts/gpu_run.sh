@@ -22,6 +22,8 @@ end=$(date +%s.%N)
 python3 -c "print('build_seconds %.1f rc $rc' % ($end - $start))" | tee -a "$OUT/gpu.txt"
 if [ $rc -ne 0 ]; then tail -60 "$OUT/build.log"; exit $rc; fi
 grep -E "registers|spill|smem" "$OUT/build.log" | sort | uniq | head -40 > "$OUT/ptxas.txt" || true
+# per-TU compile times (ninja's log: start / end ms, target), to see the build's critical path
+cat build/temp*/.ninja_log > "$OUT/ninja_log.txt" 2>/dev/null || true
 python3 -c "import apriel_kernels, json; print(json.dumps(apriel_kernels.info()))" | tee -a "$OUT/gpu.txt"
 if [ "$TEST_K" = "none" ]; then
   echo "GPU tests skipped (TEST_K=none)"
