@@ -1857,62 +1857,71 @@ void launch_update(const UpdateParams& p, cudaStream_t stream) {
 
 
 // Registers the width-4 kernels of dtype T with the introspection registry (kernel_registry.h): the
-// shapes the benchmarks run. Returns true so it can initialise a static.
-template <typename T>
+// shapes the benchmarks run. kBwd: the backward kernels (and, for fp32, the weight-gradient reduction), else the
+// forward and update kernels - each half in its own translation unit (conv1d_<dtype>_{fwd,bwd}.cu), since taking
+// a kernel's address instantiates it. Returns true so it can initialise a static.
+template <typename T, bool kBwd>
 bool register_kernels(const char* dtype) {
-  constexpr int kN = 18;
-  static char names[kN][64];
-  // {kernel, template arguments after the dtype}
-  const char* kinds[kN][2] = {{"bwd_async", "W4"}, {"fwd_async", "W4"}, {"bwd_deep", "W4"}, {"bwd_fused", "W4"}, {"bwd_wide", "W4"},
-                             {"fwd_deep", "W4"}, {"fwd_wide", "W4"}, {"fwd_chanmajor", "W4"}, {"bwd_chanmajor", "W4"}, {"fwd_tile", "W4,tok8,vecw"}, {"fwd_tile", "W4,tok4,vecw"},
-                             {"fwd_tile", "W4,tok8,scalarw"}, {"fwd_stream", "W4"}, {"fwd_generic", "W4"},
-                             {"bwd_tile", "W4,vecw"}, {"bwd_stream", "W4"}, {"bwd_generic", "W4"},
-                             {"update", nullptr}};
-  const void* chanmajor = nullptr;  // not instantiated for 8-byte types
-  const void* chanmajor_bwd = nullptr;
-  if constexpr (sizeof(T) <= 4) {
-    chanmajor = reinterpret_cast<const void*>(&fwd_chanmajor_kernel<T, 4>);
-    chanmajor_bwd = reinterpret_cast<const void*>(&bwd_chanmajor_kernel<T, 4>);
+  struct Entry {
+    const char* kind;
+    const char* args;  // template arguments after the dtype (nullptr: none)
+    const void* func;
+    int threads;
+  };
+  auto fn = [](auto* kernel) { return reinterpret_cast<const void*>(kernel); };
+  constexpr bool kChanMajor = sizeof(T) <= 4;  // (not instantiated for 8-byte types)
+  static char names[12][64];
+  Entry list[12];
+  int n = 0;
+  if constexpr (kBwd) {
+    list[n++] = {"bwd_async", "W4", fn(&bwd_async_kernel<T, 4>), 128};
+    list[n++] = {"bwd_deep", "W4", fn(&bwd_async_kernel<T, 4, kDeepStages, false>), 128};
+    list[n++] = {"bwd_fused", "W4", fn(&bwd_async_kernel<T, 4, kDeepStages, true>), 128};
+    list[n++] = {"bwd_wide", "W4", fn(&bwd_async_kernel<T, 4, kDeepStages, true, true>), 128};
+    if constexpr (kChanMajor) list[n++] = {"bwd_chanmajor", "W4", fn(&bwd_chanmajor_kernel<T, 4>), 128};
+    list[n++] = {"bwd_tile", "W4,vecw", fn(&bwd_tokmajor_kernel<T, 4, kBwdTok, true>), 128};
+    list[n++] = {"bwd_stream", "W4", fn(&bwd_stream_kernel<T, 4>), 128};
+    list[n++] = {"bwd_generic", "W4", fn(&bwd_generic_kernel<T, 4>), 256};
+  } else {
+    list[n++] = {"fwd_async", "W4", fn(&fwd_async_kernel<T, 4>), 128};
+    list[n++] = {"fwd_deep", "W4", fn(&fwd_async_kernel<T, 4, kDeepStages>), 128};
+    list[n++] = {"fwd_wide", "W4", fn(&fwd_async_kernel<T, 4, kAsyncStages, true>), 128};
+    if constexpr (kChanMajor) list[n++] = {"fwd_chanmajor", "W4", fn(&fwd_chanmajor_kernel<T, 4>), 128};
+    list[n++] = {"fwd_tile", "W4,tok8,vecw", fn(&fwd_tokmajor_kernel<T, 4, 8, true>), 128};
+    list[n++] = {"fwd_tile", "W4,tok4,vecw", fn(&fwd_tokmajor_kernel<T, 4, 4, true>), 128};
+    list[n++] = {"fwd_tile", "W4,tok8,scalarw", fn(&fwd_tokmajor_kernel<T, 4, 8, false>), 128};
+    list[n++] = {"fwd_stream", "W4", fn(&fwd_stream_kernel<T, 4>), 128};
+    list[n++] = {"fwd_generic", "W4", fn(&fwd_generic_kernel<T, 4>), 256};
+    list[n++] = {"update", nullptr, fn(&update_kernel<T>), 128};
   }
-  const void* funcs[kN] = {
-      reinterpret_cast<const void*>(&bwd_async_kernel<T, 4>),
-      reinterpret_cast<const void*>(&fwd_async_kernel<T, 4>),
-      reinterpret_cast<const void*>(&bwd_async_kernel<T, 4, kDeepStages, false>),
-      reinterpret_cast<const void*>(&bwd_async_kernel<T, 4, kDeepStages, true>),
-      reinterpret_cast<const void*>(&bwd_async_kernel<T, 4, kDeepStages, true, true>),
-      reinterpret_cast<const void*>(&fwd_async_kernel<T, 4, kDeepStages>),
-      reinterpret_cast<const void*>(&fwd_async_kernel<T, 4, kAsyncStages, true>),
-      chanmajor,
-      chanmajor_bwd,
-      reinterpret_cast<const void*>(&fwd_tokmajor_kernel<T, 4, 8, true>),
-      reinterpret_cast<const void*>(&fwd_tokmajor_kernel<T, 4, 4, true>),
-      reinterpret_cast<const void*>(&fwd_tokmajor_kernel<T, 4, 8, false>),
-      reinterpret_cast<const void*>(&fwd_stream_kernel<T, 4>),
-      reinterpret_cast<const void*>(&fwd_generic_kernel<T, 4>),
-      reinterpret_cast<const void*>(&bwd_tokmajor_kernel<T, 4, kBwdTok, true>),
-      reinterpret_cast<const void*>(&bwd_stream_kernel<T, 4>),
-      reinterpret_cast<const void*>(&bwd_generic_kernel<T, 4>),
-      reinterpret_cast<const void*>(&update_kernel<T>)};
-  const int threads[kN] = {128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 256, 128, 128, 256, 128};
-  for (int i = 0; i < kN; ++i) {
-    if (funcs[i] == nullptr) continue;
-    if (kinds[i][1] != nullptr) snprintf(names[i], sizeof(names[i]), "%s<%s,%s>", kinds[i][0], dtype, kinds[i][1]);
-    else snprintf(names[i], sizeof(names[i]), "%s<%s>", kinds[i][0], dtype);
-    register_kernel({"conv1d", names[i], funcs[i], threads[i]});
+  for (int i = 0; i < n; ++i) {
+    if (list[i].args != nullptr) snprintf(names[i], sizeof(names[i]), "%s<%s,%s>", list[i].kind, dtype, list[i].args);
+    else snprintf(names[i], sizeof(names[i]), "%s<%s>", list[i].kind, dtype);
+    register_kernel({"conv1d", names[i], list[i].func, list[i].threads});
   }
-  if (strcmp(dtype, "fp32") == 0) register_kernel({"conv1d", "reduce_dweight", reinterpret_cast<const void*>(&reduce_dweight_kernel), 256});
+  if (kBwd && strcmp(dtype, "fp32") == 0)
+    register_kernel({"conv1d", "reduce_dweight", reinterpret_cast<const void*>(&reduce_dweight_kernel), 256});
   return true;
 }
 }  // namespace conv1d
 }  // namespace apriel
 
-// Defines the three launchers of one dtype (see APRIEL_CONV1D_DECLARE in conv1d_params.h).
-#define APRIEL_CONV1D_DEFINE(suffix, T)                                                              \
+// Defines the launchers of one dtype (see APRIEL_CONV1D_DECLARE in conv1d_params.h) in two translation units per
+// dtype, so that the build's longest compile is half of one dtype's kernels (session 27: one TU per dtype took 72-78 s
+// of the 85 s build on the GPU machine with 16 jobs; bench/results/s27/suite_8135245/ninja_log.txt):
+// APRIEL_CONV1D_DEFINE_FWD = forward + update (conv1d_<dtype>_fwd.cu), APRIEL_CONV1D_DEFINE_BWD = backward.
+#define APRIEL_CONV1D_DEFINE_FWD(suffix, T)                                                          \
   namespace apriel {                                                                                 \
   namespace conv1d {                                                                                 \
   void causal_conv1d_fwd_##suffix(const ConvParams& p, cudaStream_t s) { launch_fwd<T>(p, s); }      \
-  void causal_conv1d_bwd_##suffix(const ConvParams& p, cudaStream_t s) { launch_bwd<T>(p, s); }      \
   void causal_conv1d_update_##suffix(const UpdateParams& p, cudaStream_t s) { launch_update<T>(p, s); } \
-  static const bool kernels_registered_##suffix = register_kernels<T>(#suffix);                     \
+  static const bool kernels_registered_##suffix = register_kernels<T, false>(#suffix);              \
+  }                                                                                                  \
+  }
+#define APRIEL_CONV1D_DEFINE_BWD(suffix, T)                                                          \
+  namespace apriel {                                                                                 \
+  namespace conv1d {                                                                                 \
+  void causal_conv1d_bwd_##suffix(const ConvParams& p, cudaStream_t s) { launch_bwd<T>(p, s); }      \
+  static const bool kernels_registered_##suffix = register_kernels<T, true>(#suffix);               \
   }                                                                                                  \
   }

@@ -1,0 +1,5 @@
+// Causal conv1d kernels for __half activations, the backward half: 3 widths x its tiled, streaming, async
+// (deep / fused / wide), channel-major and generic kernels. See conv1d_kernels.cuh (APRIEL_CONV1D_DEFINE_BWD).
+#include "conv1d_kernels.cuh"
+
+APRIEL_CONV1D_DEFINE_BWD(fp16, __half)
