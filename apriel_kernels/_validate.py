@@ -5,6 +5,7 @@ that must agree across arguments of one call (a `Sizes` binds the names on first
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -80,6 +81,15 @@ def check_tensor(
 def check_choice(name: str, value, choices: Sequence) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+
+
+def check_env_positive_int(name: str) -> None:
+    """An integer knob read from the environment by a CUDA op (e.g. APRIEL_SSCAN_BWD_SEGMENTS), unset or empty meaning
+    the default, is checked here: the C++ side's own check would throw, and a C++ exception from an extension op kills
+    the GPU machine's process (docs/notes/STATUS.md item 4)."""
+    value = os.environ.get(name, "")
+    if value and not (value.strip().isdigit() and int(value) >= 1):
+        raise ValueError(f"{name}: expected a positive integer (or unset), got {value!r}")
 
 
 def check_positive_multiple(name: str, value: int, of: int, of_name: str) -> None:

@@ -128,6 +128,7 @@ def mixer_scan_bwd(
     """Gradients [dzxbc, ddt_low, dconv_weight, dconv_bias, ddt_proj_weight, ddt_proj_bias, dA_log, dD,
     dinitial_ssm_state, dinitial_conv_state], each shaped and typed like its input (empty when None)."""
     if _use_kernel(zxbc):
+        V.check_env_positive_int("APRIEL_SCAN_BWD_SEGMENTS")
         kernel = cuda_kernel("mixer_scan_bwd")
         if kernel is not None:
             return kernel(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D,

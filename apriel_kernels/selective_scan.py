@@ -202,6 +202,7 @@ def selective_scan_bwd(
             V.check_tensor("checkpoints", checkpoints, _checkpoint_shape(delta, A), (torch.float32,), device=delta.device)
             if not checkpoints.is_contiguous():
                 raise ValueError("checkpoints: expected a contiguous tensor (the forward's output)")
+        V.check_env_positive_int("APRIEL_SSCAN_BWD_SEGMENTS")
         kernel = _cuda_kernel("selective_scan_bwd", u, delta, A, B, C)
         if kernel is not None:
             return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, dy, dfinal_state,

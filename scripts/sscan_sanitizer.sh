@@ -50,13 +50,19 @@ print("sscan sanitizer case ok")
 PY
 LOG="$OUT_DIR/sscan_sanitizer.log"
 : > "$LOG"
-for prep in fast precise; do
-  for tool in memcheck racecheck; do
-    echo "=== APRIEL_SSCAN_FWD=v7 APRIEL_SSCAN_BWD=v7 prep=$prep $tool" | tee -a "$LOG"
-    SOFT=""
-    [ "$prep" = precise ] && SOFT=precise
-    APRIEL_SSCAN_FWD=v7 APRIEL_SSCAN_BWD=v7 APRIEL_SSCAN_SOFTPLUS=$SOFT compute-sanitizer --tool "$tool" python3 "$CASE" 2>&1 \
-      | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|case ok|Error|error" | tee -a "$LOG"
+# Session 27: the backward v7's sequence split - by default here 3 segments of one tile each (the carry pre-pass, its
+# groups with one tile or none, the per-segment rows) - and unsplit (APRIEL_SSCAN_BWD_SEGMENTS=1).
+for segments in auto 1; do
+  for prep in fast precise; do
+    for tool in memcheck racecheck; do
+      echo "=== APRIEL_SSCAN_FWD=v7 APRIEL_SSCAN_BWD=v7 segments=$segments prep=$prep $tool" | tee -a "$LOG"
+      SOFT="" SEGS=""
+      [ "$prep" = precise ] && SOFT=precise
+      [ "$segments" != auto ] && SEGS=$segments
+      APRIEL_SSCAN_FWD=v7 APRIEL_SSCAN_BWD=v7 APRIEL_SSCAN_SOFTPLUS=$SOFT APRIEL_SSCAN_BWD_SEGMENTS=$SEGS \
+        compute-sanitizer --tool "$tool" python3 "$CASE" 2>&1 \
+        | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|case ok|Error|error" | tee -a "$LOG"
+    done
   done
 done
 rm -f "$CASE"

@@ -653,6 +653,18 @@ def _ref_grads(args, kw, seq, weights):
 
 @gpu
 @needs_kernel
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_backward_segments_env_rejected(value, monkeypatch):
+    """APRIEL_SCAN_BWD_SEGMENTS must be a positive integer: a ValueError naming it (raised in Python: the C++ check's
+    exception would kill the GPU machine's process)."""
+    args, kw = make_inputs(1, 64, 64, 16, dtype=torch.bfloat16, device="cuda")
+    monkeypatch.setenv("APRIEL_SCAN_BWD_SEGMENTS", value)
+    with pytest.raises(ValueError, match="APRIEL_SCAN_BWD_SEGMENTS"):
+        _grads(args, kw, None, (1.0, 1.0, 1.0))
+
+
+@gpu
+@needs_kernel
 @pytest.mark.parametrize("version", ["v4k4", "v4k8", "v3", "v5k4", "v5k8"])
 def test_gradient_parity_with_each_forward_version(version, bwd_version, monkeypatch):
     """The backward consumes the forward's state checkpoints: each forward version must write them right."""

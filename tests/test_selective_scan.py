@@ -667,6 +667,57 @@ def test_cuda_backward_v7_parity(case, dtype, softplus, monkeypatch):
                                    msg=f"d{k}")
 
 
+# The backward v7's sequence split (session 27, APRIEL_SSCAN_BWD_SEGMENTS): segments of ceil(tiles / S) tiles, the
+# carry pre-pass (sscan_bwd7_carry_kernel) for every segment but the first, per-segment partial rows. Segment counts
+# that leave a ragged last segment, a carry group without tiles (fewer tiles than the pre-pass's 4 groups), more
+# segments asked than tiles (capped), the final state's gradient carried across segments, the initial state's from
+# segment 0, channel-major and token-major, grouped u, 2 C groups, no z.
+V7_SPLIT_CASES = [
+    ((1, 4097, 64, None, 1, 1, 16, "tm", "init"), 3),  # 129 tiles: 43 + 43 + 43, the last tile 1 token
+    ((2, 1000, 128, None, 1, 1, 16, "cm", "init"), 4),  # 32 tiles: 8 per segment, 2 per carry group
+    ((1, 2048, 128, 64, 1, 2, 16, "cm", "noz"), 8),  # 64 tiles: 8 per segment
+    ((1, 77, 64, None, 1, 1, 16, "tm", "init"), 2),  # 3 tiles: 2 + 1 (carry groups of 1 tile and none)
+    ((3, 264, 256, None, 2, 1, 16, "tm", "init"), 20),  # 9 tiles: capped at 9 segments of 1 tile
+]
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
+@pytest.mark.parametrize("case,segments", V7_SPLIT_CASES, ids=lambda v: CASE_ID(v) if isinstance(v, tuple) else f"S{v}")
+def test_cuda_backward_v7_split(case, segments, dtype, monkeypatch):
+    """v7 with the sequence split: gradients vs float64, bitwise repeatable, close to the unsplit v7's; the profiler
+    shows the carry pre-pass ran (and does not without the split)."""
+    monkeypatch.setenv("APRIEL_SSCAN_BWD", "v7")
+    monkeypatch.setenv("APRIEL_SSCAN_BWD_SEGMENTS", str(segments))
+    got, names = cuda_kernels(lambda: _gradient_parity(case, dtype))
+    assert any("sscan_bwd7_carry_kernel" in k for k in names), names
+    assert any("sscan_bwd7_kernel" in k for k in names), names
+    again = _gradient_parity(case, dtype)
+    for k in got:
+        assert torch.equal(got[k], again[k]), f"d{k}: the split backward v7 is not bitwise repeatable"
+    monkeypatch.setenv("APRIEL_SSCAN_BWD_SEGMENTS", "1")
+    whole, names = cuda_kernels(lambda: _gradient_parity(case, dtype))
+    assert not any("sscan_bwd7_carry_kernel" in k for k in names), names
+    for k, ref in whole.items():
+        torch.testing.assert_close(got[k].float(), ref.float(), rtol=0, atol=1e-2 * ref.abs().max().item(),
+                                   msg=f"d{k}")
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("value", ["0", "-2", "four"])
+def test_cuda_backward_v7_segments_env_rejected(value, monkeypatch):
+    """APRIEL_SSCAN_BWD_SEGMENTS must be a positive integer: a ValueError naming it (raised in Python: the C++
+    check's exception would kill the GPU machine's process), not a silent default."""
+    args, _ = make_cuda_case(1, 64, 64, None, 1, 1, 16, torch.bfloat16, "")
+    leaves = {k: v.clone().requires_grad_(True) if v is not None else None for k, v in args.items()}
+    y = selective_scan(**leaves, delta_softplus=True)
+    monkeypatch.setenv("APRIEL_SSCAN_BWD_SEGMENTS", value)
+    with pytest.raises(ValueError, match="APRIEL_SSCAN_BWD_SEGMENTS"):
+        y.float().sum().backward()
+
+
 @gpu
 @needs_kernel
 @pytest.mark.parametrize("extras", ["packed_init", "fp32", "d48", "nan"])
@@ -686,8 +737,9 @@ def test_cuda_backward_v7_falls_back_to_v2(extras, monkeypatch):
 @pytest.mark.parametrize("direction", ["fwd", "bwd"])
 def test_cuda_v7_default_dispatch(direction, monkeypatch):
     """Without APRIEL_SSCAN_FWD / APRIEL_SSCAN_BWD: the forward / backward v7 for channel-major (mamba) and token-major
-    inputs with aligned rows once its grid (batch x d_inner / 64 blocks) reaches 0.9 blocks per SM; v2 below that and
-    for rows without 16-byte copies."""
+    inputs with aligned rows once its grid (batch x d_inner / 64 blocks; the backward's times its segments) reaches
+    0.9 blocks per SM; v2 below that and for rows without 16-byte copies. L 64 = 2 tiles: the backward's split has at
+    most 2 segments."""
     monkeypatch.delenv("APRIEL_SSCAN_FWD" if direction == "fwd" else "APRIEL_SSCAN_BWD", raising=False)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     d = 1024
@@ -703,13 +755,17 @@ def test_cuda_v7_default_dispatch(direction, monkeypatch):
 
         return cuda_kernels(call)[1]
 
-    v7, v2 = f"sscan_{direction}7_kernel", f"sscan_{direction}2_kernel"
+    v7, v2, carry = f"sscan_{direction}7_kernel", f"sscan_{direction}2_kernel", "sscan_bwd7_carry_kernel"
     for layout in ("cm", "tm"):
         assert any(v7 in k for k in kernels(big, layout)), layout
-    for batch, layout in ((big - 1, "cm"), (big, "nan")):
+    below = (big - 1, "cm") if direction == "fwd" else (1, "cm")  # (b1: 2 segments of 16 blocks do not fill)
+    for batch, layout in (below, (big, "nan")):
         names = kernels(batch, layout)
         assert not any(v7 in k for k in names), (batch, layout, names)
         assert any(v2 in k for k in names), (batch, layout, names)
+    if direction == "bwd":  # one batch below: 2 segments fill the grid
+        names = kernels(big - 1, "cm")
+        assert any(v7 in k for k in names) and any(carry in k for k in names), names
 
 
 @gpu

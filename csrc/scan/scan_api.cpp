@@ -17,6 +17,7 @@
 #include <string>
 
 #include "../common/sm_count.h"  // sm_count: the current device's multiprocessors
+#include "../common/split_rule.h"  // best_segments, forced_segments: the sequence split's segment count
 #include "scan_params.h"
 
 namespace apriel {
@@ -363,32 +364,19 @@ std::string bwd_version() {
   return env != nullptr ? std::string(env) : std::string("auto");
 }
 
-// Segments per sequence for the v7 backward (session 7, scan_params.h: the sequence split). The main kernel's
-// blocks (batch x d_inner / 64 x segments, 2 resident per SM) run in waves of equal-length blocks, so its time is
-// ~ waves(S) / S of the unsplit one-wave time; the carry pre-pass adds ~(S - 1) / S of a readout-free scan over
-// the sequence (kPrePass: its cost relative to one main-kernel wave over the same tokens, per block-fill).
-// The S in 1 .. 8 (at most one per tile) with the least estimate wins: b1 / b2 / b3 at D 4096 -> 4 / 2 / 4,
-// b4 / b8 -> 1. APRIEL_SCAN_BWD_SEGMENTS=n forces n (capped at the tile count).
+// Segments per sequence for the v7 backward (session 7, scan_params.h: the sequence split), by best_segments
+// (split_rule.h: waves of the main kernel's blocks, batch x d_inner / 64 x segments, plus the carry pre-pass). The S in
+// 1 .. 8 (at most one per tile) with the least estimate wins: b1 / b2 / b3 at D 4096 -> 4 / 2 / 4, b4 / b8 -> 1.
+// APRIEL_SCAN_BWD_SEGMENTS=n forces n (capped at the tile count).
 int bwd7_segments(const MixerScanParams& p) {
   const int64_t max_s = std::min<int64_t>(8, p.n_chunks);
-  const char* env = std::getenv("APRIEL_SCAN_BWD_SEGMENTS");
-  if (env != nullptr && *env != '\0') {
-    const int64_t n = std::atoll(env);
-    TORCH_CHECK(n >= 1, "APRIEL_SCAN_BWD_SEGMENTS: expected a positive integer, got '", env, "'");
-    return static_cast<int>(std::min<int64_t>(n, p.n_chunks));
-  }
+  std::string bad;
+  const int64_t forced = forced_segments("APRIEL_SCAN_BWD_SEGMENTS", p.n_chunks, &bad);
+  TORCH_CHECK(bad.empty(), "APRIEL_SCAN_BWD_SEGMENTS: expected a positive integer, got '", bad, "'");
+  if (forced > 0) return static_cast<int>(forced);
   constexpr double kPrePass = 0.17;  // H100 b1 L8192, 4 segments: pre-pass 0.205 ms, main kernel 1.63 ms
   const double blocks = static_cast<double>(p.batch) * mixer_scan_bwd7_blocks_per_row(p), slots = 2.0 * sm_count();
-  int best = 1;
-  double best_cost = 1e30;
-  for (int64_t s = 1; s <= max_s; ++s) {
-    const double cost = std::ceil(blocks * s / slots) / s + kPrePass * (blocks / slots) * (s - 1) / s;
-    if (cost < best_cost * 0.97) {  // a split must win by 3 %
-      best = static_cast<int>(s);
-      best_cost = cost;
-    }
-  }
-  return best;
+  return best_segments(blocks, slots, max_s, kPrePass);
 }
 
 // Segments of the v7 backward for these params, 0 where v4 / v3 run (the host epilogue depends on it: fused

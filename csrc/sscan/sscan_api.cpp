@@ -16,6 +16,7 @@
 #include <string>
 
 #include "../common/sm_count.h"
+#include "../common/split_rule.h"
 #include "sscan_params.h"
 
 namespace apriel {
@@ -72,8 +73,23 @@ void set_v2_staging(SScanParams& p, const Tensor& u, const Tensor& delta, const 
 bool v7_shapes(const SScanParams& p, at::ScalarType st, bool has_seq_idx) {
   return st != at::kFloat && p.dim % 64 == 0 && p.b_cpg % 64 == 0 && p.c_cpg % 64 == 0 && !has_seq_idx;
 }
-bool v7_grid_fills(const SScanParams& p, int device) {
-  return (int64_t)(p.dim / 64) * p.batch * 10 >= 9 * (int64_t)sm_count(device);
+bool v7_grid_fills(const SScanParams& p, int device, int64_t segments = 1) {
+  return (int64_t)(p.dim / 64) * p.batch * segments * 10 >= 9 * (int64_t)sm_count(device);
+}
+
+// Segments per sequence of the backward v7's sequence split (session 27; the mixer's rule, split_rule.h): b1 at
+// d_inner 4096 -> 4 segments (256 blocks), b2 -> 2, b3 -> 4 (H100: 132 SMs), b4 and up -> 1. At most 8 and one per
+// tile; batch x segments <= 65535 (grid.y). APRIEL_SSCAN_BWD_SEGMENTS=n forces n (capped at the tile count).
+int bwd7_segments(const SScanParams& p, int device) {
+  const int64_t max_y = std::max<int64_t>(1, 65535 / std::max<int64_t>(p.batch, 1));
+  std::string bad;
+  const int64_t forced = forced_segments("APRIEL_SSCAN_BWD_SEGMENTS", std::min<int64_t>(p.n_chunks, max_y), &bad);
+  TORCH_CHECK(bad.empty(), "APRIEL_SSCAN_BWD_SEGMENTS: expected a positive integer, got '", bad, "'");
+  if (forced > 0) return static_cast<int>(forced);
+  // (the mixer's pre-pass constant; the selective scan's carry pre-pass does the same work per element)
+  constexpr double kPrePass = 0.17;
+  const double blocks = static_cast<double>(p.batch) * (p.dim / 64), slots = 2.0 * sm_count(device);
+  return best_segments(blocks, slots, std::min<int64_t>({8, p.n_chunks, max_y}), kPrePass);
 }
 
 SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
@@ -215,14 +231,19 @@ std::vector<Tensor> selective_scan_bwd_cuda(const Tensor& u, const Tensor& delta
               "dy: expected (batch, seqlen, d_inner)");
   auto f32 = delta.options().dtype(at::kFloat);
   // Backward v7 (sscan_bwd7.cuh, session 26): on the v7 shapes with the forward v7's fast staging and 16-byte dy rows;
-  // APRIEL_SSCAN_BWD=v7 forces it wherever it applies, v2 forces v2. Default where its grid fills the GPU
-  // (v7_grid_fills). H100, bf16, D 4096, L 4096, channel-major, bwd p50 ms (bench/results/s26/bwd_batches_d82da6a/):
-  // v2 -> v7 b1 1.19 / 2.04 (v2 stays), b2 2.30 -> 2.10, b3 3.34 -> 2.53, b4 4.41 -> 2.58, b8 8.77 -> 5.08.
+  // APRIEL_SSCAN_BWD=v7 forces it wherever it applies, v2 forces v2. Default where its grid - with the sequence split
+  // (session 27: bwd7_segments) - fills the GPU (v7_grid_fills). H100, bf16, D 4096, L 4096, channel-major, bwd p50
+  // ms (bench/results/s26/bwd_batches_d82da6a/): v2 -> v7 b2 2.30 -> 2.10, b3 3.34 -> 2.53, b4 4.41 -> 2.58, b8 8.77
+  // -> 5.08; b1 1.19 (v2) vs 2.04 (v7, unsplit: 64 blocks).
   const char* bwd_env = std::getenv("APRIEL_SSCAN_BWD");
   const std::string bwd_variant = bwd_env != nullptr ? bwd_env : "";
   const int fast = sscan_fwd7_fast_layout(p);
+  const int segments = bwd7_segments(p, delta.get_device());
   p.bwd_v7 = p.bwd_v2 && v7_shapes(p, st, seq_idx.has_value()) && fast != 0 &&
-             (bwd_variant == "v7" || (bwd_variant.empty() && v7_grid_fills(p, delta.get_device())));
+             (bwd_variant == "v7" || (bwd_variant.empty() && v7_grid_fills(p, delta.get_device(), segments)));
+  p.bwd_segments = p.bwd_v7 ? segments : 1;
+  p.seg_tiles = (p.n_chunks + p.bwd_segments - 1) / p.bwd_segments;
+  p.bwd_segments = p.n_chunks > 0 ? (p.n_chunks + p.seg_tiles - 1) / p.seg_tiles : 1;  // (no empty segment)
   // dy: v2 reads (b, L, D) contiguous; v7 in the activations' orientation with 16-byte rows - mamba's layout hands dy
   // over token-fast, and its transpose copy took 1.0 of the 6.2 ms of the b8 L4096 backward (session 26).
   Tensor dy_c = dy.to(st);
@@ -246,8 +267,11 @@ std::vector<Tensor> selective_scan_bwd_cuda(const Tensor& u, const Tensor& delta
   Tensor dz = z ? at::empty({b, L, D}, delta.options()) : Tensor();
   Tensor dB_part = at::empty({b, L, nblk, p.b_ngl, N}, f32);
   Tensor dC_part = at::empty({b, L, nblk, p.c_ngl, N}, f32);
-  Tensor dA_part = at::empty({b, D, N}, f32);
-  Tensor dD_part = at::empty({b, D}, f32), ddb_part = at::empty({b, D}, f32);
+  // (v7: one row per (b, segment); the pre-pass's (L, P) per later segment)
+  const int64_t bs = b * p.bwd_segments;
+  Tensor dA_part = at::empty({bs, D, N}, f32);
+  Tensor dD_part = at::empty({bs, D}, f32), ddb_part = at::empty({bs, D}, f32);
+  Tensor seg_carry = p.bwd_segments > 1 ? at::empty({b, p.bwd_segments, 2, D, N}, f32) : Tensor();
   Tensor dinit = at::empty({b, D, N}, f32);
   Tensor dfs = dfinal && dfinal->numel() ? f32c(*dfinal) : Tensor();
   if (b > 0 && L > 0) {
@@ -274,6 +298,7 @@ std::vector<Tensor> selective_scan_bwd_cuda(const Tensor& u, const Tensor& delta
     p.dB_part = dB_part.data_ptr<float>(); p.dC_part = dC_part.data_ptr<float>();
     p.dA_part = dA_part.data_ptr<float>(); p.dD_part = dD_part.data_ptr<float>(); p.ddb_part = ddb_part.data_ptr<float>();
     p.dinit = dinit.data_ptr<float>();
+    p.seg_carry = seg_carry.defined() ? seg_carry.data_ptr<float>() : nullptr;
     launch<false>(p, st);
   } else {
     for (Tensor* t : {&du, &ddelta, &dB_part, &dC_part, &dA_part, &dD_part, &ddb_part}) t->zero_();

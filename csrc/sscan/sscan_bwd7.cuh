@@ -73,6 +73,19 @@ struct WarpView {
   float (*red)[32];
 };
 
+// delta from its input v (+ bias): softplus with the MUFU forms (kFastPrep: the default call), else per the flags.
+// The main kernel and the carry pre-pass compute it alike.
+template <bool kFastPrep>
+__device__ __forceinline__ float delta_of(const SScanParams& p, float v) {
+  if constexpr (kFastPrep) return softplus_fast(v);
+  else return p.softplus ? sscan::softplus_v2(v, p.fast_prep) : v;
+}
+// sigmoid(z) of the gate silu(z) = z sigmoid(z).
+template <bool kFastPrep>
+__device__ __forceinline__ float gate_sigmoid(const SScanParams& p, float zz) {
+  return kFastPrep || p.fast_prep ? sscan::sigmoid_fast(zz) : sscan::sigmoidf_(zz);
+}
+
 // kBT: the activations staged token-fast (mamba's channel-major layout), else token-major (the forward v7's kFast
 // orientations). kFastPrep: softplus with the MUFU forms (the default), as the forward v7's.
 template <typename T, bool kBT, bool kFastPrep>
@@ -82,8 +95,10 @@ __global__ void __launch_bounds__(kThreads, 2) sscan_bwd7_kernel(SScanParams p) 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Smem<T>& sm = *reinterpret_cast<Smem<T>*>(smem_raw);
   const int tid = threadIdx.x, lane = tid % 32, w = tid / 32, g = lane / 4, q = lane % 4;
-  const int b = blockIdx.y, c0 = blockIdx.x * (kHeads * 16), hc0 = c0 + 16 * w;  // block / warp first channel
+  const int c0 = blockIdx.x * (kHeads * 16), hc0 = c0 + 16 * w;  // block / warp first channel
+  const int segs = p.bwd_segments, b = blockIdx.y / segs, seg = blockIdx.y % segs;  // (the sequence split)
   const int D = p.dim, L = p.seqlen, n_tiles = p.n_chunks;
+  const int tile_first = seg * p.seg_tiles, tile_last = min(n_tiles, tile_first + p.seg_tiles) - 1;
   const bool has_z = p.z != nullptr;
   typename Smem<T>::Warp& wp = sm.wp[w];
 
@@ -103,7 +118,7 @@ __global__ void __launch_bounds__(kThreads, 2) sscan_bwd7_kernel(SScanParams p) 
     sscan7::stage_fast<T, kBT, kBwdSlots>(sm.raw[par], sm.src, sm.src_stride, t0, L, tid, has_z);
     sscan2::cp_async_commit();
   };
-  stage((n_tiles - 1) & 1, (n_tiles - 1) * kT);
+  stage(tile_last & 1, tile_last * kT);
 
   // Scan constants / state: element [nt][i] = channel 2g + (i >> 1) of the warp's 16, state 8 nt + 2q + (i & 1).
   float An[2][4], A2[2][4], carry[2][4], dAacc[2][4];
@@ -117,6 +132,18 @@ __global__ void __launch_bounds__(kThreads, 2) sscan_bwd7_kernel(SScanParams p) 
       carry[nt][i] = p.dfinal != nullptr ? p.dfinal[((int64_t)b * D + cs) * kN + n] : 0.f;
       dAacc[nt][i] = 0.f;
     }
+  // Sequence split: the carry entering this segment's last token - the final state's gradient carried through the
+  // later segments by the pre-pass's (L, P): carry = L_s2 + P_s2 carry, s2 = S - 1 .. seg + 1 (fixed order).
+  for (int s2 = segs - 1; s2 > seg; --s2) {
+    const float* lp = p.seg_carry + (((int64_t)b * segs + s2) * 2) * D * kN;
+    float lv[2][4], pv[2][4];
+    scan7b::load_state(lp, hc0, g, q, lv);
+    scan7b::load_state(lp + (int64_t)D * kN, hc0, g, q, pv);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) carry[nt][i] = fmaf(pv[nt][i], carry[nt][i], lv[nt][i]);
+  }
   const int bsel = q == 0 ? g : 8;  // lanes q > 0 read the zero entry: rows k >= 1 of a k4 B operand
   const scan7b::RevLane rl = scan7b::rev_lane(lane);
   // Prep mapping. Token-fast: lane = (channel pair pp = lane % 8: channels 2 pp, + 1; token pair tp = lane / 8:
@@ -140,16 +167,12 @@ __global__ void __launch_bounds__(kThreads, 2) sscan_bwd7_kernel(SScanParams p) 
     float du, dl, dys, u, dsp, dzf;
   };
   auto item = [&](float u, float v, float zz, float dyv, bool live) {
-    float delta, dsp = 1.f, sz = 1.f, gz = 1.f;
-    if constexpr (kFastPrep) {
-      delta = softplus_fast(v);
-      dsp = v > 20.f ? 1.f : sscan::sigmoid_fast(v);
-    } else {
-      delta = p.softplus ? sscan::softplus_v2(v, p.fast_prep) : v;
-      if (p.softplus && v <= 20.f) dsp = p.fast_prep ? sscan::sigmoid_fast(v) : sscan::sigmoidf_(v);
-    }
+    const float delta = delta_of<kFastPrep>(p, v);
+    float dsp = 1.f, sz = 1.f, gz = 1.f;
+    if constexpr (kFastPrep) dsp = v > 20.f ? 1.f : sscan::sigmoid_fast(v);
+    else if (p.softplus && v <= 20.f) dsp = p.fast_prep ? sscan::sigmoid_fast(v) : sscan::sigmoidf_(v);
     if (has_z) {
-      sz = kFastPrep || p.fast_prep ? sscan::sigmoid_fast(zz) : sscan::sigmoidf_(zz);
+      sz = gate_sigmoid<kFastPrep>(p, zz);
       gz = zz * sz;
     }
     Item it;
@@ -162,11 +185,11 @@ __global__ void __launch_bounds__(kThreads, 2) sscan_bwd7_kernel(SScanParams p) 
     return it;
   };
 
-  for (int tile = n_tiles - 1; tile >= 0; --tile) {
+  for (int tile = tile_last; tile >= tile_first; --tile) {
     const int t0 = tile * kT, par = tile & 1, Tv = min(kT, L - t0);
     sscan2::cp_async_wait_all();
     __syncthreads();  // S1: the tile's copies are visible; every reader of the tile after it is done
-    if (tile > 0) stage(par ^ 1, t0 - kT);
+    if (tile > tile_first) stage(par ^ 1, t0 - kT);
     const T* ru = sm.raw[par][sscan7::kSlotU + w];
     const T* rd = sm.raw[par][sscan7::kSlotDelta + w];
     const T* rz = sm.raw[par][sscan7::kSlotZ + w];
@@ -322,21 +345,24 @@ __global__ void __launch_bounds__(kThreads, 2) sscan_bwd7_kernel(SScanParams p) 
     }
   }
 
-  // Whole-sequence outputs: dA (sum of q delta), the initial state's gradient (the carry past token 0), dD, d bias.
+  // The segment's sums, one row per (b, segment): dA (sum of q delta), dD, d bias; segment 0: the initial state's
+  // gradient (the carry past token 0).
+  const int64_t row = (int64_t)b * segs + seg;
 #pragma unroll
   for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
     for (int r2 = 0; r2 < 2; ++r2) {
-      const int64_t o = ((int64_t)b * D + hc0 + 2 * g + r2) * kN + nt * 8 + 2 * q;
-      *reinterpret_cast<float2*>(p.dA_part + o) = make_float2(dAacc[nt][2 * r2], dAacc[nt][2 * r2 + 1]);
-      if (p.dinit != nullptr)
-        *reinterpret_cast<float2*>(p.dinit + o) = make_float2(carry[nt][2 * r2], carry[nt][2 * r2 + 1]);
+      const int64_t o = (hc0 + 2 * g + r2) * kN + nt * 8 + 2 * q;
+      *reinterpret_cast<float2*>(p.dA_part + row * D * kN + o) = make_float2(dAacc[nt][2 * r2], dAacc[nt][2 * r2 + 1]);
+      if (p.dinit != nullptr && seg == 0)
+        *reinterpret_cast<float2*>(p.dinit + (int64_t)b * D * kN + o) =
+            make_float2(carry[nt][2 * r2], carry[nt][2 * r2 + 1]);
     }
   accD += __shfl_xor_sync(0xffffffffu, accD, 16);
   accDB += __shfl_xor_sync(0xffffffffu, accDB, 16);
   if (lane < 16) {
-    p.dD_part[(int64_t)b * D + hc0 + ec] = accD;
-    p.ddb_part[(int64_t)b * D + hc0 + ec] = accDB;
+    p.dD_part[row * D + hc0 + ec] = accD;
+    p.ddb_part[row * D + hc0 + ec] = accDB;
   }
 }
 
@@ -346,12 +372,167 @@ void launch(const SScanParams& p, void* stream) {
   auto kernel = sscan_bwd7_kernel<T, kBT, kFastPrep>;
   static const bool configured = scan7::allow_smem(reinterpret_cast<const void*>(kernel), smem);  // once
   (void)configured;
-  const dim3 grid(p.dim / (kHeads * 16), p.batch);
+  const dim3 grid(p.dim / (kHeads * 16), p.batch * p.bwd_segments);
   kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
   APRIEL_CHECK_LAUNCH();
 }
 
 }  // namespace sscan7b
+
+// The carry pre-pass of the sequence split (p.bwd_segments > 1), as the mixer's (mixer_scan_bwd7.cuh scan7c): for
+// every segment s >= 1 of every sequence, L_s = the adjoint carry at the segment's start given a zero carry at its end
+// (carry = (carry + dys_t C_t) exp(delta_t A) over its tokens in reverse) and P_s = exp(A sum_t delta_t); the main
+// kernel's block of segment s folds the later segments' (L, P) into its starting carry. Its work is ~(S - 1) / S of a
+// readout-free scan (one ex2 per element), plus the prep (delta, dy silu(z)) once per (channel, token).
+// Block = one head (16 channels x 16 states) of one segment; kGroups groups of 64 threads, each over its own
+// contiguous range of the segment's tiles, folded at the end (a segment is walked kGroups-way parallel). Per group and
+// 32-token tile (reverse order):
+//   wait for the thread's copies; group barrier A (the tile's raw slots are the group's; the scan before is done);
+//   prep: raw delta / z / dy / C -> fp32 delta (0 past the end), tf32(dy silu(z)) (the main kernel's rounding), C;
+//   group barrier B (the prep is the group's; raw is free); the next tile's copies into raw (in flight during the
+//   scan); the scan: thread = (channel tid / 4, states 4 (tid % 4) .. + 3), 32 tokens.
+// The slots come in the main kernel's orientation (kBT: token-fast rows, else token-major) by 16-byte cp.async,
+// zero-filled past the end: the forward v7's fast layouts guarantee the alignment, and the host dy's.
+namespace sscan7c {
+
+using sscan::kT;
+using sscan7::kN;
+using sscan7b::delta_of;
+using sscan7b::gate_sigmoid;
+constexpr int kGT = 64;  // threads per group
+constexpr int kGroups = 4;
+constexpr int kThr = kGT * kGroups;
+enum { kRDelta = 0, kRZ = 1, kRDy = 2, kRC = 3, kRSlots = 4 };
+
+template <typename T>
+struct GroupSmem {                        // 10 KB; 40 KB per block
+  alignas(16) T raw[kRSlots][16 * kT];    // delta, z, dy (the head's 16 channels), C (16 states); kBT [row][token]
+  alignas(16) float dl[kT][16];           // [token][channel]
+  alignas(16) float dys[kT][16];
+  alignas(16) float c[kT][16];            // [token][state]
+};
+
+template <typename T, bool kBT, bool kFastPrep>
+__global__ void __launch_bounds__(kThr) sscan_bwd7_carry_kernel(SScanParams p) {
+  __shared__ GroupSmem<T> gs[kGroups];
+  __shared__ float4 fold_l[kGroups][kGT];
+  __shared__ float fold_sd[kGroups][kGT];
+  const int gi = threadIdx.x / kGT, tid = threadIdx.x % kGT, S = p.bwd_segments, nseg = S - 1;
+  const int c0 = blockIdx.x * 16, b = blockIdx.y / nseg, seg = blockIdx.y % nseg + 1;
+  const int D = p.dim, L = p.seqlen;
+  const int seg_first = seg * p.seg_tiles, seg_last = min(p.n_chunks, seg_first + p.seg_tiles) - 1;
+  const int per = (seg_last - seg_first + kGroups) / kGroups;
+  const int tile_first = seg_first + gi * per, tile_last = min(seg_last, tile_first + per - 1);
+  GroupSmem<T>& sm = gs[gi];
+  const bool has_z = p.z != nullptr;
+  auto group_sync = [&] {  // named barrier 1 + gi of the group's 64 threads
+    static_assert(kGroups == 4 && kGT == 64, "group_sync names barriers 1..4 of 64 threads");
+    switch (gi) {
+      case 0: asm volatile("bar.sync 1, 64;" ::: "memory"); break;
+      case 1: asm volatile("bar.sync 2, 64;" ::: "memory"); break;
+      case 2: asm volatile("bar.sync 3, 64;" ::: "memory"); break;
+      default: asm volatile("bar.sync 4, 64;" ::: "memory"); break;
+    }
+  };
+  // The slots' first elements (row 0, token 0) and strides: kBT rows of tokens (row stride rs), else token rows of
+  // 16 (token stride ts).
+  const T* base[kRSlots];
+  int64_t stride[kRSlots];
+  base[kRDelta] = static_cast<const T*>(p.dl) + (int64_t)b * p.dl_sb + (int64_t)c0 * p.dl_sc;
+  stride[kRDelta] = kBT ? p.dl_sc : p.dl_sl;
+  base[kRZ] = has_z ? static_cast<const T*>(p.z) + (int64_t)b * p.z_sb + (int64_t)c0 * p.z_sc : base[kRDelta];
+  stride[kRZ] = has_z ? (kBT ? p.z_sc : p.z_sl) : stride[kRDelta];
+  base[kRDy] = static_cast<const T*>(p.dy) + (int64_t)b * p.dy_sb + (int64_t)c0 * p.dy_sc;
+  stride[kRDy] = kBT ? p.dy_sc : p.dy_sl;
+  base[kRC] = static_cast<const T*>(p.C) + (int64_t)b * p.C_sb + (int64_t)(c0 / p.c_cpg) * p.C_sg;
+  stride[kRC] = kBT ? p.C_sn : p.C_sl;
+  // The thread's 16-byte piece of each slot: kBT (row tid / 4, tokens 8 (tid % 4) ..), else (token tid / 2, rows
+  // 8 (tid % 2) ..).
+  const int prow = kBT ? tid / 4 : 8 * (tid % 2), ptok = kBT ? 8 * (tid % 4) : tid / 2;
+  const int pdst = kBT ? prow * kT + ptok : ptok * 16 + prow;
+  auto copy_tile = [&](int t0, bool have) {
+    const int pos = t0 + ptok;
+    const int n = !have ? 0 : kBT ? min(max(L - pos, 0), 8) : (pos < L ? 8 : 0);
+#pragma unroll
+    for (int s = 0; s < kRSlots; ++s) {
+      if (s == kRZ && !has_z) continue;
+      const T* src = kBT ? base[s] + prow * stride[s] + pos : base[s] + pos * stride[s] + prow;
+      sscan2::cp_async16(sm.raw[s] + pdst, n > 0 ? src : base[s], n * (int)sizeof(T));
+    }
+    sscan2::cp_async_commit();
+  };
+  auto raw_at = [&](int s, int row, int t) {
+    return sscan::to_f(sm.raw[s][kBT ? row * kT + t : t * 16 + row]);
+  };
+  // prep mapping: row (channel / state) tid % 16, tokens 8 (tid / 16) .. + 7
+  const int qr = tid % 16, qt0 = 8 * (tid / 16);
+  const float bias = p.delta_bias != nullptr ? p.delta_bias[c0 + qr] : 0.f;
+  // scan mapping: channel sc, states 4 sq .. + 3
+  const int sc = tid / 4, sq = tid % 4;
+  float A2[4], carry[4] = {0.f, 0.f, 0.f, 0.f}, sdelta = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) A2[i] = p.A[(int64_t)(c0 + sc) * kN + 4 * sq + i] * sscan::kLog2e;
+
+  copy_tile(tile_last * kT, tile_first <= tile_last);
+  for (int tile = tile_last; tile >= tile_first; --tile) {
+    const int t0 = tile * kT;
+    sscan2::cp_async_wait_all();
+    group_sync();  // A
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const int t = qt0 + k;
+      const float v = raw_at(kRDelta, qr, t) + bias, dyv = raw_at(kRDy, qr, t);
+      float gz = 1.f;
+      if (has_z) {
+        const float zz = raw_at(kRZ, qr, t);
+        gz = zz * gate_sigmoid<kFastPrep>(p, zz);
+      }
+      sm.dl[t][qr] = t0 + t < L ? delta_of<kFastPrep>(p, v) : 0.f;
+      sm.dys[t][qr] = scan7::tf32_rna(dyv * gz);  // (0 past the end: dy zero-filled)
+      sm.c[t][qr] = raw_at(kRC, qr, t);
+    }
+    group_sync();  // B
+    copy_tile(t0 - kT, tile > tile_first);
+#pragma unroll
+    for (int t = kT - 1; t >= 0; --t) {
+      const float dl = sm.dl[t][sc], y = sm.dys[t][sc];
+      const float4 cv = *reinterpret_cast<const float4*>(&sm.c[t][4 * sq]);
+      const float c4[4] = {cv.x, cv.y, cv.z, cv.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) carry[i] = fmaf(y, c4[i], carry[i]) * ex2(dl * A2[i]);
+      sdelta += dl;
+    }
+  }
+  sscan2::cp_async_wait_all();  // (the last, empty copy)
+  // Fold the groups (group 0 holds the earliest tiles): L = L_0 + P_0 (L_1 + P_1 (...)), P = exp(A sum delta).
+  fold_l[gi][tid] = make_float4(carry[0], carry[1], carry[2], carry[3]);
+  fold_sd[gi][tid] = sdelta;
+  __syncthreads();
+  if (gi == 0) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f}, sd = 0.f;
+#pragma unroll
+    for (int k = kGroups - 1; k >= 0; --k) {
+      const float4 l4 = fold_l[k][tid];
+      const float lv[4] = {l4.x, l4.y, l4.z, l4.w}, sk = fold_sd[k][tid];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[i] = fmaf(ex2(A2[i] * sk), acc[i], lv[i]);
+      sd += sk;
+    }
+    float* lp = p.seg_carry + (((int64_t)b * S + seg) * 2) * D * kN + (int64_t)(c0 + sc) * kN + 4 * sq;
+    *reinterpret_cast<float4*>(lp) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    *reinterpret_cast<float4*>(lp + (int64_t)D * kN) =
+        make_float4(ex2(A2[0] * sd), ex2(A2[1] * sd), ex2(A2[2] * sd), ex2(A2[3] * sd));
+  }
+}
+
+template <typename T, bool kBT, bool kFastPrep>
+void launch(const SScanParams& p, void* stream) {
+  const dim3 grid(p.dim / 16, p.batch * (p.bwd_segments - 1));
+  sscan_bwd7_carry_kernel<T, kBT, kFastPrep><<<grid, kThr, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  APRIEL_CHECK_LAUNCH();
+}
+
+}  // namespace sscan7c
 
 // The host set p.bwd_v7 only where the forward v7's fast staging applies (sscan_fwd7_fast_layout != 0), with dy in
 // the activations' orientation and 16-byte copies.
@@ -360,6 +541,10 @@ void launch_sscan_bwd7(const SScanParams& p, void* stream) {
   const bool bt = sscan_fwd7_fast_layout(p) == 1;
   auto go = [&](auto fast_prep) {
     constexpr bool kFP = decltype(fast_prep)::value;
+    if (p.bwd_segments > 1) {  // the carry pre-pass of the sequence split, then the segments
+      if (bt) sscan7c::launch<T, true, kFP>(p, stream);
+      else sscan7c::launch<T, false, kFP>(p, stream);
+    }
     if (bt) sscan7b::launch<T, true, kFP>(p, stream);
     else sscan7b::launch<T, false, kFP>(p, stream);
   };

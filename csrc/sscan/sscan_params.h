@@ -48,6 +48,13 @@ struct SScanParams {
   // the host on the forward v7's shapes with its fast staging and 16-byte dy rows (with bwd_v2, which it replaces);
   // its dB / dC partials are one row per 64-channel block (nblk = d_inner / 64).
   bool bwd_v7;
+  // Its sequence split (session 27; the mixer's, scan_params.h): blockIdx.y = b * bwd_segments + segment, a segment =
+  // seg_tiles tiles (the last may be shorter); bwd_segments >= 1 wherever bwd_v7 is set. With segments > 1 the carry
+  // pre-pass (sscan_bwd7.cuh) writes seg_carry (b, segments, 2, D, N) fp32: per segment s >= 1 the adjoint carry at
+  // its start given a zero carry at its end (L), then exp(A sum delta) over it (P); and dA_part / dD_part / ddb_part
+  // have one row per (b, segment).
+  int bwd_segments, seg_tiles;
+  float* seg_carry;
 
   const void* u;   int64_t u_sb, u_sl, u_sc;
   const void* dl;  int64_t dl_sb, dl_sl, dl_sc;   // delta
@@ -76,9 +83,9 @@ struct SScanParams {
   void* dz;                 // (b, L, D) activation dtype, or nullptr
   float* dB_part;           // (b, L, nblk, b_ngl, N): per-block sums over the block's channels of a group
   float* dC_part;           // (b, L, nblk, c_ngl, N)
-  float* dA_part;           // (b, D, N)
-  float* dD_part;           // (b, D)
-  float* ddb_part;          // (b, D)
+  float* dA_part;           // (b, D, N); backward v7: (b * bwd_segments, D, N)
+  float* dD_part;           // (b, D); backward v7: (b * bwd_segments, D)
+  float* ddb_part;          // (b, D); backward v7: (b * bwd_segments, D)
   float* dinit;             // (b, D, N) or nullptr
 };
 

@@ -1,8 +1,10 @@
 """Times the generic selective scan's backward (mamba's channel-major `selective_scan_fn`, bf16, d_state 16, d_inner
 4096: bench.kernels_sscan's inputs; torch.autograd.grad to every input from a saved forward) per backward version
-over batch sizes, to check the default's choice between v2 and v7 (APRIEL_SSCAN_BWD; session 26).
+over batch sizes, to check the default's choice between v2 and v7 (APRIEL_SSCAN_BWD; session 26) and the v7
+sequence split's segment count (session 27): a version "v7sN" is v7 with N segments (APRIEL_SSCAN_BWD_SEGMENTS=N),
+"v7" v7 with the default's segment count.
 Run on the device after the extension is built:
-    python3 scripts/diag/sscan_bwd_batches.py [--batches 1,2,3,4,8] [--seqlen 4096] [--versions auto,v2,v7]
+    python3 scripts/diag/sscan_bwd_batches.py [--batches 1,2,3,4,8] [--seqlens 4096] [--versions auto,v2,v7,v7s1]
                                               [--json OUT]
 """
 import argparse
@@ -18,24 +20,26 @@ from bench.variants import env_override
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--batches", default="1,2,3,4,8")
-parser.add_argument("--seqlen", type=int, default=4096)
+parser.add_argument("--seqlens", default="4096")
 parser.add_argument("--versions", default="auto,v2,v7")
 parser.add_argument("--json")
 opts = parser.parse_args()
 
 rows = []
-for batch in (int(v) for v in opts.batches.split(",")):
-    args = _inputs(batch, opts.seqlen, channel_major=True, requires_grad=True)
+for seqlen, batch in ((int(s), int(b)) for s in opts.seqlens.split(",") for b in opts.batches.split(",")):
+    args = _inputs(batch, seqlen, channel_major=True, requires_grad=True)
     leaves = list(args.values())
-    dy = torch.randn(batch, D, opts.seqlen, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(batch, D, seqlen, device="cuda", dtype=torch.bfloat16)
     y = selective_scan_fn(**args, delta_softplus=True)
     line = []
     for version in opts.versions.split(","):
-        with env_override("APRIEL_SSCAN_BWD", None if version == "auto" else version):
+        variant, _, segments = version.partition("s")  # (v7sN: v7 with N segments)
+        with env_override("APRIEL_SSCAN_BWD", None if version == "auto" else variant), \
+                env_override("APRIEL_SSCAN_BWD_SEGMENTS", segments or None):
             p50 = time_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), rep_ms=300)["p50"]  # noqa: B023
-        rows.append({"batch": batch, "seqlen": opts.seqlen, "version": version, "bwd_p50_ms": p50})
+        rows.append({"batch": batch, "seqlen": seqlen, "version": version, "bwd_p50_ms": p50})
         line.append(f"{version} {p50:.4f}")
-    print(f"b{batch} L{opts.seqlen}: " + "  ".join(line) + " ms (bwd, eager)", flush=True)
+    print(f"b{batch} L{seqlen}: " + "  ".join(line) + " ms (bwd, eager)", flush=True)
     del args, leaves, dy, y
 
 if opts.json:
