@@ -107,6 +107,9 @@ def _cuda_kernel(op_name: str, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C
     """The compiled op for these CUDA arguments, or None where the reference runs (float64, or allowed)."""
     if u.dtype not in KERNEL_DTYPES:
         return None  # float64: the reference is the implementation
+    # the sequence splits' knobs (the backward reads both: it may rerun the forward)
+    for knob in ("APRIEL_SSCAN_FWD_SEGMENTS", "APRIEL_SSCAN_BWD_SEGMENTS"):
+        V.check_env_positive_int(knob)
     reason = kernel_unsupported_reason(u, delta, A, B, C)
     if reason is not None:
         if allow_reference_on_gpu():
@@ -202,7 +205,6 @@ def selective_scan_bwd(
             V.check_tensor("checkpoints", checkpoints, _checkpoint_shape(delta, A), (torch.float32,), device=delta.device)
             if not checkpoints.is_contiguous():
                 raise ValueError("checkpoints: expected a contiguous tensor (the forward's output)")
-        V.check_env_positive_int("APRIEL_SSCAN_BWD_SEGMENTS")
         kernel = _cuda_kernel("selective_scan_bwd", u, delta, A, B, C)
         if kernel is not None:
             return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, dy, dfinal_state,

@@ -50,8 +50,9 @@ print("sscan sanitizer case ok")
 PY
 LOG="$OUT_DIR/sscan_sanitizer.log"
 : > "$LOG"
-# Session 27: the backward v7's sequence split - by default here 3 segments of one tile each (the carry pre-pass, its
-# groups with one tile or none, the per-segment rows) - and unsplit (APRIEL_SSCAN_BWD_SEGMENTS=1).
+# Session 27: the v7 sequence splits - by default here the forward's 2 segments (2 + 1 tiles: the state pre-pass, the
+# folded entering state) and the backward's 3 segments of one tile each (the carry pre-pass, its groups with one tile
+# or none, the per-segment rows) - and unsplit (APRIEL_SSCAN_FWD_SEGMENTS=1, APRIEL_SSCAN_BWD_SEGMENTS=1).
 for segments in auto 1; do
   for prep in fast precise; do
     for tool in memcheck racecheck; do
@@ -59,8 +60,8 @@ for segments in auto 1; do
       SOFT="" SEGS=""
       [ "$prep" = precise ] && SOFT=precise
       [ "$segments" != auto ] && SEGS=$segments
-      APRIEL_SSCAN_FWD=v7 APRIEL_SSCAN_BWD=v7 APRIEL_SSCAN_SOFTPLUS=$SOFT APRIEL_SSCAN_BWD_SEGMENTS=$SEGS \
-        compute-sanitizer --tool "$tool" python3 "$CASE" 2>&1 \
+      APRIEL_SSCAN_FWD=v7 APRIEL_SSCAN_BWD=v7 APRIEL_SSCAN_SOFTPLUS=$SOFT \
+        APRIEL_SSCAN_FWD_SEGMENTS=$SEGS APRIEL_SSCAN_BWD_SEGMENTS=$SEGS compute-sanitizer --tool "$tool" python3 "$CASE" 2>&1 \
         | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|case ok|Error|error" | tee -a "$LOG"
     done
   done

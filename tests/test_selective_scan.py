@@ -555,6 +555,53 @@ def test_cuda_forward_v7_parity(case, dtype, softplus, monkeypatch):
     torch.testing.assert_close(y.float(), y2.float(), rtol=0, atol=2e-2 * y2.abs().max().item())
 
 
+# The forward v7's sequence split (session 27, APRIEL_SSCAN_FWD_SEGMENTS): the state pre-pass
+# (sscan_fwd7_state_kernel) for every segment but the last, each segment's blocks from the folded state, the final
+# state from the last segment, the checkpoints (which the backward then consumes) from every segment. Ragged last
+# segments and tiles, pre-pass groups without tiles, more segments asked than tiles (capped), both fast stagings.
+V7_FWD_SPLIT_CASES = [
+    ((1, 4096, 64, None, 1, 1, 16, "cm", "init"), 8),  # 128 tiles: 16 per segment, 4 per pre-pass group
+    ((2, 1000, 128, None, 1, 2, 16, "tm", "init"), 3),  # 32 tiles: 11 + 11 + 10
+    ((1, 2049, 128, 64, 1, 1, 16, "tm", "noz"), 5),  # 65 tiles: 13 per segment, the last tile 1 token
+    ((1, 77, 64, None, 1, 1, 16, "tm", ""), 2),  # 3 tiles: 2 + 1 (pre-pass groups of 1 tile and none)
+    ((3, 264, 256, None, 2, 1, 16, "tm", "init"), 20),  # 9 tiles: capped at 9 segments of 1 tile
+]
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
+@pytest.mark.parametrize("case,segments", V7_FWD_SPLIT_CASES,
+                         ids=lambda v: CASE_ID(v) if isinstance(v, tuple) else f"S{v}")
+def test_cuda_forward_v7_split(case, segments, dtype, monkeypatch):
+    """The split forward v7 vs float64 (y, final state), bitwise repeatable, close to the unsplit v7; the profiler
+    shows the state pre-pass ran; its checkpoints give float64-close gradients (backward v7)."""
+    b, L, d, du, gb, gc, n, layout, extras = case
+    args, seq = make_cuda_case(b, L, d, du, gb, gc, n, dtype, extras)
+    if "noz" in extras:
+        args["z"] = None
+    monkeypatch.setenv("APRIEL_SSCAN_FWD", "v7")
+    monkeypatch.setenv("APRIEL_SSCAN_FWD_SEGMENTS", str(segments))
+    poison_allocator()
+    (y, final, _, _), names = cuda_kernels(lambda: _run(args, seq, layout))
+    assert any("sscan_fwd7_state_kernel" in k for k in names), names
+    assert any("sscan_fwd7_kernel" in k for k in names), names
+    _, (y64, f64) = _ref(args, seq, True)
+    _, (ylp, flp) = _ref(args, seq, False)
+    check("y", y, y64, ylp, floor=_tol(dtype))
+    check("final_state", final, f64, flp, floor=_tol(dtype))
+    again, final_again, _, _ = _run(args, seq, layout)
+    assert torch.equal(y, again) and torch.equal(final, final_again), "the split v7 is not bitwise repeatable"
+    monkeypatch.setenv("APRIEL_SSCAN_FWD_SEGMENTS", "1")
+    (y1, final1, _, _), names = cuda_kernels(lambda: _run(args, seq, layout))
+    assert not any("sscan_fwd7_state_kernel" in k for k in names), names
+    torch.testing.assert_close(final, final1, rtol=0, atol=2e-3 * final1.abs().max().item())
+    torch.testing.assert_close(y.float(), y1.float(), rtol=0, atol=2e-2 * y1.abs().max().item())
+    monkeypatch.setenv("APRIEL_SSCAN_FWD_SEGMENTS", str(segments))
+    monkeypatch.setenv("APRIEL_SSCAN_BWD", "v7")
+    _gradient_parity(case, dtype)  # (the forward saves the split's checkpoints; the backward consumes them)
+
+
 @gpu
 @needs_kernel
 @pytest.mark.parametrize("extras", ["packed_init", "fp32", "d48"])
@@ -707,15 +754,20 @@ def test_cuda_backward_v7_split(case, segments, dtype, monkeypatch):
 @gpu
 @needs_kernel
 @pytest.mark.parametrize("value", ["0", "-2", "four"])
-def test_cuda_backward_v7_segments_env_rejected(value, monkeypatch):
-    """APRIEL_SSCAN_BWD_SEGMENTS must be a positive integer: a ValueError naming it (raised in Python: the C++
-    check's exception would kill the GPU machine's process), not a silent default."""
+@pytest.mark.parametrize("knob", ["FWD", "BWD"])
+def test_cuda_v7_segments_env_rejected(knob, value, monkeypatch):
+    """APRIEL_SSCAN_FWD_SEGMENTS / APRIEL_SSCAN_BWD_SEGMENTS must be positive integers: a ValueError naming the knob
+    (raised in Python: the C++ check's exception would kill the GPU machine's process), not a silent default - from
+    the forward, and from the backward (which may rerun the forward)."""
+    name = f"APRIEL_SSCAN_{knob}_SEGMENTS"
     args, _ = make_cuda_case(1, 64, 64, None, 1, 1, 16, torch.bfloat16, "")
     leaves = {k: v.clone().requires_grad_(True) if v is not None else None for k, v in args.items()}
     y = selective_scan(**leaves, delta_softplus=True)
-    monkeypatch.setenv("APRIEL_SSCAN_BWD_SEGMENTS", value)
-    with pytest.raises(ValueError, match="APRIEL_SSCAN_BWD_SEGMENTS"):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=name):
         y.float().sum().backward()
+    with pytest.raises(ValueError, match=name):
+        selective_scan(**leaves, delta_softplus=True)
 
 
 @gpu
@@ -737,9 +789,8 @@ def test_cuda_backward_v7_falls_back_to_v2(extras, monkeypatch):
 @pytest.mark.parametrize("direction", ["fwd", "bwd"])
 def test_cuda_v7_default_dispatch(direction, monkeypatch):
     """Without APRIEL_SSCAN_FWD / APRIEL_SSCAN_BWD: the forward / backward v7 for channel-major (mamba) and token-major
-    inputs with aligned rows once its grid (batch x d_inner / 64 blocks; the backward's times its segments) reaches
-    0.9 blocks per SM; v2 below that and for rows without 16-byte copies. L 64 = 2 tiles: the backward's split has at
-    most 2 segments."""
+    inputs with aligned rows once its grid (batch x d_inner / 64 blocks x its sequence split's segments) reaches 0.9
+    blocks per SM; v2 below that and for rows without 16-byte copies. L 64 = 2 tiles: at most 2 segments."""
     monkeypatch.delenv("APRIEL_SSCAN_FWD" if direction == "fwd" else "APRIEL_SSCAN_BWD", raising=False)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     d = 1024
@@ -755,17 +806,16 @@ def test_cuda_v7_default_dispatch(direction, monkeypatch):
 
         return cuda_kernels(call)[1]
 
-    v7, v2, carry = f"sscan_{direction}7_kernel", f"sscan_{direction}2_kernel", "sscan_bwd7_carry_kernel"
+    v7, v2 = f"sscan_{direction}7_kernel", f"sscan_{direction}2_kernel"
+    pre = "sscan_fwd7_state_kernel" if direction == "fwd" else "sscan_bwd7_carry_kernel"
     for layout in ("cm", "tm"):
         assert any(v7 in k for k in kernels(big, layout)), layout
-    below = (big - 1, "cm") if direction == "fwd" else (1, "cm")  # (b1: 2 segments of 16 blocks do not fill)
-    for batch, layout in (below, (big, "nan")):
+    for batch, layout in ((1, "cm"), (big, "nan")):  # (b1: 2 segments of 16 blocks do not fill the grid)
         names = kernels(batch, layout)
         assert not any(v7 in k for k in names), (batch, layout, names)
         assert any(v2 in k for k in names), (batch, layout, names)
-    if direction == "bwd":  # one batch below: 2 segments fill the grid
-        names = kernels(big - 1, "cm")
-        assert any(v7 in k for k in names) and any(carry in k for k in names), names
+    names = kernels(big - 1, "cm")  # one batch below: the sequence split (2 segments) fills it
+    assert any(v7 in k for k in names) and any(pre in k for k in names), names
 
 
 @gpu

@@ -77,6 +77,26 @@ bool v7_grid_fills(const SScanParams& p, int device, int64_t segments = 1) {
   return (int64_t)(p.dim / 64) * p.batch * segments * 10 >= 9 * (int64_t)sm_count(device);
 }
 
+// Segments per sequence of the forward v7's sequence split (session 27). Not the backward's wave rule: the forward v7
+// runs up to 4 blocks per SM, and its per-block speed falls as they share the SM (H100, L 4096, unsplit, ns per token
+// per block: 64 blocks 133 at b1 (L 8192), 128 blocks 132 at b2, 256 blocks 160 at b4, 512 blocks 261 at b8), so a
+// split pays only while the grid is under ~1.5 blocks per SM; then the most segments (1, 2, 4 or 8; at most one per
+// tile) whose grid stays within 4 blocks per SM: b1 at d_inner 4096 -> 8 (512 blocks), b2 -> 4, b3 -> 2, b4 and up
+// -> 1. batch x segments <= 65535. APRIEL_SSCAN_FWD_SEGMENTS=n forces n (capped at the tile count).
+int fwd7_segments(const SScanParams& p, int device) {
+  const int64_t max_y = std::max<int64_t>(1, 65535 / std::max<int64_t>(p.batch, 1));
+  std::string bad;
+  const int64_t forced = forced_segments("APRIEL_SSCAN_FWD_SEGMENTS", std::min<int64_t>(p.n_chunks, max_y), &bad);
+  TORCH_CHECK(bad.empty(), "APRIEL_SSCAN_FWD_SEGMENTS: expected a positive integer, got '", bad, "'");
+  if (forced > 0) return static_cast<int>(forced);
+  const int64_t blocks = p.batch * (p.dim / 64), sms = sm_count(device);
+  if (2 * blocks >= 3 * sms) return 1;
+  int64_t segments = 1;
+  while (segments < 8 && 2 * segments <= std::min<int64_t>(p.n_chunks, max_y) && blocks * 2 * segments <= 4 * sms)
+    segments *= 2;
+  return static_cast<int>(segments);
+}
+
 // Segments per sequence of the backward v7's sequence split (session 27; the mixer's rule, split_rule.h): b1 at
 // d_inner 4096 -> 4 segments (256 blocks), b2 -> 2, b3 -> 4 (H100: 132 SMs), b4 and up -> 1. At most 8 and one per
 // tile; batch x segments <= 65535 (grid.y). APRIEL_SSCAN_BWD_SEGMENTS=n forces n (capped at the tile count).
@@ -165,15 +185,25 @@ SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, c
   // (K = 8 / 4) -> 1.11; b1's 64 blocks keep v2 (0.371 vs 0.536). Mixed orientations run v7's generic staging, slower
   // than v2: v2.
   // APRIEL_SSCAN_FWD=v7 forces it wherever it applies (else v2).
+  // Session 27: with the sequence split where the grid is small (fwd7_segments; fast stagings only), from batch 1.
+  const bool fast7 = sscan_fwd7_fast_layout(p) != 0;
+  const int fwd_segments = fast7 ? fwd7_segments(p, delta.get_device()) : 1;
   p.fwd_v7 = p.fwd_k != 0 && v7_shapes(p, st, seq_idx.has_value()) &&
              (fwd_variant == "v7" ||
-              (fwd_variant.empty() && sscan_fwd7_fast_layout(p) != 0 && v7_grid_fills(p, delta.get_device())));
+              (fwd_variant.empty() && fast7 && v7_grid_fills(p, delta.get_device(), fwd_segments)));
+  p.fwd_segments = p.fwd_v7 ? fwd_segments : 1;
+  p.fwd_seg_tiles = (p.n_chunks + p.fwd_segments - 1) / p.fwd_segments;
+  p.fwd_segments = p.n_chunks > 0 ? (p.n_chunks + p.fwd_seg_tiles - 1) / p.fwd_seg_tiles : 1;  // (no empty segment)
   auto hold = [&](Tensor t) -> const float* { keep.push_back(t); return t.data_ptr<float>(); };
   p.A = hold(f32c(A));
   p.Dskip = Dskip ? hold(f32c(*Dskip)) : nullptr;
   p.delta_bias = delta_bias ? hold(f32c(*delta_bias)) : nullptr;
   p.init = init ? hold(f32c(*init)) : nullptr;
   if (seq_idx) { keep.push_back(seq_idx->contiguous()); p.seq_idx = keep.back().data_ptr<int>(); }
+  if (p.fwd_segments > 1) {  // the state pre-pass's (E, P) per segment (also for the backward's forward rerun)
+    keep.push_back(at::empty({b, p.fwd_segments, 2, D, N}, delta.options().dtype(at::kFloat)));
+    p.seg_state = keep.back().data_ptr<float>();
+  }
   return p;
 }
 

@@ -35,6 +35,8 @@ using sscan7::kHeads;
 using sscan7::kN;
 using sscan7::kSlots;
 using sscan7::kThreads;
+using sscan7::delta_of;
+using sscan7::gate_sigmoid;
 static_assert(kT == scan::kChunk, "the forward's checkpoints are per 32-token tile");
 
 constexpr int kSlotDy = kSlots;                // dy of each warp's 16 channels after the forward's 14 slots
@@ -72,19 +74,6 @@ struct WarpView {
   float4 (*ppu)[8];
   float (*red)[32];
 };
-
-// delta from its input v (+ bias): softplus with the MUFU forms (kFastPrep: the default call), else per the flags.
-// The main kernel and the carry pre-pass compute it alike.
-template <bool kFastPrep>
-__device__ __forceinline__ float delta_of(const SScanParams& p, float v) {
-  if constexpr (kFastPrep) return softplus_fast(v);
-  else return p.softplus ? sscan::softplus_v2(v, p.fast_prep) : v;
-}
-// sigmoid(z) of the gate silu(z) = z sigmoid(z).
-template <bool kFastPrep>
-__device__ __forceinline__ float gate_sigmoid(const SScanParams& p, float zz) {
-  return kFastPrep || p.fast_prep ? sscan::sigmoid_fast(zz) : sscan::sigmoidf_(zz);
-}
 
 // kBT: the activations staged token-fast (mamba's channel-major layout), else token-major (the forward v7's kFast
 // orientations). kFastPrep: softplus with the MUFU forms (the default), as the forward v7's.
@@ -397,8 +386,8 @@ namespace sscan7c {
 
 using sscan::kT;
 using sscan7::kN;
-using sscan7b::delta_of;
-using sscan7b::gate_sigmoid;
+using sscan7::delta_of;
+using sscan7::gate_sigmoid;
 constexpr int kGT = 64;  // threads per group
 constexpr int kGroups = 4;
 constexpr int kThr = kGT * kGroups;

@@ -151,6 +151,19 @@ __device__ __forceinline__ float4 b_operand(const T* rB, int tid) {
   }
 }
 
+// delta from its input v (+ bias): softplus with the MUFU forms (kFastPrep: the default call), else per the flags.
+// The backward v7 and both pre-passes of the sequence split compute it as this kernel's prep does.
+template <bool kFastPrep>
+__device__ __forceinline__ float delta_of(const SScanParams& p, float v) {
+  if constexpr (kFastPrep) return softplus_fast(v);
+  else return p.softplus ? sscan::softplus_v2(v, p.fast_prep) : v;
+}
+// sigmoid(z) of the gate silu(z) = z sigmoid(z).
+template <bool kFastPrep>
+__device__ __forceinline__ float gate_sigmoid(const SScanParams& p, float zz) {
+  return kFastPrep || p.fast_prep ? sscan::sigmoid_fast(zz) : sscan::sigmoidf_(zz);
+}
+
 // kBT: B / C staged token-fast (the host keeps them in one orientation, as v2's kBT). kFast: see Slot; its prep
 // reads 4 values per 8-byte load - 4 tokens of a channel (token-fast) or 4 channels of a token (token-major) - where
 // the generic prep reads one 16-bit value per item.
@@ -163,8 +176,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kern
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Smem<T, kFast>& sm = *reinterpret_cast<Smem<T, kFast>*>(smem_raw);
   const int tid = threadIdx.x, lane = tid % 32, w = tid / 32, g = lane / 4, q = lane % 4;
-  const int b = blockIdx.y, c0 = blockIdx.x * (kHeads * 16), hc0 = c0 + 16 * w;  // block / warp first channel
+  const int c0 = blockIdx.x * (kHeads * 16), hc0 = c0 + 16 * w;  // block / warp first channel
+  const int segs = p.fwd_segments, b = blockIdx.y / segs, seg = blockIdx.y % segs;  // (the sequence split)
   const int D = p.dim, L = p.seqlen, n_tiles = p.n_chunks;
+  const int tile_first = seg * p.fwd_seg_tiles, tile_end = min(n_tiles, tile_first + p.fwd_seg_tiles);
   const bool has_z = p.z != nullptr;
   auto bit = [&](unsigned m, int i) { return ((m >> i) & 1u) != 0; };
   const bool tf_u = bit(p.v2_tfast, kV2U), tf_d = bit(p.v2_tfast, kV2Delta), tf_z = bit(p.v2_tfast, kV2Z);
@@ -195,7 +210,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kern
     }
     sscan2::cp_async_commit();
   };
-  stage(0, 0);
+  stage(tile_first & 1, tile_first * kT);
 
   // Per-lane constants of the prep. Generic and token-major kFast: channel 4q + j of the warp's 16 (j = 2 nt + e, the
   // mixer v7's labels); token-fast kFast: lane = (channel pair pp = lane % 8: channels 2 pp + e; token quad tq).
@@ -219,6 +234,21 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kern
       A2[nt][i] = p.A[(int64_t)cs * kN + n] * sscan::kLog2e;
       h[nt][i] = p.init != nullptr ? p.init[((int64_t)b * D + cs) * kN + n] : 0.f;
     }
+  // Sequence split: the state entering this segment - the initial state carried through the earlier segments by the
+  // pre-pass's (E, P): h = P_s2 h + E_s2, s2 = 0 .. seg - 1 (fixed order).
+  for (int s2 = 0; s2 < seg; ++s2) {
+    const float* ep = p.seg_state + (((int64_t)b * segs + s2) * 2) * D * kN;
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const int64_t o = (int64_t)(hc0 + 2 * g + r) * kN + nt * 8 + 2 * q;
+        const float2 e = *reinterpret_cast<const float2*>(ep + o);
+        const float2 pv = *reinterpret_cast<const float2*>(ep + (int64_t)D * kN + o);
+        h[nt][2 * r] = fmaf(pv.x, h[nt][2 * r], e.x);
+        h[nt][2 * r + 1] = fmaf(pv.y, h[nt][2 * r + 1], e.y);
+      }
+  }
   auto store_h = [&](float* base) {  // base: the (b, D, 16)-layout rows of this sequence
 #pragma unroll
     for (int r = 0; r < 2; ++r)
@@ -246,11 +276,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kern
     dus = dk * u * gz;
   };
 
-  for (int tile = 0; tile < n_tiles; ++tile) {
+  for (int tile = tile_first; tile < tile_end; ++tile) {
     const int t0 = tile * kT, par = tile & 1, nt_live = min(kT, L - t0);
     sscan2::cp_async_wait_all();
     __syncthreads();  // the tile's copies are visible; every reader of the previous tile is done
-    if (tile + 1 < n_tiles) stage(par ^ 1, t0 + kT);
+    if (tile + 1 < tile_end) stage(par ^ 1, t0 + kT);
     if (p.ckpt != nullptr) store_h(p.ckpt + ((int64_t)b * n_tiles + tile) * D * kN);
     const T* ru = sm.raw[par][kSlotU + w];
     const T* rd = sm.raw[par][kSlotDelta + w];
@@ -338,7 +368,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kern
       __syncwarp();
     }
   }
-  if (p.final_state != nullptr) store_h(p.final_state + (int64_t)b * D * kN);
+  if (p.final_state != nullptr && seg == segs - 1) store_h(p.final_state + (int64_t)b * D * kN);
 }
 
 template <typename T, bool kBT, bool kFast, bool kFastPrep>
@@ -347,12 +377,155 @@ void launch(const SScanParams& p, void* stream) {
   auto kernel = sscan_fwd7_kernel<T, kBT, kFast, kFastPrep>;
   static const bool configured = scan7::allow_smem(reinterpret_cast<const void*>(kernel), smem);  // once
   (void)configured;
-  const dim3 grid(p.dim / (kHeads * 16), p.batch);
+  const dim3 grid(p.dim / (kHeads * 16), p.batch * p.fwd_segments);
   kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
   APRIEL_CHECK_LAUNCH();
 }
 
 }  // namespace sscan7
+
+// The state pre-pass of the forward's sequence split (p.fwd_segments > 1, session 27). Why: at batch 1 the v7
+// forward has d_inner / 64 blocks (64 at d_inner 4096: half an H100's SMs, one block each, latency-bound: 1.09 ms at
+// L 8192 against v2's 0.70); split into S segments, S times as many blocks run, each over L / S tokens, once every
+// segment's entering state is known. For every segment s < S - 1 of every sequence: E_s = the state at its end from a
+// zero state at its start (h = exp(delta_t A) h + (delta_t u_t) B_t over its tokens) and P_s = exp(A sum_t delta_t);
+// the main kernel's block of segment s folds the earlier segments' (E, P) into its starting state. The cost is a
+// second exponential per element over (S - 1) / S of the sequence (kernels.md: a split costs the bottleneck unit a
+// second pass), paid where the unsplit grid leaves the SMs idle. du = tf32(delta u) as the main kernel rounds it.
+// The layout is the backward's carry pre-pass's (sscan_bwd7.cuh sscan7c, the mixer's scan7c): block = one head
+// (16 channels x 16 states) of one segment, kGroups groups of 64 threads over contiguous quarters of its tiles,
+// folded at the end; per group and tile: wait, barrier A, prep (raw u / delta / B -> fp32 delta, du, B), barrier B,
+// the next tile's copies (in flight during the scan), the scan (thread = channel tid / 4, states 4 (tid % 4) ..).
+// Only with the forward v7's fast stagings (kBT: token-fast rows, else token-major; 16-byte copies, zero-filled past
+// the end).
+namespace sscan7p {
+
+using sscan::kT;
+constexpr int kGT = 64;  // threads per group
+constexpr int kGroups = 4;
+constexpr int kThr = kGT * kGroups;
+enum { kRU = 0, kRDelta = 1, kRB = 2, kRSlots = 3 };
+
+template <typename T>
+struct GroupSmem {                      // 9 KB; 36 KB per block
+  alignas(16) T raw[kRSlots][16 * kT];  // u, delta (the head's 16 channels), B (16 states); kBT [row][token]
+  alignas(16) float dl[kT][16];         // [token][channel]; 0 past the end
+  alignas(16) float du[kT][16];         // tf32(delta u)
+  alignas(16) float bv[kT][16];         // [token][state]
+};
+
+template <typename T, bool kBT, bool kFastPrep>
+__global__ void __launch_bounds__(kThr) sscan_fwd7_state_kernel(SScanParams p) {
+  using sscan7::kN;
+  __shared__ GroupSmem<T> gs[kGroups];
+  __shared__ float4 fold_e[kGroups][kGT];
+  __shared__ float fold_sd[kGroups][kGT];
+  const int gi = threadIdx.x / kGT, tid = threadIdx.x % kGT, S = p.fwd_segments, nseg = S - 1;
+  const int c0 = blockIdx.x * 16, b = blockIdx.y / nseg, seg = blockIdx.y % nseg;  // (segments 0 .. S - 2)
+  const int D = p.dim, L = p.seqlen;
+  const int seg_first = seg * p.fwd_seg_tiles, seg_last = min(p.n_chunks, seg_first + p.fwd_seg_tiles) - 1;
+  const int per = (seg_last - seg_first + kGroups) / kGroups;
+  const int tile_first = seg_first + gi * per, tile_last = min(seg_last, tile_first + per - 1);
+  GroupSmem<T>& sm = gs[gi];
+  auto group_sync = [&] {  // named barrier 1 + gi of the group's 64 threads
+    static_assert(kGroups == 4 && kGT == 64, "group_sync names barriers 1..4 of 64 threads");
+    switch (gi) {
+      case 0: asm volatile("bar.sync 1, 64;" ::: "memory"); break;
+      case 1: asm volatile("bar.sync 2, 64;" ::: "memory"); break;
+      case 2: asm volatile("bar.sync 3, 64;" ::: "memory"); break;
+      default: asm volatile("bar.sync 4, 64;" ::: "memory"); break;
+    }
+  };
+  // The slots' first elements (row 0, token 0) and row strides (kBT: channel / state rows, else token rows).
+  const T* base[kRSlots];
+  int64_t stride[kRSlots];
+  const int slot_of[kRSlots] = {sscan7::kSlotU, sscan7::kSlotDelta, sscan7::kSlotB};
+#pragma unroll
+  for (int s = 0; s < kRSlots; ++s) {
+    const sscan7::SlotSrc src = sscan7::slot_source<T>(p, b, c0, slot_of[s]);  // (head 0 of a block at c0)
+    base[s] = static_cast<const T*>(src.ptr);
+    stride[s] = kBT ? src.cs : src.ls;
+  }
+  // The thread's 16-byte piece of each slot: kBT (row tid / 4, tokens 8 (tid % 4) ..), else (token tid / 2, rows
+  // 8 (tid % 2) ..).
+  const int prow = kBT ? tid / 4 : 8 * (tid % 2), ptok = kBT ? 8 * (tid % 4) : tid / 2;
+  const int pdst = kBT ? prow * kT + ptok : ptok * 16 + prow;
+  auto copy_tile = [&](int t0, bool have) {
+    const int pos = t0 + ptok;
+    const int n = !have ? 0 : kBT ? min(max(L - pos, 0), 8) : (pos < L ? 8 : 0);
+#pragma unroll
+    for (int s = 0; s < kRSlots; ++s) {
+      const T* src = kBT ? base[s] + prow * stride[s] + pos : base[s] + pos * stride[s] + prow;
+      sscan2::cp_async16(sm.raw[s] + pdst, n > 0 ? src : base[s], n * (int)sizeof(T));
+    }
+    sscan2::cp_async_commit();
+  };
+  auto raw_at = [&](int s, int row, int t) { return sscan::to_f(sm.raw[s][kBT ? row * kT + t : t * 16 + row]); };
+  // prep mapping: row (channel / state) tid % 16, tokens 8 (tid / 16) .. + 7
+  const int qr = tid % 16, qt0 = 8 * (tid / 16);
+  const float bias = p.delta_bias != nullptr ? p.delta_bias[c0 + qr] : 0.f;
+  // scan mapping: channel sc, states 4 sq .. + 3
+  const int sc = tid / 4, sq = tid % 4;
+  float A2[4], h[4] = {0.f, 0.f, 0.f, 0.f}, sdelta = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) A2[i] = p.A[(int64_t)(c0 + sc) * kN + 4 * sq + i] * sscan::kLog2e;
+
+  copy_tile(tile_first * kT, tile_first <= tile_last);
+  for (int tile = tile_first; tile <= tile_last; ++tile) {
+    const int t0 = tile * kT;
+    sscan2::cp_async_wait_all();
+    group_sync();  // A
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const int t = qt0 + k;
+      const bool live = t0 + t < L;
+      const float delta = live ? sscan7::delta_of<kFastPrep>(p, raw_at(kRDelta, qr, t) + bias) : 0.f;
+      sm.dl[t][qr] = delta;
+      sm.du[t][qr] = live ? scan7::tf32_rna(delta * raw_at(kRU, qr, t)) : 0.f;
+      sm.bv[t][qr] = raw_at(kRB, qr, t);
+    }
+    group_sync();  // B
+    copy_tile(t0 + kT, tile < tile_last);
+#pragma unroll
+    for (int t = 0; t < kT; ++t) {
+      const float dl = sm.dl[t][sc], du = sm.du[t][sc];
+      const float4 b4 = *reinterpret_cast<const float4*>(&sm.bv[t][4 * sq]);
+      const float bb[4] = {b4.x, b4.y, b4.z, b4.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) h[i] = fmaf(ex2(dl * A2[i]), h[i], du * bb[i]);
+      sdelta += dl;
+    }
+  }
+  sscan2::cp_async_wait_all();  // (the last, empty copy)
+  // Fold the groups in order (group 0 holds the earliest tiles): E = E_3 + P_3 (E_2 + P_2 (E_1 + P_1 E_0)).
+  fold_e[gi][tid] = make_float4(h[0], h[1], h[2], h[3]);
+  fold_sd[gi][tid] = sdelta;
+  __syncthreads();
+  if (gi == 0) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f}, sd = 0.f;
+#pragma unroll
+    for (int k = 0; k < kGroups; ++k) {
+      const float4 e4 = fold_e[k][tid];
+      const float ev[4] = {e4.x, e4.y, e4.z, e4.w}, sk = fold_sd[k][tid];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[i] = fmaf(ex2(A2[i] * sk), acc[i], ev[i]);
+      sd += sk;
+    }
+    float* ep = p.seg_state + (((int64_t)b * S + seg) * 2) * D * kN + (int64_t)(c0 + sc) * kN + 4 * sq;
+    *reinterpret_cast<float4*>(ep) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    *reinterpret_cast<float4*>(ep + (int64_t)D * kN) =
+        make_float4(ex2(A2[0] * sd), ex2(A2[1] * sd), ex2(A2[2] * sd), ex2(A2[3] * sd));
+  }
+}
+
+template <typename T, bool kBT, bool kFastPrep>
+void launch(const SScanParams& p, void* stream) {
+  const dim3 grid(p.dim / 16, p.batch * (p.fwd_segments - 1));
+  sscan_fwd7_state_kernel<T, kBT, kFastPrep><<<grid, kThr, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  APRIEL_CHECK_LAUNCH();
+}
+
+}  // namespace sscan7p
 
 template <typename T>
 void launch_sscan_fwd7(const SScanParams& p, void* stream) {
@@ -360,6 +533,10 @@ void launch_sscan_fwd7(const SScanParams& p, void* stream) {
   const bool bt = ((p.v2_tfast >> kV2B) & 1u) != 0;
   auto go = [&](auto fast_prep) {
     constexpr bool kFP = decltype(fast_prep)::value;
+    if (p.fwd_segments > 1) {  // the state pre-pass of the sequence split (the host splits only the fast stagings)
+      if (fast == 1) sscan7p::launch<T, true, kFP>(p, stream);
+      else sscan7p::launch<T, false, kFP>(p, stream);
+    }
     if (fast == 1) sscan7::launch<T, true, true, kFP>(p, stream);
     else if (fast == 2) sscan7::launch<T, false, true, kFP>(p, stream);
     else if (bt) sscan7::launch<T, true, false, kFP>(p, stream);

@@ -48,7 +48,13 @@ struct SScanParams {
   // the host on the forward v7's shapes with its fast staging and 16-byte dy rows (with bwd_v2, which it replaces);
   // its dB / dC partials are one row per 64-channel block (nblk = d_inner / 64).
   bool bwd_v7;
-  // Its sequence split (session 27; the mixer's, scan_params.h): blockIdx.y = b * bwd_segments + segment, a segment =
+  // The forward v7's sequence split (session 27): blockIdx.y = b * fwd_segments + segment over fwd_seg_tiles tiles;
+  // fwd_segments >= 1 wherever the forward v7 runs. With segments > 1 the state pre-pass (sscan_fwd7.cuh sscan7p)
+  // writes seg_state (b, segments, 2, D, N) fp32: per segment s < segments - 1 its end state from a zero state (E),
+  // then exp(A sum delta) over it (P). Only the last segment's blocks write the final state.
+  int fwd_segments, fwd_seg_tiles;
+  float* seg_state;
+  // The backward v7's sequence split (session 27; the mixer's, scan_params.h): blockIdx.y = b * bwd_segments + segment, a segment =
   // seg_tiles tiles (the last may be shorter); bwd_segments >= 1 wherever bwd_v7 is set. With segments > 1 the carry
   // pre-pass (sscan_bwd7.cuh) writes seg_carry (b, segments, 2, D, N) fp32: per segment s >= 1 the adjoint carry at
   // its start given a zero carry at its end (L), then exp(A sum delta) over it (P); and dA_part / dD_part / ddb_part
