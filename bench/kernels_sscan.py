@@ -6,14 +6,15 @@
 Inputs are channel-major like mamba-ssm's selective_scan_fn (u, delta, z (b, D, L) bf16; B, C (b, N, L)
 bf16; A (D, N), D, delta_bias fp32; delta_softplus), D 4096, N 16; the timed call is
 apriel_kernels.selective_scan_fn (fwd), plus torch.autograd.grad to every input (fwd+bwd). Provider
-"apriel" is the default (forward v2, K from the block count); "apriel-tm" runs the same op on token-major
+"apriel" is the default (at this shape the forward / backward v7, with their sequence splits at small batches since
+session 27; v2 where v7 does not apply); "apriel-tm" runs the same op on token-major
 (b, L, D) inputs (selective_scan); A/B rows through APRIEL_SSCAN_FWD: "apriel-v2k4" / "apriel-v2k8" (v2 at a
 forced K), "apriel-precise" (v2 with v1's precise softplus / sigmoid in its prep, APRIEL_SSCAN_SOFTPLUS=precise),
-"apriel-v1" (the v1 forward), "apriel-v7" / "apriel-tm-v7" (the forward v7 of session 25, channel- / token-major;
+"apriel-v1" (the v1 forward), "apriel-v7" / "apriel-tm-v7" (the forward v7 forced, channel- / token-major;
 in fwd+bwd its checkpoints feed the default backward), "apriel-plain" (v1 without its interleaved float2 tiles; with
 APRIEL_SSCAN_BWD=plain in the fwd+bwd row). In fwd+bwd the forward saves the state checkpoints (the backward
 does not rerun it); "apriel-v1" there is the same with the v1 forward. "apriel-bwd2" / "apriel-bwd7" rows: the
-backward v2 / v7 (session 26) forced (APRIEL_SSCAN_BWD=v2 / v7; the default picks v7 where its grid fills the GPU).
+backward v2 / v7 (session 26) forced (APRIEL_SSCAN_BWD=v2 / v7; v7 with its split's default segment count).
 floor_ms is the MUFU exp2
 floor of kernels.md: 65536 * b * L exponentials at 3.9e12 /s; peer_ms the mamba-ssm figure of kernels.md.
 """

@@ -185,7 +185,9 @@ SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, c
   // (K = 8 / 4) -> 1.11; b1's 64 blocks keep v2 (0.371 vs 0.536). Mixed orientations run v7's generic staging, slower
   // than v2: v2.
   // APRIEL_SSCAN_FWD=v7 forces it wherever it applies (else v2).
-  // Session 27: with the sequence split where the grid is small (fwd7_segments; fast stagings only), from batch 1.
+  // Session 27: with the sequence split where the grid is small (fwd7_segments; fast stagings only), from batch 1:
+  // graph p50 ms (bench/results/s27/fwd_split_0657287/), v2 K = 8 -> v7 split: b1 L2048 0.181 -> 0.134, L4096 0.360 ->
+  // 0.250, L8192 0.734 -> 0.505 (8 segments); b2 L4096 0.546 (v7 unsplit) -> 0.467 (4), b3 0.657 -> 0.626 (2).
   const bool fast7 = sscan_fwd7_fast_layout(p) != 0;
   const int fwd_segments = fast7 ? fwd7_segments(p, delta.get_device()) : 1;
   p.fwd_v7 = p.fwd_k != 0 && v7_shapes(p, st, seq_idx.has_value()) &&
@@ -264,7 +266,8 @@ std::vector<Tensor> selective_scan_bwd_cuda(const Tensor& u, const Tensor& delta
   // APRIEL_SSCAN_BWD=v7 forces it wherever it applies, v2 forces v2. Default where its grid - with the sequence split
   // (session 27: bwd7_segments) - fills the GPU (v7_grid_fills). H100, bf16, D 4096, L 4096, channel-major, bwd p50
   // ms (bench/results/s26/bwd_batches_d82da6a/): v2 -> v7 b2 2.30 -> 2.10, b3 3.34 -> 2.53, b4 4.41 -> 2.58, b8 8.77
-  // -> 5.08; b1 1.19 (v2) vs 2.04 (v7, unsplit: 64 blocks).
+  // -> 5.08; b1 1.19 (v2) vs 2.04 (v7, unsplit: 64 blocks). With the split (bench/results/s27/split_1e12b09/, eager):
+  // b1 L4096 1.15 (v2) -> 0.79 (4 segments), L8192 2.25 -> 1.48; b2 2.02 (unsplit) -> 1.44 (2), b3 2.51 -> 2.20 (4).
   const char* bwd_env = std::getenv("APRIEL_SSCAN_BWD");
   const std::string bwd_variant = bwd_env != nullptr ? bwd_env : "";
   const int fast = sscan_fwd7_fast_layout(p);
