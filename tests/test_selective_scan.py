@@ -820,6 +820,45 @@ def test_cuda_v7_default_dispatch(direction, monkeypatch):
 
 @gpu
 @needs_kernel
+def test_cuda_backward_v7_padded_rows_fall_back_to_v2(monkeypatch):
+    """Channel-major activations in rows padded to 80 tokens (L 77: the forward v7's fast staging applies) with a dy
+    of plain 77-token rows (no 16-byte copies): APRIEL_SSCAN_BWD=v7 runs v2, whose whole-sequence partials are one row
+    per sequence - not the split's rows per (sequence, segment), which batch 1 would have had. Gradients vs float64."""
+    b, L, d, pad = 1, 77, 64, 80
+    args, _ = make_cuda_case(b, L, d, None, 1, 1, 16, torch.bfloat16, "")
+
+    def padded(t):  # (b, L, C...) token-major -> a (b, C, L) / (b, G, N, L) view into rows of `pad` tokens
+        t = t.movedim(1, -1)
+        base = torch.zeros(*t.shape[:-1], pad, dtype=t.dtype, device=t.device)
+        base[..., :L] = t
+        return base[..., :L]
+
+    leaves = {"u": padded(args["u"]), "delta": padded(args["delta"]), "A": args["A"].clone(),
+              "B": padded(args["B"]), "C": padded(args["C"]), "D": args["D"].clone(), "z": padded(args["z"]),
+              "delta_bias": args["delta_bias"].clone()}
+    leaves = {k: v.requires_grad_(True) for k, v in leaves.items()}
+    dy = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setenv("APRIEL_SSCAN_BWD", "v7")
+
+    def run():
+        selective_scan_fn(*leaves.values(), delta_softplus=True).backward(dy)
+
+    _, names = cuda_kernels(run)
+    assert any("sscan_bwd2_kernel" in k for k in names), names
+    assert not any("sscan_bwd7" in k for k in names), names
+    ref = {k: v.detach().double().requires_grad_(True) for k, v in leaves.items()}
+    t = lambda x: x.movedim(-1, 1)  # noqa: E731  (b, C, L) -> (b, L, C); (b, G, N, L) -> (b, L, G, N)
+    y64 = selective_scan_ref(t(ref["u"]), t(ref["delta"]), ref["A"], t(ref["B"]), t(ref["C"]), ref["D"], t(ref["z"]),
+                             ref["delta_bias"], delta_softplus=True)
+    y64.backward(t(dy.double()))
+    for k, v in leaves.items():
+        scale = ref[k].grad.abs().max().item()
+        assert torch.isfinite(v.grad).all(), f"d{k}"
+        assert err(v.grad, ref[k].grad) <= 2e-2 * scale, f"d{k}: err {err(v.grad, ref[k].grad):.3e} vs {scale:.3e}"
+
+
+@gpu
+@needs_kernel
 @pytest.mark.parametrize("dy_layout", ["cm", "tm", "cm_offset"])
 def test_cuda_backward_v7_mamba_layout_dy(dy_layout, monkeypatch):
     """selective_scan_fn (mamba's channel-major layout) backward with dy channel-major (v7 reads it in place),

@@ -39,4 +39,11 @@ inline int64_t forced_segments(const char* env_name, int64_t max_s, std::string*
   return std::min<int64_t>(n, max_s);
 }
 
+// A split of `tiles` tiles into about `requested` segments: seg_tiles = ceil(tiles / requested), then segments =
+// ceil(tiles / seg_tiles), so that no segment is empty (1 segment where there are no tiles).
+inline void split_tiles(int64_t tiles, int requested, int& segments, int& seg_tiles) {
+  seg_tiles = static_cast<int>((tiles + requested - 1) / requested);
+  segments = tiles > 0 ? static_cast<int>((tiles + seg_tiles - 1) / seg_tiles) : 1;
+}
+
 }  // namespace apriel

@@ -77,39 +77,43 @@ bool v7_grid_fills(const SScanParams& p, int device, int64_t segments = 1) {
   return (int64_t)(p.dim / 64) * p.batch * segments * 10 >= 9 * (int64_t)sm_count(device);
 }
 
+// The most segments per sequence a v7 split may have: one per tile, and batch x segments <= 65535 (grid.y).
+int64_t max_segments(const SScanParams& p) {
+  return std::min<int64_t>(p.n_chunks, std::max<int64_t>(1, 65535 / std::max<int64_t>(p.batch, 1)));
+}
+
+// The segment count the environment variable `name` forces (capped at max_segments), or 0 where it is unset.
+int64_t env_segments(const SScanParams& p, const char* name) {
+  std::string bad;
+  const int64_t forced = forced_segments(name, max_segments(p), &bad);
+  TORCH_CHECK(bad.empty(), name, ": expected a positive integer, got '", bad, "'");
+  return forced;
+}
+
 // Segments per sequence of the forward v7's sequence split (session 27). Not the backward's wave rule: the forward v7
 // runs up to 4 blocks per SM, and its per-block speed falls as they share the SM (H100, L 4096, unsplit, ns per token
 // per block: 64 blocks 133 at b1 (L 8192), 128 blocks 132 at b2, 256 blocks 160 at b4, 512 blocks 261 at b8), so a
-// split pays only while the grid is under ~1.5 blocks per SM; then the most segments (1, 2, 4 or 8; at most one per
-// tile) whose grid stays within 4 blocks per SM: b1 at d_inner 4096 -> 8 (512 blocks), b2 -> 4, b3 -> 2, b4 and up
-// -> 1. batch x segments <= 65535. APRIEL_SSCAN_FWD_SEGMENTS=n forces n (capped at the tile count).
+// split pays only while the grid is under ~1.5 blocks per SM; then the most segments (1, 2, 4 or 8, at most
+// max_segments) whose grid stays within 4 blocks per SM: b1 at d_inner 4096 -> 8 (512 blocks), b2 -> 4, b3 -> 2, b4
+// and up -> 1. APRIEL_SSCAN_FWD_SEGMENTS=n forces n.
 int fwd7_segments(const SScanParams& p, int device) {
-  const int64_t max_y = std::max<int64_t>(1, 65535 / std::max<int64_t>(p.batch, 1));
-  std::string bad;
-  const int64_t forced = forced_segments("APRIEL_SSCAN_FWD_SEGMENTS", std::min<int64_t>(p.n_chunks, max_y), &bad);
-  TORCH_CHECK(bad.empty(), "APRIEL_SSCAN_FWD_SEGMENTS: expected a positive integer, got '", bad, "'");
-  if (forced > 0) return static_cast<int>(forced);
+  if (const int64_t forced = env_segments(p, "APRIEL_SSCAN_FWD_SEGMENTS")) return static_cast<int>(forced);
   const int64_t blocks = p.batch * (p.dim / 64), sms = sm_count(device);
   if (2 * blocks >= 3 * sms) return 1;
   int64_t segments = 1;
-  while (segments < 8 && 2 * segments <= std::min<int64_t>(p.n_chunks, max_y) && blocks * 2 * segments <= 4 * sms)
-    segments *= 2;
+  while (segments < 8 && 2 * segments <= max_segments(p) && blocks * 2 * segments <= 4 * sms) segments *= 2;
   return static_cast<int>(segments);
 }
 
-// Segments per sequence of the backward v7's sequence split (session 27; the mixer's rule, split_rule.h): b1 at
-// d_inner 4096 -> 4 segments (256 blocks), b2 -> 2, b3 -> 4 (H100: 132 SMs), b4 and up -> 1. At most 8 and one per
-// tile; batch x segments <= 65535 (grid.y). APRIEL_SSCAN_BWD_SEGMENTS=n forces n (capped at the tile count).
+// Segments per sequence of the backward v7's sequence split (session 27; the mixer's wave rule, split_rule.h): b1 at
+// d_inner 4096 -> 4 segments (256 blocks), b2 -> 2, b3 -> 4 (H100: 132 SMs), b4 and up -> 1; at most 8 and
+// max_segments. APRIEL_SSCAN_BWD_SEGMENTS=n forces n.
 int bwd7_segments(const SScanParams& p, int device) {
-  const int64_t max_y = std::max<int64_t>(1, 65535 / std::max<int64_t>(p.batch, 1));
-  std::string bad;
-  const int64_t forced = forced_segments("APRIEL_SSCAN_BWD_SEGMENTS", std::min<int64_t>(p.n_chunks, max_y), &bad);
-  TORCH_CHECK(bad.empty(), "APRIEL_SSCAN_BWD_SEGMENTS: expected a positive integer, got '", bad, "'");
-  if (forced > 0) return static_cast<int>(forced);
+  if (const int64_t forced = env_segments(p, "APRIEL_SSCAN_BWD_SEGMENTS")) return static_cast<int>(forced);
   // (the mixer's pre-pass constant; the selective scan's carry pre-pass does the same work per element)
   constexpr double kPrePass = 0.17;
   const double blocks = static_cast<double>(p.batch) * (p.dim / 64), slots = 2.0 * sm_count(device);
-  return best_segments(blocks, slots, std::min<int64_t>({8, p.n_chunks, max_y}), kPrePass);
+  return best_segments(blocks, slots, std::min<int64_t>(8, max_segments(p)), kPrePass);
 }
 
 SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
@@ -193,9 +197,7 @@ SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, c
   p.fwd_v7 = p.fwd_k != 0 && v7_shapes(p, st, seq_idx.has_value()) &&
              (fwd_variant == "v7" ||
               (fwd_variant.empty() && fast7 && v7_grid_fills(p, delta.get_device(), fwd_segments)));
-  p.fwd_segments = p.fwd_v7 ? fwd_segments : 1;
-  p.fwd_seg_tiles = (p.n_chunks + p.fwd_segments - 1) / p.fwd_segments;
-  p.fwd_segments = p.n_chunks > 0 ? (p.n_chunks + p.fwd_seg_tiles - 1) / p.fwd_seg_tiles : 1;  // (no empty segment)
+  split_tiles(p.n_chunks, p.fwd_v7 ? fwd_segments : 1, p.fwd_segments, p.fwd_seg_tiles);
   auto hold = [&](Tensor t) -> const float* { keep.push_back(t); return t.data_ptr<float>(); };
   p.A = hold(f32c(A));
   p.Dskip = Dskip ? hold(f32c(*Dskip)) : nullptr;
@@ -274,9 +276,6 @@ std::vector<Tensor> selective_scan_bwd_cuda(const Tensor& u, const Tensor& delta
   const int segments = bwd7_segments(p, delta.get_device());
   p.bwd_v7 = p.bwd_v2 && v7_shapes(p, st, seq_idx.has_value()) && fast != 0 &&
              (bwd_variant == "v7" || (bwd_variant.empty() && v7_grid_fills(p, delta.get_device(), segments)));
-  p.bwd_segments = p.bwd_v7 ? segments : 1;
-  p.seg_tiles = (p.n_chunks + p.bwd_segments - 1) / p.bwd_segments;
-  p.bwd_segments = p.n_chunks > 0 ? (p.n_chunks + p.seg_tiles - 1) / p.seg_tiles : 1;  // (no empty segment)
   // dy: v2 reads (b, L, D) contiguous; v7 in the activations' orientation with 16-byte rows - mamba's layout hands dy
   // over token-fast, and its transpose copy took 1.0 of the 6.2 ms of the b8 L4096 backward (session 26).
   Tensor dy_c = dy.to(st);
@@ -293,6 +292,8 @@ std::vector<Tensor> selective_scan_bwd_cuda(const Tensor& u, const Tensor& delta
     }
   }
   if (!p.bwd_v7) dy_c = dy_c.contiguous();
+  // (after the dy decision: the partial rows below follow the segment count, and v2 writes one per sequence)
+  split_tiles(p.n_chunks, p.bwd_v7 ? segments : 1, p.bwd_segments, p.seg_tiles);
   const int64_t nblk = p.bwd_v7 ? D / 64 : (D + kSsChannels - 1) / kSsChannels;
   const bool grouped_u = p.u_rep > 1;
   Tensor du = at::empty({b, L, D}, grouped_u ? f32 : delta.options());

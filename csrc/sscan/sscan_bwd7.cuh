@@ -24,6 +24,7 @@
 #pragma once
 #include "../scan/mixer_scan_bwd7_core.cuh"  // scan7b:: recompute_sub, reverse_sub, RevLane, kSub
 #include "sscan_fwd7.cuh"                     // sscan7:: slots, slot_source, stage_fast, b_operand
+#include "sscan_prepass.cuh"                  // sscanpp:: the split pre-passes' groups, copies and fold
 
 namespace apriel {
 namespace sscan7b {
@@ -373,24 +374,21 @@ void launch(const SScanParams& p, void* stream) {
 // (carry = (carry + dys_t C_t) exp(delta_t A) over its tokens in reverse) and P_s = exp(A sum_t delta_t); the main
 // kernel's block of segment s folds the later segments' (L, P) into its starting carry. Its work is ~(S - 1) / S of a
 // readout-free scan (one ex2 per element), plus the prep (delta, dy silu(z)) once per (channel, token).
-// Block = one head (16 channels x 16 states) of one segment; kGroups groups of 64 threads, each over its own
-// contiguous range of the segment's tiles, folded at the end (a segment is walked kGroups-way parallel). Per group and
-// 32-token tile (reverse order):
+// Layout (sscan_prepass.cuh): block = one head of one segment, 4 groups of 64 threads over quarters of its tiles. Per
+// group and 32-token tile (reverse order):
 //   wait for the thread's copies; group barrier A (the tile's raw slots are the group's; the scan before is done);
 //   prep: raw delta / z / dy / C -> fp32 delta (0 past the end), tf32(dy silu(z)) (the main kernel's rounding), C;
-//   group barrier B (the prep is the group's; raw is free); the next tile's copies into raw (in flight during the
-//   scan); the scan: thread = (channel tid / 4, states 4 (tid % 4) .. + 3), 32 tokens.
-// The slots come in the main kernel's orientation (kBT: token-fast rows, else token-major) by 16-byte cp.async,
-// zero-filled past the end: the forward v7's fast layouts guarantee the alignment, and the host dy's.
+//   group barrier B (the prep is the group's; raw is free); the next tile's copies (in flight during the scan); the
+//   scan: thread = (channel tid / 4, states 4 (tid % 4) .. + 3), 32 tokens.
 namespace sscan7c {
 
 using sscan::kT;
-using sscan7::kN;
 using sscan7::delta_of;
 using sscan7::gate_sigmoid;
-constexpr int kGT = 64;  // threads per group
-constexpr int kGroups = 4;
-constexpr int kThr = kGT * kGroups;
+using sscan7::kN;
+using sscanpp::kGT;
+using sscanpp::kGroups;
+using sscanpp::kThr;
 enum { kRDelta = 0, kRZ = 1, kRDy = 2, kRC = 3, kRSlots = 4 };
 
 template <typename T>
@@ -407,24 +405,14 @@ __global__ void __launch_bounds__(kThr) sscan_bwd7_carry_kernel(SScanParams p) {
   __shared__ float4 fold_l[kGroups][kGT];
   __shared__ float fold_sd[kGroups][kGT];
   const int gi = threadIdx.x / kGT, tid = threadIdx.x % kGT, S = p.bwd_segments, nseg = S - 1;
-  const int c0 = blockIdx.x * 16, b = blockIdx.y / nseg, seg = blockIdx.y % nseg + 1;
+  const int c0 = blockIdx.x * 16, b = blockIdx.y / nseg, seg = blockIdx.y % nseg + 1;  // (segments 1 .. S - 1)
   const int D = p.dim, L = p.seqlen;
   const int seg_first = seg * p.seg_tiles, seg_last = min(p.n_chunks, seg_first + p.seg_tiles) - 1;
-  const int per = (seg_last - seg_first + kGroups) / kGroups;
-  const int tile_first = seg_first + gi * per, tile_last = min(seg_last, tile_first + per - 1);
+  int tile_first, tile_last;
+  sscanpp::group_tiles(seg_first, seg_last, gi, tile_first, tile_last);
   GroupSmem<T>& sm = gs[gi];
   const bool has_z = p.z != nullptr;
-  auto group_sync = [&] {  // named barrier 1 + gi of the group's 64 threads
-    static_assert(kGroups == 4 && kGT == 64, "group_sync names barriers 1..4 of 64 threads");
-    switch (gi) {
-      case 0: asm volatile("bar.sync 1, 64;" ::: "memory"); break;
-      case 1: asm volatile("bar.sync 2, 64;" ::: "memory"); break;
-      case 2: asm volatile("bar.sync 3, 64;" ::: "memory"); break;
-      default: asm volatile("bar.sync 4, 64;" ::: "memory"); break;
-    }
-  };
-  // The slots' first elements (row 0, token 0) and strides: kBT rows of tokens (row stride rs), else token rows of
-  // 16 (token stride ts).
+  // The slots' first elements (row 0, token 0) and row strides (kBT: channel / state rows, else token rows).
   const T* base[kRSlots];
   int64_t stride[kRSlots];
   base[kRDelta] = static_cast<const T*>(p.dl) + (int64_t)b * p.dl_sb + (int64_t)c0 * p.dl_sc;
@@ -435,24 +423,11 @@ __global__ void __launch_bounds__(kThr) sscan_bwd7_carry_kernel(SScanParams p) {
   stride[kRDy] = kBT ? p.dy_sc : p.dy_sl;
   base[kRC] = static_cast<const T*>(p.C) + (int64_t)b * p.C_sb + (int64_t)(c0 / p.c_cpg) * p.C_sg;
   stride[kRC] = kBT ? p.C_sn : p.C_sl;
-  // The thread's 16-byte piece of each slot: kBT (row tid / 4, tokens 8 (tid % 4) ..), else (token tid / 2, rows
-  // 8 (tid % 2) ..).
-  const int prow = kBT ? tid / 4 : 8 * (tid % 2), ptok = kBT ? 8 * (tid % 4) : tid / 2;
-  const int pdst = kBT ? prow * kT + ptok : ptok * 16 + prow;
+  const unsigned skip = has_z ? 0u : 1u << kRZ;
   auto copy_tile = [&](int t0, bool have) {
-    const int pos = t0 + ptok;
-    const int n = !have ? 0 : kBT ? min(max(L - pos, 0), 8) : (pos < L ? 8 : 0);
-#pragma unroll
-    for (int s = 0; s < kRSlots; ++s) {
-      if (s == kRZ && !has_z) continue;
-      const T* src = kBT ? base[s] + prow * stride[s] + pos : base[s] + pos * stride[s] + prow;
-      sscan2::cp_async16(sm.raw[s] + pdst, n > 0 ? src : base[s], n * (int)sizeof(T));
-    }
-    sscan2::cp_async_commit();
+    sscanpp::copy_tile<T, kBT, kRSlots>(sm.raw, base, stride, skip, tid, t0, L, have);
   };
-  auto raw_at = [&](int s, int row, int t) {
-    return sscan::to_f(sm.raw[s][kBT ? row * kT + t : t * 16 + row]);
-  };
+  auto raw_at = [&](int s, int row, int t) { return sscanpp::raw_at<T, kBT>(sm.raw[s], row, t); };
   // prep mapping: row (channel / state) tid % 16, tokens 8 (tid / 16) .. + 7
   const int qr = tid % 16, qt0 = 8 * (tid / 16);
   const float bias = p.delta_bias != nullptr ? p.delta_bias[c0 + qr] : 0.f;
@@ -466,7 +441,7 @@ __global__ void __launch_bounds__(kThr) sscan_bwd7_carry_kernel(SScanParams p) {
   for (int tile = tile_last; tile >= tile_first; --tile) {
     const int t0 = tile * kT;
     sscan2::cp_async_wait_all();
-    group_sync();  // A
+    sscanpp::group_sync(gi);  // A
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       const int t = qt0 + k;
@@ -480,7 +455,7 @@ __global__ void __launch_bounds__(kThr) sscan_bwd7_carry_kernel(SScanParams p) {
       sm.dys[t][qr] = scan7::tf32_rna(dyv * gz);  // (0 past the end: dy zero-filled)
       sm.c[t][qr] = raw_at(kRC, qr, t);
     }
-    group_sync();  // B
+    sscanpp::group_sync(gi);  // B
     copy_tile(t0 - kT, tile > tile_first);
 #pragma unroll
     for (int t = kT - 1; t >= 0; --t) {
@@ -493,25 +468,14 @@ __global__ void __launch_bounds__(kThr) sscan_bwd7_carry_kernel(SScanParams p) {
     }
   }
   sscan2::cp_async_wait_all();  // (the last, empty copy)
-  // Fold the groups (group 0 holds the earliest tiles): L = L_0 + P_0 (L_1 + P_1 (...)), P = exp(A sum delta).
+  // L = L_0 + P_0 (L_1 + P_1 (...)) (group 0 holds the earliest tiles), P = exp(A sum delta)
   fold_l[gi][tid] = make_float4(carry[0], carry[1], carry[2], carry[3]);
   fold_sd[gi][tid] = sdelta;
   __syncthreads();
-  if (gi == 0) {
-    float acc[4] = {0.f, 0.f, 0.f, 0.f}, sd = 0.f;
-#pragma unroll
-    for (int k = kGroups - 1; k >= 0; --k) {
-      const float4 l4 = fold_l[k][tid];
-      const float lv[4] = {l4.x, l4.y, l4.z, l4.w}, sk = fold_sd[k][tid];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[i] = fmaf(ex2(A2[i] * sk), acc[i], lv[i]);
-      sd += sk;
-    }
-    float* lp = p.seg_carry + (((int64_t)b * S + seg) * 2) * D * kN + (int64_t)(c0 + sc) * kN + 4 * sq;
-    *reinterpret_cast<float4*>(lp) = make_float4(acc[0], acc[1], acc[2], acc[3]);
-    *reinterpret_cast<float4*>(lp + (int64_t)D * kN) =
-        make_float4(ex2(A2[0] * sd), ex2(A2[1] * sd), ex2(A2[2] * sd), ex2(A2[3] * sd));
-  }
+  if (gi == 0)
+    sscanpp::fold_store<false>(fold_l, fold_sd, tid, A2,
+                               p.seg_carry + (((int64_t)b * S + seg) * 2) * D * kN + (int64_t)(c0 + sc) * kN + 4 * sq,
+                               (int64_t)D * kN);
 }
 
 template <typename T, bool kBT, bool kFastPrep>

@@ -23,6 +23,7 @@
 #pragma once
 #include "sscan_fwd2.cuh"                // sscan2:: stage_tensor, Geom, cp.async; sscan:: softplus_v2, sigmoids
 #include "../scan/mixer_scan_fwd7.cuh"  // scan7:: scan_half, gate_row, tf32_rna, kHalf
+#include "sscan_prepass.cuh"             // sscanpp:: the split pre-passes' groups, copies and fold
 
 namespace apriel {
 namespace sscan7 {
@@ -392,18 +393,19 @@ void launch(const SScanParams& p, void* stream) {
 // the main kernel's block of segment s folds the earlier segments' (E, P) into its starting state. The cost is a
 // second exponential per element over (S - 1) / S of the sequence (kernels.md: a split costs the bottleneck unit a
 // second pass), paid where the unsplit grid leaves the SMs idle. du = tf32(delta u) as the main kernel rounds it.
-// The layout is the backward's carry pre-pass's (sscan_bwd7.cuh sscan7c, the mixer's scan7c): block = one head
-// (16 channels x 16 states) of one segment, kGroups groups of 64 threads over contiguous quarters of its tiles,
-// folded at the end; per group and tile: wait, barrier A, prep (raw u / delta / B -> fp32 delta, du, B), barrier B,
-// the next tile's copies (in flight during the scan), the scan (thread = channel tid / 4, states 4 (tid % 4) ..).
+// The layout is the backward's carry pre-pass's (sscan_prepass.cuh; sscan_bwd7.cuh sscan7c): block = one head of one
+// segment, 4 groups of 64 threads over contiguous quarters of its tiles, folded at the end; per group and tile: wait,
+// barrier A, prep (raw u / delta / B -> fp32 delta, du, B), barrier B, the next tile's copies (in flight during the
+// scan), the scan (thread = channel tid / 4, states 4 (tid % 4) ..).
 // Only with the forward v7's fast stagings (kBT: token-fast rows, else token-major; 16-byte copies, zero-filled past
 // the end).
 namespace sscan7p {
 
 using sscan::kT;
-constexpr int kGT = 64;  // threads per group
-constexpr int kGroups = 4;
-constexpr int kThr = kGT * kGroups;
+using sscan7::kN;
+using sscanpp::kGT;
+using sscanpp::kGroups;
+using sscanpp::kThr;
 enum { kRU = 0, kRDelta = 1, kRB = 2, kRSlots = 3 };
 
 template <typename T>
@@ -416,7 +418,6 @@ struct GroupSmem {                      // 9 KB; 36 KB per block
 
 template <typename T, bool kBT, bool kFastPrep>
 __global__ void __launch_bounds__(kThr) sscan_fwd7_state_kernel(SScanParams p) {
-  using sscan7::kN;
   __shared__ GroupSmem<T> gs[kGroups];
   __shared__ float4 fold_e[kGroups][kGT];
   __shared__ float fold_sd[kGroups][kGT];
@@ -424,18 +425,9 @@ __global__ void __launch_bounds__(kThr) sscan_fwd7_state_kernel(SScanParams p) {
   const int c0 = blockIdx.x * 16, b = blockIdx.y / nseg, seg = blockIdx.y % nseg;  // (segments 0 .. S - 2)
   const int D = p.dim, L = p.seqlen;
   const int seg_first = seg * p.fwd_seg_tiles, seg_last = min(p.n_chunks, seg_first + p.fwd_seg_tiles) - 1;
-  const int per = (seg_last - seg_first + kGroups) / kGroups;
-  const int tile_first = seg_first + gi * per, tile_last = min(seg_last, tile_first + per - 1);
+  int tile_first, tile_last;
+  sscanpp::group_tiles(seg_first, seg_last, gi, tile_first, tile_last);
   GroupSmem<T>& sm = gs[gi];
-  auto group_sync = [&] {  // named barrier 1 + gi of the group's 64 threads
-    static_assert(kGroups == 4 && kGT == 64, "group_sync names barriers 1..4 of 64 threads");
-    switch (gi) {
-      case 0: asm volatile("bar.sync 1, 64;" ::: "memory"); break;
-      case 1: asm volatile("bar.sync 2, 64;" ::: "memory"); break;
-      case 2: asm volatile("bar.sync 3, 64;" ::: "memory"); break;
-      default: asm volatile("bar.sync 4, 64;" ::: "memory"); break;
-    }
-  };
   // The slots' first elements (row 0, token 0) and row strides (kBT: channel / state rows, else token rows).
   const T* base[kRSlots];
   int64_t stride[kRSlots];
@@ -446,21 +438,10 @@ __global__ void __launch_bounds__(kThr) sscan_fwd7_state_kernel(SScanParams p) {
     base[s] = static_cast<const T*>(src.ptr);
     stride[s] = kBT ? src.cs : src.ls;
   }
-  // The thread's 16-byte piece of each slot: kBT (row tid / 4, tokens 8 (tid % 4) ..), else (token tid / 2, rows
-  // 8 (tid % 2) ..).
-  const int prow = kBT ? tid / 4 : 8 * (tid % 2), ptok = kBT ? 8 * (tid % 4) : tid / 2;
-  const int pdst = kBT ? prow * kT + ptok : ptok * 16 + prow;
   auto copy_tile = [&](int t0, bool have) {
-    const int pos = t0 + ptok;
-    const int n = !have ? 0 : kBT ? min(max(L - pos, 0), 8) : (pos < L ? 8 : 0);
-#pragma unroll
-    for (int s = 0; s < kRSlots; ++s) {
-      const T* src = kBT ? base[s] + prow * stride[s] + pos : base[s] + pos * stride[s] + prow;
-      sscan2::cp_async16(sm.raw[s] + pdst, n > 0 ? src : base[s], n * (int)sizeof(T));
-    }
-    sscan2::cp_async_commit();
+    sscanpp::copy_tile<T, kBT, kRSlots>(sm.raw, base, stride, 0u, tid, t0, L, have);
   };
-  auto raw_at = [&](int s, int row, int t) { return sscan::to_f(sm.raw[s][kBT ? row * kT + t : t * 16 + row]); };
+  auto raw_at = [&](int s, int row, int t) { return sscanpp::raw_at<T, kBT>(sm.raw[s], row, t); };
   // prep mapping: row (channel / state) tid % 16, tokens 8 (tid / 16) .. + 7
   const int qr = tid % 16, qt0 = 8 * (tid / 16);
   const float bias = p.delta_bias != nullptr ? p.delta_bias[c0 + qr] : 0.f;
@@ -474,7 +455,7 @@ __global__ void __launch_bounds__(kThr) sscan_fwd7_state_kernel(SScanParams p) {
   for (int tile = tile_first; tile <= tile_last; ++tile) {
     const int t0 = tile * kT;
     sscan2::cp_async_wait_all();
-    group_sync();  // A
+    sscanpp::group_sync(gi);  // A
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       const int t = qt0 + k;
@@ -484,7 +465,7 @@ __global__ void __launch_bounds__(kThr) sscan_fwd7_state_kernel(SScanParams p) {
       sm.du[t][qr] = live ? scan7::tf32_rna(delta * raw_at(kRU, qr, t)) : 0.f;
       sm.bv[t][qr] = raw_at(kRB, qr, t);
     }
-    group_sync();  // B
+    sscanpp::group_sync(gi);  // B
     copy_tile(t0 + kT, tile < tile_last);
 #pragma unroll
     for (int t = 0; t < kT; ++t) {
@@ -497,25 +478,14 @@ __global__ void __launch_bounds__(kThr) sscan_fwd7_state_kernel(SScanParams p) {
     }
   }
   sscan2::cp_async_wait_all();  // (the last, empty copy)
-  // Fold the groups in order (group 0 holds the earliest tiles): E = E_3 + P_3 (E_2 + P_2 (E_1 + P_1 E_0)).
+  // E = E_3 + P_3 (E_2 + P_2 (E_1 + P_1 E_0)) (group 0 holds the earliest tiles), P = exp(A sum delta)
   fold_e[gi][tid] = make_float4(h[0], h[1], h[2], h[3]);
   fold_sd[gi][tid] = sdelta;
   __syncthreads();
-  if (gi == 0) {
-    float acc[4] = {0.f, 0.f, 0.f, 0.f}, sd = 0.f;
-#pragma unroll
-    for (int k = 0; k < kGroups; ++k) {
-      const float4 e4 = fold_e[k][tid];
-      const float ev[4] = {e4.x, e4.y, e4.z, e4.w}, sk = fold_sd[k][tid];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[i] = fmaf(ex2(A2[i] * sk), acc[i], ev[i]);
-      sd += sk;
-    }
-    float* ep = p.seg_state + (((int64_t)b * S + seg) * 2) * D * kN + (int64_t)(c0 + sc) * kN + 4 * sq;
-    *reinterpret_cast<float4*>(ep) = make_float4(acc[0], acc[1], acc[2], acc[3]);
-    *reinterpret_cast<float4*>(ep + (int64_t)D * kN) =
-        make_float4(ex2(A2[0] * sd), ex2(A2[1] * sd), ex2(A2[2] * sd), ex2(A2[3] * sd));
-  }
+  if (gi == 0)
+    sscanpp::fold_store<true>(fold_e, fold_sd, tid, A2,
+                              p.seg_state + (((int64_t)b * S + seg) * 2) * D * kN + (int64_t)(c0 + sc) * kN + 4 * sq,
+                              (int64_t)D * kN);
 }
 
 template <typename T, bool kBT, bool kFastPrep>

@@ -1,0 +1,85 @@
+// The pieces shared by the selective scan's two sequence-split pre-passes (session 27): sscan7p (sscan_fwd7.cuh: every
+// segment's end state and decay product, for the forward) and sscan7c (sscan_bwd7.cuh: every segment's starting carry
+// and decay product, for the backward). Both: block = one head (16 channels x 16 states) of one segment, kGroups groups
+// of kGT threads, each over a contiguous quarter of the segment's tiles; per group and 32-token tile its slots (16 rows
+// x kT tokens each) in the main kernel's orientation; at the end the groups' partial values folded in order. The
+// mixer's carry pre-pass (mixer_scan_bwd7.cuh scan7c) is the design they follow.
+#pragma once
+#include "sscan_fwd2.cuh"  // sscan2:: cp_async16 / commit; sscan:: kT, to_f
+
+namespace apriel {
+namespace sscanpp {
+
+using sscan::kT;
+constexpr int kGT = 64;  // threads per group
+constexpr int kGroups = 4;
+constexpr int kThr = kGT * kGroups;
+
+// Named barrier 1 + gi of group gi's 64 threads (immediate ids: 5 barriers, not 16).
+__device__ __forceinline__ void group_sync(int gi) {
+  static_assert(kGroups == 4 && kGT == 64, "group_sync names barriers 1..4 of 64 threads");
+  switch (gi) {
+    case 0: asm volatile("bar.sync 1, 64;" ::: "memory"); break;
+    case 1: asm volatile("bar.sync 2, 64;" ::: "memory"); break;
+    case 2: asm volatile("bar.sync 3, 64;" ::: "memory"); break;
+    default: asm volatile("bar.sync 4, 64;" ::: "memory"); break;
+  }
+}
+
+// Group gi's tiles of the segment's tiles seg_first .. seg_last: a contiguous quarter, empty where first > last.
+__device__ __forceinline__ void group_tiles(int seg_first, int seg_last, int gi, int& first, int& last) {
+  const int per = (seg_last - seg_first + kGroups) / kGroups;
+  first = seg_first + gi * per;
+  last = min(seg_last, first + per - 1);
+}
+
+// The tile at t0 of kNS slots into raw (no slot whose bit is set in skip), by 16-byte cp.async, zero-filled past L and
+// where !have; commits. base / stride: each slot's row 0 token 0 and the stride of its copied rows - kBT: rows of
+// tokens (the thread's piece: row tid / 4, tokens 8 (tid % 4) ..), else token rows of 16 (token tid / 2, rows
+// 8 (tid % 2) ..). The forward v7's fast stagings guarantee the 16-byte alignment (and the host dy's).
+template <typename T, bool kBT, int kNS>
+__device__ __forceinline__ void copy_tile(T (*raw)[16 * kT], const T* const (&base)[kNS],
+                                          const int64_t (&stride)[kNS], unsigned skip, int tid, int t0, int L,
+                                          bool have) {
+  const int prow = kBT ? tid / 4 : 8 * (tid % 2), ptok = kBT ? 8 * (tid % 4) : tid / 2;
+  const int dst = kBT ? prow * kT + ptok : ptok * 16 + prow, pos = t0 + ptok;
+  const int n = !have ? 0 : kBT ? min(max(L - pos, 0), 8) : (pos < L ? 8 : 0);
+#pragma unroll
+  for (int s = 0; s < kNS; ++s) {
+    if ((skip >> s) & 1u) continue;
+    const T* src = kBT ? base[s] + prow * stride[s] + pos : base[s] + pos * stride[s] + prow;
+    sscan2::cp_async16(raw[s] + dst, n > 0 ? src : base[s], n * (int)sizeof(T));
+  }
+  sscan2::cp_async_commit();
+}
+
+// Element (row, token t) of a staged slot.
+template <typename T, bool kBT>
+__device__ __forceinline__ float raw_at(const T* slot, int row, int t) {
+  return sscan::to_f(slot[kBT ? row * kT + t : t * 16 + row]);
+}
+
+// The groups' partial values v_k (this thread's 4 states) with their sums of delta sd_k folded in the order k = k0,
+// k0 + dk, ..: acc = exp(A sum_k delta) acc + v_k - the forward's E = E_3 + P_3 (E_2 + P_2 (...)) from group 0, the
+// backward's L = L_0 + P_0 (L_1 + ...) from group 3 - and stored with the segment's decay product exp(A sum delta):
+// out[0..3] and out[plane + 0..3]. Group 0's threads, after a block barrier over the fold arrays.
+template <bool kFromFirst>
+__device__ __forceinline__ void fold_store(const float4 (*fold_v)[kGT], const float (*fold_sd)[kGT], int tid,
+                                           const float (&A2)[4], float* out, int64_t plane) {
+  float acc[4] = {0.f, 0.f, 0.f, 0.f}, sd = 0.f;
+#pragma unroll
+  for (int i = 0; i < kGroups; ++i) {
+    const int k = kFromFirst ? i : kGroups - 1 - i;
+    const float4 v4 = fold_v[k][tid];
+    const float v[4] = {v4.x, v4.y, v4.z, v4.w}, sk = fold_sd[k][tid];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[j] = fmaf(ex2(A2[j] * sk), acc[j], v[j]);
+    sd += sk;
+  }
+  *reinterpret_cast<float4*>(out) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  *reinterpret_cast<float4*>(out + plane) =
+      make_float4(ex2(A2[0] * sd), ex2(A2[1] * sd), ex2(A2[2] * sd), ex2(A2[3] * sd));
+}
+
+}  // namespace sscanpp
+}  // namespace apriel
