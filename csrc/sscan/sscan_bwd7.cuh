@@ -402,8 +402,6 @@ struct GroupSmem {                        // 10 KB; 40 KB per block
 template <typename T, bool kBT, bool kFastPrep>
 __global__ void __launch_bounds__(kThr) sscan_bwd7_carry_kernel(SScanParams p) {
   __shared__ GroupSmem<T> gs[kGroups];
-  __shared__ float4 fold_l[kGroups][kGT];
-  __shared__ float fold_sd[kGroups][kGT];
   const int gi = threadIdx.x / kGT, tid = threadIdx.x % kGT, S = p.bwd_segments, nseg = S - 1;
   const int c0 = blockIdx.x * 16, b = blockIdx.y / nseg, seg = blockIdx.y % nseg + 1;  // (segments 1 .. S - 1)
   const int D = p.dim, L = p.seqlen;
@@ -469,13 +467,8 @@ __global__ void __launch_bounds__(kThr) sscan_bwd7_carry_kernel(SScanParams p) {
   }
   sscan2::cp_async_wait_all();  // (the last, empty copy)
   // L = L_0 + P_0 (L_1 + P_1 (...)) (group 0 holds the earliest tiles), P = exp(A sum delta)
-  fold_l[gi][tid] = make_float4(carry[0], carry[1], carry[2], carry[3]);
-  fold_sd[gi][tid] = sdelta;
-  __syncthreads();
-  if (gi == 0)
-    sscanpp::fold_store<false>(fold_l, fold_sd, tid, A2,
-                               p.seg_carry + (((int64_t)b * S + seg) * 2) * D * kN + (int64_t)(c0 + sc) * kN + 4 * sq,
-                               (int64_t)D * kN);
+  float* out = p.seg_carry + (((int64_t)b * S + seg) * 2) * D * kN + (int64_t)(c0 + sc) * kN + 4 * sq;
+  sscanpp::fold_groups<false>(gi, tid, carry, sdelta, A2, out, (int64_t)D * kN);
 }
 
 template <typename T, bool kBT, bool kFastPrep>

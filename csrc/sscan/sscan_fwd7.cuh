@@ -419,8 +419,6 @@ struct GroupSmem {                      // 9 KB; 36 KB per block
 template <typename T, bool kBT, bool kFastPrep>
 __global__ void __launch_bounds__(kThr) sscan_fwd7_state_kernel(SScanParams p) {
   __shared__ GroupSmem<T> gs[kGroups];
-  __shared__ float4 fold_e[kGroups][kGT];
-  __shared__ float fold_sd[kGroups][kGT];
   const int gi = threadIdx.x / kGT, tid = threadIdx.x % kGT, S = p.fwd_segments, nseg = S - 1;
   const int c0 = blockIdx.x * 16, b = blockIdx.y / nseg, seg = blockIdx.y % nseg;  // (segments 0 .. S - 2)
   const int D = p.dim, L = p.seqlen;
@@ -479,13 +477,8 @@ __global__ void __launch_bounds__(kThr) sscan_fwd7_state_kernel(SScanParams p) {
   }
   sscan2::cp_async_wait_all();  // (the last, empty copy)
   // E = E_3 + P_3 (E_2 + P_2 (E_1 + P_1 E_0)) (group 0 holds the earliest tiles), P = exp(A sum delta)
-  fold_e[gi][tid] = make_float4(h[0], h[1], h[2], h[3]);
-  fold_sd[gi][tid] = sdelta;
-  __syncthreads();
-  if (gi == 0)
-    sscanpp::fold_store<true>(fold_e, fold_sd, tid, A2,
-                              p.seg_state + (((int64_t)b * S + seg) * 2) * D * kN + (int64_t)(c0 + sc) * kN + 4 * sq,
-                              (int64_t)D * kN);
+  float* out = p.seg_state + (((int64_t)b * S + seg) * 2) * D * kN + (int64_t)(c0 + sc) * kN + 4 * sq;
+  sscanpp::fold_groups<true>(gi, tid, h, sdelta, A2, out, (int64_t)D * kN);
 }
 
 template <typename T, bool kBT, bool kFastPrep>

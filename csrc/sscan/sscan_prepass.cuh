@@ -59,26 +59,33 @@ __device__ __forceinline__ float raw_at(const T* slot, int row, int t) {
   return sscan::to_f(slot[kBT ? row * kT + t : t * 16 + row]);
 }
 
-// The groups' partial values v_k (this thread's 4 states) with their sums of delta sd_k folded in the order k = k0,
-// k0 + dk, ..: acc = exp(A sum_k delta) acc + v_k - the forward's E = E_3 + P_3 (E_2 + P_2 (...)) from group 0, the
-// backward's L = L_0 + P_0 (L_1 + ...) from group 3 - and stored with the segment's decay product exp(A sum delta):
-// out[0..3] and out[plane + 0..3]. Group 0's threads, after a block barrier over the fold arrays.
+// Every thread's partial value v (its 4 states over its group's tiles) and sum of delta sd, folded over the groups in
+// the order k = 0, 1, .. (kFromFirst) or 3, 2, ..: acc = exp(A sum_k delta) acc + v_k - the forward's E = E_3 + P_3
+// (E_2 + P_2 (...)) from group 0, the backward's L = L_0 + P_0 (L_1 + ...) from group 3 - and stored by group 0 with
+// the segment's decay product exp(A sum delta): out[0..3] and out[plane + 0..3]. Every thread of the block calls it
+// (a block barrier); the cp.async copies must be complete.
 template <bool kFromFirst>
-__device__ __forceinline__ void fold_store(const float4 (*fold_v)[kGT], const float (*fold_sd)[kGT], int tid,
-                                           const float (&A2)[4], float* out, int64_t plane) {
-  float acc[4] = {0.f, 0.f, 0.f, 0.f}, sd = 0.f;
+__device__ __forceinline__ void fold_groups(int gi, int tid, const float (&v)[4], float sd, const float (&A2)[4],
+                                            float* out, int64_t plane) {
+  __shared__ float4 fold_v[kGroups][kGT];
+  __shared__ float fold_sd[kGroups][kGT];
+  fold_v[gi][tid] = make_float4(v[0], v[1], v[2], v[3]);
+  fold_sd[gi][tid] = sd;
+  __syncthreads();
+  if (gi != 0) return;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f}, sum = 0.f;
 #pragma unroll
   for (int i = 0; i < kGroups; ++i) {
     const int k = kFromFirst ? i : kGroups - 1 - i;
     const float4 v4 = fold_v[k][tid];
-    const float v[4] = {v4.x, v4.y, v4.z, v4.w}, sk = fold_sd[k][tid];
+    const float vk[4] = {v4.x, v4.y, v4.z, v4.w}, sk = fold_sd[k][tid];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) acc[j] = fmaf(ex2(A2[j] * sk), acc[j], v[j]);
-    sd += sk;
+    for (int j = 0; j < 4; ++j) acc[j] = fmaf(ex2(A2[j] * sk), acc[j], vk[j]);
+    sum += sk;
   }
   *reinterpret_cast<float4*>(out) = make_float4(acc[0], acc[1], acc[2], acc[3]);
   *reinterpret_cast<float4*>(out + plane) =
-      make_float4(ex2(A2[0] * sd), ex2(A2[1] * sd), ex2(A2[2] * sd), ex2(A2[3] * sd));
+      make_float4(ex2(A2[0] * sum), ex2(A2[1] * sum), ex2(A2[2] * sum), ex2(A2[3] * sum));
 }
 
 }  // namespace sscanpp
