@@ -88,7 +88,8 @@ def check_env_positive_int(name: str) -> None:
     the default, is checked here: the C++ side's own check would throw, and a C++ exception from an extension op kills
     the GPU machine's process (docs/notes/STATUS.md item 4)."""
     value = os.environ.get(name, "")
-    if value and not (value.strip().isdigit() and int(value) >= 1):
+    digits = value.strip()
+    if value and not (digits.isascii() and digits.isdigit() and int(digits) >= 1):
         raise ValueError(f"{name}: expected a positive integer (or unset), got {value!r}")
 
 
