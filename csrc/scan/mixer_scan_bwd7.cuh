@@ -64,6 +64,7 @@
 #include <type_traits>
 
 #include "mixer_scan_fwd7.cuh"  // scan7:: stage, mma_k4, mma_k8, tf32_rna, convert_x / _b, Smem7::Raw
+#include "../common/split_prepass.cuh"  // prepass:: the carry pre-pass's groups, barriers and fold
 #include "mixer_scan_bwd7_core.cuh"  // scan7b:: recompute_sub, reverse_sub, mma_k4c, decays, kSub
 
 namespace apriel {
@@ -1078,9 +1079,10 @@ void launch_multi(const MixerScanParams& p, void* stream) {
 // relative).
 namespace scan7c {
 
-constexpr int kGT = 64;                 // threads per group
-constexpr int kGroups = 4;              // (session 12: 8 groups of half the tiles each, 2 blocks per SM: not faster)
-constexpr int kThr = kGT * kGroups;
+// (../common/split_prepass.cuh; session 12: 8 groups of half the tiles each, 2 blocks per SM: not faster)
+using prepass::kGroups;
+using prepass::kGT;
+using prepass::kThr;
 
 // A group's buffers, by tile parity (z / dy / dt_low go from global memory to registers): 10 KB per group, 45 KB per
 // block of 4 groups with the fold arrays (4 blocks per SM).
@@ -1135,8 +1137,6 @@ __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerSca
   using scan::kN;
   constexpr int kVec = 16 / sizeof(T);  // 8
   __shared__ GroupSmem<T> gs[kGroups];
-  __shared__ float4 fold_l[kGroups][kGT];
-  __shared__ float fold_sd[kGroups][kGT];
   const int gi = threadIdx.x / kGT, tid = threadIdx.x % kGT, S = p.bwd_segments, nseg = S - 1;
   const int head = blockIdx.x, b = blockIdx.y / nseg, seg = blockIdx.y % nseg + 1, c0 = head * kN;
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank;
@@ -1148,8 +1148,8 @@ __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerSca
     doc_start = first_start<kThr>(p, b, seg_first, seg_last);
     if (doc_start != 0x7fffffff) last = doc_start / kChunk;
   }
-  const int per = (last - seg_first + kGroups) / kGroups;
-  const int tile_first = seg_first + gi * per, tile_last = min(last, tile_first + per - 1);
+  int tile_first, tile_last;
+  prepass::group_tiles(seg_first, last, gi, tile_first, tile_last);
   GroupSmem<T>& sm = gs[gi];
   const int64_t rowZ = p.zxbc_row_stride;
   const T* zx = static_cast<const T*>(p.zxbc) + (int64_t)b * p.zxbc_batch_stride;
@@ -1157,15 +1157,7 @@ __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerSca
   const T* dyb = static_cast<const T*>(p.dy) + (int64_t)b * L * D;
   // C copies: thread = (row tid / 2, 8-element half tid % 2) of the 32 x 16 slice
   const int crow = tid / 2, chalf = tid % 2;
-  auto group_sync = [&] {  // named barrier 1 + gi of the group's 64 threads (immediate ids: 5 barriers, not 16)
-    static_assert(kGroups == 4 && kGT == 64, "group_sync names barriers 1..4 of 64 threads");
-    switch (gi) {
-      case 0: asm volatile("bar.sync 1, 64;" ::: "memory"); break;
-      case 1: asm volatile("bar.sync 2, 64;" ::: "memory"); break;
-      case 2: asm volatile("bar.sync 3, 64;" ::: "memory"); break;
-      default: asm volatile("bar.sync 4, 64;" ::: "memory"); break;
-    }
-  };
+  auto group_sync = [&] { prepass::group_sync(gi); };  // named barrier 1 + gi of the group's 64 threads
   // prep items (session 11: dt_proj on tensor cores, as the main kernel's prep): warp wi = tid / 32 of the group
   // takes tokens 16 wi .. + 15 (the m16 tile), lane (g, q) tokens 16 wi + g, + 8 and channels 2q, 2q + 1 (n-tile
   // 0) and 8 + 2q, 9 + 2q (n-tile 1) of m16n8k16 (bf16 / fp16, fp32 accumulate); B fragments = W_dt rounded to the
@@ -1289,24 +1281,8 @@ __global__ void __launch_bounds__(kThr, 4) mixer_scan_bwd7_carry_kernel(MixerSca
   }
   scan4::cp_async_wait_all();  // (the last zero-fill copy: none in flight past the loop)
   // Fold the groups (group 0 holds the earliest tiles): L = L_0 + P_0 (L_1 + P_1 (...)), P = exp(A sum delta).
-  fold_l[gi][tid] = make_float4(carry[0], carry[1], carry[2], carry[3]);
-  fold_sd[gi][tid] = sdelta;
-  __syncthreads();
-  if (gi == 0) {
-    float acc[4] = {0.f, 0.f, 0.f, 0.f}, sd = 0.f;
-#pragma unroll
-    for (int k = kGroups - 1; k >= 0; --k) {
-      const float4 l4 = fold_l[k][tid];
-      const float lv[4] = {l4.x, l4.y, l4.z, l4.w}, sk = fold_sd[k][tid];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[i] = fmaf(ex2(A2[i] * sk), acc[i], lv[i]);
-      sd += sk;
-    }
-    float* lp = p.seg_carry + (((int64_t)b * S + seg) * 2) * D * kN + (int64_t)(c0 + sc) * kN + 4 * sq;
-    *reinterpret_cast<float4*>(lp) = make_float4(acc[0], acc[1], acc[2], acc[3]);
-    *reinterpret_cast<float4*>(lp + (int64_t)D * kN) =
-        make_float4(ex2(A2[0] * sd), ex2(A2[1] * sd), ex2(A2[2] * sd), ex2(A2[3] * sd));
-  }
+  float* lp = p.seg_carry + (((int64_t)b * S + seg) * 2) * D * kN + (int64_t)(c0 + sc) * kN + 4 * sq;
+  prepass::fold_groups<false>(gi, tid, carry, sdelta, A2, lp, (int64_t)D * kN);
 }
 
 }  // namespace scan7c

@@ -1,37 +1,22 @@
-// The pieces shared by the selective scan's two sequence-split pre-passes (session 27): sscan7p (sscan_fwd7.cuh: every
+// The pieces of the selective scan's two sequence-split pre-passes (session 27): sscan7p (sscan_fwd7.cuh: every
 // segment's end state and decay product, for the forward) and sscan7c (sscan_bwd7.cuh: every segment's starting carry
-// and decay product, for the backward). Both: block = one head (16 channels x 16 states) of one segment, kGroups groups
-// of kGT threads, each over a contiguous quarter of the segment's tiles; per group and 32-token tile its slots (16 rows
-// x kT tokens each) in the main kernel's orientation; at the end the groups' partial values folded in order. The
-// mixer's carry pre-pass (mixer_scan_bwd7.cuh scan7c) is the design they follow.
+// and decay product, for the backward): the groups, barriers and fold of ../common/split_prepass.cuh (shared with the
+// mixer's carry pre-pass, whose design they follow), and per group and 32-token tile the slots (16 rows x kT tokens
+// each) in the main kernel's orientation.
 #pragma once
-#include "sscan_fwd2.cuh"  // sscan2:: cp_async16 / commit; sscan:: kT, to_f
+#include "../common/split_prepass.cuh"  // prepass:: groups, group barriers, the fold
+#include "sscan_fwd2.cuh"                // sscan2:: cp_async16 / commit; sscan:: kT, to_f
 
 namespace apriel {
 namespace sscanpp {
 
 using sscan::kT;
-constexpr int kGT = 64;  // threads per group
-constexpr int kGroups = 4;
-constexpr int kThr = kGT * kGroups;
-
-// Named barrier 1 + gi of group gi's 64 threads (immediate ids: 5 barriers, not 16).
-__device__ __forceinline__ void group_sync(int gi) {
-  static_assert(kGroups == 4 && kGT == 64, "group_sync names barriers 1..4 of 64 threads");
-  switch (gi) {
-    case 0: asm volatile("bar.sync 1, 64;" ::: "memory"); break;
-    case 1: asm volatile("bar.sync 2, 64;" ::: "memory"); break;
-    case 2: asm volatile("bar.sync 3, 64;" ::: "memory"); break;
-    default: asm volatile("bar.sync 4, 64;" ::: "memory"); break;
-  }
-}
-
-// Group gi's tiles of the segment's tiles seg_first .. seg_last: a contiguous quarter, empty where first > last.
-__device__ __forceinline__ void group_tiles(int seg_first, int seg_last, int gi, int& first, int& last) {
-  const int per = (seg_last - seg_first + kGroups) / kGroups;
-  first = seg_first + gi * per;
-  last = min(seg_last, first + per - 1);
-}
+using prepass::fold_groups;
+using prepass::group_sync;
+using prepass::group_tiles;
+using prepass::kGroups;
+using prepass::kGT;
+using prepass::kThr;
 
 // The tile at t0 of kNS slots into raw (no slot whose bit is set in skip), by 16-byte cp.async, zero-filled past L and
 // where !have; commits. base / stride: each slot's row 0 token 0 and the stride of its copied rows - kBT: rows of
@@ -57,35 +42,6 @@ __device__ __forceinline__ void copy_tile(T (*raw)[16 * kT], const T* const (&ba
 template <typename T, bool kBT>
 __device__ __forceinline__ float raw_at(const T* slot, int row, int t) {
   return sscan::to_f(slot[kBT ? row * kT + t : t * 16 + row]);
-}
-
-// Every thread's partial value v (its 4 states over its group's tiles) and sum of delta sd, folded over the groups in
-// the order k = 0, 1, .. (kFromFirst) or 3, 2, ..: acc = exp(A sum_k delta) acc + v_k - the forward's E = E_3 + P_3
-// (E_2 + P_2 (...)) from group 0, the backward's L = L_0 + P_0 (L_1 + ...) from group 3 - and stored by group 0 with
-// the segment's decay product exp(A sum delta): out[0..3] and out[plane + 0..3]. Every thread of the block calls it
-// (a block barrier); the cp.async copies must be complete.
-template <bool kFromFirst>
-__device__ __forceinline__ void fold_groups(int gi, int tid, const float (&v)[4], float sd, const float (&A2)[4],
-                                            float* out, int64_t plane) {
-  __shared__ float4 fold_v[kGroups][kGT];
-  __shared__ float fold_sd[kGroups][kGT];
-  fold_v[gi][tid] = make_float4(v[0], v[1], v[2], v[3]);
-  fold_sd[gi][tid] = sd;
-  __syncthreads();
-  if (gi != 0) return;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f}, sum = 0.f;
-#pragma unroll
-  for (int i = 0; i < kGroups; ++i) {
-    const int k = kFromFirst ? i : kGroups - 1 - i;
-    const float4 v4 = fold_v[k][tid];
-    const float vk[4] = {v4.x, v4.y, v4.z, v4.w}, sk = fold_sd[k][tid];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[j] = fmaf(ex2(A2[j] * sk), acc[j], vk[j]);
-    sum += sk;
-  }
-  *reinterpret_cast<float4*>(out) = make_float4(acc[0], acc[1], acc[2], acc[3]);
-  *reinterpret_cast<float4*>(out + plane) =
-      make_float4(ex2(A2[0] * sum), ex2(A2[1] * sum), ex2(A2[2] * sum), ex2(A2[3] * sum));
 }
 
 }  // namespace sscanpp
