@@ -204,10 +204,6 @@ SScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, c
   p.delta_bias = delta_bias ? hold(f32c(*delta_bias)) : nullptr;
   p.init = init ? hold(f32c(*init)) : nullptr;
   if (seq_idx) { keep.push_back(seq_idx->contiguous()); p.seq_idx = keep.back().data_ptr<int>(); }
-  if (p.fwd_segments > 1) {  // the state pre-pass's (E, P) per segment (also for the backward's forward rerun)
-    keep.push_back(at::empty({b, p.fwd_segments, 2, D, N}, delta.options().dtype(at::kFloat)));
-    p.seg_state = keep.back().data_ptr<float>();
-  }
   return p;
 }
 
@@ -217,6 +213,17 @@ void launch(const SScanParams& p, at::ScalarType st) {
   if (st == at::kBFloat16) kFwd ? launch_sscan_fwd<__nv_bfloat16>(p, stream) : launch_sscan_bwd<__nv_bfloat16>(p, stream);
   else if (st == at::kHalf) kFwd ? launch_sscan_fwd<__half>(p, stream) : launch_sscan_bwd<__half>(p, stream);
   else kFwd ? launch_sscan_fwd<float>(p, stream) : launch_sscan_bwd<float>(p, stream);
+}
+
+// The forward's launch (the op's, or the backward's rerun for checkpoints): with the sequence split, first the state
+// pre-pass's (E, P) buffer per segment, held until the call returns (only where the forward runs: a backward given
+// the checkpoints needs none).
+void launch_forward(SScanParams& p, const Tensor& delta, std::vector<Tensor>& keep) {
+  if (p.fwd_segments > 1) {
+    keep.push_back(at::empty({p.batch, p.fwd_segments, 2, p.dim, p.dstate}, delta.options().dtype(at::kFloat)));
+    p.seg_state = keep.back().data_ptr<float>();
+  }
+  launch<true>(p, delta.scalar_type());
 }
 
 // save_checkpoints: also return the fp32 states before every 32-token tile (b, ceil(L/32), D, N), which the
@@ -240,7 +247,7 @@ std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd_cuda(const Tensor& u, cons
   }
   p.y = y.data_ptr(); p.final_state = final_state.data_ptr<float>();
   p.ckpt = save_checkpoints ? ckpt.data_ptr<float>() : nullptr;
-  launch<true>(p, delta.scalar_type());
+  launch_forward(p, delta, keep);
   return {y, final_state, ckpt};
 }
 
@@ -320,7 +327,7 @@ std::vector<Tensor> selective_scan_bwd_cuda(const Tensor& u, const Tensor& delta
       ckpt = at::empty({b, p.n_chunks, D, N}, f32);
       SScanParams q = p;
       q.y = nullptr; q.final_state = nullptr; q.ckpt = ckpt.data_ptr<float>();
-      launch<true>(q, st);
+      launch_forward(q, delta, keep);
     }
     p.dy = dy_c.data_ptr();
     p.dy_sb = dy_c.stride(0); p.dy_sl = dy_c.stride(1); p.dy_sc = dy_c.stride(2);
