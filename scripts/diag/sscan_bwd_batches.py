@@ -16,7 +16,7 @@ import torch
 from apriel_kernels import selective_scan_fn
 from bench.kernels_sscan import D, _inputs
 from bench.timing import time_ms
-from bench.variants import env_override
+from bench.variants import sscan_version
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--batches", default="1,2,3,4,8")
@@ -33,9 +33,7 @@ for seqlen, batch in ((int(s), int(b)) for s in opts.seqlens.split(",") for b in
     y = selective_scan_fn(**args, delta_softplus=True)
     line = []
     for version in opts.versions.split(","):
-        variant, _, segments = version.partition("s")  # (v7sN: v7 with N segments)
-        with env_override("APRIEL_SSCAN_BWD", None if version == "auto" else variant), \
-                env_override("APRIEL_SSCAN_BWD_SEGMENTS", segments or None):
+        with sscan_version("BWD", version):
             p50 = time_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), rep_ms=300)["p50"]  # noqa: B023
         rows.append({"batch": batch, "seqlen": seqlen, "version": version, "bwd_p50_ms": p50})
         line.append(f"{version} {p50:.4f}")

@@ -15,7 +15,7 @@ import torch
 from apriel_kernels import selective_scan_fn
 from bench.kernels_sscan import _inputs
 from bench.timing import time_graph_ms
-from bench.variants import env_override
+from bench.variants import sscan_version
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--batches", default="1,2,3,4,5,6,8")
@@ -29,9 +29,7 @@ for seqlen, batch in ((int(s), int(b)) for s in opts.seqlens.split(",") for b in
     args = _inputs(batch, seqlen, channel_major=True)
     line = []
     for version in opts.versions.split(","):
-        variant, _, segments = version.partition("s")  # (v7sN: v7 with N segments)
-        with torch.no_grad(), env_override("APRIEL_SSCAN_FWD", None if version == "auto" else variant), \
-                env_override("APRIEL_SSCAN_FWD_SEGMENTS", segments or None):
+        with torch.no_grad(), sscan_version("FWD", version):
             p50 = time_graph_ms(lambda: selective_scan_fn(**args, delta_softplus=True))["p50"]  # noqa: B023
         rows.append({"batch": batch, "seqlen": seqlen, "version": version, "graph_p50_ms": p50})
         line.append(f"{version} {p50:.4f}")
