@@ -400,7 +400,7 @@ struct GroupSmem {                        // 10 KB; 40 KB per block
 };
 
 template <typename T, bool kBT, bool kFastPrep>
-__global__ void __launch_bounds__(kThr) sscan_bwd7_carry_kernel(SScanParams p) {
+__global__ void __launch_bounds__(kThr, 4) sscan_bwd7_carry_kernel(SScanParams p) {
   __shared__ GroupSmem<T> gs[kGroups];
   const int gi = threadIdx.x / kGT, tid = threadIdx.x % kGT, S = p.bwd_segments, nseg = S - 1;
   const int c0 = blockIdx.x * 16, b = blockIdx.y / nseg, seg = blockIdx.y % nseg + 1;  // (segments 1 .. S - 1)
@@ -425,9 +425,8 @@ __global__ void __launch_bounds__(kThr) sscan_bwd7_carry_kernel(SScanParams p) {
   auto copy_tile = [&](int t0, bool have) {
     sscanpp::copy_tile<T, kBT, kRSlots>(sm.raw, base, stride, skip, tid, t0, L, have);
   };
-  auto raw_at = [&](int s, int row, int t) { return sscanpp::raw_at<T, kBT>(sm.raw[s], row, t); };
-  // prep mapping: row (channel / state) tid % 16, tokens 8 (tid / 16) .. + 7
-  const int qr = tid % 16, qt0 = 8 * (tid / 16);
+  // prep mapping: row (channel / state) tid % 16, tokens 8 (tid / 16) .. + 7 (octet tid / 16 of the tile)
+  const int qr = tid % 16, qo = tid / 16, qt0 = 8 * qo;
   const float bias = p.delta_bias != nullptr ? p.delta_bias[c0 + qr] : 0.f;
   // scan mapping: channel sc, states 4 sq .. + 3
   const int sc = tid / 4, sq = tid % 4;
@@ -440,18 +439,19 @@ __global__ void __launch_bounds__(kThr) sscan_bwd7_carry_kernel(SScanParams p) {
     const int t0 = tile * kT;
     sscan2::cp_async_wait_all();
     sscanpp::group_sync(gi);  // A
+    float rd[8], ry[8], rz[8], rc[8];
+    sscanpp::raw_octet<T, kBT>(sm.raw[kRDelta], qr, qo, rd);
+    sscanpp::raw_octet<T, kBT>(sm.raw[kRDy], qr, qo, ry);
+    sscanpp::raw_octet<T, kBT>(sm.raw[kRC], qr, qo, rc);
+    if (has_z) sscanpp::raw_octet<T, kBT>(sm.raw[kRZ], qr, qo, rz);
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       const int t = qt0 + k;
-      const float v = raw_at(kRDelta, qr, t) + bias, dyv = raw_at(kRDy, qr, t);
       float gz = 1.f;
-      if (has_z) {
-        const float zz = raw_at(kRZ, qr, t);
-        gz = zz * gate_sigmoid<kFastPrep>(p, zz);
-      }
-      sm.dl[t][qr] = t0 + t < L ? delta_of<kFastPrep>(p, v) : 0.f;
-      sm.dys[t][qr] = scan7::tf32_rna(dyv * gz);  // (0 past the end: dy zero-filled)
-      sm.c[t][qr] = raw_at(kRC, qr, t);
+      if (has_z) gz = rz[k] * gate_sigmoid<kFastPrep>(p, rz[k]);
+      sm.dl[t][qr] = t0 + t < L ? delta_of<kFastPrep>(p, rd[k] + bias) : 0.f;
+      sm.dys[t][qr] = scan7::tf32_rna(ry[k] * gz);  // (0 past the end: dy zero-filled)
+      sm.c[t][qr] = rc[k];
     }
     sscanpp::group_sync(gi);  // B
     copy_tile(t0 - kT, tile > tile_first);

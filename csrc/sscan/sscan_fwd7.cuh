@@ -417,7 +417,7 @@ struct GroupSmem {                      // 9 KB; 36 KB per block
 };
 
 template <typename T, bool kBT, bool kFastPrep>
-__global__ void __launch_bounds__(kThr) sscan_fwd7_state_kernel(SScanParams p) {
+__global__ void __launch_bounds__(kThr, 5) sscan_fwd7_state_kernel(SScanParams p) {
   __shared__ GroupSmem<T> gs[kGroups];
   const int gi = threadIdx.x / kGT, tid = threadIdx.x % kGT, S = p.fwd_segments, nseg = S - 1;
   const int c0 = blockIdx.x * 16, b = blockIdx.y / nseg, seg = blockIdx.y % nseg;  // (segments 0 .. S - 2)
@@ -439,9 +439,8 @@ __global__ void __launch_bounds__(kThr) sscan_fwd7_state_kernel(SScanParams p) {
   auto copy_tile = [&](int t0, bool have) {
     sscanpp::copy_tile<T, kBT, kRSlots>(sm.raw, base, stride, 0u, tid, t0, L, have);
   };
-  auto raw_at = [&](int s, int row, int t) { return sscanpp::raw_at<T, kBT>(sm.raw[s], row, t); };
-  // prep mapping: row (channel / state) tid % 16, tokens 8 (tid / 16) .. + 7
-  const int qr = tid % 16, qt0 = 8 * (tid / 16);
+  // prep mapping: row (channel / state) tid % 16, tokens 8 (tid / 16) .. + 7 (octet tid / 16 of the tile)
+  const int qr = tid % 16, qo = tid / 16, qt0 = 8 * qo;
   const float bias = p.delta_bias != nullptr ? p.delta_bias[c0 + qr] : 0.f;
   // scan mapping: channel sc, states 4 sq .. + 3
   const int sc = tid / 4, sq = tid % 4;
@@ -454,14 +453,18 @@ __global__ void __launch_bounds__(kThr) sscan_fwd7_state_kernel(SScanParams p) {
     const int t0 = tile * kT;
     sscan2::cp_async_wait_all();
     sscanpp::group_sync(gi);  // A
+    float rd[8], ru[8], rb[8];
+    sscanpp::raw_octet<T, kBT>(sm.raw[kRDelta], qr, qo, rd);
+    sscanpp::raw_octet<T, kBT>(sm.raw[kRU], qr, qo, ru);
+    sscanpp::raw_octet<T, kBT>(sm.raw[kRB], qr, qo, rb);
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       const int t = qt0 + k;
       const bool live = t0 + t < L;
-      const float delta = live ? sscan7::delta_of<kFastPrep>(p, raw_at(kRDelta, qr, t) + bias) : 0.f;
+      const float delta = live ? sscan7::delta_of<kFastPrep>(p, rd[k] + bias) : 0.f;
       sm.dl[t][qr] = delta;
-      sm.du[t][qr] = live ? scan7::tf32_rna(delta * raw_at(kRU, qr, t)) : 0.f;
-      sm.bv[t][qr] = raw_at(kRB, qr, t);
+      sm.du[t][qr] = live ? scan7::tf32_rna(delta * ru[k]) : 0.f;
+      sm.bv[t][qr] = rb[k];
     }
     sscanpp::group_sync(gi);  // B
     copy_tile(t0 + kT, tile < tile_last);

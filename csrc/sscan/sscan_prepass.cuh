@@ -18,16 +18,22 @@ using prepass::kGroups;
 using prepass::kGT;
 using prepass::kThr;
 
+// kBT slots: a row's 32 tokens are 4 octets of 16 bytes; octet o of row r sits at position o ^ octet_swizzle(r), so
+// that the prep's 16-byte octet reads (8 consecutive rows, one octet) hit 8 different bank groups. (Session 28: with
+// rows in place the prep read its 8 tokens one 2-byte element at a time, 8 rows of a quarter warp on 2 bank groups:
+// both pre-passes ran at ~94 % of the shared-memory pipe, ncu in bench/results/s28/.)
+__device__ __forceinline__ int octet_swizzle(int row) { return (row >> 1) & 3; }
+
 // The tile at t0 of kNS slots into raw (no slot whose bit is set in skip), by 16-byte cp.async, zero-filled past L and
 // where !have; commits. base / stride: each slot's row 0 token 0 and the stride of its copied rows - kBT: rows of
-// tokens (the thread's piece: row tid / 4, tokens 8 (tid % 4) ..), else token rows of 16 (token tid / 2, rows
+// tokens (the thread's piece: row tid / 4, octet tid % 4, swizzled), else token rows of 16 (token tid / 2, rows
 // 8 (tid % 2) ..). The forward v7's fast stagings guarantee the 16-byte alignment (and the host dy's).
 template <typename T, bool kBT, int kNS>
 __device__ __forceinline__ void copy_tile(T (*raw)[16 * kT], const T* const (&base)[kNS],
                                           const int64_t (&stride)[kNS], unsigned skip, int tid, int t0, int L,
                                           bool have) {
   const int prow = kBT ? tid / 4 : 8 * (tid % 2), ptok = kBT ? 8 * (tid % 4) : tid / 2;
-  const int dst = kBT ? prow * kT + ptok : ptok * 16 + prow, pos = t0 + ptok;
+  const int dst = kBT ? prow * kT + 8 * ((tid % 4) ^ octet_swizzle(prow)) : ptok * 16 + prow, pos = t0 + ptok;
   const int n = !have ? 0 : kBT ? min(max(L - pos, 0), 8) : (pos < L ? 8 : 0);
 #pragma unroll
   for (int s = 0; s < kNS; ++s) {
@@ -38,10 +44,24 @@ __device__ __forceinline__ void copy_tile(T (*raw)[16 * kT], const T* const (&ba
   sscan2::cp_async_commit();
 }
 
-// Element (row, token t) of a staged slot.
+// Tokens 8 oct .. 8 oct + 7 of row `row` of a staged slot, as fp32: kBT one 16-byte load of the swizzled octet, else
+// 8 loads (token rows).
 template <typename T, bool kBT>
-__device__ __forceinline__ float raw_at(const T* slot, int row, int t) {
-  return sscan::to_f(slot[kBT ? row * kT + t : t * 16 + row]);
+__device__ __forceinline__ void raw_octet(const T* slot, int row, int oct, float (&v)[8]) {
+  if constexpr (kBT) {
+    const uint4 w = *reinterpret_cast<const uint4*>(slot + row * kT + 8 * (oct ^ octet_swizzle(row)));
+    const unsigned u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      T pair[2];
+      memcpy(pair, &u[k], sizeof(u[k]));
+      v[2 * k] = sscan::to_f(pair[0]);
+      v[2 * k + 1] = sscan::to_f(pair[1]);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] = sscan::to_f(slot[(8 * oct + k) * 16 + row]);
+  }
 }
 
 }  // namespace sscanpp
