@@ -14,5 +14,8 @@ APRIEL_SCAN_BWD=$VERSION timeout 300 "$NCU" --clock-control none --kernel-name "
   > "$tag.log" 2>&1
 "$NCU" -i "$tag.ncu-rep" --page details > "${tag}_details.txt" 2>&1
 "$NCU" -i "$tag.ncu-rep" --page source --csv --print-source sass 2>/dev/null | gzip > "${tag}_sass.csv.gz"
+# the same counters with the CUDA source lines interleaved (the kernels build with -lineinfo): where a SASS
+# instruction's shared-memory conflicts come from (session 28)
+"$NCU" -i "$tag.ncu-rep" --page source --csv --print-source cuda,sass 2>/dev/null | gzip > "${tag}_cuda_sass.csv.gz"
 rm -f "$tag.ncu-rep"
 ncu_summary "${tag}_details.txt"

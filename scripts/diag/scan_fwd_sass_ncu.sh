@@ -16,5 +16,7 @@ APRIEL_SCAN_FWD=$VERSION timeout 240 "$NCU" --clock-control none --kernel-name "
   --import-source yes -o "$tag" python3 scripts/diag/scan_case.py "$B" "$L" $PACKED > "$tag.log" 2>&1
 "$NCU" -i "$tag.ncu-rep" --page details > "${tag}_details.txt" 2>&1
 "$NCU" -i "$tag.ncu-rep" --page source --csv --print-source sass 2>/dev/null | gzip > "${tag}_sass.csv.gz"
+# with the CUDA source lines interleaved (-lineinfo builds): where an instruction's shared-memory conflicts come from
+"$NCU" -i "$tag.ncu-rep" --page source --csv --print-source cuda,sass 2>/dev/null | gzip > "${tag}_cuda_sass.csv.gz"
 rm -f "$tag.ncu-rep"
 ncu_summary "${tag}_details.txt"
