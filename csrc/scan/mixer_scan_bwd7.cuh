@@ -81,6 +81,8 @@ using scan7::mma_k4;
 using scan7::mma_k8;
 using scan7::tf32_rna;
 
+// The entry of channel c (of a head's 16) in the per-channel constant tables SmemB7::Warp::cw / cp.
+__device__ __forceinline__ int chan_slot(int c) { return 4 * (c & 3) + (c >> 2); }
 
 template <typename T>
 struct SmemB7 {
@@ -104,10 +106,13 @@ struct SmemB7 {
     alignas(16) float dxs[kSub][kN];       // d(conv input) of the head (fused head sums only)
     alignas(16) float ddt[kSub][kN];       // d(dt_pre) (0 past the sequence end)
     alignas(16) float dlow[kSub][kN];      // d(dt_low) of the sub-chunk from this head's channels
-    alignas(16) float2 dw[32][4];          // d W_dt accumulator fragments per lane (m16n8 x 2 n-tiles)
-    alignas(16) float2 wfr[32][4];         // W_dt as B fragments (k = channel, n = rank) per lane: [k-step][n-tile]
+    // [fragment][lane] (session 28: [lane][fragment] put lanes 0, 4, 8, .. on one bank - 4-way conflicts per access)
+    alignas(16) float2 dw[4][32];          // d W_dt accumulator fragments per lane (m16n8 x 2 n-tiles)
+    alignas(16) float2 wfr[4][32];         // W_dt as B fragments (k = channel, n = rank) per lane: [k-step][n-tile]
     alignas(16) float dco[kSub + 3][kN];   // d(conv pre-activation); rows 8..10 = the next sub-chunk's rows 0..2
     alignas(16) float4 bst[kNSub - 1][2][32];  // states after tokens 7, 15, 23 of the tile, per lane (pass A)
+    // channel c at entry chan_slot(c): the prep's lanes read channels 4 q + jj (q = 0..3) at once, 4 consecutive
+    // entries, one bank group each (session 28: in channel order two of them shared banks)
     alignas(16) float4 cw[kN];             // right-aligned conv taps per channel
     alignas(16) float4 cp[kN];             // (conv bias, 2 b_dt, D, 0) per channel
   };
@@ -331,8 +336,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int src = i - (4 - W);
       cw[i] = src >= 0 ? p.conv_w[wch * W + src] : 0.f;
     }
-    wp.cw[lane] = make_float4(cw[0], cw[1], cw[2], cw[3]);
-    wp.cp[lane] = make_float4(p.conv_b != nullptr ? p.conv_b[wch] : 0.f, 2.f * p.dt_b[pc], p.Dskip[pc], 0.f);
+    wp.cw[chan_slot(lane)] = make_float4(cw[0], cw[1], cw[2], cw[3]);
+    wp.cp[chan_slot(lane)] = make_float4(p.conv_b != nullptr ? p.conv_b[wch] : 0.f, 2.f * p.dt_b[pc], p.Dskip[pc], 0.f);
   }
   if (lane < kSub / 2) wp.cop4[lane][8] = make_float4(0.f, 0.f, 0.f, 0.f);
   if (p.ddt_low_part != nullptr) {
@@ -344,8 +349,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int k = 8 * nt + g;
         const float w0 = k < R ? p.dt_w[(int64_t)(c0 + 8 * ks + q) * R + k] : 0.f;
         const float w1 = k < R ? p.dt_w[(int64_t)(c0 + 8 * ks + q + 4) * R + k] : 0.f;
-        wp.wfr[lane][2 * ks + nt] = make_float2(tf32_rna(w0), tf32_rna(w1));
-        wp.dw[lane][2 * ks + nt] = make_float2(0.f, 0.f);
+        wp.wfr[2 * ks + nt][lane] = make_float2(tf32_rna(w0), tf32_rna(w1));
+        wp.dw[2 * ks + nt][lane] = make_float2(0.f, 0.f);
       }
   }
   for (int i = lane; i < 3 * kN; i += 32) wp.dco[kSub + i / kN][i % kN] = 0.f;  // past the sequence end
@@ -376,8 +381,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       carry[nt][i] = p.dfinal_ssm != nullptr ? p.dfinal_ssm[((int64_t)b * D + cs) * kN + n] : 0.f;
       dAacc[nt][i] = 0.f;
     }
-  // Epilogue mapping: channel ec, tokens et0 .. et0 + 3 of the sub-chunk; per-channel sums over the sequence.
-  const int ec = lane & 15, et0 = (lane >> 4) * 4;
+  // Epilogue mapping: channel ec, tokens eh, eh + 2, eh + 4, eh + 6 of the sub-chunk; per-channel sums over the
+  // sequence. (Session 28: the half warps on consecutive tokens - rows 64 bytes apart, other banks; with tokens
+  // 0..3 / 4..7 they read and wrote rows 256 bytes apart, 2-way conflicts on every fp32 item array.)
+  const int ec = lane & 15, eh = lane >> 4;
   float accD = 0.f, accCB = 0.f, accDB = 0.f, accW[4] = {0.f, 0.f, 0.f, 0.f};
   // v7 always computes the dt_proj gradients in the kernel (the host passes ddt_low_part; ddt_pre is unused): a
   // compile-time constant since session 21, as `fused` is without kSpan (the kernel for 4 heads per group: 250
@@ -617,7 +624,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       float o_du[4], o_dl[4], o_dys[4], o_u[4], o_dsc[4], o_dsp[4], o_dzf[4], o_dr[4];
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj) {
-        const float4 cwv = wp.cw[4 * q + jj], cpv = wp.cp[4 * q + jj];
+        const float4 cwv = wp.cw[chan_slot(4 * q + jj)], cpv = wp.cp[chan_slot(4 * q + jj)];
         auto comp = [&](const float4& v) { return jj == 0 ? v.x : jj == 1 ? v.y : jj == 2 ? v.z : v.w; };
         float cv = cpv.x;
         cv = fmaf(cwv.x, tap[0] ? comp(xs[0]) : 0.f, cv);
@@ -696,14 +703,14 @@ __global__ void __launch_bounds__(kThreads, 2)
         if constexpr (kSeq) {
           if (((starts >> (kSub * j + 1)) & 0x1fffull) == 0) {
             {
-              const float4 cpv = wp.cp[ec];
+              const float4 cpv = wp.cp[chan_slot(ec)];
               const float Dc = cpv.z;
               // this lane's first token of the sub-chunk (row pointers advanced per token, as below)
-              const int tg0 = t0 + kSub * j + et0;
+              const int tg0 = t0 + kSub * j + eh;
               T* dz_ptr = dzx + (int64_t)tg0 * rowZ + c0 + ec;
 #pragma unroll
-              for (int i = 0; i < 4; ++i, dz_ptr += rowZ) {
-                const int tl = et0 + i, t = kSub * j + tl;
+              for (int i = 0; i < 4; ++i, dz_ptr += 2 * rowZ) {
+                const int tl = eh + 2 * i, t = kSub * j + tl;
                 const float4 pq4 = wp.ppu[tl][ec >> 1];
                 const float pp = (ec & 1) ? pq4.y : pq4.x, pu = (ec & 1) ? pq4.w : pq4.z;
                 float delta = wp.du[tl][ec].y;
@@ -729,11 +736,11 @@ __global__ void __launch_bounds__(kThreads, 2)
             }
             __syncwarp();
             {  // transposed conv: d(conv input) at token t = sum_i w[i] dco[t + 3 - i]
-              const float4 cwv = wp.cw[ec];
+              const float4 cwv = wp.cw[chan_slot(ec)];
               const float wv[4] = {cwv.x, cwv.y, cwv.z, cwv.w};
 #pragma unroll
               for (int i = 0; i < 4; ++i) {
-                const int tl = et0 + i;
+                const int tl = eh + 2 * i;
                 float acc = 0.f;
 #pragma unroll
                 for (int k = 0; k < 4; ++k) acc = fmaf(wv[k], wp.dco[tl + 3 - k][ec], acc);
@@ -746,15 +753,15 @@ __global__ void __launch_bounds__(kThreads, 2)
         if (!epilogue_done) {
           // Epilogue per (channel ec, token): dz, d(dt_pre), d(conv pre-activation), per-channel sums.
           {
-            const float4 cpv = wp.cp[ec];
+            const float4 cpv = wp.cp[chan_slot(ec)];
             const float Dc = cpv.z;
             // this lane's first token of the sub-chunk: row pointers advanced per token (no 64-bit index math per
             // store)
-            const int tg0 = t0 + kSub * j + et0;
+            const int tg0 = t0 + kSub * j + eh;
             T* dz_ptr = dzx + (int64_t)tg0 * rowZ + c0 + ec;
 #pragma unroll
-            for (int i = 0; i < 4; ++i, dz_ptr += rowZ) {
-              const int tl = et0 + i, t = kSub * j + tl;
+            for (int i = 0; i < 4; ++i, dz_ptr += 2 * rowZ) {
+              const int tl = eh + 2 * i, t = kSub * j + tl;
               const float4 pq4 = wp.ppu[tl][ec >> 1];
               const float pp = (ec & 1) ? pq4.y : pq4.x, pu = (ec & 1) ? pq4.w : pq4.z;
               float delta = wp.du[tl][ec].y;
@@ -786,11 +793,11 @@ __global__ void __launch_bounds__(kThreads, 2)
           }
           __syncwarp();
           {  // transposed conv: d(conv input) at token t = sum_i w[i] dco[t + 3 - i]
-            const float4 cwv = wp.cw[ec];
+            const float4 cwv = wp.cw[chan_slot(ec)];
             const float wv[4] = {cwv.x, cwv.y, cwv.z, cwv.w};
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-              const int tl = et0 + i, t = kSub * j + tl;
+              const int tl = eh + 2 * i, t = kSub * j + tl;
               float acc = 0.f;
               unsigned tb = 0;  // kSeq: output token t + 3 - k reads input t at tap k only inside t's document
               if constexpr (kSeq) tb = tap_bits(t + 4);
@@ -810,7 +817,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           if (tile == tile_first && j == 0) {
             for (int di = lane; di < kN * hw; di += 32) {
               const int ch = di / hw, kk = di % hw, pos = kk - hw;
-              const float4 cw2 = wp.cw[ch];
+              const float4 cw2 = wp.cw[chan_slot(ch)];
               const float w2[4] = {cw2.x, cw2.y, cw2.z, cw2.w};
               float acc = 0.f;
 #pragma unroll
@@ -850,16 +857,16 @@ __global__ void __launch_bounds__(kThreads, 2)
           for (int nt = 0; nt < 2; ++nt) {
             const int t = kSub * j;
             const float d0 = to_f(r.f.dt[t + q][8 * nt + g]), d1 = to_f(r.f.dt[t + q + 4][8 * nt + g]);
-            const float2 c01 = wp.dw[lane][nt], c23 = wp.dw[lane][2 + nt];
+            const float2 c01 = wp.dw[nt][lane], c23 = wp.dw[2 + nt][lane];
             float acc[4] = {c01.x, c01.y, c23.x, c23.y};
             mma_k8c(acc, ah, d0, d1);
             mma_k8c(acc, al, d0, d1);
-            wp.dw[lane][nt] = make_float2(acc[0], acc[1]);
-            wp.dw[lane][2 + nt] = make_float2(acc[2], acc[3]);
+            wp.dw[nt][lane] = make_float2(acc[0], acc[1]);
+            wp.dw[2 + nt][lane] = make_float2(acc[2], acc[3]);
             float lo[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
             for (int ks = 0; ks < 2; ++ks) {
-              const float2 wf = wp.wfr[lane][2 * ks + nt];
+              const float2 wf = wp.wfr[2 * ks + nt][lane];
               mma_k8c(lo, bh[ks], wf.x, wf.y);
               mma_k8c(lo, bl[ks], wf.x, wf.y);
             }
@@ -970,7 +977,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int r2 = 0; r2 < 2; ++r2) {
-        const float2 v = wp.dw[lane][2 * r2 + nt];
+        const float2 v = wp.dw[2 * r2 + nt][lane];
         float* dst = p.ddt_w_part + ((int64_t)vb * D + c0 + g + 8 * r2) * kN + 8 * nt + 2 * q;
         dst[0] = v.x;
         dst[1] = v.y;

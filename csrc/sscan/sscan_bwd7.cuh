@@ -147,8 +147,9 @@ __global__ void __launch_bounds__(kThreads, 2) sscan_bwd7_kernel(SScanParams p) 
     const int pc = hc0 + (kBT ? 2 * pp + e : 4 * q + e);
     bias[e] = p.delta_bias != nullptr ? p.delta_bias[pc] : 0.f;
   }
-  // Epilogue mapping: channel ec, tokens et0 .. et0 + 3 of the sub-chunk; per-channel sums over the sequence.
-  const int ec = lane & 15, et0 = (lane >> 4) * 4;
+  // Epilogue mapping: channel ec, tokens eh, eh + 2, eh + 4, eh + 6 of the sub-chunk (the half warps on rows 64 bytes
+  // apart, other banks: the mixer kernel's, session 28); per-channel sums over the sequence.
+  const int ec = lane & 15, eh = lane >> 4;
   const float Dc = p.Dskip != nullptr ? p.Dskip[hc0 + ec] : 0.f;
   float accD = 0.f, accDB = 0.f;
 
@@ -294,10 +295,10 @@ __global__ void __launch_bounds__(kThreads, 2) sscan_bwd7_kernel(SScanParams p) 
       scan7b::reverse_sub<T>(j, view, Brow, rl, A2, An, hs, hstart, carry, dAacc, g, q);
       __syncwarp();
       // Epilogue per (channel ec, token): du, d delta, dz stored (b, L, D); the per-channel sums.
-      int64_t o = ((int64_t)b * L + t0 + kSub * j + et0) * D + hc0 + ec;
+      int64_t o = ((int64_t)b * L + t0 + kSub * j + eh) * D + hc0 + ec;
 #pragma unroll
-      for (int i = 0; i < 4; ++i, o += D) {
-        const int tl = et0 + i, t = kSub * j + tl;
+      for (int i = 0; i < 4; ++i, o += 2 * D) {
+        const int tl = eh + 2 * i, t = kSub * j + tl;
         const float4 pq4 = wp.ppu[tl][ec >> 1];
         const float pp_ = (ec & 1) ? pq4.y : pq4.x, pu = (ec & 1) ? pq4.w : pq4.z;
         const float delta = wp.du[tl][ec].y, u = wp.u[tl][ec], dys = wp.dys[tl][ec];
