@@ -81,18 +81,8 @@ using scan7::mma_k4;
 using scan7::mma_k8;
 using scan7::tf32_rna;
 
-// Shared-memory layouts against bank conflicts (session 28, ncu source counters: bench/results/s28/):
-// - the entry of channel c (of a head's 16) in the per-channel constant tables SmemB7::Warp::cw / cp: the prep's
-//   lanes read channels jj, 4 + jj, 8 + jj, 12 + jj at once and the epilogue's channels 0..7 / 8..15, each set on 16-byte
-//   units that differ modulo 8 (in channel order the prep's four shared 2 units);
-__device__ __forceinline__ int chan_slot(int c) { return c < 8 ? c : 8 + ((c + 2) & 7); }
-// - the column of element (token r, channel c) of SmemB7::Warp::ddt: the d W_dt B operand reads rows g = 0..7 at
-//   columns 8 ks + q, which in place put rows g, g + 2, g + 4, g + 6 on one bank (4-way); XOR-swizzled within the row
-//   they do not collide, and the epilogue's rows (r, r + 1) and the A operand's reads keep their banks.
-__device__ __forceinline__ int ddt_col(int r, int c) { return c ^ (4 * ((r >> 1) & 3)); }
-// - du rows padded to 18 entries (144 bytes): the prep's stores of rows g, g + 1 (16 bytes at entries 4 q, 4 q + 2)
-//   fall on different 16-byte units.
-constexpr int kDuRow = kN + 2;
+// The entry of channel c (of a head's 16) in the per-channel constant tables SmemB7::Warp::cw / cp.
+__device__ __forceinline__ int chan_slot(int c) { return 4 * (c & 3) + (c >> 2); }
 
 template <typename T>
 struct SmemB7 {
@@ -104,7 +94,7 @@ struct SmemB7 {
   struct Warp {                          // one head's sub-chunk items; [t][c] = (sub-chunk token, channel)
     alignas(16) float4 cop4[kSub / 2][9];  // C as the k4 B operand per token pair: (C_t[g], C_t[8+g], C_t+1[g],
                                            // C_t+1[8+g]); entry 8 = zeros (lanes q > 0)
-    alignas(16) float2 du[kSub][kDuRow];   // (tf32(delta u), delta); 0 past the sequence end
+    alignas(16) float2 du[kSub][kN];       // (tf32(delta u), delta); 0 past the sequence end
     alignas(16) float dys[kSub][kN];       // tf32(dy silu(z))
     alignas(16) float u[kSub][kN];         // silu(conv)
     alignas(16) float dsc[kSub][kN];       // silu'(conv pre-activation)
@@ -114,7 +104,7 @@ struct SmemB7 {
     alignas(16) float4 ppu[kSub][8];       // (pp, pp, pu, pu) of channels 2g, 2g + 1
     alignas(16) float red[kSub][32];       // per token: dB (states 0..15) then dC (16..31) of the head
     alignas(16) float dxs[kSub][kN];       // d(conv input) of the head (fused head sums only)
-    alignas(16) float ddt[kSub][kN];       // d(dt_pre) (0 past the sequence end); column ddt_col(token, channel)
+    alignas(16) float ddt[kSub][kN];       // d(dt_pre) (0 past the sequence end)
     alignas(16) float dlow[kSub][kN];      // d(dt_low) of the sub-chunk from this head's channels
     // [fragment][lane] (session 28: [lane][fragment] put lanes 0, 4, 8, .. on one bank - 4-way conflicts per access)
     alignas(16) float2 dw[4][32];          // d W_dt accumulator fragments per lane (m16n8 x 2 n-tiles)
@@ -733,7 +723,7 @@ __global__ void __launch_bounds__(kThreads, 2)
                 const bool live = t < Tv;
                 const float dco = live ? dut * wp.dsc[tl][ec] : 0.f;
                 wp.dco[tl][ec] = dco;
-                wp.ddt[tl][ddt_col(tl, ec)] = live ? ddt : 0.f;
+                wp.ddt[tl][ec] = live ? ddt : 0.f;
                 if (live) {
                   accD = fmaf(dys, u, accD);
                   accCB += dco;
@@ -784,7 +774,7 @@ __global__ void __launch_bounds__(kThreads, 2)
               const bool live = t < Tv;
               const float dco = live ? dut * wp.dsc[tl][ec] : 0.f;
               wp.dco[tl][ec] = dco;
-              wp.ddt[tl][ddt_col(tl, ec)] = live ? ddt : 0.f;
+              wp.ddt[tl][ec] = live ? ddt : 0.f;
               if (live) {
                 accD = fmaf(dys, u, accD);
                 accCB += dco;
@@ -851,16 +841,16 @@ __global__ void __launch_bounds__(kThreads, 2)
           // split hi + lo, B = dt_low (k = tokens, n = rank 8 nt + g), exact in tf32; accumulators in smem (lane's
           // own).
           float ah[4], al[4];
-          tf32_split(wp.ddt[q][ddt_col(q, g)], ah[0], al[0]);
-          tf32_split(wp.ddt[q][ddt_col(q, g + 8)], ah[1], al[1]);
-          tf32_split(wp.ddt[q + 4][ddt_col(q + 4, g)], ah[2], al[2]);
-          tf32_split(wp.ddt[q + 4][ddt_col(q + 4, g + 8)], ah[3], al[3]);
+          tf32_split(wp.ddt[q][g], ah[0], al[0]);
+          tf32_split(wp.ddt[q][g + 8], ah[1], al[1]);
+          tf32_split(wp.ddt[q + 4][g], ah[2], al[2]);
+          tf32_split(wp.ddt[q + 4][g + 8], ah[3], al[3]);
           // d(dt_low)[t][k] (this head's channels): A = ddt (rows = tokens g, rows g + 8 zero; k = channels), split
           float bh[2][4], bl[2][4];
 #pragma unroll
           for (int ks = 0; ks < 2; ++ks) {
-            tf32_split(wp.ddt[g][ddt_col(g, 8 * ks + q)], bh[ks][0], bl[ks][0]);
-            tf32_split(wp.ddt[g][ddt_col(g, 8 * ks + q + 4)], bh[ks][2], bl[ks][2]);
+            tf32_split(wp.ddt[g][8 * ks + q], bh[ks][0], bl[ks][0]);
+            tf32_split(wp.ddt[g][8 * ks + q + 4], bh[ks][2], bl[ks][2]);
             bh[ks][1] = bh[ks][3] = bl[ks][1] = bl[ks][3] = 0.f;
           }
 #pragma unroll

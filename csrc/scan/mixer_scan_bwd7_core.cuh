@@ -90,9 +90,8 @@ __device__ __forceinline__ void sub_start_state(const float4 (*bst)[2][32], int 
 
 // The recompute of sub-chunk j (tile tokens kSub j ..) from h (updated in place); kFull: keep the states (hs) and the
 // readout (yc).
-// (du rows of kDuW >= kN entries: the mixer pads them against bank conflicts, the selective scan does not.)
-template <typename T, bool kFull, int kDuW>
-__device__ __forceinline__ void recompute_sub(int j, const float2 (*du)[kDuW], const float4 (*bop)[9], int bsel,
+template <typename T, bool kFull>
+__device__ __forceinline__ void recompute_sub(int j, const float2 (*du)[kN], const float4 (*bop)[9], int bsel,
                                               const T (*C)[kN], float (*yc)[kN], const float (&A2)[2][4],
                                               float (&h)[2][4], float (&hs)[kSub][2][4], int g, int q) {
   // front(tl): the token's operands, dBu mmas and exponentials (none depends on h)
@@ -131,8 +130,8 @@ __device__ __forceinline__ void recompute_sub(int j, const float2 (*du)[kDuW], c
 }
 
 // Pass B's recompute of sub-chunk j from its start state (kept), into hs and the readout yc.
-template <typename T, int kDuW>
-__device__ __forceinline__ void recompute_kept(int j, const float2 (*du)[kDuW], const float4 (*bop)[9], int bsel,
+template <typename T>
+__device__ __forceinline__ void recompute_kept(int j, const float2 (*du)[kN], const float4 (*bop)[9], int bsel,
                                                const T (*C)[kN], float (*yc)[kN], const float (&A2)[2][4],
                                                const float (&hstart)[2][4], float (&hs)[kSub][2][4], int g, int q) {
   float h[2][4];
