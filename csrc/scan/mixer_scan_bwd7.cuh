@@ -337,7 +337,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       cw[i] = src >= 0 ? p.conv_w[wch * W + src] : 0.f;
     }
     wp.cw[chan_slot(lane)] = make_float4(cw[0], cw[1], cw[2], cw[3]);
-    wp.cp[chan_slot(lane)] = make_float4(p.conv_b != nullptr ? p.conv_b[wch] : 0.f, 2.f * p.dt_b[pc], p.Dskip[pc], 0.f);
+    const float cb = p.conv_b != nullptr ? p.conv_b[wch] : 0.f;
+    wp.cp[chan_slot(lane)] = make_float4(cb, 2.f * p.dt_b[pc], p.Dskip[pc], 0.f);
   }
   if (lane < kSub / 2) wp.cop4[lane][8] = make_float4(0.f, 0.f, 0.f, 0.f);
   if (p.ddt_low_part != nullptr) {
