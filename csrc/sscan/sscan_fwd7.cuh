@@ -416,6 +416,8 @@ struct GroupSmem {                      // 9 KB; 36 KB per block
   alignas(16) float bv[kT][16];         // [token][state]
 };
 
+// (Launch bounds: 5 blocks per SM, as its 42 KB of shared memory allow - 48 registers, no spills; the octet arrays of
+// session 28 took it to 64 registers and 4 blocks.)
 template <typename T, bool kBT, bool kFastPrep>
 __global__ void __launch_bounds__(kThr, 5) sscan_fwd7_state_kernel(SScanParams p) {
   __shared__ GroupSmem<T> gs[kGroups];

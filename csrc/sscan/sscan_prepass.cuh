@@ -48,6 +48,7 @@ __device__ __forceinline__ void copy_tile(T (*raw)[16 * kT], const T* const (&ba
 // 8 loads (token rows).
 template <typename T, bool kBT>
 __device__ __forceinline__ void raw_octet(const T* slot, int row, int oct, float (&v)[8]) {
+  static_assert(sizeof(T) == 2, "an octet of 16-bit values is one 16-byte load");
   if constexpr (kBT) {
     const uint4 w = *reinterpret_cast<const uint4*>(slot + row * kT + 8 * (oct ^ octet_swizzle(row)));
     const unsigned u[4] = {w.x, w.y, w.z, w.w};
