@@ -61,7 +61,8 @@ for segments in auto 1; do
       [ "$prep" = precise ] && SOFT=precise
       [ "$segments" != auto ] && SEGS=$segments
       APRIEL_SSCAN_FWD=v7 APRIEL_SSCAN_BWD=v7 APRIEL_SSCAN_SOFTPLUS=$SOFT \
-        APRIEL_SSCAN_FWD_SEGMENTS=$SEGS APRIEL_SSCAN_BWD_SEGMENTS=$SEGS compute-sanitizer --tool "$tool" python3 "$CASE" 2>&1 \
+        APRIEL_SSCAN_FWD_SEGMENTS=$SEGS APRIEL_SSCAN_BWD_SEGMENTS=$SEGS \
+        compute-sanitizer --tool "$tool" python3 "$CASE" 2>&1 \
         | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|case ok|Error|error" | tee -a "$LOG"
     done
   done

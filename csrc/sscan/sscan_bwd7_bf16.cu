@@ -16,9 +16,11 @@ const bool kRegistered = [] {
                    reinterpret_cast<const void*>(&sscan7b::sscan_bwd7_kernel<__nv_bfloat16, false, true>),
                    sscan7b::kThreads});
   register_kernel({"sscan", "sscan_bwd7_carry<bf16,channel-major>",
-                   reinterpret_cast<const void*>(&sscan7c::sscan_bwd7_carry_kernel<__nv_bfloat16, true, true>), sscan7c::kThr});
+                   reinterpret_cast<const void*>(&sscan7c::sscan_bwd7_carry_kernel<__nv_bfloat16, true, true>),
+                   sscan7c::kThr});
   register_kernel({"sscan", "sscan_bwd7_carry<bf16,token-major>",
-                   reinterpret_cast<const void*>(&sscan7c::sscan_bwd7_carry_kernel<__nv_bfloat16, false, true>), sscan7c::kThr});
+                   reinterpret_cast<const void*>(&sscan7c::sscan_bwd7_carry_kernel<__nv_bfloat16, false, true>),
+                   sscan7c::kThr});
   return true;
 }();
 }  // namespace

@@ -16,9 +16,11 @@ const bool kRegistered = [] {
                    reinterpret_cast<const void*>(&sscan7b::sscan_bwd7_kernel<__half, false, true>),
                    sscan7b::kThreads});
   register_kernel({"sscan", "sscan_bwd7_carry<fp16,channel-major>",
-                   reinterpret_cast<const void*>(&sscan7c::sscan_bwd7_carry_kernel<__half, true, true>), sscan7c::kThr});
+                   reinterpret_cast<const void*>(&sscan7c::sscan_bwd7_carry_kernel<__half, true, true>),
+                   sscan7c::kThr});
   register_kernel({"sscan", "sscan_bwd7_carry<fp16,token-major>",
-                   reinterpret_cast<const void*>(&sscan7c::sscan_bwd7_carry_kernel<__half, false, true>), sscan7c::kThr});
+                   reinterpret_cast<const void*>(&sscan7c::sscan_bwd7_carry_kernel<__half, false, true>),
+                   sscan7c::kThr});
   return true;
 }();
 }  // namespace

@@ -16,9 +16,11 @@ const bool kRegistered = [] {
                    reinterpret_cast<const void*>(&sscan7::sscan_fwd7_kernel<__nv_bfloat16, false, true, true>),
                    sscan7::kThreads});
   register_kernel({"sscan", "sscan_fwd7_state<bf16,channel-major>",
-                   reinterpret_cast<const void*>(&sscan7p::sscan_fwd7_state_kernel<__nv_bfloat16, true, true>), sscan7p::kThr});
+                   reinterpret_cast<const void*>(&sscan7p::sscan_fwd7_state_kernel<__nv_bfloat16, true, true>),
+                   sscan7p::kThr});
   register_kernel({"sscan", "sscan_fwd7_state<bf16,token-major>",
-                   reinterpret_cast<const void*>(&sscan7p::sscan_fwd7_state_kernel<__nv_bfloat16, false, true>), sscan7p::kThr});
+                   reinterpret_cast<const void*>(&sscan7p::sscan_fwd7_state_kernel<__nv_bfloat16, false, true>),
+                   sscan7p::kThr});
   return true;
 }();
 }  // namespace

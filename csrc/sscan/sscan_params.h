@@ -37,9 +37,9 @@ struct SScanParams {
   // activations): set by the host where it applies (fwd_k != 0, 64 | d_inner and the channels per B / C group, no
   // seq_idx) and its grid reaches 0.9 blocks per SM (or APRIEL_SSCAN_FWD=v7). Its staging fields are v2's.
   bool fwd_v7;
-  // v2 staging, one bit per activation (kV2U, kV2Delta, kV2Z, kV2B, kV2C, and kV2Dy for the backward's dy): tfast = the tile is kept token-fast
-  // in smem (the tensor's token stride is 1, mamba's channel-major layout); vec = 16-byte cp.async copies are
-  // legal (unit stride along the copied rows, every other offset a multiple of 16 bytes).
+  // v2 staging, one bit per activation (kV2U, kV2Delta, kV2Z, kV2B, kV2C, and kV2Dy for the backward's dy): tfast =
+  // the tile is kept token-fast in smem (the tensor's token stride is 1, mamba's channel-major layout); vec = 16-byte
+  // cp.async copies are legal (unit stride along the copied rows, every other offset a multiple of 16 bytes).
   unsigned v2_tfast, v2_vec;
   bool fast_prep;      // v2 kernels: MUFU forms of softplus / sigmoid in the per-(channel, token) prep
                        // (default; APRIEL_SSCAN_SOFTPLUS=precise: v1's log1pf(expf(v)), bitwise-v1 states)
@@ -54,8 +54,8 @@ struct SScanParams {
   // then exp(A sum delta) over it (P). Only the last segment's blocks write the final state.
   int fwd_segments, fwd_seg_tiles;
   float* seg_state;
-  // The backward v7's sequence split (session 27; the mixer's, scan_params.h): blockIdx.y = b * bwd_segments + segment, a segment =
-  // seg_tiles tiles (the last may be shorter); bwd_segments >= 1 wherever bwd_v7 is set. With segments > 1 the carry
+  // The backward v7's sequence split (session 27; the mixer's, scan_params.h): blockIdx.y = b * bwd_segments +
+  // segment, a segment = seg_tiles tiles (the last may be shorter); bwd_segments >= 1 wherever bwd_v7 is set. With segments > 1 the carry
   // pre-pass (sscan_bwd7.cuh) writes seg_carry (b, segments, 2, D, N) fp32: per segment s >= 1 the adjoint carry at
   // its start given a zero carry at its end (L), then exp(A sum delta) over it (P); and dA_part / dD_part / ddb_part
   // have one row per (b, segment).

@@ -10,7 +10,8 @@ source "$(dirname "$0")/ncu_common.sh"
 F="$OUT/ncu_prepass.txt"
 X=(--section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --metrics
    sm__pipe_xu_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.sum,\
-sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active,\
+sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,\
+sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active,\
 smsp__inst_executed.sum)
 ncu_profile "$F" "sscan fwd state pre-pass b1 L8192" 180 sscan_fwd7_state 1 1 "${X[@]}" -- \
   python3 scripts/diag/sscan_bwd_profile.py --forward --batch 1 --seqlen 8192 --versions auto
