@@ -65,47 +65,6 @@ constexpr int kThreads = 32 * kHeads;
 constexpr int kHalf = 16;             // tokens per prep / scan half = one m16 tile of the dt_proj mma
 constexpr int kR = 16;                // staged dt_rank (dt_rank <= 16; columns >= dt_rank are zeroed)
 
-// Session 29 A/B switches of the forward's shared-memory layouts (bank conflicts; docs/notes/scan.md "Session 29"):
-// kCopSwz - the C words of token pair pr stored with their 4 words rotated by XOR (pr / 2) % 4 (conflict-free
-//           staging reads); kYPad - y rows padded so the gate's row reads are conflict-free; kY2 - the readout of two
-//           tokens stored by one instruction (lanes q = 0 / 1: one wavefront per half warp); kDtLdsm - the dt_proj
-//           A fragment by ldmatrix (TMA tiles: dt columns past dt_rank are zero-filled); kBQuarter - the k4 B operand
-//           holds B / 4 in all 4 k rows (no zero entry: every lane of a group reads its group's entry).
-#ifndef APRIEL_FWD7_COP_SWZ
-#define APRIEL_FWD7_COP_SWZ 0
-#endif
-#ifndef APRIEL_FWD7_YPAD
-#define APRIEL_FWD7_YPAD 0
-#endif
-#ifndef APRIEL_FWD7_Y2
-#define APRIEL_FWD7_Y2 0
-#endif
-#ifndef APRIEL_FWD7_DT_LDSM
-#define APRIEL_FWD7_DT_LDSM 0
-#endif
-#ifndef APRIEL_FWD7_BQ
-#define APRIEL_FWD7_BQ 0
-#endif
-constexpr bool kCopSwz = APRIEL_FWD7_COP_SWZ, kYPad = APRIEL_FWD7_YPAD, kY2 = APRIEL_FWD7_Y2;
-constexpr bool kDtLdsm = APRIEL_FWD7_DT_LDSM, kBQuarter = APRIEL_FWD7_BQ;
-
-// A warp's y rows (16 tokens x 16 channels, fp32). kYPad: row r starts at 16 r + 4 (r / 2) floats, so the 4 rows of a
-// quarter warp's 16-byte gate reads (rows 2 apart share banks unpadded) fall on 4 different bank groups.
-template <bool kPad>
-__device__ __forceinline__ constexpr int y_row(int r) {
-  return kN * r + (kPad ? 4 * (r >> 1) : 0);
-}
-template <bool kPad>
-constexpr int kYFloats = kPad ? kN * kHalf + 4 * (kHalf / 2 - 1) : kN * kHalf;
-// The C word j (0..3) of token pair pr of a half in its uint4 (kSwz: position j ^ ((pr >> 1) & 3), see kCopSwz).
-template <bool kSwz>
-__device__ __forceinline__ constexpr int cop_pos(int pr, int j) {
-  return kSwz ? j ^ ((pr >> 1) & 3) : j;
-}
-__device__ __forceinline__ unsigned u4_at(const uint4& v, int i) {  // i: a compile-time constant after unrolling
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
-
 template <typename T>
 struct Raw7 {                          // one tile as it sits in global memory
   alignas(16) T x[kChunk][kN];         // the group's x slice
@@ -131,7 +90,7 @@ struct Smem7 {
   // C operand per token pair (t, t+1) and lane quad q: the 16-bit words (C[2q], C[2q+1]) and (C[8+2q], C[9+2q]) of
   // both tokens (one 16-byte load per 2 tokens; unpacked in registers)
   alignas(16) uint4 cop[kHeads][kHalf / 2][4];
-  alignas(16) float yf[kHeads][kYFloats<kYPad>];  // readout C . h (before the gate) per (token, channel): y_row
+  alignas(16) float yf[kHeads][kHalf][kN];      // readout C . h (before the gate) per (token, channel)
   alignas(8) uint64_t bar[2];                   // TMA staging: the transaction barrier of raw[parity]
   int item;                                     // kVar: the document the block took (block broadcast)
 };
@@ -171,17 +130,15 @@ template <typename T>
 __device__ __forceinline__ void convert_x(const Raw7<T>& rc, float (*xf)[kN], int tid) {
   convert_x<T>(rc.x, xf, tid);
 }
-// kQuarter (the forward's kBQuarter): B / 4 (exact: a power of 2).
-template <typename T, bool kQuarter = false>
+template <typename T>
 __device__ __forceinline__ void convert_b(const T (*B)[kN], float4 (*bop)[9], int tid) {
   const int pr = tid / 8, bg = tid % 8;  // 16 token pairs x 8
-  const float s = kQuarter ? 0.25f : 1.f;
-  bop[pr][bg] = make_float4(s * to_f(B[2 * pr][bg]), s * to_f(B[2 * pr][bg + 8]), s * to_f(B[2 * pr + 1][bg]),
-                            s * to_f(B[2 * pr + 1][bg + 8]));
+  bop[pr][bg] = make_float4(to_f(B[2 * pr][bg]), to_f(B[2 * pr][bg + 8]), to_f(B[2 * pr + 1][bg]),
+                            to_f(B[2 * pr + 1][bg + 8]));
 }
-template <typename T, bool kQuarter = false>
+template <typename T>
 __device__ __forceinline__ void convert_b(const Raw7<T>& rc, float4 (*bop)[9], int tid) {
-  convert_b<T, kQuarter>(rc.B, bop, tid);
+  convert_b<T>(rc.B, bop, tid);
 }
 
 // d = A (16 x 4, rows = channels, every column du) * B (4 x 8, row 0 = B_t, rows 1..3 zero).
@@ -209,9 +166,9 @@ __device__ __forceinline__ void mma_k8(float (&d)[4], float a0, float a1, float 
 // front(t): operands, dBu (mma) and the 8 exponentials of token t - none depends on h. Shared-memory operands are
 // loaded 2 tokens ahead of their use (H100: b1 L8192 0.834 vs 0.910 ms, b8 L4096 1.110 vs 1.125 ms with the (du,
 // delta) loads alone; bench/results/s5/pd2/): (du, delta) per token, the B operand and the C words per token pair.
-template <typename T, bool kSeq, bool kSwz = false, bool kPad = false, bool kPair = false>
+template <typename T, bool kSeq>
 __device__ __forceinline__ void scan_half(const float4 (*du)[9], const float4 (*bop)[9], int pr0, int bsel,
-                                          const uint4 (*cop)[4], float* yf, const float (&A2)[2][4],
+                                          const uint4 (*cop)[4], float (*yf)[kN], const float (&A2)[2][4],
                                           float (&h)[2][4], int g, int q) {
   float4 pdq[2] = {du[0][g], du[1][g]};
   float4 bo = bop[pr0][bsel], bo_next = bop[pr0 + 1][bsel];
@@ -243,7 +200,6 @@ __device__ __forceinline__ void scan_half(const float4 (*du)[9], const float4 (*
     }
   };
   float dA[2][2][4], db[2][2][4];  // by token parity
-  float2 y_prev;                   // kPair: the even token's readout
   front(0, dA[0], db[0]);
 #pragma unroll
   for (int tl = 0; tl < kHalf; ++tl) {
@@ -258,34 +214,23 @@ __device__ __forceinline__ void scan_half(const float4 (*du)[9], const float4 (*
       cw2 = cw_next;
       if (tl / 2 + 1 < kHalf / 2) cw_next = cop[tl / 2 + 1][q];
     }
-    // words 0 / 1 (even token) and 2 / 3 (odd token): (C[2q], C[2q+1]) and (C[8+2q], C[9+2q])
-    const float2 clo = scan4::unpack2<T>(u4_at(cw2, cop_pos<kSwz>(tl / 2, (tl & 1) ? 2 : 0)));
-    const float2 chi = scan4::unpack2<T>(u4_at(cw2, cop_pos<kSwz>(tl / 2, (tl & 1) ? 3 : 1)));
+    const float2 clo = scan4::unpack2<T>((tl & 1) ? cw2.z : cw2.x);
+    const float2 chi = scan4::unpack2<T>((tl & 1) ? cw2.w : cw2.y);
     float yv[4];
     mma_k8(yv, h[0][0], h[0][2], h[0][1], h[0][3], clo.x, clo.y, 0.f, 0.f, 0.f, 0.f);
     mma_k8(yv, h[1][0], h[1][2], h[1][1], h[1][3], chi.x, chi.y, yv[0], yv[1], yv[2], yv[3]);
-    if constexpr (kPair) {
-      // rows tl - 1 and tl are 16 floats apart (y_row): lanes q = 0 store the previous token, q = 1 this one
-      if (tl & 1) {
-        if (q < 2) *reinterpret_cast<float2*>(yf + y_row<kPad>(tl - 1) + kN * q + 2 * g) =
-            q == 0 ? y_prev : make_float2(yv[0], yv[2]);
-      } else {
-        y_prev = make_float2(yv[0], yv[2]);
-      }
-    } else {
-      if (q == 0) *reinterpret_cast<float2*>(yf + y_row<kPad>(tl) + 2 * g) = make_float2(yv[0], yv[2]);
-    }
+    if (q == 0) *reinterpret_cast<float2*>(&yf[tl][2 * g]) = make_float2(yv[0], yv[2]);
   }
 }
 
 // One gated y row part of a half (after scan_half and a __syncwarp): lane = (row = lane / 2, part = lane % 2: 8
 // channels), y = (C . h) sz + D u sz with gt[row][.] = (sz, sz, D u sz, D u sz) of channel pairs; the 8 outputs
 // packed as the caller stores them (16 bytes).
-template <typename T, bool kPad = false>
-__device__ __forceinline__ uint4 gate_row(const float* yf, const float4 (*gt)[9], int row, int part) {
+template <typename T>
+__device__ __forceinline__ uint4 gate_row(const float (*yf)[kN], const float4 (*gt)[9], int row, int part) {
   using M = scan4::MmaOp<T>;
-  const float4 ya = *reinterpret_cast<const float4*>(yf + y_row<kPad>(row) + part * 8);
-  const float4 yb = *reinterpret_cast<const float4*>(yf + y_row<kPad>(row) + part * 8 + 4);
+  const float4 ya = *reinterpret_cast<const float4*>(&yf[row][part * 8]);
+  const float4 yb = *reinterpret_cast<const float4*>(&yf[row][part * 8 + 4]);
   const float yv[8] = {ya.x, ya.y, ya.z, ya.w, yb.x, yb.y, yb.z, yb.w};
   unsigned out[4];
 #pragma unroll
@@ -511,8 +456,7 @@ __global__ void __launch_bounds__(kThreads, 4)
   };
   if constexpr (!kVar) init_halo(0, true);
   if (tid < kChunk) sm.bop[tid / (kChunk / 2)][tid % (kChunk / 2)][8] = make_float4(0.f, 0.f, 0.f, 0.f);
-  // lanes q > 0 read the zero entry: rows k >= 1 of the B operand (kBQuarter: every row holds B / 4)
-  const int bsel = q == 0 || kBQuarter ? g : 8;
+  const int bsel = q == 0 ? g : 8;  // lanes q > 0 read the zero entry: rows k >= 1 of the B operand
 
   // A (block) of the tile in raw[cp]: x -> fp32 after the 3 halo rows (copied from the previous tile's last rows in
   // xf[cp ^ 1]), the B operand rows (token pairs). Runs at the END of the previous tile (tile 0: here), so that one
@@ -525,7 +469,7 @@ __global__ void __launch_bounds__(kThreads, 4)
       *reinterpret_cast<float4*>(&sm.xf[cp][hr][part * 4]) =
           *reinterpret_cast<const float4*>(&sm.xf[cp ^ 1][kChunk + hr][part * 4]);
     }
-    convert_b<T, kBQuarter>(sm.raw[cp], sm.bop[cp], tid);
+    convert_b<T>(sm.raw[cp], sm.bop[cp], tid);
   };
   // raw[cp] holds the tile's copies, visible to every thread: TMA - the transaction barrier's phase (each thread
   // waits); cp.async - each thread's own copies, then a block barrier for the others'. kt counts the block's tiles
@@ -600,17 +544,10 @@ __global__ void __launch_bounds__(kThreads, 4)
         // Prep of tokens hf*16 .. +15 of this head: dt_proj on tensor cores, the rest per item in the layout.
         {
           unsigned a[4];
-          if constexpr (kTma && kDtLdsm) {  // matrices (rows 0-7 / 8-15) x (k 0-7 / 8-15): the m16k16 A fragment
-            const T* src = &r.dt[hf * kHalf + (lane & 7) + 8 * ((lane >> 3) & 1)][8 * (lane >> 4)];
-            asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                         : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-                         : "r"(static_cast<unsigned>(__cvta_generic_to_shared(src))));
-          } else {
   #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const int row = hf * kHalf + g + (i & 1) * 8, k = (i >> 1) * 8 + 2 * q;
-              a[i] = k < R ? *reinterpret_cast<const unsigned*>(&r.dt[row][k]) : 0u;
-            }
+          for (int i = 0; i < 4; ++i) {
+            const int row = hf * kHalf + g + (i & 1) * 8, k = (i >> 1) * 8 + 2 * q;
+            a[i] = k < R ? *reinterpret_cast<const unsigned*>(&r.dt[row][k]) : 0u;
           }
           float dd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
           M::run(dd[0], a, wb[0]);
@@ -674,20 +611,16 @@ __global__ void __launch_bounds__(kThreads, 4)
           {  // C operand of the half: 8 token pairs x 4 quads, one per lane
             const int pr = lane / 4, qq = lane % 4;
             const unsigned* c0w = reinterpret_cast<const unsigned*>(&r.C[w][hf * kHalf + 2 * pr][0]);
-            // word j = words qq + 4 j of the pair's two rows; kCopSwz: loaded in the order j ^ s, so that each load
-            // of the warp hits 32 banks (rows 2 pairs apart share banks)
-            const unsigned* cw = c0w + qq;
-            const int s = kCopSwz ? (pr >> 1) & 3 : 0;
-            sm.cop[w][pr][qq] = make_uint4(cw[4 * (0 ^ s)], cw[4 * (1 ^ s)], cw[4 * (2 ^ s)], cw[4 * (3 ^ s)]);
+            const unsigned* c1w = c0w + kN / 2;  // the next token's row
+            sm.cop[w][pr][qq] = make_uint4(c0w[qq], c0w[4 + qq], c1w[qq], c1w[4 + qq]);
           }
         }
         __syncwarp();
-        scan_half<T, kSeq, kCopSwz, kYPad, kY2>(sm.du[w], sm.bop[par], hf * kHalf / 2, bsel, sm.cop[w], sm.yf[w], A2,
-                                                h, g, q);
+        scan_half<T, kSeq>(sm.du[w], sm.bop[par], hf * kHalf / 2, bsel, sm.cop[w], sm.yf[w], A2, h, g, q);
         __syncwarp();
         {  // gate and store the half's y rows
           const int row = lane / 2, part = lane % 2, t = t0 + hf * kHalf + row;
-          const uint4 out = gate_row<T, kYPad>(sm.yf[w], sm.gt[w], row, part);
+          const uint4 out = gate_row<T>(sm.yf[w], sm.gt[w], row, part);
           if (kVar ? (t >= ts && t < te) : t < L) *reinterpret_cast<uint4*>(y + (int64_t)t * D + c0 + part * 8) = out;
         }
         __syncwarp();

@@ -359,11 +359,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kFast>) sscan_fwd7_kern
         }
       }
       __syncwarp();
-      scan7::scan_half<T, false>(sm.du[w], sm.bop, hf * kHalf / 2, bsel, sm.cop[w], &sm.yf[w][0][0], A2, h, g, q);
+      scan7::scan_half<T, false>(sm.du[w], sm.bop, hf * kHalf / 2, bsel, sm.cop[w], sm.yf[w], A2, h, g, q);
       __syncwarp();
       if (y != nullptr) {  // the half's gated y rows (b, L, D)
         const int row = lane / 2, part = lane % 2, t = t0 + hf * kHalf + row;
-        const uint4 out = scan7::gate_row<T>(&sm.yf[w][0][0], sm.gt[w], row, part);
+        const uint4 out = scan7::gate_row<T>(sm.yf[w], sm.gt[w], row, part);
         if (t < L) *reinterpret_cast<uint4*>(y + (int64_t)t * D + hc0 + part * 8) = out;
       }
       __syncwarp();
