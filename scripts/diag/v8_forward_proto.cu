@@ -18,6 +18,12 @@
 // The prep here is realistic in kind (4-tap conv from staged x, sigmoid pair, softplus, du / gate values) but
 // simplified in the inputs (dt is a per-channel input, not dt_proj of dt_low; x is per head).
 // Prints: a float64 check of y and the final state on a small case, then p50 times at the bar shapes.
+//
+// MEASURED (H100, bench/results/s29/proto_v8/; docs/notes/scan.md "Session 29"): correct (float64 check), but not a
+// win - b1 L8192 0.535 ms (v5 K = 8, the real kernel with the real prep: 0.384), and 0.316 ms for the scan alone (the
+// prep of tile 0 only), over the 0.25 bar before any prep: at 2 warps per scheduler the scan issues at ~50 % (fixed-
+// latency and shared-load dependencies), so the halved elements per warp do not buy the occupancy they were meant to.
+// Kept as the record of the design and its numbers; not built into the extension.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
