@@ -185,24 +185,17 @@ __device__ __forceinline__ void scan_half(const float4 (*du)[9], const float4 (*
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const float dl = i < 2 ? pd.z : pd.w;
+      dA[0][i] = ex2(dl * A2[0][i]);
       // one of the lane's 8 exponentials on the FMA pipe (session 9, bench/results/s9/carry_emu: b8 L4096
       // 1.113 -> 1.094 ms; two of 8: 1.136, slower). With documents too, although all 8 on MUFU measured 1.5 %
       // faster there (session 16, bench/results/s16/ab_fwd7_mufu/): packed == separate calls is bitwise only
       // when both compute the same exponentials (the final state differed by an ulp)
-      // (session 29 A/B switch: APRIEL_FWD7_EMU_MASK, bit 4 nt + i = exponential dA[nt][i] on the FMA pipe)
-#ifndef APRIEL_FWD7_EMU_MASK
-#define APRIEL_FWD7_EMU_MASK 0x80
-#endif
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        const bool emu = (APRIEL_FWD7_EMU_MASK >> (4 * nt + i)) & 1;
-        dA[nt][i] = emu ? ex2_fma(dl * A2[nt][i]) : ex2(dl * A2[nt][i]);
-        // (a document start: ex2_fma clamps -inf to 2^-125, MUFU's ex2 flushes it to 0 - restart exactly. Session
-        // 18: a copy of the scan without this fix-up for halves without a start measured 1-3 % slower,
-        // bench/results/s18/ab_seq_scan/.)
-        if constexpr (kSeq) {
-          if (emu) dA[nt][i] = dl == __int_as_float(0x7f800000) ? 0.f : dA[nt][i];
-        }
+      dA[1][i] = i == 3 ? ex2_fma(dl * A2[1][i]) : ex2(dl * A2[1][i]);
+      // (a document start: ex2_fma clamps -inf to 2^-125, MUFU's ex2 flushes it to 0 - restart exactly. Session
+      // 18: a copy of the scan without this fix-up for halves without a start measured 1-3 % slower,
+      // bench/results/s18/ab_seq_scan/.)
+      if constexpr (kSeq) {
+        if (i == 3) dA[1][i] = dl == __int_as_float(0x7f800000) ? 0.f : dA[1][i];
       }
     }
   };
