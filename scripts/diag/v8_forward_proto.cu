@@ -118,6 +118,8 @@ __device__ __forceinline__ In load_inputs(const Params& p, int b, int head, int 
 
 __device__ __forceinline__ float us2f(unsigned short v) { return __uint_as_float((unsigned)v << 16); }
 
+// kFront: pairs between a pair's front (dBu mma, exponentials) and its update; operands load kFront + 1 ahead.
+template <int kFront>
 __global__ void __launch_bounds__(kThreads, 2) proto_fwd_kernel(Params p) {
   __shared__ __align__(16) Smem sm;
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, q = lane & 3;
@@ -203,22 +205,23 @@ __global__ void __launch_bounds__(kThreads, 2) proto_fwd_kernel(Params p) {
         e[0] = ex2(o.dv.x * A2[0]), e[1] = ex2(o.dv.x * A2[1]);
         e[2] = ex2(o.dv.y * A2[0]), e[3] = ex2(o.dv.y * A2[1]);
       };
-      Ops o0 = load_ops(0), o1 = load_ops(1);
-      float db[2][4], e[2][4], ys[kChunk];
-      front(o0, db[0], e[0]);
+      // fully unrolled: the arrays by pair index are registers, live only across the pipeline's distance
+      Ops ops[kPairs];
+      float db[kPairs][4], e[kPairs][4], ys[kChunk];
+#pragma unroll
+      for (int i = 0; i <= kFront; ++i) ops[i] = load_ops(i);
+#pragma unroll
+      for (int i = 0; i < kFront; ++i) front(ops[i], db[i], e[i]);
 #pragma unroll
       for (int pr = 0; pr < kPairs; ++pr) {
-        const int cur = pr & 1;
-        Ops o2 = o1;
-        if (pr + 2 < kPairs) o2 = load_ops(pr + 2);
-        if (pr + 1 < kPairs) front(o1, db[cur ^ 1], e[cur ^ 1]);
-        const float h0 = fmaf(e[cur][0], h[0], db[cur][0]), h1 = fmaf(e[cur][1], h[1], db[cur][1]);
-        h[0] = fmaf(e[cur][2], h0, db[cur][2]);
-        h[1] = fmaf(e[cur][3], h1, db[cur][3]);
+        if (pr + kFront + 1 < kPairs) ops[pr + kFront + 1] = load_ops(pr + kFront + 1);
+        if (pr + kFront < kPairs) front(ops[pr + kFront], db[pr + kFront], e[pr + kFront]);
+        const float h0 = fmaf(e[pr][0], h[0], db[pr][0]), h1 = fmaf(e[pr][1], h[1], db[pr][1]);
+        h[0] = fmaf(e[pr][2], h0, db[pr][2]);
+        h[1] = fmaf(e[pr][3], h1, db[pr][3]);
         float yv[4];
-        mma_k8(yv, h0, h[0], h1, h[1], bf_lo(o0.cw), bf_hi(o0.cw));
+        mma_k8(yv, h0, h[0], h1, h[1], bf_lo(ops[pr].cw), bf_hi(ops[pr].cw));
         ys[2 * pr] = yv[0], ys[2 * pr + 1] = yv[3];
-        o0 = o1, o1 = o2;
       }
       if (q == 0) {
         float* row = &sm.yp[s][8 * cw_half + g][0];
@@ -320,8 +323,11 @@ void setup(Dev& d, const Case& c, bool ckpt) {
   }
 }
 
+int g_front = 1;  // the kernel variant main() times
 void launch(const Params& p, int b) {
-  proto_fwd_kernel<<<dim3(p.D / kN, b), kThreads>>>(p);
+  if (g_front == 2) proto_fwd_kernel<2><<<dim3(p.D / kN, b), kThreads>>>(p);
+  else if (g_front == 3) proto_fwd_kernel<3><<<dim3(p.D / kN, b), kThreads>>>(p);
+  else proto_fwd_kernel<1><<<dim3(p.D / kN, b), kThreads>>>(p);
 }
 
 // float64 reference of the same math (prep as the kernel computes it, the recurrence and readout exact)
@@ -400,8 +406,30 @@ double time_ms(int b, int L, int D, int X, bool ckpt, bool prep_once) {
 }
 }  // namespace
 
-int main() {
-  bool ok = check(1, 100, 64, 16) & check(2, 333, 128, 32) & check(1, 4097, 256, 64);
+int main(int argc, char** argv) {
+  // argv: front distances to run (default 1 2 3); "ncu" = one scan-only launch of b1 L8192 at the first distance
+  std::vector<int> fronts;
+  bool ncu = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "ncu") == 0) ncu = true;
+    else fronts.push_back(std::atoi(argv[i]));
+  }
+  if (fronts.empty()) fronts = {1, 2, 3};
+  if (ncu) {
+    g_front = fronts[0];
+    Case c = make_case(1, 8192, 4096, 1024, 7);
+    Dev d;
+    setup(d, c, true);
+    d.p.prep_once = 1;
+    launch(d.p, 1);
+    CK(cudaDeviceSynchronize());
+    return 0;
+  }
+  bool ok = true;
+  for (int f : fronts) {
+  g_front = f;
+  std::printf("front distance %d\n", f);
+  ok = check(1, 100, 64, 16) & check(2, 333, 128, 32) & check(1, 4097, 256, 64) & ok;
   const int shapes[][2] = {{1, 2048}, {1, 8192}, {1, 32768}, {2, 8192}, {8, 4096}};
   for (auto& sh : shapes) {
     const double ms = time_ms(sh[0], sh[1], 4096, 1024, true, false);
@@ -409,6 +437,7 @@ int main() {
     const double floor_ms = 65536.0 * sh[0] * sh[1] / 3.9e12 * 1e3;
     std::printf("proto fwd b%d L%d D4096: p50 %.4f ms (x MUFU floor %.2f); without the prep after tile 0 %.4f ms\n",
                 sh[0], sh[1], ms, ms / floor_ms, scan_ms);
+  }
   }
   return ok ? 0 : 1;
 }
