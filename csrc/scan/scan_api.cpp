@@ -202,24 +202,41 @@ int fwd_version(int64_t blocks = 0, int sms = 132, bool fp32 = false) {
 }
 
 // heads_per_group % 4 != 0 (session 19): the v7 kernel runs ceil(r / 4) blocks per x / B group, the group's heads
-// spread evenly over them and the other warps idle, so its time follows its blocks and their largest head count, not
-// the work. An estimate
-// fitted to H100 runs at L 4096 (bench/results/s19/groups/groups_b8a0e97.json: 7 teachers' shapes, batch 1-8), in ms at
-// L 4096 (both scale with L):
-//   v5 ~ 1.322 x (batch x heads / 2048) x (132 / SMs)  (linear in the work: b8 at D 4096 = 2048 head rows);
-//   v7 ~ waves x max(0.55, 0.065 x w), w = the busiest SM's active warps = min(4, ceil(blocks / SMs)) x the largest
-//        head count of a block (a wave = 4 blocks per SM; 0.55 = the latency floor measured at 6-8 warps per SM).
-// E.g. Llama-3.2-3B's mixer (3 heads per group) at b8: v7 0.85 vs v5 1.04 ms; Qwen2.5-14B's (5: blocks of 3 + 2
-// heads) at b4 0.845 vs 0.915 (as 4 + 1 heads: 1.04), at b8 1.653 vs 1.639 (bench/results/s19/balanced_e273415/);
-// Qwen2.5-1.5B's (6) at b8: 2 blocks per SM, v7 0.561 vs v5 0.512 - v5 runs there.
+// spread evenly over them and the other warps idle, so its time follows its blocks per SM and the head count of its
+// largest block, not the work. Both kernels are step functions of their blocks per SM; session 29 fitted them as
+// tables to H100 runs at L 4096 (bench/results/s29/dispatch_groups/groups_fwd.json: 6 teachers' shapes, batch 2-8,
+// CUDA-graph p50; both scale with L, so only their ratio matters). The session-19 linear estimates missed by up to 19 %
+// where the grids step (e.g. Qwen2.5-7B's mixer at b5: v5 0.932 ms picked, v7 0.807).
+//   v5: its lane count by fwd_v5_lanes; K = 8, one block per head row, n = ceil(rows / SMs) blocks per SM:
+//       max(0.15, 0.085 n) ms; K = 4, two head rows per block, n = ceil(rows / (2 SMs)): max(0.93, 0.165 n).
+//   v7: kPartialWave[min(4, n)][largest] for one wave (n = ceil(blocks / SMs) <= 4 blocks per SM); past one wave,
+//       each full wave at 4 per SM plus the rest as 2 per SM (4 when it fills 4: the blocks start as others finish).
+// E.g. Llama-3.2-3B's mixer (3 heads per group) at b6: v7 0.79 vs v5 0.93 (measured 0.780 / 0.935); Qwen2.5-14B's
+// (5: blocks of 3 + 2 heads) at b7 1.405 vs 1.485 (1.442 / 1.518); Qwen2.5-1.5B's (6) at b8 v7 0.56 vs v5 0.51.
+double fwd5_estimate_ms(int64_t rows, int sms) {
+  if (fwd_v5_lanes(rows, sms) == 8) return std::max(0.15, 0.085 * static_cast<double>((rows + sms - 1) / sms));
+  return std::max(0.93, 0.165 * static_cast<double>((rows + 2 * sms - 1) / (2 * sms)));
+}
+// v7 with partial groups, one wave: [blocks per SM - 1][largest block's heads - 1], ms at L 4096 (measured).
+constexpr double kPartialWave[4][4] = {{0.40, 0.40, 0.40, 0.40},
+                                       {0.40, 0.555, 0.56, 0.562},
+                                       {0.41, 0.573, 0.79, 0.807},
+                                       {0.41, 0.578, 0.845, 1.03}};
+double fwd7_partial_estimate_ms(int64_t blocks, int largest, int sms) {
+  const int h = std::min(4, std::max(1, largest)) - 1;
+  const int64_t wave = 4 * static_cast<int64_t>(sms), full = blocks / wave, rest = blocks - full * wave;
+  double t = static_cast<double>(full) * kPartialWave[3][h];
+  if (rest > 0) {
+    const int64_t per_sm = std::min<int64_t>(4, (rest + sms - 1) / sms);
+    t += kPartialWave[full == 0 ? per_sm - 1 : (per_sm == 4 ? 3 : 1)][h];
+  }
+  return t;
+}
 bool fwd7_partial_wins(const MixerScanParams& p, int sms) {
   const int largest = mixer_scan_v7_group_share(p.heads_per_group, 0).heads;  // block 0's share is the largest
   const int64_t blocks = static_cast<int64_t>(p.batch) * mixer_scan_v7_blocks_per_row(p);
-  const double rows = static_cast<double>(p.batch) * (p.d_inner / kN);
-  const double t5 = 1.322 * rows / 2048.0 * 132.0 / sms;
-  const int64_t per_sm = std::min<int64_t>(4, (blocks + sms - 1) / sms), waves = (blocks + 4 * sms - 1) / (4 * sms);
-  const double t7 = static_cast<double>(waves) * std::max(0.55, 0.065 * static_cast<double>(per_sm * largest));
-  return t7 < t5;
+  const int64_t rows = static_cast<int64_t>(p.batch) * (p.d_inner / kN);
+  return fwd7_partial_estimate_ms(blocks, largest, sms) < fwd5_estimate_ms(rows, sms);
 }
 
 // One forward launch of activation dtype T for a version of fwd_version (K = 16 only for v3: the other lane
@@ -343,9 +360,16 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
     return;
   }
   if (version == 207) version = 107;  // v7var without documents (or where v7 does not apply): v7
-  // the default's v7 with partial groups only where the estimate says it wins (forced v7 runs wherever it applies)
-  if (version == 107 && !forced && p.heads_per_group % 4 != 0 && !fwd7_partial_wins(p, sms))
-    version = 100 + fwd_v5_lanes(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms);
+  // The default's v7 with partial groups only where the estimate says it wins, on either side of the full-group grid
+  // rule (session 29: e.g. Qwen2.5-7B's mixer at b4, 896 head rows, v7 0.562 vs v5 0.584 ms); forced v7 runs wherever
+  // it applies. (With documents, v5 stays below the rule: the varlen plan above decides there.)
+  if (!forced && p.heads_per_group % 4 != 0) {
+    if (version == 107 && !fwd7_partial_wins(p, sms))
+      version = 100 + fwd_v5_lanes(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms);
+    else if ((version == 104 || version == 108) && p.seq_idx == nullptr && mixer_scan_fwd7_applies(p) &&
+             fwd7_partial_wins(p, sms))
+      version = 107;
+  }
   if (st == at::kBFloat16) launch_fwd_version<__nv_bfloat16>(p, stream, version);
   else if (st == at::kHalf) launch_fwd_version<__half>(p, stream, version);
   else launch_fwd_version<float>(p, stream, version);
