@@ -575,8 +575,9 @@ def _assert_compile_and_graph_match_eager(args, kw, fresh_zxbc):
                                                         (8, 2048, 2048, False), (5, 3584, 512, True),
                                                         (5, 3072, 1024, False), (7, 5120, 1024, True),
                                                         (4, 3584, 512, True)],
-                         ids=["r3-llama3b-b8", "r2-qwen3-1.7b-b8", "r5-qwen14b-b4", "r6-qwen1.5b-b8", "r1-smollm2-1.7b-b8",
-                              "r7-qwen7b-b5", "r3-llama3b-b5", "r5-qwen14b-b7-two-waves", "r7-qwen7b-b4-below-grid-rule"])
+                         ids=["r3-llama3b-b8", "r2-qwen3-1.7b-b8", "r5-qwen14b-b4", "r6-qwen1.5b-b8",
+                              "r1-smollm2-1.7b-b8", "r7-qwen7b-b5", "r3-llama3b-b5", "r5-qwen14b-b7-two-waves",
+                              "r7-qwen7b-b4-below-grid-rule"])
 def test_forward_default_with_partial_groups(batch, d_inner, d_xb, want_v7):
     """Heads per group not a multiple of 4 (sessions 19, 29): the default runs v7 where its blocks' estimate beats v5's
     (one wave of blocks with 3 / 2 busy warps: r = 3, 2 at b8; r = 5 at b4, 3 + 2 heads per group; r = 7 at b5, 4 + 3
