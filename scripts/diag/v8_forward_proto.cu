@@ -34,6 +34,8 @@
 #include <cstring>
 #include <vector>
 
+#include "../../csrc/common/scan_math.cuh"  // ex2, lg2_ftz, rcp_ftz (the kernels' own)
+
 #define CK(x)                                                                                    \
   do {                                                                                           \
     cudaError_t e = (x);                                                                         \
@@ -47,6 +49,9 @@ namespace {
 constexpr int kN = 16, kChunk = 32, kPairs = kChunk / 2, kThreads = 128;
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 using bf16 = __nv_bfloat16;
+using apriel::ex2;
+using apriel::lg2_ftz;
+using apriel::rcp_ftz;
 
 struct Params {
   const bf16 *x, *dt, *z, *B, *C;  // (b, L, D) except B: (b, L, X)
@@ -57,21 +62,6 @@ struct Params {
   int prep_once;  // timing only: the prep and input loads of tile 0 only (the scan reruns on its tables)
 };
 
-__device__ __forceinline__ float ex2(float v) {
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
-  return r;
-}
-__device__ __forceinline__ float lg2(float v) {
-  float r;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
-  return r;
-}
-__device__ __forceinline__ float rcp(float v) {
-  float r;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
-  return r;
-}
 __device__ __forceinline__ float tf32_rna(float v) {
   unsigned r;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
@@ -175,10 +165,10 @@ __global__ void __launch_bounds__(kThreads, 2) proto_fwd_kernel(Params p) {
       for (int i = 0; i < 4; ++i) cv = fmaf(wc[i], sm.xs[par][t + i][pch], cv);
       const float zv = us2f(in.z[k]);
       const float e1 = 1.f + ex2(fminf(-kLog2e * cv, 63.f)), e2 = 1.f + ex2(fminf(-kLog2e * zv, 63.f));
-      const float r = rcp(e1 * e2);
+      const float r = rcp_ftz(e1 * e2);
       const float u = cv * (r * e2), sz = zv * (r * e1);
       const float v = us2f(in.dt[k]) + dtb2;
-      const float delta = v > 20.f ? v : kLn2 * lg2(1.f + ex2(kLog2e * v));
+      const float delta = v > 20.f ? v : kLn2 * lg2_ftz(1.f + ex2(kLog2e * v));
       const bool live = t0 + t < L;
       const float du = live ? tf32_rna(delta * u) : 0.f, dv = live ? delta : 0.f;
       const int pr = t >> 1, odd = t & 1, c = pch >> 3, gg = pch & 7;
