@@ -217,7 +217,7 @@ setup(
     cmdclass=cmdclass,
     entry_points={
         "console_scripts": [
-            "apriel-distill=distill.__main__:main",
+            "apriel-distill=distill.__main__:cli",
             "apriel-bench=bench.__main__:main",
         ]
     },

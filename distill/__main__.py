@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -160,5 +162,24 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command-line entry (`python -m distill`, the `apriel-distill` script): main(), then, after a clean run
+    under torchrun (WORLD_SIZE > 1), the process ends by os._exit once its streams are flushed.
+
+    Why: every result is on disk by then (checkpoints and outputs are written atomically), but interpreter
+    finalisation still has to tear down what torch.distributed left behind (gloo's C++ worker threads, the store
+    client), and that aborts now and then with SIGABRT, "terminate called without an active exception"
+    (pytorch/pytorch#179291) - a failed rank for torchrun after a run that succeeded. In-process callers of main()
+    (the tests) are unaffected; a failing run exits normally so that torchrun sees the failure as it is.
+    """
+    rc = main(argv)
+    if rc == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(rc)
+    return rc
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -11,6 +11,7 @@ Data-parallel sharding of the data is data.BatchStream(rank=, world=).
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass, field
 
@@ -154,7 +155,12 @@ def close() -> None:
     pytorch/pytorch#190489) and fails a run whose work all finished. Not called after an error: the peers may be
     inside a collective and never reach the barrier, and a collective teardown can hang too (torchtitan#1342);
     torchrun must see the failed rank exit.
+    The garbage collection first: FSDP2 modules and their device mesh sit in reference cycles (hooks) that still hold
+    the group after destroy_process_group() drops the registry's reference; collected here, the group's threads stop
+    while the interpreter is alive (session 29: the abort came back in CI with the barrier and destroy in place).
     """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+        gc.collect()

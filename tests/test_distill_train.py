@@ -210,6 +210,20 @@ def test_main_tears_down_the_process_group_after_a_clean_run(tmp_path):
             dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_cli_ends_a_clean_multiprocess_run_without_interpreter_finalisation(world):
+    """cli() (`python -m distill`, `apriel-distill`): after a clean run under torchrun (WORLD_SIZE > 1) the process
+    ends by os._exit with its output flushed - interpreter finalisation of torch.distributed's leftovers aborts now
+    and then (the CI's SIGABRT after "train finished", session 29) - and returns normally in a single process."""
+    code = ("import sys; from distill.__main__ import cli; rc = cli(['config']); "
+            "print('RETURNED', rc); sys.stdout.flush()")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WORLD_SIZE=world)
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert '"num_mixers"' in done.stdout, done.stdout[:500]  # config's output came out before the exit
+    assert ("RETURNED 0" in done.stdout) == (world == "1"), done.stdout[-500:]
+
+
 def test_config_command_does_not_import_torch():
     """`python -m distill config` reads and prints the configuration without importing torch (the teardown after a
     command touches torch.distributed only when the command imported it)."""
