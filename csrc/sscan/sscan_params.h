@@ -55,10 +55,10 @@ struct SScanParams {
   int fwd_segments, fwd_seg_tiles;
   float* seg_state;
   // The backward v7's sequence split (session 27; the mixer's, scan_params.h): blockIdx.y = b * bwd_segments +
-  // segment, a segment = seg_tiles tiles (the last may be shorter); bwd_segments >= 1 wherever bwd_v7 is set. With segments > 1 the carry
-  // pre-pass (sscan_bwd7.cuh) writes seg_carry (b, segments, 2, D, N) fp32: per segment s >= 1 the adjoint carry at
-  // its start given a zero carry at its end (L), then exp(A sum delta) over it (P); and dA_part / dD_part / ddb_part
-  // have one row per (b, segment).
+  // segment, a segment = seg_tiles tiles (the last may be shorter); bwd_segments >= 1 wherever bwd_v7 is set. With
+  // segments > 1 the carry pre-pass (sscan_bwd7.cuh) writes seg_carry (b, segments, 2, D, N) fp32: per segment s >= 1
+  // the adjoint carry at its start given a zero carry at its end (L), then exp(A sum delta) over it (P); and dA_part /
+  // dD_part / ddb_part have one row per (b, segment).
   int bwd_segments, seg_tiles;
   float* seg_carry;
 
