@@ -15,6 +15,8 @@ Semantics: mixer.md section 3 and apriel_kernels.reference.mixer.
 """
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional
 
 import torch
@@ -49,6 +51,51 @@ def _use_kernel(zxbc: Tensor) -> bool:
     return zxbc.is_cuda and zxbc.dtype != torch.float64
 
 
+CHECKPOINT_MODES = ("auto", "tile", "sub")  # APRIEL_SCAN_CKPT
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _checkpoint_mode(zxbc: Tensor, d_inner: int, d_xb: int, save_checkpoints: bool) -> int:
+    """What the CUDA forward saves for the backward: 0 nothing, 1 the state before every CHUNK tokens, 2 also the
+    states after tokens 7, 15, 23 of every chunk (one flat buffer, 4x the memory of 1 plus a flag).
+
+    With 2 the v7 backward loads the states it needs at its 8-token sub-chunk starts instead of recomputing them from
+    the chunk's checkpoint (its "pass A", ~0.75 exponentials per element; session 30, docs/notes/scan.md). Only the v7
+    forward writes them (it sets the flag; other kernels leave it 0 and the backward recomputes), so "auto" asks for 2
+    where the dispatcher runs v7 for certain: 16-bit activations, whole x / B groups of 4 heads and v7's grid rule
+    (batch x d_inner / 64 blocks >= 1.9 per SM: batch >= 4 at d_inner 4096 on an H100). APRIEL_SCAN_CKPT=tile keeps 1
+    (less memory: b8 L4096 D 4096 saves 268 MB per call instead of 1,074), =sub asks for 2 wherever a checkpoint is
+    saved (tests).
+    """
+    if not save_checkpoints:
+        return 0
+    knob = os.environ.get("APRIEL_SCAN_CKPT", "") or "auto"
+    if knob not in CHECKPOINT_MODES:
+        raise ValueError(f"APRIEL_SCAN_CKPT: expected one of {CHECKPOINT_MODES} (or unset), got {knob!r}")
+    if knob != "auto":
+        return 2 if knob == "sub" else 1
+    if zxbc.dtype not in (torch.bfloat16, torch.float16) or (d_inner // d_xb) % 4 != 0:
+        return 1
+    blocks = zxbc.shape[0] * (d_inner // 64)
+    device = zxbc.device.index if zxbc.device.index is not None else torch.cuda.current_device()
+    return 2 if 10 * blocks >= 19 * _sm_count(device) else 1
+
+
+def _checkpoint_buffer(zxbc: Tensor, d_inner: int, mode: int) -> Tensor:
+    """The checkpoint output's shape for a mode of _checkpoint_mode (the fake of the kernel's)."""
+    batch, seqlen, _ = zxbc.shape
+    tiles = (seqlen + CHUNK - 1) // CHUNK
+    if mode == 2:
+        return zxbc.new_empty(4 * batch * tiles * d_inner * KERNEL_D_STATE + 1, dtype=torch.float32)
+    if mode == 1:
+        return zxbc.new_empty(batch, tiles, d_inner, KERNEL_D_STATE, dtype=torch.float32)
+    return zxbc.new_empty(0, dtype=torch.float32)
+
+
 # ------------------------------------------------------------------------------------------------- scan
 @torch.library.custom_op("apriel::mixer_scan_fwd", mutates_args=())
 def mixer_scan_fwd(
@@ -71,15 +118,16 @@ def mixer_scan_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (y (b, L, D), final_ssm_state (b, D/N, N, N) fp32, final_conv_state (b, X, W-1), checkpoints).
 
-    checkpoints: the CUDA kernel's fp32 states before every CHUNK tokens, (b, ceil(L/CHUNK), D, N), when
-    save_checkpoints (the backward recomputes from them); an empty tensor otherwise and on the reference.
+    checkpoints: the CUDA kernel's fp32 states for the backward when save_checkpoints - before every CHUNK tokens,
+    (b, ceil(L/CHUNK), D, N), or flat with the sub-chunk states too (_checkpoint_mode); an empty tensor otherwise and
+    on the reference.
     """
     if _use_kernel(zxbc):
         kernel = cuda_kernel("mixer_scan_fwd")
         if kernel is not None:
             return kernel(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D,
                           initial_ssm_state, initial_conv_state, seq_idx, d_inner, d_xb, d_state,
-                          repeat_kv_before_conv, save_checkpoints)
+                          repeat_kv_before_conv, _checkpoint_mode(zxbc, d_inner, d_xb, save_checkpoints))
     y, ssm, conv = _scan_reference(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D,
                                    initial_ssm_state, initial_conv_state, seq_idx, d_inner, d_xb, d_state,
                                    repeat_kv_before_conv)
@@ -91,10 +139,8 @@ def _(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log,
       initial_conv_state, seq_idx, d_inner, d_xb, d_state, repeat_kv_before_conv, save_checkpoints):
     batch, seqlen, _ = zxbc.shape
     width = conv_weight.shape[-1]
-    if save_checkpoints and _use_kernel(zxbc) and has_kernel("mixer_scan_fwd"):
-        ckpt = zxbc.new_empty(batch, (seqlen + CHUNK - 1) // CHUNK, d_inner, d_state, dtype=torch.float32)
-    else:
-        ckpt = zxbc.new_empty(0, dtype=torch.float32)
+    kernel = _use_kernel(zxbc) and has_kernel("mixer_scan_fwd")
+    ckpt = _checkpoint_buffer(zxbc, d_inner, _checkpoint_mode(zxbc, d_inner, d_xb, save_checkpoints and kernel))
     return (
         zxbc.new_empty(batch, seqlen, d_inner),
         zxbc.new_empty(batch, d_inner // d_state, d_state, d_state, dtype=state_dtype(zxbc.dtype)),

@@ -157,6 +157,20 @@ def test_split_sequence_continuity_cpu(repeat):
     torch.testing.assert_close(cb, conv)
 
 
+@pytest.mark.parametrize("value,want", [("", 1), ("auto", 1), ("tile", 1), ("sub", 2), ("dense", None), ("SUB", None)])
+def test_checkpoint_mode_knob(value, want, monkeypatch):
+    """APRIEL_SCAN_CKPT: auto (default; fp32 activations keep tile checkpoints), tile, sub - anything else is a
+    ValueError naming the variable."""
+    from apriel_kernels.mixer_scan import _checkpoint_mode
+    monkeypatch.setenv("APRIEL_SCAN_CKPT", value)
+    zxbc = torch.empty(8, 4, 10240)
+    if want is None:
+        with pytest.raises(ValueError, match="APRIEL_SCAN_CKPT"):
+            _checkpoint_mode(zxbc, 4096, 1024, True)
+    else:
+        assert _checkpoint_mode(zxbc, 4096, 1024, True) == want
+        assert _checkpoint_mode(zxbc, 4096, 1024, False) == 0
+
 def test_opcheck_cpu():
     args, kw = make_inputs(2, 9, 32, 16, dt_rank=4, initial_states=True)
     seq = packed_seq_idx(2, 9, [4])
@@ -1171,6 +1185,131 @@ def test_backward_v7_sequence_split(case, dtype, monkeypatch):
     assert any("mixer_scan_bwd7_kernel" in n for n in names), names
     _check_grads_repeatable(args, kw, weights)
 
+
+
+# Sub-chunk checkpoints (session 30, APRIEL_SCAN_CKPT): the v7 forward also saves the states after tokens 7, 15, 23 of
+# every 32-token tile, and the v7 backward loads them instead of recomputing them from the tile's checkpoint (pass A).
+# Shapes: ragged last tiles (L 9 / 33 / 1000 / 4097: sub-chunks past the sequence end), 8 heads per group, 3 / 7 / 2 / 1
+# heads per group (kPartial forward; kSpan / kMulti backward), packed documents (kSeq), initial states, a forced split.
+SUB_CKPT_CASES = [
+    # (batch, seqlen, d_inner, d_xb, repeat, width, dt_rank, segments, extras)
+    (2, 9, 64, 16, False, 2, 16, "1", "init"),
+    (3, 33, 128, 16, False, 4, 16, "1", "init"),
+    (2, 1000, 256, 64, True, 4, 16, "auto", "init"),
+    (1, 4097, 64, 16, False, 4, 8, "1", ""),
+    (2, 300, 4096, 1024, True, 4, 16, "1", "init"),
+    (2, 300, 96, 16, True, 4, 16, "3", "init"),  # 6 per group, split in 3
+    (3, 100, 192, 64, False, 3, 16, "1", "init"),  # 3 per group
+    (2, 300, 128, 64, False, 4, 16, "1", "init"),  # 2 per group
+    (2, 300, 2048, 2048, True, 4, 16, "1", "init"),  # 1 per group (SmolLM2-1.7B's mixer)
+    (2, 300, 256, 64, True, 4, 16, "1", "packed"),
+]
+
+
+def _forward_checkpoints(args, kw, seq):
+    return mixer_scan_fwd(args["zxbc"], args["dt_low"], args["conv_weight"], args["conv_bias"], args["dt_proj_weight"],
+                          args["dt_proj_bias"], args["A_log"], args["D"], args.get("initial_ssm_state"),
+                          args.get("initial_conv_state"), seq, kw["d_inner"], kw["d_xb"], kw["d_state"],
+                          kw["repeat_kv_before_conv"], True)[3]
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
+@pytest.mark.parametrize("case", SUB_CKPT_CASES, ids=lambda c: f"b{c[0]}-L{c[1]}-D{c[2]}-X{c[3]}-S{c[7]}-{c[8] or 'plain'}")
+def test_backward_v7_sub_checkpoints(case, dtype, monkeypatch):
+    """The forward writes the sub-chunk checkpoints and sets their flag; the backward that loads them matches float64
+    for every gradient and is bitwise repeatable."""
+    b, L, D_, X, repeat, width, rank, segments, extra = case
+    monkeypatch.setenv("APRIEL_SCAN_CKPT", "sub")
+    monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")
+    _force_bwd_v7(monkeypatch, segments)
+    args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", repeat=repeat, dt_rank=rank, width=width,
+                           initial_states="init" in extra, seed=41)
+    seq = v7_seq_idx(b, L, extra)
+    poison_allocator()
+    ckpt = _forward_checkpoints(args, kw, seq)
+    tile_rows = b * ((L + 31) // 32) * D_ * N
+    assert ckpt.shape == (4 * tile_rows + 1,), ckpt.shape
+    assert ckpt[-1].item() == 1.0, "the v7 forward did not flag its sub-chunk checkpoints"
+    assert torch.isfinite(ckpt).all(), "a sub-chunk checkpoint was left unwritten"
+    weights = _loss_weights(args, kw, dtype, seed=6)
+    _check_grads_repeatable(args, kw, weights, seq)
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("case", [(2, 100, 128, 32, False), (1, 77, 64, 16, True)], ids=["b2-L100", "b1-L77-packed"])
+def test_sub_checkpoints_are_the_states_after_tokens_7_15_23(case, monkeypatch):
+    """Each sub-chunk row equals the float64 reference's state after its token (the final state of that prefix)."""
+    b, L, D_, X, packed = case
+    monkeypatch.setenv("APRIEL_SCAN_CKPT", "sub")
+    monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")
+    args, kw = make_inputs(b, L, D_, X, dtype=torch.bfloat16, device="cuda", initial_states=True, seed=43)
+    seq = packed_seq_idx(b, L, [5, 30, 40], "cuda") if packed else None
+    ckpt = _forward_checkpoints(args, kw, seq)
+    tiles = (L + 31) // 32
+    tile_rows = b * tiles * D_ * N
+    sub = ckpt[tile_rows:4 * tile_rows].view(b, tiles, 3, D_, N)
+    a64 = to64(args)
+    checked = 0
+    for tile in range(tiles):
+        for j in range(3):
+            t = 32 * tile + 8 * j + 7
+            if t >= L:
+                continue
+            prefix = {k: (v[:, :t + 1] if k in ("zxbc", "dt_low") else v) for k, v in a64.items()}
+            _, ssm, _ = ref_mixer(prefix, kw, seq_idx=None if seq is None else seq[:, :t + 1], return_final_states=True)
+            want = ssm.reshape(b, D_, N)
+            got = sub[:, tile, j].double()
+            scale = want.abs().max().item()
+            assert (got - want).abs().max().item() <= 2e-3 * scale, f"tile {tile} sub-chunk {j}"
+            checked += 1
+    assert checked >= 6
+
+
+@gpu
+@needs_kernel
+def test_sub_checkpoints_without_the_v7_forward_fall_back_to_pass_a(monkeypatch):
+    """A forward that is not v7 (forced v5 here) leaves the flag at 0: the backward recomputes the states (its pass A)
+    and its gradients are those of the tile checkpoints, bit for bit."""
+    monkeypatch.setenv("APRIEL_SCAN_FWD", "v5")
+    monkeypatch.setenv("APRIEL_SCAN_BWD", "v7")
+    args, kw = make_inputs(2, 300, 256, 64, dtype=torch.bfloat16, device="cuda", initial_states=True, seed=44)
+    weights = _loss_weights(args, kw, torch.bfloat16, seed=7)
+    monkeypatch.setenv("APRIEL_SCAN_CKPT", "sub")
+    poison_allocator()
+    ckpt = _forward_checkpoints(args, kw, None)
+    assert ckpt.dim() == 1 and ckpt[-1].item() == 0.0
+    with_sub = _grads(args, kw, None, weights)
+    monkeypatch.setenv("APRIEL_SCAN_CKPT", "tile")
+    assert _forward_checkpoints(args, kw, None).dim() == 4
+    tile_only = _grads(args, kw, None, weights)
+    for name in args:
+        assert torch.equal(with_sub[name], tile_only[name]), f"d{name}"
+
+
+@gpu
+@needs_kernel
+def test_checkpoint_mode_auto_follows_the_v7_grid_rule(monkeypatch):
+    """auto: sub-chunk checkpoints where v7 runs for certain (16-bit, 4 heads per group, >= 1.9 blocks of 64 channels
+    per SM), tile checkpoints elsewhere; the fake (torch.compile) agrees with the kernel's buffer."""
+    from apriel_kernels.mixer_scan import _checkpoint_mode
+    monkeypatch.delenv("APRIEL_SCAN_CKPT", raising=False)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    need = -(-19 * sms // 10)  # blocks of 64 channels
+    big = torch.empty(need * 64 // 4096 + 1, 1, 1, dtype=torch.bfloat16, device="cuda")
+    small = torch.empty(max(1, (need - 1) * 64 // 4096), 1, 1, dtype=torch.bfloat16, device="cuda")
+    assert _checkpoint_mode(big, 4096, 1024, True) == 2
+    assert _checkpoint_mode(small, 4096, 1024, True) == 1
+    assert _checkpoint_mode(big, 4096, 1024, False) == 0
+    assert _checkpoint_mode(big.float(), 4096, 1024, True) == 1
+    assert _checkpoint_mode(big, 3072, 1024, True) == 1  # 3 heads per group: v7 only where its estimate wins
+    args, kw = make_inputs(big.shape[0], 40, 4096, 1024, dtype=torch.bfloat16, device="cuda", seed=45)
+    pos = [args["zxbc"], args["dt_low"], args["conv_weight"], args["conv_bias"], args["dt_proj_weight"],
+           args["dt_proj_bias"], args["A_log"], args["D"], None, None, None, 4096, 1024, 16, True, True]
+    assert _forward_checkpoints(args, kw, None)[-1].item() == 1.0
+    torch.library.opcheck(mixer_scan_fwd, pos, test_utils=("test_schema", "test_faketensor"))
 
 # The backward's prologue and epilogue (session 22): one kernel converts the parameters to fp32
 # (mixer_scan_params.cu), one sums the parameter gradients' fp32 partial rows (and a split's halo rows) and stores each

@@ -296,6 +296,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool slot1 = kSpan && wgroup != group;  // this warp reads the SpanSlot's x / B
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank, W = p.width, hw = W - 1;
   const int n_tiles = p.n_chunks;
+  // the forward's sub-chunk checkpoints replace pass A (block-uniform; the flag is 1 where the v7 forward wrote them)
+  const bool sub_rows = p.ckpt_sub_in != nullptr && *p.ckpt_sub_flag_in != 0.f;
   const int tile_first = seg * p.seg_tiles, tile_last = min(n_tiles, tile_first + p.seg_tiles) - 1;
   const int64_t rowZ = 2 * (int64_t)D + 2 * p.d_xb;
   typename SM::Warp& wp = sm.wp[w];
@@ -664,8 +666,18 @@ __global__ void __launch_bounds__(kThreads, 2)
     };
 
     const float* ck = p.ckpt_in + ((int64_t)b * n_tiles + tile) * D * kN;
-    // Pass A: the states after tokens 7, 15, 23 (only the sub-chunks before the last one are needed).
-    if (has_head) {
+    // Pass A: the states after tokens 7, 15, 23 (only the sub-chunks before the last one are needed) - the forward's
+    // sub-chunk checkpoints where it wrote them (session 30), else recomputed from the tile's checkpoint.
+    if (has_head && sub_rows) {
+      const float* cs = p.ckpt_sub_in + ((int64_t)b * n_tiles + tile) * (kNSub - 1) * D * kN;
+#pragma unroll
+      for (int j = 0; j < kNSub - 1; ++j) {
+        float h[2][4];
+        load_state(cs + (int64_t)j * D * kN, c0, g, q, h);
+        store_sub_state(wp.bst, j, lane, h);
+      }
+      __syncwarp();
+    } else if (has_head) {
       float h[2][4], hs_unused[kSub][2][4];
       load_state(ck, c0, g, q, h);
 #pragma unroll 1

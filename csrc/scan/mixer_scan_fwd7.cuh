@@ -160,16 +160,20 @@ __device__ __forceinline__ void mma_k8(float (&d)[4], float a0, float a1, float 
 
 // The scan of one 16-token half of one head (the calling warp's), fully unrolled; only the FFMA of h is on the
 // dependence chain. Shared by the mixer's v7 forward and the generic selective scan's (csrc/sscan/sscan_fwd7.cuh).
+// mid_state() runs after the 8th token's update (h = the state after it).
 // In: du[tl][g] = (du, du, delta, delta) of rows g (channels 2g, 2g + 1) per token tl of the half; bop[pr0 + pr][.]
 // the B operand per token pair of the half (entry 8: zeros, read by the lanes q > 0 through bsel); cop[pr][q] the C
 // words per token pair and lane quad. Out: yf[tl][channel] = C . h (before the gate); h advanced by 16 tokens.
 // front(t): operands, dBu (mma) and the 8 exponentials of token t - none depends on h. Shared-memory operands are
 // loaded 2 tokens ahead of their use (H100: b1 L8192 0.834 vs 0.910 ms, b8 L4096 1.110 vs 1.125 ms with the (du,
 // delta) loads alone; bench/results/s5/pd2/): (du, delta) per token, the B operand and the C words per token pair.
-template <typename T, bool kSeq>
+struct NoMidState {  // scan_half's default: nothing after the half's 8th token
+  __device__ __forceinline__ void operator()() const {}
+};
+template <typename T, bool kSeq, typename MidState = NoMidState>
 __device__ __forceinline__ void scan_half(const float4 (*du)[9], const float4 (*bop)[9], int pr0, int bsel,
                                           const uint4 (*cop)[4], float (*yf)[kN], const float (&A2)[2][4],
-                                          float (&h)[2][4], int g, int q) {
+                                          float (&h)[2][4], int g, int q, MidState mid_state = {}) {
   float4 pdq[2] = {du[0][g], du[1][g]};
   float4 bo = bop[pr0][bsel], bo_next = bop[pr0 + 1][bsel];
   uint4 cw2 = cop[0][q], cw_next = cop[1][q];  // the C words of the current / next token pair
@@ -210,6 +214,7 @@ __device__ __forceinline__ void scan_half(const float4 (*du)[9], const float4 (*
       h[0][i] = fmaf(dA[cur][0][i], h[0][i], db[cur][0][i]);
       h[1][i] = fmaf(dA[cur][1][i], h[1][i], db[cur][1][i]);
     }
+    if (tl == kHalf / 2 - 1) mid_state();  // h after the half's first 8 tokens (the sub-chunk checkpoints)
     if (tl > 0 && (tl & 1) == 0) {
       cw2 = cw_next;
       if (tl / 2 + 1 < kHalf / 2) cw_next = cop[tl / 2 + 1][q];
@@ -375,6 +380,10 @@ __global__ void __launch_bounds__(kThreads, 4)
     stage<T>(p, sm.raw[0], b, head0, group, 0, tid, n_heads);
     scan4::cp_async_commit();
   }
+  // The sub-chunk checkpoints' flag (not kVar: the host zeroed it, and this kernel writes every row)
+  if constexpr (!kVar) {
+    if (p.ckpt_sub != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && tid == 0) *p.ckpt_sub_flag = 1.f;
+  }
   // kVar: the block's first document, taken before the per-channel constants: when the plan did not pick varlen
   // (the list is empty), the block exits here (the empty launch then costs little).
   auto take_document = [&]() {
@@ -537,6 +546,9 @@ __global__ void __launch_bounds__(kThreads, 4)
       // checkpoint `tile` = the state after token t0 - 1: this document's when it holds that token (kVar)
       if (p.ckpt != nullptr && (!kVar || ts < t0 || ts == 0)) store_h(p.ckpt + ((int64_t)b * n_tiles + tile) * D * kN);
       if constexpr (kSeq) starts = doc_starts(doc_ids, lane);
+      // (b, n_tiles, 3, D, 16): this tile's sub-chunk checkpoints, or nullptr
+      float* const sub_rows =
+          !kVar && p.ckpt_sub != nullptr ? p.ckpt_sub + ((int64_t)b * n_tiles + tile) * 3 * D * kN : nullptr;
 
       if (has_head)  // (warps without a head: only the block barrier and the conversions)
   #pragma unroll 1
@@ -616,7 +628,12 @@ __global__ void __launch_bounds__(kThreads, 4)
           }
         }
         __syncwarp();
-        scan_half<T, kSeq>(sm.du[w], sm.bop[par], hf * kHalf / 2, bsel, sm.cop[w], sm.yf[w], A2, h, g, q);
+        {  // (and the states after tile tokens 7, 15, 23: the sub-chunk checkpoints j = 0, 1, 2, when asked)
+          float* const row = sub_rows != nullptr ? sub_rows + (int64_t)(2 * hf) * D * kN : nullptr;
+          scan_half<T, kSeq>(sm.du[w], sm.bop[par], hf * kHalf / 2, bsel, sm.cop[w], sm.yf[w], A2, h, g, q,
+                             [&]() { if (row != nullptr) store_h(row); });
+          if (row != nullptr && hf == 0) store_h(row + (int64_t)D * kN);
+        }
         __syncwarp();
         {  // gate and store the half's y rows
           const int row = lane / 2, part = lane % 2, t = t0 + hf * kHalf + row;

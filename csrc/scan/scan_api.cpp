@@ -241,12 +241,13 @@ bool fwd7_partial_wins(const MixerScanParams& p, int sms) {
 
 // One forward launch of activation dtype T for a version of fwd_version (K = 16 only for v3: the other lane
 // counts were dropped, slower, see docs/notes/scan.md).
+// Returns whether the v7 kernel ran (the only one that writes the sub-chunk checkpoints, p.ckpt_sub).
 template <typename T>
-void launch_fwd_version(const MixerScanParams& p, void* stream, int version) {
+bool launch_fwd_version(const MixerScanParams& p, void* stream, int version) {
   switch (version) {
     case 107:
       if constexpr (sizeof(T) == 2) {
-        if (mixer_scan_fwd7_applies(p)) { launch_mixer_scan_fwd7<T>(p, stream); break; }
+        if (mixer_scan_fwd7_applies(p)) { launch_mixer_scan_fwd7<T>(p, stream); return true; }
       }
       launch_mixer_scan_fwd5<T, 4>(p, stream);
       break;
@@ -256,6 +257,7 @@ void launch_fwd_version(const MixerScanParams& p, void* stream, int version) {
     case 8: launch_mixer_scan_fwd4<T, 8>(p, stream); break;
     default: launch_mixer_scan_fwd<T, 16>(p, stream); break;
   }
+  return false;
 }
 
 // Varlen scheduling of packed documents (session 17, mixer_scan_plan.cu / mixer_scan_fwd7.cuh kVar). Where the
@@ -328,6 +330,7 @@ Tensor plan_documents(const int* seq_idx, int batch, int seqlen, const VarlenSet
 // when the plan picked varlen, fwd_skip); force: varlen whenever the documents fit (APRIEL_SCAN_FWD=v7var).
 template <typename T>
 void launch_fwd_varlen(MixerScanParams p, void* stream, int version, bool force, int sms) {
+  p.ckpt_sub = nullptr;  // (neither kernel here writes sub-chunk checkpoints: the caller zeroes their flag)
   const VarlenSetup v = varlen_setup(p.batch, p.seqlen, p, sms);
   Tensor ws = plan_documents(p.seq_idx, p.batch, p.seqlen, v, force, stream);
   int* w = ws.data_ptr<int>();
@@ -340,7 +343,8 @@ void launch_fwd_varlen(MixerScanParams p, void* stream, int version, bool force,
   // (ws goes back to the caching allocator now: later work on this stream runs after both kernels)
 }
 
-void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
+// Returns whether the v7 kernel ran without the varlen plan (it then wrote p.ckpt_sub and its flag when asked).
+bool launch_fwd(const MixerScanParams& p, at::ScalarType st) {
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const int sms = sm_count();
   int version = fwd_version(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms, st == at::kFloat);
@@ -357,7 +361,7 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
     }
     if (st == at::kBFloat16) launch_fwd_varlen<__nv_bfloat16>(p, stream, other, version == 207, sms);
     else launch_fwd_varlen<__half>(p, stream, other, version == 207, sms);
-    return;
+    return false;
   }
   if (version == 207) version = 107;  // v7var without documents (or where v7 does not apply): v7
   // The default's v7 with partial groups only where the estimate says it wins, on either side of the full-group grid
@@ -370,9 +374,9 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
              fwd7_partial_wins(p, sms))
       version = 107;
   }
-  if (st == at::kBFloat16) launch_fwd_version<__nv_bfloat16>(p, stream, version);
-  else if (st == at::kHalf) launch_fwd_version<__half>(p, stream, version);
-  else launch_fwd_version<float>(p, stream, version);
+  if (st == at::kBFloat16) return launch_fwd_version<__nv_bfloat16>(p, stream, version);
+  if (st == at::kHalf) return launch_fwd_version<__half>(p, stream, version);
+  return launch_fwd_version<float>(p, stream, version);
 }
 
 // Backward version. Default: v7 (mixer_scan_bwd7.cuh: the adjoint in the forward v7's tensor-core layout, one
@@ -448,15 +452,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mixer_scan_fwd_cuda(
     const Tensor& zxbc, const Tensor& dt_low, const Tensor& conv_weight, const OptT& conv_bias,
     const Tensor& dt_proj_weight, const Tensor& dt_proj_bias, const Tensor& A_log, const Tensor& Dskip,
     const OptT& init_ssm, const OptT& init_conv, const OptT& seq_idx, int64_t d_inner, int64_t d_xb,
-    int64_t d_state, bool repeat, bool save_checkpoints) {
+    int64_t d_state, bool repeat, int64_t checkpoints) {
   const Dims d = check_inputs(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, Dskip,
                               init_ssm, init_conv, seq_idx, d_inner, d_xb, d_state, repeat);
+  TORCH_CHECK(checkpoints >= 0 && checkpoints <= 2, "checkpoints: expected 0 (none), 1 (per tile) or 2 (per tile and "
+              "sub-chunk), got ", checkpoints);
   c10::cuda::CUDAGuard guard(zxbc.device());
   auto f32 = zxbc.options().dtype(at::kFloat);
   Tensor y = at::empty({d.b, d.L, d.D}, zxbc.options());
   Tensor final_ssm = at::empty({d.b, d.D / kN, kN, kN}, f32);
   Tensor final_conv = at::empty({d.b, d.X, d.W - 1}, zxbc.options());
-  Tensor ckpt = save_checkpoints ? at::empty({d.b, d.n_chunks, d.D, kN}, f32) : at::empty({0}, f32);
+  const int64_t tile_rows = d.b * d.n_chunks * d.D * kN;
+  // 2: one flat buffer - the tile checkpoints (b, n_chunks, D, 16), the sub-chunk ones (b, n_chunks, 3, D, 16) and
+  // their flag (mixer_scan_bwd_cuda reads it by its size)
+  Tensor ckpt = checkpoints == 2   ? at::empty({4 * tile_rows + 1}, f32)
+                : checkpoints == 1 ? at::empty({d.b, d.n_chunks, d.D, kN}, f32)
+                                   : at::empty({0}, f32);
+  if (checkpoints == 2) ckpt.narrow(0, 4 * tile_rows, 1).zero_();  // (until a kernel writes the sub-chunk rows)
   if (d.b == 0) return {y, final_ssm, final_conv, ckpt};
   if (d.L == 0) {
     final_ssm.copy_(init_ssm ? init_ssm->view_as(final_ssm) : at::zeros_like(final_ssm));
@@ -468,7 +480,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mixer_scan_fwd_cuda(
                                   dt_proj_bias, A_log, Dskip, init_ssm, init_conv, seq_idx,
                                   /*convert_params=*/fwd_version() == 3);
   p.y = y.data_ptr(); p.final_ssm = final_ssm.data_ptr<float>(); p.final_conv = final_conv.data_ptr();
-  p.ckpt = save_checkpoints ? ckpt.data_ptr<float>() : nullptr;
+  p.ckpt = checkpoints > 0 ? ckpt.data_ptr<float>() : nullptr;
+  if (checkpoints == 2) {
+    p.ckpt_sub = p.ckpt + tile_rows;
+    p.ckpt_sub_flag = p.ckpt + 4 * tile_rows;
+  }
   launch_fwd(p, zxbc.scalar_type());
   return {y, final_ssm, final_conv, ckpt};
 }
@@ -510,7 +526,12 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   MixerScanParams p = fill_params(zxbc, dt_low, d, repeat, keep, conv_weight, conv_bias, dt_proj_weight,
                                   dt_proj_bias, A_log, Dskip, init_ssm, init_conv, seq_idx);
   Tensor ckpt;
-  if (checkpoints && checkpoints->numel() == d.b * d.n_chunks * d.D * kN) {
+  const int64_t tile_rows = d.b * d.n_chunks * d.D * kN;
+  if (checkpoints && checkpoints->numel() == 4 * tile_rows + 1 && tile_rows > 0) {  // with sub-chunk checkpoints
+    ckpt = checkpoints->contiguous();
+    p.ckpt_sub_in = ckpt.data_ptr<float>() + tile_rows;
+    p.ckpt_sub_flag_in = ckpt.data_ptr<float>() + 4 * tile_rows;
+  } else if (checkpoints && checkpoints->numel() == tile_rows) {
     ckpt = checkpoints->contiguous();
   } else if (d.L > 0 && d.b > 0) {  // forward ran without checkpoints: recompute them
     ckpt = at::empty({d.b, d.n_chunks, d.D, kN}, f32);
@@ -711,10 +732,11 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
 
 TORCH_LIBRARY_FRAGMENT(apriel_C, m) {
   // Fused mixer scan forward: y, final SSM state (b, D/N, N, N) fp32, final conv state (b, X, W-1),
-  // fp32 state checkpoints (b, ceil(L/32), D, N) for the backward (empty unless save_checkpoints).
+  // fp32 state checkpoints for the backward: checkpoints 0 none (empty), 1 before every 32-token tile (b, ceil(L/32),
+  // D, N), 2 that and the states after tokens 7, 15, 23 of every tile, flat (mixer_scan_fwd_cuda).
   m.def("mixer_scan_fwd(Tensor zxbc, Tensor dt_low, Tensor conv_weight, Tensor? conv_bias, Tensor dt_proj_weight, "
         "Tensor dt_proj_bias, Tensor A_log, Tensor D, Tensor? initial_ssm_state, Tensor? initial_conv_state, "
-        "Tensor? seq_idx, int d_inner, int d_xb, int d_state, bool repeat_kv_before_conv, bool save_checkpoints) "
+        "Tensor? seq_idx, int d_inner, int d_xb, int d_state, bool repeat_kv_before_conv, int checkpoints) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   // Its backward: [dzxbc, ddt_low, dconv_weight, dconv_bias, ddt_proj_weight, ddt_proj_bias, dA_log, dD,
   // dinitial_ssm_state, dinitial_conv_state] (empty for absent inputs).

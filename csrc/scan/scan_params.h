@@ -53,11 +53,19 @@ struct MixerScanParams {
   float* final_ssm;        // (b, D, 16)
   void* final_conv;        // (b, X, width-1), zxbc's dtype
   float* ckpt;             // (b, n_chunks, D, 16): state before each chunk, or nullptr
+  // Sub-chunk checkpoints (session 30, the v7 forward only; nullptr: none): the states after tokens 7, 15, 23 of
+  // every chunk, (b, n_chunks, 3, D, 16), and a flag set to 1 by the kernel that wrote them - the v7 backward then
+  // loads them instead of recomputing them (its pass A). Other forward kernels leave both alone (the host zeroes
+  // the flag first).
+  float* ckpt_sub;
+  float* ckpt_sub_flag;
 
   // Backward inputs / outputs.
   const void* dy;          // (b, L, D) contiguous, zxbc's dtype
   const float* dfinal_ssm; // (b, D, 16) or nullptr
   const float* ckpt_in;    // (b, n_chunks, D, 16)
+  const float* ckpt_sub_in;       // the forward's ckpt_sub, or nullptr (the v7 backward's pass A recomputes them)
+  const float* ckpt_sub_flag_in;  // its flag: 1 where the forward wrote them
   void* dzxbc;             // (b, L, 2D+2X) contiguous: the kernel writes the z and C slices
   // d(conv input) / dB of the x / B groups in parts, (b, L, bwd_parts, 16) fp32 each, summed by the head-sum kernel:
   // v4 one part per head (bwd_parts = D / 16, head h at part h); v7 without fused sums one per (block, group):
