@@ -272,10 +272,19 @@ __device__ __forceinline__ void stage_span(const MixerScanParams& p, SpanSlot<T>
 // and take part in the block sums (their d(dt_low) rows are not read), alias the block's first head for their
 // constants and skip pass A, pass B's per-warp work and every store. The group sums of dB / d(conv input) stay in the
 // kernel (fused) only at 2 heads per group when 4 divides the head count: each block then holds two whole groups.
-template <typename T, bool kTma, bool kSeq = false, bool kSpan = false, bool kMulti = false>
+// kSubCk (session 30): the forward's sub-chunk checkpoints replace pass A. The host launches the kSubCk kernel and then
+// the other one where they may exist (p.ckpt_sub_in); each reads the flag the forward left and returns at once unless
+// it is the one to run (a device-side choice: CUDA graphs replay it). A template flag, not a runtime branch: the
+// branch raised the pass-A kernel's registers (250 -> 255) and cost it ~5 % (bench/results/s30/).
+template <typename T, bool kTma, bool kSeq = false, bool kSpan = false, bool kMulti = false, bool kSubCk = false>
 __global__ void __launch_bounds__(kThreads, 2)
     mixer_scan_bwd7_kernel(MixerScanParams p, const __grid_constant__ tma::ScanBwdMaps maps) {
   static_assert(!(kSpan && kMulti), "one head per group has its own kernel");
+  if constexpr (kSubCk) {
+    if (*p.ckpt_sub_flag_in == 0.f) return;  // the forward did not write them: the pass-A kernel runs
+  } else {
+    if (p.ckpt_sub_in != nullptr && *p.ckpt_sub_flag_in != 0.f) return;  // the kSubCk kernel ran
+  }
   extern __shared__ __align__(128) unsigned char smem_raw[];  // 128: TMA destinations
   using SM = SmemB7Of<T, kSeq, kSpan, kMulti>;
   using M = scan4::MmaOp<T>;
@@ -296,8 +305,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool slot1 = kSpan && wgroup != group;  // this warp reads the SpanSlot's x / B
   const int D = p.d_inner, L = p.seqlen, R = p.dt_rank, W = p.width, hw = W - 1;
   const int n_tiles = p.n_chunks;
-  // the forward's sub-chunk checkpoints replace pass A (block-uniform; the flag is 1 where the v7 forward wrote them)
-  const bool sub_rows = p.ckpt_sub_in != nullptr && *p.ckpt_sub_flag_in != 0.f;
   const int tile_first = seg * p.seg_tiles, tile_last = min(n_tiles, tile_first + p.seg_tiles) - 1;
   const int64_t rowZ = 2 * (int64_t)D + 2 * p.d_xb;
   typename SM::Warp& wp = sm.wp[w];
@@ -668,15 +675,17 @@ __global__ void __launch_bounds__(kThreads, 2)
     const float* ck = p.ckpt_in + ((int64_t)b * n_tiles + tile) * D * kN;
     // Pass A: the states after tokens 7, 15, 23 (only the sub-chunks before the last one are needed) - the forward's
     // sub-chunk checkpoints where it wrote them (session 30), else recomputed from the tile's checkpoint.
-    if (has_head && sub_rows) {
-      const float* cs = p.ckpt_sub_in + ((int64_t)b * n_tiles + tile) * (kNSub - 1) * D * kN;
+    if constexpr (kSubCk) {
+      if (has_head) {
+        const float* cs = p.ckpt_sub_in + ((int64_t)b * n_tiles + tile) * (kNSub - 1) * D * kN;
 #pragma unroll
-      for (int j = 0; j < kNSub - 1; ++j) {
-        float h[2][4];
-        load_state(cs + (int64_t)j * D * kN, c0, g, q, h);
-        store_sub_state(wp.bst, j, lane, h);
+        for (int j = 0; j < kNSub - 1; ++j) {
+          float h[2][4];
+          load_state(cs + (int64_t)j * D * kN, c0, g, q, h);
+          store_sub_state(wp.bst, j, lane, h);
+        }
+        __syncwarp();
       }
-      __syncwarp();
     } else if (has_head) {
       float h[2][4], hs_unused[kSub][2][4];
       load_state(ck, c0, g, q, h);
@@ -1035,6 +1044,14 @@ void launch_for(const MixerScanParams& p, void* stream) {
   tma::ScanBwdMaps maps{};
 #if APRIEL_TMA
   if (encode_maps(p, maps)) {
+    if (p.ckpt_sub_in != nullptr) {  // the kSubCk kernel first; the one after it returns at once if that one ran
+      static const bool configured_sub = scan7::allow_smem(
+          reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, true, kSeq, kSpan, kMulti, true>), smem);
+      (void)configured_sub;
+      mixer_scan_bwd7_kernel<T, true, kSeq, kSpan, kMulti, true>
+          <<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
+      APRIEL_CHECK_LAUNCH();
+    }
     static const bool configured =
         scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, true, kSeq, kSpan, kMulti>), smem);
     (void)configured;
@@ -1044,11 +1061,14 @@ void launch_for(const MixerScanParams& p, void* stream) {
     return;
   }
 #endif
+  // (cp.async staging, a build without CUTLASS: pass A always)
+  MixerScanParams q = p;
+  q.ckpt_sub_in = nullptr;
   static const bool configured =
       scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, false, kSeq, kSpan, kMulti>), smem);
   (void)configured;
   mixer_scan_bwd7_kernel<T, false, kSeq, kSpan, kMulti>
-      <<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
+      <<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(q, maps);
   APRIEL_CHECK_LAUNCH();
 }
 

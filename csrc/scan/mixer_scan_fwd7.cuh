@@ -342,10 +342,13 @@ __device__ __forceinline__ void stage_tma(const MixerScanParams& p, const tma::S
 // kernel's bit for bit (tested): the same arithmetic per token, each y row, checkpoint and final state written by
 // the block of the document it belongs to - checkpoint `tile` (the state after token 32 tile - 1) by the document
 // holding that token, and when a document ends on a tile boundary, by its block after its last tile.
-template <typename T, bool kTma, bool kSeq = false, bool kVar = false, bool kPartial = false>
+// kSubCk (session 30): also the sub-chunk checkpoints p.ckpt_sub (the states after tokens 7, 15, 23 of every tile) and
+// their flag. A template flag: as a runtime branch it cost the kernel without them ~7 % at b8 (bench/results/s30/).
+template <typename T, bool kTma, bool kSeq = false, bool kVar = false, bool kPartial = false, bool kSubCk = false>
 __global__ void __launch_bounds__(kThreads, 4)
     mixer_scan_fwd7_kernel(MixerScanParams p, const __grid_constant__ tma::ScanMaps maps) {
   static_assert(!kVar || kSeq, "varlen scheduling is for packed documents");
+  static_assert(!(kVar && kSubCk), "the varlen kernel writes no sub-chunk checkpoints");
   extern __shared__ __align__(128) unsigned char smem_raw[];  // 128: TMA destinations (raw slices) are 1 KB apart
   using SM = Smem7<T>;
   SM& sm = *reinterpret_cast<SM*>(smem_raw);
@@ -380,9 +383,9 @@ __global__ void __launch_bounds__(kThreads, 4)
     stage<T>(p, sm.raw[0], b, head0, group, 0, tid, n_heads);
     scan4::cp_async_commit();
   }
-  // The sub-chunk checkpoints' flag (not kVar: the host zeroed it, and this kernel writes every row)
-  if constexpr (!kVar) {
-    if (p.ckpt_sub != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && tid == 0) *p.ckpt_sub_flag = 1.f;
+  // The sub-chunk checkpoints' flag (the host zeroed it; this kernel writes every row)
+  if constexpr (kSubCk) {
+    if (blockIdx.x == 0 && blockIdx.y == 0 && tid == 0) *p.ckpt_sub_flag = 1.f;
   }
   // kVar: the block's first document, taken before the per-channel constants: when the plan did not pick varlen
   // (the list is empty), the block exits here (the empty launch then costs little).
@@ -547,8 +550,7 @@ __global__ void __launch_bounds__(kThreads, 4)
       if (p.ckpt != nullptr && (!kVar || ts < t0 || ts == 0)) store_h(p.ckpt + ((int64_t)b * n_tiles + tile) * D * kN);
       if constexpr (kSeq) starts = doc_starts(doc_ids, lane);
       // (b, n_tiles, 3, D, 16): this tile's sub-chunk checkpoints, or nullptr
-      float* const sub_rows =
-          !kVar && p.ckpt_sub != nullptr ? p.ckpt_sub + ((int64_t)b * n_tiles + tile) * 3 * D * kN : nullptr;
+      float* const sub_rows = kSubCk ? p.ckpt_sub + ((int64_t)b * n_tiles + tile) * 3 * D * kN : nullptr;
 
       if (has_head)  // (warps without a head: only the block barrier and the conversions)
   #pragma unroll 1
@@ -628,11 +630,13 @@ __global__ void __launch_bounds__(kThreads, 4)
           }
         }
         __syncwarp();
-        {  // (and the states after tile tokens 7, 15, 23: the sub-chunk checkpoints j = 0, 1, 2, when asked)
-          float* const row = sub_rows != nullptr ? sub_rows + (int64_t)(2 * hf) * D * kN : nullptr;
+        if constexpr (kSubCk) {  // and the states after tile tokens 7, 15, 23 (sub-chunk checkpoints j = 0, 1, 2)
+          float* const row = sub_rows + (int64_t)(2 * hf) * D * kN;
           scan_half<T, kSeq>(sm.du[w], sm.bop[par], hf * kHalf / 2, bsel, sm.cop[w], sm.yf[w], A2, h, g, q,
-                             [&]() { if (row != nullptr) store_h(row); });
-          if (row != nullptr && hf == 0) store_h(row + (int64_t)D * kN);
+                             [&]() { store_h(row); });
+          if (hf == 0) store_h(row + (int64_t)D * kN);
+        } else {
+          scan_half<T, kSeq>(sm.du[w], sm.bop[par], hf * kHalf / 2, bsel, sm.cop[w], sm.yf[w], A2, h, g, q);
         }
         __syncwarp();
         {  // gate and store the half's y rows
@@ -697,6 +701,17 @@ void launch_docs(const MixerScanParams& p, void* stream, int columns) {
   tma::ScanMaps maps{};
 #if APRIEL_TMA
   if (scan4::encode_scan_maps(p, maps)) {
+    if constexpr (!kVar) {
+      if (p.ckpt_sub != nullptr) {  // (without CUTLASS none are written: their flag stays 0, the backward recomputes)
+        static const bool configured_sub = allow_smem(
+            reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, true, kSeq, kVar, kPartial, true>), smem);
+        (void)configured_sub;
+        mixer_scan_fwd7_kernel<T, true, kSeq, kVar, kPartial, true>
+            <<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
+        APRIEL_CHECK_LAUNCH();
+        return;
+      }
+    }
     static const bool configured =
         allow_smem(reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, true, kSeq, kVar, kPartial>), smem);
     (void)configured;

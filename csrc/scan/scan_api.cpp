@@ -241,13 +241,12 @@ bool fwd7_partial_wins(const MixerScanParams& p, int sms) {
 
 // One forward launch of activation dtype T for a version of fwd_version (K = 16 only for v3: the other lane
 // counts were dropped, slower, see docs/notes/scan.md).
-// Returns whether the v7 kernel ran (the only one that writes the sub-chunk checkpoints, p.ckpt_sub).
 template <typename T>
-bool launch_fwd_version(const MixerScanParams& p, void* stream, int version) {
+void launch_fwd_version(const MixerScanParams& p, void* stream, int version) {
   switch (version) {
     case 107:
       if constexpr (sizeof(T) == 2) {
-        if (mixer_scan_fwd7_applies(p)) { launch_mixer_scan_fwd7<T>(p, stream); return true; }
+        if (mixer_scan_fwd7_applies(p)) { launch_mixer_scan_fwd7<T>(p, stream); break; }
       }
       launch_mixer_scan_fwd5<T, 4>(p, stream);
       break;
@@ -257,7 +256,6 @@ bool launch_fwd_version(const MixerScanParams& p, void* stream, int version) {
     case 8: launch_mixer_scan_fwd4<T, 8>(p, stream); break;
     default: launch_mixer_scan_fwd<T, 16>(p, stream); break;
   }
-  return false;
 }
 
 // Varlen scheduling of packed documents (session 17, mixer_scan_plan.cu / mixer_scan_fwd7.cuh kVar). Where the
@@ -330,7 +328,7 @@ Tensor plan_documents(const int* seq_idx, int batch, int seqlen, const VarlenSet
 // when the plan picked varlen, fwd_skip); force: varlen whenever the documents fit (APRIEL_SCAN_FWD=v7var).
 template <typename T>
 void launch_fwd_varlen(MixerScanParams p, void* stream, int version, bool force, int sms) {
-  p.ckpt_sub = nullptr;  // (neither kernel here writes sub-chunk checkpoints: the caller zeroes their flag)
+  p.ckpt_sub = nullptr;  // (neither kernel here writes sub-chunk checkpoints: their flag stays 0)
   const VarlenSetup v = varlen_setup(p.batch, p.seqlen, p, sms);
   Tensor ws = plan_documents(p.seq_idx, p.batch, p.seqlen, v, force, stream);
   int* w = ws.data_ptr<int>();
@@ -343,8 +341,8 @@ void launch_fwd_varlen(MixerScanParams p, void* stream, int version, bool force,
   // (ws goes back to the caching allocator now: later work on this stream runs after both kernels)
 }
 
-// Returns whether the v7 kernel ran without the varlen plan (it then wrote p.ckpt_sub and its flag when asked).
-bool launch_fwd(const MixerScanParams& p, at::ScalarType st) {
+// p.ckpt_sub (sub-chunk checkpoints): only the v7 kernel without the varlen plan writes them (and sets their flag).
+void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const int sms = sm_count();
   int version = fwd_version(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms, st == at::kFloat);
@@ -361,7 +359,7 @@ bool launch_fwd(const MixerScanParams& p, at::ScalarType st) {
     }
     if (st == at::kBFloat16) launch_fwd_varlen<__nv_bfloat16>(p, stream, other, version == 207, sms);
     else launch_fwd_varlen<__half>(p, stream, other, version == 207, sms);
-    return false;
+    return;
   }
   if (version == 207) version = 107;  // v7var without documents (or where v7 does not apply): v7
   // The default's v7 with partial groups only where the estimate says it wins, on either side of the full-group grid
@@ -374,9 +372,9 @@ bool launch_fwd(const MixerScanParams& p, at::ScalarType st) {
              fwd7_partial_wins(p, sms))
       version = 107;
   }
-  if (st == at::kBFloat16) return launch_fwd_version<__nv_bfloat16>(p, stream, version);
-  if (st == at::kHalf) return launch_fwd_version<__half>(p, stream, version);
-  return launch_fwd_version<float>(p, stream, version);
+  if (st == at::kBFloat16) launch_fwd_version<__nv_bfloat16>(p, stream, version);
+  else if (st == at::kHalf) launch_fwd_version<__half>(p, stream, version);
+  else launch_fwd_version<float>(p, stream, version);
 }
 
 // Backward version. Default: v7 (mixer_scan_bwd7.cuh: the adjoint in the forward v7's tensor-core layout, one
