@@ -51,7 +51,7 @@ def _use_kernel(zxbc: Tensor) -> bool:
     return zxbc.is_cuda and zxbc.dtype != torch.float64
 
 
-CHECKPOINT_MODES = ("auto", "tile", "sub")  # APRIEL_SCAN_CKPT
+CHECKPOINT_MODES = ("tile", "sub", "sub-always")  # APRIEL_SCAN_CKPT (unset: tile)
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,23 +61,27 @@ def _sm_count(device_index: int) -> int:
 
 def _checkpoint_mode(zxbc: Tensor, d_inner: int, d_xb: int, save_checkpoints: bool) -> int:
     """What the CUDA forward saves for the backward: 0 nothing, 1 the state before every CHUNK tokens, 2 also the
-    states after tokens 7, 15, 23 of every chunk (one flat buffer, 4x the memory of 1 plus a flag).
+    states after tokens 7, 15, 23 of every chunk (one flat buffer: 4x the memory of 1, plus a flag).
 
     With 2 the v7 backward loads the states it needs at its 8-token sub-chunk starts instead of recomputing them from
-    the chunk's checkpoint (its "pass A", ~0.75 exponentials per element; session 30, docs/notes/scan.md). Only the v7
-    forward writes them (it sets the flag; other kernels leave it 0 and the backward recomputes), so "auto" asks for 2
-    where the dispatcher runs v7 for certain: 16-bit activations, whole x / B groups of 4 heads and v7's grid rule
-    (batch x d_inner / 64 blocks >= 1.9 per SM: batch >= 4 at d_inner 4096 on an H100). APRIEL_SCAN_CKPT=tile keeps 1
-    (less memory: b8 L4096 D 4096 saves 268 MB per call instead of 1,074), =sub asks for 2 wherever a checkpoint is
-    saved (tests).
+    the chunk's checkpoint (its "pass A"; session 30, docs/notes/scan.md: fwd+bwd -6 % at b4 / b8 L4096 D 4096).
+    Only the v7 forward writes them (and sets the flag; with any other kernel the flag stays 0 and the backward
+    recomputes). APRIEL_SCAN_CKPT picks:
+      tile (the default): 1 - 8 KB per token at d_inner 4096 (b8 L4096: 268 MB per call), far below what mamba-ssm
+        saves per token (issue 3);
+      sub: 2 where the dispatcher runs v7 for certain - 16-bit activations, whole x / B groups of 4 heads, v7's grid
+        rule (batch x d_inner / 64 blocks >= 1.9 per SM: batch >= 4 at d_inner 4096 on an H100) - else 1; 32 KB per
+        token (b8 L4096: 1,074 MB), for training with memory to spare (or activation checkpointing, which keeps one
+        layer's at a time);
+      sub-always: 2 wherever checkpoints are saved (tests).
     """
     if not save_checkpoints:
         return 0
-    knob = os.environ.get("APRIEL_SCAN_CKPT", "") or "auto"
+    knob = os.environ.get("APRIEL_SCAN_CKPT", "") or "tile"
     if knob not in CHECKPOINT_MODES:
         raise ValueError(f"APRIEL_SCAN_CKPT: expected one of {CHECKPOINT_MODES} (or unset), got {knob!r}")
-    if knob != "auto":
-        return 2 if knob == "sub" else 1
+    if knob != "sub":
+        return 2 if knob == "sub-always" else 1
     if zxbc.dtype not in (torch.bfloat16, torch.float16) or (d_inner // d_xb) % 4 != 0:
         return 1
     blocks = zxbc.shape[0] * (d_inner // 64)

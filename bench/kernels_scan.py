@@ -20,7 +20,9 @@ activations when it applies (no packed documents, 16-byte aligned rows, dt_rank 
 else v5 K = 4.
 APRIEL_BENCH_SCAN_FWD_PROVIDERS=a,b,... keeps only those forward providers (shorter A/B runs).
 fwd+bwd and bwd rows: "apriel" (default dispatch: backward v7 where the grid fills the GPU, else v4),
-"apriel[bwd=v4]" / "apriel[bwd=v7]" (forced, APRIEL_SCAN_BWD), "apriel[bwd-bc=f32]" (v4 reading fp32 copies of B / C
+"apriel[ckpt=sub]" (session 30: the forward also saves the states after tokens 7, 15, 23 of every tile where v7 runs
+- b4 / b8 here - and the backward loads them instead of recomputing them; APRIEL_SCAN_CKPT=sub, 4x the checkpoint
+memory), "apriel[bwd=v4]" / "apriel[bwd=v7]" (forced, APRIEL_SCAN_BWD), "apriel[bwd-bc=f32]" (v4 reading fp32 copies of B / C
 instead of the raw 16-bit tile, APRIEL_SCAN_BWD_BC=f32), "apriel[bwd=v3]" (the previous backward, APRIEL_SCAN_BWD=v3, forward
 unchanged) and "apriel-v3" (both previous kernels); APRIEL_BENCH_SCAN_BWD_PROVIDERS=a,b keeps only those; APRIEL_BENCH_SCAN_BWD_B4=1 adds b4 L4096.
 APRIEL_BENCH_SCAN_PHASES=bwd (or fwd) restricts the run to the fwd+bwd / bwd rows (or the fwd rows): one
@@ -147,7 +149,8 @@ def run(quick: bool = False) -> list[dict]:
         args = _inputs(batch, seqlen, requires_grad=True)
         dy = torch.randn(batch, seqlen, D, device="cuda", dtype=torch.bfloat16)
         leaves = list(args.values())
-        variants = (("apriel", None, None, None), ("apriel[bwd=v4]", None, "v4", None), ("apriel[bwd=v7]", None, "v7", None),
+        variants = (("apriel", None, None, None), ("apriel[ckpt=sub]", None, None, None),
+                    ("apriel[bwd=v4]", None, "v4", None), ("apriel[bwd=v7]", None, "v7", None),
                     ("apriel[bwd-bc=f32]", None, None, "f32"), ("apriel[bwd=v3]", None, "v3", None),
                     ("apriel-v3", "v3", "v3", None))
         seq = packed_documents(batch, seqlen) if _packed_on() else None
@@ -156,8 +159,9 @@ def run(quick: bool = False) -> list[dict]:
         if keep := os.environ.get("APRIEL_BENCH_SCAN_BWD_PROVIDERS"):
             variants = tuple(v for v in variants if v[0] in keep.split(","))
         for provider, version, bwd, bc in variants:
+            ckpt = "sub" if provider == "apriel[ckpt=sub]" else None
             with env_override("APRIEL_SCAN_FWD", version), env_override("APRIEL_SCAN_BWD", bwd), \
-                    env_override("APRIEL_SCAN_BWD_BC", bc):
+                    env_override("APRIEL_SCAN_BWD_BC", bc), env_override("APRIEL_SCAN_CKPT", ckpt):
                 try:
                     kw_call = dict(kw, seq_idx=seq) if "packed" in provider else kw
 
@@ -167,7 +171,7 @@ def run(quick: bool = False) -> list[dict]:
 
                     stats = time_ms(step, rep_ms=300)
                     peak, grads_mb = peak_extra_mb(step)
-                    ckpt_mb = batch * ((seqlen + 31) // 32) * D * N * 4 / 2**20
+                    ckpt_mb = batch * ((seqlen + 31) // 32) * D * N * 4 / 2**20 * (4 if ckpt and batch >= 4 else 1)
                     out.append(_row("fwd+bwd", provider, batch, seqlen, stats, peak_extra_mem_mb=peak,
                                     grads_mb=grads_mb, checkpoints_mb=ckpt_mb,
                                     note="peak_extra_mem_mb: allocated above the inputs during fwd+bwd, returned grads included"))

@@ -157,10 +157,11 @@ def test_split_sequence_continuity_cpu(repeat):
     torch.testing.assert_close(cb, conv)
 
 
-@pytest.mark.parametrize("value,want", [("", 1), ("auto", 1), ("tile", 1), ("sub", 2), ("dense", None), ("SUB", None)])
+@pytest.mark.parametrize("value,want", [("", 1), ("tile", 1), ("sub", 1), ("sub-always", 2), ("auto", None),
+                                        ("SUB", None)])
 def test_checkpoint_mode_knob(value, want, monkeypatch):
-    """APRIEL_SCAN_CKPT: auto (default; fp32 activations keep tile checkpoints), tile, sub - anything else is a
-    ValueError naming the variable."""
+    """APRIEL_SCAN_CKPT: tile (the default), sub (fp32 activations keep tile checkpoints), sub-always - anything else
+    is a ValueError naming the variable."""
     from apriel_kernels.mixer_scan import _checkpoint_mode
     monkeypatch.setenv("APRIEL_SCAN_CKPT", value)
     zxbc = torch.empty(8, 4, 10240)
@@ -382,7 +383,9 @@ V5_BITWISE_CASES = [
 
 def _fwd_outputs_bitwise_equal(case, dtype, versions, monkeypatch, cuts=None):
     """Runs the forward op (with checkpoints) under each APRIEL_SCAN_FWD version; asserts identical bits.
-    cuts: the document starts of packed cases (default L / 4 and L / 2 + 1)."""
+    cuts: the document starts of packed cases (default L / 4 and L / 2 + 1). Tile checkpoints only: the sub-chunk
+    ones are the v7 kernel's alone (other kernels leave them unwritten, flagged 0)."""
+    monkeypatch.setenv("APRIEL_SCAN_CKPT", "tile")
     _, b, L, D_, X, width, rank, extra = case
     args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", dt_rank=rank, width=width, repeat="norep" not in extra,
                            initial_states="init" in extra, strided=extra == "strided", seed=11)
@@ -1187,7 +1190,7 @@ def test_backward_v7_sequence_split(case, dtype, monkeypatch):
 
 
 
-# Sub-chunk checkpoints (session 30, APRIEL_SCAN_CKPT): the v7 forward also saves the states after tokens 7, 15, 23 of
+# Sub-chunk checkpoints (session 30, APRIEL_SCAN_CKPT=sub / sub-always): the v7 forward also saves the states after tokens 7, 15, 23 of
 # every 32-token tile, and the v7 backward loads them instead of recomputing them from the tile's checkpoint (pass A).
 # Shapes: ragged last tiles (L 9 / 33 / 1000 / 4097: sub-chunks past the sequence end), 8 heads per group, 3 / 7 / 2 / 1
 # heads per group (kPartial forward; kSpan / kMulti backward), packed documents (kSeq), initial states, a forced split.
@@ -1221,7 +1224,7 @@ def test_backward_v7_sub_checkpoints(case, dtype, monkeypatch):
     """The forward writes the sub-chunk checkpoints and sets their flag; the backward that loads them matches float64
     for every gradient and is bitwise repeatable."""
     b, L, D_, X, repeat, width, rank, segments, extra = case
-    monkeypatch.setenv("APRIEL_SCAN_CKPT", "sub")
+    monkeypatch.setenv("APRIEL_SCAN_CKPT", "sub-always")
     monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")
     _force_bwd_v7(monkeypatch, segments)
     args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", repeat=repeat, dt_rank=rank, width=width,
@@ -1243,7 +1246,7 @@ def test_backward_v7_sub_checkpoints(case, dtype, monkeypatch):
 def test_sub_checkpoints_are_the_states_after_tokens_7_15_23(case, monkeypatch):
     """Each sub-chunk row equals the float64 reference's state after its token (the final state of that prefix)."""
     b, L, D_, X, packed = case
-    monkeypatch.setenv("APRIEL_SCAN_CKPT", "sub")
+    monkeypatch.setenv("APRIEL_SCAN_CKPT", "sub-always")
     monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")
     args, kw = make_inputs(b, L, D_, X, dtype=torch.bfloat16, device="cuda", initial_states=True, seed=43)
     seq = packed_seq_idx(b, L, [5, 30, 40], "cuda") if packed else None
@@ -1277,7 +1280,7 @@ def test_sub_checkpoints_without_the_v7_forward_fall_back_to_pass_a(monkeypatch)
     monkeypatch.setenv("APRIEL_SCAN_BWD", "v7")
     args, kw = make_inputs(2, 300, 256, 64, dtype=torch.bfloat16, device="cuda", initial_states=True, seed=44)
     weights = _loss_weights(args, kw, torch.bfloat16, seed=7)
-    monkeypatch.setenv("APRIEL_SCAN_CKPT", "sub")
+    monkeypatch.setenv("APRIEL_SCAN_CKPT", "sub-always")
     poison_allocator()
     ckpt = _forward_checkpoints(args, kw, None)
     assert ckpt.dim() == 1 and ckpt[-1].item() == 0.0
@@ -1291,11 +1294,11 @@ def test_sub_checkpoints_without_the_v7_forward_fall_back_to_pass_a(monkeypatch)
 
 @gpu
 @needs_kernel
-def test_checkpoint_mode_auto_follows_the_v7_grid_rule(monkeypatch):
-    """auto: sub-chunk checkpoints where v7 runs for certain (16-bit, 4 heads per group, >= 1.9 blocks of 64 channels
-    per SM), tile checkpoints elsewhere; the fake (torch.compile) agrees with the kernel's buffer."""
+def test_checkpoint_mode_sub_follows_the_v7_grid_rule(monkeypatch):
+    """sub: sub-chunk checkpoints where v7 runs for certain (16-bit, 4 heads per group, >= 1.9 blocks of 64 channels
+    per SM), tile checkpoints elsewhere; the fake (torch.compile) agrees with the kernel's buffer; unset: tile."""
     from apriel_kernels.mixer_scan import _checkpoint_mode
-    monkeypatch.delenv("APRIEL_SCAN_CKPT", raising=False)
+    monkeypatch.setenv("APRIEL_SCAN_CKPT", "sub")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     need = -(-19 * sms // 10)  # blocks of 64 channels
     big = torch.empty(need * 64 // 4096 + 1, 1, 1, dtype=torch.bfloat16, device="cuda")
@@ -1310,6 +1313,9 @@ def test_checkpoint_mode_auto_follows_the_v7_grid_rule(monkeypatch):
            args["dt_proj_bias"], args["A_log"], args["D"], None, None, None, 4096, 1024, 16, True, True]
     assert _forward_checkpoints(args, kw, None)[-1].item() == 1.0
     torch.library.opcheck(mixer_scan_fwd, pos, test_utils=("test_schema", "test_faketensor"))
+    monkeypatch.delenv("APRIEL_SCAN_CKPT")
+    assert _checkpoint_mode(big, 4096, 1024, True) == 1
+    assert _forward_checkpoints(args, kw, None).dim() == 4
 
 # The backward's prologue and epilogue (session 22): one kernel converts the parameters to fp32
 # (mixer_scan_params.cu), one sums the parameter gradients' fp32 partial rows (and a split's halo rows) and stores each
