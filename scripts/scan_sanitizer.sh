@@ -89,8 +89,11 @@ LOG="$OUT_DIR/scan_sanitizer.log"
 # session 24: the v7 backward for one head per group (kMulti): v7r1 = D 128 / X 128 (two blocks of 4 groups; groups
 # 1-3's x / B read from global memory, single-parity xf / bop) with documents, 2 segments, TMA; v7r1c = the same
 # without documents, unsplit, cp.async.
-for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 v7s1 v7c v7p v7pc v7pc4 v7var v7var1 v7r3 v7r3c v7r5 v7r3s v7r3sc v7r2f v7r8 v7varr3 v7varr5 v7r1 v7r1c}; do
-  packed=1 bwd=auto fwd=$version segments= vblocks= dinner=64 dxb=16 tma=
+# session 30: the sub-chunk checkpoints (APRIEL_SCAN_CKPT=sub-always: the kSubCk forward writes them, the kSubCk
+# backward loads them): v7sub = without documents, 2 segments; v7subp = with documents, unsplit; v7subr3 = 3 heads per
+# group (D 96 / X 32: the forward's kPartial, the backward's kSpan), 2 segments; v7subr1 = one head per group (kMulti).
+for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 v7s1 v7c v7p v7pc v7pc4 v7var v7var1 v7r3 v7r3c v7r5 v7r3s v7r3sc v7r2f v7r8 v7varr3 v7varr5 v7r1 v7r1c v7sub v7subp v7subr3 v7subr1}; do
+  packed=1 bwd=auto fwd=$version segments= vblocks= dinner=64 dxb=16 tma= ckpt=
   [ "$version" = "v7" ] && packed=0 bwd=v7
   [ "$version" = "v7s1" ] && packed=0 bwd=v7 fwd=v7 segments=1
   length=45
@@ -113,10 +116,14 @@ for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 
   [ "$version" = "v7varr5" ] && fwd=v7var length=300 dinner=80 vblocks=1 tma=0
   [ "$version" = "v7r1" ] && fwd=v7 bwd=v7 segments=2 length=130 dinner=128 dxb=128
   [ "$version" = "v7r1c" ] && fwd=v7 bwd=v7 segments=1 length=130 dinner=128 dxb=128 packed=0 tma=0
+  [ "${version:0:5}" = "v7sub" ] && fwd=v7 bwd=v7 segments=2 length=130 packed=0 ckpt=sub-always
+  [ "$version" = "v7subp" ] && segments=1 packed=1
+  [ "$version" = "v7subr3" ] && dinner=96 dxb=32
+  [ "$version" = "v7subr1" ] && dinner=128 dxb=128
   for tool in memcheck racecheck; do
-    echo "=== L=$length D=$dinner X=$dxb packed=$packed APRIEL_SCAN_TMA=${tma:-auto} APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=${segments:-auto} APRIEL_SCAN_VARLEN_BLOCKS=${vblocks:-auto} compute-sanitizer --tool $tool" >> "$LOG"
+    echo "=== L=$length D=$dinner X=$dxb packed=$packed APRIEL_SCAN_TMA=${tma:-auto} APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=${segments:-auto} APRIEL_SCAN_VARLEN_BLOCKS=${vblocks:-auto} APRIEL_SCAN_CKPT=${ckpt:-tile} compute-sanitizer --tool $tool" >> "$LOG"
     SCAN_SANITIZER_L=$length SCAN_SANITIZER_D=$dinner SCAN_SANITIZER_X=$dxb SCAN_SANITIZER_PACKED=$packed APRIEL_SCAN_TMA=$tma APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=$segments \
-      APRIEL_SCAN_VARLEN_BLOCKS=$vblocks \
+      APRIEL_SCAN_VARLEN_BLOCKS=$vblocks APRIEL_SCAN_CKPT=$ckpt \
       compute-sanitizer --tool $tool --kernel-name kns=mixer_scan python3 "$CASE" >> "$LOG" 2>&1
     echo "=== $tool rc=$?" >> "$LOG"
   done

@@ -1483,9 +1483,10 @@ def test_backward_v7_tma_staging_equals_cp_async(case, dtype, monkeypatch):
         monkeypatch.setenv("APRIEL_SCAN_TMA", staging)
         poison_allocator()
         names = _cuda_kernels_run(lambda staging=staging: grads.update({staging: _grads(args, kw, seq, weights)}))
-        r = D_ // X  # <T, kTma, kSeq, kSpan, kMulti>: kSpan unless 4 or 1 per group, kMulti at 1
+        r = D_ // X  # <T, kTma, kSeq, kSpan, kMulti, kSubCk>: kSpan unless 4 or 1 per group, kMulti at 1
         span, multi = ("true" if r not in (1, 4) else "false"), ("true" if r == 1 else "false")
-        want = f", {'true' if staging == '1' else 'false'}, {'true' if seq is not None else 'false'}, {span}, {multi}>"
+        want = (f", {'true' if staging == '1' else 'false'}, {'true' if seq is not None else 'false'}, {span}, {multi}, "
+                "false>")
         assert any("mixer_scan_bwd7_kernel" in n and want in n for n in names), (staging, names)
     for name in grads["0"]:
         assert torch.equal(grads["0"][name], grads["1"][name]), f"d{name}: TMA staging differs from cp.async"
