@@ -92,7 +92,9 @@ LOG="$OUT_DIR/scan_sanitizer.log"
 # session 30: the sub-chunk checkpoints (APRIEL_SCAN_CKPT=sub-always: the kSubCk forward writes them, the kSubCk
 # backward loads them): v7sub = without documents, 2 segments; v7subp = with documents, unsplit; v7subr3 = 3 heads per
 # group (D 96 / X 32: the forward's kPartial, the backward's kSpan), 2 segments; v7subr1 = one head per group (kMulti).
-for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 v7s1 v7c v7p v7pc v7pc4 v7var v7var1 v7r3 v7r3c v7r5 v7r3s v7r3sc v7r2f v7r8 v7varr3 v7varr5 v7r1 v7r1c v7sub v7subp v7subr3 v7subr1}; do
+ALL_VERSIONS="v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 v7s1 v7c v7p v7pc v7pc4 v7var v7var1 v7r3 v7r3c v7r5 v7r3s v7r3sc"
+ALL_VERSIONS+=" v7r2f v7r8 v7varr3 v7varr5 v7r1 v7r1c v7sub v7subp v7subr3 v7subr1"
+for version in ${SCAN_SANITIZER_VERSIONS:-$ALL_VERSIONS}; do
   packed=1 bwd=auto fwd=$version segments= vblocks= dinner=64 dxb=16 tma= ckpt=
   [ "$version" = "v7" ] && packed=0 bwd=v7
   [ "$version" = "v7s1" ] && packed=0 bwd=v7 fwd=v7 segments=1
@@ -121,7 +123,9 @@ for version in ${SCAN_SANITIZER_VERSIONS:-v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 
   [ "$version" = "v7subr3" ] && dinner=96 dxb=32
   [ "$version" = "v7subr1" ] && dinner=128 dxb=128
   for tool in memcheck racecheck; do
-    echo "=== L=$length D=$dinner X=$dxb packed=$packed APRIEL_SCAN_TMA=${tma:-auto} APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=${segments:-auto} APRIEL_SCAN_VARLEN_BLOCKS=${vblocks:-auto} APRIEL_SCAN_CKPT=${ckpt:-tile} compute-sanitizer --tool $tool" >> "$LOG"
+    echo "=== L=$length D=$dinner X=$dxb packed=$packed APRIEL_SCAN_TMA=${tma:-auto} APRIEL_SCAN_FWD=$fwd" \
+      "APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=${segments:-auto} APRIEL_SCAN_VARLEN_BLOCKS=${vblocks:-auto}" \
+      "APRIEL_SCAN_CKPT=${ckpt:-tile} compute-sanitizer --tool $tool" >> "$LOG"
     SCAN_SANITIZER_L=$length SCAN_SANITIZER_D=$dinner SCAN_SANITIZER_X=$dxb SCAN_SANITIZER_PACKED=$packed APRIEL_SCAN_TMA=$tma APRIEL_SCAN_FWD=$fwd APRIEL_SCAN_BWD=$bwd APRIEL_SCAN_BWD_SEGMENTS=$segments \
       APRIEL_SCAN_VARLEN_BLOCKS=$vblocks APRIEL_SCAN_CKPT=$ckpt \
       compute-sanitizer --tool $tool --kernel-name kns=mixer_scan python3 "$CASE" >> "$LOG" 2>&1

@@ -1190,8 +1190,9 @@ def test_backward_v7_sequence_split(case, dtype, monkeypatch):
 
 
 
-# Sub-chunk checkpoints (session 30, APRIEL_SCAN_CKPT=sub / sub-always): the v7 forward also saves the states after tokens 7, 15, 23 of
-# every 32-token tile, and the v7 backward loads them instead of recomputing them from the tile's checkpoint (pass A).
+# Sub-chunk checkpoints (session 30, APRIEL_SCAN_CKPT=sub / sub-always): the v7 forward also saves the states after
+# tokens 7, 15, 23 of every 32-token tile, and the v7 backward loads them instead of recomputing them from the tile's
+# checkpoint (pass A).
 # Shapes: ragged last tiles (L 9 / 33 / 1000 / 4097: sub-chunks past the sequence end), 8 heads per group, 3 / 7 / 2 / 1
 # heads per group (kPartial forward; kSpan / kMulti backward), packed documents (kSeq), initial states, a forced split.
 SUB_CKPT_CASES = [
@@ -1219,7 +1220,8 @@ def _forward_checkpoints(args, kw, seq):
 @gpu
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
-@pytest.mark.parametrize("case", SUB_CKPT_CASES, ids=lambda c: f"b{c[0]}-L{c[1]}-D{c[2]}-X{c[3]}-S{c[7]}-{c[8] or 'plain'}")
+@pytest.mark.parametrize("case", SUB_CKPT_CASES,
+                         ids=lambda c: f"b{c[0]}-L{c[1]}-D{c[2]}-X{c[3]}-S{c[7]}-{c[8] or 'plain'}")
 def test_backward_v7_sub_checkpoints(case, dtype, monkeypatch):
     """The forward writes the sub-chunk checkpoints and sets their flag; the backward that loads them matches float64
     for every gradient and is bitwise repeatable."""
@@ -1485,8 +1487,8 @@ def test_backward_v7_tma_staging_equals_cp_async(case, dtype, monkeypatch):
         names = _cuda_kernels_run(lambda staging=staging: grads.update({staging: _grads(args, kw, seq, weights)}))
         r = D_ // X  # <T, kTma, kSeq, kSpan, kMulti, kSubCk>: kSpan unless 4 or 1 per group, kMulti at 1
         span, multi = ("true" if r not in (1, 4) else "false"), ("true" if r == 1 else "false")
-        want = (f", {'true' if staging == '1' else 'false'}, {'true' if seq is not None else 'false'}, {span}, {multi}, "
-                "false>")
+        tma, docs = ("true" if staging == "1" else "false"), ("true" if seq is not None else "false")
+        want = f", {tma}, {docs}, {span}, {multi}, false>"
         assert any("mixer_scan_bwd7_kernel" in n and want in n for n in names), (staging, names)
     for name in grads["0"]:
         assert torch.equal(grads["0"][name], grads["1"][name]), f"d{name}: TMA staging differs from cp.async"

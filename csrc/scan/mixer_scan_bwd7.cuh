@@ -19,7 +19,8 @@
 // Registers: one warp holds 8 elements per lane, so the recomputed states of a 32-token tile (256 per lane) do
 // not fit. The tile is processed in 8-token sub-chunks: pass A recomputes tokens 0..23 from the checkpoint and
 // keeps the states at the sub-chunk boundaries (shared memory); pass B takes the sub-chunks in reverse, recomputes
-// 8 tokens into registers (hs[8][8]) and runs their adjoint. ex2 per element: 0.75 (pass A) + 1 + 1.
+// 8 tokens into registers (hs[8][8]) and runs their adjoint. ex2 per element: 0.75 (pass A) + 1 + 1. Session 30
+// (kSubCk, APRIEL_SCAN_CKPT=sub): where the forward saved the states after tokens 7, 15, 23 too, pass A loads them.
 // Per (channel, token) work (prep: conv + silu, dt_proj by mma, softplus, silu(z) and the derivatives; epilogue:
 // dz, d(dt_pre), D skip, conv weight / bias sums, transposed conv) is done per sub-chunk by the warp alone.
 // Outputs (scan_api.cpp: mixer_scan_bwd_cuda):

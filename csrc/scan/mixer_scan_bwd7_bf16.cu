@@ -21,6 +21,10 @@ const bool kRegistered = [] {
   register_kernel({"scan", "mixer_scan_bwd7_docs_tma<bf16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__nv_bfloat16, true, true>), scan7b::kThreads});
 #endif
   register_kernel({"scan", "mixer_scan_bwd7_carry_docs<bf16>", reinterpret_cast<const void*>(&scan7c::mixer_scan_bwd7_carry_kernel<__nv_bfloat16, true>), scan7c::kThr});
+#if APRIEL_TMA
+  // sub-chunk checkpoints loaded instead of pass A (kSubCk, session 30)
+  register_kernel({"scan", "mixer_scan_bwd7_sub_tma<bf16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__nv_bfloat16, true, false, false, false, true>), scan7b::kThreads});
+#endif
   return true;
 }();
 }  // namespace

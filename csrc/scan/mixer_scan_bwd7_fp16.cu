@@ -21,6 +21,10 @@ const bool kRegistered = [] {
   register_kernel({"scan", "mixer_scan_bwd7_docs_tma<fp16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__half, true, true>), scan7b::kThreads});
 #endif
   register_kernel({"scan", "mixer_scan_bwd7_carry_docs<fp16>", reinterpret_cast<const void*>(&scan7c::mixer_scan_bwd7_carry_kernel<__half, true>), scan7c::kThr});
+#if APRIEL_TMA
+  // sub-chunk checkpoints loaded instead of pass A (kSubCk, session 30)
+  register_kernel({"scan", "mixer_scan_bwd7_sub_tma<fp16>", reinterpret_cast<const void*>(&scan7b::mixer_scan_bwd7_kernel<__half, true, false, false, false, true>), scan7b::kThreads});
+#endif
   return true;
 }();
 }  // namespace

@@ -43,6 +43,8 @@
 // 9 % slower than without documents), and the prep masks conv taps from another document and sets the decay
 // argument to +inf at a document start (ex2 -> 0 resets h; the FMA-pipe exponential clamps, so its exact 0 is
 // selected), as v5 does: the same arithmetic per token as separate calls (bitwise, tested).
+// Sub-chunk checkpoints (session 30, kSubCk): the states after tokens 7, 15, 23 of every tile too, for the v7 backward
+// (which then skips its pass A; APRIEL_SCAN_CKPT=sub).
 // Not handled (the dispatcher falls back to v5 / v4): fp32 activations, dt_rank > 16, unaligned zxbc / dt_low rows
 // (no 16-byte copies).
 #pragma once
