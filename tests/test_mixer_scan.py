@@ -1296,6 +1296,48 @@ def test_sub_checkpoints_without_the_v7_forward_fall_back_to_pass_a(monkeypatch)
 
 @gpu
 @needs_kernel
+def test_sub_checkpoints_under_compile_and_cuda_graph(monkeypatch):
+    """With sub-chunk checkpoints, torch.compile (AOT autograd saves the flat buffer by its fake) and a CUDA graph of
+    forward + backward (the flag's zeroing and the backward's two launches replayed on new inputs) give eager's
+    gradients bit for bit."""
+    monkeypatch.setenv("APRIEL_SCAN_CKPT", "sub-always")
+    monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")
+    monkeypatch.setenv("APRIEL_SCAN_BWD", "v7")
+    args, kw = make_inputs(2, 129, 256, 64, dtype=torch.bfloat16, device="cuda", dt_rank=16, seed=47)
+    fresh, _ = make_inputs(2, 129, 256, 64, dtype=torch.bfloat16, device="cuda", dt_rank=16, seed=48)
+    dy = torch.randn(2, 129, 256, device="cuda", generator=torch.Generator(device="cuda").manual_seed(4)).bfloat16()
+
+    def grads_of(fn, inputs):
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
+        return torch.autograd.grad(fn(leaves), list(leaves.values()), dy)
+
+    eager = grads_of(lambda a: mixer_scan(**a, **kw), args)
+    compiled = grads_of(torch.compile(lambda a: mixer_scan(**a, **kw), fullgraph=True), args)
+    for e, c in zip(eager, compiled):
+        assert torch.equal(e, c)
+    static = {k: v.detach().clone().requires_grad_(True) for k, v in args.items()}
+
+    def step():
+        return torch.autograd.grad(mixer_scan(**static, **kw), list(static.values()), dy)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    with torch.no_grad():
+        static["zxbc"].copy_(fresh["zxbc"])
+    graph.replay()
+    want = grads_of(lambda a: mixer_scan(**a, **kw), {**args, "zxbc": fresh["zxbc"]})
+    for name, o, w in zip(static, out, want):
+        assert torch.equal(o, w), f"d{name}: the graph's replay differs from eager"
+
+
+@gpu
+@needs_kernel
 def test_checkpoint_mode_sub_follows_the_v7_grid_rule(monkeypatch):
     """sub: sub-chunk checkpoints where v7 runs for certain (16-bit, 4 heads per group, >= 1.9 blocks of 64 channels
     per SM), tile checkpoints elsewhere; the fake (torch.compile) agrees with the kernel's buffer; unset: tile."""
