@@ -15,7 +15,6 @@ Semantics: mixer.md section 3 and apriel_kernels.reference.mixer.
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -54,25 +53,21 @@ def _use_kernel(zxbc: Tensor) -> bool:
 CHECKPOINT_MODES = ("tile", "sub", "sub-always")  # APRIEL_SCAN_CKPT (unset: tile)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _checkpoint_mode(zxbc: Tensor, d_inner: int, d_xb: int, save_checkpoints: bool) -> int:
+def _checkpoint_mode(zxbc: Tensor, dt_low: Tensor, seq_idx: Optional[Tensor], d_inner: int, d_xb: int,
+                     save_checkpoints: bool) -> int:
     """What the CUDA forward saves for the backward: 0 nothing, 1 the state before every CHUNK tokens, 2 also the
     states after tokens 7, 15, 23 of every chunk (one flat buffer: 4x the memory of 1, plus a flag).
 
     With 2 the v7 backward loads the states it needs at its 8-token sub-chunk starts instead of recomputing them from
-    the chunk's checkpoint (its "pass A"; session 30, docs/notes/scan.md: fwd+bwd -6 % at b4 / b8 L4096 D 4096).
-    Only the v7 forward writes them (and sets the flag; with any other kernel the flag stays 0 and the backward
-    recomputes). APRIEL_SCAN_CKPT picks:
+    the chunk's checkpoint (its "pass A"; session 30, docs/notes/scan.md: backward -6 to -11 %, fwd+bwd -6 % at b4 / b8
+    L4096 d_inner 4096). Only the v7 forward writes them (and sets the flag; with any other kernel the flag stays 0 and
+    the backward recomputes). APRIEL_SCAN_CKPT picks:
       tile (the default): 1 - 8 KB per token at d_inner 4096 (b8 L4096: 268 MB per call), far below what mamba-ssm
         saves per token (issue 3);
-      sub: 2 where the dispatcher runs v7 for certain - 16-bit activations, whole x / B groups of 4 heads, v7's grid
-        rule (batch x d_inner / 64 blocks >= 1.9 per SM: batch >= 4 at d_inner 4096 on an H100) - else 1; 32 KB per
-        token (b8 L4096: 1,074 MB), for training with memory to spare (or activation checkpointing, which keeps one
-        layer's at a time);
+      sub: 2 where the forward's dispatcher runs that v7 kernel (asked of the extension: 16-bit activations and, at
+        d_inner 4096 on an H100, batch >= 4; for heads per group not a multiple of 4, where its estimate picks v7),
+        else 1; 32 KB per token (b8 L4096: 1,074 MB), for training with memory to spare (or activation
+        checkpointing, which keeps one layer's at a time);
       sub-always: 2 wherever checkpoints are saved (tests).
     """
     if not save_checkpoints:
@@ -82,11 +77,12 @@ def _checkpoint_mode(zxbc: Tensor, d_inner: int, d_xb: int, save_checkpoints: bo
         raise ValueError(f"APRIEL_SCAN_CKPT: expected one of {CHECKPOINT_MODES} (or unset), got {knob!r}")
     if knob != "sub":
         return 2 if knob == "sub-always" else 1
-    if zxbc.dtype not in (torch.bfloat16, torch.float16) or (d_inner // d_xb) % 4 != 0:
+    if zxbc.dtype not in (torch.bfloat16, torch.float16) or not has_kernel("mixer_scan_fwd_writes_sub_checkpoints"):
         return 1
-    blocks = zxbc.shape[0] * (d_inner // 64)
-    device = zxbc.device.index if zxbc.device.index is not None else torch.cuda.current_device()
-    return 2 if 10 * blocks >= 19 * _sm_count(device) else 1
+    with torch.cuda.device(zxbc.device):  # (the dispatcher's SM count is the current device's)
+        writes = torch.ops.apriel_C.mixer_scan_fwd_writes_sub_checkpoints(
+            int(zxbc.shape[0]), d_inner, d_xb, int(dt_low.shape[-1]), seq_idx is not None)
+    return 2 if writes else 1
 
 
 def _checkpoint_buffer(zxbc: Tensor, d_inner: int, mode: int) -> Tensor:
@@ -131,7 +127,7 @@ def mixer_scan_fwd(
         if kernel is not None:
             return kernel(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D,
                           initial_ssm_state, initial_conv_state, seq_idx, d_inner, d_xb, d_state,
-                          repeat_kv_before_conv, _checkpoint_mode(zxbc, d_inner, d_xb, save_checkpoints))
+                          repeat_kv_before_conv, _checkpoint_mode(zxbc, dt_low, seq_idx, d_inner, d_xb, save_checkpoints))
     y, ssm, conv = _scan_reference(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D,
                                    initial_ssm_state, initial_conv_state, seq_idx, d_inner, d_xb, d_state,
                                    repeat_kv_before_conv)
@@ -144,7 +140,8 @@ def _(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log,
     batch, seqlen, _ = zxbc.shape
     width = conv_weight.shape[-1]
     kernel = _use_kernel(zxbc) and has_kernel("mixer_scan_fwd")
-    ckpt = _checkpoint_buffer(zxbc, d_inner, _checkpoint_mode(zxbc, d_inner, d_xb, save_checkpoints and kernel))
+    ckpt = _checkpoint_buffer(zxbc, d_inner,
+                              _checkpoint_mode(zxbc, dt_low, seq_idx, d_inner, d_xb, save_checkpoints and kernel))
     return (
         zxbc.new_empty(batch, seqlen, d_inner),
         zxbc.new_empty(batch, d_inner // d_state, d_state, d_state, dtype=state_dtype(zxbc.dtype)),

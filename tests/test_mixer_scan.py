@@ -164,13 +164,14 @@ def test_checkpoint_mode_knob(value, want, monkeypatch):
     is a ValueError naming the variable."""
     from apriel_kernels.mixer_scan import _checkpoint_mode
     monkeypatch.setenv("APRIEL_SCAN_CKPT", value)
-    zxbc = torch.empty(8, 4, 10240)
+    zxbc, dt_low = torch.empty(8, 4, 10240), torch.empty(8, 4, 16)
     if want is None:
         with pytest.raises(ValueError, match="APRIEL_SCAN_CKPT"):
-            _checkpoint_mode(zxbc, 4096, 1024, True)
+            _checkpoint_mode(zxbc, dt_low, None, 4096, 1024, True)
     else:
-        assert _checkpoint_mode(zxbc, 4096, 1024, True) == want
-        assert _checkpoint_mode(zxbc, 4096, 1024, False) == 0
+        assert _checkpoint_mode(zxbc, dt_low, None, 4096, 1024, True) == want
+        assert _checkpoint_mode(zxbc, dt_low, None, 4096, 1024, False) == 0
+
 
 def test_opcheck_cpu():
     args, kw = make_inputs(2, 9, 32, 16, dt_rank=4, initial_states=True)
@@ -1338,28 +1339,41 @@ def test_sub_checkpoints_under_compile_and_cuda_graph(monkeypatch):
 
 @gpu
 @needs_kernel
-def test_checkpoint_mode_sub_follows_the_v7_grid_rule(monkeypatch):
-    """sub: sub-chunk checkpoints where v7 runs for certain (16-bit, 4 heads per group, >= 1.9 blocks of 64 channels
-    per SM), tile checkpoints elsewhere; the fake (torch.compile) agrees with the kernel's buffer; unset: tile."""
+def test_checkpoint_mode_sub_follows_the_forward_dispatch(monkeypatch):
+    """sub: sub-chunk checkpoints where the forward runs the v7 kernel that writes them - v7's grid rule for whole
+    groups of 4 heads (>= 1.9 blocks of 64 channels per SM), the estimate for other head counts, not the varlen plan
+    (packed documents at small grids), not dt_rank > 16 - tile checkpoints elsewhere; the fake (torch.compile)
+    agrees with the kernel's buffer; unset: tile."""
     from apriel_kernels.mixer_scan import _checkpoint_mode
     monkeypatch.setenv("APRIEL_SCAN_CKPT", "sub")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     need = -(-19 * sms // 10)  # blocks of 64 channels
-    big = torch.empty(need * 64 // 4096 + 1, 1, 1, dtype=torch.bfloat16, device="cuda")
-    small = torch.empty(max(1, (need - 1) * 64 // 4096), 1, 1, dtype=torch.bfloat16, device="cuda")
-    assert _checkpoint_mode(big, 4096, 1024, True) == 2
-    assert _checkpoint_mode(small, 4096, 1024, True) == 1
-    assert _checkpoint_mode(big, 4096, 1024, False) == 0
-    assert _checkpoint_mode(big.float(), 4096, 1024, True) == 1
-    assert _checkpoint_mode(big, 3072, 1024, True) == 1  # 3 heads per group: v7 only where its estimate wins
-    args, kw = make_inputs(big.shape[0], 40, 4096, 1024, dtype=torch.bfloat16, device="cuda", seed=45)
+    nb, ns = need * 64 // 4096 + 1, max(1, (need - 1) * 64 // 4096)
+
+    def mode(batch, d_inner, d_xb, dtype=torch.bfloat16, rank=16, docs=False):
+        zxbc = torch.empty(batch, 1, 1, dtype=dtype, device="cuda")
+        dt_low = torch.empty(batch, 1, rank, dtype=dtype, device="cuda")
+        seq = torch.zeros(batch, 1, dtype=torch.int32, device="cuda") if docs else None
+        return _checkpoint_mode(zxbc, dt_low, seq, d_inner, d_xb, True)
+
+    assert mode(nb, 4096, 1024) == 2 and mode(nb, 4096, 1024, dtype=torch.float16) == 2
+    assert mode(ns, 4096, 1024) == 1  # v5 below the grid rule
+    assert mode(nb, 4096, 1024, dtype=torch.float32) == 1
+    assert mode(nb, 4096, 1024, rank=24) == 1  # v7 takes dt_rank <= 16
+    assert mode(nb, 4096, 1024, docs=True) == 2  # v7 with documents
+    assert mode(1, 4096, 1024, docs=True) == 1  # the varlen plan's kernels
+    if sms == 132:  # test_forward_default_with_partial_groups's H100 choices
+        assert mode(8, 3072, 1024) == 2  # Llama-3.2-3B's mixer: v7
+        assert mode(8, 1536, 256) == 1 and mode(8, 2048, 2048) == 1  # v5
+    args, kw = make_inputs(nb, 40, 4096, 1024, dtype=torch.bfloat16, device="cuda", dt_rank=16, seed=45)
     pos = [args["zxbc"], args["dt_low"], args["conv_weight"], args["conv_bias"], args["dt_proj_weight"],
            args["dt_proj_bias"], args["A_log"], args["D"], None, None, None, 4096, 1024, 16, True, True]
     assert _forward_checkpoints(args, kw, None)[-1].item() == 1.0
     torch.library.opcheck(mixer_scan_fwd, pos, test_utils=("test_schema", "test_faketensor"))
     monkeypatch.delenv("APRIEL_SCAN_CKPT")
-    assert _checkpoint_mode(big, 4096, 1024, True) == 1
+    assert mode(nb, 4096, 1024) == 1
     assert _forward_checkpoints(args, kw, None).dim() == 4
+
 
 # The backward's prologue and epilogue (session 22): one kernel converts the parameters to fp32
 # (mixer_scan_params.cu), one sums the parameter gradients' fp32 partial rows (and a split's halo rows) and stores each
@@ -1374,7 +1388,6 @@ FINALIZE_CASES = [
 ]
 PARAM_DTYPES = dict(conv_weight=torch.float16, conv_bias=torch.float64, dt_proj_weight=torch.float32,
                     dt_proj_bias=torch.bfloat16, A_log=torch.float64, D=torch.float32)
-
 
 @gpu
 @needs_kernel

@@ -341,26 +341,18 @@ void launch_fwd_varlen(MixerScanParams p, void* stream, int version, bool force,
   // (ws goes back to the caching allocator now: later work on this stream runs after both kernels)
 }
 
-// p.ckpt_sub (sub-chunk checkpoints): only the v7 kernel without the varlen plan writes them (and sets their flag).
-void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
-  void* stream = c10::cuda::getCurrentCUDAStream().stream();
-  const int sms = sm_count();
+// The forward kernel launch_fwd runs for p: version (as fwd_version, 207 resolved) and whether the varlen plan runs
+// (packed documents at small grids: v5 with documents or the varlen v7 kernel, picked on the device).
+struct FwdChoice {
+  int version;
+  bool varlen;
+};
+FwdChoice fwd_choice(const MixerScanParams& p, at::ScalarType st, int sms) {
   int version = fwd_version(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms, st == at::kFloat);
   const bool forced = std::getenv("APRIEL_SCAN_FWD") != nullptr;
   const bool varlen = p.seq_idx != nullptr && st != at::kFloat && mixer_scan_fwd7_applies(p) &&
                       (version == 207 || (!forced && varlen_auto_enabled() && (version == 104 || version == 108)));
-  if (varlen) {
-    // v7var's fallback (more documents than the plan lists): v5 with documents (v5 K = 4 where the default is v7:
-    // only the v5 kernels check fwd_skip, so the v7 kernel with documents keeps its code)
-    int other = version;
-    if (version == 207) {
-      other = fwd_version_default(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms, false);
-      if (other == 107) other = 104;
-    }
-    if (st == at::kBFloat16) launch_fwd_varlen<__nv_bfloat16>(p, stream, other, version == 207, sms);
-    else launch_fwd_varlen<__half>(p, stream, other, version == 207, sms);
-    return;
-  }
+  if (varlen) return {version, true};
   if (version == 207) version = 107;  // v7var without documents (or where v7 does not apply): v7
   // The default's v7 with partial groups only where the estimate says it wins, on either side of the full-group grid
   // rule (session 29: e.g. Qwen2.5-7B's mixer at b4, 896 head rows, v7 0.562 vs v5 0.584 ms); forced v7 runs wherever
@@ -372,9 +364,51 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
              fwd7_partial_wins(p, sms))
       version = 107;
   }
+  return {version, false};
+}
+
+// p.ckpt_sub (sub-chunk checkpoints): only the v7 kernel without the varlen plan writes them (and sets their flag).
+void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int sms = sm_count();
+  const FwdChoice c = fwd_choice(p, st, sms);
+  const int version = c.version;
+  if (c.varlen) {
+    // v7var's fallback (more documents than the plan lists): v5 with documents (v5 K = 4 where the default is v7:
+    // only the v5 kernels check fwd_skip, so the v7 kernel with documents keeps its code)
+    int other = version;
+    if (version == 207) {
+      other = fwd_version_default(static_cast<int64_t>(p.batch) * (p.d_inner / kN), sms, false);
+      if (other == 107) other = 104;
+    }
+    if (st == at::kBFloat16) launch_fwd_varlen<__nv_bfloat16>(p, stream, other, version == 207, sms);
+    else launch_fwd_varlen<__half>(p, stream, other, version == 207, sms);
+    return;
+  }
   if (st == at::kBFloat16) launch_fwd_version<__nv_bfloat16>(p, stream, version);
   else if (st == at::kHalf) launch_fwd_version<__half>(p, stream, version);
   else launch_fwd_version<float>(p, stream, version);
+}
+
+// Whether the forward would run the v7 kernel that writes sub-chunk checkpoints, for 16-bit activations of this mixer
+// shape with 16-byte aligned rows (apriel_kernels.mixer_scan._checkpoint_mode asks before it sizes the buffer: the
+// fake and the kernel agree, and no buffer is sized for rows that nobody writes).
+bool mixer_scan_fwd_writes_sub_checkpoints(int64_t batch, int64_t d_inner, int64_t d_xb, int64_t dt_rank,
+                                           bool documents) {
+  TORCH_CHECK(batch >= 0 && d_xb >= kN && d_xb % kN == 0 && d_inner >= d_xb && d_inner % d_xb == 0 && dt_rank >= 1,
+              "mixer_scan_fwd_writes_sub_checkpoints: expected batch >= 0, d_xb a positive multiple of 16, d_inner a "
+              "multiple of d_xb, dt_rank >= 1; got ", batch, ", ", d_inner, ", ", d_xb, ", ", dt_rank);
+  MixerScanParams p{};
+  p.batch = static_cast<int>(batch);
+  p.d_inner = static_cast<int>(d_inner);
+  p.d_xb = static_cast<int>(d_xb);
+  p.dt_rank = static_cast<int>(dt_rank);
+  p.heads_per_group = static_cast<int>(d_inner / d_xb);
+  p.zxbc_vec16 = p.dt_vec16 = true;
+  static const int kDocMarker = 0;
+  p.seq_idx = documents ? &kDocMarker : nullptr;  // (only its presence is read)
+  const FwdChoice c = fwd_choice(p, at::kBFloat16, sm_count());
+  return !c.varlen && c.version == 107 && mixer_scan_fwd7_applies(p);
 }
 
 // Backward version. Default: v7 (mixer_scan_bwd7.cuh: the adjoint in the forward v7's tensor-core layout, one
@@ -742,6 +776,9 @@ TORCH_LIBRARY_FRAGMENT(apriel_C, m) {
         "Tensor dt_proj_bias, Tensor A_log, Tensor D, Tensor? initial_ssm_state, Tensor? initial_conv_state, "
         "Tensor? seq_idx, int d_inner, int d_xb, int d_state, bool repeat_kv_before_conv, Tensor dy, "
         "Tensor? dfinal_ssm_state, Tensor? dfinal_conv_state, Tensor? checkpoints) -> Tensor[]");
+  // Whether a 16-bit forward of this shape runs the v7 kernel that writes sub-chunk checkpoints (checkpoints = 2).
+  m.def("mixer_scan_fwd_writes_sub_checkpoints(int batch, int d_inner, int d_xb, int dt_rank, bool documents) -> bool",
+        &apriel::mixer_scan_fwd_writes_sub_checkpoints);
   // The varlen plan of a packed-documents forward (mixer_scan_plan.cu), for tests and diagnostics.
   m.def("mixer_scan_varlen_plan(Tensor seq_idx, int d_inner, int d_xb, bool force) -> Tensor");
 }
