@@ -142,14 +142,9 @@ def _cuda_extension_kwargs():
     archs = os.environ.get("APRIEL_KERNELS_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
     # torch's builder appends its own arch flags from TORCH_CUDA_ARCH_LIST; keep it equal to ours.
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs.replace(",", ";")
-    # Ninja starts the objects in this order. The host .cpp files go first: each takes ~25-30 s (torch's headers), and
-    # listed family by family the last families' ones started ~55 s into a 16-job build and set its end (session 30,
-    # ninja's log: 90 s against the 90 s bar). The .cu files follow, conv1d's slowest (up to ~60 s) in front.
-    families = _families()
     sources = [str(CSRC / "module.cpp")]
-    for family in families:
+    for family in _families():
         sources += sorted(str(p) for p in family.glob("*.cpp"))
-    for family in families:
         sources += sorted(str(p) for p in family.glob("*.cu"))
     sources = [os.path.relpath(s, ROOT) for s in sources]
     cutlass = _cutlass_include()

@@ -91,7 +91,8 @@ LOG="$OUT_DIR/scan_sanitizer.log"
 # without documents, unsplit, cp.async.
 # session 30: the sub-chunk checkpoints (APRIEL_SCAN_CKPT=sub-always: the kSubCk forward writes them, the kSubCk
 # backward loads them): v7sub = without documents, 2 segments; v7subp = with documents, unsplit; v7subr3 = 3 heads per
-# group (D 96 / X 32: the forward's kPartial, the backward's kSpan), 2 segments; v7subr1 = one head per group (kMulti).
+# group (D 96 / X 32: the forward's kPartial, the backward's kSpan), 2 segments; v7subr1 = one head per group (the
+# forward writes them, the kMulti backward, which has no sub-chunk variant, ignores them).
 ALL_VERSIONS="v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 v7s1 v7c v7p v7pc v7pc4 v7var v7var1 v7r3 v7r3c v7r5 v7r3s v7r3sc"
 ALL_VERSIONS+=" v7r2f v7r8 v7varr3 v7varr5 v7r1 v7r1c v7sub v7subp v7subr3 v7subr1"
 for version in ${SCAN_SANITIZER_VERSIONS:-$ALL_VERSIONS}; do

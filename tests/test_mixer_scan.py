@@ -1206,7 +1206,7 @@ SUB_CKPT_CASES = [
     (2, 300, 96, 16, True, 4, 16, "3", "init"),  # 6 per group, split in 3
     (3, 100, 192, 64, False, 3, 16, "1", "init"),  # 3 per group
     (2, 300, 128, 64, False, 4, 16, "1", "init"),  # 2 per group
-    (2, 300, 2048, 2048, True, 4, 16, "1", "init"),  # 1 per group (SmolLM2-1.7B's mixer)
+    (2, 300, 2048, 2048, True, 4, 16, "1", "init"),  # 1 per group (SmolLM2-1.7B's): written, kMulti recomputes
     (2, 300, 256, 64, True, 4, 16, "1", "packed"),
 ]
 

@@ -1045,7 +1045,12 @@ void launch_for(const MixerScanParams& p, void* stream) {
   tma::ScanBwdMaps maps{};
 #if APRIEL_TMA
   if (encode_maps(p, maps)) {
-    if (p.ckpt_sub_in != nullptr) {  // the kSubCk kernel first; the one after it returns at once if that one ran
+    // The kSubCk kernel first; the one after it returns at once if that one ran. Not for kMulti (one head per group:
+    // its forward is v5 at the shapes measured, so the instantiations' build time would buy nothing; pass A runs).
+    MixerScanParams q = p;
+    if constexpr (kMulti) {
+      q.ckpt_sub_in = nullptr;
+    } else if (p.ckpt_sub_in != nullptr) {
       static const bool configured_sub = scan7::allow_smem(
           reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, true, kSeq, kSpan, kMulti, true>), smem);
       (void)configured_sub;
@@ -1057,7 +1062,7 @@ void launch_for(const MixerScanParams& p, void* stream) {
         scan7::allow_smem(reinterpret_cast<const void*>(mixer_scan_bwd7_kernel<T, true, kSeq, kSpan, kMulti>), smem);
     (void)configured;
     mixer_scan_bwd7_kernel<T, true, kSeq, kSpan, kMulti>
-        <<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p, maps);
+        <<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(q, maps);
     APRIEL_CHECK_LAUNCH();
     return;
   }

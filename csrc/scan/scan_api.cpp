@@ -390,8 +390,8 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
   else launch_fwd_version<float>(p, stream, version);
 }
 
-// Whether the forward would run the v7 kernel that writes sub-chunk checkpoints, for 16-bit activations of this mixer
-// shape with 16-byte aligned rows (apriel_kernels.mixer_scan._checkpoint_mode asks before it sizes the buffer: the
+// Whether the forward would run the v7 kernel that writes sub-chunk checkpoints (and the backward would load them), for
+// 16-bit activations of this mixer shape with 16-byte aligned rows (apriel_kernels.mixer_scan._checkpoint_mode asks before it sizes the buffer: the
 // fake and the kernel agree, and no buffer is sized for rows that nobody writes).
 bool mixer_scan_fwd_writes_sub_checkpoints(int64_t batch, int64_t d_inner, int64_t d_xb, int64_t dt_rank,
                                            bool documents) {
@@ -408,7 +408,8 @@ bool mixer_scan_fwd_writes_sub_checkpoints(int64_t batch, int64_t d_inner, int64
   static const int kDocMarker = 0;
   p.seq_idx = documents ? &kDocMarker : nullptr;  // (only its presence is read)
   const FwdChoice c = fwd_choice(p, at::kBFloat16, sm_count());
-  return !c.varlen && c.version == 107 && mixer_scan_fwd7_applies(p);
+  // (one head per group: the backward's kMulti kernel has no sub-chunk variant - mixer_scan_bwd7.cuh launch_for)
+  return !c.varlen && c.version == 107 && mixer_scan_fwd7_applies(p) && p.heads_per_group != 1;
 }
 
 // Backward version. Default: v7 (mixer_scan_bwd7.cuh: the adjoint in the forward v7's tensor-core layout, one
