@@ -125,9 +125,10 @@ def mixer_scan_fwd(
     if _use_kernel(zxbc):
         kernel = cuda_kernel("mixer_scan_fwd")
         if kernel is not None:
+            mode = _checkpoint_mode(zxbc, dt_low, seq_idx, d_inner, d_xb, save_checkpoints)
             return kernel(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D,
                           initial_ssm_state, initial_conv_state, seq_idx, d_inner, d_xb, d_state,
-                          repeat_kv_before_conv, _checkpoint_mode(zxbc, dt_low, seq_idx, d_inner, d_xb, save_checkpoints))
+                          repeat_kv_before_conv, mode)
     y, ssm, conv = _scan_reference(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_proj_bias, A_log, D,
                                    initial_ssm_state, initial_conv_state, seq_idx, d_inner, d_xb, d_state,
                                    repeat_kv_before_conv)

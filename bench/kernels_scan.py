@@ -24,7 +24,8 @@ fwd+bwd and bwd rows: "apriel" (default dispatch: backward v7 where the grid fil
 - b4 / b8 here - and the backward loads them instead of recomputing them; APRIEL_SCAN_CKPT=sub, 4x the checkpoint
 memory), "apriel[bwd=v4]" / "apriel[bwd=v7]" (forced, APRIEL_SCAN_BWD), "apriel[bwd-bc=f32]" (v4 reading fp32 copies
 of B / C instead of the raw 16-bit tile, APRIEL_SCAN_BWD_BC=f32), "apriel[bwd=v3]" (the previous backward,
-APRIEL_SCAN_BWD=v3, forward unchanged) and "apriel-v3" (both previous kernels); APRIEL_BENCH_SCAN_BWD_PROVIDERS=a,b keeps only those; APRIEL_BENCH_SCAN_BWD_B4=1 adds b4 L4096.
+APRIEL_SCAN_BWD=v3, forward unchanged) and "apriel-v3" (both previous kernels); APRIEL_BENCH_SCAN_BWD_PROVIDERS=a,b
+keeps only those; APRIEL_BENCH_SCAN_BWD_B4=1 adds b4 L4096.
 APRIEL_BENCH_SCAN_PHASES=bwd (or fwd) restricts the run to the fwd+bwd / bwd rows (or the fwd rows): one
 device call can then A/B the backward versions in ~30 s.
 Packed documents (session 17; the distill module's default layout): "apriel-packed" / "apriel-packed-graph" time the

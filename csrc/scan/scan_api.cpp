@@ -391,8 +391,8 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
 }
 
 // Whether the forward would run the v7 kernel that writes sub-chunk checkpoints (and the backward would load them), for
-// 16-bit activations of this mixer shape with 16-byte aligned rows (apriel_kernels.mixer_scan._checkpoint_mode asks before it sizes the buffer: the
-// fake and the kernel agree, and no buffer is sized for rows that nobody writes).
+// 16-bit activations of this mixer shape with 16-byte aligned rows. apriel_kernels.mixer_scan._checkpoint_mode asks
+// before it sizes the buffer: the fake and the kernel agree, and no buffer is sized for rows that nobody writes.
 bool mixer_scan_fwd_writes_sub_checkpoints(int64_t batch, int64_t d_inner, int64_t d_xb, int64_t dt_rank,
                                            bool documents) {
   TORCH_CHECK(batch >= 0 && d_xb >= kN && d_xb % kN == 0 && d_inner >= d_xb && d_inner % d_xb == 0 && dt_rank >= 1,
