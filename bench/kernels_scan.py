@@ -106,6 +106,7 @@ def _row(phase, provider, batch, seqlen, stats, **extra):
 def run(quick: bool = False) -> list[dict]:
     from apriel_kernels import mixer_scan
     from apriel_kernels._ext import has_kernel
+    from apriel_kernels.mixer_scan import _checkpoint_mode
 
     kw = dict(d_inner=D, d_xb=X, d_state=N)
     if not (torch.cuda.is_available() and has_kernel("mixer_scan_fwd")):
@@ -172,7 +173,9 @@ def run(quick: bool = False) -> list[dict]:
 
                     stats = time_ms(step, rep_ms=300)
                     peak, grads_mb = peak_extra_mb(step)
-                    ckpt_mb = batch * ((seqlen + 31) // 32) * D * N * 4 / 2**20 * (4 if ckpt and batch >= 4 else 1)
+                    # (sub-chunk checkpoints, mode 2, hold 4x the tile checkpoints: where the forward writes them)
+                    mode = _checkpoint_mode(args["zxbc"], args["dt_low"], kw_call.get("seq_idx"), D, X, True)
+                    ckpt_mb = batch * ((seqlen + 31) // 32) * D * N * 4 / 2**20 * (4 if mode == 2 else 1)
                     out.append(_row("fwd+bwd", provider, batch, seqlen, stats, peak_extra_mem_mb=peak,
                                     grads_mb=grads_mb, checkpoints_mb=ckpt_mb,
                                     note="peak_extra_mem_mb: allocated above the inputs during fwd+bwd, returned grads included"))

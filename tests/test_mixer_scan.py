@@ -382,6 +382,14 @@ V5_BITWISE_CASES = [
 ]
 
 
+def _fwd_op_args(args, kw, seq, save_checkpoints=True):
+    """The positional arguments of the forward op (apriel::mixer_scan_fwd) for make_inputs' args / kw."""
+    return [args["zxbc"], args["dt_low"], args["conv_weight"], args["conv_bias"], args["dt_proj_weight"],
+            args["dt_proj_bias"], args["A_log"], args["D"], args.get("initial_ssm_state"),
+            args.get("initial_conv_state"), seq, kw["d_inner"], kw["d_xb"], kw["d_state"], kw["repeat_kv_before_conv"],
+            save_checkpoints]
+
+
 def _fwd_outputs_bitwise_equal(case, dtype, versions, monkeypatch, cuts=None):
     """Runs the forward op (with checkpoints) under each APRIEL_SCAN_FWD version; asserts identical bits.
     cuts: the document starts of packed cases (default L / 4 and L / 2 + 1). Tile checkpoints only: the sub-chunk
@@ -402,11 +410,7 @@ def _fwd_outputs_bitwise_equal(case, dtype, versions, monkeypatch, cuts=None):
     for version in versions:
         monkeypatch.setenv("APRIEL_SCAN_FWD", version)
         poison_allocator()
-        outs[version] = mixer_scan_fwd(
-            args["zxbc"], args["dt_low"], args["conv_weight"], args["conv_bias"], args["dt_proj_weight"],
-            args["dt_proj_bias"], args["A_log"], args["D"], args.get("initial_ssm_state"),
-            args.get("initial_conv_state"), seq, kw["d_inner"], kw["d_xb"], kw["d_state"],
-            kw["repeat_kv_before_conv"], True)
+        outs[version] = mixer_scan_fwd(*_fwd_op_args(args, kw, seq))
         torch.cuda.synchronize()
     ref_v, new_v = versions
     for name, a, c in zip(("y", "final_ssm", "final_conv", "checkpoints"), outs[ref_v], outs[new_v]):
@@ -1212,10 +1216,7 @@ SUB_CKPT_CASES = [
 
 
 def _forward_checkpoints(args, kw, seq):
-    return mixer_scan_fwd(args["zxbc"], args["dt_low"], args["conv_weight"], args["conv_bias"], args["dt_proj_weight"],
-                          args["dt_proj_bias"], args["A_log"], args["D"], args.get("initial_ssm_state"),
-                          args.get("initial_conv_state"), seq, kw["d_inner"], kw["d_xb"], kw["d_state"],
-                          kw["repeat_kv_before_conv"], True)[3]
+    return mixer_scan_fwd(*_fwd_op_args(args, kw, seq))[3]
 
 
 @gpu
@@ -1366,10 +1367,8 @@ def test_checkpoint_mode_sub_follows_the_forward_dispatch(monkeypatch):
         assert mode(8, 3072, 1024) == 2  # Llama-3.2-3B's mixer: v7
         assert mode(8, 1536, 256) == 1 and mode(8, 2048, 2048) == 1  # v5
     args, kw = make_inputs(nb, 40, 4096, 1024, dtype=torch.bfloat16, device="cuda", dt_rank=16, seed=45)
-    pos = [args["zxbc"], args["dt_low"], args["conv_weight"], args["conv_bias"], args["dt_proj_weight"],
-           args["dt_proj_bias"], args["A_log"], args["D"], None, None, None, 4096, 1024, 16, True, True]
     assert _forward_checkpoints(args, kw, None)[-1].item() == 1.0
-    torch.library.opcheck(mixer_scan_fwd, pos, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(mixer_scan_fwd, _fwd_op_args(args, kw, None), test_utils=("test_schema", "test_faketensor"))
     monkeypatch.delenv("APRIEL_SCAN_CKPT")
     assert mode(nb, 4096, 1024) == 1
     assert _forward_checkpoints(args, kw, None).dim() == 4
