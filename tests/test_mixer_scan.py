@@ -503,7 +503,7 @@ def test_forward_v7_parity(case, dtype, monkeypatch):
 # The forward versions with a TMA staging variant (csrc/common/tma.cuh) and how the profiler names each: v7, and v5
 # K = 8 (the batch 1-2 default; kTma is the fwd4 kernel template's 7th argument, after kVer = 5; v7's 2nd, before
 # kSeq).
-TMA_FORWARDS = {"v7": ("mixer_scan_fwd7_kernel", ", {}, "), "v5k8": ("mixer_scan_fwd4_kernel", ", 5, {}>")}
+TMA_FORWARDS = {"v7": ("mixer_scan_fwd7_kernel", ", {}, "), "v5k8": ("mixer_scan_fwd4_kernel", ", 5, {}, false>")}
 
 
 @gpu
@@ -1197,7 +1197,7 @@ def test_backward_v7_sequence_split(case, dtype, monkeypatch):
 
 # Sub-chunk checkpoints (session 30, APRIEL_SCAN_CKPT=sub / sub-always): the v7 forward also saves the states after
 # tokens 7, 15, 23 of every 32-token tile, and the v7 backward loads them instead of recomputing them from the tile's
-# checkpoint (pass A).
+# checkpoint (pass A). Since session 31 the v5 forward without documents writes them too (K = 8 with TMA staging, K = 4).
 # Shapes: ragged last tiles (L 9 / 33 / 1000 / 4097: sub-chunks past the sequence end), 8 heads per group, 3 / 7 / 2 / 1
 # heads per group (kPartial forward; kSpan / kMulti backward), packed documents (kSeq), initial states, a forced split.
 SUB_CKPT_CASES = [
@@ -1221,15 +1221,16 @@ def _forward_checkpoints(args, kw, seq):
 
 @gpu
 @needs_kernel
+@pytest.mark.parametrize("forward", ["v7", "v5k8", "v5k4"])
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
 @pytest.mark.parametrize("case", SUB_CKPT_CASES,
                          ids=lambda c: f"b{c[0]}-L{c[1]}-D{c[2]}-X{c[3]}-S{c[7]}-{c[8] or 'plain'}")
-def test_backward_v7_sub_checkpoints(case, dtype, monkeypatch):
-    """The forward writes the sub-chunk checkpoints and sets their flag; the backward that loads them matches float64
-    for every gradient and is bitwise repeatable."""
+def test_backward_v7_sub_checkpoints(case, dtype, forward, monkeypatch):
+    """The forward writes the sub-chunk checkpoints and sets their flag (v5 with documents writes none: flag 0); the
+    backward that loads them matches float64 for every gradient and is bitwise repeatable."""
     b, L, D_, X, repeat, width, rank, segments, extra = case
     monkeypatch.setenv("APRIEL_SCAN_CKPT", "sub-always")
-    monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")
+    monkeypatch.setenv("APRIEL_SCAN_FWD", forward)
     _force_bwd_v7(monkeypatch, segments)
     args, kw = make_inputs(b, L, D_, X, dtype=dtype, device="cuda", repeat=repeat, dt_rank=rank, width=width,
                            initial_states="init" in extra, seed=41)
@@ -1238,23 +1239,31 @@ def test_backward_v7_sub_checkpoints(case, dtype, monkeypatch):
     ckpt = _forward_checkpoints(args, kw, seq)
     tile_rows = b * ((L + 31) // 32) * D_ * N
     assert ckpt.shape == (4 * tile_rows + 1,), ckpt.shape
-    assert ckpt[-1].item() == 1.0, "the v7 forward did not flag its sub-chunk checkpoints"
-    assert torch.isfinite(ckpt).all(), "a sub-chunk checkpoint was left unwritten"
+    writes = forward == "v7" or seq is None
+    assert ckpt[-1].item() == float(writes), f"the {forward} forward's sub-chunk flag"
+    if writes:
+        assert torch.isfinite(ckpt).all(), "a sub-chunk checkpoint was left unwritten"
     weights = _loss_weights(args, kw, dtype, seed=6)
     _check_grads_repeatable(args, kw, weights, seq)
 
 
 @gpu
 @needs_kernel
-@pytest.mark.parametrize("case", [(2, 100, 128, 32, False), (1, 77, 64, 16, True)], ids=["b2-L100", "b1-L77-packed"])
+@pytest.mark.parametrize("case", [(2, 100, 128, 32, False, "v7"), (1, 77, 64, 16, True, "v7"),
+                                  (2, 100, 128, 32, False, "v5k8"), (3, 77, 64, 16, False, "v5k4")],
+                         ids=["b2-L100", "b1-L77-packed", "b2-L100-v5k8", "b3-L77-v5k4"])
 def test_sub_checkpoints_are_the_states_after_tokens_7_15_23(case, monkeypatch):
     """Each sub-chunk row equals the float64 reference's state after its token (the final state of that prefix)."""
-    b, L, D_, X, packed = case
+    b, L, D_, X, packed, forward = case
     monkeypatch.setenv("APRIEL_SCAN_CKPT", "sub-always")
-    monkeypatch.setenv("APRIEL_SCAN_FWD", "v7")
+    monkeypatch.setenv("APRIEL_SCAN_FWD", forward)
     args, kw = make_inputs(b, L, D_, X, dtype=torch.bfloat16, device="cuda", initial_states=True, seed=43)
     seq = packed_seq_idx(b, L, [5, 30, 40], "cuda") if packed else None
+    if forward == "v5k8":  # the TMA kernel with the rows (the cp.async one writes none)
+        names = _cuda_kernels_run(lambda: _forward_checkpoints(args, kw, seq))
+        assert any("mixer_scan_fwd4_kernel" in n and "8, 16, false, true, 5, true, true>" in n for n in names), names
     ckpt = _forward_checkpoints(args, kw, seq)
+    assert ckpt[-1].item() == 1.0
     tiles = (L + 31) // 32
     tile_rows = b * tiles * D_ * N
     sub = ckpt[tile_rows:4 * tile_rows].view(b, tiles, 3, D_, N)
@@ -1277,21 +1286,23 @@ def test_sub_checkpoints_are_the_states_after_tokens_7_15_23(case, monkeypatch):
 
 @gpu
 @needs_kernel
-def test_sub_checkpoints_without_the_v7_forward_fall_back_to_pass_a(monkeypatch):
-    """A forward that is not v7 (forced v5 here) leaves the flag at 0: the backward recomputes the states (its pass A)
-    and its gradients are those of the tile checkpoints, bit for bit."""
-    monkeypatch.setenv("APRIEL_SCAN_FWD", "v5")
+@pytest.mark.parametrize("forward", ["v4", "v5-packed"])
+def test_sub_checkpoints_without_a_writing_forward_fall_back_to_pass_a(forward, monkeypatch):
+    """A forward that writes no sub-chunk rows (forced v4; v5 with packed documents) leaves the flag at 0: the backward
+    recomputes the states (its pass A) and its gradients are those of the tile checkpoints, bit for bit."""
+    monkeypatch.setenv("APRIEL_SCAN_FWD", forward.split("-")[0])
     monkeypatch.setenv("APRIEL_SCAN_BWD", "v7")
     args, kw = make_inputs(2, 300, 256, 64, dtype=torch.bfloat16, device="cuda", initial_states=True, seed=44)
+    seq = v7_seq_idx(2, 300, forward)
     weights = _loss_weights(args, kw, torch.bfloat16, seed=7)
     monkeypatch.setenv("APRIEL_SCAN_CKPT", "sub-always")
     poison_allocator()
-    ckpt = _forward_checkpoints(args, kw, None)
+    ckpt = _forward_checkpoints(args, kw, seq)
     assert ckpt.dim() == 1 and ckpt[-1].item() == 0.0
-    with_sub = _grads(args, kw, None, weights)
+    with_sub = _grads(args, kw, seq, weights)
     monkeypatch.setenv("APRIEL_SCAN_CKPT", "tile")
-    assert _forward_checkpoints(args, kw, None).dim() == 4
-    tile_only = _grads(args, kw, None, weights)
+    assert _forward_checkpoints(args, kw, seq).dim() == 4
+    tile_only = _grads(args, kw, seq, weights)
     for name in args:
         assert torch.equal(with_sub[name], tile_only[name]), f"d{name}"
 
@@ -1341,10 +1352,10 @@ def test_sub_checkpoints_under_compile_and_cuda_graph(monkeypatch):
 @gpu
 @needs_kernel
 def test_checkpoint_mode_sub_follows_the_forward_dispatch(monkeypatch):
-    """sub: sub-chunk checkpoints where the forward runs the v7 kernel that writes them - v7's grid rule for whole
-    groups of 4 heads (>= 1.9 blocks of 64 channels per SM), the estimate for other head counts, not the varlen plan
-    (packed documents at small grids), not dt_rank > 16 - tile checkpoints elsewhere; the fake (torch.compile)
-    agrees with the kernel's buffer; unset: tile."""
+    """sub: sub-chunk checkpoints where the forward runs a kernel that writes them - v7 (by its grid rule for whole
+    groups of 4 heads, the estimate for other head counts), and v5 without documents below it - but not the varlen
+    plan (packed documents at small grids), dt_rank > 16, fp32 or one head per group (the kMulti backward reads none):
+    tile checkpoints there; the fake (torch.compile) agrees with the kernel's buffer; unset: tile."""
     from apriel_kernels.mixer_scan import _checkpoint_mode
     monkeypatch.setenv("APRIEL_SCAN_CKPT", "sub")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -1358,14 +1369,15 @@ def test_checkpoint_mode_sub_follows_the_forward_dispatch(monkeypatch):
         return _checkpoint_mode(zxbc, dt_low, seq, d_inner, d_xb, True)
 
     assert mode(nb, 4096, 1024) == 2 and mode(nb, 4096, 1024, dtype=torch.float16) == 2
-    assert mode(ns, 4096, 1024) == 1  # v5 below the grid rule
-    assert mode(nb, 4096, 1024, dtype=torch.float32) == 1
-    assert mode(nb, 4096, 1024, rank=24) == 1  # v7 takes dt_rank <= 16
+    assert mode(ns, 4096, 1024) == 2 and mode(1, 4096, 1024) == 2  # v5 below the grid rule (session 31)
+    assert mode(nb, 4096, 1024, dtype=torch.float32) == 1 and mode(1, 4096, 1024, dtype=torch.float32) == 1
+    assert mode(nb, 4096, 1024, rank=24) == 1 and mode(1, 4096, 1024, rank=24) == 1  # dt_rank <= 16 only
     assert mode(nb, 4096, 1024, docs=True) == 2  # v7 with documents
     assert mode(1, 4096, 1024, docs=True) == 1  # the varlen plan's kernels
+    assert mode(1, 2048, 2048) == 1 and mode(nb, 2048, 2048) == 1  # one head per group: the kMulti backward
     if sms == 132:  # test_forward_default_with_partial_groups's H100 choices
         assert mode(8, 3072, 1024) == 2  # Llama-3.2-3B's mixer: v7
-        assert mode(8, 1536, 256) == 1 and mode(8, 2048, 2048) == 1  # v5
+        assert mode(8, 1536, 256) == 2  # v5
     args, kw = make_inputs(nb, 40, 4096, 1024, dtype=torch.bfloat16, device="cuda", dt_rank=16, seed=45)
     assert _forward_checkpoints(args, kw, None)[-1].item() == 1.0
     torch.library.opcheck(mixer_scan_fwd, _fwd_op_args(args, kw, None), test_utils=("test_schema", "test_faketensor"))

@@ -330,7 +330,11 @@ template <typename T, int K, int kR, int kVer> constexpr int kMinBlocks = kVer >
 #endif
 
 // kTma (v5 K = 8 only, see launch): the tiles arrive by TMA (stage_tma) instead of cp.async; the rest is the same code.
-template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4, bool kTma = false>
+// kSubCk (session 31, v5 without documents): also the sub-chunk checkpoints p.ckpt_sub (the states after tokens 7, 15,
+// 23 of every tile) and their flag, as the v7 forward's kSubCk writes them (APRIEL_SCAN_CKPT=sub): the v7 backward
+// then skips its pass A at batch 1-3 too. A template flag: a runtime branch in the unrolled scan moves ptxas's schedule
+// of the kernel without them (session 30).
+template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4, bool kTma = false, bool kSubCk = false>
 __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     mixer_scan_fwd4_kernel(MixerScanParams p, const __grid_constant__ tma::ScanMaps maps) {
   constexpr int NT = kN * K;                 // threads per block
@@ -349,6 +353,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
   // register cap (W_dt in registers for the CUDA-core dot): the 3 pointers and both live softplus branches spilled
   // 24 more bytes there.
   constexpr bool kV5Diet = kV5 && sizeof(T) == 2;
+  static_assert(!kSubCk || (kV5Diet && !kSeq), "sub-chunk checkpoints: the 16-bit v5 kernel without documents");
   // Packed documents: the varlen plan (mixer_scan_plan.cu) chose the varlen v7 kernel for this call, which does the work.
   if constexpr (kSeq) {
     if (p.fwd_skip != nullptr && *p.fwd_skip != 0) return;
@@ -710,6 +715,18 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     if (p.ckpt != nullptr)
       scan::store_states<NS>(p.ckpt + (((int64_t)b * n_tiles + tile) * D + cs) * kN + j * NS, h);
   };
+  // kSubCk: scan_tile's hook(t) runs before token t's update, so at t = 8, 16, 24 h is the state after token t - 1:
+  // sub-chunk row t / 8 - 1 of the tile, (b, n_tiles, 3, D, 16). (t is a constant in the unrolled scan: no branch.)
+  auto store_sub = [&](int tile, int t) {
+    if constexpr (kSubCk) {
+      if (t == 8 || t == 16 || t == 24)
+        scan::store_states<NS>(
+            p.ckpt_sub + ((((int64_t)b * n_tiles + tile) * 3 + t / 8 - 1) * D + cs) * kN + j * NS, h);
+    }
+  };
+  if constexpr (kSubCk) {
+    if (blockIdx.x == 0 && blockIdx.y == 0 && tid == 0) *p.ckpt_sub_flag = 1.f;
+  }
 
   int Tv = 0, last_slot = 0;  // (the last tile's raw tile: the pipelined schedule)
   // kSeq in the pipelined kernel: no ids in shared memory - each warp loads the ids around a tile from global memory
@@ -795,6 +812,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
             prep_load_raw(r1, r0, xw);
           }
           if (t % kEvery == kEvery / 2) prep_item(t / kEvery, r1, par ^ 1, tv1, xw, sw, docs);
+          store_sub(tile, t);
         });
       };
       // kSeq: a tile + 1 without a document start (most tiles: documents are hundreds of tokens) runs the scan with
@@ -827,7 +845,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       }
       store_ckpt(tile);
       __syncthreads();  // S3
-      scan_tile(r, 0, kV5 ? 0 : par, [](int) {});
+      scan_tile(r, 0, kV5 ? 0 : par, [&](int t) { store_sub(tile, t); });
     }
   }
   __syncthreads();
@@ -870,10 +888,10 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
 #endif
 }
 
-template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4, bool kTma = false>
+template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4, bool kTma = false, bool kSubCk = false>
 void launch_kernel(const MixerScanParams& p, const tma::ScanMaps& maps, void* stream) {
   const size_t smem = sizeof(SmemForT<T, kR, K, kSeq, kRawBC, kVer, kTma>);
-  auto kernel = mixer_scan_fwd4_kernel<T, K, kR, kSeq, kRawBC, kVer, kTma>;
+  auto kernel = mixer_scan_fwd4_kernel<T, K, kR, kSeq, kRawBC, kVer, kTma, kSubCk>;
   static bool configured = false;  // per instantiation; a race here only repeats an idempotent call
   if (!configured) {
     if (smem > 48 * 1024)
@@ -895,6 +913,11 @@ void launch_kernel(const MixerScanParams& p, const tma::ScanMaps& maps, void* st
 // array, and it was not measured.
 template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4>
 void launch(const MixerScanParams& p, void* stream) {
+  if constexpr (kVer >= 5 && sizeof(T) == 2 && kR == 16 && !kSeq && kRawBC) {
+    // (instantiated in mixer_scan_fwd5s_*.cu; false where it has no kernel for p: the kernels below write no rows,
+    // their flag stays 0 and the backward recomputes them)
+    if (p.ckpt_sub != nullptr && launch_mixer_scan_fwd5_sub<T, K>(p, stream)) return;
+  }
   tma::ScanMaps maps{};
 #if APRIEL_TMA
   if constexpr (kVer >= 5 && K == 8 && sizeof(T) == 2 && kR == 16) {  // (packed documents too, since session 14)
@@ -908,6 +931,28 @@ void launch(const MixerScanParams& p, void* stream) {
 }
 
 }  // namespace scan4
+
+#ifdef APRIEL_SCAN_V5_SUB_TU  // (defined only in mixer_scan_fwd5s_*.cu: the other TUs link to their instances)
+// v5 with sub-chunk checkpoints (kSubCk), 16-bit, dt_rank <= 16, no documents: K = 8 with TMA staging (the batch 1-2
+// kernel at d_inner 4096), K = 4 with cp.async (batch 3). False where p would run another kernel (K = 8 without TMA).
+template <typename T, int K>
+bool launch_mixer_scan_fwd5_sub(const MixerScanParams& p, void* stream) {
+  tma::ScanMaps maps{};
+  if constexpr (K == 8) {
+#if APRIEL_TMA
+    if (!scan4::encode_scan_maps(p, maps)) return false;
+    scan4::launch_kernel<T, 8, 16, false, true, 5, true, true>(p, maps, stream);
+    return true;
+#else
+    (void)p; (void)stream;
+    return false;
+#endif
+  } else {
+    scan4::launch_kernel<T, K, 16, false, true, 5, false, true>(p, maps, stream);
+    return true;
+  }
+}
+#endif
 
 // K = 4 (4 states per thread) or 8 (2 states); dt_rank staged 16 or 32 wide.
 template <typename T, int K>

@@ -367,7 +367,8 @@ FwdChoice fwd_choice(const MixerScanParams& p, at::ScalarType st, int sms) {
   return {version, false};
 }
 
-// p.ckpt_sub (sub-chunk checkpoints): only the v7 kernel without the varlen plan writes them (and sets their flag).
+// p.ckpt_sub (sub-chunk checkpoints): the v7 kernel without the varlen plan writes them (and sets their flag), and
+// since session 31 the 16-bit v5 kernels without documents (K = 8 with TMA staging, K = 4).
 void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const int sms = sm_count();
@@ -390,9 +391,11 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
   else launch_fwd_version<float>(p, stream, version);
 }
 
-// Whether the forward would run the v7 kernel that writes sub-chunk checkpoints (and the backward would load them), for
-// 16-bit activations of this mixer shape with 16-byte aligned rows. apriel_kernels.mixer_scan._checkpoint_mode asks
-// before it sizes the buffer: the fake and the kernel agree, and no buffer is sized for rows that nobody writes.
+// Whether the forward would run a kernel that writes sub-chunk checkpoints (and the backward would load them), for
+// 16-bit activations of this mixer shape with 16-byte aligned rows: v7 without the varlen plan, or v5 without
+// documents (dt_rank <= 16; K = 8 where its TMA maps encode, which aligned rows give). apriel_kernels.mixer_scan.
+// _checkpoint_mode asks before it sizes the buffer: the fake and the kernel agree, and no buffer is sized for rows that
+// nobody writes.
 bool mixer_scan_fwd_writes_sub_checkpoints(int64_t batch, int64_t d_inner, int64_t d_xb, int64_t dt_rank,
                                            bool documents) {
   TORCH_CHECK(batch >= 0 && d_xb >= kN && d_xb % kN == 0 && d_inner >= d_xb && d_inner % d_xb == 0 && dt_rank >= 1,
@@ -404,12 +407,13 @@ bool mixer_scan_fwd_writes_sub_checkpoints(int64_t batch, int64_t d_inner, int64
   p.d_xb = static_cast<int>(d_xb);
   p.dt_rank = static_cast<int>(dt_rank);
   p.heads_per_group = static_cast<int>(d_inner / d_xb);
-  p.zxbc_vec16 = p.dt_vec16 = true;
+  p.zxbc_vec16 = p.dt_vec16 = p.dy_vec16 = true;
   static const int kDocMarker = 0;
   p.seq_idx = documents ? &kDocMarker : nullptr;  // (only its presence is read)
   const FwdChoice c = fwd_choice(p, at::kBFloat16, sm_count());
   // (one head per group: the backward's kMulti kernel has no sub-chunk variant - mixer_scan_bwd7.cuh launch_for)
-  return !c.varlen && c.version == 107 && mixer_scan_fwd7_applies(p) && p.heads_per_group != 1;
+  if (c.varlen || p.heads_per_group == 1 || !mixer_scan_bwd7_supports(p)) return false;
+  return c.version == 107 || ((c.version == 104 || c.version == 108) && !documents);
 }
 
 // Backward version. Default: v7 (mixer_scan_bwd7.cuh: the adjoint in the forward v7's tensor-core layout, one

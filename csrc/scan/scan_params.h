@@ -136,6 +136,9 @@ template <typename T, int K>
 void launch_mixer_scan_fwd4(const MixerScanParams& p, void* stream);
 template <typename T, int K>
 void launch_mixer_scan_fwd5(const MixerScanParams& p, void* stream);
+// v5 writing the sub-chunk checkpoints too (16-bit, K = 4 / 8; mixer_scan_fwd5s_*.cu): false where it has no kernel.
+template <typename T, int K>
+bool launch_mixer_scan_fwd5_sub(const MixerScanParams& p, void* stream);
 // v7 (mixer_scan_fwd7.cuh, 16-bit activations): tensor-core input product and readout, 4 heads per block.
 template <typename T>
 void launch_mixer_scan_fwd7(const MixerScanParams& p, void* stream);
