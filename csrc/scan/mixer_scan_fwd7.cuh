@@ -449,16 +449,14 @@ __global__ void __launch_bounds__(kThreads, 4)
         h[nt][i] = first_doc && p.init_ssm != nullptr ? p.init_ssm[((int64_t)b * D + cs) * kN + n] : 0.f;
       }
   };
-  auto store_h = [&](float* base, bool stream) {  // base = the (b, D, 16)-layout row block of this sequence
+  auto store_h = [&](float* base) {  // base = the (b, D, 16)-layout row block of this sequence
     if (!has_head) return;
 #pragma unroll
     for (int r = 0; r < 2; ++r)
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        float2* const at = reinterpret_cast<float2*>(base + (int64_t)(c0 + 2 * g + r) * kN + nt * 8 + 2 * q);
-        if (stream) __stcs(at, make_float2(h[nt][2 * r], h[nt][2 * r + 1]));
-        else *at = make_float2(h[nt][2 * r], h[nt][2 * r + 1]);
-      }
+      for (int nt = 0; nt < 2; ++nt)
+        *reinterpret_cast<float2*>(base + (int64_t)(c0 + 2 * g + r) * kN + nt * 8 + 2 * q) =
+            make_float2(h[nt][2 * r], h[nt][2 * r + 1]);
   };
 
   // The first tile's halo (xf[par] rows 0..2) is copied from rows kChunk.. of the other parity: the initial conv
@@ -551,7 +549,7 @@ __global__ void __launch_bounds__(kThreads, 4)
         }
       }
       // checkpoint `tile` = the state after token t0 - 1: this document's when it holds that token (kVar)
-      if (p.ckpt != nullptr && (!kVar || ts < t0 || ts == 0)) store_h(p.ckpt + ((int64_t)b * n_tiles + tile) * D * kN, APRIEL_SCAN_CKPT_STORE_CS >= 2);
+      if (p.ckpt != nullptr && (!kVar || ts < t0 || ts == 0)) store_h(p.ckpt + ((int64_t)b * n_tiles + tile) * D * kN);
       if constexpr (kSeq) starts = doc_starts(doc_ids, lane);
       // (b, n_tiles, 3, D, 16): this tile's sub-chunk checkpoints, or nullptr
       float* const sub_rows = kSubCk ? p.ckpt_sub + ((int64_t)b * n_tiles + tile) * 3 * D * kN : nullptr;
@@ -637,8 +635,8 @@ __global__ void __launch_bounds__(kThreads, 4)
         if constexpr (kSubCk) {  // and the states after tile tokens 7, 15, 23 (sub-chunk checkpoints j = 0, 1, 2)
           float* const row = sub_rows + (int64_t)(2 * hf) * D * kN;
           scan_half<T, kSeq>(sm.du[w], sm.bop[par], hf * kHalf / 2, bsel, sm.cop[w], sm.yf[w], A2, h, g, q,
-                             [&]() { store_h(row, APRIEL_SCAN_CKPT_STORE_CS >= 1); });
-          if (hf == 0) store_h(row + (int64_t)D * kN, APRIEL_SCAN_CKPT_STORE_CS >= 1);
+                             [&]() { store_h(row); });
+          if (hf == 0) store_h(row + (int64_t)D * kN);
         } else {
           scan_half<T, kSeq>(sm.du[w], sm.bop[par], hf * kHalf / 2, bsel, sm.cop[w], sm.yf[w], A2, h, g, q);
         }
@@ -660,10 +658,10 @@ __global__ void __launch_bounds__(kThreads, 4)
     if constexpr (kVar) {
       // A document that ends on a tile boundary before the sequence's end: the next tile's checkpoint is its state.
       if (te < L && te % kChunk == 0 && p.ckpt != nullptr)
-        store_h(p.ckpt + ((int64_t)b * n_tiles + te / kChunk) * D * kN, APRIEL_SCAN_CKPT_STORE_CS >= 2);
+        store_h(p.ckpt + ((int64_t)b * n_tiles + te / kChunk) * D * kN);
       if (te < L) continue;  // the final states are the sequence's last document's
     }
-    store_h(p.final_ssm + (int64_t)b * D * kN, false);
+    store_h(p.final_ssm + (int64_t)b * D * kN);
     // Final conv state: the last W-1 x inputs (xf rows Tv+3-hw .. Tv+2 of the last tile), by the group's first block.
     const int hw = W - 1, last_par = kt_last & 1;
     if ((kPartial ? sub == 0 : head0 % p.heads_per_group == 0) && tid < kN * hw) {  // the group's first block

@@ -23,24 +23,15 @@ __device__ __forceinline__ void load_states(const float* row, float (&v)[NS]) {
   }
 }
 
-// EXPERIMENT (session 31): checkpoint stores as st.global.cs (evict-first: rows this kernel never reads again) -
-// 0 plain, 1 the sub-chunk rows, 2 every checkpoint row.
-#ifndef APRIEL_SCAN_CKPT_STORE_CS
-#define APRIEL_SCAN_CKPT_STORE_CS 0
-#endif
-template <int NS, bool kStream = false>
+template <int NS>
 __device__ __forceinline__ void store_states(float* row, const float (&v)[NS]) {
   if constexpr (NS == 1) {
-    if constexpr (kStream) __stcs(row, v[0]); else row[0] = v[0];
+    row[0] = v[0];
   } else if constexpr (NS == 2) {
-    if constexpr (kStream) __stcs(reinterpret_cast<float2*>(row), make_float2(v[0], v[1]));
-    else *reinterpret_cast<float2*>(row) = make_float2(v[0], v[1]);
+    *reinterpret_cast<float2*>(row) = make_float2(v[0], v[1]);
   } else {
 #pragma unroll
-    for (int i = 0; i < NS; i += 4) {
-      if constexpr (kStream) __stcs(reinterpret_cast<float4*>(row + i), make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]));
-      else *reinterpret_cast<float4*>(row + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
-    }
+    for (int i = 0; i < NS; i += 4) *reinterpret_cast<float4*>(row + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
   }
 }
 
