@@ -60,14 +60,15 @@ def _checkpoint_mode(zxbc: Tensor, dt_low: Tensor, seq_idx: Optional[Tensor], d_
 
     With 2 the v7 backward loads the states it needs at its 8-token sub-chunk starts instead of recomputing them from
     the chunk's checkpoint (its "pass A"; session 30, docs/notes/scan.md: backward -6 to -11 %, fwd+bwd -6 % at b4 / b8
-    L4096 d_inner 4096). The v7 forward and, since session 31, the v5 forward without documents write them (and set
-    the flag; with any other kernel the flag stays 0 and the backward recomputes). APRIEL_SCAN_CKPT picks:
+    L4096 d_inner 4096). The v7 forward and, since session 31, the v5 forward and the varlen v7 (packed documents at
+    small grids) for whole groups of 4 heads write them and set the flag; with any other kernel the flag stays 0 and
+    the backward recomputes. APRIEL_SCAN_CKPT picks:
       tile (the default): 1 - 8 KB per token at d_inner 4096 (b8 L4096: 268 MB per call), far below what mamba-ssm
         saves per token (issue 3);
       sub: 2 where the forward's dispatcher runs such a kernel and the backward a v7 kernel that reads them (asked of
-        the extension: 16-bit activations, dt_rank <= 16, 16-byte aligned rows, not one head per group; with packed
-        documents only where v7 runs without the varlen plan), else 1; 32 KB per token (b8 L4096: 1,074 MB), for
-        training with memory to spare (or activation checkpointing, which keeps one layer's at a time);
+        the extension: 16-bit activations, dt_rank <= 16, 16-byte aligned rows, not one head per group; under the
+        varlen plan whole groups of 4 heads), else 1; 32 KB per token (b8 L4096: 1,074 MB), for training with memory
+        to spare (or activation checkpointing, which keeps one layer's at a time);
       sub-always: 2 wherever checkpoints are saved (tests).
     """
     if not save_checkpoints:

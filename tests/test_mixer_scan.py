@@ -1197,7 +1197,8 @@ def test_backward_v7_sequence_split(case, dtype, monkeypatch):
 
 # Sub-chunk checkpoints (session 30, APRIEL_SCAN_CKPT=sub / sub-always): the v7 forward also saves the states after
 # tokens 7, 15, 23 of every 32-token tile, and the v7 backward loads them instead of recomputing them from the tile's
-# checkpoint (pass A). Since session 31 the v5 forward without documents writes them too (K = 8 with TMA staging, K = 4).
+# checkpoint (pass A). Since session 31 the v5 forward writes them too (K = 8 with TMA staging, K = 4), and the varlen
+# v7 forward for whole groups of 4 heads (each row by the block whose document holds its token).
 # Shapes: ragged last tiles (L 9 / 33 / 1000 / 4097: sub-chunks past the sequence end), 8 heads per group, 3 / 7 / 2 / 1
 # heads per group (kPartial forward; kSpan / kMulti backward), packed documents (kSeq), initial states, a forced split.
 SUB_CKPT_CASES = [
@@ -1219,15 +1220,19 @@ def _forward_checkpoints(args, kw, seq):
     return mixer_scan_fwd(*_fwd_op_args(args, kw, seq))[3]
 
 
+# (forced forward, case): v7, v5 K = 8 / K = 4 on every case, the varlen v7 (forced v7var) on the packed ones
+SUB_CKPT_RUNS = [pytest.param(fwd, c, id=f"{fwd}-b{c[0]}-L{c[1]}-D{c[2]}-X{c[3]}-S{c[7]}-{c[8] or 'plain'}")
+                 for fwd in ("v7", "v5k8", "v5k4", "v7var") for c in SUB_CKPT_CASES
+                 if fwd != "v7var" or "packed" in c[8]]
+
+
 @gpu
 @needs_kernel
-@pytest.mark.parametrize("forward", ["v7", "v5k8", "v5k4"])
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=DT_IDS[:2])
-@pytest.mark.parametrize("case", SUB_CKPT_CASES,
-                         ids=lambda c: f"b{c[0]}-L{c[1]}-D{c[2]}-X{c[3]}-S{c[7]}-{c[8] or 'plain'}")
-def test_backward_v7_sub_checkpoints(case, dtype, forward, monkeypatch):
-    """The forward writes the sub-chunk checkpoints and sets their flag (v5 with documents writes none: flag 0); the
-    backward that loads them matches float64 for every gradient and is bitwise repeatable."""
+@pytest.mark.parametrize("forward,case", SUB_CKPT_RUNS)
+def test_backward_v7_sub_checkpoints(forward, case, dtype, monkeypatch):
+    """The forward writes the sub-chunk checkpoints and sets their flag; the backward that loads them matches float64
+    for every gradient and is bitwise repeatable."""
     b, L, D_, X, repeat, width, rank, segments, extra = case
     monkeypatch.setenv("APRIEL_SCAN_CKPT", "sub-always")
     monkeypatch.setenv("APRIEL_SCAN_FWD", forward)
@@ -1239,10 +1244,8 @@ def test_backward_v7_sub_checkpoints(case, dtype, forward, monkeypatch):
     ckpt = _forward_checkpoints(args, kw, seq)
     tile_rows = b * ((L + 31) // 32) * D_ * N
     assert ckpt.shape == (4 * tile_rows + 1,), ckpt.shape
-    writes = forward == "v7" or seq is None
-    assert ckpt[-1].item() == float(writes), f"the {forward} forward's sub-chunk flag"
-    if writes:
-        assert torch.isfinite(ckpt).all(), "a sub-chunk checkpoint was left unwritten"
+    assert ckpt[-1].item() == 1.0, f"the {forward} forward did not flag its sub-chunk checkpoints"
+    assert torch.isfinite(ckpt).all(), "a sub-chunk checkpoint was left unwritten"
     weights = _loss_weights(args, kw, dtype, seed=6)
     _check_grads_repeatable(args, kw, weights, seq)
 
@@ -1250,8 +1253,10 @@ def test_backward_v7_sub_checkpoints(case, dtype, forward, monkeypatch):
 @gpu
 @needs_kernel
 @pytest.mark.parametrize("case", [(2, 100, 128, 32, False, "v7"), (1, 77, 64, 16, True, "v7"),
-                                  (2, 100, 128, 32, False, "v5k8"), (3, 77, 64, 16, False, "v5k4")],
-                         ids=["b2-L100", "b1-L77-packed", "b2-L100-v5k8", "b3-L77-v5k4"])
+                                  (2, 100, 128, 32, False, "v5k8"), (3, 77, 64, 16, False, "v5k4"),
+                                  (1, 77, 64, 16, True, "v5k8"), (2, 100, 128, 32, True, "v7var")],
+                         ids=["b2-L100", "b1-L77-packed", "b2-L100-v5k8", "b3-L77-v5k4", "b1-L77-packed-v5k8",
+                              "b2-L100-packed-v7var"])
 def test_sub_checkpoints_are_the_states_after_tokens_7_15_23(case, monkeypatch):
     """Each sub-chunk row equals the float64 reference's state after its token (the final state of that prefix)."""
     b, L, D_, X, packed, forward = case
@@ -1259,9 +1264,12 @@ def test_sub_checkpoints_are_the_states_after_tokens_7_15_23(case, monkeypatch):
     monkeypatch.setenv("APRIEL_SCAN_FWD", forward)
     args, kw = make_inputs(b, L, D_, X, dtype=torch.bfloat16, device="cuda", initial_states=True, seed=43)
     seq = packed_seq_idx(b, L, [5, 30, 40], "cuda") if packed else None
-    if forward == "v5k8":  # the TMA kernel with the rows (the cp.async one writes none)
+    if forward in ("v5k8", "v7var"):  # the kernels with the rows (v5 K = 8: the TMA one; varlen: the plan's pick)
         names = _cuda_kernels_run(lambda: _forward_checkpoints(args, kw, seq))
-        assert any("mixer_scan_fwd4_kernel" in n and "8, 16, false, true, 5, true, true>" in n for n in names), names
+        docs = "true" if packed else "false"
+        want = ("mixer_scan_fwd4_kernel", f"8, 16, {docs}, true, 5, true, true>") if forward == "v5k8" else \
+            ("mixer_scan_fwd7_kernel", "true, true, true, false, true>")
+        assert any(want[0] in n and want[1] in n for n in names), names
     ckpt = _forward_checkpoints(args, kw, seq)
     assert ckpt[-1].item() == 1.0
     tiles = (L + 31) // 32
@@ -1286,13 +1294,17 @@ def test_sub_checkpoints_are_the_states_after_tokens_7_15_23(case, monkeypatch):
 
 @gpu
 @needs_kernel
-@pytest.mark.parametrize("forward", ["v4", "v5-packed"])
+@pytest.mark.parametrize("forward", ["v4", "v7-cp.async", "v7var-partial-packed"])
 def test_sub_checkpoints_without_a_writing_forward_fall_back_to_pass_a(forward, monkeypatch):
-    """A forward that writes no sub-chunk rows (forced v4; v5 with packed documents) leaves the flag at 0: the backward
-    recomputes the states (its pass A) and its gradients are those of the tile checkpoints, bit for bit."""
+    """A forward that writes no sub-chunk rows (forced v4; v7 staged by cp.async; the varlen v7 for 3 heads per group)
+    leaves the flag at 0: the backward recomputes the states (its pass A) and its gradients are those of the tile
+    checkpoints, bit for bit."""
     monkeypatch.setenv("APRIEL_SCAN_FWD", forward.split("-")[0])
     monkeypatch.setenv("APRIEL_SCAN_BWD", "v7")
-    args, kw = make_inputs(2, 300, 256, 64, dtype=torch.bfloat16, device="cuda", initial_states=True, seed=44)
+    if "cp.async" in forward:
+        monkeypatch.setenv("APRIEL_SCAN_TMA", "0")
+    d_inner = 192 if "partial" in forward else 256
+    args, kw = make_inputs(2, 300, d_inner, 64, dtype=torch.bfloat16, device="cuda", initial_states=True, seed=44)
     seq = v7_seq_idx(2, 300, forward)
     weights = _loss_weights(args, kw, torch.bfloat16, seed=7)
     monkeypatch.setenv("APRIEL_SCAN_CKPT", "sub-always")
@@ -1353,9 +1365,9 @@ def test_sub_checkpoints_under_compile_and_cuda_graph(monkeypatch):
 @needs_kernel
 def test_checkpoint_mode_sub_follows_the_forward_dispatch(monkeypatch):
     """sub: sub-chunk checkpoints where the forward runs a kernel that writes them - v7 (by its grid rule for whole
-    groups of 4 heads, the estimate for other head counts), and v5 without documents below it - but not the varlen
-    plan (packed documents at small grids), dt_rank > 16, fp32 or one head per group (the kMulti backward reads none):
-    tile checkpoints there; the fake (torch.compile) agrees with the kernel's buffer; unset: tile."""
+    groups of 4 heads, the estimate for other head counts), v5 below it, the varlen plan's kernels for whole groups -
+    but not dt_rank > 16, fp32, one head per group (the kMulti backward reads none) or the varlen plan with partial
+    groups: tile checkpoints there; the fake (torch.compile) agrees with the kernel's buffer; unset: tile."""
     from apriel_kernels.mixer_scan import _checkpoint_mode
     monkeypatch.setenv("APRIEL_SCAN_CKPT", "sub")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -1373,7 +1385,8 @@ def test_checkpoint_mode_sub_follows_the_forward_dispatch(monkeypatch):
     assert mode(nb, 4096, 1024, dtype=torch.float32) == 1 and mode(1, 4096, 1024, dtype=torch.float32) == 1
     assert mode(nb, 4096, 1024, rank=24) == 1 and mode(1, 4096, 1024, rank=24) == 1  # dt_rank <= 16 only
     assert mode(nb, 4096, 1024, docs=True) == 2  # v7 with documents
-    assert mode(1, 4096, 1024, docs=True) == 1  # the varlen plan's kernels
+    assert mode(1, 4096, 1024, docs=True) == 2  # the varlen plan's kernels (v5 or the varlen v7)
+    assert mode(1, 3072, 1024, docs=True) == 1  # ... but the varlen v7 for 3 heads per group writes none
     assert mode(1, 2048, 2048) == 1 and mode(nb, 2048, 2048) == 1  # one head per group: the kMulti backward
     if sms == 132:  # test_forward_default_with_partial_groups's H100 choices
         assert mode(8, 3072, 1024) == 2  # Llama-3.2-3B's mixer: v7

@@ -330,9 +330,9 @@ template <typename T, int K, int kR, int kVer> constexpr int kMinBlocks = kVer >
 #endif
 
 // kTma (v5 K = 8 only, see launch): the tiles arrive by TMA (stage_tma) instead of cp.async; the rest is the same code.
-// kSubCk (session 31, v5 without documents): also the sub-chunk checkpoints p.ckpt_sub (the states after tokens 7, 15,
-// 23 of every tile) and their flag, as the v7 forward's kSubCk writes them (APRIEL_SCAN_CKPT=sub): the v7 backward
-// then skips its pass A at batch 1-3 too. A template flag: a runtime branch in the unrolled scan moves ptxas's schedule
+// kSubCk (session 31, 16-bit v5): also the sub-chunk checkpoints p.ckpt_sub (the states after tokens 7, 15, 23 of
+// every tile) and their flag, as the v7 forward's kSubCk writes them (APRIEL_SCAN_CKPT=sub): the v7 backward then skips
+// its pass A at batch 1-3 too (with packed documents: where the varlen plan leaves the call to v5). A template flag: a runtime branch in the unrolled scan moves ptxas's schedule
 // of the kernel without them (session 30).
 template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4, bool kTma = false, bool kSubCk = false>
 __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
@@ -353,7 +353,7 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
   // register cap (W_dt in registers for the CUDA-core dot): the 3 pointers and both live softplus branches spilled
   // 24 more bytes there.
   constexpr bool kV5Diet = kV5 && sizeof(T) == 2;
-  static_assert(!kSubCk || (kV5Diet && !kSeq), "sub-chunk checkpoints: the 16-bit v5 kernel without documents");
+  static_assert(!kSubCk || kV5Diet, "sub-chunk checkpoints: the 16-bit v5 kernels");
   // Packed documents: the varlen plan (mixer_scan_plan.cu) chose the varlen v7 kernel for this call, which does the work.
   if constexpr (kSeq) {
     if (p.fwd_skip != nullptr && *p.fwd_skip != 0) return;
@@ -913,7 +913,7 @@ void launch_kernel(const MixerScanParams& p, const tma::ScanMaps& maps, void* st
 // array, and it was not measured.
 template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4>
 void launch(const MixerScanParams& p, void* stream) {
-  if constexpr (kVer >= 5 && sizeof(T) == 2 && kR == 16 && !kSeq && kRawBC) {
+  if constexpr (kVer >= 5 && sizeof(T) == 2 && kR == 16 && kRawBC) {
     // (instantiated in mixer_scan_fwd5s_*.cu; false where it has no kernel for p: the kernels below write no rows,
     // their flag stays 0 and the backward recomputes them)
     if (p.ckpt_sub != nullptr && launch_mixer_scan_fwd5_sub<T, K>(p, stream)) return;
@@ -933,24 +933,29 @@ void launch(const MixerScanParams& p, void* stream) {
 }  // namespace scan4
 
 #ifdef APRIEL_SCAN_V5_SUB_TU  // (defined only in mixer_scan_fwd5s_*.cu: the other TUs link to their instances)
-// v5 with sub-chunk checkpoints (kSubCk), 16-bit, dt_rank <= 16, no documents: K = 8 with TMA staging (the batch 1-2
-// kernel at d_inner 4096), K = 4 with cp.async (batch 3). False where p would run another kernel (K = 8 without TMA).
-template <typename T, int K>
-bool launch_mixer_scan_fwd5_sub(const MixerScanParams& p, void* stream) {
+// v5 with sub-chunk checkpoints (kSubCk), 16-bit, dt_rank <= 16, with or without documents: K = 8 with TMA staging (the
+// batch 1-2 kernel at d_inner 4096), K = 4 with cp.async (batch 3). False where p would run another kernel (K = 8
+// without TMA).
+template <typename T, int K, bool kSeq>
+bool launch_fwd5_sub(const MixerScanParams& p, void* stream) {
   tma::ScanMaps maps{};
   if constexpr (K == 8) {
 #if APRIEL_TMA
     if (!scan4::encode_scan_maps(p, maps)) return false;
-    scan4::launch_kernel<T, 8, 16, false, true, 5, true, true>(p, maps, stream);
+    scan4::launch_kernel<T, 8, 16, kSeq, true, 5, true, true>(p, maps, stream);
     return true;
 #else
     (void)p; (void)stream;
     return false;
 #endif
   } else {
-    scan4::launch_kernel<T, K, 16, false, true, 5, false, true>(p, maps, stream);
+    scan4::launch_kernel<T, K, 16, kSeq, true, 5, false, true>(p, maps, stream);
     return true;
   }
+}
+template <typename T, int K>
+bool launch_mixer_scan_fwd5_sub(const MixerScanParams& p, void* stream) {
+  return p.seq_idx != nullptr ? launch_fwd5_sub<T, K, true>(p, stream) : launch_fwd5_sub<T, K, false>(p, stream);
 }
 #endif
 

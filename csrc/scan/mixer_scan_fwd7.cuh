@@ -350,7 +350,7 @@ template <typename T, bool kTma, bool kSeq = false, bool kVar = false, bool kPar
 __global__ void __launch_bounds__(kThreads, 4)
     mixer_scan_fwd7_kernel(MixerScanParams p, const __grid_constant__ tma::ScanMaps maps) {
   static_assert(!kVar || kSeq, "varlen scheduling is for packed documents");
-  static_assert(!(kVar && kSubCk), "the varlen kernel writes no sub-chunk checkpoints");
+  static_assert(!(kVar && kPartial && kSubCk), "the varlen kernel with partial groups writes no sub-chunk checkpoints");
   extern __shared__ __align__(128) unsigned char smem_raw[];  // 128: TMA destinations (raw slices) are 1 KB apart
   using SM = Smem7<T>;
   SM& sm = *reinterpret_cast<SM*>(smem_raw);
@@ -385,8 +385,8 @@ __global__ void __launch_bounds__(kThreads, 4)
     stage<T>(p, sm.raw[0], b, head0, group, 0, tid, n_heads);
     scan4::cp_async_commit();
   }
-  // The sub-chunk checkpoints' flag (the host zeroed it; this kernel writes every row)
-  if constexpr (kSubCk) {
+  // The sub-chunk checkpoints' flag (the host zeroed it; this kernel writes every row; kVar: below)
+  if constexpr (kSubCk && !kVar) {
     if (blockIdx.x == 0 && blockIdx.y == 0 && tid == 0) *p.ckpt_sub_flag = 1.f;
   }
   // kVar: the block's first document, taken before the per-channel constants: when the plan did not pick varlen
@@ -401,6 +401,11 @@ __global__ void __launch_bounds__(kThreads, 4)
   if constexpr (kVar) {
     item = take_document();
     if (item < 0) return;
+    // kSubCk: the plan picked varlen (its list is not empty; the v5 kernel returned at once): this launch writes every
+    // row, the block that took column 0's first document sets the flag
+    if constexpr (kSubCk) {
+      if (item == 0 && blockIdx.x == 0 && tid == 0) *p.ckpt_sub_flag = 1.f;
+    }
   }
 
   // Per-lane constants of the prep: channel 4q + j of this head (j = 2 nt + e).
@@ -633,10 +638,13 @@ __global__ void __launch_bounds__(kThreads, 4)
         }
         __syncwarp();
         if constexpr (kSubCk) {  // and the states after tile tokens 7, 15, 23 (sub-chunk checkpoints j = 0, 1, 2)
+          // kVar (session 31): a row is this document's when it holds the row's token (the sequence's last document
+          // also writes the rows past its end: h kept there, as without kVar) - each row has one writer
+          auto holds = [&](int tok) { return !kVar || (tok >= ts && (tok < te || te == L)); };
           float* const row = sub_rows + (int64_t)(2 * hf) * D * kN;
           scan_half<T, kSeq>(sm.du[w], sm.bop[par], hf * kHalf / 2, bsel, sm.cop[w], sm.yf[w], A2, h, g, q,
-                             [&]() { store_h(row); });
-          if (hf == 0) store_h(row + (int64_t)D * kN);
+                             [&]() { if (holds(t0 + hf * kHalf + 7)) store_h(row); });
+          if (hf == 0 && holds(t0 + 15)) store_h(row + (int64_t)D * kN);
         } else {
           scan_half<T, kSeq>(sm.du[w], sm.bop[par], hf * kHalf / 2, bsel, sm.cop[w], sm.yf[w], A2, h, g, q);
         }
@@ -703,7 +711,7 @@ void launch_docs(const MixerScanParams& p, void* stream, int columns) {
   tma::ScanMaps maps{};
 #if APRIEL_TMA
   if (scan4::encode_scan_maps(p, maps)) {
-    if constexpr (!kVar) {
+    if constexpr (!(kVar && kPartial)) {
       if (p.ckpt_sub != nullptr) {  // (without CUTLASS none are written: their flag stays 0, the backward recomputes)
         static const bool configured_sub = allow_smem(
             reinterpret_cast<const void*>(mixer_scan_fwd7_kernel<T, true, kSeq, kVar, kPartial, true>), smem);

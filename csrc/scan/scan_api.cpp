@@ -328,7 +328,6 @@ Tensor plan_documents(const int* seq_idx, int batch, int seqlen, const VarlenSet
 // when the plan picked varlen, fwd_skip); force: varlen whenever the documents fit (APRIEL_SCAN_FWD=v7var).
 template <typename T>
 void launch_fwd_varlen(MixerScanParams p, void* stream, int version, bool force, int sms) {
-  p.ckpt_sub = nullptr;  // (neither kernel here writes sub-chunk checkpoints: their flag stays 0)
   const VarlenSetup v = varlen_setup(p.batch, p.seqlen, p, sms);
   Tensor ws = plan_documents(p.seq_idx, p.batch, p.seqlen, v, force, stream);
   int* w = ws.data_ptr<int>();
@@ -367,8 +366,8 @@ FwdChoice fwd_choice(const MixerScanParams& p, at::ScalarType st, int sms) {
   return {version, false};
 }
 
-// p.ckpt_sub (sub-chunk checkpoints): the v7 kernel without the varlen plan writes them (and sets their flag), and
-// since session 31 the 16-bit v5 kernels without documents (K = 8 with TMA staging, K = 4).
+// p.ckpt_sub (sub-chunk checkpoints): the v7 kernels write them (and set their flag), and since session 31 the 16-bit
+// v5 kernels (K = 8 with TMA staging, K = 4) and the varlen v7 kernel for whole groups of 4 heads.
 void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   const int sms = sm_count();
@@ -392,8 +391,9 @@ void launch_fwd(const MixerScanParams& p, at::ScalarType st) {
 }
 
 // Whether the forward would run a kernel that writes sub-chunk checkpoints (and the backward would load them), for
-// 16-bit activations of this mixer shape with 16-byte aligned rows: v7 without the varlen plan, or v5 without
-// documents (dt_rank <= 16; K = 8 where its TMA maps encode, which aligned rows give). apriel_kernels.mixer_scan.
+// 16-bit activations of this mixer shape with 16-byte aligned rows: v7, v5 (dt_rank <= 16; K = 8 where its TMA maps
+// encode, which aligned rows give), and under the varlen plan (packed documents at small grids; v5 or the varlen v7,
+// picked on the device) both of its kernels where groups hold whole blocks of 4 heads. apriel_kernels.mixer_scan.
 // _checkpoint_mode asks before it sizes the buffer: the fake and the kernel agree, and no buffer is sized for rows that
 // nobody writes.
 bool mixer_scan_fwd_writes_sub_checkpoints(int64_t batch, int64_t d_inner, int64_t d_xb, int64_t dt_rank,
@@ -412,8 +412,9 @@ bool mixer_scan_fwd_writes_sub_checkpoints(int64_t batch, int64_t d_inner, int64
   p.seq_idx = documents ? &kDocMarker : nullptr;  // (only its presence is read)
   const FwdChoice c = fwd_choice(p, at::kBFloat16, sm_count());
   // (one head per group: the backward's kMulti kernel has no sub-chunk variant - mixer_scan_bwd7.cuh launch_for)
-  if (c.varlen || p.heads_per_group == 1 || !mixer_scan_bwd7_supports(p)) return false;
-  return c.version == 107 || ((c.version == 104 || c.version == 108) && !documents);
+  if (p.heads_per_group == 1 || !mixer_scan_bwd7_supports(p)) return false;
+  if (c.varlen) return p.heads_per_group % 4 == 0;  // (the varlen kernel with partial groups writes none)
+  return c.version == 107 || c.version == 104 || c.version == 108;
 }
 
 // Backward version. Default: v7 (mixer_scan_bwd7.cuh: the adjoint in the forward v7's tensor-core layout, one
