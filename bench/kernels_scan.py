@@ -21,11 +21,11 @@ else v5 K = 4.
 APRIEL_BENCH_SCAN_FWD_PROVIDERS=a,b,... keeps only those forward providers (shorter A/B runs).
 fwd+bwd and bwd rows: "apriel" (default dispatch: backward v7 where the grid fills the GPU, else v4),
 "apriel[ckpt=sub]" (session 30: the forward also saves the states after tokens 7, 15, 23 of every tile - where v7
-runs, and since session 31 where v5 runs without documents: every row here - and the backward loads them instead of
-recomputing them; APRIEL_SCAN_CKPT=sub, 4x the checkpoint memory), "apriel[bwd=v4]" / "apriel[bwd=v7]" (forced, APRIEL_SCAN_BWD), "apriel[bwd-bc=f32]" (v4 reading fp32 copies
-of B / C instead of the raw 16-bit tile, APRIEL_SCAN_BWD_BC=f32), "apriel[bwd=v3]" (the previous backward,
-APRIEL_SCAN_BWD=v3, forward unchanged) and "apriel-v3" (both previous kernels); APRIEL_BENCH_SCAN_BWD_PROVIDERS=a,b
-keeps only those; APRIEL_BENCH_SCAN_BWD_B4=1 adds b4 L4096.
+runs, and since session 31 where v5 runs: every row here - and the backward loads them instead of recomputing them;
+APRIEL_SCAN_CKPT=sub, 4x the checkpoint memory), "apriel[bwd=v4]" / "apriel[bwd=v7]" (forced, APRIEL_SCAN_BWD),
+"apriel[bwd-bc=f32]" (v4 reading fp32 copies of B / C instead of the raw 16-bit tile, APRIEL_SCAN_BWD_BC=f32),
+"apriel[bwd=v3]" (the previous backward, APRIEL_SCAN_BWD=v3, forward unchanged) and "apriel-v3" (both previous
+kernels); APRIEL_BENCH_SCAN_BWD_PROVIDERS=a,b keeps only those; APRIEL_BENCH_SCAN_BWD_B4=1 adds b4 L4096.
 APRIEL_BENCH_SCAN_PHASES=bwd (or fwd) restricts the run to the fwd+bwd / bwd rows (or the fwd rows): one
 device call can then A/B the backward versions in ~30 s.
 Packed documents (session 17; the distill module's default layout): "apriel-packed" / "apriel-packed-graph" time the

@@ -93,8 +93,8 @@ LOG="$OUT_DIR/scan_sanitizer.log"
 # backward loads them): v7sub = without documents, 2 segments; v7subp = with documents, unsplit; v7subr3 = 3 heads per
 # group (D 96 / X 32: the forward's kPartial, the backward's kSpan), 2 segments; v7subr1 = one head per group (the
 # forward writes them, the kMulti backward, which has no sub-chunk variant, ignores them).
-# session 31: the v5 forward writing them: v5subk8 = K = 8 with TMA staging, v5subk4 = K = 4 (cp.async), v5subk8p = K = 8
-# with documents; v7varsub = the varlen v7 writing them (documents, each row by the block holding its token).
+# session 31: the v5 forward writing them: v5subk8 = K = 8 with TMA staging, v5subk4 = K = 4 (cp.async), v5subk8p =
+# K = 8 with documents; v7varsub = the varlen v7 writing them (documents, each row by the block holding its token).
 ALL_VERSIONS="v4k8 v4k4 v3 v5k4 v5k8 v5k8t v5k8p v7 v7s1 v7c v7p v7pc v7pc4 v7var v7var1 v7r3 v7r3c v7r5 v7r3s v7r3sc"
 ALL_VERSIONS+=" v7r2f v7r8 v7varr3 v7varr5 v7r1 v7r1c v7sub v7subp v7subr3 v7subr1 v5subk8 v5subk4 v5subk8p v7varsub"
 for version in ${SCAN_SANITIZER_VERSIONS:-$ALL_VERSIONS}; do

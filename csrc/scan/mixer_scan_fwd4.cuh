@@ -332,8 +332,8 @@ template <typename T, int K, int kR, int kVer> constexpr int kMinBlocks = kVer >
 // kTma (v5 K = 8 only, see launch): the tiles arrive by TMA (stage_tma) instead of cp.async; the rest is the same code.
 // kSubCk (session 31, 16-bit v5): also the sub-chunk checkpoints p.ckpt_sub (the states after tokens 7, 15, 23 of
 // every tile) and their flag, as the v7 forward's kSubCk writes them (APRIEL_SCAN_CKPT=sub): the v7 backward then skips
-// its pass A at batch 1-3 too (with packed documents: where the varlen plan leaves the call to v5). A template flag: a runtime branch in the unrolled scan moves ptxas's schedule
-// of the kernel without them (session 30).
+// its pass A at batch 1-3 too (with packed documents: where the varlen plan leaves the call to v5). A template flag: a
+// runtime branch in the unrolled scan moves ptxas's schedule of the kernel without them (session 30).
 template <typename T, int K, int kR, bool kSeq, bool kRawBC, int kVer = 4, bool kTma = false, bool kSubCk = false>
 __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
     mixer_scan_fwd4_kernel(MixerScanParams p, const __grid_constant__ tma::ScanMaps maps) {
