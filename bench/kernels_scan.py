@@ -32,7 +32,8 @@ Packed documents (session 17; the distill module's default layout): "apriel-pack
 default dispatch with seq_idx (documents of 500-1,500 tokens) at b1 L8192 and b8 L4096 - at batch 1-3 a plan on the
 device picks the varlen v7 forward (blocks over (channel group, document)) when the documents are short enough -
 and "apriel-packed[varlen=0]" without that plan (APRIEL_SCAN_VARLEN=0: the session-16 dispatch); fwd+bwd rows
-"apriel-packed". No bar applies to them (the bars are single sequences). APRIEL_BENCH_SCAN_PACKED=0 leaves them out.
+"apriel-packed" and "apriel-packed[ckpt=sub]" (session 31: the varlen plan's kernels write the sub-chunk
+checkpoints too). No bar applies to them (the bars are single sequences). APRIEL_BENCH_SCAN_PACKED=0 leaves them out.
 """
 from __future__ import annotations
 
@@ -157,11 +158,11 @@ def run(quick: bool = False) -> list[dict]:
                     ("apriel-v3", "v3", "v3", None))
         seq = packed_documents(batch, seqlen) if _packed_on() else None
         if seq is not None:
-            variants += (("apriel-packed", None, None, None),)
+            variants += (("apriel-packed", None, None, None), ("apriel-packed[ckpt=sub]", None, None, None))
         if keep := os.environ.get("APRIEL_BENCH_SCAN_BWD_PROVIDERS"):
             variants = tuple(v for v in variants if v[0] in keep.split(","))
         for provider, version, bwd, bc in variants:
-            ckpt = "sub" if provider == "apriel[ckpt=sub]" else None
+            ckpt = "sub" if provider.endswith("[ckpt=sub]") else None
             with env_override("APRIEL_SCAN_FWD", version), env_override("APRIEL_SCAN_BWD", bwd), \
                     env_override("APRIEL_SCAN_BWD_BC", bc), env_override("APRIEL_SCAN_CKPT", ckpt):
                 try:
