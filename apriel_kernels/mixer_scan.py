@@ -90,7 +90,7 @@ def _checkpoint_buffer(zxbc: Tensor, d_inner: int, mode: int) -> Tensor:
     """The checkpoint output's shape for a mode of _checkpoint_mode (the fake of the kernel's)."""
     batch, seqlen, _ = zxbc.shape
     tiles = (seqlen + CHUNK - 1) // CHUNK
-    if mode == 2:
+    if mode == 2:  # (1 + kSubCkptRows) x the tile checkpoints and the flag (csrc/scan/scan_params.h, scan_api.cpp)
         return zxbc.new_empty(4 * batch * tiles * d_inner * KERNEL_D_STATE + 1, dtype=torch.float32)
     if mode == 1:
         return zxbc.new_empty(batch, tiles, d_inner, KERNEL_D_STATE, dtype=torch.float32)

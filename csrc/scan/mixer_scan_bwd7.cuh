@@ -678,6 +678,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     // sub-chunk checkpoints where it wrote them (session 30), else recomputed from the tile's checkpoint.
     if constexpr (kSubCk) {
       if (has_head) {
+        static_assert(kNSub - 1 == kSubCkptRows, "a sub-chunk checkpoint at every sub-chunk start but the first");
         const float* cs = p.ckpt_sub_in + ((int64_t)b * n_tiles + tile) * (kNSub - 1) * D * kN;
 #pragma unroll
         for (int j = 0; j < kNSub - 1; ++j) {

@@ -716,12 +716,13 @@ __global__ void __launch_bounds__(kN * K, (kMinBlocks<T, K, kR, kVer>))
       scan::store_states<NS>(p.ckpt + (((int64_t)b * n_tiles + tile) * D + cs) * kN + j * NS, h);
   };
   // kSubCk: scan_tile's hook(t) runs before token t's update, so at t = 8, 16, 24 h is the state after token t - 1:
-  // sub-chunk row t / 8 - 1 of the tile, (b, n_tiles, 3, D, 16). (t is a constant in the unrolled scan: no branch.)
+  // sub-chunk row t / 8 - 1 of the tile, (b, n_tiles, kSubCkptRows, D, 16). (t is a constant in the unrolled scan: no
+  // branch.)
   auto store_sub = [&](int tile, int t) {
     if constexpr (kSubCk) {
       if (t == 8 || t == 16 || t == 24)
         scan::store_states<NS>(
-            p.ckpt_sub + ((((int64_t)b * n_tiles + tile) * 3 + t / 8 - 1) * D + cs) * kN + j * NS, h);
+            p.ckpt_sub + ((((int64_t)b * n_tiles + tile) * kSubCkptRows + t / 8 - 1) * D + cs) * kN + j * NS, h);
     }
   };
   if constexpr (kSubCk) {

@@ -43,8 +43,8 @@
 // 9 % slower than without documents), and the prep masks conv taps from another document and sets the decay
 // argument to +inf at a document start (ex2 -> 0 resets h; the FMA-pipe exponential clamps, so its exact 0 is
 // selected), as v5 does: the same arithmetic per token as separate calls (bitwise, tested).
-// Sub-chunk checkpoints (session 30, kSubCk): the states after tokens 7, 15, 23 of every tile too, for the v7 backward
-// (which then skips its pass A; APRIEL_SCAN_CKPT=sub).
+// Sub-chunk checkpoints (session 30, kSubCk; the varlen kernel for whole groups since session 31): the states after
+// tokens 7, 15, 23 of every tile too, for the v7 backward (which then skips its pass A; APRIEL_SCAN_CKPT=sub).
 // Not handled (the dispatcher falls back to v5 / v4): fp32 activations, dt_rank > 16, unaligned zxbc / dt_low rows
 // (no 16-byte copies).
 #pragma once
@@ -557,7 +557,7 @@ __global__ void __launch_bounds__(kThreads, 4)
       if (p.ckpt != nullptr && (!kVar || ts < t0 || ts == 0)) store_h(p.ckpt + ((int64_t)b * n_tiles + tile) * D * kN);
       if constexpr (kSeq) starts = doc_starts(doc_ids, lane);
       // (b, n_tiles, 3, D, 16): this tile's sub-chunk checkpoints, or nullptr
-      float* const sub_rows = kSubCk ? p.ckpt_sub + ((int64_t)b * n_tiles + tile) * 3 * D * kN : nullptr;
+      float* const sub_rows = kSubCk ? p.ckpt_sub + ((int64_t)b * n_tiles + tile) * kSubCkptRows * D * kN : nullptr;
 
       if (has_head)  // (warps without a head: only the block barrier and the conversions)
   #pragma unroll 1

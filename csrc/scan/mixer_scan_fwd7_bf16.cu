@@ -23,8 +23,6 @@ const bool kRegistered = [] {
   register_kernel({"scan", "mixer_scan_fwd7_varlen<bf16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__nv_bfloat16, false, true, true>), scan7::kThreads});
 #if APRIEL_TMA
   register_kernel({"scan", "mixer_scan_fwd7_varlen_tma<bf16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__nv_bfloat16, true, true, true>), scan7::kThreads});
-#endif
-#if APRIEL_TMA
   // sub-chunk checkpoints (kSubCk, session 30)
   register_kernel({"scan", "mixer_scan_fwd7_sub_tma<bf16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__nv_bfloat16, true, false, false, false, true>), scan7::kThreads});
   register_kernel({"scan", "mixer_scan_fwd7_varlen_sub_tma<bf16>", reinterpret_cast<const void*>(&scan7::mixer_scan_fwd7_kernel<__nv_bfloat16, true, true, true, false, true>), scan7::kThreads});  // session 31

@@ -410,9 +410,9 @@ bool mixer_scan_fwd_writes_sub_checkpoints(int64_t batch, int64_t d_inner, int64
   p.zxbc_vec16 = p.dt_vec16 = p.dy_vec16 = true;
   static const int kDocMarker = 0;
   p.seq_idx = documents ? &kDocMarker : nullptr;  // (only its presence is read)
-  const FwdChoice c = fwd_choice(p, at::kBFloat16, sm_count());
   // (one head per group: the backward's kMulti kernel has no sub-chunk variant - mixer_scan_bwd7.cuh launch_for)
   if (p.heads_per_group == 1 || !mixer_scan_bwd7_supports(p)) return false;
+  const FwdChoice c = fwd_choice(p, at::kBFloat16, sm_count());
   if (c.varlen) return p.heads_per_group % 4 == 0;  // (the varlen kernel with partial groups writes none)
   return c.version == 107 || c.version == 104 || c.version == 108;
 }
@@ -500,13 +500,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mixer_scan_fwd_cuda(
   Tensor y = at::empty({d.b, d.L, d.D}, zxbc.options());
   Tensor final_ssm = at::empty({d.b, d.D / kN, kN, kN}, f32);
   Tensor final_conv = at::empty({d.b, d.X, d.W - 1}, zxbc.options());
-  const int64_t tile_rows = d.b * d.n_chunks * d.D * kN;
+  const int64_t tile_rows = d.b * d.n_chunks * d.D * kN, flag_at = (1 + kSubCkptRows) * tile_rows;
   // 2: one flat buffer - the tile checkpoints (b, n_chunks, D, 16), the sub-chunk ones (b, n_chunks, 3, D, 16) and
   // their flag (mixer_scan_bwd_cuda reads it by its size)
-  Tensor ckpt = checkpoints == 2   ? at::empty({4 * tile_rows + 1}, f32)
+  Tensor ckpt = checkpoints == 2   ? at::empty({flag_at + 1}, f32)
                 : checkpoints == 1 ? at::empty({d.b, d.n_chunks, d.D, kN}, f32)
                                    : at::empty({0}, f32);
-  if (checkpoints == 2) ckpt.narrow(0, 4 * tile_rows, 1).zero_();  // (until a kernel writes the sub-chunk rows)
+  if (checkpoints == 2) ckpt.narrow(0, flag_at, 1).zero_();  // (until a kernel writes the sub-chunk rows)
   if (d.b == 0) return {y, final_ssm, final_conv, ckpt};
   if (d.L == 0) {
     final_ssm.copy_(init_ssm ? init_ssm->view_as(final_ssm) : at::zeros_like(final_ssm));
@@ -521,7 +521,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mixer_scan_fwd_cuda(
   p.ckpt = checkpoints > 0 ? ckpt.data_ptr<float>() : nullptr;
   if (checkpoints == 2) {
     p.ckpt_sub = p.ckpt + tile_rows;
-    p.ckpt_sub_flag = p.ckpt + 4 * tile_rows;
+    p.ckpt_sub_flag = p.ckpt + flag_at;
   }
   launch_fwd(p, zxbc.scalar_type());
   return {y, final_ssm, final_conv, ckpt};
@@ -564,11 +564,11 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   MixerScanParams p = fill_params(zxbc, dt_low, d, repeat, keep, conv_weight, conv_bias, dt_proj_weight,
                                   dt_proj_bias, A_log, Dskip, init_ssm, init_conv, seq_idx);
   Tensor ckpt;
-  const int64_t tile_rows = d.b * d.n_chunks * d.D * kN;
-  if (checkpoints && checkpoints->numel() == 4 * tile_rows + 1 && tile_rows > 0) {  // with sub-chunk checkpoints
+  const int64_t tile_rows = d.b * d.n_chunks * d.D * kN, flag_at = (1 + kSubCkptRows) * tile_rows;
+  if (checkpoints && checkpoints->numel() == flag_at + 1 && tile_rows > 0) {  // with sub-chunk checkpoints
     ckpt = checkpoints->contiguous();
     p.ckpt_sub_in = ckpt.data_ptr<float>() + tile_rows;
-    p.ckpt_sub_flag_in = ckpt.data_ptr<float>() + 4 * tile_rows;
+    p.ckpt_sub_flag_in = ckpt.data_ptr<float>() + flag_at;
   } else if (checkpoints && checkpoints->numel() == tile_rows) {
     ckpt = checkpoints->contiguous();
   } else if (d.L > 0 && d.b > 0) {  // forward ran without checkpoints: recompute them
@@ -782,7 +782,7 @@ TORCH_LIBRARY_FRAGMENT(apriel_C, m) {
         "Tensor dt_proj_bias, Tensor A_log, Tensor D, Tensor? initial_ssm_state, Tensor? initial_conv_state, "
         "Tensor? seq_idx, int d_inner, int d_xb, int d_state, bool repeat_kv_before_conv, Tensor dy, "
         "Tensor? dfinal_ssm_state, Tensor? dfinal_conv_state, Tensor? checkpoints) -> Tensor[]");
-  // Whether a 16-bit forward of this shape runs the v7 kernel that writes sub-chunk checkpoints (checkpoints = 2).
+  // Whether a 16-bit forward of this shape runs a kernel that writes sub-chunk checkpoints (checkpoints = 2).
   m.def("mixer_scan_fwd_writes_sub_checkpoints(int batch, int d_inner, int d_xb, int dt_rank, bool documents) -> bool",
         &apriel::mixer_scan_fwd_writes_sub_checkpoints);
   // The varlen plan of a packed-documents forward (mixer_scan_plan.cu), for tests and diagnostics.

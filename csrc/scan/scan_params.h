@@ -53,10 +53,10 @@ struct MixerScanParams {
   float* final_ssm;        // (b, D, 16)
   void* final_conv;        // (b, X, width-1), zxbc's dtype
   float* ckpt;             // (b, n_chunks, D, 16): state before each chunk, or nullptr
-  // Sub-chunk checkpoints (session 30, the v7 forward only; nullptr: none): the states after tokens 7, 15, 23 of
-  // every chunk, (b, n_chunks, 3, D, 16), and a flag set to 1 by the kernel that wrote them - the v7 backward then
-  // loads them instead of recomputing them (its pass A). Other forward kernels leave both alone (the host zeroes
-  // the flag first).
+  // Sub-chunk checkpoints (session 30; nullptr: none): the states after tokens 7, 15, 23 of every chunk, (b,
+  // n_chunks, kSubCkptRows = 3, D, 16), and a flag set to 1 by the kernel that wrote them - the v7 backward then
+  // loads them instead of recomputing them (its pass A). The v7 forwards, since session 31 the 16-bit v5 ones and
+  // the varlen v7 for whole groups write them; other forward kernels leave both alone (the host zeroes the flag first).
   float* ckpt_sub;
   float* ckpt_sub_flag;
 
@@ -160,6 +160,9 @@ inline bool mixer_scan_fwd7_applies(const MixerScanParams& p) {
 #else
 #define APRIEL_SCAN_HD
 #endif
+// Sub-chunk checkpoints (MixerScanParams::ckpt_sub) per tile: layout (b, n_tiles, kSubCkptRows, d_inner, 16), written
+// by the v5 / v7 forwards, read by the v7 backward, sized by the host (scan_api.cpp) and the op's fake (Python).
+constexpr int kSubCkptRows = 3;
 // The v7 forward's blocks per x / B group: ceil(heads_per_group / 4) (blocks of 4 warps, one head each).
 APRIEL_SCAN_HD inline int mixer_scan_v7_blocks_per_group(int heads_per_group) { return (heads_per_group + 3) / 4; }
 // The v7 forward's blocks per sequence (its grid's x): d_inner / 64 when heads_per_group is a multiple of 4;
