@@ -7,7 +7,8 @@ Timed region: from the in_proj output (zxbc, dt_low) to y, everything included (
 fwd+bwd adds the backward to every input gradient. floor_ms is the MUFU exp2 floor of kernels.md:
 65536 * b * L exponentials at 3.9e12 /s (one per (channel, state, token); the backward is held to the same
 floor, which it cannot reach: it needs >= 2 exp2 per element). Providers: "apriel" is the default dispatch
-(forward v4: 4 states per thread, cp.async tiles), timed eagerly like the peers' do_bench figures;
+(docs/scan.md "Which kernel runs": forward v5 K = 8 at b1-b2, v5 K = 4 at b3, v7 from b4; backward v7), timed
+eagerly like the peers' do_bench figures;
 "apriel-graph" the same call replayed from a CUDA graph (no host overhead: the kernel's own time);
 "apriel-v4k4" / "apriel-v4k8" / "apriel-v3" force a forward version (APRIEL_SCAN_FWD), "apriel-bcf32" makes
 v4 read fp32 copies of B / C instead of the raw 16-bit tile (APRIEL_SCAN_BC=f32), for comparison;
@@ -15,11 +16,8 @@ v4 read fp32 copies of B / C instead of the raw 16-bit tile (APRIEL_SCAN_BC=f32)
 (APRIEL_SCAN_FWD=v5*: v4's arithmetic with a smaller shared-memory layout, more blocks per SM and a leaner prep);
 "apriel-v4" / "apriel-v4-graph" the session-3 default (v4 at either K); "apriel-v7" / "apriel-v7-graph" force the
 session-5 forward v7 (APRIEL_SCAN_FWD=v7: input product and readout on tensor cores, one warp per head).
-Default dispatch (session 5): v4 at K = 8 (batch 1, 2, 4 at D 4096); where K = 4 is chosen, v7 for 16-bit
-activations when it applies (no packed documents, 16-byte aligned rows, dt_rank <= 16, heads per group % 4 == 0),
-else v5 K = 4.
 APRIEL_BENCH_SCAN_FWD_PROVIDERS=a,b,... keeps only those forward providers (shorter A/B runs).
-fwd+bwd and bwd rows: "apriel" (default dispatch: backward v7 where the grid fills the GPU, else v4),
+fwd+bwd and bwd rows: "apriel" (default dispatch: backward v7, split along the sequence where the grid is small),
 "apriel[ckpt=sub]" (session 30: the forward also saves the states after tokens 7, 15, 23 of every tile - where v7
 runs, and since session 31 where v5 runs: every row here - and the backward loads them instead of recomputing them;
 APRIEL_SCAN_CKPT=sub, 4x the checkpoint memory), "apriel[bwd=v4]" / "apriel[bwd=v7]" (forced, APRIEL_SCAN_BWD),
