@@ -43,6 +43,7 @@ def _scan_reference(zxbc, dt_low, conv_weight, conv_bias, dt_proj_weight, dt_pro
 
 KERNEL_D_STATE = 16  # the CUDA kernels keep 16 states per channel in registers
 CHUNK = 32  # tokens between the CUDA forward's state checkpoints (csrc/scan/scan_common.cuh kChunk)
+SUB_CKPT_ROWS = 3  # sub-chunk checkpoint rows per chunk: the states after tokens 7, 15, 23 (scan_params.h kSubCkptRows)
 
 
 def _use_kernel(zxbc: Tensor) -> bool:
@@ -90,8 +91,8 @@ def _checkpoint_buffer(zxbc: Tensor, d_inner: int, mode: int) -> Tensor:
     """The checkpoint output's shape for a mode of _checkpoint_mode (the fake of the kernel's)."""
     batch, seqlen, _ = zxbc.shape
     tiles = (seqlen + CHUNK - 1) // CHUNK
-    if mode == 2:  # (1 + kSubCkptRows) x the tile checkpoints and the flag (csrc/scan/scan_params.h, scan_api.cpp)
-        return zxbc.new_empty(4 * batch * tiles * d_inner * KERNEL_D_STATE + 1, dtype=torch.float32)
+    if mode == 2:  # the tile checkpoints, the sub-chunk ones and the flag (scan_api.cpp ckpt_layout)
+        return zxbc.new_empty((1 + SUB_CKPT_ROWS) * batch * tiles * d_inner * KERNEL_D_STATE + 1, dtype=torch.float32)
     if mode == 1:
         return zxbc.new_empty(batch, tiles, d_inner, KERNEL_D_STATE, dtype=torch.float32)
     return zxbc.new_empty(0, dtype=torch.float32)

@@ -44,6 +44,17 @@ struct Dims {
   int64_t b, L, D, X, R, W, r, n_chunks;
 };
 
+// The flat checkpoint buffer of mode 2 (sub-chunk checkpoints), as the forward sizes it and the backward recognises
+// it: the tile checkpoints (b, n_chunks, D, 16), the sub-chunk ones (b, n_chunks, kSubCkptRows, D, 16), then the
+// flag at flag_at (apriel_kernels.mixer_scan._checkpoint_buffer sizes the fake the same way).
+struct CkptLayout {
+  int64_t tile_rows, flag_at;
+};
+CkptLayout ckpt_layout(const Dims& d) {
+  const int64_t tile_rows = d.b * d.n_chunks * d.D * kN;
+  return {tile_rows, (1 + kSubCkptRows) * tile_rows};
+}
+
 Dims check_inputs(const Tensor& zxbc, const Tensor& dt_low, const Tensor& conv_weight, const OptT& conv_bias,
                   const Tensor& dt_w, const Tensor& dt_b, const Tensor& A_log, const Tensor& Dskip,
                   const OptT& init_ssm, const OptT& init_conv, const OptT& seq_idx, int64_t D, int64_t X,
@@ -500,9 +511,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mixer_scan_fwd_cuda(
   Tensor y = at::empty({d.b, d.L, d.D}, zxbc.options());
   Tensor final_ssm = at::empty({d.b, d.D / kN, kN, kN}, f32);
   Tensor final_conv = at::empty({d.b, d.X, d.W - 1}, zxbc.options());
-  const int64_t tile_rows = d.b * d.n_chunks * d.D * kN, flag_at = (1 + kSubCkptRows) * tile_rows;
-  // 2: one flat buffer - the tile checkpoints (b, n_chunks, D, 16), the sub-chunk ones (b, n_chunks, 3, D, 16) and
-  // their flag (mixer_scan_bwd_cuda reads it by its size)
+  // 2: one flat buffer (ckpt_layout; mixer_scan_bwd_cuda recognises it by its size)
+  const auto [tile_rows, flag_at] = ckpt_layout(d);
   Tensor ckpt = checkpoints == 2   ? at::empty({flag_at + 1}, f32)
                 : checkpoints == 1 ? at::empty({d.b, d.n_chunks, d.D, kN}, f32)
                                    : at::empty({0}, f32);
@@ -564,7 +574,7 @@ std::vector<Tensor> mixer_scan_bwd_cuda(
   MixerScanParams p = fill_params(zxbc, dt_low, d, repeat, keep, conv_weight, conv_bias, dt_proj_weight,
                                   dt_proj_bias, A_log, Dskip, init_ssm, init_conv, seq_idx);
   Tensor ckpt;
-  const int64_t tile_rows = d.b * d.n_chunks * d.D * kN, flag_at = (1 + kSubCkptRows) * tile_rows;
+  const auto [tile_rows, flag_at] = ckpt_layout(d);
   if (checkpoints && checkpoints->numel() == flag_at + 1 && tile_rows > 0) {  // with sub-chunk checkpoints
     ckpt = checkpoints->contiguous();
     p.ckpt_sub_in = ckpt.data_ptr<float>() + tile_rows;
